@@ -1,0 +1,117 @@
+"""The 3D device mesh: named axes ("pp", "dp", "tp") over torch's DeviceMesh.
+
+Global rank r sits at coordinates (pp, dp, tp) with
+
+    r = (pp * DP + dp) * TP + tp,
+
+so tp is the innermost axis (tensor-parallel peers are neighbouring ranks, on one node when the
+node is big enough: their all-reduces are the most frequent) and pp the outermost (pipeline peers
+talk least). This is the only place that maps ranks to coordinates; every layer receives the
+:class:`~parallel.comm.Group` it needs from here, never from a global.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from .comm import CommStats, Group
+
+AXES = ("pp", "dp", "tp")
+
+
+def default_device() -> torch.device:
+    """CUDA (this rank's local GPU) when present, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device | str) -> str:
+    """nccl for CUDA devices, gloo for everything else."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device | None = None, timeout_s: float = 60.0) -> torch.device:
+    """Initialise the default process group from torchrun's environment (idempotent)."""
+    device = device or default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+class Mesh:
+    """A (pp, dp, tp) mesh over the initialised world, with one counted :class:`Group` per axis.
+
+    ``mesh.group("tp")`` is the tensor-parallel group of this rank, ``mesh.size("dp")`` the dp size,
+    ``mesh.coord`` this rank's ``{"pp": i, "dp": j, "tp": k}``, ``mesh.rank_at(pp=.., dp=.., tp=..)``
+    the global rank at given coordinates (unnamed axes default to this rank's own), and
+    ``mesh.pp_prev`` / ``mesh.pp_next`` the neighbouring pipeline ranks (None at the ends).
+    """
+
+    def __init__(self, pp: int = 1, dp: int = 1, tp: int = 1, device: torch.device | str | None = None,
+                 stats: CommStats | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("Mesh needs an initialised process group: run under torchrun "
+                               "(or python -m launch), or call parallel.mesh.init_distributed() first")
+        world = dist.get_world_size()
+        shape = {"pp": pp, "dp": dp, "tp": tp}
+        if any(n < 1 for n in shape.values()) or pp * dp * tp != world:
+            raise ValueError(f"mesh pp*dp*tp = {pp}*{dp}*{tp} = {pp * dp * tp} must equal the world size "
+                             f"{world}: change parallel.pp/dp/tp or the number of processes")
+        self.shape = shape
+        self.device = torch.device(device) if device is not None else default_device()
+        self.stats = stats if stats is not None else CommStats()
+        self.rank = dist.get_rank()
+        self.world_size = world
+        self.device_mesh = init_device_mesh(self.device.type, (pp, dp, tp), mesh_dim_names=AXES)
+        grid = torch.arange(world).reshape(pp, dp, tp)
+        c = [int(i) for i in (grid == self.rank).nonzero()[0]]
+        self.coord = dict(zip(AXES, c))
+        self._groups = {}
+        for i, axis in enumerate(AXES):
+            idx = list(c)
+            idx[i] = slice(None)
+            ranks = tuple(int(r) for r in grid[tuple(idx)].flatten())
+            self._groups[axis] = Group(self.device_mesh.get_group(axis), axis, ranks, c[i], self.stats)
+        self._groups["world"] = Group(dist.group.WORLD, "world", tuple(range(world)), self.rank, self.stats)
+
+    def group(self, axis: str) -> Group:
+        """The counted group of this rank along ``axis`` ("pp", "dp", "tp" or "world")."""
+        if axis not in self._groups:
+            raise KeyError(f"unknown mesh axis {axis!r}; axes are {AXES + ('world',)}")
+        return self._groups[axis]
+
+    def size(self, axis: str) -> int:
+        return self.group(axis).size
+
+    def local_rank(self, axis: str) -> int:
+        return self.group(axis).rank
+
+    def rank_at(self, **coords: int) -> int:
+        """Global rank at the given coordinates; axes not named keep this rank's coordinate."""
+        unknown = set(coords) - set(AXES)
+        if unknown:
+            raise KeyError(f"unknown mesh axes {sorted(unknown)}; axes are {AXES}")
+        c = {**self.coord, **coords}
+        for a in AXES:
+            if not 0 <= c[a] < self.shape[a]:
+                raise IndexError(f"coordinate {a}={c[a]} is outside the mesh ({a} size {self.shape[a]})")
+        return (c["pp"] * self.shape["dp"] + c["dp"]) * self.shape["tp"] + c["tp"]
+
+    @property
+    def pp_prev(self) -> int | None:
+        return self.rank_at(pp=self.coord["pp"] - 1) if self.coord["pp"] > 0 else None
+
+    @property
+    def pp_next(self) -> int | None:
+        return self.rank_at(pp=self.coord["pp"] + 1) if self.coord["pp"] < self.shape["pp"] - 1 else None
+
+    def __repr__(self):
+        return (f"Mesh(pp={self.shape['pp']}, dp={self.shape['dp']}, tp={self.shape['tp']}, "
+                f"rank={self.rank}, coord={self.coord}, device={self.device})")
