@@ -151,6 +151,20 @@ def random_tokens(n: int = 256, seq_len: int = 32, vocab_size: int = 64, seed: i
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
 
 
+def default_corpus(path: str = CORPUS, max_chars: int = 400_000) -> str:
+    """The quickstart corpus: Python's own reference documentation (the stdlib's pydoc_data
+    topics), written once to ``examples/data/corpus.txt`` so every run reads the same text."""
+    if not os.path.isfile(path):
+        from pydoc_data.topics import topics
+        text = "\n\n".join(topics[k].strip() for k in sorted(topics))[:max_chars]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return path
+
+
 class CharCodec:
     """Characters ↔ ids over a fixed alphabet (printable ASCII), so every text maps the same way."""
     alphabet = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -166,9 +180,9 @@ class CharCodec:
 
 
 def char_dataset(path: str | None = None, seq_len: int = 64, stride: int | None = None) -> TokenWindows:
-    """Character-level windows of a text file (default: the corpus shipped in examples/data).
+    """Character-level windows of a text file (default: :func:`default_corpus`).
     Vocabulary size is ``len(CharCodec.alphabet)`` = 96."""
-    path = path or CORPUS
+    path = path or default_corpus()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data.kwargs.path: no text file at {path!r}; give an existing file")
     with open(path, encoding="utf-8", errors="replace") as f:

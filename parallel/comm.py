@@ -102,6 +102,11 @@ class Group:
     def size(self) -> int:
         return len(self.ranks)
 
+    def control(self) -> "Group":
+        """The same ranks, recorded under axis ``"control:<axis>"``: for loss/metric reductions that
+        are bookkeeping, so the axis' own counts stay exactly the algorithm's traffic."""
+        return Group(self.pg, f"control:{self.axis}", self.ranks, self.rank, self.stats)
+
     def __repr__(self):
         return f"Group(axis={self.axis!r}, ranks={self.ranks}, rank={self.rank})"
 

@@ -1,0 +1,1 @@
+"""Launcher (python -m launch → torchrun) and the per-rank training entry point (launch.train)."""

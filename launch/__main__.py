@@ -1,0 +1,93 @@
+"""``python -m launch [--nproc N] --config X.yaml [torchrun flags] [key=value ...]``
+
+Starts the job under torchrun (torch.distributed.run): every torchrun flag (--nnodes, --node-rank,
+--rdzv-backend, --rdzv-endpoint, --rdzv-id, --max-restarts, ...) passes through unchanged, and
+``key.sub=value`` words become config overrides. Without --nproc the process count is the config's
+dp·tp·pp divided by the number of nodes. A single-node job without rendezvous flags runs
+``--standalone`` (a free local port, no fixed 29500). The config is validated here first, so a
+bad config fails once, before any worker starts.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from parallel.config import ConfigError, load_config
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_argv(argv: list[str]):
+    """Separate our flags, torchrun flags (with their values) and key=value overrides."""
+    from torch.distributed.run import get_args_parser
+    actions = get_args_parser()._option_string_actions
+    ours = argparse.ArgumentParser(prog="python -m launch", add_help=True,
+                                   description="Run a parallel3d training job under torchrun.")
+    ours.add_argument("--config", required=True, help="YAML config")
+    ours.add_argument("--nproc", type=int, default=None, help="processes on this node (default: dp*tp*pp / nnodes)")
+    ours.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, start nothing")
+    known, rest = ours.parse_known_args(argv)
+    torchrun, overrides, i = [], [], 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok.startswith("-"):
+            flag = tok.split("=", 1)[0]
+            action = actions.get(flag) or actions.get(flag.replace("-", "_"))
+            if action is None:
+                raise SystemExit(f"python -m launch: unknown flag {tok!r} (not ours and not torchrun's; see --help "
+                                 f"and python -m torch.distributed.run --help)")
+            torchrun.append(tok)
+            if "=" not in tok and action.nargs != 0 and i + 1 < len(rest):
+                torchrun.append(rest[i + 1])
+                i += 1
+        elif _OVERRIDE.match(tok):
+            overrides.append(tok)
+        else:
+            raise SystemExit(f"python -m launch: unexpected argument {tok!r}; config overrides look like key.sub=value")
+        i += 1
+    return known, torchrun, overrides
+
+
+def _flag_value(torchrun: list[str], *names: str):
+    for i, tok in enumerate(torchrun):
+        for n in names:
+            if tok == n and i + 1 < len(torchrun):
+                return torchrun[i + 1]
+            if tok.startswith(n + "="):
+                return tok.split("=", 1)[1]
+    return None
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, torchrun, overrides = split_argv(argv)
+    try:
+        cfg = load_config(known.config, overrides)
+        nnodes = _flag_value(torchrun, "--nnodes")
+        nnodes_n = int(str(nnodes).split(":")[-1]) if nnodes else 1
+        nproc = known.nproc or max(cfg.world_size // nnodes_n, 1)
+        cfg.validate(nproc * nnodes_n)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if known.dry_run:
+        from launch.dry_run import describe
+        print(describe(cfg))
+        return 0
+    args = ["--nproc-per-node", str(nproc)]
+    if not any(t.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--master-addr",
+                                   "--master_addr", "--standalone") for t in torchrun):
+        args.append("--standalone")
+    args += torchrun + ["-m", "launch.train", "--config", known.config] + overrides
+    from torch.distributed.run import main as torchrun_main
+    try:
+        torchrun_main(args)
+    except Exception as e:          # ChildFailedError: torchrun already printed the failing rank's error
+        print(f"launch: job failed: {type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
