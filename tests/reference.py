@@ -33,7 +33,7 @@ def reference_losses(cfg: Config, steps: int | None = None, return_model: bool =
     return (losses, model) if return_model else losses
 
 
-def assert_close_curve(got, want, rtol, what=""):
+def assert_close_curve(got, want, rtol, what="", atol=0.0):
     assert len(got) == len(want), f"{what}: {len(got)} losses, expected {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
-        assert abs(g - w) <= rtol * abs(w), f"{what}: step {i}: loss {g!r} vs reference {w!r} (rtol {rtol})"
+        assert abs(g - w) <= rtol * abs(w) + atol, f"{what}: step {i}: loss {g!r} vs reference {w!r} (rtol {rtol}, atol {atol})"

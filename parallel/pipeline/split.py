@@ -1,0 +1,336 @@
+"""Split an existing model into pipeline stages — without tracing and without rewriting it.
+
+The model keeps its own ``forward``. We find its *body*: the block container holding the most
+parameters among the ``nn.ModuleList`` / ``nn.Sequential`` containers whose children are all of
+one class (``GPT.blocks``, ``LlamaForCausalLM.model.layers``, ``GPT2LMHeadModel.transformer.h``).
+A model that *is* an ``nn.Sequential`` with no such inner stack is split at its top-level children.
+Stage k of S = p·v gets the contiguous blocks ``[a_k, a_{k+1})`` (balanced by parameter count, by
+a per-block cost, or at explicit boundaries); stage k lives on pipeline rank ``k mod p``
+(Megatron-LM's interleaved placement, arXiv 2104.04473 §2.2.2).
+
+How a stage runs the unmodified forward (the ``model`` kind): one probe forward of the whole
+model with hooks (no tracer) records which parameter-holding modules outside the body run before
+the first block (*pre*: embeddings → first stage) and after the last (*post*: final norm, head →
+last stage). Stage k is a structural copy of the model sharing its tensors, in which
+
+* the blocks other stages own are replaced: before ``a_k`` by a pass-through, after by a
+  module that raises if called; parameter-free modules (rotary tables, dropout) stay everywhere,
+  so masks and position embeddings are rebuilt by the model's own code on every stage;
+* on a non-first stage, pre modules return zeros of their output shape; the received
+  activation is substituted for the hidden state at block ``a_k`` (a forward pre-hook);
+* on a non-last stage, a forward hook on block ``a_{k+1}−1`` ends the forward by raising
+  :class:`StageExit` carrying that block's output, which the stage returns.
+
+So a stage computes exactly what the whole model computes between those two points. Supported:
+models whose body blocks are called once each, in order, with the hidden state as their first
+argument (or ``hidden_states=``), returning it (or a tuple starting with it); whose other
+per-layer inputs (causal mask, rotary tables, position ids) are computed without parameters;
+and whose input is token ids with no padding mask (the stage rebuilds inputs as ``(b, s)``
+zeros). This covers our GPT, ``nn.Sequential`` stacks, and transformers' Llama/Mistral/Qwen2
+and GPT-2 families. Anything else gets an error naming what was found.
+
+Tied input/output embeddings split across stages stay tied: the last stage holds its own copy
+(``p3d_pp_duplicate``); both copies are marked ``p3d_defer_reduce`` and
+:func:`sync_tied_grads` sums their gradients across the first and last stage every step, so
+identical initial values plus identical updates keep them equal.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .. import comm
+
+__all__ = ["SplitPlan", "StageExit", "describe_split", "split_model", "sync_tied_grads", "find_body"]
+
+TIE_TAG = 1 << 28
+
+
+class StageExit(Exception):
+    """Raised by the hook on a stage's last block to end the model's forward there."""
+
+    def __init__(self, hidden):
+        super().__init__("stage exit")
+        self.hidden = hidden
+
+
+@dataclass
+class SplitPlan:
+    """Which blocks each of the ``n_stages = p·v`` stages owns, and where the rest goes."""
+    model: str
+    kind: str                       # "model" (own forward + hooks) or "sequential"
+    body: str                       # dotted path of the block container ("" = the model)
+    block_class: str
+    n_blocks: int
+    p: int
+    v: int
+    bounds: list                    # per stage (start, end) block range
+    costs: list                     # per-block cost used for balancing
+    balance: str
+    pre: list = field(default_factory=list)     # module paths on the first stage
+    post: list = field(default_factory=list)    # module paths on the last stage
+    tied: list = field(default_factory=list)    # (pre param name, post param name)
+    stage_params: list = field(default_factory=list)
+
+    @property
+    def n_stages(self) -> int:
+        return self.p * self.v
+
+    def stages_of(self, pp_rank: int) -> list:
+        return list(range(pp_rank, self.n_stages, self.p))
+
+    def __str__(self) -> str:
+        head = (f"{self.model}: body {self.body or '<model>'} = {self.n_blocks} × {self.block_class}; "
+                f"pp={self.p}, v={self.v} → {self.n_stages} stages (balance: {self.balance})")
+        rows = [head]
+        for k, (a, b) in enumerate(self.bounds):
+            extra = (["+ " + ", ".join(self.pre)] if k == 0 and self.pre else []) + \
+                    (["+ " + ", ".join(self.post)] if k == self.n_stages - 1 and self.post else [])
+            rows.append(f"  stage {k} (pp rank {k % self.p}): blocks {a}..{b - 1} "
+                        f"params {self.stage_params[k]:,} " + " ".join(extra))
+        rows += [f"  tied: {a} (stage 0) ~ {b} (stage {self.n_stages - 1}), grads summed every step"
+                 for a, b in self.tied if self.n_stages > 1]
+        return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------ finding the body
+def _containers(model: nn.Module):
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) > 0:
+            yield name, mod
+
+
+def _structure(model: nn.Module) -> str:
+    kids = ", ".join(f"{n}: {type(c).__name__}" for n, c in model.named_children()) or "no submodules"
+    lists = ", ".join(f"{n} ({len(c)} × {'/'.join(sorted({type(x).__name__ for x in c}))})"
+                      for n, c in _containers(model)) or "none"
+    return f"{type(model).__name__}({kids}); ModuleList/Sequential containers: {lists}"
+
+
+def find_body(model: nn.Module) -> tuple[str, nn.Module]:
+    """The repeated-block container: among ModuleList/Sequential containers whose children are all
+    one class, the one holding the most parameters (then the most blocks); else the model itself
+    when it is an nn.Sequential. Raises ValueError naming the model's structure otherwise."""
+    def n_params(m):
+        return sum(p.numel() for p in m.parameters())
+    same = [(n_params(c), len(c), -name.count("."), name, c) for name, c in _containers(model)
+            if len({type(x) for x in c}) == 1]
+    best = max(same, key=lambda t: t[:3]) if same else None
+    # A heterogeneous nn.Sequential splits at its own children unless an inner stack holds most weights.
+    if best and (not isinstance(model, nn.Sequential) or best[4] is model or 2 * best[0] >= n_params(model)):
+        return best[3], best[4]
+    if isinstance(model, nn.Sequential) and len(model) > 0:
+        return "", model
+    raise ValueError(
+        f"pipeline split: {type(model).__name__} has no repeated-block body — found {_structure(model)}. "
+        "The split needs the layers in an nn.ModuleList or nn.Sequential of same-class blocks "
+        "(like GPT.blocks or LlamaForCausalLM.model.layers); restructure the model that way, or set "
+        "parallel.pp=1")
+
+
+# ---------------------------------------------------------------------------------- the probe
+def _owners(model, body_path):
+    """Modules outside the body that directly hold parameters, by path (buffer-only modules such
+    as rotary tables are not placed: every stage keeps them, sharing the tensors)."""
+    prefix = body_path + "."
+    parts = body_path.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(len(parts))}
+    out = {}
+    for name, mod in model.named_modules():
+        if name == body_path or name.startswith(prefix):
+            continue
+        direct = [k for k, p in mod._parameters.items() if p is not None]
+        if direct and name in ancestors:
+            raise ValueError(
+                f"pipeline split: {type(mod).__name__} at {name or '<model>'} holds parameters {direct} directly "
+                f"and contains the block stack {body_path}, so no stage can own them alone; move them into "
+                "a submodule (e.g. an nn.Embedding) so the split can place them")
+        if direct:
+            out[name] = mod
+    return out
+
+
+def _probe(model, body, owners, sample, repeats):
+    """Run the whole model on ``sample`` with hooks: the first-call order of each owner relative
+    to the body, per-block and per-owner forward times (min over ``repeats``), block I/O form."""
+    seq, order, t_in, cost = itertools.count(), {}, {}, {}
+    info = {"calls": [], "start": None, "end": None, "tuple": None, "kw": False}
+    handles = []
+
+    def pre(key):
+        def h(mod, args, kwargs):
+            order.setdefault(key, next(seq))
+            t_in[key] = time.perf_counter()
+            if isinstance(key, int):
+                info["calls"].append(key)
+                if key == 0 and info["start"] is None:
+                    info["start"] = order[0]
+                    info["kw"] = not args and "hidden_states" in kwargs
+                    if not args and "hidden_states" not in kwargs:
+                        info["kw"] = None
+        return h
+
+    def post(key):
+        def h(mod, args, kwargs, out):
+            run_s = time.perf_counter() - t_in[key]
+            cost.setdefault(key, []).append(run_s)
+            if key == len(body) - 1:
+                info["end"] = next(seq)
+                info["tuple"] = len(out) if isinstance(out, (tuple, list)) else 0
+        return h
+
+    for key, mod in list(enumerate(body)) + list(owners.items()):
+        handles.append(mod.register_forward_pre_hook(pre(key), with_kwargs=True))
+        handles.append(mod.register_forward_hook(post(key), with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                model(sample)
+    except Exception as e:
+        raise ValueError(f"pipeline split: probing {type(model).__name__} with an input of shape "
+                         f"{tuple(sample.shape)} failed ({type(e).__name__}: {e}); pass sample= a valid "
+                         "input (e.g. one micro-batch)") from e
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    if info["calls"][:len(body)] != list(range(len(body))):
+        raise ValueError(f"pipeline split: the blocks of {type(model).__name__} are not each called once in "
+                         f"order (calls: {info['calls'][:12]}...); stages need a straight block stack")
+    if info["kw"] is None:
+        raise ValueError("pipeline split: block 0 gets no positional hidden state nor hidden_states=; "
+                         "cannot substitute the received activation")
+    return order, {k: min(v) for k, v in cost.items()}, info
+
+
+# ----------------------------------------------------------------------------------- planning
+def _partition(costs, S, pre=0.0, post=0.0):
+    """Contiguous split of ``costs`` into S non-empty parts minimising the largest part (the
+    first part also carries ``pre``, the last ``post``); dynamic programming, O(S·n²)."""
+    n = len(costs)
+    pref = [0.0] + list(itertools.accumulate(costs))
+    best = {(0, 0): (0.0, [])}
+    for k in range(1, S + 1):
+        for j in range(k, n - (S - k) + 1):
+            cands = []
+            for i in range(k - 1, j):
+                if (k - 1, i) in best:
+                    part = pref[j] - pref[i] + (pre if k == 1 else 0) + (post if k == S else 0)
+                    m, cuts = best[(k - 1, i)]
+                    cands.append((max(m, part), cuts + [i]))
+            if cands:
+                best[(k, j)] = min(cands, key=lambda c: c[0])
+    cuts = best[(S, n)][1] + [n]
+    return [(cuts[k], cuts[k + 1]) for k in range(S)]
+
+
+def _bounds_from_split(split, n, S, where):
+    b = list(split)
+    if len(b) == S and b and b[0] == 0:
+        b = b[1:]
+    ok = (len(b) == S - 1 and all(isinstance(x, int) for x in b)
+          and all(0 < x < n for x in b) and b == sorted(set(b)))
+    if not ok:
+        raise ValueError(f"pipeline split: parallel.pp_split={split!r} is not a valid list of block boundaries "
+                         f"for {S} stages over {where}: give {S - 1} strictly increasing block indices in "
+                         f"1..{n - 1} where stages 1..{S - 1} start (e.g. "
+                         f"{[round(n * k / S) for k in range(1, S)]}), or 'auto'")
+    cuts = [0] + b + [n]
+    return [(cuts[k], cuts[k + 1]) for k in range(S)]
+
+
+def _plan(model, pp_size, virtual_stages, split, balance, sample):
+    if pp_size < 1 or virtual_stages < 1:
+        raise ValueError(f"pipeline split: pp={pp_size} and virtual stages={virtual_stages} must be >= 1")
+    S = pp_size * virtual_stages
+    body_path, body = find_body(model)
+    kind = "sequential" if body is model else "model"
+    blocks = list(body)
+    n = len(blocks)
+    cls = "/".join(sorted({type(b).__name__ for b in blocks}))
+    where = f"{type(model).__name__}.{body_path or '<children>'} ({n} × {cls})"
+    if S > n:
+        raise ValueError(f"pipeline split: {S} stages (parallel.pp={pp_size} × parallel.pp_virtual_stages="
+                         f"{virtual_stages}) but {where} has only {n} blocks; every stage needs at least one: "
+                         f"lower parallel.pp or parallel.pp_virtual_stages so pp·v <= {n}, or use a deeper model")
+    owners, order, timed, info = {}, {}, {}, {}
+    if kind == "model":
+        owners = _owners(model, body_path)
+        if sample is None:
+            dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+            sample = torch.zeros(1, 4, dtype=torch.long, device=dev)
+        order, timed, info = _probe(model, body, owners, sample, 3 if balance == "cost" else 1)
+    elif balance == "cost":
+        if sample is None:
+            raise ValueError("pipeline split: balance='cost' on an nn.Sequential needs sample= (one input batch)")
+        _, timed, _ = _probe(model, body, {}, sample, 3)
+    pre = [p for p, o in order.items() if not isinstance(p, int) and o < info["start"]]
+    post = [p for p, o in order.items() if not isinstance(p, int) and o > info["end"]]
+    inside = [p for p, o in order.items() if not isinstance(p, int) and info["start"] < o < info["end"]]
+    if inside:
+        raise ValueError(f"pipeline split: {inside} hold parameters, sit outside {where} but run inside it; "
+                         "no single stage can own them. Move them into the blocks")
+    pre += [p for p in owners if p not in order]            # never called: park on the first stage
+    if callable(getattr(balance, "__iter__", None)) and not isinstance(balance, str):
+        costs = [float(c) for c in balance]
+        if len(costs) != n:
+            raise ValueError(f"pipeline split: balance lists {len(costs)} costs but {where} has {n} blocks")
+        name, c_pre, c_post = "given costs", 0.0, 0.0
+    elif balance == "params":
+        costs = [float(sum(p.numel() for p in b.parameters())) for b in blocks]
+        name = "params"
+        c_pre = float(sum(p.numel() for k in pre for p in owners[k].parameters(recurse=False)))
+        c_post = float(sum(p.numel() for k in post for p in owners[k].parameters(recurse=False)))
+    elif balance == "cost":
+        costs, name = [timed[i] for i in range(n)], "measured forward time"
+        c_pre, c_post = sum(timed.get(k, 0.0) for k in pre), sum(timed.get(k, 0.0) for k in post)
+    else:
+        raise ValueError(f"pipeline split: balance={balance!r} must be 'params', 'cost' or a list of per-block costs")
+    if split == "auto" or split is None:
+        bounds = _partition(costs, S, c_pre, c_post)
+    else:
+        bounds, name = _bounds_from_split(split, n, S, where), "explicit boundaries"
+    # Parameters shared across places: pre/post ties are duplicated; anything else is an error.
+    places = {}
+    for k in pre + post:
+        for pn, p in owners[k]._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((k + "." + pn, "pre" if k in pre else "post"))
+    for i, b in enumerate(blocks):
+        for p in b.parameters():
+            places.setdefault(id(p), []).append((f"{body_path}.{i}" if body_path else str(i), i))
+    tied = []
+    for where_used in places.values():
+        roles = {r for _, r in where_used}
+        stages = {0 if r == "pre" else S - 1 if r == "post" else
+                  next(k for k, (a, b) in enumerate(bounds) if a <= r < b) for r in roles}
+        if len(stages) > 1:
+            if roles == {"pre", "post"}:
+                tied.append((next(nm for nm, r in where_used if r == "pre"),
+                             next(nm for nm, r in where_used if r == "post")))
+            else:
+                raise ValueError(f"pipeline split: one parameter is shared by {[nm for nm, _ in where_used]}, "
+                                 f"which land on stages {sorted(stages)}; only input/output embedding ties can "
+                                 "cross stages. Change parallel.pp_split so they share a stage")
+    plan = SplitPlan(type(model).__name__, kind, body_path, cls, n, pp_size, virtual_stages, bounds,
+                     costs, name, pre, post, tied)
+    for k, (a, b) in enumerate(bounds):
+        ps = {id(p): p.numel() for blk in blocks[a:b] for p in blk.parameters()}
+        for o in (pre if k == 0 else []) + (post if k == S - 1 else []):
+            ps.update({id(p): p.numel() for p in owners[o].parameters(recurse=False)})
+        plan.stage_params.append(sum(ps.values()))
+    return plan, owners, info
+
+
+def describe_split(model: nn.Module, pp_size: int, virtual_stages: int = 1, split="auto",
+                   balance="params", sample=None) -> SplitPlan:
+    """The plan :func:`split_model` would follow (``str(plan)`` is a table for --dry-run)."""
+    return _plan(model, pp_size, virtual_stages, split, balance, sample)[0]

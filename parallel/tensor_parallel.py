@@ -1,0 +1,372 @@
+"""Tensor-parallel layers (Megatron-LM, Shoeybi et al., arXiv 1909.08053) with sequence parallelism
+(Korthikanti et al., arXiv 2205.05198). Every layer receives its tp :class:`~parallel.comm.Group`.
+
+Column-parallel:  Y = XA,  A = [A_1 … A_p] split by columns (output features); rank i holds A_i and
+                  computes Y_i = f(X) A_i. f is identity forward and all-reduce of ∂L/∂X backward.
+Row-parallel:     Y = XA,  A = [A_1; …; A_p] split by rows (input features), X = [X_1 … X_p];
+                  Y = g(Σ_i X_i A_i) + b. g is all-reduce forward, identity backward; b is added once.
+An MLP (column then row) or attention (heads split, then row) costs one f and one g: 2 all-reduces
+of b·s·h per transformer layer forward and 2 backward.
+
+Sequence parallel (arXiv 2205.05198 §4.2): between the tensor-parallel regions activations are split
+along the sequence dim, so LayerNorm/dropout run on s/p tokens. f becomes f̄ (all-gather along the
+sequence forward, reduce-scatter backward) and g becomes ḡ (reduce-scatter forward, all-gather
+backward): the same bytes (an all-reduce is a reduce-scatter plus an all-gather), 1/p activations.
+Replicated parameters that act on a sequence shard (LayerNorm, row-parallel bias) see 1/p of the
+tokens, so their gradients are summed over tp inside autograd (``copy_to_group``).
+
+Activations are batch-first, [..., s, h]: the sequence dim is ``SEQ_DIM = -2``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import comm
+from .comm import Group
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
+           "shard_tensor", "seq_scatter", "seq_gather", "sum_grads_over_tp", "SEQ_DIM"]
+
+SEQ_DIM = -2
+
+
+def _divide(n: int, p: int, what: str) -> int:
+    if n % p:
+        raise ValueError(f"{what} = {n} is not divisible by tp = {p}; choose a tp that divides it "
+                         f"(or resize the model)")
+    return n // p
+
+
+def shard_tensor(full: torch.Tensor, dim: int, parts: int, index: int, sections=None) -> torch.Tensor:
+    """Piece ``index`` of ``parts`` of ``full`` along ``dim``. With ``sections`` (sizes along ``dim``
+    summing to its length, e.g. [q, k, v] of a fused projection) every section is split in ``parts``
+    and piece ``index`` of each is concatenated: rank i holds [q_i; k_i; v_i], never a cut through q|k."""
+    if sections is None:
+        return full.chunk(parts, dim)[index].contiguous()
+    return torch.cat([s.chunk(parts, dim)[index] for s in full.split(list(sections), dim)], dim).contiguous()
+
+
+def _mark(p: nn.Parameter, dim: int, sections) -> nn.Parameter:
+    """Tag a split parameter: optimizer (grad norm) and checkpoint code read these attributes."""
+    p.tp_sharded = True
+    p.tp_shard_dim = dim
+    p.tp_sections = None if sections is None else tuple(int(s) for s in sections)
+    return p
+
+
+def _shard_param(full: torch.Tensor, dim: int, group: Group, sections=None, memo=None) -> nn.Parameter:
+    """The rank's shard of ``full`` as a new Parameter; ``memo`` makes tied weights stay one Parameter."""
+    key = (id(full), dim % full.dim(), None if sections is None else tuple(sections))
+    if memo is not None and id(full) in memo:
+        have_key, p = memo[id(full)]
+        if have_key != key:
+            raise ValueError(f"a tied parameter of shape {tuple(full.shape)} is split two different ways "
+                             f"({have_key[1:]} vs {key[1:]}); give tied modules matching plan styles")
+        return p
+    with torch.no_grad():
+        p = nn.Parameter(shard_tensor(full.detach(), dim, group.size, group.rank, sections),
+                         requires_grad=full.requires_grad)
+    _mark(p, dim, sections)
+    if memo is not None:
+        memo[id(full)] = (key, p)
+    return p
+
+
+# --- sequence-dim helpers (checked: an uneven split would silently mis-shape) ---------------------
+
+def _check_seq(x: torch.Tensor, group: Group, dim: int, op: str) -> None:
+    if x.shape[dim] % group.size:
+        raise ValueError(f"sequence parallel ({op}): sequence length {x.shape[dim]} (dim {dim} of a tensor of "
+                         f"shape {tuple(x.shape)}) is not divisible by tp = {group.size}; use a sequence length "
+                         f"that is a multiple of tp, or set parallel.sequence_parallel: false")
+
+
+def seq_scatter(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Enter the sequence-parallel region: keep this rank's sequence chunk (backward: all-gather)."""
+    _check_seq(x, group, dim, "scatter")
+    return comm.scatter_to_seq(x, group, dim)
+
+
+def seq_gather(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """Leave the sequence-parallel region: all-gather the sequence (backward: keep own chunk, the
+    incoming gradient being complete and identical on every rank)."""
+    return comm.gather_from_seq(x, group, dim)
+
+
+class _SharedInput:
+    """Sibling column-parallel layers fed the same tensor (q/k/v, gate/up) share one f (or f̄), so an
+    attention or gated MLP costs one collective, as in Megatron's fused projection. Cleared by the
+    owner module's forward hook; identity (``is``) of the input tensor is the key."""
+
+    def __init__(self):
+        self.x = self.y = None
+
+    def get(self, x, fn):
+        if self.x is not x:
+            self.x, self.y = x, fn(x)
+        return self.y
+
+    def clear(self, *_):
+        self.x = self.y = None
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = f(X) A_i + b_i with A = [A_1 … A_p] split along the output features (Megatron §3, Fig. 3a).
+
+    ``gather_output`` all-gathers [Y_1 … Y_p] along the last dim (backward: keep own slice).
+    ``sequence_parallel``: X is the sequence shard and f is f̄ (all-gather seq / reduce-scatter grad).
+    ``sections``: sizes of a fused output (e.g. [q, k, v]); each is split separately (by heads).
+    ``transposed``: weight kept as [in, out_i] (transformers' GPT-2 Conv1D layout, Y = XW + b).
+    Without ``weight``, the full weight is drawn exactly as ``nn.Linear(in, out)`` would draw it
+    from the current RNG state and then split, so a seeded model equals its one-process twin.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group: Group, bias: bool = True, *,
+                 gather_output: bool = False, sequence_parallel: bool = False, sections=None,
+                 transposed: bool = False, weight=None, bias_tensor=None, memo=None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.gather_output, self.sequence_parallel, self.transposed = gather_output, sequence_parallel, transposed
+        self.sections = None if sections is None else tuple(int(s) for s in sections)
+        if self.sections is not None:
+            if sum(self.sections) != out_features:
+                raise ValueError(f"ColumnParallelLinear: sections {self.sections} do not sum to out_features "
+                                 f"{out_features}")
+            if gather_output:
+                raise ValueError("ColumnParallelLinear: gather_output with fused sections would interleave "
+                                 "them; gather each section instead")
+            for s in self.sections:
+                _divide(s, group.size, "ColumnParallelLinear fused section size")
+        self.out_local = _divide(out_features, group.size, "ColumnParallelLinear out_features")
+        if weight is None:
+            ref = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+            weight = ref.weight.t() if transposed else ref.weight
+            bias_tensor = ref.bias
+        self.weight = _shard_param(weight, 1 if transposed else 0, group, self.sections, memo)
+        self.bias = _shard_param(bias_tensor, 0, group, self.sections, memo) if bias_tensor is not None else None
+        self.shared_input: _SharedInput | None = None
+
+    @classmethod
+    def from_module(cls, m: nn.Module, group: Group, **kw) -> "ColumnParallelLinear":
+        """Split an existing ``nn.Linear`` or transformers ``Conv1D`` (its values are kept)."""
+        if isinstance(m, nn.Linear):
+            return cls(m.in_features, m.out_features, group, m.bias is not None, weight=m.weight,
+                       bias_tensor=m.bias, **kw)
+        if _is_conv1d(m):
+            return cls(m.nx, m.nf, group, True, transposed=True, weight=m.weight, bias_tensor=m.bias, **kw)
+        raise TypeError(f"ColumnParallelLinear converts nn.Linear or transformers Conv1D, not {type(m).__name__}")
+
+    def _enter(self, x):
+        if self.sequence_parallel:
+            _check_seq(x, self.group, SEQ_DIM, "all-gather before a column-parallel layer")
+            return comm.all_gather_to_seq(x, self.group, SEQ_DIM)
+        return comm.copy_to_group(x, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared_input.get(x, self._enter) if self.shared_input is not None else self._enter(x)
+        y = F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
+        return comm.gather_from_seq(y, self.group, -1) if self.gather_output else y
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features} (local {self.out_local}), tp={self.group.size}, "
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}"
+                + (f", sections={self.sections}" if self.sections else ""))
+
+
+class RowParallelLinear(nn.Module):
+    """Y = g(Σ_i X_i A_i) + b with A = [A_1; …; A_p] split along the input features (Megatron §3, Fig. 3a).
+
+    X arrives split along its last dim (the output of a column-parallel layer); with
+    ``input_is_parallel=False`` the layer takes its own slice of a replicated X (backward: all-gather).
+    g is the all-reduce; with ``sequence_parallel`` it is ḡ, a reduce-scatter along the sequence, and
+    the bias — added once, after the reduction, to the sequence shard — has its gradient summed over tp.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group: Group, bias: bool = True, *,
+                 input_is_parallel: bool = True, sequence_parallel: bool = False, transposed: bool = False,
+                 weight=None, bias_tensor=None, memo=None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.input_is_parallel, self.sequence_parallel, self.transposed = input_is_parallel, sequence_parallel, transposed
+        self.in_local = _divide(in_features, group.size, "RowParallelLinear in_features")
+        if weight is None:
+            ref = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+            weight = ref.weight.t() if transposed else ref.weight
+            bias_tensor = ref.bias
+        self.weight = _shard_param(weight, 0 if transposed else 1, group, None, memo)
+        self.bias = None
+        if bias_tensor is not None:              # replicated: every rank holds all of b
+            self.bias = bias_tensor if isinstance(bias_tensor, nn.Parameter) else nn.Parameter(bias_tensor.detach())
+
+    @classmethod
+    def from_module(cls, m: nn.Module, group: Group, **kw) -> "RowParallelLinear":
+        if isinstance(m, nn.Linear):
+            return cls(m.in_features, m.out_features, group, m.bias is not None, weight=m.weight,
+                       bias_tensor=m.bias, **kw)
+        if _is_conv1d(m):
+            return cls(m.nx, m.nf, group, True, transposed=True, weight=m.weight, bias_tensor=m.bias, **kw)
+        raise TypeError(f"RowParallelLinear converts nn.Linear or transformers Conv1D, not {type(m).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.scatter_to_seq(x, self.group, -1)
+        y = F.linear(x, self.weight.t() if self.transposed else self.weight)
+        if self.sequence_parallel:
+            _check_seq(y, self.group, SEQ_DIM, "reduce-scatter after a row-parallel layer")
+            y = comm.reduce_scatter_to_seq(y, self.group, SEQ_DIM)
+            return y if self.bias is None else y + comm.copy_to_group(self.bias, self.group)
+        y = comm.reduce_from_group(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return (f"in={self.in_features} (local {self.in_local}), out={self.out_features}, tp={self.group.size}, "
+                f"sequence_parallel={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split: E = [E_1; …; E_p], rank i holds rows [i·V/p, (i+1)·V/p).
+
+    out = Σ_i 1[t ∈ V_i] · E_i[t − i·V/p]: each rank looks up the tokens it owns, writes zeros for the
+    rest, and the ranks all-reduce (g). With ``sequence_parallel`` the sum is a reduce-scatter along the
+    sequence (ḡ), so the output is already this rank's sequence shard (Megatron §3; arXiv 2205.05198).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: Group, *, padding_idx=None,
+                 sequence_parallel: bool = False, weight=None, memo=None, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
+        self.sequence_parallel, self.padding_idx = sequence_parallel, padding_idx
+        self.vocab_local = _divide(num_embeddings, group.size, "VocabParallelEmbedding vocabulary size")
+        self.vocab_start = group.rank * self.vocab_local
+        if weight is None:
+            weight = nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype).weight
+        self.weight = _shard_param(weight, 0, group, None, memo)
+
+    @classmethod
+    def from_module(cls, m: nn.Module, group: Group, **kw) -> "VocabParallelEmbedding":
+        if not isinstance(m, nn.Embedding):
+            raise TypeError(f"VocabParallelEmbedding converts nn.Embedding, not {type(m).__name__}")
+        if m.max_norm is not None or m.scale_grad_by_freq or m.sparse:
+            raise ValueError("VocabParallelEmbedding: max_norm, scale_grad_by_freq and sparse embeddings are not "
+                             "supported; leave this embedding out of the tp plan")
+        return cls(m.num_embeddings, m.embedding_dim, group, padding_idx=m.padding_idx, weight=m.weight, **kw)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.vocab_local)
+        pad = None
+        if self.padding_idx is not None and 0 <= self.padding_idx - self.vocab_start < self.vocab_local:
+            pad = self.padding_idx - self.vocab_start
+        out = F.embedding(torch.where(mine, local, 0), self.weight, pad) * mine.unsqueeze(-1).to(self.weight.dtype)
+        if self.sequence_parallel:
+            _check_seq(out, self.group, SEQ_DIM, "reduce-scatter after the vocab-parallel embedding")
+            return comm.reduce_scatter_to_seq(out, self.group, SEQ_DIM)
+        return comm.reduce_from_group(out, self.group)
+
+    def extra_repr(self):
+        return (f"{self.num_embeddings} (local {self.vocab_local} from {self.vocab_start}), {self.embedding_dim}, "
+                f"tp={self.group.size}, sequence_parallel={self.sequence_parallel}")
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+# --- vocab-parallel cross-entropy ----------------------------------------------------------------
+
+class _VocabParallelCE(torch.autograd.Function):
+    """loss_t = log Σ_v exp(z_tv) − z_t,y_t with z = logits − max: the max, the sum of exponentials and
+    the target logit are reduced over tp (2 all-reduces of b·s numbers: max, then [target, sum-exp]).
+    ∂loss_t/∂z_tv = softmax_tv − 1[v = y_t], computed on the local V/p slice only."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, ignore_index):
+        v_local = logits.shape[-1]
+        start = group.rank * v_local
+        z = logits.reshape(-1, v_local).to(torch.float32, copy=True)   # one V/p-wide copy; input untouched
+        t = targets.reshape(-1)
+        m = z.max(dim=-1).values
+        comm.all_reduce(m, group, op="max")
+        z.sub_(m.unsqueeze(-1))
+        valid = t != ignore_index
+        local = t - start
+        mine = (local >= 0) & (local < v_local) & valid
+        idx = torch.where(mine, local, 0)
+        picked = z.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * mine
+        z.exp_()
+        red = torch.stack([picked, z.sum(-1)])
+        comm.all_reduce(red, group)
+        picked, sum_exp = red[0], red[1]
+        per_token = (sum_exp.log() - picked) * valid
+        z.div_(sum_exp.unsqueeze(-1))                # softmax over this rank's slice
+        n = valid.sum()
+        ctx.save_for_backward(z, idx, mine, valid, n)
+        ctx.shape, ctx.dtype, ctx.done = logits.shape, logits.dtype, False
+        return per_token.sum() / n.clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.done:
+            raise RuntimeError("vocab_parallel_cross_entropy: backward ran twice through one graph "
+                               "(retain_graph); recompute the loss instead")
+        ctx.done = True
+        grad, idx, mine, valid, n = ctx.saved_tensors
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, idx] -= mine.to(grad.dtype)       # softmax − one-hot, in place on the saved slice
+        grad.mul_((valid.to(grad.dtype) * (g / n.clamp(min=1))).unsqueeze(-1))
+        return grad.view(ctx.shape).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tensor, group: Group,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over the tokens whose target is not ``ignore_index``, from logits split along
+    the vocabulary (rank i holds classes [i·V/p, (i+1)·V/p)), never gathering the full logits: every
+    tensor it allocates has at most b·s·V/p elements (Megatron-LM §3, arXiv 1909.08053).
+    Equals ``F.cross_entropy(full_logits.view(-1, V).float(), targets.view(-1))``."""
+    if tuple(logits_shard.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(f"vocab_parallel_cross_entropy: logits shard {tuple(logits_shard.shape)} and targets "
+                         f"{tuple(targets.shape)} disagree; logits must be targets.shape + (V/tp,)")
+    if group.size == 1:
+        return F.cross_entropy(logits_shard.reshape(-1, logits_shard.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=ignore_index)
+    return _VocabParallelCE.apply(logits_shard, targets, group, ignore_index)
+
+
+# --- replicated parameters whose gradient is partial ---------------------------------------------
+
+def _swap_in(module, args, group):
+    """Forward pre-hook: each direct parameter p is replaced, for this forward, by f(p) = copy_to_group(p)."""
+    if not torch.is_grad_enabled():
+        return
+    saved = {}
+    for name, p in module._parameters.items():
+        if p is not None and p.requires_grad:
+            saved[name] = p
+            module._parameters[name] = comm.copy_to_group(p, group)
+    module._tp_saved_params = saved
+
+
+def _swap_out(module, args, output):
+    """Forward hook (always called): put the Parameters back."""
+    saved = module.__dict__.pop("_tp_saved_params", None)
+    if saved:
+        module._parameters.update(saved)
+
+
+def sum_grads_over_tp(module: nn.Module, group: Group) -> nn.Module:
+    """Make the gradients of ``module``'s own (replicated) parameters the sum over tp ranks, inside autograd.
+
+    For a LayerNorm on a sequence shard each rank's ∂L/∂γ covers only its s/p tokens; the full
+    gradient is their sum. The parameter passes through f (identity forward, all-reduce backward)
+    for the forward, so after ``backward()`` returns ``.grad`` is complete, with accumulation intact."""
+    if group.size == 1 or getattr(module, "_tp_sum_grads", False):
+        return module
+    module.register_forward_pre_hook(functools.partial(_swap_in, group=group))
+    module.register_forward_hook(_swap_out, always_call=True)
+    module._tp_sum_grads = True
+    return module
+
