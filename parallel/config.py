@@ -64,6 +64,25 @@ class OptimizerConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """Learning-rate schedule as a multiplier of optimizer.lr per step (warm-up then decay)."""
+    name: str = "constant"                 # constant | warmup | warmup_linear | warmup_cosine
+    warmup_steps: int = 0
+    total_steps: Optional[int] = None      # decay horizon; default train.steps
+    min_lr_ratio: float = 0.0              # floor of the decay, as a fraction of optimizer.lr
+
+
+@dataclass
+class LossScaleConfig:
+    """fp16 dynamic loss scaling (Micikevicius et al., arXiv 1710.03740); static when ``static`` is set."""
+    initial: float = 2.0 ** 16
+    growth_interval: int = 1000            # overflow-free steps before the scale doubles
+    hysteresis: int = 2                    # overflows tolerated before the scale halves
+    min: float = 1.0
+    static: Optional[float] = None
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None
     every: int = 0                         # steps between checkpoints; 0 = never
@@ -86,6 +105,9 @@ class OffloadConfig:
     optimizer: str = "none"                # none | cpu | nvme
     params: str = "none"                   # none | cpu | nvme
     nvme_path: Optional[str] = None
+    buffer_count: int = 4                  # IO buffers streaming optimizer sub-groups / layers
+    buffer_mb: float = 64.0                # size of each buffer
+    prefetch_depth: int = 1                # layers / sub-groups read ahead of use
 
 
 @dataclass
@@ -103,6 +125,8 @@ class Config:
     loss: str = "cross_entropy"            # cross_entropy | mse | "pkg.module:function"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: str = "fp32"                # fp32 | bf16 | fp16
@@ -131,6 +155,7 @@ CHOICES = {
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble"),
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("cpu", "cuda", "auto"),
+    "scheduler.name": ("constant", "warmup", "warmup_linear", "warmup_cosine"),
     "zero.offload.optimizer": ("none", "cpu", "nvme"),
     "zero.offload.params": ("none", "cpu", "nvme"),
 }
@@ -303,6 +328,16 @@ def _validate(c: Config, world_size: int | None) -> None:
         raise ConfigError(f"zero.offload.params={c.zero.offload.params} needs zero.stage=3 (got {c.zero.stage})")
     if "nvme" in (c.zero.offload.params, c.zero.offload.optimizer) and not c.zero.offload.nvme_path:
         raise ConfigError("zero.offload uses nvme but zero.offload.nvme_path is not set: give a directory on a local disk")
+    sc = c.scheduler
+    if sc.warmup_steps < 0 or (sc.total_steps is not None and sc.total_steps < sc.warmup_steps):
+        raise ConfigError(f"scheduler.warmup_steps={sc.warmup_steps} must be >= 0 and <= scheduler.total_steps "
+                          f"({sc.total_steps})")
+    if not 0.0 <= sc.min_lr_ratio <= 1.0:
+        raise ConfigError(f"scheduler.min_lr_ratio={sc.min_lr_ratio} must be within [0, 1]")
+    off = c.zero.offload
+    if off.buffer_count < 1 or off.buffer_mb <= 0 or off.prefetch_depth < 0:
+        raise ConfigError(f"zero.offload: buffer_count={off.buffer_count} must be >= 1, buffer_mb={off.buffer_mb} "
+                          f"> 0 and prefetch_depth={off.prefetch_depth} >= 0")
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be positive (or null for no clipping)")
     if t.timeout_s <= 0:

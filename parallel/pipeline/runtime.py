@@ -1,0 +1,208 @@
+"""The pipeline executor: runs one rank's action list from :mod:`.schedules`.
+
+For every action (in schedule order) it posts the receives :func:`.schedules.comm_ops` lists,
+computes, then sends — activations forward, their gradients backward, over the pp axis with
+:func:`parallel.comm.isend` / :func:`parallel.comm.recv` (the header carries dtype and shape, so
+no ``tensor_shapes``; non-blocking sends, so two neighbours sending to each other cannot
+deadlock; every send is waited for before :meth:`PipelineExecutor.run` returns). Each message's
+tag encodes its :attr:`.schedules.P2P.key`, so messages match by identity, not arrival order.
+
+Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean loss):
+
+* ``F``: y = stage(x); on the last stage the loss L_i = loss_fn(y, target_i) is kept, scaled
+  as ℓ_i = L_i · loss_scale / m, so that summing the gradients of the m micro-batches gives the
+  gradient of the mean over the global batch (the parity contract, DESIGN.md);
+* ``B``: backward of y with the received ∂ℓ/∂y (of ℓ_i on the last stage); parameter
+  gradients accumulate in ``.grad``; ∂ℓ/∂x is sent to stage s−1;
+* ``I`` / ``W`` (ZB-H1, Qi et al., arXiv 2401.10241): ``I`` computes only ∂ℓ/∂x with
+  ``torch.autograd.grad(..., retain_graph=True)`` and sends it; ``W`` later runs the backward
+  again restricted to the stage's parameters (``inputs=params``), so each weight gradient is
+  accumulated exactly once. torch does not expose a per-op split of backward, so ``W`` here
+  re-walks the activation-gradient path: the order and the memory bound are ZB-H1's, the FLOPs
+  of W are those of a full B.
+
+A stage holds a micro-batch's activations (its graph) from F until B, or until W. The executor
+counts them: ``peak_held`` is the most (micro-batch, stage) pairs held at once, which the
+schedule bounds (GPipe m; 1F1B p − rank; see :func:`.schedules.max_in_flight`). ``records``
+lists the actions run, with the time spent waiting for input and computing (perf_counter).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import comm
+from ..loss import cross_entropy
+from .schedules import Schedule, comm_ops, validate
+
+__all__ = ["PipelineExecutor", "Record", "microbatches"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One executed action: seconds waiting for its input message, then computing (incl. sends)."""
+    action: object
+    wait_s: float
+    compute_s: float
+
+
+def microbatches(inputs, targets, m: int) -> list:
+    """Split a global batch along dim 0 into ``m`` equal (input, target) micro-batches."""
+    b = inputs.shape[0]
+    if m < 1 or b % m:
+        raise ValueError(f"pipeline: {m} micro-batches do not divide the batch of {b} samples; set "
+                         f"parallel.pp_microbatches to a divisor of {b} (or change data.global_batch_size / "
+                         "data.micro_batch_size so they divide)")
+    return list(zip(inputs.chunk(m), targets.chunk(m)))
+
+
+class PipelineExecutor:
+    """Runs ``schedule``'s actions for this pp rank on its ``stages``.
+
+    ``stages[j]`` is global stage ``pp_group.rank + j·p`` (what :func:`.split.split_model`
+    returns); stage s lives on pp rank s mod p, i.e. global rank ``pp_group.ranks[s % p]``.
+    ``loss_fn(output, target)`` returns the micro-batch mean (default: cross entropy, which takes
+    logits or a transformers ModelOutput). Gradients accumulate into ``.grad``: zero them before
+    :meth:`run` when a step starts.
+    """
+
+    def __init__(self, stages: list, schedule: Schedule, pp_group: comm.Group, loss_fn=cross_entropy,
+                 loss_scale: float = 1.0):
+        p, rank = pp_group.size, pp_group.rank
+        if schedule.p != p:
+            raise ValueError(f"pipeline: the {schedule.name} schedule is for p={schedule.p} ranks but the pp "
+                             f"group has {p}; build it with get_schedule(name, {p}, m, v)")
+        if len(stages) != schedule.v:
+            raise ValueError(f"pipeline: pp rank {rank} got {len(stages)} stage modules but the schedule runs "
+                             f"v={schedule.v} virtual stages per rank; split with virtual_stages={schedule.v}")
+        self.stages = {}
+        for j, mod in enumerate(stages):
+            s = rank + j * p
+            info = getattr(mod, "p3d_stage", None)
+            if info is not None and (info.index != s or info.n_stages != schedule.n_stages):
+                raise ValueError(f"pipeline: stage module {j} of pp rank {rank} is stage {info.index} of "
+                                 f"{info.n_stages}, but the schedule expects stage {s} of {schedule.n_stages}")
+            self.stages[s] = mod
+        self.schedule, self.group, self.rank = validate(schedule), pp_group, rank
+        self.loss_fn, self.loss_scale = loss_fn, loss_scale
+        self.steps = comm_ops(schedule, rank)
+        self.last = schedule.n_stages - 1
+        self.params = {s: [q for q in mod.parameters() if q.requires_grad] for s, mod in self.stages.items()}
+        self.device = next((q.device for q in stages[0].parameters()), torch.device("cpu"))
+        self.records: list[Record] = []
+        self.peak_held = 0
+        self.peak_held_per_stage: dict = {}
+
+    # ------------------------------------------------------------------------------- messages
+    def _tag(self, op) -> int:
+        tensor, i, src, _ = op.key
+        return (i * self.schedule.n_stages + src) * 2 + (tensor == "grad")
+
+    def _peer(self, op) -> int:
+        return self.group.ranks[op.peer]
+
+    def _send(self, op, t: torch.Tensor) -> None:
+        if op.peer == self.rank:                    # only when p == 1: stay in process
+            self._mailbox[op.key] = t.detach()
+        else:
+            self._pending.append(comm.isend(t, self._peer(op), self.group, tag=self._tag(op)))
+
+    def _recv(self, op) -> torch.Tensor:
+        if op.peer == self.rank:
+            return self._mailbox.pop(op.key)
+        return comm.recv(self._peer(op), self.group, device=self.device, tag=self._tag(op))
+
+    # -------------------------------------------------------------------------------- running
+    def run(self, micro_batches: list):
+        """Run one step over ``micro_batches`` = [(input, target)] × m. Returns the mean
+        micro-batch loss on the rank holding the last stage (a float), None elsewhere."""
+        m = self.schedule.m
+        if len(micro_batches) != m:
+            raise ValueError(f"pipeline: the schedule was built for m={m} micro-batches, run() got "
+                             f"{len(micro_batches)}; use microbatches(x, y, {m})")
+        self.records, self._pending, self._mailbox = [], [], {}
+        self._saved, self._losses = {}, {}
+        self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
+        try:
+            for step in self.steps:
+                t0 = time.perf_counter()
+                got = [self._recv(op) for op in step.recv]
+                t1 = time.perf_counter()
+                out = getattr(self, "_" + step.action.kind)(step.action, got[0] if got else None, micro_batches)
+                for op in step.send:
+                    self._send(op, out)
+                self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1))
+                self._count_held()
+        finally:
+            for w in self._pending:
+                w.wait()
+            self._pending = []
+        if self._saved:
+            raise RuntimeError(f"pipeline: activations of {sorted(self._saved)} were never released; "
+                               "the schedule lacks their backward")
+        if self.last not in self.stages:
+            return None
+        return float(sum(self._losses[i] for i in range(m)) / m)
+
+    def _count_held(self) -> None:
+        self.peak_held = max(self.peak_held, len(self._saved))
+        for s in self.stages:
+            n = sum(1 for (_, st) in self._saved if st == s)
+            self.peak_held_per_stage[s] = max(self.peak_held_per_stage[s], n)
+
+    def _F(self, a, x, micro_batches):
+        i, s = a.microbatch, a.stage
+        if s == 0:
+            x = micro_batches[i][0]
+            x = x.to(self.device) if isinstance(x, torch.Tensor) else x
+        elif x.is_floating_point():
+            x.requires_grad_(True)
+        y = self.stages[s](x)
+        if s == self.last:
+            target = micro_batches[i][1]
+            loss = self.loss_fn(y, target.to(self.device) if isinstance(target, torch.Tensor) else target)
+            self._losses[i] = loss.detach()
+            self._saved[(i, s)] = (x, loss * (self.loss_scale / self.schedule.m), None)
+            return None
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"pipeline: stage {s} returned {type(y).__name__}; a non-last stage must return "
+                            "one activation tensor")
+        self._saved[(i, s)] = (x, y, None)
+        return y
+
+    def _input_grad(self, x):
+        return isinstance(x, torch.Tensor) and x.requires_grad
+
+    def _B(self, a, dy, micro_batches):
+        x, y, _ = self._saved.pop((a.microbatch, a.stage))
+        if y.requires_grad:
+            torch.autograd.backward(y, dy)
+        if a.stage > 0:
+            return x.grad if x.grad is not None else torch.zeros_like(x)
+        return None
+
+    def _I(self, a, dy, micro_batches):
+        key = (a.microbatch, a.stage)
+        x, y, _ = self._saved[key]
+        self._saved[key] = (x, y, dy)
+        if a.stage == 0:
+            return None
+        if not (y.requires_grad and self._input_grad(x)):
+            return torch.zeros_like(x)
+        dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
+        return dx if dx is not None else torch.zeros_like(x)
+
+    def _W(self, a, _none, micro_batches):
+        x, y, dy = self._saved.pop((a.microbatch, a.stage))
+        params = self.params[a.stage]
+        if y.requires_grad and params:
+            torch.autograd.backward(y, dy, inputs=params)
+        return None
+
+    # ------------------------------------------------------------------------------- reporting
+    @property
+    def executed(self) -> list:
+        """The actions of the last :meth:`run`, in the order they ran."""
+        return [r.action for r in self.records]
