@@ -95,6 +95,11 @@ def run(cfg: Config, mesh: Mesh, print_fn=print) -> dict:
         step_s = time.perf_counter() - t0
         losses.append(loss)
         metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before))
+    if cfg.train.finish:
+        finish = import_object(cfg.train.finish, "train.finish")
+        full = engine.full_model()                     # collective: every rank takes part
+        if mesh.rank == 0:
+            finish(full, cfg)
     return {"losses": losses, "engine": engine, "dataset": dataset}
 
 

@@ -97,6 +97,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     timeout_s: float = 60.0
     resume: bool = False
+    finish: Optional[str] = None           # "pkg.module:function(model, cfg)" run on rank 0 with the full model
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 

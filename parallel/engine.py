@@ -64,6 +64,10 @@ class Engine:
         self.step_count += 1
         return self._mean_over_dp(total)
 
+    def full_model(self) -> nn.Module:
+        """The whole, unsharded model (collective; the result is meaningful on rank 0)."""
+        return self.model
+
     @torch.no_grad()
     def eval_step(self, batch) -> float:
         self.model.eval()
