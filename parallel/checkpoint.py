@@ -1,0 +1,204 @@
+"""Sharded, atomic, reshardable checkpoints on torch.distributed.checkpoint (DCP).
+
+Every tensor a rank holds — a tensor-parallel shard of a weight, a ZeRO partition of Adam's
+``exp_avg``, a pipeline stage's bias — is a set of elements of one *logical* tensor of the
+unmodified model (``model/<name>``, ``optim/<name>/<state>``). A :class:`Piece` pairs the local
+values with ``index``: for each local element, its position in the flattened logical tensor. The
+index comes from running the same sharding on a model whose values are their own positions
+(``parallel.layout``), so it covers every layout (fused QKV split by heads, row/column splits,
+ZeRO flat partitions, pipeline stages) without a case per layout.
+
+Saving: the one rank that *owns* an element writes it (owners are disjoint and cover the tensor);
+runs of consecutive indices become the 1-D shards of a DCP ShardedTensor, so each rank writes only
+its own shards. Loading into any layout: DCP reads each logical tensor the rank needs (resharding
+from whatever shards were saved) and the rank takes ``full[index]``. Loading reads whole logical
+tensors one group at a time, so peak extra memory is about ``load_group_mb``.
+
+A checkpoint is complete or absent: ranks write ``<dir>/.tmp-step_N``; after a barrier rank 0
+writes ``meta.json`` and renames the folder to ``<dir>/step_N`` (rename is atomic on POSIX).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class Piece:
+    key: str                 # logical tensor name
+    full_shape: tuple        # its shape in the unmodified model
+    local: torch.Tensor      # this rank's values (any shape; filled in place on load)
+    index: torch.Tensor      # int64, local.numel() entries: positions in the flattened logical tensor
+    owner: bool              # this rank writes these elements (exactly one owner per element)
+
+
+def _runs(index: torch.Tensor):
+    """Sort positions; return (order, [(start, length), ...]) of consecutive runs."""
+    idx = index.reshape(-1)
+    order = torch.argsort(idx)
+    s = idx[order]
+    if s.numel() == 0:
+        return order, []
+    breaks = torch.nonzero(s[1:] != s[:-1] + 1).flatten() + 1
+    starts = torch.cat([torch.tensor([0]), breaks]).tolist()
+    ends = torch.cat([breaks, torch.tensor([s.numel()])]).tolist()
+    return order, [(int(s[a]), b - a, a) for a, b in zip(starts, ends)]
+
+
+def _sharded(key_runs_all: dict, key: str, values: torch.Tensor, runs, rank: int):
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+    numel, dtype, all_runs = key_runs_all[key]
+    shards = [Shard(values[a:a + n].clone(), ShardMetadata([start], [n], f"rank:{rank}/cpu"))
+              for start, n, a in runs]
+    md = ShardedTensorMetadata([ShardMetadata([s], [n], f"rank:{r}/cpu") for r, s, n in all_runs],
+                               torch.Size([numel]), TensorProperties(dtype=dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, md)
+
+
+def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | None = None) -> str:
+    """Collective: write this rank's owned elements of every piece under ``path`` atomically.
+
+    ``meta`` (layout, step, data position, ...) is written by rank 0; ``rank_meta`` (e.g. RNG
+    state) by every rank. Returns the final folder."""
+    import torch.distributed.checkpoint as dcp
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".tmp-{name}")
+    if rank == 0:
+        os.makedirs(parent, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    local = {}
+    for p in pieces:
+        if not p.owner:
+            continue
+        order, runs = _runs(p.index)
+        vals = p.local.detach().reshape(-1)[order].cpu()
+        e = local.setdefault(p.key, [int(torch.Size(p.full_shape).numel()), vals.dtype, list(p.full_shape), [], []])
+        e[3].append(vals)
+        e[4].extend((s, n, a + sum(v.numel() for v in e[3][:-1])) for s, n, a in runs)
+    summary = {k: (e[0], e[1], e[2], [(s, n) for s, n, _ in e[4]]) for k, e in local.items()}
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, summary)
+    else:
+        gathered = [summary]
+    key_runs_all, shapes = {}, {}
+    for r, summ in enumerate(gathered):
+        for k, (numel, dtype, shape, runs) in summ.items():
+            ent = key_runs_all.setdefault(k, [numel, dtype, []])
+            ent[2].extend((r, s, n) for s, n in runs)
+            shapes[k] = shape
+    for k, (numel, _, runs) in key_runs_all.items():
+        covered = sum(n for _, _, n in runs)
+        if covered != numel:
+            raise RuntimeError(f"checkpoint: logical tensor {k!r} has {numel} elements but the owners cover {covered}; "
+                               f"this is a bug in the layout's ownership")
+    state = {k: _sharded(key_runs_all, k, torch.cat(e[3]), e[4], rank) for k, e in local.items()}
+    if world > 1:
+        dist.barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
+    with open(os.path.join(tmp, f"rank_{rank}.pt"), "wb") as f:
+        torch.save(rank_meta or {}, f)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "shapes": shapes, "world_size": world}, f, indent=1)
+        final = os.path.join(parent, name)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    if world > 1:
+        dist.barrier()
+    return os.path.join(parent, name)
+
+
+def read_meta(path: str) -> dict:
+    meta_file = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_file):
+        raise FileNotFoundError(f"{path!r} is not a complete parallel3d checkpoint (no meta.json)")
+    with open(meta_file) as f:
+        return json.load(f)
+
+
+def load_full(path: str, keys: list[str], meta: dict | None = None) -> dict:
+    """Read whole logical tensors ``keys`` (flattened) from a checkpoint, in any process layout."""
+    import torch.distributed.checkpoint as dcp
+    meta = meta or read_meta(path)
+    reader = dcp.FileSystemReader(path)
+    md = reader.read_metadata().state_dict_metadata
+    out = {}
+    for k in keys:
+        if k not in md:
+            raise KeyError(f"checkpoint {path!r} has no tensor {k!r}: it was saved from a different model "
+                           f"(it holds e.g. {sorted(md)[:3]})")
+        out[k] = torch.empty(md[k].size, dtype=md[k].properties.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(out, checkpoint_id=path, no_dist=True)
+    return out
+
+
+def load_pieces(pieces: list[Piece], path: str, load_group_mb: float = 256.0) -> dict:
+    """Fill every piece's ``local`` from the checkpoint at ``path``; returns its meta.
+
+    Each rank reads on its own (no collectives), whole logical tensors a group at a time."""
+    meta = read_meta(path)
+    shapes = meta["shapes"]
+    for p in pieces:
+        if p.key not in shapes:
+            raise KeyError(f"checkpoint {path!r} has no tensor {p.key!r}: it comes from a different model or "
+                           f"optimizer (load with the model and optimizer.name it was saved with)")
+        if list(shapes[p.key]) != list(p.full_shape):
+            raise ValueError(f"checkpoint tensor {p.key!r} has shape {tuple(shapes[p.key])} but this model's is "
+                             f"{tuple(p.full_shape)}: the checkpoint comes from a different model configuration")
+    by_key: dict[str, list[Piece]] = {}
+    for p in pieces:
+        by_key.setdefault(p.key, []).append(p)
+    keys = list(by_key)
+    group, size = [], 0
+    for i, k in enumerate(keys):
+        group.append(k)
+        size += torch.Size(shapes[k]).numel() * 4
+        if size >= load_group_mb * 2**20 or i == len(keys) - 1:
+            full = load_full(path, group, meta)
+            for g in group:
+                for p in by_key[g]:
+                    vals = full[g][p.index.reshape(-1)].view(p.local.shape)
+                    with torch.no_grad():
+                        p.local.copy_(vals.to(p.local.dtype))
+            group, size = [], 0
+    return meta
+
+
+def latest(root: str) -> str | None:
+    """The newest complete checkpoint under ``root`` (``step_N`` folders with meta.json), or None."""
+    if not root or not os.path.isdir(root):
+        return None
+    steps = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, "meta.json")):
+            steps.append((int(m.group(1)), name))
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
