@@ -70,6 +70,9 @@ class SchedulerConfig:
     warmup_steps: int = 0
     total_steps: Optional[int] = None      # decay horizon; default train.steps
     min_lr_ratio: float = 0.0              # floor of the decay, as a fraction of optimizer.lr
+    warmup_start_ratio: float = 0.0        # warm-up starts at this fraction of optimizer.lr
+    warmup_type: str = "linear"            # linear | log (DeepSpeed's WarmupLR)
+    convention: str = "native"             # native | deepspeed (DeepSpeed's step offsets, exactly)
 
 
 @dataclass
@@ -157,6 +160,8 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("cpu", "cuda", "auto"),
     "scheduler.name": ("constant", "warmup", "warmup_linear", "warmup_cosine"),
+    "scheduler.warmup_type": ("linear", "log"),
+    "scheduler.convention": ("native", "deepspeed"),
     "zero.offload.optimizer": ("none", "cpu", "nvme"),
     "zero.offload.params": ("none", "cpu", "nvme"),
 }
