@@ -102,6 +102,9 @@ class Group:
     def size(self) -> int:
         return len(self.ranks)
 
+    def __deepcopy__(self, memo):
+        return self                     # a process group is shared, never copied
+
     def control(self) -> "Group":
         """The same ranks, recorded under axis ``"control:<axis>"``: for loss/metric reductions that
         are bookkeeping, so the axis' own counts stay exactly the algorithm's traffic."""

@@ -29,7 +29,7 @@ from . import comm
 from .comm import Group
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
-           "shard_tensor", "seq_scatter", "seq_gather", "sum_grads_over_tp", "SEQ_DIM"]
+           "shard_tensor", "seq_scatter", "seq_gather", "seq_all_gather", "sum_grads_over_tp", "SEQ_DIM"]
 
 SEQ_DIM = -2
 
@@ -91,6 +91,13 @@ def seq_scatter(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tens
     return comm.scatter_to_seq(x, group, dim)
 
 
+def seq_all_gather(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
+    """f̄: all-gather the sequence before the tensor-parallel region; backward reduce-scatters the
+    (partial, per-rank) gradient back to this rank's chunk."""
+    _check_seq(x, group, dim, "all-gather before a column-parallel layer")
+    return comm.all_gather_to_seq(x, group, dim)
+
+
 def seq_gather(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
     """Leave the sequence-parallel region: all-gather the sequence (backward: keep own chunk, the
     incoming gradient being complete and identical on every rank)."""
@@ -149,6 +156,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _shard_param(weight, 1 if transposed else 0, group, self.sections, memo)
         self.bias = _shard_param(bias_tensor, 0, group, self.sections, memo) if bias_tensor is not None else None
         self.shared_input: _SharedInput | None = None
+        self.input_ready = False
 
     @classmethod
     def from_module(cls, m: nn.Module, group: Group, **kw) -> "ColumnParallelLinear":
@@ -161,9 +169,10 @@ class ColumnParallelLinear(nn.Module):
         raise TypeError(f"ColumnParallelLinear converts nn.Linear or transformers Conv1D, not {type(m).__name__}")
 
     def _enter(self, x):
+        if self.input_ready:                     # the owning module already applied f̄ to its input
+            return x
         if self.sequence_parallel:
-            _check_seq(x, self.group, SEQ_DIM, "all-gather before a column-parallel layer")
-            return comm.all_gather_to_seq(x, self.group, SEQ_DIM)
+            return seq_all_gather(x, self.group)
         return comm.copy_to_group(x, self.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

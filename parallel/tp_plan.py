@@ -1,0 +1,366 @@
+"""Convert an existing model to tensor parallelism by a plan {module glob: style} (Megatron-LM,
+arXiv 1909.08053; sequence parallel, arXiv 2205.05198).
+
+    apply_tensor_parallel(model, mesh_or_tp_group, plan="auto", sequence_parallel=False) -> model
+
+The model is converted in place: each planned ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` is replaced
+by its parallel layer holding this rank's shard of the values the model already has (a pretrained
+model keeps its weights), and attention modules get their per-rank head counts. Globs name modules
+as ``named_modules()`` does; ``*`` matches one name component ("blocks.*.attn.qkv").
+
+Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
+  colwise          column-parallel Linear/Conv1D; output split along its last dim (heads, MLP width)
+  colwise_qkv      fused [q; k; v]: each of q, k, v split by heads (GQA sizes read from the attention)
+  colwise_packed   fused [gate; up]: each half split
+  colwise_gather   column-parallel, output all-gathered along the last dim
+  colwise_vocab    the output layer: logits stay split by vocabulary (``model.tp_vocab_parallel_output``),
+                   for ``vocab_parallel_cross_entropy``
+  rowwise          row-parallel Linear/Conv1D, input split along its last dim, output all-reduced
+  rowwise_split_input  row-parallel taking its own slice of a replicated input
+  vocab            vocab-parallel nn.Embedding
+  replicated_grad_allreduce  replicated module whose parameter gradients are partial (summed over tp)
+  sequence_parallel  module runs on the sequence shard (LayerNorm); with SP its gradients are summed.
+                     Norm modules outside the tensor-parallel attention/MLP modules are found
+                     automatically, so plans rarely list them.
+  seq_scatter_input / seq_scatter_output / seq_gather_output  (SP only) the module's first input /
+                     its output is cut to this rank's sequence chunk / its output is all-gathered.
+
+Sequence parallel comes in two layouts. Megatron layout (no seq_scatter_input in the plan): the vocab
+embedding reduce-scatters, so the residual stream is sequence-sharded from the embedding to the
+output layer, whose f̄ all-gathers it. Region layout (transformers models, whose code derives
+positions and masks from the embedding's sequence length): the embedding all-reduces as without SP,
+``seq_scatter_input`` on the first block enters the region and ``seq_gather_output`` on the final
+norm leaves it; the output layer then reads the full sequence. ``plan="auto"`` builds the region
+layout for transformers models. In both, f̄ is applied once to the input of each module holding
+column-parallel layers (attention, MLP), so their code sees the whole sequence; whatever in such a
+module reads that input must be column-parallel. Without SP those layers share one f instead.
+Dropout on a sequence shard needs a different RNG stream per tp rank; that is not provided here.
+
+``plan="auto"``: the model's ``TP_PLAN`` (attribute, or a dict in the module defining its class, as in
+examples/gpt.py); else a transformers model's published plan (``model.tp_plan`` built from
+``config.base_model_tp_plan``) or one of ``BUILTIN_PLANS`` by ``config.model_type`` (GPT-2 publishes
+none), with the input embedding made ``vocab`` and the output embedding ``colwise_vocab``.
+"""
+from __future__ import annotations
+
+import difflib
+import functools as ft
+import re
+import sys
+
+import torch.nn as nn
+
+from .comm import Group
+from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, _is_conv1d,
+                              _SharedInput, seq_all_gather, seq_gather, seq_scatter,
+                              sum_grads_over_tp)
+
+__all__ = ["apply_tensor_parallel", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
+
+COLWISE = ("colwise", "colwise_qkv", "colwise_packed", "colwise_gather", "colwise_vocab")
+ROWWISE = ("rowwise", "rowwise_split_input")
+MARKERS = ("seq_scatter_input", "seq_scatter_output", "seq_gather_output")
+STYLES = COLWISE + ROWWISE + ("vocab", "replicated_grad_allreduce", "sequence_parallel") + MARKERS
+HF_ALIASES = {"embedding_rowwise": "vocab", "colwise_gather_output": "colwise_gather", "colwise_rep": "colwise_gather",
+              "packed_colwise": "colwise_packed", "replicated_with_grad_allreduce": "replicated_grad_allreduce"}
+# Plans for transformers models that publish none; keys are relative to the base model.
+BUILTIN_PLANS = {
+    "gpt2": {"h.*.attn.c_attn": "colwise_qkv", "h.*.attn.c_proj": "rowwise",
+             "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
+}
+# Per-rank counts that attention modules store; divided by tp. head_dim and group ratios stay.
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads",
+              "n_kv_heads", "n_kv_head", "split_size", "all_head_size")
+_Q_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
+
+
+def _int_attr(m, names):
+    for n in names:
+        v = getattr(m, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return bool(m._parameters) and (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm))
+                                    or type(m).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")))
+
+
+# --- plan resolution ----------------------------------------------------------------------------
+
+def resolve_plan(model: nn.Module, plan="auto") -> dict:
+    """The plan as {glob: style} with aliases mapped; ``"auto"`` as described in the module docstring."""
+    if plan == "auto" or plan is None:
+        plan = _auto_plan(model)
+    elif not isinstance(plan, dict):
+        raise ValueError(f"tp plan must be 'auto' or a dict {{module glob: style}}, got {plan!r}")
+    out = {}
+    for glob, style in plan.items():
+        s = HF_ALIASES.get(style, style)
+        if s not in STYLES:
+            raise ValueError(f"tp plan entry {glob!r}: unknown style {style!r}; styles are {list(STYLES)} "
+                             f"(and transformers' {list(HF_ALIASES)})")
+        out[glob] = s
+    return out
+
+
+def _auto_plan(model: nn.Module) -> dict:
+    own = getattr(model, "TP_PLAN", None) or getattr(sys.modules.get(type(model).__module__), "TP_PLAN", None)
+    if isinstance(own, dict) and own:
+        return dict(own)
+    cfg = getattr(model, "config", None)
+    hf = dict(getattr(model, "tp_plan", None) or {}) if cfg is not None else {}
+    if not hf and cfg is not None and getattr(cfg, "model_type", None) in BUILTIN_PLANS:
+        prefix = getattr(model, "base_model_prefix", "")
+        prefix = prefix + "." if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
+        hf = {prefix + k: v for k, v in BUILTIN_PLANS[cfg.model_type].items()}
+    if not hf:
+        raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no TP_PLAN, no transformers "
+                         f"base_model_tp_plan, no built-in plan): set parallel.tp_plan to {{module glob: style}}")
+    names = {id(m): n for n, m in model.named_modules()}
+    for getter, style in (("get_input_embeddings", "vocab"), ("get_output_embeddings", "colwise_vocab")):
+        m = getattr(model, getter, lambda: None)()
+        if m is not None and id(m) in names:
+            hf[names[id(m)]] = style
+    hf.update(_region_markers(model, hf))
+    return hf
+
+
+def _region_markers(model: nn.Module, plan: dict) -> dict:
+    """Sequence-parallel region of a transformers model: the first block's input to the final norm."""
+    mods = dict(model.named_modules())
+    for glob, style in plan.items():
+        if HF_ALIASES.get(style, style) not in COLWISE + ROWWISE:
+            continue
+        rx = _glob_re(glob)
+        for name in mods:
+            if not rx.fullmatch(name):
+                continue
+            parts = name.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                blocks = ".".join(parts[:i])
+                if isinstance(mods.get(blocks), nn.ModuleList) and len(mods[blocks]):
+                    parent_name, _, child = blocks.rpartition(".")
+                    parent = mods[parent_name]
+                    out = {f"{blocks}.0": "seq_scatter_input"}
+                    after = list(parent._modules)[list(parent._modules).index(child) + 1:]
+                    for n in after:
+                        if _is_norm(parent._modules[n]):
+                            out[f"{parent_name}.{n}" if parent_name else n] = "seq_gather_output"
+                            break
+                    return out
+    return {}
+
+
+# --- matching and validation ----------------------------------------------------------------------
+
+def _glob_re(glob: str):
+    return re.compile(r"\.".join("[^.]+" if p == "*" else re.escape(p).replace(r"\*", "[^.]*")
+                                 for p in glob.split(".")))
+
+
+def _match(model: nn.Module, plan: dict, errors: list) -> list:
+    mods = [(n, m) for n, m in model.named_modules() if n]
+    owner: dict[str, tuple] = {}
+    for glob, style in plan.items():
+        rx = _glob_re(glob)
+        hits = [(n, m) for n, m in mods if rx.fullmatch(n)]
+        if not hits:
+            near = difflib.get_close_matches(glob.replace("*", "0"), [n for n, _ in mods], n=3)
+            errors.append(f"plan entry {glob!r} ({style}) matches no module of {type(model).__name__}"
+                          + (f"; did you mean {near}?" if near else ""))
+        for n, m in hits:
+            if n in owner and owner[n][1] != style:
+                errors.append(f"module {n!r} is matched by {owner[n][0]!r} ({owner[n][1]}) and {glob!r} ({style}); "
+                              f"give each module one style")
+            owner[n] = (glob, style, m)
+    return [(n, s, m) for n, (g, s, m) in owner.items()]
+
+
+def _sections(name, m, style, parent, tp, errors):
+    """Fused output sizes and the number of heads in each (None where the heads are unknown)."""
+    out = m.nf if _is_conv1d(m) else m.out_features
+    hd = _int_attr(parent, ("head_dim",))
+    if style == "colwise_qkv":
+        nq = _int_attr(parent, _Q_HEADS)
+        nkv = _int_attr(parent, _KV_HEADS) or nq
+        if nq and hd and (nq + 2 * nkv) * hd == out:
+            return [nq * hd, nkv * hd, nkv * hd], [nq, nkv, nkv]
+        if out % 3:
+            errors.append(f"{name}: colwise_qkv needs out_features = q + k + v, got {out} (not 3 equal parts and "
+                          f"no num_heads/head_dim on its attention module)")
+            return None, None
+        return [out // 3] * 3, [out // 3 // hd if hd and (out // 3) % hd == 0 else None] * 3
+    if style == "colwise_packed":
+        return [out // 2] * 2, [None, None]
+    if style in ("colwise", "colwise_gather") and hd and out % hd == 0:
+        return None, [out // hd]
+    return None, [None]
+
+
+def _validate(matches, mods, tp, errors) -> dict:
+    """Check every planned module; returns the fused sections of each column layer by name."""
+    sections = {}
+    for name, style, m in matches:
+        parent_name = name.rpartition(".")[0]
+        parent = mods[parent_name]
+        kind = type(m).__name__
+        if style in COLWISE + ROWWISE and not (isinstance(m, nn.Linear) or _is_conv1d(m)):
+            errors.append(f"{name}: style {style!r} needs nn.Linear or transformers Conv1D, found {kind}")
+            continue
+        if style == "vocab" and not isinstance(m, nn.Embedding):
+            errors.append(f"{name}: style 'vocab' needs nn.Embedding, found {kind}")
+            continue
+        if style in COLWISE:
+            out = m.nf if _is_conv1d(m) else m.out_features
+            if out % tp:
+                errors.append(f"{name}: out_features = {out} is not divisible by tp = {tp}")
+            secs, heads = _sections(name, m, style, parent, tp, errors)
+            for i, (s, h) in enumerate(zip(secs or [out], heads or [None])):
+                what = f"section {i} of {secs}" if secs else "output"
+                if h is not None and h % tp:
+                    errors.append(f"{name}: {what} has {h} heads (head_dim {s // h}), not divisible by tp = {tp}; "
+                                  f"use a tp that divides the (key/value) head count")
+                elif secs and s % tp:
+                    errors.append(f"{name}: {what} of size {s} is not divisible by tp = {tp}")
+            sections[name] = secs
+        if style in ROWWISE:
+            inp = m.nx if _is_conv1d(m) else m.in_features
+            if inp % tp:
+                errors.append(f"{name}: in_features = {inp} is not divisible by tp = {tp}")
+        if style == "vocab" and m.num_embeddings % tp:
+            errors.append(f"{name}: vocabulary size {m.num_embeddings} is not divisible by tp = {tp}; pad the "
+                          f"vocabulary to a multiple of tp")
+        if style in ("colwise", "colwise_qkv") and _int_attr(parent, ("head_dim",)):
+            for a in HEAD_ATTRS:
+                v = _int_attr(parent, (a,))
+                if v is not None and v % tp:
+                    errors.append(f"{parent_name}.{a} = {v} (per-rank count) is not divisible by tp = {tp}")
+    return sections
+
+
+# --- conversion ---------------------------------------------------------------------------------------
+
+def _first_input_hook(module, args, kwargs, fn, what):
+    """Forward pre-hook applying ``fn`` to the module's hidden states (first positional or hidden_states=)."""
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    raise ValueError(f"{what} on {type(module).__name__}: no positional input or hidden_states= to apply it to")
+
+
+def _output_hook(module, args, output, fn):
+    """Forward hook applying ``fn`` to the module's output (or the first element of a tuple output)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + output[1:]
+    return fn(output)
+
+
+def _labels_guard(module, args, kwargs):
+    if kwargs.get("labels") is not None:
+        raise ValueError("this model's logits are split by vocabulary across tp ranks (tp_vocab_parallel_output), "
+                         "so its built-in loss would be wrong: call it without labels= and compute the loss with "
+                         "parallel.tensor_parallel.vocab_parallel_cross_entropy(out.logits, targets, tp_group)")
+
+
+def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto", sequence_parallel: bool = False) -> nn.Module:
+    """Convert ``model`` in place by ``plan`` over the tp group (a ``Mesh``'s "tp" axis or a ``Group``).
+
+    Every problem (a glob that matches nothing, a size or head count not divisible by tp, a module type
+    a style cannot convert) is reported in one ValueError before anything is changed. Split parameters
+    get ``tp_sharded = True`` (and ``tp_shard_dim``, ``tp_sections``); the model gets ``tp_group``,
+    ``tp_sequence_parallel`` and ``tp_vocab_parallel_output`` (logits split by vocabulary: use
+    ``vocab_parallel_cross_entropy``). With tp = 1 the plan is checked and the model left unchanged."""
+    group: Group = mesh_or_group.group("tp") if hasattr(mesh_or_group, "group") else mesh_or_group
+    tp = group.size
+    plan = resolve_plan(model, plan)
+    errors: list[str] = []
+    matches = _match(model, plan, errors)
+    mods = dict(model.named_modules())
+    sections = _validate(matches, mods, tp, errors)
+    styles = {s for _, s, _ in matches}
+    region = "seq_scatter_input" in styles
+    if sequence_parallel and region and "seq_gather_output" not in styles:
+        errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
+                      "mark the final norm 'seq_gather_output'")
+    if errors:
+        raise ValueError(f"tensor-parallel plan cannot be applied to {type(model).__name__} with tp = {tp}:\n  - "
+                         + "\n  - ".join(errors))
+    model.tp_group, model.tp_sequence_parallel = group, bool(sequence_parallel and tp > 1)
+    model.tp_vocab_parallel_output = tp > 1 and "colwise_vocab" in styles
+    if tp == 1:
+        return model
+    sp = model.tp_sequence_parallel
+    memo: dict = {}
+    islands = set()                        # parents of split linears: attention / MLP modules
+    shared: dict[int, _SharedInput] = {}
+    heads_fixed = set()
+    for name, style, m in matches:
+        parent_name, _, child = name.rpartition(".")
+        parent = mods[parent_name]
+        if style in COLWISE:
+            head = style in ("colwise_vocab", "colwise_gather")
+            new = ColumnParallelLinear.from_module(
+                m, group, gather_output=style == "colwise_gather", sections=sections.get(name),
+                sequence_parallel=sp and not (head and region), memo=memo)
+            if not head:
+                # One f (or f̄) per attention/MLP module, however many column layers read its input. With
+                # sequence parallel f̄ goes on the module's input, so code in it that derives shapes from
+                # its input (heads = -1, reshape(*input_shape, -1)) sees the whole sequence.
+                islands.add(parent_name)
+                if id(parent) not in shared:
+                    shared[id(parent)] = _SharedInput()
+                    parent.register_forward_hook(shared[id(parent)].clear, always_call=True)
+                    if sp:
+                        parent.register_forward_pre_hook(ft.partial(
+                            _first_input_hook, fn=ft.partial(seq_all_gather, group=group),
+                            what="sequence-parallel all-gather"), with_kwargs=True)
+                new.shared_input, new.input_ready = shared[id(parent)], sp
+        elif style in ROWWISE:
+            new = RowParallelLinear.from_module(m, group, input_is_parallel=style == "rowwise",
+                                                sequence_parallel=sp, memo=memo)
+            islands.add(parent_name)
+        elif style == "vocab":
+            new = VocabParallelEmbedding.from_module(m, group, sequence_parallel=sp and not region, memo=memo)
+        else:
+            if style == "replicated_grad_allreduce" or (sp and style == "sequence_parallel"):
+                sum_grads_over_tp(m, group)
+            elif sp and style == "seq_scatter_input":
+                m.register_forward_pre_hook(ft.partial(_first_input_hook, fn=ft.partial(seq_scatter, group=group),
+                                                       what="seq_scatter_input"), with_kwargs=True)
+            elif sp and style in ("seq_scatter_output", "seq_gather_output"):
+                fn = seq_scatter if style == "seq_scatter_output" else seq_gather
+                m.register_forward_hook(ft.partial(_output_hook, fn=ft.partial(fn, group=group)))
+            continue
+        setattr(parent, child, new)
+        if style in ("colwise", "colwise_qkv") and _int_attr(parent, ("head_dim",)) and parent_name not in heads_fixed:
+            heads_fixed.add(parent_name)             # per-rank head counts, once per attention module
+            for a in HEAD_ATTRS:
+                v = _int_attr(parent, (a,))
+                if v is not None:
+                    setattr(parent, a, v // tp)
+    if sp:
+        _shard_norms(model, matches, islands, region, group)
+    if model.tp_vocab_parallel_output and hasattr(model, "config"):
+        model.register_forward_pre_hook(_labels_guard, with_kwargs=True)
+    return model
+
+
+def _shard_norms(model, matches, islands, region, group):
+    """Sum the gradients of the norms that run on the sequence shard: every norm outside the
+    attention/MLP modules (whose q/k norms see whole heads, not a token shard) — in the region layout
+    only those inside the block list and the exit norm."""
+    within = None
+    if region:
+        entry = next(n for n, s, _ in matches if s == "seq_scatter_input")
+        exit_ = next(n for n, s, _ in matches if s == "seq_gather_output")
+        blocks = entry.rpartition(".")[0]
+        within = lambda n: n == exit_ or n.startswith(blocks + ".")  # noqa: E731
+    for name, m in model.named_modules():
+        if not _is_norm(m) or any(name.startswith(i + ".") for i in islands if i):
+            continue
+        if within is None or within(name):
+            sum_grads_over_tp(m, group)
