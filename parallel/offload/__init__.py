@@ -1,0 +1,37 @@
+"""Tiered tensor store (device / CPU / NVMe) with asynchronous IO and prefetch; ZeRO never sees the medium.
+
+    store = make_store("nvme", cfg.zero.offload, name=f"optim-rank{rank}.bin")
+    store.reserve(total_state_bytes)                        # fail before training, not mid-run
+    h = store.put("p0", t); store.prefetch(["p1"]); x = store.get("p1"); store.release("p1")
+    stream_update(store, [("p0", "m0", "v0"), ...], fn, buffers=4, prefetch_depth=1)
+"""
+from __future__ import annotations
+
+from .cpu_adam import AdamWKernel, cpu_adamw_candidates, fastest_cpu_adamw
+from .errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
+from .nvme import NvmeStore
+from .store import DONE, CpuStore, DeviceStore, Handle, StoreStats, TensorMeta, TensorStore
+from .stream import StreamStats, stream_update
+
+__all__ = [
+    "TensorStore", "DeviceStore", "CpuStore", "NvmeStore", "Handle", "DONE", "StoreStats", "TensorMeta",
+    "StoreError", "StoreConfigError", "StoreFullError", "BuffersExhaustedError", "stream_update", "StreamStats",
+    "AdamWKernel", "cpu_adamw_candidates", "fastest_cpu_adamw", "make_store",
+]
+
+
+def make_store(medium: str, offload=None, name: str | None = None) -> TensorStore:
+    """The store for ``medium`` ∈ {none, device, cpu, nvme}, sized from an ``OffloadConfig``
+    (``nvme_path``, ``buffer_count``, ``buffer_mb``). ``name`` names the file on NVMe; give each rank
+    its own (e.g. f"optim-rank{rank}.bin")."""
+    if medium in ("none", "device"):
+        return DeviceStore()
+    if medium == "cpu":
+        return CpuStore()
+    if medium == "nvme":
+        if offload is None:
+            from ..config import OffloadConfig
+            offload = OffloadConfig()
+        return NvmeStore(offload.nvme_path, buffer_count=offload.buffer_count,     # checks the path
+                         buffer_bytes=int(offload.buffer_mb * 2**20), name=name)
+    raise StoreConfigError(f"unknown offload medium {medium!r}; use one of none, cpu, nvme")

@@ -1,0 +1,425 @@
+"""NVMe tier of the tensor store (ZeRO-Infinity, Rajbhandari et al., arXiv 2104.07857, §5–6).
+
+Layout: one file per store (``<nvme_path>/<name>``), an in-memory allocation table
+``key → (offset, span)`` and a free list of extents. Every extent starts and ends on a 4096-byte
+boundary (``span = align_up(nbytes)``) so the file can be opened with O_DIRECT.
+
+Copy-on-write: ``put`` always writes into a *new* extent and commits the table entry only when
+every chunk of the write has succeeded; the old extent is freed after the commit. A write that
+fails (ENOSPC mid-run, an IO error) frees its new extent and leaves the committed copy untouched,
+and its error surfaces from ``handle.wait()`` / ``flush()`` as :class:`StoreFullError`. The table
+lives in memory: the store is scratch space for one run, not a checkpoint format.
+
+Memory is bounded by a pool of ``buffer_count`` aligned host buffers of ``buffer_bytes`` each
+(pinned when CUDA is present). A resident tensor (prefetched or got, not yet released) occupies one
+buffer; a ``put`` of a non-resident tensor stages through buffers that return to the pool when its
+write completes. When all buffers are in use the store waits for in-flight writes to free one; if
+every buffer is held by a resident tensor it raises :class:`BuffersExhaustedError` instead of
+deadlocking. Tensors larger than one buffer can be ``put`` and read with ``get(key, out=...)``
+(both chunk through the pool) but cannot be made resident.
+"""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from concurrent.futures import Future
+
+import torch
+
+from .alloc import ExtentAllocator
+from .aio import IOEngine, align_up, aligned_empty, check_dir, preallocate, probe_direct
+from .errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
+from .store import Handle, TensorMeta, TensorStore, _as_list
+
+__all__ = ["NvmeStore"]
+
+
+class _Slot:
+    """A resident tensor: its buffer, the read filling it, and writes in flight from it."""
+    __slots__ = ("key", "buf", "meta", "read", "writes", "released", "error")
+
+    def __init__(self, key, buf, meta):
+        self.key, self.buf, self.meta = key, buf, meta
+        self.read, self.writes, self.released, self.error = None, 0, False, None
+
+    def view(self) -> torch.Tensor:
+        return self.buf[:self.meta.nbytes].view(self.meta.dtype).view(self.meta.shape)
+
+
+class _Op:
+    """One in-flight read or write. kind: 'read' fills a slot; 'write' commits an extent on success;
+    'part' is one staged chunk of a large write (frees its buffer; its parent commits)."""
+    __slots__ = ("kind", "key", "futures", "bufs", "slot", "extent", "meta", "error", "finished", "reported")
+
+    def __init__(self, kind, key, futures, bufs=(), slot=None, extent=None, meta=None):
+        self.kind, self.key, self.futures, self.bufs, self.slot = kind, key, list(futures), list(bufs), slot
+        self.extent, self.meta = extent, meta
+        self.error, self.finished, self.reported = None, False, False
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def frees_buffer(self) -> bool:
+        return bool(self.bufs) or (self.kind == "write" and self.slot is not None and self.slot.released)
+
+
+class NvmeStore(TensorStore):
+    """Tensors in a file under ``path``, moved by a thread pool with O_DIRECT where supported.
+
+    Args: path (existing writable directory), buffer_count / buffer_bytes (the host buffer pool),
+    workers (IO threads), chunk_bytes (size of one IO request), direct (try O_DIRECT; the outcome
+    is ``self.direct`` and, when off, ``self.direct_reason``), pin_memory (default: CUDA present),
+    name (file name; default unique per process and store), pwrite (fault-injection hook).
+    """
+
+    medium = "nvme"
+
+    def __init__(self, path: str, *, buffer_count: int = 4, buffer_bytes: int = 64 << 20, workers: int = 4,
+                 chunk_bytes: int = 8 << 20, direct: bool = True, pin_memory: bool | None = None,
+                 name: str | None = None, pwrite=os.pwrite):
+        super().__init__()
+        check_dir(path)
+        if buffer_count < 1:
+            raise StoreConfigError(f"zero.offload.buffer_count must be ≥ 1, got {buffer_count}")
+        if buffer_bytes < 1:
+            raise StoreConfigError(f"zero.offload.buffer_mb must be > 0, got {buffer_bytes} bytes")
+        self.path = path
+        self.buffer_count, self.buffer_bytes = int(buffer_count), align_up(int(buffer_bytes))
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.direct, self.direct_reason = probe_direct(path) if direct else (False, "disabled (direct=False)")
+        self.fallocate_reason = ""
+        self.file = os.path.join(path, name or f"p3d-store-{os.getpid()}-{id(self):x}.bin")
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if self.direct else 0)
+        self._fd = os.open(self.file, flags, 0o600)
+        self._io = IOEngine(workers, chunk_bytes, pwrite)
+        self._finalizer = weakref.finalize(self, _cleanup, self._fd, self.file, self._io)
+        self._free_bufs: list[torch.Tensor] = []
+        self._n_bufs = 0
+        self._table: dict = {}                      # key -> (offset, span), committed
+        self._extents = ExtentAllocator()
+        self._slots: dict = {}
+        self._ops: list[_Op] = []
+        self._pending_write: dict = {}
+        self._unreported: list[_Op] = []
+
+    # --- interface ----------------------------------------------------------------------------
+    def put(self, key, tensor):
+        self._check_tensor(key, tensor)
+        with self._lock:
+            self._reap()
+            if key in self._pending_write:                         # one write per key in flight
+                self._stall(self._pending_write[key])
+            meta = TensorMeta(tensor.shape, tensor.dtype)
+            slot = self._slots.get(key)
+            if slot is not None and slot.meta != meta:
+                raise StoreError(f"put({key!r}) changes a resident tensor from {tuple(slot.meta.shape)} "
+                                 f"{slot.meta.dtype} to {tuple(meta.shape)} {meta.dtype}; release({key!r}) first")
+            if meta.nbytes == 0:
+                self._count_write(0)
+                self._meta[key] = meta
+                self._commit(key, (0, 0), meta)
+                return Handle()
+            extent = self._extents.alloc(align_up(meta.nbytes))
+            try:
+                if slot is not None:
+                    op = self._put_resident(key, tensor, slot, meta, extent)
+                elif extent[1] <= self.buffer_bytes:
+                    op = self._put_staged(key, tensor, meta, extent)
+                else:
+                    op = self._put_chunked(key, tensor, meta, extent)
+            except BaseException:
+                self._extents.free(extent)                         # nothing was committed
+                raise
+            self._count_write(meta.nbytes)
+            self._meta[key] = meta                                 # visible now; rolled back on failure
+            self._ops.append(op)
+            self._pending_write[key] = op
+            return Handle(wait=lambda: self._wait_handle(op), done=op.done)
+
+    def get(self, key, out=None):
+        with self._lock:
+            self._reap()
+            meta = self._require(key)
+            if out is not None:
+                self._check_out(key, out)
+            if meta.nbytes == 0:
+                self._count_read(0)
+                self._stats.hits += 1
+                return out if out is not None else torch.empty(meta.shape, dtype=meta.dtype)
+            slot = self._slots.get(key)
+            if slot is None and out is not None:
+                return self._read_into(key, out)
+            issued = slot is None
+            if issued:
+                slot = self._start_read(key)
+            if slot.read is not None:
+                if slot.read.done() and not issued:
+                    self._finish(slot.read)
+                    self._stats.hits += 1
+                else:
+                    t0 = time.perf_counter()
+                    self._finish(slot.read)
+                    self._stats.wait_s += time.perf_counter() - t0
+                    self._stats.misses += 1
+            else:
+                self._stats.hits += 1
+            if slot.error is not None:
+                err, slot.error = slot.error, None
+                self._drop_slot(slot)
+                raise StoreError(f"reading {key!r} from {self.file} failed: {err}") from err
+            return out.copy_(slot.view()) if out is not None else slot.view()
+
+    def prefetch(self, keys):
+        with self._lock:
+            self._reap()
+            for k in _as_list(keys):
+                if self._require(k).nbytes and k not in self._slots:
+                    self._start_read(k)
+
+    def release(self, key):
+        with self._lock:
+            self._require(key)
+            slot = self._slots.get(key)
+            if slot is not None:
+                self._drop_slot(slot)
+            self._reap()
+
+    def delete(self, key):
+        with self._lock:
+            self.release(key)
+            if key in self._pending_write:
+                self._stall(self._pending_write[key])
+            entry = self._table.pop(key, None)
+            if entry is not None:
+                self._extents.free(entry[0])
+            self._meta.pop(key, None)
+
+    def flush(self):
+        with self._lock:
+            for op in list(self._ops):
+                self._stall(op)
+            failed, self._unreported = self._unreported, []
+            for op in failed:
+                op.reported = True
+            if failed:
+                keys = [op.key for op in failed]
+                cls = StoreFullError if any(isinstance(op.error, StoreFullError) for op in failed) else StoreError
+                raise cls(f"{len(failed)} put(s) failed, keys {keys!r}; their previous values are intact: "
+                          f"{failed[0].error}") from failed[0].error
+
+    def reserve(self, total_bytes: int) -> None:
+        """Check free space for ``total_bytes`` of tensors plus copy-on-write slack (one pool's worth,
+        ``buffer_count × buffer_bytes``), then preallocate the file so the run cannot hit ENOSPC there.
+        A put of a tensor larger than one buffer needs its own size as extra slack."""
+        with self._lock:
+            slack = self.buffer_count * self.buffer_bytes
+            self.fallocate_reason = preallocate(self._fd, self.path, align_up(int(total_bytes)) + slack,
+                                                f"{total_bytes} bytes of state + {slack} of copy-on-write slack, "
+                                                f"buffer_count × buffer_mb")
+
+    def close(self):
+        if not self._finalizer.alive:
+            return
+        try:
+            self.flush()
+        finally:
+            self._slots.clear()
+            self._finalizer()
+
+    # --- writes ---------------------------------------------------------------------------------
+    def _put_resident(self, key, tensor, slot, meta, extent) -> _Op:
+        if slot.read is not None:
+            self._stall(slot.read)
+        view = slot.view()
+        if not (view.data_ptr() == tensor.data_ptr() and tensor.is_contiguous()):
+            view.copy_(tensor)                                 # keep the resident copy equal to the put
+        slot.writes += 1
+        return _Op("write", key, self._io.write(self._fd, slot.buf, extent[0], extent[1]), slot=slot,
+                   extent=extent, meta=meta)
+
+    def _put_staged(self, key, tensor, meta, extent) -> _Op:
+        buf = self._acquire()
+        before = None
+        if tensor.device.type == "cuda" and self.pin_memory:
+            buf[:meta.nbytes].view(meta.dtype).view(meta.shape).copy_(tensor, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            before = ev.synchronize
+        else:
+            buf[:meta.nbytes].view(meta.dtype).view(meta.shape).copy_(tensor)
+        futures = self._io.write(self._fd, buf, extent[0], extent[1], before)
+        return _Op("write", key, futures, bufs=[buf], extent=extent, meta=meta)
+
+    def _put_chunked(self, key, tensor, meta, extent) -> _Op:
+        src = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        futures: list[Future] = []
+        parts: list[_Op] = []
+        try:
+            for s in range(0, meta.nbytes, self.buffer_bytes):
+                n = min(self.buffer_bytes, meta.nbytes - s)
+                buf = self._acquire()                  # may wait for this put's earlier parts
+                buf[:n].copy_(src[s:s + n])
+                parts.append(_Op("part", key, self._io.write(self._fd, buf, extent[0] + s, align_up(n)), bufs=[buf]))
+                self._ops.append(parts[-1])
+                futures += parts[-1].futures
+        except BaseException:
+            for part in parts:                         # let issued parts land before the extent is freed
+                self._stall(part)
+            raise
+        return _Op("write", key, futures, extent=extent, meta=meta)
+
+    def _wait_handle(self, op: _Op) -> None:
+        with self._lock:
+            self._stall(op)
+            if op.error is not None:
+                if not op.reported:
+                    op.reported = True
+                    self._unreported.remove(op)
+                cls = StoreFullError if isinstance(op.error, StoreFullError) else StoreError
+                raise cls(f"put({op.key!r}) failed; its previous value is intact: {op.error}") from op.error
+
+    def _settle(self, key) -> None:
+        """Wait for the in-flight put of ``key``, if any; raise its failure here (once) rather than
+        silently serving the older value."""
+        op = self._pending_write.get(key)
+        if op is not None:
+            self._stall(op)
+            if op.error is not None and not op.reported:
+                self._wait_handle(op)
+
+    # --- reads ----------------------------------------------------------------------------------
+    def _start_read(self, key) -> _Slot:
+        self._settle(key)
+        (offset, span), meta = self._table[key]
+        if span > self.buffer_bytes:
+            raise StoreConfigError(
+                f"tensor {key!r} is {meta.nbytes} bytes, more than one IO buffer ({self.buffer_bytes}); read it with "
+                f"get({key!r}, out=tensor), or raise zero.offload.buffer_mb to at least {span / 2**20:.1f}")
+        slot = _Slot(key, self._acquire(), meta)
+        slot.read = _Op("read", key, self._io.read(self._fd, slot.buf, offset, span), slot=slot, extent=(offset, span))
+        self._slots[key] = slot
+        self._ops.append(slot.read)
+        self._count_read(meta.nbytes)
+        return slot
+
+    def _read_into(self, key, out: torch.Tensor) -> torch.Tensor:
+        """Chunked read through the pool into ``out`` without making ``key`` resident."""
+        self._settle(key)
+        (offset, span), meta = self._table[key]
+        direct = out.device.type == "cpu" and out.is_contiguous()
+        dst = out if direct else torch.empty(meta.shape, dtype=meta.dtype)
+        dst_bytes = dst.reshape(-1).view(torch.uint8)
+        t0 = time.perf_counter()
+        for s in range(0, span, self.buffer_bytes):
+            n = min(self.buffer_bytes, span - s)
+            buf = self._acquire()
+            try:
+                for f in self._io.read(self._fd, buf, offset + s, n):
+                    f.result()
+                m = min(n, meta.nbytes - s)
+                dst_bytes[s:s + m].copy_(buf[:m])
+            finally:
+                self._free_buf(buf)
+        self._stats.wait_s += time.perf_counter() - t0
+        self._stats.misses += 1
+        self._stats.disk_bytes_read += span
+        self._count_read(meta.nbytes)
+        return out if direct else out.copy_(dst)
+
+    # --- completion -----------------------------------------------------------------------------
+    def _reap(self) -> None:
+        for op in list(self._ops):
+            if not op.finished and op.done():
+                self._finish(op)
+
+    def _stall(self, op: _Op) -> None:
+        if not op.finished:
+            t0 = time.perf_counter()
+            self._finish(op)
+            self._stats.stall_s += time.perf_counter() - t0
+
+    def _finish(self, op: _Op) -> None:
+        """Wait for ``op``'s futures, then commit or roll back. Runs once per op, on a caller thread."""
+        if op.finished:
+            return
+        for f in op.futures:
+            try:
+                f.result()
+            except BaseException as e:                  # noqa: BLE001 - recorded and re-raised to the caller
+                op.error = op.error or e
+        op.finished = True
+        self._ops.remove(op)
+        for b in op.bufs:
+            self._free_buf(b)
+        if op.kind == "read":
+            op.slot.read, op.slot.error = None, op.error
+            self._stats.disk_bytes_read += op.extent[1]
+            if op.slot.released:
+                self._free_buf(op.slot.buf)
+        elif op.kind == "write":
+            if self._pending_write.get(op.key) is op:
+                del self._pending_write[op.key]
+            if op.error is None:
+                self._stats.disk_bytes_written += op.extent[1]
+                self._commit(op.key, op.extent, op.meta)
+            else:
+                self._extents.free(op.extent)
+                self._unreported.append(op)
+                if op.key in self._table:
+                    self._meta[op.key] = self._table[op.key][1]
+                elif self._meta.get(op.key) is op.meta and op.key not in self._pending_write:
+                    del self._meta[op.key]
+            if op.slot is not None:
+                op.slot.writes -= 1
+                if op.slot.released and op.slot.writes == 0:
+                    self._free_buf(op.slot.buf)
+
+    def _commit(self, key, extent, meta) -> None:
+        old = self._table.get(key)
+        self._table[key] = (extent, meta)
+        if old is not None:
+            self._extents.free(old[0])
+
+    def _drop_slot(self, slot: _Slot) -> None:
+        if self._slots.get(slot.key) is slot:
+            del self._slots[slot.key]
+        slot.released = True
+        if slot.read is not None:
+            self._finish(slot.read)                    # frees the buffer (released) when done
+        elif slot.writes == 0:
+            self._free_buf(slot.buf)
+
+    # --- buffers and extents --------------------------------------------------------------------
+    def _acquire(self) -> torch.Tensor:
+        while True:
+            self._reap()
+            if self._free_bufs:
+                buf = self._free_bufs.pop()
+            elif self._n_bufs < self.buffer_count:
+                buf = aligned_empty(self.buffer_bytes, pin=self.pin_memory)
+                self._n_bufs += 1
+            else:
+                op = next((o for o in self._ops if o.frees_buffer()), None)
+                if op is None:
+                    raise BuffersExhaustedError(
+                        f"all {self.buffer_count} IO buffers are held by resident tensors {list(self._slots)!r}; "
+                        f"release() tensors you are done with, or raise zero.offload.buffer_count")
+                self._stall(op)
+                continue
+            self._stats.buffers_in_use += 1
+            self._stats.peak_buffers = max(self._stats.peak_buffers, self._stats.buffers_in_use)
+            return buf
+
+    def _free_buf(self, buf) -> None:
+        self._free_bufs.append(buf)
+        self._stats.buffers_in_use -= 1
+
+
+def _cleanup(fd: int, file: str, io: IOEngine) -> None:
+    io.shutdown()
+    try:
+        os.close(fd)
+    finally:
+        if os.path.exists(file):
+            os.unlink(file)
