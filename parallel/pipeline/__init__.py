@@ -12,3 +12,8 @@ __all__ = [
     "zero_bubble_h1", "SimResult", "default_costs", "execute", "format_grid", "simulate",
     "unit_cost",
 ]
+from .runtime import PipelineExecutor, Record, microbatches
+from .split import describe_split, find_body, split_model, sync_tied_grads
+
+__all__ += ["PipelineExecutor", "Record", "microbatches", "describe_split", "find_body", "split_model",
+            "sync_tied_grads"]

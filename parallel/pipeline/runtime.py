@@ -135,6 +135,7 @@ class PipelineExecutor:
                     self._send(op, out)
                 self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1))
                 self._count_held()
+                self._reap()
         finally:
             for w in self._pending:
                 w.wait()
@@ -145,6 +146,14 @@ class PipelineExecutor:
         if self.last not in self.stages:
             return None
         return float(sum(self._losses[i] for i in range(m)) / m)
+
+    def _reap(self) -> None:
+        """Release the buffers of sends that have completed (a sent activation must not outlive
+        its graph until the end of the step)."""
+        done = [w for w in self._pending if all(x.is_completed() for x in w.works)]
+        for w in done:
+            w.wait()
+        self._pending = [w for w in self._pending if w.works]
 
     def _count_held(self) -> None:
         self.peak_held = max(self.peak_held, len(self._saved))

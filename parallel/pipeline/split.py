@@ -37,6 +37,7 @@ identical initial values plus identical updates keep them equal.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -45,14 +46,16 @@ import torch
 import torch.nn as nn
 
 from .. import comm
+from ..loss import logits_of
 
 __all__ = ["SplitPlan", "StageExit", "describe_split", "split_model", "sync_tied_grads", "find_body"]
 
 TIE_TAG = 1 << 28
 
 
-class StageExit(Exception):
-    """Raised by the hook on a stage's last block to end the model's forward there."""
+class StageExit(BaseException):
+    """Raised by the hook on a stage's last block to end the model's forward there (a
+    BaseException, so a model's own ``except Exception`` cannot swallow it)."""
 
     def __init__(self, hidden):
         super().__init__("stage exit")
@@ -159,7 +162,7 @@ def _probe(model, body, owners, sample, repeats):
     """Run the whole model on ``sample`` with hooks: the first-call order of each owner relative
     to the body, per-block and per-owner forward times (min over ``repeats``), block I/O form."""
     seq, order, t_in, cost = itertools.count(), {}, {}, {}
-    info = {"calls": [], "start": None, "end": None, "tuple": None, "kw": False}
+    info = {"calls": [], "start": None, "end": None, "tuple": 0, "hidden": True}
     handles = []
 
     def pre(key):
@@ -168,18 +171,14 @@ def _probe(model, body, owners, sample, repeats):
             t_in[key] = time.perf_counter()
             if isinstance(key, int):
                 info["calls"].append(key)
-                if key == 0 and info["start"] is None:
-                    info["start"] = order[0]
-                    info["kw"] = not args and "hidden_states" in kwargs
-                    if not args and "hidden_states" not in kwargs:
-                        info["kw"] = None
+                info["hidden"] &= bool(args) or "hidden_states" in kwargs
+                info["start"] = order[0]
         return h
 
     def post(key):
         def h(mod, args, kwargs, out):
-            run_s = time.perf_counter() - t_in[key]
-            cost.setdefault(key, []).append(run_s)
-            if key == len(body) - 1:
+            cost.setdefault(key, []).append(time.perf_counter() - t_in[key])
+            if key == len(body) - 1 and info["end"] is None:
                 info["end"] = next(seq)
                 info["tuple"] = len(out) if isinstance(out, (tuple, list)) else 0
         return h
@@ -202,12 +201,10 @@ def _probe(model, body, owners, sample, repeats):
             h.remove()
         for m, t in modes.items():
             m.training = t
-    if info["calls"][:len(body)] != list(range(len(body))):
-        raise ValueError(f"pipeline split: the blocks of {type(model).__name__} are not each called once in "
-                         f"order (calls: {info['calls'][:12]}...); stages need a straight block stack")
-    if info["kw"] is None:
-        raise ValueError("pipeline split: block 0 gets no positional hidden state nor hidden_states=; "
-                         "cannot substitute the received activation")
+    if info["calls"] != list(range(len(body))) * repeats or not info["hidden"]:
+        raise ValueError(f"pipeline split: the blocks of {type(model).__name__} are not each called once, in "
+                         f"order, with the hidden state first or as hidden_states= (calls: {info['calls'][:12]}); "
+                         "stages need a straight block stack")
     return order, {k: min(v) for k, v in cost.items()}, info
 
 
@@ -299,28 +296,27 @@ def _plan(model, pp_size, virtual_stages, split, balance, sample):
         bounds = _partition(costs, S, c_pre, c_post)
     else:
         bounds, name = _bounds_from_split(split, n, S, where), "explicit boundaries"
-    # Parameters shared across places: pre/post ties are duplicated; anything else is an error.
+    # A parameter used on stage 0 and stage S−1 only (tied embeddings) is duplicated; any other
+    # parameter shared across stages is an error.
     places = {}
     for k in pre + post:
         for pn, p in owners[k]._parameters.items():
             if p is not None:
-                places.setdefault(id(p), []).append((k + "." + pn, "pre" if k in pre else "post"))
-    for i, b in enumerate(blocks):
-        for p in b.parameters():
-            places.setdefault(id(p), []).append((f"{body_path}.{i}" if body_path else str(i), i))
+                places.setdefault(id(p), []).append((f"{k}.{pn}", 0 if k in pre else S - 1))
+    for i, blk in enumerate(blocks):
+        stage = next(k for k, (a, b) in enumerate(bounds) if a <= i < b)
+        for pn, p in blk.named_parameters(prefix=f"{body_path}.{i}" if body_path else str(i),
+                                          remove_duplicate=False):
+            places.setdefault(id(p), []).append((pn, stage))
     tied = []
-    for where_used in places.values():
-        roles = {r for _, r in where_used}
-        stages = {0 if r == "pre" else S - 1 if r == "post" else
-                  next(k for k, (a, b) in enumerate(bounds) if a <= r < b) for r in roles}
-        if len(stages) > 1:
-            if roles == {"pre", "post"}:
-                tied.append((next(nm for nm, r in where_used if r == "pre"),
-                             next(nm for nm, r in where_used if r == "post")))
-            else:
-                raise ValueError(f"pipeline split: one parameter is shared by {[nm for nm, _ in where_used]}, "
-                                 f"which land on stages {sorted(stages)}; only input/output embedding ties can "
-                                 "cross stages. Change parallel.pp_split so they share a stage")
+    for used in places.values():
+        stages = sorted({st for _, st in used})
+        if stages == [0, S - 1] and len(used) == 2:
+            tied.append(tuple(nm for nm, _ in sorted(used, key=lambda u: u[1])))
+        elif len(stages) > 1:
+            raise ValueError(f"pipeline split: one parameter is shared by {[nm for nm, _ in used]}, which land "
+                             f"on stages {stages}; only a weight tied between the first and the last stage "
+                             "(input/output embeddings) can cross stages. Change parallel.pp_split")
     plan = SplitPlan(type(model).__name__, kind, body_path, cls, n, pp_size, virtual_stages, bounds,
                      costs, name, pre, post, tied)
     for k, (a, b) in enumerate(bounds):
@@ -380,7 +376,6 @@ class PipelineStage:
         if not st.last:
             raise RuntimeError(f"stage {st.index}: the model's forward returned before block "
                                f"{st.blocks[1] - 1}, so the stage exit hook never ran")
-        from ..loss import logits_of
         return logits_of(out)
 
 
@@ -467,7 +462,7 @@ def _build_stage(model, plan, owners, probe, k):
             del stage._modules[list(body._modules)[i]]
     stage.__class__ = _stage_class(type(model))
     kwargs = {}
-    if "use_cache" in __import__("inspect").signature(type(model).forward).parameters:
+    if "use_cache" in inspect.signature(type(model).forward).parameters:
         kwargs["use_cache"] = False
     info = StageInfo(k, S, (a, b), plan.kind, plan, kwargs)
     stage.p3d_stage = info
