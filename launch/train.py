@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn as nn
 
-from parallel import comm
+from parallel import checkpoint, comm
 from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, rank_batch
 from parallel.engine import parallelize
@@ -55,12 +55,13 @@ def build_dataset(cfg: Config):
 class MetricsLog:
     """Rank 0's JSONL file and console line; other ranks only join the max-RSS reduction."""
 
-    def __init__(self, cfg: Config, mesh: Mesh, print_fn=print):
+    def __init__(self, cfg: Config, mesh: Mesh, print_fn=print, append: bool = False):
         self.cfg, self.mesh, self.print = cfg, mesh, print_fn
         self.path = cfg.train.metrics_file if mesh.rank == 0 else None
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            open(self.path, "w").close()
+            if not append:                      # a resumed run continues the same file
+                open(self.path, "w").close()
 
     def log(self, step: int, loss: float, step_s: float, comm_step: dict) -> dict:
         rss = torch.tensor([peak_rss_bytes()], dtype=torch.int64)
@@ -84,7 +85,15 @@ def run(cfg: Config, mesh: Mesh, print_fn=print) -> dict:
     model = build_model(cfg)
     dataset = build_dataset(cfg)
     engine = parallelize(model, cfg, mesh)
-    metrics = MetricsLog(cfg, mesh, print_fn)
+    del model
+    ck = cfg.train.checkpoint
+    if cfg.train.resume:
+        path = checkpoint.latest(ck.dir)
+        if path is not None:
+            meta = engine.load(path)
+            if mesh.rank == 0:
+                print_fn(f"resumed from {path} (step {meta['step']}, saved as {meta['layout']})", flush=True)
+    metrics = MetricsLog(cfg, mesh, print_fn, append=engine.step_count > 0)
     dp, dp_rank = mesh.size("dp"), mesh.local_rank("dp")
     losses = []
     for step in range(engine.step_count, cfg.train.steps):
@@ -95,6 +104,8 @@ def run(cfg: Config, mesh: Mesh, print_fn=print) -> dict:
         step_s = time.perf_counter() - t0
         losses.append(loss)
         metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before))
+        if ck.every and engine.step_count % ck.every == 0:
+            engine.save(checkpoint.step_dir(ck.dir, engine.step_count))
     if cfg.train.finish:
         finish = import_object(cfg.train.finish, "train.finish")
         full = engine.full_model()                     # collective: every rank takes part

@@ -1,80 +1,185 @@
 """parallelize(model, config) → an Engine that trains the model over the 3D mesh.
 
-The engine only composes: tensor parallelism inside each pipeline stage, the pipeline split over
-the pp axis, and ZeRO over the dp axis of each (pp, tp) coordinate. Each part lives in its own
-module; this file decides the order and passes each part its group.
+The engine only composes; each part lives in its own module and gets its group from the mesh:
+
+1. tensor parallelism (Megatron-LM, arXiv 1909.08053) converts the model in place over "tp";
+2. the pipeline split (arXiv 2104.04473) keeps this pp rank's stages of the converted model;
+3. ZeRO (arXiv 1910.02054) shards the stage's optimizer state (stage ≥ 1), gradients (≥ 2) and
+   parameters (3) over "dp", and owns precision, loss scaling and clipping (the global grad norm
+   spans tp and pp through ``norm_groups``);
+4. the pipeline executor runs the schedule's actions per step; with pp = 1 a plain loop over the
+   micro-batches does the same.
+
+Gradients of a step are Σ_i ∇(L_i · s / m) over the m micro-batches of every dp rank, averaged over
+dp: the gradient of the mean loss over the global batch (times the fp16 loss scale s), which is
+what a single process computes (the parity contract in DESIGN.md).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
 
 from . import comm
-from .config import Config
+from .config import Config, ConfigError
 from .data import split_micro
-from .loss import resolve_loss
+from .layout import meta_copy
+from .loss import cross_entropy, logits_of, resolve_loss
+from .lr_schedule import build_scheduler
 from .mesh import Mesh
 from .optim import optimizer_factory
+from .zero import ZeroOptimizer
 
 
 class Engine:
-    """Train/eval one step at a time. ``train_step(batch)`` takes this dp rank's share of the
-    global batch (``parallel.data.rank_batch``) and returns the mean loss over the global batch."""
+    """``train_step(batch)`` takes this dp rank's share of the global batch
+    (:func:`parallel.data.rank_batch`) and returns the mean loss over the global batch, on every
+    rank. ``save(dir)`` / ``load(dir)`` write and read reshardable checkpoints."""
 
     def __init__(self, model: nn.Module, config: Config, mesh: Mesh):
         self.cfg, self.mesh = config, mesh
-        self.loss_fn = resolve_loss(config.loss)
-        self.model = model.to(mesh.device)
-        self.dp = mesh.group("dp")
-        self.optimizer = optimizer_factory(config.optimizer)(list(self.model.parameters()))
+        p = config.parallel
+        self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
+        self.template = meta_copy(model)            # the unmodified model's structure (no memory)
+        self.stages = self._shard(model.to(mesh.device))
+        self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
+        self.loss_fn = self._loss(model)
+        self.zero = ZeroOptimizer(self.module, optimizer_factory(config.optimizer), self.dp,
+                                  stage=config.zero.stage, bucket_mb=config.zero.bucket_mb,
+                                  prefetch=config.zero.prefetch, precision=config.precision,
+                                  grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp))
+        self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
+        self.executor = None
+        if p.pp > 1:
+            from .pipeline import PipelineExecutor, get_schedule
+            sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
+            self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn)
         self.step_count = 0
+        self.last_result = None
 
-    def _sync_grads(self) -> None:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.dp.size == 1 or not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        comm.all_reduce(flat, self.dp)
-        flat /= self.dp.size
-        off = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[off:off + n].view_as(p.grad))
-            off += n
+    # --- construction -----------------------------------------------------------------------------
+    def _shard(self, model: nn.Module) -> list:
+        """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
+        p = self.cfg.parallel
+        if p.tp > 1:
+            from .tp_plan import apply_tensor_parallel
+            apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
+        if p.pp == 1:
+            return [model]
+        from .pipeline import split_model
+        stages = split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
+        for st in stages:       # the converted model's flags, for the loss and the layout probe
+            for k in ("tp_vocab_parallel_output", "tp_group", "tp_sequence_parallel"):
+                if hasattr(model, k):
+                    setattr(st, k, getattr(model, k))
+        return stages
 
-    def _mean_over_dp(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+    def _loss(self, model):
+        fn = resolve_loss(self.cfg.loss)
+        if getattr(model, "tp_vocab_parallel_output", False):
+            if fn is not cross_entropy:
+                raise ConfigError(f"loss={self.cfg.loss!r}: the tensor-parallel plan leaves the logits split by "
+                                  f"vocabulary, which only loss=cross_entropy handles; use a plan whose head gathers")
+            from .tensor_parallel import vocab_parallel_cross_entropy
+            tp = self.tp
+
+            def fn(out, y):
+                return vocab_parallel_cross_entropy(logits_of(out), y, tp)
+        return fn
+
+    # --- one step ---------------------------------------------------------------------------------
+    def _to(self, t):
+        return t.to(self.mesh.device, non_blocking=True)
+
+    def train_step(self, batch) -> float:
+        for st in self.stages:
+            st.train()
+        micro = [(self._to(x), self._to(y)) for x, y in split_micro(batch, self.cfg.data.micro_batch_size)]
+        z = self.zero
+        z.zero_grad()
+        z.prepare_step(len(micro))
+        if self.executor is None:
+            total = 0.0
+            for x, y in micro:
+                loss = self.loss_fn(self.module(x), y)
+                (loss * (z.loss_scale / len(micro))).backward()
+                total += loss.item()
+            local = total / len(micro)
+        else:
+            from .pipeline import sync_tied_grads
+            self.executor.loss_scale = z.loss_scale
+            local = self.executor.run(micro)
+            sync_tied_grads(self.stages, self.pp)
+        self.last_result = z.step()
+        if not self.last_result.skipped:
+            self.scheduler.step()
+        self.step_count += 1
+        return self._global_loss(local)
+
+    def _global_loss(self, local: float | None) -> float:
+        """The last stage's loss, shared over pp, averaged over dp (bookkeeping: control traffic)."""
+        t = torch.tensor([0.0 if local is None else local], dtype=torch.float64)
+        if self.pp.size > 1:
+            comm.broadcast(t, self.pp.control(), src=self.pp.size - 1)
         comm.all_reduce(t, self.dp.control())
         return t.item() / self.dp.size
 
-    def train_step(self, batch) -> float:
-        self.model.train()
-        micro = split_micro(batch, self.cfg.data.micro_batch_size)
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for x, y in micro:
-            x, y = x.to(self.mesh.device), y.to(self.mesh.device)
-            loss = self.loss_fn(self.model(x), y) / len(micro)
-            loss.backward()
-            total += loss.item()
-        self._sync_grads()
-        if self.cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.step_count += 1
-        return self._mean_over_dp(total)
-
-    def full_model(self) -> nn.Module:
-        """The whole, unsharded model (collective; the result is meaningful on rank 0)."""
-        return self.model
-
     @torch.no_grad()
     def eval_step(self, batch) -> float:
-        self.model.eval()
-        micro = split_micro(batch, self.cfg.data.micro_batch_size)
-        total = sum(self.loss_fn(self.model(x.to(self.mesh.device)), y.to(self.mesh.device)).item()
-                    for x, y in micro) / len(micro)
-        return self._mean_over_dp(total)
+        """Mean loss over the global batch, forward only."""
+        for st in self.stages:
+            st.eval()
+        micro = [(self._to(x), self._to(y)) for x, y in split_micro(batch, self.cfg.data.micro_batch_size)]
+        with self.zero.gathered() if self.cfg.zero.stage == 3 else contextlib.nullcontext():
+            if self.executor is None:
+                local = sum(self.loss_fn(self.module(x), y).item() for x, y in micro) / len(micro)
+            else:
+                local = self._pipeline_forward(micro)
+        return self._global_loss(local)
+
+    def _pipeline_forward(self, micro) -> float | None:
+        """Forward-only pipeline: stage s runs on pp rank s mod p, activations passed along."""
+        p, n = self.pp.size, self.pp.size * len(self.stages)
+        mine = {self.pp.rank + j * p: st for j, st in enumerate(self.stages)}
+        total, works = 0.0, []
+        for x, y in micro:
+            h = x
+            for s in range(n):
+                if s not in mine:
+                    continue
+                if s > 0:
+                    h = comm.recv(self.pp.ranks[(s - 1) % p], self.pp, device=self.mesh.device)
+                out = mine[s](h)
+                if s < n - 1:
+                    works.append(comm.isend(out, self.pp.ranks[(s + 1) % p], self.pp))
+                else:
+                    total += self.loss_fn(out, y).item()
+        for w in works:
+            w.wait()
+        return total / len(micro) if (n - 1) in mine else None
+
+    # --- state ------------------------------------------------------------------------------------
+    def save(self, path: str, extra_meta: dict | None = None) -> str:
+        from .engine_state import save_engine
+        return save_engine(self, path, extra_meta or {})
+
+    def load(self, path: str) -> dict:
+        from .engine_state import load_engine
+        return load_engine(self, path)
+
+    def full_state_dict(self) -> dict | None:
+        """The unmodified model's state_dict (collective; returned on rank 0, None elsewhere)."""
+        from .engine_state import full_state_dict
+        return full_state_dict(self)
+
+    def full_model(self) -> nn.Module | None:
+        """The unmodified model with the trained weights (collective; rank 0, None elsewhere)."""
+        from .engine_state import full_model
+        return full_model(self)
+
+    def model_state_bytes(self) -> dict:
+        return self.zero.model_state_bytes()
 
 
 def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None) -> Engine:
@@ -83,4 +188,7 @@ def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None) -> E
         raise TypeError(f"parallelize needs an nn.Module, got {type(model).__name__}")
     p = config.parallel
     mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp)
+    if (mesh.size("pp"), mesh.size("dp"), mesh.size("tp")) != (p.pp, p.dp, p.tp):
+        raise ConfigError(f"the mesh is pp×dp×tp = {mesh.size('pp')}×{mesh.size('dp')}×{mesh.size('tp')} but the "
+                          f"config says {p.pp}×{p.dp}×{p.tp}: build the Mesh from config.parallel")
     return Engine(model, config, mesh)

@@ -23,6 +23,30 @@ class ParamOrigin:
     index: torch.Tensor       # int64, the local parameter's shape; -1 where padding
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters live on the meta device (no memory; ties
+    kept) and whose buffers are real copies (small: masks, rotary tables): the template from
+    which the engine rebuilds the unmodified model for probes and consolidation."""
+    memo = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def materialize(template: nn.Module, dtype=None) -> nn.Module:
+    """A CPU copy of a :func:`meta_copy` template with uninitialised parameters (ties kept)."""
+    model = copy.deepcopy(template)
+    new = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype), requires_grad=p.requires_grad)
+                mod._parameters[name] = new[id(p)]
+    return model
+
+
 def _named_unique(modules) -> list:
     """(name, param) of modules' parameters in order, each Parameter object once."""
     seen, out = set(), []
@@ -37,7 +61,8 @@ def _named_unique(modules) -> list:
 def probe_origins(model: nn.Module, transform, modules) -> dict[int, ParamOrigin]:
     """``transform(copy) -> list of modules`` must shard a copy of ``model`` exactly as ``modules``
     (the real, already-transformed modules) were sharded. Returns {id(real param): ParamOrigin}."""
-    probe = copy.deepcopy(model).to(torch.float64)
+    probe = (materialize(model) if any(p.is_meta for p in model.parameters()) else copy.deepcopy(model))
+    probe = probe.to(torch.float64)
     table = []
     offset = 1
     with torch.no_grad():

@@ -419,7 +419,8 @@ class _Zeros(nn.Module):
         w = next(mod.parameters())
         self.register_buffer("like", torch.empty(0, dtype=w.dtype, device=w.device), persistent=False)
         self.dim = getattr(mod, "embedding_dim", None) or getattr(mod, "out_features", None)
-        self.embedding = isinstance(mod, nn.Embedding)
+        # an embedding (ours, or a tensor-parallel one) keeps the input's shape and appends the dim
+        self.embedding = isinstance(mod, nn.Embedding) or hasattr(mod, "num_embeddings")
 
     def forward(self, x, *args, **kwargs):
         if self.dim is None:

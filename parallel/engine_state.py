@@ -1,0 +1,148 @@
+"""An engine's state as checkpoint pieces: save, load into any layout, consolidate.
+
+Each optimizer "piece" of ZeRO — a range [a, e) of one local parameter inside a flat bucket,
+with its fp32 master values and its optimizer state — maps through the layout probe
+(:mod:`parallel.layout`) to positions in a parameter of the unmodified model. Ownership, so each
+element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); tp-sharded
+parameters on every tp rank, replicated ones on tp rank 0; never the pipeline's duplicate of a
+tied embedding. Loading fills every piece (owned or not) and writes the masters back to the
+parameters, so a checkpoint from any (dp, tp, pp, ZeRO stage) loads into any other.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Piece, load_pieces, read_meta, save_pieces
+from .layout import materialize, probe_origins
+
+
+def _origins(engine) -> dict:
+    if getattr(engine, "_origins", None) is None:
+        engine._origins = probe_origins(engine.template, engine._shard, engine.stages)
+    return engine._origins
+
+
+def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
+    z, origins = engine.zero, _origins(engine)
+    dp_owner = z.stage > 0 or engine.dp.rank == 0
+    pieces, scalars, state_keys = [], {}, set()
+    for b, i, a, e, view in z._pieces:
+        param = b.params[i]
+        o = origins[id(param)]
+        off = b.offsets[i]
+        idx = o.index.reshape(-1)[a - off:e - off]
+        keep = idx >= 0
+        owner = (dp_owner and (getattr(param, "tp_sharded", False) or engine.tp.rank == 0)
+                 and not getattr(param, "p3d_pp_duplicate", False))
+        sel = (lambda t: t) if bool(keep.all()) else (lambda t: t[keep])
+        pieces.append(Piece(f"model/{o.name}", o.full_shape, sel(view), sel(idx), owner))
+        if not with_optim:
+            continue
+        for k, v in z.optimizer.state.get(view, {}).items():
+            if isinstance(v, torch.Tensor) and v.numel() == view.numel() and v.dim() > 0:
+                state_keys.add(k)
+                pieces.append(Piece(f"optim/{o.name}/{k}", o.full_shape, sel(v), sel(idx), owner))
+            elif v is not None:
+                scalars[k] = float(v)
+    return pieces, {"optim_scalars": scalars, "optim_state_keys": sorted(state_keys)}
+
+
+def save_engine(engine, path: str, extra: dict) -> str:
+    """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.save_pieces`)."""
+    pieces, optim_meta = _pieces(engine)
+    c = engine.cfg
+    meta = {"step": engine.step_count, "format": "parallel3d-1",
+            "layout": {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
+                       "precision": c.precision},
+            "model": {"factory": c.model.factory, "kwargs": c.model.kwargs},
+            "optimizer": c.optimizer.name, "loss_scale": engine.zero.loss_scale,
+            "scheduler_last_epoch": engine.scheduler.last_epoch, **optim_meta, **extra}
+    rank_meta = {"rng": torch.get_rng_state(), "world": engine.mesh.world_size}
+    return save_pieces(pieces, path, meta, rank_meta)
+
+
+def load_engine(engine, path: str) -> dict:
+    """Collective only through the final parameter write-back (ZeRO all-gathers)."""
+    meta = read_meta(path)
+    if meta.get("optimizer") != engine.cfg.optimizer.name and meta.get("optim_state_keys"):
+        raise ValueError(f"checkpoint {path!r} holds {meta.get('optimizer')} state but optimizer.name="
+                         f"{engine.cfg.optimizer.name!r}: load with the optimizer it was saved with")
+    z = engine.zero
+    keys = meta.get("optim_state_keys", [])
+    for _, _, _, _, view in z._pieces:                 # create the state the checkpoint carries
+        if keys:
+            st = z.optimizer.state[view]
+            for k in keys:
+                st[k] = torch.zeros_like(view)
+            for k, v in meta.get("optim_scalars", {}).items():
+                st[k] = torch.tensor(v, dtype=torch.float32)
+    pieces, _ = _pieces(engine)
+    pieces = [p for p in pieces if p.key.startswith("model/") or p.key.split("/")[-1] in keys]
+    load_pieces(pieces, path)
+    z._write_back()
+    if z.scaler.enabled and meta.get("loss_scale"):
+        z.scaler.scale = float(meta["loss_scale"])
+    engine.step_count = int(meta["step"])
+    for _ in range(int(meta.get("scheduler_last_epoch", 0)) - engine.scheduler.last_epoch):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine.scheduler.step()
+    rank_file = os.path.join(path, f"rank_{engine.mesh.rank}.pt")
+    if meta.get("layout", {}).get("dp") == engine.cfg.parallel.dp and meta.get("world_size") == engine.mesh.world_size \
+            and os.path.isfile(rank_file) and meta["layout"] == _layout(engine):
+        torch.set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+    return meta
+
+
+def _layout(engine) -> dict:
+    c = engine.cfg
+    return {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
+            "precision": c.precision}
+
+
+def full_state_dict(engine) -> dict | None:
+    """Gather every owned model element to rank 0 and return the unmodified model's state_dict there."""
+    pieces, _ = _pieces(engine, with_optim=False)
+    mine = [(p.key[len("model/"):], p.full_shape, p.index.reshape(-1).clone(), p.local.detach().reshape(-1).float().cpu())
+            for p in pieces if p.owner]
+    world = engine.mesh.world_size
+    gathered = [None] * world if engine.mesh.rank == 0 else None
+    if world > 1:
+        dist.gather_object(mine, gathered, dst=0)
+    else:
+        gathered = [mine]
+    if engine.mesh.rank != 0:
+        return None
+    full: dict = {}
+    for part in gathered:
+        for name, shape, idx, vals in part:
+            if name not in full:
+                full[name] = torch.full((torch.Size(shape).numel(),), float("nan"))
+            full[name][idx] = vals
+    names = {}
+    for n, p in engine.template.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    sd = {}
+    for key, t in engine.template.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.nn.Parameter):
+            canon = names[id(t)]
+            v = full[canon].view(t.shape).to(t.dtype)
+            if torch.isnan(v).any():
+                raise RuntimeError(f"consolidation: elements of {canon!r} were owned by no rank (a layout bug)")
+            sd[key] = v
+        else:
+            sd[key] = t.detach().clone()
+    return sd
+
+
+def full_model(engine):
+    sd = full_state_dict(engine)
+    if sd is None:
+        return None
+    model = materialize(engine.template)
+    model.load_state_dict(sd, strict=True)
+    return model
