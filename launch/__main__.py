@@ -26,6 +26,7 @@ def split_argv(argv: list[str]):
                                    description="Run a parallel3d training job under torchrun.")
     ours.add_argument("--config", required=True, help="YAML config")
     ours.add_argument("--nproc", type=int, default=None, help="processes on this node (default: dp*tp*pp / nnodes)")
+    ours.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config to map onto the YAML config")
     ours.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, start nothing")
     known, rest = ours.parse_known_args(argv)
     torchrun, overrides, i = [], [], 0
@@ -63,7 +64,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     known, torchrun, overrides = split_argv(argv)
     try:
-        cfg = load_config(known.config, overrides)
+        report: list = []
+        cfg = load_config(known.config, overrides, deepspeed=known.deepspeed, report=report)
+        if report:
+            from parallel.deepspeed_config import format_report
+            print(format_report(report, known.deepspeed or "deepspeed: (from the YAML)"), flush=True)
         nnodes = _flag_value(torchrun, "--nnodes")
         nnodes_n = int(str(nnodes).split(":")[-1]) if nnodes else 1
         nproc = known.nproc or max(cfg.world_size // nnodes_n, 1)
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
     if not any(t.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--master-addr",
                                    "--master_addr", "--standalone") for t in torchrun):
         args.append("--standalone")
-    args += torchrun + ["-m", "launch.train", "--config", known.config] + overrides
+    ds = ["--deepspeed", known.deepspeed] if known.deepspeed else []
+    args += torchrun + ["-m", "launch.train", "--config", known.config] + ds + overrides
     from torch.distributed.run import main as torchrun_main
     try:
         torchrun_main(args)

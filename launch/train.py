@@ -8,24 +8,19 @@ JSON object per step to train.metrics_file and prints a progress line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 import time
 
 import torch
 import torch.nn as nn
 
+from launch.metrics import MetricsLog
 from parallel import checkpoint, comm
 from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, rank_batch
 from parallel.engine import parallelize
 from parallel.mesh import Mesh, init_distributed
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -52,34 +47,6 @@ def build_dataset(cfg: Config):
     return ds
 
 
-class MetricsLog:
-    """Rank 0's JSONL file and console line; other ranks only join the max-RSS reduction."""
-
-    def __init__(self, cfg: Config, mesh: Mesh, print_fn=print, append: bool = False):
-        self.cfg, self.mesh, self.print = cfg, mesh, print_fn
-        self.path = cfg.train.metrics_file if mesh.rank == 0 else None
-        if self.path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            if not append:                      # a resumed run continues the same file
-                open(self.path, "w").close()
-
-    def log(self, step: int, loss: float, step_s: float, comm_step: dict) -> dict:
-        rss = torch.tensor([peak_rss_bytes()], dtype=torch.int64)
-        # control traffic, deliberately not counted in CommStats
-        torch.distributed.all_reduce(rss, op=torch.distributed.ReduceOp.MAX, group=self.mesh.group("world").pg)
-        rec = {"step": step, "loss": loss, "step_s": step_s,
-               "samples_per_s": self.cfg.data.global_batch_size / step_s if step_s > 0 else None,
-               "peak_rss_bytes": int(rss.item()), "comm": comm_step}
-        if self.mesh.rank == 0:
-            if self.path:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if step % max(self.cfg.train.log_every, 1) == 0 or step == self.cfg.train.steps - 1:
-                self.print(f"step {step + 1:>5}/{self.cfg.train.steps}  loss {loss:.5f}  {step_s * 1000:7.1f} ms/step  "
-                           f"{rec['samples_per_s']:8.1f} samples/s  rss {rss.item() / 2**20:6.0f} MiB", flush=True)
-        return rec
-
-
 def run(cfg: Config, mesh: Mesh, print_fn=print) -> dict:
     """Train ``cfg.train.steps`` steps on an existing mesh; returns {"losses": [...], "engine": engine}."""
     model = build_model(cfg)
@@ -103,7 +70,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print) -> dict:
         loss = engine.train_step(batch)
         step_s = time.perf_counter() - t0
         losses.append(loss)
-        metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before))
+        metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine)
         if ck.every and engine.step_count % ck.every == 0:
             engine.save(checkpoint.step_dir(ck.dir, engine.step_count))
     if cfg.train.finish:
@@ -117,6 +84,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="launch.train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config mapped onto the YAML config")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     return ap.parse_args(argv)
 
@@ -125,7 +93,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = load_config(args.config, args.overrides).validate(world)
+        cfg = load_config(args.config, args.overrides, deepspeed=args.deepspeed).validate(world)
     except ConfigError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"config error: {e}", file=sys.stderr)

@@ -243,8 +243,13 @@ def _set(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = (), data: dict | None = None) -> Config:
-    """YAML file (or a dict) plus ``a.b=value`` overrides → a type-checked :class:`Config`."""
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), data: dict | None = None,
+                deepspeed: str | None = None, report: list | None = None) -> Config:
+    """YAML file (or a dict) plus ``a.b=value`` overrides → a type-checked :class:`Config`.
+
+    ``deepspeed`` (or a ``deepspeed:`` key in the YAML) names a DeepSpeed JSON config whose
+    meaning is mapped onto this tree (:mod:`parallel.deepspeed_config`); command-line overrides
+    still win. The mapping's lines (mapped and ignored keys) are appended to ``report``."""
     tree: dict = {}
     if path is not None:
         try:
@@ -258,11 +263,29 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), data
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level, got {type(tree).__name__}")
     if data:
         tree = {**tree, **copy.deepcopy(data)}
+    ds_path = deepspeed or tree.pop("deepspeed", None)
+    tree.pop("deepspeed", None)
+    parsed = []
     for o in overrides:
         if "=" not in o or o.startswith("="):
             raise ConfigError(f"override {o!r} is not of the form key.sub=value (e.g. train.steps=20)")
         k, v = o.split("=", 1)
-        _set(tree, k.strip(), _parse_scalar(v))
+        parsed.append((k.strip(), _parse_scalar(v)))
+    if ds_path:
+        from .deepspeed_config import load_deepspeed_json, map_deepspeed, merge_tree, resolve_path
+        if not isinstance(ds_path, str):
+            raise ConfigError(f"deepspeed: expected the path of a DeepSpeed JSON file, got {ds_path!r}")
+        ds = load_deepspeed_json(ds_path if deepspeed else resolve_path(ds_path, path))
+        base = copy.deepcopy(tree)
+        for k, v in parsed:
+            _set(base, k, v)
+        dp = (base.get("parallel") or {}).get("dp", 1)
+        mapped, lines = map_deepspeed(ds, base, dp if isinstance(dp, int) else 1)
+        tree = merge_tree(tree, mapped)
+        if report is not None:
+            report.extend(lines)
+    for k, v in parsed:
+        _set(tree, k, v)
     return _build(Config, tree)
 
 

@@ -1,0 +1,313 @@
+"""Bucketed gradient reduction over the dp axis, launched from gradient hooks during backward.
+
+Data parallelism: every dp rank holds the model, runs its share of the global batch and the
+gradients are averaged, g = (1/N) Σ_r g_r, so that the update equals the single-process one on
+the whole batch (the loss is a mean over samples). As in torch DDP (Li et al., "PyTorch
+Distributed", arXiv 2006.15704, §3.2), gradients are grouped into buckets of about
+``bucket_mb`` (:func:`parallel.zero.partition.make_buckets`, reverse parameter order) and a
+bucket's collective starts as soon as its last gradient has been accumulated — from a
+``register_post_accumulate_grad_hook`` while backward is still running — so communication
+overlaps the backward computation of earlier layers.
+
+Two reductions share this machinery:
+  * ``all_reduce`` (plain DP, ZeRO stage 0): the flat gradient is all-reduced in place;
+  * ``reduce_scatter`` (ZeRO stages 1–3): each rank receives the reduced shard it owns.
+Gradients are pre-divided by N before the reduction (so the sum is the mean).
+
+Gradient accumulation needs no ``no_sync``: ``prepare_step(m)`` announces m micro-batches; each
+parameter's hook counts its accumulations and a bucket is reduced once all its parameters have
+received their m-th gradient — whatever order a pipeline schedule runs the backwards in.
+``no_sync()`` is offered too (hooks inside it accumulate without counting). Buckets are launched
+strictly in bucket order, so every rank issues the same collectives in the same order; after the
+first step that order becomes the order in which gradients actually completed (as DDP rebuilds its
+buckets), agreed over the group by one broadcast and one all-reduce of a few bytes.
+
+Parameters flagged ``p.p3d_defer_reduce = True`` (tied weights shared across pipeline stages,
+whose gradient the engine first all-reduces over pp) are never reduced from hooks: they live in a
+separate bucket reduced by :meth:`GradReducer.finish` after everything else.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn as nn
+
+from . import comm
+from .comm import Group
+from .zero.partition import FlatBucket, make_buckets, reduce_scatter_into
+
+__all__ = ["GradReducer", "DataParallel"]
+
+
+class GradReducer:
+    """Reduces the gradients of ``buckets`` (and ``deferred``) over ``group``.
+
+    keep_full_grads=True (stage 0/1): each bucket's ``flat_grad`` is persistent and ``p.grad`` is a
+    view into it (gradients accumulate in place). False (stage 2/3): a hook moves ``p.grad`` into the
+    bucket's ``flat_grad`` (allocated at the first gradient of a step) and sets ``p.grad = None``;
+    after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains.
+    ``on_grad(p)`` is called after every accumulation (stage 3 frees the gathered parameters).
+    A gradient after ``finish()`` raises (call ``zero_grad()`` first) unless ``auto_reset`` (DDP-like:
+    it starts a new round, accumulating onto the reduced gradients, which are equal on every rank).
+    """
+
+    def __init__(self, buckets: list, group: Group, mode: str, grad_dtype: torch.dtype,
+                 keep_full_grads: bool, deferred: FlatBucket | None = None, on_grad=None,
+                 max_inflight: int = 2, auto_reset: bool = False):
+        if mode not in ("all_reduce", "reduce_scatter"):
+            raise ValueError(f"GradReducer mode {mode!r}: use 'all_reduce' or 'reduce_scatter'")
+        self.buckets, self.deferred, self.group, self.mode = list(buckets), deferred, group, mode
+        self.dtype, self.keep_full, self.on_grad = grad_dtype, keep_full_grads, on_grad
+        self.max_inflight, self.auto_reset = max_inflight, auto_reset
+        self.expected = 1
+        self._sync = True
+        self._where = {}
+        self._pos = {id(b): i for i, b in enumerate(self.buckets)}
+        self._handles = []
+        for b in self.buckets + ([deferred] if deferred else []):
+            for i, p in enumerate(b.params):
+                if p in self._where:
+                    raise ValueError(f"parameter {b.names[i]!r} is in two buckets")
+                self._where[p] = (b, i)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            if keep_full_grads:
+                b.flat_grad = torch.zeros(b.padded, dtype=grad_dtype, device=b.params[0].device)
+                for p, v in zip(b.params, b.views(b.flat_grad)):
+                    p.grad = v
+        self.launches = {"hooks": 0, "finish": 0}
+        self._observed: list = []
+        self._reordered = False
+        self.reset()
+
+    # --- per step ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget this step's counts (called by zero_grad)."""
+        self._observed = []
+        for b in self.buckets:
+            b._count = [0] * len(b.params)
+            b._pending = len(b.params)
+        self._next = 0
+        self._ready_pos: set = set()
+        self._inflight: list = []
+        self._reduced = False
+        self._queued = False
+        self.launches = {"hooks": 0, "finish": 0}
+        self.max_waiting = 0             # most buckets ready but held back by launch order, this step
+
+    def _adopt_observed_order(self) -> None:
+        """From the second step on, launch buckets in the order their gradients completed (torch
+        DDP's bucket rebuild). Every rank must agree, so rank 0's order is broadcast and adopted only
+        if all ranks observed the same one."""
+        self._reordered = True
+        n = len(self.buckets)
+        order = torch.tensor((self._observed + [-1] * n)[:n], dtype=torch.int64)
+        ok = torch.tensor([int(len(self._observed) == n)], dtype=torch.int64)
+        if self.group.size > 1:                  # every rank takes part, whatever it observed
+            ctl = self.group.control()           # bookkeeping, not gradient traffic
+            theirs = comm.broadcast(order.clone(), ctl, src=0)
+            ok[0] = ok[0] * int(torch.equal(theirs, order))
+            comm.all_reduce(ok, ctl, op="min")
+        if not ok.item():
+            return
+        self.buckets = [self.buckets[i] for i in self._observed]
+        self._pos = {id(b): i for i, b in enumerate(self.buckets)}
+
+    def prepare_step(self, num_micro_batches: int = 1) -> None:
+        if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
+            raise ValueError(f"prepare_step: num_micro_batches={num_micro_batches!r} must be a positive int")
+        if self._reduced and self.auto_reset:
+            self.reset()
+        if any(c for b in self.buckets for c in b._count):
+            raise RuntimeError("prepare_step() called after some gradients of this step arrived: "
+                               "call it before the first micro-batch's backward")
+        self.expected = num_micro_batches
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backwards inside accumulate gradients locally; the first backward outside reduces."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    # --- hooks ------------------------------------------------------------------------------------
+    def _absorb(self, b: FlatBucket, i: int, p) -> None:
+        o, n = b.offsets[i], b.sizes[i]
+        if self.keep_full:
+            view = b.flat_grad[o:o + n].view(b.shapes[i])
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)          # p.grad was reset (None) and re-created by autograd
+            p.grad = view
+        elif p.grad is not None:
+            if b.flat_grad is None:
+                b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=p.device)
+            b.flat_grad[o:o + n].add_(p.grad.reshape(-1))
+            p.grad = None
+
+    def _hook(self, p) -> None:
+        b, i = self._where[p]
+        if self._reduced and self.auto_reset:
+            self.reset()                                 # DataParallel: every synced backward is a new round
+        elif self._reduced:
+            raise RuntimeError(f"gradient for {b.names[i]!r} arrived after this step's gradients were reduced: "
+                               f"call zero.zero_grad() before the next step's backward, and prepare_step(m) "
+                               f"with the number of micro-batches (got more than m={self.expected})")
+        if b.deferred:
+            if self.keep_full:
+                self._absorb(b, i, p)
+            return                                       # stays in p.grad until finish() (stage 2/3)
+        self._absorb(b, i, p)
+        if self.on_grad is not None:
+            self.on_grad(p)
+        if not self._sync:
+            return
+        b._count[i] += 1
+        if b._count[i] > self.expected:
+            raise RuntimeError(f"parameter {b.names[i]!r} received gradient {b._count[i]} but prepare_step() "
+                               f"announced {self.expected} micro-batch(es): call zero.prepare_step(m) with the "
+                               f"right m, or wrap the accumulating backwards in zero.no_sync()")
+        if b._count[i] == self.expected:
+            b._pending -= 1
+            if b._pending == 0:
+                self._ready(b)
+
+    def _ready(self, b: FlatBucket) -> None:
+        self._ready_pos.add(self._pos[id(b)])
+        self._observed.append(self._pos[id(b)])
+        while self._next < len(self.buckets) and self._next in self._ready_pos:
+            self._launch(self.buckets[self._next], "hooks")
+            self._next += 1
+        self.max_waiting = max(self.max_waiting, len(self._ready_pos) - self._next)
+        if self._next == len(self.buckets) and self.deferred is None and not self._queued:
+            # Every bucket is on its way: wait for them when this backward ends (as DDP does), so a
+            # plain "loss.backward(); optimizer.step()" loop needs no explicit finish call.
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
+    def _launch(self, b: FlatBucket, where: str) -> None:
+        if b.flat_grad is None:
+            b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=b.params[0].device)
+        g = b.flat_grad
+        if self.group.size > 1:
+            g.div_(self.group.size)
+        if self.mode == "all_reduce":
+            work, out = comm.all_reduce(g, self.group, async_op=True), None
+        else:
+            out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
+            work = reduce_scatter_into(out, g, self.group, async_op=True)
+        self._inflight.append((b, work, out))
+        self.launches[where] += 1
+        self._poll()
+
+    def _finalize(self, b: FlatBucket, work, out) -> None:
+        if work is not None:
+            work.wait()
+        if self.mode == "all_reduce":
+            return
+        if self.keep_full:
+            b.flat_grad[b.lo:b.hi].copy_(out)           # stage 1: only the owned shard is reduced
+        else:
+            b.shard_grad, b.flat_grad = out, None        # stage 2/3: the full gradient is dropped
+
+    def _poll(self) -> None:
+        """Retire finished reductions from the front; never keep more than max_inflight running."""
+        cap = self.max_inflight if not self.keep_full else len(self.buckets) + 1   # caps memory: stage 2/3
+        while self._inflight and (self._inflight[0][1] is None or self._inflight[0][1].is_completed()
+                                  or len(self._inflight) > cap):
+            self._finalize(*self._inflight.pop(0))
+
+    def finish(self) -> None:
+        """Launch what hooks did not (incomplete buckets, then the deferred bucket), wait for all."""
+        if self._reduced:
+            return
+        if not self._sync:
+            raise RuntimeError("finish_grad_sync() inside no_sync(): leave the no_sync() block first")
+        missing = [b.names[i] for b in self.buckets[self._next:] for i, c in enumerate(b._count)
+                   if c < self.expected]
+        if missing:
+            warnings.warn(f"{len(missing)} parameter(s) got fewer than {self.expected} gradient(s) this step "
+                          f"(e.g. {missing[:3]}); their missing gradients count as zero", stacklevel=2)
+        while self._next < len(self.buckets):
+            self._launch(self.buckets[self._next], "finish")
+            self._next += 1
+        if self.deferred is not None:
+            d = self.deferred
+            for i, p in enumerate(d.params):
+                self._absorb(d, i, p)
+            self._launch(d, "finish")
+        while self._inflight:
+            self._finalize(*self._inflight.pop(0))
+        self._reduced = True
+        if not self._reordered:
+            self._adopt_observed_order()
+
+    def zero_grad(self) -> None:
+        for b in self.buckets + ([self.deferred] if self.deferred else []):
+            if self.keep_full:
+                b.flat_grad.zero_()
+                for p, v in zip(b.params, b.views(b.flat_grad)):
+                    p.grad = v
+            else:
+                b.flat_grad = b.shard_grad = None
+                for p in b.params:
+                    p.grad = None
+        self.reset()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class DataParallel(nn.Module):
+    """Plain data parallelism for a user's own optimizer (torch DDP's contract on a counted group).
+
+    ``DataParallel(module, dp_group, bucket_mb=25)``: after ``loss.backward()`` every ``p.grad`` is
+    the dp mean (the reduction is waited for at the end of backward); ``no_sync()`` or
+    ``prepare_step(m)`` for accumulation; ``finish_grad_sync()`` when deferred params exist.
+    Replicas must start identical (seed before building the model, as the parity contract says).
+    """
+
+    def __init__(self, module: nn.Module, dp_group: Group, bucket_mb: float = 25.0):
+        super().__init__()
+        if not isinstance(dp_group, Group):
+            raise TypeError(f"dp_group must be a parallel.comm.Group (mesh.group('dp')), got {type(dp_group).__name__}")
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb={bucket_mb} must be positive")
+        self.module = module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("DataParallel: the module has no parameters that require grad")
+        dtypes = {p.dtype for _, p in named}
+        if len(dtypes) != 1:
+            raise ValueError(f"DataParallel: parameters have mixed dtypes {dtypes}; cast the model to one dtype")
+        dtype = dtypes.pop()
+        esize = torch.empty(0, dtype=dtype).element_size()
+        deferred = [(n, p) for n, p in named if getattr(p, "p3d_defer_reduce", False)]
+        normal = [(n, p) for n, p in named if not getattr(p, "p3d_defer_reduce", False)]
+        buckets = make_buckets(normal, bucket_mb * 2 ** 20, esize, dp_group.size, dp_group.rank, pad=False)
+        d = None
+        if deferred:
+            d = FlatBucket(len(buckets), deferred, dp_group.size, dp_group.rank, pad=False)
+            d.deferred = True
+        self.reducer = GradReducer(buckets, dp_group, "all_reduce", dtype, True, d, auto_reset=True)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        return self.reducer.no_sync()
+
+    def prepare_step(self, num_micro_batches: int = 1) -> None:
+        self.reducer.prepare_step(num_micro_batches)
+
+    def finish_grad_sync(self) -> None:
+        self.reducer.finish()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.reducer.zero_grad()
