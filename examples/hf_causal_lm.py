@@ -1,0 +1,41 @@
+"""Unmodified Hugging Face transformers causal LMs, built from a config (no download) or loaded
+from a local pretrained directory, as model factories for parallel3d configs.
+
+    model:
+      factory: examples.hf_causal_lm:build
+      kwargs: {model_type: llama, vocab_size: 96, hidden_size: 64, num_hidden_layers: 4,
+               num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 128}
+
+``pretrained: /path/to/dir`` loads ``from_pretrained`` instead (a local directory, e.g. one a
+consolidated parallel3d checkpoint wrote). The model is returned as transformers builds it: the
+framework applies the published tp plan, finds the decoder layers for the pipeline split, and
+reads ``.logits`` from its output.
+"""
+from __future__ import annotations
+
+
+def build(model_type: str | None = None, pretrained: str | None = None, attn_implementation: str = "sdpa",
+          **config_kwargs):
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise ImportError("examples.hf_causal_lm needs transformers: pip install -e '.[hf]'") from None
+    if pretrained:
+        return AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation=attn_implementation)
+    if not model_type:
+        raise ValueError("model.kwargs.model_type is required (e.g. llama, gpt2, qwen2, mistral) unless "
+                         "model.kwargs.pretrained names a local model directory")
+    config_kwargs.setdefault("use_cache", False)
+    cfg = AutoConfig.for_model(model_type, **config_kwargs)
+    for k in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout"):
+        if hasattr(cfg, k) and k not in config_kwargs:
+            setattr(cfg, k, 0.0)                         # exactness: no dropout unless asked for
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+
+
+def llama_tiny(vocab_size: int = 64, **kw):
+    """The small Llama with grouped-query attention the tests use."""
+    args = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    args.update(kw)
+    return build("llama", **args)
