@@ -1,0 +1,158 @@
+"""Flat buffers, their partition over the dp axis, and counted in-place collectives on them.
+
+A :class:`FlatBucket` lays a list of parameters end to end in one flat buffer of ``numel``
+elements, padded to ``padded = ceil(numel / N) · N`` so that it splits into N equal shards of
+``shard = padded / N`` elements; rank r owns the elements ``[r·shard, (r+1)·shard)`` (ZeRO,
+Rajbhandari et al., arXiv 1910.02054, §5: "partition the optimizer states / gradients /
+parameters into N equal partitions"). Every bucket is partitioned on its own (as FSDP's flat
+parameters are), so a bucket's gradient reduce-scatter lands each rank's part directly in its
+owned shard, and the bucket's parameter all-gather fills the flat buffer from the shards.
+
+Padding goes on the wire: a bucket's reduce-scatter/all-gather moves ``padded`` elements, at most
+N − 1 more than ``numel``; tests compare against Ψ (unpadded) and state that slack.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from ..comm import Group
+
+__all__ = ["FlatBucket", "make_buckets", "gather_into", "reduce_scatter_into", "storage_bytes"]
+
+
+class FlatBucket:
+    """Parameters ``params`` (names ``names``) laid out flat; rank ``rank`` of ``world`` owns a shard.
+
+    Buffers (set by the owner of the bucket, any may be None):
+      flat_param   the full flat parameters (stage 0–2: persistent; stage 3: gathered on demand)
+      shard_param  this rank's shard of the parameters (stage 3)
+      flat_grad    the full flat gradient (stage 0/1: persistent; stage 2/3: alive from the first
+                   gradient of a step until its reduce-scatter completes)
+      shard_grad   this rank's reduced gradient shard (stage 2/3)
+      master       the fp32 tensor handed to the optimizer (stage 0: the whole flat; else the shard)
+    """
+
+    def __init__(self, index: int, named_params: list, world: int, rank: int, pad: bool = True):
+        if not named_params:
+            raise ValueError("FlatBucket needs at least one parameter")
+        self.index = index
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.offsets, off = [], 0
+        for n in self.sizes:
+            self.offsets.append(off)
+            off += n
+        self.numel = off
+        self.world, self.rank = world, rank
+        self.pad = pad
+        self.padded = -(-off // world) * world if pad else off
+        self.shard = self.padded // world if pad else off
+        self.flat_param = self.shard_param = self.flat_grad = self.shard_grad = self.master = None
+        self.deferred = False
+
+    @property
+    def lo(self) -> int:
+        """First flat index of this rank's shard."""
+        return self.rank * self.shard if self.pad else 0
+
+    @property
+    def hi(self) -> int:
+        return self.lo + self.shard
+
+    def views(self, flat: torch.Tensor) -> list:
+        """Each parameter's view into a flat buffer laid out like this bucket."""
+        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
+
+    def pieces(self, lo: int | None = None, hi: int | None = None):
+        """``(i, a, b)``: parameter i's elements that fall in the flat range [lo, hi) (default: the
+        owned shard), as flat indices a..b; yields only non-empty pieces, in order."""
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
+        for i, (o, n) in enumerate(zip(self.offsets, self.sizes)):
+            a, b = max(o, lo), min(o + n, hi)
+            if a < b:
+                yield i, a, b
+
+    def flatten(self, tensors: list, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """A new padded flat buffer holding ``tensors`` (one per parameter) end to end."""
+        flat = torch.zeros(self.padded, dtype=dtype, device=device)
+        for t, o, n in zip(tensors, self.offsets, self.sizes):
+            flat[o:o + n].copy_(t.reshape(-1))
+        return flat
+
+    def __repr__(self):
+        return (f"FlatBucket({self.index}, {len(self.params)} params, numel={self.numel}, "
+                f"padded={self.padded}, shard=[{self.lo}, {self.hi}))")
+
+
+def make_buckets(named_params: list, bucket_bytes: float, element_size: int, world: int, rank: int,
+                 pad: bool, start_index: int = 0) -> list:
+    """Split parameters into buckets of about ``bucket_bytes`` each, in *reverse* order: backward
+    produces gradients roughly last layer first, so bucket 0 fills first (as torch DDP does).
+    A parameter bigger than a bucket gets a bucket of its own."""
+    out, cur, cur_bytes = [], [], 0
+    for name, p in reversed(named_params):
+        nbytes = p.numel() * element_size
+        if cur and cur_bytes + nbytes > bucket_bytes:
+            out.append(FlatBucket(start_index + len(out), cur, world, rank, pad))
+            cur, cur_bytes = [], 0
+        cur.append((name, p))
+        cur_bytes += nbytes
+    if cur:
+        out.append(FlatBucket(start_index + len(out), cur, world, rank, pad))
+    return out
+
+
+# --- counted in-place collectives (recorded exactly as parallel.comm records its own) -------------
+
+def _quiet(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return fn(*args, **kw)
+
+
+def gather_into(out: torch.Tensor, shard: torch.Tensor, group: Group, async_op: bool = False):
+    """All-gather equal ``shard``s into the preallocated ``out`` (``shard`` may be ``out``'s own
+    slice). Recorded as all_gather with M = bytes of ``out``: (N−1)/N · M on the wire."""
+    if group.size == 1:
+        if out.data_ptr() != shard.data_ptr():
+            out.copy_(shard)
+        return None
+    m = out.numel() * out.element_size()
+    group.stats.record(group.axis, "all_gather", m, (group.size - 1) * m / group.size)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return _quiet(fn, out, shard, group=group.pg, async_op=async_op)
+
+
+def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group: Group, async_op: bool = False):
+    """Sum ``full`` over ranks; this rank's equal chunk lands in ``out``. Recorded as
+    reduce_scatter with M = bytes of ``full``: (N−1)/N · M on the wire."""
+    if group.size == 1:
+        out.copy_(full)
+        return None
+    m = full.numel() * full.element_size()
+    group.stats.record(group.axis, "reduce_scatter", m, (group.size - 1) * m / group.size)
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return _quiet(fn, out, full, op=dist.ReduceOp.SUM, group=group.pg, async_op=async_op)
+
+
+def storage_bytes(tensors, seen: set) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once across calls sharing
+    ``seen`` (a view and its base count once; a storage resized to 0 counts 0)."""
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if st.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total

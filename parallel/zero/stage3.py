@@ -1,0 +1,228 @@
+"""ZeRO stage 3: parameters sharded over dp, gathered per module just in time, freed after use.
+
+Rajbhandari et al., arXiv 1910.02054, §5.3 (P_os+g+p): each rank keeps 1/N of every parameter;
+"during forward propagation the parameters of each layer are broadcast/all-gathered just before
+use and discarded after"; the same again in backward. Per step and rank, in the ring model:
+all-gather Ψ·b in forward + Ψ·b in backward + reduce-scatter of the gradients, 3(N−1)/N·Ψ·b.
+
+Units. The parameters are split into *units*, each one :class:`~.partition.FlatBucket` sharded
+over dp. By default every module that directly owns parameters is a unit (Linear, LayerNorm,
+Embedding, …); ``unit_types=(Block,)`` makes each instance of those classes a unit instead (plus
+the root for what is left), as FSDP's ``fully_shard`` per block. A module's *needs* are the units
+of all parameters it reaches without entering another unit's module — for a tied weight, the head
+needs the embedding's unit (it is gathered twice in forward: the tie costs one extra all-gather).
+
+Lifecycle of a unit, driven by hooks:
+  forward pre-hook of a module   gather its needs (wait), prefetch the next module's needs
+  forward post-hook              free the needs; hook the outputs' gradients (pre-backward)
+  output-gradient hook           gather the needs again, prefetch the previous module's needs
+  post-accumulate-grad hooks     once every parameter of the unit has its gradient: free it
+Module order comes from a trace of the first forward (as DeepSpeed and FSDP record it), and the
+prefetch keeps at most one extra module's units in flight (``prefetch=False``: none).
+
+Freeing. The gathered flat buffer keeps its tensor object but its storage is resized to 0, and each
+parameter's ``.data`` is swapped for an empty tensor. Autograd may have saved views of the weight
+(``F.linear`` saves ``weight.t()``): they point at the same storage, which is refilled by the
+gather before the module's backward runs (FSDP's ``storage.resize_`` technique). Limit: a
+parameter used outside the forward of the modules that hold it (e.g. ``F.linear(x, other.weight)``)
+is not gathered and fails; register such modules as one unit with ``unit_types``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from ..comm import Group
+from .partition import FlatBucket, gather_into
+
+__all__ = ["plan_units", "Stage3Params"]
+
+SHARDED, GATHERING, FULL = 0, 1, 2
+
+
+def plan_units(module: nn.Module, managed: dict, unit_types=None):
+    """Split ``managed`` ({param: name}) into units. Returns (owners, needs): ``owners`` is a list of
+    (module, [(name, param), …]) in module pre-order; ``needs`` maps each module with hooks to the
+    indices (into owners) of the units it uses."""
+    if unit_types is None:
+        sel = [m for m in module.modules() if any(p in managed for p in m.parameters(recurse=False))]
+    else:
+        types = tuple(unit_types) if isinstance(unit_types, (tuple, list)) else (unit_types,)
+        sel = [module] + [m for m in module.modules() if m is not module and isinstance(m, types)]
+    selset = set(sel)
+
+    def region(m):
+        out = [p for p in m._parameters.values() if p is not None and p in managed]
+        for c in m.children():
+            if c not in selset:
+                out += region(c)
+        return out
+
+    owner, regions = {}, {}
+    for m in sel:
+        regions[m] = region(m)
+        for p in regions[m]:
+            owner.setdefault(p, m)
+    owners, index = [], {}
+    for m in sel:
+        seen, mine = set(), []
+        for p in regions[m]:
+            if owner[p] is m and p not in seen:
+                seen.add(p)
+                mine.append((managed[p], p))
+        if mine:
+            index[m] = len(owners)
+            owners.append((m, mine))
+    needs = {}
+    for m in sel:
+        idx = list(dict.fromkeys(index[owner[p]] for p in regions[m]))
+        if idx:
+            needs[m] = idx
+    missing = set(managed) - set(owner)
+    if missing:
+        raise ValueError(f"stage 3: {len(missing)} parameter(s) are held by no unit module "
+                         f"(e.g. {[managed[p] for p in list(missing)[:3]]}); check unit_types")
+    return owners, needs
+
+
+class Stage3Params:
+    """Gathers and frees the units of ``module`` around each module's forward and backward."""
+
+    def __init__(self, module: nn.Module, units: list, needs: dict, group: Group, prefetch: bool = True):
+        self.module, self.units, self.group, self.prefetch = module, units, group, prefetch
+        self.needs = {m: [units[i] for i in idx] for m, idx in needs.items()}
+        self.unit_of = {p: u for u in units for p in u.params}
+        for u in units:
+            u.state, u.users, u.bwd, u.fired, u.work = SHARDED, 0, False, 0, None
+        self.gathered_bytes = 0
+        self.peak_gathered_bytes = 0
+        self.gathers = 0
+        self._trace: list = []
+        self._tracing = True
+        self._cursor = 0
+        self._pos_of: dict = {}                # module -> its position in this forward (-2: off trace)
+        self._handles = []
+        for m in self.needs:
+            self._handles.append(m.register_forward_pre_hook(self._pre_forward))
+            self._handles.append(m.register_forward_hook(self._post_forward))
+        self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
+        self._handles.append(module.register_forward_hook(self._root_post))
+
+    # --- gather / free ----------------------------------------------------------------------------
+    def _nbytes(self, u: FlatBucket) -> int:
+        return u.padded * u.flat_param.element_size()
+
+    def _gather(self, u: FlatBucket, wait: bool = True) -> None:
+        if u.state == SHARDED:
+            u.flat_param.untyped_storage().resize_(self._nbytes(u))
+            u.work = gather_into(u.flat_param, u.shard_param, self.group, async_op=True)
+            u.state = GATHERING
+            self.gathers += 1
+            self.gathered_bytes += self._nbytes(u)
+            self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
+        if wait and u.state == GATHERING:
+            if u.work is not None:
+                u.work.wait()
+                u.work = None
+            for p, v in zip(u.params, u.views(u.flat_param)):
+                p.data = v
+            u.state = FULL
+
+    def _free(self, u: FlatBucket) -> None:
+        if u.state == SHARDED:
+            return
+        if u.work is not None:
+            u.work.wait()
+            u.work = None
+        for p in u.params:
+            p.data = torch.empty(0, dtype=u.flat_param.dtype, device=u.flat_param.device)
+        u.flat_param.untyped_storage().resize_(0)
+        u.state, u.bwd, u.fired = SHARDED, False, 0
+        self.gathered_bytes -= self._nbytes(u)
+
+    def _prefetch_at(self, pos: int) -> None:
+        if self.prefetch and not self._tracing and 0 <= pos < len(self._trace):
+            for u in self.needs[self._trace[pos]]:
+                self._gather(u, wait=False)
+
+    # --- hooks ------------------------------------------------------------------------------------
+    def _root_pre(self, module, args):
+        self._cursor = 0
+
+    def _root_post(self, module, args, out):
+        self._tracing = False
+        for u in self.units:                # stale prefetches (a forward that took another path)
+            if u.users == 0 and not u.bwd:
+                self._free(u)
+
+    def _pre_forward(self, m, args):
+        pos = self._cursor
+        self._cursor += 1
+        if self._tracing:
+            self._trace.append(m)
+        elif pos >= len(self._trace) or self._trace[pos] is not m:
+            pos = -2                        # this forward departs from the trace: no prefetch
+        for u in self.needs[m]:
+            self._gather(u)
+            u.users += 1
+        self._prefetch_at(pos + 1)
+        self._pos_of[m] = pos
+
+    def _post_forward(self, m, args, out):
+        for u in self.needs[m]:
+            u.users -= 1
+            if u.users == 0 and not u.bwd:
+                self._free(u)
+        if torch.is_grad_enabled():
+            pos = self._pos_of.get(m, -2)
+            tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            for t in tensors:
+                t.register_hook(lambda g, m=m, pos=pos: self._pre_backward(m, pos))
+        return out
+
+    def _pre_backward(self, m, pos: int) -> None:
+        for u in self.needs[m]:
+            self._gather(u)
+            u.bwd = True
+        self._prefetch_at(pos - 1)
+
+    def on_grad(self, p) -> None:
+        """A parameter's gradient was accumulated: free its unit once all of the unit's have been."""
+        u = self.unit_of.get(p)
+        if u is None:
+            return
+        u.fired += 1
+        if u.fired == len(u.params):
+            u.fired, u.bwd = 0, False
+            if u.users == 0:
+                self._free(u)
+
+    def free_all(self) -> None:
+        """End of backward: free whatever is still gathered (units whose parameters got no grad)."""
+        for u in self.units:
+            if u.users == 0:
+                self._free(u)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """All parameters full inside the block (evaluation, export); freed again after."""
+        for u in self.units:
+            self._gather(u, wait=False)
+        for u in self.units:
+            self._gather(u)
+            u.users += 1
+        try:
+            yield
+        finally:
+            for u in self.units:
+                u.users -= 1
+                if u.users == 0:
+                    self._free(u)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
