@@ -27,10 +27,40 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
                          "model.kwargs.pretrained names a local model directory")
     config_kwargs.setdefault("use_cache", False)
     cfg = AutoConfig.for_model(model_type, **config_kwargs)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # a small vocabulary has no id 50256
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v >= cfg.vocab_size and k not in config_kwargs:
+            setattr(cfg, k, None)
     for k in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout"):
         if hasattr(cfg, k) and k not in config_kwargs:
             setattr(cfg, k, 0.0)                         # exactness: no dropout unless asked for
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+
+
+def main(argv=None) -> int:
+    """``python examples/hf_causal_lm.py --model-type qwen2 --text FILE --dp 2 --tp 2 --pp 2 --zero 1``:
+    train a transformers architecture on a text file (characters as tokens) through the launcher."""
+    import argparse
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from launch.__main__ import main as launch
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap.add_argument("--model-type", default="llama", help="any transformers causal-LM model_type (no download)")
+    ap.add_argument("--pretrained", default=None, help="a local model directory (from_pretrained) instead")
+    ap.add_argument("--text", default=None, help="training text file (default: the generated corpus)")
+    for axis in ("dp", "tp", "pp"):
+        ap.add_argument(f"--{axis}", type=int, default=1)
+    ap.add_argument("--zero", type=int, default=1, help="ZeRO stage")
+    a, rest = ap.parse_known_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ov = [f"model.kwargs.model_type={a.model_type}", f"parallel.dp={a.dp}", f"parallel.tp={a.tp}",
+          f"parallel.pp={a.pp}", f"zero.stage={a.zero}"]
+    if a.pretrained:
+        ov.append(f"model.kwargs.pretrained={a.pretrained}")
+    if a.text:
+        ov.append(f"data.kwargs.path={a.text}")
+    return launch(["--config", os.path.join(here, "..", "configs", "hf_causal_lm.yaml"), *ov, *rest])
 
 
 def llama_tiny(vocab_size: int = 64, **kw):
@@ -39,3 +69,7 @@ def llama_tiny(vocab_size: int = 64, **kw):
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     args.update(kw)
     return build("llama", **args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

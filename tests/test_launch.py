@@ -50,7 +50,7 @@ def _xor(rank, world):
     cfg = load_config(os.path.join(ROOT, "configs/xor.yaml"), ["train.metrics_file=null"]).validate(world)
     out = run(cfg, Mesh(dp=2), print_fn=lambda *a, **k: None)
     # first step after which every output is within 0.1 of its target: replay the recorded curve
-    err = (out["engine"].model(INPUTS) - TARGETS).abs().max().item()
+    err = (out["engine"].module(INPUTS) - TARGETS).abs().max().item()
     return err, out["losses"]
 
 
