@@ -37,7 +37,7 @@ class Engine:
     (:func:`parallel.data.rank_batch`) and returns the mean loss over the global batch, on every
     rank. ``save(dir)`` / ``load(dir)`` write and read reshardable checkpoints."""
 
-    def __init__(self, model: nn.Module, config: Config, mesh: Mesh):
+    def __init__(self, model: nn.Module, config: Config, mesh: Mesh, optimizer=None):
         self.cfg, self.mesh = config, mesh
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
@@ -45,7 +45,7 @@ class Engine:
         self.stages = self._shard(model.to(mesh.device))
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
         self.loss_fn = self._loss(model)
-        self.zero = ZeroOptimizer(self.module, optimizer_factory(config.optimizer), self.dp,
+        self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp,
                                   stage=config.zero.stage, bucket_mb=config.zero.bucket_mb,
                                   prefetch=config.zero.prefetch, precision=config.precision,
                                   grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp))
@@ -117,6 +117,42 @@ class Engine:
         self.step_count += 1
         return self._global_loss(local)
 
+    # --- a user's own loop (pp = 1): forward, backward, step ------------------------------------------
+    def __call__(self, x):
+        """Forward of the (tensor-parallel, ZeRO-sharded) model, as in the user's own loop."""
+        self._own_loop_check()
+        return self.module(self._to(x))
+
+    def loss(self, output, target):
+        """The configured loss (vocab-parallel cross-entropy when the logits are split over tp)."""
+        return self.loss_fn(output, self._to(target))
+
+    def zero_grad(self, micro_batches: int | None = None) -> None:
+        """Start a step of ``micro_batches`` backward calls (default: the config's count)."""
+        self._own_loop_check()
+        self.zero.zero_grad()
+        self._own_m = micro_batches or self.cfg.micro_batches
+        self.zero.prepare_step(self._own_m)
+
+    def backward(self, loss) -> None:
+        """Backward of one micro-batch's mean loss (scaled by 1/m and the fp16 loss scale)."""
+        if not hasattr(self, "_own_m"):
+            raise RuntimeError("call engine.zero_grad() at the start of each step, before engine.backward()")
+        (loss * (self.zero.loss_scale / self._own_m)).backward()
+
+    def step(self):
+        """Reduce gradients over dp, clip, update (skipped on fp16 overflow), advance the schedule."""
+        self.last_result = self.zero.step()
+        if not self.last_result.skipped:
+            self.scheduler.step()
+        self.step_count += 1
+        return self.last_result
+
+    def _own_loop_check(self) -> None:
+        if self.executor is not None:
+            raise RuntimeError("with parallel.pp > 1 the pipeline schedule owns forward and backward: "
+                               "call engine.train_step(batch) instead of engine(x) / engine.backward(loss)")
+
     def _global_loss(self, local: float | None) -> float:
         """The last stage's loss, shared over pp, averaged over dp (bookkeeping: control traffic)."""
         t = torch.tensor([0.0 if local is None else local], dtype=torch.float64)
@@ -182,8 +218,11 @@ class Engine:
         return self.zero.model_state_bytes()
 
 
-def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None) -> Engine:
-    """Compose the configured parallelism around ``model`` (built identically on every rank)."""
+def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, optimizer=None) -> Engine:
+    """Compose the configured parallelism around ``model`` (built identically on every rank).
+
+    ``optimizer``: optionally the user's own ``params -> torch.optim.Optimizer`` (elementwise
+    optimizers: SGD, Adam(W), Adagrad, ...); by default it is built from ``config.optimizer``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize needs an nn.Module, got {type(model).__name__}")
     p = config.parallel
@@ -191,4 +230,4 @@ def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None) -> E
     if (mesh.size("pp"), mesh.size("dp"), mesh.size("tp")) != (p.pp, p.dp, p.tp):
         raise ConfigError(f"the mesh is pp×dp×tp = {mesh.size('pp')}×{mesh.size('dp')}×{mesh.size('tp')} but the "
                           f"config says {p.pp}×{p.dp}×{p.tp}: build the Mesh from config.parallel")
-    return Engine(model, config, mesh)
+    return Engine(model, config, mesh, optimizer)
