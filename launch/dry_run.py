@@ -1,20 +1,83 @@
-"""``python -m launch --dry-run``: the resolved config and layout, without starting workers."""
+"""``python -m launch --dry-run``: the resolved config, the mesh, each rank's pipeline stage and
+shard sizes, and the planner's per-rank memory estimate — without starting workers.
+
+The model is built on the meta device (structure only: no memory, no initialisation)."""
 from __future__ import annotations
+
+import json
 
 import yaml
 
 from parallel.config import Config
 
 
+def _mib(x: float) -> str:
+    return f"{x / 2 ** 20:9.2f} MiB"
+
+
+def _prediction(cfg: Config):
+    import torch
+    from launch.plan import spec_from_model
+    from parallel.config import import_object
+    from parallel.planner import Layout, TrainSpec, predict
+    factory = import_object(cfg.model.factory, "model.factory")
+    with torch.device("meta"):
+        model = factory(**cfg.model.kwargs)
+    seq = cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
+    spec = spec_from_model(model, seq)
+    p = cfg.parallel
+    lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
+                 p.sequence_parallel)
+    tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
+                   cfg.zero.bucket_mb)
+    return model, predict(spec, lay, tr)
+
+
+def _split(model, cfg: Config) -> str | None:
+    if cfg.parallel.pp == 1:
+        return None
+    from parallel.pipeline import describe_split
+    args = (cfg.parallel.pp, cfg.parallel.pp_virtual_stages, cfg.parallel.pp_split)
+    try:
+        return str(describe_split(model, *args))
+    except Exception as e:                       # a model whose forward needs real tensors
+        if sum(p.numel() for p in model.parameters()) > 200_000_000:
+            return f"(stage split not shown: the model's forward does not run on the meta device: {e})"
+    from parallel.config import import_object
+    real = import_object(cfg.model.factory, "model.factory")(**cfg.model.kwargs)     # small: build it for real
+    return str(describe_split(real, *args))
+
+
 def describe(cfg: Config) -> str:
     p = cfg.parallel
     lines = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
-             f"# mesh: pp={p.pp} × dp={p.dp} × tp={p.tp} = {cfg.world_size} ranks (tp innermost)"]
+             f"# mesh: pp={p.pp} × dp={p.dp} × tp={p.tp} = {cfg.world_size} ranks (tp innermost), "
+             f"ZeRO stage {cfg.zero.stage}, {cfg.precision}",
+             f"# micro-batches per dp rank per step: {cfg.micro_batches} "
+             f"(global batch {cfg.data.global_batch_size}, micro-batch {cfg.data.micro_batch_size})"]
+    try:
+        model, pred = _prediction(cfg)
+    except Exception as e:
+        model, pred = None, None
+        lines.append(f"# (no per-rank estimate: {type(e).__name__}: {e})")
+    if model is not None:
+        split = _split(model, cfg)
+        if split:
+            lines += ["", "# pipeline stages", split]
+    lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate"]
     for r in range(cfg.world_size):
-        tp = r % p.tp
-        dp = (r // p.tp) % p.dp
-        pp = r // (p.tp * p.dp)
-        lines.append(f"rank {r}: pp={pp} dp={dp} tp={tp}")
-    lines.append(f"# micro-batches per dp rank per step: {cfg.micro_batches} "
-                 f"(global batch {cfg.data.global_batch_size}, micro-batch {cfg.data.micro_batch_size})")
+        tp, dp, pp = r % p.tp, (r // p.tp) % p.dp, r // (p.tp * p.dp)
+        row = f"rank {r}: pp={pp} dp={dp} tp={tp}"
+        if pred is not None and r in pred.memory:
+            m = pred.memory[r]
+            row += (f"  params {_mib(m['params'])}  grads {_mib(m['grads'])}  optimizer "
+                    f"{_mib(m['optimizer'] + m.get('master', 0))}  activations {_mib(m.get('activations', 0))}  "
+                    f"peak {_mib(m.get('peak', m['total']))}")
+        lines.append(row)
+    if pred is not None:
+        axes = {}
+        for r, ops in pred.comm.items():
+            for axis, o in ops.items():
+                axes[axis] = max(axes.get(axis, 0), sum(c["wire_bytes"] for c in o.values()))
+        lines.append(f"# predicted wire bytes per step (max over ranks): {json.dumps({a: round(v) for a, v in axes.items()})}")
     return "\n".join(lines)
