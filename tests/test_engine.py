@@ -133,3 +133,10 @@ def test_users_own_loop_and_optimizer_with_a_schedule():
     got.load_state_dict(sd, strict=True)
     x = torch.arange(64).reshape(4, 16) % 64
     assert torch.allclose(got(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tp2_20_steps_through_the_training_entry_point():
+    """launch.train.run (what every launcher worker runs) with tp = 2: the single-process curve."""
+    res = run_ranks(_losses, 2, "gpt", layout(1, 2, 1, 0))
+    assert_close_curve(res[0][0], reference_losses(config("gpt")), 1e-4, "tp=2")
+    assert res[0][1]["tp"] > 0 and res[0][1]["dp"] == 0
