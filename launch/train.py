@@ -4,23 +4,62 @@ Follows the parity contract of DESIGN.md: seed torch with train.seed right befor
 factory (every layout starts from the weights one process would build), global batch t is the
 dataset positions [t·G, (t+1)·G), the loss is the mean over the global batch. Rank 0 appends one
 JSON object per step to train.metrics_file and prints a progress line.
+
+Failures (docs/failures.md): a rank that fails prints ``rank R failed at step S (phase):`` with its
+traceback (once per job), ranks that then lose their peers print one line, and every process
+exits non-zero at once; a watchdog ends a rank stuck in one phase for train.timeout_s
+(:mod:`parallel.watchdog`). A worker that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
+resumes from the newest complete checkpoint in train.checkpoint.dir, data position and RNG
+included, and the metrics file keeps one line per step. train.on_nonfinite decides what a
+non-finite gradient does (stop: end the job naming the step; skip: skip that update);
+train.check_collectives compares collective fingerprints every step (:mod:`parallel.fingerprint`);
+train.fault or $P3D_FAULT injects a fault (:mod:`parallel.faults`).
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import faulthandler
+import json
+import math
 import os
+import re
 import sys
 import time
 
 import torch
 import torch.nn as nn
 
-from launch.metrics import MetricsLog
+from launch.metrics import RANKS_FILE, MetricsLog
 from parallel import checkpoint, comm
 from parallel.config import Config, ConfigError, import_object, load_config
-from parallel.data import check_dataset, rank_batch
+from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
+from parallel.faults import Injector, StepHooks, fault_from, restart_attempt
+from parallel.fingerprint import Checker, Recorder
 from parallel.mesh import Mesh, init_distributed
+from parallel.watchdog import (EXIT_FAILURE, Progress, Watchdog, default_store, failure_report, group_timeout_s,
+                               is_peer_failure, set_default_group_timeout, terminate)
+from parallel.zero import StepResult
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite gradient and train.on_nonfinite=stop."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or resumed; the message names the folder and the fix."""
+
+
+class DataError(ValueError):
+    """A batch could not be formed from the dataset."""
+
+
+class _SkipStep(Exception):
+    pass
+
+
+_CONFIG_KEY = re.compile(r"\b(parallel|zero|data|optimizer|scheduler|train|model)\.[a-z_]+|\b(precision|loss)=")
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -47,38 +86,264 @@ def build_dataset(cfg: Config):
     return ds
 
 
-def run(cfg: Config, mesh: Mesh, print_fn=print) -> dict:
-    """Train ``cfg.train.steps`` steps on an existing mesh; returns {"losses": [...], "engine": engine}."""
+# --- bad input: clear errors ----------------------------------------------------------------------
+
+def _shapes(sample):
+    if isinstance(sample, torch.Tensor):
+        return tuple(sample.shape)
+    if isinstance(sample, (tuple, list)):
+        return tuple(_shapes(s) for s in sample)
+    if isinstance(sample, dict):
+        return tuple((k, _shapes(v)) for k, v in sorted(sample.items()))
+    return type(sample).__name__
+
+
+def load_batch(dataset, step: int, cfg: Config, dp: int, dp_rank: int):
+    """This rank's share of global batch ``step``; a DataError naming the samples when they cannot
+    be stacked (different shapes: the micro-batches' activations would change shape)."""
+    try:
+        return rank_batch(dataset, step, cfg.data.global_batch_size, dp, dp_rank, cfg.train.seed, cfg.data.shuffle)
+    except (RuntimeError, TypeError, ValueError) as e:
+        per = cfg.data.global_batch_size // dp
+        idx = global_indices(step, cfg.data.global_batch_size, len(dataset), cfg.train.seed,
+                             cfg.data.shuffle)[dp_rank * per:(dp_rank + 1) * per]
+        shapes = {i: _shapes(dataset[i]) for i in idx}
+        kinds = sorted(set(shapes.values()), key=lambda s: -list(shapes.values()).count(s))
+        if len(kinds) > 1:
+            odd = [f"index {i}: {s}" for i, s in shapes.items() if s != kinds[0]][:4]
+            raise DataError(f"step {step}: the samples of global batch {step} have different shapes ({kinds[0]} for "
+                            f"most; {', '.join(odd)}), so its micro-batches cannot be stacked: make data.factory "
+                            f"return one shape per sample (pad or crop)") from e
+        raise DataError(f"step {step}: forming the batch from dataset indices {idx[:8]} failed: "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def check_writable(path: str) -> None:
+    """Every rank writes its own shards: fail before training when it cannot."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".p3d-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"train.checkpoint.dir={path!r} is not writable ({type(e).__name__}: "
+                              f"{e.strerror or e}): choose a directory this job can write, or fix its permissions") from None
+
+
+def _disk_full(exc: BaseException) -> bool:
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
+            return True
+        todo += [e.__cause__, e.__context__] + [f[0] for f in getattr(e, "failures", {}).values()]
+    return "No space left on device" in str(exc)
+
+
+def save_checkpoint(engine, path: str, root: str) -> str:
+    """engine.save with a clear error; an interrupted save leaves only ``.tmp-<name>``, which
+    checkpoint.latest ignores, so the previous checkpoint stays the one a restart resumes from."""
+    try:
+        return engine.save(path)
+    except BaseException as e:                       # DCP's CheckpointException is a BaseException
+        if is_peer_failure(e) or not (isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "CheckpointException"):
+            raise
+        prev = checkpoint.latest(root)
+        cause = "the disk is full" if _disk_full(e) else f"{type(e).__name__}: {str(e).strip()[:300]}"
+        raise CheckpointError(f"writing checkpoint {path} failed: {cause}. The partial save is left as "
+                              f".tmp-{os.path.basename(path)} and ignored; "
+                              + (f"the previous checkpoint {prev} is intact. " if prev else "there is no earlier checkpoint. ")
+                              + f"Free space on the disk of train.checkpoint.dir={root!r} or point it elsewhere") from e
+
+
+def guard_nonfinite(engine, cfg: Config, progress: Progress) -> None:
+    """Check the global gradient norm before the update (it is computed there anyway, identically on
+    every rank): a non-finite one stops the job naming the step, or skips the update
+    (train.on_nonfinite). fp16 is left to its loss scaler, which skips overflowing steps itself."""
+    z, real = engine.zero, engine.zero.grad_norm_sq
+
+    def checked():
+        v = real()
+        if not z.scaler.enabled and not bool(torch.isfinite(v).all()):
+            if cfg.train.on_nonfinite == "skip":
+                raise _SkipStep()
+            G, s = cfg.data.global_batch_size, progress.step
+            raise NonFiniteError(f"step {s}: the loss or gradient is non-finite (gradient norm² parts "
+                                 f"{[float(x) for x in v]}); the update was not applied. Check the data of global "
+                                 f"batch {s} (dataset positions [{s * G}, {(s + 1) * G})), lower optimizer.lr, "
+                                 f"or set train.on_nonfinite=skip to skip such steps")
+        return v
+    z.grad_norm_sq = checked
+
+
+def train_step(engine, batch, cfg: Config, progress: Progress, print_fn, rank: int) -> float:
+    try:
+        loss = engine.train_step(batch)
+    except _SkipStep:
+        engine.step_count += 1                    # like an fp16 overflow: the step counts, no update
+        engine.last_result = StepResult(float("nan"), True, engine.zero.loss_scale,
+                                        "non-finite gradient: update skipped (train.on_nonfinite=skip)")
+        if rank == 0:
+            print_fn(f"step {progress.step}: non-finite gradient, update skipped (train.on_nonfinite=skip)", flush=True)
+        return float("nan")
+    if not math.isfinite(loss) and cfg.train.on_nonfinite == "stop":
+        raise NonFiniteError(f"step {progress.step}: the loss is {loss} (fp16: the loss scaler skipped the update); "
+                             f"check the data of global batch {progress.step} or set train.on_nonfinite=skip")
+    return loss
+
+
+# --- restarts -------------------------------------------------------------------------------------
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep the metrics lines of steps before ``step`` (a resumed run logs the rest again)."""
+    if not path or not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] < step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def resume(engine, cfg: Config, rank: int, print_fn) -> None:
+    """Load the newest complete checkpoint when train.resume is set or torchrun restarted us."""
+    ck, attempt = cfg.train.checkpoint, restart_attempt()
+    if attempt > 0 and not ck.dir and rank == 0:
+        print_fn(f"restart {attempt} (TORCHELASTIC_RESTART_COUNT): train.checkpoint.dir is not set, so nothing to "
+                 f"resume from; starting from step 0", flush=True)
+    if not (cfg.train.resume or (attempt > 0 and ck.dir)):
+        return
+    why = f"restart {attempt} (TORCHELASTIC_RESTART_COUNT): " if attempt > 0 else ""
+    path = checkpoint.latest(ck.dir)
+    if path is None:
+        if rank == 0:
+            print_fn(f"{why}no complete checkpoint in {ck.dir}; starting from step 0", flush=True)
+        return
+    try:
+        meta = engine.load(path)
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+        if is_peer_failure(e):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        try:
+            saved = checkpoint.read_meta(path).get("model")
+        except Exception:
+            saved = "?"
+        raise CheckpointError(f"cannot resume from {path}: {msg} (it was saved from model {saved}; this job builds "
+                              f"{{'factory': {cfg.model.factory!r}, 'kwargs': {cfg.model.kwargs}}}). Point "
+                              f"train.checkpoint.dir at a checkpoint of this model, or at an empty directory") from e
+    if rank == 0:
+        print_fn(f"{why}resumed from {path} (step {meta['step']}, saved as {meta['layout']})", flush=True)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+def _instrument(cfg: Config, mesh: Mesh, progress: Progress, watched: bool):
+    """The comm recorder (fingerprints when train.check_collectives; else, under a watchdog, just
+    the last call) and the fingerprint checker on its own gloo group."""
+    import torch.distributed as dist
+    checker = None
+    if cfg.train.check_collectives and mesh.world_size > 1:
+        rec = mesh.stats.recorder = Recorder(mesh.rank, progress, fingerprint=True)
+        checker = Checker(rec, mesh.rank, mesh.world_size, pg=dist.new_group(backend="gloo"), store=default_store())
+        progress.checker = checker
+    elif watched:
+        mesh.stats.recorder = Recorder(mesh.rank, progress, fingerprint=False)
+    return checker
+
+
+def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = None) -> dict:
+    """Train ``cfg.train.steps`` steps on an existing mesh; returns {"losses": [...], "engine": engine}.
+
+    ``progress`` (main passes the one its watchdog reads) is updated with the step and phase."""
+    watched = progress is not None
+    progress = progress or Progress(mesh.rank)
+    checker = _instrument(cfg, mesh, progress, watched)
+    progress.set_phase("setup (build model)")
     model = build_model(cfg)
+    progress.set_phase("setup (build dataset)")
     dataset = build_dataset(cfg)
-    engine = parallelize(model, cfg, mesh)
-    del model
     ck = cfg.train.checkpoint
-    if cfg.train.resume:
-        path = checkpoint.latest(ck.dir)
-        if path is not None:
-            meta = engine.load(path)
-            if mesh.rank == 0:
-                print_fn(f"resumed from {path} (step {meta['step']}, saved as {meta['layout']})", flush=True)
+    if ck.every:
+        check_writable(ck.dir)
+    progress.set_phase("setup (parallelize)")
+    try:
+        engine = parallelize(model, cfg, mesh)
+    except ValueError as e:      # a config that does not fit this model (e.g. more pipeline stages than blocks)
+        if isinstance(e, ConfigError) or not _CONFIG_KEY.search(str(e)):
+            raise
+        raise ConfigError(f"{e} (model.factory={cfg.model.factory!r})") from e
+    del model
+    spec = fault_from(cfg)
+    hooks = StepHooks(engine, progress, Injector(spec, mesh.rank) if spec else None)
+    guard_nonfinite(engine, cfg, progress)
+    progress.set_phase("setup (resume)")
+    resume(engine, cfg, mesh.rank, print_fn)
+    if mesh.rank == 0 and engine.step_count > 0 and cfg.train.metrics_file:   # the steps to redo are logged anew
+        truncate_metrics(cfg.train.metrics_file, engine.step_count)
+        truncate_metrics(os.path.join(os.path.dirname(os.path.abspath(cfg.train.metrics_file)), RANKS_FILE),
+                         engine.step_count)
     metrics = MetricsLog(cfg, mesh, print_fn, append=engine.step_count > 0)
     dp, dp_rank = mesh.size("dp"), mesh.local_rank("dp")
     losses = []
     for step in range(engine.step_count, cfg.train.steps):
+        progress.begin_step(step)
         t0 = time.perf_counter()
         before = mesh.stats.snapshot()
-        batch = rank_batch(dataset, step, cfg.data.global_batch_size, dp, dp_rank, cfg.train.seed, cfg.data.shuffle)
-        loss = engine.train_step(batch)
+        batch = load_batch(dataset, step, cfg, dp, dp_rank)
+        loss = train_step(engine, batch, cfg, progress, print_fn, mesh.rank)
         step_s = time.perf_counter() - t0
         losses.append(loss)
+        progress.set_phase("metrics")
         metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine)
+        if checker is not None:
+            checker.check(f"at the end of step {step}")
         if ck.every and engine.step_count % ck.every == 0:
-            engine.save(checkpoint.step_dir(ck.dir, engine.step_count))
+            save_checkpoint(engine, checkpoint.step_dir(ck.dir, engine.step_count), ck.dir)
+    progress.step = None
     if cfg.train.finish:
+        progress.set_phase("finish")
         finish = import_object(cfg.train.finish, "train.finish")
         full = engine.full_model()                     # collective: every rank takes part
         if mesh.rank == 0:
             finish(full, cfg)
+    metrics.close()
+    hooks.remove()
+    mesh.stats.recorder, progress.checker = None, None
+    if checker is not None:
+        torch.distributed.destroy_process_group(checker.pg)
     return {"losses": losses, "engine": engine, "dataset": dataset}
+
+
+def init_job(device, timeout_s: float):
+    """init_distributed, keeping each torchrun attempt's keys apart: torchrun's agent shares one store
+    across restarts, so a restarted worker could read a dead peer's gloo address from the attempt
+    before (pytorch/pytorch#135712); each attempt gets its own key prefix."""
+    import datetime
+
+    import torch.distributed as dist
+    if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from parallel.mesh import backend_for, default_device
+        dev = device or default_device()
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        td = datetime.timedelta(seconds=timeout_s)
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=td)
+        store = dist.PrefixStore(f"p3d/attempt_{restart_attempt()}/default_pg", base)
+        dist.init_process_group(backend_for(dev), store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=td)
+    return init_distributed(device, timeout_s)
 
 
 def parse_args(argv=None):
@@ -92,22 +357,42 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, args.overrides, deepspeed=args.deepspeed).validate(world)
     except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             print(f"config error: {e}", file=sys.stderr)
         return 2
+    faulthandler.enable()
+    if cfg.train.check_collectives:                # torch checks op and shape before each collective too
+        os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
+        torch.distributed.set_debug_level_from_env()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     device = None if cfg.device == "auto" else torch.device(cfg.device)
     if device is not None and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    device = init_distributed(device, cfg.train.timeout_s)
-    mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device)
+    pg_timeout = group_timeout_s(cfg.train.timeout_s)
+    set_default_group_timeout(pg_timeout)          # DeviceMesh's sub-groups too, not torch's 30 minutes
+    device = init_job(device, pg_timeout)
+    progress = Progress(rank)
+    watchdog = Watchdog(progress, cfg.train.timeout_s).start()
     try:
-        run(cfg, mesh)
-    finally:
-        torch.distributed.destroy_process_group()
+        mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device)
+        run(cfg, mesh, progress=progress)
+    except KeyboardInterrupt:
+        terminate(130, f"rank {rank}: interrupted at {progress.where()}")
+    except BaseException as e:                     # report once, exit now: never wait on dead peers
+        text = failure_report(e, progress, default_store(), f"p3d/fail/{restart_attempt()}")
+        if progress.checker is not None and "mismatch" in str(e).lower():     # DETAIL's report: add call sites
+            try:
+                text += "\n" + progress.checker.report_on_timeout()
+            except Exception:
+                pass
+        terminate(EXIT_FAILURE, text)
+    progress.active = False
+    watchdog.stop()
+    torch.distributed.destroy_process_group()
     return 0
 
 

@@ -49,10 +49,16 @@ class OpCount:
 
 
 class CommStats:
-    """Per-process record of traffic, keyed by (axis, op)."""
+    """Per-process record of traffic, keyed by (axis, op).
+
+    ``recorder`` (None by default: nothing happens) is called as ``recorder(op, group, tensor,
+    peer, tag)`` when each call is *issued* (before it can block) — the hook the collective
+    fingerprints of :mod:`parallel.fingerprint` and the watchdog's "last collective" use. It is
+    never counted and never sees calls on single-rank groups (they move nothing)."""
 
     def __init__(self):
         self.counts: dict[tuple[str, str], OpCount] = {}
+        self.recorder = None
 
     def record(self, axis: str, op: str, payload: int, wire: float, meta: int = 0) -> None:
         c = self.counts.setdefault((axis, op), OpCount())
@@ -122,6 +128,12 @@ def _ring(n: int, m: int, factor: int = 1) -> float:
     return factor * (n - 1) * m / n
 
 
+def _trace(group: Group, op: str, t=None, peer=None, tag=None) -> None:
+    rec = getattr(group.stats, "recorder", None)
+    if rec is not None:
+        rec(op, group, t, peer, tag)
+
+
 def _quiet(fn, *args, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -132,6 +144,7 @@ def all_reduce(t: torch.Tensor, group: Group, op: str = "sum", async_op: bool = 
     """In-place all-reduce of ``t``; returns ``t`` (or the Work handle when ``async_op``)."""
     if group.size == 1:
         return None if async_op else t
+    _trace(group, "all_reduce", t)
     group.stats.record(group.axis, "all_reduce", _nbytes(t), _ring(group.size, _nbytes(t), 2))
     work = dist.all_reduce(t, op=_REDUCE_OPS[op], group=group.pg, async_op=async_op)
     return work if async_op else t
@@ -143,6 +156,7 @@ def all_gather(t: torch.Tensor, group: Group, dim: int = 0, async_op: bool = Fal
         return (t, None) if async_op else t
     src = t.movedim(dim, 0).contiguous() if dim != 0 else t.contiguous()
     out = torch.empty((group.size * src.shape[0],) + tuple(src.shape[1:]), dtype=t.dtype, device=t.device)
+    _trace(group, "all_gather", src)
     group.stats.record(group.axis, "all_gather", _nbytes(out), _ring(group.size, _nbytes(out)))
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     work = _quiet(fn, out, src, group=group.pg, async_op=async_op)
@@ -162,6 +176,7 @@ def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0, op: str = "sum",
                          f"does not divide into {group.size} equal chunks")
     src = t.movedim(dim, 0).contiguous() if dim != 0 else t.contiguous()
     out = torch.empty((src.shape[0] // group.size,) + tuple(src.shape[1:]), dtype=t.dtype, device=t.device)
+    _trace(group, "reduce_scatter", src)
     group.stats.record(group.axis, "reduce_scatter", _nbytes(src), _ring(group.size, _nbytes(src)))
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     work = _quiet(fn, out, src, op=_REDUCE_OPS[op], group=group.pg, async_op=async_op)
@@ -176,6 +191,7 @@ def broadcast(t: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
     """In-place broadcast from the group's local rank ``src``."""
     if group.size == 1:
         return t
+    _trace(group, "broadcast", t, peer=group.ranks[src])
     group.stats.record(group.axis, "broadcast", _nbytes(t), _ring(group.size, _nbytes(t)))
     dist.broadcast(t, src=group.ranks[src], group=group.pg)
     return t
@@ -206,6 +222,7 @@ def isend(t: torch.Tensor, dst: int, group: Group, tag: int = 0) -> P2PWork:
     """Non-blocking send of ``t`` (with its header) to global rank ``dst``."""
     t = t.detach().contiguous()
     h = _header(t).to(t.device)
+    _trace(group, "send", t, peer=dst, tag=tag)
     group.stats.record(group.axis, "send", _nbytes(t), _nbytes(t), meta=_nbytes(h))
     works = [dist.isend(h, dst=dst, group=group.pg, tag=tag), dist.isend(t, dst=dst, group=group.pg, tag=tag)]
     return P2PWork(works, (h, t))
@@ -219,6 +236,7 @@ def send(t: torch.Tensor, dst: int, group: Group, tag: int = 0) -> None:
 def recv(src: int, group: Group, device=None, tag: int = 0) -> torch.Tensor:
     """Receive a tensor sent by :func:`send` from global rank ``src``; shape and dtype come from the header."""
     h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=device)
+    _trace(group, "recv", None, peer=src, tag=tag)
     dist.recv(h, src=src, group=group.pg, tag=tag)
     h = h.tolist()
     dtype, ndim = _DTYPES[h[0]], h[1]

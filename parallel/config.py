@@ -101,7 +101,12 @@ class TrainConfig:
     timeout_s: float = 60.0
     resume: bool = False
     finish: Optional[str] = None           # "pkg.module:function(model, cfg)" run on rank 0 with the full model
+    peak_flops: Optional[float] = None     # per-rank peak FLOP/s for MFU (default: a measured matmul rate)
+    tensorboard: Optional[str] = None      # a log directory for TensorBoard scalars (needs tensorboard)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    on_nonfinite: str = "stop"             # stop | skip: a non-finite loss/gradient ends the job, or skips the update
+    check_collectives: bool = False        # compare collective fingerprints across ranks every step (parallel.fingerprint)
+    fault: Optional[dict] = None           # fault injection for tests: {rank, step, phase, kind[, attempt]} (parallel.faults)
 
 
 @dataclass
@@ -164,6 +169,7 @@ CHOICES = {
     "scheduler.convention": ("native", "deepspeed"),
     "zero.offload.optimizer": ("none", "cpu", "nvme"),
     "zero.offload.params": ("none", "cpu", "nvme"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -371,6 +377,9 @@ def _validate(c: Config, world_size: int | None) -> None:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be positive (or null for no clipping)")
     if t.timeout_s <= 0:
         raise ConfigError(f"train.timeout_s={t.timeout_s} must be positive")
+    if t.fault is not None:
+        from .faults import check_fault            # local import: parallel.faults imports this module
+        check_fault(c, world_size)
     if t.checkpoint.every < 0:
         raise ConfigError(f"train.checkpoint.every={t.checkpoint.every} must be 0 (never) or positive")
     if t.checkpoint.every and not t.checkpoint.dir:

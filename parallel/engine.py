@@ -48,7 +48,8 @@ class Engine:
         self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp,
                                   stage=config.zero.stage, bucket_mb=config.zero.bucket_mb,
                                   prefetch=config.zero.prefetch, precision=config.precision,
-                                  grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp))
+                                  grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp),
+                                  offload=config.zero.offload)
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:

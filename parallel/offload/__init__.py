@@ -11,11 +11,12 @@ from .cpu_adam import AdamWKernel, cpu_adamw_candidates, fastest_cpu_adamw
 from .errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
 from .nvme import NvmeStore
 from .store import DONE, CpuStore, DeviceStore, Handle, StoreStats, TensorMeta, TensorStore
-from .stream import StreamStats, stream_update
+from .stream import StreamStats, stream_read, stream_update
 
 __all__ = [
     "TensorStore", "DeviceStore", "CpuStore", "NvmeStore", "Handle", "DONE", "StoreStats", "TensorMeta",
-    "StoreError", "StoreConfigError", "StoreFullError", "BuffersExhaustedError", "stream_update", "StreamStats",
+    "StoreError", "StoreConfigError", "StoreFullError", "BuffersExhaustedError", "stream_update", "stream_read",
+    "StreamStats",
     "AdamWKernel", "cpu_adamw_candidates", "fastest_cpu_adamw", "make_store",
 ]
 

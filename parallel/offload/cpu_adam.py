@@ -48,14 +48,16 @@ class AdamWKernel:
         return torch.optim.AdamW(params, **self.options, **kwargs)
 
     def step(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-             weight_decay=1e-2) -> None:
+             weight_decay=1e-2, decoupled: bool = True) -> None:
         """One AdamW step, in place, on lists of tensors; ``steps`` are float32 scalar tensors, each
-        incremented by one (torch's convention for optimizer state)."""
-        if self.name == "deepspeed":
+        incremented by one (torch's convention for optimizer state). ``decoupled=False`` is Adam with
+        L2 regularisation (g ← g + λ·p), torch.optim.Adam's ``weight_decay``."""
+        if self.name == "deepspeed" and (decoupled or not weight_decay):
             return self._ds_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay)
+        opts = self.options if self.name != "deepspeed" else {}
         _adam(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], list(steps),
-              foreach=self.options.get("foreach"), fused=self.options.get("fused"),
-              decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
+              foreach=opts.get("foreach"), fused=opts.get("fused"),
+              decoupled_weight_decay=decoupled, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
               weight_decay=weight_decay, eps=eps, maximize=False)
 
     def _ds_step(self, params, grads, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay):

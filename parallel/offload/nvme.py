@@ -17,6 +17,12 @@ write completes. When all buffers are in use the store waits for in-flight write
 every buffer is held by a resident tensor it raises :class:`BuffersExhaustedError` instead of
 deadlocking. Tensors larger than one buffer can be ``put`` and read with ``get(key, out=...)``
 (both chunk through the pool) but cannot be made resident.
+
+Transactions (``begin`` … ``prepare`` → ``commit`` | ``abort``) make a set of puts all-or-nothing,
+as an optimizer step over many sub-groups needs: inside one, a completed write does not replace the
+committed copy; ``commit`` switches every key at once (and frees the old extents), ``abort`` drops
+the new extents and every key keeps its value from before ``begin``. The price is disk space: old
+and new copies of everything put coexist until the commit (reserve twice the state).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from .alloc import ExtentAllocator
 from .aio import IOEngine, align_up, aligned_empty, check_dir, preallocate, probe_direct
 from .errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
 from .store import Handle, TensorMeta, TensorStore, _as_list
+from .txn import TransactionsMixin
 
 __all__ = ["NvmeStore"]
 
@@ -64,7 +71,7 @@ class _Op:
         return bool(self.bufs) or (self.kind == "write" and self.slot is not None and self.slot.released)
 
 
-class NvmeStore(TensorStore):
+class NvmeStore(TransactionsMixin, TensorStore):
     """Tensors in a file under ``path``, moved by a thread pool with O_DIRECT where supported.
 
     Args: path (existing writable directory), buffer_count / buffer_bytes (the host buffer pool),
@@ -102,6 +109,8 @@ class NvmeStore(TensorStore):
         self._ops: list[_Op] = []
         self._pending_write: dict = {}
         self._unreported: list[_Op] = []
+        self._txn: list | None = None               # (key, extent, meta) written, not yet committed
+        self._txn_keys: set = set()
 
     # --- interface ----------------------------------------------------------------------------
     def put(self, key, tensor):
@@ -118,7 +127,11 @@ class NvmeStore(TensorStore):
             if meta.nbytes == 0:
                 self._count_write(0)
                 self._meta[key] = meta
-                self._commit(key, (0, 0), meta)
+                if self._txn is not None:
+                    self._txn_keys.add(key)
+                    self._txn.append((key, (0, 0), meta))
+                else:
+                    self._commit(key, (0, 0), meta)
                 return Handle()
             extent = self._extents.alloc(align_up(meta.nbytes))
             try:
@@ -133,6 +146,8 @@ class NvmeStore(TensorStore):
                 raise
             self._count_write(meta.nbytes)
             self._meta[key] = meta                                 # visible now; rolled back on failure
+            if self._txn is not None:
+                self._txn_keys.add(key)
             self._ops.append(op)
             self._pending_write[key] = op
             return Handle(wait=lambda: self._wait_handle(op), done=op.done)
@@ -187,6 +202,8 @@ class NvmeStore(TensorStore):
 
     def delete(self, key):
         with self._lock:
+            if self._txn is not None:
+                raise StoreError(f"delete({key!r}) inside a transaction: commit() or abort() it first")
             self.release(key)
             if key in self._pending_write:
                 self._stall(self._pending_write[key])
@@ -199,6 +216,8 @@ class NvmeStore(TensorStore):
         with self._lock:
             for op in list(self._ops):
                 self._stall(op)
+            if self._txn is not None:
+                return                                 # failures of a transaction surface in prepare()
             failed, self._unreported = self._unreported, []
             for op in failed:
                 op.reported = True
@@ -221,6 +240,8 @@ class NvmeStore(TensorStore):
     def close(self):
         if not self._finalizer.alive:
             return
+        if self._txn is not None:
+            self.abort()
         try:
             self.flush()
         finally:
@@ -290,6 +311,7 @@ class NvmeStore(TensorStore):
 
     # --- reads ----------------------------------------------------------------------------------
     def _start_read(self, key) -> _Slot:
+        self._check_txn_read(key)
         self._settle(key)
         (offset, span), meta = self._table[key]
         if span > self.buffer_bytes:
@@ -305,6 +327,7 @@ class NvmeStore(TensorStore):
 
     def _read_into(self, key, out: torch.Tensor) -> torch.Tensor:
         """Chunked read through the pool into ``out`` without making ``key`` resident."""
+        self._check_txn_read(key)
         self._settle(key)
         (offset, span), meta = self._table[key]
         direct = out.device.type == "cpu" and out.is_contiguous()
@@ -362,7 +385,10 @@ class NvmeStore(TensorStore):
                 del self._pending_write[op.key]
             if op.error is None:
                 self._stats.disk_bytes_written += op.extent[1]
-                self._commit(op.key, op.extent, op.meta)
+                if self._txn is not None:
+                    self._txn.append((op.key, op.extent, op.meta))
+                else:
+                    self._commit(op.key, op.extent, op.meta)
             else:
                 self._extents.free(op.extent)
                 self._unreported.append(op)

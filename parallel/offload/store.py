@@ -136,6 +136,24 @@ class TensorStore(abc.ABC):
     def close(self) -> None:
         self.flush()
 
+    # Transactions (see txn.py): all-or-nothing groups of puts. Host and device memory commit each
+    # put at once and cannot fail half-way, so here they are no-ops; the NVMe tier implements them.
+    in_transaction = False
+
+    def begin(self) -> None:
+        """Start a group of puts that :meth:`commit` makes visible together (NVMe; else a no-op)."""
+
+    def prepare(self) -> None:
+        """Wait for the group's writes; raise if any failed (nothing is switched yet)."""
+        self.flush()
+
+    def commit(self) -> None:
+        """Make every put since :meth:`begin` the committed value."""
+        self.prepare()
+
+    def abort(self) -> None:
+        """Drop every put since :meth:`begin` (NVMe: each key keeps its earlier value)."""
+
     # --- common ---------------------------------------------------------------------------------
     @property
     def stats(self) -> dict:

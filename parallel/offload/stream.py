@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .errors import StoreConfigError
 
-__all__ = ["stream_update", "StreamStats"]
+__all__ = ["stream_update", "stream_read", "StreamStats"]
 
 
 @dataclass
@@ -70,27 +70,72 @@ def stream_update(store, groups, fn, *, buffers: int = 2, prefetch_depth: int = 
             stats.write_waits += 1
         return True
 
-    for i, keys in enumerate(subs):
-        stats.prefetched += int(i < issued)      # read issued during an earlier step: overlapped
-        while issued <= min(i + prefetch_depth, len(subs) - 1):
-            if not make_room():
-                break
-            store.prefetch(subs[issued])
-            resident += 1
-            issued += 1
-            stats.peak_resident = max(stats.peak_resident, resident)
-        if issued <= i:                          # cannot happen with buffers ≥ d + 1; kept as a guard
-            raise AssertionError("stream_update: no buffer free for the current sub-group")
-        tensors = [store.get(k) for k in keys]
-        new = fn(i, tensors)
-        if new is not None:
-            if len(new) != len(keys):
-                raise ValueError(f"fn returned {len(new)} tensors for sub-group {i} of {len(keys)} keys {keys!r}")
-            tensors = list(new)
-        writing.append([store.put(k, t) for k, t in zip(keys, tensors)])
-        for k in keys:
-            store.release(k)
-    while writing:
-        for h in writing.popleft():
-            h.wait()
+    held: set = set()                            # keys read (prefetched or got) and not yet released
+    try:
+        for i, keys in enumerate(subs):
+            stats.prefetched += int(i < issued)      # read issued during an earlier step: overlapped
+            while issued <= min(i + prefetch_depth, len(subs) - 1):
+                if not make_room():
+                    break
+                store.prefetch(subs[issued])
+                held.update(subs[issued])
+                resident += 1
+                issued += 1
+                stats.peak_resident = max(stats.peak_resident, resident)
+            if issued <= i:                          # cannot happen with buffers ≥ d + 1; kept as a guard
+                raise AssertionError("stream_update: no buffer free for the current sub-group")
+            tensors = [store.get(k) for k in keys]
+            new = fn(i, tensors)
+            if new is not None:
+                if len(new) != len(keys):
+                    raise ValueError(f"fn returned {len(new)} tensors for sub-group {i} of {len(keys)} keys {keys!r}")
+                tensors = list(new)
+            writing.append([store.put(k, t) for k, t in zip(keys, tensors)])
+            for k in keys:
+                store.release(k)
+                held.discard(k)
+        while writing:
+            for h in writing.popleft():
+                h.wait()
+    except BaseException:
+        _settle_after_error(store, held, writing)
+        raise
     return stats
+
+
+def _settle_after_error(store, held, writing) -> None:
+    """After a failure mid-stream: let in-flight writes land and give back every buffer we hold, so
+    the store is usable (and a transaction can be aborted). The first error is the one raised."""
+    for hs in writing:
+        for h in hs:
+            try:
+                h.wait()
+            except Exception:                    # noqa: BLE001 - already failing; the caller sees the first error
+                pass
+    for k in held:
+        try:
+            store.release(k)
+        except Exception:                        # noqa: BLE001
+            pass
+
+
+def stream_read(store, keys, fn, *, prefetch_depth: int = 1) -> int:
+    """Read-only streaming: ``fn(i, tensor)`` for every key in order, reading ``prefetch_depth`` keys
+    ahead (needs ``prefetch_depth + 1`` store buffers). Nothing is written back. Returns the count."""
+    keys = list(keys)
+    ahead = 0
+    try:
+        for i, k in enumerate(keys):
+            while ahead <= min(i + prefetch_depth, len(keys) - 1):
+                store.prefetch([keys[ahead]])
+                ahead += 1
+            fn(i, store.get(k))
+            store.release(k)
+    except BaseException:
+        for k in keys[:ahead]:
+            try:
+                store.release(k)
+            except Exception:                    # noqa: BLE001
+                pass
+        raise
+    return len(keys)

@@ -21,6 +21,13 @@ CPU) and its state per parameter. That is exact for optimizers whose update is e
 the step count (SGD, momentum, Adam, AdamW, Adagrad, RMSprop, …); per-tensor statistics (LAMB's
 trust ratio, Adafactor's factored moments) would see flat pieces instead. One param group.
 
+Offload (``offload=`` an :class:`~parallel.config.OffloadConfig`, see :mod:`.offload`): with
+``optimizer`` = cpu | nvme the masters and Adam moments live in a tensor store and the step is a
+streamed CPU Adam/AdamW over sub-groups (the torch optimizer then only carries hyper-parameters;
+``b.master`` is a zero-stride placeholder that holds the gradient); with ``params`` = cpu | nvme
+(stage 3) the unit shards live in a store and are fetched for each gather. Checkpoint code that
+reads ``_pieces`` and ``optimizer.state`` must run inside ``with zero.materialized():``.
+
 Global gradient norm (for clipping and reporting), ‖g‖² = Σ over the dp partitions (stage ≥ 1)
 and over ``norm_groups``: a parameter with ``tp_sharded = True`` is a distinct shard per tp rank
 (summed over a group whose axis is "tp"); any other parameter is replicated over tp and counted
@@ -38,6 +45,7 @@ import torch.nn as nn
 from .. import comm
 from ..comm import Group
 from ..precision import Precision
+from .offload import OffloadMixin, make_offload
 from .partition import FlatBucket, gather_into, make_buckets, storage_bytes
 from .stage3 import Stage3Params, plan_units
 from .state import ZeroStateMixin
@@ -53,7 +61,7 @@ class StepResult:
     message: str | None = None
 
 
-class ZeroOptimizer(ZeroStateMixin):
+class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
     """``ZeroOptimizer(module, optimizer_factory, dp_group, stage=0, bucket_mb=25, prefetch=True,
     precision="fp32", grad_clip=None, norm_groups=(), init=None, unit_types=None)``
 
@@ -69,6 +77,8 @@ class ZeroOptimizer(ZeroStateMixin):
                        forward pre-hook waits for the buckets of its own parameters (as Megatron's
                        option of that name). Only for models that use each parameter inside the
                        forward of a module holding it; state-dict calls wait for everything.
+    offload            an OffloadConfig (``zero.offload``): optimizer none|cpu|nvme, params none|cpu|nvme
+                       (stage 3), nvme_path, buffer_count, buffer_mb, prefetch_depth; None: no offload
 
     Per step: ``zero_grad()``; ``prepare_step(m)``; m × (forward, ``(loss * zero.loss_scale)
     .backward()``); ``finish_grad_sync()`` (optional: ``step()`` calls it); ``step()``.
@@ -76,7 +86,7 @@ class ZeroOptimizer(ZeroStateMixin):
 
     def __init__(self, module: nn.Module, optimizer_factory, dp_group: Group, *, stage: int = 0,
                  bucket_mb: float = 25.0, prefetch: bool = True, precision="fp32", grad_clip=None,
-                 norm_groups=(), init=None, unit_types=None, overlap_param_gather: bool = False):
+                 norm_groups=(), init=None, unit_types=None, overlap_param_gather: bool = False, offload=None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"ZeroOptimizer needs an nn.Module, got {type(module).__name__}")
         if not callable(optimizer_factory):
@@ -126,17 +136,24 @@ class ZeroOptimizer(ZeroStateMixin):
             self.deferred = FlatBucket(len(self.buckets), deferred, N, r, pad=stage > 0)
             self.deferred.deferred = True
         self._all = self.buckets + ([self.deferred] if self.deferred else [])
+        # checks the disk / options before any state is written
+        self._opt_off, self._par_off = make_offload(offload, self._all, stage, dp_group, optimizer_factory)
         for b in self._all:
             if stage == 3 and not b.deferred:
                 self._init_sharded(b)
             else:
                 self._init_full(b)
+            if self._opt_off is not None:           # one bucket at a time: never the whole partition
+                self._opt_off.add_bucket(b)
+            if self._par_off is not None and self._par_off.has(b):
+                self._par_off.add(b)
         if stage == 3:
-            self.stage3 = Stage3Params(module, units, needs, dp_group, prefetch)
+            self.stage3 = Stage3Params(module, units, needs, dp_group, prefetch, shards=self._par_off,
+                                       depth=offload.prefetch_depth if self._par_off else 0)
         self._segments = {b: self._norm_segments(b) for b in self._all}
         # (bucket, param index, flat a, flat e, view of the master): what the optimizer updates
-        self._pieces = [(b, i, a, e, b.master[a - b.lo:e - b.lo]) for b in self._all for i, a, e in b.pieces()]
-        views = [pc[4] for pc in self._pieces]
+        self._piece_list = [(b, i, a, e, b.master[a - b.lo:e - b.lo]) for b in self._all for i, a, e in b.pieces()]
+        views = [pc[4] for pc in self._piece_list]
         self.optimizer = optimizer_factory(views)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer_factory returned {type(self.optimizer).__name__}, not a torch.optim.Optimizer")
@@ -144,6 +161,8 @@ class ZeroOptimizer(ZeroStateMixin):
         if len(got) != len(views) or any(a is not b for a, b in zip(got, views)):
             raise ValueError("optimizer_factory must build the optimizer on exactly the tensors it is given "
                              "(one param group), e.g. lambda params: torch.optim.AdamW(params, lr=1e-3)")
+        if self._opt_off is not None:
+            self._opt_off.bind(self.optimizer, self._par_off)
         self._pending: dict = {}                       # bucket -> in-flight parameter all-gather
         self.overlap_param_gather = overlap_param_gather and stage in (1, 2)
         if self.overlap_param_gather:
@@ -256,7 +275,7 @@ class ZeroOptimizer(ZeroStateMixin):
     def _drop_master_grads(self) -> None:
         for b in self._all:
             b.master.grad = None
-        for pc in self._pieces:
+        for pc in self._piece_list:
             pc[4].grad = None
 
     def finish_grad_sync(self) -> None:
@@ -310,9 +329,12 @@ class ZeroOptimizer(ZeroStateMixin):
             if coef < 1.0:
                 for b in self._all:
                     b.master.grad.mul_(coef)
-        for b, _, a, e, view in self._pieces:
-            view.grad = b.master.grad[a - b.lo:e - b.lo]
-        self.optimizer.step()
+        if self._opt_off is not None:
+            self._opt_off.step()                       # streamed; new masters go straight to the params
+        else:
+            for b, _, a, e, view in self._piece_list:
+                view.grad = b.master.grad[a - b.lo:e - b.lo]
+            self.optimizer.step()
         self._drop_master_grads()
         self._write_back()
         self.scaler.update(False)
@@ -324,13 +346,16 @@ class ZeroOptimizer(ZeroStateMixin):
         """Updated masters → the parameters every rank computes with (cast; all-gather stages 1–2)."""
         self.wait_param_gather()
         works = []
+        fresh = self._opt_off is None or self._opt_off.materialized    # else step() wrote the params itself
         for b in reversed(self._all):                          # forward order: first needed, first sent
             if b.shard_param is not None:                      # stage 3 unit: the shard is all there is
-                if b.shard_param is not b.master:
+                if fresh and self._par_off is not None:
+                    self._par_off.update(b, b.master)
+                elif fresh and b.shard_param is not b.master:
                     b.shard_param.copy_(b.master)
                 continue
             own = b.flat_param[b.lo:b.hi]
-            if own.data_ptr() != b.master.data_ptr():
+            if fresh and own.data_ptr() != b.master.data_ptr():
                 own.copy_(b.master)
             if self.stage > 0:
                 works.append((b, gather_into(b.flat_param, own, self.group, async_op=True)))

@@ -26,6 +26,11 @@ parameter's ``.data`` is swapped for an empty tensor. Autograd may have saved vi
 gather before the module's backward runs (FSDP's ``storage.resize_`` technique). Limit: a
 parameter used outside the forward of the modules that hold it (e.g. ``F.linear(x, other.weight)``)
 is not gathered and fails; register such modules as one unit with ``unit_types``.
+
+Parameter offload (``shards=`` a :class:`~parallel.offload.shards.ParamOffload`; ZeRO-Infinity,
+arXiv 2104.07857, §5.2): a unit's shard lives in a tensor store; the gather fetches it first and
+releases it when the gather has completed, and every prefetch also starts the store reads of the
+units ``depth`` modules further along the trace (read-ahead that outruns the all-gather prefetch).
 """
 from __future__ import annotations
 
@@ -91,8 +96,10 @@ def plan_units(module: nn.Module, managed: dict, unit_types=None):
 class Stage3Params:
     """Gathers and frees the units of ``module`` around each module's forward and backward."""
 
-    def __init__(self, module: nn.Module, units: list, needs: dict, group: Group, prefetch: bool = True):
+    def __init__(self, module: nn.Module, units: list, needs: dict, group: Group, prefetch: bool = True,
+                 shards=None, depth: int = 0):
         self.module, self.units, self.group, self.prefetch = module, units, group, prefetch
+        self.shards, self.depth = shards, depth
         self.needs = {m: [units[i] for i in idx] for m, idx in needs.items()}
         self.unit_of = {p: u for u in units for p in u.params}
         for u in units:
@@ -117,34 +124,46 @@ class Stage3Params:
 
     def _gather(self, u: FlatBucket, wait: bool = True) -> None:
         if u.state == SHARDED:
+            src = self.shards.fetch(u) if self.shards is not None else u.shard_param
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
-            u.work = gather_into(u.flat_param, u.shard_param, self.group, async_op=True)
+            u.work = gather_into(u.flat_param, src, self.group, async_op=True)
             u.state = GATHERING
             self.gathers += 1
             self.gathered_bytes += self._nbytes(u)
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
         if wait and u.state == GATHERING:
-            if u.work is not None:
-                u.work.wait()
-                u.work = None
+            self._landed(u)
             for p, v in zip(u.params, u.views(u.flat_param)):
                 p.data = v
             u.state = FULL
 
-    def _free(self, u: FlatBucket) -> None:
-        if u.state == SHARDED:
-            return
+    def _landed(self, u: FlatBucket) -> None:
+        """The unit's gather has completed; its offloaded shard's buffer can be reused."""
         if u.work is not None:
             u.work.wait()
             u.work = None
+        if self.shards is not None:
+            self.shards.release(u)
+
+    def _free(self, u: FlatBucket) -> None:
+        if u.state == SHARDED:
+            return
+        if u.state == GATHERING:
+            self._landed(u)
         for p in u.params:
             p.data = torch.empty(0, dtype=u.flat_param.dtype, device=u.flat_param.device)
         u.flat_param.untyped_storage().resize_(0)
         u.state, u.bwd, u.fired = SHARDED, False, 0
         self.gathered_bytes -= self._nbytes(u)
 
-    def _prefetch_at(self, pos: int) -> None:
-        if self.prefetch and not self._tracing and 0 <= pos < len(self._trace):
+    def _prefetch_at(self, pos: int, step: int = 1) -> None:
+        if self._tracing:
+            return
+        if self.shards is not None and self.depth and 0 <= pos < len(self._trace):   # store read-ahead
+            ahead = [pos + k * step for k in range(1, self.depth + 1)]
+            self.shards.prefetch([u for q in ahead if 0 <= q < len(self._trace)
+                                  for u in self.needs[self._trace[q]] if u.state == SHARDED])
+        if self.prefetch and 0 <= pos < len(self._trace):
             for u in self.needs[self._trace[pos]]:
                 self._gather(u, wait=False)
 
@@ -157,6 +176,8 @@ class Stage3Params:
         for u in self.units:                # stale prefetches (a forward that took another path)
             if u.users == 0 and not u.bwd:
                 self._free(u)
+        if self.shards is not None:
+            self.shards.drop_stale()
 
     def _pre_forward(self, m, args):
         pos = self._cursor
@@ -187,7 +208,7 @@ class Stage3Params:
         for u in self.needs[m]:
             self._gather(u)
             u.bwd = True
-        self._prefetch_at(pos - 1)
+        self._prefetch_at(pos - 1, -1)
 
     def on_grad(self, p) -> None:
         """A parameter's gradient was accumulated: free its unit once all of the unit's have been."""
@@ -205,12 +226,14 @@ class Stage3Params:
         for u in self.units:
             if u.users == 0:
                 self._free(u)
+        if self.shards is not None:
+            self.shards.drop_stale()
 
     @contextlib.contextmanager
     def gathered(self):
         """All parameters full inside the block (evaluation, export); freed again after."""
-        for u in self.units:
-            self._gather(u, wait=False)
+        for u in self.units:                # offloaded: one at a time, each buffer back before the next
+            self._gather(u, wait=self.shards is not None)
         for u in self.units:
             self._gather(u)
             u.users += 1

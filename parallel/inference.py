@@ -1,0 +1,307 @@
+"""Forward-only inference with the weights in a tensor store, streamed layer by layer.
+
+ZeRO-Infinity (Rajbhandari et al., arXiv 2104.07857, §5.2, §6) fetches each layer's parameters
+from CPU or NVMe just ahead of use and drops them after; for inference ("ZeRO-Inference") that is
+all there is: a model of W bytes runs in memory ≈ k·max_u W_u (k resident units: the ones in use,
+nested — e.g. the root's embeddings around every block — plus ``prefetch_depth`` read ahead)
+instead of W, at the price of reading W bytes per forward. Per forward, each unit is read exactly
+once (a unit needed twice in one forward, like a tied embedding used by the head, stays resident
+while its holder runs), so ``bytes_read`` per forward = Σ_u W_u — the tests count it.
+
+    torch.manual_seed(0)
+    model, rec = deferred_init(GPT, n_layer=48, n_embd=2048)      # nothing allocated
+    store = make_store("nvme", OffloadConfig(nvme_path="/nvme", buffer_mb=256), name="gpt.bin")
+    eng = StreamedInference(model, store, unit_types=(Block,), init=rec)   # written unit by unit
+    logits = eng(tokens); text = eng.generate(tokens, 32)
+
+Units (:func:`parallel.zero.plan_units`): each instance of ``unit_types`` is one unit and the root
+keeps what is left; by default every module with parameters of its own is a unit. A unit is one flat
+tensor in the store (one key, one IO buffer); its parameters are views into the resident copy, so
+nothing is copied on the CPU. Weights come from ``weights`` (a mapping or callable name → tensor,
+e.g. a ``safetensors.safe_open`` handle: read one tensor at a time), else from ``init`` (a
+:func:`parallel.zero.deferred_init` record of a meta-built model), else from the model's own
+parameters, which are freed unit by unit as they are written. The model is never whole in memory.
+
+Module order comes from a trace of the first forward (as stage 3 records it). On a GPU
+(``device="cuda"``) each fetched unit is copied to the device and its host buffer released at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .loss import logits_of
+from .offload import StoreConfigError
+from .zero.partition import FlatBucket
+from .zero.stage3 import plan_units
+
+__all__ = ["StreamedInference", "SafetensorsFile"]
+
+
+class StreamedInference:
+    """``StreamedInference(model, store, *, unit_types=None, weights=None, init=None, prefetch_depth=1,
+    dtype=None, device="cpu")`` — forward and generation with weights streamed from ``store``."""
+
+    def __init__(self, model: nn.Module, store, *, unit_types=None, weights=None, init=None,
+                 prefetch_depth: int = 1, dtype: torch.dtype | None = None, device="cpu"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"StreamedInference needs an nn.Module, got {type(model).__name__}")
+        if prefetch_depth < 0:
+            raise StoreConfigError(f"prefetch_depth={prefetch_depth} must be >= 0")
+        if weights is None and init is None and any(p.is_meta for p in model.parameters()):
+            raise ValueError("the model has parameters on the meta device: pass init= (from "
+                             "parallel.zero.deferred_init) or weights= (name -> tensor, e.g. safetensors)")
+        self.model, self.store, self.depth = model.eval(), store, prefetch_depth
+        self.device = torch.device(device)
+        self.cap = getattr(store, "buffer_count", None)
+        self.buf = getattr(store, "buffer_bytes", None)
+        self._materialize_buffers(init)
+        names = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(p, n)
+        owners, needs = plan_units(model, names, unit_types)
+        self.units = [FlatBucket(i, params, 1, 0, pad=False) for i, (_, params) in enumerate(owners)]
+        self.needs = {m: [self.units[i] for i in idx] for m, idx in needs.items()}
+        self.unit_bytes = {}
+        self._write_units(weights, init, dtype)
+        for u in self.units:
+            u.users, u.flat = 0, None
+        self.held: dict = {}                       # key -> "fetched" | "prefetched"
+        self.resident_bytes = self.peak_resident_bytes = 0
+        self.forwards = 0
+        self.fetch_wait_s = 0.0
+        self._trace, self._tracing, self._cursor, self._pos = [], True, 0, {}
+        self._hooks = [model.register_forward_pre_hook(self._root_pre, prepend=True),
+                       model.register_forward_hook(self._root_post)]
+        for m in self.needs:
+            self._hooks += [m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post)]
+
+    # --- building: one unit at a time into the store ----------------------------------------------
+    def _materialize_buffers(self, init) -> None:
+        for mod in self.model.modules():
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.is_meta:
+                    if init is None:
+                        raise ValueError(f"buffer {name!r} of {type(mod).__name__} is on the meta device: pass init=")
+                    mod._buffers[name] = init.materialize(b).clone()
+                if mod._buffers[name] is not None:
+                    mod._buffers[name] = mod._buffers[name].to(self.device)
+
+    def _value(self, name: str, p, weights, init) -> torch.Tensor:
+        if weights is not None:
+            t = weights.get_tensor(name) if hasattr(weights, "get_tensor") else \
+                weights(name) if callable(weights) else weights[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"weights[{name!r}] has shape {tuple(t.shape)}, the model's parameter {tuple(p.shape)}")
+            return t
+        if p.is_meta:
+            return init.materialize(p)
+        return p.detach()
+
+    def _write_units(self, weights, init, dtype) -> None:
+        new: dict = {}
+        for u in self.units:
+            dt = dtype or u.params[0].dtype
+            flat = torch.empty(u.numel, dtype=dt)
+            for i, (n, p) in enumerate(zip(u.names, u.params)):
+                o = u.offsets[i]
+                flat[o:o + u.sizes[i]].copy_(self._value(n, p, weights, init).reshape(-1))
+            nbytes = flat.numel() * flat.element_size()
+            if self.buf is not None and nbytes > self.buf:
+                raise StoreConfigError(
+                    f"unit {u.index} ({', '.join(u.names[:3])}…) is {nbytes / 2**20:.1f} MiB, more than one IO buffer "
+                    f"({self.buf / 2**20:.1f} MiB): raise zero.offload.buffer_mb to at least "
+                    f"{-(-nbytes // 2**20)}, or split the model into smaller units (unit_types)")
+            self.store.put(self._key(u), flat)
+            self.unit_bytes[u] = nbytes
+            del flat
+            for i, p in enumerate(u.params):           # the parameter holds no memory from now on
+                if p.is_meta:                          # (a meta tensor cannot take CPU data: replace it)
+                    if p not in new:
+                        new[p] = nn.Parameter(torch.empty(0, dtype=dt, device=self.device), requires_grad=False)
+                    u.params[i] = new[p]
+                else:
+                    p.requires_grad_(False)
+                    p.data = torch.empty(0, dtype=dt, device=self.device)
+        for mod in self.model.modules():                # swap in the (tie-preserving) new parameters
+            for name, p in list(mod._parameters.items()):
+                if p is not None and p in new:
+                    mod._parameters[name] = new[p]
+        self.store.flush()
+
+    @staticmethod
+    def _key(u) -> str:
+        return f"unit/{u.index}"
+
+    # --- fetch / release ------------------------------------------------------------------------------
+    def _fetch(self, u) -> None:
+        if u.flat is None:
+            key = self._key(u)
+            t0 = time.perf_counter()
+            flat = self.store.get(key)
+            self.fetch_wait_s += time.perf_counter() - t0
+            if self.device.type != "cpu":
+                flat = flat.to(self.device)
+                self.store.release(key)
+                self.held.pop(key, None)
+            else:
+                self.held[key] = "fetched"
+            u.flat = flat
+            for p, v in zip(u.params, u.views(flat)):
+                p.data = v
+            self._account()
+        u.users += 1
+
+    def _release(self, u) -> None:
+        u.users -= 1
+        if u.users == 0 and u.flat is not None:
+            for p in u.params:
+                p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+            u.flat = None
+            key = self._key(u)
+            if self.held.pop(key, None) == "fetched":
+                self.store.release(key)
+            self._account()
+
+    def _prefetch(self, pos: int) -> None:
+        """Start reading the units of the next ``depth`` traced modules, leaving one buffer free."""
+        for q in range(pos + 1, min(pos + 1 + self.depth, len(self._trace))):
+            for u in self.needs[self._trace[q]]:
+                key = self._key(u)
+                if u.flat is not None or key in self.held:
+                    continue
+                if self.cap is not None and len(self.held) + 2 > self.cap:
+                    return
+                self.store.prefetch([key])
+                self.held[key] = "prefetched"
+                self._account()
+
+    def _account(self) -> None:
+        """Weight bytes in memory: units in use plus units read ahead (their buffers are filling)."""
+        self.resident_bytes = sum(self.unit_bytes[u] for u in self.units
+                                  if u.flat is not None or self._key(u) in self.held)
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    # --- hooks ------------------------------------------------------------------------------------------
+    def _root_pre(self, module, args):
+        self._cursor = 0
+
+    def _root_post(self, module, args, out):
+        self._tracing = False
+        self.forwards += 1
+        for key, how in list(self.held.items()):         # read-ahead the forward did not use
+            if how == "prefetched":
+                del self.held[key]
+                self.store.release(key)
+        self._account()
+        return out
+
+    def _pre(self, m, args):
+        pos = self._cursor
+        self._cursor += 1
+        if self._tracing:
+            self._trace.append(m)
+        elif pos >= len(self._trace) or self._trace[pos] is not m:
+            pos = -1                                       # off the traced order: no read-ahead
+        for u in self.needs[m]:
+            self._fetch(u)
+        if pos >= 0 and not self._tracing:
+            self._prefetch(pos)
+
+    def _post(self, m, args, out):
+        for u in self.needs[m]:
+            self._release(u)
+        return out
+
+    # --- use ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        moved = [a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args]
+        return self.model(*moved, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, n_new: int, temperature: float = 0.0, generator=None,
+                 max_len: int | None = None) -> torch.Tensor:
+        """Append ``n_new`` tokens: greedy (``temperature=0``) or sampled; each token is one full forward
+        over the last ``max_len`` tokens (default: the model's ``seq_len`` if it has one)."""
+        max_len = max_len or getattr(self.model, "seq_len", None)
+        idx = idx.to(self.device)
+        for _ in range(n_new):
+            logits = logits_of(self(idx if max_len is None else idx[:, -max_len:]))[:, -1].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], 1)
+        return idx
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> float:
+        """Mean next-token cross-entropy over (x, y) batches."""
+        total, n = 0.0, 0
+        for x, y in batches:
+            out = logits_of(self(x)).float()
+            total += F.cross_entropy(out.flatten(0, 1), y.to(out.device).flatten()).item()
+            n += 1
+        return total / max(n, 1)
+
+    @property
+    def stats(self) -> dict:
+        """Store counters plus: units, total and peak resident weight bytes, forwards, fetch wait."""
+        out = dict(self.store.stats)
+        out.update(units=len(self.units), weight_bytes=sum(self.unit_bytes.values()),
+                   peak_resident_bytes=self.peak_resident_bytes, forwards=self.forwards,
+                   fetch_wait_s=self.fetch_wait_s)
+        return out
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.store.close()
+
+
+class SafetensorsFile:
+    """Tensors of a ``.safetensors`` file read one at a time with ``pread``: unlike a memory map, only
+    the tensor being read is ever in this process's memory. ``weights=`` for :class:`StreamedInference`.
+
+    Format: an 8-byte little-endian header length N, N bytes of JSON ``{name: {dtype, shape,
+    data_offsets: [begin, end]}}`` (offsets relative to the end of the header), then the data."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        self.header = {k: v for k, v in json.loads(os.pread(self._fd, n, 8)).items() if k != "__metadata__"}
+        self._base = 8 + n
+
+    def keys(self):
+        return list(self.header)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        if name not in self.header:
+            raise KeyError(f"{self.path} has no tensor {name!r}; it has {self.keys()[:5]}…")
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        from .offload.aio import byte_view
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            os.preadv(self._fd, [byte_view(out)], self._base + begin)
+        return out.view(self.DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,387 @@
+"""ZeRO with its partition in a tensor store: optimizer offload and stage-3 parameter offload.
+
+**Optimizer offload** (ZeRO-Offload, Ren et al., arXiv 2101.06840, §4; ZeRO-Infinity, Rajbhandari
+et al., arXiv 2104.07857, §5.1). The fp32 master weights and the Adam moments of the rank's
+partition live in a :class:`~parallel.offload.TensorStore` (host memory or NVMe), 12 bytes per owned
+element, never in device memory. Each bucket's owned range ``[0, n_b)`` of its shard
+(``n_b = min(hi, numel) − lo``: the padding holds no state) is cut into *sub-groups* of at most
+``S = buffer_bytes / 12`` elements, each stored as one ``(3, n)`` fp32 tensor ``[master; m; v]``
+(one key, one IO buffer). The step streams them through ``buffer_count`` buffers, reading
+``prefetch_depth`` ahead (:func:`~parallel.offload.stream_update`), and per sub-group runs
+
+    g ← grad[s:e]   (the reduced, unscaled, clipped shard gradient)
+    AdamW(master, g, m, v, t)     (the fastest CPU kernel, :func:`~parallel.offload.fastest_cpu_adamw`)
+    param[s:e] ← master           (cast to the compute dtype; stage 3 with param offload: staged)
+
+so a step reads and writes exactly 12·Σ n_b bytes (on NVMe, each sub-group rounded up to 4 KiB).
+AdamW is elementwise, so the sub-group split changes nothing: the result equals torch.optim.AdamW
+on the whole partition (bit for bit with the single-tensor kernel).
+
+**Atomic steps on NVMe.** The optimizer store (and the parameter store) are written inside a
+transaction (:mod:`parallel.offload.txn`); the dp ranks agree (one all-reduce of a flag on the
+control group) before anyone commits. If any rank's disk fills or an IO fails, every rank aborts:
+the store keeps the state from before the step, the in-memory parameters are re-read from it, and
+every rank raises :class:`~parallel.offload.StoreFullError`. The model is as it was before the
+step. Cost: old and new state coexist until the commit, so the store reserves twice its size
+(checked, and preallocated, at construction: too little disk is an error before training).
+
+**Parameter offload** (stage 3; ZeRO-Infinity §5.2). Each unit's parameter shard is a key of a
+second store; :class:`~parallel.zero.stage3.Stage3Params` fetches it just before the unit's
+all-gather, reads ``prefetch_depth`` units ahead along the traced module order, and releases the
+buffer once the gather is done, so a rank holds a few units' shards at a time. With a meta-built
+model (:func:`parallel.zero.deferred_init`) each unit is materialised, written and dropped in
+turn: the model is never whole in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..offload import StoreConfigError, StoreError, StoreFullError, fastest_cpu_adamw, make_store, stream_update
+from ..offload.aio import align_up
+from ..offload.shards import ParamOffload, placeholder
+from ..offload.stream import stream_read
+
+__all__ = ["OptimizerOffload", "ParamOffload", "OffloadMixin", "make_offload", "placeholder", "owned"]
+
+_MEDIA = ("none", "cpu", "nvme")
+_ids = itertools.count()
+
+
+def owned(b) -> int:
+    """Elements of this rank's shard of bucket ``b`` that hold parameters (the rest is padding)."""
+    return max(0, min(b.hi, b.numel) - b.lo)
+
+
+def _name(kind: str) -> str:
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return f"p3d-{kind}-rank{rank}-{os.getpid()}-{next(_ids)}.bin"
+
+
+def make_offload(cfg, buckets: list, stage: int, group, optimizer_factory):
+    """(OptimizerOffload | None, ParamOffload | None) for an ``OffloadConfig`` (None: no offload)."""
+    if cfg is None:
+        return None, None
+    for key in ("optimizer", "params", "nvme_path", "buffer_count", "buffer_mb", "prefetch_depth"):
+        if not hasattr(cfg, key):
+            raise TypeError(f"offload= needs a parallel.config.OffloadConfig (zero.offload), got "
+                            f"{type(cfg).__name__} without {key!r}")
+    for key in ("optimizer", "params"):
+        if getattr(cfg, key) not in _MEDIA:
+            raise StoreConfigError(f"zero.offload.{key}={getattr(cfg, key)!r} must be one of none, cpu, nvme")
+    if cfg.params != "none" and stage != 3:
+        raise StoreConfigError(f"zero.offload.params={cfg.params} needs zero.stage=3 (got {stage}): only stage 3 "
+                               f"partitions the parameters; set zero.stage=3 or zero.offload.params=none")
+    if cfg.params == "nvme" and cfg.optimizer != "nvme":
+        raise StoreConfigError(f"zero.offload.params=nvme needs zero.offload.optimizer=nvme (got {cfg.optimizer}): the "
+                               f"step writes masters and parameters together, all-or-nothing, and only a disk-backed "
+                               f"optimizer state can be rolled back if the disk fills; use optimizer=nvme, or params=cpu")
+    if cfg.buffer_count < 1 or not cfg.buffer_mb > 0 or cfg.prefetch_depth < 0:
+        raise StoreConfigError(f"zero.offload: buffer_count={cfg.buffer_count} must be >= 1, buffer_mb="
+                               f"{cfg.buffer_mb} > 0 and prefetch_depth={cfg.prefetch_depth} >= 0")
+    if cfg.buffer_count < cfg.prefetch_depth + 1:
+        raise StoreConfigError(f"zero.offload.prefetch_depth={cfg.prefetch_depth} needs buffer_count >= "
+                               f"{cfg.prefetch_depth + 1} (the ones read ahead plus the one in use), got "
+                               f"{cfg.buffer_count}; raise buffer_count or lower prefetch_depth")
+    opt = OptimizerOffload(cfg, buckets, group, optimizer_factory) if cfg.optimizer != "none" else None
+    units = [b for b in buckets if not b.deferred]
+    par = ParamOffload(cfg, units, transactional=opt is not None, name=_name("params")) if cfg.params != "none" else None
+    return opt, par
+
+
+def _check_adam(factory) -> None:
+    probe = factory([torch.zeros(1, requires_grad=True)])
+    if not isinstance(probe, torch.optim.Adam):                   # AdamW subclasses Adam in torch ≥ 2.6
+        raise StoreConfigError(f"zero.offload.optimizer runs a streamed CPU Adam/AdamW step; the optimizer is "
+                               f"{type(probe).__name__}: use optimizer.name=adamw (or adam), or zero.offload.optimizer=none")
+    g = probe.param_groups[0]
+    bad = [k for k in ("amsgrad", "maximize", "capturable", "differentiable") if g.get(k)]
+    if bad:
+        raise StoreConfigError(f"zero.offload.optimizer does not support Adam options {bad}; turn them off or "
+                               f"set zero.offload.optimizer=none")
+
+
+class _Sink:
+    """Where a sub-group's updated master goes: the parameter shard in memory, or (stage 3 with
+    parameter offload) a staging shard that is written to the parameter store when complete."""
+
+    def __init__(self, par):
+        self.par = par
+
+    @staticmethod
+    def memory(b) -> torch.Tensor:
+        return b.flat_param[b.lo:b.hi] if b.shard_param is None else b.shard_param
+
+    def write(self, b, s: int, e: int, values: torch.Tensor) -> None:
+        if self.par is not None and self.par.has(b):
+            self.par.stage(b)[s:e].copy_(values)
+        else:
+            self.memory(b)[s:e].copy_(values)
+
+    def done(self, b) -> None:
+        if self.par is not None and self.par.has(b):
+            self.par.put_staged(b)
+
+
+class OptimizerOffload:
+    """The streamed, offloaded Adam/AdamW step over one rank's partition (see the module doc)."""
+
+    def __init__(self, cfg, buckets: list, group, optimizer_factory):
+        _check_adam(optimizer_factory)
+        self.store = make_store(cfg.optimizer, cfg, name=_name("optim"))
+        self.medium, self.group = cfg.optimizer, group
+        self.buffers, self.depth = cfg.buffer_count, cfg.prefetch_depth
+        per = getattr(self.store, "buffer_bytes", None) or align_up(int(cfg.buffer_mb * 2 ** 20))
+        self.sub = max(1, per // 12)                              # elements per sub-group
+        self.subgroups: list = []                                 # (key, bucket, s, e), shard coordinates
+        self._last: dict = {}                                     # bucket -> index of its last sub-group
+        for b in buckets:
+            n = owned(b)
+            for k, s in enumerate(range(0, n, self.sub)):
+                self.subgroups.append((f"opt/{b.index}/{k}", b, s, min(n, s + self.sub)))
+                self._last[b] = len(self.subgroups) - 1
+        self.numel = sum(e - s for _, _, s, e in self.subgroups)
+        self.state_bytes = 12 * self.numel
+        self.disk_bytes = sum(align_up(12 * (e - s)) for _, _, s, e in self.subgroups)
+        if self.medium == "nvme":
+            try:
+                self.store.reserve(2 * self.disk_bytes)           # old + new copies inside a step
+            except BaseException:
+                self.store.close()                                # leave no file behind
+                raise
+        self.t = 0
+        self.kernel = None
+        self.optimizer = None
+        self.sink = None
+        self.materialized = False
+        self.last: dict = {}                                      # the last step's IO figures
+
+    # --- construction -------------------------------------------------------------------------------
+    def add_bucket(self, b) -> None:
+        """Write ``b.master``'s owned range (and zero moments) to the store; ``b.master`` becomes a
+        placeholder. Called once per bucket right after it is initialised."""
+        self._write_bucket(b, b.master, None, None)
+        b.master = placeholder(b.shard, torch.float32, b.master.device)
+
+    def _write_bucket(self, b, master, m, v) -> None:
+        for key, bb, s, e in self.subgroups:
+            if bb is b:
+                x = torch.zeros(3, e - s, dtype=torch.float32)
+                x[0].copy_(master[s:e])
+                if m is not None:
+                    x[1].copy_(m[s:e])
+                    x[2].copy_(v[s:e])
+                self.store.put(key, x)
+
+    def bind(self, optimizer: torch.optim.Optimizer, par) -> None:
+        """Take hyper-parameters from ``optimizer.param_groups[0]`` at every step (so LR schedulers
+        work) and pick the CPU kernel by measurement on a sub-group-sized partition."""
+        self.optimizer, self.sink = optimizer, _Sink(par)
+        self.kernel = fastest_cpu_adamw(numel=max(1, min(self.sub, self.numel, 1 << 20)))
+        self.store.flush()
+
+    # --- the step -----------------------------------------------------------------------------------
+    def hyper(self) -> dict:
+        g = self.optimizer.param_groups[0]
+        beta1, beta2 = (float(x) for x in g["betas"])
+        decoupled = g.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+        return dict(lr=float(g["lr"]), betas=(beta1, beta2), eps=float(g["eps"]),
+                    weight_decay=float(g["weight_decay"]), decoupled=bool(decoupled))
+
+    def step(self) -> dict:
+        """One update of every sub-group from ``b.master.grad``; all-or-nothing on NVMe (module doc).
+        Returns this step's IO figures (also in ``self.last``)."""
+        hp, t = self.hyper(), self.t
+        stores = [self.store] + ([self.sink.par.store] if self.sink.par is not None else [])
+        before = [st.stats for st in stores]
+        t0 = time.perf_counter()
+        busy = [0.0]
+
+        def update(i, ts):
+            c0 = time.perf_counter()
+            _, b, s, e = self.subgroups[i]
+            x = ts[0]
+            g = b.master.grad[s:e]
+            if g.device != x.device:
+                g = g.to(x.device)
+            self.kernel.step([x[0]], [g], [x[1]], [x[2]], [torch.tensor(float(t), dtype=torch.float32)], **hp)
+            self.sink.write(b, s, e, x[0])
+            if self._last[b] == i:
+                self.sink.done(b)
+            busy[0] += time.perf_counter() - c0
+
+        for st in stores:
+            st.begin()
+        error = None
+        try:
+            stats = stream_update(self.store, [k for k, *_ in self.subgroups], update, buffers=self.buffers,
+                                  prefetch_depth=self.depth)
+            for st in stores:
+                st.prepare()
+        except StoreError as e:
+            error = e
+        except BaseException:
+            self._roll_back(stores)
+            raise
+        atomic = any(st.medium == "nvme" for st in stores)
+        if atomic and self.group.size > 1:                        # all ranks commit, or none does
+            code = torch.tensor([0 if error is None else 1 if isinstance(error, StoreFullError) else 2])
+            from ..comm import all_reduce
+            all_reduce(code, self.group.control(), op="max")      # 0 ok, 1 a disk is full, 2 an IO error
+            if code.item() and error is None:
+                error = (StoreFullError if code.item() == 1 else StoreError)(
+                    f"another dp rank could not write its offloaded state ({'disk full' if code.item() == 1 else 'IO error'})")
+        if error is not None:
+            self._roll_back(stores)
+            cls = StoreFullError if isinstance(error, StoreFullError) else StoreError
+            raise cls(f"optimizer step {t + 1} was rolled back on every dp rank: {error}. The model and the "
+                      f"optimizer state are as before the step. Free space on zero.offload.nvme_path (or fix the "
+                      f"IO error) and run the step again") from error
+        for st in stores:
+            st.commit()
+        self.t += 1
+        after = [st.stats for st in stores]
+        self.last = {"step_s": time.perf_counter() - t0, "compute_s": busy[0], "subgroups": stats.subgroups,
+                     "prefetched": stats.prefetched, "peak_resident": stats.peak_resident,
+                     "stores": [{k: a[k] - b0[k] for k in a if isinstance(a[k], (int, float))}
+                                for a, b0 in zip(after, before)]}
+        return self.last
+
+    def _roll_back(self, stores) -> None:
+        """Abort the transactions, then rewrite the parameters from the (old) masters wherever they
+        were already overwritten: in memory, and in a parameter store that commits as it goes (cpu)."""
+        for st in stores:
+            if st.in_transaction:
+                st.abort()
+        par = self.sink.par
+        if par is not None:
+            par.drop_staging()
+        intact = par is not None and par.store.medium == "nvme"          # aborted with the optimizer's
+        subs = [sg for sg in self.subgroups if not (intact and par.has(sg[1]))]
+        last = {sg[1]: i for i, sg in enumerate(subs)}
+
+        def restore(i, x):
+            _, b, s, e = subs[i]
+            self.sink.write(b, s, e, x[0])
+            if last[b] == i:
+                self.sink.done(b)
+        stream_read(self.store, [k for k, *_ in subs], restore, prefetch_depth=min(self.depth, self.buffers - 1))
+
+    # --- checkpoints: the partition in memory for a while ----------------------------------------------
+    def read_all(self, buckets) -> dict:
+        """{bucket: (master, exp_avg, exp_avg_sq)} as full fp32 shards (zeros in the padding)."""
+        out = {b: tuple(torch.zeros(b.shard, dtype=torch.float32) for _ in range(3)) for b in buckets}
+
+        def take(i, x):
+            _, b, s, e = self.subgroups[i]
+            for j in range(3):
+                out[b][j][s:e].copy_(x[j])
+        stream_read(self.store, [k for k, *_ in self.subgroups], take, prefetch_depth=min(self.depth, self.buffers - 1))
+        return out
+
+    def write_all(self, state: dict, t: int) -> None:
+        """Inverse of :meth:`read_all` (after a checkpoint load), with step count ``t``."""
+        for b, (master, m, v) in state.items():
+            self._write_bucket(b, master, m, v)
+        self.store.flush()
+        self.t = int(t)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class OffloadMixin:
+    """Offload-aware parts of :class:`~parallel.zero.optimizer.ZeroOptimizer` (uses ``_opt_off``,
+    ``_par_off``, ``_all``, ``_piece_list``, ``optimizer``, ``wait_param_gather``)."""
+
+    @property
+    def _pieces(self) -> list:
+        if self._opt_off is not None and not self._opt_off.materialized:
+            raise RuntimeError("the optimizer state is offloaded (zero.offload.optimizer): wrap code that reads "
+                               "zero._pieces / zero.optimizer.state in `with zero.materialized():`")
+        return self._piece_list
+
+    @contextlib.contextmanager
+    def materialized(self, write_back: bool = False):
+        """Offloaded optimizer state in memory for the duration (checkpoints): real masters behind
+        ``_pieces`` and per-piece ``optimizer.state`` (step, exp_avg, exp_avg_sq), as without
+        offload. ``write_back=True`` (after loading into them) stores them again on exit. Needs the
+        whole partition's 12 bytes/element in host memory. A no-op without optimizer offload."""
+        off = self._opt_off
+        if off is None or off.materialized:
+            yield
+            return
+        self.wait_param_gather()
+        state = off.read_all(self._all)
+        saved = [b.master for b in self._all]
+        group = self.optimizer.param_groups[0]
+        self._set_masters(self._all, [state[b][0] for b in self._all])
+        if off.t > 0:
+            for b, _, a, e, view in self._piece_list:
+                self.optimizer.state[view] = {"step": torch.tensor(float(off.t)),
+                                              "exp_avg": state[b][1][a - b.lo:e - b.lo],
+                                              "exp_avg_sq": state[b][2][a - b.lo:e - b.lo]}
+        off.materialized = True
+        try:
+            yield
+            if write_back:
+                t = off.t
+                for b, _, a, e, view in self._piece_list:
+                    st = self.optimizer.state.get(view) or {}
+                    if "exp_avg" in st:
+                        state[b][1][a - b.lo:e - b.lo].copy_(st["exp_avg"].reshape(-1))
+                        state[b][2][a - b.lo:e - b.lo].copy_(st["exp_avg_sq"].reshape(-1))
+                    if "step" in st:
+                        t = int(float(st["step"]))
+                off.write_all(state, t)
+        finally:
+            off.materialized = False
+            self.optimizer.state.clear()
+            self._set_masters(self._all, saved)
+            del group
+
+    def _set_masters(self, buckets, masters) -> None:
+        """Swap the master tensors (and the optimizer's views of them) — materialized() only."""
+        for b, m in zip(buckets, masters):
+            b.master = m
+        self._piece_list = [(b, i, a, e, b.master[a - b.lo:e - b.lo]) for b, i, a, e, _ in self._piece_list]
+        self.optimizer.param_groups[0]["params"] = [pc[4] for pc in self._piece_list]
+
+    def state_dict(self) -> dict:
+        with self.materialized():
+            return super().state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        with self.materialized(write_back=True):
+            super().load_state_dict(sd)
+
+    def full_state_dict(self) -> dict:
+        with self.materialized():
+            return super().full_state_dict()
+
+    def load_full_state_dict(self, sd: dict) -> None:
+        with self.materialized(write_back=True):
+            super().load_full_state_dict(sd)
+
+    def offload_stats(self) -> dict:
+        """Per store ("optimizer", "params"): its medium and cumulative StoreStats; for the optimizer
+        also the kernel and the last step's figures (per-store deltas, seconds, sub-groups)."""
+        out = {}
+        if self._opt_off is not None:
+            out["optimizer"] = {"medium": self._opt_off.medium, "stats": self._opt_off.store.stats,
+                                "state_bytes": self._opt_off.state_bytes, "kernel": self._opt_off.kernel.name,
+                                "last_step": self._opt_off.last}
+        if self._par_off is not None:
+            out["params"] = {"medium": self._par_off.store.medium, "stats": self._par_off.store.stats}
+        return out
+
+    def close(self) -> None:
+        """Close the offload stores (their files are deleted). The optimizer is unusable afterwards."""
+        for off in (self._opt_off, self._par_off):
+            if off is not None:
+                off.close()
