@@ -254,7 +254,7 @@ def _instrument(cfg: Config, mesh: Mesh, progress: Progress, watched: bool):
     the last call) and the fingerprint checker on its own gloo group."""
     import torch.distributed as dist
     checker = None
-    if cfg.train.check_collectives and mesh.world_size > 1:
+    if (cfg.train.check_collectives or os.environ.get("P3D_CHECK_COLLECTIVES") == "1") and mesh.world_size > 1:
         rec = mesh.stats.recorder = Recorder(mesh.rank, progress, fingerprint=True)
         checker = Checker(rec, mesh.rank, mesh.world_size, pg=dist.new_group(backend="gloo"), store=default_store())
         progress.checker = checker
@@ -326,6 +326,20 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     return {"losses": losses, "engine": engine, "dataset": dataset}
 
 
+def preload(cfg: Config) -> None:
+    """Import what the phases of this config would import lazily, before the watchdog starts: on a
+    loaded machine a first import (DCP, FLOP counting) can take longer than train.timeout_s."""
+    import importlib
+    ck = cfg.train.checkpoint
+    names = ["parallel.flops"] + (["parallel.engine_state", "torch.distributed.checkpoint"] if ck.every or ck.dir else []) \
+        + (["parallel.pipeline"] if cfg.parallel.pp > 1 else []) + (["parallel.tp_plan"] if cfg.parallel.tp > 1 else [])
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def init_job(device, timeout_s: float):
     """init_distributed, keeping each torchrun attempt's keys apart: torchrun's agent shares one store
     across restarts, so a restarted worker could read a dead peer's gloo address from the attempt
@@ -372,6 +386,7 @@ def main(argv=None) -> int:
     device = None if cfg.device == "auto" else torch.device(cfg.device)
     if device is not None and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    preload(cfg)
     pg_timeout = group_timeout_s(cfg.train.timeout_s)
     set_default_group_timeout(pg_timeout)          # DeviceMesh's sub-groups too, not torch's 30 minutes
     device = init_job(device, pg_timeout)

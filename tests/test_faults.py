@@ -47,7 +47,7 @@ def _rank_main(rank, world, port, argv, out):
     os._exit(rc)
 
 
-def run_job(tmp, overrides, world=2, limit=120.0):
+def run_job(tmp, overrides, world=2, limit=240.0):
     """Start ``world`` ranks of launch.train (the store is hosted here, as torchrun's agent does);
     return exit codes, exit times and outputs. Processes still alive after ``limit`` are killed."""
     with socket.socket() as s:
@@ -95,7 +95,7 @@ FAULTS = [  # (fault, extra overrides, message on the failing rank)
     ("{rank: 1, step: 2, phase: forward, kind: raise}", [], "InjectedFault: injected fault: raise on rank 1 at step 2"),
     ("{rank: 0, step: 3, phase: backward, kind: kill}", [], None),
     ("{rank: 1, step: 1, phase: optimizer, kind: oom}", [], "OutOfMemoryError: injected fault: oom on rank 1"),
-    ("{rank: 0, step: 2, phase: forward, kind: hang}", ["train.timeout_s=8", "train.check_collectives=true"],
+    ("{rank: 0, step: 2, phase: forward, kind: hang}", ["train.timeout_s=12", "train.check_collectives=true"],
      "watchdog: no progress for"),
     ("{rank: 1, step: 3, phase: checkpoint, kind: kill}", [], None),
     ("{rank: 0, step: 3, phase: checkpoint, kind: enospc}", [],
@@ -122,7 +122,8 @@ def _check_checkpoints(ck, fault):
 @pytest.mark.parametrize("fault,extra,message", FAULTS, ids=lambda v: str(v)[:40] if isinstance(v, str) else None)
 def test_injected_fault_ends_every_rank_promptly(tmp_path, fault, extra, message):
     ck, f = tmp_path / "ck", fault or ""
-    timeout = next((float(o.split("=")[1]) for o in extra if o.startswith("train.timeout_s=")), 30.0)
+    # the watchdog is under test only in the hang case; elsewhere a loaded machine must not trip it
+    timeout = next((float(o.split("=")[1]) for o in extra if o.startswith("train.timeout_s=")), 120.0)
     over = ["train.steps=5", f"train.timeout_s={timeout:g}", "train.checkpoint.every=2", f"train.checkpoint.dir={ck}",
             *extra] + ([f"train.fault={fault}"] if fault else [])
     codes, ends, texts = run_job(str(tmp_path), over)

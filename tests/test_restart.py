@@ -14,13 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_rank_killed_at_step_7_restarts_and_matches_an_uninterrupted_run(tmp_path):
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     over = ["train.steps=20", "data.shuffle=true", f"train.metrics_file={metrics}", "train.checkpoint.every=5",
-            f"train.checkpoint.dir={ck}", "train.timeout_s=60", "train.fault={rank: 1, step: 7, phase: forward, kind: kill}"]
+            f"train.checkpoint.dir={ck}", "train.timeout_s=300", "train.fault={rank: 1, step: 7, phase: forward, kind: kill}"]
     env = {**os.environ, "PYTHONPATH": ROOT, "P3D_PEAK_FLOPS": "1e12"}
     r = subprocess.run([sys.executable, "-m", "launch", "--config", "configs/gpt_dp2.yaml", "--max-restarts", "1",
                         "--monitor-interval", "0.1", *over], cwd=ROOT, env=env, timeout=400, capture_output=True, text=True)
     out = r.stdout + r.stderr
+    (tmp_path / "launch.log").write_text(out)
     assert r.returncode == 0, out[-4000:]
-    assert "rank 1: injected fault: kill on rank 1 at step 7 (forward)" in out
+    assert "rank 1: injected fault: kill on rank 1 at step 7 (forward)" in out, out[-6000:]
     assert f"restart 1 (TORCHELASTIC_RESTART_COUNT): resumed from {ck}/step_00000005 (step 5," in out
     assert out.count("injected fault") == 1                  # attempt 0 only: the restarted job runs through
     recs = [json.loads(line) for line in open(metrics)]
