@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -136,6 +138,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     root = tempfile.mkdtemp(prefix="p3d-infer-", dir=a.dir)
     kw = dict(vocab_size=a.vocab, seq_len=a.seq, n_layer=a.layers, n_head=max(1, a.hidden // 64), n_embd=a.hidden,
@@ -144,15 +147,21 @@ def main():
     n = _run(_save_proc, kw, ckpt)                              # the full model exists only in this process
     budget = a.budget_mib * 2**20
     prompt = torch.randint(0, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0))
-    for d in ("store", "acc"):
-        os.makedirs(os.path.join(root, d), exist_ok=True)
-    ours = _run(_ours, kw, ckpt, os.path.join(root, "store"), budget, prompt, a.new, a.threads, True)
-    cached = _run(_ours, kw, ckpt, os.path.join(root, "store"), budget, prompt, a.new, a.threads, False)
-    acc = _run(_accelerate, kw, ckpt, os.path.join(root, "acc"), budget, prompt, a.new, a.threads)
-    same = ours["tokens"] == acc["tokens"] == cached["tokens"]
+    engines = {"direct": (_ours, True), "cached": (_ours, False), "acc": (_accelerate,)}
+    runs = {k: [] for k in engines}
+    for _ in range(a.repeats):                                  # interleaved: load drifts hit every engine
+        for k, (fn, *extra) in engines.items():
+            workdir = os.path.join(root, "store" if fn is _ours else "acc")
+            os.makedirs(workdir, exist_ok=True)
+            runs[k].append(_run(fn, kw, ckpt, workdir, budget, prompt, a.new, a.threads, *extra))
+    med = {k: dict(v[0], tok_s=statistics.median(r["tok_s"] for r in v), rss=max(r["rss"] for r in v))
+           for k, v in runs.items()}
+    ours, cached, acc = med["direct"], med["cached"], med["acc"]
+    same = all(r["tokens"] == runs["acc"][0]["tokens"] for v in runs.values() for r in v)
     print(f"# GPT {n / 1e6:.0f}M params = {4 * n / 2**30:.2f} GiB fp32 weights; memory budget {a.budget_mib} MiB; "
           f"prompt {a.prompt}, {a.new} new tokens greedy (full forward per token), {a.threads} threads; "
-          f"files in {root}")
+          f"median of {a.repeats} interleaved runs per engine (peak RSS: the largest); load average "
+          f"{os.getloadavg()[0]:.1f}")
     print("\n| engine | tokens/s | peak RSS MiB | RSS after imports MiB | load s | notes |\n|---|---|---|---|---|---|")
     for name, r in (("O_DIRECT: from the disk", ours), ("buffered: page cache, as accelerate", cached)):
         print(f"| parallel3d StreamedInference, nvme store, {name} | {r['tok_s']:.2f} | {r['rss']:.0f} | "
@@ -161,7 +170,6 @@ def main():
     print(f"| accelerate disk offload | {acc['tok_s']:.2f} | {acc['rss']:.0f} | {acc['base']:.0f} | "
           f"{acc['build_s']:.1f} | {acc['disk_modules']} of {acc['modules']} device-map entries on disk |")
     print(f"\nsame tokens from both engines: {same}")
-    import shutil
     shutil.rmtree(root, ignore_errors=True)
 
 

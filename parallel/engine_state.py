@@ -52,7 +52,13 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
 
 
 def save_engine(engine, path: str, extra: dict) -> str:
-    """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.save_pieces`)."""
+    """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.save_pieces`). With
+    optimizer offload the partition is read from its store for the duration (12 bytes/element)."""
+    with engine.zero.materialized():
+        return _save(engine, path, extra)
+
+
+def _save(engine, path: str, extra: dict) -> str:
     pieces, optim_meta = _pieces(engine)
     c = engine.cfg
     meta = {"step": engine.step_count, "format": "parallel3d-1",
@@ -66,7 +72,13 @@ def save_engine(engine, path: str, extra: dict) -> str:
 
 
 def load_engine(engine, path: str) -> dict:
-    """Collective only through the final parameter write-back (ZeRO all-gathers)."""
+    """Collective only through the final parameter write-back (ZeRO all-gathers). With optimizer
+    offload the loaded masters and moments are written back to the store."""
+    with engine.zero.materialized(write_back=True):
+        return _load(engine, path)
+
+
+def _load(engine, path: str) -> dict:
     meta = read_meta(path)
     if meta.get("optimizer") != engine.cfg.optimizer.name and meta.get("optim_state_keys"):
         raise ValueError(f"checkpoint {path!r} holds {meta.get('optimizer')} state but optimizer.name="
@@ -106,9 +118,10 @@ def _layout(engine) -> dict:
 
 def full_state_dict(engine) -> dict | None:
     """Gather every owned model element to rank 0 and return the unmodified model's state_dict there."""
-    pieces, _ = _pieces(engine, with_optim=False)
-    mine = [(p.key[len("model/"):], p.full_shape, p.index.reshape(-1).clone(), p.local.detach().reshape(-1).float().cpu())
-            for p in pieces if p.owner]
+    with engine.zero.materialized():
+        pieces, _ = _pieces(engine, with_optim=False)
+        mine = [(p.key[len("model/"):], p.full_shape, p.index.reshape(-1).clone(),
+                 p.local.detach().reshape(-1).float().cpu().clone()) for p in pieces if p.owner]
     world = engine.mesh.world_size
     gathered = [None] * world if engine.mesh.rank == 0 else None
     if world > 1:

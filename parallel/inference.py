@@ -4,9 +4,10 @@ ZeRO-Infinity (Rajbhandari et al., arXiv 2104.07857, §5.2, §6) fetches each la
 from CPU or NVMe just ahead of use and drops them after; for inference ("ZeRO-Inference") that is
 all there is: a model of W bytes runs in memory ≈ k·max_u W_u (k resident units: the ones in use,
 nested — e.g. the root's embeddings around every block — plus ``prefetch_depth`` read ahead)
-instead of W, at the price of reading W bytes per forward. Per forward, each unit is read exactly
-once (a unit needed twice in one forward, like a tied embedding used by the head, stays resident
-while its holder runs), so ``bytes_read`` per forward = Σ_u W_u — the tests count it.
+instead of W, at the price of reading W bytes per forward: each unit is read once per forward, so
+``bytes_read`` per forward = Σ_u W_u — the tests count it. (A unit used again after it was released
+is read again: a head tied to the embedding re-reads it when each is its own unit; with the
+embeddings and the head in the root's unit, as ``unit_types=(Block,)`` gives, it stays resident.)
 
     torch.manual_seed(0)
     model, rec = deferred_init(GPT, n_layer=48, n_embd=2048)      # nothing allocated
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from .loss import logits_of
 from .offload import StoreConfigError
+from .offload.aio import trim_host_memory
 from .zero.partition import FlatBucket
 from .zero.stage3 import plan_units
 
@@ -105,12 +107,18 @@ class StreamedInference:
 
     def _write_units(self, weights, init, dtype) -> None:
         new: dict = {}
+        work: dict = {}                                 # one reusable workspace per dtype (put snapshots)
         for u in self.units:
             dt = dtype or u.params[0].dtype
-            flat = torch.empty(u.numel, dtype=dt)
+            if work.get(dt) is None or work[dt].numel() < u.numel:
+                work[dt] = None
+                work[dt] = torch.empty(max(v.numel for v in self.units), dtype=dt)
+            flat = work[dt][:u.numel]
             for i, (n, p) in enumerate(zip(u.names, u.params)):
                 o = u.offsets[i]
-                flat[o:o + u.sizes[i]].copy_(self._value(n, p, weights, init).reshape(-1))
+                dst = flat[o:o + u.sizes[i]]
+                if not (hasattr(weights, "read_into") and weights.read_into(n, dst, p.shape)):
+                    dst.copy_(self._value(n, p, weights, init).reshape(-1))
             nbytes = flat.numel() * flat.element_size()
             if self.buf is not None and nbytes > self.buf:
                 raise StoreConfigError(
@@ -133,6 +141,7 @@ class StreamedInference:
                 if p is not None and p in new:
                     mod._parameters[name] = new[p]
         self.store.flush()
+        trim_host_memory()                              # give the build's freed temporaries back
 
     @staticmethod
     def _key(u) -> str:
@@ -296,6 +305,23 @@ class SafetensorsFile:
         if end > begin:
             os.preadv(self._fd, [byte_view(out)], self._base + begin)
         return out.view(self.DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def read_into(self, name: str, out: torch.Tensor, shape=None) -> bool:
+        """Read ``name`` straight into the contiguous 1-D CPU tensor ``out`` when the dtype matches (no
+        temporary); False (nothing read) otherwise. ``shape``: the shape the caller expects."""
+        info = self.header.get(name)
+        if info is None or self.DTYPES.get(info["dtype"]) != out.dtype or out.dim() != 1 \
+                or not out.is_contiguous() or out.device.type != "cpu":
+            return False
+        if shape is not None and tuple(info["shape"]) != tuple(shape):
+            raise ValueError(f"weights[{name!r}] has shape {tuple(info['shape'])}, the model's parameter {tuple(shape)}")
+        begin, end = info["data_offsets"]
+        if end - begin != out.numel() * out.element_size():
+            return False
+        if end > begin:
+            from .offload.aio import byte_view
+            os.preadv(self._fd, [byte_view(out.view(torch.uint8))], self._base + begin)
+        return True
 
     def close(self) -> None:
         os.close(self._fd)

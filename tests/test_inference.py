@@ -89,11 +89,17 @@ def test_llama_from_safetensors_one_tensor_at_a_time(tmp_path):
     from parallel.inference import SafetensorsFile
     with SafetensorsFile(path) as sf, safe_open(path, "pt") as f:             # pread reader = mmap reader
         assert sf.keys() and all(torch.equal(sf.get_tensor(k), f.get_tensor(k)) for k in f.keys())
+        torch.manual_seed(1)
+        meta2, rec2 = deferred_init(LlamaForCausalLM, cfg)
+        eng2 = StreamedInference(meta2, CpuStore(), unit_types=(LlamaDecoderLayer,), weights=sf, init=rec2)
+        with pytest.raises(ValueError, match=r"has shape \(64, 32\), the model's parameter \(32, 64\)"):
+            sf.read_into("model.embed_tokens.weight", torch.empty(2048), (32, 64))
     x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = ref(x).logits
     assert torch.equal(eng(x).logits, want)
     assert torch.equal(eng(x).logits, want)
+    assert torch.equal(eng2(x).logits, want)                                # read straight into the unit
     assert eng.stats["peak_resident_bytes"] < eng.stats["weight_bytes"]
     eng.close()
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from harness import run_ranks
-from test_zero import CLIP, OPTS, assert_curve, block_type, global_batch, make_model, mean_over_ranks, \
-    reference_losses, train
+from test_zero import CLIP, OPTS, assert_curve, block_type, make_model, mean_over_ranks, reference_losses, train
 
 RTOL = 1e-5
 STEPS, G = 20, 8
@@ -169,6 +168,40 @@ def test_full_disk_mid_step_rolls_back_on_every_rank(tmp_path, stage, params):
         assert same and same_state
     assert "No space left" in res[1][2] and "another dp rank" in res[0][2]
     assert_curve(mean_over_ranks(res, key=1), res[0][0], RTOL, f"stage {stage} after a rolled-back step")
+
+
+def test_store_transactions_are_all_or_nothing(tmp_path):
+    from parallel.offload import NvmeStore, StoreError, StoreFullError
+    full = _FullDisk()
+    s = NvmeStore(str(tmp_path), buffer_count=4, buffer_bytes=16 << 10, chunk_bytes=8 << 10, pwrite=full)
+    old = {k: torch.full((1000,), float(i)) for i, k in enumerate("abc")}
+    for k, v in old.items():
+        s.put(k, v)
+    s.flush()
+    s.begin()
+    s.put("a", old["a"] + 10)
+    s.put("b", old["b"] + 10)
+    with pytest.raises(StoreError, match="readable after commit"):
+        s.get("a")                                         # not resident, not committed: refused
+    s.prepare()
+    s.abort()
+    assert all(torch.equal(s.get(k, out=torch.empty(1000)), v) for k, v in old.items())
+    s.begin()
+    s.put("a", old["a"] + 20)
+    full.armed = True                                      # the next write hits a full disk
+    s.put("b", old["b"] + 20)
+    with pytest.raises(StoreFullError, match="transaction failed"):
+        s.prepare()
+    s.abort()                                              # "a" landed but is rolled back with "b"
+    full.armed = False
+    assert all(torch.equal(s.get(k, out=torch.empty(1000)), v) for k, v in old.items())
+    s.begin()
+    s.put("a", old["a"] + 30)
+    s.put("c", old["c"] + 30)
+    s.commit()
+    assert torch.equal(s.get("a"), old["a"] + 30) and torch.equal(s.get("c"), old["c"] + 30)
+    assert s.stats["buffers_in_use"] == 2
+    s.close()
 
 
 # --- configuration errors, before any state is written ------------------------------------------------

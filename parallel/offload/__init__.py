@@ -4,6 +4,10 @@
     store.reserve(total_state_bytes)                        # fail before training, not mid-run
     h = store.put("p0", t); store.prefetch(["p1"]); x = store.get("p1"); store.release("p1")
     stream_update(store, [("p0", "m0", "v0"), ...], fn, buffers=4, prefetch_depth=1)
+    store.begin(); ...puts...; store.prepare(); store.commit()   # or abort(): all-or-nothing (NVMe)
+
+ZeRO puts its partition here (parallel/zero/offload.py: the streamed CPU Adam step over sub-groups;
+shards.py: stage-3 parameter shards fetched per unit); parallel/inference.py streams whole models.
 """
 from __future__ import annotations
 

@@ -52,6 +52,20 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
     return out
 
 
+def trim_host_memory() -> bool:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``); True if it ran.
+
+    After a model has been written into a store tensor by tensor, the freed temporaries stay in the
+    process (glibc raises its mmap threshold after large frees, so later ones come from the heap and
+    are kept): measured +0.6–1.8 GB RSS after building a 1.2 GB model on the meta device. Elsewhere
+    (no glibc) this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def byte_view(t: torch.Tensor) -> memoryview:
     """A writable memoryview over a contiguous CPU tensor's bytes (no copy, no numpy needed)."""
     if t.device.type != "cpu" or not t.is_contiguous():

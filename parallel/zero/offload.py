@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ..offload import StoreConfigError, StoreError, StoreFullError, fastest_cpu_adamw, make_store, stream_update
-from ..offload.aio import align_up
+from ..offload.aio import align_up, trim_host_memory
 from ..offload.shards import ParamOffload, placeholder
 from ..offload.stream import stream_read
 
@@ -184,6 +184,7 @@ class OptimizerOffload:
         self.optimizer, self.sink = optimizer, _Sink(par)
         self.kernel = fastest_cpu_adamw(numel=max(1, min(self.sub, self.numel, 1 << 20)))
         self.store.flush()
+        trim_host_memory()                    # the per-bucket temporaries of the build go back to the OS
 
     # --- the step -----------------------------------------------------------------------------------
     def hyper(self) -> dict:
@@ -245,6 +246,7 @@ class OptimizerOffload:
         for st in stores:
             st.commit()
         self.t += 1
+        self.optimizer.step()      # a no-op (its params have no grads): torch's hooks and LR-scheduler checks
         after = [st.stats for st in stores]
         self.last = {"step_s": time.perf_counter() - t0, "compute_s": busy[0], "subgroups": stats.subgroups,
                      "prefetched": stats.prefetched, "peak_resident": stats.peak_resident,

@@ -63,7 +63,7 @@ class StepResult:
 
 class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
     """``ZeroOptimizer(module, optimizer_factory, dp_group, stage=0, bucket_mb=25, prefetch=True,
-    precision="fp32", grad_clip=None, norm_groups=(), init=None, unit_types=None)``
+    precision="fp32", grad_clip=None, norm_groups=(), init=None, unit_types=None, offload=None)``
 
     module             the (stage of the) model, built identically on every dp rank; params on the
                        meta device need ``init`` (:func:`parallel.zero.deferred_init`)
