@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SIZES = {"small": dict(n_embd=128, n_layer=4, n_head=4, vocab_size=256, seq_len=64),
-         "5m": dict(n_embd=256, n_layer=6, n_head=8, vocab_size=512, seq_len=64)}
+         "5m": dict(n_embd=256, n_layer=6, n_head=8, vocab_size=512, seq_len=64),
+         "50m": dict(n_embd=512, n_layer=16, n_head=8, vocab_size=1024, seq_len=64)}
 OURS = ["zero0", "zero1", "zero2", "zero3", "tp", "pp", "3d"]
 PEERS = ["ddp", "fsdp2", "ds1", "ds2", "ds3"]
 PEER_OF = {"zero0": "ddp", "zero1": "ds1", "zero2": "ds2", "zero3": "fsdp2", "tp": "ddp", "pp": "ddp", "3d": "ddp",

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Group
+from ..ring import ring_all_gather, ring_reduce_scatter, use_ring
 
 __all__ = ["FlatBucket", "make_buckets", "gather_into", "reduce_scatter_into", "storage_bytes"]
 
@@ -126,6 +127,8 @@ def gather_into(out: torch.Tensor, shard: torch.Tensor, group: Group, async_op: 
         return None
     m = out.numel() * out.element_size()
     group.stats.record(group.axis, "all_gather", m, (group.size - 1) * m / group.size)
+    if use_ring(group, out):
+        return ring_all_gather(out, shard, group, async_op=async_op)
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return _quiet(fn, out, shard, group=group.pg, async_op=async_op)
 
@@ -138,6 +141,8 @@ def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group: Group, asy
         return None
     m = full.numel() * full.element_size()
     group.stats.record(group.axis, "reduce_scatter", m, (group.size - 1) * m / group.size)
+    if use_ring(group, full):
+        return ring_reduce_scatter(out, full, group, async_op=async_op)
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return _quiet(fn, out, full, op=dist.ReduceOp.SUM, group=group.pg, async_op=async_op)
 
