@@ -180,7 +180,7 @@ def test_enospc_keeps_committed_copy(tmp_path, direct):
     old, big_old = torch.randn(3000), torch.randn(3 * BUF // 4)     # 12 KB (3 chunks); 48 KB (3 buffers)
     s.put("a", old), s.put("big", big_old)
     s.flush()
-    size = os.path.getsize(s.file)
+    size = s.file_bytes
     w.allow = ALIGN                                                  # one block lands, then the disk is full
     with pytest.raises(StoreFullError, match=r"put\('a'\).*intact.*nvme_path"):
         s.put("a", torch.randn(3000)).wait()
@@ -197,7 +197,7 @@ def test_enospc_keeps_committed_copy(tmp_path, direct):
     assert torch.equal(s.get("big", out=out), big_old)
     w.allow = None                                                   # space freed: the store works again
     s.put("a", old * 2).wait()
-    assert torch.equal(s.get("a"), old * 2) and os.path.getsize(s.file) <= size + align_up(old.nbytes)
+    assert torch.equal(s.get("a"), old * 2) and s.file_bytes <= size + align_up(old.nbytes)
     s.close()
 
 
@@ -206,7 +206,7 @@ def test_rewrites_reuse_space(tmp_path):
     for i in range(10):
         s.put("a", torch.full((3000,), float(i)))
     s.flush()
-    assert os.path.getsize(s.file) <= 2 * align_up(3000 * 4)       # copy-on-write: at most two extents
+    assert s.file_bytes <= 2 * align_up(3000 * 4)       # copy-on-write: at most two extents
     assert torch.equal(s.get("a"), torch.full((3000,), 9.0))
     s.close()
 
@@ -240,7 +240,7 @@ def test_configuration_errors(tmp_path, monkeypatch):
     with pytest.raises(StoreConfigError, match=r"bytes \(.*GiB\) free but the store needs .*copy-on-write"):
         s.reserve(1 << 60)
     s.reserve(1 << 20)                                               # preallocated: state + 2 buffers
-    assert os.path.getsize(s.file) == (1 << 20) + 2 * (256 << 10)
+    assert s.file_bytes == (1 << 20) + 2 * (256 << 10)
     s.put("x", torch.arange(7)).wait()
     assert torch.equal(s.get("x"), torch.arange(7))
     s.close()

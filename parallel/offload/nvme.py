@@ -1,6 +1,7 @@
 """NVMe tier of the tensor store (ZeRO-Infinity, Rajbhandari et al., arXiv 2104.07857, §5–6).
 
-Layout: one file per store (``<nvme_path>/<name>``), an in-memory allocation table
+Layout: one file per store (created as ``<nvme_path>/<name>`` and unlinked at once, so the disk
+gets the space back whenever the process ends, crashes included), an in-memory allocation table
 ``key → (offset, span)`` and a free list of extents. Every extent starts and ends on a 4096-byte
 boundary (``span = align_up(nbytes)``) so the file can be opened with O_DIRECT.
 
@@ -99,6 +100,7 @@ class NvmeStore(TransactionsMixin, TensorStore):
         self.file = os.path.join(path, name or f"p3d-store-{os.getpid()}-{id(self):x}.bin")
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if self.direct else 0)
         self._fd = os.open(self.file, flags, 0o600)
+        os.unlink(self.file)            # scratch space: the disk gets it back when the fd closes, even after a crash
         self._io = IOEngine(workers, chunk_bytes, pwrite)
         self._finalizer = weakref.finalize(self, _cleanup, self._fd, self.file, self._io)
         self._free_bufs: list[torch.Tensor] = []
@@ -232,10 +234,15 @@ class NvmeStore(TransactionsMixin, TensorStore):
         ``buffer_count × buffer_bytes``), then preallocate the file so the run cannot hit ENOSPC there.
         A put of a tensor larger than one buffer needs its own size as extra slack."""
         with self._lock:
-            slack = self.buffer_count * self.buffer_bytes
+            slack = min(self.buffer_count * self.buffer_bytes, align_up(int(total_bytes)))   # ≤ all of it in flight
             self.fallocate_reason = preallocate(self._fd, self.path, align_up(int(total_bytes)) + slack,
                                                 f"{total_bytes} bytes of state + {slack} of copy-on-write slack, "
                                                 f"buffer_count × buffer_mb")
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the store's (unlinked) file on disk."""
+        return os.fstat(self._fd).st_size
 
     def close(self):
         if not self._finalizer.alive:
