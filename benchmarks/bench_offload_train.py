@@ -11,8 +11,9 @@ Reported: median step time and its ratio to no offload; the optimizer part of th
 AdamW over the rank's partition vs the streamed offloaded step, and the kernel alone inside it);
 bytes moved per step and time waiting on IO.
 
-scale: one process, ZeRO stage 3 with ``params=nvme`` and ``optimizer=nvme``, the model built on the
-meta device and written to the store unit by unit. Reported per step: loss, step time, bytes read
+scale: ``--ranks`` gloo processes (default 2), ZeRO stage 3 with ``params=nvme`` and
+``optimizer=nvme``, the model built on the meta device and written to the stores unit by unit; each
+process holds its 1/ranks partition of the gradient in memory and everything else on disk. Reported per step: loss, step time, bytes read
 and written by each store, time waiting on reads, achieved disk throughput against the disk's own
 sequential bandwidth measured in the same run (``dd``-style O_DIRECT, one thread), peak RSS.
 """
@@ -174,12 +175,59 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def scale(a) -> None:
+def _scale_rank(rank, world, port, a, kw, out):
+    """One dp rank of the scale run: stage 3, params and optimizer state on NVMe, built on meta."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     from examples.gpt import GPT, Block, random_tokens
-    from parallel.comm import Group
     from parallel.config import OffloadConfig
+    from parallel.mesh import Mesh
     from parallel.zero import ZeroOptimizer, deferred_init
-    torch.set_num_threads(os.cpu_count() or 1)
+    group = Mesh(dp=world).group("dp")
+    cfg = OffloadConfig(optimizer="nvme", params="nvme", nvme_path=a.dir, buffer_count=a.buffers,
+                        buffer_mb=a.buffer_mb, prefetch_depth=1)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, rec = deferred_init(GPT, **kw)
+    zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=a.lr), group, stage=3, init=rec,
+                         unit_types=(Block,), offload=cfg)
+    build = torch.tensor([time.perf_counter() - t0, _rss_gib()], dtype=torch.float64)
+    dist.all_reduce(build, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        out.put(("built", build.tolist(), zero.offload_stats()["optimizer"]["kernel"]))
+    data = random_tokens(n=a.batch * world, seq_len=a.seq, vocab_size=a.vocab)
+    # the same batch every step: the loss must fall (memorisation), which a few steps can show
+    mine = range(rank * a.batch, (rank + 1) * a.batch)
+    x, y = torch.stack([data[i][0] for i in mine]), torch.stack([data[i][1] for i in mine])
+    keys = ("bytes_read", "bytes_written", "disk_bytes_read", "disk_bytes_written", "wait_s")
+    for t in range(a.steps):
+        before = zero.offload_stats()
+        dist.barrier()
+        t0 = time.perf_counter()
+        zero.zero_grad()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        zero.step()
+        dist.barrier()
+        dt = time.perf_counter() - t0
+        after = zero.offload_stats()
+        row = [loss.item() / world, dt / world]
+        for k in ("optimizer", "params"):
+            row += [after[k]["stats"][c] - before[k]["stats"][c] for c in keys]
+        row = torch.tensor(row, dtype=torch.float64)
+        dist.all_reduce(row)                                  # sums over ranks (loss, time: means)
+        rss = torch.tensor([_rss_gib()], dtype=torch.float64)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            out.put(("step", t, row.tolist(), rss.item()))
+    zero.close()
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put(("done",))
+
+
+def scale(a) -> None:
     h, L = a.hidden, a.layers
     if L is None:                                          # Ψ ≈ 12·L·h² + (V + s)·h
         L = max(1, round((a.params_b * 1e9 - (a.vocab + a.seq) * h) / (12 * h * h)))
@@ -189,40 +237,43 @@ def scale(a) -> None:
     free = shutil.disk_usage(a.dir).free
     print(f"# GPT {psi / 1e9:.2f}B params (L={L}, h={h}), fp32 params+grads+Adam = {state / 2**30:.1f} GiB; "
           f"machine memory {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB; "
-          f"{free / 2**30:.1f} GiB free in {a.dir}")
+          f"{free / 2**30:.1f} GiB free in {a.dir}; ZeRO-3 over {a.ranks} gloo rank(s), params and optimizer "
+          f"state on NVMe, batch {a.batch}x{a.seq} per rank", flush=True)
     w, r = disk_bandwidth(a.dir, int(a.dd_gib * 2**30))
-    print(f"disk, sequential O_DIRECT, 1 thread: write {w / 1e9:.2f} GB/s, read {r / 1e9:.2f} GB/s")
-    cfg = OffloadConfig(optimizer="nvme", params="nvme", nvme_path=a.dir, buffer_count=a.buffers,
-                        buffer_mb=a.buffer_mb, prefetch_depth=1)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model, rec = deferred_init(GPT, **kw)
-    zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=a.lr), Group(None, "dp", (0,), 0), stage=3,
-                         init=rec, unit_types=(Block,), offload=cfg)
-    print(f"built on meta and written to the stores in {time.perf_counter() - t0:.0f} s; peak RSS "
-          f"{_rss_gib():.2f} GiB; kernel {zero.offload_stats()['optimizer']['kernel']}")
-    data = random_tokens(n=a.batch, seq_len=a.seq, vocab_size=a.vocab)
-    # the same batch every step: the loss must fall (memorisation), which a few steps can show
-    x, y = torch.stack([data[i][0] for i in range(a.batch)]), torch.stack([data[i][1] for i in range(a.batch)])
-    print("\n| step | loss | step s | opt-store read/written GB | param-store read/written GB | wait on reads s "
-          "| disk GB/s (read+write) | vs dd | peak RSS GiB |\n|---|---|---|---|---|---|---|---|---|")
-    for t in range(a.steps):
-        before = zero.offload_stats()
-        t0 = time.perf_counter()
-        zero.zero_grad()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        zero.step()
-        dt = time.perf_counter() - t0
-        after = zero.offload_stats()
-        d = {k: {c: after[k]["stats"][c] - before[k]["stats"][c] for c in after[k]["stats"]} for k in after}
-        moved = sum(v["disk_bytes_read"] + v["disk_bytes_written"] for v in d.values())
-        wait = sum(v["wait_s"] for v in d.values())
-        print(f"| {t} | {loss.item():.4f} | {dt:.1f} | {d['optimizer']['bytes_read'] / 1e9:.2f} / "
-              f"{d['optimizer']['bytes_written'] / 1e9:.2f} | {d['params']['bytes_read'] / 1e9:.2f} / "
-              f"{d['params']['bytes_written'] / 1e9:.2f} | {wait:.1f} | {moved / dt / 1e9:.2f} | "
-              f"{moved / dt / ((w + r) / 2):.0%} | {_rss_gib():.2f} |", flush=True)
-    zero.close()
+    print(f"disk, sequential O_DIRECT, 1 thread: write {w / 1e9:.2f} GB/s, read {r / 1e9:.2f} GB/s", flush=True)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = mp.start_processes(_scale_rank, args=(a.ranks, port, a, kw, q), nprocs=a.ranks, join=False,
+                               start_method="spawn")
+    while True:
+        try:
+            msg = q.get(timeout=30)
+        except Exception:
+            if procs.join(timeout=1):
+                return
+            continue
+        if msg[0] == "done":
+            break
+        if msg[0] == "built":
+            (secs, rss), kernel = msg[1], msg[2]
+            print(f"built on meta and written to the stores in {secs:.0f} s; peak RSS {rss:.2f} GiB per process; "
+                  f"kernel {kernel}")
+            print("\n| step | loss | step s | opt-store read/written GB | param-store read/written GB | "
+                  "wait on reads s (sum over ranks) | disk GB/s (read+write) | dd time for these bytes / step time "
+                  "| peak RSS GiB per process |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+            continue
+        _, t, row, rss = msg
+        loss, dt = row[0], row[1]
+        o, p = row[2:7], row[7:12]
+        read, written = o[2] + p[2], o[3] + p[3]
+        busy = read / r + written / w           # seconds the disk needs for these bytes at dd's rates
+        print(f"| {t} | {loss:.4f} | {dt:.1f} | {o[0] / 1e9:.2f} / {o[1] / 1e9:.2f} | {p[0] / 1e9:.2f} / "
+              f"{p[1] / 1e9:.2f} | {o[4] + p[4]:.1f} | {(read + written) / dt / 1e9:.2f} | {busy:.0f} s / "
+              f"{dt:.0f} s = {busy / dt:.0%} | {rss:.2f} |", flush=True)
+    procs.join()
 
 
 def main():
@@ -242,6 +293,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--dd-gib", type=float, default=4.0)
+    ap.add_argument("--ranks", type=int, default=2, help="scale: dp ranks (processes), each holding 1/ranks of the state")
     a = ap.parse_args()
     if a.mode == "overhead":
         overhead(a)

@@ -27,7 +27,7 @@ def _prediction(cfg: Config):
     spec = spec_from_model(model, seq)
     p = cfg.parallel
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
-                 p.sequence_parallel)
+                 p.sequence_parallel, cfg.zero.units)
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
                    cfg.zero.bucket_mb)
     return model, predict(spec, lay, tr)

@@ -124,6 +124,8 @@ class ZeroConfig:
     stage: int = 0                         # 0 = plain data parallel
     bucket_mb: float = 25.0
     prefetch: bool = True
+    units: str = "module"                  # stage 3 gathers per: module (each module owning parameters, as
+    #                                        DeepSpeed) | block (each repeated block + the rest, as FSDP2 per block)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
 
@@ -359,6 +361,9 @@ def _validate(c: Config, world_size: int | None) -> None:
         raise ConfigError(f"zero.stage={c.zero.stage} must be 0, 1, 2 or 3")
     if c.zero.bucket_mb <= 0:
         raise ConfigError(f"zero.bucket_mb={c.zero.bucket_mb} must be positive")
+    if c.zero.units not in ("module", "block"):
+        raise ConfigError(f"zero.units={c.zero.units!r} must be 'module' (a stage-3 unit per module that owns "
+                          f"parameters) or 'block' (one per repeated block, plus one for the rest)")
     if c.zero.offload.params != "none" and c.zero.stage != 3:
         raise ConfigError(f"zero.offload.params={c.zero.offload.params} needs zero.stage=3 (got {c.zero.stage})")
     if "nvme" in (c.zero.offload.params, c.zero.offload.optimizer) and not c.zero.offload.nvme_path:

@@ -42,14 +42,17 @@ class Engine:
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
+        blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
         self.stages = self._shard(model.to(mesh.device))
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
+        if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
+            blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_fn = self._loss(model)
         self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp,
                                   stage=config.zero.stage, bucket_mb=config.zero.bucket_mb,
                                   prefetch=config.zero.prefetch, precision=config.precision,
                                   grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp),
-                                  offload=config.zero.offload)
+                                  offload=config.zero.offload, unit_types=blocks)
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
@@ -60,6 +63,15 @@ class Engine:
         self.last_result = None
 
     # --- construction -----------------------------------------------------------------------------
+    @staticmethod
+    def _block_types(model: nn.Module) -> tuple:
+        """zero.units=block: the classes of the model's repeated blocks (the pipeline split's body)."""
+        from .pipeline.split import find_body
+        try:
+            body = find_body(model)[1]
+        except ValueError as e:
+            raise ConfigError(f"zero.units=block: {e}; or use zero.units=module") from None
+        return tuple(dict.fromkeys(type(b) for b in body))
     def _shard(self, model: nn.Module) -> list:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel

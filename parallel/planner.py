@@ -91,6 +91,7 @@ class Layout:
     schedule: str = "1f1b"          # pp > 1: gpipe | 1f1b | interleaved | zero_bubble
     v: int = 1
     sp: bool = False
+    units: str = "module"           # stage 3: module | block (zero.units)
 
     def __str__(self):
         s = f"dp{self.dp} tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp} zero{self.zero} m{self.micro_batches}"
@@ -232,8 +233,11 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
             out.append(mk(cur))
     else:
         units: dict = {}
-        for p in normal:
-            units.setdefault(p.module, []).append(p.numel)
+        for p in normal:         # zero.units=block: one unit per block, one for the rest (pre-order: root first)
+            key = p.module if lay.units == "module" else (-1 if not isinstance(p.place, int) else p.place)
+            units.setdefault(key, []).append(p.numel)
+        if lay.units == "block":
+            units = dict(sorted(units.items()))
         for mod, sizes in units.items():
             u = mk(sizes)
             u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte

@@ -140,3 +140,15 @@ def test_tp2_20_steps_through_the_training_entry_point():
     res = run_ranks(_losses, 2, "gpt", layout(1, 2, 1, 0))
     assert_close_curve(res[0][0], reference_losses(config("gpt")), 1e-4, "tp=2")
     assert res[0][1]["tp"] > 0 and res[0][1]["dp"] == 0
+
+
+@pytest.mark.parametrize("model", ["gpt", "llama"])
+def test_zero3_block_units_match_single_process(model):
+    """zero.units=block: one stage-3 unit per repeated block (+ one for the rest), as FSDP2 per block;
+    with dp2 × pp2 interleaved (v = 2) each virtual stage's own parameters are one unit."""
+    steps = ["train.steps=6", "zero.units=block"]
+    want = reference_losses(config(model, steps))
+    for lay in (layout(2, 1, 1, 3), layout(2, 1, 2, 3, parallel__pp_schedule="interleaved",
+                                               parallel__pp_virtual_stages=2)):
+        res = run_ranks(_losses, 4 if "parallel.pp=2" in lay else 2, model, lay + steps)
+        assert_close_curve(res[0][0], want, 1e-5, f"{model} {lay} units=block")

@@ -22,9 +22,11 @@ G, MB = 8, 2
 # (8 layouts), SLOW (-m slow) the rest.
 FAST = {
     2: [("dp2 zero0", dict(dp=2, zero=0)), ("dp2 zero2", dict(dp=2, zero=2)), ("dp2 zero3", dict(dp=2, zero=3)),
+        ("dp2 zero3 blocks", dict(dp=2, zero=3, units="block")),
         ("tp2 sp", dict(tp=2, sp=True)), ("pp2 interleaved", dict(pp=2, schedule="interleaved", v=2)),
         ("pp2 zb zero1", dict(pp=2, schedule="zero_bubble", zero=1))],
-    4: [("pp2 dp2 zero1", dict(pp=2, dp=2, zero=1)), ("tp2 dp2 zero3", dict(tp=2, dp=2, zero=3))],
+    4: [("pp2 dp2 zero1", dict(pp=2, dp=2, zero=1)), ("tp2 dp2 zero3", dict(tp=2, dp=2, zero=3)),
+        ("pp2 dp2 zero3 blocks v2", dict(pp=2, dp=2, zero=3, units="block", schedule="interleaved", v=2))],
 }
 SLOW = {
     2: [("dp2 zero1", dict(dp=2, zero=1)), ("tp2", dict(tp=2)), ("pp2 1f1b", dict(pp=2)),
@@ -37,7 +39,8 @@ LAYOUTS = {"fast": FAST, "slow": SLOW}
 
 def _overrides(lay: dict, run_dir: str) -> list:
     o = [f"parallel.{k}={lay.get(k, 1)}" for k in ("dp", "tp", "pp")]
-    o += [f"zero.stage={lay.get('zero', 0)}", f"parallel.sequence_parallel={str(lay.get('sp', False)).lower()}",
+    o += [f"zero.stage={lay.get('zero', 0)}", f"zero.units={lay.get('units', 'module')}",
+          f"parallel.sequence_parallel={str(lay.get('sp', False)).lower()}",
           f"parallel.pp_schedule={lay.get('schedule', '1f1b')}", f"parallel.pp_virtual_stages={lay.get('v', 1)}",
           f"model.kwargs={json.dumps(MODEL)}", f"data.global_batch_size={G}", f"data.micro_batch_size={MB}",
           "train.steps=2", "train.log_every=1", f"train.metrics_file={run_dir}/metrics.jsonl"]
@@ -71,7 +74,7 @@ def _check(run_dir, name, lay):
     from parallel.planner import Layout, TrainSpec, predict
     m = G // (lay.get("dp", 1) * MB)
     layout = Layout(lay.get("dp", 1), lay.get("tp", 1), lay.get("pp", 1), lay.get("zero", 0), m,
-                    lay.get("schedule", "1f1b"), lay.get("v", 1), lay.get("sp", False))
+                    lay.get("schedule", "1f1b"), lay.get("v", 1), lay.get("sp", False), lay.get("units", "module"))
     pred = predict(_spec(), layout, TrainSpec(G))
     checked = 0
     for r in _measured(run_dir):

@@ -473,6 +473,7 @@ def _build_stage(model, plan, owners, probe, k):
             sbody[a].register_forward_pre_hook(_inject_hook(info), with_kwargs=True)
         if k < S - 1:
             sbody[b - 1].register_forward_hook(_exit_hook)
+            sbody[b - 1].p3d_stage_exit = True        # hooks that must see the output register before it
     if S > 1 and k == S - 1:                      # the last stage's own copy of tied weights
         for t, (pre_name, post_name) in enumerate(plan.tied):
             mpath, _, pname = post_name.rpartition(".")

@@ -114,7 +114,10 @@ class Stage3Params:
         self._handles = []
         for m in self.needs:
             self._handles.append(m.register_forward_pre_hook(self._pre_forward))
-            self._handles.append(m.register_forward_hook(self._post_forward))
+            # a pipeline stage ends by raising from its last block's forward hook (split.py marks it):
+            # ours must run before that one, or the unit would stay gathered with no backward hook
+            self._handles.append(m.register_forward_hook(self._post_forward,
+                                                         prepend=getattr(m, "p3d_stage_exit", False)))
         self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
         self._handles.append(module.register_forward_hook(self._root_post))
 
