@@ -41,7 +41,7 @@ PEERS = ["ddp", "fsdp2", "ds1", "ds2", "ds3"]
 PEER_OF = {"zero0": "ddp", "zero1": "ds1", "zero2": "ds2", "zero3": "fsdp2", "tp": "ddp", "pp": "ddp", "3d": "ddp",
            "fsdp2": "ddp", "ds1": "ddp", "ds2": "ddp", "ds3": "fsdp2"}
 WHAT = {"zero0": "ours: data parallel (ZeRO-0)", "zero1": "ours: ZeRO-1", "zero2": "ours: ZeRO-2",
-        "zero3": "ours: ZeRO-3", "tp": "ours: tensor parallel (Megatron)", "pp": "ours: pipeline 1F1B, m=4",
+        "zero3": "ours: ZeRO-3 (per block)", "tp": "ours: tensor parallel (Megatron)", "pp": "ours: pipeline 1F1B, m=4",
         "3d": "ours: pp2 × dp2 × tp2, ZeRO-1", "ddp": "torch DDP", "fsdp2": "torch FSDP2 fully_shard",
         "ds1": "DeepSpeed ZeRO-1", "ds2": "DeepSpeed ZeRO-2", "ds3": "DeepSpeed ZeRO-3"}
 LR = 1e-4
@@ -63,7 +63,8 @@ def _ours(name, kw, batch, world):
                  "micro_batch_size": batch // (dp * m), "kwargs": {"n": batch, "seq_len": kw["seq_len"],
                                                                    "vocab_size": kw["vocab_size"]}},
         "parallel": {"pp": pp, "dp": dp, "tp": tp}, "zero": {"stage": int(name[-1]) if name.startswith("zero") else
-                                                             (1 if name == "3d" else 0), "bucket_mb": 5.0},
+                                                             (1 if name == "3d" else 0), "bucket_mb": 5.0,
+                                                             "units": "block"},     # ZeRO-3 per block, as FSDP2
         "optimizer": {"name": "adamw", "lr": LR}}).validate(world)
     from examples.gpt import random_tokens
     ds = random_tokens(batch, kw["seq_len"], kw["vocab_size"])
