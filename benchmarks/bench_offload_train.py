@@ -212,7 +212,7 @@ def _scale_rank(rank, world, port, a, kw, out):
         dist.barrier()
         dt = time.perf_counter() - t0
         after = zero.offload_stats()
-        row = [loss.item() / world, dt / world]
+        row = [loss.item() / world, dt / world, after["optimizer"]["last_step"]["step_s"] / world]
         for k in ("optimizer", "params"):
             row += [after[k]["stats"][c] - before[k]["stats"][c] for c in keys]
         row = torch.tensor(row, dtype=torch.float64)
@@ -261,16 +261,16 @@ def scale(a) -> None:
             (secs, rss), kernel = msg[1], msg[2]
             print(f"built on meta and written to the stores in {secs:.0f} s; peak RSS {rss:.2f} GiB per process; "
                   f"kernel {kernel}")
-            print("\n| step | loss | step s | opt-store read/written GB | param-store read/written GB | "
+            print("\n| step | loss | step s (of it the optimizer step) | opt-store read/written GB | param-store read/written GB | "
                   "wait on reads s (sum over ranks) | disk GB/s (read+write) | dd time for these bytes / step time "
                   "| peak RSS GiB per process |\n|---|---|---|---|---|---|---|---|---|", flush=True)
             continue
         _, t, row, rss = msg
-        loss, dt = row[0], row[1]
-        o, p = row[2:7], row[7:12]
+        loss, dt, opt_s = row[0], row[1], row[2]
+        o, p = row[3:8], row[8:13]
         read, written = o[2] + p[2], o[3] + p[3]
         busy = read / r + written / w           # seconds the disk needs for these bytes at dd's rates
-        print(f"| {t} | {loss:.4f} | {dt:.1f} | {o[0] / 1e9:.2f} / {o[1] / 1e9:.2f} | {p[0] / 1e9:.2f} / "
+        print(f"| {t} | {loss:.4f} | {dt:.1f} ({opt_s:.1f}) | {o[0] / 1e9:.2f} / {o[1] / 1e9:.2f} | {p[0] / 1e9:.2f} / "
               f"{p[1] / 1e9:.2f} | {o[4] + p[4]:.1f} | {(read + written) / dt / 1e9:.2f} | {busy:.0f} s / "
               f"{dt:.0f} s = {busy / dt:.0%} | {rss:.2f} |", flush=True)
     procs.join()

@@ -152,3 +152,12 @@ def test_zero3_block_units_match_single_process(model):
                                                parallel__pp_virtual_stages=2)):
         res = run_ranks(_losses, 4 if "parallel.pp=2" in lay else 2, model, lay + steps)
         assert_close_curve(res[0][0], want, 1e-5, f"{model} {lay} units=block")
+
+
+def test_zero3_with_sequence_parallel_matches_single_process():
+    """Sequence parallel wraps its LayerNorms' parameters in a pre-hook; ZeRO-3 gathers them first."""
+    steps = ["train.steps=4", "parallel.sequence_parallel=true"]
+    want = reference_losses(config("gpt", steps))
+    for units in ("module", "block"):
+        res = run_ranks(_losses, 4, "gpt", layout(2, 2, 1, 3) + steps + [f"zero.units={units}"])
+        assert_close_curve(res[0][0], want, 1e-5, f"dp2 tp2 sp zero-3 units={units}")

@@ -113,7 +113,9 @@ class Stage3Params:
         self._pos_of: dict = {}                # module -> its position in this forward (-2: off trace)
         self._handles = []
         for m in self.needs:
-            self._handles.append(m.register_forward_pre_hook(self._pre_forward))
+            # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
+            # hook wraps them for its gradient all-reduce)
+            self._handles.append(m.register_forward_pre_hook(self._pre_forward, prepend=True))
             # a pipeline stage ends by raising from its last block's forward hook (split.py marks it):
             # ours must run before that one, or the unit would stay gathered with no backward hook
             self._handles.append(m.register_forward_hook(self._post_forward,
