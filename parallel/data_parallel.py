@@ -55,11 +55,12 @@ class GradReducer:
 
     def __init__(self, buckets: list, group: Group, mode: str, grad_dtype: torch.dtype,
                  keep_full_grads: bool, deferred: FlatBucket | None = None, on_grad=None,
-                 max_inflight: int = 2, auto_reset: bool = False):
+                 max_inflight: int = 2, auto_reset: bool = False, on_reduced=None):
         if mode not in ("all_reduce", "reduce_scatter"):
             raise ValueError(f"GradReducer mode {mode!r}: use 'all_reduce' or 'reduce_scatter'")
         self.buckets, self.deferred, self.group, self.mode = list(buckets), deferred, group, mode
         self.dtype, self.keep_full, self.on_grad = grad_dtype, keep_full_grads, on_grad
+        self.on_reduced = on_reduced                     # on_reduced(b) once b's reduced shard is in place
         self.max_inflight, self.auto_reset = max_inflight, auto_reset
         self.expected = 1
         self._sync = True
@@ -213,6 +214,8 @@ class GradReducer:
             b.flat_grad[b.lo:b.hi].copy_(out)           # stage 1: only the owned shard is reduced
         else:
             b.shard_grad, b.flat_grad = out, None        # stage 2/3: the full gradient is dropped
+            if self.on_reduced is not None and not b.deferred:
+                self.on_reduced(b)
 
     def _poll(self) -> None:
         """Retire finished reductions from the front; never keep more than max_inflight running."""

@@ -115,6 +115,33 @@ def test_offloaded_runs_reproduce_curves_and_move_the_implied_bytes(tmp_path):
         assert 0 < extra <= 4 * 64 and extra % 4 == 0, extra
 
 
+# --- without clipping the offloaded update overlaps backward: the same numbers -------------------------
+
+def _overlap(rank, world, path):
+    from parallel.mesh import Mesh
+    g = Mesh(dp=world).group("dp")
+    out = {}
+    for stage, opt, par in ((2, "cpu", "none"), (3, "nvme", "nvme")):
+        plain, model = _zero(g, stage, clip=None)
+        want = train(plain, model, g, G, 8)[0]
+        zero, model = _zero(g, stage, _cfg(path, opt, par), clip=None)
+        got = train(zero, model, g, G, 8)[0]
+        last = zero.offload_stats()["optimizer"]["last_step"]
+        out[stage] = (want, got, last["early_buckets"], sum(1 for b in zero._all if not b.deferred))
+        zero.close()
+    return out
+
+
+def test_update_overlaps_backward_without_clipping(tmp_path):
+    res = run_ranks(_overlap, 2, str(tmp_path))
+    for stage in (2, 3):
+        want = mean_over_ranks([r[stage] for r in res], key=0)
+        got = mean_over_ranks([r[stage] for r in res], key=1)
+        assert_curve(got, want, RTOL, f"stage {stage} overlapped offload vs no offload")
+        for r in res:                                 # every bucket was updated during backward
+            assert r[stage][2] == r[stage][3] > 0, (stage, r[stage][2:])
+
+
 # --- a disk that fills mid-step: rolled back on every rank, then training goes on exactly -------------
 
 class _FullDisk:
@@ -129,12 +156,12 @@ class _FullDisk:
         return os.pwrite(fd, buf, offset)
 
 
-def _full_disk(rank, world, path, stage, params):
+def _full_disk(rank, world, path, stage, params, clip=CLIP):
     from parallel.mesh import Mesh
     from parallel.offload import StoreFullError
     g = Mesh(dp=world).group("dp")
-    ref = reference_losses("gpt", "adamw", 6, G, CLIP) if rank == 0 else None
-    zero, model = _zero(g, stage, _cfg(path, "nvme", params))
+    ref = reference_losses("gpt", "adamw", 6, G, clip) if rank == 0 else None
+    zero, model = _zero(g, stage, _cfg(path, "nvme", params), clip=clip)
     losses = train(zero, model, g, G, 3)[0]
     full = _FullDisk()
     store = (zero._par_off if params == "nvme" else zero._opt_off).store
@@ -160,9 +187,11 @@ def _full_disk(rank, world, path, stage, params):
     return ref, losses, err, same, same_state
 
 
-@pytest.mark.parametrize("stage,params", [(2, "none"), (3, "nvme"), (3, "cpu")])
-def test_full_disk_mid_step_rolls_back_on_every_rank(tmp_path, stage, params):
-    res = run_ranks(_full_disk, 2, str(tmp_path), stage, params)
+@pytest.mark.parametrize("stage,params,clip", [(2, "none", CLIP), (3, "nvme", CLIP), (3, "cpu", CLIP),
+                                               (3, "nvme", None)])
+def test_full_disk_mid_step_rolls_back_on_every_rank(tmp_path, stage, params, clip):
+    """clip=None: the update overlaps backward, so the disk fills inside backward; the same rollback."""
+    res = run_ranks(_full_disk, 2, str(tmp_path), stage, params, clip)
     for _, _, err, same, same_state in res:
         assert err is not None and "rolled back on every dp rank" in err and "nvme_path" in err, err
         assert same and same_state

@@ -14,6 +14,12 @@ element, never in device memory. Each bucket's owned range ``[0, n_b)`` of its s
     param[s:e] ← master           (cast to the compute dtype; stage 3 with param offload: staged)
 
 so a step reads and writes exactly 12·Σ n_b bytes (on NVMe, each sub-group rounded up to 4 KiB).
+Without clipping and without an fp16 loss scale nothing global touches a bucket's gradient once it
+is reduced, so the update of that bucket starts right then, inside backward (the reducer calls
+:meth:`OptimizerOffload.update_early`), and the disk works while the earlier layers' backward
+computes; ``step()`` updates what is left (the tied, deferred bucket) and commits. The
+transaction spans both: an error, a non-finite gradient norm or a ``zero_grad()`` before
+``step()`` rolls the early updates back.
 AdamW is elementwise, so the sub-group split changes nothing: the result equals torch.optim.AdamW
 on the whole partition (bit for bit with the single-tensor kernel).
 
@@ -160,6 +166,7 @@ class OptimizerOffload:
         self.sink = None
         self.materialized = False
         self.last: dict = {}                                      # the last step's IO figures
+        self._early = None                                        # the open step (update_early … step)
 
     # --- construction -------------------------------------------------------------------------------
     def add_bucket(self, b) -> None:
@@ -194,17 +201,27 @@ class OptimizerOffload:
         return dict(lr=float(g["lr"]), betas=(beta1, beta2), eps=float(g["eps"]),
                     weight_decay=float(g["weight_decay"]), decoupled=bool(decoupled))
 
-    def step(self) -> dict:
-        """One update of every sub-group from ``b.master.grad``; all-or-nothing on NVMe (module doc).
-        Returns this step's IO figures (also in ``self.last``)."""
-        hp, t = self.hyper(), self.t
-        stores = [self.store] + ([self.sink.par.store] if self.sink.par is not None else [])
-        before = [st.stats for st in stores]
-        t0 = time.perf_counter()
-        busy = [0.0]
+    def _stores(self) -> list:
+        return [self.store] + ([self.sink.par.store] if self.sink.par is not None else [])
 
-        def update(i, ts):
+    def _open(self) -> dict:
+        """Begin the step's transaction (once): the state the streamed updates share until commit."""
+        if self._early is None:
+            stores = self._stores()
+            self._early = {"before": [st.stats for st in stores], "t0": time.perf_counter(), "busy": [0.0],
+                           "done": set(), "error": None, "hp": self.hyper(), "t": self.t, "prefetched": 0,
+                           "peak": 0}
+            for st in stores:
+                st.begin()
+        return self._early
+
+    def _stream(self, idx: list, run: dict) -> None:
+        """Update the sub-groups ``idx`` (global indices) from ``b.master.grad``."""
+        hp, t, busy = run["hp"], run["t"], run["busy"]
+
+        def update(j, ts):
             c0 = time.perf_counter()
+            i = idx[j]
             _, b, s, e = self.subgroups[i]
             x = ts[0]
             g = b.master.grad[s:e]
@@ -216,18 +233,52 @@ class OptimizerOffload:
                 self.sink.done(b)
             busy[0] += time.perf_counter() - c0
 
-        for st in stores:
-            st.begin()
-        error = None
+        stats = stream_update(self.store, [self.subgroups[i][0] for i in idx], update, buffers=self.buffers,
+                              prefetch_depth=self.depth)
+        run["prefetched"] += stats.prefetched
+        run["peak"] = max(run["peak"], stats.peak_resident)
+
+    def update_early(self, b, grad) -> None:
+        """Overlap: update bucket ``b``'s sub-groups as soon as its reduced gradient exists (during
+        backward), inside the step's transaction; :meth:`step` does the rest and commits. Exact when
+        nothing global scales the gradient afterwards (no clipping, no fp16 loss scale: the caller
+        checks). A store error is kept for :meth:`step`, which rolls every rank back."""
+        run = self._open()
+        if run["error"] is not None or b in run["done"]:
+            return
+        b.master.grad = grad
         try:
-            stats = stream_update(self.store, [k for k, *_ in self.subgroups], update, buffers=self.buffers,
-                                  prefetch_depth=self.depth)
-            for st in stores:
-                st.prepare()
+            self._stream([i for i, sg in enumerate(self.subgroups) if sg[1] is b], run)
+        except StoreError as e:
+            run["error"] = e
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            b.master.grad = None
+        run["done"].add(b)
+
+    def discard(self) -> None:
+        """Drop an open step (zero_grad or an error before step()): roll back what was updated early."""
+        if self._early is not None:
+            self._early = None
+            self._roll_back(self._stores())
+
+    def step(self) -> dict:
+        """One update of every sub-group from ``b.master.grad`` (the ones :meth:`update_early` did are
+        skipped); all-or-nothing on NVMe (module doc). Returns this step's IO figures (``self.last``)."""
+        stores = self._stores()
+        run = self._open()
+        error = run["error"]
+        try:
+            if error is None:
+                self._stream([i for i, sg in enumerate(self.subgroups) if sg[1] not in run["done"]], run)
+                for st in stores:
+                    st.prepare()
         except StoreError as e:
             error = e
         except BaseException:
-            self._roll_back(stores)
+            self.discard()
             raise
         atomic = any(st.medium == "nvme" for st in stores)
         if atomic and self.group.size > 1:                        # all ranks commit, or none does
@@ -238,20 +289,22 @@ class OptimizerOffload:
                 error = (StoreFullError if code.item() == 1 else StoreError)(
                     f"another dp rank could not write its offloaded state ({'disk full' if code.item() == 1 else 'IO error'})")
         if error is not None:
-            self._roll_back(stores)
+            self.discard()
             cls = StoreFullError if isinstance(error, StoreFullError) else StoreError
-            raise cls(f"optimizer step {t + 1} was rolled back on every dp rank: {error}. The model and the "
+            raise cls(f"optimizer step {run['t'] + 1} was rolled back on every dp rank: {error}. The model and the "
                       f"optimizer state are as before the step. Free space on zero.offload.nvme_path (or fix the "
                       f"IO error) and run the step again") from error
+        self._early = None
         for st in stores:
             st.commit()
         self.t += 1
         self.optimizer.step()      # a no-op (its params have no grads): torch's hooks and LR-scheduler checks
         after = [st.stats for st in stores]
-        self.last = {"step_s": time.perf_counter() - t0, "compute_s": busy[0], "subgroups": stats.subgroups,
-                     "prefetched": stats.prefetched, "peak_resident": stats.peak_resident,
+        self.last = {"step_s": time.perf_counter() - run["t0"], "compute_s": run["busy"][0],
+                     "subgroups": len(self.subgroups), "early_buckets": len(run["done"]),
+                     "prefetched": run["prefetched"], "peak_resident": run["peak"],
                      "stores": [{k: a[k] - b0[k] for k in a if isinstance(a[k], (int, float))}
-                                for a, b0 in zip(after, before)]}
+                                for a, b0 in zip(after, run["before"])]}
         return self.last
 
     def _roll_back(self, stores) -> None:

@@ -168,9 +168,12 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         if self.overlap_param_gather:
             self._hook_param_gathers(module)
         from ..data_parallel import GradReducer        # here: data_parallel imports zero.partition
+        # offloaded Adam overlaps backward when nothing global rescales the gradient after reduction
+        early = self._opt_off is not None and stage >= 2 and grad_clip is None and not self.scaler.enabled
         self.reducer = GradReducer(self.buckets, dp_group, "all_reduce" if stage == 0 else "reduce_scatter",
                                    dtype, keep_full_grads=stage < 2, deferred=self.deferred,
-                                   on_grad=self.stage3.on_grad if self.stage3 else None)
+                                   on_grad=self.stage3.on_grad if self.stage3 else None,
+                                   on_reduced=self._update_early if early else None)
 
     # --- construction -----------------------------------------------------------------------------
     @staticmethod
@@ -269,8 +272,15 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         return self.reducer.no_sync()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._opt_off is not None:
+            self._opt_off.discard()                    # a step begun in backward and never taken
         self.reducer.zero_grad()
         self._drop_master_grads()
+
+    def _update_early(self, b: FlatBucket) -> None:
+        """GradReducer callback (offload, no clipping, no fp16): update ``b`` while backward goes on."""
+        g = b.shard_grad
+        self._opt_off.update_early(b, g.float() if self.prec.master else g)
 
     def _drop_master_grads(self) -> None:
         for b in self._all:
@@ -317,7 +327,14 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                 b.master.grad = g.float().mul_(inv) if inv != 1.0 else g.float()
             else:
                 b.master.grad = g
-        v = self.grad_norm_sq()
+        try:
+            v = self.grad_norm_sq()
+        except BaseException:
+            if self._opt_off is not None:
+                self._opt_off.discard()                # an update begun in backward must not land
+            raise
+        if self._opt_off is not None and not math.isfinite(float(v.sum())):
+            self._opt_off.discard()
         total = float(v[0] + v[1])
         if self.scaler.enabled and not math.isfinite(float(v.sum())):
             msg = self.scaler.update(True)
