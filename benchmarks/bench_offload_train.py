@@ -191,7 +191,7 @@ def _scale_rank(rank, world, port, a, kw, out):
     t0 = time.perf_counter()
     model, rec = deferred_init(GPT, **kw)
     zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=a.lr), group, stage=3, init=rec,
-                         unit_types=(Block,), offload=cfg)
+                         unit_types=(Block,), offload=cfg, grad_clip=a.grad_clip)
     build = torch.tensor([time.perf_counter() - t0, _rss_gib()], dtype=torch.float64)
     dist.all_reduce(build, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -293,6 +293,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--dd-gib", type=float, default=4.0)
+    ap.add_argument("--grad-clip", type=float, default=None,
+                    help="scale: clip the global grad norm (then the update cannot start inside backward)")
     ap.add_argument("--ranks", type=int, default=2, help="scale: dp ranks (processes), each holding 1/ranks of the state")
     a = ap.parse_args()
     if a.mode == "overhead":

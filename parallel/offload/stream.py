@@ -35,13 +35,16 @@ class StreamStats:
     write_waits: int = 0            # times a new read had to wait for an older write-back
 
 
-def stream_update(store, groups, fn, *, buffers: int = 2, prefetch_depth: int = 1) -> StreamStats:
+def stream_update(store, groups, fn, *, buffers: int = 2, prefetch_depth: int = 1,
+                  wait_writes: bool = True) -> StreamStats:
     """Apply ``fn(i, tensors)`` to every sub-group ``groups[i]`` of ``store``, in order, in place.
 
     ``groups`` is a list whose items are a key or a tuple/list of keys (one sub-group, e.g. the
     fp32 master weights, exp_avg and exp_avg_sq of one slice of the partition). ``fn`` receives the
     resident tensors in the same order and updates them in place (return None), or returns a list
     of tensors to store instead. Everything is written back to the store. Returns :class:`StreamStats`.
+    ``wait_writes=False`` returns with the last write-backs still in flight (the store's ``flush`` /
+    ``prepare`` waits for them and reports their errors), so the caller computes while the disk writes.
     """
     if buffers < 1 or prefetch_depth < 0:
         raise StoreConfigError(f"stream_update needs buffers ≥ 1 and prefetch_depth ≥ 0, got {buffers}, {prefetch_depth}")
@@ -94,7 +97,7 @@ def stream_update(store, groups, fn, *, buffers: int = 2, prefetch_depth: int = 
             for k in keys:
                 store.release(k)
                 held.discard(k)
-        while writing:
+        while writing and wait_writes:
             for h in writing.popleft():
                 h.wait()
     except BaseException:

@@ -215,7 +215,7 @@ class OptimizerOffload:
                 st.begin()
         return self._early
 
-    def _stream(self, idx: list, run: dict) -> None:
+    def _stream(self, idx: list, run: dict, wait_writes: bool = True) -> None:
         """Update the sub-groups ``idx`` (global indices) from ``b.master.grad``."""
         hp, t, busy = run["hp"], run["t"], run["busy"]
 
@@ -234,7 +234,7 @@ class OptimizerOffload:
             busy[0] += time.perf_counter() - c0
 
         stats = stream_update(self.store, [self.subgroups[i][0] for i in idx], update, buffers=self.buffers,
-                              prefetch_depth=self.depth)
+                              prefetch_depth=self.depth, wait_writes=wait_writes)
         run["prefetched"] += stats.prefetched
         run["peak"] = max(run["peak"], stats.peak_resident)
 
@@ -248,7 +248,8 @@ class OptimizerOffload:
             return
         b.master.grad = grad
         try:
-            self._stream([i for i, sg in enumerate(self.subgroups) if sg[1] is b], run)
+            # the last writes stay in flight while backward goes on; prepare() in step() waits for them
+            self._stream([i for i, sg in enumerate(self.subgroups) if sg[1] is b], run, wait_writes=False)
         except StoreError as e:
             run["error"] = e
         except BaseException:
