@@ -13,7 +13,9 @@ bytes moved per step and time waiting on IO.
 
 scale: ``--ranks`` gloo processes (default 2), ZeRO stage 3 with ``params=nvme`` and
 ``optimizer=nvme``, the model built on the meta device and written to the stores unit by unit; each
-process holds its 1/ranks partition of the gradient in memory and everything else on disk. Reported per step: loss, step time, bytes read
+process holds its 1/ranks partition of the gradient in memory and everything else on disk.
+Without ``--grad-clip`` each unit's Adam update starts inside backward as soon as its gradient is
+reduced; "optimizer step" seconds count from that first update to the commit. Reported per step: loss, step time, bytes read
 and written by each store, time waiting on reads, achieved disk throughput against the disk's own
 sequential bandwidth measured in the same run (``dd``-style O_DIRECT, one thread), peak RSS.
 """
