@@ -23,84 +23,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any
 
+from . import deepspeed_keys as K
 from .config import Config, ConfigError
 
 AUTO = "auto"
 _MISSING = object()
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_PERF = "speed/memory tuning only; the numbers do not change"
-
-# top level: key → why it is ignored
-_IGNORED = {
-    "steps_per_print": "logging cadence; parallel3d logs every train.log_every steps",
-    "wall_clock_breakdown": "timing printout only", "memory_breakdown": "memory printout only",
-    "dump_state": "debug printout only", "flops_profiler": "profiler only", "comms_logger": "logging only",
-    "tensorboard": "monitor output; parallel3d writes train.metrics_file", "wandb": "monitor output",
-    "csv_monitor": "monitor output", "comet": "monitor output", "timers": "timing only", "log_level": "logging only",
-    "zero_allow_untested_optimizer": "permission flag; parallel3d's ZeRO runs every optimizer it builds",
-    "zero_force_ds_cpu_optimizer": "picks DeepSpeed's CPU Adam kernel; offloaded Adam is the same math",
-    "activation_checkpointing": "recomputation trades time for memory; the numbers do not change",
-    "aio": "NVMe IO tuning; parallel3d sizes its IO with zero.offload.buffer_*", "autotuning": "DeepSpeed's tuner",
-    "checkpoint": "DeepSpeed checkpoint-engine options; parallel3d uses train.checkpoint",
-    "nebula": "DeepSpeed checkpoint service", "compile": "compilation; speed only", "disable_python_gc": _PERF,
-    "disable_allgather": _PERF, "fp32_allreduce": "all-reduce dtype: rounding only, the mean is the same",
-    "communication_data_type": "all-reduce dtype: rounding only, the mean is the same",
-    "prescale_gradients": "only moves the 1/N of the gradient mean before the all-reduce",
-    "gradient_predivide_factor": "only splits the 1/N of the gradient mean around the all-reduce",
-    "sparse_gradients": "sparse embedding-gradient all-reduce; the sum is the same", "graph_harvesting": _PERF,
-    "seq_parallel_communication_data_type": "Ulysses sequence parallel only", "dataloader_drop_last":
-    "DeepSpeed's dataloader; parallel3d takes exact global batches", "pipeline": "DeepSpeed PipelineModule "
-    "options; parallel3d's pipeline layout comes from parallel.pp*", "use_data_before_expert_parallelism": "MoE only",
-}
-# top level: key → (values that mean "off", why an "on" value is an error and what to do)
-_OFF_ONLY = {
-    "gradient_allreduce_op": (("mean",), "a summed (not averaged) gradient changes every update: use \"mean\""),
-    "managed_gradient_accumulation": ((True,), "parallel3d owns the accumulation boundary: remove the key"),
-    "sequence_parallel_size": ((1,), "DeepSpeed-Ulysses is not available: remove it (see parallel.sequence_parallel)"),
-}
-# blocks that change the model, data or math when enabled
-_FEATURES = ("amp", "torch_autocast", "elasticity", "curriculum_learning", "data_efficiency", "eigenvalue",
-             "progressive_layer_drop", "quantize_training", "hybrid_engine", "tensor_parallel")
-_PRESENT_MEANS_ON = ("compression_training", "sparse_attention", "weight_quantization")
-
-_ZERO_IGNORED = {k: _PERF for k in (
-    "contiguous_gradients", "reduce_scatter", "allgather_partitions", "allgather_bucket_size", "round_robin_gradients",
-    "use_multi_rank_bucket_allreduce", "sub_group_size", "stage3_param_persistence_threshold",
-    "stage3_model_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
-    "zero_hpz_partition_size", "mics_shard_size", "mics_hierarchical_params_gather", "memory_efficient_linear",
-    "override_module_apply", "cpu_offload_use_pin_memory", "stage3_module_granularity_threshold",
-    "module_granularity_threshold", "log_trace_cache_warnings", "stage3_use_all_reduce_for_fetch_params")}
-_ZERO_IGNORED.update({
-    "overlap_comm": "parallel3d overlaps gradient communication with backward on its own; the numbers do not change",
-    "load_from_fp32_weights": "checkpoint loading; parallel3d checkpoints keep fp32 master weights",
-    "elastic_checkpoint": "checkpoint format; parallel3d checkpoints reshard on load",
-    "stage3_gather_16bit_weights_on_model_save": "save format; parallel3d saves sharded checkpoints",
-    "stage3_gather_fp16_weights_on_model_save": "save format; parallel3d saves sharded checkpoints",
-    "pipeline_loading_checkpoint": "checkpoint loading detail",
-    "ignore_unused_parameters": "error-reporting switch for unused parameters",
-})
-_ZERO_OFF_ONLY = {k: ((False,), "quantized ZeRO communication changes the numbers: set it to false")
-                  for k in ("zero_quantized_weights", "zero_quantized_nontrainable_weights",
-                            "zero_quantized_gradients")}
-_ZERO_OFF_ONLY["legacy_stage1"] = ((False,), "the legacy stage-1 implementation is gone from DeepSpeed: remove it")
-_ZERO_OFF_ONLY["zenflow"] = ((None,), "ZenFlow's stale, partial updates change the numbers: remove it")
-_OFFLOAD_IGNORED = {k: _PERF for k in ("pin_memory", "fast_init", "pipeline_read", "pipeline_write", "pipeline",
-                                       "max_in_cpu", "ratio")}
-_FP16_OFF_ONLY = {
-    "auto_cast": ((False,), "DeepSpeed would cast float inputs to fp16; parallel3d's policy casts the model only: "
-                            "set it to false"),
-    "consecutive_hysteresis": ((False,), "the loss scaler refills its hysteresis only when the scale grows: set it "
-                                         "to false"),
-    "fp16_master_weights_and_grads": ((False,), "parallel3d keeps fp32 master weights: set it to false"),
-}
-_BF16_OFF_ONLY = {
-    "check_overflow": ((False,), "DeepSpeed would skip bf16 steps with inf/nan gradients: set it to false"),
-    "check_grad_overflow": ((False,), "DeepSpeed would skip bf16 steps with inf/nan gradients: set it to false"),
-    "bf16_master_weights_and_grads": ((False,), "parallel3d keeps fp32 master weights: set it to false"),
-    "bf16_optimizer_states": ((False,), "parallel3d keeps fp32 optimizer states: set it to false"),
-}
 
 
 class _Mapper:
@@ -208,11 +137,11 @@ class _Mapper:
         for k, v in self.ds.items():
             if k in handled:
                 continue
-            if k in _IGNORED:
-                self.ignore(k, _IGNORED[k])
-            elif k in _OFF_ONLY:
-                self.off_only(k, v, *_OFF_ONLY[k])
-            elif k in _FEATURES or k in _PRESENT_MEANS_ON:
+            if k in K.IGNORED:
+                self.ignore(k, K.IGNORED[k])
+            elif k in K.OFF_ONLY:
+                self.off_only(k, v, *K.OFF_ONLY[k])
+            elif k in K.FEATURES or k in K.PRESENT_MEANS_ON:
                 self.map_feature(k, v)
             elif k == "data_types":
                 self.map_data_types(v)
@@ -222,7 +151,7 @@ class _Mapper:
         return self.out, self.lines
 
     def map_feature(self, k, v):
-        if k in _PRESENT_MEANS_ON:
+        if k in K.PRESENT_MEANS_ON:
             on = True
         elif k == "tensor_parallel":
             on = isinstance(v, dict) and v.get("autotp_size", 1) not in (0, 1, AUTO)
@@ -263,7 +192,7 @@ class _Mapper:
         if bf16 is not None:
             if src != bname:
                 self.ignore(f"{bname}.enabled", f"{json.dumps(bf16.get('enabled', False))}: bf16 is off")
-            self.sub_keys(bf16, bname, {"enabled"}, {"immediate_grad_update": _PERF}, _BF16_OFF_ONLY)
+            self.sub_keys(bf16, bname, {"enabled"}, {"immediate_grad_update": K.PERF}, K.BF16_OFF_ONLY)
         if fp16 is not None:
             self.map_fp16(fp16, f_on, src)
 
@@ -271,7 +200,7 @@ class _Mapper:
         if src != "fp16":
             self.ignore("fp16.enabled", f"{json.dumps(fp16.get('enabled', False))}: fp16 is off")
         scale_keys = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
-        self.sub_keys(fp16, "fp16", {"enabled", *scale_keys}, None, _FP16_OFF_ONLY)
+        self.sub_keys(fp16, "fp16", {"enabled", *scale_keys}, None, K.FP16_OFF_ONLY)
         if not on:
             for k in scale_keys:
                 if k in fp16:
@@ -339,7 +268,7 @@ class _Mapper:
         b = self.block("optimizer")
         if b is None:
             return
-        self.sub_keys(b, "optimizer", {"type", "params"}, {"legacy_fusion": _PERF})
+        self.sub_keys(b, "optimizer", {"type", "params"}, {"legacy_fusion": K.PERF})
         typ, p = b.get("type"), b.get("params") or {}
         if not isinstance(p, dict):
             self.fail("optimizer.params", f"expected a JSON object, got {json.dumps(p)}")
@@ -353,7 +282,7 @@ class _Mapper:
             off = {"bias_correction": ((True,), "Adam without bias correction is not available: remove it"),
                    "amsgrad": ((False,), "AMSGrad is not available: remove it"),
                    "max_grad_norm": ((), "DeepSpeed rejects it too: use the top-level gradient_clipping")}
-            ign = {k: _PERF for k in ("foreach", "fused", "capturable", "differentiable", "set_grad_none")}
+            ign = {k: K.PERF for k in ("foreach", "fused", "capturable", "differentiable", "set_grad_none")}
             for k, what in (("adam_w_mode", f"optimizer.name = {json.dumps(name)}"),
                             ("torch_adam", "torch.optim class: unset fields keep torch's defaults")):
                 if k in p:
@@ -366,7 +295,7 @@ class _Mapper:
             off = {"dampening": ((0, 0.0), "SGD dampening is not available: remove it"),
                    "nesterov": ((False,), "Nesterov SGD is not available: remove it"),
                    "maximize": ((False,), "remove it")}
-            ign, wd = {k: _PERF for k in ("foreach", "fused", "differentiable")}, (None, "torch's default")
+            ign, wd = {k: K.PERF for k in ("foreach", "fused", "differentiable")}, (None, "torch's default")
         else:
             self.fail("optimizer.type", f"{json.dumps(typ)} is not available in parallel3d (it has AdamW, Adam and "
                                         f"SGD); another optimizer changes every update: use \"AdamW\" or \"SGD\"")
@@ -462,7 +391,7 @@ class _Mapper:
             self.fail("zero_optimization", f"expected a JSON object, got {json.dumps(z)}")
         mapped = {"stage", "reduce_bucket_size", "stage3_prefetch_bucket_size", "prefetch_bucket_size",
                   "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param"}
-        self.sub_keys(z, "zero_optimization", mapped, _ZERO_IGNORED, _ZERO_OFF_ONLY)
+        self.sub_keys(z, "zero_optimization", mapped, K.ZERO_IGNORED, K.ZERO_OFF_ONLY)
         stage = self.value(z, "stage", "zero.stage", 0)
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
             self.fail("zero_optimization.stage", f"{json.dumps(stage)} must be 0, 1, 2 or 3 (there is no stage "
@@ -503,7 +432,7 @@ class _Mapper:
                 self.fail(pre, f"expected a JSON object, got {json.dumps(blk)}")
             blocks[name] = blk
             known = {"device", "nvme_path", "buffer_count"} | ({"buffer_size"} if name == "offload_param" else set())
-            self.sub_keys(blk, pre, known, _OFFLOAD_IGNORED)
+            self.sub_keys(blk, pre, known, K.OFFLOAD_IGNORED)
             dev = self.value(blk, "device", f"zero.offload.{ours}", "none") or "none"
             if dev not in ("none", "cpu", "nvme"):
                 self.fail(f"{pre}.device", f"{json.dumps(dev)} must be \"cpu\", \"nvme\" or \"none\"")
