@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from .ring import ring_all_gather, ring_reduce_scatter, use_ring
 
 __all__ = [
     "CommStats", "Group", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
@@ -158,8 +159,11 @@ def all_gather(t: torch.Tensor, group: Group, dim: int = 0, async_op: bool = Fal
     out = torch.empty((group.size * src.shape[0],) + tuple(src.shape[1:]), dtype=t.dtype, device=t.device)
     _trace(group, "all_gather", src)
     group.stats.record(group.axis, "all_gather", _nbytes(out), _ring(group.size, _nbytes(out)))
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = _quiet(fn, out, src, group=group.pg, async_op=async_op)
+    if use_ring(group, out):                       # gloo: p2p ring (parallel/ring.py)
+        work = ring_all_gather(out.view(-1), src.reshape(-1), group, async_op=async_op)
+    else:
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = _quiet(fn, out, src, group=group.pg, async_op=async_op)
     if dim != 0:
         if async_op:
             work.wait()
@@ -178,8 +182,11 @@ def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0, op: str = "sum",
     out = torch.empty((src.shape[0] // group.size,) + tuple(src.shape[1:]), dtype=t.dtype, device=t.device)
     _trace(group, "reduce_scatter", src)
     group.stats.record(group.axis, "reduce_scatter", _nbytes(src), _ring(group.size, _nbytes(src)))
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    work = _quiet(fn, out, src, op=_REDUCE_OPS[op], group=group.pg, async_op=async_op)
+    if op == "sum" and use_ring(group, src):       # gloo: p2p ring (parallel/ring.py)
+        work = ring_reduce_scatter(out.view(-1), src.reshape(-1), group, async_op=async_op)
+    else:
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        work = _quiet(fn, out, src, op=_REDUCE_OPS[op], group=group.pg, async_op=async_op)
     if dim != 0:
         if async_op:
             work.wait()

@@ -34,6 +34,7 @@ MIN_BYTES = 256 << 10          # below this, gloo's own collectives (one message
 SUB_BYTES = 1 << 20            # bytes per pipelined sub-chunk
 _TAG_BASE = 1 << 24
 _tags: dict = {}
+_gloo: dict = {}
 calls = {"reduce_scatter": 0, "all_gather": 0}       # how often each ran (tests check the path is taken)
 
 
@@ -41,10 +42,13 @@ def use_ring(group, t: torch.Tensor) -> bool:
     """True for a gloo group of ≥ 2 ranks and a CPU tensor of at least ``MIN_BYTES``."""
     if group.size < 2 or t.device.type != "cpu" or t.numel() * t.element_size() < MIN_BYTES:
         return False
-    try:
-        return dist.get_backend(group.pg) == "gloo"
-    except (RuntimeError, ValueError):
-        return False
+    gloo = _gloo.get(group.pg)
+    if gloo is None:                                  # asked once per process group, not per call
+        try:
+            gloo = _gloo[group.pg] = dist.get_backend(group.pg) == "gloo"
+        except (RuntimeError, ValueError):
+            return False
+    return gloo
 
 
 def _next_tag(pg) -> int:

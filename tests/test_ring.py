@@ -10,6 +10,7 @@ from harness import run_ranks
 def _ring(rank, world):
     import torch.distributed as dist
     from parallel.mesh import Mesh
+    import parallel.ring as ring
     from parallel.ring import MIN_BYTES, ring_all_gather, ring_reduce_scatter, use_ring
     g = Mesh(dp=world).group("dp")
     out = {"use": (use_ring(g, torch.empty(MIN_BYTES // 4)), use_ring(g, torch.empty(MIN_BYTES // 4 - 1)))}
@@ -39,6 +40,15 @@ def _ring(rank, world):
             dist.all_gather(want, o, group=g.pg)
             same.append(torch.equal(big, torch.cat(want)))
         out[str(dtype)] = (errs, same)
+    from parallel import comm                                       # the counted collectives take the ring too
+    before = dict(ring.calls)
+    y = torch.randn(world * 256, 300, generator=torch.Generator().manual_seed(rank))   # 2-D, ≥ MIN_BYTES
+    want = y.clone()
+    dist.all_reduce(want, group=g.pg)
+    got = comm.reduce_scatter(y, g)
+    gathered = comm.all_gather(got, g)
+    out["comm"] = ((got - want.chunk(world)[rank]).abs().max().item(), (gathered - want).abs().max().item(),
+                   {k: ring.calls[k] - before[k] for k in before})
     inplace = torch.full((world * 300_000,), float(rank))
     ring_all_gather(inplace, inplace.chunk(world)[rank], g)         # the shard is out's own slice
     out["inplace"] = torch.equal(inplace, torch.arange(world, dtype=torch.float32).repeat_interleave(300_000))
@@ -50,6 +60,8 @@ def test_ring_equals_gloo_collectives(world):
     for r in run_ranks(_ring, world):
         assert r["use"] == (True, False)
         assert r["inplace"]
+        rs_err, ag_err, calls = r["comm"]
+        assert rs_err <= 1e-5 and ag_err <= 1e-5 and calls == {"reduce_scatter": 1, "all_gather": 1}, r["comm"]
         for dtype, tol in (("torch.float32", 1e-6), ("torch.bfloat16", 2e-2)):
             errs, same = r[dtype]
             assert all(same), (dtype, same)
