@@ -6,7 +6,7 @@ the NVMe store side by side with Hugging Face accelerate's disk offload, on the 
 Both engines start from the same safetensors file and run the same greedy loop (one full forward
 per generated token over the last ``seq_len`` tokens), so their tokens must agree:
 
-* ``parallel3d``: the GPT is built on the meta device; :class:`parallel.inference.StreamedInference`
+* ``parallel3d``: the GPT is built on the meta device; :class:`parallel.zero.inference.StreamedInference`
   reads the file one tensor at a time (``SafetensorsFile``: pread, no memory map), writes it unit by
   unit (one per transformer block and per embedding, plus the root's final norm and head) into an
   :class:`~parallel.offload.NvmeStore` of ``4 × budget/4`` buffers read with O_DIRECT, and streams
@@ -63,7 +63,7 @@ def _save(kw, path):
 def _ours(kw, path, workdir, budget, prompt, n_new, threads, direct, q):
     torch.set_num_threads(threads)
     from examples.gpt import GPT, Block
-    from parallel.inference import SafetensorsFile, StreamedInference
+    from parallel.zero.inference import SafetensorsFile, StreamedInference
     from parallel.offload import NvmeStore
     base = _rss_mib()
     with torch.device("meta"):                                  # as accelerate's init_empty_weights

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         report: list = []
         cfg = load_config(known.config, overrides, deepspeed=known.deepspeed, report=report)
         if report:
-            from parallel.deepspeed_config import format_report
+            from parallel.config.deepspeed import format_report
             print(format_report(report, known.deepspeed or "deepspeed: (from the YAML)"), flush=True)
         nnodes = _flag_value(torchrun, "--nnodes")
         nnodes_n = int(str(nnodes).split(":")[-1]) if nnodes else 1

@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from parallel.checkpoint import latest, load_full, read_meta
+from parallel.checkpoint.sharded import latest, load_full, read_meta
 from parallel.config import import_object
 
 

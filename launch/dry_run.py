@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 
+import torch
 import yaml
 
-from parallel.config import Config
+from launch.plan import spec_from_model
+from parallel.config import Config, import_object
+from parallel.pipeline import describe_split
+from parallel.planning.planner import Layout, TrainSpec, predict
 
 
 def _mib(x: float) -> str:
@@ -16,10 +20,6 @@ def _mib(x: float) -> str:
 
 
 def _prediction(cfg: Config):
-    import torch
-    from launch.plan import spec_from_model
-    from parallel.config import import_object
-    from parallel.planner import Layout, TrainSpec, predict
     factory = import_object(cfg.model.factory, "model.factory")
     with torch.device("meta"):
         model = factory(**cfg.model.kwargs)
@@ -36,14 +36,12 @@ def _prediction(cfg: Config):
 def _split(model, cfg: Config) -> str | None:
     if cfg.parallel.pp == 1:
         return None
-    from parallel.pipeline import describe_split
     args = (cfg.parallel.pp, cfg.parallel.pp_virtual_stages, cfg.parallel.pp_split)
     try:
         return str(describe_split(model, *args))
     except Exception as e:                       # a model whose forward needs real tensors
         if sum(p.numel() for p in model.parameters()) > 200_000_000:
             return f"(stage split not shown: the model's forward does not run on the meta device: {e})"
-    from parallel.config import import_object
     real = import_object(cfg.model.factory, "model.factory")(**cfg.model.kwargs)     # small: build it for real
     return str(describe_split(real, *args))
 

@@ -2,7 +2,7 @@
 
 Every rank calls :meth:`MetricsLog.log` once per step (train.py does). Each step all ranks join one
 small control all-gather (over the world process group, deliberately not counted in
-:class:`~parallel.comm.CommStats`) of [peak RSS, peak device memory, pipeline wait s, pipeline
+:class:`parallel.comm.CommStats`) of [peak RSS, peak device memory, pipeline wait s, pipeline
 compute s]; rank 0 appends one JSON object to ``train.metrics_file``:
 
     step, loss, lr, step_s, samples_per_s, tokens_per_s, flops_per_step, mfu, peak_flops,
@@ -10,7 +10,7 @@ compute s]; rank 0 appends one JSON object to ``train.metrics_file``:
     peak_rss_bytes_per_rank, device_peak_bytes_per_rank (CUDA only), comm (rank 0's CommStats of
     the step per axis: {axis: {op: {calls, payload_bytes, wire_bytes, meta_bytes}}})
 
-Model FLOPs (:mod:`parallel.flops`): 6·N + 12·L·h·s per token for a GPT, counted once by
+Model FLOPs (:mod:`parallel.planning.flops`): 6·N + 12·L·h·s per token for a GPT, counted once by
 FlopCounterMode on the engine's meta-device template with one micro-batch shaped like a dataset
 sample, times the micro-batches of the global batch. MFU = flops_per_step / (step_s · world ·
 peak), the peak per device from ``train.peak_flops`` (when the config has it), ``$P3D_PEAK_FLOPS``,
@@ -115,7 +115,7 @@ class MetricsLog:
     def _measure(self, engine) -> None:
         """FLOPs per step (meta template, one micro-batch) and the per-device peak; never fatal."""
         self._measured = True
-        from parallel import flops
+        from parallel.planning import flops
         d = self.cfg.data
         try:
             x = self._sample()
@@ -178,7 +178,7 @@ class MetricsLog:
         return rec
 
     def _figures(self, step_s: float, engine, table: torch.Tensor) -> dict:
-        from parallel.flops import mfu
+        from parallel.planning.flops import mfu
         d = self.cfg.data
         out = {"lr": None, "tokens_per_s": None, "flops_per_step": self.flops_per_step,
                "mfu": mfu(self.flops_per_step, step_s, self.mesh.world_size, self.peak), "peak_flops": self.peak,

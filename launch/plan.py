@@ -8,7 +8,7 @@
                           --latency-us 20 --precision bf16
 
 Every valid (dp, tp, pp, ZeRO stage, micro-batch count, schedule, sequence parallel) of ``--world``
-ranks is predicted by :mod:`parallel.planner` (per-rank model states, activations by schedule and
+ranks is predicted by :mod:`parallel.planning.planner` (per-rank model states, activations by schedule and
 communication bytes); layouts whose peak exceeds ``--memory`` per device are dropped and the rest
 ranked by predicted step time (compute at ``--peak-tflops``, the pipeline bubble simulated,
 communication at ``--latency-us`` + bytes / ``--bandwidth-gbs``). Defaults describe this machine
@@ -21,7 +21,11 @@ import json
 import re
 import sys
 
-from parallel.planner import Hardware, Layout, ModelSpec, TrainSpec, check_layout, predict
+import torch
+
+from parallel.config import import_object, load_config
+from parallel.planning.flops import gpt_flops_per_token, gpt_matmul_params, peak_flops
+from parallel.planning.planner import Hardware, Layout, ModelSpec, TrainSpec, check_layout, predict
 
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
           "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
@@ -115,7 +119,6 @@ def _spec_and_train(args) -> tuple[ModelSpec, TrainSpec]:
     gb, prec, opt, bucket, seq = args.global_batch, args.precision, args.optimizer, args.bucket_mb, args.seq
     momentum = False
     if args.config:
-        from parallel.config import load_config
         cfg = load_config(args.config, args.overrides)
         gb = gb or cfg.data.global_batch_size
         prec, opt, bucket = prec or cfg.precision, opt or cfg.optimizer.name, bucket or cfg.zero.bucket_mb
@@ -123,8 +126,6 @@ def _spec_and_train(args) -> tuple[ModelSpec, TrainSpec]:
         seq = seq or cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
         args.model, args.model_kwargs = args.model or cfg.model.factory, args.model_kwargs or json.dumps(cfg.model.kwargs)
     if args.model:
-        import torch
-        from parallel.config import import_object
         factory = import_object(args.model, "--model")
         with torch.device("meta"):                       # structure only: no memory, no init
             model = factory(**json.loads(args.model_kwargs or "{}"))
@@ -178,15 +179,13 @@ def main(argv=None, out=None) -> int:
         if args.peak_tflops:
             peak, source = args.peak_tflops * 1e12, "given"
         else:
-            from parallel.flops import peak_flops
-            peak, source = peak_flops(dtype=__import__("torch").float32)
+            peak, source = peak_flops(dtype=torch.float32)
         hw = Hardware(memory, peak, args.bandwidth_gbs * 1e9, args.latency_us * 1e-6)
         best, preds = plan(spec, args.world, tr, hw, args.top, zero=tuple(args.zero), schedules=args.schedules,
                            sp=(False,) if args.no_sp else (False, True), max_micro_batches=args.max_micro_batches)
     except (ValueError, ImportError) as e:
         print(f"launch.plan: {e}", file=sys.stderr)
         return 2
-    from parallel.flops import gpt_flops_per_token, gpt_matmul_params
     n = gpt_matmul_params(spec.n_layer, spec.hidden, spec.vocab, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)
     print(f"model: {spec.n_layer} layers, h={spec.hidden}, heads={spec.heads}, vocab={spec.vocab}, seq={spec.seq} "
           f"({n:,} matmul params; {gpt_flops_per_token(spec.n_layer, spec.hidden, spec.seq, spec.vocab, ffn=spec.ffn_, kv_hidden=spec.kv_hidden, mlp_matrices=spec.mlp_matrices):,} FLOPs/token)",

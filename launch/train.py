@@ -8,12 +8,12 @@ JSON object per step to train.metrics_file and prints a progress line.
 Failures (docs/failures.md): a rank that fails prints ``rank R failed at step S (phase):`` with its
 traceback (once per job), ranks that then lose their peers print one line, and every process
 exits non-zero at once; a watchdog ends a rank stuck in one phase for train.timeout_s
-(:mod:`parallel.watchdog`). A worker that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
+(:mod:`parallel.reliability.watchdog`). A worker that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
 resumes from the newest complete checkpoint in train.checkpoint.dir, data position and RNG
 included, and the metrics file keeps one line per step. train.on_nonfinite decides what a
 non-finite gradient does (stop: end the job naming the step; skip: skip that update);
-train.check_collectives compares collective fingerprints every step (:mod:`parallel.fingerprint`);
-train.fault or $P3D_FAULT injects a fault (:mod:`parallel.faults`).
+train.check_collectives compares collective fingerprints every step (:mod:`parallel.reliability.fingerprint`);
+train.fault or $P3D_FAULT injects a fault (:mod:`parallel.reliability.faults`).
 """
 from __future__ import annotations
 
@@ -31,14 +31,15 @@ import torch
 import torch.nn as nn
 
 from launch.metrics import RANKS_FILE, MetricsLog
-from parallel import checkpoint, comm
+from parallel import checkpoint
+from parallel import comm
 from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
-from parallel.faults import Injector, StepHooks, fault_from, restart_attempt
-from parallel.fingerprint import Checker, Recorder
+from parallel.reliability.faults import Injector, StepHooks, fault_from, restart_attempt
+from parallel.reliability.fingerprint import Checker, Recorder
 from parallel.mesh import Mesh, init_distributed
-from parallel.watchdog import (EXIT_FAILURE, Progress, Watchdog, default_store, failure_report, group_timeout_s,
+from parallel.reliability.watchdog import (EXIT_FAILURE, Progress, Watchdog, default_store, failure_report, group_timeout_s,
                                is_peer_failure, set_default_group_timeout, terminate)
 from parallel.zero import StepResult
 

@@ -21,15 +21,18 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from . import comm
-from .config import Config, ConfigError
-from .data import split_micro
-from .layout import meta_copy
-from .loss import cross_entropy, logits_of, resolve_loss
-from .lr_schedule import build_scheduler
-from .mesh import Mesh
-from .optim import optimizer_factory
-from .zero import ZeroOptimizer
+from parallel import comm
+from parallel.checkpoint import engine_state
+from parallel.checkpoint.layout import meta_copy
+from parallel.config import Config, ConfigError
+from parallel.data import split_micro
+from parallel.loss import cross_entropy, logits_of, resolve_loss
+from parallel.mesh import Mesh
+from parallel.optim.factory import optimizer_factory
+from parallel.optim.lr_schedule import build_scheduler
+from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_model, sync_tied_grads
+from parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
+from parallel.zero import ZeroOptimizer
 
 
 class Engine:
@@ -56,7 +59,6 @@ class Engine:
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
-            from .pipeline import PipelineExecutor, get_schedule
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn)
         self.step_count = 0
@@ -66,7 +68,6 @@ class Engine:
     @staticmethod
     def _block_types(model: nn.Module) -> tuple:
         """zero.units=block: the classes of the model's repeated blocks (the pipeline split's body)."""
-        from .pipeline.split import find_body
         try:
             body = find_body(model)[1]
         except ValueError as e:
@@ -76,11 +77,9 @@ class Engine:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel
         if p.tp > 1:
-            from .tp_plan import apply_tensor_parallel
             apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
         if p.pp == 1:
             return [model]
-        from .pipeline import split_model
         stages = split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
         for st in stages:       # the converted model's flags, for the loss and the layout probe
             for k in ("tp_vocab_parallel_output", "tp_group", "tp_sequence_parallel"):
@@ -94,7 +93,6 @@ class Engine:
             if fn is not cross_entropy:
                 raise ConfigError(f"loss={self.cfg.loss!r}: the tensor-parallel plan leaves the logits split by "
                                   f"vocabulary, which only loss=cross_entropy handles; use a plan whose head gathers")
-            from .tensor_parallel import vocab_parallel_cross_entropy
             tp = self.tp
 
             def fn(out, y):
@@ -120,7 +118,6 @@ class Engine:
                 total += loss.item()
             local = total / len(micro)
         else:
-            from .pipeline import sync_tied_grads
             self.executor.loss_scale = z.loss_scale
             local = self.executor.run(micro)
             sync_tied_grads(self.stages, self.pp)
@@ -210,22 +207,18 @@ class Engine:
 
     # --- state ------------------------------------------------------------------------------------
     def save(self, path: str, extra_meta: dict | None = None) -> str:
-        from .engine_state import save_engine
-        return save_engine(self, path, extra_meta or {})
+        return engine_state.save_engine(self, path, extra_meta or {})
 
     def load(self, path: str) -> dict:
-        from .engine_state import load_engine
-        return load_engine(self, path)
+        return engine_state.load_engine(self, path)
 
     def full_state_dict(self) -> dict | None:
         """The unmodified model's state_dict (collective; returned on rank 0, None elsewhere)."""
-        from .engine_state import full_state_dict
-        return full_state_dict(self)
+        return engine_state.full_state_dict(self)
 
     def full_model(self) -> nn.Module | None:
         """The unmodified model with the trained weights (collective; rank 0, None elsewhere)."""
-        from .engine_state import full_model
-        return full_model(self)
+        return engine_state.full_model(self)
 
     def model_state_bytes(self) -> dict:
         return self.zero.model_state_bytes()

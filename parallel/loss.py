@@ -8,16 +8,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import import_object
+from parallel.config import import_object
 
 
 def logits_of(output) -> torch.Tensor:
     """The prediction tensor of a model output: a tensor, a transformers ModelOutput (.logits), or a tuple."""
     if isinstance(output, torch.Tensor):
         return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"cannot find the prediction in a model output of type {type(output).__name__}; "
                     f"return a tensor, a tuple starting with it, or an object with .logits")

@@ -7,7 +7,7 @@ Global rank r sits at coordinates (pp, dp, tp) with
 so tp is the innermost axis (tensor-parallel peers are neighbouring ranks, on one node when the
 node is big enough: their all-reduces are the most frequent) and pp the outermost (pipeline peers
 talk least). This is the only place that maps ranks to coordinates; every layer receives the
-:class:`~parallel.comm.Group` it needs from here, never from a global.
+:class:`parallel.comm.Group` it needs from here, never from a global.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from .comm import CommStats, Group
+from parallel.comm import CommStats, Group
 
 AXES = ("pp", "dp", "tp")
 

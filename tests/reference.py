@@ -10,7 +10,7 @@ from torch.utils.data import default_collate
 from parallel.config import Config, import_object
 from parallel.data import global_indices
 from parallel.loss import resolve_loss
-from parallel.optim import optimizer_factory
+from parallel.optim.factory import optimizer_factory
 
 
 def reference_losses(cfg: Config, steps: int | None = None, return_model: bool = False):

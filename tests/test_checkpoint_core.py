@@ -11,7 +11,7 @@ FULL = torch.arange(6 * 10, dtype=torch.float32).reshape(6, 10) * 0.5
 
 def _pieces_cols(rank, world):
     """Column split (non-contiguous in flat order) plus a replicated bias owned by rank 0."""
-    from parallel.checkpoint import Piece
+    from parallel.checkpoint.sharded import Piece
     idx = torch.arange(60).reshape(6, 10).chunk(world, dim=1)[rank].contiguous()
     w = FULL.reshape(-1)[idx]
     b = torch.tensor([1.0, 2.0, 3.0])
@@ -20,13 +20,13 @@ def _pieces_cols(rank, world):
 
 
 def _save(rank, world, path):
-    from parallel.checkpoint import save_pieces
+    from parallel.checkpoint.sharded import save_pieces
     out = save_pieces(_pieces_cols(rank, world), path, {"step": 10}, {"rng": torch.get_rng_state()})
     return sorted(os.listdir(os.path.dirname(out)))
 
 
 def _load_rows(rank, world, path):
-    from parallel.checkpoint import Piece, load_pieces
+    from parallel.checkpoint.sharded import Piece, load_pieces
     idx = torch.tensor_split(torch.arange(60).reshape(6, 10), world, dim=0)[rank]
     p = Piece("model/w", (6, 10), torch.zeros(idx.shape), idx, True)
     q = Piece("model/b", (3,), torch.zeros(3), torch.arange(3), False)
@@ -40,14 +40,14 @@ def test_save_two_ranks_load_four_and_one(tmp_path):
     assert listing[0] == ["step_00000010"]                  # the temp folder was renamed away
     for step, ok, b in run_ranks(_load_rows, 4, path):
         assert (step, ok, b) == (10, True, [1.0, 2.0, 3.0])
-    from parallel.checkpoint import latest, load_full
+    from parallel.checkpoint.sharded import latest, load_full
     assert latest(str(tmp_path / "ck")) == path
     full = load_full(path, ["model/w"])["model/w"].view(6, 10)
     assert torch.equal(full, FULL)
 
 
 def test_load_errors_name_the_cause(tmp_path):
-    from parallel.checkpoint import Piece, load_pieces
+    from parallel.checkpoint.sharded import Piece, load_pieces
     path = str(tmp_path / "step_00000001")
     run_ranks(_save, 2, path)
     with pytest.raises(ValueError, match=r"has shape \(6, 10\) but this model's is \(5, 10\)"):

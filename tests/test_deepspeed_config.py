@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from parallel.config import ConfigError, SchedulerConfig, load_config
-from parallel.deepspeed_config import format_report, load_deepspeed_json, map_deepspeed, merge_tree, resolve_path
-from parallel.lr_schedule import Schedule
-from parallel.optim import optimizer_factory
+from parallel.config.deepspeed import format_report, load_deepspeed_json, map_deepspeed, merge_tree, resolve_path
+from parallel.optim.lr_schedule import Schedule
+from parallel.optim.factory import optimizer_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS_DIR = os.path.join(ROOT, "configs", "deepspeed")

@@ -5,7 +5,7 @@ import os
 
 from harness import run_ranks
 from parallel.config import load_config
-from parallel.deepspeed_config import merge_tree
+from parallel.config.deepspeed import merge_tree
 from reference import assert_close_curve, reference_losses
 from test_deepspeed_config import BASE, DS_DIR, NATIVE
 

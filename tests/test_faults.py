@@ -225,7 +225,7 @@ def test_fault_config_errors():
     assert "missing ['kind']" in err("{rank: 0, step: 1, phase: forward}")
     assert "train.on_nonfinite='maybe' is not one of ['stop', 'skip']" in str(
         pytest.raises(ConfigError, lambda: load_config(GPT, ["train.on_nonfinite=maybe"]).validate(2)).value)
-    from parallel.faults import FaultSpec, fault_from
+    from parallel.reliability.faults import FaultSpec, fault_from
     cfg = load_config(GPT).validate(2)
     assert fault_from(cfg, {"P3D_FAULT": "rank=1,step=3,phase=backward,kind=kill"}) == FaultSpec(1, 3, "backward", "kill")
 
@@ -270,8 +270,8 @@ def test_nonfinite_loss_skip_matches_a_loop_without_that_update():
 
 def _diverge(rank, world, mode):
     from parallel import comm
-    from parallel.fingerprint import Checker, CollectiveDivergence, Recorder
-    from parallel.watchdog import Progress, Watchdog, default_store
+    from parallel.reliability.fingerprint import Checker, CollectiveDivergence, Recorder
+    from parallel.reliability.watchdog import Progress, Watchdog, default_store
     five = datetime.timedelta(seconds=5)   # the deadlocked groups give up after 5 s (the pool lives on)
     g = comm.Group(dist.new_group(backend="gloo", timeout=five), "dp", tuple(range(world)), rank, comm.CommStats())
     ctrl = dist.new_group(backend="gloo", timeout=five)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.inference import StreamedInference
+from parallel.zero.inference import StreamedInference
 from parallel.offload import CpuStore, NvmeStore, StoreConfigError
 
 GPT_KW = dict(vocab_size=64, seq_len=16, n_layer=3, n_head=4, n_embd=32)
@@ -86,7 +86,7 @@ def test_llama_from_safetensors_one_tensor_at_a_time(tmp_path):
         eng = StreamedInference(meta, _store("nvme", tmp_path / "nv"), unit_types=(LlamaDecoderLayer,),
                                 weights=Spy(), init=rec)
     assert sorted(reads) == sorted(n for n, _ in ref.named_parameters())    # each tensor read once
-    from parallel.inference import SafetensorsFile
+    from parallel.zero.inference import SafetensorsFile
     with SafetensorsFile(path) as sf, safe_open(path, "pt") as f:             # pread reader = mmap reader
         assert sf.keys() and all(torch.equal(sf.get_tensor(k), f.get_tensor(k)) for k in f.keys())
         torch.manual_seed(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parallel.config import ConfigError, SchedulerConfig
-from parallel.lr_schedule import Schedule, build_scheduler, make_schedule
+from parallel.optim.lr_schedule import Schedule, build_scheduler, make_schedule
 
 
 def sched(name, **kw):

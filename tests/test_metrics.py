@@ -27,8 +27,8 @@ V, H, L = 64, 32, 2
 @pytest.mark.parametrize("seq", [16, 32])
 def test_flop_formula_matches_flop_counter(tie, seq):
     from examples.gpt import GPT
-    from parallel.flops import count_training_flops, gpt_flops_per_token
-    from parallel.layout import meta_copy
+    from parallel.planning.flops import count_training_flops, gpt_flops_per_token
+    from parallel.checkpoint.layout import meta_copy
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
     model = GPT(vocab_size=V, seq_len=seq, n_layer=L, n_head=4, n_embd=H, tie=tie)
@@ -44,7 +44,7 @@ def test_flop_formula_matches_flop_counter(tie, seq):
 
 
 def test_flop_formula_for_llama():
-    from parallel.flops import count_training_flops, gpt_flops_per_token
+    from parallel.planning.flops import count_training_flops, gpt_flops_per_token
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
@@ -55,7 +55,7 @@ def test_flop_formula_for_llama():
 
 
 def test_peak_and_mfu(monkeypatch):
-    from parallel.flops import measure_matmul_flops, mfu, peak_flops
+    from parallel.planning.flops import measure_matmul_flops, mfu, peak_flops
     monkeypatch.setenv("P3D_PEAK_FLOPS", "2e9")
     assert peak_flops() == (2e9, "P3D_PEAK_FLOPS")
     assert peak_flops(override=5e9) == (5e9, "config")
@@ -87,7 +87,7 @@ def _pp2_run(rank, world, run_dir):
         del os.environ["P3D_PEAK_FLOPS"]
     eng = out["engine"]
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optimizer.lr)
-    from parallel.lr_schedule import build_scheduler
+    from parallel.optim.lr_schedule import build_scheduler
     sched = build_scheduler(opt, cfg.scheduler, cfg.train.steps)
     lrs = []
     for _ in range(STEPS):
@@ -99,7 +99,7 @@ def _pp2_run(rank, world, run_dir):
 
 
 def test_run_records(tmp_path):
-    from parallel.flops import gpt_flops_per_token
+    from parallel.planning.flops import gpt_flops_per_token
     res = run_ranks(_pp2_run, 2, str(tmp_path))
     recs = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     side = [json.loads(x) for x in open(tmp_path / "ranks.jsonl")]

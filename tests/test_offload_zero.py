@@ -280,7 +280,7 @@ def test_bad_offload_configs_fail_before_training(tmp_path, monkeypatch):
 def _state(rank, world, path):
     from examples.gpt import GPT, Block
     from parallel.mesh import Mesh
-    from parallel.offload.shards import ParamOffload
+    from parallel.zero.param_offload import ParamOffload
     from parallel.zero import ZeroOptimizer, deferred_init
     g = Mesh(dp=world).group("dp")
     ref = reference_losses("gpt", "adamw", 7, G, CLIP) if rank == 0 else None

@@ -60,7 +60,7 @@ def _run_layouts(rank, world, base_dir, which):
 
 
 def _spec():
-    from parallel.planner import ModelSpec
+    from parallel.planning.planner import ModelSpec
     return ModelSpec(n_layer=4, hidden=32, heads=4, vocab=64, seq=16)
 
 
@@ -71,7 +71,7 @@ def _measured(run_dir):
 
 
 def _check(run_dir, name, lay):
-    from parallel.planner import Layout, TrainSpec, predict
+    from parallel.planning.planner import Layout, TrainSpec, predict
     m = G // (lay.get("dp", 1) * MB)
     layout = Layout(lay.get("dp", 1), lay.get("tp", 1), lay.get("pp", 1), lay.get("zero", 0), m,
                     lay.get("schedule", "1f1b"), lay.get("v", 1), lay.get("sp", False), lay.get("units", "module"))
@@ -121,7 +121,7 @@ def test_more_layouts_match_measured_runs(world, tmp_path):
 def test_model_states_follow_the_zero_formulas():
     """fp32 AdamW (DESIGN.md): 16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N, 16Ψ/N; bf16 with fp32 master (K = 12):
     (2+2+K)Ψ, 4Ψ + KΨ/N, 2Ψ + (2+K)Ψ/N, (2+2+K)Ψ/N — up to padding and 4-byte Adam steps (< 1%)."""
-    from parallel.planner import Layout, ModelSpec, TrainSpec, predict
+    from parallel.planning.planner import Layout, ModelSpec, TrainSpec, predict
     spec = ModelSpec(n_layer=4, hidden=64, heads=4, vocab=128, seq=32)
     psi = 4 * (12 * 64 * 64 + 13 * 64) + 128 * 64 + 32 * 64 + 2 * 64
     N = 4
@@ -137,7 +137,7 @@ def test_model_states_follow_the_zero_formulas():
 
 def test_enumeration_and_errors():
     from launch.plan import enumerate_layouts, plan
-    from parallel.planner import Hardware, Layout, ModelSpec, TrainSpec, check_layout, predict
+    from parallel.planning.planner import Hardware, Layout, ModelSpec, TrainSpec, check_layout, predict
     spec = ModelSpec(n_layer=4, hidden=32, heads=4, vocab=64, seq=16)
     tr = TrainSpec(8)
     lays = list(enumerate_layouts(spec, 4, tr))

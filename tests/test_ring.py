@@ -10,8 +10,8 @@ from harness import run_ranks
 def _ring(rank, world):
     import torch.distributed as dist
     from parallel.mesh import Mesh
-    import parallel.ring as ring
-    from parallel.ring import MIN_BYTES, ring_all_gather, ring_reduce_scatter, use_ring
+    import parallel.comm.ring as ring
+    from parallel.comm.ring import MIN_BYTES, ring_all_gather, ring_reduce_scatter, use_ring
     g = Mesh(dp=world).group("dp")
     out = {"use": (use_ring(g, torch.empty(MIN_BYTES // 4)), use_ring(g, torch.empty(MIN_BYTES // 4 - 1)))}
     for dtype in (torch.float32, torch.bfloat16):
@@ -71,7 +71,7 @@ def test_ring_equals_gloo_collectives(world):
 
 
 def _zero_through_ring(rank, world, cfgs, G):
-    import parallel.ring as ring
+    import parallel.comm.ring as ring
     from test_zero import _exact
     old, ring.MIN_BYTES = ring.MIN_BYTES, 0                # every ZeRO collective takes the ring
     before = dict(ring.calls)

@@ -42,7 +42,7 @@ class MaxAlloc(TorchDispatchMode):
 
 def _mlp(rank, world, sp):
     from parallel.mesh import Mesh
-    from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, shard_tensor
+    from parallel.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, shard_tensor
     m = Mesh(tp=world)
     g = m.group("tp")
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def test_mlp_matches_one_process(world):
 def _gather_and_embedding(rank, world, sp):
     from parallel import comm
     from parallel.mesh import Mesh
-    from parallel.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, shard_tensor
+    from parallel.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, shard_tensor
     m = Mesh(tp=world)
     g = m.group("tp")
     torch.manual_seed(3)
@@ -147,7 +147,7 @@ def test_vocab_parallel_cross_entropy(world):
 
 
 def test_shard_tensor_sections():
-    from parallel.tensor_parallel import shard_tensor
+    from parallel.tensor_parallel.layers import shard_tensor
     full = torch.arange(12.0)                                   # [q0 q1 q2 q3 | k0 k1 | v0 v1] sizes 4,4,4
     assert shard_tensor(full, 0, 2, 1, sections=[4, 4, 4]).tolist() == [2, 3, 6, 7, 10, 11]
     assert shard_tensor(full, 0, 2, 0, sections=[8, 2, 2]).tolist() == [0, 1, 2, 3, 8, 10]
@@ -155,7 +155,7 @@ def test_shard_tensor_sections():
 
 
 def test_layer_errors():
-    from parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from parallel.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     g4 = _fake_group(4)
     with pytest.raises(ValueError, match=r"out_features = 30 is not divisible by tp = 4"):
         ColumnParallelLinear(32, 30, g4)

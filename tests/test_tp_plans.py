@@ -58,7 +58,7 @@ def _parity(rank, world, kind, sp):
     from examples.gpt import random_tokens
     from parallel.mesh import Mesh
     from parallel.tensor_parallel import shard_tensor, vocab_parallel_cross_entropy
-    from parallel.tp_plan import apply_tensor_parallel
+    from parallel.tensor_parallel.plan import apply_tensor_parallel
     m = Mesh(tp=world)
     g = m.group("tp")
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def _per_layer(rank, world, n_layer):
     """Non-SP tp traffic of the GPT with n_layer blocks (for the per-layer difference)."""
     from parallel.mesh import Mesh
     from parallel.tensor_parallel import vocab_parallel_cross_entropy
-    from parallel.tp_plan import apply_tensor_parallel
+    from parallel.tensor_parallel.plan import apply_tensor_parallel
     m = Mesh(tp=world)
     torch.manual_seed(0)
     model = apply_tensor_parallel(_gpt(n_layer), m)
@@ -151,7 +151,7 @@ def _train(rank, world, sp, steps):
     from examples.gpt import random_tokens
     from parallel.mesh import Mesh
     from parallel.tensor_parallel import vocab_parallel_cross_entropy
-    from parallel.tp_plan import apply_tensor_parallel
+    from parallel.tensor_parallel.plan import apply_tensor_parallel
     m = Mesh(tp=world)
     g = m.group("tp")
     data = random_tokens(2 * B, S, V, seed=2)              # two batches, alternated: the model can learn them
@@ -187,7 +187,7 @@ def test_training_reproduces_one_process_loss_curve():
 # --- errors: reported before anything changes, no ranks needed (a group of the size is enough) -----------
 
 def test_plan_errors_name_module_and_numbers():
-    from parallel.tp_plan import apply_tensor_parallel
+    from parallel.tensor_parallel.plan import apply_tensor_parallel
     g4 = _fake_group(4)
     with pytest.raises(ValueError, match=r"'blocks\.\*\.attn\.qkvv' \(colwise\) matches no module.*did you mean "
                                          r"\['blocks\.0\.attn\.qkv'"):
@@ -214,7 +214,7 @@ def test_plan_errors_name_module_and_numbers():
 
 
 def test_plan_resolution_and_hf_guard():
-    from parallel.tp_plan import apply_tensor_parallel, resolve_plan
+    from parallel.tensor_parallel.plan import apply_tensor_parallel, resolve_plan
     llama = _llama(2)
     p = resolve_plan(llama)
     assert p["model.embed_tokens"] == "vocab" and p["lm_head"] == "colwise_vocab"

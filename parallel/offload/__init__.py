@@ -7,15 +7,16 @@
     store.begin(); ...puts...; store.prepare(); store.commit()   # or abort(): all-or-nothing (NVMe)
 
 ZeRO puts its partition here (parallel/zero/offload.py: the streamed CPU Adam step over sub-groups;
-shards.py: stage-3 parameter shards fetched per unit); parallel/inference.py streams whole models.
+parallel/zero/param_offload.py: stage-3 parameter shards fetched per unit); parallel/zero/inference.py
+streams whole models.
 """
 from __future__ import annotations
 
-from .cpu_adam import AdamWKernel, cpu_adamw_candidates, fastest_cpu_adamw
-from .errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
-from .nvme import NvmeStore
-from .store import DONE, CpuStore, DeviceStore, Handle, StoreStats, TensorMeta, TensorStore
-from .stream import StreamStats, stream_read, stream_update
+from parallel.offload.cpu_adam import AdamWKernel, cpu_adamw_candidates, fastest_cpu_adamw
+from parallel.offload.errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
+from parallel.offload.nvme import NvmeStore
+from parallel.offload.store import DONE, CpuStore, DeviceStore, Handle, StoreStats, TensorMeta, TensorStore
+from parallel.offload.stream import StreamStats, stream_read, stream_update
 
 __all__ = [
     "TensorStore", "DeviceStore", "CpuStore", "NvmeStore", "Handle", "DONE", "StoreStats", "TensorMeta",
@@ -33,10 +34,7 @@ def make_store(medium: str, offload=None, name: str | None = None) -> TensorStor
         return DeviceStore()
     if medium == "cpu":
         return CpuStore()
-    if medium == "nvme":
-        if offload is None:
-            from ..config import OffloadConfig
-            offload = OffloadConfig()
-        return NvmeStore(offload.nvme_path, buffer_count=offload.buffer_count,     # checks the path
-                         buffer_bytes=int(offload.buffer_mb * 2**20), name=name)
+    if medium == "nvme":                                  # fields of an OffloadConfig, its defaults when absent
+        return NvmeStore(getattr(offload, "nvme_path", None), buffer_count=getattr(offload, "buffer_count", 4),
+                         buffer_bytes=int(getattr(offload, "buffer_mb", 64.0) * 2**20), name=name)  # checks the path
     raise StoreConfigError(f"unknown offload medium {medium!r}; use one of none, cpu, nvme")

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .errors import StoreConfigError, StoreError, StoreFullError
+from parallel.offload.errors import StoreConfigError, StoreError, StoreFullError
 
 ALIGN = 4096
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}

@@ -34,11 +34,11 @@ from concurrent.futures import Future
 
 import torch
 
-from .alloc import ExtentAllocator
-from .aio import IOEngine, align_up, aligned_empty, check_dir, preallocate, probe_direct
-from .errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
-from .store import Handle, TensorMeta, TensorStore, _as_list
-from .txn import TransactionsMixin
+from parallel.offload.aio import IOEngine, align_up, aligned_empty, check_dir, preallocate, probe_direct
+from parallel.offload.alloc import ExtentAllocator
+from parallel.offload.errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
+from parallel.offload.store import Handle, TensorMeta, TensorStore, _as_list
+from parallel.offload.txn import TransactionsMixin
 
 __all__ = ["NvmeStore"]
 

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from parallel.offload.errors import StoreConfigError
+
 __all__ = ["TensorStore", "DeviceStore", "CpuStore", "Handle", "StoreStats", "TensorMeta", "DONE"]
 
 
@@ -315,7 +317,6 @@ class CpuStore(TensorStore):
         have = sum(m.nbytes for m in self._meta.values())
         need = int(total_bytes) - have
         if need > free:
-            from .errors import StoreConfigError
             raise StoreConfigError(f"CPU offload needs {need} more bytes of host memory but only {free} are "
                                    f"available; offload to nvme (zero.offload.*=nvme) or add memory")
 

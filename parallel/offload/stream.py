@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .errors import StoreConfigError
+from parallel.offload.errors import StoreConfigError
 
 __all__ = ["stream_update", "stream_read", "StreamStats"]
 

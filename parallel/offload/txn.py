@@ -14,7 +14,7 @@ until the commit, so a transactional rewrite of S bytes needs 2·S on disk (plus
 """
 from __future__ import annotations
 
-from .errors import StoreError, StoreFullError
+from parallel.offload.errors import StoreError, StoreFullError
 
 __all__ = ["TransactionsMixin"]
 

@@ -1,19 +1,18 @@
-"""Pipeline parallelism: schedules as data (:mod:`.schedules`), their process-free
-simulation (:mod:`.simulate`); the stage split and runtime executor build on these."""
-from .schedules import (
-    KINDS, NAMES, Action, P2P, Schedule, ScheduleError, Step, comm_ops, get_schedule, gpipe,
-    interleaved_1f1b, max_in_flight, one_f_one_b, validate, zero_bubble_h1,
-)
-from .simulate import SimResult, default_costs, execute, format_grid, simulate, unit_cost
+"""Pipeline parallelism: schedules as data (:mod:`.schedules` over the actions of :mod:`.actions`),
+their process-free simulation (:mod:`.simulate`) and validator (:mod:`.validate`); the stage split
+(:mod:`.split`, :mod:`.stage`) and the runtime executor (:mod:`.runtime`) build on these."""
+from parallel.pipeline.actions import KINDS, Action, ScheduleError
+from parallel.pipeline.runtime import PipelineExecutor, Record, microbatches
+from parallel.pipeline.schedules import (NAMES, P2P, Schedule, Step, comm_ops, get_schedule, gpipe, interleaved_1f1b,
+                                         max_in_flight, one_f_one_b, zero_bubble_h1)
+from parallel.pipeline.simulate import SimResult, default_costs, execute, format_grid, simulate, unit_cost
+from parallel.pipeline.split import describe_split, find_body, split_model, sync_tied_grads
+from parallel.pipeline.validate import validate
 
 __all__ = [
     "KINDS", "NAMES", "Action", "P2P", "Schedule", "ScheduleError", "Step", "comm_ops",
     "get_schedule", "gpipe", "interleaved_1f1b", "max_in_flight", "one_f_one_b", "validate",
     "zero_bubble_h1", "SimResult", "default_costs", "execute", "format_grid", "simulate",
-    "unit_cost",
+    "unit_cost", "PipelineExecutor", "Record", "microbatches", "describe_split", "find_body", "split_model",
+    "sync_tied_grads",
 ]
-from .runtime import PipelineExecutor, Record, microbatches
-from .split import describe_split, find_body, split_model, sync_tied_grads
-
-__all__ += ["PipelineExecutor", "Record", "microbatches", "describe_split", "find_body", "split_model",
-            "sync_tied_grads"]

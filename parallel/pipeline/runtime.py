@@ -33,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import comm
-from ..loss import cross_entropy
-from .schedules import Schedule, comm_ops, validate
+from parallel import comm
+from parallel.loss import cross_entropy
+from parallel.pipeline.schedules import Schedule, comm_ops
+from parallel.pipeline.validate import validate
 
 __all__ = ["PipelineExecutor", "Record", "microbatches"]
 

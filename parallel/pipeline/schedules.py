@@ -35,28 +35,12 @@ Theory (equal costs per stage: t_f forward, t_b backward; :mod:`.simulate` check
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
-KINDS = ("F", "B", "I", "W")
+from parallel.pipeline.actions import Action
+from parallel.pipeline.simulate import format_grid
+
 NAMES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
-
-
-class ScheduleError(ValueError):
-    """A schedule is malformed or cannot run; the message carries the step × rank grid."""
-
-
-@dataclass(frozen=True, order=True)
-class Action:
-    """One compute action: ``kind`` ∈ {F, B, I, W} of ``microbatch`` on global ``stage``."""
-
-    kind: str
-    microbatch: int
-    stage: int
-
-    def label(self, v: int = 1) -> str:
-        """Grid label: ``F3`` (v = 1) or ``F3.1`` (micro-batch 3 on stage 1, v > 1)."""
-        return f"{self.kind}{self.microbatch}" + (f".{self.stage}" if v > 1 else "")
 
 
 @dataclass
@@ -77,8 +61,6 @@ class Schedule:
         return stage % self.p
 
     def __str__(self) -> str:
-        from .simulate import format_grid
-
         return format_grid(self)
 
 
@@ -247,108 +229,3 @@ def max_in_flight(schedule: Schedule, rank: int) -> int:
         held += {"F": 1, "B": -1, "W": -1}.get(a.kind, 0)
         peak = max(peak, held)
     return peak
-
-
-# ----------------------------------------------------------------------------- validation
-def _fail(schedule: Schedule, problems: list[str]) -> None:
-    from .simulate import format_grid
-
-    shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-    raise ScheduleError(
-        f"invalid {schedule.name} schedule (p={schedule.p}, m={schedule.m}, v={schedule.v}):\n  "
-        + "\n  ".join(shown) + "\n" + format_grid(schedule))
-
-
-def _check_structure(sc: Schedule) -> list[str]:
-    if len(sc.actions) != sc.p:
-        return [f"expected action lists for {sc.p} ranks, got {len(sc.actions)}"]
-    bad = []
-    for r, acts in enumerate(sc.actions):
-        for a in acts:
-            if not isinstance(a, Action) or a.kind not in KINDS:
-                bad.append(f"rank {r}: {a!r} is not an Action of kind {'/'.join(KINDS)}")
-            elif not (0 <= a.microbatch < sc.m and 0 <= a.stage < sc.n_stages):
-                bad.append(f"rank {r}: {a.label(2)} out of range (m={sc.m}, stages={sc.n_stages})")
-            elif sc.rank_of(a.stage) != r:
-                bad.append(f"rank {r}: {a.label(2)} but stage {a.stage} lives on rank "
-                           f"{sc.rank_of(a.stage)}")
-    return bad
-
-
-def _check_coverage(sc: Schedule) -> list[str]:
-    count = Counter(a for acts in sc.actions for a in acts)
-    bad = []
-    for s in range(sc.n_stages):
-        for i in range(sc.m):
-            n = {k: count[Action(k, i, s)] for k in KINDS}
-            where = f"micro-batch {i} stage {s} (rank {sc.rank_of(s)})"
-            if n["F"] != 1:
-                bad.append(f"{where}: {n['F']} F actions, need exactly 1")
-            if (n["B"], n["I"], n["W"]) not in ((1, 0, 0), (0, 1, 1)):
-                bad.append(f"{where}: B×{n['B']} I×{n['I']} W×{n['W']}, need one B or one I "
-                           "and one W")
-    return bad
-
-
-def _check_order(sc: Schedule) -> list[str]:
-    bad = []
-    for r, acts in enumerate(sc.actions):
-        pos = {a: j for j, a in enumerate(acts)}
-        for j, a in enumerate(acts):
-            need = {"B": "F", "I": "F", "W": "I"}.get(a.kind)
-            before = Action(need, a.microbatch, a.stage) if need else None
-            if before in pos and pos[before] > j:
-                bad.append(f"rank {r}: {a.label(2)} at position {j} comes before "
-                           f"{before.label(2)} at position {pos[before]}")
-    return bad
-
-
-def _check_messages(sc: Schedule, fifo: bool) -> list[str]:
-    sends: dict[tuple[int, int], list] = {}
-    recvs: dict[tuple[int, int], list] = {}
-    for r in range(sc.p):
-        for step in comm_ops(sc, r):
-            for op in step.send:
-                sends.setdefault((r, op.peer), []).append(op.key)
-            for op in step.recv:
-                recvs.setdefault((op.peer, r), []).append(op.key)
-    bad = []
-    for pair in sorted(set(sends) | set(recvs)):
-        sent, got = sends.get(pair, []), recvs.get(pair, [])
-        extra_s, extra_r = Counter(sent) - Counter(got), Counter(got) - Counter(sent)
-        for key in extra_s:
-            bad.append(f"rank {pair[0]} sends {key} to rank {pair[1]}, which never receives it")
-        for key in extra_r:
-            bad.append(f"rank {pair[1]} waits for {key} from rank {pair[0]}, which never sends it")
-        if fifo and not extra_s and not extra_r and sent != got:
-            j = next(k for k, (a, b) in enumerate(zip(sent, got)) if a != b)
-            bad.append(f"rank {pair[0]} -> {pair[1]}: message {j} is sent as {sent[j]} but "
-                       f"received as {got[j]} (order differs)")
-    return bad
-
-
-def validate(schedule: Schedule, fifo: bool = True) -> Schedule:
-    """Check ``schedule`` and return it; raise :class:`ScheduleError` (with the grid) if:
-    an action is malformed or on the wrong rank; a (micro-batch, stage) lacks exactly one F and
-    one B (or one I and one W); on a rank a B/I precedes its F or a W its I; a send has no
-    matching receive — with ``fifo`` (default) also in the same order on each (sender,
-    receiver) pair, so a runtime may match messages by arrival; ``fifo=False`` if it matches
-    by :attr:`P2P.key` — or execution with blocking receives and buffered sends
-    deadlocks (some rank waits forever for a message — this also enforces the stage order:
-    F of stage s after F of s−1, B of s after B of s+1)."""
-    for check in (_check_structure, _check_coverage, _check_order):
-        problems = check(schedule)
-        if problems:
-            _fail(schedule, problems)
-    problems = _check_messages(schedule, fifo=False)
-    if problems:
-        _fail(schedule, problems)
-    from .simulate import execute, unit_cost
-
-    run = execute(schedule, unit_cost)
-    if run.blocked:
-        _fail(schedule, [run.deadlock_message()])
-    problems = _check_messages(schedule, fifo) if fifo else []
-    if problems:
-        _fail(schedule, problems)
-    return schedule

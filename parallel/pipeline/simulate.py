@@ -23,9 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 from numbers import Rational
-from typing import Callable, Mapping, NamedTuple, Union
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Union
 
-from .schedules import Action, Schedule, ScheduleError
+from parallel.pipeline.actions import Action, ScheduleError
+
+if TYPE_CHECKING:
+    from parallel.pipeline.schedules import Schedule
 
 Cost = Union[None, Mapping[str, object], Callable[[Action], object]]
 

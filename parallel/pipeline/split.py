@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .. import comm
-from .stage import StageExit, build_stage
+from parallel import comm
+from parallel.pipeline.stage import StageExit, build_stage
 
 __all__ = ["SplitPlan", "StageExit", "describe_split", "split_model", "sync_tied_grads", "find_body"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..loss import logits_of
+from parallel.loss import logits_of
 
 __all__ = ["StageExit", "StageInfo", "PipelineStage", "build_stage"]
 

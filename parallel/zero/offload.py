@@ -48,10 +48,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..offload import StoreConfigError, StoreError, StoreFullError, fastest_cpu_adamw, make_store, stream_update
-from ..offload.aio import align_up, trim_host_memory
-from ..offload.shards import ParamOffload, placeholder
-from ..offload.stream import stream_read
+from parallel import comm
+from parallel.offload import StoreConfigError, StoreError, StoreFullError, fastest_cpu_adamw, make_store, stream_update
+from parallel.offload.aio import align_up, trim_host_memory
+from parallel.offload.stream import stream_read
+from parallel.zero.param_offload import ParamOffload, placeholder
 
 __all__ = ["OptimizerOffload", "ParamOffload", "OffloadMixin", "make_offload", "placeholder", "owned"]
 
@@ -284,8 +285,7 @@ class OptimizerOffload:
         atomic = any(st.medium == "nvme" for st in stores)
         if atomic and self.group.size > 1:                        # all ranks commit, or none does
             code = torch.tensor([0 if error is None else 1 if isinstance(error, StoreFullError) else 2])
-            from ..comm import all_reduce
-            all_reduce(code, self.group.control(), op="max")      # 0 ok, 1 a disk is full, 2 an IO error
+            comm.all_reduce(code, self.group.control(), op="max")      # 0 ok, 1 a disk is full, 2 an IO error
             if code.item() and error is None:
                 error = (StoreFullError if code.item() == 1 else StoreError)(
                     f"another dp rank could not write its offloaded state ({'disk full' if code.item() == 1 else 'IO error'})")

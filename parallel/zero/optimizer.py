@@ -21,7 +21,7 @@ CPU) and its state per parameter. That is exact for optimizers whose update is e
 the step count (SGD, momentum, Adam, AdamW, Adagrad, RMSprop, …); per-tensor statistics (LAMB's
 trust ratio, Adafactor's factored moments) would see flat pieces instead. One param group.
 
-Offload (``offload=`` an :class:`~parallel.config.OffloadConfig`, see :mod:`.offload`): with
+Offload (``offload=`` an :class:`parallel.config.OffloadConfig`, see :mod:`.offload`): with
 ``optimizer`` = cpu | nvme the masters and Adam moments live in a tensor store and the step is a
 streamed CPU Adam/AdamW over sub-groups (the torch optimizer then only carries hyper-parameters;
 ``b.master`` is a zero-stride placeholder that holds the gradient); with ``params`` = cpu | nvme
@@ -36,19 +36,21 @@ embedding on the last pipeline stage) and is not counted; over other groups (pp)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .. import comm
-from ..comm import Group
-from ..precision import Precision
-from .offload import OffloadMixin, make_offload
-from .partition import FlatBucket, gather_into, make_buckets, storage_bytes
-from .stage3 import Stage3Params, plan_units
-from .state import ZeroStateMixin
+from parallel import comm
+from parallel.comm import Group, all_gather_into
+from parallel.data_parallel.bucket import FlatBucket, make_buckets
+from parallel.data_parallel.reducer import GradReducer
+from parallel.precision import Precision
+from parallel.zero.offload import OffloadMixin, make_offload
+from parallel.zero.stage3 import Stage3Params, plan_units
+from parallel.zero.state import ZeroStateMixin, storage_bytes
 
 __all__ = ["ZeroOptimizer", "StepResult"]
 
@@ -69,7 +71,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                        meta device need ``init`` (:func:`parallel.zero.deferred_init`)
     optimizer_factory  Callable[[list[Tensor]], torch.optim.Optimizer], called once with this
                        rank's fp32 master pieces (1-D views, one per owned parameter piece)
-    dp_group           the counted dp :class:`~parallel.comm.Group` (``mesh.group("dp")``)
+    dp_group           the counted dp :class:`parallel.comm.Group` (``mesh.group("dp")``)
     norm_groups        further groups the global grad norm / fp16 overflow spans (engine: tp, pp)
     unit_types         stage 3: module classes gathered as one unit (default: every module with
                        parameters of its own)
@@ -167,7 +169,6 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         self.overlap_param_gather = overlap_param_gather and stage in (1, 2)
         if self.overlap_param_gather:
             self._hook_param_gathers(module)
-        from ..data_parallel import GradReducer        # here: data_parallel imports zero.partition
         # offloaded Adam overlaps backward when nothing global rescales the gradient after reduction
         early = self._opt_off is not None and stage >= 2 and grad_clip is None and not self.scaler.enabled
         self.reducer = GradReducer(self.buckets, dp_group, "all_reduce" if stage == 0 else "reduce_scatter",
@@ -375,7 +376,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             if fresh and own.data_ptr() != b.master.data_ptr():
                 own.copy_(b.master)
             if self.stage > 0:
-                works.append((b, gather_into(b.flat_param, own, self.group, async_op=True)))
+                works.append((b, all_gather_into(b.flat_param, own, self.group, async_op=True)))
         if self.overlap_param_gather:
             self._pending.update((b, w) for b, w in works if w is not None)
             return
@@ -406,7 +407,6 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
 
     def gathered(self):
         """Context manager: stage 3 parameters full inside (a no-op for stages 0–2)."""
-        import contextlib
         self.wait_param_gather()
         return self.stage3.gathered() if self.stage3 else contextlib.nullcontext()
 

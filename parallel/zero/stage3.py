@@ -5,7 +5,7 @@ Rajbhandari et al., arXiv 1910.02054, §5.3 (P_os+g+p): each rank keeps 1/N of e
 use and discarded after"; the same again in backward. Per step and rank, in the ring model:
 all-gather Ψ·b in forward + Ψ·b in backward + reduce-scatter of the gradients, 3(N−1)/N·Ψ·b.
 
-Units. The parameters are split into *units*, each one :class:`~.partition.FlatBucket` sharded
+Units. The parameters are split into *units*, each one :class:`~parallel.data_parallel.bucket.FlatBucket` sharded
 over dp. By default every module that directly owns parameters is a unit (Linear, LayerNorm,
 Embedding, …); ``unit_types=(Block,)`` makes each instance of those classes a unit instead (plus
 the root for what is left), as FSDP's ``fully_shard`` per block. A module's *needs* are the units
@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from ..comm import Group
-from .partition import FlatBucket, gather_into
+from parallel.comm import Group, all_gather_into
+from parallel.data_parallel.bucket import FlatBucket
 
 __all__ = ["plan_units", "Stage3Params"]
 
@@ -131,7 +131,7 @@ class Stage3Params:
         if u.state == SHARDED:
             src = self.shards.fetch(u) if self.shards is not None else u.shard_param
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
-            u.work = gather_into(u.flat_param, src, self.group, async_op=True)
+            u.work = all_gather_into(u.flat_param, src, self.group, async_op=True)
             u.state = GATHERING
             self.gathers += 1
             self.gathered_bytes += self._nbytes(u)

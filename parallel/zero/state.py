@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .partition import FlatBucket, gather_into
+from parallel.comm import all_gather_into
+from parallel.data_parallel.bucket import FlatBucket
 
 __all__ = ["ZeroStateMixin"]
 
@@ -59,7 +60,7 @@ class ZeroStateMixin:
         if b.shard == b.padded:
             return shard
         out = torch.empty(b.padded, dtype=shard.dtype, device=shard.device)
-        work = gather_into(out, shard.contiguous(), self.group)
+        work = all_gather_into(out, shard.contiguous(), self.group)
         if work is not None:
             work.wait()
         return out
@@ -138,3 +139,19 @@ class ZeroStateMixin:
             self.scaler.load_state_dict(sd["loss_scaler"])
         self.steps = sd.get("steps", self.steps)
         self._write_back()
+
+
+def storage_bytes(tensors, seen: set) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once across calls sharing
+    ``seen`` (a view and its base count once; a storage resized to 0 counts 0)."""
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if st.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total

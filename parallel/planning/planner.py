@@ -41,6 +41,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from parallel.pipeline.schedules import get_schedule, max_in_flight
+from parallel.pipeline.simulate import simulate
+from parallel.pipeline.split import _partition
+from parallel.planning.flops import gpt_matmul_params
+
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
            "check_layout", "predict"]
 
@@ -169,7 +174,6 @@ def inventory(spec: ModelSpec, t: int = 1) -> tuple:
 @functools.lru_cache(maxsize=256)
 def stage_bounds(spec: ModelSpec, t: int, pp: int, v: int = 1) -> list:
     """(start, end) blocks per stage, exactly as split_model(balance="params") partitions them."""
-    from .pipeline.split import _partition
     S = pp * v
     if S == 1:
         return [(0, spec.n_layer)]
@@ -299,7 +303,6 @@ def _activations(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds:
 
 @functools.lru_cache(maxsize=4096)
 def _in_flight(name: str, p: int, m: int, v: int) -> tuple:
-    from .pipeline.schedules import get_schedule, max_in_flight
     sched = get_schedule(name, p, m, v)
     return tuple(max_in_flight(sched, r) for r in range(p))
 
@@ -374,9 +377,6 @@ def _seconds(ops: dict, hw: Hardware) -> float:
 def _step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
                dp_ops: dict) -> tuple[float, float]:
     """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring)."""
-    from .flops import gpt_matmul_params
-    from .pipeline.schedules import get_schedule
-    from .pipeline.simulate import simulate
     h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, _bytes(tr)[0]
     block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s
     stage = []

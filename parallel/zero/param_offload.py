@@ -1,7 +1,7 @@
 """Stage-3 parameter shards in a tensor store (ZeRO-Infinity, Rajbhandari et al., arXiv 2104.07857, §5.2).
 
 With ``zero.offload.params`` = cpu | nvme, each stage-3 unit's parameter shard (this rank's 1/N of
-the unit, in the compute dtype) is one key of a :class:`~.store.TensorStore` instead of a tensor in
+the unit, in the compute dtype) is one key of a :class:`~parallel.offload.store.TensorStore` instead of a tensor in
 memory. :class:`~parallel.zero.stage3.Stage3Params` calls :meth:`ParamOffload.fetch` just before the
 unit's all-gather and :meth:`ParamOffload.release` once the gather has completed (the IO buffer goes
 back to the pool), and :meth:`ParamOffload.prefetch` for the units of the next ``prefetch_depth``
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .aio import align_up
+from parallel.offload import make_store
+from parallel.offload.aio import align_up
 
 __all__ = ["ParamOffload", "placeholder"]
 
@@ -30,7 +31,6 @@ class ParamOffload:
     """Stage-3 parameter shards in a store, fetched for the all-gather and released after it."""
 
     def __init__(self, cfg, units: list, transactional: bool, name: str | None = None):
-        from . import make_store
         self.store = make_store(cfg.params, cfg, name=name)
         self.depth = cfg.prefetch_depth
         self.cap = getattr(self.store, "buffer_count", None)

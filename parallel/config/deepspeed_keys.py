@@ -1,5 +1,5 @@
 """DeepSpeed config keys parallel3d does not map: ignored (with the reason printed for each) or
-accepted only when off (with the error naming the fix). Used by :mod:`parallel.deepspeed_config`;
+accepted only when off (with the error naming the fix). Used by :mod:`parallel.config.deepspeed`;
 source: https://www.deepspeed.ai/docs/config-json/ and DeepSpeed's config classes."""
 
 PERF = "speed/memory tuning only; the numbers do not change"

@@ -16,7 +16,7 @@ Rules (https://www.deepspeed.ai/docs/config-json/):
   :class:`ConfigError` naming the key and the fix; an unknown key is an error too.
 - DeepSpeed's optimizer ``"Adam"`` is AdamW unless ``adam_w_mode: false`` (``"AdamW"`` always is);
   FusedAdam and DeepSpeedCPUAdam default ``weight_decay`` to 0.0, torch's AdamW to 0.01.
-- Schedulers map onto :mod:`parallel.lr_schedule` with ``convention: deepspeed`` (its exact formulas).
+- Schedulers map onto :mod:`parallel.optim.factory.lr_schedule` with ``convention: deepspeed`` (its exact formulas).
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ import copy
 import json
 import os
 
-from . import deepspeed_keys as K
-from .config import Config, ConfigError
+from parallel.config import deepspeed_keys as K
+from parallel.config.errors import ConfigError
+from parallel.config.schema import Config
+from parallel.config.validate import check_schedule
 
 AUTO = "auto"
 _MISSING = object()
@@ -320,7 +322,6 @@ class _Mapper:
                 self.set(f"optimizer.params.{k}", p[k], ours, v, "from the native config" if p[k] == AUTO else "")
 
     def map_scheduler(self):
-        from .lr_schedule import Schedule
         b = self.block("scheduler")
         if b is None:
             return
@@ -376,7 +377,7 @@ class _Mapper:
                 self.set(f"{pre}.warmup_min_lr", p.get("warmup_min_lr", "(unset: 0)"), f"scheduler.{ours}",
                          lo / hi, why)
         try:
-            Schedule(**{"total_steps": 2 ** 31, **self.out["scheduler"]})
+            check_schedule(**{"total_steps": 2 ** 31, **self.out["scheduler"]})
         except ConfigError as e:
             self.fail(f"{pre}.total_num_steps / warmup_num_steps", f"{e}; adjust the {typ} params")
 

@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loss import logits_of
-from .offload import StoreConfigError
-from .offload.aio import trim_host_memory
-from .zero.partition import FlatBucket
-from .zero.stage3 import plan_units
+from parallel.data_parallel.bucket import FlatBucket
+from parallel.loss import logits_of
+from parallel.offload import StoreConfigError
+from parallel.offload.aio import byte_view, trim_host_memory
+from parallel.zero.stage3 import plan_units
 
 __all__ = ["StreamedInference", "SafetensorsFile"]
 
@@ -300,7 +300,6 @@ class SafetensorsFile:
             raise KeyError(f"{self.path} has no tensor {name!r}; it has {self.keys()[:5]}…")
         info = self.header[name]
         begin, end = info["data_offsets"]
-        from .offload.aio import byte_view
         out = torch.empty(end - begin, dtype=torch.uint8)
         if end > begin:
             os.preadv(self._fd, [byte_view(out)], self._base + begin)
@@ -319,7 +318,6 @@ class SafetensorsFile:
         if end - begin != out.numel() * out.element_size():
             return False
         if end > begin:
-            from .offload.aio import byte_view
             os.preadv(self._fd, [byte_view(out.view(torch.uint8))], self._base + begin)
         return True
 

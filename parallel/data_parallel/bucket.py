@@ -1,4 +1,4 @@
-"""Flat buffers, their partition over the dp axis, and counted in-place collectives on them.
+"""Flat buffers (buckets) and their partition over the dp axis.
 
 A :class:`FlatBucket` lays a list of parameters end to end in one flat buffer of ``numel``
 elements, padded to ``padded = ceil(numel / N) · N`` so that it splits into N equal shards of
@@ -9,20 +9,17 @@ parameters are), so a bucket's gradient reduce-scatter lands each rank's part di
 owned shard, and the bucket's parameter all-gather fills the flat buffer from the shards.
 
 Padding goes on the wire: a bucket's reduce-scatter/all-gather moves ``padded`` elements, at most
-N − 1 more than ``numel``; tests compare against Ψ (unpadded) and state that slack.
+N − 1 more than ``numel``; tests compare against Ψ (unpadded) and state that slack. The counted
+in-place collectives on these buffers are :func:`parallel.comm.all_gather_into` and
+:func:`parallel.comm.reduce_scatter_into`.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
-import torch.distributed as dist
 
-from ..comm import Group
-from ..ring import ring_all_gather, ring_reduce_scatter, use_ring
-
-__all__ = ["FlatBucket", "make_buckets", "gather_into", "reduce_scatter_into", "storage_bytes"]
+__all__ = ["FlatBucket", "make_buckets"]
 
 
 class FlatBucket:
@@ -108,56 +105,3 @@ def make_buckets(named_params: list, bucket_bytes: float, element_size: int, wor
     if cur:
         out.append(FlatBucket(start_index + len(out), cur, world, rank, pad))
     return out
-
-
-# --- counted in-place collectives (recorded exactly as parallel.comm records its own) -------------
-
-def _quiet(fn, *args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return fn(*args, **kw)
-
-
-def gather_into(out: torch.Tensor, shard: torch.Tensor, group: Group, async_op: bool = False):
-    """All-gather equal ``shard``s into the preallocated ``out`` (``shard`` may be ``out``'s own
-    slice). Recorded as all_gather with M = bytes of ``out``: (N−1)/N · M on the wire."""
-    if group.size == 1:
-        if out.data_ptr() != shard.data_ptr():
-            out.copy_(shard)
-        return None
-    m = out.numel() * out.element_size()
-    group.stats.record(group.axis, "all_gather", m, (group.size - 1) * m / group.size)
-    if use_ring(group, out):
-        return ring_all_gather(out, shard, group, async_op=async_op)
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return _quiet(fn, out, shard, group=group.pg, async_op=async_op)
-
-
-def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group: Group, async_op: bool = False):
-    """Sum ``full`` over ranks; this rank's equal chunk lands in ``out``. Recorded as
-    reduce_scatter with M = bytes of ``full``: (N−1)/N · M on the wire."""
-    if group.size == 1:
-        out.copy_(full)
-        return None
-    m = full.numel() * full.element_size()
-    group.stats.record(group.axis, "reduce_scatter", m, (group.size - 1) * m / group.size)
-    if use_ring(group, full):
-        return ring_reduce_scatter(out, full, group, async_op=async_op)
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return _quiet(fn, out, full, op=dist.ReduceOp.SUM, group=group.pg, async_op=async_op)
-
-
-def storage_bytes(tensors, seen: set) -> int:
-    """Bytes of the storages behind ``tensors``, each storage counted once across calls sharing
-    ``seen`` (a view and its base count once; a storage resized to 0 counts 0)."""
-    total = 0
-    for t in tensors:
-        if t is None or t.device.type == "meta":
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), t.device)
-        if st.nbytes() == 0 or key in seen:
-            continue
-        seen.add(key)
-        total += st.nbytes()
-    return total

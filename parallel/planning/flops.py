@@ -32,6 +32,10 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.utils import flop_counter as fc
+from torch.utils.flop_counter import FlopCounterMode
+
+from parallel.loss import logits_of
 
 __all__ = ["gpt_matmul_params", "flops_per_token", "gpt_flops_per_token", "count_training_flops",
            "measure_matmul_flops", "peak_flops", "mfu", "GPU_PEAK_FLOPS"]
@@ -69,7 +73,6 @@ def gpt_flops_per_token(n_layer: int, hidden: int, seq_len: int, vocab: int, **k
 
 def _cpu_sdpa_mapping() -> dict:
     """FlopCounterMode formulas for the CPU flash-attention kernels (absent from torch's table)."""
-    from torch.utils import flop_counter as fc
     aten = torch.ops.aten
     out = {}
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -83,18 +86,6 @@ def _cpu_sdpa_mapping() -> dict:
     return out
 
 
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"count_training_flops: the model returned {type(out).__name__}; need a tensor, a tuple "
-                    "starting with one, or an output with .logits")
-
-
 def count_training_flops(model: nn.Module, sample, loss_fn=None, backward: bool = True) -> int:
     """FLOPs of one forward (+ backward) of ``model`` on ``sample``, counted by FlopCounterMode.
 
@@ -102,7 +93,6 @@ def count_training_flops(model: nn.Module, sample, loss_fn=None, backward: bool 
     The model may live on the meta device (e.g. ``engine.template``): then ``sample`` is moved to
     meta too and nothing is computed, only shapes. The model's gradients are left untouched when
     it is on the meta device; on a real device they accumulate (zero them afterwards)."""
-    from torch.utils.flop_counter import FlopCounterMode
     if not isinstance(model, nn.Module):
         raise TypeError(f"count_training_flops needs an nn.Module, got {type(model).__name__}")
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -112,7 +102,7 @@ def count_training_flops(model: nn.Module, sample, loss_fn=None, backward: bool 
     model.train(backward)
     try:
         with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
-            out = _first_tensor(model(sample))
+            out = logits_of(model(sample))
             if backward:
                 loss = loss_fn(out) if loss_fn is not None else out.float().sum()
                 loss.backward()

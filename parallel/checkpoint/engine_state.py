@@ -2,7 +2,7 @@
 
 Each optimizer "piece" of ZeRO — a range [a, e) of one local parameter inside a flat bucket,
 with its fp32 master values and its optimizer state — maps through the layout probe
-(:mod:`parallel.layout`) to positions in a parameter of the unmodified model. Ownership, so each
+(:mod:`parallel.checkpoint.layout`) to positions in a parameter of the unmodified model. Ownership, so each
 element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); tp-sharded
 parameters on every tp rank, replicated ones on tp rank 0; never the pipeline's duplicate of a
 tied embedding. Loading fills every piece (owned or not) and writes the masters back to the
@@ -16,8 +16,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Piece, load_pieces, read_meta, save_pieces
-from .layout import materialize, probe_origins
+from parallel.checkpoint.layout import materialize, probe_origins
+from parallel.checkpoint.sharded import Piece, load_pieces, read_meta, save_pieces
 
 
 def _origins(engine) -> dict:
@@ -52,7 +52,7 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
 
 
 def save_engine(engine, path: str, extra: dict) -> str:
-    """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.save_pieces`). With
+    """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.sharded.save_pieces`). With
     optimizer offload the partition is read from its store for the duration (12 bytes/element)."""
     with engine.zero.materialized():
         return _save(engine, path, extra)

@@ -31,89 +31,18 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
+import torch.distributed.checkpoint as dcp
 
-from .config import Config, ConfigError
+from parallel.config import Config
+from parallel.config.faults import FaultSpec, parse_fault
 
-PHASES = ("forward", "backward", "optimizer", "checkpoint")
-KINDS = ("raise", "kill", "hang", "nan", "oom", "enospc")
 ENV = "P3D_FAULT"
 
 
 class InjectedFault(RuntimeError):
     """The exception a ``kind: raise`` fault throws."""
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    rank: int
-    step: int
-    phase: str
-    kind: str
-    attempt: int = 0
-
-    def describe(self) -> str:
-        return f"{self.kind} on rank {self.rank} at step {self.step} ({self.phase})"
-
-
-def parse_fault(value, key: str = "train.fault") -> FaultSpec:
-    """A FaultSpec from a mapping or a ``"rank=1,step=3,phase=forward,kind=raise"`` string."""
-    if isinstance(value, str):
-        d = {}
-        for part in filter(None, (p.strip() for p in value.split(","))):
-            if "=" not in part:
-                raise ConfigError(f"{key}={value!r}: {part!r} is not name=value; write e.g. "
-                                  f"rank=1,step=3,phase=forward,kind=raise")
-            k, v = part.split("=", 1)
-            d[k.strip()] = v.strip()
-        value = d
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}={value!r} must be a mapping {{rank, step, phase, kind[, attempt]}}")
-    fields = ("rank", "step", "phase", "kind", "attempt")
-    unknown = sorted(set(value) - set(fields))
-    missing = [f for f in fields[:4] if f not in value]
-    if unknown or missing:
-        raise ConfigError(f"{key}: " + (f"unknown fields {unknown}; " if unknown else "")
-                          + (f"missing {missing}; " if missing else "") + "give {rank, step, phase, kind[, attempt]}")
-    out = {}
-    for f in ("rank", "step", "attempt"):
-        if f in value:
-            try:
-                out[f] = int(value[f])
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key}.{f}={value[f]!r} must be an integer") from None
-            if out[f] < 0:
-                raise ConfigError(f"{key}.{f}={out[f]} must be 0 or more")
-    phase, kind = str(value["phase"]), str(value["kind"])
-    if phase not in PHASES:
-        raise ConfigError(f"{key}.phase={phase!r} is not one of {list(PHASES)}")
-    if kind not in KINDS:
-        raise ConfigError(f"{key}.kind={kind!r} is not one of {list(KINDS)}")
-    if kind == "nan" and phase not in ("forward", "backward"):
-        raise ConfigError(f"{key}: kind=nan applies to phase forward or backward (got {phase}); use kind=raise "
-                          f"for other phases")
-    if kind == "enospc" and phase != "checkpoint":
-        raise ConfigError(f"{key}: kind=enospc simulates a full disk during a save: use phase=checkpoint")
-    return FaultSpec(out["rank"], out["step"], phase, kind, out.get("attempt", 0))
-
-
-def check_fault(cfg: Config, world_size: int | None) -> FaultSpec:
-    """Validate ``train.fault`` against the rest of the config (called from Config.validate)."""
-    spec = parse_fault(cfg.train.fault)
-    world = world_size if world_size is not None else cfg.world_size
-    if spec.rank >= world:
-        raise ConfigError(f"train.fault.rank={spec.rank} does not exist: the job has {world} ranks (0..{world - 1})")
-    if spec.step >= cfg.train.steps:
-        raise ConfigError(f"train.fault.step={spec.step} is never reached: train.steps={cfg.train.steps} "
-                          f"(steps are 0..{cfg.train.steps - 1})")
-    every = cfg.train.checkpoint.every
-    if spec.phase == "checkpoint" and (not every or (spec.step + 1) % every):
-        raise ConfigError(f"train.fault: phase=checkpoint at step {spec.step} never fires: no checkpoint is written "
-                          f"after step {spec.step} (train.checkpoint.every={every}); pick a step s with "
-                          f"(s + 1) a multiple of train.checkpoint.every")
-    return spec
 
 
 def fault_from(cfg: Config, environ=os.environ) -> FaultSpec | None:
@@ -182,7 +111,7 @@ def _map_first_tensor(out, fn):
 
 
 class StepHooks:
-    """Report each phase of a step to ``progress`` (a :class:`parallel.watchdog.Progress`) and to an
+    """Report each phase of a step to ``progress`` (a :class:`parallel.reliability.watchdog.Progress`) and to an
     optional :class:`Injector`, from hooks around the engine's parts.
 
     forward    forward pre-hook of every stage module (one call per micro-batch and stage)
@@ -251,7 +180,6 @@ class StepHooks:
         self.progress.set_phase("checkpoint")
         if self.injector is None or not self.injector.wants("checkpoint"):
             return real(*a, **k)
-        import torch.distributed.checkpoint as dcp
         dcp_save = dcp.save
 
         def save_then_fault(*a2, **k2):         # this process only, for the duration of this save

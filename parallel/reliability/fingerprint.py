@@ -6,7 +6,7 @@ usually shows up only as a hang. With ``train.check_collectives: true`` every ca
 as a *signature* in a *stream*:
 
     collectives   stream = (axis, the group's global ranks); signature = op, axis, shape, dtype,
-                  root, call site (the first frame outside comm.py and torch, as file:line)
+                  root, call site (the first frame outside parallel/comm/ and torch, as file:line)
     point-to-point stream = (src → dst), recorded by both ends; signature = the message tag
 
 Each rank keeps, per stream, the call count, a running hash and its last ``window`` calls. For a
@@ -38,9 +38,10 @@ from collections import Counter, deque
 
 import torch.distributed as dist
 
-_COMM_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comm.py")
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))       # .../parallel
+_COMM_DIR = os.path.join(_PKG, "comm") + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(dist.__file__)).rsplit(os.sep, 1)[0] + os.sep
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_ROOT = os.path.dirname(_PKG) + os.sep
 _instances = itertools.count()
 MASK = (1 << 64) - 1
 
@@ -54,13 +55,13 @@ def _h(text: str) -> int:
 
 
 def call_site(skip: int = 2) -> str:
-    """``file:line (function)`` of the first caller outside comm.py and torch, with the comm.py
+    """``file:line (function)`` of the first caller outside parallel/comm/ and torch, with the comm
     frame it came through when that is not the public function itself (an autograd function)."""
     f = sys._getframe(skip)
     via = None
     while f is not None:
         fn = f.f_code.co_filename
-        if fn == _COMM_FILE:
+        if fn.startswith(_COMM_DIR):
             via = getattr(f.f_code, "co_qualname", f.f_code.co_name)
         elif not fn.startswith(_TORCH_DIR):
             break

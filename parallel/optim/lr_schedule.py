@@ -48,11 +48,9 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, SchedulerConfig
-
-NAMES = ("constant", "warmup", "warmup_linear", "warmup_cosine")
-WARMUP_TYPES = ("linear", "log")
-CONVENTIONS = ("native", "deepspeed")
+from parallel.config import SchedulerConfig
+from parallel.config.errors import ConfigError
+from parallel.config.validate import check_schedule
 
 
 @dataclass
@@ -70,36 +68,9 @@ class Schedule:
         self.check()
 
     def check(self) -> None:
-        n, w, T = self.name, self.warmup_steps, self.total_steps
-        for key, v, allowed in (("name", n, NAMES), ("warmup_type", self.warmup_type, WARMUP_TYPES),
-                                ("convention", self.convention, CONVENTIONS)):
-            if v not in allowed:
-                raise ConfigError(f"scheduler.{key}={v!r} is not one of {list(allowed)}")
-        for key, v in (("min_lr_ratio", self.min_lr_ratio), ("warmup_start_ratio", self.warmup_start_ratio)):
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"scheduler.{key}={v} must be within [0, 1] (a fraction of optimizer.lr)")
-        if w < 0:
-            raise ConfigError(f"scheduler.warmup_steps={w} must be 0 or more")
-        if n == "constant" and (w or self.warmup_start_ratio):
-            raise ConfigError(f"scheduler.name=constant has no warm-up but scheduler.warmup_steps={w}, "
-                              f"warmup_start_ratio={self.warmup_start_ratio}: use scheduler.name=warmup "
-                              f"or set warmup_steps=0")
-        if self.convention == "native":
-            if self.warmup_type == "log" and 0 < w < 2:
-                raise ConfigError(f"scheduler.warmup_type=log needs scheduler.warmup_steps >= 2 (ln W divides), "
-                                  f"got {w}: use 2 or more, or warmup_type=linear")
-            if n in ("warmup_linear", "warmup_cosine") and T < w:
-                raise ConfigError(f"scheduler.total_steps={T} is before the end of the warm-up "
-                                  f"(scheduler.warmup_steps={w}): set total_steps >= warmup_steps")
-        else:
-            W = max(2, w)
-            if n == "warmup_cosine" and T <= W:
-                raise ConfigError(f"scheduler.total_steps={T} must exceed the warm-up max(2, warmup_steps)={W} "
-                                  f"for DeepSpeed's WarmupCosineLR (it divides by total_num_steps - warmup_num_steps)")
-            if n == "warmup_linear" and T < W:
-                raise ConfigError(f"scheduler.total_steps={T} is before the end of the warm-up max(2, warmup_steps)"
-                                  f"={W}: DeepSpeed's WarmupDecayLR would decay from a partial warm-up; "
-                                  f"set total_steps >= {W}")
+        """The schedule's own consistency (:func:`parallel.config.validate.check_schedule`)."""
+        check_schedule(self.name, self.warmup_steps, self.total_steps, self.min_lr_ratio, self.warmup_start_ratio,
+                       self.warmup_type, self.convention)
 
     def _ramp(self, k: int, W: int) -> float:
         """Warm-up fraction after k of W steps (0 ≤ k < W)."""

@@ -4,7 +4,7 @@ Data parallelism: every dp rank holds the model, runs its share of the global ba
 gradients are averaged, g = (1/N) Σ_r g_r, so that the update equals the single-process one on
 the whole batch (the loss is a mean over samples). As in torch DDP (Li et al., "PyTorch
 Distributed", arXiv 2006.15704, §3.2), gradients are grouped into buckets of about
-``bucket_mb`` (:func:`parallel.zero.partition.make_buckets`, reverse parameter order) and a
+``bucket_mb`` (:func:`parallel.data_parallel.bucket.make_buckets`, reverse parameter order) and a
 bucket's collective starts as soon as its last gradient has been accumulated — from a
 ``register_post_accumulate_grad_hook`` while backward is still running — so communication
 overlaps the backward computation of earlier layers.
@@ -34,9 +34,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import comm
-from .comm import Group
-from .zero.partition import FlatBucket, make_buckets, reduce_scatter_into
+from parallel import comm
+from parallel.comm import Group
+from parallel.data_parallel.bucket import FlatBucket, make_buckets
 
 __all__ = ["GradReducer", "DataParallel"]
 
@@ -200,7 +200,7 @@ class GradReducer:
             work, out = comm.all_reduce(g, self.group, async_op=True), None
         else:
             out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
-            work = reduce_scatter_into(out, g, self.group, async_op=True)
+            work = comm.reduce_scatter_into(out, g, self.group, async_op=True)
         self._inflight.append((b, work, out))
         self.launches[where] += 1
         self._poll()

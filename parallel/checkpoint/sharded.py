@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -55,8 +58,6 @@ def _runs(index: torch.Tensor):
 
 
 def _sharded(key_runs_all: dict, key: str, values: torch.Tensor, runs, rank: int):
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
-    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
     numel, dtype, all_runs = key_runs_all[key]
     shards = [Shard(values[a:a + n].clone(), ShardMetadata([start], [n], f"rank:{rank}/cpu"))
               for start, n, a in runs]
@@ -72,7 +73,6 @@ def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | No
 
     ``meta`` (layout, step, data position, ...) is written by rank 0; ``rank_meta`` (e.g. RNG
     state) by every rank. Returns the final folder."""
-    import torch.distributed.checkpoint as dcp
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     parent, name = os.path.split(os.path.abspath(path))
@@ -140,7 +140,6 @@ def read_meta(path: str) -> dict:
 
 def load_full(path: str, keys: list[str], meta: dict | None = None) -> dict:
     """Read whole logical tensors ``keys`` (flattened) from a checkpoint, in any process layout."""
-    import torch.distributed.checkpoint as dcp
     meta = meta or read_meta(path)
     reader = dcp.FileSystemReader(path)
     md = reader.read_metadata().state_dict_metadata

@@ -2,7 +2,7 @@
 
 Every rank keeps a :class:`Progress` — step, phase (setup, data, forward, backward, optimizer,
 checkpoint, metrics, finish), pipeline action and last collective — updated by the training loop,
-the phase hooks of :mod:`parallel.faults` and the comm recorder of :mod:`parallel.fingerprint`.
+the phase hooks of :mod:`parallel.reliability.faults` and the comm recorder of :mod:`parallel.reliability.fingerprint`.
 The :class:`Watchdog` thread fires when one phase has made no progress for ``train.timeout_s``:
 it prints the rank's state and the main thread's Python stack, asks every rank for its collective
 fingerprints (through the rendezvous store, which still works while the process groups are
@@ -32,6 +32,7 @@ import time
 import traceback
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 EXIT_FAILURE = 1
 EXIT_TIMEOUT = 3
@@ -49,7 +50,6 @@ def group_timeout_s(timeout_s: float) -> float:
 def set_default_group_timeout(seconds: float) -> None:
     """Make process groups created from now on (torch's DeviceMesh sub-groups included, which
     otherwise get torch's 30-minute default) time out after ``seconds``."""
-    import torch.distributed.distributed_c10d as c10d
     c10d.default_pg_timeout = datetime.timedelta(seconds=seconds)
 
 

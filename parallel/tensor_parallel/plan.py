@@ -50,10 +50,18 @@ import sys
 
 import torch.nn as nn
 
-from .comm import Group
-from .tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, _is_conv1d,
-                              _SharedInput, seq_all_gather, seq_gather, seq_scatter,
-                              sum_grads_over_tp)
+from parallel.comm import Group
+from parallel.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    _is_conv1d,
+    _SharedInput,
+    seq_all_gather,
+    seq_gather,
+    seq_scatter,
+    sum_grads_over_tp,
+)
 
 __all__ = ["apply_tensor_parallel", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
 

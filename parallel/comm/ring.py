@@ -12,7 +12,7 @@ halves of NCCL's ring all-reduce): with chunks c_0 … c_{N−1} of M/N bytes,
                     rank r holds Σ_ranks c_r.
     all-gather      step s: rank r sends chunk (r−s) mod N to r+1 and receives (r−s−1) mod N.
 
-Each moves (N−1)/N·M bytes per rank, as :mod:`parallel.comm` records. Every chunk is cut into
+Each moves (N−1)/N·M bytes per rank, as :mod:`parallel.comm.collectives` records. Every chunk is cut into
 sub-chunks of ~1 MiB whose messages are all posted at once, so receiving one overlaps adding (and
 forwarding) the previous one — measured 15 ms for the reduce-scatter and 16–18 ms for the
 all-gather above. Summation order per element is the ring's (for N = 2: a + b, exact either way).

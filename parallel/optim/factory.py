@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import OptimizerConfig
+from parallel.config import OptimizerConfig
 
 _CLASSES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 

@@ -1,0 +1,68 @@
+"""Point-to-point messages on an explicit group, counted.
+
+A message carries a small header (dtype, ndim, shape) so the receiver needs no shape argument;
+header bytes are recorded as ``meta_bytes`` and kept out of ``wire_bytes``. A send of M bytes is
+M wire bytes for the sender; the receiver records its payload and 0 wire bytes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.comm.collectives import Group, _nbytes, _trace
+
+__all__ = ["P2PWork", "isend", "send", "recv"]
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+           torch.int8, torch.uint8, torch.bool, torch.int16]
+_MAX_DIMS = 8
+_HEADER_LEN = 2 + _MAX_DIMS
+
+
+def _header(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() > _MAX_DIMS:
+        raise ValueError(f"send: tensors of more than {_MAX_DIMS} dims are not supported (got {t.dim()})")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"send: dtype {t.dtype} is not supported; use one of {_DTYPES}")
+    h = [_DTYPES.index(t.dtype), t.dim(), *t.shape] + [0] * (_MAX_DIMS - t.dim())
+    return torch.tensor(h, dtype=torch.int64)
+
+
+class P2PWork:
+    """Handles of one non-blocking send (header and payload); keeps the payload alive until done."""
+
+    def __init__(self, works, payload):
+        self.works, self.payload = works, payload
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works, self.payload = [], None
+
+
+def isend(t: torch.Tensor, dst: int, group: Group, tag: int = 0) -> P2PWork:
+    """Non-blocking send of ``t`` (with its header) to global rank ``dst``."""
+    t = t.detach().contiguous()
+    h = _header(t).to(t.device)
+    _trace(group, "send", t, peer=dst, tag=tag)
+    group.stats.record(group.axis, "send", _nbytes(t), _nbytes(t), meta=_nbytes(h))
+    works = [dist.isend(h, dst=dst, group=group.pg, tag=tag), dist.isend(t, dst=dst, group=group.pg, tag=tag)]
+    return P2PWork(works, (h, t))
+
+
+def send(t: torch.Tensor, dst: int, group: Group, tag: int = 0) -> None:
+    """Blocking send of ``t`` to global rank ``dst``."""
+    isend(t, dst, group, tag).wait()
+
+
+def recv(src: int, group: Group, device=None, tag: int = 0) -> torch.Tensor:
+    """Receive a tensor sent by :func:`send` from global rank ``src``; shape and dtype come from the header."""
+    h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=device)
+    _trace(group, "recv", None, peer=src, tag=tag)
+    dist.recv(h, src=src, group=group.pg, tag=tag)
+    h = h.tolist()
+    dtype, ndim = _DTYPES[h[0]], h[1]
+    t = torch.empty(h[2:2 + ndim], dtype=dtype, device=device)
+    dist.recv(t, src=src, group=group.pg, tag=tag)
+    group.stats.record(group.axis, "recv", _nbytes(t), 0, meta=_HEADER_LEN * 8)
+    return t

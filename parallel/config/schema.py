@@ -1,0 +1,152 @@
+"""The configuration tree: one dataclass per section, with defaults.
+
+Unset optimizer fields stay ``None`` and the optimizer then uses torch's own defaults (the parity
+contract in DESIGN.md). Loading is :mod:`parallel.config.load`, checks :mod:`parallel.config.validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from parallel.config.errors import ConfigError
+from parallel.config.validate import validate
+
+__all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "ParallelConfig", "OptimizerConfig", "SchedulerConfig",
+           "LossScaleConfig", "CheckpointConfig", "TrainConfig", "OffloadConfig", "ZeroConfig"]
+
+
+@dataclass
+class ModelConfig:
+    factory: str = ""                      # "pkg.module:function" returning an nn.Module
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    factory: str = ""                      # "pkg.module:function" returning a map-style Dataset
+    kwargs: dict = field(default_factory=dict)
+    global_batch_size: int = 8
+    micro_batch_size: int = 8              # samples per micro-batch on one dp rank
+    shuffle: bool = False                  # seeded permutation per epoch, independent of the layout
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    tp_plan: Any = "auto"                  # "auto" or {module glob: colwise | rowwise | vocab}
+    sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"              # gpipe | 1f1b | interleaved | zero_bubble
+    pp_microbatches: Optional[int] = None  # default: global_batch / (dp * micro_batch_size)
+    pp_virtual_stages: int = 1
+    pp_split: Any = "auto"                 # "auto" or a list of block boundaries
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"                    # adamw | adam | sgd
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    betas: Optional[list] = None
+    momentum: Optional[float] = None
+    eps: Optional[float] = None
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule as a multiplier of optimizer.lr per step (warm-up then decay)."""
+    name: str = "constant"                 # constant | warmup | warmup_linear | warmup_cosine
+    warmup_steps: int = 0
+    total_steps: Optional[int] = None      # decay horizon; default train.steps
+    min_lr_ratio: float = 0.0              # floor of the decay, as a fraction of optimizer.lr
+    warmup_start_ratio: float = 0.0        # warm-up starts at this fraction of optimizer.lr
+    warmup_type: str = "linear"            # linear | log (DeepSpeed's WarmupLR)
+    convention: str = "native"             # native | deepspeed (DeepSpeed's step offsets, exactly)
+
+
+@dataclass
+class LossScaleConfig:
+    """fp16 dynamic loss scaling (Micikevicius et al., arXiv 1710.03740); static when ``static`` is set."""
+    initial: float = 2.0 ** 16
+    growth_interval: int = 1000            # overflow-free steps before the scale doubles
+    hysteresis: int = 2                    # overflows tolerated before the scale halves
+    min: float = 1.0
+    static: Optional[float] = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    every: int = 0                         # steps between checkpoints; 0 = never
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    seed: int = 0
+    metrics_file: Optional[str] = None
+    log_every: int = 1
+    grad_clip: Optional[float] = None
+    timeout_s: float = 60.0
+    resume: bool = False
+    finish: Optional[str] = None           # "pkg.module:function(model, cfg)" run on rank 0 with the full model
+    peak_flops: Optional[float] = None     # per-rank peak FLOP/s for MFU (default: a measured matmul rate)
+    tensorboard: Optional[str] = None      # a log directory for TensorBoard scalars (needs tensorboard)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    on_nonfinite: str = "stop"             # stop | skip: a non-finite loss/gradient ends the job, or skips the update
+    check_collectives: bool = False        # compare collective fingerprints across ranks every step (parallel.reliability.fingerprint)
+    fault: Optional[dict] = None           # fault injection for tests: {rank, step, phase, kind[, attempt]} (parallel.reliability.faults)
+
+
+@dataclass
+class OffloadConfig:
+    optimizer: str = "none"                # none | cpu | nvme
+    params: str = "none"                   # none | cpu | nvme
+    nvme_path: Optional[str] = None
+    buffer_count: int = 4                  # IO buffers streaming optimizer sub-groups / layers
+    buffer_mb: float = 64.0                # size of each buffer
+    prefetch_depth: int = 1                # layers / sub-groups read ahead of use
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0                         # 0 = plain data parallel
+    bucket_mb: float = 25.0
+    prefetch: bool = True
+    units: str = "module"                  # stage 3 gathers per: module (each module owning parameters, as
+    #                                        DeepSpeed) | block (each repeated block + the rest, as FSDP2 per block)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: str = "cross_entropy"            # cross_entropy | mse | "pkg.module:function"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: str = "fp32"                # fp32 | bf16 | fp16
+    device: str = "cpu"                    # cpu | cuda | auto
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.parallel.tp * self.parallel.pp
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per dp rank per step (gradient accumulation / pipeline micro-batches)."""
+        return self.data.global_batch_size // (self.parallel.dp * self.data.micro_batch_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Every cross-field check (:func:`parallel.config.validate.validate`); returns ``self``."""
+        validate(self, world_size)
+        return self

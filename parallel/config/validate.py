@@ -1,0 +1,167 @@
+"""Cross-field checks of a :class:`~parallel.config.Config`, before any process group exists.
+
+Every check fails with one :class:`ConfigError` that names the key, the value and what to change.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from parallel.config.errors import ConfigError
+from parallel.config.faults import check_fault
+
+if TYPE_CHECKING:
+    from parallel.config.schema import Config
+
+__all__ = ["CHOICES", "validate", "check_factory", "check_schedule"]
+
+CHOICES = {
+    "loss": ("cross_entropy", "mse"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "device": ("cpu", "cuda", "auto"),
+    "scheduler.name": ("constant", "warmup", "warmup_linear", "warmup_cosine"),
+    "scheduler.warmup_type": ("linear", "log"),
+    "scheduler.convention": ("native", "deepspeed"),
+    "zero.offload.optimizer": ("none", "cpu", "nvme"),
+    "zero.offload.params": ("none", "cpu", "nvme"),
+    "train.on_nonfinite": ("stop", "skip"),
+}
+
+
+def check_factory(key: str, spec: str) -> None:
+    if not spec:
+        raise ConfigError(f"{key} is not set: give 'pkg.module:function' (e.g. examples.gpt:build)")
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise ConfigError(f"{key}={spec!r} must look like 'pkg.module:function'")
+
+
+def validate(c: Config, world_size: int | None = None) -> None:
+    """Check ``c`` (for a job of ``world_size`` processes when given); raise :class:`ConfigError` naming the key."""
+    for key, allowed in CHOICES.items():
+        v = c
+        for part in key.split("."):
+            v = getattr(v, part)
+        if key == "loss" and ":" in v:
+            continue
+        if v not in allowed:
+            raise ConfigError(f"{key}={v!r} is not one of {list(allowed)}")
+    check_factory("model.factory", c.model.factory)
+    check_factory("data.factory", c.data.factory)
+    p, d, t = c.parallel, c.data, c.train
+    for key, v in (("parallel.dp", p.dp), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+                   ("data.global_batch_size", d.global_batch_size), ("data.micro_batch_size", d.micro_batch_size),
+                   ("parallel.pp_virtual_stages", p.pp_virtual_stages)):
+        if v < 1:
+            raise ConfigError(f"{key}={v} must be at least 1")
+    if t.steps < 0:
+        raise ConfigError(f"train.steps={t.steps} must be 0 or more")
+    if world_size is not None and c.world_size != world_size:
+        raise ConfigError(f"parallel.dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {c.world_size} but the job has {world_size} "
+                          f"processes: change parallel.dp/tp/pp or start {c.world_size} processes (--nproc {c.world_size})")
+    if d.global_batch_size % p.dp:
+        raise ConfigError(f"data.global_batch_size={d.global_batch_size} does not divide over parallel.dp={p.dp} "
+                          f"ranks: use a multiple of {p.dp}")
+    per_rank = d.global_batch_size // p.dp
+    if per_rank % d.micro_batch_size:
+        raise ConfigError(f"data.micro_batch_size={d.micro_batch_size} does not divide the {per_rank} samples each of "
+                          f"the {p.dp} dp ranks gets per step (data.global_batch_size={d.global_batch_size}): "
+                          f"choose a divisor of {per_rank}")
+    m = per_rank // d.micro_batch_size
+    if p.pp_microbatches is not None and p.pp_microbatches != m:
+        raise ConfigError(f"parallel.pp_microbatches={p.pp_microbatches} disagrees with the batch: "
+                          f"{d.global_batch_size} samples / (dp {p.dp} × micro_batch_size {d.micro_batch_size}) = {m} "
+                          f"micro-batches; drop the key or set data.micro_batch_size={per_rank // p.pp_microbatches if per_rank % p.pp_microbatches == 0 else '...'}")
+    if p.pp_schedule == "interleaved":
+        if p.pp_virtual_stages < 2:
+            raise ConfigError("parallel.pp_schedule=interleaved needs parallel.pp_virtual_stages >= 2")
+        if m % p.pp:
+            raise ConfigError(f"parallel.pp_schedule=interleaved needs the micro-batch count ({m}) to be a multiple "
+                              f"of parallel.pp={p.pp}: change data.micro_batch_size or data.global_batch_size")
+    elif p.pp_virtual_stages != 1:
+        raise ConfigError(f"parallel.pp_virtual_stages={p.pp_virtual_stages} only applies to "
+                          f"parallel.pp_schedule=interleaved (got {p.pp_schedule!r}): set it to 1")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards along the sequence "
+                          "within the tp group)")
+    if not (p.tp_plan == "auto" or isinstance(p.tp_plan, dict)):
+        raise ConfigError(f"parallel.tp_plan={p.tp_plan!r} must be 'auto' or a mapping {{module glob: colwise|rowwise|vocab}}")
+    if not (p.pp_split == "auto" or (isinstance(p.pp_split, list) and all(isinstance(b, int) for b in p.pp_split))):
+        raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto' or a list of block indices where stages start")
+    if not 0 <= c.zero.stage <= 3:
+        raise ConfigError(f"zero.stage={c.zero.stage} must be 0, 1, 2 or 3")
+    if c.zero.bucket_mb <= 0:
+        raise ConfigError(f"zero.bucket_mb={c.zero.bucket_mb} must be positive")
+    if c.zero.units not in ("module", "block"):
+        raise ConfigError(f"zero.units={c.zero.units!r} must be 'module' (a stage-3 unit per module that owns "
+                          f"parameters) or 'block' (one per repeated block, plus one for the rest)")
+    if c.zero.offload.params != "none" and c.zero.stage != 3:
+        raise ConfigError(f"zero.offload.params={c.zero.offload.params} needs zero.stage=3 (got {c.zero.stage})")
+    if "nvme" in (c.zero.offload.params, c.zero.offload.optimizer) and not c.zero.offload.nvme_path:
+        raise ConfigError("zero.offload uses nvme but zero.offload.nvme_path is not set: give a directory on a local disk")
+    sc = c.scheduler
+    if sc.warmup_steps < 0 or (sc.total_steps is not None and sc.total_steps < sc.warmup_steps):
+        raise ConfigError(f"scheduler.warmup_steps={sc.warmup_steps} must be >= 0 and <= scheduler.total_steps "
+                          f"({sc.total_steps})")
+    if not 0.0 <= sc.min_lr_ratio <= 1.0:
+        raise ConfigError(f"scheduler.min_lr_ratio={sc.min_lr_ratio} must be within [0, 1]")
+    off = c.zero.offload
+    if off.buffer_count < 1 or off.buffer_mb <= 0 or off.prefetch_depth < 0:
+        raise ConfigError(f"zero.offload: buffer_count={off.buffer_count} must be >= 1, buffer_mb={off.buffer_mb} "
+                          f"> 0 and prefetch_depth={off.prefetch_depth} >= 0")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip={t.grad_clip} must be positive (or null for no clipping)")
+    if t.timeout_s <= 0:
+        raise ConfigError(f"train.timeout_s={t.timeout_s} must be positive")
+    if t.fault is not None:
+        check_fault(c, world_size)
+    if t.checkpoint.every < 0:
+        raise ConfigError(f"train.checkpoint.every={t.checkpoint.every} must be 0 (never) or positive")
+    if t.checkpoint.every and not t.checkpoint.dir:
+        raise ConfigError("train.checkpoint.every is set but train.checkpoint.dir is not: give a directory")
+    if t.resume and not t.checkpoint.dir:
+        raise ConfigError("train.resume=true needs train.checkpoint.dir (where to look for checkpoints)")
+    o = c.optimizer
+    if o.betas is not None and (len(o.betas) != 2 or not all(isinstance(b, (int, float)) for b in o.betas)):
+        raise ConfigError(f"optimizer.betas={o.betas!r} must be two numbers, e.g. [0.9, 0.999]")
+    if o.lr is not None and o.lr < 0:
+        raise ConfigError(f"optimizer.lr={o.lr} must not be negative")
+    if o.name == "sgd" and o.betas is not None:
+        raise ConfigError("optimizer.betas applies to adam/adamw, not sgd: remove it or change optimizer.name")
+    if o.name != "sgd" and o.momentum is not None:
+        raise ConfigError(f"optimizer.momentum applies to sgd, not {o.name}: remove it or set optimizer.name=sgd")
+
+
+def check_schedule(name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
+                   warmup_start_ratio: float = 0.0, warmup_type: str = "linear", convention: str = "native") -> None:
+    """A learning-rate schedule's own consistency (:class:`parallel.optim.lr_schedule.Schedule` calls it too)."""
+    n, w, T = name, warmup_steps, total_steps
+    for key, v in (("name", n), ("warmup_type", warmup_type), ("convention", convention)):
+        allowed = CHOICES[f"scheduler.{key}"]
+        if v not in allowed:
+            raise ConfigError(f"scheduler.{key}={v!r} is not one of {list(allowed)}")
+    for key, v in (("min_lr_ratio", min_lr_ratio), ("warmup_start_ratio", warmup_start_ratio)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"scheduler.{key}={v} must be within [0, 1] (a fraction of optimizer.lr)")
+    if w < 0:
+        raise ConfigError(f"scheduler.warmup_steps={w} must be 0 or more")
+    if n == "constant" and (w or warmup_start_ratio):
+        raise ConfigError(f"scheduler.name=constant has no warm-up but scheduler.warmup_steps={w}, "
+                          f"warmup_start_ratio={warmup_start_ratio}: use scheduler.name=warmup "
+                          f"or set warmup_steps=0")
+    if convention == "native":
+        if warmup_type == "log" and 0 < w < 2:
+            raise ConfigError(f"scheduler.warmup_type=log needs scheduler.warmup_steps >= 2 (ln W divides), "
+                              f"got {w}: use 2 or more, or warmup_type=linear")
+        if n in ("warmup_linear", "warmup_cosine") and T < w:
+            raise ConfigError(f"scheduler.total_steps={T} is before the end of the warm-up "
+                              f"(scheduler.warmup_steps={w}): set total_steps >= warmup_steps")
+    else:
+        W = max(2, w)
+        if n == "warmup_cosine" and T <= W:
+            raise ConfigError(f"scheduler.total_steps={T} must exceed the warm-up max(2, warmup_steps)={W} "
+                              f"for DeepSpeed's WarmupCosineLR (it divides by total_num_steps - warmup_num_steps)")
+        if n == "warmup_linear" and T < W:
+            raise ConfigError(f"scheduler.total_steps={T} is before the end of the warm-up max(2, warmup_steps)"
+                              f"={W}: DeepSpeed's WarmupDecayLR would decay from a partial warm-up; "
+                              f"set total_steps >= {W}")

@@ -1,0 +1,1 @@
+"""Optimizers from the config and learning-rate schedules."""

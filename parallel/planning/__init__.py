@@ -1,0 +1,1 @@
+"""Predictions before launch: the layout planner and FLOP counts."""

@@ -1,0 +1,1 @@
+"""Failure handling: the watchdog, collective fingerprints and fault injection."""
