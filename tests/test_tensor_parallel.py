@@ -173,3 +173,36 @@ def test_layer_errors():
     from parallel.tensor_parallel import vocab_parallel_cross_entropy
     with pytest.raises(ValueError, match=r"logits shard \(2, 3, 8\) and targets \(2, 4\) disagree"):
         vocab_parallel_cross_entropy(torch.randn(2, 3, 8), torch.zeros(2, 4, dtype=torch.long), g4)
+
+
+def _inplace_after_mappings(rank, world):
+    """A model's own in-place update of an f/g output (Falcon's ``mlp_output += attention_output``)
+    works, leaves the input untouched, and gives the gradients of the same out-of-place code."""
+    from parallel import comm
+    from parallel.mesh import Mesh
+    g = Mesh(tp=world).group("tp")
+    out = {}
+    for inplace in (False, True):
+        x = torch.arange(1.0, 1.0 + B * S * H).reshape(B, S, H).mul(rank + 1).requires_grad_()
+        h = x * 2.0                                     # a non-leaf, as a layer's partial output is
+        before = h.detach().clone()
+        y = comm.reduce_from_group(h, g)
+        s = comm.scatter_to_seq(h, g, dim=1)
+        if inplace:
+            y += 1.0
+            s *= 3.0
+        else:
+            y, s = y + 1.0, s * 3.0
+        assert torch.equal(h.detach(), before)          # the input was not modified
+        (y.square().sum() + s.sum()).backward()
+        out[inplace] = (y.detach(), s.detach(), x.grad)
+    for a, b in zip(out[False], out[True]):
+        assert torch.equal(a, b)
+    full = sum(torch.arange(1.0, 1.0 + B * S * H).reshape(B, S, H) * 2.0 * (r + 1) for r in range(world))
+    assert torch.equal(out[True][0], full + 1.0)        # the all-reduce's value, then the update
+    return True
+
+
+@pytest.mark.parametrize("world", [2])
+def test_mapping_outputs_are_safe_to_modify_in_place(world):
+    assert run_ranks(_inplace_after_mappings, world) == [True] * world

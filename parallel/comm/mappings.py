@@ -4,6 +4,12 @@ f (identity forward, all-reduce backward) and g (all-reduce forward, identity ba
 Megatron-LM (Shoeybi et al., arXiv 1909.08053, §3), and their sequence-parallel counterparts
 (Korthikanti et al., arXiv 2205.05198, §4.2): g becomes reduce-scatter along the sequence dim,
 its conjugate all-gather, moving the same bytes as the all-reduce they replace.
+
+Every forward output that carries data (g, the sequence scatter) is a fresh tensor, never the
+input or a view of it: a model's own in-place update of a block output (Falcon's
+``mlp_output += attention_output``, Gemma's ``hidden *= normalizer``) is then legal under autograd,
+and the input is never modified behind autograd's back. f returns its input unchanged (its output
+only feeds the column-parallel matmul).
 """
 from __future__ import annotations
 
@@ -13,6 +19,11 @@ from parallel.comm.collectives import Group, all_gather, all_reduce, reduce_scat
 
 __all__ = ["copy_to_group", "reduce_from_group", "scatter_to_seq", "gather_from_seq", "reduce_scatter_to_seq",
            "all_gather_to_seq"]
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that shares no storage with ``t`` (one copy either way)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -31,7 +42,7 @@ class _ReduceFromGroup(torch.autograd.Function):
     """g: all-reduce forward, identity backward."""
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.contiguous(), group)
+        return all_reduce(_fresh(x), group)
 
     @staticmethod
     def backward(ctx, g):
@@ -43,7 +54,7 @@ class _ScatterToSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return x.chunk(group.size, dim)[group.rank].contiguous()
+        return _fresh(x.chunk(group.size, dim)[group.rank])
 
     @staticmethod
     def backward(ctx, g):
