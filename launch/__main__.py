@@ -4,8 +4,14 @@ Starts the job under torchrun (torch.distributed.run): every torchrun flag (--nn
 --rdzv-backend, --rdzv-endpoint, --rdzv-id, --max-restarts, ...) passes through unchanged, and
 ``key.sub=value`` words become config overrides. Without --nproc the process count is the config's
 dp·tp·pp divided by the number of nodes. A single-node job without rendezvous flags runs
-``--standalone`` (a free local port, no fixed 29500). The config is validated here first, so a
-bad config fails once, before any worker starts.
+``--standalone`` (a free local port, no fixed 29500).
+
+Exit status 2 (config or usage error) comes from here, before any worker starts: a bad flag, an
+invalid config, or a failed pre-flight check (:mod:`launch.preflight`: train.steps, factory
+imports, checkpoint/metrics directories, zero.offload.nvme_path and its free space, data files).
+When workers fail, the last lines name the first failing rank, where it was (setup phase or
+step and phase) and its one-line reason, or the signal that killed it (:mod:`launch.failures`);
+the exit status is then that rank's 2 or 3, else 1.
 """
 from __future__ import annotations
 
@@ -16,6 +22,10 @@ import sys
 from parallel.config import ConfigError, load_config
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+class UsageError(Exception):
+    """A bad command line (exit 2, like argparse's own usage errors)."""
 
 
 def split_argv(argv: list[str]):
@@ -36,7 +46,7 @@ def split_argv(argv: list[str]):
             flag = tok.split("=", 1)[0]
             action = actions.get(flag) or actions.get(flag.replace("-", "_"))
             if action is None:
-                raise SystemExit(f"python -m launch: unknown flag {tok!r} (not ours and not torchrun's; see --help "
+                raise UsageError(f"python -m launch: unknown flag {tok!r} (not ours and not torchrun's; see --help "
                                  f"and python -m torch.distributed.run --help)")
             torchrun.append(tok)
             if "=" not in tok and action.nargs != 0 and i + 1 < len(rest):
@@ -45,7 +55,7 @@ def split_argv(argv: list[str]):
         elif _OVERRIDE.match(tok):
             overrides.append(tok)
         else:
-            raise SystemExit(f"python -m launch: unexpected argument {tok!r}; config overrides look like key.sub=value")
+            raise UsageError(f"python -m launch: unexpected argument {tok!r}; config overrides look like key.sub=value")
         i += 1
     return known, torchrun, overrides
 
@@ -62,7 +72,11 @@ def _flag_value(torchrun: list[str], *names: str):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, torchrun, overrides = split_argv(argv)
+    try:
+        known, torchrun, overrides = split_argv(argv)
+    except UsageError as e:
+        print(f"{e}", file=sys.stderr)
+        return 2
     try:
         report: list = []
         cfg = load_config(known.config, overrides, deepspeed=known.deepspeed, report=report)
@@ -75,6 +89,16 @@ def main(argv=None) -> int:
         cfg.validate(nproc * nnodes_n)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from launch import preflight
+    try:                            # a dry run changes nothing on disk: it skips the path checks
+        preflight.check_config(cfg)
+        preflight.check_imports(cfg)
+        if not known.dry_run:
+            preflight.check_paths(cfg)
+            preflight.check_nvme(cfg, whole_job_here=nnodes_n == 1)
+    except ConfigError as e:
+        print(f"config error (pre-flight check; no worker was started): {e}", file=sys.stderr)
         return 2
     if known.dry_run:
         from launch.dry_run import describe
@@ -89,9 +113,17 @@ def main(argv=None) -> int:
     from torch.distributed.run import main as torchrun_main
     try:
         torchrun_main(args)
-    except Exception as e:          # ChildFailedError: torchrun already printed the failing rank's error
-        print(f"launch: job failed: {type(e).__name__}", file=sys.stderr)
-        return 1
+    except Exception as e:          # ChildFailedError: name the first failing rank, last
+        failures = getattr(e, "failures", None)
+        if not failures:
+            print(f"launch: job failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}",
+                  file=sys.stderr, flush=True)
+            return 1
+        from launch.failures import summarize
+        lines, code = summarize(failures)
+        sys.stdout.flush()
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        return code
     return 0
 
 

@@ -8,7 +8,9 @@ JSON object per step to train.metrics_file and prints a progress line.
 Failures (docs/failures.md): a rank that fails prints ``rank R failed at step S (phase):`` with its
 traceback (once per job), ranks that then lose their peers print one line, and every process
 exits non-zero at once; a watchdog ends a rank stuck in one phase for train.timeout_s
-(:mod:`parallel.watchdog`). A worker that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
+(:mod:`parallel.watchdog`). Each failing rank also writes a one-line record (rank, phase, reason)
+into torchrun's error file, from which the launcher names the first failing rank
+(:mod:`launch.failures`). A worker that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
 resumes from the newest complete checkpoint in train.checkpoint.dir, data position and RNG
 included, and the metrics file keeps one line per step. train.on_nonfinite decides what a
 non-finite gradient does (stop: end the job naming the step; skip: skip that update);
@@ -30,7 +32,9 @@ import time
 import torch
 import torch.nn as nn
 
+from launch import failures
 from launch.metrics import RANKS_FILE, MetricsLog
+from launch.preflight import check_config
 from parallel import checkpoint, comm
 from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, global_indices, rank_batch
@@ -374,11 +378,15 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, args.overrides, deepspeed=args.deepspeed).validate(world)
+        check_config(cfg)
     except ConfigError as e:
         if rank == 0:
             print(f"config error: {e}", file=sys.stderr)
+        failures.write_record(rank, "config", "config", f"config error: {e}", 2)
         return 2
     faulthandler.enable()
+    progress = Progress(rank)
+    progress.set_phase("setup (init process group)")
     if cfg.train.check_collectives:                # torch checks op and shape before each collective too
         os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
         torch.distributed.set_debug_level_from_env()
@@ -386,18 +394,25 @@ def main(argv=None) -> int:
     device = None if cfg.device == "auto" else torch.device(cfg.device)
     if device is not None and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    preload(cfg)
-    pg_timeout = group_timeout_s(cfg.train.timeout_s)
-    set_default_group_timeout(pg_timeout)          # DeviceMesh's sub-groups too, not torch's 30 minutes
-    device = init_job(device, pg_timeout)
-    progress = Progress(rank)
-    watchdog = Watchdog(progress, cfg.train.timeout_s).start()
+    watchdog = None
+
+    def watchdog_exit(code):                       # the watchdog fired: record it, then exit
+        failures.record_timeout(rank, progress, (watchdog.fired or "") if watchdog else "", code)
+        os._exit(code)
     try:
+        preload(cfg)
+        pg_timeout = group_timeout_s(cfg.train.timeout_s)
+        set_default_group_timeout(pg_timeout)      # DeviceMesh's sub-groups too, not torch's 30 minutes
+        device = init_job(device, pg_timeout)
+        progress.set_phase("setup")
+        watchdog = Watchdog(progress, cfg.train.timeout_s, exit_fn=watchdog_exit).start()
         mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device)
         run(cfg, mesh, progress=progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        failures.record_exception(e, rank, progress.where(), False, 130)
         terminate(130, f"rank {rank}: interrupted at {progress.where()}")
     except BaseException as e:                     # report once, exit now: never wait on dead peers
+        failures.record_exception(e, rank, progress.where(), is_peer_failure(e), EXIT_FAILURE)
         text = failure_report(e, progress, default_store(), f"p3d/fail/{restart_attempt()}")
         if progress.checker is not None and "mismatch" in str(e).lower():     # DETAIL's report: add call sites
             try:
