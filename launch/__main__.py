@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
             return 1
         from launch.failures import summarize
-        lines, code = summarize(failures)
+        lines, code = summarize(failures, single_node=nnodes_n == 1)
         sys.stdout.flush()
         print("\n".join(lines), file=sys.stderr, flush=True)
         return code

@@ -20,7 +20,9 @@ error file data. The first failing rank is chosen in this order of evidence:
 1. a rank that died by a signal it did not get from torchrun's teardown (SIGKILL, SIGSEGV,
    SIGBUS, SIGABRT, ...) and left no record: it could not report, and everything else followed it;
 2. ranks with an own record (error, timeout, config, interrupt): the earliest ``time``;
-3. ranks that exited non-zero without a record (they failed before their handler was set up);
+3. ranks that exited non-zero without a record (they failed before their handler was set up),
+   and, when the whole job runs on this node, ranks stopped by SIGTERM/SIGINT/SIGHUP from outside
+   (a peer failure here must then have a cause here);
 4. ranks with a ``peer`` record (the real cause is on another node): the earliest;
 5. anything else (ranks torchrun tore down with SIGTERM after the first failure).
 
@@ -111,29 +113,34 @@ def _status(exitcode: int) -> str:
     return f"{sig.name} (exit {exitcode})" if sig else f"exit {exitcode}"
 
 
-def first_failure(failures: dict) -> tuple[int, int]:
-    """(global rank, evidence class 1..5 of the module docstring) of the first failing rank."""
-    def key(item):
+def first_failure(failures: dict, single_node: bool = False) -> tuple[int, int]:
+    """(global rank, evidence class 1..5 of the module docstring) of the first failing rank; with
+    ``single_node`` a record-less SIGTERM/SIGINT/SIGHUP death outranks peer records (class 3): a
+    peer failure then has its cause on this node, and no rank here has an own error."""
+    def key(item):                              # (class, tie-break within class 3, time, rank)
         rank, f = item
-        rec, sig = _record(f), _signal(f.exitcode)
+        rec, sig, ts = _record(f), _signal(f.exitcode), float(getattr(f, "timestamp", 0))
         if rec is None and sig is not None and sig not in _TEARDOWN:
-            return (1, float(getattr(f, "timestamp", 0)), rank)
+            return (1, 0, ts, rank)
         if rec is not None and rec["kind"] in OWN:
-            return (2, float(rec.get("time", 0)), rank)
+            return (2, 0, float(rec.get("time", 0)), rank)
         if rec is None and f.exitcode > 0:
-            return (3, float(getattr(f, "timestamp", 0)), rank)
+            return (3, 0, ts, rank)
+        if rec is None and sig is not None and single_node:
+            return (3, 1, ts, rank)
         if rec is not None:
-            return (4, float(rec.get("time", 0)), rank)
-        return (5, float(getattr(f, "timestamp", 0)), rank)
+            return (4, 0, float(rec.get("time", 0)), rank)
+        return (5, 0, ts, rank)
     best = min(failures.items(), key=key)
     return best[0], key(best)[0]
 
 
-def summarize(failures: dict) -> tuple[list[str], int]:
+def summarize(failures: dict, single_node: bool = False) -> tuple[list[str], int]:
     """The launcher's closing lines for torchrun's ``ChildFailedError.failures`` ({global rank:
     ProcessFailure}) and its exit status: the first failing rank's status when it is 2 (config) or
-    3 (watchdog), else 1. The last line names the first failing rank, where it was and why."""
-    rank, cls = first_failure(failures)
+    3 (watchdog), else 1. The last line names the first failing rank, where it was and why.
+    ``single_node``: the whole job ran under this launcher (see :func:`first_failure`)."""
+    rank, cls = first_failure(failures, single_node)
     f = failures[rank]
     rec = _record(f)
     others = []
@@ -158,6 +165,9 @@ def summarize(failures: dict) -> tuple[list[str], int]:
                      f"({status}): {rec['reason']} (look for the cause in the other nodes' logs)")
     elif rec is not None:
         lines.append(f"launch: rank {rank} failed at {rec['where']} ({status}): {rec['reason']}")
+    elif cls == 3 and f.exitcode < 0:
+        lines.append(f"launch: rank {rank} was stopped by {_status(f.exitcode)} from outside the job (no error of its "
+                     f"own); the other ranks stopped after it")
     elif cls == 3:
         lines.append(f"launch: rank {rank} exited with status {f.exitcode} before it could report where "
                      f"(an error outside the training loop: see its output above)")

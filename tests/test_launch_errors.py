@@ -132,13 +132,18 @@ def test_summary_names_the_first_failing_rank_not_the_torn_down_one(tmp_path):
     lines, code = summarize({0: _failure(tmp, 0, 3, w0), 1: _failure(tmp, 1, 3, w1)})
     assert code == 3 and lines[-1] == ("launch: rank 0 stopped making progress at step 2 (forward) (exit 3): "
                                        "watchdog: no progress for 12.1 s (train.timeout_s=12)")
-    # only peer failures here: the cause is on another node
+    # only peer failures on this node of a multi-node job: the cause is on another node ...
     lines, _ = summarize({2: _failure(tmp, 2, 1, peer), 3: _failure(tmp, 3, -15)})
     assert lines[-1].startswith("launch: no rank on this node failed by itself; rank 2 stopped first, at step 3 "
                                 "(backward) (exit 1)")
+    # ... but in a single-node job it is the rank that was stopped from outside (kill -TERM)
+    lines, _ = summarize({2: _failure(tmp, 2, 1, peer), 3: _failure(tmp, 3, -15)}, single_node=True)
+    assert lines[-1] == ("launch: rank 3 was stopped by SIGTERM (exit -15) from outside the job (no error of its "
+                         "own); the other ranks stopped after it")
     # a rank that exited 1 before it could write a record still outranks a torn-down one
-    lines, _ = summarize({0: _failure(tmp, 0, -15), 1: _failure(tmp, 1, 1)})
-    assert lines[-1].startswith("launch: rank 1 exited with status 1 before it could report where")
+    for single in (False, True):
+        lines, _ = summarize({0: _failure(tmp, 0, -15), 1: _failure(tmp, 1, 1)}, single_node=single)
+        assert lines[-1].startswith("launch: rank 1 exited with status 1 before it could report where"), lines
 
 
 # --- the launcher end to end: two workers, the last line ----------------------------------------------
