@@ -4,8 +4,14 @@ Starts the job under torchrun (torch.distributed.run): every torchrun flag (--nn
 --rdzv-backend, --rdzv-endpoint, --rdzv-id, --max-restarts, ...) passes through unchanged, and
 ``key.sub=value`` words become config overrides. Without --nproc the process count is the config's
 dp·tp·pp divided by the number of nodes. A single-node job without rendezvous flags runs
-``--standalone`` (a free local port, no fixed 29500). The config is validated here first, so a
-bad config fails once, before any worker starts.
+``--standalone`` (a free local port, no fixed 29500).
+
+Exit status 2 (config or usage error) comes from here, before any worker starts: a bad flag, an
+invalid config, or a failed pre-flight check (:mod:`launch.preflight`: train.steps, factory
+imports, checkpoint/metrics directories, zero.offload.nvme_path and its free space, data files).
+When workers fail, the last lines name the first failing rank, where it was (setup phase or
+step and phase) and its one-line reason, or the signal that killed it (:mod:`launch.failures`);
+the exit status is then that rank's 2 or 3, else 1.
 """
 from __future__ import annotations
 
@@ -13,14 +19,24 @@ import argparse
 import re
 import sys
 
+from torch.distributed.run import get_args_parser
+from torch.distributed.run import main as torchrun_main
+
+from launch import preflight
+from launch.dry_run import describe
+from launch.failures import summarize
 from parallel.config import ConfigError, load_config
+from parallel.config.deepspeed import format_report
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
+class UsageError(Exception):
+    """A bad command line (exit 2, like argparse's own usage errors)."""
+
+
 def split_argv(argv: list[str]):
     """Separate our flags, torchrun flags (with their values) and key=value overrides."""
-    from torch.distributed.run import get_args_parser
     actions = get_args_parser()._option_string_actions
     ours = argparse.ArgumentParser(prog="python -m launch", add_help=True,
                                    description="Run a parallel3d training job under torchrun.")
@@ -36,7 +52,7 @@ def split_argv(argv: list[str]):
             flag = tok.split("=", 1)[0]
             action = actions.get(flag) or actions.get(flag.replace("-", "_"))
             if action is None:
-                raise SystemExit(f"python -m launch: unknown flag {tok!r} (not ours and not torchrun's; see --help "
+                raise UsageError(f"python -m launch: unknown flag {tok!r} (not ours and not torchrun's; see --help "
                                  f"and python -m torch.distributed.run --help)")
             torchrun.append(tok)
             if "=" not in tok and action.nargs != 0 and i + 1 < len(rest):
@@ -45,7 +61,7 @@ def split_argv(argv: list[str]):
         elif _OVERRIDE.match(tok):
             overrides.append(tok)
         else:
-            raise SystemExit(f"python -m launch: unexpected argument {tok!r}; config overrides look like key.sub=value")
+            raise UsageError(f"python -m launch: unexpected argument {tok!r}; config overrides look like key.sub=value")
         i += 1
     return known, torchrun, overrides
 
@@ -62,12 +78,15 @@ def _flag_value(torchrun: list[str], *names: str):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, torchrun, overrides = split_argv(argv)
+    try:
+        known, torchrun, overrides = split_argv(argv)
+    except UsageError as e:
+        print(f"{e}", file=sys.stderr)
+        return 2
     try:
         report: list = []
         cfg = load_config(known.config, overrides, deepspeed=known.deepspeed, report=report)
         if report:
-            from parallel.config.deepspeed import format_report
             print(format_report(report, known.deepspeed or "deepspeed: (from the YAML)"), flush=True)
         nnodes = _flag_value(torchrun, "--nnodes")
         nnodes_n = int(str(nnodes).split(":")[-1]) if nnodes else 1
@@ -76,8 +95,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    try:                            # a dry run changes nothing on disk: it skips the path checks
+        preflight.check_config(cfg)
+        preflight.check_imports(cfg)
+        if not known.dry_run:
+            preflight.check_paths(cfg)
+            preflight.check_nvme(cfg, whole_job_here=nnodes_n == 1)
+    except ConfigError as e:
+        print(f"config error (pre-flight check; no worker was started): {e}", file=sys.stderr)
+        return 2
     if known.dry_run:
-        from launch.dry_run import describe
         print(describe(cfg))
         return 0
     args = ["--nproc-per-node", str(nproc)]
@@ -86,12 +113,18 @@ def main(argv=None) -> int:
         args.append("--standalone")
     ds = ["--deepspeed", known.deepspeed] if known.deepspeed else []
     args += torchrun + ["-m", "launch.train", "--config", known.config] + ds + overrides
-    from torch.distributed.run import main as torchrun_main
     try:
         torchrun_main(args)
-    except Exception as e:          # ChildFailedError: torchrun already printed the failing rank's error
-        print(f"launch: job failed: {type(e).__name__}", file=sys.stderr)
-        return 1
+    except Exception as e:          # ChildFailedError: name the first failing rank, last
+        failures = getattr(e, "failures", None)
+        if not failures:
+            print(f"launch: job failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}",
+                  file=sys.stderr, flush=True)
+            return 1
+        lines, code = summarize(failures, single_node=nnodes_n == 1)
+        sys.stdout.flush()
+        print("\n".join(lines), file=sys.stderr, flush=True)
+        return code
     return 0
 
 

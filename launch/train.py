@@ -8,7 +8,9 @@ JSON object per step to train.metrics_file and prints a progress line.
 Failures (docs/failures.md): a rank that fails prints ``rank R failed at step S (phase):`` with its
 traceback (once per job), ranks that then lose their peers print one line, and every process
 exits non-zero at once; a watchdog ends a rank stuck in one phase for train.timeout_s
-(:mod:`parallel.reliability.watchdog`). A worker that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
+(:mod:`parallel.reliability.watchdog`). Each failing rank also writes a one-line record (rank, phase, reason)
+into torchrun's error file, from which the launcher names the first failing rank
+(:mod:`launch.failures`). A worker that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
 resumes from the newest complete checkpoint in train.checkpoint.dir, data position and RNG
 included, and the metrics file keeps one line per step. train.on_nonfinite decides what a
 non-finite gradient does (stop: end the job naming the step; skip: skip that update);
@@ -18,6 +20,7 @@ train.fault or $P3D_FAULT injects a fault (:mod:`parallel.reliability.faults`).
 from __future__ import annotations
 
 import argparse
+import datetime
 import errno
 import faulthandler
 import json
@@ -28,19 +31,30 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+from launch import failures
 from launch.metrics import RANKS_FILE, MetricsLog
-from parallel import checkpoint
-from parallel import comm
+from launch.preflight import check_config
+from parallel import checkpoint, comm
 from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
+from parallel.mesh import Mesh, backend_for, default_device, init_distributed
 from parallel.reliability.faults import Injector, StepHooks, fault_from, restart_attempt
 from parallel.reliability.fingerprint import Checker, Recorder
-from parallel.mesh import Mesh, init_distributed
-from parallel.reliability.watchdog import (EXIT_FAILURE, Progress, Watchdog, default_store, failure_report, group_timeout_s,
-                               is_peer_failure, set_default_group_timeout, terminate)
+from parallel.reliability.watchdog import (
+    EXIT_FAILURE,
+    Progress,
+    Watchdog,
+    default_store,
+    failure_report,
+    group_timeout_s,
+    is_peer_failure,
+    set_default_group_timeout,
+    terminate,
+)
 from parallel.zero import StepResult
 
 
@@ -253,7 +267,6 @@ def resume(engine, cfg: Config, rank: int, print_fn) -> None:
 def _instrument(cfg: Config, mesh: Mesh, progress: Progress, watched: bool):
     """The comm recorder (fingerprints when train.check_collectives; else, under a watchdog, just
     the last call) and the fingerprint checker on its own gloo group."""
-    import torch.distributed as dist
     checker = None
     if (cfg.train.check_collectives or os.environ.get("P3D_CHECK_COLLECTIVES") == "1") and mesh.world_size > 1:
         rec = mesh.stats.recorder = Recorder(mesh.rank, progress, fingerprint=True)
@@ -327,29 +340,11 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     return {"losses": losses, "engine": engine, "dataset": dataset}
 
 
-def preload(cfg: Config) -> None:
-    """Import what the phases of this config would import lazily, before the watchdog starts: on a
-    loaded machine a first import (DCP, FLOP counting) can take longer than train.timeout_s."""
-    import importlib
-    ck = cfg.train.checkpoint
-    names = ["parallel.flops"] + (["parallel.engine_state", "torch.distributed.checkpoint"] if ck.every or ck.dir else []) \
-        + (["parallel.pipeline"] if cfg.parallel.pp > 1 else []) + (["parallel.tp_plan"] if cfg.parallel.tp > 1 else [])
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-
-
 def init_job(device, timeout_s: float):
     """init_distributed, keeping each torchrun attempt's keys apart: torchrun's agent shares one store
     across restarts, so a restarted worker could read a dead peer's gloo address from the attempt
     before (pytorch/pytorch#135712); each attempt gets its own key prefix."""
-    import datetime
-
-    import torch.distributed as dist
     if not dist.is_initialized() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        from parallel.mesh import backend_for, default_device
         dev = device or default_device()
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -375,11 +370,15 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, args.overrides, deepspeed=args.deepspeed).validate(world)
+        check_config(cfg)
     except ConfigError as e:
         if rank == 0:
             print(f"config error: {e}", file=sys.stderr)
+        failures.write_record(rank, "config", "config", f"config error: {e}", 2)
         return 2
     faulthandler.enable()
+    progress = Progress(rank)
+    progress.set_phase("setup (init process group)")
     if cfg.train.check_collectives:                # torch checks op and shape before each collective too
         os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
         torch.distributed.set_debug_level_from_env()
@@ -387,18 +386,24 @@ def main(argv=None) -> int:
     device = None if cfg.device == "auto" else torch.device(cfg.device)
     if device is not None and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    preload(cfg)
-    pg_timeout = group_timeout_s(cfg.train.timeout_s)
-    set_default_group_timeout(pg_timeout)          # DeviceMesh's sub-groups too, not torch's 30 minutes
-    device = init_job(device, pg_timeout)
-    progress = Progress(rank)
-    watchdog = Watchdog(progress, cfg.train.timeout_s).start()
+    watchdog = None
+
+    def watchdog_exit(code):                       # the watchdog fired: record it, then exit
+        failures.record_timeout(rank, progress, (watchdog.fired or "") if watchdog else "", code)
+        os._exit(code)
     try:
+        pg_timeout = group_timeout_s(cfg.train.timeout_s)
+        set_default_group_timeout(pg_timeout)      # DeviceMesh's sub-groups too, not torch's 30 minutes
+        device = init_job(device, pg_timeout)
+        progress.set_phase("setup")
+        watchdog = Watchdog(progress, cfg.train.timeout_s, exit_fn=watchdog_exit).start()
         mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device)
         run(cfg, mesh, progress=progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        failures.record_exception(e, rank, progress.where(), False, 130)
         terminate(130, f"rank {rank}: interrupted at {progress.where()}")
     except BaseException as e:                     # report once, exit now: never wait on dead peers
+        failures.record_exception(e, rank, progress.where(), is_peer_failure(e), EXIT_FAILURE)
         text = failure_report(e, progress, default_store(), f"p3d/fail/{restart_attempt()}")
         if progress.checker is not None and "mismatch" in str(e).lower():     # DETAIL's report: add call sites
             try:

@@ -39,7 +39,8 @@ def _rank_main(rank, world, port, argv, out):
     os.dup2(fd, 2)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
-                      TORCHELASTIC_RESTART_COUNT="0", P3D_PEAK_FLOPS="1e12")
+                      TORCHELASTIC_RESTART_COUNT="0", P3D_PEAK_FLOPS="1e12",
+                      TORCHELASTIC_ERROR_FILE=out + ".error.json")     # the failure record (launch.failures)
     from launch.train import main
     rc = main(argv)
     sys.stdout.flush()
@@ -153,6 +154,21 @@ def test_injected_fault_ends_every_rank_promptly(tmp_path, fault, extra, message
     assert sum("Traceback (most recent call last)" in t for t in texts) == (0 if "kill" in f or "hang" in f else 1), joined
     other = texts[1 - r]
     assert "peer failure" in other or "watchdog: no progress" in other or "NonFiniteError" in other, joined
+    # the launcher's summary of these exits and records (as torchrun hands them over) names rank r last
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from launch.failures import summarize
+    lines, code = summarize({q: ProcessFailure(q, 0, c, os.path.join(tmp_path, f"rank{q}.log.error.json"))
+                             for q, c in enumerate(codes)})
+    if "kill" in f:
+        assert lines[-1].startswith(f"launch: rank {r} was killed by SIGKILL (exit -9)"), lines
+    elif "hang" in f:
+        assert code == 3 and lines[-1].startswith(f"launch: rank {r} stopped making progress at step {step} "
+                                                  f"({phase}) (exit 3): watchdog: no progress for"), lines
+    else:                                                      # NaN: every rank raises; either may be first
+        who = "[01]" if "nan" in f else str(r)
+        assert re.match(rf"launch: rank {who} failed at step {step} \({phase}\) \(exit 1\): \w+: ", lines[-1]), lines
+        assert (message or "").split(": ", 1)[-1][:40] in lines[-1], lines
     from parallel import checkpoint
     if int(step) >= 2:                                         # the save after step 1 completed
         _check_checkpoints(str(ck), f)
