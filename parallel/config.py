@@ -77,12 +77,14 @@ class SchedulerConfig:
 
 @dataclass
 class LossScaleConfig:
-    """fp16 dynamic loss scaling (Micikevicius et al., arXiv 1710.03740); static when ``static`` is set."""
-    initial: float = 2.0 ** 16
-    growth_interval: int = 1000            # overflow-free steps before the scale doubles
-    hysteresis: int = 2                    # overflows tolerated before the scale halves
-    min: float = 1.0
-    static: Optional[float] = None
+    """fp16 loss scaling (Micikevicius et al., arXiv 1710.03740) by DeepSpeed's rules, its defaults
+    (:mod:`parallel.precision`); static when ``static`` is set. Only read with precision=fp16."""
+    initial: float = 2.0 ** 16             # DeepSpeed: 2**initial_scale_power
+    growth_interval: int = 1000            # overflow-free steps before the scale doubles (loss_scale_window)
+    hysteresis: int = 2                    # an overflow halves the scale once this many have come (see precision.py)
+    min: float = 1.0                       # floor of the scale (min_loss_scale); an overflow there stops the run
+    static: Optional[float] = None         # a fixed scale (DeepSpeed's loss_scale > 0); null: dynamic
+    consecutive_hysteresis: bool = False   # refill the hysteresis at every overflow-free step, not only on growth
 
 
 @dataclass
@@ -391,6 +393,13 @@ def _validate(c: Config, world_size: int | None) -> None:
         raise ConfigError("train.checkpoint.every is set but train.checkpoint.dir is not: give a directory")
     if t.resume and not t.checkpoint.dir:
         raise ConfigError("train.resume=true needs train.checkpoint.dir (where to look for checkpoints)")
+    ls = c.loss_scale
+    for key, v, ok in (("initial", ls.initial, ls.initial > 0), ("growth_interval", ls.growth_interval,
+                       ls.growth_interval >= 1), ("hysteresis", ls.hysteresis, ls.hysteresis >= 1),
+                       ("min", ls.min, ls.min > 0), ("static", ls.static, ls.static is None or ls.static > 0)):
+        if not ok:
+            raise ConfigError(f"loss_scale.{key}={v} must be positive (growth_interval and hysteresis: integers "
+                              f">= 1; static: null for dynamic scaling)")
     o = c.optimizer
     if o.betas is not None and (len(o.betas) != 2 or not all(isinstance(b, (int, float)) for b in o.betas)):
         raise ConfigError(f"optimizer.betas={o.betas!r} must be two numbers, e.g. [0.9, 0.999]")

@@ -29,6 +29,7 @@ from .loss import cross_entropy, logits_of, resolve_loss
 from .lr_schedule import build_scheduler
 from .mesh import Mesh
 from .optim import optimizer_factory
+from .precision import Precision
 from .zero import ZeroOptimizer
 
 
@@ -52,7 +53,9 @@ class Engine:
                                   stage=config.zero.stage, bucket_mb=config.zero.bucket_mb,
                                   prefetch=config.zero.prefetch, precision=config.precision,
                                   grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp),
-                                  offload=config.zero.offload, unit_types=blocks)
+                                  offload=config.zero.offload, unit_types=blocks,
+                                  loss_scale=Precision.of(config.precision).scaler(
+                                      config.loss_scale, raise_at_min=config.train.on_nonfinite == "stop"))
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
