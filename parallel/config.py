@@ -48,7 +48,6 @@ class ParallelConfig:
     tp_plan: Any = "auto"                  # "auto" or {module glob: colwise | rowwise | vocab}
     sequence_parallel: bool = False
     pp_schedule: str = "1f1b"              # gpipe | 1f1b | interleaved | zero_bubble
-    pp_microbatches: Optional[int] = None  # default: global_batch / (dp * micro_batch_size)
     pp_virtual_stages: int = 1
     pp_split: Any = "auto"                 # "auto" or a list of block boundaries
 
@@ -177,6 +176,13 @@ CHOICES = {
 }
 
 
+# keys that were removed because they restated other keys: what to write instead
+REMOVED = {
+    "parallel.pp_microbatches": "the micro-batch count is data.global_batch_size / (parallel.dp × "
+                                "data.micro_batch_size); remove the key and set data.micro_batch_size",
+}
+
+
 # --- building the tree from plain data ------------------------------------------------------------
 
 def _type_name(tp) -> str:
@@ -227,6 +233,8 @@ def _build(cls, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
+        if prefix + k in REMOVED:
+            raise ConfigError(f"'{prefix}{k}' is no longer a config key: {REMOVED[prefix + k]}")
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
@@ -339,10 +347,6 @@ def _validate(c: Config, world_size: int | None) -> None:
                           f"the {p.dp} dp ranks gets per step (data.global_batch_size={d.global_batch_size}): "
                           f"choose a divisor of {per_rank}")
     m = per_rank // d.micro_batch_size
-    if p.pp_microbatches is not None and p.pp_microbatches != m:
-        raise ConfigError(f"parallel.pp_microbatches={p.pp_microbatches} disagrees with the batch: "
-                          f"{d.global_batch_size} samples / (dp {p.dp} × micro_batch_size {d.micro_batch_size}) = {m} "
-                          f"micro-batches; drop the key or set data.micro_batch_size={per_rank // p.pp_microbatches if per_rank % p.pp_microbatches == 0 else '...'}")
     if p.pp_schedule == "interleaved":
         if p.pp_virtual_stages < 2:
             raise ConfigError("parallel.pp_schedule=interleaved needs parallel.pp_virtual_stages >= 2")
