@@ -16,9 +16,8 @@ import dataclasses
 import os
 import sys
 
-import pytest
-
 from harness import run_ranks
+
 from parallel.config import Config, load_config
 
 ALLOW = {
