@@ -31,6 +31,7 @@ from parallel.mesh import Mesh
 from parallel.optim.factory import optimizer_factory
 from parallel.optim.lr_schedule import build_scheduler
 from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_model, sync_tied_grads
+from parallel.precision import Precision
 from parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 from parallel.zero import ZeroOptimizer
 
@@ -55,7 +56,9 @@ class Engine:
                                   stage=config.zero.stage, bucket_mb=config.zero.bucket_mb,
                                   prefetch=config.zero.prefetch, precision=config.precision,
                                   grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp),
-                                  offload=config.zero.offload, unit_types=blocks)
+                                  offload=config.zero.offload, unit_types=blocks,
+                                  loss_scale=Precision.of(config.precision).scaler(
+                                      config.loss_scale, raise_at_min=config.train.on_nonfinite == "stop"))
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:

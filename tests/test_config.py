@@ -43,7 +43,8 @@ def test_yaml_and_overrides(tmp_path):
     (["parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2", "data.micro_batch_size=4"], 8,
      "needs the micro-batch count (1) to be a multiple of parallel.pp=2"),
     (["parallel.pp_virtual_stages=2"], 8, "only applies to parallel.pp_schedule=interleaved"),
-    (["parallel.pp_microbatches=3"], 8, "parallel.pp_microbatches=3 disagrees with the batch"),
+    (["parallel.pp_microbatches=3"], 8, "'parallel.pp_microbatches' is no longer a config key: the micro-batch count "
+     "is data.global_batch_size / (parallel.dp × data.micro_batch_size); remove the key"),
     (["parallel.tp=1", "parallel.dp=4", "parallel.sequence_parallel=true"], 8, "sequence_parallel=true needs parallel.tp > 1"),
     (["train.grad_clip=-1"], 8, "train.grad_clip=-1.0 must be positive"),
     (["zero.offload.params=cpu"], 8, "zero.offload.params=cpu needs zero.stage=3"),

@@ -202,6 +202,10 @@ def test_precision_loss_scale_buckets_and_auto_from_native():
     ov, rep = map_deepspeed({"fp16": {"enabled": True, "loss_scale": 128, "initial_scale_power": 10}}, BASE, 2)
     assert ov["loss_scale"]["static"] == 128.0 and ov["loss_scale"]["initial"] == 1024.0
     assert ov["loss_scale"]["growth_interval"] == 1000 and ov["loss_scale"]["hysteresis"] == 2    # DeepSpeed defaults
+    assert ov["loss_scale"]["consecutive_hysteresis"] is False
+    ov, rep = map_deepspeed({"fp16": {"enabled": True, "consecutive_hysteresis": True}}, BASE, 2)
+    assert ov["loss_scale"]["consecutive_hysteresis"] is True
+    assert "fp16.consecutive_hysteresis = true -> loss_scale.consecutive_hysteresis = true" in rep
     ov, rep = map_deepspeed({"fp16": {"enabled": False, "loss_scale_window": 7}, "gradient_clipping": 0.0}, BASE, 2)
     assert ov == {"precision": "fp32", "train": {"grad_clip": None}}
     assert "ignored: fp16.loss_scale_window (fp16 is off)" in rep
@@ -228,7 +232,8 @@ def test_legacy_forms_and_merge_semantics():
     ({"optimizer": {"type": "SGD", "params": {"nesterov": True}}}, "optimizer.params.nesterov: true"),
     ({"optimizer": {"type": "Adam", "params": {"lr": [1e-3]}}}, "optimizer.params.lr: expected a number"),
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled and bf16.enabled: both are on"),
-    ({"fp16": {"enabled": True, "consecutive_hysteresis": True}}, "fp16.consecutive_hysteresis: true is not supported"),
+    ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}}, "fp16.fp16_master_weights_and_grads: true"),
+    ({"fp16": {"enabled": True, "consecutive_hysteresis": 1}}, "fp16.consecutive_hysteresis: expected true or false"),
     ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, "keep only bf16"),
     ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage: 4 must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "parameter offload needs ZeRO stage 3"),

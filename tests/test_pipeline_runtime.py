@@ -209,5 +209,5 @@ def test_executor_errors():
     x = torch.zeros(8, SEQ, dtype=torch.long)
     with pytest.raises(ValueError, match=r"built for m=4 micro-batches, run\(\) got 2"):
         ex.run(microbatches(x, x, 2))
-    with pytest.raises(ValueError, match=r"3 micro-batches do not divide the batch of 8.*pp_microbatches"):
+    with pytest.raises(ValueError, match=r"3 micro-batches do not divide the batch of 8.*data.micro_batch_size"):
         microbatches(x, x, 3)

@@ -24,21 +24,28 @@ def test_precision_policies():
 
 def test_loss_scaler_backoff_growth_and_message():
     from parallel.precision import LossScaler
-    s = LossScaler(init_scale=2.0 ** 16, growth_interval=3)
+    s = LossScaler(init_scale=2.0 ** 16, growth_interval=3, hysteresis=1)
     assert s.update(True) == "step skipped: fp16 gradient overflow, loss scale 65536 -> 32768"
     assert s.scale == 2.0 ** 15 and s.skipped_steps == 1
-    for _ in range(2):
+    for _ in range(3):
         assert s.update(False) is None
-    assert s.scale == 2.0 ** 15                      # two clean steps: not yet
+    assert s.scale == 2.0 ** 15                      # three clean steps: not yet (DeepSpeed: W + 1 after an overflow)
     s.update(False)
-    assert s.scale == 2.0 ** 16                      # the third doubles it
-    t = LossScaler()
-    t.load_state_dict(s.state_dict())
-    assert (t.scale, t.good_steps, t.skipped_steps) == (s.scale, s.good_steps, s.skipped_steps)
+    assert s.scale == 2.0 ** 16                      # the fourth doubles it
+    h = LossScaler(init_scale=8.0, hysteresis=2)
+    assert h.update(True) == "step skipped: fp16 gradient overflow, loss scale 8 kept (hysteresis 2 -> 1)"
+    t = LossScaler(init_scale=8.0, hysteresis=2)
+    t.load_state_dict(h.state_dict())
+    assert t.state_dict() == h.state_dict() == {"enabled": True, "scale": 8.0, "iter": 1, "last_overflow": 0,
+                                                "hysteresis_left": 1, "skipped_steps": 1}
+    assert t.update(True) == "step skipped: fp16 gradient overflow, loss scale 8 -> 4"     # the restored count acts
+    old = LossScaler(init_scale=8.0)
+    old.load_state_dict({"enabled": True, "scale": 4.0, "good_steps": 5, "skipped_steps": 2})   # earlier format
+    assert (old.scale, old.iter, old.last_overflow, old.hysteresis_left) == (4.0, 5, -1, 2)
     off = LossScaler(enabled=False)
     assert off.scale == 1.0 and off.update(True) is None and off.scale == 1.0
-    with pytest.raises(ValueError, match="backoff"):
-        LossScaler(backoff=2.0)
+    with pytest.raises(ValueError, match=r"loss_scale.hysteresis=0 must be an integer >= 1"):
+        LossScaler(hysteresis=0)
 
 
 def _low_precision(rank, world, precisions):
@@ -93,7 +100,8 @@ def _overflow(rank, world, stage):
 def test_fp16_overflow_skips_the_step_everywhere(stage):
     res = run_ranks(_overflow, 2, stage)
     for skipped, msg, scale, unchanged, same_state, steps, scale_after, nxt in res:
-        assert skipped and msg == "step skipped: fp16 gradient overflow, loss scale 65536 -> 32768"
-        assert scale == 32768.0 and scale_after == 32768.0
+        # DeepSpeed's default hysteresis 2: the first overflow is absorbed, the scale stays
+        assert skipped and msg == "step skipped: fp16 gradient overflow, loss scale 65536 kept (hysteresis 2 -> 1)"
+        assert scale == 65536.0 and scale_after == 65536.0
         assert unchanged and same_state and steps == 1       # nothing moved, the step was not counted
         assert nxt == nxt and abs(nxt) < 10                  # the next step trains normally (finite)

@@ -201,7 +201,8 @@ class _Mapper:
     def map_fp16(self, fp16, on, src):
         if src != "fp16":
             self.ignore("fp16.enabled", f"{json.dumps(fp16.get('enabled', False))}: fp16 is off")
-        scale_keys = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+        scale_keys = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
+                      "consecutive_hysteresis")
         self.sub_keys(fp16, "fp16", {"enabled", *scale_keys}, None, K.FP16_OFF_ONLY)
         if not on:
             for k in scale_keys:
@@ -224,6 +225,11 @@ class _Mapper:
                                  ("min_loss_scale", "loss_scale.min", 1, float)):
             v = self.number(f"fp16.{k}", self.value(fp16, k, ours, d))
             self.set(f"fp16.{k}", fp16.get(k, f"(unset: {d})"), ours, cast(v))
+        ch = self.value(fp16, "consecutive_hysteresis", "loss_scale.consecutive_hysteresis", False)
+        if not isinstance(ch, bool):
+            self.fail("fp16.consecutive_hysteresis", f"expected true or false, got {json.dumps(ch)}")
+        self.set("fp16.consecutive_hysteresis", fp16.get("consecutive_hysteresis", "(unset: false)"),
+                 "loss_scale.consecutive_hysteresis", ch)
 
     def map_batch(self):
         keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

@@ -63,8 +63,6 @@ OFFLOAD_IGNORED = {k: PERF for k in ("pin_memory", "fast_init", "pipeline_read",
 FP16_OFF_ONLY = {
     "auto_cast": ((False,), "DeepSpeed would cast float inputs to fp16; parallel3d's policy casts the model only: "
                             "set it to false"),
-    "consecutive_hysteresis": ((False,), "the loss scaler refills its hysteresis only when the scale grows: set it "
-                                         "to false"),
     "fp16_master_weights_and_grads": ((False,), "parallel3d keeps fp32 master weights: set it to false"),
 }
 BF16_OFF_ONLY = {

@@ -23,7 +23,13 @@ from parallel.config.errors import ConfigError
 from parallel.config.schema import Config
 from parallel.config.validate import check_factory
 
-__all__ = ["load_config", "import_object"]
+__all__ = ["load_config", "import_object", "REMOVED"]
+
+# keys that were removed because they restated other keys: what to write instead
+REMOVED = {
+    "parallel.pp_microbatches": "the micro-batch count is data.global_batch_size / (parallel.dp × "
+                                "data.micro_batch_size); remove the key and set data.micro_batch_size",
+}
 
 
 def _type_name(tp) -> str:
@@ -74,6 +80,8 @@ def _build(cls, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
+        if prefix + k in REMOVED:
+            raise ConfigError(f"'{prefix}{k}' is no longer a config key: {REMOVED[prefix + k]}")
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""

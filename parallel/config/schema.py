@@ -39,7 +39,6 @@ class ParallelConfig:
     tp_plan: Any = "auto"                  # "auto" or {module glob: colwise | rowwise | vocab}
     sequence_parallel: bool = False
     pp_schedule: str = "1f1b"              # gpipe | 1f1b | interleaved | zero_bubble
-    pp_microbatches: Optional[int] = None  # default: global_batch / (dp * micro_batch_size)
     pp_virtual_stages: int = 1
     pp_split: Any = "auto"                 # "auto" or a list of block boundaries
 
@@ -68,12 +67,14 @@ class SchedulerConfig:
 
 @dataclass
 class LossScaleConfig:
-    """fp16 dynamic loss scaling (Micikevicius et al., arXiv 1710.03740); static when ``static`` is set."""
-    initial: float = 2.0 ** 16
-    growth_interval: int = 1000            # overflow-free steps before the scale doubles
-    hysteresis: int = 2                    # overflows tolerated before the scale halves
-    min: float = 1.0
-    static: Optional[float] = None
+    """fp16 loss scaling (Micikevicius et al., arXiv 1710.03740) by DeepSpeed's rules, its defaults
+    (:mod:`parallel.precision`); static when ``static`` is set. Only read with precision=fp16."""
+    initial: float = 2.0 ** 16             # DeepSpeed: 2**initial_scale_power
+    growth_interval: int = 1000            # overflow-free steps before the scale doubles (loss_scale_window)
+    hysteresis: int = 2                    # an overflow halves the scale once this many have come (see precision.py)
+    min: float = 1.0                       # floor of the scale (min_loss_scale); an overflow there stops the run
+    static: Optional[float] = None         # a fixed scale (DeepSpeed's loss_scale > 0); null: dynamic
+    consecutive_hysteresis: bool = False   # refill the hysteresis at every overflow-free step, not only on growth
 
 
 @dataclass

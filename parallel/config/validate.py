@@ -68,10 +68,6 @@ def validate(c: Config, world_size: int | None = None) -> None:
                           f"the {p.dp} dp ranks gets per step (data.global_batch_size={d.global_batch_size}): "
                           f"choose a divisor of {per_rank}")
     m = per_rank // d.micro_batch_size
-    if p.pp_microbatches is not None and p.pp_microbatches != m:
-        raise ConfigError(f"parallel.pp_microbatches={p.pp_microbatches} disagrees with the batch: "
-                          f"{d.global_batch_size} samples / (dp {p.dp} × micro_batch_size {d.micro_batch_size}) = {m} "
-                          f"micro-batches; drop the key or set data.micro_batch_size={per_rank // p.pp_microbatches if per_rank % p.pp_microbatches == 0 else '...'}")
     if p.pp_schedule == "interleaved":
         if p.pp_virtual_stages < 2:
             raise ConfigError("parallel.pp_schedule=interleaved needs parallel.pp_virtual_stages >= 2")
@@ -121,6 +117,13 @@ def validate(c: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.checkpoint.every is set but train.checkpoint.dir is not: give a directory")
     if t.resume and not t.checkpoint.dir:
         raise ConfigError("train.resume=true needs train.checkpoint.dir (where to look for checkpoints)")
+    ls = c.loss_scale
+    for key, v, ok in (("initial", ls.initial, ls.initial > 0), ("growth_interval", ls.growth_interval,
+                       ls.growth_interval >= 1), ("hysteresis", ls.hysteresis, ls.hysteresis >= 1),
+                       ("min", ls.min, ls.min > 0), ("static", ls.static, ls.static is None or ls.static > 0)):
+        if not ok:
+            raise ConfigError(f"loss_scale.{key}={v} must be positive (growth_interval and hysteresis: integers "
+                              f">= 1; static: null for dynamic scaling)")
     o = c.optimizer
     if o.betas is not None and (len(o.betas) != 2 or not all(isinstance(b, (int, float)) for b in o.betas)):
         raise ConfigError(f"optimizer.betas={o.betas!r} must be two numbers, e.g. [0.9, 0.999]")

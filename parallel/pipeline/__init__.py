@@ -3,8 +3,19 @@ their process-free simulation (:mod:`.simulate`) and validator (:mod:`.validate`
 (:mod:`.split`, :mod:`.stage`) and the runtime executor (:mod:`.runtime`) build on these."""
 from parallel.pipeline.actions import KINDS, Action, ScheduleError
 from parallel.pipeline.runtime import PipelineExecutor, Record, microbatches
-from parallel.pipeline.schedules import (NAMES, P2P, Schedule, Step, comm_ops, get_schedule, gpipe, interleaved_1f1b,
-                                         max_in_flight, one_f_one_b, zero_bubble_h1)
+from parallel.pipeline.schedules import (
+                                         NAMES,
+                                         P2P,
+                                         Schedule,
+                                         Step,
+                                         comm_ops,
+                                         get_schedule,
+                                         gpipe,
+                                         interleaved_1f1b,
+                                         max_in_flight,
+                                         one_f_one_b,
+                                         zero_bubble_h1,
+)
 from parallel.pipeline.simulate import SimResult, default_costs, execute, format_grid, simulate, unit_cost
 from parallel.pipeline.split import describe_split, find_body, split_model, sync_tied_grads
 from parallel.pipeline.validate import validate

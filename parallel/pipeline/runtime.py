@@ -53,9 +53,8 @@ def microbatches(inputs, targets, m: int) -> list:
     """Split a global batch along dim 0 into ``m`` equal (input, target) micro-batches."""
     b = inputs.shape[0]
     if m < 1 or b % m:
-        raise ValueError(f"pipeline: {m} micro-batches do not divide the batch of {b} samples; set "
-                         f"parallel.pp_microbatches to a divisor of {b} (or change data.global_batch_size / "
-                         "data.micro_batch_size so they divide)")
+        raise ValueError(f"pipeline: {m} micro-batches do not divide the batch of {b} samples; change "
+                         f"data.global_batch_size / data.micro_batch_size so that the micro-batch count divides {b}")
     return list(zip(inputs.chunk(m), targets.chunk(m)))
 
 

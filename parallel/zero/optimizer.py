@@ -47,7 +47,7 @@ from parallel import comm
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
-from parallel.precision import Precision
+from parallel.precision import LossScaler, Precision
 from parallel.zero.offload import OffloadMixin, make_offload
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin, storage_bytes
@@ -65,7 +65,8 @@ class StepResult:
 
 class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
     """``ZeroOptimizer(module, optimizer_factory, dp_group, stage=0, bucket_mb=25, prefetch=True,
-    precision="fp32", grad_clip=None, norm_groups=(), init=None, unit_types=None, offload=None)``
+    precision="fp32", grad_clip=None, norm_groups=(), init=None, unit_types=None, offload=None,
+    loss_scale=None)``
 
     module             the (stage of the) model, built identically on every dp rank; params on the
                        meta device need ``init`` (:func:`parallel.zero.deferred_init`)
@@ -81,6 +82,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                        forward of a module holding it; state-dict calls wait for everything.
     offload            an OffloadConfig (``zero.offload``): optimizer none|cpu|nvme, params none|cpu|nvme
                        (stage 3), nvme_path, buffer_count, buffer_mb, prefetch_depth; None: no offload
+    loss_scale         fp16: a LossScaleConfig (``loss_scale``) or a ready
+                       :class:`~parallel.precision.LossScaler`; None: LossScaleConfig's defaults (DeepSpeed's)
 
     Per step: ``zero_grad()``; ``prepare_step(m)``; m × (forward, ``(loss * zero.loss_scale)
     .backward()``); ``finish_grad_sync()`` (optional: ``step()`` calls it); ``step()``.
@@ -88,7 +91,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
 
     def __init__(self, module: nn.Module, optimizer_factory, dp_group: Group, *, stage: int = 0,
                  bucket_mb: float = 25.0, prefetch: bool = True, precision="fp32", grad_clip=None,
-                 norm_groups=(), init=None, unit_types=None, overlap_param_gather: bool = False, offload=None):
+                 norm_groups=(), init=None, unit_types=None, overlap_param_gather: bool = False, offload=None,
+                 loss_scale=None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"ZeroOptimizer needs an nn.Module, got {type(module).__name__}")
         if not callable(optimizer_factory):
@@ -108,7 +112,10 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         self.module, self.group, self.stage = module, dp_group, stage
         self.prec = Precision.of(precision)
         self.grad_clip, self.norm_groups = grad_clip, tuple(norm_groups)
-        self.scaler = self.prec.scaler()
+        self.scaler = loss_scale if isinstance(loss_scale, LossScaler) else self.prec.scaler(loss_scale)
+        if self.scaler.enabled != (self.prec.name == "fp16"):
+            raise ValueError(f"loss_scale: a LossScaler with enabled={self.scaler.enabled} does not fit "
+                             f"precision={self.prec.name!r} (only fp16 scales the loss)")
         self.steps = 0
         self._init, self._meta_src = init, {}
         if any(p.is_meta for p in module.parameters()):
@@ -338,8 +345,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             self._opt_off.discard()
         total = float(v[0] + v[1])
         if self.scaler.enabled and not math.isfinite(float(v.sum())):
-            msg = self.scaler.update(True)
             self._drop_master_grads()
+            msg = self.scaler.update(True)             # LossScaleError at the minimum scale (DeepSpeed's rule)
             return StepResult(float("inf"), True, self.scaler.scale, msg)
         norm = math.sqrt(total) if math.isfinite(total) else total
         if self.grad_clip is not None:
