@@ -13,7 +13,7 @@ and ranks.jsonl, the per-rank details rank 0 gathers every ``train.log_every`` s
 * ``memory.png``   per rank, model-state bytes by category (params, grads, fp32 master, optimizer
   state; engine.zero.model_state_bytes()) and the peak process memory (RSS, or CUDA peak).
 
-Needs matplotlib (``pip install matplotlib``); reading the files does not.
+Needs matplotlib (the ``report`` extra: ``pip install -e ".[report]"``); reading the files does not.
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def _plt():
     try:
         import matplotlib
     except ImportError:
-        raise ReportError("launch.report draws with matplotlib, which is not installed: pip install matplotlib") from None
+        raise ReportError("launch.report draws with matplotlib, which is not installed: pip install matplotlib "
+                          '(or the report extra: pip install -e ".[report]" in the parallel3d checkout)') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

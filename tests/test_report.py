@@ -93,4 +93,5 @@ def test_cli_errors(runs, tmp_path, capsys, monkeypatch):
     assert "step 1 was not gathered; gathered steps: [0, 2]" in capsys.readouterr().err
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     assert main([os.path.join(base, "pp2")]) == 2
-    assert "pip install matplotlib" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install matplotlib" in err and 'pip install -e ".[report]"' in err
