@@ -37,8 +37,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from parallel.config import Config
+from parallel.config import Config, import_object
 from parallel.mesh import Mesh
+from parallel.planning import flops
+from parallel.planning.flops import mfu
 
 RANKS_FILE = "ranks.jsonl"
 
@@ -107,7 +109,6 @@ class MetricsLog:
         return SummaryWriter(logdir)
 
     def _sample(self):
-        from parallel.config import import_object
         ds = import_object(self.cfg.data.factory, "data.factory")(**self.cfg.data.kwargs)
         x = ds[0][0]
         return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
@@ -115,7 +116,6 @@ class MetricsLog:
     def _measure(self, engine) -> None:
         """FLOPs per step (meta template, one micro-batch) and the per-device peak; never fatal."""
         self._measured = True
-        from parallel.planning import flops
         d = self.cfg.data
         try:
             x = self._sample()
@@ -178,7 +178,6 @@ class MetricsLog:
         return rec
 
     def _figures(self, step_s: float, engine, table: torch.Tensor) -> dict:
-        from parallel.planning.flops import mfu
         d = self.cfg.data
         out = {"lr": None, "tokens_per_s": None, "flops_per_step": self.flops_per_step,
                "mfu": mfu(self.flops_per_step, step_s, self.mesh.world_size, self.peak), "peak_flops": self.peak,
