@@ -11,6 +11,7 @@ import yaml
 
 from launch.plan import spec_from_model
 from parallel.config import Config, import_object
+from parallel.mesh import coords_of
 from parallel.pipeline import describe_split
 from parallel.planning.planner import Layout, TrainSpec, predict
 
@@ -64,8 +65,8 @@ def describe(cfg: Config) -> str:
             lines += ["", "# pipeline stages", split]
     lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate"]
     for r in range(cfg.world_size):
-        tp, dp, pp = r % p.tp, (r // p.tp) % p.dp, r // (p.tp * p.dp)
-        row = f"rank {r}: pp={pp} dp={dp} tp={tp}"
+        c = coords_of(r, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
+        row = f"rank {r}: pp={c['pp']} dp={c['dp']} tp={c['tp']}"
         if pred is not None and r in pred.memory:
             m = pred.memory[r]
             row += (f"  params {_mib(m['params'])}  grads {_mib(m['grads'])}  optimizer "

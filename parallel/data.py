@@ -46,6 +46,17 @@ def rank_batch(dataset, step: int, global_batch_size: int, dp: int, dp_rank: int
 
 
 def split_micro(batch, micro_batch_size: int) -> list:
-    """Cut a collated (inputs, targets) batch into micro-batches along dim 0."""
+    """Cut a collated (inputs, targets) batch into micro-batches of ``micro_batch_size`` samples along
+    dim 0 (the engine's cut; the last is shorter when the size does not divide the batch)."""
     x, y = batch
     return list(zip(torch.split(x, micro_batch_size), torch.split(y, micro_batch_size)))
+
+
+def microbatches(inputs, targets, m: int) -> list:
+    """Split a global batch along dim 0 into ``m`` equal (input, target) micro-batches (the pipeline
+    executor's input): :func:`split_micro` into pieces of b/m samples, after checking that m divides b."""
+    b = inputs.shape[0]
+    if m < 1 or b % m:
+        raise ValueError(f"pipeline: {m} micro-batches do not divide the batch of {b} samples; change "
+                         f"data.global_batch_size / data.micro_batch_size so that the micro-batch count divides {b}")
+    return split_micro((inputs, targets), b // m)

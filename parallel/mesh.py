@@ -6,7 +6,8 @@ Global rank r sits at coordinates (pp, dp, tp) with
 
 so tp is the innermost axis (tensor-parallel peers are neighbouring ranks, on one node when the
 node is big enough: their all-reduces are the most frequent) and pp the outermost (pipeline peers
-talk least). This is the only place that maps ranks to coordinates; every layer receives the
+talk least). This is the only place that maps ranks to coordinates (:func:`rank_of`,
+:func:`coords_of`, which the planner and the dry run use too); every layer receives the
 :class:`parallel.comm.Group` it needs from here, never from a global.
 """
 from __future__ import annotations
@@ -21,6 +22,18 @@ from torch.distributed.device_mesh import init_device_mesh
 from parallel.comm import CommStats, Group
 
 AXES = ("pp", "dp", "tp")
+
+
+def rank_of(pp: int, dp: int, tp: int, shape: dict) -> int:
+    """Global rank at coordinates (pp, dp, tp) of a mesh of ``shape`` {"pp": P, "dp": D, "tp": T}:
+    r = (pp·D + dp)·T + tp."""
+    return (pp * shape["dp"] + dp) * shape["tp"] + tp
+
+
+def coords_of(rank: int, shape: dict) -> dict:
+    """{"pp", "dp", "tp"} coordinates of global ``rank``: the inverse of :func:`rank_of`."""
+    return {"pp": rank // (shape["tp"] * shape["dp"]), "dp": rank // shape["tp"] % shape["dp"],
+            "tp": rank % shape["tp"]}
 
 
 def default_device() -> torch.device:
@@ -71,8 +84,8 @@ class Mesh:
         self.world_size = world
         self.device_mesh = init_device_mesh(self.device.type, (pp, dp, tp), mesh_dim_names=AXES)
         grid = torch.arange(world).reshape(pp, dp, tp)
-        c = [int(i) for i in (grid == self.rank).nonzero()[0]]
-        self.coord = dict(zip(AXES, c))
+        self.coord = coords_of(self.rank, shape)
+        c = [self.coord[a] for a in AXES]
         self._groups = {}
         for i, axis in enumerate(AXES):
             idx = list(c)
@@ -102,7 +115,7 @@ class Mesh:
         for a in AXES:
             if not 0 <= c[a] < self.shape[a]:
                 raise IndexError(f"coordinate {a}={c[a]} is outside the mesh ({a} size {self.shape[a]})")
-        return (c["pp"] * self.shape["dp"] + c["dp"]) * self.shape["tp"] + c["tp"]
+        return rank_of(c["pp"], c["dp"], c["tp"], self.shape)
 
     @property
     def pp_prev(self) -> int | None:

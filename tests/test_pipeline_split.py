@@ -121,7 +121,8 @@ def test_balance_is_the_optimal_contiguous_partition():
     """The DP's largest part equals brute force over all cut positions."""
     import itertools
     import random
-    from parallel.pipeline.split import _partition
+
+    from parallel.pipeline.split import contiguous_partition
     rng = random.Random(0)
     for _ in range(200):
         n = rng.randint(1, 7)
@@ -132,7 +133,7 @@ def test_balance_is_the_optimal_contiguous_partition():
         def worst(b):
             return max(sum(costs[a:e]) + (pre if k == 0 else 0) + (post if k == S - 1 else 0)
                        for k, (a, e) in enumerate(b))
-        got = _partition(costs, S, pre, post)
+        got = contiguous_partition(costs, S, pre, post)
         assert [a for a, _ in got] == sorted(a for a, _ in got) and got[0][0] == 0 and got[-1][1] == n
         assert all(e > a for a, e in got)
         best = min(worst(list(zip((0,) + c, c + (n,)))) for c in itertools.combinations(range(1, n), S - 1))

@@ -1,9 +1,8 @@
 """Ring reduce-scatter and all-gather from point-to-point messages, for gloo (CPU) process groups.
 
-Gloo's ``reduce_scatter`` is slower than its own ``all_reduce`` of the same tensor (measured on
-this 2-core machine, 2 ranks, 25 MiB fp32: all_reduce 25–27 ms, reduce_scatter 46–48 ms,
-all_gather 25–33 ms), which would make ZeRO stages 1–2 pay more than plain data parallelism for the
-same (N−1)/N·M bytes on the wire. The ring algorithms below are the textbook ones (Patarasuk &
+Gloo's ``reduce_scatter`` is slower than its own ``all_reduce`` of the same tensor (it emulates it
+with an all-reduce; timings in benchmarks/README.md), which would make ZeRO stages 1–2 pay more
+than plain data parallelism for the same (N−1)/N·M bytes on the wire. The ring algorithms below are the textbook ones (Patarasuk &
 Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC 2009; the two
 halves of NCCL's ring all-reduce): with chunks c_0 … c_{N−1} of M/N bytes,
 
@@ -14,8 +13,7 @@ halves of NCCL's ring all-reduce): with chunks c_0 … c_{N−1} of M/N bytes,
 
 Each moves (N−1)/N·M bytes per rank, as :mod:`parallel.comm.collectives` records. Every chunk is cut into
 sub-chunks of ~1 MiB whose messages are all posted at once, so receiving one overlaps adding (and
-forwarding) the previous one — measured 15 ms for the reduce-scatter and 16–18 ms for the
-all-gather above. Summation order per element is the ring's (for N = 2: a + b, exact either way).
+forwarding) the previous one. Summation order per element is the ring's (for N = 2: a + b, exact either way).
 
 The returned handle posts the first step at once (for N = 2 that is everything: the messages move
 in gloo's background while the caller computes) and does the rest in ``wait()``. Messages carry tags from a

@@ -37,7 +37,18 @@ def check_factory(key: str, spec: str) -> None:
 
 
 def validate(c: Config, world_size: int | None = None) -> None:
-    """Check ``c`` (for a job of ``world_size`` processes when given); raise :class:`ConfigError` naming the key."""
+    """Check ``c`` (for a job of ``world_size`` processes when given); raise :class:`ConfigError` naming the key.
+    The sections run in this order, so the first problem found is reported."""
+    _check_choices(c)
+    _check_batch(c, world_size)
+    _check_parallel(c)
+    _check_zero(c)
+    _check_train(c, world_size)
+    _check_optimizer(c)
+
+
+def _check_choices(c: Config) -> None:
+    """Every enumerated key holds one of its values; the factories look like 'pkg.module:function'."""
     for key, allowed in CHOICES.items():
         v = c
         for part in key.split("."):
@@ -48,6 +59,10 @@ def validate(c: Config, world_size: int | None = None) -> None:
             raise ConfigError(f"{key}={v!r} is not one of {list(allowed)}")
     check_factory("model.factory", c.model.factory)
     check_factory("data.factory", c.data.factory)
+
+
+def _check_batch(c: Config, world_size: int | None) -> None:
+    """Sizes, the world size, and the batch cut into dp ranks and micro-batches (the pipeline's count)."""
     p, d, t = c.parallel, c.data, c.train
     for key, v in (("parallel.dp", p.dp), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
                    ("data.global_batch_size", d.global_batch_size), ("data.micro_batch_size", d.micro_batch_size),
@@ -77,6 +92,11 @@ def validate(c: Config, world_size: int | None = None) -> None:
     elif p.pp_virtual_stages != 1:
         raise ConfigError(f"parallel.pp_virtual_stages={p.pp_virtual_stages} only applies to "
                           f"parallel.pp_schedule=interleaved (got {p.pp_schedule!r}): set it to 1")
+
+
+def _check_parallel(c: Config) -> None:
+    """Sequence parallel, the tensor-parallel plan and the pipeline split."""
+    p = c.parallel
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards along the sequence "
                           "within the tp group)")
@@ -84,6 +104,10 @@ def validate(c: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"parallel.tp_plan={p.tp_plan!r} must be 'auto' or a mapping {{module glob: colwise|rowwise|vocab}}")
     if not (p.pp_split == "auto" or (isinstance(p.pp_split, list) and all(isinstance(b, int) for b in p.pp_split))):
         raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto' or a list of block indices where stages start")
+
+
+def _check_zero(c: Config) -> None:
+    """ZeRO stage, buckets, stage-3 units and what may be offloaded where."""
     if not 0 <= c.zero.stage <= 3:
         raise ConfigError(f"zero.stage={c.zero.stage} must be 0, 1, 2 or 3")
     if c.zero.bucket_mb <= 0:
@@ -95,6 +119,11 @@ def validate(c: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"zero.offload.params={c.zero.offload.params} needs zero.stage=3 (got {c.zero.stage})")
     if "nvme" in (c.zero.offload.params, c.zero.offload.optimizer) and not c.zero.offload.nvme_path:
         raise ConfigError("zero.offload uses nvme but zero.offload.nvme_path is not set: give a directory on a local disk")
+
+
+def _check_train(c: Config, world_size: int | None) -> None:
+    """The run: learning-rate schedule, offload IO buffers, clipping, timeout, fault injection, checkpoints."""
+    t = c.train
     sc = c.scheduler
     if sc.warmup_steps < 0 or (sc.total_steps is not None and sc.total_steps < sc.warmup_steps):
         raise ConfigError(f"scheduler.warmup_steps={sc.warmup_steps} must be >= 0 and <= scheduler.total_steps "
@@ -124,6 +153,10 @@ def validate(c: Config, world_size: int | None = None) -> None:
         if not ok:
             raise ConfigError(f"loss_scale.{key}={v} must be positive (growth_interval and hysteresis: integers "
                               f">= 1; static: null for dynamic scaling)")
+
+
+def _check_optimizer(c: Config) -> None:
+    """Optimizer hyper-parameters that apply to the chosen optimizer only."""
     o = c.optimizer
     if o.betas is not None and (len(o.betas) != 2 or not all(isinstance(b, (int, float)) for b in o.betas)):
         raise ConfigError(f"optimizer.betas={o.betas!r} must be two numbers, e.g. [0.9, 0.999]")

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["FlatBucket", "make_buckets"]
+__all__ = ["FlatBucket", "fill_buckets", "make_buckets"]
 
 
 class FlatBucket:
@@ -89,19 +89,27 @@ class FlatBucket:
                 f"padded={self.padded}, shard=[{self.lo}, {self.hi}))")
 
 
+def fill_buckets(nbytes: list, bucket_bytes: float) -> list:
+    """Greedy fill in *reverse* order: the indices into ``nbytes`` (bytes per parameter) of each
+    bucket, bucket 0 first. A bucket takes parameters (last first) until the next would exceed
+    ``bucket_bytes``; a parameter bigger than a bucket gets a bucket of its own."""
+    out, cur, cur_bytes = [], [], 0
+    for i in reversed(range(len(nbytes))):
+        if cur and cur_bytes + nbytes[i] > bucket_bytes:
+            out.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += nbytes[i]
+    if cur:
+        out.append(cur)
+    return out
+
+
 def make_buckets(named_params: list, bucket_bytes: float, element_size: int, world: int, rank: int,
                  pad: bool, start_index: int = 0) -> list:
-    """Split parameters into buckets of about ``bucket_bytes`` each, in *reverse* order: backward
-    produces gradients roughly last layer first, so bucket 0 fills first (as torch DDP does).
-    A parameter bigger than a bucket gets a bucket of its own."""
-    out, cur, cur_bytes = [], [], 0
-    for name, p in reversed(named_params):
-        nbytes = p.numel() * element_size
-        if cur and cur_bytes + nbytes > bucket_bytes:
-            out.append(FlatBucket(start_index + len(out), cur, world, rank, pad))
-            cur, cur_bytes = [], 0
-        cur.append((name, p))
-        cur_bytes += nbytes
-    if cur:
-        out.append(FlatBucket(start_index + len(out), cur, world, rank, pad))
-    return out
+    """Split parameters into buckets of about ``bucket_bytes`` each, in *reverse* order
+    (:func:`fill_buckets`): backward produces gradients roughly last layer first, so bucket 0 fills
+    first (as torch DDP does)."""
+    groups = fill_buckets([p.numel() * element_size for _, p in named_params], bucket_bytes)
+    return [FlatBucket(start_index + k, [named_params[i] for i in idx], world, rank, pad)
+            for k, idx in enumerate(groups)]

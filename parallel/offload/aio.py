@@ -57,7 +57,7 @@ def trim_host_memory() -> bool:
 
     After a model has been written into a store tensor by tensor, the freed temporaries stay in the
     process (glibc raises its mmap threshold after large frees, so later ones come from the heap and
-    are kept): measured +0.6–1.8 GB RSS after building a 1.2 GB model on the meta device. Elsewhere
+    are kept): up to about 1.5× the model's size in extra RSS (benchmarks/README.md). Elsewhere
     (no glibc) this does nothing."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -17,7 +17,8 @@ buffer; a ``put`` of a non-resident tensor stages through buffers that return to
 write completes. When all buffers are in use the store waits for in-flight writes to free one; if
 every buffer is held by a resident tensor it raises :class:`BuffersExhaustedError` instead of
 deadlocking. Tensors larger than one buffer can be ``put`` and read with ``get(key, out=...)``
-(both chunk through the pool) but cannot be made resident.
+(both chunk through the pool) but cannot be made resident. (:mod:`.nvme_io`: the IO records, their
+completion and the pool.)
 
 Transactions (``begin`` … ``prepare`` → ``commit`` | ``abort``) make a set of puts all-or-nothing,
 as an optimizer step over many sub-groups needs: inside one, a completed write does not replace the
@@ -34,45 +35,17 @@ from concurrent.futures import Future
 
 import torch
 
-from parallel.offload.aio import IOEngine, align_up, aligned_empty, check_dir, preallocate, probe_direct
+from parallel.offload.aio import IOEngine, align_up, check_dir, preallocate, probe_direct
 from parallel.offload.alloc import ExtentAllocator
-from parallel.offload.errors import BuffersExhaustedError, StoreConfigError, StoreError, StoreFullError
+from parallel.offload.errors import StoreConfigError, StoreError, StoreFullError
+from parallel.offload.nvme_io import CompletionMixin, Op, Slot
 from parallel.offload.store import Handle, TensorMeta, TensorStore, _as_list
 from parallel.offload.txn import TransactionsMixin
 
 __all__ = ["NvmeStore"]
 
 
-class _Slot:
-    """A resident tensor: its buffer, the read filling it, and writes in flight from it."""
-    __slots__ = ("key", "buf", "meta", "read", "writes", "released", "error")
-
-    def __init__(self, key, buf, meta):
-        self.key, self.buf, self.meta = key, buf, meta
-        self.read, self.writes, self.released, self.error = None, 0, False, None
-
-    def view(self) -> torch.Tensor:
-        return self.buf[:self.meta.nbytes].view(self.meta.dtype).view(self.meta.shape)
-
-
-class _Op:
-    """One in-flight read or write. kind: 'read' fills a slot; 'write' commits an extent on success;
-    'part' is one staged chunk of a large write (frees its buffer; its parent commits)."""
-    __slots__ = ("kind", "key", "futures", "bufs", "slot", "extent", "meta", "error", "finished", "reported")
-
-    def __init__(self, kind, key, futures, bufs=(), slot=None, extent=None, meta=None):
-        self.kind, self.key, self.futures, self.bufs, self.slot = kind, key, list(futures), list(bufs), slot
-        self.extent, self.meta = extent, meta
-        self.error, self.finished, self.reported = None, False, False
-
-    def done(self) -> bool:
-        return all(f.done() for f in self.futures)
-
-    def frees_buffer(self) -> bool:
-        return bool(self.bufs) or (self.kind == "write" and self.slot is not None and self.slot.released)
-
-
-class NvmeStore(TransactionsMixin, TensorStore):
+class NvmeStore(TransactionsMixin, CompletionMixin, TensorStore):
     """Tensors in a file under ``path``, moved by a thread pool with O_DIRECT where supported.
 
     Args: path (existing writable directory), buffer_count / buffer_bytes (the host buffer pool),
@@ -108,9 +81,9 @@ class NvmeStore(TransactionsMixin, TensorStore):
         self._table: dict = {}                      # key -> (offset, span), committed
         self._extents = ExtentAllocator()
         self._slots: dict = {}
-        self._ops: list[_Op] = []
+        self._ops: list[Op] = []
         self._pending_write: dict = {}
-        self._unreported: list[_Op] = []
+        self._unreported: list[Op] = []
         self._txn: list | None = None               # (key, extent, meta) written, not yet committed
         self._txn_keys: set = set()
 
@@ -256,17 +229,17 @@ class NvmeStore(TransactionsMixin, TensorStore):
             self._finalizer()
 
     # --- writes ---------------------------------------------------------------------------------
-    def _put_resident(self, key, tensor, slot, meta, extent) -> _Op:
+    def _put_resident(self, key, tensor, slot, meta, extent) -> Op:
         if slot.read is not None:
             self._stall(slot.read)
         view = slot.view()
         if not (view.data_ptr() == tensor.data_ptr() and tensor.is_contiguous()):
             view.copy_(tensor)                                 # keep the resident copy equal to the put
         slot.writes += 1
-        return _Op("write", key, self._io.write(self._fd, slot.buf, extent[0], extent[1]), slot=slot,
+        return Op("write", key, self._io.write(self._fd, slot.buf, extent[0], extent[1]), slot=slot,
                    extent=extent, meta=meta)
 
-    def _put_staged(self, key, tensor, meta, extent) -> _Op:
+    def _put_staged(self, key, tensor, meta, extent) -> Op:
         buf = self._acquire()
         before = None
         if tensor.device.type == "cuda" and self.pin_memory:
@@ -277,27 +250,27 @@ class NvmeStore(TransactionsMixin, TensorStore):
         else:
             buf[:meta.nbytes].view(meta.dtype).view(meta.shape).copy_(tensor)
         futures = self._io.write(self._fd, buf, extent[0], extent[1], before)
-        return _Op("write", key, futures, bufs=[buf], extent=extent, meta=meta)
+        return Op("write", key, futures, bufs=[buf], extent=extent, meta=meta)
 
-    def _put_chunked(self, key, tensor, meta, extent) -> _Op:
+    def _put_chunked(self, key, tensor, meta, extent) -> Op:
         src = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         futures: list[Future] = []
-        parts: list[_Op] = []
+        parts: list[Op] = []
         try:
             for s in range(0, meta.nbytes, self.buffer_bytes):
                 n = min(self.buffer_bytes, meta.nbytes - s)
                 buf = self._acquire()                  # may wait for this put's earlier parts
                 buf[:n].copy_(src[s:s + n])
-                parts.append(_Op("part", key, self._io.write(self._fd, buf, extent[0] + s, align_up(n)), bufs=[buf]))
+                parts.append(Op("part", key, self._io.write(self._fd, buf, extent[0] + s, align_up(n)), bufs=[buf]))
                 self._ops.append(parts[-1])
                 futures += parts[-1].futures
         except BaseException:
             for part in parts:                         # let issued parts land before the extent is freed
                 self._stall(part)
             raise
-        return _Op("write", key, futures, extent=extent, meta=meta)
+        return Op("write", key, futures, extent=extent, meta=meta)
 
-    def _wait_handle(self, op: _Op) -> None:
+    def _wait_handle(self, op: Op) -> None:
         with self._lock:
             self._stall(op)
             if op.error is not None:
@@ -317,7 +290,7 @@ class NvmeStore(TransactionsMixin, TensorStore):
                 self._wait_handle(op)
 
     # --- reads ----------------------------------------------------------------------------------
-    def _start_read(self, key) -> _Slot:
+    def _start_read(self, key) -> Slot:
         self._check_txn_read(key)
         self._settle(key)
         (offset, span), meta = self._table[key]
@@ -325,8 +298,8 @@ class NvmeStore(TransactionsMixin, TensorStore):
             raise StoreConfigError(
                 f"tensor {key!r} is {meta.nbytes} bytes, more than one IO buffer ({self.buffer_bytes}); read it with "
                 f"get({key!r}, out=tensor), or raise zero.offload.buffer_mb to at least {span / 2**20:.1f}")
-        slot = _Slot(key, self._acquire(), meta)
-        slot.read = _Op("read", key, self._io.read(self._fd, slot.buf, offset, span), slot=slot, extent=(offset, span))
+        slot = Slot(key, self._acquire(), meta)
+        slot.read = Op("read", key, self._io.read(self._fd, slot.buf, offset, span), slot=slot, extent=(offset, span))
         self._slots[key] = slot
         self._ops.append(slot.read)
         self._count_read(meta.nbytes)
@@ -356,98 +329,6 @@ class NvmeStore(TransactionsMixin, TensorStore):
         self._stats.disk_bytes_read += span
         self._count_read(meta.nbytes)
         return out if direct else out.copy_(dst)
-
-    # --- completion -----------------------------------------------------------------------------
-    def _reap(self) -> None:
-        for op in list(self._ops):
-            if not op.finished and op.done():
-                self._finish(op)
-
-    def _stall(self, op: _Op) -> None:
-        if not op.finished:
-            t0 = time.perf_counter()
-            self._finish(op)
-            self._stats.stall_s += time.perf_counter() - t0
-
-    def _finish(self, op: _Op) -> None:
-        """Wait for ``op``'s futures, then commit or roll back. Runs once per op, on a caller thread."""
-        if op.finished:
-            return
-        for f in op.futures:
-            try:
-                f.result()
-            except BaseException as e:                  # noqa: BLE001 - recorded and re-raised to the caller
-                op.error = op.error or e
-        op.finished = True
-        self._ops.remove(op)
-        for b in op.bufs:
-            self._free_buf(b)
-        if op.kind == "read":
-            op.slot.read, op.slot.error = None, op.error
-            self._stats.disk_bytes_read += op.extent[1]
-            if op.slot.released:
-                self._free_buf(op.slot.buf)
-        elif op.kind == "write":
-            if self._pending_write.get(op.key) is op:
-                del self._pending_write[op.key]
-            if op.error is None:
-                self._stats.disk_bytes_written += op.extent[1]
-                if self._txn is not None:
-                    self._txn.append((op.key, op.extent, op.meta))
-                else:
-                    self._commit(op.key, op.extent, op.meta)
-            else:
-                self._extents.free(op.extent)
-                self._unreported.append(op)
-                if op.key in self._table:
-                    self._meta[op.key] = self._table[op.key][1]
-                elif self._meta.get(op.key) is op.meta and op.key not in self._pending_write:
-                    del self._meta[op.key]
-            if op.slot is not None:
-                op.slot.writes -= 1
-                if op.slot.released and op.slot.writes == 0:
-                    self._free_buf(op.slot.buf)
-
-    def _commit(self, key, extent, meta) -> None:
-        old = self._table.get(key)
-        self._table[key] = (extent, meta)
-        if old is not None:
-            self._extents.free(old[0])
-
-    def _drop_slot(self, slot: _Slot) -> None:
-        if self._slots.get(slot.key) is slot:
-            del self._slots[slot.key]
-        slot.released = True
-        if slot.read is not None:
-            self._finish(slot.read)                    # frees the buffer (released) when done
-        elif slot.writes == 0:
-            self._free_buf(slot.buf)
-
-    # --- buffers and extents --------------------------------------------------------------------
-    def _acquire(self) -> torch.Tensor:
-        while True:
-            self._reap()
-            if self._free_bufs:
-                buf = self._free_bufs.pop()
-            elif self._n_bufs < self.buffer_count:
-                buf = aligned_empty(self.buffer_bytes, pin=self.pin_memory)
-                self._n_bufs += 1
-            else:
-                op = next((o for o in self._ops if o.frees_buffer()), None)
-                if op is None:
-                    raise BuffersExhaustedError(
-                        f"all {self.buffer_count} IO buffers are held by resident tensors {list(self._slots)!r}; "
-                        f"release() tensors you are done with, or raise zero.offload.buffer_count")
-                self._stall(op)
-                continue
-            self._stats.buffers_in_use += 1
-            self._stats.peak_buffers = max(self._stats.peak_buffers, self._stats.buffers_in_use)
-            return buf
-
-    def _free_buf(self, buf) -> None:
-        self._free_bufs.append(buf)
-        self._stats.buffers_in_use -= 1
-
 
 def _cleanup(fd: int, file: str, io: IOEngine) -> None:
     io.shutdown()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from parallel import comm
+from parallel.data import microbatches
 from parallel.loss import cross_entropy
 from parallel.pipeline.schedules import Schedule, comm_ops
 from parallel.pipeline.validate import validate
@@ -47,15 +48,6 @@ class Record:
     action: object
     wait_s: float
     compute_s: float
-
-
-def microbatches(inputs, targets, m: int) -> list:
-    """Split a global batch along dim 0 into ``m`` equal (input, target) micro-batches."""
-    b = inputs.shape[0]
-    if m < 1 or b % m:
-        raise ValueError(f"pipeline: {m} micro-batches do not divide the batch of {b} samples; change "
-                         f"data.global_batch_size / data.micro_batch_size so that the micro-batch count divides {b}")
-    return list(zip(inputs.chunk(m), targets.chunk(m)))
 
 
 class PipelineExecutor:

@@ -47,7 +47,8 @@ import torch.nn as nn
 from parallel import comm
 from parallel.pipeline.stage import StageExit, build_stage
 
-__all__ = ["SplitPlan", "StageExit", "describe_split", "split_model", "sync_tied_grads", "find_body"]
+__all__ = ["SplitPlan", "StageExit", "describe_split", "split_model", "sync_tied_grads", "find_body",
+           "contiguous_partition"]
 
 TIE_TAG = 1 << 28
 
@@ -199,7 +200,7 @@ def _probe(model, body, owners, sample, repeats):
 
 
 # ----------------------------------------------------------------------------------- planning
-def _partition(costs, S, pre=0.0, post=0.0):
+def contiguous_partition(costs, S, pre=0.0, post=0.0):
     """Contiguous split of ``costs`` into S non-empty parts minimising the largest part (the
     first part also carries ``pre``, the last ``post``); dynamic programming, O(S·n²)."""
     n = len(costs)
@@ -283,7 +284,7 @@ def _plan(model, pp_size, virtual_stages, split, balance, sample):
     else:
         raise ValueError(f"pipeline split: balance={balance!r} must be 'params', 'cost' or a list of per-block costs")
     if split == "auto" or split is None:
-        bounds = _partition(costs, S, c_pre, c_post)
+        bounds = contiguous_partition(costs, S, c_pre, c_post)
     else:
         bounds, name = _bounds_from_split(split, n, S, where), "explicit boundaries"
     # A parameter used on stage 0 and stage S−1 only (tied embeddings) is duplicated; any other

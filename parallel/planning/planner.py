@@ -13,7 +13,7 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
   count, embeddings on the first stage, head on the last; a tied embedding is duplicated on the
   last stage and both copies go to a separate "deferred" bucket);
 * buckets of ``bucket_mb`` in reverse order (stages 0–2) or one unit per parameter-owning module
-  (stage 3), each padded to a multiple of N = dp for stages ≥ 1 (partition.py);
+  (stage 3), each padded to a multiple of N = dp for stages ≥ 1 (data_parallel/bucket.py);
 * params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1) or
   b·padded/N (2–3), fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
   Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4).
@@ -21,125 +21,22 @@ Activations (an estimate, not measured by the tests): per block and micro-batch,
 b·s·h·(4 + 13/t) (SP: 2 + 15/t), plus the head's b·s·(2h + 2V/t), times the micro-batches a
 rank holds at once (:func:`parallel.pipeline.schedules.max_in_flight`).
 
-Communication per rank and step (ring model, parallel/comm.py; DESIGN.md), per micro-batch m:
-* dp: stage 0 all-reduce 2(N−1)/N·Ψb; 1–2 reduce-scatter + all-gather of the padded buckets;
-  3 reduce-scatter + two all-gathers per unit per micro-batch (a tied head gathers the embedding
-  once more in forward); stages ≥ 1 add a 24-byte grad-norm all-reduce (also over tp and pp);
-* tp per micro-batch: 4 all-reduces of b·s·h per block, the embedding's forward, the head's
-  backward and the loss's two (3·b·s·4 bytes); sequence parallel: the same b·s·h as all-gathers +
-  reduce-scatters and small all-reduces of the sequence-sharded norm/bias gradients;
-* pp: b·s·h (SP: b·s·h/t) per micro-batch each way per stage boundary; the tied embedding's
-  gradient V·h·b/t once per step between the end ranks (axis "pp_tied").
-
-Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it)
-/ peak, plus its tp traffic at the given latency and bandwidth; the schedule is simulated with
-F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; dp traffic is
-exposed except what fits under the last micro-batch's backward (stages 0–2).
+Communication and step time: :mod:`parallel.planning.cost`; the records: :mod:`parallel.planning.spec`.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from parallel.data_parallel.bucket import fill_buckets
+from parallel.mesh import rank_of
 from parallel.pipeline.schedules import get_schedule, max_in_flight
-from parallel.pipeline.simulate import simulate
-from parallel.pipeline.split import _partition
-from parallel.planning.flops import gpt_matmul_params
+from parallel.pipeline.split import contiguous_partition
+from parallel.planning.cost import comm_per_step, seconds, step_time
+from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
            "check_layout", "predict"]
-
-NORM_BYTES = 24          # the grad-norm all-reduce: three float64
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    n_layer: int
-    hidden: int
-    heads: int
-    vocab: int
-    seq: int
-    ffn: int | None = None          # MLP width, default 4h
-    kv_heads: int | None = None     # grouped-query attention, default heads
-    mlp_matrices: int = 2           # 2: fc/proj (GELU); 3: gate/up/down (SwiGLU)
-    fused_qkv: bool = True
-    bias: bool = True               # Linear biases
-    norm_bias: bool = True          # LayerNorm (w, b) vs RMSNorm (w)
-    learned_pos: bool = True
-    tied: bool = True
-    tp_layout: str = "megatron"     # sequence-parallel layout: "megatron" (examples/gpt.py) or "region" (HF)
-
-    @property
-    def ffn_(self) -> int:
-        return self.ffn or 4 * self.hidden
-
-    @property
-    def kv_hidden(self) -> int:
-        return self.hidden // self.heads * (self.kv_heads or self.heads)
-
-    def check_tp(self, t: int) -> str | None:
-        """Why tensor parallel degree ``t`` cannot split this model (None when it can)."""
-        for what, n in (("heads", self.heads), ("kv heads", self.kv_heads or self.heads),
-                        ("vocab", self.vocab), ("ffn", self.ffn_)):
-            if n % t:
-                return f"{what} = {n} is not divisible by tp = {t}"
-        return None
-
-
-@dataclass(frozen=True)
-class Layout:
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    zero: int = 0
-    micro_batches: int = 1          # per dp rank per step
-    schedule: str = "1f1b"          # pp > 1: gpipe | 1f1b | interleaved | zero_bubble
-    v: int = 1
-    sp: bool = False
-    units: str = "module"           # stage 3: module | block (zero.units)
-
-    def __str__(self):
-        s = f"dp{self.dp} tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp} zero{self.zero} m{self.micro_batches}"
-        return s + (f" {self.schedule}{f'(v={self.v})' if self.v > 1 else ''}" if self.pp > 1 else "")
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    global_batch: int
-    precision: str = "fp32"
-    optimizer: str = "adamw"        # adamw | adam | sgd
-    momentum: bool = False          # sgd with momentum keeps a buffer
-    bucket_mb: float = 25.0
-
-
-@dataclass(frozen=True)
-class Hardware:
-    memory_bytes: float = 80 * 2 ** 30
-    peak_flops: float = 1e12        # per device
-    bandwidth: float = 1e9          # bytes/s per rank, every axis
-    latency_s: float = 1e-3         # per collective or message
-
-
-@dataclass
-class Prediction:
-    layout: Layout
-    memory: dict = field(default_factory=dict)    # rank -> {params, grads, master, optimizer, states, activations, ...}
-    comm: dict = field(default_factory=dict)      # rank -> {axis: {op: {calls, payload_bytes, wire_bytes}}}
-    step_s: float = 0.0
-    bubble: float = 0.0
-    peak_bytes: float = 0.0
-    fits: bool = True
-
-    def wire_bytes(self, rank: int, axis: str) -> float:
-        return sum(c["wire_bytes"] for c in self.comm[rank].get(axis, {}).values())
-
-
-@dataclass(frozen=True)
-class _P:                            # one parameter: module path, local numel, owner module kind
-    module: str
-    numel: int
-    place: object                    # "pre", "post" or the block index
-    tied: bool = False
 
 
 # --- parameters, stages, buckets ------------------------------------------------------------------
@@ -148,9 +45,9 @@ class _P:                            # one parameter: module path, local numel, 
 def inventory(spec: ModelSpec, t: int = 1) -> tuple:
     """The model's parameters in named_parameters order with their local (tp-sharded) sizes."""
     h, kv, f = spec.hidden, spec.kv_hidden, spec.ffn_
-    out = [_P("wte", spec.vocab // t * h, "pre", tied=spec.tied)]
+    out = [ParamEntry("wte", spec.vocab // t * h, "pre", tied=spec.tied)]
     if spec.learned_pos:
-        out.append(_P("wpe", spec.seq * h, "pre"))
+        out.append(ParamEntry("wpe", spec.seq * h, "pre"))
     nb = 2 if spec.norm_bias else 1
     for i in range(spec.n_layer):
         pre = f"blocks.{i}."
@@ -165,9 +62,9 @@ def inventory(spec: ModelSpec, t: int = 1) -> tuple:
         ins = ["mlp.fc"] if spec.mlp_matrices == 2 else ["mlp.gate", "mlp.up"]
         mods += [(pre + n, [f * h // t] + ([f // t] if spec.bias else [])) for n in ins]
         mods.append((pre + "mlp.proj", [h * f // t] + ([h] if spec.bias else [])))
-        out += [_P(m, n, i) for m, sizes in mods for n in sizes]
-    out += [_P("ln_f", h, "post") for _ in range(nb)]
-    out.append(_P("lm_head", spec.vocab // t * h, "post", tied=spec.tied))
+        out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes]
+    out += [ParamEntry("ln_f", h, "post") for _ in range(nb)]
+    out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied))
     return tuple(out)
 
 
@@ -183,7 +80,7 @@ def stage_bounds(spec: ModelSpec, t: int, pp: int, v: int = 1) -> list:
     costs = [float(sum(p.numel for p in inv if p.place == i)) for i in range(spec.n_layer)]
     pre = float(sum(p.numel for p in inv if p.place == "pre"))
     post = float(sum(p.numel for p in inv if p.place == "post"))
-    return _partition(costs, S, pre, post)
+    return contiguous_partition(costs, S, pre, post)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -215,7 +112,8 @@ class _Bucket:
 
 
 def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool) -> list:
-    """The rank's flat buckets (stages 0–2, make_buckets' reverse greedy fill) or stage-3 units
+    """The rank's flat buckets (stages 0–2, make_buckets' reverse greedy fill:
+    :func:`parallel.data_parallel.bucket.fill_buckets`) or stage-3 units
     (one per module, pre-order), then the deferred bucket of tied pipeline copies."""
     N, pad = lay.dp, lay.zero > 0
 
@@ -226,15 +124,8 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
     deferred = [p.numel for p, d in params if d]
     out = []
     if lay.zero < 3:
-        cur, cur_b = [], 0
-        for p in reversed(normal):
-            if cur and cur_b + p.numel * b > bucket_mb * 2 ** 20:
-                out.append(mk(cur))
-                cur, cur_b = [], 0
-            cur.append(p.numel)
-            cur_b += p.numel * b
-        if cur:
-            out.append(mk(cur))
+        out += [mk([normal[i].numel for i in idx]) for idx in fill_buckets([p.numel * b for p in normal],
+                                                                            bucket_mb * 2 ** 20)]
     else:
         units: dict = {}
         for p in normal:         # zero.units=block: one unit per block, one for the rest (pre-order: root first)
@@ -268,14 +159,8 @@ def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool) -> tuple[int, int]:
 
 # --- memory -----------------------------------------------------------------------------------------
 
-def _bytes(tr: TrainSpec) -> tuple[int, bool]:
-    if tr.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"planner: precision={tr.precision!r} must be fp32, bf16 or fp16")
-    return (4, False) if tr.precision == "fp32" else (2, True)
-
-
 def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
-    b, mixed = _bytes(tr)
+    b, mixed = element_bytes(tr)
     N, pad = lay.dp, lay.zero > 0
     per_elem, per_piece = {"adamw": (8, 4), "adam": (8, 4)}.get(tr.optimizer, (4 if tr.momentum else 0, 0))
     m = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}
@@ -292,7 +177,7 @@ def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
 
 def _activations(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: list, mb: int) -> float:
     """Estimated activation bytes held at peak by a pp rank (see the module docstring)."""
-    e = _bytes(tr)[0]
+    e = element_bytes(tr)[0]
     t, s, h, S = lay.tp, spec.seq, spec.hidden, lay.pp * lay.v
     per_block = mb * s * h * ((2 + 15 / t) if lay.sp else (4 + 13 / t)) * e
     head = mb * s * (2 * h + 2 * spec.vocab / t) * e
@@ -305,103 +190,6 @@ def _activations(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds:
 def _in_flight(name: str, p: int, m: int, v: int) -> tuple:
     sched = get_schedule(name, p, m, v)
     return tuple(max_in_flight(sched, r) for r in range(p))
-
-
-# --- communication ------------------------------------------------------------------------------------
-
-def _add(out: dict, axis: str, op: str, calls: int, payload: float, n: int) -> None:
-    if calls <= 0 or n <= 1 and op != "send" and op != "recv":
-        return
-    wire = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-            "send": 1.0, "recv": 0.0}[op] * payload
-    c = out.setdefault(axis, {}).setdefault(op, {"calls": 0, "payload_bytes": 0, "wire_bytes": 0.0})
-    c["calls"] += calls
-    c["payload_bytes"] += int(payload)
-    c["wire_bytes"] += wire
-
-
-def _tp_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: bool, mb: int, e: int) -> dict:
-    """tp traffic of one micro-batch through one stage: {op: (calls, payload bytes)}."""
-    act, ce, h = mb * spec.seq * spec.hidden * e, 3 * mb * spec.seq * 4, spec.hidden
-    if not lay.sp:
-        n = 4 * blocks + first + last
-        return {"all_reduce": (n + 2 * last, n * act + last * ce)}
-    nb = 2 if spec.norm_bias else 1
-    small = blocks * (2 * nb + 2 * spec.bias) + last * nb
-    ar = (small + 2 * last, small * h * e + last * ce)
-    if spec.tp_layout == "megatron":
-        pos = first and spec.learned_pos
-        return {"all_gather": (4 * blocks + 2 * first + last - (first and not pos),
-                               (4 * blocks + first + last) * act + pos * spec.seq * h * e),
-                "reduce_scatter": (4 * blocks + first + last, (4 * blocks + first + last) * act),
-                "all_reduce": ar}
-    return {"all_gather": (4 * blocks + first + last, (4 * blocks + first + last) * act),
-            "reduce_scatter": (4 * blocks, 4 * blocks * act),
-            "all_reduce": (ar[0] + first + last, ar[1] + (first + last) * act)}
-
-
-def _comm(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, own: list, bounds: list, mb: int) -> dict:
-    b = _bytes(tr)[0]
-    N, t, p, S, m = lay.dp, lay.tp, lay.pp, lay.pp * lay.v, lay.micro_batches
-    out: dict = {}
-    if lay.zero == 0:
-        _add(out, "dp", "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
-    else:
-        _add(out, "dp", "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
-        _add(out, "dp", "all_gather", sum(bk.gathers for bk in buckets),
-             sum(bk.gathers * bk.padded for bk in buckets) * b, N)
-        _add(out, "dp", "all_reduce", 1, NORM_BYTES, N)
-    for k in own:
-        for op, (calls, payload) in _tp_micro(spec, lay, bounds[k][1] - bounds[k][0], k == 0, k == S - 1, mb, b).items():
-            _add(out, "tp", op, m * calls, m * payload, t)
-    _add(out, "tp", "all_reduce", 1, NORM_BYTES, t)
-    if p > 1:
-        act = mb * (spec.seq // t if lay.sp else spec.seq) * spec.hidden * b
-        msgs = m * sum((k < S - 1) + (k > 0) for k in own)
-        _add(out, "pp", "send", msgs, msgs * act, p)
-        _add(out, "pp", "recv", msgs, msgs * act, p)
-        _add(out, "pp", "all_reduce", 1, NORM_BYTES, p)
-        if spec.tied and (0 in own or S - 1 in own):
-            tied = spec.vocab // t * spec.hidden * b
-            _add(out, "pp_tied", "send", 1, tied, p)
-            _add(out, "pp_tied", "recv", 1, tied, p)
-    return out
-
-
-# --- time ---------------------------------------------------------------------------------------------
-
-def _seconds(ops: dict, hw: Hardware) -> float:
-    return sum(c["calls"] * hw.latency_s + c["wire_bytes"] / hw.bandwidth for c in ops.values())
-
-
-def _step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
-               dp_ops: dict) -> tuple[float, float]:
-    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring)."""
-    h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, _bytes(tr)[0]
-    block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s
-    stage = []
-    for k, (a, e) in enumerate(bounds):
-        flops = mb * s * ((e - a) * block + (k == S - 1) * 6 * spec.vocab * h) / lay.tp
-        tp: dict = {}
-        for op, (calls, payload) in _tp_micro(spec, lay, e - a, k == 0, k == S - 1, mb, b).items():
-            _add(tp, "tp", op, calls, payload, lay.tp)
-        act = mb * (s // lay.tp if lay.sp else s) * h * b
-        p2p = ((k < S - 1) + (k > 0)) * (hw.latency_s + act / hw.bandwidth) if S > 1 else 0.0
-        stage.append(flops / hw.peak_flops + _seconds(tp.get("tp", {}), hw) + p2p)
-    if S == 1:
-        span, bubble = lay.micro_batches * stage[0], 0.0
-    else:
-        frac = {"F": 1 / 3, "B": 2 / 3, "I": 1 / 3, "W": 1 / 3}
-        sim = simulate(get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v),
-                       lambda a: stage[a.stage] * frac[a.kind])
-        span, bubble = float(sim.makespan), float(sim.bubble)
-    reduce = {op: c for op, c in dp_ops.items() if op != "all_gather"}
-    gather = _seconds({op: c for op, c in dp_ops.items() if op == "all_gather"}, hw)
-    if lay.zero < 3:       # bucketed reduction under the last micro-batch's backward; gathers after the step
-        exposed = max(0.0, _seconds(reduce, hw) - 2 / 3 * max(stage)) + gather
-    else:                  # prefetched gathers under compute
-        exposed = _seconds(reduce, hw) + max(0.0, gather - span)
-    return span + exposed, bubble
 
 
 # --- putting it together ----------------------------------------------------------------------------
@@ -438,7 +226,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     if why:
         raise ValueError(f"planner: layout {lay} is invalid: {why}")
     hw = hw or Hardware()
-    b = _bytes(tr)[0]
+    b = element_bytes(tr)[0]
     mb = tr.global_batch // (lay.dp * lay.micro_batches)
     bounds = stage_bounds(spec, lay.tp, lay.pp, lay.v)
     S = lay.pp * lay.v
@@ -446,7 +234,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     for pr in range(lay.pp):
         own = list(range(pr, S, lay.pp))
         bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b, tr.bucket_mb, spec.tied and S == 1)
-        comm = _comm(spec, lay, tr, bks, own, bounds, mb)
+        comm = comm_per_step(spec, lay, tr, bks, own, bounds, mb)
         act = _activations(spec, lay, tr, own, bounds, mb)
         big = max(bk.padded for bk in bks) * b
         transient = (2 * big if lay.zero == 3 else 0) + (3 * big if lay.zero >= 2 else 0)
@@ -454,11 +242,11 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
             mem = _states(bks, lay, tr, dr)
             mem.update(activations=act, transient=transient, peak=mem["total"] + act + transient)
             for tr_ in range(lay.tp) if ranks == "all" else [0]:
-                g = (pr * lay.dp + dr) * lay.tp + tr_
+                g = rank_of(pr, dr, tr_, {"pp": lay.pp, "dp": lay.dp, "tp": lay.tp})
                 pred.memory[g], pred.comm[g] = mem, comm
-        if _seconds(comm.get("dp", {}), hw) >= _seconds(dp_ops, hw):
+        if seconds(comm.get("dp", {}), hw) >= seconds(dp_ops, hw):
             dp_ops = comm.get("dp", {})
-    pred.step_s, pred.bubble = _step_time(spec, lay, tr, hw, bounds, mb, dp_ops)
+    pred.step_s, pred.bubble = step_time(spec, lay, tr, hw, bounds, mb, dp_ops)
     pred.peak_bytes = max(m["peak"] for m in pred.memory.values())
     pred.fits = pred.peak_bytes <= hw.memory_bytes
     return pred

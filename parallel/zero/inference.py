@@ -23,8 +23,9 @@ e.g. a ``safetensors.safe_open`` handle: read one tensor at a time), else from `
 :func:`parallel.zero.deferred_init` record of a meta-built model), else from the model's own
 parameters, which are freed unit by unit as they are written. The model is never whole in memory.
 
-Module order comes from a trace of the first forward (as stage 3 records it). On a GPU
-(``device="cuda"``) each fetched unit is copied to the device and its host buffer released at once.
+Module order comes from a trace of the first forward (:class:`parallel.zero.trace.TracedOrder`, as
+stage 3 records it). On a GPU (``device="cuda"``) each fetched unit is copied to the device and its
+host buffer released at once.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from parallel.loss import logits_of
 from parallel.offload import StoreConfigError
 from parallel.offload.aio import byte_view, trim_host_memory
 from parallel.zero.stage3 import plan_units
+from parallel.zero.trace import TracedOrder
 
 __all__ = ["StreamedInference", "SafetensorsFile"]
 
@@ -77,7 +79,7 @@ class StreamedInference:
         self.resident_bytes = self.peak_resident_bytes = 0
         self.forwards = 0
         self.fetch_wait_s = 0.0
-        self._trace, self._tracing, self._cursor, self._pos = [], True, 0, {}
+        self.order = TracedOrder()
         self._hooks = [model.register_forward_pre_hook(self._root_pre, prepend=True),
                        model.register_forward_hook(self._root_post)]
         for m in self.needs:
@@ -179,8 +181,8 @@ class StreamedInference:
 
     def _prefetch(self, pos: int) -> None:
         """Start reading the units of the next ``depth`` traced modules, leaving one buffer free."""
-        for q in range(pos + 1, min(pos + 1 + self.depth, len(self._trace))):
-            for u in self.needs[self._trace[q]]:
+        for m in self.order.ahead(pos, self.depth):
+            for u in self.needs[m]:
                 key = self._key(u)
                 if u.flat is not None or key in self.held:
                     continue
@@ -198,10 +200,10 @@ class StreamedInference:
 
     # --- hooks ------------------------------------------------------------------------------------------
     def _root_pre(self, module, args):
-        self._cursor = 0
+        self.order.start()
 
     def _root_post(self, module, args, out):
-        self._tracing = False
+        self.order.finish()
         self.forwards += 1
         for key, how in list(self.held.items()):         # read-ahead the forward did not use
             if how == "prefetched":
@@ -211,16 +213,10 @@ class StreamedInference:
         return out
 
     def _pre(self, m, args):
-        pos = self._cursor
-        self._cursor += 1
-        if self._tracing:
-            self._trace.append(m)
-        elif pos >= len(self._trace) or self._trace[pos] is not m:
-            pos = -1                                       # off the traced order: no read-ahead
+        pos = self.order.visit(m)                          # OFF: off the traced order, no read-ahead
         for u in self.needs[m]:
             self._fetch(u)
-        if pos >= 0 and not self._tracing:
-            self._prefetch(pos)
+        self._prefetch(pos)
 
     def _post(self, m, args, out):
         for u in self.needs[m]:

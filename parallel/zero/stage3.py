@@ -17,8 +17,9 @@ Lifecycle of a unit, driven by hooks:
   forward post-hook              free the needs; hook the outputs' gradients (pre-backward)
   output-gradient hook           gather the needs again, prefetch the previous module's needs
   post-accumulate-grad hooks     once every parameter of the unit has its gradient: free it
-Module order comes from a trace of the first forward (as DeepSpeed and FSDP record it), and the
-prefetch keeps at most one extra module's units in flight (``prefetch=False``: none).
+Module order comes from a trace of the first forward (as DeepSpeed and FSDP record it;
+:class:`parallel.zero.trace.TracedOrder`), and the prefetch keeps at most one extra module's units in
+flight (``prefetch=False``: none).
 
 Freeing. The gathered flat buffer keeps its tensor object but its storage is resized to 0, and each
 parameter's ``.data`` is swapped for an empty tensor. Autograd may have saved views of the weight
@@ -42,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.zero.trace import OFF, TracedOrder
 
 __all__ = ["plan_units", "Stage3Params"]
 
@@ -107,10 +109,8 @@ class Stage3Params:
         self.gathered_bytes = 0
         self.peak_gathered_bytes = 0
         self.gathers = 0
-        self._trace: list = []
-        self._tracing = True
-        self._cursor = 0
-        self._pos_of: dict = {}                # module -> its position in this forward (-2: off trace)
+        self.order = TracedOrder()
+        self._pos_of: dict = {}                # module -> its position in this forward (OFF: off trace)
         self._handles = []
         for m in self.needs:
             # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
@@ -162,22 +162,22 @@ class Stage3Params:
         self.gathered_bytes -= self._nbytes(u)
 
     def _prefetch_at(self, pos: int, step: int = 1) -> None:
-        if self._tracing:
+        order = self.order
+        if order.tracing or not 0 <= pos < len(order):
             return
-        if self.shards is not None and self.depth and 0 <= pos < len(self._trace):   # store read-ahead
-            ahead = [pos + k * step for k in range(1, self.depth + 1)]
-            self.shards.prefetch([u for q in ahead if 0 <= q < len(self._trace)
-                                  for u in self.needs[self._trace[q]] if u.state == SHARDED])
-        if self.prefetch and 0 <= pos < len(self._trace):
-            for u in self.needs[self._trace[pos]]:
+        if self.shards is not None and self.depth:                  # store read-ahead
+            self.shards.prefetch([u for m in order.ahead(pos, self.depth, step)
+                                  for u in self.needs[m] if u.state == SHARDED])
+        if self.prefetch:
+            for u in self.needs[order.modules[pos]]:
                 self._gather(u, wait=False)
 
     # --- hooks ------------------------------------------------------------------------------------
     def _root_pre(self, module, args):
-        self._cursor = 0
+        self.order.start()
 
     def _root_post(self, module, args, out):
-        self._tracing = False
+        self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)
             if u.users == 0 and not u.bwd:
                 self._free(u)
@@ -185,12 +185,7 @@ class Stage3Params:
             self.shards.drop_stale()
 
     def _pre_forward(self, m, args):
-        pos = self._cursor
-        self._cursor += 1
-        if self._tracing:
-            self._trace.append(m)
-        elif pos >= len(self._trace) or self._trace[pos] is not m:
-            pos = -2                        # this forward departs from the trace: no prefetch
+        pos = self.order.visit(m)           # OFF when this forward departs from the trace: no prefetch
         for u in self.needs[m]:
             self._gather(u)
             u.users += 1
@@ -203,7 +198,7 @@ class Stage3Params:
             if u.users == 0 and not u.bwd:
                 self._free(u)
         if torch.is_grad_enabled():
-            pos = self._pos_of.get(m, -2)
+            pos = self._pos_of.get(m, OFF)
             tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
             for t in tensors:
                 t.register_hook(lambda g, m=m, pos=pos: self._pre_backward(m, pos))

@@ -1,0 +1,123 @@
+"""The planner's cost model: communication bytes per rank and step, and step time.
+
+Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micro-batch m:
+* dp: stage 0 all-reduce 2(N−1)/N·Ψb; 1–2 reduce-scatter + all-gather of the padded buckets;
+  3 reduce-scatter + two all-gathers per unit per micro-batch (a tied head gathers the embedding
+  once more in forward); stages ≥ 1 add a 24-byte grad-norm all-reduce (also over tp and pp);
+* tp per micro-batch: 4 all-reduces of b·s·h per block, the embedding's forward, the head's
+  backward and the loss's two (3·b·s·4 bytes); sequence parallel: the same b·s·h as all-gathers +
+  reduce-scatters and small all-reduces of the sequence-sharded norm/bias gradients;
+* pp: b·s·h (SP: b·s·h/t) per micro-batch each way per stage boundary; the tied embedding's
+  gradient V·h·b/t once per step between the end ranks (axis "pp_tied").
+
+Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it)
+/ peak, plus its tp traffic at the given latency and bandwidth; the schedule is simulated with
+F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; dp traffic is
+exposed except what fits under the last micro-batch's backward (stages 0–2).
+"""
+from __future__ import annotations
+
+from parallel.pipeline.schedules import get_schedule
+from parallel.pipeline.simulate import simulate
+from parallel.planning.flops import gpt_matmul_params
+from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
+
+__all__ = ["NORM_BYTES", "add_op", "tp_per_micro", "comm_per_step", "seconds", "step_time"]
+
+NORM_BYTES = 24          # the grad-norm all-reduce: three float64
+
+
+def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) -> None:
+    if calls <= 0 or n <= 1 and op != "send" and op != "recv":
+        return
+    wire = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+            "send": 1.0, "recv": 0.0}[op] * payload
+    c = out.setdefault(axis, {}).setdefault(op, {"calls": 0, "payload_bytes": 0, "wire_bytes": 0.0})
+    c["calls"] += calls
+    c["payload_bytes"] += int(payload)
+    c["wire_bytes"] += wire
+
+
+def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: bool, mb: int, e: int) -> dict:
+    """tp traffic of one micro-batch through one stage: {op: (calls, payload bytes)}."""
+    act, ce, h = mb * spec.seq * spec.hidden * e, 3 * mb * spec.seq * 4, spec.hidden
+    if not lay.sp:
+        n = 4 * blocks + first + last
+        return {"all_reduce": (n + 2 * last, n * act + last * ce)}
+    nb = 2 if spec.norm_bias else 1
+    small = blocks * (2 * nb + 2 * spec.bias) + last * nb
+    ar = (small + 2 * last, small * h * e + last * ce)
+    if spec.tp_layout == "megatron":
+        pos = first and spec.learned_pos
+        return {"all_gather": (4 * blocks + 2 * first + last - (first and not pos),
+                               (4 * blocks + first + last) * act + pos * spec.seq * h * e),
+                "reduce_scatter": (4 * blocks + first + last, (4 * blocks + first + last) * act),
+                "all_reduce": ar}
+    return {"all_gather": (4 * blocks + first + last, (4 * blocks + first + last) * act),
+            "reduce_scatter": (4 * blocks, 4 * blocks * act),
+            "all_reduce": (ar[0] + first + last, ar[1] + (first + last) * act)}
+
+
+def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, own: list, bounds: list, mb: int) -> dict:
+    b = element_bytes(tr)[0]
+    N, t, p, S, m = lay.dp, lay.tp, lay.pp, lay.pp * lay.v, lay.micro_batches
+    out: dict = {}
+    if lay.zero == 0:
+        add_op(out, "dp", "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
+    else:
+        add_op(out, "dp", "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
+        add_op(out, "dp", "all_gather", sum(bk.gathers for bk in buckets),
+             sum(bk.gathers * bk.padded for bk in buckets) * b, N)
+        add_op(out, "dp", "all_reduce", 1, NORM_BYTES, N)
+    for k in own:
+        per_micro = tp_per_micro(spec, lay, bounds[k][1] - bounds[k][0], k == 0, k == S - 1, mb, b)
+        for op, (calls, payload) in per_micro.items():
+            add_op(out, "tp", op, m * calls, m * payload, t)
+    add_op(out, "tp", "all_reduce", 1, NORM_BYTES, t)
+    if p > 1:
+        act = mb * (spec.seq // t if lay.sp else spec.seq) * spec.hidden * b
+        msgs = m * sum((k < S - 1) + (k > 0) for k in own)
+        add_op(out, "pp", "send", msgs, msgs * act, p)
+        add_op(out, "pp", "recv", msgs, msgs * act, p)
+        add_op(out, "pp", "all_reduce", 1, NORM_BYTES, p)
+        if spec.tied and (0 in own or S - 1 in own):
+            tied = spec.vocab // t * spec.hidden * b
+            add_op(out, "pp_tied", "send", 1, tied, p)
+            add_op(out, "pp_tied", "recv", 1, tied, p)
+    return out
+
+
+
+def seconds(ops: dict, hw: Hardware) -> float:
+    return sum(c["calls"] * hw.latency_s + c["wire_bytes"] / hw.bandwidth for c in ops.values())
+
+
+def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
+               dp_ops: dict) -> tuple[float, float]:
+    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring)."""
+    h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, element_bytes(tr)[0]
+    block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s
+    stage = []
+    for k, (a, e) in enumerate(bounds):
+        flops = mb * s * ((e - a) * block + (k == S - 1) * 6 * spec.vocab * h) / lay.tp
+        tp: dict = {}
+        for op, (calls, payload) in tp_per_micro(spec, lay, e - a, k == 0, k == S - 1, mb, b).items():
+            add_op(tp, "tp", op, calls, payload, lay.tp)
+        act = mb * (s // lay.tp if lay.sp else s) * h * b
+        p2p = ((k < S - 1) + (k > 0)) * (hw.latency_s + act / hw.bandwidth) if S > 1 else 0.0
+        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + p2p)
+    if S == 1:
+        span, bubble = lay.micro_batches * stage[0], 0.0
+    else:
+        frac = {"F": 1 / 3, "B": 2 / 3, "I": 1 / 3, "W": 1 / 3}
+        sim = simulate(get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v),
+                       lambda a: stage[a.stage] * frac[a.kind])
+        span, bubble = float(sim.makespan), float(sim.bubble)
+    reduce = {op: c for op, c in dp_ops.items() if op != "all_gather"}
+    gather = seconds({op: c for op, c in dp_ops.items() if op == "all_gather"}, hw)
+    if lay.zero < 3:       # bucketed reduction under the last micro-batch's backward; gathers after the step
+        exposed = max(0.0, seconds(reduce, hw) - 2 / 3 * max(stage)) + gather
+    else:                  # prefetched gathers under compute
+        exposed = seconds(reduce, hw) + max(0.0, gather - span)
+    return span + exposed, bubble
+

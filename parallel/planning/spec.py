@@ -1,0 +1,107 @@
+"""The planner's records: the model (:class:`ModelSpec`), the layout (:class:`Layout`), the training
+run (:class:`TrainSpec`), the machine (:class:`Hardware`) and the answer (:class:`Prediction`).
+See :mod:`parallel.planning.planner` for what is predicted from them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ModelSpec", "Layout", "TrainSpec", "Hardware", "Prediction", "ParamEntry", "element_bytes"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    n_layer: int
+    hidden: int
+    heads: int
+    vocab: int
+    seq: int
+    ffn: int | None = None          # MLP width, default 4h
+    kv_heads: int | None = None     # grouped-query attention, default heads
+    mlp_matrices: int = 2           # 2: fc/proj (GELU); 3: gate/up/down (SwiGLU)
+    fused_qkv: bool = True
+    bias: bool = True               # Linear biases
+    norm_bias: bool = True          # LayerNorm (w, b) vs RMSNorm (w)
+    learned_pos: bool = True
+    tied: bool = True
+    tp_layout: str = "megatron"     # sequence-parallel layout: "megatron" (examples/gpt.py) or "region" (HF)
+
+    @property
+    def ffn_(self) -> int:
+        return self.ffn or 4 * self.hidden
+
+    @property
+    def kv_hidden(self) -> int:
+        return self.hidden // self.heads * (self.kv_heads or self.heads)
+
+    def check_tp(self, t: int) -> str | None:
+        """Why tensor parallel degree ``t`` cannot split this model (None when it can)."""
+        for what, n in (("heads", self.heads), ("kv heads", self.kv_heads or self.heads),
+                        ("vocab", self.vocab), ("ffn", self.ffn_)):
+            if n % t:
+                return f"{what} = {n} is not divisible by tp = {t}"
+        return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    micro_batches: int = 1          # per dp rank per step
+    schedule: str = "1f1b"          # pp > 1: gpipe | 1f1b | interleaved | zero_bubble
+    v: int = 1
+    sp: bool = False
+    units: str = "module"           # stage 3: module | block (zero.units)
+
+    def __str__(self):
+        s = f"dp{self.dp} tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp} zero{self.zero} m{self.micro_batches}"
+        return s + (f" {self.schedule}{f'(v={self.v})' if self.v > 1 else ''}" if self.pp > 1 else "")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    global_batch: int
+    precision: str = "fp32"
+    optimizer: str = "adamw"        # adamw | adam | sgd
+    momentum: bool = False          # sgd with momentum keeps a buffer
+    bucket_mb: float = 25.0
+
+
+@dataclass(frozen=True)
+class Hardware:
+    memory_bytes: float = 80 * 2 ** 30
+    peak_flops: float = 1e12        # per device
+    bandwidth: float = 1e9          # bytes/s per rank, every axis
+    latency_s: float = 1e-3         # per collective or message
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    memory: dict = field(default_factory=dict)    # rank -> {params, grads, master, optimizer, states, activations, ...}
+    comm: dict = field(default_factory=dict)      # rank -> {axis: {op: {calls, payload_bytes, wire_bytes}}}
+    step_s: float = 0.0
+    bubble: float = 0.0
+    peak_bytes: float = 0.0
+    fits: bool = True
+
+    def wire_bytes(self, rank: int, axis: str) -> float:
+        return sum(c["wire_bytes"] for c in self.comm[rank].get(axis, {}).values())
+
+
+@dataclass(frozen=True)
+class ParamEntry:                    # one parameter: module path, local numel, owner module kind
+    module: str
+    numel: int
+    place: object                    # "pre", "post" or the block index
+    tied: bool = False
+
+
+
+def element_bytes(tr: TrainSpec) -> tuple[int, bool]:
+    """(bytes per element, mixed precision) of the training precision."""
+    if tr.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"planner: precision={tr.precision!r} must be fp32, bf16 or fp16")
+    return (4, False) if tr.precision == "fp32" else (2, True)
+
