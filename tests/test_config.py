@@ -83,3 +83,16 @@ def test_factory_import_errors():
         import_object("no_such_pkg.mod:build", "model.factory")
     with pytest.raises(ConfigError, match="has no attribute 'nope'"):
         import_object("examples.gpt:nope", "model.factory")
+
+
+def test_yaml_float_strings(tmp_path):
+    """PyYAML reads ``lr: 1e-3`` as the string '1e-3' (YAML 1.1 wants 1.0e-3); a float field takes it."""
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {factory: 'examples.gpt:build'}\ndata: {factory: 'examples.gpt:random_tokens'}\n"
+                 "optimizer: {lr: 1e-3, weight_decay: 1E2, eps: -.5e-8}\n")
+    c = load_config(str(p), ["train.grad_clip=1e0"])
+    assert (c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.eps, c.train.grad_clip) == (1e-3, 100.0, -5e-9, 1.0)
+    with pytest.raises(ConfigError, match=r"optimizer.lr: expected float or NoneType, got 'fast'"):
+        load_config(str(p), ["optimizer.lr=fast"])
+    with pytest.raises(ConfigError, match=r"train.steps: expected int, got str '1e3'"):
+        load_config(str(p), ["train.steps=1e3"])           # only float fields read numbers from strings

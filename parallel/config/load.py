@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import re
 import types
 import typing
 from typing import Any, Union
@@ -25,6 +26,8 @@ from parallel.config.validate import check_factory
 
 __all__ = ["load_config", "import_object", "REMOVED"]
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 # keys that were removed because they restated other keys: what to write instead
 REMOVED = {
     "parallel.pp_microbatches": "the micro-batch count is data.global_batch_size / (parallel.dp × "
@@ -37,7 +40,8 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value, tp, key: str):
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    """Check ``value`` against the annotation ``tp``; ints, and numbers written as strings such as
+    ``1e-3`` (a string to PyYAML), are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -66,6 +70,8 @@ def _coerce(value, tp, key: str):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)             # PyYAML (YAML 1.1) reads 1e-3 as a string: it needs 1.0e-3
     elif tp is str:
         if isinstance(value, str):
             return value
