@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness import run_ranks
+from parallel.config import ZeroConfig
 from test_zero import CLIP, assert_curve, mean_over_ranks, reference_losses, train, zero_run
 
 
@@ -72,7 +73,7 @@ def _overflow(rank, world, stage):
     from test_zero import OPTS, global_batch, loss_of, make_model
     g = Mesh(dp=world).group("dp")
     model = make_model("gpt")
-    zero = ZeroOptimizer(model, OPTS["adamw"], g, stage=stage, bucket_mb=0.05, precision="fp16")
+    zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=stage, bucket_mb=0.05), precision="fp16")
     train(zero, model, g, 8, 1)
     before = zero.full_state_dict()
     x, y = global_batch(1, 8)
