@@ -62,6 +62,7 @@ def _rank(rank, world, port, path, repeats, batch, buffer_mb, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from examples.gpt import GPT
+    from parallel.config import ZeroConfig
     from parallel.mesh import Mesh
     from parallel.zero import ZeroOptimizer
     group = Mesh(dp=world).group("dp")
@@ -69,8 +70,8 @@ def _rank(rank, world, port, path, repeats, batch, buffer_mb, out):
     for c in CONFIGS:
         torch.manual_seed(0)
         model = GPT(**SIZE_50M)
-        zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=1e-4), group, stage=2, bucket_mb=5.0,
-                             offload=_offload(c, path, buffer_mb))
+        zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=1e-4), group,
+                             ZeroConfig(stage=2, bucket_mb=5.0, offload=_offload(c, path, buffer_mb)))
         if c == "none":
             zero.optimizer.step = _timed(zero.optimizer.step, opt_times[c])
         runs[c] = (model, zero)
@@ -183,7 +184,7 @@ def _scale_rank(rank, world, port, a, kw, out):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from examples.gpt import GPT, Block, random_tokens
-    from parallel.config import OffloadConfig
+    from parallel.config import OffloadConfig, ZeroConfig
     from parallel.mesh import Mesh
     from parallel.zero import ZeroOptimizer, deferred_init
     group = Mesh(dp=world).group("dp")
@@ -192,8 +193,8 @@ def _scale_rank(rank, world, port, a, kw, out):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, rec = deferred_init(GPT, **kw)
-    zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=a.lr), group, stage=3, init=rec,
-                         unit_types=(Block,), offload=cfg, grad_clip=a.grad_clip)
+    zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=a.lr), group, ZeroConfig(stage=3, offload=cfg),
+                         init=rec, unit_types=(Block,), grad_clip=a.grad_clip)
     build = torch.tensor([time.perf_counter() - t0, _rss_gib()], dtype=torch.float64)
     dist.all_reduce(build, op=dist.ReduceOp.MAX)
     if rank == 0:

@@ -33,6 +33,7 @@ PEER = {"zero0": "ddp", "zero1": "ddp", "zero2": "ddp", "zero3": "fsdp2"}
 
 def _build(name, kw, group, mesh):
     from examples.gpt import GPT, Block
+    from parallel.config import ZeroConfig
     from parallel.zero import ZeroOptimizer
     torch.manual_seed(0)
     model = GPT(**kw)
@@ -50,7 +51,7 @@ def _build(name, kw, group, mesh):
         return model, opt.step, opt.zero_grad
     stage = int(name[-1])
     kwargs = {"unit_types": (Block,)} if stage == 3 else {"overlap_param_gather": stage in (1, 2)}
-    zero = ZeroOptimizer(model, adamw, group, stage=stage, bucket_mb=BUCKET_MB, **kwargs)
+    zero = ZeroOptimizer(model, adamw, group, ZeroConfig(stage=stage, bucket_mb=BUCKET_MB), **kwargs)
     return model, zero.step, zero.zero_grad
 
 

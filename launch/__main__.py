@@ -19,8 +19,7 @@ import argparse
 import re
 import sys
 
-from torch.distributed.run import get_args_parser
-from torch.distributed.run import main as torchrun_main
+from torch.distributed import run as elastic_run
 
 from launch import preflight
 from launch.dry_run import describe
@@ -37,7 +36,7 @@ class UsageError(Exception):
 
 def split_argv(argv: list[str]):
     """Separate our flags, torchrun flags (with their values) and key=value overrides."""
-    actions = get_args_parser()._option_string_actions
+    actions = elastic_run.get_args_parser()._option_string_actions
     ours = argparse.ArgumentParser(prog="python -m launch", add_help=True,
                                    description="Run a parallel3d training job under torchrun.")
     ours.add_argument("--config", required=True, help="YAML config")
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     ds = ["--deepspeed", known.deepspeed] if known.deepspeed else []
     args += torchrun + ["-m", "launch.train", "--config", known.config] + ds + overrides
     try:
-        torchrun_main(args)
+        elastic_run.main(args)
     except Exception as e:          # ChildFailedError: name the first failing rank, last
         failures = getattr(e, "failures", None)
         if not failures:

@@ -24,7 +24,6 @@ import datetime
 import errno
 import faulthandler
 import json
-import math
 import os
 import re
 import sys
@@ -42,7 +41,7 @@ from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
 from parallel.mesh import Mesh, backend_for, default_device, init_distributed
-from parallel.reliability.faults import Injector, StepHooks, fault_from, restart_attempt
+from parallel.reliability.faults import Injector, fault_from, restart_attempt
 from parallel.reliability.fingerprint import Checker, Recorder
 from parallel.reliability.watchdog import (
     EXIT_FAILURE,
@@ -55,11 +54,7 @@ from parallel.reliability.watchdog import (
     set_default_group_timeout,
     terminate,
 )
-from parallel.zero import StepResult
-
-
-class NonFiniteError(RuntimeError):
-    """A step produced a non-finite gradient and train.on_nonfinite=stop."""
+from parallel.zero import NonFiniteError  # noqa: F401  (raised by the engine; importable from here as before)
 
 
 class CheckpointError(RuntimeError):
@@ -68,10 +63,6 @@ class CheckpointError(RuntimeError):
 
 class DataError(ValueError):
     """A batch could not be formed from the dataset."""
-
-
-class _SkipStep(Exception):
-    pass
 
 
 _CONFIG_KEY = re.compile(r"\b(parallel|zero|data|optimizer|scheduler|train|model)\.[a-z_]+|\b(precision|loss)=")
@@ -175,39 +166,12 @@ def save_checkpoint(engine, path: str, root: str) -> str:
                               + f"Free space on the disk of train.checkpoint.dir={root!r} or point it elsewhere") from e
 
 
-def guard_nonfinite(engine, cfg: Config, progress: Progress) -> None:
-    """Check the global gradient norm before the update (it is computed there anyway, identically on
-    every rank): a non-finite one stops the job naming the step, or skips the update
-    (train.on_nonfinite). fp16 is left to its loss scaler, which skips overflowing steps itself."""
-    z, real = engine.zero, engine.zero.grad_norm_sq
-
-    def checked():
-        v = real()
-        if not z.scaler.enabled and not bool(torch.isfinite(v).all()):
-            if cfg.train.on_nonfinite == "skip":
-                raise _SkipStep()
-            G, s = cfg.data.global_batch_size, progress.step
-            raise NonFiniteError(f"step {s}: the loss or gradient is non-finite (gradient norm² parts "
-                                 f"{[float(x) for x in v]}); the update was not applied. Check the data of global "
-                                 f"batch {s} (dataset positions [{s * G}, {(s + 1) * G})), lower optimizer.lr, "
-                                 f"or set train.on_nonfinite=skip to skip such steps")
-        return v
-    z.grad_norm_sq = checked
-
-
-def train_step(engine, batch, cfg: Config, progress: Progress, print_fn, rank: int) -> float:
-    try:
-        loss = engine.train_step(batch)
-    except _SkipStep:
-        engine.step_count += 1                    # like an fp16 overflow: the step counts, no update
-        engine.last_result = StepResult(float("nan"), True, engine.zero.loss_scale,
-                                        "non-finite gradient: update skipped (train.on_nonfinite=skip)")
-        if rank == 0:
-            print_fn(f"step {progress.step}: non-finite gradient, update skipped (train.on_nonfinite=skip)", flush=True)
-        return float("nan")
-    if not math.isfinite(loss) and cfg.train.on_nonfinite == "stop":
-        raise NonFiniteError(f"step {progress.step}: the loss is {loss} (fp16: the loss scaler skipped the update); "
-                             f"check the data of global batch {progress.step} or set train.on_nonfinite=skip")
+def train_step(engine, batch, progress: Progress, print_fn, rank: int) -> float:
+    """One step; the engine applies train.on_nonfinite (stop: NonFiniteError naming the step; skip:
+    the update is dropped, the step counts and its loss is NaN), announced here on rank 0."""
+    loss = engine.train_step(batch)
+    if engine.last_result.nonfinite_skip and rank == 0:
+        print_fn(f"step {progress.step}: non-finite gradient, update skipped (train.on_nonfinite=skip)", flush=True)
     return loss
 
 
@@ -300,8 +264,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         raise ConfigError(f"{e} (model.factory={cfg.model.factory!r})") from e
     del model
     spec = fault_from(cfg)
-    hooks = StepHooks(engine, progress, Injector(spec, mesh.rank) if spec else None)
-    guard_nonfinite(engine, cfg, progress)
+    detach = [progress.follow(engine)] + ([Injector(spec, mesh.rank).attach(engine)] if spec else [])
     progress.set_phase("setup (resume)")
     resume(engine, cfg, mesh.rank, print_fn)
     if mesh.rank == 0 and engine.step_count > 0 and cfg.train.metrics_file:   # the steps to redo are logged anew
@@ -316,7 +279,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         t0 = time.perf_counter()
         before = mesh.stats.snapshot()
         batch = load_batch(dataset, step, cfg, dp, dp_rank)
-        loss = train_step(engine, batch, cfg, progress, print_fn, mesh.rank)
+        loss = train_step(engine, batch, progress, print_fn, mesh.rank)
         step_s = time.perf_counter() - t0
         losses.append(loss)
         progress.set_phase("metrics")
@@ -333,7 +296,8 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         if mesh.rank == 0:
             finish(full, cfg)
     metrics.close()
-    hooks.remove()
+    for d in detach:
+        d()
     mesh.stats.recorder, progress.checker = None, None
     if checker is not None:
         torch.distributed.destroy_process_group(checker.pg)

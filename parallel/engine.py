@@ -10,6 +10,11 @@ The engine only composes; each part lives in its own module and gets its group f
 4. the pipeline executor runs the schedule's actions per step; with pp = 1 a plain loop over the
    micro-batches does the same.
 
+Extension points, instead of patching its parts: ``engine.add_callback(fn)`` calls ``fn(phase,
+step)`` at the phase boundaries of a step (:data:`PHASES`; the watchdog and fault injection use
+it), ``engine.executor.add_action_callback`` sees each pipeline action, and the non-finite policy
+(``train.on_nonfinite``) lives in ZeRO's step.
+
 Gradients of a step are Σ_i ∇(L_i · s / m) over the m micro-batches of every dp rank, averaged over
 dp: the gradient of the mean loss over the global batch (times the fp16 loss scale s), which is
 what a single process computes (the parity contract in DESIGN.md).
@@ -17,6 +22,7 @@ what a single process computes (the parity contract in DESIGN.md).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -31,9 +37,11 @@ from parallel.mesh import Mesh
 from parallel.optim.factory import optimizer_factory
 from parallel.optim.lr_schedule import build_scheduler
 from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_model, sync_tied_grads
-from parallel.precision import Precision
 from parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
-from parallel.zero import ZeroOptimizer
+from parallel.zero import NonFiniteError, StepResult, ZeroOptimizer
+
+# phase callbacks, in the order a step meets them; see Engine.add_callback
+PHASES = ("forward", "backward", "optimizer", "checkpoint", "checkpoint_written")
 
 
 class Engine:
@@ -52,13 +60,10 @@ class Engine:
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_fn = self._loss(model)
-        self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp,
-                                  stage=config.zero.stage, bucket_mb=config.zero.bucket_mb,
-                                  prefetch=config.zero.prefetch, precision=config.precision,
-                                  grad_clip=config.train.grad_clip, norm_groups=(self.tp, self.pp),
-                                  offload=config.zero.offload, unit_types=blocks,
-                                  loss_scale=Precision.of(config.precision).scaler(
-                                      config.loss_scale, raise_at_min=config.train.on_nonfinite == "stop"))
+        self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp, config.zero,
+                                  precision=config.precision, grad_clip=config.train.grad_clip,
+                                  on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
+                                  unit_types=blocks, loss_scale=config.loss_scale)
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
@@ -66,6 +71,7 @@ class Engine:
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn)
         self.step_count = 0
         self.last_result = None
+        self._callbacks, self._hooks, self._transform = [], [], None
 
     # --- construction -----------------------------------------------------------------------------
     @staticmethod
@@ -124,11 +130,14 @@ class Engine:
             self.executor.loss_scale = z.loss_scale
             local = self.executor.run(micro)
             sync_tied_grads(self.stages, self.pp)
-        self.last_result = z.step()
-        if not self.last_result.skipped:
-            self.scheduler.step()
-        self.step_count += 1
-        return self._global_loss(local)
+        step = self.step_count
+        if self.step().nonfinite_skip:
+            return float("nan")                  # no loss to share: the ranks agree it is not finite
+        loss = self._global_loss(local)
+        if not math.isfinite(loss) and self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {step}: the loss is {loss} (fp16: the loss scaler skipped the update); "
+                                 f"check the data of global batch {step} or set train.on_nonfinite=skip")
+        return loss
 
     # --- a user's own loop (pp = 1): forward, backward, step ------------------------------------------
     def __call__(self, x):
@@ -153,9 +162,20 @@ class Engine:
             raise RuntimeError("call engine.zero_grad() at the start of each step, before engine.backward()")
         (loss * (self.zero.loss_scale / self._own_m)).backward()
 
-    def step(self):
-        """Reduce gradients over dp, clip, update (skipped on fp16 overflow), advance the schedule."""
-        self.last_result = self.zero.step()
+    def step(self) -> StepResult:
+        """Reduce gradients over dp, clip, update (skipped on fp16 overflow, or on a non-finite
+        gradient with train.on_nonfinite=skip), advance the schedule; the step counts either way.
+        A non-finite gradient with train.on_nonfinite=stop raises NonFiniteError naming the step."""
+        s = self.step_count
+        self._emit("optimizer", s)
+        try:
+            self.last_result = self.zero.step()
+        except NonFiniteError as e:
+            G = self.cfg.data.global_batch_size
+            raise NonFiniteError(f"step {s}: the loss or gradient is non-finite (gradient norm² parts {e.parts}); "
+                                 f"the update was not applied. Check the data of global batch {s} (dataset positions "
+                                 f"[{s * G}, {(s + 1) * G})), lower optimizer.lr, or set train.on_nonfinite=skip to "
+                                 f"skip such steps", e.parts) from None
         if not self.last_result.skipped:
             self.scheduler.step()
         self.step_count += 1
@@ -208,12 +228,75 @@ class Engine:
             w.wait()
         return total / len(micro) if (n - 1) in mine else None
 
+    # --- phase callbacks -------------------------------------------------------------------------
+    def add_callback(self, fn):
+        """Call ``fn(phase, step)`` at each phase boundary; returns a function that removes it.
+
+        ``step`` is the 0-based index of the step the phase belongs to (``step_count`` while it runs;
+        a checkpoint belongs to the step just finished). Callbacks run in the order they were added.
+
+        forward             before each stage module's forward (per micro-batch and stage); ``fn`` may
+                            return a function t -> t' applied to the first floating tensor of the output
+        backward            when the gradient of a stage output arrives; a returned t -> t' maps it
+        optimizer           before the update (ZeRO's step: gradient sync, norm, clip, update)
+        checkpoint          :meth:`save` begins
+        checkpoint_written  this rank's shards are in the ``.tmp-`` folder, before the commit
+        """
+        if not self._hooks:
+            for st in self.stages:
+                self._hooks += [st.register_forward_pre_hook(self._pre_forward),
+                                st.register_forward_hook(self._post_forward)]
+        self._callbacks.append(fn)
+
+        def remove():
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
+            if not self._callbacks:
+                for h in self._hooks:
+                    h.remove()
+                self._hooks = []
+        return remove
+
+    def _emit(self, phase: str, step: int | None = None):
+        """Run the callbacks; returns the composition of the tensor maps they returned (or None)."""
+        out = None
+        for fn in list(self._callbacks):
+            t = fn(phase, self.step_count if step is None else step)
+            if t is not None:
+                out = t if out is None else (lambda x, f=out, g=t: g(f(x)))
+        return out
+
+    def _pre_forward(self, module, args):
+        self._transform = self._emit("forward")
+
+    def _post_forward(self, module, args, out):
+        fn, self._transform = self._transform, None
+        if fn is not None:
+            out = _map_first_tensor(out, fn)
+        if torch.is_grad_enabled():
+            _map_first_tensor(out, self._watch_grad)
+        return out
+
+    def _watch_grad(self, t):
+        if t.requires_grad:
+            t.register_hook(self._on_grad)
+        return t
+
+    def _on_grad(self, g):
+        fn = self._emit("backward")
+        return fn(g) if fn is not None else None
+
     # --- state ------------------------------------------------------------------------------------
     def save(self, path: str, extra_meta: dict | None = None) -> str:
-        return engine_state.save_engine(self, path, extra_meta or {})
+        s = self.step_count - 1
+        self._emit("checkpoint", s)
+        return engine_state.save_engine(self, path, extra_meta or {},
+                                        on_written=lambda: self._emit("checkpoint_written", s))
 
     def load(self, path: str) -> dict:
-        return engine_state.load_engine(self, path)
+        meta = engine_state.load_engine(self, path)
+        self.step_count = int(meta["step"])
+        return meta
 
     def full_state_dict(self) -> dict | None:
         """The unmodified model's state_dict (collective; returned on rank 0, None elsewhere)."""
@@ -225,6 +308,25 @@ class Engine:
 
     def model_state_bytes(self) -> dict:
         return self.zero.model_state_bytes()
+
+
+def _map_first_tensor(out, fn):
+    """Apply ``fn`` to the first floating tensor of a module output (tensor, tuple, dict/ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return fn(out) if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        for i, v in enumerate(out):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                items = list(out)
+                items[i] = fn(v)
+                return items if isinstance(out, list) else tuple(items)
+        return out
+    if isinstance(out, dict):
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                out[k] = fn(v)
+                break
+    return out
 
 
 def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, optimizer=None) -> Engine:

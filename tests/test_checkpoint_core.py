@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-
 from harness import run_ranks
 
 FULL = torch.arange(6 * 10, dtype=torch.float32).reshape(6, 10) * 0.5

@@ -1,13 +1,12 @@
 """Counted collectives: values and exact CommStats byte counts at world sizes 2 and 4."""
 import pytest
 import torch
-
 from harness import run_ranks
 
 
 def _collectives(rank, world):
-    from parallel.mesh import Mesh
     from parallel import comm
+    from parallel.mesh import Mesh
     m = Mesh(dp=world)
     g = m.group("dp")
     out = {}
@@ -61,8 +60,8 @@ def test_collective_values_and_counts(world):
 
 
 def _megatron_ops(rank, world):
-    from parallel.mesh import Mesh
     from parallel import comm
+    from parallel.mesh import Mesh
     m = Mesh(tp=world)
     g = m.group("tp")
     x = torch.ones(2, 4 * world, 3, requires_grad=True)

@@ -2,7 +2,6 @@
 import os
 
 import torch
-
 from engine_cases import config, layout, train
 from harness import run_ranks
 
@@ -18,6 +17,7 @@ def _train_and_save(rank, world, model, lay, d):
 
 def test_llama_checkpoint_opens_with_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
+
     from launch.consolidate import main
     d, out = str(tmp_path / "ck"), str(tmp_path / "hf")
     want = run_ranks(_train_and_save, 4, "llama", layout(1, 2, 2, 1), d)[0]
@@ -29,6 +29,7 @@ def test_llama_checkpoint_opens_with_from_pretrained(tmp_path):
 
 def test_gpt_checkpoint_loads_strict_into_unmodified_model(tmp_path):
     from safetensors.torch import load_model
+
     from examples.gpt import build
     from launch.consolidate import main
     d, out = str(tmp_path / "ck"), str(tmp_path / "out")

@@ -2,7 +2,6 @@
 accumulation with no_sync() or prepare_step(m), exact against the single-process loop."""
 import pytest
 import torch
-
 from harness import run_ranks
 from test_zero import OPTS, assert_curve, global_batch, loss_of, make_model, mean_over_ranks, reference_losses
 

@@ -11,8 +11,8 @@ import torch
 
 from parallel.config import ConfigError, SchedulerConfig, load_config
 from parallel.config.deepspeed import format_report, load_deepspeed_json, map_deepspeed, merge_tree, resolve_path
-from parallel.optim.lr_schedule import Schedule
 from parallel.optim.factory import optimizer_factory
+from parallel.optim.lr_schedule import Schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS_DIR = os.path.join(ROOT, "configs", "deepspeed")

@@ -4,10 +4,11 @@ nvme_path moved under the test's temporary folder)."""
 import os
 
 from harness import run_ranks
-from parallel.config import load_config
-from parallel.config.deepspeed import merge_tree
 from reference import assert_close_curve, reference_losses
 from test_deepspeed_config import BASE, DS_DIR, NATIVE
+
+from parallel.config import load_config
+from parallel.config.deepspeed import merge_tree
 
 OFFLOADED = [n for n in sorted(NATIVE) if NATIVE[n]["zero"]["offload"]["optimizer"] != "none"]
 

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-
 from engine_cases import config, layout, train
 from harness import run_ranks
 from reference import assert_close_curve, reference_losses
@@ -54,8 +53,9 @@ def _resume(rank, world, d, lay, steps):
 
 
 def _consolidated_outputs(sd):
-    from examples.gpt import build
     from engine_cases import GPT
+
+    from examples.gpt import build
     model = build(**GPT["kwargs"])
     model.load_state_dict(sd, strict=True)
     x = torch.arange(32).reshape(2, 16) % 64
@@ -112,8 +112,9 @@ def test_users_own_loop_and_optimizer_with_a_schedule():
     want_lr = [3e-3 * (t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 4))) for t in range(6)]
     assert all(abs(a - b) <= 1e-12 for a, b in zip(lrs, want_lr)), (lrs, want_lr)
     # the same loop on one process, with torch's own scheduler built from the same closed form
-    from examples.gpt import build, random_tokens
     from torch.utils.data import default_collate
+
+    from examples.gpt import build, random_tokens
     cfg = config("gpt")
     torch.manual_seed(0)
     ref = build(**cfg.model.kwargs)

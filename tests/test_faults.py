@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from harness import run_ranks
+
 from parallel.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,12 +9,12 @@ a ConfigError on every rank. Any other error, a divergence report or a hang fail
 """
 import os
 
+from harness import run_ranks
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-
-from harness import run_ranks
-from parallel.config import ConfigError, load_config
 from reference import reference_losses
+
+from parallel.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT = os.path.join(ROOT, "configs", "gpt_dp2.yaml")

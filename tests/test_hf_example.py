@@ -2,12 +2,11 @@
 equal to one process, consolidated into folders that from_pretrained opens and generates from."""
 import os
 
-import pytest
 import torch
-
 from harness import run_ranks
-from parallel.config import load_config
 from reference import assert_close_curve, reference_losses
+
+from parallel.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = ["llama", "gpt2", "qwen2"]
@@ -34,6 +33,7 @@ def _train_all(rank, world, root):
 
 def test_three_architectures_2x2x2_and_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
+
     from launch.consolidate import main as consolidate
     got = run_ranks(_train_all, 8, str(tmp_path), timeout=600)[0]
     for arch in ARCHS:

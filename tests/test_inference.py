@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.zero.inference import StreamedInference
 from parallel.offload import CpuStore, NvmeStore, StoreConfigError
+from parallel.zero.inference import StreamedInference
 
 GPT_KW = dict(vocab_size=64, seq_len=16, n_layer=3, n_head=4, n_embd=32)
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -68,6 +68,7 @@ def test_llama_from_safetensors_one_tensor_at_a_time(tmp_path):
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
     from parallel.zero import deferred_init
     cfg = LlamaConfig(**LLAMA)
     torch.manual_seed(0)

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import torch
-
 from harness import run_ranks
-from parallel.config import load_config
 from reference import assert_close_curve, reference_losses
+
+from parallel.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,6 +105,7 @@ def test_launcher_rejects_bad_config_before_starting_workers():
 
 def test_dry_run_every_config(capsys):
     import glob
+
     from launch.__main__ import main
     configs = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
     assert len(configs) >= 4

@@ -2,8 +2,6 @@
 import itertools
 
 import pytest
-import torch.distributed as dist
-
 from harness import run_ranks
 
 
@@ -18,6 +16,7 @@ def _mesh_facts(rank, world, pp, dp, tp):
                     for i, j, k in itertools.product(range(pp), range(dp), range(tp))}}
     # The groups really connect the ranks listed: an all-reduce of the global rank sums them.
     import torch
+
     from parallel import comm
     for a in ("pp", "dp", "tp"):
         t = torch.tensor([float(rank)])

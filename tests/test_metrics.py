@@ -16,7 +16,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from harness import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,10 +25,11 @@ V, H, L = 64, 32, 2
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("seq", [16, 32])
 def test_flop_formula_matches_flop_counter(tie, seq):
-    from examples.gpt import GPT
-    from parallel.planning.flops import count_training_flops, gpt_flops_per_token
-    from parallel.checkpoint.layout import meta_copy
     from torch.utils.flop_counter import FlopCounterMode
+
+    from examples.gpt import GPT
+    from parallel.checkpoint.layout import meta_copy
+    from parallel.planning.flops import count_training_flops, gpt_flops_per_token
     torch.manual_seed(0)
     model = GPT(vocab_size=V, seq_len=seq, n_layer=L, n_head=4, n_embd=H, tie=tie)
     x = torch.randint(0, V, (4, seq))
@@ -44,8 +44,9 @@ def test_flop_formula_matches_flop_counter(tie, seq):
 
 
 def test_flop_formula_for_llama():
-    from parallel.planning.flops import count_training_flops, gpt_flops_per_token
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from parallel.planning.flops import count_training_flops, gpt_flops_per_token
     cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-
 from engine_cases import config, layout, train
 from harness import run_ranks
 from reference import assert_close_curve, reference_losses

@@ -7,10 +7,21 @@ import pytest
 import torch
 
 from parallel.config import OffloadConfig
-from parallel.offload import (AdamWKernel, BuffersExhaustedError, CpuStore, DeviceStore, NvmeStore,
-                              StoreConfigError, StoreError, StoreFullError, cpu_adamw_candidates,
-                              fastest_cpu_adamw, make_store, stream_update)
-from parallel.offload import aio
+from parallel.offload import (
+    AdamWKernel,
+    BuffersExhaustedError,
+    CpuStore,
+    DeviceStore,
+    NvmeStore,
+    StoreConfigError,
+    StoreError,
+    StoreFullError,
+    aio,
+    cpu_adamw_candidates,
+    fastest_cpu_adamw,
+    make_store,
+    stream_update,
+)
 from parallel.offload.aio import ALIGN, align_up
 
 BUF = 16 << 10                      # small IO buffers so tests cross buffer and chunk boundaries

@@ -13,9 +13,10 @@ import os
 
 import pytest
 import torch
-
 from harness import run_ranks
 from test_zero import CLIP, OPTS, assert_curve, block_type, make_model, mean_over_ranks, reference_losses, train
+
+from parallel.config import ZeroConfig
 
 RTOL = 1e-5
 STEPS, G = 20, 8
@@ -33,8 +34,8 @@ def _zero(group, stage, offload=None, kind="gpt", opt="adamw", clip=CLIP, **kw):
     model = make_model(kind)
     if stage == 3:
         kw.setdefault("unit_types", (block_type(kind),))
-    return ZeroOptimizer(model, OPTS[opt], group, stage=stage, bucket_mb=0.05, grad_clip=clip,
-                         offload=offload, **kw), model
+    return ZeroOptimizer(model, OPTS[opt], group, ZeroConfig(stage=stage, bucket_mb=0.05, offload=offload),
+                         grad_clip=clip, **kw), model
 
 
 def _expected_io(zero, buf_mb):
@@ -241,8 +242,7 @@ def _solo():
 
 
 def test_bad_offload_configs_fail_before_training(tmp_path, monkeypatch):
-    from parallel.offload import StoreConfigError
-    from parallel.offload import aio
+    from parallel.offload import StoreConfigError, aio
     g, p = _solo(), str(tmp_path)
     with pytest.raises(StoreConfigError, match="nvme_path is not set"):
         _zero(g, 2, _cfg(None, "nvme"))
@@ -260,8 +260,8 @@ def test_bad_offload_configs_fail_before_training(tmp_path, monkeypatch):
         _zero(g, 2, _cfg(p, "disk"))
     from parallel.zero import ZeroOptimizer
     with pytest.raises(StoreConfigError, match=r"Adam options \['amsgrad'\]"):
-        ZeroOptimizer(make_model("gpt"), lambda ps: torch.optim.AdamW(ps, amsgrad=True), g, stage=2,
-                      offload=_cfg(p, "cpu"))
+        ZeroOptimizer(make_model("gpt"), lambda ps: torch.optim.AdamW(ps, amsgrad=True), g,
+                      ZeroConfig(stage=2, offload=_cfg(p, "cpu")))
     real = aio.shutil.disk_usage
     monkeypatch.setattr(aio.shutil, "disk_usage", lambda path: real(path)._replace(free=100_000))
     with pytest.raises(StoreConfigError, match=r"free but the store needs"):
@@ -280,8 +280,8 @@ def test_bad_offload_configs_fail_before_training(tmp_path, monkeypatch):
 def _state(rank, world, path):
     from examples.gpt import GPT, Block
     from parallel.mesh import Mesh
-    from parallel.zero.param_offload import ParamOffload
     from parallel.zero import ZeroOptimizer, deferred_init
+    from parallel.zero.param_offload import ParamOffload
     g = Mesh(dp=world).group("dp")
     ref = reference_losses("gpt", "adamw", 7, G, CLIP) if rank == 0 else None
     plain, pm = _zero(g, 2)
@@ -305,8 +305,9 @@ def _state(rank, world, path):
     try:
         torch.manual_seed(0)
         meta, rec = deferred_init(GPT, vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_embd=32)
-        z3 = ZeroOptimizer(meta, OPTS["adamw"], g, stage=3, bucket_mb=0.05, grad_clip=CLIP, init=rec,
-                           unit_types=(Block,), offload=_cfg(path, "nvme", "nvme"))
+        z3 = ZeroOptimizer(meta, OPTS["adamw"], g,
+                           ZeroConfig(stage=3, bucket_mb=0.05, offload=_cfg(path, "nvme", "nvme")),
+                           grad_clip=CLIP, init=rec, unit_types=(Block,))
     finally:
         ParamOffload.add = add
     z3.load_full_state_dict(full)

@@ -17,7 +17,6 @@ falls (4.2 → 3.0–3.9). pp=2 uses SGD, pp=4 AdamW. Asserted, fp32:
 """
 import pytest
 import torch
-
 from harness import run_ranks
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
@@ -39,8 +38,9 @@ def _optimizer(name, params):
 
 def _reference(family, n_layer, optim, data, steps=STEPS):
     """The one-process run: whole global batch, mean loss, same optimizer."""
-    from parallel.loss import cross_entropy
     from test_pipeline_split import build
+
+    from parallel.loss import cross_entropy
     torch.manual_seed(0)
     model = build(family, n_layer)
     opt = _optimizer(optim, list(model.parameters()))
@@ -58,13 +58,14 @@ def _reference(family, n_layer, optim, data, steps=STEPS):
 
 
 def _train(rank, world, family, optim):
+    from test_pipeline_split import build
+
     from examples.gpt import random_tokens
     from parallel.comm import CommStats
     from parallel.mesh import Mesh
     from parallel.pipeline.runtime import PipelineExecutor, microbatches
     from parallel.pipeline.schedules import get_schedule, max_in_flight
     from parallel.pipeline.split import split_model, sync_tied_grads
-    from test_pipeline_split import build
     mesh = Mesh(pp=world)
     group = mesh.group("pp")
     n_layer = 2 * world                                # pp·v stages need pp·v blocks (v = 2)
@@ -175,11 +176,12 @@ def _fake_group(p=1):
 def test_single_stage_accumulates_the_global_batch_gradient(name):
     """p = 1: the executor's micro-batch accumulation (loss · scale / m, I/W split) reproduces one
     whole-batch backward — values to 1e-5, the loss scale exactly linear — with no messages."""
+    from test_pipeline_split import build
+
     from examples.gpt import random_tokens
     from parallel.pipeline.runtime import PipelineExecutor, microbatches
     from parallel.pipeline.schedules import get_schedule
     from parallel.pipeline.split import split_model
-    from test_pipeline_split import build
     data = random_tokens(n=BATCH, seq_len=SEQ, vocab_size=64, seed=1)
     _, want = _reference("gpt", 2, "sgd", data, 1)
     x, y = _batch(data, 0)
@@ -195,10 +197,11 @@ def test_single_stage_accumulates_the_global_batch_gradient(name):
 
 
 def test_executor_errors():
+    from test_pipeline_split import build
+
     from parallel.pipeline.runtime import PipelineExecutor, microbatches
     from parallel.pipeline.schedules import get_schedule
     from parallel.pipeline.split import split_model
-    from test_pipeline_split import build
     torch.manual_seed(0)
     stage, = split_model(build("gpt", 2), 0, 1)
     with pytest.raises(ValueError, match=r"schedule is for p=2 ranks but the pp group has 1"):

@@ -6,9 +6,10 @@ the fp32 single-process loss curve to 1e-2 relative over 8 steps of the small GP
 """
 import pytest
 import torch
-
 from harness import run_ranks
 from test_zero import CLIP, assert_curve, mean_over_ranks, reference_losses, train, zero_run
+
+from parallel.config import ZeroConfig
 
 
 def test_precision_policies():
@@ -74,12 +75,13 @@ def test_low_precision_tracks_fp32(precisions):
 
 
 def _overflow(rank, world, stage):
+    from test_zero import OPTS, global_batch, loss_of, make_model
+
     from parallel.mesh import Mesh
     from parallel.zero import ZeroOptimizer
-    from test_zero import OPTS, global_batch, loss_of, make_model
     g = Mesh(dp=world).group("dp")
     model = make_model("gpt")
-    zero = ZeroOptimizer(model, OPTS["adamw"], g, stage=stage, bucket_mb=0.05, precision="fp16")
+    zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=stage, bucket_mb=0.05), precision="fp16")
     train(zero, model, g, 8, 1)
     before = zero.full_state_dict()
     x, y = global_batch(1, 8)

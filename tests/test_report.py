@@ -9,7 +9,6 @@ model-state bytes the ranks' engines report; CLI errors name the fix.
 import os
 
 import pytest
-
 from harness import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

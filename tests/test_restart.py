@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
-from parallel.config import load_config
 from reference import assert_close_curve, reference_losses
+
+from parallel.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

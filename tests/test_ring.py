@@ -3,15 +3,15 @@
 at once (as ZeRO's buckets are), sizes that do not divide into sub-chunks evenly."""
 import pytest
 import torch
-
 from harness import run_ranks
 
 
 def _ring(rank, world):
     import torch.distributed as dist
-    from parallel.mesh import Mesh
+
     import parallel.comm.ring as ring
     from parallel.comm.ring import MIN_BYTES, ring_all_gather, ring_reduce_scatter, use_ring
+    from parallel.mesh import Mesh
     g = Mesh(dp=world).group("dp")
     out = {"use": (use_ring(g, torch.empty(MIN_BYTES // 4)), use_ring(g, torch.empty(MIN_BYTES // 4 - 1)))}
     for dtype in (torch.float32, torch.bfloat16):
@@ -40,7 +40,7 @@ def _ring(rank, world):
             dist.all_gather(want, o, group=g.pg)
             same.append(torch.equal(big, torch.cat(want)))
         out[str(dtype)] = (errs, same)
-    from parallel import comm                                       # the counted collectives take the ring too
+    from parallel import comm  # the counted collectives take the ring too
     before = dict(ring.calls)
     y = torch.randn(world * 256, 300, generator=torch.Generator().manual_seed(rank))   # 2-D, ≥ MIN_BYTES
     want = y.clone()
@@ -71,8 +71,9 @@ def test_ring_equals_gloo_collectives(world):
 
 
 def _zero_through_ring(rank, world, cfgs, G):
-    import parallel.comm.ring as ring
     from test_zero import _exact
+
+    import parallel.comm.ring as ring
     old, ring.MIN_BYTES = ring.MIN_BYTES, 0                # every ZeRO collective takes the ring
     before = dict(ring.calls)
     try:

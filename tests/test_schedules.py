@@ -5,8 +5,17 @@ from fractions import Fraction
 import pytest
 
 from parallel.pipeline import (
-    Action, Schedule, ScheduleError, comm_ops, default_costs, execute, format_grid,
-    get_schedule, max_in_flight, simulate, validate,
+    Action,
+    Schedule,
+    ScheduleError,
+    comm_ops,
+    default_costs,
+    execute,
+    format_grid,
+    get_schedule,
+    max_in_flight,
+    simulate,
+    validate,
 )
 
 PS = (1, 2, 4, 8)

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from harness import run_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-
-from harness import run_ranks
 
 B, S, H, V = 2, 16, 32, 64
 F32 = 4

@@ -8,7 +8,6 @@ logits, the loss and every parameter gradient; counts of tp traffic are exact.
 import pytest
 import torch
 import torch.nn.functional as F
-
 from harness import run_ranks
 
 B, S, H, V, L = 2, 16, 32, 64, 2

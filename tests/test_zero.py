@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from harness import run_ranks
+
+from parallel.config import ZeroConfig
 
 RTOL = 1e-4
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -104,13 +105,13 @@ def block_type(kind):
 
 
 def zero_run(group, kind, opt, steps, G, stage, m=1, clip=None, precision="fp32", bucket_mb=0.05,
-             units="leaf", **kw):
+             units="leaf", prefetch=True, **kw):
     from parallel.zero import ZeroOptimizer
     model = make_model(kind)
     if units == "block":
         kw["unit_types"] = (block_type(kind),)
-    zero = ZeroOptimizer(model, OPTS[opt], group, stage=stage, bucket_mb=bucket_mb, precision=precision,
-                         grad_clip=clip, **kw)
+    zero = ZeroOptimizer(model, OPTS[opt], group, ZeroConfig(stage=stage, bucket_mb=bucket_mb, prefetch=prefetch),
+                         precision=precision, grad_clip=clip, **kw)
     losses, norms = train(zero, model, group, G, steps, m)
     return losses, norms, zero, model
 
@@ -199,7 +200,7 @@ def _deferred(rank, world, stage):
     ref = reference_losses("gpt", "adamw", 5, 8, CLIP) if rank == 0 else None
     model = make_model("gpt")
     model.wte.weight.p3d_defer_reduce = True          # the tied embedding, as the pipeline marks it
-    zero = ZeroOptimizer(model, OPTS["adamw"], g, stage=stage, bucket_mb=0.05, grad_clip=CLIP)
+    zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=stage, bucket_mb=0.05), grad_clip=CLIP)
     zero.zero_grad()
     x, y = global_batch(0, 8)
     loss_of(model, x[rank * 4:rank * 4 + 4], y[rank * 4:rank * 4 + 4]).backward()
@@ -316,8 +317,8 @@ def _norm_rule(rank, world, stage, clip):
     mesh = Mesh(dp=2, tp=2)
     dp, tp = mesh.coord["dp"], mesh.coord["tp"]
     model = _Toy(tp)
-    zero = ZeroOptimizer(model, lambda ps: torch.optim.SGD(ps, lr=1.0), mesh.group("dp"), stage=stage,
-                         grad_clip=clip, norm_groups=[mesh.group("tp")], bucket_mb=1e-5)
+    zero = ZeroOptimizer(model, lambda ps: torch.optim.SGD(ps, lr=1.0), mesh.group("dp"),
+                         ZeroConfig(stage=stage, bucket_mb=1e-5), grad_clip=clip, norm_groups=[mesh.group("tp")])
     xa = torch.arange(6.0) * (dp + 1) + tp          # grad of a on this rank
     xb = torch.full((4,), 2.0 * (dp + 1))           # same on both tp ranks
     xc = torch.full((3,), 100.0)
@@ -353,10 +354,10 @@ def _full_state(rank, world):
     part = zero.state_dict()
     # partitioned round trip into a differently seeded replica of the same layout
     other = make_model("gpt", seed=1)
-    z2 = ZeroOptimizer(other, OPTS["adamw"], g, stage=2, bucket_mb=0.05, grad_clip=CLIP)
+    z2 = ZeroOptimizer(other, OPTS["adamw"], g, ZeroConfig(stage=2, bucket_mb=0.05), grad_clip=CLIP)
     z2.load_state_dict(part)
     cont = train(z2, other, g, 8, 3, m=2, start=4)[0]
-    bad = ZeroOptimizer(make_model("gpt"), OPTS["adamw"], g, stage=1, bucket_mb=0.05)
+    bad = ZeroOptimizer(make_model("gpt"), OPTS["adamw"], g, ZeroConfig(stage=1, bucket_mb=0.05))
     try:
         bad.load_state_dict(part)
         err = None
@@ -375,7 +376,7 @@ def _resume(rank, world, full, stage):
     from parallel.zero import ZeroOptimizer
     g = Mesh(dp=world).group("dp")
     model = make_model("gpt", seed=7)                 # wrong weights on purpose: the load must fix them
-    zero = ZeroOptimizer(model, OPTS["adamw"], g, stage=stage, bucket_mb=0.05, grad_clip=CLIP)
+    zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=stage, bucket_mb=0.05), grad_clip=CLIP)
     zero.load_full_state_dict(full)
     return train(zero, model, g, 8, 3, m=1, start=4)[0]
 
@@ -432,7 +433,7 @@ def _stage3_meta(rank, world):
     full = {n: p.detach().clone() for n, p in make_model("gpt").named_parameters()}
     torch.manual_seed(0)
     model, rec = deferred_init(GPT, vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_embd=32)
-    zero = ZeroOptimizer(model, OPTS["adamw"], g, stage=3, bucket_mb=0.05, init=rec)
+    zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=3, bucket_mb=0.05), init=rec)
     held = zero.model_state_bytes()["params"]
     with zero.gathered():
         same = all(torch.equal(p, full[n]) for n, p in model.named_parameters())
@@ -456,16 +457,16 @@ def _solo_group():
 
 
 def test_bad_inputs_raise_clear_errors():
-    from parallel.zero import ZeroOptimizer, deferred_init
     from examples.gpt import GPT
+    from parallel.zero import ZeroOptimizer, deferred_init
     g = _solo_group()
     f = OPTS["adamw"]
     with pytest.raises(ValueError, match="zero.stage=4"):
-        ZeroOptimizer(make_model("gpt"), f, g, stage=4)
+        ZeroOptimizer(make_model("gpt"), f, g, ZeroConfig(stage=4))
     with pytest.raises(ValueError, match="precision='fp8'"):
         ZeroOptimizer(make_model("gpt"), f, g, precision="fp8")
     with pytest.raises(ValueError, match="bucket_mb"):
-        ZeroOptimizer(make_model("gpt"), f, g, bucket_mb=0)
+        ZeroOptimizer(make_model("gpt"), f, g, ZeroConfig(bucket_mb=0))
     with pytest.raises(ValueError, match="grad_clip"):
         ZeroOptimizer(make_model("gpt"), f, g, grad_clip=-1.0)
     with pytest.raises(TypeError, match="mesh.group"):
@@ -474,9 +475,9 @@ def test_bad_inputs_raise_clear_errors():
         ZeroOptimizer(make_model("gpt"), lambda ps: torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1), g)
     meta, _ = deferred_init(GPT, vocab_size=64, seq_len=16, n_layer=1, n_head=4, n_embd=32)
     with pytest.raises(ValueError, match="deferred_init"):
-        ZeroOptimizer(meta, f, g, stage=3)
+        ZeroOptimizer(meta, f, g, ZeroConfig(stage=3))
     model = make_model("gpt")
-    zero = ZeroOptimizer(model, f, g, stage=2, bucket_mb=0.05)
+    zero = ZeroOptimizer(model, f, g, ZeroConfig(stage=2, bucket_mb=0.05))
     with pytest.raises(ValueError, match="positive int"):
         zero.prepare_step(0)
     x, y = global_batch(0, 4)

@@ -51,14 +51,15 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
     return pieces, {"optim_scalars": scalars, "optim_state_keys": sorted(state_keys)}
 
 
-def save_engine(engine, path: str, extra: dict) -> str:
-    """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.sharded.save_pieces`). With
+def save_engine(engine, path: str, extra: dict, on_written=None) -> str:
+    """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.sharded.save_pieces`,
+    which calls ``on_written()`` once this rank's shards are in the temporary folder). With
     optimizer offload the partition is read from its store for the duration (12 bytes/element)."""
     with engine.zero.materialized():
-        return _save(engine, path, extra)
+        return _save(engine, path, extra, on_written)
 
 
-def _save(engine, path: str, extra: dict) -> str:
+def _save(engine, path: str, extra: dict, on_written=None) -> str:
     pieces, optim_meta = _pieces(engine)
     c = engine.cfg
     meta = {"step": engine.step_count, "format": "parallel3d-1",
@@ -68,12 +69,13 @@ def _save(engine, path: str, extra: dict) -> str:
             "optimizer": c.optimizer.name, "loss_scale": engine.zero.loss_scale,
             "scheduler_last_epoch": engine.scheduler.last_epoch, **optim_meta, **extra}
     rank_meta = {"rng": torch.get_rng_state(), "world": engine.mesh.world_size}
-    return save_pieces(pieces, path, meta, rank_meta)
+    return save_pieces(pieces, path, meta, rank_meta, on_written=on_written)
 
 
 def load_engine(engine, path: str) -> dict:
     """Collective only through the final parameter write-back (ZeRO all-gathers). With optimizer
-    offload the loaded masters and moments are written back to the store."""
+    offload the loaded masters and moments are written back to the store. Returns the meta; the
+    engine takes its step count from ``meta["step"]``."""
     with engine.zero.materialized(write_back=True):
         return _load(engine, path)
 
@@ -98,7 +100,6 @@ def _load(engine, path: str) -> dict:
     z._write_back()
     if z.scaler.enabled and meta.get("loss_scale"):
         z.scaler.scale = float(meta["loss_scale"])
-    engine.step_count = int(meta["step"])
     for _ in range(int(meta.get("scheduler_last_epoch", 0)) - engine.scheduler.last_epoch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

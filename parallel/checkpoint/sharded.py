@@ -16,6 +16,8 @@ tensors one group at a time, so peak extra memory is about ``load_group_mb``.
 
 A checkpoint is complete or absent: ranks write ``<dir>/.tmp-step_N``; after a barrier rank 0
 writes ``meta.json`` and renames the folder to ``<dir>/step_N`` (rename is atomic on POSIX).
+``save_pieces(..., on_written=fn)`` calls ``fn()`` on each rank between the two: its shards and
+rank file are written, nothing is committed (where a test injects a checkpoint-phase fault).
 """
 from __future__ import annotations
 
@@ -68,11 +70,35 @@ def _sharded(key_runs_all: dict, key: str, values: torch.Tensor, runs, rank: int
         return ShardedTensor._init_from_local_shards_and_global_metadata(shards, md)
 
 
-def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | None = None) -> str:
+def _all_runs(local: dict, world: int) -> tuple[dict, dict]:
+    """Collective: every rank's runs of every logical tensor, {key: [numel, dtype, [(rank, start,
+    length)]]}, and the tensors' shapes; checks that the owners cover each tensor exactly."""
+    summary = {k: (e[0], e[1], e[2], [(s, n) for s, n, _ in e[4]]) for k, e in local.items()}
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, summary)
+    else:
+        gathered = [summary]
+    key_runs_all, shapes = {}, {}
+    for r, summ in enumerate(gathered):
+        for k, (numel, dtype, shape, runs) in summ.items():
+            ent = key_runs_all.setdefault(k, [numel, dtype, []])
+            ent[2].extend((r, s, n) for s, n in runs)
+            shapes[k] = shape
+    for k, (numel, _, runs) in key_runs_all.items():
+        covered = sum(n for _, _, n in runs)
+        if covered != numel:
+            raise RuntimeError(f"checkpoint: logical tensor {k!r} has {numel} elements but the owners cover {covered}; "
+                               f"this is a bug in the layout's ownership")
+    return key_runs_all, shapes
+
+
+def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | None = None, on_written=None) -> str:
     """Collective: write this rank's owned elements of every piece under ``path`` atomically.
 
     ``meta`` (layout, step, data position, ...) is written by rank 0; ``rank_meta`` (e.g. RNG
-    state) by every rank. Returns the final folder."""
+    state) by every rank; ``on_written()``, when given, runs after this rank's writes into the
+    temporary folder and before the commit. Returns the final folder."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     parent, name = os.path.split(os.path.abspath(path))
@@ -91,23 +117,7 @@ def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | No
         e = local.setdefault(p.key, [int(torch.Size(p.full_shape).numel()), vals.dtype, list(p.full_shape), [], []])
         e[3].append(vals)
         e[4].extend((s, n, a + sum(v.numel() for v in e[3][:-1])) for s, n, a in runs)
-    summary = {k: (e[0], e[1], e[2], [(s, n) for s, n, _ in e[4]]) for k, e in local.items()}
-    gathered = [None] * world
-    if world > 1:
-        dist.all_gather_object(gathered, summary)
-    else:
-        gathered = [summary]
-    key_runs_all, shapes = {}, {}
-    for r, summ in enumerate(gathered):
-        for k, (numel, dtype, shape, runs) in summ.items():
-            ent = key_runs_all.setdefault(k, [numel, dtype, []])
-            ent[2].extend((r, s, n) for s, n in runs)
-            shapes[k] = shape
-    for k, (numel, _, runs) in key_runs_all.items():
-        covered = sum(n for _, _, n in runs)
-        if covered != numel:
-            raise RuntimeError(f"checkpoint: logical tensor {k!r} has {numel} elements but the owners cover {covered}; "
-                               f"this is a bug in the layout's ownership")
+    key_runs_all, shapes = _all_runs(local, world)
     state = {k: _sharded(key_runs_all, k, torch.cat(e[3]), e[4], rank) for k, e in local.items()}
     if world > 1:
         dist.barrier()
@@ -116,6 +126,8 @@ def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | No
         dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
     with open(os.path.join(tmp, f"rank_{rank}.pt"), "wb") as f:
         torch.save(rank_meta or {}, f)
+    if on_written is not None:
+        on_written()
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -21,6 +21,9 @@ Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean los
   re-walks the activation-gradient path: the order and the memory bound are ZB-H1's, the FLOPs
   of W are those of a full B.
 
+``add_action_callback(fn)`` calls ``fn(action)`` before each action, ahead of its receives (the
+watchdog reports the action a rank waits in).
+
 A stage holds a micro-batch's activations (its graph) from F until B, or until W. The executor
 counts them: ``peak_held`` is the most (micro-batch, stage) pairs held at once, which the
 schedule bounds (GPipe m; 1F1B p − rank; see :func:`.schedules.max_in_flight`). ``records``
@@ -86,6 +89,17 @@ class PipelineExecutor:
         self.records: list[Record] = []
         self.peak_held = 0
         self.peak_held_per_stage: dict = {}
+        self._action_callbacks: list = []
+
+    def add_action_callback(self, fn):
+        """Call ``fn(action)`` (an :class:`.actions.Action`) before each F/B/I/W action this rank runs,
+        in schedule order; returns a function that removes it."""
+        self._action_callbacks.append(fn)
+
+        def remove():
+            if fn in self._action_callbacks:
+                self._action_callbacks.remove(fn)
+        return remove
 
     # ------------------------------------------------------------------------------- messages
     def _tag(self, op) -> int:
@@ -119,6 +133,8 @@ class PipelineExecutor:
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
         try:
             for step in self.steps:
+                for fn in self._action_callbacks:
+                    fn(step.action)
                 t0 = time.perf_counter()
                 got = [self._recv(op) for op in step.recv]
                 t1 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Every rank keeps a :class:`Progress` — step, phase (setup, data, forward, backward, optimizer,
 checkpoint, metrics, finish), pipeline action and last collective — updated by the training loop,
-the phase hooks of :mod:`parallel.reliability.faults` and the comm recorder of :mod:`parallel.reliability.fingerprint`.
+the engine's phase and action callbacks (:meth:`Progress.follow`) and the comm recorder of
+:mod:`parallel.reliability.fingerprint`.
 The :class:`Watchdog` thread fires when one phase has made no progress for ``train.timeout_s``:
 it prints the rank's state and the main thread's Python stack, asks every rank for its collective
 fingerprints (through the rendezvous store, which still works while the process groups are
@@ -75,6 +76,25 @@ class Progress:
 
     def set_action(self, action: str) -> None:
         self.action, self.since = action, time.monotonic()
+
+    def follow(self, engine):
+        """Track ``engine``'s phases (its phase callbacks) and pipeline actions (its executor's action
+        callback); returns a function that stops following."""
+        removers = [engine.add_callback(self._on_phase)]
+        if engine.executor is not None:
+            removers.append(engine.executor.add_action_callback(self._on_action))
+
+        def stop():
+            for r in removers:
+                r()
+        return stop
+
+    def _on_phase(self, phase: str, step: int) -> None:
+        if phase != "checkpoint_written":                  # still the checkpoint phase
+            self.set_phase(phase)
+
+    def _on_action(self, a) -> None:
+        self.set_action(f"{a.kind} micro-batch {a.microbatch} stage {a.stage}")
 
     def where(self) -> str:
         return f"step {self.step} ({self.phase})" if self.step is not None else self.phase

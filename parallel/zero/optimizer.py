@@ -28,11 +28,8 @@ streamed CPU Adam/AdamW over sub-groups (the torch optimizer then only carries h
 (stage 3) the unit shards live in a store and are fetched for each gather. Checkpoint code that
 reads ``_pieces`` and ``optimizer.state`` must run inside ``with zero.materialized():``.
 
-Global gradient norm (for clipping and reporting), ‖g‖² = Σ over the dp partitions (stage ≥ 1)
-and over ``norm_groups``: a parameter with ``tp_sharded = True`` is a distinct shard per tp rank
-(summed over a group whose axis is "tp"); any other parameter is replicated over tp and counted
-once (from tp rank 0); a parameter with ``p3d_pp_duplicate = True`` is a second copy (a tied
-embedding on the last pipeline stage) and is not counted; over other groups (pp) all are summed.
+Global gradient norm and the non-finite policy (``on_nonfinite``: stop | skip; fp16 leaves
+overflow to its loss scaler): :mod:`.grad_norm`.
 """
 from __future__ import annotations
 
@@ -43,36 +40,68 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from parallel import comm
 from parallel.comm import Group, all_gather_into
+from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
 from parallel.precision import LossScaler, Precision
+from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
+from parallel.zero.grad_norm import NONFINITE_POLICIES, SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
 from parallel.zero.offload import OffloadMixin, make_offload
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin, storage_bytes
 
-__all__ = ["ZeroOptimizer", "StepResult"]
+__all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
 
 
 @dataclass
 class StepResult:
     grad_norm: float        # global L2 norm of the (unscaled, averaged) gradient, before clipping
-    skipped: bool           # fp16 overflow: the update was not applied
+    skipped: bool           # the update was not applied (fp16 overflow, or nonfinite_skip)
     loss_scale: float       # the scale for the next step's loss
     message: str | None = None
+    nonfinite_skip: bool = False    # skipped by on_nonfinite="skip" (a non-finite gradient, not fp16)
+
+
+def _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"ZeroOptimizer needs an nn.Module, got {type(module).__name__}")
+    if not callable(optimizer_factory):
+        raise TypeError("optimizer_factory must be a callable params -> torch.optim.Optimizer, "
+                        "e.g. lambda ps: torch.optim.AdamW(ps, lr=1e-3)")
+    if not isinstance(dp_group, Group):
+        raise TypeError(f"dp_group must be a parallel.comm.Group (mesh.group('dp')), got {type(dp_group).__name__}")
+    if not all(hasattr(zero, k) for k in ("stage", "bucket_mb", "prefetch", "offload")):
+        raise TypeError(f"zero= needs a parallel.config.ZeroConfig (the config's zero section), got {type(zero).__name__}")
+    if zero.stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero.stage={zero.stage!r} must be 0, 1, 2 or 3")
+    if not zero.bucket_mb > 0:
+        raise ValueError(f"zero.bucket_mb={zero.bucket_mb!r} must be positive")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"train.grad_clip={grad_clip!r} must be positive (or None for no clipping)")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train.on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
+    for g in norm_groups:
+        if not isinstance(g, Group):
+            raise TypeError(f"norm_groups must hold parallel.comm.Group objects, got {type(g).__name__}")
 
 
 class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
-    """``ZeroOptimizer(module, optimizer_factory, dp_group, stage=0, bucket_mb=25, prefetch=True,
-    precision="fp32", grad_clip=None, norm_groups=(), init=None, unit_types=None, offload=None,
-    loss_scale=None)``
+    """``ZeroOptimizer(module, optimizer_factory, dp_group, zero=ZeroConfig(), *, precision="fp32",
+    grad_clip=None, on_nonfinite="stop", norm_groups=(), init=None, unit_types=None,
+    overlap_param_gather=False, loss_scale=None)``
 
     module             the (stage of the) model, built identically on every dp rank; params on the
                        meta device need ``init`` (:func:`parallel.zero.deferred_init`)
     optimizer_factory  Callable[[list[Tensor]], torch.optim.Optimizer], called once with this
                        rank's fp32 master pieces (1-D views, one per owned parameter piece)
     dp_group           the counted dp :class:`parallel.comm.Group` (``mesh.group("dp")``)
+    zero               the config's ``zero`` section (:class:`parallel.config.ZeroConfig`): stage,
+                       bucket_mb, prefetch (stage 3) and offload (optimizer none|cpu|nvme, params
+                       none|cpu|nvme for stage 3, nvme_path, buffer_count, buffer_mb,
+                       prefetch_depth); ``zero.units`` is the caller's to resolve into ``unit_types``
+    precision, grad_clip, on_nonfinite   the config's ``precision``, ``train.grad_clip`` and
+                       ``train.on_nonfinite`` (stop | skip, :mod:`.grad_norm`)
     norm_groups        further groups the global grad norm / fp16 overflow spans (engine: tp, pp)
     unit_types         stage 3: module classes gathered as one unit (default: every module with
                        parameters of its own)
@@ -80,8 +109,6 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                        forward pre-hook waits for the buckets of its own parameters (as Megatron's
                        option of that name). Only for models that use each parameter inside the
                        forward of a module holding it; state-dict calls wait for everything.
-    offload            an OffloadConfig (``zero.offload``): optimizer none|cpu|nvme, params none|cpu|nvme
-                       (stage 3), nvme_path, buffer_count, buffer_mb, prefetch_depth; None: no offload
     loss_scale         fp16: a LossScaleConfig (``loss_scale``) or a ready
                        :class:`~parallel.precision.LossScaler`; None: LossScaleConfig's defaults (DeepSpeed's)
 
@@ -89,51 +116,67 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
     .backward()``); ``finish_grad_sync()`` (optional: ``step()`` calls it); ``step()``.
     """
 
-    def __init__(self, module: nn.Module, optimizer_factory, dp_group: Group, *, stage: int = 0,
-                 bucket_mb: float = 25.0, prefetch: bool = True, precision="fp32", grad_clip=None,
-                 norm_groups=(), init=None, unit_types=None, overlap_param_gather: bool = False, offload=None,
-                 loss_scale=None):
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"ZeroOptimizer needs an nn.Module, got {type(module).__name__}")
-        if not callable(optimizer_factory):
-            raise TypeError("optimizer_factory must be a callable params -> torch.optim.Optimizer, "
-                            "e.g. lambda ps: torch.optim.AdamW(ps, lr=1e-3)")
-        if not isinstance(dp_group, Group):
-            raise TypeError(f"dp_group must be a parallel.comm.Group (mesh.group('dp')), got {type(dp_group).__name__}")
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero.stage={stage!r} must be 0, 1, 2 or 3")
-        if not bucket_mb > 0:
-            raise ValueError(f"zero.bucket_mb={bucket_mb!r} must be positive")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"train.grad_clip={grad_clip!r} must be positive (or None for no clipping)")
-        for g in norm_groups:
-            if not isinstance(g, Group):
-                raise TypeError(f"norm_groups must hold parallel.comm.Group objects, got {type(g).__name__}")
-        self.module, self.group, self.stage = module, dp_group, stage
+    def __init__(self, module: nn.Module, optimizer_factory, dp_group: Group, zero: ZeroConfig | None = None, *,
+                 precision="fp32", grad_clip=None, on_nonfinite: str = "stop", norm_groups=(), init=None,
+                 unit_types=None, overlap_param_gather: bool = False, loss_scale=None):
+        zero = ZeroConfig() if zero is None else zero
+        _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups)
+        self.module, self.group, self.stage = module, dp_group, zero.stage
         self.prec = Precision.of(precision)
-        self.grad_clip, self.norm_groups = grad_clip, tuple(norm_groups)
-        self.scaler = loss_scale if isinstance(loss_scale, LossScaler) else self.prec.scaler(loss_scale)
+        self.grad_clip, self.norm_groups, self.on_nonfinite = grad_clip, tuple(norm_groups), on_nonfinite
+        self.scaler = loss_scale if isinstance(loss_scale, LossScaler) else self.prec.scaler(
+            loss_scale, raise_at_min=on_nonfinite == "stop")
         if self.scaler.enabled != (self.prec.name == "fp16"):
             raise ValueError(f"loss_scale: a LossScaler with enabled={self.scaler.enabled} does not fit "
                              f"precision={self.prec.name!r} (only fp16 scales the loss)")
         self.steps = 0
+        self.stage3 = None
+        named = self._adopt(module, init)
+        units, needs = self._make_buckets(module, named, zero.bucket_mb, unit_types)
+        # checks the disk / options before any state is written
+        self._opt_off, self._par_off = make_offload(zero.offload, self._all, self.stage, dp_group, optimizer_factory)
+        self._init_state()
+        if self.stage == 3:
+            self.stage3 = Stage3Params(module, units, needs, dp_group, zero.prefetch, shards=self._par_off,
+                                       depth=zero.offload.prefetch_depth if self._par_off else 0)
+        self._segments = {b: norm_segments(b) for b in self._all}
+        self._build_optimizer(optimizer_factory)
+        self._pending: dict = {}                       # bucket -> in-flight parameter all-gather
+        self.overlap_param_gather = overlap_param_gather and self.stage in (1, 2)
+        if self.overlap_param_gather:
+            self._hook_param_gathers(module)
+        # offloaded Adam overlaps backward when nothing global rescales the gradient after reduction
+        early = self._opt_off is not None and self.stage >= 2 and grad_clip is None and not self.scaler.enabled
+        self.reducer = GradReducer(self.buckets, dp_group, "all_reduce" if self.stage == 0 else "reduce_scatter",
+                                   self.prec.param_dtype, keep_full_grads=self.stage < 2, deferred=self.deferred,
+                                   on_grad=self.stage3.on_grad if self.stage3 else None,
+                                   on_reduced=self._update_early if early else None)
+
+    # --- construction -----------------------------------------------------------------------------
+    def _adopt(self, module, init) -> list:
+        """Meta parameters and buffers made real, frozen ones cast; returns the trainable (name, param)."""
         self._init, self._meta_src = init, {}
         if any(p.is_meta for p in module.parameters()):
             if init is None:
                 raise ValueError("the module has parameters on the meta device: build it with "
                                  "parallel.zero.deferred_init(factory) and pass init=<the returned record>")
-            self._replace_meta_params(module)
-        self._materialize_buffers(module, init)
+            self._meta_src = replace_meta_params(module, init)
+        materialize_buffers(module, init)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         for p in module.parameters():                  # frozen params compute in the same dtype
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(self.prec.param_dtype)
         if not named:
             raise ValueError("ZeroOptimizer: the module has no parameters that require grad")
-        N, r, dtype = dp_group.size, dp_group.rank, self.prec.param_dtype
+        return named
+
+    def _make_buckets(self, module, named, bucket_mb, unit_types):
+        """``buckets`` (reduction order), ``deferred`` (tied, pp-reduced) and ``_all``; for stage 3
+        returns its (units, needs) plan, else (None, None)."""
+        N, r, stage = self.group.size, self.group.rank, self.stage
         deferred = [(n, p) for n, p in named if getattr(p, "p3d_defer_reduce", False)]
         normal = [(n, p) for n, p in named if not getattr(p, "p3d_defer_reduce", False)]
-        self.stage3 = None
+        units = needs = None
         if stage < 3:
             self.buckets = make_buckets(normal, bucket_mb * 2 ** 20, self.prec.bytes_per_element, N, r, pad=stage > 0)
         else:
@@ -145,21 +188,19 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             self.deferred = FlatBucket(len(self.buckets), deferred, N, r, pad=stage > 0)
             self.deferred.deferred = True
         self._all = self.buckets + ([self.deferred] if self.deferred else [])
-        # checks the disk / options before any state is written
-        self._opt_off, self._par_off = make_offload(offload, self._all, stage, dp_group, optimizer_factory)
+        return units, needs
+
+    def _init_state(self) -> None:
+        """Flat parameters and fp32 masters of every bucket; offload stores take them one at a time."""
         for b in self._all:
-            if stage == 3 and not b.deferred:
-                self._init_sharded(b)
-            else:
-                self._init_full(b)
+            (init_sharded if self.stage == 3 and not b.deferred else init_full)(b, self._value, self.prec)
             if self._opt_off is not None:           # one bucket at a time: never the whole partition
                 self._opt_off.add_bucket(b)
             if self._par_off is not None and self._par_off.has(b):
                 self._par_off.add(b)
-        if stage == 3:
-            self.stage3 = Stage3Params(module, units, needs, dp_group, prefetch, shards=self._par_off,
-                                       depth=offload.prefetch_depth if self._par_off else 0)
-        self._segments = {b: self._norm_segments(b) for b in self._all}
+
+    def _build_optimizer(self, optimizer_factory) -> None:
+        """The torch optimizer over one 1-D master view per owned parameter piece."""
         # (bucket, param index, flat a, flat e, view of the master): what the optimizer updates
         self._piece_list = [(b, i, a, e, b.master[a - b.lo:e - b.lo]) for b in self._all for i, a, e in b.pieces()]
         views = [pc[4] for pc in self._piece_list]
@@ -172,26 +213,6 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                              "(one param group), e.g. lambda params: torch.optim.AdamW(params, lr=1e-3)")
         if self._opt_off is not None:
             self._opt_off.bind(self.optimizer, self._par_off)
-        self._pending: dict = {}                       # bucket -> in-flight parameter all-gather
-        self.overlap_param_gather = overlap_param_gather and stage in (1, 2)
-        if self.overlap_param_gather:
-            self._hook_param_gathers(module)
-        # offloaded Adam overlaps backward when nothing global rescales the gradient after reduction
-        early = self._opt_off is not None and stage >= 2 and grad_clip is None and not self.scaler.enabled
-        self.reducer = GradReducer(self.buckets, dp_group, "all_reduce" if stage == 0 else "reduce_scatter",
-                                   dtype, keep_full_grads=stage < 2, deferred=self.deferred,
-                                   on_grad=self.stage3.on_grad if self.stage3 else None,
-                                   on_reduced=self._update_early if early else None)
-
-    # --- construction -----------------------------------------------------------------------------
-    @staticmethod
-    def _materialize_buffers(module, init) -> None:
-        for mod in module.modules():
-            for name, buf in list(mod._buffers.items()):
-                if buf is not None and buf.is_meta:
-                    if init is None:
-                        raise ValueError(f"buffer {name!r} of {type(mod).__name__} is on the meta device: pass init=")
-                    mod._buffers[name] = init.materialize(buf)
 
     def _hook_param_gathers(self, module) -> None:
         owner = {p: b for b in self._all for p in b.params}
@@ -207,64 +228,10 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             if w is not None:
                 w.wait()
 
-    def _replace_meta_params(self, module) -> None:
-        """Meta parameters become CPU ones (tied ones stay tied) holding no memory yet: a zero-stride
-        placeholder of the right shape. Their values come from the init record when needed."""
-        new = {}
-        for mod in module.modules():
-            for name, p in mod._parameters.items():
-                if p is None or not p.is_meta:
-                    continue
-                if p not in new:
-                    q = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=p.requires_grad)
-                    q.__dict__.update(p.__dict__)               # flags such as tp_sharded travel along
-                    new[p], self._meta_src[q] = q, p
-                    if not p.requires_grad:                     # frozen: not managed, materialise whole
-                        q.data = self._init.materialize(p).clone()
-                mod._parameters[name] = new[p]
-
     def _value(self, p) -> torch.Tensor:
         """The parameter's full value in fp32 (materialised from the init record for meta-built ones)."""
         src = self._meta_src.get(p)
         return (self._init.materialize(src) if src is not None else p.detach()).float()
-
-    def _init_full(self, b: FlatBucket) -> None:
-        """Stages 0–2 (and stage 3's deferred bucket): full flat params, master = (a copy of) a slice."""
-        src = b.flatten([self._value(p) for p in b.params], torch.float32)
-        dtype = self.prec.param_dtype
-        b.flat_param = src if dtype == torch.float32 else src.to(dtype)
-        if self.prec.master:
-            b.master = src if b.shard == b.padded else src[b.lo:b.hi].clone()
-        else:
-            b.master = b.flat_param[b.lo:b.hi]
-        for p, v in zip(b.params, b.views(b.flat_param)):
-            p.data = v
-
-    def _init_sharded(self, b: FlatBucket) -> None:
-        """Stage 3: keep only this rank's shard; full values are produced one parameter at a time."""
-        dtype, dev = self.prec.param_dtype, b.params[0].device
-        master = torch.zeros(b.shard, dtype=torch.float32, device=dev)
-        for i, a, e in b.pieces():
-            o = b.offsets[i]
-            master[a - b.lo:e - b.lo] = self._value(b.params[i]).reshape(-1)[a - o:e - o]
-        b.shard_param = master if dtype == torch.float32 else master.to(dtype)
-        b.master = master if self.prec.master else b.shard_param
-        b.flat_param = torch.empty(b.padded, dtype=dtype, device=dev)
-        b.flat_param.untyped_storage().resize_(0)
-        for p in b.params:
-            p.data = torch.empty(0, dtype=dtype, device=dev)
-
-    def _norm_segments(self, b: FlatBucket) -> list:
-        """Runs (a, e, kind) in shard coordinates; kind 0 = tp_sharded, 1 = replicated, 2 = duplicate."""
-        segs = []
-        for i, a, e in b.pieces():
-            p = b.params[i]
-            kind = 2 if getattr(p, "p3d_pp_duplicate", False) else 0 if getattr(p, "tp_sharded", False) else 1
-            if segs and segs[-1][2] == kind and segs[-1][1] == a - b.lo:
-                segs[-1] = (segs[-1][0], e - b.lo, kind)
-            else:
-                segs.append((a - b.lo, e - b.lo, kind))
-        return segs
 
     # --- the step ---------------------------------------------------------------------------------
     @property
@@ -312,21 +279,11 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
 
     def grad_norm_sq(self) -> torch.Tensor:
         """[Σ tp_sharded g², Σ replicated g², Σ duplicate g²] over the whole model (float64)."""
-        v = torch.zeros(3, dtype=torch.float64, device=self._all[0].master.device)
-        for b in self._all:
-            g = b.master.grad
-            for a, e, kind in self._segments[b]:
-                v[kind] += torch.linalg.vector_norm(g[a:e]).double() ** 2     # fp32 norm, summed in fp64
-        if self.stage > 0:
-            comm.all_reduce(v, self.group)
-        for grp in self.norm_groups:
-            if grp.axis == "tp" and grp.rank != 0:
-                v[1] = 0.0                           # replicated over tp: counted once
-            comm.all_reduce(v, grp)
-        return v
+        return grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups)
 
     def step(self) -> StepResult:
-        """Unscale, check overflow (fp16), clip to ``grad_clip``, update, write back, gather."""
+        """Unscale, check for a non-finite gradient (fp16 overflow, else ``on_nonfinite``), clip to
+        ``grad_clip``, update, write back, gather."""
         self.finish_grad_sync()
         inv = 1.0 / self.scaler.scale
         for b in self._all:
@@ -341,14 +298,9 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             if self._opt_off is not None:
                 self._opt_off.discard()                # an update begun in backward must not land
             raise
-        if self._opt_off is not None and not math.isfinite(float(v.sum())):
-            self._opt_off.discard()
-        total = float(v[0] + v[1])
-        if self.scaler.enabled and not math.isfinite(float(v.sum())):
-            self._drop_master_grads()
-            msg = self.scaler.update(True)             # LossScaleError at the minimum scale (DeepSpeed's rule)
-            return StepResult(float("inf"), True, self.scaler.scale, msg)
-        norm = math.sqrt(total) if math.isfinite(total) else total
+        if not math.isfinite(float(v.sum())):
+            return self._nonfinite(v)
+        norm = math.sqrt(float(v[0] + v[1]))
         if self.grad_clip is not None:
             coef = self.grad_clip / (norm + 1e-6)
             if coef < 1.0:
@@ -365,6 +317,23 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         self.scaler.update(False)
         self.steps += 1
         return StepResult(norm, False, self.scaler.scale)
+
+    def _nonfinite(self, v: torch.Tensor) -> StepResult:
+        """‖g‖² is not finite (the same on every rank): no update anywhere. fp16: the loss scaler's
+        skip; otherwise ``on_nonfinite``: skip (a skipped result) or stop (:class:`NonFiniteError`)."""
+        if self._opt_off is not None:
+            self._opt_off.discard()
+        if self.scaler.enabled:
+            self._drop_master_grads()
+            msg = self.scaler.update(True)             # LossScaleError at the minimum scale (DeepSpeed's rule)
+            return StepResult(float("inf"), True, self.scaler.scale, msg)
+        self._drop_master_grads()
+        if self.on_nonfinite == "skip":
+            return StepResult(float("nan"), True, self.scaler.scale, SKIP_MESSAGE, nonfinite_skip=True)
+        parts = [float(x) for x in v]
+        raise NonFiniteError(f"the loss or gradient is non-finite (gradient norm² parts {parts}); the update was "
+                             f"not applied. Check the batch, lower the learning rate, or pass on_nonfinite='skip' "
+                             f"(train.on_nonfinite=skip) to skip such steps", parts)
 
     @torch.no_grad()
     def _write_back(self) -> None:

@@ -1,0 +1,67 @@
+"""The global gradient norm of a ZeRO partition, and what a non-finite one does to the step.
+
+Global gradient norm (for clipping and reporting), ‖g‖² = Σ over the dp partitions (stage ≥ 1)
+and over ``norm_groups``: a parameter with ``tp_sharded = True`` is a distinct shard per tp rank
+(summed over a group whose axis is "tp"); any other parameter is replicated over tp and counted
+once (from tp rank 0); a parameter with ``p3d_pp_duplicate = True`` is a second copy (a tied
+embedding on the last pipeline stage) and is not counted; over other groups (pp) all are summed.
+The three parts are kept apart, [Σ tp_sharded g², Σ replicated g², Σ duplicate g²], in float64.
+
+Non-finite policy (``on_nonfinite``, the config's ``train.on_nonfinite``). The parts are
+all-reduced, so every rank sees the same verdict and takes the same branch:
+
+* fp16: the loss scaler owns overflow (skip the step, lower the scale), whatever the policy;
+* ``stop``: raise :class:`NonFiniteError`, nothing applied;
+* ``skip``: drop this step's gradients, leave weights and optimizer state as they are; the step
+  still counts (like an fp16 overflow), its result says ``nonfinite_skip``.
+"""
+from __future__ import annotations
+
+import torch
+
+from parallel import comm
+
+__all__ = ["NONFINITE_POLICIES", "NonFiniteError", "SKIP_MESSAGE", "norm_segments", "grad_norm_sq"]
+
+NONFINITE_POLICIES = ("stop", "skip")
+SKIP_MESSAGE = "non-finite gradient: update skipped (train.on_nonfinite=skip)"
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite gradient or loss and the policy is ``stop``; the update was not
+    applied. ``parts``: the gradient norm² parts [tp-sharded, replicated, duplicate]."""
+
+    def __init__(self, message: str, parts=()):
+        super().__init__(message)
+        self.parts = [float(x) for x in parts]
+
+
+def norm_segments(b) -> list:
+    """Runs (a, e, kind) of bucket ``b`` in shard coordinates; kind 0 = tp_sharded, 1 = replicated,
+    2 = duplicate."""
+    segs = []
+    for i, a, e in b.pieces():
+        p = b.params[i]
+        kind = 2 if getattr(p, "p3d_pp_duplicate", False) else 0 if getattr(p, "tp_sharded", False) else 1
+        if segs and segs[-1][2] == kind and segs[-1][1] == a - b.lo:
+            segs[-1] = (segs[-1][0], e - b.lo, kind)
+        else:
+            segs.append((a - b.lo, e - b.lo, kind))
+    return segs
+
+
+def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_groups) -> torch.Tensor:
+    """[Σ tp_sharded g², Σ replicated g², Σ duplicate g²] over the whole model (float64), from the
+    ``master.grad`` of ``buckets``; ``partitioned``: each dp rank holds a different part (stage ≥ 1)."""
+    v = torch.zeros(3, dtype=torch.float64, device=buckets[0].master.device)
+    for b in buckets:
+        g = b.master.grad
+        for a, e, kind in segments[b]:
+            v[kind] += torch.linalg.vector_norm(g[a:e]).double() ** 2     # fp32 norm, summed in fp64
+    if partitioned:
+        comm.all_reduce(v, dp_group)
+    for grp in norm_groups:
+        if grp.axis == "tp" and grp.rank != 0:
+            v[1] = 0.0                           # replicated over tp: counted once
+        comm.all_reduce(v, grp)
+    return v
