@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from harness import run_ranks
+from parallel.parameters import param_info
 from test_zero import OPTS, assert_curve, global_batch, loss_of, make_model, mean_over_ranks, reference_losses
 
 
@@ -74,7 +75,7 @@ def _deferred_dp(rank, world):
     from parallel.mesh import Mesh
     g = Mesh(dp=world).group("dp")
     model = make_model("gpt")
-    model.wte.weight.p3d_defer_reduce = True
+    param_info(model.wte.weight).defer_reduce = True
     dp = DataParallel(model, g, bucket_mb=0.02)
     x, y = global_batch(0, 8)
     loss_of(dp, x[rank * 4:rank * 4 + 4], y[rank * 4:rank * 4 + 4]).backward()

@@ -29,9 +29,9 @@ streamed CPU Adam/AdamW over sub-groups (the torch optimizer then only carries h
 reads ``_pieces`` and ``optimizer.state`` must run inside ``with zero.materialized():``.
 
 Global gradient norm (for clipping and reporting), ‖g‖² = Σ over the dp partitions (stage ≥ 1)
-and over ``norm_groups``: a parameter with ``tp_sharded = True`` is a distinct shard per tp rank
+and over ``norm_groups``: a parameter split by tp (``param_info(p).tp_split``) is a distinct shard per tp rank
 (summed over a group whose axis is "tp"); any other parameter is replicated over tp and counted
-once (from tp rank 0); a parameter with ``p3d_pp_duplicate = True`` is a second copy (a tied
+once (from tp rank 0); a parameter with ``param_info(p).pp_duplicate`` is a second copy (a tied
 embedding on the last pipeline stage) and is not counted; over other groups (pp) all are summed.
 """
 from __future__ import annotations
@@ -47,6 +47,7 @@ from parallel import comm
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
+from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.offload import OffloadMixin, make_offload
 from parallel.zero.stage3 import Stage3Params, plan_units
@@ -131,8 +132,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         if not named:
             raise ValueError("ZeroOptimizer: the module has no parameters that require grad")
         N, r, dtype = dp_group.size, dp_group.rank, self.prec.param_dtype
-        deferred = [(n, p) for n, p in named if getattr(p, "p3d_defer_reduce", False)]
-        normal = [(n, p) for n, p in named if not getattr(p, "p3d_defer_reduce", False)]
+        deferred = [(n, p) for n, p in named if param_info(p).defer_reduce]
+        normal = [(n, p) for n, p in named if not param_info(p).defer_reduce]
         self.stage3 = None
         if stage < 3:
             self.buckets = make_buckets(normal, bucket_mb * 2 ** 20, self.prec.bytes_per_element, N, r, pad=stage > 0)
@@ -217,7 +218,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                     continue
                 if p not in new:
                     q = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=p.requires_grad)
-                    q.__dict__.update(p.__dict__)               # flags such as tp_sharded travel along
+                    q.__dict__.update(p.__dict__)               # its ParamInfo record travels along
                     new[p], self._meta_src[q] = q, p
                     if not p.requires_grad:                     # frozen: not managed, materialise whole
                         q.data = self._init.materialize(p).clone()
@@ -255,11 +256,12 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             p.data = torch.empty(0, dtype=dtype, device=dev)
 
     def _norm_segments(self, b: FlatBucket) -> list:
-        """Runs (a, e, kind) in shard coordinates; kind 0 = tp_sharded, 1 = replicated, 2 = duplicate."""
+        """Runs (a, e, kind) in shard coordinates; kind 0 = tp split, 1 = replicated, 2 = duplicate."""
         segs = []
         for i, a, e in b.pieces():
             p = b.params[i]
-            kind = 2 if getattr(p, "p3d_pp_duplicate", False) else 0 if getattr(p, "tp_sharded", False) else 1
+            info = param_info(p)
+            kind = 2 if info.pp_duplicate else 0 if info.tp_split else 1
             if segs and segs[-1][2] == kind and segs[-1][1] == a - b.lo:
                 segs[-1] = (segs[-1][0], e - b.lo, kind)
             else:
@@ -311,7 +313,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         return b.shard_grad
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """[Σ tp_sharded g², Σ replicated g², Σ duplicate g²] over the whole model (float64)."""
+        """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64)."""
         v = torch.zeros(3, dtype=torch.float64, device=self._all[0].master.device)
         for b in self._all:
             g = b.master.grad
