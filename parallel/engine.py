@@ -46,8 +46,7 @@ class Engine:
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
-        self.tensor_parallel = None                  # the TPConversion record (tp > 1; the layout probe's replay
-                                                     # of _shard records an equal one)
+        self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
         self.stages = self._shard(model.to(mesh.device))
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)

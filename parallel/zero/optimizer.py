@@ -260,8 +260,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         segs = []
         for i, a, e in b.pieces():
             p = b.params[i]
-            info = param_info(p)
-            kind = 2 if info.pp_duplicate else 0 if info.tp_split else 1
+            kind = 2 if param_info(p).pp_duplicate else 0 if param_info(p).tp_split else 1
             if segs and segs[-1][2] == kind and segs[-1][1] == a - b.lo:
                 segs[-1] = (segs[-1][0], e - b.lo, kind)
             else:
