@@ -54,6 +54,7 @@ class Engine:
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
+        self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
         self.stages = self._shard(model.to(mesh.device))
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
@@ -86,19 +87,14 @@ class Engine:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel
         if p.tp > 1:
-            apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
+            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
         if p.pp == 1:
             return [model]
-        stages = split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
-        for st in stages:       # the converted model's flags, for the loss and the layout probe
-            for k in ("tp_vocab_parallel_output", "tp_group", "tp_sequence_parallel"):
-                if hasattr(model, k):
-                    setattr(st, k, getattr(model, k))
-        return stages
+        return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
 
     def _loss(self, model):
         fn = resolve_loss(self.cfg.loss)
-        if getattr(model, "tp_vocab_parallel_output", False):
+        if self.tensor_parallel is not None and self.tensor_parallel.vocab_parallel_output:
             if fn is not cross_entropy:
                 raise ConfigError(f"loss={self.cfg.loss!r}: the tensor-parallel plan leaves the logits split by "
                                   f"vocabulary, which only loss=cross_entropy handles; use a plan whose head gathers")
