@@ -22,7 +22,6 @@ what a single process computes (the parity contract in DESIGN.md).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
@@ -126,14 +125,11 @@ class Engine:
             self.executor.loss_scale = z.loss_scale
             local = self.executor.run(micro)
             sync_tied_grads(self.stages, self.pp)
-        step = self.step_count
         if self.step().nonfinite_skip:
             return float("nan")                  # no loss to share: the ranks agree it is not finite
-        loss = self._global_loss(local)
-        if not math.isfinite(loss) and self.cfg.train.on_nonfinite == "stop":
-            raise NonFiniteError(f"step {step}: the loss is {loss} (fp16: the loss scaler skipped the update); "
-                                 f"check the data of global batch {step} or set train.on_nonfinite=skip")
-        return loss
+        # fp16: a non-finite loss overflows the gradients too, and the loss scaler skips the step (DeepSpeed's
+        # rule; its minimum-scale stop bounds a run of them). fp32/bf16: step() already applied on_nonfinite.
+        return self._global_loss(local)
 
     # --- a user's own loop (pp = 1): forward, backward, step ------------------------------------------
     def __call__(self, x):
