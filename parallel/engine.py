@@ -31,6 +31,7 @@ from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
 from parallel.data import split_micro
+from parallel.data_parallel import sync_batchnorm
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
 from parallel.optim.factory import optimizer_factory
@@ -54,6 +55,7 @@ class Engine:
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
         self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
+        self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
         self.stages = self._shard(model.to(mesh.device))
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
