@@ -22,7 +22,6 @@ what a single process computes (the parity contract in DESIGN.md).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
@@ -32,6 +31,7 @@ from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
 from parallel.data import split_micro
+from parallel.data_parallel import sync_batchnorm
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
 from parallel.optim.factory import optimizer_factory
@@ -54,6 +54,8 @@ class Engine:
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
+        self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
+        self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
         self.stages = self._shard(model.to(mesh.device))
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
@@ -86,19 +88,14 @@ class Engine:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel
         if p.tp > 1:
-            apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
+            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
         if p.pp == 1:
             return [model]
-        stages = split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
-        for st in stages:       # the converted model's flags, for the loss and the layout probe
-            for k in ("tp_vocab_parallel_output", "tp_group", "tp_sequence_parallel"):
-                if hasattr(model, k):
-                    setattr(st, k, getattr(model, k))
-        return stages
+        return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
 
     def _loss(self, model):
         fn = resolve_loss(self.cfg.loss)
-        if getattr(model, "tp_vocab_parallel_output", False):
+        if self.tensor_parallel is not None and self.tensor_parallel.vocab_parallel_output:
             if fn is not cross_entropy:
                 raise ConfigError(f"loss={self.cfg.loss!r}: the tensor-parallel plan leaves the logits split by "
                                   f"vocabulary, which only loss=cross_entropy handles; use a plan whose head gathers")
@@ -130,14 +127,11 @@ class Engine:
             self.executor.loss_scale = z.loss_scale
             local = self.executor.run(micro)
             sync_tied_grads(self.stages, self.pp)
-        step = self.step_count
         if self.step().nonfinite_skip:
             return float("nan")                  # no loss to share: the ranks agree it is not finite
-        loss = self._global_loss(local)
-        if not math.isfinite(loss) and self.cfg.train.on_nonfinite == "stop":
-            raise NonFiniteError(f"step {step}: the loss is {loss} (fp16: the loss scaler skipped the update); "
-                                 f"check the data of global batch {step} or set train.on_nonfinite=skip")
-        return loss
+        # fp16: a non-finite loss overflows the gradients too, and the loss scaler skips the step (DeepSpeed's
+        # rule; its minimum-scale stop bounds a run of them). fp32/bf16: step() already applied on_nonfinite.
+        return self._global_loss(local)
 
     # --- a user's own loop (pp = 1): forward, backward, step ------------------------------------------
     def __call__(self, x):

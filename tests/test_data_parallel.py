@@ -5,6 +5,8 @@ import torch
 from harness import run_ranks
 from test_zero import OPTS, assert_curve, global_batch, loss_of, make_model, mean_over_ranks, reference_losses
 
+from parallel.parameters import param_info
+
 
 def _dp_train(rank, world, mode, steps, G):
     from parallel.data_parallel.reducer import DataParallel
@@ -73,7 +75,7 @@ def _deferred_dp(rank, world):
     from parallel.mesh import Mesh
     g = Mesh(dp=world).group("dp")
     model = make_model("gpt")
-    model.wte.weight.p3d_defer_reduce = True
+    param_info(model.wte.weight).defer_reduce = True
     dp = DataParallel(model, g, bucket_mb=0.02)
     x, y = global_batch(0, 8)
     loss_of(dp, x[rank * 4:rank * 4 + 4], y[rank * 4:rank * 4 + 4]).backward()

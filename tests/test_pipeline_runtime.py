@@ -19,6 +19,8 @@ import pytest
 import torch
 from harness import run_ranks
 
+from parallel.parameters import param_info
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
 BATCH, SEQ, STEPS = 8, 16, 20                 # m = pp micro-batches of BATCH/m sequences
 
@@ -79,7 +81,7 @@ def _train(rank, world, family, optim):
         torch.manual_seed(0)
         model = build(family, n_layer)
         stages = split_model(model, rank, world, v)
-        plan = stages[0].p3d_stage.plan
+        plan = stages[0].stage_info.plan
         del model
         tie_of = {post: pre for pre, post in plan.tied}
         named = [(n, p) for st in stages for n, p in st.named_parameters()]
@@ -113,7 +115,7 @@ def _train(rank, world, family, optim):
                                      / ref_grads[tie_of.get(n, n)].norm()).item() for n, p in named)
             opt.step()
             r["losses"].append(loss)
-        r["tied"] = {n: p.detach().clone() for n, p in named if getattr(p, "p3d_tie", None) is not None}
+        r["tied"] = {n: p.detach().clone() for n, p in named if param_info(p).tie is not None}
         r["tie_of"] = tie_of
         out[name] = r
     return out

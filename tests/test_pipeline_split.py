@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from parallel.parameters import ParamInfo, param_info
 from parallel.pipeline.split import describe_split, find_body, split_model, sync_tied_grads
 
 VOCAB, HIDDEN = 64, 32
@@ -41,7 +42,7 @@ def _chain(family, n_layer, p, v, x, split="auto"):
     torch.manual_seed(0)
     model = build(family, n_layer)
     stages = [st for r in range(p) for st in split_model(model, r, p, v, split=split)]
-    stages.sort(key=lambda s: s.p3d_stage.index)
+    stages.sort(key=lambda s: s.stage_info.index)
     ins, outs, h = [], [], x
     for st in stages:
         h = h.detach().requires_grad_(h.is_floating_point())
@@ -55,11 +56,11 @@ def _chain(family, n_layer, p, v, x, split="auto"):
     sync_tied_grads(stages, Group(None, "pp", (0,), 0))      # both ends local: summed in place
     grads = {}
     for st in stages:
-        tie_of = {post: pre for pre, post in st.p3d_stage.plan.tied}
+        tie_of = {post: pre for pre, post in st.stage_info.plan.tied}
         for n, q in st.named_parameters():
-            assert tie_of.get(n, n) not in grads or getattr(q, "p3d_pp_duplicate", False), n
+            assert tie_of.get(n, n) not in grads or param_info(q).pp_duplicate, n
             grads.setdefault(tie_of.get(n, n), q.grad)
-            if getattr(q, "p3d_pp_duplicate", False):
+            if param_info(q).pp_duplicate:
                 assert torch.equal(q.grad, grads[tie_of[n]])
     return outs[-1], loss, grads
 
@@ -154,7 +155,7 @@ def test_each_stage_holds_only_its_own_parameters():
     assert alive == {n for n in refs if n.startswith(("model.layers.1.", "model.layers.5."))}
     names = {n for st in stages for n, _ in st.named_parameters()}
     assert names == alive                                    # the unsplit model's names
-    assert [st.p3d_stage.blocks for st in stages] == [(1, 2), (5, 6)]
+    assert [st.stage_info.blocks for st in stages] == [(1, 2), (5, 6)]
     assert type(stages[0]).__name__ == "PipelineStageLlamaForCausalLM"
 
 
@@ -164,7 +165,8 @@ def test_tied_copies_are_marked():
     torch.manual_seed(0)
     last, = split_model(build("gpt2", 2), 1, 2)
     w0, w1 = first.transformer.wte.weight, last.lm_head.weight
-    assert w0.p3d_defer_reduce and w1.p3d_defer_reduce and w1.p3d_pp_duplicate and not w0.p3d_pp_duplicate
+    assert param_info(w0) == ParamInfo(defer_reduce=True, tie=0, pp_duplicate=False)
+    assert param_info(w1) == ParamInfo(defer_reduce=True, tie=0, pp_duplicate=True)
     assert torch.equal(w0, w1) and w0 is not w1
     assert not hasattr(last.transformer, "wte") or not any(True for _ in last.transformer.wte.parameters())
 
@@ -234,3 +236,59 @@ def test_sequential_with_tied_ends_and_shared_weights():
     shared = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), lin, nn.Linear(HIDDEN, HIDDEN), lin, nn.Linear(HIDDEN, HIDDEN))
     with pytest.raises(ValueError, match=r"shared by \['1.weight', '3.weight'\].*stages \[1, 3\]"):
         describe_split(shared, 4, split=[1, 2, 3])
+
+
+def test_a_stage_ends_without_raising():
+    """A non-last stage runs the model's forward to its end: a forward hook added after the split on
+    its last block (after the stage's own) still runs and sees exactly the tensor the stage returns,
+    later blocks and the final norm/head are pass-throughs (called, holding nothing), and the
+    root's forward hooks run."""
+    torch.manual_seed(0)
+    model = build("llama", 4)
+    first, = split_model(model, 0, 2)
+    seen, calls = {}, []
+    first.model.layers[1].register_forward_hook(lambda m, a, out: seen.setdefault("block", out))
+    for name in ("model.layers.3", "model.norm", "lm_head"):
+        mod = first.get_submodule(name)
+        assert type(mod).__name__ == "_PassThrough" and not any(True for _ in mod.parameters()), name
+        mod.register_forward_hook(lambda m, a, out, name=name: calls.append(name))
+    first.register_forward_hook(lambda m, a, out: seen.setdefault("root", out))
+    x = torch.randint(0, VOCAB, (2, 16))
+    h = first(x)
+    block = seen["block"][0] if isinstance(seen["block"], tuple) else seen["block"]
+    assert h is block and seen["root"] is h and h.shape == (2, 16, HIDDEN)
+    assert calls == ["model.layers.3", "model.norm", "lm_head"]
+    with torch.no_grad():                                    # the whole model's hidden state after block 1
+        want = {}
+        model.model.layers[1].register_forward_hook(lambda m, a, out: want.setdefault("h", out))
+        model(x)
+    assert torch.equal(h, want["h"][0] if isinstance(want["h"], tuple) else want["h"])
+
+
+class _ViewsTheLogits(nn.Module):
+    """Code after the head that needs the head's real output (its vocabulary width)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, HIDDEN)
+        self.blocks = nn.ModuleList(nn.Linear(HIDDEN, HIDDEN) for _ in range(2))
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h).view(*x.shape, VOCAB)
+
+
+def test_a_forward_that_needs_the_heads_output_gets_a_named_error():
+    torch.manual_seed(0)
+    model = _ViewsTheLogits()
+    x = torch.randint(0, VOCAB, (2, 5))
+    first, = split_model(model, 0, 2)
+    last, = split_model(model, 1, 2)
+    with pytest.raises(RuntimeError, match=r"stage 0: .*failed after block 0, where this stage ends.*"
+                                           r"parallel.pp=1"):
+        first(x)
+    h = model.blocks[0](model.emb(x))
+    assert torch.equal(last(h), model(x))                    # the last stage runs the real head

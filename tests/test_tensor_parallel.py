@@ -41,6 +41,7 @@ class MaxAlloc(TorchDispatchMode):
 
 def _mlp(rank, world, sp):
     from parallel.mesh import Mesh
+    from parallel.parameters import ParamInfo, param_info
     from parallel.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, shard_tensor
     m = Mesh(tp=world)
     g = m.group("tp")
@@ -65,7 +66,8 @@ def _mlp(rank, world, sp):
     close(fc.bias.grad, shard_tensor(ref[0].bias.grad, 0, world, rank))
     close(proj.weight.grad, shard_tensor(ref[2].weight.grad, 1, world, rank))
     close(proj.bias.grad, ref[2].bias.grad)
-    assert fc.weight.tp_sharded and proj.weight.tp_sharded and not hasattr(proj.bias, "tp_sharded")
+    assert (param_info(fc.weight).tp_dim, param_info(fc.bias).tp_dim, param_info(proj.weight).tp_dim) == (0, 0, 1)
+    assert param_info(proj.bias) == ParamInfo()                   # replicated: the defaults
     return {op: (c["calls"], c["payload_bytes"]) for op, c in counts.items()}
 
 

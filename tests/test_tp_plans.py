@@ -56,6 +56,7 @@ def _logits(out):
 def _parity(rank, world, kind, sp):
     from examples.gpt import random_tokens
     from parallel.mesh import Mesh
+    from parallel.parameters import param_info
     from parallel.tensor_parallel import shard_tensor, vocab_parallel_cross_entropy
     from parallel.tensor_parallel.plan import apply_tensor_parallel
     m = Mesh(tp=world)
@@ -63,8 +64,9 @@ def _parity(rank, world, kind, sp):
     torch.manual_seed(0)
     ref = BUILD[kind](world)
     torch.manual_seed(0)
-    model = apply_tensor_parallel(BUILD[kind](world), m, "auto", sequence_parallel=sp)
-    assert model.tp_vocab_parallel_output and model.tp_sequence_parallel == sp
+    model = BUILD[kind](world)
+    conv = apply_tensor_parallel(model, m, "auto", sequence_parallel=sp)
+    assert conv.vocab_parallel_output and conv.sequence_parallel == sp and conv.group is g
     x, y = zip(*(random_tokens(B, S, V, seed=1)[i] for i in range(B)))
     x, y = torch.stack(x), torch.stack(y)
     ref_logits = _logits(ref(x))
@@ -81,11 +83,11 @@ def _parity(rank, world, kind, sp):
     names = []
     for name, p in model.named_parameters():
         r = ref_params[name]
-        want = shard_tensor(r.grad, p.tp_shard_dim, world, rank, p.tp_sections) if getattr(p, "tp_sharded", False) \
-            else r.grad
+        info = param_info(p)
+        want = shard_tensor(r.grad, info.tp_dim, world, rank, info.sections) if info.tp_split else r.grad
         assert p.grad is not None and p.grad.shape == want.shape, name
         close(p.grad, want, what=name)
-        names.append((name, getattr(p, "tp_sharded", False)))
+        names.append((name, info.tp_split))
     assert len(names) == len(ref_params)
     tied = {"gpt": ("wte", "lm_head"), "gpt2": ("transformer.wte", "lm_head"), "llama": None}[kind]
     if tied:
@@ -132,7 +134,8 @@ def _per_layer(rank, world, n_layer):
     from parallel.tensor_parallel.plan import apply_tensor_parallel
     m = Mesh(tp=world)
     torch.manual_seed(0)
-    model = apply_tensor_parallel(_gpt(n_layer), m)
+    model = _gpt(n_layer)
+    apply_tensor_parallel(model, m)
     x = torch.randint(0, V, (B, S))
     before = m.stats.snapshot()
     vocab_parallel_cross_entropy(model(x), x, m.group("tp")).backward()
@@ -157,7 +160,8 @@ def _train(rank, world, sp, steps):
     torch.manual_seed(0)
     ref = _gpt()
     torch.manual_seed(0)
-    model = apply_tensor_parallel(_gpt(), m, sequence_parallel=sp)
+    model = _gpt()
+    apply_tensor_parallel(model, m, sequence_parallel=sp)
     opts = [torch.optim.AdamW(mod.parameters(), lr=3e-3) for mod in (ref, model)]
     losses = []
     for t in range(steps):
@@ -225,11 +229,13 @@ def test_plan_resolution_and_hf_guard():
     with pytest.raises(ValueError, match="has no tensor-parallel plan"):
         resolve_plan(torch.nn.Linear(2, 2))
     # per-rank head counts of GPT-2 attention; the HF loss refuses vocab-split logits
-    gpt2 = apply_tensor_parallel(_gpt2(2), _fake_group(2))
+    gpt2 = _gpt2(2)
+    apply_tensor_parallel(gpt2, _fake_group(2))
     attn = gpt2.transformer.h[0].attn
     assert (attn.num_heads, attn.split_size, attn.head_dim) == (2, 16, 8)
     assert tuple(attn.c_attn.weight.shape) == (H, 3 * H // 2)      # Conv1D layout kept: [in, out/tp]
     with pytest.raises(ValueError, match="call it without labels="):
         gpt2(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
-    one = apply_tensor_parallel(_gpt(), _fake_group(1))              # tp = 1: checked, unchanged
-    assert isinstance(one.wte, torch.nn.Embedding) and not one.tp_vocab_parallel_output
+    one = _gpt()
+    conv = apply_tensor_parallel(one, _fake_group(1))                # tp = 1: checked, unchanged
+    assert isinstance(one.wte, torch.nn.Embedding) and not conv.vocab_parallel_output

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from harness import run_ranks
 
 from parallel.config import ZeroConfig
+from parallel.parameters import param_info
 
 RTOL = 1e-4
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -199,7 +200,7 @@ def _deferred(rank, world, stage):
     g = Mesh(dp=world).group("dp")
     ref = reference_losses("gpt", "adamw", 5, 8, CLIP) if rank == 0 else None
     model = make_model("gpt")
-    model.wte.weight.p3d_defer_reduce = True          # the tied embedding, as the pipeline marks it
+    param_info(model.wte.weight).defer_reduce = True  # the tied embedding, as the pipeline marks it
     zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=stage, bucket_mb=0.05), grad_clip=CLIP)
     zero.zero_grad()
     x, y = global_batch(0, 8)
@@ -304,8 +305,8 @@ class _Toy(nn.Module):
         self.a = nn.Parameter(torch.arange(6.0) + 10 * tp_rank)   # tp shard: distinct per tp rank
         self.b = nn.Parameter(torch.ones(4))                        # replicated over tp
         self.c = nn.Parameter(torch.ones(3))                        # a pp duplicate: not counted
-        self.a.tp_sharded = True
-        self.c.p3d_pp_duplicate = True
+        param_info(self.a).tp_dim = 0
+        param_info(self.c).pp_duplicate = True
 
     def forward(self, xa, xb, xc):
         return (self.a * xa).sum() + (self.b * xb).sum() + (self.c * xc).sum()

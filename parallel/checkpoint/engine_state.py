@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from parallel.checkpoint.layout import materialize, probe_origins
 from parallel.checkpoint.sharded import Piece, load_pieces, read_meta, save_pieces
+from parallel.parameters import param_info
 
 
 def _origins(engine) -> dict:
@@ -36,8 +37,8 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
         off = b.offsets[i]
         idx = o.index.reshape(-1)[a - off:e - off]
         keep = idx >= 0
-        owner = (dp_owner and (getattr(param, "tp_sharded", False) or engine.tp.rank == 0)
-                 and not getattr(param, "p3d_pp_duplicate", False))
+        info = param_info(param)
+        owner = dp_owner and (info.tp_split or engine.tp.rank == 0) and not info.pp_duplicate
         sel = (lambda t: t) if bool(keep.all()) else (lambda t: t[keep])
         pieces.append(Piece(f"model/{o.name}", o.full_shape, sel(view), sel(idx), owner))
         if not with_optim:

@@ -41,6 +41,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"              # gpipe | 1f1b | interleaved | zero_bubble
     pp_virtual_stages: int = 1
     pp_split: Any = "auto"                 # "auto" or a list of block boundaries
+    sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (parallel.data_parallel.sync_batchnorm)
 
 
 @dataclass

@@ -95,13 +95,15 @@ def _check_batch(c: Config, world_size: int | None) -> None:
 
 
 def _check_parallel(c: Config) -> None:
-    """Sequence parallel, the tensor-parallel plan and the pipeline split."""
+    """Sequence parallel, the tensor-parallel plan, sync_batchnorm and the pipeline split."""
     p = c.parallel
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards along the sequence "
                           "within the tp group)")
     if not (p.tp_plan == "auto" or isinstance(p.tp_plan, dict)):
         raise ConfigError(f"parallel.tp_plan={p.tp_plan!r} must be 'auto' or a mapping {{module glob: colwise|rowwise|vocab}}")
+    if not isinstance(p.sync_batchnorm, bool):
+        raise ConfigError(f"parallel.sync_batchnorm={p.sync_batchnorm!r} must be true or false")
     if not (p.pp_split == "auto" or (isinstance(p.pp_split, list) and all(isinstance(b, int) for b in p.pp_split))):
         raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto' or a list of block indices where stages start")
 

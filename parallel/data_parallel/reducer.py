@@ -22,7 +22,7 @@ strictly in bucket order, so every rank issues the same collectives in the same 
 first step that order becomes the order in which gradients actually completed (as DDP rebuilds its
 buckets), agreed over the group by one broadcast and one all-reduce of a few bytes.
 
-Parameters flagged ``p.p3d_defer_reduce = True`` (tied weights shared across pipeline stages,
+Parameters flagged ``param_info(p).defer_reduce`` (tied weights shared across pipeline stages,
 whose gradient the engine first all-reduces over pp) are never reduced from hooks: they live in a
 separate bucket reduced by :meth:`GradReducer.finish` after everything else.
 """
@@ -37,6 +37,7 @@ import torch.nn as nn
 from parallel import comm
 from parallel.comm import Group
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
+from parallel.parameters import param_info
 
 __all__ = ["GradReducer", "DataParallel"]
 
@@ -291,8 +292,8 @@ class DataParallel(nn.Module):
             raise ValueError(f"DataParallel: parameters have mixed dtypes {dtypes}; cast the model to one dtype")
         dtype = dtypes.pop()
         esize = torch.empty(0, dtype=dtype).element_size()
-        deferred = [(n, p) for n, p in named if getattr(p, "p3d_defer_reduce", False)]
-        normal = [(n, p) for n, p in named if not getattr(p, "p3d_defer_reduce", False)]
+        deferred = [(n, p) for n, p in named if param_info(p).defer_reduce]
+        normal = [(n, p) for n, p in named if not param_info(p).defer_reduce]
         buckets = make_buckets(normal, bucket_mb * 2 ** 20, esize, dp_group.size, dp_group.rank, pad=False)
         d = None
         if deferred:

@@ -75,7 +75,7 @@ class PipelineExecutor:
         self.stages = {}
         for j, mod in enumerate(stages):
             s = rank + j * p
-            info = getattr(mod, "p3d_stage", None)
+            info = getattr(mod, "stage_info", None)
             if info is not None and (info.index != s or info.n_stages != schedule.n_stages):
                 raise ValueError(f"pipeline: stage module {j} of pp rank {rank} is stage {info.index} of "
                                  f"{info.n_stages}, but the schedule expects stage {s} of {schedule.n_stages}")

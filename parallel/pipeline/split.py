@@ -13,25 +13,27 @@ model with hooks (no tracer) records which parameter-holding modules outside the
 the first block (*pre*: embeddings → first stage) and after the last (*post*: final norm, head →
 last stage). Stage k is a structural copy of the model sharing its tensors, in which
 
-* the blocks other stages own are replaced: before ``a_k`` by a pass-through, after by a
-  module that raises if called; parameter-free modules (rotary tables, dropout) stay everywhere,
-  so masks and position embeddings are rebuilt by the model's own code on every stage;
+* the blocks other stages own, and on a non-last stage the post modules, are pass-throughs
+  (they return the hidden state they are given); parameter-free modules (rotary tables,
+  dropout) stay everywhere, so masks and position embeddings are rebuilt on every stage;
 * on a non-first stage, pre modules return zeros of their output shape; the received
   activation is substituted for the hidden state at block ``a_k`` (a forward pre-hook);
-* on a non-last stage, a forward hook on block ``a_{k+1}−1`` ends the forward by raising
-  :class:`StageExit` carrying that block's output, which the stage returns (the stage
-  modules are in :mod:`.stage`).
+* on a non-last stage, a forward hook on block ``a_{k+1}−1`` records that block's output, which
+  the stage returns once the model's forward has run to its end over pass-throughs (see
+  :mod:`.stage`). Nothing is raised, so other hooks (ZeRO-3's) see an ordinary forward.
 
 So a stage computes exactly what the whole model computes between those two points. Supported:
 models whose body blocks are called once each, in order, with the hidden state as their first
 argument (or ``hidden_states=``), returning it (or a tuple starting with it); whose other
 per-layer inputs (causal mask, rotary tables, position ids) are computed without parameters;
-and whose input is token ids with no padding mask (the stage rebuilds inputs as ``(b, s)``
-zeros). This covers our GPT, ``nn.Sequential`` stacks, and transformers' Llama/Mistral/Qwen2
-and GPT-2 families. Anything else gets an error naming what was found.
+whose input is token ids with no padding mask (the stage rebuilds inputs as ``(b, s)`` zeros);
+and whose code after the body runs when final norm and head return their input (slicing or
+wrapping it; not changing it in place). This covers our GPT, ``nn.Sequential`` stacks, and
+transformers' Llama/Mistral/Qwen2 and GPT-2 families: none needs a fallback. Anything else
+gets an error naming what was found.
 
 Tied input/output embeddings split across stages stay tied: the last stage holds its own copy
-(``p3d_pp_duplicate``); both copies are marked ``p3d_defer_reduce`` and
+(``param_info(p).pp_duplicate``); both copies are marked ``defer_reduce`` and
 :func:`sync_tied_grads` sums their gradients across the first and last stage every step, so
 identical initial values plus identical updates keep them equal.
 """
@@ -45,10 +47,10 @@ import torch
 import torch.nn as nn
 
 from parallel import comm
-from parallel.pipeline.stage import StageExit, build_stage
+from parallel.parameters import param_info
+from parallel.pipeline.stage import build_stage
 
-__all__ = ["SplitPlan", "StageExit", "describe_split", "split_model", "sync_tied_grads", "find_body",
-           "contiguous_partition"]
+__all__ = ["SplitPlan", "describe_split", "split_model", "sync_tied_grads", "find_body", "contiguous_partition"]
 
 TIE_TAG = 1 << 28
 
@@ -236,19 +238,46 @@ def _bounds_from_split(split, n, S, where):
 
 
 def _plan(model, pp_size, virtual_stages, split, balance, sample):
+    """The :class:`SplitPlan`, the modules outside the body that hold parameters (by path) and the
+    probe's record (call order, block output form)."""
+    S, body_path, body, cls, where = _stages_and_body(model, pp_size, virtual_stages)
+    kind = "sequential" if body is model else "model"
+    blocks = list(body)
+    owners, pre, post, timed, info = _place(model, body_path, body, kind, balance, sample, where)
+    costs, name, c_pre, c_post = _costs(balance, blocks, owners, pre, post, timed, where)
+    if split == "auto" or split is None:
+        bounds = contiguous_partition(costs, S, c_pre, c_post)
+    else:
+        bounds, name = _bounds_from_split(split, len(blocks), S, where), "explicit boundaries"
+    tied = _tied(blocks, body_path, owners, pre, post, bounds)
+    plan = SplitPlan(type(model).__name__, kind, body_path, cls, len(blocks), pp_size, virtual_stages, bounds,
+                     costs, name, pre, post, tied)
+    for k, (a, b) in enumerate(bounds):
+        ps = {id(p): p.numel() for blk in blocks[a:b] for p in blk.parameters()}
+        for o in (pre if k == 0 else []) + (post if k == S - 1 else []):
+            ps.update({id(p): p.numel() for p in owners[o].parameters(recurse=False)})
+        plan.stage_params.append(sum(ps.values()))
+    return plan, owners, info
+
+
+def _stages_and_body(model, pp_size, virtual_stages):
+    """S = p·v; the body (path, container, block class, description), checked to hold >= S blocks."""
     if pp_size < 1 or virtual_stages < 1:
         raise ValueError(f"pipeline split: pp={pp_size} and virtual stages={virtual_stages} must be >= 1")
     S = pp_size * virtual_stages
     body_path, body = find_body(model)
-    kind = "sequential" if body is model else "model"
-    blocks = list(body)
-    n = len(blocks)
-    cls = "/".join(sorted({type(b).__name__ for b in blocks}))
+    n, cls = len(body), "/".join(sorted({type(b).__name__ for b in body}))
     where = f"{type(model).__name__}.{body_path or '<children>'} ({n} × {cls})"
     if S > n:
         raise ValueError(f"pipeline split: {S} stages (parallel.pp={pp_size} × parallel.pp_virtual_stages="
                          f"{virtual_stages}) but {where} has only {n} blocks; every stage needs at least one: "
                          f"lower parallel.pp or parallel.pp_virtual_stages so pp·v <= {n}, or use a deeper model")
+    return S, body_path, body, cls, where
+
+
+def _place(model, body_path, body, kind, balance, sample, where):
+    """Probe the model (kind "model", or to time an nn.Sequential's blocks): the owners outside the
+    body, which run before it (pre) and after it (post), measured times, and the probe's record."""
     owners, order, timed, info = {}, {}, {}, {}
     if kind == "model":
         owners = _owners(model, body_path)
@@ -268,27 +297,29 @@ def _plan(model, pp_size, virtual_stages, split, balance, sample):
         raise ValueError(f"pipeline split: {inside} hold parameters, sit outside {where} but run inside it; "
                          "no single stage can own them. Move them into the blocks")
     pre += [p for p in owners if p not in order]            # never called: park on the first stage
+    return owners, pre, post, timed, info
+
+
+def _costs(balance, blocks, owners, pre, post, timed, where):
+    """Per-block costs for the balance, its name, and the extra cost of the first and last stage."""
     if isinstance(balance, (list, tuple)):
-        costs = [float(c) for c in balance]
-        if len(costs) != n:
-            raise ValueError(f"pipeline split: balance lists {len(costs)} costs but {where} has {n} blocks")
-        name, c_pre, c_post = "given costs", 0.0, 0.0
-    elif balance == "params":
-        costs = [float(sum(p.numel() for p in b.parameters())) for b in blocks]
-        name = "params"
-        c_pre = float(sum(p.numel() for k in pre for p in owners[k].parameters(recurse=False)))
-        c_post = float(sum(p.numel() for k in post for p in owners[k].parameters(recurse=False)))
-    elif balance == "cost":
-        costs, name = [timed[i] for i in range(n)], "measured forward time"
-        c_pre, c_post = sum(timed.get(k, 0.0) for k in pre), sum(timed.get(k, 0.0) for k in post)
-    else:
-        raise ValueError(f"pipeline split: balance={balance!r} must be 'params', 'cost' or a list of per-block costs")
-    if split == "auto" or split is None:
-        bounds = contiguous_partition(costs, S, c_pre, c_post)
-    else:
-        bounds, name = _bounds_from_split(split, n, S, where), "explicit boundaries"
-    # A parameter used on stage 0 and stage S−1 only (tied embeddings) is duplicated; any other
-    # parameter shared across stages is an error.
+        if len(balance) != len(blocks):
+            raise ValueError(f"pipeline split: balance lists {len(balance)} costs but {where} has {len(blocks)} blocks")
+        return [float(c) for c in balance], "given costs", 0.0, 0.0
+    if balance == "params":
+        def size(paths):
+            return float(sum(p.numel() for k in paths for p in owners[k].parameters(recurse=False)))
+        return [float(sum(p.numel() for p in b.parameters())) for b in blocks], "params", size(pre), size(post)
+    if balance == "cost":
+        return ([timed[i] for i in range(len(blocks))], "measured forward time",
+                sum(timed.get(k, 0.0) for k in pre), sum(timed.get(k, 0.0) for k in post))
+    raise ValueError(f"pipeline split: balance={balance!r} must be 'params', 'cost' or a list of per-block costs")
+
+
+def _tied(blocks, body_path, owners, pre, post, bounds):
+    """The (pre name, post name) pairs of parameters used on stage 0 and stage S−1 only (tied
+    embeddings, duplicated); any other parameter shared across stages is an error."""
+    S = len(bounds)
     places = {}
     for k in pre + post:
         for pn, p in owners[k]._parameters.items():
@@ -308,14 +339,7 @@ def _plan(model, pp_size, virtual_stages, split, balance, sample):
             raise ValueError(f"pipeline split: one parameter is shared by {[nm for nm, _ in used]}, which land "
                              f"on stages {stages}; only a weight tied between the first and the last stage "
                              "(input/output embeddings) can cross stages. Change parallel.pp_split")
-    plan = SplitPlan(type(model).__name__, kind, body_path, cls, n, pp_size, virtual_stages, bounds,
-                     costs, name, pre, post, tied)
-    for k, (a, b) in enumerate(bounds):
-        ps = {id(p): p.numel() for blk in blocks[a:b] for p in blk.parameters()}
-        for o in (pre if k == 0 else []) + (post if k == S - 1 else []):
-            ps.update({id(p): p.numel() for p in owners[o].parameters(recurse=False)})
-        plan.stage_params.append(sum(ps.values()))
-    return plan, owners, info
+    return tied
 
 
 def describe_split(model: nn.Module, pp_size: int, virtual_stages: int = 1, split="auto",
@@ -350,12 +374,12 @@ def sync_tied_grads(stages: list, pp_group: "comm.Group") -> int:
     pairs: dict = {}
     n_stages = None
     for st in stages:
-        info = st.p3d_stage
+        info = st.stage_info
         n_stages = info.n_stages
         for p in st.parameters():
-            t = getattr(p, "p3d_tie", None)
-            if t is not None and (info.first and not p.p3d_pp_duplicate or info.last and p.p3d_pp_duplicate):
-                pairs.setdefault(t, {})["last" if p.p3d_pp_duplicate else "first"] = p
+            t, dup = param_info(p).tie, param_info(p).pp_duplicate
+            if t is not None and (info.first and not dup or info.last and dup):
+                pairs.setdefault(t, {})["last" if dup else "first"] = p
     tied = comm.Group(pp_group.pg, "pp_tied", pp_group.ranks, pp_group.rank, pp_group.stats)
     for t in sorted(pairs):
         side = pairs[t]

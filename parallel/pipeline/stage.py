@@ -1,11 +1,15 @@
 """The stage modules a pipeline split builds (see :mod:`.split` for the method).
 
 A stage is a structural copy of the model (class ``PipelineStage<Model>``, the class swap FSDP2's
-``fully_shard`` uses, so parameter names stay the model's) that shares the model's tensors; the
-blocks other stages own are replaced by :class:`_PassThrough` (earlier) or :class:`_Absent`
-(later), first-stage inputs on later stages by :class:`_Zeros`; a forward pre-hook injects the
-received activation at the first owned block, and a forward hook on the last owned block raises
-:class:`StageExit` with its output, which :meth:`PipelineStage.forward` returns.
+``fully_shard`` uses, so parameter names stay the model's) that shares the model's tensors. The
+blocks other stages own are replaced by :class:`_PassThrough` modules, which return the hidden
+state they are given; first-stage inputs on later stages by :class:`_Zeros`; on a non-last stage
+the last-stage modules after the body (final norm, head) become pass-throughs too. A forward
+pre-hook injects the received activation at the first owned block, and a forward hook on the last
+owned block records its output (and changes nothing). The model's own forward then runs to its
+end — over pass-throughs only, so no parameter is touched after the stage's last block — and
+:meth:`PipelineStage.forward` returns the recorded output: a stage ends without raising, so every
+other forward hook (ZeRO-3's gather/free) sees an ordinary forward.
 """
 from __future__ import annotations
 
@@ -18,23 +22,15 @@ import torch
 import torch.nn as nn
 
 from parallel.loss import logits_of
+from parallel.parameters import param_info
 
-__all__ = ["StageExit", "StageInfo", "PipelineStage", "build_stage"]
-
-
-class StageExit(BaseException):
-    """Raised by the hook on a stage's last block to end the model's forward there (a
-    BaseException, so a model's own ``except Exception`` cannot swallow it)."""
-
-    def __init__(self, hidden):
-        super().__init__("stage exit")
-        self.hidden = hidden
-
+__all__ = ["StageInfo", "PipelineStage", "build_stage"]
 
 
 @dataclass(eq=False)
 class StageInfo:
-    """What a stage module knows about itself (``stage.p3d_stage``)."""
+    """What a stage module knows about itself (``stage.stage_info``). ``inject``: the received
+    activation during a forward; ``hidden``: the last owned block's output, once it ran."""
     index: int
     n_stages: int
     blocks: tuple
@@ -42,6 +38,7 @@ class StageInfo:
     plan: object                    # the SplitPlan it belongs to
     call_kwargs: dict = field(default_factory=dict)
     inject: object = None
+    hidden: object = None
 
     @property
     def first(self) -> bool:
@@ -57,24 +54,35 @@ class PipelineStage:
     ``fully_shard`` uses), so parameter names stay those of the unsplit model.
 
     ``forward(x)``: x is the input on the first stage and the received activation elsewhere;
-    returns the activation for the next stage, or the logits on the last stage."""
+    returns the activation for the next stage (the output of the stage's last block), or the
+    logits on the last stage."""
 
     def forward(self, x):
-        st = self.p3d_stage
+        st = self.stage_info
         if st.kind == "sequential":
             return super().forward(x)
         inp = x if st.first else torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
-        st.inject = None if st.first else x
+        st.inject, st.hidden = (None if st.first else x), None
         try:
             out = super().forward(inp, **st.call_kwargs)
-        except StageExit as e:
-            return e.hidden
+            hidden = st.hidden
+        except Exception as e:
+            if st.hidden is None or st.last:
+                raise
+            raise RuntimeError(
+                f"stage {st.index}: the model's forward failed after block {st.blocks[1] - 1}, where this stage "
+                f"ends, with the final norm/head as pass-throughs ({type(e).__name__}: {e}). Its code after the "
+                "blocks needs their real outputs, which the pipeline split does not support: use parallel.pp=1, "
+                "or a model whose forward only returns (or slices) the head's output") from e
         finally:
-            st.inject = None
-        if not st.last:
-            raise RuntimeError(f"stage {st.index}: the model's forward returned before block "
-                               f"{st.blocks[1] - 1}, so the stage exit hook never ran")
-        return logits_of(out)
+            st.inject = st.hidden = None
+        if st.last:
+            return logits_of(out)
+        if hidden is None:
+            raise RuntimeError(f"stage {st.index}: the model's forward returned without calling block "
+                               f"{st.blocks[1] - 1}, the last block of this stage, so there is no output "
+                               "to send on; the split needs every block called once per forward")
+        return hidden
 
 
 _STAGE_CLASSES: dict = {}
@@ -87,11 +95,13 @@ def _stage_class(cls):
 
 
 class _PassThrough(nn.Module):
-    """An earlier stage's block: returns the hidden state it is given (soon replaced anyway)."""
+    """A block another stage owns, or a last-stage module after the body (final norm, head) on an
+    earlier stage: returns the hidden state it is given (as a tuple of ``n_out`` when blocks
+    return tuples)."""
 
-    def __init__(self, index: int, n_out: int):
+    def __init__(self, what: str, n_out: int = 0):
         super().__init__()
-        self.index, self.n_out = index, n_out
+        self.what, self.n_out = what, n_out
 
     def forward(self, *args, **kwargs):
         h = args[0] if args else kwargs["hidden_states"]
@@ -137,8 +147,10 @@ def _inject_hook(info):
     return hook
 
 
-def _exit_hook(mod, args, out):
-    raise StageExit(out[0] if isinstance(out, (tuple, list)) else out)
+def _record_hook(info):
+    def hook(mod, args, out):
+        info.hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return hook
 
 
 def build_stage(model, plan, owners, probe, k):
@@ -149,14 +161,12 @@ def build_stage(model, plan, owners, probe, k):
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     for i, blk in enumerate(body):
         if not a <= i < b:
-            owner = next(j for j, (x, y) in enumerate(plan.bounds) if x <= i < y)
-            memo[id(blk)] = _PassThrough(i, probe.get("tuple") or 0) if i < a else \
-                _Absent(f"block {i}", f"stage {owner}")
+            memo[id(blk)] = _PassThrough(f"block {i}", probe.get("tuple") or 0)
     for path in plan.pre if k else []:
         memo[id(owners[path])] = _Zeros(owners[path]) if path in probe.get("order", {}) else \
             _Absent(path, "stage 0")
     for path in plan.post if k < S - 1 else []:
-        memo[id(owners[path])] = _Absent(path, f"stage {S - 1}")
+        memo[id(owners[path])] = _PassThrough(path)
     stage = copy.deepcopy(model, memo)
     if plan.kind == "sequential":
         for i in [i for i in range(len(body)) if not a <= i < b]:
@@ -166,25 +176,37 @@ def build_stage(model, plan, owners, probe, k):
     if "use_cache" in inspect.signature(type(model).forward).parameters:
         kwargs["use_cache"] = False
     info = StageInfo(k, S, (a, b), plan.kind, plan, kwargs)
-    stage.p3d_stage = info
+    stage.stage_info = info
     if plan.kind == "model":
         sbody = stage.get_submodule(plan.body)
         if k > 0:
             sbody[a].register_forward_pre_hook(_inject_hook(info), with_kwargs=True)
         if k < S - 1:
-            sbody[b - 1].register_forward_hook(_exit_hook)
-            sbody[b - 1].p3d_stage_exit = True        # hooks that must see the output register before it
-    if S > 1 and k == S - 1:                      # the last stage's own copy of tied weights
-        for t, (pre_name, post_name) in enumerate(plan.tied):
+            sbody[b - 1].register_forward_hook(_record_hook(info))
+    if S > 1:
+        _mark_tied(stage, plan, k)
+    return stage
+
+
+def _mark_tied(stage, plan, k):
+    """Weights tied between the first and the last stage: the last stage gets its own copy; both
+    are reduced late and carry the index of their pair (see :func:`.split.sync_tied_grads`)."""
+    S = plan.n_stages
+    for t, (pre_name, post_name) in enumerate(plan.tied):
+        if k == 0:
+            _tie(stage.get_parameter(pre_name), t, duplicate=False)
+        if k == S - 1:
             mpath, _, pname = post_name.rpartition(".")
             mod = stage.get_submodule(mpath)
             orig = mod._parameters[pname]
             dup = nn.Parameter(orig.detach().clone(), requires_grad=orig.requires_grad)
-            for p, is_dup in ((orig, False), (dup, True)):
-                p.p3d_defer_reduce, p.p3d_tie, p.p3d_pp_duplicate = True, t, is_dup
+            _tie(orig, t, duplicate=False)
+            src, copy_ = param_info(orig), param_info(dup)          # a tp shard stays one
+            copy_.tp_dim, copy_.sections = src.tp_dim, src.sections
+            _tie(dup, t, duplicate=True)
             mod._parameters[pname] = dup
-    if S > 1 and k == 0:
-        for t, (pre_name, _) in enumerate(plan.tied):
-            p = stage.get_parameter(pre_name)
-            p.p3d_defer_reduce, p.p3d_tie, p.p3d_pp_duplicate = True, t, False
-    return stage
+
+
+def _tie(p, t: int, duplicate: bool) -> None:
+    info = param_info(p)
+    info.defer_reduce, info.tie, info.pp_duplicate = True, t, duplicate

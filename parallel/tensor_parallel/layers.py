@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from parallel import comm
 from parallel.comm import Group
+from parallel.parameters import param_info
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
            "shard_tensor", "seq_scatter", "seq_gather", "seq_all_gather", "sum_grads_over_tp", "SEQ_DIM"]
@@ -51,10 +52,10 @@ def shard_tensor(full: torch.Tensor, dim: int, parts: int, index: int, sections=
 
 
 def _mark(p: nn.Parameter, dim: int, sections) -> nn.Parameter:
-    """Tag a split parameter: optimizer (grad norm) and checkpoint code read these attributes."""
-    p.tp_sharded = True
-    p.tp_shard_dim = dim
-    p.tp_sections = None if sections is None else tuple(int(s) for s in sections)
+    """Record a split parameter's dim and sections (read by the grad norm and checkpoints)."""
+    info = param_info(p)
+    info.tp_dim = dim
+    info.sections = None if sections is None else tuple(int(s) for s in sections)
     return p
 
 

@@ -1,7 +1,7 @@
 """Convert an existing model to tensor parallelism by a plan {module glob: style} (Megatron-LM,
 arXiv 1909.08053; sequence parallel, arXiv 2205.05198).
 
-    apply_tensor_parallel(model, mesh_or_tp_group, plan="auto", sequence_parallel=False) -> model
+    apply_tensor_parallel(model, mesh_or_tp_group, plan="auto", sequence_parallel=False) -> TPConversion
 
 The model is converted in place: each planned ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` is replaced
 by its parallel layer holding this rank's shard of the values the model already has (a pretrained
@@ -13,7 +13,7 @@ Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
   colwise_qkv      fused [q; k; v]: each of q, k, v split by heads (GQA sizes read from the attention)
   colwise_packed   fused [gate; up]: each half split
   colwise_gather   column-parallel, output all-gathered along the last dim
-  colwise_vocab    the output layer: logits stay split by vocabulary (``model.tp_vocab_parallel_output``),
+  colwise_vocab    the output layer: logits stay split by vocabulary (``TPConversion.vocab_parallel_output``),
                    for ``vocab_parallel_cross_entropy``
   rowwise          row-parallel Linear/Conv1D, input split along its last dim, output all-reduced
   rowwise_split_input  row-parallel taking its own slice of a replicated input
@@ -47,6 +47,7 @@ import difflib
 import functools as ft
 import re
 import sys
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -63,7 +64,7 @@ from parallel.tensor_parallel.layers import (
     sum_grads_over_tp,
 )
 
-__all__ = ["apply_tensor_parallel", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
+__all__ = ["apply_tensor_parallel", "TPConversion", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
 
 COLWISE = ("colwise", "colwise_qkv", "colwise_packed", "colwise_gather", "colwise_vocab")
 ROWWISE = ("rowwise", "rowwise_split_input")
@@ -269,64 +270,68 @@ def _output_hook(module, args, output, fn):
 
 def _labels_guard(module, args, kwargs):
     if kwargs.get("labels") is not None:
-        raise ValueError("this model's logits are split by vocabulary across tp ranks (tp_vocab_parallel_output), "
+        raise ValueError("this model's logits are split by vocabulary across tp ranks (a colwise_vocab output layer), "
                          "so its built-in loss would be wrong: call it without labels= and compute the loss with "
                          "parallel.tensor_parallel.vocab_parallel_cross_entropy(out.logits, targets, tp_group)")
 
 
-def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto", sequence_parallel: bool = False) -> nn.Module:
+@dataclass(frozen=True)
+class TPConversion:
+    """What :func:`apply_tensor_parallel` did (kept by the caller, e.g. the engine; not set on the model)."""
+    group: Group
+    sequence_parallel: bool             # activations between the tp regions are sequence-sharded
+    vocab_parallel_output: bool         # logits split by vocabulary: use vocab_parallel_cross_entropy
+
+
+def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
+                          sequence_parallel: bool = False) -> TPConversion:
     """Convert ``model`` in place by ``plan`` over the tp group (a ``Mesh``'s "tp" axis or a ``Group``).
 
-    Every problem (a glob that matches nothing, a size or head count not divisible by tp, a module type
-    a style cannot convert) is reported in one ValueError before anything is changed. Split parameters
-    get ``tp_sharded = True`` (and ``tp_shard_dim``, ``tp_sections``); the model gets ``tp_group``,
-    ``tp_sequence_parallel`` and ``tp_vocab_parallel_output`` (logits split by vocabulary: use
-    ``vocab_parallel_cross_entropy``). With tp = 1 the plan is checked and the model left unchanged."""
+    Every problem (a glob that matches nothing, a size or head count not divisible by tp, a module type a style
+    cannot convert) is reported in one ValueError before anything is changed. Split parameters record their dim
+    and sections in :func:`parallel.parameters.param_info`. With tp = 1 the plan is only checked."""
     group: Group = mesh_or_group.group("tp") if hasattr(mesh_or_group, "group") else mesh_or_group
     tp = group.size
+    matches, sections, styles = _checked_plan(model, plan, tp, sequence_parallel)
+    out = TPConversion(group, bool(sequence_parallel and tp > 1), tp > 1 and "colwise_vocab" in styles)
+    if tp == 1:
+        return out
+    region = "seq_scatter_input" in styles
+    islands = _convert(model, matches, sections, group, out.sequence_parallel, region)
+    if out.sequence_parallel:
+        _shard_norms(model, matches, islands, region, group)
+    if out.vocab_parallel_output and hasattr(model, "config"):
+        model.register_forward_pre_hook(_labels_guard, with_kwargs=True)
+    return out
+
+
+def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set]:
+    """The plan's matches [(name, style, module)], fused sections by name, styles; or one ValueError."""
     plan = resolve_plan(model, plan)
     errors: list[str] = []
     matches = _match(model, plan, errors)
-    mods = dict(model.named_modules())
-    sections = _validate(matches, mods, tp, errors)
+    sections = _validate(matches, dict(model.named_modules()), tp, errors)
     styles = {s for _, s, _ in matches}
-    region = "seq_scatter_input" in styles
-    if sequence_parallel and region and "seq_gather_output" not in styles:
+    if sequence_parallel and "seq_scatter_input" in styles and "seq_gather_output" not in styles:
         errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
                       "mark the final norm 'seq_gather_output'")
     if errors:
         raise ValueError(f"tensor-parallel plan cannot be applied to {type(model).__name__} with tp = {tp}:\n  - "
                          + "\n  - ".join(errors))
-    model.tp_group, model.tp_sequence_parallel = group, bool(sequence_parallel and tp > 1)
-    model.tp_vocab_parallel_output = tp > 1 and "colwise_vocab" in styles
-    if tp == 1:
-        return model
-    sp = model.tp_sequence_parallel
-    memo: dict = {}
-    islands = set()                        # parents of split linears: attention / MLP modules
-    shared: dict[int, _SharedInput] = {}
-    heads_fixed = set()
+    return matches, sections, styles
+
+
+def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: bool, region: bool) -> set:
+    """Swap in the parallel layers, hook the markers; returns the parents of split linears (islands)."""
+    mods = dict(model.named_modules())
+    memo, shared, islands, heads_fixed = {}, {}, set(), set()          # memo: tied weights stay one Parameter
     for name, style, m in matches:
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
         if style in COLWISE:
-            head = style in ("colwise_vocab", "colwise_gather")
-            new = ColumnParallelLinear.from_module(
-                m, group, gather_output=style == "colwise_gather", sections=sections.get(name),
-                sequence_parallel=sp and not (head and region), memo=memo)
-            if not head:
-                # One f (or f̄) per attention/MLP module, however many column layers read its input. With
-                # sequence parallel f̄ goes on the module's input, so code in it that derives shapes from
-                # its input (heads = -1, reshape(*input_shape, -1)) sees the whole sequence.
+            new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared)
+            if style not in ("colwise_vocab", "colwise_gather"):
                 islands.add(parent_name)
-                if id(parent) not in shared:
-                    shared[id(parent)] = _SharedInput()
-                    parent.register_forward_hook(shared[id(parent)].clear, always_call=True)
-                    if sp:
-                        parent.register_forward_pre_hook(ft.partial(
-                            _first_input_hook, fn=ft.partial(seq_all_gather, group=group),
-                            what="sequence-parallel all-gather"), with_kwargs=True)
-                new.shared_input, new.input_ready = shared[id(parent)], sp
         elif style in ROWWISE:
             new = RowParallelLinear.from_module(m, group, input_is_parallel=style == "rowwise",
                                                 sequence_parallel=sp, memo=memo)
@@ -334,14 +339,7 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto", sequence
         elif style == "vocab":
             new = VocabParallelEmbedding.from_module(m, group, sequence_parallel=sp and not region, memo=memo)
         else:
-            if style == "replicated_grad_allreduce" or (sp and style == "sequence_parallel"):
-                sum_grads_over_tp(m, group)
-            elif sp and style == "seq_scatter_input":
-                m.register_forward_pre_hook(ft.partial(_first_input_hook, fn=ft.partial(seq_scatter, group=group),
-                                                       what="seq_scatter_input"), with_kwargs=True)
-            elif sp and style in ("seq_scatter_output", "seq_gather_output"):
-                fn = seq_scatter if style == "seq_scatter_output" else seq_gather
-                m.register_forward_hook(ft.partial(_output_hook, fn=ft.partial(fn, group=group)))
+            _hook_marker(m, style, group, sp)
             continue
         setattr(parent, child, new)
         if style in ("colwise", "colwise_qkv") and _int_attr(parent, ("head_dim",)) and parent_name not in heads_fixed:
@@ -349,12 +347,40 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto", sequence
             for a in HEAD_ATTRS:
                 v = _int_attr(parent, (a,))
                 if v is not None:
-                    setattr(parent, a, v // tp)
-    if sp:
-        _shard_norms(model, matches, islands, region, group)
-    if model.tp_vocab_parallel_output and hasattr(model, "config"):
-        model.register_forward_pre_hook(_labels_guard, with_kwargs=True)
-    return model
+                    setattr(parent, a, v // group.size)
+    return islands
+
+
+def _column(m, style, parent, group, sections, sp, region, memo, shared) -> ColumnParallelLinear:
+    """The column-parallel layer for ``m``; inside an attention/MLP module it shares one f (or f̄)."""
+    head = style in ("colwise_vocab", "colwise_gather")
+    new = ColumnParallelLinear.from_module(m, group, gather_output=style == "colwise_gather", sections=sections,
+                                           sequence_parallel=sp and not (head and region), memo=memo)
+    if not head:
+        # One f (or f̄) per attention/MLP module, however many column layers read its input. With
+        # sequence parallel f̄ goes on the module's input, so code in it that derives shapes from
+        # its input (heads = -1, reshape(*input_shape, -1)) sees the whole sequence.
+        if id(parent) not in shared:
+            shared[id(parent)] = _SharedInput()
+            parent.register_forward_hook(shared[id(parent)].clear, always_call=True)
+            if sp:
+                parent.register_forward_pre_hook(ft.partial(
+                    _first_input_hook, fn=ft.partial(seq_all_gather, group=group),
+                    what="sequence-parallel all-gather"), with_kwargs=True)
+        new.shared_input, new.input_ready = shared[id(parent)], sp
+    return new
+
+
+def _hook_marker(m: nn.Module, style: str, group: Group, sp: bool) -> None:
+    """The styles that keep the module: summed gradients, sequence scatter/gather hooks."""
+    if style == "replicated_grad_allreduce" or (sp and style == "sequence_parallel"):
+        sum_grads_over_tp(m, group)
+    elif sp and style == "seq_scatter_input":
+        m.register_forward_pre_hook(ft.partial(_first_input_hook, fn=ft.partial(seq_scatter, group=group),
+                                               what="seq_scatter_input"), with_kwargs=True)
+    elif sp and style in ("seq_scatter_output", "seq_gather_output"):
+        fn = seq_scatter if style == "seq_scatter_output" else seq_gather
+        m.register_forward_hook(ft.partial(_output_hook, fn=ft.partial(fn, group=group)))
 
 
 def _shard_norms(model, matches, islands, region, group):

@@ -42,7 +42,7 @@ def replace_meta_params(module: nn.Module, init) -> dict:
                 continue
             if p not in new:
                 q = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=p.requires_grad)
-                q.__dict__.update(p.__dict__)               # flags such as tp_sharded travel along
+                q.__dict__.update(p.__dict__)               # its ParamInfo record travels along
                 new[p], src[q] = q, p
                 if not p.requires_grad:
                     q.data = init.materialize(p).clone()

@@ -1,11 +1,11 @@
 """The global gradient norm of a ZeRO partition, and what a non-finite one does to the step.
 
 Global gradient norm (for clipping and reporting), ‖g‖² = Σ over the dp partitions (stage ≥ 1)
-and over ``norm_groups``: a parameter with ``tp_sharded = True`` is a distinct shard per tp rank
+and over ``norm_groups``: a parameter split by tp (``param_info(p).tp_split``) is a distinct shard per tp rank
 (summed over a group whose axis is "tp"); any other parameter is replicated over tp and counted
-once (from tp rank 0); a parameter with ``p3d_pp_duplicate = True`` is a second copy (a tied
+once (from tp rank 0); a parameter with ``param_info(p).pp_duplicate`` is a second copy (a tied
 embedding on the last pipeline stage) and is not counted; over other groups (pp) all are summed.
-The three parts are kept apart, [Σ tp_sharded g², Σ replicated g², Σ duplicate g²], in float64.
+The three parts are kept apart, [Σ tp-split g², Σ replicated g², Σ duplicate g²], in float64.
 
 Non-finite policy (``on_nonfinite``, the config's ``train.on_nonfinite``). The parts are
 all-reduced, so every rank sees the same verdict and takes the same branch:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from parallel import comm
+from parallel.parameters import param_info
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteError", "SKIP_MESSAGE", "norm_segments", "grad_norm_sq"]
 
@@ -37,12 +38,12 @@ class NonFiniteError(RuntimeError):
 
 
 def norm_segments(b) -> list:
-    """Runs (a, e, kind) of bucket ``b`` in shard coordinates; kind 0 = tp_sharded, 1 = replicated,
+    """Runs (a, e, kind) of bucket ``b`` in shard coordinates; kind 0 = tp split, 1 = replicated,
     2 = duplicate."""
     segs = []
     for i, a, e in b.pieces():
         p = b.params[i]
-        kind = 2 if getattr(p, "p3d_pp_duplicate", False) else 0 if getattr(p, "tp_sharded", False) else 1
+        kind = 2 if param_info(p).pp_duplicate else 0 if param_info(p).tp_split else 1
         if segs and segs[-1][2] == kind and segs[-1][1] == a - b.lo:
             segs[-1] = (segs[-1][0], e - b.lo, kind)
         else:
@@ -51,7 +52,7 @@ def norm_segments(b) -> list:
 
 
 def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_groups) -> torch.Tensor:
-    """[Σ tp_sharded g², Σ replicated g², Σ duplicate g²] over the whole model (float64), from the
+    """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64), from the
     ``master.grad`` of ``buckets``; ``partitioned``: each dp rank holds a different part (stage ≥ 1)."""
     v = torch.zeros(3, dtype=torch.float64, device=buckets[0].master.device)
     for b in buckets:

@@ -44,6 +44,7 @@ from parallel.comm import Group, all_gather_into
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
+from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
 from parallel.zero.grad_norm import NONFINITE_POLICIES, SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
@@ -174,8 +175,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         """``buckets`` (reduction order), ``deferred`` (tied, pp-reduced) and ``_all``; for stage 3
         returns its (units, needs) plan, else (None, None)."""
         N, r, stage = self.group.size, self.group.rank, self.stage
-        deferred = [(n, p) for n, p in named if getattr(p, "p3d_defer_reduce", False)]
-        normal = [(n, p) for n, p in named if not getattr(p, "p3d_defer_reduce", False)]
+        deferred = [(n, p) for n, p in named if param_info(p).defer_reduce]
+        normal = [(n, p) for n, p in named if not param_info(p).defer_reduce]
         units = needs = None
         if stage < 3:
             self.buckets = make_buckets(normal, bucket_mb * 2 ** 20, self.prec.bytes_per_element, N, r, pad=stage > 0)
@@ -278,7 +279,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         return b.shard_grad
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """[Σ tp_sharded g², Σ replicated g², Σ duplicate g²] over the whole model (float64)."""
+        """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64)."""
         return grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups)
 
     def step(self) -> StepResult:

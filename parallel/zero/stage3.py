@@ -116,10 +116,7 @@ class Stage3Params:
             # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
             # hook wraps them for its gradient all-reduce)
             self._handles.append(m.register_forward_pre_hook(self._pre_forward, prepend=True))
-            # a pipeline stage ends by raising from its last block's forward hook (split.py marks it):
-            # ours must run before that one, or the unit would stay gathered with no backward hook
-            self._handles.append(m.register_forward_hook(self._post_forward,
-                                                         prepend=getattr(m, "p3d_stage_exit", False)))
+            self._handles.append(m.register_forward_hook(self._post_forward))
         self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
         self._handles.append(module.register_forward_hook(self._root_post))
 
