@@ -122,10 +122,10 @@ class _SyncBN(torch.autograd.Function):
 
 class SyncBatchNormMixin:
     """Put in front of a BatchNorm class (``convert_sync_batchnorm`` swaps the instance's class):
-    training-mode statistics over ``self.p3d_group`` (a counted dp :class:`parallel.comm.Group`)."""
+    training-mode statistics over ``self.sync_group`` (a counted dp :class:`parallel.comm.Group`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.p3d_group
+        group = self.sync_group
         if not self.training or group.size == 1:
             return _BatchNorm.forward(self, x)  # eval (running stats, or local batch stats) / one rank: torch's
         self._check_input_dim(x)
@@ -163,14 +163,14 @@ def batchnorm_modules(model: nn.Module) -> list:
 def convert_sync_batchnorm(model: nn.Module, group) -> list:
     """Make every BatchNorm*d in ``model`` synchronise its statistics over ``group``, in place: the
     instance's class becomes ``Sync<class>`` (its weights, buffers, hooks and every reference to it
-    stay), with ``p3d_group = group``. Subclasses with their own forward are refused (converting them
+    stay), with ``sync_group = group``. Subclasses with their own forward are refused (converting them
     would drop their extra computation). Returns the converted modules' names."""
     if not isinstance(group, comm.Group):
         raise TypeError(f"convert_sync_batchnorm needs a counted group (mesh.group('dp')), got {type(group).__name__}")
     done = []
     for name, m in batchnorm_modules(model):
         if isinstance(m, SyncBatchNormMixin):
-            m.p3d_group = group
+            m.sync_group = group
             done.append(name)
             continue
         cls = type(m)
@@ -183,7 +183,7 @@ def convert_sync_batchnorm(model: nn.Module, group) -> list:
                              f"synchronising it would drop that computation. Use nn.BatchNorm*d there, or set "
                              f"parallel.sync_batchnorm: false")
         m.__class__ = _sync_class(cls)
-        m.p3d_group = group
+        m.sync_group = group
         done.append(name)
     return done
 
