@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import time
 
 from parallel import checkpoint
 from parallel.checkpoint.integrity import CheckpointError, check_data, data_contract
@@ -64,7 +65,12 @@ def save_checkpoint(engine, path: str, root: str, extra: dict | None = None) -> 
                                       or type(e).__name__ == "CheckpointException"):
             raise
         tmp = tmp_dir(path)
-        shutil.rmtree(tmp, ignore_errors=True)
+        deadline = time.monotonic() + 5.0            # a peer may still be writing its shards into it
+        while True:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(tmp) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         prev = checkpoint.latest(root)
         cause = "no space left on device" if _disk_full(e) else f"{type(e).__name__}: {str(e).strip()[:300]}"
         raise CheckpointError(f"writing checkpoint {path} failed: {cause}. The partial save "
