@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import faulthandler
-import json
 import os
 import re
 import sys
@@ -36,7 +34,16 @@ import torch.nn as nn
 from launch import failures
 from launch.metrics import RANKS_FILE, MetricsLog
 from launch.preflight import check_config
+from launch.resume import (  # noqa: F401  (importable from here as before)
+    CheckpointError,
+    check_writable,
+    resume,
+    save_checkpoint,
+    truncate_metrics,
+)
 from parallel import checkpoint, comm
+from parallel.checkpoint.integrity import data_contract
+from parallel.checkpoint.retention import Retention, job_id
 from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
@@ -55,10 +62,6 @@ from parallel.reliability.watchdog import (
     terminate,
 )
 from parallel.zero import NonFiniteError  # noqa: F401  (raised by the engine; importable from here as before)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or resumed; the message names the folder and the fix."""
 
 
 class DataError(ValueError):
@@ -104,15 +107,33 @@ def _shapes(sample):
     return type(sample).__name__
 
 
-def load_batch(dataset, step: int, cfg: Config, dp: int, dp_rank: int):
-    """This rank's share of global batch ``step``; a DataError naming the samples when they cannot
-    be stacked (different shapes: the micro-batches' activations would change shape)."""
+def input_vocab(model: nn.Module) -> int | None:
+    """The size of the input embedding (HF's get_input_embeddings(), else the largest nn.Embedding):
+    integer inputs must lie in [0, vocab)."""
+    get = getattr(model, "get_input_embeddings", None)
     try:
-        return rank_batch(dataset, step, cfg.data.global_batch_size, dp, dp_rank, cfg.train.seed, cfg.data.shuffle)
+        emb = get() if callable(get) else None
+    except Exception:                       # e.g. NotImplementedError of a model without one
+        emb = None
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
+
+
+def load_batch(dataset, step: int, cfg: Config, dp: int, dp_rank: int, vocab: int | None = None):
+    """This rank's share of global batch ``step``; a DataError naming the samples when they cannot
+    be stacked (different shapes: the micro-batches' activations would change shape) or when an
+    integer input holds a token id outside [0, vocab) (one max and min over the batch)."""
+    per = cfg.data.global_batch_size // dp
+
+    def indices():
+        return global_indices(step, cfg.data.global_batch_size, len(dataset), cfg.train.seed,
+                              cfg.data.shuffle)[dp_rank * per:(dp_rank + 1) * per]
+    try:
+        batch = rank_batch(dataset, step, cfg.data.global_batch_size, dp, dp_rank, cfg.train.seed, cfg.data.shuffle)
     except (RuntimeError, TypeError, ValueError) as e:
-        per = cfg.data.global_batch_size // dp
-        idx = global_indices(step, cfg.data.global_batch_size, len(dataset), cfg.train.seed,
-                             cfg.data.shuffle)[dp_rank * per:(dp_rank + 1) * per]
+        idx = indices()
         shapes = {i: _shapes(dataset[i]) for i in idx}
         kinds = sorted(set(shapes.values()), key=lambda s: -list(shapes.values()).count(s))
         if len(kinds) > 1:
@@ -122,48 +143,17 @@ def load_batch(dataset, step: int, cfg: Config, dp: int, dp_rank: int):
                             f"return one shape per sample (pad or crop)") from e
         raise DataError(f"step {step}: forming the batch from dataset indices {idx[:8]} failed: "
                         f"{type(e).__name__}: {e}") from e
-
-
-def check_writable(path: str) -> None:
-    """Every rank writes its own shards: fail before training when it cannot."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".p3d-write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise CheckpointError(f"train.checkpoint.dir={path!r} is not writable ({type(e).__name__}: "
-                              f"{e.strerror or e}): choose a directory this job can write, or fix its permissions") from None
-
-
-def _disk_full(exc: BaseException) -> bool:
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
-            return True
-        todo += [e.__cause__, e.__context__] + [f[0] for f in getattr(e, "failures", {}).values()]
-    return "No space left on device" in str(exc)
-
-
-def save_checkpoint(engine, path: str, root: str) -> str:
-    """engine.save with a clear error; an interrupted save leaves only ``.tmp-<name>``, which
-    checkpoint.latest ignores, so the previous checkpoint stays the one a restart resumes from."""
-    try:
-        return engine.save(path)
-    except BaseException as e:                       # DCP's CheckpointException is a BaseException
-        if is_peer_failure(e) or not (isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "CheckpointException"):
-            raise
-        prev = checkpoint.latest(root)
-        cause = "the disk is full" if _disk_full(e) else f"{type(e).__name__}: {str(e).strip()[:300]}"
-        raise CheckpointError(f"writing checkpoint {path} failed: {cause}. The partial save is left as "
-                              f".tmp-{os.path.basename(path)} and ignored; "
-                              + (f"the previous checkpoint {prev} is intact. " if prev else "there is no earlier checkpoint. ")
-                              + f"Free space on the disk of train.checkpoint.dir={root!r} or point it elsewhere") from e
+    x = batch[0] if isinstance(batch, (tuple, list)) else None
+    if vocab and isinstance(x, torch.Tensor) and x.numel() and not x.is_floating_point() and x.dtype != torch.bool:
+        hi, lo = int(x.max()), int(x.min())
+        if hi >= vocab or lo < 0:
+            bad = int(((x >= vocab) | (x < 0)).reshape(x.shape[0], -1).any(1).nonzero()[0])
+            row = x[bad]
+            tok = int(row.max()) if int(row.max()) >= vocab else int(row.min())
+            raise DataError(f"step {step}: dataset index {indices()[bad]} holds token id {tok}, "
+                            f"outside the model's vocabulary of {vocab} (ids 0..{vocab - 1}; this batch's ids span "
+                            f"{lo}..{hi}): encode the data with the model's tokenizer, or raise the model's vocab_size")
+    return batch
 
 
 def train_step(engine, batch, progress: Progress, print_fn, rank: int) -> float:
@@ -173,57 +163,6 @@ def train_step(engine, batch, progress: Progress, print_fn, rank: int) -> float:
     if engine.last_result.nonfinite_skip and rank == 0:
         print_fn(f"step {progress.step}: non-finite gradient, update skipped (train.on_nonfinite=skip)", flush=True)
     return loss
-
-
-# --- restarts -------------------------------------------------------------------------------------
-
-def truncate_metrics(path: str, step: int) -> None:
-    """Keep the metrics lines of steps before ``step`` (a resumed run logs the rest again)."""
-    if not path or not os.path.isfile(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] < step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                pass
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
-def resume(engine, cfg: Config, rank: int, print_fn) -> None:
-    """Load the newest complete checkpoint when train.resume is set or torchrun restarted us."""
-    ck, attempt = cfg.train.checkpoint, restart_attempt()
-    if attempt > 0 and not ck.dir and rank == 0:
-        print_fn(f"restart {attempt} (TORCHELASTIC_RESTART_COUNT): train.checkpoint.dir is not set, so nothing to "
-                 f"resume from; starting from step 0", flush=True)
-    if not (cfg.train.resume or (attempt > 0 and ck.dir)):
-        return
-    why = f"restart {attempt} (TORCHELASTIC_RESTART_COUNT): " if attempt > 0 else ""
-    path = checkpoint.latest(ck.dir)
-    if path is None:
-        if rank == 0:
-            print_fn(f"{why}no complete checkpoint in {ck.dir}; starting from step 0", flush=True)
-        return
-    try:
-        meta = engine.load(path)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
-        if is_peer_failure(e):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        try:
-            saved = checkpoint.read_meta(path).get("model")
-        except Exception:
-            saved = "?"
-        raise CheckpointError(f"cannot resume from {path}: {msg} (it was saved from model {saved}; this job builds "
-                              f"{{'factory': {cfg.model.factory!r}, 'kwargs': {cfg.model.kwargs}}}). Point "
-                              f"train.checkpoint.dir at a checkpoint of this model, or at an empty directory") from e
-    if rank == 0:
-        print_fn(f"{why}resumed from {path} (step {meta['step']}, saved as {meta['layout']})", flush=True)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -250,6 +189,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     checker = _instrument(cfg, mesh, progress, watched)
     progress.set_phase("setup (build model)")
     model = build_model(cfg)
+    vocab = input_vocab(model)
     progress.set_phase("setup (build dataset)")
     dataset = build_dataset(cfg)
     ck = cfg.train.checkpoint
@@ -266,19 +206,21 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     spec = fault_from(cfg)
     detach = [progress.follow(engine)] + ([Injector(spec, mesh.rank).attach(engine)] if spec else [])
     progress.set_phase("setup (resume)")
-    resume(engine, cfg, mesh.rank, print_fn)
+    resume(engine, cfg, mesh.rank, print_fn, len(dataset))
     if mesh.rank == 0 and engine.step_count > 0 and cfg.train.metrics_file:   # the steps to redo are logged anew
         truncate_metrics(cfg.train.metrics_file, engine.step_count)
         truncate_metrics(os.path.join(os.path.dirname(os.path.abspath(cfg.train.metrics_file)), RANKS_FILE),
                          engine.step_count)
     metrics = MetricsLog(cfg, mesh, print_fn, append=engine.step_count > 0)
     dp, dp_rank = mesh.size("dp"), mesh.local_rank("dp")
+    keep = Retention(ck.dir, ck.keep_last, job_id())
+    saved_meta = {"data": data_contract(cfg, len(dataset)), "job": job_id()}
     losses = []
     for step in range(engine.step_count, cfg.train.steps):
         progress.begin_step(step)
         t0 = time.perf_counter()
         before = mesh.stats.snapshot()
-        batch = load_batch(dataset, step, cfg, dp, dp_rank)
+        batch = load_batch(dataset, step, cfg, dp, dp_rank, vocab)
         loss = train_step(engine, batch, progress, print_fn, mesh.rank)
         step_s = time.perf_counter() - t0
         losses.append(loss)
@@ -287,7 +229,9 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         if checker is not None:
             checker.check(f"at the end of step {step}")
         if ck.every and engine.step_count % ck.every == 0:
-            save_checkpoint(engine, checkpoint.step_dir(ck.dir, engine.step_count), ck.dir)
+            saved = save_checkpoint(engine, checkpoint.step_dir(ck.dir, engine.step_count), ck.dir, saved_meta)
+            for gone in (keep.saved(saved) if mesh.rank == 0 else []):
+                print_fn(f"removed {gone} (train.checkpoint.keep_last={ck.keep_last})", flush=True)
     progress.step = None
     if cfg.train.finish:
         progress.set_phase("finish")

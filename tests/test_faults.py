@@ -100,7 +100,7 @@ FAULTS = [  # (fault, extra overrides, message on the failing rank)
      "watchdog: no progress for"),
     ("{rank: 1, step: 3, phase: checkpoint, kind: kill}", [], None),
     ("{rank: 0, step: 3, phase: checkpoint, kind: enospc}", [],
-     "failed: the disk is full. The partial save is left as .tmp-step_00000004 and ignored; the previous checkpoint"),
+     "failed: no space left on device. The partial save .tmp-step_00000004 was removed; the previous checkpoint"),
     ("{rank: 1, step: 2, phase: backward, kind: nan}", [],
      "NonFiniteError: step 2: the loss or gradient is non-finite"),
     (None, ["data.factory=test_faults:ragged_tokens"],
@@ -116,8 +116,8 @@ def _check_checkpoints(ck, fault):
     meta = checkpoint.read_meta(os.path.join(ck, done[0]))
     full = checkpoint.load_full(os.path.join(ck, done[0]), list(meta["shapes"]), meta)
     assert all(torch.isfinite(t).all() for t in full.values())
-    if "checkpoint" in (fault or ""):
-        assert ".tmp-step_00000004" in os.listdir(ck)      # the interrupted one, ignored by latest()
+    if "checkpoint" in (fault or ""):                      # killed: the interrupted one, ignored by latest();
+        assert (".tmp-step_00000004" in os.listdir(ck)) == ("kill" in fault)   # a failed save removes its own
 
 
 @pytest.mark.parametrize("fault,extra,message", FAULTS, ids=lambda v: str(v)[:40] if isinstance(v, str) else None)

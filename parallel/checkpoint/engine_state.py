@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from parallel.checkpoint.integrity import check_model, model_structure, verify_files
 from parallel.checkpoint.layout import materialize, probe_origins
 from parallel.checkpoint.sharded import Piece, load_pieces, read_meta, save_pieces
 from parallel.parameters import param_info
@@ -63,20 +64,31 @@ def save_engine(engine, path: str, extra: dict, on_written=None) -> str:
 def _save(engine, path: str, extra: dict, on_written=None) -> str:
     pieces, optim_meta = _pieces(engine)
     c = engine.cfg
-    meta = {"step": engine.step_count, "format": "parallel3d-1",
+    meta = {"step": engine.step_count, "format": "parallel3d-2",
             "layout": {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
                        "precision": c.precision},
-            "model": {"factory": c.model.factory, "kwargs": c.model.kwargs},
+            "model": {"factory": c.model.factory, "kwargs": c.model.kwargs, **_structure(engine)},
             "optimizer": c.optimizer.name, "loss_scale": engine.zero.loss_scale,
             "scheduler_last_epoch": engine.scheduler.last_epoch, **optim_meta, **extra}
     rank_meta = {"rng": torch.get_rng_state(), "world": engine.mesh.world_size}
     return save_pieces(pieces, path, meta, rank_meta, on_written=on_written)
 
 
+def _structure(engine) -> dict:
+    if getattr(engine, "_structure", None) is None:
+        engine._structure = model_structure(engine.template)
+    return engine._structure
+
+
 def load_engine(engine, path: str) -> dict:
-    """Collective only through the final parameter write-back (ZeRO all-gathers). With optimizer
-    offload the loaded masters and moments are written back to the store. Returns the meta; the
-    engine takes its step count from ``meta["step"]``."""
+    """Collective: the ranks share the checksum verification (``integrity.verify_files``), and the
+    final parameter write-back all-gathers (ZeRO). First the checkpoint's model must be this one
+    (``integrity.check_model``: ValueError otherwise) and its files intact (``CheckpointError``
+    otherwise); nothing is loaded before. With optimizer offload the loaded masters and moments
+    are written back to the store. Returns the meta; the engine takes its step from ``meta["step"]``."""
+    meta = read_meta(path)
+    check_model(meta, engine.cfg.model.factory, engine.cfg.model.kwargs, _structure(engine))
+    verify_files(path, meta)
     with engine.zero.materialized(write_back=True):
         return _load(engine, path)
 

@@ -14,8 +14,11 @@ its own shards. Loading into any layout: DCP reads each logical tensor the rank 
 from whatever shards were saved) and the rank takes ``full[index]``. Loading reads whole logical
 tensors one group at a time, so peak extra memory is about ``load_group_mb``.
 
-A checkpoint is complete or absent: ranks write ``<dir>/.tmp-step_N``; after a barrier rank 0
-writes ``meta.json`` and renames the folder to ``<dir>/step_N`` (rename is atomic on POSIX).
+A checkpoint is complete or absent: ranks write ``<dir>/.tmp-step_N`` and hash the files they wrote;
+rank 0 gathers the digests, writes ``meta.json`` with them (:mod:`parallel.checkpoint.integrity`)
+and renames the folder to ``<dir>/step_N`` (rename is atomic on POSIX). A ``step_N`` already
+there is never deleted: it is renamed to ``step_N.replaced-<time>``. A ``.tmp-step_N`` left by an
+earlier failed save of that step (never a checkpoint) is removed first.
 ``save_pieces(..., on_written=fn)`` calls ``fn()`` on each rank between the two: its shards and
 rank file are written, nothing is committed (where a test injects a checkpoint-phase fault).
 """
@@ -25,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -33,6 +37,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+from parallel.checkpoint.integrity import CheckpointError, digest_own
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -128,14 +134,17 @@ def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | No
         torch.save(rank_meta or {}, f)
     if on_written is not None:
         on_written()
+    files = [digest_own(tmp, rank)]
     if world > 1:
-        dist.barrier()
+        files = [None] * world
+        dist.all_gather_object(files, digest_own(tmp, rank))
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({**meta, "shapes": shapes, "world_size": world}, f, indent=1)
+            json.dump({**meta, "shapes": shapes, "world_size": world,
+                       "files": {n: d for part in files for n, d in sorted(part.items())}}, f, indent=1)
         final = os.path.join(parent, name)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        if os.path.exists(final):                     # not ours to delete: keep it, out of the way
+            os.replace(final, f"{final}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         os.replace(tmp, final)
     if world > 1:
         dist.barrier()
@@ -146,24 +155,62 @@ def read_meta(path: str) -> dict:
     meta_file = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_file):
         raise FileNotFoundError(f"{path!r} is not a complete parallel3d checkpoint (no meta.json)")
-    with open(meta_file) as f:
-        return json.load(f)
+    try:
+        with open(meta_file) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: file meta.json cannot be read ({type(e).__name__}: "
+                              f"{e})", damaged=True) from None
+
+
+def tmp_dir(path: str) -> str:
+    """Where :func:`save_pieces` stages the checkpoint ``path`` until it commits it."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".tmp-{name}")
+
+
+def _short_file(path: str, md) -> str | None:
+    """The first file the DCP metadata ``md`` points into that is missing or shorter than it says."""
+    need: dict = {}
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel:
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, n in sorted(need.items()):
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f):
+            return f"file {rel} is missing"
+        if os.path.getsize(f) < n:
+            return f"file {rel} has {os.path.getsize(f)} bytes but its shards end at byte {n} (truncated)"
+    return None
 
 
 def load_full(path: str, keys: list[str], meta: dict | None = None) -> dict:
     """Read whole logical tensors ``keys`` (flattened) from a checkpoint, in any process layout."""
     meta = meta or read_meta(path)
     reader = dcp.FileSystemReader(path)
-    md = reader.read_metadata().state_dict_metadata
+    try:
+        full_md = reader.read_metadata()
+    except Exception as e:                            # UnpicklingError, EOFError, FileNotFoundError, ...
+        raise CheckpointError(f"checkpoint {path} is damaged: file .metadata (DCP's index of the shards) cannot be "
+                              f"read ({type(e).__name__}: {str(e)[:200]})", damaged=True) from e
+    md = full_md.state_dict_metadata
     out = {}
     for k in keys:
         if k not in md:
             raise KeyError(f"checkpoint {path!r} has no tensor {k!r}: it was saved from a different model "
                            f"(it holds e.g. {sorted(md)[:3]})")
         out[k] = torch.empty(md[k].size, dtype=md[k].properties.dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(out, checkpoint_id=path, no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(out, checkpoint_id=path, no_dist=True)
+    except BaseException as e:                        # DCP's CheckpointException is a BaseException
+        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+            raise
+        bad = _short_file(path, full_md)
+        raise CheckpointError(f"checkpoint {path} is damaged: " + (bad or f"reading its shards failed "
+                              f"({type(e).__name__}: {str(e)[:300]})"), damaged=True) from e
     return out
 
 
@@ -209,6 +256,15 @@ def latest(root: str) -> str | None:
         if m and os.path.isfile(os.path.join(root, name, "meta.json")):
             steps.append((int(m.group(1)), name))
     return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def step_folders(root: str) -> list[str]:
+    """Every ``step_N`` folder under ``root``, newest first, complete or not (a resume says why it
+    skips one; :func:`latest` silently takes the newest with a meta.json)."""
+    if not root or not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(root) if (m := _STEP_DIR.match(n))]
+    return [os.path.join(root, n) for _, n in sorted(found, reverse=True)]
 
 
 def step_dir(root: str, step: int) -> str:

@@ -82,6 +82,8 @@ class LossScaleConfig:
 class CheckpointConfig:
     dir: Optional[str] = None
     every: int = 0                         # steps between checkpoints; 0 = never
+    keep_last: Optional[int] = None        # keep this job's newest N checkpoints, remove its older ones; null = all
+    fallback: bool = False                 # resume: a damaged newest checkpoint -> the previous intact one (logged)
 
 
 @dataclass

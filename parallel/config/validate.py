@@ -144,6 +144,9 @@ def _check_train(c: Config, world_size: int | None) -> None:
         check_fault(c, world_size)
     if t.checkpoint.every < 0:
         raise ConfigError(f"train.checkpoint.every={t.checkpoint.every} must be 0 (never) or positive")
+    if t.checkpoint.keep_last is not None and t.checkpoint.keep_last < 1:
+        raise ConfigError(f"train.checkpoint.keep_last={t.checkpoint.keep_last!r} must be a positive number of "
+                          f"checkpoints to keep, or null to keep all")
     if t.checkpoint.every and not t.checkpoint.dir:
         raise ConfigError("train.checkpoint.every is set but train.checkpoint.dir is not: give a directory")
     if t.resume and not t.checkpoint.dir:
