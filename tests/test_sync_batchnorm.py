@@ -47,7 +47,7 @@ def _run(cfg, mesh):
         d = CommStats.diff(mesh.stats.snapshot(), before).get("dp", {})
         traffic.append((sum(c["calls"] for c in d.values()), sum(c["wire_bytes"] for c in d.values())))
     channels = [m.num_features for st in engine.stages for m in st.modules() if isinstance(m, SyncBatchNormMixin)]
-    sd = engine.full_state_dict()     # parameters; its buffers are the template's (initial) ones, so the
+    sd = engine.full_state_dict()     # parameters and (tests/test_checkpoint_buffers.py) trained buffers; the
     buffers = {n: b.detach().clone() for st in engine.stages for n, b in st.named_buffers()}   # live ones here
     return {"losses": losses, "traffic": traffic, "sd": sd, "buffers": buffers, "channels": channels,
             "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)]}

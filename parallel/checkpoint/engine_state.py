@@ -7,6 +7,11 @@ element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); t
 parameters on every tp rank, replicated ones on tp rank 0; never the pipeline's duplicate of a
 tied embedding. Loading fills every piece (owned or not) and writes the masters back to the
 parameters, so a checkpoint from any (dp, tp, pp, ZeRO stage) loads into any other.
+
+Persistent buffers (BatchNorm's running statistics and batch count, ...) are pieces too
+(``buffer/<name>``): each is written whole by one rank (dp rank 0, tp rank 0, the lowest pp rank whose
+stages run the module that holds it) and read back by every rank that holds it; consolidation takes
+them from there, so a resumed or consolidated model has the trained statistics, not the initial ones.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
         keep = idx >= 0
         info = param_info(param)
         owner = dp_owner and (info.tp_split or engine.tp.rank == 0) and not info.pp_duplicate
-        sel = (lambda t: t) if bool(keep.all()) else (lambda t: t[keep])
+        sel = (lambda t: t) if bool(keep.all()) else (lambda t, keep=keep: t[keep])
         pieces.append(Piece(f"model/{o.name}", o.full_shape, sel(view), sel(idx), owner))
         if not with_optim:
             continue
@@ -53,6 +58,29 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
     return pieces, {"optim_scalars": scalars, "optim_state_keys": sorted(state_keys)}
 
 
+def _buffer_pieces(engine) -> list:
+    """Pieces of the persistent buffers this rank's stages hold under their unmodified-model names
+    (stand-ins of blocks other stages own hold none; a buffer whose shape the conversion changed is
+    left to the template). The owner of each is decided once, with the pp group (control traffic)."""
+    want = {n: t for n, t in engine.template.state_dict(keep_vars=True).items()
+            if not isinstance(t, torch.nn.Parameter)}
+    held = {}
+    for st in engine.stages:
+        for n, b in st.named_buffers(remove_duplicate=False):
+            if n in want and n not in held and tuple(b.shape) == tuple(want[n].shape):
+                held[n] = b
+    owners = getattr(engine, "_buffer_owners", None)
+    if owners is None:
+        names = [sorted(held)] * engine.pp.size
+        if engine.pp.size > 1:
+            names = [None] * engine.pp.size
+            dist.all_gather_object(names, sorted(held), group=engine.pp.pg)
+        owners = engine._buffer_owners = {n: next(r for r, ns in enumerate(names) if n in ns) for n in held}
+    first = engine.dp.rank == 0 and engine.tp.rank == 0
+    return [Piece(f"buffer/{n}", tuple(b.shape), b, torch.arange(b.numel()),
+                  first and owners[n] == engine.pp.rank) for n, b in held.items()]
+
+
 def save_engine(engine, path: str, extra: dict, on_written=None) -> str:
     """Collective. Writes ``path`` atomically (see :func:`parallel.checkpoint.sharded.save_pieces`,
     which calls ``on_written()`` once this rank's shards are in the temporary folder). With
@@ -63,6 +91,7 @@ def save_engine(engine, path: str, extra: dict, on_written=None) -> str:
 
 def _save(engine, path: str, extra: dict, on_written=None) -> str:
     pieces, optim_meta = _pieces(engine)
+    pieces += _buffer_pieces(engine)
     c = engine.cfg
     meta = {"step": engine.step_count, "format": "parallel3d-2",
             "layout": {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
@@ -109,7 +138,13 @@ def _load(engine, path: str) -> dict:
                 st[k] = torch.tensor(v, dtype=torch.float32)
     pieces, _ = _pieces(engine)
     pieces = [p for p in pieces if p.key.startswith("model/") or p.key.split("/")[-1] in keys]
-    load_pieces(pieces, path)
+    buffers = _buffer_pieces(engine)
+    saved = [p for p in buffers if p.key in meta.get("shapes", {})]
+    if len(saved) < len(buffers) and engine.mesh.rank == 0:
+        warnings.warn(f"checkpoint {path} holds no values for {len(buffers) - len(saved)} persistent buffers (e.g. "
+                      f"{buffers[0].key[len('buffer/'):]!r}; saved before buffers were checkpointed): they keep their "
+                      f"initial values", stacklevel=2)
+    load_pieces(pieces + saved, path)
     z._write_back()
     if z.scaler.enabled and meta.get("loss_scale"):
         z.scaler.scale = float(meta["loss_scale"])
@@ -136,6 +171,8 @@ def full_state_dict(engine) -> dict | None:
         pieces, _ = _pieces(engine, with_optim=False)
         mine = [(p.key[len("model/"):], p.full_shape, p.index.reshape(-1).clone(),
                  p.local.detach().reshape(-1).float().cpu().clone()) for p in pieces if p.owner]
+        mine += [(p.key, p.full_shape, p.index.clone(), p.local.detach().reshape(-1).cpu().clone())
+                 for p in _buffer_pieces(engine) if p.owner]
     world = engine.mesh.world_size
     gathered = [None] * world if engine.mesh.rank == 0 else None
     if world > 1:
@@ -147,6 +184,9 @@ def full_state_dict(engine) -> dict | None:
     full: dict = {}
     for part in gathered:
         for name, shape, idx, vals in part:
+            if name.startswith("buffer/"):
+                full[name] = vals
+                continue
             if name not in full:
                 full[name] = torch.full((torch.Size(shape).numel(),), float("nan"))
             full[name][idx] = vals
@@ -161,6 +201,8 @@ def full_state_dict(engine) -> dict | None:
             if torch.isnan(v).any():
                 raise RuntimeError(f"consolidation: elements of {canon!r} were owned by no rank (a layout bug)")
             sd[key] = v
+        elif f"buffer/{key}" in full:                   # a persistent buffer as trained
+            sd[key] = full[f"buffer/{key}"].view(t.shape).to(t.dtype)
         else:
             sd[key] = t.detach().clone()
     return sd
