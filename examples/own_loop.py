@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from examples.gpt import build, random_tokens                                 # noqa: E402
-from parallel import Mesh, init_distributed                                   # noqa: E402
-from parallel.config import load_config                                       # noqa: E402
-from parallel.data import rank_batch                                          # noqa: E402
-from parallel.engine import parallelize                                       # noqa: E402
+from examples.gpt import build, random_tokens  # noqa: E402
+from parallel import Mesh, init_distributed  # noqa: E402
+from parallel.config import load_config  # noqa: E402
+from parallel.data import rank_batch  # noqa: E402
+from parallel.engine import parallelize  # noqa: E402
 
 
 def main():
