@@ -53,6 +53,7 @@ def _greedy(call, idx, n, seq_len):
 
 def _save(kw, path):
     from safetensors.torch import save_file
+
     from examples.gpt import GPT
     torch.manual_seed(0)
     model = GPT(**kw)
@@ -63,8 +64,8 @@ def _save(kw, path):
 def _ours(kw, path, workdir, budget, prompt, n_new, threads, direct, q):
     torch.set_num_threads(threads)
     from examples.gpt import GPT, Block
-    from parallel.zero.inference import SafetensorsFile, StreamedInference
     from parallel.offload import NvmeStore
+    from parallel.zero.inference import SafetensorsFile, StreamedInference
     base = _rss_mib()
     with torch.device("meta"):                                  # as accelerate's init_empty_weights
         meta = GPT(**kw)
@@ -88,6 +89,7 @@ def _ours(kw, path, workdir, budget, prompt, n_new, threads, direct, q):
 def _accelerate(kw, path, workdir, budget, prompt, n_new, threads, q):
     torch.set_num_threads(threads)
     from accelerate import infer_auto_device_map, init_empty_weights, load_checkpoint_and_dispatch
+
     from examples.gpt import GPT
     base = _rss_mib()
     with init_empty_weights():

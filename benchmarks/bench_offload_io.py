@@ -97,16 +97,18 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, torch {torch.__version__}")
     rows = {"dd O_DIRECT (1 thread)": [], "dd buffered + fsync": [], "NvmeStore": []}
     last = {}
+    dd_file = os.path.join(a.dir, "bench-dd.bin")
     for _ in range(a.repeats):                                  # interleaved, so load drifts hit all rows
         if ok:
-            rows["dd O_DIRECT (1 thread)"].append(dd(os.path.join(a.dir, "bench-dd.bin"), size, a.block_mib << 20, True))
-        rows["dd buffered + fsync"].append(dd(os.path.join(a.dir, "bench-dd.bin"), size, a.block_mib << 20, False))
+            rows["dd O_DIRECT (1 thread)"].append(dd(dd_file, size, a.block_mib << 20, True))
+        rows["dd buffered + fsync"].append(dd(dd_file, size, a.block_mib << 20, False))
         w, r, last = store_io(a.dir, size, tensor, a.buffers, a.workers)
         rows["NvmeStore"].append((w, r))
     print("\n| method | write GB/s | read GB/s |\n|---|---|---|")
     for name, vals in rows.items():
         if vals:
-            print(f"| {name} | {statistics.median(v[0] for v in vals):.2f} | {statistics.median(v[1] for v in vals):.2f} |")
+            w_med, r_med = statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals)
+            print(f"| {name} | {w_med:.2f} | {r_med:.2f} |")
     print(f"\nNvmeStore: {a.tensor_mib} MiB tensors, {a.buffers} buffers, {a.workers} IO threads, "
           f"O_DIRECT {last.get('direct')}; last repeat's counters: writes {last.get('writes')}, "
           f"reads {last.get('reads')}, disk bytes written {last.get('disk_bytes_written')}, "

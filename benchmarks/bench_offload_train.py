@@ -15,8 +15,9 @@ scale: ``--ranks`` gloo processes (default 2), ZeRO stage 3 with ``params=nvme``
 ``optimizer=nvme``, the model built on the meta device and written to the stores unit by unit; each
 process holds its 1/ranks partition of the gradient in memory and everything else on disk.
 Without ``--grad-clip`` each unit's Adam update starts inside backward as soon as its gradient is
-reduced; "optimizer step" seconds count from that first update to the commit. Reported per step: loss, step time, bytes read
-and written by each store, time waiting on reads, achieved disk throughput against the disk's own
+reduced; "optimizer step" seconds count from that first update to the commit. Reported per step:
+loss, step time, bytes read and written by each store, time waiting on reads, achieved disk
+throughput against the disk's own
 sequential bandwidth measured in the same run (``dd``-style O_DIRECT, one thread), peak RSS.
 """
 from __future__ import annotations
@@ -264,7 +265,8 @@ def scale(a) -> None:
             (secs, rss), kernel = msg[1], msg[2]
             print(f"built on meta and written to the stores in {secs:.0f} s; peak RSS {rss:.2f} GiB per process; "
                   f"kernel {kernel}")
-            print("\n| step | loss | step s (of it the optimizer step) | opt-store read/written GB | param-store read/written GB | "
+            print("\n| step | loss | step s (of it the optimizer step) | opt-store read/written GB "
+                  "| param-store read/written GB | "
                   "wait on reads s (sum over ranks) | disk GB/s (read+write) | dd time for these bytes / step time "
                   "| peak RSS GiB per process |\n|---|---|---|---|---|---|---|---|---|", flush=True)
             continue
@@ -298,7 +300,8 @@ def main():
     ap.add_argument("--dd-gib", type=float, default=4.0)
     ap.add_argument("--grad-clip", type=float, default=None,
                     help="scale: clip the global grad norm (then the update cannot start inside backward)")
-    ap.add_argument("--ranks", type=int, default=2, help="scale: dp ranks (processes), each holding 1/ranks of the state")
+    ap.add_argument("--ranks", type=int, default=2,
+                    help="scale: dp ranks (processes), each holding 1/ranks of the state")
     a = ap.parse_args()
     if a.mode == "overhead":
         overhead(a)

@@ -55,11 +55,21 @@ def _build(name, kw, group, mesh):
     return model, zero.step, zero.zero_grad
 
 
+def _step(run, x):
+    """One training step of a built configuration ``run = (model, opt_step, zero_grad)`` on tokens ``x``."""
+    model, opt_step, zero_grad = run
+    zero_grad()
+    logits = model(x)
+    F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+    opt_step()
+
+
 def _rank(rank, world, port, sizes, repeats, batch, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
+
     from parallel.mesh import Mesh
     group = Mesh(dp=world).group("dp")
     mesh = init_device_mesh("cpu", (world,))
@@ -70,22 +80,15 @@ def _rank(rank, world, port, sizes, repeats, batch, out):
         g = torch.Generator().manual_seed(rank)
         x = torch.randint(0, kw["vocab_size"], (batch, kw["seq_len"]), generator=g)
 
-        def step(c):
-            model, opt_step, zero_grad = runs[c]
-            zero_grad()
-            logits = model(x)
-            F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
-            opt_step()
-
         for c in CONFIGS:                                 # warm-up (and stage 3's trace)
-            step(c)
-            step(c)
+            _step(runs[c], x)
+            _step(runs[c], x)
         times = {c: [] for c in CONFIGS}
         for _ in range(repeats):
             for c in CONFIGS:
                 dist.barrier()
                 t0 = time.perf_counter()
-                step(c)
+                _step(runs[c], x)
                 dist.barrier()
                 times[c].append(time.perf_counter() - t0)
         n = sum(p.numel() for p in runs["ddp"][0].parameters())

@@ -79,6 +79,7 @@ def _ours(name, kw, batch, world):
 def _peer(name, kw, batch, world, rank):
     import torch
     import torch.nn.functional as F
+
     from examples.gpt import GPT, random_tokens
     torch.manual_seed(0)
     model = GPT(**kw)
@@ -217,8 +218,9 @@ def table(res: dict, args, names: list, world: int, header: bool = True) -> str:
     t, first = res["times"], res["first"]
     med = {n: statistics.median(v) for n, v in t.items()}
     kw = SIZES[args.size]
-    from examples.gpt import GPT
     import torch
+
+    from examples.gpt import GPT
     with torch.device("meta"):
         psi = sum(p.numel() for p in GPT(**kw).parameters())
     head = [f"Machine: {_machine()}; {_versions()}.",

@@ -58,7 +58,8 @@ def consolidate(path: str, out_dir: str) -> list[str]:
         try:
             from safetensors.torch import save_model
         except ImportError:
-            print("safetensors is not installed: wrote pytorch_model.pt only (pip install safetensors)", file=sys.stderr)
+            print("safetensors is not installed: wrote pytorch_model.pt only (pip install safetensors)",
+                  file=sys.stderr)
         else:
             st = os.path.join(out_dir, "model.safetensors")
             save_model(model, st)                          # handles tied weights (stored once)

@@ -75,8 +75,9 @@ def describe(cfg: Config) -> str:
         lines.append(row)
     if pred is not None:
         axes = {}
-        for r, ops in pred.comm.items():
+        for ops in pred.comm.values():
             for axis, o in ops.items():
                 axes[axis] = max(axes.get(axis, 0), sum(c["wire_bytes"] for c in o.values()))
-        lines.append(f"# predicted wire bytes per step (max over ranks): {json.dumps({a: round(v) for a, v in axes.items()})}")
+        wire = json.dumps({a: round(v) for a, v in axes.items()})
+        lines.append(f"# predicted wire bytes per step (max over ranks): {wire}")
     return "\n".join(lines)

@@ -130,7 +130,8 @@ class MetricsLog:
             self.print(f"metrics: no FLOP count ({type(e).__name__}: {e}); MFU is not reported", flush=True)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision, torch.float32)
         try:
-            self.peak, self.peak_source = flops.peak_flops(self.mesh.device, dtype, getattr(self.cfg.train, "peak_flops", None))
+            self.peak, self.peak_source = flops.peak_flops(self.mesh.device, dtype,
+                                                           getattr(self.cfg.train, "peak_flops", None))
         except ValueError as e:
             self.print(f"metrics: {e}", flush=True)
 

@@ -110,8 +110,9 @@ def table(preds: list, tr: TrainSpec) -> str:
         worst = max(p.memory, key=lambda r: p.memory[r]["peak"])
         m = p.memory[worst]
         mb = {a: max(p.wire_bytes(r, a) for r in p.comm) / 1e6 for a in ("dp", "tp", "pp")}
-        rows.append(f"{i:>2}  {str(p.layout):<38} {p.step_s * 1e3:9.2f} {100 * p.bubble:5.1f}% {_mib(p.peak_bytes):>10} "
-                    f"{_mib(m['total']):>9} {_mib(m['activations']):>9}  {mb['dp']:8.3f} {mb['tp']:8.3f} {mb['pp']:8.3f}")
+        rows.append(f"{i:>2}  {str(p.layout):<38} {p.step_s * 1e3:9.2f} {100 * p.bubble:5.1f}% "
+                    f"{_mib(p.peak_bytes):>10} {_mib(m['total']):>9} {_mib(m['activations']):>9}  "
+                    f"{mb['dp']:8.3f} {mb['tp']:8.3f} {mb['pp']:8.3f}")
     return "\n".join(rows)
 
 
@@ -124,7 +125,8 @@ def _spec_and_train(args) -> tuple[ModelSpec, TrainSpec]:
         prec, opt, bucket = prec or cfg.precision, opt or cfg.optimizer.name, bucket or cfg.zero.bucket_mb
         momentum = bool(cfg.optimizer.momentum)
         seq = seq or cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
-        args.model, args.model_kwargs = args.model or cfg.model.factory, args.model_kwargs or json.dumps(cfg.model.kwargs)
+        args.model = args.model or cfg.model.factory
+        args.model_kwargs = args.model_kwargs or json.dumps(cfg.model.kwargs)
     if args.model:
         factory = import_object(args.model, "--model")
         with torch.device("meta"):                       # structure only: no memory, no init
@@ -187,8 +189,10 @@ def main(argv=None, out=None) -> int:
         print(f"launch.plan: {e}", file=sys.stderr)
         return 2
     n = gpt_matmul_params(spec.n_layer, spec.hidden, spec.vocab, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)
+    per_token = gpt_flops_per_token(spec.n_layer, spec.hidden, spec.seq, spec.vocab, ffn=spec.ffn_,
+                                    kv_hidden=spec.kv_hidden, mlp_matrices=spec.mlp_matrices)
     print(f"model: {spec.n_layer} layers, h={spec.hidden}, heads={spec.heads}, vocab={spec.vocab}, seq={spec.seq} "
-          f"({n:,} matmul params; {gpt_flops_per_token(spec.n_layer, spec.hidden, spec.seq, spec.vocab, ffn=spec.ffn_, kv_hidden=spec.kv_hidden, mlp_matrices=spec.mlp_matrices):,} FLOPs/token)",
+          f"({n:,} matmul params; {per_token:,} FLOPs/token)",
           file=out)
     print(f"job: {args.world} devices × {_mib(memory)} MiB, global batch {tr.global_batch}, {tr.precision} "
           f"{tr.optimizer}; peak {peak / 1e12:.3g} TFLOP/s ({source}), {args.bandwidth_gbs} GB/s, "

@@ -1,8 +1,8 @@
 """Pre-flight checks: what can be found wrong without the model, before any worker starts.
 
 ``python -m launch`` runs these after the config validates and exits 2 (config error) on the first
-problem (``--dry-run`` runs only the first two, which change nothing on disk), so a job that cannot start fails once, in the launcher, in a second — not on
-every rank after the process groups are up:
+problem (``--dry-run`` runs only the first two, which change nothing on disk), so a job that cannot
+start fails once, in the launcher, in a second — not on every rank after the process groups are up:
 
 * ``train.steps`` is at least 1 (0 would start every worker to train nothing);
 * the factories import: ``model.factory``, ``data.factory``, ``train.finish`` and a ``loss`` given

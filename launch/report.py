@@ -160,7 +160,8 @@ def draw_timeline(run: dict, path: str, step: int | None = None) -> str:
         span = max(span, end)
         ax.broken_barh([(0, end)], (row - 0.4, 0.8), facecolors="#EEEEEE", edgecolor="none")   # idle underlay
         for label, kind, s, d in rows:
-            ax.broken_barh([(s, d)], (row - 0.4, 0.8), facecolors=COLOURS.get(kind, "#999999"), edgecolor="white", lw=0.5)
+            ax.broken_barh([(s, d)], (row - 0.4, 0.8), facecolors=COLOURS.get(kind, "#999999"),
+                           edgecolor="white", lw=0.5)
             if d > 0.035 * end:
                 ax.text(s + d / 2, row, label, ha="center", va="center", fontsize=7, color="white")
         ax.text(end, row, f"  idle {100 * idle_fraction(rows):.0f}%", va="center", fontsize=7)

@@ -36,4 +36,5 @@ def reference_losses(cfg: Config, steps: int | None = None, return_model: bool =
 def assert_close_curve(got, want, rtol, what="", atol=0.0):
     assert len(got) == len(want), f"{what}: {len(got)} losses, expected {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
-        assert abs(g - w) <= rtol * abs(w) + atol, f"{what}: step {i}: loss {g!r} vs reference {w!r} (rtol {rtol}, atol {atol})"
+        assert abs(g - w) <= rtol * abs(w) + atol, \
+            f"{what}: step {i}: loss {g!r} vs reference {w!r} (rtol {rtol}, atol {atol})"

@@ -47,9 +47,11 @@ def test_collective_values_and_counts(world):
         # all-reduce of M = 96 bytes: 2(N-1)/N * M
         assert s["all_reduce"] == {"calls": 1, "payload_bytes": 96, "wire_bytes": 2 * (n - 1) / n * 96, "meta_bytes": 0}
         # two all-gathers: 3x2 fp32 -> M = 24N bytes, and 2x3 fp32 -> M = 24N bytes; (N-1)/N * M each
-        assert s["all_gather"] == {"calls": 2, "payload_bytes": 48 * n, "wire_bytes": 2 * (n - 1) / n * 24 * n, "meta_bytes": 0}
+        assert s["all_gather"] == {"calls": 2, "payload_bytes": 48 * n, "wire_bytes": 2 * (n - 1) / n * 24 * n,
+                                   "meta_bytes": 0}
         # reduce-scatter of M = 4N*2*4 = 32N bytes: (N-1)/N * M
-        assert s["reduce_scatter"] == {"calls": 1, "payload_bytes": 32 * n, "wire_bytes": (n - 1) / n * 32 * n, "meta_bytes": 0}
+        assert s["reduce_scatter"] == {"calls": 1, "payload_bytes": 32 * n, "wire_bytes": (n - 1) / n * 32 * n,
+                                       "meta_bytes": 0}
         assert s["broadcast"] == {"calls": 1, "payload_bytes": 20, "wire_bytes": (n - 1) / n * 20, "meta_bytes": 0}
         prv = (rank - 1) % n
         assert r["p2p"] == ((1, prv + 3), "torch.bfloat16", [list(map(float, range(prv + 3)))])

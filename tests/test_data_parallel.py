@@ -38,7 +38,7 @@ def _dp_train(rank, world, mode, steps, G):
                 if mode == "prepare" and j == 0:
                     dp.prepare_step(m)
                 emb_out = []                           # the embedding's gradient comes last in backward
-                hk = model.wte.register_forward_hook(lambda mod, a, out: emb_out.append(out))
+                hk = model.wte.register_forward_hook(lambda mod, a, out, emb_out=emb_out: emb_out.append(out))
                 loss = loss_of(dp, xm, ym) / m
                 hk.remove()
                 if j == m - 1:                         # the micro-batch whose backward reduces

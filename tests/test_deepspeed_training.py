@@ -19,8 +19,8 @@ def _train_both(rank, world, names, tmp):
     out = {}
     for name in names:
         pair = []
-        for i, kw in enumerate((dict(data=BASE, deepspeed=os.path.join(DS_DIR, name + ".json")),
-                                dict(data=merge_tree(BASE, NATIVE[name])))):
+        for kw in (dict(data=BASE, deepspeed=os.path.join(DS_DIR, name + ".json")),
+                   dict(data=merge_tree(BASE, NATIVE[name]))):
             over = [f"zero.offload.nvme_path={tmp}"] if name in OFFLOADED else []
             cfg = load_config(overrides=over, **kw).validate(world)
             res = run(cfg, Mesh(dp=2), print_fn=lambda *a, **k: None)
@@ -45,5 +45,6 @@ def test_deepspeed_configs_train_like_their_native_equivalents(tmp_path):
     # and offloading changes nothing but where the state lives: the offloaded curves equal the same run
     # kept in memory
     for name in OFFLOADED:
-        plain = merge_tree(BASE, merge_tree(NATIVE[name], {"zero": {"offload": {"optimizer": "none", "params": "none"}}}))
+        no_offload = {"zero": {"offload": {"optimizer": "none", "params": "none"}}}
+        plain = merge_tree(BASE, merge_tree(NATIVE[name], no_offload))
         assert_close_curve(res[name][0][0], reference_losses(load_config(data=plain)), 1e-5, f"{name}.json")

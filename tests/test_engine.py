@@ -24,7 +24,7 @@ def test_2x2x2_zero1_matches_single_process(model):
     steps = ["train.steps=8"]
     res = run_ranks(_losses, 8, model, layout(2, 2, 2, 1) + steps)
     want = reference_losses(config(model, steps))
-    for losses, traffic in res:
+    for losses, _traffic in res:
         assert_close_curve(losses, want, 1e-4, f"{model} 2x2x2 zero-1")
     # every axis really carried traffic (the layout is not silently 1x1x1)
     assert all(res[0][1][a] > 0 for a in ("dp", "tp", "pp"))

@@ -64,8 +64,8 @@ def _note(kind, world, over):
     print(f"fuzz: {kind:22s} world={world} " + " ".join(o.split(".")[-1] for o in over[len(BASE):]))
 
 
-@settings(max_examples=int(os.environ.get('P3D_FUZZ_EXAMPLES', 12)), deadline=None, derandomize=True, database=None, phases=[Phase.generate],
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get('P3D_FUZZ_EXAMPLES', 12)), deadline=None, derandomize=True, database=None,
+          phases=[Phase.generate], suppress_health_check=list(HealthCheck))
 @given(small_configs())
 def test_random_configs_train_or_fail_with_a_config_error(case):
     world, over = case

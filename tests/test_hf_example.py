@@ -15,7 +15,8 @@ ARCHS = ["llama", "gpt2", "qwen2"]
 def _cfg(arch, d=None, world=None):
     ov = [f"model.kwargs.model_type={arch}", "model.kwargs.hidden_size=32", "model.kwargs.intermediate_size=64",
           "model.kwargs.num_hidden_layers=2", "data.kwargs.seq_len=16", "data.global_batch_size=8",
-          "data.micro_batch_size=2", "scheduler.name=constant", "scheduler.warmup_steps=0", "train.steps=3", "train.metrics_file=null",
+          "data.micro_batch_size=2", "scheduler.name=constant", "scheduler.warmup_steps=0", "train.steps=3",
+          "train.metrics_file=null",
           f"train.checkpoint.dir={d}", "train.checkpoint.every=3"]
     cfg = load_config(os.path.join(ROOT, "configs", "hf_causal_lm.yaml"), ov)
     return cfg.validate(world) if world else cfg

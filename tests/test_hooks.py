@@ -116,7 +116,7 @@ def _nonfinite(rank, world, mode):
 
 
 def test_nonfinite_gradient_skip_keeps_the_weights_and_counts_the_step():
-    for rank, (losses, err, same, steps, epoch, res) in enumerate(run_ranks(_nonfinite, 2, "skip")):
+    for losses, err, same, steps, epoch, res in run_ranks(_nonfinite, 2, "skip"):
         assert err is None and math.isfinite(losses[0]) and math.isnan(losses[1])
         assert same                                     # rank 0 compared the full weights before and after
         assert steps == 2 and epoch == 1                # the step counts; the schedule does not advance
@@ -125,7 +125,7 @@ def test_nonfinite_gradient_skip_keeps_the_weights_and_counts_the_step():
 
 
 def test_nonfinite_gradient_stop_names_the_step_and_applies_nothing():
-    for rank, (losses, err, same, steps, epoch, res) in enumerate(run_ranks(_nonfinite, 2, "stop")):
+    for losses, err, same, steps, epoch, res in run_ranks(_nonfinite, 2, "stop"):
         assert err == ("NonFiniteError: step 1: the loss or gradient is non-finite (gradient norm² parts "
                        "[0.0, nan, 0.0]); the update was not applied. Check the data of global batch 1 (dataset "
                        "positions [8, 16)), lower optimizer.lr, or set train.on_nonfinite=skip to skip such steps")

@@ -75,7 +75,8 @@ def _engine_scales(rank, world, cfg, overflows, steps):
     engine = parallelize(build(), cfg, Mesh(dp=world))
     scales, skipped = [], []
     for t in range(steps):
-        x = (INPUTS + math.inf if t in overflows and rank == t % world else INPUTS).half()   # fp16 inputs, as DeepSpeed's auto_cast: false
+        # fp16 inputs, as DeepSpeed's auto_cast: false
+        x = (INPUTS + math.inf if t in overflows and rank == t % world else INPUTS).half()
         try:
             engine.train_step((x, TARGETS.half()))
         except LossScaleError as e:

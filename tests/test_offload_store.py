@@ -85,7 +85,8 @@ def test_round_trip_exact_and_counted(store):
             sum(align_up(v.numel() * v.element_size()) for v in snap.values())
         assert s["peak_buffers"] <= 4 and s["buffers_in_use"] == 0
     else:
-        assert (s["reads"], s["bytes_read"], s["hits"]) == (len(fit) + len(vals), fit_bytes + nbytes, len(fit) + len(vals))
+        assert (s["reads"], s["bytes_read"], s["hits"]) == (len(fit) + len(vals), fit_bytes + nbytes,
+                                                            len(fit) + len(vals))
     assert set(store.keys()) == set(vals) and len(store) == len(vals)
 
 
@@ -292,7 +293,7 @@ def _streamed(store, kernel, p0, grads, buffers, depth):
     for g in grads:
         parts = g.split(SIZES)
 
-        def fn(i, t):
+        def fn(i, t, parts=parts):
             p, m, v, s = t
             kernel.step([p], [parts[i]], [m], [v], [s], **HP)
         st = stream_update(store, groups, fn, buffers=buffers, prefetch_depth=depth)

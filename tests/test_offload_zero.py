@@ -58,8 +58,8 @@ def _io_run(group, stage, offload, steps):
         before = zero.offload_stats()
         losses += train(zero, model, group, G, 1, start=t)[0]
         after = zero.offload_stats()
-        per_step.append({k: {c: after[k]["stats"][c] - before[k]["stats"][c] for c in
-                             ("bytes_read", "bytes_written", "disk_bytes_read", "disk_bytes_written", "reads", "writes")}
+        counters = ("bytes_read", "bytes_written", "disk_bytes_read", "disk_bytes_written", "reads", "writes")
+        per_step.append({k: {c: after[k]["stats"][c] - before[k]["stats"][c] for c in counters}
                          for k in after})
     out = dict(losses=losses, io=per_step, want=_expected_io(zero, BUF_MB), psi=zero.num_params,
                mem=zero.model_state_bytes(), kernel=zero.offload_stats()["optimizer"]["kernel"])
@@ -270,7 +270,7 @@ def test_bad_offload_configs_fail_before_training(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(p) if f.endswith(".bin")]      # nothing left behind
     zero, _ = _zero(g, 2, _cfg(p, "cpu"))
     with pytest.raises(RuntimeError, match="materialized"):
-        zero._pieces                                        # checkpoint code must materialise first
+        _ = zero._pieces                                    # checkpoint code must materialise first
     with zero.materialized():
         assert len(zero._pieces) == len(zero.optimizer.param_groups[0]["params"])
 

@@ -88,7 +88,7 @@ def _train(rank, world, family, optim):
         params = [p for _, p in named]
         accum = {id(p): 0 for p in params}
         for p in params:
-            p.register_post_accumulate_grad_hook(lambda q: accum.__setitem__(id(q), accum[id(q)] + 1))
+            p.register_post_accumulate_grad_hook(lambda q, accum=accum: accum.__setitem__(id(q), accum[id(q)] + 1))
         opt = _optimizer(optim, params)
         sched = get_schedule(name, world, M, v)
         ex = PipelineExecutor(stages, sched, group)

@@ -124,21 +124,23 @@ def test_balance_is_the_optimal_contiguous_partition():
     import random
 
     from parallel.pipeline.split import contiguous_partition
+
+    def worst(b, costs, S, pre, post):
+        """Largest part of partition ``b`` ((start, end) pairs): its costs, + pre on part 0, + post on part S-1."""
+        return max(sum(costs[a:e]) + (pre if k == 0 else 0) + (post if k == S - 1 else 0)
+                   for k, (a, e) in enumerate(b))
     rng = random.Random(0)
     for _ in range(200):
         n = rng.randint(1, 7)
         S = rng.randint(1, n)
         costs = [rng.randint(1, 20) for _ in range(n)]
         pre, post = rng.randint(0, 10), rng.randint(0, 10)
-
-        def worst(b):
-            return max(sum(costs[a:e]) + (pre if k == 0 else 0) + (post if k == S - 1 else 0)
-                       for k, (a, e) in enumerate(b))
         got = contiguous_partition(costs, S, pre, post)
         assert [a for a, _ in got] == sorted(a for a, _ in got) and got[0][0] == 0 and got[-1][1] == n
         assert all(e > a for a, e in got)
-        best = min(worst(list(zip((0,) + c, c + (n,)))) for c in itertools.combinations(range(1, n), S - 1))
-        assert worst(got) == best
+        best = min(worst(list(zip((0,) + c, c + (n,))), costs, S, pre, post)
+                   for c in itertools.combinations(range(1, n), S - 1))
+        assert worst(got, costs, S, pre, post) == best
 
 
 def test_each_stage_holds_only_its_own_parameters():

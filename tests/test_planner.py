@@ -142,7 +142,8 @@ def test_enumeration_and_errors():
     lays = list(enumerate_layouts(spec, 4, tr))
     assert len(lays) == len(set(lays)) > 50
     assert all(check_layout(spec, lay, tr) is None and lay.dp * lay.tp * lay.pp == 4 for lay in lays)
-    assert {(lay.dp, lay.tp, lay.pp) for lay in lays} == {(4, 1, 1), (2, 2, 1), (2, 1, 2), (1, 4, 1), (1, 2, 2), (1, 1, 4)}
+    assert {(lay.dp, lay.tp, lay.pp) for lay in lays} == {(4, 1, 1), (2, 2, 1), (2, 1, 2),
+                                                          (1, 4, 1), (1, 2, 2), (1, 1, 4)}
     assert not any(lay.schedule == "interleaved" and lay.micro_batches % lay.pp for lay in lays)
     with pytest.raises(ValueError, match="heads = 4 is not divisible by tp = 3"):
         predict(spec, Layout(tp=3), tr)

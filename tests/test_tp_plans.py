@@ -167,8 +167,8 @@ def _train(rank, world, sp, steps):
     for t in range(steps):
         x, y = (torch.stack(v) for v in zip(*(data[t % 2 * B + i] for i in range(B))))
         pair = []
-        for mod, opt, lossf in ((ref, opts[0], lambda o: F.cross_entropy(o.reshape(-1, V), y.reshape(-1))),
-                                (model, opts[1], lambda o: vocab_parallel_cross_entropy(o, y, g))):
+        for mod, opt, lossf in ((ref, opts[0], lambda o, y=y: F.cross_entropy(o.reshape(-1, V), y.reshape(-1))),
+                                (model, opts[1], lambda o, y=y: vocab_parallel_cross_entropy(o, y, g))):
             opt.zero_grad()
             loss = lossf(mod(x))
             loss.backward()

@@ -219,7 +219,7 @@ def test_deferred_params_reduced_in_finish(stage):
     got = mean_over_ranks(res, key=1)
     assert_curve(got, ref[1:], RTOL, f"deferred stage {stage}")
     assert res[0][2] != res[1][2]                             # each rank still held its own gradient
-    for _, _, held, before, after, nb in res:
+    for _, _, _held, before, after, nb in res:
         assert before == {"hooks": nb, "finish": 0}          # every normal bucket from a hook
         assert after == {"hooks": nb, "finish": 1}            # the deferred bucket in finish, once
 

@@ -2,9 +2,9 @@
 
 Gloo's ``reduce_scatter`` is slower than its own ``all_reduce`` of the same tensor (it emulates it
 with an all-reduce; timings in benchmarks/README.md), which would make ZeRO stages 1–2 pay more
-than plain data parallelism for the same (N−1)/N·M bytes on the wire. The ring algorithms below are the textbook ones (Patarasuk &
-Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC 2009; the two
-halves of NCCL's ring all-reduce): with chunks c_0 … c_{N−1} of M/N bytes,
+than plain data parallelism for the same (N−1)/N·M bytes on the wire. The ring algorithms below
+are the textbook ones (Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters
+of workstations", JPDC 2009; the two halves of NCCL's ring all-reduce): with chunks c_0 … c_{N−1} of M/N bytes,
 
     reduce-scatter  step s = 0 … N−2: rank r sends its running sum of chunk (r−s−1) mod N to
                     r+1, receives chunk (r−s−2) mod N from r−1 and adds its own; after N−1 steps

@@ -129,10 +129,10 @@ class TensorStore(abc.ABC):
     def delete(self, key) -> None:
         """Forget ``key`` and free its space."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - deliberate no-op default, overridden where needed
         """Block until every put is durable on this medium; raise the first unreported failure."""
 
-    def reserve(self, total_bytes: int) -> None:
+    def reserve(self, total_bytes: int) -> None:  # noqa: B027 - deliberate no-op default, overridden where needed
         """Check, before writing state, that ``total_bytes`` of tensors will fit; raise if not."""
 
     def close(self) -> None:
@@ -142,7 +142,7 @@ class TensorStore(abc.ABC):
     # put at once and cannot fail half-way, so here they are no-ops; the NVMe tier implements them.
     in_transaction = False
 
-    def begin(self) -> None:
+    def begin(self) -> None:  # noqa: B027 - deliberate no-op default, overridden where needed
         """Start a group of puts that :meth:`commit` makes visible together (NVMe; else a no-op)."""
 
     def prepare(self) -> None:
@@ -153,7 +153,7 @@ class TensorStore(abc.ABC):
         """Make every put since :meth:`begin` the committed value."""
         self.prepare()
 
-    def abort(self) -> None:
+    def abort(self) -> None:  # noqa: B027 - deliberate no-op default, overridden where needed
         """Drop every put since :meth:`begin` (NVMe: each key keeps its earlier value)."""
 
     # --- common ---------------------------------------------------------------------------------

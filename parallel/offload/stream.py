@@ -47,17 +47,19 @@ def stream_update(store, groups, fn, *, buffers: int = 2, prefetch_depth: int = 
     ``prepare`` waits for them and reports their errors), so the caller computes while the disk writes.
     """
     if buffers < 1 or prefetch_depth < 0:
-        raise StoreConfigError(f"stream_update needs buffers ≥ 1 and prefetch_depth ≥ 0, got {buffers}, {prefetch_depth}")
+        raise StoreConfigError(f"stream_update needs buffers ≥ 1 and prefetch_depth ≥ 0, "
+                               f"got {buffers}, {prefetch_depth}")
     if buffers < prefetch_depth + 1:
-        raise StoreConfigError(f"prefetch_depth={prefetch_depth} needs buffers ≥ {prefetch_depth + 1} (the sub-groups "
-                               f"read ahead plus the one being updated), got {buffers}; raise zero.offload.buffer_count "
-                               f"or lower zero.offload.prefetch_depth")
+        raise StoreConfigError(f"prefetch_depth={prefetch_depth} needs buffers ≥ {prefetch_depth + 1} "
+                               f"(the sub-groups read ahead plus the one being updated), got {buffers}; "
+                               f"raise zero.offload.buffer_count or lower zero.offload.prefetch_depth")
     subs = [tuple(g) if isinstance(g, (tuple, list)) else (g,) for g in groups]
     width = max((len(s) for s in subs), default=0)
     pool = getattr(store, "buffer_count", None)
     if pool is not None and pool < buffers * width:
-        raise StoreConfigError(f"streaming {buffers} sub-groups of {width} tensors needs {buffers * width} store buffers, "
-                               f"the store has {pool}; raise zero.offload.buffer_count or lower the stream's buffers")
+        raise StoreConfigError(f"streaming {buffers} sub-groups of {width} tensors needs {buffers * width} "
+                               f"store buffers, the store has {pool}; "
+                               f"raise zero.offload.buffer_count or lower the stream's buffers")
     stats = StreamStats(subgroups=len(subs))
     writing: deque = deque()                     # write-back handles, oldest first
     resident = issued = 0

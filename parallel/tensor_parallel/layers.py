@@ -201,7 +201,8 @@ class RowParallelLinear(nn.Module):
                  weight=None, bias_tensor=None, memo=None, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, out_features, group
-        self.input_is_parallel, self.sequence_parallel, self.transposed = input_is_parallel, sequence_parallel, transposed
+        self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
+        self.transposed = transposed
         self.in_local = _divide(in_features, group.size, "RowParallelLinear in_features")
         if weight is None:
             ref = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)

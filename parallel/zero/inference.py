@@ -101,7 +101,8 @@ class StreamedInference:
             t = weights.get_tensor(name) if hasattr(weights, "get_tensor") else \
                 weights(name) if callable(weights) else weights[name]
             if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"weights[{name!r}] has shape {tuple(t.shape)}, the model's parameter {tuple(p.shape)}")
+                raise ValueError(f"weights[{name!r}] has shape {tuple(t.shape)}, "
+                                 f"the model's parameter {tuple(p.shape)}")
             return t
         if p.is_meta:
             return init.materialize(p)
@@ -309,7 +310,8 @@ class SafetensorsFile:
                 or not out.is_contiguous() or out.device.type != "cpu":
             return False
         if shape is not None and tuple(info["shape"]) != tuple(shape):
-            raise ValueError(f"weights[{name!r}] has shape {tuple(info['shape'])}, the model's parameter {tuple(shape)}")
+            raise ValueError(f"weights[{name!r}] has shape {tuple(info['shape'])}, "
+                             f"the model's parameter {tuple(shape)}")
         begin, end = info["data_offsets"]
         if end - begin != out.numel() * out.element_size():
             return False

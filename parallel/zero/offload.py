@@ -44,7 +44,8 @@ def make_offload(cfg, buckets: list, stage: int, group, optimizer_factory):
     if cfg.params == "nvme" and cfg.optimizer != "nvme":
         raise StoreConfigError(f"zero.offload.params=nvme needs zero.offload.optimizer=nvme (got {cfg.optimizer}): the "
                                f"step writes masters and parameters together, all-or-nothing, and only a disk-backed "
-                               f"optimizer state can be rolled back if the disk fills; use optimizer=nvme, or params=cpu")
+                               f"optimizer state can be rolled back if the disk fills; "
+                               f"use optimizer=nvme, or params=cpu")
     if cfg.buffer_count < 1 or not cfg.buffer_mb > 0 or cfg.prefetch_depth < 0:
         raise StoreConfigError(f"zero.offload: buffer_count={cfg.buffer_count} must be >= 1, buffer_mb="
                                f"{cfg.buffer_mb} > 0 and prefetch_depth={cfg.prefetch_depth} >= 0")
@@ -54,7 +55,9 @@ def make_offload(cfg, buckets: list, stage: int, group, optimizer_factory):
                                f"{cfg.buffer_count}; raise buffer_count or lower prefetch_depth")
     opt = OptimizerOffload(cfg, buckets, group, optimizer_factory) if cfg.optimizer != "none" else None
     units = [b for b in buckets if not b.deferred]
-    par = ParamOffload(cfg, units, transactional=opt is not None, name=store_file_name("params")) if cfg.params != "none" else None
+    par = None
+    if cfg.params != "none":
+        par = ParamOffload(cfg, units, transactional=opt is not None, name=store_file_name("params"))
     return opt, par
 
 

@@ -73,7 +73,8 @@ def _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfini
     if not isinstance(dp_group, Group):
         raise TypeError(f"dp_group must be a parallel.comm.Group (mesh.group('dp')), got {type(dp_group).__name__}")
     if not all(hasattr(zero, k) for k in ("stage", "bucket_mb", "prefetch", "offload")):
-        raise TypeError(f"zero= needs a parallel.config.ZeroConfig (the config's zero section), got {type(zero).__name__}")
+        raise TypeError(f"zero= needs a parallel.config.ZeroConfig (the config's zero section), "
+                        f"got {type(zero).__name__}")
     if zero.stage not in (0, 1, 2, 3):
         raise ValueError(f"zero.stage={zero.stage!r} must be 0, 1, 2 or 3")
     if not zero.bucket_mb > 0:

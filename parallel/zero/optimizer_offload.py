@@ -66,7 +66,8 @@ def _check_adam(factory) -> None:
     probe = factory([torch.zeros(1, requires_grad=True)])
     if not isinstance(probe, torch.optim.Adam):                   # AdamW subclasses Adam in torch ≥ 2.6
         raise StoreConfigError(f"zero.offload.optimizer runs a streamed CPU Adam/AdamW step; the optimizer is "
-                               f"{type(probe).__name__}: use optimizer.name=adamw (or adam), or zero.offload.optimizer=none")
+                               f"{type(probe).__name__}: use optimizer.name=adamw (or adam), "
+                               f"or zero.offload.optimizer=none")
     g = probe.param_groups[0]
     bad = [k for k in ("amsgrad", "maximize", "capturable", "differentiable") if g.get(k)]
     if bad:
@@ -249,7 +250,8 @@ class OptimizerOffload:
             comm.all_reduce(code, self.group.control(), op="max")      # 0 ok, 1 a disk is full, 2 an IO error
             if code.item() and error is None:
                 error = (StoreFullError if code.item() == 1 else StoreError)(
-                    f"another dp rank could not write its offloaded state ({'disk full' if code.item() == 1 else 'IO error'})")
+                    "another dp rank could not write its offloaded state "
+                    f"({'disk full' if code.item() == 1 else 'IO error'})")
         if error is not None:
             self.discard()
             cls = StoreFullError if isinstance(error, StoreFullError) else StoreError
