@@ -351,7 +351,7 @@ def main(argv=None) -> int:
         failures.write_record(rank, "config", "config", f"config error: {e}", 2)
         return 2
     faulthandler.enable()
-    stop = StopRequest(cfg.train.save_on_signal) if cfg.train.save_on_signal else None
+    stop = StopRequest(cfg.train.save_on_signal, cfg.train.timeout_s, rank) if cfg.train.save_on_signal else None
     progress = Progress(rank)
     progress.set_phase("setup (init process group)")
     if cfg.train.check_collectives:                # torch checks op and shape before each collective too

@@ -234,3 +234,22 @@ def test_skip_stops_after_max_skips_consecutive_nonfinite_steps():
                        "were skipped, more than train.max_skips=3 allows (train.on_nonfinite=skip): the run diverged "
                        "or the data is bad. Check the data of global batches 5..8 (dataset positions [40, 72)), lower "
                        "optimizer.lr, or raise train.max_skips"), err
+
+
+def test_a_save_signal_is_bounded_without_a_step_boundary():
+    from parallel.reliability.signals import StopRequest
+    exits = []
+    stop = StopRequest(["SIGUSR1"], deadline_s=0.5, rank=3, exit_fn=lambda code, text: exits.append((code, text)))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)                                   # the handler runs between two bytecodes
+        assert stop.signum == signal.SIGUSR1 and exits == []
+        time.sleep(1.0)                                   # no step boundary came: 128 + 10, nothing saved
+        assert exits == [(138, "rank 3: SIGUSR1: no step boundary within 0.5 s (train.timeout_s): stopping "
+                               "without saving")]
+        os.kill(os.getpid(), signal.SIGUSR1)              # a second signal stops at once
+        time.sleep(0.1)
+        assert exits[-1] == (138, "rank 3: SIGUSR1 again: stopping without saving")
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL

@@ -9,7 +9,9 @@ got the signal thus tells the others, and every rank stops after the same step `
 ``128 + signal number`` (143 for SIGTERM, 138 for SIGUSR1). A signal that arrives during step ``s``
 costs the rest of step ``s`` plus the save; torchrun's agent forwards SIGTERM (and, as the launcher
 configures it, the other save signals) to the workers and waits ``--shutdown-timeout`` seconds before
-SIGKILL.
+SIGKILL. The stop is bounded here too: a process that has not exited ``deadline_s`` (train.timeout_s)
+after the signal — no step boundary came, e.g. torchrun's SIGTERM teardown after a peer failed while
+this rank waits on it — exits 128 + n without saving, and so does one that gets the signal twice.
 
 **Parent death**. torchrun starts each worker in a session of its own, so a launcher killed with
 SIGKILL (the OOM killer, ``kill -9``) would leave the workers training. :func:`die_with_parent`
@@ -24,6 +26,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,11 @@ def die_with_parent(sig: int = signal.SIGKILL) -> int:
     return parent
 
 
+def _exit(code: int, text: str) -> None:
+    from parallel.reliability.watchdog import terminate
+    terminate(code, text)
+
+
 def signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -61,15 +69,25 @@ def signal_name(signum: int) -> str:
 class StopRequest:
     """Notes the save signals this process receives; :meth:`agree` makes the ranks agree on it."""
 
-    def __init__(self, names=("SIGTERM", "SIGUSR1")):
-        self.signum = 0
+    def __init__(self, names=("SIGTERM", "SIGUSR1"), deadline_s: float | None = None, rank: int = 0, exit_fn=None):
+        self.signum, self.deadline_s, self.rank = 0, deadline_s, rank
+        self.exit_fn = exit_fn or _exit
         self._previous = {}
         for n in names:
             sig = getattr(signal, n)
             self._previous[sig] = signal.signal(sig, self._note)
 
     def _note(self, signum, frame):                   # in the main thread, between two bytecodes
-        self.signum = self.signum or signum
+        if self.signum:                               # the second one: stop now
+            self.exit_fn(128 + signum, f"rank {self.rank}: {signal_name(signum)} again: stopping without saving")
+            return
+        self.signum = signum
+        if self.deadline_s:
+            t = threading.Timer(self.deadline_s, self.exit_fn, (128 + signum, (
+                f"rank {self.rank}: {signal_name(signum)}: no step boundary within {self.deadline_s:g} s "
+                f"(train.timeout_s): stopping without saving")))
+            t.daemon = True
+            t.start()
 
     def agree(self, mesh) -> int:
         """All ranks: the largest signal number any rank has noted (0: none); collective on the world."""
