@@ -12,6 +12,13 @@ imports, checkpoint/metrics directories, zero.offload.nvme_path and its free spa
 When workers fail, the last lines name the first failing rank, where it was (setup phase or
 step and phase) and its one-line reason, or the signal that killed it (:mod:`launch.failures`);
 the exit status is then that rank's 2 or 3, else 1.
+
+Signals: torchrun's agent (in this process) forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT and the
+signals of train.save_on_signal (SIGUSR1 by default; ``--signals-to-handle``) to the workers and
+waits ``--shutdown-timeout`` seconds (default here 2·train.timeout_s + 30) before SIGKILL; the
+workers save at their next step boundary and exit 128 + the signal, and so does the launcher, naming
+the newest checkpoint. Killed itself (SIGKILL), it takes its workers along: each has a parent-death
+signal (:mod:`parallel.reliability.signals`).
 """
 from __future__ import annotations
 
@@ -20,10 +27,12 @@ import re
 import sys
 
 from torch.distributed import run as elastic_run
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from launch import preflight
 from launch.dry_run import describe
 from launch.failures import summarize
+from parallel.checkpoint import latest
 from parallel.config import ConfigError, load_config
 from parallel.config.deepspeed import format_report
 
@@ -75,6 +84,18 @@ def _flag_value(torchrun: list[str], *names: str):
     return None
 
 
+def _signal_flags(cfg, torchrun: list[str]) -> list[str]:
+    """torchrun forwards the save signals too, and gives the workers time to save (unless told)."""
+    given = {t.split("=")[0].replace("_", "-") for t in torchrun}
+    out = []
+    if "--signals-to-handle" not in given:
+        out += ["--signals-to-handle", ",".join(dict.fromkeys(["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
+                                                                *cfg.train.save_on_signal]))]
+    if "--shutdown-timeout" not in given:
+        out += ["--shutdown-timeout", str(int(2 * cfg.train.timeout_s + 30))]
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -110,10 +131,21 @@ def main(argv=None) -> int:
     if not any(t.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--master-addr",
                                    "--master_addr", "--standalone") for t in torchrun):
         args.append("--standalone")
+    args += _signal_flags(cfg, torchrun)
     ds = ["--deepspeed", known.deepspeed] if known.deepspeed else []
     args += torchrun + ["-m", "launch.train", "--config", known.config] + ds + overrides
     try:
         elastic_run.main(args)
+    except SignalException as e:    # torchrun forwarded it to the workers and waited for them
+        sig = int(e.sigval)
+        ck = cfg.train.checkpoint.dir
+        newest = latest(ck) if ck else None
+        what = (f"newest checkpoint: {newest}; resume with train.resume=true" if newest else
+                "no checkpoint (train.checkpoint.dir is not set)" if not ck else f"no checkpoint in {ck}")
+        saving = e.sigval.name in cfg.train.save_on_signal
+        print(f"launch: stopped by {e.sigval.name}: " + ("the workers saved at their next step boundary; "
+              if saving else "") + what, file=sys.stderr, flush=True)
+        return 128 + sig
     except Exception as e:          # ChildFailedError: name the first failing rank, last
         failures = getattr(e, "failures", None)
         if not failures:

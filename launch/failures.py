@@ -11,7 +11,8 @@ failure table shows the traceback) plus a ``"p3d"`` entry::
 
 with kind ``error`` (this rank's own exception), ``peer`` (a collective broke because another
 rank failed: :func:`parallel.watchdog.is_peer_failure`), ``timeout`` (its watchdog fired; ``time``
-is when its phase began, the moment it stopped making progress), ``config`` or ``interrupt``.
+is when its phase began, the moment it stopped making progress), ``config``, ``interrupt`` or
+``signal`` (it stopped on a signal of ``train.save_on_signal``, ``reason`` says what it saved).
 
 **Launcher side** (:func:`summarize`). When torchrun returns a ``ChildFailedError`` its
 ``failures`` hold every local rank that exited non-zero: exit status (negative: the signal),
@@ -140,6 +141,11 @@ def summarize(failures: dict, single_node: bool = False) -> tuple[list[str], int
     ProcessFailure}) and its exit status: the first failing rank's status when it is 2 (config) or
     3 (watchdog), else 1. The last line names the first failing rank, where it was and why.
     ``single_node``: the whole job ran under this launcher (see :func:`first_failure`)."""
+    recs = {r: _record(f) for r, f in failures.items()}
+    stopped = sorted(r for r, rec in recs.items() if rec and rec["kind"] == "signal")
+    if stopped and all(r in stopped or _signal(failures[r].exitcode) in _TEARDOWN for r in failures):
+        rec = recs[stopped[0]]                  # stopped on a save signal (sent to a worker): no failure
+        return [f"launch: the job stopped at {rec['where']}: {rec['reason']}"], failures[stopped[0]].exitcode
     rank, cls = first_failure(failures, single_node)
     f = failures[rank]
     rec = _record(f)

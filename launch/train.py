@@ -15,7 +15,9 @@ resumes from the newest complete checkpoint in train.checkpoint.dir, data positi
 included, and the metrics file keeps one line per step. train.on_nonfinite decides what a
 non-finite gradient does (stop: end the job naming the step; skip: skip that update);
 train.check_collectives compares collective fingerprints every step (:mod:`parallel.reliability.fingerprint`);
-train.fault or $P3D_FAULT injects a fault (:mod:`parallel.reliability.faults`).
+train.fault / $P3D_FAULT injects a fault under P3D_ENABLE_FAULTS=1 (:mod:`parallel.reliability.faults`).
+Workers die with their launcher, rank 0 owns train.checkpoint.dir, and train.save_on_signal stops
+every rank after one step with a checkpoint, exit 128 + signal (:mod:`launch.lifecycle`).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from launch import failures
+from launch import failures, lifecycle
 from launch.metrics import RANKS_FILE, MetricsLog
 from launch.preflight import check_config
 from launch.resume import (  # noqa: F401  (importable from here as before)
@@ -50,6 +52,7 @@ from parallel.engine import parallelize
 from parallel.mesh import Mesh, backend_for, default_device, init_distributed
 from parallel.reliability.faults import Injector, fault_from, restart_attempt
 from parallel.reliability.fingerprint import Checker, Recorder
+from parallel.reliability.signals import StopRequest, die_with_parent
 from parallel.reliability.watchdog import (
     EXIT_FAILURE,
     Progress,
@@ -180,10 +183,12 @@ def _instrument(cfg: Config, mesh: Mesh, progress: Progress, watched: bool):
     return checker
 
 
-def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = None) -> dict:
-    """Train ``cfg.train.steps`` steps on an existing mesh; returns {"losses": [...], "engine": engine}.
-
-    ``progress`` (main passes the one its watchdog reads) is updated with the step and phase."""
+def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = None,
+        stop: StopRequest | None = None) -> dict:
+    """Train ``cfg.train.steps`` steps on an existing mesh; returns {"losses", "engine", "dataset",
+    "stopped": a save signal's number or 0, "saved": the checkpoint saved at that stop or None}.
+    ``progress`` (main passes its watchdog's) gets the step and phase; with ``stop`` the ranks agree at
+    each step boundary on a save signal, then save (with train.checkpoint.dir) and stop together."""
     watched = progress is not None
     progress = progress or Progress(mesh.rank)
     checker = _instrument(cfg, mesh, progress, watched)
@@ -203,7 +208,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
             raise
         raise ConfigError(f"{e} (model.factory={cfg.model.factory!r})") from e
     del model
-    spec = fault_from(cfg)
+    spec = fault_from(cfg, warn=(lambda line: print_fn(line, file=sys.stderr, flush=True)) if mesh.rank == 0 else None)
     detach = [progress.follow(engine)] + ([Injector(spec, mesh.rank).attach(engine)] if spec else [])
     progress.set_phase("setup (resume)")
     resume(engine, cfg, mesh.rank, print_fn, len(dataset))
@@ -215,7 +220,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     dp, dp_rank = mesh.size("dp"), mesh.local_rank("dp")
     keep = Retention(ck.dir, ck.keep_last, job_id())
     saved_meta = {"data": data_contract(cfg, len(dataset)), "job": job_id()}
-    losses = []
+    losses, stopped, saved = [], 0, None
     for step in range(engine.step_count, cfg.train.steps):
         progress.begin_step(step)
         t0 = time.perf_counter()
@@ -228,12 +233,15 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine)
         if checker is not None:
             checker.check(f"at the end of step {step}")
-        if ck.every and engine.step_count % ck.every == 0:
+        stopped = stop.agree(mesh) if stop is not None else 0
+        if (ck.every and engine.step_count % ck.every == 0) or (stopped and ck.dir):
             saved = save_checkpoint(engine, checkpoint.step_dir(ck.dir, engine.step_count), ck.dir, saved_meta)
             for gone in (keep.saved(saved) if mesh.rank == 0 else []):
                 print_fn(f"removed {gone} (train.checkpoint.keep_last={ck.keep_last})", flush=True)
+        if stopped:
+            break
     progress.step = None
-    if cfg.train.finish:
+    if cfg.train.finish and not stopped:
         progress.set_phase("finish")
         finish = import_object(cfg.train.finish, "train.finish")
         full = engine.full_model()                     # collective: every rank takes part
@@ -245,7 +253,8 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     mesh.stats.recorder, progress.checker = None, None
     if checker is not None:
         torch.distributed.destroy_process_group(checker.pg)
-    return {"losses": losses, "engine": engine, "dataset": dataset}
+    return {"losses": losses, "engine": engine, "dataset": dataset, "stopped": stopped,
+            "saved": saved if stopped else None}
 
 
 def init_job(device, timeout_s: float):
@@ -273,6 +282,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    parent = die_with_parent()                     # no orphans: SIGKILL when the launcher dies (Linux)
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -285,6 +295,7 @@ def main(argv=None) -> int:
         failures.write_record(rank, "config", "config", f"config error: {e}", 2)
         return 2
     faulthandler.enable()
+    stop = StopRequest(cfg.train.save_on_signal, cfg.train.timeout_s, rank) if cfg.train.save_on_signal else None
     progress = Progress(rank)
     progress.set_phase("setup (init process group)")
     if cfg.train.check_collectives:                # torch checks op and shape before each collective too
@@ -294,7 +305,7 @@ def main(argv=None) -> int:
     device = None if cfg.device == "auto" else torch.device(cfg.device)
     if device is not None and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    watchdog = None
+    watchdog, owner = None, None
 
     def watchdog_exit(code):                       # the watchdog fired: record it, then exit
         failures.record_timeout(rank, progress, (watchdog.fired or "") if watchdog else "", code)
@@ -304,9 +315,10 @@ def main(argv=None) -> int:
         set_default_group_timeout(pg_timeout)      # DeviceMesh's sub-groups too, not torch's 30 minutes
         device = init_job(device, pg_timeout)
         progress.set_phase("setup")
-        watchdog = Watchdog(progress, cfg.train.timeout_s, exit_fn=watchdog_exit).start()
+        watchdog = Watchdog(progress, cfg.train.timeout_s, exit_fn=watchdog_exit, parent_pid=parent).start()
+        owner = lifecycle.own_checkpoint_dir(cfg, rank, progress)
         mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device)
-        run(cfg, mesh, progress=progress)
+        result = run(cfg, mesh, progress=progress, stop=stop)
     except KeyboardInterrupt as e:
         failures.record_exception(e, rank, progress.where(), False, 130)
         terminate(130, f"rank {rank}: interrupted at {progress.where()}")
@@ -321,8 +333,9 @@ def main(argv=None) -> int:
         terminate(EXIT_FAILURE, text)
     progress.active = False
     watchdog.stop()
+    code = lifecycle.finish(cfg, rank, result, owner)
     torch.distributed.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class Engine:
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn)
         self.step_count = 0
+        self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit
         self.last_result = None
         self._callbacks, self._hooks, self._transform = [], [], None
 
@@ -159,7 +160,8 @@ class Engine:
     def step(self) -> StepResult:
         """Reduce gradients over dp, clip, update (skipped on fp16 overflow, or on a non-finite
         gradient with train.on_nonfinite=skip), advance the schedule; the step counts either way.
-        A non-finite gradient with train.on_nonfinite=stop raises NonFiniteError naming the step."""
+        A non-finite gradient with train.on_nonfinite=stop raises NonFiniteError naming the step, and
+        so does the (train.max_skips + 1)-th skipped step in a row with skip."""
         s = self.step_count
         self._emit("optimizer", s)
         try:
@@ -170,10 +172,26 @@ class Engine:
                                  f"the update was not applied. Check the data of global batch {s} (dataset positions "
                                  f"[{s * G}, {(s + 1) * G})), lower optimizer.lr, or set train.on_nonfinite=skip to "
                                  f"skip such steps", e.parts) from None
+        if self.last_result.nonfinite_skip:
+            self._check_skips(s)
+        elif not self.last_result.skipped:
+            self.skips_in_a_row = 0
         if not self.last_result.skipped:
             self.scheduler.step()
         self.step_count += 1
         return self.last_result
+
+    def _check_skips(self, s: int) -> None:
+        """train.on_nonfinite=skip allows train.max_skips consecutive skipped steps; the next one stops."""
+        self.skips_in_a_row += 1
+        n, m = self.skips_in_a_row, self.max_skips
+        if n > m:
+            G = self.cfg.data.global_batch_size
+            raise NonFiniteError(f"step {s}: {n} consecutive steps ({s - n + 1}..{s}) had a non-finite loss or "
+                                 f"gradient and were skipped, more than train.max_skips={m} allows "
+                                 f"(train.on_nonfinite=skip): the run diverged or the data is bad. Check the data of "
+                                 f"global batches {s - n + 1}..{s} (dataset positions [{(s - n + 1) * G}, "
+                                 f"{(s + 1) * G})), lower optimizer.lr, or raise train.max_skips", [])
 
     def _own_loop_check(self) -> None:
         if self.executor is not None:

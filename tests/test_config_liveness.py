@@ -24,6 +24,8 @@ ALLOW = {
     "device": "read only by launch.train.main, which picks the device before run() receives the config "
               "(tests/test_launch.py starts that path)",
     "train.timeout_s": "read only by launch.train.main: the watchdog and process-group timeouts",
+    "train.save_on_signal": "read only by launch.train.main, which installs the signal handlers (tests/test_stop.py "
+                            "starts that path)",
 }
 GPT = {"vocab_size": 96, "seq_len": 16, "n_layer": 4, "n_head": 4, "n_embd": 32}
 BASE = {"model": {"factory": "examples.gpt:build", "kwargs": GPT},

@@ -20,6 +20,12 @@ GPT = os.path.join(ROOT, "configs", "gpt_dp2.yaml")
 QUIET = dict(print_fn=lambda *a, **k: None)
 
 
+@pytest.fixture(autouse=True)
+def faults_on(monkeypatch):
+    """Fault injection is honoured only under the test switch (parallel.config.faults.ENABLE_ENV)."""
+    monkeypatch.setenv("P3D_ENABLE_FAULTS", "1")
+
+
 # --- jobs of real processes: `launch.train.main` per rank, no agent to clean up after them --------
 
 _ctx = None
@@ -39,7 +45,7 @@ def _rank_main(rank, world, port, argv, out):
     os.dup2(fd, 2)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
-                      TORCHELASTIC_RESTART_COUNT="0", P3D_PEAK_FLOPS="1e12",
+                      TORCHELASTIC_RESTART_COUNT="0", P3D_PEAK_FLOPS="1e12", P3D_ENABLE_FAULTS="1",
                       TORCHELASTIC_ERROR_FILE=out + ".error.json")     # the failure record (launch.failures)
     from launch.train import main
     rc = main(argv)
@@ -228,7 +234,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         assert "Point train.checkpoint.dir at a checkpoint of this model" in out["incompatible"]
 
 
-def test_fault_config_errors():
+def test_fault_config_errors(monkeypatch):
     def err(fault, *more):
         with pytest.raises(ConfigError) as e:
             load_config(GPT, [f"train.fault={fault}", *more]).validate(2)
@@ -243,7 +249,16 @@ def test_fault_config_errors():
         pytest.raises(ConfigError, lambda: load_config(GPT, ["train.on_nonfinite=maybe"]).validate(2)).value)
     from parallel.reliability.faults import FaultSpec, fault_from
     cfg = load_config(GPT).validate(2)
-    assert fault_from(cfg, {"P3D_FAULT": "rank=1,step=3,phase=backward,kind=kill"}) == FaultSpec(1, 3, "backward", "kill")
+    env = {"P3D_FAULT": "rank=1,step=3,phase=backward,kind=kill", "P3D_ENABLE_FAULTS": "1"}
+    assert fault_from(cfg, env) == FaultSpec(1, 3, "backward", "kill")
+    # without the test switch: train.fault is a config error naming it; $P3D_FAULT is ignored with a warning
+    said = []
+    assert fault_from(cfg, {**env, "P3D_ENABLE_FAULTS": ""}, warn=said.append) is None
+    assert said == ["warning: $P3D_FAULT='rank=1,step=3,phase=backward,kind=kill' is ignored: fault injection is for "
+                    "tests and needs P3D_ENABLE_FAULTS=1; unset P3D_FAULT"]
+    monkeypatch.delenv("P3D_ENABLE_FAULTS")
+    assert "honoured only in tests, with P3D_ENABLE_FAULTS=1 in the environment: remove train.fault" in \
+        err("{rank: 0, step: 1, phase: forward, kind: raise}")
 
 
 # --- non-finite loss: skip the update, or stop naming the step -----------------------------------
@@ -251,6 +266,7 @@ def test_fault_config_errors():
 def _nonfinite(rank, world, mode):
     from launch.train import run
     from parallel.mesh import Mesh
+    os.environ["P3D_ENABLE_FAULTS"] = "1"                 # the pool's ranks may predate the fixture
     cfg = load_config(GPT, ["train.metrics_file=null", "train.steps=5", f"train.on_nonfinite={mode}",
                             "train.fault={rank: 1, step: 2, phase: forward, kind: nan}"]).validate(world)
     try:

@@ -149,8 +149,8 @@ def test_summary_names_the_first_failing_rank_not_the_torn_down_one(tmp_path):
 # --- the launcher end to end: two workers, the last line ----------------------------------------------
 
 def _launch(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "P3D_ENABLE_FAULTS": "1",                      # train.fault: the test switch
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "launch", "--config", GPT, "train.metrics_file=null", *args], cwd=ROOT,
                        env=env, timeout=240, capture_output=True, text=True)
     return r.returncode, r.stderr.strip().splitlines()

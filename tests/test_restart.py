@@ -16,7 +16,7 @@ def test_rank_killed_at_step_7_restarts_and_matches_an_uninterrupted_run(tmp_pat
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     over = ["train.steps=20", "data.shuffle=true", f"train.metrics_file={metrics}", "train.checkpoint.every=5",
             f"train.checkpoint.dir={ck}", "train.timeout_s=300", "train.fault={rank: 1, step: 7, phase: forward, kind: kill}"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "P3D_PEAK_FLOPS": "1e12"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "P3D_PEAK_FLOPS": "1e12", "P3D_ENABLE_FAULTS": "1"}
     r = subprocess.run([sys.executable, "-m", "launch", "--config", "configs/gpt_dp2.yaml", "--max-restarts", "1",
                         "--monitor-interval", "0.1", *over], cwd=ROOT, env=env, timeout=400, capture_output=True, text=True)
     out = r.stdout + r.stderr

@@ -4,6 +4,7 @@ Injection itself is :mod:`parallel.reliability.faults`; this holds only what val
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,10 +13,16 @@ from parallel.config.errors import ConfigError
 if TYPE_CHECKING:
     from parallel.config.schema import Config
 
-__all__ = ["PHASES", "KINDS", "FaultSpec", "parse_fault", "check_fault"]
+__all__ = ["PHASES", "KINDS", "ENABLE_ENV", "FaultSpec", "faults_enabled", "parse_fault", "check_fault"]
 
 PHASES = ("forward", "backward", "optimizer", "checkpoint")
 KINDS = ("raise", "kill", "hang", "nan", "oom", "enospc")
+ENABLE_ENV = "P3D_ENABLE_FAULTS"          # the test switch: faults are honoured only when it is "1"
+
+
+def faults_enabled(environ=None) -> bool:
+    """True when ``$P3D_ENABLE_FAULTS`` is ``1`` (the test suite sets it; a production run never should)."""
+    return (os.environ if environ is None else environ).get(ENABLE_ENV) == "1"
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,12 @@ def parse_fault(value, key: str = "train.fault") -> FaultSpec:
 
 
 def check_fault(cfg: Config, world_size: int | None) -> FaultSpec:
-    """Validate ``train.fault`` against the rest of the config (called from Config.validate)."""
+    """Validate ``train.fault`` against the rest of the config (called from Config.validate); a fault
+    is an error unless the test switch ``$P3D_ENABLE_FAULTS=1`` is set."""
+    if not faults_enabled():
+        raise ConfigError(f"train.fault={cfg.train.fault!r} injects a failure on purpose and is honoured only in "
+                          f"tests, with {ENABLE_ENV}=1 in the environment: remove train.fault from this config "
+                          f"(or set {ENABLE_ENV}=1 to test failure handling)")
     spec = parse_fault(cfg.train.fault)
     world = world_size if world_size is not None else cfg.world_size
     if spec.rank >= world:

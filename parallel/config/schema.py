@@ -100,8 +100,10 @@ class TrainConfig:
     tensorboard: Optional[str] = None      # a log directory for TensorBoard scalars (needs tensorboard)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     on_nonfinite: str = "stop"             # stop | skip: a non-finite loss/gradient ends the job, or skips the update
+    max_skips: int = 10                    # on_nonfinite=skip: this many consecutive skipped steps at most, then stop
+    save_on_signal: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save at the next step, exit 128+n
     check_collectives: bool = False        # compare collective fingerprints across ranks every step (parallel.reliability.fingerprint)
-    fault: Optional[dict] = None           # fault injection for tests: {rank, step, phase, kind[, attempt]} (parallel.reliability.faults)
+    fault: Optional[dict] = None           # fault injection, tests only (P3D_ENABLE_FAULTS=1; reliability.faults)
 
 
 @dataclass

@@ -123,6 +123,24 @@ def _check_zero(c: Config) -> None:
         raise ConfigError("zero.offload uses nvme but zero.offload.nvme_path is not set: give a directory on a local disk")
 
 
+SAVE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+def check_signals(names) -> list:
+    """``train.save_on_signal``: signal names (``SIGTERM`` or ``TERM``), normalised to ``SIGTERM``."""
+    if not isinstance(names, (list, tuple)):
+        names = [names] if names else []
+    out = []
+    for n in names:
+        name = str(n).upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name not in SAVE_SIGNALS:
+            raise ConfigError(f"train.save_on_signal: {n!r} is not one of {list(SAVE_SIGNALS)} (SIGINT and SIGHUP "
+                              f"stop at once; give [] to let every signal stop the job without saving)")
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
 def _check_train(c: Config, world_size: int | None) -> None:
     """The run: learning-rate schedule, offload IO buffers, clipping, timeout, fault injection, checkpoints."""
     t = c.train
@@ -142,6 +160,10 @@ def _check_train(c: Config, world_size: int | None) -> None:
         raise ConfigError(f"train.timeout_s={t.timeout_s} must be positive")
     if t.fault is not None:
         check_fault(c, world_size)
+    if t.max_skips < 0:
+        raise ConfigError(f"train.max_skips={t.max_skips} must be 0 or more (consecutive skipped steps allowed "
+                          f"with train.on_nonfinite=skip)")
+    t.save_on_signal = check_signals(t.save_on_signal)
     if t.checkpoint.every < 0:
         raise ConfigError(f"train.checkpoint.every={t.checkpoint.every} must be 0 (never) or positive")
     if t.checkpoint.keep_last is not None and t.checkpoint.keep_last < 1:

@@ -1,7 +1,9 @@
 """Fault injection: make one rank fail at a chosen step and phase, on purpose.
 
 A fault is ``{rank, step, phase, kind[, attempt]}``, from the config key ``train.fault`` or the
-environment (``P3D_FAULT="rank=1,step=3,phase=backward,kind=kill"``; the config wins):
+environment (``P3D_FAULT="rank=1,step=3,phase=backward,kind=kill"``; the config wins). Both are
+honoured only under the test switch ``P3D_ENABLE_FAULTS=1``: without it ``train.fault`` is a config
+error and ``$P3D_FAULT`` is ignored with a one-line warning, so no production run fails on purpose.
 
     phase    forward     when this rank's first stage forward of step ``step`` starts
              backward    when the first gradient of a stage output arrives in step ``step``
@@ -35,7 +37,7 @@ import time
 import torch
 
 from parallel.config import Config
-from parallel.config.faults import FaultSpec, parse_fault
+from parallel.config.faults import ENABLE_ENV, FaultSpec, faults_enabled, parse_fault
 
 ENV = "P3D_FAULT"
 
@@ -44,11 +46,18 @@ class InjectedFault(RuntimeError):
     """The exception a ``kind: raise`` fault throws."""
 
 
-def fault_from(cfg: Config, environ=os.environ) -> FaultSpec | None:
-    """The fault of this job: ``train.fault``, else ``$P3D_FAULT``, else None."""
+def fault_from(cfg: Config, environ=os.environ, warn=None) -> FaultSpec | None:
+    """The fault of this job: ``train.fault``, else ``$P3D_FAULT``, else None; None (and ``warn`` called
+    with one line, when given) without the test switch ``$P3D_ENABLE_FAULTS=1``. ``train.fault`` got
+    that far only with the switch: Config.validate refuses it otherwise."""
     if cfg.train.fault is not None:
         return parse_fault(cfg.train.fault)
     if environ.get(ENV):
+        if not faults_enabled(environ):
+            if warn is not None:
+                warn(f"warning: ${ENV}={environ[ENV]!r} is ignored: fault injection is for tests and needs "
+                     f"{ENABLE_ENV}=1; unset {ENV}")
+            return None
         return parse_fault(environ[ENV], ENV)
     return None
 

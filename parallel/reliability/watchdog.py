@@ -174,10 +174,14 @@ def failure_report(exc: BaseException, progress: Progress, store=None, key: str 
 
 class Watchdog:
     """A daemon thread that ends the process when ``progress`` stays in one phase longer than
-    ``timeout_s``; on the way it answers peers' fingerprint requests (``progress.checker``)."""
+    ``timeout_s``, or when its parent is no longer ``parent_pid`` (re-parented: the launcher died;
+    the fallback of :func:`parallel.reliability.signals.die_with_parent`); on the way it answers
+    peers' fingerprint requests (``progress.checker``)."""
 
-    def __init__(self, progress: Progress, timeout_s: float, poll_s: float | None = None, exit_fn=os._exit):
+    def __init__(self, progress: Progress, timeout_s: float, poll_s: float | None = None, exit_fn=os._exit,
+                 parent_pid: int | None = None):
         self.progress, self.timeout_s, self.exit_fn = progress, float(timeout_s), exit_fn
+        self.parent_pid = parent_pid            # end the process when its parent (the launcher) is gone
         self.poll_s = poll_s if poll_s is not None else min(1.0, max(0.05, self.timeout_s / 20))
         self.fired: str | None = None
         self._stop = threading.Event()
@@ -200,6 +204,11 @@ class Watchdog:
                 except Exception:
                     pass
             p = self.progress
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.fired = (f"rank {p.rank}: the launcher (pid {self.parent_pid}) is gone: stopping at {p.where()} "
+                              f"(a worker never outlives its launcher)")
+                terminate(EXIT_FAILURE, self.fired, self.exit_fn)
+                return
             if p.active and time.monotonic() - p.since > self.timeout_s:
                 self.fire()
                 return

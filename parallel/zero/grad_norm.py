@@ -13,7 +13,9 @@ all-reduced, so every rank sees the same verdict and takes the same branch:
 * fp16: the loss scaler owns overflow (skip the step, lower the scale), whatever the policy;
 * ``stop``: raise :class:`NonFiniteError`, nothing applied;
 * ``skip``: drop this step's gradients, leave weights and optimizer state as they are; the step
-  still counts (like an fp16 overflow), its result says ``nonfinite_skip``.
+  still counts (like an fp16 overflow), its result says ``nonfinite_skip``. The engine counts
+  consecutive skips: more than ``train.max_skips`` (default 10) in a row raise
+  :class:`NonFiniteError` (:meth:`parallel.engine.Engine.step`).
 """
 from __future__ import annotations
 
