@@ -16,8 +16,9 @@ def _engine(layout, world):
     from parallel.engine import parallelize
     from parallel.mesh import Mesh
     dp, pp = layout
-    cfg = load_config(CNN_YAML, overrides=["train.metrics_file=null", f"parallel.dp={dp}", f"parallel.pp={pp}",
-                                           "data.global_batch_size=16", "data.micro_batch_size=" + str(16 // dp)]).validate(world)
+    over = ["train.metrics_file=null", f"parallel.dp={dp}", f"parallel.pp={pp}", "data.global_batch_size=16",
+            f"data.micro_batch_size={16 // dp}"]
+    cfg = load_config(CNN_YAML, overrides=over).validate(world)
     return cfg, parallelize(build_model(cfg), cfg, Mesh(pp=pp, dp=dp))
 
 

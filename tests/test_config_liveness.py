@@ -141,7 +141,8 @@ def test_every_config_key_is_read(tmp_path):
                           "offload": {"optimizer": "nvme", "params": "cpu", "nvme_path": str(nvme), "buffer_count": 2,
                                       "buffer_mb": 0.05, "prefetch_depth": 1}},
                  "train": {"steps": 2, "log_every": 1, "grad_clip": 1.0, "metrics_file": str(tmp_path / "m.jsonl"),
-                           "checkpoint": {"dir": ck, "every": 2, "keep_last": 1}, "resume": True, "finish": "examples.gpt:sample",
+                           "checkpoint": {"dir": ck, "every": 2, "keep_last": 1}, "resume": True,
+                           "finish": "examples.gpt:sample",
                            "peak_flops": 1e12, "on_nonfinite": "stop", "check_collectives": True}})
     for reads in run_ranks(_train, 2, main):
         seen |= set(reads)

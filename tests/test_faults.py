@@ -157,7 +157,8 @@ def test_injected_fault_ends_every_rank_promptly(tmp_path, fault, extra, message
     if message:
         assert message in texts[r], joined
     # one rank prints a traceback (none for a kill or a hang); the other says in one line why it stops
-    assert sum("Traceback (most recent call last)" in t for t in texts) == (0 if "kill" in f or "hang" in f else 1), joined
+    tracebacks = sum("Traceback (most recent call last)" in t for t in texts)
+    assert tracebacks == (0 if "kill" in f or "hang" in f else 1), joined
     other = texts[1 - r]
     assert "peer failure" in other or "watchdog: no progress" in other or "NonFiniteError" in other, joined
     # the launcher's summary of these exits and records (as torchrun hands them over) names rank r last
@@ -240,7 +241,8 @@ def test_fault_config_errors(monkeypatch):
             load_config(GPT, [f"train.fault={fault}", *more]).validate(2)
         return str(e.value)
     assert "train.fault.phase='sideways' is not one of" in err("{rank: 0, step: 1, phase: sideways, kind: raise}")
-    assert "train.fault.rank=2 does not exist: the job has 2 ranks" in err("{rank: 2, step: 1, phase: forward, kind: kill}")
+    assert "train.fault.rank=2 does not exist: the job has 2 ranks" in \
+        err("{rank: 2, step: 1, phase: forward, kind: kill}")
     assert "never fires" in err("{rank: 0, step: 2, phase: checkpoint, kind: kill}", "train.checkpoint.every=2",
                                 "train.checkpoint.dir=/tmp/x")
     assert "kind=nan applies to phase forward or backward" in err("{rank: 0, step: 1, phase: optimizer, kind: nan}")
@@ -345,12 +347,13 @@ def _line(tag):
 
 def test_divergent_call_site_is_reported_at_the_step_boundary():
     res = run_ranks(_diverge, 2, "site")
-    for result, code, fired in res:
+    for result, _code, fired in res:
         assert fired is None                                         # caught by the check, no timeout
         assert result.startswith("ranks issued different collectives (checked at the end of step 0")
         assert "dp group [0, 1]: first differing call is #1" in result
-        assert f"rank 0: all_reduce on dp [4] float32 at tests/test_faults.py:{_line('rank0-site')} (_diverge)" in result
-        assert f"rank 1: all_reduce on dp [4] float32 at tests/test_faults.py:{_line('rank1-site')} (_diverge)" in result
+        site = "all_reduce on dp [4] float32 at tests/test_faults.py"
+        assert f"rank 0: {site}:{_line('rank0-site')} (_diverge)" in result
+        assert f"rank 1: {site}:{_line('rank1-site')} (_diverge)" in result
 
 
 def test_unmatched_send_is_reported():
@@ -369,6 +372,7 @@ def test_skipped_collective_is_reported_by_the_watchdog_not_hung():
     assert [code for _, code, _ in res] == [3, 3]
     report = next(f for f in fired if "first differing call" in f)
     assert "dp group [0, 1]: first differing call is #1" in report
-    assert f"rank 0: all_reduce on dp [4] float32 at tests/test_faults.py:{_line('skipped-by-rank1')} (_diverge)" in report
+    site = f"tests/test_faults.py:{_line('skipped-by-rank1')}"
+    assert f"rank 0: all_reduce on dp [4] float32 at {site} (_diverge)" in report
     assert f"rank 1: all_reduce on dp [4] float32 at tests/test_faults.py:{_line('both')} (_diverge)" in report
     assert all(r.startswith("timed out") for r, _, _ in res)

@@ -65,7 +65,7 @@ def test_xor_converges_through_dp2():
     from examples.xor import INPUTS, TARGETS, build
     m = build()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    for step in range(1, 201):
+    for step in range(1, 201):  # noqa: B007 (the step count is read after the loop)
         opt.zero_grad()
         torch.nn.functional.mse_loss(m(INPUTS), TARGETS).backward()
         opt.step()
@@ -90,7 +90,7 @@ def test_two_torchrun_agents_train_one_job(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     want = reference_losses(load_config("configs/gpt_dp2.yaml", ["train.steps=4"]))
     assert_close_curve(_losses(metrics), want, 1e-5, "two agents")
@@ -114,7 +114,8 @@ def test_dry_run_every_config(capsys):
         out = capsys.readouterr().out
         assert "# resolved config" in out and "# mesh: pp=" in out
     for ds in sorted(glob.glob(os.path.join(ROOT, "configs", "deepspeed", "*.json"))):
-        assert main(["--config", os.path.join(ROOT, "configs", "gpt_dp2.yaml"), "--deepspeed", ds, "--dry-run"]) == 0, ds
+        argv = ["--config", os.path.join(ROOT, "configs", "gpt_dp2.yaml"), "--deepspeed", ds, "--dry-run"]
+        assert main(argv) == 0, ds
         out = capsys.readouterr().out
         assert " mapped, " in out and "# resolved config" in out
     # the quickstart's per-rank estimate comes from the planner: 8 ranks with parameter bytes

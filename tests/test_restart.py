@@ -15,10 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_rank_killed_at_step_7_restarts_and_matches_an_uninterrupted_run(tmp_path):
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     over = ["train.steps=20", "data.shuffle=true", f"train.metrics_file={metrics}", "train.checkpoint.every=5",
-            f"train.checkpoint.dir={ck}", "train.timeout_s=300", "train.fault={rank: 1, step: 7, phase: forward, kind: kill}"]
+            f"train.checkpoint.dir={ck}", "train.timeout_s=300",
+            "train.fault={rank: 1, step: 7, phase: forward, kind: kill}"]
     env = {**os.environ, "PYTHONPATH": ROOT, "P3D_PEAK_FLOPS": "1e12", "P3D_ENABLE_FAULTS": "1"}
     r = subprocess.run([sys.executable, "-m", "launch", "--config", "configs/gpt_dp2.yaml", "--max-restarts", "1",
-                        "--monitor-interval", "0.1", *over], cwd=ROOT, env=env, timeout=400, capture_output=True, text=True)
+                        "--monitor-interval", "0.1", *over], cwd=ROOT, env=env, timeout=400, capture_output=True,
+                       text=True)
     out = r.stdout + r.stderr
     (tmp_path / "launch.log").write_text(out)
     assert r.returncode == 0, out[-4000:]
@@ -28,7 +30,8 @@ def test_rank_killed_at_step_7_restarts_and_matches_an_uninterrupted_run(tmp_pat
     recs = [json.loads(line) for line in open(metrics)]
     assert [rec["step"] for rec in recs] == list(range(20))  # steps 5 and 6 were redone and logged once
     assert [json.loads(line)["step"] for line in open(tmp_path / "ranks.jsonl")] == list(range(20))
-    want = reference_losses(load_config(os.path.join(ROOT, "configs/gpt_dp2.yaml"), ["train.steps=20", "data.shuffle=true"]))
+    want = reference_losses(load_config(os.path.join(ROOT, "configs/gpt_dp2.yaml"),
+                                        ["train.steps=20", "data.shuffle=true"]))
     assert_close_curve([rec["loss"] for rec in recs], want, 1e-5, "killed at step 7, restarted")
     assert sorted(os.listdir(ck)) == [f"step_{s:08d}" for s in (5, 10, 15, 20)]
 

@@ -42,7 +42,8 @@ def materialize(template: nn.Module, dtype=None) -> nn.Module:
         for name, p in mod._parameters.items():
             if p is not None and p.is_meta:
                 if id(p) not in new:
-                    new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype), requires_grad=p.requires_grad)
+                    new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype),
+                                              requires_grad=p.requires_grad)
                 mod._parameters[name] = new[id(p)]
     return model
 

@@ -41,7 +41,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"              # gpipe | 1f1b | interleaved | zero_bubble
     pp_virtual_stages: int = 1
     pp_split: Any = "auto"                 # "auto" or a list of block boundaries
-    sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (parallel.data_parallel.sync_batchnorm)
+    sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (data_parallel/sync_batchnorm.py)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"             # stop | skip: a non-finite loss/gradient ends the job, or skips the update
     max_skips: int = 10                    # on_nonfinite=skip: this many consecutive skipped steps at most, then stop
     save_on_signal: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save at the next step, exit 128+n
-    check_collectives: bool = False        # compare collective fingerprints across ranks every step (parallel.reliability.fingerprint)
+    check_collectives: bool = False        # compare collective fingerprints across ranks every step (fingerprint.py)
     fault: Optional[dict] = None           # fault injection, tests only (P3D_ENABLE_FAULTS=1; reliability.faults)
 
 

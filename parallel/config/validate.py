@@ -73,7 +73,8 @@ def _check_batch(c: Config, world_size: int | None) -> None:
         raise ConfigError(f"train.steps={t.steps} must be 0 or more")
     if world_size is not None and c.world_size != world_size:
         raise ConfigError(f"parallel.dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {c.world_size} but the job has {world_size} "
-                          f"processes: change parallel.dp/tp/pp or start {c.world_size} processes (--nproc {c.world_size})")
+                          f"processes: change parallel.dp/tp/pp or start {c.world_size} processes "
+                          f"(--nproc {c.world_size})")
     if d.global_batch_size % p.dp:
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} does not divide over parallel.dp={p.dp} "
                           f"ranks: use a multiple of {p.dp}")
@@ -101,11 +102,13 @@ def _check_parallel(c: Config) -> None:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards along the sequence "
                           "within the tp group)")
     if not (p.tp_plan == "auto" or isinstance(p.tp_plan, dict)):
-        raise ConfigError(f"parallel.tp_plan={p.tp_plan!r} must be 'auto' or a mapping {{module glob: colwise|rowwise|vocab}}")
+        raise ConfigError(f"parallel.tp_plan={p.tp_plan!r} must be 'auto' or a mapping "
+                          f"{{module glob: colwise|rowwise|vocab}}")
     if not isinstance(p.sync_batchnorm, bool):
         raise ConfigError(f"parallel.sync_batchnorm={p.sync_batchnorm!r} must be true or false")
     if not (p.pp_split == "auto" or (isinstance(p.pp_split, list) and all(isinstance(b, int) for b in p.pp_split))):
-        raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto' or a list of block indices where stages start")
+        raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto' or a list of block indices where "
+                          f"stages start")
 
 
 def _check_zero(c: Config) -> None:
@@ -120,7 +123,8 @@ def _check_zero(c: Config) -> None:
     if c.zero.offload.params != "none" and c.zero.stage != 3:
         raise ConfigError(f"zero.offload.params={c.zero.offload.params} needs zero.stage=3 (got {c.zero.stage})")
     if "nvme" in (c.zero.offload.params, c.zero.offload.optimizer) and not c.zero.offload.nvme_path:
-        raise ConfigError("zero.offload uses nvme but zero.offload.nvme_path is not set: give a directory on a local disk")
+        raise ConfigError("zero.offload uses nvme but zero.offload.nvme_path is not set: give a directory on a "
+                          "local disk")
 
 
 SAVE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
