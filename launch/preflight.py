@@ -34,6 +34,7 @@ import shutil
 
 import torch
 
+from parallel.checkpoint import owner
 from parallel.config import Config, ConfigError, import_object
 
 _PATH_KEY = re.compile(r"^(path|paths|file|files|dir|dirs)$|_(path|paths|file|files|dir|dirs)$")
@@ -132,6 +133,8 @@ def check_paths(cfg: Config) -> None:
     t = cfg.train
     if t.checkpoint.every and t.checkpoint.dir:
         check_writable_dir(t.checkpoint.dir, "train.checkpoint.dir")
+    if t.checkpoint.dir and (busy := owner.owner_elsewhere(t.checkpoint.dir)):
+        raise PreflightError(busy)
     if t.metrics_file:
         check_writable_dir(os.path.dirname(os.path.abspath(t.metrics_file)), "the directory of train.metrics_file")
     if t.tensorboard:

@@ -101,9 +101,12 @@ def test_sigkilled_launcher_leaves_no_worker(tmp_path, torchrun):
                                 "train.metrics_file=null", f"train.checkpoint.dir={ck}"], cwd=ROOT, env=ENV,
                                timeout=240, capture_output=True, text=True)
             owner = json.loads((ck / "OWNER.json").read_text())
-            assert r.returncode == 1 and owner["launcher_pid"] == proc.pid, r.stderr[-3000:]
-            assert f"is in use by job {owner['job']} on host {owner['host']} (launcher pid {proc.pid}, started" \
-                   in r.stderr.splitlines()[-1] and "its launcher is still running" in r.stderr, r.stderr[-3000:]
+            # refused by the launcher's pre-flight check, before any worker starts: exit 2
+            assert r.returncode == 2 and owner["launcher_pid"] == proc.pid, r.stderr[-3000:]
+            last = r.stderr.splitlines()[-1]
+            assert last.startswith("config error (pre-flight check; no worker was started): ") and \
+                f"is in use by job {owner['job']} on host {owner['host']} (launcher pid {proc.pid}, started" in last, \
+                r.stderr[-3000:]
             assert len(_lines(m)) >= 3                  # the first job trained on
         proc.send_signal(signal.SIGKILL)
         t0 = time.time()

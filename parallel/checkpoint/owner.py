@@ -87,6 +87,19 @@ def _same_job(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in ("job", "host", "launcher_pid"))
 
 
+def owner_elsewhere(root: str) -> str | None:
+    """The launcher's pre-flight check: a message when ``root`` is owned by a live job on this host or by one on
+    another host (then its processes cannot be checked); None when free or the owner file is stale."""
+    path = os.path.join(root, NAME)
+    rec = _read(path) if os.path.exists(path) else None
+    if not rec:
+        return None
+    if rec.get("host") == socket.gethostname() and not alive(rec.get("launcher_pid", -1), rec.get("launcher_start")):
+        return None
+    return (f"train.checkpoint.dir={root!r} is in use by {describe(rec)} ({path}): wait for that job to end, stop "
+            f"it, or give this job another train.checkpoint.dir. If that job is gone, delete {path}")
+
+
 def acquire(root: str, report=None, environ=os.environ) -> dict:
     """Make this job the owner of ``root`` (created if missing); returns the record written."""
     os.makedirs(root, exist_ok=True)
