@@ -132,12 +132,15 @@ def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | No
         dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
     with open(os.path.join(tmp, f"rank_{rank}.pt"), "wb") as f:
         torch.save(rank_meta or {}, f)
+    mine = digest_own(tmp, rank)
+    if world > 1:                  # every rank's files are complete: a failing hook may remove the folder safely
+        dist.barrier()
     if on_written is not None:
         on_written()
-    files = [digest_own(tmp, rank)]
+    files = [mine]
     if world > 1:
         files = [None] * world
-        dist.all_gather_object(files, digest_own(tmp, rank))
+        dist.all_gather_object(files, mine)
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({**meta, "shapes": shapes, "world_size": world,
