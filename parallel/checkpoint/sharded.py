@@ -19,8 +19,8 @@ rank 0 gathers the digests, writes ``meta.json`` with them (:mod:`parallel.check
 and renames the folder to ``<dir>/step_N`` (rename is atomic on POSIX). A ``step_N`` already
 there is never deleted: it is renamed to ``step_N.replaced-<time>``. A ``.tmp-step_N`` left by an
 earlier failed save of that step (never a checkpoint) is removed first.
-``save_pieces(..., on_written=fn)`` calls ``fn()`` on each rank between the two: its shards and
-rank file are written, nothing is committed (where a test injects a checkpoint-phase fault).
+``save_pieces(..., on_written=fn)`` calls ``fn()`` on each rank between the two: every rank's shards
+and rank file are written (a barrier), nothing is committed (where a test injects a checkpoint-phase fault).
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | No
     """Collective: write this rank's owned elements of every piece under ``path`` atomically.
 
     ``meta`` (layout, step, data position, ...) is written by rank 0; ``rank_meta`` (e.g. RNG
-    state) by every rank; ``on_written()``, when given, runs after this rank's writes into the
-    temporary folder and before the commit. Returns the final folder."""
+    state) by every rank; ``on_written()``, when given, runs once every rank has written into the
+    temporary folder (a barrier) and before the commit. Returns the final folder."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     parent, name = os.path.split(os.path.abspath(path))
