@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -168,6 +169,7 @@ def build_stage(model, plan, owners, probe, k):
     for path in plan.post if k < S - 1 else []:
         memo[id(owners[path])] = _PassThrough(path)
     stage = copy.deepcopy(model, memo)
+    _rebind_functions(stage, memo)
     if plan.kind == "sequential":
         for i in [i for i in range(len(body)) if not a <= i < b]:
             del stage._modules[list(body._modules)[i]]
@@ -186,6 +188,32 @@ def build_stage(model, plan, owners, probe, k):
     if S > 1:
         _mark_tied(stage, plan, k)
     return stage
+
+
+def _rebind_functions(stage: nn.Module, memo: dict) -> None:
+    """Functions kept on modules survive ``deepcopy`` by reference (minGPT's ``self.mlpf = lambda x:
+    m.dropout(m.c_proj(m.act(m.c_fc(x))))``), so their closures and defaults would still call the
+    *original* model's modules — modules this stage does not run, or whose parameters ZeRO never
+    gathers. Each such function is rebuilt with its cells and defaults mapped through the copy's memo
+    (to the stage's copy, or to the pass-through standing in for a block another stage owns)."""
+    def mapped(v):
+        return memo.get(id(v), v) if isinstance(v, nn.Module) else v
+    for mod in stage.modules():
+        for name, fn in list(vars(mod).items()):
+            if not isinstance(fn, types.FunctionType):
+                continue
+            cells = []
+            for c in fn.__closure__ or ():
+                try:
+                    cells.append(types.CellType(mapped(c.cell_contents)))
+                except ValueError:                            # an empty cell
+                    cells.append(c)
+            defaults = tuple(mapped(d) for d in fn.__defaults__) if fn.__defaults__ else fn.__defaults__
+            if all(a is b for a, b in zip(cells, fn.__closure__ or ())) and defaults == fn.__defaults__:
+                continue
+            new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, defaults, tuple(cells) or None)
+            new.__kwdefaults__, new.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
+            vars(mod)[name] = new                             # the stage copy's own attribute, not the model's
 
 
 def _mark_tied(stage, plan, k):

@@ -43,10 +43,7 @@ none), with the input embedding made ``vocab`` and the output embedding ``colwis
 """
 from __future__ import annotations
 
-import difflib
 import functools as ft
-import re
-import sys
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -58,135 +55,28 @@ from parallel.tensor_parallel.layers import (
     VocabParallelEmbedding,
     _is_conv1d,
     _SharedInput,
+    replaced_forward,
     seq_all_gather,
     seq_gather,
     seq_scatter,
     sum_grads_over_tp,
 )
+from parallel.tensor_parallel.styles import (
+    _KV_HEADS,
+    _Q_HEADS,
+    BUILTIN_PLANS,
+    COLWISE,
+    HEAD_ATTRS,
+    HF_ALIASES,
+    ROWWISE,
+    STYLES,
+    _int_attr,
+    _is_norm,
+    _match,
+    resolve_plan,
+)
 
 __all__ = ["apply_tensor_parallel", "TPConversion", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
-
-COLWISE = ("colwise", "colwise_qkv", "colwise_packed", "colwise_gather", "colwise_vocab")
-ROWWISE = ("rowwise", "rowwise_split_input")
-MARKERS = ("seq_scatter_input", "seq_scatter_output", "seq_gather_output")
-STYLES = COLWISE + ROWWISE + ("vocab", "replicated_grad_allreduce", "sequence_parallel") + MARKERS
-HF_ALIASES = {"embedding_rowwise": "vocab", "colwise_gather_output": "colwise_gather", "colwise_rep": "colwise_gather",
-              "packed_colwise": "colwise_packed", "replicated_with_grad_allreduce": "replicated_grad_allreduce"}
-# Plans for transformers models that publish none; keys are relative to the base model.
-BUILTIN_PLANS = {
-    "gpt2": {"h.*.attn.c_attn": "colwise_qkv", "h.*.attn.c_proj": "rowwise",
-             "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
-}
-# Per-rank counts that attention modules store; divided by tp. head_dim and group ratios stay.
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads",
-              "n_kv_heads", "n_kv_head", "split_size", "all_head_size")
-_Q_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
-
-
-def _int_attr(m, names):
-    for n in names:
-        v = getattr(m, n, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return bool(m._parameters) and (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm))
-                                    or type(m).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")))
-
-
-# --- plan resolution ----------------------------------------------------------------------------
-
-def resolve_plan(model: nn.Module, plan="auto") -> dict:
-    """The plan as {glob: style} with aliases mapped; ``"auto"`` as described in the module docstring."""
-    if plan == "auto" or plan is None:
-        plan = _auto_plan(model)
-    elif not isinstance(plan, dict):
-        raise ValueError(f"tp plan must be 'auto' or a dict {{module glob: style}}, got {plan!r}")
-    out = {}
-    for glob, style in plan.items():
-        s = HF_ALIASES.get(style, style)
-        if s not in STYLES:
-            raise ValueError(f"tp plan entry {glob!r}: unknown style {style!r}; styles are {list(STYLES)} "
-                             f"(and transformers' {list(HF_ALIASES)})")
-        out[glob] = s
-    return out
-
-
-def _auto_plan(model: nn.Module) -> dict:
-    own = getattr(model, "TP_PLAN", None) or getattr(sys.modules.get(type(model).__module__), "TP_PLAN", None)
-    if isinstance(own, dict) and own:
-        return dict(own)
-    cfg = getattr(model, "config", None)
-    hf = dict(getattr(model, "tp_plan", None) or {}) if cfg is not None else {}
-    if not hf and cfg is not None and getattr(cfg, "model_type", None) in BUILTIN_PLANS:
-        prefix = getattr(model, "base_model_prefix", "")
-        prefix = prefix + "." if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
-        hf = {prefix + k: v for k, v in BUILTIN_PLANS[cfg.model_type].items()}
-    if not hf:
-        raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no TP_PLAN, no transformers "
-                         f"base_model_tp_plan, no built-in plan): set parallel.tp_plan to {{module glob: style}}")
-    names = {id(m): n for n, m in model.named_modules()}
-    for getter, style in (("get_input_embeddings", "vocab"), ("get_output_embeddings", "colwise_vocab")):
-        m = getattr(model, getter, lambda: None)()
-        if m is not None and id(m) in names:
-            hf[names[id(m)]] = style
-    hf.update(_region_markers(model, hf))
-    return hf
-
-
-def _region_markers(model: nn.Module, plan: dict) -> dict:
-    """Sequence-parallel region of a transformers model: the first block's input to the final norm."""
-    mods = dict(model.named_modules())
-    for glob, style in plan.items():
-        if HF_ALIASES.get(style, style) not in COLWISE + ROWWISE:
-            continue
-        rx = _glob_re(glob)
-        for name in mods:
-            if not rx.fullmatch(name):
-                continue
-            parts = name.split(".")
-            for i in range(len(parts) - 1, 0, -1):
-                blocks = ".".join(parts[:i])
-                if isinstance(mods.get(blocks), nn.ModuleList) and len(mods[blocks]):
-                    parent_name, _, child = blocks.rpartition(".")
-                    parent = mods[parent_name]
-                    out = {f"{blocks}.0": "seq_scatter_input"}
-                    after = list(parent._modules)[list(parent._modules).index(child) + 1:]
-                    for n in after:
-                        if _is_norm(parent._modules[n]):
-                            out[f"{parent_name}.{n}" if parent_name else n] = "seq_gather_output"
-                            break
-                    return out
-    return {}
-
-
-# --- matching and validation ----------------------------------------------------------------------
-
-def _glob_re(glob: str):
-    return re.compile(r"\.".join("[^.]+" if p == "*" else re.escape(p).replace(r"\*", "[^.]*")
-                                 for p in glob.split(".")))
-
-
-def _match(model: nn.Module, plan: dict, errors: list) -> list:
-    mods = [(n, m) for n, m in model.named_modules() if n]
-    owner: dict[str, tuple] = {}
-    for glob, style in plan.items():
-        rx = _glob_re(glob)
-        hits = [(n, m) for n, m in mods if rx.fullmatch(n)]
-        if not hits:
-            near = difflib.get_close_matches(glob.replace("*", "0"), [n for n, _ in mods], n=3)
-            errors.append(f"plan entry {glob!r} ({style}) matches no module of {type(model).__name__}"
-                          + (f"; did you mean {near}?" if near else ""))
-        for n, m in hits:
-            if n in owner and owner[n][1] != style:
-                errors.append(f"module {n!r} is matched by {owner[n][0]!r} ({owner[n][1]}) and {glob!r} ({style}); "
-                              f"give each module one style")
-            owner[n] = (glob, style, m)
-    return [(n, s, m) for n, (g, s, m) in owner.items()]
-
 
 def _sections(name, m, style, parent, tp, errors):
     """Fused output sizes and the number of heads in each (None where the heads are unknown)."""
@@ -216,6 +106,10 @@ def _validate(matches, mods, tp, errors) -> dict:
         parent_name = name.rpartition(".")[0]
         parent = mods[parent_name]
         kind = type(m).__name__
+        if replaced_forward(m):
+            errors.append(f"{name}: {kind} replaces nn.{replaced_forward(m)}'s forward (extra computation a "
+                          f"tensor-parallel layer would drop, e.g. a scaled embedding): leave it out of the plan")
+            continue
         if style in COLWISE + ROWWISE and not (isinstance(m, nn.Linear) or _is_conv1d(m)):
             errors.append(f"{name}: style {style!r} needs nn.Linear or transformers Conv1D, found {kind}")
             continue
