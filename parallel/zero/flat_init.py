@@ -21,14 +21,16 @@ import torch.nn as nn
 __all__ = ["materialize_buffers", "replace_meta_params", "init_full", "init_sharded"]
 
 
-def materialize_buffers(module: nn.Module, init) -> None:
-    """Meta buffers of ``module`` get their values from the init record."""
+def materialize_buffers(module: nn.Module, init, copy: bool = False) -> None:
+    """Meta buffers of ``module`` get their values from the init record (``copy``: a copy of them, sharing
+    no storage with the record)."""
     for mod in module.modules():
         for name, buf in list(mod._buffers.items()):
             if buf is not None and buf.is_meta:
                 if init is None:
                     raise ValueError(f"buffer {name!r} of {type(mod).__name__} is on the meta device: pass init=")
-                mod._buffers[name] = init.materialize(buf)
+                value = init.materialize(buf)
+                mod._buffers[name] = value.clone() if copy else value
 
 
 def replace_meta_params(module: nn.Module, init) -> dict:

@@ -41,6 +41,7 @@ from parallel.data_parallel.bucket import FlatBucket
 from parallel.loss import logits_of
 from parallel.offload import StoreConfigError
 from parallel.offload.aio import byte_view, trim_host_memory
+from parallel.zero.flat_init import materialize_buffers
 from parallel.zero.stage3 import plan_units
 from parallel.zero.trace import TracedOrder
 
@@ -87,14 +88,11 @@ class StreamedInference:
 
     # --- building: one unit at a time into the store ----------------------------------------------
     def _materialize_buffers(self, init) -> None:
+        materialize_buffers(self.model, init, copy=True)
         for mod in self.model.modules():
-            for name, b in list(mod._buffers.items()):
-                if b is not None and b.is_meta:
-                    if init is None:
-                        raise ValueError(f"buffer {name!r} of {type(mod).__name__} is on the meta device: pass init=")
-                    mod._buffers[name] = init.materialize(b).clone()
-                if mod._buffers[name] is not None:
-                    mod._buffers[name] = mod._buffers[name].to(self.device)
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[name] = b.to(self.device)
 
     def _value(self, name: str, p, weights, init) -> torch.Tensor:
         if weights is not None:
