@@ -7,7 +7,6 @@ logits, the loss and every parameter gradient; counts of tp traffic are exact.
 """
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from harness import run_ranks
 
@@ -241,33 +240,3 @@ def test_plan_resolution_and_hf_guard():
     conv = apply_tensor_parallel(one, _fake_group(1))                # tp = 1: checked, unchanged
     assert isinstance(one.wte, torch.nn.Embedding) and not conv.vocab_parallel_output
 
-
-class _ScaledEmbedding(nn.Embedding):
-    """Gemma's pattern: an Embedding subclass whose forward multiplies by √hidden."""
-
-    def forward(self, ids):
-        return super().forward(ids) * self.embedding_dim ** 0.5
-
-
-class _ScaledModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = _ScaledEmbedding(16, 8)
-        self.proj = nn.Linear(8, 16)
-
-    def forward(self, ids):
-        return self.proj(self.embed(ids))
-
-
-def test_subclass_with_its_own_forward_is_refused_at_plan_time():
-    """Converting Gemma's scaled embedding to a VocabParallelEmbedding dropped the scale (losses off by 2e-2,
-    no warning); the plan now refuses it, naming the module and the reason, before anything is converted."""
-    from parallel.comm import Group
-    from parallel.tensor_parallel.plan import apply_tensor_parallel
-    model = _ScaledModel()
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"embed: _ScaledEmbedding replaces nn.Embedding's forward \(extra "
-                                         r"computation a tensor-parallel layer would drop"):
-        apply_tensor_parallel(model, Group(None, "tp", (0, 1), 0), {"embed": "vocab", "proj": "colwise"})
-    assert isinstance(model.embed, _ScaledEmbedding) and isinstance(model.proj, nn.Linear)   # nothing converted
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -8,6 +8,11 @@ by its parallel layer holding this rank's shard of the values the model already 
 model keeps its weights), and attention modules get their per-rank head counts. Globs name modules
 as ``named_modules()`` does; ``*`` matches one name component ("blocks.*.attn.qkv").
 
+Nothing converts into different numbers (:mod:`.semantics`): a Linear/Embedding subclass with its own
+forward keeps it, running over the parallel op (Gemma's scaled embedding); a Parameter tied between a
+converted module and another stays one Parameter (the other module gets the matching style) or the plan
+refuses; the int attributes a module's forward reads for widths and head counts are divided or refused.
+
 Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
   colwise          column-parallel Linear/Conv1D; output split along its last dim (heads, MLP width)
   colwise_qkv      fused [q; k; v]: each of q, k, v split by heads (GQA sizes read from the attention)
@@ -55,18 +60,17 @@ from parallel.tensor_parallel.layers import (
     VocabParallelEmbedding,
     _is_conv1d,
     _SharedInput,
-    replaced_forward,
     seq_all_gather,
     seq_gather,
     seq_scatter,
     sum_grads_over_tp,
 )
+from parallel.tensor_parallel.semantics import as_subclass, island_attrs, subclass_problem, tie_styles
 from parallel.tensor_parallel.styles import (
     _KV_HEADS,
     _Q_HEADS,
     BUILTIN_PLANS,
     COLWISE,
-    HEAD_ATTRS,
     HF_ALIASES,
     ROWWISE,
     STYLES,
@@ -106,9 +110,8 @@ def _validate(matches, mods, tp, errors) -> dict:
         parent_name = name.rpartition(".")[0]
         parent = mods[parent_name]
         kind = type(m).__name__
-        if replaced_forward(m):
-            errors.append(f"{name}: {kind} replaces nn.{replaced_forward(m)}'s forward (extra computation a "
-                          f"tensor-parallel layer would drop, e.g. a scaled embedding): leave it out of the plan")
+        if style in COLWISE + ROWWISE + ("vocab",) and subclass_problem(name, m, style):
+            errors.append(subclass_problem(name, m, style))
             continue
         if style in COLWISE + ROWWISE and not (isinstance(m, nn.Linear) or _is_conv1d(m)):
             errors.append(f"{name}: style {style!r} needs nn.Linear or transformers Conv1D, found {kind}")
@@ -136,11 +139,6 @@ def _validate(matches, mods, tp, errors) -> dict:
         if style == "vocab" and m.num_embeddings % tp:
             errors.append(f"{name}: vocabulary size {m.num_embeddings} is not divisible by tp = {tp}; pad the "
                           f"vocabulary to a multiple of tp")
-        if style in ("colwise", "colwise_qkv") and _int_attr(parent, ("head_dim",)):
-            for a in HEAD_ATTRS:
-                v = _int_attr(parent, (a,))
-                if v is not None and v % tp:
-                    errors.append(f"{parent_name}.{a} = {v} (per-rank count) is not divisible by tp = {tp}")
     return sections
 
 
@@ -186,12 +184,12 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     and sections in :func:`parallel.parameters.param_info`. With tp = 1 the plan is only checked."""
     group: Group = mesh_or_group.group("tp") if hasattr(mesh_or_group, "group") else mesh_or_group
     tp = group.size
-    matches, sections, styles = _checked_plan(model, plan, tp, sequence_parallel)
+    matches, sections, styles, attrs = _checked_plan(model, plan, tp, sequence_parallel)
     out = TPConversion(group, bool(sequence_parallel and tp > 1), tp > 1 and "colwise_vocab" in styles)
     if tp == 1:
         return out
     region = "seq_scatter_input" in styles
-    islands = _convert(model, matches, sections, group, out.sequence_parallel, region)
+    islands = _convert(model, matches, sections, group, out.sequence_parallel, region, attrs)
     if out.sequence_parallel:
         _shard_norms(model, matches, islands, region, group)
     if out.vocab_parallel_output and hasattr(model, "config"):
@@ -199,26 +197,38 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     return out
 
 
-def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set]:
-    """The plan's matches [(name, style, module)], fused sections by name, styles; or one ValueError."""
+def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set, dict]:
+    """The plan's matches [(name, style, module)], fused sections by name, styles, per-rank attribute
+    values by module name (:mod:`.semantics`: tied modules added, width attributes); or one ValueError."""
     plan = resolve_plan(model, plan)
     errors: list[str] = []
     matches = _match(model, plan, errors)
-    sections = _validate(matches, dict(model.named_modules()), tp, errors)
+    mods = dict(model.named_modules())
+    sections = _validate(matches, mods, tp, errors)
     styles = {s for _, s, _ in matches}
+    tied = tie_styles(model, matches, sections, sequence_parallel, "seq_scatter_input" in styles, errors)
+    sections.update(_validate(tied, mods, tp, errors))
+    matches += tied
+    styles |= {s for _, s, _ in tied}
+    attrs = island_attrs(matches, mods, sections, tp, errors)
     if sequence_parallel and "seq_scatter_input" in styles and "seq_gather_output" not in styles:
         errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
                       "mark the final norm 'seq_gather_output'")
     if errors:
         raise ValueError(f"tensor-parallel plan cannot be applied to {type(model).__name__} with tp = {tp}:\n  - "
                          + "\n  - ".join(errors))
-    return matches, sections, styles
+    return matches, sections, styles, attrs
 
 
-def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: bool, region: bool) -> set:
+def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: bool, region: bool,
+             attrs: dict) -> set:
     """Swap in the parallel layers, hook the markers; returns the parents of split linears (islands)."""
     mods = dict(model.named_modules())
-    memo, shared, islands, heads_fixed = {}, {}, set(), set()          # memo: tied weights stay one Parameter
+    paths: dict[int, list] = {}                  # a module reachable under several names is replaced at each
+    for n, mod in model.named_modules(remove_duplicate=False):
+        if n:
+            paths.setdefault(id(mod), []).append(n.rpartition("."))
+    memo, shared, islands = {}, {}, set()        # memo: tied weights stay one Parameter
     for name, style, m in matches:
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
@@ -235,13 +245,12 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
         else:
             _hook_marker(m, style, group, sp)
             continue
-        setattr(parent, child, new)
-        if style in ("colwise", "colwise_qkv") and _int_attr(parent, ("head_dim",)) and parent_name not in heads_fixed:
-            heads_fixed.add(parent_name)             # per-rank head counts, once per attention module
-            for a in HEAD_ATTRS:
-                v = _int_attr(parent, (a,))
-                if v is not None:
-                    setattr(parent, a, v // group.size)
+        new = as_subclass(new, m)                # a subclass's own forward runs over the parallel op
+        for owner, _, attr in paths[id(m)]:
+            model.get_submodule(owner).register_module(attr, new)
+    for parent_name, values in attrs.items():    # per-rank widths and head counts the forwards read
+        for a, v in values.items():
+            setattr(mods[parent_name], a, v)
     return islands
 
 
