@@ -263,23 +263,24 @@ def _split(m, style, pname, sections):
 
 
 def _tie_style(m, pname, split, sp, region):
-    """A style that splits ``m``'s ``pname`` as ``split`` and leaves ``m``'s output unchanged, or None."""
+    """A style that splits ``m``'s ``pname`` as ``split`` and leaves ``m``'s output unchanged, or None.
+    (With Megatron-layout sequence parallel, vocab and colwise_gather would change the output's sequence length.)"""
     if pname != "weight" or split[1] is not None:
         return None
-    if isinstance(m, nn.Embedding) and split[0] == 0:
-        return "vocab"
+    megatron_sp = sp and not region
+    if isinstance(m, nn.Embedding):
+        return "vocab" if split[0] == 0 and not megatron_sp else None
     if isinstance(m, nn.Linear) or _is_conv1d(m):
-        out_dim = 1 if _is_conv1d(m) else 0
-        if split[0] == out_dim and not (sp and not region):
-            return "colwise_gather"
-        if split[0] != out_dim and not sp:
-            return "rowwise_split_input"
+        if split[0] == (1 if _is_conv1d(m) else 0):
+            return None if megatron_sp else "colwise_gather"
+        return None if sp else "rowwise_split_input"
     return None
 
 
 def tie_styles(model: nn.Module, matches: list, sections: dict, sp: bool, region: bool, errors: list) -> list:
     """Matches to add so every Parameter shared between a converted module and another stays one Parameter
-    (see the module docstring); errors for ties no style keeps."""
+    (see the module docstring); errors for ties no style keeps. Repeated until nothing is added (an added
+    module's other parameters may be tied too)."""
     holders: dict[int, dict] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod._parameters.items():
@@ -287,35 +288,43 @@ def tie_styles(model: nn.Module, matches: list, sections: dict, sp: bool, region
                 holders.setdefault(id(p), {}).setdefault(id(mod), (name, mod, pname))
     planned = {id(m): (n, s) for n, s, m in matches}
     added: list = []
-    for group in holders.values():
-        if len(group) < 2 or not any(planned.get(k, ("", ""))[1] in CONVERTED for k in group):
+    while True:
+        found, errs = [], []
+        for group in holders.values():
+            found += _keep_tied(group, planned, sections, sp, region, errs)
+        if not found:
+            errors += errs
+            return added
+        added += found
+
+
+def _keep_tied(group: dict, planned: dict, sections: dict, sp: bool, region: bool, errors: list) -> list:
+    """For the holders {id: (name, module, param name)} of one Parameter: the matches that keep it one."""
+    conv = {k: h for k, h in group.items() if planned.get(k, ("", ""))[1] in CONVERTED}
+    if len(group) < 2 or not conv:
+        return []
+    ways = {_split(m, planned[k][1], pn, sections.get(planned[k][0])) for k, (_, m, pn) in conv.items()}
+    desc = " and ".join(f"{n}.{pn} ({planned[k][1]})" for k, (n, _, pn) in conv.items())
+    if len(ways) > 1:
+        errors.append(f"{desc} are one tied Parameter split two different ways {sorted(ways, key=str)}; "
+                      f"give the tied modules matching styles")
+        return []
+    (way,) = ways
+    found = []
+    for k, (n, m, pn) in group.items():
+        if way is None or k in conv:
             continue
-        splits = {(k, _split(m, planned[k][1], pn, sections.get(planned[k][0])))
-                  for k, (_, m, pn) in group.items() if planned.get(k, ("", ""))[1] in CONVERTED}
-        ways = {s for _, s in splits}
-        conv = [group[k] for k, _ in splits]
-        desc = " and ".join(f"{n}.{pn} ({planned[id(m)][1]})" for n, m, pn in conv)
-        if len(ways) > 1:
-            errors.append(f"{desc} are one tied Parameter split two different ways {sorted(ways, key=str)}; "
-                          f"give the tied modules matching styles")
+        style = None if k in planned else _tie_style(m, pn, way, sp, region)
+        if style is None:
+            errors.append(f"{desc} is tied to {n}.{pn} ({type(m).__name__}, "
+                          f"{'style ' + planned[k][1] if k in planned else 'not in the plan'}), which cannot "
+                          f"be split the same way (dim {way[0]}) with its output unchanged: converting would "
+                          f"untie them and they would drift apart in training; give {n} a matching style, "
+                          f"leave {next(iter(conv.values()))[0]} out of the plan, or untie the weights")
             continue
-        (way,) = ways
-        if way is None:
-            continue
-        for k, (n, m, pn) in group.items():
-            if k in planned and planned[k][1] in CONVERTED:
-                continue
-            style = None if k in planned else _tie_style(m, pn, way, sp, region)
-            if style is None:
-                errors.append(f"{desc} is tied to {n}.{pn} ({type(m).__name__}, "
-                              f"{'style ' + planned[k][1] if k in planned else 'not in the plan'}), which cannot "
-                              f"be split the same way (dim {way[0]}) with its output unchanged: converting would "
-                              f"untie them and they would drift apart in training; give {n} a matching style, "
-                              f"leave {conv[0][0]} out of the plan, or untie the weights")
-                continue
-            planned[k] = (n, style)
-            added.append((n, style, m))
-    return added
+        planned[k] = (n, style)
+        found.append((n, style, m))
+    return found
 
 
 # --- 3. width attributes read by the forward ------------------------------------------------------------
@@ -326,6 +335,9 @@ def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp
     cls, who = type(parent), parent_name or "<model>"
     reads = forward_reads(cls)
     says = getattr(parent, "tp_attrs", None) or {}
+    for a, v in says.items():
+        if v not in ("divide", "keep"):
+            errors.append(f"{who}.tp_attrs[{a!r}] = {v!r}: say 'divide' (per rank) or 'keep'")
     if reads is None:
         errors.append(f"{who}: the source of {cls.__qualname__}.forward cannot be read to find the widths and "
                       f"head counts it uses; leave its layers out of the plan")
