@@ -81,6 +81,7 @@ class _AttnByAttrs(_Attn):
 
     def forward(self, x):
         B, T, _ = x.size()
+        x = x.reshape(-1, x.size(-1)).view(B, T, -1)     # the input's width before the split (whole): fine
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.n_embd // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -234,8 +235,9 @@ def _refused(model, plan, *patterns, tp=2):
 
 
 def test_width_refusals_name_the_attribute_or_line():
-    _refused(_NanoGPT(_Attn), NANO_PLAN, "h.0.attn: _Attn.forward takes the width from its input (line ",
-             ": `B, T, C = x.size()`) and uses it with the outputs of layers split across tp ranks")
+    _refused(_NanoGPT(_Attn), NANO_PLAN, "h.0.attn: _Attn.forward uses the width of its input with tensors "
+             "computed from layers split across tp ranks, which are 1/tp as wide per rank (`B, T, C = x.size()`, "
+             "line ", ": `k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)`)")
     _refused(_NanoGPT(_AttnByWidth), NANO_PLAN, "h.0.attn.width = 32 equals a width or head count split across tp "
              "ranks and _AttnByWidth.forward reads it", "set _AttnByWidth.tp_attrs = {'width': 'divide' or 'keep'}")
     _refused(_NanoGPT(_AttnByAttrs), NANO_PLAN, "h.0.attn.n_head = 4 (a per-rank count) is not divisible by tp = 8",
@@ -279,6 +281,13 @@ class _OwnLookup(nn.Embedding):
         return F.embedding(ids, self.weight) * 2
 
 
+class _Reimplemented(nn.Linear):
+    """transformers' FalconLinear: nn.Linear's function, written out."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
 class _Sub(nn.Module):
     def __init__(self, emb=_Scaled, lin=_Act):
         super().__init__()
@@ -302,3 +311,6 @@ def test_subclass_forward_checked_and_kept():
     assert model.embed.weight.shape == (8, 8) and model.proj.weight.shape == (8, 8)
     assert isinstance(model.proj, _Learned) and isinstance(model.proj, ColumnParallelLinear)
     assert model.alias is model.proj and model.proj.alpha.shape == ()
+    model = _Sub(lin=_Reimplemented)                     # the base's function: the plain parallel layer is exact
+    apply_tensor_parallel(model, _fake(2), {"proj": "colwise"})
+    assert type(model.proj) is ColumnParallelLinear and model.alias is model.proj

@@ -245,7 +245,7 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
         else:
             _hook_marker(m, style, group, sp)
             continue
-        new = as_subclass(new, m)                # a subclass's own forward runs over the parallel op
+        new = as_subclass(new, m, style)         # a subclass's own forward runs over the parallel op
         for owner, _, attr in paths[id(m)]:
             model.get_submodule(owner).register_module(attr, new)
     for parent_name, values in attrs.items():    # per-rank widths and head counts the forwards read

@@ -7,7 +7,9 @@ widths its code reads. Each check either makes the conversion exact or refuses a
    extra computation is elementwise on the result, y = φ(P(x)): replicated outputs (vocab, rowwise,
    colwise_gather) equal the originals, so φ(P(x)) does; a split output Y_i needs φ to act on each
    element alone (scalar operands, no learnable ones, whose gradient would be a partial sum).
-   Anything else (a call to a submodule, reading self.weight's values) is refused.
+   A forward computing the base's own function (transformers' FalconLinear: ``input @ W.T + b``; no
+   extra state, equal outputs on a seeded probe input) gets the plain parallel layer. Anything else (a
+   call to a submodule, reading self.weight's values) is refused.
 2. Ties. A Parameter held by a converted module and by another module would become two (one shard,
    one full) and drift apart in training. If every converted holder splits it the same way (dim,
    sections) and each other holder has a style splitting it identically with unchanged outputs —
@@ -19,9 +21,10 @@ widths its code reads. Each check either makes the conversion exact or refuses a
    forward reads (``self.<name>`` loads in forward and in the methods it calls on self, by ast) whose
    value is a split width or a head count is divided when its name says it is a per-rank count or
    width (``DIVIDE_ATTRS``), kept when it says it is not (``KEEP_ATTRS``), and refused otherwise; a
-   module can state it: ``tp_attrs = {"name": "divide" | "keep"}``. A forward that takes the width
-   from its input (``B, T, C = x.size()`` then uses C) would mix the full width C with per-rank
-   tensors: refused.
+   module can state it: ``tp_attrs = {"name": "divide" | "keep"}``. A forward that uses its input's
+   width (``B, T, C = x.size()``, ``x.size(-1)``) in a statement with a per-rank tensor (nanoGPT:
+   ``k.view(B, T, self.n_head, C // self.n_head)``) would mix the full width with 1/tp of it: refused
+   (followed in source order; OPT's ``x.reshape(-1, x.size(-1))`` before its fc1 is fine).
 """
 from __future__ import annotations
 
@@ -98,25 +101,42 @@ def forward_reads(cls) -> set | None:
     return out if visit("forward") else None
 
 
-def _input_width(cls) -> str | None:
-    """Where ``cls.forward`` takes the last dim of its input and uses it ('line N: B, T, C = x.size()'), or None."""
+def _simple_statements(body):
+    """The simple statements of a function body in source order (compound statements' bodies inlined)."""
+    for st in body:
+        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        inner = [getattr(st, f, []) for f in ("body", "orelse", "handlers", "finalbody")]
+        if any(inner):
+            for part in inner:
+                yield from _simple_statements(part)
+        else:
+            yield st
+
+
+def _input_width(cls, split: set, row: set) -> str | None:
+    """Where ``cls.forward`` uses its input's width (last dim: ``B, T, C = x.size()``, ``x.size(-1)``,
+    ``x.shape[-1]``) in a statement with a per-rank tensor — the output of a child in ``split`` (column
+    layers split across tp) or anything computed from one, until a child in ``row`` (row layers, whose
+    outputs are whole) — or None. Statements are followed in source order, branches inlined."""
     got = _fn_tree(inspect.getattr_static(cls, "forward", None))
     if got is None or len(got[0].args.args) < 2:
         return None
     fn, start, _ = got
-    inp = fn.args.args[1].arg
+    me, inp = _self_name(fn), fn.args.args[1].arg
+    live = [True]                                # the input's name still holds the input
 
     def of_input(n):                             # x.size() / x.shape
         if isinstance(n, ast.Call) and not n.args and isinstance(n.func, ast.Attribute) and n.func.attr == "size":
             n = n.func
         elif not (isinstance(n, ast.Attribute) and n.attr == "shape"):
             return False
-        return isinstance(n.value, ast.Name) and n.value.id == inp
+        return live[0] and isinstance(n.value, ast.Name) and n.value.id == inp
 
     def last_dim(n):                             # x.size(-1), x.size(2), x.shape[-1], x.shape[2]
         if isinstance(n, ast.Call) and len(n.args) == 1 and isinstance(n.func, ast.Attribute) \
                 and n.func.attr == "size" and isinstance(n.func.value, ast.Name) and n.func.value.id == inp:
-            k = n.args[0]
+            k = n.args[0] if live[0] else None
         elif isinstance(n, ast.Subscript) and of_input(n.value):
             k = n.slice
         else:
@@ -125,20 +145,35 @@ def _input_width(cls) -> str | None:
             getattr(k, "value", None)
         return isinstance(k, int) and (k == -1 or k >= 2)
 
-    names, direct = {}, []
-    for n in ast.walk(fn):
-        if isinstance(n, ast.Assign) and len(n.targets) == 1:
-            t = n.targets[0]
-            if isinstance(t, ast.Tuple) and of_input(n.value) and t.elts and isinstance(t.elts[-1], ast.Name):
-                names[t.elts[-1].id] = n
-            elif isinstance(t, ast.Name) and last_dim(n.value):
-                names[t.id] = n
-        elif last_dim(n):
-            direct.append(n)
-    direct = [n for n in direct if not any(a.value is n for a in names.values())]
-    used = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in names]
-    for n in (names[used[0].id],) if used else tuple(direct[:1]):
-        return f"line {start + n.lineno - 1}: `{ast.unparse(n)}`"
+    def calls(n, children):
+        return any(isinstance(c, ast.Call) and _is_self_attr(c.func, me) and c.func.attr in children
+                   for c in ast.walk(n))
+
+    def loads(n):
+        return {x.id for x in ast.walk(n) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Load)}
+
+    widths: dict = {}                            # names holding the input's width -> where bound
+    per_rank: set = set()
+    for st in _simple_statements(fn.body):
+        value = getattr(st, "value", None)
+        targets = getattr(st, "targets", None) or [getattr(st, "target", None)]
+        names = {x.id for t in targets if t is not None for x in ast.walk(t) if isinstance(x, ast.Name)}
+        if isinstance(st, ast.Assign) and len(targets) == 1 and value is not None:
+            t = targets[0]
+            if isinstance(t, ast.Tuple) and of_input(value) and t.elts and isinstance(t.elts[-1], ast.Name):
+                widths[t.elts[-1].id] = st
+                continue
+            if isinstance(t, ast.Name) and last_dim(value):
+                widths[t.id] = st
+                continue
+        uses_width = loads(st) & set(widths) or any(last_dim(x) for x in ast.walk(st))
+        if uses_width and (loads(st) & per_rank or calls(st, split)):
+            where = "".join(f"`{ast.unparse(widths[w])}`, " for w in sorted(loads(st) & set(widths)))
+            return f"{where}line {start + st.lineno - 1}: `{ast.unparse(st)[:120]}`"
+        if value is not None and names:
+            rank = calls(value, split) or bool(loads(value) & per_rank) and not calls(value, row)
+            per_rank = per_rank | names if rank else per_rank - names
+            live[0] = live[0] and inp not in names
     return None
 
 
@@ -159,7 +194,33 @@ def _is_super_forward(n) -> bool:
 
 
 def subclass_problem(name: str, m: nn.Module, style: str) -> str | None:
-    """Why ``m``'s own forward cannot run over the parallel layer exactly (None: it can, or it has none)."""
+    """Why ``m``'s own forward cannot be kept exactly by the parallel layer (None: it can, or it has none)."""
+    problem = _wrap_problem(name, m, style)
+    return None if problem is None or _same_as_base(m) else problem
+
+
+def _same_as_base(m: nn.Module) -> bool:
+    """``m``'s forward computes its base's function (transformers' FalconLinear: ``input @ W.T + b``): no
+    state beyond the base's parameters and, on a seeded probe input, the base's output to 1e-5. The plain
+    parallel layer is then exact."""
+    owner, base = _forward_owner(m)
+    if set(m._parameters) - {"weight", "bias"} or m._buffers or m._modules or m.weight.is_meta:
+        return False
+    if base is nn.Embedding:
+        x = torch.arange(min(m.num_embeddings, 16), device=m.weight.device)
+    else:
+        x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0)).to(m.weight)
+    try:
+        with torch.no_grad():
+            got, want = owner.forward(m, x), base.forward(m, x)
+    except Exception:                            # any failure: not the base's function
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and \
+        (got - want).abs().max().item() <= 1e-5 * max(want.abs().max().item(), 1e-30)
+
+
+def _wrap_problem(name: str, m: nn.Module, style: str) -> str | None:
+    """Why ``m``'s own forward cannot run over the parallel op (:func:`as_subclass`); None: it can, or has none."""
     owner, base = _forward_owner(m)
     if owner is None:
         return None
@@ -230,11 +291,12 @@ def _parallel_class(sub: type, parallel: type, base: type) -> type:
     return cls
 
 
-def as_subclass(new: nn.Module, m: nn.Module) -> nn.Module:
+def as_subclass(new: nn.Module, m: nn.Module, style: str) -> nn.Module:
     """Give the parallel layer ``new`` the class of ``m`` (a subclass with its own forward, checked by
-    :func:`subclass_problem`) and ``m``'s extra state (buffers such as Gemma's ``embed_scale``, attributes)."""
+    :func:`subclass_problem`) and ``m``'s extra state (buffers such as Gemma's ``embed_scale``, attributes);
+    ``new`` itself where ``m`` has no forward of its own or one computing the base's function."""
     owner, base = _forward_owner(m)
-    if owner is None:
+    if owner is None or _wrap_problem("", m, style) is not None:
         return new
     state = vars(new)
     for k, v in vars(m).items():
@@ -329,9 +391,11 @@ def _keep_tied(group: dict, planned: dict, sections: dict, sp: bool, region: boo
 
 # --- 3. width attributes read by the forward ------------------------------------------------------------
 
-def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp: int, errors: list) -> dict:
+def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp: int, errors: list,
+                split=frozenset(), row=frozenset()) -> dict:
     """{attribute: per-rank value} for ``parent``, holding layers split across tp whose outputs (or inputs)
-    are ``widths`` wide with ``heads`` heads; errors for attributes or code that would see mixed widths."""
+    are ``widths`` wide with ``heads`` heads (children ``split``: column, ``row``: row-parallel); errors for
+    attributes or code that would see mixed widths."""
     cls, who = type(parent), parent_name or "<model>"
     reads = forward_reads(cls)
     says = getattr(parent, "tp_attrs", None) or {}
@@ -342,11 +406,11 @@ def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp
         errors.append(f"{who}: the source of {cls.__qualname__}.forward cannot be read to find the widths and "
                       f"head counts it uses; leave its layers out of the plan")
         return {}
-    derived = _input_width(cls)
+    derived = _input_width(cls, split, row)
     if derived:
-        errors.append(f"{who}: {cls.__qualname__}.forward takes the width from its input ({derived}) and uses it "
-                      f"with the outputs of layers split across tp ranks, which are 1/tp as wide per rank; reshape "
-                      f"with -1 or self.<per-rank attribute> instead, or leave its layers out of the plan")
+        errors.append(f"{who}: {cls.__qualname__}.forward uses the width of its input with tensors computed from "
+                      f"layers split across tp ranks, which are 1/tp as wide per rank ({derived}); reshape with -1 "
+                      f"or self.<per-rank attribute> instead, or leave its layers out of the plan")
     out = {}
     attrs = set(reads) | ({a for a in HEAD_ATTRS if hasattr(parent, a)} if hasattr(parent, "head_dim") else set())
     for a in sorted(attrs):
@@ -368,7 +432,11 @@ def island_attrs(matches: list, mods: dict, sections: dict, tp: int, errors: lis
     """{parent name: {attribute: per-rank value}} for every module holding layers whose outputs (column)
     or inputs (row) are split across tp ranks, by :func:`width_attrs`."""
     widths: dict[str, set] = {}
+    kids: dict[str, tuple] = {}
     for name, style, m in matches:
+        parent_name, _, child = name.rpartition(".")
+        split, row = kids.setdefault(parent_name, (set(), set()))
+        (row if style in ROWWISE else split if style in SPLIT_OUTPUT else set()).add(child)
         conv = _is_conv1d(m)
         if style in ("colwise", "colwise_qkv", "colwise_packed", "rowwise") and (conv or isinstance(m, nn.Linear)):
             w = (m.nx if conv else m.in_features) if style == "rowwise" else (m.nf if conv else m.out_features)
@@ -378,5 +446,5 @@ def island_attrs(matches: list, mods: dict, sections: dict, tp: int, errors: lis
         parent = mods[parent_name]
         hd = getattr(parent, "head_dim", None)
         heads = {x // hd for x in w if x % hd == 0} if isinstance(hd, int) and hd > 0 else set()
-        out[parent_name] = width_attrs(parent_name, parent, w, heads, tp, errors)
+        out[parent_name] = width_attrs(parent_name, parent, w, heads, tp, errors, *kids[parent_name])
     return out
