@@ -8,7 +8,7 @@ by its parallel layer holding this rank's shard of the values the model already 
 model keeps its weights), and attention modules get their per-rank head counts. Globs name modules
 as ``named_modules()`` does; ``*`` matches one name component ("blocks.*.attn.qkv").
 
-Nothing converts into different numbers (:mod:`.semantics`): a Linear/Embedding subclass with its own
+Nothing converts into different numbers (:mod:`.semantics`, :mod:`.ties`): a Linear/Embedding subclass with its own
 forward keeps it, running over the parallel op (Gemma's scaled embedding); a Parameter tied between a
 converted module and another stays one Parameter (the other module gets the matching style) or the plan
 refuses; the int attributes a module's forward reads for widths and head counts are divided or refused.
@@ -65,7 +65,7 @@ from parallel.tensor_parallel.layers import (
     seq_scatter,
     sum_grads_over_tp,
 )
-from parallel.tensor_parallel.semantics import as_subclass, island_attrs, subclass_problem, tie_styles
+from parallel.tensor_parallel.semantics import as_subclass, island_attrs, subclass_problem
 from parallel.tensor_parallel.styles import (
     _KV_HEADS,
     _Q_HEADS,
@@ -79,6 +79,7 @@ from parallel.tensor_parallel.styles import (
     _match,
     resolve_plan,
 )
+from parallel.tensor_parallel.ties import tie_styles
 
 __all__ = ["apply_tensor_parallel", "TPConversion", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
 

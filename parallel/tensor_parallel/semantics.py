@@ -10,17 +10,13 @@ widths its code reads. Each check either makes the conversion exact or refuses a
    A forward computing the base's own function (transformers' FalconLinear: ``input @ W.T + b``; no
    extra state, equal outputs on a seeded probe input) gets the plain parallel layer. Anything else (a
    call to a submodule, reading self.weight's values) is refused.
-2. Ties. A Parameter held by a converted module and by another module would become two (one shard,
-   one full) and drift apart in training. If every converted holder splits it the same way (dim,
-   sections) and each other holder has a style splitting it identically with unchanged outputs —
-   Embedding → ``vocab`` (rows), Linear split by output → ``colwise_gather``, by input →
-   ``rowwise_split_input`` — that style is added to the plan, so the shard stays one Parameter.
-   Otherwise the plan refuses, naming both modules.
+2. Ties: kept one Parameter or refused (:mod:`.ties`).
 3. Width attributes. An attention module's forward reads ints (n_head, n_embd, split_size, …) to
    reshape the outputs of its column layers, which are 1/tp as wide per rank. Every int attribute its
    forward reads (``self.<name>`` loads in forward and in the methods it calls on self, by ast) whose
-   value is a split width or a head count is divided when its name says it is a per-rank count or
-   width (``DIVIDE_ATTRS``), kept when it says it is not (``KEEP_ATTRS``), and refused otherwise; a
+   value is a split width or a head count is divided when its name says it is a per-rank count
+   (``HEAD_ATTRS``: divided whenever read) or width (``DIVIDE_ATTRS``), kept when it says it is not
+   (``KEEP_ATTRS``), and refused otherwise; a
    module can state it: ``tp_attrs = {"name": "divide" | "keep"}``. A forward that uses its input's
    width (``B, T, C = x.size()``, ``x.size(-1)``) in a statement with a per-rank tensor (nanoGPT:
    ``k.view(B, T, self.n_head, C // self.n_head)``) would mix the full width with 1/tp of it: refused
@@ -37,11 +33,10 @@ import torch
 import torch.nn as nn
 
 from parallel.tensor_parallel.layers import _is_conv1d
-from parallel.tensor_parallel.styles import COLWISE, HEAD_ATTRS, ROWWISE
+from parallel.tensor_parallel.styles import HEAD_ATTRS, ROWWISE
 
-__all__ = ["subclass_problem", "as_subclass", "tie_styles", "width_attrs", "DIVIDE_ATTRS", "KEEP_ATTRS"]
+__all__ = ["subclass_problem", "as_subclass", "island_attrs", "width_attrs", "DIVIDE_ATTRS", "KEEP_ATTRS"]
 
-CONVERTED = COLWISE + ROWWISE + ("vocab",)
 SPLIT_OUTPUT = ("colwise", "colwise_qkv", "colwise_packed", "colwise_vocab")
 # Names whose value, read by an attention/MLP forward, is per rank after the split (divided by tp).
 DIVIDE_ATTRS = HEAD_ATTRS + ("n_embd", "embed_dim", "hidden_size", "inner_dim", "all_head_size", "split_size",
@@ -310,83 +305,6 @@ def as_subclass(new: nn.Module, m: nn.Module, style: str) -> nn.Module:
             state[k] = v
     new.__class__ = _parallel_class(type(m), type(new), base)
     return new
-
-
-# --- 2. ties ------------------------------------------------------------------------------------
-
-def _split(m, style, pname, sections):
-    """(dim, sections) along which a converted module splits its parameter ``pname``; None: kept whole."""
-    conv = _is_conv1d(m)
-    if style == "vocab":
-        return (0, None)
-    if style in COLWISE:
-        return (1 if conv and pname == "weight" else 0, tuple(sections) if sections else None)
-    return (0 if conv else 1, None) if pname == "weight" else None
-
-
-def _tie_style(m, pname, split, sp, region):
-    """A style that splits ``m``'s ``pname`` as ``split`` and leaves ``m``'s output unchanged, or None.
-    (With Megatron-layout sequence parallel, vocab and colwise_gather would change the output's sequence length.)"""
-    if pname != "weight" or split[1] is not None:
-        return None
-    megatron_sp = sp and not region
-    if isinstance(m, nn.Embedding):
-        return "vocab" if split[0] == 0 and not megatron_sp else None
-    if isinstance(m, nn.Linear) or _is_conv1d(m):
-        if split[0] == (1 if _is_conv1d(m) else 0):
-            return None if megatron_sp else "colwise_gather"
-        return None if sp else "rowwise_split_input"
-    return None
-
-
-def tie_styles(model: nn.Module, matches: list, sections: dict, sp: bool, region: bool, errors: list) -> list:
-    """Matches to add so every Parameter shared between a converted module and another stays one Parameter
-    (see the module docstring); errors for ties no style keeps. Repeated until nothing is added (an added
-    module's other parameters may be tied too)."""
-    holders: dict[int, dict] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), {}).setdefault(id(mod), (name, mod, pname))
-    planned = {id(m): (n, s) for n, s, m in matches}
-    added: list = []
-    while True:
-        found, errs = [], []
-        for group in holders.values():
-            found += _keep_tied(group, planned, sections, sp, region, errs)
-        if not found:
-            errors += errs
-            return added
-        added += found
-
-
-def _keep_tied(group: dict, planned: dict, sections: dict, sp: bool, region: bool, errors: list) -> list:
-    """For the holders {id: (name, module, param name)} of one Parameter: the matches that keep it one."""
-    conv = {k: h for k, h in group.items() if planned.get(k, ("", ""))[1] in CONVERTED}
-    if len(group) < 2 or not conv:
-        return []
-    ways = {_split(m, planned[k][1], pn, sections.get(planned[k][0])) for k, (_, m, pn) in conv.items()}
-    desc = " and ".join(f"{n}.{pn} ({planned[k][1]})" for k, (n, _, pn) in conv.items())
-    if len(ways) > 1:
-        errors.append(f"{desc} are one tied Parameter split two different ways {sorted(ways, key=str)}; "
-                      f"give the tied modules matching styles")
-        return []
-    (way,) = ways
-    found = []
-    for k, (n, m, pn) in group.items():
-        if way is None or k in conv:
-            continue
-        style = None if k in planned else _tie_style(m, pn, way, sp, region)
-        if style is None:
-            errors.append(f"{desc} is tied to {n}.{pn} ({type(m).__name__}, "
-                          f"{'style ' + planned[k][1] if k in planned else 'not in the plan'}), which cannot "
-                          f"be split the same way (dim {way[0]}) with its output unchanged: converting would "
-                          f"untie them and they would drift apart in training; give {n} a matching style, "
-                          f"leave {next(iter(conv.values()))[0]} out of the plan, or untie the weights")
-            continue
-        planned[k] = (n, style)
-        found.append((n, style, m))
-    return found
 
 
 # --- 3. width attributes read by the forward ------------------------------------------------------------
