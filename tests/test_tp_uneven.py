@@ -41,12 +41,12 @@ def _expected(world, n_kv):
     return calls, payload
 
 
-def _parity(rank, world, tied, n_kv, sp, steps=3):
+def _parity(rank, world, tied, n_kv, sp, gather=False, steps=3):
     from examples.gpt import random_tokens
     from parallel.mesh import Mesh
     from parallel.parameters import param_info
     from parallel.tensor_parallel import vocab_parallel_cross_entropy
-    from parallel.tensor_parallel.plan import apply_tensor_parallel
+    from parallel.tensor_parallel.plan import apply_tensor_parallel, resolve_plan
     from parallel.tensor_parallel.uneven import gather_vocab_logits, piece_of
     m = Mesh(tp=world)
     g = m.group("tp")
@@ -54,7 +54,8 @@ def _parity(rank, world, tied, n_kv, sp, steps=3):
     ref = _llama(tied, n_kv)
     torch.manual_seed(0)
     model = _llama(tied, n_kv)
-    apply_tensor_parallel(model, m, "auto", sequence_parallel=sp)
+    plan = {**resolve_plan(model), "lm_head": "colwise_gather"} if gather else "auto"
+    apply_tensor_parallel(model, m, plan, sequence_parallel=sp)
     local = -(-V // world)                                   # ⌈V/tp⌉ rows per rank; the last rank's tail is padding
     valid = min(V - rank * local, local)
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
@@ -79,9 +80,14 @@ def _parity(rank, world, tied, n_kv, sp, steps=3):
         want.backward()
         before = m.stats.snapshot()
         logits = model(x).logits
-        got = vocab_parallel_cross_entropy(logits, y, g)
+        if gather:                               # colwise_gather: the full [..., V] logits, padding dropped
+            assert logits.shape == ref_logits.shape
+            close(logits, ref_logits, what="gathered logits")
+            got = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        else:
+            got = vocab_parallel_cross_entropy(logits, y, g)
         got.backward()
-        if t == 0:
+        if t == 0 and not gather:
             c = m.stats.diff(m.stats.snapshot(), before)["tp"]
             counts = {op: (v["calls"], v["payload_bytes"]) for op, v in c.items()}
             assert logits.shape[-1] == local and bool(torch.isneginf(logits[..., valid:]).all())
@@ -89,6 +95,7 @@ def _parity(rank, world, tied, n_kv, sp, steps=3):
             full = gather_vocab_logits(logits.detach(), g, V)
             assert full.shape == ref_logits.shape
             close(full, ref_logits, what="gathered logits")
+        if t == 0:
             for name, p in model.named_parameters():
                 close(p.grad, piece_of(dict(ref.named_parameters())[name].grad, p, world, rank), what=f"grad {name}")
             assert bool((emb.grad[valid:] == 0).all()) and bool((head.grad[valid:] == 0).all())
@@ -102,15 +109,17 @@ def _parity(rank, world, tied, n_kv, sp, steps=3):
     return losses, counts
 
 
-@pytest.mark.parametrize("world,tied,n_kv,sp", [(2, True, 1, False), (2, False, 2, False), (4, True, 2, False),
-                                               (4, False, 1, False), (4, True, 1, True)])
-def test_padded_vocab_and_replicated_kv_match_one_process(world, tied, n_kv, sp):
+@pytest.mark.parametrize("world,tied,n_kv,sp,gather", [(2, True, 1, False, False), (2, False, 2, False, False),
+                                                      (4, True, 2, False, False), (4, False, 1, False, False),
+                                                      (4, True, 1, True, False), (4, False, 2, False, True)])
+def test_padded_vocab_and_replicated_kv_match_one_process(world, tied, n_kv, sp, gather):
     """V = 101 padded to 102 (tp 2) / 104 (tp 4), tied and untied; kv heads 1 and 2 replicated at tp 4 (and 1 at
-    tp 2); one case with sequence parallel (traffic counted without it only)."""
-    for losses, counts in run_ranks(_parity, world, tied, n_kv, sp):
+    tp 2); one case with sequence parallel, one with a gathering head (colwise_gather: logits [..., V]); tp
+    traffic counted in the plain cases."""
+    for losses, counts in run_ranks(_parity, world, tied, n_kv, sp, gather):
         for t, (got, want) in enumerate(losses):
             assert abs(got - want) <= 1e-5 * abs(want), (t, got, want)
-        if not sp:
+        if not sp and not gather:
             assert counts == {"all_reduce": _expected(world, n_kv)}
 
 
@@ -125,7 +134,8 @@ def _engine(rank, world, lay, d):
 
 MODEL = ["model.kwargs.vocab_size=101", "data.kwargs.vocab_size=101", "model.kwargs.num_key_value_heads=1",
          "model.kwargs.num_hidden_layers=2", "data.micro_batch_size=4", "train.steps=3",
-         "optimizer.weight_decay=0.1", "optimizer.eps=0.001"]        # eps: see _parity
+         "optimizer.weight_decay=0.1", "optimizer.eps=0.001",        # eps: see _parity
+         "train.grad_clip=0.5"]     # active clipping: the grad norm counts one kv copy and no padding
 
 
 @pytest.mark.parametrize("tied", [True, pytest.param(False, marks=pytest.mark.slow)])
