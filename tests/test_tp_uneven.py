@@ -138,14 +138,16 @@ MODEL = ["model.kwargs.vocab_size=101", "data.kwargs.vocab_size=101", "model.kwa
          "train.grad_clip=0.5"]     # active clipping: the grad norm counts one kv copy and no padding
 
 
-@pytest.mark.parametrize("tied", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_engine_zero3_checkpoint_consolidates_to_one_process_state(tmp_path, tied):
-    """dp2 × tp2 ZeRO-3 (the padded embedding/head and the replicated MQA kv head partitioned over dp): the loss
-    curve of one process, and the consolidated checkpoint is the one-process state dict (V × H, one kv copy)."""
+@pytest.mark.parametrize("lay,tied", [((2, 2, 1, 3), True), ((1, 2, 2, 1), True),
+                                      pytest.param((2, 2, 1, 3), False, marks=pytest.mark.slow)])
+def test_engine_checkpoint_consolidates_to_one_process_state(tmp_path, lay, tied):
+    """dp2 × tp2 ZeRO-3 (the padded embedding/head and the replicated MQA kv head partitioned over dp) and
+    tp2 × pp2 (the padded tied embedding copied to the last stage): the loss curve of one process, and the
+    consolidated checkpoint is the one-process state dict (V × H, one kv copy)."""
     over = MODEL + [f"model.kwargs.tie_word_embeddings={str(tied).lower()}"]
     want, ref = reference_losses(config("llama", over), return_model=True)
-    res = run_ranks(_engine, 4, layout(2, 2, 1, 3) + over, str(tmp_path / "ck"))
-    assert_close_curve(res[0][0], want, 1e-5, "dp2 tp2 zero3")
+    res = run_ranks(_engine, 4, layout(*lay) + over, str(tmp_path / "ck"))
+    assert_close_curve(res[0][0], want, 1e-5, f"dp, tp, pp, zero = {lay}")
     sd, ref_sd = res[0][1], ref.state_dict()
     assert sorted(sd) == sorted(ref_sd)
     for k, v in ref_sd.items():
@@ -177,3 +179,11 @@ def test_refusals_name_the_counts():
                       num_key_value_heads=3)
     with pytest.raises(ValueError, match=r"k_proj: 3 key/value heads with 6 query heads cannot be split over tp = 2"):
         apply_tensor_parallel(LlamaForCausalLM(cfg), group(2))
+    attn = torch.nn.Module()                                       # fused qkv, 4 query heads, 1 kv head
+    attn.head_dim, attn.num_heads, attn.num_key_value_heads = HD, 4, 1
+    attn.qkv = torch.nn.Linear(H, 6 * HD)
+    model = torch.nn.Module()
+    model.attn = attn
+    with pytest.raises(ValueError, match=r"attn\.qkv: section 1 of \[32, 8, 8\] has 1 heads \(head_dim 8\), not "
+                                         r"divisible by tp = 4.*only for separate k/v projections"):
+        apply_tensor_parallel(model, group(4), {"attn.qkv": "colwise_qkv"})

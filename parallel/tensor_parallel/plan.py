@@ -135,7 +135,9 @@ def _validate(matches, mods, tp, errors, kv) -> dict:
                     continue
                 if h is not None and h % tp:
                     errors.append(f"{name}: {what} has {h} heads (head_dim {s // h}), not divisible by tp = {tp}; "
-                                  f"use a tp that divides the (key/value) head count")
+                                  f"use a tp that divides the (key/value) head count"
+                                  + (" (kv heads are replicated over tp only for separate k/v projections, not a "
+                                     "fused qkv)" if style == "colwise_qkv" and tp % h == 0 else ""))
                 elif secs and s % tp:
                     errors.append(f"{name}: {what} of size {s} is not divisible by tp = {tp}")
             sections[name] = secs
