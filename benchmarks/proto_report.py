@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 
 from benchmarks import proto_stats as st
-from benchmarks.proto_rows import DS_PEER, PEER_OF, WHAT
+from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, WHAT
 from parallel.planning.flops import gpt_flops_per_token
 from parallel.planning.planner import predict
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec
@@ -60,14 +60,14 @@ def predict_row(rec: dict, name: str, cal: dict):
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
     tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp, bucket_mb=25.0)
-    hw = hardware(cal, "ring" if meta["ours"] else "gloo", rec["world"])
+    hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
     return predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
 
 
 def bytes_check(rec: dict, name: str, pred) -> dict | None:
     """Our rows: the dp axis' wire bytes per op, measured by CommStats in this run vs the planner's."""
     axes = rec["rows"][name].get("comm_axes")
-    if not axes:
+    if not axes or not rec["rows"][name]["ours"]:
         return None
     got = {op: c["wire_bytes"] for op, c in axes.get("dp", {}).items()}
     want = {op: c["wire_bytes"] for op, c in pred.comm[0].get("dp", {}).items()}
@@ -100,7 +100,7 @@ def analyse(rec: dict, n_boot: int = 2000) -> dict:
              "predicted": pred.step_s, "bytes": bytes_check(rec, name, pred), "vs": {}}
         r["step_over_floor"] = r["median"] / r["floors"]["total"]
         r["pred_over_measured"] = r["predicted"] / r["median"]
-        for peer in dict.fromkeys([PEER_OF.get(name), DS_PEER.get(name), "ddp"]):
+        for peer in dict.fromkeys([PEER_OF.get(name), DS_PEER.get(name), *ALSO.get(name, []), "ddp"]):
             if peer and peer != name and peer in t:
                 c = st.compare(ts, t[peer], seed, n_boot)
                 c["verdict"] = st.verdict(c["median"], w)

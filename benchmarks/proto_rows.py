@@ -8,7 +8,9 @@ global batch (``per`` sequences per rank), with AdamW at lr 1e-4:
 * ``ddp_tuned``: ``gradient_as_bucket_view=True, static_graph=True``;
 * ``fsdp2``: ``fully_shard`` per block, then the root (torch defaults);
   ``fsdp2_prefetch``: the same with explicit ``set_modules_to_forward_prefetch`` (next block) and
-  ``set_modules_to_backward_prefetch`` (previous block);
+  ``set_modules_to_backward_prefetch`` (previous block); ``fsdp2_ring``: that plus FSDP2's
+  ``set_custom_all_gather`` / ``set_custom_reduce_scatter`` hooks running our collectives (the p2p
+  ring of parallel/comm/ring.py at ≥ 256 KiB on gloo, as our ZeRO rows), its bytes counted;
 * ``ds1``, ``ds2``, ``ds3``: DeepSpeed as shipped, its own ``DeepSpeedCPUAdam`` op (adamw_mode),
   CPU accelerator, ZeRO-3 with ``stage3_param_persistence_threshold: 0`` (else it shards nothing at
   this size); only when ``import deepspeed`` works (else skipped with the reason);
@@ -31,20 +33,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 LR = 1e-4
-PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "ds1", "ds2", "ds3"]
+PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
 OURS = ["zero0", "zero1", "zero2", "zero3"]
 ROWS = PEERS + OURS
 WHAT = {"local": "no communication (compute floor)", "ddp": "torch DDP, defaults", "ddp_aa": "torch DDP again (A/A)",
         "ddp_tuned": "torch DDP, gradient_as_bucket_view + static_graph", "fsdp2": "torch FSDP2 fully_shard per block",
-        "fsdp2_prefetch": "FSDP2 + explicit forward/backward prefetch", "ds1": "DeepSpeed ZeRO-1, DeepSpeedCPUAdam",
+        "fsdp2_prefetch": "FSDP2 + explicit forward/backward prefetch", "fsdp2_ring": "FSDP2 + prefetch + our ring",
+        "ds1": "DeepSpeed ZeRO-1, DeepSpeedCPUAdam",
         "ds2": "DeepSpeed ZeRO-2, DeepSpeedCPUAdam", "ds3": "DeepSpeed ZeRO-3, persistence threshold 0",
         "zero0": "ours ZeRO-0 (data parallel)", "zero1": "ours ZeRO-1", "zero2": "ours ZeRO-2",
         "zero3": "ours ZeRO-3 per block"}
 # the natural peer of each row, for the paired ratios
-PEER_OF = {"ddp_aa": "ddp", "ddp_tuned": "ddp", "fsdp2_prefetch": "fsdp2", "zero0": "ddp_tuned", "zero1": "ddp_tuned",
-           "zero2": "ddp_tuned", "zero3": "fsdp2_prefetch", "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2",
-           "fsdp2": "ddp", "local": "ddp"}
+PEER_OF = {"ddp_aa": "ddp", "ddp_tuned": "ddp", "fsdp2_prefetch": "fsdp2", "fsdp2_ring": "fsdp2_prefetch",
+           "zero0": "ddp_tuned", "zero1": "ddp_tuned", "zero2": "ddp_tuned", "zero3": "fsdp2_prefetch",
+           "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp"}
 DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3"}
+ALSO = {"zero3": ["fsdp2", "fsdp2_ring"], "zero0": ["ddp"], "zero1": ["zero0"], "zero2": ["zero0"]}   # further pairs
 
 
 @dataclass
@@ -121,19 +125,60 @@ def build(name: str, kw: dict, per: int, world: int, rank: int) -> Row:
     for blk in blocks:
         fully_shard(blk, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    if name == "fsdp2_prefetch":
+    if name in ("fsdp2_prefetch", "fsdp2_ring"):
         for i, blk in enumerate(blocks):
             if i + 1 < len(blocks):
                 blk.set_modules_to_forward_prefetch([blocks[i + 1]])
             if i > 0:
                 blk.set_modules_to_backward_prefetch([blocks[i - 1]])
+    stats = _ring_comms(blocks + [model]) if name == "fsdp2_ring" else None
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     p_blocks = sum(_psi(blk) for blk in blocks)
     # blocks: all-gather in forward and again in backward; the root keeps its parameters after forward
     _op(comm, "all_gather", 2 * len(blocks) + 1, (N - 1) / N * (2 * p_blocks + psi - p_blocks) * b)
     _op(comm, "reduce_scatter", len(blocks) + 1, (N - 1) / N * psi * b)
-    return Row(name, _plain_step(model, opt, x, y, V), owned=-(-psi // N), comm=comm,
-               layout={"dp": N, "zero": 3, "units": "block"})
+    row = Row(name, _plain_step(model, opt, x, y, V), owned=-(-psi // N), comm=comm,
+              layout={"dp": N, "zero": 3, "units": "block"})
+    if stats is not None:
+        row.stats, row.source = stats, "measured"
+    return row
+
+
+def _ring_comms(modules) -> object:
+    """FSDP2's all-gather and reduce-scatter through parallel.comm (ring on gloo); returns the CommStats."""
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+    from parallel.comm.collectives import CommStats, Group, all_gather_into, reduce_scatter_into
+    stats, groups = CommStats(), {}
+
+    def grp(pg):
+        if pg not in groups:
+            groups[pg] = Group(pg, "dp", tuple(dist.get_process_group_ranks(pg)), dist.get_rank(pg), stats)
+        return groups[pg]
+
+    class _Alloc:
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+    class RingAG(_Alloc, AllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            return all_gather_into(output_tensor, input_tensor, grp(group), async_op=async_op)
+
+    class RingRS(_Alloc, ReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            avg = op == dist.ReduceOp.AVG
+            if not avg and op != dist.ReduceOp.SUM:
+                raise NotImplementedError(f"fsdp2_ring: reduce-scatter op {op} (only SUM and AVG)")
+            work = reduce_scatter_into(output_tensor, input_tensor, grp(group), async_op=async_op)
+            if work is not None:
+                work.wait()
+            if avg:
+                output_tensor.div_(grp(group).size)
+            return None
+    for m in modules:
+        m.set_custom_all_gather(RingAG())
+        m.set_custom_reduce_scatter(RingRS())
+    return stats
 
 
 def _ours(name, kw, per, world, rank) -> Row:
@@ -167,7 +212,7 @@ def _ours(name, kw, per, world, rank) -> Row:
 
 
 def measure_comm(row: Row) -> float:
-    """Our rows: one step's traffic from CommStats (run between warm-up steps). Reduce-scatter and
+    """Rows with a CommStats (ours, fsdp2_ring): one step's traffic (run between warm-up steps). Reduce-scatter and
     all-gather of ≥ parallel.comm.ring.MIN_BYTES run on our ring; the rest on gloo."""
     from parallel.comm.ring import MIN_BYTES
     before = row.stats.snapshot()

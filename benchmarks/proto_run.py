@@ -3,7 +3,7 @@
 Order: pin this rank to one core and fix its threads (asserted); calibrate (all ranks at once);
 build the rows; warm up each row (``warmup`` steps) and check that every row's global-batch loss
 agrees with DDP's to ``tol`` at every warm-up step (the local row, which trains on its own share
-only, at the first); take one step's traffic from our CommStats; then ``rounds`` rounds, each
+only, at the first); take one step's traffic from our CommStats (our rows, fsdp2_ring); then ``rounds`` rounds, each
 timing every row once in an order shuffled by ``random.Random(seed + round)``, with GC off:
 
     barrier → t0 → step() → finish() (pending async work) → t1 → barrier
@@ -95,7 +95,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     losses = {n: [] for n in rows}
     for name, row in rows.items():
         for i in range(opts["warmup"]):
-            if row.ours and i == opts["warmup"] - 1:
+            if hasattr(row, "stats") and i == opts["warmup"] - 1:
                 loss = proto_rows.measure_comm(row)  # this warm-up step, its traffic counted
             else:
                 loss = row.step()

@@ -122,7 +122,7 @@ def _smoke(rank, world):
     sys.path.insert(0, ROOT)
     from benchmarks.proto_run import run_rank
     opts = {"size": "tiny", "per_rank_batch": 2, "rounds": 2, "warmup": 2, "seed": 5, "pin": False,
-            "rows": ["local", "ddp", "ddp_aa", "zero1", "zero3", "ds1"], "calib_reps": 1, "mem_mb": 4,
+            "rows": ["local", "ddp", "ddp_aa", "fsdp2_ring", "zero1", "zero3", "ds1"], "calib_reps": 1, "mem_mb": 4,
             "comm_mb": 0.5}
     return run_rank(rank, world, opts)
 
@@ -149,6 +149,13 @@ def test_protocol_smoke_two_ranks():
     kw = rec["model"]
     h, L, V, s = kw["n_embd"], kw["n_layer"], kw["vocab_size"], kw["seq_len"]
     assert psi == V * h + s * h + L * (12 * h * h + 13 * h) + 2 * h    # DDP theory bytes 2(N−1)/N·Ψ·4, Ψ of the GPT
+    # FSDP2 (blocks resharded after forward, the root not): all-gathers 2L + 1, reduce-scatters L + 1,
+    # counted by our CommStats through FSDP2's custom-collective hooks
+    ring = rec["rows"]["fsdp2_ring"]["comm"]
+    root = V * h + s * h + 2 * h
+    assert ring["all_gather"]["calls"] == 2 * L + 1 and ring["reduce_scatter"]["calls"] == L + 1
+    assert ring["all_gather"]["wire_bytes"] == 1 / 2 * (2 * (psi - root) + root) * 4
+    assert ring["reduce_scatter"]["wire_bytes"] == 1 / 2 * psi * 4
     an = analyse(rec, n_boot=100)
     assert an["rows"]["zero1"]["bytes"]["equal"] and an["rows"]["zero3"]["bytes"]["equal"]
     assert an["aa"] is not None and an["rows"]["zero3"]["vs"]["ddp"]["verdict"] in ("tie", "faster", "slower")
