@@ -162,3 +162,16 @@ def test_protocol_smoke_two_ranks():
     assert "noise band" in text(rec, an)
     md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
     assert "| zero1 |" in md and "gloo-specific" in md
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_as_a_cpu_smoke():
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--size", "tiny",
+                          "--steps", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    import torch
+    if not torch.cuda.is_available():
+        assert "no GPU was used" in out.stdout
+    assert out.stdout.count("[ok]") == 3 and "FAILED" not in out.stdout, out.stdout
