@@ -19,10 +19,12 @@ pipeline split's body: ``GPT.blocks``, ``model.layers``, ``transformer.h``):
              (``torch.autograd.graph.saved_tensors_hooks``, as ``save_on_cpu``). On a CPU device the
              tensors stay where they are and are only counted.
 
-How, without editing the model: torch's composable ``checkpoint`` (torch.distributed._composable)
-puts the non-reentrant checkpoint (``use_reentrant=False``) into a forward pre-hook and a forward
-hook of the block, so parameter names, ``state_dict`` keys and the model's own forward stay as they
-are. The recompute calls the block again *through its hooks* (the checkpoint's own disabled), so:
+How, without editing the model: as torch's composable ``checkpoint`` (torch.distributed._composable)
+does, the non-reentrant checkpoint (``use_reentrant=False``: torch.utils.checkpoint's generator)
+is entered in a forward pre-hook of the block and left in its forward hook, so parameter names,
+``state_dict`` keys and the model's own forward stay as they are. (Ours rather than the composable
+one: its recompute context is one-shot, and the zero-bubble W pass backpropagates a second time.)
+The recompute calls the block again *through its hooks* (the checkpoint's own standing aside), so:
 
 * the recompute runs the whole block (``early_stop=False``): torch's early stop raises out of the
   op that packs the last needed tensor, skipping the forward hooks of the modules around it —
@@ -43,6 +45,9 @@ are. The recompute calls the block again *through its hooks* (the checkpoint's o
   reduced, so the recompute costs no extra all-gather. ``zero.units=module``: the units of the modules
   whose backward has not begun are re-gathered for the recompute and freed after it, then gathered
   again for their backward: up to (N−1)/N·Ψ_block·b more all-gather bytes per block and step.
+* zero-bubble pipeline: I (``autograd.grad(retain_graph=True)``) and W (a second backward) each
+  recompute the block: two extra forwards per block. ``selective`` cannot be used there (torch's
+  cache allows one backward per region; the config check says so).
 * BatchNorm (incl. sync_batchnorm) inside a block: the recompute would update the running statistics
   a second time; they are saved before and restored after the recompute (sync BN's forward
   all-reduces run again, with the same numbers).
@@ -58,8 +63,11 @@ import functools
 
 import torch
 import torch.nn as nn
-from torch.distributed._composable import checkpoint as composable_checkpoint
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    _checkpoint_without_reentrant_generator,
+    create_selective_checkpoint_contexts,
+)
 
 from parallel.pipeline.split import find_body
 
@@ -108,6 +116,8 @@ class BlockRecord:
         self.index, self.block, self.mode = index, block, mode
         self.sac_storage = None
         self.recomputes = 0
+        self.recomputing = False
+        self.generator = None
 
 
 class ActivationCheckpointing:
@@ -122,25 +132,37 @@ class ActivationCheckpointing:
         return next((r for r in self.records if r.block is block), None)
 
 
-@contextlib.contextmanager
-def _recompute_guard(record: BlockRecord, inner=None):
-    """Around a recompute: count it, and restore BatchNorm running statistics the recompute updated."""
-    bns = [m for m in record.block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in bns]
-    record.recomputes += 1
-    try:
-        with inner if inner is not None else contextlib.nullcontext():
-            yield
-    finally:
-        for m, buf in zip(bns, saved):
+class _RecomputeGuard:
+    """Around each recompute: count it, and restore BatchNorm running statistics the recompute
+    updated. Re-enterable: a second backward over the graph (the zero-bubble W pass re-walks it with
+    retain_graph) recomputes the block again."""
+
+    def __init__(self, record: BlockRecord, inner=None):
+        self.record, self.inner = record, inner
+        self.bns = [m for m in record.block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+
+    def __enter__(self):
+        self.saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in self.bns]
+        self.record.recomputes += 1
+        self.record.recomputing = True           # our checkpoint hooks stand aside; the block's others run
+        if self.inner is not None:
+            self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.inner is not None:
+            self.inner.__exit__(*exc)
+        self.record.recomputing = False
+        for m, buf in zip(self.bns, self.saved):
             for k, v in buf.items():
                 m._buffers[k].copy_(v)
+        return False
 
 
 def _context_fn(record: BlockRecord, save_ops):
     """The checkpoint's (forward, recompute) contexts: plain, or selective caching of ``save_ops``."""
     if save_ops is None:
-        return contextlib.nullcontext(), _recompute_guard(record)
+        return contextlib.nullcontext(), _RecomputeGuard(record)
     ops = frozenset(save_ops)
 
     def policy(ctx, op, *args, **kwargs):
@@ -148,7 +170,7 @@ def _context_fn(record: BlockRecord, save_ops):
 
     fwd, rec = create_selective_checkpoint_contexts(policy)
     record.sac_storage = fwd.storage            # the caching mode's {op: [outputs]} of this forward
-    return fwd, _recompute_guard(record, rec)
+    return fwd, _RecomputeGuard(record, rec)
 
 
 class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
@@ -171,6 +193,29 @@ class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
             return t.to(dev, non_blocking=pin)
 
         super().__init__(pack, unpack)
+
+
+def _hook_checkpoint(ac: ActivationCheckpointing, record: BlockRecord, save_ops) -> None:
+    """The non-reentrant checkpoint as a pre-hook / hook pair on the block (as torch's composable
+    ``checkpoint``, whose one-shot recompute context cannot serve a second backward)."""
+    def pre(mod, args, kwargs):
+        if record.recomputing or not torch.is_grad_enabled():
+            return
+        record.generator = _checkpoint_without_reentrant_generator(
+            mod, True, functools.partial(_context_fn, record, save_ops), "default", False, False, *args, **kwargs)
+        next(record.generator)
+
+    def post(mod, args, out):
+        gen, record.generator = record.generator, None
+        if gen is not None and not record.recomputing:
+            try:
+                next(gen)
+            except StopIteration:
+                return
+            raise RuntimeError(f"activation checkpointing of block {record.index}: the checkpoint did not finish")
+
+    ac.handles += [record.block.register_forward_pre_hook(pre, with_kwargs=True),
+                   record.block.register_forward_hook(post, prepend=True, always_call=True)]
 
 
 def _hook_offload(ac: ActivationCheckpointing, record: BlockRecord) -> None:
@@ -220,6 +265,5 @@ def apply_activation_checkpointing(stages, policy: str, every: int = 1, save_ops
         if r.mode == "offload":
             _hook_offload(ac, r)
         else:
-            composable_checkpoint(r.block, preserve_rng_state=True, early_stop=False,
-                                  context_fn=functools.partial(_context_fn, r, ops if r.mode == "selective" else None))
+            _hook_checkpoint(ac, r, ops if r.mode == "selective" else None)
     return ac

@@ -31,9 +31,10 @@ scores, softmax and its dropout are replaced by the flash kernel's log-sum-exp �
 sbh·(34 + 5as/h)·(e/2) is the upper figure with dropout and a materialised softmax. Full
 recompute keeps the block input only: sbh·e (their 2sbh in fp16). Selective with the default
 save ops keeps the input plus the qkv, attention, out-proj, fc and mlp-proj outputs:
-(1 + 3 + 1 + 1 + 4 + 1)·sbh·e + a·sb·4 = 11·sbh·e + a·sb·4. With tensor parallelism of size t
-the per-rank figures of the split parts (q, k, v, attention output, fc, GELU) divide by t;
-sequence parallelism divides the rest (norm inputs/outputs, block input) by t too.
+(1 + 3 + 1 + 1 + 4 + 1)·sbh·e + a·sb·4 = 11·sbh·e + a·sb·4. Per tensor-parallel rank (with and
+without sequence parallelism): :func:`gpt_layer_bytes`. The counts hold for dropout 0: with
+attention dropout > 0, torch's CPU attention also keeps a·s²·b-sized tensors (the probabilities and
+the dropout mask), as in Korthikanti's 5as/h term; that case is not asserted.
 """
 from __future__ import annotations
 
@@ -48,23 +49,25 @@ __all__ = ["SavedActivations", "gpt_layer_bytes", "korthikanti_layer_bytes"]
 
 
 def gpt_layer_bytes(policy: str, b: int, s: int, h: int, a: int, elem: int = 4, tp: int = 1, sp: bool = False) -> int:
-    """Saved-activation bytes of one ``examples.gpt`` layer on one rank (module docstring).
+    """Saved-activation bytes of one ``examples.gpt`` layer on one rank (the module docstring's table).
 
-    ``tp``/``sp``: tensor parallelism of size tp splits q, k, v, the attention output, fc and GELU
-    outputs (and the log-sum-exp, by heads); with sequence parallelism also the rest."""
-    sbh, sb = s * b * h, s * b
-    rest = 1 if not sp else tp                    # divisor of the replicated (or sequence-split) parts
-    if policy == "none" or policy == "offload":
-        split = (3 + 1 + 4 + 4) * sbh * elem // tp + a * sb * 4 // tp
-        repl = (2 + 2) * sbh * elem // rest + 4 * sb * 4 // rest
-        return split + repl
+    Tensor parallelism of size t splits q, k, v, the attention output, the fc and GELU outputs and
+    the log-sum-exp (by heads): (3 + 1 + 4 + 4)·sbh·e/t + a·sb·4/t. The norms' inputs and outputs
+    (4·sbh·e + 4·sb·4) stay whole; with sequence parallelism the norms run on s/t tokens (their
+    inputs and statistics divide by t) but the matmuls after them save the all-gathered, whole
+    input: 2·sbh·e/t + 2·sbh·e + 4·sb·4/t. Full recompute keeps the block input (sbh·e, /t under
+    sp); selective keeps it plus the qkv, attention, fc outputs (split) and the two row-parallel
+    outputs, which are whole partial sums before their all-reduce (or reduce-scatter)."""
+    sbh, sb, t = s * b * h, s * b, tp
+    block_input = sbh * elem // (t if sp else 1)
+    if policy in ("none", "offload"):
+        split = 12 * sbh * elem // t + a * sb * 4 // t
+        norms = (2 * sbh * elem // t + 2 * sbh * elem + 4 * sb * 4 // t) if sp else 4 * sbh * elem + 4 * sb * 4
+        return split + norms
     if policy == "full":
-        return sbh * elem // rest
+        return block_input
     if policy == "selective":
-        # kept: block input (replicated), qkv (3, split), attention (1, split), out-proj (1, full),
-        # fc (4, split), mlp proj (1, full); row-parallel outputs are partial sums before their all-reduce
-        return (sbh + 2 * sbh) * elem // 1 + (3 + 1 + 4) * sbh * elem // tp + a * sb * 4 // tp \
-            if not sp else (sbh // tp) * elem + 2 * sbh * elem + (3 + 1 + 4) * sbh * elem // tp + a * sb * 4 // tp
+        return block_input + 8 * sbh * elem // t + a * sb * 4 // t + 2 * sbh * elem
     raise ValueError(f"no theory for policy {policy!r}")
 
 
