@@ -264,3 +264,28 @@ def test_batchnorm_running_statistics_move_once_under_recompute():
     for policy in ("full", "selective"):
         assert torch.equal(runs[policy][0], runs["none"][0]) and runs[policy][2] == [1, 1, 1], policy
         assert (runs[policy][1] - runs["none"][1]).abs().max().item() <= 1e-6, policy
+
+
+def test_unmodified_hf_llama_under_every_policy():
+    """transformers' Llama (decoder layers called with hidden_states, masks and rotary tables as
+    kwargs): same loss and gradients; full keeps each layer's input only (s·b·h·4 bytes)."""
+    pytest.importorskip("transformers")
+    from examples.hf_causal_lm import llama_tiny
+    torch.manual_seed(0)
+    base, x = llama_tiny(), torch.randint(0, 64, (2, 16))
+
+    def step(m):
+        logits = m(x).logits
+        F.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+    want = step(copy.deepcopy(base))
+    h = base.config.hidden_size
+    for policy in ("full", "selective", "offload"):
+        m = copy.deepcopy(base)
+        ac = apply_activation_checkpointing([m], policy)
+        with SavedActivations(m, ac) as t:
+            got = step(m)
+        assert (got - want).abs().max().item() <= 1e-6, policy
+        if policy == "full":
+            assert set(t.block_bytes().values()) == {2 * 16 * h * 4}
