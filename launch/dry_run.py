@@ -29,8 +29,9 @@ def _prediction(cfg: Config):
     p = cfg.parallel
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
                  p.sequence_parallel, cfg.zero.units)
+    ac = cfg.activation_checkpointing
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
-                   cfg.zero.bucket_mb)
+                   cfg.zero.bucket_mb, ac.policy, ac.every)
     return model, predict(spec, lay, tr)
 
 
@@ -63,7 +64,8 @@ def describe(cfg: Config) -> str:
         split = _split(model, cfg)
         if split:
             lines += ["", "# pipeline stages", split]
-    lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate"]
+    lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate (activation "
+                  f"checkpointing: {cfg.activation_checkpointing.policy})"]
     for r in range(cfg.world_size):
         c = coords_of(r, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
         row = f"rank {r}: pp={c['pp']} dp={c['dp']} tp={c['tp']}"

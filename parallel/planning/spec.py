@@ -66,6 +66,8 @@ class TrainSpec:
     optimizer: str = "adamw"        # adamw | adam | sgd
     momentum: bool = False          # sgd with momentum keeps a buffer
     bucket_mb: float = 25.0
+    activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload
+    every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
 
 
 @dataclass(frozen=True)
