@@ -229,7 +229,7 @@ def test_auto_resolution_prints_an_editable_plan(capsys):
     and the printed plan, loaded back, converts the model the same way; published plans keep priority."""
     from test_tp_plans import _fake_group
 
-    from parallel.tensor_parallel.auto_plan import _VERIFIED, plan_for
+    from parallel.tensor_parallel.auto_plan import _VERIFIED, derive_plan, plan_for
     from parallel.tensor_parallel.plan import apply_tensor_parallel, resolve_plan
     _VERIFIED.clear()
     torch.manual_seed(0)
@@ -245,11 +245,17 @@ def test_auto_resolution_prints_an_editable_plan(capsys):
     with torch.device("meta"):
         meta = _opt()
     assert plan_for(meta, 2, apply_tensor_parallel) == loaded
+    guess = derive_plan(meta, 2, apply_tensor_parallel)               # without the cache: the structural guess
+    assert not guess.verified and guess.plan == loaded and "not verified" in guess.describe(2)
+    with torch.device("meta"):
+        meta_gpt = NanoGPT()             # no forward: the output layer is not found, so its tied embedding stays
+    guess = derive_plan(meta_gpt, 2, apply_tensor_parallel).plan
+    assert "transformer.wte" not in guess and guess["transformer.h.*.mlp.c_fc"] == "colwise"
     assert resolve_plan(_neox(), "auto", lambda m: {})["gpt_neox.layers.*.attention.query_key_value"] == "colwise"
     with pytest.raises(ValueError, match="sequence parallel with the tensor-parallel plan derived for OPTForCausalLM: "
                                          "a pair sits directly in the block"):
         apply_tensor_parallel(_opt(), _fake_group(2), "auto", sequence_parallel=True)
-    with pytest.raises(ValueError, match="has no tensor-parallel plan.*no nn.ModuleList of same-class blocks"):
+    with pytest.raises(ValueError, match="has no tensor-parallel plan .*no nn.ModuleList of same-class blocks"):
         apply_tensor_parallel(nn.Sequential(nn.Linear(2, 2)), _fake_group(2), "auto")
 
 

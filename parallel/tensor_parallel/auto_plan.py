@@ -3,32 +3,33 @@ GPTs written in the nanoGPT style), each candidate verified numerically before i
 
     derive_plan(model, tp, convert) -> AutoPlan(plan, notes, verified)
 
-1. The body: the nn.ModuleList of same-class blocks holding the most parameters.
-2. A tiny forward (2 × 8 random tokens, eval mode, no grad, the RNG state restored) records block 0's
-   inputs and the order, inputs and widths of its Linear/Conv1D calls. H = the width of the block input.
-3. Pairs, per parent module in call order: column layers read one tensor of width H (q, k, v; gate, up;
+1. The body: the nn.ModuleList of same-class blocks holding the most parameters. A tiny forward (2 × 8
+   random tokens, eval, no grad, RNG state restored) records block 0's inputs (width H) and the order,
+   inputs and widths of its Linear/Conv1D calls.
+2. Pairs, per parent module in call order: column layers read one tensor of width H (q, k, v; gate, up;
    fc; a fused qkv); the next layer of that parent reading another tensor and writing width H is the row
    layer (attention output projection, MLP down). A single fused column is tried as ``colwise`` (a
    contiguous split: right when the fused output is laid out per head, [heads, 3, hd] as in GPT-NeoX, or
    per kv-head group as in Falcon's new decoder architecture), then ``colwise_qkv`` ([q | k | v], each
    split by heads, as GPT-2 / nanoGPT), then ``colwise_packed`` ([gate | up]).
-4. Verification, pair by pair and cumulatively, on block 0 with its real captured inputs: tp copies of
+3. Verification, pair by pair and cumulatively, on block 0 with its real captured inputs: tp copies of
    the block are converted by the real conversion code (``convert`` = ``apply_tensor_parallel`` on a
    single-process group of rank r: rank r's weight shards and per-rank head attributes), their row
    layers return Σ_r X_r A_r + b (the all-reduce, replayed: pass k fixes the k-th row call's sum, so
    n row calls need n + 1 passes), and every rank's block output must equal the unsplit block's:
    max|y_r − y| ≤ TOL · max|y|. A candidate that fails (mismatch, a shape error in the model's own code,
    a plan the conversion refuses) is left replicated and the reason is kept in ``notes``.
-5. The input embedding becomes ``vocab`` and the output layer ``colwise_vocab`` when they are plain
+4. The input embedding becomes ``vocab`` and the output layer ``colwise_vocab`` when they are plain
    nn.Embedding / nn.Linear, the vocabulary matches, and the model returns the head's output unchanged;
    tied weights are split both ways or neither. Transformers models whose pairs are all split, each
    inside its own attention/MLP module, also get the sequence-parallel region markers; otherwise sequence
    parallel is refused with the reason (a replicated attention on a sequence shard would be wrong).
 
 Limits: only block 0 is simulated; the other blocks must have the same planned layers, widths and
-head attributes (checked). A model on the meta device gets the structural plan unverified (the first
-candidate of each pair), marked so, unless the same structure was verified earlier in this process
-(kept per structure and tp, so the checkpoint layout probe — a float64 copy — gets the same plan).
+head attributes (checked). On the meta device ``derive_plan`` gives the structural guess (the first
+candidate of each pair) marked unverified — the dry run shows it for large models — and ``plan_for``
+refuses it, unless the same structure was verified earlier in this process (plans are kept per
+structure and tp, so the engine's checkpoint layout probe, a float64 copy, gets the same plan).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import functools as ft
 import inspect
 import re
 import sys
+from collections import namedtuple
 from dataclasses import dataclass, field
 
 import torch
@@ -85,28 +87,20 @@ def _find_body(model: nn.Module):
     lists = [(sum(p.numel() for p in c.parameters()), len(c), n, c) for n, c in model.named_modules()
              if isinstance(c, nn.ModuleList) and len(c) and len({type(b) for b in c}) == 1]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no TP_PLAN, no transformers "
-                         f"base_model_tp_plan, no built-in plan) and none can be derived: it has no nn.ModuleList of "
-                         f"same-class blocks; set parallel.tp_plan to {{module glob: style}}")
+        raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no TP_PLAN, no published or built-in "
+                         f"plan, no nn.ModuleList of same-class blocks to derive one): set parallel.tp_plan")
     return max(lists, key=lambda t: t[:2])[2:]
 
 
 def _input_embedding(model):
-    get = getattr(model, "get_input_embeddings", None)
     try:
-        m = get() if callable(get) else None
-    except Exception:                 # a model that defines the method without an embedding
+        m = model.get_input_embeddings()
+    except Exception:                 # no such method, or one defined without an embedding
         m = None
-    return m if isinstance(m, nn.Embedding) else next((e for e in model.modules() if isinstance(e, nn.Embedding)),
-                                                      None)
+    return m if isinstance(m, nn.Embedding) else next((e for e in model.modules() if isinstance(e, nn.Embedding)), None)
 
 
-@dataclass
-class _Call:
-    name: str
-    module: nn.Module
-    x: torch.Tensor
-    y: torch.Tensor
+_Call = namedtuple("_Call", "name module x y")           # a linear's first call: its input and output
 
 
 def _trace(model, body_name, body, emb):
@@ -145,20 +139,20 @@ def _trace(model, body_name, body, emb):
     if rec["block"] is None:
         raise ValueError(f"the forward never called {body_name}.0")
     logits = getattr(out, "logits", None)
-    if logits is None:
-        logits = out if isinstance(out, torch.Tensor) else next(
-            (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
-    rec["logits"] = logits
+    rec["logits"] = logits if logits is not None else next(
+        (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
     return rec
+
+
+def _by_parent(calls) -> dict:
+    return {p: [c for c in calls if c.name.rpartition(".")[0] == p] for p in
+            dict.fromkeys(c.name.rpartition(".")[0] for c in calls)}
 
 
 def _pairs(calls, width):
     """[(parent, [column names], row name)] in call order, per parent module."""
-    by_parent: dict = {}
-    for c in calls:
-        by_parent.setdefault(c.name.rpartition(".")[0], []).append(c)
     pairs = []
-    for parent, cs in by_parent.items():
+    for parent, cs in _by_parent(calls).items():
         cols, src = [], None
         for c in cs:
             inp, out = _widths(c.module)
@@ -177,17 +171,12 @@ def _pairs(calls, width):
 def _static_pairs(block, width):
     """Without a forward (meta device), per parent: the last layer writing width H is the row layer, the
     layers before it reading width H the columns (registration order stands in for call order)."""
-    by_parent: dict = {}
-    for n, m in block.named_modules():
-        if _linear(m):
-            by_parent.setdefault(n.rpartition(".")[0], []).append((n, m))
     pairs = []
-    for parent, ms in by_parent.items():
-        rows = [i for i, (_, m) in enumerate(ms) if _widths(m)[1] == width]
-        if rows:
-            cols = [n for n, m in ms[:rows[-1]] if _widths(m)[0] == width]
-            if cols:
-                pairs.append((parent, cols, ms[rows[-1]][0]))
+    for parent, cs in _by_parent([_Call(n, m, None, None) for n, m in block.named_modules() if _linear(m)]).items():
+        rows = [i for i, c in enumerate(cs) if _widths(c.module)[1] == width]
+        cols = [c.name for c in cs[:rows[-1]] if _widths(c.module)[0] == width] if rows else []
+        if cols:
+            pairs.append((parent, cols, cs[rows[-1]].name))
     return pairs
 
 
@@ -208,18 +197,14 @@ def _row_sim(mod, x, state):
     return y if mod.bias is None else y + mod.bias
 
 
-def _cast(tree, dtype):
-    return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else
-                    (t.clone() if isinstance(t, torch.Tensor) else t), tree)
-
-
 def _short(e: Exception) -> str:
     msg = re.sub(r"^tensor-parallel plan cannot be applied to \w+ with tp = \d+: *", "", " ".join(str(e).split()))
     return f"{type(e).__name__}: {msg[:240]}"
 
 
 def _run(block, inputs, dtype):
-    args, kwargs = _cast(inputs, dtype)
+    args, kwargs = tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else
+                            (t.clone() if isinstance(t, torch.Tensor) else t), inputs)       # fresh copies
     with torch.no_grad():
         out = block(*args, **kwargs)
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -269,15 +254,12 @@ def _simulate(block, inputs, rel_plan: dict, tp: int, convert) -> str | None:
 
 
 def _signature(block, rel_plan):
-    sig = []
+    """Per planned layer: its class, widths and its parent's integer attributes (but layer indices)."""
     mods = dict(block.named_modules())
-    for name in rel_plan:
-        m = mods.get(name)
-        parent = mods.get(name.rpartition(".")[0])
-        ints = sorted((k, v) for k, v in vars(parent).items() if isinstance(v, int) and not k.startswith("_")
-                      and not re.search("idx|index|layer_id", k))
-        sig.append((name, type(m).__name__, _widths(m) if m is not None and _linear(m) else None, tuple(ints)))
-    return sig
+    return [(n, type(mods.get(n)).__name__, _widths(mods[n]) if _linear(mods.get(n)) else None,
+             sorted((k, v) for k, v in getattr(mods.get(n.rpartition(".")[0]), "__dict__", {}).items()
+                    if isinstance(v, int) and not k.startswith("_") and not re.search("idx|index|layer_id", k)))
+            for n in rel_plan]
 
 
 # --- the plan ------------------------------------------------------------------------------------------
@@ -292,10 +274,18 @@ def derive_plan(model: nn.Module, tp: int, convert) -> AutoPlan:
     meta = any(p.is_meta for p in model.parameters())
     rec = None
     if emb is not None and not meta:
-        rec = _trace(model, body_name, body, emb)
+        try:
+            rec = _trace(model, body_name, body, emb)
+        except Exception as e:
+            raise ValueError(f"{type(model).__name__} has no tensor-parallel plan, and deriving one needs a forward "
+                             f"on token ids, which failed ({_short(e)}); set parallel.tp_plan to "
+                             f"{{module glob: style}}") from e
     if rec is not None:
         args, kwargs = rec["block"]
         x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{type(model).__name__}: cannot derive a tensor-parallel plan: {body_name}.0 is not "
+                             f"called with its hidden states first (or as hidden_states=); set parallel.tp_plan")
         width = x.shape[-1]
         pairs = _pairs(rec["calls"], width)
     else:
@@ -331,7 +321,9 @@ def derive_plan(model: nn.Module, tp: int, convert) -> AutoPlan:
         no_sp = "a pair sits directly in the block, whose residual stream would be sequence-sharded"
     elif any(row not in chosen for _, _, row in pairs):
         no_sp = "a replicated attention/MLP module would see only a sequence shard"
-    elif chosen:
+    elif not chosen:
+        no_sp = "no attention/MLP module is split"
+    else:
         plan.update(_region_markers(model, plan))
     if no_sp:
         notes.append(f"sequence parallel not available: {no_sp}")
@@ -340,9 +332,9 @@ def derive_plan(model: nn.Module, tp: int, convert) -> AutoPlan:
 
 def _vocab(model, emb, rec, notes) -> dict:
     """``vocab`` for the input embedding and ``colwise_vocab`` for the output layer, when exact."""
-    names = {id(m): n for n, m in model.named_modules()}
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    mods = dict(model.named_modules())
+    names = {id(m): n for n, m in mods.items()}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     V = emb.num_embeddings if emb is not None else None
     if head is None and rec is not None:
         head = next((c.module for c in reversed(rec["outer"]) if _widths(c.module)[1] == V), None)
@@ -353,19 +345,22 @@ def _vocab(model, emb, rec, notes) -> dict:
         notes.append(f"left replicated: {names[id(emb)]} ({type(emb).__name__} with its own forward or options)")
     if head is not None and id(head) in names:
         hname = names[id(head)]
-        y = next((c.y for c in rec["outer"] if c.module is head), None) if rec is not None else None
-        returned = rec is None or (y is not None and rec["logits"] is not None and
-                                   (y is rec["logits"] or (y.shape == rec["logits"].shape and
-                                                           torch.equal(y, rec["logits"]))))
+        y, logits = next((c.y for c in rec["outer"] if c.module is head), None) if rec else None, rec and rec["logits"]
+        returned = rec is None or (y is not None and logits is not None and y.shape == logits.shape
+                                   and (y is logits or torch.equal(y, logits)))
         if _linear(head) and not replaced_forward(head) and _widths(head)[1] == V and returned:
             out[hname] = "colwise_vocab"
         else:
             notes.append(f"left replicated: {hname} (not a plain output layer over the vocabulary whose "
                          f"output the model returns unchanged)")
-    tied = emb is not None and head is not None and getattr(head, "weight", None) is emb.weight
-    if tied and len(out) == 1:
-        out.clear()
-        notes.append("left replicated: the tied input embedding and output layer (one of them cannot be split)")
+    for name in list(out):             # a split weight must be split wherever it is used (vocab-wise, dim 0)
+        w = mods[name].weight
+        others = [n for n, m in mods.items() if n != name and getattr(m, "weight", None) is w]
+        if any(n not in out for n in others):
+            out.clear()
+            notes.append(f"left replicated: {name} and the modules tied to it ({', '.join(others)}): not all of "
+                         f"them can be split by the vocabulary")
+            break
     return out
 
 
@@ -389,8 +384,11 @@ def plan_for(model: nn.Module, tp: int, convert, sequence_parallel: bool = False
         if not ap.plan:
             raise ValueError(f"{type(model).__name__} has no tensor-parallel plan and no part of it can be split "
                              f"exactly:\n  " + "\n  ".join(ap.notes) + "\nset parallel.tp_plan to {module glob: style}")
-        if ap.verified:
-            _VERIFIED[key] = ap
+        if not ap.verified:
+            raise ValueError(f"{type(model).__name__} has no tensor-parallel plan, and one derived from its module "
+                             f"graph cannot be verified without real weights (meta device); convert the real model, "
+                             f"or save this unverified guess as parallel.tp_plan after checking it:\n{ap.describe(tp)}")
+        _VERIFIED[key] = ap
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             print(ap.describe(tp), file=sys.stderr, flush=True)
