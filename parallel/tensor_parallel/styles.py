@@ -1,5 +1,6 @@
 """Which modules a tensor-parallel plan converts, and how: the styles, transformers' aliases and
-built-in plans, the automatic plan (the model's or transformers' published one), the sequence-parallel
+built-in plans, the automatic plan (the model's or transformers' published one, else the caller's
+fallback: the plan derived from the module graph, :mod:`.auto_plan`), the sequence-parallel
 region markers, and glob matching of plan entries to module names (:mod:`.plan` does the conversion)."""
 from __future__ import annotations
 
