@@ -32,7 +32,7 @@ from parallel.data_parallel.bucket import fill_buckets
 from parallel.mesh import rank_of
 from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
-from parallel.planning.cost import comm_per_step, seconds, step_time
+from parallel.planning.cost import comm_per_step, optimizer_seconds, seconds, step_time
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
@@ -247,6 +247,10 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
         if seconds(comm.get("dp", {}), hw) >= seconds(dp_ops, hw):
             dp_ops = comm.get("dp", {})
     pred.step_s, pred.bubble = step_time(spec, lay, tr, hw, bounds, mb, dp_ops)
+    if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
+        pred.step_s += max(optimizer_seconds(sum(_shard_pieces(bk, lay.dp, 0, lay.zero > 0)[0] for bk in _buckets(
+            _rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b, tr.bucket_mb, spec.tied and S == 1)), tr, hw)
+            for pr in range(lay.pp))
     pred.peak_bytes = max(m["peak"] for m in pred.memory.values())
     pred.fits = pred.peak_bytes <= hw.memory_bytes
     return pred

@@ -18,6 +18,8 @@ Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
   rowwise          row-parallel Linear/Conv1D, input split along its last dim, output all-reduced
   rowwise_split_input  row-parallel taking its own slice of a replicated input
   vocab            vocab-parallel nn.Embedding
+  (vocab, colwise_vocab and colwise_gather pad a V not divisible by tp; k/v projections with fewer heads
+  than tp are replicated, tp/n_kv ranks per kv head: see :mod:`parallel.tensor_parallel.uneven`)
   replicated_grad_allreduce  replicated module whose parameter gradients are partial (summed over tp)
   sequence_parallel  module runs on the sequence shard (LayerNorm); with SP its gradients are summed.
                      Norm modules outside the tensor-parallel attention/MLP modules are found
@@ -77,6 +79,7 @@ from parallel.tensor_parallel.styles import (
     _match,
     resolve_plan,
 )
+from parallel.tensor_parallel.uneven import kv_replication, set_replicated_kv_attrs, vocab_error
 
 __all__ = ["apply_tensor_parallel", "TPConversion", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
 
@@ -101,9 +104,11 @@ def _sections(name, m, style, parent, tp, errors):
     return None, [None]
 
 
-def _validate(matches, mods, tp, errors) -> dict:
-    """Check every planned module; returns the fused sections of each column layer by name."""
+def _validate(matches, mods, tp, errors, kv) -> dict:
+    """Check every planned module; returns the fused sections of each column layer by name. ``kv``: the
+    k/v projections whose heads are replicated (:func:`.uneven.kv_replication`)."""
     sections = {}
+    kv_parents = {n.rpartition(".")[0] for n in kv}
     for name, style, m in matches:
         parent_name = name.rpartition(".")[0]
         parent = mods[parent_name]
@@ -120,14 +125,21 @@ def _validate(matches, mods, tp, errors) -> dict:
             continue
         if style in COLWISE:
             out = m.nf if _is_conv1d(m) else m.out_features
-            if out % tp:
+            pads = style in ("colwise_vocab", "colwise_gather")          # padded to a multiple of tp
+            if pads and vocab_error(name, out, tp):
+                errors.append(vocab_error(name, out, tp))
+            elif out % tp and not pads and name not in kv:
                 errors.append(f"{name}: out_features = {out} is not divisible by tp = {tp}")
             secs, heads = _sections(name, m, style, parent, tp, errors)
             for i, (s, h) in enumerate(zip(secs or [out], heads or [None])):
                 what = f"section {i} of {secs}" if secs else "output"
+                if name in kv:
+                    continue
                 if h is not None and h % tp:
                     errors.append(f"{name}: {what} has {h} heads (head_dim {s // h}), not divisible by tp = {tp}; "
-                                  f"use a tp that divides the (key/value) head count")
+                                  f"use a tp that divides the (key/value) head count"
+                                  + (" (kv heads are replicated over tp only for separate k/v projections, not a "
+                                     "fused qkv)" if style == "colwise_qkv" and tp % h == 0 else ""))
                 elif secs and s % tp:
                     errors.append(f"{name}: {what} of size {s} is not divisible by tp = {tp}")
             sections[name] = secs
@@ -135,13 +147,12 @@ def _validate(matches, mods, tp, errors) -> dict:
             inp = m.nx if _is_conv1d(m) else m.in_features
             if inp % tp:
                 errors.append(f"{name}: in_features = {inp} is not divisible by tp = {tp}")
-        if style == "vocab" and m.num_embeddings % tp:
-            errors.append(f"{name}: vocabulary size {m.num_embeddings} is not divisible by tp = {tp}; pad the "
-                          f"vocabulary to a multiple of tp")
+        if style == "vocab" and vocab_error(name, m.num_embeddings, tp):     # else padded to a multiple of tp
+            errors.append(vocab_error(name, m.num_embeddings, tp))
         if style in ("colwise", "colwise_qkv") and _int_attr(parent, ("head_dim",)):
             for a in HEAD_ATTRS:
                 v = _int_attr(parent, (a,))
-                if v is not None and v % tp:
+                if v is not None and v % tp and not (parent_name in kv_parents and a in _KV_HEADS):
                     errors.append(f"{parent_name}.{a} = {v} (per-rank count) is not divisible by tp = {tp}")
     return sections
 
@@ -188,12 +199,12 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     and sections in :func:`parallel.parameters.param_info`. With tp = 1 the plan is only checked."""
     group: Group = mesh_or_group.group("tp") if hasattr(mesh_or_group, "group") else mesh_or_group
     tp = group.size
-    matches, sections, styles = _checked_plan(model, plan, tp, sequence_parallel)
+    matches, sections, styles, kv = _checked_plan(model, plan, tp, sequence_parallel)
     out = TPConversion(group, bool(sequence_parallel and tp > 1), tp > 1 and "colwise_vocab" in styles)
     if tp == 1:
         return out
     region = "seq_scatter_input" in styles
-    islands = _convert(model, matches, sections, group, out.sequence_parallel, region)
+    islands = _convert(model, matches, sections, group, out.sequence_parallel, region, kv)
     if out.sequence_parallel:
         _shard_norms(model, matches, islands, region, group)
     if out.vocab_parallel_output and hasattr(model, "config"):
@@ -201,13 +212,17 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     return out
 
 
-def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set]:
-    """The plan's matches [(name, style, module)], fused sections by name, styles; or one ValueError."""
+def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set, dict]:
+    """The plan's matches [(name, style, module)], fused sections by name, styles, replicated k/v projections
+    {name: (kv heads, q heads)}; or one ValueError."""
     plan = resolve_plan(model, plan, ft.partial(plan_for, tp=tp, convert=apply_tensor_parallel,
                                                 sequence_parallel=sequence_parallel))
     errors: list[str] = []
     matches = _match(model, plan, errors)
-    sections = _validate(matches, dict(model.named_modules()), tp, errors)
+    mods = dict(model.named_modules())
+    kv = kv_replication(matches, mods, tp, lambda n, m, parent: _sections(n, m, "colwise", parent, tp, [])[1][0]
+                        if isinstance(m, nn.Linear) or _is_conv1d(m) else None, errors)
+    sections = _validate(matches, mods, tp, errors, kv)
     styles = {s for _, s, _ in matches}
     if sequence_parallel and "seq_scatter_input" in styles and "seq_gather_output" not in styles:
         errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
@@ -215,10 +230,10 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> t
     if errors:
         raise ValueError(f"tensor-parallel plan cannot be applied to {type(model).__name__} with tp = {tp}:\n  - "
                          + "\n  - ".join(errors))
-    return matches, sections, styles
+    return matches, sections, styles, kv
 
 
-def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: bool, region: bool) -> set:
+def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: bool, region: bool, kv: dict) -> set:
     """Swap in the parallel layers, hook the markers; returns the parents of split linears (islands)."""
     mods = dict(model.named_modules())
     memo, shared, islands, heads_fixed = {}, {}, set(), set()          # memo: tied weights stay one Parameter
@@ -226,7 +241,8 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
         if style in COLWISE:
-            new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared)
+            new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared,
+                          group.size // kv[name][0] if name in kv else 1)
             if style not in ("colwise_vocab", "colwise_gather"):
                 islands.add(parent_name)
         elif style in ROWWISE:
@@ -245,14 +261,17 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
                 v = _int_attr(parent, (a,))
                 if v is not None:
                     setattr(parent, a, v // group.size)
+    for name, (_, nq) in kv.items():                 # replicated kv: 1 kv head, nq/tp query heads per rank
+        set_replicated_kv_attrs(mods[name.rpartition(".")[0]], nq // group.size, _KV_HEADS)
     return islands
 
 
-def _column(m, style, parent, group, sections, sp, region, memo, shared) -> ColumnParallelLinear:
+def _column(m, style, parent, group, sections, sp, region, memo, shared, replicas=1) -> ColumnParallelLinear:
     """The column-parallel layer for ``m``; inside an attention/MLP module it shares one f (or f̄)."""
     head = style in ("colwise_vocab", "colwise_gather")
     new = ColumnParallelLinear.from_module(m, group, gather_output=style == "colwise_gather", sections=sections,
-                                           sequence_parallel=sp and not (head and region), memo=memo)
+                                           sequence_parallel=sp and not (head and region), memo=memo,
+                                           pad_vocab=head and sections is None, replicas=replicas)
     if not head:
         # One f (or f̄) per attention/MLP module, however many column layers read its input. With
         # sequence parallel f̄ goes on the module's input, so code in it that derives shapes from
