@@ -41,7 +41,8 @@ Dropout on a sequence shard needs a different RNG stream per tp rank; that is no
 ``plan="auto"``: the model's ``TP_PLAN`` (attribute, or a dict in the module defining its class, as in
 examples/gpt.py); else a transformers model's published plan (``model.tp_plan`` built from
 ``config.base_model_tp_plan``) or one of ``BUILTIN_PLANS`` by ``config.model_type`` (GPT-2 publishes
-none), with the input embedding made ``vocab`` and the output embedding ``colwise_vocab``.
+none), with the input embedding made ``vocab`` and the output embedding ``colwise_vocab``; else a plan
+derived from the module graph and verified block by block (:mod:`.auto_plan`), printed when derived.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from parallel.comm import Group
+from parallel.tensor_parallel.auto_plan import plan_for
 from parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -213,7 +215,8 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
 def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set, dict]:
     """The plan's matches [(name, style, module)], fused sections by name, styles, replicated k/v projections
     {name: (kv heads, q heads)}; or one ValueError."""
-    plan = resolve_plan(model, plan)
+    plan = resolve_plan(model, plan, ft.partial(plan_for, tp=tp, convert=apply_tensor_parallel,
+                                                sequence_parallel=sequence_parallel))
     errors: list[str] = []
     matches = _match(model, plan, errors)
     mods = dict(model.named_modules())
