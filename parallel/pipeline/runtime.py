@@ -14,12 +14,12 @@ Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean los
   gradient of the mean over the global batch (the parity contract, DESIGN.md);
 * ``B``: backward of y with the received ∂ℓ/∂y (of ℓ_i on the last stage); parameter
   gradients accumulate in ``.grad``; ∂ℓ/∂x is sent to stage s−1;
-* ``I`` / ``W`` (ZB-H1, Qi et al., arXiv 2401.10241): ``I`` computes only ∂ℓ/∂x with
-  ``torch.autograd.grad(..., retain_graph=True)`` and sends it; ``W`` later runs the backward
-  again restricted to the stage's parameters (``inputs=params``), so each weight gradient is
-  accumulated exactly once. torch does not expose a per-op split of backward, so ``W`` here
-  re-walks the activation-gradient path: the order and the memory bound are ZB-H1's, the FLOPs
-  of W are those of a full B.
+* ``I`` / ``W`` (ZB-H1, ZB-V; Qi et al., arXiv 2401.10241): ``I`` computes only ∂ℓ/∂x and
+  sends it, capturing the gradients that flow into the nodes where weights enter the activation
+  path; ``W`` later computes the weight gradients from those alone
+  (:mod:`.backward_split`), so FLOPs(I) + FLOPs(W) = FLOPs(B) and each weight gradient is
+  accumulated exactly once. ``captured_bytes_peak`` is the most bytes of captured gradients
+  held at once between I's and W's (the activations are held as for B until W).
 
 ``add_action_callback(fn)`` calls ``fn(action)`` before each action, ahead of its receives (the
 watchdog reports the action a rank waits in).
@@ -39,6 +39,7 @@ import torch
 from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
+from parallel.pipeline.backward_split import backward_input, backward_weight
 from parallel.pipeline.schedules import Schedule, comm_ops
 from parallel.pipeline.validate import validate
 
@@ -89,6 +90,7 @@ class PipelineExecutor:
         self.records: list[Record] = []
         self.peak_held = 0
         self.peak_held_per_stage: dict = {}
+        self.captured_bytes_peak = 0
         self._action_callbacks: list = []
 
     def add_action_callback(self, fn):
@@ -131,6 +133,7 @@ class PipelineExecutor:
         self.records, self._pending, self._mailbox = [], [], {}
         self._saved, self._losses = {}, {}
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
+        self._captured = self.captured_bytes_peak = 0
         try:
             for step in self.steps:
                 for fn in self._action_callbacks:
@@ -203,19 +206,18 @@ class PipelineExecutor:
     def _I(self, a, dy, micro_batches):
         key = (a.microbatch, a.stage)
         x, y, _ = self._saved[key]
-        self._saved[key] = (x, y, dy)
+        dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage])
+        self._saved[key] = (x, None, wp)
+        self._captured += wp.captured_bytes
+        self.captured_bytes_peak = max(self.captured_bytes_peak, self._captured)
         if a.stage == 0:
             return None
-        if not (y.requires_grad and self._input_grad(x)):
-            return torch.zeros_like(x)
-        dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
         return dx if dx is not None else torch.zeros_like(x)
 
     def _W(self, a, _none, micro_batches):
-        x, y, dy = self._saved.pop((a.microbatch, a.stage))
-        params = self.params[a.stage]
-        if y.requires_grad and params:
-            torch.autograd.backward(y, dy, inputs=params)
+        _, _, wp = self._saved.pop((a.microbatch, a.stage))
+        self._captured -= wp.captured_bytes
+        backward_weight(wp, self.params[a.stage])
         return None
 
     # ------------------------------------------------------------------------------- reporting
