@@ -2,10 +2,15 @@
 
 For every action (in schedule order) it posts the receives :func:`.schedules.comm_ops` lists,
 computes, then sends — activations forward, their gradients backward, over the pp axis with
-:func:`parallel.comm.isend` / :func:`parallel.comm.recv` (the header carries dtype and shape, so
-no ``tensor_shapes``; non-blocking sends, so two neighbours sending to each other cannot
-deadlock; every send is waited for before :meth:`PipelineExecutor.run` returns). Each message's
-tag encodes its :attr:`.schedules.P2P.key`, so messages match by identity, not arrival order.
+:func:`parallel.comm.isend` / :func:`parallel.comm.recv` (non-blocking sends, so two neighbours
+sending to each other cannot deadlock; every send is waited for before :meth:`PipelineExecutor.run`
+returns). Matching does not rely on tags: from each peer the executor receives in the order that
+peer sends (:mod:`.p2p_order`; earlier messages are kept until their action runs), so per rank
+pair the j-th send is the j-th receive, as NCCL requires; ``tags=False`` sends every message with
+tag 0 (gloo then matches by order alone, like NCCL). The first message of each (tensor, src stage,
+dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that both
+ends know the shape and the payload travels alone (no host sync to read a header).
+``comm_log`` lists the ("send" | "recv", peer, key) issued in the last run, in order.
 
 Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean loss):
 
@@ -40,6 +45,7 @@ from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
 from parallel.pipeline.backward_split import backward_input, backward_weight
+from parallel.pipeline.p2p_order import send_order
 from parallel.pipeline.schedules import Schedule, comm_ops
 from parallel.pipeline.validate import validate
 
@@ -57,15 +63,16 @@ class Record:
 class PipelineExecutor:
     """Runs ``schedule``'s actions for this pp rank on its ``stages``.
 
-    ``stages[j]`` is global stage ``pp_group.rank + j·p`` (what :func:`.split.split_model`
-    returns); stage s lives on pp rank s mod p, i.e. global rank ``pp_group.ranks[s % p]``.
+    ``stages[j]`` is the j-th of ``schedule.stages_of(rank)``: stage ``pp_group.rank + j·p`` for the
+    loop placement (what :func:`.split.split_model` returns), stages r and 2p−1−r for the V
+    placement (:func:`.schedules_v.split_model_v`).
     ``loss_fn(output, target)`` returns the micro-batch mean (default: cross entropy, which takes
     logits or a transformers ModelOutput). Gradients accumulate into ``.grad``: zero them before
     :meth:`run` when a step starts.
     """
 
     def __init__(self, stages: list, schedule: Schedule, pp_group: comm.Group, loss_fn=cross_entropy,
-                 loss_scale: float = 1.0):
+                 loss_scale: float = 1.0, tags: bool = True):
         p, rank = pp_group.size, pp_group.rank
         if schedule.p != p:
             raise ValueError(f"pipeline: the {schedule.name} schedule is for p={schedule.p} ranks but the pp "
@@ -74,14 +81,18 @@ class PipelineExecutor:
             raise ValueError(f"pipeline: pp rank {rank} got {len(stages)} stage modules but the schedule runs "
                              f"v={schedule.v} virtual stages per rank; split with virtual_stages={schedule.v}")
         self.stages = {}
-        for j, mod in enumerate(stages):
-            s = rank + j * p
+        for s, mod in zip(schedule.stages_of(rank), stages):
+            j = len(self.stages)
             info = getattr(mod, "stage_info", None)
             if info is not None and (info.index != s or info.n_stages != schedule.n_stages):
                 raise ValueError(f"pipeline: stage module {j} of pp rank {rank} is stage {info.index} of "
                                  f"{info.n_stages}, but the schedule expects stage {s} of {schedule.n_stages}")
             self.stages[s] = mod
-        self.schedule, self.group, self.rank = validate(schedule), pp_group, rank
+        self.schedule, self.group, self.rank = validate(schedule, fifo=False), pp_group, rank
+        self.tags = tags
+        self._expect = {q: send_order(schedule, q, rank) for q in range(p) if q != rank}
+        self._shapes: dict = {}
+        self.comm_log: list = []
         self.loss_fn, self.loss_scale = loss_fn, loss_scale
         self.steps = comm_ops(schedule, rank)
         self.last = schedule.n_stages - 1
@@ -104,23 +115,57 @@ class PipelineExecutor:
         return remove
 
     # ------------------------------------------------------------------------------- messages
-    def _tag(self, op) -> int:
-        tensor, i, src, _ = op.key
+    def _tag(self, key) -> int:
+        if not self.tags:
+            return 0
+        tensor, i, src, _ = key
         return (i * self.schedule.n_stages + src) * 2 + (tensor == "grad")
 
-    def _peer(self, op) -> int:
-        return self.group.ranks[op.peer]
+    def _known(self, key, t=None):
+        """(shape, dtype) of message ``key`` if both ends know it from an earlier message of the same
+        (tensor, src stage, dst stage) for a micro-batch input of the same shape; else None."""
+        tensor, i, src, dst = key
+        sig = self._sigs[i]
+        entry = self._shapes.get((tensor, src, dst))
+        if sig is None or entry is None or entry[0] != sig:
+            return None
+        if t is not None and (tuple(t.shape), t.dtype) != entry[1:]:
+            raise RuntimeError(
+                f"pipeline: stage {src} sent a {tensor} of shape {tuple(t.shape)} {t.dtype} for a micro-batch input "
+                f"of shape {sig[0]}, but {entry[1]} {entry[2]} before for the same input shape; the receiver "
+                "preallocates from the first step, so a stage's output shape must depend only on its input's")
+        return entry[1:]
+
+    def _learn(self, key, t) -> None:
+        tensor, i, src, dst = key
+        self._shapes[(tensor, src, dst)] = (self._sigs[i], tuple(t.shape), t.dtype)
 
     def _send(self, op, t: torch.Tensor) -> None:
         if op.peer == self.rank:                    # only when p == 1: stay in process
             self._mailbox[op.key] = t.detach()
-        else:
-            self._pending.append(comm.isend(t, self._peer(op), self.group, tag=self._tag(op)))
+            return
+        known = self._known(op.key, t)
+        self.comm_log.append(("send", op.peer, op.key))
+        self._pending.append(comm.isend(t, self.group.ranks[op.peer], self.group, tag=self._tag(op.key),
+                                        header=known is None))
+        self._learn(op.key, t)
 
     def _recv(self, op) -> torch.Tensor:
+        """Receive ``op``'s message; from a peer, first every message that peer sent earlier
+        (:mod:`.p2p_order`), so receives follow the sender's order whatever the tags."""
         if op.peer == self.rank:
             return self._mailbox.pop(op.key)
-        return comm.recv(self._peer(op), self.group, device=self.device, tag=self._tag(op))
+        q = op.peer
+        while op.key not in self._stash:
+            key = self._expect[q][self._next[q]]
+            self._next[q] += 1
+            shape_dtype = self._known(key)
+            self.comm_log.append(("recv", q, key))
+            t = comm.recv(self.group.ranks[q], self.group, device=self.device, tag=self._tag(key),
+                          **({} if shape_dtype is None else dict(shape=shape_dtype[0], dtype=shape_dtype[1])))
+            self._learn(key, t)
+            self._stash[key] = t
+        return self._stash.pop(op.key)
 
     # -------------------------------------------------------------------------------- running
     def run(self, micro_batches: list):
@@ -130,7 +175,9 @@ class PipelineExecutor:
         if len(micro_batches) != m:
             raise ValueError(f"pipeline: the schedule was built for m={m} micro-batches, run() got "
                              f"{len(micro_batches)}; use microbatches(x, y, {m})")
-        self.records, self._pending, self._mailbox = [], [], {}
+        self.records, self._pending, self._mailbox, self.comm_log = [], [], {}, []
+        self._next, self._stash = dict.fromkeys(self._expect, 0), {}
+        self._sigs = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x, _ in micro_batches]
         self._saved, self._losses = {}, {}
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
         self._captured = self.captured_bytes_peak = 0

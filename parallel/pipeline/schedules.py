@@ -40,25 +40,36 @@ from dataclasses import dataclass, field
 from parallel.pipeline.actions import Action
 from parallel.pipeline.simulate import format_grid
 
-NAMES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
+NAMES = ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v")
 
 
 @dataclass
 class Schedule:
-    """``actions[r]`` is rank r's ordered list of compute actions."""
+    """``actions[r]`` is rank r's ordered list of compute actions. ``placement``: "loop" (stage s
+    on rank s mod p) or "v" (v = 2: stages r and 2p−1−r on rank r, :mod:`.schedules_v`).
+    ``overlap``: the (rank, j) where actions j (an F) and j+1 (a B) of that rank run overlapped as
+    one F&B unit (DualPipeV); the simulator costs them as ``F&B``."""
 
     name: str
     p: int
     m: int
     v: int
     actions: list[list[Action]] = field(default_factory=list)
+    placement: str = "loop"
+    overlap: frozenset = frozenset()
 
     @property
     def n_stages(self) -> int:
         return self.p * self.v
 
     def rank_of(self, stage: int) -> int:
+        if self.placement == "v":
+            return stage if stage < self.p else 2 * self.p - 1 - stage
         return stage % self.p
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The stages rank ``rank`` holds, in increasing order."""
+        return [s for s in range(self.n_stages) if self.rank_of(s) == rank]
 
     def __str__(self) -> str:
         return format_grid(self)
@@ -188,12 +199,15 @@ _BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved_1f1
              "zero_bubble": zero_bubble_h1}
 
 
-def get_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
-    """Build schedule ``name`` ∈ {gpipe, 1f1b, interleaved, zero_bubble}; ValueError if the
+def get_schedule(name: str, p: int, m: int, v: int | None = None) -> Schedule:
+    """Build schedule ``name`` ∈ :data:`NAMES` (zb_v, dualpipe_v: v = 2, V placement); ValueError if the
     name is unknown or (p, m, v) is a combination that schedule does not allow."""
-    if name not in _BUILDERS:
+    if name not in NAMES:
         raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {', '.join(NAMES)}")
-    return _BUILDERS[name](p, m, v)
+    if name in ("zb_v", "dualpipe_v"):
+        from parallel.pipeline import schedules_v
+        return getattr(schedules_v, name)(p, m, 2 if v is None else v)
+    return _BUILDERS[name](p, m, 1 if v is None else v)
 
 
 # ------------------------------------------------------------------------- communication
