@@ -8,7 +8,7 @@ the ranks. Both schedules split backward into I and W (:mod:`.backward_split`).
   2(p−r)−1 forwards of chunk 0, then r (F chunk 1, F chunk 0) pairs, then p−r (F, I, W) on
   chunk 1, a steady state of (F, I, W) alternating chunks, and a cool-down that fills the tail
   with W's. With T_F = T_I = T_W (each 1/2 of a full stage's F) and m ≥ 2p the bubble is ~0:
-  simulated at p = 4, m = 16 it is 1/97 of the step against 1F1B's 3/19 (under a quarter);
+  simulated at p = 4, m = 16 it is 1/33 of the step against 1F1B's 3/19 (under a quarter);
   a rank holds at most 2p chunk activations, i.e. p full stages: 1F1B's peak.
   Order as in torch.distributed.pipelining's ``ScheduleZBVZeroBubble`` (its action generator,
   re-expressed here; micro-batches beyond m are dropped).
