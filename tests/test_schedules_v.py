@@ -5,14 +5,14 @@ from fractions import Fraction
 import pytest
 
 from parallel.pipeline import Action, ScheduleError, format_grid, get_schedule, max_in_flight, simulate, validate
-from parallel.pipeline.p2p_order import issue_order, pair_order_problems
+from parallel.pipeline.p2p_order import issue_groups, issue_order, pair_order_problems, rendezvous_problems
 
 ALL = ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v")
 
 
-def _grid(name):
+def _grid(name, ms=range(1, 17)):
     for p in (2, 4, 8):
-        for m in range(1, 17):
+        for m in ms:
             for v in (1, 2):
                 try:
                     yield get_schedule(name, p, m, v)
@@ -108,3 +108,24 @@ def test_v_rejects(args, phrase):
     with pytest.raises(ValueError, match=None) as err:
         get_schedule(*args)
     assert phrase in str(err.value)
+
+
+def test_rendezvous_order():
+    """With no buffering at all (NCCL: a send blocks its stream until the peer's receive runs),
+    the executor's groups (sends of action k−1 with the receives of action k, one
+    batch_isend_irecv) never deadlock GPipe, 1F1B and ZB-H1; issued one message at a time 1F1B
+    does (p=2, m=2: rank 0 sends act 1 while rank 1 sends grad 0, each waiting for the other).
+    Interleaved, ZB-V and DualPipeV can deadlock in this model (the executor warns on NCCL)."""
+    for name in ("gpipe", "1f1b", "zero_bubble"):
+        for sc in _grid(name, ms=(1, 2, 3, 4, 7, 8, 16)):
+            assert rendezvous_problems(sc) == [], (name, sc.p, sc.m)
+            for r in range(sc.p):
+                assert [op for g in issue_groups(sc, r) for op in g] == issue_order(sc, r)
+    assert issue_groups(get_schedule("1f1b", 2, 2), 0) == [
+        [("send", 1, ("act", 0, 0, 1))], [("send", 1, ("act", 1, 0, 1)), ("recv", 1, ("grad", 0, 1, 0))],
+        [("recv", 1, ("grad", 1, 1, 0))]]
+    assert rendezvous_problems(get_schedule("1f1b", 2, 2), grouped=False) == [
+        "rank 0 stuck at group 1: [('send', 1, ('act', 1, 0, 1))]",
+        "rank 1 stuck at group 1: [('send', 0, ('grad', 0, 1, 0))]"]
+    for name in ("interleaved", "zb_v", "dualpipe_v"):
+        assert rendezvous_problems(get_schedule(name, 2, 4, 2)) != []

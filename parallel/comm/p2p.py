@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from parallel.comm.collectives import Group, _nbytes, _trace
 
-__all__ = ["P2PWork", "isend", "send", "recv"]
+__all__ = ["P2PWork", "isend", "send", "recv", "exchange"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int8, torch.uint8, torch.bool, torch.int16]
@@ -74,3 +74,33 @@ def recv(src: int, group: Group, device=None, tag: int = 0, shape=None, dtype=No
     dist.recv(t, src=src, group=group.pg, tag=tag)
     group.stats.record(group.axis, "recv", _nbytes(t), 0, meta=meta)
     return t
+
+
+def exchange(sends: list, recvs: list, group: Group, device=None) -> tuple[P2PWork, list]:
+    """One group of headerless point-to-point messages, issued together with
+    ``dist.batch_isend_irecv`` (one ncclGroupStart/End on NCCL, so the sends and receives of the
+    group progress together and two ranks sending to each other inside one group cannot block).
+    ``sends``: [(tensor, dst, tag)]; ``recvs``: [(src, shape, dtype, tag)]. Waits for the receives
+    (with one coalesced work, NCCL's case, for the group: a stream wait), returns (the sends' work,
+    to wait for before their buffers are dropped, and the received tensors in ``recvs`` order)."""
+    ops, payload, got = [], [], []
+    for t, dst, tag in sends:
+        t = t.detach().contiguous()
+        _trace(group, "send", t, peer=dst, tag=tag)
+        group.stats.record(group.axis, "send", _nbytes(t), _nbytes(t))
+        ops.append(dist.P2POp(dist.isend, t, dst, group.pg, tag))
+        payload.append(t)
+    for src, shape, dtype, tag in recvs:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        _trace(group, "recv", None, peer=src, tag=tag)
+        group.stats.record(group.axis, "recv", _nbytes(t), 0)
+        ops.append(dist.P2POp(dist.irecv, t, src, group.pg, tag))
+        got.append(t)
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if len(works) != len(ops):                  # one coalesced work (NCCL): a stream wait, not a host one
+        for w in works:
+            w.wait()
+        return P2PWork([], payload), got
+    for w in works[len(sends):]:
+        w.wait()
+    return P2PWork(works[:len(sends)], payload), got

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from parallel.pipeline.schedules import Schedule, comm_ops
 
-__all__ = ["send_order", "issue_order", "pair_order_problems"]
+__all__ = ["send_order", "issue_order", "pair_order_problems", "issue_groups", "rendezvous_problems"]
 
 
 def send_order(schedule: Schedule, src: int, dst: int) -> list[tuple]:
@@ -24,13 +24,14 @@ def send_order(schedule: Schedule, src: int, dst: int) -> list[tuple]:
     return [op.key for step in comm_ops(schedule, src) for op in step.send if op.peer == dst]
 
 
-def issue_order(schedule: Schedule, rank: int) -> list[tuple[str, int, tuple]]:
-    """("send" | "recv", peer, key) in the order the executor of ``rank`` issues them."""
+def _per_action(schedule: Schedule, rank: int) -> list[tuple[list, list]]:
+    """Per action of ``rank``: (the receives it issues, draining, before computing; its sends)."""
     expect = {q: send_order(schedule, q, rank) for q in range(schedule.p) if q != rank}
     nxt = dict.fromkeys(expect, 0)
     have: set = set()
     out = []
     for step in comm_ops(schedule, rank):
+        recv = []
         for op in step.recv:
             if op.peer == rank:
                 continue
@@ -38,10 +39,15 @@ def issue_order(schedule: Schedule, rank: int) -> list[tuple[str, int, tuple]]:
                 k = expect[op.peer][nxt[op.peer]]
                 nxt[op.peer] += 1
                 have.add(k)
-                out.append(("recv", op.peer, k))
+                recv.append(("recv", op.peer, k))
             have.discard(op.key)
-        out += [("send", op.peer, op.key) for op in step.send if op.peer != rank]
+        out.append((recv, [("send", op.peer, op.key) for op in step.send if op.peer != rank]))
     return out
+
+
+def issue_order(schedule: Schedule, rank: int) -> list[tuple[str, int, tuple]]:
+    """("send" | "recv", peer, key) in the order the executor of ``rank`` issues them."""
+    return [op for recv, send in _per_action(schedule, rank) for op in recv + send]
 
 
 def pair_order_problems(schedule: Schedule) -> list[str]:
@@ -60,3 +66,52 @@ def pair_order_problems(schedule: Schedule) -> list[str]:
                 bad.append(f"rank {a} -> {b}: send {j} is {sent[j] if j < len(sent) else None}, "
                            f"receive {j} is {got[j] if j < len(got) else None}")
     return bad
+
+
+def issue_groups(schedule: Schedule, rank: int) -> list[list[tuple]]:
+    """:func:`issue_order` cut into the groups the executor issues together (after the first
+    step): the sends of action k−1 with the receives action k drains; empty groups dropped."""
+    groups, sends = [], []
+    for recv, send in _per_action(schedule, rank):
+        if sends + recv:
+            groups.append(sends + recv)
+        sends = send
+    return groups + ([sends] if sends else [])
+
+
+def rendezvous_problems(schedule: Schedule, grouped: bool = True) -> list[str]:
+    """Run the issue order with no buffering at all: a send completes only together with its
+    receive, a group (``grouped``; else every message alone) completes when all its messages
+    have, and a rank starts its next group only then — NCCL's worst case, where a send kernel
+    waits for the peer's receive. Returns the deadlock (each rank's stuck group), or []."""
+    progs = [issue_groups(schedule, r) if grouped else [[op] for op in issue_order(schedule, r)]
+             for r in range(schedule.p)]
+    where, ids = {}, []                              # message id ("send"|"recv", a, b, j) -> (rank, group)
+    for r, prog in enumerate(progs):
+        count: dict = {}
+        ids.append([])
+        for g, group in enumerate(prog):
+            ids[r].append([])
+            for op, q, _ in group:
+                pair = (op, r, q) if op == "send" else (op, q, r)
+                count[pair] = count.get(pair, -1) + 1
+                where[pair + (count[pair],)] = (r, g)
+                ids[r][g].append(pair + (count[pair],))
+    done: set = set()
+    at = [0] * schedule.p
+    progress = True
+    while progress:
+        progress = False
+        for r in range(schedule.p):
+            if at[r] == len(progs[r]):
+                continue
+            for k in ids[r][at[r]]:
+                other = ("recv" if k[0] == "send" else "send",) + k[1:]
+                rr, gg = where[other]
+                if k not in done and at[rr] == gg:
+                    done |= {k, other}
+            while at[r] < len(progs[r]) and all(k in done for k in ids[r][at[r]]):
+                at[r] += 1
+                progress = True
+    return [f"rank {r} stuck at group {at[r]}: {progs[r][at[r]]}" for r in range(schedule.p)
+            if at[r] < len(progs[r])]

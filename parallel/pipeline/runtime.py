@@ -37,15 +37,17 @@ lists the actions run, with the time spent waiting for input and computing (perf
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
 from parallel.pipeline.backward_split import backward_input, backward_weight
-from parallel.pipeline.p2p_order import send_order
+from parallel.pipeline.p2p_order import rendezvous_problems, send_order
 from parallel.pipeline.schedules import Schedule, comm_ops
 from parallel.pipeline.validate import validate
 
@@ -72,7 +74,7 @@ class PipelineExecutor:
     """
 
     def __init__(self, stages: list, schedule: Schedule, pp_group: comm.Group, loss_fn=cross_entropy,
-                 loss_scale: float = 1.0, tags: bool = True):
+                 loss_scale: float = 1.0, tags: bool = True, batch: bool = True):
         p, rank = pp_group.size, pp_group.rank
         if schedule.p != p:
             raise ValueError(f"pipeline: the {schedule.name} schedule is for p={schedule.p} ranks but the pp "
@@ -89,7 +91,8 @@ class PipelineExecutor:
                                  f"{info.n_stages}, but the schedule expects stage {s} of {schedule.n_stages}")
             self.stages[s] = mod
         self.schedule, self.group, self.rank = validate(schedule, fifo=False), pp_group, rank
-        self.tags = tags
+        self.tags, self.batch, self.batched = tags, batch, 0
+        self._warn_nccl(schedule)
         self._expect = {q: send_order(schedule, q, rank) for q in range(p) if q != rank}
         self._shapes: dict = {}
         self.comm_log: list = []
@@ -113,6 +116,18 @@ class PipelineExecutor:
             if fn in self._action_callbacks:
                 self._action_callbacks.remove(fn)
         return remove
+
+    def _warn_nccl(self, schedule) -> None:
+        pg = self.group.pg
+        if pg is None or not dist.is_initialized() or dist.get_backend(pg) != "nccl":
+            return
+        stuck = rendezvous_problems(schedule)
+        if stuck:
+            warnings.warn(f"pipeline: the {schedule.name} schedule (p={schedule.p}, m={schedule.m}) may deadlock on "
+                          "NCCL, where a send blocks its stream until the peer's receive runs: grouping each action's "
+                          f"sends with the next action's receives is not enough for it ({stuck[0]}). gpipe, 1f1b "
+                          "and zero_bubble are safe (p2p_order.rendezvous_problems). Not yet run on GPUs.",
+                          stacklevel=3)
 
     # ------------------------------------------------------------------------------- messages
     def _tag(self, key) -> int:
@@ -167,6 +182,40 @@ class PipelineExecutor:
             self._stash[key] = t
         return self._stash.pop(op.key)
 
+    def _exchange(self, sends: list, recv_ops) -> list:
+        """Issue the previous action's ``sends`` [(op, tensor)] and this action's receives (with the
+        earlier messages they drain) as one group — :func:`parallel.comm.exchange`, one
+        batch_isend_irecv — when every shape is known; else one by one (with headers). Returns the
+        tensors of ``recv_ops``. Grouping is what :func:`.p2p_order.rendezvous_problems` checks."""
+        plan, nxt, have = [], dict(self._next), set(self._stash)
+        for op in recv_ops:
+            while op.peer != self.rank and op.key not in have:
+                key = self._expect[op.peer][nxt[op.peer]]
+                nxt[op.peer] += 1
+                have.add(key)
+                plan.append((op.peer, key))
+            have.discard(op.key)
+        remote = [(op, t) for op, t in sends if op.peer != self.rank]
+        known_s = [self._known(op.key, t) for op, t in remote]
+        known_r = [self._known(k) for _, k in plan]
+        if not self.batch or not (remote or plan) or None in known_s + known_r:
+            for op, t in sends:
+                self._send(op, t)
+            return [self._recv(op) for op in recv_ops]
+        for op, t in sends:
+            if op.peer == self.rank:
+                self._mailbox[op.key] = t.detach()
+        self.comm_log += [("send", op.peer, op.key) for op, _ in remote] + [("recv", q, k) for q, k in plan]
+        work, got = comm.exchange(
+            [(t, self.group.ranks[op.peer], self._tag(op.key)) for op, t in remote],
+            [(self.group.ranks[q], sd[0], sd[1], self._tag(k)) for (q, k), sd in zip(plan, known_r)],
+            self.group, self.device)
+        self._pending.append(work)
+        self._next = nxt
+        self._stash.update({k: t for (_, k), t in zip(plan, got)})
+        self.batched += 1
+        return [self._recv(op) for op in recv_ops]
+
     # -------------------------------------------------------------------------------- running
     def run(self, micro_batches: list):
         """Run one step over ``micro_batches`` = [(input, target)] × m. Returns the mean
@@ -181,19 +230,20 @@ class PipelineExecutor:
         self._saved, self._losses = {}, {}
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
         self._captured = self.captured_bytes_peak = 0
+        sends: list = []
         try:
             for step in self.steps:
                 for fn in self._action_callbacks:
                     fn(step.action)
                 t0 = time.perf_counter()
-                got = [self._recv(op) for op in step.recv]
+                got = self._exchange(sends, step.recv)
                 t1 = time.perf_counter()
                 out = getattr(self, "_" + step.action.kind)(step.action, got[0] if got else None, micro_batches)
-                for op in step.send:
-                    self._send(op, out)
+                sends = [(op, out) for op in step.send]
                 self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1))
                 self._count_held()
                 self._reap()
+            self._exchange(sends, ())
         finally:
             for w in self._pending:
                 w.wait()
