@@ -71,7 +71,7 @@ def test_reused_weight_counted_once():
     assert f_s == f_b + 2 * B * H * H
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("family", ["gpt", pytest.param("llama", marks=pytest.mark.slow)])
 def test_transformer_stage_flops(family):
     """The last stage of a 2-stage split of a small model (blocks, final norm, head, loss): the
     split's FLOPs equal one backward's within 5%, gradients and ∂ℓ/∂x equal."""

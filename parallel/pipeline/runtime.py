@@ -9,7 +9,12 @@ peer sends (:mod:`.p2p_order`; earlier messages are kept until their action runs
 pair the j-th send is the j-th receive, as NCCL requires; ``tags=False`` sends every message with
 tag 0 (gloo then matches by order alone, like NCCL). The first message of each (tensor, src stage,
 dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that both
-ends know the shape and the payload travels alone (no host sync to read a header).
+ends know the shape and the payload travels alone (no host sync to read a header), and the sends
+of one action go out together with the receives of the next in one ``batch_isend_irecv`` group
+(``batch=False``: one at a time). On NCCL a send blocks its stream until the receive runs; for
+gpipe, 1f1b and zero_bubble these groups cannot deadlock even then
+(:func:`.p2p_order.rendezvous_problems`); for interleaved, zb_v and dualpipe_v they can, and the
+executor warns on NCCL. None of this has run on GPUs yet.
 ``comm_log`` lists the ("send" | "recv", peer, key) issued in the last run, in order.
 
 Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean loss):

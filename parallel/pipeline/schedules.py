@@ -11,9 +11,10 @@ Idle time is implicit: a rank idles while it waits for an input. Communication i
 compute actions (:func:`comm_ops`): F on stage s>0 receives the activation of stage s−1 first and
 F on a non-last stage sends its output to stage s+1; B/I on a non-last stage receives the output
 grad from stage s+1 first and B/I on stage s>0 sends the input grad to stage s−1; W talks to
-no one. The runtime should match messages by :attr:`P2P.key` (microbatch, stages, act/grad) —
-e.g. as the p2p tag or header; the built-in schedules also keep the same message order at
-both ends of every rank pair (``validate`` checks it), so matching by arrival works too.
+no one. Messages are identified by :attr:`P2P.key` (microbatch, stages, act/grad); the loop-placed
+schedules keep the same message order at both ends of every rank pair in action order
+(``validate`` checks it), ZB-V does not — the executor receives in the sender's order
+(:mod:`.p2p_order`), which is FIFO per pair for every schedule.
 
 Theory (equal costs per stage: t_f forward, t_b backward; :mod:`.simulate` checks it exactly):
 
@@ -27,6 +28,7 @@ Theory (equal costs per stage: t_f forward, t_b backward; :mod:`.simulate` check
   so the bubble time shrinks to (p−1)(t_f+t_b)/v and the fraction to (p−1)/(v·m+p−1).
   Megatron-LM's order: micro-batches go in groups of p per chunk, warm-up is
   2(p−r−1) + (v−1)p forwards; it needs m to be a multiple of p (and p ≥ 2, v ≥ 2).
+* ZB-V and DualPipeV (two stages per rank in a V): :mod:`.schedules_v`.
 * ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", arXiv 2401.10241, §2.2): 1F1B with B
   split into I and W; rank r defers its W's by r slots so they fill the bubbles. Bubble time
   (p−1)(T_F+T_I−T_W); with T_F = T_I = T_W = 1 that is (p−1) against 1F1B's 3(p−1), i.e. a
@@ -204,9 +206,8 @@ def get_schedule(name: str, p: int, m: int, v: int | None = None) -> Schedule:
     name is unknown or (p, m, v) is a combination that schedule does not allow."""
     if name not in NAMES:
         raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {', '.join(NAMES)}")
-    if name in ("zb_v", "dualpipe_v"):
-        from parallel.pipeline import schedules_v
-        return getattr(schedules_v, name)(p, m, 2 if v is None else v)
+    if name in ("zb_v", "dualpipe_v"):      # registered by :mod:`.schedules_v` (imported by the package)
+        return _BUILDERS[name](p, m, 2 if v is None else v)
     return _BUILDERS[name](p, m, 1 if v is None else v)
 
 

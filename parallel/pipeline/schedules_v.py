@@ -22,7 +22,8 @@ the ranks. Both schedules split backward into I and W (:mod:`.backward_split`).
 from __future__ import annotations
 
 from parallel.pipeline.actions import Action
-from parallel.pipeline.schedules import Schedule
+from parallel.pipeline.schedules import _BUILDERS, Schedule
+from parallel.pipeline.split import split_model
 
 __all__ = ["zb_v", "dualpipe_v", "split_model_v"]
 
@@ -154,6 +155,8 @@ def split_model_v(model, pp_rank: int, pp_size: int, **split_kw) -> list:
     """The two stage modules of rank ``pp_rank`` under the V placement: stages ``pp_rank`` and
     ``2·pp_size − 1 − pp_rank`` of a split into 2·pp_size stages (same keywords as
     :func:`.split.split_model`)."""
-    from parallel.pipeline.split import split_model
     S = 2 * pp_size
     return [split_model(model, s, S, 1, **split_kw)[0] for s in (pp_rank, S - 1 - pp_rank)]
+
+
+_BUILDERS.update(zb_v=zb_v, dualpipe_v=dualpipe_v)
