@@ -122,16 +122,17 @@ def _groups(out_node, in_node, params) -> list | None:
     return list(unique.values())
 
 
-def backward_input(y: torch.Tensor, dy, x, params: list) -> tuple:
+def backward_input(y: torch.Tensor, dy, x, params: list, split: bool = True) -> tuple:
     """``I``: returns (∂ℓ/∂x or None, :class:`WeightPass`) for output ``y`` (the loss on the last
-    stage; ``dy`` None then) with upstream gradient ``dy``, stage input ``x`` and weights ``params``."""
+    stage; ``dy`` None then) with upstream gradient ``dy``, stage input ``x`` and weights ``params``.
+    ``split=False``: no capture; W will be the backward of y restricted to the weights (fallback)."""
     dy = torch.ones_like(y) if dy is None else dy
     if not y.requires_grad:
         return None, WeightPass([])
     in_node = _node(x) if isinstance(x, torch.Tensor) else None
     if in_node is None:                            # nothing to send back: W does the whole backward
         return None, WeightPass([], (y, dy))
-    groups = _groups(y.grad_fn, in_node, params)
+    groups = _groups(y.grad_fn, in_node, params) if split else None
     if groups is None:
         dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
         return dx, WeightPass([], (y, dy))

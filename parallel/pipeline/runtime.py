@@ -30,6 +30,10 @@ Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean los
   (:mod:`.backward_split`), so FLOPs(I) + FLOPs(W) = FLOPs(B) and each weight gradient is
   accumulated exactly once. ``captured_bytes_peak`` is the most bytes of captured gradients
   held at once between I's and W's (the activations are held as for B until W).
+  ``split_backward=False`` (the engine's choice under ZeRO-3, whose hooks free a unit once its
+  gradients of the latest I/W are in and do not gather it again for a W that starts below the
+  module outputs) makes W re-run the backward restricted to the weights: same numbers and order,
+  FLOPs of W those of a full B.
 
 ``add_action_callback(fn)`` calls ``fn(action)`` before each action, ahead of its receives (the
 watchdog reports the action a rank waits in).
@@ -79,7 +83,7 @@ class PipelineExecutor:
     """
 
     def __init__(self, stages: list, schedule: Schedule, pp_group: comm.Group, loss_fn=cross_entropy,
-                 loss_scale: float = 1.0, tags: bool = True, batch: bool = True):
+                 loss_scale: float = 1.0, tags: bool = True, batch: bool = True, split_backward: bool = True):
         p, rank = pp_group.size, pp_group.rank
         if schedule.p != p:
             raise ValueError(f"pipeline: the {schedule.name} schedule is for p={schedule.p} ranks but the pp "
@@ -96,7 +100,7 @@ class PipelineExecutor:
                                  f"{info.n_stages}, but the schedule expects stage {s} of {schedule.n_stages}")
             self.stages[s] = mod
         self.schedule, self.group, self.rank = validate(schedule, fifo=False), pp_group, rank
-        self.tags, self.batch, self.batched = tags, batch, 0
+        self.tags, self.batch, self.batched, self.split_backward = tags, batch, 0, split_backward
         self._warn_nccl(schedule)
         self._expect = {q: send_order(schedule, q, rank) for q in range(p) if q != rank}
         self._shapes: dict = {}
@@ -308,7 +312,8 @@ class PipelineExecutor:
     def _I(self, a, dy, micro_batches):
         key = (a.microbatch, a.stage)
         x, y, _ = self._saved[key]
-        dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage])
+        dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage],
+                                split=self.split_backward)
         self._saved[key] = (x, None, wp)
         self._captured += wp.captured_bytes
         self.captured_bytes_peak = max(self.captured_bytes_peak, self._captured)
