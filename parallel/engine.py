@@ -80,7 +80,8 @@ class Engine:
         self.executor = None
         if p.pp > 1:
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
-            self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn)
+            self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn,  # ZeRO-3 frees a unit
+                                             split_backward=config.zero.stage != 3)         # before a split W
         self.step_count = 0
         self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit
         self.last_result = None
