@@ -1,5 +1,5 @@
 """``python -m launch --dry-run``: the resolved config, the mesh, each rank's pipeline stage and
-shard sizes, and the planner's per-rank memory estimate — without starting workers.
+shard sizes, the tensor-parallel plan, and the planner's per-rank memory estimate — without starting workers.
 
 The model is built on the meta device (structure only: no memory, no initialisation)."""
 from __future__ import annotations
@@ -14,24 +14,31 @@ from parallel.config import Config, import_object
 from parallel.mesh import coords_of
 from parallel.pipeline import describe_split
 from parallel.planning.planner import Layout, TrainSpec, predict
+from parallel.tensor_parallel.auto_plan import derive_plan
+from parallel.tensor_parallel.plan import apply_tensor_parallel
+from parallel.tensor_parallel.styles import resolve_plan
 
 
 def _mib(x: float) -> str:
     return f"{x / 2 ** 20:9.2f} MiB"
 
 
-def _prediction(cfg: Config):
+def _meta_model(cfg: Config):
     factory = import_object(cfg.model.factory, "model.factory")
     with torch.device("meta"):
-        model = factory(**cfg.model.kwargs)
+        return factory(**cfg.model.kwargs)
+
+
+def _prediction(cfg: Config, model):
     seq = cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
     spec = spec_from_model(model, seq)
     p = cfg.parallel
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
                  p.sequence_parallel, cfg.zero.units)
+    ac = cfg.activation_checkpointing
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
-                   cfg.zero.bucket_mb)
-    return model, predict(spec, lay, tr)
+                   cfg.zero.bucket_mb, ac.policy, ac.every)
+    return predict(spec, lay, tr)
 
 
 def _split(model, cfg: Config) -> str | None:
@@ -47,6 +54,30 @@ def _split(model, cfg: Config) -> str | None:
     return str(describe_split(real, *args))
 
 
+def _tp_plan(model, cfg: Config) -> str:
+    """The tensor-parallel plan the ranks will apply, as YAML for ``parallel.tp_plan`` (save and edit it): the
+    configured one, the model's or transformers' published one, or the one derived from the module graph
+    (verified on a real copy of the model when it is small, else shown unverified)."""
+    tp, derived = cfg.parallel.tp, []
+
+    def derive(meta_model):
+        m = meta_model
+        if sum(p.numel() for p in m.parameters()) <= 200_000_000:
+            m = import_object(cfg.model.factory, "model.factory")(**cfg.model.kwargs)
+        derived.append(derive_plan(m, tp, apply_tensor_parallel))
+        return derived[-1].plan
+
+    try:
+        plan = resolve_plan(model, cfg.parallel.tp_plan, derive)
+    except ValueError as e:
+        return f"# (no tensor-parallel plan: {e})"
+    if derived:
+        return derived[-1].describe(tp)
+    how = "as configured" if isinstance(cfg.parallel.tp_plan, dict) else "published by the model"
+    text = yaml.safe_dump({"parallel": {"tp_plan": plan}}, sort_keys=False).rstrip()
+    return f"# tensor-parallel plan ({how})\n{text}"
+
+
 def describe(cfg: Config) -> str:
     p = cfg.parallel
     lines = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
@@ -54,16 +85,20 @@ def describe(cfg: Config) -> str:
              f"ZeRO stage {cfg.zero.stage}, {cfg.precision}",
              f"# micro-batches per dp rank per step: {cfg.micro_batches} "
              f"(global batch {cfg.data.global_batch_size}, micro-batch {cfg.data.micro_batch_size})"]
+    model = pred = None
     try:
-        model, pred = _prediction(cfg)
+        model = _meta_model(cfg)
+        pred = _prediction(cfg, model)
     except Exception as e:
-        model, pred = None, None
         lines.append(f"# (no per-rank estimate: {type(e).__name__}: {e})")
     if model is not None:
         split = _split(model, cfg)
         if split:
             lines += ["", "# pipeline stages", split]
-    lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate"]
+        if p.tp > 1:
+            lines += ["", _tp_plan(model, cfg)]
+    lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate (activation "
+                  f"checkpointing: {cfg.activation_checkpointing.policy})"]
     for r in range(cfg.world_size):
         c = coords_of(r, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
         row = f"rank {r}: pp={c['pp']} dp={c['dp']} tp={c['tp']}"

@@ -143,6 +143,7 @@ def check_paths(cfg: Config) -> None:
         if not _PATH_KEY.search(str(k)):
             continue
         for p in (v if isinstance(v, (list, tuple)) else [v]):
-            if isinstance(p, str) and p and not os.path.exists(p):
+            # a corpus prefix (parallel.corpus: <path>.bin/.idx/.json) counts as existing
+            if isinstance(p, str) and p and not os.path.exists(p) and not os.path.exists(p + ".bin"):
                 raise PreflightError(f"data.kwargs.{k}={p!r} does not exist (data.factory={cfg.data.factory!r} "
                                      f"reads it): give an existing path")

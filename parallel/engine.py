@@ -4,6 +4,10 @@ The engine only composes; each part lives in its own module and gets its group f
 
 1. tensor parallelism (Megatron-LM, arXiv 1909.08053) converts the model in place over "tp";
 2. the pipeline split (arXiv 2104.04473) keeps this pp rank's stages of the converted model;
+   activation checkpointing (``activation_checkpointing.policy``) then hooks the repeated blocks of
+   those stage modules — after tp (its hooks sit inside the blocks and rerun in the recompute) and
+   the split (the stage copies' blocks are the ones that run), before ZeRO (whose stage-3 hooks are
+   prepended and re-gather for the recompute; :mod:`parallel.activation.checkpointing`);
 3. ZeRO (arXiv 1910.02054) shards the stage's optimizer state (stage ≥ 1), gradients (≥ 2) and
    parameters (3) over "dp", and owns precision, loss scaling and clipping (the global grad norm
    spans tp and pp through ``norm_groups``);
@@ -27,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from parallel import comm
+from parallel.activation.checkpointing import apply_activation_checkpointing
 from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
@@ -58,6 +63,11 @@ class Engine:
         self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
         self.stages = self._shard(model.to(mesh.device))
+        ac = config.activation_checkpointing
+        try:
+            self.activation = apply_activation_checkpointing(self.stages, ac.policy, ac.every, ac.save_ops)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
@@ -70,7 +80,8 @@ class Engine:
         self.executor = None
         if p.pp > 1:
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
-            self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn)
+            self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn,  # ZeRO-3 frees a unit
+                                             split_backward=config.zero.stage != 3)         # before a split W
         self.step_count = 0
         self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit
         self.last_result = None

@@ -36,6 +36,19 @@ class ParamInfo:
     """Fused sections along ``tp_dim`` (e.g. the q, k, v sizes of a fused projection), each split
     separately: rank i holds [q_i; k_i; v_i]. ``None``: one section (a plain chunk)."""
 
+    tp_pad: int = 0
+    """Zero elements appended along ``tp_dim`` before the split (a vocabulary padded to a multiple of tp):
+    the end of the last rank(s)' piece. They stay zero and are never saved (see
+    :mod:`parallel.tensor_parallel.uneven`)."""
+
+    tp_replicas: int = 1
+    """Consecutive tp ranks holding the same piece (kv heads replicated when tp exceeds them): the split
+    has tp / tp_replicas pieces and rank i holds piece i // tp_replicas; gradients are summed over them."""
+
+    tp_duplicate: bool = False
+    """This rank's piece is a copy of a lower tp rank's (a replicated kv head, rank % tp_replicas ≠ 0):
+    not counted in the global grad norm and not saved (the first copy is)."""
+
     defer_reduce: bool = False
     """The dp gradient reduction of this parameter waits for the end of backward (its gradient is
     completed by :func:`parallel.pipeline.sync_tied_grads` first): it goes into the deferred bucket."""

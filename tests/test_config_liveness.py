@@ -6,10 +6,11 @@ from this file, from the validation (``Config.validate``: checking a value is no
 from whole-tree copies and dumps (``dataclasses.asdict``/``copy``, dataclass-generated
 ``__eq__``/``__repr__``). The runs: the ``--dry-run`` description, then three 2-rank training runs
 through ``launch.train.run``: ZeRO-3 with nvme/cpu offload, fp16 dynamic loss scale, a
-DeepSpeed-convention schedule, checkpoints, metrics and the ``finish`` hook; an interleaved pipeline
-with an explicit split in bf16; tensor parallel with sequence parallel, an explicit plan and a
-static fp16 scale. Every field must be read, or be in ALLOW with the reason; an ALLOW entry that is
-read fails too (the list stays short).
+DeepSpeed-convention schedule, checkpoints, metrics, the ``finish`` hook and full activation
+recompute; an interleaved pipeline with an explicit split in bf16, recomputing every 2nd block;
+tensor parallel with sequence parallel, an explicit plan, a static fp16 scale and selective recompute.
+Every field must be read, or be in ALLOW with the reason; an ALLOW entry that is read fails too (the
+list stays short).
 """
 import copy
 import dataclasses
@@ -143,14 +144,17 @@ def test_every_config_key_is_read(tmp_path):
                  "train": {"steps": 2, "log_every": 1, "grad_clip": 1.0, "metrics_file": str(tmp_path / "m.jsonl"),
                            "checkpoint": {"dir": ck, "every": 2, "keep_last": 1}, "resume": True,
                            "finish": "examples.gpt:sample",
-                           "peak_flops": 1e12, "on_nonfinite": "stop", "check_collectives": True}})
+                           "peak_flops": 1e12, "on_nonfinite": "stop", "check_collectives": True},
+                 "activation_checkpointing": {"policy": "full"}})
     for reads in run_ranks(_train, 2, main):
         seen |= set(reads)
     pipe = _cfg({"parallel": {"pp": 2, "pp_schedule": "interleaved", "pp_virtual_stages": 2,
-                              "pp_split": [1, 2, 3]}, "precision": "bf16"})
+                              "pp_split": [1, 2, 3]}, "precision": "bf16",
+                 "activation_checkpointing": {"policy": "every", "every": 2}})
     from examples.gpt import TP_PLAN
     tp = _cfg({"parallel": {"tp": 2, "sequence_parallel": True, "tp_plan": dict(TP_PLAN)},
-               "precision": "fp16", "loss_scale": {"static": 64.0}})
+               "precision": "fp16", "loss_scale": {"static": 64.0},
+               "activation_checkpointing": {"policy": "selective", "save_ops": ["mm", "addmm"]}})
     for cfg in (pipe, tp):
         for reads in run_ranks(_train, 2, cfg):
             seen |= set(reads)

@@ -8,8 +8,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("parallel", "launch")
 # Third-party packages that are extras (not in `dependencies`): imported where they are used, inside functions.
-OPTIONAL = ("matplotlib", "deepspeed", "safetensors", "transformers", "accelerate", "torch.utils.tensorboard",
-            "tensorboard")
+OPTIONAL = ("matplotlib", "deepspeed", "safetensors", "transformers", "accelerate", "tokenizers", "pyarrow",
+            "torch.utils.tensorboard", "tensorboard")
 
 
 def _modules() -> dict[str, str]:

@@ -55,6 +55,25 @@ def test_flop_formula_for_llama():
     assert count_training_flops(LlamaForCausalLM(cfg), x) == pytest.approx(want, rel=0.01)
 
 
+def test_flops_of_a_batchnorm_cnn_on_its_meta_template():
+    """A meta template keeps real BatchNorm buffers; counting still works and leaves them alone.
+    Theory (B=8, 8×8 images, C=8, 4 blocks): a conv costs 2·Cin·Cout·9·64·B forward, its weight
+    gradient the same and its input gradient the same again (not for the stem: the images need none);
+    the head Linear(8→4) 2·8·4·B forward, twice that backward."""
+    from examples.cnn import build
+    from parallel.checkpoint.layout import meta_copy
+    from parallel.planning.flops import count_training_flops
+    torch.manual_seed(0)
+    model, x, B = build(channels=8, n_blocks=4), torch.randn(8, 3, 8, 8), 8
+    conv = lambda cin, cout: 2 * cin * cout * 9 * 64 * B  # noqa: E731
+    want = 2 * conv(3, 8) + 4 * 3 * conv(8, 8) + 3 * 2 * 8 * 4 * B
+    template = meta_copy(model)
+    before = template[1].bn.running_mean.clone()
+    assert count_training_flops(template, x) == want
+    assert count_training_flops(model, x) == want
+    assert torch.equal(template[1].bn.running_mean, before) and not template[1].bn.running_mean.is_meta
+
+
 def test_peak_and_mfu(monkeypatch):
     from parallel.planning.flops import measure_matmul_flops, mfu, peak_flops
     monkeypatch.setenv("P3D_PEAK_FLOPS", "2e9")

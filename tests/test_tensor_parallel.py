@@ -162,8 +162,11 @@ def test_layer_errors():
         ColumnParallelLinear(32, 30, g4)
     with pytest.raises(ValueError, match=r"in_features = 30 is not divisible by tp = 4"):
         RowParallelLinear(30, 32, g4)
-    with pytest.raises(ValueError, match=r"vocabulary size = 66 is not divisible by tp = 4"):
-        VocabParallelEmbedding(66, 8, g4)
+    emb = VocabParallelEmbedding(66, 8, _fake_group(4, 3))       # padded to 68: rank 3 holds rows 51..65 + 2 zeros
+    assert emb.weight.shape == (17, 8) and emb.vocab_start == 51 and not emb.weight[15:].any()
+    head = ColumnParallelLinear(8, 66, _fake_group(4, 3), pad_vocab=True)
+    assert head.weight.shape == (17, 8) and head.valid_local == 15 and not head.weight[15:].any()
+    assert not head.bias[15:].any()
     with pytest.raises(ValueError, match=r"sections \(4, 4\) do not sum"):
         ColumnParallelLinear(8, 12, g4, sections=[4, 4])
     with pytest.raises(TypeError, match="not Conv2d"):

@@ -4,9 +4,10 @@ Each optimizer "piece" of ZeRO — a range [a, e) of one local parameter inside 
 with its fp32 master values and its optimizer state — maps through the layout probe
 (:mod:`parallel.checkpoint.layout`) to positions in a parameter of the unmodified model. Ownership, so each
 element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); tp-sharded
-parameters on every tp rank, replicated ones on tp rank 0; never the pipeline's duplicate of a
-tied embedding. Loading fills every piece (owned or not) and writes the masters back to the
-parameters, so a checkpoint from any (dp, tp, pp, ZeRO stage) loads into any other.
+parameters on every tp rank (a replicated kv head on the first rank holding it), replicated ones on
+tp rank 0; never the pipeline's duplicate of a tied embedding; never vocabulary padding (it maps to no
+element). Loading fills every piece (owned or not) and writes the masters back to the parameters, so
+a checkpoint from any (dp, tp, pp, ZeRO stage) loads into any other.
 
 Persistent buffers (BatchNorm's running statistics and batch count, ...) are pieces too
 (``buffer/<name>``): each is written whole by one rank (dp rank 0, tp rank 0, the lowest pp rank whose
@@ -44,7 +45,7 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
         idx = o.index.reshape(-1)[a - off:e - off]
         keep = idx >= 0
         info = param_info(param)
-        owner = dp_owner and (info.tp_split or engine.tp.rank == 0) and not info.pp_duplicate
+        owner = dp_owner and (info.tp_split or engine.tp.rank == 0) and not info.pp_duplicate and not info.tp_duplicate
         sel = (lambda t: t) if bool(keep.all()) else (lambda t, keep=keep: t[keep])
         pieces.append(Piece(f"model/{o.name}", o.full_shape, sel(view), sel(idx), owner))
         if not with_optim:

@@ -1,7 +1,11 @@
 """Point-to-point messages on an explicit group, counted.
 
 A message carries a small header (dtype, ndim, shape) so the receiver needs no shape argument;
-header bytes are recorded as ``meta_bytes`` and kept out of ``wire_bytes``. A send of M bytes is
+header bytes are recorded as ``meta_bytes`` and kept out of ``wire_bytes``. Reading the header
+(``.tolist()``) is a host sync per message on CUDA; a caller that knows the shape and dtype in
+advance sends with ``header=False`` and receives with ``shape=``/``dtype=``: payload only, no sync.
+Both ends must agree on whether a header travels (the pipeline executor decides it from what both
+saw in the first step). A send of M bytes is
 M wire bytes for the sender; the receiver records its payload and 0 wire bytes.
 """
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch.distributed as dist
 
 from parallel.comm.collectives import Group, _nbytes, _trace
 
-__all__ = ["P2PWork", "isend", "send", "recv"]
+__all__ = ["P2PWork", "isend", "send", "recv", "exchange"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int8, torch.uint8, torch.bool, torch.int16]
@@ -40,13 +44,14 @@ class P2PWork:
         self.works, self.payload = [], None
 
 
-def isend(t: torch.Tensor, dst: int, group: Group, tag: int = 0) -> P2PWork:
-    """Non-blocking send of ``t`` (with its header) to global rank ``dst``."""
+def isend(t: torch.Tensor, dst: int, group: Group, tag: int = 0, header: bool = True) -> P2PWork:
+    """Non-blocking send of ``t`` (with its header unless ``header=False``) to global rank ``dst``."""
     t = t.detach().contiguous()
-    h = _header(t).to(t.device)
+    h = _header(t).to(t.device) if header else None
     _trace(group, "send", t, peer=dst, tag=tag)
-    group.stats.record(group.axis, "send", _nbytes(t), _nbytes(t), meta=_nbytes(h))
-    works = [dist.isend(h, dst=dst, group=group.pg, tag=tag), dist.isend(t, dst=dst, group=group.pg, tag=tag)]
+    group.stats.record(group.axis, "send", _nbytes(t), _nbytes(t), meta=_nbytes(h) if header else 0)
+    works = [dist.isend(h, dst=dst, group=group.pg, tag=tag)] if header else []
+    works.append(dist.isend(t, dst=dst, group=group.pg, tag=tag))
     return P2PWork(works, (h, t))
 
 
@@ -55,14 +60,47 @@ def send(t: torch.Tensor, dst: int, group: Group, tag: int = 0) -> None:
     isend(t, dst, group, tag).wait()
 
 
-def recv(src: int, group: Group, device=None, tag: int = 0) -> torch.Tensor:
-    """Receive a tensor sent by :func:`send` from global rank ``src``; shape and dtype come from the header."""
-    h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=device)
+def recv(src: int, group: Group, device=None, tag: int = 0, shape=None, dtype=None) -> torch.Tensor:
+    """Receive a tensor sent by :func:`send` from global rank ``src``; shape and dtype come from the
+    header, or from ``shape`` and ``dtype`` when given (the sender used ``header=False``)."""
     _trace(group, "recv", None, peer=src, tag=tag)
-    dist.recv(h, src=src, group=group.pg, tag=tag)
-    h = h.tolist()
-    dtype, ndim = _DTYPES[h[0]], h[1]
-    t = torch.empty(h[2:2 + ndim], dtype=dtype, device=device)
+    meta = 0
+    if shape is None:
+        h = torch.empty(_HEADER_LEN, dtype=torch.int64, device=device)
+        dist.recv(h, src=src, group=group.pg, tag=tag)
+        h = h.tolist()
+        dtype, shape, meta = _DTYPES[h[0]], h[2:2 + h[1]], _HEADER_LEN * 8
+    t = torch.empty(shape, dtype=dtype, device=device)
     dist.recv(t, src=src, group=group.pg, tag=tag)
-    group.stats.record(group.axis, "recv", _nbytes(t), 0, meta=_HEADER_LEN * 8)
+    group.stats.record(group.axis, "recv", _nbytes(t), 0, meta=meta)
     return t
+
+
+def exchange(sends: list, recvs: list, group: Group, device=None) -> tuple[P2PWork, list]:
+    """One group of headerless point-to-point messages, issued together with
+    ``dist.batch_isend_irecv`` (one ncclGroupStart/End on NCCL, so the sends and receives of the
+    group progress together and two ranks sending to each other inside one group cannot block).
+    ``sends``: [(tensor, dst, tag)]; ``recvs``: [(src, shape, dtype, tag)]. Waits for the receives
+    (with one coalesced work, NCCL's case, for the group: a stream wait), returns (the sends' work,
+    to wait for before their buffers are dropped, and the received tensors in ``recvs`` order)."""
+    ops, payload, got = [], [], []
+    for t, dst, tag in sends:
+        t = t.detach().contiguous()
+        _trace(group, "send", t, peer=dst, tag=tag)
+        group.stats.record(group.axis, "send", _nbytes(t), _nbytes(t))
+        ops.append(dist.P2POp(dist.isend, t, dst, group.pg, tag))
+        payload.append(t)
+    for src, shape, dtype, tag in recvs:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        _trace(group, "recv", None, peer=src, tag=tag)
+        group.stats.record(group.axis, "recv", _nbytes(t), 0)
+        ops.append(dist.P2POp(dist.irecv, t, src, group.pg, tag))
+        got.append(t)
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if len(works) != len(ops):                  # one coalesced work (NCCL): a stream wait, not a host one
+        for w in works:
+            w.wait()
+        return P2PWork([], payload), got
+    for w in works[len(sends):]:
+        w.wait()
+    return P2PWork(works[:len(sends)], payload), got

@@ -13,7 +13,6 @@ IGNORED = {
     "csv_monitor": "monitor output", "comet": "monitor output", "timers": "timing only", "log_level": "logging only",
     "zero_allow_untested_optimizer": "permission flag; parallel3d's ZeRO runs every optimizer it builds",
     "zero_force_ds_cpu_optimizer": "picks DeepSpeed's CPU Adam kernel; offloaded Adam is the same math",
-    "activation_checkpointing": "recomputation trades time for memory; the numbers do not change",
     "aio": "NVMe IO tuning; parallel3d sizes its IO with zero.offload.buffer_*", "autotuning": "DeepSpeed's tuner",
     "checkpoint": "DeepSpeed checkpoint-engine options; parallel3d uses train.checkpoint",
     "nebula": "DeepSpeed checkpoint service", "compile": "compilation; speed only", "disable_python_gc": PERF,

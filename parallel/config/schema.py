@@ -13,7 +13,8 @@ from parallel.config.errors import ConfigError
 from parallel.config.validate import validate
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "ParallelConfig", "OptimizerConfig", "SchedulerConfig",
-           "LossScaleConfig", "CheckpointConfig", "TrainConfig", "OffloadConfig", "ZeroConfig"]
+           "LossScaleConfig", "CheckpointConfig", "TrainConfig", "OffloadConfig", "ZeroConfig",
+           "ActivationCheckpointingConfig"]
 
 
 @dataclass
@@ -127,6 +128,15 @@ class ZeroConfig:
 
 
 @dataclass
+class ActivationCheckpointingConfig:
+    """What the repeated blocks keep for backward (parallel/activation/checkpointing.py)."""
+    policy: str = "none"                   # none | full | every | selective | offload
+    every: int = 1                         # policy=every: recompute blocks 0, k, 2k, … (k = every)
+    save_ops: Optional[list] = None        # policy=selective: aten ops whose outputs are kept (null: matmuls,
+    #                                        attention); every other op is recomputed
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +147,7 @@ class Config:
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     precision: str = "fp32"                # fp32 | bf16 | fp16
     device: str = "cpu"                    # cpu | cuda | auto
 

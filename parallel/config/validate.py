@@ -26,6 +26,7 @@ CHOICES = {
     "zero.offload.optimizer": ("none", "cpu", "nvme"),
     "zero.offload.params": ("none", "cpu", "nvme"),
     "train.on_nonfinite": ("stop", "skip"),
+    "activation_checkpointing.policy": ("none", "full", "every", "selective", "offload"),
 }
 
 
@@ -43,6 +44,7 @@ def validate(c: Config, world_size: int | None = None) -> None:
     _check_batch(c, world_size)
     _check_parallel(c)
     _check_zero(c)
+    _check_activation(c)
     _check_train(c, world_size)
     _check_optimizer(c)
 
@@ -125,6 +127,23 @@ def _check_zero(c: Config) -> None:
     if "nvme" in (c.zero.offload.params, c.zero.offload.optimizer) and not c.zero.offload.nvme_path:
         raise ConfigError("zero.offload uses nvme but zero.offload.nvme_path is not set: give a directory on a "
                           "local disk")
+
+
+def _check_activation(c: Config) -> None:
+    a = c.activation_checkpointing
+    if a.every < 1:
+        raise ConfigError(f"activation_checkpointing.every={a.every} must be >= 1 (recompute blocks 0, k, 2k, …)")
+    if a.every != 1 and a.policy != "every":
+        raise ConfigError(f"activation_checkpointing.every={a.every} only applies to policy=every (got "
+                          f"{a.policy!r}): set policy: every, or remove 'every'")
+    if a.save_ops is not None and (a.policy != "selective" or not isinstance(a.save_ops, list)
+                                   or not all(isinstance(o, str) for o in a.save_ops)):
+        raise ConfigError(f"activation_checkpointing.save_ops={a.save_ops!r} must be a list of aten op names "
+                          f"(e.g. ['mm', 'addmm']) and only applies to policy=selective (got {a.policy!r})")
+    if a.policy == "selective" and c.parallel.pp > 1 and c.parallel.pp_schedule == "zero_bubble":
+        raise ConfigError("activation_checkpointing.policy=selective cannot run under parallel.pp_schedule="
+                          "zero_bubble: its W pass backpropagates through each stage a second time, and torch's "
+                          "selective checkpoint allows one backward per block; use policy full or offload")
 
 
 SAVE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")

@@ -1,6 +1,7 @@
 """Pipeline parallelism: schedules as data (:mod:`.schedules` over the actions of :mod:`.actions`),
 their process-free simulation (:mod:`.simulate`) and validator (:mod:`.validate`); the stage split
-(:mod:`.split`, :mod:`.stage`) and the runtime executor (:mod:`.runtime`) build on these."""
+(:mod:`.split`, :mod:`.stage`) and the runtime executor (:mod:`.runtime`, with the I/W split of
+:mod:`.backward_split` and the message order of :mod:`.p2p_order`) build on these."""
 from parallel.pipeline.actions import KINDS, Action, ScheduleError
 from parallel.pipeline.runtime import PipelineExecutor, Record, microbatches
 from parallel.pipeline.schedules import (
@@ -16,6 +17,7 @@ from parallel.pipeline.schedules import (
                                          one_f_one_b,
                                          zero_bubble_h1,
 )
+from parallel.pipeline.schedules_v import dualpipe_v, split_model_v, zb_v
 from parallel.pipeline.simulate import SimResult, default_costs, execute, format_grid, simulate, unit_cost
 from parallel.pipeline.split import describe_split, find_body, split_model, sync_tied_grads
 from parallel.pipeline.validate import validate
@@ -25,5 +27,5 @@ __all__ = [
     "get_schedule", "gpipe", "interleaved_1f1b", "max_in_flight", "one_f_one_b", "validate",
     "zero_bubble_h1", "SimResult", "default_costs", "execute", "format_grid", "simulate",
     "unit_cost", "PipelineExecutor", "Record", "microbatches", "describe_split", "find_body", "split_model",
-    "sync_tied_grads",
+    "sync_tied_grads", "zb_v", "dualpipe_v", "split_model_v",
 ]

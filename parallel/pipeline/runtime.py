@@ -2,10 +2,20 @@
 
 For every action (in schedule order) it posts the receives :func:`.schedules.comm_ops` lists,
 computes, then sends — activations forward, their gradients backward, over the pp axis with
-:func:`parallel.comm.isend` / :func:`parallel.comm.recv` (the header carries dtype and shape, so
-no ``tensor_shapes``; non-blocking sends, so two neighbours sending to each other cannot
-deadlock; every send is waited for before :meth:`PipelineExecutor.run` returns). Each message's
-tag encodes its :attr:`.schedules.P2P.key`, so messages match by identity, not arrival order.
+:func:`parallel.comm.isend` / :func:`parallel.comm.recv` (non-blocking sends, so two neighbours
+sending to each other cannot deadlock; every send is waited for before :meth:`PipelineExecutor.run`
+returns). Matching does not rely on tags: from each peer the executor receives in the order that
+peer sends (:mod:`.p2p_order`; earlier messages are kept until their action runs), so per rank
+pair the j-th send is the j-th receive, as NCCL requires; ``tags=False`` sends every message with
+tag 0 (gloo then matches by order alone, like NCCL). The first message of each (tensor, src stage,
+dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that both
+ends know the shape and the payload travels alone (no host sync to read a header), and the sends
+of one action go out together with the receives of the next in one ``batch_isend_irecv`` group
+(``batch=False``: one at a time). On NCCL a send blocks its stream until the receive runs; for
+gpipe, 1f1b and zero_bubble these groups cannot deadlock even then
+(:func:`.p2p_order.rendezvous_problems`); for interleaved, zb_v and dualpipe_v they can, and the
+executor warns on NCCL. None of this has run on GPUs yet.
+``comm_log`` lists the ("send" | "recv", peer, key) issued in the last run, in order.
 
 Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean loss):
 
@@ -14,12 +24,16 @@ Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean los
   gradient of the mean over the global batch (the parity contract, DESIGN.md);
 * ``B``: backward of y with the received ∂ℓ/∂y (of ℓ_i on the last stage); parameter
   gradients accumulate in ``.grad``; ∂ℓ/∂x is sent to stage s−1;
-* ``I`` / ``W`` (ZB-H1, Qi et al., arXiv 2401.10241): ``I`` computes only ∂ℓ/∂x with
-  ``torch.autograd.grad(..., retain_graph=True)`` and sends it; ``W`` later runs the backward
-  again restricted to the stage's parameters (``inputs=params``), so each weight gradient is
-  accumulated exactly once. torch does not expose a per-op split of backward, so ``W`` here
-  re-walks the activation-gradient path: the order and the memory bound are ZB-H1's, the FLOPs
-  of W are those of a full B.
+* ``I`` / ``W`` (ZB-H1, ZB-V; Qi et al., arXiv 2401.10241): ``I`` computes only ∂ℓ/∂x and
+  sends it, capturing the gradients that flow into the nodes where weights enter the activation
+  path; ``W`` later computes the weight gradients from those alone
+  (:mod:`.backward_split`), so FLOPs(I) + FLOPs(W) = FLOPs(B) and each weight gradient is
+  accumulated exactly once. ``captured_bytes_peak`` is the most bytes of captured gradients
+  held at once between I's and W's (the activations are held as for B until W).
+  ``split_backward=False`` (the engine's choice under ZeRO-3, whose hooks free a unit once its
+  gradients of the latest I/W are in and do not gather it again for a W that starts below the
+  module outputs) makes W re-run the backward restricted to the weights: same numbers and order,
+  FLOPs of W those of a full B.
 
 ``add_action_callback(fn)`` calls ``fn(action)`` before each action, ahead of its receives (the
 watchdog reports the action a rank waits in).
@@ -32,13 +46,17 @@ lists the actions run, with the time spent waiting for input and computing (perf
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
+from parallel.pipeline.backward_split import backward_input, backward_weight
+from parallel.pipeline.p2p_order import rendezvous_problems, send_order
 from parallel.pipeline.schedules import Schedule, comm_ops
 from parallel.pipeline.validate import validate
 
@@ -56,15 +74,16 @@ class Record:
 class PipelineExecutor:
     """Runs ``schedule``'s actions for this pp rank on its ``stages``.
 
-    ``stages[j]`` is global stage ``pp_group.rank + j·p`` (what :func:`.split.split_model`
-    returns); stage s lives on pp rank s mod p, i.e. global rank ``pp_group.ranks[s % p]``.
+    ``stages[j]`` is the j-th of ``schedule.stages_of(rank)``: stage ``pp_group.rank + j·p`` for the
+    loop placement (what :func:`.split.split_model` returns), stages r and 2p−1−r for the V
+    placement (:func:`.schedules_v.split_model_v`).
     ``loss_fn(output, target)`` returns the micro-batch mean (default: cross entropy, which takes
     logits or a transformers ModelOutput). Gradients accumulate into ``.grad``: zero them before
     :meth:`run` when a step starts.
     """
 
     def __init__(self, stages: list, schedule: Schedule, pp_group: comm.Group, loss_fn=cross_entropy,
-                 loss_scale: float = 1.0):
+                 loss_scale: float = 1.0, tags: bool = True, batch: bool = True, split_backward: bool = True):
         p, rank = pp_group.size, pp_group.rank
         if schedule.p != p:
             raise ValueError(f"pipeline: the {schedule.name} schedule is for p={schedule.p} ranks but the pp "
@@ -73,14 +92,19 @@ class PipelineExecutor:
             raise ValueError(f"pipeline: pp rank {rank} got {len(stages)} stage modules but the schedule runs "
                              f"v={schedule.v} virtual stages per rank; split with virtual_stages={schedule.v}")
         self.stages = {}
-        for j, mod in enumerate(stages):
-            s = rank + j * p
+        for s, mod in zip(schedule.stages_of(rank), stages):
+            j = len(self.stages)
             info = getattr(mod, "stage_info", None)
             if info is not None and (info.index != s or info.n_stages != schedule.n_stages):
                 raise ValueError(f"pipeline: stage module {j} of pp rank {rank} is stage {info.index} of "
                                  f"{info.n_stages}, but the schedule expects stage {s} of {schedule.n_stages}")
             self.stages[s] = mod
-        self.schedule, self.group, self.rank = validate(schedule), pp_group, rank
+        self.schedule, self.group, self.rank = validate(schedule, fifo=False), pp_group, rank
+        self.tags, self.batch, self.batched, self.split_backward = tags, batch, 0, split_backward
+        self._warn_nccl(schedule)
+        self._expect = {q: send_order(schedule, q, rank) for q in range(p) if q != rank}
+        self._shapes: dict = {}
+        self.comm_log: list = []
         self.loss_fn, self.loss_scale = loss_fn, loss_scale
         self.steps = comm_ops(schedule, rank)
         self.last = schedule.n_stages - 1
@@ -89,6 +113,7 @@ class PipelineExecutor:
         self.records: list[Record] = []
         self.peak_held = 0
         self.peak_held_per_stage: dict = {}
+        self.captured_bytes_peak = 0
         self._action_callbacks: list = []
 
     def add_action_callback(self, fn):
@@ -101,24 +126,104 @@ class PipelineExecutor:
                 self._action_callbacks.remove(fn)
         return remove
 
+    def _warn_nccl(self, schedule) -> None:
+        pg = self.group.pg
+        if pg is None or not dist.is_initialized() or dist.get_backend(pg) != "nccl":
+            return
+        stuck = rendezvous_problems(schedule)
+        if stuck:
+            warnings.warn(f"pipeline: the {schedule.name} schedule (p={schedule.p}, m={schedule.m}) may deadlock on "
+                          "NCCL, where a send blocks its stream until the peer's receive runs: grouping each action's "
+                          f"sends with the next action's receives is not enough for it ({stuck[0]}). gpipe, 1f1b "
+                          "and zero_bubble are safe (p2p_order.rendezvous_problems). Not yet run on GPUs.",
+                          stacklevel=3)
+
     # ------------------------------------------------------------------------------- messages
-    def _tag(self, op) -> int:
-        tensor, i, src, _ = op.key
+    def _tag(self, key) -> int:
+        if not self.tags:
+            return 0
+        tensor, i, src, _ = key
         return (i * self.schedule.n_stages + src) * 2 + (tensor == "grad")
 
-    def _peer(self, op) -> int:
-        return self.group.ranks[op.peer]
+    def _known(self, key, t=None):
+        """(shape, dtype) of message ``key`` if both ends know it from an earlier message of the same
+        (tensor, src stage, dst stage) for a micro-batch input of the same shape; else None."""
+        tensor, i, src, dst = key
+        sig = self._sigs[i]
+        entry = self._shapes.get((tensor, src, dst))
+        if sig is None or entry is None or entry[0] != sig:
+            return None
+        if t is not None and (tuple(t.shape), t.dtype) != entry[1:]:
+            raise RuntimeError(
+                f"pipeline: stage {src} sent a {tensor} of shape {tuple(t.shape)} {t.dtype} for a micro-batch input "
+                f"of shape {sig[0]}, but {entry[1]} {entry[2]} before for the same input shape; the receiver "
+                "preallocates from the first step, so a stage's output shape must depend only on its input's")
+        return entry[1:]
+
+    def _learn(self, key, t) -> None:
+        tensor, i, src, dst = key
+        self._shapes[(tensor, src, dst)] = (self._sigs[i], tuple(t.shape), t.dtype)
 
     def _send(self, op, t: torch.Tensor) -> None:
         if op.peer == self.rank:                    # only when p == 1: stay in process
             self._mailbox[op.key] = t.detach()
-        else:
-            self._pending.append(comm.isend(t, self._peer(op), self.group, tag=self._tag(op)))
+            return
+        known = self._known(op.key, t)
+        self.comm_log.append(("send", op.peer, op.key))
+        self._pending.append(comm.isend(t, self.group.ranks[op.peer], self.group, tag=self._tag(op.key),
+                                        header=known is None))
+        self._learn(op.key, t)
 
     def _recv(self, op) -> torch.Tensor:
+        """Receive ``op``'s message; from a peer, first every message that peer sent earlier
+        (:mod:`.p2p_order`), so receives follow the sender's order whatever the tags."""
         if op.peer == self.rank:
             return self._mailbox.pop(op.key)
-        return comm.recv(self._peer(op), self.group, device=self.device, tag=self._tag(op))
+        q = op.peer
+        while op.key not in self._stash:
+            key = self._expect[q][self._next[q]]
+            self._next[q] += 1
+            shape_dtype = self._known(key)
+            self.comm_log.append(("recv", q, key))
+            t = comm.recv(self.group.ranks[q], self.group, device=self.device, tag=self._tag(key),
+                          **({} if shape_dtype is None else dict(shape=shape_dtype[0], dtype=shape_dtype[1])))
+            self._learn(key, t)
+            self._stash[key] = t
+        return self._stash.pop(op.key)
+
+    def _exchange(self, sends: list, recv_ops) -> list:
+        """Issue the previous action's ``sends`` [(op, tensor)] and this action's receives (with the
+        earlier messages they drain) as one group — :func:`parallel.comm.exchange`, one
+        batch_isend_irecv — when every shape is known; else one by one (with headers). Returns the
+        tensors of ``recv_ops``. Grouping is what :func:`.p2p_order.rendezvous_problems` checks."""
+        plan, nxt, have = [], dict(self._next), set(self._stash)
+        for op in recv_ops:
+            while op.peer != self.rank and op.key not in have:
+                key = self._expect[op.peer][nxt[op.peer]]
+                nxt[op.peer] += 1
+                have.add(key)
+                plan.append((op.peer, key))
+            have.discard(op.key)
+        remote = [(op, t) for op, t in sends if op.peer != self.rank]
+        known_s = [self._known(op.key, t) for op, t in remote]
+        known_r = [self._known(k) for _, k in plan]
+        if not self.batch or not (remote or plan) or None in known_s + known_r:
+            for op, t in sends:
+                self._send(op, t)
+            return [self._recv(op) for op in recv_ops]
+        for op, t in sends:
+            if op.peer == self.rank:
+                self._mailbox[op.key] = t.detach()
+        self.comm_log += [("send", op.peer, op.key) for op, _ in remote] + [("recv", q, k) for q, k in plan]
+        work, got = comm.exchange(
+            [(t, self.group.ranks[op.peer], self._tag(op.key)) for op, t in remote],
+            [(self.group.ranks[q], sd[0], sd[1], self._tag(k)) for (q, k), sd in zip(plan, known_r)],
+            self.group, self.device)
+        self._pending.append(work)
+        self._next = nxt
+        self._stash.update({k: t for (_, k), t in zip(plan, got)})
+        self.batched += 1
+        return [self._recv(op) for op in recv_ops]
 
     # -------------------------------------------------------------------------------- running
     def run(self, micro_batches: list):
@@ -128,22 +233,26 @@ class PipelineExecutor:
         if len(micro_batches) != m:
             raise ValueError(f"pipeline: the schedule was built for m={m} micro-batches, run() got "
                              f"{len(micro_batches)}; use microbatches(x, y, {m})")
-        self.records, self._pending, self._mailbox = [], [], {}
+        self.records, self._pending, self._mailbox, self.comm_log = [], [], {}, []
+        self._next, self._stash = dict.fromkeys(self._expect, 0), {}
+        self._sigs = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x, _ in micro_batches]
         self._saved, self._losses = {}, {}
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
+        self._captured = self.captured_bytes_peak = 0
+        sends: list = []
         try:
             for step in self.steps:
                 for fn in self._action_callbacks:
                     fn(step.action)
                 t0 = time.perf_counter()
-                got = [self._recv(op) for op in step.recv]
+                got = self._exchange(sends, step.recv)
                 t1 = time.perf_counter()
                 out = getattr(self, "_" + step.action.kind)(step.action, got[0] if got else None, micro_batches)
-                for op in step.send:
-                    self._send(op, out)
+                sends = [(op, out) for op in step.send]
                 self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1))
                 self._count_held()
                 self._reap()
+            self._exchange(sends, ())
         finally:
             for w in self._pending:
                 w.wait()
@@ -203,19 +312,19 @@ class PipelineExecutor:
     def _I(self, a, dy, micro_batches):
         key = (a.microbatch, a.stage)
         x, y, _ = self._saved[key]
-        self._saved[key] = (x, y, dy)
+        dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage],
+                                split=self.split_backward)
+        self._saved[key] = (x, None, wp)
+        self._captured += wp.captured_bytes
+        self.captured_bytes_peak = max(self.captured_bytes_peak, self._captured)
         if a.stage == 0:
             return None
-        if not (y.requires_grad and self._input_grad(x)):
-            return torch.zeros_like(x)
-        dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
         return dx if dx is not None else torch.zeros_like(x)
 
     def _W(self, a, _none, micro_batches):
-        x, y, dy = self._saved.pop((a.microbatch, a.stage))
-        params = self.params[a.stage]
-        if y.requires_grad and params:
-            torch.autograd.backward(y, dy, inputs=params)
+        _, _, wp = self._saved.pop((a.microbatch, a.stage))
+        self._captured -= wp.captured_bytes
+        backward_weight(wp, self.params[a.stage])
         return None
 
     # ------------------------------------------------------------------------------- reporting

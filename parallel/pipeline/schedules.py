@@ -11,9 +11,10 @@ Idle time is implicit: a rank idles while it waits for an input. Communication i
 compute actions (:func:`comm_ops`): F on stage s>0 receives the activation of stage s−1 first and
 F on a non-last stage sends its output to stage s+1; B/I on a non-last stage receives the output
 grad from stage s+1 first and B/I on stage s>0 sends the input grad to stage s−1; W talks to
-no one. The runtime should match messages by :attr:`P2P.key` (microbatch, stages, act/grad) —
-e.g. as the p2p tag or header; the built-in schedules also keep the same message order at
-both ends of every rank pair (``validate`` checks it), so matching by arrival works too.
+no one. Messages are identified by :attr:`P2P.key` (microbatch, stages, act/grad); the loop-placed
+schedules keep the same message order at both ends of every rank pair in action order
+(``validate`` checks it), ZB-V does not — the executor receives in the sender's order
+(:mod:`.p2p_order`), which is FIFO per pair for every schedule.
 
 Theory (equal costs per stage: t_f forward, t_b backward; :mod:`.simulate` checks it exactly):
 
@@ -27,6 +28,7 @@ Theory (equal costs per stage: t_f forward, t_b backward; :mod:`.simulate` check
   so the bubble time shrinks to (p−1)(t_f+t_b)/v and the fraction to (p−1)/(v·m+p−1).
   Megatron-LM's order: micro-batches go in groups of p per chunk, warm-up is
   2(p−r−1) + (v−1)p forwards; it needs m to be a multiple of p (and p ≥ 2, v ≥ 2).
+* ZB-V and DualPipeV (two stages per rank in a V): :mod:`.schedules_v`.
 * ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", arXiv 2401.10241, §2.2): 1F1B with B
   split into I and W; rank r defers its W's by r slots so they fill the bubbles. Bubble time
   (p−1)(T_F+T_I−T_W); with T_F = T_I = T_W = 1 that is (p−1) against 1F1B's 3(p−1), i.e. a
@@ -40,25 +42,36 @@ from dataclasses import dataclass, field
 from parallel.pipeline.actions import Action
 from parallel.pipeline.simulate import format_grid
 
-NAMES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
+NAMES = ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v")
 
 
 @dataclass
 class Schedule:
-    """``actions[r]`` is rank r's ordered list of compute actions."""
+    """``actions[r]`` is rank r's ordered list of compute actions. ``placement``: "loop" (stage s
+    on rank s mod p) or "v" (v = 2: stages r and 2p−1−r on rank r, :mod:`.schedules_v`).
+    ``overlap``: the (rank, j) where actions j (an F) and j+1 (a B) of that rank run overlapped as
+    one F&B unit (DualPipeV); the simulator costs them as ``F&B``."""
 
     name: str
     p: int
     m: int
     v: int
     actions: list[list[Action]] = field(default_factory=list)
+    placement: str = "loop"
+    overlap: frozenset = frozenset()
 
     @property
     def n_stages(self) -> int:
         return self.p * self.v
 
     def rank_of(self, stage: int) -> int:
+        if self.placement == "v":
+            return stage if stage < self.p else 2 * self.p - 1 - stage
         return stage % self.p
+
+    def stages_of(self, rank: int) -> list[int]:
+        """The stages rank ``rank`` holds, in increasing order."""
+        return [s for s in range(self.n_stages) if self.rank_of(s) == rank]
 
     def __str__(self) -> str:
         return format_grid(self)
@@ -188,12 +201,14 @@ _BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved_1f1
              "zero_bubble": zero_bubble_h1}
 
 
-def get_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
-    """Build schedule ``name`` ∈ {gpipe, 1f1b, interleaved, zero_bubble}; ValueError if the
+def get_schedule(name: str, p: int, m: int, v: int | None = None) -> Schedule:
+    """Build schedule ``name`` ∈ :data:`NAMES` (zb_v, dualpipe_v: v = 2, V placement); ValueError if the
     name is unknown or (p, m, v) is a combination that schedule does not allow."""
-    if name not in _BUILDERS:
+    if name not in NAMES:
         raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {', '.join(NAMES)}")
-    return _BUILDERS[name](p, m, v)
+    if name in ("zb_v", "dualpipe_v"):      # registered by :mod:`.schedules_v` (imported by the package)
+        return _BUILDERS[name](p, m, 2 if v is None else v)
+    return _BUILDERS[name](p, m, 1 if v is None else v)
 
 
 # ------------------------------------------------------------------------- communication

@@ -6,6 +6,10 @@ its inputs exist — F(i, s) needs F(i, s−1); B/I(i, s) needs its own F(i, s) 
 are buffered, so a receive blocks only until the matching send's compute has finished. A
 rank whose next input can never arrive is blocked; if any rank ends blocked, it is a deadlock.
 
+Overlapped F&B units (:attr:`~.schedules.Schedule.overlap`, DualPipeV) start when the inputs of
+both actions exist and take ``cost["F&B"]`` (default: F + B, no overlap gain); both results
+appear at the unit's end.
+
 Cost convention (default, :func:`default_costs`): per full stage F = I = W = 1 and B = I + W
 = 2 — the zero-bubble paper's T_F = T_B = T_W (arXiv 2401.10241) — and a virtual stage of an
 interleaved schedule costs 1/v of that, so a rank's total work is 3m whatever v. All numbers
@@ -124,6 +128,11 @@ def _why(key: tuple[str, int, int], schedule: Schedule) -> str:
 def execute(schedule: Schedule, cost: Cost = None) -> SimResult:
     """Run ``schedule`` under the model above; never raises on deadlock (see ``blocked``)."""
     dur = _cost_fn(cost, schedule.v)
+    pairs = getattr(schedule, "overlap", frozenset())
+    fb = cost.get("F&B") if isinstance(cost, Mapping) else None
+
+    def pair_cost(a, b):
+        return fb if fb is not None else dur(a) + dur(b)
     last = schedule.n_stages - 1
     p = len(schedule.actions)
     done: dict[tuple[str, int, int], object] = {}
@@ -137,19 +146,21 @@ def execute(schedule: Schedule, cost: Cost = None) -> SimResult:
         for r in range(p):
             acts = schedule.actions[r]
             while ptr[r] < len(acts):
-                a = acts[ptr[r]]
-                needs = _needs(a, last)
+                unit = acts[ptr[r]:ptr[r] + 2] if (r, ptr[r]) in pairs else acts[ptr[r]:ptr[r] + 1]
+                needs = [k for a in unit for k in _needs(a, last)]
                 if any(k not in done for k in needs):
                     break
                 start = max([free[r]] + [done[k] for k in needs])
-                d = dur(a)
+                d = pair_cost(*unit) if len(unit) == 2 else dur(unit[0])
                 end = start + d
-                timelines[r].append(Event(start, end, a))
+                part = Fraction(d) / len(unit) if isinstance(d, Rational) else d / len(unit)
+                for j, a in enumerate(unit):            # an F&B unit: two events sharing its time
+                    timelines[r].append(Event(start + j * part, start + (j + 1) * part, a))
+                    done[("G" if a.kind in ("B", "I") else a.kind, a.microbatch, a.stage)] = end
+                    if a.kind == "I":
+                        done[("I", a.microbatch, a.stage)] = end
                 free[r], busy[r] = end, busy[r] + d
-                done[("G" if a.kind in ("B", "I") else a.kind, a.microbatch, a.stage)] = end
-                if a.kind == "I":
-                    done[("I", a.microbatch, a.stage)] = end
-                ptr[r] += 1
+                ptr[r] += len(unit)
                 progress = True
     blocked = {}
     for r in range(p):
@@ -191,7 +202,7 @@ def format_grid(schedule: Schedule) -> str:
     for r, events in enumerate(run.timelines):
         cells = ["."] * steps
         for e in events:
-            cells[e.start] = e.action.label(v)
+            cells[int(e.start)] = e.action.label(v)
         row = f"rank {r}".ljust(8) + " ".join(c.ljust(width) for c in cells)
         rest = schedule.actions[r][len(events):]
         if rest:

@@ -230,7 +230,7 @@ def _mark_tied(stage, plan, k):
             dup = nn.Parameter(orig.detach().clone(), requires_grad=orig.requires_grad)
             _tie(orig, t, duplicate=False)
             src, copy_ = param_info(orig), param_info(dup)          # a tp shard stays one
-            copy_.tp_dim, copy_.sections = src.tp_dim, src.sections
+            copy_.tp_dim, copy_.sections, copy_.tp_pad = src.tp_dim, src.sections, src.tp_pad
             _tie(dup, t, duplicate=True)
             mod._parameters[pname] = dup
 

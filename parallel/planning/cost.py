@@ -13,7 +13,10 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
 Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it)
 / peak, plus its tp traffic at the given latency and bandwidth; the schedule is simulated with
 F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; dp traffic is
-exposed except what fits under the last micro-batch's backward (stages 0–2).
+exposed except what fits under the last micro-batch's backward (stages 0–2: of K equal buckets the
+last one's reduction, ready only when backward ends, is always exposed). With a measured memory
+bandwidth (``Hardware.mem_bandwidth``) the optimizer's update adds (bytes touched per owned element,
+:data:`OPT_BYTES`: AdamW reads p, g, m, v and writes p, m, v, 28 bytes in fp32) × owned elements / bandwidth.
 """
 from __future__ import annotations
 
@@ -22,9 +25,19 @@ from parallel.pipeline.simulate import simulate
 from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 
-__all__ = ["NORM_BYTES", "add_op", "tp_per_micro", "comm_per_step", "seconds", "step_time"]
+__all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "tp_per_micro", "comm_per_step", "seconds",
+           "step_time"]
 
 NORM_BYTES = 24          # the grad-norm all-reduce: three float64
+OPT_BYTES = {"adamw": 28, "adam": 28, "sgd_momentum": 20, "sgd": 12}    # fp32 bytes touched per element
+
+
+def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware) -> float:
+    """The optimizer's update over ``owned`` elements at ``hw.mem_bandwidth`` (0 when not modelled)."""
+    if not hw.mem_bandwidth:
+        return 0.0
+    key = tr.optimizer if tr.optimizer != "sgd" or not tr.momentum else "sgd_momentum"
+    return owned * OPT_BYTES[key] / hw.mem_bandwidth
 
 
 def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) -> None:
@@ -89,7 +102,8 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
 
 
 def seconds(ops: dict, hw: Hardware) -> float:
-    return sum(c["calls"] * hw.latency_s + c["wire_bytes"] / hw.bandwidth for c in ops.values())
+    """Σ_op calls·latency(op) + wire bytes / bandwidth(op) (per-op figures where ``hw`` has them)."""
+    return sum(c["calls"] * hw.lat(op) + c["wire_bytes"] / hw.bw(op) for op, c in ops.items())
 
 
 def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
@@ -104,7 +118,7 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         for op, (calls, payload) in tp_per_micro(spec, lay, e - a, k == 0, k == S - 1, mb, b).items():
             add_op(tp, "tp", op, calls, payload, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
-        p2p = ((k < S - 1) + (k > 0)) * (hw.latency_s + act / hw.bandwidth) if S > 1 else 0.0
+        p2p = ((k < S - 1) + (k > 0)) * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
         stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + p2p)
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
@@ -115,8 +129,10 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         span, bubble = float(sim.makespan), float(sim.bubble)
     reduce = {op: c for op, c in dp_ops.items() if op != "all_gather"}
     gather = seconds({op: c for op, c in dp_ops.items() if op == "all_gather"}, hw)
-    if lay.zero < 3:       # bucketed reduction under the last micro-batch's backward; gathers after the step
-        exposed = max(0.0, seconds(reduce, hw) - 2 / 3 * max(stage)) + gather
+    if lay.zero < 3:       # K buckets reduce under the last micro-batch's backward, except the last one (ready
+        k = max(1, reduce.get("all_reduce" if lay.zero == 0 else "reduce_scatter", {}).get("calls", 1))
+        r = seconds(reduce, hw)                    # only when backward ends); gathers after the step
+        exposed = r / k + max(0.0, r * (k - 1) / k - 2 / 3 * max(stage)) + gather
     else:                  # prefetched gathers under compute
         exposed = seconds(reduce, hw) + max(0.0, gather - span)
     return span + exposed, bubble

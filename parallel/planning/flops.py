@@ -27,6 +27,7 @@ known GPU, or else the best measured matmul rate of this device (:func:`measure_
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -92,10 +93,14 @@ def count_training_flops(model: nn.Module, sample, loss_fn=None, backward: bool 
     ``loss_fn(output) -> scalar`` (default: the sum of the output tensor: a loss adds no matmul).
     The model may live on the meta device (e.g. ``engine.template``): then ``sample`` is moved to
     meta too and nothing is computed, only shapes. The model's gradients are left untouched when
-    it is on the meta device; on a real device they accumulate (zero them afterwards)."""
+    it is on the meta device; on a real device they accumulate (zero them afterwards). A meta model
+    whose buffers are real (BatchNorm running statistics, as in a ``meta_copy`` template) is counted
+    on a copy with its buffers on meta too, so the template's buffers are not updated."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"count_training_flops needs an nn.Module, got {type(model).__name__}")
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dev.type == "meta" and any(not b.is_meta for b in model.buffers()):
+        model = copy.deepcopy(model).to("meta")
     if isinstance(sample, torch.Tensor):
         sample = sample.to(dev)
     was = model.training

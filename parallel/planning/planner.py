@@ -17,9 +17,14 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
 * params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1) or
   b·padded/N (2–3), fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
   Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4).
-Activations (an estimate, not measured by the tests): per block and micro-batch, elements
-b·s·h·(4 + 13/t) (SP: 2 + 15/t), plus the head's b·s·(2h + 2V/t), times the micro-batches a
-rank holds at once (:func:`parallel.pipeline.schedules.max_in_flight`).
+Activations (an estimate): per block and micro-batch, elements b·s·h·(4 + 12/t) (SP: 2 + 14/t) —
+the saved tensors :class:`parallel.activation.memory.SavedActivations` counts for our GPT, less
+the O(s·b) norm statistics and log-sum-exp — plus the head's b·s·(2h + 2V/t), times the micro-batches a
+rank holds at once (:func:`parallel.pipeline.schedules.max_in_flight`). Under
+``activation_checkpointing`` (``TrainSpec.activation``; :mod:`parallel.activation.memory` counts
+them exactly) a recomputed block keeps b·s·h (SP: /t), a selective one b·s·h·(3 + 8/t) (SP:
+2 + 9/t), an offloaded one nothing on the device; plus, once per rank, one block's full set,
+rebuilt while that block's backward runs.
 
 Communication and step time: :mod:`parallel.planning.cost`; the records: :mod:`parallel.planning.spec`.
 """
@@ -32,7 +37,7 @@ from parallel.data_parallel.bucket import fill_buckets
 from parallel.mesh import rank_of
 from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
-from parallel.planning.cost import comm_per_step, seconds, step_time
+from parallel.planning.cost import comm_per_step, optimizer_seconds, seconds, step_time
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
@@ -179,11 +184,21 @@ def _activations(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds:
     """Estimated activation bytes held at peak by a pp rank (see the module docstring)."""
     e = element_bytes(tr)[0]
     t, s, h, S = lay.tp, spec.seq, spec.hidden, lay.pp * lay.v
-    per_block = mb * s * h * ((2 + 15 / t) if lay.sp else (4 + 13 / t)) * e
+    unit = mb * s * h * e
+    kept = {"none": (2 + 14 / t) if lay.sp else (4 + 12 / t), "full": 1 / t if lay.sp else 1, "offload": 0,
+            "selective": (2 + 9 / t) if lay.sp else (3 + 8 / t)}
+    pol = tr.activation
+
+    def block(i):
+        mode = ("full" if i % tr.every == 0 else "none") if pol == "every" else pol
+        return kept[mode] * unit
+
     head = mb * s * (2 * h + 2 * spec.vocab / t) * e
-    per_stage = max((bounds[k][1] - bounds[k][0]) * per_block + (k == S - 1) * head for k in own)
+    per_stage = max(sum(block(i) for i in range(*bounds[k])) + (k == S - 1) * head for k in own)
     held = _in_flight(lay.schedule, lay.pp, lay.micro_batches, lay.v)[own[0] % lay.pp] if lay.pp > 1 else 1
-    return held * per_stage
+    # a recomputed block's own activations exist again while its backward runs: once per rank
+    recompute = kept["none"] * unit if pol in ("full", "every", "selective") else 0.0
+    return held * per_stage + recompute
 
 
 @functools.lru_cache(maxsize=4096)
@@ -247,6 +262,10 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
         if seconds(comm.get("dp", {}), hw) >= seconds(dp_ops, hw):
             dp_ops = comm.get("dp", {})
     pred.step_s, pred.bubble = step_time(spec, lay, tr, hw, bounds, mb, dp_ops)
+    if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
+        pred.step_s += max(optimizer_seconds(sum(_shard_pieces(bk, lay.dp, 0, lay.zero > 0)[0] for bk in _buckets(
+            _rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b, tr.bucket_mb, spec.tied and S == 1)), tr, hw)
+            for pr in range(lay.pp))
     pred.peak_bytes = max(m["peak"] for m in pred.memory.values())
     pred.fits = pred.peak_bytes <= hw.memory_bytes
     return pred

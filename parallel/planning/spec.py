@@ -66,6 +66,8 @@ class TrainSpec:
     optimizer: str = "adamw"        # adamw | adam | sgd
     momentum: bool = False          # sgd with momentum keeps a buffer
     bucket_mb: float = 25.0
+    activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload
+    every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,15 @@ class Hardware:
     peak_flops: float = 1e12        # per device
     bandwidth: float = 1e9          # bytes/s per rank, every axis
     latency_s: float = 1e-3         # per collective or message
+    op_bandwidth: tuple = ()        # ((op, bytes/s), ...): measured bus bandwidth of an op; else `bandwidth`
+    op_latency: tuple = ()          # ((op, seconds), ...): measured latency of an op; else `latency_s`
+    mem_bandwidth: float = 0.0      # bytes/s of the optimizer's elementwise update; 0: not modelled
+
+    def bw(self, op: str) -> float:
+        return dict(self.op_bandwidth).get(op, self.bandwidth)
+
+    def lat(self, op: str) -> float:
+        return dict(self.op_latency).get(op, self.latency_s)
 
 
 @dataclass

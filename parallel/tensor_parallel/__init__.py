@@ -13,7 +13,8 @@ from parallel.tensor_parallel.layers import (
                                              sum_grads_over_tp,
 )
 from parallel.tensor_parallel.plan import apply_tensor_parallel, resolve_plan
+from parallel.tensor_parallel.uneven import gather_vocab_logits
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
            "shard_tensor", "seq_scatter", "seq_gather", "seq_all_gather", "sum_grads_over_tp", "SEQ_DIM",
-           "apply_tensor_parallel", "resolve_plan"]
+           "apply_tensor_parallel", "resolve_plan", "gather_vocab_logits"]

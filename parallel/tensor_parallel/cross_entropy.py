@@ -60,7 +60,9 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tens
     """Mean cross-entropy over the tokens whose target is not ``ignore_index``, from logits split along
     the vocabulary (rank i holds classes [i·V/p, (i+1)·V/p)), never gathering the full logits: every
     tensor it allocates has at most b·s·V/p elements (Megatron-LM §3, arXiv 1909.08053).
-    Equals ``F.cross_entropy(full_logits.view(-1, V).float(), targets.view(-1))``."""
+    Equals ``F.cross_entropy(full_logits.view(-1, V).float(), targets.view(-1))``. A vocabulary padded to a
+    multiple of tp arrives with −∞ logits in its padded columns (:mod:`.uneven`): exp(−∞) = 0 adds nothing to
+    the sum and their gradient softmax − onehot is exactly 0, so the loss is the one over the V real classes."""
     if tuple(logits_shard.shape[:-1]) != tuple(targets.shape):
         raise ValueError(f"vocab_parallel_cross_entropy: logits shard {tuple(logits_shard.shape)} and targets "
                          f"{tuple(targets.shape)} disagree; logits must be targets.shape + (V/tp,)")

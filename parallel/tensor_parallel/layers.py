@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from parallel import comm
 from parallel.comm import Group
 from parallel.parameters import param_info
+from parallel.tensor_parallel.uneven import pad_logits, padded_size, sum_over_replicas
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
            "shard_tensor", "seq_scatter", "seq_gather", "seq_all_gather", "sum_grads_over_tp", "SEQ_DIM"]
@@ -42,26 +43,35 @@ def _divide(n: int, p: int, what: str) -> int:
     return n // p
 
 
-def shard_tensor(full: torch.Tensor, dim: int, parts: int, index: int, sections=None) -> torch.Tensor:
+def shard_tensor(full: torch.Tensor, dim: int, parts: int, index: int, sections=None, pad: int = 0) -> torch.Tensor:
     """Piece ``index`` of ``parts`` of ``full`` along ``dim``. With ``sections`` (sizes along ``dim``
     summing to its length, e.g. [q, k, v] of a fused projection) every section is split in ``parts``
-    and piece ``index`` of each is concatenated: rank i holds [q_i; k_i; v_i], never a cut through q|k."""
+    and piece ``index`` of each is concatenated: rank i holds [q_i; k_i; v_i], never a cut through q|k.
+    ``pad``: zeros appended along ``dim`` first (a vocabulary padded to a multiple of tp)."""
+    if pad:
+        shape = list(full.shape)
+        shape[dim] = pad
+        full = torch.cat([full, full.new_zeros(shape)], dim)
     if sections is None:
         return full.chunk(parts, dim)[index].contiguous()
     return torch.cat([s.chunk(parts, dim)[index] for s in full.split(list(sections), dim)], dim).contiguous()
 
 
-def _mark(p: nn.Parameter, dim: int, sections) -> nn.Parameter:
-    """Record a split parameter's dim and sections (read by the grad norm and checkpoints)."""
+def _mark(p: nn.Parameter, dim: int, sections, pad: int = 0, replicas: int = 1, rank: int = 0) -> nn.Parameter:
+    """Record a split parameter's dim, sections, padding and replication (read by the grad norm and checkpoints)."""
     info = param_info(p)
     info.tp_dim = dim
     info.sections = None if sections is None else tuple(int(s) for s in sections)
+    info.tp_pad, info.tp_replicas, info.tp_duplicate = pad, replicas, rank % replicas != 0
     return p
 
 
-def _shard_param(full: torch.Tensor, dim: int, group: Group, sections=None, memo=None) -> nn.Parameter:
-    """The rank's shard of ``full`` as a new Parameter; ``memo`` makes tied weights stay one Parameter."""
-    key = (id(full), dim % full.dim(), None if sections is None else tuple(sections))
+def _shard_param(full: torch.Tensor, dim: int, group: Group, sections=None, memo=None, pad: int = 0,
+                 replicas: int = 1) -> nn.Parameter:
+    """The rank's shard of ``full`` as a new Parameter; ``memo`` makes tied weights stay one Parameter.
+    ``pad`` zeros are appended along ``dim`` first; with ``replicas`` > 1 there are tp/replicas pieces and
+    rank i holds piece i // replicas (see :mod:`parallel.tensor_parallel.uneven`)."""
+    key = (id(full), dim % full.dim(), None if sections is None else tuple(sections), pad, replicas)
     if memo is not None and id(full) in memo:
         have_key, p = memo[id(full)]
         if have_key != key:
@@ -69,9 +79,9 @@ def _shard_param(full: torch.Tensor, dim: int, group: Group, sections=None, memo
                              f"({have_key[1:]} vs {key[1:]}); give tied modules matching plan styles")
         return p
     with torch.no_grad():
-        p = nn.Parameter(shard_tensor(full.detach(), dim, group.size, group.rank, sections),
-                         requires_grad=full.requires_grad)
-    _mark(p, dim, sections)
+        p = nn.Parameter(shard_tensor(full.detach(), dim, group.size // replicas, group.rank // replicas, sections,
+                                      pad), requires_grad=full.requires_grad)
+    _mark(p, dim, sections, pad, replicas, group.rank)
     if memo is not None:
         memo[id(full)] = (key, p)
     return p
@@ -129,16 +139,25 @@ class ColumnParallelLinear(nn.Module):
     ``sequence_parallel``: X is the sequence shard and f is f̄ (all-gather seq / reduce-scatter grad).
     ``sections``: sizes of a fused output (e.g. [q, k, v]); each is split separately (by heads).
     ``transposed``: weight kept as [in, out_i] (transformers' GPT-2 Conv1D layout, Y = XW + b).
+    ``pad_vocab``: out_features (a vocabulary) may be indivisible by tp: it is padded to ⌈V/tp⌉·tp with zero
+    rows, whose logits are −∞ in the split output and dropped from a gathered one (:mod:`.uneven`).
+    ``replicas``: consecutive ranks holding the same piece (kv heads fewer than tp; tp/replicas pieces);
+    the piece's gradient is summed over them (:func:`.uneven.sum_over_replicas`).
     Without ``weight``, the full weight is drawn exactly as ``nn.Linear(in, out)`` would draw it
     from the current RNG state and then split, so a seeded model equals its one-process twin.
     """
 
     def __init__(self, in_features: int, out_features: int, group: Group, bias: bool = True, *,
                  gather_output: bool = False, sequence_parallel: bool = False, sections=None,
-                 transposed: bool = False, weight=None, bias_tensor=None, memo=None, device=None, dtype=None):
+                 transposed: bool = False, pad_vocab: bool = False, replicas: int = 1, weight=None,
+                 bias_tensor=None, memo=None, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.gather_output, self.sequence_parallel, self.transposed = gather_output, sequence_parallel, transposed
+        self.replicas = replicas
+        if replicas > 1 and (sections is not None or gather_output or pad_vocab or group.size % replicas):
+            raise ValueError(f"ColumnParallelLinear: replicas = {replicas} needs a tp ({group.size}) it divides, "
+                             f"and no sections, gather_output or pad_vocab")
         self.sections = None if sections is None else tuple(int(s) for s in sections)
         if self.sections is not None:
             if sum(self.sections) != out_features:
@@ -149,13 +168,17 @@ class ColumnParallelLinear(nn.Module):
                                  "them; gather each section instead")
             for s in self.sections:
                 _divide(s, group.size, "ColumnParallelLinear fused section size")
-        self.out_local = _divide(out_features, group.size, "ColumnParallelLinear out_features")
+        padded = padded_size(out_features, group.size) if pad_vocab and self.sections is None else out_features
+        self.out_local = _divide(padded, group.size // replicas, "ColumnParallelLinear out_features")
+        self.valid_local = min(max(out_features - group.rank // replicas * self.out_local, 0), self.out_local)
         if weight is None:
             ref = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
             weight = ref.weight.t() if transposed else ref.weight
             bias_tensor = ref.bias
-        self.weight = _shard_param(weight, 1 if transposed else 0, group, self.sections, memo)
-        self.bias = _shard_param(bias_tensor, 0, group, self.sections, memo) if bias_tensor is not None else None
+        pad = padded - out_features
+        self.weight = _shard_param(weight, 1 if transposed else 0, group, self.sections, memo, pad, replicas)
+        self.bias = (_shard_param(bias_tensor, 0, group, self.sections, memo, pad, replicas)
+                     if bias_tensor is not None else None)
         self.shared_input: _SharedInput | None = None
         self.input_ready = False
 
@@ -178,13 +201,22 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.shared_input.get(x, self._enter) if self.shared_input is not None else self._enter(x)
-        y = F.linear(x, self.weight.t() if self.transposed else self.weight, self.bias)
-        return comm.gather_from_seq(y, self.group, -1) if self.gather_output else y
+        w, b = self.weight, self.bias
+        if self.replicas > 1:                    # a replicated kv head: gradient summed over its copies
+            w = sum_over_replicas(w, self.group, self.replicas)
+            b = None if b is None else sum_over_replicas(b, self.group, self.replicas)
+        y = F.linear(x, w.t() if self.transposed else w, b)
+        if self.gather_output:                   # padding (if any) dropped: the caller sees out_features
+            y = comm.gather_from_seq(y, self.group, -1)
+            return y if y.shape[-1] == self.out_features else y[..., :self.out_features]
+        return pad_logits(y, self.valid_local)
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features} (local {self.out_local}), tp={self.group.size}, "
                 f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}"
-                + (f", sections={self.sections}" if self.sections else ""))
+                + (f", sections={self.sections}" if self.sections else "")
+                + (f", replicas={self.replicas}" if self.replicas > 1 else "")
+                + (f", padding={self.out_local - self.valid_local}" if self.valid_local < self.out_local else ""))
 
 
 class RowParallelLinear(nn.Module):
@@ -240,6 +272,7 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocabulary split: E = [E_1; …; E_p], rank i holds rows [i·V/p, (i+1)·V/p).
+    A V not divisible by p is padded to V' = ⌈V/p⌉·p with zero rows that no token looks up (:mod:`.uneven`).
 
     out = Σ_i 1[t ∈ V_i] · E_i[t − i·V/p]: each rank looks up the tokens it owns, writes zeros for the
     rest, and the ranks all-reduce (g). With ``sequence_parallel`` the sum is a reduce-scatter along the
@@ -251,11 +284,12 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
         self.sequence_parallel, self.padding_idx = sequence_parallel, padding_idx
-        self.vocab_local = _divide(num_embeddings, group.size, "VocabParallelEmbedding vocabulary size")
+        padded = padded_size(num_embeddings, group.size)
+        self.vocab_local = padded // group.size
         self.vocab_start = group.rank * self.vocab_local
         if weight is None:
             weight = nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype).weight
-        self.weight = _shard_param(weight, 0, group, None, memo)
+        self.weight = _shard_param(weight, 0, group, None, memo, padded - num_embeddings)
 
     @classmethod
     def from_module(cls, m: nn.Module, group: Group, **kw) -> "VocabParallelEmbedding":

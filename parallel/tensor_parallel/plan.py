@@ -23,6 +23,8 @@ Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
   rowwise          row-parallel Linear/Conv1D, input split along its last dim, output all-reduced
   rowwise_split_input  row-parallel taking its own slice of a replicated input
   vocab            vocab-parallel nn.Embedding
+  (vocab, colwise_vocab and colwise_gather pad a V not divisible by tp; k/v projections with fewer heads
+  than tp are replicated, tp/n_kv ranks per kv head: see :mod:`parallel.tensor_parallel.uneven`)
   replicated_grad_allreduce  replicated module whose parameter gradients are partial (summed over tp)
   sequence_parallel  module runs on the sequence shard (LayerNorm); with SP its gradients are summed.
                      Norm modules outside the tensor-parallel attention/MLP modules are found
@@ -44,7 +46,8 @@ Dropout on a sequence shard needs a different RNG stream per tp rank; that is no
 ``plan="auto"``: the model's ``TP_PLAN`` (attribute, or a dict in the module defining its class, as in
 examples/gpt.py); else a transformers model's published plan (``model.tp_plan`` built from
 ``config.base_model_tp_plan``) or one of ``BUILTIN_PLANS`` by ``config.model_type`` (GPT-2 publishes
-none), with the input embedding made ``vocab`` and the output embedding ``colwise_vocab``.
+none), with the input embedding made ``vocab`` and the output embedding ``colwise_vocab``; else a plan
+derived from the module graph and verified block by block (:mod:`.auto_plan`), printed when derived.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from parallel.comm import Group
+from parallel.tensor_parallel.auto_plan import plan_for
 from parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -80,6 +84,7 @@ from parallel.tensor_parallel.styles import (
     resolve_plan,
 )
 from parallel.tensor_parallel.ties import tie_styles
+from parallel.tensor_parallel.uneven import kv_replication, set_replicated_kv_attrs, vocab_error
 
 __all__ = ["apply_tensor_parallel", "TPConversion", "resolve_plan", "STYLES", "HF_ALIASES", "BUILTIN_PLANS"]
 
@@ -104,8 +109,9 @@ def _sections(name, m, style, parent, tp, errors):
     return None, [None]
 
 
-def _validate(matches, mods, tp, errors) -> dict:
-    """Check every planned module; returns the fused sections of each column layer by name."""
+def _validate(matches, mods, tp, errors, kv) -> dict:
+    """Check every planned module; returns the fused sections of each column layer by name. ``kv``: the
+    k/v projections whose heads are replicated (:func:`.uneven.kv_replication`)."""
     sections = {}
     for name, style, m in matches:
         parent_name = name.rpartition(".")[0]
@@ -122,14 +128,21 @@ def _validate(matches, mods, tp, errors) -> dict:
             continue
         if style in COLWISE:
             out = m.nf if _is_conv1d(m) else m.out_features
-            if out % tp:
+            pads = style in ("colwise_vocab", "colwise_gather")          # padded to a multiple of tp
+            if pads and vocab_error(name, out, tp):
+                errors.append(vocab_error(name, out, tp))
+            elif out % tp and not pads and name not in kv:
                 errors.append(f"{name}: out_features = {out} is not divisible by tp = {tp}")
             secs, heads = _sections(name, m, style, parent, tp, errors)
             for i, (s, h) in enumerate(zip(secs or [out], heads or [None])):
                 what = f"section {i} of {secs}" if secs else "output"
+                if name in kv:
+                    continue
                 if h is not None and h % tp:
                     errors.append(f"{name}: {what} has {h} heads (head_dim {s // h}), not divisible by tp = {tp}; "
-                                  f"use a tp that divides the (key/value) head count")
+                                  f"use a tp that divides the (key/value) head count"
+                                  + (" (kv heads are replicated over tp only for separate k/v projections, not a "
+                                     "fused qkv)" if style == "colwise_qkv" and tp % h == 0 else ""))
                 elif secs and s % tp:
                     errors.append(f"{name}: {what} of size {s} is not divisible by tp = {tp}")
             sections[name] = secs
@@ -137,9 +150,8 @@ def _validate(matches, mods, tp, errors) -> dict:
             inp = m.nx if _is_conv1d(m) else m.in_features
             if inp % tp:
                 errors.append(f"{name}: in_features = {inp} is not divisible by tp = {tp}")
-        if style == "vocab" and m.num_embeddings % tp:
-            errors.append(f"{name}: vocabulary size {m.num_embeddings} is not divisible by tp = {tp}; pad the "
-                          f"vocabulary to a multiple of tp")
+        if style == "vocab" and vocab_error(name, m.num_embeddings, tp):     # else padded to a multiple of tp
+            errors.append(vocab_error(name, m.num_embeddings, tp))
     return sections
 
 
@@ -185,12 +197,12 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     and sections in :func:`parallel.parameters.param_info`. With tp = 1 the plan is only checked."""
     group: Group = mesh_or_group.group("tp") if hasattr(mesh_or_group, "group") else mesh_or_group
     tp = group.size
-    matches, sections, styles, attrs = _checked_plan(model, plan, tp, sequence_parallel)
+    matches, sections, styles, kv, attrs = _checked_plan(model, plan, tp, sequence_parallel)
     out = TPConversion(group, bool(sequence_parallel and tp > 1), tp > 1 and "colwise_vocab" in styles)
     if tp == 1:
         return out
     region = "seq_scatter_input" in styles
-    islands = _convert(model, matches, sections, group, out.sequence_parallel, region, attrs)
+    islands = _convert(model, matches, sections, group, out.sequence_parallel, region, kv, attrs)
     if out.sequence_parallel:
         _shard_norms(model, matches, islands, region, group)
     if out.vocab_parallel_output and hasattr(model, "config"):
@@ -198,30 +210,34 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     return out
 
 
-def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set, dict]:
-    """The plan's matches [(name, style, module)], fused sections by name, styles, per-rank attribute
-    values by module name (:mod:`.semantics`: tied modules added, width attributes); or one ValueError."""
-    plan = resolve_plan(model, plan)
+def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set, dict, dict]:
+    """The plan's matches [(name, style, module)], fused sections by name, styles, replicated k/v projections
+    {name: (kv heads, q heads)}, per-rank attribute values by module name (:mod:`.semantics`; tied modules
+    added by :mod:`.ties`); or one ValueError."""
+    plan = resolve_plan(model, plan, ft.partial(plan_for, tp=tp, convert=apply_tensor_parallel,
+                                                sequence_parallel=sequence_parallel))
     errors: list[str] = []
     matches = _match(model, plan, errors)
     mods = dict(model.named_modules())
-    sections = _validate(matches, mods, tp, errors)
+    kv = kv_replication(matches, mods, tp, lambda n, m, parent: _sections(n, m, "colwise", parent, tp, [])[1][0]
+                        if isinstance(m, nn.Linear) or _is_conv1d(m) else None, errors)
+    sections = _validate(matches, mods, tp, errors, kv)
     styles = {s for _, s, _ in matches}
     tied = tie_styles(model, matches, sections, sequence_parallel, "seq_scatter_input" in styles, errors)
-    sections.update(_validate(tied, mods, tp, errors))
+    sections.update(_validate(tied, mods, tp, errors, kv))
     matches += tied
     styles |= {s for _, s, _ in tied}
-    attrs = island_attrs(matches, mods, sections, tp, errors)
+    attrs = island_attrs(matches, mods, sections, tp, errors, {n.rpartition(".")[0] for n in kv})
     if sequence_parallel and "seq_scatter_input" in styles and "seq_gather_output" not in styles:
         errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
                       "mark the final norm 'seq_gather_output'")
     if errors:
         raise ValueError(f"tensor-parallel plan cannot be applied to {type(model).__name__} with tp = {tp}:\n  - "
                          + "\n  - ".join(errors))
-    return matches, sections, styles, attrs
+    return matches, sections, styles, kv, attrs
 
 
-def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: bool, region: bool,
+def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: bool, region: bool, kv: dict,
              attrs: dict) -> set:
     """Swap in the parallel layers, hook the markers; returns the parents of split linears (islands)."""
     mods = dict(model.named_modules())
@@ -234,7 +250,8 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
         if style in COLWISE:
-            new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared)
+            new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared,
+                          group.size // kv[name][0] if name in kv else 1)
             if style not in ("colwise_vocab", "colwise_gather"):
                 islands.add(parent_name)
         elif style in ROWWISE:
@@ -252,14 +269,17 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
     for parent_name, values in attrs.items():    # per-rank widths and head counts the forwards read
         for a, v in values.items():
             setattr(mods[parent_name], a, v)
+    for name, (_, nq) in kv.items():                 # replicated kv: 1 kv head, nq/tp query heads per rank
+        set_replicated_kv_attrs(mods[name.rpartition(".")[0]], nq // group.size, _KV_HEADS)
     return islands
 
 
-def _column(m, style, parent, group, sections, sp, region, memo, shared) -> ColumnParallelLinear:
+def _column(m, style, parent, group, sections, sp, region, memo, shared, replicas=1) -> ColumnParallelLinear:
     """The column-parallel layer for ``m``; inside an attention/MLP module it shares one f (or f̄)."""
     head = style in ("colwise_vocab", "colwise_gather")
     new = ColumnParallelLinear.from_module(m, group, gather_output=style == "colwise_gather", sections=sections,
-                                           sequence_parallel=sp and not (head and region), memo=memo)
+                                           sequence_parallel=sp and not (head and region), memo=memo,
+                                           pad_vocab=head and sections is None, replicas=replicas)
     if not head:
         # One f (or f̄) per attention/MLP module, however many column layers read its input. With
         # sequence parallel f̄ goes on the module's input, so code in it that derives shapes from

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from parallel.tensor_parallel.layers import _is_conv1d
-from parallel.tensor_parallel.styles import HEAD_ATTRS, ROWWISE
+from parallel.tensor_parallel.styles import _KV_HEADS, HEAD_ATTRS, ROWWISE
 
 __all__ = ["subclass_problem", "as_subclass", "island_attrs", "width_attrs", "DIVIDE_ATTRS", "KEEP_ATTRS"]
 
@@ -310,7 +310,7 @@ def as_subclass(new: nn.Module, m: nn.Module, style: str) -> nn.Module:
 # --- 3. width attributes read by the forward ------------------------------------------------------------
 
 def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp: int, errors: list,
-                split=frozenset(), row=frozenset()) -> dict:
+                split=frozenset(), row=frozenset(), skip=()) -> dict:
     """{attribute: per-rank value} for ``parent``, holding layers split across tp whose outputs (or inputs)
     are ``widths`` wide with ``heads`` heads (children ``split``: column, ``row``: row-parallel); errors for
     attributes or code that would see mixed widths."""
@@ -333,7 +333,7 @@ def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp
     attrs = set(reads) | ({a for a in HEAD_ATTRS if hasattr(parent, a)} if hasattr(parent, "head_dim") else set())
     for a in sorted(attrs):
         v = getattr(parent, a, None)
-        if not isinstance(v, int) or isinstance(v, bool) or a in says and says[a] == "keep":
+        if not isinstance(v, int) or isinstance(v, bool) or says.get(a) == "keep" or a in skip:
             continue
         if says.get(a) == "divide" or a in HEAD_ATTRS or a in DIVIDE_ATTRS and v in widths:
             if v % tp:
@@ -346,9 +346,10 @@ def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp
     return out
 
 
-def island_attrs(matches: list, mods: dict, sections: dict, tp: int, errors: list) -> dict:
+def island_attrs(matches: list, mods: dict, sections: dict, tp: int, errors: list, kv_parents=frozenset()) -> dict:
     """{parent name: {attribute: per-rank value}} for every module holding layers whose outputs (column)
-    or inputs (row) are split across tp ranks, by :func:`width_attrs`."""
+    or inputs (row) are split across tp ranks, by :func:`width_attrs`. In ``kv_parents`` (kv heads
+    replicated, :mod:`.uneven`) the kv head counts are left to ``set_replicated_kv_attrs``."""
     widths: dict[str, set] = {}
     kids: dict[str, tuple] = {}
     for name, style, m in matches:
@@ -364,5 +365,6 @@ def island_attrs(matches: list, mods: dict, sections: dict, tp: int, errors: lis
         parent = mods[parent_name]
         hd = getattr(parent, "head_dim", None)
         heads = {x // hd for x in w if x % hd == 0} if isinstance(hd, int) and hd > 0 else set()
-        out[parent_name] = width_attrs(parent_name, parent, w, heads, tp, errors, *kids[parent_name])
+        out[parent_name] = width_attrs(parent_name, parent, w, heads, tp, errors, *kids[parent_name],
+                                       skip=_KV_HEADS if parent_name in kv_parents else ())
     return out

@@ -1,5 +1,6 @@
 """Which modules a tensor-parallel plan converts, and how: the styles, transformers' aliases and
-built-in plans, the automatic plan (the model's or transformers' published one), the sequence-parallel
+built-in plans, the automatic plan (the model's or transformers' published one, else the caller's
+fallback: the plan derived from the module graph, :mod:`.auto_plan`), the sequence-parallel
 region markers, and glob matching of plan entries to module names (:mod:`.plan` does the conversion)."""
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ def _is_norm(m: nn.Module) -> bool:
 
 # --- plan resolution ----------------------------------------------------------------------------
 
-def resolve_plan(model: nn.Module, plan="auto") -> dict:
-    """The plan as {glob: style} with aliases mapped; ``"auto"`` as described in the module docstring."""
+def resolve_plan(model: nn.Module, plan="auto", fallback=None) -> dict:
+    """The plan as {glob: style} with aliases mapped; ``"auto"`` as described in the module docstring;
+    ``fallback(model) -> plan`` for a model without one (:func:`.plan.apply_tensor_parallel` passes the
+    plan derived from the module graph, :mod:`.auto_plan`)."""
     if plan == "auto" or plan is None:
-        plan = _auto_plan(model)
+        plan = _auto_plan(model, fallback)
     elif not isinstance(plan, dict):
         raise ValueError(f"tp plan must be 'auto' or a dict {{module glob: style}}, got {plan!r}")
     out = {}
@@ -61,7 +64,7 @@ def resolve_plan(model: nn.Module, plan="auto") -> dict:
     return out
 
 
-def _auto_plan(model: nn.Module) -> dict:
+def _auto_plan(model: nn.Module, fallback=None) -> dict:
     own = getattr(model, "TP_PLAN", None) or getattr(sys.modules.get(type(model).__module__), "TP_PLAN", None)
     if isinstance(own, dict) and own:
         return dict(own)
@@ -71,6 +74,8 @@ def _auto_plan(model: nn.Module) -> dict:
         prefix = getattr(model, "base_model_prefix", "")
         prefix = prefix + "." if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
         hf = {prefix + k: v for k, v in BUILTIN_PLANS[cfg.model_type].items()}
+    if not hf and fallback is not None and not isinstance(own, dict):
+        return fallback(model)
     if not hf:
         raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no TP_PLAN, no transformers "
                          f"base_model_tp_plan, no built-in plan): set parallel.tp_plan to {{module glob: style}}")

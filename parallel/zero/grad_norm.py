@@ -4,7 +4,8 @@ Global gradient norm (for clipping and reporting), ‖g‖² = Σ over the dp pa
 and over ``norm_groups``: a parameter split by tp (``param_info(p).tp_split``) is a distinct shard per tp rank
 (summed over a group whose axis is "tp"); any other parameter is replicated over tp and counted
 once (from tp rank 0); a parameter with ``param_info(p).pp_duplicate`` is a second copy (a tied
-embedding on the last pipeline stage) and is not counted; over other groups (pp) all are summed.
+embedding on the last pipeline stage) and is not counted, nor is one with ``tp_duplicate`` (a replicated
+kv head on all but the first of the tp ranks holding it); over other groups (pp) all are summed.
 The three parts are kept apart, [Σ tp-split g², Σ replicated g², Σ duplicate g²], in float64.
 
 Non-finite policy (``on_nonfinite``, the config's ``train.on_nonfinite``). The parts are
@@ -45,7 +46,8 @@ def norm_segments(b) -> list:
     segs = []
     for i, a, e in b.pieces():
         p = b.params[i]
-        kind = 2 if param_info(p).pp_duplicate else 0 if param_info(p).tp_split else 1
+        info = param_info(p)
+        kind = 2 if info.pp_duplicate or info.tp_duplicate else 0 if info.tp_split else 1
         if segs and segs[-1][2] == kind and segs[-1][1] == a - b.lo:
             segs[-1] = (segs[-1][0], e - b.lo, kind)
         else:

@@ -1,0 +1,140 @@
+"""Hardware calibration of the benchmark protocol, run on all ranks at once (inside an initialised
+gloo process group), at the start and at the end of a run.
+
+Figures (a flat dict, so start and end compare key by key):
+* ``matmul_flops``: fp32 FLOP/s of the model's own matmul shapes at the per-rank token count T —
+  (T,h)·(h,3h), (T,h)·(h,h), (T,h)·(h,4h), (T,4h)·(4h,h), (T,h)·(h,V); 2·T·k·n FLOPs each;
+* ``mem_bw``: bytes/s of c = a + b over tensors larger than the caches (3 · bytes(a) moved);
+* ``train_flops``: model FLOP/s (per-rank tokens · (6N + 12Lhs)) of the model's own forward +
+  backward on the per-rank batch, no communication, no optimizer: what the matmuls achieve once
+  norms, attention, activations and the autograd walk are around them (the planner's compute rate);
+* per op and implementation (``gloo``: torch.distributed's; ``ring``: parallel/comm/ring.py):
+  ``lat.<impl>.<op>`` the seconds of a call at N elements, and ``bw.<impl>.<op>`` the bus bandwidth
+  wire(M) / t(M) at M bytes (as nccl-tests defines it: one latency included), with the ring
+  model's wire bytes per rank: all-reduce
+  2(N−1)/N·M, reduce-scatter and all-gather (N−1)/N·M, send-recv M (each rank sends M to its right
+  neighbour while receiving M from its left). The ring's all-reduce is its reduce-scatter then
+  all-gather. Each timing is the slowest rank's (max over ranks), median over repeats.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from parallel.comm.collectives import Group
+from parallel.comm.ring import ring_all_gather, ring_reduce_scatter
+
+__all__ = ["calibrate", "WIRE", "OPS"]
+
+WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
+        "all_gather": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
+OPS = [("gloo", "all_reduce"), ("gloo", "reduce_scatter"), ("gloo", "all_gather"), ("gloo", "send_recv"),
+       ("ring", "all_reduce"), ("ring", "reduce_scatter"), ("ring", "all_gather")]
+
+
+def _slowest(ts: list) -> float:
+    """Median over repeats of the slowest rank's time."""
+    t = torch.tensor(ts, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return statistics.median(t.tolist())
+
+
+def _timed(fn, reps: int) -> float:
+    fn()                                                   # warm-up (buffers, connections)
+    ts = []
+    for _ in range(reps):
+        if dist.is_initialized():
+            dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return _slowest(ts)
+
+
+def matmul_rate(tokens: int, h: int, vocab: int, reps: int = 5) -> float:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(tokens, h, 3 * h), (tokens, h, h), (tokens, h, 4 * h), (tokens, 4 * h, h), (tokens, h, vocab)]
+    mats = [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+
+    def run():
+        for a, b in mats:
+            torch.mm(a, b)
+    return flops / _timed(run, reps)
+
+
+def mem_bandwidth(mb: int = 32, reps: int = 5) -> float:
+    n = mb * 2 ** 20 // 4
+    a, b, c = torch.ones(n), torch.ones(n), torch.empty(n)
+    return 3 * 4 * n / _timed(lambda: torch.add(a, b, out=c), reps)
+
+
+def _op_fn(impl: str, op: str, numel: int, group: Group):
+    n, r = group.size, group.rank
+    numel = -(-numel // n) * n
+    full, shard = torch.ones(numel), torch.ones(numel // n)
+    if op == "send_recv":
+        buf = torch.empty(numel)
+
+        def sr():
+            works = [dist.irecv(buf, src=(r - 1) % n), dist.isend(full, dst=(r + 1) % n)]
+            for w in works:
+                w.wait()
+        return sr, numel * 4
+    if impl == "gloo":
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        fn = {"all_reduce": lambda: dist.all_reduce(full), "reduce_scatter": lambda: rs(shard, full),
+              "all_gather": lambda: ag(full, shard)}[op]
+        return fn, numel * 4
+
+    def rs():
+        ring_reduce_scatter(shard, full, group)
+
+    def ag():
+        ring_all_gather(full, shard, group)
+
+    def ar():
+        rs()
+        ag()
+    return {"all_reduce": ar, "reduce_scatter": rs, "all_gather": ag}[op], numel * 4
+
+
+def train_rate(kw: dict, per: int, reps: int = 5) -> float:
+    import torch.nn.functional as F
+
+    from examples.gpt import GPT
+    from parallel.planning.flops import gpt_flops_per_token
+    torch.manual_seed(0)
+    model = GPT(**kw)
+    x = torch.randint(0, kw["vocab_size"], (per, kw["seq_len"]))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    flops = per * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"], kw["vocab_size"])
+    return flops / _timed(run, reps)
+
+
+def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32) -> dict:
+    """All figures of the module docstring for model ``kw`` (examples/gpt.py) at ``per`` sequences
+    per rank, measured now with every rank running."""
+    out = {"matmul_flops": matmul_rate(per * kw["seq_len"], kw["n_embd"], kw["vocab_size"]),
+           "mem_bw": mem_bandwidth(mem_mb), "train_flops": train_rate(kw, per)}
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return out
+    n, r = dist.get_world_size(), dist.get_rank()
+    group = Group(dist.group.WORLD, "calibration", tuple(range(n)), r)
+    big = int(comm_mb * 2 ** 20 // 4)
+    for impl, op in OPS:
+        small_fn, _ = _op_fn(impl, op, n, group)
+        big_fn, m = _op_fn(impl, op, big, group)
+        lat = _timed(small_fn, 3 * reps)
+        t = _timed(big_fn, reps)
+        out[f"lat.{impl}.{op}"] = lat
+        out[f"bw.{impl}.{op}"] = WIRE[op](n) * m / t
+    return out

@@ -1,0 +1,188 @@
+"""Analysis and tables of a benchmark-protocol record (benchmarks/protocol.py): paired ratios with the
+A/A noise band, floors per row, the planner's prediction from the measured hardware. Works on a
+recorded JSON as well as on a live run (tests/test_bench_protocol.py checks it on a recorded one).
+
+Per row (seconds, per rank): compute floor F / R (F = per-rank tokens · (6N + 12Lhs), R the
+calibrated fp32 matmul rate); communication floor Σ_op calls·lat_op + wire_op / bw_op at the
+bandwidth of the implementation the op runs on (ours: reduce-scatter/all-gather of ≥ 256 KiB on our
+ring, the rest gloo; peers: gloo); optimizer floor owned elements · 28 B / memory bandwidth. The
+calibration used is the mean of the start and end figures.
+"""
+from __future__ import annotations
+
+import statistics
+
+from benchmarks import proto_stats as st
+from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, WHAT
+from parallel.planning.flops import gpt_flops_per_token
+from parallel.planning.planner import predict
+from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec
+
+__all__ = ["calib_mean", "hardware", "predict_row", "floors", "analyse", "text", "markdown"]
+
+_PLANNER_OP = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "all_gather": "all_gather",
+               "send": "send_recv", "recv": "send_recv"}
+
+
+def calib_mean(rec: dict) -> dict:
+    a, b = rec["calib_start"], rec["calib_end"]
+    return {k: (a[k] + b[k]) / 2 for k in a if k in b}
+
+
+def _fig(cal: dict, kind: str, impl: str, op: str, world: int) -> float:
+    key = f"{kind}.{impl}.{op}"
+    if key not in cal:
+        key = f"{kind}.gloo.{op}"
+    return cal.get(key, 0.0 if kind == "lat" else float("inf"))
+
+
+def hardware(cal: dict, impl: str = "gloo", world: int = 2) -> Hardware:
+    """The planner's Hardware from calibrated figures: compute at the measured forward+backward rate
+    (``train_flops``), per-op latency and bus bandwidth, memory bandwidth; ``impl`` = "ring" puts
+    reduce-scatter and all-gather on our ring (as our rows run them at bucket sizes)."""
+    def im(op):
+        return impl if op in ("reduce_scatter", "all_gather") else "gloo"
+    ops = list(_PLANNER_OP.items())
+    return Hardware(peak_flops=cal.get("train_flops", cal["matmul_flops"]),
+                    bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
+                    latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
+                    op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),
+                    op_latency=tuple((p, _fig(cal, "lat", im(o), o, world)) for p, o in ops))
+
+
+def model_spec(kw: dict) -> ModelSpec:
+    return ModelSpec(n_layer=kw["n_layer"], hidden=kw["n_embd"], heads=kw["n_head"], vocab=kw["vocab_size"],
+                     seq=kw["seq_len"])
+
+
+def predict_row(rec: dict, name: str, cal: dict):
+    """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
+    meta = rec["rows"][name]
+    lay = Layout(**meta["layout"])
+    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp, bucket_mb=25.0)
+    hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
+    return predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
+
+
+def bytes_check(rec: dict, name: str, pred) -> dict | None:
+    """Our rows: the dp axis' wire bytes per op, measured by CommStats in this run vs the planner's."""
+    axes = rec["rows"][name].get("comm_axes")
+    if not axes or not rec["rows"][name]["ours"]:
+        return None
+    got = {op: c["wire_bytes"] for op, c in axes.get("dp", {}).items()}
+    want = {op: c["wire_bytes"] for op, c in pred.comm[0].get("dp", {}).items()}
+    return {"measured": got, "planner": want, "equal": got.keys() == want.keys() and
+            all(abs(got[k] - want[k]) <= 1e-9 * max(1.0, want[k]) for k in got)}
+
+
+def floors(rec: dict, name: str, cal: dict) -> dict:
+    kw, meta = rec["model"], rec["rows"][name]
+    flops = rec["per_rank_batch"] * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"],
+                                                                         kw["vocab_size"])
+    comm = meta["comm"]
+    lat = {op: _fig(cal, "lat", c.get("impl", "gloo"), op, rec["world"]) for op, c in comm.items()}
+    bw = {op: _fig(cal, "bw", c.get("impl", "gloo"), op, rec["world"]) for op, c in comm.items()}
+    out = {"compute": flops / cal["matmul_flops"], "comm": st.comm_floor(comm, lat, bw),
+           "optimizer": meta["owned"] * st.ADAMW_BYTES / cal["mem_bw"], "flops": flops}
+    out["total"] = out["compute"] + out["comm"] + out["optimizer"]
+    return out
+
+
+def analyse(rec: dict, n_boot: int = 2000) -> dict:
+    """Everything the tables print, from a record (see benchmarks/proto_run.py's return value)."""
+    t, cal, seed = rec["times"], calib_mean(rec), rec["seed"]
+    aa = st.compare(t["ddp_aa"], t["ddp"], seed, n_boot) if "ddp_aa" in t and "ddp" in t else None
+    w = st.noise_half_width(aa) if aa else 0.0
+    rows = {}
+    for name, ts in t.items():
+        pred = predict_row(rec, name, cal)
+        r = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "floors": floors(rec, name, cal),
+             "predicted": pred.step_s, "bytes": bytes_check(rec, name, pred), "vs": {}}
+        r["step_over_floor"] = r["median"] / r["floors"]["total"]
+        r["pred_over_measured"] = r["predicted"] / r["median"]
+        for peer in dict.fromkeys([PEER_OF.get(name), DS_PEER.get(name), *ALSO.get(name, []), "ddp"]):
+            if peer and peer != name and peer in t:
+                c = st.compare(ts, t[peer], seed, n_boot)
+                c["verdict"] = st.verdict(c["median"], w)
+                r["vs"][peer] = c
+        rows[name] = r
+    return {"rows": rows, "aa": aa, "noise_w": w, "drift": st.drift(rec["calib_start"], rec["calib_end"]),
+            "calib": cal}
+
+
+def _calib_lines(an: dict) -> list:
+    c = an["calib"]
+    out = [f"calibration (mean of start and end): fp32 matmul {c['matmul_flops'] / 1e9:.1f} GFLOP/s at the model's "
+           f"shapes, model forward+backward {c['train_flops'] / 1e9:.1f} GFLOP/s, "
+           f"memory {c['mem_bw'] / 1e9:.2f} GB/s"]
+    for k in sorted(c):
+        if k.startswith("bw."):
+            op = k[3:]
+            out.append(f"  {op:22s} latency {c['lat.' + op] * 1e6:8.1f} us, bus bandwidth {c[k] / 1e9:6.2f} GB/s")
+    d = an["drift"]
+    worst = max(d["change"].items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
+    out.append(f"drift start→end: {'FLAGGED ' + ', '.join(d['flag']) if d['flag'] else 'ok'} "
+               f"(largest {worst[0]} {worst[1]:+.0%}, threshold ±10%)")
+    return out
+
+
+def _row_cells(name: str, r: dict) -> list:
+    f = r["floors"]
+    vs = "; ".join(f"{p} {c['median']:.3f} [{c['min']:.2f}, {c['max']:.2f}] CI [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] "
+                   f"{c['verdict']}" for p, c in r["vs"].items())
+    return [name, WHAT.get(name, name), f"{r['median'] * 1e3:.1f}", f"[{r['min'] * 1e3:.1f}, {r['max'] * 1e3:.1f}]",
+            f"{f['compute'] * 1e3:.1f} / {f['comm'] * 1e3:.1f} / {f['optimizer'] * 1e3:.1f}",
+            f"{r['step_over_floor']:.2f}", f"{r['predicted'] * 1e3:.1f} ({r['pred_over_measured']:.2f})", vs or "-"]
+
+
+HEAD = ["row", "what", "median ms", "[min, max] ms", "floors ms compute/comm/opt", "step ÷ floor",
+        "planner ms (÷ measured)", "paired ratio vs peer: median [min, max] CI95 verdict"]
+
+
+def text(rec: dict, an: dict) -> str:
+    lines = [f"== {rec['size']}: GPT {rec['model']}, {rec['world']} ranks × {rec['pin']['threads']} thread, "
+             f"{rec['per_rank_batch']} seq/rank, {rec['rounds']} rounds (seed {rec['seed']}), "
+             f"{rec['warmup']} warm-up steps"] + _calib_lines(an)
+    if an["aa"]:
+        lines.append(f"A/A (ddp_aa ÷ ddp): median {an['aa']['median']:.3f}, CI [{an['aa']['ci'][0]:.3f}, "
+                     f"{an['aa']['ci'][1]:.3f}] → noise band 1 ± {an['noise_w']:.3f}: ratios inside are ties")
+    lines.append("losses agree with DDP over the warm-up steps: max |Δ| " +
+                 ", ".join(f"{n} {d:.1e}" for n, d in rec["loss_gap"].items()))
+    for n, why in rec["skipped"].items():
+        lines.append(f"{n}: skipped — {why}")
+    for name, r in an["rows"].items():
+        if r["bytes"]:
+            lines.append(f"{name}: dp wire bytes per step, CommStats {r['bytes']['measured']} "
+                         f"{'=' if r['bytes']['equal'] else '≠ (MISMATCH)'} planner {r['bytes']['planner']}")
+    for name, r in an["rows"].items():
+        c = _row_cells(name, r)
+        lines.append(f"  {c[0]:15s} {c[2]:>8s} ms {c[3]:>20s}  floors {c[4]:>20s}  ÷floor {c[5]:>5s}  "
+                     f"planner {c[6]:>14s}  {c[7]}")
+    return "\n".join(lines)
+
+
+def markdown(records: list, analyses: list, header: dict) -> str:
+    """The README-ready section: run facts, noise band, the table per size, and what is gloo-specific."""
+    out = ["## Against the peers (benchmark protocol)", "",
+           f"Run {header['date']} on {header['machine']}; commit {header['commit']}; {header['versions']}.",
+           f"Command: `{header['command']}`.", "",
+           "Each round times every row once in a shuffled order (seeded); a step is barrier, clock, step, wait "
+           "for pending async work, barrier, and the slowest rank's time counts. Ratios are medians of "
+           "per-round paired ratios with [min, max] and a 95% bootstrap interval; DDP run twice (A/A) gives "
+           "the noise band, and a ratio inside it is a tie.", ""]
+    for rec, an in zip(records, analyses):
+        out.append(f"### {rec['size']} ({rec['world']} ranks × {rec['pin']['threads']} thread, "
+                   f"{rec['per_rank_batch']} × {rec['model']['seq_len']} tokens per rank)")
+        out += [""] + [f"- {x.strip()}" for x in _calib_lines(an)]
+        if an["aa"]:
+            out.append(f"- noise band (A/A): 1 ± {an['noise_w']:.3f}")
+        out += [f"- {n}: not run — {why}" for n, why in rec["skipped"].items()]
+        out += ["", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+        out += ["| " + " | ".join(_row_cells(n, r)) + " |" for n, r in an["rows"].items()]
+        out.append("")
+    out += ["What is gloo-specific: gloo's reduce-scatter is an all-reduce in disguise, so our ZeRO rows move "
+            "reduce-scatter and all-gather over our p2p ring (parallel/comm/ring.py) while FSDP2 and "
+            "DeepSpeed use gloo's collectives; the calibration lines show both. On NCCL both sides would use "
+            "NCCL's ring kernels, the ring would not be used, and compute/communication overlap runs on "
+            "separate CUDA streams instead of gloo's background threads: these CPU ratios do not transfer.", ""]
+    return "\n".join(out)

@@ -1,0 +1,134 @@
+"""The benchmark protocol: one command, every peer as its users run it, paired ratios with an A/A
+noise band, floors per row, and the planner's prediction next to each measured step.
+
+    python benchmarks/protocol.py --sizes 5m 50m                       # the full run (idle machine)
+    python benchmarks/protocol.py --sizes tiny --rounds 2 --warmup 2   # a smoke run
+    python benchmarks/protocol.py --sizes 5m --json rec.json --markdown section.md
+
+Pieces: benchmarks/proto_run.py (one rank: pinning, calibration, warm-up with the loss check,
+shuffled timed rounds), proto_rows.py (the rows), proto_calib.py (the hardware figures),
+proto_stats.py (paired ratios, bootstrap, A/A band, drift, floors), proto_report.py (analysis,
+tables, planner). DeepSpeed rows run only where ``import deepspeed`` works; otherwise each is
+listed as skipped with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.proto_rows import ROWS  # noqa: E402
+from benchmarks.proto_run import SIZES  # noqa: E402
+
+
+def _rank(rank, world, port, opts_list, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import warnings
+    warnings.filterwarnings("ignore")
+    import logging
+    logging.disable(logging.WARNING)
+    import torch.distributed as dist
+
+    from benchmarks.proto_run import pin, run_rank
+    pin(rank, world, opts_list[0]["threads"])                # before gloo starts its threads, and again after
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
+    try:
+        for opts in opts_list:
+            rec = run_rank(rank, world, opts)
+            if rank == 0:
+                q.put(rec)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(opts_list: list, world: int) -> list:
+    import torch.multiprocessing as mp
+    q = mp.get_context("spawn").Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank, args=(world, port, opts_list, q), nprocs=world, join=True, start_method="spawn")
+    return [q.get(timeout=30) for _ in opts_list]
+
+
+def header(argv) -> dict:
+    import torch
+    try:
+        import deepspeed
+        ds = deepspeed.__version__
+    except Exception:
+        ds = "not installed"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "-uno"], capture_output=True,
+                               text=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except OSError:
+        commit = "unknown"
+    return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit,
+            "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+            "versions": f"Python {platform.python_version()}, torch {torch.__version__}, DeepSpeed {ds}",
+            "command": "python benchmarks/protocol.py " + " ".join(argv)}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["5m", "50m"], choices=sorted(SIZES))
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=None, help="row-order seed (default: from the clock, recorded)")
+    ap.add_argument("--rows", nargs="+", default=ROWS, help=f"a subset of {ROWS}")
+    ap.add_argument("--tol", type=float, default=1e-5, help="loss agreement with DDP over the warm-up steps")
+    ap.add_argument("--comm-mb", type=float, default=4.0, help="calibration message size")
+    ap.add_argument("--json", default=None, help="write the raw records here (proto_report.analyse reads them)")
+    ap.add_argument("--markdown", default=None, help="write the README-ready section here")
+    a = ap.parse_args(argv)
+    bad = [r for r in a.rows if r not in ROWS]
+    if bad or a.rounds < 1 or a.warmup < 1:
+        ap.error(f"unknown rows {bad} (choose from {ROWS}); --rounds and --warmup must be ≥ 1")
+    seed = a.seed if a.seed is not None else int(time.time()) % 100_000
+    opts = [{"size": s, "per_rank_batch": a.batch, "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup,
+             "seed": seed, "rows": a.rows, "tol": a.tol, "comm_mb": a.comm_mb} for s in a.sizes]
+    t0 = time.time()
+    records = run(opts, a.world)
+    from benchmarks.proto_report import analyse, markdown, text
+    analyses = [analyse(r) for r in records]
+    for rec, an in zip(records, analyses):
+        print(text(rec, an), flush=True)
+    head = header(argv)
+    print(f"took {time.time() - t0:.0f} s; {head['machine']}; commit {head['commit']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"header": head, "records": records}, f, indent=1)   # the analysis is recomputable
+        print(f"records written to {a.json}")
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown(records, analyses, head))
+        print(f"markdown written to {a.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Tokenized corpora: the on-disk format and its memory-mapped dataset (token_file.py), and the
+tokenizers that :mod:`launch.prepare_data` writes them with (tokenizer.py)."""
+from parallel.corpus.token_file import FORMAT, CorpusError, TokenCorpus, TokenWriter, token_dtype
+
+__all__ = ["FORMAT", "CorpusError", "TokenCorpus", "TokenWriter", "token_dtype"]

@@ -1,0 +1,177 @@
+"""The benchmark protocol (benchmarks/protocol.py): its statistics on hand-checked numbers, its
+analysis and the planner's time model on a RECORDED run (tests/data/bench_protocol.json, written
+by ``python benchmarks/protocol.py ... --json``), and a 2-rank smoke run of the whole protocol.
+
+* paired ratios r_i = a_i / b_i and their median; the percentile bootstrap of a median on samples
+  whose resampling distribution is known in closed form (Binomial counts of the odd value);
+* the A/A band w = max(|lo − 1|, |hi − 1|, |median − 1|) and the tie rule |r − 1| ≤ w;
+* the planner (fed the recorded calibration) within 15% of every recorded row's median step — when
+  the recorded run's calibration did not drift (an idle machine); otherwise the check is skipped,
+  printing the gaps, and the fixture must be regenerated on an idle machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import proto_stats as st  # noqa: E402
+
+FIXTURE = os.path.join(ROOT, "tests", "data", "bench_protocol.json")
+
+
+def test_paired_ratios_and_compare():
+    a, b = [2.0, 4.0, 9.0, 3.0], [1.0, 2.0, 3.0, 3.0]
+    assert st.paired_ratios(a, b) == [2.0, 2.0, 3.0, 1.0]
+    c = st.compare(a, b, seed=3, n_boot=500)
+    assert c["median"] == 2.0 and c["min"] == 1.0 and c["max"] == 3.0 and c["n"] == 4
+    assert c["ci"][0] <= 2.0 <= c["ci"][1] and 1.0 <= c["ci"][0] and c["ci"][1] <= 3.0
+    assert st.compare(a, b, seed=3, n_boot=500) == c                    # seeded: reproducible
+    with pytest.raises(ValueError, match="do not pair"):
+        st.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_interval_matches_binomial_theory():
+    # 4 × 1.0 and one 100: a resample's median is 100 iff ≥ 3 of its 5 draws hit the 100,
+    # P = Σ_{j≥3} C(5,j) 0.2^j 0.8^(5−j) = 0.0579 > 0.025, so the 97.5% quantile is 100, the 2.5% one 1.
+    p5 = sum(math.comb(5, j) * 0.2 ** j * 0.8 ** (5 - j) for j in range(3, 6))
+    assert p5 == pytest.approx(0.05792)
+    assert st.bootstrap_median([1.0] * 4 + [100.0], n=4000, seed=1) == (1.0, 100.0)
+    # 9 × 1.0 and one 100 (n = 10): the median moves only when ≥ 5 draws hit the 100, P = 0.0016 < 0.025
+    p10 = sum(math.comb(10, j) * 0.1 ** j * 0.9 ** (10 - j) for j in range(5, 11))
+    assert p10 == pytest.approx(0.00163, rel=1e-2)
+    assert st.bootstrap_median([1.0] * 9 + [100.0], n=4000, seed=1) == (1.0, 1.0)
+    assert st.bootstrap_median([2.5] * 7, n=100) == (2.5, 2.5)
+
+
+def test_noise_band_and_tie_rule():
+    aa = {"median": 1.01, "ci": [0.97, 1.04]}
+    w = st.noise_half_width(aa)
+    assert w == pytest.approx(0.04)
+    assert st.verdict(1.03, w) == "tie" and st.verdict(0.96 + 1e-12, w) == "tie"
+    assert st.verdict(0.95, w) == "faster" and st.verdict(1.05, w) == "slower"
+    assert st.noise_half_width({"median": 0.90, "ci": [0.95, 1.02]}) == pytest.approx(0.10)   # median outside
+
+
+def test_drift_and_comm_floor():
+    d = st.drift({"a": 1.0, "b": 2.0, "c": 0.0}, {"a": 1.05, "b": 2.5, "c": 3.0})
+    assert d["change"] == pytest.approx({"a": 0.05, "b": 0.25}) and d["flag"] == ["b"]
+    ops = {"all_reduce": {"calls": 2, "wire_bytes": 4e6}, "all_gather": {"calls": 0, "wire_bytes": 0.0}}
+    t = st.comm_floor(ops, {"all_reduce": 1e-3, "all_gather": 5.0}, {"all_reduce": 1e9, "all_gather": 1.0})
+    assert t == pytest.approx(2e-3 + 4e-3)
+
+
+def _recorded():
+    if not os.path.exists(FIXTURE):
+        pytest.fail(f"{FIXTURE} is missing: write it with python benchmarks/protocol.py --sizes 5m --json {FIXTURE}")
+    with open(FIXTURE) as f:
+        return json.load(f)
+
+
+def test_analysis_of_the_recorded_run():
+    from benchmarks.proto_report import analyse, floors
+    for rec in _recorded()["records"]:
+        an = analyse(rec, n_boot=300)
+        t = rec["times"]
+        r = [x / y for x, y in zip(t["ddp_aa"], t["ddp"])]
+        assert an["aa"]["median"] == statistics.median(r) and an["aa"]["min"] == min(r)
+        assert an["noise_w"] >= abs(statistics.median(r) - 1)
+        z = an["rows"]["zero1"]
+        want = statistics.median([x / y for x, y in zip(t["zero1"], t["ddp_tuned"])])
+        assert z["vs"]["ddp_tuned"]["median"] == want
+        assert z["vs"]["ddp_tuned"]["verdict"] == st.verdict(want, an["noise_w"])
+        # floors from the recorded calibration: compute F / R, optimizer 28 B × owned / memory bandwidth
+        cal, kw = an["calib"], rec["model"]
+        f = floors(rec, "local", cal)
+        n_mm = 12 * kw["n_layer"] * kw["n_embd"] ** 2 + kw["vocab_size"] * kw["n_embd"]
+        tokens = rec["per_rank_batch"] * kw["seq_len"]
+        flops = tokens * (6 * n_mm + 12 * kw["n_layer"] * kw["n_embd"] * kw["seq_len"])
+        assert f["compute"] == pytest.approx(flops / cal["matmul_flops"], rel=1e-12)
+        assert f["optimizer"] == pytest.approx(28 * rec["rows"]["local"]["owned"] / cal["mem_bw"], rel=1e-12)
+        for name in ("zero0", "zero1", "zero2", "zero3"):          # bytes: CommStats == planner, same run
+            assert an["rows"][name]["bytes"]["equal"], an["rows"][name]["bytes"]
+
+
+def test_planner_time_model_on_the_recorded_run():
+    from benchmarks.proto_report import analyse
+    data = _recorded()
+    gaps, drifted = {}, []
+    for rec in data["records"]:
+        an = analyse(rec, n_boot=50)
+        drifted += [f"{rec['size']}: {k}" for k in an["drift"]["flag"]]
+        for name, r in an["rows"].items():
+            gaps[f"{rec['size']}/{name}"] = round(r["pred_over_measured"], 3)
+    if drifted:
+        pytest.skip(f"the recorded run ({data['header']['date']}, {data['header']['machine']}) drifted "
+                    f"({', '.join(drifted)}): a loaded machine, its times do not test a model. planner ÷ "
+                    f"measured was {gaps}. Regenerate {FIXTURE} on an idle machine with "
+                    f"`python benchmarks/protocol.py --sizes 5m 50m --json {FIXTURE}`")
+    bad = {k: v for k, v in gaps.items() if abs(v - 1) > 0.15}
+    assert not bad, f"planner ÷ measured step outside 1 ± 0.15: {bad} (all: {gaps})"
+
+
+def _smoke(rank, world):
+    sys.path.insert(0, ROOT)
+    from benchmarks.proto_run import run_rank
+    opts = {"size": "tiny", "per_rank_batch": 2, "rounds": 2, "warmup": 2, "seed": 5, "pin": False,
+            "rows": ["local", "ddp", "ddp_aa", "fsdp2_ring", "zero1", "zero3", "ds1"], "calib_reps": 1, "mem_mb": 4,
+            "comm_mb": 0.5}
+    return run_rank(rank, world, opts)
+
+
+def test_protocol_smoke_two_ranks():
+    from harness import run_ranks
+
+    from benchmarks.proto_report import analyse, markdown, text
+    rec, rec1 = run_ranks(_smoke, 2)
+    assert rec["times"] == rec1["times"]                       # the slowest rank's time, the same everywhere
+    names = list(rec["times"])
+    assert all(len(v) == 2 and min(v) > 0 for v in rec["times"].values())
+    for r, order in enumerate(rec["orders"]):                  # shuffled by the recorded seed
+        want = list(range(len(names)))
+        random.Random(5 + r).shuffle(want)
+        assert order == [names[i] for i in want]
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        assert "ds1" in rec["skipped"] and "deepspeed" in rec["skipped"]["ds1"]
+    assert max(rec["loss_gap"].values()) <= 1e-5
+    assert rec["losses"]["ddp"][0] == pytest.approx(math.log(128), abs=0.2)    # untrained: ≈ ln V
+    psi = rec["rows"]["ddp"]["comm"]["all_reduce"]["wire_bytes"] / (2 * (2 - 1) / 2 * 4)
+    kw = rec["model"]
+    h, L, V, s = kw["n_embd"], kw["n_layer"], kw["vocab_size"], kw["seq_len"]
+    assert psi == V * h + s * h + L * (12 * h * h + 13 * h) + 2 * h    # DDP theory bytes 2(N−1)/N·Ψ·4, Ψ of the GPT
+    # FSDP2 (blocks resharded after forward, the root not): all-gathers 2L + 1, reduce-scatters L + 1,
+    # counted by our CommStats through FSDP2's custom-collective hooks
+    ring = rec["rows"]["fsdp2_ring"]["comm"]
+    root = V * h + s * h + 2 * h
+    assert ring["all_gather"]["calls"] == 2 * L + 1 and ring["reduce_scatter"]["calls"] == L + 1
+    assert ring["all_gather"]["wire_bytes"] == 1 / 2 * (2 * (psi - root) + root) * 4
+    assert ring["reduce_scatter"]["wire_bytes"] == 1 / 2 * psi * 4
+    an = analyse(rec, n_boot=100)
+    assert an["rows"]["zero1"]["bytes"]["equal"] and an["rows"]["zero3"]["bytes"]["equal"]
+    assert an["aa"] is not None and an["rows"]["zero3"]["vs"]["ddp"]["verdict"] in ("tie", "faster", "slower")
+    assert "noise band" in text(rec, an)
+    md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
+    assert "| zero1 |" in md and "gloo-specific" in md
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_as_a_cpu_smoke():
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--size", "tiny",
+                          "--steps", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    import torch
+    if not torch.cuda.is_available():
+        assert "no GPU was used" in out.stdout
+    assert out.stdout.count("[ok]") == 3 and "FAILED" not in out.stdout, out.stdout
