@@ -317,6 +317,15 @@ class VocabParallelEmbedding(nn.Module):
                 f"tp={self.group.size}, sequence_parallel={self.sequence_parallel}")
 
 
+def replaced_forward(m: nn.Module) -> str | None:
+    """The base (Linear / Embedding) whose forward ``m``'s class replaces — e.g. Gemma's scaled word
+    embedding multiplies by √hidden — or None (:mod:`.semantics` decides whether the parallel layer keeps it)."""
+    for base in (nn.Linear, nn.Embedding):
+        if isinstance(m, base) and type(m).forward is not base.forward:
+            return base.__name__
+    return None
+
+
 def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
 
