@@ -190,9 +190,10 @@ def test_derived_plans_match_one_process(world):
         assert not any("query_key_value" in k for k in plan["falcon_mq"]) and _split(plan["falcon_mq"], "dense_4h_to_h")
         assert any("left replicated: transformer.h.*.self_attention" in n and "num_kv_heads = 1" in n
                    for n in notes["falcon_mq"]), notes["falcon_mq"]
-        # FalconLinear has its own forward: split only where the conversion accepts it, else named in the notes
-        assert plan["falcon"]["lm_head"] == "colwise_vocab"
-        assert _split(plan["falcon"], "dense_4h_to_h") or any("FalconLinear" in n for n in notes["falcon"])
+        # the real Falcon (FalconLinear: a forward that rewrites nn.Linear's math, converted as plain) splits fully
+        assert plan["falcon"]["lm_head"] == "colwise_vocab" and not notes["falcon"], notes["falcon"]
+        assert plan["falcon"]["transformer.h.*.self_attention.query_key_value"] == "colwise"
+        assert _split(plan["falcon"], "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
         # nanoGPT style: the MLP is split; the attention (widths from self.n_embd and x.size()) only if exact
         assert plan["nanogpt"]["transformer.h.*.mlp.c_fc"] == "colwise"
         assert plan["nanogpt"]["transformer.wte"] == "vocab" and plan["nanogpt"]["lm_head"] == "colwise_vocab"
