@@ -115,7 +115,8 @@ refuses before converting anything (a ValueError naming why), or `FAIL (reason)`
 error anywhere else. An architecture is skipped only with a listed reason (a missing package, or `LISTED_SKIPS` in
 `tests/zoo.py`); one that one process cannot train from token ids shows `FAIL (one process: …)`.
 
-Regenerate (about half an hour on two cores; `--resume` continues a stopped run):
+Regenerate (one to two hours on two busy cores; `--resume` continues a stopped run from `runs/model_zoo.jsonl`,
+`--only llama,opt` runs a few):
 
     {command}
 
