@@ -208,7 +208,11 @@ def architectures() -> list[str]:
 def run_architecture(model_type: str, timeout: float = 300) -> dict:
     """One table row: {"arch", "skip"} or {"arch", layout: [status, detail], …}."""
     row = {"arch": model_type}
-    reason = skip_reason(model_type)
+    try:
+        reason = skip_reason(model_type)
+    except Exception as e:                           # the tiny config itself is refused: a failure, not a skip
+        row["reference"] = ["FAIL", f"tiny config: {type(e).__name__}: {_short(e)}"]
+        return row
     if reason:
         row["skip"] = reason
         return row
