@@ -319,6 +319,8 @@ def main(argv=None) -> int:
         owner = lifecycle.own_checkpoint_dir(cfg, rank, progress)
         mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device)
         result = run(cfg, mesh, progress=progress, stop=stop)
+        progress.set_phase("shutdown (final barrier)")
+        lifecycle.quiesce(mesh)                    # every rank's communication finished (lifecycle: clean exit)
     except KeyboardInterrupt as e:
         failures.record_exception(e, rank, progress.where(), False, 130)
         terminate(130, f"rank {rank}: interrupted at {progress.where()}")
@@ -334,8 +336,9 @@ def main(argv=None) -> int:
     progress.active = False
     watchdog.stop()
     code = lifecycle.finish(cfg, rank, result, owner)
-    torch.distributed.destroy_process_group()
-    return code
+    lifecycle.release(result)                      # then no reference to a process group is left ...
+    del result, mesh
+    return lifecycle.shutdown(code, rank)          # ... and destroying them joins gloo's threads here
 
 
 if __name__ == "__main__":

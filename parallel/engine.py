@@ -332,6 +332,15 @@ class Engine:
     def model_state_bytes(self) -> dict:
         return self.zero.model_state_bytes()
 
+    def close(self) -> None:
+        """Remove the gradient hooks the engine put on parameters. They live in the tensors' C++
+        autograd metadata, where the garbage collector cannot follow the cycle parameter → hook →
+        reducer → parameter: without this the engine, its groups and gloo's threads outlive the job
+        (launch.lifecycle.shutdown). The engine cannot train afterwards."""
+        reducer = getattr(self.zero, "reducer", None)
+        if reducer is not None:
+            reducer.remove()
+
 
 def _map_first_tensor(out, fn):
     """Apply ``fn`` to the first floating tensor of a module output (tensor, tuple, dict/ModelOutput)."""

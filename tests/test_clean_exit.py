@@ -1,0 +1,66 @@
+"""Clean exits (launch.lifecycle, "Clean exit"): a job that trained every step exits 0, every time.
+
+The cause of the rare ``terminate called without an active exception`` at exit: the engine's parameter
+gradient hooks kept the engine — and through it every process group — alive in a cycle the garbage
+collector cannot follow, so gloo's threads ran on into interpreter finalization. The fast test shows the
+leak (the gradient reducer, holding the dp group, outlives the engine) and that ``Engine.close`` ends it;
+the slow one launches many short transformers jobs on 2 ranks and requires exit status 0 from each.
+"""
+import gc
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import zoo
+from harness import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _engine_alive_after_del(rank, world, close):
+    from launch.lifecycle import gloo_threads
+    from launch.train import run
+    from parallel.mesh import Mesh
+    result = run(zoo.config("llama", world, dp=2, zero=2), Mesh(dp=2), print_fn=lambda *a, **k: None)
+    ref = weakref.ref(result["engine"].zero.reducer)        # it holds the dp group
+    if close:
+        result["engine"].close()
+    del result
+    gc.collect()
+    return ref() is not None, gloo_threads()
+
+
+def test_engine_close_releases_the_groups():
+    leaked = run_ranks(_engine_alive_after_del, 2, False)
+    closed = run_ranks(_engine_alive_after_del, 2, True)
+    assert [alive for alive, _ in leaked] == [True, True]        # the hooks' cycle holds it (and its groups)
+    assert [alive for alive, _ in closed] == [False, False]
+    assert all(n and n >= 2 for _, n in closed)                  # the counter sees the pool's live gloo threads
+
+
+def _launch(i, out):
+    layout = [["parallel.dp=2"], ["parallel.tp=2"], ["parallel.pp=2"]][i % 3]
+    args = ["--config", "configs/hf_causal_lm.yaml", *layout, "model.kwargs.hidden_size=32",
+            "model.kwargs.intermediate_size=64", "model.kwargs.num_hidden_layers=2", "data.kwargs.seq_len=16",
+            "data.global_batch_size=8", "data.micro_batch_size=2", "train.steps=3", "train.log_every=1",
+            "scheduler.name=constant", "scheduler.warmup_steps=0", f"train.metrics_file={out}/m{i}.jsonl",
+            f"train.checkpoint.dir={out}/ck{i}", "train.checkpoint.every=3"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=ROOT, env=env, timeout=300,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_fifty_short_transformers_jobs_exit_zero(tmp_path):
+    runs = int(os.environ.get("P3D_CLEAN_EXIT_RUNS", 50))
+    bad = []
+    for i in range(runs):
+        r = _launch(i, tmp_path)
+        text = r.stdout + r.stderr
+        if r.returncode != 0 or "terminate called" in text or "gloo threads still alive" in text:
+            bad.append((i, r.returncode, text[-600:]))
+        with open(tmp_path / f"m{i}.jsonl") as f:
+            assert len(f.readlines()) == 3, f"run {i}: not every step was logged"
+    assert not bad, f"{len(bad)} of {runs} jobs did not exit cleanly: {bad[:3]}"

@@ -1,0 +1,45 @@
+"""The model zoo (tests/zoo.py): transformers causal LMs, tiny, at dp2 ZeRO-3, tp2 auto and pp2 1F1B
+against one process, 3 AdamW steps in fp32: every loss within 1e-5 relative of the reference.
+
+The default suite runs a few architectures (zoo.FAST); ``-m slow`` runs every architecture the installed
+transformers maps to a causal LM. A tp plan refused before conversion (a ValueError naming why) is an
+accepted outcome; a wrong loss or an error anywhere else fails; a skip carries a listed reason only.
+"""
+import pytest
+import zoo
+
+
+def _assert_row(arch):
+    reason = zoo.skip_reason(arch)
+    if reason:
+        pytest.skip(f"{arch}: {reason}")
+    row = zoo.run_architecture(arch)
+    assert "reference" not in row, f"{arch}: {row['reference']}"
+    bad = {layout: row[layout] for layout in zoo.LAYOUTS
+           if row[layout][0] != "exact" and not (layout.startswith("tp") and row[layout][0] == "refused")}
+    assert not bad, f"{arch}: {bad}"
+    return row
+
+
+@pytest.mark.parametrize("arch", zoo.FAST)
+def test_zoo_fast_subset(arch):
+    row = _assert_row(arch)
+    assert row["tp2 auto"][0] == "exact", row     # these have published plans: exact, not refused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", zoo.architectures())
+def test_zoo(arch):
+    _assert_row(arch)
+
+
+def test_tiny_config_names_every_size():
+    """The generic sizing reaches each config's own names (gpt2: n_embd/n_layer/n_head, opt: ffn_dim, a
+    composite's text_config) and drops token ids the small vocabulary does not have."""
+    g = zoo.tiny_config("gpt2")
+    assert (g.n_embd, g.n_layer, g.n_head, g.n_inner, g.vocab_size, g.resid_pdrop) == (64, 2, 4, 128, 128, 0.0)
+    assert g.bos_token_id is None and g.use_cache is False
+    o = zoo.tiny_config("opt")
+    assert (o.hidden_size, o.ffn_dim, o.num_hidden_layers, o.word_embed_proj_dim) == (64, 128, 2, 64)
+    t = zoo.tiny_config("gemma3").text_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_key_value_heads, len(t.layer_types)) == (64, 2, 2, 2)

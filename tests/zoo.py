@@ -1,0 +1,233 @@
+"""The model zoo: every causal-LM architecture the installed transformers builds from a config, tiny,
+trained 3 steps at dp2 ZeRO-3, tp2 (tp_plan auto) and pp2 1F1B against one process.
+
+    python -m tests.zoo --table                   # the whole zoo → docs/model_zoo.md (a subprocess per chunk)
+    python -m tests.zoo --table --only llama,gpt2 # some architectures, printed
+
+Each architecture's config class names its sizes differently (n_embd, d_model, hidden_size, …): every
+name of a group that the config's ``__init__`` takes is set (:data:`SIZES`), nested sub-configs
+(``text_config``, ``vision_config``) likewise, dropout off. A layout's result is one of
+
+* ``exact`` — every loss within ``RTOL`` of one process: |l_t − l_t^ref| ≤ RTOL·|l_t^ref| for t < STEPS;
+* ``refused (reason)`` — tp only: ``apply_tensor_parallel`` raised a ValueError before converting any
+  module (the plan says why it cannot be applied); a legitimate outcome, not a pass of the numbers;
+* ``FAIL (reason)`` — a wrong loss, or an error anywhere else (after conversion, in the pipeline, …).
+
+An architecture is skipped only with a listed reason: building its config needs a package that is not
+installed, or it is in :data:`LISTED_SKIPS` (one process itself cannot train it on token ids alone).
+Everything else that goes wrong is a failure.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+STEPS, RTOL, SEQ = 3, 1e-5, 16
+LAYOUTS = {"dp2 zero3": dict(dp=2, zero=3), "tp2 auto": dict(tp=2), "pp2 1f1b": dict(pp=2)}
+FAST = ["llama", "gpt2", "qwen2"]      # the default suite's subset
+
+# (names a config class may use, tiny value): every name the config's __init__ takes is set
+SIZES = [
+    (("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"), 2),
+    (("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "hidden_dim", "word_embed_proj_dim"), 64),
+    (("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads"), 4),
+    (("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"), 2),
+    (("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", "decoder_ffn_dim", "d_inner"), 128),
+    (("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"), 32),
+    (("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    (("num_experts_per_tok", "moe_top_k", "top_k"), 2),
+    (("head_dim",), 16),
+    (("vocab_size",), 128),
+    (("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
+]
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
+
+# Architectures one process cannot train on token ids alone, with the reason (filled from the sweep).
+LISTED_SKIPS: dict[str, str] = {}
+
+
+def _params(cls) -> set:
+    try:
+        return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    except (TypeError, ValueError):
+        return set()
+
+
+def tiny_kwargs(cls) -> dict:
+    """Keyword arguments that make ``cls`` (a config class) tiny; sub-configs as dicts, recursively."""
+    names = _params(cls)
+    try:
+        default = cls()
+    except Exception:
+        default = None
+    layers = None
+    kw = {}
+    for group, value in SIZES:
+        for n in group:
+            if n in names:
+                kw[n] = value
+                if value == 2 and group is SIZES[0][0]:
+                    layers = getattr(default, n, None)
+    for n in names:
+        low = n.lower()
+        cur = getattr(default, n, None)
+        if ("dropout" in low or "pdrop" in low or low in ("layerdrop", "router_jitter_noise")) \
+                and isinstance(cur, (int, float)) and not isinstance(cur, bool):
+            kw[n] = 0.0
+        elif isinstance(cur, (list, tuple)) and layers and len(cur) == layers and n not in kw:
+            kw[n] = list(cur)[:2]                  # per-layer lists (layer_types, …) follow the layer count
+        elif hasattr(cur, "to_dict") and hasattr(cur, "model_type"):
+            kw[n] = {"model_type": cur.model_type, **tiny_kwargs(type(cur))}
+    if "use_cache" in names:
+        kw["use_cache"] = False
+    vocab = kw.get("vocab_size", 128)
+    for n in TOKEN_IDS:
+        v = getattr(default, n, None)
+        if n in names and isinstance(v, int) and v >= vocab:
+            kw[n] = None                            # a small vocabulary has no id 50256
+    return kw
+
+
+def tiny_config(model_type: str):
+    from transformers import CONFIG_MAPPING
+    cls = CONFIG_MAPPING[model_type]
+    cfg = cls(**tiny_kwargs(cls))
+    if hasattr(cfg, "is_decoder"):
+        cfg.is_decoder = True                        # the *ForCausalLM of encoder families asks for it
+    return cfg
+
+
+def build(model_type: str):
+    """The model factory (``model.factory: tests.zoo:build``): a tiny ``model_type`` causal LM."""
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(model_type)
+    try:
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    except ValueError as e:
+        if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e).lower():
+            raise
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+
+
+def config(model_type: str, world: int = 1, dp=1, tp=1, pp=1, zero=1):
+    """The training config of one run: char data (ids < 96), G = 8, micro-batches of 2, AdamW, 3 steps."""
+    from parallel.config import load_config
+    data = {"model": {"factory": "tests.zoo:build", "kwargs": {"model_type": model_type}},
+            "data": {"factory": "examples.gpt:char_dataset", "kwargs": {"seq_len": SEQ, "stride": SEQ - 3},
+                     "global_batch_size": 8, "micro_batch_size": 2, "shuffle": True},
+            "loss": "cross_entropy",
+            "parallel": {"dp": dp, "tp": tp, "pp": pp, "tp_plan": "auto", "pp_split": "auto",
+                         "pp_schedule": "1f1b"},
+            "zero": {"stage": zero}, "optimizer": {"name": "adamw", "lr": 0.003},
+            "scheduler": {"name": "constant", "warmup_steps": 0},
+            "train": {"steps": STEPS, "log_every": 0, "metrics_file": None}}
+    cfg = load_config(data=data)
+    return cfg.validate(world) if world > 1 else cfg
+
+
+def skip_reason(model_type: str) -> str | None:
+    """The listed reason this architecture is not run, or None."""
+    if model_type in LISTED_SKIPS:
+        return LISTED_SKIPS[model_type]
+    try:
+        tiny_config(model_type)
+    except ImportError as e:
+        return f"needs a package: {e}"
+    return None
+
+
+def _converted(model) -> bool:
+    from parallel.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    return any(isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
+               for m in model.modules())
+
+
+def _train(rank, world, model_type: str, layout: str):
+    """On each rank: ("refused", reason) when the tp plan refuses before converting, else ("losses", [...])."""
+    from launch.train import run
+    from parallel.mesh import Mesh
+    from parallel.tensor_parallel.plan import apply_tensor_parallel
+    axes = LAYOUTS[layout]
+    cfg = config(model_type, world, **axes)
+    mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp)
+    if cfg.parallel.tp > 1:
+        torch.manual_seed(cfg.train.seed)
+        model = build(model_type)
+        try:
+            apply_tensor_parallel(model, mesh, cfg.parallel.tp_plan)
+        except ValueError as e:
+            if not _converted(model):
+                return "refused", " ".join(str(e).split())
+            raise
+    return "losses", run(cfg, mesh, print_fn=lambda *a, **k: None)["losses"]
+
+
+def _short(e: BaseException | str, n: int = 160) -> str:
+    text = str(e)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # a rank's traceback: keep its last line (the exception), else the first line
+    line = lines[-1] if "Traceback" in text and lines else (lines[0] if lines else type(e).__name__)
+    return (line[:n] + "…") if len(line) > n else line
+
+
+def reference(model_type: str) -> list:
+    sys.path.insert(0, HERE)
+    from reference import reference_losses
+    return reference_losses(config(model_type))
+
+
+def check(model_type: str, layout: str, want: list, timeout: float = 300) -> tuple[str, str]:
+    """(status, detail) of one layout: ("exact", "2.1e-07"), ("refused", reason) or ("FAIL", reason)."""
+    sys.path.insert(0, HERE)
+    from harness import run_ranks
+    try:
+        out = run_ranks(_train, 2, model_type, layout, timeout=timeout)
+    except Exception as e:
+        return "FAIL", _short(e)
+    kind, value = out[0]
+    if kind == "refused":
+        return "refused", value[:200]
+    if len(value) != len(want):
+        return "FAIL", f"{len(value)} losses, expected {len(want)}"
+    err = max(abs(g - w) / max(abs(w), 1e-30) for g, w in zip(value, want))
+    if not err <= RTOL:                              # NaN fails too
+        return "FAIL", f"loss off by {err:.2g} relative (tolerance {RTOL:g})"
+    return "exact", f"{err:.1e}"
+
+
+def architectures() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def run_architecture(model_type: str, timeout: float = 300) -> dict:
+    """One table row: {"arch", "skip"} or {"arch", layout: [status, detail], …}."""
+    row = {"arch": model_type}
+    try:
+        reason = skip_reason(model_type)
+    except Exception as e:                           # the tiny config itself is refused: a failure, not a skip
+        row["reference"] = ["FAIL", f"tiny config: {type(e).__name__}: {_short(e)}"]
+        return row
+    if reason:
+        row["skip"] = reason
+        return row
+    try:
+        torch.manual_seed(0)
+        want = reference(model_type)
+    except Exception as e:
+        row["reference"] = ["FAIL", f"one process: {type(e).__name__}: {_short(e)}"]
+        return row
+    for layout in LAYOUTS:
+        row[layout] = list(check(model_type, layout, want, timeout))
+    return row
+
+
+if __name__ == "__main__":                           # python -m tests.zoo --table: see tests/zoo_table.py
+    sys.path.insert(0, HERE)
+    from zoo_table import main
+    raise SystemExit(main())
