@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from launch import failures
 from parallel.checkpoint import owner as ownership
+from parallel.mesh import release_meshes
 from parallel.reliability.signals import signal_name
 from parallel.reliability.watchdog import terminate
 
@@ -108,6 +109,7 @@ def release(result: dict | None) -> None:
 def shutdown(code: int, rank: int, print_fn=print, exit_fn=os._exit) -> int:
     """After :func:`release` and the caller's ``del`` of its mesh: collect, destroy every process group,
     collect again; returns ``code``, or leaves the process with it (``exit_fn``) when gloo threads survive."""
+    release_meshes()                               # the cached mesh groups (parallel/mesh.py)
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -58,6 +58,40 @@ def init_distributed(device: torch.device | None = None, timeout_s: float = 60.0
     return device
 
 
+# One DeviceMesh (one set of process groups) per (world group, device type, shape) in a process. Every
+# torch process group keeps gloo/NCCL threads and sockets until it is freed, and c10d's registry holds it
+# until destroy_process_group: a long-lived process building many engines (a notebook, a test worker)
+# would otherwise accumulate groups and their threads without bound.
+_MESHES: dict = {}
+
+
+def _device_mesh(device_type: str, shape: tuple):
+    world = dist.group.WORLD
+    for key in [k for k in _MESHES if k[0] is not world]:      # a new default group: the old ones are gone
+        del _MESHES[key]
+    key = (world, device_type, shape)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+    return _MESHES[key]
+
+
+def release_meshes(destroy: bool = False) -> None:
+    """Forget the cached process groups (before destroy_process_group, so their threads can end);
+    ``destroy``: also destroy them now. Every rank must call it at the same point of its program (the
+    next Mesh creates groups anew, a collective call); a test worker does so after each task."""
+    meshes = list(_MESHES.values())
+    _MESHES.clear()
+    if not destroy or not dist.is_initialized():
+        return
+    done = set()
+    for dm in meshes:
+        for name in AXES:
+            pg = dm.get_group(name)
+            if pg is not dist.group.WORLD and id(pg) not in done:
+                done.add(id(pg))
+                dist.destroy_process_group(pg)
+
+
 class Mesh:
     """A (pp, dp, tp) mesh over the initialised world, with one counted :class:`Group` per axis.
 
@@ -82,7 +116,7 @@ class Mesh:
         self.stats = stats if stats is not None else CommStats()
         self.rank = dist.get_rank()
         self.world_size = world
-        self.device_mesh = init_device_mesh(self.device.type, (pp, dp, tp), mesh_dim_names=AXES)
+        self.device_mesh = _device_mesh(self.device.type, (pp, dp, tp))
         grid = torch.arange(world).reshape(pp, dp, tp)
         self.coord = coords_of(self.rank, shape)
         c = [self.coord[a] for a in AXES]

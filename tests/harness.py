@@ -37,6 +37,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _forget_groups():
+    """Destroy the groups the task's meshes made (parallel/mesh.py caches them per shape) and collect,
+    so a long-lived rank does not accumulate process groups and their gloo threads across tasks."""
+    import gc
+    try:
+        from parallel.mesh import release_meshes
+    except ImportError:
+        return
+    release_meshes(destroy=True)
+    gc.collect()
+
+
 def _worker(rank, world, port, tasks, results, paths):
     import datetime
     for p in paths:
@@ -67,6 +79,7 @@ def _worker(rank, world, port, tasks, results, paths):
             results.put((rank, "ok", out))
         except BaseException:
             results.put((rank, "err", traceback.format_exc()))
+        _forget_groups()          # every rank, after every task: groups do not pile up in the pool
     dist.destroy_process_group()
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -68,12 +69,21 @@ class GradReducer:
         self._where = {}
         self._pos = {id(b): i for i, b in enumerate(self.buckets)}
         self._handles = []
+        # The hook lives in the parameter's C++ autograd metadata, which the garbage collector cannot see:
+        # a strong reference to self there would keep the reducer, its group and gloo's threads alive
+        # after the engine is dropped (launch/lifecycle.py). The hook holds a weak one instead.
+        ref = weakref.WeakMethod(self._hook)
+
+        def hook(p, ref=ref):
+            fn = ref()
+            if fn is not None:
+                fn(p)
         for b in self.buckets + ([deferred] if deferred else []):
             for i, p in enumerate(b.params):
                 if p in self._where:
                     raise ValueError(f"parameter {b.names[i]!r} is in two buckets")
                 self._where[p] = (b, i)
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+                self._handles.append(p.register_post_accumulate_grad_hook(hook))
             if keep_full_grads:
                 b.flat_grad = torch.zeros(b.padded, dtype=grad_dtype, device=b.params[0].device)
                 for p, v in zip(b.params, b.views(b.flat_grad)):
