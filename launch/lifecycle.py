@@ -116,7 +116,9 @@ def shutdown(code: int, rank: int, print_fn=print, exit_fn=os._exit) -> int:
     gc.collect()
     left = gloo_threads()
     if left:
-        print_fn(f"rank {rank}: {left} gloo threads still alive after destroy_process_group (a process group is "
-                 f"still referenced); exiting {code} without interpreter finalization", file=sys.stderr, flush=True)
+        if rank == 0 or os.environ.get("P3D_DEBUG_EXIT") == "1":       # once per job, not once per rank
+            print_fn(f"rank {rank}: {left} gloo threads still alive after destroy_process_group (a process group "
+                     f"is still referenced); exiting {code} without interpreter finalization", file=sys.stderr,
+                     flush=True)
         terminate(code, "", exit_fn)
     return code
