@@ -68,3 +68,18 @@ def test_fifty_short_transformers_jobs_exit_zero(tmp_path):
         with open(tmp_path / f"m{i}.jsonl") as f:
             assert len(f.readlines()) == 3, f"run {i}: not every step was logged"
     assert not bad, f"{len(bad)} of {runs} jobs did not exit cleanly: {bad[:3]}"
+
+
+
+@pytest.mark.slow
+def test_ring_collectives_do_not_keep_groups_alive(tmp_path):
+    """The quickstart (2×2×2, buckets large enough for the gloo ring, comm/ring.py) ends with no gloo
+    thread alive on any rank: the ring's per-group tag counters and backend lookups once lived in module
+    dicts keyed by the process group, which kept those groups (and their threads) alive past
+    destroy_process_group (seen by hand on the old code: 3 gloo threads left on every rank)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "P3D_DEBUG_EXIT": "1"}
+    r = subprocess.run([sys.executable, "-m", "launch", "--config", "configs/quickstart.yaml", "train.steps=1",
+                        "train.finish=null", f"train.metrics_file={tmp_path}/m.jsonl"], cwd=ROOT, env=env, timeout=300,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "still alive" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]

@@ -22,6 +22,7 @@ per-process-group counter, so every rank must issue these in the same order — 
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -31,22 +32,20 @@ __all__ = ["use_ring", "ring_reduce_scatter", "ring_all_gather", "MIN_BYTES"]
 MIN_BYTES = 256 << 10          # below this, gloo's own collectives (one message) are as fast
 SUB_BYTES = 1 << 20            # bytes per pipelined sub-chunk
 _TAG_BASE = 1 << 24
-_tags: dict = {}
-_gloo: dict = {}
+_tags = weakref.WeakKeyDictionary()   # per group tag counter; weak: must not keep a group alive
 calls = {"reduce_scatter": 0, "all_gather": 0}       # how often each ran (tests check the path is taken)
 
 
 def use_ring(group, t: torch.Tensor) -> bool:
-    """True for a gloo group of ≥ 2 ranks and a CPU tensor of at least ``MIN_BYTES``."""
+    """True for a gloo group of ≥ 2 ranks and a CPU tensor of at least ``MIN_BYTES``. The backend is
+    looked up per call (a dict lookup in c10d), not cached by group: a module-level cache keyed by the
+    process group kept every group alive, and with it gloo's threads, past destroy_process_group."""
     if group.size < 2 or t.device.type != "cpu" or t.numel() * t.element_size() < MIN_BYTES:
         return False
-    gloo = _gloo.get(group.pg)
-    if gloo is None:                                  # asked once per process group, not per call
-        try:
-            gloo = _gloo[group.pg] = dist.get_backend(group.pg) == "gloo"
-        except (RuntimeError, ValueError):
-            return False
-    return gloo
+    try:
+        return dist.get_backend(group.pg) == "gloo"
+    except (RuntimeError, ValueError):
+        return False
 
 
 def _next_tag(pg) -> int:
