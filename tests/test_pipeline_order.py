@@ -18,33 +18,13 @@ the global batch). Asserted, fp32:
 import pytest
 import torch
 from harness import run_ranks
-
-BATCH, SEQ = 8, 16
-
-
-def _batch(data, t):
-    t %= len(data) // BATCH
-    xs, ys = zip(*(data[i] for i in range(t * BATCH, (t + 1) * BATCH)))
-    return torch.stack(xs), torch.stack(ys)
+from test_pipeline_runtime import BATCH, SEQ, _batch
+from test_pipeline_runtime import _reference as _runtime_reference
 
 
 def _reference(n_layer, data, steps):
-    from test_pipeline_split import build
-
-    from parallel.loss import cross_entropy
-    torch.manual_seed(0)
-    model = build("gpt", n_layer)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    losses, grads = [], None
-    for t in range(steps):
-        x, y = _batch(data, t)
-        opt.zero_grad()
-        loss = cross_entropy(model(x), y)
-        loss.backward()
-        grads = grads or {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-        losses.append(loss.item())
-    return losses, grads
+    """The one-process GPT run of tests/test_pipeline_runtime.py (SGD, whole batch, step-0 gradients)."""
+    return _runtime_reference("gpt", n_layer, "sgd", data, steps)
 
 
 def _train(rank, world, cases, steps=2):
