@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.peers import cpu_name  # noqa: E402
 from benchmarks.proto_rows import ROWS  # noqa: E402
 from benchmarks.proto_run import SIZES  # noqa: E402
 
@@ -69,12 +70,7 @@ def header(argv) -> dict:
         ds = deepspeed.__version__
     except Exception:
         ds = "not installed"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or "unknown"
