@@ -41,10 +41,8 @@ def _forget_groups():
     """Destroy the groups the task's meshes made (parallel/mesh.py caches them per shape) and collect,
     so a long-lived rank does not accumulate process groups and their gloo threads across tasks."""
     import gc
-    try:
-        from parallel.mesh import release_meshes
-    except ImportError:
-        return
+
+    from parallel.mesh import release_meshes
     release_meshes(destroy=True)
     gc.collect()
 
