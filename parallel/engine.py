@@ -26,6 +26,7 @@ what a single process computes (the parity contract in DESIGN.md).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -62,7 +63,7 @@ class Engine:
         self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
         self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
-        self.stages = self._shard(model.to(mesh.device))
+        self.stages = self._shard(model if mesh.device.type == "meta" else model.to(mesh.device))
         ac = config.activation_checkpointing
         try:
             self.activation = apply_activation_checkpointing(self.stages, ac.policy, ac.every, ac.save_ops)
@@ -75,7 +76,8 @@ class Engine:
         self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp, config.zero,
                                   precision=config.precision, grad_clip=config.train.grad_clip,
                                   on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
-                                  unit_types=blocks, loss_scale=config.loss_scale)
+                                  unit_types=blocks, loss_scale=config.loss_scale,
+                                  simulate=mesh.device.type == "meta")
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
@@ -103,7 +105,10 @@ class Engine:
             self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
         if p.pp == 1:
             return [model]
-        return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
+        sample = None                 # the split's probe input: under sequence parallel its length splits over tp
+        if p.sequence_parallel and p.tp > 1:
+            sample = torch.zeros(1, math.lcm(4, p.tp), dtype=torch.long, device=next(model.parameters()).device)
+        return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split, sample=sample)
 
     def _loss(self, model):
         fn = resolve_loss(self.cfg.loss)

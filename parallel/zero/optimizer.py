@@ -111,6 +111,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                        forward pre-hook waits for the buckets of its own parameters (as Megatron's
                        option of that name). Only for models that use each parameter inside the
                        forward of a module holding it; state-dict calls wait for everything.
+    simulate           every parameter on the meta device, nothing initialised: the state's shapes and
+                       bytes only, for :mod:`launch.simulate`
     loss_scale         fp16: a LossScaleConfig (``loss_scale``) or a ready
                        :class:`~parallel.precision.LossScaler`; None: LossScaleConfig's defaults (DeepSpeed's)
 
@@ -120,7 +122,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
 
     def __init__(self, module: nn.Module, optimizer_factory, dp_group: Group, zero: ZeroConfig | None = None, *,
                  precision="fp32", grad_clip=None, on_nonfinite: str = "stop", norm_groups=(), init=None,
-                 unit_types=None, overlap_param_gather: bool = False, loss_scale=None):
+                 unit_types=None, overlap_param_gather: bool = False, loss_scale=None, simulate: bool = False):
         zero = ZeroConfig() if zero is None else zero
         _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups)
         self.module, self.group, self.stage = module, dp_group, zero.stage
@@ -133,7 +135,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                              f"precision={self.prec.name!r} (only fp16 scales the loss)")
         self.steps = 0
         self.stage3 = None
-        named = self._adopt(module, init)
+        named = self._adopt(module, init, simulate)
         units, needs = self._make_buckets(module, named, zero.bucket_mb, unit_types)
         # checks the disk / options before any state is written
         self._opt_off, self._par_off = make_offload(zero.offload, self._all, self.stage, dp_group, optimizer_factory)
@@ -155,15 +157,22 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                                    on_reduced=self._update_early if early else None)
 
     # --- construction -----------------------------------------------------------------------------
-    def _adopt(self, module, init) -> list:
+    def _adopt(self, module, init, simulate: bool = False) -> list:
         """Meta parameters and buffers made real, frozen ones cast; returns the trainable (name, param)."""
         self._init, self._meta_src = init, {}
-        if any(p.is_meta for p in module.parameters()):
+        # simulate: an engine built for its shapes and bytes only (launch.simulate) — every tensor stays on
+        # meta and nothing is initialised
+        self.simulated = simulate
+        if simulate and (init is not None or not all(p.is_meta for p in module.parameters())):
+            raise ValueError("ZeroOptimizer(simulate=True) takes a module whose parameters are all on the meta "
+                             "device and no init record")
+        if any(p.is_meta for p in module.parameters()) and not self.simulated:
             if init is None:
                 raise ValueError("the module has parameters on the meta device: build it with "
                                  "parallel.zero.deferred_init(factory) and pass init=<the returned record>")
             self._meta_src = replace_meta_params(module, init)
-        materialize_buffers(module, init)
+        if not self.simulated:
+            materialize_buffers(module, init)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         for p in module.parameters():                  # frozen params compute in the same dtype
             if not p.requires_grad and p.is_floating_point():
@@ -369,12 +378,12 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         self.wait_param_gather()
         seen: set = set()
         params = storage_bytes([p for p in self.module.parameters()] +
-                               [t for b in self._all for t in (b.flat_param, b.shard_param)], seen)
+                               [t for b in self._all for t in (b.flat_param, b.shard_param)], seen, self.simulated)
         grads = storage_bytes([p.grad for p in self.module.parameters()] +
-                              [t for b in self._all for t in (b.flat_grad, b.shard_grad)], seen)
-        master = storage_bytes([b.master for b in self._all] + [b.master.grad for b in self._all], seen)
+                              [t for b in self._all for t in (b.flat_grad, b.shard_grad)], seen, self.simulated)
+        master = storage_bytes([b.master for b in self._all] + [b.master.grad for b in self._all], seen, self.simulated)
         opt = storage_bytes([v for st in self.optimizer.state.values() for v in st.values()
-                             if isinstance(v, torch.Tensor)], seen)
+                             if isinstance(v, torch.Tensor)], seen, self.simulated)
         return {"params": params, "grads": grads, "master": master, "optimizer": opt,
                 "total": params + grads + master + opt}
 
