@@ -47,7 +47,7 @@ def test_token_weighting_is_the_global_mean_not_a_mean_of_means():
                                                            mb.y.labels[:, 1:].reshape(-1)).item())
     assert abs(total - full.item()) < 1e-6
     assert abs(sum(means) / 4 - full.item()) > 1e-3          # the ragged data makes the difference visible
-    assert scored_count(torch.tensor([[IGNORE, 5, IGNORE, 7]]), "labels") == 1
+    assert scored_count(torch.tensor([[5, IGNORE, 7, IGNORE]]), "labels") == 1     # shifted: [-100, 7, -100]
     assert scored_count(torch.tensor([[-1, 5, -100, 7]]), "targets") == 2
     zero = fn(logits[:1].requires_grad_(), Targets(torch.full((1, 16), IGNORE), "labels", 0, 1.0))
     assert zero.item() == 0.0                                  # no scored token: 0, not NaN
