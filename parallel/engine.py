@@ -106,7 +106,8 @@ class Engine:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel
         if p.tp > 1:
-            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
+            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel,
+                                                         gather_logits=self.cfg.loss == "model")
         if p.pp == 1:
             return [model]
         return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
