@@ -95,6 +95,9 @@ def build_dataset(cfg: Config):
     except Exception as e:
         raise RuntimeError(f"data.factory {cfg.data.factory!r} raised {type(e).__name__}: {e} "
                            f"(check data.kwargs={cfg.data.kwargs})") from e
+    if getattr(ds, "streaming", False) and cfg.data.shuffle:
+        raise ConfigError(f"data.shuffle=true permutes a dataset of known length; {cfg.data.factory!r} returns a "
+                          f"stream (parallel.stream.StreamDataset): set data.shuffle=false and give it shuffle_buffer")
     check_dataset(ds, cfg.data.global_batch_size)
     return ds
 
