@@ -43,7 +43,7 @@ import torch
 
 from parallel import comm
 
-__all__ = ["IGNORE", "LABEL_KEYS", "Targets", "MicroBatch", "prepare", "model_loss", "label_param",
+__all__ = ["IGNORE", "LABEL_KEYS", "Targets", "MicroBatch", "prepare", "model_loss", "label_param", "check_labels",
            "forward_params", "scored_count", "shift_for"]
 
 IGNORE = -100
@@ -169,12 +169,7 @@ def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: s
                 mb.kwargs = {}
             _weigh(micro, dp_group, weighted=True)
         return micro
-    keys = [k for k in LABEL_KEYS if k in batch]
-    if len(keys) > 1:
-        raise ValueError("dict batch holds both 'labels' (shifted by the loss) and 'targets' (aligned); keep one")
-    if not keys:
-        raise ValueError(f"dict batch with keys {sorted(batch)} has no 'labels' or 'targets' to train on")
-    key = keys[0]
+    key = check_labels(batch)
     micro = []
     for part in _split(batch, micro_batch_size):
         labels = to(part.pop(key))
@@ -224,3 +219,14 @@ def token_loss(base, mode: str):
             mean = base(logits, labels)
         return mean * (y.count * y.weight)
     return fn
+
+
+def check_labels(batch: dict) -> str:
+    """The label key of a dict batch: exactly one of ``labels`` / ``targets``, else a ValueError."""
+    keys = [k for k in LABEL_KEYS if k in batch]
+    if len(keys) > 1:
+        raise ValueError("dict batch holds both 'labels' (shifted by the loss) and 'targets' (aligned); keep one")
+    if not keys:
+        raise ValueError(f"dict batch with keys {sorted(batch)} has no 'labels' (shifted by the loss, transformers) "
+                         f"or 'targets' (aligned, nanoGPT) to train on; add one to the samples")
+    return keys[0]

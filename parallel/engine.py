@@ -147,11 +147,12 @@ class Engine:
     def _micro(self, batch) -> list:
         """This rank's batch as micro-batches (:func:`parallel.batch.prepare`; collective over dp for dict
         batches and loss=model: the global count of scored tokens)."""
-        if isinstance(batch, dict):
-            try:
+        try:
+            if isinstance(batch, dict):
                 batches.check_keys(batch, self.template)
-            except ValueError as e:
-                raise ValueError(f"{e} (data.factory={self.cfg.data.factory!r})") from None
+                batches.check_labels(batch)
+        except ValueError as e:
+            raise ValueError(f"{e} (data.factory={self.cfg.data.factory!r})") from None
         return batches.prepare(batch, self.cfg.data.micro_batch_size, self._to, self.dp, self.loss_mode,
                                self.label_name)
 

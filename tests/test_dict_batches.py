@@ -89,3 +89,18 @@ def test_pp2_more_equal_one_process(model, loss, data):
 def test_2x2x2_zero3_checkpointing_equals_one_process(loss):
     _check("llama", _layout(2, 2, 2, f"loss={loss}", "zero.stage=3", "activation_checkpointing.policy=full"), 8,
            what=f"2x2x2 ZeRO-3 + full checkpointing {loss}")
+
+
+def test_bad_dict_batches_name_the_key_and_the_fix():
+    from dict_cases import NanoGPT
+
+    from parallel.batch import check_keys, check_labels
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"NanoGPT.forward takes no 'attention_mask' \(it takes idx, targets\); drop"):
+        check_keys({"input_ids": ids, "attention_mask": ids, "targets": ids}, NanoGPT())
+    with pytest.raises(ValueError, match=r"'input_ids' is missing"):
+        check_keys({"idx": ids, "targets": ids}, NanoGPT())
+    with pytest.raises(ValueError, match=r"both 'labels' .* and 'targets'"):
+        check_labels({"input_ids": ids, "labels": ids, "targets": ids})
+    with pytest.raises(ValueError, match=r"has no 'labels' .* or 'targets'"):
+        check_labels({"input_ids": ids})
