@@ -62,6 +62,7 @@ def test_pp2_loss_model_hf_equals_one_process():
     _check("llama", _layout(1, 1, 2, "loss=model", "parallel.pp_schedule=1f1b"), 2, what="pp2 HF loss=model")
 
 
+@pytest.mark.slow
 def test_dp2_nanogpt_loss_model_equals_one_process():
     """nanoGPT's forward(idx, targets) unmodified: (logits, loss), ignore_index=-1, ragged targets."""
     _check("nanogpt", _layout(2, 1, 1, "loss=model"), 2, NANO, "dp2 nanoGPT loss=model")

@@ -94,7 +94,7 @@ def _generate(rank, world, overrides, ckpt):
     return [t.tolist() for t in got], [t.tolist() for t in want]
 
 
-@pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.tp=2"]])
+@pytest.mark.parametrize("layout", [["parallel.pp=2"], pytest.param(["parallel.tp=2"], marks=pytest.mark.slow)])
 def test_generate_on_engine_equals_full_model_and_checkpoint(tmp_path, layout):
     got, want = run_ranks(_generate, 2, layout, str(tmp_path / "ck"), timeout=300)[0]
     assert got[0] == want[0] == want[1]                       # greedy: engine = full model = checkpoint

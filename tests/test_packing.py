@@ -42,7 +42,7 @@ def test_positions_labels_and_metadata(tmp_path):
         PackedCorpus(str(bare), 8)
 
 
-@pytest.mark.parametrize("mask", ["position_ids", "4d"])
+@pytest.mark.parametrize("mask", ["position_ids", pytest.param("4d", marks=pytest.mark.slow)])
 def test_each_document_is_seen_alone(tmp_path, mask):
     """The logits of a document inside a packed window equal those of the document run alone."""
     from examples.hf_causal_lm import llama_tiny
