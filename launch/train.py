@@ -231,11 +231,12 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         t0 = time.perf_counter()
         before = mesh.stats.snapshot()
         batch = load_batch(dataset, step, cfg, dp, dp_rank, vocab)
+        data_s = time.perf_counter() - t0                 # this rank waited for its batch (no prefetch yet)
         loss = train_step(engine, batch, progress, print_fn, mesh.rank)
         step_s = time.perf_counter() - t0
         losses.append(loss)
         progress.set_phase("metrics")
-        extra = evaluator.run(engine, dp, dp_rank) if evaluator.due(step) else None
+        extra = {"data_wait_s": data_s, **(evaluator.run(engine, dp, dp_rank) if evaluator.due(step) else {})}
         metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine, extra)
         if checker is not None:
             checker.check(f"at the end of step {step}")

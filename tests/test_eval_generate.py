@@ -46,6 +46,7 @@ def test_eval_every_logs_eval_loss_and_ppl_at_dp2(tmp_path):
     run_ranks(_train, 2, ov, metrics, timeout=300)
     recs = [json.loads(line) for line in open(metrics)]
     with_eval = [r for r in recs if "eval_loss" in r]
+    assert all(r["data_wait_s"] >= 0 for r in recs)           # the step's wait for its batch (no prefetch yet)
     assert [r["step"] for r in with_eval] == [1, 2]           # every 2nd step, and after the last
     cfg = config("gpt", ov)
     for r in with_eval:
