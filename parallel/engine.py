@@ -22,6 +22,8 @@ it), ``engine.executor.add_action_callback`` sees each pipeline action, and the 
 Gradients of a step are Σ_i ∇(L_i · s / m) over the m micro-batches of every dp rank, averaged over
 dp: the gradient of the mean loss over the global batch (times the fp16 loss scale s), which is
 what a single process computes (the parity contract in DESIGN.md).
+For dict batches (and ``loss: model``) L_i is weighted by its scored tokens so that the sum is the
+mean over the scored tokens of the global batch, not a mean of micro-batch means (:mod:`parallel.batch`).
 """
 from __future__ import annotations
 
