@@ -22,6 +22,8 @@ it), ``engine.executor.add_action_callback`` sees each pipeline action, and the 
 Gradients of a step are Σ_i ∇(L_i · s / m) over the m micro-batches of every dp rank, averaged over
 dp: the gradient of the mean loss over the global batch (times the fp16 loss scale s), which is
 what a single process computes (the parity contract in DESIGN.md).
+For dict batches (and ``loss: model``) L_i is weighted by its scored tokens so that the sum is the
+mean over the scored tokens of the global batch, not a mean of micro-batch means (:mod:`parallel.batch`).
 """
 from __future__ import annotations
 
@@ -31,12 +33,12 @@ import math
 import torch
 import torch.nn as nn
 
+from parallel import batch as batches
 from parallel import comm
 from parallel.activation.checkpointing import apply_activation_checkpointing
 from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
-from parallel.data import split_micro
 from parallel.data_parallel import sync_batchnorm
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
@@ -72,6 +74,7 @@ class Engine:
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
+        self.loss_mode, self.label_name = self._loss_mode()
         self.loss_fn = self._loss(model)
         self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp, config.zero,
                                   precision=config.precision, grad_clip=config.train.grad_clip,
@@ -84,6 +87,11 @@ class Engine:
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn,  # ZeRO-3 frees a unit
                                              split_backward=config.zero.stage != 3)         # before a split W
+            self.executor.add_action_callback(self._stage_inputs)   # dict batches: masks etc. to every stage
+            for st in self.stages:                                  # loss=model: the last stage returns the output
+                if hasattr(st, "stage_info"):
+                    st.stage_info.keep_output = self.loss_mode == "model"
+        self._current: list = []
         self.step_count = 0
         self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit
         self.last_result = None
@@ -102,7 +110,8 @@ class Engine:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel
         if p.tp > 1:
-            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
+            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel,
+                                                         gather_logits=self.cfg.loss == "model")
         if p.pp == 1:
             return [model]
         sample = None                 # the split's probe input: under sequence parallel its length splits over tp
@@ -110,7 +119,23 @@ class Engine:
             sample = torch.zeros(1, math.lcm(4, p.tp), dtype=torch.long, device=next(model.parameters()).device)
         return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split, sample=sample)
 
+    def _loss_mode(self) -> tuple:
+        """How micro-batch losses are weighted (:mod:`parallel.batch`): token | model | plain."""
+        name = self.cfg.loss
+        if name != "model":
+            return ("token" if name == "cross_entropy" else "plain"), None
+        if self.tensor_parallel is not None and self.tensor_parallel.vocab_parallel_output:
+            raise ConfigError("loss=model: the tensor-parallel plan leaves the logits split by vocabulary, so the "
+                              "model's own loss would see V/tp classes; use loss=cross_entropy (vocab-parallel) or a "
+                              "plan whose head gathers (colwise_gather)")
+        try:
+            return "model", batches.label_param(self.template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def _loss(self, model):
+        if self.loss_mode == "model":
+            return batches.token_loss(None, "model")
         fn = resolve_loss(self.cfg.loss)
         if self.tensor_parallel is not None and self.tensor_parallel.vocab_parallel_output:
             if fn is not cross_entropy:
@@ -120,29 +145,68 @@ class Engine:
 
             def fn(out, y):
                 return vocab_parallel_cross_entropy(logits_of(out), y, tp)
-        return fn
+        return batches.token_loss(fn, self.loss_mode)
 
     # --- one step ---------------------------------------------------------------------------------
     def _to(self, t):
         return t.to(self.mesh.device, non_blocking=True)
 
+    def _micro(self, batch) -> list:
+        """This rank's batch as micro-batches (:func:`parallel.batch.prepare`; collective over dp for dict
+        batches and loss=model: the global count of scored tokens)."""
+        try:
+            if isinstance(batch, dict):
+                batches.check_keys(batch, self.template)
+                batches.check_labels(batch)
+        except ValueError as e:
+            raise ValueError(f"{e} (data.factory={self.cfg.data.factory!r})") from None
+        return batches.prepare(batch, self.cfg.data.micro_batch_size, self._to, self.dp, self.loss_mode,
+                               self.label_name)
+
+    def _kwargs(self, mb, last: bool = True) -> dict:
+        """The forward's keyword inputs of micro-batch ``mb``; the labels only where the loss is computed."""
+        if self.loss_mode == "model" and last:
+            return {**mb.kwargs, self.label_name: mb.y.labels}
+        return mb.kwargs
+
+    def _forward(self, mb):
+        return self.module(mb.x, **self._kwargs(mb))
+
+    def _stage_inputs(self, action) -> None:
+        """Before each pipeline action: the stage gets its micro-batch's masks / position ids (and, on the
+        last stage with loss=model, the labels); the hidden state comes from the previous stage."""
+        st = self.executor.stages.get(action.stage)
+        if st is not None and hasattr(st, "stage_info") and action.microbatch < len(self._current):
+            st.stage_info.batch_kwargs = self._kwargs(self._current[action.microbatch],
+                                                      action.stage == self.executor.last)
+
+    def _clear_stage_inputs(self) -> None:
+        for st in self.stages:
+            if hasattr(st, "stage_info"):
+                st.stage_info.batch_kwargs = {}
+
     def train_step(self, batch) -> float:
         for st in self.stages:
             st.train()
-        micro = [(self._to(x), self._to(y)) for x, y in split_micro(batch, self.cfg.data.micro_batch_size)]
+        micro = self._micro(batch)
         z = self.zero
         z.zero_grad()
         z.prepare_step(len(micro))
         if self.executor is None:
             total = 0.0
-            for x, y in micro:
-                loss = self.loss_fn(self.module(x), y)
+            for mb in micro:
+                loss = self.loss_fn(self._forward(mb), mb.y)
                 (loss * (z.loss_scale / len(micro))).backward()
                 total += loss.item()
             local = total / len(micro)
         else:
             self.executor.loss_scale = z.loss_scale
-            local = self.executor.run(micro)
+            self._current = micro
+            try:
+                local = self.executor.run([(mb.x, mb.y) for mb in micro])
+            finally:
+                self._current = []
+                self._clear_stage_inputs()
             sync_tied_grads(self.stages, self.pp)
         if self.step().nonfinite_skip:
             return float("nan")                  # no loss to share: the ranks agree it is not finite
@@ -227,10 +291,10 @@ class Engine:
         """Mean loss over the global batch, forward only."""
         for st in self.stages:
             st.eval()
-        micro = [(self._to(x), self._to(y)) for x, y in split_micro(batch, self.cfg.data.micro_batch_size)]
+        micro = self._micro(batch)
         with self.zero.gathered() if self.cfg.zero.stage == 3 else contextlib.nullcontext():
             if self.executor is None:
-                local = sum(self.loss_fn(self.module(x), y).item() for x, y in micro) / len(micro)
+                local = sum(self.loss_fn(self._forward(mb), mb.y).item() for mb in micro) / len(micro)
             else:
                 local = self._pipeline_forward(micro)
         return self._global_loss(local)
@@ -240,18 +304,21 @@ class Engine:
         p, n = self.pp.size, self.pp.size * len(self.stages)
         mine = {self.pp.rank + j * p: st for j, st in enumerate(self.stages)}
         total, works = 0.0, []
-        for x, y in micro:
-            h = x
+        for mb in micro:
+            h = mb.x
             for s in range(n):
                 if s not in mine:
                     continue
                 if s > 0:
                     h = comm.recv(self.pp.ranks[(s - 1) % p], self.pp, device=self.mesh.device)
+                if hasattr(mine[s], "stage_info"):
+                    mine[s].stage_info.batch_kwargs = self._kwargs(mb, s == n - 1)
                 out = mine[s](h)
                 if s < n - 1:
                     works.append(comm.isend(out, self.pp.ranks[(s + 1) % p], self.pp))
                 else:
-                    total += self.loss_fn(out, y).item()
+                    total += self.loss_fn(out, mb.y).item()
+        self._clear_stage_inputs()
         for w in works:
             w.wait()
         return total / len(micro) if (n - 1) in mine else None

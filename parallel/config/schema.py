@@ -30,6 +30,7 @@ class DataConfig:
     global_batch_size: int = 8
     micro_batch_size: int = 8              # samples per micro-batch on one dp rank
     shuffle: bool = False                  # seeded permutation per epoch, independent of the layout
+    eval: Optional[dict] = None            # {factory, kwargs, batches}: a held-out set (launch/evaluate.py)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     metrics_file: Optional[str] = None
     log_every: int = 1
+    eval_every: int = 0                    # evaluate data.eval every N steps (0: only after the last, if set)
     grad_clip: Optional[float] = None
     timeout_s: float = 60.0
     resume: bool = False
@@ -140,7 +142,7 @@ class ActivationCheckpointingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: str = "cross_entropy"            # cross_entropy | mse | "pkg.module:function"
+    loss: str = "cross_entropy"            # cross_entropy | mse | model (its own loss) | "pkg.module:function"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

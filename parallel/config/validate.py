@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["CHOICES", "validate", "check_factory", "check_schedule"]
 
 CHOICES = {
-    "loss": ("cross_entropy", "mse"),
+    "loss": ("cross_entropy", "mse", "model"),
     "optimizer.name": ("adamw", "adam", "sgd"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble"),
     "precision": ("fp32", "bf16", "fp16"),
