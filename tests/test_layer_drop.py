@@ -63,7 +63,7 @@ def test_layouts_drop_the_same_blocks_as_one_process(lay):
     want, dropped = reference_with_pld(config("gpt", PLD))
     assert sum(map(len, dropped)) >= 3, dropped                  # the runs really drop blocks
     res = run_ranks(_run, 2, lay + PLD)
-    for losses, count in res:
+    for losses, _ in res:
         assert_close_curve(losses, want, 1e-5, f"pld {lay}")
     assert sum(c for _, c in res) > 0
 

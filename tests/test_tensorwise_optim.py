@@ -5,14 +5,13 @@ Single-process checks tie our classes to the textbook LAMB and to torch's Muon +
 multi-rank checks tie every layout to one process (fp32 losses: LAMB 1e-6, Muon 1e-5) and assert
 the bytes the protocol adds (:mod:`parallel.optim.tensorwise`, :mod:`parallel.zero.partition`).
 """
-import math
-
 import pytest
 import torch
 from engine_cases import config, layout, train
 from harness import run_ranks
 from reference import assert_close_curve, reference_losses
-from test_zero import global_batch, loss_of, make_model, train as zero_train
+from test_zero import global_batch, loss_of, make_model
+from test_zero import train as zero_train
 
 from parallel.config import ZeroConfig
 from parallel.optim.lamb import Lamb
@@ -114,15 +113,23 @@ def _zero_dp(rank, world, runs):
     return out
 
 
-@pytest.mark.parametrize("stages", [(0, 1, 2, 3)])
-def test_dp2_zero_stages_equal_one_process(stages):
-    runs = [(opt, s) for opt in ("lamb", "muon") for s in stages]
+def test_dp2_zero_stages_equal_one_process():
+    """LAMB: every stage equals one process to 1e-6 over 4 steps. Muon: every stage equals one process
+    running torch.optim.Muon + AdamW to 1e-5 over 3 steps, and stages 1–3 equal stage 0 bit for bit
+    over 4. torch's Newton–Schulz runs in bf16, so the last-bit difference between a whole-batch
+    gradient and dp's sum of two halves flips bf16 roundings and grows chaotically (measured 6e-8,
+    7e-7, 5e-6, 2e-5 over steps 1–4; the same with one process summing two half-batch backwards)."""
+    runs = [(opt, s) for opt in ("lamb", "muon") for s in (0, 1, 2, 3)]
     res = run_ranks(_zero_dp, 2, runs)
     N = 2
+    curves = {}
     for i, (opt, stage) in enumerate(runs):
-        got = [sum(r[i][0][t] for r in res) / N for t in range(STEPS)]
-        want = torch_muon_run(STEPS) if opt == "muon" else one_process(opt, STEPS)
-        assert_close_curve(got, want, TOL[opt], f"{opt} zero-{stage} dp=2")
+        got = curves[opt, stage] = [sum(r[i][0][t] for r in res) / N for t in range(STEPS)]
+        if opt == "muon":
+            assert_close_curve(got[:3], torch_muon_run(3), TOL[opt], f"muon zero-{stage} dp=2 vs torch Muon")
+            assert got == curves["muon", 0], stage       # the gather / re-shard changes no bit
+        else:
+            assert_close_curve(got, one_process(opt, STEPS), TOL[opt], f"{opt} zero-{stage} dp=2")
         step, mats, P, padded = res[0][i][1:]
         ag = step.get("all_gather", {}).get("wire_bytes", 0.0)
         ar = step.get("all_reduce", {}).get("payload_bytes", 0)
@@ -130,7 +137,7 @@ def test_dp2_zero_stages_equal_one_process(stages):
         if stage == 0:
             assert ag == 0 and ar == 0, (opt, step)   # stage 0 owns whole tensors: nothing to ask for
             continue
-        if opt == "lamb":    # ‖w‖², ‖u‖² of every parameter: one float64 all-reduce, 16·P bytes, + the 24-byte grad norm
+        if opt == "lamb":    # ‖w‖², ‖u‖² per parameter: one float64 all-reduce, 16·P bytes, + the grad norm's 24
             assert ar == 16 * P + 24 and ag == pytest.approx(gather_params), (stage, step)
         else:                # the buckets holding matrices are all-gathered once (fp32)
             assert ar == 24 and ag == pytest.approx(gather_params + (N - 1) / N * 4 * sum(mats)), (stage, step)
@@ -160,5 +167,23 @@ def test_dp2_tp2_zero_equals_one_process(opt, stage):
     assert_close_curve(res[0][0], want, TOL[opt], f"{opt} dp2 tp2 zero-{stage}")
 
 
-def test_offloaded_optimizer_refuses_whole_tensor_optimizers():
-    assert math.isfinite(1.0)
+def test_config_and_deepspeed_lamb_mapping():
+    from test_deepspeed_config import BASE
+
+    from parallel.config import ConfigError, load_config
+    from parallel.config.deepspeed import map_deepspeed, merge_tree
+    from parallel.optim.factory import optimizer_factory
+    ds = {"optimizer": {"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.1, "max_coeff": 10.0}}}
+    ov, report = map_deepspeed(ds, BASE, 2)
+    cfg = load_config(data=merge_tree(BASE, ov)).validate(2)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("lamb", 0.01, 0.1)
+    assert any("optimizer.name" in line and "lamb" in line for line in report)
+    f = optimizer_factory(cfg.optimizer)
+    assert f.cls is Lamb and f.kwargs == {"lr": 0.01, "weight_decay": 0.1}
+    with pytest.raises(ConfigError, match="max_coeff"):
+        map_deepspeed({"optimizer": {"type": "Lamb", "params": {"max_coeff": 5.0}}}, BASE, 2)
+    m = optimizer_factory(load_config(data=merge_tree(BASE, {"optimizer": {
+        "name": "muon", "lr": 0.02, "momentum": 0.9, "eps": 1e-7, "adamw_lr": 1e-3}})).validate(2).optimizer)
+    assert m.cls is MuonAdamW and m.kwargs == {"lr": 0.02, "momentum": 0.9, "adamw_eps": 1e-7, "adamw_lr": 1e-3}
+    with pytest.raises(ConfigError, match="adamw_lr"):
+        load_config(data=merge_tree(BASE, {"optimizer": {"name": "lamb", "adamw_lr": 1e-3}})).validate(2)

@@ -63,10 +63,9 @@ class Lamb(TensorwiseOptimizer):
                 u.add_(p, alpha=wd)
             params.append(p)
             updates.append(u)
-        sq = self.partition.sum_sq(params + updates)
-        n = len(params)
-        for j, (p, u) in enumerate(zip(params, updates)):
-            w_norm, u_norm = math.sqrt(float(sq[j])), math.sqrt(float(sq[n + j]))
+        w_sq, u_sq = self.partition.sum_sq(params, updates)
+        for p, u, ws, us in zip(params, updates, w_sq, u_sq):
+            w_norm, u_norm = math.sqrt(float(ws)), math.sqrt(float(us))
             r = min(max(w_norm / u_norm, g["min_coeff"]), g["max_coeff"]) if w_norm > 0 and u_norm > 0 else 1.0
             p.add_(u, alpha=-lr * r)
         return loss

@@ -30,6 +30,10 @@ from parallel.optim.tensorwise import TensorwiseOptimizer
 __all__ = ["MuonAdamW"]
 
 
+def _is_matrix(shape) -> bool:
+    return len(shape) == 2
+
+
 class MuonAdamW(TensorwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps: float = EPS,
@@ -54,7 +58,7 @@ class MuonAdamW(TensorwiseOptimizer):
         g = self.param_groups[0]
         ps = g["params"]
         part = self.partition
-        is_mat = [len(part.shape(j)) == 2 for j in range(len(ps))]
+        is_mat = [_is_matrix(part.shape(j)) for j in range(len(ps))]
         updates = []
         for j, p in enumerate(ps):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -65,7 +69,7 @@ class MuonAdamW(TensorwiseOptimizer):
             else:
                 updates.append(None)
                 self._adamw(p, grad, g)
-        full = part.gather(updates, is_mat)          # collective: every rank calls it, even with no matrix
+        full = part.gather(updates, _is_matrix)       # collective: every rank calls it, even with no matrix
         ortho = {j: _zeropower_via_newtonschulz(f, g["ns_coefficients"], g["ns_steps"], g["eps"])
                  for j, f in full.items()}
         lr = g["lr"]

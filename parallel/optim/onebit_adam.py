@@ -77,6 +77,7 @@ def compressed_mean(x: torch.Tensor, state: dict, group) -> torch.Tensor:
     xp[:n].add_(x)                                     # x + e_w (the padding's error stays 0)
     packed, scale, approx = _compress(xp.view(N, c))
     state["worker_error"] = xp - approx.view(-1)
+    state["worker_error"][n:] = 0.0
     if N > 1:
         packed, scale = _all_to_all(packed, group), _all_to_all(scale, group)
     y = (_unpack(packed) * scale.unsqueeze(-1)).mean(0) + state["server_error"]

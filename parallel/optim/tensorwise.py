@@ -5,15 +5,17 @@ parallelism splits a parameter over the tp ranks. An elementwise update (SGD, Ad
 LAMB's trust ratio needs ‖w‖ and ‖u‖ of each *whole* tensor, Muon's Newton–Schulz step the whole
 matrix. A :class:`TensorwiseOptimizer` asks its ``partition`` for both, one call per step:
 
-    partition.sum_sq(tensors)   → per tensor j, Σ x² over the whole logical parameter j belongs to
-                                  (its pieces on every dp rank, its shards on every tp rank), float64:
-                                  one all-reduce of 8·P bytes over dp (stage ≥ 1) and one over tp
-                                  (P = parameters of this rank's model/stage), counted in CommStats
+    partition.sum_sq(*lists)    → for each list (one tensor per optimizer tensor j), per j: Σ x² over
+                                  the whole logical parameter j belongs to (its pieces on every dp
+                                  rank, its shards on every tp rank), float64 —
+                                  one all-reduce of 8·L·P bytes over dp (stage ≥ 1) and one over tp
+                                  (L lists, P parameters in this rank's model/stage), counted in CommStats
     partition.shape(j)          → the full (unsplit, unpadded) shape of the parameter of tensor j
-    partition.gather(tensors, want)
-                                → {j: the full tensor (shape(j)) of parameter j} for the j with
-                                  want[j] (a rank holds at most one piece of a parameter); a
-                                  collective: every rank calls it, in the same order
+    partition.gather(tensors, select)
+                                → {j: the full tensor (shape(j)) of tensor j's parameter} for the j
+                                  whose full shape passes ``select`` (tensors[j] is read for those;
+                                  a rank holds at most one piece of a parameter); a collective:
+                                  every rank calls it, in the same order
     partition.local(j, full)    → tensor j's part of a full tensor (the re-shard; no traffic)
 
 :class:`LocalPartition` is the single-process case (each tensor is a whole parameter): no traffic,
@@ -36,11 +38,11 @@ class LocalPartition:
     def shape(self, j: int) -> tuple:
         return tuple(self.tensors[j].shape)
 
-    def sum_sq(self, tensors) -> list:
-        return [torch.linalg.vector_norm(t).double() ** 2 for t in tensors]
+    def sum_sq(self, *lists) -> list:
+        return [[torch.linalg.vector_norm(t).double() ** 2 for t in lst] for lst in lists]
 
-    def gather(self, tensors, want) -> dict:
-        return {j: t for j, (t, w) in enumerate(zip(tensors, want)) if w}
+    def gather(self, tensors, select) -> dict:
+        return {j: t for j, t in enumerate(tensors) if select(tuple(self.tensors[j].shape))}
 
     def local(self, j: int, full: torch.Tensor) -> torch.Tensor:
         return full

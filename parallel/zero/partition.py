@@ -33,8 +33,9 @@ class ZeroPartition:
         self.dp, self.partitioned = dp_group, partitioned
         self.tp = tp_group if tp_group is not None and tp_group.size > 1 else None
         self.buckets = list(buckets)
-        index, self.infos = {}, []
+        index, self.infos, self._first = {}, [], {}
         for b in self.buckets:
+            self._first[b] = len(self.infos)
             for i, p in enumerate(b.params):
                 index[(b, i)] = len(self.infos)
                 self.infos.append(param_info(p))
@@ -49,7 +50,7 @@ class ZeroPartition:
             split = info.tp_split and self.tp is not None
             keep[k] = 0.0 if (split and info.tp_duplicate) or (not split and self.tp is not None and self.tp.rank) \
                 else 1.0
-        self._tp_keep = keep
+        self._tp_keep = keep.to(self.buckets[0].master.device)
 
     def _full_shape(self, local: tuple, info) -> tuple:
         if not info.tp_split or self.tp is None:
@@ -63,26 +64,23 @@ class ZeroPartition:
         return self.full_shapes[self.pieces[j][2]]
 
     # --- norms ------------------------------------------------------------------------------------
-    def sum_sq(self, tensors) -> list:
-        """``tensors``: one tensor per piece, or several such lists concatenated (e.g. params +
-        updates); returns Σ x² over each one's whole parameter (float64 scalars)."""
+    def sum_sq(self, *lists) -> list:
+        """``lists``: lists of one tensor per piece (e.g. params, updates); returns, for each, the
+        list of Σ x² over each tensor's whole parameter (float64 scalars)."""
         J = len(self.pieces)
-        if J == 0 and tensors:
-            raise ValueError("sum_sq: this rank holds no pieces but was given tensors")
-        slots = len(tensors) // J if J else 0
-        if J and len(tensors) != slots * J:
-            raise ValueError(f"sum_sq: {len(tensors)} tensors is not a multiple of the {J} pieces")
-        slots = max(slots, getattr(self, "_slots", 1))
-        vec = torch.zeros(slots * self.P, dtype=torch.float64)
-        for t, x in enumerate(tensors):
-            s, j = divmod(t, J)
-            vec[s * self.P + self.pieces[j][2]] += torch.linalg.vector_norm(x).double() ** 2
+        for lst in lists:
+            if len(lst) != J:
+                raise ValueError(f"sum_sq: got {len(lst)} tensors for the {J} pieces this rank holds")
+        vec = torch.zeros(len(lists), self.P, dtype=torch.float64, device=self._tp_keep.device)
+        for s, lst in enumerate(lists):
+            for pc, x in zip(self.pieces, lst):
+                vec[s, pc[2]] += torch.linalg.vector_norm(x).double() ** 2
         if self.partitioned:
             comm.all_reduce(vec, self.dp)
         if self.tp is not None:
-            vec.view(slots, self.P).mul_(self._tp_keep)
+            vec.mul_(self._tp_keep)
             comm.all_reduce(vec, self.tp)
-        return [vec[(t // J) * self.P + self.pieces[t % J][2]] for t in range(len(tensors))]
+        return [[vec[s, pc[2]] for pc in self.pieces] for s in range(len(lists))]
 
     # --- whole tensors ----------------------------------------------------------------------------
     def gather(self, tensors, select) -> dict:
@@ -91,29 +89,21 @@ class ZeroPartition:
         chosen = {k for k, s in enumerate(self.full_shapes) if select(s)}
         flats = {}
         for b in self.buckets:
-            ks = {k for k in range(self._first(b), self._first(b) + len(b.params))}
-            if not ks & chosen:
+            if not any(k in chosen for k in range(self._first[b], self._first[b] + len(b.params))):
                 continue
-            flat = torch.zeros(b.padded, dtype=torch.float32)
+            flat = torch.zeros(b.padded, dtype=torch.float32, device=b.master.device)
             for j, (pb, i, k, a, e, _) in enumerate(self.pieces):
                 if pb is b and k in chosen:
                     flat[b.offsets[i] + a:b.offsets[i] + e].copy_(tensors[j].reshape(-1))
             if self.partitioned:
-                comm.all_gather_into(flat, flat[b.lo:b.hi].clone(), self.dp)
+                comm.all_gather_into(flat, flat[b.lo:b.hi], self.dp)
             flats[b] = flat
         out = {}
-        for j, (b, i, k, a, e, shape) in enumerate(self.pieces):
+        for j, (b, i, k, _, _, shape) in enumerate(self.pieces):
             if k in chosen:
                 local = flats[b][b.offsets[i]:b.offsets[i] + b.sizes[i]].view(shape)
                 out[j] = self._unsplit(local, self.infos[k])
         return out
-
-    def _first(self, b) -> int:
-        if not hasattr(self, "_firsts"):
-            self._firsts, n = {}, 0
-            for bb in self.buckets:
-                self._firsts[bb], n = n, n + len(bb.params)
-        return self._firsts[b]
 
     def _unsplit(self, local: torch.Tensor, info) -> torch.Tensor:
         if not info.tp_split or self.tp is None:
