@@ -17,12 +17,13 @@ def test_signs_pack_8_to_a_byte_and_error_feedback_tracks_the_sum():
     packed = _pack(x >= 0)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
     assert torch.equal(_unpack(packed), torch.where(x >= 0, 1.0, -1.0))
-    # error feedback: Σ_t C(x_t) stays within a bounded distance of Σ_t x_t (here one worker)
+    # error feedback telescopes: Σ_t out_t = Σ_t x_t − e_worker − e_server (one worker), so nothing is lost
     st, xs, outs = {}, [torch.randn(100) for _ in range(200)], []
     for v in xs:
         outs.append(compressed_mean(v, st, None))
-    drift = (sum(outs) - sum(xs)).norm() / sum(xs).norm()
-    assert drift < 0.05, drift
+    torch.testing.assert_close(sum(outs), sum(xs) - st["worker_error"][:100] - st["server_error"][:100],
+                               rtol=0, atol=1e-4)
+    assert (sum(outs) - sum(xs)).norm() < 0.1 * sum(xs).norm()
     assert 1 - F.cosine_similarity(outs[-1], xs[-1], 0) > 0.01      # each single output is lossy
 
 
@@ -69,5 +70,8 @@ def test_dp2_bytes_and_convergence_against_adam():
     assert max(after) <= adam[1][-1] / 16, (max(after), adam[1][-1])
     assert max(after) == pytest.approx(adam[1][-1] / 32, rel=0.05)          # 1/32 + scales and padding
     a, o = sum(adam[0][-5:]) / 5, sum(onebit[0][-5:]) / 5
+    print(f"\n1-bit Adam dp=2: wire bytes/step Adam {adam[1][-1]:.0f}, 1-bit {max(after):.0f} "
+          f"(ratio 1/{adam[1][-1] / max(after):.1f}); loss (mean of steps {STEPS - 4}-{STEPS}) Adam {a:.4f}, "
+          f"1-bit {o:.4f} ({(o - a) / a:+.2%}); first loss {adam[0][0]:.4f}")
     assert abs(o - a) <= 0.02 * a, (o, a)
     assert a < 0.8 * adam[0][0]                                            # it really learned

@@ -85,7 +85,7 @@ def compressed_mean(x: torch.Tensor, state: dict, group) -> torch.Tensor:
     state["server_error"] = y - s_approx[0]
     if N > 1:
         allp = torch.empty(N, c // 8, dtype=torch.uint8)
-        comm.all_gather_into(allp, s_packed[0], group)
+        comm.all_gather_into(allp.view(-1), s_packed[0], group)
         alls = torch.empty(N)
         comm.all_gather_into(alls, s_scale, group)
         s_packed, s_scale = allp, alls
