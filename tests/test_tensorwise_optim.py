@@ -185,5 +185,11 @@ def test_config_and_deepspeed_lamb_mapping():
     m = optimizer_factory(load_config(data=merge_tree(BASE, {"optimizer": {
         "name": "muon", "lr": 0.02, "momentum": 0.9, "eps": 1e-7, "adamw_lr": 1e-3}})).validate(2).optimizer)
     assert m.cls is MuonAdamW and m.kwargs == {"lr": 0.02, "momentum": 0.9, "adamw_eps": 1e-7, "adamw_lr": 1e-3}
+    ov, _ = map_deepspeed({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3, "freeze_step": 400,
+                                                                         "cuda_aware": False}}}, BASE, 2)
+    o = load_config(data=merge_tree(BASE, ov)).validate(2).optimizer
+    assert (o.name, o.lr, o.freeze_step) == ("onebit_adam", 1e-3, 400)
+    with pytest.raises(ConfigError, match="zero.stage=0"):
+        load_config(data=merge_tree(BASE, {**ov, "zero": {"stage": 1}})).validate(2)
     with pytest.raises(ConfigError, match="adamw_lr"):
         load_config(data=merge_tree(BASE, {"optimizer": {"name": "lamb", "adamw_lr": 1e-3}})).validate(2)

@@ -218,7 +218,7 @@ def _check_optimizer(c: Config) -> None:
     if o.name == "sgd" and o.betas is not None:
         raise ConfigError("optimizer.betas applies to adam/adamw, not sgd: remove it or change optimizer.name")
     if o.name not in ("sgd", "muon") and o.momentum is not None:
-        raise ConfigError(f"optimizer.momentum applies to sgd and muon, not {o.name}: remove it or set "
+        raise ConfigError(f"optimizer.momentum applies to sgd, not {o.name} (and to muon): remove it or set "
                           f"optimizer.name=sgd")
     if o.name != "muon" and o.adamw_lr is not None:
         raise ConfigError(f"optimizer.adamw_lr applies to muon (its AdamW part), not {o.name}: remove it")
