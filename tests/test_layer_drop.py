@@ -58,7 +58,9 @@ def _run(rank, world, overrides):
     return losses, engine.layer_drop.dropped_count
 
 
-@pytest.mark.parametrize("lay", [layout(2, 1, 1, 1), layout(1, 2, 1, 0), layout(1, 1, 2, 0)], ids=["dp2", "tp2", "pp2"])
+@pytest.mark.parametrize("lay", [pytest.param(layout(2, 1, 1, 1), marks=pytest.mark.slow),
+                                 pytest.param(layout(1, 2, 1, 0), marks=pytest.mark.slow), layout(1, 1, 2, 0)],
+                         ids=["dp2", "tp2", "pp2"])
 def test_layouts_drop_the_same_blocks_as_one_process(lay):
     want, dropped = reference_with_pld(config("gpt", PLD))
     assert sum(map(len, dropped)) >= 3, dropped                  # the runs really drop blocks

@@ -60,6 +60,7 @@ def _lm_run(rank, world, opt_name):
     return losses, wire, zero.num_params
 
 
+@pytest.mark.slow
 def test_dp2_bytes_and_convergence_against_adam():
     adam = run_ranks(_lm_run, 2, "adam")[0]
     onebit = run_ranks(_lm_run, 2, "onebit")[0]
