@@ -40,6 +40,7 @@ from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
 from parallel.data_parallel import sync_batchnorm
+from parallel.layer_drop import apply_layer_drop
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
 from parallel.optim.factory import optimizer_factory
@@ -64,6 +65,7 @@ class Engine:
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
         self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
         self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
+        self.layer_drop = self._layer_drop(model)    # pld: droppable blocks, before tp/pp copy them
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
         self.stages = self._shard(model if mesh.device.type == "meta" else model.to(mesh.device))
         ac = config.activation_checkpointing
@@ -106,6 +108,19 @@ class Engine:
         except ValueError as e:
             raise ConfigError(f"zero.units=block: {e}; or use zero.units=module") from None
         return tuple(dict.fromkeys(type(b) for b in body))
+    def _layer_drop(self, model: nn.Module):
+        """pld.enabled: progressive layer dropping (:mod:`parallel.layer_drop`), else None."""
+        c, z = self.cfg.pld, self.cfg.zero
+        if not c.enabled:
+            return None
+        if z.stage == 3 and z.units != "block":
+            raise ConfigError("pld.enabled with zero.stage=3 needs zero.units=block (a dropped block's "
+                              "parameters are gathered by its own unit): set zero.units=block")
+        try:
+            return apply_layer_drop(model, c.theta, c.gamma, self.cfg.train.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def _shard(self, model: nn.Module) -> list:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel
@@ -190,6 +205,8 @@ class Engine:
             st.train()
         micro = self._micro(batch)
         z = self.zero
+        if self.layer_drop is not None:
+            self.layer_drop.step = self.step_count
         z.zero_grad()
         z.prepare_step(len(micro))
         if self.executor is None:
@@ -227,6 +244,8 @@ class Engine:
     def zero_grad(self, micro_batches: int | None = None) -> None:
         """Start a step of ``micro_batches`` backward calls (default: the config's count)."""
         self._own_loop_check()
+        if self.layer_drop is not None:
+            self.layer_drop.step = self.step_count
         self.zero.zero_grad()
         self._own_m = micro_batches or self.cfg.micro_batches
         self.zero.prepare_step(self._own_m)

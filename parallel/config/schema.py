@@ -48,12 +48,23 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"                    # adamw | adam | sgd
+    name: str = "adamw"                    # adamw | adam | sgd | lamb | muon | onebit_adam (parallel/optim/factory.py)
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     betas: Optional[list] = None
-    momentum: Optional[float] = None
-    eps: Optional[float] = None
+    momentum: Optional[float] = None       # sgd; muon (Muon's momentum)
+    eps: Optional[float] = None            # muon: the AdamW part's eps
+    adamw_lr: Optional[float] = None       # muon: lr of the non-matrix tensors (AdamW); default lr
+    freeze_step: Optional[int] = None      # onebit_adam: Adam warm-up steps before compression (default 100)
+
+
+@dataclass
+class PLDConfig:
+    """Progressive layer dropping (arXiv 2010.13369; :mod:`parallel.layer_drop`): block l of L is kept
+    at step t with probability 1 − (l/L)(1 − θ(t)), θ(t) = (1 − theta)·exp(−gamma·t) + theta."""
+    enabled: bool = False
+    theta: float = 0.5                     # DeepSpeed's defaults
+    gamma: float = 0.001
 
 
 @dataclass
@@ -150,6 +161,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+    pld: PLDConfig = field(default_factory=PLDConfig)
     precision: str = "fp32"                # fp32 | bf16 | fp16
     device: str = "cpu"                    # cpu | cuda | auto
 

@@ -18,8 +18,10 @@ rank owns: one 1-D view per parameter (or part of a parameter, where a shard bou
 into the flat master (stage 0: the whole bucket; stages 1–3: this rank's shard). Per-parameter
 pieces keep the optimizer's loops cache-sized (one 20 MB flat tensor per op is 3x slower on a
 CPU) and its state per parameter. That is exact for optimizers whose update is elementwise given
-the step count (SGD, momentum, Adam, AdamW, Adagrad, RMSprop, …); per-tensor statistics (LAMB's
-trust ratio, Adafactor's factored moments) would see flat pieces instead. One param group.
+the step count (SGD, momentum, Adam, AdamW, Adagrad, RMSprop, …). An optimizer with per-tensor
+statistics (LAMB's trust ratio) or whole-matrix steps (Muon) has ``bind_partition``: it gets a
+:class:`~parallel.zero.partition.ZeroPartition` for whole-tensor norms and gathers
+(:mod:`parallel.optim.tensorwise`). One param group.
 
 Offload (``offload=`` an :class:`parallel.config.OffloadConfig`, see :mod:`.offload`): with
 ``optimizer`` = cpu | nvme the masters and Adam moments live in a tensor store and the step is a
@@ -49,6 +51,7 @@ from parallel.precision import LossScaler, Precision
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
 from parallel.zero.grad_norm import NONFINITE_POLICIES, SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
 from parallel.zero.offload import OffloadMixin, make_offload
+from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin, storage_bytes
 
@@ -224,6 +227,20 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                              "(one param group), e.g. lambda params: torch.optim.AdamW(params, lr=1e-3)")
         if self._opt_off is not None:
             self._opt_off.bind(self.optimizer, self._par_off)
+        if hasattr(self.optimizer, "bind_partition"):      # LAMB, Muon: whole-tensor norms / matrices
+            self._bind_partition()
+
+    def _bind_partition(self) -> None:
+        """Non-elementwise optimizers (:mod:`parallel.optim.tensorwise`) get ZeRO's pieces' layout."""
+        if self._opt_off is not None:
+            raise ValueError(f"zero.offload.optimizer streams an elementwise Adam: {type(self.optimizer).__name__} "
+                             f"needs whole tensors; set zero.offload.optimizer=none or use adam/adamw")
+        if hasattr(self.optimizer, "local_gradients") and (self.stage != 0 or self.grad_clip is not None):
+            raise ValueError(f"{type(self.optimizer).__name__} communicates compressed momentum itself: it runs "
+                             f"with zero.stage=0 and no train.grad_clip (got stage {self.stage}, grad_clip "
+                             f"{self.grad_clip}); set zero.stage=0 and remove train.grad_clip")
+        tp = next((g for g in self.norm_groups if g.axis == "tp"), None)
+        self.optimizer.bind_partition(ZeroPartition(self._piece_list, self._all, self.group, self.stage > 0, tp))
 
     def _hook_param_gathers(self, module) -> None:
         owner = {p: b for b in self._all for p in b.params}
@@ -253,6 +270,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
     def prepare_step(self, num_micro_batches: int = 1) -> None:
         """Announce the micro-batches of this step: buckets reduce after their m-th gradient."""
         self.reducer.prepare_step(num_micro_batches)
+        self.reducer.local = bool(getattr(self.optimizer, "local_gradients", False))   # 1-bit Adam
 
     def no_sync(self):
         return self.reducer.no_sync()
