@@ -20,7 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..")]
 
 from harness import run_ranks  # noqa: E402
-from memory_cases import LAYOUTS, MODEL, estimate, measure  # noqa: E402
+from memory_cases import LAYOUTS, MODEL, UNMODELLED, estimate, measure  # noqa: E402
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v) if not isinstance(v, str) else v for k, v in d.items()}
 
 
 def main(argv=None) -> int:
@@ -36,17 +40,20 @@ def main(argv=None) -> int:
         if a.only and name not in a.only:
             continue
         for pol in a.policies:
+            if pol == "selective" and lay.get("schedule") == "zero_bubble":
+                continue                                   # a config error
             t0 = time.time()
             got = run_ranks(measure, world, lay, pol, timeout=600)
             est = estimate(world, lay, pol)
             for r, g in enumerate(got):
                 e = est[r]
                 ratio = e["peak"] / g["peak"]
-                worst = max(worst, abs(ratio - 1))
+                if (name, pol) not in UNMODELLED:
+                    worst = max(worst, abs(ratio - 1))
                 print(f"{name:<16} {pol:<9} {r:>4} {e['peak']:>10.0f} {g['peak']:>10} {ratio:6.3f}  {g['peak_phase']}"
-                      + (f"  {g['peak_by']} est={ {k: round(v) if not isinstance(v, str) else v for k, v in e.items()} }" if a.verbose else ""))
+                      + (f"  {g['peak_by']} est={_rounded(e)}" if a.verbose else ""))
             print(f"# {name} {pol}: {time.time() - t0:.1f}s", file=sys.stderr)
-    print(f"worst |estimate/measured - 1| = {worst:.3f}")
+    print(f"worst |estimate/measured - 1| = {worst:.3f} (excluding the unmodelled {sorted(UNMODELLED)})")
     return 0
 
 

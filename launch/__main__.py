@@ -31,8 +31,8 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from launch import preflight
 from launch.dry_run import describe
-from launch.plan import parse_bytes
 from launch.failures import summarize
+from launch.plan import parse_bytes
 from parallel.checkpoint import latest
 from parallel.config import ConfigError, load_config
 from parallel.config.deepspeed import format_report

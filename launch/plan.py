@@ -11,8 +11,9 @@ Every valid (dp, tp, pp, ZeRO stage, micro-batch count, schedule, sequence paral
 ranks is predicted by :mod:`parallel.planning.planner` (per-rank model states, activations by schedule and
 communication bytes); layouts whose peak exceeds ``--memory`` per device are dropped and the rest
 ranked by predicted step time (compute at ``--peak-tflops``, the pipeline bubble simulated,
-communication at ``--latency-us`` + bytes / ``--bandwidth-gbs``). Defaults: this device's measured
-fp32 matmul rate, and gloo-on-CPU latency and bandwidth (the argparse defaults; benchmarks/README.md).
+communication at ``--latency-us`` + bytes / ``--bandwidth-gbs``). Each layout gets the first activation
+checkpointing policy of ``--policies`` (default none, selective, full) under which it fits. Defaults: this
+device's measured fp32 matmul rate, and gloo-on-CPU latency and bandwidth (the argparse defaults; benchmarks/README.md).
 """
 from __future__ import annotations
 

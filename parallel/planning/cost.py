@@ -26,7 +26,8 @@ from parallel.pipeline.simulate import simulate
 from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 
-__all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "recomputed_blocks", "tp_per_micro", "comm_per_step", "seconds",
+__all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "recomputed_blocks", "tp_per_micro",
+           "comm_per_step", "seconds",
            "step_time"]
 
 NORM_BYTES = 24          # the grad-norm all-reduce: three float64

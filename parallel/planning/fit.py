@@ -58,7 +58,7 @@ class FitAnswer:
         if self.fits:
             return head
         if not self.changes:
-            return head + "\nno change of activation checkpointing, ZeRO stage or micro-batch size (or two of them) fits"
+            return head + "\nno change of activation checkpointing, ZeRO stage or micro-batch size (or two) fits"
         lines = [head, f"smallest change that fits: {self.best}"]
         lines += [f"  also fits: {c}" for c in self.changes[1:4]]
         return "\n".join(lines)

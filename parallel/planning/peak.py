@@ -84,6 +84,32 @@ def _modes(tr: TrainSpec, blocks) -> list:
     return [tr.activation for _ in blocks]
 
 
+def _weight_deltas(spec: ModelSpec, mb: int, t: int, e: int, blocks: tuple, last: bool) -> float:
+    """Zero-bubble split: the output gradients δ_N that I captures for W, one micro-batch of a stage: per
+    block the norms' (2βsh), q/k/v's βs(h+2kv)/t, the attention projection's βsh, the MLP inputs' βsf/t
+    (two under SwiGLU) and its projection's βsh; the last stage adds the final norm's βsh and the head's βsV/t."""
+    sb, h = mb * spec.seq, spec.hidden
+    ins = 1 if spec.mlp_matrices == 2 else 2
+    per = (2 * h + (h + 2 * spec.kv_hidden) / t + h + ins * spec.ffn_ / t + h) * sb * e
+    return (blocks[1] - blocks[0]) * per + (sb * h * e + sb * spec.vocab * e / t if last else 0.0)
+
+
+def _captured_micro(lay: Layout, rank: int) -> int:
+    """Micro-batches whose δ_N a pp rank holds at once under a split backward (I done, W not yet; the
+    one in I counts): 0 without one (pp = 1, schedules without W, ZeRO-3, which does not split)."""
+    if lay.pp == 1 or lay.zero == 3:
+        return 0
+    from parallel.pipeline.schedules import get_schedule
+    done, peak = 0, 0
+    for act in get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v).actions[rank]:
+        kind = getattr(act, "kind", None)
+        if kind == "I":
+            peak, done = max(peak, done + 1), done + 1
+        elif kind == "W":
+            done -= 1
+    return peak
+
+
 def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: list, mb: int, held: int,
               buckets: list, states: dict, max_piece: int, owned: int) -> dict:
     """{activations, buffers, gathered, transient, optimizer_temp, data, peak, peak_at} of one rank
@@ -91,16 +117,33 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     largest and total elements of the optimizer's pieces)."""
     e, mixed = element_bytes(tr)
     t, S, dev = lay.tp, lay.pp * lay.v, tr.device
-    stage_act = []
+    sb, h, f = mb * spec.seq, spec.hidden, spec.ffn_
+    first_embed = (sb * h + spec.seq * h) * e + spec.seq * 8 if S > 1 else 0.0
+    captured = _captured_micro(lay, own[0] % lay.pp) * max(   # stage 0 has no input gradient: W does it all
+        [_weight_deltas(spec, mb, t, e, bounds[k], k == S - 1) for k in own if k > 0], default=0.0)
+    grads_in_block = (f + 2 * h) * sb * e / t               # an MLP's gradients while its backward runs
+    options = []                                            # (activations, transient) candidates of the peak
+    starts = []
     for k in own:
         a, z = bounds[k]
-        act = sum(block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in _modes(tr, range(a, z)))
-        act += head_bytes(spec, mb, t, e) if k == S - 1 else mb * spec.seq * spec.hidden * e / (t if lay.sp else 1)
-        stage_act.append(act)
-    recompute = any(md in ("full", "selective") for k in own for md in _modes(tr, range(*bounds[k])))
-    activations = held * max(stage_act) + (block_bytes(spec, "none", mb, t, lay.sp, e) if recompute else 0.0)
-    last = S - 1 in own
-    transient = 2 * mb * spec.seq * spec.vocab * e / t if last else 0.0
+        modes = _modes(tr, range(a, z))
+        kept = [block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in modes]
+        last = k == S - 1
+        end = head_bytes(spec, mb, t, e) if last else sb * h * e / (t if lay.sp else 1)
+        end += first_embed if k == 0 else 0.0
+        starts.append(sum(kept) + end)
+        ce = 2 * sb * spec.vocab * e / t
+        at_start = max(ce, grads_in_block - head_bytes(spec, mb, t, e)) if last else grads_in_block
+        options.append((sum(kept) + end, at_start))
+        none = block_bytes(spec, "none", mb, t, lay.sp, e)
+        # recomputing block j rebuilds its whole set while blocks < j still keep theirs (later ones are freed);
+        # its backward follows at once: the MLP's gradients and the residual stream's two
+        for j, md in enumerate(modes):
+            if md in ("full", "selective"):
+                options.append((sum(kept[:j]) + none, grads_in_block + 2 * sb * h * e))
+    base = (held - 1) * max(starts) + captured
+    act, transient = max(options, key=lambda o: o[0] + o[1])
+    activations = base + act
     buffers = gathered = 0.0
     normal = [bk for bk in buckets if not getattr(bk, "deferred", False)]
     deferred = sum(bk.numel for bk in buckets if getattr(bk, "deferred", False)) * e

@@ -68,7 +68,7 @@ class TrainSpec:
     bucket_mb: float = 25.0
     activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload
     every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
-    device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: offload stays, per-tensor AdamW
+    device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: it stays, per-tensor AdamW
 
 
 @dataclass(frozen=True)
