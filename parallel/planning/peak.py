@@ -33,6 +33,9 @@ next to everything the forward kept):
       and reduce after the m-th), else the one the first gradient lands in; + pp-duplicated tied
       weights' gradients (reduced after backward)
     + stage 3 gathered units: the head's and the largest other (the next one, prefetched).
+Peak 1', at the end of backward (stages ≥ 1; it wins when checkpointing has shrunk the activations): states
+    + a bucket's reduce-scatter output (its shard) + on gloo (CPU) a full-size copy of the bucket, which
+    gloo's reduce-scatter stages (measured: dp2 ZeRO-1/2 under full recompute).
 Peak 2, the optimizer step: states (gradient shards included) + mixed precision's fp32
     gradient copies (4 bytes × owned elements) + the optimizer's temporaries: CPU AdamW runs
     per tensor (two temporaries of the largest owned piece: sqrt and the divided denominator);
@@ -122,7 +125,7 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     captured = _captured_micro(lay, own[0] % lay.pp) * max(   # stage 0 has no input gradient: W does it all
         [_weight_deltas(spec, mb, t, e, bounds[k], k == S - 1) for k in own if k > 0], default=0.0)
     grads_in_block = (f + 2 * h) * sb * e / t               # an MLP's gradients while its backward runs
-    options = []                                            # (activations, transient) candidates of the peak
+    options = []                             # (activations, transient, a recompute's) candidates of the peak
     starts = []
     for k in own:
         a, z = bounds[k]
@@ -134,15 +137,15 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         starts.append(sum(kept) + end)
         ce = 2 * sb * spec.vocab * e / t
         at_start = max(ce, grads_in_block - head_bytes(spec, mb, t, e)) if last else grads_in_block
-        options.append((sum(kept) + end, at_start))
+        options.append((sum(kept) + end, at_start, False))
         none = block_bytes(spec, "none", mb, t, lay.sp, e)
         # recomputing block j rebuilds its whole set while blocks < j still keep theirs (later ones are freed);
         # its backward follows at once: the MLP's gradients and the residual stream's two
         for j, md in enumerate(modes):
             if md in ("full", "selective"):
-                options.append((sum(kept[:j]) + none, grads_in_block + 2 * sb * h * e))
+                options.append((sum(kept[:j]) + none, grads_in_block + 2 * sb * h * e, True))
     base = (held - 1) * max(starts) + captured
-    act, transient = max(options, key=lambda o: o[0] + o[1])
+    act, transient, _ = max(options, key=lambda o: o[0] + o[1])
     activations = base + act
     buffers = gathered = 0.0
     normal = [bk for bk in buckets if not getattr(bk, "deferred", False)]
@@ -159,6 +162,12 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     data = 16 * (tr.global_batch // lay.dp) * spec.seq
     shard_grads = states["grads"] if lay.zero >= 2 else 0
     fb = states["total"] - shard_grads + activations + transient + buffers + gathered + data
+    if lay.zero >= 1:    # end of backward: a bucket's reduce-scatter output, and on gloo its full-size staging copy
+        big = max(buckets, key=lambda bk: bk.padded)
+        rs = (big.padded // lay.dp + (big.padded if tr.device == "cpu" else 0)) * e
+        end = states["total"] - shard_grads + buffers + gathered + data + rs
+        if end > fb:
+            fb, activations, transient = end, 0.0, rs
     opt_temp = 4 * owned if tr.device == "cuda" else 2 * 4 * max_piece
     step = states["total"] + deferred * (lay.zero >= 2) + (4 * owned if mixed else 0) + opt_temp + data
     out = {"activations": activations, "buffers": buffers, "gathered": gathered, "transient": transient,
