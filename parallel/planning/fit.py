@@ -52,9 +52,11 @@ class FitAnswer:
 
     def describe(self) -> str:
         mib = 2 ** 20
-        head = (f"fits in {self.memory_bytes / 2 ** 30:.4g} GiB per device: "
-                f"{'yes' if self.fits else 'no'}, peak {self.peak_bytes / mib:.2f} MiB on rank {self.rank}, "
-                f"headroom {self.headroom / mib:+.2f} MiB ({100 * self.headroom / self.memory_bytes:+.1f}%)")
+        budget = (f"{self.memory_bytes / 2 ** 30:.4g} GiB" if self.memory_bytes >= 2 ** 30
+                  else f"{self.memory_bytes / mib:.4g} MiB")
+        head = (f"fits in {budget} per device: "
+                f"{'yes' if self.fits else 'no'}, peak {self.peak_bytes / mib:.3f} MiB on rank {self.rank}, "
+                f"headroom {self.headroom / mib:+.3f} MiB ({100 * self.headroom / self.memory_bytes:+.1f}%)")
         if self.fits:
             return head
         if not self.changes:
