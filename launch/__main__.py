@@ -32,6 +32,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from launch import preflight
 from launch.dry_run import describe
 from launch.failures import summarize
+from launch.plan import parse_bytes
 from parallel.checkpoint import latest
 from parallel.config import ConfigError, load_config
 from parallel.config.deepspeed import format_report
@@ -52,6 +53,8 @@ def split_argv(argv: list[str]):
     ours.add_argument("--nproc", type=int, default=None, help="processes on this node (default: dp*tp*pp / nnodes)")
     ours.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config to map onto the YAML config")
     ours.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, start nothing")
+    ours.add_argument("--memory", default=None, help="with --dry-run: memory per device (e.g. 24GiB); says whether "
+                      "the job fits and, if not, the smallest change that does")
     known, rest = ours.parse_known_args(argv)
     torchrun, overrides, i = [], [], 0
     while i < len(rest):
@@ -124,8 +127,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error (pre-flight check; no worker was started): {e}", file=sys.stderr)
         return 2
+    if known.memory is not None and not known.dry_run:
+        print("python -m launch: --memory goes with --dry-run (it answers whether the job fits)", file=sys.stderr)
+        return 2
     if known.dry_run:
-        print(describe(cfg))
+        try:
+            memory = None if known.memory is None else parse_bytes(known.memory)
+        except ValueError as e:
+            print(f"python -m launch: {e}", file=sys.stderr)
+            return 2
+        print(describe(cfg, memory))
         return 0
     args = ["--nproc-per-node", str(nproc)]
     if not any(t.split("=")[0] in ("--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--master-addr",

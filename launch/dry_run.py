@@ -13,6 +13,7 @@ from launch.plan import spec_from_model
 from parallel.config import Config, import_object
 from parallel.mesh import coords_of
 from parallel.pipeline import describe_split
+from parallel.planning.fit import fit
 from parallel.planning.planner import Layout, TrainSpec, predict
 from parallel.tensor_parallel.auto_plan import derive_plan
 from parallel.tensor_parallel.plan import apply_tensor_parallel
@@ -29,16 +30,22 @@ def _meta_model(cfg: Config):
         return factory(**cfg.model.kwargs)
 
 
-def _prediction(cfg: Config, model):
+def planner_inputs(cfg: Config, model, device: str | None = None):
+    """(ModelSpec, Layout, TrainSpec) of a config (``device``: cuda | cpu, default: this machine's)."""
     seq = cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
     spec = spec_from_model(model, seq)
     p = cfg.parallel
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
                  p.sequence_parallel, cfg.zero.units)
     ac = cfg.activation_checkpointing
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
-                   cfg.zero.bucket_mb, ac.policy, ac.every)
-    return predict(spec, lay, tr)
+                   cfg.zero.bucket_mb, ac.policy, ac.every, device)
+    return spec, lay, tr
+
+
+def _prediction(cfg: Config, model):
+    return predict(*planner_inputs(cfg, model))
 
 
 def _split(model, cfg: Config) -> str | None:
@@ -78,7 +85,9 @@ def _tp_plan(model, cfg: Config) -> str:
     return f"# tensor-parallel plan ({how})\n{text}"
 
 
-def describe(cfg: Config) -> str:
+def describe(cfg: Config, memory: float | None = None) -> str:
+    """The dry run's text; ``memory`` (bytes per device): also whether the job fits, and if not the smallest
+    change that does (:func:`parallel.planning.fit.fit`)."""
     p = cfg.parallel
     lines = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
              f"# mesh: pp={p.pp} × dp={p.dp} × tp={p.tp} = {cfg.world_size} ranks (tp innermost), "
@@ -115,4 +124,9 @@ def describe(cfg: Config) -> str:
                 axes[axis] = max(axes.get(axis, 0), sum(c["wire_bytes"] for c in o.values()))
         wire = json.dumps({a: round(v) for a, v in axes.items()})
         lines.append(f"# predicted wire bytes per step (max over ranks): {wire}")
+        if memory is not None:
+            ans = fit(*planner_inputs(cfg, model), memory)
+            lines += ["", *(f"# {line}" for line in ans.describe().splitlines())]
+    elif memory is not None:
+        lines.append("# (no answer to --memory: the planner could not read this model)")
     return "\n".join(lines)

@@ -11,8 +11,9 @@ Every valid (dp, tp, pp, ZeRO stage, micro-batch count, schedule, sequence paral
 ranks is predicted by :mod:`parallel.planning.planner` (per-rank model states, activations by schedule and
 communication bytes); layouts whose peak exceeds ``--memory`` per device are dropped and the rest
 ranked by predicted step time (compute at ``--peak-tflops``, the pipeline bubble simulated,
-communication at ``--latency-us`` + bytes / ``--bandwidth-gbs``). Defaults: this device's measured
-fp32 matmul rate, and gloo-on-CPU latency and bandwidth (the argparse defaults; benchmarks/README.md).
+communication at ``--latency-us`` + bytes / ``--bandwidth-gbs``). Each layout gets the first activation
+checkpointing policy of ``--policies`` (default none, selective, full) under which it fits. Defaults: this
+device's measured fp32 matmul rate, and gloo-on-CPU latency and bandwidth (the argparse defaults; benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -89,19 +91,30 @@ def enumerate_layouts(spec: ModelSpec, world: int, tr: TrainSpec, zero=(0, 1, 2,
                                 yield lay
 
 
-def plan(spec: ModelSpec, world: int, tr: TrainSpec, hw: Hardware, top: int = 5, **kw) -> tuple[list, list]:
-    """(the ``top`` fitting predictions ranked by step time then peak memory, all predictions)."""
-    preds = [predict(spec, lay, tr, hw, ranks="worst") for lay in enumerate_layouts(spec, world, tr, **kw)]
+def plan(spec: ModelSpec, world: int, tr: TrainSpec, hw: Hardware, top: int = 5, policies=("none",),
+         **kw) -> tuple[list, list]:
+    """(the ``top`` fitting predictions ranked by step time then peak memory, all predictions). Each layout
+    gets the first activation checkpointing policy of ``policies`` under which it fits (else the last)."""
+    preds = []
+    for lay in enumerate_layouts(spec, world, tr, **kw):
+        usable = [p for p in policies if not (p == "selective" and lay.pp > 1 and lay.schedule == "zero_bubble")]
+        for pol in usable or [tr.activation]:
+            p = predict(spec, lay, replace(tr, activation=pol), hw, ranks="worst")
+            if p.fits:
+                break
+        preds.append(p)
     fit = sorted((p for p in preds if p.fits), key=lambda p: (p.step_s, p.peak_bytes))
     return fit[:top], preds
 
 
-def overrides(lay: Layout, tr: TrainSpec) -> str:
+def overrides(lay: Layout, tr: TrainSpec, policy: str = "none") -> str:
     """The config overrides that run ``lay`` with ``python -m launch``."""
     o = [f"parallel.dp={lay.dp}", f"parallel.tp={lay.tp}", f"parallel.pp={lay.pp}", f"zero.stage={lay.zero}",
          f"data.micro_batch_size={tr.global_batch // (lay.dp * lay.micro_batches)}"]
     if lay.sp:
         o.append("parallel.sequence_parallel=true")
+    if policy != "none":
+        o.append(f"activation_checkpointing.policy={policy}")
     if lay.pp > 1:
         o.append(f"parallel.pp_schedule={lay.schedule}")
         if lay.v > 1:
@@ -120,7 +133,8 @@ def table(preds: list, tr: TrainSpec) -> str:
         worst = max(p.memory, key=lambda r: p.memory[r]["peak"])
         m = p.memory[worst]
         mb = {a: max(p.wire_bytes(r, a) for r in p.comm) / 1e6 for a in ("dp", "tp", "pp")}
-        rows.append(f"{i:>2}  {str(p.layout):<38} {p.step_s * 1e3:9.2f} {100 * p.bubble:5.1f}% "
+        name = str(p.layout) + (f" ac={p.activation}" if p.activation != "none" else "")
+        rows.append(f"{i:>2}  {name:<38} {p.step_s * 1e3:9.2f} {100 * p.bubble:5.1f}% "
                     f"{_mib(p.peak_bytes):>10} {_mib(m['total']):>9} {_mib(m['activations']):>9}  "
                     f"{mb['dp']:8.3f} {mb['tp']:8.3f} {mb['pp']:8.3f}")
     return "\n".join(rows)
@@ -176,6 +190,8 @@ def parse_args(argv=None):
     ap.add_argument("--schedules", nargs="+", default=None, help="pipeline schedules to consider")
     ap.add_argument("--no-sp", action="store_true", help="do not consider sequence parallelism")
     ap.add_argument("--max-micro-batches", type=int, default=None)
+    ap.add_argument("--policies", nargs="+", default=["none", "selective", "full"],
+                    help="activation checkpointing policies to try per layout, in order (first that fits)")
     ap.add_argument("--top", type=int, default=5)
     return ap.parse_args(argv)
 
@@ -194,7 +210,8 @@ def main(argv=None, out=None) -> int:
             peak, source = peak_flops(dtype=torch.float32)
         hw = Hardware(memory, peak, args.bandwidth_gbs * 1e9, args.latency_us * 1e-6)
         best, preds = plan(spec, args.world, tr, hw, args.top, zero=tuple(args.zero), schedules=args.schedules,
-                           sp=(False,) if args.no_sp else (False, True), max_micro_batches=args.max_micro_batches)
+                           sp=(False,) if args.no_sp else (False, True), max_micro_batches=args.max_micro_batches,
+                           policies=tuple(args.policies))
     except (ValueError, ImportError) as e:
         print(f"launch.plan: {e}", file=sys.stderr)
         return 2
@@ -215,7 +232,7 @@ def main(argv=None, out=None) -> int:
         return 1
     print(table(best, tr), file=out)
     top = best[0]
-    print(f"\nbest: python -m launch --config <your.yaml> {overrides(top.layout, tr)}", file=out)
+    print(f"\nbest: python -m launch --config <your.yaml> {overrides(top.layout, tr, top.activation)}", file=out)
     for r in sorted(top.memory):
         m = top.memory[r]
         print(f"  rank {r}: params {_mib(m['params'])} grads {_mib(m['grads'])} master {_mib(m['master'])} "

@@ -155,7 +155,9 @@ def _inject_hook(info):
 
 def _record_hook(info):
     def hook(mod, args, out):
-        info.hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if torch._C._current_graph_task_id() != -1:
+            return      # activation checkpointing's recompute (inside backward): keeping its output would pin
+        info.hidden = out[0] if isinstance(out, (tuple, list)) else out     # the recomputed block's graph
     return hook
 
 

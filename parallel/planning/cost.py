@@ -10,7 +10,8 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
 * pp: b·s·h (SP: b·s·h/t) per micro-batch each way per stage boundary; the tied embedding's
   gradient V·h·b/t once per step between the end ranks (axis "pp_tied").
 
-Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it)
+Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it;
+plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
 / peak, plus its tp traffic at the given latency and bandwidth; the schedule is simulated with
 F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; dp traffic is
 exposed except what fits under the last micro-batch's backward (stages 0–2: of K equal buckets the
@@ -25,7 +26,8 @@ from parallel.pipeline.simulate import simulate
 from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 
-__all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "tp_per_micro", "comm_per_step", "seconds",
+__all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "recomputed_blocks", "tp_per_micro",
+           "comm_per_step", "seconds",
            "step_time"]
 
 NORM_BYTES = 24          # the grad-norm all-reduce: three float64
@@ -101,6 +103,14 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
 
 
 
+def recomputed_blocks(lay: Layout, tr: TrainSpec, a: int, e: int) -> int:
+    """Block forwards re-run per micro-batch by activation checkpointing in blocks [a, e): full (and
+    every k's recomputed blocks) once, twice under the zero-bubble split (I and W each recompute);
+    selective re-runs only elementwise ops (no matmul FLOPs), offload nothing."""
+    n = {"full": e - a, "every": sum(1 for i in range(a, e) if i % tr.every == 0)}.get(tr.activation, 0)
+    return n * (2 if lay.pp > 1 and lay.schedule == "zero_bubble" else 1)
+
+
 def seconds(ops: dict, hw: Hardware) -> float:
     """Σ_op calls·latency(op) + wire bytes / bandwidth(op) (per-op figures where ``hw`` has them)."""
     return sum(c["calls"] * hw.lat(op) + c["wire_bytes"] / hw.bw(op) for op, c in ops.items())
@@ -114,6 +124,7 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
     stage = []
     for k, (a, e) in enumerate(bounds):
         flops = mb * s * ((e - a) * block + (k == S - 1) * 6 * spec.vocab * h) / lay.tp
+        flops += mb * s * recomputed_blocks(lay, tr, a, e) * block / 3 / lay.tp     # a block's forward: 1/3 of F+B
         tp: dict = {}
         for op, (calls, payload) in tp_per_micro(spec, lay, e - a, k == 0, k == S - 1, mb, b).items():
             add_op(tp, "tp", op, calls, payload, lay.tp)

@@ -17,14 +17,11 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
 * params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1) or
   b·padded/N (2–3), fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
   Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4).
-Activations (an estimate): per block and micro-batch, elements b·s·h·(4 + 12/t) (SP: 2 + 14/t) —
-the saved tensors :class:`parallel.activation.memory.SavedActivations` counts for our GPT, less
-the O(s·b) norm statistics and log-sum-exp — plus the head's b·s·(2h + 2V/t), times the micro-batches a
-rank holds at once (:func:`parallel.pipeline.schedules.max_in_flight`). Under
-``activation_checkpointing`` (``TrainSpec.activation``; :mod:`parallel.activation.memory` counts
-them exactly) a recomputed block keeps b·s·h (SP: /t), a selective one b·s·h·(3 + 8/t) (SP:
-2 + 9/t), an offloaded one nothing on the device; plus, once per rank, one block's full set,
-rebuilt while that block's backward runs.
+Peak per rank (:mod:`parallel.planning.peak`): the larger of the start of the last micro-batch's
+backward (states + activations per checkpointing policy × the schedule's in-flight micro-batches
+(:func:`parallel.pipeline.schedules.max_in_flight`) + the loss's gradients + stage-2/3 gradient buckets +
+stage-3 gathered units) and the optimizer step (states + its temporaries); checked against the measured
+peak of live tensor bytes (:mod:`parallel.planning.measure`), within 10% on every tested layout.
 
 Communication and step time: :mod:`parallel.planning.cost`; the records: :mod:`parallel.planning.spec`.
 """
@@ -38,6 +35,7 @@ from parallel.mesh import rank_of
 from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
 from parallel.planning.cost import comm_per_step, optimizer_seconds, seconds, step_time
+from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
@@ -116,6 +114,7 @@ class _Bucket:
     padded: int
     gathers: int = 1                 # stage 3: all-gathers per step
     unit: bool = False               # stage-3 unit (sharded params)
+    deferred: bool = False           # tied pipeline copies: reduced after backward
 
 
 def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool) -> list:
@@ -147,21 +146,23 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
             out.append(u)
     if deferred:
         out.append(mk(deferred))
+        out[-1].deferred = True
     return out
 
 
-def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool) -> tuple[int, int]:
-    """(elements, parameter pieces) of bucket ``bk`` inside dp rank r's shard."""
+def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool, largest: bool = False) -> tuple[int, int]:
+    """(elements, parameter pieces) of bucket ``bk`` inside dp rank r's shard (``largest``: (elements,
+    the largest piece's elements))."""
     if not pad:
-        return bk.numel, len(bk.sizes)
+        return bk.numel, max(bk.sizes) if largest else len(bk.sizes)
     shard = bk.padded // N
-    lo, hi, off, n, k = r * shard, (r + 1) * shard, 0, 0, 0
+    lo, hi, off, n, k, big = r * shard, (r + 1) * shard, 0, 0, 0, 0
     for s in bk.sizes:
         a, e = max(off, lo), min(off + s, hi)
         if a < e:
-            n, k = n + e - a, k + 1
+            n, k, big = n + e - a, k + 1, max(big, e - a)
         off += s
-    return n, k
+    return (n, big) if largest else (n, k)
 
 
 # --- memory -----------------------------------------------------------------------------------------
@@ -180,27 +181,6 @@ def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
         m["optimizer"] += per_elem * n + per_piece * k
     m["total"] = sum(m.values())
     return m
-
-
-def _activations(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: list, mb: int) -> float:
-    """Estimated activation bytes held at peak by a pp rank (see the module docstring)."""
-    e = element_bytes(tr)[0]
-    t, s, h, S = lay.tp, spec.seq, spec.hidden, lay.pp * lay.v
-    unit = mb * s * h * e
-    kept = {"none": (2 + 14 / t) if lay.sp else (4 + 12 / t), "full": 1 / t if lay.sp else 1, "offload": 0,
-            "selective": (2 + 9 / t) if lay.sp else (3 + 8 / t)}
-    pol = tr.activation
-
-    def block(i):
-        mode = ("full" if i % tr.every == 0 else "none") if pol == "every" else pol
-        return kept[mode] * unit
-
-    head = mb * s * (2 * h + 2 * spec.vocab / t) * e
-    per_stage = max(sum(block(i) for i in range(*bounds[k])) + (k == S - 1) * head for k in own)
-    held = _in_flight(lay.schedule, lay.pp, lay.micro_batches, lay.v)[own[0] % lay.pp] if lay.pp > 1 else 1
-    # a recomputed block's own activations exist again while its backward runs: once per rank
-    recompute = kept["none"] * unit if pol in ("full", "every", "selective") else 0.0
-    return held * per_stage + recompute
 
 
 @functools.lru_cache(maxsize=4096)
@@ -252,12 +232,12 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
         own = list(range(pr, S, lay.pp))
         bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b, tr.bucket_mb, spec.tied and S == 1)
         comm = comm_per_step(spec, lay, tr, bks, own, bounds, mb)
-        act = _activations(spec, lay, tr, own, bounds, mb)
-        big = max(bk.padded for bk in bks) * b
-        transient = (2 * big if lay.zero == 3 else 0) + (3 * big if lay.zero >= 2 else 0)
+        held = _in_flight(lay.schedule, lay.pp, lay.micro_batches, lay.v)[pr] if lay.pp > 1 else 1
         for dr in range(lay.dp) if ranks == "all" else [0]:
             mem = _states(bks, lay, tr, dr)
-            mem.update(activations=act, transient=transient, peak=mem["total"] + act + transient)
+            pieces = [_shard_pieces(bk, lay.dp, dr, lay.zero > 0, largest=True) for bk in bks]
+            mem.update(rank_peak(spec, lay, tr, own, bounds, mb, held, bks, mem, max(p[1] for p in pieces),
+                                 sum(p[0] for p in pieces)))
             for tr_ in range(lay.tp) if ranks == "all" else [0]:
                 g = rank_of(pr, dr, tr_, {"pp": lay.pp, "dp": lay.dp, "tp": lay.tp})
                 pred.memory[g], pred.comm[g] = mem, comm
@@ -270,4 +250,5 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
             for pr in range(lay.pp))
     pred.peak_bytes = max(m["peak"] for m in pred.memory.values())
     pred.fits = pred.peak_bytes <= hw.memory_bytes
+    pred.activation = tr.activation if tr.activation != "every" else f"every:{tr.every}"
     return pred

@@ -69,6 +69,7 @@ class TrainSpec:
     bucket_mb: float = 25.0
     activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload
     every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
+    device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: it stays, per-tensor AdamW
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Prediction:
     bubble: float = 0.0
     peak_bytes: float = 0.0
     fits: bool = True
+    activation: str = "none"                      # the activation checkpointing policy predicted
 
     def wire_bytes(self, rank: int, axis: str) -> float:
         return sum(c["wire_bytes"] for c in self.comm[rank].get(axis, {}).values())
