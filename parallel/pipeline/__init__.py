@@ -10,6 +10,7 @@ from parallel.pipeline.schedules import (
                                          Schedule,
                                          Step,
                                          comm_ops,
+                                         forward_only,
                                          get_schedule,
                                          gpipe,
                                          interleaved_1f1b,
@@ -17,7 +18,7 @@ from parallel.pipeline.schedules import (
                                          one_f_one_b,
                                          zero_bubble_h1,
 )
-from parallel.pipeline.schedules_v import dualpipe_v, split_model_v, zb_v
+from parallel.pipeline.schedules_v import V_SCHEDULES, dualpipe_v, split_for, split_model_v, zb_v
 from parallel.pipeline.simulate import SimResult, default_costs, execute, format_grid, simulate, unit_cost
 from parallel.pipeline.split import describe_split, find_body, split_model, sync_tied_grads
 from parallel.pipeline.validate import validate
@@ -25,7 +26,7 @@ from parallel.pipeline.validate import validate
 __all__ = [
     "KINDS", "NAMES", "Action", "P2P", "Schedule", "ScheduleError", "Step", "comm_ops",
     "get_schedule", "gpipe", "interleaved_1f1b", "max_in_flight", "one_f_one_b", "validate",
-    "zero_bubble_h1", "SimResult", "default_costs", "execute", "format_grid", "simulate",
+    "zero_bubble_h1", "forward_only", "SimResult", "default_costs", "execute", "format_grid", "simulate",
     "unit_cost", "PipelineExecutor", "Record", "microbatches", "describe_split", "find_body", "split_model",
-    "sync_tied_grads", "zb_v", "dualpipe_v", "split_model_v",
+    "sync_tied_grads", "zb_v", "dualpipe_v", "split_model_v", "split_for", "V_SCHEDULES",
 ]
