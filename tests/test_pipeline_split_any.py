@@ -14,8 +14,9 @@ import torch.nn as nn
 from harness import run_ranks
 from reference import assert_close_curve, reference_losses
 
+from parallel.comm import Group
 from parallel.config import load_config
-from parallel.pipeline.split import describe_split, find_body, split_model
+from parallel.pipeline.split import describe_split, find_body, split_model, sync_tied_grads
 
 
 class CNN(nn.Module):
@@ -73,7 +74,10 @@ def _chain(build, S, x, loss_fn, **kw):
     loss.backward()
     for k in range(S - 2, -1, -1):
         outs[k].backward(ins[k + 1].grad)
-    return h, loss, {n: q.grad for st in stages for n, q in st.named_parameters()}, stages
+    sync_tied_grads(stages, Group(None, "pp", (0,), 0))      # both ends local: summed in place
+    tied = {post for pre, post in stages[0].stage_info.plan.tied}
+    grads = {n: q.grad for st in stages for n, q in st.named_parameters() if not (st.stage_info.last and n in tied)}
+    return h, loss, grads, stages
 
 
 def _whole(build, x, loss_fn):
@@ -103,27 +107,28 @@ def _sq(out):
 def test_cnn_named_boundaries_head_alone():
     """[features.2, head] at S=3: features.0-1 | features.2-6 | head (the modules after the body)."""
     x = torch.randn(2, 3, 8, 8)
-    stages = _same(cnn, 3, x, _sq, split=["features.2", "head"])
+    stages = _same(cnn, 3, x, _sq, split=["features.2", "head"], sample=x[:1])
     plan = stages[0].stage_info.plan
     assert (plan.body, plan.bounds, plan.post, plan.balance) == ("features", [(0, 2), (2, 7), (7, 7)], ["head"],
                                                                  "named boundaries")
     assert [sum(q.numel() for q in st.parameters() if q.requires_grad) for st in stages] == \
         plan.stage_params == [3 * 8 * 9 + 8, 8 * 8 * 9 + 8 + 8 * 16 * 9 + 16, 16 * 10 + 10]
-    assert _same(cnn, 2, x, _sq, split=["features.0", "features.5"])[1].stage_info.blocks == (5, 7)
+    assert _same(cnn, 2, x, _sq, split=["features.0", "features.5"], sample=x[:1])[1].stage_info.blocks == (5, 7)
 
 
 def test_cnn_auto_body_balanced_by_counted_flops():
     """No same-class container: the body is features; per-block FLOPs (conv: 2·Cout·Cin·9·H·W per
-    sample) balance the split — parameter counts would put the cheap-per-parameter first conv with
-    the second (bounds differ)."""
+    sample; ReLU and pooling count 0) balance the split: conv1 + conv2 = 101,376 | conv3 + head =
+    37,184 (the best contiguous cut; parameter counts rank the blocks differently: conv3 holds the
+    most parameters but half conv2's FLOPs)."""
     torch.manual_seed(0)
     model, x = cnn(), torch.randn(1, 3, 8, 8)
     assert find_body(model)[0] == "features"
     plan = describe_split(model, 2, balance="flops", sample=x)
     conv = [2 * 8 * 3 * 9 * 64, 2 * 8 * 8 * 9 * 64, 2 * 16 * 8 * 9 * 16]
     assert plan.costs == [conv[0], 0, conv[1], 0, 0, conv[2], 0] and plan.balance == "FLOPs"
-    assert plan.bounds == [(0, 2), (2, 7)]
-    assert describe_split(model, 2).bounds != plan.bounds
+    assert plan.bounds == [(0, 3), (3, 7)]
+    assert describe_split(model, 2, sample=x).costs == [224, 0, 584, 0, 0, 1168, 0]
     _same(cnn, 2, torch.randn(2, 3, 8, 8), _sq, balance="flops", sample=x)
     flat = describe_split(flat_cnn(), 2, balance="flops", sample=x)
     assert flat.kind == "sequential" and flat.costs[0] == 2 * 4 * 3 * 9 * 64
@@ -152,7 +157,7 @@ def test_unsplittable_models_list_the_candidates():
     with pytest.raises(ValueError, match=r"names no child .* its containers are: features \(7 × "):
         describe_split(cnn(), 2, split=["feature.2"])
     with pytest.raises(ValueError, match=r"'features.9' is not a block of CNN.features"):
-        describe_split(cnn(), 3, split=["features.2", "features.9"])
+        describe_split(cnn(), 3, split=["features.2", "features.9"], sample=torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"gives 2 stages over .* but parallel.pp × pp_virtual_stages = 3"):
         describe_split(cnn(), 3, split=["features.2"], sample=torch.randn(1, 3, 8, 8))
 
