@@ -5,9 +5,10 @@
   curve; the messages go over the mesh's two direction groups (NCCL-safe, p2p_streams);
 * evaluation runs through the executor as a forward-only schedule over the training placement
   (loop and V): the single-process model's loss on the same batch after the same steps;
-* composition holes of issue 19: ZB-H1 with tp > 1 (vocab-parallel cross entropy's backward runs
-  once: I alone walks the activation path), sequence parallel with pp > 1, interleaved (v = 2) with
-  ZeRO-3 units=module.
+* composition holes of issue 19: ZB-H1 and ZB-V with tp > 1 (vocab-parallel cross entropy's
+  backward runs once: I alone walks the activation path; under ZeRO-3, where W re-walks the graph,
+  the loss stage's I is the full B), sequence parallel with pp > 1, interleaved (v = 2) with ZeRO-3
+  units=module.
 """
 import pytest
 import torch
@@ -79,6 +80,8 @@ def test_v_and_loop_schedules_with_eval(name):
 @pytest.mark.parametrize("what,lay", [
     ("zero_bubble pp2 tp2", layout(1, 2, 2, 0, parallel__pp_schedule="zero_bubble")),
     ("zb_v pp2 tp2", layout(1, 2, 2, 0, parallel__pp_schedule="zb_v", parallel__pp_virtual_stages=2)),
+    ("zero_bubble pp2 tp2 ZeRO-3 (no I/W split: I = B on the loss stage)",
+     layout(1, 2, 2, 3, parallel__pp_schedule="zero_bubble")),
     ("1f1b pp2 tp2 sequence parallel", layout(1, 2, 2, 0, parallel__sequence_parallel="true")),
     ("zero_bubble pp2 tp2 sequence parallel", layout(1, 2, 2, 0, parallel__sequence_parallel="true",
                                                      parallel__pp_schedule="zero_bubble")),

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
-from parallel.pipeline.backward_split import backward_input, backward_weight
+from parallel.pipeline.backward_split import WeightPass, backward_input, backward_weight
 from parallel.pipeline.p2p_order import send_order
 from parallel.pipeline.p2p_streams import CHANNELS, PAIRS, channel_of, stream_problems
 from parallel.pipeline.schedules import Schedule, comm_ops, forward_only
@@ -364,6 +364,13 @@ class PipelineExecutor:
 
     def _I(self, a, dy, micro_batches):
         key = (a.microbatch, a.stage)
+        if not self.split_backward and a.stage == self.last:
+            # Without the split W re-walks the graph; the loss's own backward (vocab-parallel cross
+            # entropy under tp) runs once only, so on the stage holding the loss I is the full B and
+            # W is empty: the same gradients.
+            dx = self._B(a, dy, micro_batches)
+            self._saved[key] = (None, None, WeightPass([]))
+            return dx
         x, y, _ = self._saved[key]
         dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage],
                                 split=self.split_backward)
