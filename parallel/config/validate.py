@@ -101,17 +101,14 @@ def _check_batch(c: Config, world_size: int | None) -> None:
 
 
 def _check_v(p, m: int) -> None:
-    """zb_v / dualpipe_v: two stages per rank in a V (stages r and 2p−1−r), so v = 2 and pp >= 2;
-    DualPipeV needs m >= 2p micro-batches."""
+    """zb_v / dualpipe_v: two stages per rank in a V (stages r and 2p−1−r), so v = 2; DualPipeV
+    needs m >= 2p micro-batches. (With pp = 1 the schedule is not used, as for interleaved.)"""
     name = p.pp_schedule
     if p.pp_virtual_stages != 2:
         raise ConfigError(f"parallel.pp_schedule={name} places two stages on each pp rank (a V: stages r and "
                           f"2·pp−1−r), but parallel.pp_virtual_stages={p.pp_virtual_stages}: set "
                           "parallel.pp_virtual_stages=2")
-    if p.pp < 2:
-        raise ConfigError(f"parallel.pp_schedule={name} needs parallel.pp >= 2 (got {p.pp}): raise parallel.pp, "
-                          "or drop the pipeline settings")
-    if name == "dualpipe_v" and m < 2 * p.pp:
+    if name == "dualpipe_v" and p.pp > 1 and m < 2 * p.pp:
         raise ConfigError(f"parallel.pp_schedule=dualpipe_v needs at least 2·pp = {2 * p.pp} micro-batches per dp "
                           f"rank, got {m} (data.global_batch_size / (parallel.dp · data.micro_batch_size)): lower "
                           "data.micro_batch_size, raise data.global_batch_size, or use pp_schedule=zb_v")

@@ -1,7 +1,8 @@
 """Pipeline parallelism: schedules as data (:mod:`.schedules` over the actions of :mod:`.actions`),
 their process-free simulation (:mod:`.simulate`) and validator (:mod:`.validate`); the stage split
-(:mod:`.split`, :mod:`.stage`) and the runtime executor (:mod:`.runtime`, with the I/W split of
-:mod:`.backward_split` and the message order of :mod:`.p2p_order`) build on these."""
+(:mod:`.split`, :mod:`.stage`, :mod:`.split_names` for named boundaries and mixed layers) and the
+runtime executor (:mod:`.runtime`, with the I/W split of :mod:`.backward_split`, the message order
+of :mod:`.p2p_order` and its NCCL deadlock check :mod:`.p2p_streams`) build on these."""
 from parallel.pipeline.actions import KINDS, Action, ScheduleError
 from parallel.pipeline.runtime import PipelineExecutor, Record, microbatches
 from parallel.pipeline.schedules import (

@@ -218,9 +218,10 @@ class PipelineExecutor:
 
     def _exchange(self, sends: list, recv_ops) -> list:
         """Issue the previous action's ``sends`` [(op, tensor)] and this action's receives (with the
-        earlier messages they drain) as one group — :func:`parallel.comm.exchange`, one
-        batch_isend_irecv — when every shape is known; else one by one (with headers). Returns the
-        tensors of ``recv_ops``. Grouping is what :func:`.p2p_order.rendezvous_problems` checks."""
+        earlier messages they drain) as one group per process group — :func:`parallel.comm.exchange_start`,
+        one batch_isend_irecv each, all issued before any is waited for — when every shape is known;
+        else one by one (with headers). Returns the tensors of ``recv_ops``. Both modes are what
+        :func:`.p2p_streams.stream_problems` checks."""
         plan, nxt, have = [], dict(self._next), set(self._stash)
         for op in recv_ops:
             while op.peer != self.rank and op.key not in have:
