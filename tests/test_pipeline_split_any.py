@@ -5,8 +5,8 @@ every gradient) for a CNN split at user-named boundaries (``[features.2, head]``
 the head alone), a CNN whose ``features`` (a Sequential of different modules) is found and balanced
 by counted FLOPs, a flat Sequential CNN, and OPT (``model.decoder.layers``, found automatically).
 Unsplittable models get an error listing the candidate containers. Through the engine (2 gloo
-ranks): the CNN at pp2 with ``parallel.pp_split: [features.3]`` and ``pp_balance: flops`` follows the
-single-process loss curve (fp32, 1e-5).
+ranks): the CNN at pp2 with ``parallel.pp_split: [features.3]`` (and, slow, ``pp_balance: flops``)
+and OPT at pp2 (slow) follow the single-process loss curve (fp32, 1e-5).
 """
 import pytest
 import torch
@@ -135,6 +135,7 @@ def test_cnn_auto_body_balanced_by_counted_flops():
     _same(flat_cnn, 2, torch.randn(2, 3, 8, 8), _sq, balance="flops", sample=x)
 
 
+@pytest.mark.slow
 def test_opt_splits_automatically():
     from parallel.loss import cross_entropy
     x = torch.randint(0, 64, (2, 16))
@@ -177,9 +178,34 @@ def _engine(rank, world, over):
     return run(cfg, Mesh(pp=2), print_fn=lambda *a, **k: None)["losses"]
 
 
-@pytest.mark.parametrize("over", [["parallel.pp_split=[features.3]"], ["parallel.pp_balance=flops"]])
+@pytest.mark.parametrize("over", [["parallel.pp_split=[features.3]"],
+                                  pytest.param(["parallel.pp_balance=flops"], marks=pytest.mark.slow)])
 def test_cnn_pipeline_matches_single_process(over):
     over = ["parallel.pp=2"] + over
     want = reference_losses(_config(over))
     for rank, got in enumerate(run_ranks(_engine, 2, over)):
         assert_close_curve(got, want, 1e-5, f"CNN pp2 {over} rank {rank}")
+
+
+def _opt_engine(rank, world, over):
+    from launch.train import run
+    from parallel.mesh import Mesh
+    cfg = _opt_config(over).validate(world)
+    return run(cfg, Mesh(pp=2), print_fn=lambda *a, **k: None)["losses"]
+
+
+def _opt_config(over=()):
+    base = {"model": {"factory": "test_pipeline_split_any:opt"},
+            "data": {"factory": "examples.gpt:random_tokens", "kwargs": {"n": 32, "seq_len": 16, "vocab_size": 64},
+                     "global_batch_size": 8, "micro_batch_size": 2},
+            "optimizer": {"name": "adamw", "lr": 0.003}, "train": {"steps": 3}}
+    return load_config(data=base, overrides=list(over))
+
+
+@pytest.mark.slow
+def test_opt_pipeline_matches_single_process():
+    """OPTForCausalLM at pp2 (1F1B, auto split of model.decoder.layers, tied lm_head)."""
+    over = ["parallel.pp=2"]
+    want = reference_losses(_opt_config(over))
+    for rank, got in enumerate(run_ranks(_opt_engine, 2, over)):
+        assert_close_curve(got, want, 1e-5, f"OPT pp2 rank {rank}")
