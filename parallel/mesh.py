@@ -80,9 +80,9 @@ def release_meshes(destroy: bool = False) -> None:
     ``destroy``: also destroy them now. Every rank must call it at the same point of its program (the
     next Mesh creates groups anew, a collective call); a test worker does so after each task."""
     meshes = list(_MESHES.values())
-    extra = [pg for groups in _PP_DIRECTIONS.values() for pg in groups]
+    extra = [pg for groups in _PP_P2P.values() for pg in groups]
     _MESHES.clear()
-    _PP_DIRECTIONS.clear()
+    _PP_P2P.clear()
     if not destroy or not dist.is_initialized():
         return
     done = set()
@@ -94,17 +94,17 @@ def release_meshes(destroy: bool = False) -> None:
 
 # The extra process groups per pp line for pipeline messages (parallel.pipeline.p2p_streams), per
 # (world group, device type, shape): this rank's groups, in P2P_CHANNELS order.
-_PP_DIRECTIONS: dict = {}
+_PP_P2P: dict = {}
 P2P_CHANNELS = ("up0", "up1", "down0", "down1")
 
 
-def _pp_direction_groups(device_type: str, shape: tuple, pp: int) -> tuple:
+def _pp_p2p_groups(device_type: str, shape: tuple, pp: int) -> tuple:
     """Collective (every rank, same point): new_group over each pp line once per channel, in one order."""
     world = dist.group.WORLD
-    for key in [k for k in _PP_DIRECTIONS if k[0] is not world]:
-        del _PP_DIRECTIONS[key]
+    for key in [k for k in _PP_P2P if k[0] is not world]:
+        del _PP_P2P[key]
     key = (world, device_type, shape)
-    if key not in _PP_DIRECTIONS:
+    if key not in _PP_P2P:
         me = dist.get_rank()
         lines = torch.arange(dist.get_world_size()).reshape(pp, -1).t().tolist()    # pp is the outermost axis
         mine = [None] * len(P2P_CHANNELS)
@@ -113,8 +113,8 @@ def _pp_direction_groups(device_type: str, shape: tuple, pp: int) -> tuple:
                 pg = dist.new_group(line)
                 if me in line:
                     mine[c] = pg
-        _PP_DIRECTIONS[key] = tuple(mine)
-    return _PP_DIRECTIONS[key]
+        _PP_P2P[key] = tuple(mine)
+    return _PP_P2P[key]
 
 
 class Mesh:
@@ -169,7 +169,7 @@ class Mesh:
         pp = self._groups["pp"]
         if pp.size == 1:
             return None
-        pgs = _pp_direction_groups(self.device.type, tuple(self.shape.items()), pp.size)
+        pgs = _pp_p2p_groups(self.device.type, tuple(self.shape.items()), pp.size)
         return {name: Group(pg, "pp", pp.ranks, pp.rank, self.stats) for name, pg in zip(P2P_CHANNELS, pgs)}
 
     def size(self, axis: str) -> int:
