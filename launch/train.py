@@ -206,8 +206,12 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     if ck.every:
         check_writable(ck.dir)
     progress.set_phase("setup (parallelize)")
+    sample = None
+    if cfg.parallel.pp > 1:                  # one input for the pipeline split's probe forward (CNNs, pp_balance)
+        first = rank_batch(dataset, 0, 1, 1, 0)
+        sample = first[0] if isinstance(first, (tuple, list)) else None
     try:
-        engine = parallelize(model, cfg, mesh)
+        engine = parallelize(model, cfg, mesh, sample=sample)
     except ValueError as e:      # a config that does not fit this model (e.g. more pipeline stages than blocks)
         if isinstance(e, ConfigError) or not _CONFIG_KEY.search(str(e)):
             raise

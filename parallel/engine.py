@@ -45,7 +45,7 @@ from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
 from parallel.optim.factory import optimizer_factory
 from parallel.optim.lr_schedule import build_scheduler
-from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_model, sync_tied_grads
+from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_for, sync_tied_grads
 from parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 from parallel.zero import NonFiniteError, StepResult, ZeroOptimizer
 
@@ -58,8 +58,8 @@ class Engine:
     (:func:`parallel.data.rank_batch`) and returns the mean loss over the global batch, on every
     rank. ``save(dir)`` / ``load(dir)`` write and read reshardable checkpoints."""
 
-    def __init__(self, model: nn.Module, config: Config, mesh: Mesh, optimizer=None):
-        self.cfg, self.mesh = config, mesh
+    def __init__(self, model: nn.Module, config: Config, mesh: Mesh, optimizer=None, sample=None):
+        self.cfg, self.mesh, self._sample = config, mesh, sample      # sample: one input, for the pipeline split
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
@@ -88,7 +88,8 @@ class Engine:
         if p.pp > 1:
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn,  # ZeRO-3 frees a unit
-                                             split_backward=config.zero.stage != 3)         # before a split W
+                                             split_backward=config.zero.stage != 3,         # before a split W
+                                             p2p_groups=mesh.pp_p2p_groups())              # NCCL-safe order
             self.executor.add_action_callback(self._stage_inputs)   # dict batches: masks etc. to every stage
             for st in self.stages:                                  # loss=model: the last stage returns the output
                 if hasattr(st, "stage_info"):
@@ -129,10 +130,13 @@ class Engine:
                                                          gather_logits=self.cfg.loss == "model")
         if p.pp == 1:
             return [model]
-        sample = None                 # the split's probe input: under sequence parallel its length splits over tp
-        if p.sequence_parallel and p.tp > 1:
-            sample = torch.zeros(1, math.lcm(4, p.tp), dtype=torch.long, device=next(model.parameters()).device)
-        return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split, sample=sample)
+        sample, w = self._sample, next(model.parameters(), None)
+        if sample is None and p.sequence_parallel and p.tp > 1 and w is not None:
+            sample = torch.zeros(1, math.lcm(4, p.tp), dtype=torch.long)    # the probe's length splits over tp
+        if isinstance(sample, torch.Tensor) and w is not None:      # the layout probe replays this in float64
+            sample = sample.to(w.device, dtype=w.dtype if sample.is_floating_point() else sample.dtype)
+        return split_for(p.pp_schedule, model, self.pp.rank, p.pp, p.pp_virtual_stages, split=p.pp_split,
+                         balance=p.pp_balance, sample=sample)
 
     def _loss_mode(self) -> tuple:
         """How micro-batch losses are weighted (:mod:`parallel.batch`): token | model | plain."""
@@ -300,14 +304,16 @@ class Engine:
     def _global_loss(self, local: float | None) -> float:
         """The last stage's loss, shared over pp, averaged over dp (bookkeeping: control traffic)."""
         t = torch.tensor([0.0 if local is None else local], dtype=torch.float64)
-        if self.pp.size > 1:
-            comm.broadcast(t, self.pp.control(), src=self.pp.size - 1)
+        if self.pp.size > 1:                 # the last stage's rank: p − 1, or 0 in a V placement
+            sc = self.executor.schedule
+            comm.broadcast(t, self.pp.control(), src=sc.rank_of(sc.n_stages - 1))
         comm.all_reduce(t, self.dp.control())
         return t.item() / self.dp.size
 
     @torch.no_grad()
     def eval_step(self, batch) -> float:
-        """Mean loss over the global batch, forward only."""
+        """Mean loss over the global batch, forward only (with pp > 1: the executor's forward-only
+        schedule over the training schedule's placement)."""
         for st in self.stages:
             st.eval()
         micro = self._micro(batch)
@@ -315,32 +321,13 @@ class Engine:
             if self.executor is None:
                 local = sum(self.loss_fn(self._forward(mb), mb.y).item() for mb in micro) / len(micro)
             else:
-                local = self._pipeline_forward(micro)
+                self._current = micro                # dict batches: each stage's masks / position ids
+                try:
+                    local = self.executor.forward([(mb.x, mb.y) for mb in micro])
+                finally:
+                    self._current = []
+                    self._clear_stage_inputs()
         return self._global_loss(local)
-
-    def _pipeline_forward(self, micro) -> float | None:
-        """Forward-only pipeline: stage s runs on pp rank s mod p, activations passed along."""
-        p, n = self.pp.size, self.pp.size * len(self.stages)
-        mine = {self.pp.rank + j * p: st for j, st in enumerate(self.stages)}
-        total, works = 0.0, []
-        for mb in micro:
-            h = mb.x
-            for s in range(n):
-                if s not in mine:
-                    continue
-                if s > 0:
-                    h = comm.recv(self.pp.ranks[(s - 1) % p], self.pp, device=self.mesh.device)
-                if hasattr(mine[s], "stage_info"):
-                    mine[s].stage_info.batch_kwargs = self._kwargs(mb, s == n - 1)
-                out = mine[s](h)
-                if s < n - 1:
-                    works.append(comm.isend(out, self.pp.ranks[(s + 1) % p], self.pp))
-                else:
-                    total += self.loss_fn(out, mb.y).item()
-        self._clear_stage_inputs()
-        for w in works:
-            w.wait()
-        return total / len(micro) if (n - 1) in mine else None
 
     # --- phase callbacks -------------------------------------------------------------------------
     def add_callback(self, fn):
@@ -452,11 +439,13 @@ def _map_first_tensor(out, fn):
     return out
 
 
-def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, optimizer=None) -> Engine:
+def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, optimizer=None, sample=None) -> Engine:
     """Compose the configured parallelism around ``model`` (built identically on every rank).
 
     ``optimizer``: optionally the user's own ``params -> torch.optim.Optimizer`` (elementwise
-    optimizers: SGD, Adam(W), Adagrad, ...); by default it is built from ``config.optimizer``."""
+    optimizers: SGD, Adam(W), Adagrad, ...); by default it is built from ``config.optimizer``. ``sample``: one
+    input batch (e.g. a micro-batch's inputs) for the pipeline split's probe forward (needed by models
+    that do not take token ids, and by parallel.pp_balance=flops|time)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize needs an nn.Module, got {type(model).__name__}")
     p = config.parallel
@@ -464,4 +453,4 @@ def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, opti
     if (mesh.size("pp"), mesh.size("dp"), mesh.size("tp")) != (p.pp, p.dp, p.tp):
         raise ConfigError(f"the mesh is pp×dp×tp = {mesh.size('pp')}×{mesh.size('dp')}×{mesh.size('tp')} but the "
                           f"config says {p.pp}×{p.dp}×{p.tp}: build the Mesh from config.parallel")
-    return Engine(model, config, mesh, optimizer)
+    return Engine(model, config, mesh, optimizer, sample)

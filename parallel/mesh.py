@@ -80,16 +80,41 @@ def release_meshes(destroy: bool = False) -> None:
     ``destroy``: also destroy them now. Every rank must call it at the same point of its program (the
     next Mesh creates groups anew, a collective call); a test worker does so after each task."""
     meshes = list(_MESHES.values())
+    extra = [pg for groups in _PP_P2P.values() for pg in groups]
     _MESHES.clear()
+    _PP_P2P.clear()
     if not destroy or not dist.is_initialized():
         return
     done = set()
-    for dm in meshes:
-        for name in AXES:
-            pg = dm.get_group(name)
-            if pg is not dist.group.WORLD and id(pg) not in done:
-                done.add(id(pg))
-                dist.destroy_process_group(pg)
+    for pg in [dm.get_group(name) for dm in meshes for name in AXES] + extra:
+        if pg is not dist.group.WORLD and pg is not None and id(pg) not in done:
+            done.add(id(pg))
+            dist.destroy_process_group(pg)
+
+
+# The extra process groups per pp line for pipeline messages (parallel.pipeline.p2p_streams), per
+# (world group, device type, shape): this rank's groups, in P2P_CHANNELS order.
+_PP_P2P: dict = {}
+P2P_CHANNELS = ("up0", "up1", "down0", "down1")
+
+
+def _pp_p2p_groups(device_type: str, shape: tuple, pp: int) -> tuple:
+    """Collective (every rank, same point): new_group over each pp line once per channel, in one order."""
+    world = dist.group.WORLD
+    for key in [k for k in _PP_P2P if k[0] is not world]:
+        del _PP_P2P[key]
+    key = (world, device_type, shape)
+    if key not in _PP_P2P:
+        me = dist.get_rank()
+        lines = torch.arange(dist.get_world_size()).reshape(pp, -1).t().tolist()    # pp is the outermost axis
+        mine = [None] * len(P2P_CHANNELS)
+        for line in lines:
+            for c in range(len(P2P_CHANNELS)):
+                pg = dist.new_group(line)
+                if me in line:
+                    mine[c] = pg
+        _PP_P2P[key] = tuple(mine)
+    return _PP_P2P[key]
 
 
 class Mesh:
@@ -133,6 +158,19 @@ class Mesh:
         if axis not in self._groups:
             raise KeyError(f"unknown mesh axis {axis!r}; axes are {AXES + ('world',)}")
         return self._groups[axis]
+
+    def pp_p2p_groups(self) -> dict | None:
+        """{"up0", "up1", "down0", "down1": Group}: four more process groups over this rank's pp
+        ranks for pipeline messages — from an even / odd pp rank to a higher / lower one (None when
+        pp = 1). On NCCL a send blocks its group's stream until the peer receives; with these, each
+        rank's stream on each group carries one neighbour one way, and no pipeline schedule can
+        deadlock (:mod:`parallel.pipeline.p2p_streams`). Built once per mesh shape; the first call is
+        collective (every rank, at the same point). Counted under axis "pp"."""
+        pp = self._groups["pp"]
+        if pp.size == 1:
+            return None
+        pgs = _pp_p2p_groups(self.device.type, tuple(self.shape.items()), pp.size)
+        return {name: Group(pg, "pp", pp.ranks, pp.rank, self.stats) for name, pg in zip(P2P_CHANNELS, pgs)}
 
     def size(self, axis: str) -> int:
         return self.group(axis).size

@@ -45,6 +45,12 @@ def test_yaml_and_overrides(tmp_path):
     (["parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2", "data.micro_batch_size=4"], 8,
      "needs the micro-batch count (1) to be a multiple of parallel.pp=2"),
     (["parallel.pp_virtual_stages=2"], 8, "only applies to parallel.pp_schedule=interleaved"),
+    (["parallel.pp_schedule=zb_v"], 8, "places two stages on each pp rank (a V: stages r and 2·pp−1−r), but "
+     "parallel.pp_virtual_stages=1: set parallel.pp_virtual_stages=2"),
+    (["parallel.pp_schedule=dualpipe_v", "parallel.pp_virtual_stages=2"], 8,
+     "dualpipe_v needs at least 2·pp = 4 micro-batches per dp rank, got 2"),
+    (["parallel.pp_schedule=zb_v", "parallel.pp_virtual_stages=2", "activation_checkpointing.policy=selective"], 8,
+     "selective cannot run under parallel.pp_schedule=zb_v"),
     (["parallel.pp_microbatches=3"], 8, "'parallel.pp_microbatches' is no longer a config key: the micro-batch count "
      "is data.global_batch_size / (parallel.dp × data.micro_batch_size); remove the key"),
     (["parallel.tp=1", "parallel.dp=4", "parallel.sequence_parallel=true"], 8,
@@ -99,3 +105,10 @@ def test_yaml_float_strings(tmp_path):
         load_config(str(p), ["optimizer.lr=fast"])
     with pytest.raises(ConfigError, match=r"train.steps: expected int, got str '1e3'"):
         load_config(str(p), ["train.steps=1e3"])           # only float fields read numbers from strings
+
+
+def test_v_schedules_are_selectable():
+    """zb_v and dualpipe_v: two stages per rank (pp_virtual_stages=2); DualPipeV with m >= 2·pp."""
+    assert cfg("parallel.pp_schedule=zb_v", "parallel.pp_virtual_stages=2").parallel.pp_schedule == "zb_v"
+    c = cfg("parallel.pp_schedule=dualpipe_v", "parallel.pp_virtual_stages=2", "data.micro_batch_size=1")
+    assert c.micro_batches == 4

@@ -56,7 +56,8 @@ def _train(rank, world, cases, steps=2):
         tie_of = {post: pre for pre, post in plan.tied}
         named = [(n, p) for st in stages for n, p in st.named_parameters()]
         opt = torch.optim.SGD([p for _, p in named], lr=0.3)
-        ex = PipelineExecutor(stages, sched, group, tags=tags)
+        ex = PipelineExecutor(stages, sched, group, tags=tags is True,      # "dirs": tag 0 + p2p groups
+                              p2p_groups=mesh.pp_p2p_groups() if tags == "dirs" else None)
         r = {"losses": [], "meta": []}
         for t in range(steps):
             x, y = _batch(data, t)
@@ -102,7 +103,7 @@ def _check(res, world, cases):
                 sent = [k for op, q, k in r["log"] if op == "send" and q == peer]
                 got = [k for op, q, k in res[peer][case]["log"] if op == "recv" and q == rank]
                 assert sent == got, (case, rank, peer)
-        if not case[2]:                         # tag 0: bitwise the tagged run
+        if case[2] is not True:                 # tag 0 (and the p2p groups): bitwise the tagged run
             tagged = (case[0], case[1], True)
             if tagged in res[0]:
                 for rank in range(world):
@@ -112,19 +113,19 @@ def _check(res, world, cases):
 
 
 def test_pp2_zb_v_and_tag_zero():
-    cases = [("zb_v", 4, True), ("zb_v", 4, False)]
+    cases = [("zb_v", 4, True), ("zb_v", 4, False), ("zb_v", 4, "dirs")]
     _check(run_ranks(_train, 2, cases, timeout=300), 2, cases)
 
 
 @pytest.mark.slow
 def test_pp2_dualpipe_v_and_tag_zero():
-    cases = [("dualpipe_v", 4, False), ("zero_bubble", 2, False), ("interleaved", 2, False), ("1f1b", 2, False)]
+    cases = [("dualpipe_v", 4, "dirs"), ("zero_bubble", 2, "dirs"), ("interleaved", 2, "dirs"), ("1f1b", 2, False)]
     _check(run_ranks(_train, 2, cases, timeout=300), 2, cases)
 
 
 @pytest.mark.slow
 def test_pp4_zero_bubble_real_split_and_zb_v():
-    cases = [("zero_bubble", 4, True), ("zb_v", 8, False), ("interleaved", 4, False)]
+    cases = [("zero_bubble", 4, True), ("zb_v", 8, "dirs"), ("interleaved", 4, "dirs")]
     _check(run_ranks(_train, 4, cases, timeout=300), 4, cases)
 
 

@@ -205,8 +205,8 @@ def test_errors_name_the_structure_and_the_fix():
         describe_split(build("gpt", 4), 3, split=[3, 1])
     with pytest.raises(ValueError, match=r"holds parameters \['pos'\] directly"):
         describe_split(_DirectParam(), 2)
-    with pytest.raises(ValueError, match="balance='flops'"):
-        describe_split(build("gpt", 4), 2, balance="flops")
+    with pytest.raises(ValueError, match="balance='speed' must be 'params', 'flops', 'cost'"):
+        describe_split(build("gpt", 4), 2, balance="speed")
     with pytest.raises(ValueError, match="pp_rank=2"):
         split_model(build("gpt", 4), 2, 2)
     with pytest.raises(ValueError, match=r"probing GPT .*pass sample="):

@@ -6,6 +6,8 @@ import pytest
 
 from parallel.pipeline import Action, ScheduleError, format_grid, get_schedule, max_in_flight, simulate, validate
 from parallel.pipeline.p2p_order import issue_groups, issue_order, pair_order_problems, rendezvous_problems
+from parallel.pipeline.p2p_streams import DIRECTION, PAIRS, stream_problems
+from parallel.pipeline.schedules import forward_only
 
 ALL = ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v")
 
@@ -129,3 +131,60 @@ def test_rendezvous_order():
         "rank 1 stuck at group 1: [('send', 0, ('grad', 0, 1, 0))]"]
     for name in ("interleaved", "zb_v", "dualpipe_v"):
         assert rendezvous_problems(get_schedule(name, 2, 4, 2)) != []
+
+
+
+def _every(name, ps=(2, 4, 8), ms=range(1, 17)):
+    for p in ps:
+        for m in ms:
+            if name == "forward":
+                yield from (forward_only(p, m, v, pl) for v, pl in ((1, "loop"), (2, "loop"), (2, "v")))
+                continue
+            for v in (1, 2):
+                try:
+                    yield get_schedule(name, p, m, v)
+                except ValueError:
+                    continue
+
+
+def _free_with_p2p_groups(name, ps, ms):
+    n = 0
+    for sc in _every(name, ps, ms):
+        validate(sc, fifo=False)
+        for grouped in (True, False):
+            assert stream_problems(sc, PAIRS, grouped) == [], (name, sc.p, sc.m, sc.v, grouped)
+        n += 1
+    assert n >= 6
+
+
+@pytest.mark.parametrize("name", ALL + ("forward",))
+def test_p2p_groups_make_every_schedule_deadlock_free_on_nccl(name):
+    """NCCL's no-buffering stream model (:mod:`parallel.pipeline.p2p_streams`) with the four p2p
+    groups the engine builds (direction × sender parity): the schedules can always finish, batched
+    per process group (every step after the first) and one message at a time with blocking header
+    receives (the first step). Default suite: p ∈ {2, 4, 8}, m ∈ {1, 4, 8, 16}; the slow test below
+    covers every m ≤ 16 and p up to 8."""
+    _free_with_p2p_groups(name, (2, 4, 8), (1, 4, 8, 16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL + ("forward",))
+def test_p2p_groups_every_schedule_full_grid(name):
+    """p ∈ {2, ..., 8}, every m ≤ 16, v ≤ 2 (the issue's grid and the odd p)."""
+    _free_with_p2p_groups(name, range(2, 9), range(1, 17))
+
+
+def test_one_group_or_one_per_direction_is_not_enough():
+    """The same model with every message on the pp group: the interleaved and V schedules can
+    deadlock (as the rendezvous model of p2p_order found), and the first step's one-at-a-time order
+    deadlocks even 1F1B. One group per direction fixes p = 2 but not ZB-V / DualPipeV at p = 4: rank
+    r's "up" stream holds its sends to r+1 and its receives from r−1 in one order."""
+    for name in ("interleaved", "zb_v", "dualpipe_v"):
+        assert stream_problems(get_schedule(name, 2, 4, 2), None) != [], name
+        assert stream_problems(get_schedule(name, 2, 4, 2), DIRECTION) == [], name
+    assert stream_problems(get_schedule("1f1b", 2, 2), None) == []
+    assert stream_problems(get_schedule("1f1b", 2, 2), None, grouped=False) != []
+    assert stream_problems(get_schedule("1f1b", 2, 2), PAIRS, grouped=False) == []
+    for name in ("zb_v", "dualpipe_v"):
+        assert stream_problems(get_schedule(name, 4, 8), DIRECTION) != [], name
+        assert stream_problems(get_schedule(name, 4, 8), PAIRS) == [], name

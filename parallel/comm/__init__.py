@@ -18,9 +18,9 @@ from parallel.comm.mappings import (
                                       reduce_scatter_to_seq,
                                       scatter_to_seq,
 )
-from parallel.comm.p2p import P2PWork, exchange, isend, recv, send
+from parallel.comm.p2p import P2PWork, exchange, exchange_start, isend, recv, send
 
 __all__ = ["CommStats", "Group", "OpCount", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
-           "all_gather_into", "reduce_scatter_into", "P2PWork", "exchange",
+           "all_gather_into", "reduce_scatter_into", "P2PWork", "exchange", "exchange_start",
            "isend", "send", "recv", "copy_to_group", "reduce_from_group", "scatter_to_seq", "gather_from_seq",
            "reduce_scatter_to_seq", "all_gather_to_seq"]

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from parallel.comm.collectives import Group, _nbytes, _trace
 
-__all__ = ["P2PWork", "isend", "send", "recv", "exchange"]
+__all__ = ["P2PWork", "isend", "send", "recv", "exchange", "exchange_start"]
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int8, torch.uint8, torch.bool, torch.int16]
@@ -83,6 +83,18 @@ def exchange(sends: list, recvs: list, group: Group, device=None) -> tuple[P2PWo
     ``sends``: [(tensor, dst, tag)]; ``recvs``: [(src, shape, dtype, tag)]. Waits for the receives
     (with one coalesced work, NCCL's case, for the group: a stream wait), returns (the sends' work,
     to wait for before their buffers are dropped, and the received tensors in ``recvs`` order)."""
+    work, got, received = exchange_start(sends, recvs, group, device)
+    received.wait()
+    return work, got
+
+
+def exchange_start(sends: list, recvs: list, group: Group, device=None) -> tuple[P2PWork, list, P2PWork]:
+    """:func:`exchange` without the wait: returns (the sends' work, the tensors to be received, the
+    work to wait for before reading them). A caller issuing groups on several process groups starts
+    them all, then waits (so no receive waits while another group's sends are not yet issued). With
+    one coalesced work (NCCL) a group of sends only has nothing to wait for before computing (the
+    pipeline's stream model, :mod:`parallel.pipeline.p2p_streams`); else the receive work is the
+    group's."""
     ops, payload, got = [], [], []
     for t, dst, tag in sends:
         t = t.detach().contiguous()
@@ -98,9 +110,7 @@ def exchange(sends: list, recvs: list, group: Group, device=None) -> tuple[P2PWo
         got.append(t)
     works = dist.batch_isend_irecv(ops) if ops else []
     if len(works) != len(ops):                  # one coalesced work (NCCL): a stream wait, not a host one
-        for w in works:
-            w.wait()
-        return P2PWork([], payload), got
-    for w in works[len(sends):]:
-        w.wait()
-    return P2PWork(works[:len(sends)], payload), got
+        if not recvs:
+            return P2PWork(works, payload), got, P2PWork([], None)
+        return P2PWork([], None), got, P2PWork(works, payload)
+    return P2PWork(works[:len(sends)], payload), got, P2PWork(works[len(sends):], None)

@@ -40,9 +40,10 @@ class ParallelConfig:
     pp: int = 1
     tp_plan: Any = "auto"                  # "auto" or {module glob: colwise | rowwise | vocab}
     sequence_parallel: bool = False
-    pp_schedule: str = "1f1b"              # gpipe | 1f1b | interleaved | zero_bubble
+    pp_schedule: str = "1f1b"              # gpipe | 1f1b | interleaved | zero_bubble | zb_v | dualpipe_v
     pp_virtual_stages: int = 1
-    pp_split: Any = "auto"                 # "auto" or a list of block boundaries
+    pp_split: Any = "auto"                 # "auto", block indices or module names where stages start
+    pp_balance: str = "params"             # the auto split balances params | flops (counted on one input sample)
     sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (data_parallel/sync_batchnorm.py)
 
 

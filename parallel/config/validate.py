@@ -17,7 +17,8 @@ __all__ = ["CHOICES", "validate", "check_factory", "check_schedule"]
 CHOICES = {
     "loss": ("cross_entropy", "mse", "model"),
     "optimizer.name": ("adamw", "adam", "sgd", "lamb", "muon", "onebit_adam"),
-    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v"),
+    "parallel.pp_balance": ("params", "flops"),
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("cpu", "cuda", "auto"),
     "scheduler.name": ("constant", "warmup", "warmup_linear", "warmup_cosine"),
@@ -95,9 +96,25 @@ def _check_batch(c: Config, world_size: int | None) -> None:
         if m % p.pp:
             raise ConfigError(f"parallel.pp_schedule=interleaved needs the micro-batch count ({m}) to be a multiple "
                               f"of parallel.pp={p.pp}: change data.micro_batch_size or data.global_batch_size")
+    elif p.pp_schedule in ("zb_v", "dualpipe_v"):
+        _check_v(p, m)
     elif p.pp_virtual_stages != 1:
         raise ConfigError(f"parallel.pp_virtual_stages={p.pp_virtual_stages} only applies to "
-                          f"parallel.pp_schedule=interleaved (got {p.pp_schedule!r}): set it to 1")
+                          f"parallel.pp_schedule=interleaved, zb_v or dualpipe_v (got {p.pp_schedule!r}): set it to 1")
+
+
+def _check_v(p, m: int) -> None:
+    """zb_v / dualpipe_v: two stages per rank in a V (stages r and 2p−1−r), so v = 2; DualPipeV
+    needs m >= 2p micro-batches. (With pp = 1 the schedule is not used, as for interleaved.)"""
+    name = p.pp_schedule
+    if p.pp_virtual_stages != 2:
+        raise ConfigError(f"parallel.pp_schedule={name} places two stages on each pp rank (a V: stages r and "
+                          f"2·pp−1−r), but parallel.pp_virtual_stages={p.pp_virtual_stages}: set "
+                          "parallel.pp_virtual_stages=2")
+    if name == "dualpipe_v" and p.pp > 1 and m < 2 * p.pp:
+        raise ConfigError(f"parallel.pp_schedule=dualpipe_v needs at least 2·pp = {2 * p.pp} micro-batches per dp "
+                          f"rank, got {m} (data.global_batch_size / (parallel.dp · data.micro_batch_size)): lower "
+                          "data.micro_batch_size, raise data.global_batch_size, or use pp_schedule=zb_v")
 
 
 def _check_parallel(c: Config) -> None:
@@ -111,9 +128,11 @@ def _check_parallel(c: Config) -> None:
                           f"{{module glob: colwise|rowwise|vocab}}")
     if not isinstance(p.sync_batchnorm, bool):
         raise ConfigError(f"parallel.sync_batchnorm={p.sync_batchnorm!r} must be true or false")
-    if not (p.pp_split == "auto" or (isinstance(p.pp_split, list) and all(isinstance(b, int) for b in p.pp_split))):
-        raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto' or a list of block indices where "
-                          f"stages start")
+    if not (p.pp_split == "auto" or isinstance(p.pp_split, list) and p.pp_split and (
+            all(isinstance(b, int) and not isinstance(b, bool) for b in p.pp_split)
+            or all(isinstance(b, str) and b for b in p.pp_split))):
+        raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto', a list of block indices where stages "
+                          "start, or a list of module names where stages start (e.g. [features.4, head])")
 
 
 def _check_zero(c: Config) -> None:
@@ -143,9 +162,10 @@ def _check_activation(c: Config) -> None:
                                    or not all(isinstance(o, str) for o in a.save_ops)):
         raise ConfigError(f"activation_checkpointing.save_ops={a.save_ops!r} must be a list of aten op names "
                           f"(e.g. ['mm', 'addmm']) and only applies to policy=selective (got {a.policy!r})")
-    if a.policy == "selective" and c.parallel.pp > 1 and c.parallel.pp_schedule == "zero_bubble":
-        raise ConfigError("activation_checkpointing.policy=selective cannot run under parallel.pp_schedule="
-                          "zero_bubble: its W pass backpropagates through each stage a second time, and torch's "
+    sched = c.parallel.pp_schedule
+    if a.policy == "selective" and c.parallel.pp > 1 and sched in ("zero_bubble", "zb_v", "dualpipe_v"):
+        raise ConfigError(f"activation_checkpointing.policy=selective cannot run under parallel.pp_schedule={sched}: "
+                          "its W pass backpropagates through each stage a second time, and torch's "
                           "selective checkpoint allows one backward per block; use policy full or offload")
 
 

@@ -10,11 +10,15 @@ pair the j-th send is the j-th receive, as NCCL requires; ``tags=False`` sends e
 tag 0 (gloo then matches by order alone, like NCCL). The first message of each (tensor, src stage,
 dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that both
 ends know the shape and the payload travels alone (no host sync to read a header), and the sends
-of one action go out together with the receives of the next in one ``batch_isend_irecv`` group
-(``batch=False``: one at a time). On NCCL a send blocks its stream until the receive runs; for
-gpipe, 1f1b and zero_bubble these groups cannot deadlock even then
-(:func:`.p2p_order.rendezvous_problems`); for interleaved, zb_v and dualpipe_v they can, and the
-executor warns on NCCL. None of this has run on GPUs yet.
+of one action go out together with the receives of the next in ``batch_isend_irecv`` groups, one
+per process group (``batch=False``: one at a time). On NCCL a send blocks its stream until the
+receive runs. With the pp group alone, gpipe, 1f1b and zero_bubble cannot deadlock even then, but
+interleaved, zb_v and dualpipe_v can; with ``p2p_groups`` — four process groups over the pp ranks,
+by direction and sender parity, so each rank's stream on each carries one neighbour one way
+(:meth:`parallel.mesh.Mesh.pp_p2p_groups`, what the engine passes) — no schedule can
+(:mod:`.p2p_streams` proves it in NCCL's no-buffering model for p ≤ 8, m ≤ 16, v ≤ 2); the
+executor warns on NCCL when its setting is not proven free.
+None of this has run on GPUs yet.
 ``comm_log`` lists the ("send" | "recv", peer, key) issued in the last run, in order.
 
 Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean loss):
@@ -38,6 +42,9 @@ Actions (micro-batch i on stage s; m micro-batches; L_i the micro-batch mean los
 ``add_action_callback(fn)`` calls ``fn(action)`` before each action, ahead of its receives (the
 watchdog reports the action a rank waits in).
 
+:meth:`forward` runs a forward-only schedule (:func:`.schedules.forward_only`: every F of every
+stage, no backward, no graph kept) over the same stages and groups: evaluation.
+
 A stage holds a micro-batch's activations (its graph) from F until B, or until W. The executor
 counts them: ``peak_held`` is the most (micro-batch, stage) pairs held at once, which the
 schedule bounds (GPipe m; 1F1B p − rank; see :func:`.schedules.max_in_flight`). ``records``
@@ -55,9 +62,10 @@ import torch.distributed as dist
 from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
-from parallel.pipeline.backward_split import backward_input, backward_weight
-from parallel.pipeline.p2p_order import rendezvous_problems, send_order
-from parallel.pipeline.schedules import Schedule, comm_ops
+from parallel.pipeline.backward_split import WeightPass, backward_input, backward_weight
+from parallel.pipeline.p2p_order import send_order
+from parallel.pipeline.p2p_streams import CHANNELS, PAIRS, channel_of, stream_problems
+from parallel.pipeline.schedules import Schedule, comm_ops, forward_only
 from parallel.pipeline.validate import validate
 
 __all__ = ["PipelineExecutor", "Record", "microbatches"]
@@ -79,11 +87,15 @@ class PipelineExecutor:
     placement (:func:`.schedules_v.split_model_v`).
     ``loss_fn(output, target)`` returns the micro-batch mean (default: cross entropy, which takes
     logits or a transformers ModelOutput). Gradients accumulate into ``.grad``: zero them before
-    :meth:`run` when a step starts.
+    :meth:`run` when a step starts. ``p2p_groups``: {"up0", "up1", "down0", "down1": Group} over
+    the same ranks as ``pp_group`` (a message from pp rank s to a higher rank goes on "up{s mod 2}",
+    to a lower one on "down{s mod 2}": NCCL-safe for every schedule, :mod:`.p2p_streams`); None:
+    everything on ``pp_group``.
     """
 
     def __init__(self, stages: list, schedule: Schedule, pp_group: comm.Group, loss_fn=cross_entropy,
-                 loss_scale: float = 1.0, tags: bool = True, batch: bool = True, split_backward: bool = True):
+                 loss_scale: float = 1.0, tags: bool = True, batch: bool = True, split_backward: bool = True,
+                 p2p_groups: dict | None = None):
         p, rank = pp_group.size, pp_group.rank
         if schedule.p != p:
             raise ValueError(f"pipeline: the {schedule.name} schedule is for p={schedule.p} ranks but the pp "
@@ -101,6 +113,12 @@ class PipelineExecutor:
             self.stages[s] = mod
         self.schedule, self.group, self.rank = validate(schedule, fifo=False), pp_group, rank
         self.tags, self.batch, self.batched, self.split_backward = tags, batch, 0, split_backward
+        self.p2p_groups, self.channels = p2p_groups, (PAIRS if p2p_groups else None)
+        if p2p_groups and (set(p2p_groups) != set(CHANNELS)
+                           or any(tuple(g.ranks) != tuple(pp_group.ranks) for g in p2p_groups.values())):
+            raise ValueError(f"pipeline: p2p_groups must map {CHANNELS} to groups over the pp group's ranks "
+                             "(parallel.mesh.Mesh.pp_p2p_groups())")
+        self._eval: dict = {}
         self._warn_nccl(schedule)
         self._expect = {q: send_order(schedule, q, rank) for q in range(p) if q != rank}
         self._shapes: dict = {}
@@ -130,13 +148,19 @@ class PipelineExecutor:
         pg = self.group.pg
         if pg is None or not dist.is_initialized() or dist.get_backend(pg) != "nccl":
             return
-        stuck = rendezvous_problems(schedule)
+        stuck = stream_problems(schedule, self.channels, grouped=self.batch) + \
+            stream_problems(schedule, self.channels, grouped=False)
         if stuck:
+            fix = "" if self.p2p_groups else "; pass p2p_groups=mesh.pp_p2p_groups() (the engine does)"
             warnings.warn(f"pipeline: the {schedule.name} schedule (p={schedule.p}, m={schedule.m}) may deadlock on "
-                          "NCCL, where a send blocks its stream until the peer's receive runs: grouping each action's "
-                          f"sends with the next action's receives is not enough for it ({stuck[0]}). gpipe, 1f1b "
-                          "and zero_bubble are safe (p2p_order.rendezvous_problems). Not yet run on GPUs.",
-                          stacklevel=3)
+                          f"NCCL, where a send blocks its stream until the peer's receive runs ({stuck[0]}){fix}. "
+                          "p2p_streams.stream_problems checks it. Not yet run on GPUs.", stacklevel=3)
+
+    def _chan(self, src: int, dst: int, key) -> comm.Group:
+        """The group message ``key`` travels on from pp rank ``src`` to ``dst``."""
+        if not self.p2p_groups:
+            return self.group
+        return self.p2p_groups[channel_of(self.channels, src, dst, key)]
 
     # ------------------------------------------------------------------------------- messages
     def _tag(self, key) -> int:
@@ -170,7 +194,8 @@ class PipelineExecutor:
             return
         known = self._known(op.key, t)
         self.comm_log.append(("send", op.peer, op.key))
-        self._pending.append(comm.isend(t, self.group.ranks[op.peer], self.group, tag=self._tag(op.key),
+        self._pending.append(comm.isend(t, self.group.ranks[op.peer], self._chan(self.rank, op.peer, op.key),
+                                        tag=self._tag(op.key),
                                         header=known is None))
         self._learn(op.key, t)
 
@@ -185,7 +210,7 @@ class PipelineExecutor:
             self._next[q] += 1
             shape_dtype = self._known(key)
             self.comm_log.append(("recv", q, key))
-            t = comm.recv(self.group.ranks[q], self.group, device=self.device, tag=self._tag(key),
+            t = comm.recv(self.group.ranks[q], self._chan(q, self.rank, key), device=self.device, tag=self._tag(key),
                           **({} if shape_dtype is None else dict(shape=shape_dtype[0], dtype=shape_dtype[1])))
             self._learn(key, t)
             self._stash[key] = t
@@ -193,9 +218,10 @@ class PipelineExecutor:
 
     def _exchange(self, sends: list, recv_ops) -> list:
         """Issue the previous action's ``sends`` [(op, tensor)] and this action's receives (with the
-        earlier messages they drain) as one group — :func:`parallel.comm.exchange`, one
-        batch_isend_irecv — when every shape is known; else one by one (with headers). Returns the
-        tensors of ``recv_ops``. Grouping is what :func:`.p2p_order.rendezvous_problems` checks."""
+        earlier messages they drain) as one group per process group — :func:`parallel.comm.exchange_start`,
+        one batch_isend_irecv each, all issued before any is waited for — when every shape is known;
+        else one by one (with headers). Returns the tensors of ``recv_ops``. Both modes are what
+        :func:`.p2p_streams.stream_problems` checks."""
         plan, nxt, have = [], dict(self._next), set(self._stash)
         for op in recv_ops:
             while op.peer != self.rank and op.key not in have:
@@ -215,13 +241,24 @@ class PipelineExecutor:
             if op.peer == self.rank:
                 self._mailbox[op.key] = t.detach()
         self.comm_log += [("send", op.peer, op.key) for op, _ in remote] + [("recv", q, k) for q, k in plan]
-        work, got = comm.exchange(
-            [(t, self.group.ranks[op.peer], self._tag(op.key)) for op, t in remote],
-            [(self.group.ranks[q], sd[0], sd[1], self._tag(k)) for (q, k), sd in zip(plan, known_r)],
-            self.group, self.device)
-        self._pending.append(work)
+        by: dict = {}                                 # one batch_isend_irecv per process group
+        for op, t in remote:
+            g = self._chan(self.rank, op.peer, op.key)
+            by.setdefault(id(g), (g, [], [], []))[1].append((t, self.group.ranks[op.peer], self._tag(op.key)))
+        for (q, k), sd in zip(plan, known_r):
+            g = self._chan(q, self.rank, k)
+            _, _, recvs, keys = by.setdefault(id(g), (g, [], [], []))
+            recvs.append((self.group.ranks[q], sd[0], sd[1], self._tag(k)))
+            keys.append(k)
+        waits = []
+        for g, snd, rcv, keys in by.values():         # issue every group, then wait for the receives
+            work, got, received = comm.exchange_start(snd, rcv, g, self.device)
+            self._pending.append(work)
+            waits.append(received)
+            self._stash.update(zip(keys, got))
+        for w in waits:
+            w.wait()
         self._next = nxt
-        self._stash.update({k: t for (_, k), t in zip(plan, got)})
         self.batched += 1
         return [self._recv(op) for op in recv_ops]
 
@@ -264,6 +301,21 @@ class PipelineExecutor:
             return None
         return float(sum(self._losses[i] for i in range(m)) / m)
 
+    def forward(self, micro_batches: list):
+        """Evaluation: the mean micro-batch loss over ``micro_batches`` through a forward-only
+        schedule on the same stages and groups (no graph kept); a float on the rank holding the
+        last stage, None elsewhere."""
+        m = len(micro_batches)
+        if m not in self._eval:
+            sc = self.schedule
+            self._eval[m] = PipelineExecutor(
+                [self.stages[s] for s in sc.stages_of(self.rank)], forward_only(sc.p, m, sc.v, sc.placement),
+                self.group, self.loss_fn, tags=self.tags, batch=self.batch, p2p_groups=self.p2p_groups)
+        ex = self._eval[m]
+        ex._action_callbacks = self._action_callbacks
+        with torch.no_grad():
+            return ex.run(micro_batches)
+
     def _reap(self) -> None:
         """Release the buffers of sends that have completed (a sent activation must not outlive
         its graph until the end of the step)."""
@@ -290,12 +342,14 @@ class PipelineExecutor:
             target = micro_batches[i][1]
             loss = self.loss_fn(y, target.to(self.device) if isinstance(target, torch.Tensor) else target)
             self._losses[i] = loss.detach()
-            self._saved[(i, s)] = (x, loss * (self.loss_scale / self.schedule.m), None)
+            if not self.schedule.forward_only:
+                self._saved[(i, s)] = (x, loss * (self.loss_scale / self.schedule.m), None)
             return None
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"pipeline: stage {s} returned {type(y).__name__}; a non-last stage must return "
                             "one activation tensor")
-        self._saved[(i, s)] = (x, y, None)
+        if not self.schedule.forward_only:
+            self._saved[(i, s)] = (x, y, None)
         return y
 
     def _input_grad(self, x):
@@ -311,6 +365,13 @@ class PipelineExecutor:
 
     def _I(self, a, dy, micro_batches):
         key = (a.microbatch, a.stage)
+        if not self.split_backward and a.stage == self.last:
+            # Without the split W re-walks the graph; the loss's own backward (vocab-parallel cross
+            # entropy under tp) runs once only, so on the stage holding the loss I is the full B and
+            # W is empty: the same gradients.
+            dx = self._B(a, dy, micro_batches)
+            self._saved[key] = (None, None, WeightPass([]))
+            return dx
         x, y, _ = self._saved[key]
         dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage],
                                 split=self.split_backward)

@@ -59,6 +59,7 @@ class Schedule:
     actions: list[list[Action]] = field(default_factory=list)
     placement: str = "loop"
     overlap: frozenset = frozenset()
+    forward_only: bool = False          # evaluation: F actions only (:func:`forward_only`)
 
     @property
     def n_stages(self) -> int:
@@ -195,6 +196,17 @@ def zero_bubble_h1(p: int, m: int, v: int = 1) -> Schedule:
                 a.append(Action("W", i - r, r))
         acts.append(a + [Action("W", j, r) for j in range(max(0, m - r), m)])
     return Schedule("zero_bubble", p, m, v, acts)
+
+
+def forward_only(p: int, m: int, v: int = 1, placement: str = "loop") -> Schedule:
+    """Evaluation (no backward): each rank runs F of every micro-batch on its stages, lowest stage
+    first — GPipe's forward half over the training schedule's placement ("loop" or "v")."""
+    _check_args("forward", p, m, 1)
+    if v < 1 or (placement == "v" and v != 2):
+        raise ValueError(f"forward_only: v={v} does not fit the {placement!r} placement")
+    sc = Schedule("forward", p, m, v, placement=placement, forward_only=True)
+    sc.actions = [[Action("F", i, s) for s in sc.stages_of(r) for i in range(m)] for r in range(p)]
+    return sc
 
 
 _BUILDERS = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved_1f1b,

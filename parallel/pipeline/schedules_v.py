@@ -25,7 +25,7 @@ from parallel.pipeline.actions import Action
 from parallel.pipeline.schedules import _BUILDERS, Schedule
 from parallel.pipeline.split import split_model
 
-__all__ = ["zb_v", "dualpipe_v", "split_model_v"]
+__all__ = ["zb_v", "dualpipe_v", "split_model_v", "split_for", "V_SCHEDULES"]
 
 
 def _check(name: str, p: int, m: int, v: int) -> None:
@@ -159,4 +159,13 @@ def split_model_v(model, pp_rank: int, pp_size: int, **split_kw) -> list:
     return [split_model(model, s, S, 1, **split_kw)[0] for s in (pp_rank, S - 1 - pp_rank)]
 
 
+def split_for(schedule: str, model, pp_rank: int, pp_size: int, virtual_stages: int = 1, **split_kw) -> list:
+    """The stage modules of ``pp_rank`` for the named schedule: the V placement for :data:`V_SCHEDULES`,
+    else the loop placement of :func:`.split.split_model` (``parallel.pp_schedule`` → the engine's split)."""
+    if schedule in V_SCHEDULES:
+        return split_model_v(model, pp_rank, pp_size, **split_kw)
+    return split_model(model, pp_rank, pp_size, virtual_stages, **split_kw)
+
+
+V_SCHEDULES = ("zb_v", "dualpipe_v")
 _BUILDERS.update(zb_v=zb_v, dualpipe_v=dualpipe_v)

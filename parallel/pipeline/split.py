@@ -39,15 +39,18 @@ identical initial values plus identical updates keep them equal.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from parallel import comm
 from parallel.parameters import param_info
+from parallel.pipeline.split_names import body_from_names, bounds_from_names, mixed_sequential, names_of
 from parallel.pipeline.stage import build_stage
 
 __all__ = ["SplitPlan", "describe_split", "split_model", "sync_tied_grads", "find_body", "contiguous_partition"]
@@ -108,10 +111,16 @@ def _structure(model: nn.Module) -> str:
     return f"{type(model).__name__}({kids}); ModuleList/Sequential containers: {lists}"
 
 
-def find_body(model: nn.Module) -> tuple[str, nn.Module]:
+def find_body(model: nn.Module, names: list | None = None) -> tuple[str, nn.Module]:
     """The repeated-block container: among ModuleList/Sequential containers whose children are all
     one class, the one holding the most parameters (then the most blocks); else the model itself
-    when it is an nn.Sequential. Raises ValueError naming the model's structure otherwise."""
+    when it is an nn.Sequential; else the plain nn.Sequential of mixed modules with the most
+    children (a CNN's ``features``, :func:`.split_names.mixed_sequential`). With ``names``
+    (``parallel.pp_split`` as module names): the container of the named blocks. Raises ValueError
+    naming the model's structure and candidate containers otherwise."""
+    if names:
+        return body_from_names(model, names)
+
     def n_params(m):
         return sum(p.numel() for p in m.parameters())
     same = [(n_params(c), len(c), -name.count("."), name, c) for name, c in _containers(model)
@@ -122,10 +131,14 @@ def find_body(model: nn.Module) -> tuple[str, nn.Module]:
         return best[3], best[4]
     if isinstance(model, nn.Sequential) and len(model) > 0:
         return "", model
+    mixed = mixed_sequential(model)
+    if mixed:
+        return mixed
     raise ValueError(
         f"pipeline split: {type(model).__name__} has no repeated-block body — found {_structure(model)}. "
         "The split needs the layers in an nn.ModuleList or nn.Sequential of same-class blocks "
-        "(like GPT.blocks or LlamaForCausalLM.model.layers); restructure the model that way, or set "
+        "(like GPT.blocks or LlamaForCausalLM.model.layers) or an nn.Sequential of layers; restructure the "
+        "model that way, name the stage boundaries (parallel.pp_split: [<container>.<i>, ...]), or set "
         "parallel.pp=1")
 
 
@@ -151,9 +164,12 @@ def _owners(model, body_path):
     return out
 
 
-def _probe(model, body, owners, sample, repeats):
+def _probe(model, body, owners, sample, repeats, flops=False):
     """Run the whole model on ``sample`` with hooks: the first-call order of each owner relative
-    to the body, per-block and per-owner forward times (min over ``repeats``), block I/O form."""
+    to the body, per-block and per-owner forward times (min over ``repeats``) or, with ``flops``, the
+    FLOPs FlopCounterMode counts inside each, and the block I/O form."""
+    fc = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
+    clock = fc.get_total_flops if flops else time.perf_counter
     seq, order, t_in, cost = itertools.count(), {}, {}, {}
     info = {"calls": [], "start": None, "end": None, "tuple": 0, "hidden": True}
     handles = []
@@ -161,7 +177,7 @@ def _probe(model, body, owners, sample, repeats):
     def pre(key):
         def h(mod, args, kwargs):
             order.setdefault(key, next(seq))
-            t_in[key] = time.perf_counter()
+            t_in[key] = clock()
             if isinstance(key, int):
                 info["calls"].append(key)
                 info["hidden"] &= bool(args) or "hidden_states" in kwargs
@@ -170,7 +186,7 @@ def _probe(model, body, owners, sample, repeats):
 
     def post(key):
         def h(mod, args, kwargs, out):
-            cost.setdefault(key, []).append(time.perf_counter() - t_in[key])
+            cost.setdefault(key, []).append(clock() - t_in[key])
             if key == len(body) - 1 and info["end"] is None:
                 info["end"] = next(seq)
                 info["tuple"] = len(out) if isinstance(out, (tuple, list)) else 0
@@ -182,7 +198,7 @@ def _probe(model, body, owners, sample, repeats):
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fc:
             for _ in range(repeats):
                 model(sample)
     except Exception as e:
@@ -240,13 +256,16 @@ def _bounds_from_split(split, n, S, where):
 def _plan(model, pp_size, virtual_stages, split, balance, sample):
     """The :class:`SplitPlan`, the modules outside the body that hold parameters (by path) and the
     probe's record (call order, block output form)."""
-    S, body_path, body, cls, where = _stages_and_body(model, pp_size, virtual_stages)
+    names = names_of(split)
+    S, body_path, body, cls, where = _stages_and_body(model, pp_size, virtual_stages, names)
     kind = "sequential" if body is model else "model"
     blocks = list(body)
     owners, pre, post, timed, info = _place(model, body_path, body, kind, balance, sample, where)
     costs, name, c_pre, c_post = _costs(balance, blocks, owners, pre, post, timed, where)
     if split == "auto" or split is None:
         bounds = contiguous_partition(costs, S, c_pre, c_post)
+    elif names:
+        bounds, name = bounds_from_names(names, body_path, body, post, S, where), "named boundaries"
     else:
         bounds, name = _bounds_from_split(split, len(blocks), S, where), "explicit boundaries"
     tied = _tied(blocks, body_path, owners, pre, post, bounds)
@@ -260,15 +279,16 @@ def _plan(model, pp_size, virtual_stages, split, balance, sample):
     return plan, owners, info
 
 
-def _stages_and_body(model, pp_size, virtual_stages):
-    """S = p·v; the body (path, container, block class, description), checked to hold >= S blocks."""
+def _stages_and_body(model, pp_size, virtual_stages, names=None):
+    """S = p·v; the body (path, container, block class, description), checked to hold >= S blocks
+    (S − 1 with named boundaries, whose last stage may hold only the modules after the body)."""
     if pp_size < 1 or virtual_stages < 1:
         raise ValueError(f"pipeline split: pp={pp_size} and virtual stages={virtual_stages} must be >= 1")
     S = pp_size * virtual_stages
-    body_path, body = find_body(model)
+    body_path, body = find_body(model, names)
     n, cls = len(body), "/".join(sorted({type(b).__name__ for b in body}))
     where = f"{type(model).__name__}.{body_path or '<children>'} ({n} × {cls})"
-    if S > n:
+    if S > n + bool(names):
         raise ValueError(f"pipeline split: {S} stages (parallel.pp={pp_size} × parallel.pp_virtual_stages="
                          f"{virtual_stages}) but {where} has only {n} blocks; every stage needs at least one: "
                          f"lower parallel.pp or parallel.pp_virtual_stages so pp·v <= {n}, or use a deeper model")
@@ -284,12 +304,14 @@ def _place(model, body_path, body, kind, balance, sample, where):
         if sample is None:
             dev = next((p.device for p in model.parameters()), torch.device("cpu"))
             sample = torch.zeros(1, 4, dtype=torch.long, device=dev)
-        order, timed, info = _probe(model, body, owners, sample, 3 if balance == "cost" else 1)
+        order, timed, info = _probe(model, body, owners, sample, 3 if balance == "cost" else 1,
+                                    balance == "flops")
         info["order"] = order
-    elif balance == "cost":
+    elif balance in ("cost", "flops"):
         if sample is None:
-            raise ValueError("pipeline split: balance='cost' on an nn.Sequential needs sample= (one input batch)")
-        _, timed, _ = _probe(model, body, {}, sample, 3)
+            raise ValueError(f"pipeline split: balance={balance!r} on an nn.Sequential needs sample= (one input "
+                             "batch)")
+        _, timed, _ = _probe(model, body, {}, sample, 3 if balance == "cost" else 1, balance == "flops")
     pre = [p for p, o in order.items() if not isinstance(p, int) and o < info["start"]]
     post = [p for p, o in order.items() if not isinstance(p, int) and o > info["end"]]
     inside = [p for p, o in order.items() if not isinstance(p, int) and info["start"] < o < info["end"]]
@@ -310,10 +332,12 @@ def _costs(balance, blocks, owners, pre, post, timed, where):
         def size(paths):
             return float(sum(p.numel() for k in paths for p in owners[k].parameters(recurse=False)))
         return [float(sum(p.numel() for p in b.parameters())) for b in blocks], "params", size(pre), size(post)
-    if balance == "cost":
-        return ([timed[i] for i in range(len(blocks))], "measured forward time",
+    if balance in ("cost", "flops"):
+        what = "FLOPs" if balance == "flops" else "measured forward time"
+        return ([float(timed[i]) for i in range(len(blocks))], what,
                 sum(timed.get(k, 0.0) for k in pre), sum(timed.get(k, 0.0) for k in post))
-    raise ValueError(f"pipeline split: balance={balance!r} must be 'params', 'cost' or a list of per-block costs")
+    raise ValueError(f"pipeline split: balance={balance!r} must be 'params', 'flops', 'cost' (time) or a list "
+                     "of per-block costs")
 
 
 def _tied(blocks, body_path, owners, pre, post, bounds):
@@ -355,9 +379,10 @@ def split_model(model: nn.Module, pp_rank: int, pp_size: int, virtual_stages: in
     ``PipelineStage<Model>``, same parameter names) holding only its own blocks' tensors (shared
     with ``model``): drop ``model`` afterwards and the rest is freed.
 
-    ``split``: "auto" or the block indices where stages 1..S−1 start. ``balance``: "params"
-    (parameter counts, embedding on the first stage and head on the last included), "cost"
-    (forward time per block, measured on ``sample``), or a list of per-block costs. ``sample``:
+    ``split``: "auto", the block indices where stages 1..S−1 start, or their module names
+    (:mod:`.split_names`). ``balance``: "params" (parameter counts, embedding on the first stage and
+    head on the last included), "flops" (FLOPs per block counted on ``sample``), "cost" (forward
+    time per block, measured on ``sample``), or a list of per-block costs. ``sample``:
     the probe input (default: token ids of shape (1, 4)).
     """
     if not 0 <= pp_rank < pp_size:
@@ -392,8 +417,10 @@ def sync_tied_grads(stages: list, pp_group: "comm.Group") -> int:
             continue
         (where, p), = side.items()
         peer = pp_group.ranks[(n_stages - 1) % pp_group.size if where == "first" else 0]
-        work = comm.isend(p.grad, peer, tied, tag=TIE_TAG + t)
-        other = comm.recv(peer, tied, device=p.grad.device, tag=TIE_TAG + t)
+        # one batch_isend_irecv (both ends know the shape): on NCCL a lone send and a lone receive
+        # issued in the same order at both ends would each wait for the other's receive
+        work, (other,) = comm.exchange([(p.grad, peer, TIE_TAG + t)], [(peer, p.grad.shape, p.grad.dtype, TIE_TAG + t)],
+                                       tied, p.grad.device)
         work.wait()
         p.grad.add_(other)
     return len(pairs)

@@ -189,7 +189,7 @@ def build_stage(model, plan, owners, probe, k):
     if plan.kind == "model":
         sbody = stage.get_submodule(plan.body)
         if k > 0:
-            sbody[a].register_forward_pre_hook(_inject_hook(info), with_kwargs=True)
+            sbody[min(a, len(sbody) - 1)].register_forward_pre_hook(_inject_hook(info), with_kwargs=True)
         if k < S - 1:
             sbody[b - 1].register_forward_hook(_record_hook(info))
     if S > 1:

@@ -44,7 +44,10 @@ def _check_coverage(sc: Schedule) -> list[str]:
             where = f"micro-batch {i} stage {s} (rank {sc.rank_of(s)})"
             if n["F"] != 1:
                 bad.append(f"{where}: {n['F']} F actions, need exactly 1")
-            if (n["B"], n["I"], n["W"]) not in ((1, 0, 0), (0, 1, 1)):
+            if sc.forward_only:
+                if n["B"] + n["I"] + n["W"]:
+                    bad.append(f"{where}: a backward action in a forward-only schedule")
+            elif (n["B"], n["I"], n["W"]) not in ((1, 0, 0), (0, 1, 1)):
                 bad.append(f"{where}: B×{n['B']} I×{n['I']} W×{n['W']}, need one B or one I "
                            "and one W")
     return bad
