@@ -39,6 +39,7 @@ from parallel.data import split_micro
 from parallel.data_parallel import sync_batchnorm
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
+from parallel.moe import apply_expert_parallel, moe_layers, set_aux_scale
 from parallel.optim.factory import optimizer_factory
 from parallel.optim.lr_schedule import build_scheduler
 from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_model, sync_tied_grads
@@ -69,13 +70,15 @@ class Engine:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
+        self.moe = moe_layers(self.stages)           # MoE layers of this rank's stages (parallel/moe/)
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_fn = self._loss(model)
         self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp, config.zero,
                                   precision=config.precision, grad_clip=config.train.grad_clip,
                                   on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
-                                  unit_types=blocks, loss_scale=config.loss_scale)
+                                  unit_types=blocks, loss_scale=config.loss_scale,
+                                  expert_groups=(mesh.group("ep"), mesh.group("edp")) if p.ep > 1 else None)
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
@@ -101,6 +104,10 @@ class Engine:
         p = self.cfg.parallel
         if p.tp > 1:
             self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
+        try:
+            apply_expert_parallel(model, self.mesh.group("ep"))     # E/ep experts per rank
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if p.pp == 1:
             return [model]
         return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
@@ -128,6 +135,7 @@ class Engine:
         z = self.zero
         z.zero_grad()
         z.prepare_step(len(micro))
+        set_aux_scale(self.moe, z.loss_scale / len(micro))      # MoE aux losses: mean over micro-batches
         if self.executor is None:
             total = 0.0
             for x, y in micro:
@@ -160,6 +168,7 @@ class Engine:
         self._own_loop_check()
         self.zero.zero_grad()
         self._own_m = micro_batches or self.cfg.micro_batches
+        set_aux_scale(self.moe, self.zero.loss_scale / self._own_m)
         self.zero.prepare_step(self._own_m)
 
     def backward(self, loss) -> None:
@@ -310,19 +319,27 @@ class Engine:
         return fn(g) if fn is not None else None
 
     # --- state ------------------------------------------------------------------------------------
+    def _no_ep_checkpoints(self) -> None:
+        if self.cfg.parallel.ep > 1:
+            raise NotImplementedError("checkpoints of expert-parallel runs (parallel.ep > 1) are not supported yet: "
+                                      "the experts are split over ep; train with parallel.ep=1 to save")
+
     def save(self, path: str, extra_meta: dict | None = None) -> str:
+        self._no_ep_checkpoints()
         s = self.step_count - 1
         self._emit("checkpoint", s)
         return engine_state.save_engine(self, path, extra_meta or {},
                                         on_written=lambda: self._emit("checkpoint_written", s))
 
     def load(self, path: str) -> dict:
+        self._no_ep_checkpoints()
         meta = engine_state.load_engine(self, path)
         self.step_count = int(meta["step"])
         return meta
 
     def full_state_dict(self) -> dict | None:
         """The unmodified model's state_dict (collective; returned on rank 0, None elsewhere)."""
+        self._no_ep_checkpoints()
         return engine_state.full_state_dict(self)
 
     def full_model(self) -> nn.Module | None:
@@ -369,8 +386,11 @@ def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, opti
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize needs an nn.Module, got {type(model).__name__}")
     p = config.parallel
-    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp)
+    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp, ep=p.ep)
     if (mesh.size("pp"), mesh.size("dp"), mesh.size("tp")) != (p.pp, p.dp, p.tp):
         raise ConfigError(f"the mesh is pp×dp×tp = {mesh.size('pp')}×{mesh.size('dp')}×{mesh.size('tp')} but the "
                           f"config says {p.pp}×{p.dp}×{p.tp}: build the Mesh from config.parallel")
+    if getattr(mesh, "ep", 1) != p.ep:
+        raise ConfigError(f"the mesh has ep={getattr(mesh, 'ep', 1)} but the config says parallel.ep={p.ep}: "
+                          f"build the Mesh with ep=config.parallel.ep")
     return Engine(model, config, mesh, optimizer)

@@ -43,6 +43,7 @@ class ParallelConfig:
     pp_virtual_stages: int = 1
     pp_split: Any = "auto"                 # "auto" or a list of block boundaries
     sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (data_parallel/sync_batchnorm.py)
+    ep: int = 1                            # expert parallelism, carved out of dp (parallel/moe/): divides dp
 
 
 @dataclass
