@@ -66,8 +66,8 @@ def test_aux_loss_values():
     probs = torch.full((6, 4), 0.25)
     idx = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3], [0, 1], [2, 3]])
     assert load_balancing_loss(probs, idx, 4).item() == pytest.approx(1.0)       # uniform: 1
-    skew = torch.tensor([[0, 1]] * 6)
-    assert load_balancing_loss(probs, skew, 4).item() == pytest.approx(2.0)      # E·Σ f P = 4·(.5·.25·2)
+    skew = torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 6)                              # f = P = (.5, .5, 0, 0)
+    assert load_balancing_loss(skew, torch.tensor([[0, 1]] * 6), 4).item() == pytest.approx(2.0)
     assert router_z_loss(torch.zeros(3, 4)).item() == pytest.approx(math.log(4) ** 2)
 
 
@@ -100,8 +100,8 @@ def _ep_body(rank, world, runs):
     from parallel.moe import moe_counters
     from parallel.parameters import param_info
     out, refs = [], {}
-    for dp, ep, stage, cf in runs:
-        cfg = moe_config(dp=dp, ep=ep, stage=stage, cf=cf, world=world)
+    for pp, dp, ep, stage, cf in runs:
+        cfg = moe_config(dp=dp, ep=ep, stage=stage, cf=cf, world=world, pp=pp)
         if rank == 0 and cf not in refs:
             refs[cf] = reference_moe(cfg)
         model = build(cfg)
@@ -123,8 +123,8 @@ def _ep_body(rank, world, runs):
 
 
 def _check(res, runs):
-    for i, (dp, ep, stage, cf) in enumerate(runs):
-        what = f"dp={dp} ep={ep} stage={stage} cf={cf}"
+    for i, (pp, dp, ep, stage, cf) in enumerate(runs):
+        what = f"pp={pp} dp={dp} ep={ep} stage={stage} cf={cf}"
         r0 = res[0][i]
         for r in res:
             got = r[i]
@@ -132,13 +132,13 @@ def _check(res, runs):
                 (what, got["losses"], r0["ref"])
             assert got["norm"] == pytest.approx(r0["norm"], rel=1e-9), what      # every rank: one global norm
             # per-rank expert state: E/ep of the expert parameters, ZeRO ≥ 1 partitions it over edp
-            assert got["expert_numel"] * ep == got["full_expert"], what
+            assert got["expert_numel"] * ep * pp == got["full_expert"], what
             assert got["flagged"] in (None, got["expert_numel"]), what
             if stage > 0:
                 assert got["expert_master"] == -(-got["expert_numel"] // got["edp"]), what
             # all-to-all: 2 forward (dispatch, combine) + 2 backward per layer and micro-batch; with capacity
             # factor 1 each carries E·C·h·b = T·k·h·b bytes, (ep−1)/ep of them off-rank
-            calls = 4 * MOE["n_layer"] * got["micro"] * len(got["losses"])
+            calls = 4 * MOE["n_layer"] // pp * got["micro"] * len(got["losses"])
             a = got["a2a"]
             assert a["calls"] == calls and a["wire_bytes"] == a["payload_bytes"] * (ep - 1) / ep, what
             if cf == 1.0:
@@ -147,21 +147,29 @@ def _check(res, runs):
         m = r0["moe"]                                   # counters of the whole run, summed over dp
         assert (m["dropped_tokens"] > 0) == (cf is not None), what
         assert sum(m["expert_load"][0]) == len(r0["losses"]) * 8 * 16 * MOE["top_k"], what
+        if pp == 1:
+            assert len(m["expert_load"]) == MOE["n_layer"], what
 
 
-EP2 = [(2, 2, s, cf) for s in (0, 1, 2, 3) for cf in (1.0, None)]
+EP2 = [(1, 2, 2, s, cf) for s in (0, 1, 2, 3) for cf in (1.0, None)]
 
 
 def test_ep2_reproduces_one_process():
     _check(run_ranks(_ep_body, 2, EP2), EP2)
 
 
-DP4 = [(4, 2, s, cf) for s in (0, 1, 2, 3) for cf in (1.0, None)] + [(4, 4, s, 1.0) for s in (0, 3)]
+DP4 = [(1, 4, 2, s, cf) for s in (0, 1, 2, 3) for cf in (1.0, None)] + [(1, 4, 4, s, 1.0) for s in (0, 3)]
+PP2 = [(2, 2, 2, s, cf) for s in (0, 1) for cf in (1.0, None)]
 
 
 @pytest.mark.slow
 def test_dp4_ep2_and_ep4_reproduce_one_process():
     _check(run_ranks(_ep_body, 4, DP4), DP4)
+
+
+@pytest.mark.slow
+def test_pp2_ep2_reproduces_one_process():
+    _check(run_ranks(_ep_body, 4, PP2), PP2)
 
 
 # --- unmodified transformers MoE models ----------------------------------------------------------
@@ -205,3 +213,23 @@ HF_RUNS = [("mixtral", 0), ("qwen3_moe", 2), ("olmoe", 3)]
 def test_hf_moe_models_ep2_reproduce_one_process():
     pytest.importorskip("transformers")
     _check_hf(run_ranks(_hf_body, 2, HF_RUNS), HF_RUNS)
+
+
+def _metrics_body(rank, world, path):
+    from launch.metrics import read_jsonl
+    from launch.train import run
+    from parallel.mesh import Mesh
+    cfg = moe_config(dp=2, ep=2, steps=2, world=world)
+    cfg.train.metrics_file = path
+    run(cfg, Mesh(dp=2, ep=2), print_fn=lambda *a, **k: None)
+    return read_jsonl(path) if rank == 0 else None
+
+
+def test_metrics_carry_expert_load_and_dropped_tokens(tmp_path):
+    recs = run_ranks(_metrics_body, 2, str(tmp_path / "m.jsonl"))[0]
+    assert len(recs) == 2
+    for r in recs:                                    # per step: every routed token of the global batch
+        m = r["moe"]
+        assert [sum(row) for row in m["expert_load"]] == [8 * 16 * MOE["top_k"]] * MOE["n_layer"]
+        assert 0 < m["dropped_tokens"] < 8 * 16 * MOE["top_k"] and m["aux_loss"] > 0 and m["z_loss"] > 0
+        assert r["comm"]["ep"]["all_to_all"]["calls"] == 4 * MOE["n_layer"] * 2
