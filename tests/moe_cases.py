@@ -62,13 +62,14 @@ def dataset(cfg):
 
 
 def reference_moe(cfg):
-    """Losses of one process training the whole MoE model on the same chunks (see the module doc)."""
+    """(losses, gradient norms) of one process training the whole MoE model on the same chunks (see the
+    module doc); the norms detect a mis-scaled gradient that Adam's update would hide."""
     model, data, loss_fn = build(cfg), dataset(cfg), resolve_loss(cfg.loss)
     opt = optimizer_factory(cfg.optimizer)(list(model.parameters()))
     n = cfg.parallel.dp * cfg.micro_batches
     mbs = cfg.data.micro_batch_size
     set_aux_scale(moe_layers(model), 1.0 / n)
-    losses = []
+    losses, norms = [], []
     for t in range(cfg.train.steps):
         idx = global_indices(t, cfg.data.global_batch_size, len(data), cfg.train.seed, cfg.data.shuffle)
         x, y = default_collate([data[i] for i in idx])
@@ -78,6 +79,7 @@ def reference_moe(cfg):
             loss = loss_fn(model(x[c * mbs:(c + 1) * mbs]), y[c * mbs:(c + 1) * mbs])
             (loss / n).backward()
             total += loss.item()
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])))
         opt.step()
         losses.append(total / n)
-    return losses
+    return losses, norms
