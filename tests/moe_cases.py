@@ -18,14 +18,14 @@ MOE = dict(vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_embd=32, num_expert
            capacity_factor=1.0, aux_loss_coef=0.01, z_loss_coef=0.001)
 
 
-def moe_config(dp=2, ep=2, stage=0, cf=1.0, steps=4, G=8, mbs=2, world=None, pp=1, **model):
+def moe_config(dp=2, ep=2, stage=0, cf=1.0, steps=4, G=8, mbs=2, world=None, pp=1, tp=1, **model):
     kw = dict(MOE, capacity_factor=cf, **model)
     cfg = load_config(data={
         "model": {"factory": "examples.moe_gpt:build", "kwargs": kw},
         "data": {"factory": "examples.gpt:random_tokens", "kwargs": {"n": 64, "seq_len": 16, "vocab_size": 64},
                  "global_batch_size": G, "micro_batch_size": mbs},
         "optimizer": {"name": "adamw", "lr": 0.01}, "train": {"steps": steps},
-        "parallel": {"dp": dp, "ep": ep, "pp": pp}, "zero": {"stage": stage}})
+        "parallel": {"dp": dp, "ep": ep, "pp": pp, "tp": tp}, "zero": {"stage": stage}})
     return cfg.validate(world) if world else cfg
 
 

@@ -104,8 +104,8 @@ def _ep_body(rank, world, runs):
     from parallel.moe import moe_counters
     from parallel.parameters import param_info
     out, refs = [], {}
-    for pp, dp, ep, stage, cf in runs:
-        cfg = moe_config(dp=dp, ep=ep, stage=stage, cf=cf, world=world, pp=pp)
+    for pp, dp, ep, stage, cf, *tp in runs:
+        cfg = moe_config(dp=dp, ep=ep, stage=stage, cf=cf, world=world, pp=pp, tp=tp[0] if tp else 1)
         if rank == 0 and cf not in refs:
             refs[cf] = reference_moe(cfg)
         model = build(cfg)
@@ -129,8 +129,8 @@ def _ep_body(rank, world, runs):
 
 
 def _check(res, runs):
-    for i, (pp, dp, ep, stage, cf) in enumerate(runs):
-        what = f"pp={pp} dp={dp} ep={ep} stage={stage} cf={cf}"
+    for i, (pp, dp, ep, stage, cf, *tp) in enumerate(runs):
+        what = f"pp={pp} dp={dp} ep={ep} tp={tp} stage={stage} cf={cf}"
         r0 = res[0][i]
         ref, ref_norms = r0["ref"]
         for r in res:
@@ -183,6 +183,15 @@ def test_dp4_ep2_and_ep4_reproduce_one_process():
 @pytest.mark.slow
 def test_pp2_ep2_reproduces_one_process():
     _check(run_ranks(_ep_body, 4, PP2), PP2)
+
+
+TP2 = [(1, 2, 2, s, cf, 2) for s, cf in ((0, 1.0), (2, None))]
+
+
+@pytest.mark.slow
+def test_tp2_ep2_reproduces_one_process():
+    """ep × tp: attention split over tp, the MoE layer replicated over tp (its experts split over ep)."""
+    _check(run_ranks(_ep_body, 4, TP2), TP2)
 
 
 # --- unmodified transformers MoE models ----------------------------------------------------------
