@@ -3,7 +3,7 @@
 examples.moe_gpt:build``; train it with ``parallel.ep`` > 1 to split the experts over ranks."""
 from __future__ import annotations
 
-from examples.gpt import GPT
+from examples.gpt import GPT, TP_PLAN
 from parallel.moe import MoE
 
 
@@ -15,4 +15,6 @@ def build(vocab_size=64, seq_len=32, n_layer=2, n_head=4, n_embd=32, num_experts
     for block in model.blocks:
         block.mlp = MoE(n_embd, ffn_mult * n_embd, num_experts, top_k, capacity_factor, normalize_topk,
                         aux_loss_coef, z_loss_coef)
+    # tensor parallelism splits attention and the embeddings; the MoE layers stay whole on every tp rank
+    model.TP_PLAN = {k: v for k, v in TP_PLAN.items() if ".mlp." not in k}
     return model

@@ -70,7 +70,7 @@ class Engine:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
-        self.moe = moe_layers(self.stages)           # MoE layers of this rank's stages (parallel/moe/)
+        self.moe = moe_layers(self.stages, reset=True)   # MoE layers of this rank's stages (parallel/moe/)
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_fn = self._loss(model)

@@ -112,14 +112,15 @@ def _ep_body(rank, world, runs):
         full_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         eng = parallelize(model, cfg)
         data = dataset(cfg)
+        before = eng.mesh.stats.snapshot()         # (the pipeline split's trace forward also runs the MoE layers)
         losses, norms = [], []
         for t in range(cfg.train.steps):
             losses.append(eng.train_step(rank_batch(data, t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"])))
             norms.append(eng.last_result.grad_norm)
         ex = [b for b in eng.zero._all if b.group is not None]
-        flagged = sum(p.numel() for p in model.parameters() if param_info(p).ep_split) if stage < 3 else None
+        flagged = sum(p.numel() for p in eng.module.parameters() if param_info(p).ep_split) if stage < 3 else None
         moe = moe_counters(eng.moe, eng.dp)
-        a2a = eng.mesh.stats.snapshot().get("ep", {}).get("all_to_all")
+        a2a = eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before).get("ep", {}).get("all_to_all")
         out.append(dict(ref=refs.get(cf), losses=losses, full_expert=full_expert, flagged=flagged,
                         expert_numel=sum(b.numel for b in ex), expert_master=sum(b.master.numel() for b in ex),
                         edp=eng.mesh.size("edp"), a2a=a2a, moe=moe, norms=norms,

@@ -24,14 +24,17 @@ from parallel.parameters import param_info
 __all__ = ["apply_expert_parallel", "moe_layers", "set_aux_scale", "moe_counters", "expert_param_counts"]
 
 
-def moe_layers(modules) -> list:
-    """The MoE layers of a module or a list of modules (pipeline stages), in order, each once."""
+def moe_layers(modules, reset: bool = False) -> list:
+    """The MoE layers of a module or a list of modules (pipeline stages), in order, each once; ``reset``:
+    zero their counters (the pipeline split's trace forward runs them before training)."""
     mods = modules if isinstance(modules, (list, tuple, nn.ModuleList)) else [modules]
     seen = {}
     for m in mods:
         for sub in m.modules():
             if isinstance(sub, MoE):
                 seen[id(sub)] = sub
+                if reset:
+                    sub.pop_counters()
     return list(seen.values())
 
 
