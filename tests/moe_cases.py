@@ -44,11 +44,11 @@ def ce_plus_aux(output, target):
     return cross_entropy(output, target) + HF_AUX * output.aux_loss
 
 
-def hf_config(model_type, dp=2, ep=2, stage=0, steps=3, world=None):
-    cfg = moe_config(dp=dp, ep=ep, stage=stage, steps=steps)
+def hf_config(model_type, dp=2, ep=2, stage=0, steps=3, world=None, tp=1):
+    cfg = moe_config(dp=dp, ep=ep, stage=stage, steps=steps, tp=tp)
     cfg.model.factory = "examples.hf_causal_lm:build"
     cfg.model.kwargs = dict(model_type=model_type, **HF_COMMON, **HF_MOE[model_type])
-    cfg.loss = "moe_cases:ce_plus_aux"
+    cfg.loss = "moe_cases:ce_plus_aux" if tp == 1 else "cross_entropy"     # tp: vocab-split logits need the latter
     return cfg.validate(world) if world else cfg
 
 

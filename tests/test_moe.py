@@ -202,8 +202,8 @@ def _hf_body(rank, world, runs):
     from parallel.engine import parallelize
     from parallel.moe.hf import ExpertParallelExperts
     out = []
-    for model_type, stage in runs:
-        cfg = hf_config(model_type, stage=stage, world=world)
+    for model_type, stage, *tp in runs:
+        cfg = hf_config(model_type, stage=stage, world=world, tp=tp[0] if tp else 1)
         ref = reference_moe(cfg) if rank == 0 else None
         model = build(cfg)
         full = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -222,7 +222,7 @@ def _hf_body(rank, world, runs):
 
 
 def _check_hf(res, runs):
-    for i, (model_type, stage) in enumerate(runs):
+    for i, (model_type, stage, *_) in enumerate(runs):
         ref, ref_norms = res[0][i]["ref"]
         for r in res:
             got = r[i]
@@ -239,6 +239,16 @@ HF_RUNS = [("mixtral", 0), ("qwen3_moe", 2), ("olmoe", 3)]
 def test_hf_moe_models_ep2_reproduce_one_process():
     pytest.importorskip("transformers")
     _check_hf(run_ranks(_hf_body, 2, HF_RUNS), HF_RUNS)
+
+
+HF_TP = [("mixtral", 1, 2), ("olmoe", 0, 2)]     # qwen3_moe: its published plan names dense-MLP modules (refused)
+
+
+@pytest.mark.slow
+def test_hf_moe_models_tp2_ep2_reproduce_one_process():
+    """Attention under the model's published tp plan, experts split over ep, the router replicated."""
+    pytest.importorskip("transformers")
+    _check_hf(run_ranks(_hf_body, 4, HF_TP), HF_TP)
 
 
 def _metrics_body(rank, world, path):
