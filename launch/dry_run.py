@@ -12,6 +12,7 @@ import yaml
 from launch.plan import spec_from_model
 from parallel.config import Config, import_object
 from parallel.mesh import coords_of
+from parallel.moe.groups import ep_layout
 from parallel.pipeline import describe_split
 from parallel.planning.fit import fit
 from parallel.planning.planner import Layout, TrainSpec, predict
@@ -117,6 +118,11 @@ def describe(cfg: Config, memory: float | None = None) -> str:
                     f"{_mib(m['optimizer'] + m.get('master', 0))}  activations {_mib(m.get('activations', 0))}  "
                     f"peak {_mib(m.get('peak', m['total']))}")
         lines.append(row)
+    if p.ep > 1:
+        eps, edps = ep_layout(p.pp, p.dp, p.tp, p.ep)
+        lines += [f"# expert parallelism: ep={p.ep} (experts split over ep, token all-to-all), expert gradients "
+                  f"reduced over expert-data-parallel groups of {p.dp // p.ep}; everything else over dp",
+                  f"#   ep groups:  {[list(g) for g in eps]}", f"#   edp groups: {[list(g) for g in edps]}"]
     if pred is not None:
         axes = {}
         for ops in pred.comm.values():

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from parallel.config import Config, import_object
 from parallel.mesh import Mesh
+from parallel.moe import moe_counters
 from parallel.planning import flops
 from parallel.planning.flops import mfu
 
@@ -173,6 +174,8 @@ class MetricsLog:
                "samples_per_s": d.global_batch_size / step_s if step_s > 0 else None,
                "peak_rss_bytes": int(table[:, 0].max().item()), "comm": comm_step}
         rec.update(extra or {})
+        if getattr(engine, "moe", None):             # expert load, dropped tokens, aux losses (collective over dp)
+            rec["moe"] = moe_counters(engine.moe, engine.dp)
         if not self.is_root:
             return rec
         rec.update(self._figures(step_s, engine, table))

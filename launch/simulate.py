@@ -128,7 +128,7 @@ def simulate_rank(cfg, world: int, rank: int) -> dict:
     t0 = time.perf_counter()
     _fake_world(world, rank)
     try:
-        mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta")
+        mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta", ep=p.ep)
         model = _meta_model(cfg)
         with _MetaScalars():
             engine = Engine(model, cfg, mesh)

@@ -43,6 +43,7 @@ from parallel.data_parallel import sync_batchnorm
 from parallel.layer_drop import apply_layer_drop
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
+from parallel.moe import apply_expert_parallel, moe_layers, set_aux_scale
 from parallel.optim.factory import optimizer_factory
 from parallel.optim.lr_schedule import build_scheduler
 from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_for, sync_tied_grads
@@ -74,6 +75,7 @@ class Engine:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
+        self.moe = moe_layers(self.stages, reset=True)   # MoE layers of this rank's stages (parallel/moe/)
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_mode, self.label_name = self._loss_mode()
@@ -82,7 +84,8 @@ class Engine:
                                   precision=config.precision, grad_clip=config.train.grad_clip,
                                   on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
                                   unit_types=blocks, loss_scale=config.loss_scale,
-                                  simulate=mesh.device.type == "meta")
+                                  simulate=mesh.device.type == "meta",
+                                  expert_groups=(mesh.group("ep"), mesh.group("edp")) if p.ep > 1 else None)
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
@@ -128,6 +131,10 @@ class Engine:
         if p.tp > 1:
             self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel,
                                                          gather_logits=self.cfg.loss == "model")
+        try:
+            apply_expert_parallel(model, self.mesh.group("ep"))     # E/ep experts per rank
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if p.pp == 1:
             return [model]
         sample, w = self._sample, next(model.parameters(), None)
@@ -213,6 +220,7 @@ class Engine:
             self.layer_drop.step = self.step_count
         z.zero_grad()
         z.prepare_step(len(micro))
+        set_aux_scale(self.moe, z.loss_scale / len(micro))      # MoE aux losses: mean over micro-batches
         if self.executor is None:
             total = 0.0
             for mb in micro:
@@ -252,6 +260,7 @@ class Engine:
             self.layer_drop.step = self.step_count
         self.zero.zero_grad()
         self._own_m = micro_batches or self.cfg.micro_batches
+        set_aux_scale(self.moe, self.zero.loss_scale / self._own_m)
         self.zero.prepare_step(self._own_m)
 
     def backward(self, loss) -> None:
@@ -388,19 +397,27 @@ class Engine:
         return fn(g) if fn is not None else None
 
     # --- state ------------------------------------------------------------------------------------
+    def _no_ep_checkpoints(self) -> None:
+        if self.cfg.parallel.ep > 1:
+            raise NotImplementedError("checkpoints of expert-parallel runs (parallel.ep > 1) are not supported yet: "
+                                      "the experts are split over ep; train with parallel.ep=1 to save")
+
     def save(self, path: str, extra_meta: dict | None = None) -> str:
+        self._no_ep_checkpoints()
         s = self.step_count - 1
         self._emit("checkpoint", s)
         return engine_state.save_engine(self, path, extra_meta or {},
                                         on_written=lambda: self._emit("checkpoint_written", s))
 
     def load(self, path: str) -> dict:
+        self._no_ep_checkpoints()
         meta = engine_state.load_engine(self, path)
         self.step_count = int(meta["step"])
         return meta
 
     def full_state_dict(self) -> dict | None:
         """The unmodified model's state_dict (collective; returned on rank 0, None elsewhere)."""
+        self._no_ep_checkpoints()
         return engine_state.full_state_dict(self)
 
     def full_model(self) -> nn.Module | None:
@@ -449,8 +466,11 @@ def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, opti
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize needs an nn.Module, got {type(model).__name__}")
     p = config.parallel
-    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp)
+    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp, ep=p.ep)
     if (mesh.size("pp"), mesh.size("dp"), mesh.size("tp")) != (p.pp, p.dp, p.tp):
         raise ConfigError(f"the mesh is pp×dp×tp = {mesh.size('pp')}×{mesh.size('dp')}×{mesh.size('tp')} but the "
                           f"config says {p.pp}×{p.dp}×{p.tp}: build the Mesh from config.parallel")
+    if getattr(mesh, "ep", 1) != p.ep:
+        raise ConfigError(f"the mesh has ep={getattr(mesh, 'ep', 1)} but the config says parallel.ep={p.ep}: "
+                          f"build the Mesh with ep=config.parallel.ep")
     return Engine(model, config, mesh, optimizer, sample)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from parallel.comm import CommStats, Group
+from parallel.moe.groups import expert_groups, release_expert_groups
 
 AXES = ("pp", "dp", "tp")
 
@@ -83,6 +84,7 @@ def release_meshes(destroy: bool = False) -> None:
     extra = [pg for groups in _PP_P2P.values() for pg in groups]
     _MESHES.clear()
     _PP_P2P.clear()
+    release_expert_groups(destroy)
     if not destroy or not dist.is_initialized():
         return
     done = set()
@@ -124,10 +126,11 @@ class Mesh:
     ``mesh.coord`` this rank's ``{"pp": i, "dp": j, "tp": k}``, ``mesh.rank_at(pp=.., dp=.., tp=..)``
     the global rank at given coordinates (unnamed axes default to this rank's own), and
     ``mesh.pp_prev`` / ``mesh.pp_next`` the neighbouring pipeline ranks (None at the ends).
+    ``ep`` (dividing dp) adds the expert-parallel groups "ep" and "edp" (:mod:`parallel.moe.groups`).
     """
 
     def __init__(self, pp: int = 1, dp: int = 1, tp: int = 1, device: torch.device | str | None = None,
-                 stats: CommStats | None = None):
+                 stats: CommStats | None = None, ep: int = 1):
         if not dist.is_initialized():
             raise RuntimeError("Mesh needs an initialised process group: run under torchrun "
                                "(or python -m launch), or call parallel.mesh.init_distributed() first")
@@ -152,11 +155,13 @@ class Mesh:
             ranks = tuple(int(r) for r in grid[tuple(idx)].flatten())
             self._groups[axis] = Group(self.device_mesh.get_group(axis), axis, ranks, c[i], self.stats)
         self._groups["world"] = Group(dist.group.WORLD, "world", tuple(range(world)), self.rank, self.stats)
+        self.ep = ep
+        self._groups["ep"], self._groups["edp"] = expert_groups(pp, dp, tp, ep, self._groups["dp"], self.stats)
 
     def group(self, axis: str) -> Group:
         """The counted group of this rank along ``axis`` ("pp", "dp", "tp" or "world")."""
         if axis not in self._groups:
-            raise KeyError(f"unknown mesh axis {axis!r}; axes are {AXES + ('world',)}")
+            raise KeyError(f"unknown mesh axis {axis!r}; axes are {AXES + ('world', 'ep', 'edp')}")
         return self._groups[axis]
 
     def pp_p2p_groups(self) -> dict | None:

@@ -49,6 +49,10 @@ class ParamInfo:
     """This rank's piece is a copy of a lower tp rank's (a replicated kv head, rank % tp_replicas ≠ 0):
     not counted in the global grad norm and not saved (the first copy is)."""
 
+    ep_split: bool = False
+    """An expert weight split over the ep axis (:mod:`parallel.moe`): this rank holds E/ep of the experts;
+    ZeRO reduces and partitions it over the expert-data-parallel group and sums its norm over ep."""
+
     defer_reduce: bool = False
     """The dp gradient reduction of this parameter waits for the end of backward (its gradient is
     completed by :func:`parallel.pipeline.sync_tied_grads` first): it goes into the deferred bucket."""

@@ -45,6 +45,7 @@ class ParallelConfig:
     pp_split: Any = "auto"                 # "auto", block indices or module names where stages start
     pp_balance: str = "params"             # the auto split balances params | flops (counted on one input sample)
     sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (data_parallel/sync_batchnorm.py)
+    ep: int = 1                            # expert parallelism, carved out of dp (parallel/moe/): divides dp
 
 
 @dataclass

@@ -126,6 +126,9 @@ def _check_parallel(c: Config) -> None:
     if not (p.tp_plan == "auto" or isinstance(p.tp_plan, dict)):
         raise ConfigError(f"parallel.tp_plan={p.tp_plan!r} must be 'auto' or a mapping "
                           f"{{module glob: colwise|rowwise|vocab}}")
+    if not isinstance(p.ep, int) or p.ep < 1 or p.dp % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep!r} must be a positive divisor of parallel.dp={p.dp}: expert parallelism "
+                          f"is carved out of data parallelism (dp = ep × expert-data-parallel size)")
     if not isinstance(p.sync_batchnorm, bool):
         raise ConfigError(f"parallel.sync_batchnorm={p.sync_batchnorm!r} must be true or false")
     if not (p.pp_split == "auto" or isinstance(p.pp_split, list) and p.pp_split and (

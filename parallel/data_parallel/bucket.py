@@ -53,6 +53,9 @@ class FlatBucket:
         self.shard = self.padded // world if pad else off
         self.flat_param = self.shard_param = self.flat_grad = self.shard_grad = self.master = None
         self.deferred = False
+        # expert buckets (parallel.moe): partition / reduction group (None: the owner's dp group), the divisor
+        # of the summed gradient (None: that group's size) and the group over which their norm is summed
+        self.group = self.grad_div = self.norm_group = None
 
     @property
     def lo(self) -> int:

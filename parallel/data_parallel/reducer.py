@@ -210,13 +210,15 @@ class GradReducer:
             self._inflight.append((b, None, None))
             self.launches[where] += 1
             return
-        if self.group.size > 1:
-            g.div_(self.group.size)
+        group = b.group or self.group                    # expert buckets: the expert-data-parallel group
+        div = b.grad_div or group.size
+        if div > 1:
+            g.div_(div)
         if self.mode == "all_reduce":
-            work, out = comm.all_reduce(g, self.group, async_op=True), None
+            work, out = comm.all_reduce(g, group, async_op=True), None
         else:
             out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
-            work = comm.reduce_scatter_into(out, g, self.group, async_op=True)
+            work = comm.reduce_scatter_into(out, g, group, async_op=True)
         self._inflight.append((b, work, out))
         self.launches[where] += 1
         self._poll()

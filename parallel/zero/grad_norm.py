@@ -57,14 +57,24 @@ def norm_segments(b) -> list:
 
 def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_groups) -> torch.Tensor:
     """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64), from the
-    ``master.grad`` of ``buckets``; ``partitioned``: each dp rank holds a different part (stage ≥ 1)."""
-    v = torch.zeros(3, dtype=torch.float64, device=buckets[0].master.device)
+    ``master.grad`` of ``buckets``; ``partitioned``: each dp rank holds a different part (stage ≥ 1).
+    Expert buckets (``b.group`` set, :mod:`parallel.moe`) are partitioned over their own group and hold
+    distinct experts on each rank of ``b.norm_group`` (ep): their part is summed over both."""
+    dev = buckets[0].master.device
+    parts: dict = {}                                 # one partial sum per partition group, in bucket order
     for b in buckets:
+        grp = b.group or dp_group
+        part = parts.setdefault(id(grp), (grp, b.norm_group, torch.zeros(3, dtype=torch.float64, device=dev)))[2]
         g = b.master.grad
         for a, e, kind in segments[b]:
-            v[kind] += torch.linalg.vector_norm(g[a:e]).double() ** 2     # fp32 norm, summed in fp64
-    if partitioned:
-        comm.all_reduce(v, dp_group)
+            part[kind] += torch.linalg.vector_norm(g[a:e]).double() ** 2     # fp32 norm, summed in fp64
+    v = torch.zeros(3, dtype=torch.float64, device=dev)
+    for grp, across, part in parts.values():
+        if partitioned:
+            comm.all_reduce(part, grp)
+        if across is not None:
+            comm.all_reduce(part, across)
+        v += part
     for grp in norm_groups:
         if grp.axis == "tp" and grp.rank != 0:
             v[1] = 0.0                           # replicated over tp: counted once

@@ -46,6 +46,7 @@ from parallel.comm import Group, all_gather_into
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
+from parallel.moe.zero_buckets import expert_buckets, expert_units, split_expert_params
 from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
@@ -118,6 +119,9 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                        bytes only, for :mod:`launch.simulate`
     loss_scale         fp16: a LossScaleConfig (``loss_scale``) or a ready
                        :class:`~parallel.precision.LossScaler`; None: LossScaleConfig's defaults (DeepSpeed's)
+    expert_groups      (ep, edp) groups (:mod:`parallel.moe`): expert parameters (``ep_split``) go into
+                       their own buckets / units, partitioned and reduced over edp (gradient divided by
+                       the dp size), their norm summed over ep; None: every parameter over dp
 
     Per step: ``zero_grad()``; ``prepare_step(m)``; m × (forward, ``(loss * zero.loss_scale)
     .backward()``); ``finish_grad_sync()`` (optional: ``step()`` calls it); ``step()``.
@@ -125,8 +129,10 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
 
     def __init__(self, module: nn.Module, optimizer_factory, dp_group: Group, zero: ZeroConfig | None = None, *,
                  precision="fp32", grad_clip=None, on_nonfinite: str = "stop", norm_groups=(), init=None,
-                 unit_types=None, overlap_param_gather: bool = False, loss_scale=None, simulate: bool = False):
+                 unit_types=None, overlap_param_gather: bool = False, loss_scale=None, simulate: bool = False,
+                 expert_groups=None):
         zero = ZeroConfig() if zero is None else zero
+        self.expert_groups = expert_groups             # (ep, edp) groups for param_info(p).ep_split params
         _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups)
         self.module, self.group, self.stage = module, dp_group, zero.stage
         self.prec = Precision.of(precision)
@@ -140,6 +146,9 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         self.stage3 = None
         named = self._adopt(module, init, simulate)
         units, needs = self._make_buckets(module, named, zero.bucket_mb, unit_types)
+        if self.expert_groups and (zero.offload.optimizer != "none" or zero.offload.params != "none"):
+            raise ValueError("zero.offload with parallel.ep > 1 is not supported yet: expert parameters are "
+                             "partitioned over their own group; set zero.offload.optimizer/params to none")
         # checks the disk / options before any state is written
         self._opt_off, self._par_off = make_offload(zero.offload, self._all, self.stage, dp_group, optimizer_factory)
         self._init_state()
@@ -191,11 +200,17 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         deferred = [(n, p) for n, p in named if param_info(p).defer_reduce]
         normal = [(n, p) for n, p in named if not param_info(p).defer_reduce]
         units = needs = None
+        expert, normal = split_expert_params(normal, self.expert_groups)     # parallel.moe: own group
         if stage < 3:
             self.buckets = make_buckets(normal, bucket_mb * 2 ** 20, self.prec.bytes_per_element, N, r, pad=stage > 0)
+            if expert:
+                self.buckets += expert_buckets(expert, self.expert_groups, N, bucket_mb * 2 ** 20,
+                                               self.prec.bytes_per_element, stage > 0, len(self.buckets))
         else:
             owners, needs = plan_units(module, {p: n for n, p in normal}, unit_types)
             units = [FlatBucket(i, params, N, r, pad=True) for i, (_, params) in enumerate(owners)]
+            if expert:
+                expert_units(module, expert, self.expert_groups, N, units, needs, plan_units)
             self.buckets = units[::-1]                     # reduction order ≈ backward order
         self.deferred = None
         if deferred:
@@ -239,6 +254,9 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             raise ValueError(f"{type(self.optimizer).__name__} communicates compressed momentum itself: it runs "
                              f"with zero.stage=0 and no train.grad_clip (got stage {self.stage}, grad_clip "
                              f"{self.grad_clip}); set zero.stage=0 and remove train.grad_clip")
+        if self.expert_groups:
+            raise ValueError(f"{type(self.optimizer).__name__} reads whole tensors over the dp partition, which does "
+                             f"not cover expert parameters (parallel.ep > 1) yet: use an elementwise optimizer")
         tp = next((g for g in self.norm_groups if g.axis == "tp"), None)
         self.optimizer.bind_partition(ZeroPartition(self._piece_list, self._all, self.group, self.stage > 0, tp))
 
@@ -381,7 +399,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
             if fresh and own.data_ptr() != b.master.data_ptr():
                 own.copy_(b.master)
             if self.stage > 0:
-                works.append((b, all_gather_into(b.flat_param, own, self.group, async_op=True)))
+                works.append((b, all_gather_into(b.flat_param, own, b.group or self.group, async_op=True)))
         if self.overlap_param_gather:
             self._pending.update((b, w) for b, w in works if w is not None)
             return

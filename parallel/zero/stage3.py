@@ -128,7 +128,7 @@ class Stage3Params:
         if u.state == SHARDED:
             src = self.shards.fetch(u) if self.shards is not None else u.shard_param
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
-            u.work = all_gather_into(u.flat_param, src, self.group, async_op=True)
+            u.work = all_gather_into(u.flat_param, src, u.group or self.group, async_op=True)
             u.state = GATHERING
             self.gathers += 1
             self.gathered_bytes += self._nbytes(u)

@@ -60,7 +60,7 @@ class ZeroStateMixin:
         if b.shard == b.padded:
             return shard
         out = torch.empty(b.padded, dtype=shard.dtype, device=shard.device)
-        work = all_gather_into(out, shard.contiguous(), self.group)
+        work = all_gather_into(out, shard.contiguous(), b.group or self.group)
         if work is not None:
             work.wait()
         return out
