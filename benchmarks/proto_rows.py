@@ -1,7 +1,8 @@
 """The rows of the benchmark protocol: each configuration built as its users build it.
 
 Every row trains examples/gpt.py's GPT (fp32, same seed, same weights) on this rank's share of one
-global batch (``per`` sequences per rank), with AdamW at lr 1e-4:
+global batch (``per`` sequences per rank), with AdamW at lr 1e-4 and torch's weight decay 0.01
+(passed explicitly where a peer's default differs: DeepSpeedCPUAdam's is 0.0):
 
 * ``local``: no communication, each rank trains its own copy on its own share (the compute floor);
 * ``ddp``, ``ddp_aa``: ``DistributedDataParallel(model)`` with its defaults, twice (the A/A control);
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 LR = 1e-4
+WD = 0.01      # torch.optim.AdamW's default, which our rows use; DeepSpeedCPUAdam's default is 0.0, so it is passed
 PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
 OURS = ["zero0", "zero1", "zero2", "zero3"]
 ROWS = PEERS + OURS
@@ -48,6 +50,18 @@ PEER_OF = {"ddp_aa": "ddp", "ddp_tuned": "ddp", "fsdp2_prefetch": "fsdp2", "fsdp
            "zero0": "ddp_tuned", "zero1": "ddp_tuned", "zero2": "ddp_tuned", "zero3": "fsdp2_prefetch",
            "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp"}
 DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3"}
+# What a peer's step moves through memory besides forward/backward (parallel/planning/time_terms.py's
+# accounting, bytes moved per element, write-allocates included), replacing our engine's terms in the
+# planner's prediction: (per owned element: optimizer + norm, per local gradient element: bookkeeping).
+# torch AdamW single-tensor 88; DeepSpeedCPUAdam one fused pass 28 + its norm 4. Gradients: plain
+# autograd with set_to_none hands over its own tensors (0); DDP copies each gradient into its bucket
+# (read 4, write 4 + write-allocate 4) and divides it in place (8), and by default copies it back (12):
+# 32, with gradient_as_bucket_view 20; FSDP2 copies the gathered parameters out in forward and again in
+# backward (2 × 12), the gradients into its reduce-scatter buffer (12) and divides them (8): 44;
+# DeepSpeed ZeRO-1/2/3 copies gradients into its reduction buffer and divides them: 20.
+UPDATE_MOVED = {"local": (88, 0), "ddp": (88, 32), "ddp_aa": (88, 32), "ddp_tuned": (88, 20),
+                "fsdp2": (88, 44), "fsdp2_prefetch": (88, 44), "fsdp2_ring": (88, 44),
+                "ds1": (32, 20), "ds2": (32, 20), "ds3": (32, 20)}
 ALSO = {"zero3": ["fsdp2", "fsdp2_ring"], "zero0": ["ddp"], "zero1": ["zero0"], "zero2": ["zero0"]}   # further pairs
 
 
@@ -238,7 +252,9 @@ def _deepspeed(name, kw, per, world, rank) -> Row:
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
     cfg = {"train_micro_batch_size_per_gpu": per, "gradient_accumulation_steps": 1, "zero_optimization": zero,
            "steps_per_print": 10 ** 9}
-    opt = DeepSpeedCPUAdam(model.parameters(), lr=LR, adamw_mode=True)
+    # its defaults differ from torch.optim.AdamW's only in weight_decay (0.0 vs 0.01): pass torch's, the rest
+    # (betas 0.9/0.999, eps 1e-8 outside the square root, bias correction, decoupled decay) is the same math
+    opt = DeepSpeedCPUAdam(model.parameters(), lr=LR, weight_decay=WD, adamw_mode=True)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
 
     def step():
