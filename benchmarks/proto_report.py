@@ -75,7 +75,7 @@ def predict_row(rec: dict, name: str, cal: dict):
     """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
-    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp, bucket_mb=25.0)
+    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0)  # local: per
     hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours
@@ -88,12 +88,15 @@ def predict_row(rec: dict, name: str, cal: dict):
 
 
 def bytes_check(rec: dict, name: str, pred) -> dict | None:
-    """Our rows: the dp axis' wire bytes per op, measured by CommStats in this run vs the planner's."""
+    """Our rows: the wire bytes per axis and op (dp for ZeRO, tp, pp), measured by CommStats in this run
+    vs the planner's."""
     axes = rec["rows"][name].get("comm_axes")
     if not axes or not rec["rows"][name]["ours"]:
         return None
-    got = {op: c["wire_bytes"] for op, c in axes.get("dp", {}).items()}
-    want = {op: c["wire_bytes"] for op, c in pred.comm[0].get("dp", {}).items()}
+    names = sorted(set(axes) | set(pred.comm[0]))
+    got = {f"{a}.{op}" if a != "dp" else op: c["wire_bytes"] for a in names for op, c in axes.get(a, {}).items()}
+    want = {f"{a}.{op}" if a != "dp" else op: c["wire_bytes"] for a in names
+            for op, c in pred.comm[0].get(a, {}).items()}
     return {"measured": got, "planner": want, "equal": got.keys() == want.keys() and
             all(abs(got[k] - want[k]) <= 1e-9 * max(1.0, want[k]) for k in got)}
 
@@ -179,7 +182,7 @@ def text(rec: dict, an: dict) -> str:
         lines.append(f"{n}: skipped — {why}")
     for name, r in an["rows"].items():
         if r["bytes"]:
-            lines.append(f"{name}: dp wire bytes per step, CommStats {r['bytes']['measured']} "
+            lines.append(f"{name}: wire bytes per step, CommStats {r['bytes']['measured']} "
                          f"{'=' if r['bytes']['equal'] else '≠ (MISMATCH)'} planner {r['bytes']['planner']}")
     for name, r in an["rows"].items():
         c = _row_cells(name, r)

@@ -37,18 +37,20 @@ LR = 1e-4
 WD = 0.01      # torch.optim.AdamW's default, which our rows use; DeepSpeedCPUAdam's default is 0.0, so it is passed
 PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
 OURS = ["zero0", "zero1", "zero2", "zero3"]
-ROWS = PEERS + OURS
+from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp  # noqa: E402
+
+ROWS = PEERS + OURS + MP_ROWS
 WHAT = {"local": "no communication (compute floor)", "ddp": "torch DDP, defaults", "ddp_aa": "torch DDP again (A/A)",
         "ddp_tuned": "torch DDP, gradient_as_bucket_view + static_graph", "fsdp2": "torch FSDP2 fully_shard per block",
         "fsdp2_prefetch": "FSDP2 + explicit forward/backward prefetch", "fsdp2_ring": "FSDP2 + prefetch + our ring",
         "ds1": "DeepSpeed ZeRO-1, DeepSpeedCPUAdam",
         "ds2": "DeepSpeed ZeRO-2, DeepSpeedCPUAdam", "ds3": "DeepSpeed ZeRO-3, persistence threshold 0",
         "zero0": "ours ZeRO-0 (data parallel)", "zero1": "ours ZeRO-1", "zero2": "ours ZeRO-2",
-        "zero3": "ours ZeRO-3 per block"}
+        "zero3": "ours ZeRO-3 per block", **WHAT_MP}
 # the natural peer of each row, for the paired ratios
 PEER_OF = {"ddp_aa": "ddp", "ddp_tuned": "ddp", "fsdp2_prefetch": "fsdp2", "fsdp2_ring": "fsdp2_prefetch",
            "zero0": "ddp_tuned", "zero1": "ddp_tuned", "zero2": "ddp_tuned", "zero3": "fsdp2_prefetch",
-           "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp"}
+           "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp", **PEER_OF_MP}
 DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3"}
 # What a peer's step moves through memory besides forward/backward (parallel/planning/time_terms.py's
 # accounting, bytes moved per element, write-allocates included), replacing our engine's terms in the
@@ -61,7 +63,7 @@ DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3"}
 # DeepSpeed ZeRO-1/2/3 copies gradients into its reduction buffer and divides them: 20.
 UPDATE_MOVED = {"local": (88, 0), "ddp": (88, 32), "ddp_aa": (88, 32), "ddp_tuned": (88, 20),
                 "fsdp2": (88, 44), "fsdp2_prefetch": (88, 44), "fsdp2_ring": (88, 44),
-                "ds1": (32, 20), "ds2": (32, 20), "ds3": (32, 20)}
+                "ds1": (32, 20), "ds2": (32, 20), "ds3": (32, 20), "tp_dtensor": (88, 0), "pp_torch": (88, 0)}
 ALSO = {"zero3": ["fsdp2", "fsdp2_ring"], "zero0": ["ddp"], "zero1": ["zero0"], "zero2": ["zero0"]}   # further pairs
 
 
@@ -76,6 +78,7 @@ class Row:
     impl: dict = field(default_factory=dict)
     layout: dict = field(default_factory=dict)    # planner Layout kwargs
     ours: bool = False
+    global_loss: bool = False                     # step() returns the global-batch loss already (ours do too)
 
 
 def _op(out: dict, op: str, calls: int, wire: float, impl: str = "gloo") -> None:
@@ -115,6 +118,11 @@ def build(name: str, kw: dict, per: int, world: int, rank: int) -> Row:
     """Row ``name`` (module docstring) on this rank; raises ImportError etc. when it cannot run."""
     if name in OURS:
         return _ours(name, kw, per, world, rank)
+    if name in MP_ROWS:
+        row = build_mp(name, kw, per, world, rank, Row, _op, LR, WD)
+        row.name, row.global_loss = name, True
+        row.ours = name.endswith("_ours")
+        return row
     if name.startswith("ds"):
         return _deepspeed(name, kw, per, world, rank)
     model, V, N = _model(kw), kw["vocab_size"], world

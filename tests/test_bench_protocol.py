@@ -169,6 +169,36 @@ def test_protocol_smoke_two_ranks():
     assert "| zero1 |" in md and "gloo-specific" in md
 
 
+def _smoke_mp(rank, world):
+    sys.path.insert(0, ROOT)
+    from benchmarks.proto_run import run_rank
+    opts = {"size": "tiny", "per_rank_batch": 2, "rounds": 1, "warmup": 2, "seed": 5, "pin": False,
+            "rows": ["ddp", "tp_dtensor", "tp_ours", "pp_torch", "pp_ours"], "calib_reps": 1, "mem_mb": 4,
+            "comm_mb": 0.25}
+    return run_rank(rank, world, opts)
+
+
+@pytest.mark.slow
+def test_model_parallel_peer_rows_two_ranks():
+    """DTensor TP vs ours, torch Schedule1F1B vs our 1F1B: the same losses as DDP over the warm-up (the
+    protocol asserts 1e-5), theory bytes for torch's rows, CommStats = planner bytes per axis for ours."""
+    from harness import run_ranks
+
+    from benchmarks.proto_report import analyse
+    rec = run_ranks(_smoke_mp, 2, timeout=600)[0]
+    assert not rec["skipped"] and max(rec["loss_gap"].values()) <= 1e-5, rec["loss_gap"]
+    kw = rec["model"]
+    act = 2 * 2 * kw["seq_len"] * kw["n_embd"] * 4                  # the global batch's activations, fp32
+    tp = rec["rows"]["tp_dtensor"]["comm"]["all_reduce"]
+    assert tp["calls"] == 4 * kw["n_layer"] and tp["wire_bytes"] == 4 * kw["n_layer"] * act   # 2(N−1)/N = 1
+    pp = rec["rows"]["pp_torch"]["comm"]["send_recv"]
+    assert pp["calls"] == 2 and pp["wire_bytes"] == act              # 2 micro-batches of half the batch sent
+    an = analyse(rec, n_boot=20)
+    for name in ("tp_ours", "pp_ours"):
+        b = an["rows"][name]["bytes"]
+        assert b["equal"] and b["measured"], b
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_as_a_cpu_smoke():
     import subprocess

@@ -18,7 +18,7 @@ rest what does not hide under backward — on CPU ranks sharing their core with 
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
 (:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient
-bookkeeping its 28 bytes per local gradient element plus the norm's 4 per owned one.
+bookkeeping its 20 (stages 0/1) or 28 bytes per local gradient element plus the norm's 4 per owned one.
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ NORM_BYTES = 24          # the grad-norm all-reduce: three float64
 OPT_BYTES = {"adamw": 28, "adam": 28, "sgd_momentum": 20, "sgd": 12}    # a fused update's floor per element
 
 
-def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0) -> float:
-    """torch's update over ``owned`` elements, the norm over them and our gradient bookkeeping over
-    ``local_grads`` elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms' docstring)."""
+def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0, zero: int = 0) -> float:
+    """torch's update over ``owned`` elements, the norm over them and our gradient bookkeeping (ZeRO stage
+    ``zero``) over ``local_grads`` elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
     per = optimizer_moved(tr.optimizer, tr.momentum) + NORM_MOVED
-    return memory_seconds(owned * per + local_grads * GRAD_MOVED, hw)
+    return memory_seconds(owned * per + local_grads * GRAD_MOVED[zero], hw)
 
 
 def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) -> None:

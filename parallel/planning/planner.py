@@ -212,7 +212,7 @@ def _in_flight(name: str, p: int, m: int, v: int) -> tuple:
 def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> float:
     """Optimizer, norm and gradient bookkeeping of dp rank 0 (time_terms' docstring)."""
     owned = sum(_shard_pieces(bk, lay.dp, 0, lay.zero > 0)[0] for bk in bks)
-    return optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks))
+    return optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero)
 
 
 def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:

@@ -17,10 +17,12 @@ A fused kernel would move 28 (read p, g, m, v; write p, m, v): that is the bench
 what runs. DeepSpeedCPUAdam is such a fused SIMD pass: :data:`FUSED_ADAM_MOVED`.
 
 Gradient bookkeeping of our engine (:data:`GRAD_MOVED`, per local gradient element of the dp
-buckets): the flat gradient is zeroed before backward (stage 0/1: ``flat_grad.zero_()``; 2/3:
-``torch.zeros`` at the first gradient; 4 + 4 write-allocate), autograd accumulates into it in place
-(read 8, write 4), and it is pre-divided by N before the reduction (8): 28 bytes. The global
-gradient norm reads every owned element once more (:data:`NORM_MOVED`, 4).
+buckets, by ZeRO stage): stage 0/1 keep a persistent flat gradient; after ``zero_grad`` (p.grad =
+None) the first gradient is copied into its view (read 4, write 4 + write-allocate 4) and
+pre-divided by N in place before the reduction (8): 20 bytes. Stage 2/3 allocate the flat gradient
+with ``torch.zeros`` at the first gradient (4 + 4 write-allocate), accumulate into it (read 8,
+write 4) and pre-divide (8): 28. The global gradient norm reads every owned element once more
+(:data:`NORM_MOVED`, 4).
 
 Communication on CPU ranks (``Hardware.comm_shares_core``: gloo over loopback with every thread of
 a rank pinned to its one core, as benchmarks/proto_run.py pins them). A collective's time is partly
@@ -46,7 +48,7 @@ __all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "
 COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
 OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
 FUSED_ADAM_MOVED = 28
-GRAD_MOVED = 28
+GRAD_MOVED = {0: 20, 1: 20, 2: 28, 3: 28}
 NORM_MOVED = 4
 BUSY_PER_WIRE = {"all_gather": 4.0, "send": 2.0, "recv": 2.0, "reduce_scatter": 7.0,
                  "all_reduce": 5.5}    # all-reduce = reduce-scatter then all-gather, half the wire each
