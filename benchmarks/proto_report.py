@@ -93,7 +93,7 @@ def bytes_check(rec: dict, name: str, pred) -> dict | None:
     axes = rec["rows"][name].get("comm_axes")
     if not axes or not rec["rows"][name]["ours"]:
         return None
-    names = sorted(set(axes) | set(pred.comm[0]))
+    names = sorted(a for a in set(axes) | set(pred.comm[0]) if not a.startswith("control"))  # not bookkeeping
     got = {f"{a}.{op}" if a != "dp" else op: c["wire_bytes"] for a in names for op, c in axes.get(a, {}).items()}
     want = {f"{a}.{op}" if a != "dp" else op: c["wire_bytes"] for a in names
             for op, c in pred.comm[0].get(a, {}).items()}
