@@ -13,10 +13,11 @@ from __future__ import annotations
 import statistics
 
 from benchmarks import proto_stats as st
-from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, WHAT
+from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
 from parallel.planning.flops import gpt_flops_per_token
 from parallel.planning.planner import predict
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec
+from parallel.planning.time_terms import memory_seconds
 
 __all__ = ["calib_mean", "hardware", "predict_row", "floors", "analyse", "text", "markdown"]
 
@@ -25,8 +26,22 @@ _PLANNER_OP = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "
 
 
 def calib_mean(rec: dict) -> dict:
+    """Start and end calibration combined: rates and bandwidths averaged; a latency (``lat.*``: the
+    fixed cost of a call on small messages) takes the smaller of the two, since interference only
+    ever adds to it (the ring's small-message latency is bimodal, 0.14 ms or 2–4 ms, on an idle machine)."""
     a, b = rec["calib_start"], rec["calib_end"]
-    return {k: (a[k] + b[k]) / 2 for k in a if k in b}
+    return {k: min(a[k], b[k]) if k.startswith("lat.") else (a[k] + b[k]) / 2 for k in a if k in b}
+
+
+def step_drift(rec: dict, tol: float = 0.10) -> dict:
+    """Drift that matters: per row, the planner's step predicted from the end calibration ÷ from the start
+    one, − 1; rows beyond ``tol`` are flagged. A figure that moved but does not move any row's step (a
+    small-message latency, the matmul rate the planner does not use) does not flag the run."""
+    change = {}
+    for name in rec["times"]:
+        s0 = predict_row(rec, name, rec["calib_start"]).step_s
+        change[name] = predict_row(rec, name, rec["calib_end"]).step_s / s0 - 1
+    return {"rows": change, "flag": [n for n, c in change.items() if abs(c) > tol]}
 
 
 def _fig(cal: dict, kind: str, impl: str, op: str, world: int) -> float:
@@ -39,11 +54,12 @@ def _fig(cal: dict, kind: str, impl: str, op: str, world: int) -> float:
 def hardware(cal: dict, impl: str = "gloo", world: int = 2) -> Hardware:
     """The planner's Hardware from calibrated figures: compute at the measured forward+backward rate
     (``train_flops``), per-op latency and bus bandwidth, memory bandwidth; ``impl`` = "ring" puts
-    reduce-scatter and all-gather on our ring (as our rows run them at bucket sizes)."""
+    reduce-scatter and all-gather on our ring (as our rows run them at bucket sizes). The protocol pins
+    every thread of a rank, gloo's included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
     ops = list(_PLANNER_OP.items())
-    return Hardware(peak_flops=cal.get("train_flops", cal["matmul_flops"]),
+    return Hardware(peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
                     bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
                     latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
                     op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),
@@ -59,18 +75,28 @@ def predict_row(rec: dict, name: str, cal: dict):
     """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
-    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp, bucket_mb=25.0)
+    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0)  # local: per
     hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
-    return predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
+    pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
+    if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours
+        per_owned, per_grad = UPDATE_MOVED[name]
+        psi = rec["rows"]["local"]["owned"] if "local" in rec["rows"] else meta["owned"] * lay.dp
+        peer = memory_seconds(meta["owned"] * per_owned + psi * per_grad, hw)
+        pred.step_s += peer - pred.update_s
+        pred.update_s = peer
+    return pred
 
 
 def bytes_check(rec: dict, name: str, pred) -> dict | None:
-    """Our rows: the dp axis' wire bytes per op, measured by CommStats in this run vs the planner's."""
+    """Our rows: the wire bytes per axis and op (dp for ZeRO, tp, pp), measured by CommStats in this run
+    vs the planner's."""
     axes = rec["rows"][name].get("comm_axes")
     if not axes or not rec["rows"][name]["ours"]:
         return None
-    got = {op: c["wire_bytes"] for op, c in axes.get("dp", {}).items()}
-    want = {op: c["wire_bytes"] for op, c in pred.comm[0].get("dp", {}).items()}
+    names = sorted(a for a in set(axes) | set(pred.comm[0]) if not a.startswith("control"))  # not bookkeeping
+    got = {f"{a}.{op}" if a != "dp" else op: c["wire_bytes"] for a in names for op, c in axes.get(a, {}).items()}
+    want = {f"{a}.{op}" if a != "dp" else op: c["wire_bytes"] for a in names
+            for op, c in pred.comm[0].get(a, {}).items()}
     return {"measured": got, "planner": want, "equal": got.keys() == want.keys() and
             all(abs(got[k] - want[k]) <= 1e-9 * max(1.0, want[k]) for k in got)}
 
@@ -106,8 +132,10 @@ def analyse(rec: dict, n_boot: int = 2000) -> dict:
                 c["verdict"] = st.verdict(c["median"], w)
                 r["vs"][peer] = c
         rows[name] = r
-    return {"rows": rows, "aa": aa, "noise_w": w, "drift": st.drift(rec["calib_start"], rec["calib_end"]),
-            "calib": cal}
+    drift = st.drift(rec["calib_start"], rec["calib_end"])          # every figure's change, for the record
+    sd = step_drift(rec)
+    drift.update(figures_flag=drift["flag"], flag=sd["flag"], step=sd["rows"])
+    return {"rows": rows, "aa": aa, "noise_w": w, "drift": drift, "calib": cal}
 
 
 def _calib_lines(an: dict) -> list:
@@ -121,8 +149,10 @@ def _calib_lines(an: dict) -> list:
             out.append(f"  {op:22s} latency {c['lat.' + op] * 1e6:8.1f} us, bus bandwidth {c[k] / 1e9:6.2f} GB/s")
     d = an["drift"]
     worst = max(d["change"].items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
-    out.append(f"drift start→end: {'FLAGGED ' + ', '.join(d['flag']) if d['flag'] else 'ok'} "
-               f"(largest {worst[0]} {worst[1]:+.0%}, threshold ±10%)")
+    step = max(d.get("step", {}).items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
+    out.append(f"drift start→end: {'FLAGGED ' + ', '.join(d['flag']) if d['flag'] else 'ok'} (the planner's "
+               f"step from the end calibration vs the start one: largest {step[0]} {step[1]:+.1%}, threshold "
+               f"±10%; figures: largest {worst[0]} {worst[1]:+.0%})")
     return out
 
 
@@ -152,7 +182,7 @@ def text(rec: dict, an: dict) -> str:
         lines.append(f"{n}: skipped — {why}")
     for name, r in an["rows"].items():
         if r["bytes"]:
-            lines.append(f"{name}: dp wire bytes per step, CommStats {r['bytes']['measured']} "
+            lines.append(f"{name}: wire bytes per step, CommStats {r['bytes']['measured']} "
                          f"{'=' if r['bytes']['equal'] else '≠ (MISMATCH)'} planner {r['bytes']['planner']}")
     for name, r in an["rows"].items():
         c = _row_cells(name, r)

@@ -1,7 +1,8 @@
 """The rows of the benchmark protocol: each configuration built as its users build it.
 
 Every row trains examples/gpt.py's GPT (fp32, same seed, same weights) on this rank's share of one
-global batch (``per`` sequences per rank), with AdamW at lr 1e-4:
+global batch (``per`` sequences per rank), with AdamW at lr 1e-4 and torch's weight decay 0.01
+(passed explicitly where a peer's default differs: DeepSpeedCPUAdam's is 0.0):
 
 * ``local``: no communication, each rank trains its own copy on its own share (the compute floor);
 * ``ddp``, ``ddp_aa``: ``DistributedDataParallel(model)`` with its defaults, twice (the A/A control);
@@ -33,21 +34,36 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 LR = 1e-4
+WD = 0.01      # torch.optim.AdamW's default, which our rows use; DeepSpeedCPUAdam's default is 0.0, so it is passed
 PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
 OURS = ["zero0", "zero1", "zero2", "zero3"]
-ROWS = PEERS + OURS
+from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp  # noqa: E402
+
+ROWS = PEERS + OURS + MP_ROWS
 WHAT = {"local": "no communication (compute floor)", "ddp": "torch DDP, defaults", "ddp_aa": "torch DDP again (A/A)",
         "ddp_tuned": "torch DDP, gradient_as_bucket_view + static_graph", "fsdp2": "torch FSDP2 fully_shard per block",
         "fsdp2_prefetch": "FSDP2 + explicit forward/backward prefetch", "fsdp2_ring": "FSDP2 + prefetch + our ring",
         "ds1": "DeepSpeed ZeRO-1, DeepSpeedCPUAdam",
         "ds2": "DeepSpeed ZeRO-2, DeepSpeedCPUAdam", "ds3": "DeepSpeed ZeRO-3, persistence threshold 0",
         "zero0": "ours ZeRO-0 (data parallel)", "zero1": "ours ZeRO-1", "zero2": "ours ZeRO-2",
-        "zero3": "ours ZeRO-3 per block"}
+        "zero3": "ours ZeRO-3 per block", **WHAT_MP}
 # the natural peer of each row, for the paired ratios
 PEER_OF = {"ddp_aa": "ddp", "ddp_tuned": "ddp", "fsdp2_prefetch": "fsdp2", "fsdp2_ring": "fsdp2_prefetch",
            "zero0": "ddp_tuned", "zero1": "ddp_tuned", "zero2": "ddp_tuned", "zero3": "fsdp2_prefetch",
-           "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp"}
+           "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp", **PEER_OF_MP}
 DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3"}
+# What a peer's step moves through memory besides forward/backward (parallel/planning/time_terms.py's
+# accounting, bytes moved per element, write-allocates included), replacing our engine's terms in the
+# planner's prediction: (per owned element: optimizer + norm, per local gradient element: bookkeeping).
+# torch AdamW single-tensor 88; DeepSpeedCPUAdam one fused pass 28 + its norm 4. Gradients: plain
+# autograd with set_to_none hands over its own tensors (0); DDP copies each gradient into its bucket
+# (read 4, write 4 + write-allocate 4) and divides it in place (8), and by default copies it back (12):
+# 32, with gradient_as_bucket_view 20; FSDP2 copies the gathered parameters out in forward and again in
+# backward (2 × 12), the gradients into its reduce-scatter buffer (12) and divides them (8): 44;
+# DeepSpeed ZeRO-1/2/3 copies gradients into its reduction buffer and divides them: 20.
+UPDATE_MOVED = {"local": (88, 0), "ddp": (88, 32), "ddp_aa": (88, 32), "ddp_tuned": (88, 20),
+                "fsdp2": (88, 44), "fsdp2_prefetch": (88, 44), "fsdp2_ring": (88, 44),
+                "ds1": (32, 20), "ds2": (32, 20), "ds3": (32, 20), "tp_dtensor": (88, 0), "pp_torch": (88, 0)}
 ALSO = {"zero3": ["fsdp2", "fsdp2_ring"], "zero0": ["ddp"], "zero1": ["zero0"], "zero2": ["zero0"]}   # further pairs
 
 
@@ -62,6 +78,7 @@ class Row:
     impl: dict = field(default_factory=dict)
     layout: dict = field(default_factory=dict)    # planner Layout kwargs
     ours: bool = False
+    global_loss: bool = False                     # step() returns the global-batch loss already (ours do too)
 
 
 def _op(out: dict, op: str, calls: int, wire: float, impl: str = "gloo") -> None:
@@ -101,6 +118,11 @@ def build(name: str, kw: dict, per: int, world: int, rank: int) -> Row:
     """Row ``name`` (module docstring) on this rank; raises ImportError etc. when it cannot run."""
     if name in OURS:
         return _ours(name, kw, per, world, rank)
+    if name in MP_ROWS:
+        row = build_mp(name, kw, per, world, rank, Row, _op, LR, WD)
+        row.name, row.global_loss = name, True
+        row.ours = name.endswith("_ours")
+        return row
     if name.startswith("ds"):
         return _deepspeed(name, kw, per, world, rank)
     model, V, N = _model(kw), kw["vocab_size"], world
@@ -238,7 +260,9 @@ def _deepspeed(name, kw, per, world, rank) -> Row:
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
     cfg = {"train_micro_batch_size_per_gpu": per, "gradient_accumulation_steps": 1, "zero_optimization": zero,
            "steps_per_print": 10 ** 9}
-    opt = DeepSpeedCPUAdam(model.parameters(), lr=LR, adamw_mode=True)
+    # its defaults differ from torch.optim.AdamW's only in weight_decay (0.0 vs 0.01): pass torch's, the rest
+    # (betas 0.9/0.999, eps 1e-8 outside the square root, bias correction, decoupled decay) is the same math
+    opt = DeepSpeedCPUAdam(model.parameters(), lr=LR, weight_decay=WD, adamw_mode=True)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
 
     def step():

@@ -100,7 +100,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
             else:
                 loss = row.step()
                 row.finish()
-            losses[name].append(_global(loss, row.ours))
+            losses[name].append(_global(loss, row.ours or row.global_loss))
     ref = losses.get("ddp")
     tol, worst = opts.get("tol", 1e-5), {}
     if ref:

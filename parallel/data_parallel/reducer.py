@@ -254,7 +254,13 @@ class GradReducer:
             warnings.warn(f"{len(missing)} parameter(s) got fewer than {self.expected} gradient(s) this step "
                           f"(e.g. {missing[:3]}); their missing gradients count as zero", stacklevel=2)
         while self._next < len(self.buckets):
-            self._launch(self.buckets[self._next], "finish")
+            b = self.buckets[self._next]
+            if self.keep_full:                           # no gradient this step: zero, not last step's values
+                for i, v in enumerate(b.views(b.flat_grad)):
+                    if b._count[i] == 0 and b.params[i].grad is not v:
+                        v.zero_()
+                        b.params[i].grad = v
+            self._launch(b, "finish")
             self._next += 1
         if self.deferred is not None:
             d = self.deferred
@@ -268,11 +274,15 @@ class GradReducer:
             self._adopt_observed_order()
 
     def zero_grad(self) -> None:
+        """Forget the gradients. Stage 0/1 (persistent flat gradients): ``p.grad = None`` without zeroing
+        the flat buffer, so that the first gradient of the next backward is copied into its view (read 4,
+        write 4 bytes; torch DDP's gradient_as_bucket_view does the same) instead of zeroing the buffer
+        and accumulating into it (write 4, then read 8 and write 4); a parameter that gets no gradient is
+        zeroed in :meth:`finish` before its bucket is reduced."""
         for b in self.buckets + ([self.deferred] if self.deferred else []):
             if self.keep_full:
-                b.flat_grad.zero_()
-                for p, v in zip(b.params, b.views(b.flat_grad)):
-                    p.grad = v
+                for p in b.params:
+                    p.grad = None
             else:
                 b.flat_grad = b.shard_grad = None
                 for p in b.params:

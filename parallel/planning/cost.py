@@ -13,11 +13,13 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
 Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it;
 plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
 / peak, plus its tp traffic at the given latency and bandwidth; the schedule is simulated with
-F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; dp traffic is
-exposed except what fits under the last micro-batch's backward (stages 0–2: of K equal buckets the
-last one's reduction, ready only when backward ends, is always exposed). With a measured memory
-bandwidth (``Hardware.mem_bandwidth``) the optimizer's update adds (bytes touched per owned element,
-:data:`OPT_BYTES`: AdamW reads p, g, m, v and writes p, m, v, 28 bytes in fp32) × owned elements / bandwidth.
+F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; the dp traffic
+that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's reduction always, the
+rest what does not hide under backward — on CPU ranks sharing their core with gloo, at least the
+core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
+update adds the bytes torch's update really moves per owned element
+(:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient
+bookkeeping its 20 (stages 0/1) or 28 bytes per local gradient element plus the norm's 4 per owned one.
 """
 from __future__ import annotations
 
@@ -25,21 +27,21 @@ from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
 from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
+from parallel.planning.time_terms import GRAD_MOVED, NORM_MOVED, exposed_dp, memory_seconds, optimizer_moved
 
 __all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "recomputed_blocks", "tp_per_micro",
            "comm_per_step", "seconds",
            "step_time"]
 
 NORM_BYTES = 24          # the grad-norm all-reduce: three float64
-OPT_BYTES = {"adamw": 28, "adam": 28, "sgd_momentum": 20, "sgd": 12}    # fp32 bytes touched per element
+OPT_BYTES = {"adamw": 28, "adam": 28, "sgd_momentum": 20, "sgd": 12}    # a fused update's floor per element
 
 
-def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware) -> float:
-    """The optimizer's update over ``owned`` elements at ``hw.mem_bandwidth`` (0 when not modelled)."""
-    if not hw.mem_bandwidth:
-        return 0.0
-    key = tr.optimizer if tr.optimizer != "sgd" or not tr.momentum else "sgd_momentum"
-    return owned * OPT_BYTES[key] / hw.mem_bandwidth
+def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0, zero: int = 0) -> float:
+    """torch's update over ``owned`` elements, the norm over them and our gradient bookkeeping (ZeRO stage
+    ``zero``) over ``local_grads`` elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
+    per = optimizer_moved(tr.optimizer, tr.momentum) + NORM_MOVED
+    return memory_seconds(owned * per + local_grads * GRAD_MOVED[zero], hw)
 
 
 def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) -> None:
@@ -138,13 +140,4 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         sim = simulate(get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v),
                        lambda a: stage[a.stage] * frac[a.kind])
         span, bubble = float(sim.makespan), float(sim.bubble)
-    reduce = {op: c for op, c in dp_ops.items() if op != "all_gather"}
-    gather = seconds({op: c for op, c in dp_ops.items() if op == "all_gather"}, hw)
-    if lay.zero < 3:       # K buckets reduce under the last micro-batch's backward, except the last one (ready
-        k = max(1, reduce.get("all_reduce" if lay.zero == 0 else "reduce_scatter", {}).get("calls", 1))
-        r = seconds(reduce, hw)                    # only when backward ends); gathers after the step
-        exposed = r / k + max(0.0, r * (k - 1) / k - 2 / 3 * max(stage)) + gather
-    else:                  # prefetched gathers under compute
-        exposed = seconds(reduce, hw) + max(0.0, gather - span)
-    return span + exposed, bubble
-
+    return span + exposed_dp(dp_ops, lay.zero, max(stage), span, hw, seconds), bubble

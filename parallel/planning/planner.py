@@ -191,6 +191,12 @@ def _in_flight(name: str, p: int, m: int, v: int) -> tuple:
 
 # --- putting it together ----------------------------------------------------------------------------
 
+def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> float:
+    """Optimizer, norm and gradient bookkeeping of dp rank 0 (time_terms' docstring)."""
+    owned = sum(_shard_pieces(bk, lay.dp, 0, lay.zero > 0)[0] for bk in bks)
+    return optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero)
+
+
 def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
     """Why ``lay`` cannot run this model and batch (None when it can)."""
     G = tr.global_batch
@@ -245,9 +251,10 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
             dp_ops = comm.get("dp", {})
     pred.step_s, pred.bubble = step_time(spec, lay, tr, hw, bounds, mb, dp_ops)
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
-        pred.step_s += max(optimizer_seconds(sum(_shard_pieces(bk, lay.dp, 0, lay.zero > 0)[0] for bk in _buckets(
-            _rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b, tr.bucket_mb, spec.tied and S == 1)), tr, hw)
-            for pr in range(lay.pp))
+        pred.update_s = max(_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b,
+                                                     tr.bucket_mb, spec.tied and S == 1), lay, tr, hw)
+                            for pr in range(lay.pp))
+        pred.step_s += pred.update_s
     pred.peak_bytes = max(m["peak"] for m in pred.memory.values())
     pred.fits = pred.peak_bytes <= hw.memory_bytes
     pred.activation = tr.activation if tr.activation != "every" else f"every:{tr.every}"

@@ -80,7 +80,8 @@ class Hardware:
     latency_s: float = 1e-3         # per collective or message
     op_bandwidth: tuple = ()        # ((op, bytes/s), ...): measured bus bandwidth of an op; else `bandwidth`
     op_latency: tuple = ()          # ((op, seconds), ...): measured latency of an op; else `latency_s`
-    mem_bandwidth: float = 0.0      # bytes/s of the optimizer's elementwise update; 0: not modelled
+    mem_bandwidth: float = 0.0      # bytes/s, STREAM-add counted (planning/time_terms.py); 0: not modelled
+    comm_shares_core: bool = False  # collectives copy on the compute core (gloo CPU ranks): time_terms.exposed_dp
 
     def bw(self, op: str) -> float:
         return dict(self.op_bandwidth).get(op, self.bandwidth)
@@ -95,6 +96,7 @@ class Prediction:
     memory: dict = field(default_factory=dict)    # rank -> {params, grads, master, optimizer, states, activations, ...}
     comm: dict = field(default_factory=dict)      # rank -> {axis: {op: {calls, payload_bytes, wire_bytes}}}
     step_s: float = 0.0
+    update_s: float = 0.0           # of step_s: optimizer, norm, gradient bookkeeping (planning/time_terms.py)
     bubble: float = 0.0
     peak_bytes: float = 0.0
     fits: bool = True

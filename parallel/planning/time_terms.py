@@ -1,0 +1,88 @@
+"""The step-time terms besides the matmuls: the optimizer's passes over memory, the engine's gradient
+bookkeeping, and how much of the data-parallel communication shows in the step.
+
+Memory traffic. ``Hardware.mem_bandwidth`` is calibrated as STREAM's "add" counts it (c = a + b:
+12 bytes per fp32 element; benchmarks/proto_calib.py). The core really moves 16: storing to c first
+reads its cache line (write-allocate). So a kernel costs (bytes it moves, write-allocates included)
+× 12/16 / mem_bandwidth (:func:`memory_seconds`). In-place kernels have no write-allocate (the line
+was just read); a kernel writing a fresh tensor has one.
+
+Optimizer (:data:`OPT_MOVED`, bytes moved per owned element). torch's AdamW on CPU tensors is the
+single-tensor loop (foreach kernels are CUDA-only): per parameter ``p.mul_(1 − lr·wd)`` (8),
+``m.lerp_(g, 1 − β1)`` (12), ``v.mul_(β2)`` (8), ``v.addcmul_(g, g)`` (12), ``v.sqrt()`` into a new
+tensor (8 + 4 write-allocate), ``/ sqrt(bc2)`` into another (8 + 4), ``.add_(eps)`` (8),
+``p.addcdiv_(m, denom)`` (16): 88 bytes. Adam without weight decay skips the first: 80. SGD:
+``p.add_(g)`` 12; with momentum ``buf.mul_().add_(g)`` (8 + 12) then ``p.add_(buf)`` (12): 32.
+A fused kernel would move 28 (read p, g, m, v; write p, m, v): that is the benchmark's floor, not
+what runs. DeepSpeedCPUAdam is such a fused SIMD pass: :data:`FUSED_ADAM_MOVED`.
+
+Gradient bookkeeping of our engine (:data:`GRAD_MOVED`, per local gradient element of the dp
+buckets, by ZeRO stage): stage 0/1 keep a persistent flat gradient; after ``zero_grad`` (p.grad =
+None) the first gradient is copied into its view (read 4, write 4 + write-allocate 4) and
+pre-divided by N in place before the reduction (8): 20 bytes. Stage 2/3 allocate the flat gradient
+with ``torch.zeros`` at the first gradient (4 + 4 write-allocate), accumulate into it (read 8,
+write 4) and pre-divide (8): 28. The global gradient norm reads every owned element once more
+(:data:`NORM_MOVED`, 4).
+
+Communication on CPU ranks (``Hardware.comm_shares_core``: gloo over loopback with every thread of
+a rank pinned to its one core, as benchmarks/proto_run.py pins them). A collective's time is partly
+the core copying bytes through the kernel's socket buffers (send: read + write, receive: read +
+write, 4 bytes moved per wire byte; a reduction adds read own + read received + write, 3 more) —
+:data:`BUSY_PER_WIRE` — and partly waiting for the peer. Only the waiting can hide under compute:
+the core cannot run both. Stages 0–2 reduce K buckets while backward runs: the last bucket is ready
+only when backward ends and is exposed whole; the other K − 1 expose at least their busy part, or
+what does not fit under the backward (2/3 of compute, F:B = 1:2). Parameter all-gathers of stages
+1–2 run after the optimizer and are waited inside the step: exposed. Stage 3 gathers a unit just
+before it computes and reduce-scatters it right after: on one core with a blocking wait per unit
+(FSDP2's and ours on gloo) nothing is left to overlap, so all of it is exposed. With separate
+communication hardware (``comm_shares_core`` False: GPUs with their copy engines and NICs) the busy
+part is zero and the rest of :func:`exposed_dp` is the classic overlap model.
+"""
+from __future__ import annotations
+
+from parallel.planning.spec import Hardware
+
+__all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "NORM_MOVED", "BUSY_PER_WIRE",
+           "memory_seconds", "optimizer_moved", "busy_seconds", "exposed_dp"]
+
+COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
+OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
+FUSED_ADAM_MOVED = 28
+GRAD_MOVED = {0: 20, 1: 20, 2: 28, 3: 28}
+NORM_MOVED = 4
+BUSY_PER_WIRE = {"all_gather": 4.0, "send": 2.0, "recv": 2.0, "reduce_scatter": 7.0,
+                 "all_reduce": 5.5}    # all-reduce = reduce-scatter then all-gather, half the wire each
+
+
+def memory_seconds(moved_bytes: float, hw: Hardware) -> float:
+    """Seconds to move ``moved_bytes`` (write-allocates included) at ``hw.mem_bandwidth`` (0 if unknown)."""
+    return moved_bytes * COUNTED_PER_MOVED / hw.mem_bandwidth if hw.mem_bandwidth else 0.0
+
+
+def optimizer_moved(optimizer: str, momentum: bool = False) -> int:
+    """Bytes torch's single-tensor update moves per owned element (module docstring)."""
+    return OPT_MOVED["sgd_momentum" if optimizer == "sgd" and momentum else optimizer]
+
+
+def busy_seconds(ops: dict, hw: Hardware) -> float:
+    """The core's own share of collectives ``ops`` ({op: {wire_bytes}}) when it shares them with compute."""
+    if not hw.comm_shares_core:
+        return 0.0
+    return memory_seconds(sum(c["wire_bytes"] * BUSY_PER_WIRE.get(op, 4.0) for op, c in ops.items()), hw)
+
+
+def exposed_dp(dp_ops: dict, zero: int, compute_s: float, span_s: float, hw: Hardware, seconds) -> float:
+    """Seconds of the dp traffic ``dp_ops`` that show in the step (module docstring); ``compute_s``: the
+    slowest stage's forward + backward of one micro-batch, ``span_s``: the schedule's makespan;
+    ``seconds(ops, hw)``: the ops' latency + bandwidth time."""
+    reduce = {op: c for op, c in dp_ops.items() if op != "all_gather"}
+    gather_ops = {op: c for op, c in dp_ops.items() if op == "all_gather"}
+    gather = seconds(gather_ops, hw)
+    if zero >= 3:
+        if hw.comm_shares_core:
+            return seconds(dp_ops, hw)
+        return seconds(reduce, hw) + max(0.0, gather - span_s)
+    k = max(1, reduce.get("all_reduce" if zero == 0 else "reduce_scatter", {}).get("calls", 1))
+    r = seconds(reduce, hw)
+    hidden = r * (k - 1) / k
+    return r / k + max(busy_seconds(reduce, hw) * (k - 1) / k, hidden - 2 / 3 * compute_s) + gather
