@@ -9,8 +9,9 @@ name of a group that the config's ``__init__`` takes is set (:data:`SIZES`), nes
 (``text_config``, ``vision_config``) likewise, dropout off. A layout's result is one of
 
 * ``exact`` — every loss within ``RTOL`` of one process: |l_t − l_t^ref| ≤ RTOL·|l_t^ref| for t < STEPS;
-* ``refused (reason)`` — tp only: ``apply_tensor_parallel`` raised a ValueError before converting any
-  module (the plan says why it cannot be applied); a legitimate outcome, not a pass of the numbers;
+* ``refused (reason)`` — tp: ``apply_tensor_parallel`` raised a ValueError before converting any module
+  (the plan says why it cannot be applied); pp: the pipeline split's plan raised a ValueError (the
+  model is not a straight block stack, …); a legitimate outcome, not a pass of the numbers;
 * ``FAIL (reason)`` — a wrong loss, or an error anywhere else (after conversion, in the pipeline, …).
 
 An architecture is skipped only with a listed reason: building its config needs a package that is not
@@ -42,6 +43,12 @@ SIZES = [
     (("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     (("num_experts_per_tok", "moe_top_k", "top_k"), 2),
     (("head_dim",), 16),
+    (("rotary_dim",), 8),                                      # gptj / codegen: at most the head dim (16)
+    # multi-head latent attention (deepseek_v2/v3, axk, …): ranks and per-head dims to match 4 heads of 16
+    (("kv_lora_rank",), 32), (("q_lora_rank",), 32), (("qk_rope_head_dim",), 8), (("qk_nope_head_dim",), 8),
+    (("v_head_dim",), 16),
+    (("n_group", "num_expert_group"), 1), (("topk_group",), 1),   # grouped routing over 4 experts: one group
+    (("first_k_dense_replace",), 1),                           # 2 layers: one dense, one MoE
     (("vocab_size",), 128),
     (("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
 ]
@@ -96,7 +103,15 @@ def tiny_kwargs(cls) -> dict:
 def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
     cls = CONFIG_MAPPING[model_type]
-    cfg = cls(**tiny_kwargs(cls))
+    kw = tiny_kwargs(cls)
+    try:
+        cfg = cls(**kw)
+    except (TypeError, ValueError):
+        dropped = [n for n in TOKEN_IDS if n in kw and kw[n] is None]
+        if not dropped:
+            raise
+        # a config that requires the ids (cwm: bos_token_id must be an int): the last id of the small vocabulary
+        cfg = cls(**{**kw, **{n: kw.get("vocab_size", 128) - 1 for n in dropped}})
     if hasattr(cfg, "is_decoder"):
         cfg.is_decoder = True                        # the *ForCausalLM of encoder families asks for it
     return cfg
@@ -164,6 +179,13 @@ def _train(rank, world, model_type: str, layout: str):
             if not _converted(model):
                 return "refused", " ".join(str(e).split())
             raise
+    if cfg.parallel.pp > 1:                          # the split's plan, made before anything runs
+        from parallel.pipeline.split import describe_split
+        torch.manual_seed(cfg.train.seed)
+        try:
+            describe_split(build(model_type), cfg.parallel.pp)
+        except ValueError as e:
+            return "refused", " ".join(str(e).split())
     return "losses", run(cfg, mesh, print_fn=lambda *a, **k: None)["losses"]
 
 
