@@ -23,11 +23,12 @@ GPTs written in the nanoGPT style), each candidate verified numerically before i
    ``replicated_grad_allreduce``: found by their input's shape on a converted rank (``_partial_grads``);
    the forward check alone cannot see their partial gradients.
 4. The input embedding becomes ``vocab`` and the output layer ``colwise_vocab`` when they are
-   nn.Embedding / nn.Linear whose own forward, if any, the parallel layer keeps exactly (Gemma's and Bart's
-   scaled embeddings: :func:`.semantics.subclass_problem`), the vocabulary matches, and the model returns the head's output unchanged;
-   tied weights are split both ways or neither. Transformers models whose pairs are all split, each
-   inside its own attention/MLP module, also get the sequence-parallel region markers; otherwise sequence
-   parallel is refused with the reason (a replicated attention on a sequence shard would be wrong).
+   nn.Embedding / nn.Linear whose own forward, if any, the parallel layer keeps exactly (Gemma's and
+   Bart's scaled embeddings: :func:`.semantics.subclass_problem`), the vocabulary matches, and the
+   model returns the head's output unchanged; tied weights are split both ways or neither. Transformers
+   models whose pairs are all split, each inside its own attention/MLP module, also get the
+   sequence-parallel region markers; otherwise sequence parallel is refused with the reason (a
+   replicated attention on a sequence shard would be wrong).
 
 Limits: only block 0 is simulated; the other blocks must have the same planned layers, widths and
 head attributes (checked). On the meta device ``derive_plan`` gives the structural guess (the first
