@@ -49,10 +49,18 @@ SIZES = [
     (("v_head_dim",), 16),
     (("n_group", "num_expert_group"), 1), (("topk_group",), 1),   # grouped routing over 4 experts: one group
     (("first_k_dense_replace",), 1),                           # 2 layers: one dense, one MoE
+    (("n_shared_experts",), 1),                                # dots1: None by default
+    # the sparse-attention indexer (deepseek_v32, axk2): fewer heads and keys than the sequence
+    (("index_n_heads",), 4), (("index_head_dim",), 16), (("index_topk",), 8),
     (("vocab_size",), 128),
     (("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
 ]
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
+
+# Per family, what the installed transformers' defaults leave unbuildable (merged into the tiny kwargs; dicts
+# one level deep). dbrx: DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not
+# define, and clamps by clip_qkv, which defaults to None (torch.clamp then raises).
+FAMILY = {"dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}}
 
 # Architectures one process cannot train on token ids alone, with the reason (filled from the sweep).
 LISTED_SKIPS: dict[str, str] = {}
@@ -89,7 +97,10 @@ def tiny_kwargs(cls) -> dict:
         elif isinstance(cur, (list, tuple)) and layers and len(cur) == layers and n not in kw:
             kw[n] = list(cur)[:2]                  # per-layer lists (layer_types, …) follow the layer count
         elif hasattr(cur, "to_dict") and hasattr(cur, "model_type"):
-            kw[n] = {"model_type": cur.model_type, **tiny_kwargs(type(cur))}
+            # the default sub-config's own fields (dbrx's attn_config.rope_theta), then the tiny sizes
+            kw[n] = {**cur.to_dict(), "model_type": cur.model_type, **tiny_kwargs(type(cur))}
+    if "kv_lora_rank" in names and "num_key_value_heads" in names:
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)   # latent attention: kv heads = heads
     if "use_cache" in names:
         kw["use_cache"] = False
     vocab = kw.get("vocab_size", 128)
@@ -104,9 +115,11 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
     cls = CONFIG_MAPPING[model_type]
     kw = tiny_kwargs(cls)
+    for k, v in FAMILY.get(model_type, {}).items():
+        kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
     try:
         cfg = cls(**kw)
-    except (TypeError, ValueError):
+    except Exception:                                # TypeError, ValueError, strict-dataclass validation
         dropped = [n for n in TOKEN_IDS if n in kw and kw[n] is None]
         if not dropped:
             raise
