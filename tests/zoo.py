@@ -49,6 +49,10 @@ SIZES = [
     (("v_head_dim",), 16),
     (("n_group", "num_expert_group"), 1), (("topk_group",), 1),   # grouped routing over 4 experts: one group
     (("first_k_dense_replace",), 1),                           # 2 layers: one dense, one MoE
+    # state-space layers (bamba, falcon_h1, mamba2, …): 8 heads of 16 over expand·hidden = 128, a small state and
+    # chunks no longer than the sequence (the defaults, 128 heads, state 256, chunks of 256, cost minutes a step)
+    (("mamba_n_heads",), 8), (("mamba_d_state", "state_size", "ssm_state_size"), 16),
+    (("mamba_chunk_size", "chunk_size"), 16), (("mamba_d_ssm",), 128),
     (("n_shared_experts",), 1),                                # dots1: None by default
     # the sparse-attention indexer (deepseek_v32, axk2): fewer heads and keys than the sequence
     (("index_n_heads",), 4), (("index_head_dim",), 16), (("index_topk",), 8),
@@ -57,10 +61,11 @@ SIZES = [
 ]
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
 
-# Per family, what the installed transformers' defaults leave unbuildable (merged into the tiny kwargs; dicts
-# one level deep). dbrx: DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not
-# define, and clamps by clip_qkv, which defaults to None (torch.clamp then raises).
-FAMILY = {"dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}}
+# Per family, what the generic sizes or the installed transformers' defaults leave unbuildable (merged
+# into the tiny kwargs; dicts one level deep). dbrx: DbrxAttention reads attn_config.rope_theta, which
+# DbrxAttentionConfig does not define, and clamps by clip_qkv, which defaults to None (torch.clamp raises).
+FAMILY = {"dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+          "mamba2": {"num_heads": 8}}                  # its heads span expand·hidden = 128: 8 heads of 16
 
 # Architectures one process cannot train on token ids alone, with the reason (filled from the sweep).
 LISTED_SKIPS: dict[str, str] = {}
