@@ -102,8 +102,7 @@ def tiny_kwargs(cls) -> dict:
         elif isinstance(cur, (list, tuple)) and layers and len(cur) == layers and n not in kw:
             kw[n] = list(cur)[:2]                  # per-layer lists (layer_types, …) follow the layer count
         elif hasattr(cur, "to_dict") and hasattr(cur, "model_type"):
-            # the default sub-config's own fields (dbrx's attn_config.rope_theta), then the tiny sizes
-            kw[n] = {**cur.to_dict(), "model_type": cur.model_type, **tiny_kwargs(type(cur))}
+            kw[n] = {"model_type": cur.model_type, **tiny_kwargs(type(cur))}
     if "kv_lora_rank" in names and "num_key_value_heads" in names:
         kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)   # latent attention: kv heads = heads
     if "use_cache" in names:
