@@ -211,7 +211,8 @@ def test_derived_plans_match_one_process(world):
             "transformer.h.*.attn" in n for n in notes["nanogpt"]), notes["nanogpt"]
 
 
-@pytest.mark.parametrize("kinds", [["gemma3"], pytest.param(["gemma"], marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kinds", [["gemma3"], ["gemma"]])
 def test_scaled_embeddings_are_split_by_the_vocabulary(kinds):
     """Gemma / Gemma3: the derived plan splits the scaled embedding (and the tied head) by the vocabulary and
     keeps its √hidden scale, and gives Gemma3's per-head q/k norms (which see only a rank's heads) a gradient
