@@ -113,6 +113,15 @@ def _neox():
                                             attention_dropout=0.0))
 
 
+def _gemma(three=False):
+    """Gemma's embedding multiplies by √hidden in its own forward (semantics.py keeps it over the vocab split)."""
+    import transformers as tf
+    kw = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**kw)) if three else tf.GemmaForCausalLM(tf.GemmaConfig(**kw))
+
+
+SCALED = {"gemma": _gemma, "gemma3": lambda: _gemma(True)}          # asked for their derived plans directly
 BUILD = {"opt": _opt, "falcon_new": lambda: _falcon(True, True), "falcon_mq": lambda: _falcon(False, True),
          "falcon": lambda: _falcon(True), "neox": _neox, "nanogpt": NanoGPT}
 
@@ -134,9 +143,10 @@ def _train(rank, world, kinds, steps=3):
     out = {}
     for kind in kinds:
         torch.manual_seed(0)
-        ref = BUILD[kind]()
+        build = {**BUILD, **SCALED}[kind]
+        ref = build()
         torch.manual_seed(0)
-        model = BUILD[kind]()
+        model = build()
         ap = derive_plan(model, world, apply_tensor_parallel)
         apply_tensor_parallel(model, m, ap.plan)
         opts = [torch.optim.AdamW(mod.parameters(), lr=1e-2) for mod in (ref, model)]
@@ -199,6 +209,24 @@ def test_derived_plans_match_one_process(world):
         assert plan["nanogpt"]["transformer.wte"] == "vocab" and plan["nanogpt"]["lm_head"] == "colwise_vocab"
         assert "transformer.h.*.attn.c_attn" in plan["nanogpt"] or any(
             "transformer.h.*.attn" in n for n in notes["nanogpt"]), notes["nanogpt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kinds", [["gemma3"], ["gemma"]])
+def test_scaled_embeddings_are_split_by_the_vocabulary(kinds):
+    """Gemma / Gemma3: the derived plan splits the scaled embedding (and the tied head) by the vocabulary and
+    keeps its √hidden scale, and gives Gemma3's per-head q/k norms (which see only a rank's heads) a gradient
+    all-reduce: tp2 = one process to 1e-5 (without the all-reduce the losses drift 4e-6, 1.4e-5, 3.5e-5 at
+    steps 1–4, lr 1e-2)."""
+    for kind, (plan, notes, losses) in run_ranks(_train, 2, kinds)[0].items():
+        assert plan["model.embed_tokens"] == "vocab" and plan["lm_head"] == "colwise_vocab", (kind, plan, notes)
+        if kind == "gemma3":
+            assert plan["model.layers.*.self_attn.q_norm"] == "replicated_grad_allreduce", plan
+            assert plan["model.layers.*.self_attn.k_norm"] == "replicated_grad_allreduce", plan
+        assert type(dict(_gemma(kind == "gemma3").named_modules())["model.embed_tokens"]).forward is not \
+            nn.Embedding.forward
+        for t, (got, want) in enumerate(losses):
+            assert abs(got - want) <= 1e-5 * abs(want), (kind, t, got, want)
 
 
 # --- single process --------------------------------------------------------------------------------------

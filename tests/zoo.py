@@ -9,8 +9,9 @@ name of a group that the config's ``__init__`` takes is set (:data:`SIZES`), nes
 (``text_config``, ``vision_config``) likewise, dropout off. A layout's result is one of
 
 * ``exact`` — every loss within ``RTOL`` of one process: |l_t − l_t^ref| ≤ RTOL·|l_t^ref| for t < STEPS;
-* ``refused (reason)`` — tp only: ``apply_tensor_parallel`` raised a ValueError before converting any
-  module (the plan says why it cannot be applied); a legitimate outcome, not a pass of the numbers;
+* ``refused (reason)`` — tp: ``apply_tensor_parallel`` raised a ValueError before converting any module
+  (the plan says why it cannot be applied); pp: the pipeline split's plan raised a ValueError (the
+  model is not a straight block stack, …); a legitimate outcome, not a pass of the numbers;
 * ``FAIL (reason)`` — a wrong loss, or an error anywhere else (after conversion, in the pipeline, …).
 
 An architecture is skipped only with a listed reason: building its config needs a package that is not
@@ -42,10 +43,29 @@ SIZES = [
     (("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
     (("num_experts_per_tok", "moe_top_k", "top_k"), 2),
     (("head_dim",), 16),
+    (("rotary_dim",), 8),                                      # gptj / codegen: at most the head dim (16)
+    # multi-head latent attention (deepseek_v2/v3, axk, …): ranks and per-head dims to match 4 heads of 16
+    (("kv_lora_rank",), 32), (("q_lora_rank",), 32), (("qk_rope_head_dim",), 8), (("qk_nope_head_dim",), 8),
+    (("v_head_dim",), 16),
+    (("n_group", "num_expert_group"), 1), (("topk_group",), 1),   # grouped routing over 4 experts: one group
+    (("first_k_dense_replace",), 1),                           # 2 layers: one dense, one MoE
+    # state-space layers (bamba, falcon_h1, mamba2, …): 8 heads of 16 over expand·hidden = 128, a small state and
+    # chunks no longer than the sequence (the defaults, 128 heads, state 256, chunks of 256, cost minutes a step)
+    (("mamba_n_heads",), 8), (("mamba_d_state", "state_size", "ssm_state_size"), 16),
+    (("mamba_chunk_size", "chunk_size"), 16), (("mamba_d_ssm",), 128),
+    (("n_shared_experts",), 1),                                # dots1: None by default
+    # the sparse-attention indexer (deepseek_v32, axk2): fewer heads and keys than the sequence
+    (("index_n_heads",), 4), (("index_head_dim",), 16), (("index_topk",), 8),
     (("vocab_size",), 128),
     (("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
 ]
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
+
+# Per family, what the generic sizes or the installed transformers' defaults leave unbuildable (merged
+# into the tiny kwargs; dicts one level deep). dbrx: DbrxAttention reads attn_config.rope_theta, which
+# DbrxAttentionConfig does not define, and clamps by clip_qkv, which defaults to None (torch.clamp raises).
+FAMILY = {"dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+          "mamba2": {"num_heads": 8}}                  # its heads span expand·hidden = 128: 8 heads of 16
 
 # Architectures one process cannot train on token ids alone, with the reason (filled from the sweep).
 LISTED_SKIPS: dict[str, str] = {}
@@ -83,6 +103,8 @@ def tiny_kwargs(cls) -> dict:
             kw[n] = list(cur)[:2]                  # per-layer lists (layer_types, …) follow the layer count
         elif hasattr(cur, "to_dict") and hasattr(cur, "model_type"):
             kw[n] = {"model_type": cur.model_type, **tiny_kwargs(type(cur))}
+    if "kv_lora_rank" in names and "num_key_value_heads" in names:
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)   # latent attention: kv heads = heads
     if "use_cache" in names:
         kw["use_cache"] = False
     vocab = kw.get("vocab_size", 128)
@@ -96,7 +118,17 @@ def tiny_kwargs(cls) -> dict:
 def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
     cls = CONFIG_MAPPING[model_type]
-    cfg = cls(**tiny_kwargs(cls))
+    kw = tiny_kwargs(cls)
+    for k, v in FAMILY.get(model_type, {}).items():
+        kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
+    try:
+        cfg = cls(**kw)
+    except Exception:                                # TypeError, ValueError, strict-dataclass validation
+        dropped = [n for n in TOKEN_IDS if n in kw and kw[n] is None]
+        if not dropped:
+            raise
+        # a config that requires the ids (cwm: bos_token_id must be an int): the last id of the small vocabulary
+        cfg = cls(**{**kw, **{n: kw.get("vocab_size", 128) - 1 for n in dropped}})
     if hasattr(cfg, "is_decoder"):
         cfg.is_decoder = True                        # the *ForCausalLM of encoder families asks for it
     return cfg
@@ -164,6 +196,13 @@ def _train(rank, world, model_type: str, layout: str):
             if not _converted(model):
                 return "refused", " ".join(str(e).split())
             raise
+    if cfg.parallel.pp > 1:                          # the split's plan, made before anything runs
+        from parallel.pipeline.split import describe_split
+        torch.manual_seed(cfg.train.seed)
+        try:
+            describe_split(build(model_type), cfg.parallel.pp)
+        except ValueError as e:
+            return "refused", " ".join(str(e).split())
     return "losses", run(cfg, mesh, print_fn=lambda *a, **k: None)["losses"]
 
 

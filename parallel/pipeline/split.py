@@ -40,12 +40,14 @@ identical initial values plus identical updates keep them equal.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from parallel import comm
@@ -182,6 +184,8 @@ def _probe(model, body, owners, sample, repeats, flops=False):
                 info["calls"].append(key)
                 info["hidden"] &= bool(args) or "hidden_states" in kwargs
                 info["start"] = order[0]
+                learned = info.setdefault("learned", [])
+                learned += [n for n in _learned_inputs(mod, args, kwargs) if n not in learned]
         return h
 
     def post(key):
@@ -190,15 +194,21 @@ def _probe(model, body, owners, sample, repeats, flops=False):
             if key == len(body) - 1 and info["end"] is None:
                 info["end"] = next(seq)
                 info["tuple"] = len(out) if isinstance(out, (tuple, list)) else 0
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                info["extra_dims"] = hidden.dim() - sample.dim() if isinstance(hidden, torch.Tensor) else 1
         return h
 
     for key, mod in list(enumerate(body)) + list(owners.items()):
         handles.append(mod.register_forward_pre_hook(pre(key), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(key), with_kwargs=True))
     modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
     model.eval()
     try:
-        with torch.no_grad(), fc:
+        # with gradients on every parameter, a block input computed from parameters requires grad
+        for p in grads:
+            p.requires_grad_(True)
+        with torch.enable_grad(), fc:
             for _ in range(repeats):
                 model(sample)
     except Exception as e:
@@ -210,11 +220,42 @@ def _probe(model, body, owners, sample, repeats, flops=False):
             h.remove()
         for m, t in modes.items():
             m.training = t
+        for p, g in grads.items():
+            p.requires_grad_(g)
+    name = type(model).__name__
     if info["calls"] != list(range(len(body))) * repeats or not info["hidden"]:
-        raise ValueError(f"pipeline split: the blocks of {type(model).__name__} are not each called once, in "
-                         f"order, with the hidden state first or as hidden_states= (calls: {info['calls'][:12]}); "
-                         "stages need a straight block stack")
+        counts = {i: info["calls"].count(i) // repeats for i in range(len(body))}
+        again = {i: c for i, c in counts.items() if c != 1}
+        what = (f"blocks called more than once or never per forward ({again}: a looped or recurrent "
+                f"model)" if again else "not called with the hidden state first or as hidden_states="
+                if not info["hidden"] else "blocks called out of order")
+        raise ValueError(f"pipeline split: the blocks of {name} are not each called once, in order, with the "
+                         f"hidden state first or as hidden_states= ({what}; calls: {info['calls'][:12]}); "
+                         "stages need a straight block stack: set parallel.pp=1 for this model")
+    if info.get("learned"):
+        raise ValueError(f"pipeline split: the blocks of {name} receive {', '.join(info['learned'])} besides the "
+                         f"hidden state, computed with parameters (e.g. a learned position bias or per-layer "
+                         f"embeddings made before the blocks); a later stage would get zeros for it, not the "
+                         f"value. Stages support per-layer inputs computed without parameters (masks, rotary "
+                         f"tables) only: set parallel.pp=1 for this model")
     return order, {k: min(v) for k, v in cost.items()}, info
+
+
+def _learned_inputs(block, args, kwargs) -> list:
+    """The block's tensor inputs, other than the hidden state, that require grad while every parameter
+    does: they were computed with parameters, so the stage that owns the block cannot rebuild them."""
+    try:
+        names = list(inspect.signature(block.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    found = []
+    for i, a in enumerate(args[1:], 1):
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(a)[0]):
+            found.append(f"`{names[i]}`" if i < len(names) else f"positional argument {i}")
+    for k, a in kwargs.items():
+        if k != "hidden_states" and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(a)[0]):
+            found.append(f"`{k}`")
+    return found
 
 
 # ----------------------------------------------------------------------------------- planning

@@ -40,6 +40,7 @@ class StageInfo:
     call_kwargs: dict = field(default_factory=dict)
     batch_kwargs: dict = field(default_factory=dict)   # this micro-batch's masks / position ids (engine sets them)
     keep_output: bool = False       # last stage: return the model's whole output (loss=model), not the logits
+    extra_dims: int = 1             # dims the block activations have beyond the input ids (b, s)
     inject: object = None
     hidden: object = None
 
@@ -67,7 +68,8 @@ class PipelineStage:
                 raise ValueError(f"pipeline: an nn.Sequential stage cannot take the batch keys "
                                  f"{sorted(st.batch_kwargs)}; give the model a forward that accepts them")
             return super().forward(x)
-        inp = x if st.first else torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+        # the token ids' shape: the activation's without the dims the blocks add (1: hidden; more: e.g. streams)
+        inp = x if st.first else torch.zeros(x.shape[:x.dim() - st.extra_dims], dtype=torch.long, device=x.device)
         st.inject, st.hidden = (None if st.first else x), None
         try:
             out = super().forward(inp, **st.call_kwargs, **st.batch_kwargs)
@@ -128,8 +130,9 @@ class _Absent(nn.Module):
 class _Zeros(nn.Module):
     """A first-stage input module (embedding) on a later stage: zeros of its output shape."""
 
-    def __init__(self, mod: nn.Module):
+    def __init__(self, mod: nn.Module, what: str = "an input module"):
         super().__init__()
+        self.what = what
         w = next(mod.parameters())
         self.register_buffer("like", torch.empty(0, dtype=w.dtype, device=w.device), persistent=False)
         self.dim = getattr(mod, "embedding_dim", None) or getattr(mod, "out_features", None)
@@ -137,10 +140,17 @@ class _Zeros(nn.Module):
         self.embedding = isinstance(mod, nn.Embedding) or hasattr(mod, "num_embeddings")
 
     def forward(self, x, *args, **kwargs):
+        # the shape comes from the first tensor input: the ids, or for a positional embedding called with
+        # a shape tuple (Blenderbot's embed_positions(input_shape, position_ids=…)) its position ids
+        t = next((a for a in (x, *args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if self.dim is None:
             return x
-        shape = tuple(x.shape) if self.embedding else tuple(x.shape[:-1])
-        return torch.zeros(shape + (self.dim,), dtype=self.like.dtype, device=x.device)
+        if t is None:
+            raise RuntimeError(f"pipeline stage: a first-stage module ({self.what}) is called here without a "
+                               f"tensor input, so the shape of the zeros standing in for its output is unknown; "
+                               f"set parallel.pp=1 for this model")
+        shape = tuple(t.shape) if self.embedding else tuple(t.shape[:-1])
+        return torch.zeros(shape + (self.dim,), dtype=self.like.dtype, device=t.device)
 
 
 def _inject_hook(info):
@@ -171,7 +181,7 @@ def build_stage(model, plan, owners, probe, k):
         if not a <= i < b:
             memo[id(blk)] = _PassThrough(f"block {i}", probe.get("tuple") or 0)
     for path in plan.pre if k else []:
-        memo[id(owners[path])] = _Zeros(owners[path]) if path in probe.get("order", {}) else \
+        memo[id(owners[path])] = _Zeros(owners[path], path) if path in probe.get("order", {}) else \
             _Absent(path, "stage 0")
     for path in plan.post if k < S - 1 else []:
         memo[id(owners[path])] = _PassThrough(path)
@@ -184,7 +194,7 @@ def build_stage(model, plan, owners, probe, k):
     kwargs = {}
     if "use_cache" in inspect.signature(type(model).forward).parameters:
         kwargs["use_cache"] = False
-    info = StageInfo(k, S, (a, b), plan.kind, plan, kwargs)
+    info = StageInfo(k, S, (a, b), plan.kind, plan, kwargs, probe.get("extra_dims", 1))
     stage.stage_info = info
     if plan.kind == "model":
         sbody = stage.get_submodule(plan.body)

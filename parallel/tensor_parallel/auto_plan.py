@@ -18,12 +18,17 @@ GPTs written in the nanoGPT style), each candidate verified numerically before i
    layers return Σ_r X_r A_r + b (the all-reduce, replayed: pass k fixes the k-th row call's sum, so
    n row calls need n + 1 passes), and every rank's block output must equal the unsplit block's:
    max|y_r − y| ≤ TOL · max|y|. A candidate that fails (mismatch, a shape error in the model's own code,
-   a plan the conversion refuses) is left replicated and the reason is kept in ``notes``.
-4. The input embedding becomes ``vocab`` and the output layer ``colwise_vocab`` when they are plain
-   nn.Embedding / nn.Linear, the vocabulary matches, and the model returns the head's output unchanged;
-   tied weights are split both ways or neither. Transformers models whose pairs are all split, each
-   inside its own attention/MLP module, also get the sequence-parallel region markers; otherwise sequence
-   parallel is refused with the reason (a replicated attention on a sequence shard would be wrong).
+   a plan the conversion refuses) is left replicated and the reason is kept in ``notes``. Modules with
+   parameters that the plan leaves replicated but that act on split tensors (per-head q/k norms) get
+   ``replicated_grad_allreduce``: found by their input's shape on a converted rank (``_partial_grads``);
+   the forward check alone cannot see their partial gradients.
+4. The input embedding becomes ``vocab`` and the output layer ``colwise_vocab`` when they are
+   nn.Embedding / nn.Linear whose own forward, if any, the parallel layer keeps exactly (Gemma's and
+   Bart's scaled embeddings: :func:`.semantics.subclass_problem`), the vocabulary matches, and the
+   model returns the head's output unchanged; tied weights are split both ways or neither. Transformers
+   models whose pairs are all split, each inside its own attention/MLP module, also get the
+   sequence-parallel region markers; otherwise sequence parallel is refused with the reason (a
+   replicated attention on a sequence shard would be wrong).
 
 Limits: only block 0 is simulated; the other blocks must have the same planned layers, widths and
 head attributes (checked). On the meta device ``derive_plan`` gives the structural guess (the first
@@ -49,6 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from parallel.comm import Group
 from parallel.tensor_parallel.layers import RowParallelLinear, _is_conv1d, replaced_forward
+from parallel.tensor_parallel.semantics import subclass_problem
 from parallel.tensor_parallel.styles import _region_markers
 
 __all__ = ["AutoPlan", "derive_plan", "plan_for", "TOL"]
@@ -253,6 +259,50 @@ def _simulate(block, inputs, rel_plan: dict, tp: int, convert) -> str | None:
     return None
 
 
+def _partial_grads(block, inputs, rel_plan: dict, tp: int, convert) -> list:
+    """Modules of the block outside the plan that hold parameters and act on a tensor split across tp (a
+    per-head q/k norm between the column and the row layer, Gemma3 / OLMo2 / Qwen3): each rank's gradient of
+    their replicated weights covers only its own heads, so it must be summed over tp
+    (``replicated_grad_allreduce``). Found by shape: their input on rank 0 of the converted block differs from
+    the unsplit block's. Modules on replicated tensors (a norm before the column layers) keep whole gradients."""
+    if not rel_plan:
+        return []
+    planned = [n for n in rel_plan]
+    cands = [n for n, m in block.named_modules() if n and any(p is not None for p in m._parameters.values())
+             and n not in planned and not any(k.startswith(n + ".") for k in planned)]
+    if not cands:
+        return []
+    dtype = torch.float64 if next(block.parameters()).dtype == torch.float64 else torch.float32
+    ref_block = copy.deepcopy(block).to(dtype).eval()
+    conv = copy.deepcopy(ref_block)
+    convert(conv, Group(None, "tp", tuple(range(tp)), 0), dict(rel_plan))
+    state = {"sums": [], "calls": []}
+    for m in conv.modules():
+        if isinstance(m, RowParallelLinear):
+            m.forward = ft.partial(_row_sim, m, state=state)
+    shapes: dict = {}
+
+    def record(mod, args, kwargs, key):
+        t = next((a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)), None)
+        shapes.setdefault(key, None if t is None else tuple(t.shape))
+
+    hooks = []
+    for tag, blk in (("ref", ref_block), ("tp", conv)):
+        mods = dict(blk.named_modules())
+        hooks += [mods[n].register_forward_pre_hook(ft.partial(record, key=(tag, n)), with_kwargs=True)
+                  for n in cands if n in mods]
+    try:
+        _run(ref_block, inputs, dtype)
+        _run(conv, inputs, dtype)
+    except Exception:                                    # _simulate accepted this plan: not expected
+        return []
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in cands if shapes.get(("ref", n)) is not None
+            and shapes.get(("tp", n)) not in (None, shapes[("ref", n)])]
+
+
 def _signature(block, rel_plan):
     """Per planned layer: its class, widths and its parent's integer attributes (but layer indices)."""
     mods = dict(block.named_modules())
@@ -313,6 +363,9 @@ def derive_plan(model: nn.Module, tp: int, convert) -> AutoPlan:
                 chosen = {k: v for k, v in chosen.items() if k not in cols and k != row}
                 break
     plan = {glob + k: v for k, v in chosen.items()}
+    if rec is not None:
+        plan.update({glob + n: "replicated_grad_allreduce"
+                     for n in _partial_grads(body[0], rec["block"], chosen, tp, convert)})
     plan.update(_vocab(model, emb, rec, notes))
     no_sp = None
     if getattr(model, "config", None) is None:
@@ -339,16 +392,18 @@ def _vocab(model, emb, rec, notes) -> dict:
     if head is None and rec is not None:
         head = next((c.module for c in reversed(rec["outer"]) if _widths(c.module)[1] == V), None)
     out = {}
-    if emb is not None and not replaced_forward(emb) and not (emb.max_norm or emb.sparse or emb.scale_grad_by_freq):
+    own = emb is not None and subclass_problem(names[id(emb)], emb, "vocab")   # None: kept exactly (semantics.py)
+    if emb is not None and not own and not (emb.max_norm or emb.sparse or emb.scale_grad_by_freq):
         out[names[id(emb)]] = "vocab"
     elif emb is not None:
-        notes.append(f"left replicated: {names[id(emb)]} ({type(emb).__name__} with its own forward or options)")
+        notes.append(f"left replicated: {names[id(emb)]} ({own or type(emb).__name__ + ' with options'})")
     if head is not None and id(head) in names:
         hname = names[id(head)]
         y, logits = next((c.y for c in rec["outer"] if c.module is head), None) if rec else None, rec and rec["logits"]
         returned = rec is None or (y is not None and logits is not None and y.shape == logits.shape
                                    and (y is logits or torch.equal(y, logits)))
-        if _linear(head) and not replaced_forward(head) and _widths(head)[1] == V and returned:
+        plain = not replaced_forward(head) or not subclass_problem(hname, head, "colwise_vocab")
+        if _linear(head) and plain and _widths(head)[1] == V and returned:
             out[hname] = "colwise_vocab"
         else:
             notes.append(f"left replicated: {hname} (not a plain output layer over the vocabulary whose "

@@ -24,9 +24,10 @@ flight (``prefetch=False``: none).
 Freeing. The gathered flat buffer keeps its tensor object but its storage is resized to 0, and each
 parameter's ``.data`` is swapped for an empty tensor. Autograd may have saved views of the weight
 (``F.linear`` saves ``weight.t()``): they point at the same storage, which is refilled by the
-gather before the module's backward runs (FSDP's ``storage.resize_`` technique). Limit: a
-parameter used outside the forward of the modules that hold it (e.g. ``F.linear(x, other.weight)``)
-is not gathered and fails; register such modules as one unit with ``unit_types``.
+gather before the module's backward runs (FSDP's ``storage.resize_`` technique). A parameter used
+outside the forward of the modules that hold it (``F.linear(x, other.weight)``, a Mamba mixer reading
+``self.conv1d.weight``) is found on the traced first forward and becomes a need of the module whose
+code used it (:mod:`parallel.zero.touch`).
 
 Parameter offload (``shards=`` a :class:`~parallel.offload.shards.ParamOffload`; ZeRO-Infinity,
 arXiv 2104.07857, §5.2): a unit's shard lives in a tensor store; the gather fetches it first and
@@ -43,6 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
 
 __all__ = ["plan_units", "Stage3Params"]
@@ -103,6 +105,7 @@ class Stage3Params:
         self.module, self.units, self.group, self.prefetch = module, units, group, prefetch
         self.shards, self.depth = shards, depth
         self.needs = {m: [units[i] for i in idx] for m, idx in needs.items()}
+        self.needs.setdefault(module, [])      # the root is hooked too: code in its forward may touch a unit
         self.unit_of = {p: u for u in units for p in u.params}
         for u in units:
             u.state, u.users, u.bwd, u.fired, u.work = SHARDED, 0, False, 0, None
@@ -111,6 +114,9 @@ class Stage3Params:
         self.gathers = 0
         self.order = TracedOrder()
         self._pos_of: dict = {}                # module -> its position in this forward (OFF: off trace)
+        self._stack: list = []                 # hooked modules running (while tracing), innermost last
+        self._quiet = 0                        # > 0 inside our own hooks: their reads are not uses
+        self._touch = None                     # the TouchMode of the traced forward
         self._handles = []
         for m in self.needs:
             # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
@@ -119,6 +125,7 @@ class Stage3Params:
             self._handles.append(m.register_forward_hook(self._post_forward))
         self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
         self._handles.append(module.register_forward_hook(self._root_post))
+        self._handles.append(module.register_forward_hook(self._end_touch, always_call=True))   # also on errors
 
     # --- gather / free ----------------------------------------------------------------------------
     def _nbytes(self, u: FlatBucket) -> int:
@@ -172,8 +179,27 @@ class Stage3Params:
     # --- hooks ------------------------------------------------------------------------------------
     def _root_pre(self, module, args):
         self.order.start()
+        self._stack = []
+        if self.order.tracing and self._touch is None:
+            self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet)
+            self._touch.__enter__()
+
+    def _adopt(self, u: FlatBucket) -> None:
+        """The traced forward's code used a parameter of ``u`` while ``u`` was not gathered: gather it now,
+        and make it a need of the innermost running hooked module (see :mod:`parallel.zero.touch`)."""
+        m = self._stack[-1] if self._stack else self.module
+        self._gather(u)
+        u.users += 1
+        if not any(x is u for x in self.needs[m]):
+            self.needs[m].append(u)
+
+    def _end_touch(self, module=None, args=None, out=None):
+        if self._touch is not None:
+            self._touch, touch = None, self._touch
+            touch.__exit__(None, None, None)
 
     def _root_post(self, module, args, out):
+        self._end_touch()
         self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)
             if u.users == 0 and not u.bwd:
@@ -182,14 +208,29 @@ class Stage3Params:
             self.shards.drop_stale()
 
     def _pre_forward(self, m, args):
-        pos = self.order.visit(m)           # OFF when this forward departs from the trace: no prefetch
-        for u in self.needs[m]:
-            self._gather(u)
-            u.users += 1
-        self._prefetch_at(pos + 1)
-        self._pos_of[m] = pos
+        self._quiet += 1
+        try:
+            pos = self.order.visit(m)       # OFF when this forward departs from the trace: no prefetch
+            for u in self.needs[m]:
+                self._gather(u)
+                u.users += 1
+            self._prefetch_at(pos + 1)
+            self._pos_of[m] = pos
+            if self._touch is not None:
+                self._stack.append(m)
+        finally:
+            self._quiet -= 1
 
     def _post_forward(self, m, args, out):
+        self._quiet += 1
+        try:
+            return self._post_forward_quiet(m, args, out)
+        finally:
+            self._quiet -= 1
+
+    def _post_forward_quiet(self, m, args, out):
+        if self._stack and self._stack[-1] is m:
+            self._stack.pop()
         for u in self.needs[m]:
             u.users -= 1
             if u.users == 0 and not u.bwd:
