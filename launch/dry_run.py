@@ -81,8 +81,10 @@ def _tp_plan(model, cfg: Config) -> str:
 def describe(cfg: Config) -> str:
     p = cfg.parallel
     lines = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
-             f"# mesh: pp={p.pp} × dp={p.dp} × tp={p.tp} = {cfg.world_size} ranks (tp innermost), "
-             f"ZeRO stage {cfg.zero.stage}, {cfg.precision}",
+             f"# mesh: pp={p.pp} × dp={p.dp} × cp={p.cp} × tp={p.tp} = {cfg.world_size} ranks (tp innermost), "
+             f"ZeRO stage {cfg.zero.stage} over dp×cp = {p.dp * p.cp}, {cfg.precision}"
+             + (f"; context parallel: {p.cp_algorithm}, sequence split in 2·cp = {2 * p.cp} zig-zag chunks"
+                if p.cp > 1 else ""),
              f"# micro-batches per dp rank per step: {cfg.micro_batches} "
              f"(global batch {cfg.data.global_batch_size}, micro-batch {cfg.data.micro_batch_size})"]
     model = pred = None
@@ -100,8 +102,8 @@ def describe(cfg: Config) -> str:
     lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate (activation "
                   f"checkpointing: {cfg.activation_checkpointing.policy})"]
     for r in range(cfg.world_size):
-        c = coords_of(r, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
-        row = f"rank {r}: pp={c['pp']} dp={c['dp']} tp={c['tp']}"
+        c = coords_of(r, {"pp": p.pp, "dp": p.dp, "cp": p.cp, "tp": p.tp})
+        row = f"rank {r}: pp={c['pp']} dp={c['dp']} " + (f"cp={c['cp']} " if p.cp > 1 else "") + f"tp={c['tp']}"
         if pred is not None and r in pred.memory:
             m = pred.memory[r]
             row += (f"  params {_mib(m['params'])}  grads {_mib(m['grads'])}  optimizer "

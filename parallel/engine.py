@@ -58,6 +58,9 @@ class Engine:
         self.cfg, self.mesh = config, mesh
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
+        self.dp_cp, self.context = mesh.group("dp_cp"), None          # gradients reduce over dp×cp
+        if p.cp > 1:                                                   # context parallel: parallel/context_parallel
+            self.context = _context_parallel(model, mesh, p.cp_algorithm)
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
         self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
         self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
@@ -72,7 +75,7 @@ class Engine:
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_fn = self._loss(model)
-        self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp, config.zero,
+        self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp_cp, config.zero,
                                   precision=config.precision, grad_clip=config.train.grad_clip,
                                   on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
                                   unit_types=blocks, loss_scale=config.loss_scale)
@@ -130,10 +133,12 @@ class Engine:
         z.prepare_step(len(micro))
         if self.executor is None:
             total = 0.0
-            for x, y in micro:
-                loss = self.loss_fn(self.module(x), y)
-                (loss * (z.loss_scale / len(micro))).backward()
-                total += loss.item()
+            with self._cp_active():
+                for x, y in micro:
+                    x, y, kw = self.context.shard_batch(x, y) if self.context else (x, y, {})
+                    loss = self.loss_fn(self.module(x, **kw), y)
+                    (loss * (z.loss_scale / len(micro))).backward()
+                    total += loss.item()
             local = total / len(micro)
         else:
             self.executor.loss_scale = z.loss_scale
@@ -204,7 +209,13 @@ class Engine:
                                  f"global batches {s - n + 1}..{s} (dataset positions [{(s - n + 1) * G}, "
                                  f"{(s + 1) * G})), lower optimizer.lr, or raise train.max_skips", [])
 
+    def _cp_active(self):
+        return self.context.active() if self.context is not None else contextlib.nullcontext()
+
     def _own_loop_check(self) -> None:
+        if self.context is not None:
+            raise RuntimeError("with parallel.cp > 1 the engine shards each sequence over the cp ranks: call "
+                               "engine.train_step(batch) instead of engine(x) / engine.backward(loss)")
         if self.executor is not None:
             raise RuntimeError("with parallel.pp > 1 the pipeline schedule owns forward and backward: "
                                "call engine.train_step(batch) instead of engine(x) / engine.backward(loss)")
@@ -214,8 +225,8 @@ class Engine:
         t = torch.tensor([0.0 if local is None else local], dtype=torch.float64)
         if self.pp.size > 1:
             comm.broadcast(t, self.pp.control(), src=self.pp.size - 1)
-        comm.all_reduce(t, self.dp.control())
-        return t.item() / self.dp.size
+        comm.all_reduce(t, self.dp_cp.control())
+        return t.item() / self.dp_cp.size
 
     @torch.no_grad()
     def eval_step(self, batch) -> float:
@@ -225,7 +236,9 @@ class Engine:
         micro = [(self._to(x), self._to(y)) for x, y in split_micro(batch, self.cfg.data.micro_batch_size)]
         with self.zero.gathered() if self.cfg.zero.stage == 3 else contextlib.nullcontext():
             if self.executor is None:
-                local = sum(self.loss_fn(self.module(x), y).item() for x, y in micro) / len(micro)
+                with self._cp_active():
+                    parts = [self.context.shard_batch(x, y) if self.context else (x, y, {}) for x, y in micro]
+                    local = sum(self.loss_fn(self.module(x, **kw), y).item() for x, y, kw in parts) / len(micro)
             else:
                 local = self._pipeline_forward(micro)
         return self._global_loss(local)
@@ -342,6 +355,16 @@ class Engine:
             reducer.remove()
 
 
+def _context_parallel(model, mesh, algorithm):
+    from parallel.context_parallel import ContextParallel
+    cp = ContextParallel(mesh.group("cp"), algorithm)
+    try:
+        cp.prepare(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cp
+
+
 def _map_first_tensor(out, fn):
     """Apply ``fn`` to the first floating tensor of a module output (tensor, tuple, dict/ModelOutput)."""
     if isinstance(out, torch.Tensor):
@@ -369,8 +392,9 @@ def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, opti
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize needs an nn.Module, got {type(model).__name__}")
     p = config.parallel
-    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp)
-    if (mesh.size("pp"), mesh.size("dp"), mesh.size("tp")) != (p.pp, p.dp, p.tp):
-        raise ConfigError(f"the mesh is pp×dp×tp = {mesh.size('pp')}×{mesh.size('dp')}×{mesh.size('tp')} but the "
-                          f"config says {p.pp}×{p.dp}×{p.tp}: build the Mesh from config.parallel")
+    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp, cp=p.cp)
+    got = tuple(mesh.size(a) for a in ("pp", "dp", "cp", "tp"))
+    if got != (p.pp, p.dp, p.cp, p.tp):
+        raise ConfigError(f"the mesh is pp×dp×cp×tp = {'×'.join(map(str, got))} but the config says "
+                          f"{p.pp}×{p.dp}×{p.cp}×{p.tp}: build the Mesh from config.parallel")
     return Engine(model, config, mesh, optimizer)

@@ -43,6 +43,8 @@ class ParallelConfig:
     pp_virtual_stages: int = 1
     pp_split: Any = "auto"                 # "auto" or a list of block boundaries
     sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (data_parallel/sync_batchnorm.py)
+    cp: int = 1                            # context parallel: the sequence dim split over cp ranks (context_parallel/)
+    cp_algorithm: str = "ring"             # ring (K/V around the ring) | ulysses (all-to-all to head shards)
 
 
 @dataclass
@@ -153,7 +155,7 @@ class Config:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.dp * self.parallel.tp * self.parallel.pp
+        return self.parallel.dp * self.parallel.tp * self.parallel.pp * self.parallel.cp
 
     @property
     def micro_batches(self) -> int:
