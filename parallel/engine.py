@@ -135,7 +135,7 @@ class Engine:
             total = 0.0
             with self._cp_active():
                 for x, y in micro:
-                    x, y, kw = self.context.shard_batch(x, y) if self.context else (x, y, {})
+                    x, y, kw = self._cp_shard(x, y)
                     loss = self.loss_fn(self.module(x, **kw), y)
                     (loss * (z.loss_scale / len(micro))).backward()
                     total += loss.item()
@@ -212,6 +212,10 @@ class Engine:
     def _cp_active(self):
         return self.context.active() if self.context is not None else contextlib.nullcontext()
 
+    def _cp_shard(self, x, y):
+        """cp > 1: this rank's zig-zag shard of the micro-batch and its global positions (context_parallel)."""
+        return self.context.shard_batch(x, y) if self.context is not None else (x, y, {})
+
     def _own_loop_check(self) -> None:
         if self.context is not None:
             raise RuntimeError("with parallel.cp > 1 the engine shards each sequence over the cp ranks: call "
@@ -237,7 +241,7 @@ class Engine:
         with self.zero.gathered() if self.cfg.zero.stage == 3 else contextlib.nullcontext():
             if self.executor is None:
                 with self._cp_active():
-                    parts = [self.context.shard_batch(x, y) if self.context else (x, y, {}) for x, y in micro]
+                    parts = (self._cp_shard(x, y) for x, y in micro)         # lazily: one micro-batch at a time
                     local = sum(self.loss_fn(self.module(x, **kw), y).item() for x, y, kw in parts) / len(micro)
             else:
                 local = self._pipeline_forward(micro)

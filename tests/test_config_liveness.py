@@ -27,6 +27,7 @@ ALLOW = {
     "train.timeout_s": "read only by launch.train.main: the watchdog and process-group timeouts",
     "train.save_on_signal": "read only by launch.train.main, which installs the signal handlers (tests/test_stop.py "
                             "starts that path)",
+    "parallel.cp_algorithm": "read only with parallel.cp > 1 (tests/test_context_parallel.py trains both algorithms)",
 }
 GPT = {"vocab_size": 96, "seq_len": 16, "n_layer": 4, "n_head": 4, "n_embd": 32}
 BASE = {"model": {"factory": "examples.gpt:build", "kwargs": GPT},

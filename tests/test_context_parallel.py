@@ -66,6 +66,20 @@ def _attention_case(rank, world, algorithm, b, s, h, hk, d, packed):
     return err, {"forward": fwd, "backward": bwd}, theory
 
 
+def _saved_bytes(group, algorithm):
+    """Saved-activation bytes per block of a GPT forward on this rank's shard (s = 16 over cp)."""
+    from examples.gpt import GPT
+    from parallel.activation.memory import SavedActivations
+    from parallel.context_parallel import ContextParallel
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_embd=32)
+    cp = ContextParallel(group, algorithm)
+    x, _, kw = cp.shard_batch(torch.randint(0, 64, (2, 16)))
+    with SavedActivations(model) as t, cp.active():
+        model(x, **kw)
+    return t.block_bytes()
+
+
 def _cases(rank, world):
     out = {}
     for algorithm in ("ring", "ulysses"):
@@ -74,6 +88,7 @@ def _cases(rank, world):
     from parallel.context_parallel import ContextParallel, ulysses_attention
     from parallel.mesh import Mesh
     g = Mesh(cp=world).group("cp")
+    out["activations"] = {a: _saved_bytes(g, a) for a in ("ring", "ulysses")}
     try:
         ulysses_attention(torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8), g)
     except ValueError as e:
@@ -92,6 +107,10 @@ def test_ring_and_ulysses_attention_match_one_process_and_theory():
             assert max(err.values()) < 1e-5, f"{key}: max abs error {err}"
             assert wire == pytest.approx(theory, rel=0, abs=1e-6), f"{key}: wire bytes {wire} vs theory {theory}"
             assert wire["forward"] > 0
+        # attention-activation bytes per rank are one process's at s/cp (b = 2, s = 16, h = 32, 4 heads)
+        from parallel.activation.memory import gpt_layer_bytes
+        per_layer = gpt_layer_bytes("none", 2, 16 // 2, 32, 4)
+        assert res["activations"] == {"ring": {0: per_layer, 1: per_layer}, "ulysses": {0: per_layer, 1: per_layer}}
         assert "not divisible by parallel.cp=2" in res["heads"]
         assert "not divisible by 2·cp = 4" in res["seq"]
 
@@ -106,9 +125,13 @@ def test_gpt_cp2_trains_like_one_process(algorithm):
     steps = ["train.steps=4"]
     res = run_ranks(_train_cp, 2, "gpt", ["parallel.cp=2", f"parallel.cp_algorithm={algorithm}"] + steps)
     want = reference_losses(config("gpt", steps))
+    from parallel.context_parallel import ring_wire_bytes, ulysses_wire_bytes
+    # engine_cases.GPT: 4 layers, 4 heads of 8, s = 16; 4 micro-batches of 2 samples per step
+    per_call = ring_wire_bytes(2, 16, 4, 8, 2) if algorithm == "ring" else ulysses_wire_bytes(2, 16, 4, 4, 8, 2)
     for losses, traffic in res:
         assert_close_curve(losses, want, 1e-5, f"gpt cp2 {algorithm}")
-        assert traffic["cp"] > 0 and traffic["dp_cp"] > 0      # the sequence really was split, grads reduced
+        assert traffic["cp"] == 4 * 4 * 4 * (per_call["forward"] + per_call["backward"])   # steps·micro·layers
+        assert traffic["dp_cp"] > 0                               # gradients reduced over dp×cp
 
 
 def test_config_errors_and_dry_run():
