@@ -75,7 +75,8 @@ class Engine:
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_fn = self._loss(model)
-        self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp_cp, config.zero,
+        opt = optimizer or optimizer_factory(config.optimizer)
+        self.zero = ZeroOptimizer(self.module, opt, self.dp_cp, config.zero,
                                   precision=config.precision, grad_clip=config.train.grad_clip,
                                   on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
                                   unit_types=blocks, loss_scale=config.loss_scale)

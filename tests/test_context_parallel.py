@@ -107,10 +107,12 @@ def test_ring_and_ulysses_attention_match_one_process_and_theory():
             assert max(err.values()) < 1e-5, f"{key}: max abs error {err}"
             assert wire == pytest.approx(theory, rel=0, abs=1e-6), f"{key}: wire bytes {wire} vs theory {theory}"
             assert wire["forward"] > 0
-        # attention-activation bytes per rank are one process's at s/cp (b = 2, s = 16, h = 32, 4 heads)
+        # activation bytes per rank are one process's at s/cp (b = 2, s = 16, h = 32, 4 heads): ring exactly,
+        # Ulysses plus its head-sharded attention output and two (s,) int64 orders (ulysses.py)
         from parallel.activation.memory import gpt_layer_bytes
-        per_layer = gpt_layer_bytes("none", 2, 16 // 2, 32, 4)
-        assert res["activations"] == {"ring": {0: per_layer, 1: per_layer}, "ulysses": {0: per_layer, 1: per_layer}}
+        ring = gpt_layer_bytes("none", 2, 16 // 2, 32, 4)
+        ulysses = ring + 2 * (16 // 2) * 32 * 4 + 2 * 16 * 8
+        assert res["activations"] == {"ring": {0: ring, 1: ring}, "ulysses": {0: ulysses, 1: ulysses}}
         assert "not divisible by parallel.cp=2" in res["heads"]
         assert "not divisible by 2·cp = 4" in res["seq"]
 
@@ -143,7 +145,7 @@ def test_config_errors_and_dry_run():
     with pytest.raises(ConfigError, match="parallel.dp/tp/pp/cp"):
         config("gpt", ["parallel.cp=2"], world=3)
     with pytest.raises(ConfigError, match="cp_algorithm"):
-        config("gpt", ["parallel.cp=2", "parallel.cp_algorithm=striped"])
+        config("gpt", ["parallel.cp=2", "parallel.cp_algorithm=striped"], world=2)
     text = describe(config("gpt", ["parallel.cp=2", "parallel.dp=2"], world=4))
     assert "cp=2" in text and "ZeRO stage 0 over dp×cp = 4" in text and "rank 3: pp=0 dp=1 cp=1 tp=0" in text
     shape = {"pp": 2, "dp": 2, "cp": 2, "tp": 2}

@@ -98,17 +98,21 @@ class _RingAttention(torch.autograd.Function):
                 o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], ob, lb)
             if nxt is not None:
                 kv = nxt.wait()
-        ctx.save_for_backward(q, k, v, o, lse)
+        # (b, n, h, d) in memory, returned as its (b, h, n, d) transpose, as torch's flash attention does: the
+        # model's usual out.transpose(1, 2).reshape(b, n, h·d) is then a view, and saving it keeps no copy
+        out = o.permute(0, 3, 1, 2, 4).contiguous().view(b, n, h, d).to(q.dtype).transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.s, ctx.causal, ctx.docs, ctx.scale = group, s, causal, docs, scale
-        return o.reshape(b, h, n, d).to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         group, s, causal, docs, scale = ctx.group, ctx.s, ctx.causal, ctx.docs, ctx.scale
         cp, r, hk = group.size, group.rank, k.shape[1]
-        do_g = dout.float().reshape(o.shape)
-        delta = (do_g * o).sum(-1)
+        b, h, n, d = q.shape
+        do_g = dout.float().reshape(b, hk, h // hk, n, d)
+        delta = (do_g * out.float().reshape(b, hk, h // hk, n, d)).sum(-1)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         own = torch.zeros((2,) + tuple(k.shape), dtype=torch.float32, device=q.device)   # own dK, dV
         kv, acc, acc_pass = torch.stack([k, v]), None, None

@@ -15,6 +15,10 @@ Wire bytes per rank per layer (ring model, all-to-all of a local tensor of M byt
 M_q = b·(s/cp)·h·d·bytes and M_kv = b·(s/cp)·h_kv'·d·bytes (h_kv' after the repeat):
     forward  (M_q + 2·M_kv + M_q)·(cp−1)/cp,   backward the same;
 with h_kv' = h that is 4 all-to-alls of b·s·h·d/cp·(cp−1)/cp each way. Counted as "all_to_all" on cp.
+
+Saved activations per rank: those of one process at s/cp tokens, plus one attention output
+(b·(s/cp)·h·d elements: the head-sharded output attention keeps is not the tensor the output
+projection keeps, unlike a flash kernel's) and the two (s,) int64 index orders.
 """
 from __future__ import annotations
 
