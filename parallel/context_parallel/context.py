@@ -69,9 +69,9 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         raise ValueError("context parallel: the model passed an attention mask; under parallel.cp masks come from "
                          "the global positions (causal, per document with restarting position ids): padding "
                          "masks are not supported yet")
-    for key in ("sliding_window", "softcap", "s_aux", "sinks"):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"context parallel: the model's attention uses {key}={kwargs[key]!r}, which the cp "
+    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"context parallel: the model's attention uses {name}={kwargs[name]!r}, which the cp "
                              f"attention does not implement: set parallel.cp=1 for this model")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = cp.attention(query, key, value, causal=causal, scale=scaling, dropout=dropout)
