@@ -156,7 +156,8 @@ def test_config_errors_and_dry_run():
 
 # --- slow: larger layouts, the transformers model, packed documents through a model ------------------
 LAYOUTS = {"cp4": ["parallel.cp=4"], "cp2xdp2-z1": ["parallel.cp=2", "parallel.dp=2", "zero.stage=1"],
-           "cp2xdp2-z3": ["parallel.cp=2", "parallel.dp=2", "zero.stage=3"], "cp2xtp2": ["parallel.cp=2", "parallel.tp=2"]}
+           "cp2xdp2-z3": ["parallel.cp=2", "parallel.dp=2", "zero.stage=3"],
+           "cp2xtp2": ["parallel.cp=2", "parallel.tp=2"]}
 
 
 @pytest.mark.slow
