@@ -80,11 +80,11 @@ def _saved_bytes(group, algorithm):
     return t.block_bytes()
 
 
-def _cases(rank, world):
+def _cases(rank, world, packed=(False,)):
     out = {}
     for algorithm in ("ring", "ulysses"):
-        for packed in (False, True):
-            out[(algorithm, packed)] = _attention_case(rank, world, algorithm, 2, 16, 4, 2, 8, packed)
+        for p in packed:
+            out[(algorithm, p)] = _attention_case(rank, world, algorithm, 2, 16, 4, 2, 8, p)
     from parallel.context_parallel import ContextParallel, ulysses_attention
     from parallel.mesh import Mesh
     g = Mesh(cp=world).group("cp")
@@ -100,8 +100,7 @@ def _cases(rank, world):
     return out
 
 
-def test_ring_and_ulysses_attention_match_one_process_and_theory():
-    for res in run_ranks(_cases, 2):
+def _check_cases(res):
         for key in [k for k in res if isinstance(k, tuple)]:
             err, wire, theory = res[key]
             assert max(err.values()) < 1e-5, f"{key}: max abs error {err}"
@@ -117,23 +116,41 @@ def test_ring_and_ulysses_attention_match_one_process_and_theory():
         assert "not divisible by 2·cp = 4" in res["seq"]
 
 
+def test_ring_and_ulysses_attention_match_one_process_and_theory():
+    """Causal, GQA (4 query heads on 2 kv heads), forward and backward, bytes and activations (world 2)."""
+    _check_cases(run_ranks(_cases, 2))
+
+
+@pytest.mark.slow
+def test_ring_and_ulysses_attention_packed_documents():
+    """The same with packed documents (position ids restarting), and on 4 ranks."""
+    _check_cases(run_ranks(_cases, 2, (False, True)))
+    _check_cases(run_ranks(_cases, 4, (False, True)))
+
+
 def _train_cp(rank, world, model, overrides):
     losses, engine = train(rank, world, model, overrides)
     return losses, {a: engine.mesh.stats.total(a) for a in ("cp", "dp_cp", "dp", "tp")}
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
-def test_gpt_cp2_trains_like_one_process(algorithm):
-    steps = ["train.steps=4"]
-    res = run_ranks(_train_cp, 2, "gpt", ["parallel.cp=2", f"parallel.cp_algorithm={algorithm}"] + steps)
-    want = reference_losses(config("gpt", steps))
+def _train_both(rank, world, overrides):
+    return {a: _train_cp(rank, world, "gpt", ["parallel.cp=2", f"parallel.cp_algorithm={a}"] + overrides)
+            for a in ("ring", "ulysses")}
+
+
+def test_gpt_cp2_trains_like_one_process():
+    """Both algorithms, 3 steps of 2 micro-batches (4 samples of 16 tokens), 2 layers of 4 heads of 8."""
+    small = ["train.steps=3", "data.micro_batch_size=4", "model.kwargs.n_layer=2"]
+    res = run_ranks(_train_both, 2, small)
+    want = reference_losses(config("gpt", small))
     from parallel.context_parallel import ring_wire_bytes, ulysses_wire_bytes
-    # engine_cases.GPT: 4 layers, 4 heads of 8, s = 16; 4 micro-batches of 2 samples per step
-    per_call = ring_wire_bytes(2, 16, 4, 8, 2) if algorithm == "ring" else ulysses_wire_bytes(2, 16, 4, 4, 8, 2)
-    for losses, traffic in res:
-        assert_close_curve(losses, want, 1e-5, f"gpt cp2 {algorithm}")
-        assert traffic["cp"] == 4 * 4 * 4 * (per_call["forward"] + per_call["backward"])   # steps·micro·layers
-        assert traffic["dp_cp"] > 0                               # gradients reduced over dp×cp
+    per_call = {"ring": ring_wire_bytes(4, 16, 4, 8, 2), "ulysses": ulysses_wire_bytes(4, 16, 4, 4, 8, 2)}
+    for rank_res in res:
+        for algorithm, (losses, traffic) in rank_res.items():
+            assert_close_curve(losses, want, 1e-5, f"gpt cp2 {algorithm}")
+            c = per_call[algorithm]
+            assert traffic["cp"] == 3 * 2 * 2 * (c["forward"] + c["backward"])      # steps · micro-batches · layers
+            assert traffic["dp_cp"] > 0                                            # gradients reduced over dp×cp
 
 
 def test_config_errors_and_dry_run():
