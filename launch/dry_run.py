@@ -110,6 +110,8 @@ def describe(cfg: Config) -> str:
                     f"{_mib(m['optimizer'] + m.get('master', 0))}  activations {_mib(m.get('activations', 0))}  "
                     f"peak {_mib(m.get('peak', m['total']))}")
         lines.append(row)
+    if p.cp > 1:
+        lines.append(f"# (the planner does not model cp yet: its figures are for one rank of each cp group of {p.cp})")
     if pred is not None:
         axes = {}
         for ops in pred.comm.values():

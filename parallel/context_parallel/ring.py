@@ -20,6 +20,8 @@ this rank's K (= of its V) — M = b·h_kv·(s/cp)·d·bytes:
     forward   K and V: (cp − 1)·M each                → 2(cp − 1)·M
     backward  K and V again, dK and dV: (cp − 1)·M each → 4(cp − 1)·M
 
+(dK and dV are fp32 accumulators: with bf16 K/V they are 2M each, not M.)
+
 counted as "send" on the cp axis (:class:`parallel.comm.CommStats`). Queries never move.
 """
 from __future__ import annotations
@@ -36,9 +38,10 @@ _KV_TAG, _ACC_TAG = 71, 72
 
 
 def ring_wire_bytes(b: int, s: int, h_kv: int, d: int, cp: int, elem: int = 4) -> dict:
-    """Theory: bytes this rank sends per ring-attention call (one layer), forward and backward."""
-    m = b * h_kv * (s // cp) * d * elem
-    return {"forward": 2 * (cp - 1) * m, "backward": 4 * (cp - 1) * m}
+    """Theory: bytes this rank sends per ring-attention call (one layer), forward and backward
+    (``elem`` bytes per K/V element; the dK, dV accumulators always travel in fp32)."""
+    m = b * h_kv * (s // cp) * d
+    return {"forward": 2 * (cp - 1) * m * elem, "backward": 2 * (cp - 1) * m * (elem + 4)}
 
 
 class _Pass:
