@@ -100,7 +100,8 @@ def _cases(rank, world, packed=(False,)):
     return out
 
 
-def _check_cases(res):
+def _check_cases(results, cp=2):
+    for res in results:
         for key in [k for k in res if isinstance(k, tuple)]:
             err, wire, theory = res[key]
             assert max(err.values()) < 1e-5, f"{key}: max abs error {err}"
@@ -109,11 +110,11 @@ def _check_cases(res):
         # activation bytes per rank are one process's at s/cp (b = 2, s = 16, h = 32, 4 heads): ring exactly,
         # Ulysses plus its head-sharded attention output and two (s,) int64 orders (ulysses.py)
         from parallel.activation.memory import gpt_layer_bytes
-        ring = gpt_layer_bytes("none", 2, 16 // 2, 32, 4)
-        ulysses = ring + 2 * (16 // 2) * 32 * 4 + 2 * 16 * 8
+        ring = gpt_layer_bytes("none", 2, 16 // cp, 32, 4)
+        ulysses = ring + 2 * (16 // cp) * 32 * 4 + 2 * 16 * 8
         assert res["activations"] == {"ring": {0: ring, 1: ring}, "ulysses": {0: ulysses, 1: ulysses}}
-        assert "not divisible by parallel.cp=2" in res["heads"]
-        assert "not divisible by 2·cp = 4" in res["seq"]
+        assert f"not divisible by parallel.cp={cp}" in res["heads"]
+        assert f"not divisible by 2·cp = {2 * cp}" in res["seq"]
 
 
 def test_ring_and_ulysses_attention_match_one_process_and_theory():
@@ -125,7 +126,7 @@ def test_ring_and_ulysses_attention_match_one_process_and_theory():
 def test_ring_and_ulysses_attention_packed_documents():
     """The same with packed documents (position ids restarting), and on 4 ranks."""
     _check_cases(run_ranks(_cases, 2, (False, True)))
-    _check_cases(run_ranks(_cases, 4, (False, True)))
+    _check_cases(run_ranks(_cases, 4, (False, True)), cp=4)
 
 
 def _train_cp(rank, world, model, overrides):
