@@ -35,6 +35,7 @@ from parallel.activation.checkpointing import apply_activation_checkpointing
 from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
+from parallel.context_parallel import ContextParallel
 from parallel.data import split_micro
 from parallel.data_parallel import sync_batchnorm
 from parallel.loss import cross_entropy, logits_of, resolve_loss
@@ -361,7 +362,6 @@ class Engine:
 
 
 def _context_parallel(model, mesh, algorithm):
-    from parallel.context_parallel import ContextParallel
     cp = ContextParallel(mesh.group("cp"), algorithm)
     try:
         cp.prepare(model)

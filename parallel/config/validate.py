@@ -75,8 +75,11 @@ def _check_batch(c: Config, world_size: int | None) -> None:
     if t.steps < 0:
         raise ConfigError(f"train.steps={t.steps} must be 0 or more")
     if world_size is not None and c.world_size != world_size:
-        raise ConfigError(f"parallel.dp*tp*pp*cp = {p.dp}*{p.tp}*{p.pp}*{p.cp} = {c.world_size} but the job has "
-                          f"{world_size} processes: change parallel.dp/tp/pp/cp or start {c.world_size} processes "
+        axes, sizes = "dp*tp*pp", f"{p.dp}*{p.tp}*{p.pp}"
+        if p.cp > 1:
+            axes, sizes = axes + "*cp", f"{sizes}*{p.cp}"
+        raise ConfigError(f"parallel.{axes} = {sizes} = {c.world_size} but the job has {world_size} processes: "
+                          f"change parallel.{axes.replace('*', '/')} or start {c.world_size} processes "
                           f"(--nproc {c.world_size})")
     if d.global_batch_size % p.dp:
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} does not divide over parallel.dp={p.dp} "
