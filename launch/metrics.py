@@ -110,7 +110,8 @@ class MetricsLog:
 
     def _sample(self):
         ds = import_object(self.cfg.data.factory, "data.factory")(**self.cfg.data.kwargs)
-        x = ds[0][0]
+        s = ds[0]
+        x = s["input_ids"] if isinstance(s, dict) else s[0]               # dict samples: the token ids
         return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
     def _measure(self, engine) -> None:
@@ -159,8 +160,10 @@ class MetricsLog:
     def _gathered_step(self, step: int) -> bool:
         return step % max(self.cfg.train.log_every, 1) == 0 or step == self.cfg.train.steps - 1
 
-    def log(self, step: int, loss: float, step_s: float, comm_step: dict, engine=None) -> dict:
-        """Record step ``step`` (0-based); every rank must call it. Returns the record (full on rank 0)."""
+    def log(self, step: int, loss: float, step_s: float, comm_step: dict, engine=None,
+            extra: dict | None = None) -> dict:
+        """Record step ``step`` (0-based); every rank must call it. Returns the record (full on rank 0).
+        ``extra``: more fields for the record (eval_loss, eval_ppl: launch/evaluate.py)."""
         table = self._gather_step(engine)
         ranks = self._gather_detail(step, step_s, comm_step, engine) if self._gathered_step(step) else None
         if self.is_root and not self._measured:
@@ -169,6 +172,7 @@ class MetricsLog:
         rec = {"step": step, "loss": loss, "step_s": step_s,
                "samples_per_s": d.global_batch_size / step_s if step_s > 0 else None,
                "peak_rss_bytes": int(table[:, 0].max().item()), "comm": comm_step}
+        rec.update(extra or {})
         if not self.is_root:
             return rec
         rec.update(self._figures(step_s, engine, table))
@@ -211,7 +215,7 @@ class MetricsLog:
                                         "ranks": ranks}) + "\n")
         if self.tb is not None:
             for k in ("loss", "lr", "step_s", "samples_per_s", "tokens_per_s", "mfu", "bubble", "grad_norm",
-                      "peak_rss_bytes", "loss_scale"):
+                      "peak_rss_bytes", "loss_scale", "eval_loss", "eval_ppl"):
                 if rec.get(k) is not None:
                     self.tb.add_scalar(f"train/{k}", rec[k], step)
             for axis, ops in rec["comm"].items():
@@ -246,6 +250,8 @@ class MetricsLog:
             parts.append(f"MFU {100 * rec['mfu']:5.2f}%")
         if rec.get("bubble") is not None:
             parts.append(f"bubble {100 * rec['bubble']:4.1f}%")
+        if rec.get("eval_loss") is not None:
+            parts.append(f"eval loss {rec['eval_loss']:.5f} ppl {rec['eval_ppl']:.2f}")
         parts.append(f"rss {rec['peak_rss_bytes'] / 2**20:6.0f} MiB")
         parts.append(f"ETA {_fmt_time(eta)}")
         self.print("  ".join(parts), flush=True)

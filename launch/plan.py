@@ -56,7 +56,17 @@ def spec_from_model(model, seq: int | None = None) -> ModelSpec:
     return ModelSpec(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.vocab_size,
                      seq or c.max_position_embeddings, c.intermediate_size, getattr(c, "num_key_value_heads", None),
                      mlp_matrices=3, fused_qkv=False, bias=False, norm_bias=False, learned_pos=False, tied=tied,
-                     tp_layout="region")
+                     norms_last=_norms_last(model), tp_layout="region")
+
+
+def _norms_last(model) -> bool:
+    """Whether the first decoder layer lists its parameters with the norms last (transformers' Llama:
+    self_attn, mlp, input_layernorm, post_attention_layernorm) — the order buckets are filled in."""
+    for mod in model.modules():
+        if type(mod).__name__.endswith("DecoderLayer"):
+            names = [n for n, _ in mod.named_parameters()]
+            return bool(names) and "norm" in names[-1] and "norm" not in names[0]
+    return False
 
 
 def enumerate_layouts(spec: ModelSpec, world: int, tr: TrainSpec, zero=(0, 1, 2, 3), schedules=None,

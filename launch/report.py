@@ -4,7 +4,8 @@ RUN_DIR is the directory of ``train.metrics_file``; it holds the per-step JSONL 
 and ranks.jsonl, the per-rank details rank 0 gathers every ``train.log_every`` steps
 (:mod:`launch.metrics`). Written:
 
-* ``loss.png``     the loss curve (and the learning rate, when it changes);
+* ``loss.png``     the loss curve (and the learning rate, when it changes; the eval loss and perplexity
+  when data.eval is set);
 * ``timeline.png`` the pipeline timeline of one logged step (default: the last): one row per rank,
   a box per executed action — forward F, backward B, input-grad I, weight-grad W — as long as its
   measured compute time, placed after the time the rank waited for its input, so idle time shows as
@@ -125,6 +126,10 @@ def draw_loss(run: dict, path: str) -> str:
     steps, loss = [r["step"] + 1 for r in recs], [r["loss"] for r in recs]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, loss, color=COLOURS["F"], lw=1.5, label="loss")
+    ev = [(r["step"] + 1, r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
+    if ev:
+        ax.plot(*zip(*ev), "o-", color=COLOURS["B"], lw=1, ms=4, label="eval loss")
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over the global batch)")
     ax.grid(alpha=0.3)
@@ -135,6 +140,9 @@ def draw_loss(run: dict, path: str) -> str:
         ax2.set_ylabel("learning rate")
     tail = recs[-1]
     extra = [f"final loss {tail['loss']:.4f}"]
+    if ev:
+        last = [r for r in recs if r.get("eval_loss") is not None][-1]
+        extra.append(f"eval loss {last['eval_loss']:.4f} (ppl {last['eval_ppl']:.2f})")
     if tail.get("tokens_per_s"):
         extra.append(f"{tail['tokens_per_s']:,.0f} tok/s")
     if tail.get("mfu") is not None:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from launch import failures, lifecycle
+from launch.evaluate import Evaluator
 from launch.metrics import RANKS_FILE, MetricsLog
 from launch.preflight import check_config
 from launch.resume import (  # noqa: F401  (importable from here as before)
@@ -94,6 +95,9 @@ def build_dataset(cfg: Config):
     except Exception as e:
         raise RuntimeError(f"data.factory {cfg.data.factory!r} raised {type(e).__name__}: {e} "
                            f"(check data.kwargs={cfg.data.kwargs})") from e
+    if getattr(ds, "streaming", False) and cfg.data.shuffle:
+        raise ConfigError(f"data.shuffle=true permutes a dataset of known length; {cfg.data.factory!r} returns a "
+                          f"stream (parallel.stream.StreamDataset): set data.shuffle=false and give it shuffle_buffer")
     check_dataset(ds, cfg.data.global_batch_size)
     return ds
 
@@ -146,7 +150,7 @@ def load_batch(dataset, step: int, cfg: Config, dp: int, dp_rank: int, vocab: in
                             f"return one shape per sample (pad or crop)") from e
         raise DataError(f"step {step}: forming the batch from dataset indices {idx[:8]} failed: "
                         f"{type(e).__name__}: {e}") from e
-    x = batch[0] if isinstance(batch, (tuple, list)) else None
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch.get("input_ids") if isinstance(batch, dict) else None
     if vocab and isinstance(x, torch.Tensor) and x.numel() and not x.is_floating_point() and x.dtype != torch.bool:
         hi, lo = int(x.max()), int(x.min())
         if hi >= vocab or lo < 0:
@@ -197,6 +201,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     vocab = input_vocab(model)
     progress.set_phase("setup (build dataset)")
     dataset = build_dataset(cfg)
+    evaluator = Evaluator(cfg)
     ck = cfg.train.checkpoint
     if ck.every:
         check_writable(ck.dir)
@@ -226,11 +231,13 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         t0 = time.perf_counter()
         before = mesh.stats.snapshot()
         batch = load_batch(dataset, step, cfg, dp, dp_rank, vocab)
+        data_s = time.perf_counter() - t0                 # this rank waited for its batch (no prefetch yet)
         loss = train_step(engine, batch, progress, print_fn, mesh.rank)
         step_s = time.perf_counter() - t0
         losses.append(loss)
         progress.set_phase("metrics")
-        metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine)
+        extra = {"data_wait_s": data_s, **(evaluator.run(engine, dp, dp_rank) if evaluator.due(step) else {})}
+        metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine, extra)
         if checker is not None:
             checker.check(f"at the end of step {step}")
         stopped = stop.agree(mesh) if stop is not None else 0

@@ -22,22 +22,27 @@ it), ``engine.executor.add_action_callback`` sees each pipeline action, and the 
 Gradients of a step are Σ_i ∇(L_i · s / m) over the m micro-batches of every dp rank, averaged over
 dp: the gradient of the mean loss over the global batch (times the fp16 loss scale s), which is
 what a single process computes (the parity contract in DESIGN.md).
+For dict batches (and ``loss: model``) L_i is weighted by its scored tokens so that the sum is the
+mean over the scored tokens of the global batch, not a mean of micro-batch means (:mod:`parallel.batch`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 
 import torch
 import torch.nn as nn
 
+from parallel import batch as batches
 from parallel import comm
 from parallel.activation.checkpointing import apply_activation_checkpointing
 from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
 from parallel.context_parallel import ContextParallel
-from parallel.data import split_micro
 from parallel.data_parallel import sync_batchnorm
+from parallel.layer_drop import apply_layer_drop
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
 from parallel.optim.factory import optimizer_factory
@@ -65,8 +70,9 @@ class Engine:
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
         self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
         self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
+        self.layer_drop = self._layer_drop(model)    # pld: droppable blocks, before tp/pp copy them
         blocks = self._block_types(model) if config.zero.stage == 3 and config.zero.units == "block" else None
-        self.stages = self._shard(model.to(mesh.device))
+        self.stages = self._shard(model if mesh.device.type == "meta" else model.to(mesh.device))
         ac = config.activation_checkpointing
         try:
             self.activation = apply_activation_checkpointing(self.stages, ac.policy, ac.every, ac.save_ops)
@@ -75,18 +81,25 @@ class Engine:
         self.module = self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
         if blocks and len(self.stages) > 1:          # each virtual stage's own parameters: one unit each
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
+        self.loss_mode, self.label_name = self._loss_mode()
         self.loss_fn = self._loss(model)
         opt = optimizer or optimizer_factory(config.optimizer)
         self.zero = ZeroOptimizer(self.module, opt, self.dp_cp, config.zero,
                                   precision=config.precision, grad_clip=config.train.grad_clip,
                                   on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
-                                  unit_types=blocks, loss_scale=config.loss_scale)
+                                  unit_types=blocks, loss_scale=config.loss_scale,
+                                  simulate=mesh.device.type == "meta")
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn,  # ZeRO-3 frees a unit
                                              split_backward=config.zero.stage != 3)         # before a split W
+            self.executor.add_action_callback(self._stage_inputs)   # dict batches: masks etc. to every stage
+            for st in self.stages:                                  # loss=model: the last stage returns the output
+                if hasattr(st, "stage_info"):
+                    st.stage_info.keep_output = self.loss_mode == "model"
+        self._current: list = []
         self.step_count = 0
         self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit
         self.last_result = None
@@ -101,16 +114,49 @@ class Engine:
         except ValueError as e:
             raise ConfigError(f"zero.units=block: {e}; or use zero.units=module") from None
         return tuple(dict.fromkeys(type(b) for b in body))
+    def _layer_drop(self, model: nn.Module):
+        """pld.enabled: progressive layer dropping (:mod:`parallel.layer_drop`), else None."""
+        c, z = self.cfg.pld, self.cfg.zero
+        if not c.enabled:
+            return None
+        if z.stage == 3 and z.units != "block":
+            raise ConfigError("pld.enabled with zero.stage=3 needs zero.units=block (a dropped block's "
+                              "parameters are gathered by its own unit): set zero.units=block")
+        try:
+            return apply_layer_drop(model, c.theta, c.gamma, self.cfg.train.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def _shard(self, model: nn.Module) -> list:
         """TP then PP: the stage modules this rank keeps (also replayed on the layout probe)."""
         p = self.cfg.parallel
         if p.tp > 1:
-            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel)
+            self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel,
+                                                         gather_logits=self.cfg.loss == "model")
         if p.pp == 1:
             return [model]
-        return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split)
+        sample = None                 # the split's probe input: under sequence parallel its length splits over tp
+        if p.sequence_parallel and p.tp > 1:
+            sample = torch.zeros(1, math.lcm(4, p.tp), dtype=torch.long, device=next(model.parameters()).device)
+        return split_model(model, self.pp.rank, p.pp, p.pp_virtual_stages, p.pp_split, sample=sample)
+
+    def _loss_mode(self) -> tuple:
+        """How micro-batch losses are weighted (:mod:`parallel.batch`): token | model | plain."""
+        name = self.cfg.loss
+        if name != "model":
+            return ("token" if name == "cross_entropy" else "plain"), None
+        if self.tensor_parallel is not None and self.tensor_parallel.vocab_parallel_output:
+            raise ConfigError("loss=model: the tensor-parallel plan leaves the logits split by vocabulary, so the "
+                              "model's own loss would see V/tp classes; use loss=cross_entropy (vocab-parallel) or a "
+                              "plan whose head gathers (colwise_gather)")
+        try:
+            return "model", batches.label_param(self.template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def _loss(self, model):
+        if self.loss_mode == "model":
+            return batches.token_loss(None, "model")
         fn = resolve_loss(self.cfg.loss)
         if self.tensor_parallel is not None and self.tensor_parallel.vocab_parallel_output:
             if fn is not cross_entropy:
@@ -120,31 +166,72 @@ class Engine:
 
             def fn(out, y):
                 return vocab_parallel_cross_entropy(logits_of(out), y, tp)
-        return fn
+        return batches.token_loss(fn, self.loss_mode)
 
     # --- one step ---------------------------------------------------------------------------------
     def _to(self, t):
         return t.to(self.mesh.device, non_blocking=True)
 
+    def _micro(self, batch) -> list:
+        """This rank's batch as micro-batches (:func:`parallel.batch.prepare`; collective over dp for dict
+        batches and loss=model: the global count of scored tokens)."""
+        try:
+            if isinstance(batch, dict):
+                batches.check_keys(batch, self.template)
+                batches.check_labels(batch)
+        except ValueError as e:
+            raise ValueError(f"{e} (data.factory={self.cfg.data.factory!r})") from None
+        return batches.prepare(batch, self.cfg.data.micro_batch_size, self._to, self.dp, self.loss_mode,
+                               self.label_name)
+
+    def _kwargs(self, mb, last: bool = True) -> dict:
+        """The forward's keyword inputs of micro-batch ``mb``; the labels only where the loss is computed."""
+        if self.loss_mode == "model" and last:
+            return {**mb.kwargs, self.label_name: mb.y.labels}
+        return mb.kwargs
+
+    def _forward(self, mb):
+        return self.module(mb.x, **self._kwargs(mb))
+
+    def _stage_inputs(self, action) -> None:
+        """Before each pipeline action: the stage gets its micro-batch's masks / position ids (and, on the
+        last stage with loss=model, the labels); the hidden state comes from the previous stage."""
+        st = self.executor.stages.get(action.stage)
+        if st is not None and hasattr(st, "stage_info") and action.microbatch < len(self._current):
+            st.stage_info.batch_kwargs = self._kwargs(self._current[action.microbatch],
+                                                      action.stage == self.executor.last)
+
+    def _clear_stage_inputs(self) -> None:
+        for st in self.stages:
+            if hasattr(st, "stage_info"):
+                st.stage_info.batch_kwargs = {}
+
     def train_step(self, batch) -> float:
         for st in self.stages:
             st.train()
-        micro = [(self._to(x), self._to(y)) for x, y in split_micro(batch, self.cfg.data.micro_batch_size)]
+        micro = self._micro(batch)
         z = self.zero
+        if self.layer_drop is not None:
+            self.layer_drop.step = self.step_count
         z.zero_grad()
         z.prepare_step(len(micro))
         if self.executor is None:
             total = 0.0
             with self._cp_active():
-                for x, y in micro:
-                    x, y, kw = self._cp_shard(x, y)
-                    loss = self.loss_fn(self.module(x, **kw), y)
+                for mb in micro:
+                    mb = self._cp_shard(mb)
+                    loss = self.loss_fn(self._forward(mb), mb.y)
                     (loss * (z.loss_scale / len(micro))).backward()
                     total += loss.item()
             local = total / len(micro)
         else:
             self.executor.loss_scale = z.loss_scale
-            local = self.executor.run(micro)
+            self._current = micro
+            try:
+                local = self.executor.run([(mb.x, mb.y) for mb in micro])
+            finally:
+                self._current = []
+                self._clear_stage_inputs()
             sync_tied_grads(self.stages, self.pp)
         if self.step().nonfinite_skip:
             return float("nan")                  # no loss to share: the ranks agree it is not finite
@@ -165,6 +252,8 @@ class Engine:
     def zero_grad(self, micro_batches: int | None = None) -> None:
         """Start a step of ``micro_batches`` backward calls (default: the config's count)."""
         self._own_loop_check()
+        if self.layer_drop is not None:
+            self.layer_drop.step = self.step_count
         self.zero.zero_grad()
         self._own_m = micro_batches or self.cfg.micro_batches
         self.zero.prepare_step(self._own_m)
@@ -214,9 +303,17 @@ class Engine:
     def _cp_active(self):
         return self.context.active() if self.context is not None else contextlib.nullcontext()
 
-    def _cp_shard(self, x, y):
-        """cp > 1: this rank's zig-zag shard of the micro-batch and its global positions (context_parallel)."""
-        return self.context.shard_batch(x, y) if self.context is not None else (x, y, {})
+    def _cp_shard(self, mb):
+        """cp > 1: this rank's zig-zag shard of micro-batch ``mb`` and its global positions (context_parallel);
+        the batch's own position_ids (packed documents) are honoured."""
+        if self.context is None:
+            return mb
+        if not isinstance(mb.y, torch.Tensor) or set(mb.kwargs) - {"position_ids"} or self.loss_mode == "model":
+            raise ValueError(f"parallel.cp={self.context.group.size} takes (inputs, targets) batches, optionally with "
+                             f"position_ids (packed documents); dict batches with labels or masks and loss=model are "
+                             f"not supported under cp yet (got keys {sorted(mb.kwargs)}): set parallel.cp=1")
+        x, y, kw = self.context.shard_batch(mb.x, mb.y, mb.kwargs.get("position_ids"))
+        return dataclasses.replace(mb, x=x, y=y, kwargs=kw)
 
     def _own_loop_check(self) -> None:
         if self.context is not None:
@@ -239,12 +336,12 @@ class Engine:
         """Mean loss over the global batch, forward only."""
         for st in self.stages:
             st.eval()
-        micro = [(self._to(x), self._to(y)) for x, y in split_micro(batch, self.cfg.data.micro_batch_size)]
+        micro = self._micro(batch)
         with self.zero.gathered() if self.cfg.zero.stage == 3 else contextlib.nullcontext():
             if self.executor is None:
-                with self._cp_active():
-                    parts = (self._cp_shard(x, y) for x, y in micro)         # lazily: one micro-batch at a time
-                    local = sum(self.loss_fn(self.module(x, **kw), y).item() for x, y, kw in parts) / len(micro)
+                with self._cp_active():                   # map: one micro-batch sharded at a time
+                    local = sum(self.loss_fn(self._forward(mb), mb.y).item() for mb in map(self._cp_shard, micro))
+                local /= len(micro)
             else:
                 local = self._pipeline_forward(micro)
         return self._global_loss(local)
@@ -254,18 +351,21 @@ class Engine:
         p, n = self.pp.size, self.pp.size * len(self.stages)
         mine = {self.pp.rank + j * p: st for j, st in enumerate(self.stages)}
         total, works = 0.0, []
-        for x, y in micro:
-            h = x
+        for mb in micro:
+            h = mb.x
             for s in range(n):
                 if s not in mine:
                     continue
                 if s > 0:
                     h = comm.recv(self.pp.ranks[(s - 1) % p], self.pp, device=self.mesh.device)
+                if hasattr(mine[s], "stage_info"):
+                    mine[s].stage_info.batch_kwargs = self._kwargs(mb, s == n - 1)
                 out = mine[s](h)
                 if s < n - 1:
                     works.append(comm.isend(out, self.pp.ranks[(s + 1) % p], self.pp))
                 else:
-                    total += self.loss_fn(out, y).item()
+                    total += self.loss_fn(out, mb.y).item()
+        self._clear_stage_inputs()
         for w in works:
             w.wait()
         return total / len(micro) if (n - 1) in mine else None

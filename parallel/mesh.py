@@ -137,7 +137,7 @@ class Mesh:
         self.stats = stats if stats is not None else CommStats()
         self.rank = dist.get_rank()
         self.world_size = world
-        self.device_mesh = _device_mesh(self.device.type, (pp, dp, cp, tp))
+        self.device_mesh = _device_mesh("cpu" if self.device.type == "meta" else self.device.type, (pp, dp, cp, tp))
         grid = torch.arange(world).reshape(pp, dp, cp, tp)
         self.coord = coords_of(self.rank, shape)
         c = [self.coord[a] for a in AXES]

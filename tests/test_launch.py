@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from harness import run_ranks
 from reference import assert_close_curve, reference_losses
@@ -80,6 +81,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow     # two torchrun agents, ~25 s idle
 def test_two_torchrun_agents_train_one_job(tmp_path):
     metrics = tmp_path / "m.jsonl"
     port = _free_port()

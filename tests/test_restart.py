@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from reference import assert_close_curve, reference_losses
 
 from parallel.config import load_config
@@ -12,6 +13,7 @@ from parallel.config import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow     # two launches with a restart, ~35 s idle
 def test_rank_killed_at_step_7_restarts_and_matches_an_uninterrupted_run(tmp_path):
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     over = ["train.steps=20", "data.shuffle=true", f"train.metrics_file={metrics}", "train.checkpoint.every=5",

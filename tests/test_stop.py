@@ -87,7 +87,8 @@ def _wait(cond, limit, what, proc=None, log=None):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to find the workers")
-@pytest.mark.parametrize("torchrun", [False, True], ids=["python -m launch", "torchrun"])
+@pytest.mark.parametrize("torchrun", [False, pytest.param(True, marks=pytest.mark.slow)],   # torchrun: the slow suite
+                         ids=["python -m launch", "torchrun"])
 def test_sigkilled_launcher_leaves_no_worker(tmp_path, torchrun):
     m, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     proc, log = _start(str(tmp_path), "train.steps=100000", f"train.metrics_file={m}", f"train.checkpoint.dir={ck}",
@@ -120,6 +121,7 @@ def test_sigkilled_launcher_leaves_no_worker(tmp_path, torchrun):
             os.kill(w, signal.SIGKILL)
 
 
+@pytest.mark.slow     # three launches, ~70 s idle: the suite budget
 def test_sigterm_saves_at_the_next_step_and_resumes_exactly(tmp_path):
     m, m_ref, ck = tmp_path / "m.jsonl", tmp_path / "ref.jsonl", tmp_path / "ck"
     steps = ["train.steps=16", "data.shuffle=true"]

@@ -29,7 +29,7 @@ import os
 from parallel.config import deepspeed_keys as K
 from parallel.config.deepspeed_activation import map_activation_checkpointing
 from parallel.config.deepspeed_mapper import AUTO, Mapper
-from parallel.config.deepspeed_optim import map_optimizer, map_scheduler
+from parallel.config.deepspeed_optim import map_optimizer, map_pld, map_scheduler
 from parallel.config.deepspeed_zero import map_zero
 from parallel.config.errors import ConfigError
 
@@ -38,7 +38,7 @@ def _run(m: Mapper):
     """Every section, then every other top-level key: ignored, accepted when off, a feature flag, or an error."""
     handled = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16",
                "bf16", "bfloat16", "gradient_clipping", "optimizer", "scheduler", "zero_optimization",
-               "activation_checkpointing"}
+               "activation_checkpointing", "progressive_layer_drop"}
     map_precision(m)
     map_batch(m)
     map_clipping(m)
@@ -46,6 +46,7 @@ def _run(m: Mapper):
     map_scheduler(m)
     map_zero(m)
     map_activation_checkpointing(m)
+    map_pld(m)
     for k, v in m.ds.items():
         if k in handled:
             continue

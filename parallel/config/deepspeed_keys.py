@@ -33,7 +33,7 @@ OFF_ONLY = {
 }
 # blocks that change the model, data or math when enabled
 FEATURES = ("amp", "torch_autocast", "elasticity", "curriculum_learning", "data_efficiency", "eigenvalue",
-             "progressive_layer_drop", "quantize_training", "hybrid_engine", "tensor_parallel")
+             "quantize_training", "hybrid_engine", "tensor_parallel")
 PRESENT_MEANS_ON = ("compression_training", "sparse_attention", "weight_quantization")
 
 ZERO_IGNORED = {k: PERF for k in (

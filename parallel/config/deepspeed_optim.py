@@ -3,6 +3,7 @@
 DeepSpeed's optimizer ``"Adam"`` is AdamW unless ``adam_w_mode: false`` (``"AdamW"`` always is);
 FusedAdam and DeepSpeedCPUAdam default ``weight_decay`` to 0.0, torch's AdamW to 0.01. Schedulers
 map onto :mod:`parallel.optim.factory.lr_schedule` with ``convention: deepspeed`` (its exact formulas).
+``"Lamb"`` (FusedLamb) is :class:`parallel.optim.lamb.Lamb` with the same defaults.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from parallel.config.deepspeed_mapper import AUTO, Mapper
 from parallel.config.errors import ConfigError
 from parallel.config.validate import check_schedule
 
-__all__ = ["map_optimizer", "map_scheduler"]
+__all__ = ["map_optimizer", "map_scheduler", "map_pld"]
 
 
 def map_optimizer(m: Mapper):
@@ -48,10 +49,31 @@ def map_optimizer(m: Mapper):
                "nesterov": ((False,), "Nesterov SGD is not available: remove it"),
                "maximize": ((False,), "remove it")}
         ign, wd = {k: K.PERF for k in ("foreach", "fused", "differentiable")}, (None, "torch's default")
+    elif t == "lamb":
+        m.set("optimizer.type", typ, "optimizer.name", "lamb", "parallel.optim.lamb.Lamb: FusedLamb's update "
+              "and defaults, trust ratio over whole tensors under ZeRO and tp")
+        known = ("lr", "betas", "eps", "weight_decay")
+        off = {"bias_correction": ((True,), "LAMB without bias correction is not available: remove it"),
+               "max_coeff": ((10, 10.0), "only FusedLamb's default 10.0 is available: remove it"),
+               "min_coeff": ((0.01,), "only FusedLamb's default 0.01 is available: remove it"),
+               "max_grad_norm": ((), "use the top-level gradient_clipping")}
+        ign, wd = {}, (None, "FusedLamb's default 0.0 equals Lamb's")
+    elif t == "onebitadam":
+        m.set("optimizer.type", typ, "optimizer.name", "onebit_adam", "parallel.optim.onebit_adam.OneBitAdam "
+              "(bias-corrected Adam warm-up, then 1-bit momentum with error feedback; zero.stage 0)")
+        known = ("lr", "betas", "eps", "weight_decay", "freeze_step")
+        off = {"max_grad_norm": ((), "use the top-level gradient_clipping")}
+        ign = {"cuda_aware": K.PERF, "comm_backend_name": "parallel3d communicates on the dp group's backend"}
+        wd = (None, "DeepSpeed's default 0.0 equals OneBitAdam's")
+        fs = m.number("optimizer.params.freeze_step", p.get("freeze_step", 100000), (int,), "an integer")
+        m.set("optimizer.params.freeze_step", p.get("freeze_step", "(unset: 100000)"), "optimizer.freeze_step", fs,
+              "" if "freeze_step" in p else "DeepSpeed's default")
     else:
-        m.fail("optimizer.type", f"{json.dumps(typ)} is not available in parallel3d (it has AdamW, Adam and "
-                                 f"SGD); another optimizer changes every update: use \"AdamW\" or \"SGD\"")
-    m.sub_keys(p, "optimizer.params", {*known, *(("adam_w_mode", "torch_adam") if t != "sgd" else ())}, ign, off)
+        m.fail("optimizer.type", f"{json.dumps(typ)} is not available in parallel3d (it has AdamW, Adam, SGD, "
+                                 f"Lamb and OneBitAdam); another optimizer changes every update: use \"AdamW\" "
+                                 f"or \"SGD\"")
+    m.sub_keys(p, "optimizer.params", {*known, *(("adam_w_mode", "torch_adam") if t in ("adam", "adamw") else ())},
+               ign, off)
     for k in ("lr", "betas", "eps", "momentum", "weight_decay"):
         ours = f"optimizer.{k}"
         if k not in known:
@@ -131,3 +153,18 @@ def map_scheduler(m: Mapper):
         check_schedule(**{"total_steps": 2 ** 31, **m.out["scheduler"]})
     except ConfigError as e:
         m.fail(f"{pre}.total_num_steps / warmup_num_steps", f"{e}; adjust the {typ} params")
+
+
+def map_pld(m: Mapper):
+    """``progressive_layer_drop`` {enabled, theta, gamma} → ``pld.*`` (:mod:`parallel.layer_drop`)."""
+    b = m.block("progressive_layer_drop")
+    if b is None:
+        return
+    m.sub_keys(b, "progressive_layer_drop", {"enabled", "theta", "gamma"})
+    on = m.value(b, "enabled", "pld.enabled", False)
+    if not isinstance(on, bool):
+        m.fail("progressive_layer_drop.enabled", f"{json.dumps(on)} must be true or false")
+    m.set("progressive_layer_drop.enabled", b.get("enabled", "(unset: false)"), "pld.enabled", on)
+    for k, d in (("theta", 0.5), ("gamma", 0.001)):
+        v = float(m.number(f"progressive_layer_drop.{k}", m.value(b, k, f"pld.{k}", d)))
+        m.set(f"progressive_layer_drop.{k}", b.get(k, f"(unset: {d})"), f"pld.{k}", v)

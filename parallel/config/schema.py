@@ -30,6 +30,7 @@ class DataConfig:
     global_batch_size: int = 8
     micro_batch_size: int = 8              # samples per micro-batch on one dp rank
     shuffle: bool = False                  # seeded permutation per epoch, independent of the layout
+    eval: Optional[dict] = None            # {factory, kwargs, batches}: a held-out set (launch/evaluate.py)
 
 
 @dataclass
@@ -49,12 +50,23 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"                    # adamw | adam | sgd
+    name: str = "adamw"                    # adamw | adam | sgd | lamb | muon | onebit_adam (parallel/optim/factory.py)
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     betas: Optional[list] = None
-    momentum: Optional[float] = None
-    eps: Optional[float] = None
+    momentum: Optional[float] = None       # sgd; muon (Muon's momentum)
+    eps: Optional[float] = None            # muon: the AdamW part's eps
+    adamw_lr: Optional[float] = None       # muon: lr of the non-matrix tensors (AdamW); default lr
+    freeze_step: Optional[int] = None      # onebit_adam: Adam warm-up steps before compression (default 100)
+
+
+@dataclass
+class PLDConfig:
+    """Progressive layer dropping (arXiv 2010.13369; :mod:`parallel.layer_drop`): block l of L is kept
+    at step t with probability 1 − (l/L)(1 − θ(t)), θ(t) = (1 − theta)·exp(−gamma·t) + theta."""
+    enabled: bool = False
+    theta: float = 0.5                     # DeepSpeed's defaults
+    gamma: float = 0.001
 
 
 @dataclass
@@ -95,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     metrics_file: Optional[str] = None
     log_every: int = 1
+    eval_every: int = 0                    # evaluate data.eval every N steps (0: only after the last, if set)
     grad_clip: Optional[float] = None
     timeout_s: float = 60.0
     resume: bool = False
@@ -142,7 +155,7 @@ class ActivationCheckpointingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: str = "cross_entropy"            # cross_entropy | mse | "pkg.module:function"
+    loss: str = "cross_entropy"            # cross_entropy | mse | model (its own loss) | "pkg.module:function"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -150,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+    pld: PLDConfig = field(default_factory=PLDConfig)
     precision: str = "fp32"                # fp32 | bf16 | fp16
     device: str = "cpu"                    # cpu | cuda | auto
 

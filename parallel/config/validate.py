@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 __all__ = ["CHOICES", "validate", "check_factory", "check_schedule"]
 
 CHOICES = {
-    "loss": ("cross_entropy", "mse"),
-    "optimizer.name": ("adamw", "adam", "sgd"),
+    "loss": ("cross_entropy", "mse", "model"),
+    "optimizer.name": ("adamw", "adam", "sgd", "lamb", "muon", "onebit_adam"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble"),
     "parallel.cp_algorithm": ("ring", "ulysses"),
     "precision": ("fp32", "bf16", "fp16"),
@@ -48,6 +48,9 @@ def validate(c: Config, world_size: int | None = None) -> None:
     _check_activation(c)
     _check_train(c, world_size)
     _check_optimizer(c)
+    if not (0.0 < c.pld.theta <= 1.0 and c.pld.gamma >= 0.0):
+        raise ConfigError(f"pld.theta={c.pld.theta} must be in (0, 1] and pld.gamma={c.pld.gamma} >= 0 "
+                          f"(progressive layer dropping's floor keep probability and decay rate)")
 
 
 def _check_choices(c: Config) -> None:
@@ -236,8 +239,16 @@ def _check_optimizer(c: Config) -> None:
         raise ConfigError(f"optimizer.lr={o.lr} must not be negative")
     if o.name == "sgd" and o.betas is not None:
         raise ConfigError("optimizer.betas applies to adam/adamw, not sgd: remove it or change optimizer.name")
-    if o.name != "sgd" and o.momentum is not None:
-        raise ConfigError(f"optimizer.momentum applies to sgd, not {o.name}: remove it or set optimizer.name=sgd")
+    if o.name not in ("sgd", "muon") and o.momentum is not None:
+        raise ConfigError(f"optimizer.momentum applies to sgd, not {o.name} (and to muon): remove it or set "
+                          f"optimizer.name=sgd")
+    if o.name != "muon" and o.adamw_lr is not None:
+        raise ConfigError(f"optimizer.adamw_lr applies to muon (its AdamW part), not {o.name}: remove it")
+    if o.name != "onebit_adam" and o.freeze_step is not None:
+        raise ConfigError(f"optimizer.freeze_step applies to onebit_adam, not {o.name}: remove it")
+    if o.name == "onebit_adam" and c.zero.stage != 0:
+        raise ConfigError(f"optimizer.name=onebit_adam communicates compressed momentum over plain dp: it needs "
+                          f"zero.stage=0 (got {c.zero.stage}); set zero.stage=0")
 
 
 def check_schedule(name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,

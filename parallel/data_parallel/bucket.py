@@ -79,6 +79,7 @@ class FlatBucket:
 
     def flatten(self, tensors: list, dtype: torch.dtype, device=None) -> torch.Tensor:
         """A new padded flat buffer holding ``tensors`` (one per parameter) end to end."""
+        device = device if device is not None else (tensors[0].device if tensors else None)
         flat = torch.zeros(self.padded, dtype=dtype, device=device)
         for t, o, n in zip(tensors, self.offsets, self.sizes):
             flat[o:o + n].copy_(t.reshape(-1))

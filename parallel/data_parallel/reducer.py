@@ -65,6 +65,7 @@ class GradReducer:
         self.on_reduced = on_reduced                     # on_reduced(b) once b's reduced shard is in place
         self.max_inflight, self.auto_reset = max_inflight, auto_reset
         self.expected = 1
+        self.local = False                               # set by ZeRO for 1-bit Adam: hooks reduce nothing
         self._sync = True
         self._where = {}
         self._pos = {id(b): i for i, b in enumerate(self.buckets)}
@@ -205,6 +206,10 @@ class GradReducer:
         if b.flat_grad is None:
             b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=b.params[0].device)
         g = b.flat_grad
+        if self.local:                                   # the optimizer communicates (1-bit Adam): keep g_i
+            self._inflight.append((b, None, None))
+            self.launches[where] += 1
+            return
         if self.group.size > 1:
             g.div_(self.group.size)
         if self.mode == "all_reduce":

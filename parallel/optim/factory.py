@@ -1,17 +1,32 @@
-"""Optimizers from config: only the fields the user set are passed, so torch's defaults apply."""
+"""Optimizers from config: only the fields the user set are passed, so torch's defaults apply.
+
+lamb: :class:`parallel.optim.lamb.Lamb` (DeepSpeed's FusedLamb defaults); muon:
+:class:`parallel.optim.muon.MuonAdamW` (torch.optim.Muon on 2-D weights, AdamW on the rest; for it
+``eps`` and ``betas`` are the AdamW part's, ``adamw_lr`` that part's lr). Both see whole tensors under
+ZeRO and tp through :mod:`parallel.optim.tensorwise`. onebit_adam: :class:`parallel.optim.onebit_adam.OneBitAdam`
+(``freeze_step`` Adam warm-up steps, then compressed momentum; ZeRO stage 0).
+"""
 from __future__ import annotations
 
 import torch
 
 from parallel.config import OptimizerConfig
+from parallel.optim.lamb import Lamb
+from parallel.optim.muon import MuonAdamW
+from parallel.optim.onebit_adam import OneBitAdam
 
-_CLASSES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+_CLASSES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "lamb": Lamb,
+            "muon": MuonAdamW, "onebit_adam": OneBitAdam}
+_RENAME = {"muon": {"eps": "adamw_eps"}}
 
 
 def optimizer_factory(cfg: OptimizerConfig):
     """A function params → torch.optim.Optimizer built from ``optimizer.*``."""
     cls = _CLASSES[cfg.name]
-    kwargs = {k: getattr(cfg, k) for k in ("lr", "weight_decay", "momentum", "eps") if getattr(cfg, k) is not None}
+    keys = ("lr", "weight_decay", "momentum", "eps") + {"muon": ("adamw_lr",), "onebit_adam": ("freeze_step",)}.get(
+        cfg.name, ())
+    rename = _RENAME.get(cfg.name, {})
+    kwargs = {rename.get(k, k): getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
     if cfg.betas is not None:
         kwargs["betas"] = tuple(cfg.betas)
     if cls is torch.optim.SGD and "lr" not in kwargs:

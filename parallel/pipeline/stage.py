@@ -38,6 +38,8 @@ class StageInfo:
     kind: str
     plan: object                    # the SplitPlan it belongs to
     call_kwargs: dict = field(default_factory=dict)
+    batch_kwargs: dict = field(default_factory=dict)   # this micro-batch's masks / position ids (engine sets them)
+    keep_output: bool = False       # last stage: return the model's whole output (loss=model), not the logits
     inject: object = None
     hidden: object = None
 
@@ -61,11 +63,14 @@ class PipelineStage:
     def forward(self, x):
         st = self.stage_info
         if st.kind == "sequential":
+            if st.batch_kwargs:
+                raise ValueError(f"pipeline: an nn.Sequential stage cannot take the batch keys "
+                                 f"{sorted(st.batch_kwargs)}; give the model a forward that accepts them")
             return super().forward(x)
         inp = x if st.first else torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
         st.inject, st.hidden = (None if st.first else x), None
         try:
-            out = super().forward(inp, **st.call_kwargs)
+            out = super().forward(inp, **st.call_kwargs, **st.batch_kwargs)
             hidden = st.hidden
         except Exception as e:
             if st.hidden is None or st.last:
@@ -78,7 +83,7 @@ class PipelineStage:
         finally:
             st.inject = st.hidden = None
         if st.last:
-            return logits_of(out)
+            return out if st.keep_output else logits_of(out)
         if hidden is None:
             raise RuntimeError(f"stage {st.index}: the model's forward returned without calling block "
                                f"{st.blocks[1] - 1}, the last block of this stage, so there is no output "

@@ -56,17 +56,19 @@ def inventory(spec: ModelSpec, t: int = 1) -> tuple:
     nb = 2 if spec.norm_bias else 1
     for i in range(spec.n_layer):
         pre = f"blocks.{i}."
-        mods = [(pre + "ln1", [h] * nb)]
+        ln1, ln2 = (pre + "ln1", [h] * nb), (pre + "ln2", [h] * nb)
+        mods = [] if spec.norms_last else [ln1]
         if spec.fused_qkv:
             mods.append((pre + "attn.qkv", [(h + 2 * kv) * h // t] + ([(h + 2 * kv) // t] if spec.bias else [])))
         else:
             mods += [(pre + f"attn.{n}", [w * h // t] + ([w // t] if spec.bias else [])) for n, w in
                      (("q", h), ("k", kv), ("v", kv))]
         mods.append((pre + "attn.proj", [h * h // t] + ([h] if spec.bias else [])))
-        mods.append((pre + "ln2", [h] * nb))
+        mods += [] if spec.norms_last else [ln2]
         ins = ["mlp.fc"] if spec.mlp_matrices == 2 else ["mlp.gate", "mlp.up"]
         mods += [(pre + n, [f * h // t] + ([f // t] if spec.bias else [])) for n in ins]
         mods.append((pre + "mlp.proj", [h * f // t] + ([h] if spec.bias else [])))
+        mods += [ln1, ln2] if spec.norms_last else []
         out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes]
     out += [ParamEntry("ln_f", h, "post") for _ in range(nb)]
     out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied))

@@ -23,6 +23,7 @@ class ModelSpec:
     norm_bias: bool = True          # LayerNorm (w, b) vs RMSNorm (w)
     learned_pos: bool = True
     tied: bool = True
+    norms_last: bool = False        # the block registers its two norms after attention and MLP (transformers' Llama)
     tp_layout: str = "megatron"     # sequence-parallel layout: "megatron" (examples/gpt.py) or "region" (HF)
 
     @property

@@ -104,8 +104,8 @@ def seq_scatter(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tens
 
 def seq_all_gather(x: torch.Tensor, group: Group, dim: int = SEQ_DIM) -> torch.Tensor:
     """f̄: all-gather the sequence before the tensor-parallel region; backward reduce-scatters the
-    (partial, per-rank) gradient back to this rank's chunk."""
-    _check_seq(x, group, dim, "all-gather before a column-parallel layer")
+    (partial, per-rank) gradient back to this rank's chunk. ``x`` is this rank's chunk: any length
+    (the gathered s = tp·chunk is a multiple of tp by construction, checked where the sequence entered)."""
     return comm.all_gather_to_seq(x, group, dim)
 
 

@@ -189,15 +189,17 @@ class TPConversion:
 
 
 def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
-                          sequence_parallel: bool = False) -> TPConversion:
+                          sequence_parallel: bool = False, gather_logits: bool = False) -> TPConversion:
     """Convert ``model`` in place by ``plan`` over the tp group (a ``Mesh``'s "tp" axis or a ``Group``).
 
     Every problem (a glob that matches nothing, a size or head count not divisible by tp, a module type a style
     cannot convert) is reported in one ValueError before anything is changed. Split parameters record their dim
-    and sections in :func:`parallel.parameters.param_info`. With tp = 1 the plan is only checked."""
+    and sections in :func:`parallel.parameters.param_info`. With tp = 1 the plan is only checked.
+    ``gather_logits``: a colwise_vocab head becomes colwise_gather (full logits on every tp rank), for a model
+    that computes its own loss (``loss: model``)."""
     group: Group = mesh_or_group.group("tp") if hasattr(mesh_or_group, "group") else mesh_or_group
     tp = group.size
-    matches, sections, styles, kv, attrs = _checked_plan(model, plan, tp, sequence_parallel)
+    matches, sections, styles, kv, attrs = _checked_plan(model, plan, tp, sequence_parallel, gather_logits)
     out = TPConversion(group, bool(sequence_parallel and tp > 1), tp > 1 and "colwise_vocab" in styles)
     if tp == 1:
         return out
@@ -210,12 +212,15 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     return out
 
 
-def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool) -> tuple[list, dict, set, dict, dict]:
+def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
+                  gather_logits: bool = False) -> tuple[list, dict, set, dict, dict]:
     """The plan's matches [(name, style, module)], fused sections by name, styles, replicated k/v projections
     {name: (kv heads, q heads)}, per-rank attribute values by module name (:mod:`.semantics`; tied modules
     added by :mod:`.ties`); or one ValueError."""
     plan = resolve_plan(model, plan, ft.partial(plan_for, tp=tp, convert=apply_tensor_parallel,
                                                 sequence_parallel=sequence_parallel))
+    if gather_logits:
+        plan = {g: "colwise_gather" if s == "colwise_vocab" else s for g, s in plan.items()}
     errors: list[str] = []
     matches = _match(model, plan, errors)
     mods = dict(model.named_modules())

@@ -18,8 +18,10 @@ rank owns: one 1-D view per parameter (or part of a parameter, where a shard bou
 into the flat master (stage 0: the whole bucket; stages 1–3: this rank's shard). Per-parameter
 pieces keep the optimizer's loops cache-sized (one 20 MB flat tensor per op is 3x slower on a
 CPU) and its state per parameter. That is exact for optimizers whose update is elementwise given
-the step count (SGD, momentum, Adam, AdamW, Adagrad, RMSprop, …); per-tensor statistics (LAMB's
-trust ratio, Adafactor's factored moments) would see flat pieces instead. One param group.
+the step count (SGD, momentum, Adam, AdamW, Adagrad, RMSprop, …). An optimizer with per-tensor
+statistics (LAMB's trust ratio) or whole-matrix steps (Muon) has ``bind_partition``: it gets a
+:class:`~parallel.zero.partition.ZeroPartition` for whole-tensor norms and gathers
+(:mod:`parallel.optim.tensorwise`). One param group.
 
 Offload (``offload=`` an :class:`parallel.config.OffloadConfig`, see :mod:`.offload`): with
 ``optimizer`` = cpu | nvme the masters and Adam moments live in a tensor store and the step is a
@@ -49,6 +51,7 @@ from parallel.precision import LossScaler, Precision
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
 from parallel.zero.grad_norm import NONFINITE_POLICIES, SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
 from parallel.zero.offload import OffloadMixin, make_offload
+from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin, storage_bytes
 
@@ -111,6 +114,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                        forward pre-hook waits for the buckets of its own parameters (as Megatron's
                        option of that name). Only for models that use each parameter inside the
                        forward of a module holding it; state-dict calls wait for everything.
+    simulate           every parameter on the meta device, nothing initialised: the state's shapes and
+                       bytes only, for :mod:`launch.simulate`
     loss_scale         fp16: a LossScaleConfig (``loss_scale``) or a ready
                        :class:`~parallel.precision.LossScaler`; None: LossScaleConfig's defaults (DeepSpeed's)
 
@@ -120,7 +125,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
 
     def __init__(self, module: nn.Module, optimizer_factory, dp_group: Group, zero: ZeroConfig | None = None, *,
                  precision="fp32", grad_clip=None, on_nonfinite: str = "stop", norm_groups=(), init=None,
-                 unit_types=None, overlap_param_gather: bool = False, loss_scale=None):
+                 unit_types=None, overlap_param_gather: bool = False, loss_scale=None, simulate: bool = False):
         zero = ZeroConfig() if zero is None else zero
         _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups)
         self.module, self.group, self.stage = module, dp_group, zero.stage
@@ -133,7 +138,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                              f"precision={self.prec.name!r} (only fp16 scales the loss)")
         self.steps = 0
         self.stage3 = None
-        named = self._adopt(module, init)
+        named = self._adopt(module, init, simulate)
         units, needs = self._make_buckets(module, named, zero.bucket_mb, unit_types)
         # checks the disk / options before any state is written
         self._opt_off, self._par_off = make_offload(zero.offload, self._all, self.stage, dp_group, optimizer_factory)
@@ -155,15 +160,22 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                                    on_reduced=self._update_early if early else None)
 
     # --- construction -----------------------------------------------------------------------------
-    def _adopt(self, module, init) -> list:
+    def _adopt(self, module, init, simulate: bool = False) -> list:
         """Meta parameters and buffers made real, frozen ones cast; returns the trainable (name, param)."""
         self._init, self._meta_src = init, {}
-        if any(p.is_meta for p in module.parameters()):
+        # simulate: an engine built for its shapes and bytes only (launch.simulate) — every tensor stays on
+        # meta and nothing is initialised
+        self.simulated = simulate
+        if simulate and (init is not None or not all(p.is_meta for p in module.parameters())):
+            raise ValueError("ZeroOptimizer(simulate=True) takes a module whose parameters are all on the meta "
+                             "device and no init record")
+        if any(p.is_meta for p in module.parameters()) and not self.simulated:
             if init is None:
                 raise ValueError("the module has parameters on the meta device: build it with "
                                  "parallel.zero.deferred_init(factory) and pass init=<the returned record>")
             self._meta_src = replace_meta_params(module, init)
-        materialize_buffers(module, init)
+        if not self.simulated:
+            materialize_buffers(module, init)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         for p in module.parameters():                  # frozen params compute in the same dtype
             if not p.requires_grad and p.is_floating_point():
@@ -215,6 +227,20 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                              "(one param group), e.g. lambda params: torch.optim.AdamW(params, lr=1e-3)")
         if self._opt_off is not None:
             self._opt_off.bind(self.optimizer, self._par_off)
+        if hasattr(self.optimizer, "bind_partition"):      # LAMB, Muon: whole-tensor norms / matrices
+            self._bind_partition()
+
+    def _bind_partition(self) -> None:
+        """Non-elementwise optimizers (:mod:`parallel.optim.tensorwise`) get ZeRO's pieces' layout."""
+        if self._opt_off is not None:
+            raise ValueError(f"zero.offload.optimizer streams an elementwise Adam: {type(self.optimizer).__name__} "
+                             f"needs whole tensors; set zero.offload.optimizer=none or use adam/adamw")
+        if hasattr(self.optimizer, "local_gradients") and (self.stage != 0 or self.grad_clip is not None):
+            raise ValueError(f"{type(self.optimizer).__name__} communicates compressed momentum itself: it runs "
+                             f"with zero.stage=0 and no train.grad_clip (got stage {self.stage}, grad_clip "
+                             f"{self.grad_clip}); set zero.stage=0 and remove train.grad_clip")
+        tp = next((g for g in self.norm_groups if g.axis == "tp"), None)
+        self.optimizer.bind_partition(ZeroPartition(self._piece_list, self._all, self.group, self.stage > 0, tp))
 
     def _hook_param_gathers(self, module) -> None:
         owner = {p: b for b in self._all for p in b.params}
@@ -244,6 +270,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
     def prepare_step(self, num_micro_batches: int = 1) -> None:
         """Announce the micro-batches of this step: buckets reduce after their m-th gradient."""
         self.reducer.prepare_step(num_micro_batches)
+        self.reducer.local = bool(getattr(self.optimizer, "local_gradients", False))   # 1-bit Adam
 
     def no_sync(self):
         return self.reducer.no_sync()
@@ -369,12 +396,12 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         self.wait_param_gather()
         seen: set = set()
         params = storage_bytes([p for p in self.module.parameters()] +
-                               [t for b in self._all for t in (b.flat_param, b.shard_param)], seen)
+                               [t for b in self._all for t in (b.flat_param, b.shard_param)], seen, self.simulated)
         grads = storage_bytes([p.grad for p in self.module.parameters()] +
-                              [t for b in self._all for t in (b.flat_grad, b.shard_grad)], seen)
-        master = storage_bytes([b.master for b in self._all] + [b.master.grad for b in self._all], seen)
+                              [t for b in self._all for t in (b.flat_grad, b.shard_grad)], seen, self.simulated)
+        master = storage_bytes([b.master for b in self._all] + [b.master.grad for b in self._all], seen, self.simulated)
         opt = storage_bytes([v for st in self.optimizer.state.values() for v in st.values()
-                             if isinstance(v, torch.Tensor)], seen)
+                             if isinstance(v, torch.Tensor)], seen, self.simulated)
         return {"params": params, "grads": grads, "master": master, "optimizer": opt,
                 "total": params + grads + master + opt}
 

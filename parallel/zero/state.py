@@ -141,15 +141,16 @@ class ZeroStateMixin:
         self._write_back()
 
 
-def storage_bytes(tensors, seen: set) -> int:
+def storage_bytes(tensors, seen: set, meta: bool = False) -> int:
     """Bytes of the storages behind ``tensors``, each storage counted once across calls sharing
-    ``seen`` (a view and its base count once; a storage resized to 0 counts 0)."""
+    ``seen`` (a view and its base count once; a storage resized to 0 counts 0). Meta tensors count
+    only with ``meta`` (an engine simulated on the meta device: :mod:`launch.simulate`)."""
     total = 0
     for t in tensors:
-        if t is None or t.device.type == "meta":
+        if t is None or t.device.type == "meta" and not meta:
             continue
         st = t.untyped_storage()
-        key = (st.data_ptr(), t.device)
+        key = ("meta", st._cdata) if t.device.type == "meta" else (st.data_ptr(), t.device)
         if st.nbytes() == 0 or key in seen:
             continue
         seen.add(key)

@@ -1,0 +1,192 @@
+"""``python -m launch.simulate --config X.yaml --world 4096 --rank R``: what rank R of a large job holds,
+computed by the real code on one CPU process.
+
+Rank R's engine is built exactly as a worker builds it — the real tensor-parallel conversion, the real
+pipeline split, the real ZeRO partitioning and bucketing — but under torch's fake process-group
+backend (``FakeStore`` with backend ``"fake"``: every collective returns at once, nothing is sent) and
+with the model built on the meta device (shapes only: no memory, no initialisation). Nothing here
+re-implements a layout: the bytes reported are those of the tensors the engine allocated (on meta),
+walked the way :meth:`parallel.zero.ZeroOptimizer.model_state_bytes` walks them on a real run, after
+the optimizer's state has been created by one optimizer step on meta gradients.
+
+Reported per rank: the mesh coordinates, its stages, parameter / gradient / master / optimizer bytes,
+the planner's prediction for the same rank (:func:`parallel.planning.planner.predict`) — they must be
+equal, and the command exits 1 when they are not — the planner's activation and transient estimates,
+the peak it implies against ``--memory-gib``, and the wall time the simulation took.
+
+Limits: one training step is not run (a pipeline stage's receive needs the shape its peer would send,
+and under the fake backend nothing arrives), so the collectives per step are the planner's, not counted
+ones; models whose construction needs real data (``.item()`` in ``__init__``) cannot be built on meta.
+
+The published layouts of :mod:`launch.simulate_layouts` (Llama-3 405B on 16,384 ranks, a 70B on 1,024)
+are checked by ``tests/test_simulate.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["simulate_rank", "main"]
+
+
+def _fake_world(world: int, rank: int) -> None:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        raise RuntimeError("launch.simulate: a process group is already initialised in this process; simulate "
+                           "in a fresh process (python -m launch.simulate ...)")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+
+def _init_gradients(engine) -> None:
+    """The gradient buffers the first backward's reduction leaves (on meta): the full flat gradient where
+    the reducer keeps it (stages 0–1), else this rank's reduced shard (stages 2–3; parallel.data_parallel.reducer)."""
+    red = engine.zero.reducer
+    for b in engine.zero._all:
+        if b.flat_grad is None and b.shard_grad is None:
+            if red.keep_full or red.mode == "all_reduce":
+                b.flat_grad = torch.zeros(b.padded, dtype=red.dtype, device=b.params[0].device)
+            else:
+                b.shard_grad = torch.zeros(b.shard, dtype=red.dtype, device=b.params[0].device)
+
+
+def _init_optimizer_state(engine) -> None:
+    """One optimizer step on zero (meta) gradients: the optimizer creates its state (Adam's moments,
+    the step counters) exactly as the first real step would, on the meta device."""
+    opt = engine.zero.optimizer
+    views = [p for g in opt.param_groups for p in g["params"]]
+    for p in views:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p in views:                       # the real step's gradients are views of the flat ones: not extra
+        p.grad = None
+
+
+class _MetaScalars(TorchDispatchMode):
+    """``.item()`` of a meta tensor answers True / 0 instead of failing. transformers' mask helpers
+    branch on a data value (``find_packed_sequence_indices``: "are the position ids packed?"): the
+    pipeline split's probe forward runs on meta here, where the answer for the probe's plain input —
+    one unpacked sequence — is True. Only the probe's control flow sees these values; no byte count
+    depends on them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return True if args[0].dtype == torch.bool else 0
+        return func(*args, **(kwargs or {}))
+
+
+def _meta_model(cfg):
+    from parallel.config import import_object
+    factory = import_object(cfg.model.factory, "model.factory")
+    torch.manual_seed(cfg.train.seed)
+    with torch.device("meta"):
+        return factory(**cfg.model.kwargs)
+
+
+def _prediction(cfg, model, rank: int):
+    from launch.plan import spec_from_model
+    from parallel.planning.planner import Layout, TrainSpec, predict
+    p, ac = cfg.parallel, cfg.activation_checkpointing
+    seq = cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
+    spec = spec_from_model(model, seq)
+    lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
+                 p.sequence_parallel, cfg.zero.units)
+    tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
+                   cfg.zero.bucket_mb, ac.policy, ac.every)
+    from parallel.mesh import coords_of
+    c = coords_of(rank, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
+    one = predict(spec, Layout(**{**lay.__dict__, "dp": p.dp}), tr, ranks="worst")
+    # "worst" holds dp = tp = 0 of each pp rank; the state bytes of another dp rank differ only in the
+    # pieces it owns, so the exact rank is predicted from the same buckets
+    from parallel.planning.planner import _buckets, _rank_params, _states, element_bytes
+    bks = _buckets(_rank_params(spec, p.tp, p.pp, p.pp_virtual_stages, c["pp"]), lay,
+                   element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1)
+    mem = dict(_states(bks, lay, tr, c["dp"]))
+    worst = one.memory[next(g for g in one.memory if coords_of(g, {"pp": p.pp, "dp": p.dp, "tp": p.tp})["pp"]
+                            == c["pp"])]
+    mem.update(activations=worst["activations"], transient=worst["transient"])
+    mem["peak"] = mem["total"] + mem["activations"] + mem["transient"]
+    return mem
+
+
+def simulate_rank(cfg, world: int, rank: int) -> dict:
+    """Build rank ``rank`` of a ``world``-rank job for ``cfg`` under the fake backend on meta; returns
+    the report (see the module docstring)."""
+    from parallel.engine import Engine
+    from parallel.mesh import Mesh, release_meshes
+    p = cfg.parallel
+    if p.dp * p.tp * p.pp != world:
+        raise ValueError(f"--world {world} but parallel.dp·tp·pp = {p.dp}·{p.tp}·{p.pp} = {p.dp * p.tp * p.pp}: "
+                         f"set the layout so that their product is the world size")
+    if not 0 <= rank < world:
+        raise ValueError(f"--rank {rank} is outside the world [0, {world})")
+    t0 = time.perf_counter()
+    _fake_world(world, rank)
+    try:
+        mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta")
+        model = _meta_model(cfg)
+        with _MetaScalars():
+            engine = Engine(model, cfg, mesh)
+        _init_gradients(engine)
+        _init_optimizer_state(engine)
+        got = engine.model_state_bytes()
+        want = _prediction(cfg, model, rank)
+        stages = [type(s).__name__ for s in engine.stages]
+        out = {"world": world, "rank": rank, "coord": dict(mesh.coord), "stages": stages,
+               "measured": got, "planner": want,
+               "equal": all(got[k] == want[k] for k in ("params", "grads", "master", "optimizer", "total")),
+               "seconds": round(time.perf_counter() - t0, 3)}
+        del engine, model
+        release_meshes()
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2 ** 30:8.3f} GiB"
+
+
+def render(r: dict, memory_gib: float | None = None) -> str:
+    lines = [f"rank {r['rank']} of {r['world']}  {r['coord']}  stages {r['stages']}  ({r['seconds']} s)",
+             f"{'':12}{'engine (meta)':>16}{'planner':>16}"]
+    for k in ("params", "grads", "master", "optimizer", "total"):
+        lines.append(f"{k:12}{_gib(r['measured'][k]):>16}{_gib(r['planner'][k]):>16}"
+                     + ("" if r["measured"][k] == r["planner"][k] else "   <- differs"))
+    pl = r["planner"]
+    lines.append(f"{'activations':12}{'':16}{_gib(pl['activations']):>16}   (planner estimate)")
+    lines.append(f"{'transient':12}{'':16}{_gib(pl['transient']):>16}   (planner estimate)")
+    lines.append(f"{'peak':12}{'':16}{_gib(pl['peak']):>16}")
+    if memory_gib is not None:
+        fits = pl["peak"] <= memory_gib * 2 ** 30
+        lines.append(f"fits in {memory_gib:g} GiB: {'yes' if fits else 'NO'}")
+    lines.append("engine bytes = planner bytes" if r["equal"] else "ENGINE AND PLANNER DISAGREE")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.simulate", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--world", type=int, required=True)
+    ap.add_argument("--rank", default="0", help="a rank or a comma-separated list (0,7,4095)")
+    ap.add_argument("--memory-gib", type=float, default=None, help="say whether the peak fits this budget")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="a.b=value config overrides")
+    a = ap.parse_args(argv)
+    from parallel.config import load_config
+    cfg = load_config(a.config, a.overrides)
+    ok = True
+    for r in [int(x) for x in str(a.rank).split(",")]:
+        rep = simulate_rank(cfg, a.world, r)
+        ok &= rep["equal"]
+        print(json.dumps(rep) if a.json else render(rep, a.memory_gib), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Dict batches and the token-weighted loss over the global batch.
+
+A sample may be a dict ``{input_ids, attention_mask, position_ids, labels | targets, ...}``;
+``default_collate`` stacks such samples into a dict batch. Every key except the label key goes to
+the model's forward by name — ``input_ids`` positionally, so ``forward(idx, targets=None)``
+(nanoGPT) takes it as well as ``forward(input_ids, attention_mask=..., ...)`` (transformers). Keys
+the forward does not accept (and no ``**kwargs``) are refused naming the key.
+
+Label conventions (who shifts): the tensor under ``labels`` follows transformers — position t is
+scored against ``labels[t+1]`` (the loss shifts, as ``ForCausalLMLoss`` does); under ``targets`` it
+is aligned — position t against ``targets[t]`` (nanoGPT, and the ``(x, y)`` tuples of this repo).
+A token whose label is ``IGNORE`` = −100 is not scored (with ``targets``, any negative id: nanoGPT
+ignores −1). With ``loss: model`` the convention is the one of the forward parameter the labels
+are passed under (``labels`` → shifted, ``targets`` → aligned).
+
+**The loss of a step** (the parity contract, DESIGN.md) is the mean over the scored tokens of the
+whole global batch, L = Σ_t ℓ_t / N, N the number of scored tokens of the global batch — not a mean
+of micro-batch means, which differs as soon as padding makes the micro-batches' counts differ. Each
+dp rank counts n_i for its m micro-batches on the host (no device sync), and one all-reduce of one
+number over dp (the control group) gives N. The engine sums micro-batch losses with weight 1/m and
+averages over dp (gradients: Σ ∇L_i / (m·dp)), so micro-batch i contributes
+
+    L_i' = S_i · m·dp / N,   S_i = Σ_{t ∈ micro-batch i} ℓ_t = n_i · mean_i
+
+and (1/(m·dp)) Σ_{ranks, i} L_i' = Σ S_i / N, what one process computes on the whole batch.
+``loss: cross_entropy`` computes mean_i over the (shifted) scored tokens (vocab-parallel under tp);
+``loss: model`` takes the model's own micro-batch loss as mean_i — exact when the model's loss IS
+the mean over its scored tokens (transformers' causal-LM loss without ``num_items_in_batch``,
+nanoGPT's ``F.cross_entropy(..., ignore_index=-1)``); a model whose loss is any other reduction
+(a sum, a per-sequence mean) is weighted wrongly, which no framework can see from outside.
+A micro-batch with no scored token contributes 0 (not NaN). Other losses (``mse``, a function)
+get the label tensor and weight 1: the mean of micro-batch means, as for tuple batches.
+
+Tuple ``(x, y)`` batches keep the mean of micro-batch means (exact when every sample has the same
+number of scored tokens; use a dict batch for padded data).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from parallel import comm
+
+__all__ = ["IGNORE", "LABEL_KEYS", "Targets", "MicroBatch", "prepare", "model_loss", "label_param", "check_labels",
+           "forward_params", "scored_count", "shift_for"]
+
+IGNORE = -100
+LABEL_KEYS = ("labels", "targets")
+
+
+@dataclass
+class Targets:
+    """The label tensor of a micro-batch of a dict batch, and how it is scored.
+
+    ``key``: the convention (``labels`` shifted, ``targets`` aligned); ``count``: n_i, its scored
+    tokens; ``weight``: m·dp/N (see the module docstring), so the micro-batch's loss is n_i·mean_i·weight."""
+    labels: torch.Tensor
+    key: str
+    count: int = 0
+    weight: float = 1.0
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch: ``x`` the first positional input (input_ids), ``y`` its targets (a tensor
+    for tuple batches, :class:`Targets` for dict batches), ``kwargs`` the other forward inputs."""
+    x: object
+    y: object
+    kwargs: dict = field(default_factory=dict)
+
+
+def shift_for(key: str) -> bool:
+    return key == "labels"
+
+
+def scored_count(labels: torch.Tensor, key: str) -> int:
+    """Tokens scored under ``key``'s convention: labels[:, 1:] != −100, or targets ≥ 0."""
+    if shift_for(key):
+        return int((labels[..., 1:] != IGNORE).sum())
+    return int((labels >= 0).sum())
+
+
+def forward_params(model) -> tuple[set, bool]:
+    """(named parameters of ``type(model).forward``, whether it takes **kwargs)."""
+    try:
+        sig = inspect.signature(type(model).forward)
+    except (TypeError, ValueError):
+        return set(), True
+    names = {n for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+    return names, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def label_param(model) -> str:
+    """The name ``loss: model`` passes the labels under: ``labels`` (transformers) or ``targets`` (nanoGPT)."""
+    names, var_kw = forward_params(model)
+    for k in LABEL_KEYS:
+        if k in names:
+            return k
+    if var_kw:
+        return "labels"
+    raise ValueError(f"loss=model: {type(model).__name__}.forward({', '.join(sorted(names))}) takes neither labels= "
+                     f"nor targets=, so it cannot compute its own loss; use loss=cross_entropy")
+
+
+def model_loss(output) -> torch.Tensor:
+    """The loss a model returned: ``output.loss`` (transformers ModelOutput), the 0-dim tensor of a tuple
+    ((logits, loss) as nanoGPT, (loss, logits, ...) as transformers with return_dict=False), or a 0-dim tensor."""
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(output, (tuple, list)):
+        for v in output:
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                return v
+    raise TypeError(f"loss=model: the model returned {type(output).__name__} without a loss (no .loss, no 0-dim "
+                    f"tensor in a tuple); it must compute its loss when given labels/targets, or use "
+                    f"loss=cross_entropy")
+
+
+def _split(batch: dict, size: int) -> list[dict]:
+    n = None
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            if n is not None and v.shape[0] != n:
+                raise ValueError(f"dict batch: {k!r} has {v.shape[0]} samples, other keys {n}; every tensor of a "
+                                 f"batch must have the batch dim first")
+            n = v.shape[0]
+    if n is None:
+        raise ValueError(f"dict batch with keys {sorted(batch)} holds no tensor")
+    out = []
+    for a in range(0, n, size):
+        out.append({k: (v[a:a + size] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
+    return out
+
+
+def check_keys(batch: dict, model) -> None:
+    """Refuse keys the model's forward would not accept, naming them and the fix."""
+    names, var_kw = forward_params(model)
+    keys = [k for k in batch if k not in LABEL_KEYS]
+    if "input_ids" not in batch:
+        raise ValueError(f"dict batch with keys {sorted(batch)}: 'input_ids' is missing (the model's first input); "
+                         f"name the token ids input_ids in the samples data.factory returns")
+    if var_kw:
+        return
+    bad = [k for k in keys if k != "input_ids" and k not in names]
+    if bad:
+        raise ValueError(f"dict batch: {type(model).__name__}.forward takes no {', '.join(map(repr, bad))} "
+                         f"(it takes {', '.join(sorted(names))}); drop those keys from the samples or rename them")
+
+
+def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: str | None = None) -> list:
+    """This rank's batch as :class:`MicroBatch` es; for dict batches N is counted over dp (collective).
+
+    ``mode``: "token" (cross-entropy, weighted by scored tokens), "model" (the model's own loss,
+    weighted by its scored tokens; labels passed under ``label_name``) or "plain" (weight 1).
+    ``to`` moves a tensor to the device. Every rank of the dp group must call this for each step."""
+    if not isinstance(batch, dict):
+        from parallel.data import split_micro
+        micro = [MicroBatch(to(x), to(y)) for x, y in split_micro(batch, micro_batch_size)]
+        if mode == "model":                               # (x, y): y goes to the model under its own name
+            for mb in micro:
+                mb.y = Targets(mb.y, label_name or "targets")
+                mb.kwargs = {}
+            _weigh(micro, dp_group, weighted=True)
+        return micro
+    key = check_labels(batch)
+    micro = []
+    for part in _split(batch, micro_batch_size):
+        labels = to(part.pop(key))
+        conv = label_name if mode == "model" else key
+        micro.append(MicroBatch(to(part.pop("input_ids")), Targets(labels, conv),
+                                {k: to(v) if isinstance(v, torch.Tensor) else v for k, v in part.items()}))
+    _weigh(micro, dp_group, weighted=mode in ("token", "model"))
+    return micro
+
+
+def _weigh(micro: list, dp_group, weighted: bool) -> None:
+    if not weighted:
+        return
+    local = 0
+    for mb in micro:
+        mb.y.count = scored_count(mb.y.labels, mb.y.key)
+        local += mb.y.count
+    t = torch.tensor([float(local)], dtype=torch.float64)
+    if dp_group is not None and dp_group.size > 1:
+        comm.all_reduce(t, dp_group.control())
+    n = max(t.item(), 1.0)
+    for mb in micro:
+        mb.y.weight = len(micro) * (dp_group.size if dp_group is not None else 1) / n
+
+
+def token_loss(base, mode: str):
+    """Wrap ``base(output, target_tensor) -> micro-batch mean`` into the engine's loss: tensors pass
+    through; :class:`Targets` give n_i · mean_i · weight (module docstring)."""
+    def fn(output, y):
+        if not isinstance(y, Targets):
+            return base(output, y)
+        from parallel.loss import logits_of
+        if mode == "model":
+            if y.count == 0:                               # the model's mean over no token is NaN
+                return logits_of(output).sum() * 0.0
+            mean = model_loss(output)
+        elif mode == "plain":
+            return base(output, y.labels)
+        else:
+            logits, labels = logits_of(output), y.labels
+            if shift_for(y.key):
+                logits, labels = logits[..., :-1, :], labels[..., 1:]
+            else:
+                labels = torch.where(labels < 0, IGNORE, labels)
+            if y.count == 0:
+                return logits.sum() * 0.0
+            mean = base(logits, labels)
+        return mean * (y.count * y.weight)
+    return fn
+
+
+def check_labels(batch: dict) -> str:
+    """The label key of a dict batch: exactly one of ``labels`` / ``targets``, else a ValueError."""
+    keys = [k for k in LABEL_KEYS if k in batch]
+    if len(keys) > 1:
+        raise ValueError("dict batch holds both 'labels' (shifted by the loss) and 'targets' (aligned); keep one")
+    if not keys:
+        raise ValueError(f"dict batch with keys {sorted(batch)} has no 'labels' (shifted by the loss, transformers) "
+                         f"or 'targets' (aligned, nanoGPT) to train on; add one to the samples")
+    return keys[0]

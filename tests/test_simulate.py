@@ -1,0 +1,51 @@
+"""Rank R of a large job, built by the real engine on one CPU process (launch.simulate, issue 25):
+torch's fake process-group backend, the model on the meta device. The bytes the engine allocates
+for rank R must equal the planner's prediction for rank R exactly."""
+import pytest
+import torch.distributed as dist
+
+from launch.simulate import main, simulate_rank
+from parallel.config import load_config
+
+GPT_4096 = ["parallel.dp=1024", "parallel.tp=2", "parallel.pp=2", "data.global_batch_size=4096",
+            "data.micro_batch_size=1"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gpt_rank_of_4096_equals_the_planner(stage):
+    cfg = load_config("configs/quickstart.yaml", GPT_4096 + [f"zero.stage={stage}"])
+    for rank in (0, 4095):
+        r = simulate_rank(cfg, 4096, rank)
+        assert r["coord"] == ({"pp": 0, "dp": 0, "tp": 0} if rank == 0 else {"pp": 1, "dp": 1023, "tp": 1})
+        for k in ("params", "grads", "master", "optimizer", "total"):
+            assert r["measured"][k] == r["planner"][k], (stage, rank, k, r)
+        assert r["measured"]["optimizer"] > 0 and r["measured"]["params"] > 0
+    assert not dist.is_initialized()              # the fake world is gone again
+
+
+def test_bad_world_and_rank_are_named():
+    cfg = load_config("configs/quickstart.yaml", GPT_4096)
+    with pytest.raises(ValueError, match=r"--world 4000 but parallel.dp·tp·pp = 1024·2·2 = 4096"):
+        simulate_rank(cfg, 4000, 0)
+    with pytest.raises(ValueError, match=r"--rank 4096 is outside the world \[0, 4096\)"):
+        simulate_rank(cfg, 4096, 4096)
+
+
+def _ranks(pp, dp, tp):
+    """First, middle and last of every axis (the others at 0), and the very last rank."""
+    out = {0, pp * dp * tp - 1}
+    for n, stride in ((pp, dp * tp), (dp, tp), (tp, 1)):
+        out |= {(n // 2) * stride, (n - 1) * stride}
+    return sorted(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,world,shape", [("llama3_405b", 16384, (16, 128, 8)), ("llama3_70b", 1024, (4, 32, 8))])
+def test_published_llama3_layouts_fit_80gb_and_equal_the_planner(name, world, shape, capsys):
+    ranks = ",".join(map(str, _ranks(*shape)))
+    code = main(["--config", f"configs/simulate/{name}.yaml", "--world", str(world), "--rank", ranks,
+                 "--memory-gib", "80"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("engine bytes = planner bytes") == len(ranks.split(",")), out
+    assert out.count("fits in 80 GiB: yes") == len(ranks.split(",")), out
