@@ -102,11 +102,13 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, idx):
+    def forward(self, idx, position_ids=None):
+        """``position_ids`` (optional, (s,) or (b, s)): the tokens' positions, as in transformers models
+        (context parallelism gives each rank its shard's global positions; packed documents restart)."""
         s = idx.shape[1]
         if s > self.seq_len:
             raise ValueError(f"sequence length {s} exceeds the model's seq_len {self.seq_len}")
-        pos = torch.arange(s, device=idx.device)
+        pos = torch.arange(s, device=idx.device) if position_ids is None else position_ids
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
             x = block(x)

@@ -91,8 +91,10 @@ def describe(cfg: Config, memory: float | None = None) -> str:
     change that does (:func:`parallel.planning.fit.fit`)."""
     p = cfg.parallel
     lines = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "",
-             f"# mesh: pp={p.pp} × dp={p.dp} × tp={p.tp} = {cfg.world_size} ranks (tp innermost), "
-             f"ZeRO stage {cfg.zero.stage}, {cfg.precision}",
+             f"# mesh: pp={p.pp} × dp={p.dp} × cp={p.cp} × tp={p.tp} = {cfg.world_size} ranks (tp innermost), "
+             f"ZeRO stage {cfg.zero.stage} over dp×cp = {p.dp * p.cp}, {cfg.precision}"
+             + (f"; context parallel: {p.cp_algorithm}, sequence split in 2·cp = {2 * p.cp} zig-zag chunks"
+                if p.cp > 1 else ""),
              f"# micro-batches per dp rank per step: {cfg.micro_batches} "
              f"(global batch {cfg.data.global_batch_size}, micro-batch {cfg.data.micro_batch_size})"]
     model = pred = None
@@ -110,8 +112,8 @@ def describe(cfg: Config, memory: float | None = None) -> str:
     lines += ["", "# per rank: coordinates and the planner's model-state / activation estimate (activation "
                   f"checkpointing: {cfg.activation_checkpointing.policy})"]
     for r in range(cfg.world_size):
-        c = coords_of(r, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
-        row = f"rank {r}: pp={c['pp']} dp={c['dp']} tp={c['tp']}"
+        c = coords_of(r, {"pp": p.pp, "dp": p.dp, "cp": p.cp, "tp": p.tp})
+        row = f"rank {r}: pp={c['pp']} dp={c['dp']} " + (f"cp={c['cp']} " if p.cp > 1 else "") + f"tp={c['tp']}"
         if pred is not None and r in pred.memory:
             m = pred.memory[r]
             row += (f"  params {_mib(m['params'])}  grads {_mib(m['grads'])}  optimizer "
@@ -123,6 +125,8 @@ def describe(cfg: Config, memory: float | None = None) -> str:
         lines += [f"# expert parallelism: ep={p.ep} (experts split over ep, token all-to-all), expert gradients "
                   f"reduced over expert-data-parallel groups of {p.dp // p.ep}; everything else over dp",
                   f"#   ep groups:  {[list(g) for g in eps]}", f"#   edp groups: {[list(g) for g in edps]}"]
+    if p.cp > 1:
+        lines.append(f"# (the planner does not model cp yet: its figures are for one rank of each cp group of {p.cp})")
     if pred is not None:
         axes = {}
         for ops in pred.comm.values():

@@ -30,13 +30,19 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from launch.plan import spec_from_model
+from parallel.config import import_object, load_config
+from parallel.engine import Engine
+from parallel.mesh import Mesh, coords_of, release_meshes
+from parallel.planning.planner import Layout, TrainSpec, _buckets, _rank_params, _states, element_bytes, predict
 
 __all__ = ["simulate_rank", "main"]
 
 
 def _fake_world(world: int, rank: int) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
     if dist.is_initialized():
         raise RuntimeError("launch.simulate: a process group is already initialised in this process; simulate "
                            "in a fresh process (python -m launch.simulate ...)")
@@ -81,7 +87,6 @@ class _MetaScalars(TorchDispatchMode):
 
 
 def _meta_model(cfg):
-    from parallel.config import import_object
     factory = import_object(cfg.model.factory, "model.factory")
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):
@@ -89,8 +94,6 @@ def _meta_model(cfg):
 
 
 def _prediction(cfg, model, rank: int):
-    from launch.plan import spec_from_model
-    from parallel.planning.planner import Layout, TrainSpec, predict
     p, ac = cfg.parallel, cfg.activation_checkpointing
     seq = cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
     spec = spec_from_model(model, seq)
@@ -98,12 +101,10 @@ def _prediction(cfg, model, rank: int):
                  p.sequence_parallel, cfg.zero.units)
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
                    cfg.zero.bucket_mb, ac.policy, ac.every)
-    from parallel.mesh import coords_of
     c = coords_of(rank, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
     one = predict(spec, Layout(**{**lay.__dict__, "dp": p.dp}), tr, ranks="worst")
     # "worst" holds dp = tp = 0 of each pp rank; the state bytes of another dp rank differ only in the
     # pieces it owns, so the exact rank is predicted from the same buckets
-    from parallel.planning.planner import _buckets, _rank_params, _states, element_bytes
     bks = _buckets(_rank_params(spec, p.tp, p.pp, p.pp_virtual_stages, c["pp"]), lay,
                    element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1)
     mem = dict(_states(bks, lay, tr, c["dp"]))
@@ -117,9 +118,10 @@ def _prediction(cfg, model, rank: int):
 def simulate_rank(cfg, world: int, rank: int) -> dict:
     """Build rank ``rank`` of a ``world``-rank job for ``cfg`` under the fake backend on meta; returns
     the report (see the module docstring)."""
-    from parallel.engine import Engine
-    from parallel.mesh import Mesh, release_meshes
     p = cfg.parallel
+    if p.cp > 1 or p.ep > 1:
+        raise ValueError(f"launch.simulate: parallel.cp={p.cp}, parallel.ep={p.ep}: the planner does not model context "
+                         f"or expert parallelism yet, so there is nothing to compare with; simulate with cp=1 and ep=1")
     if p.dp * p.tp * p.pp != world:
         raise ValueError(f"--world {world} but parallel.dp·tp·pp = {p.dp}·{p.tp}·{p.pp} = {p.dp * p.tp * p.pp}: "
                          f"set the layout so that their product is the world size")
@@ -128,7 +130,7 @@ def simulate_rank(cfg, world: int, rank: int) -> dict:
     t0 = time.perf_counter()
     _fake_world(world, rank)
     try:
-        mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta", ep=p.ep)
+        mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta", ep=p.ep, cp=p.cp)
         model = _meta_model(cfg)
         with _MetaScalars():
             engine = Engine(model, cfg, mesh)
@@ -178,7 +180,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*", help="a.b=value config overrides")
     a = ap.parse_args(argv)
-    from parallel.config import load_config
     cfg = load_config(a.config, a.overrides)
     ok = True
     for r in [int(x) for x in str(a.rank).split(",")]:

@@ -328,7 +328,8 @@ def main(argv=None) -> int:
         progress.set_phase("setup")
         watchdog = Watchdog(progress, cfg.train.timeout_s, exit_fn=watchdog_exit, parent_pid=parent).start()
         owner = lifecycle.own_checkpoint_dir(cfg, rank, progress)
-        mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device, ep=cfg.parallel.ep)
+        mesh = Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp, device=device, ep=cfg.parallel.ep,
+                    cp=cfg.parallel.cp)
         result = run(cfg, mesh, progress=progress, stop=stop)
         progress.set_phase("shutdown (final barrier)")
         lifecycle.quiesce(mesh)                    # every rank's communication finished (lifecycle: clean exit)

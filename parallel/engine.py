@@ -28,6 +28,7 @@ mean over the scored tokens of the global batch, not a mean of micro-batch means
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -39,6 +40,7 @@ from parallel.activation.checkpointing import apply_activation_checkpointing
 from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
+from parallel.context_parallel import ContextParallel
 from parallel.data_parallel import sync_batchnorm
 from parallel.layer_drop import apply_layer_drop
 from parallel.loss import cross_entropy, logits_of, resolve_loss
@@ -63,6 +65,9 @@ class Engine:
         self.cfg, self.mesh, self._sample = config, mesh, sample      # sample: one input, for the pipeline split
         p = config.parallel
         self.tp, self.pp, self.dp = mesh.group("tp"), mesh.group("pp"), mesh.group("dp")
+        self.dp_cp, self.context = mesh.group("dp_cp"), None          # gradients reduce over dp×cp
+        if p.cp > 1:                                                   # context parallel: parallel/context_parallel
+            self.context = _context_parallel(model, mesh, p.cp_algorithm)
         self.template = meta_copy(model)            # the unmodified model's structure (no memory)
         self.tensor_parallel = None                  # TPConversion, set by _shard when tp > 1
         self.sync_bn = sync_batchnorm.prepare(model, config, self.dp, mesh.rank)   # BatchNorm over dp (in place)
@@ -80,7 +85,8 @@ class Engine:
             blocks += tuple(dict.fromkeys(type(s) for s in self.stages))
         self.loss_mode, self.label_name = self._loss_mode()
         self.loss_fn = self._loss(model)
-        self.zero = ZeroOptimizer(self.module, optimizer or optimizer_factory(config.optimizer), self.dp, config.zero,
+        opt = optimizer or optimizer_factory(config.optimizer)
+        self.zero = ZeroOptimizer(self.module, opt, self.dp_cp, config.zero,
                                   precision=config.precision, grad_clip=config.train.grad_clip,
                                   on_nonfinite=config.train.on_nonfinite, norm_groups=(self.tp, self.pp),
                                   unit_types=blocks, loss_scale=config.loss_scale,
@@ -223,10 +229,12 @@ class Engine:
         set_aux_scale(self.moe, z.loss_scale / len(micro))      # MoE aux losses: mean over micro-batches
         if self.executor is None:
             total = 0.0
-            for mb in micro:
-                loss = self.loss_fn(self._forward(mb), mb.y)
-                (loss * (z.loss_scale / len(micro))).backward()
-                total += loss.item()
+            with self._cp_active():
+                for mb in micro:
+                    mb = self._cp_shard(mb)
+                    loss = self.loss_fn(self._forward(mb), mb.y)
+                    (loss * (z.loss_scale / len(micro))).backward()
+                    total += loss.item()
             local = total / len(micro)
         else:
             self.executor.loss_scale = z.loss_scale
@@ -305,7 +313,25 @@ class Engine:
                                  f"global batches {s - n + 1}..{s} (dataset positions [{(s - n + 1) * G}, "
                                  f"{(s + 1) * G})), lower optimizer.lr, or raise train.max_skips", [])
 
+    def _cp_active(self):
+        return self.context.active() if self.context is not None else contextlib.nullcontext()
+
+    def _cp_shard(self, mb):
+        """cp > 1: this rank's zig-zag shard of micro-batch ``mb`` and its global positions (context_parallel);
+        the batch's own position_ids (packed documents) are honoured."""
+        if self.context is None:
+            return mb
+        if not isinstance(mb.y, torch.Tensor) or set(mb.kwargs) - {"position_ids"} or self.loss_mode == "model":
+            raise ValueError(f"parallel.cp={self.context.group.size} takes (inputs, targets) batches, optionally with "
+                             f"position_ids (packed documents); dict batches with labels or masks and loss=model are "
+                             f"not supported under cp yet (got keys {sorted(mb.kwargs)}): set parallel.cp=1")
+        x, y, kw = self.context.shard_batch(mb.x, mb.y, mb.kwargs.get("position_ids"))
+        return dataclasses.replace(mb, x=x, y=y, kwargs=kw)
+
     def _own_loop_check(self) -> None:
+        if self.context is not None:
+            raise RuntimeError("with parallel.cp > 1 the engine shards each sequence over the cp ranks: call "
+                               "engine.train_step(batch) instead of engine(x) / engine.backward(loss)")
         if self.executor is not None:
             raise RuntimeError("with parallel.pp > 1 the pipeline schedule owns forward and backward: "
                                "call engine.train_step(batch) instead of engine(x) / engine.backward(loss)")
@@ -316,8 +342,8 @@ class Engine:
         if self.pp.size > 1:                 # the last stage's rank: p − 1, or 0 in a V placement
             sc = self.executor.schedule
             comm.broadcast(t, self.pp.control(), src=sc.rank_of(sc.n_stages - 1))
-        comm.all_reduce(t, self.dp.control())
-        return t.item() / self.dp.size
+        comm.all_reduce(t, self.dp_cp.control())
+        return t.item() / self.dp_cp.size
 
     @torch.no_grad()
     def eval_step(self, batch) -> float:
@@ -328,7 +354,9 @@ class Engine:
         micro = self._micro(batch)
         with self.zero.gathered() if self.cfg.zero.stage == 3 else contextlib.nullcontext():
             if self.executor is None:
-                local = sum(self.loss_fn(self._forward(mb), mb.y).item() for mb in micro) / len(micro)
+                with self._cp_active():                   # map: one micro-batch sharded at a time
+                    local = sum(self.loss_fn(self._forward(mb), mb.y).item() for mb in map(self._cp_shard, micro))
+                local /= len(micro)
             else:
                 self._current = micro                # dict batches: each stage's masks / position ids
                 try:
@@ -437,6 +465,15 @@ class Engine:
             reducer.remove()
 
 
+def _context_parallel(model, mesh, algorithm):
+    cp = ContextParallel(mesh.group("cp"), algorithm)
+    try:
+        cp.prepare(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cp
+
+
 def _map_first_tensor(out, fn):
     """Apply ``fn`` to the first floating tensor of a module output (tensor, tuple, dict/ModelOutput)."""
     if isinstance(out, torch.Tensor):
@@ -466,10 +503,11 @@ def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, opti
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize needs an nn.Module, got {type(model).__name__}")
     p = config.parallel
-    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp, ep=p.ep)
-    if (mesh.size("pp"), mesh.size("dp"), mesh.size("tp")) != (p.pp, p.dp, p.tp):
-        raise ConfigError(f"the mesh is pp×dp×tp = {mesh.size('pp')}×{mesh.size('dp')}×{mesh.size('tp')} but the "
-                          f"config says {p.pp}×{p.dp}×{p.tp}: build the Mesh from config.parallel")
+    mesh = mesh or Mesh(pp=p.pp, dp=p.dp, tp=p.tp, ep=p.ep, cp=p.cp)
+    got = tuple(mesh.size(a) for a in ("pp", "dp", "cp", "tp"))
+    if got != (p.pp, p.dp, p.cp, p.tp):
+        raise ConfigError(f"the mesh is pp×dp×cp×tp = {'×'.join(map(str, got))} but the config says "
+                          f"{p.pp}×{p.dp}×{p.cp}×{p.tp}: build the Mesh from config.parallel")
     if getattr(mesh, "ep", 1) != p.ep:
         raise ConfigError(f"the mesh has ep={getattr(mesh, 'ep', 1)} but the config says parallel.ep={p.ep}: "
                           f"build the Mesh with ep=config.parallel.ep")

@@ -1,8 +1,13 @@
-"""The 3D device mesh: named axes ("pp", "dp", "tp") over torch's DeviceMesh.
+"""The device mesh: named axes ("pp", "dp", "cp", "tp") over torch's DeviceMesh.
 
-Global rank r sits at coordinates (pp, dp, tp) with
+Global rank r sits at coordinates (pp, dp, cp, tp) with
 
-    r = (pp * DP + dp) * TP + tp,
+    r = ((pp * DP + dp) * CP + cp) * TP + tp,
+
+(cp = 1 gives the 3D layout r = (pp·DP + dp)·TP + tp). cp, context parallelism, shards the sequence
+dim of activations (:mod:`parallel.context_parallel`); parameters are replicated over cp and their
+gradients reduced over dp×cp, the flattened group ``mesh.group("dp_cp")`` (ZeRO shards over it, as
+Megatron-LM does), which is the dp group itself when cp = 1.
 
 so tp is the innermost axis (tensor-parallel peers are neighbouring ranks, on one node when the
 node is big enough: their all-reduces are the most frequent) and pp the outermost (pipeline peers
@@ -22,19 +27,19 @@ from torch.distributed.device_mesh import init_device_mesh
 from parallel.comm import CommStats, Group
 from parallel.moe.groups import expert_groups, release_expert_groups
 
-AXES = ("pp", "dp", "tp")
+AXES = ("pp", "dp", "cp", "tp")
 
 
-def rank_of(pp: int, dp: int, tp: int, shape: dict) -> int:
-    """Global rank at coordinates (pp, dp, tp) of a mesh of ``shape`` {"pp": P, "dp": D, "tp": T}:
-    r = (pp·D + dp)·T + tp."""
-    return (pp * shape["dp"] + dp) * shape["tp"] + tp
+def rank_of(pp: int, dp: int, tp: int, shape: dict, cp: int = 0) -> int:
+    """Global rank at coordinates (pp, dp, cp, tp) of a mesh of ``shape`` {"pp": P, "dp": D, "tp": T,
+    "cp": C (default 1)}: r = ((pp·D + dp)·C + cp)·T + tp."""
+    return ((pp * shape["dp"] + dp) * shape.get("cp", 1) + cp) * shape["tp"] + tp
 
 
 def coords_of(rank: int, shape: dict) -> dict:
-    """{"pp", "dp", "tp"} coordinates of global ``rank``: the inverse of :func:`rank_of`."""
-    return {"pp": rank // (shape["tp"] * shape["dp"]), "dp": rank // shape["tp"] % shape["dp"],
-            "tp": rank % shape["tp"]}
+    """{"pp", "dp", "cp", "tp"} coordinates of global ``rank``: the inverse of :func:`rank_of`."""
+    T, C, D = shape["tp"], shape.get("cp", 1), shape["dp"]
+    return {"pp": rank // (T * C * D), "dp": rank // (T * C) % D, "cp": rank // T % C, "tp": rank % T}
 
 
 def default_device() -> torch.device:
@@ -76,6 +81,22 @@ def _device_mesh(device_type: str, shape: tuple):
     return _MESHES[key]
 
 
+def _dp_cp_group(dm, grid: torch.Tensor, rank: int):
+    """The flattened dp×cp process group of ``rank`` (same pp and tp), made once per mesh: every rank
+    creates every such group, in the same order (new_group is collective)."""
+    if not hasattr(dm, "_p3d_dp_cp"):
+        P, D, C, T = grid.shape
+        mine = None
+        for pp in range(P):
+            for tp in range(T):
+                ranks = [int(r) for r in grid[pp, :, :, tp].flatten()]
+                pg = dist.new_group(ranks)
+                if rank in ranks:
+                    mine = pg
+        dm._p3d_dp_cp = mine
+    return dm._p3d_dp_cp
+
+
 def release_meshes(destroy: bool = False) -> None:
     """Forget the cached process groups (before destroy_process_group, so their threads can end);
     ``destroy``: also destroy them now. Every rank must call it at the same point of its program (the
@@ -88,7 +109,8 @@ def release_meshes(destroy: bool = False) -> None:
     if not destroy or not dist.is_initialized():
         return
     done = set()
-    for pg in [dm.get_group(name) for dm in meshes for name in AXES] + extra:
+    dp_cps = [getattr(dm, "_p3d_dp_cp", None) for dm in meshes]
+    for pg in [dm.get_group(name) for dm in meshes for name in AXES] + dp_cps + extra:
         if pg is not dist.group.WORLD and pg is not None and id(pg) not in done:
             done.add(id(pg))
             dist.destroy_process_group(pg)
@@ -120,32 +142,33 @@ def _pp_p2p_groups(device_type: str, shape: tuple, pp: int) -> tuple:
 
 
 class Mesh:
-    """A (pp, dp, tp) mesh over the initialised world, with one counted :class:`Group` per axis.
+    """A (pp, dp, cp, tp) mesh over the initialised world, with one counted :class:`Group` per axis
+    (and "dp_cp", the dp×cp group gradients are reduced over).
 
     ``mesh.group("tp")`` is the tensor-parallel group of this rank, ``mesh.size("dp")`` the dp size,
-    ``mesh.coord`` this rank's ``{"pp": i, "dp": j, "tp": k}``, ``mesh.rank_at(pp=.., dp=.., tp=..)``
+    ``mesh.coord`` this rank's ``{"pp": i, "dp": j, "cp": c, "tp": k}``, ``mesh.rank_at(pp=.., dp=.., tp=..)``
     the global rank at given coordinates (unnamed axes default to this rank's own), and
     ``mesh.pp_prev`` / ``mesh.pp_next`` the neighbouring pipeline ranks (None at the ends).
     ``ep`` (dividing dp) adds the expert-parallel groups "ep" and "edp" (:mod:`parallel.moe.groups`).
     """
 
     def __init__(self, pp: int = 1, dp: int = 1, tp: int = 1, device: torch.device | str | None = None,
-                 stats: CommStats | None = None, ep: int = 1):
+                 stats: CommStats | None = None, ep: int = 1, cp: int = 1):
         if not dist.is_initialized():
             raise RuntimeError("Mesh needs an initialised process group: run under torchrun "
                                "(or python -m launch), or call parallel.mesh.init_distributed() first")
         world = dist.get_world_size()
-        shape = {"pp": pp, "dp": dp, "tp": tp}
-        if any(n < 1 for n in shape.values()) or pp * dp * tp != world:
-            raise ValueError(f"mesh pp*dp*tp = {pp}*{dp}*{tp} = {pp * dp * tp} must equal the world size "
-                             f"{world}: change parallel.pp/dp/tp or the number of processes")
+        shape = {"pp": pp, "dp": dp, "cp": cp, "tp": tp}
+        if any(n < 1 for n in shape.values()) or pp * dp * cp * tp != world:
+            raise ValueError(f"mesh pp*dp*cp*tp = {pp}*{dp}*{cp}*{tp} = {pp * dp * cp * tp} must equal the world "
+                             f"size {world}: change parallel.pp/dp/cp/tp or the number of processes")
         self.shape = shape
         self.device = torch.device(device) if device is not None else default_device()
         self.stats = stats if stats is not None else CommStats()
         self.rank = dist.get_rank()
         self.world_size = world
-        self.device_mesh = _device_mesh("cpu" if self.device.type == "meta" else self.device.type, (pp, dp, tp))
-        grid = torch.arange(world).reshape(pp, dp, tp)
+        self.device_mesh = _device_mesh("cpu" if self.device.type == "meta" else self.device.type, (pp, dp, cp, tp))
+        grid = torch.arange(world).reshape(pp, dp, cp, tp)
         self.coord = coords_of(self.rank, shape)
         c = [self.coord[a] for a in AXES]
         self._groups = {}
@@ -154,14 +177,23 @@ class Mesh:
             idx[i] = slice(None)
             ranks = tuple(int(r) for r in grid[tuple(idx)].flatten())
             self._groups[axis] = Group(self.device_mesh.get_group(axis), axis, ranks, c[i], self.stats)
+        dp_cp = self._groups["dp"]
+        if cp > 1:
+            ranks = tuple(int(r) for r in grid[c[0], :, :, c[3]].flatten())
+            dp_cp = Group(_dp_cp_group(self.device_mesh, grid, self.rank), "dp_cp", ranks,
+                          ranks.index(self.rank), self.stats)
+        self._groups["dp_cp"] = dp_cp
         self._groups["world"] = Group(dist.group.WORLD, "world", tuple(range(world)), self.rank, self.stats)
         self.ep = ep
+        if ep > 1 and cp > 1:
+            raise ValueError(f"mesh: expert parallelism (ep={ep}) with context parallelism (cp={cp}) is not supported "
+                             f"yet: set parallel.ep=1 or parallel.cp=1")
         self._groups["ep"], self._groups["edp"] = expert_groups(pp, dp, tp, ep, self._groups["dp"], self.stats)
 
     def group(self, axis: str) -> Group:
-        """The counted group of this rank along ``axis`` ("pp", "dp", "tp" or "world")."""
+        """The counted group of this rank along ``axis`` ("pp", "dp", "cp", "tp", "dp_cp" or "world")."""
         if axis not in self._groups:
-            raise KeyError(f"unknown mesh axis {axis!r}; axes are {AXES + ('world', 'ep', 'edp')}")
+            raise KeyError(f"unknown mesh axis {axis!r}; axes are {AXES + ('dp_cp', 'world', 'ep', 'edp')}")
         return self._groups[axis]
 
     def pp_p2p_groups(self) -> dict | None:
@@ -192,7 +224,7 @@ class Mesh:
         for a in AXES:
             if not 0 <= c[a] < self.shape[a]:
                 raise IndexError(f"coordinate {a}={c[a]} is outside the mesh ({a} size {self.shape[a]})")
-        return rank_of(c["pp"], c["dp"], c["tp"], self.shape)
+        return rank_of(c["pp"], c["dp"], c["tp"], self.shape, c["cp"])
 
     @property
     def pp_prev(self) -> int | None:
@@ -203,5 +235,5 @@ class Mesh:
         return self.rank_at(pp=self.coord["pp"] + 1) if self.coord["pp"] < self.shape["pp"] - 1 else None
 
     def __repr__(self):
-        return (f"Mesh(pp={self.shape['pp']}, dp={self.shape['dp']}, tp={self.shape['tp']}, "
+        return (f"Mesh(pp={self.shape['pp']}, dp={self.shape['dp']}, cp={self.shape['cp']}, tp={self.shape['tp']}, "
                 f"rank={self.rank}, coord={self.coord}, device={self.device})")

@@ -28,5 +28,5 @@ def train(rank, world, model, overrides, quiet=True):
     from parallel.mesh import Mesh
     cfg = config(model, overrides, world)
     p = cfg.parallel
-    out = run(cfg, Mesh(pp=p.pp, dp=p.dp, tp=p.tp), print_fn=(lambda *a, **k: None) if quiet else print)
+    out = run(cfg, Mesh(pp=p.pp, dp=p.dp, tp=p.tp, cp=p.cp), print_fn=(lambda *a, **k: None) if quiet else print)
     return out["losses"], out["engine"]

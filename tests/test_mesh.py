@@ -34,7 +34,7 @@ def test_mesh_coordinates_and_groups(pp, dp, tp):
         c = f["coord"]
         assert (c["pp"] * dp + c["dp"]) * tp + c["tp"] == r
         assert f["sizes"] == {"pp": pp, "dp": dp, "tp": tp}
-        assert f["local"] == c
+        assert f["local"] == {a: c[a] for a in ("pp", "dp", "tp")} and c["cp"] == 0
         tp_ranks = tuple((c["pp"] * dp + c["dp"]) * tp + k for k in range(tp))
         dp_ranks = tuple((c["pp"] * dp + j) * tp + c["tp"] for j in range(dp))
         pp_ranks = tuple((i * dp + c["dp"]) * tp + c["tp"] for i in range(pp))

@@ -149,7 +149,7 @@ def test_run_records(tmp_path):
         for rk in s["ranks"]:
             assert [tuple(x[:3]) for x in rk["records"]] == [tuple(a) for a in res[rk["rank"]]["actions"]]
             assert all(x[3] >= 0 and x[4] > 0 for x in rk["records"])
-            assert rk["coord"] == {"pp": rk["rank"], "dp": 0, "tp": 0}
+            assert rk["coord"] == {"pp": rk["rank"], "dp": 0, "cp": 0, "tp": 0}
     for rk in side[-1]["ranks"]:
         assert rk["model_state_bytes"] == res[rk["rank"]]["state"]
     lines = res[0]["lines"]

@@ -16,7 +16,8 @@ def test_gpt_rank_of_4096_equals_the_planner(stage):
     cfg = load_config("configs/quickstart.yaml", GPT_4096 + [f"zero.stage={stage}"])
     for rank in (0, 4095):
         r = simulate_rank(cfg, 4096, rank)
-        assert r["coord"] == ({"pp": 0, "dp": 0, "tp": 0} if rank == 0 else {"pp": 1, "dp": 1023, "tp": 1})
+        assert r["coord"] == ({"pp": 0, "dp": 0, "cp": 0, "tp": 0} if rank == 0
+                              else {"pp": 1, "dp": 1023, "cp": 0, "tp": 1})
         for k in ("params", "grads", "master", "optimizer", "total"):
             assert r["measured"][k] == r["planner"][k], (stage, rank, k, r)
         assert r["measured"]["optimizer"] > 0 and r["measured"]["params"] > 0

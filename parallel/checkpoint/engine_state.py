@@ -36,7 +36,7 @@ def _origins(engine) -> dict:
 
 def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
     z, origins = engine.zero, _origins(engine)
-    dp_owner = z.stage > 0 or engine.dp.rank == 0
+    dp_owner = z.stage > 0 or engine.dp_cp.rank == 0          # dp×cp: cp ranks hold replicas too
     pieces, scalars, state_keys = [], {}, set()
     for b, i, a, e, view in z._pieces:
         param = b.params[i]
@@ -77,7 +77,7 @@ def _buffer_pieces(engine) -> list:
             names = [None] * engine.pp.size
             dist.all_gather_object(names, sorted(held), group=engine.pp.pg)
         owners = engine._buffer_owners = {n: next(r for r, ns in enumerate(names) if n in ns) for n in held}
-    first = engine.dp.rank == 0 and engine.tp.rank == 0
+    first = engine.dp_cp.rank == 0 and engine.tp.rank == 0
     return [Piece(f"buffer/{n}", tuple(b.shape), b, torch.arange(b.numel()),
                   first and owners[n] == engine.pp.rank) for n, b in held.items()]
 

@@ -46,6 +46,8 @@ class ParallelConfig:
     pp_balance: str = "params"             # the auto split balances params | flops (counted on one input sample)
     sync_batchnorm: bool = False           # BatchNorm statistics over the dp group (data_parallel/sync_batchnorm.py)
     ep: int = 1                            # expert parallelism, carved out of dp (parallel/moe/): divides dp
+    cp: int = 1                            # context parallel: the sequence dim split over cp ranks (context_parallel/)
+    cp_algorithm: str = "ring"             # ring (K/V around the ring) | ulysses (all-to-all to head shards)
 
 
 @dataclass
@@ -169,7 +171,7 @@ class Config:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.dp * self.parallel.tp * self.parallel.pp
+        return self.parallel.dp * self.parallel.tp * self.parallel.pp * self.parallel.cp
 
     @property
     def micro_batches(self) -> int:

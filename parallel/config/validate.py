@@ -19,6 +19,7 @@ CHOICES = {
     "optimizer.name": ("adamw", "adam", "sgd", "lamb", "muon", "onebit_adam"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v"),
     "parallel.pp_balance": ("params", "flops"),
+    "parallel.cp_algorithm": ("ring", "ulysses"),
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("cpu", "cuda", "auto"),
     "scheduler.name": ("constant", "warmup", "warmup_linear", "warmup_cosine"),
@@ -70,7 +71,7 @@ def _check_choices(c: Config) -> None:
 def _check_batch(c: Config, world_size: int | None) -> None:
     """Sizes, the world size, and the batch cut into dp ranks and micro-batches (the pipeline's count)."""
     p, d, t = c.parallel, c.data, c.train
-    for key, v in (("parallel.dp", p.dp), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+    for key, v in (("parallel.dp", p.dp), ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp),
                    ("data.global_batch_size", d.global_batch_size), ("data.micro_batch_size", d.micro_batch_size),
                    ("parallel.pp_virtual_stages", p.pp_virtual_stages)):
         if v < 1:
@@ -78,8 +79,11 @@ def _check_batch(c: Config, world_size: int | None) -> None:
     if t.steps < 0:
         raise ConfigError(f"train.steps={t.steps} must be 0 or more")
     if world_size is not None and c.world_size != world_size:
-        raise ConfigError(f"parallel.dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {c.world_size} but the job has {world_size} "
-                          f"processes: change parallel.dp/tp/pp or start {c.world_size} processes "
+        axes, sizes = "dp*tp*pp", f"{p.dp}*{p.tp}*{p.pp}"
+        if p.cp > 1:
+            axes, sizes = axes + "*cp", f"{sizes}*{p.cp}"
+        raise ConfigError(f"parallel.{axes} = {sizes} = {c.world_size} but the job has {world_size} processes: "
+                          f"change parallel.{axes.replace('*', '/')} or start {c.world_size} processes "
                           f"(--nproc {c.world_size})")
     if d.global_batch_size % p.dp:
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} does not divide over parallel.dp={p.dp} "
@@ -129,6 +133,7 @@ def _check_parallel(c: Config) -> None:
     if not isinstance(p.ep, int) or p.ep < 1 or p.dp % p.ep:
         raise ConfigError(f"parallel.ep={p.ep!r} must be a positive divisor of parallel.dp={p.dp}: expert parallelism "
                           f"is carved out of data parallelism (dp = ep × expert-data-parallel size)")
+    _check_cp(c)
     if not isinstance(p.sync_batchnorm, bool):
         raise ConfigError(f"parallel.sync_batchnorm={p.sync_batchnorm!r} must be true or false")
     if not (p.pp_split == "auto" or isinstance(p.pp_split, list) and p.pp_split and (
@@ -136,6 +141,23 @@ def _check_parallel(c: Config) -> None:
             or all(isinstance(b, str) and b for b in p.pp_split))):
         raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be 'auto', a list of block indices where stages "
                           "start, or a list of module names where stages start (e.g. [features.4, head])")
+
+
+def _check_cp(c: Config) -> None:
+    """Context parallelism: the sequence splits into 2·cp zig-zag chunks; no pipeline / sequence parallel yet."""
+    p = c.parallel
+    if p.cp == 1:
+        return
+    seq = c.data.kwargs.get("seq_len") if isinstance(c.data.kwargs, dict) else None
+    if isinstance(seq, int) and seq % (2 * p.cp):
+        raise ConfigError(f"parallel.cp={p.cp}: the sequence length {seq} (data.kwargs.seq_len) must be divisible "
+                          f"by 2·cp = {2 * p.cp} (the zig-zag split into 2·cp chunks): change seq_len or parallel.cp")
+    if p.pp > 1:
+        raise ConfigError(f"parallel.cp={p.cp} with parallel.pp={p.pp} is not supported yet (the pipeline stages do "
+                          f"not carry the positions of the sequence shard): set parallel.pp=1 or parallel.cp=1")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.cp > 1 with parallel.sequence_parallel=true is not supported yet: set one of them "
+                          "off")
 
 
 def _check_zero(c: Config) -> None:

@@ -1,0 +1,160 @@
+"""Context parallelism for unmodified models: shard the batch's sequence, give each rank its global
+positions, and route the model's attention to ring or Ulysses attention over the cp group.
+
+How the model's attention is reached, without editing it:
+* transformers models: ``cp_attention`` is registered in transformers' attention-function registry
+  (``AttentionInterface``, with a mask function that builds no mask: the cp attention masks by global
+  position itself) under the name ``"p3d_cp"``, and :meth:`ContextParallel.prepare` sets the model's
+  attention implementation to it;
+* models calling ``torch.nn.functional.scaled_dot_product_attention`` (our GPT): while a
+  :meth:`ContextParallel.active` block runs, that function is replaced by a dispatcher that sends
+  self-attention over the sequence shard to the cp algorithm (the approach of torch's own
+  ``context_parallel``), and calls the original otherwise (no cp context active).
+
+Positions: rank r holds the zig-zag shard (:mod:`.layout`); the model receives ``position_ids`` =
+the global positions of its tokens (rotary / learned position embeddings are then computed for the
+right positions). Packed sequences: given (b, s) position ids that restart per document, the shard
+gets those positions and attention stays within each document (document ids travel in the context,
+computed from the full position ids every cp rank has: nothing extra is communicated).
+
+Loss: each rank's loss is the mean over its s/cp tokens; all shards are equal, so the mean over cp
+ranks of these is the mean over the whole sequence, and gradients averaged over dp×cp are exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from parallel.context_parallel.layout import check_seq, document_ids, shard
+from parallel.context_parallel.ring import ring_attention
+from parallel.context_parallel.ulysses import _SDPA, ulysses_attention
+
+__all__ = ["ContextParallel", "current", "cp_attention", "register_hf", "HF_NAME"]
+
+HF_NAME = "p3d_cp"
+ALGORITHMS = {"ring": ring_attention, "ulysses": ulysses_attention}
+_STACK: list = []                    # the active contexts (innermost last)
+
+
+def current():
+    """The active :class:`ContextParallel`, or None."""
+    return _STACK[-1] if _STACK else None
+
+
+def _dispatch_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, **kw):
+    cp = current()
+    if cp is None or kw:
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa, **kw)
+    if attn_mask is not None:
+        raise ValueError("context parallel: scaled_dot_product_attention got an explicit attn_mask; under "
+                         "parallel.cp the mask comes from the global positions (causal, and per document when "
+                         "position ids restart): call it with is_causal=True and no mask")
+    return cp.attention(query, key, value, causal=is_causal, scale=scale, dropout=dropout_p)
+
+
+def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers attention function (the registry's signature): q (b, h, n, d), k/v (b, h_kv, n, d);
+    returns ((b, n, h, d), None). Outside a cp context it is transformers' sdpa."""
+    cp = current()
+    if cp is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if attention_mask is not None:
+        raise ValueError("context parallel: the model passed an attention mask; under parallel.cp masks come from "
+                         "the global positions (causal, per document with restarting position ids): padding "
+                         "masks are not supported yet")
+    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"context parallel: the model's attention uses {name}={kwargs[name]!r}, which the cp "
+                             f"attention does not implement: set parallel.cp=1 for this model")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = cp.attention(query, key, value, causal=causal, scale=scaling, dropout=dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_hf() -> bool:
+    """Register :func:`cp_attention` (and a no-mask mask function) with transformers; False without it."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(HF_NAME, cp_attention)
+    AttentionMaskInterface.register(HF_NAME, lambda *a, **k: None)
+    return True
+
+
+class ContextParallel:
+    """The sequence split over the cp ``group`` with ``algorithm`` ("ring" or "ulysses")."""
+
+    def __init__(self, group, algorithm: str = "ring"):
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"parallel.cp_algorithm={algorithm!r} is not one of {list(ALGORITHMS)}")
+        self.group, self.algorithm = group, algorithm
+        self.docs = None                 # (b, s) document ids of the current micro-batch, or None
+
+    # --- the model ---------------------------------------------------------------------------------
+    def prepare(self, model) -> None:
+        """Route a transformers model's attention to :func:`cp_attention`; check the model takes
+        ``position_ids`` (each rank's tokens sit at global positions)."""
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and register_hf():
+            try:
+                model.set_attn_implementation(HF_NAME)
+            except (AttributeError, ValueError, KeyError):
+                cfg._attn_implementation = HF_NAME
+        params = inspect.signature(model.forward).parameters
+        if "position_ids" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            raise ValueError(f"parallel.cp={self.group.size}: {type(model).__name__}.forward takes no position_ids, "
+                             f"so its position embeddings cannot be given each rank's global positions; add a "
+                             f"position_ids=None argument (as transformers models have) or set parallel.cp=1")
+
+    # --- the batch ---------------------------------------------------------------------------------
+    def shard_batch(self, x, y=None, position_ids=None):
+        """This rank's zig-zag shard of (b, s) inputs ``x`` and targets ``y``, and the model keyword
+        arguments {"position_ids": its global positions} (the batch's own position ids when given: a
+        packed batch; the document ids are kept for the attention)."""
+        if x.dim() < 2:
+            raise ValueError(f"context parallel: inputs of shape {tuple(x.shape)} have no sequence dim (dim 1)")
+        b, s = x.shape[0], x.shape[1]
+        cp, r = self.group.size, self.group.rank
+        check_seq(s, cp)
+        if position_ids is None:
+            pos = torch.arange(s, device=x.device).expand(b, s)
+            self.docs = None
+        else:
+            pos = position_ids.expand(b, s) if position_ids.dim() == 2 else position_ids[None].expand(b, s)
+            self.docs = document_ids(pos).to(x.device)
+        ys = shard(y, cp, r) if y is not None and y.dim() >= 2 and y.shape[1] == s else y
+        return shard(x, cp, r), ys, {"position_ids": shard(pos, cp, r).to(x.device)}
+
+    # --- attention ---------------------------------------------------------------------------------
+    def attention(self, q, k, v, causal=True, scale=None, dropout=0.0):
+        """q (b, h, s/cp, d), k/v (b, h_kv, s/cp, d) of this rank's shard → (b, h, s/cp, d)."""
+        if dropout:
+            raise ValueError(f"context parallel: attention dropout ({dropout}) is not supported; set it to 0")
+        if q.dim() != 4 or k.shape[-2] != q.shape[-2]:
+            raise ValueError(f"context parallel: attention of q {tuple(q.shape)} against k {tuple(k.shape)} is not "
+                             f"self-attention over the sequence shard (b, heads, s/cp, d)")
+        docs = self.docs
+        if docs is not None and docs.shape[0] != q.shape[0]:
+            docs = docs.expand(q.shape[0], -1)
+        return ALGORITHMS[self.algorithm](q, k, v, self.group, causal=causal, docs=docs, scale=scale)
+
+    @contextlib.contextmanager
+    def active(self):
+        """While inside: this context handles the model's attention (see the module docstring)."""
+        _STACK.append(self)
+        F.scaled_dot_product_attention = _dispatch_sdpa
+        try:
+            yield self
+        finally:
+            _STACK.remove(self)
+            if not _STACK:
+                F.scaled_dot_product_attention = _SDPA

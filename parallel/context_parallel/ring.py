@@ -1,0 +1,161 @@
+"""Ring attention over the cp group (Liu, Zaharia & Abbeel, "Ring attention with blockwise transformers
+for near-infinite context", arXiv 2310.01889), with the zig-zag split of :mod:`.layout`.
+
+Each of the cp ranks holds n = s/cp queries and the keys/values of the same tokens. Forward, step
+i = 0 … cp−1: rank r holds the K/V block of rank (r − i) mod cp, posts the send of that block to
+r+1 and the receive of the next from r−1 (one batched isend/irecv on an explicit group, so the next
+block's transfer overlaps this block's compute), computes its queries against the block
+(:func:`.blocks.block_forward`) and folds the result into (o, lse) by the online-softmax merge.
+
+Causal load balance: with the zig-zag split, a block from a rank src < r is seen by both of r's chunks
+and only through its first chunk; from src > r only r's second chunk sees it, but wholly; src = r is
+the causal diagonal. Each step therefore computes half a block's worth (one chunk pair of c = s/2cp
+keys per query chunk) — the same on every rank — and skips the rest without computing it.
+
+Backward is its own ring (a custom autograd.Function, no autograd through sends): K/V travel the ring
+again, and the accumulator (dK, dV) of each block travels with it, visiting ranks r+1, …, r+cp−1 and
+returning to its owner r, which adds its own diagonal share. Per rank per call, with M the bytes of
+this rank's K (= of its V) — M = b·h_kv·(s/cp)·d·bytes:
+
+    forward   K and V: (cp − 1)·M each                → 2(cp − 1)·M
+    backward  K and V again, dK and dV: (cp − 1)·M each → 4(cp − 1)·M
+
+(dK and dV are fp32 accumulators: with bf16 K/V they are 2M each, not M.)
+
+counted as "send" on the cp axis (:class:`parallel.comm.CommStats`). Queries never move.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.context_parallel.blocks import block_backward, block_forward, merge
+from parallel.context_parallel.layout import check_seq, zigzag_index
+
+__all__ = ["ring_attention", "ring_wire_bytes"]
+
+_KV_TAG, _ACC_TAG = 71, 72
+
+
+def ring_wire_bytes(b: int, s: int, h_kv: int, d: int, cp: int, elem: int = 4) -> dict:
+    """Theory: bytes this rank sends per ring-attention call (one layer), forward and backward
+    (``elem`` bytes per K/V element; the dK, dV accumulators always travel in fp32)."""
+    m = b * h_kv * (s // cp) * d
+    return {"forward": 2 * (cp - 1) * m * elem, "backward": 2 * (cp - 1) * m * (elem + 4)}
+
+
+class _Pass:
+    """Send ``t`` to the next rank of the ring and receive a tensor like it from the previous one."""
+
+    def __init__(self, t: torch.Tensor, group, tag: int):
+        r, n = group.rank, group.size
+        t = t.contiguous()
+        self.out = torch.empty_like(t)
+        group.stats.record(group.axis, "send", t.numel() * t.element_size(), t.numel() * t.element_size())
+        ops = [dist.P2POp(dist.isend, t, group.ranks[(r + 1) % n], group.pg, tag),
+               dist.P2POp(dist.irecv, self.out, group.ranks[(r - 1) % n], group.pg, tag)]
+        self.works, self.keep = dist.batch_isend_irecv(ops), t
+
+    def wait(self) -> torch.Tensor:
+        for w in self.works:
+            w.wait()
+        self.keep = None
+        return self.out
+
+
+def _selection(s, cp, r, src, causal, docs, device):
+    """(query slice, key slice, mask) of the visible part of block ``src`` for rank ``r``'s queries,
+    or None when none of it is visible. Slices are over the two chunks (c tokens each) of each side."""
+    n = s // cp
+    c = n // 2
+    gq, gk = zigzag_index(s, cp, r, device), zigzag_index(s, cp, src, device)
+    qc, kc = (r, 2 * cp - 1 - r), (src, 2 * cp - 1 - src)          # global chunk numbers, zig-zag
+    vis = [[not causal or qc[qi] >= kc[ki] for ki in (0, 1)] for qi in (0, 1)]
+    rows = [qi for qi in (0, 1) if any(vis[qi])]
+    cols = [ki for ki in (0, 1) if any(vis[qi][ki] for qi in (0, 1))]
+    if not rows:
+        return None
+    qs, ks = slice(rows[0] * c, (rows[-1] + 1) * c), slice(cols[0] * c, (cols[-1] + 1) * c)
+    gq, gk = gq[qs], gk[ks]
+    mask = (gq[:, None] >= gk[None, :])[None] if causal else torch.ones(1, len(gq), len(gk), dtype=torch.bool,
+                                                                          device=device)
+    if docs is not None:
+        mask = mask & (docs[:, gq][:, :, None] == docs[:, gk][:, None, :])
+    return qs, ks, mask
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, s, causal, docs, scale):
+        b, h, n, d = q.shape
+        hk, cp, r = k.shape[1], group.size, group.rank
+        o = torch.zeros(b, hk, h // hk, n, d, dtype=torch.float32, device=q.device)
+        lse = torch.full((b, hk, h // hk, n), float("-inf"), dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        for i in range(cp):
+            nxt = _Pass(kv, group, _KV_TAG) if i < cp - 1 else None
+            sel = _selection(s, cp, r, (r - i) % cp, causal, docs, q.device)
+            if sel is not None:
+                qs, ks, mask = sel
+                ob, lb = block_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale)
+                o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], ob, lb)
+            if nxt is not None:
+                kv = nxt.wait()
+        # (b, n, h, d) in memory, returned as its (b, h, n, d) transpose, as torch's flash attention does: the
+        # model's usual out.transpose(1, 2).reshape(b, n, h·d) is then a view, and saving it keeps no copy
+        out = o.permute(0, 3, 1, 2, 4).contiguous().view(b, n, h, d).to(q.dtype).transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.s, ctx.causal, ctx.docs, ctx.scale = group, s, causal, docs, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, s, causal, docs, scale = ctx.group, ctx.s, ctx.causal, ctx.docs, ctx.scale
+        cp, r, hk = group.size, group.rank, k.shape[1]
+        b, h, n, d = q.shape
+        do_g = dout.float().reshape(b, hk, h // hk, n, d)
+        delta = (do_g * out.float().reshape(b, hk, h // hk, n, d)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        own = torch.zeros((2,) + tuple(k.shape), dtype=torch.float32, device=q.device)   # own dK, dV
+        kv, acc, acc_pass = torch.stack([k, v]), None, None
+        for i in range(cp):
+            nxt = _Pass(kv, group, _KV_TAG) if i < cp - 1 else None
+            if i == 0:
+                acc = own
+            elif acc_pass is not None:
+                acc = acc_pass.wait()
+            else:
+                acc = torch.zeros_like(own)
+            sel = _selection(s, cp, r, (r - i) % cp, causal, docs, q.device)
+            if sel is not None:
+                qs, ks, mask = sel
+                dqb, dkb, dvb = block_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale,
+                                               do_g[:, :, :, qs], lse[:, :, :, qs], delta[:, :, :, qs])
+                dq[:, :, qs] += dqb
+                acc[0][:, :, ks] += dkb
+                acc[1][:, :, ks] += dvb
+            if i > 0:
+                acc_pass = _Pass(acc, group, _ACC_TAG)    # on to the next rank; after step cp−1: to the owner
+            if nxt is not None:
+                kv = nxt.wait()
+        if acc_pass is not None:
+            own = own + acc_pass.wait()
+        hk_shape = (q.shape[0], hk) + tuple(k.shape[2:])
+        return (dq.to(q.dtype), own[0].reshape(hk_shape).to(k.dtype), own[1].reshape(hk_shape).to(v.dtype),
+                None, None, None, None, None)
+
+
+def ring_attention(q, k, v, group, causal: bool = True, docs: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """Attention of this rank's zig-zag shard ``q`` (b, h, s/cp, d) against the whole sequence, whose
+    K/V shards (b, h_kv, s/cp, d) the cp ``group`` holds; ``docs`` (b, s): global document ids (packed
+    sequences), or None. Returns (b, h, s/cp, d)."""
+    n = q.shape[2]
+    if k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"ring attention: queries ({n}) and keys/values ({k.shape[2]}, {v.shape[2]}) must be the "
+                         f"same tokens (self-attention over the sequence shard)")
+    s = n * group.size
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    check_seq(s, group.size)
+    return _RingAttention.apply(q, k, v, group, s, causal, docs, scale)
