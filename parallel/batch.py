@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 from parallel import comm
+from parallel.data import split_micro
+from parallel.loss import logits_of
 
 __all__ = ["IGNORE", "LABEL_KEYS", "Targets", "MicroBatch", "prepare", "model_loss", "label_param", "check_labels",
            "forward_params", "scored_count", "shift_for"]
@@ -161,7 +163,6 @@ def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: s
     weighted by its scored tokens; labels passed under ``label_name``) or "plain" (weight 1).
     ``to`` moves a tensor to the device. Every rank of the dp group must call this for each step."""
     if not isinstance(batch, dict):
-        from parallel.data import split_micro
         micro = [MicroBatch(to(x), to(y)) for x, y in split_micro(batch, micro_batch_size)]
         if mode == "model":                               # (x, y): y goes to the model under its own name
             for mb in micro:
@@ -201,7 +202,6 @@ def token_loss(base, mode: str):
     def fn(output, y):
         if not isinstance(y, Targets):
             return base(output, y)
-        from parallel.loss import logits_of
         if mode == "model":
             if y.count == 0:                               # the model's mean over no token is NaN
                 return logits_of(output).sum() * 0.0

@@ -19,8 +19,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from launch.train import input_vocab
 from parallel import comm
+from parallel.engine import Engine
 from parallel.loss import logits_of
+from parallel.tensor_parallel.uneven import gather_vocab_logits
 
 __all__ = ["generate", "sample_next"]
 
@@ -48,7 +51,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool =
     """``input_ids`` [b, s] followed by up to ``max_new_tokens`` generated ids (stops early when every row
     has produced ``eos_id``). ``max_len``: crop the context to its last ``max_len`` tokens (a model with a
     fixed number of positions). ``model``: an nn.Module or an Engine."""
-    from parallel.engine import Engine
     if input_ids.dim() != 2:
         raise ValueError(f"generate: input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     gen = torch.Generator().manual_seed(seed)
@@ -70,7 +72,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool =
 
 
 def _modules(model):
-    from parallel.engine import Engine
     return list(model.stages) if isinstance(model, Engine) else [model]
 
 
@@ -96,8 +97,6 @@ def _full_vocab(engine, logits):
     tpc = engine.tensor_parallel
     if tpc is None or not tpc.vocab_parallel_output:
         return logits
-    from launch.train import input_vocab
-    from parallel.tensor_parallel.uneven import gather_vocab_logits
     return gather_vocab_logits(logits.contiguous(), engine.tp, input_vocab(engine.template))
 
 

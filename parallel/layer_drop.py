@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn as nn
 
+from parallel.pipeline import find_body
+
 __all__ = ["LayerDrop", "apply_layer_drop"]
 
 _CLASSES: dict = {}
@@ -85,7 +87,6 @@ def _drop_class(cls):
 def apply_layer_drop(model: nn.Module, theta: float, gamma: float, seed: int) -> LayerDrop:
     """Make the model's repeated blocks (:func:`parallel.pipeline.find_body`) droppable; returns the
     schedule, whose ``step`` the training loop sets to the optimizer step before each forward."""
-    from parallel.pipeline import find_body
     try:
         body = find_body(model)[1]
     except ValueError as e:

@@ -84,7 +84,7 @@ def _device_mesh(device_type: str, shape: tuple):
 def _dp_cp_group(dm, grid: torch.Tensor, rank: int):
     """The flattened dp×cp process group of ``rank`` (same pp and tp), made once per mesh: every rank
     creates every such group, in the same order (new_group is collective)."""
-    if not hasattr(dm, "_p3d_dp_cp"):
+    if not hasattr(dm, "_dp_cp_group"):
         P, D, C, T = grid.shape
         mine = None
         for pp in range(P):
@@ -93,8 +93,8 @@ def _dp_cp_group(dm, grid: torch.Tensor, rank: int):
                 pg = dist.new_group(ranks)
                 if rank in ranks:
                     mine = pg
-        dm._p3d_dp_cp = mine
-    return dm._p3d_dp_cp
+        dm._dp_cp_group = mine
+    return dm._dp_cp_group
 
 
 def release_meshes(destroy: bool = False) -> None:
@@ -109,7 +109,7 @@ def release_meshes(destroy: bool = False) -> None:
     if not destroy or not dist.is_initialized():
         return
     done = set()
-    dp_cps = [getattr(dm, "_p3d_dp_cp", None) for dm in meshes]
+    dp_cps = [getattr(dm, "_dp_cp_group", None) for dm in meshes]
     for pg in [dm.get_group(name) for dm in meshes for name in AXES] + dp_cps + extra:
         if pg is not dist.group.WORLD and pg is not None and id(pg) not in done:
             done.add(id(pg))

@@ -171,9 +171,9 @@ def test_layer_errors():
         ColumnParallelLinear(8, 12, g4, sections=[4, 4])
     with pytest.raises(TypeError, match="not Conv2d"):
         ColumnParallelLinear.from_module(nn.Conv2d(1, 1, 1), g4)
-    sp = ColumnParallelLinear(8, 8, _fake_group(2), sequence_parallel=True)
+    from parallel.tensor_parallel.layers import seq_scatter  # entering SP: the full sequence splits over tp
     with pytest.raises(ValueError, match=r"sequence length 7 .* not divisible by tp = 2"):
-        sp(torch.randn(1, 7, 8))
+        seq_scatter(torch.randn(1, 7, 8), _fake_group(2))      # (a column layer's all-gather takes any chunk)
     from parallel.tensor_parallel import vocab_parallel_cross_entropy
     with pytest.raises(ValueError, match=r"logits shard \(2, 3, 8\) and targets \(2, 4\) disagree"):
         vocab_parallel_cross_entropy(torch.randn(2, 3, 8), torch.zeros(2, 4, dtype=torch.long), g4)

@@ -4,7 +4,7 @@ positions, and route the model's attention to ring or Ulysses attention over the
 How the model's attention is reached, without editing it:
 * transformers models: ``cp_attention`` is registered in transformers' attention-function registry
   (``AttentionInterface``, with a mask function that builds no mask: the cp attention masks by global
-  position itself) under the name ``"p3d_cp"``, and :meth:`ContextParallel.prepare` sets the model's
+  position itself) under the name ``"parallel3d_cp"``, and :meth:`ContextParallel.prepare` sets the model's
   attention implementation to it;
 * models calling ``torch.nn.functional.scaled_dot_product_attention`` (our GPT): while a
   :meth:`ContextParallel.active` block runs, that function is replaced by a dispatcher that sends
@@ -34,7 +34,7 @@ from parallel.context_parallel.ulysses import _SDPA, ulysses_attention
 
 __all__ = ["ContextParallel", "current", "cp_attention", "register_hf", "HF_NAME"]
 
-HF_NAME = "p3d_cp"
+HF_NAME = "parallel3d_cp"
 ALGORITHMS = {"ring": ring_attention, "ulysses": ulysses_attention}
 _STACK: list = []                    # the active contexts (innermost last)
 

@@ -194,7 +194,7 @@ def build_stage(model, plan, owners, probe, k):
     kwargs = {}
     if "use_cache" in inspect.signature(type(model).forward).parameters:
         kwargs["use_cache"] = False
-    info = StageInfo(k, S, (a, b), plan.kind, plan, kwargs, probe.get("extra_dims", 1))
+    info = StageInfo(k, S, (a, b), plan.kind, plan, kwargs, extra_dims=probe.get("extra_dims", 1))
     stage.stage_info = info
     if plan.kind == "model":
         sbody = stage.get_submodule(plan.body)

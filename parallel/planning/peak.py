@@ -47,6 +47,7 @@ counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 
 """
 from __future__ import annotations
 
+from parallel.pipeline.schedules import get_schedule
 from parallel.planning.spec import Layout, ModelSpec, TrainSpec, element_bytes
 
 __all__ = ["block_bytes", "head_bytes", "rank_peak"]
@@ -102,7 +103,6 @@ def _captured_micro(lay: Layout, rank: int) -> int:
     one in I counts): 0 without one (pp = 1, schedules without W, ZeRO-3, which does not split)."""
     if lay.pp == 1 or lay.zero == 3:
         return 0
-    from parallel.pipeline.schedules import get_schedule
     done, peak = 0, 0
     for act in get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v).actions[rank]:
         kind = getattr(act, "kind", None)
