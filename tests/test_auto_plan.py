@@ -177,7 +177,7 @@ def _split(plan, *names):
     return all(any(k.endswith(n) for k in plan) for n in names)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])       # tp4: the slow suite (budget)
 def test_derived_plans_match_one_process(world):
     for res in run_ranks(_train, world, list(BUILD)):
         for kind, (plan, _, losses) in res.items():

@@ -121,8 +121,9 @@ def _train(rank, world, family, optim):
     return out
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama", "gpt2"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world,family", [(2, "gpt"), (4, "gpt"),          # llama / gpt2: the slow suite (budget)
+                                          pytest.param(2, "llama", marks=pytest.mark.slow), pytest.param(4, "llama", marks=pytest.mark.slow),
+                                          pytest.param(2, "gpt2", marks=pytest.mark.slow), pytest.param(4, "gpt2", marks=pytest.mark.slow)])
 def test_pipeline_matches_single_process(world, family):
     res = run_ranks(_train, world, family, "sgd" if world == 2 else "adamw", timeout=300)
     p = M = world

@@ -102,7 +102,7 @@ def _measure_and_check(world, which, tmp_path):
         assert _check(str(tmp_path / name.replace(" ", "_")), name, lay) == world
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])       # 4: the slow suite (budget)
 def test_predictions_match_measured_runs(world, tmp_path):
     """8 layouts: dp2 ZeRO 0/2/3, tp2 + sequence parallel, pp2 interleaved, pp2 ZB-H1 + ZeRO-1,
     pp2×dp2 ZeRO-1 (tied embedding across stages), tp2×dp2 ZeRO-3."""
