@@ -19,7 +19,8 @@ def _losses(rank, world, model, overrides):
     return losses, {a: engine.mesh.stats.total(a) for a in ("dp", "tp", "pp")}
 
 
-@pytest.mark.parametrize("model", ["gpt", pytest.param("llama", marks=pytest.mark.slow)])     # llama: the slow suite (budget)
+# llama: the slow suite (budget)
+@pytest.mark.parametrize("model", ["gpt", pytest.param("llama", marks=pytest.mark.slow)])
 def test_2x2x2_zero1_matches_single_process(model):
     steps = ["train.steps=8"]
     res = run_ranks(_losses, 8, model, layout(2, 2, 2, 1) + steps)

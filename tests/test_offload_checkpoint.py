@@ -32,7 +32,8 @@ SAVE = {"cpu": (2, "cpu"), "nvme": (3, "nvme")}
 RESUME = {"cpu": [(1, "none"), (2, "cpu")], "nvme": [(3, "nvme"), (2, "cpu"), (0, "none")]}
 
 
-@pytest.mark.parametrize("kind", [pytest.param("cpu", marks=pytest.mark.slow), "nvme"])     # cpu: the slow suite (budget)
+# cpu: the slow suite (budget)
+@pytest.mark.parametrize("kind", [pytest.param("cpu", marks=pytest.mark.slow), "nvme"])
 def test_offloaded_checkpoint_resumes_into_any_layout(tmp_path, kind):
     ck, store = str(tmp_path / "ck"), str(tmp_path / "store")
     os.makedirs(store)

@@ -121,9 +121,12 @@ def _train(rank, world, family, optim):
     return out
 
 
-@pytest.mark.parametrize("world,family", [(2, "gpt"), (4, "gpt"),          # llama / gpt2: the slow suite (budget)
-                                          pytest.param(2, "llama", marks=pytest.mark.slow), pytest.param(4, "llama", marks=pytest.mark.slow),
-                                          pytest.param(2, "gpt2", marks=pytest.mark.slow), pytest.param(4, "gpt2", marks=pytest.mark.slow)])
+SLOW = pytest.mark.slow                      # llama / gpt2: the slow suite (budget)
+
+
+@pytest.mark.parametrize("world,family", [(2, "gpt"), (4, "gpt"),
+                                          pytest.param(2, "llama", marks=SLOW), pytest.param(4, "llama", marks=SLOW),
+                                          pytest.param(2, "gpt2", marks=SLOW), pytest.param(4, "gpt2", marks=SLOW)])
 def test_pipeline_matches_single_process(world, family):
     res = run_ranks(_train, world, family, "sgd" if world == 2 else "adamw", timeout=300)
     p = M = world
