@@ -258,8 +258,10 @@ def _deepspeed(name, kw, per, world, rank) -> Row:
     x, y = _batch(kw, per, world, rank)
     psi = _psi(model)
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
+    # gradient_clipping 0: DeepSpeed 0.19.8 clips at 1.0 when the key is absent (GRADIENT_CLIPPING_DEFAULT), which
+    # the other rows do not do (Adam's first update is scale-free, so losses agreed at step 2 and split at step 3)
     cfg = {"train_micro_batch_size_per_gpu": per, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-           "steps_per_print": 10 ** 9}
+           "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
     # its defaults differ from torch.optim.AdamW's only in weight_decay (0.0 vs 0.01): pass torch's, the rest
     # (betas 0.9/0.999, eps 1e-8 outside the square root, bias correction, decoupled decay) is the same math
     opt = DeepSpeedCPUAdam(model.parameters(), lr=LR, weight_decay=WD, adamw_mode=True)
