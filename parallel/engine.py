@@ -42,6 +42,8 @@ from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
 from parallel.context_parallel import ContextParallel
 from parallel.data_parallel import sync_batchnorm
+from parallel.engine_callbacks import PhaseCallbacks
+from parallel.engine_inputs import BatchInputs
 from parallel.layer_drop import apply_layer_drop
 from parallel.loss import cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
@@ -56,7 +58,7 @@ from parallel.zero import NonFiniteError, StepResult, ZeroOptimizer
 PHASES = ("forward", "backward", "optimizer", "checkpoint", "checkpoint_written")
 
 
-class Engine:
+class Engine(BatchInputs, PhaseCallbacks):
     """``train_step(batch)`` takes this dp rank's share of the global batch
     (:func:`parallel.data.rank_batch`) and returns the mean loss over the global batch, on every
     rank. ``save(dir)`` / ``load(dir)`` write and read reshardable checkpoints."""
@@ -151,20 +153,6 @@ class Engine:
         return split_for(p.pp_schedule, model, self.pp.rank, p.pp, p.pp_virtual_stages, split=p.pp_split,
                          balance=p.pp_balance, sample=sample)
 
-    def _loss_mode(self) -> tuple:
-        """How micro-batch losses are weighted (:mod:`parallel.batch`): token | model | plain."""
-        name = self.cfg.loss
-        if name != "model":
-            return ("token" if name == "cross_entropy" else "plain"), None
-        if self.tensor_parallel is not None and self.tensor_parallel.vocab_parallel_output:
-            raise ConfigError("loss=model: the tensor-parallel plan leaves the logits split by vocabulary, so the "
-                              "model's own loss would see V/tp classes; use loss=cross_entropy (vocab-parallel) or a "
-                              "plan whose head gathers (colwise_gather)")
-        try:
-            return "model", batches.label_param(self.template)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
     def _loss(self, model):
         if self.loss_mode == "model":
             return batches.token_loss(None, "model")
@@ -182,40 +170,6 @@ class Engine:
     # --- one step ---------------------------------------------------------------------------------
     def _to(self, t):
         return t.to(self.mesh.device, non_blocking=True)
-
-    def _micro(self, batch) -> list:
-        """This rank's batch as micro-batches (:func:`parallel.batch.prepare`; collective over dp for dict
-        batches and loss=model: the global count of scored tokens)."""
-        try:
-            if isinstance(batch, dict):
-                batches.check_keys(batch, self.template)
-                batches.check_labels(batch)
-        except ValueError as e:
-            raise ValueError(f"{e} (data.factory={self.cfg.data.factory!r})") from None
-        return batches.prepare(batch, self.cfg.data.micro_batch_size, self._to, self.dp, self.loss_mode,
-                               self.label_name)
-
-    def _kwargs(self, mb, last: bool = True) -> dict:
-        """The forward's keyword inputs of micro-batch ``mb``; the labels only where the loss is computed."""
-        if self.loss_mode == "model" and last:
-            return {**mb.kwargs, self.label_name: mb.y.labels}
-        return mb.kwargs
-
-    def _forward(self, mb):
-        return self.module(mb.x, **self._kwargs(mb))
-
-    def _stage_inputs(self, action) -> None:
-        """Before each pipeline action: the stage gets its micro-batch's masks / position ids (and, on the
-        last stage with loss=model, the labels); the hidden state comes from the previous stage."""
-        st = self.executor.stages.get(action.stage)
-        if st is not None and hasattr(st, "stage_info") and action.microbatch < len(self._current):
-            st.stage_info.batch_kwargs = self._kwargs(self._current[action.microbatch],
-                                                      action.stage == self.executor.last)
-
-    def _clear_stage_inputs(self) -> None:
-        for st in self.stages:
-            if hasattr(st, "stage_info"):
-                st.stage_info.batch_kwargs = {}
 
     def train_step(self, batch) -> float:
         for st in self.stages:
@@ -366,64 +320,6 @@ class Engine:
                     self._clear_stage_inputs()
         return self._global_loss(local)
 
-    # --- phase callbacks -------------------------------------------------------------------------
-    def add_callback(self, fn):
-        """Call ``fn(phase, step)`` at each phase boundary; returns a function that removes it.
-
-        ``step`` is the 0-based index of the step the phase belongs to (``step_count`` while it runs;
-        a checkpoint belongs to the step just finished). Callbacks run in the order they were added.
-
-        forward             before each stage module's forward (per micro-batch and stage); ``fn`` may
-                            return a function t -> t' applied to the first floating tensor of the output
-        backward            when the gradient of a stage output arrives; a returned t -> t' maps it
-        optimizer           before the update (ZeRO's step: gradient sync, norm, clip, update)
-        checkpoint          :meth:`save` begins
-        checkpoint_written  this rank's shards are in the ``.tmp-`` folder, before the commit
-        """
-        if not self._hooks:
-            for st in self.stages:
-                self._hooks += [st.register_forward_pre_hook(self._pre_forward),
-                                st.register_forward_hook(self._post_forward)]
-        self._callbacks.append(fn)
-
-        def remove():
-            if fn in self._callbacks:
-                self._callbacks.remove(fn)
-            if not self._callbacks:
-                for h in self._hooks:
-                    h.remove()
-                self._hooks = []
-        return remove
-
-    def _emit(self, phase: str, step: int | None = None):
-        """Run the callbacks; returns the composition of the tensor maps they returned (or None)."""
-        out = None
-        for fn in list(self._callbacks):
-            t = fn(phase, self.step_count if step is None else step)
-            if t is not None:
-                out = t if out is None else (lambda x, f=out, g=t: g(f(x)))
-        return out
-
-    def _pre_forward(self, module, args):
-        self._transform = self._emit("forward")
-
-    def _post_forward(self, module, args, out):
-        fn, self._transform = self._transform, None
-        if fn is not None:
-            out = _map_first_tensor(out, fn)
-        if torch.is_grad_enabled():
-            _map_first_tensor(out, self._watch_grad)
-        return out
-
-    def _watch_grad(self, t):
-        if t.requires_grad:
-            t.register_hook(self._on_grad)
-        return t
-
-    def _on_grad(self, g):
-        fn = self._emit("backward")
-        return fn(g) if fn is not None else None
-
     # --- state ------------------------------------------------------------------------------------
     def _no_ep_checkpoints(self) -> None:
         if self.cfg.parallel.ep > 1:
@@ -472,25 +368,6 @@ def _context_parallel(model, mesh, algorithm):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cp
-
-
-def _map_first_tensor(out, fn):
-    """Apply ``fn`` to the first floating tensor of a module output (tensor, tuple, dict/ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return fn(out) if out.is_floating_point() else out
-    if isinstance(out, (tuple, list)):
-        for i, v in enumerate(out):
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                items = list(out)
-                items[i] = fn(v)
-                return items if isinstance(out, list) else tuple(items)
-        return out
-    if isinstance(out, dict):
-        for k, v in out.items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                out[k] = fn(v)
-                break
-    return out
 
 
 def parallelize(model: nn.Module, config: Config, mesh: Mesh | None = None, optimizer=None, sample=None) -> Engine:
