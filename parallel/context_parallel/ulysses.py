@@ -66,36 +66,28 @@ def _h2s(y, group):
     return x.transpose(0, 1).reshape(b, cp * hl, sn // cp, d)
 
 
-class _SeqToHead(torch.autograd.Function):
+class _Relayout(torch.autograd.Function):
+    """``there(x)`` forward, its inverse ``back`` on the gradient: the two all-to-all re-layouts are each
+    other's adjoint (a permutation of elements across ranks)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _s2h(x, group)
+    def forward(ctx, x, group, there, back):
+        ctx.group, ctx.back = group, back
+        return there(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _h2s(g, ctx.group), None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group):
-        ctx.group = group
-        return _h2s(y, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _s2h(g, ctx.group), None
+        return ctx.back(g, ctx.group), None, None, None
 
 
 def seq_to_head(x, group):
     """(b, h, s/cp, d) sequence shard → (b, h/cp, s, d) head shard (tokens in rank order), differentiable."""
-    return _SeqToHead.apply(x, group)
+    return _Relayout.apply(x, group, _s2h, _h2s)
 
 
 def head_to_seq(y, group):
     """The inverse of :func:`seq_to_head`, differentiable."""
-    return _HeadToSeq.apply(y, group)
+    return _Relayout.apply(y, group, _h2s, _s2h)
 
 
 def ulysses_attention(q, k, v, group, causal: bool = True, docs: torch.Tensor | None = None,
