@@ -121,7 +121,7 @@ def build(name: str, kw: dict, per: int, world: int, rank: int) -> Row:
     if name in MP_ROWS:
         row = build_mp(name, kw, per, world, rank, Row, _op, LR, WD)
         row.name, row.global_loss = name, True
-        row.ours = name.endswith("_ours")
+        row.ours = name.endswith("_ours") or name.endswith("_m8")
         return row
     if name.startswith("ds"):
         return _deepspeed(name, kw, per, world, rank)

@@ -28,12 +28,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-MP_ROWS = ["tp_dtensor", "tp_ours", "pp_torch", "pp_ours"]
+MP_ROWS = ["tp_dtensor", "tp_ours", "pp_torch", "pp_ours", "pp_1f1b_m8", "pp_zbh1_m8", "pp_zbv_m8"]
 PP_MICRO = 2
+# Issue 19's wall-clock rows: pp = world with m = 8 micro-batches, the same global batch, three schedules.
+PP_M8 = {"pp_1f1b_m8": ("1f1b", 1), "pp_zbh1_m8": ("zero_bubble", 1), "pp_zbv_m8": ("zb_v", 2)}
 WHAT_MP = {"tp_dtensor": "torch DTensor TP (Colwise/Rowwise per block)", "tp_ours": "ours tensor parallel",
            "pp_torch": f"torch pipelining Schedule1F1B, {PP_MICRO} micro-batches",
-           "pp_ours": f"ours 1F1B, {PP_MICRO} micro-batches"}
-PEER_OF_MP = {"tp_ours": "tp_dtensor", "pp_ours": "pp_torch"}
+           "pp_ours": f"ours 1F1B, {PP_MICRO} micro-batches",
+           "pp_1f1b_m8": "ours 1F1B, 8 micro-batches", "pp_zbh1_m8": "ours ZB-H1 (I/W split), 8 micro-batches",
+           "pp_zbv_m8": "ours ZB-V (2 stages per rank), 8 micro-batches"}
+PEER_OF_MP = {"tp_ours": "tp_dtensor", "pp_ours": "pp_torch", "pp_zbh1_m8": "pp_1f1b_m8", "pp_zbv_m8": "pp_zbh1_m8"}
 
 
 def _global_batch(kw, per, world):
@@ -50,6 +54,11 @@ def build_mp(name: str, kw: dict, per: int, world: int, rank: int, row_cls, op, 
         lay = {"dp": 1, "pp": world, "micro_batches": PP_MICRO, "schedule": "1f1b"}
         return _ours(kw, per, world, row_cls, lr, wd, {"pp": world, "pp_schedule": "1f1b"}, lay,
                      micro=per * world // PP_MICRO)
+    if name in PP_M8:
+        sched, v = PP_M8[name]
+        par = {"pp": world, "pp_schedule": sched, **({"pp_virtual_stages": v} if v > 1 else {})}
+        lay = {"dp": 1, "pp": world, "micro_batches": 8, "schedule": sched}
+        return _ours(kw, per, world, row_cls, lr, wd, par, lay, micro=per * world // 8)
     if name == "tp_dtensor":
         return _tp_dtensor(kw, per, world, row_cls, op, lr, wd)
     if name == "pp_torch":
