@@ -37,7 +37,7 @@ def planner_inputs(cfg: Config, model, device: str | None = None):
     spec = spec_from_model(model, seq)
     p = cfg.parallel
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
-                 p.sequence_parallel, cfg.zero.units)
+                 p.sequence_parallel, cfg.zero.units, p.cp, p.cp_algorithm)
     ac = cfg.activation_checkpointing
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
@@ -125,8 +125,11 @@ def describe(cfg: Config, memory: float | None = None) -> str:
         lines += [f"# expert parallelism: ep={p.ep} (experts split over ep, token all-to-all), expert gradients "
                   f"reduced over expert-data-parallel groups of {p.dp // p.ep}; everything else over dp",
                   f"#   ep groups:  {[list(g) for g in eps]}", f"#   edp groups: {[list(g) for g in edps]}"]
-    if p.cp > 1:
-        lines.append(f"# (the planner does not model cp yet: its figures are for one rank of each cp group of {p.cp})")
+    if p.cp > 1 and pred is not None:
+        seq = cfg.data.kwargs.get("seq_len") if isinstance(cfg.data.kwargs, dict) else None
+        cp = {op: round(c["wire_bytes"]) for op, c in pred.comm[0].get("cp", {}).items()}
+        lines.append(f"# context parallel ({p.cp_algorithm}): each rank holds s/cp = {seq}/{p.cp} tokens of every "
+                     f"sequence (the activations above); cp wire bytes per step, rank 0: {json.dumps(cp)}")
     if pred is not None:
         axes = {}
         for ops in pred.comm.values():

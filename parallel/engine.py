@@ -28,7 +28,6 @@ mean over the scored tokens of the global batch, not a mean of micro-batch means
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import torch
@@ -41,6 +40,7 @@ from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
 from parallel.config import Config, ConfigError
 from parallel.context_parallel import ContextParallel
+from parallel.context_parallel.engine_hooks import ContextInputs
 from parallel.data_parallel import sync_batchnorm
 from parallel.engine_callbacks import PhaseCallbacks
 from parallel.engine_inputs import BatchInputs
@@ -58,7 +58,7 @@ from parallel.zero import NonFiniteError, StepResult, ZeroOptimizer
 PHASES = ("forward", "backward", "optimizer", "checkpoint", "checkpoint_written")
 
 
-class Engine(BatchInputs, PhaseCallbacks):
+class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
     """``train_step(batch)`` takes this dp rank's share of the global batch
     (:func:`parallel.data.rank_batch`) and returns the mean loss over the global batch, on every
     rank. ``save(dir)`` / ``load(dir)`` write and read reshardable checkpoints."""
@@ -102,6 +102,7 @@ class Engine(BatchInputs, PhaseCallbacks):
                                              split_backward=config.zero.stage != 3,         # before a split W
                                              p2p_groups=mesh.pp_p2p_groups())              # NCCL-safe order
             self.executor.add_action_callback(self._stage_inputs)   # dict batches: masks etc. to every stage
+            self.executor.add_action_callback(self._cp_action)      # cp: this micro-batch's document ids
             for st in self.stages:                                  # loss=model: the last stage returns the output
                 if hasattr(st, "stage_info"):
                     st.stage_info.keep_output = self.loss_mode == "model"
@@ -192,9 +193,10 @@ class Engine(BatchInputs, PhaseCallbacks):
             local = total / len(micro)
         else:
             self.executor.loss_scale = z.loss_scale
-            self._current = micro
+            self._current = micro = self._cp_micro(micro)          # cp: the sequence shards (engine_hooks)
             try:
-                local = self.executor.run([(mb.x, mb.y) for mb in micro])
+                with self._cp_active():
+                    local = self.executor.run([(mb.x, mb.y) for mb in micro])
             finally:
                 self._current = []
                 self._clear_stage_inputs()
@@ -267,21 +269,6 @@ class Engine(BatchInputs, PhaseCallbacks):
                                  f"global batches {s - n + 1}..{s} (dataset positions [{(s - n + 1) * G}, "
                                  f"{(s + 1) * G})), lower optimizer.lr, or raise train.max_skips", [])
 
-    def _cp_active(self):
-        return self.context.active() if self.context is not None else contextlib.nullcontext()
-
-    def _cp_shard(self, mb):
-        """cp > 1: this rank's zig-zag shard of micro-batch ``mb`` and its global positions (context_parallel);
-        the batch's own position_ids (packed documents) are honoured."""
-        if self.context is None:
-            return mb
-        if not isinstance(mb.y, torch.Tensor) or set(mb.kwargs) - {"position_ids"} or self.loss_mode == "model":
-            raise ValueError(f"parallel.cp={self.context.group.size} takes (inputs, targets) batches, optionally with "
-                             f"position_ids (packed documents); dict batches with labels or masks and loss=model are "
-                             f"not supported under cp yet (got keys {sorted(mb.kwargs)}): set parallel.cp=1")
-        x, y, kw = self.context.shard_batch(mb.x, mb.y, mb.kwargs.get("position_ids"))
-        return dataclasses.replace(mb, x=x, y=y, kwargs=kw)
-
     def _own_loop_check(self) -> None:
         if self.context is not None:
             raise RuntimeError("with parallel.cp > 1 the engine shards each sequence over the cp ranks: call "
@@ -312,9 +299,10 @@ class Engine(BatchInputs, PhaseCallbacks):
                     local = sum(self.loss_fn(self._forward(mb), mb.y).item() for mb in map(self._cp_shard, micro))
                 local /= len(micro)
             else:
-                self._current = micro                # dict batches: each stage's masks / position ids
+                self._current = micro = self._cp_micro(micro)   # dict batches: each stage's masks / positions
                 try:
-                    local = self.executor.forward([(mb.x, mb.y) for mb in micro])
+                    with self._cp_active():
+                        local = self.executor.forward([(mb.x, mb.y) for mb in micro])
                 finally:
                     self._current = []
                     self._clear_stage_inputs()

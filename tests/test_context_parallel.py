@@ -158,8 +158,7 @@ def test_config_errors_and_dry_run():
     from launch.dry_run import describe
     with pytest.raises(ConfigError, match="divisible by 2·cp = 8"):
         config("gpt", ["parallel.cp=4", "data.kwargs.seq_len=12"], world=4)
-    with pytest.raises(ConfigError, match="parallel.pp=1 or parallel.cp=1"):
-        config("gpt", ["parallel.cp=2", "parallel.pp=2"], world=4)
+    assert config("gpt", ["parallel.cp=2", "parallel.pp=2"], world=4).parallel.cp == 2     # cp × pp: allowed
     with pytest.raises(ConfigError, match="parallel.dp/tp/pp/cp"):
         config("gpt", ["parallel.cp=2"], world=3)
     with pytest.raises(ConfigError, match="cp_algorithm"):

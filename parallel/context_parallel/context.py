@@ -4,8 +4,10 @@ positions, and route the model's attention to ring or Ulysses attention over the
 How the model's attention is reached, without editing it:
 * transformers models: ``cp_attention`` is registered in transformers' attention-function registry
   (``AttentionInterface``, with a mask function that builds no mask: the cp attention masks by global
-  position itself) under the name ``"parallel3d_cp"``, and :meth:`ContextParallel.prepare` sets the model's
-  attention implementation to it;
+  position itself) under the name ``"parallel3d_cp"``; while a :meth:`ContextParallel.active` block runs,
+  the configs of the model (and of its pipeline-stage copies) name it as their attention implementation,
+  and get their own back on exit — so outside a step (evaluation by the user, ``save_pretrained``, the
+  engine's template and ``full_model()``) the model is the one the user built, not ours;
 * models calling ``torch.nn.functional.scaled_dot_product_attention`` (our GPT): while a
   :meth:`ContextParallel.active` block runs, that function is replaced by a dispatcher that sends
   self-attention over the sequence shard to the cp algorithm (the approach of torch's own
@@ -98,17 +100,15 @@ class ContextParallel:
             raise ValueError(f"parallel.cp_algorithm={algorithm!r} is not one of {list(ALGORITHMS)}")
         self.group, self.algorithm = group, algorithm
         self.docs = None                 # (b, s) document ids of the current micro-batch, or None
+        self._configs: list = []         # transformers configs whose attention is ours while active
+        self._seen: tuple = ()
 
     # --- the model ---------------------------------------------------------------------------------
     def prepare(self, model) -> None:
-        """Route a transformers model's attention to :func:`cp_attention`; check the model takes
-        ``position_ids`` (each rank's tokens sit at global positions)."""
-        cfg = getattr(model, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation") and register_hf():
-            try:
-                model.set_attn_implementation(HF_NAME)
-            except (AttributeError, ValueError, KeyError):
-                cfg._attn_implementation = HF_NAME
+        """Register :func:`cp_attention` with transformers (a transformers model's attention goes to it
+        while :meth:`active`); check the model takes ``position_ids`` (each rank's tokens sit at global
+        positions)."""
+        self._configs = _hf_configs([model]) if register_hf() else []
         params = inspect.signature(model.forward).parameters
         if "position_ids" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             raise ValueError(f"parallel.cp={self.group.size}: {type(model).__name__}.forward takes no position_ids, "
@@ -148,13 +148,34 @@ class ContextParallel:
         return ALGORITHMS[self.algorithm](q, k, v, self.group, causal=causal, docs=docs, scale=scale)
 
     @contextlib.contextmanager
-    def active(self):
-        """While inside: this context handles the model's attention (see the module docstring)."""
+    def active(self, modules=()):
+        """While inside: this context handles the model's attention (see the module docstring); ``modules``:
+        copies of the prepared model that run too (the pipeline's stage modules)."""
+        key = tuple(id(m) for m in modules)
+        if key and key != self._seen:
+            self._configs = list({id(c): c for c in self._configs + _hf_configs(modules)}.values())
+            self._seen = key
+        own = [c._attn_implementation for c in self._configs]
         _STACK.append(self)
         F.scaled_dot_product_attention = _dispatch_sdpa
         try:
+            for c in self._configs:
+                c._attn_implementation = HF_NAME
             yield self
         finally:
+            for c, name in zip(self._configs, own):
+                c._attn_implementation = name
             _STACK.remove(self)
             if not _STACK:
                 F.scaled_dot_product_attention = _SDPA
+
+
+def _hf_configs(modules) -> list:
+    """The distinct transformers configs (those with an attention implementation) of ``modules``' trees."""
+    out: dict = {}
+    for root in modules:
+        for mod in root.modules():
+            cfg = getattr(mod, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                out[id(cfg)] = cfg
+    return list(out.values())

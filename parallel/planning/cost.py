@@ -23,8 +23,11 @@ bookkeeping its 20 (stages 0/1) or 28 bytes per local gradient element plus the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
+from parallel.planning.context import cp_per_step
 from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import GRAD_MOVED, NORM_MOVED, exposed_dp, memory_seconds, optimizer_moved
@@ -77,7 +80,7 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
 
 def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, own: list, bounds: list, mb: int) -> dict:
     b = element_bytes(tr)[0]
-    N, t, p, S, m = lay.dp, lay.tp, lay.pp, lay.pp * lay.v, lay.micro_batches
+    N, t, p, S, m = lay.zero_n, lay.tp, lay.pp, lay.pp * lay.v, lay.micro_batches    # ZeRO over dp×cp
     out: dict = {}
     if lay.zero == 0:
         add_op(out, "dp", "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
@@ -120,9 +123,12 @@ def seconds(ops: dict, hw: Hardware) -> float:
 
 def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
                dp_ops: dict) -> tuple[float, float]:
-    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring)."""
+    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring). With cp > 1
+    ``spec`` is the local one (seq = s/cp): a rank's tokens attend the whole sequence (12·h·s·cp per token),
+    and its cp traffic (:func:`parallel.planning.context.cp_per_step`) adds to each micro-batch, unhidden."""
     h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, element_bytes(tr)[0]
-    block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s
+    block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s * lay.cp
+    one = dataclasses.replace(lay, micro_batches=1)
     stage = []
     for k, (a, e) in enumerate(bounds):
         flops = mb * s * ((e - a) * block + (k == S - 1) * 6 * spec.vocab * h) / lay.tp
@@ -132,7 +138,8 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
             add_op(tp, "tp", op, calls, payload, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
         p2p = ((k < S - 1) + (k > 0)) * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
-        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + p2p)
+        cp = cp_per_step(spec, one, tr, [k], bounds, mb, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
+        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + p2p + seconds(cp.get("cp", {}), hw))
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:

@@ -42,12 +42,16 @@ Peak 2, the optimizer step: states (gradient shards included) + mixed precision'
     CUDA's foreach AdamW makes one list of all owned elements (4 bytes each).
 The batch (inputs and int64 targets, 16·(G/dp)·s bytes) is alive throughout.
 
+Context parallelism: ``spec`` is then the local one (seq = s/cp, :mod:`parallel.planning.context`), plus
+Ulysses' extra attention output per block, the (β, n) position ids and the batch's shards.
+
 Not modelled: allocator rounding/caching and kernels' workspaces (CUDA's max_memory_allocated
 counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 KiB, CPU only).
 """
 from __future__ import annotations
 
 from parallel.pipeline.schedules import get_schedule
+from parallel.planning.context import block_extra
 from parallel.planning.spec import Layout, ModelSpec, TrainSpec, element_bytes
 
 __all__ = ["block_bytes", "head_bytes", "rank_peak"]
@@ -122,6 +126,8 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     t, S, dev = lay.tp, lay.pp * lay.v, tr.device
     sb, h, f = mb * spec.seq, spec.hidden, spec.ffn_
     first_embed = (sb * h + spec.seq * h) * e + spec.seq * 8 if S > 1 else 0.0
+    if lay.cp > 1 and S > 1:                 # cp: position ids (β, n), so the position embedding is (β, n, h)
+        first_embed = 2 * sb * h * e + sb * 8
     captured = _captured_micro(lay, own[0] % lay.pp) * max(   # stage 0 has no input gradient: W does it all
         [_weight_deltas(spec, mb, t, e, bounds[k], k == S - 1) for k in own if k > 0], default=0.0)
     grads_in_block = (f + 2 * h) * sb * e / t               # an MLP's gradients while its backward runs
@@ -130,7 +136,7 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     for k in own:
         a, z = bounds[k]
         modes = _modes(tr, range(a, z))
-        kept = [block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in modes]
+        kept = [block_bytes(spec, md, mb, t, lay.sp, e, dev) + block_extra(spec, lay, md, mb, t, e) for md in modes]
         last = k == S - 1
         end = head_bytes(spec, mb, t, e) if last else sb * h * e / (t if lay.sp else 1)
         end += first_embed if k == 0 else 0.0
@@ -138,7 +144,7 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         ce = 2 * sb * spec.vocab * e / t
         at_start = max(ce, grads_in_block - head_bytes(spec, mb, t, e)) if last else grads_in_block
         options.append((sum(kept) + end, at_start, False))
-        none = block_bytes(spec, "none", mb, t, lay.sp, e)
+        none = block_bytes(spec, "none", mb, t, lay.sp, e) + block_extra(spec, lay, "none", mb, t, e)
         # recomputing block j rebuilds its whole set while blocks < j still keep theirs (later ones are freed);
         # its backward follows at once: the MLP's gradients and the residual stream's two
         for j, md in enumerate(modes):
@@ -159,12 +165,14 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     if lay.zero == 3:
         units = sorted((bk.padded for bk in normal if bk.unit), reverse=True)
         gathered = sum(units[:2]) * e
-    data = 16 * (tr.global_batch // lay.dp) * spec.seq
+    data = 16 * (tr.global_batch // lay.dp) * spec.seq * lay.cp        # the dp share, whole on every cp rank
+    if lay.cp > 1:                       # + its shards (x, y, positions): all up front under pp, else one
+        data += 24 * (tr.global_batch // lay.dp if lay.pp > 1 else mb) * spec.seq
     shard_grads = states["grads"] if lay.zero >= 2 else 0
     fb = states["total"] - shard_grads + activations + transient + buffers + gathered + data
     if lay.zero >= 1:    # end of backward: a bucket's reduce-scatter output, and on gloo its full-size staging copy
         big = max(buckets, key=lambda bk: bk.padded)
-        rs = (big.padded // lay.dp + (big.padded if tr.device == "cpu" else 0)) * e
+        rs = (big.padded // lay.zero_n + (big.padded if tr.device == "cpu" else 0)) * e
         end = states["total"] - shard_grads + buffers + gathered + data + rs
         if end > fb:
             fb, activations, transient = end, 0.0, rs

@@ -34,7 +34,8 @@ from parallel.data_parallel.bucket import fill_buckets
 from parallel.mesh import rank_of
 from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
-from parallel.planning.cost import comm_per_step, optimizer_seconds, seconds, step_time
+from parallel.planning.context import check_cp, cp_per_step, local_spec
+from parallel.planning.cost import comm_per_step, optimizer_seconds, recomputed_blocks, seconds, step_time
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 
@@ -121,7 +122,7 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
     """The rank's flat buckets (stages 0–2, make_buckets' reverse greedy fill:
     :func:`parallel.data_parallel.bucket.fill_buckets`) or stage-3 units
     (one per module, pre-order), then the deferred bucket of tied pipeline copies."""
-    N, pad = lay.dp, lay.zero > 0
+    N, pad = lay.zero_n, lay.zero > 0
 
     def mk(sizes):
         n = sum(sizes)
@@ -169,7 +170,7 @@ def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool, largest: bool = False)
 
 def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
     b, mixed = element_bytes(tr)
-    N, pad = lay.dp, lay.zero > 0
+    N, pad = lay.zero_n, lay.zero > 0
     per_elem, per_piece = {"adamw": (8, 4), "adam": (8, 4)}.get(tr.optimizer, (4 if tr.momentum else 0, 0))
     m = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}
     for bk in buckets:
@@ -193,7 +194,7 @@ def _in_flight(name: str, p: int, m: int, v: int) -> tuple:
 
 def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> float:
     """Optimizer, norm and gradient bookkeeping of dp rank 0 (time_terms' docstring)."""
-    owned = sum(_shard_pieces(bk, lay.dp, 0, lay.zero > 0)[0] for bk in bks)
+    owned = sum(_shard_pieces(bk, lay.zero_n, 0, lay.zero > 0)[0] for bk in bks)
     return optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero)
 
 
@@ -218,13 +219,14 @@ def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
         return "virtual stages need pp > 1"
     if lay.zero not in (0, 1, 2, 3):
         return f"zero stage {lay.zero} must be 0..3"
-    return None
+    return check_cp(spec, lay)
 
 
 def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = None,
             ranks: str = "all") -> Prediction:
-    """Predict ``lay``. ``ranks="all"``: every global rank; "worst": dp = tp = 0 of each pp rank
-    (dp rank 0 owns the most real elements; tp ranks are alike)."""
+    """Predict ``lay``. ``ranks="all"``: every global rank; "worst": dp = cp = tp = 0 of each pp rank
+    (dp×cp rank 0 owns the most real elements; tp ranks are alike). With cp > 1 activations, tp and pp
+    traffic follow the local spec (seq = s/cp; :mod:`parallel.planning.context`), ZeRO shards over dp×cp."""
     why = check_layout(spec, lay, tr)
     if why:
         raise ValueError(f"planner: layout {lay} is invalid: {why}")
@@ -233,23 +235,27 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     mb = tr.global_batch // (lay.dp * lay.micro_batches)
     bounds = stage_bounds(spec, lay.tp, lay.pp, lay.v)
     S = lay.pp * lay.v
-    pred, dp_ops = Prediction(lay), {}
+    pred, dp_ops, loc = Prediction(lay), {}, local_spec(spec, lay)
+    shape, dpax = {"pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "tp": lay.tp}, "dp" if lay.cp == 1 else "dp_cp"
     for pr in range(lay.pp):
         own = list(range(pr, S, lay.pp))
         bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b, tr.bucket_mb, spec.tied and S == 1)
-        comm = comm_per_step(spec, lay, tr, bks, own, bounds, mb)
+        comm = comm_per_step(loc, lay, tr, bks, own, bounds, mb)
+        if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
+            comm = {(dpax if a == "dp" else a): ops for a, ops in comm.items()}
+            comm.update(cp_per_step(loc, lay, tr, own, bounds, mb, lambda a, z: recomputed_blocks(lay, tr, a, z)))
         held = _in_flight(lay.schedule, lay.pp, lay.micro_batches, lay.v)[pr] if lay.pp > 1 else 1
-        for dr in range(lay.dp) if ranks == "all" else [0]:
-            mem = _states(bks, lay, tr, dr)
-            pieces = [_shard_pieces(bk, lay.dp, dr, lay.zero > 0, largest=True) for bk in bks]
-            mem.update(rank_peak(spec, lay, tr, own, bounds, mb, held, bks, mem, max(p[1] for p in pieces),
+        for j in range(lay.zero_n) if ranks == "all" else [0]:         # j = dp·cp + c: the dp×cp group's order
+            mem = _states(bks, lay, tr, j)
+            pieces = [_shard_pieces(bk, lay.zero_n, j, lay.zero > 0, largest=True) for bk in bks]
+            mem.update(rank_peak(loc, lay, tr, own, bounds, mb, held, bks, mem, max(p[1] for p in pieces),
                                  sum(p[0] for p in pieces)))
             for tr_ in range(lay.tp) if ranks == "all" else [0]:
-                g = rank_of(pr, dr, tr_, {"pp": lay.pp, "dp": lay.dp, "tp": lay.tp})
+                g = rank_of(pr, j // lay.cp, tr_, shape, j % lay.cp)
                 pred.memory[g], pred.comm[g] = mem, comm
-        if seconds(comm.get("dp", {}), hw) >= seconds(dp_ops, hw):
-            dp_ops = comm.get("dp", {})
-    pred.step_s, pred.bubble = step_time(spec, lay, tr, hw, bounds, mb, dp_ops)
+        if seconds(comm.get(dpax, {}), hw) >= seconds(dp_ops, hw):
+            dp_ops = comm.get(dpax, {})
+    pred.step_s, pred.bubble = step_time(loc, lay, tr, hw, bounds, mb, dp_ops)
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
         pred.update_s = max(_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b,
                                                      tr.bucket_mb, spec.tied and S == 1), lay, tr, hw)

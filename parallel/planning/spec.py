@@ -54,9 +54,17 @@ class Layout:
     v: int = 1
     sp: bool = False
     units: str = "module"           # stage 3: module | block (zero.units)
+    cp: int = 1                     # context parallel: the sequence split over cp ranks (planning/context.py)
+    cp_algorithm: str = "ring"      # ring | ulysses
+
+    @property
+    def zero_n(self) -> int:
+        """Ranks gradients reduce and ZeRO shards over: dp × cp."""
+        return self.dp * self.cp
 
     def __str__(self):
         s = f"dp{self.dp} tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp} zero{self.zero} m{self.micro_batches}"
+        s += f" cp{self.cp}({self.cp_algorithm})" if self.cp > 1 else ""
         return s + (f" {self.schedule}{f'(v={self.v})' if self.v > 1 else ''}" if self.pp > 1 else "")
 
 
