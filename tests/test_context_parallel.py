@@ -85,6 +85,12 @@ def _cases(rank, world, packed=(False,)):
     for algorithm in ("ring", "ulysses"):
         for p in packed:
             out[(algorithm, p)] = _attention_case(rank, world, algorithm, 2, 16, 4, 2, 8, p)
+    import parallel.context_parallel.blocks as blocks
+    old, blocks.ROWS = blocks.ROWS, 3                     # the ring's blocks computed 3 query rows at a time
+    try:
+        out[("ring", "rows3")] = _attention_case(rank, world, "ring", 2, 16, 4, 2, 8, packed[-1])
+    finally:
+        blocks.ROWS = old
     from parallel.context_parallel import ContextParallel, ulysses_attention
     from parallel.mesh import Mesh
     g = Mesh(cp=world).group("cp")

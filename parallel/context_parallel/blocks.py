@@ -12,12 +12,19 @@ Merge (Milakov & Gimelshein, arXiv 1805.02867; Liu et al., ring attention, arXiv
 Backward of a block, given the final o, lse and dO, with D = rowsum(dO ∘ o) (Dao, FlashAttention-2,
 arXiv 2307.08691, Alg. 2):
     P = exp(S − lse),  dV = Pᵀ·dO,  dS = P ∘ (dO·vᵀ − D),  dQ = dS·k·scale,  dK = dSᵀ·q·scale.
+
+Rows are independent in all of it, so :func:`rows_forward` / :func:`rows_backward` run a block ``ROWS``
+query rows at a time (dK, dV summed over the row chunks): the score-sized temporaries (S, P, dS) are then
+``ROWS`` × n_k instead of n_q × n_k — what a flash kernel's tiling bounds on a GPU — and the memory of
+a long block stays linear in the shard.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["block_forward", "merge", "block_backward"]
+__all__ = ["block_forward", "merge", "block_backward", "rows_forward", "rows_backward", "ROWS"]
+
+ROWS = 256                   # query rows per chunk of a block's computation
 
 
 def _grouped(q: torch.Tensor, hk: int) -> torch.Tensor:
@@ -63,3 +70,29 @@ def block_backward(q, k, v, mask, scale, do_g, lse, delta):
     dq = torch.matmul(ds, k.float()[:, :, None]) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
     return dq.reshape(q.shape), dk, dv
+
+
+def _chunks(n: int):
+    return [slice(a, min(a + ROWS, n)) for a in range(0, n, ROWS)]
+
+
+def rows_forward(q, k, v, mask, scale):
+    """:func:`block_forward` over ``ROWS`` query rows at a time (same result, bounded temporaries)."""
+    n = q.shape[2]
+    if n <= ROWS:
+        return block_forward(q, k, v, mask, scale)
+    parts = [block_forward(q[:, :, r], k, v, mask[:, r], scale) for r in _chunks(n)]
+    return torch.cat([o for o, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-1)
+
+
+def rows_backward(q, k, v, mask, scale, do_g, lse, delta):
+    """:func:`block_backward` over ``ROWS`` query rows at a time: dq by rows, dk and dv summed."""
+    n = q.shape[2]
+    if n <= ROWS:
+        return block_backward(q, k, v, mask, scale, do_g, lse, delta)
+    dq, dk, dv = [], 0, 0
+    for r in _chunks(n):
+        a, b, c = block_backward(q[:, :, r], k, v, mask[:, r], scale, do_g[..., r, :], lse[..., r], delta[..., r])
+        dq.append(a)
+        dk, dv = dk + b, dv + c
+    return torch.cat(dq, dim=2), dk, dv

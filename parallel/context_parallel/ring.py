@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.context_parallel.blocks import block_backward, block_forward, merge
+from parallel.context_parallel.blocks import merge, rows_backward, rows_forward
 from parallel.context_parallel.layout import check_seq, zigzag_index
 
 __all__ = ["ring_attention", "ring_wire_bytes"]
@@ -97,7 +97,7 @@ class _RingAttention(torch.autograd.Function):
             sel = _selection(s, cp, r, (r - i) % cp, causal, docs, q.device)
             if sel is not None:
                 qs, ks, mask = sel
-                ob, lb = block_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale)
+                ob, lb = rows_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale)
                 o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], ob, lb)
             if nxt is not None:
                 kv = nxt.wait()
@@ -130,7 +130,7 @@ class _RingAttention(torch.autograd.Function):
             sel = _selection(s, cp, r, (r - i) % cp, causal, docs, q.device)
             if sel is not None:
                 qs, ks, mask = sel
-                dqb, dkb, dvb = block_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale,
+                dqb, dkb, dvb = rows_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale,
                                                do_g[:, :, :, qs], lse[:, :, :, qs], delta[:, :, :, qs])
                 dq[:, :, qs] += dqb
                 acc[0][:, :, ks] += dkb
