@@ -20,6 +20,22 @@ from torch.utils.data import default_collate
 from parallel.batch import MicroBatch, Targets, token_loss
 from parallel.context_parallel.micro import shard_micro
 
+LEFT = "test_context_parallel_dict:left_padded"
+
+
+class LeftPadded(Padded):
+    """:class:`dict_cases.Padded` with the padding first: real queries would see the padding keys under the
+    causal mask alone, so only a correct padding mask gives the one-process numbers."""
+
+    def __getitem__(self, i):
+        d = super().__getitem__(i)
+        shift = int(d["attention_mask"].sum()) if "attention_mask" in d else 0
+        return {k: torch.roll(v, self.s - shift) for k, v in d.items()}
+
+
+def left_padded(**kw):
+    return LeftPadded(**kw)
+
 
 def _ce(out, y):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
@@ -51,17 +67,17 @@ def test_shards_weigh_to_the_one_process_loss(key):
     assert abs(total - full.item()) < 1e-6, (total, full.item())
 
 
-def _train(rank, world, model, overrides):
+def _train(rank, world, model, overrides, factory):
     from launch.train import run
     from parallel.mesh import Mesh
-    cfg = config(model, overrides, world)
+    cfg = config(model, overrides, world, factory=factory)
     p = cfg.parallel
     return run(cfg, Mesh(pp=p.pp, dp=p.dp, tp=p.tp, cp=p.cp), print_fn=lambda *a, **k: None)["losses"]
 
 
-def _check(world, overrides, what):
-    got = run_ranks(_train, world, "llama", overrides, timeout=300)
-    want = reference(config("llama", overrides))
+def _check(world, overrides, what, factory=LEFT):
+    got = run_ranks(_train, world, "llama", overrides, factory, timeout=300)
+    want = reference(config("llama", overrides, factory=factory))
     for losses in got:
         assert_close_curve(losses, want, 1e-5, what)
 
