@@ -6,7 +6,8 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
   once more in forward); stages ≥ 1 add a 24-byte grad-norm all-reduce (also over tp and pp);
 * tp per micro-batch: 4 all-reduces of b·s·h per block, the embedding's forward, the head's
   backward and the loss's two (3·b·s·4 bytes); sequence parallel: the same b·s·h as all-gathers +
-  reduce-scatters and small all-reduces of the sequence-sharded norm/bias gradients;
+  reduce-scatters and small all-reduces of the sequence-sharded norm/bias gradients; a block that
+  activation checkpointing recomputes runs its forward's two again (:func:`recomputed_blocks`);
 * pp: b·s·h (SP: b·s·h/t) per micro-batch each way per stage boundary; the tied embedding's
   gradient V·h·b/t once per step between the end ranks (axis "pp_tied").
 
@@ -93,6 +94,10 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
         per_micro = tp_per_micro(spec, lay, bounds[k][1] - bounds[k][0], k == 0, k == S - 1, mb, b)
         for op, (calls, payload) in per_micro.items():
             add_op(out, "tp", op, m * calls, m * payload, t)
+        rec = m * recomputed_blocks(lay, tr, *bounds[k])    # a recomputed block's forward: its 2 tp collectives again
+        act = mb * spec.seq * spec.hidden * b
+        for op in ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",):
+            add_op(out, "tp", op, 2 * rec, 2 * rec * act, t)
     add_op(out, "tp", "all_reduce", 1, NORM_BYTES, t)
     if p > 1:
         act = mb * (spec.seq // t if lay.sp else spec.seq) * spec.hidden * b
