@@ -1,7 +1,7 @@
 """Context parallelism: the longest sequence a fixed per-rank memory budget trains, cp = 1, 2, 4, and the
 step-time ratio ring / Ulysses (issue 23, item 7).
 
-    python benchmarks/bench_cp.py longest --budget-mib 48 --cp 1,2,4
+    python benchmarks/bench_cp.py longest --budget-mib 64 --cp 1,2,4
     python benchmarks/bench_cp.py ratio --cp 2 --seq 1024 --rounds 5
 
 ``longest``: for each cp, cp gloo CPU ranks train a tiny GPT (2 blocks, h = 64, 4 heads, V = 256, one
@@ -140,9 +140,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["longest", "ratio"])
     p.add_argument("--cp", default="1,2,4")
-    p.add_argument("--budget-mib", type=float, default=48.0)
-    p.add_argument("--grain", type=int, default=64, help="s is searched in multiples of grain·cp")
-    p.add_argument("--start", type=int, default=512)
+    p.add_argument("--budget-mib", type=float, default=64.0)
+    p.add_argument("--grain", type=int, default=256, help="s is searched in multiples of grain·cp")
+    p.add_argument("--start", type=int, default=1024)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()

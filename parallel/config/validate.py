@@ -144,7 +144,7 @@ def _check_parallel(c: Config) -> None:
 
 
 def _check_cp(c: Config) -> None:
-    """Context parallelism: the sequence splits into 2·cp zig-zag chunks; no sequence parallel yet."""
+    """Context parallelism: the sequence splits into 2·cp zig-zag chunks."""
     p = c.parallel
     if p.cp == 1:
         return
@@ -152,9 +152,6 @@ def _check_cp(c: Config) -> None:
     if isinstance(seq, int) and seq % (2 * p.cp):
         raise ConfigError(f"parallel.cp={p.cp}: the sequence length {seq} (data.kwargs.seq_len) must be divisible "
                           f"by 2·cp = {2 * p.cp} (the zig-zag split into 2·cp chunks): change seq_len or parallel.cp")
-    if p.sequence_parallel:
-        raise ConfigError("parallel.cp > 1 with parallel.sequence_parallel=true is not supported yet: set one of them "
-                          "off")
 
 
 def _check_zero(c: Config) -> None:

@@ -13,10 +13,11 @@ Backward of a block, given the final o, lse and dO, with D = rowsum(dO ∘ o) (D
 arXiv 2307.08691, Alg. 2):
     P = exp(S − lse),  dV = Pᵀ·dO,  dS = P ∘ (dO·vᵀ − D),  dQ = dS·k·scale,  dK = dSᵀ·q·scale.
 
-Rows are independent in all of it, so :func:`rows_forward` / :func:`rows_backward` run a block ``ROWS``
-query rows at a time (dK, dV summed over the row chunks): the score-sized temporaries (S, P, dS) are then
-``ROWS`` × n_k instead of n_q × n_k — what a flash kernel's tiling bounds on a GPU — and the memory of
-a long block stays linear in the shard.
+Rows are independent in all of it, so :func:`rows_forward` / :func:`rows_backward` run a block r query
+rows at a time (dK, dV summed over the row chunks), r = min(ROWS, SCORE_ELEMS / (b·h·n_k)): each
+score-sized temporary (S, P, dP, dS) then holds at most SCORE_ELEMS elements instead of b·h·n_q·n_k —
+what a flash kernel's tiling bounds on a GPU — so the memory of a long block stays linear in the shard
+(measured: benchmarks/bench_cp.py; 256 rows at n_k = 2048 cost the ring more than cp saved).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 
 __all__ = ["block_forward", "merge", "block_backward", "rows_forward", "rows_backward", "ROWS"]
 
-ROWS = 256                   # query rows per chunk of a block's computation
+ROWS = 256                   # at most this many query rows per chunk of a block's computation
+SCORE_ELEMS = 1 << 18        # and at most this many elements (1 MiB fp32) per score-sized temporary
 
 
 def _grouped(q: torch.Tensor, hk: int) -> torch.Tensor:
@@ -72,27 +74,37 @@ def block_backward(q, k, v, mask, scale, do_g, lse, delta):
     return dq.reshape(q.shape), dk, dv
 
 
-def _chunks(n: int):
-    return [slice(a, min(a + ROWS, n)) for a in range(0, n, ROWS)]
+def _rows_mask(mask, r: slice):
+    """Rows ``r`` of ``mask``: a (b or 1, n_q, n_k) tensor, or a function of the row slice building them (so
+    a long block's n_q × n_k mask never exists whole)."""
+    return mask(r) if callable(mask) else mask[:, r]
+
+
+def _chunks(q, k):
+    n = q.shape[2]
+    rows = max(1, min(ROWS, SCORE_ELEMS // max(1, q.shape[0] * q.shape[1] * k.shape[2])))
+    return [slice(a, min(a + rows, n)) for a in range(0, n, rows)]
 
 
 def rows_forward(q, k, v, mask, scale):
-    """:func:`block_forward` over ``ROWS`` query rows at a time (same result, bounded temporaries)."""
-    n = q.shape[2]
-    if n <= ROWS:
-        return block_forward(q, k, v, mask, scale)
-    parts = [block_forward(q[:, :, r], k, v, mask[:, r], scale) for r in _chunks(n)]
+    """:func:`block_forward` a few query rows at a time (same result, bounded temporaries); ``mask``: a
+    tensor or a function of the row slice (:func:`_rows_mask`)."""
+    chunks = _chunks(q, k)
+    if len(chunks) == 1:
+        return block_forward(q, k, v, _rows_mask(mask, chunks[0]), scale)
+    parts = [block_forward(q[:, :, r], k, v, _rows_mask(mask, r), scale) for r in chunks]
     return torch.cat([o for o, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-1)
 
 
 def rows_backward(q, k, v, mask, scale, do_g, lse, delta):
-    """:func:`block_backward` over ``ROWS`` query rows at a time: dq by rows, dk and dv summed."""
-    n = q.shape[2]
-    if n <= ROWS:
-        return block_backward(q, k, v, mask, scale, do_g, lse, delta)
+    """:func:`block_backward` a few query rows at a time: dq by rows, dk and dv summed."""
+    chunks = _chunks(q, k)
+    if len(chunks) == 1:
+        return block_backward(q, k, v, _rows_mask(mask, chunks[0]), scale, do_g, lse, delta)
     dq, dk, dv = [], 0, 0
-    for r in _chunks(n):
-        a, b, c = block_backward(q[:, :, r], k, v, mask[:, r], scale, do_g[..., r, :], lse[..., r], delta[..., r])
+    for r in chunks:
+        a, b, c = block_backward(q[:, :, r], k, v, _rows_mask(mask, r), scale, do_g[..., r, :], lse[..., r],
+                                 delta[..., r])
         dq.append(a)
         dk, dv = dk + b, dv + c
     return torch.cat(dq, dim=2), dk, dv

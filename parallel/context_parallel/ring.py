@@ -65,7 +65,8 @@ class _Pass:
 
 def _selection(s, cp, r, src, causal, docs, device):
     """(query slice, key slice, mask) of the visible part of block ``src`` for rank ``r``'s queries,
-    or None when none of it is visible. Slices are over the two chunks (c tokens each) of each side."""
+    or None when none of it is visible. Slices are over the two chunks (c tokens each) of each side; the
+    mask is a function of a slice of the query rows (built a few rows at a time, :mod:`.blocks`)."""
     n = s // cp
     c = n // 2
     gq, gk = zigzag_index(s, cp, r, device), zigzag_index(s, cp, src, device)
@@ -77,10 +78,13 @@ def _selection(s, cp, r, src, causal, docs, device):
         return None
     qs, ks = slice(rows[0] * c, (rows[-1] + 1) * c), slice(cols[0] * c, (cols[-1] + 1) * c)
     gq, gk = gq[qs], gk[ks]
-    mask = (gq[:, None] >= gk[None, :])[None] if causal else torch.ones(1, len(gq), len(gk), dtype=torch.bool,
-                                                                          device=device)
-    if docs is not None:
-        mask = mask & (docs[:, gq][:, :, None] == docs[:, gk][:, None, :])
+    dk = docs[:, gk][:, None, :] if docs is not None else None
+
+    def mask(rs: slice):
+        q = gq[rs]
+        m = (q[:, None] >= gk[None, :])[None] if causal else torch.ones(1, len(q), len(gk), dtype=torch.bool,
+                                                                         device=device)
+        return m & (docs[:, q][:, :, None] == dk) if dk is not None else m
     return qs, ks, mask
 
 

@@ -45,7 +45,7 @@ def check_cp(spec: ModelSpec, lay: Layout) -> str | None:
     if lay.cp_algorithm == "ulysses" and (spec.heads // lay.tp) % lay.cp:
         return f"Ulysses needs the {spec.heads // lay.tp} heads per tp rank divisible by cp = {lay.cp}"
     if lay.sp:
-        return "cp with sequence parallel is not supported"
+        return "the planner does not model cp with sequence parallel (the engine runs it)"
     return None
 
 
