@@ -3,9 +3,9 @@ zig-zag cut of the tokens (parallel/context_parallel/micro.py), the loss = the m
 of the global batch, exactly.
 
 Default: the counting alone (no processes: the cp shards' weighted losses sum to the one-process loss,
-shifted labels and aligned targets, padding folded into document ids) and the HF Llama on ragged padded
-SFT-like samples at cp2 with loss=cross_entropy and loss=model (transformers' own loss, given the shard's
-shift_labels). Slow: the same through pp2 × cp2, and the refusals.
+shifted labels and aligned targets, padding folded into document ids). Slow (suite budget): the HF Llama on
+ragged left-padded SFT-like samples at cp2, both algorithms, with loss=cross_entropy and loss=model
+(transformers' own loss, given the shard's shift_labels); the same through pp2 × cp2; the refusals.
 """
 from types import SimpleNamespace
 
@@ -82,6 +82,7 @@ def _check(world, overrides, what, factory=LEFT):
         assert_close_curve(losses, want, 1e-5, what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
 def test_llama_cp2_padded_dict_batches(algorithm):
     for loss in ("cross_entropy", "model"):

@@ -13,7 +13,8 @@ import pytest
 from harness import run_ranks
 from test_planner import MB, MODEL, ROOT, G, _measured
 
-LAYOUTS = {
+LAYOUTS = {          # the default suite runs "fast" (budget); -m slow the rest
+    "fast": [("cp2 ring zero1", dict(cp=2, zero=1))],
     2: [("cp2 ring", dict(cp=2)), ("cp2 ulysses zero1", dict(cp=2, algorithm="ulysses", zero=1))],
     4: [("cp2 pp2 ring zb", dict(cp=2, pp=2, schedule="zero_bubble")),
         ("cp2 dp2 ulysses zero2", dict(cp=2, dp=2, algorithm="ulysses", zero=2)),
@@ -30,11 +31,11 @@ def _overrides(lay: dict, run_dir: str) -> list:
                 "train.steps=2", "train.log_every=1", f"train.metrics_file={run_dir}/metrics.jsonl"]
 
 
-def _run(rank, world, base_dir):
+def _run(rank, world, base_dir, which):
     from launch.train import run
     from parallel.config import load_config
     from parallel.mesh import Mesh
-    for name, lay in LAYOUTS[world]:
+    for name, lay in LAYOUTS[which]:
         run_dir = os.path.join(base_dir, name.replace(" ", "_"))
         cfg = load_config(os.path.join(ROOT, "configs/gpt_dp2.yaml"), _overrides(lay, run_dir)).validate(world)
         p = cfg.parallel
@@ -71,10 +72,11 @@ def _check(run_dir, name, lay):
     return len(ranks)
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_planner_cp_bytes_equal_measured(world, tmp_path):
-    run_ranks(_run, world, str(tmp_path), timeout=300)
-    for name, lay in LAYOUTS[world]:
+@pytest.mark.parametrize("world,which", [(2, "fast"), pytest.param(2, 2, marks=pytest.mark.slow),
+                                         pytest.param(4, 4, marks=pytest.mark.slow)])
+def test_planner_cp_bytes_equal_measured(world, which, tmp_path):
+    run_ranks(_run, world, str(tmp_path), which, timeout=300)
+    for name, lay in LAYOUTS[which]:
         assert _check(str(tmp_path / name.replace(" ", "_")), name, lay) == world
 
 

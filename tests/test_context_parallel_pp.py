@@ -2,10 +2,11 @@
 sequence shard (b, s/cp, h), each stage's attention runs ring or Ulysses on its cp group, and training
 reproduces one process to 1e-5 (fp32).
 
-Default (world 4 = pp2 × cp2, GPT, 1F1B): both algorithms; the cp bytes = the per-call theory × the
+Default (world 4 = pp2 × cp2, GPT, 1F1B): ring (Ulysses: slow, suite budget); the cp bytes = the per-call theory × the
 stage's layers × micro-batches × steps, and the pp bytes = one (b, s/cp, h) fp32 tensor per micro-batch
 each way. Slow: zero-bubble (ZB-H1: the ring's backward runs in I, and in W on stage 0), full activation
-checkpointing (the recompute inside a backward needs the right micro-batch's documents), the HF Llama.
+checkpointing (the recompute inside a backward needs the right micro-batch's documents), the HF Llama, and
+cp2 × tp2 with sequence parallel.
 """
 import pytest
 from engine_cases import config, train
@@ -34,7 +35,7 @@ def _run(model, algorithm, extra=(), steps=SMALL, timeout=300):
     return res
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
+@pytest.mark.parametrize("algorithm", ["ring", pytest.param("ulysses", marks=pytest.mark.slow)])
 def test_gpt_pp2_cp2_1f1b_trains_like_one_process(algorithm):
     res = _run("gpt", algorithm, ["parallel.pp_schedule=1f1b"])
     per_call = (ring_wire_bytes(B, S, HEADS, H // HEADS, 2) if algorithm == "ring" else
@@ -52,7 +53,8 @@ def test_gpt_pp2_cp2_1f1b_trains_like_one_process(algorithm):
 @pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
 @pytest.mark.parametrize("extra", [("parallel.pp_schedule=zero_bubble",),
                                    ("parallel.pp_schedule=1f1b", "activation_checkpointing.policy=full"),
-                                   ("parallel.pp_schedule=zero_bubble", "zero.stage=1")])
+                                   ("parallel.pp_schedule=zero_bubble", "zero.stage=1"),
+                                   ("parallel.pp_schedule=interleaved", "parallel.pp_virtual_stages=2")])
 def test_gpt_pp2_cp2_more_schedules(algorithm, extra):
     _run("gpt", algorithm, extra)
 
