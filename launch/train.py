@@ -51,6 +51,7 @@ from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
 from parallel.mesh import Mesh, backend_for, default_device, init_distributed
+from parallel.prefetch import Prefetcher
 from parallel.reliability.faults import Injector, fault_from, restart_attempt
 from parallel.reliability.fingerprint import Checker, Recorder
 from parallel.reliability.signals import StopRequest, die_with_parent
@@ -230,17 +231,21 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     keep = Retention(ck.dir, ck.keep_last, job_id())
     saved_meta = {"data": data_contract(cfg, len(dataset)), "job": job_id()}
     losses, stopped, saved = [], 0, None
+    # batches loaded ahead in the steps' order by a background thread (parallel/prefetch.py)
+    loader = Prefetcher(lambda s: load_batch(dataset, s, cfg, dp, dp_rank, vocab), engine.step_count,
+                        cfg.train.steps, cfg.data.prefetch)
+    detach.append(loader.close)
     for step in range(engine.step_count, cfg.train.steps):
         progress.begin_step(step)
         t0 = time.perf_counter()
         before = mesh.stats.snapshot()
-        batch = load_batch(dataset, step, cfg, dp, dp_rank, vocab)
-        data_s = time.perf_counter() - t0                 # this rank waited for its batch (no prefetch yet)
+        batch, data_s, waited = loader.get(step)          # data_s: this rank waited for its batch
         loss = train_step(engine, batch, progress, print_fn, mesh.rank)
         step_s = time.perf_counter() - t0
         losses.append(loss)
         progress.set_phase("metrics")
-        extra = {"data_wait_s": data_s, **(evaluator.run(engine, dp, dp_rank) if evaluator.due(step) else {})}
+        extra = {"data_wait_s": data_s, "data_waited": int(waited),
+                 **(evaluator.run(engine, dp, dp_rank) if evaluator.due(step) else {})}
         metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine, extra)
         if checker is not None:
             checker.check(f"at the end of step {step}")

@@ -1,10 +1,12 @@
-"""examples/hf_causal_lm.py's config: three transformers architectures at dp × tp × pp = 2 × 2 × 2,
-equal to one process, consolidated into folders that from_pretrained opens and generates from."""
+"""examples/hf_causal_lm.py's config: three transformers architectures at dp × tp × pp = 2 × 2 × 2 on the
+packed BPE corpus (position ids restarting per document), equal to one process, consolidated into
+folders that from_pretrained opens and generates from."""
 import os
 
 import torch
+from dict_cases import reference
 from harness import run_ranks
-from reference import assert_close_curve, reference_losses
+from reference import assert_close_curve
 
 from parallel.config import load_config
 
@@ -38,7 +40,7 @@ def test_three_architectures_2x2x2_and_from_pretrained(tmp_path):
     from launch.consolidate import main as consolidate
     got = run_ranks(_train_all, 8, str(tmp_path), timeout=600)[0]
     for arch in ARCHS:
-        want, ref_model = reference_losses(_cfg(arch, "unused"), return_model=True)
+        want, ref_model = reference(_cfg(arch, "unused"), return_model=True)
         assert_close_curve(got[arch], want, 1e-4, f"{arch} 2x2x2 zero-1")
         out = str(tmp_path / f"{arch}-hf")
         assert consolidate([str(tmp_path / arch), out]) == 0

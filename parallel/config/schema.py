@@ -31,6 +31,7 @@ class DataConfig:
     micro_batch_size: int = 8              # samples per micro-batch on one dp rank
     shuffle: bool = False                  # seeded permutation per epoch, independent of the layout
     eval: Optional[dict] = None            # {factory, kwargs, batches}: a held-out set (launch/evaluate.py)
+    prefetch: int = 2                      # batches a background thread loads ahead, in order (parallel/prefetch.py)
 
 
 @dataclass

@@ -78,6 +78,8 @@ def _check_batch(c: Config, world_size: int | None) -> None:
             raise ConfigError(f"{key}={v} must be at least 1")
     if t.steps < 0:
         raise ConfigError(f"train.steps={t.steps} must be 0 or more")
+    if d.prefetch < 0:
+        raise ConfigError(f"data.prefetch={d.prefetch} must be 0 (load in the step) or more (batches loaded ahead)")
     if world_size is not None and c.world_size != world_size:
         axes, sizes = "dp*tp*pp", f"{p.dp}*{p.tp}*{p.pp}"
         if p.cp > 1:
