@@ -105,7 +105,7 @@ def _cfg(path, world=None):
           "model.kwargs.n_embd=32", "data.factory=parallel.corpus:TokenCorpus",
           f"data.kwargs={{path: {path}, seq_len: 16, vocab_size: 257}}", "data.global_batch_size=8",
           "data.micro_batch_size=2", "parallel.dp=2", "parallel.tp=1", "parallel.pp=1", "train.steps=3",
-          "train.metrics_file=null", "train.finish=null", "train.log_every=1"]
+          "train.metrics_file=null", "train.finish=null", "train.log_every=1", "data.eval=null", "train.eval_every=0"]
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                    "quickstart.yaml"), ov)
     return cfg.validate(world) if world else cfg
