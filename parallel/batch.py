@@ -29,14 +29,14 @@ the mean over its scored tokens (transformers' causal-LM loss without ``num_item
 nanoGPT's ``F.cross_entropy(..., ignore_index=-1)``); a model whose loss is any other reduction
 (a sum, a per-sequence mean) is weighted wrongly, which no framework can see from outside.
 A micro-batch with no scored token contributes 0 (not NaN). Other losses (``mse``, a function)
-get the label tensor and weight 1: the mean of micro-batch means, as for tuple batches.
+get the label tensor and weight 1: the mean of micro-batch means.
 
 Tuple ``(x, y)`` batches with integer targets and ``loss: cross_entropy`` are weighted the same way
 (key ``TUPLE``: aligned, a target of −100 — ``F.cross_entropy``'s ignore_index — is not scored), so
-padded tuple batches equal one process too; with ``parallel.cp > 1`` (which shards the targets itself)
-and for float targets or other losses they keep the mean of micro-batch means (exact when every
-micro-batch scores the same number of tokens). ``Targets.total`` keeps N, so an evaluation can weight
-its batches by their tokens (launch/evaluate.py).
+padded tuple batches equal one process too; with ``parallel.cp > 1`` (which shards the targets itself
+and averages the shards' means) −100 targets are refused; float targets and other losses keep the mean
+of micro-batch means (exact when every micro-batch scores the same number of tokens).
+``Targets.total`` keeps N, so an evaluation can weight its batches by their tokens (launch/evaluate.py).
 """
 from __future__ import annotations
 
@@ -184,7 +184,10 @@ def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: s
                 mb.y = Targets(mb.y, label_name or "targets")
                 mb.kwargs = {}
             _weigh(micro, dp_group, weighted=True)
-        elif mode == "token" and weigh_tuples and _class_ids(batch[1]):
+        elif mode == "token" and _class_ids(batch[1]):
+            if not weigh_tuples:
+                _refuse_padding(batch[1], dp_group)
+                return micro
             for mb in micro:
                 mb.y = Targets(mb.y, TUPLE)
             _weigh(micro, dp_group, weighted=True)
@@ -198,6 +201,19 @@ def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: s
                                 {k: to(v) if isinstance(v, torch.Tensor) else v for k, v in part.items()}))
     _weigh(micro, dp_group, weighted=mode in ("token", "model"))
     return micro
+
+
+def _refuse_padding(y: torch.Tensor, dp_group) -> None:
+    """Where (x, y) batches cannot be token-weighted (cp > 1 averages each rank's sequence shard): refuse
+    ignored (−100) targets anywhere in the global batch — every rank raises together, after one count."""
+    t = torch.tensor([float((y == IGNORE).sum())], dtype=torch.float64)
+    if dp_group is not None and dp_group.size > 1:
+        comm.all_reduce(t, dp_group.control())
+    if t.item():
+        raise ValueError(f"(x, y) batch with {int(t.item())} ignored (-100) targets in this global batch: with "
+                         f"parallel.cp > 1 each rank's loss is the mean over its sequence shard and the shards are "
+                         f"averaged, which is the token mean only without padding; train padded data with "
+                         f"parallel.cp=1, or pack it without padding")
 
 
 def _weigh(micro: list, dp_group, weighted: bool) -> None:

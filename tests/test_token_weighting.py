@@ -81,7 +81,8 @@ def _train(rank, world, layout, over):
     from launch.train import run
     from parallel.mesh import Mesh
     cfg = _cfg(layout, world, **over)
-    return run(cfg, Mesh(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=1), print_fn=lambda *a, **k: None)["losses"]
+    p = cfg.parallel
+    return run(cfg, Mesh(pp=p.pp, dp=p.dp, tp=1, cp=p.cp), print_fn=lambda *a, **k: None)["losses"]
 
 
 @pytest.mark.parametrize("layout", [{"dp": 2}, pytest.param({"pp": 2}, marks=pytest.mark.slow)], ids=["dp2", "pp2"])
@@ -96,6 +97,20 @@ def test_padded_tuple_batches_equal_one_process(layout):
     assert abs(sum(means).item() / 4 - want[0]) > 1e-4 * want[0]
     got = run_ranks(_train, 2, layout, {}, timeout=300)[0]
     assert_close_curve(got, want, 1e-5, f"padded tuples {layout}")
+
+
+def _refused(rank, world, layout):
+    try:
+        _train(rank, world, layout, {})
+    except ValueError as e:                         # every rank refuses at step 0 (the pool stays usable)
+        return str(e)
+
+
+def test_padded_tuple_batches_are_refused_under_cp():
+    """cp averages each rank's sequence-shard mean, the token mean only without padding: refused, naming the fix."""
+    for msg in run_ranks(_refused, 2, {"cp": 2}, timeout=300):
+        assert msg is not None and "ignored (-100) targets in this global batch: with parallel.cp > 1" in msg, msg
+        assert msg.endswith("train padded data with parallel.cp=1, or pack it without padding"), msg
 
 
 def _eval_train(rank, world, metrics):
