@@ -23,6 +23,13 @@ e.g. a ``safetensors.safe_open`` handle: read one tensor at a time), else from `
 :func:`parallel.zero.deferred_init` record of a meta-built model), else from the model's own
 parameters, which are freed unit by unit as they are written. The model is never whole in memory.
 
+Weight-only quantization (``quantize="int8" | "int4"``, ``group_size`` elements per scale;
+:mod:`parallel.quant.weight_only`): each unit is stored as its quantized payload (1 + 4/g or
+0.5 + 4/g bytes per weight element instead of 4; biases and norms stay fp32), so a forward reads
+that many fewer bytes; a fetched payload is dequantized at once into an fp32 workspace (one per unit
+in use, reused) and its IO buffer released. Resident bytes then count the payloads read ahead plus
+the workspaces in use.
+
 Module order comes from a trace of the first forward (:class:`parallel.zero.trace.TracedOrder`, as
 stage 3 records it). On a GPU (``device="cuda"``) each fetched unit is copied to the device and its
 host buffer released at once.
@@ -41,6 +48,7 @@ from parallel.data_parallel.bucket import FlatBucket
 from parallel.loss import logits_of
 from parallel.offload import StoreConfigError
 from parallel.offload.aio import byte_view, trim_host_memory
+from parallel.quant.weight_only import UnitCodec
 from parallel.zero.flat_init import materialize_buffers
 from parallel.zero.stage3 import plan_units
 from parallel.zero.trace import TracedOrder
@@ -50,10 +58,12 @@ __all__ = ["StreamedInference", "SafetensorsFile"]
 
 class StreamedInference:
     """``StreamedInference(model, store, *, unit_types=None, weights=None, init=None, prefetch_depth=1,
-    dtype=None, device="cpu")`` — forward and generation with weights streamed from ``store``."""
+    dtype=None, device="cpu", quantize=None, group_size=64)`` — forward and generation with weights
+    streamed from ``store``; ``quantize``: None, "int8" or "int4" (weight-only, group-wise scales)."""
 
     def __init__(self, model: nn.Module, store, *, unit_types=None, weights=None, init=None,
-                 prefetch_depth: int = 1, dtype: torch.dtype | None = None, device="cpu"):
+                 prefetch_depth: int = 1, dtype: torch.dtype | None = None, device="cpu",
+                 quantize: str | None = None, group_size: int = 64):
         if not isinstance(model, nn.Module):
             raise TypeError(f"StreamedInference needs an nn.Module, got {type(model).__name__}")
         if prefetch_depth < 0:
@@ -61,6 +71,14 @@ class StreamedInference:
         if weights is None and init is None and any(p.is_meta for p in model.parameters()):
             raise ValueError("the model has parameters on the meta device: pass init= (from "
                              "parallel.zero.deferred_init) or weights= (name -> tensor, e.g. safetensors)")
+        bits = {None: None, "none": None, "int8": 8, "int4": 4}
+        if quantize not in bits:
+            raise ValueError(f"quantize={quantize!r}: choose None, 'int8' or 'int4'")
+        if bits[quantize] and dtype not in (None, torch.float32):
+            raise ValueError(f"quantize={quantize!r} dequantizes to fp32; drop dtype={dtype} or quantize")
+        self.bits, self.group = bits[quantize], group_size
+        self.codecs: dict = {}
+        self._free_ws: list = []                   # fp32 workspaces of dequantized units, reused
         self.model, self.store, self.depth = model.eval(), store, prefetch_depth
         self.device = torch.device(device)
         self.cap = getattr(store, "buffer_count", None)
@@ -120,6 +138,9 @@ class StreamedInference:
                 dst = flat[o:o + u.sizes[i]]
                 if not (hasattr(weights, "read_into") and weights.read_into(n, dst, p.shape)):
                     dst.copy_(self._value(n, p, weights, init).reshape(-1))
+            if self.bits:
+                self.codecs[u] = UnitCodec(u.shapes, u.offsets, u.numel, self.bits, self.group)
+                flat = self.codecs[u].encode(flat)
             nbytes = flat.numel() * flat.element_size()
             if self.buf is not None and nbytes > self.buf:
                 raise StoreConfigError(
@@ -155,7 +176,15 @@ class StreamedInference:
             t0 = time.perf_counter()
             flat = self.store.get(key)
             self.fetch_wait_s += time.perf_counter() - t0
-            if self.device.type != "cpu":
+            if u in self.codecs:                       # dequantize into a workspace; the IO buffer goes back
+                ws = self._free_ws.pop() if self._free_ws else torch.empty(max(v.numel for v in self.units))
+                flat = self.codecs[u].decode(flat, ws)
+                u.workspace = ws
+                self.store.release(key)
+                self.held.pop(key, None)
+                if self.device.type != "cpu":
+                    flat = flat.to(self.device)
+            elif self.device.type != "cpu":
                 flat = flat.to(self.device)
                 self.store.release(key)
                 self.held.pop(key, None)
@@ -173,6 +202,9 @@ class StreamedInference:
             for p in u.params:
                 p.data = torch.empty(0, dtype=p.dtype, device=self.device)
             u.flat = None
+            if getattr(u, "workspace", None) is not None:
+                self._free_ws.append(u.workspace)
+                u.workspace = None
             key = self._key(u)
             if self.held.pop(key, None) == "fetched":
                 self.store.release(key)
@@ -192,9 +224,11 @@ class StreamedInference:
                 self._account()
 
     def _account(self) -> None:
-        """Weight bytes in memory: units in use plus units read ahead (their buffers are filling)."""
-        self.resident_bytes = sum(self.unit_bytes[u] for u in self.units
-                                  if u.flat is not None or self._key(u) in self.held)
+        """Weight bytes in memory: units in use plus units read ahead (their buffers are filling); a
+        quantized unit in use counts its fp32 workspace, one read ahead its payload."""
+        ws = 4 * max(v.numel for v in self.units)
+        self.resident_bytes = sum(ws if u.flat is not None and u in self.codecs else self.unit_bytes[u]
+                                  for u in self.units if u.flat is not None or self._key(u) in self.held)
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
     # --- hooks ------------------------------------------------------------------------------------------
