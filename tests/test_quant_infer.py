@@ -85,9 +85,11 @@ def test_quantized_stream_logits_bytes_and_tokens(trained, quant, group, tmp_pat
     rel = ((got - want).norm() / want.norm()).item()
     assert 0 < rel < TOL[quant], rel
     # bytes: every unit's payload read once per forward; quantized weights take bits/8 + 4/group bytes each
-    before = eng.stats["bytes_read"]
+    before = eng.stats
     eng(prompts)
-    read = eng.stats["bytes_read"] - before
+    read = eng.stats["bytes_read"] - before["bytes_read"]
+    # after the traced first forward every unit but the first is dequantized ahead on the worker thread
+    assert eng.stats["dequant_overlapped"] - before["dequant_overlapped"] == len(eng.units) - 1
     assert read == sum(eng.unit_bytes.values()) == sum(c.nbytes for c in eng.codecs.values())
     qel = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     rest = sum(p.numel() for p in model.parameters() if p.dim() < 2)
