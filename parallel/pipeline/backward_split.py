@@ -34,7 +34,16 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["WeightPass", "backward_input", "backward_weight"]
+__all__ = ["WeightPass", "backward_input", "backward_weight", "kept_for_weights"]
+
+_KEEP: set = set()          # while an I runs: the nodes whose δ_N it captures (W runs them again)
+
+
+def kept_for_weights(node) -> bool:
+    """Whether a saved tensor that autograd node ``node`` unpacks now must stay for ``W``: true during
+    :func:`backward_input` for the nodes where weights enter (W re-runs them). Activation checkpointing's
+    holders (:mod:`parallel.activation.recompute`) empty themselves on unpack otherwise."""
+    return node is not None and node in _KEEP
 
 
 def _node(t: torch.Tensor):
@@ -146,9 +155,12 @@ def backward_input(y: torch.Tensor, dy, x, params: list, split: bool = True) -> 
     for grp in groups:
         grp.grads = [()] * len(grp.nodes)
         handles += [n.register_prehook(capture(grp, j)) for j, n in enumerate(grp.nodes)]
+    keep = {n for grp in groups for n in grp.nodes}
+    _KEEP.update(keep)
     try:
         dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
     finally:
+        _KEEP.difference_update(keep)
         for h in handles:
             h.remove()
     return dx, WeightPass(groups)
