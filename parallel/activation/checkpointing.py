@@ -20,8 +20,9 @@ pipeline split's body: ``GPT.blocks``, ``model.layers``, ``transformer.h``):
              tensors stay where they are and are only counted.
 
 How, without editing the model: as torch's composable ``checkpoint`` (torch.distributed._composable)
-does, the non-reentrant checkpoint (``use_reentrant=False``: torch.utils.checkpoint's generator)
-is entered in a forward pre-hook of the block and left in its forward hook, so parameter names,
+does, a non-reentrant checkpoint (:class:`.recompute.Frame`, torch.utils.checkpoint's
+``use_reentrant=False`` method with one recompute shared by all backward passes) is entered in a
+forward pre-hook of the block and left in its forward hook, so parameter names,
 ``state_dict`` keys and the model's own forward stay as they are. (Ours rather than the composable
 one: its recompute context is one-shot, and the zero-bubble W pass backpropagates a second time.)
 The recompute calls the block again *through its hooks* (the checkpoint's own standing aside), so:
@@ -45,9 +46,12 @@ The recompute calls the block again *through its hooks* (the checkpoint's own st
   reduced, so the recompute costs no extra all-gather. ``zero.units=module``: the units of the modules
   whose backward has not begun are re-gathered for the recompute and freed after it, then gathered
   again for their backward: up to (N−1)/N·Ψ_block·b more all-gather bytes per block and step.
-* zero-bubble pipeline: I (``autograd.grad(retain_graph=True)``) and W (a second backward) each
-  recompute the block: two extra forwards per block. ``selective`` cannot be used there (torch's
-  cache allows one backward per region; the config check says so).
+* zero-bubble pipeline (ZB-H1, ZB-V, DualPipeV): I (``autograd.grad(retain_graph=True)``) and W (a
+  second backward) share one recompute (:mod:`.recompute`: torch's frame recomputed per backward call,
+  twice or more per block, and held I's unused tensors until W): one extra forward per block, and
+  from I to W a block keeps only what W needs — its weight consumers' saved inputs (GPT: the block
+  input, both norms' inputs and statistics, the three matmul inputs: 5βsh + βsf + 4βs·4 bytes fp32)
+  besides the captured δ_N. ``selective`` works there too (one recompute, so its cache is read once).
 * BatchNorm (incl. sync_batchnorm) inside a block: the recompute would update the running statistics
   a second time; they are saved before and restored after the recompute (sync BN's forward
   all-reduces run again, with the same numbers).
@@ -175,8 +179,8 @@ class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
         def pack(t):
             for fn in ac.pack_listeners:
                 fn(record, t)
-            if t.device.type == "cpu":
-                return t.device, t
+            if t.device.type == "cpu":     # detached: a block's output packed with its own grad_fn would
+                return t.device, t.detach()  # make a cycle that outlives a retained graph (the I/W split)
             host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
             host.copy_(t, non_blocking=pin)
             return t.device, host
