@@ -116,7 +116,7 @@ def analyse(results, schedules, m, world):
         per_rank = [results[r][s] for r in range(world)]
         costs = _costs(per_rank, None)
         sc = get_schedule(s, world, m, V_OF.get(s))
-        sim = execute(sc, lambda a: costs[(a.kind, a.stage)])
+        sim = execute(sc, lambda a, c=costs: c[(a.kind, a.stage)])
         step = [statistics.median(res["step"]) for res in per_rank]
         row = {"schedule": s, "step_s": max(step), "sim_makespan_s": sim.makespan, "ranks": []}
         for r, res in enumerate(per_rank):
@@ -160,8 +160,9 @@ def main(argv=None) -> int:
         for rr in row["ranks"]:
             acts = " ".join(f"{k}={v * 1e3:.2f}" for k, v in sorted(rr["per_action_s"].items()))
             ratio = rr["idle_meas_s"] / rr["idle_sim_s"] if rr["idle_sim_s"] else float("nan")
-            print(f"    rank {rr['rank']}: run {rr['run_s'] * 1e3:7.1f} ms  idle measured {rr['idle_meas_s'] * 1e3:6.1f} "
-                  f"ms, simulated {rr['idle_sim_s'] * 1e3:6.1f} ms (x{ratio:.2f})  per action ms: {acts}")
+            print(f"    rank {rr['rank']}: run {rr['run_s'] * 1e3:7.1f} ms  idle measured "
+                  f"{rr['idle_meas_s'] * 1e3:6.1f} ms, simulated {rr['idle_sim_s'] * 1e3:6.1f} ms (x{ratio:.2f})  "
+                  f"per action ms: {acts}")
     return 0
 
 

@@ -148,7 +148,8 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     after_i = {}                     # per own stage k > 0: what each block keeps from I until W
     for k in own:
         if k > 0 and n_after and not (whole and k == S - 1):    # stage 0: W does the whole backward
-            after_i[k] = [_after_i(spec, md, mb, t, lay.sp, e, dev, bool(whole)) for md in _modes(tr, range(*bounds[k]))]
+            after_i[k] = [_after_i(spec, md, mb, t, lay.sp, e, dev, bool(whole))
+                          for md in _modes(tr, range(*bounds[k]))]
     captured = 0.0    # micro-batches past I: their δ_N, and but for the one in I (its blocks: ``past`` below)
     for k, ai in after_i.items():                   # the change from what their forward kept
         kept_k = [block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in _modes(tr, range(*bounds[k]))]
