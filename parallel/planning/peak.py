@@ -24,7 +24,9 @@ The last stage adds the head: the final norm's input and output 2βsh·b (+2βs�
 log-softmax βsV/t·b. A pipeline stage that is not the last keeps its output for the gradient
 that comes back (βsh·b, SP /t). A rank holds ``max_in_flight`` micro-batches' worth (GPipe m, 1F1B
 p − rank, ZB-H1 p: from F until W); under full / selective / every, one block's activations exist
-again while its backward recomputes them.
+again while its backward recomputes them. Under the zero-bubble split a micro-batch past I holds, per
+block, what W needs (a retained graph: what the forward kept; a checkpointed block: its weight
+consumers' inputs, :func:`weight_inputs_bytes` — I's one recompute serves W) and the captured δ_N.
 
 Peak 1, at the start of the last micro-batch's backward (the loss's two βsV/t gradients exist
 next to everything the forward kept):
