@@ -97,8 +97,7 @@ def plan(spec: ModelSpec, world: int, tr: TrainSpec, hw: Hardware, top: int = 5,
     gets the first activation checkpointing policy of ``policies`` under which it fits (else the last)."""
     preds = []
     for lay in enumerate_layouts(spec, world, tr, **kw):
-        usable = [p for p in policies if not (p == "selective" and lay.pp > 1 and lay.schedule == "zero_bubble")]
-        for pol in usable or [tr.activation]:
+        for pol in policies or [tr.activation]:
             p = predict(spec, lay, replace(tr, activation=pol), hw, ranks="worst")
             if p.fits:
                 break

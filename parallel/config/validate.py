@@ -187,11 +187,6 @@ def _check_activation(c: Config) -> None:
                                    or not all(isinstance(o, str) for o in a.save_ops)):
         raise ConfigError(f"activation_checkpointing.save_ops={a.save_ops!r} must be a list of aten op names "
                           f"(e.g. ['mm', 'addmm']) and only applies to policy=selective (got {a.policy!r})")
-    sched = c.parallel.pp_schedule
-    if a.policy == "selective" and c.parallel.pp > 1 and sched in ("zero_bubble", "zb_v", "dualpipe_v"):
-        raise ConfigError(f"activation_checkpointing.policy=selective cannot run under parallel.pp_schedule={sched}: "
-                          "its W pass backpropagates through each stage a second time, and torch's "
-                          "selective checkpoint allows one backward per block; use policy full or offload")
 
 
 SAVE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")

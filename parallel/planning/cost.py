@@ -107,10 +107,10 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
 
 def recomputed_blocks(lay: Layout, tr: TrainSpec, a: int, e: int) -> int:
     """Block forwards re-run per micro-batch by activation checkpointing in blocks [a, e): full (and
-    every k's recomputed blocks) once, twice under the zero-bubble split (I and W each recompute);
-    selective re-runs only elementwise ops (no matmul FLOPs), offload nothing."""
-    n = {"full": e - a, "every": sum(1 for i in range(a, e) if i % tr.every == 0)}.get(tr.activation, 0)
-    return n * (2 if lay.pp > 1 and lay.schedule == "zero_bubble" else 1)
+    every k's recomputed blocks) once, under the zero-bubble split too (I's recompute serves W,
+    :mod:`parallel.activation.recompute`); selective re-runs only elementwise ops (no matmul FLOPs),
+    offload nothing."""
+    return {"full": e - a, "every": sum(1 for i in range(a, e) if i % tr.every == 0)}.get(tr.activation, 0)
 
 
 def seconds(ops: dict, hw: Hardware) -> float:
