@@ -186,6 +186,15 @@ def test_pp2_ep2_reproduces_one_process():
     _check(run_ranks(_ep_body, 4, PP2), PP2)
 
 
+PP2_Z23 = [(2, 2, 2, s, cf) for s in (2, 3) for cf in (1.0, None)]
+
+
+@pytest.mark.slow
+def test_pp2_ep2_zero2_zero3_reproduce_one_process():
+    """pp × ep with the expert gradients (ZeRO-2) and parameters (ZeRO-3) partitioned over edp."""
+    _check(run_ranks(_ep_body, 4, PP2_Z23), PP2_Z23)
+
+
 TP2 = [(1, 2, 2, s, cf, 2) for s, cf in ((0, 1.0), (2, None))]
 
 
