@@ -59,8 +59,8 @@ def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) ->
 def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: bool, mb: int, e: int) -> dict:
     """tp traffic of one micro-batch through one stage: {op: (calls, payload bytes)}."""
     act, ce, h = mb * spec.seq * spec.hidden * e, 3 * mb * spec.seq * 4, spec.hidden
-    if not lay.sp:
-        n = 4 * blocks + first + last
+    if not lay.sp:                   # an MoE layer is whole on every tp rank: only attention's 2 per block
+        n = (2 if spec.experts else 4) * blocks + first + last
         return {"all_reduce": (n + 2 * last, n * act + last * ce)}
     nb = 2 if spec.norm_bias else 1
     small = blocks * (2 * nb + 2 * spec.bias) + last * nb

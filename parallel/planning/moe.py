@@ -19,6 +19,8 @@ L_r = MoE layers on the rank, β = micro-batch size, T = β·s tokens):
 * edp: the expert buckets' reduction, as the dense buckets' over dp (stage 0 all-reduce; 1–2
   reduce-scatter + all-gather; 3 one reduce-scatter and 2·m all-gathers per unit) and at stage ≥ 1
   the 24-byte norm all-reduce; ep: the expert part of the norm, 24 bytes, every stage.
+* tp: attention's 2 all-reduces per block and micro-batch instead of the dense block's 4 (the MoE layer runs
+  whole on every tp rank); sequence parallelism with MoE layers is not modelled (refused).
 
 FLOPs: the experts run on all E·C slots (empty ones included): 2·2hf·E·C/T FLOPs per token forward,
 plus the router's 2hE.
@@ -68,6 +70,8 @@ def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
         return f"ep = {lay.ep} needs a Mixture-of-Experts model (the spec has no experts)"
     if spec.experts and spec.experts % lay.ep:
         return f"{spec.experts} experts do not split over ep = {lay.ep}"
+    if spec.experts and lay.sp:
+        return "the planner does not model MoE layers under sequence parallelism"
     if spec.experts and spec.mlp_matrices != 2:
         return "the planner models parallel.moe.MoE experts (two matrices, GELU), not gated experts"
     return None
