@@ -12,10 +12,11 @@ from moe_cases import MOE, build, dataset, hf_config, moe_config, reference_moe
 RTOL = 1e-5
 
 
-def _chain(rank, world, root, legs, hf=None):
+def _chain(rank, world, root, legs, hf=None, ref_steps=0):
     """Each leg (dp, ep, ZeRO stage, steps) resumes from the newest checkpoint under ``root`` (the first
     from scratch when there is none), trains, and saves. Returns per leg: losses, gradient norms and (rank 0)
-    the consolidated state dicts just after the load and just before the save."""
+    the consolidated state dicts just after the load and just before the save; with ``ref_steps``, also
+    (rank 0; a rank runs one thread) the one-process reference (losses, norms) over that many steps."""
     from parallel.checkpoint import latest, step_dir
     from parallel.data import rank_batch
     from parallel.engine import parallelize
@@ -37,15 +38,19 @@ def _chain(rank, world, root, legs, hf=None):
         path = eng.save(step_dir(root, eng.step_count))
         out.append(dict(losses=losses, norms=norms, loaded=loaded, saved=saved, path=path))
         eng.close()
+    if ref_steps and rank == 0:
+        out.append(reference_moe(hf_config(hf, steps=ref_steps) if hf else moe_config(steps=ref_steps)))
     return out
 
 
-def _check(results, want):
-    """``results``: the per-leg lists of rank 0 of each run_ranks call, in order; ``want``: (losses, norms)."""
+def _check(results):
+    """``results``: the per-leg lists of rank 0 of each run_ranks call, in order, the first ending with the
+    reference (losses, norms)."""
     import torch
 
     from parallel.checkpoint import read_meta
-    legs = [leg for part in results for leg in part]
+    want = results[0][-1]
+    legs = [leg for part in results for leg in part if isinstance(leg, dict)]
     losses = [x for leg in legs for x in leg["losses"]]
     norms = [x for leg in legs for x in leg["norms"]]
     ref_losses, ref_norms = want
@@ -59,16 +64,11 @@ def _check(results, want):
     return read_meta(legs[0]["path"])
 
 
-def _reference(steps, **kw):
-    cfg = moe_config(steps=steps, **kw)
-    return reference_moe(cfg)
-
-
 def test_ep_checkpoint_reshards_ep2_ep1_ep2_with_optimizer_state(tmp_path):
     """dp2: ep2 ZeRO-1 → ep1 ZeRO-2 → ep2 ZeRO-3 (one step each) = one process over 3 steps."""
     legs = [(2, 2, 1, 1), (2, 1, 2, 1), (2, 2, 3, 1)]
-    res = run_ranks(_chain, 2, str(tmp_path / "ck"), legs)
-    meta = _check([res[0]], _reference(3))
+    res = run_ranks(_chain, 2, str(tmp_path / "ck"), legs, None, 3)
+    meta = _check([res[0]])
     E, h, f = MOE["num_experts"], MOE["n_embd"], 4 * MOE["n_embd"]
     assert meta["layout"]["ep"] == 2 and meta["shapes"]["model/blocks.0.mlp.experts.w1"] == [E, h, f]
     assert meta["shapes"]["optim/blocks.1.mlp.experts.b2/exp_avg_sq"] == [E, h]
@@ -84,10 +84,10 @@ def test_ep_checkpoint_reshards_ep2_ep1_ep4_and_over_edp(tmp_path):
     edp = 2) → dp2 ep1 ZeRO-0 = one process over 9 steps (dp2 × 2 micro-batches and dp4 × 1 cut the global
     batch into the same four chunks, so one reference serves every leg)."""
     root = str(tmp_path / "ck")
-    a = run_ranks(_chain, 2, root, [(2, 2, 2, 2)])[0]
+    a = run_ranks(_chain, 2, root, [(2, 2, 2, 2)], None, 9)[0]
     b = run_ranks(_chain, 4, root, [(4, 1, 1, 2), (4, 4, 3, 2), (4, 2, 2, 2)])[0]
     c = run_ranks(_chain, 2, root, [(2, 1, 0, 1)])[0]
-    _check([a, b, c], _reference(9))
+    _check([a, b, c])
 
 
 @pytest.mark.slow
@@ -100,8 +100,8 @@ def test_hf_mixtral_ep2_checkpoint_resumes_at_ep1_and_consolidates(tmp_path):
 
     from launch.consolidate import main
     root = str(tmp_path / "ck")
-    res = run_ranks(_chain, 2, root, [(2, 2, 2, 2), (2, 1, 0, 1)], "mixtral")[0]
-    _check([res], reference_moe(hf_config("mixtral", steps=3)))
+    res = run_ranks(_chain, 2, root, [(2, 2, 2, 2), (2, 1, 0, 1)], "mixtral", 3)[0]
+    _check([res])
     out = str(tmp_path / "hf")
     assert main([res[0]["path"], out]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
