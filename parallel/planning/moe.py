@@ -40,7 +40,7 @@ def moe_entries(spec: ModelSpec, block: int, ep: int) -> list:
     pre = f"blocks.{block}.mlp."
     out = [ParamEntry(pre + "router", spec.experts * h, block)]
     sizes = [n * h * f, n * f * h] + ([n * f, n * h] if spec.bias else [])
-    return out + [ParamEntry(pre + "experts", s, block, expert=True) for s in sizes]
+    return out + [ParamEntry(pre + "experts", s, block, expert=ep > 1) for s in sizes]    # ep 1: ordinary
 
 
 def capacity(spec: ModelSpec, tokens: int) -> int:
