@@ -48,7 +48,8 @@ def _check(results, runs):
                     assert (c["calls"], c["payload_bytes"]) == (p["calls"], p["payload_bytes"]), (kw, rank, axis, op)
                     assert c["wire_bytes"] == pytest.approx(p["wire_bytes"]), (kw, rank, axis, op)
             if kw["ep"] > 1:                            # the test can fail: the expert traffic is there
-                assert got["comm"]["ep"]["all_to_all"]["calls"] > 0 and "edp" in got["comm"] or kw["dp"] == kw["ep"]
+                assert got["comm"]["ep"]["all_to_all"]["calls"] > 0
+                assert "edp" in got["comm"] or kw["dp"] == kw["ep"]
 
 
 FAST = [dict(dp=2, ep=2, stage=3)]                  # (ZeRO-0 and edp > 1: the world-4 list)
