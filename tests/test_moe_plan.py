@@ -1,7 +1,8 @@
 """The planner's expert-parallel model (parallel/planning/moe.py) against measured runs of the MoE GPT:
 per rank, model-state bytes (engine.model_state_bytes(): params, grads, master, optimizer) and the
 CommStats of one training step (every axis: dp, edp, ep's all-to-all and norm, tp, pp) are equal to the
-prediction, in bytes and calls; and ``--dry-run`` prints the figures."""
+prediction, in bytes and calls; the peak of live tensor bytes of the step (LiveBytes) is within 12% of the
+planner's estimate; and ``--dry-run`` prints the figures."""
 import pytest
 from harness import run_ranks
 from moe_cases import MOE, build, dataset, moe_config
@@ -10,6 +11,7 @@ from moe_cases import MOE, build, dataset, moe_config
 def _measure(rank, world, runs):
     from parallel.data import rank_batch
     from parallel.engine import parallelize
+    from parallel.planning.measure import measure_step
     out = []
     for kw in runs:
         cfg = moe_config(world=world, steps=2, **kw)
@@ -18,9 +20,9 @@ def _measure(rank, world, runs):
         batch = [rank_batch(data, t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"]) for t in range(2)]
         eng.train_step(batch[0])
         before = eng.mesh.stats.snapshot()
-        eng.train_step(batch[1])
+        peak = measure_step(eng, batch[1], "cpu")["peak"]
         comm = eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before)
-        out.append(dict(states=eng.model_state_bytes(), comm={a: o for a, o in comm.items()
+        out.append(dict(states=eng.model_state_bytes(), peak=peak, comm={a: o for a, o in comm.items()
                                                             if not a.startswith("control:")}))
         eng.close()
     return out
@@ -40,6 +42,8 @@ def _check(results, runs):
             got, want = res[i], pred
             for k in ("params", "grads", "master", "optimizer", "total"):
                 assert got["states"][k] == want.memory[rank][k], (kw, rank, k, got["states"], want.memory[rank])
+            # the peak is an estimate (planning/moe.py's activation_bytes): measured / predicted 0.94–1.10 here
+            assert abs(got["peak"] / want.memory[rank]["peak"] - 1) <= 0.12, (kw, rank, got["peak"], want.memory[rank])
             assert set(got["comm"]) == set(want.comm[rank]), (kw, rank, got["comm"], want.comm[rank])
             for axis, ops in got["comm"].items():
                 assert set(ops) == set(want.comm[rank][axis]), (kw, rank, axis, ops, want.comm[rank][axis])
