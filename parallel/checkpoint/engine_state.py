@@ -3,7 +3,10 @@
 Each optimizer "piece" of ZeRO — a range [a, e) of one local parameter inside a flat bucket,
 with its fp32 master values and its optimizer state — maps through the layout probe
 (:mod:`parallel.checkpoint.layout`) to positions in a parameter of the unmodified model. Ownership, so each
-element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); tp-sharded
+element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); an expert parameter
+(``param_info(p).ep_split``, :mod:`parallel.moe`: rank e of ep holds experts [e·E/ep, (e+1)·E/ep)) by
+its expert-data-parallel partition (ZeRO ≥ 1) or edp rank 0 (stage 0), so every ep rank writes its own
+experts and the logical tensor is the whole [E, …] stack whatever ep was; tp-sharded
 parameters on every tp rank (a replicated kv head on the first rank holding it), replicated ones on
 tp rank 0; never the pipeline's duplicate of a tied embedding; never vocabulary padding (it maps to no
 element). Loading fills every piece (owned or not) and writes the masters back to the parameters, so
@@ -37,6 +40,7 @@ def _origins(engine) -> dict:
 def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
     z, origins = engine.zero, _origins(engine)
     dp_owner = z.stage > 0 or engine.dp_cp.rank == 0          # dp×cp: cp ranks hold replicas too
+    ep_owner = z.stage > 0 or engine.cfg.parallel.ep == 1 or engine.mesh.group("edp").rank == 0
     pieces, scalars, state_keys = [], {}, set()
     for b, i, a, e, view in z._pieces:
         param = b.params[i]
@@ -45,7 +49,8 @@ def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
         idx = o.index.reshape(-1)[a - off:e - off]
         keep = idx >= 0
         info = param_info(param)
-        owner = dp_owner and (info.tp_split or engine.tp.rank == 0) and not info.pp_duplicate and not info.tp_duplicate
+        owner = ((ep_owner if info.ep_split else dp_owner) and (info.tp_split or engine.tp.rank == 0)
+                 and not info.pp_duplicate and not info.tp_duplicate)
         sel = (lambda t: t) if bool(keep.all()) else (lambda t, keep=keep: t[keep])
         pieces.append(Piece(f"model/{o.name}", o.full_shape, sel(view), sel(idx), owner))
         if not with_optim:
@@ -94,9 +99,7 @@ def _save(engine, path: str, extra: dict, on_written=None) -> str:
     pieces, optim_meta = _pieces(engine)
     pieces += _buffer_pieces(engine)
     c = engine.cfg
-    meta = {"step": engine.step_count, "format": "parallel3d-2",
-            "layout": {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
-                       "precision": c.precision},
+    meta = {"step": engine.step_count, "format": "parallel3d-2", "layout": _layout(engine),
             "model": {"factory": c.model.factory, "kwargs": c.model.kwargs, **_structure(engine)},
             "optimizer": c.optimizer.name, "loss_scale": engine.zero.loss_scale,
             "scheduler_last_epoch": engine.scheduler.last_epoch, **optim_meta, **extra}
@@ -162,8 +165,9 @@ def _load(engine, path: str) -> dict:
 
 def _layout(engine) -> dict:
     c = engine.cfg
+    ep = {"ep": c.parallel.ep} if c.parallel.ep > 1 else {}       # (absent for ep = 1: older checkpoints match)
     return {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
-            "precision": c.precision}
+            "precision": c.precision, **ep}
 
 
 def full_state_dict(engine) -> dict | None:

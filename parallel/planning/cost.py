@@ -26,6 +26,7 @@ from __future__ import annotations
 from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
 from parallel.planning.flops import gpt_matmul_params
+from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import GRAD_MOVED, NORM_MOVED, exposed_dp, memory_seconds, optimizer_moved
 
@@ -48,7 +49,7 @@ def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) ->
     if calls <= 0 or n <= 1 and op != "send" and op != "recv":
         return
     wire = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-            "send": 1.0, "recv": 0.0}[op] * payload
+            "all_to_all": (n - 1) / n, "send": 1.0, "recv": 0.0}[op] * payload
     c = out.setdefault(axis, {}).setdefault(op, {"calls": 0, "payload_bytes": 0, "wire_bytes": 0.0})
     c["calls"] += calls
     c["payload_bytes"] += int(payload)
@@ -58,8 +59,8 @@ def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) ->
 def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: bool, mb: int, e: int) -> dict:
     """tp traffic of one micro-batch through one stage: {op: (calls, payload bytes)}."""
     act, ce, h = mb * spec.seq * spec.hidden * e, 3 * mb * spec.seq * 4, spec.hidden
-    if not lay.sp:
-        n = 4 * blocks + first + last
+    if not lay.sp:                   # an MoE layer is whole on every tp rank: only attention's 2 per block
+        n = (2 if spec.experts else 4) * blocks + first + last
         return {"all_reduce": (n + 2 * last, n * act + last * ce)}
     nb = 2 if spec.norm_bias else 1
     small = blocks * (2 * nb + 2 * spec.bias) + last * nb
@@ -75,17 +76,28 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
             "all_reduce": (ar[0] + first + last, ar[1] + (first + last) * act)}
 
 
+def _reduction(out: dict, axis: str, buckets: list, zero: int, b: int, N: int) -> None:
+    """The gradient reduction (and stage ≥ 1 parameter gathers and norm) of ``buckets`` over ``axis``."""
+    if zero == 0:
+        add_op(out, axis, "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
+    else:
+        add_op(out, axis, "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
+        add_op(out, axis, "all_gather", sum(bk.gathers for bk in buckets),
+               sum(bk.gathers * bk.padded for bk in buckets) * b, N)
+        add_op(out, axis, "all_reduce", 1, NORM_BYTES, N)
+
+
 def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, own: list, bounds: list, mb: int) -> dict:
     b = element_bytes(tr)[0]
     N, t, p, S, m = lay.dp, lay.tp, lay.pp, lay.pp * lay.v, lay.micro_batches
     out: dict = {}
-    if lay.zero == 0:
-        add_op(out, "dp", "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
-    else:
-        add_op(out, "dp", "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
-        add_op(out, "dp", "all_gather", sum(bk.gathers for bk in buckets),
-             sum(bk.gathers * bk.padded for bk in buckets) * b, N)
-        add_op(out, "dp", "all_reduce", 1, NORM_BYTES, N)
+    _reduction(out, "dp", [bk for bk in buckets if not bk.expert], lay.zero, b, N)
+    experts = [bk for bk in buckets if bk.expert]
+    if experts:                                   # parallel.planning.moe: experts over edp, tokens over ep
+        _reduction(out, "edp", experts, lay.zero, b, N // lay.ep)
+        add_op(out, "ep", "all_reduce", 1, NORM_BYTES, lay.ep)
+        calls, payload = all_to_all_per_micro(spec, sum(bounds[k][1] - bounds[k][0] for k in own), mb, b)
+        add_op(out, "ep", "all_to_all", m * calls, m * payload, lay.ep)
     for k in own:
         per_micro = tp_per_micro(spec, lay, bounds[k][1] - bounds[k][0], k == 0, k == S - 1, mb, b)
         for op, (calls, payload) in per_micro.items():
@@ -123,6 +135,8 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
     """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring)."""
     h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, element_bytes(tr)[0]
     block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s
+    if spec.experts:                              # the MLP's matmuls → the experts' on E·C slots + the router
+        block += 6 * (mlp_matmul_params(spec, mb) - spec.mlp_matrices * h * spec.ffn_)
     stage = []
     for k, (a, e) in enumerate(bounds):
         flops = mb * s * ((e - a) * block + (k == S - 1) * 6 * spec.vocab * h) / lay.tp
@@ -132,7 +146,10 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
             add_op(tp, "tp", op, calls, payload, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
         p2p = ((k < S - 1) + (k > 0)) * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
-        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + p2p)
+        if spec.experts and lay.ep > 1:
+            calls, payload = all_to_all_per_micro(spec, e - a, mb, b)
+            add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)
+        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + seconds(tp.get("ep", {}), hw) + p2p)
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:

@@ -50,6 +50,7 @@ counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 
 from __future__ import annotations
 
 from parallel.pipeline.schedules import get_schedule
+from parallel.planning.moe import activation_bytes as moe_activation_bytes
 from parallel.planning.spec import Layout, ModelSpec, TrainSpec, element_bytes
 
 __all__ = ["block_bytes", "head_bytes", "rank_peak", "weight_inputs_bytes"]
@@ -65,6 +66,8 @@ def block_bytes(spec: ModelSpec, policy: str, mb: int, t: int = 1, sp: bool = Fa
             return 0.0
         policy = "none"
     mlp = (2 if spec.mlp_matrices == 2 else 4) * sb * f * e / t
+    if spec.experts:                          # an MoE layer, whole on every tp rank (planning/moe.py: estimate)
+        mlp = moe_activation_bytes(spec, mb, e)
     qkv = sb * (h + 2 * kv) * e / t
     if policy == "none":
         norms = (2 * sbh * e / t + 2 * sbh * e + 4 * sb * 4 / t) if sp else 4 * sbh * e + 4 * sb * 4

@@ -25,6 +25,9 @@ class ModelSpec:
     tied: bool = True
     norms_last: bool = False        # the block registers its two norms after attention and MLP (transformers' Llama)
     tp_layout: str = "megatron"     # sequence-parallel layout: "megatron" (examples/gpt.py) or "region" (HF)
+    experts: int = 0                # > 0: each block's MLP is a parallel.moe.MoE of this many experts (planning/moe.py)
+    top_k: int = 2                  # experts per token
+    capacity_factor: float | None = 1.25    # slots per expert ⌈cf·T·k/E⌉; None: dropless (bounded by T)
 
     @property
     def ffn_(self) -> int:
@@ -37,7 +40,7 @@ class ModelSpec:
     def check_tp(self, t: int) -> str | None:
         """Why tensor parallel degree ``t`` cannot split this model (None when it can)."""
         for what, n in (("heads", self.heads), ("kv heads", self.kv_heads or self.heads),
-                        ("vocab", self.vocab), ("ffn", self.ffn_)):
+                        ("vocab", self.vocab), ("ffn", 0 if self.experts else self.ffn_)):   # experts: whole
             if n % t:
                 return f"{what} = {n} is not divisible by tp = {t}"
         return None
@@ -54,9 +57,11 @@ class Layout:
     v: int = 1
     sp: bool = False
     units: str = "module"           # stage 3: module | block (zero.units)
+    ep: int = 1                     # expert parallelism, carved out of dp (parallel.moe)
 
     def __str__(self):
         s = f"dp{self.dp} tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp} zero{self.zero} m{self.micro_batches}"
+        s += f" ep{self.ep}" if self.ep > 1 else ""
         return s + (f" {self.schedule}{f'(v={self.v})' if self.v > 1 else ''}" if self.pp > 1 else "")
 
 
@@ -112,6 +117,7 @@ class ParamEntry:                    # one parameter: module path, local numel, 
     numel: int
     place: object                    # "pre", "post" or the block index
     tied: bool = False
+    expert: bool = False             # split over ep; reduced / partitioned over edp (parallel.moe)
 
 
 
