@@ -26,6 +26,7 @@ from __future__ import annotations
 from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
 from parallel.planning.flops import gpt_matmul_params
+from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import GRAD_MOVED, NORM_MOVED, exposed_dp, memory_seconds, optimizer_moved
 
@@ -48,7 +49,7 @@ def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) ->
     if calls <= 0 or n <= 1 and op != "send" and op != "recv":
         return
     wire = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-            "send": 1.0, "recv": 0.0}[op] * payload
+            "send": 1.0, "recv": 0.0, "all_to_all": (n - 1) / n}[op] * payload
     c = out.setdefault(axis, {}).setdefault(op, {"calls": 0, "payload_bytes": 0, "wire_bytes": 0.0})
     c["calls"] += calls
     c["payload_bytes"] += int(payload)
@@ -101,6 +102,7 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
             tied = spec.vocab // t * spec.hidden * b
             add_op(out, "pp_tied", "send", 1, tied, p)
             add_op(out, "pp_tied", "recv", 1, tied, p)
+    add_optimizer_comm(out, tr, lay, buckets, add_op, NORM_BYTES)          # lamb, 1-bit: optim_states.py
     return out
 
 

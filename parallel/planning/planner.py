@@ -16,7 +16,8 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
   (stage 3), each padded to a multiple of N = dp for stages ≥ 1 (data_parallel/bucket.py);
 * params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1) or
   b·padded/N (2–3), fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
-  Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4).
+  Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4; LAMB, 8-bit
+  moments, 1-bit Adam: :mod:`parallel.planning.optim_states`).
 Peak per rank (:mod:`parallel.planning.peak`): the larger of the start of the last micro-batch's
 backward (states + activations per checkpointing policy × the schedule's in-flight micro-batches
 (:func:`parallel.pipeline.schedules.max_in_flight`) + the loss's gradients + stage-2/3 gradient buckets +
@@ -35,6 +36,8 @@ from parallel.mesh import rank_of
 from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
 from parallel.planning.cost import comm_per_step, optimizer_seconds, seconds, step_time
+from parallel.planning.optim_states import check as check_optimizer
+from parallel.planning.optim_states import state_bytes
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 
@@ -150,6 +153,19 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
     return out
 
 
+def _piece_sizes(bk: _Bucket, N: int, r: int, pad: bool) -> list:
+    """Element counts of the pieces of bucket ``bk`` inside dp rank r's shard."""
+    if not pad:
+        return list(bk.sizes)
+    shard, off, out = bk.padded // N, 0, []
+    for s in bk.sizes:
+        a, e = max(off, r * shard), min(off + s, (r + 1) * shard)
+        if a < e:
+            out.append(e - a)
+        off += s
+    return out
+
+
 def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool, largest: bool = False) -> tuple[int, int]:
     """(elements, parameter pieces) of bucket ``bk`` inside dp rank r's shard (``largest``: (elements,
     the largest piece's elements))."""
@@ -170,15 +186,15 @@ def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool, largest: bool = False)
 def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
     b, mixed = element_bytes(tr)
     N, pad = lay.dp, lay.zero > 0
-    per_elem, per_piece = {"adamw": (8, 4), "adam": (8, 4)}.get(tr.optimizer, (4 if tr.momentum else 0, 0))
-    m = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}
+    m, pieces = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}, []
     for bk in buckets:
         shard = bk.padded // N if pad else bk.numel
-        n, k = _shard_pieces(bk, N, r, pad)
+        pieces.append(_piece_sizes(bk, N, r, pad))
         m["params"] += b * (shard if bk.unit else bk.padded)
-        m["grads"] += b * (bk.padded if lay.zero < 2 else shard)
+        full_grad = lay.zero < 2 or tr.optimizer == "onebit_adam"         # 1-bit keeps g_i whole (stage 2)
+        m["grads"] += b * (bk.padded if full_grad else shard)
         m["master"] += 4 * shard if mixed else 0
-        m["optimizer"] += per_elem * n + per_piece * k
+    m["optimizer"] = state_bytes(tr, lay, buckets, pieces)        # by optimizer: planning/optim_states.py
     m["total"] = sum(m.values())
     return m
 
@@ -218,7 +234,9 @@ def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
         return "virtual stages need pp > 1"
     if lay.zero not in (0, 1, 2, 3):
         return f"zero stage {lay.zero} must be 0..3"
-    return None
+    if tr.optimizer == "onebit_adam" and lay.zero == 3:
+        return "onebit_adam runs with ZeRO stages 0-2 (parallel/zero/onebit.py)"
+    return check_optimizer(tr)
 
 
 def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = None,
