@@ -24,8 +24,12 @@ def test_maps_and_quantizer():
         q, sc = quantize(v, signed)
         assert q.dtype == torch.uint8 and q.numel() == 1000 and sc.numel() == 4     # ⌈1000/256⌉ scales
         d = dequantize(q, sc, signed)
-        big = v.abs() > 1e-2 * v.abs().max()
-        assert ((d - v).abs()[big] / v.abs()[big]).max() < 0.07           # ≥ 1 significant digit and a half
+        m = dynamic_map(signed)
+        half_gap = float((m[1:] - m[:-1]).max()) / 2                     # nearest code: within half a gap
+        err = (torch.nn.functional.pad(d - v, (0, 24)).view(-1, 256).abs() / sc.abs().unsqueeze(1)).max()
+        assert float(err) <= half_gap + 1e-6 and half_gap < (0.0036 if not signed else 0.0071)
+        top = v.abs() >= 0.1 * sc.abs().repeat_interleave(256)[:1000]   # the top decade of each block
+        assert ((d - v).abs()[top] / v.abs()[top]).max() < (0.036 if not signed else 0.071)
         if not signed:
             assert bool((d >= 0).all())
         q2, sc2 = quantize(d, signed)
@@ -37,16 +41,18 @@ def test_one_process_tracks_adamw():
     a = nn.Linear(64, 32)
     b = nn.Linear(64, 32)
     b.load_state_dict(a.state_dict())
+    w0 = a.weight.detach().clone()
     oa = torch.optim.AdamW(a.parameters(), lr=1e-2)
     ob = Adam8bit(b.parameters(), lr=1e-2, weight_decay=0.01)
-    for t in range(20):
+    for _ in range(10):
         x = torch.randn(16, 64)
         for m, o in ((a, oa), (b, ob)):
             o.zero_grad()
             m(x).pow(2).mean().backward()
             o.step()
     diff = (a.weight - b.weight).abs().max().item()
-    assert 0 < diff < 0.02 * 20 * 1e-2, diff          # quantized, so not equal; far below 20 steps of lr
+    moved = (a.weight - w0).abs().max().item()
+    assert 0 < diff < 0.1 * moved, (diff, moved)      # quantized, so not equal; within 10% of how far AdamW went
 
 
 def _zero(stage, g, name):

@@ -87,6 +87,8 @@ def test_dp2_zero12_bytes_and_convergence_against_adam(stage):
     """1-bit Adam on the ZeRO partition (parallel/zero/onebit.py) vs Adam at the same stage, seed 0."""
     adam = run_ranks(_lm_run, 2, "adam", stage)[0]
     onebit = run_ranks(_lm_run, 2, "onebit", stage)[0]
+    zero0 = run_ranks(_lm_run, 2, "onebit", 0)[0]
+    assert onebit[0] == zero0[0]          # one bucket, shard a multiple of 8: the same chunks as stage 0, bit for bit
     assert onebit[1][:FREEZE] == pytest.approx(adam[1][:FREEZE])            # warm-up: ZeRO's own traffic
     after = onebit[1][FREEZE + 1:]                                           # step FREEZE starts μ_i (one gather)
     assert max(after) <= adam[1][-1] / 16, (max(after), adam[1][-1])

@@ -283,7 +283,7 @@ def _check_optimizer(c: Config) -> None:
                           "parameter on every rank (parallel/zero/onebit.py); set zero.stage to 0, 1 or 2")
     if o.name == "onebit_adam" and c.precision == "fp16":
         raise ConfigError("optimizer.name=onebit_adam with precision=fp16: the loss scaler's overflow check needs "
-                          "reduced gradients, which the compressed phase does not have; use bf16 (zero.stage=0) or fp32")
+                          "reduced gradients, which the compressed phase lacks; use bf16 (zero.stage=0) or fp32")
     if o.name == "onebit_adam" and c.zero.stage > 0 and c.precision != "fp32":
         raise ConfigError(f"optimizer.name=onebit_adam with zero.stage={c.zero.stage} needs precision=fp32 (got "
                           f"{c.precision}): every rank applies the compressed update to its full-precision "

@@ -8,7 +8,7 @@ Per owned piece of n elements (ZeRO's pieces: one per parameter part in the rank
     lamb                  8n + 8k            (its step is float64; parallel/optim/lamb.py)
     onebit_adam           8n + 4k + the error-feedback buffers after warm-up (parallel/zero/onebit.py):
                           stage 0: 4(N·c + c), c = 8⌈Ψ_r/(8N)⌉ (Ψ_r: the rank's elements; worker and
-                          server error); stages 1–2: per bucket 4(2·padded + shard) (μ_i, e_i, e_u)
+                          server error); stages 1–2: per bucket 4(3·padded + shard) (m, e_i, √v̂, e_s)
     sgd                   4n with momentum, else 0
 
 Communication beyond ZeRO's own, per step (ring model, :func:`parallel.planning.cost.add_op`):
@@ -57,7 +57,7 @@ def state_bytes(tr, lay, buckets: list, pieces: list) -> int:
         if lay.zero == 0:
             c = -(-n // (N * 8)) * 8
             return out + 4 * (N * c + c)
-        return out + sum(4 * (2 * bk.padded + bk.padded // N) for bk in buckets)
+        return out + sum(4 * (3 * bk.padded + bk.padded // N) for bk in buckets)
     return 4 * n if tr.momentum else 0
 
 

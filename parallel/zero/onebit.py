@@ -5,33 +5,34 @@ and Adam's update is linear in the momentum, so the momentum can travel sign-com
 feedback. Stage 0 is :class:`parallel.optim.onebit_adam.OneBitAdam`'s own step (every rank holds the
 whole m, v and master). This module adds, for both, the per-rank non-finite check (one all-reduce of
 8 bytes: every rank sees the same verdict, none hangs in a compressed collective another rank skipped),
-and for stages 1–2 the step on the partition, where rank k owns shard k of every bucket (m, v, master):
+and for stages 1–2 the same algorithm with the chunks aligned to the ZeRO partition: rank k owns shard
+k of every bucket (v, the master, and it is the server of chunk k):
 
-    worker i (whole bucket, its own gradient g_i, fp32 buffers μ_i and e_i of the full bucket size):
-        μ_i ← β1·μ_i + (1−β1)·g_i                 (local momentum; μ_i = m at the freeze step, so
-                                                   (1/N)Σ_i μ_i is exactly Adam's m of the mean gradient)
-        x_i = μ_i + e_i;  row k of x_i → C(row) = ‖row‖/√c · sign(row);  e_i ← x_i − C(x_i)
+    at the freeze step, once: all-gather the owners' m and √v̂ = √v/√(1−β2^T) (fp32, frozen)
+    worker i (whole bucket, its own gradient g_i; m, e_i and √v̂ of the full bucket size):
+        x_i = β1·m + (1−β1)·g_i + e_i;  row k → C(row) = ‖row‖/√c · sign(row);  e_i ← x_i − C(x_i)
         all-to-all: row k to its owner k               (compressed reduce-scatter: (N−1)/N·Ψ/8 bytes)
-    owner k (its shard s_k; e_s and e_u of the shard size):
-        m_k = (1/N)·Σ_i C(x_i)_k                       (the momentum, kept as the pieces' exp_avg)
-        u_k = m̂_k/(√v̂_k + ε) + λ·w_k                  (m̂ = m/(1−β1^t), v̂ = v/(1−β2^T), T = freeze_step)
-        z_k = u_k + e_u;  e_u ← z_k − C(z_k)           (server-side error feedback, on the update)
-        all-gather C(z_k)                              (compressed all-gather: (N−1)/N·Ψ/8 bytes)
-    every rank: w ← w − η·C(z)  on the whole flat parameter (identical bits on every rank); the
-        owner's master is its shard of w.
+    owner k:  y = (1/N)·Σ_i C(x_i)_k + e_s;  e_s ← y − C(y)   (server error feedback, shard-sized)
+        all-gather C(y)                                (compressed all-gather: (N−1)/N·Ψ/8 bytes)
+    every rank: m = [C(y)_0 … C(y)_{N−1}];  w ← w·(1 − ηλ) − η·(m/(1−β1^t)) / (√v̂ + ε)  on the whole
+        flat parameter (identical bits everywhere); the owner's master is its shard of w.
 
-Why the update, not the parameters, is all-gathered: ZeRO-1/2's fp32 parameter all-gather alone is
-(N−1)/N·4Ψ, half of Adam's 2(N−1)/N·4Ψ, so no compressed reduce-scatter could bring the step to
-≤ 1/16 of Adam's. With v frozen the update is a fixed diagonal rescaling of m, and error feedback on it
-keeps Σ_t η·C(z_t) within η·‖e_u‖ of Σ_t η·u_t (nothing accumulates). Wire per step: an all-to-all and
-an all-gather of Σ_b N·(⌈shard_b/8⌉ + 4) bytes (signs packed 8 to a byte + one fp32 scale per bucket
-shard) times (N−1)/N, plus the 8-byte norm all-reduce: ≈ 1/32 of Adam's. At the freeze step the
-owners' m is all-gathered once (fp32, (N−1)/N·4Ψ) to start μ_i.
+That is the stage-0 algorithm with the chunks cut at the buckets' shards: where they coincide (one
+bucket, shard a multiple of 8) the result is bit-identical to stage 0 (tests/test_onebit_adam.py). A
+bf16 √v̂ was tried: +3.8% loss instead of +2.0% on that test, so it stays fp32. Why every rank
+holds √v̂ and applies the update itself: ZeRO-1/2's fp32 parameter all-gather alone is (N−1)/N·4Ψ,
+half of Adam's 2(N−1)/N·4Ψ, so no compressed reduce-scatter followed by it could reach ≤ 1/16 of
+Adam's. (Compressing the update instead of the momentum fails: elements whose frozen v is tiny — a tied head's rows of tokens never seen — get
+updates of 10^5 or more, which through the shared scale move every element of the chunk.) Wire per
+step: an all-to-all and an all-gather of Σ_b N·(⌈shard_b/8⌉ + 4) bytes (signs packed 8 to a byte + one
+fp32 scale per bucket shard) times (N−1)/N, plus the 8-byte norm all-reduce: ≈ 1/32 of Adam's.
 
 Limits (refused with the reason): stage 3 (the parameter would have to be gathered for the update),
 precisions other than fp32 at stages 1–2 (a bf16 parameter cannot take the small delta identically to
-an owner casting its master), gradient clipping (the local gradients have no global norm), offload and
-expert parallelism. The memory at stages 1–2: + 8Ψ (μ_i, e_i) over ZeRO's, − 8Ψ(N−1)/N (v, master).
+an owner casting its master), fp16 (its loss scaler needs reduced gradients), gradient clipping (the
+local gradients have no global norm), offload and expert parallelism. Memory at stages 1–2, after
+warm-up: plain ZeRO-1/2 Adam + 12Ψ + 4Ψ/N (m, e_i, √v̂, e_s), about stage 0's 1-bit Adam: the compressed
+phase needs the whole m and v on every rank; stage 2 also keeps the whole local gradient until the step.
 """
 from __future__ import annotations
 
@@ -107,18 +108,23 @@ def onebit_step(z, StepResult):
     return StepResult(norm, False, z.scaler.scale)
 
 
-def _start_momentum(z, opt) -> list:
-    """At the first compressed step: μ_i = the owners' m, all-gathered once (fp32)."""
+def _start(z, opt, c2: float) -> list:
+    """At the first compressed step: the owners' m and √v̂ (fp32) all-gathered once."""
     out = []
     for b in z._all:
-        shard = torch.zeros(b.shard, dtype=torch.float32, device=b.master.device)
+        m = torch.zeros(b.shard, dtype=torch.float32, device=b.master.device)
+        d = torch.zeros(b.shard, dtype=torch.float32, device=b.master.device)
         for pb, _, a, e, view in z._piece_list:
             if pb is b:
-                shard[a - b.lo:e - b.lo] = opt.state[view]["exp_avg"]
-        full = torch.empty(b.padded, dtype=torch.float32, device=b.master.device)
-        comm.all_gather_into(full, shard, z.group)
-        out.append({"momentum": full, "worker_error": torch.zeros_like(full),
-                    "update_error": torch.zeros(b.shard, dtype=torch.float32, device=full.device)})
+                st = opt.state[view]
+                m[a - b.lo:e - b.lo] = st["exp_avg"]
+                d[a - b.lo:e - b.lo] = st["exp_avg_sq"].sqrt() / math.sqrt(c2)      # as OneBitAdam.step
+        full_m = torch.empty(b.padded, dtype=torch.float32, device=m.device)
+        full_d = torch.empty(b.padded, dtype=torch.float32, device=m.device)
+        comm.all_gather_into(full_m, m, z.group)
+        comm.all_gather_into(full_d, d, z.group)
+        out.append({"momentum": full_m, "sqrt_v": full_d, "worker_error": torch.zeros_like(full_m),
+                    "server_error": torch.zeros(b.shard, dtype=torch.float32, device=m.device)})
     return out
 
 
@@ -138,61 +144,54 @@ def _from_bytes(buf: torch.Tensor, c8: int):
 
 
 def _sharded_step(z) -> None:
-    """Stages 1–2: the compressed reduce-scatter of the momentum, the update on the owned shard, the
-    compressed all-gather of the update (module docstring)."""
-    opt, N, r = z.optimizer, z.group.size, z.group.rank
+    """Stages 1–2: compressed reduce-scatter of the momentum to the chunk owners, compressed
+    all-gather of their result, the update on every rank (module docstring)."""
+    opt, N = z.optimizer, z.group.size
     g = opt.param_groups[0]
     (b1, b2), lr, eps, wd, T = g["betas"], g["lr"], g["eps"], g["weight_decay"], g["freeze_step"]
-    if "zero" not in opt.comm_state:
-        opt.comm_state["zero"] = _start_momentum(z, opt)
-    bufs = opt.comm_state["zero"]
     t = opt.t + 1
     c1, c2 = 1 - b1 ** t, 1 - b2 ** min(t, T)
-    # worker side: every bucket's rows into one byte tensor [N, Σ_b (c8_b/8 + 4)]
-    sends, dims = [], []
+    if "zero" not in opt.comm_state:
+        opt.comm_state["zero"] = _start(z, opt, c2)
+    bufs = opt.comm_state["zero"]
+    sends, dims = [], []                               # worker: all buckets' rows in one [N, Σ_b bytes] tensor
     for b, st in zip(z._all, bufs):
         c, c8 = b.shard, -(-b.shard // 8) * 8
         dims.append((c, c8))
-        st["momentum"].mul_(b1).add_(b.flat_grad, alpha=1 - b1)
-        x = st["momentum"] + st["worker_error"]
+        x = st["momentum"].mul(b1).add_(b.flat_grad, alpha=1 - b1).add_(st["worker_error"])
         packed, scale, approx = _compress(_rows(x, N, c, c8))
         st["worker_error"] = x - approx[:, :c].reshape(-1)
-        st["worker_error"][b.numel:] = 0.0                # bucket padding carries no error
+        st["worker_error"][b.numel:] = 0.0            # bucket padding carries no error
         sends.append(_to_bytes(packed, scale))
     recv = _all_to_all(torch.cat(sends, 1), z.group) if N > 1 else torch.cat(sends, 1)
-    # server side: the owned shard's momentum, update and its compression
-    o, outs = 0, []
+    o, outs = 0, []                                    # server: chunk k of every bucket
     for b, st, (c, c8) in zip(z._all, bufs, dims):
         w = c8 // 8 + 4
         packed, scale = _from_bytes(recv[:, o:o + w], c8)
         o += w
-        m = (_unpack(packed) * scale.unsqueeze(-1)).mean(0)[:c]
-        u = torch.zeros(c, dtype=torch.float32, device=m.device)
-        for pb, _, a, e, view in z._piece_list:
-            if pb is not b:
-                continue
-            s = opt.state[view]
-            s["exp_avg"].copy_(m[a - b.lo:e - b.lo])
-            s["step"] = torch.tensor(float(t))
-            denom = (s["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(eps)
-            u[a - b.lo:e - b.lo] = s["exp_avg"] / c1 / denom + wd * view
-        zz = u + st["update_error"]
-        packed, scale, approx = _compress(_rows(zz, 1, c, c8))
-        st["update_error"] = zz - approx[0, :c]
-        st["update_error"][max(0, min(c, b.numel - b.lo)):] = 0.0
+        y = (_unpack(packed) * scale.unsqueeze(-1)).mean(0)[:c] + st["server_error"]
+        packed, scale, approx = _compress(_rows(y, 1, c, c8))
+        st["server_error"] = y - approx[0, :c]
+        st["server_error"][max(0, min(c, b.numel - b.lo)):] = 0.0
         outs.append(_to_bytes(packed, scale))
     mine = torch.cat(outs, 1)
     allb = torch.empty(N, mine.shape[1], dtype=torch.uint8, device=mine.device)
     comm.all_gather_into(allb, mine, z.group)
-    # every rank: the same compressed update on the whole flat parameter
     o = 0
-    with torch.no_grad():
-        for b, (c, c8) in zip(z._all, dims):
+    with torch.no_grad():                              # every rank: the same update of the whole parameter
+        for b, st, (c, c8) in zip(z._all, bufs, dims):
             w = c8 // 8 + 4
             packed, scale = _from_bytes(allb[:, o:o + w], c8)
             o += w
-            delta = (_unpack(packed)[:, :c] * scale.unsqueeze(-1)).reshape(-1)
-            delta[b.numel:] = 0.0
-            b.flat_param.sub_(delta, alpha=lr)
+            m = (_unpack(packed)[:, :c] * scale.unsqueeze(-1)).reshape(-1)
+            m[b.numel:] = 0.0
+            st["momentum"] = m
+            if wd:
+                b.flat_param.mul_(1 - lr * wd)
+            b.flat_param.addcdiv_(m, st["sqrt_v"] + eps, value=-lr / c1)
             b.master.copy_(b.flat_param[b.lo:b.hi])
+    for b, _, a, e, view in z._piece_list:             # the owners' record of m and the step count
+        s = opt.state[view]
+        s["exp_avg"].copy_(bufs[z._all.index(b)]["momentum"][a:e])
+        s["step"] = torch.tensor(float(t))
     opt._t = t

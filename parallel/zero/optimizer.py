@@ -427,9 +427,9 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         grads = storage_bytes([p.grad for p in self.module.parameters()] +
                               [t for b in self._all for t in (b.flat_grad, b.shard_grad)], seen, self.simulated)
         master = storage_bytes([b.master for b in self._all] + [b.master.grad for b in self._all], seen, self.simulated)
+        extra = _nested_tensors(getattr(self.optimizer, "comm_state", {}))        # 1-bit Adam's error buffers
         opt = storage_bytes([v for st in self.optimizer.state.values() for v in st.values()
-                             if isinstance(v, torch.Tensor)] + _nested_tensors(getattr(self.optimizer, "comm_state", {})),
-                            seen, self.simulated)
+                             if isinstance(v, torch.Tensor)] + extra, seen, self.simulated)
         return {"params": params, "grads": grads, "master": master, "optimizer": opt,
                 "total": params + grads + master + opt}
 
