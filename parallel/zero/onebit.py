@@ -14,17 +14,17 @@ k of every bucket (v, the master, and it is the server of chunk k):
         all-to-all: row k to its owner k               (compressed reduce-scatter: (N−1)/N·Ψ/8 bytes)
     owner k:  y = (1/N)·Σ_i C(x_i)_k + e_s;  e_s ← y − C(y)   (server error feedback, shard-sized)
         all-gather C(y)                                (compressed all-gather: (N−1)/N·Ψ/8 bytes)
-    every rank: m = [C(y)_0 … C(y)_{N−1}];  w ← w·(1 − ηλ) − η·(m/(1−β1^t)) / (√v̂ + ε)  on the whole
-        flat parameter (identical bits everywhere); the owner's master is its shard of w.
+    every rank: m = [C(y)_0 … C(y)_{N−1}];  w ← w·(1 − ηλ) − η·(m/(1−β1^t)) / (√v̂ + ε)  on the
+        whole flat parameter (identical bits everywhere); the owner's master is its shard of w.
 
 That is the stage-0 algorithm with the chunks cut at the buckets' shards: where they coincide (one
 bucket, shard a multiple of 8) the result is bit-identical to stage 0 (tests/test_onebit_adam.py). A
 bf16 √v̂ was tried: +3.8% loss instead of +2.0% on that test, so it stays fp32. Why every rank
 holds √v̂ and applies the update itself: ZeRO-1/2's fp32 parameter all-gather alone is (N−1)/N·4Ψ,
 half of Adam's 2(N−1)/N·4Ψ, so no compressed reduce-scatter followed by it could reach ≤ 1/16 of
-Adam's. (Compressing the update instead of the momentum fails: elements whose frozen v is tiny — a tied head's rows of tokens never seen — get
-updates of 10^5 or more, which through the shared scale move every element of the chunk.) Wire per
-step: an all-to-all and an all-gather of Σ_b N·(⌈shard_b/8⌉ + 4) bytes (signs packed 8 to a byte + one
+Adam's. (Compressing the update instead of the momentum fails: elements whose frozen v is tiny — a
+tied head's rows of tokens never seen — get updates of 10^5 or more, which through the shared scale
+move every element of the chunk.) Wire per step: an all-to-all and an all-gather of Σ_b N·(⌈shard_b/8⌉ + 4) bytes (signs packed 8 to a byte + one
 fp32 scale per bucket shard) times (N−1)/N, plus the 8-byte norm all-reduce: ≈ 1/32 of Adam's.
 
 Limits (refused with the reason): stage 3 (the parameter would have to be gathered for the update),
