@@ -24,7 +24,8 @@ holds √v̂ and applies the update itself: ZeRO-1/2's fp32 parameter all-gather
 half of Adam's 2(N−1)/N·4Ψ, so no compressed reduce-scatter followed by it could reach ≤ 1/16 of
 Adam's. (Compressing the update instead of the momentum fails: elements whose frozen v is tiny — a
 tied head's rows of tokens never seen — get updates of 10^5 or more, which through the shared scale
-move every element of the chunk.) Wire per step: an all-to-all and an all-gather of Σ_b N·(⌈shard_b/8⌉ + 4) bytes (signs packed 8 to a byte + one
+move every element of the chunk.) Wire per step: an all-to-all and an all-gather of
+Σ_b N·(⌈shard_b/8⌉ + 4) bytes (signs packed 8 to a byte + one
 fp32 scale per bucket shard) times (N−1)/N, plus the 8-byte norm all-reduce: ≈ 1/32 of Adam's.
 
 Limits (refused with the reason): stage 3 (the parameter would have to be gathered for the update),
