@@ -36,6 +36,7 @@ def test_maps_and_quantizer():
         assert torch.equal(q2, q) and torch.equal(dequantize(q2, sc2, signed), d)   # idempotent
 
 
+@pytest.mark.slow
 def test_one_process_tracks_adamw():
     torch.manual_seed(0)
     a = nn.Linear(64, 32)
