@@ -1,5 +1,5 @@
-"""The planner's optimizer accounting (parallel/planning/optim_states.py) against measured runs: LAMB
-(its sum_sq all-reduces over dp and tp), 8-bit Adam moments and 1-bit Adam after warm-up (its
+"""The planner's optimizer accounting (parallel/planning/optim_states.py) against measured runs: LAMB, Muon
+(LAMB's sum_sq all-reduces over dp and tp; Muon's gathers over dp), 8-bit Adam moments and 1-bit Adam after warm-up (its
 error-feedback buffers; compressed all-to-all and all-gather in place of ZeRO's reduction). Per layout
 3 training steps of the small GPT (as tests/test_planner.py; 1-bit with freeze_step=1, so step 3 is a
 steady compressed step); the last step's model-state bytes and CommStats per rank must equal the
@@ -20,7 +20,9 @@ FAST = [("dp2 zero1 lamb", dict(dp=2, zero=1), {"name": "lamb"}),
 SLOW = [("tp2 lamb", dict(tp=2), {"name": "lamb"}), ("dp2 zero3 lamb", dict(dp=2, zero=3), {"name": "lamb"}),
         ("dp2 zero0 int8", dict(dp=2), {"state_dtype": "int8"}),
         ("dp2 zero3 int8", dict(dp=2, zero=3), {"state_dtype": "int8"}),
-        ("dp2 zero0 onebit", dict(dp=2), ONEBIT), ("dp2 zero1 onebit", dict(dp=2, zero=1), ONEBIT)]
+        ("dp2 zero0 onebit", dict(dp=2), ONEBIT), ("dp2 zero1 onebit", dict(dp=2, zero=1), ONEBIT),
+        ("dp2 zero0 muon", dict(dp=2), {"name": "muon"}), ("dp2 zero1 muon", dict(dp=2, zero=1), {"name": "muon"}),
+        ("dp2 zero3 muon", dict(dp=2, zero=3), {"name": "muon"})]
 
 
 def _overrides(lay: dict, opt: dict, run_dir: str) -> list:

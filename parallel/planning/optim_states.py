@@ -20,31 +20,34 @@ Communication beyond ZeRO's own, per step (ring model, :func:`parallel.planning.
                  and two all-gathers of the same; stages 1–2 one all-to-all and one all-gather of
                  Σ_b N(⌈shard_b/8⌉ + 4) bytes; and an 8-byte norm all-reduce. The planner shows
                  this steady state (warm-up steps cost Adam's; the first compressed step of stages
-                 1–2 also all-gathers m once, 4·padded bytes per bucket).
+                 1–2 also all-gathers m and √v̂ once, 8·padded bytes per bucket).
 
-Muon is not modelled here (its gathers need the parameters' 2-D shapes, which the planner's
-inventory does not carry): :func:`check` refuses it with that reason.
+    muon         per step, stages ≥ 1: one all-gather over dp of each bucket holding a 2-D weight,
+                 4·padded bytes (parallel/zero/partition.py); states: momentum 4n on a matrix piece,
+                 AdamW's 8n + 4 on the others. tp > 1 (its per-matrix tp gathers) is refused by
+                 :func:`check`, not modelled.
 """
 from __future__ import annotations
 
 __all__ = ["OPTIMIZERS", "check", "state_bytes", "add_optimizer_comm"]
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "onebit_adam")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "onebit_adam", "muon")
 
 
-def check(tr) -> str | None:
+def check(tr, lay) -> str | None:
+    if tr.optimizer == "muon" and lay.tp > 1:
+        return "muon with tp > 1: its per-matrix all-gathers over tp are not modelled yet; plan with tp=1"
     if tr.optimizer not in OPTIMIZERS:
-        return (f"optimizer {tr.optimizer!r} is not modelled (muon's per-matrix gathers need the parameters' shapes); "
-                f"plan with one of {list(OPTIMIZERS)}")
+        return f"optimizer {tr.optimizer!r} is not modelled: plan with one of {list(OPTIMIZERS)}"
     if getattr(tr, "state_dtype", "fp32") == "int8" and tr.optimizer not in ("adam", "adamw"):
         return f"state_dtype=int8 applies to adam/adamw, not {tr.optimizer}"
     return None
 
 
 def state_bytes(tr, lay, buckets: list, pieces: list) -> int:
-    """Optimizer bytes of one dp rank: ``pieces`` holds, per bucket, the element counts of its owned pieces."""
+    """Optimizer bytes of one dp rank: ``pieces`` holds, per bucket, (elements, 2-D weight?) of its owned pieces."""
     N = lay.dp
-    flat = [n for ps in pieces for n in ps]
+    flat = [n for ps in pieces for n, _ in ps]
     n, k = sum(flat), len(flat)
     if tr.optimizer in ("adam", "adamw"):
         if getattr(tr, "state_dtype", "fp32") == "int8":
@@ -52,6 +55,8 @@ def state_bytes(tr, lay, buckets: list, pieces: list) -> int:
         return 8 * n + 4 * k
     if tr.optimizer == "lamb":
         return 8 * n + 8 * k
+    if tr.optimizer == "muon":                   # momentum_buffer on matrices, AdamW (m, v, step) on the rest
+        return sum(4 * s if mat else 8 * s + 4 for ps in pieces for s, mat in ps)
     if tr.optimizer == "onebit_adam":
         out = 8 * n + 4 * k
         if lay.zero == 0:
@@ -69,6 +74,9 @@ def add_optimizer_comm(out: dict, tr, lay, buckets: list, add_op, norm_bytes: in
         if lay.zero > 0:
             add_op(out, "dp", "all_reduce", 1, 16 * P, N)
         add_op(out, "tp", "all_reduce", 1, 16 * P, T)
+    elif tr.optimizer == "muon" and lay.zero > 0:       # the matrices' buckets gathered whole over dp
+        held = [bk for bk in buckets if any(bk.mats)]
+        add_op(out, "dp", "all_gather", len(held), sum(4 * bk.padded for bk in held), N)
     elif tr.optimizer == "onebit_adam" and N > 1:
         out.pop("dp", None)
         if lay.zero == 0:

@@ -51,9 +51,9 @@ __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "invent
 def inventory(spec: ModelSpec, t: int = 1) -> tuple:
     """The model's parameters in named_parameters order with their local (tp-sharded) sizes."""
     h, kv, f = spec.hidden, spec.kv_hidden, spec.ffn_
-    out = [ParamEntry("wte", spec.vocab // t * h, "pre", tied=spec.tied)]
+    out = [ParamEntry("wte", spec.vocab // t * h, "pre", tied=spec.tied, matrix=True)]
     if spec.learned_pos:
-        out.append(ParamEntry("wpe", spec.seq * h, "pre"))
+        out.append(ParamEntry("wpe", spec.seq * h, "pre", matrix=True))
     nb = 2 if spec.norm_bias else 1
     for i in range(spec.n_layer):
         pre = f"blocks.{i}."
@@ -70,9 +70,10 @@ def inventory(spec: ModelSpec, t: int = 1) -> tuple:
         mods += [(pre + n, [f * h // t] + ([f // t] if spec.bias else [])) for n in ins]
         mods.append((pre + "mlp.proj", [h * f // t] + ([h] if spec.bias else [])))
         mods += [ln1, ln2] if spec.norms_last else []
-        out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes]
+        out += [ParamEntry(m, n, i, matrix=k == 0 and not m.endswith(("ln1", "ln2")))
+                for m, sizes in mods for k, n in enumerate(sizes)]
     out += [ParamEntry("ln_f", h, "post") for _ in range(nb)]
-    out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied))
+    out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied, matrix=True))
     return tuple(out)
 
 
@@ -118,6 +119,7 @@ class _Bucket:
     gathers: int = 1                 # stage 3: all-gathers per step
     unit: bool = False               # stage-3 unit (sharded params)
     deferred: bool = False           # tied pipeline copies: reduced after backward
+    mats: tuple = ()                 # per parameter: a 2-D weight?
 
 
 def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool) -> list:
@@ -126,24 +128,25 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
     (one per module, pre-order), then the deferred bucket of tied pipeline copies."""
     N, pad = lay.dp, lay.zero > 0
 
-    def mk(sizes):
+    def mk(entries):
+        sizes = [p.numel for p in entries]
         n = sum(sizes)
-        return _Bucket(n, sizes, -(-n // N) * N if pad else n)
+        return _Bucket(n, sizes, -(-n // N) * N if pad else n, mats=tuple(p.matrix for p in entries))
     normal = [p for p, d in params if not d]
-    deferred = [p.numel for p, d in params if d]
+    deferred = [p for p, d in params if d]
     out = []
     if lay.zero < 3:
-        out += [mk([normal[i].numel for i in idx]) for idx in fill_buckets([p.numel * b for p in normal],
+        out += [mk([normal[i] for i in idx]) for idx in fill_buckets([p.numel * b for p in normal],
                                                                             bucket_mb * 2 ** 20)]
     else:
         units: dict = {}
         for p in normal:         # zero.units=block: one unit per block, one for the rest (pre-order: root first)
             key = p.module if lay.units == "module" else (-1 if not isinstance(p.place, int) else p.place)
-            units.setdefault(key, []).append(p.numel)
+            units.setdefault(key, []).append(p)
         if lay.units == "block":
             units = dict(sorted(units.items()))
-        for mod, sizes in units.items():
-            u = mk(sizes)
+        for mod, entries in units.items():
+            u = mk(entries)
             u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte
             u.gathers = lay.micro_batches * (2 + (mod == "wte" and tied_head))
             out.append(u)
@@ -154,14 +157,14 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
 
 
 def _piece_sizes(bk: _Bucket, N: int, r: int, pad: bool) -> list:
-    """Element counts of the pieces of bucket ``bk`` inside dp rank r's shard."""
+    """(elements, 2-D weight?) of the pieces of bucket ``bk`` inside dp rank r's shard."""
     if not pad:
-        return list(bk.sizes)
+        return list(zip(bk.sizes, bk.mats))
     shard, off, out = bk.padded // N, 0, []
-    for s in bk.sizes:
+    for s, mat in zip(bk.sizes, bk.mats):
         a, e = max(off, r * shard), min(off + s, (r + 1) * shard)
         if a < e:
-            out.append(e - a)
+            out.append((e - a, mat))
         off += s
     return out
 
@@ -236,7 +239,7 @@ def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
         return f"zero stage {lay.zero} must be 0..3"
     if tr.optimizer == "onebit_adam" and lay.zero == 3:
         return "onebit_adam runs with ZeRO stages 0-2 (parallel/zero/onebit.py)"
-    return check_optimizer(tr)
+    return check_optimizer(tr, lay)
 
 
 def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = None,

@@ -113,6 +113,7 @@ class ParamEntry:                    # one parameter: module path, local numel, 
     numel: int
     place: object                    # "pre", "post" or the block index
     tied: bool = False
+    matrix: bool = False             # a 2-D weight (Muon orthogonalises these)
 
 
 
