@@ -155,3 +155,23 @@ def test_char_lm_loss_within_1pct_of_fp32_moments():
     print(f"\n8-bit moments, char GPT dp=2 ZeRO-2 seed 0: loss (mean of steps {steps - 4}-{steps}) fp32 {ma:.4f}, "
           f"int8 {mq:.4f} ({(mq - ma) / ma:+.2%}); first {a[0]:.4f}")
     assert abs(mq - ma) <= 0.01 * ma and ma < 0.8 * a[0]
+
+
+def test_config_key_and_refusals():
+    from parallel.config import ConfigError, load_config
+    from parallel.optim.factory import optimizer_factory
+    base = {"model": {"factory": "examples.gpt:build", "kwargs": {"vocab_size": 64, "seq_len": 16, "n_layer": 2,
+                                                                  "n_head": 4, "n_embd": 32}},
+            "data": {"factory": "examples.gpt:random_tokens", "kwargs": {"n": 64, "seq_len": 16, "vocab_size": 64},
+                     "global_batch_size": 8, "micro_batch_size": 2}, "optimizer": {"name": "adamw", "lr": 0.003}}
+    f = optimizer_factory(load_config(data=base, overrides=["optimizer.state_dtype=int8"]).validate(1).optimizer)
+    assert f.cls is Adam8bit and f.kwargs == {"lr": 0.003, "decoupled": True, "weight_decay": 0.01}   # AdamW's
+    g = optimizer_factory(load_config(data=base, overrides=["optimizer.state_dtype=int8", "optimizer.name=adam"])
+                          .validate(1).optimizer)
+    assert g.kwargs == {"lr": 0.003, "decoupled": False}
+    for over, msg in ((["optimizer.state_dtype=int4"], "must be fp32 or int8"),
+                      (["optimizer.state_dtype=int8", "optimizer.name=lamb"], "applies to adam/adamw"),
+                      (["optimizer.state_dtype=int8", "zero.stage=2", "zero.offload.optimizer=cpu"],
+                       "not supported yet")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(data=base, overrides=over).validate(1)
