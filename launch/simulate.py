@@ -100,7 +100,7 @@ def _prediction(cfg, model, rank: int):
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
                  p.sequence_parallel, cfg.zero.units)
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
-                   cfg.zero.bucket_mb, ac.policy, ac.every)
+                   cfg.zero.bucket_mb, ac.policy, ac.every, state_dtype=cfg.optimizer.state_dtype or "fp32")
     c = coords_of(rank, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
     one = predict(spec, Layout(**{**lay.__dict__, "dp": p.dp}), tr, ranks="worst")
     # "worst" holds dp = tp = 0 of each pp rank; the state bytes of another dp rank differ only in the

@@ -104,6 +104,8 @@ def _save(engine, path: str, extra: dict, on_written=None) -> str:
             "optimizer": c.optimizer.name, "loss_scale": engine.zero.loss_scale,
             "scheduler_last_epoch": engine.scheduler.last_epoch, **optim_meta, **extra}
     rank_meta = {"rng": torch.get_rng_state(), "world": engine.mesh.world_size}
+    if hasattr(engine.zero.optimizer, "comm_state"):         # 1-bit Adam: this rank's error-feedback buffers
+        rank_meta["optimizer_comm"] = engine.zero.optimizer.comm_state
     return save_pieces(pieces, path, meta, rank_meta, on_written=on_written)
 
 
@@ -159,7 +161,14 @@ def _load(engine, path: str) -> dict:
     rank_file = os.path.join(path, f"rank_{engine.mesh.rank}.pt")
     if meta.get("layout", {}).get("dp") == engine.cfg.parallel.dp and meta.get("world_size") == engine.mesh.world_size \
             and os.path.isfile(rank_file) and meta["layout"] == _layout(engine):
-        torch.set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+        rank_meta = torch.load(rank_file, weights_only=False)
+        torch.set_rng_state(rank_meta["rng"])
+        if hasattr(z.optimizer, "comm_state"):
+            z.optimizer.comm_state = rank_meta.get("optimizer_comm", {})
+    elif getattr(z.optimizer, "comm_state", None) is not None and engine.mesh.rank == 0 \
+            and z.optimizer.t > z.optimizer.param_groups[0]["freeze_step"]:
+        warnings.warn(f"checkpoint {path}: 1-bit Adam's error-feedback buffers are per rank and this layout differs "
+                      f"from the saved one: they restart at zero (the resume is not bit-exact)", stacklevel=2)
     return meta
 
 

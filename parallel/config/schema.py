@@ -60,6 +60,7 @@ class OptimizerConfig:
     eps: Optional[float] = None            # muon: the AdamW part's eps
     adamw_lr: Optional[float] = None       # muon: lr of the non-matrix tensors (AdamW); default lr
     freeze_step: Optional[int] = None      # onebit_adam: Adam warm-up steps before compression (default 100)
+    state_dtype: Optional[str] = None      # adam/adamw moments: fp32 (default) | int8 (parallel/optim/adam8bit.py)
 
 
 @dataclass

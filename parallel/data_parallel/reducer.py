@@ -226,7 +226,7 @@ class GradReducer:
     def _finalize(self, b: FlatBucket, work, out) -> None:
         if work is not None:
             work.wait()
-        if self.mode == "all_reduce":
+        if self.mode == "all_reduce" or (work is None and out is None):    # local (1-bit Adam): g_i stays whole
             return
         if self.keep_full:
             b.flat_grad[b.lo:b.hi].copy_(out)           # stage 1: only the owned shard is reduced

@@ -27,6 +27,7 @@ from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
 from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params
+from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import GRAD_MOVED, NORM_MOVED, exposed_dp, memory_seconds, optimizer_moved
 
@@ -113,6 +114,7 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
             tied = spec.vocab // t * spec.hidden * b
             add_op(out, "pp_tied", "send", 1, tied, p)
             add_op(out, "pp_tied", "recv", 1, tied, p)
+    add_optimizer_comm(out, tr, lay, buckets, add_op, NORM_BYTES)          # lamb, 1-bit: optim_states.py
     return out
 
 

@@ -16,7 +16,8 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
   (stage 3), each padded to a multiple of N = dp for stages ≥ 1 (data_parallel/bucket.py);
 * params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1) or
   b·padded/N (2–3), fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
-  Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4).
+  Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4; LAMB, 8-bit
+  moments, 1-bit Adam: :mod:`parallel.planning.optim_states`).
 Peak per rank (:mod:`parallel.planning.peak`): the larger of the start of the last micro-batch's
 backward (states + activations per checkpointing policy × the schedule's in-flight micro-batches
 (:func:`parallel.pipeline.schedules.max_in_flight`) + the loss's gradients + stage-2/3 gradient buckets +
@@ -36,6 +37,8 @@ from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
 from parallel.planning.cost import comm_per_step, optimizer_seconds, seconds, step_time
 from parallel.planning.moe import check_moe, moe_entries
+from parallel.planning.optim_states import check as check_optimizer
+from parallel.planning.optim_states import state_bytes
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 
@@ -50,9 +53,9 @@ def inventory(spec: ModelSpec, t: int = 1, ep: int = 1) -> tuple:
     """The model's parameters in named_parameters order with their local (tp-sharded; experts ep-split:
     :mod:`parallel.planning.moe`) sizes."""
     h, kv, f = spec.hidden, spec.kv_hidden, spec.ffn_
-    out = [ParamEntry("wte", spec.vocab // t * h, "pre", tied=spec.tied)]
+    out = [ParamEntry("wte", spec.vocab // t * h, "pre", tied=spec.tied, matrix=True)]
     if spec.learned_pos:
-        out.append(ParamEntry("wpe", spec.seq * h, "pre"))
+        out.append(ParamEntry("wpe", spec.seq * h, "pre", matrix=True))
     nb = 2 if spec.norm_bias else 1
     for i in range(spec.n_layer):
         pre = f"blocks.{i}."
@@ -72,9 +75,10 @@ def inventory(spec: ModelSpec, t: int = 1, ep: int = 1) -> tuple:
         mods += [(pre + n, [f * h // t] + ([f // t] if spec.bias else [])) for n in ins]
         mods.append((pre + "mlp.proj", [h * f // t] + ([h] if spec.bias else [])))
         mods += [ln1, ln2] if spec.norms_last else []
-        out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes]
+        out += [ParamEntry(m, n, i, matrix=k == 0 and not m.endswith(("ln1", "ln2")))
+                for m, sizes in mods for k, n in enumerate(sizes)]
     out += [ParamEntry("ln_f", h, "post") for _ in range(nb)]
-    out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied))
+    out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied, matrix=True))
     return tuple(out)
 
 
@@ -121,6 +125,7 @@ class _Bucket:
     unit: bool = False               # stage-3 unit (sharded params)
     deferred: bool = False           # tied pipeline copies: reduced after backward
     expert: bool = False             # expert parameters: padded to / partitioned over edp = dp/ep
+    mats: tuple = ()                 # per parameter: a 2-D weight?
 
 
 def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool) -> list:
@@ -130,41 +135,56 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
     (:mod:`parallel.planning.moe`) come last in buckets / units of their own, padded to edp = dp/ep."""
     N, pad = lay.dp, lay.zero > 0
 
-    def mk(sizes, expert=False):
+    def mk(entries, expert=False):
+        sizes = [p.numel for p in entries]
         n, parts = sum(sizes), N // lay.ep if expert else N
-        return _Bucket(n, sizes, -(-n // parts) * parts if pad else n, expert=expert)
+        return _Bucket(n, sizes, -(-n // parts) * parts if pad else n, expert=expert,
+                       mats=tuple(p.matrix for p in entries))
     experts = [p for p, d in params if p.expert]
     params = [(p, d) for p, d in params if not p.expert]
     normal = [p for p, d in params if not d]
-    deferred = [p.numel for p, d in params if d]
+    deferred = [p for p, d in params if d]
     out = []
     if lay.zero < 3:
-        out += [mk([normal[i].numel for i in idx]) for idx in fill_buckets([p.numel * b for p in normal],
+        out += [mk([normal[i] for i in idx]) for idx in fill_buckets([p.numel * b for p in normal],
                                                                             bucket_mb * 2 ** 20)]
-        out += [mk([experts[i].numel for i in idx], True)
+        out += [mk([experts[i] for i in idx], True)
                 for idx in fill_buckets([p.numel * b for p in experts], bucket_mb * 2 ** 20)]
     else:
         units: dict = {}
         for p in normal:         # zero.units=block: one unit per block, one for the rest (pre-order: root first)
             key = p.module if lay.units == "module" else (-1 if not isinstance(p.place, int) else p.place)
-            units.setdefault(key, []).append(p.numel)
+            units.setdefault(key, []).append(p)
         if lay.units == "block":
             units = dict(sorted(units.items()))
-        for mod, sizes in units.items():
-            u = mk(sizes)
+        for mod, entries in units.items():
+            u = mk(entries)
             u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte
             u.gathers = lay.micro_batches * (2 + (mod == "wte" and tied_head))
             out.append(u)
         per_module: dict = {}
         for p in experts:
-            per_module.setdefault(p.module, []).append(p.numel)
-        for sizes in per_module.values():
-            u = mk(sizes, True)
+            per_module.setdefault(p.module, []).append(p)
+        for entries in per_module.values():
+            u = mk(entries, True)
             u.unit, u.gathers = True, 2 * lay.micro_batches
             out.append(u)
     if deferred:
         out.append(mk(deferred))
         out[-1].deferred = True
+    return out
+
+
+def _piece_sizes(bk: _Bucket, N: int, r: int, pad: bool) -> list:
+    """(elements, 2-D weight?) of the pieces of bucket ``bk`` inside dp rank r's shard."""
+    if not pad:
+        return list(zip(bk.sizes, bk.mats))
+    shard, off, out = bk.padded // N, 0, []
+    for s, mat in zip(bk.sizes, bk.mats):
+        a, e = max(off, r * shard), min(off + s, (r + 1) * shard)
+        if a < e:
+            out.append((e - a, mat))
+        off += s
     return out
 
 
@@ -193,16 +213,16 @@ def _group(bk: _Bucket, lay: Layout, r: int) -> tuple[int, int]:
 def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
     b, mixed = element_bytes(tr)
     pad = lay.zero > 0
-    per_elem, per_piece = {"adamw": (8, 4), "adam": (8, 4)}.get(tr.optimizer, (4 if tr.momentum else 0, 0))
-    m = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}
+    m, pieces = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}, []
     for bk in buckets:
         N, rb = _group(bk, lay, r)
         shard = bk.padded // N if pad else bk.numel
-        n, k = _shard_pieces(bk, N, rb, pad)
+        pieces.append(_piece_sizes(bk, N, rb, pad))
         m["params"] += b * (shard if bk.unit else bk.padded)
-        m["grads"] += b * (bk.padded if lay.zero < 2 else shard)
+        full_grad = lay.zero < 2 or tr.optimizer == "onebit_adam"         # 1-bit keeps g_i whole (stage 2)
+        m["grads"] += b * (bk.padded if full_grad else shard)
         m["master"] += 4 * shard if mixed else 0
-        m["optimizer"] += per_elem * n + per_piece * k
+    m["optimizer"] = state_bytes(tr, lay, buckets, pieces)        # by optimizer: planning/optim_states.py
     m["total"] = sum(m.values())
     return m
 
@@ -242,7 +262,9 @@ def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
         return "virtual stages need pp > 1"
     if lay.zero not in (0, 1, 2, 3):
         return f"zero stage {lay.zero} must be 0..3"
-    return check_moe(spec, lay)
+    if tr.optimizer == "onebit_adam" and lay.zero == 3:
+        return "onebit_adam runs with ZeRO stages 0-2 (parallel/zero/onebit.py)"
+    return check_moe(spec, lay) or check_optimizer(tr, lay)
 
 
 def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = None,

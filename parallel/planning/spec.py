@@ -69,12 +69,13 @@ class Layout:
 class TrainSpec:
     global_batch: int
     precision: str = "fp32"
-    optimizer: str = "adamw"        # adamw | adam | sgd
+    optimizer: str = "adamw"        # adamw | adam | sgd | lamb | onebit_adam (planning/optim_states.py)
     momentum: bool = False          # sgd with momentum keeps a buffer
     bucket_mb: float = 25.0
     activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload
     every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
     device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: it stays, per-tensor AdamW
+    state_dtype: str = "fp32"       # adam/adamw moments: fp32 | int8 (parallel/optim/adam8bit.py)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class ParamEntry:                    # one parameter: module path, local numel, 
     place: object                    # "pre", "post" or the block index
     tied: bool = False
     expert: bool = False             # split over ep; reduced / partitioned over edp (parallel.moe)
+    matrix: bool = False             # a 2-D weight (Muon orthogonalises these)
 
 
 
