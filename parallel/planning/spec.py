@@ -70,6 +70,7 @@ class TrainSpec:
     activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload
     every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
     device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: it stays, per-tensor AdamW
+    interleave: bool = True         # zero 1/2: bucket k's all-gather under bucket k+1's update (zero/interleave.py)
 
 
 @dataclass(frozen=True)
