@@ -229,7 +229,7 @@ def _ours(name, kw, per, world, rank) -> Row:
             z.wait_param_gather()
     row = Row(name, lambda: engine.train_step(local), finish, owned=owned, source="measured", ours=True,
               layout={"dp": world, "zero": stage, **({"units": "block"} if stage == 3 else {})})
-    row.stats = mesh.stats
+    row.stats, row.engine = mesh.stats, engine                 # engine: benchmarks/proto_profile.py's phases
     return row
 
 
