@@ -3,6 +3,7 @@
 
     python benchmarks/proto_profile.py --size 5m --rows zero1 zero3 fsdp2_ring --steps 8
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 3 --ops 25     # + torch.profiler table
+    python benchmarks/proto_profile.py --size 50m --rows zero1 zero2 --steps 10 --ab-interleave   # paired A/B
 
 Rows are built exactly as benchmarks/protocol.py builds them (benchmarks/proto_rows.py), on 2 gloo ranks pinned
 one core each; after ``--warmup`` steps each row runs ``--steps`` timed steps (median reported, rank 0's clock).
@@ -173,6 +174,32 @@ def profile_row(row, steps: int, ops: int, timers: Timers) -> dict:
     return out
 
 
+def ab_interleave(row, pairs: int) -> dict:
+    """ZeRO-1/2 row: steps alternating the interleaved update + gather (parallel/zero/interleave.py) and the
+    two-pass step (ABBA order), the slowest rank's time each; the paired ratio interleaved ÷ two-pass."""
+    import torch
+    import torch.distributed as dist
+    z = row.engine.zero
+    if not z._interleave:
+        return {"skipped": f"not interleaved ({len(z._all)} bucket(s), stage {z.stage})"}
+    ts: dict = {True: [], False: []}
+    for i in range(pairs):
+        for flag in ((True, False) if i % 2 == 0 else (False, True)):
+            z._interleave = flag
+            dist.barrier()
+            t0 = time.perf_counter()
+            row.step()
+            row.finish()
+            t = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ts[flag].append(t.item())
+    z._interleave = True
+    r = [a / b for a, b in zip(ts[True], ts[False])]
+    return {"buckets": len(z._all), "interleaved ms": statistics.median(ts[True]) * 1e3,
+            "two-pass ms": statistics.median(ts[False]) * 1e3, "ratio": statistics.median(r), "min": min(r),
+            "max": max(r)}
+
+
 def _rank(rank, world, port, opts, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
@@ -195,7 +222,10 @@ def _rank(rank, world, port, opts, q):
             for _ in range(opts["warmup"]):
                 row.step()
                 row.finish()
-            res[name] = profile_row(row, opts["steps"], opts["ops"] if rank == 0 else 0, timers)
+            if opts["ab_interleave"]:
+                res[name] = ab_interleave(row, opts["steps"])
+            else:
+                res[name] = profile_row(row, opts["steps"], opts["ops"] if rank == 0 else 0, timers)
             del row
         if rank == 0:
             q.put(res)
@@ -213,15 +243,22 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     ap.add_argument("--ops", type=int, default=0, help="torch.profiler's top N operators of one step (rank 0)")
     ap.add_argument("--no-pin", dest="pin", action="store_false")
+    ap.add_argument("--ab-interleave", action="store_true", help="zero1/zero2 rows: --steps ABBA pairs, interleaved "
+                                                                "update + gather vs the two-pass step")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp
     q = mp.get_context("spawn").Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin")}
+    opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave")}
     mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
     res = q.get(timeout=30)
+    if a.ab_interleave:
+        for name, r in res.items():
+            print(f"== {name} ({a.size}): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in r.items()))
+        return 0
     for name, r in res.items():
         print(f"== {name} ({a.size}, median of {a.steps} steps, rank 0, ms; loaded machine unless stated)")
         for k, v in r.items():
