@@ -56,6 +56,12 @@ def _choices(rank, world):
     return out
 
 
+def test_interleaving_only_where_it_is_exact():
+    got = run_ranks(_choices, 2)[0]
+    assert got == {"adamw s1": True, "sgd s2": True, "adamw s0": False, "adamw s3": False, "one bucket": False,
+                   "subclass": False, "lamb": False}, got
+
+
 def test_interleaved_step_equals_the_two_pass_step_bit_for_bit():
     res = run_ranks(_both, 2)
     for stage, opt in ((1, "adamw"), (2, "sgd")):
@@ -64,9 +70,3 @@ def test_interleaved_step_equals_the_two_pass_step_bit_for_bit():
             assert chosen and n >= 3, (stage, n)                     # several buckets: the interleaved path
             assert all(torch.equal(x, y) for x, y in zip(pa, pb)), stage
             assert calls_a == 4 * owning and calls_b == 4, (calls_a, owning, calls_b)
-
-
-def test_interleaving_only_where_it_is_exact():
-    got = run_ranks(_choices, 2)[0]
-    assert got == {"adamw s1": True, "sgd s2": True, "adamw s0": False, "adamw s3": False, "one bucket": False,
-                   "subclass": False, "lamb": False}, got
