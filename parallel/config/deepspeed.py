@@ -208,7 +208,8 @@ def map_clipping_default(m: Mapper):
     other = "no clipping" if value else "clipping"
     m.set("gradient_clipping", f"(unset: DeepSpeed's default {value:g}, from {why})", "train.grad_clip",
           float(value) if value else None, f"{meaning}; for {other} write \"gradient_clipping\": "
-                                           f"{'0.0' if value else 'X'} in the JSON or set train.grad_clip")
+                                           f"{'0.0' if value else 'X'} in the JSON, or set train.grad_clip in the YAML "
+                                           f"({'null' if value else 'X'})")
 
 
 def map_deepspeed(ds: dict, base: dict | None = None, dp_size: int = 1) -> tuple[dict, list[str]]:
