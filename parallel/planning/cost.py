@@ -19,7 +19,7 @@ rest what does not hide under backward — on CPU ranks sharing their core with 
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
 (:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient
-bookkeeping its 20 (stages 0/1) or 28 bytes per local gradient element plus the norm's 4 per owned one.
+bookkeeping its 20 bytes per local gradient element (every stage) plus the norm's 4 per owned one.
 """
 from __future__ import annotations
 
@@ -29,7 +29,14 @@ from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params
 from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
-from parallel.planning.time_terms import GRAD_MOVED, NORM_MOVED, exposed_dp, memory_seconds, optimizer_moved
+from parallel.planning.time_terms import (
+    GRAD_MOVED,
+    NORM_MOVED,
+    exposed_dp,
+    memory_seconds,
+    optimizer_moved,
+    stage3_waits,
+)
 
 __all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "recomputed_blocks", "tp_per_micro",
            "comm_per_step", "seconds",
@@ -133,8 +140,9 @@ def seconds(ops: dict, hw: Hardware) -> float:
 
 
 def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
-               dp_ops: dict) -> tuple[float, float]:
-    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring)."""
+               dp_ops: dict, hide_gather_s: float = 0.0) -> tuple[float, float]:
+    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring); ``hide_gather_s``:
+    optimizer seconds the stage 1–2 parameter all-gathers run under (time_terms.exposed_dp)."""
     h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, element_bytes(tr)[0]
     block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s
     if spec.experts:                              # the MLP's matmuls → the experts' on E·C slots + the router
@@ -159,4 +167,5 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         sim = simulate(get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v),
                        lambda a: stage[a.stage] * frac[a.kind])
         span, bubble = float(sim.makespan), float(sim.bubble)
-    return span + exposed_dp(dp_ops, lay.zero, max(stage), span, hw, seconds), bubble
+    exposed = exposed_dp(dp_ops, lay.zero, max(stage), span, hw, seconds, hide_gather_s)
+    return span + exposed + stage3_waits(dp_ops, lay.zero, lay.units, hw), bubble

@@ -41,6 +41,7 @@ from parallel.planning.optim_states import check as check_optimizer
 from parallel.planning.optim_states import state_bytes
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
+from parallel.planning.time_terms import memory_seconds, optimizer_moved
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
            "check_layout", "predict"]
@@ -235,10 +236,12 @@ def _in_flight(name: str, p: int, m: int, v: int) -> tuple:
 
 # --- putting it together ----------------------------------------------------------------------------
 
-def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> float:
-    """Optimizer, norm and gradient bookkeeping of dp rank 0 (time_terms' docstring)."""
+def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> tuple[float, float]:
+    """(optimizer, norm and gradient bookkeeping of dp rank 0; of that, the optimizer's passes alone: what the
+    parameter all-gathers of stages 1–2 can hide under, time_terms' docstring)."""
     owned = sum(_shard_pieces(bk, *_group(bk, lay, 0), lay.zero > 0)[0] for bk in bks)
-    return optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero)
+    return (optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero),
+            memory_seconds(owned * optimizer_moved(tr.optimizer, tr.momentum), hw))
 
 
 def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
@@ -296,12 +299,14 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
                 pred.memory[g], pred.comm[g] = mem, comm
         if seconds(comm.get("dp", {}), hw) >= seconds(dp_ops, hw):
             dp_ops = comm.get("dp", {})
-    pred.step_s, pred.bubble = step_time(spec, lay, tr, hw, bounds, mb, dp_ops)
+    hide = 0.0
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
-        pred.update_s = max(_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep), lay, b,
-                                                     tr.bucket_mb, spec.tied and S == 1), lay, tr, hw)
-                            for pr in range(lay.pp))
-        pred.step_s += pred.update_s
+        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep), lay, b,
+                                             tr.bucket_mb, spec.tied and S == 1), lay, tr, hw) for pr in range(lay.pp)]
+        pred.update_s = max(u for u, _ in per_rank)
+        hide = min(h for _, h in per_rank) if tr.interleave and lay.zero in (1, 2) else 0.0
+    pred.step_s, pred.bubble = step_time(spec, lay, tr, hw, bounds, mb, dp_ops, hide)
+    pred.step_s += pred.update_s
     pred.peak_bytes = max(m["peak"] for m in pred.memory.values())
     pred.fits = pred.peak_bytes <= hw.memory_bytes
     pred.activation = tr.activation if tr.activation != "every" else f"every:{tr.every}"

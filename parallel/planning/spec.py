@@ -76,6 +76,7 @@ class TrainSpec:
     every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
     device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: it stays, per-tensor AdamW
     state_dtype: str = "fp32"       # adam/adamw moments: fp32 | int8 (parallel/optim/adam8bit.py)
+    interleave: bool = True         # zero 1/2: bucket k's all-gather under bucket k+1's update (zero/interleave.py)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
 from parallel.zero.grad_norm import NONFINITE_POLICIES, SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
+from parallel.zero.interleave import can_interleave, step_interleaved
 from parallel.zero.offload import OffloadMixin, make_offload
 from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
@@ -166,6 +167,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                                        depth=zero.offload.prefetch_depth if self._par_off else 0)
         self._segments = {b: norm_segments(b) for b in self._all}
         self._build_optimizer(optimizer_factory)
+        self._interleave = can_interleave(self)
         self._pending: dict = {}                       # bucket -> in-flight parameter all-gather
         self.overlap_param_gather = overlap_param_gather and self.stage in (1, 2)
         if self.overlap_param_gather:
@@ -364,12 +366,15 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                     b.master.grad.mul_(coef)
         if self._opt_off is not None:
             self._opt_off.step()                       # streamed; new masters go straight to the params
+        elif self._interleave:                         # stages 1-2: bucket k's gather under bucket k+1's update
+            step_interleaved(self)
         else:
             for b, _, a, e, view in self._piece_list:
                 view.grad = b.master.grad[a - b.lo:e - b.lo]
             self.optimizer.step()
-        self._drop_master_grads()
-        self._write_back()
+        if not self._interleave:
+            self._drop_master_grads()
+            self._write_back()
         self.scaler.update(False)
         self.steps += 1
         return StepResult(norm, False, self.scaler.scale)
