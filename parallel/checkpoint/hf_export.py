@@ -26,8 +26,8 @@ import torch
 
 from parallel.checkpoint.engine_state import _pieces
 from parallel.checkpoint.integrity import CheckpointError
-from parallel.checkpoint.ranged import ReadStats, _Counted, _read_item, _runs, needed
-from parallel.checkpoint.sharded import _chunks, _dcp_metadata, read_meta
+from parallel.checkpoint.ranged import ReadStats, _chunks, _Counted, _read_item, _runs, needed
+from parallel.checkpoint.sharded import _dcp_metadata, read_meta
 from parallel.config import import_object
 
 __all__ = ["export_sharded", "import_into_engine", "plan_shards", "shard_name"]

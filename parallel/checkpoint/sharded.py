@@ -252,6 +252,9 @@ def load_pieces(pieces: list[Piece], path: str, stats: ReadStats | None = None) 
     stats = stats if stats is not None else ReadStats()
     md = _dcp_metadata(path)
     stats.metadata += os.path.getsize(os.path.join(path, ".metadata"))
+    bad = _short_file(path, md)                       # sizes only (stat): a missing or short file, named
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is damaged: {bad}", damaged=True)
     read_pieces(path, md, pieces, stats)
     return meta
 
