@@ -3,6 +3,7 @@ written by a background thread while training continues — the same checkpoint 
 an exact resume, and a failed background write that leaves the previous checkpoint the newest."""
 import os
 
+import pytest
 import torch
 from engine_cases import config, layout, train
 from harness import run_ranks
@@ -38,6 +39,7 @@ def _tensors(path):
     return load_full(path, sorted(meta["shapes"]), meta)
 
 
+@pytest.mark.slow
 def test_async_checkpoint_equals_sync_and_resumes_exactly(tmp_path):
     a, s = str(tmp_path / "async"), str(tmp_path / "sync")
     every = ["train.checkpoint.every=2", "train.steps=4"]

@@ -4,6 +4,7 @@ tracked peak far below the model's size; and imported into another layout readin
 import json
 import os
 
+import pytest
 import torch
 from engine_cases import layout, train
 from harness import run_ranks
@@ -33,6 +34,7 @@ def _import(rank, world, src):
     return sd, st.data, st.whole_tensors
 
 
+@pytest.mark.slow
 def test_sharded_export_streams_and_opens_with_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
 
