@@ -55,10 +55,14 @@ class Piece:
 
 
 def _runs(index: torch.Tensor):
-    """Sort positions; return (order, [(start, length), ...]) of consecutive runs."""
+    """Sort positions; return (order, [(start, length, at), ...]) of consecutive runs. ``order`` is None when
+    the positions are already increasing (a ZeRO piece of a whole or row-split parameter): no sort."""
     idx = index.reshape(-1)
-    order = torch.argsort(idx)
-    s = idx[order]
+    if idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
+        order, s = None, idx
+    else:
+        order = torch.argsort(idx)
+        s = idx[order]
     if s.numel() == 0:
         return order, []
     breaks = torch.nonzero(s[1:] != s[:-1] + 1).flatten() + 1
@@ -67,10 +71,10 @@ def _runs(index: torch.Tensor):
     return order, [(int(s[a]), b - a, a) for a, b in zip(starts, ends)]
 
 
-def _sharded(key_runs_all: dict, key: str, values: torch.Tensor, runs, rank: int):
+def _sharded(key_runs_all: dict, key: str, parts: list, rank: int):
+    """``parts``: [(start, n, values)] — each run's own copy (a snapshot; torch.save writes just its n values)."""
     numel, dtype, all_runs = key_runs_all[key]
-    shards = [Shard(values[a:a + n].clone(), ShardMetadata([start], [n], f"rank:{rank}/cpu"))
-              for start, n, a in runs]
+    shards = [Shard(v, ShardMetadata([start], [n], f"rank:{rank}/cpu")) for start, n, v in parts]
     md = ShardedTensorMetadata([ShardMetadata([s], [n], f"rank:{r}/cpu") for r, s, n in all_runs],
                                torch.Size([numel]), TensorProperties(dtype=dtype))
     with warnings.catch_warnings():
@@ -121,12 +125,14 @@ def stage_pieces(pieces: list[Piece], path: str) -> dict:
         if not p.owner:
             continue
         order, runs = _runs(p.index)
-        vals = p.local.detach().reshape(-1)[order].cpu()
+        flat = p.local.detach().reshape(-1)
+        vals = flat if order is None else flat[order]
         e = local.setdefault(p.key, [int(torch.Size(p.full_shape).numel()), vals.dtype, list(p.full_shape), [], []])
-        e[3].append(vals)
-        e[4].extend((s, n, a + sum(v.numel() for v in e[3][:-1])) for s, n, a in runs)
+        for st, n, a in runs:                         # one copy per run, on the host: the snapshot
+            e[4].append((st, n, None))
+            e[3].append((st, n, vals[a:a + n].to("cpu", copy=True)))
     key_runs_all, shapes = _all_runs(local, world)
-    state = {k: _sharded(key_runs_all, k, torch.cat(e[3]), e[4], rank) for k, e in local.items()}
+    state = {k: _sharded(key_runs_all, k, e[3], rank) for k, e in local.items()}
     if world > 1:
         dist.barrier()
     return {"state": state, "shapes": shapes, "tmp": tmp, "final": os.path.join(parent, name), "rank": rank,
