@@ -102,6 +102,7 @@ class CheckpointConfig:
     every: int = 0                         # steps between checkpoints; 0 = never
     keep_last: Optional[int] = None        # keep this job's newest N checkpoints, remove its older ones; null = all
     fallback: bool = False                 # resume: a damaged newest checkpoint -> the previous intact one (logged)
+    async_: bool = False                   # YAML key "async": write in a background thread from a host snapshot
 
 
 @dataclass
