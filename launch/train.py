@@ -45,6 +45,7 @@ from launch.resume import (  # noqa: F401  (importable from here as before)
     truncate_metrics,
 )
 from parallel import checkpoint, comm
+from parallel.checkpoint.async_save import AsyncSaver
 from parallel.checkpoint.integrity import data_contract
 from parallel.checkpoint.retention import Retention, job_id
 from parallel.config import Config, ConfigError, import_object, load_config
@@ -235,6 +236,7 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     loader = Prefetcher(lambda s: load_batch(dataset, s, cfg, dp, dp_rank, vocab), engine.step_count,
                         cfg.train.steps, cfg.data.prefetch)
     detach.append(loader.close)
+    saver = AsyncSaver(engine, max(cfg.train.timeout_s, 1800.0)) if ck.async_ and ck.dir else None
     for step in range(engine.step_count, cfg.train.steps):
         progress.begin_step(step)
         t0 = time.perf_counter()
@@ -251,11 +253,17 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
             checker.check(f"at the end of step {step}")
         stopped = stop.agree(mesh) if stop is not None else 0
         if (ck.every and engine.step_count % ck.every == 0) or (stopped and ck.dir):
-            saved = save_checkpoint(engine, checkpoint.step_dir(ck.dir, engine.step_count), ck.dir, saved_meta)
-            for gone in (keep.saved(saved) if mesh.rank == 0 else []):
-                print_fn(f"removed {gone} (train.checkpoint.keep_last={ck.keep_last})", flush=True)
+            path = checkpoint.step_dir(ck.dir, engine.step_count)
+            if saver is not None:                   # train.checkpoint.async: written in the background
+                saver.save(path, saved_meta, on_done=lambda p: _retain(keep, p, mesh.rank, print_fn))
+                saved = saver.wait() if stopped else path
+            else:
+                saved = save_checkpoint(engine, path, ck.dir, saved_meta)
+                _retain(keep, saved, mesh.rank, print_fn)
         if stopped:
             break
+    if saver is not None:
+        saver.wait()                                # the last background save is committed everywhere
     progress.step = None
     if cfg.train.finish and not stopped:
         progress.set_phase("finish")
@@ -271,6 +279,11 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         torch.distributed.destroy_process_group(checker.pg)
     return {"losses": losses, "engine": engine, "dataset": dataset, "stopped": stopped,
             "saved": saved if stopped else None}
+
+
+def _retain(keep: Retention, path: str, rank: int, print_fn) -> None:
+    for gone in (keep.saved(path) if rank == 0 else []):
+        print_fn(f"removed {gone} (train.checkpoint.keep_last={keep.keep_last})", flush=True)
 
 
 def init_job(device, timeout_s: float):
