@@ -61,7 +61,7 @@ def _save(kw, path):
     return sum(p.numel() for p in model.parameters())
 
 
-def _ours(kw, path, workdir, budget, prompt, n_new, threads, direct, q):
+def _ours(kw, path, workdir, budget, prompt, n_new, threads, direct, quant, q):
     torch.set_num_threads(threads)
     from examples.gpt import GPT, Block
     from parallel.offload import NvmeStore
@@ -72,7 +72,8 @@ def _ours(kw, path, workdir, budget, prompt, n_new, threads, direct, q):
     store = NvmeStore(workdir, buffer_count=4, buffer_bytes=budget // 4, name="infer.bin", direct=direct)
     t0 = time.perf_counter()
     with SafetensorsFile(path) as f:                            # pread, one tensor at a time (no mmap)
-        eng = StreamedInference(meta, store, unit_types=(Block, torch.nn.Embedding), weights=f, prefetch_depth=1)
+        eng = StreamedInference(meta, store, unit_types=(Block, torch.nn.Embedding), weights=f, prefetch_depth=1,
+                                quantize=quant, group_size=64)
     build = time.perf_counter() - t0
     _greedy(eng, prompt, 1, kw["seq_len"])                      # warm-up (and the module trace)
     before = eng.stats
@@ -141,6 +142,7 @@ def main():
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quant", action="store_true", help="fp32 vs int8 vs int4 weight-only streams (O_DIRECT) instead")
     a = ap.parse_args()
     root = tempfile.mkdtemp(prefix="p3d-infer-", dir=a.dir)
     kw = dict(vocab_size=a.vocab, seq_len=a.seq, n_layer=a.layers, n_head=max(1, a.hidden // 64), n_embd=a.hidden,
@@ -149,7 +151,9 @@ def main():
     n = _run(_save_proc, kw, ckpt)                              # the full model exists only in this process
     budget = a.budget_mib * 2**20
     prompt = torch.randint(0, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0))
-    engines = {"direct": (_ours, True), "cached": (_ours, False), "acc": (_accelerate,)}
+    engines = {"direct": (_ours, True, None), "cached": (_ours, False, None), "acc": (_accelerate,)}
+    if a.quant:
+        engines = {"direct": (_ours, True, None), "int8": (_ours, True, "int8"), "int4": (_ours, True, "int4")}
     runs = {k: [] for k in engines}
     for _ in range(a.repeats):                                  # interleaved: load drifts hit every engine
         for k, (fn, *extra) in engines.items():
@@ -158,6 +162,10 @@ def main():
             runs[k].append(_run(fn, kw, ckpt, workdir, budget, prompt, a.new, a.threads, *extra))
     med = {k: dict(v[0], tok_s=statistics.median(r["tok_s"] for r in v), rss=max(r["rss"] for r in v))
            for k, v in runs.items()}
+    if a.quant:
+        _report_quant(a, n, runs, med)
+        shutil.rmtree(root, ignore_errors=True)
+        return
     ours, cached, acc = med["direct"], med["cached"], med["acc"]
     same = all(r["tokens"] == runs["acc"][0]["tokens"] for v in runs.values() for r in v)
     print(f"# GPT {n / 1e6:.0f}M params = {4 * n / 2**30:.2f} GiB fp32 weights; memory budget {a.budget_mib} MiB; "
@@ -173,6 +181,23 @@ def main():
           f"{acc['build_s']:.1f} | {acc['disk_modules']} of {acc['modules']} device-map entries on disk |")
     print(f"\nsame tokens from both engines: {same}")
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _report_quant(a, n, runs, med):
+    """fp32 vs int8 vs int4 from the same disk at the same store budget: tokens/s, bytes read, greedy tokens."""
+    print(f"# GPT {n / 1e6:.0f}M params = {4 * n / 2**30:.2f} GiB fp32 weights; store budget {a.budget_mib} MiB "
+          f"(O_DIRECT); prompt {a.prompt}, {a.new} new tokens greedy; {a.threads} threads; median of {a.repeats} "
+          f"interleaved runs; paired ratio = median over repeats of (tok/s ÷ the same repeat's fp32); load "
+          f"average {os.getloadavg()[0]:.1f}")
+    print("\n| stream | tokens/s | ÷ fp32 [min, max] | GiB read per token | peak resident weights MiB | peak RSS MiB "
+          "| greedy tokens = fp32 |\n|---|---|---|---|---|---|---|")
+    for k in ("direct", "int8", "int4"):
+        r = med[k]
+        ratios = [x["tok_s"] / f["tok_s"] for x, f in zip(runs[k], runs["direct"])]
+        same = all(x["tokens"] == runs["direct"][0]["tokens"] for x in runs[k])
+        print(f"| {'fp32' if k == 'direct' else k} | {r['tok_s']:.2f} | {statistics.median(ratios):.2f} "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] | {r['read'] / a.new / 2**30:.3f} | "
+              f"{r['resident'] / 2**20:.0f} | {r['rss']:.0f} | {same} |")
 
 
 def _save_proc(kw, path, q):

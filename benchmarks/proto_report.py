@@ -75,7 +75,8 @@ def predict_row(rec: dict, name: str, cal: dict):
     """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
-    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0)  # local: per
+    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0,  # local: per
+                   interleave=meta["ours"])                 # DeepSpeed's update and gathers: two passes
     hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours

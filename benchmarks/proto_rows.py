@@ -229,7 +229,7 @@ def _ours(name, kw, per, world, rank) -> Row:
             z.wait_param_gather()
     row = Row(name, lambda: engine.train_step(local), finish, owned=owned, source="measured", ours=True,
               layout={"dp": world, "zero": stage, **({"units": "block"} if stage == 3 else {})})
-    row.stats = mesh.stats
+    row.stats, row.engine = mesh.stats, engine                 # engine: benchmarks/proto_profile.py's phases
     return row
 
 
@@ -273,6 +273,10 @@ def _deepspeed(name, kw, per, world, rank) -> Row:
         eng.step()
         return loss.item()
     comm: dict = {}
-    _op(comm, "reduce_scatter", 1, (N - 1) / N * psi * b)
-    _op(comm, "all_gather", 2 if stage == 3 else 1, (2 if stage == 3 else 1) * (N - 1) / N * psi * b)
+    if stage == 3:
+        _op(comm, "reduce_scatter", 1, (N - 1) / N * psi * b)
+        _op(comm, "all_gather", 2, 2 * (N - 1) / N * psi * b)
+    else:     # counted (benchmarks/proto_profile.py): ZeRO-1/2 all-reduce the whole flat gradient on CPU/gloo, then
+        _op(comm, "all_reduce", 1, 2 * (N - 1) / N * psi * b)        # keep their partition; one parameter all-gather
+        _op(comm, "all_gather", 1, (N - 1) / N * psi * b)
     return Row(name, step, owned=-(-psi // N), comm=comm, layout={"dp": N, "zero": stage})

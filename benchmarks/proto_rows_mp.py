@@ -57,7 +57,7 @@ def build_mp(name: str, kw: dict, per: int, world: int, rank: int, row_cls, op, 
     if name in PP_M8:
         sched, v = PP_M8[name]
         par = {"pp": world, "pp_schedule": sched, **({"pp_virtual_stages": v} if v > 1 else {})}
-        lay = {"dp": 1, "pp": world, "micro_batches": 8, "schedule": sched}
+        lay = {"dp": 1, "pp": world, "micro_batches": 8, "schedule": sched, **({"v": v} if v > 1 else {})}
         return _ours(kw, per, world, row_cls, lr, wd, par, lay, micro=per * world // 8)
     if name == "tp_dtensor":
         return _tp_dtensor(kw, per, world, row_cls, op, lr, wd)

@@ -109,6 +109,9 @@ def main(argv=None) -> int:
              "seed": seed, "rows": a.rows, "tol": a.tol, "comm_mb": a.comm_mb} for s in a.sizes]
     t0 = time.time()
     records = run(opts, a.world)
+    if a.json:                         # first: an analysis error must not lose the measurements
+        with open(a.json, "w") as f:
+            json.dump({"header": header(argv), "records": records}, f, indent=1)
     from benchmarks.proto_report import analyse, markdown, text
     analyses = [analyse(r) for r in records]
     for rec, an in zip(records, analyses):

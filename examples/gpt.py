@@ -45,11 +45,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.dropout = dropout
 
-    def forward(self, x):
+    def forward(self, x, attention_mask=None):
+        """``attention_mask``: None (causal) or bool [b, 1, s, s], True where query t may attend key u
+        (packed documents: :func:`parallel.corpus.document_mask`, causal inside each document)."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x).split(self.n_head * self.head_dim, dim=-1)
         q, k, v = (t.view(b, s, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, s, self.n_head * self.head_dim))
 
@@ -72,8 +74,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(n_embd)
         self.mlp = MLP(n_embd)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, attention_mask=None):
+        x = x + self.attn(self.ln1(x), attention_mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -102,16 +104,23 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, idx, position_ids=None):
+    def forward(self, idx, position_ids=None, attention_mask=None):
         """``position_ids`` (optional, (s,) or (b, s)): the tokens' positions, as in transformers models
-        (context parallelism gives each rank its shard's global positions; packed documents restart)."""
+        (context parallelism gives each rank its shard's global positions; packed documents restart).
+        ``attention_mask`` (optional, bool [b, 1, s, s]): which keys each query sees — the document mask
+        of packed samples (``PackedCorpus(mask="4d")``, the quickstart); None: causal over the window."""
         s = idx.shape[1]
         if s > self.seq_len:
             raise ValueError(f"sequence length {s} exceeds the model's seq_len {self.seq_len}")
+        if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.dtype != torch.bool):
+            raise ValueError(f"GPT takes attention_mask as a bool [b, 1, s, s] mask (True = attend; packed documents: "
+                             f"PackedCorpus(mask='4d')), got {attention_mask.dtype} {tuple(attention_mask.shape)}; a "
+                             f"[b, s] padding mask is not needed by this causal model with right padding: drop it "
+                             f"and mark the padding's labels -100")
         pos = torch.arange(s, device=idx.device) if position_ids is None else position_ids
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if attention_mask is None else block(x, attention_mask)
         return self.lm_head(self.ln_f(x))
 
     @torch.no_grad()

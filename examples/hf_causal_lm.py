@@ -3,7 +3,7 @@ from a local pretrained directory, as model factories for parallel3d configs.
 
     model:
       factory: examples.hf_causal_lm:build
-      kwargs: {model_type: llama, vocab_size: 96, hidden_size: 64, num_hidden_layers: 4,
+      kwargs: {model_type: llama, vocab_size: 1024, hidden_size: 64, num_hidden_layers: 4,
                num_attention_heads: 4, num_key_value_heads: 2, intermediate_size: 128}
 
 ``pretrained: /path/to/dir`` loads ``from_pretrained`` instead (a local directory, e.g. one a
@@ -38,8 +38,8 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
 
 
 def main(argv=None) -> int:
-    """``python examples/hf_causal_lm.py --model-type qwen2 --text FILE --dp 2 --tp 2 --pp 2 --zero 1``:
-    train a transformers architecture on a text file (characters as tokens) through the launcher."""
+    """``python examples/hf_causal_lm.py --model-type qwen2 --data PREFIX --dp 2 --tp 2 --pp 2 --zero 1``:
+    train a transformers architecture on a tokenized corpus (packed documents) through the launcher."""
     import argparse
     import os
     import sys
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     ap.add_argument("--model-type", default="llama", help="any transformers causal-LM model_type (no download)")
     ap.add_argument("--pretrained", default=None, help="a local model directory (from_pretrained) instead")
-    ap.add_argument("--text", default=None, help="training text file (default: the generated corpus)")
+    ap.add_argument("--data", default=None, help="a corpus prefix written by `python -m launch.prepare_data` "
+                    "(default: the bundled text, BPE-tokenized on first use); --vocab must cover its ids")
+    ap.add_argument("--vocab", type=int, default=1024, help="the model's vocab_size (≥ the corpus tokenizer's)")
     for axis in ("dp", "tp", "pp"):
         ap.add_argument(f"--{axis}", type=int, default=1)
     ap.add_argument("--zero", type=int, default=1, help="ZeRO stage")
@@ -58,8 +60,9 @@ def main(argv=None) -> int:
           f"parallel.pp={a.pp}", f"zero.stage={a.zero}"]
     if a.pretrained:
         ov.append(f"model.kwargs.pretrained={a.pretrained}")
-    if a.text:
-        ov.append(f"data.kwargs.path={a.text}")
+    ov += [f"model.kwargs.vocab_size={a.vocab}", f"data.kwargs.vocab_size={a.vocab}"]
+    if a.data:
+        ov.append(f"data.kwargs.path={a.data}")
     return launch(["--config", os.path.join(here, "..", "configs", "hf_causal_lm.yaml"), *ov, *rest])
 
 

@@ -9,7 +9,10 @@ the unmodified model from the factory recorded in the checkpoint, loads the weig
     OUT_DIR/config.json ...        for a transformers model: save_pretrained, so
                                    AutoModelForCausalLM.from_pretrained(OUT_DIR) opens it.
 
-Runs in one process; peak memory is the model's size.
+Runs in one process; peak memory is the model's size. With ``--sharded`` it streams instead, tensor by
+tensor, into sharded safetensors as transformers writes them (``model-0000k-of-0000n.safetensors`` +
+``model.safetensors.index.json``, at most ``--max-shard-size`` each, plus config.json):
+peak memory about one tensor (:mod:`parallel.checkpoint.hf_export`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from parallel.checkpoint.hf_export import export_sharded
 from parallel.checkpoint.sharded import latest, load_full, read_meta
 from parallel.config import import_object
 
@@ -67,16 +71,39 @@ def consolidate(path: str, out_dir: str) -> list[str]:
     return written
 
 
+def _size(text: str) -> int:
+    """"5GB" → 5·10⁹ bytes, "500MiB" → 500·2²⁰ (transformers' max_shard_size units); a plain number is bytes."""
+    t = text.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                       ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[:-len(unit)]) * mult)
+    return int(t)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.consolidate", description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint folder (step_N) or a train.checkpoint.dir (newest is used)")
     ap.add_argument("out_dir")
+    ap.add_argument("--sharded", action="store_true", help="stream into sharded safetensors (never the whole model)")
+    ap.add_argument("--max-shard-size", default="5GB", help="with --sharded: bytes per shard (e.g. 5GB, 500MB)")
+    ap.add_argument("--dtype", default=None, help="with --sharded: cast to float32, bfloat16 or float16")
     a = ap.parse_args(argv)
     path = a.checkpoint if os.path.isfile(os.path.join(a.checkpoint, "meta.json")) else latest(a.checkpoint)
     if path is None:
         print(f"no complete checkpoint at {a.checkpoint!r}", file=sys.stderr)
         return 2
-    for f in consolidate(path, a.out_dir):
+    if a.sharded:
+        try:
+            size, dtype = _size(a.max_shard_size), getattr(torch, a.dtype) if a.dtype else None
+        except (ValueError, AttributeError):
+            print(f"--max-shard-size {a.max_shard_size!r} / --dtype {a.dtype!r}: give a size such as 5GB or 500MB "
+                  f"and a dtype such as bfloat16", file=sys.stderr)
+            return 2
+        files = export_sharded(path, a.out_dir, size, dtype)
+    else:
+        files = consolidate(path, a.out_dir)
+    for f in files:
         print(f)
     return 0
 

@@ -37,11 +37,11 @@ def planner_inputs(cfg: Config, model, device: str | None = None):
     spec = spec_from_model(model, seq)
     p = cfg.parallel
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
-                 p.sequence_parallel, cfg.zero.units, p.cp, p.cp_algorithm)
+                 p.sequence_parallel, cfg.zero.units, p.ep, cp=p.cp, cp_algorithm=p.cp_algorithm)
     ac = cfg.activation_checkpointing
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
-                   cfg.zero.bucket_mb, ac.policy, ac.every, device)
+                   cfg.zero.bucket_mb, ac.policy, ac.every, device, cfg.optimizer.state_dtype or "fp32")
     return spec, lay, tr
 
 
@@ -86,6 +86,17 @@ def _tp_plan(model, cfg: Config) -> str:
     return f"# tensor-parallel plan ({how})\n{text}"
 
 
+def _ep_lines(pred) -> list:
+    """The planner's expert-parallel figures of rank 0: expert state and all-to-all bytes per step."""
+    c = pred.comm[0]
+    a2a = c.get("ep", {}).get("all_to_all", {"calls": 0, "payload_bytes": 0, "wire_bytes": 0})
+    edp = sum(o["wire_bytes"] for o in c.get("edp", {}).values())
+    return [f"#   rank 0 per step: all-to-all {a2a['calls']} calls, {a2a['payload_bytes']:,} B payload, "
+            f"{round(a2a['wire_bytes']):,} B on the wire; expert gradient traffic over edp {round(edp):,} B "
+            f"(model states above: expert parameters E/ep per rank, their master / optimizer state 1/edp of that "
+            f"at ZeRO ≥ 1)"]
+
+
 def describe(cfg: Config, memory: float | None = None) -> str:
     """The dry run's text; ``memory`` (bytes per device): also whether the job fits, and if not the smallest
     change that does (:func:`parallel.planning.fit.fit`)."""
@@ -125,6 +136,8 @@ def describe(cfg: Config, memory: float | None = None) -> str:
         lines += [f"# expert parallelism: ep={p.ep} (experts split over ep, token all-to-all), expert gradients "
                   f"reduced over expert-data-parallel groups of {p.dp // p.ep}; everything else over dp",
                   f"#   ep groups:  {[list(g) for g in eps]}", f"#   edp groups: {[list(g) for g in edps]}"]
+        if pred is not None:
+            lines += _ep_lines(pred)
     if p.cp > 1 and pred is not None:
         seq = cfg.data.kwargs.get("seq_len") if isinstance(cfg.data.kwargs, dict) else None
         cp = {op: round(c["wire_bytes"]) for op, c in pred.comm[0].get("cp", {}).items()}

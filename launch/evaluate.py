@@ -4,10 +4,13 @@
 the way ``data.factory`` builds the training one. Every ``train.eval_every`` steps (and after the last
 step) the engine runs k global batches of it forward only (:meth:`Engine.eval_step`, any layout;
 batches: default, every whole global batch of the set, at most 100), eval batch j holding the eval
-positions [j·G, (j+1)·G) split over dp as in training (no shuffle). ``eval_loss`` is the mean of
-the k batch losses (each the mean over its batch's scored tokens; equal to the token mean of the whole
-set when every batch scores the same number of tokens), ``eval_ppl`` = exp(eval_loss); both go into that
-step's metrics record, the console line and the report.
+positions [j·G, (j+1)·G) split over dp as in training (no shuffle). ``eval_loss`` is the mean over
+every scored token of the k batches, Σ_j N_j·L_j / Σ_j N_j, where L_j is batch j's loss (the mean over
+its N_j scored tokens: dict batches, and (x, y) batches with integer targets under cross-entropy;
+N_j is counted over dp for the loss anyway, :mod:`parallel.batch`) — not a mean of batch means, which
+differs when padding makes the batches' counts differ. Batches without a token count (float targets,
+other losses) average with weight 1. ``eval_ppl`` = exp(eval_loss), ``eval_tokens`` = Σ_j N_j; they
+go into that step's metrics record, the console line and the report.
 """
 from __future__ import annotations
 
@@ -56,7 +59,14 @@ class Evaluator:
     def run(self, engine, dp: int, dp_rank: int) -> dict:
         """{eval_loss, eval_ppl, eval_batches} (collective over every rank)."""
         G = self.cfg.data.global_batch_size
-        losses = [engine.eval_step(rank_batch(self.ds, j, G, dp, dp_rank)) for j in range(self.batches)]
-        loss = sum(losses) / len(losses)
-        return {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else float("inf"),
-                "eval_batches": self.batches}
+        losses, counts = [], []
+        for j in range(self.batches):
+            losses.append(engine.eval_step(rank_batch(self.ds, j, G, dp, dp_rank)))
+            counts.append(getattr(engine, "last_scored", None))
+        out = {"eval_batches": self.batches}
+        if all(c is not None for c in counts) and sum(counts) > 0:
+            loss = sum(n * x for n, x in zip(counts, losses)) / sum(counts)
+            out["eval_tokens"] = int(sum(counts))
+        else:
+            loss = sum(losses) / len(losses)
+        return {"eval_loss": loss, "eval_ppl": math.exp(loss) if loss < 700 else float("inf"), **out}

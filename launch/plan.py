@@ -26,6 +26,7 @@ from dataclasses import replace
 import torch
 
 from parallel.config import import_object, load_config
+from parallel.moe import MoE
 from parallel.planning.flops import gpt_flops_per_token, gpt_matmul_params, peak_flops
 from parallel.planning.planner import Hardware, Layout, ModelSpec, TrainSpec, check_layout, predict
 
@@ -45,6 +46,13 @@ def spec_from_model(model, seq: int | None = None) -> ModelSpec:
     """Read a ModelSpec from examples.gpt.GPT or a transformers GPT-2 / Llama-style model."""
     if hasattr(model, "blocks") and hasattr(model, "wte"):
         b = model.blocks[0]
+        if isinstance(b.mlp, MoE):                    # examples/moe_gpt.py (parallel/planning/moe.py)
+            if b.mlp.experts.b1 is None or b.mlp.experts.activation != "gelu":
+                raise ValueError("launch.plan: the planner models MoE experts with biases and GELU (examples.moe_gpt)")
+            return ModelSpec(len(model.blocks), model.wte.embedding_dim, b.attn.n_head, model.wte.num_embeddings,
+                             seq or model.seq_len, b.mlp.experts.w1.shape[-1], tied=model.lm_head.weight is
+                             model.wte.weight, experts=b.mlp.num_experts, top_k=b.mlp.top_k,
+                             capacity_factor=b.mlp.capacity_factor)
         return ModelSpec(len(model.blocks), model.wte.embedding_dim, b.attn.n_head, model.wte.num_embeddings,
                          seq or model.seq_len, b.mlp.fc.out_features, tied=model.lm_head.weight is model.wte.weight)
     c = getattr(model, "config", None)
@@ -52,6 +60,9 @@ def spec_from_model(model, seq: int | None = None) -> ModelSpec:
         raise ValueError(f"launch.plan: cannot read the structure of {type(model).__name__}; describe it with "
                          "--layers/--hidden/--heads/--vocab/--seq instead")
     tied = bool(getattr(c, "tie_word_embeddings", False))
+    if getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None):
+        raise ValueError(f"launch.plan: {c.model_type} is a Mixture-of-Experts model; the planner models only "
+                         f"parallel.moe.MoE layers (examples.moe_gpt) so far, not transformers' experts")
     if getattr(c, "model_type", "") == "gpt2":
         return ModelSpec(c.n_layer, c.n_embd, c.n_head, c.vocab_size, seq or c.n_positions,
                          c.n_inner or 4 * c.n_embd, tied=tied, tp_layout="region")
@@ -97,8 +108,7 @@ def plan(spec: ModelSpec, world: int, tr: TrainSpec, hw: Hardware, top: int = 5,
     gets the first activation checkpointing policy of ``policies`` under which it fits (else the last)."""
     preds = []
     for lay in enumerate_layouts(spec, world, tr, **kw):
-        usable = [p for p in policies if not (p == "selective" and lay.pp > 1 and lay.schedule == "zero_bubble")]
-        for pol in usable or [tr.activation]:
+        for pol in policies or [tr.activation]:
             p = predict(spec, lay, replace(tr, activation=pol), hw, ranks="worst")
             if p.fits:
                 break

@@ -7,9 +7,13 @@
 Inputs: ``.txt`` (documents separated by blank lines, or one per line / per file with --split),
 ``.jsonl`` (one document per line, the text under --text-key), ``.parquet`` (the --text-key column;
 needs pyarrow). Writes <out>.bin / .idx / .json (format: parallel/corpus/token_file.py), shows
-progress on stderr and ends with a summary: documents, tokens, bytes, tokenizer. Then train with
+progress on stderr and ends with a summary: documents, tokens, bytes, tokenizer. An empty input, or one
+without documents, is refused naming it. Then train with
 
-    data: {factory: parallel.corpus:TokenCorpus, kwargs: {path: data/corpus, seq_len: 256, vocab_size: V}}
+    data: {factory: parallel.corpus:PackedCorpus, kwargs: {path: data/corpus, seq_len: 256, vocab_size: V}}
+
+(or ``parallel.corpus:TokenCorpus`` for plain windows across documents; the quickstart's
+``examples.text_corpus:packed`` runs this same tool on its bundled text on first use).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import sys
 import time
 
 from parallel.corpus.token_file import CorpusError, TokenWriter
-from parallel.corpus.tokenizer import load_tokenizer, train_bpe
+from parallel.corpus.tokenizer import load_tokenizer
+from parallel.corpus.tokenizer import train_bpe as train_bpe_on
 
 
 def _documents(path: str, split: str, text_key: str):
@@ -59,31 +64,46 @@ def _documents(path: str, split: str, text_key: str):
             yield from (d.strip("\n") for d in text.split("\n\n") if d.strip())
 
 
-def _all_documents(args):
-    for path in args.inputs:
-        yield from _documents(path, args.split, args.text_key)
+def _all_documents(inputs, split: str, text_key: str):
+    for path in inputs:
+        yield from _documents(path, split, text_key)
 
 
-def prepare(args) -> dict:
-    for path in args.inputs:
+def prepare_files(inputs, out: str, tokenizer: str = "bytes", train_bpe: int | None = None,
+                  tokenizer_out: str | None = None, text_key: str = "text", split: str = "blank",
+                  progress: bool = True) -> dict:
+    """Tokenize ``inputs`` into ``<out>.bin/.idx/.json`` (with ``train_bpe``: train a byte-level BPE of that
+    size on them first, saved in ``tokenizer_out``, default ``<out>_tokenizer/``); returns the metadata."""
+    for path in inputs:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input {path!r} does not exist; give text, .jsonl or .parquet files")
-    if args.train_bpe:
-        tok = train_bpe(_all_documents(args), args.train_bpe, args.tokenizer_out or args.out + "_tokenizer")
+        if os.path.getsize(path) == 0:
+            raise CorpusError(f"input {path} is empty: there is no text to tokenize; give a file with text")
+    if train_bpe:
+        tok = train_bpe_on(_all_documents(inputs, split, text_key), train_bpe, tokenizer_out or out + "_tokenizer")
     else:
-        tok = load_tokenizer(args.tokenizer)
-    writer = TokenWriter(args.out, tok.vocab_size, tok.eos_id, tok.name)
-    last, tty = time.monotonic(), sys.stderr.isatty()
-    for docs, text in enumerate(_all_documents(args), 1):
+        tok = load_tokenizer(tokenizer)
+    writer = TokenWriter(out, tok.vocab_size, tok.eos_id, tok.name)
+    last, tty = time.monotonic(), progress and sys.stderr.isatty()
+    docs = 0
+    for docs, text in enumerate(_all_documents(inputs, split, text_key), 1):
         writer.add(tok.encode(text))
-        if time.monotonic() - last > 1.0:
+        if progress and time.monotonic() - last > 1.0:
             last = time.monotonic()
             line = f"prepare_data: {docs:,} documents, {writer.tokens:,} tokens"
             print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-    meta = writer.close()
     if tty:
         print(file=sys.stderr)
-    return meta
+    if docs == 0:
+        writer.abort()
+        raise CorpusError(f"{', '.join(inputs)}: no documents found (only blank lines, or no rows); give text to "
+                          f"tokenize (--split line|file for .txt inputs without blank-line separated documents)")
+    return writer.close()
+
+
+def prepare(args) -> dict:
+    return prepare_files(args.inputs, args.out, args.tokenizer, args.train_bpe, args.tokenizer_out, args.text_key,
+                         args.split)
 
 
 def main(argv=None) -> int:
@@ -105,8 +125,9 @@ def main(argv=None) -> int:
     print(f"prepare_data: {meta['documents']:,} documents, {meta['tokens']:,} tokens, {meta['bytes']:,} bytes "
           f"({meta['dtype']}), vocabulary {meta['vocab_size']} ({meta['tokenizer']}), EOS {meta['eos_id']}\n"
           f"  wrote {args.out}.bin, {args.out}.idx, {args.out}.json\n"
-          f"  train on it: data.factory: parallel.corpus:TokenCorpus, data.kwargs: {{path: {args.out}, "
-          f"seq_len: ..., vocab_size: {meta['vocab_size']}}}")
+          f"  train on it: data.factory: parallel.corpus:PackedCorpus (documents packed, attention inside each) or "
+          f"parallel.corpus:TokenCorpus (plain windows), data.kwargs: {{path: {args.out}, seq_len: ..., "
+          f"vocab_size: {meta['vocab_size']}}}")
     return 0
 
 

@@ -12,7 +12,10 @@ the optimizer's state has been created by one optimizer step on meta gradients.
 Reported per rank: the mesh coordinates, its stages, parameter / gradient / master / optimizer bytes,
 the planner's prediction for the same rank (:func:`parallel.planning.planner.predict`) — they must be
 equal, and the command exits 1 when they are not — the planner's activation and transient estimates,
-the peak it implies against ``--memory-gib``, and the wall time the simulation took.
+the peak it implies against ``--memory-gib``, the wall time the simulation took, and the checkpoint load
+plan (:func:`load_plan`: the bytes loading a checkpoint reads on this rank — its own shard, computed from
+the plan alone, no checkpoint present — against the planner's count of the elements it owns; the command
+exits 1 when they differ too).
 
 Limits: one training step is not run (a pipeline stage's receive needs the shape its peer would send,
 and under the fake backend nothing arrives), so the collectives per step are the planner's, not counted
@@ -31,13 +34,24 @@ import time
 import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from launch.plan import spec_from_model
+from parallel.checkpoint.engine_state import _pieces
+from parallel.checkpoint.meta_probe import MetaScalars
+from parallel.checkpoint.ranged import plan_bytes
 from parallel.config import import_object, load_config
 from parallel.engine import Engine
 from parallel.mesh import Mesh, coords_of, release_meshes
-from parallel.planning.planner import Layout, TrainSpec, _buckets, _rank_params, _states, element_bytes, predict
+from parallel.planning.planner import (
+    Layout,
+    TrainSpec,
+    _buckets,
+    _rank_params,
+    _shard_pieces,
+    _states,
+    element_bytes,
+    predict,
+)
 
 __all__ = ["simulate_rank", "main"]
 
@@ -73,19 +87,6 @@ def _init_optimizer_state(engine) -> None:
         p.grad = None
 
 
-class _MetaScalars(TorchDispatchMode):
-    """``.item()`` of a meta tensor answers True / 0 instead of failing. transformers' mask helpers
-    branch on a data value (``find_packed_sequence_indices``: "are the position ids packed?"): the
-    pipeline split's probe forward runs on meta here, where the answer for the probe's plain input —
-    one unpacked sequence — is True. Only the probe's control flow sees these values; no byte count
-    depends on them."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
-            return True if args[0].dtype == torch.bool else 0
-        return func(*args, **(kwargs or {}))
-
-
 def _meta_model(cfg):
     factory = import_object(cfg.model.factory, "model.factory")
     torch.manual_seed(cfg.train.seed)
@@ -100,7 +101,7 @@ def _prediction(cfg, model, rank: int):
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
                  p.sequence_parallel, cfg.zero.units)
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
-                   cfg.zero.bucket_mb, ac.policy, ac.every)
+                   cfg.zero.bucket_mb, ac.policy, ac.every, state_dtype=cfg.optimizer.state_dtype or "fp32")
     c = coords_of(rank, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
     one = predict(spec, Layout(**{**lay.__dict__, "dp": p.dp}), tr, ranks="worst")
     # "worst" holds dp = tp = 0 of each pp rank; the state bytes of another dp rank differ only in the
@@ -108,11 +109,24 @@ def _prediction(cfg, model, rank: int):
     bks = _buckets(_rank_params(spec, p.tp, p.pp, p.pp_virtual_stages, c["pp"]), lay,
                    element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1)
     mem = dict(_states(bks, lay, tr, c["dp"]))
+    mem["owned_elements"] = sum(_shard_pieces(bk, lay.dp, c["dp"], lay.zero > 0)[0] for bk in bks)
     worst = one.memory[next(g for g in one.memory if coords_of(g, {"pp": p.pp, "dp": p.dp, "tp": p.tp})["pp"]
                             == c["pp"])]
     mem.update(activations=worst["activations"], transient=worst["transient"])
     mem["peak"] = mem["total"] + mem["activations"] + mem["transient"]
     return mem
+
+
+def load_plan(engine, cfg, owned: int) -> dict:
+    """What loading a checkpoint reads on this rank, from the plan alone (:func:`parallel.checkpoint.ranged.
+    plan_bytes`): the positions its pieces cover — the model values (masters) and the optimizer's per-element
+    state of its partition — against the planner's count of the elements the rank owns (``owned``): each
+    takes 4 bytes (fp32 master or parameter) plus the optimizer's bytes per element (Adam 8, momentum 4).
+    ``whole_tensors``: what reading the touched logical tensors whole (the former loader) would read."""
+    o = cfg.optimizer
+    per = 4 + {"adamw": 8, "adam": 8}.get(o.name, 4 if o.momentum else 0)
+    plan = plan_bytes(_pieces(engine)[0])
+    return {**plan, "expected": owned * per}
 
 
 def simulate_rank(cfg, world: int, rank: int) -> dict:
@@ -132,16 +146,18 @@ def simulate_rank(cfg, world: int, rank: int) -> dict:
     try:
         mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta", ep=p.ep, cp=p.cp)
         model = _meta_model(cfg)
-        with _MetaScalars():
+        with MetaScalars():
             engine = Engine(model, cfg, mesh)
         _init_gradients(engine)
         _init_optimizer_state(engine)
         got = engine.model_state_bytes()
         want = _prediction(cfg, model, rank)
+        load = load_plan(engine, cfg, want.pop("owned_elements"))
         stages = [type(s).__name__ for s in engine.stages]
         out = {"world": world, "rank": rank, "coord": dict(mesh.coord), "stages": stages,
-               "measured": got, "planner": want,
-               "equal": all(got[k] == want[k] for k in ("params", "grads", "master", "optimizer", "total")),
+               "measured": got, "planner": want, "load": load,
+               "equal": all(got[k] == want[k] for k in ("params", "grads", "master", "optimizer", "total"))
+               and load["data"] == load["expected"],
                "seconds": round(time.perf_counter() - t0, 3)}
         del engine, model
         release_meshes()
@@ -167,6 +183,10 @@ def render(r: dict, memory_gib: float | None = None) -> str:
     if memory_gib is not None:
         fits = pl["peak"] <= memory_gib * 2 ** 30
         lines.append(f"fits in {memory_gib:g} GiB: {'yes' if fits else 'NO'}")
+    ld = r["load"]
+    lines.append(f"checkpoint load reads {_gib(ld['data'])} in {ld['runs']} runs (planner: {_gib(ld['expected'])}"
+                 f"{'' if ld['data'] == ld['expected'] else ' <- differs'}); whole tensors would be "
+                 f"{_gib(ld['whole_tensors'])}")
     lines.append("engine bytes = planner bytes" if r["equal"] else "ENGINE AND PLANNER DISAGREE")
     return "\n".join(lines)
 

@@ -45,12 +45,14 @@ from launch.resume import (  # noqa: F401  (importable from here as before)
     truncate_metrics,
 )
 from parallel import checkpoint, comm
+from parallel.checkpoint.async_save import AsyncSaver
 from parallel.checkpoint.integrity import data_contract
 from parallel.checkpoint.retention import Retention, job_id
 from parallel.config import Config, ConfigError, import_object, load_config
 from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
 from parallel.mesh import Mesh, backend_for, default_device, init_distributed
+from parallel.prefetch import Prefetcher
 from parallel.reliability.faults import Injector, fault_from, restart_attempt
 from parallel.reliability.fingerprint import Checker, Recorder
 from parallel.reliability.signals import StopRequest, die_with_parent
@@ -230,27 +232,38 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
     keep = Retention(ck.dir, ck.keep_last, job_id())
     saved_meta = {"data": data_contract(cfg, len(dataset)), "job": job_id()}
     losses, stopped, saved = [], 0, None
+    # batches loaded ahead in the steps' order by a background thread (parallel/prefetch.py)
+    loader = Prefetcher(lambda s: load_batch(dataset, s, cfg, dp, dp_rank, vocab), engine.step_count,
+                        cfg.train.steps, cfg.data.prefetch)
+    detach.append(loader.close)
+    saver = AsyncSaver(engine, max(cfg.train.timeout_s, 1800.0)) if ck.async_ and ck.dir else None
     for step in range(engine.step_count, cfg.train.steps):
         progress.begin_step(step)
         t0 = time.perf_counter()
         before = mesh.stats.snapshot()
-        batch = load_batch(dataset, step, cfg, dp, dp_rank, vocab)
-        data_s = time.perf_counter() - t0                 # this rank waited for its batch (no prefetch yet)
+        batch, data_s, waited = loader.get(step)          # data_s: this rank waited for its batch
         loss = train_step(engine, batch, progress, print_fn, mesh.rank)
         step_s = time.perf_counter() - t0
         losses.append(loss)
         progress.set_phase("metrics")
-        extra = {"data_wait_s": data_s, **(evaluator.run(engine, dp, dp_rank) if evaluator.due(step) else {})}
+        extra = {"data_wait_s": data_s, "data_waited": int(waited),
+                 **(evaluator.run(engine, dp, dp_rank) if evaluator.due(step) else {})}
         metrics.log(step, loss, step_s, comm.CommStats.diff(mesh.stats.snapshot(), before), engine, extra)
         if checker is not None:
             checker.check(f"at the end of step {step}")
         stopped = stop.agree(mesh) if stop is not None else 0
         if (ck.every and engine.step_count % ck.every == 0) or (stopped and ck.dir):
-            saved = save_checkpoint(engine, checkpoint.step_dir(ck.dir, engine.step_count), ck.dir, saved_meta)
-            for gone in (keep.saved(saved) if mesh.rank == 0 else []):
-                print_fn(f"removed {gone} (train.checkpoint.keep_last={ck.keep_last})", flush=True)
+            path = checkpoint.step_dir(ck.dir, engine.step_count)
+            if saver is not None:                   # train.checkpoint.async: written in the background
+                saver.save(path, saved_meta, on_done=lambda p: _retain(keep, p, mesh.rank, print_fn))
+                saved = saver.wait() if stopped else path
+            else:
+                saved = save_checkpoint(engine, path, ck.dir, saved_meta)
+                _retain(keep, saved, mesh.rank, print_fn)
         if stopped:
             break
+    if saver is not None:
+        saver.wait()                                # the last background save is committed everywhere
     progress.step = None
     if cfg.train.finish and not stopped:
         progress.set_phase("finish")
@@ -266,6 +279,11 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
         torch.distributed.destroy_process_group(checker.pg)
     return {"losses": losses, "engine": engine, "dataset": dataset, "stopped": stopped,
             "saved": saved if stopped else None}
+
+
+def _retain(keep: Retention, path: str, rank: int, print_fn) -> None:
+    for gone in (keep.saved(path) if rank == 0 else []):
+        print_fn(f"removed {gone} (train.checkpoint.keep_last={keep.keep_last})", flush=True)
 
 
 def init_job(device, timeout_s: float):

@@ -29,10 +29,14 @@ the mean over its scored tokens (transformers' causal-LM loss without ``num_item
 nanoGPT's ``F.cross_entropy(..., ignore_index=-1)``); a model whose loss is any other reduction
 (a sum, a per-sequence mean) is weighted wrongly, which no framework can see from outside.
 A micro-batch with no scored token contributes 0 (not NaN). Other losses (``mse``, a function)
-get the label tensor and weight 1: the mean of micro-batch means, as for tuple batches.
+get the label tensor and weight 1: the mean of micro-batch means.
 
-Tuple ``(x, y)`` batches keep the mean of micro-batch means (exact when every sample has the same
-number of scored tokens; use a dict batch for padded data).
+Tuple ``(x, y)`` batches with integer targets and ``loss: cross_entropy`` are weighted the same way
+(key ``TUPLE``: aligned, a target of −100 — ``F.cross_entropy``'s ignore_index — is not scored), so
+padded tuple batches equal one process too; with ``parallel.cp > 1`` (which shards the targets itself
+and averages the shards' means) −100 targets are refused; float targets and other losses keep the mean
+of micro-batch means (exact when every micro-batch scores the same number of tokens).
+``Targets.total`` keeps N, so an evaluation can weight its batches by their tokens (launch/evaluate.py).
 """
 from __future__ import annotations
 
@@ -45,11 +49,12 @@ from parallel import comm
 from parallel.data import split_micro
 from parallel.loss import logits_of
 
-__all__ = ["IGNORE", "LABEL_KEYS", "Targets", "MicroBatch", "prepare", "model_loss", "label_param", "check_labels",
-           "forward_params", "scored_count", "shift_for"]
+__all__ = ["IGNORE", "LABEL_KEYS", "TUPLE", "Targets", "MicroBatch", "prepare", "model_loss", "label_param",
+           "check_labels", "forward_params", "scored_count", "shift_for"]
 
 IGNORE = -100
 LABEL_KEYS = ("labels", "targets")
+TUPLE = "tuple"             # the y of an (x, y) batch: aligned, −100 not scored, other ids go to the loss as they are
 
 
 @dataclass
@@ -57,11 +62,13 @@ class Targets:
     """The label tensor of a micro-batch of a dict batch, and how it is scored.
 
     ``key``: the convention (``labels`` shifted, ``targets`` aligned); ``count``: n_i, its scored
-    tokens; ``weight``: m·dp/N (see the module docstring), so the micro-batch's loss is n_i·mean_i·weight."""
+    tokens; ``weight``: m·dp/N (see the module docstring), so the micro-batch's loss is n_i·mean_i·weight;
+    ``total``: N, the scored tokens of the global batch."""
     labels: torch.Tensor
     key: str
     count: int = 0
     weight: float = 1.0
+    total: float = 0.0
 
 
 @dataclass
@@ -81,6 +88,8 @@ def scored_count(labels: torch.Tensor, key: str) -> int:
     """Tokens scored under ``key``'s convention: labels[:, 1:] != −100, or targets ≥ 0."""
     if shift_for(key):
         return int((labels[..., 1:] != IGNORE).sum())
+    if key == TUPLE:
+        return int((labels != IGNORE).sum())
     return int((labels >= 0).sum())
 
 
@@ -156,18 +165,31 @@ def check_keys(batch: dict, model) -> None:
                          f"(it takes {', '.join(sorted(names))}); drop those keys from the samples or rename them")
 
 
-def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: str | None = None) -> list:
+def _class_ids(y) -> bool:
+    return isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
+
+
+def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: str | None = None,
+            weigh_tuples: bool = True) -> list:
     """This rank's batch as :class:`MicroBatch` es; for dict batches N is counted over dp (collective).
 
     ``mode``: "token" (cross-entropy, weighted by scored tokens), "model" (the model's own loss,
     weighted by its scored tokens; labels passed under ``label_name``) or "plain" (weight 1).
-    ``to`` moves a tensor to the device. Every rank of the dp group must call this for each step."""
+    ``weigh_tuples``: token-weight (x, y) batches with integer y in "token" mode (the engine passes False
+    under cp). ``to`` moves a tensor to the device. Every rank of the dp group must call this for each step."""
     if not isinstance(batch, dict):
         micro = [MicroBatch(to(x), to(y)) for x, y in split_micro(batch, micro_batch_size)]
         if mode == "model":                               # (x, y): y goes to the model under its own name
             for mb in micro:
                 mb.y = Targets(mb.y, label_name or "targets")
                 mb.kwargs = {}
+            _weigh(micro, dp_group, weighted=True)
+        elif mode == "token" and _class_ids(batch[1]):
+            if not weigh_tuples:
+                _refuse_padding(batch[1], dp_group)
+                return micro
+            for mb in micro:
+                mb.y = Targets(mb.y, TUPLE)
             _weigh(micro, dp_group, weighted=True)
         return micro
     key = check_labels(batch)
@@ -179,6 +201,19 @@ def prepare(batch, micro_batch_size: int, to, dp_group, mode: str, label_name: s
                                 {k: to(v) if isinstance(v, torch.Tensor) else v for k, v in part.items()}))
     _weigh(micro, dp_group, weighted=mode in ("token", "model"))
     return micro
+
+
+def _refuse_padding(y: torch.Tensor, dp_group) -> None:
+    """Where (x, y) batches cannot be token-weighted (cp > 1 averages each rank's sequence shard): refuse
+    ignored (−100) targets anywhere in the global batch — every rank raises together, after one count."""
+    t = torch.tensor([float((y == IGNORE).sum())], dtype=torch.float64)
+    if dp_group is not None and dp_group.size > 1:
+        comm.all_reduce(t, dp_group.control())
+    if t.item():
+        raise ValueError(f"(x, y) batch with {int(t.item())} ignored (-100) targets in this global batch: with "
+                         f"parallel.cp > 1 each rank's loss is the mean over its sequence shard and the shards are "
+                         f"averaged, which is the token mean only without padding; train padded data with "
+                         f"parallel.cp=1, or pack it without padding")
 
 
 def _weigh(micro: list, dp_group, weighted: bool) -> None:
@@ -194,6 +229,7 @@ def _weigh(micro: list, dp_group, weighted: bool) -> None:
     n = max(t.item(), 1.0)
     for mb in micro:
         mb.y.weight = len(micro) * (dp_group.size if dp_group is not None else 1) / n
+        mb.y.total = t.item()
 
 
 def token_loss(base, mode: str):
@@ -212,7 +248,7 @@ def token_loss(base, mode: str):
             logits, labels = logits_of(output), y.labels
             if shift_for(y.key):
                 logits, labels = logits[..., :-1, :], labels[..., 1:]
-            else:
+            elif y.key != TUPLE:
                 labels = torch.where(labels < 0, IGNORE, labels)
             if y.count == 0:
                 return logits.sum() * 0.0

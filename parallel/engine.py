@@ -309,27 +309,19 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
         return self._global_loss(local)
 
     # --- state ------------------------------------------------------------------------------------
-    def _no_ep_checkpoints(self) -> None:
-        if self.cfg.parallel.ep > 1:
-            raise NotImplementedError("checkpoints of expert-parallel runs (parallel.ep > 1) are not supported yet: "
-                                      "the experts are split over ep; train with parallel.ep=1 to save")
-
     def save(self, path: str, extra_meta: dict | None = None) -> str:
-        self._no_ep_checkpoints()
         s = self.step_count - 1
         self._emit("checkpoint", s)
         return engine_state.save_engine(self, path, extra_meta or {},
                                         on_written=lambda: self._emit("checkpoint_written", s))
 
     def load(self, path: str) -> dict:
-        self._no_ep_checkpoints()
         meta = engine_state.load_engine(self, path)
         self.step_count = int(meta["step"])
         return meta
 
     def full_state_dict(self) -> dict | None:
         """The unmodified model's state_dict (collective; returned on rank 0, None elsewhere)."""
-        self._no_ep_checkpoints()
         return engine_state.full_state_dict(self)
 
     def full_model(self) -> nn.Module | None:

@@ -35,8 +35,11 @@ class BatchInputs:
                 batches.check_labels(batch)
         except ValueError as e:
             raise ValueError(f"{e} (data.factory={self.cfg.data.factory!r})") from None
-        return batches.prepare(batch, self.cfg.data.micro_batch_size, self._to, self.dp, self.loss_mode,
-                               self.label_name)
+        micro = batches.prepare(batch, self.cfg.data.micro_batch_size, self._to, self.dp, self.loss_mode,
+                                self.label_name, weigh_tuples=self.context is None)
+        y = micro[0].y if micro else None          # N of this batch, for token-weighted evaluation (or None)
+        self.last_scored = y.total if isinstance(y, batches.Targets) and self.loss_mode != "plain" else None
+        return micro
 
     def _kwargs(self, mb, last: bool = True) -> dict:
         """The forward's keyword inputs of micro-batch ``mb``; the labels only where the loss is computed."""

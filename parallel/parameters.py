@@ -65,6 +65,11 @@ class ParamInfo:
     """This is the last stage's copy of a tied weight: not counted in the global grad norm and not
     saved (the first stage's original is)."""
 
+    source: object = None
+    """A weak reference to the tensor this Parameter was cut from (tensor parallelism) or copied from (the
+    pipeline's tied copy), or None (the model's own Parameter). The checkpoint layout probe follows it on
+    the meta device to the unmodified model's parameter (:mod:`parallel.checkpoint.meta_probe`)."""
+
     @property
     def tp_split(self) -> bool:
         """Whether tensor parallelism split this parameter (``tp_dim is not None``)."""

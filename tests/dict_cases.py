@@ -133,7 +133,7 @@ def config(model, overrides=(), world=None, data_kwargs=None, factory="dict_case
     return cfg.validate(world) if world else cfg
 
 
-def reference(cfg, steps=None):
+def reference(cfg, steps=None, return_model=False):
     """One process, the whole global batch in one forward; the loss is the mean over its scored tokens:
     the model's own (loss=model) or cross-entropy with the batch key's convention."""
     torch.manual_seed(cfg.train.seed)
@@ -162,7 +162,7 @@ def reference(cfg, steps=None):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses
+    return (losses, model) if return_model else losses
 
 
 def train(rank, world, model, overrides, data_kwargs=None, factory="dict_cases:padded"):

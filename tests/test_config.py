@@ -49,8 +49,6 @@ def test_yaml_and_overrides(tmp_path):
      "parallel.pp_virtual_stages=1: set parallel.pp_virtual_stages=2"),
     (["parallel.pp_schedule=dualpipe_v", "parallel.pp_virtual_stages=2"], 8,
      "dualpipe_v needs at least 2·pp = 4 micro-batches per dp rank, got 2"),
-    (["parallel.pp_schedule=zb_v", "parallel.pp_virtual_stages=2", "activation_checkpointing.policy=selective"], 8,
-     "selective cannot run under parallel.pp_schedule=zb_v"),
     (["parallel.pp_microbatches=3"], 8, "'parallel.pp_microbatches' is no longer a config key: the micro-batch count "
      "is data.global_batch_size / (parallel.dp × data.micro_batch_size); remove the key"),
     (["parallel.tp=1", "parallel.dp=4", "parallel.sequence_parallel=true"], 8,

@@ -1,6 +1,6 @@
 """Tokenized corpora (parallel/corpus, launch/prepare_data): the written files, the windows read back,
 each rank reading exactly its parity-contract indices, training at dp2 equal to one process, and one
-clear error per kind of bad data."""
+clear error per kind of bad data (tests/test_bad_data.py)."""
 import json
 import os
 
@@ -100,60 +100,12 @@ def test_bpe_trained_offline_round_trips(tmp_path):
     assert ids[idx[2] - 1] == meta["eos_id"]
 
 
-def test_bad_data_each_gives_one_clear_error(tmp_path, corpus, capsys):
-    def copy(name):
-        d = tmp_path / name
-        d.mkdir()
-        for ext in (".bin", ".idx", ".json"):
-            (d / f"c{ext}").write_bytes(open(corpus + ext, "rb").read())
-        return str(d / "c")
-
-    c = copy("vocab")
-    with pytest.raises(CorpusError, match=r"token id 256 does not fit the model's vocabulary of 200.*vocab_size"):
-        TokenCorpus(c, 8, vocab_size=200)
-    c = copy("empty")
-    open(c + ".bin", "wb").close()
-    with pytest.raises(CorpusError, match=r"c\.bin is empty; re-create it with `python -m launch.prepare_data`"):
-        TokenCorpus(c, 8)
-    c = copy("dtype")
-    with pytest.raises(CorpusError, match=r"stored as uint16, not 'uint32'"):
-        TokenCorpus(c, 8, dtype="uint32")
-    np.arange(7, dtype=np.uint16).tofile(tmp_path / "odd.bin")                # 14 bytes: not whole uint32s
-    with pytest.raises(CorpusError, match=r"odd\.bin: 14 bytes is not a whole number of uint32 tokens"):
-        TokenCorpus(str(tmp_path / "odd.bin"), 2, dtype="uint32")
-    c = copy("noidx")
-    os.remove(c + ".idx")
-    with pytest.raises(CorpusError, match=r"c\.idx: the document index is missing"):
-        TokenCorpus(c, 8)
-    c = copy("trunc")
-    with open(c + ".bin", "r+b") as f:
-        f.truncate(os.path.getsize(c + ".bin") - 4)
-    with pytest.raises(CorpusError, match=r"holds \d+ tokens but .*c\.json says \d+ \(truncated"):
-        TokenCorpus(c, 8)
-    c = copy("flip")
-    with open(c + ".bin", "r+b") as f:
-        f.seek(6)
-        f.write(b"\x07")
-    TokenCorpus(c, 8)                                                         # same size: found only by verify
-    with pytest.raises(CorpusError, match=r"sha256 differs .*the file is corrupted"):
-        TokenCorpus(c, 8, verify=True)
-    with pytest.raises(CorpusError, match=r"no such token file"):
-        TokenCorpus(str(tmp_path / "missing"), 8)
-    with pytest.raises(CorpusError, match=r"fewer than one sample"):
-        TokenCorpus(corpus, 1000)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{"body": "no text key"}\n')
-    assert prepare([str(bad), "--out", str(tmp_path / "j")]) == 2
-    assert "bad.jsonl:2: no string field 'text'; pass --text-key" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "j.bin")
-
-
 def _cfg(path, world=None):
     ov = ["model.kwargs.vocab_size=257", "model.kwargs.seq_len=16", "model.kwargs.n_layer=2",
           "model.kwargs.n_embd=32", "data.factory=parallel.corpus:TokenCorpus",
           f"data.kwargs={{path: {path}, seq_len: 16, vocab_size: 257}}", "data.global_batch_size=8",
           "data.micro_batch_size=2", "parallel.dp=2", "parallel.tp=1", "parallel.pp=1", "train.steps=3",
-          "train.metrics_file=null", "train.finish=null", "train.log_every=1"]
+          "train.metrics_file=null", "train.finish=null", "train.log_every=1", "data.eval=null", "train.eval_every=0"]
     cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                    "quickstart.yaml"), ov)
     return cfg.validate(world) if world else cfg

@@ -11,6 +11,7 @@ import torch
 
 from parallel.config import ConfigError, SchedulerConfig, load_config
 from parallel.config.deepspeed import format_report, load_deepspeed_json, map_deepspeed, merge_tree, resolve_path
+from parallel.config.deepspeed_defaults import clip_default
 from parallel.optim.factory import optimizer_factory
 from parallel.optim.lr_schedule import Schedule
 
@@ -28,9 +29,12 @@ BASE = {
 MiB = 2 ** 20
 ADAM = {"name": "adamw", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8}
 NONE = {"optimizer": "none", "params": "none"}
+# a file without gradient_clipping means DeepSpeed's default (1.0 in current releases, 0 = off in <= 0.19.1;
+# the installed DeepSpeed's when there is one): tests/test_deepspeed_defaults.py checks where it comes from
+CLIP = {"train": {"grad_clip": clip_default()[0] or None}}
 # the native YAML each public-style DeepSpeed config means (on top of BASE)
 NATIVE = {
-    "zero1": {"optimizer": {**ADAM, "weight_decay": 0.01},
+    "zero1": {**CLIP, "optimizer": {**ADAM, "weight_decay": 0.01},
               "zero": {"stage": 1, "bucket_mb": 5e8 * 4 / MiB, "offload": NONE}},
     "zero2": {"optimizer": {**ADAM, "betas": [0.9, 0.95], "weight_decay": 0.1}, "train": {"grad_clip": 1.0},
               "zero": {"stage": 2, "bucket_mb": 2e8 * 4 / MiB, "offload": NONE},
@@ -40,15 +44,16 @@ NATIVE = {
               "zero": {"stage": 3, "bucket_mb": 1e6 * 4 / MiB, "prefetch": True, "offload": NONE},
               "scheduler": {"name": "warmup_cosine", "convention": "deepspeed", "warmup_type": "linear",
                             "warmup_steps": 2, "total_steps": 5, "warmup_start_ratio": 0.1, "min_lr_ratio": 0.1}},
-    "zero2_offload_cpu": {"optimizer": {**ADAM, "weight_decay": 0.01},
+    "zero2_offload_cpu": {**CLIP, "optimizer": {**ADAM, "weight_decay": 0.01},
                           "zero": {"stage": 2, "bucket_mb": 2e8 * 4 / MiB, "offload": {**NONE, "optimizer": "cpu"}}},
-    "zero3_nvme": {"optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.01},
+    "zero3_nvme": {**CLIP, "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.01},
                    "zero": {"stage": 3, "bucket_mb": 1e6 * 4 / MiB, "prefetch": True,
                             "offload": {"optimizer": "nvme", "params": "nvme", "nvme_path": "runs/nvme",
                                         "buffer_count": 5, "buffer_mb": 1e8 * 4 / MiB}}},
     "bf16": {"precision": "bf16", "optimizer": {**ADAM, "weight_decay": 0.01}, "train": {"grad_clip": 1.0},
              "zero": {"stage": 2, "offload": NONE}},
-    "fp16": {"precision": "fp16", "optimizer": {**ADAM, "weight_decay": 0.0}, "zero": {"stage": 1, "offload": NONE},
+    "fp16": {**CLIP, "precision": "fp16", "optimizer": {**ADAM, "weight_decay": 0.0},
+             "zero": {"stage": 1, "offload": NONE},
              "loss_scale": {"static": None, "initial": 4096, "growth_interval": 500, "hysteresis": 2, "min": 1}},
     "auto": {"precision": "fp32", "optimizer": {"name": "adamw", "lr": 0.001}, "zero": {"stage": 2, "offload": NONE},
              "scheduler": {"name": "warmup", "convention": "deepspeed", "warmup_type": "log", "warmup_steps": 2,
@@ -214,9 +219,9 @@ def test_precision_loss_scale_buckets_and_auto_from_native():
 def test_legacy_forms_and_merge_semantics():
     ov, _ = map_deepspeed({"zero_optimization": {"stage": 2, "cpu_offload": True}}, BASE, 2)
     assert ov["zero"]["offload"] == {"optimizer": "cpu", "params": "none"}
-    assert map_deepspeed({"zero_optimization": True}, BASE, 2)[0] == {"zero": {"stage": 1}}
+    assert map_deepspeed({"zero_optimization": True}, BASE, 2)[0] == {"zero": {"stage": 1}, **CLIP}
     ov, _ = map_deepspeed({"bfloat16": {"enabled": True}}, BASE, 2)
-    assert ov == {"precision": "bf16"}
+    assert ov == {"precision": "bf16", **CLIP}
     base = copy.deepcopy(BASE)
     merged = merge_tree(base, {"optimizer": {"lr": 0.5}, "zero": {"stage": 3}})
     assert merged["optimizer"] == {"name": "adamw", "lr": 0.5} and merged["zero"] == {"stage": 3}

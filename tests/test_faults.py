@@ -105,6 +105,8 @@ FAULTS = [  # (fault, extra overrides, message on the failing rank)
     ("{rank: 0, step: 2, phase: forward, kind: hang}", ["train.timeout_s=12", "train.check_collectives=true"],
      "watchdog: no progress for"),
     ("{rank: 1, step: 3, phase: checkpoint, kind: kill}", [], None),
+    pytest.param("{rank: 1, step: 3, phase: checkpoint, kind: kill}", ["train.checkpoint.async=true"], None,
+                 marks=pytest.mark.slow, id="async-checkpoint-kill"),   # killed in the background write (issue 25)
     ("{rank: 0, step: 3, phase: checkpoint, kind: enospc}", [],
      "failed: no space left on device. The partial save .tmp-step_00000004 was removed; the previous checkpoint"),
     ("{rank: 1, step: 2, phase: backward, kind: nan}", [],

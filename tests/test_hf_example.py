@@ -1,10 +1,12 @@
-"""examples/hf_causal_lm.py's config: three transformers architectures at dp × tp × pp = 2 × 2 × 2,
-equal to one process, consolidated into folders that from_pretrained opens and generates from."""
+"""examples/hf_causal_lm.py's config: three transformers architectures at dp × tp × pp = 2 × 2 × 2 on the
+packed BPE corpus (position ids restarting per document), equal to one process, consolidated into
+folders that from_pretrained opens and generates from."""
 import os
 
 import torch
+from dict_cases import reference
 from harness import run_ranks
-from reference import assert_close_curve, reference_losses
+from reference import assert_close_curve
 
 from parallel.config import load_config
 
@@ -38,14 +40,18 @@ def test_three_architectures_2x2x2_and_from_pretrained(tmp_path):
     from launch.consolidate import main as consolidate
     got = run_ranks(_train_all, 8, str(tmp_path), timeout=600)[0]
     for arch in ARCHS:
-        want, ref_model = reference_losses(_cfg(arch, "unused"), return_model=True)
+        want, ref_model = reference(_cfg(arch, "unused"), return_model=True)
         assert_close_curve(got[arch], want, 1e-4, f"{arch} 2x2x2 zero-1")
         out = str(tmp_path / f"{arch}-hf")
         assert consolidate([str(tmp_path / arch), out]) == 0
         model = AutoModelForCausalLM.from_pretrained(out)
         assert type(model).__name__ == type(ref_model).__name__
         x = torch.arange(12).reshape(2, 6) % 96
-        assert torch.allclose(model(x).logits, ref_model(x).logits, rtol=1e-4, atol=1e-5)
-        gen = model.generate(x[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        # atol 5e-5: with the BPE's 1024-token head, rows of tokens the 3 steps rarely score get Adam updates
+        # ≈ lr·sign(g) of tiny gradients, which carries last-bit differences (losses agree to 1e-7, every
+        # weight to 1e-5; measured logits 2.1e-5 for llama)
+        assert torch.allclose(model(x).logits, ref_model(x).logits, rtol=1e-4, atol=5e-5)
+        kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)   # id 2 is an EOS here
+        gen = model.generate(x[:1], **kw)
         assert gen.shape == (1, 11)
-        assert torch.equal(gen, ref_model.generate(x[:1], max_new_tokens=5, do_sample=False, pad_token_id=0))
+        assert torch.equal(gen, ref_model.generate(x[:1], **kw))

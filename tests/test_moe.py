@@ -186,6 +186,24 @@ def test_pp2_ep2_reproduces_one_process():
     _check(run_ranks(_ep_body, 4, PP2), PP2)
 
 
+PP2_Z23 = [(2, 2, 2, s, cf) for s in (2, 3) for cf in (1.0, None)]
+
+
+@pytest.mark.slow
+def test_pp2_ep2_zero2_zero3_reproduce_one_process():
+    """pp × ep with the expert gradients (ZeRO-2) and parameters (ZeRO-3) partitioned over edp."""
+    _check(run_ranks(_ep_body, 4, PP2_Z23), PP2_Z23)
+
+
+PP2_EDP2 = [(2, 4, 2, 3, 1.0), (2, 4, 2, 2, None)]
+
+
+@pytest.mark.slow
+def test_pp2_dp4_ep2_zero3_edp2_reproduces_one_process():
+    """pp2 × dp4 × ep2 (8 ranks): expert state partitioned over edp = 2 inside each pipeline stage."""
+    _check(run_ranks(_ep_body, 8, PP2_EDP2, timeout=900), PP2_EDP2)
+
+
 TP2 = [(1, 2, 2, s, cf, 2) for s, cf in ((0, 1.0), (2, None))]
 
 

@@ -27,7 +27,7 @@ def test_signs_pack_8_to_a_byte_and_error_feedback_tracks_the_sum():
     assert 1 - F.cosine_similarity(outs[-1], xs[-1], 0) > 0.01      # each single output is lossy
 
 
-def _lm_run(rank, world, opt_name):
+def _lm_run(rank, world, opt_name, stage=0):
     from examples.gpt import GPT, char_dataset
     from parallel.comm import CommStats
     from parallel.config import ZeroConfig
@@ -39,7 +39,7 @@ def _lm_run(rank, world, opt_name):
     model = GPT(vocab_size=96, seq_len=32, n_layer=2, n_head=4, n_embd=32)
     factory = {"adam": lambda ps: torch.optim.Adam(ps, lr=LR),
                "onebit": lambda ps: OneBitAdam(ps, lr=LR, freeze_step=FREEZE)}[opt_name]
-    zero = ZeroOptimizer(model, factory, g, ZeroConfig(stage=0, bucket_mb=1.0))
+    zero = ZeroOptimizer(model, factory, g, ZeroConfig(stage=stage, bucket_mb=1.0))
     per = G // world
     losses, wire = [], []
     for t in range(STEPS):
@@ -57,7 +57,10 @@ def _lm_run(rank, world, opt_name):
         t_loss = torch.tensor([loss.item()])
         torch.distributed.all_reduce(t_loss)
         losses.append(t_loss.item() / world)
-    return losses, wire, zero.num_params
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    same = [torch.empty_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(same, flat)
+    return losses, wire, zero.num_params, all(torch.equal(s, flat) for s in same)
 
 
 @pytest.mark.slow
@@ -76,3 +79,23 @@ def test_dp2_bytes_and_convergence_against_adam():
           f"1-bit {o:.4f} ({(o - a) / a:+.2%}); first loss {adam[0][0]:.4f}")
     assert abs(o - a) <= 0.02 * a, (o, a)
     assert a < 0.8 * adam[0][0]                                            # it really learned
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_dp2_zero12_bytes_and_convergence_against_adam(stage):
+    """1-bit Adam on the ZeRO partition (parallel/zero/onebit.py) vs Adam at the same stage, seed 0."""
+    adam = run_ranks(_lm_run, 2, "adam", stage)[0]
+    onebit = run_ranks(_lm_run, 2, "onebit", stage)[0]
+    zero0 = run_ranks(_lm_run, 2, "onebit", 0)[0]
+    assert onebit[0] == zero0[0]          # one bucket, shard a multiple of 8: the same chunks as stage 0, bit for bit
+    assert onebit[1][:FREEZE] == pytest.approx(adam[1][:FREEZE])            # warm-up: ZeRO's own traffic
+    after = onebit[1][FREEZE + 1:]                                           # step FREEZE starts μ_i (one gather)
+    assert max(after) <= adam[1][-1] / 16, (max(after), adam[1][-1])
+    assert onebit[3], "the replicas' parameters differ after compressed steps"
+    a, o = sum(adam[0][-5:]) / 5, sum(onebit[0][-5:]) / 5
+    print(f"\n1-bit Adam dp=2 ZeRO-{stage}: wire bytes/step Adam {adam[1][-1]:.0f}, 1-bit {max(after):.0f} "
+          f"(ratio 1/{adam[1][-1] / max(after):.1f}); loss (mean of steps {STEPS - 4}-{STEPS}) Adam {a:.4f}, "
+          f"1-bit {o:.4f} ({(o - a) / a:+.2%})")
+    assert abs(o - a) <= 0.02 * a, (o, a)
+    assert a < 0.8 * adam[0][0]

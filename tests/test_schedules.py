@@ -183,6 +183,22 @@ def test_simulate_costs():
                                 "W": Fraction(1, 2)}
 
 
+def test_wall_clock_bound_at_pp2_m8():
+    """Issue 19 item 3 asks ZB-H1 ≤ 0.90 × 1F1B at p = 2, m = 8. With T = F + I + W, 1F1B takes (m+p−1)T = 9T and
+    ZB-H1 mT + F = 8T + F (stage 1 waits for one F): with F = I = W (the paper's T_F = T_B = T_W) 25/27 = 0.926,
+    ZB-V 49/54 = 0.907; no schedule beats mT (a rank never idle): 8/9 = 0.889. ZB-H1 reaches 0.90 only when
+    T ≥ 10F (W ≥ 8F at I = F), ZB-V when W ≥ 3F; the real split gives W ≈ I ≈ F: not reachable at p = 2, m = 8."""
+    def ratio(name, v=None, w=1):
+        cost = {"F": 1, "I": 1, "W": w, "B": 1 + w}
+        sc = get_schedule(name, 2, 8, v)
+        return execute(sc, lambda a: Fraction(cost[a.kind]) / sc.v).makespan / Fraction(9 * (2 + w))
+    assert (ratio("zero_bubble"), ratio("zb_v", 2)) == (Fraction(25, 27), Fraction(49, 54))
+    assert [ratio("zero_bubble", w=w) for w in (1, 2, 8)] == [Fraction(8 * (2 + w) + 1, 9 * (2 + w)) for w in (1, 2, 8)]
+    assert ratio("zero_bubble", w=7) > Fraction(9, 10) == ratio("zero_bubble", w=8)
+    assert ratio("zb_v", 2, w=2) > Fraction(9, 10) == ratio("zb_v", 2, w=3)
+    assert min(ratio(n, v, w) for n, v in (("zero_bubble", None), ("zb_v", 2)) for w in (1, 4, 16)) > Fraction(8, 9)
+
+
 # -------------------------------------------------------------------------------- rejection
 def _broken(actions, p=2, m=2, v=1):
     return Schedule("broken", p, m, v, actions)

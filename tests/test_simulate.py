@@ -1,6 +1,7 @@
 """Rank R of a large job, built by the real engine on one CPU process (launch.simulate, issue 25):
 torch's fake process-group backend, the model on the meta device. The bytes the engine allocates
-for rank R must equal the planner's prediction for rank R exactly."""
+for rank R must equal the planner's prediction for rank R exactly, and so must the bytes its checkpoint
+load plan reads (its own shard; computed without a checkpoint)."""
 import pytest
 import torch.distributed as dist
 
@@ -21,6 +22,10 @@ def test_gpt_rank_of_4096_equals_the_planner(stage):
         for k in ("params", "grads", "master", "optimizer", "total"):
             assert r["measured"][k] == r["planner"][k], (stage, rank, k, r)
         assert r["measured"]["optimizer"] > 0 and r["measured"]["params"] > 0
+        ld = r["load"]           # checkpoint load plan (issue 25 item 3): exactly the elements the planner says it owns
+        assert ld["data"] == ld["expected"] > 0, (stage, rank, ld)
+        if stage > 0:            # a 1/dp partition: ≥ 100× less than the whole tensors the former loader read
+            assert ld["whole_tensors"] >= 100 * ld["data"], (stage, rank, ld)
     assert not dist.is_initialized()              # the fake world is gone again
 
 

@@ -193,7 +193,10 @@ def test_config_and_deepspeed_lamb_mapping():
                                                                          "cuda_aware": False}}}, BASE, 2)
     o = load_config(data=merge_tree(BASE, ov)).validate(2).optimizer
     assert (o.name, o.lr, o.freeze_step) == ("onebit_adam", 1e-3, 400)
-    with pytest.raises(ConfigError, match="zero.stage=0"):
-        load_config(data=merge_tree(BASE, {**ov, "zero": {"stage": 1}})).validate(2)
+    with pytest.raises(ConfigError, match="zero.stage=3"):
+        load_config(data=merge_tree(BASE, {**ov, "zero": {"stage": 3}})).validate(2)
+    with pytest.raises(ConfigError, match="needs precision=fp32"):
+        load_config(data=merge_tree(BASE, {**ov, "zero": {"stage": 1}, "precision": "bf16"})).validate(2)
+    load_config(data=merge_tree(BASE, {**ov, "zero": {"stage": 2}})).validate(2)      # ZeRO-1/2: parallel/zero/onebit
     with pytest.raises(ConfigError, match="adamw_lr"):
         load_config(data=merge_tree(BASE, {"optimizer": {"name": "lamb", "adamw_lr": 1e-3}})).validate(2)

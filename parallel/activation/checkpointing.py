@@ -20,8 +20,9 @@ pipeline split's body: ``GPT.blocks``, ``model.layers``, ``transformer.h``):
              tensors stay where they are and are only counted.
 
 How, without editing the model: as torch's composable ``checkpoint`` (torch.distributed._composable)
-does, the non-reentrant checkpoint (``use_reentrant=False``: torch.utils.checkpoint's generator)
-is entered in a forward pre-hook of the block and left in its forward hook, so parameter names,
+does, a non-reentrant checkpoint (:class:`.recompute.Frame`, torch.utils.checkpoint's
+``use_reentrant=False`` method with one recompute shared by all backward passes) is entered in a
+forward pre-hook of the block and left in its forward hook, so parameter names,
 ``state_dict`` keys and the model's own forward stay as they are. (Ours rather than the composable
 one: its recompute context is one-shot, and the zero-bubble W pass backpropagates a second time.)
 The recompute calls the block again *through its hooks* (the checkpoint's own standing aside), so:
@@ -45,9 +46,12 @@ The recompute calls the block again *through its hooks* (the checkpoint's own st
   reduced, so the recompute costs no extra all-gather. ``zero.units=module``: the units of the modules
   whose backward has not begun are re-gathered for the recompute and freed after it, then gathered
   again for their backward: up to (N−1)/N·Ψ_block·b more all-gather bytes per block and step.
-* zero-bubble pipeline: I (``autograd.grad(retain_graph=True)``) and W (a second backward) each
-  recompute the block: two extra forwards per block. ``selective`` cannot be used there (torch's
-  cache allows one backward per region; the config check says so).
+* zero-bubble pipeline (ZB-H1, ZB-V, DualPipeV): I (``autograd.grad(retain_graph=True)``) and W (a
+  second backward) share one recompute (:mod:`.recompute`: torch's frame recomputed per backward call,
+  twice or more per block, and held I's unused tensors until W): one extra forward per block, and
+  from I to W a block keeps only what W needs — its weight consumers' saved inputs (GPT: the block
+  input, both norms' inputs and statistics, the three matmul inputs: 5βsh + βsf + 4βs·4 bytes fp32)
+  besides the captured δ_N. ``selective`` works there too (one recompute, so its cache is read once).
 * BatchNorm (incl. sync_batchnorm) inside a block: the recompute would update the running statistics
   a second time; they are saved before and restored after the recompute (sync BN's forward
   all-reduces run again, with the same numbers).
@@ -63,12 +67,9 @@ import functools
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    _checkpoint_without_reentrant_generator,
-    create_selective_checkpoint_contexts,
-)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from parallel.activation.recompute import Frame
 from parallel.pipeline.split import find_body
 
 __all__ = ["POLICIES", "DEFAULT_SAVE_OPS", "BlockRecord", "ActivationCheckpointing", "repeated_blocks",
@@ -117,7 +118,7 @@ class BlockRecord:
         self.sac_storage = None
         self.recomputes = 0
         self.recomputing = False
-        self.generator = None
+        self.active = None
 
 
 class ActivationCheckpointing:
@@ -137,21 +138,17 @@ class _RecomputeGuard:
     updated. Re-enterable: a second backward over the graph (the zero-bubble W pass re-walks it with
     retain_graph) recomputes the block again."""
 
-    def __init__(self, record: BlockRecord, inner=None):
-        self.record, self.inner = record, inner
+    def __init__(self, record: BlockRecord):
+        self.record = record
         self.bns = [m for m in record.block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
     def __enter__(self):
         self.saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in self.bns]
         self.record.recomputes += 1
         self.record.recomputing = True           # our checkpoint hooks stand aside; the block's others run
-        if self.inner is not None:
-            self.inner.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.inner is not None:
-            self.inner.__exit__(*exc)
         self.record.recomputing = False
         for m, buf in zip(self.bns, self.saved):
             for k, v in buf.items():
@@ -162,7 +159,7 @@ class _RecomputeGuard:
 def _context_fn(record: BlockRecord, save_ops):
     """The checkpoint's (forward, recompute) contexts: plain, or selective caching of ``save_ops``."""
     if save_ops is None:
-        return contextlib.nullcontext(), _RecomputeGuard(record)
+        return contextlib.nullcontext(), contextlib.nullcontext()
     ops = frozenset(save_ops)
 
     def policy(ctx, op, *args, **kwargs):
@@ -170,7 +167,7 @@ def _context_fn(record: BlockRecord, save_ops):
 
     fwd, rec = create_selective_checkpoint_contexts(policy)
     record.sac_storage = fwd.storage            # the caching mode's {op: [outputs]} of this forward
-    return fwd, _RecomputeGuard(record, rec)
+    return fwd, rec
 
 
 class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
@@ -182,8 +179,8 @@ class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
         def pack(t):
             for fn in ac.pack_listeners:
                 fn(record, t)
-            if t.device.type == "cpu":
-                return t.device, t
+            if t.device.type == "cpu":     # detached: a block's output packed with its own grad_fn would
+                return t.device, t.detach()  # make a cycle that outlives a retained graph (the I/W split)
             host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
             host.copy_(t, non_blocking=pin)
             return t.device, host
@@ -197,22 +194,20 @@ class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
 
 def _hook_checkpoint(ac: ActivationCheckpointing, record: BlockRecord, save_ops) -> None:
     """The non-reentrant checkpoint as a pre-hook / hook pair on the block (as torch's composable
-    ``checkpoint``, whose one-shot recompute context cannot serve a second backward)."""
+    ``checkpoint``), with our frame (:class:`.recompute.Frame`): one recompute serves every backward
+    pass over the forward, the zero-bubble split's I and W included."""
     def pre(mod, args, kwargs):
         if record.recomputing or not torch.is_grad_enabled():
             return
-        record.generator = _checkpoint_without_reentrant_generator(
-            mod, True, functools.partial(_context_fn, record, save_ops), "default", False, False, *args, **kwargs)
-        next(record.generator)
+        frame = Frame(mod, f"block {record.index}", args, kwargs,
+                      functools.partial(_context_fn, record, save_ops), _RecomputeGuard(record))
+        record.active = frame.forward()
+        record.active.__enter__()
 
     def post(mod, args, out):
-        gen, record.generator = record.generator, None
-        if gen is not None and not record.recomputing:
-            try:
-                next(gen)
-            except StopIteration:
-                return
-            raise RuntimeError(f"activation checkpointing of block {record.index}: the checkpoint did not finish")
+        ctx, record.active = record.active, None
+        if ctx is not None and not record.recomputing:
+            ctx.__exit__(None, None, None)
 
     ac.handles += [record.block.register_forward_pre_hook(pre, with_kwargs=True),
                    record.block.register_forward_hook(post, prepend=True, always_call=True)]

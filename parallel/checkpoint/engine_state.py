@@ -3,7 +3,10 @@
 Each optimizer "piece" of ZeRO — a range [a, e) of one local parameter inside a flat bucket,
 with its fp32 master values and its optimizer state — maps through the layout probe
 (:mod:`parallel.checkpoint.layout`) to positions in a parameter of the unmodified model. Ownership, so each
-element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); tp-sharded
+element is written once: the dp partition (ZeRO ≥ 1) or dp rank 0 (stage 0); an expert parameter
+(``param_info(p).ep_split``, :mod:`parallel.moe`: rank e of ep holds experts [e·E/ep, (e+1)·E/ep)) by
+its expert-data-parallel partition (ZeRO ≥ 1) or edp rank 0 (stage 0), so every ep rank writes its own
+experts and the logical tensor is the whole [E, …] stack whatever ep was; tp-sharded
 parameters on every tp rank (a replicated kv head on the first rank holding it), replicated ones on
 tp rank 0; never the pipeline's duplicate of a tied embedding; never vocabulary padding (it maps to no
 element). Loading fills every piece (owned or not) and writes the masters back to the parameters, so
@@ -23,40 +26,71 @@ import torch
 import torch.distributed as dist
 
 from parallel.checkpoint.integrity import check_model, model_structure, verify_files
-from parallel.checkpoint.layout import materialize, probe_origins
+from parallel.checkpoint.layout import ParamOrigin, materialize, probe_origins
+from parallel.checkpoint.meta_probe import LocalIndex, meta_origins
+from parallel.checkpoint.ranged import ReadStats
 from parallel.checkpoint.sharded import Piece, load_pieces, read_meta, save_pieces
 from parallel.parameters import param_info
 
 
 def _origins(engine) -> dict:
+    """The layout probe, once per engine: on the meta device (:mod:`.meta_probe`: no copy of the model);
+    should the sharding not replay on meta, the float64 value probe (8 bytes per model element, once)."""
     if getattr(engine, "_origins", None) is None:
-        engine._origins = probe_origins(engine.template, engine._shard, engine.stages)
+        keep = engine.tensor_parallel                  # _shard records the probe's conversion: keep the real one
+        try:
+            engine._origins = meta_origins(engine.template, engine._shard, engine.stages, engine.tp.size,
+                                           engine.tp.rank)
+        except Exception as e:                          # any failure of the meta replay
+            if engine.mesh.device.type == "meta":
+                raise
+            if engine.mesh.rank == 0:
+                warnings.warn(f"checkpoint layout probe: the sharding does not replay on the meta device "
+                              f"({type(e).__name__}: {str(e)[:200]}); using the float64 probe, which holds a copy of "
+                              f"the model (8 bytes per element) while it runs", stacklevel=3)
+            engine._origins = {k: ParamOrigin(o.name, o.full_shape, LocalIndex(o.full_shape, tuple(o.index.shape),
+                                                                                table=o.index))
+                               for k, o in probe_origins(engine.template, engine._shard, engine.stages).items()}
+        finally:
+            engine.tensor_parallel = keep
     return engine._origins
 
 
 def _pieces(engine, with_optim: bool = True) -> tuple[list, dict]:
     z, origins = engine.zero, _origins(engine)
     dp_owner = z.stage > 0 or engine.dp_cp.rank == 0          # dp×cp: cp ranks hold replicas too
+    ep_owner = z.stage > 0 or engine.cfg.parallel.ep == 1 or engine.mesh.group("edp").rank == 0
     pieces, scalars, state_keys = [], {}, set()
     for b, i, a, e, view in z._pieces:
         param = b.params[i]
         o = origins[id(param)]
         off = b.offsets[i]
-        idx = o.index.reshape(-1)[a - off:e - off]
+        idx = o.index.range(a - off, e - off)
         keep = idx >= 0
         info = param_info(param)
-        owner = dp_owner and (info.tp_split or engine.tp.rank == 0) and not info.pp_duplicate and not info.tp_duplicate
-        sel = (lambda t: t) if bool(keep.all()) else (lambda t, keep=keep: t[keep])
-        pieces.append(Piece(f"model/{o.name}", o.full_shape, sel(view), sel(idx), owner))
+        owner = ((ep_owner if info.ep_split else dp_owner) and (info.tp_split or engine.tp.rank == 0)
+                 and not info.pp_duplicate and not info.tp_duplicate)
+        pieces.append(_piece(f"model/{o.name}", o.full_shape, view, idx, keep, owner))
         if not with_optim:
             continue
         for k, v in z.optimizer.state.get(view, {}).items():
             if isinstance(v, torch.Tensor) and v.numel() == view.numel() and v.dim() > 0:
                 state_keys.add(k)
-                pieces.append(Piece(f"optim/{o.name}/{k}", o.full_shape, sel(v), sel(idx), owner))
+                pieces.append(_piece(f"optim/{o.name}/{k}", o.full_shape, v, idx, keep, owner))
             elif v is not None:
                 scalars[k] = float(v)
     return pieces, {"optim_scalars": scalars, "optim_state_keys": sorted(state_keys)}
+
+
+def _piece(key, shape, t, idx, keep, owner) -> Piece:
+    """The piece of ``t`` whose positions ``idx`` are kept (padding, position −1, left out): a view of ``t``
+    when the kept elements are a prefix, else a copy that a load scatters back (``Piece.scatter``)."""
+    if bool(keep.all()):
+        return Piece(key, shape, t, idx, owner)
+    k = int(keep.sum())
+    if bool(keep[:k].all()):
+        return Piece(key, shape, t.reshape(-1)[:k], idx[:k], owner)
+    return Piece(key, shape, t[keep], idx[keep], owner, scatter=(t, keep))
 
 
 def _buffer_pieces(engine) -> list:
@@ -91,17 +125,24 @@ def save_engine(engine, path: str, extra: dict, on_written=None) -> str:
 
 
 def _save(engine, path: str, extra: dict, on_written=None) -> str:
+    pieces, meta, rank_meta = save_parts(engine, extra)
+    return save_pieces(pieces, path, meta, rank_meta, on_written=on_written)
+
+
+def save_parts(engine, extra: dict) -> tuple:
+    """(pieces, meta, rank_meta) of a save: what :func:`save_engine` and the background writer
+    (:mod:`parallel.checkpoint.async_save`) write."""
     pieces, optim_meta = _pieces(engine)
     pieces += _buffer_pieces(engine)
     c = engine.cfg
-    meta = {"step": engine.step_count, "format": "parallel3d-2",
-            "layout": {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
-                       "precision": c.precision},
+    meta = {"step": engine.step_count, "format": "parallel3d-2", "layout": _layout(engine),
             "model": {"factory": c.model.factory, "kwargs": c.model.kwargs, **_structure(engine)},
             "optimizer": c.optimizer.name, "loss_scale": engine.zero.loss_scale,
             "scheduler_last_epoch": engine.scheduler.last_epoch, **optim_meta, **extra}
     rank_meta = {"rng": torch.get_rng_state(), "world": engine.mesh.world_size}
-    return save_pieces(pieces, path, meta, rank_meta, on_written=on_written)
+    if hasattr(engine.zero.optimizer, "comm_state"):         # 1-bit Adam: this rank's error-feedback buffers
+        rank_meta["optimizer_comm"] = engine.zero.optimizer.comm_state
+    return pieces, meta, rank_meta
 
 
 def _structure(engine) -> dict:
@@ -145,7 +186,8 @@ def _load(engine, path: str) -> dict:
         warnings.warn(f"checkpoint {path} holds no values for {len(buffers) - len(saved)} persistent buffers (e.g. "
                       f"{buffers[0].key[len('buffer/'):]!r}; saved before buffers were checkpointed): they keep their "
                       f"initial values", stacklevel=2)
-    load_pieces(pieces + saved, path)
+    engine.checkpoint_reads = ReadStats()          # bytes this rank read (parallel.checkpoint.ranged)
+    load_pieces(pieces + saved, path, engine.checkpoint_reads)
     z._write_back()
     if z.scaler.enabled and meta.get("loss_scale"):
         z.scaler.scale = float(meta["loss_scale"])
@@ -156,14 +198,22 @@ def _load(engine, path: str) -> dict:
     rank_file = os.path.join(path, f"rank_{engine.mesh.rank}.pt")
     if meta.get("layout", {}).get("dp") == engine.cfg.parallel.dp and meta.get("world_size") == engine.mesh.world_size \
             and os.path.isfile(rank_file) and meta["layout"] == _layout(engine):
-        torch.set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+        rank_meta = torch.load(rank_file, weights_only=False)
+        torch.set_rng_state(rank_meta["rng"])
+        if hasattr(z.optimizer, "comm_state"):
+            z.optimizer.comm_state = rank_meta.get("optimizer_comm", {})
+    elif getattr(z.optimizer, "comm_state", None) is not None and engine.mesh.rank == 0 \
+            and z.optimizer.t > z.optimizer.param_groups[0]["freeze_step"]:
+        warnings.warn(f"checkpoint {path}: 1-bit Adam's error-feedback buffers are per rank and this layout differs "
+                      f"from the saved one: they restart at zero (the resume is not bit-exact)", stacklevel=2)
     return meta
 
 
 def _layout(engine) -> dict:
     c = engine.cfg
+    ep = {"ep": c.parallel.ep} if c.parallel.ep > 1 else {}       # (absent for ep = 1: older checkpoints match)
     return {"dp": c.parallel.dp, "tp": c.parallel.tp, "pp": c.parallel.pp, "zero_stage": c.zero.stage,
-            "precision": c.precision}
+            "precision": c.precision, **ep}
 
 
 def full_state_dict(engine) -> dict | None:

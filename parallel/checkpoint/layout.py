@@ -20,7 +20,7 @@ import torch.nn as nn
 class ParamOrigin:
     name: str                 # name in the unmodified model (first name of a tied parameter)
     full_shape: tuple
-    index: torch.Tensor       # int64, the local parameter's shape; -1 where padding
+    index: object             # int64 tensor of the local shape (-1: padding), or a meta_probe.LocalIndex
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

@@ -10,9 +10,9 @@ ZeRO flat partitions, pipeline stages) without a case per layout.
 
 Saving: the one rank that *owns* an element writes it (owners are disjoint and cover the tensor);
 runs of consecutive indices become the 1-D shards of a DCP ShardedTensor, so each rank writes only
-its own shards. Loading into any layout: DCP reads each logical tensor the rank needs (resharding
-from whatever shards were saved) and the rank takes ``full[index]``. Loading reads whole logical
-tensors one group at a time, so peak extra memory is about ``load_group_mb``.
+its own shards. Loading into any layout: each rank reads exactly the byte ranges of the elements its
+pieces cover, from whatever shards were saved (:mod:`parallel.checkpoint.ranged`): IO and memory in
+proportion to its shard, not to the checkpoint.
 
 A checkpoint is complete or absent: ranks write ``<dir>/.tmp-step_N`` and hash the files they wrote;
 rank 0 gathers the digests, writes ``meta.json`` with them (:mod:`parallel.checkpoint.integrity`)
@@ -39,6 +39,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardM
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from parallel.checkpoint.integrity import CheckpointError, digest_own
+from parallel.checkpoint.ranged import ReadStats, read_pieces
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -50,13 +51,18 @@ class Piece:
     local: torch.Tensor      # this rank's values (any shape; filled in place on load)
     index: torch.Tensor      # int64, local.numel() entries: positions in the flattened logical tensor
     owner: bool              # this rank writes these elements (exactly one owner per element)
+    scatter: object = None   # (tensor, mask): ``local`` is a copy of tensor[mask], written back after a load
 
 
 def _runs(index: torch.Tensor):
-    """Sort positions; return (order, [(start, length), ...]) of consecutive runs."""
+    """Sort positions; return (order, [(start, length, at), ...]) of consecutive runs. ``order`` is None when
+    the positions are already increasing (a ZeRO piece of a whole or row-split parameter): no sort."""
     idx = index.reshape(-1)
-    order = torch.argsort(idx)
-    s = idx[order]
+    if idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
+        order, s = None, idx
+    else:
+        order = torch.argsort(idx)
+        s = idx[order]
     if s.numel() == 0:
         return order, []
     breaks = torch.nonzero(s[1:] != s[:-1] + 1).flatten() + 1
@@ -65,10 +71,10 @@ def _runs(index: torch.Tensor):
     return order, [(int(s[a]), b - a, a) for a, b in zip(starts, ends)]
 
 
-def _sharded(key_runs_all: dict, key: str, values: torch.Tensor, runs, rank: int):
+def _sharded(key_runs_all: dict, key: str, parts: list, rank: int):
+    """``parts``: [(start, n, values)] — each run's own copy (a snapshot; torch.save writes just its n values)."""
     numel, dtype, all_runs = key_runs_all[key]
-    shards = [Shard(values[a:a + n].clone(), ShardMetadata([start], [n], f"rank:{rank}/cpu"))
-              for start, n, a in runs]
+    shards = [Shard(v, ShardMetadata([start], [n], f"rank:{rank}/cpu")) for start, n, v in parts]
     md = ShardedTensorMetadata([ShardMetadata([s], [n], f"rank:{r}/cpu") for r, s, n in all_runs],
                                torch.Size([numel]), TensorProperties(dtype=dtype))
     with warnings.catch_warnings():
@@ -99,12 +105,12 @@ def _all_runs(local: dict, world: int) -> tuple[dict, dict]:
     return key_runs_all, shapes
 
 
-def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | None = None, on_written=None) -> str:
-    """Collective: write this rank's owned elements of every piece under ``path`` atomically.
-
-    ``meta`` (layout, step, data position, ...) is written by rank 0; ``rank_meta`` (e.g. RNG
-    state) by every rank; ``on_written()``, when given, runs once every rank has written into the
-    temporary folder (a barrier) and before the commit. Returns the final folder."""
+def stage_pieces(pieces: list[Piece], path: str) -> dict:
+    """Collective (the default group): the first half of a save. Rank 0 makes the temporary folder;
+    every rank copies its owned elements to host memory, sorted into runs, and the ranks exchange their
+    runs (each logical tensor's owners must cover it exactly). Returns what :func:`save_pieces` (or a
+    background writer, :mod:`parallel.checkpoint.async_save`) writes: {"state", "shapes", "tmp", "final",
+    "rank", "world"} — a snapshot: the pieces may change afterwards."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     parent, name = os.path.split(os.path.abspath(path))
@@ -119,14 +125,29 @@ def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | No
         if not p.owner:
             continue
         order, runs = _runs(p.index)
-        vals = p.local.detach().reshape(-1)[order].cpu()
+        flat = p.local.detach().reshape(-1)
+        vals = flat if order is None else flat[order]
         e = local.setdefault(p.key, [int(torch.Size(p.full_shape).numel()), vals.dtype, list(p.full_shape), [], []])
-        e[3].append(vals)
-        e[4].extend((s, n, a + sum(v.numel() for v in e[3][:-1])) for s, n, a in runs)
+        for st, n, a in runs:                         # one copy per run, on the host: the snapshot
+            e[4].append((st, n, None))
+            e[3].append((st, n, vals[a:a + n].to("cpu", copy=True)))
     key_runs_all, shapes = _all_runs(local, world)
-    state = {k: _sharded(key_runs_all, k, torch.cat(e[3]), e[4], rank) for k, e in local.items()}
+    state = {k: _sharded(key_runs_all, k, e[3], rank) for k, e in local.items()}
     if world > 1:
         dist.barrier()
+    return {"state": state, "shapes": shapes, "tmp": tmp, "final": os.path.join(parent, name), "rank": rank,
+            "world": world}
+
+
+def save_pieces(pieces: list[Piece], path: str, meta: dict, rank_meta: dict | None = None, on_written=None) -> str:
+    """Collective: write this rank's owned elements of every piece under ``path`` atomically.
+
+    ``meta`` (layout, step, data position, ...) is written by rank 0; ``rank_meta`` (e.g. RNG
+    state) by every rank; ``on_written()``, when given, runs once every rank has written into the
+    temporary folder (a barrier) and before the commit. Returns the final folder."""
+    st = stage_pieces(pieces, path)
+    state, shapes, tmp, rank, world = st["state"], st["shapes"], st["tmp"], st["rank"], st["world"]
+    parent, name = os.path.split(st["final"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
@@ -188,15 +209,18 @@ def _short_file(path: str, md) -> str | None:
     return None
 
 
-def load_full(path: str, keys: list[str], meta: dict | None = None) -> dict:
-    """Read whole logical tensors ``keys`` (flattened) from a checkpoint, in any process layout."""
-    meta = meta or read_meta(path)
-    reader = dcp.FileSystemReader(path)
+def _dcp_metadata(path: str):
     try:
-        full_md = reader.read_metadata()
+        return dcp.FileSystemReader(path).read_metadata()
     except Exception as e:                            # UnpicklingError, EOFError, FileNotFoundError, ...
         raise CheckpointError(f"checkpoint {path} is damaged: file .metadata (DCP's index of the shards) cannot be "
                               f"read ({type(e).__name__}: {str(e)[:200]})", damaged=True) from e
+
+
+def load_full(path: str, keys: list[str], meta: dict | None = None) -> dict:
+    """Read whole logical tensors ``keys`` (flattened) from a checkpoint, in any process layout."""
+    meta = meta or read_meta(path)
+    full_md = _dcp_metadata(path)
     md = full_md.state_dict_metadata
     out = {}
     for k in keys:
@@ -217,10 +241,11 @@ def load_full(path: str, keys: list[str], meta: dict | None = None) -> dict:
     return out
 
 
-def load_pieces(pieces: list[Piece], path: str, load_group_mb: float = 256.0) -> dict:
+def load_pieces(pieces: list[Piece], path: str, stats: ReadStats | None = None) -> dict:
     """Fill every piece's ``local`` from the checkpoint at ``path``; returns its meta.
 
-    Each rank reads on its own (no collectives), whole logical tensors a group at a time."""
+    Each rank reads on its own (no collectives), and only the byte ranges of the elements its pieces
+    cover (:mod:`parallel.checkpoint.ranged`); ``stats`` counts the bytes read."""
     meta = read_meta(path)
     shapes = meta["shapes"]
     for p in pieces:
@@ -230,22 +255,13 @@ def load_pieces(pieces: list[Piece], path: str, load_group_mb: float = 256.0) ->
         if list(shapes[p.key]) != list(p.full_shape):
             raise ValueError(f"checkpoint tensor {p.key!r} has shape {tuple(shapes[p.key])} but this model's is "
                              f"{tuple(p.full_shape)}: the checkpoint comes from a different model configuration")
-    by_key: dict[str, list[Piece]] = {}
-    for p in pieces:
-        by_key.setdefault(p.key, []).append(p)
-    keys = list(by_key)
-    group, size = [], 0
-    for i, k in enumerate(keys):
-        group.append(k)
-        size += torch.Size(shapes[k]).numel() * 4
-        if size >= load_group_mb * 2**20 or i == len(keys) - 1:
-            full = load_full(path, group, meta)
-            for g in group:
-                for p in by_key[g]:
-                    vals = full[g][p.index.reshape(-1)].view(p.local.shape)
-                    with torch.no_grad():
-                        p.local.copy_(vals.to(p.local.dtype))
-            group, size = [], 0
+    stats = stats if stats is not None else ReadStats()
+    md = _dcp_metadata(path)
+    stats.metadata += os.path.getsize(os.path.join(path, ".metadata"))
+    bad = _short_file(path, md)                       # sizes only (stat): a missing or short file, named
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is damaged: {bad}", damaged=True)
+    read_pieces(path, md, pieces, stats)
     return meta
 
 

@@ -8,6 +8,9 @@
 Rules (https://www.deepspeed.ai/docs/config-json/):
 - Only what the file states is mapped; a block that is present maps its meaning-bearing keys with
   DeepSpeed's defaults (e.g. an ``optimizer`` block without ``weight_decay`` means FusedAdam's 0.0).
+  One top-level default changes the math and is applied when the key is absent: ``gradient_clipping``
+  (1.0 in current DeepSpeed, 0 = off up to 0.19.1; the installed DeepSpeed's value wins, see
+  :mod:`.deepspeed_defaults`) — unless the YAML sets ``train.grad_clip`` itself; the report says which.
 - ``"auto"`` (the Hugging Face convention) takes the native value from ``base``, else our default.
 - Batch: train_batch_size = train_micro_batch_size_per_gpu × gradient_accumulation_steps × dp, the
   missing one derived as DeepSpeed derives it; an inconsistent triple is an error.
@@ -28,6 +31,7 @@ import os
 
 from parallel.config import deepspeed_keys as K
 from parallel.config.deepspeed_activation import map_activation_checkpointing
+from parallel.config.deepspeed_defaults import clip_default
 from parallel.config.deepspeed_mapper import AUTO, Mapper
 from parallel.config.deepspeed_optim import map_optimizer, map_pld, map_scheduler
 from parallel.config.deepspeed_zero import map_zero
@@ -181,6 +185,7 @@ def map_batch(m: Mapper):
 
 def map_clipping(m: Mapper):
     if "gradient_clipping" not in m.ds:
+        map_clipping_default(m)
         return
     raw = m.ds["gradient_clipping"]
     v = m.native("train.grad_clip") if raw == AUTO else raw
@@ -188,6 +193,23 @@ def map_clipping(m: Mapper):
         m.fail("gradient_clipping", f"{v} must be 0 (off) or a positive max gradient norm")
     m.set("gradient_clipping", raw, "train.grad_clip", float(v) if v else None,
           "max global L2 norm" if v else "0 means no clipping")
+
+
+def map_clipping_default(m: Mapper):
+    """No ``gradient_clipping`` key: DeepSpeed's default applies (version-dependent, see
+    :mod:`.deepspeed_defaults`), unless the native YAML (or a CLI override) sets ``train.grad_clip`` itself."""
+    value, why = clip_default()
+    meaning = f"max global L2 norm {value:g}" if value else "no clipping"
+    train = m.base.get("train") if isinstance(m.base.get("train"), dict) else {}
+    if "grad_clip" in train:
+        m.lines.append(f"gradient_clipping = (unset; DeepSpeed's default would be {value:g}: {meaning}, from {why}) "
+                       f"-> train.grad_clip = {json.dumps(train['grad_clip'])} kept (the YAML sets it)")
+        return
+    other = "no clipping" if value else "clipping"
+    m.set("gradient_clipping", f"(unset: DeepSpeed's default {value:g}, from {why})", "train.grad_clip",
+          float(value) if value else None, f"{meaning}; for {other} write \"gradient_clipping\": "
+                                           f"{'0.0' if value else 'X'} in the JSON, or set train.grad_clip in the YAML "
+                                           f"({'null' if value else 'X'})")
 
 
 def map_deepspeed(ds: dict, base: dict | None = None, dp_size: int = 1) -> tuple[dict, list[str]]:

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import keyword
 import re
 import types
 import typing
@@ -86,6 +87,8 @@ def _build(cls, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
+        if keyword.iskeyword(k) and f"{k}_" in names:      # a Python keyword (train.checkpoint.async): field "async_"
+            k = f"{k}_"
         if prefix + k in REMOVED:
             raise ConfigError(f"'{prefix}{k}' is no longer a config key: {REMOVED[prefix + k]}")
         if k not in names:

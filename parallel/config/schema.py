@@ -31,6 +31,7 @@ class DataConfig:
     micro_batch_size: int = 8              # samples per micro-batch on one dp rank
     shuffle: bool = False                  # seeded permutation per epoch, independent of the layout
     eval: Optional[dict] = None            # {factory, kwargs, batches}: a held-out set (launch/evaluate.py)
+    prefetch: int = 2                      # batches a background thread loads ahead, in order (parallel/prefetch.py)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class OptimizerConfig:
     eps: Optional[float] = None            # muon: the AdamW part's eps
     adamw_lr: Optional[float] = None       # muon: lr of the non-matrix tensors (AdamW); default lr
     freeze_step: Optional[int] = None      # onebit_adam: Adam warm-up steps before compression (default 100)
+    state_dtype: Optional[str] = None      # adam/adamw moments: fp32 (default) | int8 (parallel/optim/adam8bit.py)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class CheckpointConfig:
     every: int = 0                         # steps between checkpoints; 0 = never
     keep_last: Optional[int] = None        # keep this job's newest N checkpoints, remove its older ones; null = all
     fallback: bool = False                 # resume: a damaged newest checkpoint -> the previous intact one (logged)
+    async_: bool = False                   # YAML key "async": write in a background thread from a host snapshot
 
 
 @dataclass

@@ -78,6 +78,8 @@ def _check_batch(c: Config, world_size: int | None) -> None:
             raise ConfigError(f"{key}={v} must be at least 1")
     if t.steps < 0:
         raise ConfigError(f"train.steps={t.steps} must be 0 or more")
+    if d.prefetch < 0:
+        raise ConfigError(f"data.prefetch={d.prefetch} must be 0 (load in the step) or more (batches loaded ahead)")
     if world_size is not None and c.world_size != world_size:
         axes, sizes = "dp*tp*pp", f"{p.dp}*{p.tp}*{p.pp}"
         if p.cp > 1:
@@ -181,11 +183,6 @@ def _check_activation(c: Config) -> None:
                                    or not all(isinstance(o, str) for o in a.save_ops)):
         raise ConfigError(f"activation_checkpointing.save_ops={a.save_ops!r} must be a list of aten op names "
                           f"(e.g. ['mm', 'addmm']) and only applies to policy=selective (got {a.policy!r})")
-    sched = c.parallel.pp_schedule
-    if a.policy == "selective" and c.parallel.pp > 1 and sched in ("zero_bubble", "zb_v", "dualpipe_v"):
-        raise ConfigError(f"activation_checkpointing.policy=selective cannot run under parallel.pp_schedule={sched}: "
-                          "its W pass backpropagates through each stage a second time, and torch's "
-                          "selective checkpoint allows one backward per block; use policy full or offload")
 
 
 SAVE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
@@ -263,9 +260,28 @@ def _check_optimizer(c: Config) -> None:
         raise ConfigError(f"optimizer.adamw_lr applies to muon (its AdamW part), not {o.name}: remove it")
     if o.name != "onebit_adam" and o.freeze_step is not None:
         raise ConfigError(f"optimizer.freeze_step applies to onebit_adam, not {o.name}: remove it")
-    if o.name == "onebit_adam" and c.zero.stage != 0:
-        raise ConfigError(f"optimizer.name=onebit_adam communicates compressed momentum over plain dp: it needs "
-                          f"zero.stage=0 (got {c.zero.stage}); set zero.stage=0")
+    if o.state_dtype not in (None, "fp32", "int8"):
+        raise ConfigError(f"optimizer.state_dtype={o.state_dtype!r} must be fp32 or int8")
+    if o.state_dtype == "int8" and o.name not in ("adam", "adamw"):
+        raise ConfigError(f"optimizer.state_dtype=int8 quantizes Adam's moments: it applies to adam/adamw, not "
+                          f"{o.name}; remove it or set optimizer.name=adamw")
+    if o.state_dtype == "int8" and c.zero.offload.optimizer != "none":
+        raise ConfigError(f"optimizer.state_dtype=int8 with zero.offload.optimizer={c.zero.offload.optimizer} is not "
+                          f"supported yet (the streamed CPU Adam keeps fp32 moments): set zero.offload.optimizer=none "
+                          f"or optimizer.state_dtype=fp32")
+    if o.name == "onebit_adam" and c.zero.stage == 3:
+        raise ConfigError("optimizer.name=onebit_adam with zero.stage=3: the compressed update needs the whole "
+                          "parameter on every rank (parallel/zero/onebit.py); set zero.stage to 0, 1 or 2")
+    if o.name == "onebit_adam" and c.precision == "fp16":
+        raise ConfigError("optimizer.name=onebit_adam with precision=fp16: the loss scaler's overflow check needs "
+                          "reduced gradients, which the compressed phase lacks; use bf16 (zero.stage=0) or fp32")
+    if o.name == "onebit_adam" and c.zero.stage > 0 and c.precision != "fp32":
+        raise ConfigError(f"optimizer.name=onebit_adam with zero.stage={c.zero.stage} needs precision=fp32 (got "
+                          f"{c.precision}): every rank applies the compressed update to its full-precision "
+                          f"parameter; set precision=fp32 or zero.stage=0")
+    if o.name == "onebit_adam" and c.train.grad_clip is not None:
+        raise ConfigError("optimizer.name=onebit_adam keeps each rank's own gradient after warm-up: there is no "
+                          "global norm to clip by; remove train.grad_clip")
 
 
 def check_schedule(name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,

@@ -20,7 +20,8 @@ reads only the windows of its slice of the global batch, and the memory map touc
 
 Every defect found when opening (missing, empty or truncated file, a size that is not a whole number of
 tokens, an index that does not describe the file, a token id the model's vocabulary has no row for,
-a checksum mismatch with ``verify=True``) raises :class:`CorpusError` naming the file and the fix.
+a bare uint32 ``.bin`` read as uint16 (every second id 0), unreadable metadata, a checksum mismatch with
+``verify=True``) raises :class:`CorpusError` naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -80,6 +81,12 @@ class TokenWriter:
         self.tokens += int(a.size)
         self.offsets.append(self.tokens)
 
+    def abort(self) -> None:
+        """Drop what was written (nothing of the corpus is left behind)."""
+        self._bin.close()
+        if os.path.exists(self.prefix + ".bin.tmp"):
+            os.remove(self.prefix + ".bin.tmp")
+
     def close(self) -> dict:
         self._bin.close()
         if self.tokens == 0:
@@ -138,12 +145,17 @@ class TokenCorpus(torch.utils.data.Dataset):
             raise CorpusError(f"{self.bin}: sha256 differs from {self.prefix}.json (the file is corrupted); {_FIX}")
         self.tokens = np.memmap(self.bin, dtype=np_dtype, mode="r", shape=(n,))
         self.offsets = self._read_index(n, verify) if "documents" in self.meta else None
+        bare = "format" not in self.meta
+        if bare:
+            self._check_bare_dtype()
         top = self.meta["max_token"] if "max_token" in self.meta else self._scan_max()
         if vocab_size is not None and top >= vocab_size:
+            hint = (f" (a bare .bin read as {self.meta['dtype']}: if it holds uint16 ids, pass dtype='uint16')"
+                    if bare and self.meta["dtype"] == "uint32" else "")
             raise CorpusError(f"{self.bin}: token id {top} does not fit the model's vocabulary of {vocab_size} "
                               f"(tokenizer {self.meta.get('tokenizer') or '?'}, vocab_size "
                               f"{self.meta.get('vocab_size', '?')}): set the model's vocab_size ≥ {top + 1} or "
-                              f"prepare the corpus with the model's tokenizer")
+                              f"prepare the corpus with the model's tokenizer{hint}")
         if n < seq_len + 1:
             raise CorpusError(f"{self.bin}: {n} tokens are fewer than one sample of seq_len + 1 = {seq_len + 1}; "
                               f"use more text or a shorter seq_len")
@@ -182,6 +194,17 @@ class TokenCorpus(torch.utils.data.Dataset):
             raise CorpusError(f"{path}: the document index does not describe {self.bin} ({idx.size} offsets for "
                               f"{self.meta['documents']} documents and {n} tokens); {_FIX}")
         return idx
+
+    def _check_bare_dtype(self, probe: int = 1 << 20) -> None:
+        """A bare .bin of uint32 ids below 65536 read as uint16 yields valid-looking ids with a 0 after each
+        one: refuse it (every odd uint16 of the first ``probe`` zero while the even ones are not)."""
+        if self.meta["dtype"] != "uint16":
+            return
+        head = np.asarray(self.tokens[:min(len(self.tokens), probe) // 2 * 2])
+        if head.size >= 8 and not head[1::2].any() and head[0::2].any():
+            raise CorpusError(f"{self.bin}: read as uint16, every second id is 0 — it looks like uint32 token ids; "
+                              f"pass dtype='uint32' (data.kwargs.dtype), or re-create it with "
+                              f"`python -m launch.prepare_data`, which records the dtype")
 
     def _scan_max(self, chunk: int = 1 << 24) -> int:
         return max(int(self.tokens[i:i + chunk].max()) for i in range(0, len(self.tokens), chunk))

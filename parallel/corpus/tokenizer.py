@@ -3,11 +3,14 @@
     load_tokenizer("bytes")           UTF-8 bytes: ids 0–255, EOS 256, vocabulary 257 (no dependency)
     load_tokenizer("path/to/dir")     a local tokenizer: ``tokenizer.json`` through the ``tokenizers``
                                       library, else transformers' AutoTokenizer (local files only)
+    load_tokenizer(meta["tokenizer"]) the tokenizer a corpus was written with (its ``.json`` records
+                                      "bytes", "tokenizers:/abs/tokenizer.json" or "transformers:/abs/dir")
     train_bpe(texts, vocab_size, out) a byte-level BPE tokenizer trained offline on the given texts
                                       (``tokenizers``), saved as ``out/tokenizer.json``
 
-Each returns an object with ``encode(text) -> list[int]``, ``vocab_size``, ``eos_id`` (None when the
-tokenizer has no end-of-text token) and ``name`` (recorded in the corpus metadata).
+Each returns an object with ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
+``eos_id`` (None when the tokenizer has no end-of-text token) and ``name`` (recorded in the corpus
+metadata, and read back by :func:`load_tokenizer`).
 """
 from __future__ import annotations
 
@@ -26,31 +29,43 @@ class Tokenizer:
     vocab_size: int
     eos_id: int | None
     name: str
+    decode: Callable[[list], str] = None
 
 
 def _bytes() -> Tokenizer:
-    return Tokenizer(lambda text: list(text.encode("utf-8")), 257, 256, "bytes")
+    return Tokenizer(lambda text: list(text.encode("utf-8")), 257, 256, "bytes",
+                     lambda ids: bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace"))
 
 
 def _from_tokenizers(path: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
+    path = os.path.abspath(path)
     tok = HFTokenizer.from_file(path)
     eos = next((tok.token_to_id(t) for t in EOS_NAMES if tok.token_to_id(t) is not None), None)
-    return Tokenizer(lambda text: tok.encode(text).ids, tok.get_vocab_size(), eos, f"tokenizers:{path}")
+    return Tokenizer(lambda text: tok.encode(text).ids, tok.get_vocab_size(), eos, f"tokenizers:{path}",
+                     lambda ids: tok.decode([int(i) for i in ids]))
 
 
 def _from_transformers(path: str) -> Tokenizer:
     from transformers import AutoTokenizer
+    path = os.path.abspath(path)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Tokenizer(lambda text: tok.encode(text, add_special_tokens=False), len(tok), tok.eos_token_id,
-                     f"transformers:{path}")
+                     f"transformers:{path}", lambda ids: tok.decode([int(i) for i in ids]))
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
     """``"bytes"``, a ``tokenizer.json`` file, or a local directory holding one (or any tokenizer
-    transformers' AutoTokenizer reads from local files)."""
+    transformers' AutoTokenizer reads from local files); also the ``name`` a corpus's metadata records
+    ("tokenizers:PATH", "transformers:PATH")."""
     if spec == "bytes":
         return _bytes()
+    kind, _, rest = spec.partition(":")
+    if kind in ("tokenizers", "transformers") and rest:
+        if not os.path.exists(rest):
+            raise FileNotFoundError(f"tokenizer {spec!r}: {rest} no longer exists; re-create the corpus with "
+                                    f"`python -m launch.prepare_data` or give the tokenizer's new location")
+        return _from_tokenizers(rest) if kind == "tokenizers" else _from_transformers(rest)
     if os.path.isfile(spec):
         return _from_tokenizers(spec)
     if not os.path.isdir(spec):

@@ -48,7 +48,8 @@ class GradReducer:
 
     keep_full_grads=True (stage 0/1): each bucket's ``flat_grad`` is persistent and ``p.grad`` is a
     view into it (gradients accumulate in place). False (stage 2/3): a hook moves ``p.grad`` into the
-    bucket's ``flat_grad`` (allocated at the first gradient of a step) and sets ``p.grad = None``;
+    bucket's ``flat_grad`` (allocated, not zeroed, at the first gradient of a step; a parameter's first
+    gradient is copied, later ones added, and a parameter with none is zeroed at launch) and sets ``p.grad = None``;
     after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains.
     ``on_grad(p)`` is called after every accumulation (stage 3 frees the gathered parameters).
     A gradient after ``finish()`` raises (call ``zero_grad()`` first) unless ``auto_reset`` (DDP-like:
@@ -157,9 +158,15 @@ class GradReducer:
                 view.copy_(p.grad)          # p.grad was reset (None) and re-created by autograd
             p.grad = view
         elif p.grad is not None:
-            if b.flat_grad is None:
-                b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=p.device)
-            b.flat_grad[o:o + n].add_(p.grad.reshape(-1))
+            if b.flat_grad is None:                     # stage 2/3: the first gradient is copied, not added to
+                b.flat_grad = torch.empty(b.padded, dtype=self.dtype, device=p.device)   # zeros (8 B/element)
+                b.flat_grad[b.numel:].zero_()
+                b._written = [False] * len(b.params)
+            if b._written[i]:
+                b.flat_grad[o:o + n].add_(p.grad.reshape(-1))
+            else:
+                b.flat_grad[o:o + n].copy_(p.grad.reshape(-1))
+                b._written[i] = True
             p.grad = None
 
     def _hook(self, p) -> None:
@@ -205,6 +212,10 @@ class GradReducer:
     def _launch(self, b: FlatBucket, where: str) -> None:
         if b.flat_grad is None:
             b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=b.params[0].device)
+        elif not self.keep_full:                         # parameters that got no gradient this step count as 0
+            for i, done in enumerate(b._written):
+                if not done:
+                    b.flat_grad[b.offsets[i]:b.offsets[i] + b.sizes[i]].zero_()
         g = b.flat_grad
         if self.local:                                   # the optimizer communicates (1-bit Adam): keep g_i
             self._inflight.append((b, None, None))
@@ -226,7 +237,7 @@ class GradReducer:
     def _finalize(self, b: FlatBucket, work, out) -> None:
         if work is not None:
             work.wait()
-        if self.mode == "all_reduce":
+        if self.mode == "all_reduce" or (work is None and out is None):    # local (1-bit Adam): g_i stays whole
             return
         if self.keep_full:
             b.flat_grad[b.lo:b.hi].copy_(out)           # stage 1: only the owned shard is reduced

@@ -4,13 +4,15 @@ lamb: :class:`parallel.optim.lamb.Lamb` (DeepSpeed's FusedLamb defaults); muon:
 :class:`parallel.optim.muon.MuonAdamW` (torch.optim.Muon on 2-D weights, AdamW on the rest; for it
 ``eps`` and ``betas`` are the AdamW part's, ``adamw_lr`` that part's lr). Both see whole tensors under
 ZeRO and tp through :mod:`parallel.optim.tensorwise`. onebit_adam: :class:`parallel.optim.onebit_adam.OneBitAdam`
-(``freeze_step`` Adam warm-up steps, then compressed momentum; ZeRO stage 0).
+(``freeze_step`` Adam warm-up steps, then compressed momentum; ZeRO stages 0–2). ``state_dtype: int8``
+with adam/adamw: :class:`parallel.optim.adam8bit.Adam8bit` (block-wise 8-bit moments).
 """
 from __future__ import annotations
 
 import torch
 
 from parallel.config import OptimizerConfig
+from parallel.optim.adam8bit import Adam8bit
 from parallel.optim.lamb import Lamb
 from parallel.optim.muon import MuonAdamW
 from parallel.optim.onebit_adam import OneBitAdam
@@ -29,6 +31,11 @@ def optimizer_factory(cfg: OptimizerConfig):
     kwargs = {rename.get(k, k): getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
     if cfg.betas is not None:
         kwargs["betas"] = tuple(cfg.betas)
+    if cfg.state_dtype == "int8":                # adam/adamw with 8-bit moments; torch's defaults kept
+        cls = Adam8bit
+        kwargs["decoupled"] = cfg.name == "adamw"
+        if cfg.name == "adamw":
+            kwargs.setdefault("weight_decay", 0.01)
     if cls is torch.optim.SGD and "lr" not in kwargs:
         kwargs["lr"] = 1e-3                     # torch >= 2.4 default; older versions require it
 

@@ -16,9 +16,11 @@ the server error (error feedback on both sides, §3 of the paper). Signs travel 
 with one fp32 scale per chunk: an all-to-all of (N−1)/N·Ψ/8 bytes to the servers and an all-gather
 of (N−1)/N·Ψ/8 bytes back, vs Adam's 2(N−1)/N·4Ψ: 1/32 of it, plus 8(N−1) bytes of scales.
 
-Limits: ZeRO stage 0 only (ZeRO-1/2 would need the whole frozen v on every rank or a parameter
-all-gather that costs more than the compression saves), no gradient clipping, and the error
-buffers are not saved in checkpoints (a resumed run restarts them at zero).
+This class is the whole algorithm on one process or over ZeRO stage 0 (every rank holds m, v and the
+master). Under ZeRO stages 1–2 its warm-up runs here on the owned pieces and the compressed phase in
+:mod:`parallel.zero.onebit` (compressed reduce-scatter of the momentum, compressed all-gather of the
+update). No gradient clipping. The step count is the pieces' ``step`` state; ``comm_state`` (the
+error-feedback buffers) travels in ``state_dict()`` under ``"onebit_comm"``, so a resume is exact.
 """
 from __future__ import annotations
 
@@ -92,6 +94,17 @@ def compressed_mean(x: torch.Tensor, state: dict, group) -> torch.Tensor:
     return (_unpack(s_packed) * s_scale.unsqueeze(-1)).reshape(-1)[:n]
 
 
+def _clone(x):
+    """A deep copy of nested dicts / lists of tensors (the error-feedback buffers)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
 class OneBitAdam(TensorwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  freeze_step: int = 100):
@@ -99,8 +112,29 @@ class OneBitAdam(TensorwiseOptimizer):
             raise ValueError(f"OneBitAdam: freeze_step={freeze_step!r} must be an int >= 1 (Adam warm-up steps)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       freeze_step=freeze_step))
-        self.t = 0
+        self._t = 0
         self.comm_state: dict = {}
+
+    @property
+    def t(self) -> int:
+        """Steps taken: the ``step`` state of the first piece that has one (what checkpoints restore)."""
+        for p in self.param_groups[0]["params"]:
+            s = self.state.get(p)
+            if s and "step" in s:
+                return int(s["step"])
+        return self._t
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["onebit_comm"] = _clone(self.comm_state)
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        sd = dict(state_dict)
+        comm_state = sd.pop("onebit_comm", {})
+        super().load_state_dict(sd)
+        self.comm_state = _clone(comm_state)
+        self._t = self.t
 
     @property
     def local_gradients(self) -> bool:
@@ -116,12 +150,16 @@ class OneBitAdam(TensorwiseOptimizer):
         g = self.param_groups[0]
         (b1, b2), lr, eps, wd = g["betas"], g["lr"], g["eps"], g["weight_decay"]
         compressed = self.local_gradients
-        self.t += 1
+        if compressed and getattr(self.partition, "partitioned", False):
+            raise RuntimeError("OneBitAdam.step() in the compressed phase under ZeRO stages 1-2: ZeroOptimizer runs "
+                               "that step (parallel.zero.onebit); call ZeroOptimizer.step(), not optimizer.step()")
+        self._t = self.t + 1
         ps = g["params"]
         for p in ps:
             st = self.state[p]
             if not st:
                 st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            st["step"] = torch.tensor(float(self._t))
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             st["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
             if not compressed:
@@ -133,8 +171,8 @@ class OneBitAdam(TensorwiseOptimizer):
             for p in ps:
                 self.state[p]["exp_avg"].copy_(mean[o:o + p.numel()].view_as(p))
                 o += p.numel()
-        T = min(self.t, g["freeze_step"])
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** T
+        T = min(self._t, g["freeze_step"])
+        c1, c2 = 1 - b1 ** self._t, 1 - b2 ** T
         for p in ps:
             st = self.state[p]
             if wd:

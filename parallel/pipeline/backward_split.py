@@ -34,7 +34,17 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.graph import GradientEdge
 
-__all__ = ["WeightPass", "backward_input", "backward_weight"]
+__all__ = ["WeightPass", "backward_input", "backward_weight", "kept_for_weights"]
+
+_KEEP: set = set()          # while an I runs: the nodes whose δ_N it captures (W runs them again)
+_KEEP_ALL = [False]         # while an I runs whose W re-walks the whole graph (fallback)
+
+
+def kept_for_weights(node) -> bool:
+    """Whether a saved tensor that autograd node ``node`` unpacks now must stay for ``W``: true during
+    :func:`backward_input` for the nodes where weights enter (W re-runs them). Activation checkpointing's
+    holders (:mod:`parallel.activation.recompute`) empty themselves on unpack otherwise."""
+    return _KEEP_ALL[0] or (node is not None and node in _KEEP)
 
 
 def _node(t: torch.Tensor):
@@ -134,7 +144,11 @@ def backward_input(y: torch.Tensor, dy, x, params: list, split: bool = True) -> 
         return None, WeightPass([], (y, dy))
     groups = _groups(y.grad_fn, in_node, params) if split else None
     if groups is None:
-        dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
+        _KEEP_ALL[0] = True
+        try:
+            dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
+        finally:
+            _KEEP_ALL[0] = False
         return dx, WeightPass([], (y, dy))
     handles = []
 
@@ -146,9 +160,12 @@ def backward_input(y: torch.Tensor, dy, x, params: list, split: bool = True) -> 
     for grp in groups:
         grp.grads = [()] * len(grp.nodes)
         handles += [n.register_prehook(capture(grp, j)) for j, n in enumerate(grp.nodes)]
+    keep = {n for grp in groups for n in grp.nodes}
+    _KEEP.update(keep)
     try:
         dx, = torch.autograd.grad(y, x, dy, retain_graph=True, allow_unused=True)
     finally:
+        _KEEP.difference_update(keep)
         for h in handles:
             h.remove()
     return dx, WeightPass(groups)

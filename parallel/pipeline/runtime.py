@@ -9,7 +9,9 @@ peer sends (:mod:`.p2p_order`; earlier messages are kept until their action runs
 pair the j-th send is the j-th receive, as NCCL requires; ``tags=False`` sends every message with
 tag 0 (gloo then matches by order alone, like NCCL). The first message of each (tensor, src stage,
 dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that both
-ends know the shape and the payload travels alone (no host sync to read a header), and the sends
+ends know the shape and the payload travels alone (no host sync to read a header; evaluation's
+forward-only runs share what training learned, so after the first step no message carries one —
+tests/test_pipeline_headers.py counts them), and the sends
 of one action go out together with the receives of the next in ``batch_isend_irecv`` groups, one
 per process group (``batch=False``: one at a time). On NCCL a send blocks its stream until the
 receive runs. With the pp group alone, gpipe, 1f1b and zero_bubble cannot deadlock even then, but
@@ -311,6 +313,7 @@ class PipelineExecutor:
             self._eval[m] = PipelineExecutor(
                 [self.stages[s] for s in sc.stages_of(self.rank)], forward_only(sc.p, m, sc.v, sc.placement),
                 self.group, self.loss_fn, tags=self.tags, batch=self.batch, p2p_groups=self.p2p_groups)
+            self._eval[m]._shapes = self._shapes    # what training learned: both ends know it, no header
         ex = self._eval[m]
         ex._action_callbacks = self._action_callbacks
         with torch.no_grad():

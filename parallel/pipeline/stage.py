@@ -17,6 +17,7 @@ import copy
 import inspect
 import itertools
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -248,6 +249,7 @@ def _mark_tied(stage, plan, k):
             _tie(orig, t, duplicate=False)
             src, copy_ = param_info(orig), param_info(dup)          # a tp shard stays one
             copy_.tp_dim, copy_.sections, copy_.tp_pad = src.tp_dim, src.sections, src.tp_pad
+            copy_.source = src.source or weakref.ref(orig)           # what the checkpoint probe follows
             _tie(dup, t, duplicate=True)
             mod._parameters[pname] = dup
 

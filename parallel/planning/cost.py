@@ -20,7 +20,7 @@ rest what does not hide under backward — on CPU ranks sharing their core with 
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
 (:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient
-bookkeeping its 20 (stages 0/1) or 28 bytes per local gradient element plus the norm's 4 per owned one.
+bookkeeping its 20 bytes per local gradient element (every stage) plus the norm's 4 per owned one.
 """
 from __future__ import annotations
 
@@ -30,8 +30,17 @@ from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
 from parallel.planning.context import cp_per_step
 from parallel.planning.flops import gpt_matmul_params
+from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params
+from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
-from parallel.planning.time_terms import GRAD_MOVED, NORM_MOVED, exposed_dp, memory_seconds, optimizer_moved
+from parallel.planning.time_terms import (
+    GRAD_MOVED,
+    NORM_MOVED,
+    exposed_dp,
+    memory_seconds,
+    optimizer_moved,
+    stage3_waits,
+)
 
 __all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "recomputed_blocks", "tp_per_micro",
            "comm_per_step", "seconds",
@@ -52,7 +61,7 @@ def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) ->
     if calls <= 0 or n <= 1 and op != "send" and op != "recv":
         return
     wire = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-            "send": 1.0, "recv": 0.0}[op] * payload
+            "all_to_all": (n - 1) / n, "send": 1.0, "recv": 0.0}[op] * payload
     c = out.setdefault(axis, {}).setdefault(op, {"calls": 0, "payload_bytes": 0, "wire_bytes": 0.0})
     c["calls"] += calls
     c["payload_bytes"] += int(payload)
@@ -62,8 +71,8 @@ def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) ->
 def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: bool, mb: int, e: int) -> dict:
     """tp traffic of one micro-batch through one stage: {op: (calls, payload bytes)}."""
     act, ce, h = mb * spec.seq * spec.hidden * e, 3 * mb * spec.seq * 4, spec.hidden
-    if not lay.sp:
-        n = 4 * blocks + first + last
+    if not lay.sp:                   # an MoE layer is whole on every tp rank: only attention's 2 per block
+        n = (2 if spec.experts else 4) * blocks + first + last
         return {"all_reduce": (n + 2 * last, n * act + last * ce)}
     nb = 2 if spec.norm_bias else 1
     small = blocks * (2 * nb + 2 * spec.bias) + last * nb
@@ -79,17 +88,28 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
             "all_reduce": (ar[0] + first + last, ar[1] + (first + last) * act)}
 
 
+def _reduction(out: dict, axis: str, buckets: list, zero: int, b: int, N: int) -> None:
+    """The gradient reduction (and stage ≥ 1 parameter gathers and norm) of ``buckets`` over ``axis``."""
+    if zero == 0:
+        add_op(out, axis, "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
+    else:
+        add_op(out, axis, "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
+        add_op(out, axis, "all_gather", sum(bk.gathers for bk in buckets),
+               sum(bk.gathers * bk.padded for bk in buckets) * b, N)
+        add_op(out, axis, "all_reduce", 1, NORM_BYTES, N)
+
+
 def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, own: list, bounds: list, mb: int) -> dict:
     b = element_bytes(tr)[0]
     N, t, p, S, m = lay.zero_n, lay.tp, lay.pp, lay.pp * lay.v, lay.micro_batches    # ZeRO over dp×cp
     out: dict = {}
-    if lay.zero == 0:
-        add_op(out, "dp", "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
-    else:
-        add_op(out, "dp", "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
-        add_op(out, "dp", "all_gather", sum(bk.gathers for bk in buckets),
-             sum(bk.gathers * bk.padded for bk in buckets) * b, N)
-        add_op(out, "dp", "all_reduce", 1, NORM_BYTES, N)
+    _reduction(out, "dp", [bk for bk in buckets if not bk.expert], lay.zero, b, N)
+    experts = [bk for bk in buckets if bk.expert]
+    if experts:                                   # parallel.planning.moe: experts over edp, tokens over ep
+        _reduction(out, "edp", experts, lay.zero, b, N // lay.ep)
+        add_op(out, "ep", "all_reduce", 1, NORM_BYTES, lay.ep)
+        calls, payload = all_to_all_per_micro(spec, sum(bounds[k][1] - bounds[k][0] for k in own), mb, b)
+        add_op(out, "ep", "all_to_all", m * calls, m * payload, lay.ep)
     for k in own:
         per_micro = tp_per_micro(spec, lay, bounds[k][1] - bounds[k][0], k == 0, k == S - 1, mb, b)
         for op, (calls, payload) in per_micro.items():
@@ -109,16 +129,17 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
             tied = spec.vocab // t * spec.hidden * b
             add_op(out, "pp_tied", "send", 1, tied, p)
             add_op(out, "pp_tied", "recv", 1, tied, p)
+    add_optimizer_comm(out, tr, lay, buckets, add_op, NORM_BYTES)          # lamb, 1-bit: optim_states.py
     return out
 
 
 
 def recomputed_blocks(lay: Layout, tr: TrainSpec, a: int, e: int) -> int:
     """Block forwards re-run per micro-batch by activation checkpointing in blocks [a, e): full (and
-    every k's recomputed blocks) once, twice under the zero-bubble split (I and W each recompute);
-    selective re-runs only elementwise ops (no matmul FLOPs), offload nothing."""
-    n = {"full": e - a, "every": sum(1 for i in range(a, e) if i % tr.every == 0)}.get(tr.activation, 0)
-    return n * (2 if lay.pp > 1 and lay.schedule == "zero_bubble" else 1)
+    every k's recomputed blocks) once, under the zero-bubble split too (I's recompute serves W,
+    :mod:`parallel.activation.recompute`); selective re-runs only elementwise ops (no matmul FLOPs),
+    offload nothing."""
+    return {"full": e - a, "every": sum(1 for i in range(a, e) if i % tr.every == 0)}.get(tr.activation, 0)
 
 
 def seconds(ops: dict, hw: Hardware) -> float:
@@ -127,12 +148,15 @@ def seconds(ops: dict, hw: Hardware) -> float:
 
 
 def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
-               dp_ops: dict) -> tuple[float, float]:
-    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring). With cp > 1
+               dp_ops: dict, hide_gather_s: float = 0.0) -> tuple[float, float]:
+    """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring); ``hide_gather_s``:
+    optimizer seconds the stage 1–2 parameter all-gathers run under (time_terms.exposed_dp). With cp > 1
     ``spec`` is the local one (seq = s/cp): a rank's tokens attend the whole sequence (12·h·s·cp per token),
     and its cp traffic (:func:`parallel.planning.context.cp_per_step`) adds to each micro-batch, unhidden."""
     h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, element_bytes(tr)[0]
     block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s * lay.cp
+    if spec.experts:                              # the MLP's matmuls → the experts' on E·C slots + the router
+        block += 6 * (mlp_matmul_params(spec, mb) - spec.mlp_matrices * h * spec.ffn_)
     one = dataclasses.replace(lay, micro_batches=1)
     stage = []
     for k, (a, e) in enumerate(bounds):
@@ -143,8 +167,12 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
             add_op(tp, "tp", op, calls, payload, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
         p2p = ((k < S - 1) + (k > 0)) * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
+        if spec.experts and lay.ep > 1:
+            calls, payload = all_to_all_per_micro(spec, e - a, mb, b)
+            add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)
         cp = cp_per_step(spec, one, tr, [k], bounds, mb, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
-        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + p2p + seconds(cp.get("cp", {}), hw))
+        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + seconds(tp.get("ep", {}), hw) + p2p
+                     + seconds(cp.get("cp", {}), hw))
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:
@@ -152,4 +180,5 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         sim = simulate(get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v),
                        lambda a: stage[a.stage] * frac[a.kind])
         span, bubble = float(sim.makespan), float(sim.bubble)
-    return span + exposed_dp(dp_ops, lay.zero, max(stage), span, hw, seconds), bubble
+    exposed = exposed_dp(dp_ops, lay.zero, max(stage), span, hw, seconds, hide_gather_s)
+    return span + exposed + stage3_waits(dp_ops, lay.zero, lay.units, hw), bubble

@@ -10,7 +10,7 @@ time, then pairs of knobs:
 
 and answers the change that fits with the smallest predicted step time (the cost model of
 :mod:`parallel.planning.cost`, which charges full recompute one more forward of each recomputed
-block, twice under the zero-bubble split; selective recomputes only elementwise ops, counted as
+block (once under the zero-bubble split too); selective recomputes only elementwise ops, counted as
 free), ties broken by the lower peak. Optimizer offload (``zero.offload.optimizer``) is not among
 the knobs: the planner does not model its memory.
 """
@@ -73,8 +73,6 @@ def knobs(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> dict:
         p, _, k = name.partition(":")
         if p == "offload" and tr.device != "cuda" or p == tr.activation and (p != "every" or int(k) == tr.every):
             continue
-        if p == "selective" and lay.pp > 1 and lay.schedule == "zero_bubble":
-            continue                                    # not allowed there (a config error)
         over = [f"activation_checkpointing.policy={p}"] + ([f"activation_checkpointing.every={k}"] if k else [])
         pol.append((over, lay, replace(tr, activation=p, every=int(k) if k else tr.every)))
     zero = [([f"zero.stage={z}"], replace(lay, zero=z), tr) for z in range(lay.zero + 1, 4)]

@@ -24,7 +24,9 @@ The last stage adds the head: the final norm's input and output 2βsh·b (+2βs�
 log-softmax βsV/t·b. A pipeline stage that is not the last keeps its output for the gradient
 that comes back (βsh·b, SP /t). A rank holds ``max_in_flight`` micro-batches' worth (GPipe m, 1F1B
 p − rank, ZB-H1 p: from F until W); under full / selective / every, one block's activations exist
-again while its backward recomputes them.
+again while its backward recomputes them. Under the zero-bubble split a micro-batch past I holds, per
+block, what W needs (a retained graph: what the forward kept; a checkpointed block: its weight
+consumers' inputs, :func:`weight_inputs_bytes` — I's one recompute serves W) and the captured δ_N.
 
 Peak 1, at the start of the last micro-batch's backward (the loss's two βsV/t gradients exist
 next to everything the forward kept):
@@ -52,9 +54,10 @@ from __future__ import annotations
 
 from parallel.pipeline.schedules import get_schedule
 from parallel.planning.context import block_extra
+from parallel.planning.moe import activation_bytes as moe_activation_bytes
 from parallel.planning.spec import Layout, ModelSpec, TrainSpec, element_bytes
 
-__all__ = ["block_bytes", "head_bytes", "rank_peak"]
+__all__ = ["block_bytes", "head_bytes", "rank_peak", "weight_inputs_bytes"]
 
 
 def block_bytes(spec: ModelSpec, policy: str, mb: int, t: int = 1, sp: bool = False, e: int = 4,
@@ -67,6 +70,8 @@ def block_bytes(spec: ModelSpec, policy: str, mb: int, t: int = 1, sp: bool = Fa
             return 0.0
         policy = "none"
     mlp = (2 if spec.mlp_matrices == 2 else 4) * sb * f * e / t
+    if spec.experts:                          # an MoE layer, whole on every tp rank (planning/moe.py: estimate)
+        mlp = moe_activation_bytes(spec, mb, e)
     qkv = sb * (h + 2 * kv) * e / t
     if policy == "none":
         norms = (2 * sbh * e / t + 2 * sbh * e + 4 * sb * 4 / t) if sp else 4 * sbh * e + 4 * sb * 4
@@ -102,10 +107,30 @@ def _weight_deltas(spec: ModelSpec, mb: int, t: int, e: int, blocks: tuple, last
     return (blocks[1] - blocks[0]) * per + (sb * h * e + sb * spec.vocab * e / t if last else 0.0)
 
 
-def _captured_micro(lay: Layout, rank: int) -> int:
-    """Micro-batches whose δ_N a pp rank holds at once under a split backward (I done, W not yet; the
-    one in I counts): 0 without one (pp = 1, schedules without W, ZeRO-3, which does not split)."""
-    if lay.pp == 1 or lay.zero == 3:
+def weight_inputs_bytes(spec: ModelSpec, mb: int, t: int = 1, sp: bool = False, e: int = 4) -> float:
+    """What a checkpointed block keeps from the zero-bubble split's I until its W, one micro-batch (besides
+    the captured δ_N): the saved inputs of its weight consumers, which I's one recompute leaves for W
+    (:mod:`parallel.activation.recompute`) — both norms' inputs and statistics (SP: /t), the inputs of the
+    column-parallel matmuls (the norms' outputs, whole), of the attention projection (βsh/t) and of the
+    MLP's last matmul (βsf/t). The first norm's input is the block input."""
+    sbh, sb, d = mb * spec.seq * spec.hidden, mb * spec.seq, (t if sp else 1)
+    return 2 * sbh * e / d + 4 * sb * 4 / d + 2 * sbh * e + sbh * e / t + sb * spec.ffn_ * e / t
+
+
+def _after_i(spec: ModelSpec, md: str, mb: int, t: int, sp: bool, e: int, dev: str, whole: bool) -> float:
+    """Bytes a block of policy ``md`` keeps from I until W: a retained graph keeps what the forward kept;
+    a checkpointed block the weight consumers' inputs, or (``whole``: W re-walks the graph, ZeRO-3) its
+    whole recomputed set."""
+    if md in ("full", "selective"):
+        return block_bytes(spec, "none", mb, t, sp, e) if whole else weight_inputs_bytes(spec, mb, t, sp, e)
+    return block_bytes(spec, md, mb, t, sp, e, dev)
+
+
+def _captured_micro(lay: Layout, rank: int, zero3: bool = False) -> int:
+    """Micro-batches a pp rank holds at once between I and W (I done, W not yet; the one in I counts): 0
+    without a split (pp = 1, schedules without W). Their δ_N are captured except under ZeRO-3, whose W
+    re-walks the graph (``zero3=True`` counts them there)."""
+    if lay.pp == 1 or (lay.zero == 3) != zero3:
         return 0
     done, peak = 0, 0
     for act in get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v).actions[rank]:
@@ -128,8 +153,19 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     first_embed = (sb * h + spec.seq * h) * e + spec.seq * 8 if S > 1 else 0.0
     if lay.cp > 1 and S > 1:                 # cp: position ids (β, n), so the position embedding is (β, n, h)
         first_embed = 2 * sb * h * e + sb * 8
-    captured = _captured_micro(lay, own[0] % lay.pp) * max(   # stage 0 has no input gradient: W does it all
-        [_weight_deltas(spec, mb, t, e, bounds[k], k == S - 1) for k in own if k > 0], default=0.0)
+    rank = own[0] % lay.pp
+    split, whole = _captured_micro(lay, rank), _captured_micro(lay, rank, zero3=True)
+    n_after = split or whole
+    after_i = {}                     # per own stage k > 0: what each block keeps from I until W
+    for k in own:
+        if k > 0 and n_after and not (whole and k == S - 1):    # stage 0: W does the whole backward
+            after_i[k] = [_after_i(spec, md, mb, t, lay.sp, e, dev, bool(whole))
+                          for md in _modes(tr, range(*bounds[k]))]
+    captured = 0.0    # micro-batches past I: their δ_N, and but for the one in I (its blocks: ``past`` below)
+    for k, ai in after_i.items():                   # the change from what their forward kept
+        kept_k = [block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in _modes(tr, range(*bounds[k]))]
+        delta = _weight_deltas(spec, mb, t, e, bounds[k], k == S - 1) if split else 0.0
+        captured = max(captured, n_after * delta + (n_after - 1) * (sum(ai) - sum(kept_k)))
     grads_in_block = (f + 2 * h) * sb * e / t               # an MLP's gradients while its backward runs
     options = []                             # (activations, transient, a recompute's) candidates of the peak
     starts = []
@@ -147,9 +183,10 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         none = block_bytes(spec, "none", mb, t, lay.sp, e) + block_extra(spec, lay, "none", mb, t, e)
         # recomputing block j rebuilds its whole set while blocks < j still keep theirs (later ones are freed);
         # its backward follows at once: the MLP's gradients and the residual stream's two
+        past = after_i.get(k, [0.0] * len(modes))     # blocks after j, past I, keep theirs until W
         for j, md in enumerate(modes):
             if md in ("full", "selective"):
-                options.append((sum(kept[:j]) + none, grads_in_block + 2 * sb * h * e, True))
+                options.append((sum(kept[:j]) + none + sum(past[j + 1:]), grads_in_block + 2 * sb * h * e, True))
     base = (held - 1) * max(starts) + captured
     act, transient, _ = max(options, key=lambda o: o[0] + o[1])
     activations = base + act

@@ -16,7 +16,8 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
   (stage 3), each padded to a multiple of N = dp for stages ≥ 1 (data_parallel/bucket.py);
 * params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1) or
   b·padded/N (2–3), fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
-  Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4).
+  Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4; LAMB, 8-bit
+  moments, 1-bit Adam: :mod:`parallel.planning.optim_states`).
 Peak per rank (:mod:`parallel.planning.peak`): the larger of the start of the last micro-batch's
 backward (states + activations per checkpointing policy × the schedule's in-flight micro-batches
 (:func:`parallel.pipeline.schedules.max_in_flight`) + the loss's gradients + stage-2/3 gradient buckets +
@@ -36,8 +37,12 @@ from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
 from parallel.planning.context import check_cp, cp_per_step, local_spec
 from parallel.planning.cost import comm_per_step, optimizer_seconds, recomputed_blocks, seconds, step_time
+from parallel.planning.moe import check_moe, moe_entries
+from parallel.planning.optim_states import check as check_optimizer
+from parallel.planning.optim_states import state_bytes
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
+from parallel.planning.time_terms import memory_seconds, optimizer_moved
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
            "check_layout", "predict"]
@@ -46,12 +51,13 @@ __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "invent
 # --- parameters, stages, buckets ------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def inventory(spec: ModelSpec, t: int = 1) -> tuple:
-    """The model's parameters in named_parameters order with their local (tp-sharded) sizes."""
+def inventory(spec: ModelSpec, t: int = 1, ep: int = 1) -> tuple:
+    """The model's parameters in named_parameters order with their local (tp-sharded; experts ep-split:
+    :mod:`parallel.planning.moe`) sizes."""
     h, kv, f = spec.hidden, spec.kv_hidden, spec.ffn_
-    out = [ParamEntry("wte", spec.vocab // t * h, "pre", tied=spec.tied)]
+    out = [ParamEntry("wte", spec.vocab // t * h, "pre", tied=spec.tied, matrix=True)]
     if spec.learned_pos:
-        out.append(ParamEntry("wpe", spec.seq * h, "pre"))
+        out.append(ParamEntry("wpe", spec.seq * h, "pre", matrix=True))
     nb = 2 if spec.norm_bias else 1
     for i in range(spec.n_layer):
         pre = f"blocks.{i}."
@@ -64,25 +70,29 @@ def inventory(spec: ModelSpec, t: int = 1) -> tuple:
                      (("q", h), ("k", kv), ("v", kv))]
         mods.append((pre + "attn.proj", [h * h // t] + ([h] if spec.bias else [])))
         mods += [] if spec.norms_last else [ln2]
+        if spec.experts:                               # the MLP is an MoE layer (whole on every tp rank)
+            out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes] + moe_entries(spec, i, ep)
+            continue
         ins = ["mlp.fc"] if spec.mlp_matrices == 2 else ["mlp.gate", "mlp.up"]
         mods += [(pre + n, [f * h // t] + ([f // t] if spec.bias else [])) for n in ins]
         mods.append((pre + "mlp.proj", [h * f // t] + ([h] if spec.bias else [])))
         mods += [ln1, ln2] if spec.norms_last else []
-        out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes]
+        out += [ParamEntry(m, n, i, matrix=k == 0 and not m.endswith(("ln1", "ln2")))
+                for m, sizes in mods for k, n in enumerate(sizes)]
     out += [ParamEntry("ln_f", h, "post") for _ in range(nb)]
-    out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied))
+    out.append(ParamEntry("lm_head", spec.vocab // t * h, "post", tied=spec.tied, matrix=True))
     return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
-def stage_bounds(spec: ModelSpec, t: int, pp: int, v: int = 1) -> list:
+def stage_bounds(spec: ModelSpec, t: int, pp: int, v: int = 1, ep: int = 1) -> list:
     """(start, end) blocks per stage, exactly as split_model(balance="params") partitions them."""
     S = pp * v
     if S == 1:
         return [(0, spec.n_layer)]
     if S > spec.n_layer:
         raise ValueError(f"planner: pp·v = {S} stages but the model has {spec.n_layer} blocks")
-    inv = inventory(spec, t)
+    inv = inventory(spec, t, ep)
     costs = [float(sum(p.numel for p in inv if p.place == i)) for i in range(spec.n_layer)]
     pre = float(sum(p.numel for p in inv if p.place == "pre"))
     post = float(sum(p.numel for p in inv if p.place == "post"))
@@ -90,10 +100,10 @@ def stage_bounds(spec: ModelSpec, t: int, pp: int, v: int = 1) -> list:
 
 
 @functools.lru_cache(maxsize=1024)
-def _rank_params(spec: ModelSpec, tp: int, pp: int, v: int, pp_rank: int) -> tuple:
+def _rank_params(spec: ModelSpec, tp: int, pp: int, v: int, pp_rank: int, ep: int = 1) -> tuple:
     """[(param, deferred)] of one pp rank's stage modules, in the engine's named_parameters order."""
-    inv, S = inventory(spec, tp), pp * v
-    bounds = stage_bounds(spec, tp, pp, v)
+    inv, S = inventory(spec, tp, ep), pp * v
+    bounds = stage_bounds(spec, tp, pp, v, ep)
     out = []
     for s in range(pp_rank, S, pp):
         a, e = bounds[s]
@@ -116,38 +126,67 @@ class _Bucket:
     gathers: int = 1                 # stage 3: all-gathers per step
     unit: bool = False               # stage-3 unit (sharded params)
     deferred: bool = False           # tied pipeline copies: reduced after backward
+    expert: bool = False             # expert parameters: padded to / partitioned over edp = dp/ep
+    mats: tuple = ()                 # per parameter: a 2-D weight?
 
 
 def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool) -> list:
     """The rank's flat buckets (stages 0–2, make_buckets' reverse greedy fill:
     :func:`parallel.data_parallel.bucket.fill_buckets`) or stage-3 units
-    (one per module, pre-order), then the deferred bucket of tied pipeline copies."""
+    (one per module, pre-order), then the deferred bucket of tied pipeline copies. Expert parameters
+    (:mod:`parallel.planning.moe`) come last in buckets / units of their own, padded to edp = dp/ep."""
     N, pad = lay.zero_n, lay.zero > 0
 
-    def mk(sizes):
-        n = sum(sizes)
-        return _Bucket(n, sizes, -(-n // N) * N if pad else n)
+    def mk(entries, expert=False):
+        sizes = [p.numel for p in entries]
+        n, parts = sum(sizes), N // lay.ep if expert else N
+        return _Bucket(n, sizes, -(-n // parts) * parts if pad else n, expert=expert,
+                       mats=tuple(p.matrix for p in entries))
+    experts = [p for p, d in params if p.expert]
+    params = [(p, d) for p, d in params if not p.expert]
     normal = [p for p, d in params if not d]
-    deferred = [p.numel for p, d in params if d]
+    deferred = [p for p, d in params if d]
     out = []
     if lay.zero < 3:
-        out += [mk([normal[i].numel for i in idx]) for idx in fill_buckets([p.numel * b for p in normal],
+        out += [mk([normal[i] for i in idx]) for idx in fill_buckets([p.numel * b for p in normal],
                                                                             bucket_mb * 2 ** 20)]
+        out += [mk([experts[i] for i in idx], True)
+                for idx in fill_buckets([p.numel * b for p in experts], bucket_mb * 2 ** 20)]
     else:
         units: dict = {}
         for p in normal:         # zero.units=block: one unit per block, one for the rest (pre-order: root first)
             key = p.module if lay.units == "module" else (-1 if not isinstance(p.place, int) else p.place)
-            units.setdefault(key, []).append(p.numel)
+            units.setdefault(key, []).append(p)
         if lay.units == "block":
             units = dict(sorted(units.items()))
-        for mod, sizes in units.items():
-            u = mk(sizes)
+        for mod, entries in units.items():
+            u = mk(entries)
             u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte
             u.gathers = lay.micro_batches * (2 + (mod == "wte" and tied_head))
+            out.append(u)
+        per_module: dict = {}
+        for p in experts:
+            per_module.setdefault(p.module, []).append(p)
+        for entries in per_module.values():
+            u = mk(entries, True)
+            u.unit, u.gathers = True, 2 * lay.micro_batches
             out.append(u)
     if deferred:
         out.append(mk(deferred))
         out[-1].deferred = True
+    return out
+
+
+def _piece_sizes(bk: _Bucket, N: int, r: int, pad: bool) -> list:
+    """(elements, 2-D weight?) of the pieces of bucket ``bk`` inside dp rank r's shard."""
+    if not pad:
+        return list(zip(bk.sizes, bk.mats))
+    shard, off, out = bk.padded // N, 0, []
+    for s, mat in zip(bk.sizes, bk.mats):
+        a, e = max(off, r * shard), min(off + s, (r + 1) * shard)
+        if a < e:
+            out.append((e - a, mat))
+        off += s
     return out
 
 
@@ -166,20 +205,27 @@ def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool, largest: bool = False)
     return (n, big) if largest else (n, k)
 
 
+def _group(bk: _Bucket, lay: Layout, r: int) -> tuple[int, int]:
+    """(size, this rank's index) of the group bucket ``bk`` is partitioned over: dp×cp (``r`` = dp·cp + c), or
+    edp for experts."""
+    return (lay.dp // lay.ep, r // lay.ep) if bk.expert else (lay.zero_n, r)
+
+
 # --- memory -----------------------------------------------------------------------------------------
 
 def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
     b, mixed = element_bytes(tr)
-    N, pad = lay.zero_n, lay.zero > 0
-    per_elem, per_piece = {"adamw": (8, 4), "adam": (8, 4)}.get(tr.optimizer, (4 if tr.momentum else 0, 0))
-    m = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}
+    pad = lay.zero > 0
+    m, pieces = {"params": 0, "grads": 0, "master": 0, "optimizer": 0}, []
     for bk in buckets:
+        N, rb = _group(bk, lay, r)
         shard = bk.padded // N if pad else bk.numel
-        n, k = _shard_pieces(bk, N, r, pad)
+        pieces.append(_piece_sizes(bk, N, rb, pad))
         m["params"] += b * (shard if bk.unit else bk.padded)
-        m["grads"] += b * (bk.padded if lay.zero < 2 else shard)
+        full_grad = lay.zero < 2 or tr.optimizer == "onebit_adam"         # 1-bit keeps g_i whole (stage 2)
+        m["grads"] += b * (bk.padded if full_grad else shard)
         m["master"] += 4 * shard if mixed else 0
-        m["optimizer"] += per_elem * n + per_piece * k
+    m["optimizer"] = state_bytes(tr, lay, buckets, pieces)        # by optimizer: planning/optim_states.py
     m["total"] = sum(m.values())
     return m
 
@@ -192,10 +238,12 @@ def _in_flight(name: str, p: int, m: int, v: int) -> tuple:
 
 # --- putting it together ----------------------------------------------------------------------------
 
-def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> float:
-    """Optimizer, norm and gradient bookkeeping of dp rank 0 (time_terms' docstring)."""
-    owned = sum(_shard_pieces(bk, lay.zero_n, 0, lay.zero > 0)[0] for bk in bks)
-    return optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero)
+def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> tuple[float, float]:
+    """(optimizer, norm and gradient bookkeeping of dp rank 0; of that, the optimizer's passes alone: what the
+    parameter all-gathers of stages 1–2 can hide under, time_terms' docstring)."""
+    owned = sum(_shard_pieces(bk, *_group(bk, lay, 0), lay.zero > 0)[0] for bk in bks)
+    return (optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero),
+            memory_seconds(owned * optimizer_moved(tr.optimizer, tr.momentum), hw))
 
 
 def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
@@ -219,7 +267,9 @@ def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
         return "virtual stages need pp > 1"
     if lay.zero not in (0, 1, 2, 3):
         return f"zero stage {lay.zero} must be 0..3"
-    return check_cp(spec, lay)
+    if tr.optimizer == "onebit_adam" and lay.zero == 3:
+        return "onebit_adam runs with ZeRO stages 0-2 (parallel/zero/onebit.py)"
+    return check_moe(spec, lay) or check_optimizer(tr, lay) or check_cp(spec, lay)
 
 
 def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = None,
@@ -233,13 +283,14 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     hw = hw or Hardware()
     b = element_bytes(tr)[0]
     mb = tr.global_batch // (lay.dp * lay.micro_batches)
-    bounds = stage_bounds(spec, lay.tp, lay.pp, lay.v)
+    bounds = stage_bounds(spec, lay.tp, lay.pp, lay.v, lay.ep)
     S = lay.pp * lay.v
     pred, dp_ops, loc = Prediction(lay), {}, local_spec(spec, lay)
     shape, dpax = {"pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "tp": lay.tp}, "dp" if lay.cp == 1 else "dp_cp"
     for pr in range(lay.pp):
         own = list(range(pr, S, lay.pp))
-        bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b, tr.bucket_mb, spec.tied and S == 1)
+        bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep), lay, b, tr.bucket_mb,
+                       spec.tied and S == 1)
         comm = comm_per_step(loc, lay, tr, bks, own, bounds, mb)
         if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
             comm = {(dpax if a == "dp" else a): ops for a, ops in comm.items()}
@@ -247,7 +298,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
         held = _in_flight(lay.schedule, lay.pp, lay.micro_batches, lay.v)[pr] if lay.pp > 1 else 1
         for j in range(lay.zero_n) if ranks == "all" else [0]:         # j = dp·cp + c: the dp×cp group's order
             mem = _states(bks, lay, tr, j)
-            pieces = [_shard_pieces(bk, lay.zero_n, j, lay.zero > 0, largest=True) for bk in bks]
+            pieces = [_shard_pieces(bk, *_group(bk, lay, j), lay.zero > 0, largest=True) for bk in bks]
             mem.update(rank_peak(loc, lay, tr, own, bounds, mb, held, bks, mem, max(p[1] for p in pieces),
                                  sum(p[0] for p in pieces)))
             for tr_ in range(lay.tp) if ranks == "all" else [0]:
@@ -255,12 +306,14 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
                 pred.memory[g], pred.comm[g] = mem, comm
         if seconds(comm.get(dpax, {}), hw) >= seconds(dp_ops, hw):
             dp_ops = comm.get(dpax, {})
-    pred.step_s, pred.bubble = step_time(loc, lay, tr, hw, bounds, mb, dp_ops)
+    hide = 0.0
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
-        pred.update_s = max(_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr), lay, b,
-                                                     tr.bucket_mb, spec.tied and S == 1), lay, tr, hw)
-                            for pr in range(lay.pp))
-        pred.step_s += pred.update_s
+        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep), lay, b,
+                                             tr.bucket_mb, spec.tied and S == 1), lay, tr, hw) for pr in range(lay.pp)]
+        pred.update_s = max(u for u, _ in per_rank)
+        hide = min(h for _, h in per_rank) if tr.interleave and lay.zero in (1, 2) else 0.0
+    pred.step_s, pred.bubble = step_time(loc, lay, tr, hw, bounds, mb, dp_ops, hide)
+    pred.step_s += pred.update_s
     pred.peak_bytes = max(m["peak"] for m in pred.memory.values())
     pred.fits = pred.peak_bytes <= hw.memory_bytes
     pred.activation = tr.activation if tr.activation != "every" else f"every:{tr.every}"

@@ -25,6 +25,9 @@ class ModelSpec:
     tied: bool = True
     norms_last: bool = False        # the block registers its two norms after attention and MLP (transformers' Llama)
     tp_layout: str = "megatron"     # sequence-parallel layout: "megatron" (examples/gpt.py) or "region" (HF)
+    experts: int = 0                # > 0: each block's MLP is a parallel.moe.MoE of this many experts (planning/moe.py)
+    top_k: int = 2                  # experts per token
+    capacity_factor: float | None = 1.25    # slots per expert ⌈cf·T·k/E⌉; None: dropless (bounded by T)
 
     @property
     def ffn_(self) -> int:
@@ -37,7 +40,7 @@ class ModelSpec:
     def check_tp(self, t: int) -> str | None:
         """Why tensor parallel degree ``t`` cannot split this model (None when it can)."""
         for what, n in (("heads", self.heads), ("kv heads", self.kv_heads or self.heads),
-                        ("vocab", self.vocab), ("ffn", self.ffn_)):
+                        ("vocab", self.vocab), ("ffn", 0 if self.experts else self.ffn_)):   # experts: whole
             if n % t:
                 return f"{what} = {n} is not divisible by tp = {t}"
         return None
@@ -54,6 +57,7 @@ class Layout:
     v: int = 1
     sp: bool = False
     units: str = "module"           # stage 3: module | block (zero.units)
+    ep: int = 1                     # expert parallelism, carved out of dp (parallel.moe)
     cp: int = 1                     # context parallel: the sequence split over cp ranks (planning/context.py)
     cp_algorithm: str = "ring"      # ring | ulysses
 
@@ -64,6 +68,7 @@ class Layout:
 
     def __str__(self):
         s = f"dp{self.dp} tp{self.tp}{'+sp' if self.sp else ''} pp{self.pp} zero{self.zero} m{self.micro_batches}"
+        s += f" ep{self.ep}" if self.ep > 1 else ""
         s += f" cp{self.cp}({self.cp_algorithm})" if self.cp > 1 else ""
         return s + (f" {self.schedule}{f'(v={self.v})' if self.v > 1 else ''}" if self.pp > 1 else "")
 
@@ -72,12 +77,14 @@ class Layout:
 class TrainSpec:
     global_batch: int
     precision: str = "fp32"
-    optimizer: str = "adamw"        # adamw | adam | sgd
+    optimizer: str = "adamw"        # adamw | adam | sgd | lamb | onebit_adam (planning/optim_states.py)
     momentum: bool = False          # sgd with momentum keeps a buffer
     bucket_mb: float = 25.0
     activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload
     every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
     device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: it stays, per-tensor AdamW
+    state_dtype: str = "fp32"       # adam/adamw moments: fp32 | int8 (parallel/optim/adam8bit.py)
+    interleave: bool = True         # zero 1/2: bucket k's all-gather under bucket k+1's update (zero/interleave.py)
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,8 @@ class ParamEntry:                    # one parameter: module path, local numel, 
     numel: int
     place: object                    # "pre", "post" or the block index
     tied: bool = False
+    expert: bool = False             # split over ep; reduced / partitioned over edp (parallel.moe)
+    matrix: bool = False             # a 2-D weight (Muon orthogonalises these)
 
 
 

@@ -20,9 +20,9 @@ Gradient bookkeeping of our engine (:data:`GRAD_MOVED`, per local gradient eleme
 buckets, by ZeRO stage): stage 0/1 keep a persistent flat gradient; after ``zero_grad`` (p.grad =
 None) the first gradient is copied into its view (read 4, write 4 + write-allocate 4) and
 pre-divided by N in place before the reduction (8): 20 bytes. Stage 2/3 allocate the flat gradient
-with ``torch.zeros`` at the first gradient (4 + 4 write-allocate), accumulate into it (read 8,
-write 4) and pre-divide (8): 28. The global gradient norm reads every owned element once more
-(:data:`NORM_MOVED`, 4).
+(``torch.empty``) at the first gradient and copy each parameter's first gradient into it (12; later
+micro-batches add) and pre-divide (8): 20 as well (28 before the copy replaced zeros + add). The global
+gradient norm reads every owned element once more (:data:`NORM_MOVED`, 4).
 
 Communication on CPU ranks (``Hardware.comm_shares_core``: gloo over loopback with every thread of
 a rank pinned to its one core, as benchmarks/proto_run.py pins them). A collective's time is partly
@@ -32,9 +32,20 @@ write, 4 bytes moved per wire byte; a reduction adds read own + read received + 
 the core cannot run both. Stages 0–2 reduce K buckets while backward runs: the last bucket is ready
 only when backward ends and is exposed whole; the other K − 1 expose at least their busy part, or
 what does not fit under the backward (2/3 of compute, F:B = 1:2). Parameter all-gathers of stages
-1–2 run after the optimizer and are waited inside the step: exposed. Stage 3 gathers a unit just
+1–2 (K buckets) follow the update bucket by bucket (parallel/zero/interleave.py): the last bucket's gather
+is exposed whole; the others expose at least their busy part, or what does not fit under the optimizer
+passes of the buckets after them (``hide_gather_s`` · (K − 1)/K; 0 for a two-pass peer). Stage 3 gathers a unit just
 before it computes and reduce-scatters it right after: on one core with a blocking wait per unit
-(FSDP2's and ours on gloo) nothing is left to overlap, so all of it is exposed. With separate
+(FSDP2's and ours on gloo) nothing is left to overlap, so all of it is exposed. Stage 3 also pays a fixed
+cost per blocking unit collective (:data:`STAGE3_WAIT_S`, per all-gather and reduce-scatter of a block
+unit) that latency + bytes/bandwidth do not hold: on the 16:12 idle record the stage-3 rows at 5M sit
+1.3–2.7 ms per such call above the rest of the model (FSDP2 with gloo's collectives, FSDP2 on our ring,
+ours). It is FITTED there (1.5 ms brings all eight block-unit stage-3 rows at 5M and 50M within 15%), not
+calibrated: its parts are not yet separated — the wake-up after each blocking wait (the calibration's ring
+all-reduce, a reduce-scatter then an all-gather back to back, costs 2.3–2.9 ms more than the two alone),
+fresh buffers per unit (ZeRO-3 touches 3,054 new pages a step at 5M, FSDP2 on the ring 6,295;
+benchmarks/proto_profile.py), the hooks' Python. Module units (DeepSpeed ZeRO-3 gathers per module but
+coalesces them into prefetch buckets) are not given it. With separate
 communication hardware (``comm_shares_core`` False: GPUs with their copy engines and NICs) the busy
 part is zero and the rest of :func:`exposed_dp` is the classic overlap model.
 """
@@ -43,13 +54,14 @@ from __future__ import annotations
 from parallel.planning.spec import Hardware
 
 __all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "NORM_MOVED", "BUSY_PER_WIRE",
-           "memory_seconds", "optimizer_moved", "busy_seconds", "exposed_dp"]
+           "STAGE3_WAIT_S", "stage3_waits", "memory_seconds", "optimizer_moved", "busy_seconds", "exposed_dp"]
 
 COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
 OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
 FUSED_ADAM_MOVED = 28
-GRAD_MOVED = {0: 20, 1: 20, 2: 28, 3: 28}
+GRAD_MOVED = {0: 20, 1: 20, 2: 20, 3: 20}
 NORM_MOVED = 4
+STAGE3_WAIT_S = 1.5e-3               # per blocking block-unit collective on CPU ranks (fitted; module docstring)
 BUSY_PER_WIRE = {"all_gather": 4.0, "send": 2.0, "recv": 2.0, "reduce_scatter": 7.0,
                  "all_reduce": 5.5}    # all-reduce = reduce-scatter then all-gather, half the wire each
 
@@ -71,10 +83,12 @@ def busy_seconds(ops: dict, hw: Hardware) -> float:
     return memory_seconds(sum(c["wire_bytes"] * BUSY_PER_WIRE.get(op, 4.0) for op, c in ops.items()), hw)
 
 
-def exposed_dp(dp_ops: dict, zero: int, compute_s: float, span_s: float, hw: Hardware, seconds) -> float:
+def exposed_dp(dp_ops: dict, zero: int, compute_s: float, span_s: float, hw: Hardware, seconds,
+               hide_gather_s: float = 0.0) -> float:
     """Seconds of the dp traffic ``dp_ops`` that show in the step (module docstring); ``compute_s``: the
     slowest stage's forward + backward of one micro-batch, ``span_s``: the schedule's makespan;
-    ``seconds(ops, hw)``: the ops' latency + bandwidth time."""
+    ``seconds(ops, hw)``: the ops' latency + bandwidth time; ``hide_gather_s``: optimizer seconds the
+    stage 1–2 parameter all-gathers run under (interleaved update; 0: two passes)."""
     reduce = {op: c for op, c in dp_ops.items() if op != "all_gather"}
     gather_ops = {op: c for op, c in dp_ops.items() if op == "all_gather"}
     gather = seconds(gather_ops, hw)
@@ -85,4 +99,16 @@ def exposed_dp(dp_ops: dict, zero: int, compute_s: float, span_s: float, hw: Har
     k = max(1, reduce.get("all_reduce" if zero == 0 else "reduce_scatter", {}).get("calls", 1))
     r = seconds(reduce, hw)
     hidden = r * (k - 1) / k
-    return r / k + max(busy_seconds(reduce, hw) * (k - 1) / k, hidden - 2 / 3 * compute_s) + gather
+    exposed = r / k + max(busy_seconds(reduce, hw) * (k - 1) / k, hidden - 2 / 3 * compute_s)
+    kg = max(1, gather_ops.get("all_gather", {}).get("calls", 1))
+    if hide_gather_s <= 0 or kg == 1:
+        return exposed + gather
+    rest = (kg - 1) / kg
+    return exposed + gather / kg + max(busy_seconds(gather_ops, hw) * rest, (gather - hide_gather_s) * rest)
+
+
+def stage3_waits(dp_ops: dict, zero: int, units: str, hw: Hardware) -> float:
+    """Stage 3 with block units on CPU ranks: :data:`STAGE3_WAIT_S` per all-gather and reduce-scatter call."""
+    if zero < 3 or units != "block" or not hw.comm_shares_core:
+        return 0.0
+    return STAGE3_WAIT_S * sum(dp_ops.get(op, {}).get("calls", 0) for op in ("all_gather", "reduce_scatter"))

@@ -20,6 +20,7 @@ Activations are batch-first, [..., s, h]: the sequence dim is ``SEQ_DIM = -2``.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,7 @@ def _shard_param(full: torch.Tensor, dim: int, group: Group, sections=None, memo
         p = nn.Parameter(shard_tensor(full.detach(), dim, group.size // replicas, group.rank // replicas, sections,
                                       pad), requires_grad=full.requires_grad)
     _mark(p, dim, sections, pad, replicas, group.rank)
+    param_info(p).source = weakref.ref(full)             # the checkpoint's meta layout probe follows it
     if memo is not None:
         memo[id(full)] = (key, p)
     return p

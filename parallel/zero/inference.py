@@ -23,6 +23,14 @@ e.g. a ``safetensors.safe_open`` handle: read one tensor at a time), else from `
 :func:`parallel.zero.deferred_init` record of a meta-built model), else from the model's own
 parameters, which are freed unit by unit as they are written. The model is never whole in memory.
 
+Weight-only quantization (``quantize="int8" | "int4"``, ``group_size`` elements per scale;
+:mod:`parallel.quant.weight_only`): each unit is stored as its quantized payload (1 + 4/g or
+0.5 + 4/g bytes per weight element instead of 4; biases and norms stay fp32), so a forward reads
+that many fewer bytes; the read-ahead hands each payload to a worker thread that dequantizes it into
+an fp32 workspace (reused) and releases its IO buffer while the forward computes
+(:class:`parallel.quant.stream.Dequantizer`). Resident bytes count a workspace per quantized unit in
+use or read ahead.
+
 Module order comes from a trace of the first forward (:class:`parallel.zero.trace.TracedOrder`, as
 stage 3 records it). On a GPU (``device="cuda"``) each fetched unit is copied to the device and its
 host buffer released at once.
@@ -41,6 +49,8 @@ from parallel.data_parallel.bucket import FlatBucket
 from parallel.loss import logits_of
 from parallel.offload import StoreConfigError
 from parallel.offload.aio import byte_view, trim_host_memory
+from parallel.quant.stream import Dequantizer
+from parallel.quant.weight_only import UnitCodec
 from parallel.zero.flat_init import materialize_buffers
 from parallel.zero.stage3 import plan_units
 from parallel.zero.trace import TracedOrder
@@ -50,10 +60,12 @@ __all__ = ["StreamedInference", "SafetensorsFile"]
 
 class StreamedInference:
     """``StreamedInference(model, store, *, unit_types=None, weights=None, init=None, prefetch_depth=1,
-    dtype=None, device="cpu")`` — forward and generation with weights streamed from ``store``."""
+    dtype=None, device="cpu", quantize=None, group_size=64)`` — forward and generation with weights
+    streamed from ``store``; ``quantize``: None, "int8" or "int4" (weight-only, group-wise scales)."""
 
     def __init__(self, model: nn.Module, store, *, unit_types=None, weights=None, init=None,
-                 prefetch_depth: int = 1, dtype: torch.dtype | None = None, device="cpu"):
+                 prefetch_depth: int = 1, dtype: torch.dtype | None = None, device="cpu",
+                 quantize: str | None = None, group_size: int = 64):
         if not isinstance(model, nn.Module):
             raise TypeError(f"StreamedInference needs an nn.Module, got {type(model).__name__}")
         if prefetch_depth < 0:
@@ -61,6 +73,13 @@ class StreamedInference:
         if weights is None and init is None and any(p.is_meta for p in model.parameters()):
             raise ValueError("the model has parameters on the meta device: pass init= (from "
                              "parallel.zero.deferred_init) or weights= (name -> tensor, e.g. safetensors)")
+        bits = {None: None, "none": None, "int8": 8, "int4": 4}
+        if quantize not in bits:
+            raise ValueError(f"quantize={quantize!r}: choose None, 'int8' or 'int4'")
+        if bits[quantize] and dtype not in (None, torch.float32):
+            raise ValueError(f"quantize={quantize!r} dequantizes to fp32; drop dtype={dtype} or quantize")
+        self.bits, self.group = bits[quantize], group_size
+        self.codecs: dict = {}
         self.model, self.store, self.depth = model.eval(), store, prefetch_depth
         self.device = torch.device(device)
         self.cap = getattr(store, "buffer_count", None)
@@ -75,7 +94,8 @@ class StreamedInference:
         self.unit_bytes = {}
         self._write_units(weights, init, dtype)
         for u in self.units:
-            u.users, u.flat = 0, None
+            u.users, u.flat, u.workspace = 0, None, None
+        self.dq = Dequantizer(self.codecs, store, self._key) if self.codecs else None
         self.held: dict = {}                       # key -> "fetched" | "prefetched"
         self.resident_bytes = self.peak_resident_bytes = 0
         self.forwards = 0
@@ -120,6 +140,9 @@ class StreamedInference:
                 dst = flat[o:o + u.sizes[i]]
                 if not (hasattr(weights, "read_into") and weights.read_into(n, dst, p.shape)):
                     dst.copy_(self._value(n, p, weights, init).reshape(-1))
+            if self.bits:
+                self.codecs[u] = UnitCodec(u.shapes, u.offsets, u.numel, self.bits, self.group)
+                flat = self.codecs[u].encode(flat)
             nbytes = flat.numel() * flat.element_size()
             if self.buf is not None and nbytes > self.buf:
                 raise StoreConfigError(
@@ -150,6 +173,16 @@ class StreamedInference:
 
     # --- fetch / release ------------------------------------------------------------------------------
     def _fetch(self, u) -> None:
+        if u.flat is None and u in self.codecs:        # dequantized (ahead, by the worker) into a workspace
+            t0 = time.perf_counter()
+            u.workspace = self.dq.take(u)
+            self.fetch_wait_s += time.perf_counter() - t0
+            self.held.pop(self._key(u), None)
+            flat = u.workspace[:u.numel]
+            u.flat = flat if self.device.type == "cpu" else flat.to(self.device)
+            for p, v in zip(u.params, u.views(u.flat)):
+                p.data = v
+            self._account()
         if u.flat is None:
             key = self._key(u)
             t0 = time.perf_counter()
@@ -173,6 +206,9 @@ class StreamedInference:
             for p in u.params:
                 p.data = torch.empty(0, dtype=p.dtype, device=self.device)
             u.flat = None
+            if u.workspace is not None:
+                self.dq.give_back(u.workspace)
+                u.workspace = None
             key = self._key(u)
             if self.held.pop(key, None) == "fetched":
                 self.store.release(key)
@@ -187,14 +223,20 @@ class StreamedInference:
                     continue
                 if self.cap is not None and len(self.held) + 2 > self.cap:
                     return
-                self.store.prefetch([key])
-                self.held[key] = "prefetched"
+                if u in self.codecs:
+                    self.dq.start(u)
+                    self.held[key] = "decoding"
+                else:
+                    self.store.prefetch([key])
+                    self.held[key] = "prefetched"
                 self._account()
 
     def _account(self) -> None:
-        """Weight bytes in memory: units in use plus units read ahead (their buffers are filling)."""
-        self.resident_bytes = sum(self.unit_bytes[u] for u in self.units
-                                  if u.flat is not None or self._key(u) in self.held)
+        """Weight bytes in memory: units in use plus units read ahead (their buffers are filling); a
+        quantized unit in use counts its fp32 workspace, one read ahead its payload."""
+        ws = 4 * self.dq.ws_numel if self.dq else 0
+        self.resident_bytes = sum(ws if u in self.codecs else self.unit_bytes[u]
+                                  for u in self.units if u.flat is not None or self._key(u) in self.held)
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
     # --- hooks ------------------------------------------------------------------------------------------
@@ -204,8 +246,12 @@ class StreamedInference:
     def _root_post(self, module, args, out):
         self.order.finish()
         self.forwards += 1
+        if self.dq is not None:
+            self.dq.drain()
         for key, how in list(self.held.items()):         # read-ahead the forward did not use
-            if how == "prefetched":
+            if how == "decoding":
+                del self.held[key]
+            elif how == "prefetched":
                 del self.held[key]
                 self.store.release(key)
         self._account()
@@ -256,16 +302,21 @@ class StreamedInference:
 
     @property
     def stats(self) -> dict:
-        """Store counters plus: units, total and peak resident weight bytes, forwards, fetch wait."""
+        """Store counters plus: units, total and peak resident weight bytes, forwards, fetch wait, and for a
+        quantized stream the decodes done ahead on the worker / inline in the forward."""
         out = dict(self.store.stats)
         out.update(units=len(self.units), weight_bytes=sum(self.unit_bytes.values()),
                    peak_resident_bytes=self.peak_resident_bytes, forwards=self.forwards,
                    fetch_wait_s=self.fetch_wait_s)
+        if self.dq is not None:
+            out.update(dequant_overlapped=self.dq.overlapped, dequant_inline=self.dq.inline)
         return out
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
+        if self.dq is not None:
+            self.dq.close()
         self.store.close()
 
 

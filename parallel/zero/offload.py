@@ -73,14 +73,17 @@ class OffloadMixin:
         return self._piece_list
 
     @contextlib.contextmanager
-    def materialized(self, write_back: bool = False):
+    def materialized(self, write_back: bool = False, dequantize: bool = True):
         """Offloaded optimizer state in memory for the duration (checkpoints): real masters behind
         ``_pieces`` and per-piece ``optimizer.state`` (step, exp_avg, exp_avg_sq), as without
         offload. ``write_back=True`` (after loading into them) stores them again on exit. Needs the
-        whole partition's 12 bytes/element in host memory. A no-op without optimizer offload."""
+        whole partition's 12 bytes/element in host memory. Without optimizer offload: 8-bit moments
+        (:class:`parallel.optim.adam8bit.Adam8bit`) are fp32 inside when ``dequantize``, else a no-op."""
         off = self._opt_off
         if off is None or off.materialized:
-            yield
+            deq = getattr(self.optimizer, "dequantized", None)       # 8-bit moments: fp32 while inside
+            with deq(write_back) if deq is not None and dequantize else contextlib.nullcontext():
+                yield
             return
         self.wait_param_gather()
         state = off.read_all(self._all)
@@ -119,11 +122,11 @@ class OffloadMixin:
         self.optimizer.param_groups[0]["params"] = [pc[4] for pc in self._piece_list]
 
     def state_dict(self) -> dict:
-        with self.materialized():
+        with self.materialized(dequantize=False):              # partitioned: 8-bit moments stay 8-bit
             return super().state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
-        with self.materialized(write_back=True):
+        with self.materialized(write_back=True, dequantize=False):
             super().load_state_dict(sd)
 
     def full_state_dict(self) -> dict:

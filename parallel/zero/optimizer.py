@@ -51,7 +51,9 @@ from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
 from parallel.zero.grad_norm import NONFINITE_POLICIES, SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
+from parallel.zero.interleave import can_interleave, step_interleaved
 from parallel.zero.offload import OffloadMixin, make_offload
+from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin, storage_bytes
@@ -90,6 +92,14 @@ def _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfini
     for g in norm_groups:
         if not isinstance(g, Group):
             raise TypeError(f"norm_groups must hold parallel.comm.Group objects, got {type(g).__name__}")
+
+
+def _nested_tensors(x) -> list:
+    """Tensors inside nested dicts / lists (1-bit Adam's error-feedback buffers)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    vals = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    return [t for v in vals for t in _nested_tensors(v)]
 
 
 class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
@@ -157,6 +167,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                                        depth=zero.offload.prefetch_depth if self._par_off else 0)
         self._segments = {b: norm_segments(b) for b in self._all}
         self._build_optimizer(optimizer_factory)
+        self._interleave = can_interleave(self)
         self._pending: dict = {}                       # bucket -> in-flight parameter all-gather
         self.overlap_param_gather = overlap_param_gather and self.stage in (1, 2)
         if self.overlap_param_gather:
@@ -250,10 +261,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         if self._opt_off is not None:
             raise ValueError(f"zero.offload.optimizer streams an elementwise Adam: {type(self.optimizer).__name__} "
                              f"needs whole tensors; set zero.offload.optimizer=none or use adam/adamw")
-        if hasattr(self.optimizer, "local_gradients") and (self.stage != 0 or self.grad_clip is not None):
-            raise ValueError(f"{type(self.optimizer).__name__} communicates compressed momentum itself: it runs "
-                             f"with zero.stage=0 and no train.grad_clip (got stage {self.stage}, grad_clip "
-                             f"{self.grad_clip}); set zero.stage=0 and remove train.grad_clip")
+        if hasattr(self.optimizer, "local_gradients"):     # 1-bit Adam: parallel/zero/onebit.py
+            check_onebit(self)
         if self.expert_groups:
             raise ValueError(f"{type(self.optimizer).__name__} reads whole tensors over the dp partition, which does "
                              f"not cover expert parameters (parallel.ep > 1) yet: use an elementwise optimizer")
@@ -331,6 +340,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
     def step(self) -> StepResult:
         """Unscale, check for a non-finite gradient (fp16 overflow, else ``on_nonfinite``), clip to
         ``grad_clip``, update, write back, gather."""
+        if self.reducer.local:                         # 1-bit Adam's compressed phase
+            return onebit_step(self, StepResult)
         self.finish_grad_sync()
         inv = 1.0 / self.scaler.scale
         for b in self._all:
@@ -355,12 +366,15 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                     b.master.grad.mul_(coef)
         if self._opt_off is not None:
             self._opt_off.step()                       # streamed; new masters go straight to the params
+        elif self._interleave:                         # stages 1-2: bucket k's gather under bucket k+1's update
+            step_interleaved(self)
         else:
             for b, _, a, e, view in self._piece_list:
                 view.grad = b.master.grad[a - b.lo:e - b.lo]
             self.optimizer.step()
-        self._drop_master_grads()
-        self._write_back()
+        if not self._interleave:
+            self._drop_master_grads()
+            self._write_back()
         self.scaler.update(False)
         self.steps += 1
         return StepResult(norm, False, self.scaler.scale)
@@ -418,8 +432,9 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
         grads = storage_bytes([p.grad for p in self.module.parameters()] +
                               [t for b in self._all for t in (b.flat_grad, b.shard_grad)], seen, self.simulated)
         master = storage_bytes([b.master for b in self._all] + [b.master.grad for b in self._all], seen, self.simulated)
+        extra = _nested_tensors(getattr(self.optimizer, "comm_state", {}))        # 1-bit Adam's error buffers
         opt = storage_bytes([v for st in self.optimizer.state.values() for v in st.values()
-                             if isinstance(v, torch.Tensor)], seen, self.simulated)
+                             if isinstance(v, torch.Tensor)] + extra, seen, self.simulated)
         return {"params": params, "grads": grads, "master": master, "optimizer": opt,
                 "total": params + grads + master + opt}
 

@@ -1,0 +1,282 @@
+"""Where a protocol row's step goes: a phase breakdown and the operator table of a few steps (issue 18's
+"profile forward, backward, exposed comm, optimizer").
+
+    python benchmarks/proto_profile.py --size 5m --rows zero1 zero3 fsdp2_ring --steps 8
+    python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 3 --ops 25     # + torch.profiler table
+    python benchmarks/proto_profile.py --size 50m --rows zero1 zero2 --steps 10 --ab-interleave   # paired A/B
+
+Rows are built exactly as benchmarks/protocol.py builds them (benchmarks/proto_rows.py), on 2 gloo ranks pinned
+one core each; after ``--warmup`` steps each row runs ``--steps`` timed steps (median reported, rank 0's clock).
+For our rows the engine's phase callbacks split a step into forward (first stage forward → first output
+gradient), backward (→ the optimizer phase) and optimizer+sync, and timers wrapped around the engine's
+own functions give, inside those: waits for stage-3 parameter gathers, waits for gradient reductions
+(in backward and in finish_grad_sync), the gradient norm, the torch optimizer's update, the write-back
+/ parameter all-gather, and the loss all-reduce. Counts per step: collectives issued by op (our CommStats)
+and blocking waits, and the minor page faults of the process (fresh 4 KiB pages the step touched: every
+buffer the allocator takes from the OS anew). ``--ops N`` adds torch.profiler's N most expensive operators
+(self CPU time) for one step.
+On a shared machine the milliseconds are loaded; the split and the counts are what to read.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# (module, class, method, timer name): the engine functions whose inclusive time is accumulated per step
+WRAPPED = [("parallel.zero.stage3", "Stage3Params", "_landed", "stage3 gather wait"),
+           ("parallel.zero.stage3", "Stage3Params", "_free", "stage3 free"),
+           ("parallel.data_parallel.reducer", "GradReducer", "_absorb", "grad absorb"),
+           ("parallel.data_parallel.reducer", "GradReducer", "_launch", "reduce launch"),
+           ("parallel.data_parallel.reducer", "GradReducer", "_finalize", "reduce wait+finalize"),
+           ("parallel.data_parallel.reducer", "GradReducer", "finish", "finish_grad_sync"),
+           ("parallel.zero.optimizer", "ZeroOptimizer", "grad_norm_sq", "grad norm"),
+           ("parallel.zero.optimizer", "ZeroOptimizer", "_write_back", "write back + gather"),
+           ("parallel.zero.optimizer", "ZeroOptimizer", "step", "zero.step"),
+           ("parallel.engine", "Engine", "_global_loss", "loss all-reduce")]
+
+
+DIST_FUNCS = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+              "reduce_scatter_tensor", "isend", "irecv", "send", "recv", "barrier", "batch_isend_irecv")
+
+
+class Timers:
+    """Inclusive seconds and calls per wrapped function, while ``on``."""
+
+    def __init__(self):
+        self.t, self.n, self.on, self._undo = {}, {}, False, []
+
+    def wrap(self):
+        import importlib
+        for mod, cls, meth, name in WRAPPED:
+            klass = getattr(importlib.import_module(mod), cls)
+            orig = klass.__dict__[meth]
+            self._undo.append((klass, meth, orig))
+
+            def timed(*a, _orig=orig, _name=name, **k):
+                if not self.on:
+                    return _orig(*a, **k)
+                t0 = time.perf_counter()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.t[_name] = self.t.get(_name, 0.0) + time.perf_counter() - t0
+                    self.n[_name] = self.n.get(_name, 0) + 1
+            setattr(klass, meth, timed)
+        self._wrap_optimizer_step()
+
+    def _wrap_optimizer_step(self):
+        """torch's optimizer.step through the profiler-free hook API: time between pre and post hooks."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        state = {}
+
+        def pre(opt, args, kwargs):
+            state["t0"] = time.perf_counter()
+
+        def post(opt, args, kwargs):
+            if self.on and "t0" in state:
+                self.t["torch optimizer update"] = self.t.get("torch optimizer update", 0.0) + \
+                    time.perf_counter() - state.pop("t0")
+                self.n["torch optimizer update"] = self.n.get("torch optimizer update", 0) + 1
+        self._undo.append(register_optimizer_step_pre_hook(pre))
+        self._undo.append(register_optimizer_step_post_hook(post))
+
+    def wrap_dist(self):
+        """torch.distributed's collectives counted per call (name → calls, tensor bytes): peers' traffic too
+        (DeepSpeed and FSDP2 call them through the module attribute)."""
+        import torch
+        import torch.distributed as dist
+        for fname in DIST_FUNCS:
+            orig = getattr(dist, fname, None)
+            if orig is None:
+                continue
+            self._undo.append((dist, fname, orig))
+
+            def counted(*a, _orig=orig, _name=fname, **k):
+                if self.on:
+                    nbytes = sum(t.numel() * t.element_size() for t in list(a) + list(k.values())
+                                 if isinstance(t, torch.Tensor))
+                    key = f"dist.{_name}"
+                    self.n[key] = self.n.get(key, 0) + 1
+                    self.t[key] = self.t.get(key, 0.0) + nbytes / 1e6      # printed x 1e3: kB of tensor arguments
+                return _orig(*a, **k)
+            setattr(dist, fname, counted)
+
+    def unwrap(self):
+        for u in reversed(self._undo):
+            if isinstance(u, tuple):
+                setattr(*u)
+            else:
+                u.remove()
+        self._undo = []
+
+
+def _phases(engine):
+    """Callback recording the first forward, first backward and optimizer times of a step."""
+    marks = {}
+
+    def cb(phase, step):
+        if phase in ("forward", "backward", "optimizer") and phase not in marks:
+            marks[phase] = time.perf_counter()
+    engine.add_callback(cb)
+    return marks
+
+
+def profile_row(row, steps: int, ops: int, timers: Timers) -> dict:
+    import torch.distributed as dist
+    engine = getattr(row, "engine", None)
+    marks = _phases(engine) if engine is not None else {}
+    per = {"step": [], "forward": [], "backward": [], "optimizer+sync": []}
+    faults = []
+    acc: dict = {}
+    stats = getattr(row, "stats", None)
+    before = stats.snapshot() if stats is not None else None
+    for _ in range(steps):
+        marks.clear()
+        dist.barrier()
+        timers.t, timers.n, timers.on = {}, {}, True
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        row.step()
+        row.finish()
+        t1 = time.perf_counter()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        timers.on = False
+        per["step"].append(t1 - t0)
+        if marks:
+            per["forward"].append(marks["backward"] - marks["forward"])
+            per["backward"].append(marks["optimizer"] - marks["backward"])
+            per["optimizer+sync"].append(t1 - marks["optimizer"])
+        for k, v in timers.t.items():
+            acc.setdefault(k, []).append(v)
+            acc.setdefault(f"#{k}", []).append(timers.n[k])
+    out = {k: statistics.median(v) * 1e3 for k, v in per.items() if v}
+    out["page faults/step"] = statistics.median(faults)            # minor faults: fresh pages touched
+    out.update({k: statistics.median(v) * (1 if k.startswith("#") else 1e3) for k, v in acc.items()})
+    if stats is not None:
+        diff = stats.diff(stats.snapshot(), before)
+        out["collectives/step"] = {f"{ax}.{op}": c["calls"] / steps for ax, d in diff.items() for op, c in d.items()}
+    if ops:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            row.step()
+            row.finish()
+        out["ops"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=ops)
+    return out
+
+
+def ab_interleave(row, pairs: int) -> dict:
+    """ZeRO-1/2 row: steps alternating the interleaved update + gather (parallel/zero/interleave.py) and the
+    two-pass step (ABBA order), the slowest rank's time each; the paired ratio interleaved ÷ two-pass."""
+    import torch
+    import torch.distributed as dist
+    z = row.engine.zero
+    if not z._interleave:
+        return {"skipped": f"not interleaved ({len(z._all)} bucket(s), stage {z.stage})"}
+    ts: dict = {True: [], False: []}
+    for i in range(pairs):
+        for flag in ((True, False) if i % 2 == 0 else (False, True)):
+            z._interleave = flag
+            dist.barrier()
+            t0 = time.perf_counter()
+            row.step()
+            row.finish()
+            t = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ts[flag].append(t.item())
+    z._interleave = True
+    r = [a / b for a, b in zip(ts[True], ts[False])]
+    return {"buckets": len(z._all), "interleaved ms": statistics.median(ts[True]) * 1e3,
+            "two-pass ms": statistics.median(ts[False]) * 1e3, "ratio": statistics.median(r), "min": min(r),
+            "max": max(r)}
+
+
+def _rank(rank, world, port, opts, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+
+    from benchmarks import proto_rows
+    from benchmarks.proto_run import SIZES, pin
+    pin(rank, world, 1, opts["pin"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
+    pin(rank, world, 1, opts["pin"])
+    timers = Timers()
+    timers.wrap()
+    timers.wrap_dist()
+    try:
+        res = {}
+        for name in opts["rows"]:
+            row = proto_rows.build(name, SIZES[opts["size"]], opts["per"], world, rank)
+            for _ in range(opts["warmup"]):
+                row.step()
+                row.finish()
+            if opts["ab_interleave"]:
+                res[name] = ab_interleave(row, opts["steps"])
+            else:
+                res[name] = profile_row(row, opts["steps"], opts["ops"] if rank == 0 else 0, timers)
+            del row
+        if rank == 0:
+            q.put(res)
+    finally:
+        timers.unwrap()
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="5m")
+    ap.add_argument("--rows", nargs="+", default=["zero1", "zero3"])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
+    ap.add_argument("--ops", type=int, default=0, help="torch.profiler's top N operators of one step (rank 0)")
+    ap.add_argument("--no-pin", dest="pin", action="store_false")
+    ap.add_argument("--ab-interleave", action="store_true", help="zero1/zero2 rows: --steps ABBA pairs, interleaved "
+                                                                "update + gather vs the two-pass step")
+    a = ap.parse_args(argv)
+    import torch.multiprocessing as mp
+    q = mp.get_context("spawn").Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave")}
+    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    res = q.get(timeout=30)
+    if a.ab_interleave:
+        for name, r in res.items():
+            print(f"== {name} ({a.size}): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in r.items()))
+        return 0
+    for name, r in res.items():
+        print(f"== {name} ({a.size}, median of {a.steps} steps, rank 0, ms; loaded machine unless stated)")
+        for k, v in r.items():
+            if k in ("ops", "collectives/step") or k.startswith("#"):
+                continue
+            if k == "page faults/step":
+                print(f"  {k:28s} {v:9.0f}   (x 4 KiB = {v * 4 / 1024:.1f} MiB of fresh pages)")
+                continue
+            calls = r.get(f"#{k}")
+            unit = "kB" if k.startswith("dist.") else "ms"
+            print(f"  {k:28s} {v:9.2f} {unit}" + (f"   ({calls:g} calls)" if calls is not None else ""))
+        if "collectives/step" in r:
+            print("  collectives/step: " + ", ".join(f"{k} {v:g}" for k, v in sorted(r["collectives/step"].items())))
+        if "ops" in r:
+            print(r["ops"])
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

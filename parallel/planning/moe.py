@@ -1,0 +1,86 @@
+"""The planner's model of a Mixture-of-Experts GPT under expert parallelism (examples/moe_gpt.py: every
+block's MLP a :class:`parallel.moe.MoE`; the ep axis carved out of dp, parallel/moe/groups.py).
+
+Parameters of block i's MoE layer (whole on every tp rank, in ``named_parameters`` order): the router
+W_r [E, h] — an ordinary parameter, reduced and partitioned over dp — then this ep rank's experts
+W1 [E/ep, h, f], W2 [E/ep, f, h], b1 [E/ep, f], b2 [E/ep, h] (``ParamEntry.expert``). ZeRO keeps the
+expert parameters in buckets of their own (stage 3: one unit per experts module), padded to and
+partitioned over the expert-data-parallel group edp = dp/ep; dp rank d is edp rank ⌊d/ep⌋
+(dp = edp·ep + e). So per rank: expert parameters Ψ_E/ep (stage 3: /dp), their gradients Ψ_E/ep
+(stages 2–3: /dp), master and optimizer state Ψ_E/dp at stage ≥ 1 (DeepSpeed-MoE, Rajbhandari et al.,
+arXiv 2201.05596, §4.1; ZeRO's formulas with N = edp on the expert part).
+
+Communication per rank and step, added to the dense model's (b = bytes per element, m micro-batches,
+L_r = MoE layers on the rank, β = micro-batch size, T = β·s tokens):
+* all-to-all on ep, 4·L_r·m calls (dispatch and combine, forward and backward), each of the
+  [E, C, h] slot buffer: E·C·h·b bytes, C = max(1, ⌈cf·T·k/E⌉) slots per expert, wire (ep−1)/ep of it
+  (GShard, Lepikhin et al., arXiv 2006.16668). Dropless: C is the largest load, known only at run
+  time; the planner takes its bound C = T (top-k experts are distinct, so no expert gets more than T);
+* edp: the expert buckets' reduction, as the dense buckets' over dp (stage 0 all-reduce; 1–2
+  reduce-scatter + all-gather; 3 one reduce-scatter and 2·m all-gathers per unit) and at stage ≥ 1
+  the 24-byte norm all-reduce; ep: the expert part of the norm, 24 bytes, every stage.
+* tp: attention's 2 all-reduces per block and micro-batch instead of the dense block's 4 (the MoE layer runs
+  whole on every tp rank); sequence parallelism with MoE layers is not modelled (refused).
+
+FLOPs: the experts run on all E·C slots (empty ones included): 2·2hf·E·C/T FLOPs per token forward,
+plus the router's 2hE.
+"""
+from __future__ import annotations
+
+import math
+
+from parallel.planning.spec import Layout, ModelSpec, ParamEntry
+
+__all__ = ["moe_entries", "capacity", "all_to_all_per_micro", "mlp_matmul_params", "check_moe", "activation_bytes"]
+
+
+def moe_entries(spec: ModelSpec, block: int, ep: int) -> list:
+    """The MoE layer's parameters of ``block`` on one ep rank (router, then W1, W2, b1, b2)."""
+    h, f, n = spec.hidden, spec.ffn_, spec.experts // ep
+    pre = f"blocks.{block}.mlp."
+    out = [ParamEntry(pre + "router", spec.experts * h, block)]
+    sizes = [n * h * f, n * f * h] + ([n * f, n * h] if spec.bias else [])
+    return out + [ParamEntry(pre + "experts", s, block, expert=ep > 1) for s in sizes]    # ep 1: ordinary
+
+
+def capacity(spec: ModelSpec, tokens: int) -> int:
+    """Slots per expert for ``tokens`` tokens of one micro-batch on one rank (dropless: the bound T)."""
+    if spec.capacity_factor is None:
+        return tokens
+    return max(1, math.ceil(spec.capacity_factor * tokens * spec.top_k / spec.experts))
+
+
+def all_to_all_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple[int, int]:
+    """(calls, payload bytes) of the ep all-to-alls of one micro-batch through ``blocks`` MoE blocks."""
+    C = capacity(spec, mb * spec.seq)
+    return 4 * blocks, 4 * blocks * spec.experts * C * spec.hidden * e
+
+
+def mlp_matmul_params(spec: ModelSpec, mb: int) -> float:
+    """Matmul parameters per token of one MoE layer (the MLP's place in 6N): E·C/T experts' 2hf, router hE."""
+    T = mb * spec.seq
+    return spec.experts * capacity(spec, T) / T * 2 * spec.hidden * spec.ffn_ + spec.hidden * spec.experts
+
+
+def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
+    """Why ``lay.ep`` cannot split this model (None when it can)."""
+    if lay.ep < 1 or lay.dp % lay.ep:
+        return f"ep = {lay.ep} must divide dp = {lay.dp} (expert parallelism is carved out of dp)"
+    if lay.ep > 1 and not spec.experts:
+        return f"ep = {lay.ep} needs a Mixture-of-Experts model (the spec has no experts)"
+    if spec.experts and spec.experts % lay.ep:
+        return f"{spec.experts} experts do not split over ep = {lay.ep}"
+    if spec.experts and lay.sp:
+        return "the planner does not model MoE layers under sequence parallelism"
+    if spec.experts and spec.mlp_matrices != 2:
+        return "the planner models parallel.moe.MoE experts (two matrices, GELU), not gated experts"
+    return None
+
+
+def activation_bytes(spec: ModelSpec, mb: int, e: int) -> float:
+    """An estimate (not asserted) of what one MoE layer keeps for backward, one micro-batch, in place of the
+    dense MLP's 2βsf·b: the router's fp32 logits and probabilities 2·T·E·4, the slot buffer the experts read
+    E·C·h·b, their hidden pre- and post-activation 2·E·C·f·b, and the combine's gathered outputs T·k·h·b."""
+    T = mb * spec.seq
+    C = capacity(spec, T)
+    return 8 * T * spec.experts + (spec.experts * C * (spec.hidden + 2 * spec.ffn_) + T * spec.top_k * spec.hidden) * e

@@ -1,0 +1,57 @@
+"""Header messages per step (issue 19 item 4): only the first step's messages carry a header.
+
+A message's header (dtype, shape: 80 bytes, ``meta_bytes`` in CommStats, both ends) is read with a
+host sync (``.tolist()``) per message on CUDA. The executor learns every (tensor, src stage, dst
+stage) shape in step 0, so later steps send payloads only, in batch_isend_irecv groups, and the
+evaluation's forward-only schedule reuses what training learned. Counted on pp = 2 gloo ranks (GPT,
+2 blocks, m = 4): headers per step = [k, 0, 0] with k = one per message kind each way, and 0 in an
+evaluation after step 0 and after step 2.
+"""
+import functools
+
+import pytest
+from harness import run_ranks
+from test_pipeline_runtime import BATCH, _batch
+
+HEADER = 80
+
+
+def _headers(rank, world, name):
+    import torch
+    from test_pipeline_split import build
+
+    from examples.gpt import random_tokens
+    from parallel.comm import CommStats
+    from parallel.mesh import Mesh
+    from parallel.pipeline.runtime import PipelineExecutor, microbatches
+    from parallel.pipeline.schedules import get_schedule
+    from parallel.pipeline.split import split_model
+    mesh = Mesh(pp=world)
+    torch.manual_seed(0)
+    stages = split_model(build("gpt", 2), rank, world)
+    ex = PipelineExecutor(stages, get_schedule(name, world, 4), mesh.group("pp"), p2p_groups=mesh.pp_p2p_groups())
+    data = random_tokens(n=2 * BATCH, seq_len=16, vocab_size=64, seed=1)
+
+    def count(fn):
+        before = mesh.stats.snapshot()
+        fn()
+        diff = CommStats.diff(mesh.stats.snapshot(), before)
+        return sum(v.get("meta_bytes", 0) for axis in diff.values() for v in axis.values()) // HEADER
+
+    out = {"train": [], "eval": []}
+    for t in range(3):
+        x, y = _batch(data, t)
+        mbs = microbatches(x, y, 4)
+        out["train"].append(count(functools.partial(ex.run, mbs)))
+        if t in (0, 2):
+            out["eval"].append(count(functools.partial(ex.forward, mbs)))
+    out["batched"] = ex.batched
+    return out
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zero_bubble"])
+def test_no_header_after_the_first_step(name):
+    for rank, r in enumerate(run_ranks(_headers, 2, name)):
+        assert r["train"][0] == 2 and r["train"][1:] == [0, 0], (rank, r)     # act out + grad in (or back)
+        assert r["eval"] == [0, 0], (rank, r)
+        assert r["batched"] > 0
