@@ -3,7 +3,8 @@ against one process, 3 AdamW steps in fp32: every loss within 1e-5 relative of t
 
 The default suite runs a few architectures (zoo.FAST); ``-m slow`` runs every architecture the installed
 transformers maps to a causal LM. A tp plan or pipeline split refused before anything runs (a ValueError
-naming why) is an accepted outcome; a wrong loss or an error anywhere else fails; a skip carries a listed reason only.
+naming why) is an accepted outcome; a wrong loss, a tp run that sharded no parameter (``unsplit``) or an error
+anywhere else fails; a skip carries a listed reason only.
 """
 import pytest
 import zoo
