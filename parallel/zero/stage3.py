@@ -158,7 +158,9 @@ class Stage3Params:
         Regions replace the blocks of the first forward."""
         for b in self._blocks:
             self.needs[b] = list(self._base.get(b, []))
-        self._blocks, self._inert = [], set()
+        # blocks hooked only for the first forward go quiet: no trace position, no prefetch from their hooks
+        self._inert = {b for b in self._blocks if b not in self._base}
+        self._blocks = []
         self._gather_as_one([r for r in self._pending if r is not None])
         self._pending = []
         self.order = TracedOrder()
@@ -168,6 +170,7 @@ class Stage3Params:
             if r not in self._hooked:
                 self._hook(r)
             self.needs[r] = region_units(r, self.needs)
+            self._inert.discard(r)
             self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
 
     # --- gather / free ----------------------------------------------------------------------------
