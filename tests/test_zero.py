@@ -255,8 +255,6 @@ def _mem_comm(rank, world, precisions):
                 _, _, zero, model = zero_run(g, "gpt_untied", "adamw", 2, 4 * world, stage, precision=prec,
                                              prefetch=prefetch)
                 m = 1 if stage == 3 else 2                 # stages 0-2: accumulation adds no traffic
-                if zero.stage3 is not None:                # the peak of the measured step: the first forward
-                    zero.stage3.peak_gathered_bytes = 0    # gathers per block (parallel/zero/regions.py)
                 before = mesh.stats.snapshot()
                 train(zero, model, g, 4 * world, 1, m=m, start=2)
                 comm = mesh.stats.diff(mesh.stats.snapshot(), before).get("dp", {})

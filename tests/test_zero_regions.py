@@ -156,25 +156,22 @@ def test_zero3_data_dependent_expert_calls(kind):
         torch.testing.assert_close(res[0][1][n], w, rtol=1e-5, atol=1e-6, msg=n)
     # the case is exercised: the two ranks' routing hit different experts in some forward
     assert res[0][3] != res[1][3]
-    assert sorted(res[0][2]) == ["blocks.0.moe", "blocks.1.moe"], res[0][2]    # its hit record reads data
+    assert sorted(res[0][2]) == ["blocks.0.moe.experts", "blocks.1.moe.experts"], res[0][2]
 
 
-def _found(model, x):
-    """The regions CallRecorder finds in one forward of ``model`` (one process; TouchMode reports the calls)."""
-    from parallel.zero.regions import CallRecorder, find_blocks
-    from parallel.zero.touch import TouchMode
+def _found(model, *args):
+    """The regions CallRecorder finds in one forward of ``model`` (one process, no ranks)."""
+    from parallel.zero.regions import CallRecorder
     holders = {m for m in model.modules() if any(p.requires_grad for p in m.parameters())}
-    blocks = find_blocks(model, holders.__contains__)
-    rec = CallRecorder(model, holders.__contains__, blocks)
-    with TouchMode({}, lambda u: True, None, lambda: 0, rec.data):
-        model(x)
+    rec = CallRecorder(model, holders.__contains__)
+    model(*args)
     rec.remove()
     names = {m: n for n, m in model.named_modules()}
-    return sorted(names[m] for m in rec.regions), [names[b] for b in blocks]
+    return {names[m]: why for m, why in rec.regions.items()}
 
 
 class Dense(nn.Module):
-    """A plain block stack whose own forward reads data first (a mask check): no region."""
+    """A plain block stack: every block called once, in order — no region."""
 
     def __init__(self):
         super().__init__()
@@ -183,28 +180,21 @@ class Dense(nn.Module):
 
     def forward(self, ids):
         h = self.wte(ids)
-        if (ids >= 0).all():                    # data read in the root, before the blocks: exempt
-            for b in self.blocks:
-                h = b(h)
+        for b in self.blocks:
+            h = b(h)
         return h
 
 
 def test_regions_found_for_data_dependent_calls():
-    """One process, no ranks: a loop over a module (DBRX), some experts of a ModuleList, and a data read before a
-    call each make a region; a plain block stack (with a data read in the root) makes none. Blocks found."""
+    """One process, no ranks: a loop over a module (DBRX) and a partly called ModuleList of experts each make a
+    region; a plain block stack makes none."""
     torch.manual_seed(0)
     x = torch.randint(0, V, (2, S))
-    # raw marks (agree_regions keeps the outermost): the MoE reads data (its hit record), its experts loop
-    assert _found(Net("loop"), x) == (["blocks.0.moe", "blocks.0.moe.experts", "blocks.1.moe",
-                                       "blocks.1.moe.experts"], ["blocks.0", "blocks.1"])
-    experts = LoopExperts()
-    idx = torch.tensor([0, 2, 2, 0])
-    from parallel.zero.regions import CallRecorder
-    rec = CallRecorder(experts, lambda m: m is experts.mlp or m is experts)
-    experts(torch.randn(4, H), idx)
-    assert list(rec.regions.values()) == ["calls GLU 2 times in one forward"]
-    lst = ListExperts()
-    rec = CallRecorder(lst, lambda m: any(True for _ in m.parameters()))
-    lst(torch.randn(4, H), torch.tensor([1, 1, 3, 3]))
-    assert list(rec.regions.values()) == ["calls 2 of the 4 modules of .experts"]
-    assert _found(Dense(), x) == ([], ["blocks.0", "blocks.1", "blocks.2"])
+    found = _found(Net("loop"), x)
+    assert sorted(found) == ["blocks.0.moe.experts", "blocks.1.moe.experts"], found
+    assert all(w.startswith("calls GLU ") and w.endswith(" times in one forward") for w in found.values()), found
+    got = _found(LoopExperts(), torch.randn(4, H), torch.tensor([0, 2, 2, 0]))
+    assert got == {"": "calls GLU 2 times in one forward"}
+    assert _found(ListExperts(), torch.randn(4, H), torch.tensor([1, 1, 3, 3])) == {
+        "": "calls 2 of the 4 modules of .experts"}
+    assert _found(Dense(), x) == {}

@@ -19,15 +19,6 @@ a module P as a *region* when, within one call of P, P's own code
 * calls a module that holds (or contains) stage-3 units more than once (a loop over a module: DBRX), or
 * calls some but not all of the unit-holding modules of one of its ``ModuleList``/``ModuleDict`` children
   (experts chosen by routing).
-* (inside a block, see below) reads tensor data into Python — ``.tolist()``, ``.item()``, ``bool(t)``,
-  iterating a tensor, ``nonzero`` / one-argument ``where`` / ``unique`` — before calling a unit-holding
-  module: its calls may depend on the data even when, in this forward, every expert happened to be hit.
-
-The first forward, which finds them, must not depend on them: it gathers per *block* — each module of a
-``ModuleList``/``Sequential`` of at least two modules of one class with its own ``forward`` (the transformer
-layers), outermost — with everything inside a block gathered at the block's entry (memory: one block, as
-``zero.units: block``). Blocks are assumed to be called the same way on every rank (checked: the traced
-module orders of all ranks are compared after each traced forward, and differing ones raise on every rank).
 
 The marks of all dp ranks are combined (an all-reduce, once, at the end of the first forward: a rank
 whose routing happened to call every expert still agrees with one that did not). From the next forward on,
@@ -37,9 +28,10 @@ position, no prefetch); the trace is recorded anew. What runs inside a region ma
 freely: it issues no collective. Cost: a region's units are resident together (an MoE layer's experts, as
 FSDP's block units), reported once.
 
-Limit: a model without such block lists runs its first forward module by module; data-dependent calls
-outside blocks are not looked for (the root and modules containing blocks are exempt from the third rule,
-so that a mask check in the model's own forward does not make the whole model one region).
+Limit: the first forward itself runs module by module. A module that one rank calls and another never calls
+in that forward (an expert without tokens on one rank, in a model holding one unit per expert) makes the
+first forward's gathers differ already; DBRX-like models (the experts' weights are read in the parent's code,
+so the parent holds them, :mod:`.touch`) are safe. ``zero.units: block`` avoids the question altogether.
 """
 from __future__ import annotations
 
@@ -50,32 +42,7 @@ import torch.nn as nn
 
 from parallel.comm import all_reduce
 
-__all__ = ["CallRecorder", "agree_regions", "region_units", "find_blocks"]
-
-# torch functions whose result moves tensor *data* into Python control flow or into a shape
-DATA = frozenset([torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__iter__,
-                  torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__float__, torch.Tensor.nonzero,
-                  torch.nonzero, torch.argwhere, torch.Tensor.argwhere, torch.unique, torch.Tensor.unique,
-                  torch.unique_consecutive, torch.masked_select, torch.Tensor.masked_select, torch.bincount,
-                  torch.Tensor.bincount])
-
-
-def is_data(func, args) -> bool:
-    return func in DATA or (func is torch.where and len(args) == 1)
-
-
-def find_blocks(root: nn.Module, holds) -> list:
-    """The outermost modules of a ModuleList/Sequential of ≥ 2 modules of one class that defines ``forward``
-    and holds units (transformer layers)."""
-    found = []
-    for m in root.modules():
-        if isinstance(m, (nn.ModuleList, nn.Sequential)):
-            ch = list(m.children())
-            if (len(ch) >= 2 and len({type(c) for c in ch}) == 1 and all(holds(c) for c in ch)
-                    and type(ch[0]).forward is not nn.Module.forward):
-                found += ch
-    inner = {d for b in found for d in b.modules() if d is not b}
-    return [b for b in found if b not in inner]
+__all__ = ["CallRecorder", "agree_regions", "region_units"]
 
 
 class CallRecorder:
@@ -83,15 +50,8 @@ class CallRecorder:
     found to call unit-holding modules data-dependently to the reason (see the module docstring).
     ``holds(m)``: whether ``m`` or a descendant has stage-3 units."""
 
-    def __init__(self, root: nn.Module, holds, blocks=()):
+    def __init__(self, root: nn.Module, holds):
         self.holds = holds
-        parent = {c: m for m in root.modules() for c in m.children()}
-        above = {root}                               # the root and modules containing blocks: rule 3 exempt
-        for b in blocks:
-            while b in parent and b not in above:
-                b = parent[b]
-                above.add(b)
-        self._exempt = above
         self.regions: dict = {}
         self._stack: list = []                       # [module, [unit-holding modules it called]]
         self.on = True                               # False: finished (hooks removed later, outside forwards)
@@ -104,25 +64,14 @@ class CallRecorder:
         if not self.on:
             return
         if self._stack and self.holds(m):
-            top = self._stack[-1]
-            top[1].append(m)
-            if top[2] and top[3] is None:
-                top[3] = (top[2], m)                 # data read, then a unit-holding module called
-        self._stack.append([m, [], None, None])      # module, calls, first data event, (event, module after)
-
-    def data(self, func, args) -> None:
-        """A torch call in the traced forward (TouchMode's ``on_call``): note reads of data."""
-        if self.on and self._stack and not self._stack[-1][2] and is_data(func, args):
-            self._stack[-1][2] = getattr(func, "__name__", str(func))
+            self._stack[-1][1].append(m)
+        self._stack.append([m, []])
 
     def _post(self, m, args, out):
         if not self.on or not self._stack or self._stack[-1][0] is not m:
             return
-        _, called, _, after = self._stack.pop()
+        _, called = self._stack.pop()
         if m in self.regions or not called:
-            return
-        if after is not None and m not in self._exempt:
-            self.regions[m] = f"reads tensor data ({after[0]}) before calling {type(after[1]).__name__}"
             return
         counts = Counter(called)
         again = [c for c, n in counts.items() if n > 1]

@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
-from parallel.zero.regions import CallRecorder, agree_regions, find_blocks, region_units
+from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
 
@@ -122,7 +122,6 @@ class Stage3Params:
         self._touch = None                     # the TouchMode of the traced forward
         self._calls = None                     # the CallRecorder of the traced forward (regions)
         self._done_calls = None                # a finished one, its hooks removed before the next forward
-        self._seen = False                     # a forward has run
         self._pending: list = []               # regions agreed at the end of the first forward, applied next
         self._inert: set = set()               # hooked modules inside a region: their hooks do nothing
         self.regions: dict = {}                # region module -> why (parallel.zero.regions)
@@ -130,10 +129,6 @@ class Stage3Params:
         self._hooked: set = set()
         for m in self.needs:
             self._hook(m)
-        self._base = {m: list(v) for m, v in self.needs.items()}
-        # the first forward gathers per block (parallel.zero.regions): it finds the regions inside them
-        self._blocks = find_blocks(module, self._holders().__contains__)
-        self._gather_as_one(self._blocks)
         self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
         self._handles.append(module.register_forward_hook(self._root_post))
         self._handles.append(module.register_forward_hook(self._end_touch, always_call=True))   # also on errors
@@ -154,24 +149,14 @@ class Stage3Params:
         return out
 
     def _apply_regions(self) -> None:
-        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward).
-        Regions replace the blocks of the first forward."""
-        for b in self._blocks:
-            self.needs[b] = list(self._base.get(b, []))
-        # blocks hooked only for the first forward go quiet: no trace position, no prefetch from their hooks
-        self._inert = {b for b in self._blocks if b not in self._base}
-        self._blocks = []
-        self._gather_as_one([r for r in self._pending if r is not None])
-        self._pending = []
-        self.order = TracedOrder()
-
-    def _gather_as_one(self, regions: list) -> None:
-        for r in regions:
+        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward)."""
+        for r in self._pending:
             if r not in self._hooked:
                 self._hook(r)
             self.needs[r] = region_units(r, self.needs)
-            self._inert.discard(r)
             self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
+        self._pending = []
+        self.order = TracedOrder()
 
     # --- gather / free ----------------------------------------------------------------------------
     def _nbytes(self, u: FlatBucket) -> int:
@@ -231,14 +216,11 @@ class Stage3Params:
             self._apply_regions()
         self.order.start()
         self._stack = []
-        if self.order.tracing and self._touch is None:
-            first = self._blocks or not self._seen
-            self._seen = True
-            if first:                       # the first forward: find the regions
-                self._calls = CallRecorder(self.module, self._holders().__contains__, self._blocks)
-            self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet,
-                                    self._calls.data if first else None)
+        if self.order.tracing and self._touch is None and not self._inert:
+            self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet)
             self._touch.__enter__()
+            holders = self._holders()
+            self._calls = CallRecorder(self.module, holders.__contains__)
 
     def _adopt(self, u: FlatBucket) -> None:
         """The traced forward's code used a parameter of ``u`` while ``u`` was not gathered: gather it now,
@@ -257,17 +239,12 @@ class Stage3Params:
             touch.__exit__(None, None, None)
 
     def _root_post(self, module, args, out):
-        if self.order.tracing:              # every dp rank agrees on the regions and compares its trace
-            calls, found = self._calls, {}
-            if calls is not None:
-                self._calls, calls.on, self._done_calls, found = None, False, calls, calls.regions
-            regions, same = agree_regions(self.module, found, self.order.modules, self.group)
-            if calls is not None:
-                names = {m: n for n, m in self.module.named_modules()}
-                self._pending = regions
-                self.regions = {names[r]: found.get(r, "found on another dp rank") for r in regions}
-                if self._blocks and not regions:
-                    self._pending = [None]      # still switch from blocks to modules
+        if self._calls is not None:         # the first forward: every dp rank agrees on the regions
+            self._calls, calls = None, self._calls
+            calls.on, self._done_calls = False, calls
+            names = {m: n for n, m in self.module.named_modules()}
+            self._pending, same = agree_regions(self.module, calls.regions, self.order.modules, self.group)
+            self.regions = {names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending}
             if not same:                    # every rank sees the same answer: all raise, none hangs
                 raise RuntimeError(
                     "ZeRO-3: the dp ranks called their modules in different orders in the first forward (outside "
@@ -284,9 +261,6 @@ class Stage3Params:
 
     def _pre_forward(self, m, args):
         if m in self._inert:
-            if any(u.state != FULL for u in self._base.get(m, ())):
-                raise RuntimeError(f"ZeRO-3: {type(m).__name__} ran outside the forward of the block or region "
-                                   f"that gathers its parameters (parallel.zero.regions); set zero.units: block")
             return
         self._quiet += 1
         try:
@@ -320,13 +294,12 @@ class Stage3Params:
         if torch.is_grad_enabled():
             pos = self._pos_of.get(m, OFF)
             tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-            needs = list(self.needs[m])     # as of this forward (regions may change them before backward)
             for t in tensors:
-                t.register_hook(lambda g, m=m, pos=pos, needs=needs: self._pre_backward(m, pos, needs))
+                t.register_hook(lambda g, m=m, pos=pos: self._pre_backward(m, pos))
         return out
 
-    def _pre_backward(self, m, pos: int, needs=None) -> None:
-        for u in self.needs[m] if needs is None else needs:
+    def _pre_backward(self, m, pos: int) -> None:
+        for u in self.needs[m]:
             self._gather(u)
             u.bwd = True
         self._prefetch_at(pos - 1, -1)

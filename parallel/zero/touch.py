@@ -39,15 +39,12 @@ class TouchMode(TorchFunctionMode):
     :meth:`parallel.zero.stage3.Stage3Params._adopt`, ``unit_of`` maps parameters to units, ``quiet()``
     says the stage-3 hooks themselves are running (their own reads of parameters are not uses)."""
 
-    def __init__(self, unit_of: dict, gathered, adopt, quiet, on_call=None):
+    def __init__(self, unit_of: dict, gathered, adopt, quiet):
         super().__init__()
         self.unit_of, self.gathered, self.adopt, self.quiet = unit_of, gathered, adopt, quiet
-        self.on_call = on_call          # on_call(func, args): every call (regions look for data-dependent ones)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.on_call is not None and not self.quiet():
-            self.on_call(func, args)
         if func not in METADATA and not self.quiet():
             for t in tree_flatten((args, kwargs))[0]:
                 if isinstance(t, nn.Parameter):
