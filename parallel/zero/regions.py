@@ -24,14 +24,18 @@ The marks of all dp ranks are combined (an all-reduce, once, at the end of the f
 whose routing happened to call every expert still agrees with one that did not). From the next forward on,
 a region's pre-hook gathers every unit of its subtree (in unit order), its post-hook frees them, its outputs'
 gradient hooks gather them again for backward, and the modules inside it do nothing (no gather, no trace
-position, no prefetch); the trace is recorded anew. What runs inside a region may then differ between ranks
-freely: it issues no collective. Cost: a region's units are resident together (an MoE layer's experts, as
-FSDP's block units), reported once.
+position, no prefetch); the trace is recorded anew. What runs inside a region then issues no gather. The same
+all-reduce compares the ranks' traced module orders outside regions; a difference raises on every rank (no
+hang, no mixed parameters). Cost: a region's units are resident together (an MoE layer's experts, as FSDP's
+block units); ``Stage3Params.regions`` names them and why.
 
 Limit: the first forward itself runs module by module. A module that one rank calls and another never calls
 in that forward (an expert without tokens on one rank, in a model holding one unit per expert) makes the
 first forward's gathers differ already; DBRX-like models (the experts' weights are read in the parent's code,
-so the parent holds them, :mod:`.touch`) are safe. ``zero.units: block`` avoids the question altogether.
+so the parent holds them, :mod:`.touch`) are safe. Open: with one module per expert in a ModuleList, an expert
+that gets no token on one rank in a later step still hangs (tests/test_zero_regions.py, strict xfail): its
+gradient bucket is reduced at the end of backward there and during backward on the peers, so the gradient
+reduce-scatters interleave differently with the gathers. ``zero.units: block`` avoids the gather side.
 """
 from __future__ import annotations
 
