@@ -33,9 +33,9 @@ Limit: the first forward itself runs module by module. A module that one rank ca
 in that forward (an expert without tokens on one rank, in a model holding one unit per expert) makes the
 first forward's gathers differ already; DBRX-like models (the experts' weights are read in the parent's code,
 so the parent holds them, :mod:`.touch`) are safe. Open: with one module per expert in a ModuleList, an expert
-that gets no token on one rank in a later step still hangs (tests/test_zero_regions.py, strict xfail): its
-gradient bucket is reduced at the end of backward there and during backward on the peers, so the gradient
-reduce-scatters interleave differently with the gathers. ``zero.units: block`` avoids the gather side.
+that gets no token on one rank still hangs (tests/test_zero_regions.py, strict xfail; cause not pinned down:
+one rank waits in a gradient reduce-scatter while its peer finishes — its bucket is reduced at the end of
+backward there and during backward on the peer; moving the gathers to their own process group did not help).
 """
 from __future__ import annotations
 
