@@ -8,7 +8,11 @@ Each architecture's config class names its sizes differently (n_embd, d_model, h
 name of a group that the config's ``__init__`` takes is set (:data:`SIZES`), nested sub-configs
 (``text_config``, ``vision_config``) likewise, dropout off. A layout's result is one of
 
-* ``exact`` — every loss within ``RTOL`` of one process: |l_t − l_t^ref| ≤ RTOL·|l_t^ref| for t < STEPS;
+* ``exact`` — every loss within ``RTOL`` of one process: |l_t − l_t^ref| ≤ RTOL·|l_t^ref| for t < STEPS; a tp
+  cell is exact only if tensor parallelism split something: its detail says how many parameter tensors of the
+  trained model are sharded over tp and what fraction of the model's elements they hold;
+* ``unsplit`` — tp only: the losses agree but no parameter is sharded over tp (the "parallel" run was one
+  replicated model per rank, so agreeing proves nothing about tensor parallelism); not a pass;
 * ``refused (reason)`` — tp: ``apply_tensor_parallel`` raised a ValueError before converting any module
   (the plan says why it cannot be applied); pp: the pipeline split's plan raised a ValueError (the
   model is not a straight block stack, …); a legitimate outcome, not a pass of the numbers;
@@ -179,8 +183,27 @@ def _converted(model) -> bool:
                for m in model.modules())
 
 
+def tp_split(model, tp: int) -> dict:
+    """What tensor parallelism split in ``model`` (a rank's converted model): {"tensors": parameter tensors
+    sharded over tp, "of": all parameter tensors, "fraction": the sharded ones' share of the full model's
+    elements} — a split tensor counts its full size, local numel · tp / tp_replicas."""
+    from parallel.parameters import param_info
+    split = total = full_split = 0
+    params = list(dict.fromkeys(model.parameters()))
+    for p in params:
+        info = param_info(p)
+        n = p.numel()
+        if info.tp_split:
+            split += 1
+            n = n * tp // info.tp_replicas
+            full_split += n
+        total += n
+    return {"tensors": split, "of": len(params), "fraction": full_split / max(total, 1)}
+
+
 def _train(rank, world, model_type: str, layout: str):
-    """On each rank: ("refused", reason) when the tp plan refuses before converting, else ("losses", [...])."""
+    """On each rank: ("refused", reason) when the tp plan refuses before converting, else ("losses", [...],
+    :func:`tp_split` of the trained model or None when tp = 1)."""
     from launch.train import run
     from parallel.mesh import Mesh
     from parallel.tensor_parallel.plan import apply_tensor_parallel
@@ -203,7 +226,8 @@ def _train(rank, world, model_type: str, layout: str):
             describe_split(build(model_type), cfg.parallel.pp)
         except ValueError as e:
             return "refused", " ".join(str(e).split())
-    return "losses", run(cfg, mesh, print_fn=lambda *a, **k: None)["losses"]
+    out = run(cfg, mesh, print_fn=lambda *a, **k: None)
+    return "losses", out["losses"], tp_split(out["engine"].module, cfg.parallel.tp) if cfg.parallel.tp > 1 else None
 
 
 def _short(e: BaseException | str, n: int = 160) -> str:
@@ -221,14 +245,15 @@ def reference(model_type: str) -> list:
 
 
 def check(model_type: str, layout: str, want: list, timeout: float = 300) -> tuple[str, str]:
-    """(status, detail) of one layout: ("exact", "2.1e-07"), ("refused", reason) or ("FAIL", reason)."""
+    """(status, detail) of one layout: ("exact", "2.1e-07"), ("refused", reason), ("unsplit", …) (tp split no
+    parameter) or ("FAIL", reason)."""
     sys.path.insert(0, HERE)
     from harness import run_ranks
     try:
         out = run_ranks(_train, 2, model_type, layout, timeout=timeout)
     except Exception as e:
         return "FAIL", _short(e)
-    kind, value = out[0]
+    kind, value = out[0][:2]
     if kind == "refused":
         return "refused", value[:200]
     if len(value) != len(want):
@@ -236,7 +261,12 @@ def check(model_type: str, layout: str, want: list, timeout: float = 300) -> tup
     err = max(abs(g - w) / max(abs(w), 1e-30) for g, w in zip(value, want))
     if not err <= RTOL:                              # NaN fails too
         return "FAIL", f"loss off by {err:.2g} relative (tolerance {RTOL:g})"
-    return "exact", f"{err:.1e}"
+    split = out[0][2]
+    if split is None:
+        return "exact", f"{err:.1e}"
+    if split["tensors"] == 0:
+        return "unsplit", f"no parameter sharded over tp ({split['of']} tensors replicated); losses agree to {err:.1e}"
+    return "exact", f"{err:.1e}; tp split {split['tensors']}/{split['of']} tensors, {split['fraction']:.0%} of elements"
 
 
 def architectures() -> list[str]:

@@ -85,7 +85,7 @@ def _cell(v) -> str:
 def markdown(rows: dict, archs: list[str]) -> str:
     from tests import zoo
     layouts = list(zoo.LAYOUTS)
-    counts = {k: 0 for k in ("exact", "refused", "FAIL", "skip")}
+    counts = {k: 0 for k in ("exact", "unsplit", "refused", "FAIL", "skip")}
     lines = ["| architecture | " + " | ".join(layouts) + " |", "|---" * (len(layouts) + 1) + "|"]
     for a in archs:
         r = rows.get(a)
@@ -101,7 +101,8 @@ def markdown(rows: dict, archs: list[str]) -> str:
                 counts[r[k][0]] += 1
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     summary = (f"{len(rows)} of {len(archs)} architectures run; cells: {counts['exact']} exact, "
-               f"{counts['refused']} refused, {counts['FAIL']} FAIL; {counts['skip']} architectures skipped.")
+               f"{counts['unsplit']} unsplit, {counts['refused']} refused, {counts['FAIL']} FAIL; "
+               f"{counts['skip']} architectures skipped.")
     return summary + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -110,10 +111,12 @@ HEADER = """# Model zoo: transformers causal LMs at dp / tp / pp against one pro
 Every architecture in transformers' causal-LM auto mapping, built tiny from its config (2 layers, hidden
 64, 4 heads, 2 kv heads, vocabulary 128, no dropout; the names each config uses are found generically,
 `tests/zoo.py`), trained {steps} AdamW steps in fp32 on two gloo CPU ranks and compared with one process.
-A cell is `exact (max relative loss difference)` within {rtol:g}, `refused (reason)` when the tp plan
-refuses before converting anything (a ValueError naming why), or `FAIL (reason)`: a wrong loss or an
-error anywhere else. An architecture is skipped only with a listed reason (a missing package, or `LISTED_SKIPS` in
-`tests/zoo.py`); one that one process cannot train from token ids shows `FAIL (one process: …)`.
+A cell is `exact (max relative loss difference)` within {rtol:g} (a tp cell also says how many parameter
+tensors tp split and their share of the elements), `unsplit` when tp agreed but sharded no parameter (not a
+pass), `refused (reason)` when the tp plan refuses before converting anything (a ValueError naming why), or
+`FAIL (reason)`: a wrong loss or an error anywhere else. An architecture is skipped only with a listed
+reason (a missing package, or `LISTED_SKIPS` in `tests/zoo.py`); one that one process cannot train from
+token ids shows `FAIL (one process: …)`.
 
 Regenerate (one to two hours on two busy cores; `--resume` continues a stopped run from `runs/model_zoo.jsonl`,
 `--only llama,opt` runs a few):

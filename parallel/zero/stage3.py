@@ -27,7 +27,9 @@ parameter's ``.data`` is swapped for an empty tensor. Autograd may have saved vi
 gather before the module's backward runs (FSDP's ``storage.resize_`` technique). A parameter used
 outside the forward of the modules that hold it (``F.linear(x, other.weight)``, a Mamba mixer reading
 ``self.conv1d.weight``) is found on the traced first forward and becomes a need of the module whose
-code used it (:mod:`parallel.zero.touch`).
+code used it (:mod:`parallel.zero.touch`). A module whose code calls unit-holding modules a data-dependent
+number of times (an MoE layer looping over its hit experts) becomes one *region* after the first forward,
+gathered as a whole, so every rank issues the same gathers (:mod:`parallel.zero.regions`).
 
 Parameter offload (``shards=`` a :class:`~parallel.offload.shards.ParamOffload`; ZeRO-Infinity,
 arXiv 2104.07857, §5.2): a unit's shard lives in a tensor store; the gather fetches it first and
@@ -44,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
 
@@ -117,15 +120,43 @@ class Stage3Params:
         self._stack: list = []                 # hooked modules running (while tracing), innermost last
         self._quiet = 0                        # > 0 inside our own hooks: their reads are not uses
         self._touch = None                     # the TouchMode of the traced forward
+        self._calls = None                     # the CallRecorder of the traced forward (regions)
+        self._done_calls = None                # a finished one, its hooks removed before the next forward
+        self._pending: list = []               # regions agreed at the end of the first forward, applied next
+        self._inert: set = set()               # hooked modules inside a region: their hooks do nothing
+        self.regions: dict = {}                # region module -> why (parallel.zero.regions)
         self._handles = []
+        self._hooked: set = set()
         for m in self.needs:
-            # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
-            # hook wraps them for its gradient all-reduce)
-            self._handles.append(m.register_forward_pre_hook(self._pre_forward, prepend=True))
-            self._handles.append(m.register_forward_hook(self._post_forward))
+            self._hook(m)
         self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
         self._handles.append(module.register_forward_hook(self._root_post))
         self._handles.append(module.register_forward_hook(self._end_touch, always_call=True))   # also on errors
+
+    def _hook(self, m: nn.Module) -> None:
+        # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
+        # hook wraps them for its gradient all-reduce)
+        self._hooked.add(m)
+        self._handles.append(m.register_forward_pre_hook(self._pre_forward, prepend=True))
+        self._handles.append(m.register_forward_hook(self._post_forward))
+
+    def _holders(self) -> set:
+        """Modules that have stage-3 units or contain one that has."""
+        out = set()
+        for m in self.module.modules():
+            if any(self.needs.get(d) for d in m.modules()):
+                out.add(m)
+        return out
+
+    def _apply_regions(self) -> None:
+        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward)."""
+        for r in self._pending:
+            if r not in self._hooked:
+                self._hook(r)
+            self.needs[r] = region_units(r, self.needs)
+            self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
+        self._pending = []
+        self.order = TracedOrder()
 
     # --- gather / free ----------------------------------------------------------------------------
     def _nbytes(self, u: FlatBucket) -> int:
@@ -167,7 +198,7 @@ class Stage3Params:
 
     def _prefetch_at(self, pos: int, step: int = 1) -> None:
         order = self.order
-        if order.tracing or not 0 <= pos < len(order):
+        if order.tracing or self._pending or not 0 <= pos < len(order):
             return
         if self.shards is not None and self.depth:                  # store read-ahead
             self.shards.prefetch([u for m in order.ahead(pos, self.depth, step)
@@ -178,11 +209,18 @@ class Stage3Params:
 
     # --- hooks ------------------------------------------------------------------------------------
     def _root_pre(self, module, args):
+        if self._done_calls is not None:    # not inside the root's own hook loop (that would mutate it)
+            self._done_calls.remove()
+            self._done_calls = None
+        if self._pending:
+            self._apply_regions()
         self.order.start()
         self._stack = []
-        if self.order.tracing and self._touch is None:
+        if self.order.tracing and self._touch is None and not self._inert:
             self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet)
             self._touch.__enter__()
+            holders = self._holders()
+            self._calls = CallRecorder(self.module, holders.__contains__)
 
     def _adopt(self, u: FlatBucket) -> None:
         """The traced forward's code used a parameter of ``u`` while ``u`` was not gathered: gather it now,
@@ -194,11 +232,25 @@ class Stage3Params:
             self.needs[m].append(u)
 
     def _end_touch(self, module=None, args=None, out=None):
+        if self._calls is not None:         # the first forward raised: stop recording
+            self._calls.on, self._done_calls, self._calls = False, self._calls, None
         if self._touch is not None:
             self._touch, touch = None, self._touch
             touch.__exit__(None, None, None)
 
     def _root_post(self, module, args, out):
+        if self._calls is not None:         # the first forward: every dp rank agrees on the regions
+            self._calls, calls = None, self._calls
+            calls.on, self._done_calls = False, calls
+            names = {m: n for n, m in self.module.named_modules()}
+            self._pending, same = agree_regions(self.module, calls.regions, self.order.modules, self.group)
+            self.regions = {names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending}
+            if not same:                    # every rank sees the same answer: all raise, none hangs
+                raise RuntimeError(
+                    "ZeRO-3: the dp ranks called their modules in different orders in the first forward (outside "
+                    "any loop over a module or partly called ModuleList, which are gathered as one region): the "
+                    "model's control flow depends on the data, and per-module gathers would pair different "
+                    "parameters across ranks. Use zero.units: block, or zero.stage ≤ 2")
         self._end_touch()
         self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)
@@ -208,6 +260,8 @@ class Stage3Params:
             self.shards.drop_stale()
 
     def _pre_forward(self, m, args):
+        if m in self._inert:
+            return
         self._quiet += 1
         try:
             pos = self.order.visit(m)       # OFF when this forward departs from the trace: no prefetch
@@ -222,6 +276,8 @@ class Stage3Params:
             self._quiet -= 1
 
     def _post_forward(self, m, args, out):
+        if m in self._inert:
+            return out
         self._quiet += 1
         try:
             return self._post_forward_quiet(m, args, out)
