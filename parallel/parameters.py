@@ -14,7 +14,7 @@ need identity hashing (``Tensor.__eq__`` is elementwise) and a second place to c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,7 +65,7 @@ class ParamInfo:
     """This is the last stage's copy of a tied weight: not counted in the global grad norm and not
     saved (the first stage's original is)."""
 
-    source: object = None
+    source: object = field(default=None, compare=False)
     """A weak reference to the tensor this Parameter was cut from (tensor parallelism) or copied from (the
     pipeline's tied copy), or None (the model's own Parameter). The checkpoint layout probe follows it on
     the meta device to the unmodified model's parameter (:mod:`parallel.checkpoint.meta_probe`)."""

@@ -27,7 +27,6 @@ ALLOW = {
     "train.timeout_s": "read only by launch.train.main: the watchdog and process-group timeouts",
     "train.save_on_signal": "read only by launch.train.main, which installs the signal handlers (tests/test_stop.py "
                             "starts that path)",
-    "parallel.cp_algorithm": "read only with parallel.cp > 1 (tests/test_context_parallel.py trains both algorithms)",
     "optimizer.adamw_lr": "read only with optimizer.name=muon (tests/test_tensorwise_optim.py)",
     "optimizer.freeze_step": "read only with optimizer.name=onebit_adam (tests/test_onebit_adam.py)",
     "pld.theta": "read only with pld.enabled=true (tests/test_layer_drop.py trains with it)",

@@ -195,6 +195,9 @@ def map_clipping(m: Mapper):
           "max global L2 norm" if v else "0 means no clipping")
 
 
+ONEBIT_TYPES = ("onebitadam", "zerooneadam", "onebitlamb")
+
+
 def map_clipping_default(m: Mapper):
     """No ``gradient_clipping`` key: DeepSpeed's default applies (version-dependent, see
     :mod:`.deepspeed_defaults`), unless the native YAML (or a CLI override) sets ``train.grad_clip`` itself."""
@@ -204,6 +207,13 @@ def map_clipping_default(m: Mapper):
     if "grad_clip" in train:
         m.lines.append(f"gradient_clipping = (unset; DeepSpeed's default would be {value:g}: {meaning}, from {why}) "
                        f"-> train.grad_clip = {json.dumps(train['grad_clip'])} kept (the YAML sets it)")
+        return
+    opt = m.ds.get("optimizer") if isinstance(m.ds.get("optimizer"), dict) else {}
+    if value and str(opt.get("type", "")).lower() in ONEBIT_TYPES:
+        m.lines.append(f"gradient_clipping = (unset; DeepSpeed's default would be {value:g}, from {why}) -> NOT "
+                       f"applied: {opt['type']} keeps each rank's own gradient after warm-up, so there is no global "
+                       f"norm to clip by (DeepSpeed would clip each rank's local gradient: a different update); "
+                       f"write \"gradient_clipping\": 0.0 to state that")
         return
     other = "no clipping" if value else "clipping"
     m.set("gradient_clipping", f"(unset: DeepSpeed's default {value:g}, from {why})", "train.grad_clip",
