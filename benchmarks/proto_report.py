@@ -18,6 +18,7 @@ from parallel.planning.flops import gpt_flops_per_token
 from parallel.planning.planner import predict
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec
 from parallel.planning.time_terms import memory_seconds
+from parallel.zero.interleave import ENABLED as INTERLEAVE
 
 __all__ = ["calib_mean", "hardware", "predict_row", "floors", "analyse", "text", "markdown"]
 
@@ -76,7 +77,7 @@ def predict_row(rec: dict, name: str, cal: dict):
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
     tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0,  # local: per
-                   interleave=meta["ours"])                 # DeepSpeed's update and gathers: two passes
+                   interleave=meta["ours"] and INTERLEAVE)  # DeepSpeed's update and gathers: two passes
     hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours

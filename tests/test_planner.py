@@ -23,7 +23,8 @@ FAST = {
     2: [("dp2 zero0", dict(dp=2, zero=0)), ("dp2 zero2", dict(dp=2, zero=2)), ("dp2 zero3", dict(dp=2, zero=3)),
         ("dp2 zero3 blocks", dict(dp=2, zero=3, units="block")),
         ("tp2 sp", dict(tp=2, sp=True)), ("pp2 interleaved", dict(pp=2, schedule="interleaved", v=2)),
-        ("pp2 zb zero1", dict(pp=2, schedule="zero_bubble", zero=1))],
+        ("pp2 zb zero1", dict(pp=2, schedule="zero_bubble", zero=1)),
+        ("pp2 zb_v", dict(pp=2, schedule="zb_v", v=2))],      # V placement: stages r, 2p-1-r; ties on one rank
     4: [("pp2 dp2 zero1", dict(pp=2, dp=2, zero=1)), ("tp2 dp2 zero3", dict(tp=2, dp=2, zero=3)),
         ("pp2 dp2 zero3 blocks v2", dict(pp=2, dp=2, zero=3, units="block", schedule="interleaved", v=2))],
 }

@@ -6,6 +6,7 @@ from harness import run_ranks
 from test_zero import CLIP, global_batch, loss_of, make_model
 
 from parallel.config import ZeroConfig
+from parallel.zero import interleave as interleave_mod
 
 
 class CountingAdamW(torch.optim.AdamW):
@@ -25,7 +26,7 @@ def _run(g, rank, stage, interleave, opt):
     factory = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
                "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9)}[opt]
     z = ZeroOptimizer(model, factory, g, ZeroConfig(stage=stage, bucket_mb=0.05), grad_clip=CLIP)
-    chosen = z._interleave
+    chosen = interleave_mod.eligible(z)
     z._interleave = interleave
     calls = []
     z.optimizer.register_step_post_hook(lambda *a: calls.append(1))
@@ -52,7 +53,7 @@ def _choices(rank, world):
                                      ("lamb", 1, Lamb, 0.05)):
         z = ZeroOptimizer(make_model("gpt"), lambda ps, f=factory: f(ps, lr=1e-3), g, ZeroConfig(stage=stage,
                                                                                                 bucket_mb=mb))
-        out[name] = z._interleave
+        out[name] = interleave_mod.eligible(z) and not z._interleave     # eligible, off by default (ENABLED)
     return out
 
 

@@ -121,11 +121,13 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
     add_op(out, "tp", "all_reduce", 1, NORM_BYTES, t)
     if p > 1:
         act = mb * (spec.seq // t if lay.sp else spec.seq) * spec.hidden * b
-        msgs = m * sum((k < S - 1) + (k > 0) for k in own)
+        own_r = lay.owner(own[0])            # a neighbour stage on the same rank (V placement) is no message
+        msgs = m * sum((k < S - 1 and lay.owner(k + 1) != own_r) + (k > 0 and lay.owner(k - 1) != own_r)
+                       for k in own)
         add_op(out, "pp", "send", msgs, msgs * act, p)
         add_op(out, "pp", "recv", msgs, msgs * act, p)
         add_op(out, "pp", "all_reduce", 1, NORM_BYTES, p)
-        if spec.tied and (0 in own or S - 1 in own):
+        if spec.tied and (0 in own or S - 1 in own) and lay.owner(0) != lay.owner(S - 1):
             tied = spec.vocab // t * spec.hidden * b
             add_op(out, "pp_tied", "send", 1, tied, p)
             add_op(out, "pp_tied", "recv", 1, tied, p)
@@ -166,7 +168,8 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         for op, (calls, payload) in tp_per_micro(spec, lay, e - a, k == 0, k == S - 1, mb, b).items():
             add_op(tp, "tp", op, calls, payload, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
-        p2p = ((k < S - 1) + (k > 0)) * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
+        hops = (k < S - 1 and lay.owner(k + 1) != lay.owner(k)) + (k > 0 and lay.owner(k - 1) != lay.owner(k))
+        p2p = hops * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
         if spec.experts and lay.ep > 1:
             calls, payload = all_to_all_per_micro(spec, e - a, mb, b)
             add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)

@@ -100,12 +100,13 @@ def stage_bounds(spec: ModelSpec, t: int, pp: int, v: int = 1, ep: int = 1) -> l
 
 
 @functools.lru_cache(maxsize=1024)
-def _rank_params(spec: ModelSpec, tp: int, pp: int, v: int, pp_rank: int, ep: int = 1) -> tuple:
-    """[(param, deferred)] of one pp rank's stage modules, in the engine's named_parameters order."""
+def _rank_params(spec: ModelSpec, tp: int, pp: int, v: int, pp_rank: int, ep: int = 1, stages=None) -> tuple:
+    """[(param, deferred)] of one pp rank's stage modules (``stages``: default the loop placement r, r+p, …),
+    in the engine's named_parameters order."""
     inv, S = inventory(spec, tp, ep), pp * v
     bounds = stage_bounds(spec, tp, pp, v, ep)
     out = []
-    for s in range(pp_rank, S, pp):
+    for s in (range(pp_rank, S, pp) if stages is None else stages):
         a, e = bounds[s]
         for p in inv:
             if p.place == "pre" and s != 0 or p.place == "post" and s != S - 1:
@@ -288,8 +289,8 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     pred, dp_ops, loc = Prediction(lay), {}, local_spec(spec, lay)
     shape, dpax = {"pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "tp": lay.tp}, "dp" if lay.cp == 1 else "dp_cp"
     for pr in range(lay.pp):
-        own = list(range(pr, S, lay.pp))
-        bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep), lay, b, tr.bucket_mb,
+        own = list(lay.stages(pr))
+        bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep, lay.stages(pr)), lay, b, tr.bucket_mb,
                        spec.tied and S == 1)
         comm = comm_per_step(loc, lay, tr, bks, own, bounds, mb)
         if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
@@ -308,8 +309,9 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
             dp_ops = comm.get(dpax, {})
     hide = 0.0
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
-        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep), lay, b,
-                                             tr.bucket_mb, spec.tied and S == 1), lay, tr, hw) for pr in range(lay.pp)]
+        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep, lay.stages(pr)),
+                                             lay, b, tr.bucket_mb, spec.tied and S == 1), lay, tr, hw)
+                    for pr in range(lay.pp)]
         pred.update_s = max(u for u, _ in per_rank)
         hide = min(h for _, h in per_rank) if tr.interleave and lay.zero in (1, 2) else 0.0
     pred.step_s, pred.bubble = step_time(loc, lay, tr, hw, bounds, mb, dp_ops, hide)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 __all__ = ["ModelSpec", "Layout", "TrainSpec", "Hardware", "Prediction", "ParamEntry", "element_bytes"]
 
 
+V_SCHEDULES = ("zb_v", "dualpipe_v")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     n_layer: int
@@ -61,6 +64,19 @@ class Layout:
     cp: int = 1                     # context parallel: the sequence split over cp ranks (planning/context.py)
     cp_algorithm: str = "ring"      # ring | ulysses
 
+    def stages(self, pp_rank: int) -> tuple:
+        """The pipeline stages on pp rank r: r, r+p, … (loop placement) or r and 2p−1−r (the V placement of
+        zb_v / dualpipe_v, :mod:`parallel.pipeline.schedules_v`)."""
+        if self.schedule in V_SCHEDULES:
+            return (pp_rank, 2 * self.pp - 1 - pp_rank)
+        return tuple(range(pp_rank, self.pp * self.v, self.pp))
+
+    def owner(self, stage: int) -> int:
+        """The pp rank holding ``stage`` (inverse of :meth:`stages`)."""
+        if self.schedule in V_SCHEDULES:
+            return stage if stage < self.pp else 2 * self.pp - 1 - stage
+        return stage % self.pp
+
     @property
     def zero_n(self) -> int:
         """Ranks gradients reduce and ZeRO shards over: dp × cp."""
@@ -84,7 +100,8 @@ class TrainSpec:
     every: int = 1                  # policy every: blocks 0, k, 2k, … recomputed
     device: str = "cuda"            # cuda: offload leaves the device, foreach AdamW; cpu: it stays, per-tensor AdamW
     state_dtype: str = "fp32"       # adam/adamw moments: fp32 | int8 (parallel/optim/adam8bit.py)
-    interleave: bool = True         # zero 1/2: bucket k's all-gather under bucket k+1's update (zero/interleave.py)
+    interleave: bool = False        # zero 1/2: bucket k's all-gather under bucket k+1's update (zero/interleave.py;
+                                    # off by default: slower on gloo, see its ENABLED)
 
 
 @dataclass(frozen=True)

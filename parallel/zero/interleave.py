@@ -24,16 +24,29 @@ import torch
 
 from parallel.comm import all_gather_into
 
-__all__ = ["PER_TENSOR", "can_interleave", "step_interleaved"]
+__all__ = ["PER_TENSOR", "ENABLED", "eligible", "can_interleave", "step_interleaved"]
 
 PER_TENSOR = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop,
               torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta)
 
 
-def can_interleave(z) -> bool:
+ENABLED = False
+"""Off by default. Measured idle at 50M on 2 gloo ranks (``python benchmarks/proto_profile.py --size 50m --rows
+zero1 zero2 --steps 10 --ab-interleave``, 2026-12-03 20:52): interleaved ÷ two-pass 1.040 [0.965, 1.101] (ZeRO-1)
+and 1.033 [0.967, 1.079] (ZeRO-2) — slower: gloo's threads copy through the socket on the same core the update
+runs on, so nothing hides, and nine ``optimizer.step()`` calls cost more than one. Kept (exact, tested) for
+backends whose transfers run beside compute (NCCL on its own stream): set ``parallel.zero.interleave.ENABLED``."""
+
+
+def eligible(z) -> bool:
     """Stage 1/2, more than one bucket, no optimizer offload, a torch elementwise optimizer (module docstring)."""
     return (z.stage in (1, 2) and len(z._all) > 1 and z._opt_off is None
             and type(z.optimizer) in PER_TENSOR and not hasattr(z.optimizer, "bind_partition"))
+
+
+def can_interleave(z) -> bool:
+    """Whether ``z`` takes the interleaved step: :data:`ENABLED` and :func:`eligible`."""
+    return ENABLED and eligible(z)
 
 
 @torch.no_grad()
