@@ -6,9 +6,10 @@
 
 Inputs: ``.txt`` (documents separated by blank lines, or one per line / per file with --split),
 ``.jsonl`` (one document per line, the text under --text-key), ``.parquet`` (the --text-key column;
-needs pyarrow). Writes <out>.bin / .idx / .json (format: parallel/corpus/token_file.py), shows
-progress on stderr and ends with a summary: documents, tokens, bytes, tokenizer. An empty input, or one
-without documents, is refused naming it. Then train with
+needs pyarrow), a directory saved by Hugging Face ``datasets`` (``save_to_disk``; the --text-key column,
+--hf-split for a DatasetDict; :mod:`parallel.corpus.hf_source`). Writes <out>.bin / .idx / .json (format:
+parallel/corpus/token_file.py), shows progress on stderr and ends with a summary: documents, tokens,
+bytes, tokenizer. An empty input, or one without documents, is refused naming it. Then train with
 
     data: {factory: parallel.corpus:PackedCorpus, kwargs: {path: data/corpus, seq_len: 256, vocab_size: V}}
 
@@ -23,14 +24,17 @@ import os
 import sys
 import time
 
+from parallel.corpus.hf_source import hf_documents, is_dataset_dir
 from parallel.corpus.token_file import CorpusError, TokenWriter
 from parallel.corpus.tokenizer import load_tokenizer
 from parallel.corpus.tokenizer import train_bpe as train_bpe_on
 
 
-def _documents(path: str, split: str, text_key: str):
-    """Yield the documents of one input file."""
-    if path.endswith(".jsonl"):
+def _documents(path: str, split: str, text_key: str, hf_split: str | None = None):
+    """Yield the documents of one input file (or saved Hugging Face dataset directory)."""
+    if is_dataset_dir(path):
+        yield from hf_documents(path, text_key, hf_split)
+    elif path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -64,29 +68,33 @@ def _documents(path: str, split: str, text_key: str):
             yield from (d.strip("\n") for d in text.split("\n\n") if d.strip())
 
 
-def _all_documents(inputs, split: str, text_key: str):
+def _all_documents(inputs, split: str, text_key: str, hf_split: str | None = None):
     for path in inputs:
-        yield from _documents(path, split, text_key)
+        yield from _documents(path, split, text_key, hf_split)
 
 
 def prepare_files(inputs, out: str, tokenizer: str = "bytes", train_bpe: int | None = None,
                   tokenizer_out: str | None = None, text_key: str = "text", split: str = "blank",
-                  progress: bool = True) -> dict:
+                  progress: bool = True, hf_split: str | None = None) -> dict:
     """Tokenize ``inputs`` into ``<out>.bin/.idx/.json`` (with ``train_bpe``: train a byte-level BPE of that
     size on them first, saved in ``tokenizer_out``, default ``<out>_tokenizer/``); returns the metadata."""
     for path in inputs:
+        if is_dataset_dir(path):
+            continue
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"input {path!r} does not exist; give text, .jsonl or .parquet files")
+            raise FileNotFoundError(f"input {path!r} does not exist; give text, .jsonl or .parquet files, or a "
+                                    f"directory written by datasets' save_to_disk")
         if os.path.getsize(path) == 0:
             raise CorpusError(f"input {path} is empty: there is no text to tokenize; give a file with text")
     if train_bpe:
-        tok = train_bpe_on(_all_documents(inputs, split, text_key), train_bpe, tokenizer_out or out + "_tokenizer")
+        tok = train_bpe_on(_all_documents(inputs, split, text_key, hf_split), train_bpe,
+                           tokenizer_out or out + "_tokenizer")
     else:
         tok = load_tokenizer(tokenizer)
     writer = TokenWriter(out, tok.vocab_size, tok.eos_id, tok.name)
     last, tty = time.monotonic(), progress and sys.stderr.isatty()
     docs = 0
-    for docs, text in enumerate(_all_documents(inputs, split, text_key), 1):
+    for docs, text in enumerate(_all_documents(inputs, split, text_key, hf_split), 1):
         writer.add(tok.encode(text))
         if progress and time.monotonic() - last > 1.0:
             last = time.monotonic()
@@ -103,17 +111,18 @@ def prepare_files(inputs, out: str, tokenizer: str = "bytes", train_bpe: int | N
 
 def prepare(args) -> dict:
     return prepare_files(args.inputs, args.out, args.tokenizer, args.train_bpe, args.tokenizer_out, args.text_key,
-                         args.split)
+                         args.split, hf_split=args.hf_split)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.prepare_data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("inputs", nargs="+", help=".txt, .jsonl or .parquet files")
+    ap.add_argument("inputs", nargs="+", help=".txt, .jsonl or .parquet files, or saved Hugging Face datasets")
     ap.add_argument("--out", required=True, help="output prefix: writes <out>.bin, <out>.idx, <out>.json")
     ap.add_argument("--tokenizer", default="bytes", help="'bytes', a tokenizer.json, or a local tokenizer directory")
     ap.add_argument("--train-bpe", type=int, metavar="VOCAB", help="train a byte-level BPE of this size on the input")
     ap.add_argument("--tokenizer-out", help="where --train-bpe saves tokenizer.json (default <out>_tokenizer/)")
-    ap.add_argument("--text-key", default="text", help="the text field of .jsonl / .parquet inputs")
+    ap.add_argument("--text-key", default="text", help="the text field of .jsonl / .parquet / dataset inputs")
+    ap.add_argument("--hf-split", default=None, help="the split of a saved DatasetDict (default: train)")
     ap.add_argument("--split", choices=("blank", "line", "file"), default="blank",
                     help=".txt documents: separated by blank lines (default), one per line, or one per file")
     args = ap.parse_args(argv)
