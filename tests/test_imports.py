@@ -8,7 +8,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("parallel", "launch")
 # Third-party packages that are extras (not in `dependencies`): imported where they are used, inside functions.
-OPTIONAL = ("matplotlib", "deepspeed", "safetensors", "transformers", "accelerate", "tokenizers", "pyarrow",
+OPTIONAL = ("matplotlib", "datasets", "deepspeed", "safetensors", "transformers", "accelerate", "tokenizers", "pyarrow",
             "torch.utils.tensorboard", "tensorboard")
 
 
