@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from parallel.checkpoint.layout import ParamOrigin
+from parallel.checkpoint.layout import ParamOrigin, _named_unique
 from parallel.parameters import param_info
 
 __all__ = ["LocalIndex", "MetaScalars", "meta_origins"]
@@ -93,16 +93,6 @@ def _coords(n: int, info, tp: int, rank: int) -> torch.Tensor:
         o += s
     co = torch.cat(out)
     return torch.where(co >= n, torch.full_like(co, -1), co)
-
-
-def _named_unique(modules) -> list:
-    seen, out = set(), []
-    for i, m in enumerate(modules):
-        for n, p in m.named_parameters(remove_duplicate=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((f"{i}.{n}", p))
-    return out
 
 
 def _trace(q, names: dict):
