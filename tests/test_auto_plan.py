@@ -241,7 +241,7 @@ def test_simulation_rejects_a_wrong_layout():
     """The verifier can fail: GPT-NeoX's fused qkv is laid out [heads, 3, hd]; splitting it as [q | k | v]
     sections (colwise_qkv) is accepted by the conversion but gives different numbers, which the simulation of
     the block at tp = 2 reports; the contiguous (per head) split matches."""
-    from parallel.tensor_parallel.auto_plan import _simulate
+    from parallel.tensor_parallel.auto_plan_check import _simulate
     from parallel.tensor_parallel.plan import apply_tensor_parallel
     torch.manual_seed(0)
     block, inputs = _block_inputs(_neox())
