@@ -13,8 +13,9 @@ GPTs written in the nanoGPT style), each candidate verified numerically before i
    per kv-head group as in Falcon's new decoder architecture), then ``colwise_qkv`` ([q | k | v], each
    split by heads, as GPT-2 / nanoGPT), then ``colwise_packed`` ([gate | up]).
 3. Verification (:mod:`.auto_plan_check`), pair by pair and cumulatively, on block 0 with its real captured
-   inputs: tp copies of the block are converted by the real conversion code (``convert`` = ``apply_tensor_parallel`` on a
-   single-process group of rank r: rank r's weight shards and per-rank head attributes), their row
+   inputs: tp copies of the block are converted by the real conversion code (``convert`` =
+   ``apply_tensor_parallel`` on a single-process group of rank r: rank r's weight shards and per-rank head
+   attributes), their row
    layers return Σ_r X_r A_r + b (the all-reduce, replayed: pass k fixes the k-th row call's sum, so
    n row calls need n + 1 passes), and every rank's block output must equal the unsplit block's:
    max|y_r − y| ≤ TOL · max|y|. A candidate that fails (mismatch, a shape error in the model's own code,

@@ -72,9 +72,4 @@ def step_interleaved(z) -> None:
         if own.data_ptr() != b.master.data_ptr():
             own.copy_(b.master)
         works.append((b, all_gather_into(b.flat_param, own, b.group or z.group, async_op=True)))
-    if z.overlap_param_gather:
-        z._pending.update((b, w) for b, w in works if w is not None)
-        return
-    for _, w in works:
-        if w is not None:
-            w.wait()
+    z._settle_gathers(works)

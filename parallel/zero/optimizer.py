@@ -35,7 +35,6 @@ overflow to its loss scaler): :mod:`.grad_norm`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -49,14 +48,16 @@ from parallel.data_parallel.reducer import GradReducer
 from parallel.moe.zero_buckets import expert_buckets, expert_units, split_expert_params
 from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
+from parallel.zero.accounting import AccountingMixin
+from parallel.zero.args import check_args
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
-from parallel.zero.grad_norm import NONFINITE_POLICIES, SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
+from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
 from parallel.zero.interleave import can_interleave, step_interleaved
 from parallel.zero.offload import OffloadMixin, make_offload
 from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
-from parallel.zero.state import ZeroStateMixin, storage_bytes
+from parallel.zero.state import ZeroStateMixin
 
 __all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
 
@@ -70,39 +71,7 @@ class StepResult:
     nonfinite_skip: bool = False    # skipped by on_nonfinite="skip" (a non-finite gradient, not fp16)
 
 
-def _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups) -> None:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"ZeroOptimizer needs an nn.Module, got {type(module).__name__}")
-    if not callable(optimizer_factory):
-        raise TypeError("optimizer_factory must be a callable params -> torch.optim.Optimizer, "
-                        "e.g. lambda ps: torch.optim.AdamW(ps, lr=1e-3)")
-    if not isinstance(dp_group, Group):
-        raise TypeError(f"dp_group must be a parallel.comm.Group (mesh.group('dp')), got {type(dp_group).__name__}")
-    if not all(hasattr(zero, k) for k in ("stage", "bucket_mb", "prefetch", "offload")):
-        raise TypeError(f"zero= needs a parallel.config.ZeroConfig (the config's zero section), "
-                        f"got {type(zero).__name__}")
-    if zero.stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero.stage={zero.stage!r} must be 0, 1, 2 or 3")
-    if not zero.bucket_mb > 0:
-        raise ValueError(f"zero.bucket_mb={zero.bucket_mb!r} must be positive")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"train.grad_clip={grad_clip!r} must be positive (or None for no clipping)")
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"train.on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}")
-    for g in norm_groups:
-        if not isinstance(g, Group):
-            raise TypeError(f"norm_groups must hold parallel.comm.Group objects, got {type(g).__name__}")
-
-
-def _nested_tensors(x) -> list:
-    """Tensors inside nested dicts / lists (1-bit Adam's error-feedback buffers)."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    vals = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
-    return [t for v in vals for t in _nested_tensors(v)]
-
-
-class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
+class ZeroOptimizer(OffloadMixin, ZeroStateMixin, AccountingMixin):
     """``ZeroOptimizer(module, optimizer_factory, dp_group, zero=ZeroConfig(), *, precision="fp32",
     grad_clip=None, on_nonfinite="stop", norm_groups=(), init=None, unit_types=None,
     overlap_param_gather=False, loss_scale=None)``
@@ -143,7 +112,7 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                  expert_groups=None):
         zero = ZeroConfig() if zero is None else zero
         self.expert_groups = expert_groups             # (ep, edp) groups for param_info(p).ep_split params
-        _check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups)
+        check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinite, norm_groups)
         self.module, self.group, self.stage = module, dp_group, zero.stage
         self.prec = Precision.of(precision)
         self.grad_clip, self.norm_groups, self.on_nonfinite = grad_clip, tuple(norm_groups), on_nonfinite
@@ -414,41 +383,14 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin):
                 own.copy_(b.master)
             if self.stage > 0:
                 works.append((b, all_gather_into(b.flat_param, own, b.group or self.group, async_op=True)))
+        self._settle_gathers(works)
+
+    def _settle_gathers(self, works: list) -> None:
+        """The parameter all-gathers just posted: left in flight (``overlap_param_gather``: each module's
+        pre-hook waits for its own buckets) or waited for here."""
         if self.overlap_param_gather:
             self._pending.update((b, w) for b, w in works if w is not None)
             return
         for _, w in works:
             if w is not None:
                 w.wait()
-
-    # --- accounting -------------------------------------------------------------------------------
-    def model_state_bytes(self) -> dict:
-        """Bytes this rank holds, by walking tensors (each storage once): params (incl. frozen ones
-        and gathered stage-3 buffers), grads, master (fp32 copies not aliasing params), optimizer."""
-        self.wait_param_gather()
-        seen: set = set()
-        params = storage_bytes([p for p in self.module.parameters()] +
-                               [t for b in self._all for t in (b.flat_param, b.shard_param)], seen, self.simulated)
-        grads = storage_bytes([p.grad for p in self.module.parameters()] +
-                              [t for b in self._all for t in (b.flat_grad, b.shard_grad)], seen, self.simulated)
-        master = storage_bytes([b.master for b in self._all] + [b.master.grad for b in self._all], seen, self.simulated)
-        extra = _nested_tensors(getattr(self.optimizer, "comm_state", {}))        # 1-bit Adam's error buffers
-        opt = storage_bytes([v for st in self.optimizer.state.values() for v in st.values()
-                             if isinstance(v, torch.Tensor)] + extra, seen, self.simulated)
-        return {"params": params, "grads": grads, "master": master, "optimizer": opt,
-                "total": params + grads + master + opt}
-
-    @property
-    def peak_gathered_bytes(self) -> int:
-        """Stage 3: the most bytes of gathered (full) parameters held at once since construction."""
-        return self.stage3.peak_gathered_bytes if self.stage3 else 0
-
-    def gathered(self):
-        """Context manager: stage 3 parameters full inside (a no-op for stages 0–2)."""
-        self.wait_param_gather()
-        return self.stage3.gathered() if self.stage3 else contextlib.nullcontext()
-
-    @property
-    def num_params(self) -> int:
-        """Ψ: elements this optimizer manages (unpadded)."""
-        return sum(b.numel for b in self._all)
