@@ -11,6 +11,7 @@ import os
 
 import pytest
 from harness import run_ranks
+from planner_match import assert_comm_equal, assert_states_equal
 from test_planner import MB, MODEL, ROOT, G, _measured
 
 LAYOUTS = {          # the default suite runs "fast" (budget); -m slow the rest
@@ -57,18 +58,9 @@ def _check(run_dir, name, lay):
     ranks = _measured(run_dir)
     for r in ranks:
         rank = r["rank"]
-        for k in ("params", "grads", "master", "optimizer", "total"):
-            assert r["model_state_bytes"][k] == pred.memory[rank][k], (name, rank, k)
-        comm = {a: ops for a, ops in r["comm"].items() if not a.startswith("control:")}
-        assert set(comm) == set(pred.comm[rank]), f"{name} rank {rank}: axes {set(comm)} vs {set(pred.comm[rank])}"
-        assert "cp" in comm and "dp_cp" in comm
-        for axis, ops in comm.items():
-            assert set(ops) == set(pred.comm[rank][axis]), f"{name} rank {rank} {axis}: {set(ops)}"
-            for op, c in ops.items():
-                p = pred.comm[rank][axis][op]
-                assert (c["calls"], c["payload_bytes"], c["wire_bytes"]) == \
-                    (p["calls"], p["payload_bytes"], pytest.approx(p["wire_bytes"])), \
-                    f"{name} rank {rank} {axis}.{op}: measured {c}, predicted {p}"
+        assert_states_equal(f"{name} rank {rank}", r["model_state_bytes"], pred.memory[rank])
+        assert "cp" in r["comm"] and "dp_cp" in r["comm"]
+        assert_comm_equal(f"{name} rank {rank}", r["comm"], pred.comm[rank])
     return len(ranks)
 
 

@@ -6,6 +6,7 @@ planner's estimate; and ``--dry-run`` prints the figures."""
 import pytest
 from harness import run_ranks
 from moe_cases import MOE, build, dataset, moe_config
+from planner_match import assert_comm_equal, assert_states_equal
 
 
 def _measure(rank, world, runs):
@@ -40,17 +41,10 @@ def _check(results, runs):
         pred = _predict(kw)
         for rank, res in enumerate(results):
             got, want = res[i], pred
-            for k in ("params", "grads", "master", "optimizer", "total"):
-                assert got["states"][k] == want.memory[rank][k], (kw, rank, k, got["states"], want.memory[rank])
+            assert_states_equal(f"{kw} rank {rank}", got["states"], want.memory[rank])
             # the peak is an estimate (planning/moe.py's activation_bytes): measured / predicted 0.94–1.10 here
             assert abs(got["peak"] / want.memory[rank]["peak"] - 1) <= 0.12, (kw, rank, got["peak"], want.memory[rank])
-            assert set(got["comm"]) == set(want.comm[rank]), (kw, rank, got["comm"], want.comm[rank])
-            for axis, ops in got["comm"].items():
-                assert set(ops) == set(want.comm[rank][axis]), (kw, rank, axis, ops, want.comm[rank][axis])
-                for op, c in ops.items():
-                    p = want.comm[rank][axis][op]
-                    assert (c["calls"], c["payload_bytes"]) == (p["calls"], p["payload_bytes"]), (kw, rank, axis, op)
-                    assert c["wire_bytes"] == pytest.approx(p["wire_bytes"]), (kw, rank, axis, op)
+            assert_comm_equal(f"{kw} rank {rank}", got["comm"], want.comm[rank])
             if kw["ep"] > 1:                            # the test can fail: the expert traffic is there
                 assert got["comm"]["ep"]["all_to_all"]["calls"] > 0
                 assert "edp" in got["comm"] or kw["dp"] == kw["ep"]

@@ -9,6 +9,7 @@ import os
 
 import pytest
 from harness import run_ranks
+from planner_match import assert_comm_equal, assert_states_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = {"vocab_size": 64, "seq_len": 16, "n_layer": 4, "n_head": 4, "n_embd": 32}
@@ -54,18 +55,8 @@ def _check(run_dir, name, lay, opt):
         last = [json.loads(line) for line in f][-1]["ranks"]
     for r in last:
         rank = r["rank"]
-        got, want = r["model_state_bytes"], pred.memory[rank]
-        for k in ("params", "grads", "master", "optimizer", "total"):
-            assert got[k] == want[k], f"{name} rank {rank} {k}: measured {got[k]}, predicted {want[k]}"
-        comm = {a: ops for a, ops in r["comm"].items() if not a.startswith("control:")}
-        assert set(comm) == set(pred.comm[rank]), f"{name} rank {rank}: axes {set(comm)} vs {set(pred.comm[rank])}"
-        for axis, ops in comm.items():
-            assert set(ops) == set(pred.comm[rank][axis]), f"{name} rank {rank} {axis}: {set(ops)}"
-            for op, c in ops.items():
-                p = pred.comm[rank][axis][op]
-                assert (c["calls"], c["payload_bytes"], c["wire_bytes"]) == \
-                    (p["calls"], p["payload_bytes"], pytest.approx(p["wire_bytes"])), \
-                    f"{name} rank {rank} {axis}.{op}: measured {c}, predicted {p}"
+        assert_states_equal(f"{name} rank {rank}", r["model_state_bytes"], pred.memory[rank])
+        assert_comm_equal(f"{name} rank {rank}", r["comm"], pred.comm[rank])
 
 
 def _measure_and_check(layouts, tmp_path):
