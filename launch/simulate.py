@@ -106,7 +106,7 @@ def _prediction(cfg, model, rank: int):
     one = predict(spec, Layout(**{**lay.__dict__, "dp": p.dp}), tr, ranks="worst")
     # "worst" holds dp = tp = 0 of each pp rank; the state bytes of another dp rank differ only in the
     # pieces it owns, so the exact rank is predicted from the same buckets
-    bks = _buckets(_rank_params(spec, p.tp, p.pp, p.pp_virtual_stages, c["pp"]), lay,
+    bks = _buckets(_rank_params(spec, p.tp, p.pp, p.pp_virtual_stages, lay.stages(c["pp"])), lay,
                    element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1)
     mem = dict(_states(bks, lay, tr, c["dp"]))
     mem["owned_elements"] = sum(_shard_pieces(bk, lay.dp, c["dp"], lay.zero > 0)[0] for bk in bks)

@@ -100,13 +100,13 @@ def stage_bounds(spec: ModelSpec, t: int, pp: int, v: int = 1, ep: int = 1) -> l
 
 
 @functools.lru_cache(maxsize=1024)
-def _rank_params(spec: ModelSpec, tp: int, pp: int, v: int, pp_rank: int, ep: int = 1, stages=None) -> tuple:
-    """[(param, deferred)] of one pp rank's stage modules (``stages``: default the loop placement r, r+p, …),
-    in the engine's named_parameters order."""
+def _rank_params(spec: ModelSpec, tp: int, pp: int, v: int, stages: tuple, ep: int = 1) -> tuple:
+    """[(param, deferred)] of the stage modules of one pp rank (its ``stages``: :meth:`Layout.stages`), in the
+    engine's named_parameters order."""
     inv, S = inventory(spec, tp, ep), pp * v
     bounds = stage_bounds(spec, tp, pp, v, ep)
     out = []
-    for s in (range(pp_rank, S, pp) if stages is None else stages):
+    for s in stages:
         a, e = bounds[s]
         for p in inv:
             if p.place == "pre" and s != 0 or p.place == "post" and s != S - 1:
@@ -290,7 +290,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     shape, dpax = {"pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "tp": lay.tp}, "dp" if lay.cp == 1 else "dp_cp"
     for pr in range(lay.pp):
         own = list(lay.stages(pr))
-        bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep, lay.stages(pr)), lay, b, tr.bucket_mb,
+        bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, lay.stages(pr), lay.ep), lay, b, tr.bucket_mb,
                        spec.tied and S == 1)
         comm = comm_per_step(loc, lay, tr, bks, own, bounds, mb)
         if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
@@ -309,7 +309,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
             dp_ops = comm.get(dpax, {})
     hide = 0.0
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
-        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, pr, lay.ep, lay.stages(pr)),
+        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, lay.stages(pr), lay.ep),
                                              lay, b, tr.bucket_mb, spec.tied and S == 1), lay, tr, hw)
                     for pr in range(lay.pp)]
         pred.update_s = max(u for u, _ in per_rank)
