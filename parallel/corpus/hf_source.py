@@ -61,7 +61,8 @@ def hf_documents(path: str, text_key: str, split: str | None = None):
     ds = load_local(path, split)
     if text_key not in ds.column_names:
         raise CorpusError(f"{path}: no column {text_key!r}; pass --text-key (columns: {ds.column_names})")
-    for n, text in enumerate(ds[text_key]):
+    texts = (t for batch in ds.select_columns([text_key]).iter(batch_size=1024) for t in batch[text_key])
+    for n, text in enumerate(texts):            # streamed in batches: the column is never whole in memory
         if text is None:
             continue
         if not isinstance(text, str):
