@@ -22,8 +22,11 @@ log-sum-exp in place of the a·s² scores), per rank:
 
 The last stage adds the head: the final norm's input and output 2βsh·b (+2βs·4) and the loss's
 log-softmax βsV/t·b. A pipeline stage that is not the last keeps its output for the gradient
-that comes back (βsh·b, SP /t). A rank holds ``max_in_flight`` micro-batches' worth (GPipe m, 1F1B
-p − rank, ZB-H1 p: from F until W); under full / selective / every, one block's activations exist
+that comes back (βsh·b, SP /t). The rank's schedule is walked action by action (:func:`_walk`): each
+(micro-batch, stage) pair holds its stage's forward bytes from F until B or W (GPipe m pairs, 1F1B
+p − rank, ZB-H1 p; under a V placement — zb_v — the pairs of two stages of different sizes, stage p's
+input being stage p − 1's kept output on the same rank), and the peak is the largest sum over the live
+pairs while one of them runs its backward; under full / selective / every, one block's activations exist
 again while its backward recomputes them. Under the zero-bubble split a micro-batch past I holds, per
 block, what W needs (a retained graph: what the forward kept; a checkpointed block: its weight
 consumers' inputs, :func:`weight_inputs_bytes` — I's one recompute serves W) and the captured δ_N.
@@ -126,26 +129,37 @@ def _after_i(spec: ModelSpec, md: str, mb: int, t: int, sp: bool, e: int, dev: s
     return block_bytes(spec, md, mb, t, sp, e, dev)
 
 
-def _captured_micro(lay: Layout, rank: int, zero3: bool = False) -> int:
-    """Micro-batches a pp rank holds at once between I and W (I done, W not yet; the one in I counts): 0
-    without a split (pp = 1, schedules without W). Their δ_N are captured except under ZeRO-3, whose W
-    re-walks the graph (``zero3=True`` counts them there)."""
-    if lay.pp == 1 or (lay.zero == 3) != zero3:
-        return 0
-    done, peak = 0, 0
-    for act in get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v).actions[rank]:
-        kind = getattr(act, "kind", None)
-        if kind == "I":
-            peak, done = max(peak, done + 1), done + 1
-        elif kind == "W":
-            done -= 1
-    return peak
+def _walk(actions: list, terms: dict, only: int) -> tuple:
+    """(activations, transient) at a rank's peak: its schedule's actions walked in order, each (micro-batch,
+    stage) pair holding its forward's bytes from F, what W needs from I (δ_N, the weight consumers' inputs)
+    until W, nothing after B / W; a backward (B, I on stage > 0, W on stage 0 where I is empty) peaks at the
+    other pairs' bytes + one of its stage's options (+ under the split its own δ_N, captured during I).
+    ``terms``: stage → (forward bytes, [(activations, transient)], bytes from I to W or None (I is the whole
+    backward), δ_N). Without a schedule (pp = 1): the one stage ``only``'s options."""
+    if not actions:
+        return max(terms[only][1], key=sum)
+    live, best = {}, (0.0, 0.0)
+    for x in actions:
+        key, (fwd, options, post, delta) = (x.microbatch, x.stage), terms[x.stage]
+        others = sum(b for k, b in live.items() if k != key)
+        runs = x.kind == "B" or (x.kind == "I" and x.stage > 0) or (x.kind == "W" and x.stage == 0)
+        if x.kind == "F":
+            best = max(best, (others + fwd, 0.0), key=sum)
+            live[key] = fwd
+        elif runs:
+            extra = delta if x.kind == "I" else 0.0
+            best = max([best] + [(others + a + extra, tr) for a, tr in options], key=sum)
+        if x.kind == "B" or x.kind == "W" or (x.kind == "I" and post is None):
+            live.pop(key, None)
+        elif x.kind == "I" and x.stage > 0:
+            live[key] = post
+    return best
 
 
-def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: list, mb: int, held: int,
+def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: list, mb: int,
               buckets: list, states: dict, max_piece: int, owned: int) -> dict:
     """{activations, buffers, gathered, transient, optimizer_temp, data, peak, peak_at} of one rank
-    (``states``: its model states; ``held``: micro-batches in flight; ``max_piece`` / ``owned``: the
+    (``states``: its model states; ``max_piece`` / ``owned``: the
     largest and total elements of the optimizer's pieces)."""
     e, mixed = element_bytes(tr)
     t, S, dev = lay.tp, lay.pp * lay.v, tr.device
@@ -154,21 +168,11 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     if lay.cp > 1 and S > 1:                 # cp: position ids (β, n), so the position embedding is (β, n, h)
         first_embed = 2 * sb * h * e + sb * 8
     rank = own[0] % lay.pp
-    split, whole = _captured_micro(lay, rank), _captured_micro(lay, rank, zero3=True)
-    n_after = split or whole
-    after_i = {}                     # per own stage k > 0: what each block keeps from I until W
-    for k in own:
-        if k > 0 and n_after and not (whole and k == S - 1):    # stage 0: W does the whole backward
-            after_i[k] = [_after_i(spec, md, mb, t, lay.sp, e, dev, bool(whole))
-                          for md in _modes(tr, range(*bounds[k]))]
-    captured = 0.0    # micro-batches past I: their δ_N, and but for the one in I (its blocks: ``past`` below)
-    for k, ai in after_i.items():                   # the change from what their forward kept
-        kept_k = [block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in _modes(tr, range(*bounds[k]))]
-        delta = _weight_deltas(spec, mb, t, e, bounds[k], k == S - 1) if split else 0.0
-        captured = max(captured, n_after * delta + (n_after - 1) * (sum(ai) - sum(kept_k)))
+    acts = get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v).actions[rank] if lay.pp > 1 else []
+    has_w = any(getattr(x, "kind", None) == "W" for x in acts)
+    split, whole = has_w and lay.zero != 3, has_w and lay.zero == 3
     grads_in_block = (f + 2 * h) * sb * e / t               # an MLP's gradients while its backward runs
-    options = []                             # (activations, transient, a recompute's) candidates of the peak
-    starts = []
+    terms = {}                               # per own stage: forward's bytes, backward's options, I→W bytes, δ_N
     for k in own:
         a, z = bounds[k]
         modes = _modes(tr, range(a, z))
@@ -176,20 +180,28 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         last = k == S - 1
         end = head_bytes(spec, mb, t, e) if last else sb * h * e / (t if lay.sp else 1)
         end += first_embed if k == 0 else 0.0
-        starts.append(sum(kept) + end)
+        fwd = sum(kept) + end
+        if k == lay.pp and k - 1 in own:     # the V's turn: this stage's input is stage k − 1's kept output
+            fwd -= sb * h * e / (t if lay.sp else 1)
+        ai = None                            # stage > 0: what each block keeps from I until W (stage 0: W
+        if k > 0 and (split or whole) and not (whole and last):     # does the whole backward)
+            ai = [_after_i(spec, md, mb, t, lay.sp, e, dev, whole) for md in modes]
+        delta = _weight_deltas(spec, mb, t, e, bounds[k], last) if split and ai is not None else 0.0
+        plain = sum(block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in modes)
+        post = fwd + delta + sum(ai) - plain if ai is not None else (None if whole and last else fwd)
         ce = 2 * sb * spec.vocab * e / t
         at_start = max(ce, grads_in_block - head_bytes(spec, mb, t, e)) if last else grads_in_block
-        options.append((sum(kept) + end, at_start, False))
+        options = [(fwd, at_start)]          # (activations, transient) candidates while its backward runs
         none = block_bytes(spec, "none", mb, t, lay.sp, e) + block_extra(spec, lay, "none", mb, t, e)
         # recomputing block j rebuilds its whole set while blocks < j still keep theirs (later ones are freed);
         # its backward follows at once: the MLP's gradients and the residual stream's two
-        past = after_i.get(k, [0.0] * len(modes))     # blocks after j, past I, keep theirs until W
+        past = ai or [0.0] * len(modes)      # blocks after j, past I, keep theirs until W
         for j, md in enumerate(modes):
             if md in ("full", "selective"):
-                options.append((sum(kept[:j]) + none + sum(past[j + 1:]), grads_in_block + 2 * sb * h * e, True))
-    base = (held - 1) * max(starts) + captured
-    act, transient, _ = max(options, key=lambda o: o[0] + o[1])
-    activations = base + act
+                options.append((sum(kept[:j]) + none + sum(past[j + 1:]), grads_in_block + 2 * sb * h * e))
+        terms[k] = (fwd, options, post, delta)
+    act, transient = _walk(acts, terms, own[0])
+    activations = act
     buffers = gathered = 0.0
     normal = [bk for bk in buckets if not getattr(bk, "deferred", False)]
     deferred = sum(bk.numel for bk in buckets if getattr(bk, "deferred", False)) * e

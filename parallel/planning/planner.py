@@ -19,8 +19,8 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
   Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4; LAMB, 8-bit
   moments, 1-bit Adam: :mod:`parallel.planning.optim_states`).
 Peak per rank (:mod:`parallel.planning.peak`): the larger of the start of the last micro-batch's
-backward (states + activations per checkpointing policy × the schedule's in-flight micro-batches
-(:func:`parallel.pipeline.schedules.max_in_flight`) + the loss's gradients + stage-2/3 gradient buckets +
+backward (states + activations per checkpointing policy of the (micro-batch, stage) pairs the schedule's
+actions keep alive, walked in order + the loss's gradients + stage-2/3 gradient buckets +
 stage-3 gathered units) and the optimizer step (states + its temporaries); checked against the measured
 peak of live tensor bytes (:mod:`parallel.planning.measure`), within 10% on every tested layout.
 
@@ -296,11 +296,10 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
         if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
             comm = {(dpax if a == "dp" else a): ops for a, ops in comm.items()}
             comm.update(cp_per_step(loc, lay, tr, own, bounds, mb, lambda a, z: recomputed_blocks(lay, tr, a, z)))
-        held = _in_flight(lay.schedule, lay.pp, lay.micro_batches, lay.v)[pr] if lay.pp > 1 else 1
         for j in range(lay.zero_n) if ranks == "all" else [0]:         # j = dp·cp + c: the dp×cp group's order
             mem = _states(bks, lay, tr, j)
             pieces = [_shard_pieces(bk, *_group(bk, lay, j), lay.zero > 0, largest=True) for bk in bks]
-            mem.update(rank_peak(loc, lay, tr, own, bounds, mb, held, bks, mem, max(p[1] for p in pieces),
+            mem.update(rank_peak(loc, lay, tr, own, bounds, mb, bks, mem, max(p[1] for p in pieces),
                                  sum(p[0] for p in pieces)))
             for tr_ in range(lay.tp) if ranks == "all" else [0]:
                 g = rank_of(pr, j // lay.cp, tr_, shape, j % lay.cp)
