@@ -24,6 +24,9 @@ LAYOUTS = [   # name, world, overrides (parallel.*, zero.*, activation_checkpoin
     ("pp2 1f1b", 2, dict(pp=2)),
     ("pp2 zb", 2, dict(pp=2, schedule="zero_bubble")),
     ("pp2 zbv", 2, dict(pp=2, schedule="zb_v", v=2)),
+    ("pp2 interleaved", 2, dict(pp=2, schedule="interleaved", v=2)),
+    ("pp2 dualpipev", 2, dict(pp=2, schedule="dualpipe_v", v=2)),
+    ("pp2 gpipe", 2, dict(pp=2, schedule="gpipe")),
     ("2x2x2 sp z1", 8, dict(dp=2, tp=2, pp=2, sp=True, zero=1)),
 ]
 POLICIES = ("none", "full", "every", "selective", "offload")

@@ -133,24 +133,32 @@ def _walk(actions: list, terms: dict, only: int) -> tuple:
     """(activations, transient) at a rank's peak: its schedule's actions walked in order, each (micro-batch,
     stage) pair holding its forward's bytes from F, what W needs from I (δ_N, the weight consumers' inputs)
     until W, nothing after B / W; a backward (B, I on stage > 0, W on stage 0 where I is empty) peaks at the
-    other pairs' bytes + one of its stage's options (+ under the split its own δ_N, captured during I).
-    ``terms``: stage → (forward bytes, [(activations, transient)], bytes from I to W or None (I is the whole
-    backward), δ_N). Without a schedule (pp = 1): the one stage ``only``'s options."""
+    other pairs' bytes + one of its stage's options (under the split + the δ_N I has captured by then), or at
+    I's end at what the pair keeps for W. On gloo (CPU) a send to another rank is not reaped before the step
+    ends (its work never reports completion before ``wait``): the stage output it sent outlives its pair, and
+    the input gradient a backward sends stays. ``terms``: stage → (forward bytes, [(activations, transient,
+    δ_N captured)], bytes from I to W or None (I is the whole backward), the sent output's bytes that outlive
+    the pair, the sent input gradient's). Without a schedule (pp = 1): the one stage ``only``'s options."""
     if not actions:
-        return max(terms[only][1], key=sum)
-    live, best = {}, (0.0, 0.0)
+        return max(((a, tr) for a, tr, _ in terms[only][1]), key=sum)
+    live, best, sent = {}, (0.0, 0.0), 0.0
     for x in actions:
-        key, (fwd, options, post, delta) = (x.microbatch, x.stage), terms[x.stage]
-        others = sum(b for k, b in live.items() if k != key)
+        key, (fwd, options, post, out_msg, grad_msg) = (x.microbatch, x.stage), terms[x.stage]
+        others = sent + sum(b for k, b in live.items() if k != key)
         runs = x.kind == "B" or (x.kind == "I" and x.stage > 0) or (x.kind == "W" and x.stage == 0)
         if x.kind == "F":
             best = max(best, (others + fwd, 0.0), key=sum)
             live[key] = fwd
         elif runs:
-            extra = delta if x.kind == "I" else 0.0
-            best = max([best] + [(others + a + extra, tr) for a, tr in options], key=sum)
+            split = x.kind == "I"
+            best = max([best] + [(others + a + d * split, tr) for a, tr, d in options], key=sum)
+            if split and post is not None:
+                best = max(best, (others + post, 0.0), key=sum)
+        if x.kind in ("B", "I") and x.stage > 0:
+            sent += grad_msg
         if x.kind == "B" or x.kind == "W" or (x.kind == "I" and post is None):
             live.pop(key, None)
+            sent += out_msg
         elif x.kind == "I" and x.stage > 0:
             live[key] = post
     return best
@@ -164,7 +172,7 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     e, mixed = element_bytes(tr)
     t, S, dev = lay.tp, lay.pp * lay.v, tr.device
     sb, h, f = mb * spec.seq, spec.hidden, spec.ffn_
-    first_embed = (sb * h + spec.seq * h) * e + spec.seq * 8 if S > 1 else 0.0
+    first_embed = spec.seq * 8 if S > 1 else 0.0           # the position ids the embedding's backward keeps
     if lay.cp > 1 and S > 1:                 # cp: position ids (β, n), so the position embedding is (β, n, h)
         first_embed = 2 * sb * h * e + sb * 8
     rank = own[0] % lay.pp
@@ -172,7 +180,9 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     has_w = any(getattr(x, "kind", None) == "W" for x in acts)
     split, whole = has_w and lay.zero != 3, has_w and lay.zero == 3
     grads_in_block = (f + 2 * h) * sb * e / t               # an MLP's gradients while its backward runs
-    terms = {}                               # per own stage: forward's bytes, backward's options, I→W bytes, δ_N
+    if lay.sp:              # + the column-parallel matmul's input, all-gathered again for its weight gradient
+        grads_in_block += sb * h * e                        # (Korthikanti et al., arXiv 2205.05198, §4.2.2)
+    terms = {}                               # per own stage: forward's bytes, backward's options, I→W bytes
     for k in own:
         a, z = bounds[k]
         modes = _modes(tr, range(a, z))
@@ -190,16 +200,20 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         plain = sum(block_bytes(spec, md, mb, t, lay.sp, e, dev) for md in modes)
         post = fwd + delta + sum(ai) - plain if ai is not None else (None if whole and last else fwd)
         ce = 2 * sb * spec.vocab * e / t
-        at_start = max(ce, grads_in_block - head_bytes(spec, mb, t, e)) if last else grads_in_block
-        options = [(fwd, at_start)]          # (activations, transient) candidates while its backward runs
+        dy = 0.0 if last else sb * h * e / (t if lay.sp else 1)      # the output gradient received for it
+        at_start = max(ce, grads_in_block - head_bytes(spec, mb, t, e)) if last else grads_in_block + dy
+        options = [(fwd, at_start, delta)]   # (activations, transient, δ_N) candidates while its backward runs
         none = block_bytes(spec, "none", mb, t, lay.sp, e) + block_extra(spec, lay, "none", mb, t, e)
         # recomputing block j rebuilds its whole set while blocks < j still keep theirs (later ones are freed);
-        # its backward follows at once: the MLP's gradients and the residual stream's two
+        # its backward follows at once: the MLP's gradients and the residual stream's two; the δ_N of the blocks
+        # after j (and the head's) are captured by then, j's own come as its recomputed set is freed
         past = ai or [0.0] * len(modes)      # blocks after j, past I, keep theirs until W
         for j, md in enumerate(modes):
             if md in ("full", "selective"):
-                options.append((sum(kept[:j]) + none + sum(past[j + 1:]), grads_in_block + 2 * sb * h * e))
-        terms[k] = (fwd, options, post, delta)
+                d = _weight_deltas(spec, mb, t, e, (a + j + 1, z), last) if delta else 0.0
+                options.append((sum(kept[:j]) + none + sum(past[j + 1:]), grads_in_block + 2 * sb * h * e + dy, d))
+        msg = sb * h * e / (t if lay.sp else 1) if dev == "cpu" else 0.0      # a sent activation or gradient
+        terms[k] = (fwd, options, post, msg * (not last and k + 1 not in own), msg * (k > 0 and k - 1 not in own))
     act, transient = _walk(acts, terms, own[0])
     activations = act
     buffers = gathered = 0.0
