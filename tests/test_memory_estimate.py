@@ -96,7 +96,25 @@ def test_dry_run_answers_fits(capsys):
     assert "fits in 1 GiB per device: yes" in capsys.readouterr().out
     assert main(["--config", cfg, "--dry-run", "--memory", "100KiB"]) == 0
     out = capsys.readouterr().out
-    assert "per device: no" in out and "smallest change that fits" in out or "no change" in out
+    assert "per device: no" in out and ("smallest change that fits" in out or "no change" in out), out
     assert main(["--config", cfg, "--memory", "1GiB"]) == 2
     assert "--memory goes with --dry-run" in capsys.readouterr().err
     assert main(["--config", cfg, "--dry-run", "--memory", "lots"]) == 2
+
+
+def test_plan_picks_the_first_policy_that_fits():
+    """launch.plan: each layout gets the first of (none, selective, full) under which its predicted peak fits the
+    budget; the earlier ones do not fit it; the fitting ones are ranked by step time."""
+    from dataclasses import replace
+
+    from launch.plan import plan
+    from parallel.planning.planner import Hardware, ModelSpec, TrainSpec, predict
+    spec, tr, mem = ModelSpec(n_layer=4, hidden=64, heads=4, vocab=128, seq=256), TrainSpec(8, device="cpu"), 5e6
+    hw = Hardware(memory_bytes=mem, peak_flops=1e10)
+    order = ("none", "selective", "full")
+    best, preds = plan(spec, 2, tr, hw, top=100, policies=order)
+    assert {p.activation for p in best} == set(order), "the budget should need each policy for some layout"
+    assert [p.step_s for p in best] == sorted(p.step_s for p in best) and all(p.peak_bytes <= mem for p in best)
+    for p in preds:
+        earlier = order[:order.index(p.activation)] if p.fits else order
+        assert all(not predict(spec, p.layout, replace(tr, activation=a), hw, ranks="worst").fits for a in earlier)
