@@ -182,6 +182,51 @@ def test_deepspeed_activation_checkpointing_maps_to_a_policy():
         map_deepspeed({**ds, "activation_checkpointing": {"partition": True}})
 
 
+def _ds_run(rank, world, path, block):
+    """Rank body: train one step of dp2 from a DeepSpeed JSON holding ``block`` (the launcher's load_config
+    path); returns (policy, recomputes per block, tensors the offload hooks packed, losses, report lines)."""
+    import json
+
+    from engine_cases import GPT as GPT_CFG
+
+    from launch.train import run
+    from parallel.data import rank_batch
+    from parallel.mesh import Mesh
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "activation_checkpointing": block},
+                      f)
+    torch.distributed.barrier()
+    base = {"model": GPT_CFG, "data": {"factory": "examples.gpt:random_tokens",
+                                       "kwargs": {"n": 64, "seq_len": 16, "vocab_size": 64}},
+            "optimizer": {"name": "adamw", "lr": 0.003}, "parallel": {"dp": 2}}
+    report: list = []
+    cfg = load_config(data=base, overrides=["train.steps=1"], deepspeed=path, report=report).validate(world)
+    packed = [0]
+    out = run(cfg, Mesh(dp=2), print_fn=lambda *a, **k: None)
+    eng = out["engine"]
+    eng.activation.pack_listeners.append(lambda rec, t: packed.__setitem__(0, packed[0] + 1))
+    eng.train_step(rank_batch(out["dataset"], 1, 8, 2, rank))          # step 2, with the packing counted
+    return (cfg.activation_checkpointing.policy, [r.recomputes for r in eng.activation.records], packed[0],
+            out["losses"], report)
+
+
+def test_deepspeed_activation_checkpointing_block_acts(tmp_path):
+    """A DeepSpeed JSON's activation_checkpointing block, through load_config(deepspeed=...) and the engine:
+    a block → full (each block recomputed once per micro-batch: 2 per step here, 2 steps), cpu_checkpointing →
+    offload (saved tensors packed to CPU, nothing recomputed); the mapping is printed."""
+    full = run_ranks(_ds_run, 2, str(tmp_path / "full.json"), {"number_checkpoints": 4})
+    off = run_ranks(_ds_run, 2, str(tmp_path / "cpu.json"), {"cpu_checkpointing": True})
+    for res in full:
+        policy, recomputes, packed, _, report = res
+        assert policy == "full" and recomputes == [4, 4, 4, 4] and packed == 0, res
+        assert any("ignored: activation_checkpointing.number_checkpoints" in ln for ln in report), report
+    for res in off:
+        policy, recomputes, packed, _, report = res
+        assert policy == "offload" and recomputes == [0, 0, 0, 0] and packed > 0, res
+    assert full[0][3] == pytest.approx(off[0][3], abs=1e-6)          # the same step-1 loss either way
+
+
 def _tp_bytes(rank, world, sp, policies):
     """Saved bytes per block on each tp rank for one micro-batch through the engine's own loop."""
     from parallel.engine import parallelize
