@@ -9,7 +9,10 @@ Checks (each prints ok / FAILED with the numbers):
 2. bf16 training through ``parallel.engine`` (ZeRO-1): finite losses that decrease over the steps;
 3. optimizer offload to CPU (ZeRO-2, ``zero.offload.optimizer=cpu``): its host buffers are pinned iff
    CUDA is present, and its losses equal the non-offloaded run's to 1e-3 (bf16);
-4. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
+4. activation offload (``activation_checkpointing.policy=offload``, fp32): the loss of a step equals the
+   run without it to 1e-5; on CUDA the device's peak of live bytes (LiveBytes on cuda) is below none's,
+   and its step time ÷ none's is reported (the copies' overlap, unmeasured on CPU; issue 20);
+5. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
    master) vs a plain loop (bf16 autocast, fused AdamW where CUDA has it); issue 18's targets are
    MFU ≥ 55% and ≥ 0.98 × the plain loop (reported, not asserted: on CPU the numbers mean nothing).
 """
@@ -33,7 +36,7 @@ SIZES = {"tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, seq_len=32
          "1b": dict(n_embd=2048, n_layer=20, n_head=16, vocab_size=32768, seq_len=2048)}
 
 
-def _engine(kw, batch, zero, precision, device):
+def _engine(kw, batch, zero, precision, device, activation=None):
     from examples.gpt import GPT
     from parallel.config import load_config
     from parallel.engine import parallelize
@@ -42,7 +45,8 @@ def _engine(kw, batch, zero, precision, device):
         "model": {"factory": "examples.gpt:build", "kwargs": kw},
         "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": batch, "micro_batch_size": batch,
                  "kwargs": {"n": batch, "seq_len": kw["seq_len"], "vocab_size": kw["vocab_size"]}},
-        "zero": zero, "precision": precision, "optimizer": {"name": "adamw", "lr": 1e-3}}).validate(1)
+        "zero": zero, "precision": precision, "optimizer": {"name": "adamw", "lr": 1e-3},
+        "activation_checkpointing": activation or {"policy": "none"}}).validate(1)
     torch.manual_seed(0)
     return parallelize(GPT(**kw), cfg, Mesh(dp=1, device=device))
 
@@ -107,6 +111,17 @@ def main(argv=None) -> int:
     check("cpu optimizer offload", max(abs(x - y) for x, y in zip(lr, lo)) <= 1e-3 and len(host) > 0 and
           all(pinned) == cuda, f"losses {lo} vs {lr}; pinned host tensors {sum(pinned)}/{len(host)} "
           f"({'CUDA present: all must be pinned' if cuda else 'no CUDA: none pinned'})")
+    from parallel.planning.measure import measure_step
+    act = {}
+    for pol in ("none", "offload"):
+        e = _engine(small, 2, {"stage": 0}, "fp32", device, {"policy": pol})
+        e.train_step(data)                           # the optimizer's state exists before the measured step
+        act[pol] = (measure_step(e, data, device.type), _timed(lambda e=e: e.train_step(data), device, a.steps))
+        e = None
+    (mn, tn), (mo, to) = act["none"], act["offload"]
+    check("activation offload", abs(mo["loss"] - mn["loss"]) <= 1e-5 and (mo["peak"] < mn["peak"] or not cuda),
+          f"loss {mo['loss']:.6f} vs {mn['loss']:.6f}; {device.type} peak {mo['peak']} vs {mn['peak']} B; step "
+          f"{to / tn:.2f}× none's" + ("" if cuda else " (CPU: the saved tensors stay in place, only counted)"))
     from parallel.planning.flops import gpt_flops_per_token, peak_flops
     flops = batch * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"], kw["vocab_size"])
     peak, src = peak_flops(device, torch.bfloat16 if cuda else torch.float32)
