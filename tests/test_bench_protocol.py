@@ -210,4 +210,4 @@ def test_gpu_check_runs_as_a_cpu_smoke():
     import torch
     if not torch.cuda.is_available():
         assert "no GPU was used" in out.stdout
-    assert out.stdout.count("[ok]") == 3 and "FAILED" not in out.stdout, out.stdout
+    assert out.stdout.count("[ok]") == 4 and "FAILED" not in out.stdout, out.stdout
