@@ -30,6 +30,10 @@ pairs while one of them runs its backward; under full / selective / every, one b
 again while its backward recomputes them. Under the zero-bubble split a micro-batch past I holds, per
 block, what W needs (a retained graph: what the forward kept; a checkpointed block: its weight
 consumers' inputs, :func:`weight_inputs_bytes` — I's one recompute serves W) and the captured δ_N.
+A non-last stage's backward also holds the output gradient it received (βsh·b, SP /t); under SP the
+backward re-gathers the column-parallel matmul's input (βsh·b, whole). On gloo (CPU) every message sent
+to another rank stays alive until the step ends (its work never reports completion before ``wait``; the
+executor's reaping frees nothing there): the stage output outlives its pair, each sent input gradient adds βsh·b.
 
 Peak 1, at the start of the last micro-batch's backward (the loss's two βsV/t gradients exist
 next to everything the forward kept):
