@@ -64,7 +64,7 @@ import torch.distributed as dist
 from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
-from parallel.pipeline.backward_split import WeightPass, backward_input, backward_weight
+from parallel.pipeline.backward_split import SplitCache, WeightPass, backward_input, backward_weight
 from parallel.pipeline.p2p_order import send_order
 from parallel.pipeline.p2p_streams import CHANNELS, PAIRS, channel_of, stream_problems
 from parallel.pipeline.schedules import Schedule, comm_ops, forward_only
@@ -129,6 +129,7 @@ class PipelineExecutor:
         self.steps = comm_ops(schedule, rank)
         self.last = schedule.n_stages - 1
         self.params = {s: [q for q in mod.parameters() if q.requires_grad] for s, mod in self.stages.items()}
+        self.split_cache = {s: SplitCache() for s in self.stages}   # I/W graph analysis, once per structure
         self.device = next((q.device for q in stages[0].parameters()), torch.device("cpu"))
         self.records: list[Record] = []
         self.peak_held = 0
@@ -377,7 +378,7 @@ class PipelineExecutor:
             return dx
         x, y, _ = self._saved[key]
         dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage],
-                                split=self.split_backward)
+                                split=self.split_backward, cache=self.split_cache[a.stage])
         self._saved[key] = (x, None, wp)
         self._captured += wp.captured_bytes
         self.captured_bytes_peak = max(self.captured_bytes_peak, self._captured)
