@@ -50,7 +50,8 @@ stage, no backward, no graph kept) over the same stages and groups: evaluation.
 A stage holds a micro-batch's activations (its graph) from F until B, or until W. The executor
 counts them: ``peak_held`` is the most (micro-batch, stage) pairs held at once, which the
 schedule bounds (GPipe m; 1F1B p − rank; see :func:`.schedules.max_in_flight`). ``records``
-lists the actions run, with the time spent waiting for input and computing (perf_counter).
+lists the actions run, with the time spent waiting for input and computing (perf_counter);
+``span`` is the last run's (start, end) on the same clock.
 """
 from __future__ import annotations
 
@@ -75,10 +76,15 @@ __all__ = ["PipelineExecutor", "Record", "microbatches"]
 
 @dataclass(frozen=True)
 class Record:
-    """One executed action: seconds waiting for its input message, then computing (incl. sends)."""
+    """One executed action: seconds in the exchange before it (issuing the previous action's sends and
+    this one's receives, then waiting for them), then computing. ``start``: the exchange's start
+    (perf_counter, the same clock in every process on a machine); ``issue_s``: the part of ``wait_s``
+    spent issuing, before any wait (what :mod:`.simulate` calls the action's overhead)."""
     action: object
     wait_s: float
     compute_s: float
+    start: float = 0.0
+    issue_s: float = 0.0
 
 
 class PipelineExecutor:
@@ -239,6 +245,7 @@ class PipelineExecutor:
         if not self.batch or not (remote or plan) or None in known_s + known_r:
             for op, t in sends:
                 self._send(op, t)
+            self._issued = time.perf_counter()
             return [self._recv(op) for op in recv_ops]
         for op, t in sends:
             if op.peer == self.rank:
@@ -259,6 +266,7 @@ class PipelineExecutor:
             self._pending.append(work)
             waits.append(received)
             self._stash.update(zip(keys, got))
+        self._issued = time.perf_counter()
         for w in waits:
             w.wait()
         self._next = nxt
@@ -280,16 +288,17 @@ class PipelineExecutor:
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
         self._captured = self.captured_bytes_peak = 0
         sends: list = []
+        self.span = (time.perf_counter(), None)
         try:
             for step in self.steps:
                 for fn in self._action_callbacks:
                     fn(step.action)
-                t0 = time.perf_counter()
+                t0 = self._issued = time.perf_counter()
                 got = self._exchange(sends, step.recv)
                 t1 = time.perf_counter()
                 out = getattr(self, "_" + step.action.kind)(step.action, got[0] if got else None, micro_batches)
                 sends = [(op, out) for op in step.send]
-                self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1))
+                self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1, t0, self._issued - t0))
                 self._count_held()
                 self._reap()
             self._exchange(sends, ())
@@ -297,6 +306,7 @@ class PipelineExecutor:
             for w in self._pending:
                 w.wait()
             self._pending = []
+            self.span = (self.span[0], time.perf_counter())
         if self._saved:
             raise RuntimeError(f"pipeline: activations of {sorted(self._saved)} were never released; "
                                "the schedule lacks their backward")
