@@ -7,11 +7,12 @@ sending to each other cannot deadlock; every send is waited for before :meth:`Pi
 returns). Matching does not rely on tags: from each peer the executor receives in the order that
 peer sends (:mod:`.p2p_order`; earlier messages are kept until their action runs), so per rank
 pair the j-th send is the j-th receive, as NCCL requires; ``tags=False`` sends every message with
-tag 0 (gloo then matches by order alone, like NCCL). The first message of each (tensor, src stage,
-dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that both
-ends know the shape and the payload travels alone (no host sync to read a header; evaluation's
+tag 0 (gloo then matches by order alone, like NCCL). The first activation message of each (src
+stage, dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that
+both ends know the shape and the payload travels alone (no host sync to read a header; evaluation's
 forward-only runs share what training learned, so after the first step no message carries one —
-tests/test_pipeline_headers.py counts them), and the sends
+tests/test_pipeline_headers.py counts them). A gradient never carries one: ∂ℓ/∂y has the shape and
+dtype of the activation y both ends exchanged earlier in the step. The sends
 of one action go out together with the receives of the next in ``batch_isend_irecv`` groups, one
 per process group (``batch=False``: one at a time). On NCCL a send blocks its stream until the
 receive runs. With the pp group alone, gpipe, 1f1b and zero_bubble cannot deadlock even then, but
@@ -182,6 +183,12 @@ class PipelineExecutor:
         """(shape, dtype) of message ``key`` if both ends know it from an earlier message of the same
         (tensor, src stage, dst stage) for a micro-batch input of the same shape; else None."""
         tensor, i, src, dst = key
+        act = self._acts.get((i, dst, src)) if tensor == "grad" else None
+        if act is not None:                         # ∂ℓ/∂y has y's shape: both ends saw y this step
+            if t is not None and (tuple(t.shape), t.dtype) != act:
+                raise RuntimeError(f"pipeline: stage {src} sent a gradient of shape {tuple(t.shape)} {t.dtype} "
+                                   f"for an activation of shape {act[0]} {act[1]}")
+            return act
         sig = self._sigs[i]
         entry = self._shapes.get((tensor, src, dst))
         if sig is None or entry is None or entry[0] != sig:
@@ -196,6 +203,12 @@ class PipelineExecutor:
     def _learn(self, key, t) -> None:
         tensor, i, src, dst = key
         self._shapes[(tensor, src, dst)] = (self._sigs[i], tuple(t.shape), t.dtype)
+        self._saw(key, t)
+
+    def _saw(self, key, t) -> None:
+        """Note an activation message's shape for this step: its gradient travels without a header."""
+        if key[0] == "act":
+            self._acts[key[1:]] = (tuple(t.shape), t.dtype)
 
     def _send(self, op, t: torch.Tensor) -> None:
         if op.peer == self.rank:                    # only when p == 1: stay in process
@@ -266,6 +279,10 @@ class PipelineExecutor:
             self._pending.append(work)
             waits.append(received)
             self._stash.update(zip(keys, got))
+        for op, t in remote:
+            self._saw(op.key, t)
+        for k in self._stash:
+            self._saw(k, self._stash[k])
         self._issued = time.perf_counter()
         for w in waits:
             w.wait()
@@ -282,7 +299,7 @@ class PipelineExecutor:
             raise ValueError(f"pipeline: the schedule was built for m={m} micro-batches, run() got "
                              f"{len(micro_batches)}; use microbatches(x, y, {m})")
         self.records, self._pending, self._mailbox, self.comm_log = [], [], {}, []
-        self._next, self._stash = dict.fromkeys(self._expect, 0), {}
+        self._next, self._stash, self._acts = dict.fromkeys(self._expect, 0), {}, {}
         self._sigs = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x, _ in micro_batches]
         self._saved, self._losses = {}, {}
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
