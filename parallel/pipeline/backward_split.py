@@ -17,6 +17,11 @@ that ∂ℓ/∂w needs: ∂ℓ/∂w = (∂out(N)/∂w)ᵀ δ_N, summed over the 
   as for a plain backward). For a chain of L linears, I does the L data matmuls and W the L weight
   matmuls: FLOPs(I) + FLOPs(W) = FLOPs(B).
 
+Cost per micro-batch: I is one engine call, W one per group (a chain of L linears and norms: L + #norms
+calls; groups cannot share a call without W re-walking the activation path between them). Finding
+the intermediates needs the graph's reverse edges; :class:`SplitCache` keeps the analysis per graph
+structure, so after the first micro-batch I walks the graph once (its signature) and reuses it.
+
 This is the technique of torch.distributed.pipelining's ``stage_backward_input`` /
 ``stage_backward_weight``, written for this executor. Between I and W the graph (and its saved
 activations) stays alive, plus the captured δ_N: :attr:`WeightPass.captured_bytes`.
