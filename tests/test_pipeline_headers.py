@@ -1,11 +1,12 @@
-"""Header messages per step (issue 19 item 4): only the first step's messages carry a header.
+"""Header messages per step (issue 19 item 4): only the first step's activations carry a header.
 
 A message's header (dtype, shape: 80 bytes, ``meta_bytes`` in CommStats, both ends) is read with a
 host sync (``.tolist()``) per message on CUDA. The executor learns every (tensor, src stage, dst
 stage) shape in step 0, so later steps send payloads only, in batch_isend_irecv groups, and the
-evaluation's forward-only schedule reuses what training learned. Counted on pp = 2 gloo ranks (GPT,
-2 blocks, m = 4): headers per step = [k, 0, 0] with k = one per message kind each way, and 0 in an
-evaluation after step 0 and after step 2.
+evaluation's forward-only schedule reuses what training learned; a gradient has its activation's
+shape, known to both ends, so it never carries one. Counted on pp = 2 gloo ranks (GPT, 2 blocks,
+m = 4): headers per step = [1, 0, 0] on each rank (the first activation, sent by rank 0 and
+received by rank 1), and 0 in an evaluation after step 0 and after step 2.
 """
 import functools
 
@@ -46,12 +47,40 @@ def _headers(rank, world, name):
         if t in (0, 2):
             out["eval"].append(count(functools.partial(ex.forward, mbs)))
     out["batched"] = ex.batched
+    out["records"] = [(r.action, r.start, r.issue_s, r.wait_s, r.compute_s) for r in ex.records]
+    out["span"] = ex.span
     return out
 
 
 @pytest.mark.parametrize("name", ["1f1b", "zero_bubble"])
 def test_no_header_after_the_first_step(name):
-    for rank, r in enumerate(run_ranks(_headers, 2, name)):
-        assert r["train"][0] == 2 and r["train"][1:] == [0, 0], (rank, r)     # act out + grad in (or back)
+    res = run_ranks(_headers, 2, name)
+    for rank, r in enumerate(res):
+        assert r["train"] == [1, 0, 0], (rank, r)     # the first activation; no gradient carries a header
         assert r["eval"] == [0, 0], (rank, r)
         assert r["batched"] > 0
+    _check_records(res, name)
+
+
+def _check_records(res, name):
+    """The timestamps parallel.pipeline.measured fits: one clock across the ranks' processes. Per rank
+    the records tile the run's span (exchange start ≥ previous compute end, issuing within the
+    exchange); across ranks no action finishes receiving before its input's producer has computed it."""
+    from parallel.pipeline.schedules import get_schedule
+    from parallel.pipeline.simulate import _needs
+    ends = {}
+    for r in res:
+        prev = r["span"][0]
+        for a, start, issue, wait, comp in r["records"]:
+            assert start >= prev and 0 <= issue <= wait and comp > 0, (a, start, prev, issue, wait)
+            prev = start + wait + comp
+            ends[("G" if a.kind in "BI" else a.kind, a.microbatch, a.stage)] = prev
+        assert prev <= r["span"][1]
+    sc, n = get_schedule(name, 2, 4), 0
+    for rank, r in enumerate(res):
+        for a, start, _, wait, _ in r["records"]:
+            for k in _needs(a, sc.n_stages - 1):
+                if k[0] != "I" and sc.rank_of(k[2]) != rank:
+                    assert start + wait >= ends[k], (a, k)
+                    n += 1
+    assert n == 2 * 4

@@ -7,11 +7,12 @@ sending to each other cannot deadlock; every send is waited for before :meth:`Pi
 returns). Matching does not rely on tags: from each peer the executor receives in the order that
 peer sends (:mod:`.p2p_order`; earlier messages are kept until their action runs), so per rank
 pair the j-th send is the j-th receive, as NCCL requires; ``tags=False`` sends every message with
-tag 0 (gloo then matches by order alone, like NCCL). The first message of each (tensor, src stage,
-dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that both
-ends know the shape and the payload travels alone (no host sync to read a header; evaluation's
+tag 0 (gloo then matches by order alone, like NCCL). The first activation message of each (src
+stage, dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that
+both ends know the shape and the payload travels alone (no host sync to read a header; evaluation's
 forward-only runs share what training learned, so after the first step no message carries one —
-tests/test_pipeline_headers.py counts them), and the sends
+tests/test_pipeline_headers.py counts them). A gradient never carries one: ∂ℓ/∂y has the shape and
+dtype of the activation y both ends exchanged earlier in the step. The sends
 of one action go out together with the receives of the next in ``batch_isend_irecv`` groups, one
 per process group (``batch=False``: one at a time). On NCCL a send blocks its stream until the
 receive runs. With the pp group alone, gpipe, 1f1b and zero_bubble cannot deadlock even then, but
@@ -50,7 +51,8 @@ stage, no backward, no graph kept) over the same stages and groups: evaluation.
 A stage holds a micro-batch's activations (its graph) from F until B, or until W. The executor
 counts them: ``peak_held`` is the most (micro-batch, stage) pairs held at once, which the
 schedule bounds (GPipe m; 1F1B p − rank; see :func:`.schedules.max_in_flight`). ``records``
-lists the actions run, with the time spent waiting for input and computing (perf_counter).
+lists the actions run, with the time spent waiting for input and computing (perf_counter);
+``span`` is the last run's (start, end) on the same clock.
 """
 from __future__ import annotations
 
@@ -64,9 +66,10 @@ import torch.distributed as dist
 from parallel import comm
 from parallel.data import microbatches
 from parallel.loss import cross_entropy
-from parallel.pipeline.backward_split import WeightPass, backward_input, backward_weight
+from parallel.pipeline.backward_split import SplitCache, WeightPass, backward_input, backward_weight
+from parallel.pipeline.messages import Messages
 from parallel.pipeline.p2p_order import send_order
-from parallel.pipeline.p2p_streams import CHANNELS, PAIRS, channel_of, stream_problems
+from parallel.pipeline.p2p_streams import CHANNELS, PAIRS, stream_problems
 from parallel.pipeline.schedules import Schedule, comm_ops, forward_only
 from parallel.pipeline.validate import validate
 
@@ -75,13 +78,18 @@ __all__ = ["PipelineExecutor", "Record", "microbatches"]
 
 @dataclass(frozen=True)
 class Record:
-    """One executed action: seconds waiting for its input message, then computing (incl. sends)."""
+    """One executed action: seconds in the exchange before it (issuing the previous action's sends and
+    this one's receives, then waiting for them), then computing. ``start``: the exchange's start
+    (perf_counter, the same clock in every process on a machine); ``issue_s``: the part of ``wait_s``
+    spent issuing, before any wait (what :mod:`.simulate` calls the action's overhead)."""
     action: object
     wait_s: float
     compute_s: float
+    start: float = 0.0
+    issue_s: float = 0.0
 
 
-class PipelineExecutor:
+class PipelineExecutor(Messages):
     """Runs ``schedule``'s actions for this pp rank on its ``stages``.
 
     ``stages[j]`` is the j-th of ``schedule.stages_of(rank)``: stage ``pp_group.rank + j·p`` for the
@@ -129,6 +137,7 @@ class PipelineExecutor:
         self.steps = comm_ops(schedule, rank)
         self.last = schedule.n_stages - 1
         self.params = {s: [q for q in mod.parameters() if q.requires_grad] for s, mod in self.stages.items()}
+        self.split_cache = {s: SplitCache() for s in self.stages}   # I/W graph analysis, once per structure
         self.device = next((q.device for q in stages[0].parameters()), torch.device("cpu"))
         self.records: list[Record] = []
         self.peak_held = 0
@@ -158,112 +167,6 @@ class PipelineExecutor:
                           f"NCCL, where a send blocks its stream until the peer's receive runs ({stuck[0]}){fix}. "
                           "p2p_streams.stream_problems checks it. Not yet run on GPUs.", stacklevel=3)
 
-    def _chan(self, src: int, dst: int, key) -> comm.Group:
-        """The group message ``key`` travels on from pp rank ``src`` to ``dst``."""
-        if not self.p2p_groups:
-            return self.group
-        return self.p2p_groups[channel_of(self.channels, src, dst, key)]
-
-    # ------------------------------------------------------------------------------- messages
-    def _tag(self, key) -> int:
-        if not self.tags:
-            return 0
-        tensor, i, src, _ = key
-        return (i * self.schedule.n_stages + src) * 2 + (tensor == "grad")
-
-    def _known(self, key, t=None):
-        """(shape, dtype) of message ``key`` if both ends know it from an earlier message of the same
-        (tensor, src stage, dst stage) for a micro-batch input of the same shape; else None."""
-        tensor, i, src, dst = key
-        sig = self._sigs[i]
-        entry = self._shapes.get((tensor, src, dst))
-        if sig is None or entry is None or entry[0] != sig:
-            return None
-        if t is not None and (tuple(t.shape), t.dtype) != entry[1:]:
-            raise RuntimeError(
-                f"pipeline: stage {src} sent a {tensor} of shape {tuple(t.shape)} {t.dtype} for a micro-batch input "
-                f"of shape {sig[0]}, but {entry[1]} {entry[2]} before for the same input shape; the receiver "
-                "preallocates from the first step, so a stage's output shape must depend only on its input's")
-        return entry[1:]
-
-    def _learn(self, key, t) -> None:
-        tensor, i, src, dst = key
-        self._shapes[(tensor, src, dst)] = (self._sigs[i], tuple(t.shape), t.dtype)
-
-    def _send(self, op, t: torch.Tensor) -> None:
-        if op.peer == self.rank:                    # only when p == 1: stay in process
-            self._mailbox[op.key] = t.detach()
-            return
-        known = self._known(op.key, t)
-        self.comm_log.append(("send", op.peer, op.key))
-        self._pending.append(comm.isend(t, self.group.ranks[op.peer], self._chan(self.rank, op.peer, op.key),
-                                        tag=self._tag(op.key),
-                                        header=known is None))
-        self._learn(op.key, t)
-
-    def _recv(self, op) -> torch.Tensor:
-        """Receive ``op``'s message; from a peer, first every message that peer sent earlier
-        (:mod:`.p2p_order`), so receives follow the sender's order whatever the tags."""
-        if op.peer == self.rank:
-            return self._mailbox.pop(op.key)
-        q = op.peer
-        while op.key not in self._stash:
-            key = self._expect[q][self._next[q]]
-            self._next[q] += 1
-            shape_dtype = self._known(key)
-            self.comm_log.append(("recv", q, key))
-            t = comm.recv(self.group.ranks[q], self._chan(q, self.rank, key), device=self.device, tag=self._tag(key),
-                          **({} if shape_dtype is None else dict(shape=shape_dtype[0], dtype=shape_dtype[1])))
-            self._learn(key, t)
-            self._stash[key] = t
-        return self._stash.pop(op.key)
-
-    def _exchange(self, sends: list, recv_ops) -> list:
-        """Issue the previous action's ``sends`` [(op, tensor)] and this action's receives (with the
-        earlier messages they drain) as one group per process group — :func:`parallel.comm.exchange_start`,
-        one batch_isend_irecv each, all issued before any is waited for — when every shape is known;
-        else one by one (with headers). Returns the tensors of ``recv_ops``. Both modes are what
-        :func:`.p2p_streams.stream_problems` checks."""
-        plan, nxt, have = [], dict(self._next), set(self._stash)
-        for op in recv_ops:
-            while op.peer != self.rank and op.key not in have:
-                key = self._expect[op.peer][nxt[op.peer]]
-                nxt[op.peer] += 1
-                have.add(key)
-                plan.append((op.peer, key))
-            have.discard(op.key)
-        remote = [(op, t) for op, t in sends if op.peer != self.rank]
-        known_s = [self._known(op.key, t) for op, t in remote]
-        known_r = [self._known(k) for _, k in plan]
-        if not self.batch or not (remote or plan) or None in known_s + known_r:
-            for op, t in sends:
-                self._send(op, t)
-            return [self._recv(op) for op in recv_ops]
-        for op, t in sends:
-            if op.peer == self.rank:
-                self._mailbox[op.key] = t.detach()
-        self.comm_log += [("send", op.peer, op.key) for op, _ in remote] + [("recv", q, k) for q, k in plan]
-        by: dict = {}                                 # one batch_isend_irecv per process group
-        for op, t in remote:
-            g = self._chan(self.rank, op.peer, op.key)
-            by.setdefault(id(g), (g, [], [], []))[1].append((t, self.group.ranks[op.peer], self._tag(op.key)))
-        for (q, k), sd in zip(plan, known_r):
-            g = self._chan(q, self.rank, k)
-            _, _, recvs, keys = by.setdefault(id(g), (g, [], [], []))
-            recvs.append((self.group.ranks[q], sd[0], sd[1], self._tag(k)))
-            keys.append(k)
-        waits = []
-        for g, snd, rcv, keys in by.values():         # issue every group, then wait for the receives
-            work, got, received = comm.exchange_start(snd, rcv, g, self.device)
-            self._pending.append(work)
-            waits.append(received)
-            self._stash.update(zip(keys, got))
-        for w in waits:
-            w.wait()
-        self._next = nxt
-        self.batched += 1
-        return [self._recv(op) for op in recv_ops]
-
     # -------------------------------------------------------------------------------- running
     def run(self, micro_batches: list):
         """Run one step over ``micro_batches`` = [(input, target)] × m. Returns the mean
@@ -273,22 +176,23 @@ class PipelineExecutor:
             raise ValueError(f"pipeline: the schedule was built for m={m} micro-batches, run() got "
                              f"{len(micro_batches)}; use microbatches(x, y, {m})")
         self.records, self._pending, self._mailbox, self.comm_log = [], [], {}, []
-        self._next, self._stash = dict.fromkeys(self._expect, 0), {}
+        self._next, self._stash, self._acts = dict.fromkeys(self._expect, 0), {}, {}
         self._sigs = [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x, _ in micro_batches]
         self._saved, self._losses = {}, {}
         self.peak_held, self.peak_held_per_stage = 0, {s: 0 for s in self.stages}
         self._captured = self.captured_bytes_peak = 0
         sends: list = []
+        self.span = (time.perf_counter(), None)
         try:
             for step in self.steps:
                 for fn in self._action_callbacks:
                     fn(step.action)
-                t0 = time.perf_counter()
+                t0 = self._issued = time.perf_counter()
                 got = self._exchange(sends, step.recv)
                 t1 = time.perf_counter()
                 out = getattr(self, "_" + step.action.kind)(step.action, got[0] if got else None, micro_batches)
                 sends = [(op, out) for op in step.send]
-                self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1))
+                self.records.append(Record(step.action, t1 - t0, time.perf_counter() - t1, t0, self._issued - t0))
                 self._count_held()
                 self._reap()
             self._exchange(sends, ())
@@ -296,6 +200,7 @@ class PipelineExecutor:
             for w in self._pending:
                 w.wait()
             self._pending = []
+            self.span = (self.span[0], time.perf_counter())
         if self._saved:
             raise RuntimeError(f"pipeline: activations of {sorted(self._saved)} were never released; "
                                "the schedule lacks their backward")
@@ -377,7 +282,7 @@ class PipelineExecutor:
             return dx
         x, y, _ = self._saved[key]
         dx, wp = backward_input(y, dy, x if self._input_grad(x) else None, self.params[a.stage],
-                                split=self.split_backward)
+                                split=self.split_backward, cache=self.split_cache[a.stage])
         self._saved[key] = (x, None, wp)
         self._captured += wp.captured_bytes
         self.captured_bytes_peak = max(self.captured_bytes_peak, self._captured)

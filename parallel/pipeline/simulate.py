@@ -125,9 +125,16 @@ def _why(key: tuple[str, int, int], schedule: Schedule) -> str:
             "?": "unknown action kind"}[kind]
 
 
-def execute(schedule: Schedule, cost: Cost = None) -> SimResult:
-    """Run ``schedule`` under the model above; never raises on deadlock (see ``blocked``)."""
+def execute(schedule: Schedule, cost: Cost = None, overhead: Callable[[Action], object] | None = None,
+            latency=0, start: list | None = None) -> SimResult:
+    """Run ``schedule`` under the model above; never raises on deadlock (see ``blocked``).
+    ``overhead``, ``latency``, ``start``: the measured-cost terms of the module docstring (default 0)."""
     dur = _cost_fn(cost, schedule.v)
+    ovh = overhead or (lambda a: 0)
+
+    def arrival(key, r):
+        kind, _, s = key
+        return done[key] + (latency if kind != "I" and schedule.rank_of(s) != r else 0)
     pairs = getattr(schedule, "overlap", frozenset())
     fb = cost.get("F&B") if isinstance(cost, Mapping) else None
 
@@ -136,7 +143,7 @@ def execute(schedule: Schedule, cost: Cost = None) -> SimResult:
     last = schedule.n_stages - 1
     p = len(schedule.actions)
     done: dict[tuple[str, int, int], object] = {}
-    free = [0] * p
+    free = list(start) if start is not None else [0] * p
     busy = [0] * p
     ptr = [0] * p
     timelines: list[list[Event]] = [[] for _ in range(p)]
@@ -150,12 +157,12 @@ def execute(schedule: Schedule, cost: Cost = None) -> SimResult:
                 needs = [k for a in unit for k in _needs(a, last)]
                 if any(k not in done for k in needs):
                     break
-                start = max([free[r]] + [done[k] for k in needs])
+                t0 = max([free[r] + ovh(unit[0])] + [arrival(k, r) for k in needs])
                 d = pair_cost(*unit) if len(unit) == 2 else dur(unit[0])
-                end = start + d
+                end = t0 + d
                 part = Fraction(d) / len(unit) if isinstance(d, Rational) else d / len(unit)
                 for j, a in enumerate(unit):            # an F&B unit: two events sharing its time
-                    timelines[r].append(Event(start + j * part, start + (j + 1) * part, a))
+                    timelines[r].append(Event(t0 + j * part, t0 + (j + 1) * part, a))
                     done[("G" if a.kind in ("B", "I") else a.kind, a.microbatch, a.stage)] = end
                     if a.kind == "I":
                         done[("I", a.microbatch, a.stage)] = end
