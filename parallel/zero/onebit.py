@@ -14,7 +14,7 @@ k of every bucket (v, the master, and it is the server of chunk k):
         all-to-all: row k to its owner k               (compressed reduce-scatter: (N−1)/N·Ψ/8 bytes)
     owner k:  y = (1/N)·Σ_i C(x_i)_k + e_s;  e_s ← y − C(y)   (server error feedback, shard-sized)
         all-gather C(y)                                (compressed all-gather: (N−1)/N·Ψ/8 bytes)
-    every rank: m = [C(y)_0 … C(y)_{N−1}];  w ← w·(1 − ηλ) − η·(m/(1−β1^t)) / (√v̂ + ε)  on the
+    every rank: m = [C(y)_0 … C(y)_{N−1}];  w ← w·(1 − ηλ) − η·clamp((m/(1−β1^t)) / (√v̂ + ε), ±R)  on the
         whole flat parameter (identical bits everywhere); the owner's master is its shard of w.
 
 That is the stage-0 algorithm with the chunks cut at the buckets' shards: where they coincide (one
@@ -38,14 +38,16 @@ phase needs the whole m and v on every rank; stage 2 also keeps the whole local 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+import torch.distributed as dist
 
 from parallel import comm
-from parallel.optim.onebit_adam import _all_to_all, _compress, _unpack
+from parallel.optim.onebit_adam import _all_to_all, _clone, _compress, _unpack, apply_step
 from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError
 
-__all__ = ["check_onebit", "onebit_step"]
+__all__ = ["check_onebit", "onebit_step", "full_comm_state", "load_full_comm_state"]
 
 
 def check_onebit(z) -> None:
@@ -189,10 +191,46 @@ def _sharded_step(z) -> None:
             st["momentum"] = m
             if wd:
                 b.flat_param.mul_(1 - lr * wd)
-            b.flat_param.addcdiv_(m, st["sqrt_v"] + eps, value=-lr / c1)
+            apply_step(b.flat_param, m, st["sqrt_v"] + eps, lr, c1, g.get("update_bound"))
             b.master.copy_(b.flat_param[b.lo:b.hi])
     for b, _, a, e, view in z._piece_list:             # the owners' record of m and the step count
         s = opt.state[view]
         s["exp_avg"].copy_(bufs[z._all.index(b)]["momentum"][a:e])
         s["step"] = torch.tensor(float(t))
     opt._t = t
+
+
+def _comm_layout(z) -> dict:
+    return {k: v for k, v in z._layout().items() if k != "rank"}
+
+
+def full_comm_state(z) -> dict | None:
+    """For ``full_state_dict()``: every dp rank's error-feedback buffers (``comm_state``; they are per rank:
+    each worker's own e_i, each server's e_s) with the layout they belong to. Gathered as objects over dp:
+    every rank's dict then holds N × (the whole worker error + the shard's server error), ≈ 4Ψ·N bytes (with
+    ZeRO-1/2 also each rank's m and √v̂ copy: ≈ 12Ψ·N). None for optimizers without them."""
+    cs = getattr(z.optimizer, "comm_state", None)
+    if cs is None:
+        return None
+    ranks = [None] * z.group.size
+    if z.group.size > 1:
+        dist.all_gather_object(ranks, _clone(cs), group=z.group.pg)
+    else:
+        ranks = [_clone(cs)]
+    return {"layout": _comm_layout(z), "ranks": ranks}
+
+
+def load_full_comm_state(z, saved: dict | None) -> None:
+    """For ``load_full_state_dict()``: this rank's buffers when the layout (stage, dp size, buckets) is the
+    saved one — the resume is then exact; otherwise they restart at zero, with a warning if there were any."""
+    if getattr(z.optimizer, "comm_state", None) is None:
+        return
+    if saved and saved.get("layout") == _comm_layout(z):
+        z.optimizer.comm_state = _clone(saved["ranks"][z.group.rank])
+        return
+    z.optimizer.comm_state = {}
+    if saved and any(saved.get("ranks") or []) and z.group.rank == 0:
+        old = saved.get("layout", {})
+        warnings.warn(f"full state dict: 1-bit Adam's error-feedback buffers were saved at "
+                      f"zero.stage={old.get('stage')}, dp={old.get('dp')} (or other buckets) and this layout "
+                      f"differs: they restart at zero (the resume is not bit-exact)", stacklevel=3)
