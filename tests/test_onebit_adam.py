@@ -57,7 +57,7 @@ def test_update_bound_guards_elements_whose_frozen_v_is_zero(bound):
         OneBitAdam([w], update_bound=-1.0)
 
 
-def _lm_run(rank, world, opt_name, stage=0):
+def _lm_run(rank, world, opt_name, stage=0, lr=LR, **okw):
     from examples.gpt import GPT, char_dataset
     from parallel.comm import CommStats
     from parallel.config import ZeroConfig
@@ -67,9 +67,13 @@ def _lm_run(rank, world, opt_name, stage=0):
     data = char_dataset(seq_len=32)
     torch.manual_seed(0)
     model = GPT(vocab_size=96, seq_len=32, n_layer=2, n_head=4, n_embd=32)
-    factory = {"adam": lambda ps: torch.optim.Adam(ps, lr=LR),
-               "onebit": lambda ps: OneBitAdam(ps, lr=LR, freeze_step=FREEZE),
-               "onebit-unbounded": lambda ps: OneBitAdam(ps, lr=LR, freeze_step=FREEZE, update_bound=None)}[opt_name]
+    from parallel.optim.lamb import Lamb
+    from parallel.optim.onebit_lamb import OneBitLamb
+    factory = {"adam": lambda ps: torch.optim.Adam(ps, lr=lr),
+               "onebit": lambda ps: OneBitAdam(ps, lr=lr, freeze_step=FREEZE),
+               "onebit-unbounded": lambda ps: OneBitAdam(ps, lr=lr, freeze_step=FREEZE, update_bound=None),
+               "lamb": lambda ps: Lamb(ps, lr=lr),
+               "onebit_lamb": lambda ps: OneBitLamb(ps, lr=lr, **{"freeze_step": FREEZE, **okw})}[opt_name]
     zero = ZeroOptimizer(model, factory, g, ZeroConfig(stage=stage, bucket_mb=1.0))
     per = G // world
     losses, wire = [], []

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from parallel import comm
 from parallel.optim.onebit_adam import _all_to_all, _clone, _compress, _unpack, apply_step
+from parallel.optim.onebit_lamb import lamb_compressed_update
 from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError
 
 __all__ = ["check_onebit", "onebit_step", "full_comm_state", "load_full_comm_state"]
@@ -57,6 +58,9 @@ def check_onebit(z) -> None:
         raise ValueError(f"{name} with zero.stage=3: the compressed update needs the whole parameter on every rank "
                          f"(stage 3 would all-gather it, costing more than the compression saves); use zero.stage "
                          f"0, 1 or 2")
+    if hasattr(z.optimizer, "frozen_coeff") and any(g.axis == "tp" and g.size > 1 for g in z.norm_groups):
+        raise ValueError(f"{name} with tensor parallelism: its compressed phase scales each whole tensor by a factor "
+                         f"from all of its elements, and a tp rank holds a shard; use tp=1 or OneBitAdam")
     if z.grad_clip is not None:
         raise ValueError(f"{name} communicates compressed momentum: each rank keeps its own gradient, which has no "
                          f"global norm to clip by (got train.grad_clip={z.grad_clip}); remove train.grad_clip")
@@ -128,6 +132,13 @@ def _start(z, opt, c2: float) -> list:
         comm.all_gather_into(full_d, d, z.group)
         out.append({"momentum": full_m, "sqrt_v": full_d, "worker_error": torch.zeros_like(full_m),
                     "server_error": torch.zeros(b.shard, dtype=torch.float32, device=m.device)})
+        if hasattr(opt, "frozen_coeff"):                 # 1-bit LAMB: ṽ = v̂, every tensor's frozen trust ratio
+            coeff = torch.zeros(len(b.names), dtype=torch.float64)
+            for pb, i, _, _, view in z._piece_list:
+                if pb is b and view.numel():
+                    coeff[i] = opt.frozen_coeff(opt.state[view])
+            comm.all_reduce(coeff, z.group, op="max")  # every piece of a tensor holds the same value
+            out[-1].update(v_fresh=full_d * full_d, coeff=coeff, last_factor=torch.ones_like(coeff))
     return out
 
 
@@ -188,10 +199,17 @@ def _sharded_step(z) -> None:
             o += w
             m = (_unpack(packed)[:, :c] * scale.unsqueeze(-1)).reshape(-1)
             m[b.numel:] = 0.0
-            st["momentum"] = m
-            if wd:
-                b.flat_param.mul_(1 - lr * wd)
-            apply_step(b.flat_param, m, st["sqrt_v"] + eps, lr, c1, g.get("update_bound"))
+            prev, st["momentum"] = st["momentum"], m
+            if "coeff" in st:                          # 1-bit LAMB: per whole tensor (parallel/optim/onebit_lamb.py)
+                for i, (off, n) in enumerate(zip(b.offsets, b.sizes)):
+                    sl = slice(off, off + n)
+                    st["last_factor"][i] = lamb_compressed_update(
+                        b.flat_param[sl], m[sl], prev[sl], st["sqrt_v"][sl], st["v_fresh"][sl], float(st["coeff"][i]),
+                        float(st["last_factor"][i]), g, c1)
+            else:
+                if wd:
+                    b.flat_param.mul_(1 - lr * wd)
+                apply_step(b.flat_param, m, st["sqrt_v"] + eps, lr, c1, g.get("update_bound"))
             b.master.copy_(b.flat_param[b.lo:b.hi])
     for b, _, a, e, view in z._piece_list:             # the owners' record of m and the step count
         s = opt.state[view]
