@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from examples.gpt import GPT, Block
-from parallel.offload import CpuStore, NvmeStore
+from parallel.offload import CpuStore, NvmeStore, StoreConfigError
 from parallel.quant import QMAX, UnitCodec, dequantize_groups, quantize_groups, roundtrip
 from parallel.quant.kernels import QuantLinear, linear_fits, reference_linear
 from parallel.zero.inference import StreamedInference
@@ -166,7 +166,12 @@ def test_quantized_stream_logits_bytes_and_tokens(trained, quant, group, kernels
     assert "forward" not in eng.model.blocks[0].mlp.fc.__dict__     # close() gives the Linear its forward back
 
 
-def test_quantize_errors():
+def test_quantize_errors(tmp_path):
+    model = GPT(**KW)                                             # a failed build leaves no replaced forward
+    with pytest.raises(StoreConfigError, match="IO buffer"):
+        StreamedInference(model, NvmeStore(str(tmp_path), buffer_count=2, buffer_bytes=4096), unit_types=(Block,),
+                          quantize="int8")
+    assert "forward" not in model.blocks[0].mlp.fc.__dict__
     with pytest.raises(ValueError, match="int8' or 'int4"):
         StreamedInference(GPT(**KW), CpuStore(), quantize="fp8")
     with pytest.raises(ValueError, match="even number"):

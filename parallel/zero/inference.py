@@ -99,7 +99,12 @@ class StreamedInference:
         self.units = [FlatBucket(i, params, 1, 0, pad=False) for i, (_, params) in enumerate(owners)]
         self.needs = {m: [self.units[i] for i in idx] for m, idx in needs.items()}
         self.unit_bytes = {}
-        self._write_units(weights, init, dtype)
+        try:
+            self._write_units(weights, init, dtype)
+        except BaseException:                          # give the Linear layers their own forward back
+            for ql in self.kernels.values():
+                ql.remove()
+            raise
         for u in self.units:
             u.users, u.flat, u.workspace = 0, None, None
         self.dq = Dequantizer(self.codecs, store, self._key) if self.codecs else None
