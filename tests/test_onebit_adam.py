@@ -27,7 +27,37 @@ def test_signs_pack_8_to_a_byte_and_error_feedback_tracks_the_sum():
     assert 1 - F.cosine_similarity(outs[-1], xs[-1], 0) > 0.01      # each single output is lossy
 
 
-def _lm_run(rank, world, opt_name, stage=0):
+@pytest.mark.parametrize("bound", [None, "adam", 0.5])
+def test_update_bound_guards_elements_whose_frozen_v_is_zero(bound):
+    """Elements with no gradient in warm-up (v = 0) get ±(chunk scale) from the sign compression; divided by
+    √v̂ + ε ≈ 1e-8 that moved them by ~1e5 in 35 steps. With the bound R (default Adam's max(1, (1−β1)/√(1−β2))
+    = 3.162…) every compressed step moves an element by at most η·R."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64) * 0.1)
+    lr, steps, freeze = 1e-3, 40, 5
+    opt = OneBitAdam([w], lr=lr, freeze_step=freeze, update_bound=bound)
+    R = {None: None, "adam": (1 - 0.9) / (1 - 0.999) ** 0.5, 0.5: 0.5}[bound]
+    assert opt.param_groups[0]["update_bound"] == pytest.approx(R) if R else opt.param_groups[0]["update_bound"] is None
+    tgt, w0 = torch.randn(32), w.detach().clone()
+    prev = w0.clone()
+    for t in range(steps):
+        opt.zero_grad()
+        ((w[:32] - tgt) ** 2).sum().backward()                    # w[32:] never gets a gradient
+        opt.step()
+        if R is not None and t >= freeze:
+            assert (w.detach() - prev).abs().max() <= lr * R * (1 + 1e-5)
+        prev = w.detach().clone()
+    drift = (w[32:] - w0[32:]).abs().max().item()
+    if bound is None:
+        assert drift > 1e3                                         # the hazard, unguarded
+    else:
+        assert drift <= (steps - freeze) * lr * R
+    assert ((w[:32] - tgt) ** 2).sum() < ((w0[:32] - tgt) ** 2).sum()     # it still learns
+    with pytest.raises(ValueError, match="update_bound"):
+        OneBitAdam([w], update_bound=-1.0)
+
+
+def _lm_run(rank, world, opt_name, stage=0, lr=LR, **okw):
     from examples.gpt import GPT, char_dataset
     from parallel.comm import CommStats
     from parallel.config import ZeroConfig
@@ -37,8 +67,13 @@ def _lm_run(rank, world, opt_name, stage=0):
     data = char_dataset(seq_len=32)
     torch.manual_seed(0)
     model = GPT(vocab_size=96, seq_len=32, n_layer=2, n_head=4, n_embd=32)
-    factory = {"adam": lambda ps: torch.optim.Adam(ps, lr=LR),
-               "onebit": lambda ps: OneBitAdam(ps, lr=LR, freeze_step=FREEZE)}[opt_name]
+    from parallel.optim.lamb import Lamb
+    from parallel.optim.onebit_lamb import OneBitLamb
+    factory = {"adam": lambda ps: torch.optim.Adam(ps, lr=lr),
+               "onebit": lambda ps: OneBitAdam(ps, lr=lr, freeze_step=FREEZE),
+               "onebit-unbounded": lambda ps: OneBitAdam(ps, lr=lr, freeze_step=FREEZE, update_bound=None),
+               "lamb": lambda ps: Lamb(ps, lr=lr),
+               "onebit_lamb": lambda ps: OneBitLamb(ps, lr=lr, **{"freeze_step": FREEZE, **okw})}[opt_name]
     zero = ZeroOptimizer(model, factory, g, ZeroConfig(stage=stage, bucket_mb=1.0))
     per = G // world
     losses, wire = [], []
@@ -60,7 +95,7 @@ def _lm_run(rank, world, opt_name, stage=0):
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     same = [torch.empty_like(flat) for _ in range(world)]
     torch.distributed.all_gather(same, flat)
-    return losses, wire, zero.num_params, all(torch.equal(s, flat) for s in same)
+    return losses, wire, zero.num_params, all(torch.equal(s, flat) for s in same), flat.abs().max().item()
 
 
 @pytest.mark.slow
@@ -76,7 +111,9 @@ def test_dp2_bytes_and_convergence_against_adam():
     a, o = sum(adam[0][-5:]) / 5, sum(onebit[0][-5:]) / 5
     print(f"\n1-bit Adam dp=2: wire bytes/step Adam {adam[1][-1]:.0f}, 1-bit {max(after):.0f} "
           f"(ratio 1/{adam[1][-1] / max(after):.1f}); loss (mean of steps {STEPS - 4}-{STEPS}) Adam {a:.4f}, "
-          f"1-bit {o:.4f} ({(o - a) / a:+.2%}); first loss {adam[0][0]:.4f}")
+          f"1-bit {o:.4f} ({(o - a) / a:+.2%}); first loss {adam[0][0]:.4f}; max |w| Adam {adam[4]:.3f}, 1-bit "
+          f"{onebit[4]:.3f}")
+    assert onebit[4] < 3 * adam[4]             # update_bound: no element runs away (unguarded: |w| ~ 1e3-1e4)
     assert abs(o - a) <= 0.02 * a, (o, a)
     assert a < 0.8 * adam[0][0]                                            # it really learned
 

@@ -4,6 +4,8 @@ replicas stay bit-identical, a resume from state_dict() continues bit-exactly (s
 error-feedback buffers travel in it — without them the continuation differs), and the limits are
 refused. Bytes and convergence on the char LM: tests/test_onebit_adam.py (slow)."""
 import io
+import math
+import warnings
 
 import pytest
 import torch
@@ -18,12 +20,14 @@ def _model():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
-def _zero(stage, g, **kw):
+def _zero(stage, g, lamb=False, **kw):
     from parallel.config import ZeroConfig
     from parallel.optim.onebit_adam import OneBitAdam
+    from parallel.optim.onebit_lamb import OneBitLamb
     from parallel.zero import ZeroOptimizer
     model = _model()
-    zero = ZeroOptimizer(model, lambda ps: OneBitAdam(ps, lr=1e-2, weight_decay=0.01, freeze_step=FREEZE), g,
+    cls = OneBitLamb if lamb else OneBitAdam
+    zero = ZeroOptimizer(model, lambda ps: cls(ps, lr=1e-2, weight_decay=0.01, freeze_step=FREEZE), g,
                          ZeroConfig(stage=stage, bucket_mb=0.0003), **kw)
     return model, zero
 
@@ -58,38 +62,53 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _resume(rank, world, stage):
+def _resume(rank, world, stage, lamb=False):
     from parallel.mesh import Mesh
     g = Mesh(dp=world).group("dp")
-    model, zero = _zero(stage, g)
+    model, zero = _zero(stage, g, lamb)
     _, wire = _steps(model, zero, g, 0, SAVE)
     sd = _roundtrip(zero.state_dict())
+    full = _roundtrip(zero.full_state_dict())
     tail, wire2 = _steps(model, zero, g, SAVE, END)
     ref = _flat(model)
     out = {"tail": tail, "wire": wire + wire2, "params": ref, "buckets": [(b.shard, b.numel) for b in zero._all],
            "nbuckets": len(zero._all), "opt_bytes": zero.model_state_bytes()["optimizer"]}
-    model2, zero2 = _zero(stage, g)
+    model2, zero2 = _zero(stage, g, lamb)
     zero2.load_state_dict(sd)
     out["tail2"], _ = _steps(model2, zero2, g, SAVE, END)
     out["params2"] = _flat(model2)
     sd["optimizer"]["onebit_comm"] = {}                           # the same checkpoint without the buffers
-    model3, zero3 = _zero(stage, g)
+    model3, zero3 = _zero(stage, g, lamb)
     zero3.load_state_dict(sd)
     out["tail3"], _ = _steps(model3, zero3, g, SAVE, END)
+    model4, zero4 = _zero(stage, g, lamb)                               # the full (per-name) state dict: exact too
+    zero4.load_full_state_dict(full)
+    out["tail4"], _ = _steps(model4, zero4, g, SAVE, END)
+    out["params4"] = _flat(model4)
+    model5, zero5 = _zero((stage + 1) % 3, g, lamb)                     # another stage: buffers restart, with a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        zero5.load_full_state_dict(full)
+    out["warned"] = [str(w.message) for w in caught if "restart at zero" in str(w.message)]
+    out["tail5"], _ = _steps(model5, zero5, g, SAVE, END)
     same = [torch.empty_like(ref) for _ in range(world)]
     torch.distributed.all_gather(same, ref)
     out["replicas_equal"] = all(torch.equal(s, ref) for s in same)
     return out
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_dp2_resume_is_exact_and_bytes_match(stage):
-    r0, r1 = run_ranks(_resume, 2, stage)
+@pytest.mark.parametrize("stage,lamb", [(0, False), (1, False), (2, False), (0, True), (2, True)])
+def test_dp2_resume_is_exact_and_bytes_match(stage, lamb):
+    """lamb: 1-bit LAMB (parallel/optim/onebit_lamb.py) — the same exchange, per-tensor factors on every rank."""
+    r0, r1 = run_ranks(_resume, 2, stage, lamb)
     assert r0["nbuckets"] >= 2                                    # several buckets go through one exchange
     for r in (r0, r1):
         assert r["tail2"] == r["tail"] and torch.equal(r["params2"], r["params"])
+        assert r["tail4"] == r["tail"] and torch.equal(r["params4"], r["params"])
+        assert all(math.isfinite(v) for v in r["tail5"])
         assert r["replicas_equal"]
     assert r0["tail3"] != r0["tail"] or r1["tail3"] != r1["tail"]     # the buffers matter: the test can fail
+    assert len(r0["warned"]) == 1 and "zero.stage" in r0["warned"][0] and not r1["warned"]
     if stage:
         N = 2
         exchange = sum(N * (-(-c // 8) + 4) for c, _ in r0["buckets"])   # signs + one fp32 scale per shard

@@ -11,10 +11,19 @@ each rank's own gradient g_i); the momentum is communicated compressed instead:
     server k (rank k, chunk k): y = (1/N)·Σ_i C(x_i)_k + e_s;  e_s ← y − C(y)
     m = [C(y)_0 … C(y)_{N−1}]  (all-gathered);        w ← w − η·(m̂/(√v̂ + ε) + λ·w)
 
-with m̂ = m/(1−β1^t) and v̂ = v/(1−β2^T) frozen at T = freeze_step. e_i is the worker error, e_s
-the server error (error feedback on both sides, §3 of the paper). Signs travel packed 8 to a byte
-with one fp32 scale per chunk: an all-to-all of (N−1)/N·Ψ/8 bytes to the servers and an all-gather
-of (N−1)/N·Ψ/8 bytes back, vs Adam's 2(N−1)/N·4Ψ: 1/32 of it, plus 8(N−1) bytes of scales.
+with m̂ = m/(1−β1^t) and v̂ = v/(1−β2^T) frozen at T = freeze_step. In the compressed phase the
+per-element step m̂/(√v̂ + ε) is clamped to ±R (``update_bound``; default R = max(1, (1−β1)/√(1−β2)),
+Adam's own bound on |m̂/√v̂|, Kingma & Ba arXiv 1412.6980 §2.1; 3.16 for β = (0.9, 0.999)): an element
+whose frozen v is ≈ 0 (a token never seen in warm-up) receives ±(its chunk's scale) from the sign
+compression, and divided by √v̂ + ε ≈ ε that step is ~10⁵·η — on the char LM such elements reached
+|w| ≈ 10³–10⁴. DeepSpeed has no such guard (its ``exp_avg_mask`` zeroes momenta the user lists);
+a floor on √v̂ would need a per-tensor reduction at the freeze, the clamp is elementwise (identical
+at every ZeRO stage). ``update_bound=None`` turns it off.
+
+e_i is the worker error, e_s the server error (error feedback on both sides, §3 of the paper).
+Signs travel packed 8 to a byte with one fp32 scale per chunk: an all-to-all of (N−1)/N·Ψ/8 bytes
+to the servers and an all-gather of (N−1)/N·Ψ/8 bytes back, vs Adam's 2(N−1)/N·4Ψ: 1/32 of it,
+plus 8(N−1) bytes of scales.
 
 This class is the whole algorithm on one process or over ZeRO stage 0 (every rank holds m, v and the
 master). Under ZeRO stages 1–2 its warm-up runs here on the owned pieces and the compressed phase in
@@ -32,7 +41,7 @@ import torch.distributed as dist
 from parallel import comm
 from parallel.optim.tensorwise import TensorwiseOptimizer
 
-__all__ = ["OneBitAdam", "compressed_mean"]
+__all__ = ["OneBitAdam", "compressed_mean", "apply_step"]
 
 _BITS = 1 << torch.arange(8, dtype=torch.uint8)
 
@@ -107,11 +116,16 @@ def _clone(x):
 
 class OneBitAdam(TensorwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 freeze_step: int = 100):
+                 freeze_step: int = 100, update_bound: float | str | None = "adam"):
         if not (isinstance(freeze_step, int) and freeze_step >= 1):
             raise ValueError(f"OneBitAdam: freeze_step={freeze_step!r} must be an int >= 1 (Adam warm-up steps)")
+        if update_bound == "adam":
+            update_bound = max(1.0, (1 - betas[0]) / math.sqrt(1 - betas[1]))
+        if update_bound is not None and not (isinstance(update_bound, (int, float)) and update_bound > 0):
+            raise ValueError(f"OneBitAdam: update_bound={update_bound!r} must be a number > 0, 'adam' (Adam's bound "
+                             f"max(1, (1-beta1)/sqrt(1-beta2))) or None (no clamp)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      freeze_step=freeze_step))
+                                      freeze_step=freeze_step, update_bound=update_bound))
         self._t = 0
         self.comm_state: dict = {}
 
@@ -178,5 +192,14 @@ class OneBitAdam(TensorwiseOptimizer):
             if wd:
                 p.mul_(1 - lr * wd)
             denom = (st["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(eps)
-            p.addcdiv_(st["exp_avg"], denom, value=-lr / c1)
+            apply_step(p, st["exp_avg"], denom, lr, c1, g.get("update_bound") if compressed else None)
         return loss
+
+
+def apply_step(p: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, lr: float, c1: float,
+               bound: float | None) -> None:
+    """p ← p − η·clamp((m/c1)/denom, ±bound); bound None: p ← p − (η/c1)·m/denom (Adam's addcdiv, bit for bit)."""
+    if bound is None:
+        p.addcdiv_(m, denom, value=-lr / c1)
+    else:
+        p.add_(m.div(denom).div_(c1).clamp_(-bound, bound), alpha=-lr)

@@ -27,9 +27,12 @@ Weight-only quantization (``quantize="int8" | "int4"``, ``group_size`` elements 
 :mod:`parallel.quant.weight_only`): each unit is stored as its quantized payload (1 + 4/g or
 0.5 + 4/g bytes per weight element instead of 4; biases and norms stay fp32), so a forward reads
 that many fewer bytes; the read-ahead hands each payload to a worker thread that dequantizes it into
-an fp32 workspace (reused) and releases its IO buffer while the forward computes
-(:class:`parallel.quant.stream.Dequantizer`). Resident bytes count a workspace per quantized unit in
-use or read ahead.
+an fp32 workspace (reused) while the forward computes (:class:`parallel.quant.stream.Dequantizer`).
+With ``kernels=True`` (default; CPU only) the nn.Linear weights are never dequantized: they stay in the
+payload in the layouts of torch's int8 / int4 weight-only matmuls, which compute on bf16 activations
+(:mod:`parallel.quant.kernels`, :mod:`parallel.quant.codec`); only embeddings, tied or odd-shaped
+weights, biases and norms go through the workspace. Resident bytes count a workspace per quantized
+unit in use or read ahead, plus its payload while a kernel reads it.
 
 Module order comes from a trace of the first forward (:class:`parallel.zero.trace.TracedOrder`, as
 stage 3 records it). On a GPU (``device="cuda"``) each fetched unit is copied to the device and its
@@ -49,8 +52,9 @@ from parallel.data_parallel.bucket import FlatBucket
 from parallel.loss import logits_of
 from parallel.offload import StoreConfigError
 from parallel.offload.aio import byte_view, trim_host_memory
+from parallel.quant.codec import UnitCodec
+from parallel.quant.kernels import install_kernels
 from parallel.quant.stream import Dequantizer
-from parallel.quant.weight_only import UnitCodec
 from parallel.zero.flat_init import materialize_buffers
 from parallel.zero.stage3 import plan_units
 from parallel.zero.trace import TracedOrder
@@ -60,12 +64,13 @@ __all__ = ["StreamedInference", "SafetensorsFile"]
 
 class StreamedInference:
     """``StreamedInference(model, store, *, unit_types=None, weights=None, init=None, prefetch_depth=1,
-    dtype=None, device="cpu", quantize=None, group_size=64)`` — forward and generation with weights
-    streamed from ``store``; ``quantize``: None, "int8" or "int4" (weight-only, group-wise scales)."""
+    dtype=None, device="cpu", quantize=None, group_size=64, kernels=True)`` — forward and generation with
+    weights streamed from ``store``; ``quantize``: None, "int8" or "int4" (weight-only, group-wise scales);
+    ``kernels``: quantized Linear layers multiply on the quantized weights (False: dequantize them too)."""
 
     def __init__(self, model: nn.Module, store, *, unit_types=None, weights=None, init=None,
                  prefetch_depth: int = 1, dtype: torch.dtype | None = None, device="cpu",
-                 quantize: str | None = None, group_size: int = 64):
+                 quantize: str | None = None, group_size: int = 64, kernels: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"StreamedInference needs an nn.Module, got {type(model).__name__}")
         if prefetch_depth < 0:
@@ -89,10 +94,17 @@ class StreamedInference:
         for n, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(p, n)
         owners, needs = plan_units(model, names, unit_types)
+        use_kernels = kernels and self.bits and self.device.type == "cpu"
+        self.kernels = install_kernels(model, self.bits, group_size) if use_kernels else {}
         self.units = [FlatBucket(i, params, 1, 0, pad=False) for i, (_, params) in enumerate(owners)]
         self.needs = {m: [self.units[i] for i in idx] for m, idx in needs.items()}
         self.unit_bytes = {}
-        self._write_units(weights, init, dtype)
+        try:
+            self._write_units(weights, init, dtype)
+        except BaseException:                          # give the Linear layers their own forward back
+            for ql in self.kernels.values():
+                ql.remove()
+            raise
         for u in self.units:
             u.users, u.flat, u.workspace = 0, None, None
         self.dq = Dequantizer(self.codecs, store, self._key) if self.codecs else None
@@ -141,7 +153,8 @@ class StreamedInference:
                 if not (hasattr(weights, "read_into") and weights.read_into(n, dst, p.shape)):
                     dst.copy_(self._value(n, p, weights, init).reshape(-1))
             if self.bits:
-                self.codecs[u] = UnitCodec(u.shapes, u.offsets, u.numel, self.bits, self.group)
+                self.codecs[u] = UnitCodec(u.shapes, u.offsets, u.numel, self.bits, self.group,
+                                           [self.kernels.get(p) for p in u.params])
                 flat = self.codecs[u].encode(flat)
             nbytes = flat.numel() * flat.element_size()
             if self.buf is not None and nbytes > self.buf:
@@ -175,13 +188,15 @@ class StreamedInference:
     def _fetch(self, u) -> None:
         if u.flat is None and u in self.codecs:        # dequantized (ahead, by the worker) into a workspace
             t0 = time.perf_counter()
-            u.workspace = self.dq.take(u)
+            u.workspace, payload = self.dq.take(u)
             self.fetch_wait_s += time.perf_counter() - t0
-            self.held.pop(self._key(u), None)
-            flat = u.workspace[:u.numel]
+            if payload is None:
+                self.held.pop(self._key(u), None)
+            else:                                      # kernels read the payload: held until released
+                self.held[self._key(u)] = "fetched"
+            flat = u.workspace[:self.codecs[u].ws_numel]
             u.flat = flat if self.device.type == "cpu" else flat.to(self.device)
-            for p, v in zip(u.params, u.views(u.flat)):
-                p.data = v
+            self.codecs[u].bind(payload, u.flat, u.params)
             self._account()
         if u.flat is None:
             key = self._key(u)
@@ -207,6 +222,7 @@ class StreamedInference:
                 p.data = torch.empty(0, dtype=p.dtype, device=self.device)
             u.flat = None
             if u.workspace is not None:
+                self.codecs[u].unbind()
                 self.dq.give_back(u.workspace)
                 u.workspace = None
             key = self._key(u)
@@ -235,7 +251,8 @@ class StreamedInference:
         """Weight bytes in memory: units in use plus units read ahead (their buffers are filling); a
         quantized unit in use counts its fp32 workspace, one read ahead its payload."""
         ws = 4 * self.dq.ws_numel if self.dq else 0
-        self.resident_bytes = sum(ws if u in self.codecs else self.unit_bytes[u]
+        self.resident_bytes = sum(ws + self.codecs[u].keeps_payload * self.unit_bytes[u] if u in self.codecs
+                                  else self.unit_bytes[u]
                                   for u in self.units if u.flat is not None or self._key(u) in self.held)
         self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
 
@@ -315,6 +332,8 @@ class StreamedInference:
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
+        for ql in self.kernels.values():
+            ql.remove()
         if self.dq is not None:
             self.dq.close()
         self.store.close()

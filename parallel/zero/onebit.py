@@ -14,7 +14,7 @@ k of every bucket (v, the master, and it is the server of chunk k):
         all-to-all: row k to its owner k               (compressed reduce-scatter: (N−1)/N·Ψ/8 bytes)
     owner k:  y = (1/N)·Σ_i C(x_i)_k + e_s;  e_s ← y − C(y)   (server error feedback, shard-sized)
         all-gather C(y)                                (compressed all-gather: (N−1)/N·Ψ/8 bytes)
-    every rank: m = [C(y)_0 … C(y)_{N−1}];  w ← w·(1 − ηλ) − η·(m/(1−β1^t)) / (√v̂ + ε)  on the
+    every rank: m = [C(y)_0 … C(y)_{N−1}];  w ← w·(1 − ηλ) − η·clamp((m/(1−β1^t)) / (√v̂ + ε), ±R)  on the
         whole flat parameter (identical bits everywhere); the owner's master is its shard of w.
 
 That is the stage-0 algorithm with the chunks cut at the buckets' shards: where they coincide (one
@@ -38,14 +38,17 @@ phase needs the whole m and v on every rank; stage 2 also keeps the whole local 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+import torch.distributed as dist
 
 from parallel import comm
-from parallel.optim.onebit_adam import _all_to_all, _compress, _unpack
+from parallel.optim.onebit_adam import _all_to_all, _clone, _compress, _unpack, apply_step
+from parallel.optim.onebit_lamb import lamb_compressed_update
 from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError
 
-__all__ = ["check_onebit", "onebit_step"]
+__all__ = ["check_onebit", "onebit_step", "full_comm_state", "load_full_comm_state"]
 
 
 def check_onebit(z) -> None:
@@ -55,6 +58,9 @@ def check_onebit(z) -> None:
         raise ValueError(f"{name} with zero.stage=3: the compressed update needs the whole parameter on every rank "
                          f"(stage 3 would all-gather it, costing more than the compression saves); use zero.stage "
                          f"0, 1 or 2")
+    if hasattr(z.optimizer, "frozen_coeff") and any(g.axis == "tp" and g.size > 1 for g in z.norm_groups):
+        raise ValueError(f"{name} with tensor parallelism: its compressed phase scales each whole tensor by a factor "
+                         f"from all of its elements, and a tp rank holds a shard; use tp=1 or OneBitAdam")
     if z.grad_clip is not None:
         raise ValueError(f"{name} communicates compressed momentum: each rank keeps its own gradient, which has no "
                          f"global norm to clip by (got train.grad_clip={z.grad_clip}); remove train.grad_clip")
@@ -126,6 +132,13 @@ def _start(z, opt, c2: float) -> list:
         comm.all_gather_into(full_d, d, z.group)
         out.append({"momentum": full_m, "sqrt_v": full_d, "worker_error": torch.zeros_like(full_m),
                     "server_error": torch.zeros(b.shard, dtype=torch.float32, device=m.device)})
+        if hasattr(opt, "frozen_coeff"):                 # 1-bit LAMB: ṽ = v̂, every tensor's frozen trust ratio
+            coeff = torch.zeros(len(b.names), dtype=torch.float64)
+            for pb, i, _, _, view in z._piece_list:
+                if pb is b and view.numel():
+                    coeff[i] = opt.frozen_coeff(opt.state[view])
+            comm.all_reduce(coeff, z.group, op="max")  # every piece of a tensor holds the same value
+            out[-1].update(v_fresh=full_d * full_d, coeff=coeff, last_factor=torch.ones_like(coeff))
     return out
 
 
@@ -186,13 +199,56 @@ def _sharded_step(z) -> None:
             o += w
             m = (_unpack(packed)[:, :c] * scale.unsqueeze(-1)).reshape(-1)
             m[b.numel:] = 0.0
-            st["momentum"] = m
-            if wd:
-                b.flat_param.mul_(1 - lr * wd)
-            b.flat_param.addcdiv_(m, st["sqrt_v"] + eps, value=-lr / c1)
+            prev, st["momentum"] = st["momentum"], m
+            if "coeff" in st:                          # 1-bit LAMB: per whole tensor (parallel/optim/onebit_lamb.py)
+                for i, (off, n) in enumerate(zip(b.offsets, b.sizes)):
+                    sl = slice(off, off + n)
+                    st["last_factor"][i] = lamb_compressed_update(
+                        b.flat_param[sl], m[sl], prev[sl], st["sqrt_v"][sl], st["v_fresh"][sl], float(st["coeff"][i]),
+                        float(st["last_factor"][i]), g, c1)
+            else:
+                if wd:
+                    b.flat_param.mul_(1 - lr * wd)
+                apply_step(b.flat_param, m, st["sqrt_v"] + eps, lr, c1, g.get("update_bound"))
             b.master.copy_(b.flat_param[b.lo:b.hi])
     for b, _, a, e, view in z._piece_list:             # the owners' record of m and the step count
         s = opt.state[view]
         s["exp_avg"].copy_(bufs[z._all.index(b)]["momentum"][a:e])
         s["step"] = torch.tensor(float(t))
     opt._t = t
+
+
+def _comm_layout(z) -> dict:
+    return {k: v for k, v in z._layout().items() if k != "rank"}
+
+
+def full_comm_state(z) -> dict | None:
+    """For ``full_state_dict()``: every dp rank's error-feedback buffers (``comm_state``; they are per rank:
+    each worker's own e_i, each server's e_s) with the layout they belong to. Gathered as objects over dp:
+    every rank's dict then holds N × (the whole worker error + the shard's server error), ≈ 4Ψ·N bytes (with
+    ZeRO-1/2 also each rank's m and √v̂ copy: ≈ 12Ψ·N). None for optimizers without them."""
+    cs = getattr(z.optimizer, "comm_state", None)
+    if cs is None:
+        return None
+    ranks = [None] * z.group.size
+    if z.group.size > 1:
+        dist.all_gather_object(ranks, _clone(cs), group=z.group.pg)
+    else:
+        ranks = [_clone(cs)]
+    return {"layout": _comm_layout(z), "ranks": ranks}
+
+
+def load_full_comm_state(z, saved: dict | None) -> None:
+    """For ``load_full_state_dict()``: this rank's buffers when the layout (stage, dp size, buckets) is the
+    saved one — the resume is then exact; otherwise they restart at zero, with a warning if there were any."""
+    if getattr(z.optimizer, "comm_state", None) is None:
+        return
+    if saved and saved.get("layout") == _comm_layout(z):
+        z.optimizer.comm_state = _clone(saved["ranks"][z.group.rank])
+        return
+    z.optimizer.comm_state = {}
+    if saved and any(saved.get("ranks") or []) and z.group.rank == 0:
+        old = saved.get("layout", {})
+        warnings.warn(f"full state dict: 1-bit Adam's error-feedback buffers were saved at "
+                      f"zero.stage={old.get('stage')}, dp={old.get('dp')} (or other buckets) and this layout "
+                      f"differs: they restart at zero (the resume is not bit-exact)", stacklevel=3)

@@ -18,6 +18,7 @@ import torch
 
 from parallel.comm import all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.zero.onebit import full_comm_state, load_full_comm_state
 
 __all__ = ["ZeroStateMixin"]
 
@@ -102,8 +103,12 @@ class ZeroStateMixin:
                                        (scalars[k].clone() if isinstance(scalars[k], torch.Tensor) else scalars[k]))
                                    for k, ew in keys.items()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        return {"params": params, "state": state, "param_groups": groups,
-                "loss_scaler": self.scaler.state_dict(), "steps": self.steps}
+        out = {"params": params, "state": state, "param_groups": groups,
+               "loss_scaler": self.scaler.state_dict(), "steps": self.steps}
+        comm = full_comm_state(self)                                 # 1-bit Adam's per-rank error buffers
+        if comm is not None:
+            out["onebit_comm"] = comm
+        return out
 
     def load_full_state_dict(self, sd: dict) -> None:
         """Take this rank's slice of every parameter (and its optimizer state) from a full dict."""
@@ -138,6 +143,7 @@ class ZeroStateMixin:
         if "loss_scaler" in sd:
             self.scaler.load_state_dict(sd["loss_scaler"])
         self.steps = sd.get("steps", self.steps)
+        load_full_comm_state(self, sd.get("onebit_comm"))
         self._write_back()
 
 
