@@ -53,7 +53,8 @@ def _check(results, runs):
 FAST = [dict(dp=2, ep=2, stage=3)]                  # (ZeRO-0 and edp > 1: the world-4 list)
 SLOW = [dict(dp=4, ep=2, stage=s) for s in (0, 1, 2, 3)] + [dict(dp=4, ep=4, stage=2), dict(dp=4, ep=1, stage=1),
                                                              dict(dp=2, ep=2, pp=2, stage=1),
-                                                             dict(dp=2, ep=2, tp=2, stage=2)]
+                                                             dict(dp=2, ep=2, tp=2, stage=2),
+                                                             dict(dp=2, ep=1, tp=2, stage=3)]   # experts over tp
 
 
 def test_planner_ep_states_and_bytes_equal_measured():

@@ -38,6 +38,7 @@ from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
 from parallel.moe.experts import GroupedExperts
 from parallel.moe.router import TopKRouter, load_balancing_loss, router_z_loss
+from parallel.moe.tp import enter, leave
 
 __all__ = ["MoE"]
 
@@ -112,9 +113,11 @@ class MoE(nn.Module):
         T = xt.shape[0]
         logits, probs, w, idx = self.router(xt)
         lb, z = load_balancing_loss(probs, idx, E), router_z_loss(logits)
+        tp = self.experts.tp_group                      # experts split over tp (parallel.moe.tp)
+        xe, w, b2 = enter(xt, w, self.experts.b2, tp)
         s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))
-        out = run_experts(dispatch(xt, s, E), self.experts, self.ep_group)
-        y = combine(out, s, T)
+        out = run_experts(dispatch(xe, s, E), lambda z: self.experts(z, b2), self.ep_group)
+        y = leave(combine(out, s, T), tp)
         if torch.is_grad_enabled() and (self.aux_loss_coef or self.z_loss_coef):
             y = _AuxLoss.apply(y, self.aux_loss_coef * lb + self.z_loss_coef * z, float(self.aux_scale))
         c = self.counters

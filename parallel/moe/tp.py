@@ -1,0 +1,151 @@
+"""Expert tensor parallelism: every expert's matrices split over the tp axis (Megatron-Core's expert tensor
+parallelism; Megatron-LM, Shoeybi et al., arXiv 1909.08053, §3, applied to each expert).
+
+An expert y = W2 act(W1 x + b1) + b2 (or, gated, y = D (act(G x) ⊙ U x)) is split as Megatron splits an
+MLP: W1 = [W1_1 … W1_p] (and G, U, b1) by columns, W2 by rows, so tp rank i computes
+y_i = W2_i act(W1_i x + b1_i) and y = Σ_i y_i + b2. The routing is the same on every tp rank (same tokens,
+replicated router), so each rank dispatches the same slots, runs its slice of every expert, and combines
+its partial outputs with the routing weights; as the combine is linear, ONE all-reduce over tp after it
+gives y_t = Σ_j w_tj · expert_{e_tj}(x_t) (g: all-reduce forward, identity backward). Its conjugate f
+(identity forward, all-reduce backward) goes on what the partial path reads: the tokens x (∂L/∂x through
+the experts is a partial sum over the slices), the routing weights w (∂L/∂w_tj = ⟨∂L/∂y_t, y_i⟩ is partial
+too) and b2, which only tp rank 0 adds (its gradient is then rank 0's alone). Those three gradients are
+all-reduced together, once per layer and micro-batch (:func:`enter`). The router and aux losses see only
+replicated values, so their gradients are already whole on every tp rank.
+
+Layouts split here (rank i keeps piece i of each dim named; ``param_info(p).tp_dim`` records it):
+* :class:`parallel.moe.experts.GroupedExperts`: W1 [E, h, f] dim 2, b1 [E, f] dim 1, W2 [E, f, h] dim 1;
+  b2 [E, h] whole (added by tp rank 0).
+* transformers fused experts: gate_up_proj [E, 2f, h] dim 1 in two sections (gate, up, each split: rank i
+  holds [G_i; U_i]), down_proj [E, h, f] dim 2.
+With ep the ep split (dim 0) and this one compose: a rank holds (E/ep)·(1/tp) of the expert parameters.
+Sequence parallelism is refused for MoE layers (tokens would be a sequence shard per tp rank).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from parallel import comm
+from parallel.comm import Group
+from parallel.parameters import param_info
+
+__all__ = ["expert_tp_problem", "split_experts_tp", "enter", "leave", "is_experts_module"]
+
+
+def _fused(m: nn.Module) -> bool:
+    gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    return (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3
+            and hasattr(m, "act_fn") and hasattr(m, "num_experts"))
+
+
+def _grouped(m: nn.Module) -> bool:
+    w1, w2 = getattr(m, "w1", None), getattr(m, "w2", None)
+    return isinstance(w1, nn.Parameter) and isinstance(w2, nn.Parameter) and w1.dim() == 3 and w2.dim() == 3
+
+
+def is_experts_module(m: nn.Module) -> bool:
+    """A module this file can split: GroupedExperts (w1, w2 [E, …]) or a transformers fused experts module."""
+    return _grouped(m) or _fused(m)
+
+
+def _ffn(m: nn.Module) -> int:
+    return m.w1.shape[2] if _grouped(m) else m.down_proj.shape[2]
+
+
+def expert_tp_problem(name: str, m: nn.Module, tp: int, sequence_parallel: bool = False) -> str | None:
+    """Why ``moe_tp_experts`` cannot split module ``name`` over ``tp`` ranks (None when it can)."""
+    kind = type(m).__name__
+    if not is_experts_module(m):
+        return (f"{name}: style 'moe_tp_experts' needs an experts module (parallel.moe GroupedExperts, or a "
+                f"transformers fused experts module with gate_up_proj [E, 2f, h] / down_proj [E, h, f]), found {kind}")
+    if _fused(m):
+        gu, dn = m.gate_up_proj, m.down_proj
+        extra = [n for n, _ in m.named_parameters() if n not in ("gate_up_proj", "down_proj")]
+        if extra or not (gu.shape[0] == dn.shape[0] and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]):
+            return (f"{name} ({kind}): moe_tp_experts splits gate_up_proj [E, 2f, h] and down_proj [E, h, f] only "
+                    f"(got {tuple(gu.shape)}, {tuple(dn.shape)}, other parameters {extra}); leave it out of the "
+                    f"tp plan (its experts then stay whole on every tp rank)")
+    if getattr(m, "tp_group", None) is not None:
+        return f"{name}: its experts are already split over tp"
+    if _ffn(m) % tp:
+        return f"{name}: the experts' hidden size f = {_ffn(m)} is not divisible by tp = {tp}"
+    if sequence_parallel and tp > 1:
+        return (f"{name}: MoE experts under sequence parallelism are not supported (each tp rank would route "
+                f"only its sequence shard): set parallel.sequence_parallel=false")
+    return None
+
+
+def _piece(p: nn.Parameter, dim: int, group: Group, sections=None) -> nn.Parameter:
+    full = p.data
+    if sections is None:
+        t = full.chunk(group.size, dim)[group.rank]
+    else:
+        t = torch.cat([s.chunk(group.size, dim)[group.rank] for s in full.split(list(sections), dim)], dim)
+    q = nn.Parameter(t.contiguous().clone(), requires_grad=p.requires_grad)
+    old, info = param_info(p), param_info(q)
+    info.ep_split, info.source = old.ep_split, old.source
+    info.tp_dim, info.sections = dim, None if sections is None else tuple(int(s) for s in sections)
+    return q
+
+
+@torch.no_grad()
+def split_experts_tp(m: nn.Module, group: Group) -> None:
+    """Keep tp rank ``group.rank``'s slice of every expert of ``m`` (in place; sets ``m.tp_group``)."""
+    if _grouped(m):
+        for name, dim in (("w1", 2), ("b1", 1), ("w2", 1)):
+            if getattr(m, name, None) is not None:
+                setattr(m, name, _piece(getattr(m, name), dim, group))
+    else:
+        f = m.down_proj.shape[2]
+        m.gate_up_proj = _piece(m.gate_up_proj, 1, group, (f, f))
+        m.down_proj = _piece(m.down_proj, 2, group)
+    m.tp_group = group
+
+
+def copy_tp_info(src: nn.Parameter, dst: nn.Parameter) -> None:
+    """Carry the tp facts of ``src`` to ``dst`` (an ep slice of it along dim 0)."""
+    a, b = param_info(src), param_info(dst)
+    b.tp_dim, b.sections = a.tp_dim, a.sections
+
+
+class _Enter(torch.autograd.Function):
+    """f on (tokens, routing weights[, b2]): identity forward; backward one all-reduce of their gradients
+    (per dtype: one call in fp32 training, where the fp32 router weights and the tokens share it)."""
+
+    @staticmethod
+    def forward(ctx, group, *ts):
+        ctx.group, ctx.meta = group, [(t.shape, t.dtype, t.device) for t in ts]
+        return tuple(t.view_as(t) for t in ts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [g if g is not None else torch.zeros(s, dtype=d, device=dev)   # b2 unused on tp ranks > 0
+                 for g, (s, d, dev) in zip(grads, ctx.meta)]
+        by_dtype: dict = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        out = list(grads)
+        for idx in by_dtype.values():
+            flat = torch.cat([grads[i].reshape(-1) for i in idx])
+            comm.all_reduce(flat, ctx.group)
+            for i, piece in zip(idx, flat.split([grads[i].numel() for i in idx])):
+                out[i] = piece.view(ctx.meta[i][0])
+        return (None, *out)
+
+
+def enter(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group: Group | None):
+    """(x, w, b) unchanged forward; their gradients summed over tp in one all-reduce backward."""
+    if group is None or group.size == 1 or not torch.is_grad_enabled():
+        return x, w, b
+    if b is None or not b.requires_grad:
+        x, w = _Enter.apply(group, x, w)
+        return x, w, b
+    return _Enter.apply(group, x, w, b)
+
+
+def leave(y: torch.Tensor, group: Group | None) -> torch.Tensor:
+    """g: the tp ranks' partial combined outputs summed (one all-reduce forward, identity backward)."""
+    if group is None or group.size == 1:
+        return y
+    return comm.reduce_from_group(y, group)
