@@ -6,8 +6,8 @@ as two ``torch.baddbmm`` calls (no per-token or per-expert Python loop; GShard's
 "EGCM,EMH->EGCH", arXiv 2006.16668, Algorithm 2). Under expert parallelism
 (:meth:`GroupedExperts.shard`) a rank keeps the E/ep experts [r·E/ep, (r+1)·E/ep) of its ep rank r;
 each kept parameter is flagged ``param_info(p).ep_split``. Under expert tensor parallelism
-(:mod:`parallel.moe.tp`) W1, b1 hold f/tp columns and W2 f/tp rows of every expert, and only tp rank 0
-adds b2 (the partial outputs are summed over tp after the combine).
+(:mod:`parallel.moe.tp`) W1, b1 hold f/tp columns and W2 f/tp rows of every expert, and b2 h/tp columns,
+added to those columns of the partial output only (the partial outputs are summed over tp after the combine).
 """
 from __future__ import annotations
 
@@ -45,15 +45,16 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, x: torch.Tensor, b2: torch.Tensor | None = None) -> torch.Tensor:
-        """``b2``: the output bias to use (default ``self.b2``; under tp the one passed through
-        :func:`parallel.moe.tp.enter`); tp ranks other than 0 add none."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = _ACT[self.activation]
         h = torch.bmm(x, self.w1) if self.b1 is None else torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)
         h = act(h)
-        b2 = self.b2 if b2 is None else b2
-        if b2 is None or (self.tp_group is not None and self.tp_group.rank):
+        if self.b2 is None:
             return torch.bmm(h, self.w2)
+        b2 = self.b2
+        if self.tp_group is not None:                 # this rank's columns of b2, zero elsewhere (parallel.moe.tp)
+            lo, n = self.tp_group.rank * b2.shape[-1], b2.shape[-1]
+            b2 = F.pad(b2, (lo, self.w2.shape[-1] - lo - n))
         return torch.baddbmm(b2.unsqueeze(1), h, self.w2)
 
     @torch.no_grad()

@@ -79,7 +79,7 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         E = self.num_experts
-        x, w, _ = enter(hidden_states, top_k_weights, None, self.tp_group)
+        x, w = enter(hidden_states, top_k_weights, self.tp_group)
         s = plan_slots(top_k_index, w, E, lambda load: dropless_capacity(load, self.ep_group))
         out = run_experts(dispatch(x, s, E), self._local, self.ep_group)
         self.last_load = s.load.detach()

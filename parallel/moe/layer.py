@@ -114,9 +114,9 @@ class MoE(nn.Module):
         logits, probs, w, idx = self.router(xt)
         lb, z = load_balancing_loss(probs, idx, E), router_z_loss(logits)
         tp = self.experts.tp_group                      # experts split over tp (parallel.moe.tp)
-        xe, w, b2 = enter(xt, w, self.experts.b2, tp)
+        xe, w = enter(xt, w, tp)
         s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))
-        out = run_experts(dispatch(xe, s, E), lambda z: self.experts(z, b2), self.ep_group)
+        out = run_experts(dispatch(xe, s, E), self.experts, self.ep_group)
         y = leave(combine(out, s, T), tp)
         if torch.is_grad_enabled() and (self.aux_loss_coef or self.z_loss_coef):
             y = _AuxLoss.apply(y, self.aux_loss_coef * lb + self.z_loss_coef * z, float(self.aux_scale))

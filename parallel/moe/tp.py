@@ -8,20 +8,23 @@ replicated router), so each rank dispatches the same slots, runs its slice of ev
 its partial outputs with the routing weights; as the combine is linear, ONE all-reduce over tp after it
 gives y_t = Σ_j w_tj · expert_{e_tj}(x_t) (g: all-reduce forward, identity backward). Its conjugate f
 (identity forward, all-reduce backward) goes on what the partial path reads: the tokens x (∂L/∂x through
-the experts is a partial sum over the slices), the routing weights w (∂L/∂w_tj = ⟨∂L/∂y_t, y_i⟩ is partial
-too) and b2, which only tp rank 0 adds (its gradient is then rank 0's alone). Those three gradients are
-all-reduced together, once per layer and micro-batch (:func:`enter`). The router and aux losses see only
-replicated values, so their gradients are already whole on every tp rank.
+the experts is a partial sum over the slices) and the routing weights w (∂L/∂w_tj = ⟨∂L/∂y_t, y_i⟩ is
+partial too); both gradients are all-reduced together, once per layer and micro-batch (:func:`enter`).
+b2 is split by columns (h/tp each): rank i adds its columns of b2 to the same columns of its partial output,
+so the sum has every column's bias once and ∂L/∂b2_i is whole on rank i (no communication). The router and
+aux losses see only replicated values, so their gradients are already whole on every tp rank.
 
 Layouts split here (rank i keeps piece i of each dim named; ``param_info(p).tp_dim`` records it):
-* :class:`parallel.moe.experts.GroupedExperts`: W1 [E, h, f] dim 2, b1 [E, f] dim 1, W2 [E, f, h] dim 1;
-  b2 [E, h] whole (added by tp rank 0).
+* :class:`parallel.moe.experts.GroupedExperts`: W1 [E, h, f] dim 2, b1 [E, f] dim 1, W2 [E, f, h] dim 1,
+  b2 [E, h] dim 1.
 * transformers fused experts: gate_up_proj [E, 2f, h] dim 1 in two sections (gate, up, each split: rank i
   holds [G_i; U_i]), down_proj [E, h, f] dim 2.
 With ep the ep split (dim 0) and this one compose: a rank holds (E/ep)·(1/tp) of the expert parameters.
 Sequence parallelism is refused for MoE layers (tokens would be a sequence shard per tp rank).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn as nn
@@ -70,6 +73,8 @@ def expert_tp_problem(name: str, m: nn.Module, tp: int, sequence_parallel: bool 
         return f"{name}: its experts are already split over tp"
     if _ffn(m) % tp:
         return f"{name}: the experts' hidden size f = {_ffn(m)} is not divisible by tp = {tp}"
+    if _grouped(m) and getattr(m, "b2", None) is not None and m.b2.shape[-1] % tp:
+        return f"{name}: the experts' output bias b2 has h = {m.b2.shape[-1]} columns, not divisible by tp = {tp}"
     if sequence_parallel and tp > 1:
         return (f"{name}: MoE experts under sequence parallelism are not supported (each tp rank would route "
                 f"only its sequence shard): set parallel.sequence_parallel=false")
@@ -84,7 +89,7 @@ def _piece(p: nn.Parameter, dim: int, group: Group, sections=None) -> nn.Paramet
         t = torch.cat([s.chunk(group.size, dim)[group.rank] for s in full.split(list(sections), dim)], dim)
     q = nn.Parameter(t.contiguous().clone(), requires_grad=p.requires_grad)
     old, info = param_info(p), param_info(q)
-    info.ep_split, info.source = old.ep_split, old.source
+    info.ep_split, info.source = old.ep_split, old.source or weakref.ref(p)   # the checkpoint's meta probe follows it
     info.tp_dim, info.sections = dim, None if sections is None else tuple(int(s) for s in sections)
     return q
 
@@ -93,7 +98,7 @@ def _piece(p: nn.Parameter, dim: int, group: Group, sections=None) -> nn.Paramet
 def split_experts_tp(m: nn.Module, group: Group) -> None:
     """Keep tp rank ``group.rank``'s slice of every expert of ``m`` (in place; sets ``m.tp_group``)."""
     if _grouped(m):
-        for name, dim in (("w1", 2), ("b1", 1), ("w2", 1)):
+        for name, dim in (("w1", 2), ("b1", 1), ("w2", 1), ("b2", 1)):
             if getattr(m, name, None) is not None:
                 setattr(m, name, _piece(getattr(m, name), dim, group))
     else:
@@ -110,8 +115,8 @@ def copy_tp_info(src: nn.Parameter, dst: nn.Parameter) -> None:
 
 
 class _Enter(torch.autograd.Function):
-    """f on (tokens, routing weights[, b2]): identity forward; backward one all-reduce of their gradients
-    (per dtype: one call in fp32 training, where the fp32 router weights and the tokens share it)."""
+    """f on (tokens, routing weights): identity forward; backward one all-reduce of both gradients (per
+    dtype: one call in fp32 training, where the fp32 router weights and the tokens share it)."""
 
     @staticmethod
     def forward(ctx, group, *ts):
@@ -120,7 +125,7 @@ class _Enter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = [g if g is not None else torch.zeros(s, dtype=d, device=dev)   # b2 unused on tp ranks > 0
+        grads = [g if g is not None else torch.zeros(s, dtype=d, device=dev)
                  for g, (s, d, dev) in zip(grads, ctx.meta)]
         by_dtype: dict = {}
         for i, g in enumerate(grads):
@@ -134,14 +139,11 @@ class _Enter(torch.autograd.Function):
         return (None, *out)
 
 
-def enter(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group: Group | None):
-    """(x, w, b) unchanged forward; their gradients summed over tp in one all-reduce backward."""
+def enter(x: torch.Tensor, w: torch.Tensor, group: Group | None):
+    """(x, w) unchanged forward; their gradients summed over tp in one all-reduce backward."""
     if group is None or group.size == 1 or not torch.is_grad_enabled():
-        return x, w, b
-    if b is None or not b.requires_grad:
-        x, w = _Enter.apply(group, x, w)
-        return x, w, b
-    return _Enter.apply(group, x, w, b)
+        return x, w
+    return _Enter.apply(group, x, w)
 
 
 def leave(y: torch.Tensor, group: Group | None) -> torch.Tensor:

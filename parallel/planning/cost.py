@@ -73,7 +73,7 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
     act, ce, h = mb * spec.seq * spec.hidden * e, 3 * mb * spec.seq * 4, spec.hidden
     if not lay.sp:                   # an MoE layer: attention's 2 per block, the experts' (planning/moe.py)
         n = (2 if spec.experts else 4) * blocks + first + last
-        mc, mp = tp_moe_per_micro(spec, blocks, mb, e, lay.ep) if spec.experts else (0, 0)
+        mc, mp = tp_moe_per_micro(spec, blocks, mb, e) if spec.experts else (0, 0)
         return {"all_reduce": (n + 2 * last + mc, n * act + last * ce + mp)}
     nb = 2 if spec.norm_bias else 1
     small = blocks * (2 * nb + 2 * spec.bias) + last * nb

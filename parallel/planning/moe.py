@@ -4,7 +4,7 @@ block's MLP a :class:`parallel.moe.MoE`; the ep axis carved out of dp, parallel/
 Parameters of block i's MoE layer (in ``named_parameters`` order): the router W_r [E, h] — replicated
 over tp, an ordinary parameter, reduced and partitioned over dp — then this rank's experts, E/ep of them
 (ep) and f/t of each (tp: the MoE GPT's plan splits every expert, ``moe_tp_experts``, parallel/moe/tp.py):
-W1 [E/ep, h, f/t], W2 [E/ep, f/t, h], b1 [E/ep, f/t], b2 [E/ep, h] (``ParamEntry.expert``). ZeRO keeps the
+W1 [E/ep, h, f/t], W2 [E/ep, f/t, h], b1 [E/ep, f/t], b2 [E/ep, h/t] (``ParamEntry.expert``). ZeRO keeps the
 expert parameters in buckets of their own (stage 3: one unit per experts module), padded to and
 partitioned over the expert-data-parallel group edp = dp/ep; dp rank d is edp rank ⌊d/ep⌋
 (dp = edp·ep + e). So per rank: expert parameters Ψ_E/ep (stage 3: /dp), their gradients Ψ_E/ep
@@ -21,8 +21,8 @@ L_r = MoE layers on the rank, β = micro-batch size, T = β·s tokens):
   reduce-scatter + all-gather; 3 one reduce-scatter and 2·m all-gathers per unit) and at stage ≥ 1
   the 24-byte norm all-reduce; ep: the expert part of the norm, 24 bytes, every stage.
 * tp (:func:`tp_moe_per_micro`): per MoE layer and micro-batch, in place of the dense MLP's 2 all-reduces of
-  T·h·b: g after the combine (T·h·b) and f's backward all-reduce of the token, routing-weight and b2
-  gradients (T·h·b + T·k·4 + (E/ep)·h·b; one call when b = 4, else the fp32 weights' a second call);
+  T·h·b: g after the combine (T·h·b) and f's backward all-reduce of the token and routing-weight
+  gradients (T·h·b + T·k·4; one call when b = 4, else the fp32 weights' a second call);
   sequence parallelism with MoE layers is refused (by the engine too).
 
 FLOPs: the experts run on all E·C slots (empty ones included): 2·2hf·E·C/T FLOPs per token forward,
@@ -34,7 +34,8 @@ import math
 
 from parallel.planning.spec import Layout, ModelSpec, ParamEntry
 
-__all__ = ["moe_entries", "capacity", "all_to_all_per_micro", "tp_moe_per_micro", "mlp_matmul_params", "check_moe", "activation_bytes"]
+__all__ = ["moe_entries", "capacity", "all_to_all_per_micro", "tp_moe_per_micro", "mlp_matmul_params", "check_moe",
+           "activation_bytes"]
 
 
 def moe_entries(spec: ModelSpec, block: int, ep: int, t: int = 1) -> list:
@@ -42,7 +43,7 @@ def moe_entries(spec: ModelSpec, block: int, ep: int, t: int = 1) -> list:
     h, f, n = spec.hidden, spec.ffn_ // t, spec.experts // ep
     pre = f"blocks.{block}.mlp."
     out = [ParamEntry(pre + "router", spec.experts * h, block)]
-    sizes = [n * h * f, n * f * h] + ([n * f, n * h] if spec.bias else [])
+    sizes = [n * h * f, n * f * h] + ([n * f, n * h // t] if spec.bias else [])
     return out + [ParamEntry(pre + "experts", s, block, expert=ep > 1) for s in sizes]    # ep 1: ordinary
 
 
@@ -59,11 +60,11 @@ def all_to_all_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple
     return 4 * blocks, 4 * blocks * spec.experts * C * spec.hidden * e
 
 
-def tp_moe_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int, ep: int) -> tuple[int, int]:
+def tp_moe_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple[int, int]:
     """(calls, payload bytes) of the tp all-reduces of ``blocks`` MoE layers (experts split over tp), one
-    micro-batch: g forward (T·h·e) and f backward (T·h·e + T·k·4 + (E/ep)·h·e, per dtype one call)."""
+    micro-batch: g forward (T·h·e) and f backward (T·h·e + T·k·4, per dtype one call)."""
     T, h = mb * spec.seq, spec.hidden
-    back = T * h * e + T * spec.top_k * 4 + (spec.experts // ep * h * e if spec.bias else 0)
+    back = T * h * e + T * spec.top_k * 4
     return blocks * (2 + (e != 4)), blocks * (T * h * e + back)
 
 

@@ -169,7 +169,7 @@ def _auto_experts(matches: list, mods: dict, tp: int, sp: bool) -> list:
     expert tensor parallelism = tp); others stay whole on every tp rank."""
     named = {n for n, _, _ in matches}
     return [(n, "moe_tp_experts", m) for n, m in mods.items()
-            if n and n not in named and not any(n.startswith(k + ".") for k in named) and is_experts_module(m)
+            if n and n not in named and is_experts_module(m)
             and tp_experts_problem(n, m, mods[n.rpartition(".")[0]], tp, sp) is None]
 
 
