@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
-from parallel.moe.tp import copy_tp_info, enter, leave
+from parallel.moe.tp import copy_tp_info, enter, fused_layout_problem, leave
 from parallel.parameters import param_info
 
 __all__ = ["ExpertParallelExperts", "find_hf_experts", "convert_hf_experts"]
@@ -42,14 +42,10 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, src: nn.Module, ep_group: Group | None, name: str = "experts"):
         super().__init__()
-        gu, dn = src.gate_up_proj, src.down_proj
-        extra = [n for n, _ in src.named_parameters() if n not in ("gate_up_proj", "down_proj")]
-        E = src.num_experts
-        fused = gu.shape[0] == dn.shape[0] == E and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]
-        if extra or not fused:
-            raise ValueError(f"{name} ({type(src).__name__}): expected only gate_up_proj [E, 2f, h] and down_proj "
-                             f"[E, h, f] (got {tuple(gu.shape)}, {tuple(dn.shape)}, other parameters {extra}); this "
-                             f"experts layout (biases / transposed weights) is not supported by parallel.ep yet")
+        why = fused_layout_problem(name, src)
+        if why:
+            raise ValueError(why + "; this experts layout is not supported by parallel.ep / moe_tp_experts yet")
+        gu, dn, E = src.gate_up_proj, src.down_proj, src.num_experts
         self.name, self.num_experts, self.first, self.act_fn = name, E, 0, src.act_fn
         self.ep_group, self.tp_group = None, None
         self.gate_up_proj, self.down_proj = gu, dn

@@ -16,6 +16,8 @@ Forward for the T = B·S tokens of one micro-batch on one rank (x_t ∈ R^h):
    slots each received, one batched matmul per weight.
 5. Combine: the reverse all-to-all, then y_t = Σ_j w_tj · expert_{e_tj}(x_t) over kept assignments
    (a dropped assignment adds nothing; the block's residual carries the token).
+6. Expert tensor parallelism (:mod:`parallel.moe.tp`, the tp plan's ``moe_tp_experts``): every rank of tp
+   routes the same tokens and runs f/tp of every expert; one tp all-reduce after the combine sums the slices.
 
 Auxiliary losses: L = α · L_aux + β · L_z (``aux_loss_coef`` α, ``z_loss_coef`` β;
 :mod:`parallel.moe.router`), per micro-batch and rank as Switch's per-device loss. They enter the

@@ -52,6 +52,29 @@ def is_experts_module(m: nn.Module) -> bool:
     return _grouped(m) or _fused(m)
 
 
+# transformers' @use_experts_implementation flags, and the values whose forward parallel.moe computes:
+# y = Σ_j w_j · down_e(act(gate_e x) ⊙ up_e x), [gate; up] concatenated, x·Wᵀ, no biases, no post-expert norm
+_HF_FLAGS = {"is_concatenated": True, "is_transposed": False, "has_bias": False, "has_gate": True,
+             "has_post_expert_norm": False}
+
+
+def fused_layout_problem(name: str, m: nn.Module) -> str | None:
+    """Why a transformers fused experts module does not compute what :mod:`parallel.moe` computes for it."""
+    gu, dn = m.gate_up_proj, m.down_proj
+    extra = [n for n, _ in m.named_parameters() if n not in ("gate_up_proj", "down_proj")]
+    flags = {k: getattr(m, k) for k, v in _HF_FLAGS.items() if hasattr(m, k) and getattr(m, k) != v}
+    gate = getattr(type(m), "_apply_gate", None)
+    own_gate = gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate"
+    E = getattr(m, "num_experts", None)
+    shapes = gu.shape[0] == dn.shape[0] == E and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]
+    if extra or flags or own_gate or not shapes:
+        return (f"{name} ({type(m).__name__}): parallel.moe computes fused experts with gate_up_proj [E, 2f, h] "
+                f"([gate; up]) and down_proj [E, h, f] only (got {tuple(gu.shape)}, {tuple(dn.shape)}, E = {E}"
+                + (f", other parameters {extra}" if extra else "") + (f", {flags}" if flags else "")
+                + (", its own _apply_gate" if own_gate else "") + ")")
+    return None
+
+
 def _ffn(m: nn.Module) -> int:
     return m.w1.shape[2] if _grouped(m) else m.down_proj.shape[2]
 
@@ -62,13 +85,8 @@ def expert_tp_problem(name: str, m: nn.Module, tp: int, sequence_parallel: bool 
     if not is_experts_module(m):
         return (f"{name}: style 'moe_tp_experts' needs an experts module (parallel.moe GroupedExperts, or a "
                 f"transformers fused experts module with gate_up_proj [E, 2f, h] / down_proj [E, h, f]), found {kind}")
-    if _fused(m):
-        gu, dn = m.gate_up_proj, m.down_proj
-        extra = [n for n, _ in m.named_parameters() if n not in ("gate_up_proj", "down_proj")]
-        if extra or not (gu.shape[0] == dn.shape[0] and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]):
-            return (f"{name} ({kind}): moe_tp_experts splits gate_up_proj [E, 2f, h] and down_proj [E, h, f] only "
-                    f"(got {tuple(gu.shape)}, {tuple(dn.shape)}, other parameters {extra}); leave it out of the "
-                    f"tp plan (its experts then stay whole on every tp rank)")
+    if _fused(m) and (why := fused_layout_problem(name, m)):
+        return why + "; leave it out of the tp plan (its experts then stay whole on every tp rank)"
     if getattr(m, "tp_group", None) is not None:
         return f"{name}: its experts are already split over tp"
     if _ffn(m) % tp:
