@@ -25,6 +25,8 @@ def _chain(rank, world, root, legs, hf=None, ref_steps=0, hf_tp=1):
         tp = tp[0] if tp else 1
         cfg = hf_config(hf, dp=dp, ep=ep, stage=stage, world=world, tp=tp) if hf else \
             moe_config(dp=dp, ep=ep, stage=stage, world=world, tp=tp)
+        if hf and hf_tp > 1:
+            cfg.loss = "cross_entropy"          # every leg as the tp reference (vocab-split logits: no aux term)
         eng = parallelize(build(cfg), cfg)
         start, loaded = latest(root), None
         if start:
