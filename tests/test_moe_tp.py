@@ -122,3 +122,27 @@ def test_hf_moe_models_tp2_experts_reproduce_one_process():
 def test_hf_moe_models_ep2_tp2_experts_reproduce_one_process():
     pytest.importorskip("transformers")
     _check(run_ranks(_body, 4, HF_EP2_TP2), HF_EP2_TP2)
+
+
+def test_plan_errors_name_the_cause():
+    """moe_tp_experts is refused, naming the module and the fix, before anything is converted."""
+    import torch
+
+    from parallel.comm import Group
+    from parallel.tensor_parallel import apply_tensor_parallel
+    from parallel.tensor_parallel.styles import resolve_plan
+    tp2 = Group(None, "tp", (0, 1), 0)
+    model = build(moe_config())
+    before = {n: p.shape for n, p in model.named_parameters()}
+    plan = {"blocks.*.mlp.experts": "moe_tp_experts", "blocks.*.mlp.experts.w1": "packed_rowwise"}
+    assert resolve_plan(model, plan) == {"blocks.*.mlp.experts": "moe_tp_experts"}   # transformers' per-param entry
+    with pytest.raises(ValueError, match="sequence parallelism with Mixture-of-Experts.*sequence_parallel=false"):
+        apply_tensor_parallel(model, tp2, "auto", sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"blocks.0.attn.proj: style 'moe_tp_experts' needs an experts module"):
+        apply_tensor_parallel(model, tp2, {"blocks.*.attn.proj": "moe_tp_experts"})
+    with pytest.raises(ValueError, match="not a free GroupedExperts"):
+        apply_tensor_parallel(torch.nn.Sequential(model.blocks[0].mlp.experts), tp2, {"0": "moe_tp_experts"})
+    odd = build(moe_config(ffn_mult=3, n_embd=30, n_head=3))         # f = 90, h = 30: tp = 4 divides neither
+    with pytest.raises(ValueError, match="hidden size f = 90 is not divisible by tp = 4"):
+        apply_tensor_parallel(odd, Group(None, "tp", (0, 1, 2, 3), 0), {"blocks.*.mlp.experts": "moe_tp_experts"})
+    assert {n: p.shape for n, p in model.named_parameters()} == before   # nothing converted
