@@ -1,5 +1,7 @@
 """The planner's model of a Mixture-of-Experts GPT under expert parallelism (examples/moe_gpt.py: every
-block's MLP a :class:`parallel.moe.MoE`; the ep axis carved out of dp, parallel/moe/groups.py).
+block's MLP a :class:`parallel.moe.MoE`; or, ``mlp_matrices`` 3, a transformers model with a router and fused
+gated experts in every block — Mixtral's layout, dropless, launch/plan.py's ``_hf_moe_spec``; the ep axis
+carved out of dp, parallel/moe/groups.py).
 
 Parameters of block i's MoE layer (in ``named_parameters`` order): the router W_r [E, h] — replicated
 over tp, an ordinary parameter, reduced and partitioned over dp — then this rank's experts, E/ep of them
@@ -39,11 +41,16 @@ __all__ = ["moe_entries", "capacity", "all_to_all_per_micro", "tp_moe_per_micro"
 
 
 def moe_entries(spec: ModelSpec, block: int, ep: int, t: int = 1) -> list:
-    """The MoE layer's parameters of ``block`` on one rank of ep and tp (router, then W1, W2, b1, b2)."""
+    """The MoE layer's parameters of ``block`` on one rank of ep and tp: the router, then the experts — W1, W2, b1,
+    b2 (parallel.moe.MoE); gated (``mlp_matrices`` 3, transformers' fused experts): gate_up [E/ep, 2f/t, h],
+    down [E/ep, h, f/t], no biases."""
     h, f, n = spec.hidden, spec.ffn_ // t, spec.experts // ep
     pre = f"blocks.{block}.mlp."
     out = [ParamEntry(pre + "router", spec.experts * h, block)]
-    sizes = [n * h * f, n * f * h] + ([n * f, n * h // t] if spec.bias else [])
+    if spec.mlp_matrices == 3:
+        sizes = [n * 2 * f * h, n * h * f]
+    else:
+        sizes = [n * h * f, n * f * h] + ([n * f, n * h // t] if spec.bias else [])
     return out + [ParamEntry(pre + "experts", s, block, expert=ep > 1) for s in sizes]    # ep 1: ordinary
 
 
@@ -69,9 +76,11 @@ def tp_moe_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple[int
 
 
 def mlp_matmul_params(spec: ModelSpec, mb: int) -> float:
-    """Matmul parameters per token of one MoE layer (the MLP's place in 6N): E·C/T experts' 2hf, router hE."""
+    """Matmul parameters per token of one MoE layer (the MLP's place in 6N): E·C/T experts' 2hf (gated 3hf),
+    router hE."""
     T = mb * spec.seq
-    return spec.experts * capacity(spec, T) / T * 2 * spec.hidden * spec.ffn_ + spec.hidden * spec.experts
+    return (spec.experts * capacity(spec, T) / T * spec.mlp_matrices * spec.hidden * spec.ffn_
+            + spec.hidden * spec.experts)
 
 
 def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
@@ -84,8 +93,6 @@ def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
         return f"{spec.experts} experts do not split over ep = {lay.ep}"
     if spec.experts and lay.sp and lay.tp > 1:
         return "MoE layers under sequence parallelism are not supported (parallel/moe/tp.py refuses them)"
-    if spec.experts and spec.mlp_matrices != 2:
-        return "the planner models parallel.moe.MoE experts (two matrices, GELU), not gated experts"
     return None
 
 

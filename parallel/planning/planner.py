@@ -72,6 +72,7 @@ def inventory(spec: ModelSpec, t: int = 1, ep: int = 1) -> tuple:
         mods += [] if spec.norms_last else [ln2]
         if spec.experts:                               # the MLP is an MoE layer (experts split over ep and tp)
             out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes] + moe_entries(spec, i, ep, t)
+            out += [ParamEntry(m, n, i) for m, sizes in ([ln1, ln2] if spec.norms_last else []) for n in sizes]
             continue
         ins = ["mlp.fc"] if spec.mlp_matrices == 2 else ["mlp.gate", "mlp.up"]
         mods += [(pre + n, [f * h // t] + ([f // t] if spec.bias else [])) for n in ins]
