@@ -37,7 +37,8 @@ HF_MOE = {"mixtral": dict(num_local_experts=4),
           "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, norm_topk_prob=True),
           "olmoe": dict(num_experts=4),
           "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                            decoder_sparse_step=1, norm_topk_prob=True)}
+                            decoder_sparse_step=1, norm_topk_prob=True),
+          "llama4_text": dict(num_local_experts=4, intermediate_size_mlp=64, interleave_moe_layer_step=1)}
 
 
 def ce_plus_aux(output, target):

@@ -9,8 +9,13 @@ from planner_match import assert_comm_equal, assert_states_equal
 RTOL = 1e-5
 
 
-def _close(got, want, what):
-    assert len(got) == len(want) and all(abs(g - w) <= RTOL * abs(w) for g, w in zip(got, want)), (what, got, want)
+def _close(got, want, what, rtol=RTOL):
+    assert len(got) == len(want) and all(abs(g - w) <= rtol * abs(w) for g, w in zip(got, want)), (what, got, want)
+
+
+# Llama-4's grad norm drifts from one process under tp whether or not its experts are split (relative 1.5e-7,
+# 3.0e-6, 3.1e-5 at steps 1–3 with the experts whole; 1.5e-7, 2.1e-6, 2.3e-5 split): its losses hold 1e-5
+NORM_RTOL = {"llama4_text": 1e-4}
 
 
 def _expert_elems(module) -> int:
@@ -57,7 +62,7 @@ def _check(res, runs):
         for r in res:
             got = r[i]
             _close(got["losses"], ref, what)
-            _close(got["norms"], ref_norms, what + " grad norm")
+            _close(got["norms"], ref_norms, what + " grad norm", NORM_RTOL.get(kind, RTOL))
             assert got["tp_flag"], what
             if stage < 3:        # per-rank expert elements (W1, b1, W2, b2 / gate_up, down): 1/(ep·tp·pp)
                 assert got["mine"] * ep * tp * pp == got["full"], (what, got["mine"], got["full"])
@@ -107,13 +112,15 @@ def test_pp2_ep2_tp2_experts_reproduce_one_process():
     _check(run_ranks(_body, 8, PP_EP_TP, timeout=900), PP_EP_TP)
 
 
-HF_TP2 = [("mixtral", 1, 1, 2, 1, 0, None), ("qwen2_moe", 1, 1, 2, 1, 1, None)]
+HF_TP2 = [("mixtral", 1, 1, 2, 1, 0, None), ("qwen2_moe", 1, 1, 2, 1, 1, None),
+          ("llama4_text", 1, 1, 2, 1, 2, None)]      # Llama-4: its published plan's moe_tp_experts (dense experts)
 HF_EP2_TP2 = [("mixtral", 2, 2, 2, 1, 2, None), ("qwen3_moe", 2, 2, 2, 1, 1, None), ("olmoe", 2, 2, 2, 1, 3, None)]
 
 
 @pytest.mark.slow
 def test_hf_moe_models_tp2_experts_reproduce_one_process():
-    """transformers MoE models, tp2 alone: the automatic plan splits the fused experts (moe_tp_experts)."""
+    """transformers MoE models, tp2 alone: the automatic plan splits the fused experts (moe_tp_experts), and
+    Llama-4's published plan's moe_tp_experts entry (with its per-parameter entries) splits its dense experts."""
     pytest.importorskip("transformers")
     _check(run_ranks(_body, 2, HF_TP2), HF_TP2)
 

@@ -21,7 +21,7 @@ from parallel.comm import Group
 from parallel.moe.experts import GroupedExperts
 from parallel.moe.hf import convert_hf_experts, find_hf_experts
 from parallel.moe.layer import MoE
-from parallel.moe.tp import expert_tp_problem, split_experts_tp
+from parallel.moe.tp import expert_tp_problem, is_dense_experts, split_experts_tp
 from parallel.parameters import param_info
 
 __all__ = ["apply_expert_parallel", "moe_layers", "set_aux_scale", "moe_counters", "expert_param_counts",
@@ -43,9 +43,10 @@ def tp_experts_problem(name: str, m: nn.Module, parent: nn.Module, tp: int, sequ
 
 def split_experts_over_tp(model: nn.Module, name: str, group: Group) -> nn.Module:
     """Split the experts module ``name`` of ``model`` over the tp ``group`` (a transformers fused experts module is
-    first replaced by :class:`parallel.moe.hf.ExpertParallelExperts`); returns the module now in its place."""
+    first replaced by :class:`parallel.moe.hf.ExpertParallelExperts`; Llama-4's dense experts are split in place,
+    with f / g forward hooks); returns the module now in its place."""
     m = model.get_submodule(name)
-    if not isinstance(m, GroupedExperts):
+    if not isinstance(m, GroupedExperts) and not is_dense_experts(m):      # Llama-4's keep their own forward
         m = convert_hf_experts(model, None, names={name})[0]
     split_experts_tp(m, group)
     return m

@@ -19,11 +19,16 @@ Layouts split here (rank i keeps piece i of each dim named; ``param_info(p).tp_d
   b2 [E, h] dim 1.
 * transformers fused experts: gate_up_proj [E, 2f, h] dim 1 in two sections (gate, up, each split: rank i
   holds [G_i; U_i]), down_proj [E, h, f] dim 2.
+* Llama-4's dense experts (every token of every expert, pre-scaled; transformers' own ``moe_tp_experts``
+  layout): gate_up_proj [E, h, 2f] dim 2 in two sections, down_proj [E, f, h] dim 1; f on the input and g
+  on the output by forward hooks, the module's own forward running on the slices.
 With ep the ep split (dim 0) and this one compose: a rank holds (E/ep)·(1/tp) of the expert parameters.
 Sequence parallelism is refused for MoE layers (tokens would be a sequence shard per tp rank).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 
 import torch
@@ -33,13 +38,34 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.parameters import param_info
 
-__all__ = ["expert_tp_problem", "split_experts_tp", "enter", "leave", "is_experts_module"]
+__all__ = ["expert_tp_problem", "split_experts_tp", "enter", "leave", "is_experts_module", "is_dense_experts",
+           "fused_layout_problem", "copy_tp_info"]
 
 
-def _fused(m: nn.Module) -> bool:
+def _gate_up_down(m: nn.Module) -> bool:
     gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
     return (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3
             and hasattr(m, "act_fn") and hasattr(m, "num_experts"))
+
+
+def is_dense_experts(m: nn.Module) -> bool:
+    """Llama-4's experts: forward(hidden_states [E·n, h]) on tokens already sorted by expert and scaled by their
+    router scores, y_e = (up_e ⊙ act(gate_e)) · down_e with gate_up_proj [E, h, 2f] and down_proj [E, f, h]
+    applied as x·W; the caller sums the experts' outputs (transformers' ``moe_tp_experts`` layout)."""
+    if not _gate_up_down(m):
+        return False
+    gu, dn = m.gate_up_proj, m.down_proj
+    try:
+        params = list(inspect.signature(m.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return (params == ["hidden_states"] and gu.shape[0] == dn.shape[0] and gu.shape[1] == dn.shape[2]
+            and gu.shape[2] == 2 * dn.shape[1] and [n for n, _ in m.named_parameters()] == ["gate_up_proj",
+                                                                                           "down_proj"])
+
+
+def _fused(m: nn.Module) -> bool:
+    return _gate_up_down(m) and not is_dense_experts(m)
 
 
 def _grouped(m: nn.Module) -> bool:
@@ -48,8 +74,9 @@ def _grouped(m: nn.Module) -> bool:
 
 
 def is_experts_module(m: nn.Module) -> bool:
-    """A module this file can split: GroupedExperts (w1, w2 [E, …]) or a transformers fused experts module."""
-    return _grouped(m) or _fused(m)
+    """A module this file can split: GroupedExperts (w1, w2 [E, …]), a transformers fused experts module, or
+    Llama-4's dense experts."""
+    return _grouped(m) or _gate_up_down(m)
 
 
 # transformers' @use_experts_implementation flags, and the values whose forward parallel.moe computes:
@@ -76,7 +103,7 @@ def fused_layout_problem(name: str, m: nn.Module) -> str | None:
 
 
 def _ffn(m: nn.Module) -> int:
-    return m.w1.shape[2] if _grouped(m) else m.down_proj.shape[2]
+    return m.w1.shape[2] if _grouped(m) else m.down_proj.shape[1] if is_dense_experts(m) else m.down_proj.shape[2]
 
 
 def expert_tp_problem(name: str, m: nn.Module, tp: int, sequence_parallel: bool = False) -> str | None:
@@ -119,11 +146,27 @@ def split_experts_tp(m: nn.Module, group: Group) -> None:
         for name, dim in (("w1", 2), ("b1", 1), ("w2", 1), ("b2", 1)):
             if getattr(m, name, None) is not None:
                 setattr(m, name, _piece(getattr(m, name), dim, group))
+    elif is_dense_experts(m):       # Llama-4: gate_up [E, h, 2f] dim 2 in (gate, up) sections, down [E, f, h] dim 1
+        f = m.down_proj.shape[1]
+        m.gate_up_proj = _piece(m.gate_up_proj, 2, group, (f, f))
+        m.down_proj = _piece(m.down_proj, 1, group)
+        m.register_forward_pre_hook(functools.partial(_enter_hook, group=group))
+        m.register_forward_hook(functools.partial(_leave_hook, group=group))
     else:
         f = m.down_proj.shape[2]
         m.gate_up_proj = _piece(m.gate_up_proj, 1, group, (f, f))
         m.down_proj = _piece(m.down_proj, 2, group)
     m.tp_group = group
+
+
+def _enter_hook(module, args, group):
+    """Dense experts: f on the (scaled, expert-sorted) tokens."""
+    return (comm.copy_to_group(args[0], group),) + tuple(args[1:])
+
+
+def _leave_hook(module, args, output, group):
+    """Dense experts: g, the tp ranks' partial outputs summed."""
+    return comm.reduce_from_group(output, group)
 
 
 def copy_tp_info(src: nn.Parameter, dst: nn.Parameter) -> None:
