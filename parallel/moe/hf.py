@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
-from parallel.moe.tp import copy_tp_info, enter, fused_layout_problem, leave
+from parallel.moe.tp import copy_tp_info, enter, fused_layout_problem, is_dense_experts, leave
 from parallel.parameters import param_info
 
 __all__ = ["ExpertParallelExperts", "find_hf_experts", "convert_hf_experts"]
@@ -95,6 +95,10 @@ def convert_hf_experts(model: nn.Module, ep_group: Group | None, names=None) -> 
                 m.shard_ep(ep_group)
             out.append(m)
             continue
+        if is_dense_experts(m):
+            raise ValueError(f"{name} ({type(m).__name__}): these experts take every token (pre-scaled by the router), "
+                             f"so there is nothing to dispatch over parallel.ep; use parallel.ep=1 (parallel.tp > 1 "
+                             f"splits each of them: moe_tp_experts)")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         new = ExpertParallelExperts(m, ep_group, name)
