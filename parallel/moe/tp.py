@@ -4,9 +4,10 @@ parallelism; Megatron-LM, Shoeybi et al., arXiv 1909.08053, §3, applied to each
 An expert y = W2 act(W1 x + b1) + b2 (or, gated, y = D (act(G x) ⊙ U x)) is split as Megatron splits an
 MLP: W1 = [W1_1 … W1_p] (and G, U, b1) by columns, W2 by rows, so tp rank i computes
 y_i = W2_i act(W1_i x + b1_i) + b2⁽ⁱ⁾ (b2⁽ⁱ⁾: b2 on rank i's h/tp columns, zero elsewhere) and y = Σ_i y_i.
-The routing is the same on every tp rank (same tokens, replicated router), so each rank dispatches the
-same slots, runs its slice of every expert, and combines its partial outputs with the routing weights; as the combine is linear, ONE all-reduce over tp after it
-gives y_t = Σ_j w_tj · expert_{e_tj}(x_t) (g: all-reduce forward, identity backward). Its conjugate f
+The routing is the same on every tp rank (same tokens, replicated router), so each rank dispatches the same
+slots, runs its slice of every expert, and combines its partial outputs with the routing weights; as the
+combine is linear, ONE all-reduce over tp after it gives y_t = Σ_j w_tj · expert_{e_tj}(x_t) (g: all-reduce
+forward, identity backward). Its conjugate f
 (identity forward, all-reduce backward) goes on what the partial path reads: the tokens x (∂L/∂x through
 the experts is a partial sum over the slices) and the routing weights w (∂L/∂w_tj = ⟨∂L/∂y_t, y_i⟩ is
 partial too); both gradients are all-reduced together, once per layer and micro-batch (:func:`enter`).
