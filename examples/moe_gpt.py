@@ -15,6 +15,6 @@ def build(vocab_size=64, seq_len=32, n_layer=2, n_head=4, n_embd=32, num_experts
     for block in model.blocks:
         block.mlp = MoE(n_embd, ffn_mult * n_embd, num_experts, top_k, capacity_factor, normalize_topk,
                         aux_loss_coef, z_loss_coef)
-    # tensor parallelism splits attention and the embeddings; the MoE layers stay whole on every tp rank
-    model.TP_PLAN = {k: v for k, v in TP_PLAN.items() if ".mlp." not in k}
+    # tensor parallelism splits attention, the embeddings and every expert (parallel.moe.tp); the router is replicated
+    model.TP_PLAN = {**{k: v for k, v in TP_PLAN.items() if ".mlp." not in k}, "blocks.*.mlp.experts": "moe_tp_experts"}
     return model

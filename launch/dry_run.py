@@ -93,7 +93,8 @@ def _ep_lines(pred) -> list:
     edp = sum(o["wire_bytes"] for o in c.get("edp", {}).values())
     return [f"#   rank 0 per step: all-to-all {a2a['calls']} calls, {a2a['payload_bytes']:,} B payload, "
             f"{round(a2a['wire_bytes']):,} B on the wire; expert gradient traffic over edp {round(edp):,} B "
-            f"(model states above: expert parameters E/ep per rank, their master / optimizer state 1/edp of that "
+            f"(model states above: expert parameters E/ep per rank, 1/tp of each expert under tp (moe_tp_experts), "
+            f"their master / optimizer state 1/edp of that "
             f"at ZeRO ≥ 1)"]
 
 

@@ -27,8 +27,10 @@ import torch
 
 from parallel.config import import_object, load_config
 from parallel.moe import MoE
+from parallel.moe.hf import find_hf_experts
+from parallel.moe.tp import fused_layout_problem
 from parallel.planning.flops import gpt_flops_per_token, gpt_matmul_params, peak_flops
-from parallel.planning.planner import Hardware, Layout, ModelSpec, TrainSpec, check_layout, predict
+from parallel.planning.planner import Hardware, Layout, ModelSpec, TrainSpec, check_layout, inventory, predict
 
 _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 20, "mb": 10 ** 6, "mib": 2 ** 20,
           "g": 2 ** 30, "gb": 10 ** 9, "gib": 2 ** 30, "t": 2 ** 40, "tb": 10 ** 12, "tib": 2 ** 40}
@@ -43,7 +45,8 @@ def parse_bytes(text: str) -> float:
 
 
 def spec_from_model(model, seq: int | None = None) -> ModelSpec:
-    """Read a ModelSpec from examples.gpt.GPT or a transformers GPT-2 / Llama-style model."""
+    """Read a ModelSpec from examples.gpt.GPT (or examples.moe_gpt) or a transformers GPT-2 / Llama-style model
+    (or a Mixtral-style MoE model)."""
     if hasattr(model, "blocks") and hasattr(model, "wte"):
         b = model.blocks[0]
         if isinstance(b.mlp, MoE):                    # examples/moe_gpt.py (parallel/planning/moe.py)
@@ -61,8 +64,7 @@ def spec_from_model(model, seq: int | None = None) -> ModelSpec:
                          "--layers/--hidden/--heads/--vocab/--seq instead")
     tied = bool(getattr(c, "tie_word_embeddings", False))
     if getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None):
-        raise ValueError(f"launch.plan: {c.model_type} is a Mixture-of-Experts model; the planner models only "
-                         f"parallel.moe.MoE layers (examples.moe_gpt) so far, not transformers' experts")
+        return _hf_moe_spec(model, c, seq, tied)
     if getattr(c, "model_type", "") == "gpt2":
         return ModelSpec(c.n_layer, c.n_embd, c.n_head, c.vocab_size, seq or c.n_positions,
                          c.n_inner or 4 * c.n_embd, tied=tied, tp_layout="region")
@@ -70,6 +72,33 @@ def spec_from_model(model, seq: int | None = None) -> ModelSpec:
                      seq or c.max_position_embeddings, c.intermediate_size, getattr(c, "num_key_value_heads", None),
                      mlp_matrices=3, fused_qkv=False, bias=False, norm_bias=False, learned_pos=False, tied=tied,
                      norms_last=_norms_last(model), tp_layout="region")
+
+
+def _hf_moe_spec(model, c, seq, tied) -> ModelSpec:
+    """A transformers MoE model as the planner's Llama-style spec with gated experts (Mixtral's layout: every
+    layer's MLP a router [E, h] and fused experts gate_up_proj [E, 2f, h] / down_proj [E, h, f], dropless);
+    refused, naming why, when that spec does not account for every parameter (shared experts, q/k norms,
+    dense layers, biases are not modelled)."""
+    found = find_hf_experts(model)
+    if len(found) != c.num_hidden_layers:
+        raise ValueError(f"launch.plan: {c.model_type} has {len(found)} fused experts modules for "
+                         f"{c.num_hidden_layers} layers; the planner models a Mixture-of-Experts layer in every block")
+    name, m = found[0]
+    why = fused_layout_problem(name, m)
+    if why:
+        raise ValueError(f"launch.plan: {why}")
+    spec = ModelSpec(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.vocab_size,
+                     seq or c.max_position_embeddings, m.down_proj.shape[2], getattr(c, "num_key_value_heads", None),
+                     mlp_matrices=3, fused_qkv=False, bias=False, norm_bias=False, learned_pos=False, tied=tied,
+                     norms_last=_norms_last(model), tp_layout="region", experts=m.gate_up_proj.shape[0],
+                     top_k=c.num_experts_per_tok, capacity_factor=None)
+    have = sum(p.numel() for p in model.parameters())
+    want = sum(e.numel for e in inventory(spec)) - (spec.vocab * spec.hidden if tied else 0)
+    if have != want:
+        raise ValueError(f"launch.plan: the planner's spec of {c.model_type} (Llama-style attention, a router and "
+                         f"fused gated experts per block) holds {want:,} parameters, the model {have:,}: its shared "
+                         f"experts, q/k norms, biases or dense layers are not modelled")
+    return spec
 
 
 def _norms_last(model) -> bool:

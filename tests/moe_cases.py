@@ -35,7 +35,10 @@ HF_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden
                  output_router_logits=True, router_aux_loss_coef=HF_AUX)
 HF_MOE = {"mixtral": dict(num_local_experts=4),
           "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, norm_topk_prob=True),
-          "olmoe": dict(num_experts=4)}
+          "olmoe": dict(num_experts=4),
+          "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                            decoder_sparse_step=1, norm_topk_prob=True),
+          "llama4_text": dict(num_local_experts=4, intermediate_size_mlp=64, interleave_moe_layer_step=1)}
 
 
 def ce_plus_aux(output, target):

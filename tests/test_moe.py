@@ -138,8 +138,9 @@ def _check(res, runs):
             got = r[i]
             assert_close(got["losses"], ref, what)
             assert_close(got["norms"], ref_norms, what + " grad norm")
-            # per-rank expert state: E/ep of the expert parameters, ZeRO ≥ 1 partitions it over edp
-            assert got["expert_numel"] * ep * pp == got["full_expert"], what
+            # per-rank expert state: E/ep of the expert parameters (and f/tp of each expert: parallel.moe.tp),
+            # ZeRO ≥ 1 partitions it over edp
+            assert got["expert_numel"] * ep * pp * (tp[0] if tp else 1) == got["full_expert"], what
             assert got["flagged"] in (None, got["expert_numel"]), what
             if stage > 0:
                 assert got["expert_master"] == -(-got["expert_numel"] // got["edp"]), what
@@ -209,7 +210,7 @@ TP2 = [(1, 2, 2, s, cf, 2) for s, cf in ((0, 1.0), (2, None))]
 
 @pytest.mark.slow
 def test_tp2_ep2_reproduces_one_process():
-    """ep × tp: attention split over tp, the MoE layer replicated over tp (its experts split over ep)."""
+    """ep × tp: attention split over tp, the router replicated, the experts split over ep and over tp."""
     _check(run_ranks(_ep_body, 4, TP2), TP2)
 
 
@@ -240,13 +241,13 @@ def _hf_body(rank, world, runs):
 
 
 def _check_hf(res, runs):
-    for i, (model_type, stage, *_) in enumerate(runs):
+    for i, (model_type, stage, *tp) in enumerate(runs):
         ref, ref_norms = res[0][i]["ref"]
         for r in res:
             got = r[i]
             assert_close(got["losses"], ref, f"{model_type} stage {stage}")
             assert_close(got["norms"], ref_norms, f"{model_type} stage {stage} grad norm")
-            assert got["converted"] == 2 and got["mine"] * 2 == got["full"], (model_type, got)
+            assert got["converted"] == 2 and got["mine"] * 2 * (tp[0] if tp else 1) == got["full"], (model_type, got)
             assert got["a2a"] == 4 * 2 * 2 * len(ref), (model_type, got)     # 4 per layer, micro-batch, step
 
 
@@ -259,12 +260,12 @@ def test_hf_moe_models_ep2_reproduce_one_process():
     _check_hf(run_ranks(_hf_body, 2, HF_RUNS), HF_RUNS)
 
 
-HF_TP = [("mixtral", 1, 2), ("olmoe", 0, 2)]     # qwen3_moe: its published plan names dense-MLP modules (refused)
+HF_TP = [("mixtral", 1, 2), ("olmoe", 0, 2), ("qwen3_moe", 2, 2)]   # (qwen3_moe's dense-MLP plan entries dropped)
 
 
 @pytest.mark.slow
 def test_hf_moe_models_tp2_ep2_reproduce_one_process():
-    """Attention under the model's published tp plan, experts split over ep, the router replicated."""
+    """Attention under the model's published tp plan, experts split over ep and tp, the router replicated."""
     pytest.importorskip("transformers")
     _check_hf(run_ranks(_hf_body, 4, HF_TP), HF_TP)
 

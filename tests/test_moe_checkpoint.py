@@ -12,8 +12,8 @@ from moe_cases import MOE, build, dataset, hf_config, moe_config, reference_moe
 RTOL = 1e-5
 
 
-def _chain(rank, world, root, legs, hf=None, ref_steps=0):
-    """Each leg (dp, ep, ZeRO stage, steps) resumes from the newest checkpoint under ``root`` (the first
+def _chain(rank, world, root, legs, hf=None, ref_steps=0, hf_tp=1):
+    """Each leg (dp, ep, ZeRO stage, steps[, tp]) resumes from the newest checkpoint under ``root`` (the first
     from scratch when there is none), trains, and saves. Returns per leg: losses, gradient norms and (rank 0)
     the consolidated state dicts just after the load and just before the save; with ``ref_steps``, also
     (rank 0; a rank runs one thread) the one-process reference (losses, norms) over that many steps."""
@@ -21,9 +21,12 @@ def _chain(rank, world, root, legs, hf=None, ref_steps=0):
     from parallel.data import rank_batch
     from parallel.engine import parallelize
     out = []
-    for dp, ep, stage, n in legs:
-        cfg = hf_config(hf, dp=dp, ep=ep, stage=stage, world=world) if hf else \
-            moe_config(dp=dp, ep=ep, stage=stage, world=world)
+    for dp, ep, stage, n, *tp in legs:
+        tp = tp[0] if tp else 1
+        cfg = hf_config(hf, dp=dp, ep=ep, stage=stage, world=world, tp=tp) if hf else \
+            moe_config(dp=dp, ep=ep, stage=stage, world=world, tp=tp)
+        if hf and hf_tp > 1:
+            cfg.loss = "cross_entropy"          # every leg as the tp reference (vocab-split logits: no aux term)
         eng = parallelize(build(cfg), cfg)
         start, loaded = latest(root), None
         if start:
@@ -39,7 +42,7 @@ def _chain(rank, world, root, legs, hf=None, ref_steps=0):
         out.append(dict(losses=losses, norms=norms, loaded=loaded, saved=saved, path=path))
         eng.close()
     if ref_steps and rank == 0:
-        out.append(reference_moe(hf_config(hf, steps=ref_steps) if hf else moe_config(steps=ref_steps)))
+        out.append(reference_moe(hf_config(hf, steps=ref_steps, tp=hf_tp) if hf else moe_config(steps=ref_steps)))
     return out
 
 
@@ -76,6 +79,30 @@ def test_ep_checkpoint_reshards_ep2_ep1_ep2_with_optimizer_state(tmp_path):
     model = build(moe_config())
     model.load_state_dict(sd, strict=True)             # the consolidated model is the unmodified one
     assert sd["blocks.0.mlp.experts.w1"].shape == (E, h, f)
+
+
+def test_tp_experts_checkpoint_resumes_at_ep2_tp1(tmp_path):
+    """Experts split over tp: dp1 tp2 ZeRO-1 (2 steps) → dp2 ep2 tp1 ZeRO-2 (1 step) = one process over 3 steps;
+    the saved expert tensors are the whole [E, h, f] stacks."""
+    res = run_ranks(_chain, 2, str(tmp_path / "ck"), [(1, 1, 1, 2, 2), (2, 2, 2, 1, 1)], None, 3)
+    meta = _check([res[0]])
+    E, h, f = MOE["num_experts"], MOE["n_embd"], 4 * MOE["n_embd"]
+    assert meta["layout"]["tp"] == 2 and meta["shapes"]["model/blocks.0.mlp.experts.w2"] == [E, f, h]
+
+
+@pytest.mark.slow
+def test_ep2_tp2_checkpoint_resumes_at_ep1_tp1_and_back(tmp_path):
+    """dp2 ep2 tp2 ZeRO-2 → dp4 ep1 tp1 ZeRO-1 → dp2 ep2 tp2 ZeRO-3 (world 4) = one process over 6 steps."""
+    legs = [(2, 2, 2, 2, 2), (4, 1, 1, 2, 1), (2, 2, 3, 2, 2)]
+    _check([run_ranks(_chain, 4, str(tmp_path / "ck"), legs, None, 6)[0]])
+
+
+@pytest.mark.slow
+def test_hf_mixtral_ep2_tp2_checkpoint_resumes_at_tp1(tmp_path):
+    """Mixtral with its fused experts split over ep and tp: dp2 ep2 tp2 ZeRO-1 → dp4 ep1 tp1 ZeRO-2."""
+    pytest.importorskip("transformers")
+    legs = [(2, 2, 1, 2, 2), (4, 1, 2, 1, 1)]
+    _check([run_ranks(_chain, 4, str(tmp_path / "ck"), legs, "mixtral", 3, 2)[0]])
 
 
 @pytest.mark.slow

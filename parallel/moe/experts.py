@@ -5,7 +5,9 @@ b2 [E, h]; the tokens routed to each expert arrive as a padded [E, n, h] block a
 as two ``torch.baddbmm`` calls (no per-token or per-expert Python loop; GShard's einsum
 "EGCM,EMH->EGCH", arXiv 2006.16668, Algorithm 2). Under expert parallelism
 (:meth:`GroupedExperts.shard`) a rank keeps the E/ep experts [r·E/ep, (r+1)·E/ep) of its ep rank r;
-each kept parameter is flagged ``param_info(p).ep_split``.
+each kept parameter is flagged ``param_info(p).ep_split``. Under expert tensor parallelism
+(:mod:`parallel.moe.tp`) W1, b1 hold f/tp columns and W2 f/tp rows of every expert, and b2 h/tp columns,
+added to those columns of the partial output only (the partial outputs are summed over tp after the combine).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parallel.moe.tp import copy_tp_info
 from parallel.parameters import param_info
 
 __all__ = ["GroupedExperts"]
@@ -31,6 +34,7 @@ class GroupedExperts(nn.Module):
         if activation not in _ACT:
             raise ValueError(f"activation={activation!r}: use one of {sorted(_ACT)}")
         self.num_experts, self.first, self.activation = num_experts, 0, activation
+        self.tp_group = None                              # set by parallel.moe.tp.split_experts_tp
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden))
         self.b1 = nn.Parameter(torch.empty(num_experts, ffn_hidden)) if bias else None
@@ -45,7 +49,13 @@ class GroupedExperts(nn.Module):
         act = _ACT[self.activation]
         h = torch.bmm(x, self.w1) if self.b1 is None else torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)
         h = act(h)
-        return torch.bmm(h, self.w2) if self.b2 is None else torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
+        if self.b2 is None:
+            return torch.bmm(h, self.w2)
+        b2 = self.b2
+        if self.tp_group is not None:                 # this rank's columns of b2, zero elsewhere (parallel.moe.tp)
+            lo, n = self.tp_group.rank * b2.shape[-1], b2.shape[-1]
+            b2 = F.pad(b2, (lo, self.w2.shape[-1] - lo - n))
+        return torch.baddbmm(b2.unsqueeze(1), h, self.w2)
 
     @torch.no_grad()
     def shard(self, rank: int, ep: int) -> None:
@@ -62,5 +72,6 @@ class GroupedExperts(nn.Module):
                 continue
             q = nn.Parameter(p.data[lo:lo + n].clone(), requires_grad=p.requires_grad)
             param_info(q).ep_split = True
+            copy_tp_info(p, q)
             setattr(self, name, q)
         self.num_experts, self.first = n, self.first + lo

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
+from parallel.moe.tp import copy_tp_info, enter, fused_layout_problem, is_dense_experts, leave
 from parallel.parameters import param_info
 
 __all__ = ["ExpertParallelExperts", "find_hf_experts", "convert_hf_experts"]
@@ -35,27 +36,38 @@ def find_hf_experts(model: nn.Module) -> list:
 
 
 class ExpertParallelExperts(nn.Module):
-    """This ep rank's experts of a fused transformers experts module, with its forward signature."""
+    """This rank's experts of a fused transformers experts module, with its forward signature: experts
+    [r·E/ep, (r+1)·E/ep) of ep rank r (:meth:`shard_ep`), each split over tp when ``tp_group`` is set
+    (:mod:`parallel.moe.tp`: gate/up by columns, down by rows, one tp all-reduce after the combine)."""
 
-    def __init__(self, src: nn.Module, ep_group: Group, name: str = "experts"):
+    def __init__(self, src: nn.Module, ep_group: Group | None, name: str = "experts"):
         super().__init__()
-        E, ep = src.num_experts, ep_group.size
-        gu, dn = src.gate_up_proj, src.down_proj
-        extra = [n for n, _ in src.named_parameters() if n not in ("gate_up_proj", "down_proj")]
-        fused = gu.shape[0] == dn.shape[0] == E and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]
-        if extra or not fused:
-            raise ValueError(f"{name} ({type(src).__name__}): expected only gate_up_proj [E, 2f, h] and down_proj "
-                             f"[E, h, f] (got {tuple(gu.shape)}, {tuple(dn.shape)}, other parameters {extra}); this "
-                             f"experts layout (biases / transposed weights) is not supported by parallel.ep yet")
-        if E % ep:
-            raise ValueError(f"{name}: {E} experts do not split over parallel.ep={ep} ranks: choose ep dividing {E}")
-        n, lo = E // ep, ep_group.rank * (E // ep)
-        self.num_experts, self.first, self.ep_group, self.act_fn = E, lo, ep_group, src.act_fn
-        self.gate_up_proj = nn.Parameter(gu.data[lo:lo + n].clone(), requires_grad=gu.requires_grad)
-        self.down_proj = nn.Parameter(dn.data[lo:lo + n].clone(), requires_grad=dn.requires_grad)
-        for p in (self.gate_up_proj, self.down_proj):
-            param_info(p).ep_split = True
+        why = fused_layout_problem(name, src)
+        if why:
+            raise ValueError(why + "; this experts layout is not supported by parallel.ep / moe_tp_experts yet")
+        gu, dn, E = src.gate_up_proj, src.down_proj, src.num_experts
+        self.name, self.num_experts, self.first, self.act_fn = name, E, 0, src.act_fn
+        self.ep_group, self.tp_group = None, None
+        self.gate_up_proj, self.down_proj = gu, dn
         self.last_load, self.last_dropped = None, 0
+        if ep_group is not None and ep_group.size > 1:
+            self.shard_ep(ep_group)
+
+    @torch.no_grad()
+    def shard_ep(self, ep_group: Group) -> None:
+        """Keep experts [r·E/ep, (r+1)·E/ep) of ep rank r (new Parameters, flagged ``ep_split``)."""
+        E, ep = self.num_experts, ep_group.size
+        if E % ep:
+            raise ValueError(f"{self.name}: {E} experts do not split over parallel.ep={ep} ranks: "
+                             f"choose ep dividing {E}")
+        n, lo = E // ep, ep_group.rank * (E // ep)
+        for attr in ("gate_up_proj", "down_proj"):
+            p = getattr(self, attr)
+            q = nn.Parameter(p.data[lo:lo + n].clone(), requires_grad=p.requires_grad)
+            param_info(q).ep_split = True
+            copy_tp_info(p, q)
+            setattr(self, attr, q)
+        self.first, self.ep_group = lo, ep_group
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = torch.bmm(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
@@ -63,17 +75,30 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         E = self.num_experts
-        s = plan_slots(top_k_index, top_k_weights, E, lambda load: dropless_capacity(load, self.ep_group))
-        out = run_experts(dispatch(hidden_states, s, E), self._local, self.ep_group)
+        x, w = enter(hidden_states, top_k_weights, self.tp_group)
+        s = plan_slots(top_k_index, w, E, lambda load: dropless_capacity(load, self.ep_group))
+        out = run_experts(dispatch(x, s, E), self._local, self.ep_group)
         self.last_load = s.load.detach()
-        return combine(out, s, hidden_states.shape[0]).to(hidden_states.dtype)
+        return leave(combine(out, s, hidden_states.shape[0]), self.tp_group).to(hidden_states.dtype)
 
 
-def convert_hf_experts(model: nn.Module, ep_group: Group) -> list:
-    """Replace every fused transformers experts module of ``model`` by this rank's
-    :class:`ExpertParallelExperts` (in place); returns the new modules."""
+def convert_hf_experts(model: nn.Module, ep_group: Group | None, names=None) -> list:
+    """Replace every fused transformers experts module of ``model`` (or those named in ``names``) by an
+    :class:`ExpertParallelExperts` holding this ep rank's experts (in place; one already converted, by the
+    tp plan's ``moe_tp_experts``, is split over ep where it is); returns the modules."""
     out = []
     for name, m in find_hf_experts(model):
+        if names is not None and name not in names:
+            continue
+        if isinstance(m, ExpertParallelExperts):
+            if ep_group is not None and ep_group.size > 1 and m.ep_group is None:
+                m.shard_ep(ep_group)
+            out.append(m)
+            continue
+        if is_dense_experts(m):
+            raise ValueError(f"{name} ({type(m).__name__}): these experts take every token (pre-scaled by the router), "
+                             f"so there is nothing to dispatch over parallel.ep; use parallel.ep=1 (parallel.tp > 1 "
+                             f"splits each of them: moe_tp_experts)")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         new = ExpertParallelExperts(m, ep_group, name)

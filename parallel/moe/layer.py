@@ -16,6 +16,8 @@ Forward for the T = B·S tokens of one micro-batch on one rank (x_t ∈ R^h):
    slots each received, one batched matmul per weight.
 5. Combine: the reverse all-to-all, then y_t = Σ_j w_tj · expert_{e_tj}(x_t) over kept assignments
    (a dropped assignment adds nothing; the block's residual carries the token).
+6. Expert tensor parallelism (:mod:`parallel.moe.tp`, the tp plan's ``moe_tp_experts``): every rank of tp
+   routes the same tokens and runs f/tp of every expert; one tp all-reduce after the combine sums the slices.
 
 Auxiliary losses: L = α · L_aux + β · L_z (``aux_loss_coef`` α, ``z_loss_coef`` β;
 :mod:`parallel.moe.router`), per micro-batch and rank as Switch's per-device loss. They enter the
@@ -38,6 +40,7 @@ from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
 from parallel.moe.experts import GroupedExperts
 from parallel.moe.router import TopKRouter, load_balancing_loss, router_z_loss
+from parallel.moe.tp import enter, leave
 
 __all__ = ["MoE"]
 
@@ -112,9 +115,11 @@ class MoE(nn.Module):
         T = xt.shape[0]
         logits, probs, w, idx = self.router(xt)
         lb, z = load_balancing_loss(probs, idx, E), router_z_loss(logits)
+        tp = self.experts.tp_group                      # experts split over tp (parallel.moe.tp)
+        xe, w = enter(xt, w, tp)
         s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))
-        out = run_experts(dispatch(xt, s, E), self.experts, self.ep_group)
-        y = combine(out, s, T)
+        out = run_experts(dispatch(xe, s, E), self.experts, self.ep_group)
+        y = leave(combine(out, s, T), tp)
         if torch.is_grad_enabled() and (self.aux_loss_coef or self.z_loss_coef):
             y = _AuxLoss.apply(y, self.aux_loss_coef * lb + self.z_loss_coef * z, float(self.aux_scale))
         c = self.counters

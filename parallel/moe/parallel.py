@@ -8,7 +8,8 @@ group (dp/ep ranks) with the gradient divided by the full dp size (Megatron-Core
 expert_gradient_scaling_factor = 1/dp): an expert on ep rank r already sums the gradients of the
 tokens of all ep ranks, so Σ_edp / dp is the mean over the global batch.
 
-Per-rank expert state = E/ep of the expert parameters (:func:`expert_param_counts`).
+Per-rank expert state = E/ep of the expert parameters (:func:`expert_param_counts`); with the tp plan's
+``moe_tp_experts`` (:func:`split_experts_over_tp`, :mod:`parallel.moe.tp`) 1/(ep·tp) of W1/W2 (gate/up/down).
 """
 from __future__ import annotations
 
@@ -17,11 +18,38 @@ import torch.nn as nn
 
 from parallel import comm
 from parallel.comm import Group
+from parallel.moe.experts import GroupedExperts
 from parallel.moe.hf import convert_hf_experts, find_hf_experts
 from parallel.moe.layer import MoE
+from parallel.moe.tp import expert_tp_problem, is_dense_experts, split_experts_tp
 from parallel.parameters import param_info
 
-__all__ = ["apply_expert_parallel", "moe_layers", "set_aux_scale", "moe_counters", "expert_param_counts"]
+__all__ = ["apply_expert_parallel", "moe_layers", "set_aux_scale", "moe_counters", "expert_param_counts",
+           "tp_experts_problem", "split_experts_over_tp", "has_experts"]
+
+
+def has_experts(model: nn.Module) -> bool:
+    """Whether ``model`` holds MoE layers or transformers fused experts."""
+    return bool(moe_layers(model) or find_hf_experts(model))
+
+
+def tp_experts_problem(name: str, m: nn.Module, parent: nn.Module, tp: int, sequence_parallel: bool) -> str | None:
+    """Why the tp plan's ``moe_tp_experts`` cannot split module ``name`` (child of ``parent``); None if it can."""
+    why = expert_tp_problem(name, m, tp, sequence_parallel)
+    if why is None and isinstance(m, GroupedExperts) and not (isinstance(parent, MoE) and parent.experts is m):
+        why = f"{name}: moe_tp_experts splits the experts of a parallel.moe.MoE layer, not a free GroupedExperts"
+    return why
+
+
+def split_experts_over_tp(model: nn.Module, name: str, group: Group) -> nn.Module:
+    """Split the experts module ``name`` of ``model`` over the tp ``group`` (a transformers fused experts module is
+    first replaced by :class:`parallel.moe.hf.ExpertParallelExperts`; Llama-4's dense experts are split in place,
+    with f / g forward hooks); returns the module now in its place."""
+    m = model.get_submodule(name)
+    if not isinstance(m, GroupedExperts) and not is_dense_experts(m):      # Llama-4's keep their own forward
+        m = convert_hf_experts(model, None, names={name})[0]
+    split_experts_tp(m, group)
+    return m
 
 
 def moe_layers(modules, reset: bool = False) -> list:

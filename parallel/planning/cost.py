@@ -30,7 +30,7 @@ from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
 from parallel.planning.context import cp_per_step
 from parallel.planning.flops import gpt_matmul_params
-from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params
+from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params, tp_moe_per_micro
 from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import (
@@ -71,9 +71,10 @@ def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) ->
 def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: bool, mb: int, e: int) -> dict:
     """tp traffic of one micro-batch through one stage: {op: (calls, payload bytes)}."""
     act, ce, h = mb * spec.seq * spec.hidden * e, 3 * mb * spec.seq * 4, spec.hidden
-    if not lay.sp:                   # an MoE layer is whole on every tp rank: only attention's 2 per block
+    if not lay.sp:                   # an MoE layer: attention's 2 per block, the experts' (planning/moe.py)
         n = (2 if spec.experts else 4) * blocks + first + last
-        return {"all_reduce": (n + 2 * last, n * act + last * ce)}
+        mc, mp = tp_moe_per_micro(spec, blocks, mb, e) if spec.experts else (0, 0)
+        return {"all_reduce": (n + 2 * last + mc, n * act + last * ce + mp)}
     nb = 2 if spec.norm_bias else 1
     small = blocks * (2 * nb + 2 * spec.bias) + last * nb
     ar = (small + 2 * last, small * h * e + last * ce)

@@ -1,9 +1,12 @@
 """The planner's model of a Mixture-of-Experts GPT under expert parallelism (examples/moe_gpt.py: every
-block's MLP a :class:`parallel.moe.MoE`; the ep axis carved out of dp, parallel/moe/groups.py).
+block's MLP a :class:`parallel.moe.MoE`; or, ``mlp_matrices`` 3, a transformers model with a router and fused
+gated experts in every block — Mixtral's layout, dropless, launch/plan.py's ``_hf_moe_spec``; the ep axis
+carved out of dp, parallel/moe/groups.py).
 
-Parameters of block i's MoE layer (whole on every tp rank, in ``named_parameters`` order): the router
-W_r [E, h] — an ordinary parameter, reduced and partitioned over dp — then this ep rank's experts
-W1 [E/ep, h, f], W2 [E/ep, f, h], b1 [E/ep, f], b2 [E/ep, h] (``ParamEntry.expert``). ZeRO keeps the
+Parameters of block i's MoE layer (in ``named_parameters`` order): the router W_r [E, h] — replicated
+over tp, an ordinary parameter, reduced and partitioned over dp — then this rank's experts, E/ep of them
+(ep) and f/t of each (tp: the MoE GPT's plan splits every expert, ``moe_tp_experts``, parallel/moe/tp.py):
+W1 [E/ep, h, f/t], W2 [E/ep, f/t, h], b1 [E/ep, f/t], b2 [E/ep, h/t] (``ParamEntry.expert``). ZeRO keeps the
 expert parameters in buckets of their own (stage 3: one unit per experts module), padded to and
 partitioned over the expert-data-parallel group edp = dp/ep; dp rank d is edp rank ⌊d/ep⌋
 (dp = edp·ep + e). So per rank: expert parameters Ψ_E/ep (stage 3: /dp), their gradients Ψ_E/ep
@@ -19,8 +22,10 @@ L_r = MoE layers on the rank, β = micro-batch size, T = β·s tokens):
 * edp: the expert buckets' reduction, as the dense buckets' over dp (stage 0 all-reduce; 1–2
   reduce-scatter + all-gather; 3 one reduce-scatter and 2·m all-gathers per unit) and at stage ≥ 1
   the 24-byte norm all-reduce; ep: the expert part of the norm, 24 bytes, every stage.
-* tp: attention's 2 all-reduces per block and micro-batch instead of the dense block's 4 (the MoE layer runs
-  whole on every tp rank); sequence parallelism with MoE layers is not modelled (refused).
+* tp (:func:`tp_moe_per_micro`): per MoE layer and micro-batch, in place of the dense MLP's 2 all-reduces of
+  T·h·b: g after the combine (T·h·b) and f's backward all-reduce of the token and routing-weight
+  gradients (T·h·b + T·k·4; one call when b = 4, else the fp32 weights' a second call);
+  sequence parallelism with MoE layers is refused (by the engine too).
 
 FLOPs: the experts run on all E·C slots (empty ones included): 2·2hf·E·C/T FLOPs per token forward,
 plus the router's 2hE.
@@ -31,15 +36,21 @@ import math
 
 from parallel.planning.spec import Layout, ModelSpec, ParamEntry
 
-__all__ = ["moe_entries", "capacity", "all_to_all_per_micro", "mlp_matmul_params", "check_moe", "activation_bytes"]
+__all__ = ["moe_entries", "capacity", "all_to_all_per_micro", "tp_moe_per_micro", "mlp_matmul_params", "check_moe",
+           "activation_bytes"]
 
 
-def moe_entries(spec: ModelSpec, block: int, ep: int) -> list:
-    """The MoE layer's parameters of ``block`` on one ep rank (router, then W1, W2, b1, b2)."""
-    h, f, n = spec.hidden, spec.ffn_, spec.experts // ep
+def moe_entries(spec: ModelSpec, block: int, ep: int, t: int = 1) -> list:
+    """The MoE layer's parameters of ``block`` on one rank of ep and tp: the router, then the experts — W1, W2, b1,
+    b2 (parallel.moe.MoE); gated (``mlp_matrices`` 3, transformers' fused experts): gate_up [E/ep, 2f/t, h],
+    down [E/ep, h, f/t], no biases."""
+    h, f, n = spec.hidden, spec.ffn_ // t, spec.experts // ep
     pre = f"blocks.{block}.mlp."
     out = [ParamEntry(pre + "router", spec.experts * h, block)]
-    sizes = [n * h * f, n * f * h] + ([n * f, n * h] if spec.bias else [])
+    if spec.mlp_matrices == 3:
+        sizes = [n * 2 * f * h, n * h * f]
+    else:
+        sizes = [n * h * f, n * f * h] + ([n * f, n * h // t] if spec.bias else [])
     return out + [ParamEntry(pre + "experts", s, block, expert=ep > 1) for s in sizes]    # ep 1: ordinary
 
 
@@ -56,10 +67,20 @@ def all_to_all_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple
     return 4 * blocks, 4 * blocks * spec.experts * C * spec.hidden * e
 
 
+def tp_moe_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple[int, int]:
+    """(calls, payload bytes) of the tp all-reduces of ``blocks`` MoE layers (experts split over tp), one
+    micro-batch: g forward (T·h·e) and f backward (T·h·e + T·k·4, per dtype one call)."""
+    T, h = mb * spec.seq, spec.hidden
+    back = T * h * e + T * spec.top_k * 4
+    return blocks * (2 + (e != 4)), blocks * (T * h * e + back)
+
+
 def mlp_matmul_params(spec: ModelSpec, mb: int) -> float:
-    """Matmul parameters per token of one MoE layer (the MLP's place in 6N): E·C/T experts' 2hf, router hE."""
+    """Matmul parameters per token of one MoE layer (the MLP's place in 6N): E·C/T experts' 2hf (gated 3hf),
+    router hE."""
     T = mb * spec.seq
-    return spec.experts * capacity(spec, T) / T * 2 * spec.hidden * spec.ffn_ + spec.hidden * spec.experts
+    return (spec.experts * capacity(spec, T) / T * spec.mlp_matrices * spec.hidden * spec.ffn_
+            + spec.hidden * spec.experts)
 
 
 def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
@@ -70,17 +91,16 @@ def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
         return f"ep = {lay.ep} needs a Mixture-of-Experts model (the spec has no experts)"
     if spec.experts and spec.experts % lay.ep:
         return f"{spec.experts} experts do not split over ep = {lay.ep}"
-    if spec.experts and lay.sp:
-        return "the planner does not model MoE layers under sequence parallelism"
-    if spec.experts and spec.mlp_matrices != 2:
-        return "the planner models parallel.moe.MoE experts (two matrices, GELU), not gated experts"
+    if spec.experts and lay.sp and lay.tp > 1:
+        return "MoE layers under sequence parallelism are not supported (parallel/moe/tp.py refuses them)"
     return None
 
 
-def activation_bytes(spec: ModelSpec, mb: int, e: int) -> float:
+def activation_bytes(spec: ModelSpec, mb: int, e: int, t: int = 1) -> float:
     """An estimate (not asserted) of what one MoE layer keeps for backward, one micro-batch, in place of the
     dense MLP's 2βsf·b: the router's fp32 logits and probabilities 2·T·E·4, the slot buffer the experts read
-    E·C·h·b, their hidden pre- and post-activation 2·E·C·f·b, and the combine's gathered outputs T·k·h·b."""
+    E·C·h·b, their hidden pre- and post-activation 2·E·C·(f/t)·b, and the combine's gathered outputs T·k·h·b."""
     T = mb * spec.seq
     C = capacity(spec, T)
-    return 8 * T * spec.experts + (spec.experts * C * (spec.hidden + 2 * spec.ffn_) + T * spec.top_k * spec.hidden) * e
+    return 8 * T * spec.experts + (spec.experts * C * (spec.hidden + 2 * spec.ffn_ / t)
+                                   + T * spec.top_k * spec.hidden) * e

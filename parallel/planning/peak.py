@@ -77,8 +77,8 @@ def block_bytes(spec: ModelSpec, policy: str, mb: int, t: int = 1, sp: bool = Fa
             return 0.0
         policy = "none"
     mlp = (2 if spec.mlp_matrices == 2 else 4) * sb * f * e / t
-    if spec.experts:                          # an MoE layer, whole on every tp rank (planning/moe.py: estimate)
-        mlp = moe_activation_bytes(spec, mb, e)
+    if spec.experts:                          # an MoE layer, experts split over tp (planning/moe.py: estimate)
+        mlp = moe_activation_bytes(spec, mb, e, t)
     qkv = sb * (h + 2 * kv) * e / t
     if policy == "none":
         norms = (2 * sbh * e / t + 2 * sbh * e + 4 * sb * 4 / t) if sp else 4 * sbh * e + 4 * sb * 4

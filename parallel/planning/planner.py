@@ -70,8 +70,9 @@ def inventory(spec: ModelSpec, t: int = 1, ep: int = 1) -> tuple:
                      (("q", h), ("k", kv), ("v", kv))]
         mods.append((pre + "attn.proj", [h * h // t] + ([h] if spec.bias else [])))
         mods += [] if spec.norms_last else [ln2]
-        if spec.experts:                               # the MLP is an MoE layer (whole on every tp rank)
-            out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes] + moe_entries(spec, i, ep)
+        if spec.experts:                               # the MLP is an MoE layer (experts split over ep and tp)
+            out += [ParamEntry(m, n, i) for m, sizes in mods for n in sizes] + moe_entries(spec, i, ep, t)
+            out += [ParamEntry(m, n, i) for m, sizes in ([ln1, ln2] if spec.norms_last else []) for n in sizes]
             continue
         ins = ["mlp.fc"] if spec.mlp_matrices == 2 else ["mlp.gate", "mlp.up"]
         mods += [(pre + n, [f * h // t] + ([f // t] if spec.bias else [])) for n in ins]

@@ -43,7 +43,7 @@ class ModelSpec:
     def check_tp(self, t: int) -> str | None:
         """Why tensor parallel degree ``t`` cannot split this model (None when it can)."""
         for what, n in (("heads", self.heads), ("kv heads", self.kv_heads or self.heads),
-                        ("vocab", self.vocab), ("ffn", 0 if self.experts else self.ffn_)):   # experts: whole
+                        ("vocab", self.vocab), ("ffn", self.ffn_)):       # experts: split over tp too
             if n % t:
                 return f"{what} = {n} is not divisible by tp = {t}"
         return None

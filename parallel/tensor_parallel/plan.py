@@ -31,6 +31,10 @@ Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
                      automatically, so plans rarely list them.
   seq_scatter_input / seq_scatter_output / seq_gather_output  (SP only) the module's first input /
                      its output is cut to this rank's sequence chunk / its output is all-gathered.
+  moe_tp_experts     an experts module (parallel.moe's, or transformers' fused gate_up_proj/down_proj): every
+                     expert's up/gate matrices split by columns, down by rows, one tp all-reduce after the
+                     combine (:mod:`parallel.moe.tp`). ``plan="auto"`` adds it for the experts it can split;
+                     transformers' per-parameter entries under such a module are absorbed. Refused with SP.
 
 Sequence parallel comes in two layouts. Megatron layout (no seq_scatter_input in the plan): the vocab
 embedding reduce-scatters, so the residual stream is sequence-sharded from the embedding to the
@@ -57,6 +61,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from parallel.comm import Group
+from parallel.moe.parallel import has_experts, split_experts_over_tp, tp_experts_problem
+from parallel.moe.tp import is_experts_module
 from parallel.tensor_parallel.auto_plan import plan_for
 from parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
@@ -75,6 +81,7 @@ from parallel.tensor_parallel.styles import (
     _Q_HEADS,
     BUILTIN_PLANS,
     COLWISE,
+    EXPERTS,
     HF_ALIASES,
     ROWWISE,
     STYLES,
@@ -157,6 +164,15 @@ def _validate(matches, mods, tp, errors, kv) -> dict:
 
 # --- conversion ---------------------------------------------------------------------------------------
 
+def _auto_experts(matches: list, mods: dict, tp: int, sp: bool) -> list:
+    """``plan="auto"``: the experts modules no entry names that ``moe_tp_experts`` can split (Megatron's default
+    expert tensor parallelism = tp); others stay whole on every tp rank."""
+    named = {n for n, _, _ in matches}
+    return [(n, "moe_tp_experts", m) for n, m in mods.items()
+            if n and n not in named and is_experts_module(m)
+            and tp_experts_problem(n, m, mods[n.rpartition(".")[0]], tp, sp) is None]
+
+
 def _first_input_hook(module, args, kwargs, fn, what):
     """Forward pre-hook applying ``fn`` to the module's hidden states (first positional or hidden_states=)."""
     if args:
@@ -217,6 +233,7 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
     """The plan's matches [(name, style, module)], fused sections by name, styles, replicated k/v projections
     {name: (kv heads, q heads)}, per-rank attribute values by module name (:mod:`.semantics`; tied modules
     added by :mod:`.ties`); or one ValueError."""
+    auto = plan == "auto" or plan is None
     plan = resolve_plan(model, plan, ft.partial(plan_for, tp=tp, convert=apply_tensor_parallel,
                                                 sequence_parallel=sequence_parallel))
     if gather_logits:
@@ -224,6 +241,15 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
     errors: list[str] = []
     matches = _match(model, plan, errors)
     mods = dict(model.named_modules())
+    matches += _auto_experts(matches, mods, tp, sequence_parallel) if auto else []
+    for name, style, m in matches:
+        if style in EXPERTS and (why := tp_experts_problem(name, m, mods[name.rpartition(".")[0]], tp,
+                                                            sequence_parallel)):
+            errors.append(why)
+    if sequence_parallel and tp > 1 and has_experts(model):
+        errors.append("sequence parallelism with Mixture-of-Experts layers is not supported (the router would see "
+                      "a sequence shard per tp rank and its gradients would be partial): set "
+                      "parallel.sequence_parallel=false")
     kv = kv_replication(matches, mods, tp, lambda n, m, parent: _sections(n, m, "colwise", parent, tp, [])[1][0]
                         if isinstance(m, nn.Linear) or _is_conv1d(m) else None, errors)
     sections = _validate(matches, mods, tp, errors, kv)
@@ -265,6 +291,9 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
             islands.add(parent_name)
         elif style == "vocab":
             new = VocabParallelEmbedding.from_module(m, group, sequence_parallel=sp and not region, memo=memo)
+        elif style in EXPERTS:
+            split_experts_over_tp(model, name, group)
+            continue
         else:
             _hook_marker(m, style, group, sp)
             continue

@@ -10,13 +10,18 @@ import sys
 
 import torch.nn as nn
 
-__all__ = ["COLWISE", "ROWWISE", "MARKERS", "STYLES", "HF_ALIASES", "BUILTIN_PLANS", "HEAD_ATTRS", "resolve_plan"]
+__all__ = ["COLWISE", "ROWWISE", "MARKERS", "EXPERTS", "STYLES", "HF_ALIASES", "BUILTIN_PLANS", "HEAD_ATTRS",
+           "resolve_plan"]
 
 
 COLWISE = ("colwise", "colwise_qkv", "colwise_packed", "colwise_gather", "colwise_vocab")
 ROWWISE = ("rowwise", "rowwise_split_input")
 MARKERS = ("seq_scatter_input", "seq_scatter_output", "seq_gather_output")
-STYLES = COLWISE + ROWWISE + ("vocab", "replicated_grad_allreduce", "sequence_parallel") + MARKERS
+EXPERTS = ("moe_tp_experts",)     # every expert's matrices split over tp (parallel.moe.tp)
+STYLES = COLWISE + ROWWISE + ("vocab", "replicated_grad_allreduce", "sequence_parallel") + MARKERS + EXPERTS
+# transformers name an experts module's parameters in its plan too ("….experts.gate_up_proj": "packed_rowwise",
+# "grouped_gemm", …); under a moe_tp_experts module they describe the split moe_tp_experts makes: absorbed.
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_proj", "up_proj", "w1", "w2", "w3", "b1", "b2")
 HF_ALIASES = {"embedding_rowwise": "vocab", "colwise_gather_output": "colwise_gather", "colwise_rep": "colwise_gather",
               "packed_colwise": "colwise_packed", "replicated_with_grad_allreduce": "replicated_grad_allreduce"}
 # Plans for transformers models that publish none; keys are relative to the base model.
@@ -56,6 +61,9 @@ def resolve_plan(model: nn.Module, plan="auto", fallback=None) -> dict:
         raise ValueError(f"tp plan must be 'auto' or a dict {{module glob: style}}, got {plan!r}")
     out = {}
     for glob, style in plan.items():
+        head, _, last = glob.rpartition(".")
+        if last in _EXPERT_PARAMS and plan.get(head) in EXPERTS:
+            continue                                       # a parameter of a moe_tp_experts module
         s = HF_ALIASES.get(style, style)
         if s not in STYLES:
             raise ValueError(f"tp plan entry {glob!r}: unknown style {style!r}; styles are {list(STYLES)} "
@@ -76,6 +84,8 @@ def _auto_plan(model: nn.Module, fallback=None) -> dict:
         hf = {prefix + k: v for k, v in BUILTIN_PLANS[cfg.model_type].items()}
     if not hf and fallback is not None and not isinstance(own, dict):
         return fallback(model)
+    if hf and cfg is not None:
+        hf = {g: s for g, s in hf.items() if _names_something(model, g)}
     if not hf:
         raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no TP_PLAN, no transformers "
                          f"base_model_tp_plan, no built-in plan): set parallel.tp_plan to {{module glob: style}}")
@@ -86,6 +96,17 @@ def _auto_plan(model: nn.Module, fallback=None) -> dict:
             hf[names[id(m)]] = style
     hf.update(_region_markers(model, hf))
     return hf
+
+
+def _names_something(model: nn.Module, glob: str) -> bool:
+    """Whether a published plan entry names a module or a parameter of ``model``. One naming nothing (Qwen3-MoE's
+    dense-MLP entries when every layer is sparse) is dropped from the automatic plan: transformers skip it too."""
+    head, _, last = glob.rpartition(".")
+    rx, hx = _glob_re(glob), _glob_re(head) if head else None
+    for n, m in model.named_modules():
+        if rx.fullmatch(n) or (hx is not None and hx.fullmatch(n) and last in m._parameters):
+            return True
+    return False
 
 
 def _region_markers(model: nn.Module, plan: dict) -> dict:
