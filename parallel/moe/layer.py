@@ -17,6 +17,10 @@ Forward for the T = B·S tokens of one micro-batch on one rank (x_t ∈ R^h):
 5. Combine: the reverse all-to-all, then y_t = Σ_j w_tj · expert_{e_tj}(x_t) over kept assignments
    (a dropped assignment adds nothing; the block's residual carries the token).
 
+Under context parallelism (``seq_group``, the cp group, set by :func:`parallel.moe.apply_expert_parallel`)
+a rank holds a shard of each sequence: capacity, drops and L_aux are decided over the whole micro-batch
+as one process decides them (:mod:`parallel.moe.sequence`).
+
 Auxiliary losses: L = α · L_aux + β · L_z (``aux_loss_coef`` α, ``z_loss_coef`` β;
 :mod:`parallel.moe.router`), per micro-batch and rank as Switch's per-device loss. They enter the
 gradient without the training loss knowing about them: the output passes through an identity whose
@@ -38,6 +42,7 @@ from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
 from parallel.moe.experts import GroupedExperts
 from parallel.moe.router import TopKRouter, load_balancing_loss, router_z_loss
+from parallel.moe.sequence import check_input, global_expert_counts, sequence_load_balancing_loss, sequence_slots
 
 __all__ = ["MoE"]
 
@@ -73,6 +78,7 @@ class MoE(nn.Module):
         self.router = TopKRouter(hidden, num_experts, top_k, normalize_topk)
         self.experts = GroupedExperts(num_experts, hidden, ffn_hidden, bias, activation)
         self.ep_group: Group | None = None
+        self.seq_group: Group | None = None      # cp > 1: routing decided over the whole sequence (.sequence)
         self.aux_scale = 1.0
         self._reset_counters()
 
@@ -111,8 +117,14 @@ class MoE(nn.Module):
         xt = x.reshape(-1, self.hidden)
         T = xt.shape[0]
         logits, probs, w, idx = self.router(xt)
-        lb, z = load_balancing_loss(probs, idx, E), router_z_loss(logits)
-        s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))
+        z = router_z_loss(logits)
+        if self.seq_group is not None and self.seq_group.size > 1:      # context parallel: parallel/moe/sequence.py
+            check_input(x, self.seq_group)
+            lb = sequence_load_balancing_loss(probs, global_expert_counts(idx, E, self.seq_group), E)
+            s = sequence_slots(idx, w, shape[0], E, self.capacity_factor, self.seq_group, self.ep_group)
+        else:
+            lb = load_balancing_loss(probs, idx, E)
+            s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))
         out = run_experts(dispatch(xt, s, E), self.experts, self.ep_group)
         y = combine(out, s, T)
         if torch.is_grad_enabled() and (self.aux_loss_coef or self.z_loss_coef):

@@ -38,10 +38,15 @@ def moe_layers(modules, reset: bool = False) -> list:
     return list(seen.values())
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: Group) -> list:
+def apply_expert_parallel(model: nn.Module, ep_group: Group, cp_group: Group | None = None) -> list:
     """Split the experts of every MoE layer of ``model`` over ``ep_group`` (in place); returns the
-    layers. Raises when ep > 1 and the model has no experts to split."""
+    layers. Raises when ep > 1 and the model has no experts to split. ``cp_group`` (context parallel):
+    every MoE layer decides capacity and its aux loss over the whole sequence (:mod:`.sequence`)."""
     layers = moe_layers(model)
+    if cp_group is not None and cp_group.size > 1:
+        _check_hf_aux(model, cp_group.size)
+        for layer in layers:
+            layer.seq_group = cp_group
     if ep_group.size > 1 and not layers and not find_hf_experts(model):
         raise ValueError(f"parallel.ep={ep_group.size}: the model has no Mixture-of-Experts layers whose experts could "
                          f"be split (parallel.moe.MoE, or a transformers fused-experts module with gate_up_proj / "
@@ -55,6 +60,18 @@ def apply_expert_parallel(model: nn.Module, ep_group: Group) -> list:
             layer.shard(ep_group)
         convert_hf_experts(model, ep_group)           # transformers models: their own router and aux loss stay
     return layers
+
+
+def _check_hf_aux(model: nn.Module, cp: int) -> None:
+    """transformers MoE models compute their own load-balancing loss from the router logits of the tokens
+    they see: under cp a shard's, not the sequence's (f·P is not linear in the tokens) — refused."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "output_router_logits", False) and find_hf_experts(model):
+            raise ValueError(f"parallel.cp={cp}: this transformers MoE model computes its load-balancing loss "
+                             f"(output_router_logits=True) from the router logits of each rank's sequence shard, "
+                             f"which is not the whole sequence's loss; set output_router_logits=False (or "
+                             f"router_aux_loss_coef=0), or parallel.cp=1, or use parallel.moe.MoE layers")
 
 
 def set_aux_scale(layers: list, scale: float) -> None:
