@@ -108,7 +108,8 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
     if experts:                                   # parallel.planning.moe: experts over edp, tokens over ep
         _reduction(out, "edp", experts, lay.zero, b, N // lay.ep)
         add_op(out, "ep", "all_reduce", 1, NORM_BYTES, lay.ep)
-        calls, payload = all_to_all_per_micro(spec, sum(bounds[k][1] - bounds[k][0] for k in own), mb, b)
+        calls, payload = all_to_all_per_micro(spec, sum(bounds[k][1] - bounds[k][0] for k in own), mb, b,
+                                             lay.cp)
         add_op(out, "ep", "all_to_all", m * calls, m * payload, lay.ep)
     for k in own:
         per_micro = tp_per_micro(spec, lay, bounds[k][1] - bounds[k][0], k == 0, k == S - 1, mb, b)
@@ -171,7 +172,7 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         hops = (k < S - 1 and lay.owner(k + 1) != lay.owner(k)) + (k > 0 and lay.owner(k - 1) != lay.owner(k))
         p2p = hops * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
         if spec.experts and lay.ep > 1:
-            calls, payload = all_to_all_per_micro(spec, e - a, mb, b)
+            calls, payload = all_to_all_per_micro(spec, e - a, mb, b, lay.cp)
             add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)
         cp = cp_per_step(spec, one, tr, [k], bounds, mb, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
         stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + seconds(tp.get("ep", {}), hw) + p2p
