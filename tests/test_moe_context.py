@@ -32,12 +32,12 @@ def reference(cfg):
     return losses, norms, moe_counters(moe_layers(models[0]))
 
 
-def _body(rank, world, runs):
+def _body(rank, world, runs, steps=4):
     from parallel.data import rank_batch
     from parallel.engine import parallelize
     out = []
     for dp, cp, ep, stage, cf, algorithm in runs:
-        cfg = cp_config(dp, cp, ep, stage, cf, algorithm, world=world)
+        cfg = cp_config(dp, cp, ep, stage, cf, algorithm, world=world, steps=steps)
         model = build(cfg)
         full_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         eng = parallelize(model, cfg)
@@ -96,7 +96,7 @@ SLOW4 = [(2, 2, 2, 0, 1.0, "ring"), (2, 2, 2, 1, None, "ulysses"), (2, 2, 2, 3, 
 
 
 def test_cp2_ep2_reproduces_one_process():
-    _check(run_ranks(_body, 2, FAST), FAST)
+    _check(run_ranks(_body, 2, FAST, steps=2), FAST)
 
 
 @pytest.mark.slow
