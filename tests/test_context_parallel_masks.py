@@ -90,3 +90,72 @@ def test_mask_errors():
     mb = Micro(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long), {"attention_mask": m})
     with pytest.raises(ValueError, match="hides every key from some query"):
         shard_micro(cp, mb, "plain", None)
+
+
+# --- slow: through a transformers model -------------------------------------------------------------
+
+def mistral_window(vocab_size=64, **kw):
+    """A tiny Mistral whose attention has a sliding window of 5 tokens (sequence 16)."""
+    from examples.hf_causal_lm import build
+    return build("mistral", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=5, **kw)
+
+
+class PrefixLM(torch.utils.data.Dataset):
+    """dict_cases.Padded samples with a (1, s, s) boolean prefix-LM mask instead of the padding mask: the
+    prompt's tokens see each other both ways, the rest causally; padding keys are hidden (a padding query
+    sees itself)."""
+
+    def __init__(self, **kw):
+        from dict_cases import Padded
+        self.inner = Padded(**kw)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        d = self.inner[i]
+        am = d.pop("attention_mask").bool()
+        s = am.shape[0]
+        prompt = int((d["labels"] == -100).long().cumprod(0).sum())        # the leading unscored tokens
+        j = torch.arange(s)
+        m = ((j[:, None] >= j[None, :]) | ((j[:, None] < prompt) & (j[None, :] < prompt))) & am[None, :]
+        d["attention_mask"] = (m | torch.eye(s, dtype=torch.bool))[None]
+        return d
+
+
+def prefix_lm(**kw):
+    return PrefixLM(**kw)
+
+
+def _train_window(rank, world, overrides):
+    from engine_cases import train
+    return train(rank, world, "llama", overrides)[0]
+
+
+def _train_dict(rank, world, overrides):
+    from dict_cases import config
+
+    from launch.train import run
+    from parallel.mesh import Mesh
+    cfg = config("llama", overrides, world, factory="test_context_parallel_masks:prefix_lm")
+    return run(cfg, Mesh(cp=cfg.parallel.cp), print_fn=lambda *a, **k: None)["losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
+def test_mistral_sliding_window_and_llama_prefix_mask_cp2(algorithm):
+    from dict_cases import config as dict_config
+    from dict_cases import reference as dict_reference
+    from engine_cases import config
+    from reference import assert_close_curve, reference_losses
+    window = ["model.factory=test_context_parallel_masks:mistral_window", "train.steps=4"]
+    got = run_ranks(_train_window, 2, window + ["parallel.cp=2", f"parallel.cp_algorithm={algorithm}"], timeout=300)
+    want = reference_losses(config("llama", window))
+    for losses in got:
+        assert_close_curve(losses, want, 1e-5, f"mistral window cp2 {algorithm}")
+    cp = ["parallel.cp=2", f"parallel.cp_algorithm={algorithm}"]
+    got = run_ranks(_train_dict, 2, cp, timeout=300)
+    want = dict_reference(dict_config("llama", [], factory="test_context_parallel_masks:prefix_lm"))
+    for losses in got:
+        assert_close_curve(losses, want, 1e-5, f"llama prefix-LM 4-D mask cp2 {algorithm}")
