@@ -32,12 +32,12 @@ def reference(cfg):
     return losses, norms, moe_counters(moe_layers(models[0]))
 
 
-def _body(rank, world, runs, steps=4):
+def _body(rank, world, runs, steps=4, pp=1):
     from parallel.data import rank_batch
     from parallel.engine import parallelize
     out = []
     for dp, cp, ep, stage, cf, algorithm in runs:
-        cfg = cp_config(dp, cp, ep, stage, cf, algorithm, world=world, steps=steps)
+        cfg = cp_config(dp, cp, ep, stage, cf, algorithm, world=world, steps=steps, pp=pp)
         model = build(cfg)
         full_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         eng = parallelize(model, cfg)
@@ -54,7 +54,7 @@ def _body(rank, world, runs, steps=4):
                         expert_master=sum(b.master.numel() for b in ex), edp=eng.mesh.size("edp"),
                         ep_ranks=eng.mesh.group("ep").ranks, a2a=diff.get("ep", {}).get("all_to_all"),
                         cp_calls=sum(o["calls"] for o in diff.get("cp", {}).values()),
-                        moe=moe_counters(eng.moe, eng.dp_cp), micro=cfg.micro_batches))
+                        moe=moe_counters(eng.moe, eng.dp_cp), micro=cfg.micro_batches, pp=pp))
         eng.close()
     return out
 
@@ -74,14 +74,17 @@ def _check(res, runs):
             if ep == 1:                                 # experts are ordinary parameters, no token exchange
                 assert got["a2a"] is None and got["expert_numel"] == 0, what
                 continue
-            assert got["expert_numel"] * ep == got["full_expert"], what       # E/ep experts per rank
+            assert got["expert_numel"] * ep * got["pp"] == got["full_expert"], what    # E/ep experts per rank
             assert got["edp"] == dp * cp // ep, what
             if stage > 0:
                 assert got["expert_master"] == -(-got["expert_numel"] // got["edp"]), what
             a = got["a2a"]                              # dispatch + combine, forward + backward, per layer and micro
-            assert a["calls"] == 4 * MOE["n_layer"] * got["micro"] * len(ref), what
+            assert a["calls"] == 4 * MOE["n_layer"] // got["pp"] * got["micro"] * len(ref), what
             assert a["wire_bytes"] == a["payload_bytes"] * (ep - 1) / ep, what
         m = res[0][i]["moe"]                         # the run's counters, summed over dp×cp = one process's
+        if res[0][i]["pp"] > 1:                      # rank 0 holds the first stage's layer: its load only
+            assert m["expert_load"] == ref_moe["expert_load"][:1], what
+            continue
         assert m["expert_load"] == ref_moe["expert_load"], what
         assert m["dropped_tokens"] == ref_moe["dropped_tokens"] and (m["dropped_tokens"] > 0) == (cf is not None), what
         assert abs(m["aux_loss"] - ref_moe["aux_loss"]) <= RTOL * ref_moe["aux_loss"], what
@@ -127,3 +130,43 @@ def test_layer_refuses_inputs_without_a_sequence_dim():
     layer.seq_group = Group(None, "cp", (0, 1), 0)
     with pytest.raises(ValueError, match="needs \\(batch, sequence shard, hidden\\)"):
         layer(torch.randn(6, 8))
+
+
+PP2 = [(1, 2, 2, 1, None, "ring"), (1, 2, 2, 0, 1.0, "ulysses")]
+
+
+@pytest.mark.slow
+def test_pp2_cp2_ep2_reproduces_one_process():
+    """pp2 × cp2 with ep2 drawn from the cp pair of each stage, dropless and with capacity dropping."""
+    _check(run_ranks(_body, 4, PP2, pp=2, timeout=900), PP2)
+
+
+def _hf_body(rank, world, model_type, router_logits):
+    from moe_cases import hf_config
+
+    from parallel.data import rank_batch
+    from parallel.engine import parallelize
+    cfg = hf_config(model_type, dp=1, ep=2, stage=1, steps=3)
+    cfg.parallel.cp, cfg.loss = 2, "cross_entropy"
+    cfg.model.kwargs["output_router_logits"] = router_logits
+    cfg = cfg.validate(world)
+    try:
+        eng = parallelize(build(cfg), cfg)
+    except ConfigError as e:
+        return str(e)
+    data = dataset(cfg)
+    losses = [eng.train_step(rank_batch(data, t, cfg.data.global_batch_size, 1, 0)) for t in range(3)]
+    eng.close()
+    return losses, (moe_cases.reference_moe(cfg)[0] if rank == 0 else None)
+
+
+@pytest.mark.slow
+def test_hf_moe_cp2_ep2_dropless_and_router_loss_refused():
+    """A transformers Mixtral's experts split over ep2 = the cp pair: dropless routing is per token, exact;
+    its own load-balancing loss (output_router_logits) over a shard is not the sequence's: refused."""
+    pytest.importorskip("transformers")
+    res = run_ranks(_hf_body, 2, "mixtral", False)
+    for losses, _ in res:
+        _close(losses, res[0][1], "mixtral cp2 ep2")
+    msgs = run_ranks(_hf_body, 2, "mixtral", True)
+    assert all("output_router_logits=True" in m and "parallel.cp=1" in m for m in msgs), msgs
