@@ -124,11 +124,16 @@ def test_groups_layout_and_errors():
     assert "ep groups:  [[0, 1], [2, 3]]" in text and "edp groups: [[0, 2], [1, 3]]" in text, text
 
 
-def test_layer_refuses_inputs_without_a_sequence_dim():
+def test_layer_refuses_inputs_without_a_sequence_dim_and_is_local_outside_a_cp_step():
     from parallel.comm import Group
+    from parallel.context_parallel import ContextParallel
     layer = MoE(8, 16, 4, 2)
-    layer.seq_group = Group(None, "cp", (0, 1), 0)
-    with pytest.raises(ValueError, match="needs \\(batch, sequence shard, hidden\\)"):
+    layer.seq_group = Group(None, "cp", (0, 1), 0)           # no process group: a collective would fail
+    x = torch.randn(2, 6, 8)
+    want = MoE(8, 16, 4, 2)
+    want.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x), want(x))                     # outside a cp step: whole sequences, alone
+    with ContextParallel(layer.seq_group).active(), pytest.raises(ValueError, match="needs \\(batch, sequence"):
         layer(torch.randn(6, 8))
 
 

@@ -42,7 +42,7 @@ from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
 from parallel.moe.experts import GroupedExperts
 from parallel.moe.router import TopKRouter, load_balancing_loss, router_z_loss
-from parallel.moe.sequence import check_input, global_expert_counts, sequence_load_balancing_loss, sequence_slots
+from parallel.moe.sequence import sequence_active, sequence_route
 
 __all__ = ["MoE"]
 
@@ -118,10 +118,8 @@ class MoE(nn.Module):
         T = xt.shape[0]
         logits, probs, w, idx = self.router(xt)
         z = router_z_loss(logits)
-        if self.seq_group is not None and self.seq_group.size > 1:      # context parallel: parallel/moe/sequence.py
-            check_input(x, self.seq_group)
-            lb = sequence_load_balancing_loss(probs, global_expert_counts(idx, E, self.seq_group), E)
-            s = sequence_slots(idx, w, shape[0], E, self.capacity_factor, self.seq_group, self.ep_group)
+        if sequence_active(self.seq_group):                             # context parallel: parallel/moe/sequence.py
+            lb, s = sequence_route(self, x, probs, w, idx)
         else:
             lb = load_balancing_loss(probs, idx, E)
             s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))

@@ -24,7 +24,8 @@ Under ``parallel.cp`` = n each rank holds the zig-zag shard of every sequence of
   token's result: each slot is computed on its own.
 
 Dropless (capacity_factor None) drops nothing: only the loss changes. ``tests/test_moe_context.py``
-checks cp2 × ep2 and dp2 × cp2 × ep2/ep4 against one process to 1e-5.
+checks cp2 × ep2, dp2 × cp2 × ep2/ep4, cp4 and pp2 × cp2 × ep2 against one process to 1e-5. Only while
+a cp step runs (:func:`sequence_active`).
 """
 from __future__ import annotations
 
@@ -35,10 +36,19 @@ import torch.nn.functional as F
 
 from parallel import comm
 from parallel.comm import Group
+from parallel.context_parallel.context import current
 from parallel.context_parallel.layout import zigzag_index
 from parallel.moe.dispatch import Slots, dropless_capacity
 
-__all__ = ["global_expert_counts", "sequence_load_balancing_loss", "global_keep", "sequence_slots", "check_input"]
+__all__ = ["sequence_active", "sequence_route", "global_expert_counts", "sequence_load_balancing_loss", "global_keep",
+           "sequence_slots"]
+
+
+def sequence_active(group: Group | None) -> bool:
+    """Whether the layer runs on a cp shard now: a cp group of more than one rank and a cp step in progress
+    (:meth:`parallel.context_parallel.ContextParallel.active`); outside one — the pipeline split's trace, the
+    user's own evaluation of the module — the layer sees whole sequences and routes them alone."""
+    return group is not None and group.size > 1 and current() is not None
 
 
 def check_input(x: torch.Tensor, group: Group) -> None:
@@ -106,3 +116,12 @@ def sequence_slots(idx: torch.Tensor, w: torch.Tensor, batch: int, num_experts: 
     pos = (onehot.cumsum(0) * onehot).sum(1) - 1
     cap = dropless_capacity(onehot.sum(0) if ek.numel() else load * 0, ep_group)
     return Slots(tok[keep], ek, pos, wt[keep], load, cap, int(T * k - int(keep.sum())))
+
+
+def sequence_route(layer, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
+    """(L_aux of this rank, its :class:`Slots`) for an :class:`parallel.moe.MoE` ``layer`` on the cp shard ``x``
+    (β, s/cp, h), given its router's probabilities, top-k weights and experts."""
+    g, E = layer.seq_group, layer.num_experts
+    check_input(x, g)
+    lb = sequence_load_balancing_loss(probs, global_expert_counts(idx, E, g), E)
+    return lb, sequence_slots(idx, w, x.shape[0], E, layer.capacity_factor, g, layer.ep_group)
