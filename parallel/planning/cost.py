@@ -160,7 +160,7 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
     h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, element_bytes(tr)[0]
     block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s * lay.cp
     if spec.experts:                              # the MLP's matmuls → the experts' on E·C slots + the router
-        block += 6 * (mlp_matmul_params(spec, mb) - spec.mlp_matrices * h * spec.ffn_)
+        block += 6 * (mlp_matmul_params(spec, mb, lay.cp) - spec.mlp_matrices * h * spec.ffn_)
     one = dataclasses.replace(lay, micro_batches=1)
     stage = []
     for k, (a, e) in enumerate(bounds):

@@ -63,10 +63,10 @@ def all_to_all_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int, cp: int 
     return 4 * blocks, 4 * blocks * spec.experts * C * spec.hidden * e
 
 
-def mlp_matmul_params(spec: ModelSpec, mb: int) -> float:
+def mlp_matmul_params(spec: ModelSpec, mb: int, cp: int = 1) -> float:
     """Matmul parameters per token of one MoE layer (the MLP's place in 6N): E·C/T experts' 2hf, router hE."""
     T = mb * spec.seq
-    return spec.experts * capacity(spec, T) / T * 2 * spec.hidden * spec.ffn_ + spec.hidden * spec.experts
+    return spec.experts * capacity(spec, T, cp) / T * 2 * spec.hidden * spec.ffn_ + spec.hidden * spec.experts
 
 
 def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
