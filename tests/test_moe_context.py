@@ -175,3 +175,34 @@ def test_hf_moe_cp2_ep2_dropless_and_router_loss_refused():
         _close(losses, res[0][1], "mixtral cp2 ep2")
     msgs = run_ranks(_hf_body, 2, "mixtral", True)
     assert all("output_router_logits=True" in m and "parallel.cp=1" in m for m in msgs), msgs
+
+
+def _chain(rank, world, root, legs):
+    """Each leg (dp, cp, ep, ZeRO stage, algorithm) resumes from the newest checkpoint under ``root``, trains one
+    step and saves; returns (losses, norms) per leg and, on rank 0, the one-process reference."""
+    from parallel.checkpoint import latest, step_dir
+    from parallel.data import rank_batch
+    from parallel.engine import parallelize
+    losses, norms = [], []
+    for dp, cp, ep, stage, algorithm in legs:
+        cfg = cp_config(dp, cp, ep, stage, 1.0, algorithm, world=world)
+        eng = parallelize(build(cfg), cfg)
+        if latest(root):
+            eng.load(latest(root))
+        t = eng.step_count
+        losses.append(eng.train_step(rank_batch(dataset(cfg), t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"])))
+        norms.append(eng.last_result.grad_norm)
+        eng.save(step_dir(root, eng.step_count))
+        eng.close()
+    return losses, norms, (moe_cases.reference_moe(moe_config(steps=len(legs))) if rank == 0 else None)
+
+
+@pytest.mark.slow
+def test_checkpoint_cp2_ep2_resumes_at_dp2_ep2_and_cp2_ep1(tmp_path):
+    """Saved at cp2×ep2 ZeRO-1, resumed at dp2×ep2 ZeRO-2, then cp2 ep1 ZeRO-3 (Ulysses): the one-process curve."""
+    legs = [(1, 2, 2, 1, "ring"), (2, 1, 2, 2, "ring"), (1, 2, 1, 3, "ulysses")]
+    res = run_ranks(_chain, 2, str(tmp_path / "ck"), legs)
+    ref_losses, ref_norms = res[0][2]
+    for losses, norms, _ in res:
+        _close(losses, ref_losses, "cp×ep checkpoint chain")
+        _close(norms, ref_norms, "cp×ep checkpoint chain grad norm")
