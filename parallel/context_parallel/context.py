@@ -17,7 +17,8 @@ Positions: rank r holds the zig-zag shard (:mod:`.layout`); the model receives `
 the global positions of its tokens (rotary / learned position embeddings are then computed for the
 right positions). Packed sequences: given (b, s) position ids that restart per document, the shard
 gets those positions and attention stays within each document (document ids travel in the context,
-computed from the full position ids every cp rank has: nothing extra is communicated).
+computed from the full position ids every cp rank has: nothing extra is communicated). A transformers
+attention's ``sliding_window`` and a batch's (b, 1, s, s) mask are applied the same way (:mod:`.masks`).
 
 Loss: each rank's loss is the mean over its s/cp tokens; all shards are equal, so the mean over cp
 ranks of these is the mean over the whole sequence, and gradients averaged over dp×cp are exact.
@@ -69,9 +70,10 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if attention_mask is not None:
-        raise ValueError("context parallel: the model passed an attention mask; under parallel.cp masks come from "
-                         "the global positions (causal, per document with restarting position ids): padding "
-                         "masks are not supported yet")
+        raise ValueError("context parallel: the model passed an attention mask of its own making; under parallel.cp "
+                         "masks come from the batch (causal, per document with restarting position ids, a (b, s) "
+                         "padding or (b, 1, s, s) attention_mask: parallel/context_parallel/micro.py), which the "
+                         "model then does not get: give the mask in the batch, or set parallel.cp=1")
     for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise ValueError(f"context parallel: the model's attention uses {name}={kwargs[name]!r}, which the cp "

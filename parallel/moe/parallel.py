@@ -65,13 +65,12 @@ def apply_expert_parallel(model: nn.Module, ep_group: Group, cp_group: Group | N
 def _check_hf_aux(model: nn.Module, cp: int) -> None:
     """transformers MoE models compute their own load-balancing loss from the router logits of the tokens
     they see: under cp a shard's, not the sequence's (f·P is not linear in the tokens) — refused."""
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if getattr(cfg, "output_router_logits", False) and find_hf_experts(model):
-            raise ValueError(f"parallel.cp={cp}: this transformers MoE model computes its load-balancing loss "
-                             f"(output_router_logits=True) from the router logits of each rank's sequence shard, "
-                             f"which is not the whole sequence's loss; set output_router_logits=False (or "
-                             f"router_aux_loss_coef=0), or parallel.cp=1, or use parallel.moe.MoE layers")
+    if any(getattr(getattr(m, "config", None), "output_router_logits", False) for m in model.modules()) \
+            and find_hf_experts(model):
+        raise ValueError(f"parallel.cp={cp}: this transformers MoE model computes its load-balancing loss "
+                         f"(output_router_logits=True) from the router logits of each rank's sequence shard, "
+                         f"which is not the whole sequence's loss; set output_router_logits=False, or "
+                         f"parallel.cp=1, or use parallel.moe.MoE layers (their loss is taken over the sequence)")
 
 
 def set_aux_scale(layers: list, scale: float) -> None:
