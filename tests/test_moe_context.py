@@ -206,3 +206,11 @@ def test_checkpoint_cp2_ep2_resumes_at_dp2_ep2_and_cp2_ep1(tmp_path):
     for losses, norms, _ in res:
         _close(losses, ref_losses, "cp×ep checkpoint chain")
         _close(norms, ref_norms, "cp×ep checkpoint chain grad norm")
+
+
+def test_sequence_parallel_with_cp_refused():
+    from parallel.comm import Group
+    from parallel.moe import apply_expert_parallel
+    model = build(moe_config())
+    with pytest.raises(ValueError, match="sequence_parallel=false"):
+        apply_expert_parallel(model, Group(None, "ep", (0,), 0), Group(None, "cp", (0, 1), 0), True)

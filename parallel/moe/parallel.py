@@ -38,13 +38,19 @@ def moe_layers(modules, reset: bool = False) -> list:
     return list(seen.values())
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: Group, cp_group: Group | None = None) -> list:
+def apply_expert_parallel(model: nn.Module, ep_group: Group, cp_group: Group | None = None,
+                          sequence_parallel: bool = False) -> list:
     """Split the experts of every MoE layer of ``model`` over ``ep_group`` (in place); returns the
     layers. Raises when ep > 1 and the model has no experts to split. ``cp_group`` (context parallel):
-    every MoE layer decides capacity and its aux loss over the whole sequence (:mod:`.sequence`)."""
+    every MoE layer decides capacity and its aux loss over the whole sequence (:mod:`.sequence`);
+    ``sequence_parallel`` (tp's, with cp): refused, the layer would see a tp slice of its cp shard."""
     layers = moe_layers(model)
     if cp_group is not None and cp_group.size > 1:
         _check_hf_aux(model, cp_group.size)
+        if sequence_parallel and layers:
+            raise ValueError(f"parallel.cp={cp_group.size} with parallel.sequence_parallel: an MoE layer would route a "
+                             f"tensor-parallel slice of its cp shard, whose places in the sequence (which decide its "
+                             f"capacity drops) it does not know; set parallel.sequence_parallel=false")
         for layer in layers:
             layer.seq_group = cp_group
     if ep_group.size > 1 and not layers and not find_hf_experts(model):
