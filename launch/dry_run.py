@@ -133,9 +133,10 @@ def describe(cfg: Config, memory: float | None = None) -> str:
                     f"peak {_mib(m.get('peak', m['total']))}")
         lines.append(row)
     if p.ep > 1:
-        eps, edps = ep_layout(p.pp, p.dp, p.tp, p.ep)
+        eps, edps = ep_layout(p.pp, p.dp * p.cp, p.tp, p.ep)          # carved from dp×cp
         lines += [f"# expert parallelism: ep={p.ep} (experts split over ep, token all-to-all), expert gradients "
-                  f"reduced over expert-data-parallel groups of {p.dp // p.ep}; everything else over dp",
+                  f"reduced over expert-data-parallel groups of {p.dp * p.cp // p.ep}; everything else over dp"
+                  f"{'×cp' if p.cp > 1 else ''}",
                   f"#   ep groups:  {[list(g) for g in eps]}", f"#   edp groups: {[list(g) for g in edps]}"]
         if pred is not None:
             lines += _ep_lines(pred)

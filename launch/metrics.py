@@ -175,7 +175,7 @@ class MetricsLog:
                "peak_rss_bytes": int(table[:, 0].max().item()), "comm": comm_step}
         rec.update(extra or {})
         if getattr(engine, "moe", None):             # expert load, dropped tokens, aux losses (collective over dp)
-            rec["moe"] = moe_counters(engine.moe, engine.dp)
+            rec["moe"] = moe_counters(engine.moe, engine.dp_cp)
         if not self.is_root:
             return rec
         rec.update(self._figures(step_s, engine, table))

@@ -141,7 +141,8 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             self.tensor_parallel = apply_tensor_parallel(model, self.tp, p.tp_plan, p.sequence_parallel,
                                                          gather_logits=self.cfg.loss == "model")
         try:
-            apply_expert_parallel(model, self.mesh.group("ep"))     # E/ep experts per rank
+            apply_expert_parallel(model, self.mesh.group("ep"), self.mesh.group("cp"),     # E/ep experts per rank
+                                  p.sequence_parallel and p.tp > 1)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if p.pp == 1:

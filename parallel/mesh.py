@@ -149,7 +149,8 @@ class Mesh:
     ``mesh.coord`` this rank's ``{"pp": i, "dp": j, "cp": c, "tp": k}``, ``mesh.rank_at(pp=.., dp=.., tp=..)``
     the global rank at given coordinates (unnamed axes default to this rank's own), and
     ``mesh.pp_prev`` / ``mesh.pp_next`` the neighbouring pipeline ranks (None at the ends).
-    ``ep`` (dividing dp) adds the expert-parallel groups "ep" and "edp" (:mod:`parallel.moe.groups`).
+    ``ep`` (dividing dp·cp) adds the expert-parallel groups "ep" and "edp" (:mod:`parallel.moe.groups`), carved
+    from the flattened dp×cp index dp·CP + cp as from dp when cp = 1 (Megatron-Core's expert groups).
     """
 
     def __init__(self, pp: int = 1, dp: int = 1, tp: int = 1, device: torch.device | str | None = None,
@@ -184,11 +185,8 @@ class Mesh:
                           ranks.index(self.rank), self.stats)
         self._groups["dp_cp"] = dp_cp
         self._groups["world"] = Group(dist.group.WORLD, "world", tuple(range(world)), self.rank, self.stats)
-        self.ep = ep
-        if ep > 1 and cp > 1:
-            raise ValueError(f"mesh: expert parallelism (ep={ep}) with context parallelism (cp={cp}) is not supported "
-                             f"yet: set parallel.ep=1 or parallel.cp=1")
-        self._groups["ep"], self._groups["edp"] = expert_groups(pp, dp, tp, ep, self._groups["dp"], self.stats)
+        self.ep = ep                    # ep is carved from dp×cp (Megatron-Core): a cp rank's tokens are more tokens
+        self._groups["ep"], self._groups["edp"] = expert_groups(pp, dp * cp, tp, ep, dp_cp, self.stats)
 
     def group(self, axis: str) -> Group:
         """The counted group of this rank along ``axis`` ("pp", "dp", "cp", "tp", "dp_cp" or "world")."""

@@ -132,9 +132,10 @@ def _check_parallel(c: Config) -> None:
     if not (p.tp_plan == "auto" or isinstance(p.tp_plan, dict)):
         raise ConfigError(f"parallel.tp_plan={p.tp_plan!r} must be 'auto' or a mapping "
                           f"{{module glob: colwise|rowwise|vocab}}")
-    if not isinstance(p.ep, int) or p.ep < 1 or p.dp % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep!r} must be a positive divisor of parallel.dp={p.dp}: expert parallelism "
-                          f"is carved out of data parallelism (dp = ep × expert-data-parallel size)")
+    if not isinstance(p.ep, int) or p.ep < 1 or (p.dp * p.cp) % p.ep:
+        what = f"parallel.dp={p.dp}" if p.cp == 1 else f"parallel.dp·cp={p.dp * p.cp}"
+        raise ConfigError(f"parallel.ep={p.ep!r} must be a positive divisor of {what}: expert parallelism "
+                          f"is carved out of data (×context) parallelism (dp·cp = ep × expert-data-parallel size)")
     _check_cp(c)
     if not isinstance(p.sync_batchnorm, bool):
         raise ConfigError(f"parallel.sync_batchnorm={p.sync_batchnorm!r} must be true or false")

@@ -17,7 +17,8 @@ Positions: rank r holds the zig-zag shard (:mod:`.layout`); the model receives `
 the global positions of its tokens (rotary / learned position embeddings are then computed for the
 right positions). Packed sequences: given (b, s) position ids that restart per document, the shard
 gets those positions and attention stays within each document (document ids travel in the context,
-computed from the full position ids every cp rank has: nothing extra is communicated).
+computed from the full position ids every cp rank has: nothing extra is communicated). A transformers
+attention's ``sliding_window`` and a batch's (b, 1, s, s) mask are applied the same way (:mod:`.masks`).
 
 Loss: each rank's loss is the mean over its s/cp tokens; all shards are equal, so the mean over cp
 ranks of these is the mean over the whole sequence, and gradients averaged over dp×cp are exact.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel.context_parallel.layout import check_seq, document_ids, shard
+from parallel.context_parallel.masks import Visibility
 from parallel.context_parallel.ring import ring_attention
 from parallel.context_parallel.ulysses import _SDPA, ulysses_attention
 
@@ -68,15 +70,17 @@ def cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if attention_mask is not None:
-        raise ValueError("context parallel: the model passed an attention mask; under parallel.cp masks come from "
-                         "the global positions (causal, per document with restarting position ids): padding "
-                         "masks are not supported yet")
-    for name in ("sliding_window", "softcap", "s_aux", "sinks"):
+        raise ValueError("context parallel: the model passed an attention mask of its own making; under parallel.cp "
+                         "masks come from the batch (causal, per document with restarting position ids, a (b, s) "
+                         "padding or (b, 1, s, s) attention_mask: parallel/context_parallel/micro.py), which the "
+                         "model then does not get: give the mask in the batch, or set parallel.cp=1")
+    for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise ValueError(f"context parallel: the model's attention uses {name}={kwargs[name]!r}, which the cp "
                              f"attention does not implement: set parallel.cp=1 for this model")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = cp.attention(query, key, value, causal=causal, scale=scaling, dropout=dropout)
+    out = cp.attention(query, key, value, causal=causal, scale=scaling, dropout=dropout,
+                       window=kwargs.get("sliding_window"))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -99,7 +103,7 @@ class ContextParallel:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"parallel.cp_algorithm={algorithm!r} is not one of {list(ALGORITHMS)}")
         self.group, self.algorithm = group, algorithm
-        self.docs = None                 # (b, s) document ids of the current micro-batch, or None
+        self.docs = None                 # (b, s) document ids of the current micro-batch, a masks.Visibility, or None
         self._configs: list = []         # transformers configs whose attention is ours while active
         self._seen: tuple = ()
 
@@ -135,16 +139,21 @@ class ContextParallel:
         return shard(x, cp, r), ys, {"position_ids": shard(pos, cp, r).to(x.device)}
 
     # --- attention ---------------------------------------------------------------------------------
-    def attention(self, q, k, v, causal=True, scale=None, dropout=0.0):
-        """q (b, h, s/cp, d), k/v (b, h_kv, s/cp, d) of this rank's shard → (b, h, s/cp, d)."""
+    def attention(self, q, k, v, causal=True, scale=None, dropout=0.0, window=None):
+        """q (b, h, s/cp, d), k/v (b, h_kv, s/cp, d) of this rank's shard → (b, h, s/cp, d); ``window``: a
+        sliding window of that many tokens (causal only). With a dense mask in the batch (``docs`` a
+        :class:`.masks.Visibility` with ``allow``) the mask alone decides, not causality (:mod:`.masks`)."""
         if dropout:
             raise ValueError(f"context parallel: attention dropout ({dropout}) is not supported; set it to 0")
         if q.dim() != 4 or k.shape[-2] != q.shape[-2]:
             raise ValueError(f"context parallel: attention of q {tuple(q.shape)} against k {tuple(k.shape)} is not "
                              f"self-attention over the sequence shard (b, heads, s/cp, d)")
-        docs = self.docs
-        if docs is not None and docs.shape[0] != q.shape[0]:
-            docs = docs.expand(q.shape[0], -1)
+        if window is not None and not causal:
+            raise ValueError(f"context parallel: a sliding window ({window}) on non-causal attention is not supported")
+        docs = Visibility.of(self.docs, window)
+        if docs is not None:
+            docs = docs.expand(q.shape[0])
+            causal = causal and docs.allow is None
         return ALGORITHMS[self.algorithm](q, k, v, self.group, causal=causal, docs=docs, scale=scale)
 
     @contextlib.contextmanager

@@ -6,7 +6,9 @@ by the same zig-zag split (:mod:`.layout`), so the loss over the cp ranks is the
   attention masks by, and the shard's positions; a 2-D ``attention_mask`` (1 = token, 0 = padding) is
   folded into the document ids: a padding token gets a document of its own (id −1 − t), so no real
   query sees it — the keys a one-process padding mask hides — and it sees only itself (its output is
-  never scored). The model then gets no mask (the cp attention masks by global position). Any other
+  never scored). The model then gets no mask (the cp attention masks by global position). A (b, 1, s, s)
+  mask (bool, or transformers' 0 / dtype-minimum float) is kept whole on every rank and decides alone, as it
+  does for one process (:mod:`.masks`; position ids then only place the tokens). Any other
   (b, s) tensor (token_type_ids, …) is sharded like the tokens; other shapes are refused.
 * labels: the transformers convention scores position t against ``labels[t+1]``, a shift across the
   zig-zag cut; so the labels are shifted once on the whole sequence — aligned[t] = labels[t+1],
@@ -28,6 +30,7 @@ import torch
 
 from parallel.batch import IGNORE, Targets, forward_params, shift_for
 from parallel.context_parallel.layout import check_seq, document_ids, shard
+from parallel.context_parallel.masks import Visibility, dense_allow
 
 __all__ = ["shard_micro", "aligned_labels"]
 
@@ -66,10 +69,16 @@ def shard_micro(cp, mb, loss_mode: str, label_name: str | None, model=None):
     pos, mask = kw.pop("position_ids", None), kw.pop("attention_mask", None)
     if pos is not None:
         pos = pos.expand(b, s) if pos.dim() == 2 else pos[None].expand(b, s)
-    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, s)):
-        raise ValueError(f"context parallel: attention_mask of shape {tuple(getattr(mask, 'shape', ()))} is not a "
-                         f"(b, s) = ({b}, {s}) padding mask; 4-D or custom masks are not supported under parallel.cp "
-                         f"(packed documents: give position_ids that restart instead)")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise ValueError(f"context parallel: attention_mask must be a tensor, got {type(mask).__name__}")
+    dense = None
+    if mask is not None and tuple(mask.shape) != (b, s):       # (b, 1, s, s): the mask alone decides (masks.py)
+        dense = dense_allow(mask, b, s).to(x.device)
+        if not dense.any(-1).all():
+            raise ValueError("context parallel: the attention mask hides every key from some query; give each "
+                             "query at least itself (a padding query's own key), as the cp attention has no "
+                             "output for a row that sees nothing")
+        mask = None
     out = {}
     for k, v in kw.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, s):
@@ -78,7 +87,7 @@ def shard_micro(cp, mb, loss_mode: str, label_name: str | None, model=None):
             raise ValueError(f"context parallel: the batch key {k!r} (shape {tuple(getattr(v, 'shape', ()))}) is not "
                              f"a (b, s, …) per-token tensor, so it cannot be split over the sequence: drop it or set "
                              f"parallel.cp=1")
-    docs = _docs(b, s, pos, mask, x.device)
+    docs = _docs(b, s, pos, mask, x.device) if dense is None else Visibility(allow=dense)
     glob = pos if pos is not None else torch.arange(s, device=x.device).expand(b, s)
     out["position_ids"] = shard(glob, n, r).to(x.device)
     y = mb.y

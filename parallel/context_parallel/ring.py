@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from parallel.context_parallel.blocks import merge, rows_backward, rows_forward
 from parallel.context_parallel.layout import check_seq, zigzag_index
+from parallel.context_parallel.masks import Visibility
 
 __all__ = ["ring_attention", "ring_wire_bytes"]
 
@@ -66,25 +67,28 @@ class _Pass:
 def _selection(s, cp, r, src, causal, docs, device):
     """(query slice, key slice, mask) of the visible part of block ``src`` for rank ``r``'s queries,
     or None when none of it is visible. Slices are over the two chunks (c tokens each) of each side; the
-    mask is a function of a slice of the query rows (built a few rows at a time, :mod:`.blocks`)."""
+    mask is a function of a slice of the query rows (built a few rows at a time, :mod:`.blocks`). ``docs``:
+    a :class:`.masks.Visibility` or None; a chunk pair wholly outside its sliding window is skipped."""
     n = s // cp
     c = n // 2
     gq, gk = zigzag_index(s, cp, r, device), zigzag_index(s, cp, src, device)
     qc, kc = (r, 2 * cp - 1 - r), (src, 2 * cp - 1 - src)          # global chunk numbers, zig-zag
-    vis = [[not causal or qc[qi] >= kc[ki] for ki in (0, 1)] for qi in (0, 1)]
+    W = docs.window if docs is not None else None
+    vis = [[(not causal or qc[qi] >= kc[ki]) and (W is None or qc[qi] * c - (kc[ki] * c + c - 1) < W)
+            for ki in (0, 1)] for qi in (0, 1)]
     rows = [qi for qi in (0, 1) if any(vis[qi])]
     cols = [ki for ki in (0, 1) if any(vis[qi][ki] for qi in (0, 1))]
     if not rows:
         return None
     qs, ks = slice(rows[0] * c, (rows[-1] + 1) * c), slice(cols[0] * c, (cols[-1] + 1) * c)
     gq, gk = gq[qs], gk[ks]
-    dk = docs[:, gk][:, None, :] if docs is not None else None
 
     def mask(rs: slice):
         q = gq[rs]
         m = (q[:, None] >= gk[None, :])[None] if causal else torch.ones(1, len(q), len(gk), dtype=torch.bool,
                                                                          device=device)
-        return m & (docs[:, q][:, :, None] == dk) if dk is not None else m
+        extra = docs.block(q, gk) if docs is not None else None
+        return m & extra if extra is not None else m
     return qs, ks, mask
 
 
@@ -154,7 +158,8 @@ def ring_attention(q, k, v, group, causal: bool = True, docs: torch.Tensor | Non
                    scale: float | None = None) -> torch.Tensor:
     """Attention of this rank's zig-zag shard ``q`` (b, h, s/cp, d) against the whole sequence, whose
     K/V shards (b, h_kv, s/cp, d) the cp ``group`` holds; ``docs`` (b, s): global document ids (packed
-    sequences), or None. Returns (b, h, s/cp, d)."""
+    sequences), or a :class:`.masks.Visibility` (documents, sliding window, dense mask), or None. Returns
+    (b, h, s/cp, d)."""
     n = q.shape[2]
     if k.shape[2] != n or v.shape[2] != n:
         raise ValueError(f"ring attention: queries ({n}) and keys/values ({k.shape[2]}, {v.shape[2]}) must be the "
@@ -162,4 +167,5 @@ def ring_attention(q, k, v, group, causal: bool = True, docs: torch.Tensor | Non
     s = n * group.size
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     check_seq(s, group.size)
-    return _RingAttention.apply(q, k, v, group, s, causal, docs, scale)
+    vis = Visibility.of(docs)
+    return _RingAttention.apply(q, k, v, group, s, causal, vis.expand(q.shape[0]) if vis else None, scale)

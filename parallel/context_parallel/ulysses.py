@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.context_parallel.layout import check_seq, zigzag_index
+from parallel.context_parallel.masks import Visibility
 
 __all__ = ["ulysses_attention", "ulysses_wire_bytes", "seq_to_head", "head_to_seq"]
 
@@ -93,7 +94,8 @@ def head_to_seq(y, group):
 def ulysses_attention(q, k, v, group, causal: bool = True, docs: torch.Tensor | None = None,
                       scale: float | None = None) -> torch.Tensor:
     """Attention of this rank's zig-zag shard ``q`` (b, h, s/cp, d) against the whole sequence, with K/V
-    shards (b, h_kv, s/cp, d); ``docs`` (b, s) global document ids or None. Returns (b, h, s/cp, d)."""
+    shards (b, h_kv, s/cp, d); ``docs`` (b, s) global document ids, a :class:`.masks.Visibility` or None.
+    Returns (b, h, s/cp, d)."""
     cp = group.size
     b, h, n, d = q.shape
     hk = k.shape[1]
@@ -110,9 +112,10 @@ def ulysses_attention(q, k, v, group, causal: bool = True, docs: torch.Tensor | 
     order = torch.cat([zigzag_index(s, cp, j, q.device) for j in range(cp)])      # global index of each row
     nat = torch.argsort(order)
     qh, kh, vh = (seq_to_head(t, group).index_select(2, nat) for t in (q, k, v))
-    mask = None
-    if docs is not None:
-        mask = docs[:, :, None] == docs[:, None, :]
+    mask, vis = None, Visibility.of(docs)
+    if vis is not None:
+        every = torch.arange(s, device=q.device)
+        mask = vis.expand(b).block(every, every)
         if causal:
             mask = mask & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
         mask = mask[:, None]

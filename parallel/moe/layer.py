@@ -19,6 +19,10 @@ Forward for the T = B·S tokens of one micro-batch on one rank (x_t ∈ R^h):
 6. Expert tensor parallelism (:mod:`parallel.moe.tp`, the tp plan's ``moe_tp_experts``): every rank of tp
    routes the same tokens and runs f/tp of every expert; one tp all-reduce after the combine sums the slices.
 
+Under context parallelism (``seq_group``, the cp group, set by :func:`parallel.moe.apply_expert_parallel`)
+a rank holds a shard of each sequence: capacity, drops and L_aux are decided over the whole micro-batch
+as one process decides them (:mod:`parallel.moe.sequence`).
+
 Auxiliary losses: L = α · L_aux + β · L_z (``aux_loss_coef`` α, ``z_loss_coef`` β;
 :mod:`parallel.moe.router`), per micro-batch and rank as Switch's per-device loss. They enter the
 gradient without the training loss knowing about them: the output passes through an identity whose
@@ -40,6 +44,7 @@ from parallel.comm import Group
 from parallel.moe.dispatch import combine, dispatch, dropless_capacity, plan_slots, run_experts
 from parallel.moe.experts import GroupedExperts
 from parallel.moe.router import TopKRouter, load_balancing_loss, router_z_loss
+from parallel.moe.sequence import sequence_active, sequence_route
 from parallel.moe.tp import enter, leave
 
 __all__ = ["MoE"]
@@ -76,6 +81,7 @@ class MoE(nn.Module):
         self.router = TopKRouter(hidden, num_experts, top_k, normalize_topk)
         self.experts = GroupedExperts(num_experts, hidden, ffn_hidden, bias, activation)
         self.ep_group: Group | None = None
+        self.seq_group: Group | None = None      # cp > 1: routing decided over the whole sequence (.sequence)
         self.aux_scale = 1.0
         self._reset_counters()
 
@@ -114,10 +120,14 @@ class MoE(nn.Module):
         xt = x.reshape(-1, self.hidden)
         T = xt.shape[0]
         logits, probs, w, idx = self.router(xt)
-        lb, z = load_balancing_loss(probs, idx, E), router_z_loss(logits)
+        z = router_z_loss(logits)
         tp = self.experts.tp_group                      # experts split over tp (parallel.moe.tp)
         xe, w = enter(xt, w, tp)
-        s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))
+        if sequence_active(self.seq_group):                             # context parallel: parallel/moe/sequence.py
+            lb, s = sequence_route(self, x, probs, w, idx)
+        else:
+            lb = load_balancing_loss(probs, idx, E)
+            s = plan_slots(idx, w, E, lambda load: self.capacity(T, load))
         out = run_experts(dispatch(xe, s, E), self.experts, self.ep_group)
         y = leave(combine(out, s, T), tp)
         if torch.is_grad_enabled() and (self.aux_loss_coef or self.z_loss_coef):

@@ -66,10 +66,21 @@ def moe_layers(modules, reset: bool = False) -> list:
     return list(seen.values())
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: Group) -> list:
+def apply_expert_parallel(model: nn.Module, ep_group: Group, cp_group: Group | None = None,
+                          sequence_parallel: bool = False) -> list:
     """Split the experts of every MoE layer of ``model`` over ``ep_group`` (in place); returns the
-    layers. Raises when ep > 1 and the model has no experts to split."""
+    layers. Raises when ep > 1 and the model has no experts to split. ``cp_group`` (context parallel):
+    every MoE layer decides capacity and its aux loss over the whole sequence (:mod:`.sequence`);
+    ``sequence_parallel`` (tp's, with cp): refused, the layer would see a tp slice of its cp shard."""
     layers = moe_layers(model)
+    if cp_group is not None and cp_group.size > 1:
+        _check_hf_aux(model, cp_group.size)
+        if sequence_parallel and layers:
+            raise ValueError(f"parallel.cp={cp_group.size} with parallel.sequence_parallel: an MoE layer would route a "
+                             f"tensor-parallel slice of its cp shard, whose places in the sequence (which decide its "
+                             f"capacity drops) it does not know; set parallel.sequence_parallel=false")
+        for layer in layers:
+            layer.seq_group = cp_group
     if ep_group.size > 1 and not layers and not find_hf_experts(model):
         raise ValueError(f"parallel.ep={ep_group.size}: the model has no Mixture-of-Experts layers whose experts could "
                          f"be split (parallel.moe.MoE, or a transformers fused-experts module with gate_up_proj / "
@@ -83,6 +94,17 @@ def apply_expert_parallel(model: nn.Module, ep_group: Group) -> list:
             layer.shard(ep_group)
         convert_hf_experts(model, ep_group)           # transformers models: their own router and aux loss stay
     return layers
+
+
+def _check_hf_aux(model: nn.Module, cp: int) -> None:
+    """transformers MoE models compute their own load-balancing loss from the router logits of the tokens
+    they see: under cp a shard's, not the sequence's (f·P is not linear in the tokens) — refused."""
+    if any(getattr(getattr(m, "config", None), "output_router_logits", False) for m in model.modules()) \
+            and find_hf_experts(model):
+        raise ValueError(f"parallel.cp={cp}: this transformers MoE model computes its load-balancing loss "
+                         f"(output_router_logits=True) from the router logits of each rank's sequence shard, "
+                         f"which is not the whole sequence's loss; set output_router_logits=False, or "
+                         f"parallel.cp=1, or use parallel.moe.MoE layers (their loss is taken over the sequence)")
 
 
 def set_aux_scale(layers: list, scale: float) -> None:

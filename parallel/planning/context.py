@@ -18,6 +18,15 @@ stage's blocks × m micro-batches, + one forward per block activation checkpoint
 * Ulysses: 4 all-to-alls each way — q and the output β·n·(h/t)·d·b, k and v β·n·(h_kv'/t)·d·b with the kv
   heads repeated to h_kv' = lcm(h_kv/t, cp)·t — each on the wire for (cp−1)/cp of its payload.
 Gradients and ZeRO go over dp × cp (axis "dp_cp"): N = dp·cp in every ZeRO formula.
+
+Step time (:func:`cp_seconds`, per micro-batch of a stage; F = peak FLOP/s, a send costs latency + bytes / bw):
+* ring: each of the cp − 1 steps of a block's forward computes one key block — 4·β·n·n·h/t FLOPs (the
+  attention share of 12·h·s per token, :mod:`parallel.planning.cost`, over cp steps) — while the next K‖V
+  (2M bytes) travels (ring.py posts the send before the block's compute), so a step costs max(compute,
+  send) and the transfer shows only by what exceeds the compute: (cp−1)·max(0, t(2M) − c). The backward's
+  steps compute 2c under the K‖V and the fp32 dK‖dV accumulator sends: (cp−1)·max(0, t(2M) + t(2M·4/b) − 2c);
+  a recomputed forward as a forward. (The ring's compute itself is in the block's 12·h·s·cp FLOPs.)
+* Ulysses: its all-to-alls block the attention (nothing to overlap with): all of their time shows.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import math
 
 from parallel.planning.spec import Layout, ModelSpec, TrainSpec, element_bytes
 
-__all__ = ["local_spec", "block_extra", "cp_per_step", "check_cp"]
+__all__ = ["local_spec", "block_extra", "cp_per_step", "check_cp", "cp_seconds"]
 
 
 def local_spec(spec: ModelSpec, lay: Layout) -> ModelSpec:
@@ -90,3 +99,25 @@ def cp_per_step(local: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds:
         per = mb * n * d * e * (2 * hq + 2 * hk_rep)
         _op(out, "all_to_all", 4 * (fwd + bwd), (fwd + bwd) * per, (fwd + bwd) * per * (C - 1) / C)
     return out
+
+
+def cp_seconds(local: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: list, mb: int, hw,
+               recomputed=lambda a, z: 0) -> float:
+    """Exposed cp seconds of one micro-batch through the stages ``own`` (module docstring); ``hw``: a
+    :class:`parallel.planning.spec.Hardware`; ``recomputed`` as in :func:`cp_per_step`."""
+    C, t = lay.cp, lay.tp
+    if C == 1:
+        return 0.0
+    one = dataclasses.replace(lay, micro_batches=1)
+    if lay.cp_algorithm != "ring":
+        ops = cp_per_step(local, one, tr, own, bounds, mb, recomputed).get("cp", {})
+        return sum(c["calls"] * hw.lat(op) + c["wire_bytes"] / hw.bw(op) for op, c in ops.items())
+    e = element_bytes(tr)[0]
+    n, d = local.seq, local.hidden // local.heads
+    hk = (local.kv_heads or local.heads) // t
+    kv = 2 * mb * hk * n * d * e
+    send = lambda nbytes: hw.lat("send") + nbytes / hw.bw("send")        # noqa: E731
+    c = 4 * mb * n * n * local.hidden / t / hw.peak_flops
+    fwd = sum(z - a + recomputed(a, z) for a, z in (bounds[k] for k in own))
+    bwd = sum(z - a for a, z in (bounds[k] for k in own))
+    return (C - 1) * (fwd * max(0.0, send(kv) - c) + bwd * max(0.0, send(kv) + send(kv * 4 / e) - 2 * c))

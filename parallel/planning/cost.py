@@ -28,7 +28,7 @@ import dataclasses
 
 from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
-from parallel.planning.context import cp_per_step
+from parallel.planning.context import cp_seconds
 from parallel.planning.flops import gpt_matmul_params
 from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params, tp_moe_per_micro
 from parallel.planning.optim_states import add_optimizer_comm
@@ -109,7 +109,8 @@ def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, ow
     if experts:                                   # parallel.planning.moe: experts over edp, tokens over ep
         _reduction(out, "edp", experts, lay.zero, b, N // lay.ep)
         add_op(out, "ep", "all_reduce", 1, NORM_BYTES, lay.ep)
-        calls, payload = all_to_all_per_micro(spec, sum(bounds[k][1] - bounds[k][0] for k in own), mb, b)
+        calls, payload = all_to_all_per_micro(spec, sum(bounds[k][1] - bounds[k][0] for k in own), mb, b,
+                                             lay.cp)
         add_op(out, "ep", "all_to_all", m * calls, m * payload, lay.ep)
     for k in own:
         per_micro = tp_per_micro(spec, lay, bounds[k][1] - bounds[k][0], k == 0, k == S - 1, mb, b)
@@ -155,11 +156,12 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
     """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring); ``hide_gather_s``:
     optimizer seconds the stage 1–2 parameter all-gathers run under (time_terms.exposed_dp). With cp > 1
     ``spec`` is the local one (seq = s/cp): a rank's tokens attend the whole sequence (12·h·s·cp per token),
-    and its cp traffic (:func:`parallel.planning.context.cp_per_step`) adds to each micro-batch, unhidden."""
+    and its cp traffic adds to each micro-batch what does not hide under the ring's block compute (Ulysses:
+    all of it; :func:`parallel.planning.context.cp_seconds`)."""
     h, s, S, b = spec.hidden, spec.seq, lay.pp * lay.v, element_bytes(tr)[0]
     block = 6 * (gpt_matmul_params(1, h, 0, spec.ffn_, spec.kv_hidden, spec.mlp_matrices)) + 12 * h * s * lay.cp
     if spec.experts:                              # the MLP's matmuls → the experts' on E·C slots + the router
-        block += 6 * (mlp_matmul_params(spec, mb) - spec.mlp_matrices * h * spec.ffn_)
+        block += 6 * (mlp_matmul_params(spec, mb, lay.cp) - spec.mlp_matrices * h * spec.ffn_)
     one = dataclasses.replace(lay, micro_batches=1)
     stage = []
     for k, (a, e) in enumerate(bounds):
@@ -172,11 +174,11 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         hops = (k < S - 1 and lay.owner(k + 1) != lay.owner(k)) + (k > 0 and lay.owner(k - 1) != lay.owner(k))
         p2p = hops * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
         if spec.experts and lay.ep > 1:
-            calls, payload = all_to_all_per_micro(spec, e - a, mb, b)
+            calls, payload = all_to_all_per_micro(spec, e - a, mb, b, lay.cp)
             add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)
-        cp = cp_per_step(spec, one, tr, [k], bounds, mb, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
+        cp = cp_seconds(spec, lay, tr, [k], bounds, mb, hw, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
         stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + seconds(tp.get("ep", {}), hw) + p2p
-                     + seconds(cp.get("cp", {}), hw))
+                     + cp)
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:

@@ -1,7 +1,8 @@
 """The planner's model of a Mixture-of-Experts GPT under expert parallelism (examples/moe_gpt.py: every
 block's MLP a :class:`parallel.moe.MoE`; or, ``mlp_matrices`` 3, a transformers model with a router and fused
 gated experts in every block — Mixtral's layout, dropless, launch/plan.py's ``_hf_moe_spec``; the ep axis
-carved out of dp, parallel/moe/groups.py).
+carved out of dp — of dp×cp under context parallelism, whose index j = dp·cp + c takes dp's place below —
+parallel/moe/groups.py).
 
 Parameters of block i's MoE layer (in ``named_parameters`` order): the router W_r [E, h] — replicated
 over tp, an ordinary parameter, reduced and partitioned over dp — then this rank's experts, E/ep of them
@@ -19,6 +20,8 @@ L_r = MoE layers on the rank, β = micro-batch size, T = β·s tokens):
   [E, C, h] slot buffer: E·C·h·b bytes, C = max(1, ⌈cf·T·k/E⌉) slots per expert, wire (ep−1)/ep of it
   (GShard, Lepikhin et al., arXiv 2006.16668). Dropless: C is the largest load, known only at run
   time; the planner takes its bound C = T (top-k experts are distinct, so no expert gets more than T);
+  under cp the rank's T = β·s/cp tokens keep their share of the whole sequence's ⌈cf·cp·T·k/E⌉
+  (parallel/moe/sequence.py), also known at run time: the bound min(that, T);
 * edp: the expert buckets' reduction, as the dense buckets' over dp (stage 0 all-reduce; 1–2
   reduce-scatter + all-gather; 3 one reduce-scatter and 2·m all-gathers per unit) and at stage ≥ 1
   the 24-byte norm all-reduce; ep: the expert part of the norm, 24 bytes, every stage.
@@ -54,16 +57,20 @@ def moe_entries(spec: ModelSpec, block: int, ep: int, t: int = 1) -> list:
     return out + [ParamEntry(pre + "experts", s, block, expert=ep > 1) for s in sizes]    # ep 1: ordinary
 
 
-def capacity(spec: ModelSpec, tokens: int) -> int:
-    """Slots per expert for ``tokens`` tokens of one micro-batch on one rank (dropless: the bound T)."""
+def capacity(spec: ModelSpec, tokens: int, cp: int = 1) -> int:
+    """Slots per expert for ``tokens`` tokens of one micro-batch on one rank (dropless: the bound T). Under
+    cp > 1 (``tokens`` = the rank's shard) the buffer holds the rank's share of the whole sequence's
+    C = ⌈cf·cp·T·k/E⌉ kept assignments, known at run time: the planner takes its bound min(C, T)."""
     if spec.capacity_factor is None:
         return tokens
-    return max(1, math.ceil(spec.capacity_factor * tokens * spec.top_k / spec.experts))
+    C = max(1, math.ceil(spec.capacity_factor * tokens * cp * spec.top_k / spec.experts))
+    return C if cp == 1 else min(C, tokens)
 
 
-def all_to_all_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple[int, int]:
-    """(calls, payload bytes) of the ep all-to-alls of one micro-batch through ``blocks`` MoE blocks."""
-    C = capacity(spec, mb * spec.seq)
+def all_to_all_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int, cp: int = 1) -> tuple[int, int]:
+    """(calls, payload bytes) of the ep all-to-alls of one micro-batch through ``blocks`` MoE blocks (``spec``:
+    the rank's, seq = s/cp)."""
+    C = capacity(spec, mb * spec.seq, cp)
     return 4 * blocks, 4 * blocks * spec.experts * C * spec.hidden * e
 
 
@@ -75,18 +82,18 @@ def tp_moe_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple[int
     return blocks * (2 + (e != 4)), blocks * (T * h * e + back)
 
 
-def mlp_matmul_params(spec: ModelSpec, mb: int) -> float:
+def mlp_matmul_params(spec: ModelSpec, mb: int, cp: int = 1) -> float:
     """Matmul parameters per token of one MoE layer (the MLP's place in 6N): E·C/T experts' 2hf (gated 3hf),
     router hE."""
     T = mb * spec.seq
-    return (spec.experts * capacity(spec, T) / T * spec.mlp_matrices * spec.hidden * spec.ffn_
+    return (spec.experts * capacity(spec, T, cp) / T * spec.mlp_matrices * spec.hidden * spec.ffn_
             + spec.hidden * spec.experts)
 
 
 def check_moe(spec: ModelSpec, lay: Layout) -> str | None:
     """Why ``lay.ep`` cannot split this model (None when it can)."""
-    if lay.ep < 1 or lay.dp % lay.ep:
-        return f"ep = {lay.ep} must divide dp = {lay.dp} (expert parallelism is carved out of dp)"
+    if lay.ep < 1 or lay.zero_n % lay.ep:
+        return f"ep = {lay.ep} must divide dp·cp = {lay.zero_n} (expert parallelism is carved out of dp×cp)"
     if lay.ep > 1 and not spec.experts:
         return f"ep = {lay.ep} needs a Mixture-of-Experts model (the spec has no experts)"
     if spec.experts and spec.experts % lay.ep:

@@ -209,8 +209,8 @@ def _shard_pieces(bk: _Bucket, N: int, r: int, pad: bool, largest: bool = False)
 
 def _group(bk: _Bucket, lay: Layout, r: int) -> tuple[int, int]:
     """(size, this rank's index) of the group bucket ``bk`` is partitioned over: dp×cp (``r`` = dp·cp + c), or
-    edp for experts."""
-    return (lay.dp // lay.ep, r // lay.ep) if bk.expert else (lay.zero_n, r)
+    edp = dp·cp/ep for experts."""
+    return (lay.zero_n // lay.ep, r // lay.ep) if bk.expert else (lay.zero_n, r)
 
 
 # --- memory -----------------------------------------------------------------------------------------
