@@ -102,6 +102,8 @@ class TrainSpec:
     state_dtype: str = "fp32"       # adam/adamw moments: fp32 | int8 (parallel/optim/adam8bit.py)
     interleave: bool = False        # zero 1/2: bucket k's all-gather under bucket k+1's update (zero/interleave.py;
                                     # off by default: slower on gloo, see its ENABLED)
+    keep: int = 2                   # zero 3: units kept gathered from forward to backward (zero.keep_after_forward;
+                                    # pp > 1: none, the engine sets 0)
 
 
 @dataclass(frozen=True)
