@@ -55,7 +55,8 @@ def test_kept_units_save_their_backward_gathers_exactly():
 
 def test_keep_rejects_a_negative_count():
     with pytest.raises(ConfigError, match="zero.keep_after_forward=-1 must be >= 0"):
-        load_config(os.path.join(ROOT, "configs/gpt_dp2.yaml"), ["zero.stage=3", "zero.keep_after_forward=-1"]).validate(2)
+        load_config(os.path.join(ROOT, "configs/gpt_dp2.yaml"),
+                    ["zero.stage=3", "zero.keep_after_forward=-1"]).validate(2)
     with pytest.raises(ValueError, match="keep=-1 must be >= 0"):
         Stage3Params(None, [], {}, None, keep=-1)
     assert ZeroConfig().keep_after_forward == 2
