@@ -77,7 +77,8 @@ def predict_row(rec: dict, name: str, cal: dict):
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
     tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0,  # local: per
-                   interleave=meta["ours"] and INTERLEAVE)  # DeepSpeed's update and gathers: two passes
+                   interleave=meta["ours"] and INTERLEAVE,  # DeepSpeed's update and gathers: two passes
+                   keep=meta.get("keep", 0))                # stage 3's kept units (records before it: none)
     hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours

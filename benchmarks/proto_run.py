@@ -134,7 +134,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     dist.all_reduce(times, op=dist.ReduceOp.MAX)             # the slowest rank's time per round and row
     cal1 = calibrate(**calib_kw)
     meta = {n: {"owned": r.owned, "comm": r.comm, "source": r.source, "layout": r.layout, "ours": r.ours,
-                "comm_axes": getattr(r, "comm_axes", None)} for n, r in rows.items()}
+                "keep": r.keep, "comm_axes": getattr(r, "comm_axes", None)} for n, r in rows.items()}
     del rows
     return {"size": opts["size"], "model": kw, "per_rank_batch": per, "world": world, "pin": pinned,
             "seed": opts["seed"], "rounds": opts["rounds"], "warmup": opts["warmup"], "orders": orders,
