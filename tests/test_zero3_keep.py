@@ -26,7 +26,7 @@ def _run(rank, world):
         more, _ = train(zero, model, g, G, 1, m=m, start=STEPS)
         ag = mesh.stats.diff(mesh.stats.snapshot(), before)["dp"]["all_gather"]
         s3 = zero.stage3
-        kept = sorted(u.index for u in s3.units if any(id(u) == k for k, _ in s3._keepable))
+        kept = sorted(u.index for u in s3.kept_units())
         out[(units, keep, m)] = dict(losses=losses + more, calls=ag["calls"], wire=ag["wire_bytes"], kept=kept,
                                      sizes={u.index: u.padded * 4 for u in s3.units}, n=len(s3.units),
                                      peak=s3.peak_gathered_bytes, left=sum(u.kept for u in s3.units))

@@ -133,7 +133,7 @@ class Stage3Params:
         self.gathers = 0
         self.order = TracedOrder()
         self._freed: list = []                 # (unit, module that freed it) in the traced forward's order
-        self._keepable: set = set()            # the last `keep` units' last frees (ids): kept into backward
+        self._last_free: dict = {}             # (unit, module) ids of each unit's last free -> rank from the end
         self._departed = False                 # this forward left the trace: keep nothing
         self._pos_of: dict = {}                # module -> its position in this forward (OFF: off trace)
         self._stack: list = []                 # hooked modules running (while tracing), innermost last
@@ -176,7 +176,7 @@ class Stage3Params:
             self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
         self._pending = []
         self.order = TracedOrder()
-        self._keepable = set()
+        self._last_free = {}
 
     # --- gather / free ----------------------------------------------------------------------------
     def _nbytes(self, u: FlatBucket) -> int:
@@ -282,7 +282,7 @@ class Stage3Params:
             last = {}                       # unit -> the module whose post-forward freed it last
             for u, m in reversed(self._freed):
                 last.setdefault(u, m)
-            self._keepable = {(id(u), id(m)) for u, m in list(last.items())[:self.keep]}
+            self._last_free = {(id(u), id(m)): i for i, (u, m) in enumerate(last.items())}
         self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)
             if u.users == 0 and not u.bwd and not u.kept:
@@ -325,7 +325,7 @@ class Stage3Params:
             if u.users == 0 and not u.bwd:
                 if self.order.tracing:
                     self._freed.append((u, m))
-                if grad and (id(u), id(m)) in self._keepable and not self._departed:
+                if grad and self._last_free.get((id(u), id(m)), self.keep) < self.keep and not self._departed:
                     u.kept = True           # gathered until its backward (module docstring: kept units)
                 else:
                     self._free(u)
@@ -343,6 +343,11 @@ class Stage3Params:
             self._gather(u)
             u.bwd = True
         self._prefetch_at(pos - 1, -1)
+
+    def kept_units(self) -> list:
+        """The units this forward keeps gathered into backward (their last frees among the ``keep`` last)."""
+        ids = {k[0] for k, i in self._last_free.items() if i < self.keep}
+        return [u for u in self.units if id(u) in ids]
 
     def on_grad(self, p) -> None:
         """A parameter's gradient was accumulated: free its unit once all of the unit's have been."""
