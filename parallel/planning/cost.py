@@ -34,6 +34,7 @@ from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params
 from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import (
+    ACCUM_MOVED,
     GRAD_MOVED,
     NORM_MOVED,
     exposed_dp,
@@ -50,11 +51,14 @@ NORM_BYTES = 24          # the grad-norm all-reduce: three float64
 OPT_BYTES = {"adamw": 28, "adam": 28, "sgd_momentum": 20, "sgd": 12}    # a fused update's floor per element
 
 
-def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0, zero: int = 0) -> float:
+def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0, zero: int = 0,
+                      micro_batches: int = 1) -> float:
     """torch's update over ``owned`` elements, the norm over them and our gradient bookkeeping (ZeRO stage
-    ``zero``) over ``local_grads`` elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
+    ``zero``; each micro-batch after the first adds its gradient) over ``local_grads`` elements, at
+    ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
     per = optimizer_moved(tr.optimizer, tr.momentum) + NORM_MOVED
-    return memory_seconds(owned * per + local_grads * GRAD_MOVED[zero], hw)
+    grads = GRAD_MOVED[zero] + (micro_batches - 1) * ACCUM_MOVED
+    return memory_seconds(owned * per + local_grads * grads, hw)
 
 
 def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) -> None:

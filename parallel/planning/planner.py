@@ -262,7 +262,8 @@ def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> tupl
     """(optimizer, norm and gradient bookkeeping of dp rank 0; of that, the optimizer's passes alone: what the
     parameter all-gathers of stages 1–2 can hide under, time_terms' docstring)."""
     owned = sum(_shard_pieces(bk, *_group(bk, lay, 0), lay.zero > 0)[0] for bk in bks)
-    return (optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero),
+    return (optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero,
+                              micro_batches=lay.micro_batches),
             memory_seconds(owned * optimizer_moved(tr.optimizer, tr.momentum), hw))
 
 
