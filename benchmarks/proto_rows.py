@@ -37,7 +37,7 @@ LR = 1e-4
 WD = 0.01      # torch.optim.AdamW's default, which our rows use; DeepSpeedCPUAdam's default is 0.0, so it is passed
 PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
 OURS = ["zero0", "zero1", "zero2", "zero3"]
-from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp  # noqa: E402
+from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp, micro_sizes  # noqa: E402, F401
 
 ROWS = PEERS + OURS + MP_ROWS
 WHAT = {"local": "no communication (compute floor)", "ddp": "torch DDP, defaults", "ddp_aa": "torch DDP again (A/A)",

@@ -116,12 +116,17 @@ class Hardware:
     op_latency: tuple = ()          # ((op, seconds), ...): measured latency of an op; else `latency_s`
     mem_bandwidth: float = 0.0      # bytes/s, STREAM-add counted (planning/time_terms.py); 0: not modelled
     comm_shares_core: bool = False  # collectives copy on the compute core (gloo CPU ranks): time_terms.exposed_dp
+    flops_at: tuple = ()            # ((tokens per micro-batch, FLOP/s), ...): the rate measured at that size
 
     def bw(self, op: str) -> float:
         return dict(self.op_bandwidth).get(op, self.bandwidth)
 
     def lat(self, op: str) -> float:
         return dict(self.op_latency).get(op, self.latency_s)
+
+    def rate(self, tokens: int) -> float:
+        """FLOP/s of a forward + backward over ``tokens`` tokens: measured at that size, else ``peak_flops``."""
+        return dict(self.flops_at).get(tokens, self.peak_flops)
 
 
 @dataclass
