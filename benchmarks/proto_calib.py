@@ -8,6 +8,8 @@ Figures (a flat dict, so start and end compare key by key):
 * ``train_flops``: model FLOP/s (per-rank tokens · (6N + 12Lhs)) of the model's own forward +
   backward on the per-rank batch, no communication, no optimizer: what the matmuls achieve once
   norms, attention, activations and the autograd walk are around them (the planner's compute rate);
+  ``train_flops@<m>`` the same at m sequences (``micro``: the pipeline rows' micro-batch, whose small
+  matmuls and per-call overheads run well below the per-rank batch's rate);
 * per op and implementation (``gloo``: torch.distributed's; ``ring``: parallel/comm/ring.py):
   ``lat.<impl>.<op>`` the seconds of a call at N elements, and ``bw.<impl>.<op>`` the bus bandwidth
   wire(M) / t(M) at M bytes (as nccl-tests defines it: one latency included), with the ring
@@ -120,11 +122,13 @@ def train_rate(kw: dict, per: int, reps: int = 5) -> float:
     return flops / _timed(run, reps)
 
 
-def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32) -> dict:
+def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32, micro=()) -> dict:
     """All figures of the module docstring for model ``kw`` (examples/gpt.py) at ``per`` sequences
-    per rank, measured now with every rank running."""
+    per rank (and the compute rate at each micro-batch of ``micro``), measured now with every rank running."""
     out = {"matmul_flops": matmul_rate(per * kw["seq_len"], kw["n_embd"], kw["vocab_size"]),
            "mem_bw": mem_bandwidth(mem_mb), "train_flops": train_rate(kw, per)}
+    for m in sorted(set(micro) - {per}):
+        out[f"train_flops@{m}"] = train_rate(kw, m)
     if not dist.is_initialized() or dist.get_world_size() < 2:
         return out
     n, r = dist.get_world_size(), dist.get_rank()

@@ -4,6 +4,7 @@
     python benchmarks/proto_profile.py --size 5m --rows zero1 zero3 fsdp2_ring --steps 8
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 3 --ops 25     # + torch.profiler table
     python benchmarks/proto_profile.py --size 50m --rows zero1 zero2 --steps 10 --ab-interleave   # paired A/B
+    python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 10 --ab-keep    # kept units vs none (A/B)
 
 Rows are built exactly as benchmarks/protocol.py builds them (benchmarks/proto_rows.py), on 2 gloo ranks pinned
 one core each; after ``--warmup`` steps each row runs ``--steps`` timed steps (median reported, rank 0's clock).
@@ -45,8 +46,10 @@ WRAPPED = [("parallel.zero.stage3", "Stage3Params", "_landed", "stage3 gather wa
            ("parallel.engine", "Engine", "_global_loss", "loss all-reduce")]
 
 
+# not isend / irecv: dist.P2POp checks that its op IS dist.isend / dist.irecv (a wrapper breaks the pp rows);
+# their batches are timed through batch_isend_irecv
 DIST_FUNCS = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-              "reduce_scatter_tensor", "isend", "irecv", "send", "recv", "barrier", "batch_isend_irecv")
+              "reduce_scatter_tensor", "send", "recv", "barrier", "batch_isend_irecv")
 
 
 class Timers:
@@ -174,18 +177,18 @@ def profile_row(row, steps: int, ops: int, timers: Timers) -> dict:
     return out
 
 
-def ab_interleave(row, pairs: int) -> dict:
-    """ZeRO-1/2 row: steps alternating the interleaved update + gather (parallel/zero/interleave.py) and the
-    two-pass step (ABBA order), the slowest rank's time each; the paired ratio interleaved ÷ two-pass."""
+def _ab(row, pairs: int, setting) -> dict:
+    """Steps alternating ``setting(True)`` and ``setting(False)`` (ABBA order), the slowest rank's time each,
+    and each side's collectives per step (the row's CommStats: calls and wire bytes by axis.op)."""
     import torch
     import torch.distributed as dist
-    z = row.engine.zero
-    if not z._interleave:
-        return {"skipped": f"not interleaved ({len(z._all)} bucket(s), stage {z.stage})"}
     ts: dict = {True: [], False: []}
+    comm: dict = {True: {}, False: {}}
+    stats = getattr(row, "stats", None)
     for i in range(pairs):
         for flag in ((True, False) if i % 2 == 0 else (False, True)):
-            z._interleave = flag
+            setting(flag)
+            before = stats.snapshot() if stats is not None else None
             dist.barrier()
             t0 = time.perf_counter()
             row.step()
@@ -193,11 +196,41 @@ def ab_interleave(row, pairs: int) -> dict:
             t = torch.tensor([time.perf_counter() - t0])
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             ts[flag].append(t.item())
-    z._interleave = True
+            if stats is not None:
+                for ax, d in stats.diff(stats.snapshot(), before).items():
+                    for op, c in d.items():
+                        comm[flag][f"{ax}.{op}"] = (c["calls"], c["wire_bytes"])   # the same every step
+    setting(True)
     r = [a / b for a, b in zip(ts[True], ts[False])]
-    return {"buckets": len(z._all), "interleaved ms": statistics.median(ts[True]) * 1e3,
-            "two-pass ms": statistics.median(ts[False]) * 1e3, "ratio": statistics.median(r), "min": min(r),
-            "max": max(r)}
+    return {"A ms": statistics.median(ts[True]) * 1e3, "B ms": statistics.median(ts[False]) * 1e3,
+            "ratio": statistics.median(r), "min": min(r), "max": max(r), "A comm": comm[True], "B comm": comm[False]}
+
+
+def ab_interleave(row, pairs: int) -> dict:
+    """ZeRO-1/2 row: A = the interleaved update + gather (parallel/zero/interleave.py), B = the two-pass step;
+    ratio A ÷ B."""
+    z = row.engine.zero
+    if not z._interleave:
+        return {"skipped": f"not interleaved ({len(z._all)} bucket(s), stage {z.stage})"}
+
+    def setting(flag):
+        z._interleave = flag
+    return {"buckets": len(z._all), **_ab(row, pairs, setting)}
+
+
+def ab_keep(row, pairs: int) -> dict:
+    """ZeRO-3 row: A = the configured kept units (zero.keep_after_forward, parallel/zero/stage3.py), B = none
+    kept (every unit freed after its forward); ratio A ÷ B and each side's all-gathers."""
+    s3 = getattr(getattr(row, "engine", None), "zero", None)
+    s3 = getattr(s3, "stage3", None)
+    if s3 is None or not s3.keep:
+        return {"skipped": "not a stage-3 row with kept units"}
+    keep = s3.keep
+    kept = [u.padded * u.flat_param.element_size() for u in s3.kept_units()]
+
+    def setting(flag):
+        s3.keep = keep if flag else 0
+    return {"keep": keep, "kept unit bytes": kept, **_ab(row, pairs, setting)}
 
 
 def _rank(rank, world, port, opts, q):
@@ -222,8 +255,8 @@ def _rank(rank, world, port, opts, q):
             for _ in range(opts["warmup"]):
                 row.step()
                 row.finish()
-            if opts["ab_interleave"]:
-                res[name] = ab_interleave(row, opts["steps"])
+            if opts["ab_interleave"] or opts["ab_keep"]:
+                res[name] = (ab_interleave if opts["ab_interleave"] else ab_keep)(row, opts["steps"])
             else:
                 res[name] = profile_row(row, opts["steps"], opts["ops"] if rank == 0 else 0, timers)
             del row
@@ -245,16 +278,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pin", dest="pin", action="store_false")
     ap.add_argument("--ab-interleave", action="store_true", help="zero1/zero2 rows: --steps ABBA pairs, interleaved "
                                                                 "update + gather vs the two-pass step")
+    ap.add_argument("--ab-keep", action="store_true", help="zero3 rows: --steps ABBA pairs, the kept units "
+                                                          "(zero.keep_after_forward) vs none")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp
     q = mp.get_context("spawn").Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave")}
+    opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave",
+                                                 "ab_keep")}
     mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
     res = q.get(timeout=30)
-    if a.ab_interleave:
+    if a.ab_interleave or a.ab_keep:
         for name, r in res.items():
             print(f"== {name} ({a.size}): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in r.items()))

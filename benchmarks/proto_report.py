@@ -52,15 +52,18 @@ def _fig(cal: dict, kind: str, impl: str, op: str, world: int) -> float:
     return cal.get(key, 0.0 if kind == "lat" else float("inf"))
 
 
-def hardware(cal: dict, impl: str = "gloo", world: int = 2) -> Hardware:
+def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Hardware:
     """The planner's Hardware from calibrated figures: compute at the measured forward+backward rate
-    (``train_flops``), per-op latency and bus bandwidth, memory bandwidth; ``impl`` = "ring" puts
+    (``train_flops``; ``train_flops@m``, where calibrated, for micro-batches of m sequences of ``seq`` tokens:
+    the pipeline rows'), per-op latency and bus bandwidth, memory bandwidth; ``impl`` = "ring" puts
     reduce-scatter and all-gather on our ring (as our rows run them at bucket sizes). The protocol pins
     every thread of a rank, gloo's included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
     ops = list(_PLANNER_OP.items())
+    per = {int(k.split("@")[1]): v for k, v in cal.items() if k.startswith("train_flops@")}
     return Hardware(peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
+                    flops_at=tuple((m * seq, v) for m, v in per.items()),
                     bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
                     latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
                     op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),
@@ -77,8 +80,10 @@ def predict_row(rec: dict, name: str, cal: dict):
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
     tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0,  # local: per
-                   interleave=meta["ours"] and INTERLEAVE)  # DeepSpeed's update and gathers: two passes
-    hw = hardware(cal, "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo", rec["world"])
+                   interleave=meta["ours"] and INTERLEAVE,  # DeepSpeed's update and gathers: two passes
+                   keep=meta.get("keep", 0))                # stage 3's kept units (records before it: none)
+    impl = "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo"
+    hw = hardware(cal, impl, rec["world"], rec["model"]["seq_len"])
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours
         per_owned, per_grad = UPDATE_MOVED[name]

@@ -37,7 +37,7 @@ LR = 1e-4
 WD = 0.01      # torch.optim.AdamW's default, which our rows use; DeepSpeedCPUAdam's default is 0.0, so it is passed
 PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
 OURS = ["zero0", "zero1", "zero2", "zero3"]
-from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp  # noqa: E402
+from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp, micro_sizes  # noqa: E402, F401
 
 ROWS = PEERS + OURS + MP_ROWS
 WHAT = {"local": "no communication (compute floor)", "ddp": "torch DDP, defaults", "ddp_aa": "torch DDP again (A/A)",
@@ -79,6 +79,7 @@ class Row:
     layout: dict = field(default_factory=dict)    # planner Layout kwargs
     ours: bool = False
     global_loss: bool = False                     # step() returns the global-batch loss already (ours do too)
+    keep: int = 0                                 # stage 3: units kept gathered from forward to backward (planner)
 
 
 def _op(out: dict, op: str, calls: int, wire: float, impl: str = "gloo") -> None:
@@ -160,7 +161,7 @@ def build(name: str, kw: dict, per: int, world: int, rank: int) -> Row:
     _op(comm, "all_gather", 2 * len(blocks) + 1, (N - 1) / N * (2 * p_blocks + psi - p_blocks) * b)
     _op(comm, "reduce_scatter", len(blocks) + 1, (N - 1) / N * psi * b)
     row = Row(name, _plain_step(model, opt, x, y, V), owned=-(-psi // N), comm=comm,
-              layout={"dp": N, "zero": 3, "units": "block"})
+              layout={"dp": N, "zero": 3, "units": "block"}, keep=1)          # FSDP2 keeps the root's unit
     if stats is not None:
         row.stats, row.source = stats, "measured"
     return row
@@ -228,7 +229,8 @@ def _ours(name, kw, per, world, rank) -> Row:
         if getattr(z, "_pending", None):
             z.wait_param_gather()
     row = Row(name, lambda: engine.train_step(local), finish, owned=owned, source="measured", ours=True,
-              layout={"dp": world, "zero": stage, **({"units": "block"} if stage == 3 else {})})
+              layout={"dp": world, "zero": stage, **({"units": "block"} if stage == 3 else {})},
+              keep=cfg.zero.keep_after_forward if stage == 3 else 0)
     row.stats, row.engine = mesh.stats, engine                 # engine: benchmarks/proto_profile.py's phases
     return row
 

@@ -40,6 +40,12 @@ WHAT_MP = {"tp_dtensor": "torch DTensor TP (Colwise/Rowwise per block)", "tp_our
 PEER_OF_MP = {"tp_ours": "tp_dtensor", "pp_ours": "pp_torch", "pp_zbh1_m8": "pp_1f1b_m8", "pp_zbv_m8": "pp_zbh1_m8"}
 
 
+def micro_sizes(rows, per: int, world: int) -> list:
+    """Sequences per micro-batch of the pipeline rows among ``rows`` (their compute rate is calibrated too)."""
+    out = [per * world // PP_MICRO for r in rows if r in ("pp_ours", "pp_torch")]
+    return sorted(set(out + [per * world // 8 for r in rows if r in PP_M8]))
+
+
 def _global_batch(kw, per, world):
     from examples.gpt import random_tokens
     ds = random_tokens(per * world, kw["seq_len"], kw["vocab_size"])

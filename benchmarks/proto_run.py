@@ -79,7 +79,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     kw, per = SIZES[opts["size"]], opts["per_rank_batch"]
     pinned = pin(rank, world, opts.get("threads", 1), opts.get("pin", True))
     calib_kw = dict(kw=kw, per=per, comm_mb=opts.get("comm_mb", 4.0), reps=opts.get("calib_reps", 7),
-                    mem_mb=opts.get("mem_mb", 32))
+                    mem_mb=opts.get("mem_mb", 32), micro=proto_rows.micro_sizes(opts["rows"], per, world))
     cal0 = calibrate(**calib_kw)
     rows, skipped = {}, {}
     for name in opts["rows"]:
@@ -134,7 +134,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     dist.all_reduce(times, op=dist.ReduceOp.MAX)             # the slowest rank's time per round and row
     cal1 = calibrate(**calib_kw)
     meta = {n: {"owned": r.owned, "comm": r.comm, "source": r.source, "layout": r.layout, "ours": r.ours,
-                "comm_axes": getattr(r, "comm_axes", None)} for n, r in rows.items()}
+                "keep": r.keep, "comm_axes": getattr(r, "comm_axes", None)} for n, r in rows.items()}
     del rows
     return {"size": opts["size"], "model": kw, "per_rank_batch": per, "world": world, "pin": pinned,
             "seed": opts["seed"], "rounds": opts["rounds"], "warmup": opts["warmup"], "orders": orders,

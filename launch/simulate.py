@@ -101,13 +101,14 @@ def _prediction(cfg, model, rank: int):
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
                  p.sequence_parallel, cfg.zero.units)
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
-                   cfg.zero.bucket_mb, ac.policy, ac.every, state_dtype=cfg.optimizer.state_dtype or "fp32")
+                   cfg.zero.bucket_mb, ac.policy, ac.every, state_dtype=cfg.optimizer.state_dtype or "fp32",
+                   keep=cfg.zero.keep_after_forward)
     c = coords_of(rank, {"pp": p.pp, "dp": p.dp, "tp": p.tp})
     one = predict(spec, Layout(**{**lay.__dict__, "dp": p.dp}), tr, ranks="worst")
     # "worst" holds dp = tp = 0 of each pp rank; the state bytes of another dp rank differ only in the
     # pieces it owns, so the exact rank is predicted from the same buckets
     bks = _buckets(_rank_params(spec, p.tp, p.pp, p.pp_virtual_stages, lay.stages(c["pp"])), lay,
-                   element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1)
+                   element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1, tr.keep)
     mem = dict(_states(bks, lay, tr, c["dp"]))
     mem["owned_elements"] = sum(_shard_pieces(bk, lay.dp, c["dp"], lay.zero > 0)[0] for bk in bks)
     worst = one.memory[next(g for g in one.memory if coords_of(g, {"pp": p.pp, "dp": p.dp, "tp": p.tp})["pp"]

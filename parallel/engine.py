@@ -101,6 +101,8 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn,  # ZeRO-3 frees a unit
                                              split_backward=config.zero.stage != 3,         # before a split W
                                              p2p_groups=mesh.pp_p2p_groups())              # NCCL-safe order
+            if self.zero.stage3 is not None:     # several forwards before their backwards: keep none (stage3.py)
+                self.zero.stage3.keep = 0
             self.executor.add_action_callback(self._stage_inputs)   # dict batches: masks etc. to every stage
             self.executor.add_action_callback(self._cp_action)      # cp: this micro-batch's document ids
             for st in self.stages:                                  # loss=model: the last stage returns the output

@@ -106,12 +106,13 @@ def block_type(kind):
 
 
 def zero_run(group, kind, opt, steps, G, stage, m=1, clip=None, precision="fp32", bucket_mb=0.05,
-             units="leaf", prefetch=True, **kw):
+             units="leaf", prefetch=True, keep=2, **kw):
     from parallel.zero import ZeroOptimizer
     model = make_model(kind)
     if units == "block":
         kw["unit_types"] = (block_type(kind),)
-    zero = ZeroOptimizer(model, OPTS[opt], group, ZeroConfig(stage=stage, bucket_mb=bucket_mb, prefetch=prefetch),
+    zero = ZeroOptimizer(model, OPTS[opt], group, ZeroConfig(stage=stage, bucket_mb=bucket_mb, prefetch=prefetch,
+                                                          keep_after_forward=keep),
                          precision=precision, grad_clip=clip, **kw)
     losses, norms = train(zero, model, group, G, steps, m)
     return losses, norms, zero, model
@@ -252,8 +253,9 @@ def _mem_comm(rank, world, precisions):
             for prefetch in ([True, False] if stage == 3 else [True]):
                 # two warm-up steps: the first traces stage 3's module order and ends by agreeing on the
                 # buckets' launch order (a broadcast and an all-reduce of a few bytes)
+                # keep=0: DESIGN's 3(N−1)/N·Ψ·b; the kept units' saving is tests/test_zero3_keep.py's
                 _, _, zero, model = zero_run(g, "gpt_untied", "adamw", 2, 4 * world, stage, precision=prec,
-                                             prefetch=prefetch)
+                                             prefetch=prefetch, keep=0)
                 m = 1 if stage == 3 else 2                 # stages 0-2: accumulation adds no traffic
                 before = mesh.stats.snapshot()
                 train(zero, model, g, 4 * world, 1, m=m, start=2)

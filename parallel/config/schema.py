@@ -144,6 +144,9 @@ class ZeroConfig:
     prefetch: bool = True
     units: str = "module"                  # stage 3 gathers per: module (each module owning parameters, as
     #                                        DeepSpeed) | block (each repeated block + the rest, as FSDP2 per block)
+    keep_after_forward: int = 2            # stage 3: the units freed last in forward (block units: the root's and
+    #                                        the last block's) stay gathered into backward, one all-gather each
+    #                                        less per micro-batch; 0 frees all (parallel/zero/stage3.py)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
 

@@ -163,6 +163,9 @@ def _check_zero(c: Config) -> None:
         raise ConfigError(f"zero.stage={c.zero.stage} must be 0, 1, 2 or 3")
     if c.zero.bucket_mb <= 0:
         raise ConfigError(f"zero.bucket_mb={c.zero.bucket_mb} must be positive")
+    if c.zero.keep_after_forward < 0:
+        raise ConfigError(f"zero.keep_after_forward={c.zero.keep_after_forward} must be >= 0 (stage-3 units kept "
+                          "gathered from forward to backward; 0 frees every unit after its forward)")
     if c.zero.units not in ("module", "block"):
         raise ConfigError(f"zero.units={c.zero.units!r} must be 'module' (a stage-3 unit per module that owns "
                           f"parameters) or 'block' (one per repeated block, plus one for the rest)")

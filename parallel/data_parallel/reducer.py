@@ -12,7 +12,12 @@ overlaps the backward computation of earlier layers.
 Two reductions share this machinery:
   * ``all_reduce`` (plain DP, ZeRO stage 0): the flat gradient is all-reduced in place;
   * ``reduce_scatter`` (ZeRO stages 1–3): each rank receives the reduced shard it owns.
-Gradients are pre-divided by N before the reduction (so the sum is the mean).
+The sum becomes the mean by a division by N: before an all-reduce (the whole gradient), after a
+reduce-scatter of fp32 gradients (only this rank's shard: Ψ/N elements divided instead of Ψ, 8(N−1)/N·Ψ
+bytes less memory traffic; for N a power of two the result is bit-identical, (Σ g_r)/N = Σ (g_r/N), as the
+scaling is exact; low-precision gradients are still divided first, against overflow). Stage 1 with the ring
+(:mod:`parallel.comm.ring`) reduces this rank's chunk of the flat gradient in place — the ring only reads
+that chunk at its last step — instead of into a fresh shard that is then copied back (Ψ/N · 8 bytes).
 
 Gradient accumulation needs no ``no_sync``: ``prepare_step(m)`` announces m micro-batches; each
 parameter's hook counts its accumulations and a bucket is reduced once all its parameters have
@@ -37,6 +42,7 @@ import torch.nn as nn
 
 from parallel import comm
 from parallel.comm import Group
+from parallel.comm.ring import use_ring
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.parameters import param_info
 
@@ -223,12 +229,15 @@ class GradReducer:
             return
         group = b.group or self.group                    # expert buckets: the expert-data-parallel group
         div = b.grad_div or group.size
-        if div > 1:
+        if div > 1 and not self._divides_after(g):
             g.div_(div)
         if self.mode == "all_reduce":
             work, out = comm.all_reduce(g, group, async_op=True), None
         else:
-            out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
+            if self.keep_full and use_ring(group, g):   # stage 1: the ring reduces its own chunk in place
+                out = g[b.lo:b.hi]
+            else:
+                out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
             work = comm.reduce_scatter_into(out, g, group, async_op=True)
         self._inflight.append((b, work, out))
         self.launches[where] += 1
@@ -239,12 +248,21 @@ class GradReducer:
             work.wait()
         if self.mode == "all_reduce" or (work is None and out is None):    # local (1-bit Adam): g_i stays whole
             return
+        div = b.grad_div or (b.group or self.group).size
+        if div > 1 and self._divides_after(out):
+            out.div_(div)                                # the mean, on the shard only (module docstring)
         if self.keep_full:
-            b.flat_grad[b.lo:b.hi].copy_(out)           # stage 1: only the owned shard is reduced
+            mine = b.flat_grad[b.lo:b.hi]
+            if out.data_ptr() != mine.data_ptr():
+                mine.copy_(out)                          # stage 1: only the owned shard is reduced
         else:
             b.shard_grad, b.flat_grad = out, None        # stage 2/3: the full gradient is dropped
             if self.on_reduced is not None and not b.deferred:
                 self.on_reduced(b)
+
+    def _divides_after(self, g: torch.Tensor) -> bool:
+        """Divide by N after the reduction: reduce-scatter of fp32 gradients (module docstring)."""
+        return self.mode != "all_reduce" and g.dtype == torch.float32
 
     def _poll(self) -> None:
         """Retire finished reductions from the front; never keep more than max_inflight running."""

@@ -13,14 +13,16 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
 
 Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it;
 plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
-/ peak, plus its tp traffic at the given latency and bandwidth; the schedule is simulated with
+/ the rate at the micro-batch's token count (``Hardware.rate``: measured there, else the peak), plus its
+tp traffic at the given latency and bandwidth; the schedule is simulated with
 F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; the dp traffic
 that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's reduction always, the
 rest what does not hide under backward — on CPU ranks sharing their core with gloo, at least the
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
 (:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient
-bookkeeping its 20 bytes per local gradient element (every stage) plus the norm's 4 per owned one.
+bookkeeping (copy 12 bytes per local gradient element, the division 8 per divided one, 12 more per further
+micro-batch: time_terms) plus the norm's 4 per owned one.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params, tp_mo
 from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import (
+    ACCUM_MOVED,
+    DIVIDE_MOVED,
     GRAD_MOVED,
     NORM_MOVED,
     exposed_dp,
@@ -50,11 +54,15 @@ NORM_BYTES = 24          # the grad-norm all-reduce: three float64
 OPT_BYTES = {"adamw": 28, "adam": 28, "sgd_momentum": 20, "sgd": 12}    # a fused update's floor per element
 
 
-def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0, zero: int = 0) -> float:
+def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0, zero: int = 0,
+                      micro_batches: int = 1, n: int = 1) -> float:
     """torch's update over ``owned`` elements, the norm over them and our gradient bookkeeping (ZeRO stage
-    ``zero``) over ``local_grads`` elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
+    ``zero`` over ``n`` ranks; each micro-batch after the first adds its gradient) over ``local_grads``
+    elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
     per = optimizer_moved(tr.optimizer, tr.momentum) + NORM_MOVED
-    return memory_seconds(owned * per + local_grads * GRAD_MOVED[zero], hw)
+    grads = GRAD_MOVED[zero] + (micro_batches - 1) * ACCUM_MOVED
+    divided = 0 if n == 1 else local_grads / n if zero > 0 and tr.precision == "fp32" else local_grads  # reducer.py
+    return memory_seconds(owned * per + local_grads * grads + divided * DIVIDE_MOVED, hw)
 
 
 def add_op(out: dict, axis: str, op: str, calls: int, payload: float, n: int) -> None:
@@ -177,7 +185,7 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
             calls, payload = all_to_all_per_micro(spec, e - a, mb, b, lay.cp)
             add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)
         cp = cp_seconds(spec, lay, tr, [k], bounds, mb, hw, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
-        stage.append(flops / hw.peak_flops + seconds(tp.get("tp", {}), hw) + seconds(tp.get("ep", {}), hw) + p2p
+        stage.append(flops / hw.rate(mb * s) + seconds(tp.get("tp", {}), hw) + seconds(tp.get("ep", {}), hw) + p2p
                      + cp)
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0

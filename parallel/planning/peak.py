@@ -41,7 +41,8 @@ next to everything the forward kept):
     + stage 2/3 flat gradient buckets: all of them when m > 1 (they fill over the micro-batches
       and reduce after the m-th), else the one the first gradient lands in; + pp-duplicated tied
       weights' gradients (reduced after backward)
-    + stage 3 gathered units: the head's and the largest other (the next one, prefetched).
+    + stage 3 gathered units: the two largest (one in use, the next prefetched), or at backward's start the
+      units kept from forward (zero.keep_after_forward) and one more, whichever is larger.
 Peak 1', at the end of backward (stages ≥ 1; it wins when checkpointing has shrunk the activations): states
     + a bucket's reduce-scatter output (its shard) + on gloo (CPU) a full-size copy of the bucket, which
     gloo's reduce-scatter stages (measured: dp2 ZeRO-1/2 under full recompute).
@@ -229,9 +230,11 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         else:
             buffers = max(bk.padded for bk in normal) * e
         buffers += deferred
-    if lay.zero == 3:
+    if lay.zero == 3:    # the current unit and the prefetched one; at backward's start the kept ones + one
         units = sorted((bk.padded for bk in normal if bk.unit), reverse=True)
-        gathered = sum(units[:2]) * e
+        kept = [bk.padded for bk in normal if getattr(bk, "kept", False)]
+        rest = sorted((bk.padded for bk in normal if bk.unit and not getattr(bk, "kept", False)), reverse=True)
+        gathered = max(sum(units[:2]), sum(kept) + sum(rest[:1])) * e
     data = 16 * (tr.global_batch // lay.dp) * spec.seq * lay.cp        # the dp share, whole on every cp rank
     if lay.cp > 1:                       # + its shards (x, y, positions): all up front under pp, else one
         data += 24 * (tr.global_batch // lay.dp if lay.pp > 1 else mb) * spec.seq

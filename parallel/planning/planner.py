@@ -126,17 +126,20 @@ class _Bucket:
     sizes: list
     padded: int
     gathers: int = 1                 # stage 3: all-gathers per step
+    kept: bool = False               # stage 3: kept gathered from forward to backward (zero.keep_after_forward)
     unit: bool = False               # stage-3 unit (sharded params)
     deferred: bool = False           # tied pipeline copies: reduced after backward
     expert: bool = False             # expert parameters: padded to / partitioned over edp = dp/ep
     mats: tuple = ()                 # per parameter: a 2-D weight?
 
 
-def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool) -> list:
+def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool, keep: int = 0) -> list:
     """The rank's flat buckets (stages 0–2, make_buckets' reverse greedy fill:
     :func:`parallel.data_parallel.bucket.fill_buckets`) or stage-3 units
     (one per module, pre-order), then the deferred bucket of tied pipeline copies. Expert parameters
-    (:mod:`parallel.planning.moe`) come last in buckets / units of their own, padded to edp = dp/ep."""
+    (:mod:`parallel.planning.moe`) come last in buckets / units of their own, padded to edp = dp/ep.
+    Stage 3 keeps the ``keep`` units freed last in forward gathered into backward (pp = 1 only;
+    :mod:`parallel.zero.stage3`): one gather each per micro-batch instead of two (:func:`_kept`)."""
     N, pad = lay.zero_n, lay.zero > 0
 
     def mk(entries, expert=False):
@@ -161,11 +164,15 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
             units.setdefault(key, []).append(p)
         if lay.units == "block":
             units = dict(sorted(units.items()))
+        made = {}
         for mod, entries in units.items():
-            u = mk(entries)
+            u = made[mod] = mk(entries)
             u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte
             u.gathers = lay.micro_batches * (2 + (mod == "wte" and tied_head))
             out.append(u)
+        for u in _kept(made, lay, tied_head, keep if lay.pp == 1 else 0):
+            u.kept = True
+            u.gathers -= lay.micro_batches
         per_module: dict = {}
         for p in experts:
             per_module.setdefault(p.module, []).append(p)
@@ -177,6 +184,18 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
         out.append(mk(deferred))
         out[-1].deferred = True
     return out
+
+
+def _kept(units: dict, lay: Layout, tied_head: bool, keep: int) -> list:
+    """The ``keep`` units freed last in forward, last first. Block units: the rest's unit (key −1: embeddings,
+    final norm, head) is the root's, freed when the whole forward ends, then the blocks' in reverse. Module
+    units (pre-order = forward order for these models): the last modules', the tied head's being wte's."""
+    keys = list(units)
+    if lay.units == "block" and -1 in units:
+        keys = [k for k in keys if k != -1] + [-1]
+    elif tied_head and "wte" in units:
+        keys = [k for k in keys if k != "wte"] + ["wte"]
+    return [units[k] for k in keys[::-1][:keep]]
 
 
 def _piece_sizes(bk: _Bucket, N: int, r: int, pad: bool) -> list:
@@ -244,7 +263,8 @@ def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> tupl
     """(optimizer, norm and gradient bookkeeping of dp rank 0; of that, the optimizer's passes alone: what the
     parameter all-gathers of stages 1–2 can hide under, time_terms' docstring)."""
     owned = sum(_shard_pieces(bk, *_group(bk, lay, 0), lay.zero > 0)[0] for bk in bks)
-    return (optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero),
+    return (optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero,
+                              micro_batches=lay.micro_batches, n=lay.zero_n),
             memory_seconds(owned * optimizer_moved(tr.optimizer, tr.momentum), hw))
 
 
@@ -292,7 +312,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     for pr in range(lay.pp):
         own = list(lay.stages(pr))
         bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, lay.stages(pr), lay.ep), lay, b, tr.bucket_mb,
-                       spec.tied and S == 1)
+                       spec.tied and S == 1, tr.keep)
         comm = comm_per_step(loc, lay, tr, bks, own, bounds, mb)
         if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
             comm = {(dpax if a == "dp" else a): ops for a, ops in comm.items()}
@@ -310,7 +330,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     hide = 0.0
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
         per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, lay.stages(pr), lay.ep),
-                                             lay, b, tr.bucket_mb, spec.tied and S == 1), lay, tr, hw)
+                                             lay, b, tr.bucket_mb, spec.tied and S == 1, tr.keep), lay, tr, hw)
                     for pr in range(lay.pp)]
         pred.update_s = max(u for u, _ in per_rank)
         hide = min(h for _, h in per_rank) if tr.interleave and lay.zero in (1, 2) else 0.0

@@ -102,6 +102,8 @@ class TrainSpec:
     state_dtype: str = "fp32"       # adam/adamw moments: fp32 | int8 (parallel/optim/adam8bit.py)
     interleave: bool = False        # zero 1/2: bucket k's all-gather under bucket k+1's update (zero/interleave.py;
                                     # off by default: slower on gloo, see its ENABLED)
+    keep: int = 2                   # zero 3: units kept gathered from forward to backward (zero.keep_after_forward;
+                                    # pp > 1: none, the engine sets 0)
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,17 @@ class Hardware:
     op_latency: tuple = ()          # ((op, seconds), ...): measured latency of an op; else `latency_s`
     mem_bandwidth: float = 0.0      # bytes/s, STREAM-add counted (planning/time_terms.py); 0: not modelled
     comm_shares_core: bool = False  # collectives copy on the compute core (gloo CPU ranks): time_terms.exposed_dp
+    flops_at: tuple = ()            # ((tokens per micro-batch, FLOP/s), ...): the rate measured at that size
 
     def bw(self, op: str) -> float:
         return dict(self.op_bandwidth).get(op, self.bandwidth)
 
     def lat(self, op: str) -> float:
         return dict(self.op_latency).get(op, self.latency_s)
+
+    def rate(self, tokens: int) -> float:
+        """FLOP/s of a forward + backward over ``tokens`` tokens: measured at that size, else ``peak_flops``."""
+        return dict(self.flops_at).get(tokens, self.peak_flops)
 
 
 @dataclass

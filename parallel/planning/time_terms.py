@@ -18,11 +18,16 @@ what runs. DeepSpeedCPUAdam is such a fused SIMD pass: :data:`FUSED_ADAM_MOVED`.
 
 Gradient bookkeeping of our engine (:data:`GRAD_MOVED`, per local gradient element of the dp
 buckets, by ZeRO stage): stage 0/1 keep a persistent flat gradient; after ``zero_grad`` (p.grad =
-None) the first gradient is copied into its view (read 4, write 4 + write-allocate 4) and
-pre-divided by N in place before the reduction (8): 20 bytes. Stage 2/3 allocate the flat gradient
-(``torch.empty``) at the first gradient and copy each parameter's first gradient into it (12; later
-micro-batches add) and pre-divide (8): 20 as well (28 before the copy replaced zeros + add). The global
-gradient norm reads every owned element once more (:data:`NORM_MOVED`, 4).
+None) the first gradient is copied into its view (read 4, write 4 + write-allocate 4): 12 bytes. Stage 2/3
+allocate the flat gradient (``torch.empty``) at the first gradient and copy each parameter's first gradient
+into it: 12 as well. Then the division by N in place (:data:`DIVIDE_MOVED`, 8): over the whole gradient
+before stage 0's all-reduce (20 in all), over the shard only after a reduce-scatter of fp32 gradients at
+stages 1–3 (8/N per local element; before it divided the whole gradient and stage 1 copied its reduced
+shard back, 8/N more; parallel/data_parallel/reducer.py). The global
+gradient norm reads every owned element once more (:data:`NORM_MOVED`, 4). Each further micro-batch of a
+step (m > 1: accumulation, every pipeline schedule) adds its gradient into the held one in place (autograd's
+``grad += g`` into the flat view at stages 0–1, ``flat_grad.add_`` at 2–3): read 4 + 4, write 4, no
+write-allocate — :data:`ACCUM_MOVED`, 12 bytes per local gradient element and micro-batch after the first.
 
 Communication on CPU ranks (``Hardware.comm_shares_core``: gloo over loopback with every thread of
 a rank pinned to its one core, as benchmarks/proto_run.py pins them). A collective's time is partly
@@ -53,13 +58,16 @@ from __future__ import annotations
 
 from parallel.planning.spec import Hardware
 
-__all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "NORM_MOVED", "BUSY_PER_WIRE",
-           "STAGE3_WAIT_S", "stage3_waits", "memory_seconds", "optimizer_moved", "busy_seconds", "exposed_dp"]
+__all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "DIVIDE_MOVED", "ACCUM_MOVED",
+           "NORM_MOVED", "BUSY_PER_WIRE", "STAGE3_WAIT_S", "stage3_waits", "memory_seconds", "optimizer_moved",
+           "busy_seconds", "exposed_dp"]
 
 COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
 OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
 FUSED_ADAM_MOVED = 28
-GRAD_MOVED = {0: 20, 1: 20, 2: 20, 3: 20}
+GRAD_MOVED = {0: 12, 1: 12, 2: 12, 3: 12}
+DIVIDE_MOVED = 8
+ACCUM_MOVED = 12
 NORM_MOVED = 4
 STAGE3_WAIT_S = 1.5e-3               # per blocking block-unit collective on CPU ranks (fitted; module docstring)
 BUSY_PER_WIRE = {"all_gather": 4.0, "send": 2.0, "recv": 2.0, "reduce_scatter": 7.0,

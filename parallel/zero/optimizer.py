@@ -133,7 +133,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin, AccountingMixin):
         self._init_state()
         if self.stage == 3:
             self.stage3 = Stage3Params(module, units, needs, dp_group, zero.prefetch, shards=self._par_off,
-                                       depth=zero.offload.prefetch_depth if self._par_off else 0)
+                                       depth=zero.offload.prefetch_depth if self._par_off else 0,
+                                       keep=zero.keep_after_forward)
         self._segments = {b: norm_segments(b) for b in self._all}
         self._build_optimizer(optimizer_factory)
         self._interleave = can_interleave(self)

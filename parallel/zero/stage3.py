@@ -19,7 +19,19 @@ Lifecycle of a unit, driven by hooks:
   post-accumulate-grad hooks     once every parameter of the unit has its gradient: free it
 Module order comes from a trace of the first forward (as DeepSpeed and FSDP record it;
 :class:`parallel.zero.trace.TracedOrder`), and the prefetch keeps at most one extra module's units in
-flight (``prefetch=False``: none).
+flight (``prefetch=False``: none). The root's output-gradient hook (the first of backward) prefetches the
+last traced module's needs.
+
+Kept units (``keep`` = ``zero.keep_after_forward``, k). The k units freed last in the traced forward (block
+units: the root's — embeddings, final norm, tied head — and the last block's) are not freed at the end of
+forward: backward starts with them, so each is all-gathered once per micro-batch instead of twice,
+(N−1)/N·|u|·b fewer wire bytes per unit and step, and backward does not begin with a blocking gather. As
+FSDP2 keeps its root (``reshard_after_forward=False``) and DeepSpeed keeps parameters whose reuse distance is
+below ``stage3_max_reuse_distance``. For k ≤ 2 this raises no peak: backward's first hooks gather exactly
+these units (plus one prefetched) at the point where the saved activations are largest. A kept unit is freed
+by its gradients (as any unit in backward), by ``free_all``, or at the next forward's start if no backward
+took it (a forward without backward); under pipeline parallelism (several forwards before their backwards)
+the engine sets k = 0.
 
 Freeing. The gathered flat buffer keeps its tensor object but its storage is resized to 0, and each
 parameter's ``.data`` is swapped for an empty tensor. Autograd may have saved views of the weight
@@ -104,18 +116,25 @@ class Stage3Params:
     """Gathers and frees the units of ``module`` around each module's forward and backward."""
 
     def __init__(self, module: nn.Module, units: list, needs: dict, group: Group, prefetch: bool = True,
-                 shards=None, depth: int = 0):
+                 shards=None, depth: int = 0, keep: int = 0):
+        if keep < 0:
+            raise ValueError(f"stage 3: keep={keep} must be >= 0 (zero.keep_after_forward: units kept gathered "
+                             f"from forward to backward; 0 frees every unit after its forward)")
         self.module, self.units, self.group, self.prefetch = module, units, group, prefetch
+        self.keep = keep                       # units freed last in forward that stay gathered into backward
         self.shards, self.depth = shards, depth
         self.needs = {m: [units[i] for i in idx] for m, idx in needs.items()}
         self.needs.setdefault(module, [])      # the root is hooked too: code in its forward may touch a unit
         self.unit_of = {p: u for u in units for p in u.params}
         for u in units:
-            u.state, u.users, u.bwd, u.fired, u.work = SHARDED, 0, False, 0, None
+            u.state, u.users, u.bwd, u.fired, u.work, u.kept = SHARDED, 0, False, 0, None, False
         self.gathered_bytes = 0
         self.peak_gathered_bytes = 0
         self.gathers = 0
         self.order = TracedOrder()
+        self._freed: list = []                 # (unit, module that freed it) in the traced forward's order
+        self._last_free: dict = {}             # (unit, module) ids of each unit's last free -> rank from the end
+        self._departed = False                 # this forward left the trace: keep nothing
         self._pos_of: dict = {}                # module -> its position in this forward (OFF: off trace)
         self._stack: list = []                 # hooked modules running (while tracing), innermost last
         self._quiet = 0                        # > 0 inside our own hooks: their reads are not uses
@@ -157,6 +176,7 @@ class Stage3Params:
             self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
         self._pending = []
         self.order = TracedOrder()
+        self._last_free = {}
 
     # --- gather / free ----------------------------------------------------------------------------
     def _nbytes(self, u: FlatBucket) -> int:
@@ -193,7 +213,7 @@ class Stage3Params:
         for p in u.params:
             p.data = torch.empty(0, dtype=u.flat_param.dtype, device=u.flat_param.device)
         u.flat_param.untyped_storage().resize_(0)
-        u.state, u.bwd, u.fired = SHARDED, False, 0
+        u.state, u.bwd, u.fired, u.kept = SHARDED, False, 0, False
         self.gathered_bytes -= self._nbytes(u)
 
     def _prefetch_at(self, pos: int, step: int = 1) -> None:
@@ -214,8 +234,14 @@ class Stage3Params:
             self._done_calls = None
         if self._pending:
             self._apply_regions()
+        for u in self.units:                # kept by a forward that no backward followed
+            if u.kept and not u.bwd and u.users == 0:
+                self._free(u)
         self.order.start()
         self._stack = []
+        self._departed = False
+        if self.order.tracing:
+            self._freed = []
         if self.order.tracing and self._touch is None and not self._inert:
             self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet)
             self._touch.__enter__()
@@ -252,9 +278,14 @@ class Stage3Params:
                     "model's control flow depends on the data, and per-module gathers would pair different "
                     "parameters across ranks. Use zero.units: block, or zero.stage ≤ 2")
         self._end_touch()
+        if self.order.tracing:              # the units freed last in the traced forward are the ones to keep
+            last = {}                       # unit -> the module whose post-forward freed it last
+            for u, m in reversed(self._freed):
+                last.setdefault(u, m)
+            self._last_free = {(id(u), id(m)): i for i, (u, m) in enumerate(last.items())}
         self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)
-            if u.users == 0 and not u.bwd:
+            if u.users == 0 and not u.bwd and not u.kept:
                 self._free(u)
         if self.shards is not None:
             self.shards.drop_stale()
@@ -265,6 +296,7 @@ class Stage3Params:
         self._quiet += 1
         try:
             pos = self.order.visit(m)       # OFF when this forward departs from the trace: no prefetch
+            self._departed |= pos == OFF
             for u in self.needs[m]:
                 self._gather(u)
                 u.users += 1
@@ -287,12 +319,20 @@ class Stage3Params:
     def _post_forward_quiet(self, m, args, out):
         if self._stack and self._stack[-1] is m:
             self._stack.pop()
+        grad = torch.is_grad_enabled()
         for u in self.needs[m]:
             u.users -= 1
             if u.users == 0 and not u.bwd:
-                self._free(u)
-        if torch.is_grad_enabled():
+                if self.order.tracing:
+                    self._freed.append((u, m))
+                if grad and self._last_free.get((id(u), id(m)), self.keep) < self.keep and not self._departed:
+                    u.kept = True           # gathered until its backward (module docstring: kept units)
+                else:
+                    self._free(u)
+        if grad:
             pos = self._pos_of.get(m, OFF)
+            if m is self.module and pos == 0:       # backward starts here: prefetch the last traced module
+                pos = len(self.order)
             tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
             for t in tensors:
                 t.register_hook(lambda g, m=m, pos=pos: self._pre_backward(m, pos))
@@ -303,6 +343,11 @@ class Stage3Params:
             self._gather(u)
             u.bwd = True
         self._prefetch_at(pos - 1, -1)
+
+    def kept_units(self) -> list:
+        """The units this forward keeps gathered into backward (their last frees among the ``keep`` last)."""
+        ids = {k[0] for k, i in self._last_free.items() if i < self.keep}
+        return [u for u in self.units if id(u) in ids]
 
     def on_grad(self, p) -> None:
         """A parameter's gradient was accumulated: free its unit once all of the unit's have been."""
