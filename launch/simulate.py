@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from launch.plan import spec_from_model
+from launch.simulate_step import compare_comm, simulate_step
 from parallel.checkpoint.engine_state import _pieces
 from parallel.checkpoint.meta_probe import MetaScalars
 from parallel.checkpoint.ranged import plan_bytes
@@ -110,11 +111,12 @@ def _prediction(cfg, model, rank: int):
                    element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1)
     mem = dict(_states(bks, lay, tr, c["dp"]))
     mem["owned_elements"] = sum(_shard_pieces(bk, lay.dp, c["dp"], lay.zero > 0)[0] for bk in bks)
-    worst = one.memory[next(g for g in one.memory if coords_of(g, {"pp": p.pp, "dp": p.dp, "tp": p.tp})["pp"]
-                            == c["pp"])]
+    worst_rank = next(g for g in one.memory if coords_of(g, {"pp": p.pp, "dp": p.dp, "tp": p.tp})["pp"] == c["pp"])
+    worst = one.memory[worst_rank]
     mem.update(activations=worst["activations"], transient=worst["transient"])
     mem["peak"] = mem["total"] + mem["activations"] + mem["transient"]
-    return mem
+    mem["comm"] = one.comm[worst_rank]           # the planner's traffic depends on the pp rank only
+    return mem, spec
 
 
 def load_plan(engine, cfg, owned: int) -> dict:
@@ -129,7 +131,7 @@ def load_plan(engine, cfg, owned: int) -> dict:
     return {**plan, "expected": owned * per}
 
 
-def simulate_rank(cfg, world: int, rank: int) -> dict:
+def simulate_rank(cfg, world: int, rank: int, step: bool = True) -> dict:
     """Build rank ``rank`` of a ``world``-rank job for ``cfg`` under the fake backend on meta; returns
     the report (see the module docstring)."""
     p = cfg.parallel
@@ -151,14 +153,20 @@ def simulate_rank(cfg, world: int, rank: int) -> dict:
         _init_gradients(engine)
         _init_optimizer_state(engine)
         got = engine.model_state_bytes()
-        want = _prediction(cfg, model, rank)
+        want, spec = _prediction(cfg, model, rank)
         load = load_plan(engine, cfg, want.pop("owned_elements"))
         stages = [type(s).__name__ for s in engine.stages]
         out = {"world": world, "rank": rank, "coord": dict(mesh.coord), "stages": stages,
                "measured": got, "planner": want, "load": load,
                "equal": all(got[k] == want[k] for k in ("params", "grads", "master", "optimizer", "total"))
-               and load["data"] == load["expected"],
-               "seconds": round(time.perf_counter() - t0, 3)}
+               and load["data"] == load["expected"]}
+        if step:
+            t1 = time.perf_counter()
+            comm = simulate_step(engine, cfg, mesh, spec)
+            out.update(comm=comm, comm_diff=compare_comm(comm, want["comm"]), step_seconds=round(
+                time.perf_counter() - t1, 3))
+            out["equal"] &= not out["comm_diff"]
+        out["seconds"] = round(time.perf_counter() - t0, 3)
         del engine, model
         release_meshes()
         return out
