@@ -89,7 +89,7 @@ def simulate_step(engine, cfg, mesh, spec, steps: int = 2) -> dict:
     if engine.executor is not None:
         _prime_pipeline(engine, *_boundary(engine, cfg, spec))
     with StepScalars(), _p2p_one_by_one():
-        for k in range(steps):
+        for _ in range(steps):
             before = mesh.stats.snapshot()
             engine.train_step((x, x))
     got = CommStats.diff(mesh.stats.snapshot(), before)
