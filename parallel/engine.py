@@ -106,6 +106,8 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             for st in self.stages:                                  # loss=model: the last stage returns the output
                 if hasattr(st, "stage_info"):
                     st.stage_info.keep_output = self.loss_mode == "model"
+                    tpc = self.tensor_parallel              # region SP: later stages' stand-in ids span the whole
+                    st.stage_info.seq_factor = p.tp if tpc is not None and tpc.region else 1    # sequence
         self._current: list = []
         self.step_count = 0
         self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit

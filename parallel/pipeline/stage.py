@@ -42,6 +42,7 @@ class StageInfo:
     batch_kwargs: dict = field(default_factory=dict)   # this micro-batch's masks / position ids (engine sets them)
     keep_output: bool = False       # last stage: return the model's whole output (loss=model), not the logits
     extra_dims: int = 1             # dims the block activations have beyond the input ids (b, s)
+    seq_factor: int = 1             # region sequence parallel: the received activation holds s/tp of the s positions
     inject: object = None
     hidden: object = None
 
@@ -70,7 +71,10 @@ class PipelineStage:
                                  f"{sorted(st.batch_kwargs)}; give the model a forward that accepts them")
             return super().forward(x)
         # the token ids' shape: the activation's without the dims the blocks add (1: hidden; more: e.g. streams)
-        inp = x if st.first else torch.zeros(x.shape[:x.dim() - st.extra_dims], dtype=torch.long, device=x.device)
+        ids = list(x.shape[:x.dim() - st.extra_dims])
+        if st.seq_factor > 1 and len(ids) > 1:        # (b, s/tp) → (b, s): the model derives positions and masks
+            ids[1] *= st.seq_factor                    # from the ids' length, the blocks all-gather to s
+        inp = x if st.first else torch.zeros(ids, dtype=torch.long, device=x.device)
         st.inject, st.hidden = (None if st.first else x), None
         try:
             out = super().forward(inp, **st.call_kwargs, **st.batch_kwargs)
