@@ -6,10 +6,17 @@ payload bytes, wire bytes) with the planner's prediction for that rank (:func:`p
 
 What a meta step cannot do, and what stands in for it:
 
-* data: a batch of token ids on meta, (G/dp, seq) — only shapes flow; the loss's ``.item()``, the gradient
+* data: a batch of token ids (G/dp, seq), zeros, on the host (the batch checks — padding, target counts — read
+  it there) and moved to meta by the engine, from where only shapes flow; the loss's ``.item()``, the gradient
   norm's finiteness check and every other data-dependent Python branch read 0.0 / 1 / True (:class:`StepScalars`:
   a float 0.0, an integer 1 — a micro-batch's target count, which 0 would send down the empty-batch branch that
   skips the loss — a bool True), i.e. a finite step that is applied;
+* data-dependent shapes: a boolean mask's positions (``nonzero``, ``x[mask]``) are none, ``bincount`` counts
+  zeros and a copy to the host (counters) is zeros. This is
+  where a Mixture-of-Experts layer (:mod:`parallel.moe`) routes: on meta no token is kept in any expert slot,
+  but the slot buffers [E, C, h] — all the all-to-all's bytes depend on, C = ⌈cf·T·k/E⌉ — are the real ones;
+  a dropless layer's C (the largest load, data) reads 1 there, so dropless layouts disagree with the planner's
+  bound C = T and are reported as such;
 * pipeline receives: under the fake backend nothing arrives, so a receive cannot read its sender's header
   (dtype, shape). The executor is primed as in its steady state (step ≥ 2, where both ends know every
   message's shape and no header travels): every stage-boundary message — activation forward, its gradient
@@ -52,9 +59,25 @@ class StepScalars(MetaScalars):
     float (loss, gradient norm)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
-            dt = args[0].dtype
-            return True if dt == torch.bool else 0.0 if dt.is_floating_point or dt.is_complex else 1
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                dt = x.dtype
+                return True if dt == torch.bool else 0.0 if dt.is_floating_point or dt.is_complex else 1
+            if func is torch.ops.aten.nonzero.default:             # a mask's true positions: none
+                return torch.empty((0, x.dim()), dtype=torch.int64, device="meta")
+            if func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+                idx = []                                            # x[mask]: the mask selects nothing
+                for i in args[1]:
+                    idx += [torch.empty(0, dtype=torch.int64, device="meta")] * i.dim() if (
+                        i is not None and i.dtype == torch.bool) else [i]
+                return func(x, idx)
+            dev = (kwargs or {}).get("device")
+            if func is torch.ops.aten._to_copy.default and dev is not None and torch.device(dev).type == "cpu":
+                return torch.zeros(x.shape, dtype=(kwargs or {}).get("dtype") or x.dtype)   # host counters
+            if func is torch.ops.aten.bincount.default:            # counts per value: minlength zeros
+                n = (kwargs or {}).get("minlength", args[2] if len(args) > 2 else 0)
+                return torch.zeros(n, dtype=torch.int64, device="meta")
         return func(*args, **(kwargs or {}))
 
 
@@ -85,7 +108,7 @@ def simulate_step(engine, cfg, mesh, spec, steps: int = 2) -> dict:
     """Run ``steps`` training steps of ``engine`` on meta; the CommStats of the last, by axis (no control axes)."""
     p = cfg.parallel
     G = cfg.data.global_batch_size // p.dp
-    x = torch.zeros(G, spec.seq, dtype=torch.long, device="meta")
+    x = torch.zeros(G, spec.seq, dtype=torch.long)       # real token ids (zeros): the batch checks read them
     if engine.executor is not None:
         _prime_pipeline(engine, *_boundary(engine, cfg, spec))
     with StepScalars(), _p2p_one_by_one():
