@@ -26,7 +26,7 @@ import torch.nn as nn
 from parallel.loss import logits_of
 from parallel.parameters import param_info
 
-__all__ = ["StageInfo", "PipelineStage", "build_stage"]
+__all__ = ["StageInfo", "PipelineStage", "build_stage", "follow_dtype"]
 
 
 @dataclass(eq=False)
@@ -156,6 +156,16 @@ class _Zeros(nn.Module):
                                f"set parallel.pp=1 for this model")
         shape = tuple(t.shape) if self.embedding else tuple(t.shape[:-1])
         return torch.zeros(shape + (self.dim,), dtype=self.like.dtype, device=t.device)
+
+
+def follow_dtype(stage: nn.Module) -> None:
+    """The stand-ins (:class:`_Zeros`) of first-stage modules on ``stage`` produce its parameters' dtype: a bf16 /
+    fp16 engine casts the parameters, not these buffers, and an fp32 stand-in embedding made the rotary tables of
+    a transformers model fp32 and its q, k fp32 next to a bf16 v (sdpa refuses)."""
+    dt = next((q.dtype for q in stage.parameters() if q.is_floating_point()), None)
+    for m in stage.modules():
+        if isinstance(m, _Zeros) and dt is not None and m.like.dtype != dt:
+            m.like = m.like.to(dt)
 
 
 def _inject_hook(info):
