@@ -29,7 +29,7 @@ def _body(rank, world, d):
 
     def slow_copy(self, eager):              # the writer's copy starts late: the next update must wait for it
         if not eager:
-            time.sleep(0.3)
+            time.sleep(0.15)
         return copy(self, eager)
 
     def step():
@@ -74,7 +74,7 @@ def test_lazy_snapshot_equals_a_synchronous_save_and_is_copied_off_the_step_boun
             assert nbytes == owned
             # every owned byte copied by the writer thread, once per save (since the last plan)
             assert stats["background_bytes"] == owned * (r + 1 if r < 2 else 1), (r, stats, owned)
-            assert stats["waited_s"] > 0.1, stats                # the update did wait for the late copy
+            assert stats["waited_s"] > 0.05, stats                # the update did wait for the late copy
     # ZeRO-1 over dp 2: the two ranks' partitions are the model's elements once (12 bytes each: master + Adam's two)
     n = sum(p.numel() for p in _model().parameters())
     assert res[0][0][1] + res[1][0][1] == 12 * n
