@@ -7,10 +7,11 @@ the same warm-up:
 
 * ``base``: K steps, no save — the step time t;
 * ``sync``: ``engine.save`` timed alone — S, what a synchronous checkpoint stalls training for;
-* ``async``: :class:`parallel.checkpoint.async_save.AsyncSaver` ``save`` (the foreground part, timed:
-  F — with the lazy snapshot of :mod:`parallel.checkpoint.snapshot` no copy of model state, which the writer
-  thread makes while the next step's forward and backward run; its update waits for it if needed), then steps until the background write has committed (W steps, timed: T) — the stall is
-  F + (T − W·t): the snapshot plus what the writer thread took from the steps (CPU, GIL, memory bandwidth).
+* ``async``: :class:`parallel.checkpoint.async_save.AsyncSaver` ``save`` (the foreground part, timed: F —
+  with the lazy snapshot of :mod:`parallel.checkpoint.snapshot` no copy of model state, which the writer thread
+  makes while the next step's forward and backward run; its update waits for it if needed), then steps until
+  the background write has committed (W steps, timed: T) — the stall is F + (T − W·t): the snapshot plus what
+  the writer thread took from the steps (CPU, GIL, memory bandwidth).
 
 Reported: medians of S, F and the stall, and stall / S (the issue asks ≤ 5 %); the first async save, which
 plans the snapshot (runs, host buffers: once per layout), is timed apart; the saver's counted bytes (copied in

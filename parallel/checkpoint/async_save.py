@@ -1,8 +1,13 @@
 """Asynchronous checkpoints (``train.checkpoint.async: true``): a host snapshot now, the files later.
 
-A save has two halves. Staging (:func:`parallel.checkpoint.sharded.stage_pieces`) runs on the training
-thread, at the step boundary, on every rank: the owned elements are copied to host memory (the
-snapshot — training may change the parameters afterwards) and the ranks exchange their runs. Writing —
+A save has two halves. Staging runs on the training thread, at the step boundary, on every rank: the
+snapshot of the owned elements in host memory (training may change the parameters afterwards). By default
+it is lazy (:mod:`parallel.checkpoint.snapshot`): the runs, their host buffers and the DCP state are planned
+at the first save (the ranks exchange their runs then) and reused; the step boundary copies only buffers a
+forward changes, the writer thread copies the rest while the next forward and backward run, and the next
+optimizer update waits for that copy (an ``optimizer`` phase callback), so the checkpoint holds the values
+of the step it names. ``lazy=False``, optimizer offload and 8-bit moments: the whole copy at the boundary
+(:func:`parallel.checkpoint.sharded.stage_pieces`). Writing —
 DCP's files, the rank file, the digests, ``meta.json`` and the atomic rename — runs in a background
 thread of each rank while training continues, its collectives on a process group of its own (gloo,
 created once, by every rank at the first save), never on the training's groups.
