@@ -23,8 +23,12 @@ and the collectives it issues, counted by CommStats per mesh axis and op (calls,
 equal the planner's ``Prediction.comm`` for the rank (else exit 1; ``--no-step`` skips it). What stands in for
 data on meta (scalars read by Python branches, the pipeline's message headers) is listed there.
 
+Expert (ep) and context (cp) parallel layouts are simulated too: the mesh builds their groups, the planner's
+exact-rank bytes partition over dp×cp (experts over edp), and the step's all-to-alls are counted.
+
 Limits: models whose construction needs real data (``.item()`` in ``__init__``) cannot be built on meta; a step
-that fails on meta is reported (``comm_diff``) with its error instead of counts.
+that fails on meta is reported (``comm_diff``) with its error instead of counts; the checkpoint load plan of
+ep-split experts is not computed (the meta layout probe cannot trace them yet: ``load["error"]``).
 
 The published layouts of :mod:`launch.simulate_layouts` (Llama-3 405B on 16,384 ranks, a 70B on 1,024)
 are checked by ``tests/test_simulate.py``.
