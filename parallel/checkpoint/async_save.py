@@ -146,7 +146,13 @@ class AsyncSaver:
             os.makedirs(tmp)
         self.plan.copy_eager()
         plan = self.plan
-        self._unguard = engine.add_callback(lambda phase, step: plan.guard() if phase == "optimizer" else None)
+
+        def guard(phase, step):                  # the first update after the save: wait for the copy, then leave
+            if phase == "optimizer" and self._unguard is not None:
+                plan.guard()
+                self._unguard()
+                self._unguard = None
+        self._unguard = engine.add_callback(guard)
         st = {"state": self.plan.state, "shapes": self.plan.shapes, "tmp": tmp, "final": os.path.abspath(path),
               "rank": rank, "world": world}
         return st, meta, rank_meta, self.plan.copy_rest
