@@ -44,6 +44,7 @@ from parallel.checkpoint.engine_state import optim_meta, save_meta, save_parts, 
 from parallel.checkpoint.integrity import CheckpointError, digest_own
 from parallel.checkpoint.sharded import stage_pieces, tmp_dir
 from parallel.checkpoint.snapshot import SnapshotPlan
+from parallel.reliability.watchdog import is_peer_failure
 
 __all__ = ["AsyncSaver", "FAULT"]
 
@@ -197,6 +198,8 @@ class AsyncSaver:
             e, self.error = self.error, None
             if isinstance(e, CheckpointError):
                 raise e
+            if is_peer_failure(e):                # another rank died mid-save: reported as the peer failure it is
+                raise e                           # (the dead rank names the cause), not as this rank's own error
             raise CheckpointError(f"writing checkpoint {self.path} in the background failed: {type(e).__name__}: "
                                   f"{str(e)[:300]}; it was not committed") from e
         return self.done_path
