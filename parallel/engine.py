@@ -51,6 +51,7 @@ from parallel.moe import apply_expert_parallel, moe_layers, set_aux_scale
 from parallel.optim.factory import optimizer_factory
 from parallel.optim.lr_schedule import build_scheduler
 from parallel.pipeline import PipelineExecutor, find_body, get_schedule, split_for, sync_tied_grads
+from parallel.pipeline.stage import follow_dtype
 from parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 from parallel.zero import NonFiniteError, StepResult, ZeroOptimizer
 
@@ -108,6 +109,9 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             for st in self.stages:                                  # loss=model: the last stage returns the output
                 if hasattr(st, "stage_info"):
                     st.stage_info.keep_output = self.loss_mode == "model"
+                    tpc = self.tensor_parallel              # region SP: later stages' stand-in ids span the whole
+                    st.stage_info.seq_factor = p.tp if tpc is not None and tpc.region else 1    # sequence
+                    follow_dtype(st)                        # bf16/fp16: stand-in embeddings in the compute dtype
         self._current: list = []
         self.step_count = 0
         self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit

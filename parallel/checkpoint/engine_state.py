@@ -134,15 +134,57 @@ def save_parts(engine, extra: dict) -> tuple:
     (:mod:`parallel.checkpoint.async_save`) write."""
     pieces, optim_meta = _pieces(engine)
     pieces += _buffer_pieces(engine)
+    return (pieces, *save_meta(engine, extra, optim_meta))
+
+
+def optim_meta(engine) -> dict:
+    """The optimizer's scalars and per-element state keys, as :func:`_pieces` reports them (without the pieces)."""
+    scalars, keys = {}, set()
+    for *_, view in engine.zero._pieces:
+        for k, v in engine.zero.optimizer.state.get(view, {}).items():
+            if isinstance(v, torch.Tensor) and v.numel() == view.numel() and v.dim() > 0:
+                keys.add(k)
+            elif v is not None:
+                scalars[k] = float(v)
+    return {"optim_scalars": scalars, "optim_state_keys": sorted(keys)}
+
+
+def state_sources(engine) -> tuple:
+    """The storage every saved tensor lives in (data pointer, size, dtype), in order: equal between two saves
+    exactly when a snapshot plan (:mod:`parallel.checkpoint.snapshot`) built at the first serves the second."""
+    out = []
+    for *_, view in engine.zero._pieces:
+        out.append((view.data_ptr(), view.numel(), view.dtype))
+        for k, v in engine.zero.optimizer.state.get(view, {}).items():
+            if isinstance(v, torch.Tensor) and v.numel() == view.numel() and v.dim() > 0:
+                out.append((k, v.data_ptr(), v.dtype))
+    for st in engine.stages:
+        out += [(b.data_ptr(), b.numel(), b.dtype) for b in st.buffers()]
+    return tuple(out)
+
+
+def save_meta(engine, extra: dict, optim: dict) -> tuple:
+    """(meta, rank_meta) of a save; ``optim``: :func:`optim_meta`. The rank meta's tensors are copies (a
+    background writer saves them while training goes on)."""
     c = engine.cfg
     meta = {"step": engine.step_count, "format": "parallel3d-2", "layout": _layout(engine),
             "model": {"factory": c.model.factory, "kwargs": c.model.kwargs, **_structure(engine)},
             "optimizer": c.optimizer.name, "loss_scale": engine.zero.loss_scale,
-            "scheduler_last_epoch": engine.scheduler.last_epoch, **optim_meta, **extra}
+            "scheduler_last_epoch": engine.scheduler.last_epoch, **optim, **extra}
     rank_meta = {"rng": torch.get_rng_state(), "world": engine.mesh.world_size}
     if hasattr(engine.zero.optimizer, "comm_state"):         # 1-bit Adam: this rank's error-feedback buffers
-        rank_meta["optimizer_comm"] = engine.zero.optimizer.comm_state
-    return pieces, meta, rank_meta
+        rank_meta["optimizer_comm"] = _cloned(engine.zero.optimizer.comm_state)
+    return meta, rank_meta
+
+
+def _cloned(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _cloned(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cloned(v) for v in x)
+    return x
 
 
 def _structure(engine) -> dict:

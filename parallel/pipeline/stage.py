@@ -26,7 +26,7 @@ import torch.nn as nn
 from parallel.loss import logits_of
 from parallel.parameters import param_info
 
-__all__ = ["StageInfo", "PipelineStage", "build_stage"]
+__all__ = ["StageInfo", "PipelineStage", "build_stage", "follow_dtype"]
 
 
 @dataclass(eq=False)
@@ -42,6 +42,7 @@ class StageInfo:
     batch_kwargs: dict = field(default_factory=dict)   # this micro-batch's masks / position ids (engine sets them)
     keep_output: bool = False       # last stage: return the model's whole output (loss=model), not the logits
     extra_dims: int = 1             # dims the block activations have beyond the input ids (b, s)
+    seq_factor: int = 1             # region sequence parallel: the received activation holds s/tp of the s positions
     inject: object = None
     hidden: object = None
 
@@ -70,7 +71,10 @@ class PipelineStage:
                                  f"{sorted(st.batch_kwargs)}; give the model a forward that accepts them")
             return super().forward(x)
         # the token ids' shape: the activation's without the dims the blocks add (1: hidden; more: e.g. streams)
-        inp = x if st.first else torch.zeros(x.shape[:x.dim() - st.extra_dims], dtype=torch.long, device=x.device)
+        ids = list(x.shape[:x.dim() - st.extra_dims])
+        if st.seq_factor > 1 and len(ids) > 1:        # (b, s/tp) → (b, s): the model derives positions and masks
+            ids[1] *= st.seq_factor                    # from the ids' length, the blocks all-gather to s
+        inp = x if st.first else torch.zeros(ids, dtype=torch.long, device=x.device)
         st.inject, st.hidden = (None if st.first else x), None
         try:
             out = super().forward(inp, **st.call_kwargs, **st.batch_kwargs)
@@ -152,6 +156,16 @@ class _Zeros(nn.Module):
                                f"set parallel.pp=1 for this model")
         shape = tuple(t.shape) if self.embedding else tuple(t.shape[:-1])
         return torch.zeros(shape + (self.dim,), dtype=self.like.dtype, device=t.device)
+
+
+def follow_dtype(stage: nn.Module) -> None:
+    """The stand-ins (:class:`_Zeros`) of first-stage modules on ``stage`` produce its parameters' dtype: a bf16 /
+    fp16 engine casts the parameters, not these buffers, and an fp32 stand-in embedding made the rotary tables of
+    a transformers model fp32 and its q, k fp32 next to a bf16 v (sdpa refuses)."""
+    dt = next((q.dtype for q in stage.parameters() if q.is_floating_point()), None)
+    for m in stage.modules():
+        if isinstance(m, _Zeros) and dt is not None and m.like.dtype != dt:
+            m.like = m.like.to(dt)
 
 
 def _inject_hook(info):

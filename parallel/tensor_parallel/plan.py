@@ -182,6 +182,16 @@ def _first_input_hook(module, args, kwargs, fn, what):
     raise ValueError(f"{what} on {type(module).__name__}: no positional input or hidden_states= to apply it to")
 
 
+def _scatter_once(x, group):
+    """Enter the region: this rank's sequence chunk of ``x`` — unless ``x`` is such a chunk already, as when
+    activation checkpointing re-runs the block from the inputs its pre-hook kept, which this hook had cut."""
+    if getattr(x, "_sp_chunk", False):
+        return x
+    y = seq_scatter(x, group)
+    y._sp_chunk = True
+    return y
+
+
 def _output_hook(module, args, output, fn):
     """Forward hook applying ``fn`` to the module's output (or the first element of a tuple output)."""
     if isinstance(output, tuple):
@@ -202,6 +212,7 @@ class TPConversion:
     group: Group
     sequence_parallel: bool             # activations between the tp regions are sequence-sharded
     vocab_parallel_output: bool         # logits split by vocabulary: use vocab_parallel_cross_entropy
+    region: bool = False                # SP in the region layout: the residual stream is whole outside the blocks
 
 
 def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
@@ -216,7 +227,8 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, plan="auto",
     group: Group = mesh_or_group.group("tp") if hasattr(mesh_or_group, "group") else mesh_or_group
     tp = group.size
     matches, sections, styles, kv, attrs = _checked_plan(model, plan, tp, sequence_parallel, gather_logits)
-    out = TPConversion(group, bool(sequence_parallel and tp > 1), tp > 1 and "colwise_vocab" in styles)
+    out = TPConversion(group, bool(sequence_parallel and tp > 1), tp > 1 and "colwise_vocab" in styles,
+                       bool(sequence_parallel and tp > 1) and "seq_scatter_input" in styles)
     if tp == 1:
         return out
     region = "seq_scatter_input" in styles
@@ -334,7 +346,7 @@ def _hook_marker(m: nn.Module, style: str, group: Group, sp: bool) -> None:
     if style == "replicated_grad_allreduce" or (sp and style == "sequence_parallel"):
         sum_grads_over_tp(m, group)
     elif sp and style == "seq_scatter_input":
-        m.register_forward_pre_hook(ft.partial(_first_input_hook, fn=ft.partial(seq_scatter, group=group),
+        m.register_forward_pre_hook(ft.partial(_first_input_hook, fn=ft.partial(_scatter_once, group=group),
                                                what="seq_scatter_input"), with_kwargs=True)
     elif sp and style in ("seq_scatter_output", "seq_gather_output"):
         fn = seq_scatter if style == "seq_scatter_output" else seq_gather
