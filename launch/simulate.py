@@ -158,12 +158,12 @@ def simulate_rank(cfg, world: int, rank: int, step: bool = True) -> dict:
     try:
         mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta", ep=p.ep, cp=p.cp)
         model = _meta_model(cfg)
-        with MetaScalars():
+        want, spec = _prediction(cfg, _meta_model(cfg), rank)      # from the model as built, before the engine
+        with MetaScalars():                                         # converts it in place (tp, ep split)
             engine = Engine(model, cfg, mesh)
         _init_gradients(engine)
         _init_optimizer_state(engine)
         got = engine.model_state_bytes()
-        want, spec = _prediction(cfg, model, rank)
         owned = want.pop("owned_elements")
         try:
             load = load_plan(engine, cfg, owned)
