@@ -14,7 +14,9 @@ needs the embedding's unit (it is gathered twice in forward: the tie costs one e
 
 Lifecycle of a unit, driven by hooks:
   forward pre-hook of a module   gather its needs (wait), prefetch the next module's needs
-  forward post-hook              free the needs; hook the outputs' gradients (pre-backward)
+  forward post-hook              free the needs; hook the outputs' gradients (pre-backward); inside backward
+                                 (an activation checkpoint's recompute) keep them: their backward follows,
+                                 so a recomputed unit is gathered twice per step, not three times
   output-gradient hook           gather the needs again, prefetch the previous module's needs
   post-accumulate-grad hooks     once every parameter of the unit has its gradient: free it
 Module order comes from a trace of the first forward (as DeepSpeed and FSDP record it;
@@ -320,9 +322,12 @@ class Stage3Params:
         if self._stack and self._stack[-1] is m:
             self._stack.pop()
         grad = torch.is_grad_enabled()
+        recompute = torch._C._current_graph_task_id() != -1    # a forward inside backward: a checkpoint's recompute
         for u in self.needs[m]:
             u.users -= 1
-            if u.users == 0 and not u.bwd:
+            if recompute:
+                u.bwd = True                # its backward follows: stays gathered until its gradients free it
+            elif u.users == 0 and not u.bwd:
                 if self.order.tracing:
                     self._freed.append((u, m))
                 if grad and self._last_free.get((id(u), id(m)), self.keep) < self.keep and not self._departed:
