@@ -60,8 +60,8 @@ def check_stages(model: nn.Module, plan, owners: dict, probe: dict, sample) -> N
                     raise ValueError(
                         f"pipeline split: stage {k} of {S} of {name} fails when run alone on a probe input (blocks "
                         f"{plan.bounds[k][0]}..{plan.bounds[k][1] - 1}; the modules other stages own are stand-ins): "
-                        f"{type(e).__name__}: {' '.join(str(e).split())[:600]} — this model cannot be split as "
-                        "planned: set parallel.pp=1, or name other boundaries (parallel.pp_split)") from e
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
+                        + ("" if "parallel.pp=1" in str(e) else " — set parallel.pp=1 for this model")) from e
                 del stage
     finally:
         for m, t in modes.items():

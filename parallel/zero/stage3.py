@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.zero.lockstep import END, Diverged, Lockstep
 from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
@@ -129,6 +130,11 @@ class Stage3Params:
         self._hooked: set = set()
         for m in self.needs:
             self._hook(m)
+        self._lock = Lockstep(module, group) if group.size > 1 else None     # the first forward: see .lockstep
+        self._retried: set = set()
+        if self._lock is not None:
+            self._own_forward = module.__dict__.get("forward")
+            module.forward = self._first_forward
         self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
         self._handles.append(module.register_forward_hook(self._root_post))
         self._handles.append(module.register_forward_hook(self._end_touch, always_call=True))   # also on errors
@@ -149,13 +155,68 @@ class Stage3Params:
         return out
 
     def _apply_regions(self) -> None:
-        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward)."""
+        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward). A
+        region's gradients are reduced at the end of backward, in bucket order, zeros for parameters that got
+        none (an expert without tokens on one rank), so every rank reduces the same buckets at the same point."""
         for r in self._pending:
             if r not in self._hooked:
                 self._hook(r)
             self.needs[r] = region_units(r, self.needs)
+            for u in self.needs[r]:
+                u.at_finish = True
             self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
         self._pending = []
+        self.order = TracedOrder()
+
+    def _lock_on(self) -> bool:
+        return self._lock is not None and self.module.__dict__.get("forward") == self._first_forward
+
+    def _first_forward(self, *args, **kwargs):
+        """The first forward, in lockstep over dp (:mod:`.lockstep`): when the ranks' gathers differ, the module
+        whose code chose different children becomes a region and the forward runs again from the same RNG
+        state and buffers. Afterwards the model's own forward is restored."""
+        rng = torch.get_rng_state()
+        bufs = [(b, b.detach().clone()) for b in self.module.buffers()]
+        fwd = self._own_forward or (lambda *a, **k: type(self.module).forward(self.module, *a, **k))
+        try:
+            for _ in range(len(self._lock.mods) + 1):
+                try:
+                    out = fwd(*args, **kwargs)
+                    self._lock.check(END, [], "its forward ended")
+                    return out
+                except Diverged as d:
+                    if d.common is None or d.common in self._retried:
+                        self._end_touch()
+                        raise RuntimeError(f"{d}: the model's own code calls different parameter-holding modules "
+                                           "on different dp ranks, so per-module gathers cannot be paired. Use "
+                                           "zero.units: block, or zero.stage ≤ 2") from None
+                    self._restart(d.common, rng, bufs)
+                    self._root_pre(self.module, args)
+            raise RuntimeError("ZeRO-3: the first forward kept diverging across dp ranks")
+        finally:
+            if self._own_forward is None:
+                self.module.__dict__.pop("forward", None)
+            else:
+                self.module.forward = self._own_forward
+
+    def _restart(self, region: nn.Module, rng, bufs) -> None:
+        """Undo an interrupted first forward (every rank does the same): free every unit, forget the trace,
+        the recorded calls and touches, restore RNG and buffers; ``region`` is gathered as one from now on."""
+        self._end_touch()
+        if self._done_calls is not None:
+            self._done_calls.remove()
+            self._done_calls = None
+        for u in self.units:
+            u.users, u.bwd = 0, False
+            self._free(u)
+        self._stack, self._pos_of = [], {}
+        self._pending, self._retried = [region], self._retried | {region}
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, v in bufs:
+                b.copy_(v)
+        name = next(n for n, m in self.module.named_modules() if m is region)
+        self.regions[name] = "calls different modules on different dp ranks (first forward)"
         self.order = TracedOrder()
 
     # --- gather / free ----------------------------------------------------------------------------
@@ -163,6 +224,8 @@ class Stage3Params:
         return u.padded * u.flat_param.element_size()
 
     def _gather(self, u: FlatBucket, wait: bool = True) -> None:
+        if u.state == SHARDED and self._lock is not None and self._calls is not None and self._calls.on:
+            self._lock.check(u.index, [e[0] for e in self._calls._stack], f"unit {u.index} ({u.names[0]}, …)")
         if u.state == SHARDED:
             src = self.shards.fetch(u) if self.shards is not None else u.shard_param
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
@@ -216,7 +279,7 @@ class Stage3Params:
             self._apply_regions()
         self.order.start()
         self._stack = []
-        if self.order.tracing and self._touch is None and not self._inert:
+        if self.order.tracing and self._touch is None and (self._lock_on() or not self._inert):
             self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet)
             self._touch.__enter__()
             holders = self._holders()
@@ -244,7 +307,7 @@ class Stage3Params:
             calls.on, self._done_calls = False, calls
             names = {m: n for n, m in self.module.named_modules()}
             self._pending, same = agree_regions(self.module, calls.regions, self.order.modules, self.group)
-            self.regions = {names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending}
+            self.regions.update({names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending})
             if not same:                    # every rank sees the same answer: all raise, none hangs
                 raise RuntimeError(
                     "ZeRO-3: the dp ranks called their modules in different orders in the first forward (outside "
