@@ -131,7 +131,8 @@ class Stage3Params:
         for m in self.needs:
             self._hook(m)
         self._lock = Lockstep(module, group) if group.size > 1 else None     # the first forward: see .lockstep
-        self._retried: set = set()
+        self._retried: set = set()              # regions made by a first-forward restart (.lockstep)
+        self.restarts = 0
         if self._lock is not None:
             self._own_forward = module.__dict__.get("forward")
             module.forward = self._first_forward
@@ -211,6 +212,7 @@ class Stage3Params:
             self._free(u)
         self._stack, self._pos_of = [], {}
         self._pending, self._retried = [region], self._retried | {region}
+        self.restarts += 1
         torch.set_rng_state(rng)
         with torch.no_grad():
             for b, v in bufs:
