@@ -7,7 +7,6 @@
 * The model's own forward calls a different module on each rank: there is no parent to gather as one, so every
   rank raises the same error at the same point (no rank waits on the other).
 """
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

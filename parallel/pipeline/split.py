@@ -47,8 +47,8 @@ import torch.nn as nn
 
 from parallel import comm
 from parallel.parameters import param_info
-from parallel.pipeline.split_names import body_from_names, bounds_from_names, mixed_sequential, names_of
 from parallel.pipeline.split_check import check_stages
+from parallel.pipeline.split_names import body_from_names, bounds_from_names, mixed_sequential, names_of
 from parallel.pipeline.split_probe import probe as _probe
 from parallel.pipeline.stage import build_stage
 
