@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from parallel.comm import Group
-from parallel.tensor_parallel.auto_plan import plan_for
+from parallel.tensor_parallel.auto_plan import missing_grad_sums, plan_for
 from parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -219,6 +219,7 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
     added by :mod:`.ties`); or one ValueError."""
     plan = resolve_plan(model, plan, ft.partial(plan_for, tp=tp, convert=apply_tensor_parallel,
                                                 sequence_parallel=sequence_parallel))
+    plan.update(missing_grad_sums(model, plan, tp, apply_tensor_parallel))   # replicated params on split tensors
     if gather_logits:
         plan = {g: "colwise_gather" if s == "colwise_vocab" else s for g, s in plan.items()}
     errors: list[str] = []
