@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from parallel.comm import Group, all_reduce
 from parallel.loss import logits_of
 from parallel.pipeline.stage import build_stage
 
@@ -71,10 +72,35 @@ def check_stages(model: nn.Module, plan, owners: dict, probe: dict, sample) -> N
     if x.shape != want.shape:
         raise ValueError(f"pipeline split: the {S} stages of {name} return logits of shape {tuple(x.shape)}, "
                          f"the whole model {tuple(want.shape)}; set parallel.pp=1 for this model")
-    err, scale = (x.double() - want.double()).abs().max().item(), want.double().abs().max().item()
+    err, scale = _agreed(model, *_error(x, want))
     if not err <= RTOL * max(scale, 1e-30):
         raise ValueError(
             f"pipeline split: the {S} stages of {name}, run in sequence on a probe input, give logits that differ "
             f"from the whole model's by {err:.3g} (largest |logit| {scale:.3g}): its code outside the blocks depends "
             "on what later stages rebuild (input ids, which they see as zeros, or values computed before the first "
             "block) — splitting it would train on wrong numbers. Set parallel.pp=1 for this model")
+
+
+def _error(x: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max |x − want| where they differ — equal infinities, a padded vocabulary's −inf logits, count as equal,
+    NaN if only one side is not finite; the largest finite |want|)."""
+    d = (x.double() - want.double()).abs().masked_fill(x == want, 0.0)
+    fin = want.isfinite()
+    scale = want.double()[fin].abs().max().item() if fin.any() else 1.0
+    return (float("nan") if d.isnan().any() else d.max().item()), scale
+
+
+def _agreed(model: nn.Module, err: float, scale: float) -> tuple[float, float]:
+    """The worst error over the model's tensor-parallel groups (its parallel layers' ``group``): a rank holding a
+    vocabulary shard sees only its logits, and every rank must reach the same verdict (none trains alone)."""
+    groups = {}
+    for m in model.modules():
+        g = getattr(m, "group", None)
+        if isinstance(g, Group) and g.size > 1:
+            groups.setdefault((g.axis, tuple(g.ranks)), g)
+    if not groups:
+        return err, scale
+    t = torch.tensor([1.0 if err != err else 0.0, 0.0 if err != err else err, scale], dtype=torch.float64)
+    for key in sorted(groups):
+        all_reduce(t, groups[key].control(), op="max")
+    return (float("nan") if t[0] > 0 else t[1].item()), t[2].item()
