@@ -40,6 +40,10 @@ class _Net(nn.Module):
             return self.head(h) + self.ids_bias(x).reshape(*x.shape, 1)
         if self.after == "between":                          # changes the hidden state between blocks
             return self.head(h)
+        if self.after == "rescale":                          # RWKV: the training mode touches every block's weights
+            if self.training:
+                self.blocks[-1][0].weight.mul_(1.0)
+            return self.head(h)
         if self.after == "tag":
             assert self.head.tag is not None
             return self.head(h)
@@ -81,6 +85,7 @@ def test_metadata_reads_split_exactly(p):
     ("tied_values", r"stage 1 of 2 .*computes with `emb\.weight`.*live on stage 0.*parallel\.pp=1"),
     ("ids", r"differ from the whole model's by .*input ids.*parallel\.pp=1"),
     ("between", r"differ from the whole model's by .*parallel\.pp=1"),
+    ("rescale", r"stage 0 of 2 .*\(training mode, .*parallel\.pp=1"),
     ("tag", r"stage 0 of 2 .*reads `head\.tag`, but head lives on stage 1.*parallel\.pp=1"),
 ])
 def test_refused_when_planned_on_every_rank(after, match):

@@ -44,26 +44,24 @@ def check_stages(model: nn.Module, plan, owners: dict, probe: dict, sample) -> N
     S = plan.n_stages
     if S < 2 or plan.kind != "model":
         return
-    x0 = _ids_like(model, sample)
+    x0, name = _ids_like(model, sample), type(model).__name__
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    name = type(model).__name__
     try:
         with torch.no_grad():
             want = logits_of(model(x0))
-            x = x0
-            for k in range(S):
-                stage = build_stage(model, plan, owners, probe, k)
-                stage.eval()
+            stages = [build_stage(model, plan, owners, probe, k) for k in range(S)]
+            x = _chain(stages, x0, False, plan, name)
+            # the training mode's code paths too (RWKV rescales every block's weights when its mode flips): values
+            # not compared (dropout); RNG and buffers (BatchNorm statistics) left as they were
+            bufs = [(b, b.detach().clone()) for b in model.buffers()]
+            with torch.random.fork_rng(devices=[]):
                 try:
-                    x = stage(x)
-                except Exception as e:
-                    raise ValueError(
-                        f"pipeline split: stage {k} of {S} of {name} fails when run alone on a probe input (blocks "
-                        f"{plan.bounds[k][0]}..{plan.bounds[k][1] - 1}; the modules other stages own are stand-ins): "
-                        f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
-                        + ("" if "parallel.pp=1" in str(e) else " — set parallel.pp=1 for this model")) from e
-                del stage
+                    _chain(stages, x0, True, plan, name)
+                finally:
+                    for b, v in bufs:
+                        b.copy_(v)
+            del stages
     finally:
         for m, t in modes.items():
             m.training = t
@@ -79,6 +77,22 @@ def check_stages(model: nn.Module, plan, owners: dict, probe: dict, sample) -> N
             f"from the whole model's by {err:.3g} (largest |logit| {scale:.3g}): its code outside the blocks depends "
             "on what later stages rebuild (input ids, which they see as zeros, or values computed before the first "
             "block) — splitting it would train on wrong numbers. Set parallel.pp=1 for this model")
+
+
+def _chain(stages: list, x, training: bool, plan, name: str):
+    """The stages run in sequence from ``x`` in training or eval mode; a stage that raises is a ValueError."""
+    S = len(stages)
+    for k, stage in enumerate(stages):
+        stage.train(training)
+        try:
+            x = stage(x)
+        except Exception as e:
+            raise ValueError(
+                f"pipeline split: stage {k} of {S} of {name} fails when run alone on a probe input "
+                f"({'training' if training else 'eval'} mode, blocks {plan.bounds[k][0]}..{plan.bounds[k][1] - 1}; "
+                f"the modules other stages own are stand-ins): {type(e).__name__}: {' '.join(str(e).split())[:600]}"
+                + ("" if "parallel.pp=1" in str(e) else " — set parallel.pp=1 for this model")) from e
+    return x
 
 
 def _error(x: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
