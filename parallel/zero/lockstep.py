@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from parallel.comm import all_reduce
+from parallel.zero.trace import TracedOrder
 
-__all__ = ["Lockstep", "Diverged", "END", "DEPTH"]
+__all__ = ["Lockstep", "Diverged", "END", "DEPTH", "first_forward"]
 
 END = -1            # the code of "this rank's forward ended"
 DEPTH = 64          # call-stack entries compared (deeper stacks are cut: the common module is then shallower)
@@ -69,3 +70,54 @@ class Lockstep:
         where = self.names.get(common, "<none>") if common is not None else "<none>"
         raise Diverged(f"ZeRO-3: in the first forward the dp ranks called different modules (this rank: {what}) "
                        f"inside {where}", None if common is None or common is self.root else common)
+
+
+def first_forward(s3, args, kwargs):
+    """Stage 3's first forward (``s3``: its :class:`~.stage3.Stage3Params`), in lockstep over dp: when the ranks'
+    gathers differ, the module whose code chose different children becomes a region and the forward runs again
+    from the same RNG state and buffers. Afterwards the model's own forward is restored."""
+    rng = torch.get_rng_state()
+    bufs = [(b, b.detach().clone()) for b in s3.module.buffers()]
+    fwd = s3._own_forward or (lambda *a, **k: type(s3.module).forward(s3.module, *a, **k))
+    try:
+        for _ in range(len(s3._lock.mods) + 1):
+            try:
+                out = fwd(*args, **kwargs)
+                s3._lock.check(END, [], "its forward ended")
+                return out
+            except Diverged as d:
+                if d.common is None or d.common in s3._retried:
+                    s3._end_touch()
+                    raise RuntimeError(f"{d}: the model's own code calls different parameter-holding modules "
+                                       "on different dp ranks, so per-module gathers cannot be paired. Use "
+                                       "zero.units: block, or zero.stage ≤ 2") from None
+                _restart(s3, d.common, rng, bufs)
+                s3._root_pre(s3.module, args)
+        raise RuntimeError("ZeRO-3: the first forward kept diverging across dp ranks")
+    finally:
+        if s3._own_forward is None:
+            s3.module.__dict__.pop("forward", None)
+        else:
+            s3.module.forward = s3._own_forward
+
+
+def _restart(s3, region: nn.Module, rng, bufs) -> None:
+    """Undo an interrupted first forward (every rank does the same): free every unit, forget the trace,
+    the recorded calls and touches, restore RNG and buffers; ``region`` is gathered as one from now on."""
+    s3._end_touch()
+    if s3._done_calls is not None:
+        s3._done_calls.remove()
+        s3._done_calls = None
+    for u in s3.units:
+        u.users, u.bwd = 0, False
+        s3._free(u)
+    s3._stack, s3._pos_of = [], {}
+    s3._pending, s3._retried = [region], s3._retried | {region}
+    s3.restarts += 1
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        for b, v in bufs:
+            b.copy_(v)
+    name = next(n for n, m in s3.module.named_modules() if m is region)
+    s3.regions[name] = "calls different modules on different dp ranks (first forward)"
+    s3.order = TracedOrder()

@@ -29,7 +29,8 @@ outside the forward of the modules that hold it (``F.linear(x, other.weight)``, 
 ``self.conv1d.weight``) is found on the traced first forward and becomes a need of the module whose
 code used it (:mod:`parallel.zero.touch`). A module whose code calls unit-holding modules a data-dependent
 number of times (an MoE layer looping over its hit experts) becomes one *region* after the first forward,
-gathered as a whole, so every rank issues the same gathers (:mod:`parallel.zero.regions`).
+gathered as a whole, so every rank issues the same gathers (:mod:`parallel.zero.regions`); the first forward,
+before any region is known, compares every gather across dp ranks first (:mod:`parallel.zero.lockstep`).
 
 Parameter offload (``shards=`` a :class:`~parallel.offload.shards.ParamOffload`; ZeRO-Infinity,
 arXiv 2104.07857, §5.2): a unit's shard lives in a tensor store; the gather fetches it first and
@@ -46,7 +47,7 @@ from torch.utils._pytree import tree_flatten
 
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
-from parallel.zero.lockstep import END, Diverged, Lockstep
+from parallel.zero.lockstep import Lockstep, first_forward
 from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
@@ -173,53 +174,8 @@ class Stage3Params:
         return self._lock is not None and self.module.__dict__.get("forward") == self._first_forward
 
     def _first_forward(self, *args, **kwargs):
-        """The first forward, in lockstep over dp (:mod:`.lockstep`): when the ranks' gathers differ, the module
-        whose code chose different children becomes a region and the forward runs again from the same RNG
-        state and buffers. Afterwards the model's own forward is restored."""
-        rng = torch.get_rng_state()
-        bufs = [(b, b.detach().clone()) for b in self.module.buffers()]
-        fwd = self._own_forward or (lambda *a, **k: type(self.module).forward(self.module, *a, **k))
-        try:
-            for _ in range(len(self._lock.mods) + 1):
-                try:
-                    out = fwd(*args, **kwargs)
-                    self._lock.check(END, [], "its forward ended")
-                    return out
-                except Diverged as d:
-                    if d.common is None or d.common in self._retried:
-                        self._end_touch()
-                        raise RuntimeError(f"{d}: the model's own code calls different parameter-holding modules "
-                                           "on different dp ranks, so per-module gathers cannot be paired. Use "
-                                           "zero.units: block, or zero.stage ≤ 2") from None
-                    self._restart(d.common, rng, bufs)
-                    self._root_pre(self.module, args)
-            raise RuntimeError("ZeRO-3: the first forward kept diverging across dp ranks")
-        finally:
-            if self._own_forward is None:
-                self.module.__dict__.pop("forward", None)
-            else:
-                self.module.forward = self._own_forward
-
-    def _restart(self, region: nn.Module, rng, bufs) -> None:
-        """Undo an interrupted first forward (every rank does the same): free every unit, forget the trace,
-        the recorded calls and touches, restore RNG and buffers; ``region`` is gathered as one from now on."""
-        self._end_touch()
-        if self._done_calls is not None:
-            self._done_calls.remove()
-            self._done_calls = None
-        for u in self.units:
-            u.users, u.bwd = 0, False
-            self._free(u)
-        self._stack, self._pos_of = [], {}
-        self._pending, self._retried = [region], self._retried | {region}
-        self.restarts += 1
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for b, v in bufs:
-                b.copy_(v)
-        name = next(n for n, m in self.module.named_modules() if m is region)
-        self.regions[name] = "calls different modules on different dp ranks (first forward)"
-        self.order = TracedOrder()
+        """The first forward, in lockstep over dp (:func:`.lockstep.first_forward`)."""
+        return first_forward(self, args, kwargs)
 
     # --- gather / free ----------------------------------------------------------------------------
     def _nbytes(self, u: FlatBucket) -> int:
