@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from parallel.tensor_parallel.auto_plan_check import TOL, _partial_grads, _short, _simulate
 from parallel.tensor_parallel.layers import _is_conv1d, replaced_forward
 from parallel.tensor_parallel.semantics import subclass_problem
-from parallel.tensor_parallel.styles import _region_markers
+from parallel.tensor_parallel.styles import COLWISE, ROWWISE, _glob_re, _region_markers
 
 __all__ = ["AutoPlan", "derive_plan", "plan_for", "TOL"]
 
@@ -347,7 +347,6 @@ def missing_grad_sums(model: nn.Module, plan: dict, tp: int, convert) -> dict:
     Adam's first step hides. Found on block 0 as :func:`derive_plan` finds them (``_partial_grads``); returns
     ``{"<body>.*.<module>": "replicated_grad_allreduce"}``, empty when nothing is missing or the model cannot be
     probed (meta device, no token-id input)."""
-    from parallel.tensor_parallel.styles import COLWISE, ROWWISE, _glob_re
     emb = _input_embedding(model)
     if emb is None or any(p.is_meta for p in model.parameters()):
         return {}
