@@ -286,7 +286,10 @@ class Stage3Params:
         self._quiet += 1
         try:
             pos = self.order.visit(m)       # OFF when this forward departs from the trace: no prefetch
+            outside = torch._C._current_graph_task_id() == -1          # not a recompute inside backward
             for u in self.needs[m]:
+                if outside and u.bwd:       # a finished backward left it (a parameter got no gradient, XLNet's
+                    u.fired, u.bwd = 0, False     # r_s_bias): count the next backward's gradients afresh
                 self._gather(u)
                 u.users += 1
             self._prefetch_at(pos + 1)
