@@ -45,7 +45,7 @@ SIZES = [
     (("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", "decoder_ffn_dim", "d_inner"), 128),
     (("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"), 32),
     (("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
-    (("num_experts_per_tok", "moe_top_k", "top_k"), 2),
+    (("num_experts_per_tok", "moe_top_k", "top_k", "moe_k"), 2),
     (("head_dim",), 16),
     (("rotary_dim",), 8),                                      # gptj / codegen: at most the head dim (16)
     # multi-head latent attention (deepseek_v2/v3, axk, …): ranks and per-head dims to match 4 heads of 16

@@ -108,9 +108,11 @@ class GradReducer:
         for b in self.buckets:
             b._count = [0] * len(b.params)
             b._pending = len(b.params)
+            b.unused = ()
         self._next = 0
         self._ready_pos: set = set()
         self._inflight: list = []
+        self._late: list = []            # buckets passed in launch order that finish() reduces (at_finish)
         self._reduced = False
         self._queued = False
         self.launches = {"hooks": 0, "finish": 0}
@@ -205,8 +207,11 @@ class GradReducer:
     def _ready(self, b: FlatBucket) -> None:
         self._ready_pos.add(self._pos[id(b)])
         self._observed.append(self._pos[id(b)])
-        while self._next < len(self.buckets) and self._next in self._ready_pos:
-            self._launch(self.buckets[self._next], "hooks")
+        while self._next < len(self.buckets) and (self._next in self._ready_pos or self._late_at(self._next)):
+            if self._late_at(self._next):                # ZeRO-3 regions: reduced in finish(), on every rank alike
+                self._late.append(self.buckets[self._next])
+            else:
+                self._launch(self.buckets[self._next], "hooks")
             self._next += 1
         self.max_waiting = max(self.max_waiting, len(self._ready_pos) - self._next)
         if self._next == len(self.buckets) and self.deferred is None and not self._queued:
@@ -214,6 +219,32 @@ class GradReducer:
             # plain "loss.backward(); optimizer.step()" loop needs no explicit finish call.
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
+    def _launch_late(self) -> None:
+        """Reduce the ``at_finish`` buckets passed during backward. A parameter that got no gradient on any
+        rank (an expert no rank routed a token to) is listed in ``b.unused`` — the optimizer skips it, as torch's
+        skip a ``grad=None`` parameter; one all-reduce of a flag per parameter agrees on it. A bucket none of
+        whose parameters got a gradient anywhere is not reduced (its shard gradient is zeros)."""
+        late, self._late = self._late, []
+        if not late:
+            return
+        flags = torch.tensor([int(c > 0) for b in late for c in b._count], dtype=torch.int64)
+        if self.group.size > 1:
+            comm.all_reduce(flags, self.group.control(), op="max")
+        k = 0
+        for b in late:
+            n = len(b.params)
+            b.unused = tuple(i for i in range(n) if not flags[k + i])
+            k += n
+            if len(b.unused) < n or self.keep_full:
+                self._launch(b, "finish")
+            else:
+                b.flat_grad, b.shard_grad = None, torch.zeros(b.shard, dtype=self.dtype, device=b.params[0].device)
+
+    def _late_at(self, pos: int) -> bool:
+        """Bucket ``pos`` is reduced only in finish() (``b.at_finish``: a ZeRO-3 region's unit, whose parameters
+        may get gradients on some dp ranks only — :mod:`parallel.zero.regions`)."""
+        return getattr(self.buckets[pos], "at_finish", False)
 
     def _launch(self, b: FlatBucket, where: str) -> None:
         if b.flat_grad is None:
@@ -282,6 +313,7 @@ class GradReducer:
         if missing:
             warnings.warn(f"{len(missing)} parameter(s) got fewer than {self.expected} gradient(s) this step "
                           f"(e.g. {missing[:3]}); their missing gradients count as zero", stacklevel=2)
+        self._launch_late()
         while self._next < len(self.buckets):
             b = self.buckets[self._next]
             if self.keep_full:                           # no gradient this step: zero, not last step's values

@@ -47,6 +47,7 @@ import torch.nn as nn
 
 from parallel import comm
 from parallel.parameters import param_info
+from parallel.pipeline.split_check import check_stages
 from parallel.pipeline.split_names import body_from_names, bounds_from_names, mixed_sequential, names_of
 from parallel.pipeline.split_probe import probe as _probe
 from parallel.pipeline.stage import build_stage
@@ -220,6 +221,8 @@ def _plan(model, pp_size, virtual_stages, split, balance, sample):
         for o in (pre if k == 0 else []) + (post if k == S - 1 else []):
             ps.update({id(p): p.numel() for p in owners[o].parameters(recurse=False)})
         plan.stage_params.append(sum(ps.values()))
+    if kind == "model":
+        check_stages(model, plan, owners, info, info["sample"])     # every stage run once: refuse, don't train wrong
     return plan, owners, info
 
 
@@ -250,7 +253,7 @@ def _place(model, body_path, body, kind, balance, sample, where):
             sample = torch.zeros(1, 4, dtype=torch.long, device=dev)
         order, timed, info = _probe(model, body, owners, sample, 3 if balance == "cost" else 1,
                                     balance == "flops")
-        info["order"] = order
+        info["order"], info["sample"] = order, sample
     elif balance in ("cost", "flops"):
         if sample is None:
             raise ValueError(f"pipeline split: balance={balance!r} on an nn.Sequential needs sample= (one input "

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from parallel.loss import logits_of
 from parallel.parameters import param_info
+from parallel.pipeline.stand_ins import StandIn
 
 __all__ = ["StageInfo", "PipelineStage", "build_stage", "follow_dtype"]
 
@@ -107,7 +108,7 @@ def _stage_class(cls):
     return _STAGE_CLASSES[cls]
 
 
-class _PassThrough(nn.Module):
+class _PassThrough(StandIn):
     """A block another stage owns, or a last-stage module after the body (final norm, head) on an
     earlier stage: returns the hidden state it is given (as a tuple of ``n_out`` when blocks
     return tuples)."""
@@ -121,7 +122,7 @@ class _PassThrough(nn.Module):
         return h if not self.n_out else (h,) + (None,) * (self.n_out - 1)
 
 
-class _Absent(nn.Module):
+class _Absent(StandIn):
     """A module another stage owns, which this stage must never run."""
 
     def __init__(self, what: str, owner: str):
@@ -132,7 +133,7 @@ class _Absent(nn.Module):
         raise RuntimeError(f"pipeline stage ran {self.what}, which lives on {self.owner}")
 
 
-class _Zeros(nn.Module):
+class _Zeros(StandIn):
     """A first-stage input module (embedding) on a later stage: zeros of its output shape."""
 
     def __init__(self, mod: nn.Module, what: str = "an input module"):
@@ -192,14 +193,16 @@ def build_stage(model, plan, owners, probe, k):
     S, (a, b) = plan.n_stages, plan.bounds[k]
     body = model.get_submodule(plan.body) if plan.body else model
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    for i, blk in enumerate(body):
+    for i, blk in enumerate(body):       # stand-ins show the replaced module's metadata (:mod:`.stand_ins`)
         if not a <= i < b:
-            memo[id(blk)] = _PassThrough(f"block {i}", probe.get("tuple") or 0)
+            owner = next(j for j, (c, d) in enumerate(plan.bounds) if c <= i < d)
+            name = f"{plan.body}.{i}" if plan.body else str(i)
+            memo[id(blk)] = _PassThrough(f"block {i}", probe.get("tuple") or 0).adopt(blk, name, f"stage {owner}")
     for path in plan.pre if k else []:
-        memo[id(owners[path])] = _Zeros(owners[path], path) if path in probe.get("order", {}) else \
-            _Absent(path, "stage 0")
+        memo[id(owners[path])] = (_Zeros(owners[path], path) if path in probe.get("order", {}) else
+                                  _Absent(path, "stage 0")).adopt(owners[path], path, "stage 0")
     for path in plan.post if k < S - 1 else []:
-        memo[id(owners[path])] = _PassThrough(path)
+        memo[id(owners[path])] = _PassThrough(path).adopt(owners[path], path, f"stage {S - 1}")
     stage = copy.deepcopy(model, memo)
     _rebind_functions(stage, memo)
     if plan.kind == "sequential":

@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from parallel.tensor_parallel.auto_plan_check import TOL, _partial_grads, _short, _simulate
 from parallel.tensor_parallel.layers import _is_conv1d, replaced_forward
 from parallel.tensor_parallel.semantics import subclass_problem
-from parallel.tensor_parallel.styles import _region_markers
+from parallel.tensor_parallel.styles import COLWISE, ROWWISE, _glob_re, _region_markers
 
 __all__ = ["AutoPlan", "derive_plan", "plan_for", "TOL"]
 
@@ -338,3 +338,34 @@ def plan_for(model: nn.Module, tp: int, convert, sequence_parallel: bool = False
                          f"{ap.no_sequence_parallel}; set parallel.sequence_parallel: false, or write "
                          f"parallel.tp_plan yourself (with seq_scatter_input / seq_gather_output markers)")
     return dict(ap.plan)
+
+
+def missing_grad_sums(model: nn.Module, plan: dict, tp: int, convert) -> dict:
+    """Entries a given plan (published, built-in or the user's) lacks: modules of the blocks holding parameters,
+    left replicated by the plan, that act on tensors it splits (per-head q/k norms: Glm4Moe's published plan
+    names none, Qwen3's does) — each rank's gradient then covers only its heads, a silent wrong number that
+    Adam's first step hides. Found on block 0 as :func:`derive_plan` finds them (``_partial_grads``); returns
+    ``{"<body>.*.<module>": "replicated_grad_allreduce"}``, empty when nothing is missing or the model cannot be
+    probed (meta device, no token-id input)."""
+    emb = _input_embedding(model)
+    if emb is None or any(p.is_meta for p in model.parameters()):
+        return {}
+    try:
+        body_name, body = _find_body(model)
+    except ValueError:
+        return {}
+    rel, covered = {}, set()
+    for n, _ in body[0].named_modules():
+        for glob, style in plan.items():
+            if n and _glob_re(glob).fullmatch(f"{body_name}.0.{n}"):
+                covered.add(n)
+                if style in COLWISE + ROWWISE:
+                    rel[n] = style
+    if not rel:
+        return {}
+    try:
+        rec = _trace(model, body_name, body, emb)
+        found = _partial_grads(body[0], rec["block"], rel, tp, convert)
+    except Exception:                                    # the plan's own checks report what is wrong with it
+        return {}
+    return {f"{body_name}.*.{n}": "replicated_grad_allreduce" for n in found if n not in covered}

@@ -63,7 +63,7 @@ import torch.nn as nn
 from parallel.comm import Group
 from parallel.moe.parallel import has_experts, split_experts_over_tp, tp_experts_problem
 from parallel.moe.tp import is_experts_module
-from parallel.tensor_parallel.auto_plan import plan_for
+from parallel.tensor_parallel.auto_plan import missing_grad_sums, plan_for
 from parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -248,6 +248,7 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
     auto = plan == "auto" or plan is None
     plan = resolve_plan(model, plan, ft.partial(plan_for, tp=tp, convert=apply_tensor_parallel,
                                                 sequence_parallel=sequence_parallel))
+    plan.update(missing_grad_sums(model, plan, tp, apply_tensor_parallel))   # replicated params on split tensors
     if gather_logits:
         plan = {g: "colwise_gather" if s == "colwise_vocab" else s for g, s in plan.items()}
     errors: list[str] = []

@@ -339,8 +339,8 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin, AccountingMixin):
         elif self._interleave:                         # stages 1-2: bucket k's gather under bucket k+1's update
             step_interleaved(self)
         else:
-            for b, _, a, e, view in self._piece_list:
-                view.grad = b.master.grad[a - b.lo:e - b.lo]
+            for b, i, a, e, view in self._piece_list:   # no gradient on any rank (b.unused): skipped, as torch does
+                view.grad = b.master.grad[a - b.lo:e - b.lo] if i not in getattr(b, "unused", ()) else None
             self.optimizer.step()
         if not self._interleave:
             self._drop_master_grads()

@@ -29,13 +29,17 @@ all-reduce compares the ranks' traced module orders outside regions; a differenc
 hang, no mixed parameters). Cost: a region's units are resident together (an MoE layer's experts, as FSDP's
 block units); ``Stage3Params.regions`` names them and why.
 
-Limit: the first forward itself runs module by module. A module that one rank calls and another never calls
-in that forward (an expert without tokens on one rank, in a model holding one unit per expert) makes the
-first forward's gathers differ already; DBRX-like models (the experts' weights are read in the parent's code,
-so the parent holds them, :mod:`.touch`) are safe. Open: with one module per expert in a ModuleList, an expert
-that gets no token on one rank still hangs (tests/test_zero_regions.py, strict xfail; cause not pinned down:
-one rank waits in a gradient reduce-scatter while its peer finishes — its bucket is reduced at the end of
-backward there and during backward on the peer; moving the gathers to their own process group did not help).
+The first forward itself runs module by module, in lockstep (:mod:`.lockstep`): every gather is compared
+across dp ranks first; where the ranks' calls differ (an expert without tokens on one rank, in a ModuleList of
+experts) the deepest common module becomes a region at once and the forward runs again from the same RNG state
+and buffers. A region's gradients are reduced at the end of backward, in bucket order, with zeros for
+parameters that got none on this rank (``FlatBucket.at_finish``, :mod:`parallel.data_parallel.reducer`), so
+every rank issues the same reduce-scatters at the same point; a parameter that got no gradient on *any* rank is
+skipped by the optimizer, as torch skips a ``grad=None`` parameter (one process never updates an expert no
+token reached: no moment decay, no weight decay).
+
+Still open: a ModuleList whose members were all called on every rank in the first forward is no region; if a
+later forward leaves one member out on one rank, the gathers differ (stage 3 sees only that its trace was left).
 """
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ outside the forward of the modules that hold it (``F.linear(x, other.weight)``, 
 ``self.conv1d.weight``) is found on the traced first forward and becomes a need of the module whose
 code used it (:mod:`parallel.zero.touch`). A module whose code calls unit-holding modules a data-dependent
 number of times (an MoE layer looping over its hit experts) becomes one *region* after the first forward,
-gathered as a whole, so every rank issues the same gathers (:mod:`parallel.zero.regions`).
+gathered as a whole, so every rank issues the same gathers (:mod:`parallel.zero.regions`); the first forward,
+before any region is known, compares every gather across dp ranks first (:mod:`parallel.zero.lockstep`).
 
 Parameter offload (``shards=`` a :class:`~parallel.offload.shards.ParamOffload`; ZeRO-Infinity,
 arXiv 2104.07857, §5.2): a unit's shard lives in a tensor store; the gather fetches it first and
@@ -60,6 +61,7 @@ from torch.utils._pytree import tree_flatten
 
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.zero.lockstep import Lockstep, first_forward
 from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
@@ -150,6 +152,12 @@ class Stage3Params:
         self._hooked: set = set()
         for m in self.needs:
             self._hook(m)
+        self._lock = Lockstep(module, group) if group.size > 1 else None     # the first forward: see .lockstep
+        self._retried: set = set()              # regions made by a first-forward restart (.lockstep)
+        self.restarts = 0
+        if self._lock is not None:
+            self._own_forward = module.__dict__.get("forward")
+            module.forward = self._first_forward
         self._handles.append(module.register_forward_pre_hook(self._root_pre, prepend=True))
         self._handles.append(module.register_forward_hook(self._root_post))
         self._handles.append(module.register_forward_hook(self._end_touch, always_call=True))   # also on errors
@@ -170,21 +178,34 @@ class Stage3Params:
         return out
 
     def _apply_regions(self) -> None:
-        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward)."""
+        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward). A
+        region's gradients are reduced at the end of backward, in bucket order, zeros for parameters that got
+        none (an expert without tokens on one rank), so every rank reduces the same buckets at the same point."""
         for r in self._pending:
             if r not in self._hooked:
                 self._hook(r)
             self.needs[r] = region_units(r, self.needs)
+            for u in self.needs[r]:
+                u.at_finish = True
             self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
         self._pending = []
         self.order = TracedOrder()
         self._last_free = {}
+
+    def _lock_on(self) -> bool:
+        return self._lock is not None and self.module.__dict__.get("forward") == self._first_forward
+
+    def _first_forward(self, *args, **kwargs):
+        """The first forward, in lockstep over dp (:func:`.lockstep.first_forward`)."""
+        return first_forward(self, args, kwargs)
 
     # --- gather / free ----------------------------------------------------------------------------
     def _nbytes(self, u: FlatBucket) -> int:
         return u.padded * u.flat_param.element_size()
 
     def _gather(self, u: FlatBucket, wait: bool = True) -> None:
+        if u.state == SHARDED and self._lock is not None and self._calls is not None and self._calls.on:
+            self._lock.check(u.index, [e[0] for e in self._calls._stack], f"unit {u.index} ({u.names[0]}, …)")
         if u.state == SHARDED:
             src = self.shards.fetch(u) if self.shards is not None else u.shard_param
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
@@ -244,7 +265,7 @@ class Stage3Params:
         self._departed = False
         if self.order.tracing:
             self._freed = []
-        if self.order.tracing and self._touch is None and not self._inert:
+        if self.order.tracing and self._touch is None and (self._lock_on() or not self._inert):
             self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet)
             self._touch.__enter__()
             holders = self._holders()
@@ -272,7 +293,7 @@ class Stage3Params:
             calls.on, self._done_calls = False, calls
             names = {m: n for n, m in self.module.named_modules()}
             self._pending, same = agree_regions(self.module, calls.regions, self.order.modules, self.group)
-            self.regions = {names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending}
+            self.regions.update({names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending})
             if not same:                    # every rank sees the same answer: all raise, none hangs
                 raise RuntimeError(
                     "ZeRO-3: the dp ranks called their modules in different orders in the first forward (outside "
@@ -299,7 +320,10 @@ class Stage3Params:
         try:
             pos = self.order.visit(m)       # OFF when this forward departs from the trace: no prefetch
             self._departed |= pos == OFF
+            outside = torch._C._current_graph_task_id() == -1          # not a recompute inside backward
             for u in self.needs[m]:
+                if outside and u.bwd:       # a finished backward left it (a parameter got no gradient, XLNet's
+                    u.fired, u.bwd = 0, False     # r_s_bias): count the next backward's gradients afresh
                 self._gather(u)
                 u.users += 1
             self._prefetch_at(pos + 1)
