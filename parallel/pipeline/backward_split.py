@@ -67,14 +67,14 @@ def _node(t: torch.Tensor):
     return t.view_as(t).grad_fn.next_functions[0][0]
 
 
-def _run(roots, grads, inputs, accumulate: bool):
+def _run(roots, grads, inputs, accumulate: bool, retain: bool = True):
     """One call into the autograd engine (what torch.autograd.backward / grad end in, without their
     per-call argument normalisation: ~35 µs a call on this CPU, which W pays once per group)."""
     if _engine_run is None or has_torch_function(tuple(t for t in (*roots, *inputs) if isinstance(t, torch.Tensor))):
         if accumulate:
-            return torch.autograd.backward(roots, grads, retain_graph=True, inputs=inputs)
+            return torch.autograd.backward(roots, grads, retain_graph=retain, inputs=inputs)
         return torch.autograd.grad(roots, inputs, grads, retain_graph=True, allow_unused=True)
-    return _engine_run(tuple(roots), tuple(grads), True, False, tuple(inputs), True, accumulate)
+    return _engine_run(tuple(roots), tuple(grads), retain, False, tuple(inputs), True, accumulate)
 
 
 def _walk(root) -> tuple[list, tuple]:
@@ -260,7 +260,7 @@ def backward_weight(wp: WeightPass, params: list) -> None:
     if wp.fallback is not None:
         y, dy = wp.fallback
         if params:
-            _run((y,), (dy,), tuple(params), True)
+            _run((y,), (dy,), tuple(params), True, retain=False)   # the last walk: frees saved tensors as it goes
         wp.fallback = None
         return
     for grp in wp.groups:
