@@ -9,7 +9,7 @@ from parallel.parameters import param_info
 
 
 def _dp_train(rank, world, mode, steps, G):
-    from parallel.data_parallel.reducer import DataParallel
+    from parallel.data_parallel.module import DataParallel
     from parallel.mesh import Mesh
     mesh = Mesh(dp=world)
     g = mesh.group("dp")
@@ -71,7 +71,7 @@ def test_data_parallel_exact_overlapped_and_counted(world, mode):
 
 
 def _deferred_dp(rank, world):
-    from parallel.data_parallel.reducer import DataParallel
+    from parallel.data_parallel.module import DataParallel
     from parallel.mesh import Mesh
     g = Mesh(dp=world).group("dp")
     model = make_model("gpt")
@@ -92,7 +92,7 @@ def test_deferred_param_waits_for_finish():
 
 def test_bad_inputs():
     from parallel.comm import Group
-    from parallel.data_parallel.reducer import DataParallel
+    from parallel.data_parallel.module import DataParallel
     with pytest.raises(TypeError, match="mesh.group"):
         DataParallel(make_model("gpt"), "dp")
     g = Group(None, "dp", (0,), 0)

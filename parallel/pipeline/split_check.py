@@ -81,9 +81,12 @@ def check_stages(model: nn.Module, plan, owners: dict, probe: dict, sample) -> N
 
 def _chain(stages: list, x, training: bool, plan, name: str):
     """The stages run in sequence from ``x`` in training or eval mode; a stage that raises is a ValueError."""
-    S = len(stages)
+    S, seq = len(stages), x.shape[1] if x.dim() > 1 else None
     for k, stage in enumerate(stages):
         stage.train(training)
+        info = getattr(stage, "stage_info", None)
+        if k and info is not None and seq and x.dim() > 2 and x.shape[1] < seq and seq % x.shape[1] == 0:
+            info.seq_factor = seq // x.shape[1]     # region SP: s/tp positions arrive (as the engine sets it)
         try:
             x = stage(x)
         except Exception as e:

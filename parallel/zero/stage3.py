@@ -65,55 +65,11 @@ from parallel.zero.lockstep import Lockstep, first_forward
 from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
+from parallel.zero.unit_plan import plan_units  # noqa: F401  (re-exported: parallel.zero.stage3.plan_units)
 
 __all__ = ["plan_units", "Stage3Params"]
 
 SHARDED, GATHERING, FULL = 0, 1, 2
-
-
-def plan_units(module: nn.Module, managed: dict, unit_types=None):
-    """Split ``managed`` ({param: name}) into units. Returns (owners, needs): ``owners`` is a list of
-    (module, [(name, param), …]) in module pre-order; ``needs`` maps each module with hooks to the
-    indices (into owners) of the units it uses."""
-    if unit_types is None:
-        sel = [m for m in module.modules() if any(p in managed for p in m.parameters(recurse=False))]
-    else:
-        types = tuple(unit_types) if isinstance(unit_types, (tuple, list)) else (unit_types,)
-        sel = [module] + [m for m in module.modules() if m is not module and isinstance(m, types)]
-    selset = set(sel)
-
-    def region(m):
-        out = [p for p in m._parameters.values() if p is not None and p in managed]
-        for c in m.children():
-            if c not in selset:
-                out += region(c)
-        return out
-
-    owner, regions = {}, {}
-    for m in sel:
-        regions[m] = region(m)
-        for p in regions[m]:
-            owner.setdefault(p, m)
-    owners, index = [], {}
-    for m in sel:
-        seen, mine = set(), []
-        for p in regions[m]:
-            if owner[p] is m and p not in seen:
-                seen.add(p)
-                mine.append((managed[p], p))
-        if mine:
-            index[m] = len(owners)
-            owners.append((m, mine))
-    needs = {}
-    for m in sel:
-        idx = list(dict.fromkeys(index[owner[p]] for p in regions[m]))
-        if idx:
-            needs[m] = idx
-    missing = set(managed) - set(owner)
-    if missing:
-        raise ValueError(f"stage 3: {len(missing)} parameter(s) are held by no unit module "
-                         f"(e.g. {[managed[p] for p in list(missing)[:3]]}); check unit_types")
-    return owners, needs
 
 
 class Stage3Params:
