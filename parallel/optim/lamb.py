@@ -21,7 +21,20 @@ import torch
 
 from parallel.optim.tensorwise import TensorwiseOptimizer
 
-__all__ = ["Lamb"]
+__all__ = ["Lamb", "trust_ratio_step"]
+
+
+def trust_ratio_step(partition, params: list, updates: list, g: dict, lr: float) -> list:
+    """p ← p − lr·r·u for each tensor, r = clip(‖w‖/‖u‖, min_coeff, max_coeff) (1 when either norm is 0), the norms
+    summed over the partition's ZeRO pieces and tp shards (``partition.sum_sq``); returns the r's."""
+    w_sq, u_sq = partition.sum_sq(params, updates)
+    rs = []
+    for p, u, ws, us in zip(params, updates, w_sq, u_sq):
+        w_norm, u_norm = math.sqrt(float(ws)), math.sqrt(float(us))
+        r = min(max(w_norm / u_norm, g["min_coeff"]), g["max_coeff"]) if w_norm > 0 and u_norm > 0 else 1.0
+        p.add_(u, alpha=-lr * r)
+        rs.append(r)
+    return rs
 
 
 class Lamb(TensorwiseOptimizer):
@@ -63,9 +76,5 @@ class Lamb(TensorwiseOptimizer):
                 u.add_(p, alpha=wd)
             params.append(p)
             updates.append(u)
-        w_sq, u_sq = self.partition.sum_sq(params, updates)
-        for p, u, ws, us in zip(params, updates, w_sq, u_sq):
-            w_norm, u_norm = math.sqrt(float(ws)), math.sqrt(float(us))
-            r = min(max(w_norm / u_norm, g["min_coeff"]), g["max_coeff"]) if w_norm > 0 and u_norm > 0 else 1.0
-            p.add_(u, alpha=-lr * r)
+        trust_ratio_step(self.partition, params, updates, g, lr)
         return loss

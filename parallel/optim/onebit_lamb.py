@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from parallel.optim.lamb import trust_ratio_step
 from parallel.optim.onebit_adam import OneBitAdam, compressed_mean
 
 __all__ = ["OneBitLamb", "lamb_compressed_update"]
@@ -104,11 +105,7 @@ class OneBitLamb(OneBitAdam):
                 u.add_(p, alpha=wd)
             params.append(p)
             updates.append(u)
-        w_sq, u_sq = self.partition.sum_sq(params, updates)
-        for p, u, ws, us in zip(params, updates, w_sq, u_sq):
-            w_norm, u_norm = math.sqrt(float(ws)), math.sqrt(float(us))
-            r = min(max(w_norm / u_norm, g["min_coeff"]), g["max_coeff"]) if w_norm > 0 and u_norm > 0 else 1.0
-            p.add_(u, alpha=-lr * r)
+        for p, r in zip(params, trust_ratio_step(self.partition, params, updates, g, lr)):
             self.state[p]["lamb_coeff"].mul_(g["coeff_beta"]).add_((1 - g["coeff_beta"]) * r)
 
     @torch.no_grad()
