@@ -3,6 +3,7 @@ trust ratios; after the freeze its dp wire bytes are 1-bit Adam's (≤ 1/16 of L
 computes, and on the char LM (dp2, seed 0) it learns to within a stated margin of LAMB's loss. Resume and
 full-state-dict exactness at stages 0 and 2: tests/test_onebit_zero.py."""
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from test_onebit_adam import _lm_run
 
 from parallel.optim.lamb import Lamb
 from parallel.optim.onebit_lamb import OneBitLamb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LR, FREEZE = 3e-2, 30
 
@@ -69,3 +72,35 @@ def test_dp2_char_lm_bytes_zero_stages_and_convergence_against_lamb():
           f"({(o - a) / a:+.2%}); first {lamb[0][0]:.4f}; max |w| LAMB {lamb[4]:.3f}, 1-bit {one[4]:.3f}")
     assert math.isfinite(o) and abs(o - a) <= 0.06 * a, (o, a)     # stated margin: 6 % (measured +4.7 %)
     assert o < 0.8 * one[0][0]
+
+
+def _engine_losses(rank, world, stage):
+    from launch.train import build_dataset, build_model, load_batch
+    from parallel.config import load_config
+    from parallel.engine import parallelize
+    from parallel.mesh import Mesh
+    over = ["train.metrics_file=null", f"zero.stage={stage}", "data.global_batch_size=8", "data.micro_batch_size=4",
+            "optimizer.name=onebit_lamb", "optimizer.freeze_step=2", "optimizer.lr=0.01"]
+    cfg = load_config(os.path.join(ROOT, "configs", "gpt_dp2.yaml"), overrides=over).validate(world)
+    eng = parallelize(build_model(cfg), cfg, Mesh(dp=2))
+    ds = build_dataset(cfg)
+    return [float(eng.train_step(load_batch(ds, t, cfg, eng.dp.size, eng.dp.rank))) for t in range(5)]
+
+
+def test_config_key_trains_through_the_engine_and_refuses_what_it_cannot_do():
+    """``optimizer.name: onebit_lamb`` (optimizer.freeze_step as for onebit_adam) builds OneBitLamb through the
+    engine: 2 LAMB warm-up steps, then 3 compressed ones; ZeRO-1 follows ZeRO-0 (the same updates; LAMB's norms are
+    summed over pieces, so to rounding); tp, ZeRO-3 and clipping are refused by validation with the reason."""
+    from parallel.config import ConfigError, load_config
+    from parallel.optim.factory import optimizer_factory
+    cfg = load_config(os.path.join(ROOT, "configs", "gpt_dp2.yaml"),
+                      overrides=["optimizer.name=onebit_lamb", "optimizer.freeze_step=3"]).validate(2)
+    opt = optimizer_factory(cfg.optimizer)([torch.nn.Parameter(torch.ones(4))])
+    assert isinstance(opt, OneBitLamb) and opt.param_groups[0]["freeze_step"] == 3
+    z0, z1 = (run_ranks(_engine_losses, 2, s)[0] for s in (0, 1))
+    assert all(math.isfinite(x) for x in z0) and z0 == pytest.approx(z1, rel=1e-4), (z0, z1)
+    for bad, needle in ((["parallel.tp=2", "parallel.dp=1"], "parallel.tp=2"), (["zero.stage=3"], "zero.stage=3"),
+                        (["train.grad_clip=1.0"], "grad_clip")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(os.path.join(ROOT, "configs", "gpt_dp2.yaml"),
+                        overrides=["optimizer.name=onebit_lamb", *bad]).validate(2)

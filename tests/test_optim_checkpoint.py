@@ -40,6 +40,7 @@ def _resume(rank, world, path, stage, opt):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,opt", [(0, {"name": "onebit_adam", "freeze_step": 2}),
                                        (1, {"name": "onebit_adam", "freeze_step": 2}),
+                                       (1, {"name": "onebit_lamb", "freeze_step": 2}),
                                        (2, {"state_dtype": "int8"})])
 def test_engine_resume_is_exact(tmp_path, stage, opt):
     for ref, got in run_ranks(_resume, 2, str(tmp_path / "ckpt"), stage, opt):

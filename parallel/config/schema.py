@@ -53,14 +53,14 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"                    # adamw | adam | sgd | lamb | muon | onebit_adam (parallel/optim/factory.py)
+    name: str = "adamw"                    # adamw adam sgd lamb muon onebit_adam onebit_lamb (optim/factory.py)
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     betas: Optional[list] = None
     momentum: Optional[float] = None       # sgd; muon (Muon's momentum)
     eps: Optional[float] = None            # muon: the AdamW part's eps
     adamw_lr: Optional[float] = None       # muon: lr of the non-matrix tensors (AdamW); default lr
-    freeze_step: Optional[int] = None      # onebit_adam: Adam warm-up steps before compression (default 100)
+    freeze_step: Optional[int] = None      # onebit_adam/_lamb: warm-up steps before compression (100)
     state_dtype: Optional[str] = None      # adam/adamw moments: fp32 (default) | int8 (parallel/optim/adam8bit.py)
 
 

@@ -16,7 +16,7 @@ __all__ = ["CHOICES", "validate", "check_factory", "check_schedule"]
 
 CHOICES = {
     "loss": ("cross_entropy", "mse", "model"),
-    "optimizer.name": ("adamw", "adam", "sgd", "lamb", "muon", "onebit_adam"),
+    "optimizer.name": ("adamw", "adam", "sgd", "lamb", "muon", "onebit_adam", "onebit_lamb"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v"),
     "parallel.pp_balance": ("params", "flops"),
     "parallel.cp_algorithm": ("ring", "ulysses"),
@@ -262,8 +262,13 @@ def _check_optimizer(c: Config) -> None:
                           f"optimizer.name=sgd")
     if o.name != "muon" and o.adamw_lr is not None:
         raise ConfigError(f"optimizer.adamw_lr applies to muon (its AdamW part), not {o.name}: remove it")
-    if o.name != "onebit_adam" and o.freeze_step is not None:
-        raise ConfigError(f"optimizer.freeze_step applies to onebit_adam, not {o.name}: remove it")
+    onebit = o.name in ("onebit_adam", "onebit_lamb")
+    if not onebit and o.freeze_step is not None:
+        raise ConfigError(f"optimizer.freeze_step applies to onebit_adam / onebit_lamb, not {o.name}: remove it")
+    if o.name == "onebit_lamb" and c.parallel.tp > 1:
+        raise ConfigError(f"optimizer.name=onebit_lamb with parallel.tp={c.parallel.tp}: its compressed phase scales "
+                          f"each whole tensor by its frozen trust ratio and is not split over tp "
+                          f"(parallel/optim/onebit_lamb.py); set parallel.tp=1 or optimizer.name=lamb")
     if o.state_dtype not in (None, "fp32", "int8"):
         raise ConfigError(f"optimizer.state_dtype={o.state_dtype!r} must be fp32 or int8")
     if o.state_dtype == "int8" and o.name not in ("adam", "adamw"):
@@ -273,18 +278,18 @@ def _check_optimizer(c: Config) -> None:
         raise ConfigError(f"optimizer.state_dtype=int8 with zero.offload.optimizer={c.zero.offload.optimizer} is not "
                           f"supported yet (the streamed CPU Adam keeps fp32 moments): set zero.offload.optimizer=none "
                           f"or optimizer.state_dtype=fp32")
-    if o.name == "onebit_adam" and c.zero.stage == 3:
-        raise ConfigError("optimizer.name=onebit_adam with zero.stage=3: the compressed update needs the whole "
+    if onebit and c.zero.stage == 3:
+        raise ConfigError(f"optimizer.name={o.name} with zero.stage=3: the compressed update needs the whole "
                           "parameter on every rank (parallel/zero/onebit.py); set zero.stage to 0, 1 or 2")
-    if o.name == "onebit_adam" and c.precision == "fp16":
-        raise ConfigError("optimizer.name=onebit_adam with precision=fp16: the loss scaler's overflow check needs "
+    if onebit and c.precision == "fp16":
+        raise ConfigError(f"optimizer.name={o.name} with precision=fp16: the loss scaler's overflow check needs "
                           "reduced gradients, which the compressed phase lacks; use bf16 (zero.stage=0) or fp32")
-    if o.name == "onebit_adam" and c.zero.stage > 0 and c.precision != "fp32":
-        raise ConfigError(f"optimizer.name=onebit_adam with zero.stage={c.zero.stage} needs precision=fp32 (got "
+    if onebit and c.zero.stage > 0 and c.precision != "fp32":
+        raise ConfigError(f"optimizer.name={o.name} with zero.stage={c.zero.stage} needs precision=fp32 (got "
                           f"{c.precision}): every rank applies the compressed update to its full-precision "
                           f"parameter; set precision=fp32 or zero.stage=0")
-    if o.name == "onebit_adam" and c.train.grad_clip is not None:
-        raise ConfigError("optimizer.name=onebit_adam keeps each rank's own gradient after warm-up: there is no "
+    if onebit and c.train.grad_clip is not None:
+        raise ConfigError(f"optimizer.name={o.name} keeps each rank's own gradient after warm-up: there is no "
                           "global norm to clip by; remove train.grad_clip")
 
 

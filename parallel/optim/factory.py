@@ -16,16 +16,18 @@ from parallel.optim.adam8bit import Adam8bit
 from parallel.optim.lamb import Lamb
 from parallel.optim.muon import MuonAdamW
 from parallel.optim.onebit_adam import OneBitAdam
+from parallel.optim.onebit_lamb import OneBitLamb
 
 _CLASSES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "lamb": Lamb,
-            "muon": MuonAdamW, "onebit_adam": OneBitAdam}
+            "muon": MuonAdamW, "onebit_adam": OneBitAdam, "onebit_lamb": OneBitLamb}
 _RENAME = {"muon": {"eps": "adamw_eps"}}
 
 
 def optimizer_factory(cfg: OptimizerConfig):
     """A function params → torch.optim.Optimizer built from ``optimizer.*``."""
     cls = _CLASSES[cfg.name]
-    keys = ("lr", "weight_decay", "momentum", "eps") + {"muon": ("adamw_lr",), "onebit_adam": ("freeze_step",)}.get(
+    keys = ("lr", "weight_decay", "momentum", "eps") + {"muon": ("adamw_lr",), "onebit_adam": ("freeze_step",),
+                                                           "onebit_lamb": ("freeze_step",)}.get(
         cfg.name, ())
     rename = _RENAME.get(cfg.name, {})
     kwargs = {rename.get(k, k): getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
