@@ -86,3 +86,17 @@ def reference_moe(cfg):
         opt.step()
         losses.append(total / n)
     return losses, norms
+
+
+def train_counted(eng, cfg, data) -> tuple[list, list, dict]:
+    """Train ``eng`` for ``cfg.train.steps`` steps on this dp rank's batches: (losses, grad norms, CommStats of those
+    steps by axis, control traffic left out)."""
+    from parallel.data import rank_batch
+    before = eng.mesh.stats.snapshot()
+    losses, norms = [], []
+    for t in range(cfg.train.steps):
+        losses.append(eng.train_step(rank_batch(data, t, cfg.data.global_batch_size, cfg.parallel.dp,
+                                                eng.mesh.coord["dp"])))
+        norms.append(eng.last_result.grad_norm)
+    comm = eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before)
+    return losses, norms, {a: o for a, o in comm.items() if not a.startswith("control:")}

@@ -22,3 +22,28 @@ def assert_comm_equal(tag, comm: dict, want: dict) -> None:
             assert (c["calls"], c["payload_bytes"], c["wire_bytes"]) == \
                 (p["calls"], p["payload_bytes"], pytest.approx(p["wire_bytes"])), \
                 f"{tag} {axis}.{op}: measured {c}, predicted {p}"
+
+
+def predict_config(cfg):
+    """The planner's :class:`Prediction` for ``cfg`` (its model built on meta, as ``--dry-run`` does)."""
+    from launch.dry_run import _meta_model, planner_inputs
+    from parallel.planning.planner import predict
+    return predict(*planner_inputs(cfg, _meta_model(cfg), device="cpu"))
+
+
+def measure_second_step(cfg, build, dataset) -> dict:
+    """This rank's model-state bytes, and the peak of live tensor bytes and CommStats of step 2 (step 1 warms up:
+    optimizer state, traced orders), for ``cfg`` built by ``build(cfg)`` on ``dataset(cfg)``."""
+    from parallel.data import rank_batch
+    from parallel.engine import parallelize
+    from parallel.planning.measure import measure_step
+    eng = parallelize(build(cfg), cfg)
+    data, dp = dataset(cfg), cfg.parallel.dp
+    batch = [rank_batch(data, t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"]) for t in range(2)]
+    eng.train_step(batch[0])
+    before = eng.mesh.stats.snapshot()
+    peak = measure_step(eng, batch[1], "cpu")["peak"]
+    comm = eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before)
+    out = dict(states=eng.model_state_bytes(), peak=peak, comm=comm)
+    eng.close()
+    return out

@@ -5,7 +5,7 @@ import moe_cases
 import pytest
 import torch
 from harness import run_ranks
-from moe_cases import MOE, build, dataset, moe_config
+from moe_cases import MOE, build, dataset, moe_config, train_counted
 
 from parallel.config import ConfigError
 from parallel.moe import MoE, moe_counters, moe_layers
@@ -33,7 +33,6 @@ def reference(cfg):
 
 
 def _body(rank, world, runs, steps=4, pp=1):
-    from parallel.data import rank_batch
     from parallel.engine import parallelize
     out = []
     for dp, cp, ep, stage, cf, algorithm in runs:
@@ -41,13 +40,7 @@ def _body(rank, world, runs, steps=4, pp=1):
         model = build(cfg)
         full_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         eng = parallelize(model, cfg)
-        data = dataset(cfg)
-        before = eng.mesh.stats.snapshot()
-        losses, norms = [], []
-        for t in range(cfg.train.steps):
-            losses.append(eng.train_step(rank_batch(data, t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"])))
-            norms.append(eng.last_result.grad_norm)
-        diff = eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before)
+        losses, norms, diff = train_counted(eng, cfg, dataset(cfg))
         ex = [b for b in eng.zero._all if b.group is not None]
         out.append(dict(ref=reference(cfg) if rank == 0 else None, losses=losses, norms=norms,
                         full_expert=full_expert, expert_numel=sum(b.numel for b in ex),

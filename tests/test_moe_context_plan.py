@@ -7,39 +7,17 @@ import copy
 import pytest
 from harness import run_ranks
 from moe_cases import build, dataset
-from planner_match import assert_comm_equal, assert_states_equal
+from planner_match import assert_comm_equal, assert_states_equal, measure_second_step, predict_config
 from test_moe_context import cp_config
 
 
 def _measure(rank, world, runs):
-    from parallel.data import rank_batch
-    from parallel.engine import parallelize
-    from parallel.planning.measure import measure_step
-    out = []
-    for run in runs:
-        cfg = cp_config(*run, world=world, steps=2)
-        eng = parallelize(build(cfg), cfg)
-        data, dp = dataset(cfg), cfg.parallel.dp
-        batch = [rank_batch(data, t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"]) for t in range(2)]
-        eng.train_step(batch[0])
-        before = eng.mesh.stats.snapshot()
-        peak = measure_step(eng, batch[1], "cpu")["peak"]
-        comm = eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before)
-        out.append(dict(states=eng.model_state_bytes(), peak=peak, comm=comm))
-        eng.close()
-    return out
-
-
-def _predict(run):
-    from launch.dry_run import _meta_model, planner_inputs
-    from parallel.planning.planner import predict
-    cfg = cp_config(*run, steps=2)
-    return predict(*planner_inputs(cfg, _meta_model(cfg), device="cpu"))
+    return [measure_second_step(cp_config(*run, world=world, steps=2), build, dataset) for run in runs]
 
 
 def _check(results, runs):
     for i, run in enumerate(runs):
-        pred, ep = _predict(run), run[2]
+        pred, ep = predict_config(cp_config(*run, steps=2)), run[2]
         for rank, res in enumerate(results):
             got, want, tag = copy.deepcopy(res[i]), copy.deepcopy(pred.comm[rank]), f"{run} rank {rank}"
             assert_states_equal(tag, got["states"], pred.memory[rank])

@@ -6,27 +6,11 @@ planner's estimate; and ``--dry-run`` prints the figures."""
 import pytest
 from harness import run_ranks
 from moe_cases import MOE, build, dataset, hf_config, moe_config
-from planner_match import assert_comm_equal, assert_states_equal
+from planner_match import assert_comm_equal, assert_states_equal, measure_second_step, predict_config
 
 
 def _measure(rank, world, runs):
-    from parallel.data import rank_batch
-    from parallel.engine import parallelize
-    from parallel.planning.measure import measure_step
-    out = []
-    for kw in runs:
-        cfg = _cfg(kw, world)
-        eng = parallelize(build(cfg), cfg)
-        data, dp = dataset(cfg), cfg.parallel.dp
-        batch = [rank_batch(data, t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"]) for t in range(2)]
-        eng.train_step(batch[0])
-        before = eng.mesh.stats.snapshot()
-        peak = measure_step(eng, batch[1], "cpu")["peak"]
-        comm = eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before)
-        out.append(dict(states=eng.model_state_bytes(), peak=peak, comm={a: o for a, o in comm.items()
-                                                            if not a.startswith("control:")}))
-        eng.close()
-    return out
+    return [measure_second_step(_cfg(kw, world), build, dataset) for kw in runs]
 
 
 def _cfg(kw, world=None):
@@ -39,10 +23,7 @@ def _cfg(kw, world=None):
 
 
 def _predict(kw):
-    from launch.dry_run import _meta_model, planner_inputs
-    from parallel.planning.planner import predict
-    cfg = _cfg(kw)
-    return predict(*planner_inputs(cfg, _meta_model(cfg), device="cpu"))
+    return predict_config(_cfg(kw))
 
 
 def _check(results, runs):

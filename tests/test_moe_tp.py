@@ -3,8 +3,8 @@ for our MoE layer and transformers MoE models, against one process (fp32, 1e-5 i
 per-rank expert elements = 1/(ep·tp) of the expert parameters; the planner's states and traffic = measured."""
 import pytest
 from harness import run_ranks
-from moe_cases import build, dataset, hf_config, moe_config, reference_moe
-from planner_match import assert_comm_equal, assert_states_equal
+from moe_cases import build, dataset, hf_config, moe_config, reference_moe, train_counted
+from planner_match import assert_comm_equal, assert_states_equal, predict_config
 
 RTOL = 1e-5
 
@@ -23,7 +23,6 @@ def _expert_elems(module) -> int:
 
 
 def _body(rank, world, runs):
-    from parallel.data import rank_batch
     from parallel.engine import parallelize
     from parallel.parameters import param_info
     out = []
@@ -39,14 +38,7 @@ def _body(rank, world, runs):
         eng = parallelize(model, cfg)
         mine = _expert_elems(eng.module) if stage < 3 else None
         tp_flag = all(param_info(p).tp_split for n, p in eng.module.named_parameters() if ".experts." in n)
-        data = dataset(cfg)
-        before = eng.mesh.stats.snapshot()
-        losses, norms = [], []
-        for t in range(cfg.train.steps):
-            losses.append(eng.train_step(rank_batch(data, t, cfg.data.global_batch_size, dp, eng.mesh.coord["dp"])))
-            norms.append(eng.last_result.grad_norm)
-        comm = {a: o for a, o in eng.mesh.stats.diff(eng.mesh.stats.snapshot(), before).items()
-                if not a.startswith("control:")}
+        losses, norms, comm = train_counted(eng, cfg, dataset(cfg))
         ex = [b for b in eng.zero._all if b.group is not None]
         out.append(dict(ref=ref, losses=losses, norms=norms, full=full, mine=mine, tp_flag=tp_flag, comm=comm,
                         states=eng.model_state_bytes(),
@@ -79,10 +71,7 @@ def _check(res, runs):
 
 
 def _predict(kw):
-    from launch.dry_run import _meta_model, planner_inputs
-    from parallel.planning.planner import predict
-    cfg = moe_config(**kw)
-    return predict(*planner_inputs(cfg, _meta_model(cfg), device="cpu"))
+    return predict_config(moe_config(**kw))
 
 
 # (kind, dp, ep, tp, pp, ZeRO stage, capacity factor)

@@ -58,9 +58,10 @@ def reference_losses(kind, opt, steps, G, clip=None):
     return _REF_CACHE[key]
 
 
-def reference_run(kind, opt, steps, G, clip=None):
-    """The plain PyTorch loop: whole global batch in one forward, mean loss, torch optimizer."""
-    model = make_model(kind)
+def reference_run(kind, opt, steps, G, clip=None, model=None):
+    """The plain PyTorch loop: whole global batch in one forward, mean loss, torch optimizer (on ``model``, or
+    ``make_model(kind)``)."""
+    model = make_model(kind) if model is None else model
     o = OPTS[opt](list(model.parameters()))
     losses = []
     for t in range(steps):

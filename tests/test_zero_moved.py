@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 from harness import run_ranks
-from test_zero import OPTS, assert_curve, global_batch, loss_of
+from test_zero import OPTS, assert_curve, global_batch, loss_of, reference_run
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.config import ZeroConfig
@@ -38,17 +38,7 @@ def _model():
 
 
 def _ref():
-    model = _model()
-    opt = OPTS["adamw"](list(model.parameters()))
-    out = []
-    for t in range(STEPS):
-        x, y = global_batch(t, G)
-        opt.zero_grad()
-        loss = loss_of(model, x, y)
-        loss.backward()
-        opt.step()
-        out.append(loss.item())
-    return out
+    return reference_run(None, "adamw", STEPS, G, model=_model())[0]
 
 
 def _run(rank, world):
