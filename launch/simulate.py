@@ -158,8 +158,8 @@ def simulate_rank(cfg, world: int, rank: int, step: bool = True) -> dict:
     try:
         mesh = Mesh(pp=p.pp, dp=p.dp, tp=p.tp, device="meta", ep=p.ep, cp=p.cp)
         model = _meta_model(cfg)
-        want, spec = _prediction(cfg, _meta_model(cfg), rank)      # from the model as built, before the engine
-        with MetaScalars():                                         # converts it in place (tp, ep split)
+        want, spec = _prediction(cfg, model, rank)      # from the model as built, before the engine converts it
+        with MetaScalars():                             # in place (tp, ep split)
             engine = Engine(model, cfg, mesh)
         _init_gradients(engine)
         _init_optimizer_state(engine)
