@@ -84,7 +84,8 @@ def _engine_losses(rank, world, stage):
     cfg = load_config(os.path.join(ROOT, "configs", "gpt_dp2.yaml"), overrides=over).validate(world)
     eng = parallelize(build_model(cfg), cfg, Mesh(dp=2))
     ds = build_dataset(cfg)
-    return [float(eng.train_step(load_batch(ds, t, cfg, eng.dp.size, eng.dp.rank))) for t in range(5)]
+    losses = [float(eng.train_step(load_batch(ds, t, cfg, eng.dp.size, eng.dp.rank))) for t in range(5)]
+    return losses, type(eng.zero.optimizer).__name__, eng.zero.optimizer.local_gradients
 
 
 def test_config_key_trains_through_the_engine_and_refuses_what_it_cannot_do():
@@ -97,7 +98,8 @@ def test_config_key_trains_through_the_engine_and_refuses_what_it_cannot_do():
                       overrides=["optimizer.name=onebit_lamb", "optimizer.freeze_step=3"]).validate(2)
     opt = optimizer_factory(cfg.optimizer)([torch.nn.Parameter(torch.ones(4))])
     assert isinstance(opt, OneBitLamb) and opt.param_groups[0]["freeze_step"] == 3
-    z0, z1 = (run_ranks(_engine_losses, 2, s)[0] for s in (0, 1))
+    (z0, k0, c0), (z1, k1, c1) = (run_ranks(_engine_losses, 2, s)[0] for s in (0, 1))
+    assert k0 == k1 == "OneBitLamb" and c0 and c1, (k0, k1, c0, c1)      # past freeze_step: compressed phase
     assert all(math.isfinite(x) for x in z0) and z0 == pytest.approx(z1, rel=1e-4), (z0, z1)
     for bad, needle in ((["parallel.tp=2", "parallel.dp=1"], "parallel.tp=2"), (["zero.stage=3"], "zero.stage=3"),
                         (["train.grad_clip=1.0"], "grad_clip")):
