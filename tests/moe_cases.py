@@ -88,13 +88,17 @@ def reference_moe(cfg):
     return losses, norms
 
 
-def train_counted(eng, cfg, data) -> tuple[list, list, dict]:
-    """Train ``eng`` for ``cfg.train.steps`` steps on this dp rank's batches: (losses, grad norms, CommStats of those
-    steps by axis, control traffic left out)."""
+def train_counted(eng, cfg, data, count_from: int = 0) -> tuple[list, list, dict]:
+    """Train ``eng`` for ``cfg.train.steps`` steps on this dp rank's batches: (losses, grad norms, CommStats by axis
+    of the steps from ``count_from`` on, control traffic left out). ``count_from=1`` leaves out step 0, whose first
+    forward traces the module order (ZeRO-3 cannot keep units gathered into backward before it knows which are
+    freed last: the planner predicts the steady step)."""
     from parallel.data import rank_batch
     before = eng.mesh.stats.snapshot()
     losses, norms = [], []
     for t in range(cfg.train.steps):
+        if t == count_from and t:
+            before = eng.mesh.stats.snapshot()
         losses.append(eng.train_step(rank_batch(data, t, cfg.data.global_batch_size, cfg.parallel.dp,
                                                 eng.mesh.coord["dp"])))
         norms.append(eng.last_result.grad_norm)

@@ -38,11 +38,11 @@ def _body(rank, world, runs):
         eng = parallelize(model, cfg)
         mine = _expert_elems(eng.module) if stage < 3 else None
         tp_flag = all(param_info(p).tp_split for n, p in eng.module.named_parameters() if ".experts." in n)
-        losses, norms, comm = train_counted(eng, cfg, dataset(cfg))
+        losses, norms, comm = train_counted(eng, cfg, dataset(cfg), count_from=1)    # the planner's steady step
         ex = [b for b in eng.zero._all if b.group is not None]
         out.append(dict(ref=ref, losses=losses, norms=norms, full=full, mine=mine, tp_flag=tp_flag, comm=comm,
                         states=eng.model_state_bytes(),
-                        expert_numel=sum(b.numel for b in ex), micro=cfg.micro_batches, steps=cfg.train.steps))
+                        expert_numel=sum(b.numel for b in ex), micro=cfg.micro_batches, steps=cfg.train.steps - 1))
         eng.close()
     return out
 
