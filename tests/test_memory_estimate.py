@@ -8,6 +8,7 @@ global batch 8, micro-batch 2, fp32 AdamW). Estimated: ``predict(...).memory[ran
 keeps the tracker, fit and dry-run checks (no ranks).
 """
 import os
+import threading
 
 import pytest
 import torch
@@ -63,6 +64,29 @@ def test_live_bytes_counts_allocations_frees_views_and_resizes():
         assert m.current == 8400
     assert m.peak == 8400 and m.peak_by == {"state": 8400}
 
+
+
+def test_live_bytes_reports_buffers_another_thread_released_after_the_peak():
+    """peak_late: bytes alive at the peak whose last reference died on another thread (gloo's worker thread
+    holding a collective's tensors) — not the ones the calling thread freed, nor those dead before the peak."""
+    from parallel.planning.measure import LiveBytes
+    with LiveBytes() as m:
+        early = [torch.ones(100)]                # 400 B, released off-thread BEFORE the peak
+        t = threading.Thread(target=early.clear)
+        t.start()
+        t.join()
+        held = [torch.ones(1000)]                # 4000 B, alive at the peak, released off-thread after it
+        mine = torch.ones(500)                   # 2000 B, alive at the peak, freed here
+        torch.ones(250)                          # the peak: 6000 + 1000 (a temporary)
+        del mine
+        t = threading.Thread(target=held.clear)
+        t.start()
+        t.join()
+        after = [torch.ones(10)]                 # seen after the peak, released off-thread: not counted
+        t = threading.Thread(target=after.clear)
+        t.start()
+        t.join()
+    assert (m.peak, m.peak_late, m.current) == (7000, 4000, 0)
 
 def test_fit_answer_and_smallest_change():
     """Fits: yes with the headroom; else the fitting change with the least predicted step time, ties to the
