@@ -115,7 +115,7 @@ def _peak(rank, world, algorithm):
     eng.train_step(rank_batch(data, 0, G, 1, 0))
     out = measure_step(eng, rank_batch(data, 1, G, 1, 0))
     eng.close()
-    return out["peak"]
+    return out["peak"] - out["peak_late"]     # buffers gloo's thread freed late: a race (LiveBytes docstring)
 
 
 @pytest.mark.slow
