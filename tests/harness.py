@@ -109,25 +109,33 @@ class RankPool:
     def _collect(self, name: str, timeout: float, expect: str = "ok") -> list:
         deadline = time.monotonic() + timeout
         out, errors = {}, {}
+        grace = None                                  # set at the first failure: a reported error or a dead rank
         while len(out) + len(errors) < self.world:
-            # After the first failure the other ranks get a short grace period, then the pool dies.
-            left = deadline - time.monotonic()
-            if errors:
-                left = min(left, 3.0)
+            # After the first failure the other ranks get a short grace period, then the pool dies: a rank that
+            # crashed without reporting fails the test in seconds, not at the timeout.
+            now = time.monotonic()
             try:
-                rank, status, value = self.results.get(timeout=max(left, 0.01))
+                rank, status, value = self.results.get(timeout=max(min(deadline, grace or deadline) - now, 0.01)
+                                                       if grace else max(min(deadline - now, 1.0), 0.01))
             except queue.Empty:
                 missing = sorted(set(range(self.world)) - set(out) - set(errors))
                 dead = [r for r in missing if not self.procs[r].is_alive()]
+                now = time.monotonic()
+                if dead and grace is None:
+                    grace = now + 3.0
+                if now < deadline and (grace is None or now < grace):
+                    continue
+                codes = {r: self.procs[r].exitcode for r in dead}
                 self.kill()
                 if errors:
                     break
-                raise RankFailure(f"{name}: timed out after {timeout:.0f}s; ranks {missing} never finished"
-                                  + (f" (ranks {dead} died)" if dead else "")) from None
+                why = f"ranks {dead} died (exit codes {codes})" if dead else f"timed out after {timeout:.0f}s"
+                raise RankFailure(f"{name}: {why}; ranks {missing} never finished") from None
             if status == expect:
                 out[rank] = value
             else:
                 errors[rank] = value
+                grace = grace or time.monotonic() + 3.0
         if errors:
             self.kill()
             msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
