@@ -17,7 +17,7 @@ from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
 from parallel.planning.flops import gpt_flops_per_token
 from parallel.planning.planner import predict
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec
-from parallel.planning.time_terms import memory_seconds
+from parallel.planning.time_terms import chain_terms, memory_seconds
 from parallel.zero.interleave import ENABLED as INTERLEAVE
 
 __all__ = ["calib_mean", "hardware", "predict_row", "floors", "analyse", "text", "markdown"]
@@ -62,12 +62,29 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
     ops = list(_PLANNER_OP.items())
     per = {int(k.split("@")[1]): v for k, v in cal.items() if k.startswith("train_flops@")}
-    return Hardware(peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
+    wait, chain = chain_hardware(cal, impl, world)
+    split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
+             if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
+    return Hardware(chain_wait_s=wait, chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
+                    peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
                     flops_at=tuple((m * seq, v) for m, v in per.items()),
                     bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
                     latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
                     op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),
                     op_latency=tuple((p, _fig(cal, "lat", im(o), o, world)) for p, o in ops))
+
+
+def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
+    """(``Hardware.chain_wait_s``, ``Hardware.chain_bandwidth``) from the calibrated ring pair (reduce-scatter
+    then all-gather back to back: ``*.ring.all_reduce``; parallel/planning/time_terms.py, chain_terms) at the
+    calibration's message of ``comm_bytes`` (records before it: the protocol's default 4 MiB). The chain
+    bandwidth is given to the ring's ops only (``impl`` "ring"); gloo's keep theirs."""
+    need = ("lat.ring.all_reduce", "lat.ring.reduce_scatter", "lat.ring.all_gather", "bw.ring.all_reduce")
+    if not all(k in cal for k in need):
+        return 0.0, ()
+    wire = 2 * (world - 1) / world * cal.get("comm_bytes", 4 * 2 ** 20)
+    wait, b = chain_terms(cal[need[0]], cal[need[1]], cal[need[2]], cal[need[3]], wire)
+    return wait, ((("reduce_scatter", b), ("all_gather", b)) if impl == "ring" else ())
 
 
 def model_spec(kw: dict) -> ModelSpec:

@@ -159,6 +159,18 @@ def seconds(ops: dict, hw: Hardware) -> float:
     return sum(c["calls"] * hw.lat(op) + c["wire_bytes"] / hw.bw(op) for op, c in ops.items())
 
 
+def _split_frac(a, frac: dict, split) -> float:
+    """An action's share of its stage's F + B. With a calibrated I/W split (``Hardware.split_frac``: I and W
+    seconds ÷ a plain B's, benchmarks/proto_calib.py) I and W cost that × B's share — except on stage 0, whose
+    input (token ids) has no gradient: its I is empty and its W is one plain backward
+    (parallel/pipeline/backward_split.py). Without one: F:B:I:W = 1:2:1:1."""
+    if split is None or a.kind not in ("I", "W"):
+        return frac[a.kind]
+    if a.stage == 0:
+        return 0.0 if a.kind == "I" else frac["B"]
+    return frac["B"] * split[0 if a.kind == "I" else 1]
+
+
 def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
                dp_ops: dict, hide_gather_s: float = 0.0) -> tuple[float, float]:
     """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring); ``hide_gather_s``:
@@ -191,8 +203,9 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:
         frac = {"F": 1 / 3, "B": 2 / 3, "I": 1 / 3, "W": 1 / 3}
+        split = dict(hw.split_frac).get(mb * s)
         sim = simulate(get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v),
-                       lambda a: stage[a.stage] * frac[a.kind])
+                       lambda a: stage[a.stage] * _split_frac(a, frac, split))
         span, bubble = float(sim.makespan), float(sim.bubble)
     exposed = exposed_dp(dp_ops, lay.zero, max(stage), span, hw, seconds, hide_gather_s)
     return span + exposed + stage3_waits(dp_ops, lay.zero, lay.units, hw), bubble
