@@ -127,7 +127,17 @@ def main(argv=None) -> int:
 
     def data(head):
         new = {"header": head, "records": records}
-        return merge(old, new) if old is not None else new
+        if old is None:
+            return new
+        try:
+            return merge(old, new)
+        except ValueError:             # e.g. the tree changed during the run: keep this part, refuse the merge
+            side = a.json[:-5] + ".part.json" if a.json.endswith(".json") else a.json + ".part"
+            with open(side, "w") as f:
+                json.dump(new, f, indent=1)
+            print(f"this run's records are in {side}: after checking, merge them with python "
+                  f"benchmarks/proto_merge.py {a.json} {side} -o OUT.json", file=sys.stderr)
+            raise
     if a.json:                         # first: an analysis error must not lose the measurements
         with open(a.json, "w") as f:
             json.dump(data(header(argv)), f, indent=1)
