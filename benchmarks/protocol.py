@@ -113,8 +113,13 @@ def main(argv=None) -> int:
         if not a.json or not os.path.exists(a.json):
             ap.error(f"--merge adds to the file of an earlier invocation: give it as --json (got {a.json!r}, "
                      f"which does not exist); run the first part without --merge")
-        with open(a.json) as f:
-            old = json.load(f)
+        try:
+            with open(a.json) as f:
+                old = json.load(f)
+            if not isinstance(old, dict) or "header" not in old or "records" not in old:
+                raise ValueError("not a record file of benchmarks/protocol.py --json")
+        except ValueError as e:
+            ap.error(f"--merge: {a.json} cannot be read ({e}); write the first part again without --merge")
         try:
             check(old, [header(argv)], a.rows)
         except ValueError as e:
@@ -139,8 +144,9 @@ def main(argv=None) -> int:
                   f"benchmarks/proto_merge.py {a.json} {side} -o OUT.json", file=sys.stderr)
             raise
     if a.json:                         # first: an analysis error must not lose the measurements
+        merged = data(header(argv))    # before opening: a refused merge must not truncate the file
         with open(a.json, "w") as f:
-            json.dump(data(header(argv)), f, indent=1)
+            json.dump(merged, f, indent=1)
     from benchmarks.proto_report import analyse, markdown, text
     analyses = [analyse(r) for r in records]
     for rec, an in zip(records, analyses):
@@ -148,9 +154,10 @@ def main(argv=None) -> int:
     head = header(argv)
     print(f"took {time.time() - t0:.0f} s; {head['machine']}; commit {head['commit']}")
     if a.json:
+        merged = data(head)
         with open(a.json, "w") as f:
-            json.dump(data(head), f, indent=1)                             # the analysis is recomputable
-        print(f"records written to {a.json}" + (f" (merged: {len(data(head)['records'])} records)" if a.merge else ""))
+            json.dump(merged, f, indent=1)                                 # the analysis is recomputable
+        print(f"records written to {a.json}" + (f" (merged: {len(merged['records'])} records)" if a.merge else ""))
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(markdown(records, analyses, head))
