@@ -181,10 +181,10 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
     per rank (and the compute rate at each micro-batch of ``micro``), measured now with every rank running."""
     out = {"matmul_flops": matmul_rate(per * kw["seq_len"], kw["n_embd"], kw["vocab_size"]),
            "mem_bw": mem_bandwidth(mem_mb), "train_flops": train_rate(kw, per)}
-    for m in sorted(set(micro) - {per}):
-        out[f"train_flops@{m}"] = train_rate(kw, m)
+    for m in sorted(set(micro) - {per}):       # short calls, noisy: 3× the repeats (session 7's idle run moved
+        out[f"train_flops@{m}"] = train_rate(kw, m, 3 * reps)    # train_flops@1 by −16% from start to end at 5M)
     for m in sorted(set(micro)):
-        out[f"split_i@{m}"], out[f"split_w@{m}"] = split_fractions(kw, m, reps)
+        out[f"split_i@{m}"], out[f"split_w@{m}"] = split_fractions(kw, m, 3 * reps)
     if not dist.is_initialized() or dist.get_world_size() < 2:
         return out
     n, r = dist.get_world_size(), dist.get_rank()

@@ -1,6 +1,9 @@
 """Analysis and tables of a benchmark-protocol record (benchmarks/protocol.py): paired ratios with the
 A/A noise band, floors per row, the planner's prediction from the measured hardware. Works on a
-recorded JSON as well as on a live run (tests/test_bench_protocol.py checks it on a recorded one).
+recorded JSON as well as on a live run (tests/test_bench_protocol.py checks it on a recorded one):
+
+    python benchmarks/proto_report.py tests/data/bench_protocol.json benchmarks/results/protocol_*.json
+    python benchmarks/proto_report.py REC.json --full        # the protocol's whole text report per record
 
 Per row (seconds, per rank): compute floor F / R (F = per-rank tokens · (6N + 12Lhs), R the
 calibrated fp32 matmul rate); communication floor Σ_op calls·lat_op + wire_op / bw_op at the
@@ -10,7 +13,14 @@ calibration used is the mean of the start and end figures.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import sys
+
+if __name__ == "__main__":                      # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import proto_stats as st
 from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
@@ -240,3 +250,26 @@ def markdown(records: list, analyses: list, header: dict) -> str:
             "NCCL's ring kernels, the ring would not be used, and compute/communication overlap runs on "
             "separate CUDA streams instead of gloo's background threads: these CPU ratios do not transfer.", ""]
     return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    """Per record of each file: the planner ÷ measured median step of every row (``--full``: :func:`text`)."""
+    ap = argparse.ArgumentParser(description="planner ÷ measured per row of recorded protocol runs")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--full", action="store_true", help="the whole text report of each record")
+    a = ap.parse_args(argv)
+    for f in a.files:
+        with open(f) as fh:
+            data = json.load(fh)
+        for rec in data["records"]:
+            an = analyse(rec, n_boot=200 if a.full else 20)
+            if a.full:
+                print(text(rec, an))
+                continue
+            rows = " ".join(f"{n} {r['pred_over_measured']:.2f}" for n, r in an["rows"].items())
+            print(f"{os.path.basename(f)} {rec['size']} part {rec.get('part', 0)}: {rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

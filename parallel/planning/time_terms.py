@@ -51,15 +51,17 @@ M bytes (wire w_pair = 2(N−1)/N·M, time w_pair / bw_pair). Read as two chaine
     b_chain = w_pair / (w_pair / bw_pair − l_pair)      (the pair's incremental bandwidth; ring ops only)
 
 δ is what a blocking collective issued right after another costs beyond the two isolated latencies (the
-wake-up of the waiting thread, 2–4 ms on the idle records against 0.12–0.15 ms for one op alone); b_chain
-is the pair's bandwidth once that fixed part is taken out (0.9–1.0 GB/s against the 0.55–0.65 of one 4 MiB
-op after a barrier, whose time holds a stall of its own). Both come from the run's own calibration, not
+wake-up of the waiting thread: δ/2 = 0.3–1.8 ms per call on the recorded runs, against 0.12–0.15 ms for one
+op alone); b_chain is the pair's bandwidth once that fixed part is taken out (0.8–1.2 GB/s, against the
+0.4–1.2 of one 4 MiB op after a barrier, bimodal: its time sometimes holds a stall of its own). Print them
+per record: benchmarks/proto_report.py's chain_hardware. Both come from the run's own calibration, not
 from a fit: the ring code the rows run is the code the calibration times, so a faster ring moves both.
 Gloo's own reduce-scatter/all-gather (FSDP2's default rows) keep their calibrated bandwidth (there is no
 chained-pair figure for them) and pay δ/2 per call too. Applied to block units only (:func:`stage3_waits`):
 module units (DeepSpeed ZeRO-3 coalesces them into prefetch buckets) are not given it. Out of sample on
-the recorded idle runs (benchmarks/results/protocol_2026-12-04_session7.json, never fitted to): zero3
-5m / 50m 0.93 / 1.00, fsdp2_ring 0.82 / 0.95, fsdp2_prefetch 0.98 / 0.97 (tests/test_bench_protocol.py).
+the recorded idle runs (benchmarks/results/*_2026-12-04_session7.json, never fitted to): zero3 5m / 50m
+0.93 / 1.01 (0.92 / 1.01 in the DeepSpeed run), fsdp2_prefetch 0.98 / 0.96, fsdp2_ring 0.81 / 0.97 (FSDP2's
+own per-unit work, ~1.1 ms a call, is not in it: tests/test_bench_protocol.py, KNOWN_GAPS).
 Session 7's STAGE3_WAIT_S (1.5 ms per call, fitted on the 16:12 record) gave 1.02 / 1.20 for zero3. With separate
 communication hardware (``comm_shares_core`` False: GPUs with their copy engines and NICs) the busy
 part is zero and the rest of :func:`exposed_dp` is the classic overlap model.
