@@ -180,7 +180,7 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
     """All figures of the module docstring for model ``kw`` (examples/gpt.py) at ``per`` sequences
     per rank (and the compute rate at each micro-batch of ``micro``), measured now with every rank running."""
     out = {"matmul_flops": matmul_rate(per * kw["seq_len"], kw["n_embd"], kw["vocab_size"]),
-           "mem_bw": mem_bandwidth(mem_mb), "train_flops": train_rate(kw, per)}
+           "mem_bw": mem_bandwidth(mem_mb, 3 * reps), "train_flops": train_rate(kw, per)}
     for m in sorted(set(micro) - {per}):       # short calls, noisy: 3× the repeats (session 7's idle run moved
         out[f"train_flops@{m}"] = train_rate(kw, m, 3 * reps)    # train_flops@1 by −16% from start to end at 5M)
     for m in sorted(set(micro)):
@@ -194,7 +194,7 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
         small_fn, _ = _op_fn(impl, op, n, group)
         big_fn, m = _op_fn(impl, op, big, group)
         lat = _timed(small_fn, 3 * reps)
-        t = _timed(big_fn, reps)
+        t = _timed(big_fn, 3 * reps)                      # medians of 21: start and end agree better
         out[f"lat.{impl}.{op}"] = lat
         out[f"bw.{impl}.{op}"] = WIRE[op](n) * m / t
         out["comm_bytes"] = m                              # M: the message the bandwidths were taken at

@@ -47,11 +47,16 @@ def calib_mean(rec: dict) -> dict:
 def step_drift(rec: dict, tol: float = 0.10) -> dict:
     """Drift that matters: per row, the planner's step predicted from the end calibration ÷ from the start
     one, − 1; rows beyond ``tol`` are flagged. A figure that moved but does not move any row's step (a
-    small-message latency, the matmul rate the planner does not use) does not flag the run."""
+    small-message latency, the matmul rate the planner does not use) does not flag the run. Latencies are
+    held at the smaller of the two in both predictions, as :func:`calib_mean` takes them: the analysis never
+    uses the larger, so its switch between modes (the ring pair's 2.2–7 ms, which sets stage 3's per-call
+    wait) is no drift of what is predicted."""
+    lat = {k: min(v, rec["calib_end"][k]) for k, v in rec["calib_start"].items()
+           if k.startswith("lat.") and k in rec["calib_end"]}
     change = {}
     for name in rec["times"]:
-        s0 = predict_row(rec, name, rec["calib_start"]).step_s
-        change[name] = predict_row(rec, name, rec["calib_end"]).step_s / s0 - 1
+        s0 = predict_row(rec, name, {**rec["calib_start"], **lat}).step_s
+        change[name] = predict_row(rec, name, {**rec["calib_end"], **lat}).step_s / s0 - 1
     return {"rows": change, "flag": [n for n, c in change.items() if abs(c) > tol]}
 
 
