@@ -15,9 +15,10 @@ Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per
 plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
 / the rate at the micro-batch's token count (``Hardware.rate``: measured there, else the peak), plus its
 tp traffic at the given latency and bandwidth; the schedule is simulated with
-F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; the dp traffic
-that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's reduction always, the
-rest what does not hide under backward — on CPU ranks sharing their core with gloo, at least the
+F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py; I and W × the calibrated split's cost where
+``Hardware.split_frac`` has the micro-batch's size: :func:`_split_frac`); pp messages add to their
+actions; the dp traffic that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's
+reduction always, the rest what does not hide under backward — on CPU ranks sharing their core with gloo, at least the
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
 (:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient

@@ -119,7 +119,7 @@ class Hardware:
     flops_at: tuple = ()            # ((tokens per micro-batch, FLOP/s), ...): the rate measured at that size
     chain_wait_s: float = 0.0       # stage 3 on CPU ranks: per blocking unit collective, beyond its latency
     chain_bandwidth: tuple = ()     # ((op, bytes/s), ...): an op's bandwidth inside such a chain; else `bw(op)`
-    split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ F+B at that size
+    split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ a plain B's at that size
 
     def bw(self, op: str) -> float:
         return dict(self.op_bandwidth).get(op, self.bandwidth)
