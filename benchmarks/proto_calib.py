@@ -10,6 +10,12 @@ Figures (a flat dict, so start and end compare key by key):
   norms, attention, activations and the autograd walk are around them (the planner's compute rate);
   ``train_flops@<m>`` the same at m sequences (``micro``: the pipeline rows' micro-batch, whose small
   matmuls and per-call overheads run well below the per-rank batch's rate);
+* ``split_i@<m>``, ``split_w@<m>``: the zero-bubble I/W split (parallel/pipeline/backward_split.py, what
+  the executor's I and W actions run) of a stage with an input gradient — the model's second half of blocks,
+  final norm, head and loss, fed a hidden state of m sequences — in seconds ÷ that stage's plain
+  backward (B = I + W in FLOPs): the split's own cost (one engine call for I, one per weight group for
+  W, the capture hooks) at the pipeline rows' micro-batch, which the planner's ZB schedules take
+  (``Hardware.split_frac``); ``comm_bytes``: M below;
 * per op and implementation (``gloo``: torch.distributed's; ``ring``: parallel/comm/ring.py):
   ``lat.<impl>.<op>`` the seconds of a call at N elements, and ``bw.<impl>.<op>`` the bus bandwidth
   wire(M) / t(M) at M bytes (as nccl-tests defines it: one latency included), with the ring
@@ -122,13 +128,63 @@ def train_rate(kw: dict, per: int, reps: int = 5) -> float:
     return flops / _timed(run, reps)
 
 
+def split_fractions(kw: dict, m: int, reps: int = 5) -> tuple:
+    """(I, W) seconds ÷ plain B seconds of the second half of the model at ``m`` sequences (module
+    docstring); per phase the median over ``reps`` of the slowest rank's time."""
+    import torch.nn.functional as F
+
+    from examples.gpt import GPT
+    from parallel.pipeline.backward_split import SplitCache, backward_input, backward_weight
+    torch.manual_seed(0)
+    model = GPT(**kw)
+    half = list(model.blocks)[kw["n_layer"] // 2:]
+    params = [p for mod in half + [model.ln_f, model.lm_head] for p in mod.parameters()]
+    x0 = torch.randn(m, kw["seq_len"], kw["n_embd"])
+    tgt = torch.randint(0, kw["vocab_size"], (m, kw["seq_len"]))
+    cache = SplitCache()
+
+    def forward():
+        x = x0.clone().requires_grad_()
+        h = x
+        for b in half:
+            h = b(h)
+        return x, F.cross_entropy(model.lm_head(model.ln_f(h)).flatten(0, 1), tgt.flatten())
+
+    def phases():
+        for p in params:
+            p.grad = None
+        x, loss = forward()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        for p in params:
+            p.grad = None
+        x, loss = forward()
+        t3 = time.perf_counter()
+        _, wp = backward_input(loss, None, x, params, cache=cache)
+        t4 = time.perf_counter()
+        backward_weight(wp, params)
+        t5 = time.perf_counter()
+        return t2 - t1, t4 - t3, t5 - t4
+    phases()                                               # warm-up (and the split's graph analysis)
+    per = []
+    for _ in range(reps):
+        if dist.is_initialized():
+            dist.barrier()
+        per.append(phases())
+    b, i, w = (_slowest([p[k] for p in per]) for k in range(3))
+    return i / b, w / b
+
+
 def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32, micro=()) -> dict:
     """All figures of the module docstring for model ``kw`` (examples/gpt.py) at ``per`` sequences
     per rank (and the compute rate at each micro-batch of ``micro``), measured now with every rank running."""
     out = {"matmul_flops": matmul_rate(per * kw["seq_len"], kw["n_embd"], kw["vocab_size"]),
-           "mem_bw": mem_bandwidth(mem_mb), "train_flops": train_rate(kw, per)}
-    for m in sorted(set(micro) - {per}):
-        out[f"train_flops@{m}"] = train_rate(kw, m)
+           "mem_bw": mem_bandwidth(mem_mb, 3 * reps), "train_flops": train_rate(kw, per)}
+    for m in sorted(set(micro) - {per}):       # short calls, noisy: 3× the repeats (session 7's idle run moved
+        out[f"train_flops@{m}"] = train_rate(kw, m, 3 * reps)    # train_flops@1 by −16% from start to end at 5M)
+    for m in sorted(set(micro)):
+        out[f"split_i@{m}"], out[f"split_w@{m}"] = split_fractions(kw, m, 3 * reps)
     if not dist.is_initialized() or dist.get_world_size() < 2:
         return out
     n, r = dist.get_world_size(), dist.get_rank()
@@ -138,7 +194,8 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
         small_fn, _ = _op_fn(impl, op, n, group)
         big_fn, m = _op_fn(impl, op, big, group)
         lat = _timed(small_fn, 3 * reps)
-        t = _timed(big_fn, reps)
+        t = _timed(big_fn, 3 * reps)                      # medians of 21: start and end agree better
         out[f"lat.{impl}.{op}"] = lat
         out[f"bw.{impl}.{op}"] = WIRE[op](n) * m / t
+        out["comm_bytes"] = m                              # M: the message the bandwidths were taken at
     return out

@@ -1,6 +1,9 @@
 """Analysis and tables of a benchmark-protocol record (benchmarks/protocol.py): paired ratios with the
 A/A noise band, floors per row, the planner's prediction from the measured hardware. Works on a
-recorded JSON as well as on a live run (tests/test_bench_protocol.py checks it on a recorded one).
+recorded JSON as well as on a live run (tests/test_bench_protocol.py checks it on a recorded one):
+
+    python benchmarks/proto_report.py tests/data/bench_protocol.json benchmarks/results/protocol_*.json
+    python benchmarks/proto_report.py REC.json --full        # the protocol's whole text report per record
 
 Per row (seconds, per rank): compute floor F / R (F = per-rank tokens · (6N + 12Lhs), R the
 calibrated fp32 matmul rate); communication floor Σ_op calls·lat_op + wire_op / bw_op at the
@@ -10,14 +13,21 @@ calibration used is the mean of the start and end figures.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import sys
+
+if __name__ == "__main__":                      # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import proto_stats as st
 from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
 from parallel.planning.flops import gpt_flops_per_token
 from parallel.planning.planner import predict
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec
-from parallel.planning.time_terms import memory_seconds
+from parallel.planning.time_terms import chain_terms, memory_seconds
 from parallel.zero.interleave import ENABLED as INTERLEAVE
 
 __all__ = ["calib_mean", "hardware", "predict_row", "floors", "analyse", "text", "markdown"]
@@ -37,11 +47,16 @@ def calib_mean(rec: dict) -> dict:
 def step_drift(rec: dict, tol: float = 0.10) -> dict:
     """Drift that matters: per row, the planner's step predicted from the end calibration ÷ from the start
     one, − 1; rows beyond ``tol`` are flagged. A figure that moved but does not move any row's step (a
-    small-message latency, the matmul rate the planner does not use) does not flag the run."""
+    small-message latency, the matmul rate the planner does not use) does not flag the run. Latencies are
+    held at the smaller of the two in both predictions, as :func:`calib_mean` takes them: the analysis never
+    uses the larger, so its switch between modes (the ring pair's 2.2–7 ms, which sets stage 3's per-call
+    wait) is no drift of what is predicted."""
+    lat = {k: min(v, rec["calib_end"][k]) for k, v in rec["calib_start"].items()
+           if k.startswith("lat.") and k in rec["calib_end"]}
     change = {}
     for name in rec["times"]:
-        s0 = predict_row(rec, name, rec["calib_start"]).step_s
-        change[name] = predict_row(rec, name, rec["calib_end"]).step_s / s0 - 1
+        s0 = predict_row(rec, name, {**rec["calib_start"], **lat}).step_s
+        change[name] = predict_row(rec, name, {**rec["calib_end"], **lat}).step_s / s0 - 1
     return {"rows": change, "flag": [n for n, c in change.items() if abs(c) > tol]}
 
 
@@ -62,12 +77,29 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
     ops = list(_PLANNER_OP.items())
     per = {int(k.split("@")[1]): v for k, v in cal.items() if k.startswith("train_flops@")}
-    return Hardware(peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
+    wait, chain = chain_hardware(cal, impl, world)
+    split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
+             if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
+    return Hardware(chain_wait_s=wait, chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
+                    peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
                     flops_at=tuple((m * seq, v) for m, v in per.items()),
                     bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
                     latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
                     op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),
                     op_latency=tuple((p, _fig(cal, "lat", im(o), o, world)) for p, o in ops))
+
+
+def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
+    """(``Hardware.chain_wait_s``, ``Hardware.chain_bandwidth``) from the calibrated ring pair (reduce-scatter
+    then all-gather back to back: ``*.ring.all_reduce``; parallel/planning/time_terms.py, chain_terms) at the
+    calibration's message of ``comm_bytes`` (records before it: the protocol's default 4 MiB). The chain
+    bandwidth is given to the ring's ops only (``impl`` "ring"); gloo's keep theirs."""
+    need = ("lat.ring.all_reduce", "lat.ring.reduce_scatter", "lat.ring.all_gather", "bw.ring.all_reduce")
+    if not all(k in cal for k in need):
+        return 0.0, ()
+    wire = 2 * (world - 1) / world * cal.get("comm_bytes", 4 * 2 ** 20)
+    wait, b = chain_terms(cal[need[0]], cal[need[1]], cal[need[2]], cal[need[3]], wire)
+    return wait, ((("reduce_scatter", b), ("all_gather", b)) if impl == "ring" else ())
 
 
 def model_spec(kw: dict) -> ModelSpec:
@@ -223,3 +255,26 @@ def markdown(records: list, analyses: list, header: dict) -> str:
             "NCCL's ring kernels, the ring would not be used, and compute/communication overlap runs on "
             "separate CUDA streams instead of gloo's background threads: these CPU ratios do not transfer.", ""]
     return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    """Per record of each file: the planner ÷ measured median step of every row (``--full``: :func:`text`)."""
+    ap = argparse.ArgumentParser(description="planner ÷ measured per row of recorded protocol runs")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--full", action="store_true", help="the whole text report of each record")
+    a = ap.parse_args(argv)
+    for f in a.files:
+        with open(f) as fh:
+            data = json.load(fh)
+        for rec in data["records"]:
+            an = analyse(rec, n_boot=200 if a.full else 20)
+            if a.full:
+                print(text(rec, an))
+                continue
+            rows = " ".join(f"{n} {r['pred_over_measured']:.2f}" for n, r in an["rows"].items())
+            print(f"{os.path.basename(f)} {rec['size']} part {rec.get('part', 0)}: {rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,12 +4,13 @@ noise band, floors per row, and the planner's prediction next to each measured s
     python benchmarks/protocol.py --sizes 5m 50m                       # the full run (idle machine)
     python benchmarks/protocol.py --sizes tiny --rounds 2 --warmup 2   # a smoke run
     python benchmarks/protocol.py --sizes 5m --json rec.json --markdown section.md
+    python benchmarks/protocol.py --sizes 5m --rows ddp ... --json rec.json --merge   # add a second part
 
 Pieces: benchmarks/proto_run.py (one rank: pinning, calibration, warm-up with the loss check,
 shuffled timed rounds), proto_rows.py (the rows), proto_calib.py (the hardware figures),
 proto_stats.py (paired ratios, bootstrap, A/A band, drift, floors), proto_report.py (analysis,
-tables, planner). DeepSpeed rows run only where ``import deepspeed`` works; otherwise each is
-listed as skipped with the reason.
+tables, planner), proto_merge.py (one record file from several invocations). DeepSpeed rows run only
+where ``import deepspeed`` works; otherwise each is listed as skipped with the reason.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.peers import cpu_name  # noqa: E402
+from benchmarks.proto_merge import check, merge  # noqa: E402
 from benchmarks.proto_rows import ROWS  # noqa: E402
 from benchmarks.proto_run import SIZES  # noqa: E402
 
@@ -100,18 +102,51 @@ def main(argv=None) -> int:
     ap.add_argument("--comm-mb", type=float, default=4.0, help="calibration message size")
     ap.add_argument("--json", default=None, help="write the raw records here (proto_report.analyse reads them)")
     ap.add_argument("--markdown", default=None, help="write the README-ready section here")
+    ap.add_argument("--merge", action="store_true", help="add this run's records to those already in --json "
+                    "(an earlier invocation, same commit and machine; benchmarks/proto_merge.py)")
     a = ap.parse_args(argv)
     bad = [r for r in a.rows if r not in ROWS]
     if bad or a.rounds < 1 or a.warmup < 1:
         ap.error(f"unknown rows {bad} (choose from {ROWS}); --rounds and --warmup must be ≥ 1")
+    old = None
+    if a.merge:                        # refuse before timing anything, not after
+        if not a.json or not os.path.exists(a.json):
+            ap.error(f"--merge adds to the file of an earlier invocation: give it as --json (got {a.json!r}, "
+                     f"which does not exist); run the first part without --merge")
+        try:
+            with open(a.json) as f:
+                old = json.load(f)
+            if not isinstance(old, dict) or "header" not in old or "records" not in old:
+                raise ValueError("not a record file of benchmarks/protocol.py --json")
+        except ValueError as e:
+            ap.error(f"--merge: {a.json} cannot be read ({e}); write the first part again without --merge")
+        try:
+            check(old, [header(argv)], a.rows)
+        except ValueError as e:
+            ap.error(str(e))
     seed = a.seed if a.seed is not None else int(time.time()) % 100_000
     opts = [{"size": s, "per_rank_batch": a.batch, "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup,
              "seed": seed, "rows": a.rows, "tol": a.tol, "comm_mb": a.comm_mb} for s in a.sizes]
     t0 = time.time()
     records = run(opts, a.world)
+
+    def data(head):
+        new = {"header": head, "records": records}
+        if old is None:
+            return new
+        try:
+            return merge(old, new)
+        except ValueError:             # e.g. the tree changed during the run: keep this part, refuse the merge
+            side = a.json[:-5] + ".part.json" if a.json.endswith(".json") else a.json + ".part"
+            with open(side, "w") as f:
+                json.dump(new, f, indent=1)
+            print(f"this run's records are in {side}: after checking, merge them with python "
+                  f"benchmarks/proto_merge.py {a.json} {side} -o OUT.json", file=sys.stderr)
+            raise
     if a.json:                         # first: an analysis error must not lose the measurements
+        merged = data(header(argv))    # before opening: a refused merge must not truncate the file
         with open(a.json, "w") as f:
-            json.dump({"header": header(argv), "records": records}, f, indent=1)
+            json.dump(merged, f, indent=1)
     from benchmarks.proto_report import analyse, markdown, text
     analyses = [analyse(r) for r in records]
     for rec, an in zip(records, analyses):
@@ -119,9 +154,10 @@ def main(argv=None) -> int:
     head = header(argv)
     print(f"took {time.time() - t0:.0f} s; {head['machine']}; commit {head['commit']}")
     if a.json:
+        merged = data(head)
         with open(a.json, "w") as f:
-            json.dump({"header": head, "records": records}, f, indent=1)   # the analysis is recomputable
-        print(f"records written to {a.json}")
+            json.dump(merged, f, indent=1)                                 # the analysis is recomputable
+        print(f"records written to {a.json}" + (f" (merged: {len(merged['records'])} records)" if a.merge else ""))
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(markdown(records, analyses, head))

@@ -77,8 +77,13 @@ def _recorded():
 
 
 def test_analysis_of_the_recorded_run():
-    from benchmarks.proto_report import analyse, floors
-    for rec in _recorded()["records"]:
+    from benchmarks.proto_report import analyse, bytes_check, calib_mean, floors, predict_row
+    data = _recorded()
+    full = [rec for rec in data["records"] if {"ddp", "ddp_aa", "ddp_tuned", "local", "zero0", "zero1", "zero2",
+                                               "zero3"} <= set(rec["times"])]
+    # the refresh writes two invocations (benchmarks/proto_merge.py); the first carries these rows at every size
+    assert {rec["size"] for rec in full} == {rec["size"] for rec in data["records"]}, [r["size"] for r in full]
+    for rec in full:
         an = analyse(rec, n_boot=300)
         t = rec["times"]
         r = [x / y for x, y in zip(t["ddp_aa"], t["ddp"])]
@@ -96,32 +101,60 @@ def test_analysis_of_the_recorded_run():
         flops = tokens * (6 * n_mm + 12 * kw["n_layer"] * kw["n_embd"] * kw["seq_len"])
         assert f["compute"] == pytest.approx(flops / cal["matmul_flops"], rel=1e-12)
         assert f["optimizer"] == pytest.approx(28 * rec["rows"]["local"]["owned"] / cal["mem_bw"], rel=1e-12)
-        for name in ("zero0", "zero1", "zero2", "zero3"):          # bytes: CommStats == planner, same run
-            assert an["rows"][name]["bytes"]["equal"], an["rows"][name]["bytes"]
+    for rec in data["records"]:                                     # bytes: CommStats == planner, same run
+        for name in ("zero0", "zero1", "zero2", "zero3", "pp_1f1b_m8", "pp_zbh1_m8", "pp_zbv_m8"):
+            if name in rec["times"]:
+                b = bytes_check(rec, name, predict_row(rec, name, calib_mean(rec)))
+                assert b["equal"], (rec["size"], name, b)
 
 
-# Rows the time model does not yet reach within 15% on the recorded idle run, with the band they are
-# held to. Empty since the stage-3 per-wait term (parallel/planning/time_terms.py, STAGE3_WAIT_S: fitted on
-# this record, so this test is its fit, not an out-of-sample check; the 18:38 record, benchmarks/results/
-# protocol_ds_*.json, is the out-of-sample one: its zero3 rows 0.90 / 0.95). Before it: 5m fsdp2 0.81,
-# fsdp2_ring 0.73, zero3 0.81.
-KNOWN_GAPS: dict = {}
+# Rows the time model does not reach within 15% on the recorded idle run, with the band they are held to.
+# Nothing in the model is fitted to this record: the stage-3 terms come from its calibrated ring pair
+# (parallel/planning/time_terms.py, chain_terms), the ZB split from its calibrated split_i/split_w.
+# 5m/fsdp2_ring: FSDP2 pays more per collective than its bytes and the chain terms explain — at 5M it
+# measured 173.2 ms on our ring and 171.3 ms on gloo's collectives (session 7 idle record), though the
+# calibration makes its 29 MB of wire 33 ms cheaper on the ring: the step is not bound by the bytes there.
+# Solving step − compute − update = calls·a + wire/b at 5M and 50M of that record: zero3 a = 2.35 ms,
+# b = 1.17 GB/s; fsdp2_ring a = 3.44 ms, b = 1.22 GB/s — the same bandwidth (the chain model's 0.9–1.0 GB/s
+# is near), 1.1 ms more per call (20 calls: 22 ms) of FSDP2's own per-unit work, which no calibrated
+# figure holds. Predicted ÷ measured 0.80 (16:12 record), 0.84 (20:40), 0.81 (session 7); at 50M 0.92–0.97.
+KNOWN_GAPS: dict = {"5m/fsdp2_ring": 0.25}
 
 
 def test_planner_time_model_on_the_recorded_run():
     from benchmarks.proto_report import analyse
     data = _recorded()
-    gaps, drifted = {}, []
+    gaps, drifted, bad = [], [], {}
     for rec in data["records"]:
         an = analyse(rec, n_boot=50)
         drifted += [f"{rec['size']}: {k}" for k in an["drift"]["flag"]]
         for name, r in an["rows"].items():
-            gaps[f"{rec['size']}/{name}"] = round(r["pred_over_measured"], 3)
+            key, v = f"{rec['size']}/{name}", round(r["pred_over_measured"], 3)
+            gaps.append((key, v))
+            if abs(v - 1) > KNOWN_GAPS.get(key, 0.15):
+                bad[f"{key}@part{rec.get('part', 0)}"] = v
     # drift = a row's predicted step moving > 10% between the start and end calibrations: not on an idle run
     assert not drifted, f"the recorded run ({data['header']['date']}) drifted: {drifted}"
-    bad = {k: v for k, v in gaps.items() if abs(v - 1) > KNOWN_GAPS.get(k, 0.15)}
     assert not bad, f"planner ÷ measured step outside its band (1 ± 0.15 unless in KNOWN_GAPS): {bad} (all: {gaps})"
-    assert len(gaps) >= 20 and sum(abs(v - 1) <= 0.15 for v in gaps.values()) >= len(gaps) - len(KNOWN_GAPS)
+    assert len({k for k, _ in gaps}) >= 20
+
+
+def test_stage3_chain_terms_out_of_sample():
+    """The stage-3 terms on the session-7 idle records (never fitted to): ZeRO-3 and FSDP2 within 15% but
+    5m/fsdp2_ring (KNOWN_GAPS); the fitted constant they replace gave zero3 50m 1.20."""
+    from benchmarks.proto_report import calib_mean, predict_row
+    got = {}
+    for f in ("protocol_2026-12-04_session7.json", "protocol_ds_2026-12-04_session7.json"):
+        with open(os.path.join(ROOT, "benchmarks", "results", f)) as fh:
+            for rec in json.load(fh)["records"]:
+                for name in ("zero3", "fsdp2_prefetch", "fsdp2_ring"):
+                    if name in rec["times"]:
+                        pred = predict_row(rec, name, calib_mean(rec)).step_s
+                        got[f"{f[:11]}/{rec['size']}/{name}"] = pred / statistics.median(rec["times"][name])
+    assert len(got) == 8                     # zero3 + both FSDP2 rows (protocol run), zero3 (DeepSpeed run) × 2 sizes
+    for k, v in got.items():
+        band = KNOWN_GAPS.get(k.split("/", 1)[1], 0.15)
+        assert abs(v - 1) <= band, (k, v, got)
 
 
 def _smoke(rank, world):

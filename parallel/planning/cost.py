@@ -15,9 +15,10 @@ Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per
 plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
 / the rate at the micro-batch's token count (``Hardware.rate``: measured there, else the peak), plus its
 tp traffic at the given latency and bandwidth; the schedule is simulated with
-F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py); pp messages add to their actions; the dp traffic
-that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's reduction always, the
-rest what does not hide under backward — on CPU ranks sharing their core with gloo, at least the
+F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py; I and W × the calibrated split's cost where
+``Hardware.split_frac`` has the micro-batch's size: :func:`_split_frac`); pp messages add to their
+actions; the dp traffic that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's
+reduction always, the rest what does not hide under backward — on CPU ranks sharing their core with gloo, at least the
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
 (:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient
@@ -159,6 +160,18 @@ def seconds(ops: dict, hw: Hardware) -> float:
     return sum(c["calls"] * hw.lat(op) + c["wire_bytes"] / hw.bw(op) for op, c in ops.items())
 
 
+def _split_frac(a, frac: dict, split) -> float:
+    """An action's share of its stage's F + B. With a calibrated I/W split (``Hardware.split_frac``: I and W
+    seconds ÷ a plain B's, benchmarks/proto_calib.py) I and W cost that × B's share — except on stage 0, whose
+    input (token ids) has no gradient: its I is empty and its W is one plain backward
+    (parallel/pipeline/backward_split.py). Without one: F:B:I:W = 1:2:1:1."""
+    if split is None or a.kind not in ("I", "W"):
+        return frac[a.kind]
+    if a.stage == 0:
+        return 0.0 if a.kind == "I" else frac["B"]
+    return frac["B"] * split[0 if a.kind == "I" else 1]
+
+
 def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds: list, mb: int,
                dp_ops: dict, hide_gather_s: float = 0.0) -> tuple[float, float]:
     """(seconds per step, pipeline bubble fraction) of the slowest rank (module docstring); ``hide_gather_s``:
@@ -191,8 +204,9 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:
         frac = {"F": 1 / 3, "B": 2 / 3, "I": 1 / 3, "W": 1 / 3}
+        split = dict(hw.split_frac).get(mb * s)
         sim = simulate(get_schedule(lay.schedule, lay.pp, lay.micro_batches, lay.v),
-                       lambda a: stage[a.stage] * frac[a.kind])
+                       lambda a: stage[a.stage] * _split_frac(a, frac, split))
         span, bubble = float(sim.makespan), float(sim.bubble)
     exposed = exposed_dp(dp_ops, lay.zero, max(stage), span, hw, seconds, hide_gather_s)
     return span + exposed + stage3_waits(dp_ops, lay.zero, lay.units, hw), bubble

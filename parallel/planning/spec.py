@@ -117,12 +117,18 @@ class Hardware:
     mem_bandwidth: float = 0.0      # bytes/s, STREAM-add counted (planning/time_terms.py); 0: not modelled
     comm_shares_core: bool = False  # collectives copy on the compute core (gloo CPU ranks): time_terms.exposed_dp
     flops_at: tuple = ()            # ((tokens per micro-batch, FLOP/s), ...): the rate measured at that size
+    chain_wait_s: float = 0.0       # stage 3 on CPU ranks: per blocking unit collective, beyond its latency
+    chain_bandwidth: tuple = ()     # ((op, bytes/s), ...): an op's bandwidth inside such a chain; else `bw(op)`
+    split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ a plain B's at that size
 
     def bw(self, op: str) -> float:
         return dict(self.op_bandwidth).get(op, self.bandwidth)
 
     def lat(self, op: str) -> float:
         return dict(self.op_latency).get(op, self.latency_s)
+
+    def chain_bw(self, op: str) -> float:
+        return dict(self.chain_bandwidth).get(op, self.bw(op))
 
     def rate(self, tokens: int) -> float:
         """FLOP/s of a forward + backward over ``tokens`` tokens: measured at that size, else ``peak_flops``."""

@@ -41,16 +41,28 @@ what does not fit under the backward (2/3 of compute, F:B = 1:2). Parameter all-
 is exposed whole; the others expose at least their busy part, or what does not fit under the optimizer
 passes of the buckets after them (``hide_gather_s`` · (K − 1)/K; 0 for a two-pass peer). Stage 3 gathers a unit just
 before it computes and reduce-scatters it right after: on one core with a blocking wait per unit
-(FSDP2's and ours on gloo) nothing is left to overlap, so all of it is exposed. Stage 3 also pays a fixed
-cost per blocking unit collective (:data:`STAGE3_WAIT_S`, per all-gather and reduce-scatter of a block
-unit) that latency + bytes/bandwidth do not hold: on the 16:12 idle record the stage-3 rows at 5M sit
-1.3–2.7 ms per such call above the rest of the model (FSDP2 with gloo's collectives, FSDP2 on our ring,
-ours). It is FITTED there (1.5 ms brings all eight block-unit stage-3 rows at 5M and 50M within 15%), not
-calibrated: its parts are not yet separated — the wake-up after each blocking wait (the calibration's ring
-all-reduce, a reduce-scatter then an all-gather back to back, costs 2.3–2.9 ms more than the two alone),
-fresh buffers per unit (ZeRO-3 touches 3,054 new pages a step at 5M, FSDP2 on the ring 6,295;
-benchmarks/proto_profile.py), the hooks' Python. Module units (DeepSpeed ZeRO-3 gathers per module but
-coalesces them into prefetch buckets) are not given it. With separate
+(FSDP2's and ours on gloo) nothing is left to overlap, so all of it is exposed — at the cost such a
+collective has inside a CHAIN of blocking collectives, which the calibration measures directly: its ring
+"all-reduce" is a reduce-scatter and an all-gather back to back, at a tiny size (latency ``l_pair``) and at
+M bytes (wire w_pair = 2(N−1)/N·M, time w_pair / bw_pair). Read as two chained halves, linear in bytes:
+
+    one chained collective of wire w:  l_op + δ/2 + w / b_chain,
+    δ = max(0, l_pair − l_rs − l_ag)                     (:func:`chain_terms`; ``Hardware.chain_wait_s`` = δ/2)
+    b_chain = w_pair / (w_pair / bw_pair − l_pair)      (the pair's incremental bandwidth; ring ops only)
+
+δ is what a blocking collective issued right after another costs beyond the two isolated latencies (the
+wake-up of the waiting thread: δ/2 = 0.3–1.8 ms per call on the recorded runs, against 0.12–0.15 ms for one
+op alone); b_chain is the pair's bandwidth once that fixed part is taken out (0.8–1.2 GB/s, against the
+0.4–1.2 of one 4 MiB op after a barrier, bimodal: its time sometimes holds a stall of its own). Print them
+per record: benchmarks/proto_report.py's chain_hardware. Both come from the run's own calibration, not
+from a fit: the ring code the rows run is the code the calibration times, so a faster ring moves both.
+Gloo's own reduce-scatter/all-gather (FSDP2's default rows) keep their calibrated bandwidth (there is no
+chained-pair figure for them) and pay δ/2 per call too. Applied to block units only (:func:`stage3_waits`):
+module units (DeepSpeed ZeRO-3 coalesces them into prefetch buckets) are not given it. Out of sample on
+the recorded idle runs (benchmarks/results/*_2026-12-04_session7.json, never fitted to): zero3 5m / 50m
+0.93 / 1.01 (0.92 / 1.01 in the DeepSpeed run), fsdp2_prefetch 0.98 / 0.96, fsdp2_ring 0.81 / 0.97 (FSDP2's
+own per-unit work, ~1.1 ms a call, is not in it: tests/test_bench_protocol.py, KNOWN_GAPS).
+Session 7's STAGE3_WAIT_S (1.5 ms per call, fitted on the 16:12 record) gave 1.02 / 1.20 for zero3. With separate
 communication hardware (``comm_shares_core`` False: GPUs with their copy engines and NICs) the busy
 part is zero and the rest of :func:`exposed_dp` is the classic overlap model.
 """
@@ -59,8 +71,8 @@ from __future__ import annotations
 from parallel.planning.spec import Hardware
 
 __all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "DIVIDE_MOVED", "ACCUM_MOVED",
-           "NORM_MOVED", "BUSY_PER_WIRE", "STAGE3_WAIT_S", "stage3_waits", "memory_seconds", "optimizer_moved",
-           "busy_seconds", "exposed_dp"]
+           "NORM_MOVED", "BUSY_PER_WIRE", "chain_terms", "chain_seconds", "stage3_waits", "memory_seconds",
+           "optimizer_moved", "busy_seconds", "exposed_dp"]
 
 COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
 OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
@@ -69,7 +81,6 @@ GRAD_MOVED = {0: 12, 1: 12, 2: 12, 3: 12}
 DIVIDE_MOVED = 8
 ACCUM_MOVED = 12
 NORM_MOVED = 4
-STAGE3_WAIT_S = 1.5e-3               # per blocking block-unit collective on CPU ranks (fitted; module docstring)
 BUSY_PER_WIRE = {"all_gather": 4.0, "send": 2.0, "recv": 2.0, "reduce_scatter": 7.0,
                  "all_reduce": 5.5}    # all-reduce = reduce-scatter then all-gather, half the wire each
 
@@ -102,7 +113,7 @@ def exposed_dp(dp_ops: dict, zero: int, compute_s: float, span_s: float, hw: Har
     gather = seconds(gather_ops, hw)
     if zero >= 3:
         if hw.comm_shares_core:
-            return seconds(dp_ops, hw)
+            return chain_seconds(dp_ops, hw)
         return seconds(reduce, hw) + max(0.0, gather - span_s)
     k = max(1, reduce.get("all_reduce" if zero == 0 else "reduce_scatter", {}).get("calls", 1))
     r = seconds(reduce, hw)
@@ -115,8 +126,23 @@ def exposed_dp(dp_ops: dict, zero: int, compute_s: float, span_s: float, hw: Har
     return exposed + gather / kg + max(busy_seconds(gather_ops, hw) * rest, (gather - hide_gather_s) * rest)
 
 
+def chain_terms(lat_pair: float, lat_rs: float, lat_ag: float, bw_pair: float, wire_pair: float) -> tuple:
+    """(δ/2, b_chain) of the module docstring from the calibrated back-to-back pair (ring reduce-scatter then
+    all-gather): tiny-size latency ``lat_pair``, bus bandwidth ``bw_pair`` at ``wire_pair`` wire bytes, and the
+    two ops' own latencies. b_chain is ``bw_pair`` when the pair's time does not exceed its latency (no
+    incremental figure to take)."""
+    delta = max(0.0, lat_pair - lat_rs - lat_ag)
+    t = wire_pair / bw_pair
+    return delta / 2, wire_pair / (t - lat_pair) if t > lat_pair else bw_pair
+
+
+def chain_seconds(ops: dict, hw: Hardware) -> float:
+    """Σ_op calls·latency(op) + wire bytes / ``hw.chain_bw(op)``: the ops as links of a blocking chain."""
+    return sum(c["calls"] * hw.lat(op) + c["wire_bytes"] / hw.chain_bw(op) for op, c in ops.items())
+
+
 def stage3_waits(dp_ops: dict, zero: int, units: str, hw: Hardware) -> float:
-    """Stage 3 with block units on CPU ranks: :data:`STAGE3_WAIT_S` per all-gather and reduce-scatter call."""
+    """Stage 3 with block units on CPU ranks: ``hw.chain_wait_s`` (δ/2) per all-gather and reduce-scatter call."""
     if zero < 3 or units != "block" or not hw.comm_shares_core:
         return 0.0
-    return STAGE3_WAIT_S * sum(dp_ops.get(op, {}).get("calls", 0) for op in ("all_gather", "reduce_scatter"))
+    return hw.chain_wait_s * sum(dp_ops.get(op, {}).get("calls", 0) for op in ("all_gather", "reduce_scatter"))

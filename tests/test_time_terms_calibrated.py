@@ -1,0 +1,66 @@
+"""The planner's calibrated CPU terms (issue 18), without ranks: stage 3's chained collectives
+(parallel/planning/time_terms.py: chain_terms, chain_seconds, stage3_waits — from the calibrated back-to-back
+ring pair, nothing fitted) and the zero-bubble I/W split (``Hardware.split_frac``, parallel/planning/cost.py)."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from parallel.pipeline.actions import Action  # noqa: E402
+from parallel.planning.cost import _split_frac, seconds  # noqa: E402
+from parallel.planning.planner import predict  # noqa: E402
+from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec  # noqa: E402
+from parallel.planning.time_terms import chain_seconds, chain_terms, exposed_dp, stage3_waits  # noqa: E402
+
+SPEC = ModelSpec(n_layer=4, hidden=64, heads=4, vocab=128, seq=32)
+
+
+def test_chain_terms_by_hand():
+    # pair: 3 ms tiny, 8 ms for 4 MB of wire (bus bw 0.5 GB/s); the ops alone 0.2 / 0.3 ms:
+    # δ = 3 − 0.2 − 0.3 = 2.5 ms (1.25 ms per call), b = 4e6 / (8e-3 − 3e-3) = 0.8 GB/s
+    wait, b = chain_terms(3e-3, 0.2e-3, 0.3e-3, 0.5e9, 4e6)
+    assert wait == pytest.approx(1.25e-3, rel=1e-12) and b == pytest.approx(0.8e9, rel=1e-12)
+    assert chain_terms(0.4e-3, 0.2e-3, 0.3e-3, 0.5e9, 4e6)[0] == 0.0          # no excess: no wait
+    assert chain_terms(9e-3, 0.2e-3, 0.3e-3, 0.5e9, 4e6)[1] == 0.5e9          # no increment: the pair's bw
+
+
+def test_stage3_exposes_its_chain():
+    ops = {"all_gather": {"calls": 4, "wire_bytes": 8e6}, "reduce_scatter": {"calls": 3, "wire_bytes": 4e6},
+           "all_reduce": {"calls": 1, "wire_bytes": 24.0}}
+    hw = Hardware(bandwidth=1e9, latency_s=1e-4, op_bandwidth=(("all_gather", 0.5e9), ("reduce_scatter", 0.5e9)),
+                  chain_bandwidth=(("all_gather", 0.8e9), ("reduce_scatter", 0.8e9)), chain_wait_s=1.25e-3,
+                  comm_shares_core=True)
+    want = 8 * 1e-4 + 12e6 / 0.8e9 + 24 / 1e9                 # latencies + the chain's bandwidth (gloo's for the norm)
+    assert chain_seconds(ops, hw) == pytest.approx(want, rel=1e-12)
+    assert exposed_dp(ops, 3, 1.0, 1.0, hw, seconds) == pytest.approx(want, rel=1e-12)
+    assert stage3_waits(ops, 3, "block", hw) == pytest.approx(7 * 1.25e-3, rel=1e-12)   # per gather/scatter call
+    assert stage3_waits(ops, 3, "module", hw) == stage3_waits(ops, 2, "block", hw) == 0.0
+    from dataclasses import replace
+    assert stage3_waits(ops, 3, "block", replace(hw, comm_shares_core=False)) == 0.0
+
+
+def test_split_fractions_per_action():
+    frac = {"F": 1 / 3, "B": 2 / 3, "I": 1 / 3, "W": 1 / 3}
+    split = (0.6, 0.9)                                         # I and W seconds ÷ a plain B's
+    assert _split_frac(Action("I", 0, 1), frac, split) == pytest.approx(2 / 3 * 0.6)
+    assert _split_frac(Action("W", 0, 1), frac, split) == pytest.approx(2 / 3 * 0.9)
+    assert _split_frac(Action("I", 0, 0), frac, split) == 0.0         # stage 0: token ids, no input gradient
+    assert _split_frac(Action("W", 0, 0), frac, split) == frac["B"]   # ... its W is one plain backward
+    assert _split_frac(Action("F", 0, 1), frac, split) == frac["F"]
+    assert _split_frac(Action("I", 0, 1), frac, None) == 1 / 3         # uncalibrated: 1:2:1:1
+
+
+def test_split_calibration_moves_only_zero_bubble_steps():
+    free = dict(peak_flops=1e10, bandwidth=float("inf"), latency_s=0.0)
+    tr = TrainSpec(8)
+    zb, f1b = Layout(pp=2, micro_batches=8, schedule="zero_bubble"), Layout(pp=2, micro_batches=8)
+    step = {k: predict(SPEC, zb, tr, Hardware(**free, split_frac=((32, f),))).step_s
+            for k, f in (("cheap", (0.5, 0.5)), ("dear", (0.8, 1.0)))}
+    assert step["dear"] > step["cheap"] * 1.1
+    other = predict(SPEC, zb, tr, Hardware(**free, split_frac=((64, (0.8, 1.0)),))).step_s   # another size
+    assert other == predict(SPEC, zb, tr, Hardware(**free)).step_s
+    assert predict(SPEC, f1b, tr, Hardware(**free, split_frac=((32, (0.8, 1.0)),))).step_s == \
+        predict(SPEC, f1b, tr, Hardware(**free)).step_s                                      # 1F1B has no I/W
