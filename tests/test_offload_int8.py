@@ -166,16 +166,34 @@ def test_char_lm_nvme_offload_int8_loss_within_1pct(tmp_path):
 
 def _engine(rank, world, path):
     from engine_cases import train as engine_train
-    base = ["parallel.dp=2", "zero.stage=2", "train.steps=4", "optimizer.state_dtype=int8"]
-    plain = engine_train(rank, world, "gpt", base)[0]
-    losses, engine = engine_train(rank, world, "gpt", base + ["zero.offload.optimizer=nvme",
-                                                              f"zero.offload.nvme_path={path}"])
-    st = engine.zero.offload_stats()["optimizer"]
+    plain = engine_train(rank, world, "gpt", ENGINE[:-1])[0]                 # the same without offload
+    losses, engine = engine_train(rank, world, "gpt", ENGINE + [f"zero.offload.nvme_path={path}"])
+    st, mem = engine.zero.offload_stats()["optimizer"], engine.zero.model_state_bytes()
     engine.zero.close()
-    return plain, losses, st["kernel"], st["moment_bytes"], st["state_bytes"]
+    return plain, losses, st, mem
 
 
-def test_config_key_trains_int8_moments_offloaded_through_the_engine(tmp_path):
-    for plain, losses, kernel, moments, state in run_ranks(_engine, 2, str(tmp_path)):
-        assert losses == plain and kernel == "adam8bit-blockwise", (losses, plain, kernel)
-        assert 0 < moments < state / 2, (moments, state)          # 8-bit moments next to fp32 masters
+ENGINE = ["parallel.dp=2", "zero.stage=2", "train.steps=4", "optimizer.state_dtype=int8", "zero.offload.optimizer=nvme"]
+
+
+def test_config_key_trains_through_the_engine_and_dry_run_preflight_count_it(tmp_path):
+    from engine_cases import config
+
+    from launch.dry_run import _meta_model, planner_inputs
+    from launch.preflight import offload_bytes
+    from parallel.planning.planner import predict
+    res = run_ranks(_engine, 2, str(tmp_path))
+    planned = {}
+    for dtype in ("int8", "fp32"):                     # what --dry-run prints (launch/dry_run.py)
+        cfg = config("gpt", ENGINE + [f"zero.offload.nvme_path={tmp_path}", f"optimizer.state_dtype={dtype}"], 2)
+        planned[dtype] = predict(*planner_inputs(cfg, _meta_model(cfg), "cpu")).memory
+        planned[dtype + "_need"] = offload_bytes(cfg)
+    for rank, (plain, losses, st, mem) in enumerate(res):
+        assert losses == plain and st["kernel"] == "adam8bit-blockwise", (losses, plain, st["kernel"])
+        p8, p32 = planned["int8"][rank], planned["fp32"][rank]
+        assert p8["offload"] == st["state_bytes"], (p8, st)                # the planner's store = the measured one
+        n = p32["offload"] // 12
+        assert p8["offload"] - 4 * n == st["moment_bytes"] and 8 * n / st["moment_bytes"] >= 3.9, (n, st)
+        assert p8["optimizer"] == p8["master"] == mem["optimizer"] == 0, (p8, mem)     # none of it on the device
+    (psi, need32), (_, need8) = planned["fp32_need"], planned["int8_need"]      # pre-flight's nvme bound
+    assert need32 == 24 * psi and need8 == int(2 * (6 + 8 / 256) * psi), (psi, need32, need8)
