@@ -178,7 +178,7 @@ ENGINE = ["parallel.dp=2", "zero.stage=2", "train.steps=3", "optimizer.state_dty
 def test_config_key_trains_through_the_engine_and_dry_run_preflight_count_it(tmp_path):
     from engine_cases import config
 
-    from launch.dry_run import _meta_model, planner_inputs
+    from launch.dry_run import _meta_model, _mib, describe, planner_inputs
     from launch.preflight import offload_bytes
     from parallel.planning.planner import predict
     res = run_ranks(_engine, 2, str(tmp_path))
@@ -187,6 +187,8 @@ def test_config_key_trains_through_the_engine_and_dry_run_preflight_count_it(tmp
         cfg = config("gpt", ENGINE + [f"zero.offload.nvme_path={tmp_path}", f"optimizer.state_dtype={dtype}"], 2)
         planned[dtype] = predict(*planner_inputs(cfg, _meta_model(cfg), "cpu")).memory
         planned[dtype + "_need"] = offload_bytes(cfg)
+        text = describe(cfg)                            # the --dry-run text prints each rank's store
+        assert all(f"offloaded to nvme {_mib(m['offload'])}" in text for m in planned[dtype].values()), text
     for rank, (losses, st, mem) in enumerate(res):       # (bit-equal to in-memory 8-bit: the test above)
         assert len(losses) == 3 and st["kernel"] == "adam8bit-blockwise", (losses, st["kernel"])
         p8, p32 = planned["int8"][rank], planned["fp32"][rank]
