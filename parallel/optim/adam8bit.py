@@ -89,7 +89,7 @@ def quantize(x: torch.Tensor, signed: bool, block_size: int = 256):
     x = x.reshape(-1).float()
     n = x.numel()
     pad = -n % block_size
-    blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, block_size)
+    blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, block_size) if pad else x.reshape(-1, block_size)
     idx = blocks.abs().argmax(1, keepdim=True)
     scale = blocks.gather(1, idx).squeeze(1)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -100,8 +100,10 @@ def quantize(x: torch.Tensor, signed: bool, block_size: int = 256):
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool, block_size: int = 256) -> torch.Tensor:
     n = codes.numel()
-    vals = _MAPS[signed].to(codes.device).index_select(0, codes.reshape(-1).long())
-    vals = torch.nn.functional.pad(vals, (0, -n % block_size)).view(-1, block_size) * scale.unsqueeze(1)
+    vals = _MAPS[signed].to(codes.device).index_select(0, codes.reshape(-1).int())
+    if n % block_size:
+        vals = torch.nn.functional.pad(vals, (0, -n % block_size))
+    vals = vals.view(-1, block_size) * scale.unsqueeze(1)
     return vals.reshape(-1)[:n]
 
 
