@@ -2,6 +2,7 @@
 torch.optim.AdamW, and (``--mode scale``) training a model whose state exceeds the machine's memory.
 
     python benchmarks/bench_offload_train.py --repeats 8                    # overhead, ~50M GPT, dp=2
+    python benchmarks/bench_offload_train.py --repeats 8 --int8 --dir /var/tmp   # + 8-bit moments offloaded
     python benchmarks/bench_offload_train.py --mode scale --dir /var/tmp --params-b 2.0 --steps 3
 
 overhead: two gloo ranks with one thread each train the example GPT with AdamW at ZeRO stage 2,
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZE_50M = dict(n_embd=512, n_layer=16, n_head=8, vocab_size=1024, seq_len=64)
+SIZES = {"50m": SIZE_50M, "5m": dict(n_embd=256, n_layer=6, n_head=8, vocab_size=512, seq_len=64)}   # 5m: smoke runs
 CONFIGS = ["none", "cpu", "nvme"]
 
 
@@ -58,26 +60,29 @@ def _timed(fn, box):
     return run
 
 
-def _rank(rank, world, port, path, repeats, batch, buffer_mb, out):
+def _rank(rank, world, port, path, repeats, batch, buffer_mb, out, configs=tuple(CONFIGS), size="50m"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from examples.gpt import GPT
     from parallel.config import ZeroConfig
     from parallel.mesh import Mesh
+    from parallel.optim.adam8bit import Adam8bit
     from parallel.zero import ZeroOptimizer
     group = Mesh(dp=world).group("dp")
-    runs, opt_times = {}, {c: [] for c in CONFIGS}
-    for c in CONFIGS:
+    runs, opt_times = {}, {c: [] for c in configs}
+    for c in configs:
         torch.manual_seed(0)
-        model = GPT(**SIZE_50M)
-        zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=1e-4), group,
-                             ZeroConfig(stage=2, bucket_mb=5.0, offload=_offload(c, path, buffer_mb)))
+        model = GPT(**SIZES[size])
+        factory = (lambda ps: Adam8bit(ps, lr=1e-4, weight_decay=0.01)) if c.endswith("-int8") else \
+            (lambda ps: torch.optim.AdamW(ps, lr=1e-4))          # the same AdamW; int8: 8-bit moments
+        zero = ZeroOptimizer(model, factory, group,
+                             ZeroConfig(stage=2, bucket_mb=5.0, offload=_offload(c.split("-")[0], path, buffer_mb)))
         if c == "none":
             zero.optimizer.step = _timed(zero.optimizer.step, opt_times[c])
         runs[c] = (model, zero)
     g = torch.Generator().manual_seed(rank)
-    x = torch.randint(0, SIZE_50M["vocab_size"], (batch, SIZE_50M["seq_len"]), generator=g)
+    x = torch.randint(0, SIZES[size]["vocab_size"], (batch, SIZES[size]["seq_len"]), generator=g)
 
     def step(c):
         model, zero = runs[c]
@@ -87,15 +92,15 @@ def _rank(rank, world, port, path, repeats, batch, buffer_mb, out):
         if c != "none":
             opt_times[c].append(zero.offload_stats()["optimizer"]["last_step"]["step_s"])
 
-    for c in CONFIGS:
+    for c in configs:
         step(c)
         step(c)
-    for c in CONFIGS:
+    for c in configs:
         opt_times[c].clear()
-    times = {c: [] for c in CONFIGS}
-    kernel = {c: [] for c in CONFIGS}
+    times = {c: [] for c in configs}
+    kernel = {c: [] for c in configs}
     for _ in range(repeats):
-        for c in CONFIGS:
+        for c in configs:
             dist.barrier()
             t0 = time.perf_counter()
             step(c)
@@ -104,7 +109,7 @@ def _rank(rank, world, port, path, repeats, batch, buffer_mb, out):
             if c != "none":
                 kernel[c].append(runs[c][1].offload_stats()["optimizer"]["last_step"]["compute_s"])
     info = {}
-    for c in CONFIGS[1:]:
+    for c in configs[1:]:
         st = runs[c][1].offload_stats()["optimizer"]
         last = st["last_step"]["stores"][0]
         info[c] = dict(kernel=st["kernel"], state=st["state_bytes"], read=last["bytes_read"],
@@ -127,14 +132,15 @@ def overhead(a) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(2, port, path, a.repeats, a.batch, a.buffer_mb, q), nprocs=2,
+    configs = tuple(CONFIGS) + (("cpu-int8", "nvme-int8") if a.int8 else ())
+    mp.start_processes(_rank, args=(2, port, path, a.repeats, a.batch, a.buffer_mb, q, configs, a.size), nprocs=2,
                        start_method="spawn")
     n, step, opt, kern, info = q.get()
     print(f"# ZeRO-2, 2 gloo ranks x 1 thread, GPT {n / 1e6:.1f}M params, AdamW, batch {a.batch}x"
-          f"{SIZE_50M['seq_len']} per rank, median of {a.repeats} interleaved steps; offload buffers 4 x "
+          f"{SIZES[a.size]['seq_len']} per rank, median of {a.repeats} interleaved steps; offload buffers 4 x "
           f"{a.buffer_mb} MiB; nvme store in {path}")
     print("\n| offload.optimizer | step ms | vs none | optimizer part ms | kernel ms |\n|---|---|---|---|---|")
-    for c in CONFIGS:
+    for c in configs:
         k = f"{kern[c] * 1e3:.1f} ({info[c]['kernel']})" if c in kern else "(torch.optim.AdamW, single-tensor)"
         print(f"| {c} | {step[c] * 1e3:.1f} | {step[c] / step['none']:.2f}x | {opt[c] * 1e3:.1f} | {k} |")
     print("\nper step and rank (rank 0):")
@@ -289,6 +295,9 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--buffer-mb", type=float, default=16.0)
     ap.add_argument("--buffers", type=int, default=4)
+    ap.add_argument("--size", choices=sorted(SIZES), default="50m", help="overhead: the GPT (5m for smoke runs)")
+    ap.add_argument("--int8", action="store_true",
+                    help="overhead: also cpu and nvme with 8-bit Adam moments (optimizer.state_dtype=int8)")
     ap.add_argument("--params-b", type=float, default=2.0)
     ap.add_argument("--hidden", type=int, default=2560)
     ap.add_argument("--layers", type=int, default=None)

@@ -42,7 +42,7 @@ def planner_inputs(cfg: Config, model, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
                    cfg.zero.bucket_mb, ac.policy, ac.every, device, cfg.optimizer.state_dtype or "fp32",
-                   keep=cfg.zero.keep_after_forward)
+                   keep=cfg.zero.keep_after_forward, offload=cfg.zero.offload.optimizer)
     return spec, lay, tr
 
 
@@ -132,6 +132,8 @@ def describe(cfg: Config, memory: float | None = None) -> str:
             row += (f"  params {_mib(m['params'])}  grads {_mib(m['grads'])}  optimizer "
                     f"{_mib(m['optimizer'] + m.get('master', 0))}  activations {_mib(m.get('activations', 0))}  "
                     f"peak {_mib(m.get('peak', m['total']))}")
+            if "offload" in m:      # parallel/planning/offload_states.py
+                row += f"  offloaded to {cfg.zero.offload.optimizer} {_mib(m['offload'])} (read+written each step)"
         lines.append(row)
     if p.ep > 1:
         eps, edps = ep_layout(p.pp, p.dp * p.cp, p.tp, p.ep)          # carved from dp×cp

@@ -15,7 +15,9 @@ start fails once, in the launcher, in a second — not on every rank after the p
   Ψ parameters:
 
       optimizer on nvme:  12 bytes (fp32 master, Adam m and v) × Ψ × 2 (old and new copies
-                          coexist inside a step: the store reserves twice)
+                          coexist inside a step: the store reserves twice); with
+                          optimizer.state_dtype int8 6 + 8/256 bytes (master, 8-bit m and v with a
+                          scale per 256 elements each) instead of 12
       params on nvme:      4 bytes × Ψ × (2 with the optimizer offloaded too, else 1)
 
   Each element is owned by exactly one rank of its tensor/pipeline slice, so the ranks of one
@@ -98,7 +100,9 @@ def offload_bytes(cfg: Config) -> tuple[int, int] | None:
     except Exception:
         return None
     opt = off.optimizer == "nvme"
-    need = (24 * psi if opt else 0) + ((8 if off.optimizer != "none" else 4) * psi if off.params == "nvme" else 0)
+    per = 12 if cfg.optimizer.state_dtype != "int8" else 6 + 8 / 256     # int8 moments: offload_states.py
+    need = (int(2 * per * psi) if opt else 0)
+    need += (8 if off.optimizer != "none" else 4) * psi if off.params == "nvme" else 0
     return psi, need
 
 
@@ -121,8 +125,9 @@ def check_nvme(cfg: Config, whole_job_here: bool) -> None:
     psi, need = est
     free = shutil.disk_usage(path).free
     if need > free:
-        what = " and ".join(w for w, on in (("the optimizer state (24 bytes per parameter: fp32 master, Adam m, v; "
-                                             "two copies)", off.optimizer == "nvme"),
+        state = ("24 bytes per parameter: fp32 master, Adam m, v" if cfg.optimizer.state_dtype != "int8" else
+                 "12.06 bytes per parameter: fp32 master, 8-bit Adam m, v")
+        what = " and ".join(w for w, on in ((f"the optimizer state ({state}; two copies)", off.optimizer == "nvme"),
                                             ("the parameters", off.params == "nvme")) if on)
         raise PreflightError(f"zero.offload.nvme_path {path!r} has {_gib(free)} free but the job offloads at least "
                              f"{_gib(need)} there ({what}, for {psi:,} parameters): free space, or point nvme_path at "

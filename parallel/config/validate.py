@@ -274,10 +274,6 @@ def _check_optimizer(c: Config) -> None:
     if o.state_dtype == "int8" and o.name not in ("adam", "adamw"):
         raise ConfigError(f"optimizer.state_dtype=int8 quantizes Adam's moments: it applies to adam/adamw, not "
                           f"{o.name}; remove it or set optimizer.name=adamw")
-    if o.state_dtype == "int8" and c.zero.offload.optimizer != "none":
-        raise ConfigError(f"optimizer.state_dtype=int8 with zero.offload.optimizer={c.zero.offload.optimizer} is not "
-                          f"supported yet (the streamed CPU Adam keeps fp32 moments): set zero.offload.optimizer=none "
-                          f"or optimizer.state_dtype=fp32")
     if onebit and c.zero.stage == 3:
         raise ConfigError(f"optimizer.name={o.name} with zero.stage=3: the compressed update needs the whole "
                           "parameter on every rank (parallel/zero/onebit.py); set zero.stage to 0, 1 or 2")

@@ -51,6 +51,37 @@ def dynamic_map(signed: bool) -> torch.Tensor:
 
 _MAPS = {s: dynamic_map(s) for s in (True, False)}
 _MIDS = {s: (m[1:] + m[:-1]) / 2 for s, m in _MAPS.items()}
+_TABLES: dict = {}
+
+
+def _table(signed: bool, device) -> tuple:
+    """(first code of each float32 bin, midpoints padded with +inf) for :func:`_codes`, on ``device``.
+
+    A bin is the 2^16 float32 values sharing their top 16 bits (sign, exponent, 7 mantissa bits: relative
+    width ≤ 2^−7, finer than the map's closest codes, 0.9/64 apart at the top decade), so at most one
+    midpoint falls inside a bin (asserted when the table is built): the code of x is the code of its bin's
+    lower end, plus one if x lies above that midpoint. Non-finite bins map to the code of 0."""
+    key = (signed, str(device))
+    if key not in _TABLES:
+        mids = _MIDS[signed]
+        top = torch.arange(1 << 16, dtype=torch.int64) << 16
+        ends = [(top | low).sub_((top >= 1 << 31).long() << 32).to(torch.int32).view(torch.float32)
+                for low in (0, 0xFFFF)]
+        lo, hi = torch.minimum(*ends), torch.maximum(*ends)
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        first = torch.bucketize(torch.where(finite, lo, 0.0), mids)
+        last = torch.bucketize(torch.where(finite, hi, 0.0), mids)
+        assert int((last - first).max()) <= 1, "a float32 bin spans two code boundaries"
+        _TABLES[key] = (first.int().to(device), torch.cat([mids, torch.tensor([float("inf")])]).to(device))
+    return _TABLES[key]
+
+
+def _codes(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 index of the nearest map value of each element of flat fp32 ``x`` (finite): equal to
+    ``torch.bucketize(x, mids)``, by table (:func:`_table`) — ~50× faster on CPU."""
+    first, mids = _table(signed, x.device)
+    code = first.index_select(0, (x.view(torch.int32) >> 16) & 0xFFFF)
+    return code.to(torch.uint8).add_(mids.index_select(0, code).lt(x).view(torch.uint8))
 
 
 def quantize(x: torch.Tensor, signed: bool, block_size: int = 256):
@@ -58,19 +89,21 @@ def quantize(x: torch.Tensor, signed: bool, block_size: int = 256):
     x = x.reshape(-1).float()
     n = x.numel()
     pad = -n % block_size
-    blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, block_size)
+    blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, block_size) if pad else x.reshape(-1, block_size)
     idx = blocks.abs().argmax(1, keepdim=True)
     scale = blocks.gather(1, idx).squeeze(1)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     normed = (blocks / scale.unsqueeze(1)).reshape(-1)[:n]
-    codes = torch.bucketize(normed, _MIDS[signed].to(x.device)).to(torch.uint8)
+    codes = _codes(normed.contiguous(), signed)
     return codes, scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool, block_size: int = 256) -> torch.Tensor:
     n = codes.numel()
-    vals = _MAPS[signed].to(codes.device)[codes.long()]
-    vals = torch.nn.functional.pad(vals, (0, -n % block_size)).view(-1, block_size) * scale.unsqueeze(1)
+    vals = _MAPS[signed].to(codes.device).index_select(0, codes.reshape(-1).int())
+    if n % block_size:
+        vals = torch.nn.functional.pad(vals, (0, -n % block_size))
+    vals = vals.view(-1, block_size) * scale.unsqueeze(1)
     return vals.reshape(-1)[:n]
 
 

@@ -38,6 +38,7 @@ from parallel.pipeline.split import contiguous_partition
 from parallel.planning.context import check_cp, cp_per_step, local_spec
 from parallel.planning.cost import comm_per_step, optimizer_seconds, recomputed_blocks, seconds, step_time
 from parallel.planning.moe import check_moe, moe_entries
+from parallel.planning.offload_states import offload_state_bytes
 from parallel.planning.optim_states import check as check_optimizer
 from parallel.planning.optim_states import state_bytes
 from parallel.planning.peak import rank_peak
@@ -247,7 +248,11 @@ def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
         m["grads"] += b * (bk.padded if full_grad else shard)
         m["master"] += 4 * shard if mixed else 0
     m["optimizer"] = state_bytes(tr, lay, buckets, pieces)        # by optimizer: planning/optim_states.py
+    if tr.offload != "none":            # master and moments live in the store (host / disk): planning/offload_states.py
+        m["master"] = m["optimizer"] = 0
     m["total"] = sum(m.values())
+    if tr.offload != "none":            # not in the device total
+        m["offload"] = offload_state_bytes(tr, [n for ps in pieces for n, _ in ps])
     return m
 
 

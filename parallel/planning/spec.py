@@ -104,6 +104,7 @@ class TrainSpec:
                                     # off by default: slower on gloo, see its ENABLED)
     keep: int = 2                   # zero 3: units kept gathered from forward to backward (zero.keep_after_forward;
                                     # pp > 1: none, the engine sets 0)
+    offload: str = "none"           # zero.offload.optimizer: none | cpu | nvme (planning/offload_states.py)
 
 
 @dataclass(frozen=True)

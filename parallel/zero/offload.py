@@ -19,6 +19,7 @@ import contextlib
 import torch
 
 from parallel.offload import StoreConfigError
+from parallel.optim.adam8bit import dequantize
 from parallel.zero.optimizer_offload import OptimizerOffload, owned, store_file_name
 from parallel.zero.param_offload import ParamOffload, placeholder
 
@@ -59,6 +60,17 @@ def make_offload(cfg, buckets: list, stage: int, group, optimizer_factory):
     if cfg.params != "none":
         par = ParamOffload(cfg, units, transactional=opt is not None, name=store_file_name("params"))
     return opt, par
+
+
+def _dequantized(st: dict, B: int, n: int) -> dict:
+    """An Adam8bit piece state (codes + block scales) as fp32 ``exp_avg`` / ``exp_avg_sq``."""
+    for k in ("exp_avg", "exp_avg_sq"):
+        if st[k + "_q"].numel() != n or st[k + "_scale"].numel() != -(-n // B):
+            raise ValueError(f"a checkpoint's 8-bit {k} of {st[k + '_q'].numel()} codes / {st[k + '_scale'].numel()} "
+                             f"scales does not fit a piece of {n} elements in blocks of {B}: load it with the "
+                             f"optimizer.state_dtype and block size it was saved with")
+    return {"step": st["step"], "exp_avg": dequantize(st["exp_avg_q"], st["exp_avg_scale"], True, B),
+            "exp_avg_sq": dequantize(st["exp_avg_sq_q"], st["exp_avg_sq_scale"], False, B)}
 
 
 class OffloadMixin:
@@ -102,6 +114,8 @@ class OffloadMixin:
                 t = off.t
                 for b, _, a, e, view in self._piece_list:
                     st = self.optimizer.state.get(view) or {}
+                    if "exp_avg_q" in st:          # 8-bit moments saved without offload: fp32 here
+                        st = _dequantized(st, group.get("block_size", 256), e - a)
                     if "exp_avg" in st:
                         state[b][1][a - b.lo:e - b.lo].copy_(st["exp_avg"].reshape(-1))
                         state[b][2][a - b.lo:e - b.lo].copy_(st["exp_avg_sq"].reshape(-1))
@@ -143,7 +157,8 @@ class OffloadMixin:
         out = {}
         if self._opt_off is not None:
             out["optimizer"] = {"medium": self._opt_off.medium, "stats": self._opt_off.store.stats,
-                                "state_bytes": self._opt_off.state_bytes, "kernel": self._opt_off.kernel.name,
+                                "state_bytes": self._opt_off.state_bytes,
+                                "moment_bytes": self._opt_off.moment_bytes, "kernel": self._opt_off.kernel.name,
                                 "last_step": self._opt_off.last}
         if self._par_off is not None:
             out["params"] = {"medium": self._par_off.store.medium, "stats": self._par_off.store.stats}

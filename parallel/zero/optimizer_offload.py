@@ -14,6 +14,10 @@ element, never in device memory. Each bucket's owned range ``[0, n_b)`` of its s
     param[s:e] ← master           (cast to the compute dtype; stage 3 with param offload: staged)
 
 so a step reads and writes exactly 12·Σ n_b bytes (on NVMe, each sub-group rounded up to 4 KiB).
+With 8-bit moments (``optimizer.state_dtype: int8``, :class:`~parallel.optim.adam8bit.Adam8bit`) a
+sub-group is one uint8 tensor of 6n + 8·n_blk bytes instead (fp32 master, block-wise 8-bit m and v;
+:mod:`parallel.zero.offload_int8`), cut at parameter pieces and blocks, updated bit for bit as
+ZeRO with Adam8bit and no offload.
 Without clipping and without an fp16 loss scale nothing global touches a bucket's gradient once it
 is reduced, so the update of that bucket starts right then, inside backward (the reducer calls
 :meth:`OptimizerOffload.update_early`), and the disk works while the earlier layers' backward
@@ -43,7 +47,10 @@ import torch.distributed as dist
 from parallel import comm
 from parallel.offload import StoreConfigError, StoreError, StoreFullError, fastest_cpu_adamw, make_store, stream_update
 from parallel.offload.aio import align_up, trim_host_memory
+from parallel.offload.cpu_adam import AdamWKernel
 from parallel.offload.stream import stream_read
+from parallel.optim.adam8bit import Adam8bit
+from parallel.zero.offload_int8 import Int8Layout, plan_subgroups
 from parallel.zero.param_offload import placeholder
 
 __all__ = ["OptimizerOffload", "owned", "store_file_name"]
@@ -62,8 +69,11 @@ def store_file_name(kind: str) -> str:
     return f"p3d-{kind}-rank{rank}-{os.getpid()}-{next(_ids)}.bin"
 
 
-def _check_adam(factory) -> None:
+def _check_adam(factory) -> int | None:
+    """Refuse what the streamed step cannot run; the block size of 8-bit moments (Adam8bit), else None."""
     probe = factory([torch.zeros(1, requires_grad=True)])
+    if isinstance(probe, Adam8bit):                               # optimizer.state_dtype: int8
+        return int(probe.param_groups[0]["block_size"])
     if not isinstance(probe, torch.optim.Adam):                   # AdamW subclasses Adam in torch ≥ 2.6
         raise StoreConfigError(f"zero.offload.optimizer runs a streamed CPU Adam/AdamW step; the optimizer is "
                                f"{type(probe).__name__}: use optimizer.name=adamw (or adam), "
@@ -73,6 +83,7 @@ def _check_adam(factory) -> None:
     if bad:
         raise StoreConfigError(f"zero.offload.optimizer does not support Adam options {bad}; turn them off or "
                                f"set zero.offload.optimizer=none")
+    return None
 
 
 class _Sink:
@@ -101,22 +112,30 @@ class OptimizerOffload:
     """The streamed, offloaded Adam/AdamW step over one rank's partition (see the module doc)."""
 
     def __init__(self, cfg, buckets: list, group, optimizer_factory):
-        _check_adam(optimizer_factory)
+        self.block = _check_adam(optimizer_factory)              # 8-bit moments: parallel/zero/offload_int8.py
         self.store = make_store(cfg.optimizer, cfg, name=store_file_name("optim"))
         self.medium, self.group = cfg.optimizer, group
         self.buffers, self.depth = cfg.buffer_count, cfg.prefetch_depth
         per = getattr(self.store, "buffer_bytes", None) or align_up(int(cfg.buffer_mb * 2 ** 20))
-        self.sub = max(1, per // 12)                              # elements per sub-group
+        self.sub = max(1, per // 12)                              # elements per sub-group (fp32)
         self.subgroups: list = []                                 # (key, bucket, s, e), shard coordinates
+        self.layouts: list = []                                   # int8: an Int8Layout per sub-group
         self._last: dict = {}                                     # bucket -> index of its last sub-group
         for b in buckets:
             n = owned(b)
-            for k, s in enumerate(range(0, n, self.sub)):
-                self.subgroups.append((f"opt/{b.index}/{k}", b, s, min(n, s + self.sub)))
+            if self.block:
+                cuts = plan_subgroups([(a - b.lo, e - b.lo) for _, a, e in b.pieces()], n, per, self.block)
+            else:
+                cuts = [(s, min(n, s + self.sub), None) for s in range(0, n, self.sub)]
+            for k, (s, e, segs) in enumerate(cuts):
+                self.subgroups.append((f"opt/{b.index}/{k}", b, s, e))
+                self.layouts.append(Int8Layout(segs, self.block) if self.block else None)
                 self._last[b] = len(self.subgroups) - 1
         self.numel = sum(e - s for _, _, s, e in self.subgroups)
-        self.state_bytes = 12 * self.numel
-        self.disk_bytes = sum(align_up(12 * (e - s)) for _, _, s, e in self.subgroups)
+        sizes = [lay.nbytes if lay else 12 * (e - s) for lay, (_, _, s, e) in zip(self.layouts, self.subgroups)]
+        self.state_bytes = sum(sizes)                             # fp32: 12 per element; int8: 6 + 8 per block
+        self.moment_bytes = sum(lay.moment_bytes for lay in self.layouts) if self.block else 8 * self.numel
+        self.disk_bytes = sum(align_up(x) for x in sizes)
         if self.medium == "nvme":
             try:
                 self.store.reserve(2 * self.disk_bytes)           # old + new copies inside a step
@@ -139,8 +158,10 @@ class OptimizerOffload:
         b.master = placeholder(b.shard, torch.float32, b.master.device)
 
     def _write_bucket(self, b, master, m, v) -> None:
-        for key, bb, s, e in self.subgroups:
-            if bb is b:
+        for (key, bb, s, e), lay in zip(self.subgroups, self.layouts):
+            if bb is b and lay is not None:
+                self.store.put(key, lay.pack(master[s:e], None if m is None else m[s:e], None if v is None else v[s:e]))
+            elif bb is b:
                 x = torch.zeros(3, e - s, dtype=torch.float32)
                 x[0].copy_(master[s:e])
                 if m is not None:
@@ -152,7 +173,8 @@ class OptimizerOffload:
         """Take hyper-parameters from ``optimizer.param_groups[0]`` at every step (so LR schedulers
         work) and pick the CPU kernel by measurement on a sub-group-sized partition."""
         self.optimizer, self.sink = optimizer, _Sink(par)
-        self.kernel = fastest_cpu_adamw(numel=max(1, min(self.sub, self.numel, 1 << 20)))
+        self.kernel = (AdamWKernel("adam8bit-blockwise") if self.block       # Int8Layout.step, not a kernel
+                       else fastest_cpu_adamw(numel=max(1, min(self.sub, self.numel, 1 << 20))))
         self.store.flush()
         trim_host_memory()                    # the per-bucket temporaries of the build go back to the OS
 
@@ -160,7 +182,7 @@ class OptimizerOffload:
     def hyper(self) -> dict:
         g = self.optimizer.param_groups[0]
         beta1, beta2 = (float(x) for x in g["betas"])
-        decoupled = g.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+        decoupled = g.get("decoupled_weight_decay", g.get("decoupled", isinstance(self.optimizer, torch.optim.AdamW)))
         return dict(lr=float(g["lr"]), betas=(beta1, beta2), eps=float(g["eps"]),
                     weight_decay=float(g["weight_decay"]), decoupled=bool(decoupled))
 
@@ -190,8 +212,12 @@ class OptimizerOffload:
             g = b.master.grad[s:e]
             if g.device != x.device:
                 g = g.to(x.device)
-            self.kernel.step([x[0]], [g], [x[1]], [x[2]], [torch.tensor(float(t), dtype=torch.float32)], **hp)
-            self.sink.write(b, s, e, x[0])
+            if self.block:
+                master = self.layouts[i].step(x, g, t + 1, **hp)
+            else:
+                self.kernel.step([x[0]], [g], [x[1]], [x[2]], [torch.tensor(float(t), dtype=torch.float32)], **hp)
+                master = x[0]
+            self.sink.write(b, s, e, master)
             if self._last[b] == i:
                 self.sink.done(b)
             busy[0] += time.perf_counter() - c0
@@ -286,7 +312,7 @@ class OptimizerOffload:
 
         def restore(i, x):
             _, b, s, e = subs[i]
-            self.sink.write(b, s, e, x[0])
+            self.sink.write(b, s, e, x[:4 * (e - s)].view(torch.float32) if self.block else x[0])
             if last[b] == i:
                 self.sink.done(b)
         stream_read(self.store, [k for k, *_ in subs], restore, prefetch_depth=min(self.depth, self.buffers - 1))
@@ -298,6 +324,7 @@ class OptimizerOffload:
 
         def take(i, x):
             _, b, s, e = self.subgroups[i]
+            x = self.layouts[i].unpack(x) if self.block else x
             for j in range(3):
                 out[b][j][s:e].copy_(x[j])
         stream_read(self.store, [k for k, *_ in self.subgroups], take, prefetch_depth=min(self.depth, self.buffers - 1))
