@@ -1,0 +1,145 @@
+"""0/1 Adam (arXiv 2202.06009; parallel/optim/zero_one_adam.py, parallel/zero/zero_one.py) at dp=2 on a tiny
+MLP split over several buckets: its schedules are DeepSpeed's counter rules; with every step in T_v it is
+torch AdamW bit for bit; ZeRO-1/2 equal ZeRO-0 bit for bit through local steps; each step's wire bytes are
+the formula's (T_v: Adam's all-reduce; 1-bit steps: the compressed exchange; local steps: nothing but the
+8-byte norm all-reduce); replicas differ during local steps and agree after every sync; a resume in the
+middle of a local interval continues bit-exactly. Char-LM bytes and convergence vs Adam:
+tests/test_onebit_adam.py (slow)."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from harness import run_ranks
+
+from parallel.optim.zero_one_adam import ZeroOneAdam, local_interval, var_schedule
+
+V, KAPPA, SCALER, CLIP, STEPS, SAVE = 6, 2, 2, 4, 16, 11
+HP = dict(lr=1e-2, weight_decay=0.01, var_freeze_step=V, var_update_scaler=KAPPA, local_step_scaler=SCALER,
+          local_step_clipper=CLIP)
+
+
+def _ds_var_steps(T, kappa):
+    """DeepSpeed's rule as a counter: update on step % interval == 0; after κ updates the interval doubles."""
+    out, interval, counter = [], 1, 0
+    for s in range(1, T + 1):
+        if s % interval == 0:
+            out.append(s)
+            counter += 1
+            if counter == kappa:
+                counter, interval = 0, interval * 2
+    return out
+
+
+def test_schedules_follow_deepspeeds_counter_rules():
+    for kappa in (1, 2, 3, 16):
+        T = 400
+        want = _ds_var_steps(T, kappa)
+        assert [t for t in range(1, T + 1) if var_schedule(t, kappa)[0]] == want
+        assert [var_schedule(t, kappa)[1] for t in (1, 50, T)] == [sum(s <= t for s in want) for t in (1, 50, T)]
+    assert [t for t in range(1, 49) if var_schedule(t, 2)[0]] == [1, 2, 4, 6, 8, 12, 16, 24, 32, 48]
+    # local steps: DeepSpeed doubles the interval every local_step_scaler steps after the freeze, up to the clipper
+    assert [local_interval(t, 10, 3, 4) for t in range(11, 22)] == [1, 1, 1, 2, 2, 2, 4, 4, 4, 4, 4]
+    with pytest.raises(ValueError, match="var_update_scaler"):
+        ZeroOneAdam([nn.Parameter(torch.zeros(2))], var_update_scaler=0)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _zero(stage, g, opt="zo", **hp):
+    from parallel.config import ZeroConfig
+    from parallel.zero import ZeroOptimizer
+    model = _model()
+    f = (lambda ps: ZeroOneAdam(ps, **{**HP, **hp})) if opt == "zo" else \
+        (lambda ps: torch.optim.AdamW(ps, lr=HP["lr"], weight_decay=HP["weight_decay"]))
+    return model, ZeroOptimizer(model, f, g, ZeroConfig(stage=stage, bucket_mb=0.0003))
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _steps(model, zero, g, lo, hi):
+    from parallel.comm import CommStats
+    losses, wire, same = [], [], []
+    for t in range(lo, hi):
+        gen = torch.Generator().manual_seed(t)
+        x, y = torch.randn(8, 8, generator=gen), torch.randn(8, 4, generator=gen)
+        x, y = x[4 * g.rank:4 * g.rank + 4], y[4 * g.rank:4 * g.rank + 4]
+        before = g.stats.snapshot()
+        zero.zero_grad()
+        zero.prepare_step(1)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        zero.step()
+        d = CommStats.diff(g.stats.snapshot(), before).get("dp", {})
+        wire.append(sum(v["wire_bytes"] for v in d.values()))
+        losses.append(loss.item())
+        ref = _flat(model)
+        other = [torch.empty_like(ref) for _ in range(g.size)]
+        torch.distributed.all_gather(other, ref)
+        same.append(all(torch.equal(o, ref) for o in other))
+    return losses, wire, same
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _body(rank, world):
+    from parallel.mesh import Mesh
+    g = Mesh(dp=world).group("dp")
+    out = {}
+    model, zero = _zero(0, g, "adamw")                            # every step in T_v: AdamW
+    _steps(model, zero, g, 0, 6)
+    adamw = _flat(model)
+    model, zero = _zero(0, g, var_freeze_step=100, var_update_scaler=100)
+    _steps(model, zero, g, 0, 6)
+    out["adamw_equal"] = torch.equal(_flat(model), adamw)
+    for stage in (0, 1, 2):
+        model, zero = _zero(stage, g)
+        losses, wire, same = _steps(model, zero, g, 0, SAVE)
+        sd, full = _roundtrip(zero.state_dict()), _roundtrip(zero.full_state_dict())
+        tail, wire2, same2 = _steps(model, zero, g, SAVE, STEPS)
+        r = {"losses": losses + tail, "wire": wire + wire2, "same": same + same2, "params": _flat(model),
+             "numel": sum(b.numel for b in zero._all), "nbuckets": len(zero._all)}
+        for key, state in (("resume", sd), ("resume_full", full)):
+            model2, zero2 = _zero(stage, g)
+            (zero2.load_state_dict if key == "resume" else zero2.load_full_state_dict)(state)
+            t2, _, _ = _steps(model2, zero2, g, SAVE, STEPS)
+            r[key] = t2 == tail and torch.equal(_flat(model2), r["params"])
+        out[stage] = r
+    return out
+
+
+def test_dp2_adamw_parity_zero_stages_bytes_local_steps_and_resume():
+    r0, r1 = run_ranks(_body, 2)
+    assert r0["adamw_equal"] and r1["adamw_equal"]
+    z0 = r0[0]
+    assert z0["nbuckets"] >= 2
+    for stage in (1, 2):                                           # ZeRO-1/2 = ZeRO-0, bit for bit
+        for a, b in ((r0, r0), (r1, r1)):
+            assert a[stage]["losses"] == b[0]["losses"] and torch.equal(a[stage]["params"], b[0]["params"])
+    N, n = 2, z0["numel"]
+    c = -(-n // (N * 8)) * 8
+    adam = 2 * (N - 1) / N * 4 * n
+    onebit = (N - 1) / N * (2 * N * c // 8 + 8 * N)               # all-to-alls of signs, scales; all-gathers of both
+    norm = 2 * (N - 1) / N * 8
+    for stage in (0, 1, 2):
+        for r in (r0, r1):
+            assert r[stage]["resume"] and r[stage]["resume_full"], stage
+        for t, w in enumerate(r0[stage]["wire"], start=1):
+            if t <= V:
+                want = adam if var_schedule(t, KAPPA)[0] else onebit
+            else:
+                want = 0 if t % local_interval(t, V, SCALER, CLIP) else onebit
+            assert w == pytest.approx(want + norm, abs=1e-9), (stage, t, w, want)
+            synced = t <= V or t % local_interval(t, V, SCALER, CLIP) == 0
+            assert r0[stage]["same"][t - 1] == synced, (stage, t)     # local steps diverge; syncs re-align
+    assert max(r0[0]["wire"][V:]) <= adam / 16
