@@ -10,8 +10,11 @@ Two policies replace 1-bit Adam's single freeze (:mod:`parallel.optim.onebit_ada
   moments are updated; on the other steps t ≤ V the gradient travels 1-bit (sign + one scale per chunk,
   worker and server error feedback: :func:`parallel.optim.onebit_adam.compressed_mean`) into m only:
 
-      t ∈ T_v:        ḡ = (1/N)Σ_i g_i;  m ← β1·m + (1−β1)·ḡ;  v ← β2·v + (1−β2)·ḡ²;  w ← w·(1−ηλ) − η·m̂/(√v̂+ε)
+      t ∈ T_v:        ḡ = (1/N)Σ_i g_i;  m ← β1·m + (1−β1)·ḡ;  v ← β2·v + (1−β2)·ḡ²;  w ← w·(1−ηλ) − η·clamp(m̂/(√v̂+ε), ±R)
       t ≤ V, ∉ T_v:   ḡ = C-mean(g_i);   m ← β1·m + (1−β1)·ḡ;                    w ← w·(1−ηλ) − η·clamp(m̂/(√v̂+ε), ±R)
+
+  (no clamp while every step so far was in T_v: that is Adam, whose |m̂/√v̂| stays within R anyway; once m
+  holds a compressed gradient, an element with v ≈ 0 would get ±(chunk scale)/ε — the clamp stays on.)
 
 * **Local steps** (T_u), after V: v is frozen and ranks step on their own gradient without communicating;
   every H_t steps (``local_step_interval``: 1 for the first ``local_step_scaler`` steps after V, then 2, 4, …
@@ -88,7 +91,8 @@ def zero_one_step(w, g, S: dict, errs: dict, t: int, hp: dict, group) -> None:
             m.mul_(b1).add_(compressed_mean(g, errs, group), alpha=1 - b1)
         if wd:
             w.mul_(1 - lr * wd)
-        apply_step(w, m, v.sqrt().div_(math.sqrt(c2)).add_(eps), lr, c1, None if is_var else R)
+        exact = nv == t                                      # m holds no compressed gradient yet: Adam's own step
+        apply_step(w, m, v.sqrt().div_(math.sqrt(c2)).add_(eps), lr, c1, None if exact else R)
         return
     if "base" not in S:                                      # the freeze: b = w, u = 0, fresh error buffers
         S["base"], S["accum"], S["lrs"] = w.clone(), torch.zeros_like(w), torch.zeros((), dtype=torch.float64)
