@@ -10,8 +10,9 @@ Two policies replace 1-bit Adam's single freeze (:mod:`parallel.optim.onebit_ada
   moments are updated; on the other steps t ≤ V the gradient travels 1-bit (sign + one scale per chunk,
   worker and server error feedback: :func:`parallel.optim.onebit_adam.compressed_mean`) into m only:
 
-      t ∈ T_v:        ḡ = (1/N)Σ_i g_i;  m ← β1·m + (1−β1)·ḡ;  v ← β2·v + (1−β2)·ḡ²;  w ← w·(1−ηλ) − η·clamp(m̂/(√v̂+ε), ±R)
-      t ≤ V, ∉ T_v:   ḡ = C-mean(g_i);   m ← β1·m + (1−β1)·ḡ;                    w ← w·(1−ηλ) − η·clamp(m̂/(√v̂+ε), ±R)
+      t ∈ T_v:       ḡ = (1/N)Σ_i g_i;  m ← β1·m + (1−β1)·ḡ;  v ← β2·v + (1−β2)·ḡ²
+      t ≤ V, ∉ T_v:  ḡ = C-mean(g_i);   m ← β1·m + (1−β1)·ḡ
+      both:          w ← w·(1−ηλ) − η·clamp(m̂/(√v̂+ε), ±R)
 
   (no clamp while every step so far was in T_v: that is Adam, whose |m̂/√v̂| stays within R anyway; once m
   holds a compressed gradient, an element with v ≈ 0 would get ±(chunk scale)/ε — the clamp stays on.)
