@@ -139,6 +139,7 @@ def test_dp2_adamw_parity_zero_stages_bytes_local_steps_and_resume():
                 want = adam if var_schedule(t, KAPPA)[0] else onebit
             else:
                 want = 0 if t % local_interval(t, V, SCALER, CLIP) else onebit
+            want += 8 if stage and t == 1 else 0                  # stages 1–2: the step count's all-reduce, once
             assert w == pytest.approx(want + norm, abs=1e-9), (stage, t, w, want)
             synced = t <= V or t % local_interval(t, V, SCALER, CLIP) == 0
             assert r0[stage]["same"][t - 1] == synced, (stage, t)     # local steps diverge; syncs re-align

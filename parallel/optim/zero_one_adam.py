@@ -151,6 +151,40 @@ class ZeroOneAdam(OneBitAdam):
         """Always: the optimizer communicates (full all-reduce on T_v steps, 1-bit otherwise, nothing locally)."""
         return True
 
+    def whole_state(self) -> dict:
+        """This rank's state as whole flats {exp_avg, exp_avg_sq[, base, accum, lrs]} (stage 0's order), kept in
+        ``comm_state["S"]``: m and u are per rank during local steps, so the per-rank file of a checkpoint
+        carries them. Rebuilt from the pieces' state after a load that did not restore it (zeros when fresh)."""
+        S = self.comm_state.get("S")
+        if S is not None:
+            return S
+        ps = self.param_groups[0]["params"]
+        st0 = self.state.get(ps[0], {}) if ps else {}
+        keys = [k for k in ("exp_avg", "exp_avg_sq", "base", "accum") if k in st0] or ["exp_avg", "exp_avg_sq"]
+        S = {k: torch.cat([self.state[p][k].reshape(-1) if k in self.state.get(p, {}) else
+                           torch.zeros(p.numel()) for p in ps]).float() if ps else torch.zeros(0) for k in keys}
+        if "base" in S:
+            S["lrs"] = torch.as_tensor(st0.get("lrs", 0.0), dtype=torch.float64).clone().reshape(())
+        self.comm_state["S"] = S
+        return S
+
+    def bind_views(self) -> None:
+        """Each piece's state as views of the whole flats (stage 0: no second copy; checkpoints see pieces)."""
+        S, o = self.whole_state(), 0
+        for p in self.param_groups[0]["params"]:
+            n, st = p.numel(), self.state[p]
+            for k in ("exp_avg", "exp_avg_sq", "base", "accum"):
+                if k in S:
+                    st[k] = S[k][o:o + n].view_as(p)
+            if "lrs" in S:
+                st["lrs"] = S["lrs"]
+            o += n
+
+    def local_weights(self) -> torch.Tensor | None:
+        """w_i = b − u_i once local steps began (None before the freeze)."""
+        S = self.comm_state.get("S", {})
+        return torch.sub(S["base"], S["accum"]) if "base" in S else None
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -163,30 +197,15 @@ class ZeroOneAdam(OneBitAdam):
         g = self.param_groups[0]
         self._t = t = self.t + 1
         ps = g["params"]
-        for p in ps:
-            st = self.state[p]
-            if not st:
-                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-            st["step"] = torch.tensor(float(t))
-
-        def cat(key):
-            return torch.cat([self.state[p][key].reshape(-1) for p in ps]) if ps else torch.zeros(0)
-        keys = ["exp_avg", "exp_avg_sq"] + (["base", "accum"] if ps and "base" in self.state[ps[0]] else [])
-        S = {k: cat(k) for k in keys}
-        if "base" in S:
-            S["lrs"] = self.state[ps[0]]["lrs"].clone()
+        S = self.whole_state()
         w = torch.cat([p.reshape(-1) for p in ps]) if ps else torch.zeros(0)
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]) \
             if ps else torch.zeros(0)
-        zero_one_step(w, grad, S, self.comm_state, t, g, getattr(self.partition, "dp", None))
+        zero_one_step(w, grad, S, self.comm_state.setdefault("errs", {}), t, g, getattr(self.partition, "dp", None))
+        self.bind_views()
         o = 0
         for p in ps:
-            n, st = p.numel(), self.state[p]
-            p.copy_(w[o:o + n].view_as(p))
-            for k in ("exp_avg", "exp_avg_sq", "base", "accum"):
-                if k in S:
-                    st.setdefault(k, torch.empty_like(p)).copy_(S[k][o:o + n].view_as(p))
-            if "lrs" in S:
-                st["lrs"] = S["lrs"].clone()
-            o += n
+            p.copy_(w[o:o + p.numel()].view_as(p))
+            self.state[p]["step"] = torch.tensor(float(t))
+            o += p.numel()
         return loss

@@ -14,7 +14,8 @@ Wire bytes are stage 0's: no parameter all-gather (every rank computes the whole
 
 Local steps make the ranks' weights differ between syncs (w_i = b − u_i): the owners' masters then hold
 their own w_i. ``comm_state["zero"]`` keeps this rank's whole copies, so a resume in the same layout
-restores w_i = b − u_i exactly (:func:`restore_local_params`, after ZeRO's write-back of the masters).
+restores w_i = b − u_i exactly (:func:`restore_local_params`, after ZeRO's write-back of the masters; at
+stage 0 too, where an engine checkpoint holds dp rank 0's weights and the per-rank file this rank's m_i, u_i).
 """
 from __future__ import annotations
 
@@ -48,21 +49,31 @@ def _whole(z, key: str) -> torch.Tensor:
 
 
 def _start(z) -> dict:
-    """This rank's whole copies: zeros on a fresh run (``z.steps`` 0, the same on every rank); after a load that
-    could not restore them (another layout), the owners' per-piece state all-gathered (b and u once past V)."""
+    """This rank's whole copies (``comm_state["S"]``) and step count (``comm_state["t"]``): as restored by a load
+    in the same layout; else one 8-byte all-reduce of the pieces' step count (a rank may own no piece) decides:
+    0, a fresh run: zeros; else (a load into another layout) the owners' per-piece state all-gathered (b and u
+    too once past V: every rank then starts from the owners' u)."""
+    opt, cs = z.optimizer, z.optimizer.comm_state
+    if "S" in cs and "t" in cs:
+        return cs["S"]
+    t = torch.tensor([float(opt.t)], dtype=torch.float64)
+    comm.all_reduce(t, z.group, op="max")
+    cs["t"] = t0 = int(t)
     n = sum(b.numel for b in z._all)
-    if z.steps == 0:
-        return {"S": {k: torch.zeros(n) for k in _KEYS[:2]}, "errs": {}}
-    frozen = z.steps > z.optimizer.param_groups[0]["var_freeze_step"]
-    S = {k: _whole(z, k) for k in _KEYS[:4 if frozen else 2]}
-    if frozen:
-        lrs = torch.zeros(1, dtype=torch.float64)
-        for pc in z._piece_list:
-            st = z.optimizer.state.get(pc[4]) or {}
-            lrs = st.get("lrs", lrs).reshape(1).clone()
-        comm.all_reduce(lrs, z.group, op="max")              # the same on every owner; a rank may own none
-        S["lrs"] = lrs.reshape(())
-    return {"S": S, "errs": {}}
+    if t0 == 0:
+        S = {k: torch.zeros(n) for k in _KEYS[:2]}
+    else:
+        frozen = t0 > opt.param_groups[0]["var_freeze_step"]
+        S = {k: _whole(z, k) for k in _KEYS[:4 if frozen else 2]}
+        if frozen:
+            lrs = torch.zeros(1, dtype=torch.float64)
+            for pc in z._piece_list:
+                st = opt.state.get(pc[4]) or {}
+                lrs = torch.as_tensor(st.get("lrs", lrs), dtype=torch.float64).reshape(1).clone()
+            comm.all_reduce(lrs, z.group, op="max")          # the same on every owner; a rank may own none
+            S["lrs"] = lrs.reshape(())
+    cs["S"] = S
+    return S
 
 
 def _flat(z, attr: str) -> torch.Tensor:
@@ -72,29 +83,24 @@ def _flat(z, attr: str) -> torch.Tensor:
 def sharded_step(z) -> None:
     """ZeroOptimizer.step() for 0/1 Adam at stages 1–2 (module docstring)."""
     opt = z.optimizer
-    g = opt.param_groups[0]
-    t = z.steps + 1                                          # the same on every rank, pieces or not
-    if "zero" not in opt.comm_state:
-        opt.comm_state["zero"] = _start(z)
-    cs = opt.comm_state["zero"]
+    S = _start(z)
+    t = opt.comm_state["t"] + 1                              # the same on every rank, pieces or not
     w = _flat(z, "flat_param")
-    zero_one_step(w, _flat(z, "flat_grad"), cs["S"], cs["errs"], t, g, z.group)
+    zero_one_step(w, _flat(z, "flat_grad"), S, opt.comm_state.setdefault("errs", {}), t, opt.param_groups[0],
+                  z.group)
     _write_whole(z, w)
-    S, o = cs["S"], 0
-    offs = []
+    offs, o = {}, 0
     for b in z._all:
-        offs.append(o)
-        o += b.numel
+        offs[id(b)], o = o, o + b.numel
     for b, _, a, e, view in z._piece_list:                   # the owners' record (checkpoints, full state dict)
-        st = opt.state[view]
-        base = offs[z._all.index(b)]
+        st, base = opt.state[view], offs[id(b)]
         for k in _KEYS:
             if k in S:
                 st.setdefault(k, torch.empty_like(view)).copy_(S[k][base + a:base + e])
         if "lrs" in S:
             st["lrs"] = S["lrs"].clone()
         st["step"] = torch.tensor(float(t))
-    opt._t = t
+    opt._t = opt.comm_state["t"] = t
 
 
 def _write_whole(z, w: torch.Tensor) -> None:
@@ -107,10 +113,19 @@ def _write_whole(z, w: torch.Tensor) -> None:
 
 
 def restore_local_params(z) -> None:
-    """After a load and ZeRO's write-back (the owners' masters): this rank's own weights w_i = b − u_i, when its
-    whole copies came back (same layout) and local steps had begun. No-op otherwise."""
-    if not is_zero_one(z) or z.stage == 0:
+    """After a load and ZeRO's write-back of the masters: this rank's own weights w_i = b − u_i, when its whole
+    copies came back (same layout) and local steps had begun. No-op otherwise (and for other optimizers)."""
+    if not is_zero_one(z):
         return
-    S = z.optimizer.comm_state.get("zero", {}).get("S", {})
-    if "base" in S:
-        _write_whole(z, torch.sub(S["base"], S["accum"]))
+    w = z.optimizer.local_weights()
+    if w is None:
+        return
+    if z.stage > 0:
+        _write_whole(z, w)
+        return
+    o = 0
+    with torch.no_grad():
+        for view in z.optimizer.param_groups[0]["params"]:
+            view.copy_(w[o:o + view.numel()].view_as(view))
+            o += view.numel()
+    z._write_back()
