@@ -172,3 +172,52 @@ def test_char_lm_dp2_bytes_convergence_and_zero_stages_against_adam():
     for s in (1, 2):
         assert zo[s][0] == zo[0][0] and zo[s][1][V:] == zo[0][1][V:], s     # ZeRO-1/2 = ZeRO-0 on the LM too
         assert zo[s][3]                                             # replicas equal at the end (step 60 syncs)
+
+
+def test_native_and_deepspeed_config_keys_build_the_optimizers():
+    """optimizer.* keys (parallel/config/onebit_keys.py) and DeepSpeed's "ZeroOneAdam" / "OneBitLamb" blocks
+    (parallel/config/deepspeed_onebit.py) reach the constructors; misplaced or bad values are refused by name."""
+    from parallel.config import ConfigError, load_config
+    from parallel.config.deepspeed import map_deepspeed, merge_tree
+    from parallel.optim.factory import optimizer_factory
+    from parallel.optim.onebit_lamb import OneBitLamb
+    base = {"model": {"factory": "examples.gpt:build", "kwargs": {"vocab_size": 64, "seq_len": 16, "n_layer": 2,
+                                                                   "n_head": 4, "n_embd": 32}},
+            "data": {"factory": "examples.gpt:random_tokens", "kwargs": {"n": 64, "seq_len": 16, "vocab_size": 64},
+                     "global_batch_size": 8, "micro_batch_size": 2},
+            "parallel": {"dp": 2}, "optimizer": {"name": "adamw", "lr": 0.001}, "train": {"steps": 5, "seed": 0}}
+
+    def build(tree):
+        cfg = load_config(data=tree).validate(2)
+        return optimizer_factory(cfg.optimizer)([nn.Parameter(torch.ones(4))]).param_groups[0], cfg
+    g, _ = build(merge_tree(base, {"optimizer": {"name": "zero_one_adam", "var_freeze_step": 7,
+                                                 "local_step_clipper": 2, "update_bound": "none"}}))
+    assert (g["var_freeze_step"], g["local_step_clipper"], g["var_update_scaler"], g["update_bound"],
+            g["bias_correction"]) == (7, 2, 16, None, True)
+    g, _ = build(merge_tree(base, {"optimizer": {"name": "onebit_lamb", "max_coeff": 5.0, "update_bound": 0.5}}))
+    assert (g["max_coeff"], g["min_coeff"], g["update_bound"]) == (5.0, 0.01, 0.5)
+    for over, needle in (({"name": "adamw", "var_freeze_step": 3}, "optimizer.var_freeze_step applies to "
+                                                                   "zero_one_adam"),
+                         ({"name": "zero_one_adam", "update_bound": -1}, "optimizer.update_bound=-1"),
+                         ({"name": "onebit_adam", "max_coeff": 3.0}, "optimizer.max_coeff applies to onebit_lamb"),
+                         ({"name": "zero_one_adam", "local_step_clipper": 0}, "local_step_clipper=0")):
+        with pytest.raises(ConfigError, match=needle):
+            build(merge_tree(base, {"optimizer": over}))
+    ds = {"optimizer": {"type": "ZeroOneAdam", "params": {"lr": 2e-3, "var_freeze_step": 40, "var_update_scaler": 4,
+                                                          "cuda_aware": False, "comm_backend_name": "nccl"}},
+          "gradient_clipping": 0.0}
+    ov, report = map_deepspeed(ds, base, 2)
+    g, cfg = build(merge_tree(base, ov))
+    assert cfg.optimizer.name == "zero_one_adam" and (g["lr"], g["var_freeze_step"], g["var_update_scaler"],
+                                                      g["local_step_scaler"], g["bias_correction"]) == \
+        (2e-3, 40, 4, 32678, False)
+    assert "optimizer.params.var_freeze_step = 40 -> optimizer.var_freeze_step = 40" in report
+    assert any(line.startswith("optimizer.update_bound = \"adam\" (not a DeepSpeed key") for line in report)
+    ov, report = map_deepspeed({"optimizer": {"type": "OneBitLamb", "params": {"freeze_step": 9, "coeff_beta": 0.8,
+                                                                               "factor_max": 2.0}},
+                                "gradient_clipping": 0.0}, base, 2)
+    cfg = load_config(data=merge_tree(base, ov)).validate(2)
+    opt = optimizer_factory(cfg.optimizer)([nn.Parameter(torch.ones(4))])
+    g = opt.param_groups[0]
+    assert isinstance(opt, OneBitLamb) and (g["freeze_step"], g["coeff_beta"], g["factor_max"], g["max_coeff"]) == \
+        (9, 0.8, 2.0, 10.0)
