@@ -1,7 +1,8 @@
 """Engine checkpoints (engine.save / engine.load) resume 1-bit Adam and 8-bit Adam bit-exactly in the
 same layout: 1-bit Adam's step count travels in the pieces' ``step`` state and its error-feedback
 buffers in the per-rank file (ZeRO-0 and ZeRO-1); 8-bit moments are written dequantized (fp32) and
-requantized to the same codes on load; 0/1 Adam (ZeRO-0 and ZeRO-2) saved in the middle of a local interval. Small GPT at dp=2, 3 steps, save, 3 more; a fresh engine
+requantized to the same codes on load; 0/1 Adam (ZeRO-0 and ZeRO-2) saved in the middle of a local
+interval. Small GPT at dp=2, 3 steps, save, 3 more; a fresh engine
 loads and runs the same 3."""
 import os
 

@@ -32,7 +32,7 @@ _ZO = {"var_freeze_step": (100000, int), "var_update_scaler": (16, int), "local_
 
 
 def map_onebit(m: Mapper, typ, t: str, p: dict):
-    """The OneBitLamb / ZeroOneAdam branch of ``map_optimizer``: returns its (known, off, ignored, weight-decay default)."""
+    """The OneBitLamb / ZeroOneAdam branch of ``map_optimizer``: (known, off, ignored, weight-decay default)."""
     lamb = t == "onebitlamb"
     name, keys = ("onebit_lamb", _LAMB) if lamb else ("zero_one_adam", _ZO)
     m.set("optimizer.type", typ, "optimizer.name", name,
@@ -50,8 +50,9 @@ def map_onebit(m: Mapper, typ, t: str, p: dict):
               "optimizer.bias_correction", False, "DeepSpeed's ZeroOneAdam ignores the flag: its update uses m and v "
               "uncorrected")
     ub = m.native("optimizer.update_bound", "adam")
-    m.lines.append(f"optimizer.update_bound = {json.dumps(ub)} (not a DeepSpeed key; the clamp of the compressed step "
-                   f"for elements whose frozen variance is ~0: set optimizer.update_bound=none to compute as DeepSpeed)")
+    m.lines.append(f"optimizer.update_bound = {json.dumps(ub)} (not a DeepSpeed key; the clamp of the compressed "
+                   f"step for elements whose frozen variance is ~0: set optimizer.update_bound=none to compute as "
+                   f"DeepSpeed)")
     known = ("lr", "betas", "eps", "weight_decay", *keys, *(() if lamb else ("bias_correction",)))
     off = {"max_grad_norm": ((0, 0.0), "use the top-level gradient_clipping (refused with 1-bit optimizers: "
                                        "no global norm of the local gradients)"),
