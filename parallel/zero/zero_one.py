@@ -92,13 +92,14 @@ def sharded_step(z) -> None:
     offs, o = {}, 0
     for b in z._all:
         offs[id(b)], o = o, o + b.numel
+    lrs = S["lrs"].clone() if "lrs" in S else None           # one copy shared by the pieces
     for b, _, a, e, view in z._piece_list:                   # the owners' record (checkpoints, full state dict)
         st, base = opt.state[view], offs[id(b)]
         for k in _KEYS:
             if k in S:
                 st.setdefault(k, torch.empty_like(view)).copy_(S[k][base + a:base + e])
-        if "lrs" in S:
-            st["lrs"] = S["lrs"].clone()
+        if lrs is not None:
+            st["lrs"] = lrs
         st["step"] = torch.tensor(float(t))
     opt._t = opt.comm_state["t"] = t
 
