@@ -15,6 +15,7 @@ from parallel.mesh import coords_of
 from parallel.moe.groups import ep_layout
 from parallel.pipeline import describe_split
 from parallel.planning.fit import fit
+from parallel.planning.optim_states import ONEBIT_NOTE
 from parallel.planning.planner import Layout, TrainSpec, predict
 from parallel.tensor_parallel.auto_plan import derive_plan
 from parallel.tensor_parallel.plan import apply_tensor_parallel
@@ -154,7 +155,8 @@ def describe(cfg: Config, memory: float | None = None) -> str:
             for axis, o in ops.items():
                 axes[axis] = max(axes.get(axis, 0), sum(c["wire_bytes"] for c in o.values()))
         wire = json.dumps({a: round(v) for a, v in axes.items()})
-        lines.append(f"# predicted wire bytes per step (max over ranks): {wire}")
+        note = ONEBIT_NOTE.get(cfg.optimizer.name, "")                  # 1-bit optimizers: which step this is
+        lines.append(f"# predicted wire bytes per step (max over ranks): {wire}{note}")
         if memory is not None:
             ans = fit(*planner_inputs(cfg, model), memory)
             lines += ["", *(f"# {line}" for line in ans.describe().splitlines())]

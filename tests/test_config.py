@@ -36,7 +36,7 @@ def test_yaml_and_overrides(tmp_path):
     (["data.global_batch_size=9"], 8, "data.global_batch_size=9 does not divide over parallel.dp=2"),
     (["data.micro_batch_size=3"], 8, "data.micro_batch_size=3 does not divide the 4 samples"),
     (["optimizer.name=adafactor"], 8, "optimizer.name='adafactor' is not one of ['adamw', 'adam', 'sgd', 'lamb', "
-                                      "'muon', 'onebit_adam', 'onebit_lamb']"),
+                                      "'muon', 'onebit_adam', 'onebit_lamb', 'zero_one_adam']"),
     (["precision=fp8"], 8, "precision='fp8' is not one of"),
     (["zero.stage=4"], 8, "zero.stage=4 must be 0, 1, 2 or 3"),
     (["model.factory=examples.gpt.build"], 8,

@@ -29,6 +29,11 @@ ALLOW = {
                             "starts that path)",
     "optimizer.adamw_lr": "read only with optimizer.name=muon (tests/test_tensorwise_optim.py)",
     "optimizer.freeze_step": "read only with optimizer.name=onebit_adam (tests/test_onebit_adam.py)",
+    "optimizer.update_bound": "read only with the 1-bit optimizers (tests/test_zero_one_adam.py)",
+    **{f"optimizer.{k}": "read only with optimizer.name=zero_one_adam (tests/test_zero_one_adam.py)"
+       for k in ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper", "bias_correction")},
+    **{f"optimizer.{k}": "read only with optimizer.name=onebit_lamb (tests/test_zero_one_adam.py)"
+       for k in ("max_coeff", "min_coeff", "coeff_beta", "factor_max", "factor_min", "factor_threshold")},
     "pld.theta": "read only with pld.enabled=true (tests/test_layer_drop.py trains with it)",
     "pld.gamma": "read only with pld.enabled=true (tests/test_layer_drop.py trains with it)",
 }

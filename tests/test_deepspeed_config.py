@@ -229,8 +229,9 @@ def test_legacy_forms_and_merge_semantics():
 
 
 @pytest.mark.parametrize("ds,needle", [
-    ({"optimizer": {"type": "OneBitLamb"}}, 'optimizer.type: "OneBitLamb" is not available'),
-    ({"optimizer": {"type": "ZeroOneAdam", "params": {"lr": 1e-3}}}, 'optimizer.type: "ZeroOneAdam" is not available'),
+    ({"optimizer": {"type": "Adagrad"}}, 'optimizer.type: "Adagrad" is not available'),
+    ({"optimizer": {"type": "OneBitLamb", "params": {"coef_beta": 0.9}}}, "optimizer.params.coef_beta: unknown key"),
+    ({"optimizer": {"type": "ZeroOneAdam", "params": {"eps_inside_sqrt": True}}}, "optimizer.params.eps_inside_sqrt"),
     ({"optimizer": {"type": "Adam", "params": {"amsgrad": True}}}, "optimizer.params.amsgrad: true is not supported"),
     ({"optimizer": {"type": "Adam", "params": {"bias_correction": False}}}, "optimizer.params.bias_correction"),
     ({"optimizer": {"type": "Adam", "params": {"max_grad_norm": 1.0}}}, "use the top-level gradient_clipping"),

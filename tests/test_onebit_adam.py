@@ -69,11 +69,13 @@ def _lm_run(rank, world, opt_name, stage=0, lr=LR, **okw):
     model = GPT(vocab_size=96, seq_len=32, n_layer=2, n_head=4, n_embd=32)
     from parallel.optim.lamb import Lamb
     from parallel.optim.onebit_lamb import OneBitLamb
+    from parallel.optim.zero_one_adam import ZeroOneAdam
     factory = {"adam": lambda ps: torch.optim.Adam(ps, lr=lr),
                "onebit": lambda ps: OneBitAdam(ps, lr=lr, freeze_step=FREEZE),
                "onebit-unbounded": lambda ps: OneBitAdam(ps, lr=lr, freeze_step=FREEZE, update_bound=None),
                "lamb": lambda ps: Lamb(ps, lr=lr),
-               "onebit_lamb": lambda ps: OneBitLamb(ps, lr=lr, **{"freeze_step": FREEZE, **okw})}[opt_name]
+               "onebit_lamb": lambda ps: OneBitLamb(ps, lr=lr, **{"freeze_step": FREEZE, **okw}),
+               "zero_one": lambda ps: ZeroOneAdam(ps, lr=lr, **okw)}[opt_name]
     zero = ZeroOptimizer(model, factory, g, ZeroConfig(stage=stage, bucket_mb=1.0))
     per = G // world
     losses, wire = [], []

@@ -1,7 +1,8 @@
 """Engine checkpoints (engine.save / engine.load) resume 1-bit Adam and 8-bit Adam bit-exactly in the
 same layout: 1-bit Adam's step count travels in the pieces' ``step`` state and its error-feedback
 buffers in the per-rank file (ZeRO-0 and ZeRO-1); 8-bit moments are written dequantized (fp32) and
-requantized to the same codes on load. Small GPT at dp=2, 3 steps, save, 3 more; a fresh engine
+requantized to the same codes on load; 0/1 Adam (ZeRO-0 and ZeRO-2) saved in the middle of a local
+interval. Small GPT at dp=2, 3 steps, save, 3 more; a fresh engine
 loads and runs the same 3."""
 import os
 
@@ -9,6 +10,10 @@ import pytest
 from harness import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 0/1 Adam: T_v = {1}, local steps from step 3 every 2nd step: the save after step 3 is mid-interval (the ranks'
+# weights and momenta differ; dp rank 0 writes the pieces, each rank's m_i, u_i travel in its per-rank file)
+ZERO_ONE = {"name": "zero_one_adam", "var_freeze_step": 1, "var_update_scaler": 1, "local_step_scaler": 1,
+            "local_step_clipper": 2}
 
 
 def _engine(world, stage, opt):
@@ -41,7 +46,8 @@ def _resume(rank, world, path, stage, opt):
 @pytest.mark.parametrize("stage,opt", [(0, {"name": "onebit_adam", "freeze_step": 2}),
                                        (1, {"name": "onebit_adam", "freeze_step": 2}),
                                        (1, {"name": "onebit_lamb", "freeze_step": 2}),
-                                       (2, {"state_dtype": "int8"})])
+                                       (2, {"state_dtype": "int8"}),
+                                       (0, ZERO_ONE), (2, ZERO_ONE)])
 def test_engine_resume_is_exact(tmp_path, stage, opt):
     for ref, got in run_ranks(_resume, 2, str(tmp_path / "ckpt"), stage, opt):
         assert got == ref, (got, ref)

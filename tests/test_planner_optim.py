@@ -1,6 +1,7 @@
 """The planner's optimizer accounting (parallel/planning/optim_states.py) against measured runs: LAMB, Muon
 (LAMB's sum_sq all-reduces over dp and tp; Muon's gathers over dp), 8-bit Adam moments and 1-bit Adam after warm-up (its
-error-feedback buffers; compressed all-to-all and all-gather in place of ZeRO's reduction). Per layout
+error-feedback buffers; compressed all-to-all and all-gather in place of ZeRO's reduction), 1-bit LAMB and 0/1 Adam
+(a sync step after var_freeze_step; slow). Per layout
 3 training steps of the small GPT (as tests/test_planner.py; 1-bit with freeze_step=1, so step 3 is a
 steady compressed step); the last step's model-state bytes and CommStats per rank must equal the
 prediction exactly (bytes and calls)."""
@@ -15,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = {"vocab_size": 64, "seq_len": 16, "n_layer": 4, "n_head": 4, "n_embd": 32}
 G, MB = 8, 2
 ONEBIT = {"name": "onebit_adam", "freeze_step": 1}
+ONEBIT_LAMB = {"name": "onebit_lamb", "freeze_step": 1}
+ZERO_ONE = {"name": "zero_one_adam", "var_freeze_step": 1}     # step 3: after V, a sync step (H = 1)
 FAST = [("dp2 zero1 lamb", dict(dp=2, zero=1), {"name": "lamb"}),
         ("dp2 zero2 int8", dict(dp=2, zero=2), {"state_dtype": "int8"}),
         ("dp2 zero2 onebit", dict(dp=2, zero=2), ONEBIT)]
@@ -23,7 +26,10 @@ SLOW = [("tp2 lamb", dict(tp=2), {"name": "lamb"}), ("dp2 zero3 lamb", dict(dp=2
         ("dp2 zero3 int8", dict(dp=2, zero=3), {"state_dtype": "int8"}),
         ("dp2 zero0 onebit", dict(dp=2), ONEBIT), ("dp2 zero1 onebit", dict(dp=2, zero=1), ONEBIT),
         ("dp2 zero0 muon", dict(dp=2), {"name": "muon"}), ("dp2 zero1 muon", dict(dp=2, zero=1), {"name": "muon"}),
-        ("dp2 zero3 muon", dict(dp=2, zero=3), {"name": "muon"})]
+        ("dp2 zero3 muon", dict(dp=2, zero=3), {"name": "muon"}),
+        ("dp2 zero0 onebit_lamb", dict(dp=2), ONEBIT_LAMB), ("dp2 zero2 onebit_lamb", dict(dp=2, zero=2), ONEBIT_LAMB),
+        ("dp2 zero0 zero_one", dict(dp=2), ZERO_ONE), ("dp2 zero1 zero_one", dict(dp=2, zero=1), ZERO_ONE),
+        ("dp2 zero2 zero_one", dict(dp=2, zero=2), ZERO_ONE)]
 
 
 def _overrides(lay: dict, opt: dict, run_dir: str) -> list:

@@ -31,6 +31,7 @@ from parallel.checkpoint.meta_probe import LocalIndex, meta_origins
 from parallel.checkpoint.ranged import ReadStats
 from parallel.checkpoint.sharded import Piece, load_pieces, read_meta, save_pieces
 from parallel.parameters import param_info
+from parallel.zero.zero_one import restore_local_params
 
 
 def _origins(engine) -> dict:
@@ -244,8 +245,9 @@ def _load(engine, path: str) -> dict:
         torch.set_rng_state(rank_meta["rng"])
         if hasattr(z.optimizer, "comm_state"):
             z.optimizer.comm_state = rank_meta.get("optimizer_comm", {})
+            restore_local_params(z)                        # 0/1 Adam: this rank's own weights (zero/zero_one.py)
     elif getattr(z.optimizer, "comm_state", None) is not None and engine.mesh.rank == 0 \
-            and z.optimizer.t > z.optimizer.param_groups[0]["freeze_step"]:
+            and z.optimizer.t > z.optimizer.param_groups[0].get("freeze_step", 0):
         warnings.warn(f"checkpoint {path}: 1-bit Adam's error-feedback buffers are per rank and this layout differs "
                       f"from the saved one: they restart at zero (the resume is not bit-exact)", stacklevel=2)
     return meta

@@ -3,7 +3,8 @@
 DeepSpeed's optimizer ``"Adam"`` is AdamW unless ``adam_w_mode: false`` (``"AdamW"`` always is);
 FusedAdam and DeepSpeedCPUAdam default ``weight_decay`` to 0.0, torch's AdamW to 0.01. Schedulers
 map onto :mod:`parallel.optim.factory.lr_schedule` with ``convention: deepspeed`` (its exact formulas).
-``"Lamb"`` (FusedLamb) is :class:`parallel.optim.lamb.Lamb` with the same defaults.
+``"Lamb"`` (FusedLamb) is :class:`parallel.optim.lamb.Lamb` with the same defaults. ``"OneBitLamb"`` and
+``"ZeroOneAdam"``: :mod:`parallel.config.deepspeed_onebit`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 
 from parallel.config import deepspeed_keys as K
 from parallel.config.deepspeed_mapper import AUTO, Mapper
+from parallel.config.deepspeed_onebit import map_onebit
 from parallel.config.errors import ConfigError
 from parallel.config.validate import check_schedule
 
@@ -68,10 +70,12 @@ def map_optimizer(m: Mapper):
         fs = m.number("optimizer.params.freeze_step", p.get("freeze_step", 100000), (int,), "an integer")
         m.set("optimizer.params.freeze_step", p.get("freeze_step", "(unset: 100000)"), "optimizer.freeze_step", fs,
               "" if "freeze_step" in p else "DeepSpeed's default")
+    elif t in ("onebitlamb", "zerooneadam"):
+        known, off, ign, wd = map_onebit(m, typ, t, p)            # parallel/config/deepspeed_onebit.py
     else:
         m.fail("optimizer.type", f"{json.dumps(typ)} is not available in parallel3d (it has AdamW, Adam, SGD, "
-                                 f"Lamb and OneBitAdam); another optimizer changes every update: use \"AdamW\" "
-                                 f"or \"SGD\"")
+                                 f"Lamb, OneBitAdam, OneBitLamb and ZeroOneAdam); another optimizer changes every "
+                                 f"update: use \"AdamW\" or \"SGD\"")
     m.sub_keys(p, "optimizer.params", {*known, *(("adam_w_mode", "torch_adam") if t in ("adam", "adamw") else ())},
                ign, off)
     for k in ("lr", "betas", "eps", "momentum", "weight_decay"):

@@ -53,7 +53,7 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"                    # adamw adam sgd lamb muon onebit_adam onebit_lamb (optim/factory.py)
+    name: str = "adamw"                    # adamw adam sgd lamb muon onebit_adam onebit_lamb zero_one_adam
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     betas: Optional[list] = None
@@ -61,6 +61,18 @@ class OptimizerConfig:
     eps: Optional[float] = None            # muon: the AdamW part's eps
     adamw_lr: Optional[float] = None       # muon: lr of the non-matrix tensors (AdamW); default lr
     freeze_step: Optional[int] = None      # onebit_adam/_lamb: warm-up steps before compression (100)
+    update_bound: Optional[Any] = None     # onebit_*/zero_one_adam: clamp of the compressed step; number|adam|none
+    var_freeze_step: Optional[int] = None  # zero_one_adam (DeepSpeed's keys and defaults, optim/zero_one_adam.py):
+    var_update_scaler: Optional[int] = None    # 100000, 16, 32678, 16
+    local_step_scaler: Optional[int] = None
+    local_step_clipper: Optional[int] = None
+    bias_correction: Optional[bool] = None     # zero_one_adam: true (torch Adam's); false as DeepSpeed computes
+    max_coeff: Optional[float] = None      # onebit_lamb (optim/onebit_lamb.py): 10.0, 0.01, 0.9, 4.0, 0.5, 0.1
+    min_coeff: Optional[float] = None
+    coeff_beta: Optional[float] = None
+    factor_max: Optional[float] = None
+    factor_min: Optional[float] = None
+    factor_threshold: Optional[float] = None
     state_dtype: Optional[str] = None      # adam/adamw moments: fp32 (default) | int8 (parallel/optim/adam8bit.py)
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from parallel.config.errors import ConfigError
 from parallel.config.faults import check_fault
+from parallel.config.onebit_keys import check_onebit_keys
 
 if TYPE_CHECKING:
     from parallel.config.schema import Config
@@ -16,7 +17,7 @@ __all__ = ["CHOICES", "validate", "check_factory", "check_schedule"]
 
 CHOICES = {
     "loss": ("cross_entropy", "mse", "model"),
-    "optimizer.name": ("adamw", "adam", "sgd", "lamb", "muon", "onebit_adam", "onebit_lamb"),
+    "optimizer.name": ("adamw", "adam", "sgd", "lamb", "muon", "onebit_adam", "onebit_lamb", "zero_one_adam"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved", "zero_bubble", "zb_v", "dualpipe_v"),
     "parallel.pp_balance": ("params", "flops"),
     "parallel.cp_algorithm": ("ring", "ulysses"),
@@ -262,9 +263,12 @@ def _check_optimizer(c: Config) -> None:
                           f"optimizer.name=sgd")
     if o.name != "muon" and o.adamw_lr is not None:
         raise ConfigError(f"optimizer.adamw_lr applies to muon (its AdamW part), not {o.name}: remove it")
-    onebit = o.name in ("onebit_adam", "onebit_lamb")
-    if not onebit and o.freeze_step is not None:
-        raise ConfigError(f"optimizer.freeze_step applies to onebit_adam / onebit_lamb, not {o.name}: remove it")
+    onebit = o.name in ("onebit_adam", "onebit_lamb", "zero_one_adam")
+    check_onebit_keys(o)
+    if o.name == "zero_one_adam" and c.parallel.tp > 1:
+        raise ConfigError(f"optimizer.name=zero_one_adam with parallel.tp={c.parallel.tp}: its local steps and 1-bit "
+                          f"exchanges are verified at dp and ZeRO-1/2 only (parallel/optim/zero_one_adam.py); set "
+                          f"parallel.tp=1 or optimizer.name=onebit_adam")
     if o.name == "onebit_lamb" and c.parallel.tp > 1:
         raise ConfigError(f"optimizer.name=onebit_lamb with parallel.tp={c.parallel.tp}: its compressed phase scales "
                           f"each whole tensor by its frozen trust ratio and is not split over tp "

@@ -39,8 +39,8 @@ from parallel.planning.context import check_cp, cp_per_step, local_spec
 from parallel.planning.cost import comm_per_step, optimizer_seconds, recomputed_blocks, seconds, step_time
 from parallel.planning.moe import check_moe, moe_entries
 from parallel.planning.offload_states import offload_state_bytes
+from parallel.planning.optim_states import ONEBIT, state_bytes
 from parallel.planning.optim_states import check as check_optimizer
-from parallel.planning.optim_states import state_bytes
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 from parallel.planning.time_terms import memory_seconds, optimizer_moved
@@ -244,7 +244,7 @@ def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
         shard = bk.padded // N if pad else bk.numel
         pieces.append(_piece_sizes(bk, N, rb, pad))
         m["params"] += b * (shard if bk.unit else bk.padded)
-        full_grad = lay.zero < 2 or tr.optimizer == "onebit_adam"         # 1-bit keeps g_i whole (stage 2)
+        full_grad = lay.zero < 2 or tr.optimizer in ONEBIT               # 1-bit keeps g_i whole (stage 2)
         m["grads"] += b * (bk.padded if full_grad else shard)
         m["master"] += 4 * shard if mixed else 0
     m["optimizer"] = state_bytes(tr, lay, buckets, pieces)        # by optimizer: planning/optim_states.py
@@ -294,8 +294,6 @@ def check_layout(spec: ModelSpec, lay: Layout, tr: TrainSpec) -> str | None:
         return "virtual stages need pp > 1"
     if lay.zero not in (0, 1, 2, 3):
         return f"zero stage {lay.zero} must be 0..3"
-    if tr.optimizer == "onebit_adam" and lay.zero == 3:
-        return "onebit_adam runs with ZeRO stages 0-2 (parallel/zero/onebit.py)"
     return check_moe(spec, lay) or check_optimizer(tr, lay) or check_cp(spec, lay)
 
 

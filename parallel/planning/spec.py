@@ -93,7 +93,7 @@ class Layout:
 class TrainSpec:
     global_batch: int
     precision: str = "fp32"
-    optimizer: str = "adamw"        # adamw | adam | sgd | lamb | onebit_adam (planning/optim_states.py)
+    optimizer: str = "adamw"        # adamw adam sgd lamb muon onebit_adam onebit_lamb zero_one_adam (optim_states.py)
     momentum: bool = False          # sgd with momentum keeps a buffer
     bucket_mb: float = 25.0
     activation: str = "none"        # activation_checkpointing.policy: none | full | every | selective | offload

@@ -92,7 +92,12 @@ def memory_seconds(moved_bytes: float, hw: Hardware) -> float:
 
 def optimizer_moved(optimizer: str, momentum: bool = False) -> int:
     """Bytes torch's single-tensor update moves per owned element (module docstring)."""
-    return OPT_MOVED["sgd_momentum" if optimizer == "sgd" and momentum else optimizer]
+    key = "sgd_momentum" if optimizer == "sgd" and momentum else optimizer
+    if key not in OPT_MOVED:
+        raise ValueError(f"planner: the update time of optimizer {optimizer!r} is not modelled (bytes moved per "
+                         f"element are known for {sorted(OPT_MOVED)}): plan it without a memory bandwidth "
+                         f"(Hardware.mem_bandwidth=0), which leaves the optimizer's time out")
+    return OPT_MOVED[key]
 
 
 def busy_seconds(ops: dict, hw: Hardware) -> float:

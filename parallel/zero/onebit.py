@@ -47,6 +47,7 @@ from parallel import comm
 from parallel.optim.onebit_adam import _all_to_all, _clone, _compress, _unpack, apply_step
 from parallel.optim.onebit_lamb import lamb_compressed_update
 from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError
+from parallel.zero.zero_one import is_zero_one, sharded_step
 
 __all__ = ["check_onebit", "onebit_step", "full_comm_state", "load_full_comm_state"]
 
@@ -61,6 +62,10 @@ def check_onebit(z) -> None:
     if hasattr(z.optimizer, "frozen_coeff") and any(g.axis == "tp" and g.size > 1 for g in z.norm_groups):
         raise ValueError(f"{name} with tensor parallelism: its compressed phase scales each whole tensor by a factor "
                          f"from all of its elements, and a tp rank holds a shard; use tp=1 or OneBitAdam")
+    if is_zero_one(z) and any(g.axis == "tp" and g.size > 1 for g in z.norm_groups):
+        raise ValueError(f"{name} with tensor parallelism: its local steps and 1-bit exchanges are verified at dp "
+                         f"and ZeRO-1/2 only (tests/test_zero_one_adam.py), not over tp shards; use tp=1 or "
+                         f"OneBitAdam")
     if z.grad_clip is not None:
         raise ValueError(f"{name} communicates compressed momentum: each rank keeps its own gradient, which has no "
                          f"global norm to clip by (got train.grad_clip={z.grad_clip}); remove train.grad_clip")
@@ -105,6 +110,8 @@ def onebit_step(z, StepResult):
         for b, _, a, e, view in z._piece_list:
             view.grad = b.flat_grad[a:e].float()
         z.optimizer.step()
+    elif is_zero_one(z):
+        sharded_step(z)                              # 0/1 Adam: parallel/zero/zero_one.py
     else:
         _sharded_step(z)
     z._drop_master_grads()

@@ -19,6 +19,7 @@ import torch
 from parallel.comm import all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
 from parallel.zero.onebit import full_comm_state, load_full_comm_state
+from parallel.zero.zero_one import restore_local_params
 
 __all__ = ["ZeroStateMixin"]
 
@@ -54,6 +55,7 @@ class ZeroStateMixin:
         self.scaler.load_state_dict(sd["loss_scaler"])
         self.steps = sd.get("steps", 0)
         self._write_back()
+        restore_local_params(self)                                   # 0/1 Adam's local weights (zero_one.py)
 
     # --- full, per parameter name ----------------------------------------------------------------
     def _full_flat(self, b: FlatBucket, shard: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,7 @@ class ZeroStateMixin:
         self.steps = sd.get("steps", self.steps)
         load_full_comm_state(self, sd.get("onebit_comm"))
         self._write_back()
+        restore_local_params(self)
 
 
 def storage_bytes(tensors, seen: set, meta: bool = False) -> int:
