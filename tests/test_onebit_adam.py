@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from harness import run_ranks
 
-from parallel.optim.onebit_adam import OneBitAdam, _pack, _unpack, compressed_mean
+from parallel.optim.onebit_adam import OneBitAdam, _compress, _pack, _unpack, compressed_mean
 
 G, STEPS, FREEZE, LR = 16, 60, 15, 3e-3
 
@@ -14,9 +14,12 @@ G, STEPS, FREEZE, LR = 16, 60, 15, 3e-3
 def test_signs_pack_8_to_a_byte_and_error_feedback_tracks_the_sum():
     torch.manual_seed(0)
     x = torch.randn(3, 64)
-    packed = _pack(x >= 0)
+    packed = _pack(torch.signbit(x))                  # the compressor packs sign bits: set = negative
     assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
     assert torch.equal(_unpack(packed), torch.where(x >= 0, 1.0, -1.0))
+    assert [int(b) for b in _pack(torch.tensor([[True] + [False] * 7 + [False] * 7 + [True]]))[0]] == [1, 128]
+    p, scale, approx = _compress(x)                   # what travels and what the worker subtracts agree
+    assert torch.equal(p, packed) and torch.equal(approx, _unpack(p) * scale.unsqueeze(-1))
     # error feedback telescopes: Σ_t out_t = Σ_t x_t − e_worker − e_server (one worker), so nothing is lost
     st, xs, outs = {}, [torch.randn(100) for _ in range(200)], []
     for v in xs:
