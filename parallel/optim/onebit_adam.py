@@ -76,6 +76,16 @@ def _compress(x: torch.Tensor):
     return _pack(torch.signbit(x)), scale.squeeze(-1), torch.copysign(scale, x)
 
 
+def _decompressed_mean(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(1/N)·Σ_i scale_i·signs_i over the N rows of ``packed``: the rows added in order (``mean(0)`` over a
+    leading dim of 2 took 3× the time of the adds). Every stage uses this one function, so the sums agree."""
+    u = _unpack(packed).mul_(scale.unsqueeze(-1))
+    out = u[0].clone()
+    for row in u[1:]:
+        out.add_(row)
+    return out.div_(u.shape[0])
+
+
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """Row j of ``x`` to rank j; row i of the result from rank i. Counted as all_to_all, (N−1)/N·M."""
     out = torch.empty_like(x)
@@ -101,7 +111,7 @@ def compressed_mean(x: torch.Tensor, state: dict, group) -> torch.Tensor:
     xp[n:] = 0.0
     if N > 1:
         packed, scale = _all_to_all(packed, group), _all_to_all(scale, group)
-    y = (_unpack(packed) * scale.unsqueeze(-1)).mean(0) + state["server_error"]
+    y = _decompressed_mean(packed, scale).add_(state["server_error"])
     s_packed, s_scale, s_approx = _compress(y.unsqueeze(0))
     state["server_error"] = y - s_approx[0]
     if N > 1:

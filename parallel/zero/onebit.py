@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
-from parallel.optim.onebit_adam import _all_to_all, _clone, _compress, _unpack, apply_step
+from parallel.optim.onebit_adam import _all_to_all, _clone, _compress, _decompressed_mean, _unpack, apply_step
 from parallel.optim.onebit_lamb import lamb_compressed_update
 from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError
 from parallel.zero.zero_one import is_zero_one, sharded_step
@@ -190,7 +190,7 @@ def _sharded_step(z) -> None:
         w = c8 // 8 + 4
         packed, scale = _from_bytes(recv[:, o:o + w], c8)
         o += w
-        y = (_unpack(packed) * scale.unsqueeze(-1)).mean(0)[:c] + st["server_error"]
+        y = _decompressed_mean(packed, scale)[:c] + st["server_error"]
         packed, scale, approx = _compress(_rows(y, 1, c, c8))
         st["server_error"] = y - approx[0, :c]
         st["server_error"][max(0, min(c, b.numel - b.lo)):] = 0.0
