@@ -21,8 +21,9 @@ round's ratios share the machine's state). Per schedule and rank it reports:
 * idle measured = the executor's span − Σ compute, per rank, median over rounds; idle simulated =
   :func:`parallel.pipeline.measured.predict` (the schedule simulator under those terms), and their ratio
   (issue 19's target: within 15 %); replayed = the same simulator fed each round's own per-action
-  compute and issuing times (median over rounds): it tests the model without the spread of action
-  times, which on a loaded machine makes Σ medians fall short of the compute actually spent.
+  compute, issuing and completion times (median over rounds): it tests the model without the spread
+  of action times, which on a loaded machine makes Σ medians fall short of the compute actually spent.
+  The terms include ``completion`` (a receive's done − issued when its message was already there).
 
 Timings on a shared machine are "loaded" unless the machine was idle; say which.
 """
