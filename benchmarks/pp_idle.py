@@ -15,17 +15,22 @@ round's ratios share the machine's state). Per schedule and rank it reports:
   waiting), each rank's start offset and tail (last compute end → run end);
 * run: the executor's span, median over rounds, and "outside the run" (step − run: the gradient
   reduction and optimizer step, which the pipeline does not overlap);
+* drawn: :func:`parallel.pipeline.measured_spread.predict_spread`, the simulator over 200 draws of
+  each action's compute and overhead from the rounds (a bootstrap: the spread of action times is
+  part of the idle), median and 10–90 % of the draws; ``--save`` writes every round's records;
 * idle measured = the executor's span − Σ compute, per rank, median over rounds; idle simulated =
   :func:`parallel.pipeline.measured.predict` (the schedule simulator under those terms), and their ratio
   (issue 19's target: within 15 %); replayed = the same simulator fed each round's own per-action
-  compute and issuing times (median over rounds): it tests the model without the spread of action
-  times, which on a loaded machine makes Σ medians fall short of the compute actually spent.
+  compute, issuing and completion times (median over rounds): it tests the model without the spread
+  of action times, which on a loaded machine makes Σ medians fall short of the compute actually spent.
+  The terms include ``completion`` (a receive's done − issued when its message was already there).
 
 Timings on a shared machine are "loaded" unless the machine was idle; say which.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -91,6 +96,7 @@ def analyse(results, schedules, m, world):
     """Per schedule: step time, paired ratio to the first schedule, the fitted cost terms
     (:func:`parallel.pipeline.measured.fit`), measured vs simulated idle per rank."""
     from parallel.pipeline.measured import fit, measured_idle, predict
+    from parallel.pipeline.measured_spread import predict_spread
     from parallel.pipeline.schedules import get_schedule
     rows, base = [], None
     for s in schedules:
@@ -101,6 +107,7 @@ def analyse(results, schedules, m, world):
         terms = fit(sc, runs)
         idle_sim, sim = predict(sc, terms)
         replayed = [predict(sc, terms, ranks)[0] for ranks in runs]
+        spread = predict_spread(sc, runs)
         step = [statistics.median(res["step"]) for res in per_rank]
         row = {"schedule": s, "step_s": max(step), "terms": terms, "ranks": []}
         for r, res in enumerate(per_rank):
@@ -110,7 +117,8 @@ def analyse(results, schedules, m, world):
                 "rank": r, "run_s": statistics.median(sp[1] - sp[0] for sp in spans), "outside_s": outside,
                 "idle_meas_s": statistics.median(measured_idle(recs, sp) for recs, sp in res["runs"]),
                 "idle_sim_s": idle_sim[r], "sim_run_s": sim.busy[r] + idle_sim[r],
-                "idle_replay_s": statistics.median(x[r] for x in replayed)})
+                "idle_replay_s": statistics.median(x[r] for x in replayed),
+                "idle_spread_s": (spread.idle[r], spread.low[r], spread.high[r])})
         if base is None:
             base = per_rank
         ratios = [a / b for a, b in zip(max((res["step"] for res in per_rank), key=sum),
@@ -132,10 +140,19 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (global batch per·2)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--save", help="write the executor's records of every round to this JSON file "
+                                   "(parallel.pipeline.measured_spread.load_runs reads them back)")
     a = ap.parse_args(argv)
     world = 2
     res = run_ranks(measure, world, a.size, a.schedules, a.m, a.per, a.warmup, a.rounds, timeout=3000)
     print(f"size {a.size} {SIZES[a.size]}; pp={world}, m={a.m}, global batch {a.per * world}; {a.rounds} rounds")
+    if a.save:
+        from parallel.pipeline.measured_spread import dump_runs
+        data = {"size": a.size, "p": world, "m": a.m, "load_avg": os.getloadavg()[0], "schedules": {
+            s: {"v": V_OF.get(s, 1), "runs": dump_runs([[res[r][s]["runs"][k] for r in range(world)]
+                                                          for k in range(a.rounds)])} for s in a.schedules}}
+        with open(a.save, "w") as f:
+            json.dump(data, f)
     for row in analyse(res, a.schedules, a.m, world):
         med, lo, hi = row["ratio_to_first"]
         t = row["terms"]
@@ -152,6 +169,9 @@ def main(argv=None) -> int:
                   f"outside the run {rr['outside_s'] * 1e3:6.1f} ms  idle measured {rr['idle_meas_s'] * 1e3:6.1f} ms, "
                   f"simulated {rr['idle_sim_s'] * 1e3:6.1f} (measured/simulated {ratio:.2f}), replayed "
                   f"{rr['idle_replay_s'] * 1e3:6.1f} (measured/replayed {rep:.2f})")
+            sp, lo, hi = rr["idle_spread_s"]
+            print(f"        drawn costs (measured_spread, 200 draws): simulated idle {sp * 1e3:6.1f} ms "
+                  f"[10-90 %: {lo * 1e3:.1f}, {hi * 1e3:.1f}] (measured/drawn {rr['idle_meas_s'] / sp:.2f})")
     return 0
 
 

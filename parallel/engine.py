@@ -101,7 +101,8 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             sched = get_schedule(p.pp_schedule, p.pp, config.micro_batches, p.pp_virtual_stages)
             self.executor = PipelineExecutor(self.stages, sched, self.pp, self.loss_fn,  # ZeRO-3 frees a unit
                                              split_backward=config.zero.stage != 3,         # before a split W
-                                             p2p_groups=mesh.pp_p2p_groups())              # NCCL-safe order
+                                             p2p_groups=mesh.pp_p2p_groups(),              # NCCL-safe order
+                                             act_shapes=p.tp == 1 and p.cp == 1)   # probe's shapes: no header
             if self.zero.stage3 is not None:     # several forwards before their backwards: keep none (stage3.py)
                 self.zero.stage3.keep = 0
             self.executor.add_action_callback(self._stage_inputs)   # dict batches: masks etc. to every stage

@@ -171,3 +171,45 @@ def test_analysis_cached_per_structure(engine_calls):
     check(lambda x: head(norm(torch.tanh(a(torch.tanh(b(x)))))), x0, 2, 3, 4)   # a and b swapped
     check(fwd, x0, 2, 4, 4)                                   # the swap replaced the plan: analysed again
     check(fwd, x0, 3, 4, 4)
+
+
+def test_one_engine_call_for_all_groups_rewalks_the_path():
+    """Why W makes one engine call per weight group: one call from every captured intermediate to
+    every weight (the δ of the other intermediates clamped, as W does within a group) gives the same
+    gradients but walks the activation path between the intermediates again — its FLOPs are W's plus
+    I's data matmuls above the first intermediate (the Linear-GELU-Linear-LayerNorm-Linear chain of
+    the first test: all of I but the first linear's data matmul into x, 2·n·H·4H). If torch ever
+    stops re-walking, this fails and W can merge its calls."""
+    from torch.autograd.graph import GradientEdge
+
+    import parallel.pipeline.backward_split as bs
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Linear(4 * H, H), nn.LayerNorm(H), nn.Linear(H, H))
+    params = list(net.parameters())
+    x = torch.randn(B, S, H, requires_grad=True)
+    dy = torch.randn(B, S, H)
+    y = net(x)
+    with FlopCounterMode(display=False) as fc:
+        _, wp = backward_input(y, dy, x, params)
+    f_i = fc.get_total_flops()
+    edges, grads, clamps = [], [], []
+    for grp in wp.groups:
+        for n, gs in zip(grp.nodes, grp.grads):
+            clamps.append(n.register_prehook(lambda _g, gs=gs: gs))
+            edges += [GradientEdge(n, k) for k, g in enumerate(gs) if g is not None]
+            grads += [g for g in gs if g is not None]
+    with FlopCounterMode(display=False) as fc:
+        bs._run(edges, grads, params, True)
+    for h in clamps:
+        h.remove()
+    f_one = fc.get_total_flops()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    _, wp = backward_input(net(x), dy, x, params)
+    n_groups = len(wp.groups)
+    with FlopCounterMode(display=False) as fc:
+        backward_weight(wp, params)
+    assert f_one == fc.get_total_flops() + f_i - 2 * B * S * H * 4 * H and n_groups == 4 == len(edges)
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)

@@ -134,9 +134,9 @@ def test_run_records(tmp_path):
         assert r["lr"] == pytest.approx(res[0]["lrs"][r["step"]], rel=1e-12)
         assert len(r["peak_rss_bytes_per_rank"]) == 2 and r["peak_rss_bytes"] == max(r["peak_rss_bytes_per_rank"])
         assert 0 <= r["bubble"] < 1 and r["skipped"] is False and r["loss_scale"] == 1.0
-        # one 80-byte header with the first activation; later messages' shapes are known (pipeline/runtime.py)
+        # no header, not even step 0's: the engine declares the activation shapes (pipeline/shapes.py)
         assert r["comm"]["pp"]["send"] == {"calls": m, "payload_bytes": m * act, "wire_bytes": m * act,
-                                           "meta_bytes": 80 if r["step"] == 0 else 0}
+                                           "meta_bytes": 0}
     assert recs[0]["lr"] != recs[-1]["lr"]                  # the warm-up shows
     assert recs[-1]["grad_norm"] == pytest.approx(res[0]["grad_norm"], rel=1e-12)
     for s in side:

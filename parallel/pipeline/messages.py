@@ -13,7 +13,7 @@ from parallel.pipeline.p2p_streams import channel_of
 
 class Messages:
     """Needs, on the executor: group, rank, schedule, tags, batch, p2p_groups, channels, device,
-    _expect, _shapes, and per run _sigs, _acts, _next, _stash, _mailbox, _pending, comm_log."""
+    act_shapes, _expect, _shapes, and per run _sigs, _acts, _next, _stash, _mailbox, _pending, comm_log."""
 
     def _chan(self, src: int, dst: int, key) -> comm.Group:
         """The group message ``key`` travels on from pp rank ``src`` to ``dst``."""
@@ -29,7 +29,9 @@ class Messages:
 
     def _known(self, key, t=None):
         """(shape, dtype) of message ``key`` if both ends know it from an earlier message of the same
-        (tensor, src stage, dst stage) for a micro-batch input of the same shape; else None."""
+        (tensor, src stage, dst stage) for a micro-batch input of the same shape, or, before that, from
+        ``act_shapes(src stage, dst stage, (input shape, input dtype))`` (both ends ask it the same
+        question; the sender checks its tensor against the answer); else None (a header travels)."""
         tensor, i, src, dst = key
         act = self._acts.get((i, dst, src)) if tensor == "grad" else None
         if act is not None:                         # ∂ℓ/∂y has y's shape: both ends saw y this step
@@ -40,7 +42,17 @@ class Messages:
         sig = self._sigs[i]
         entry = self._shapes.get((tensor, src, dst))
         if sig is None or entry is None or entry[0] != sig:
-            return None
+            decl = self.act_shapes(src, dst, sig) if self.act_shapes is not None and sig is not None \
+                and tensor == "act" else None
+            if decl is None:
+                return None
+            decl = (tuple(decl[0]), decl[1])
+            if t is not None and (tuple(t.shape), t.dtype) != decl:
+                raise RuntimeError(
+                    f"pipeline: stage {src} sent an activation of shape {tuple(t.shape)} {t.dtype} for a micro-batch "
+                    f"input of shape {sig[0]}, but act_shapes declared {decl[0]} {decl[1]}, which stage {dst} "
+                    "preallocated; fix the declaration or pass act_shapes=None (the first step then sends a header)")
+            return decl
         if t is not None and (tuple(t.shape), t.dtype) != entry[1:]:
             raise RuntimeError(
                 f"pipeline: stage {src} sent a {tensor} of shape {tuple(t.shape)} {t.dtype} for a micro-batch input "

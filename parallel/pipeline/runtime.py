@@ -11,7 +11,8 @@ tag 0 (gloo then matches by order alone, like NCCL). The first activation messag
 stage, dst stage) for a given micro-batch input shape carries a header (dtype, shape); after that
 both ends know the shape and the payload travels alone (no host sync to read a header; evaluation's
 forward-only runs share what training learned, so after the first step no message carries one —
-tests/test_pipeline_headers.py counts them). A gradient never carries one: ∂ℓ/∂y has the shape and
+tests/test_pipeline_headers.py counts them; with ``act_shapes`` declared none does, not even the
+first). A gradient never carries one: ∂ℓ/∂y has the shape and
 dtype of the activation y both ends exchanged earlier in the step. The sends
 of one action go out together with the receives of the next in ``batch_isend_irecv`` groups, one
 per process group (``batch=False``: one at a time). On NCCL a send blocks its stream until the
@@ -71,6 +72,7 @@ from parallel.pipeline.messages import Messages
 from parallel.pipeline.p2p_order import send_order
 from parallel.pipeline.p2p_streams import CHANNELS, PAIRS, stream_problems
 from parallel.pipeline.schedules import Schedule, comm_ops, forward_only
+from parallel.pipeline.shapes import declared_shapes
 from parallel.pipeline.validate import validate
 
 __all__ = ["PipelineExecutor", "Record", "microbatches"]
@@ -100,12 +102,17 @@ class PipelineExecutor(Messages):
     :meth:`run` when a step starts. ``p2p_groups``: {"up0", "up1", "down0", "down1": Group} over
     the same ranks as ``pp_group`` (a message from pp rank s to a higher rank goes on "up{s mod 2}",
     to a lower one on "down{s mod 2}": NCCL-safe for every schedule, :mod:`.p2p_streams`); None:
-    everything on ``pp_group``.
+    everything on ``pp_group``. ``act_shapes(src stage, dst stage, (input shape, dtype))`` → (shape,
+    dtype) of the activation stage src sends stage dst for a micro-batch input of that shape (or None
+    when unknown): what both ends then preallocate, so not even the first step's first activation
+    carries a header; True: :func:`.shapes.declared_shapes` of these stages (from the split's probe;
+    None where it cannot tell). The sender raises if its tensor differs from a declaration. None (the
+    default): the first activation of each stage pair carries a header.
     """
 
     def __init__(self, stages: list, schedule: Schedule, pp_group: comm.Group, loss_fn=cross_entropy,
                  loss_scale: float = 1.0, tags: bool = True, batch: bool = True, split_backward: bool = True,
-                 p2p_groups: dict | None = None):
+                 p2p_groups: dict | None = None, act_shapes=None):
         p, rank = pp_group.size, pp_group.rank
         if schedule.p != p:
             raise ValueError(f"pipeline: the {schedule.name} schedule is for p={schedule.p} ranks but the pp "
@@ -132,6 +139,7 @@ class PipelineExecutor(Messages):
         self._warn_nccl(schedule)
         self._expect = {q: send_order(schedule, q, rank) for q in range(p) if q != rank}
         self._shapes: dict = {}
+        self.act_shapes = declared_shapes(self.stages) if act_shapes is True else (act_shapes or None)
         self.comm_log: list = []
         self.loss_fn, self.loss_scale = loss_fn, loss_scale
         self.steps = comm_ops(schedule, rank)
@@ -217,7 +225,8 @@ class PipelineExecutor(Messages):
             sc = self.schedule
             self._eval[m] = PipelineExecutor(
                 [self.stages[s] for s in sc.stages_of(self.rank)], forward_only(sc.p, m, sc.v, sc.placement),
-                self.group, self.loss_fn, tags=self.tags, batch=self.batch, p2p_groups=self.p2p_groups)
+                self.group, self.loss_fn, tags=self.tags, batch=self.batch, p2p_groups=self.p2p_groups,
+                act_shapes=self.act_shapes)
             self._eval[m]._shapes = self._shapes    # what training learned: both ends know it, no header
         ex = self._eval[m]
         ex._action_callbacks = self._action_callbacks

@@ -128,13 +128,16 @@ def _why(key: tuple[str, int, int], schedule: Schedule) -> str:
 def execute(schedule: Schedule, cost: Cost = None, overhead: Callable[[Action], object] | None = None,
             latency=0, start: list | None = None) -> SimResult:
     """Run ``schedule`` under the model above; never raises on deadlock (see ``blocked``).
-    ``overhead``, ``latency``, ``start``: the measured-cost terms of the module docstring (default 0)."""
+    ``overhead``, ``latency``, ``start``: the measured-cost terms of the module docstring (default 0);
+    ``latency`` may be a callable (key, receiving rank) → seconds, asked once per message
+    (:mod:`.measured_spread` draws it)."""
     dur = _cost_fn(cost, schedule.v)
     ovh = overhead or (lambda a: 0)
+    lat = latency if callable(latency) else (lambda key, r: latency)
 
     def arrival(key, r):
         kind, _, s = key
-        return done[key] + (latency if kind != "I" and schedule.rank_of(s) != r else 0)
+        return done[key] + (lat(key, r) if kind != "I" and schedule.rank_of(s) != r else 0)
     pairs = getattr(schedule, "overlap", frozenset())
     fb = cost.get("F&B") if isinstance(cost, Mapping) else None
 

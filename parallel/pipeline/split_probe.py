@@ -41,6 +41,9 @@ def probe(model, body, owners, sample, repeats, flops=False):
     def post(key):
         def h(mod, args, kwargs, out):
             cost.setdefault(key, []).append(clock() - t_in[key])
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(key, int) and isinstance(hidden, torch.Tensor):      # what block key hands on
+                info.setdefault("outs", {}).setdefault(key, (tuple(hidden.shape), hidden.dtype))
             if key == len(body) - 1 and info["end"] is None:
                 info["end"] = next(seq)
                 info["tuple"] = len(out) if isinstance(out, (tuple, list)) else 0

@@ -44,6 +44,8 @@ class StageInfo:
     keep_output: bool = False       # last stage: return the model's whole output (loss=model), not the logits
     extra_dims: int = 1             # dims the block activations have beyond the input ids (b, s)
     seq_factor: int = 1             # region sequence parallel: the received activation holds s/tp of the s positions
+    io: tuple | None = None         # (probe input shape, {"in"/"out": (shape, dtype) of the activation received / sent
+                                    # in the split's probe}): what :func:`.shapes.declared_shapes` reads
     inject: object = None
     hidden: object = None
 
@@ -213,6 +215,9 @@ def build_stage(model, plan, owners, probe, k):
     if "use_cache" in inspect.signature(type(model).forward).parameters:
         kwargs["use_cache"] = False
     info = StageInfo(k, S, (a, b), plan.kind, plan, kwargs, extra_dims=probe.get("extra_dims", 1))
+    outs, sample = probe.get("outs", {}), probe.get("sample")
+    if sample is not None and isinstance(sample, torch.Tensor):
+        info.io = (tuple(sample.shape), {"in": outs.get(a - 1) if k else None, "out": outs.get(b - 1)})
     stage.stage_info = info
     if plan.kind == "model":
         sbody = stage.get_submodule(plan.body)
