@@ -53,8 +53,6 @@ def check_cp(spec: ModelSpec, lay: Layout) -> str | None:
         return f"cp_algorithm {lay.cp_algorithm!r} is not ring or ulysses"
     if lay.cp_algorithm == "ulysses" and (spec.heads // lay.tp) % lay.cp:
         return f"Ulysses needs the {spec.heads // lay.tp} heads per tp rank divisible by cp = {lay.cp}"
-    if lay.sp:
-        return "the planner does not model cp with sequence parallel (the engine runs it)"
     return None
 
 

@@ -88,9 +88,10 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
     small = blocks * (2 * nb + 2 * spec.bias) + last * nb
     ar = (small + 2 * last, small * h * e + last * ce)
     if spec.tp_layout == "megatron":
-        pos = first and spec.learned_pos
+        pos = first and spec.learned_pos     # its (n, h) output; (β, n, h) under cp, whose position ids are (β, n)
+        pos_out = spec.seq * h * e * (mb if lay.cp > 1 else 1)
         return {"all_gather": (4 * blocks + 2 * first + last - (first and not pos),
-                               (4 * blocks + first + last) * act + pos * spec.seq * h * e),
+                               (4 * blocks + first + last) * act + pos * pos_out),
                 "reduce_scatter": (4 * blocks + first + last, (4 * blocks + first + last) * act),
                 "all_reduce": ar}
     return {"all_gather": (4 * blocks + first + last, (4 * blocks + first + last) * act),
