@@ -17,15 +17,14 @@ from test_context_parallel_plan import LAYOUTS, G, _layout, _measured, _peak, _r
 from parallel.planning.planner import ModelSpec, TrainSpec, predict
 
 SP = LAYOUTS["sp"]
-_sp_layout = _layout
 
 
 def test_planner_cp_sp_activations_are_one_process_at_the_shard():
     small = ModelSpec(n_layer=4, hidden=32, heads=4, vocab=64, seq=32)
-    one = predict(small, _sp_layout({"cp": 1, "tp": 2, "sp": True}), TrainSpec(G))
+    one = predict(small, _layout({"cp": 1, "tp": 2, "sp": True}), TrainSpec(G))
     for algorithm, extra in (("ring", 0), ("ulysses", 4 * (2 * 32 * 32 * 4 // 2 + 2 * 64 * 8))):
         lay = {"cp": 2, "tp": 2, "sp": True, "algorithm": algorithm}
-        both = predict(dataclasses.replace(small, seq=64), _sp_layout(lay), TrainSpec(G))
+        both = predict(dataclasses.replace(small, seq=64), _layout(lay), TrainSpec(G))
         assert both.memory[0]["activations"] == one.memory[0]["activations"] + extra, algorithm
         assert set(both.comm[0]) == {"cp", "dp_cp", "tp"}
         for op in ("all_gather", "reduce_scatter"):        # SP's collectives over the s/cp shard = s/cp alone's
@@ -38,7 +37,7 @@ def test_planner_cp_sp_activations_are_one_process_at_the_shard():
 def test_planner_cp_sp_states_and_bytes_equal_measured(tmp_path):
     run_ranks(_run, 4, str(tmp_path), "sp", timeout=400)
     for name, lay in SP:
-        pred = predict(ModelSpec(n_layer=4, hidden=32, heads=4, vocab=64, seq=16), _sp_layout(lay), TrainSpec(G))
+        pred = predict(ModelSpec(n_layer=4, hidden=32, heads=4, vocab=64, seq=16), _layout(lay), TrainSpec(G))
         ranks = _measured(os.path.join(tmp_path, name.replace(" ", "_")))
         assert len(ranks) == 4
         for r in ranks:
@@ -56,7 +55,7 @@ def _peak_sp(rank, world, algorithm, policy):
 @pytest.mark.parametrize("algorithm,policy", [("ring", "none"), ("ulysses", "none"), ("ring", "full")])
 def test_planner_cp_sp_peak_within_10_percent(algorithm, policy):
     got = run_ranks(_peak_sp, 4, algorithm, policy, timeout=300)
-    want = predict(ModelSpec(4, 32, 4, 64, 32), _sp_layout({"cp": 2, "tp": 2, "sp": True, "algorithm": algorithm}),
+    want = predict(ModelSpec(4, 32, 4, 64, 32), _layout({"cp": 2, "tp": 2, "sp": True, "algorithm": algorithm}),
                    TrainSpec(G, device="cpu", activation=policy)).memory
     for r, peak in enumerate(got):
         assert abs(want[r]["peak"] / peak - 1) <= 0.10, (algorithm, policy, r, want[r]["peak"], peak)
