@@ -111,3 +111,23 @@ def _train(rank, world):
 def test_gpt_cp4_ring_tag_zero_trains_bitwise_like_tagged():
     for tagged, zero in run_ranks(_train, 4):
         assert tagged == zero and len(tagged) == 2
+
+
+def _gpu_check_cp(rank, world):
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from gpu_check_cp import run
+
+    from parallel.mesh import Mesh
+    out = []
+    run(torch.device("cpu"), lambda name, ok, detail: out.append((name, ok, detail)), Mesh(dp=world).group("cp"))
+    return out
+
+
+def test_gpu_check_cp_runs_on_cpu():
+    """benchmarks/gpu_check_cp.py's checks (the ring's kernels, row chunks, the merge in fp32 and bf16, Ulysses at
+    cp = 1) pass on CPU: the script the GPU run uses works."""
+    for res in run_ranks(_gpu_check_cp, 2):
+        assert [n for n, _, _ in res] == ["cp ring kernels", "cp row chunks + merge", "cp bf16 merge", "cp ulysses"]
+        assert all(ok for _, ok, _ in res), res
