@@ -61,15 +61,21 @@ def test_planner_cp_sp_peak_within_10_percent(algorithm, policy):
         assert abs(want[r]["peak"] / peak - 1) <= 0.10, (algorithm, policy, r, want[r]["peak"], peak)
 
 
+LLAMA = ["model.factory=examples.hf_causal_lm:llama_tiny", "model.kwargs={}", "data.kwargs.seq_len=64",
+         "activation_checkpointing.policy=full", "precision=bf16"]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt", "llama"])
 @pytest.mark.parametrize("algorithm", ["ring", "ulysses"])
-def test_simulate_pp2_cp2_tp2_sp_equals_the_planner(algorithm):
-    """The quickstart at pp2 × cp2 × tp2 + SP, ranks 0 and 7 (both ends of pp, cp and tp) on meta."""
+def test_simulate_pp2_cp2_tp2_sp_equals_the_planner(algorithm, model):
+    """The quickstart at pp2 × cp2 × tp2 + SP (GPT: Megatron layout, ZeRO-1; a tiny transformers Llama: region
+    layout, full recompute, bf16), ranks 0 and 7 (both ends of pp, cp and tp) on meta."""
     from launch.simulate import simulate_rank
     from parallel.config import load_config
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml"),
                       ["parallel.cp=2", "parallel.dp=1", "parallel.sequence_parallel=true",
-                       f"parallel.cp_algorithm={algorithm}", "zero.stage=1"])
+                       f"parallel.cp_algorithm={algorithm}", "zero.stage=1"] + (LLAMA if model == "llama" else []))
     for rank in (0, 7):
         r = simulate_rank(cfg, 8, rank)
         assert r["equal"] and r["comm_diff"] == [], (rank, r["comm_diff"])
