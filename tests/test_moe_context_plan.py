@@ -104,3 +104,27 @@ def test_routing_control_in_step_time():
     slow = dataclasses.replace(hw, op_latency=(("all_reduce", 1.0 + 1e-4),))
     assert step_time(spec, one, tr, slow, bounds, mb, {})[0] == pytest.approx(step_time(spec, one, tr, hw, bounds,
                                                                                          mb, {})[0], rel=1e-12)
+
+
+def _mixtral_cp(world=None):
+    from moe_cases import hf_config
+    cfg = hf_config("mixtral", dp=1, ep=2, stage=1, steps=2)
+    cfg.parallel.cp, cfg.loss = 2, "cross_entropy"
+    cfg.model.kwargs["output_router_logits"] = False            # its own aux loss is refused under cp
+    return cfg.validate(world) if world else cfg
+
+
+def _measure_mixtral(rank, world):
+    return measure_second_step(_mixtral_cp(world), build, dataset)["comm"]
+
+
+@pytest.mark.slow
+def test_planner_routing_control_mixtral_cp2_ep2():
+    """A transformers Mixtral under cp2 × ep2 routes each shard's tokens alone (dropless: no cp traffic), so its
+    only routing control traffic is the slot buffer's all-reduce max over ep, per layer and micro-batch."""
+    pytest.importorskip("transformers")
+    res = run_ranks(_measure_mixtral, 2)
+    pred = predict_config(_mixtral_cp())
+    assert set(pred.control[0]) == {"control:ep"}
+    for rank in range(2):
+        assert_control_equal(f"mixtral cp2 ep2 rank {rank}", res[rank], pred.control[rank])
