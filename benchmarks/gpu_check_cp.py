@@ -15,6 +15,9 @@ Checks (each prints ok / FAILED / skip with the numbers), q (b, h, s, d) against
    partial output rounded to bf16 after each half (what a bf16 accumulator would do) is reported next to it;
 4. Ulysses at cp = 1: its all-to-alls through the real backend (NCCL on CUDA: all_to_all_single at world 1)
    and SDPA on the head shard = plain attention (2e-5);
+Reported, not asserted: forward + backward seconds of the ring at cp = 1 (its blockwise kernels, rows a few at a
+time) ÷ torch's SDPA on the same causal attention (b 1, 16 heads, d 64, s 4096 bf16 on CUDA; s 128 fp32 on CPU) —
+what the ring's unfused blocks cost against a fused kernel.
 5. CUDA only: the ring's forward + backward at cp = 1 under ``torch.cuda.set_sync_debug_mode("error")`` — no
    host sync per block (a sync raises and is reported with the op that made it); Ulysses likewise.
 """
@@ -24,6 +27,7 @@ import datetime
 import os
 import socket
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -74,9 +78,9 @@ def _err(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def run(device: torch.device, check, group=None) -> None:
+def run(device: torch.device, check, group=None, speed: bool = True) -> None:
     """The checks of the module docstring on ``device``; ``check(name, ok, detail)`` prints and counts; ``group``: a
-    cp group of one rank (default: a world-1 mesh's)."""
+    cp group of one rank (default: a world-1 mesh's); ``speed``: also time the ring against SDPA (reported)."""
     if group is None:
         from parallel.mesh import Mesh
         group = Mesh(cp=1, device=device).group("cp")
@@ -124,6 +128,8 @@ def run(device: torch.device, check, group=None) -> None:
     check("cp ulysses", e_uly <= 2e-5, f"{dist.get_backend()} all_to_all_single at world 1 + SDPA, max |Δ| vs plain "
           f"attention {e_uly:.1e}")
 
+    if speed:
+        _speed(device, group)
     if device.type != "cuda":
         print("[skip] cp host syncs: CPU run (torch.cuda.set_sync_debug_mode needs CUDA)")
         return
@@ -143,6 +149,30 @@ def run(device: torch.device, check, group=None) -> None:
             torch.cuda.set_sync_debug_mode("default")
     check("cp host syncs", all(f == "none" for f in found.values()),
           "; ".join(f"{n}: {f}" for n, f in found.items()))
+
+
+def _speed(device, group, repeats: int = 3) -> None:
+    cuda = device.type == "cuda"
+    q, k, v, dout = _inputs(device, b=1, h=16, hk=16, s=4096 if cuda else 128, d=64,
+                            dtype=torch.bfloat16 if cuda else torch.float32)
+    fns = {"ring": lambda q_, k_, v_: ring_attention(q_, k_, v_, group),
+           "sdpa": lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)}
+    best = {}
+    for name, fn in fns.items():
+        _grads(fn, q, k, v, dout)                              # warm-up
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            _grads(fn, q, k, v, dout)
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        best[name] = min(times)
+    r, f = best["ring"], best["sdpa"]
+    print(f"[info] cp ring vs SDPA at cp = 1: forward + backward {r * 1e3:.1f} ms vs {f * 1e3:.1f} ms = {r / f:.2f}× "
+          f"({device.type}, s = {q.shape[2]}, {q.dtype}; best of {repeats})")
 
 
 def d_scale(q: torch.Tensor) -> float:
