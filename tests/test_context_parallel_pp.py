@@ -82,8 +82,9 @@ def test_cp2_tp2_sequence_parallel(model, algorithm):
 @pytest.mark.slow
 def test_gpt_pp2_cp2_tp2_sequence_parallel():
     """pp2 × cp2 × tp2 with sequence parallel (world 8): stage 1's stand-in ids span the cp shard (its position
-    ids are (b, s/cp), the received activation s/(cp·tp) positions; before, launch.simulate's step crashed in the
-    stand-in embedding: (b, s/(cp·tp), h) + (b, s/cp, h)) and training reproduces one process."""
+    ids are (b, s/cp), the received activation s/(cp·tp) positions; before, stage 1 crashed in the stand-in
+    embedding, (b, s/(cp·tp), h) + (b, s/cp, h), on these ranks and in launch.simulate) and training reproduces
+    one process."""
     lay = ["parallel.pp=2", "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
            "parallel.pp_schedule=1f1b"]
     res = run_ranks(_train_cp_pp, 8, "gpt", lay + SMALL, timeout=600)
