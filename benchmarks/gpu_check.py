@@ -12,7 +12,9 @@ Checks (each prints ok / FAILED with the numbers):
 4. activation offload (``activation_checkpointing.policy=offload``, fp32): the loss of a step equals the
    run without it to 1e-5; on CUDA the device's peak of live bytes (LiveBytes on cuda) is below none's,
    and its step time ÷ none's is reported (the copies' overlap, unmeasured on CPU; issue 20);
-5. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
+5. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's block kernels, row chunks
+   and online-softmax merge in fp32 and bf16, Ulysses through the backend's all-to-all, no host syncs on CUDA);
+6. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
    master) vs a plain loop (bf16 autocast, fused AdamW where CUDA has it); issue 18's targets are
    MFU ≥ 55% and ≥ 0.98 × the plain loop (reported, not asserted: on CPU the numbers mean nothing).
 """
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
     check("activation offload", abs(mo["loss"] - mn["loss"]) <= 1e-5 and (mo["peak"] < mn["peak"] or not cuda),
           f"loss {mo['loss']:.6f} vs {mn['loss']:.6f}; {device.type} peak {mo['peak']} vs {mn['peak']} B; step "
           f"{to / tn:.2f}× none's" + ("" if cuda else " (CPU: the saved tensors stay in place, only counted)"))
+    from gpu_check_cp import run as cp_checks  # ring / Ulysses on the device at cp = 1 (issue 23)
+    cp_checks(device, check)
     from parallel.planning.flops import gpt_flops_per_token, peak_flops
     flops = batch * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"], kw["vocab_size"])
     peak, src = peak_flops(device, torch.bfloat16 if cuda else torch.float32)

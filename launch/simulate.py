@@ -128,7 +128,7 @@ def _prediction(cfg, model, rank: int):
     worst = one.memory[worst_rank]
     mem.update(activations=worst["activations"], transient=worst["transient"])
     mem["peak"] = mem["total"] + mem["activations"] + mem["transient"]
-    mem["comm"] = one.comm[worst_rank]           # the planner's traffic depends on the pp rank only
+    mem["comm"] = {**one.comm[worst_rank], **one.control[worst_rank]}    # depends on the pp rank only
     return mem, spec
 
 

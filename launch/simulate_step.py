@@ -25,7 +25,8 @@ What a meta step cannot do, and what stands in for it:
   output differs), so the receive shapes are confirmed by the simulated rank's own sends of the same boundary;
 * what is counted: the second of two steps (the first one's one-time traffic — buffer owners, first
   headers — left out), the same steady state the planner models; control-plane traffic (axes ``control:…``,
-  the fingerprints/owner exchanges) is not part of the prediction and is left out.
+  the fingerprints/owner exchanges) is not part of the prediction and is left out — except the MoE routing's
+  (``control:cp``, ``control:ep``: blocking, in the planner's step time and its ``Prediction.control``).
 """
 from __future__ import annotations
 
@@ -104,8 +105,12 @@ def _boundary(engine, cfg, spec) -> tuple:
     return (mb, seq, spec.hidden), dtype
 
 
+ROUTING_CONTROL = ("control:cp", "control:ep")     # the MoE routing's control traffic: the planner's pred.control
+
+
 def simulate_step(engine, cfg, mesh, spec, steps: int = 2) -> dict:
-    """Run ``steps`` training steps of ``engine`` on meta; the CommStats of the last, by axis (no control axes)."""
+    """Run ``steps`` training steps of ``engine`` on meta; the CommStats of the last, by axis (of the control axes only
+    the MoE routing's, :data:`ROUTING_CONTROL`)."""
     p = cfg.parallel
     G = cfg.data.global_batch_size // p.dp
     x = torch.zeros(G, spec.seq, dtype=torch.long)       # real token ids (zeros): the batch checks read them
@@ -116,7 +121,7 @@ def simulate_step(engine, cfg, mesh, spec, steps: int = 2) -> dict:
             before = mesh.stats.snapshot()
             engine.train_step((x, x))
     got = CommStats.diff(mesh.stats.snapshot(), before)
-    return {a: ops for a, ops in got.items() if not a.startswith("control:")}
+    return {a: ops for a, ops in got.items() if not a.startswith("control:") or a in ROUTING_CONTROL}
 
 
 def compare_comm(got: dict, want: dict) -> list[str]:

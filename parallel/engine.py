@@ -110,8 +110,9 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             for st in self.stages:                                  # loss=model: the last stage returns the output
                 if hasattr(st, "stage_info"):
                     st.stage_info.keep_output = self.loss_mode == "model"
-                    tpc = self.tensor_parallel              # region SP: later stages' stand-in ids span the whole
-                    st.stage_info.seq_factor = p.tp if tpc is not None and tpc.region else 1    # sequence
+                    tpc = self.tensor_parallel              # region SP (and any SP under cp, whose position ids
+                    sp_cp = p.sequence_parallel and p.cp > 1    # are (b, s/cp)): later stages' stand-in ids span
+                    st.stage_info.seq_factor = p.tp if tpc is not None and (tpc.region or sp_cp) else 1    # it all
                     follow_dtype(st)                        # bf16/fp16: stand-in embeddings in the compute dtype
         self._current: list = []
         self.step_count = 0

@@ -24,6 +24,16 @@ def assert_comm_equal(tag, comm: dict, want: dict) -> None:
                 f"{tag} {axis}.{op}: measured {c}, predicted {p}"
 
 
+def assert_control_equal(tag, comm: dict, want: dict) -> None:
+    """The MoE routing's control collectives (axes "control:cp", "control:ep") of a rank's CommStats equal
+    ``want`` = pred.control[rank] (planning/moe.py: routing_control_per_micro)."""
+    got = {a: {op: (c["calls"], c["payload_bytes"], c["wire_bytes"]) for op, c in ops.items()}
+           for a, ops in comm.items() if a in ("control:cp", "control:ep")}
+    exp = {a: {op: (c["calls"], c["payload_bytes"], pytest.approx(c["wire_bytes"])) for op, c in ops.items()}
+           for a, ops in want.items()}
+    assert got == exp, f"{tag}: routing control traffic measured {got}, predicted {exp}"
+
+
 def predict_config(cfg):
     """The planner's :class:`Prediction` for ``cfg`` (its model built on meta, as ``--dry-run`` does)."""
     from launch.dry_run import _meta_model, planner_inputs

@@ -20,6 +20,8 @@ LAYOUTS = {          # the default suite runs "fast" (budget); -m slow the rest
     4: [("cp2 pp2 ring zb", dict(cp=2, pp=2, schedule="zero_bubble")),
         ("cp2 dp2 ulysses zero2", dict(cp=2, dp=2, algorithm="ulysses", zero=2)),
         ("cp2 tp2 ring full", dict(cp=2, tp=2, policy="full"))],
+    "sp": [("cp2 tp2 sp ring", dict(cp=2, tp=2, sp=True)),          # tests/test_context_parallel_sp_plan.py
+           ("cp2 tp2 sp ulysses zero1", dict(cp=2, tp=2, sp=True, algorithm="ulysses", zero=1))],
 }
 
 
@@ -28,6 +30,7 @@ def _overrides(lay: dict, run_dir: str) -> list:
     return o + [f"parallel.cp_algorithm={lay.get('algorithm', 'ring')}", f"zero.stage={lay.get('zero', 0)}",
                 f"parallel.pp_schedule={lay.get('schedule', '1f1b')}",
                 f"activation_checkpointing.policy={lay.get('policy', 'none')}",
+                f"parallel.sequence_parallel={lay.get('sp', False)}",
                 f"model.kwargs={json.dumps(MODEL)}", f"data.global_batch_size={G}", f"data.micro_batch_size={MB}",
                 "train.steps=2", "train.log_every=1", f"train.metrics_file={run_dir}/metrics.jsonl"]
 
@@ -48,7 +51,8 @@ def _layout(lay):
     from parallel.planning.planner import Layout
     dp = lay.get("dp", 1)
     return Layout(dp, lay.get("tp", 1), lay.get("pp", 1), lay.get("zero", 0), G // (dp * MB),
-                  lay.get("schedule", "1f1b"), cp=lay["cp"], cp_algorithm=lay.get("algorithm", "ring"))
+                  lay.get("schedule", "1f1b"), sp=lay.get("sp", False), cp=lay["cp"],
+                  cp_algorithm=lay.get("algorithm", "ring"))
 
 
 def _check(run_dir, name, lay):
@@ -96,7 +100,7 @@ def test_dry_run_shows_cp_bytes():
     assert "each rank holds s/cp = 16/2 tokens" in text and '"all_to_all"' in text
 
 
-def _peak(rank, world, algorithm):
+def _peak(rank, world, algorithm, extra=(), mesh=None):
     import torch
     from engine_cases import config
 
@@ -107,10 +111,10 @@ def _peak(rank, world, algorithm):
     from parallel.planning.measure import measure_step
     cfg = config("gpt", [f"model.kwargs={json.dumps({**MODEL, 'seq_len': 32})}", "parallel.cp=2",
                          f"parallel.cp_algorithm={algorithm}", f"data.global_batch_size={G}",
-                         f"data.micro_batch_size={MB}", "data.kwargs.seq_len=32"], world)
+                         f"data.micro_batch_size={MB}", "data.kwargs.seq_len=32", *extra], world)
     torch.manual_seed(0)
     model = import_object(cfg.model.factory, "model.factory")(**cfg.model.kwargs)
-    eng = parallelize(model, cfg, Mesh(cp=2))
+    eng = parallelize(model, cfg, Mesh(**(mesh or {"cp": 2})))
     data = import_object(cfg.data.factory, "data.factory")(**cfg.data.kwargs)
     eng.train_step(rank_batch(data, 0, G, 1, 0))
     out = measure_step(eng, rank_batch(data, 1, G, 1, 0))

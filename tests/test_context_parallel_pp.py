@@ -77,3 +77,18 @@ def test_cp2_tp2_sequence_parallel(model, algorithm):
     for losses, _blocks, cp_bytes, _pp, sp_gathers in res:
         assert_close_curve(losses, want, 1e-5, f"{model} cp2×tp2 SP {algorithm}")
         assert cp_bytes > 0 and sp_gathers > 0             # both really ran
+
+
+@pytest.mark.slow
+def test_gpt_pp2_cp2_tp2_sequence_parallel():
+    """pp2 × cp2 × tp2 with sequence parallel (world 8): stage 1's stand-in ids span the cp shard (its position
+    ids are (b, s/cp), the received activation s/(cp·tp) positions; before, stage 1 crashed in the stand-in
+    embedding, (b, s/(cp·tp), h) + (b, s/cp, h), on these ranks and in launch.simulate) and training reproduces
+    one process."""
+    lay = ["parallel.pp=2", "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+           "parallel.pp_schedule=1f1b"]
+    res = run_ranks(_train_cp_pp, 8, "gpt", lay + SMALL, timeout=600)
+    want = reference_losses(config("gpt", SMALL))
+    for losses, _blocks, cp_bytes, pp_bytes, sp_gathers in res:
+        assert_close_curve(losses, want, 1e-5, "gpt pp2×cp2×tp2 SP ring")
+        assert cp_bytes > 0 and pp_bytes > 0 and sp_gathers > 0

@@ -6,7 +6,13 @@ planner's estimate; and ``--dry-run`` prints the figures."""
 import pytest
 from harness import run_ranks
 from moe_cases import MOE, build, dataset, hf_config, moe_config
-from planner_match import assert_comm_equal, assert_states_equal, measure_second_step, predict_config
+from planner_match import (
+    assert_comm_equal,
+    assert_control_equal,
+    assert_states_equal,
+    measure_second_step,
+    predict_config,
+)
 
 
 def _measure(rank, world, runs):
@@ -43,6 +49,7 @@ def _check(results, runs):
                 assert abs(got["peak"] / want.memory[rank]["peak"] - 1) <= 0.12, (kw, rank, got["peak"],
                                                                                   want.memory[rank])
             assert_comm_equal(f"{kw} rank {rank}", comm, want.comm[rank])
+            assert_control_equal(f"{kw} rank {rank}", got["comm"], want.control[rank])
             if kw["ep"] > 1:                            # the test can fail: the expert traffic is there
                 assert got["comm"]["ep"]["all_to_all"]["calls"] > 0
                 assert "edp" in got["comm"] or kw["dp"] == kw["ep"]

@@ -23,8 +23,18 @@ this rank's K (= of its V) — M = b·h_kv·(s/cp)·d·bytes:
 (dK and dV are fp32 accumulators: with bf16 K/V they are 2M each, not M.)
 
 counted as "send" on the cp axis (:class:`parallel.comm.CommStats`). Queries never move.
+
+NCCL matches point-to-point messages by issue order per pair of ranks and ignores tags. Here every rank
+runs the same loop, so per pair (r → r+1) the sends are issued K‖V(0), K‖V(1), acc(1), K‖V(2), acc(2), …
+and r+1 posts its receives from r in that same order; the K‖V and dK‖dV messages have the same size in fp32,
+so a mismatch would be silent. :func:`order_matched` sends every message with tag 0 (gloo then matches by
+order alone, like NCCL) and records the issue order (tests/test_context_parallel_order.py: bitwise equal to
+the tagged run at cp 2 and 4, and the j-th send r → p is the j-th receive of p from r). Nothing here reads a
+tensor on the host: a CUDA ring runs without a host sync per block (benchmarks/gpu_check_cp.py checks it).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -33,9 +43,23 @@ from parallel.context_parallel.blocks import merge, rows_backward, rows_forward
 from parallel.context_parallel.layout import check_seq, zigzag_index
 from parallel.context_parallel.masks import Visibility
 
-__all__ = ["ring_attention", "ring_wire_bytes"]
+__all__ = ["ring_attention", "ring_wire_bytes", "order_matched"]
 
 _KV_TAG, _ACC_TAG = 71, 72
+_ORDER: dict = {"tags": True, "log": None}
+
+
+@contextlib.contextmanager
+def order_matched(log: list | None = None):
+    """While inside: every ring message goes with tag 0, so gloo matches them by issue order per pair of ranks
+    alone, as NCCL does; ``log`` (a list) gets ("send" | "recv", peer's global rank, "kv" | "acc", bytes) of each
+    message in issue order."""
+    old = dict(_ORDER)
+    _ORDER.update(tags=False, log=log)
+    try:
+        yield log
+    finally:
+        _ORDER.update(old)
 
 
 def ring_wire_bytes(b: int, s: int, h_kv: int, d: int, cp: int, elem: int = 4) -> dict:
@@ -52,9 +76,13 @@ class _Pass:
         r, n = group.rank, group.size
         t = t.contiguous()
         self.out = torch.empty_like(t)
-        group.stats.record(group.axis, "send", t.numel() * t.element_size(), t.numel() * t.element_size())
-        ops = [dist.P2POp(dist.isend, t, group.ranks[(r + 1) % n], group.pg, tag),
-               dist.P2POp(dist.irecv, self.out, group.ranks[(r - 1) % n], group.pg, tag)]
+        nbytes, nxt, prv = t.numel() * t.element_size(), group.ranks[(r + 1) % n], group.ranks[(r - 1) % n]
+        group.stats.record(group.axis, "send", nbytes, nbytes)
+        if _ORDER["log"] is not None:
+            kind = "kv" if tag == _KV_TAG else "acc"
+            _ORDER["log"] += [("send", nxt, kind, nbytes), ("recv", prv, kind, nbytes)]
+        tag = tag if _ORDER["tags"] else 0
+        ops = [dist.P2POp(dist.isend, t, nxt, group.pg, tag), dist.P2POp(dist.irecv, self.out, prv, group.pg, tag)]
         self.works, self.keep = dist.batch_isend_irecv(ops), t
 
     def wait(self) -> torch.Tensor:

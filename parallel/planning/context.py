@@ -18,6 +18,12 @@ stage's blocks × m micro-batches, + one forward per block activation checkpoint
 * Ulysses: 4 all-to-alls each way — q and the output β·n·(h/t)·d·b, k and v β·n·(h_kv'/t)·d·b with the kv
   heads repeated to h_kv' = lcm(h_kv/t, cp)·t — each on the wire for (cp−1)/cp of its payload.
 Gradients and ZeRO go over dp × cp (axis "dp_cp"): N = dp·cp in every ZeRO formula.
+With sequence parallel (tp > 1) the cp shard is split again over tp between the tp regions, so every SP term
+(activations n/t outside the regions, the all-gathers and reduce-scatters of b·n·h) is the one-process SP term at
+n; the attention still sees the whole shard with h/t heads (the ring's M and Ulysses' payloads above). One
+difference: the learned position embedding's output, all-gathered once per micro-batch, is (β, n, h) — its
+position ids are per sequence under cp — not (n, h) (:func:`parallel.planning.cost.tp_per_micro`).
+tests/test_context_parallel_sp_plan.py: states and bytes = measured at cp2 × tp2 + SP, peaks within 2 %.
 
 Step time (:func:`cp_seconds`, per micro-batch of a stage; F = peak FLOP/s, a send costs latency + bytes / bw):
 * ring: each of the cp − 1 steps of a block's forward computes one key block — 4·β·n·n·h/t FLOPs (the
@@ -53,8 +59,6 @@ def check_cp(spec: ModelSpec, lay: Layout) -> str | None:
         return f"cp_algorithm {lay.cp_algorithm!r} is not ring or ulysses"
     if lay.cp_algorithm == "ulysses" and (spec.heads // lay.tp) % lay.cp:
         return f"Ulysses needs the {spec.heads // lay.tp} heads per tp rank divisible by cp = {lay.cp}"
-    if lay.sp:
-        return "the planner does not model cp with sequence parallel (the engine runs it)"
     return None
 
 

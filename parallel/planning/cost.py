@@ -14,7 +14,8 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
 Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it;
 plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
 / the rate at the micro-batch's token count (``Hardware.rate``: measured there, else the peak), plus its
-tp traffic at the given latency and bandwidth; the schedule is simulated with
+tp traffic at the given latency and bandwidth (MoE: the ep all-to-alls and the routing's blocking control
+collectives, :func:`parallel.planning.moe.routing_control_per_micro`); the schedule is simulated with
 F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py; I and W × the calibrated split's cost where
 ``Hardware.split_frac`` has the micro-batch's size: :func:`_split_frac`); pp messages add to their
 actions; the dp traffic that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's
@@ -33,7 +34,7 @@ from parallel.pipeline.schedules import get_schedule
 from parallel.pipeline.simulate import simulate
 from parallel.planning.context import cp_seconds
 from parallel.planning.flops import gpt_matmul_params
-from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params, tp_moe_per_micro
+from parallel.planning.moe import all_to_all_per_micro, mlp_matmul_params, routing_control_per_micro, tp_moe_per_micro
 from parallel.planning.optim_states import add_optimizer_comm
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, element_bytes
 from parallel.planning.time_terms import (
@@ -88,9 +89,10 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
     small = blocks * (2 * nb + 2 * spec.bias) + last * nb
     ar = (small + 2 * last, small * h * e + last * ce)
     if spec.tp_layout == "megatron":
-        pos = first and spec.learned_pos
+        pos = first and spec.learned_pos     # its (n, h) output; (β, n, h) under cp, whose position ids are (β, n)
+        pos_out = spec.seq * h * e * (mb if lay.cp > 1 else 1)
         return {"all_gather": (4 * blocks + 2 * first + last - (first and not pos),
-                               (4 * blocks + first + last) * act + pos * spec.seq * h * e),
+                               (4 * blocks + first + last) * act + pos * pos_out),
                 "reduce_scatter": (4 * blocks + first + last, (4 * blocks + first + last) * act),
                 "all_reduce": ar}
     return {"all_gather": (4 * blocks + first + last, (4 * blocks + first + last) * act),
@@ -197,9 +199,11 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         if spec.experts and lay.ep > 1:
             calls, payload = all_to_all_per_micro(spec, e - a, mb, b, lay.cp)
             add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)
+        for axis, ops in routing_control_per_micro(spec, lay, e - a + recomputed_blocks(one, tr, a, e), mb).items():
+            for op, (calls, payload) in ops.items():       # MoE routing's blocking control collectives
+                add_op(tp, axis, op, calls, payload, lay.cp if axis == "control:cp" else lay.ep)
         cp = cp_seconds(spec, lay, tr, [k], bounds, mb, hw, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
-        stage.append(flops / hw.rate(mb * s) + seconds(tp.get("tp", {}), hw) + seconds(tp.get("ep", {}), hw) + p2p
-                     + cp)
+        stage.append(flops / hw.rate(mb * s) + sum(seconds(ops, hw) for ops in tp.values()) + p2p + cp)
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:

@@ -30,6 +30,15 @@ L_r = MoE layers on the rank, β = micro-batch size, T = β·s tokens):
   gradients (T·h·b + T·k·4; one call when b = 4, else the fp32 weights' a second call);
   sequence parallelism with MoE layers is refused (by the engine too).
 
+Control traffic (CommStats axes ``control:cp`` / ``control:ep``: not the algorithm's, but blocking — each result
+is read on the host before the layer goes on — so in the step time), per MoE layer forward and micro-batch
+(:func:`routing_control_per_micro`; a block activation checkpointing recomputes runs them again):
+* under cp (our MoE layer, parallel/moe/sequence.py): the global expert counts, an all-reduce over cp of E int64
+  (E·8 bytes); with a capacity factor, the all-gather of every cp rank's expert choices, β·s·k int64 out
+  (β·s·k·8 bytes, wire (cp−1)/cp of it); and the slot buffer's size, an all-reduce max over ep of one int64;
+* without cp: a dropless layer's largest load, the same 8-byte all-reduce max over ep (a transformers model's
+  experts are dropless; under cp they see their shard alone: no cp traffic).
+
 FLOPs: the experts run on all E·C slots (empty ones included): 2·2hf·E·C/T FLOPs per token forward,
 plus the router's 2hE.
 """
@@ -40,7 +49,7 @@ import math
 from parallel.planning.spec import Layout, ModelSpec, ParamEntry
 
 __all__ = ["moe_entries", "capacity", "all_to_all_per_micro", "tp_moe_per_micro", "mlp_matmul_params", "check_moe",
-           "activation_bytes"]
+           "activation_bytes", "routing_control_per_micro"]
 
 
 def moe_entries(spec: ModelSpec, block: int, ep: int, t: int = 1) -> list:
@@ -72,6 +81,22 @@ def all_to_all_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int, cp: int 
     the rank's, seq = s/cp)."""
     C = capacity(spec, mb * spec.seq, cp)
     return 4 * blocks, 4 * blocks * spec.experts * C * spec.hidden * e
+
+
+def routing_control_per_micro(spec: ModelSpec, lay: Layout, forwards: int, mb: int) -> dict:
+    """{axis: {op: (calls, payload bytes)}} of the routing's control collectives in ``forwards`` MoE layer forwards
+    of one micro-batch (module docstring; ``spec``: the rank's, seq = s/cp)."""
+    out: dict = {}
+    ours = spec.mlp_matrices != 3                   # parallel.moe.MoE; 3: a transformers model's dropless experts
+    if not spec.experts or forwards <= 0:
+        return out
+    if lay.cp > 1 and ours:
+        cp = out["control:cp"] = {"all_reduce": (forwards, forwards * spec.experts * 8)}
+        if spec.capacity_factor is not None:
+            cp["all_gather"] = (forwards, forwards * mb * spec.seq * lay.cp * spec.top_k * 8)
+    if lay.ep > 1 and (lay.cp > 1 and ours or spec.capacity_factor is None):
+        out["control:ep"] = {"all_reduce": (forwards, forwards * 8)}
+    return out
 
 
 def tp_moe_per_micro(spec: ModelSpec, blocks: int, mb: int, e: int) -> tuple[int, int]:

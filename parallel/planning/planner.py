@@ -36,8 +36,8 @@ from parallel.mesh import rank_of
 from parallel.pipeline.schedules import get_schedule, max_in_flight
 from parallel.pipeline.split import contiguous_partition
 from parallel.planning.context import check_cp, cp_per_step, local_spec
-from parallel.planning.cost import comm_per_step, optimizer_seconds, recomputed_blocks, seconds, step_time
-from parallel.planning.moe import check_moe, moe_entries
+from parallel.planning.cost import add_op, comm_per_step, optimizer_seconds, recomputed_blocks, seconds, step_time
+from parallel.planning.moe import check_moe, moe_entries, routing_control_per_micro
 from parallel.planning.offload_states import offload_state_bytes
 from parallel.planning.optim_states import ONEBIT, state_bytes
 from parallel.planning.optim_states import check as check_optimizer
@@ -320,6 +320,11 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
         if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
             comm = {(dpax if a == "dp" else a): ops for a, ops in comm.items()}
             comm.update(cp_per_step(loc, lay, tr, own, bounds, mb, lambda a, z: recomputed_blocks(lay, tr, a, z)))
+        control: dict = {}                 # the MoE routing's control collectives (planning/moe.py), per step
+        fwd = lay.micro_batches * sum(z - a + recomputed_blocks(lay, tr, a, z) for a, z in (bounds[k] for k in own))
+        for axis, ops in routing_control_per_micro(loc, lay, fwd, mb).items():
+            for op, (calls, payload) in ops.items():
+                add_op(control, axis, op, calls, payload, lay.cp if axis == "control:cp" else lay.ep)
         for j in range(lay.zero_n) if ranks == "all" else [0]:         # j = dp·cp + c: the dp×cp group's order
             mem = _states(bks, lay, tr, j)
             pieces = [_shard_pieces(bk, *_group(bk, lay, j), lay.zero > 0, largest=True) for bk in bks]
@@ -327,7 +332,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
                                  sum(p[0] for p in pieces)))
             for tr_ in range(lay.tp) if ranks == "all" else [0]:
                 g = rank_of(pr, j // lay.cp, tr_, shape, j % lay.cp)
-                pred.memory[g], pred.comm[g] = mem, comm
+                pred.memory[g], pred.comm[g], pred.control[g] = mem, comm, control
         if seconds(comm.get(dpax, {}), hw) >= seconds(dp_ops, hw):
             dp_ops = comm.get(dpax, {})
     hide = 0.0

@@ -141,6 +141,7 @@ class Prediction:
     layout: Layout
     memory: dict = field(default_factory=dict)    # rank -> {params, grads, master, optimizer, states, activations, ...}
     comm: dict = field(default_factory=dict)      # rank -> {axis: {op: {calls, payload_bytes, wire_bytes}}}
+    control: dict = field(default_factory=dict)   # rank -> as comm: the MoE routing control axes (planning/moe.py)
     step_s: float = 0.0
     update_s: float = 0.0           # of step_s: optimizer, norm, gradient bookkeeping (planning/time_terms.py)
     bubble: float = 0.0
