@@ -29,3 +29,17 @@ def test_schedule_checked_by_validate(overrides, needle):
     with pytest.raises(ConfigError) as e:
         cfg(*overrides)
     assert needle in str(e.value), str(e.value)
+
+
+def test_launcher_reason_keeps_the_first_listed_problem():
+    """A message that lists its problems below a line ending in ':' (the tp plan's refusal) ended the launcher's
+    last line at that ':' — the cause itself was cut off."""
+    from launch.failures import reason_of
+    exc = ValueError("tensor-parallel plan cannot be applied to GPT with tp = 2:\n"
+                     "  - blocks.0.attn.qkv: 3 heads, not divisible by tp = 2; use a tp that divides the head count\n"
+                     "  - blocks.1.attn.qkv: 3 heads, not divisible by tp = 2\n  - blocks.0.attn.n_head = 3\n")
+    assert reason_of(exc) == ("ValueError: tensor-parallel plan cannot be applied to GPT with tp = 2: "
+                              "blocks.0.attn.qkv:"
+                              " 3 heads, not divisible by tp = 2; use a tp that divides the head count (and 2 more)")
+    assert reason_of(RuntimeError("one line\nsecond line")) == "RuntimeError: one line"
+    assert reason_of(KeyError()) == "KeyError"
