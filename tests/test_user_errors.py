@@ -43,3 +43,17 @@ def test_launcher_reason_keeps_the_first_listed_problem():
                               " 3 heads, not divisible by tp = 2; use a tp that divides the head count (and 2 more)")
     assert reason_of(RuntimeError("one line\nsecond line")) == "RuntimeError: one line"
     assert reason_of(KeyError()) == "KeyError"
+
+
+def test_a_model_without_a_tp_plan_is_shown_one():
+    """A plain MLP under parallel.tp=2 was told 'set parallel.tp_plan' with no hint of its form."""
+    from torch import nn
+
+    from parallel.tensor_parallel.auto_plan import derive_plan
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
+    with pytest.raises(ValueError) as e:
+        derive_plan(mlp, 2, None)
+    assert "e.g. parallel.tp_plan='{0: colwise, 2: rowwise}' (0 split by output columns" in str(e.value)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(ValueError, match="Sequential has 1 Linear layer.s. and no pair to split"):
+        derive_plan(cnn, 2, None)
