@@ -17,7 +17,9 @@ Positions: rank r holds the zig-zag shard (:mod:`.layout`); the model receives `
 the global positions of its tokens (rotary / learned position embeddings are then computed for the
 right positions). Packed sequences: given (b, s) position ids that restart per document, the shard
 gets those positions and attention stays within each document (document ids travel in the context,
-computed from the full position ids every cp rank has: nothing extra is communicated). A transformers
+computed from the full position ids every cp rank has: nothing extra is communicated) — when the model
+does so in one process; a model that attends across documents (OPT, an ``is_causal`` SDPA model: the
+probe of :mod:`.doc_probe`) keeps doing so. A transformers
 attention's ``sliding_window`` and a batch's (b, 1, s, s) mask are applied the same way (:mod:`.masks`).
 
 Loss: each rank's loss is the mean over its s/cp tokens; all shards are equal, so the mean over cp
@@ -31,6 +33,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from parallel.context_parallel.doc_probe import masks_documents
 from parallel.context_parallel.layout import check_seq, document_ids, shard
 from parallel.context_parallel.masks import Visibility
 from parallel.context_parallel.ring import ring_attention
@@ -106,6 +109,7 @@ class ContextParallel:
         self.docs = None                 # (b, s) document ids of the current micro-batch, a masks.Visibility, or None
         self._configs: list = []         # transformers configs whose attention is ours while active
         self._seen: tuple = ()
+        self.masks_documents = None      # the model's own treatment of restarting position ids (.doc_probe)
 
     # --- the model ---------------------------------------------------------------------------------
     def prepare(self, model) -> None:
@@ -118,6 +122,7 @@ class ContextParallel:
             raise ValueError(f"parallel.cp={self.group.size}: {type(model).__name__}.forward takes no position_ids, "
                              f"so its position embeddings cannot be given each rank's global positions; add a "
                              f"position_ids=None argument (as transformers models have) or set parallel.cp=1")
+        self.masks_documents = masks_documents(model)
 
     # --- the batch ---------------------------------------------------------------------------------
     def shard_batch(self, x, y=None, position_ids=None):
@@ -134,7 +139,7 @@ class ContextParallel:
             self.docs = None
         else:
             pos = position_ids.expand(b, s) if position_ids.dim() == 2 else position_ids[None].expand(b, s)
-            self.docs = document_ids(pos).to(x.device)
+            self.docs = document_ids(pos).to(x.device) if self.masks_documents is not False else None
         ys = shard(y, cp, r) if y is not None and y.dim() >= 2 and y.shape[1] == s else y
         return shard(x, cp, r), ys, {"position_ids": shard(pos, cp, r).to(x.device)}
 
