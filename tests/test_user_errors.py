@@ -57,3 +57,14 @@ def test_a_model_without_a_tp_plan_is_shown_one():
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 10))
     with pytest.raises(ValueError, match="Sequential has 1 Linear layer.s. and no pair to split"):
         derive_plan(cnn, 2, None)
+
+
+def test_hf_example_builds_architectures_without_sdpa():
+    """`python examples/hf_causal_lm.py --model-type bloom` (or gemma2) failed on every rank: the example forced
+    attn_implementation='sdpa', which these architectures lack."""
+    from examples.hf_causal_lm import build
+    kw = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    assert build("bloom", **kw).config._attn_implementation == "eager"
+    assert build("llama", intermediate_size=64, **kw).config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="does not support"):
+        build("bloom", attn_implementation="sdpa", **kw)               # an explicit choice is kept
