@@ -68,3 +68,21 @@ def test_hf_example_builds_architectures_without_sdpa():
     assert build("llama", intermediate_size=64, **kw).config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="does not support"):
         build("bloom", attn_implementation="sdpa", **kw)               # an explicit choice is kept
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "configs/nope.yaml", "--world", "2"], "config file 'configs/nope.yaml' does not exist"),
+    (["--config", "configs/gpt_dp2.yaml", "--world", "3"], "but the job has 3 processes"),
+    (["--config", "configs/gpt_dp2.yaml", "--world", "2", "--rank", "0,5"], "--rank 5 is outside the world [0, 2)"),
+    (["--config", "configs/gpt_dp2.yaml", "--world", "2", "--rank", "x"], "--rank 'x': give a rank or a list"),
+    (["--config", "configs/gpt_dp2.yaml", "--world", "2", "data.micro_batch_size=3"],
+     "data.micro_batch_size=3 does not divide"),
+])
+def test_simulate_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    """launch.simulate printed tracebacks with exit 1 for bad input — the status that means 'engine and planner
+    disagree' — and did not validate the config against --world at all."""
+    from launch.simulate import main
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m launch.simulate: config error: ") and needle in err, err
+    assert err.count("\n") == 1
