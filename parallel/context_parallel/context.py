@@ -110,6 +110,7 @@ class ContextParallel:
         self._configs: list = []         # transformers configs whose attention is ours while active
         self._seen: tuple = ()
         self.masks_documents = None      # the model's own treatment of restarting position ids (.doc_probe)
+        self.calls, self.routed, self._name = 0, False, None   # attention calls; one seen in a forward; model
 
     # --- the model ---------------------------------------------------------------------------------
     def prepare(self, model) -> None:
@@ -123,6 +124,7 @@ class ContextParallel:
                              f"so its position embeddings cannot be given each rank's global positions; add a "
                              f"position_ids=None argument (as transformers models have) or set parallel.cp=1")
         self.masks_documents = masks_documents(model)
+        self._name = type(model).__name__
 
     # --- the batch ---------------------------------------------------------------------------------
     def shard_batch(self, x, y=None, position_ids=None):
@@ -155,6 +157,7 @@ class ContextParallel:
                              f"self-attention over the sequence shard (b, heads, s/cp, d)")
         if window is not None and not causal:
             raise ValueError(f"context parallel: a sliding window ({window}) on non-causal attention is not supported")
+        self.calls += 1
         docs = Visibility.of(self.docs, window)
         if docs is not None:
             docs = docs.expand(q.shape[0])
@@ -170,12 +173,20 @@ class ContextParallel:
             self._configs = list({id(c): c for c in self._configs + _hf_configs(modules)}.values())
             self._seen = key
         own = [c._attn_implementation for c in self._configs]
+        start = self.calls
         _STACK.append(self)
         F.scaled_dot_product_attention = _dispatch_sdpa
         try:
             for c in self._configs:
                 c._attn_implementation = HF_NAME
             yield self
+            if self._name is not None and not self.routed and self.calls == start:   # a prepared model's forward
+                raise ValueError(f"parallel.cp={self.group.size}: {self._name}'s forward made no call to the cp "
+                                 f"attention: it computes its attention (or mixes the sequence) in its own code, not "
+                                 f"through transformers' attention functions or torch's scaled_dot_product_attention, "
+                                 f"so each rank would see only its own shard of the sequence; set parallel.cp=1 for "
+                                 f"this model")
+            self.routed = self.routed or self.calls > start
         finally:
             for c, name in zip(self._configs, own):
                 c._attn_implementation = name

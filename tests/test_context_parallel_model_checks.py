@@ -1,4 +1,4 @@
-"""Context parallelism with packed position ids does what the model does in one process (issue 23; found by
+"""Context parallelism does what the model does in one process, or refuses. Packed position ids (issue 23; found by
 trying the quickstart's GPT and transformers' OPT at parallel.cp=2 with ``mask: position_ids``): both attend
 across the documents in one process, while the cp attention masked per document — 4e-4 off the one-process
 losses by step 3, silently. parallel/context_parallel/doc_probe.py asks the model first."""
@@ -73,3 +73,33 @@ def test_gpt_packed_positions_cp2_equals_one_process(tmp_path):
     got = run_ranks(_train, 2, data, timeout=300)
     for losses in got:
         assert_close_curve(losses, want, 1e-5, "gpt packed position ids cp2")
+
+
+class OwnAttention(torch.nn.Module):
+    """Attention computed in the model's own code (as transformers' Bloom: alibi + baddbmm + softmax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.qkv = torch.nn.Embedding(64, 8), torch.nn.Linear(8, 24)
+
+    def forward(self, idx, position_ids=None):
+        q, k, v = self.qkv(self.emb(idx)).chunk(3, -1)
+        s = idx.shape[1]
+        w = (q @ k.transpose(1, 2)).masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        return w.softmax(-1) @ v
+
+
+def test_a_model_whose_attention_never_reaches_cp_is_refused_at_its_first_forward():
+    """Bloom at parallel.cp=2 trained 7.5e-5 off one process by step 3: each rank attended within its own shard
+    only, and without a causal mask (the cp mask function builds none). Refused once, before any update."""
+    from parallel.context_parallel import ContextParallel
+    cp = ContextParallel(SimpleNamespace(size=2, rank=0))
+    model = OwnAttention()
+    cp.prepare(model)
+    x = torch.arange(8)[None]
+    with pytest.raises(ValueError, match=r"parallel.cp=2: OwnAttention's forward made no call to the cp attention: .*"
+                                         r"set parallel.cp=1 for this model"):
+        with cp.active():
+            model(x[:, :4], position_ids=x[:, :4])
+    with pytest.raises(RuntimeError, match="boom"), cp.active():   # a failing body is reported as itself
+        raise RuntimeError("boom")
