@@ -86,3 +86,14 @@ def test_simulate_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     err = capsys.readouterr().err
     assert err.startswith("python -m launch.simulate: config error: ") and needle in err, err
     assert err.count("\n") == 1
+
+
+def test_metrics_file_that_is_a_directory_is_refused_before_any_worker(tmp_path):
+    """train.metrics_file=<a directory> passed the pre-flight check and failed on rank 0 with a bare
+    IsADirectoryError at setup."""
+    from launch.preflight import PreflightError, check_paths
+    c = cfg(f"train.metrics_file={tmp_path}")
+    with pytest.raises(PreflightError, match=r"train.metrics_file=.* is a directory: give a file path, e.g. "
+                                             r"train.metrics_file=.*metrics.jsonl"):
+        check_paths(c)
+    check_paths(cfg(f"train.metrics_file={tmp_path}/m.jsonl"))
