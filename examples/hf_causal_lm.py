@@ -57,7 +57,10 @@ def main(argv=None) -> int:
     import argparse
     import os
     import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    # the workers are new processes: they find examples.hf_causal_lm (model.factory) through PYTHONPATH
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     from launch.__main__ import main as launch
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     ap.add_argument("--model-type", default="llama", help="any transformers causal-LM model_type (no download)")

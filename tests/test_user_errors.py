@@ -97,3 +97,22 @@ def test_metrics_file_that_is_a_directory_is_refused_before_any_worker(tmp_path)
                                              r"train.metrics_file=.*metrics.jsonl"):
         check_paths(c)
     check_paths(cfg(f"train.metrics_file={tmp_path}/m.jsonl"))
+
+
+def test_hf_example_script_runs_from_another_directory(tmp_path, monkeypatch):
+    """`cd /tmp && python /path/to/repo/examples/hf_causal_lm.py ...` passed the launcher's pre-flight import (the
+    script had put the repo on its own sys.path) and then failed on every worker: No module named 'examples'."""
+    import os
+    import subprocess
+    import sys
+
+    import launch.__main__ as launcher
+    from examples.hf_causal_lm import main
+    seen = {}
+    monkeypatch.setattr(launcher, "main", lambda argv: seen.update(env=os.environ["PYTHONPATH"]) or 0)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--tp", "2"]) == 0
+    r = subprocess.run([sys.executable, "-c", "import examples.hf_causal_lm"], cwd=tmp_path, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": seen["env"]})
+    assert r.returncode == 0, r.stderr
