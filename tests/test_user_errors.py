@@ -116,3 +116,22 @@ def test_hf_example_script_runs_from_another_directory(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-c", "import examples.hf_causal_lm"], cwd=tmp_path, capture_output=True,
                        env={**os.environ, "PYTHONPATH": seen["env"]})
     assert r.returncode == 0, r.stderr
+
+
+def test_consolidate_bad_input_is_one_line(tmp_path, capsys):
+    """launch.consolidate printed tracebacks for a damaged checkpoint and for a model.factory it cannot import
+    (the workers' PYTHONPATH is not the consolidating shell's)."""
+    import json
+
+    from launch.consolidate import main
+    ck = tmp_path / "ck" / "step_00000002"
+    ck.mkdir(parents=True)
+    (ck / "meta.json").write_text('{"bad json')
+    assert main([str(tmp_path / "ck"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m launch.consolidate: CheckpointError: checkpoint ") and "is damaged" in err, err
+    assert err.count("\n") == 1
+    (ck / "meta.json").write_text(json.dumps({"model": {"factory": "no_such_pkg.models:build", "kwargs": {}}}))
+    assert main([str(ck), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import module 'no_such_pkg.models'" in err and "put that directory on PYTHONPATH" in err, err
