@@ -24,8 +24,13 @@ def cfg(*overrides, world=2):
      "scheduler.total_steps=4 is before the end of the warm-up (scheduler.warmup_steps=10): raise "
      "scheduler.total_steps to at least 10 or lower scheduler.warmup_steps"),
     (["scheduler.name=constant", "scheduler.warmup_steps=2"], "scheduler.name=constant has no warm-up"),
+    # torch's optimizers refused these on every rank at setup, without naming the key
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must not be negative"),
+    (["optimizer.eps=-1"], "optimizer.eps=-1.0 must not be negative"),
+    (["optimizer.name=sgd", "optimizer.momentum=-1"], "optimizer.momentum=-1.0 must not be negative"),
+    (["optimizer.betas=[0.9, 1.5]"], "optimizer.betas=[0.9, 1.5] must each be in [0, 1)"),
 ])
-def test_schedule_checked_by_validate(overrides, needle):
+def test_checked_by_validate(overrides, needle):
     with pytest.raises(ConfigError) as e:
         cfg(*overrides)
     assert needle in str(e.value), str(e.value)

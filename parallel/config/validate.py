@@ -250,6 +250,7 @@ def _check_optimizer(c: Config) -> None:
         raise ConfigError(f"optimizer.betas={o.betas!r} must be two numbers, e.g. [0.9, 0.999]")
     if o.lr is not None and o.lr < 0:
         raise ConfigError(f"optimizer.lr={o.lr} must not be negative")
+    _check_ranges(o)
     if o.name == "sgd" and o.betas is not None:
         raise ConfigError("optimizer.betas applies to adam/adamw, not sgd: remove it or change optimizer.name")
     if o.name not in ("sgd", "muon") and o.momentum is not None:
@@ -286,6 +287,16 @@ def _check_optimizer(c: Config) -> None:
     if onebit and c.train.grad_clip is not None:
         raise ConfigError(f"optimizer.name={o.name} keeps each rank's own gradient after warm-up: there is no "
                           "global norm to clip by; remove train.grad_clip")
+
+
+def _check_ranges(o) -> None:
+    """The ranges torch's optimizers check when they are built, on every rank: named here, before any worker."""
+    for key in ("weight_decay", "eps", "momentum"):
+        v = getattr(o, key)
+        if v is not None and v < 0:
+            raise ConfigError(f"optimizer.{key}={v} must not be negative")
+    if o.betas is not None and not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optimizer.betas={list(o.betas)} must each be in [0, 1), e.g. [0.9, 0.999]")
 
 
 def _check_scheduler(c: Config) -> None:
