@@ -103,3 +103,20 @@ def test_a_model_whose_attention_never_reaches_cp_is_refused_at_its_first_forwar
             model(x[:, :4], position_ids=x[:, :4])
     with pytest.raises(RuntimeError, match="boom"), cp.active():   # a failing body is reported as itself
         raise RuntimeError("boom")
+
+
+def test_probe_leaves_no_trace():
+    """Mode, RNG and buffers are as before the probe (a forward may count into a buffer)."""
+    class Counting(OwnAttention):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, idx, position_ids=None):
+            self.seen += idx.numel()
+            return super().forward(idx, position_ids)
+
+    m = Counting().train()
+    state = torch.get_rng_state()
+    assert masks_documents(m) is False
+    assert m.training and m.seen.item() == 0 and torch.equal(torch.get_rng_state(), state)

@@ -5,7 +5,7 @@ sequence detection), while OPT (its ``create_causal_mask`` is not given the posi
 calling ``scaled_dot_product_attention(is_causal=True)`` (examples/gpt.py) attend across the documents,
 with positions that restart.
 
-The probe (two forwards of a (1, 8) input on the unconverted model, eval mode, RNG restored): tokens
+The probe (two forwards of a (1, 8) input on the unconverted model, eval mode, RNG and buffers restored): tokens
 t_0..t_7 at positions [0, 1, 2, 3, 0, 1, 2, 3] — two documents — and t_4..t_7 alone at [0, 1, 2, 3]. The
 model keeps attention inside documents iff the second document's outputs are equal in both (1e-5
 relative): with attention across documents, t_4..t_7 also see t_0..t_3.
@@ -48,6 +48,7 @@ def masks_documents(model: nn.Module) -> bool | None:
     ids = (torch.arange(8, device=dev) * 7 + 3) % vocab
     pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device=dev)
     was_training = model.training
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]      # a forward may update them: put back
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.eval()
@@ -57,6 +58,9 @@ def masks_documents(model: nn.Module) -> bool | None:
         return None
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     if both is None or alone is None or both.shape[1] != 8 or alone.shape[1] != 4:
         return None
     a, b = both[0, 4:].float(), alone[0].float()
