@@ -14,14 +14,17 @@ reads ``.logits`` from its output.
 from __future__ import annotations
 
 
-def build(model_type: str | None = None, pretrained: str | None = None, attn_implementation: str = "sdpa",
+def build(model_type: str | None = None, pretrained: str | None = None, attn_implementation: str | None = None,
           **config_kwargs):
+    """``attn_implementation``: transformers' name; unset, ``sdpa`` where the architecture has it, else
+    ``eager`` (Bloom, Gemma-2, ... support no SDPA attention)."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise ImportError("examples.hf_causal_lm needs transformers: pip install -e '.[hf]'") from None
     if pretrained:
-        return AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation=attn_implementation)
+        return _with_attention(lambda a: AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation=a),
+                               attn_implementation)
     if not model_type:
         raise ValueError("model.kwargs.model_type is required (e.g. llama, gpt2, qwen2, mistral) unless "
                          "model.kwargs.pretrained names a local model directory")
@@ -34,7 +37,18 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
     for k in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout"):
         if hasattr(cfg, k) and k not in config_kwargs:
             setattr(cfg, k, 0.0)                         # exactness: no dropout unless asked for
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    return _with_attention(lambda a: AutoModelForCausalLM.from_config(cfg, attn_implementation=a), attn_implementation)
+
+
+def _with_attention(make, attn_implementation):
+    if attn_implementation is not None:
+        return make(attn_implementation)
+    try:
+        return make("sdpa")
+    except ValueError as e:                          # "... does not support an attention implementation through sdpa"
+        if "does not support" not in str(e):
+            raise
+        return make("eager")
 
 
 def main(argv=None) -> int:
@@ -43,7 +57,10 @@ def main(argv=None) -> int:
     import argparse
     import os
     import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    # the workers are new processes: they find examples.hf_causal_lm (model.factory) through PYTHONPATH
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     from launch.__main__ import main as launch
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     ap.add_argument("--model-type", default="llama", help="any transformers causal-LM model_type (no download)")

@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 
 from parallel.checkpoint.hf_export import export_sharded
+from parallel.checkpoint.integrity import CheckpointError
 from parallel.checkpoint.sharded import latest, load_full, read_meta
-from parallel.config import import_object
+from parallel.config import ConfigError, import_object
 
 
 def consolidated_model(path: str) -> nn.Module:
@@ -89,10 +90,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-shard-size", default="5GB", help="with --sharded: bytes per shard (e.g. 5GB, 500MB)")
     ap.add_argument("--dtype", default=None, help="with --sharded: cast to float32, bfloat16 or float16")
     a = ap.parse_args(argv)
-    path = a.checkpoint if os.path.isfile(os.path.join(a.checkpoint, "meta.json")) else latest(a.checkpoint)
-    if path is None:
-        print(f"no complete checkpoint at {a.checkpoint!r}", file=sys.stderr)
-        return 2
     if a.sharded:
         try:
             size, dtype = _size(a.max_shard_size), getattr(torch, a.dtype) if a.dtype else None
@@ -100,9 +97,17 @@ def main(argv=None) -> int:
             print(f"--max-shard-size {a.max_shard_size!r} / --dtype {a.dtype!r}: give a size such as 5GB or 500MB "
                   f"and a dtype such as bfloat16", file=sys.stderr)
             return 2
-        files = export_sharded(path, a.out_dir, size, dtype)
-    else:
-        files = consolidate(path, a.out_dir)
+    try:                           # a damaged checkpoint, a factory that does not import, an unwritable out_dir
+        path = a.checkpoint if os.path.isfile(os.path.join(a.checkpoint, "meta.json")) else latest(a.checkpoint)
+        if path is None:
+            print(f"no complete checkpoint at {a.checkpoint!r}", file=sys.stderr)
+            return 2
+        files = export_sharded(path, a.out_dir, size, dtype) if a.sharded else consolidate(path, a.out_dir)
+    except (CheckpointError, ConfigError, OSError) as e:
+        hint = (" (the checkpoint's model.factory is imported: run from the directory that holds it, or put that "
+                "directory on PYTHONPATH)" if isinstance(e, ConfigError) else "")
+        print(f"python -m launch.consolidate: {type(e).__name__}: {e}{hint}", file=sys.stderr)
+        return 2
     for f in files:
         print(f)
     return 0

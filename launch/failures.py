@@ -48,9 +48,16 @@ _written: set = set()                # error files this process has written (the
 
 
 def reason_of(exc: BaseException) -> str:
-    """``<ExceptionType>: <first non-empty line of the message>`` (at most 400 characters)."""
-    lines = [s for s in str(exc).strip().splitlines() if s.strip()]
-    return f"{type(exc).__name__}: {lines[0].strip()[:400]}" if lines else type(exc).__name__
+    """``<ExceptionType>: <first non-empty line of the message>`` (at most 400 characters); a first line that
+    ends in ':' introduces a list, so the list's first item follows it and the count of the others."""
+    lines = [s.strip() for s in str(exc).strip().splitlines() if s.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text += " " + lines[1].lstrip("-*• ")
+        text += f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{type(exc).__name__}: {text[:400]}"
 
 
 def write_record(rank: int, where: str, kind: str, reason: str, exit_code: int, detail: str = "",

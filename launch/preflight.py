@@ -141,6 +141,9 @@ def check_paths(cfg: Config) -> None:
     if t.checkpoint.dir and (busy := owner.owner_elsewhere(t.checkpoint.dir)):
         raise PreflightError(busy)
     if t.metrics_file:
+        if os.path.isdir(t.metrics_file):
+            raise PreflightError(f"train.metrics_file={t.metrics_file!r} is a directory: give a file path, e.g. "
+                                 f"train.metrics_file={os.path.join(t.metrics_file, 'metrics.jsonl')}")
         check_writable_dir(os.path.dirname(os.path.abspath(t.metrics_file)), "the directory of train.metrics_file")
     if t.tensorboard:
         check_writable_dir(t.tensorboard, "train.tensorboard")

@@ -49,7 +49,7 @@ from launch.simulate_step import compare_comm, simulate_step
 from parallel.checkpoint.engine_state import _pieces
 from parallel.checkpoint.meta_probe import MetaScalars
 from parallel.checkpoint.ranged import plan_bytes
-from parallel.config import import_object, load_config
+from parallel.config import ConfigError, import_object, load_config
 from parallel.engine import Engine
 from parallel.mesh import Mesh, coords_of, release_meshes
 from parallel.planning.planner import (
@@ -239,9 +239,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-step", action="store_true", help="build the rank only: no simulated training step")
     ap.add_argument("overrides", nargs="*", help="a.b=value config overrides")
     a = ap.parse_args(argv)
-    cfg = load_config(a.config, a.overrides)
+    try:                                    # bad input: one line and exit 2 (1 means engine ≠ planner)
+        cfg = load_config(a.config, a.overrides).validate(a.world)
+        ranks = [int(x) for x in str(a.rank).split(",")]
+        bad = [r for r in ranks if not 0 <= r < a.world]
+        if bad:
+            raise ConfigError(f"--rank {','.join(map(str, bad))} is outside the world [0, {a.world}): give ranks "
+                              f"0..{a.world - 1}")
+    except ValueError as e:                 # ConfigError, or a --rank that is not an integer
+        msg = str(e) if isinstance(e, ConfigError) else f"--rank {a.rank!r}: give a rank or a list like 0,7,4095"
+        print(f"python -m launch.simulate: config error: {msg}", file=sys.stderr)
+        return 2
     ok = True
-    for r in [int(x) for x in str(a.rank).split(",")]:
+    for r in ranks:
         rep = simulate_rank(cfg, a.world, r, step=not a.no_step)
         ok &= rep["equal"]
         print(json.dumps(rep) if a.json else render(rep, a.memory_gib), flush=True)

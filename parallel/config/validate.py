@@ -211,12 +211,7 @@ def check_signals(names) -> list:
 def _check_train(c: Config, world_size: int | None) -> None:
     """The run: learning-rate schedule, offload IO buffers, clipping, timeout, fault injection, checkpoints."""
     t = c.train
-    sc = c.scheduler
-    if sc.warmup_steps < 0 or (sc.total_steps is not None and sc.total_steps < sc.warmup_steps):
-        raise ConfigError(f"scheduler.warmup_steps={sc.warmup_steps} must be >= 0 and <= scheduler.total_steps "
-                          f"({sc.total_steps})")
-    if not 0.0 <= sc.min_lr_ratio <= 1.0:
-        raise ConfigError(f"scheduler.min_lr_ratio={sc.min_lr_ratio} must be within [0, 1]")
+    _check_scheduler(c)
     off = c.zero.offload
     if off.buffer_count < 1 or off.buffer_mb <= 0 or off.prefetch_depth < 0:
         raise ConfigError(f"zero.offload: buffer_count={off.buffer_count} must be >= 1, buffer_mb={off.buffer_mb} "
@@ -256,6 +251,7 @@ def _check_optimizer(c: Config) -> None:
         raise ConfigError(f"optimizer.betas={o.betas!r} must be two numbers, e.g. [0.9, 0.999]")
     if o.lr is not None and o.lr < 0:
         raise ConfigError(f"optimizer.lr={o.lr} must not be negative")
+    _check_ranges(o)
     if o.name == "sgd" and o.betas is not None:
         raise ConfigError("optimizer.betas applies to adam/adamw, not sgd: remove it or change optimizer.name")
     if o.name not in ("sgd", "muon") and o.momentum is not None:
@@ -293,10 +289,33 @@ def _check_optimizer(c: Config) -> None:
                           "global norm to clip by; remove train.grad_clip")
 
 
+def _check_ranges(o) -> None:
+    """The ranges torch's optimizers check when they are built, on every rank: named here, before any worker."""
+    for key in ("weight_decay", "eps", "momentum"):
+        v = getattr(o, key)
+        if v is not None and v < 0:
+            raise ConfigError(f"optimizer.{key}={v} must not be negative")
+    if o.betas is not None and not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optimizer.betas={list(o.betas)} must each be in [0, 1), e.g. [0.9, 0.999]")
+
+
+def _check_scheduler(c: Config) -> None:
+    """The schedule as the engine will build it: its horizon is train.steps while scheduler.total_steps is unset."""
+    s = c.scheduler
+    horizon = "scheduler.total_steps"
+    if s.total_steps is None:
+        horizon = "train.steps (the decay horizon while scheduler.total_steps is unset)"
+    check_schedule(s.name, s.warmup_steps, s.total_steps if s.total_steps is not None else c.train.steps,
+                   s.min_lr_ratio, s.warmup_start_ratio, s.warmup_type, s.convention, total_key=horizon)
+
+
 def check_schedule(name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
-                   warmup_start_ratio: float = 0.0, warmup_type: str = "linear", convention: str = "native") -> None:
-    """A learning-rate schedule's own consistency (:class:`parallel.optim.lr_schedule.Schedule` calls it too)."""
+                   warmup_start_ratio: float = 0.0, warmup_type: str = "linear", convention: str = "native",
+                   total_key: str = "scheduler.total_steps") -> None:
+    """A learning-rate schedule's own consistency (:class:`parallel.optim.lr_schedule.Schedule` calls it too).
+    ``total_key`` names where ``total_steps`` came from in the messages."""
     n, w, T = name, warmup_steps, total_steps
+    key_T = total_key.split(" ")[0]
     for key, v in (("name", n), ("warmup_type", warmup_type), ("convention", convention)):
         allowed = CHOICES[f"scheduler.{key}"]
         if v not in allowed:
@@ -315,14 +334,15 @@ def check_schedule(name: str, warmup_steps: int, total_steps: int, min_lr_ratio:
             raise ConfigError(f"scheduler.warmup_type=log needs scheduler.warmup_steps >= 2 (ln W divides), "
                               f"got {w}: use 2 or more, or warmup_type=linear")
         if n in ("warmup_linear", "warmup_cosine") and T < w:
-            raise ConfigError(f"scheduler.total_steps={T} is before the end of the warm-up "
-                              f"(scheduler.warmup_steps={w}): set total_steps >= warmup_steps")
+            raise ConfigError(f"{key_T}={T}{total_key[len(key_T):]} is before the end of the warm-up "
+                              f"(scheduler.warmup_steps={w}): raise {key_T} to at least {w} or lower "
+                              f"scheduler.warmup_steps")
     else:
         W = max(2, w)
         if n == "warmup_cosine" and T <= W:
-            raise ConfigError(f"scheduler.total_steps={T} must exceed the warm-up max(2, warmup_steps)={W} "
+            raise ConfigError(f"{key_T}={T}{total_key[len(key_T):]} must exceed the warm-up max(2, warmup_steps)={W} "
                               f"for DeepSpeed's WarmupCosineLR (it divides by total_num_steps - warmup_num_steps)")
         if n == "warmup_linear" and T < W:
-            raise ConfigError(f"scheduler.total_steps={T} is before the end of the warm-up max(2, warmup_steps)"
-                              f"={W}: DeepSpeed's WarmupDecayLR would decay from a partial warm-up; "
-                              f"set total_steps >= {W}")
+            raise ConfigError(f"{key_T}={T}{total_key[len(key_T):]} is before the end of the warm-up "
+                              f"max(2, warmup_steps)={W}: DeepSpeed's WarmupDecayLR would decay from a partial "
+                              f"warm-up; raise {key_T} to at least {W}")

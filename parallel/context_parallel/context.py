@@ -17,7 +17,9 @@ Positions: rank r holds the zig-zag shard (:mod:`.layout`); the model receives `
 the global positions of its tokens (rotary / learned position embeddings are then computed for the
 right positions). Packed sequences: given (b, s) position ids that restart per document, the shard
 gets those positions and attention stays within each document (document ids travel in the context,
-computed from the full position ids every cp rank has: nothing extra is communicated). A transformers
+computed from the full position ids every cp rank has: nothing extra is communicated) — when the model
+does so in one process; a model that attends across documents (OPT, an ``is_causal`` SDPA model: the
+probe of :mod:`.doc_probe`) keeps doing so. A transformers
 attention's ``sliding_window`` and a batch's (b, 1, s, s) mask are applied the same way (:mod:`.masks`).
 
 Loss: each rank's loss is the mean over its s/cp tokens; all shards are equal, so the mean over cp
@@ -31,6 +33,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from parallel.context_parallel.doc_probe import masks_documents
 from parallel.context_parallel.layout import check_seq, document_ids, shard
 from parallel.context_parallel.masks import Visibility
 from parallel.context_parallel.ring import ring_attention
@@ -106,6 +109,8 @@ class ContextParallel:
         self.docs = None                 # (b, s) document ids of the current micro-batch, a masks.Visibility, or None
         self._configs: list = []         # transformers configs whose attention is ours while active
         self._seen: tuple = ()
+        self.masks_documents = None      # the model's own treatment of restarting position ids (.doc_probe)
+        self.calls, self.routed, self._name = 0, False, None   # attention calls; one seen in a forward; model
 
     # --- the model ---------------------------------------------------------------------------------
     def prepare(self, model) -> None:
@@ -118,6 +123,8 @@ class ContextParallel:
             raise ValueError(f"parallel.cp={self.group.size}: {type(model).__name__}.forward takes no position_ids, "
                              f"so its position embeddings cannot be given each rank's global positions; add a "
                              f"position_ids=None argument (as transformers models have) or set parallel.cp=1")
+        self.masks_documents = masks_documents(model)
+        self._name = type(model).__name__
 
     # --- the batch ---------------------------------------------------------------------------------
     def shard_batch(self, x, y=None, position_ids=None):
@@ -134,7 +141,7 @@ class ContextParallel:
             self.docs = None
         else:
             pos = position_ids.expand(b, s) if position_ids.dim() == 2 else position_ids[None].expand(b, s)
-            self.docs = document_ids(pos).to(x.device)
+            self.docs = document_ids(pos).to(x.device) if self.masks_documents is not False else None
         ys = shard(y, cp, r) if y is not None and y.dim() >= 2 and y.shape[1] == s else y
         return shard(x, cp, r), ys, {"position_ids": shard(pos, cp, r).to(x.device)}
 
@@ -150,6 +157,7 @@ class ContextParallel:
                              f"self-attention over the sequence shard (b, heads, s/cp, d)")
         if window is not None and not causal:
             raise ValueError(f"context parallel: a sliding window ({window}) on non-causal attention is not supported")
+        self.calls += 1
         docs = Visibility.of(self.docs, window)
         if docs is not None:
             docs = docs.expand(q.shape[0])
@@ -165,12 +173,20 @@ class ContextParallel:
             self._configs = list({id(c): c for c in self._configs + _hf_configs(modules)}.values())
             self._seen = key
         own = [c._attn_implementation for c in self._configs]
+        start = self.calls
         _STACK.append(self)
         F.scaled_dot_product_attention = _dispatch_sdpa
         try:
             for c in self._configs:
                 c._attn_implementation = HF_NAME
             yield self
+            if self._name is not None and not self.routed and self.calls == start:   # a prepared model's forward
+                raise ValueError(f"parallel.cp={self.group.size}: {self._name}'s forward made no call to the cp "
+                                 f"attention: it computes its attention (or mixes the sequence) in its own code, not "
+                                 f"through transformers' attention functions or torch's scaled_dot_product_attention, "
+                                 f"so each rank would see only its own shard of the sequence; set parallel.cp=1 for "
+                                 f"this model")
+            self.routed = self.routed or self.calls > start
         finally:
             for c, name in zip(self._configs, own):
                 c._attn_implementation = name

@@ -3,7 +3,8 @@ by the same zig-zag split (:mod:`.layout`), so the loss over the cp ranks is the
 
 * ``(x, y)`` tuple batches: x and y (aligned targets) sharded; position ids = the global positions.
 * dict batches (:mod:`parallel.batch`): ``position_ids`` (packed documents) give the document ids the
-  attention masks by, and the shard's positions; a 2-D ``attention_mask`` (1 = token, 0 = padding) is
+  attention masks by when the model itself does so in one process (:mod:`.doc_probe`; else positions only),
+  and the shard's positions; a 2-D ``attention_mask`` (1 = token, 0 = padding) is
   folded into the document ids: a padding token gets a document of its own (id −1 − t), so no real
   query sees it — the keys a one-process padding mask hides — and it sees only itself (its output is
   never scored). The model then gets no mask (the cp attention masks by global position). A (b, 1, s, s)
@@ -87,7 +88,8 @@ def shard_micro(cp, mb, loss_mode: str, label_name: str | None, model=None):
             raise ValueError(f"context parallel: the batch key {k!r} (shape {tuple(getattr(v, 'shape', ()))}) is not "
                              f"a (b, s, …) per-token tensor, so it cannot be split over the sequence: drop it or set "
                              f"parallel.cp=1")
-    docs = _docs(b, s, pos, mask, x.device) if dense is None else Visibility(allow=dense)
+    own = pos if getattr(cp, "masks_documents", None) is not False else None   # the model's own documents
+    docs = _docs(b, s, own, mask, x.device) if dense is None else Visibility(allow=dense)
     glob = pos if pos is not None else torch.arange(s, device=x.device).expand(b, s)
     out["position_ids"] = shard(glob, n, r).to(x.device)
     y = mb.y

@@ -91,8 +91,22 @@ def _find_body(model: nn.Module):
              if isinstance(c, nn.ModuleList) and len(c) and len({type(b) for b in c}) == 1]
     if not lists:
         raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (no TP_PLAN, no published or built-in "
-                         f"plan, no nn.ModuleList of same-class blocks to derive one): set parallel.tp_plan")
+                         f"plan, no nn.ModuleList of same-class blocks to derive one): set parallel.tp_plan"
+                         f"{_plan_example(model)}")
     return max(lists, key=lambda t: t[:2])[2:]
+
+
+def _plan_example(model: nn.Module) -> str:
+    """An example plan for the refusal: the model's first Linear feeding one of matching width, split as Megatron's
+    MLP (Y = GeLU(XA) B, A by columns, B by rows: one all-reduce)."""
+    lin = [(n, m) for n, m in model.named_modules() if _linear(m)]
+    for (a, ma), (b, mb) in zip(lin, lin[1:]):
+        if _widths(ma)[1] == _widths(mb)[0]:
+            return (f", e.g. parallel.tp_plan='{{{a}: colwise, {b}: rowwise}}' ({a} split by output columns, {b} by "
+                    f"input rows, one all-reduce after {b}; other modules stay whole on every tp rank), or "
+                    f"parallel.tp=1")
+    return (f" to {{module name: style}} (e.g. colwise for a Linear and rowwise for the Linear after it), or "
+            f"parallel.tp=1: {type(model).__name__} has {len(lin)} Linear layer(s) and no pair to split")
 
 
 def _input_embedding(model):
