@@ -308,8 +308,11 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin, AccountingMixin):
     def grad_norm_sq(self) -> torch.Tensor:
         """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64); also agrees on the
         parameters no dp rank got a gradient for (``b.unused``, :mod:`.unused`: packed into the norm's all-reduce)."""
-        count = torch.tensor([float(local_missing(self.buckets))], dtype=torch.float64)
+        dev = self._all[0].master.device
+        count = torch.tensor([float(local_missing(self.buckets))], dtype=torch.float64, device=dev)
         v = grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups, count)
+        if self.simulated:                             # meta tensors (launch.simulate): bytes only, no verdict
+            return v
         if self.stage == 0 and self.group.size > 1:    # no dp norm reduction to ride on: 8 bytes, control channel
             all_reduce(count, self.group.control())
         if agree_unused(self.buckets, self.group, int(count[0])) and self._opt_off is not None:
