@@ -19,6 +19,10 @@ Decided on the autograd graph of the first forward: some tensor argument of memb
 output, or that output's ``grad_fn`` is reached from the argument's ``grad_fn`` within :data:`LIMIT` nodes. Without a
 graph (a first forward under ``no_grad``) only identity counts, so a stack with ops between its layers is then
 taken for a fan-out: a region too many (its units resident together: memory), never a silent mix.
+
+Limit: as for partial calls, only modules below the root are classified (the root's own calls end with the
+first forward, before the recorder sees the root return); a model whose own forward loops over experts is
+covered only by the first forward's lockstep (:mod:`.lockstep`).
 """
 from __future__ import annotations
 
