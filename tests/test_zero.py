@@ -282,7 +282,7 @@ def test_memory_and_wire_bytes_match_formulas(world, precisions):
             b = 4 if prec == "fp32" else 2
             factor = 3 if stage == 3 else 2
             wire = sum(c["wire_bytes"] for c in comm.values())
-            # Counting: padded flat buffers go on the wire (≤ N-1 elements per bucket), plus one 24-byte
+            # Counting: padded flat buffers go on the wire (≤ N-1 elements per bucket), plus one 32-byte
             # norm all-reduce for stages 1-3; both are inside the 1%.
             assert wire == pytest.approx(factor * (N - 1) / N * psi * b, rel=0.01), f"{what}: wire {wire}"
             nb = v["nb"]

@@ -274,8 +274,9 @@ def architectures() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def run_architecture(model_type: str, timeout: float = 300) -> dict:
-    """One table row: {"arch", "skip"} or {"arch", layout: [status, detail], …}."""
+def run_architecture(model_type: str, timeout: float = 300, layouts=None) -> dict:
+    """One table row: {"arch", "skip"} or {"arch", layout: [status, detail], …} (``layouts``: a subset of
+    :data:`LAYOUTS` to run, default all)."""
     row = {"arch": model_type}
     try:
         reason = skip_reason(model_type)
@@ -291,7 +292,7 @@ def run_architecture(model_type: str, timeout: float = 300) -> dict:
     except Exception as e:
         row["reference"] = ["FAIL", f"one process: {type(e).__name__}: {_short(e)}"]
         return row
-    for layout in LAYOUTS:
+    for layout in layouts or LAYOUTS:
         row[layout] = list(check(model_type, layout, want, timeout))
     return row
 

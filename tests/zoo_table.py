@@ -23,13 +23,13 @@ ROOT = os.path.dirname(HERE)
 COMMAND = "python -m tests.zoo --table"
 
 
-def _worker(archs: list[str], jsonl: str, timeout: float) -> int:
+def _worker(archs: list[str], jsonl: str, timeout: float, layouts=None) -> int:
     sys.path.insert(0, ROOT)
     from tests import zoo
     for a in archs:
         with open(jsonl, "a") as f:
             f.write(json.dumps({"arch": a, "started": True}) + "\n")
-        row = zoo.run_architecture(a, timeout)
+        row = zoo.run_architecture(a, timeout, layouts)
         with open(jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
     return 0
@@ -49,14 +49,14 @@ def _rows(jsonl: str) -> tuple[dict, str | None]:
     return rows, started
 
 
-def run_all(archs: list[str], jsonl: str, chunk: int, timeout: float, log=print) -> dict:
+def run_all(archs: list[str], jsonl: str, chunk: int, timeout: float, log=print, layouts=None) -> dict:
     rows, _ = _rows(jsonl)
     todo = [a for a in archs if a not in rows]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     while todo:
         part, t0 = todo[:chunk], time.monotonic()
         cmd = [sys.executable, "-m", "tests.zoo_table", "--worker", ",".join(part), "--jsonl", jsonl,
-               "--timeout", str(timeout)]
+               "--timeout", str(timeout)] + (["--layouts", ",".join(layouts)] if layouts else [])
         try:
             p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                                timeout=timeout * (len(part) + 1))
@@ -96,9 +96,10 @@ def markdown(rows: dict, archs: list[str]) -> str:
         elif "reference" in r:
             cells, counts["FAIL"] = [_cell(r["reference"])] + [""] * (len(layouts) - 1), counts["FAIL"] + 1
         else:
-            cells = [_cell(r[k]) for k in layouts]
+            cells = [_cell(r[k]) if k in r else "not run" for k in layouts]
             for k in layouts:
-                counts[r[k][0]] += 1
+                if k in r:
+                    counts[r[k][0]] += 1
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     summary = (f"{len(rows)} of {len(archs)} architectures run; cells: {counts['exact']} exact, "
                f"{counts['unsplit']} unsplit, {counts['refused']} refused, {counts['FAIL']} FAIL; "
@@ -138,10 +139,12 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=12, help="architectures per worker subprocess")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per architecture")
     ap.add_argument("--render", action="store_true", help="only write the table from the rows in --jsonl")
+    ap.add_argument("--layouts", default=None, help="comma-separated layouts to run (default: all three)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    layouts = a.layouts.split(",") if a.layouts else None
     if a.worker:
-        return _worker(a.worker.split(","), a.jsonl, a.timeout)
+        return _worker(a.worker.split(","), a.jsonl, a.timeout, layouts)
     if not a.table:
         ap.error("nothing to do: pass --table")
     sys.path.insert(0, ROOT)
@@ -150,10 +153,12 @@ def main(argv=None) -> int:
 
     from tests import zoo
     archs = a.only.split(",") if a.only else zoo.architectures()
+    if layouts and set(layouts) - set(zoo.LAYOUTS):
+        ap.error(f"--layouts {a.layouts}: choose from {', '.join(zoo.LAYOUTS)}")
     os.makedirs(os.path.dirname(os.path.abspath(a.jsonl)), exist_ok=True)
     if not (a.resume or a.render) and os.path.exists(a.jsonl):
         os.remove(a.jsonl)
-    rows = _rows(a.jsonl)[0] if a.render else run_all(archs, a.jsonl, a.chunk, a.timeout)
+    rows = _rows(a.jsonl)[0] if a.render else run_all(archs, a.jsonl, a.chunk, a.timeout, layouts=layouts)
     text = markdown(rows, archs)
     out = a.out or (None if a.only else os.path.join(ROOT, "docs", "model_zoo.md"))
     if out:

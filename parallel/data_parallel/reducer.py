@@ -107,6 +107,7 @@ class GradReducer:
             b._count = [0] * len(b.params)
             b._pending = len(b.params)
             b.unused = ()
+            b.had = bytearray(len(b.params))     # got a gradient this step (no_sync ones too): parallel/zero/unused.py
         self._next = 0
         self._ready_pos: set = set()
         self._inflight: list = []
@@ -188,6 +189,7 @@ class GradReducer:
                 self._absorb(b, i, p)
             return                                       # stays in p.grad until finish() (stage 2/3)
         self._absorb(b, i, p)
+        b.had[i] = 1
         if self.on_grad is not None:
             self.on_grad(p)
         if not self._sync:

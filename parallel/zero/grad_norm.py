@@ -55,13 +55,19 @@ def norm_segments(b) -> list:
     return segs
 
 
-def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_groups) -> torch.Tensor:
+def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_groups,
+                 count: torch.Tensor | None = None) -> torch.Tensor:
     """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64), from the
     ``master.grad`` of ``buckets``; ``partitioned``: each dp rank holds a different part (stage ≥ 1).
     Expert buckets (``b.group`` set, :mod:`parallel.moe`) are partitioned over their own group and hold
-    distinct experts on each rank of ``b.norm_group`` (ep): their part is summed over both."""
+    distinct experts on each rank of ``b.norm_group`` (ep): their part is summed over both.
+    ``count`` (one float64, partitioned only): summed over dp in the same all-reduce, in place — the
+    parameters without a gradient (:mod:`parallel.zero.unused`), 8 more bytes and no extra collective."""
     dev = buckets[0].master.device
     parts: dict = {}                                 # one partial sum per partition group, in bucket order
+    if count is not None and partitioned:
+        parts[id(dp_group)] = (dp_group, None, torch.zeros(4, dtype=torch.float64, device=dev))
+        parts[id(dp_group)][2][3] = count[0]
     for b in buckets:
         grp = b.group or dp_group
         part = parts.setdefault(id(grp), (grp, b.norm_group, torch.zeros(3, dtype=torch.float64, device=dev)))[2]
@@ -74,7 +80,9 @@ def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_grou
             comm.all_reduce(part, grp)
         if across is not None:
             comm.all_reduce(part, across)
-        v += part
+        if len(part) == 4:
+            count[0] = part[3]
+        v += part[:3]
     for grp in norm_groups:
         if grp.axis == "tp" and grp.rank != 0:
             v[1] = 0.0                           # replicated over tp: counted once

@@ -56,8 +56,9 @@ def step_interleaved(z) -> None:
     ``b.master.grad`` holds the (unscaled, clipped) owned gradient of each bucket on entry; dropped on exit."""
     z.wait_param_gather()
     pieces: dict = {}
-    for b, _, a, e, view in z._piece_list:
-        pieces.setdefault(id(b), []).append((a - b.lo, e - b.lo, view))
+    for b, i, a, e, view in z._piece_list:        # no gradient on any rank (b.unused): skipped, as torch does
+        if i not in getattr(b, "unused", ()):
+            pieces.setdefault(id(b), []).append((a - b.lo, e - b.lo, view))
     works = []
     for b in reversed(z._all):                     # forward order: first needed, first sent
         mine = pieces.get(id(b), ())

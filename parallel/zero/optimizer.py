@@ -11,7 +11,8 @@ with master: 12; without: 8), model-state bytes per rank (DESIGN.md):
 
 Wire bytes per step and rank (ring model): stage 0 all-reduce 2(N−1)/N·Ψ·b; stages 1/2
 reduce-scatter + all-gather, the same 2(N−1)/N·Ψ·b; stage 3 two all-gathers + one
-reduce-scatter, 3(N−1)/N·Ψ·b (plus a 24-byte norm all-reduce; padding as in partition.py).
+reduce-scatter, 3(N−1)/N·Ψ·b (plus a 32-byte norm all-reduce: the norm's three float64 and the count
+of parameters without a gradient, :mod:`.unused`; padding as in partition.py).
 
 The optimizer is built by ``optimizer_factory(params)`` on the *pieces* of the fp32 master this
 rank owns: one 1-D view per parameter (or part of a parameter, where a shard boundary cuts it)
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from parallel.comm import Group, all_gather_into
+from parallel.comm import Group, all_gather_into, all_reduce
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
@@ -58,6 +59,7 @@ from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin
+from parallel.zero.unused import agree_unused, local_missing, warn_offload_unused
 
 __all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
 
@@ -304,8 +306,18 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin, AccountingMixin):
         return b.shard_grad
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64)."""
-        return grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups)
+        """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64); also agrees on the
+        parameters no dp rank got a gradient for (``b.unused``, :mod:`.unused`: packed into the norm's all-reduce)."""
+        dev = self._all[0].master.device
+        count = torch.tensor([float(local_missing(self.buckets))], dtype=torch.float64, device=dev)
+        v = grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups, count)
+        if self.simulated:                             # meta tensors (launch.simulate): bytes only, no verdict
+            return v
+        if self.stage == 0 and self.group.size > 1:    # no dp norm reduction to ride on: 8 bytes, control channel
+            all_reduce(count, self.group.control())
+        if agree_unused(self.buckets, self.group, int(count[0])) and self._opt_off is not None:
+            warn_offload_unused(self)
+        return v
 
     def step(self) -> StepResult:
         """Unscale, check for a non-finite gradient (fp16 overflow, else ``on_nonfinite``), clip to

@@ -18,7 +18,7 @@ a module P as a *region* when, within one call of P, P's own code
 
 * calls a module that holds (or contains) stage-3 units more than once (a loop over a module: DBRX), or
 * calls some but not all of the unit-holding modules of one of its ``ModuleList``/``ModuleDict`` children
-  (experts chosen by routing).
+  (experts chosen by routing), or all of them but not as a chain (:mod:`.fanout`).
 
 The marks of all dp ranks are combined (an all-reduce, once, at the end of the first forward: a rank
 whose routing happened to call every expert still agrees with one that did not). From the next forward on,
@@ -38,8 +38,9 @@ every rank issues the same reduce-scatters at the same point; a parameter that g
 skipped by the optimizer, as torch skips a ``grad=None`` parameter (one process never updates an expert no
 token reached: no moment decay, no weight decay).
 
-Still open: a ModuleList whose members were all called on every rank in the first forward is no region; if a
-later forward leaves one member out on one rank, the gathers differ (stage 3 sees only that its trace was left).
+A ModuleList whose members were all called in the first forward becomes a region too when they were not called
+as a chain (each one's input computed from the previous one's output, as a layer stack): experts that all got
+tokens in the first forward may not in a later one (:mod:`.fanout`).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from parallel.comm import all_reduce
+from parallel.zero.fanout import fan_out, first_tensor, tensors
 
 __all__ = ["CallRecorder", "agree_regions", "region_units"]
 
@@ -65,20 +67,23 @@ class CallRecorder:
         self.on = True                               # False: finished (hooks removed later, outside forwards)
         self._handles = []
         for m in root.modules():
-            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post, always_call=True))
 
-    def _pre(self, m, args):
+    def _pre(self, m, args, kwargs=None):     # None: removed while its module's hook loop ran (torch then omits it)
         if not self.on:
             return
         if self._stack and self.holds(m):
             self._stack[-1][1].append(m)
-        self._stack.append([m, []])
+            self._stack[-1][2].append([m, tensors((args, kwargs)), None])    # (.fanout)
+        self._stack.append([m, [], []])
 
     def _post(self, m, args, out):
         if not self.on or not self._stack or self._stack[-1][0] is not m:
             return
-        _, called = self._stack.pop()
+        _, called, calls = self._stack.pop()
+        if self._stack and self._stack[-1][2] and self._stack[-1][2][-1][0] is m:
+            self._stack[-1][2][-1][2] = first_tensor(out)
         if m in self.regions or not called:
             return
         counts = Counter(called)
@@ -92,6 +97,10 @@ class CallRecorder:
                 hit = [c for c in members if c in counts]
                 if hit and len(hit) < len(members):
                     self.regions[m] = f"calls {len(hit)} of the {len(members)} modules of .{name}"
+                    return
+                if len(members) > 1 and len(hit) == len(members) and fan_out(calls, members):
+                    self.regions[m] = (f"calls all {len(members)} modules of .{name}, not as a chain (which run "
+                                       f"may depend on the data: parallel/zero/fanout.py)")
                     return
 
     def remove(self) -> None:

@@ -66,6 +66,7 @@ from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
 from parallel.zero.unit_plan import plan_units  # noqa: F401  (re-exported: parallel.zero.stage3.plan_units)
+from parallel.zero.view_hooks import hook_output_grad
 
 __all__ = ["plan_units", "Stage3Params"]
 
@@ -320,7 +321,7 @@ class Stage3Params:
                 pos = len(self.order)
             tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
             for t in tensors:
-                t.register_hook(lambda g, m=m, pos=pos: self._pre_backward(m, pos))
+                hook_output_grad(t, lambda m=m, pos=pos: self._pre_backward(m, pos))
         return out
 
     def _pre_backward(self, m, pos: int) -> None:
