@@ -5,6 +5,7 @@
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 3 --ops 25     # + torch.profiler table
     python benchmarks/proto_profile.py --size 50m --rows zero1 zero2 --steps 10 --ab-interleave   # paired A/B
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 10 --ab-keep    # kept units vs none (A/B)
+    python benchmarks/proto_profile.py --size 50m --rows zero2 --steps 3 --faults      # fresh pages per phase
 
 Rows are built exactly as benchmarks/protocol.py builds them (benchmarks/proto_rows.py), on 2 gloo ranks pinned
 one core each; after ``--warmup`` steps each row runs ``--steps`` timed steps (median reported, rank 0's clock).
@@ -46,6 +47,13 @@ WRAPPED = [("parallel.zero.stage3", "Stage3Params", "_landed", "stage3 gather wa
            ("parallel.engine", "Engine", "_global_loss", "loss all-reduce")]
 
 
+_clock = time.perf_counter      # --faults: minor page faults / 1000 instead (printed x 1e3: faults, not ms)
+
+
+def _faults() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt / 1e3
+
+
 # not isend / irecv: dist.P2POp checks that its op IS dist.isend / dist.irecv (a wrapper breaks the pp rows);
 # their batches are timed through batch_isend_irecv
 DIST_FUNCS = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
@@ -68,11 +76,11 @@ class Timers:
             def timed(*a, _orig=orig, _name=name, **k):
                 if not self.on:
                     return _orig(*a, **k)
-                t0 = time.perf_counter()
+                t0 = _clock()
                 try:
                     return _orig(*a, **k)
                 finally:
-                    self.t[_name] = self.t.get(_name, 0.0) + time.perf_counter() - t0
+                    self.t[_name] = self.t.get(_name, 0.0) + _clock() - t0
                     self.n[_name] = self.n.get(_name, 0) + 1
             setattr(klass, meth, timed)
         self._wrap_optimizer_step()
@@ -83,12 +91,12 @@ class Timers:
         state = {}
 
         def pre(opt, args, kwargs):
-            state["t0"] = time.perf_counter()
+            state["t0"] = _clock()
 
         def post(opt, args, kwargs):
             if self.on and "t0" in state:
                 self.t["torch optimizer update"] = self.t.get("torch optimizer update", 0.0) + \
-                    time.perf_counter() - state.pop("t0")
+                    _clock() - state.pop("t0")
                 self.n["torch optimizer update"] = self.n.get("torch optimizer update", 0) + 1
         self._undo.append(register_optimizer_step_pre_hook(pre))
         self._undo.append(register_optimizer_step_post_hook(post))
@@ -129,7 +137,7 @@ def _phases(engine):
 
     def cb(phase, step):
         if phase in ("forward", "backward", "optimizer") and phase not in marks:
-            marks[phase] = time.perf_counter()
+            marks[phase] = _clock()
     engine.add_callback(cb)
     return marks
 
@@ -148,10 +156,10 @@ def profile_row(row, steps: int, ops: int, timers: Timers) -> dict:
         dist.barrier()
         timers.t, timers.n, timers.on = {}, {}, True
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
+        t0 = _clock()
         row.step()
         row.finish()
-        t1 = time.perf_counter()
+        t1 = _clock()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         timers.on = False
         per["step"].append(t1 - t0)
@@ -245,6 +253,9 @@ def _rank(rank, world, port, opts, q):
     pin(rank, world, 1, opts["pin"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
     pin(rank, world, 1, opts["pin"])
+    if opts["faults"]:
+        global _clock
+        _clock = _faults
     timers = Timers()
     timers.wrap()
     timers.wrap_dist()
@@ -276,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     ap.add_argument("--ops", type=int, default=0, help="torch.profiler's top N operators of one step (rank 0)")
     ap.add_argument("--no-pin", dest="pin", action="store_false")
+    ap.add_argument("--faults", action="store_true", help="phases and wrapped functions count minor page faults "
+                                                         "(fresh 4 KiB pages) instead of milliseconds")
     ap.add_argument("--ab-interleave", action="store_true", help="zero1/zero2 rows: --steps ABBA pairs, interleaved "
                                                                 "update + gather vs the two-pass step")
     ap.add_argument("--ab-keep", action="store_true", help="zero3 rows: --steps ABBA pairs, the kept units "
@@ -287,7 +300,7 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave",
-                                                 "ab_keep")}
+                                                 "ab_keep", "faults")}
     mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
     res = q.get(timeout=30)
     if a.ab_interleave or a.ab_keep:
@@ -296,7 +309,8 @@ def main(argv=None) -> int:
                                                      for k, v in r.items()))
         return 0
     for name, r in res.items():
-        print(f"== {name} ({a.size}, median of {a.steps} steps, rank 0, ms; loaded machine unless stated)")
+        unit = "page faults, not ms" if a.faults else "ms; loaded machine unless stated"
+        print(f"== {name} ({a.size}, median of {a.steps} steps, rank 0, {unit})")
         for k, v in r.items():
             if k in ("ops", "collectives/step") or k.startswith("#"):
                 continue

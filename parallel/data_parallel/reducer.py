@@ -95,6 +95,7 @@ class GradReducer:
                 for p, v in zip(b.params, b.views(b.flat_grad)):
                     p.grad = v
         self.launches = {"hooks": 0, "finish": 0}
+        self.buffers = {"allocated": 0, "reused": 0}    # stage 2/3 full-gradient buffers, since construction
         self._observed: list = []
         self._reordered = False
         self.reset()
@@ -110,6 +111,7 @@ class GradReducer:
         self._next = 0
         self._ready_pos: set = set()
         self._inflight: list = []
+        self._spare: list = []           # stage 2/3: full-gradient buffers of reduced buckets, for the next ones
         self._late: list = []            # buckets passed in launch order that finish() reduces (at_finish)
         self._reduced = False
         self._queued = False
@@ -165,7 +167,7 @@ class GradReducer:
             p.grad = view
         elif p.grad is not None:
             if b.flat_grad is None:                     # stage 2/3: the first gradient is copied, not added to
-                b.flat_grad = torch.empty(b.padded, dtype=self.dtype, device=p.device)   # zeros (8 B/element)
+                b.flat_grad = self._flat_buffer(b, p.device)                             # zeros (8 B/element)
                 b.flat_grad[b.numel:].zero_()
                 b._written = [False] * len(b.params)
             if b._written[i]:
@@ -246,7 +248,7 @@ class GradReducer:
 
     def _launch(self, b: FlatBucket, where: str) -> None:
         if b.flat_grad is None:
-            b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=b.params[0].device)
+            b.flat_grad = self._flat_buffer(b, b.params[0].device).zero_()
         elif not self.keep_full:                         # parameters that got no gradient this step count as 0
             for i, done in enumerate(b._written):
                 if not done:
@@ -265,8 +267,10 @@ class GradReducer:
         else:
             if self.keep_full and use_ring(group, g):   # stage 1: the ring reduces its own chunk in place
                 out = g[b.lo:b.hi]
-            else:
-                out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
+            else:                                        # stage 2/3: last step's shard buffer (module docstring)
+                out = b.shard_grad
+                if out is None or out.shape != (b.shard,) or out.dtype != g.dtype or out.device != g.device:
+                    out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
             work = comm.reduce_scatter_into(out, g, group, async_op=True)
         self._inflight.append((b, work, out))
         self.launches[where] += 1
@@ -284,10 +288,29 @@ class GradReducer:
             mine = b.flat_grad[b.lo:b.hi]
             if out.data_ptr() != mine.data_ptr():
                 mine.copy_(out)                          # stage 1: only the owned shard is reduced
-        else:
-            b.shard_grad, b.flat_grad = out, None        # stage 2/3: the full gradient is dropped
+        else:                                            # stage 2/3: the full gradient's buffer goes to the
+            g = b.flat_grad                              # next bucket of this step (dropped in finish())
+            self._spare.append(g if g._base is None else g._base)
+            b.shard_grad, b.flat_grad = out, None
             if self.on_reduced is not None and not b.deferred:
                 self.on_reduced(b)
+
+    def _flat_buffer(self, b: FlatBucket, device) -> torch.Tensor:
+        """Stage 2/3: ``b.padded`` elements (uninitialised) for ``b``'s full gradient — the smallest spare
+        buffer of this step that fits (a bucket already reduced), else a new one. Before allocating, the oldest
+        reduction is retired while another is in flight behind it, so a step allocates about two buffers
+        instead of one per bucket (fresh pages, faulted in one by one: tests/test_reducer_buffers.py)."""
+        fits = [t for t in self._spare if t.numel() >= b.padded and t.device == device]
+        while not fits and len(self._inflight) > 1:     # retire the reduction launched before the latest one
+            self._finalize(*self._inflight.pop(0))      # (a bucket of backward ago: done, or nearly) and take
+            fits = [t for t in self._spare if t.numel() >= b.padded and t.device == device]   # its buffer
+        if not fits:
+            self.buffers["allocated"] += 1
+            return torch.empty(b.padded, dtype=self.dtype, device=device)
+        t = min(fits, key=torch.Tensor.numel)
+        self._spare = [x for x in self._spare if x is not t]
+        self.buffers["reused"] += 1
+        return t[:b.padded]
 
     def _divides_after(self, g: torch.Tensor) -> bool:
         """Divide by N after the reduction: reduce-scatter of fp32 gradients (module docstring)."""
@@ -328,6 +351,7 @@ class GradReducer:
             self._launch(d, "finish")
         while self._inflight:
             self._finalize(*self._inflight.pop(0))
+        self._spare = []                                 # stage 2/3: no full-gradient buffer outlives backward
         self._reduced = True
         if not self._reordered:
             self._adopt_observed_order()
@@ -343,7 +367,7 @@ class GradReducer:
                 for p in b.params:
                     p.grad = None
             else:
-                b.flat_grad = b.shard_grad = None
+                b.flat_grad = None                       # shard_grad stays: the next reduction's output
                 for p in b.params:
                     p.grad = None
         self.reset()
