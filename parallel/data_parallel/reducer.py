@@ -304,9 +304,10 @@ class GradReducer:
         while not fits and len(self._inflight) > 1:     # retire the reduction launched before the latest one
             self._finalize(*self._inflight.pop(0))      # (a bucket of backward ago: done, or nearly) and take
             fits = [t for t in self._spare if t.numel() >= b.padded and t.device == device]   # its buffer
-        if not fits:
+        if not fits:                                    # sized for any bucket (the planner counts the largest)
             self.buffers["allocated"] += 1
-            return torch.empty(b.padded, dtype=self.dtype, device=device)
+            cap = max([b.padded] + [x.padded for x in self.buckets] * (self.expected == 1))   # m > 1: all alive
+            return torch.empty(cap, dtype=self.dtype, device=device)[:b.padded]
         t = min(fits, key=torch.Tensor.numel)
         self._spare = [x for x in self._spare if x is not t]
         self.buffers["reused"] += 1
