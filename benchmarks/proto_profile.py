@@ -6,6 +6,7 @@
     python benchmarks/proto_profile.py --size 50m --rows zero1 zero2 --steps 10 --ab-interleave   # paired A/B
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 10 --ab-keep    # kept units vs none (A/B)
     python benchmarks/proto_profile.py --size 50m --rows zero2 --steps 3 --faults      # fresh pages per phase
+    python benchmarks/proto_profile.py --size 50m --rows zero2 --steps 10 --ab-buffers # reused buffers vs fresh
 
 Rows are built exactly as benchmarks/protocol.py builds them (benchmarks/proto_rows.py), on 2 gloo ranks pinned
 one core each; after ``--warmup`` steps each row runs ``--steps`` timed steps (median reported, rank 0's clock).
@@ -191,6 +192,7 @@ def _ab(row, pairs: int, setting) -> dict:
     import torch
     import torch.distributed as dist
     ts: dict = {True: [], False: []}
+    flt: dict = {True: [], False: []}
     comm: dict = {True: {}, False: {}}
     stats = getattr(row, "stats", None)
     for i in range(pairs):
@@ -198,10 +200,12 @@ def _ab(row, pairs: int, setting) -> dict:
             setting(flag)
             before = stats.snapshot() if stats is not None else None
             dist.barrier()
+            f0 = _faults()
             t0 = time.perf_counter()
             row.step()
             row.finish()
             t = torch.tensor([time.perf_counter() - t0])
+            flt[flag].append((_faults() - f0) * 1e3)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             ts[flag].append(t.item())
             if stats is not None:
@@ -211,7 +215,8 @@ def _ab(row, pairs: int, setting) -> dict:
     setting(True)
     r = [a / b for a, b in zip(ts[True], ts[False])]
     return {"A ms": statistics.median(ts[True]) * 1e3, "B ms": statistics.median(ts[False]) * 1e3,
-            "ratio": statistics.median(r), "min": min(r), "max": max(r), "A comm": comm[True], "B comm": comm[False]}
+            "ratio": statistics.median(r), "min": min(r), "max": max(r), "A faults": statistics.median(flt[True]),
+            "B faults": statistics.median(flt[False]), "A comm": comm[True], "B comm": comm[False]}
 
 
 def ab_interleave(row, pairs: int) -> dict:
@@ -241,6 +246,37 @@ def ab_keep(row, pairs: int) -> dict:
     return {"keep": keep, "kept unit bytes": kept, **_ab(row, pairs, setting)}
 
 
+def ab_buffers(row, pairs: int) -> dict:
+    """ZeRO-1/2/3 row: A = reused reduction buffers (the ring's receive buffers, the reducer's full-gradient
+    buffers and kept gradient shards), B = session 7's fresh ones (a receive buffer per ring call, a
+    full-gradient buffer per bucket, the shards freed by zero_grad), emulated by patching; ratio A ÷ B."""
+    import torch
+
+    from parallel.comm import ring
+    red = row.engine.zero.reducer
+    take, overlaps, zero_grad = ring._take, ring._overlaps, red.zero_grad
+
+    def fresh(b, device):
+        return torch.empty(b.padded, dtype=red.dtype, device=device)
+
+    def zero_grad_freeing():
+        zero_grad()
+        if not red.keep_full:
+            for b in red.buckets + ([red.deferred] if red.deferred else []):
+                b.shard_grad = None
+
+    def setting(flag):
+        if flag:
+            ring._take, ring._overlaps = take, overlaps
+            red.__dict__.pop("_flat_buffer", None)
+            red.zero_grad = zero_grad
+        else:
+            ring._take = lambda numel, dtype: torch.empty(numel, dtype=dtype)
+            ring._overlaps = lambda a, b: True
+            red._flat_buffer, red.zero_grad = fresh, zero_grad_freeing
+    return _ab(row, pairs, setting)
+
+
 def _rank(rank, world, port, opts, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
@@ -266,8 +302,9 @@ def _rank(rank, world, port, opts, q):
             for _ in range(opts["warmup"]):
                 row.step()
                 row.finish()
-            if opts["ab_interleave"] or opts["ab_keep"]:
-                res[name] = (ab_interleave if opts["ab_interleave"] else ab_keep)(row, opts["steps"])
+            if opts["ab_interleave"] or opts["ab_keep"] or opts["ab_buffers"]:
+                fn = ab_interleave if opts["ab_interleave"] else ab_keep if opts["ab_keep"] else ab_buffers
+                res[name] = fn(row, opts["steps"])
             else:
                 res[name] = profile_row(row, opts["steps"], opts["ops"] if rank == 0 else 0, timers)
             del row
@@ -291,6 +328,8 @@ def main(argv=None) -> int:
                                                          "(fresh 4 KiB pages) instead of milliseconds")
     ap.add_argument("--ab-interleave", action="store_true", help="zero1/zero2 rows: --steps ABBA pairs, interleaved "
                                                                 "update + gather vs the two-pass step")
+    ap.add_argument("--ab-buffers", action="store_true", help="zero1/2/3 rows: --steps ABBA pairs, reused reduction "
+                                                             "buffers vs fresh ones per step (session 7)")
     ap.add_argument("--ab-keep", action="store_true", help="zero3 rows: --steps ABBA pairs, the kept units "
                                                           "(zero.keep_after_forward) vs none")
     a = ap.parse_args(argv)
@@ -300,10 +339,10 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave",
-                                                 "ab_keep", "faults")}
+                                                 "ab_keep", "faults", "ab_buffers")}
     mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
     res = q.get(timeout=30)
-    if a.ab_interleave or a.ab_keep:
+    if a.ab_interleave or a.ab_keep or a.ab_buffers:
         for name, r in res.items():
             print(f"== {name} ({a.size}): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in r.items()))

@@ -369,6 +369,8 @@ class GradReducer:
                     p.grad = None
             else:
                 b.flat_grad = None                       # shard_grad stays: the next reduction's output
+                if self.local:                           # (none while 1-bit Adam reduces nothing here)
+                    b.shard_grad = None
                 for p in b.params:
                     p.grad = None
         self.reset()
