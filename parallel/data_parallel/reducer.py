@@ -52,9 +52,14 @@ class GradReducer:
 
     keep_full_grads=True (stage 0/1): each bucket's ``flat_grad`` is persistent and ``p.grad`` is a
     view into it (gradients accumulate in place). False (stage 2/3): a hook moves ``p.grad`` into the
-    bucket's ``flat_grad`` (allocated, not zeroed, at the first gradient of a step; a parameter's first
-    gradient is copied, later ones added, and a parameter with none is zeroed at launch) and sets ``p.grad = None``;
-    after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains.
+    bucket's ``flat_grad`` (taken, not zeroed, at the first gradient of a step: the buffer of a bucket already
+    reduced this step, else a new one sized for the largest bucket — ``buffers`` counts both; a parameter's
+    first gradient is copied, later ones added, and a parameter with none is zeroed at launch) and sets
+    ``p.grad = None``; after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains, and it stays
+    allocated across steps as the next reduce-scatter's output (ZeRO's gradient partition, 2Ψ/N in the
+    paper's count; DeepSpeed's ``grads_in_partition``). The full-gradient buffers are dropped when
+    :meth:`finish` returns, so none outlives backward. Each avoided allocation is a multi-MiB block that
+    malloc would return to the OS and fault in again page by page (issue 18).
     ``on_grad(p)`` is called after every accumulation (stage 3 frees the gathered parameters).
     A gradient after ``finish()`` raises (call ``zero_grad()`` first) unless ``auto_reset`` (DDP-like:
     it starts a new round, accumulating onto the reduced gradients, which are equal on every rank).
