@@ -44,7 +44,9 @@ from parallel.comm import Group
 from parallel.comm.ring import use_ring
 from parallel.data_parallel.bucket import FlatBucket
 
-__all__ = ["GradReducer"]
+__all__ = ["GradReducer", "KEEP_BUFFERS"]
+
+KEEP_BUFFERS = 2       # stage 2/3 full-gradient buffers kept from one step to the next (one micro-batch)
 
 
 class GradReducer:
@@ -57,9 +59,10 @@ class GradReducer:
     first gradient is copied, later ones added, and a parameter with none is zeroed at launch) and sets
     ``p.grad = None``; after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains, and it stays
     allocated across steps as the next reduce-scatter's output (ZeRO's gradient partition, 2Ψ/N in the
-    paper's count; DeepSpeed's ``grads_in_partition``). The full-gradient buffers are dropped when
-    :meth:`finish` returns, so none outlives backward. Each avoided allocation is a multi-MiB block that
-    malloc would return to the OS and fault in again page by page (issue 18).
+    paper's count; DeepSpeed's ``grads_in_partition``). With one micro-batch, :meth:`finish` keeps
+    ``KEEP_BUFFERS`` full-gradient buffers for the next step (as DeepSpeed keeps its reduction buckets), the
+    rest are dropped. Each avoided allocation is a multi-MiB block that malloc would return to the OS and
+    fault in again page by page (issue 18).
     ``on_grad(p)`` is called after every accumulation (stage 3 frees the gathered parameters).
     A gradient after ``finish()`` raises (call ``zero_grad()`` first) unless ``auto_reset`` (DDP-like:
     it starts a new round, accumulating onto the reduced gradients, which are equal on every rank).
@@ -101,6 +104,7 @@ class GradReducer:
                     p.grad = v
         self.launches = {"hooks": 0, "finish": 0}
         self.buffers = {"allocated": 0, "reused": 0}    # stage 2/3 full-gradient buffers, since construction
+        self._spare: list = []           # stage 2/3: full-gradient buffers of reduced buckets, for the next ones
         self._observed: list = []
         self._reordered = False
         self.reset()
@@ -116,7 +120,6 @@ class GradReducer:
         self._next = 0
         self._ready_pos: set = set()
         self._inflight: list = []
-        self._spare: list = []           # stage 2/3: full-gradient buffers of reduced buckets, for the next ones
         self._late: list = []            # buckets passed in launch order that finish() reduces (at_finish)
         self._reduced = False
         self._queued = False
@@ -318,6 +321,11 @@ class GradReducer:
         self.buffers["reused"] += 1
         return t[:b.padded]
 
+    @property
+    def held_buffers(self) -> list:
+        """Stage 2/3: the full-gradient buffers kept for the next bucket or step (counted by LiveBytes)."""
+        return list(self._spare)
+
     def _divides_after(self, g: torch.Tensor) -> bool:
         """Divide by N after the reduction: reduce-scatter of fp32 gradients (module docstring)."""
         return self.mode != "all_reduce" and g.dtype == torch.float32
@@ -357,7 +365,9 @@ class GradReducer:
             self._launch(d, "finish")
         while self._inflight:
             self._finalize(*self._inflight.pop(0))
-        self._spare = []                                 # stage 2/3: no full-gradient buffer outlives backward
+        # stage 2/3, one micro-batch: the step's first two buffers (each sized for the largest bucket) wait for
+        # the next step's first two buckets; the planner's peak counts them. m > 1 (exact sizes): none kept.
+        self._spare = self._spare[:KEEP_BUFFERS] if self.expected == 1 else []
         self._reduced = True
         if not self._reordered:
             self._adopt_observed_order()

@@ -40,7 +40,8 @@ next to everything the forward kept):
     states (stage-2/3 gradient shards included: each step reduces into the last one's shard, as the ZeRO paper's
     2Ψ/N counts them held) + activations + 2βsV/t·b (last stage)
     + stage 2/3 flat gradient buckets: all of them when m > 1 (they fill over the micro-batches
-      and reduce after the m-th), else the one the first gradient lands in; + pp-duplicated tied
+      and reduce after the m-th), else the two buffers the reducer keeps from the last step (each sized
+      for the largest bucket; the first gradients land in them); + pp-duplicated tied
       weights' gradients (reduced after backward)
     + stage 3 gathered units: the two largest (one in use, the next prefetched), or at backward's start the
       units kept from forward (zero.keep_after_forward) and one more, whichever is larger.
@@ -61,6 +62,7 @@ counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 
 """
 from __future__ import annotations
 
+from parallel.data_parallel.reducer import KEEP_BUFFERS
 from parallel.pipeline.schedules import get_schedule
 from parallel.planning.context import block_extra
 from parallel.planning.moe import activation_bytes as moe_activation_bytes
@@ -228,8 +230,8 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     if lay.zero >= 2:
         if lay.micro_batches > 1 or len(normal) == 1:
             buffers = sum(bk.padded for bk in normal) * e
-        else:
-            buffers = max(bk.padded for bk in normal) * e
+        else:                # the two buffers kept from the last step, each the largest bucket's size
+            buffers = KEEP_BUFFERS * max(bk.padded for bk in normal) * e
         buffers += deferred
     if lay.zero == 3:    # the current unit and the prefetched one; at backward's start the kept ones + one
         units = sorted((bk.padded for bk in normal if bk.unit), reverse=True)
