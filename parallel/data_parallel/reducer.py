@@ -41,7 +41,7 @@ import torch
 
 from parallel import comm
 from parallel.comm import Group
-from parallel.comm.ring import use_ring
+from parallel.comm.ring import release_scratch, use_ring
 from parallel.data_parallel.bucket import FlatBucket
 
 __all__ = ["GradReducer", "KEEP_BUFFERS"]
@@ -391,6 +391,9 @@ class GradReducer:
         self.reset()
 
     def remove(self) -> None:
+        """Remove the hooks; drop the kept buffers (and the ring's free receive buffers: the engine is done)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._spare = []
+        release_scratch()
