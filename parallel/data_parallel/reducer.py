@@ -367,7 +367,9 @@ class GradReducer:
             self._finalize(*self._inflight.pop(0))
         # stage 2/3, one micro-batch: the step's first two buffers (each sized for the largest bucket) wait for
         # the next step's first two buckets; the planner's peak counts them. m > 1 (exact sizes): none kept.
-        self._spare = self._spare[:KEEP_BUFFERS] if self.expected == 1 else []
+        cap = max((b.padded for b in self.buckets), default=0)         # not a larger deferred bucket's
+        keep = sorted((t for t in self._spare if t.numel() <= cap), key=torch.Tensor.numel, reverse=True)
+        self._spare = keep[:KEEP_BUFFERS] if self.expected == 1 else []
         self._reduced = True
         if not self._reordered:
             self._adopt_observed_order()
