@@ -59,10 +59,8 @@ class GradReducer:
     first gradient is copied, later ones added, and a parameter with none is zeroed at launch) and sets
     ``p.grad = None``; after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains, and it stays
     allocated across steps as the next reduce-scatter's output (ZeRO's gradient partition, 2Ψ/N in the
-    paper's count; DeepSpeed's ``grads_in_partition``). With one micro-batch, :meth:`finish` keeps
-    ``KEEP_BUFFERS`` full-gradient buffers for the next step (as DeepSpeed keeps its reduction buckets), the
-    rest are dropped. Each avoided allocation is a multi-MiB block that malloc would return to the OS and
-    fault in again page by page (issue 18).
+    paper's count). With one micro-batch :meth:`finish` keeps ``KEEP_BUFFERS`` full-gradient buffers for the
+    next step, as DeepSpeed keeps its reduction buckets (fresh multi-MiB blocks are faulted in page by page).
     ``on_grad(p)`` is called after every accumulation (stage 3 frees the gathered parameters).
     A gradient after ``finish()`` raises (call ``zero_grad()`` first) unless ``auto_reset`` (DDP-like:
     it starts a new round, accumulating onto the reduced gradients, which are equal on every rank).
