@@ -5,6 +5,8 @@
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 3 --ops 25     # + torch.profiler table
     python benchmarks/proto_profile.py --size 50m --rows zero1 zero2 --steps 10 --ab-interleave   # paired A/B
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 10 --ab-keep    # kept units vs none (A/B)
+    python benchmarks/proto_profile.py --size 50m --rows zero2 --steps 3 --faults      # fresh pages per phase
+    python benchmarks/proto_profile.py --size 50m --rows zero2 --steps 10 --ab-buffers # reused buffers vs fresh
 
 Rows are built exactly as benchmarks/protocol.py builds them (benchmarks/proto_rows.py), on 2 gloo ranks pinned
 one core each; after ``--warmup`` steps each row runs ``--steps`` timed steps (median reported, rank 0's clock).
@@ -46,6 +48,13 @@ WRAPPED = [("parallel.zero.stage3", "Stage3Params", "_landed", "stage3 gather wa
            ("parallel.engine", "Engine", "_global_loss", "loss all-reduce")]
 
 
+_clock = time.perf_counter      # --faults: minor page faults / 1000 instead (printed x 1e3: faults, not ms)
+
+
+def _faults() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt / 1e3
+
+
 # not isend / irecv: dist.P2POp checks that its op IS dist.isend / dist.irecv (a wrapper breaks the pp rows);
 # their batches are timed through batch_isend_irecv
 DIST_FUNCS = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
@@ -68,11 +77,11 @@ class Timers:
             def timed(*a, _orig=orig, _name=name, **k):
                 if not self.on:
                     return _orig(*a, **k)
-                t0 = time.perf_counter()
+                t0 = _clock()
                 try:
                     return _orig(*a, **k)
                 finally:
-                    self.t[_name] = self.t.get(_name, 0.0) + time.perf_counter() - t0
+                    self.t[_name] = self.t.get(_name, 0.0) + _clock() - t0
                     self.n[_name] = self.n.get(_name, 0) + 1
             setattr(klass, meth, timed)
         self._wrap_optimizer_step()
@@ -83,12 +92,12 @@ class Timers:
         state = {}
 
         def pre(opt, args, kwargs):
-            state["t0"] = time.perf_counter()
+            state["t0"] = _clock()
 
         def post(opt, args, kwargs):
             if self.on and "t0" in state:
                 self.t["torch optimizer update"] = self.t.get("torch optimizer update", 0.0) + \
-                    time.perf_counter() - state.pop("t0")
+                    _clock() - state.pop("t0")
                 self.n["torch optimizer update"] = self.n.get("torch optimizer update", 0) + 1
         self._undo.append(register_optimizer_step_pre_hook(pre))
         self._undo.append(register_optimizer_step_post_hook(post))
@@ -129,7 +138,7 @@ def _phases(engine):
 
     def cb(phase, step):
         if phase in ("forward", "backward", "optimizer") and phase not in marks:
-            marks[phase] = time.perf_counter()
+            marks[phase] = _clock()
     engine.add_callback(cb)
     return marks
 
@@ -148,10 +157,10 @@ def profile_row(row, steps: int, ops: int, timers: Timers) -> dict:
         dist.barrier()
         timers.t, timers.n, timers.on = {}, {}, True
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
+        t0 = _clock()
         row.step()
         row.finish()
-        t1 = time.perf_counter()
+        t1 = _clock()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         timers.on = False
         per["step"].append(t1 - t0)
@@ -183,6 +192,7 @@ def _ab(row, pairs: int, setting) -> dict:
     import torch
     import torch.distributed as dist
     ts: dict = {True: [], False: []}
+    flt: dict = {True: [], False: []}
     comm: dict = {True: {}, False: {}}
     stats = getattr(row, "stats", None)
     for i in range(pairs):
@@ -190,10 +200,12 @@ def _ab(row, pairs: int, setting) -> dict:
             setting(flag)
             before = stats.snapshot() if stats is not None else None
             dist.barrier()
+            f0 = _faults()
             t0 = time.perf_counter()
             row.step()
             row.finish()
             t = torch.tensor([time.perf_counter() - t0])
+            flt[flag].append((_faults() - f0) * 1e3)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             ts[flag].append(t.item())
             if stats is not None:
@@ -203,7 +215,8 @@ def _ab(row, pairs: int, setting) -> dict:
     setting(True)
     r = [a / b for a, b in zip(ts[True], ts[False])]
     return {"A ms": statistics.median(ts[True]) * 1e3, "B ms": statistics.median(ts[False]) * 1e3,
-            "ratio": statistics.median(r), "min": min(r), "max": max(r), "A comm": comm[True], "B comm": comm[False]}
+            "ratio": statistics.median(r), "min": min(r), "max": max(r), "A faults": statistics.median(flt[True]),
+            "B faults": statistics.median(flt[False]), "A comm": comm[True], "B comm": comm[False]}
 
 
 def ab_interleave(row, pairs: int) -> dict:
@@ -233,6 +246,37 @@ def ab_keep(row, pairs: int) -> dict:
     return {"keep": keep, "kept unit bytes": kept, **_ab(row, pairs, setting)}
 
 
+def ab_buffers(row, pairs: int) -> dict:
+    """ZeRO-1/2/3 row: A = reused reduction buffers (the ring's receive buffers, the reducer's full-gradient
+    buffers and kept gradient shards), B = session 7's fresh ones (a receive buffer per ring call, a
+    full-gradient buffer per bucket, the shards freed by zero_grad), emulated by patching; ratio A ÷ B."""
+    import torch
+
+    from parallel.comm import ring
+    red = row.engine.zero.reducer
+    take, overlaps, zero_grad = ring._take, ring._overlaps, red.zero_grad
+
+    def fresh(b, device):
+        return torch.empty(b.padded, dtype=red.dtype, device=device)
+
+    def zero_grad_freeing():
+        zero_grad()
+        if not red.keep_full:
+            for b in red.buckets + ([red.deferred] if red.deferred else []):
+                b.shard_grad = None
+
+    def setting(flag):
+        if flag:
+            ring._take, ring._overlaps = take, overlaps
+            red.__dict__.pop("_flat_buffer", None)
+            red.zero_grad = zero_grad
+        else:
+            ring._take = lambda numel, dtype: torch.empty(numel, dtype=dtype)
+            ring._overlaps = lambda a, b: True
+            red._flat_buffer, red.zero_grad = fresh, zero_grad_freeing
+    return _ab(row, pairs, setting)
+
+
 def _rank(rank, world, port, opts, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
@@ -245,6 +289,9 @@ def _rank(rank, world, port, opts, q):
     pin(rank, world, 1, opts["pin"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
     pin(rank, world, 1, opts["pin"])
+    if opts["faults"]:
+        global _clock
+        _clock = _faults
     timers = Timers()
     timers.wrap()
     timers.wrap_dist()
@@ -255,8 +302,9 @@ def _rank(rank, world, port, opts, q):
             for _ in range(opts["warmup"]):
                 row.step()
                 row.finish()
-            if opts["ab_interleave"] or opts["ab_keep"]:
-                res[name] = (ab_interleave if opts["ab_interleave"] else ab_keep)(row, opts["steps"])
+            if opts["ab_interleave"] or opts["ab_keep"] or opts["ab_buffers"]:
+                fn = ab_interleave if opts["ab_interleave"] else ab_keep if opts["ab_keep"] else ab_buffers
+                res[name] = fn(row, opts["steps"])
             else:
                 res[name] = profile_row(row, opts["steps"], opts["ops"] if rank == 0 else 0, timers)
             del row
@@ -276,8 +324,12 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     ap.add_argument("--ops", type=int, default=0, help="torch.profiler's top N operators of one step (rank 0)")
     ap.add_argument("--no-pin", dest="pin", action="store_false")
+    ap.add_argument("--faults", action="store_true", help="phases and wrapped functions count minor page faults "
+                                                         "(fresh 4 KiB pages) instead of milliseconds")
     ap.add_argument("--ab-interleave", action="store_true", help="zero1/zero2 rows: --steps ABBA pairs, interleaved "
                                                                 "update + gather vs the two-pass step")
+    ap.add_argument("--ab-buffers", action="store_true", help="zero1/2/3 rows: --steps ABBA pairs, reused reduction "
+                                                             "buffers vs fresh ones per step (session 7)")
     ap.add_argument("--ab-keep", action="store_true", help="zero3 rows: --steps ABBA pairs, the kept units "
                                                           "(zero.keep_after_forward) vs none")
     a = ap.parse_args(argv)
@@ -287,16 +339,17 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave",
-                                                 "ab_keep")}
+                                                 "ab_keep", "faults", "ab_buffers")}
     mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
     res = q.get(timeout=30)
-    if a.ab_interleave or a.ab_keep:
+    if a.ab_interleave or a.ab_keep or a.ab_buffers:
         for name, r in res.items():
             print(f"== {name} ({a.size}): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in r.items()))
         return 0
     for name, r in res.items():
-        print(f"== {name} ({a.size}, median of {a.steps} steps, rank 0, ms; loaded machine unless stated)")
+        unit = "page faults, not ms" if a.faults else "ms; loaded machine unless stated"
+        print(f"== {name} ({a.size}, median of {a.steps} steps, rank 0, {unit})")
         for k, v in r.items():
             if k in ("ops", "collectives/step") or k.startswith("#"):
                 continue

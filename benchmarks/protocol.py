@@ -5,6 +5,7 @@ noise band, floors per row, and the planner's prediction next to each measured s
     python benchmarks/protocol.py --sizes tiny --rounds 2 --warmup 2   # a smoke run
     python benchmarks/protocol.py --sizes 5m --json rec.json --markdown section.md
     python benchmarks/protocol.py --sizes 5m --rows ddp ... --json rec.json --merge   # add a second part
+    python benchmarks/protocol.py --sizes 50m --rows ddp ddp_aa ddp_tuned zero2 --fixed-malloc   # glibc fixed
 
 Pieces: benchmarks/proto_run.py (one rank: pinning, calibration, warm-up with the loss check,
 shuffled timed rounds), proto_rows.py (the rows), proto_calib.py (the hardware figures),
@@ -65,6 +66,13 @@ def run(opts_list: list, world: int) -> list:
     return [q.get(timeout=30) for _ in opts_list]
 
 
+# --fixed-malloc: glibc's thresholds fixed for every rank (peers included). By default glibc maps each block above a
+# dynamic threshold (128 KiB until a mapped block is freed) and unmaps it at free, and trims the heap's top: whether
+# a row's activations are faulted in afresh every step then depends on what that process happened to free before
+# (benchmarks/README.md, session 8: 50M ZeRO-1 2.4k–40k fresh pages a step between runs of the same code).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def header(argv) -> dict:
     import torch
     try:
@@ -84,7 +92,8 @@ def header(argv) -> dict:
     return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "commit": commit,
             "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
             "versions": f"Python {platform.python_version()}, torch {torch.__version__}, DeepSpeed {ds}",
-            "command": "python benchmarks/protocol.py " + " ".join(argv)}
+            "command": "python benchmarks/protocol.py " + " ".join(argv),
+            "malloc": {k: os.environ[k] for k in MALLOC if k in os.environ} or "glibc defaults (dynamic thresholds)"}
 
 
 def main(argv=None) -> int:
@@ -104,7 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=None, help="write the README-ready section here")
     ap.add_argument("--merge", action="store_true", help="add this run's records to those already in --json "
                     "(an earlier invocation, same commit and machine; benchmarks/proto_merge.py)")
+    ap.add_argument("--fixed-malloc", action="store_true", help="fix glibc's mmap/trim thresholds on every rank "
+                                                               f"({', '.join(f'{k}={v}' for k, v in MALLOC.items())})")
     a = ap.parse_args(argv)
+    if a.fixed_malloc:
+        os.environ.update(MALLOC)        # read by glibc at start-up: the spawned ranks inherit it
     bad = [r for r in a.rows if r not in ROWS]
     if bad or a.rounds < 1 or a.warmup < 1:
         ap.error(f"unknown rows {bad} (choose from {ROWS}); --rounds and --warmup must be ≥ 1")

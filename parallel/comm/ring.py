@@ -15,6 +15,14 @@ Each moves (N−1)/N·M bytes per rank, as :mod:`parallel.comm.collectives` reco
 sub-chunks of ~1 MiB whose messages are all posted at once, so receiving one overlaps adding (and
 forwarding) the previous one. Summation order per element is the ring's (for N = 2: a + b, exact either way).
 
+Receive buffers (the partial sums coming from the left neighbour) are not allocated per call: for N = 2 with
+``out`` apart from ``full`` (ZeRO-2/3's shard) the one incoming chunk lands directly in ``out`` and the own
+chunk is added there (``out ← recv + own``: the same a + b); otherwise the buffers come from a small
+per-process free list (:data:`SCRATCH`, at most ``SCRATCH_KEEP`` buffers per (dtype, size), ``SCRATCH_MAX``
+bytes in all) that every call returns them to once its sends are done. A fresh multi-MiB tensor per call was
+returned to the OS by malloc when freed and faulted in again, page by page, by gloo's receiving thread on
+the next call (session 7: 32–38k fresh pages per step at 50M, ZeRO-1/2; tests/test_ring_buffers.py counts).
+
 The returned handle posts the first step at once (for N = 2 that is everything: the messages move
 in gloo's background while the caller computes) and does the rest in ``wait()``. Messages carry tags from a
 per-process-group counter, so every rank must issue these in the same order — as any collective.
@@ -27,13 +35,47 @@ import weakref
 import torch
 import torch.distributed as dist
 
-__all__ = ["use_ring", "ring_reduce_scatter", "ring_all_gather", "MIN_BYTES"]
+__all__ = ["use_ring", "ring_reduce_scatter", "ring_all_gather", "MIN_BYTES", "SCRATCH", "release_scratch"]
 
 MIN_BYTES = 256 << 10          # below this, gloo's own collectives (one message) are as fast
 SUB_BYTES = 1 << 20            # bytes per pipelined sub-chunk
 _TAG_BASE = 1 << 24
 _tags = weakref.WeakKeyDictionary()   # per group tag counter; weak: must not keep a group alive
 calls = {"reduce_scatter": 0, "all_gather": 0}       # how often each ran (tests check the path is taken)
+SCRATCH_KEEP = 8               # free receive buffers kept per (dtype, numel)
+SCRATCH_MAX = 256 << 20        # ... and in bytes over all keys
+SCRATCH: dict = {}             # (dtype, numel) -> free 1-D tensors
+scratch_counts = {"allocated": 0, "reused": 0}
+
+
+def _take(numel: int, dtype) -> torch.Tensor:
+    free = SCRATCH.get((dtype, numel))
+    if free:
+        scratch_counts["reused"] += 1
+        return free.pop()
+    scratch_counts["allocated"] += 1
+    return torch.empty(numel, dtype=dtype)
+
+
+def _give(t: torch.Tensor) -> None:
+    free = SCRATCH.setdefault((t.dtype, t.numel()), [])
+    held = sum(x.numel() * x.element_size() for v in SCRATCH.values() for x in v)
+    if len(free) < SCRATCH_KEEP and held + t.numel() * t.element_size() <= SCRATCH_MAX:
+        free.append(t)
+
+
+def release_scratch() -> int:
+    """Free every kept receive buffer; returns the bytes released."""
+    held = sum(x.numel() * x.element_size() for v in SCRATCH.values() for x in v)
+    SCRATCH.clear()
+    return held
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def use_ring(group, t: torch.Tensor) -> bool:
@@ -97,7 +139,9 @@ def _rs_steps(out, full, group, tag):
     own = [_subs(c) for c in full.chunk(n)]
     res = _subs(out)
     k = len(res)
-    bufs = [[torch.empty_like(x) for x in own[0]] for _ in range(2 if n > 2 else 1)]
+    direct = n == 2 and not _overlaps(out, full)     # the one incoming chunk lands in out (module docstring)
+    flats = [] if direct else [_take(full.numel() // n, full.dtype) for _ in range(2 if n > 2 else 1)]
+    bufs = [res] if direct else [_subs(f) for f in flats]
 
     def recv(s, j):
         return dist.irecv(bufs[s % len(bufs)][j], group=group.pg, group_src=prv, tag=tag + j)
@@ -112,12 +156,17 @@ def _rs_steps(out, full, group, tag):
         for j in range(k):
             yield [recvs[j]]                          # sub-chunk j of step s has arrived
             if s == n - 2:                            # the last step's sum is this rank's result
-                torch.add(cur[j], own[idx][j], out=res[j])
+                if direct:
+                    res[j].add_(own[idx][j])          # recv + own, as torch.add(recv, own) below
+                else:
+                    torch.add(cur[j], own[idx][j], out=res[j])
                 continue
             cur[j].add_(own[idx][j])
             sends[j].wait()                           # its buffer receives step s + 1
             recvs[j], sends[j] = recv(s + 1, j), send(cur[j], j)
     yield sends
+    for f in flats:                                   # every send from them is done
+        _give(f)
 
 
 def ring_reduce_scatter(out: torch.Tensor, full: torch.Tensor, group, async_op: bool = False):

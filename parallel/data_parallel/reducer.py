@@ -41,10 +41,12 @@ import torch
 
 from parallel import comm
 from parallel.comm import Group
-from parallel.comm.ring import use_ring
+from parallel.comm.ring import release_scratch, use_ring
 from parallel.data_parallel.bucket import FlatBucket
 
-__all__ = ["GradReducer"]
+__all__ = ["GradReducer", "KEEP_BUFFERS"]
+
+KEEP_BUFFERS = 2       # stage 2/3 full-gradient buffers kept from one step to the next (one micro-batch)
 
 
 class GradReducer:
@@ -52,9 +54,13 @@ class GradReducer:
 
     keep_full_grads=True (stage 0/1): each bucket's ``flat_grad`` is persistent and ``p.grad`` is a
     view into it (gradients accumulate in place). False (stage 2/3): a hook moves ``p.grad`` into the
-    bucket's ``flat_grad`` (allocated, not zeroed, at the first gradient of a step; a parameter's first
-    gradient is copied, later ones added, and a parameter with none is zeroed at launch) and sets ``p.grad = None``;
-    after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains.
+    bucket's ``flat_grad`` (taken, not zeroed, at the first gradient of a step: the buffer of a bucket already
+    reduced this step, else a new one sized for the largest bucket — ``buffers`` counts both; a parameter's
+    first gradient is copied, later ones added, and a parameter with none is zeroed at launch) and sets
+    ``p.grad = None``; after the reduce-scatter only ``shard_grad`` (this rank's 1/N) remains, and it stays
+    allocated across steps as the next reduce-scatter's output (ZeRO's gradient partition, 2Ψ/N in the
+    paper's count). With one micro-batch :meth:`finish` keeps ``KEEP_BUFFERS`` full-gradient buffers for the
+    next step, as DeepSpeed keeps its reduction buckets (fresh multi-MiB blocks are faulted in page by page).
     ``on_grad(p)`` is called after every accumulation (stage 3 frees the gathered parameters).
     A gradient after ``finish()`` raises (call ``zero_grad()`` first) unless ``auto_reset`` (DDP-like:
     it starts a new round, accumulating onto the reduced gradients, which are equal on every rank).
@@ -95,6 +101,8 @@ class GradReducer:
                 for p, v in zip(b.params, b.views(b.flat_grad)):
                     p.grad = v
         self.launches = {"hooks": 0, "finish": 0}
+        self.buffers = {"allocated": 0, "reused": 0}    # stage 2/3 full-gradient buffers, since construction
+        self._spare: list = []           # stage 2/3: full-gradient buffers of reduced buckets, for the next ones
         self._observed: list = []
         self._reordered = False
         self.reset()
@@ -166,7 +174,7 @@ class GradReducer:
             p.grad = view
         elif p.grad is not None:
             if b.flat_grad is None:                     # stage 2/3: the first gradient is copied, not added to
-                b.flat_grad = torch.empty(b.padded, dtype=self.dtype, device=p.device)   # zeros (8 B/element)
+                b.flat_grad = self._flat_buffer(b, p.device)                             # zeros (8 B/element)
                 b.flat_grad[b.numel:].zero_()
                 b._written = [False] * len(b.params)
             if b._written[i]:
@@ -248,7 +256,7 @@ class GradReducer:
 
     def _launch(self, b: FlatBucket, where: str) -> None:
         if b.flat_grad is None:
-            b.flat_grad = torch.zeros(b.padded, dtype=self.dtype, device=b.params[0].device)
+            b.flat_grad = self._flat_buffer(b, b.params[0].device).zero_()
         elif not self.keep_full:                         # parameters that got no gradient this step count as 0
             for i, done in enumerate(b._written):
                 if not done:
@@ -267,8 +275,10 @@ class GradReducer:
         else:
             if self.keep_full and use_ring(group, g):   # stage 1: the ring reduces its own chunk in place
                 out = g[b.lo:b.hi]
-            else:
-                out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
+            else:                                        # stage 2/3: last step's shard buffer (module docstring)
+                out = b.shard_grad
+                if out is None or out.shape != (b.shard,) or out.dtype != g.dtype or out.device != g.device:
+                    out = torch.empty(b.shard, dtype=g.dtype, device=g.device)
             work = comm.reduce_scatter_into(out, g, group, async_op=True)
         self._inflight.append((b, work, out))
         self.launches[where] += 1
@@ -286,10 +296,35 @@ class GradReducer:
             mine = b.flat_grad[b.lo:b.hi]
             if out.data_ptr() != mine.data_ptr():
                 mine.copy_(out)                          # stage 1: only the owned shard is reduced
-        else:
-            b.shard_grad, b.flat_grad = out, None        # stage 2/3: the full gradient is dropped
+        else:                                            # stage 2/3: the full gradient's buffer goes to the
+            g = b.flat_grad                              # next bucket of this step (dropped in finish())
+            self._spare.append(g if g._base is None else g._base)
+            b.shard_grad, b.flat_grad = out, None
             if self.on_reduced is not None and not b.deferred:
                 self.on_reduced(b)
+
+    def _flat_buffer(self, b: FlatBucket, device) -> torch.Tensor:
+        """Stage 2/3: ``b.padded`` elements (uninitialised) for ``b``'s full gradient — the smallest spare
+        buffer of this step that fits (a bucket already reduced), else a new one. Before allocating, the oldest
+        reduction is retired while another is in flight behind it, so a step allocates about two buffers
+        instead of one per bucket (fresh pages, faulted in one by one: tests/test_reducer_buffers.py)."""
+        fits = [t for t in self._spare if t.numel() >= b.padded and t.device == device]
+        while not fits and len(self._inflight) > 1:     # retire the reduction launched before the latest one
+            self._finalize(*self._inflight.pop(0))      # (a bucket of backward ago: done, or nearly) and take
+            fits = [t for t in self._spare if t.numel() >= b.padded and t.device == device]   # its buffer
+        if not fits:                                    # sized for any bucket (the planner counts the largest)
+            self.buffers["allocated"] += 1
+            cap = max([b.padded] + [x.padded for x in self.buckets] * (self.expected == 1))   # m > 1: all alive
+            return torch.empty(cap, dtype=self.dtype, device=device)[:b.padded]
+        t = min(fits, key=torch.Tensor.numel)
+        self._spare = [x for x in self._spare if x is not t]
+        self.buffers["reused"] += 1
+        return t[:b.padded]
+
+    @property
+    def held_buffers(self) -> list:
+        """Stage 2/3: the full-gradient buffers kept for the next bucket or step (counted by LiveBytes)."""
+        return list(self._spare)
 
     def _divides_after(self, g: torch.Tensor) -> bool:
         """Divide by N after the reduction: reduce-scatter of fp32 gradients (module docstring)."""
@@ -330,6 +365,11 @@ class GradReducer:
             self._launch(d, "finish")
         while self._inflight:
             self._finalize(*self._inflight.pop(0))
+        # stage 2/3, one micro-batch: the step's first two buffers (each sized for the largest bucket) wait for
+        # the next step's first two buckets; the planner's peak counts them. m > 1 (exact sizes): none kept.
+        cap = max((b.padded for b in self.buckets), default=0)         # not a larger deferred bucket's
+        keep = sorted((t for t in self._spare if t.numel() <= cap), key=torch.Tensor.numel, reverse=True)
+        self._spare = keep[:KEEP_BUFFERS] if self.expected == 1 else []
         self._reduced = True
         if not self._reordered:
             self._adopt_observed_order()
@@ -345,12 +385,17 @@ class GradReducer:
                 for p in b.params:
                     p.grad = None
             else:
-                b.flat_grad = b.shard_grad = None
+                b.flat_grad = None                       # shard_grad stays: the next reduction's output
+                if self.local:                           # (none while 1-bit Adam reduces nothing here)
+                    b.shard_grad = None
                 for p in b.params:
                     p.grad = None
         self.reset()
 
     def remove(self) -> None:
+        """Remove the hooks; drop the kept buffers (and the ring's free receive buffers: the engine is done)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._spare = []
+        release_scratch()

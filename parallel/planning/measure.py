@@ -148,6 +148,7 @@ def engine_tensors(engine) -> list:
         if b.master is not None and b.master.grad is not None:
             out.append(b.master.grad)
     out += [v for s in z.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    out += z.reducer.held_buffers                    # stage 2/3: full-gradient buffers kept between steps
     return out
 
 

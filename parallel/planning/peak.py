@@ -37,14 +37,16 @@ executor's reaping frees nothing there): the stage output outlives its pair, eac
 
 Peak 1, at the start of the last micro-batch's backward (the loss's two βsV/t gradients exist
 next to everything the forward kept):
-    states less stage-2/3 gradient shards + activations + 2βsV/t·b (last stage)
+    states (stage-2/3 gradient shards included: each step reduces into the last one's shard, as the ZeRO paper's
+    2Ψ/N counts them held) + activations + 2βsV/t·b (last stage)
     + stage 2/3 flat gradient buckets: all of them when m > 1 (they fill over the micro-batches
-      and reduce after the m-th), else the one the first gradient lands in; + pp-duplicated tied
+      and reduce after the m-th), else the two buffers the reducer keeps from the last step (each sized
+      for the largest bucket; the first gradients land in them); + pp-duplicated tied
       weights' gradients (reduced after backward)
     + stage 3 gathered units: the two largest (one in use, the next prefetched), or at backward's start the
       units kept from forward (zero.keep_after_forward) and one more, whichever is larger.
 Peak 1', at the end of backward (stages ≥ 1; it wins when checkpointing has shrunk the activations): states
-    + a bucket's reduce-scatter output (its shard) + on gloo (CPU) a full-size copy of the bucket, which
+    + a bucket's reduce-scatter output (stage 1: its shard) + on gloo (CPU) a full-size copy of the bucket, which
     gloo's reduce-scatter stages (measured: dp2 ZeRO-1/2 under full recompute).
 Peak 2, the optimizer step: states (gradient shards included) + mixed precision's fp32
     gradient copies (4 bytes × owned elements) + the optimizer's temporaries: CPU AdamW runs
@@ -60,6 +62,7 @@ counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 
 """
 from __future__ import annotations
 
+from parallel.data_parallel.reducer import KEEP_BUFFERS
 from parallel.pipeline.schedules import get_schedule
 from parallel.planning.context import block_extra
 from parallel.planning.moe import activation_bytes as moe_activation_bytes
@@ -227,8 +230,8 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     if lay.zero >= 2:
         if lay.micro_batches > 1 or len(normal) == 1:
             buffers = sum(bk.padded for bk in normal) * e
-        else:
-            buffers = max(bk.padded for bk in normal) * e
+        else:                # the two buffers kept from the last step, each the largest bucket's size
+            buffers = KEEP_BUFFERS * max(bk.padded for bk in normal) * e
         buffers += deferred
     if lay.zero == 3:    # the current unit and the prefetched one; at backward's start the kept ones + one
         units = sorted((bk.padded for bk in normal if bk.unit), reverse=True)
@@ -238,12 +241,11 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     data = 16 * (tr.global_batch // lay.dp) * spec.seq * lay.cp        # the dp share, whole on every cp rank
     if lay.cp > 1:                       # + its shards (x, y, positions): all up front under pp, else one
         data += 24 * (tr.global_batch // lay.dp if lay.pp > 1 else mb) * spec.seq
-    shard_grads = states["grads"] if lay.zero >= 2 else 0
-    fb = states["total"] - shard_grads + activations + transient + buffers + gathered + data
-    if lay.zero >= 1:    # end of backward: a bucket's reduce-scatter output, and on gloo its full-size staging copy
-        big = max(buckets, key=lambda bk: bk.padded)
-        rs = (big.padded // lay.zero_n + (big.padded if tr.device == "cpu" else 0)) * e
-        end = states["total"] - shard_grads + buffers + gathered + data + rs
+    fb = states["total"] + activations + transient + buffers + gathered + data
+    if lay.zero >= 1:    # end of backward: a bucket's reduce-scatter output (stage 1; stage 2/3 reduce into last
+        big = max(buckets, key=lambda bk: bk.padded)      # step's shard, in the states), on gloo a staging copy
+        rs = ((big.padded // lay.zero_n if lay.zero == 1 else 0) + (big.padded if tr.device == "cpu" else 0)) * e
+        end = states["total"] + buffers + gathered + data + rs
         if end > fb:
             fb, activations, transient = end, 0.0, rs
     opt_temp = 4 * owned if tr.device == "cuda" else 2 * 4 * max_piece
