@@ -117,7 +117,8 @@ def test_analysis_of_the_recorded_run():
 # Solving step − compute − update = calls·a + wire/b at 5M and 50M of that record: zero3 a = 2.35 ms,
 # b = 1.17 GB/s; fsdp2_ring a = 3.44 ms, b = 1.22 GB/s — the same bandwidth (the chain model's 0.9–1.0 GB/s
 # is near), 1.1 ms more per call (20 calls: 22 ms) of FSDP2's own per-unit work, which no calibrated
-# figure holds. Predicted ÷ measured 0.80 (16:12 record), 0.84 (20:40), 0.81 (session 7); at 50M 0.92–0.97.
+# figure holds. Predicted ÷ measured 0.80 (16:12 record), 0.84 (20:40), 0.81 (session 7), 0.82 (session 8, this
+# fixture: 2026-12-04 03:26, commit 0a5d118); at 50M 0.92–0.97.
 KNOWN_GAPS: dict = {"5m/fsdp2_ring": 0.25}
 
 
