@@ -12,12 +12,12 @@ overlaps the backward computation of earlier layers.
 Two reductions share this machinery:
   * ``all_reduce`` (plain DP, ZeRO stage 0): the flat gradient is all-reduced in place;
   * ``reduce_scatter`` (ZeRO stages 1–3): each rank receives the reduced shard it owns.
-The sum becomes the mean by a division by N: before an all-reduce (the whole gradient), after a
-reduce-scatter of fp32 gradients (only this rank's shard: Ψ/N elements divided instead of Ψ, 8(N−1)/N·Ψ
-bytes less memory traffic; for N a power of two the result is bit-identical, (Σ g_r)/N = Σ (g_r/N), as the
-scaling is exact; low-precision gradients are still divided first, against overflow). Stage 1 with the ring
-(:mod:`parallel.comm.ring`) reduces this rank's chunk of the flat gradient in place — the ring only reads
-that chunk at its last step — instead of into a fresh shard that is then copied back (Ψ/N · 8 bytes).
+The sum becomes the mean by a division by N: before an all-reduce (the whole gradient), after a reduce-scatter of
+fp32 gradients (only this rank's shard: Ψ/N elements divided instead of Ψ, 8(N−1)/N·Ψ bytes less memory traffic; for
+N a power of two the result is bit-identical, (Σ g_r)/N = Σ (g_r/N), as the scaling is exact; low-precision
+gradients are still divided first, against overflow). Stage 1 with the ring (:mod:`parallel.comm.ring`) reduces this
+rank's chunk of the flat gradient in place — the ring only reads that chunk at its last step — instead of into a
+fresh shard that is then copied back (Ψ/N · 8 bytes).
 
 Gradient accumulation needs no ``no_sync``: ``prepare_step(m)`` announces m micro-batches; each
 parameter's hook counts its accumulations and a bucket is reduced once all its parameters have
@@ -381,15 +381,12 @@ class GradReducer:
         and accumulating into it (write 4, then read 8 and write 4); a parameter that gets no gradient is
         zeroed in :meth:`finish` before its bucket is reduced."""
         for b in self.buckets + ([self.deferred] if self.deferred else []):
-            if self.keep_full:
-                for p in b.params:
-                    p.grad = None
-            else:
+            for p in b.params:
+                p.grad = None
+            if not self.keep_full:
                 b.flat_grad = None                       # shard_grad stays: the next reduction's output
                 if self.local:                           # (none while 1-bit Adam reduces nothing here)
                     b.shard_grad = None
-                for p in b.params:
-                    p.grad = None
         self.reset()
 
     def remove(self) -> None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from parallel.comm import Group, all_gather_into, all_reduce
+from parallel.comm import Group, all_reduce
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
@@ -60,6 +60,7 @@ from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin
 from parallel.zero.unused import agree_unused, local_missing, warn_offload_unused
+from parallel.zero.write_back import WriteBackMixin
 
 __all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
 
@@ -73,7 +74,7 @@ class StepResult:
     nonfinite_skip: bool = False    # skipped by on_nonfinite="skip" (a non-finite gradient, not fp16)
 
 
-class ZeroOptimizer(OffloadMixin, ZeroStateMixin, AccountingMixin):
+class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixin):
     """``ZeroOptimizer(module, optimizer_factory, dp_group, zero=ZeroConfig(), *, precision="fp32",
     grad_clip=None, on_nonfinite="stop", norm_groups=(), init=None, unit_types=None,
     overlap_param_gather=False, loss_scale=None)``
@@ -377,33 +378,3 @@ class ZeroOptimizer(OffloadMixin, ZeroStateMixin, AccountingMixin):
         raise NonFiniteError(f"the loss or gradient is non-finite (gradient norm² parts {parts}); the update was "
                              f"not applied. Check the batch, lower the learning rate, or pass on_nonfinite='skip' "
                              f"(train.on_nonfinite=skip) to skip such steps", parts)
-
-    @torch.no_grad()
-    def _write_back(self) -> None:
-        """Updated masters → the parameters every rank computes with (cast; all-gather stages 1–2)."""
-        self.wait_param_gather()
-        works = []
-        fresh = self._opt_off is None or self._opt_off.materialized    # else step() wrote the params itself
-        for b in reversed(self._all):                          # forward order: first needed, first sent
-            if b.shard_param is not None:                      # stage 3 unit: the shard is all there is
-                if fresh and self._par_off is not None:
-                    self._par_off.update(b, b.master)
-                elif fresh and b.shard_param is not b.master:
-                    b.shard_param.copy_(b.master)
-                continue
-            own = b.flat_param[b.lo:b.hi]
-            if fresh and own.data_ptr() != b.master.data_ptr():
-                own.copy_(b.master)
-            if self.stage > 0:
-                works.append((b, all_gather_into(b.flat_param, own, b.group or self.group, async_op=True)))
-        self._settle_gathers(works)
-
-    def _settle_gathers(self, works: list) -> None:
-        """The parameter all-gathers just posted: left in flight (``overlap_param_gather``: each module's
-        pre-hook waits for its own buckets) or waited for here."""
-        if self.overlap_param_gather:
-            self._pending.update((b, w) for b, w in works if w is not None)
-            return
-        for _, w in works:
-            if w is not None:
-                w.wait()
