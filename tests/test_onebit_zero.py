@@ -32,7 +32,9 @@ def _zero(stage, g, lamb=False, **kw):
     return model, zero
 
 
-def _steps(model, zero, g, lo, hi):
+def _steps(model, zero, g, lo, hi, after_step=None):
+    """Steps lo … hi−1 of the tiny regression (rank r: rows 4r … 4r+3): per step the mean loss and the dp
+    wire bytes (CommStats); ``after_step(model)``, if given, runs after each step (tests/test_zero_one_adam.py)."""
     from parallel.comm import CommStats
     losses, wire = [], []
     for t in range(lo, hi):
@@ -48,6 +50,8 @@ def _steps(model, zero, g, lo, hi):
         d = CommStats.diff(g.stats.snapshot(), before).get("dp", {})
         wire.append(sum(v["wire_bytes"] for v in d.values()))
         losses.append(loss.item())
+        if after_step is not None:
+            after_step(model)
     return losses, wire
 
 

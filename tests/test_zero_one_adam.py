@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from harness import run_ranks
+from test_onebit_zero import _steps as onebit_steps
 
 from parallel.optim.zero_one_adam import ZeroOneAdam, local_interval, var_schedule
 
@@ -63,25 +64,15 @@ def _flat(model):
 
 
 def _steps(model, zero, g, lo, hi):
-    from parallel.comm import CommStats
-    losses, wire, same = [], [], []
-    for t in range(lo, hi):
-        gen = torch.Generator().manual_seed(t)
-        x, y = torch.randn(8, 8, generator=gen), torch.randn(8, 4, generator=gen)
-        x, y = x[4 * g.rank:4 * g.rank + 4], y[4 * g.rank:4 * g.rank + 4]
-        before = g.stats.snapshot()
-        zero.zero_grad()
-        zero.prepare_step(1)
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        zero.step()
-        d = CommStats.diff(g.stats.snapshot(), before).get("dp", {})
-        wire.append(sum(v["wire_bytes"] for v in d.values()))
-        losses.append(loss.item())
+    """test_onebit_zero's loop, plus per step whether every rank holds the same weights."""
+    same = []
+
+    def replicas_equal(model):
         ref = _flat(model)
         other = [torch.empty_like(ref) for _ in range(g.size)]
         torch.distributed.all_gather(other, ref)
         same.append(all(torch.equal(o, ref) for o in other))
+    losses, wire = onebit_steps(model, zero, g, lo, hi, after_step=replicas_equal)
     return losses, wire, same
 
 
