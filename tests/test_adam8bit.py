@@ -135,9 +135,11 @@ def test_dp2_zero_state_bytes_and_resume(stage):
         assert r["load_state_dict"] == r["tail"] and r["load_full_state_dict"] == r["tail"]
 
 
-def _lm(rank, world, name, stage, steps):
+def _lm(rank, world, name, stage, steps, nvme_path=None):
+    """Mean dp loss per step of the char GPT at dp = world, ZeRO ``stage``, Adam with fp32 or int8 moments (with
+    ``nvme_path``: the optimizer offloaded to NVMe there — tests/test_offload_int8.py)."""
     from examples.gpt import GPT, char_dataset
-    from parallel.config import ZeroConfig
+    from parallel.config import OffloadConfig, ZeroConfig
     from parallel.mesh import Mesh
     from parallel.zero import ZeroOptimizer
     g = Mesh(dp=world).group("dp")
@@ -146,7 +148,8 @@ def _lm(rank, world, name, stage, steps):
     model = GPT(vocab_size=96, seq_len=32, n_layer=2, n_head=4, n_embd=32)
     f = {"fp32": lambda ps: torch.optim.Adam(ps, lr=3e-3),
          "int8": lambda ps: Adam8bit(ps, lr=3e-3, decoupled=False)}[name]
-    zero = ZeroOptimizer(model, f, g, ZeroConfig(stage=stage, bucket_mb=1.0))
+    off = OffloadConfig(optimizer="nvme", nvme_path=nvme_path, buffer_mb=0.25) if nvme_path else OffloadConfig()
+    zero = ZeroOptimizer(model, f, g, ZeroConfig(stage=stage, bucket_mb=1.0, offload=off))
     per, G, losses = 16 // world, 16, []
     for t in range(steps):
         idx = range(t * G + rank * per, t * G + (rank + 1) * per)
@@ -160,6 +163,7 @@ def _lm(rank, world, name, stage, steps):
         t_loss = torch.tensor([loss.item()])
         torch.distributed.all_reduce(t_loss)
         losses.append(t_loss.item() / world)
+    zero.close()
     return losses
 
 

@@ -16,6 +16,7 @@ import io
 import pytest
 import torch
 from harness import run_ranks
+from test_adam8bit import _lm as char_lm
 from test_zero import global_batch, loss_of, make_model
 
 from parallel.config import OffloadConfig, ZeroConfig
@@ -124,40 +125,11 @@ def test_int8_offload_equals_int8_zero_quarter_moments_exact_resume(tmp_path):
                     assert io8["disk_bytes_read"] == io8["disk_bytes_written"] < 0.6 * io32["disk_bytes_read"], io8
 
 
-def _lm(rank, world, state, path, steps):
-    from examples.gpt import GPT, char_dataset
-    from parallel.mesh import Mesh
-    from parallel.zero import ZeroOptimizer
-    g = Mesh(dp=world).group("dp")
-    data = char_dataset(seq_len=32)
-    torch.manual_seed(0)
-    model = GPT(vocab_size=96, seq_len=32, n_layer=2, n_head=4, n_embd=32)
-    f = {"fp32": lambda ps: torch.optim.Adam(ps, lr=3e-3),
-         "int8": lambda ps: Adam8bit(ps, lr=3e-3, decoupled=False)}[state]
-    off = OffloadConfig(optimizer="nvme", nvme_path=path, buffer_mb=0.25)
-    zero = ZeroOptimizer(model, f, g, ZeroConfig(stage=2, bucket_mb=1.0, offload=off))
-    per, B, losses = 16 // world, 16, []
-    for t in range(steps):
-        idx = range(t * B + rank * per, t * B + (rank + 1) * per)
-        x = torch.stack([data[i][0] for i in idx])
-        y = torch.stack([data[i][1] for i in idx])
-        zero.zero_grad()
-        zero.prepare_step(1)
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        zero.step()
-        t_loss = torch.tensor([loss.item()])
-        torch.distributed.all_reduce(t_loss)
-        losses.append(t_loss.item() / world)
-    zero.close()
-    return losses
-
-
 @pytest.mark.slow
 def test_char_lm_nvme_offload_int8_loss_within_1pct(tmp_path):
     steps = 100
-    a = run_ranks(_lm, 2, "fp32", str(tmp_path), steps)[0]
-    q = run_ranks(_lm, 2, "int8", str(tmp_path), steps)[0]
+    a = run_ranks(char_lm, 2, "fp32", 2, steps, str(tmp_path))[0]
+    q = run_ranks(char_lm, 2, "int8", 2, steps, str(tmp_path))[0]
     ma, mq = sum(a[-5:]) / 5, sum(q[-5:]) / 5
     print(f"\n8-bit offloaded moments (nvme), char GPT dp=2 ZeRO-2 seed 0: loss (mean of steps {steps - 4}-{steps}) "
           f"fp32 {ma:.4f}, int8 {mq:.4f} ({(mq - ma) / ma:+.2%}); first {a[0]:.4f}")
