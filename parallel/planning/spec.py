@@ -120,6 +120,8 @@ class Hardware:
     flops_at: tuple = ()            # ((tokens per micro-batch, FLOP/s), ...): the rate measured at that size
     chain_wait_s: float = 0.0       # stage 3 on CPU ranks: per blocking unit collective, beyond its latency
     chain_bandwidth: tuple = ()     # ((op, bytes/s), ...): an op's bandwidth inside such a chain; else `bw(op)`
+    call_wait_s: float = 0.0        # tp on CPU ranks: per blocking collective issued from running compute, beyond
+                                    # its isolated latency (time_terms.tp_waits: the calibrated pair's δ)
     split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ a plain B's at that size
 
     def bw(self, op: str) -> float:
