@@ -308,7 +308,7 @@ def _rank(rank, world, port, opts, q):
                 fn = ab_interleave if opts["ab_interleave"] else ab_keep if opts["ab_keep"] else ab_buffers
                 res[name] = fn(row, opts["steps"])
             else:
-                res[name] = profile_row(row, opts["steps"], opts["ops"], timers)   # every rank: the step has collectives
+                res[name] = profile_row(row, opts["steps"], opts["ops"], timers)   # every rank: collectives
             del row
         if rank == 0:
             q.put(res)
