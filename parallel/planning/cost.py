@@ -196,6 +196,9 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         tp: dict = {}
         for op, (calls, payload) in tp_per_micro(spec, lay, e - a, k == 0, k == S - 1, mb, b).items():
             add_op(tp, "tp", op, calls, payload, lay.tp)
+        rec = recomputed_blocks(lay, tr, a, e)            # a recomputed block's forward: its 2 tp collectives again
+        for op in ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",):
+            add_op(tp, "tp", op, 2 * rec, 2 * rec * mb * s * h * b, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
         hops = (k < S - 1 and lay.owner(k + 1) != lay.owner(k)) + (k > 0 and lay.owner(k - 1) != lay.owner(k))
         p2p = hops * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
