@@ -22,7 +22,13 @@ Figures (a flat dict, so start and end compare key by key):
   model's wire bytes per rank: all-reduce
   2(N−1)/N·M, reduce-scatter and all-gather (N−1)/N·M, send-recv M (each rank sends M to its right
   neighbour while receiving M from its left). The ring's all-reduce is its reduce-scatter then
-  all-gather. Each timing is the slowest rank's (max over ranks), median over repeats.
+  all-gather. Each timing is the slowest rank's (max over ranks), median over repeats;
+* ``chain.gloo.all_reduce``: the seconds a blocking gloo all-reduce of one tp activation (``per``·N sequences ×
+  s × h fp32: the tp rows' message, ``chain_bytes``) adds when issued right after compute, as Megatron's f/g
+  operators issue it — :data:`CHAIN_CALLS` × (a tp-split MLP matmul, then the all-reduce) minus the same matmuls
+  alone, per call. Against ``lat`` + wire / ``bw`` of the isolated call it measures directly the excess that the
+  planner charges each blocking tp collective (parallel/planning/time_terms.py, tp_waits: the ring pair's δ);
+  benchmarks/proto_report.py prints both.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ import torch.distributed as dist
 from parallel.comm.collectives import Group
 from parallel.comm.ring import ring_all_gather, ring_reduce_scatter
 
-__all__ = ["calibrate", "WIRE", "OPS"]
+__all__ = ["calibrate", "chained_all_reduce", "WIRE", "OPS", "CHAIN_CALLS"]
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
         "all_gather": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
@@ -110,6 +116,29 @@ def _op_fn(impl: str, op: str, numel: int, group: Group):
         rs()
         ag()
     return {"all_reduce": ar, "reduce_scatter": rs, "all_gather": ag}[op], numel * 4
+
+
+CHAIN_CALLS = 16
+
+
+def chained_all_reduce(kw: dict, per: int, reps: int = 5) -> tuple:
+    """(seconds per call, message bytes) of ``chain.gloo.all_reduce`` (module docstring)."""
+    n = dist.get_world_size()
+    tokens, h = per * n * kw["seq_len"], kw["n_embd"]
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(tokens, h, generator=g), torch.randn(h, 4 * h // n, generator=g)
+    x = torch.zeros(tokens * h)                  # zeros: repeated sums stay finite
+
+    def compute():
+        for _ in range(CHAIN_CALLS):
+            torch.mm(a, w)
+
+    def chain():
+        for _ in range(CHAIN_CALLS):
+            torch.mm(a, w)
+            dist.all_reduce(x)
+    t_chain = _timed(chain, reps)
+    return (t_chain - _timed(compute, reps)) / CHAIN_CALLS, x.numel() * 4
 
 
 def train_rate(kw: dict, per: int, reps: int = 5) -> float:
@@ -198,4 +227,5 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
         out[f"lat.{impl}.{op}"] = lat
         out[f"bw.{impl}.{op}"] = WIRE[op](n) * m / t
         out["comm_bytes"] = m                              # M: the message the bandwidths were taken at
+    out["chain.gloo.all_reduce"], out["chain_bytes"] = chained_all_reduce(kw, per, reps)
     return out

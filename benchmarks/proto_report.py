@@ -105,6 +105,16 @@ def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
     return wait, ((("reduce_scatter", b), ("all_gather", b)) if impl == "ring" else ())
 
 
+def tp_wait(cal: dict, world: int) -> tuple | None:
+    """(the measured excess of a blocking tp all-reduce issued after compute, the ring pair's δ that the planner
+    charges per tp call: time_terms.tp_waits), seconds: ``chain.gloo.all_reduce`` (benchmarks/proto_calib.py) minus
+    the isolated call's latency + wire / bandwidth at its ``chain_bytes``. None for records before the figure."""
+    if "chain.gloo.all_reduce" not in cal:
+        return None
+    iso = cal["lat.gloo.all_reduce"] + 2 * (world - 1) / world * cal["chain_bytes"] / cal["bw.gloo.all_reduce"]
+    return cal["chain.gloo.all_reduce"] - iso, 2 * chain_hardware(cal, "gloo", world)[0]
+
+
 def model_spec(kw: dict) -> ModelSpec:
     return ModelSpec(n_layer=kw["n_layer"], hidden=kw["n_embd"], heads=kw["n_head"], vocab=kw["vocab_size"],
                      seq=kw["seq_len"])
@@ -177,7 +187,7 @@ def analyse(rec: dict, n_boot: int = 2000) -> dict:
     drift = st.drift(rec["calib_start"], rec["calib_end"])          # every figure's change, for the record
     sd = step_drift(rec)
     drift.update(figures_flag=drift["flag"], flag=sd["flag"], step=sd["rows"])
-    return {"rows": rows, "aa": aa, "noise_w": w, "drift": drift, "calib": cal}
+    return {"rows": rows, "aa": aa, "noise_w": w, "drift": drift, "calib": cal, "world": rec["world"]}
 
 
 def _calib_lines(an: dict) -> list:
@@ -189,6 +199,12 @@ def _calib_lines(an: dict) -> list:
         if k.startswith("bw."):
             op = k[3:]
             out.append(f"  {op:22s} latency {c['lat.' + op] * 1e6:8.1f} us, bus bandwidth {c[k] / 1e9:6.2f} GB/s")
+    tw = tp_wait(c, an.get("world", 2))
+    if tw:
+        out.append(f"  a blocking gloo all-reduce of {c['chain_bytes'] / 1e3:.0f} kB right after compute (tp's f/g): "
+                   f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
+                   f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
+                   f"δ = {tw[1] * 1e3:.2f} ms")
     d = an["drift"]
     worst = max(d["change"].items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
     step = max(d.get("step", {}).items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))

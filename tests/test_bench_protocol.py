@@ -244,6 +244,8 @@ def test_protocol_smoke_two_ranks():
     assert an["rows"]["zero1"]["bytes"]["equal"] and an["rows"]["zero3"]["bytes"]["equal"]
     assert an["aa"] is not None and an["rows"]["zero3"]["vs"]["ddp"]["verdict"] in ("tie", "faster", "slower")
     assert "noise band" in text(rec, an)
+    # the tp chain figure (proto_calib.chained_all_reduce): one tp activation, per · world sequences × s × h fp32
+    assert rec["calib_start"]["chain_bytes"] == 2 * 2 * s * h * 4 and "right after compute" in text(rec, an)
     md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
     assert "| zero1 |" in md and "gloo-specific" in md
 
