@@ -70,22 +70,24 @@ def _fig(cal: dict, kind: str, impl: str, op: str, world: int) -> float:
 def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Hardware:
     """The planner's Hardware from calibrated figures: compute at the measured forward+backward rate
     (``train_flops``; ``train_flops@m``, where calibrated, for micro-batches of m sequences of ``seq`` tokens:
-    the pipeline rows'), per-op latency and bus bandwidth, memory bandwidth; ``impl`` = "ring" puts
-    reduce-scatter and all-gather on our ring (as our rows run them at bucket sizes); the ring pair's excess δ
-    (:func:`chain_hardware`) per stage-3 unit collective (δ/2) and per blocking tp collective (δ: time_terms,
-    tp_waits). The protocol pins
-    every thread of a rank, gloo's included, to one core: collectives share it with compute."""
+    the pipeline rows'; ``train_flops.tp<t>@m`` at the tp-split shapes: the tp rows'), per-op latency and bus
+    bandwidth, memory bandwidth; ``impl`` = "ring" puts reduce-scatter and all-gather on our ring (as our rows
+    run them at bucket sizes); the ring pair's excess δ (:func:`chain_hardware`) per stage-3 unit collective
+    (δ/2) and per blocking tp collective (δ: time_terms, tp_waits). The protocol pins every thread of a rank,
+    gloo's included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
     ops = list(_PLANNER_OP.items())
     per = {int(k.split("@")[1]): v for k, v in cal.items() if k.startswith("train_flops@")}
+    tps = {(int(k[len("train_flops.tp"):].split("@")[0]), int(k.split("@")[1]) * seq): v for k, v in cal.items()
+           if k.startswith("train_flops.tp")}                     # the tp-split shapes' rate (records since it)
     wait, chain = chain_hardware(cal, impl, world)
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
     return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per stage-3 call, δ per tp call
                     chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
                     peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
-                    flops_at=tuple((m * seq, v) for m, v in per.items()),
+                    flops_at=tuple((m * seq, v) for m, v in per.items()), tp_flops=tuple(tps.items()),
                     bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
                     latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
                     op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),

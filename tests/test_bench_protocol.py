@@ -227,6 +227,19 @@ def test_stage3_chain_terms_out_of_sample():
         assert abs(v - 1) <= band, (k, v, got)
 
 
+def test_tp_replica_has_one_tp_ranks_shapes():
+    """The calibration's tp=2 compute replica (proto_calib.tp_replica) holds 1/t of every matmul weight of the
+    GPT (N/t = (12·L·h² + V·h)/t, the head tied to the V/t embedding slice) and its rate runs without ranks."""
+    from benchmarks.proto_calib import tp_replica, tp_train_rate
+    kw = {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 64, "seq_len": 16}
+    m, t = tp_replica(kw, 2), 2
+    h, L, V = kw["n_embd"], kw["n_layer"], kw["vocab_size"]
+    mats = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and n != "wpe.weight")
+    assert mats == (12 * L * h * h + V * h) // t and m.lm_head.weight is m.wte.weight
+    assert all(b.attn.n_head == kw["n_head"] // t for b in m.blocks)
+    assert tp_train_rate(kw, 2, t, reps=1) > 0
+
+
 def _smoke(rank, world):
     sys.path.insert(0, ROOT)
     from benchmarks.proto_run import run_rank

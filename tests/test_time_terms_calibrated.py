@@ -65,6 +65,20 @@ def test_tp_collectives_wait_per_call():
     assert dp[0.0] == dp[2.5e-3]                                              # no tp collective: no wait
 
 
+def test_tp_split_rate_moves_only_tp_compute():
+    # Hardware.tp_flops: the rate per rank at the tp-split shapes, keyed (tp, tokens per micro-batch)
+    free = dict(peak_flops=1e10, bandwidth=float("inf"), latency_s=0.0)
+    tr, lay = TrainSpec(8), Layout(tp=2)                      # one micro-batch of 8 × 32 tokens
+    base = predict(SPEC, lay, tr, Hardware(**free)).step_s
+    half = predict(SPEC, lay, tr, Hardware(**free, tp_flops=(((2, 256), 5e9),))).step_s
+    assert half == pytest.approx(2 * base, rel=1e-12)          # only compute: no bandwidth, latency or memory term
+    assert predict(SPEC, lay, tr, Hardware(**free, tp_flops=(((2, 128), 5e9),))).step_s == base     # another size
+    assert predict(SPEC, lay, tr, Hardware(**free, tp_flops=(((4, 256), 5e9),))).step_s == base     # another tp
+    one = Layout(dp=1)
+    assert predict(SPEC, one, tr, Hardware(**free, tp_flops=(((2, 256), 5e9),))).step_s == \
+        predict(SPEC, one, tr, Hardware(**free)).step_s
+
+
 def test_split_fractions_per_action():
     frac = {"F": 1 / 3, "B": 2 / 3, "I": 1 / 3, "W": 1 / 3}
     split = (0.6, 0.9)                                         # I and W seconds ÷ a plain B's

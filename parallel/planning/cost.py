@@ -14,7 +14,8 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
 
 Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it;
 plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
-/ the rate at the micro-batch's token count (``Hardware.rate``: measured there, else the peak), plus its
+/ the rate at the micro-batch's token count (``Hardware.rate``: measured there — at the tp-split shapes under
+tp where calibrated — else the peak), plus its
 tp traffic at the given latency and bandwidth, plus on CPU ranks a wait per blocking tp collective
 (:func:`parallel.planning.time_terms.tp_waits`) (MoE: the ep all-to-alls and the routing's blocking control
 collectives, :func:`parallel.planning.moe.routing_control_per_micro`); the schedule is simulated with
@@ -209,7 +210,7 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
             for op, (calls, payload) in ops.items():       # MoE routing's blocking control collectives
                 add_op(tp, axis, op, calls, payload, lay.cp if axis == "control:cp" else lay.ep)
         cp = cp_seconds(spec, lay, tr, [k], bounds, mb, hw, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
-        stage.append(flops / hw.rate(mb * s) + sum(seconds(ops, hw) for ops in tp.values()) + p2p + cp
+        stage.append(flops / hw.rate(mb * s, lay.tp) + sum(seconds(ops, hw) for ops in tp.values()) + p2p + cp
                      + tp_waits(tp.get("tp", {}), hw))
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
