@@ -163,7 +163,7 @@ def test_planner_time_model_on_the_model_parallel_run():
         got.update({f"{rec['size']}/{n}": r["pred_over_measured"] for n, r in an["rows"].items()})
         cal, L = calib_mean(rec), rec["model"]["n_layer"]
         delta = cal["lat.ring.all_reduce"] - cal["lat.ring.reduce_scatter"] - cal["lat.ring.all_gather"]
-        assert 2e-3 < delta < 3e-3 and hardware(cal).call_wait_s == pytest.approx(delta, rel=1e-12)
+        assert delta > 0 and hardware(cal).call_wait_s == pytest.approx(delta, rel=1e-12)   # 2.89 / 2.29 ms here
         # our tp row's collectives, counted by CommStats in the run: 4 per block, embedding forward, head
         # backward, the loss's 2 (one micro-batch) and the step's grad-norm all-reduce
         assert rec["rows"]["tp_ours"]["comm_axes"]["tp"]["all_reduce"]["calls"] == 4 * L + 5
@@ -181,7 +181,8 @@ def test_planner_time_model_on_the_model_parallel_run():
     assert len(got) == 12
     bad = {k: round(v, 3) for k, v in got.items() if abs(v - 1) > 0.15}
     assert not bad, f"planner ÷ measured outside 1 ± 0.15: {bad} (all: {got})"
-    assert all(v < 0.85 for v in without.values()), without          # the term is what brings tp in
+    # the term is what brings tp in: without it 0.56 / 0.84 (tp_ours), 0.49 / 0.75 (tp_dtensor) on this record
+    assert all(got[k] - v > 0.1 for k, v in without.items()), (got, without)
 
 
 def test_tp_wait_out_of_sample():
