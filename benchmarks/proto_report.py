@@ -202,6 +202,10 @@ def _calib_lines(an: dict) -> list:
             op = k[3:]
             out.append(f"  {op:22s} latency {c['lat.' + op] * 1e6:8.1f} us, bus bandwidth {c[k] / 1e9:6.2f} GB/s")
     tw = tp_wait(c, an.get("world", 2))
+    delta = 2 * chain_hardware(c, "gloo", an.get("world", 2))[0]
+    if delta and not tw:
+        out.append(f"  the ring pair's excess δ = {delta * 1e3:.2f} ms: the planner charges it per blocking tp "
+                   f"collective (δ/2 per stage-3 unit collective)")
     if tw:
         out.append(f"  a blocking gloo all-reduce of {c['chain_bytes'] / 1e3:.0f} kB right after compute (tp's f/g): "
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "

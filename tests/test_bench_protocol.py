@@ -307,6 +307,7 @@ def test_model_parallel_peer_rows_two_ranks():
     from benchmarks.proto_report import analyse
     rec = run_ranks(_smoke_mp, 2, timeout=600)[0]
     assert not rec["skipped"] and max(rec["loss_gap"].values()) <= 1e-5, rec["loss_gap"]
+    assert rec["calib_start"]["train_flops.tp2@4"] > 0            # the tp rows' compute rate: 2 × 2 sequences
     kw = rec["model"]
     act = 2 * 2 * kw["seq_len"] * kw["n_embd"] * 4                  # the global batch's activations, fp32
     tp = rec["rows"]["tp_dtensor"]["comm"]["all_reduce"]
