@@ -81,10 +81,12 @@ without the term, per tp call, 2.51 ms at 5M (29 calls) and 2.09 ms at 50M (69 c
 δ = 2.89 / 2.29 ms; solving missing = a·calls + c·compute over both sizes gives a = 2.65 ms per call and
 c = −0.07 (no rate deficit): at the tp-split shapes (h → 3h/t, h/t → h, h → 4h/t, 4h/t → h, V/t head, t·per
 sequences) a tp=2-shaped local replica runs forward + backward in 1.01× (5M) / 1.02× (50M) the full model's
-time at per sequences (loaded, paired), so train_flops holds for tp. With δ, planner ÷ measured: tp_ours
-1.05 / 1.01 (was 0.56 / 0.84), tp_dtensor 0.93 / 0.91 (was 0.49 / 0.75; planned as our layout: DTensor's own
-per-op dispatch, its 24 calls instead of 29 and its replicated embedding and head are not modelled). Not
-applied to pipeline p2p (the recorded pp rows do not show it: δ per hop would put the session-7/8 5M m = 8
+time at per sequences (loaded, paired), so train_flops holds for tp (records since this one calibrate that
+replica's rate, ``train_flops.tp<t>@m``, and the planner takes it: ``Hardware.tp_flops``). With δ, planner
+÷ measured: tp_ours 1.05 / 1.01 (was 0.56 / 0.84), tp_dtensor 0.93 / 0.91 (was 0.49 / 0.75; planned as our
+layout: DTensor's own per-op dispatch, its 24 calls instead of 29 and its replicated embedding and head are not
+modelled); with the δ of each other session-7/8 record instead, tp_ours 0.98–1.12 (tests/test_bench_protocol.py).
+Not applied to pipeline p2p (the recorded pp rows do not show it: δ per hop would put the session-7/8 5M m = 8
 rows at 1.29–1.45) nor to dp (launched asynchronously under backward).
 """
 from __future__ import annotations
