@@ -22,7 +22,18 @@ Figures (a flat dict, so start and end compare key by key):
   model's wire bytes per rank: all-reduce
   2(N−1)/N·M, reduce-scatter and all-gather (N−1)/N·M, send-recv M (each rank sends M to its right
   neighbour while receiving M from its left). The ring's all-reduce is its reduce-scatter then
-  all-gather. Each timing is the slowest rank's (max over ranks), median over repeats.
+  all-gather. Each timing is the slowest rank's (max over ranks), median over repeats;
+* ``train_flops.tp<t>@<m>``: the same rate per rank at the tp-split shapes (:func:`tp_replica`: what one of t
+  tensor-parallel ranks multiplies — q/k/v h → 3h/t over n_head/t heads, o h/t → h, MLP h → 4h/t → h, a V/t
+  vocabulary slice of the tied embedding and head — on the m = per·t sequences of the tp rows, no
+  communication): per-rank model FLOPs (per·t sequences × (6N + 12Lhs) ÷ t) ÷ its forward + backward seconds;
+  measured when tp rows run (``tp``), used by the planner for their compute (``Hardware.tp_flops``);
+* ``chain.gloo.all_reduce``: the seconds a blocking gloo all-reduce of one tp activation (``per``·N sequences ×
+  s × h fp32: the tp rows' message, ``chain_bytes``) adds when issued right after compute, as Megatron's f/g
+  operators issue it — :data:`CHAIN_CALLS` × (a tp-split MLP matmul, then the all-reduce) minus the same matmuls
+  alone, per call. Against ``lat`` + wire / ``bw`` of the isolated call it measures directly the excess that the
+  planner charges each blocking tp collective (parallel/planning/time_terms.py, tp_waits: the ring pair's δ);
+  benchmarks/proto_report.py prints both.
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ import torch.distributed as dist
 from parallel.comm.collectives import Group
 from parallel.comm.ring import ring_all_gather, ring_reduce_scatter
 
-__all__ = ["calibrate", "WIRE", "OPS"]
+__all__ = ["calibrate", "chained_all_reduce", "tp_replica", "tp_train_rate", "WIRE", "OPS", "CHAIN_CALLS"]
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
         "all_gather": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
@@ -112,6 +123,59 @@ def _op_fn(impl: str, op: str, numel: int, group: Group):
     return {"all_reduce": ar, "reduce_scatter": rs, "all_gather": ag}[op], numel * 4
 
 
+CHAIN_CALLS = 16
+
+
+def chained_all_reduce(kw: dict, per: int, reps: int = 5) -> tuple:
+    """(seconds per call, message bytes) of ``chain.gloo.all_reduce`` (module docstring)."""
+    n = dist.get_world_size()
+    tokens, h = per * n * kw["seq_len"], kw["n_embd"]
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(tokens, h, generator=g), torch.randn(h, 4 * h // n, generator=g)
+    x = torch.zeros(tokens * h)                  # zeros: repeated sums stay finite
+
+    def compute():
+        for _ in range(CHAIN_CALLS):
+            torch.mm(a, w)
+
+    def chain():
+        for _ in range(CHAIN_CALLS):
+            torch.mm(a, w)
+            dist.all_reduce(x)
+    t_chain = _timed(chain, reps)
+    return (t_chain - _timed(compute, reps)) / CHAIN_CALLS, x.numel() * 4
+
+
+def tp_replica(kw: dict, t: int):
+    """examples/gpt.py's GPT with one tp rank's shapes (module docstring), on one process."""
+    import torch.nn as nn
+
+    from examples.gpt import GPT
+    torch.manual_seed(0)
+    model, h, V = GPT(**kw), kw["n_embd"], kw["vocab_size"]
+    for b in model.blocks:
+        b.attn.qkv, b.attn.proj, b.attn.n_head = nn.Linear(h, 3 * h // t), nn.Linear(h // t, h), b.attn.n_head // t
+        b.mlp.fc, b.mlp.proj = nn.Linear(h, 4 * h // t), nn.Linear(4 * h // t, h)
+    model.wte, model.lm_head = nn.Embedding(V // t, h), nn.Linear(h, V // t, bias=False)
+    model.lm_head.weight = model.wte.weight
+    return model
+
+
+def tp_train_rate(kw: dict, per: int, t: int, reps: int = 5) -> float:
+    """``train_flops.tp<t>@<per·t>`` (module docstring)."""
+    import torch.nn.functional as F
+
+    from parallel.planning.flops import gpt_flops_per_token
+    model, m = tp_replica(kw, t), per * t
+    x = torch.randint(0, kw["vocab_size"] // t, (m, kw["seq_len"]))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    flops = m * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"], kw["vocab_size"])
+    return flops / t / _timed(run, reps)
+
+
 def train_rate(kw: dict, per: int, reps: int = 5) -> float:
     import torch.nn.functional as F
 
@@ -176,13 +240,17 @@ def split_fractions(kw: dict, m: int, reps: int = 5) -> tuple:
     return i / b, w / b
 
 
-def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32, micro=()) -> dict:
+def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32, micro=(),
+              tp=()) -> dict:
     """All figures of the module docstring for model ``kw`` (examples/gpt.py) at ``per`` sequences
-    per rank (and the compute rate at each micro-batch of ``micro``), measured now with every rank running."""
+    per rank (and the compute rate at each micro-batch of ``micro``, at the tp-split shapes of each degree of
+    ``tp``), measured now with every rank running."""
     out = {"matmul_flops": matmul_rate(per * kw["seq_len"], kw["n_embd"], kw["vocab_size"]),
            "mem_bw": mem_bandwidth(mem_mb, 3 * reps), "train_flops": train_rate(kw, per)}
     for m in sorted(set(micro) - {per}):       # short calls, noisy: 3× the repeats (session 7's idle run moved
         out[f"train_flops@{m}"] = train_rate(kw, m, 3 * reps)    # train_flops@1 by −16% from start to end at 5M)
+    for t in sorted(set(tp)):
+        out[f"train_flops.tp{t}@{per * t}"] = tp_train_rate(kw, per, t, reps)
     for m in sorted(set(micro)):
         out[f"split_i@{m}"], out[f"split_w@{m}"] = split_fractions(kw, m, 3 * reps)
     if not dist.is_initialized() or dist.get_world_size() < 2:
@@ -198,4 +266,5 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
         out[f"lat.{impl}.{op}"] = lat
         out[f"bw.{impl}.{op}"] = WIRE[op](n) * m / t
         out["comm_bytes"] = m                              # M: the message the bandwidths were taken at
+    out["chain.gloo.all_reduce"], out["chain_bytes"] = chained_all_reduce(kw, per, reps)
     return out

@@ -70,19 +70,24 @@ def _fig(cal: dict, kind: str, impl: str, op: str, world: int) -> float:
 def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Hardware:
     """The planner's Hardware from calibrated figures: compute at the measured forward+backward rate
     (``train_flops``; ``train_flops@m``, where calibrated, for micro-batches of m sequences of ``seq`` tokens:
-    the pipeline rows'), per-op latency and bus bandwidth, memory bandwidth; ``impl`` = "ring" puts
-    reduce-scatter and all-gather on our ring (as our rows run them at bucket sizes). The protocol pins
-    every thread of a rank, gloo's included, to one core: collectives share it with compute."""
+    the pipeline rows'; ``train_flops.tp<t>@m`` at the tp-split shapes: the tp rows'), per-op latency and bus
+    bandwidth, memory bandwidth; ``impl`` = "ring" puts reduce-scatter and all-gather on our ring (as our rows
+    run them at bucket sizes); the ring pair's excess δ (:func:`chain_hardware`) per stage-3 unit collective
+    (δ/2) and per blocking tp collective (δ: time_terms, tp_waits). The protocol pins every thread of a rank,
+    gloo's included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
     ops = list(_PLANNER_OP.items())
     per = {int(k.split("@")[1]): v for k, v in cal.items() if k.startswith("train_flops@")}
+    tps = {(int(k[len("train_flops.tp"):].split("@")[0]), int(k.split("@")[1]) * seq): v for k, v in cal.items()
+           if k.startswith("train_flops.tp")}                     # the tp-split shapes' rate (records since it)
     wait, chain = chain_hardware(cal, impl, world)
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
-    return Hardware(chain_wait_s=wait, chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
+    return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per stage-3 call, δ per tp call
+                    chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
                     peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
-                    flops_at=tuple((m * seq, v) for m, v in per.items()),
+                    flops_at=tuple((m * seq, v) for m, v in per.items()), tp_flops=tuple(tps.items()),
                     bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
                     latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
                     op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),
@@ -100,6 +105,16 @@ def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
     wire = 2 * (world - 1) / world * cal.get("comm_bytes", 4 * 2 ** 20)
     wait, b = chain_terms(cal[need[0]], cal[need[1]], cal[need[2]], cal[need[3]], wire)
     return wait, ((("reduce_scatter", b), ("all_gather", b)) if impl == "ring" else ())
+
+
+def tp_wait(cal: dict, world: int) -> tuple | None:
+    """(the measured excess of a blocking tp all-reduce issued after compute, the ring pair's δ that the planner
+    charges per tp call: time_terms.tp_waits), seconds: ``chain.gloo.all_reduce`` (benchmarks/proto_calib.py) minus
+    the isolated call's latency + wire / bandwidth at its ``chain_bytes``. None for records before the figure."""
+    if "chain.gloo.all_reduce" not in cal:
+        return None
+    iso = cal["lat.gloo.all_reduce"] + 2 * (world - 1) / world * cal["chain_bytes"] / cal["bw.gloo.all_reduce"]
+    return cal["chain.gloo.all_reduce"] - iso, 2 * chain_hardware(cal, "gloo", world)[0]
 
 
 def model_spec(kw: dict) -> ModelSpec:
@@ -174,7 +189,7 @@ def analyse(rec: dict, n_boot: int = 2000) -> dict:
     drift = st.drift(rec["calib_start"], rec["calib_end"])          # every figure's change, for the record
     sd = step_drift(rec)
     drift.update(figures_flag=drift["flag"], flag=sd["flag"], step=sd["rows"])
-    return {"rows": rows, "aa": aa, "noise_w": w, "drift": drift, "calib": cal}
+    return {"rows": rows, "aa": aa, "noise_w": w, "drift": drift, "calib": cal, "world": rec["world"]}
 
 
 def _calib_lines(an: dict) -> list:
@@ -186,6 +201,16 @@ def _calib_lines(an: dict) -> list:
         if k.startswith("bw."):
             op = k[3:]
             out.append(f"  {op:22s} latency {c['lat.' + op] * 1e6:8.1f} us, bus bandwidth {c[k] / 1e9:6.2f} GB/s")
+    tw = tp_wait(c, an.get("world", 2))
+    delta = 2 * chain_hardware(c, "gloo", an.get("world", 2))[0]
+    if delta and not tw:
+        out.append(f"  the ring pair's excess δ = {delta * 1e3:.2f} ms: the planner charges it per blocking tp "
+                   f"collective (δ/2 per stage-3 unit collective)")
+    if tw:
+        out.append(f"  a blocking gloo all-reduce of {c['chain_bytes'] / 1e3:.0f} kB right after compute (tp's f/g): "
+                   f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
+                   f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
+                   f"δ = {tw[1] * 1e3:.2f} ms")
     d = an["drift"]
     worst = max(d["change"].items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
     step = max(d.get("step", {}).items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))

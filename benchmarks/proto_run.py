@@ -79,7 +79,8 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     kw, per = SIZES[opts["size"]], opts["per_rank_batch"]
     pinned = pin(rank, world, opts.get("threads", 1), opts.get("pin", True))
     calib_kw = dict(kw=kw, per=per, comm_mb=opts.get("comm_mb", 4.0), reps=opts.get("calib_reps", 7),
-                    mem_mb=opts.get("mem_mb", 32), micro=proto_rows.micro_sizes(opts["rows"], per, world))
+                    mem_mb=opts.get("mem_mb", 32), micro=proto_rows.micro_sizes(opts["rows"], per, world),
+                    tp=(world,) if {"tp_ours", "tp_dtensor"} & set(opts["rows"]) else ())   # the tp rows: tp = world
     cal0 = calibrate(**calib_kw)
     rows, skipped = {}, {}
     for name in opts["rows"]:

@@ -13,7 +13,7 @@ from parallel.pipeline.actions import Action  # noqa: E402
 from parallel.planning.cost import _split_frac, seconds  # noqa: E402
 from parallel.planning.planner import predict  # noqa: E402
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec  # noqa: E402
-from parallel.planning.time_terms import chain_seconds, chain_terms, exposed_dp, stage3_waits  # noqa: E402
+from parallel.planning.time_terms import chain_seconds, chain_terms, exposed_dp, stage3_waits, tp_waits  # noqa: E402
 
 SPEC = ModelSpec(n_layer=4, hidden=64, heads=4, vocab=128, seq=32)
 
@@ -40,6 +40,43 @@ def test_stage3_exposes_its_chain():
     assert stage3_waits(ops, 3, "module", hw) == stage3_waits(ops, 2, "block", hw) == 0.0
     from dataclasses import replace
     assert stage3_waits(ops, 3, "block", replace(hw, comm_shares_core=False)) == 0.0
+
+
+def test_tp_collectives_wait_per_call():
+    # tp = 2, no sp, one stage of L = 4 blocks: per micro-batch 4 all-reduces per block, the embedding's forward,
+    # the head's backward and the loss's two: 4·4 + 4 = 20 blocking calls, each + call_wait_s on CPU ranks;
+    # full activation checkpointing re-runs each block's forward: its 2 all-reduces again
+    from dataclasses import replace
+    ops = {"all_reduce": {"calls": 20, "wire_bytes": 1e6}}
+    hw = Hardware(peak_flops=1e10, bandwidth=1e9, latency_s=1e-4, comm_shares_core=True, call_wait_s=2.5e-3)
+    assert tp_waits(ops, hw) == pytest.approx(20 * 2.5e-3, rel=1e-12)
+    assert tp_waits(ops, replace(hw, comm_shares_core=False)) == 0.0        # GPUs: no such wait
+    m = 2
+    for lay, tr, calls in ((Layout(tp=2, micro_batches=m), TrainSpec(8), 20),
+                           (Layout(tp=2, micro_batches=m), TrainSpec(8, activation="full"), 20 + 2 * 4),
+                           (Layout(tp=2, micro_batches=m, sp=True), TrainSpec(8), None),
+                           (Layout(tp=2, micro_batches=m, sp=True), TrainSpec(8, activation="full"), None)):
+        step = {w: predict(SPEC, lay, tr, replace(hw, call_wait_s=w)).step_s for w in (0.0, 2.5e-3)}
+        pred = predict(SPEC, lay, tr, hw)        # the calls the planner counts: each waits (recomputed too)
+        n = sum(c["calls"] for c in pred.comm[0]["tp"].values()) - 1       # − the step's grad-norm all-reduce
+        assert calls is None or n == m * calls
+        assert step[2.5e-3] - step[0.0] == pytest.approx(n * 2.5e-3, rel=1e-9)
+    dp = {w: predict(SPEC, Layout(dp=2), tr, replace(hw, call_wait_s=w)).step_s for w in (0.0, 2.5e-3)}
+    assert dp[0.0] == dp[2.5e-3]                                              # no tp collective: no wait
+
+
+def test_tp_split_rate_moves_only_tp_compute():
+    # Hardware.tp_flops: the rate per rank at the tp-split shapes, keyed (tp, tokens per micro-batch)
+    free = dict(peak_flops=1e10, bandwidth=float("inf"), latency_s=0.0)
+    tr, lay = TrainSpec(8), Layout(tp=2)                      # one micro-batch of 8 × 32 tokens
+    base = predict(SPEC, lay, tr, Hardware(**free)).step_s
+    half = predict(SPEC, lay, tr, Hardware(**free, tp_flops=(((2, 256), 5e9),))).step_s
+    assert half == pytest.approx(2 * base, rel=1e-12)          # only compute: no bandwidth, latency or memory term
+    assert predict(SPEC, lay, tr, Hardware(**free, tp_flops=(((2, 128), 5e9),))).step_s == base     # another size
+    assert predict(SPEC, lay, tr, Hardware(**free, tp_flops=(((4, 256), 5e9),))).step_s == base     # another tp
+    one = Layout(dp=1)
+    assert predict(SPEC, one, tr, Hardware(**free, tp_flops=(((2, 256), 5e9),))).step_s == \
+        predict(SPEC, one, tr, Hardware(**free)).step_s
 
 
 def test_split_fractions_per_action():

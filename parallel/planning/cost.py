@@ -14,8 +14,10 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
 
 Step time (cost model): each stage's micro-batch F+B = its FLOPs (6N + 12Lhs per token, 1/t of it;
 plus one block forward per block activation checkpointing recomputes, :func:`recomputed_blocks`)
-/ the rate at the micro-batch's token count (``Hardware.rate``: measured there, else the peak), plus its
-tp traffic at the given latency and bandwidth (MoE: the ep all-to-alls and the routing's blocking control
+/ the rate at the micro-batch's token count (``Hardware.rate``: measured there — at the tp-split shapes under
+tp where calibrated — else the peak), plus its
+tp traffic at the given latency and bandwidth, plus on CPU ranks a wait per blocking tp collective
+(:func:`parallel.planning.time_terms.tp_waits`) (MoE: the ep all-to-alls and the routing's blocking control
 collectives, :func:`parallel.planning.moe.routing_control_per_micro`); the schedule is simulated with
 F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py; I and W × the calibrated split's cost where
 ``Hardware.split_frac`` has the micro-batch's size: :func:`_split_frac`); pp messages add to their
@@ -47,6 +49,7 @@ from parallel.planning.time_terms import (
     memory_seconds,
     optimizer_moved,
     stage3_waits,
+    tp_waits,
 )
 
 __all__ = ["NORM_BYTES", "OPT_BYTES", "optimizer_seconds", "add_op", "recomputed_blocks", "tp_per_micro",
@@ -194,6 +197,9 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
         tp: dict = {}
         for op, (calls, payload) in tp_per_micro(spec, lay, e - a, k == 0, k == S - 1, mb, b).items():
             add_op(tp, "tp", op, calls, payload, lay.tp)
+        rec = recomputed_blocks(lay, tr, a, e)            # a recomputed block's forward: its 2 tp collectives again
+        for op in ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",):
+            add_op(tp, "tp", op, 2 * rec, 2 * rec * mb * s * h * b, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
         hops = (k < S - 1 and lay.owner(k + 1) != lay.owner(k)) + (k > 0 and lay.owner(k - 1) != lay.owner(k))
         p2p = hops * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
@@ -204,7 +210,8 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
             for op, (calls, payload) in ops.items():       # MoE routing's blocking control collectives
                 add_op(tp, axis, op, calls, payload, lay.cp if axis == "control:cp" else lay.ep)
         cp = cp_seconds(spec, lay, tr, [k], bounds, mb, hw, lambda a_, z_: recomputed_blocks(one, tr, a_, z_))
-        stage.append(flops / hw.rate(mb * s) + sum(seconds(ops, hw) for ops in tp.values()) + p2p + cp)
+        stage.append(flops / hw.rate(mb * s, lay.tp) + sum(seconds(ops, hw) for ops in tp.values()) + p2p + cp
+                     + tp_waits(tp.get("tp", {}), hw))
     if S == 1:
         span, bubble = lay.micro_batches * stage[0], 0.0
     else:

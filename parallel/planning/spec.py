@@ -118,8 +118,11 @@ class Hardware:
     mem_bandwidth: float = 0.0      # bytes/s, STREAM-add counted (planning/time_terms.py); 0: not modelled
     comm_shares_core: bool = False  # collectives copy on the compute core (gloo CPU ranks): time_terms.exposed_dp
     flops_at: tuple = ()            # ((tokens per micro-batch, FLOP/s), ...): the rate measured at that size
+    tp_flops: tuple = ()            # (((tp, tokens per micro-batch), FLOP/s), ...): measured at the tp-split shapes
     chain_wait_s: float = 0.0       # stage 3 on CPU ranks: per blocking unit collective, beyond its latency
     chain_bandwidth: tuple = ()     # ((op, bytes/s), ...): an op's bandwidth inside such a chain; else `bw(op)`
+    call_wait_s: float = 0.0        # tp on CPU ranks: per blocking collective issued from running compute, beyond
+                                    # its isolated latency (time_terms.tp_waits: the calibrated pair's δ)
     split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ a plain B's at that size
 
     def bw(self, op: str) -> float:
@@ -131,8 +134,11 @@ class Hardware:
     def chain_bw(self, op: str) -> float:
         return dict(self.chain_bandwidth).get(op, self.bw(op))
 
-    def rate(self, tokens: int) -> float:
-        """FLOP/s of a forward + backward over ``tokens`` tokens: measured at that size, else ``peak_flops``."""
+    def rate(self, tokens: int, tp: int = 1) -> float:
+        """FLOP/s of a forward + backward over ``tokens`` tokens (model FLOPs ÷ ``tp`` per rank under tensor
+        parallelism): measured at those tp-split shapes, else at that size, else ``peak_flops``."""
+        if tp > 1 and (tp, tokens) in dict(self.tp_flops):
+            return dict(self.tp_flops)[(tp, tokens)]
         return dict(self.flops_at).get(tokens, self.peak_flops)
 
 

@@ -65,6 +65,29 @@ own per-unit work, ~1.1 ms a call, is not in it: tests/test_bench_protocol.py, K
 Session 7's STAGE3_WAIT_S (1.5 ms per call, fitted on the 16:12 record) gave 1.02 / 1.20 for zero3. With separate
 communication hardware (``comm_shares_core`` False: GPUs with their copy engines and NICs) the busy
 part is zero and the rest of :func:`exposed_dp` is the classic overlap model.
+
+Tensor parallel on CPU ranks (:func:`tp_waits`). Megatron's f/g operators (arXiv 1909.08053 §3) block on an
+all-reduce twice per block forward and twice backward, plus the vocabulary-parallel embedding's, head's and
+loss's: each call sits between two pieces of compute, nothing overlaps it, and cost.py adds it whole to the
+micro-batch (latency + wire / gloo's calibrated all-reduce bandwidth). That isolated figure is timed right
+after a barrier, both ranks entering together. A call issued from running work pays more — the same excess δ
+the calibrated ring pair shows: its first op starts after the barrier, its second is issued the moment the
+first returns, and l_pair − l_rs − l_ag = δ is that ONE chained call's excess. So each tp collective adds
+δ (``Hardware.call_wait_s``; stage 3 reads the pair as two chained halves, δ/2 per call with the pair's
+incremental bandwidth b_chain, above — for tp's gloo all-reduce there is no chained bandwidth figure, so it
+keeps gloo's own and the pair's whole δ). Evidence, session 8's idle model-parallel record
+(benchmarks/results/protocol_mp_2026-12-04_session8.json, 2 ranks × 1 thread): what the planner missed
+without the term, per tp call, 2.51 ms at 5M (29 calls) and 2.09 ms at 50M (69 calls), against that run's
+δ = 2.89 / 2.29 ms; solving missing = a·calls + c·compute over both sizes gives a = 2.65 ms per call and
+c = −0.07 (no rate deficit): at the tp-split shapes (h → 3h/t, h/t → h, h → 4h/t, 4h/t → h, V/t head, t·per
+sequences) a tp=2-shaped local replica runs forward + backward in 1.01× (5M) / 1.02× (50M) the full model's
+time at per sequences (loaded, paired), so train_flops holds for tp (records since this one calibrate that
+replica's rate, ``train_flops.tp<t>@m``, and the planner takes it: ``Hardware.tp_flops``). With δ, planner
+÷ measured: tp_ours 1.05 / 1.01 (was 0.56 / 0.84), tp_dtensor 0.93 / 0.91 (was 0.49 / 0.75; planned as our
+layout: DTensor's own per-op dispatch, its 24 calls instead of 29 and its replicated embedding and head are not
+modelled); with the δ of each other session-7/8 record instead, tp_ours 0.98–1.12 (tests/test_bench_protocol.py).
+Not applied to pipeline p2p (the recorded pp rows do not show it: δ per hop would put the session-7/8 5M m = 8
+rows at 1.29–1.45) nor to dp (launched asynchronously under backward).
 """
 from __future__ import annotations
 
@@ -72,7 +95,7 @@ from parallel.planning.spec import Hardware
 
 __all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "DIVIDE_MOVED", "ACCUM_MOVED",
            "NORM_MOVED", "BUSY_PER_WIRE", "chain_terms", "chain_seconds", "stage3_waits", "memory_seconds",
-           "optimizer_moved", "busy_seconds", "exposed_dp"]
+           "optimizer_moved", "busy_seconds", "exposed_dp", "tp_waits"]
 
 COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
 OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
@@ -151,3 +174,11 @@ def stage3_waits(dp_ops: dict, zero: int, units: str, hw: Hardware) -> float:
     if zero < 3 or units != "block" or not hw.comm_shares_core:
         return 0.0
     return hw.chain_wait_s * sum(dp_ops.get(op, {}).get("calls", 0) for op in ("all_gather", "reduce_scatter"))
+
+
+def tp_waits(tp_ops: dict, hw: Hardware) -> float:
+    """Blocking tp collectives ``tp_ops`` ({op: {calls}}) of one micro-batch on CPU ranks: ``hw.call_wait_s``
+    (δ) per call (module docstring); 0 with separate communication hardware."""
+    if not hw.comm_shares_core:
+        return 0.0
+    return hw.call_wait_s * sum(c["calls"] for c in tp_ops.values())
