@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from parallel.comm import Group, all_reduce
+from parallel.comm import Group
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
@@ -59,7 +59,7 @@ from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin
-from parallel.zero.unused import agree_unused, local_missing, warn_offload_unused
+from parallel.zero.unused import ALL, agree_unused, local_missing
 from parallel.zero.write_back import WriteBackMixin
 
 __all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
@@ -151,6 +151,8 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
                                    self.prec.param_dtype, keep_full_grads=self.stage < 2, deferred=self.deferred,
                                    on_grad=self.stage3.on_grad if self.stage3 else None,
                                    on_reduced=self._update_early if early else None)
+        if self.stage == 0:                            # the unused-parameter flag rides in the last bucket's all-reduce
+            self.reducer.carry_unused(lambda g: local_missing(self.buckets, g, self.group))
 
     # --- construction -----------------------------------------------------------------------------
     def _adopt(self, module, init, simulate: bool = False) -> list:
@@ -314,10 +316,10 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         v = grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups, count)
         if self.simulated:                             # meta tensors (launch.simulate): bytes only, no verdict
             return v
-        if self.stage == 0 and self.group.size > 1:    # no dp norm reduction to ride on: 8 bytes, control channel
-            all_reduce(count, self.group.control())
-        if agree_unused(self.buckets, self.group, int(count[0])) and self._opt_off is not None:
-            warn_offload_unused(self)
+        totals = {ALL: float(count[0])}                # stage ≥ 1: the dp sum; stage 0: this rank's own count
+        if self.stage == 0:                            # (for groups of one rank), the carriers' sums for the rest
+            totals.update(self.reducer.unused_totals())
+        agree_unused(self.buckets, self.group, totals)
         return v
 
     def step(self) -> StepResult:
