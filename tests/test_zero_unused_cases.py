@@ -187,3 +187,64 @@ def test_stage0_unused_flag_rides_in_the_last_bucket():
             c = ctl["all_reduce"]
             assert list(ctl) == ["all_reduce"] and (c["calls"], c["payload_bytes"]) == (1, 56), ctl
         assert sorted(unused) == (["extra.bias", "extra.weight"] if t == 0 else []), (t, unused)
+
+
+def _onebit(rank, world):
+    import warnings
+
+    from parallel.config import ZeroConfig
+    from parallel.mesh import Mesh
+    from parallel.optim.onebit_adam import OneBitAdam
+    from parallel.optim.onebit_lamb import OneBitLamb
+    from parallel.optim.zero_one_adam import ZeroOneAdam
+    from parallel.zero import ZeroOptimizer
+    cases = {"adam_warmup": (lambda ps: OneBitAdam(ps, lr=1e-2, weight_decay=0.1, freeze_step=5), True),
+             "lamb_warmup": (lambda ps: OneBitLamb(ps, lr=1e-2, weight_decay=0.1, freeze_step=5), True),
+             "zero_one": (lambda ps: ZeroOneAdam(ps, lr=1e-2, weight_decay=0.1), True),      # local from step 1
+             "adam_compressed": (lambda ps: OneBitAdam(ps, lr=1e-2, weight_decay=0.1, freeze_step=1), False)}
+    out = {}
+    for name, (factory, never) in cases.items():
+        torch.manual_seed(0)
+        model = Net()
+        model.data_branch = False
+        del model.side
+        if not never:                    # every parameter used at the warm-up step, .extra missing afterwards
+            del model.never
+        zero = ZeroOptimizer(model, factory, Mesh(dp=world).group("dp"), ZeroConfig(stage=0))
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            _run(model, zero, rank, before=lambda t, m=model: setattr(m, "step", int(t == 0)))
+        out[name] = [str(w.message) for w in got if "no gradient" in str(w.message)]
+    return out
+
+
+def test_onebit_family_warns_that_it_moves_parameters_without_gradient():
+    """1-bit Adam / LAMB and 0/1 Adam keep one step count (and one compressed momentum) for the model: they
+    cannot skip a parameter as torch does, and say so once, naming it — agreed over dp in warm-up, this rank's
+    own in the compressed phase (no collective added there)."""
+    res = run_ranks(_onebit, 2, timeout=150)
+    for r in range(2):
+        for name, msgs in res[r].items():
+            assert len(msgs) == 1, (r, name, msgs)
+            where = "on any dp rank" if name.endswith("warmup") else "on this dp rank"
+            assert where in msgs[0] and ("extra" if name == "adam_compressed" else "never.bias") in msgs[0], msgs
+            assert "optimizer.name adamw" in msgs[0]
+
+
+def test_tied_copy_without_gradient_warns():
+    """The tied weights' pp sum does not carry whether a stage had a gradient: a stage copy without one warns."""
+    import pytest
+
+    from parallel.comm import Group
+    from parallel.pipeline.split import split_model, sync_tied_grads
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, nn.Linear(8, 8), nn.Tanh(), head)
+    a, = split_model(model, 0, 2)
+    b, = split_model(model, 1, 2)
+    x = torch.randint(0, 16, (2, 5))
+    b(a(x).detach().requires_grad_()).square().mean().backward()      # stage 0's backward not run: no gradient
+    with pytest.warns(UserWarning, match="tied weight 0: its copy on the first pipeline stage got no gradient"):
+        sync_tied_grads([a, b], Group(None, "pp", (0,), 0))
+    assert torch.equal(a[0].weight.grad, b[-1].weight.grad)

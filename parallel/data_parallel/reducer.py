@@ -43,6 +43,7 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.comm.ring import release_scratch, use_ring
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.data_parallel.unused_flag import place_carriers, with_flag
 
 __all__ = ["GradReducer", "KEEP_BUFFERS"]
 
@@ -77,7 +78,6 @@ class GradReducer:
         self.max_inflight, self.auto_reset = max_inflight, auto_reset
         self.expected = 1
         self.local = False                               # set by ZeRO for 1-bit Adam: hooks reduce nothing
-        self._missing = None                             # stage 0: the unused-parameter flag's carriers (below)
         self._sync = True
         self._where = {}
         self._pos = {id(b): i for i, b in enumerate(self.buckets)}
@@ -143,43 +143,7 @@ class GradReducer:
             return
         self.buckets = [self.buckets[i] for i in self._observed]
         self._pos = {id(b): i for i, b in enumerate(self.buckets)}
-        if self._missing is not None:
-            self._place_carriers()
-
-    # --- the unused-parameter flag (parallel/zero/unused.py), stage 0 --------------------------------------
-    def carry_unused(self, missing) -> None:
-        """All-reduce mode: the last bucket reduced over each group of more than one rank carries, in one
-        extra element of its all-reduce, whether this rank missed a gradient for a parameter of that group's
-        buckets (``missing(group)``: the count, :func:`parallel.zero.unused.local_missing`); the sum over the
-        group tells every rank whether some rank missed one — no collective of its own (it was an 8-byte
-        all-reduce per step). The count is final when that bucket launches: buckets launch in order, so it
-        launches from a hook only if every bucket of its group before it did, all complete, and otherwise from
-        :meth:`finish`, after backward. Costs one element of memory and wire per such group."""
-        self._missing = missing
-        self._place_carriers()
-
-    def _place_carriers(self) -> None:
-        """Give each group's last bucket in launch order (the deferred bucket last of all) a flat gradient of
-        ``padded + 1`` elements (``b.wire``; ``b.flat_grad`` its first ``padded``), the others ``padded``."""
-        order = self.buckets + ([self.deferred] if self.deferred else [])
-        last = {id(b.group or self.group): b for b in order if (b.group or self.group).size > 1}
-        carriers = set(map(id, last.values()))
-        for b in order:
-            want = id(b) in carriers
-            if want == (getattr(b, "wire", None) is not None):
-                continue
-            buf = torch.zeros(b.padded + want, dtype=b.flat_grad.dtype, device=b.flat_grad.device)
-            buf[:b.padded].copy_(b.flat_grad)
-            b.wire, b.flat_grad = (buf if want else None), buf[:b.padded]
-            for p, v in zip(b.params, b.views(b.flat_grad)):
-                if p.grad is not None:
-                    p.grad = v
-
-    def unused_totals(self) -> dict:
-        """After :meth:`finish`: {id(group): how many ranks of the group missed a gradient} for the groups
-        with a carrier (see :meth:`carry_unused`)."""
-        order = self.buckets + ([self.deferred] if self.deferred else [])
-        return {id(b.group or self.group): float(b.wire[-1]) for b in order if getattr(b, "wire", None) is not None}
+        place_carriers(self)                     # stage 0's unused-parameter flag moves to the new last bucket
 
     def prepare_step(self, num_micro_batches: int = 1) -> None:
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
@@ -309,10 +273,7 @@ class GradReducer:
         if div > 1 and not self._divides_after(g):
             g.div_(div)
         if self.mode == "all_reduce":
-            if getattr(b, "wire", None) is not None:     # the unused-parameter flag rides along (carry_unused)
-                b.wire[-1] = float(self._missing(group) > 0)
-                g = b.wire
-            work, out = comm.all_reduce(g, group, async_op=True), None
+            work, out = comm.all_reduce(with_flag(self, b, group, g), group, async_op=True), None   # unused_flag
         else:
             if self.keep_full and use_ring(group, g):   # stage 1: the ring reduces its own chunk in place
                 out = g[b.lo:b.hi]

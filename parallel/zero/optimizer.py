@@ -46,6 +46,7 @@ from parallel.comm import Group
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
+from parallel.data_parallel.unused_flag import carry_unused, unused_totals
 from parallel.moe.zero_buckets import expert_buckets, expert_units, split_expert_params
 from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
@@ -59,7 +60,7 @@ from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin
-from parallel.zero.unused import ALL, agree_unused, local_missing
+from parallel.zero.unused import ALL, agree_unused, local_missing, warn_onebit_unused
 from parallel.zero.write_back import WriteBackMixin
 
 __all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
@@ -152,7 +153,7 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
                                    on_grad=self.stage3.on_grad if self.stage3 else None,
                                    on_reduced=self._update_early if early else None)
         if self.stage == 0:                            # the unused-parameter flag rides in the last bucket's all-reduce
-            self.reducer.carry_unused(lambda g: local_missing(self.buckets, g, self.group))
+            carry_unused(self.reducer, lambda g: local_missing(self.buckets, g, self.group))
 
     # --- construction -----------------------------------------------------------------------------
     def _adopt(self, module, init, simulate: bool = False) -> list:
@@ -318,15 +319,18 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
             return v
         totals = {ALL: float(count[0])}                # stage ≥ 1: the dp sum; stage 0: this rank's own count
         if self.stage == 0:                            # (for groups of one rank), the carriers' sums for the rest
-            totals.update(self.reducer.unused_totals())
-        agree_unused(self.buckets, self.group, totals)
+            totals.update(unused_totals(self.reducer))
+        if agree_unused(self.buckets, self.group, totals):
+            warn_onebit_unused(self, compressed=False)
         return v
 
     def step(self) -> StepResult:
         """Unscale, check for a non-finite gradient (fp16 overflow, else ``on_nonfinite``), clip to
         ``grad_clip``, update, write back, gather."""
         if self.reducer.local:                         # 1-bit Adam's compressed phase
-            return onebit_step(self, StepResult)
+            result = onebit_step(self, StepResult)
+            warn_onebit_unused(self, compressed=True)
+            return result
         self.finish_grad_sync()
         inv = 1.0 / self.scaler.scale
         for b in self._all:

@@ -24,8 +24,12 @@ Optimizer offload (:mod:`.optimizer_offload`) skips them too: a bucket this rank
 updated early (inside backward) but in ``step()``, where the unused pieces are left out and keep their own step
 counts (torch's per-parameter ``step``), as one process.
 
-Not covered here: ZeRO-3 regions (their buckets agree in :meth:`GradReducer._launch_late`) and the tied-parameter
-bucket reduced after the pipeline's sum (``deferred``).
+ZeRO-3 regions agree in :meth:`GradReducer._launch_late` instead. Two cases cannot be exact and warn with the
+reason (never silently): the 1-bit family (1-bit Adam / LAMB, 0/1 Adam: one step count and, after warm-up, one
+compressed momentum for the whole model — a parameter without a gradient counts as a zero gradient, as these
+optimizers do on one process; :func:`warn_onebit_unused`) and the tied weights reduced after the pipeline's sum
+(``deferred``: the pp exchange carries the summed gradient, not whether a stage had one;
+:func:`parallel.pipeline.split.sync_tied_grads` warns when a stage's copy got none).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import torch
 
 from parallel import comm
 
-__all__ = ["eligible", "local_missing", "agree_unused", "warn_int8_unused"]
+__all__ = ["eligible", "local_missing", "agree_unused", "warn_int8_unused", "warn_onebit_unused"]
 
 ALL = "all"            # agree_unused's totals: one total that decides for every group
 
@@ -92,3 +96,25 @@ def warn_int8_unused(b) -> None:
                   f"them anyway (weight decay, moment decay), unlike torch, which skips a parameter whose grad is "
                   f"None. Use optimizer.state_dtype fp32 or zero.offload.optimizer none for exact semantics",
                   stacklevel=3)
+
+
+def warn_onebit_unused(z, compressed: bool) -> None:
+    """The 1-bit family under ZeroOptimizer (``z.optimizer.local_gradients`` exists): said once, naming the
+    parameters, when one got no gradient on any dp rank (warm-up: ``b.unused``) or — in the compressed phase,
+    where the gradients are not reduced and no rank learns the others' — on this rank."""
+    if getattr(z, "_warned_onebit", False) or not hasattr(z.optimizer, "local_gradients"):
+        return
+    if compressed:
+        names = [b.names[i] for b in z.buckets if eligible(b) for i, h in enumerate(b.had) if not h]
+    else:
+        names = [b.names[i] for b in z.buckets for i in getattr(b, "unused", ())]
+    if not names:
+        return
+    z._warned_onebit = True
+    where = "on this dp rank (the compressed phase does not agree over ranks)" if compressed else "on any dp rank"
+    warnings.warn(f"{type(z.optimizer).__name__}: {len(names)} parameter(s) got no gradient {where} this step "
+                  f"(e.g. {names[:3]}); this optimizer keeps one step count and (after warm-up) one compressed "
+                  f"momentum for the whole model, so it counts a missing gradient as zero and still moves them "
+                  f"(momentum, weight decay) — as it does on one process, unlike torch's AdamW, which skips a "
+                  f"parameter whose grad is None. Use optimizer.name adamw for exact skipping, or weight_decay 0 "
+                  f"if those parameters must not move", stacklevel=3)
