@@ -67,6 +67,37 @@ def test_optimizer_offload_skips_parameters_without_gradient(tmp_path):
                 assert early >= 1
 
 
+def _offload_int8(rank, world, stages, tmp):
+    """8-bit moments (Adam8bit): ZeRO with the offloaded 8-bit step vs without offload (bit for bit equal by
+    design, parallel/zero/offload_int8.py; Adam8bit skips a grad=None piece with per-piece steps)."""
+    from parallel.config import OffloadConfig, ZeroConfig
+    from parallel.mesh import Mesh
+    from parallel.optim.adam8bit import Adam8bit
+    from parallel.zero import ZeroOptimizer
+    out = {}
+    for stage in stages:
+        got = []
+        for medium in ("none", "cpu"):
+            torch.manual_seed(0)
+            model = Net()
+            off = OffloadConfig(optimizer=medium, nvme_path=tmp, buffer_mb=0.002)
+            zero = ZeroOptimizer(model, lambda ps: Adam8bit(ps, lr=1e-2, weight_decay=0.1, block_size=8),
+                                 Mesh(dp=world).group("dp"), ZeroConfig(stage=stage, offload=off, bucket_mb=0.0005))
+            _run(model, zero, rank)
+            got.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            zero.close()
+        out[stage] = got
+    return out
+
+
+def test_optimizer_offload_int8_skips_parameters_without_gradient(tmp_path):
+    res = run_ranks(_offload_int8, 2, [1, 2], str(tmp_path), timeout=200)
+    for r in range(2):
+        for stage, (plain, off) in res[r].items():
+            for n, w in plain.items():
+                torch.testing.assert_close(off[n], w, rtol=0, atol=1e-6, msg=f"stage {stage} rank {r} {n}")
+
+
 class ExpertNet(nn.Module):
     """A dense trunk and one 'expert' Linear per ep rank (flagged ep_split), applied to the rows routed to it.
     On one process (``experts`` = all of them) row i goes to the experts listing i in EXPERT_ROWS[step]."""

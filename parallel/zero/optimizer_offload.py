@@ -32,7 +32,8 @@ update, as torch skips a ``grad=None`` parameter: their master and moments stay 
 count does not advance. Each parameter keeps its own count, ``t − lag[(bucket, i)]`` (``lag``: the steps it
 was skipped), so a sub-group is updated as runs of equal count (one kernel call, a list of slices). A bucket
 this rank missed a gradient of is not updated early: whether some other rank had one is known only in
-``step()``. 8-bit moments (a block may straddle two parameters) cannot skip one: a warning says so.
+``step()``. 8-bit moments: blocks start at each piece, so a sub-group's segments (one per piece part) are
+updated each at its own step or left out, as Adam8bit without offload.
 
 **Atomic steps on NVMe.** The optimizer store (and the parameter store) are written inside a
 transaction (:mod:`parallel.offload.txn`); the dp ranks agree (one all-reduce of a flag on the
@@ -59,7 +60,6 @@ from parallel.offload.stream import stream_read
 from parallel.optim.adam8bit import Adam8bit
 from parallel.zero.offload_int8 import Int8Layout, plan_subgroups
 from parallel.zero.param_offload import placeholder
-from parallel.zero.unused import warn_int8_unused
 
 __all__ = ["OptimizerOffload", "owned", "store_file_name"]
 
@@ -222,10 +222,9 @@ class OptimizerOffload:
             if g.device != x.device:
                 g = g.to(x.device)
             runs = self._runs(b, s, e, t)
-            if self.block:
-                if runs is not None:
-                    warn_int8_unused(b)
-                master = self.layouts[i].step(x, g, t + 1, **hp)
+            if self.block:                       # 8-bit: a segment per piece, each at its own step or skipped
+                steps = None if runs is None else self._seg_steps(b, s, self.layouts[i], t)
+                master = self.layouts[i].step(x, g, t + 1, steps=steps, **hp)
             elif runs is None:
                 self.kernel.step([x[0]], [g], [x[1]], [x[2]], [torch.tensor(float(t), dtype=torch.float32)], **hp)
                 master = x[0]
@@ -248,7 +247,7 @@ class OptimizerOffload:
         """The shard range [s, e) of bucket ``b`` to update, as runs ``(a, z, step count before this update)``
         relative to s, leaving out the parameters in ``b.unused``; None when it is one run at count ``t``."""
         unused = getattr(b, "unused", ())
-        if not unused and (not self.lag or self.block):
+        if not unused and not self.lag:
             return None
         runs: list = []
         for i, a, z in b.pieces():
@@ -261,6 +260,15 @@ class OptimizerOffload:
             else:
                 runs.append([a - s, z - s, c])
         return None if runs == [[0, e - s, t]] else runs
+
+    def _seg_steps(self, b, s: int, layout, t: int) -> list:
+        """8-bit: for each segment of ``layout`` (one per piece part) its 1-based step, None where unused."""
+        unused, out = getattr(b, "unused", ()), []
+        spans = [(i, a - b.lo, e - b.lo) for i, a, e in b.pieces()]
+        for off, _ in layout.segs:
+            i = next(i for i, a, e in spans if a <= s + off < e)
+            out.append(None if i in unused else t - self.lag.get((b.index, i), 0) + 1)
+        return out
 
     def piece_step(self, b, i: int) -> int:
         """Steps parameter ``i`` of bucket ``b`` has taken (torch's per-parameter ``step``)."""
@@ -327,7 +335,7 @@ class OptimizerOffload:
         for st in stores:
             st.commit()
         self.t += 1
-        for b in dict.fromkeys(sg[1] for sg in self.subgroups if not self.block):
+        for b in dict.fromkeys(sg[1] for sg in self.subgroups):
             for i in getattr(b, "unused", ()):               # skipped: its step count stays behind
                 self.lag[(b.index, i)] = self.lag.get((b.index, i), 0) + 1
         self.optimizer.step()      # a no-op (its params have no grads): torch's hooks and LR-scheduler checks

@@ -39,7 +39,7 @@ import torch
 
 from parallel import comm
 
-__all__ = ["eligible", "local_missing", "agree_unused", "warn_int8_unused", "warn_onebit_unused"]
+__all__ = ["eligible", "local_missing", "agree_unused", "warn_onebit_unused"]
 
 ALL = "all"            # agree_unused's totals: one total that decides for every group
 
@@ -82,20 +82,6 @@ def agree_unused(buckets, group, totals: dict) -> int:
             n += len(b.unused)
             k += m
     return n
-
-
-def warn_int8_unused(b) -> None:
-    """Optimizer offload with 8-bit moments updates a sub-group with one step count: said once per bucket."""
-    if getattr(b, "_warned_unused", False):
-        return
-    b._warned_unused = True
-    names = [b.names[i] for i in getattr(b, "unused", ())]
-    warnings.warn(f"zero.offload.optimizer with optimizer.state_dtype int8: {len(names)} parameter(s) got no "
-                  f"gradient on any dp rank (e.g. {names[:3]}) or were skipped before; the offloaded 8-bit Adam "
-                  f"updates a sub-group's blocks (which may straddle parameters) with one step count, so it moves "
-                  f"them anyway (weight decay, moment decay), unlike torch, which skips a parameter whose grad is "
-                  f"None. Use optimizer.state_dtype fp32 or zero.offload.optimizer none for exact semantics",
-                  stacklevel=3)
 
 
 def warn_onebit_unused(z, compressed: bool) -> None:
