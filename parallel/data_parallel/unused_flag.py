@@ -39,6 +39,7 @@ def place_carriers(r) -> None:
         return
     last = {id(b.group or r.group): b for b in _order(r) if (b.group or r.group).size > 1}
     carriers = set(map(id, last.values()))
+    flags = unused_totals(r)            # this step's sums stay readable when a carrier moves (after finish())
     for b in _order(r):
         want = id(b) in carriers
         if want == (getattr(b, "wire", None) is not None):
@@ -46,6 +47,8 @@ def place_carriers(r) -> None:
         buf = torch.zeros(b.padded + want, dtype=b.flat_grad.dtype, device=b.flat_grad.device)
         buf[:b.padded].copy_(b.flat_grad)
         b.wire, b.flat_grad = (buf if want else None), buf[:b.padded]
+        if want:
+            buf[-1] = flags.get(id(b.group or r.group), 0.0)
         for p, v in zip(b.params, b.views(b.flat_grad)):
             if p.grad is not None:
                 p.grad = v
