@@ -14,7 +14,7 @@ counts its parameters that got no gradient (``b.had``, set by the reducer's hook
 the count rides in a collective issued anyway: at stages ≥ 1 the gradient-norm all-reduce over dp (a fourth
 float64: 32 bytes instead of 24; :func:`parallel.zero.grad_norm.grad_norm_sq`; expert buckets' counts are added
 to it, so every rank takes the same branch), at stage 0 — whose norm needs no dp reduction — one extra element
-of the last gradient bucket's all-reduce of each group (:meth:`GradReducer.carry_unused`). Only when the sum is
+of the last gradient bucket's all-reduce of each group (:mod:`parallel.data_parallel.unused_flag`). Only when the sum is
 non-zero — some rank missed some parameter — a second all-reduce per group (control channel, max, one int64
 flag per parameter: over dp for the dense buckets, over edp for expert buckets, :mod:`parallel.moe`) finds those
 no rank had; they are listed in ``b.unused`` and the optimizer leaves them out (``grad = None``). An expert no
@@ -22,7 +22,7 @@ token reached on any rank of its edp group is skipped as one process skips it.
 
 Optimizer offload (:mod:`.optimizer_offload`) skips them too: a bucket this rank missed a parameter of is not
 updated early (inside backward) but in ``step()``, where the unused pieces are left out and keep their own step
-counts (torch's per-parameter ``step``), as one process.
+counts (torch's per-parameter ``step``), as one process; with 8-bit moments each piece's segment likewise.
 
 ZeRO-3 regions agree in :meth:`GradReducer._launch_late` instead. Two cases cannot be exact and warn with the
 reason (never silently): the 1-bit family (1-bit Adam / LAMB, 0/1 Adam: one step count and, after warm-up, one
