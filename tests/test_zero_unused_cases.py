@@ -43,11 +43,13 @@ def _offload(rank, world, stages, tmp):
         early = zero.offload_stats()["optimizer"]["last_step"]["early_buckets"]
         with zero.gathered():
             w = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with zero.materialized():
-            steps = {zero._piece_list[k][0].names[zero._piece_list[k][1]]: int(zero.optimizer.state[v]["step"])
-                     for k, v in enumerate(pc[4] for pc in zero._piece_list)}
+        steps = []
+        for _ in range(2):                       # the per-parameter counts survive a write-back (checkpoint load)
+            with zero.materialized(write_back=True):
+                steps.append({b.names[i]: int(zero.optimizer.state[v]["step"]) for b, i, _, _, v in zero._pieces})
+        assert steps[0] == steps[1], steps
         zero.close()
-        out[stage] = (w, unused, early, steps)
+        out[stage] = (w, unused, early, steps[0])
     return out
 
 

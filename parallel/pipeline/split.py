@@ -366,7 +366,8 @@ def sync_tied_grads(stages: list, pp_group: "comm.Group") -> int:
         side = pairs[t]
         for where, p in side.items():
             if p.grad is None:
-                _warn_tied_unused(t, where)
+                if p.requires_grad:
+                    _warn_tied_unused(t, where)
                 p.grad = torch.zeros_like(p)
         if len(side) == 2:
             total = side["first"].grad + side["last"].grad
