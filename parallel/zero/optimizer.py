@@ -9,7 +9,8 @@ with master: 12; without: 8), model-state bytes per rank (DESIGN.md):
     stage 2  … and gradients /N           mixed 2Ψ + (2+K)Ψ/N fp32 4Ψ + 12Ψ/N
     stage 3  … and parameters /N          mixed (2+2+K)Ψ/N    fp32 16Ψ/N
 
-Wire bytes per step and rank (ring model): stage 0 all-reduce 2(N−1)/N·Ψ·b; stages 1/2
+Wire bytes per step and rank (ring model): stage 0 all-reduce 2(N−1)/N·(Ψ+1)·b (one element carries the
+unused-parameter flag, :mod:`parallel.data_parallel.unused_flag`); stages 1/2
 reduce-scatter + all-gather, the same 2(N−1)/N·Ψ·b; stage 3 two all-gathers + one
 reduce-scatter, 3(N−1)/N·Ψ·b (plus a 32-byte norm all-reduce: the norm's three float64 and the count
 of parameters without a gradient, :mod:`.unused`; padding as in partition.py).
