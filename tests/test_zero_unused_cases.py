@@ -10,6 +10,7 @@ from harness import run_ranks
 from test_zero_unused_params import STEPS, M, Net, _batch, _loss, _opt, _reference
 
 EXPERT_ROWS = {0: [[], []], 1: [[0], []], 2: [[], [3]]}   # step -> per expert, the global rows routed to it
+SYMMETRIC = {0: [[], []], 1: [[0], [3]], 2: [[], []]}     # ZeRO-3: every rank calls its expert, or none does
 
 
 def _run(model, zero, rank, rows=2, before=lambda t: None):
@@ -104,8 +105,9 @@ class ExpertNet(nn.Module):
     """A dense trunk and one 'expert' Linear per ep rank (flagged ep_split), applied to the rows routed to it.
     On one process (``experts`` = all of them) row i goes to the experts listing i in EXPERT_ROWS[step]."""
 
-    def __init__(self, n_experts=2):
+    def __init__(self, n_experts=2, routes=None):
         super().__init__()
+        self.routes = routes or EXPERT_ROWS
         self.wte, self.body, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16)
         self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(n_experts))
         self.step, self.rows, self.ids = 0, None, list(range(n_experts))
@@ -113,7 +115,7 @@ class ExpertNet(nn.Module):
     def forward(self, x):
         h = torch.tanh(self.body(self.wte(x)))
         for e, k in zip(self.experts, self.ids):
-            rows = [i - self.rows.start for i in EXPERT_ROWS[self.step][k] if i in self.rows]
+            rows = [i - self.rows.start for i in self.routes[self.step][k] if i in self.rows]
             if rows:
                 sel = torch.zeros(len(x), dtype=torch.bool)
                 sel[rows] = True
@@ -121,9 +123,9 @@ class ExpertNet(nn.Module):
         return self.head(h)
 
 
-def _expert_reference():
+def _expert_reference(routes=None):
     torch.manual_seed(0)
-    model = ExpertNet()
+    model = ExpertNet(routes=routes)
     opt = _opt(model.parameters())
     for t in range(STEPS):
         model.step = t
@@ -135,7 +137,7 @@ def _expert_reference():
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _experts(rank, world, ep, stages):
+def _experts(rank, world, ep, stages, routes=None):
     """dp ``world``, ep ``ep``: dp rank d holds expert d % ep (edp rank d // ep) and rows [rows·d, rows·(d+1))."""
     from parallel.config import ZeroConfig
     from parallel.mesh import Mesh
@@ -144,7 +146,7 @@ def _experts(rank, world, ep, stages):
     out, rows = {}, 4 // world
     for stage in stages:
         torch.manual_seed(0)
-        model = ExpertNet()
+        model = ExpertNet(routes=routes)
         k = rank % ep
         model.experts = nn.ModuleList([model.experts[k]])
         model.ids, model.rows = [k], range(rows * rank, rows * rank + rows)
@@ -159,20 +161,26 @@ def _experts(rank, world, ep, stages):
     return out
 
 
-def _check_experts(res, world, ep):
-    ref = _expert_reference()
+def _check_experts(res, world, ep, routes=None):
+    ref = _expert_reference(routes)
     for stage in res[0]:
         for r in range(world):
             got, unused = res[r][stage]
             for n, w in got.items():
                 torch.testing.assert_close(w, ref[n], rtol=0, atol=1e-6, msg=f"stage {stage} rank {r} {n}")
             for t in range(STEPS):               # routed rows all lie on ranks holding the expert (EXPERT_ROWS)
-                used = bool(EXPERT_ROWS[t][r % ep])
+                used = bool((routes or EXPERT_ROWS)[t][r % ep])
                 assert ("experts.0.weight" in unused[t]) == (not used), (stage, r, t, unused)
 
 
 def test_expert_buckets_skip_experts_no_token_reached_dp2_ep2():
     _check_experts(run_ranks(_experts, 2, 2, [0, 1, 2], timeout=200), 2, 2)
+
+
+def test_expert_units_skip_experts_no_token_reached_zero3_dp2_ep2():
+    """ZeRO-3 (expert units over edp): a module call that differs between ranks is not supported there, so the
+    routing is the same on every rank: both experts at step 1, none at steps 0 and 2."""
+    _check_experts(run_ranks(_experts, 2, 2, [3], SYMMETRIC, timeout=200), 2, 2, SYMMETRIC)
 
 
 def test_expert_buckets_agree_over_edp_dp4_ep2():
