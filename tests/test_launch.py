@@ -33,13 +33,14 @@ def test_dp2_launcher_matches_plain_loop(tmp_path):
     want = reference_losses(load_config("configs/gpt_dp2.yaml"))
     assert_close_curve(_losses(metrics), want, 1e-5, "dp=2 via launcher")
     recs = [json.loads(line) for line in open(metrics)]
-    # Each step all-reduces the flat fp32 gradient once (M = 4Ψ bytes): wire 2(N-1)/N·M = M for N=2.
+    # Each step all-reduces the flat fp32 gradient once (M = 4Ψ bytes, + 4 for the unused-parameter flag of
+    # parallel/zero/unused.py riding along): wire 2(N-1)/N·M = M for N=2.
     torch.manual_seed(0)
     from examples.gpt import build
     psi = sum(p.numel() for p in build(vocab_size=64, seq_len=16, n_layer=2, n_head=4, n_embd=32).parameters())
     for rec in recs:
-        assert rec["comm"]["dp"]["all_reduce"] == {"calls": 1, "payload_bytes": 4 * psi,
-                                                   "wire_bytes": 4.0 * psi, "meta_bytes": 0}
+        assert rec["comm"]["dp"]["all_reduce"] == {"calls": 1, "payload_bytes": 4 * psi + 4,
+                                                   "wire_bytes": 4.0 * psi + 4, "meta_bytes": 0}
         assert rec["peak_rss_bytes"] > 0 and rec["samples_per_s"] > 0
     assert "step    20/20" in r.stdout
 

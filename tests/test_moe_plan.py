@@ -89,8 +89,8 @@ def test_planner_ep_theory_and_dry_run():
     E, h, f, L = MOE["num_experts"], MOE["n_embd"], 4 * MOE["n_embd"], MOE["n_layer"]
     expert = L * E * (2 * h * f + f + h)                      # all experts' elements
     one, two = _predict(dict(dp=4, ep=1, stage=0)), _predict(dict(dp=4, ep=2, stage=0))
-    for k in ("params", "grads"):
-        assert one.memory[0][k] - two.memory[0][k] == 4 * expert // 2, k
+    for k in ("params", "grads"):         # grads: ep 2 has one more group (edp) carrying the unused flag (4 B)
+        assert one.memory[0][k] - two.memory[0][k] == 4 * expert // 2 - 4 * (k == "grads"), k
     assert set(one.comm[0]) == {"dp"} and set(two.comm[0]) == {"dp", "edp", "ep"}   # ep 1: experts are ordinary
     assert one.comm[0]["dp"]["all_reduce"]["payload_bytes"] == one.memory[0]["grads"]
     z1, z2 = _predict(dict(dp=4, ep=1, stage=1)), _predict(dict(dp=4, ep=2, stage=1))

@@ -43,6 +43,7 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.comm.ring import release_scratch, use_ring
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.data_parallel.unused_flag import place_carriers, with_flag
 
 __all__ = ["GradReducer", "KEEP_BUFFERS"]
 
@@ -142,6 +143,7 @@ class GradReducer:
             return
         self.buckets = [self.buckets[i] for i in self._observed]
         self._pos = {id(b): i for i, b in enumerate(self.buckets)}
+        place_carriers(self)                     # stage 0's unused-parameter flag moves to the new last bucket
 
     def prepare_step(self, num_micro_batches: int = 1) -> None:
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
@@ -271,7 +273,7 @@ class GradReducer:
         if div > 1 and not self._divides_after(g):
             g.div_(div)
         if self.mode == "all_reduce":
-            work, out = comm.all_reduce(g, group, async_op=True), None
+            work, out = comm.all_reduce(with_flag(self, b, group, g), group, async_op=True), None   # unused_flag
         else:
             if self.keep_full and use_ring(group, g):   # stage 1: the ring reduces its own chunk in place
                 out = g[b.lo:b.hi]

@@ -40,6 +40,7 @@ identical initial values plus identical updates keep them equal.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -338,6 +339,14 @@ def split_model(model: nn.Module, pp_rank: int, pp_size: int, virtual_stages: in
     return [build_stage(model, plan, owners, probe, k) for k in plan.stages_of(pp_rank)]
 
 
+def _warn_tied_unused(t: int, where: str) -> None:
+    warnings.warn(f"tied weight {t}: its copy on the {where} pipeline stage got no gradient this step. The "
+                  f"pipeline sums the copies' gradients (zeros for this one) and reduces them over dp without telling "
+                  f"whether any copy had one, so if none had, the optimizer still moves it (weight decay, moment "
+                  f"decay) where one process would skip a grad=None parameter (parallel/zero/unused.py). Use the tied "
+                  f"weight on both stages every step, or weight_decay 0 if it must not move", stacklevel=3)
+
+
 def sync_tied_grads(stages: list, pp_group: "comm.Group") -> int:
     """Sum the gradients of tied weights split across the first and last stage (the embedding on
     stage 0, its copy in the head on stage S−1), so both hold g_first + g_last. Call after the
@@ -355,8 +364,10 @@ def sync_tied_grads(stages: list, pp_group: "comm.Group") -> int:
     tied = comm.Group(pp_group.pg, "pp_tied", pp_group.ranks, pp_group.rank, pp_group.stats)
     for t in sorted(pairs):
         side = pairs[t]
-        for p in side.values():
+        for where, p in side.items():
             if p.grad is None:
+                if p.requires_grad:
+                    _warn_tied_unused(t, where)
                 p.grad = torch.zeros_like(p)
         if len(side) == 2:
             total = side["first"].grad + side["last"].grad

@@ -1,9 +1,10 @@
 """The planner's cost model: communication bytes per rank and step, and step time.
 
 Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micro-batch m:
-* dp: stage 0 all-reduce 2(N−1)/N·Ψb; 1–2 reduce-scatter + all-gather of the padded buckets;
-  3 reduce-scatter + two all-gathers per unit per micro-batch (a tied head gathers the embedding
-  once more in forward); stages ≥ 1 add a 24-byte grad-norm all-reduce (also over tp and pp; over dp 32 bytes,
+* dp: stage 0 all-reduce 2(N−1)/N·(Ψ+1)b (the last bucket carries the unused-parameter flag of
+  parallel/zero/unused.py); 1–2 reduce-scatter + all-gather of the padded buckets; 3 reduce-scatter + two
+  all-gathers per unit per micro-batch (a tied head gathers the embedding once more in forward); stages ≥ 1
+  add a 24-byte grad-norm all-reduce (also over tp and pp; over dp 32 bytes,
   carrying the count of parameters without a gradient, parallel/zero/unused.py);
 * tp per micro-batch: 4 all-reduces of b·s·h per block, the embedding's forward, the head's
   backward and the loss's two (3·b·s·4 bytes); sequence parallel: the same b·s·h as all-gathers +
@@ -106,8 +107,8 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
 
 def _reduction(out: dict, axis: str, buckets: list, zero: int, b: int, N: int) -> None:
     """The gradient reduction (and stage ≥ 1 parameter gathers and norm) of ``buckets`` over ``axis``."""
-    if zero == 0:
-        add_op(out, axis, "all_reduce", len(buckets), sum(bk.numel for bk in buckets) * b, N)
+    if zero == 0:                    # + one element: the unused-parameter flag (parallel/zero/unused.py)
+        add_op(out, axis, "all_reduce", len(buckets), (sum(bk.numel for bk in buckets) + 1) * b, N)
     else:
         add_op(out, axis, "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
         add_op(out, axis, "all_gather", sum(bk.gathers for bk in buckets),

@@ -14,8 +14,9 @@ Model states per rank (ZeRO, arXiv 1910.02054; parallel/zero/optimizer.py), b = 
   last stage and both copies go to a separate "deferred" bucket);
 * buckets of ``bucket_mb`` in reverse order (stages 0–2) or one unit per parameter-owning module
   (stage 3), each padded to a multiple of N = dp for stages ≥ 1 (data_parallel/bucket.py);
-* params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1) or
-  b·padded/N (2–3), fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
+* params b·padded (stage 3: b·padded/N, the deferred bucket full), grads b·padded (stage 0–1; stage 0 with
+  N > 1: + b per reduction group, the unused-parameter flag of parallel/zero/unused.py) or b·padded/N (2–3),
+  fp32 master 4·shard under bf16/fp16 (none in fp32: it aliases the params),
   Adam 8 bytes per owned element + a 4-byte step per owned parameter piece (SGD+momentum 4; LAMB, 8-bit
   moments, 1-bit Adam: :mod:`parallel.planning.optim_states`).
 Peak per rank (:mod:`parallel.planning.peak`): the larger of the start of the last micro-batch's
@@ -247,6 +248,8 @@ def _states(buckets: list, lay: Layout, tr: TrainSpec, r: int) -> dict:
         full_grad = lay.zero < 2 or tr.optimizer in ONEBIT               # 1-bit keeps g_i whole (stage 2)
         m["grads"] += b * (bk.padded if full_grad else shard)
         m["master"] += 4 * shard if mixed else 0
+    if lay.zero == 0:                   # one more element on each group's last bucket: the unused flag (reducer.py)
+        m["grads"] += b * len({bk.expert for bk in buckets if _group(bk, lay, r)[0] > 1})
     m["optimizer"] = state_bytes(tr, lay, buckets, pieces)        # by optimizer: planning/optim_states.py
     if tr.offload != "none":            # master and moments live in the store (host / disk): planning/offload_states.py
         m["master"] = m["optimizer"] = 0

@@ -103,16 +103,16 @@ class OffloadMixin:
         group = self.optimizer.param_groups[0]
         self._set_masters(self._all, [state[b][0] for b in self._all])
         if off.t > 0:
-            for b, _, a, e, view in self._piece_list:
-                self.optimizer.state[view] = {"step": torch.tensor(float(off.t)),
+            for b, i, a, e, view in self._piece_list:
+                self.optimizer.state[view] = {"step": torch.tensor(float(off.piece_step(b, i))),
                                               "exp_avg": state[b][1][a - b.lo:e - b.lo],
                                               "exp_avg_sq": state[b][2][a - b.lo:e - b.lo]}
         off.materialized = True
         try:
             yield
             if write_back:
-                t = off.t
-                for b, _, a, e, view in self._piece_list:
+                t, steps = off.t, {}
+                for b, i, a, e, view in self._piece_list:
                     st = self.optimizer.state.get(view) or {}
                     if "exp_avg_q" in st:          # 8-bit moments saved without offload: fp32 here
                         st = _dequantized(st, group.get("block_size", 256), e - a)
@@ -120,8 +120,9 @@ class OffloadMixin:
                         state[b][1][a - b.lo:e - b.lo].copy_(st["exp_avg"].reshape(-1))
                         state[b][2][a - b.lo:e - b.lo].copy_(st["exp_avg_sq"].reshape(-1))
                     if "step" in st:
-                        t = int(float(st["step"]))
-                off.write_all(state, t)
+                        steps[(b.index, i)] = int(float(st["step"]))
+                t = max(steps.values(), default=t)
+                off.write_all(state, t, steps)
         finally:
             off.materialized = False
             self.optimizer.state.clear()

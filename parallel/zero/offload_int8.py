@@ -123,20 +123,27 @@ class Int8Layout:
                 scales[k:k + nb].copy_(sc)
 
     def step(self, x: torch.Tensor, grad: torch.Tensor, t: int, *, lr: float, betas, eps: float,
-             weight_decay: float, decoupled: bool) -> torch.Tensor:
-        """Adam8bit's update of step ``t`` (1-based) in place on the stored tensor ``x``; returns the master."""
+             weight_decay: float, decoupled: bool, steps: list | None = None) -> torch.Tensor:
+        """Adam8bit's update of step ``t`` (1-based) in place on the stored tensor ``x``; returns the master.
+        ``steps``: per segment its own step (1-based), or None to leave it as it is (a parameter no rank had a
+        gradient for, :mod:`parallel.zero.unused`: Adam8bit skips a ``grad=None`` piece); its codes are
+        re-quantized from their own dequantized values, which gives them back unchanged."""
         views = self.views(x)
         p = views[0]
         m, v = self._dequantize(views)
         b1, b2 = betas
         grad = grad.reshape(-1).float()
-        if weight_decay and not decoupled:
-            grad = grad.add(p, alpha=weight_decay)
-        m.mul_(b1).add_(grad, alpha=1 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        if weight_decay and decoupled:
-            p.mul_(1 - lr * weight_decay)
-        denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-        p.add_(m / denom, alpha=-lr / (1 - b1 ** t))
+        runs = [(0, self.n, t)] if steps is None else \
+            [(off, off + L, k) for (off, L), k in zip(self.segs, steps) if k is not None]
+        for a, z, k in runs:
+            g, pa, ma, va = grad[a:z], p[a:z], m[a:z], v[a:z]
+            if weight_decay and not decoupled:
+                g = g.add(pa, alpha=weight_decay)
+            ma.mul_(b1).add_(g, alpha=1 - b1)
+            va.mul_(b2).addcmul_(g, g, value=1 - b2)
+            if weight_decay and decoupled:
+                pa.mul_(1 - lr * weight_decay)
+            denom = (va / (1 - b2 ** k)).sqrt_().add_(eps)
+            pa.add_(ma / denom, alpha=-lr / (1 - b1 ** k))
         self._quantize(views, m, v)
         return p

@@ -9,7 +9,8 @@ with master: 12; without: 8), model-state bytes per rank (DESIGN.md):
     stage 2  … and gradients /N           mixed 2Ψ + (2+K)Ψ/N fp32 4Ψ + 12Ψ/N
     stage 3  … and parameters /N          mixed (2+2+K)Ψ/N    fp32 16Ψ/N
 
-Wire bytes per step and rank (ring model): stage 0 all-reduce 2(N−1)/N·Ψ·b; stages 1/2
+Wire bytes per step and rank (ring model): stage 0 all-reduce 2(N−1)/N·(Ψ+1)·b (one element carries the
+unused-parameter flag, :mod:`parallel.data_parallel.unused_flag`); stages 1/2
 reduce-scatter + all-gather, the same 2(N−1)/N·Ψ·b; stage 3 two all-gathers + one
 reduce-scatter, 3(N−1)/N·Ψ·b (plus a 32-byte norm all-reduce: the norm's three float64 and the count
 of parameters without a gradient, :mod:`.unused`; padding as in partition.py).
@@ -42,10 +43,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from parallel.comm import Group, all_reduce
+from parallel.comm import Group
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.reducer import GradReducer
+from parallel.data_parallel.unused_flag import carry_unused, unused_totals
 from parallel.moe.zero_buckets import expert_buckets, expert_units, split_expert_params
 from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
@@ -59,7 +61,7 @@ from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin
-from parallel.zero.unused import agree_unused, local_missing, warn_offload_unused
+from parallel.zero.unused import ALL, agree_unused, local_missing, warn_onebit_unused
 from parallel.zero.write_back import WriteBackMixin
 
 __all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
@@ -151,6 +153,8 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
                                    self.prec.param_dtype, keep_full_grads=self.stage < 2, deferred=self.deferred,
                                    on_grad=self.stage3.on_grad if self.stage3 else None,
                                    on_reduced=self._update_early if early else None)
+        if self.stage == 0:                            # the unused-parameter flag rides in the last bucket's all-reduce
+            carry_unused(self.reducer, lambda g: local_missing(self.buckets, g, self.group))
 
     # --- construction -----------------------------------------------------------------------------
     def _adopt(self, module, init, simulate: bool = False) -> list:
@@ -314,17 +318,20 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         v = grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups, count)
         if self.simulated:                             # meta tensors (launch.simulate): bytes only, no verdict
             return v
-        if self.stage == 0 and self.group.size > 1:    # no dp norm reduction to ride on: 8 bytes, control channel
-            all_reduce(count, self.group.control())
-        if agree_unused(self.buckets, self.group, int(count[0])) and self._opt_off is not None:
-            warn_offload_unused(self)
+        totals = {ALL: float(count[0])}                # stage ≥ 1: the dp sum; stage 0: this rank's own count
+        if self.stage == 0:                            # (for groups of one rank), the carriers' sums for the rest
+            totals.update(unused_totals(self.reducer))
+        if agree_unused(self.buckets, self.group, totals):
+            warn_onebit_unused(self, compressed=False)
         return v
 
     def step(self) -> StepResult:
         """Unscale, check for a non-finite gradient (fp16 overflow, else ``on_nonfinite``), clip to
         ``grad_clip``, update, write back, gather."""
         if self.reducer.local:                         # 1-bit Adam's compressed phase
-            return onebit_step(self, StepResult)
+            result = onebit_step(self, StepResult)
+            warn_onebit_unused(self, compressed=True)
+            return result
         self.finish_grad_sync()
         inv = 1.0 / self.scaler.scale
         for b in self._all:

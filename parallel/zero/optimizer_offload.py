@@ -27,6 +27,14 @@ transaction spans both: an error, a non-finite gradient norm or a ``zero_grad()`
 AdamW is elementwise, so the sub-group split changes nothing: the result equals torch.optim.AdamW
 on the whole partition (bit for bit with the single-tensor kernel).
 
+**Parameters no dp rank had a gradient for** (``b.unused``, :mod:`parallel.zero.unused`) are left out of the
+update, as torch skips a ``grad=None`` parameter: their master and moments stay as they are and their step
+count does not advance. Each parameter keeps its own count, ``t − lag[(bucket, i)]`` (``lag``: the steps it
+was skipped), so a sub-group is updated as runs of equal count (one kernel call, a list of slices). A bucket
+this rank missed a gradient of is not updated early: whether some other rank had one is known only in
+``step()``. 8-bit moments: blocks start at each piece, so a sub-group's segments (one per piece part) are
+updated each at its own step or left out, as Adam8bit without offload.
+
 **Atomic steps on NVMe.** The optimizer store (and the parameter store) are written inside a
 transaction (:mod:`parallel.offload.txn`); the dp ranks agree (one all-reduce of a flag on the
 control group) before anyone commits. If any rank's disk fills or an IO fails, every rank aborts:
@@ -143,6 +151,7 @@ class OptimizerOffload:
                 self.store.close()                                # leave no file behind
                 raise
         self.t = 0
+        self.lag: dict = {}                                       # (bucket index, param) -> steps skipped
         self.kernel = None
         self.optimizer = None
         self.sink = None
@@ -212,10 +221,17 @@ class OptimizerOffload:
             g = b.master.grad[s:e]
             if g.device != x.device:
                 g = g.to(x.device)
-            if self.block:
-                master = self.layouts[i].step(x, g, t + 1, **hp)
-            else:
+            runs = self._runs(b, s, e, t)
+            if self.block:                       # 8-bit: a segment per piece, each at its own step or skipped
+                steps = None if runs is None else self._seg_steps(b, s, self.layouts[i], t)
+                master = self.layouts[i].step(x, g, t + 1, steps=steps, **hp)
+            elif runs is None:
                 self.kernel.step([x[0]], [g], [x[1]], [x[2]], [torch.tensor(float(t), dtype=torch.float32)], **hp)
+                master = x[0]
+            else:                                # unused parameters left out, each run at its own step count
+                if runs:
+                    self.kernel.step(*([y[a:z] for a, z, _ in runs] for y in (x[0], g, x[1], x[2])),
+                                     [torch.tensor(float(c), dtype=torch.float32) for _, _, c in runs], **hp)
                 master = x[0]
             self.sink.write(b, s, e, master)
             if self._last[b] == i:
@@ -227,14 +243,45 @@ class OptimizerOffload:
         run["prefetched"] += stats.prefetched
         run["peak"] = max(run["peak"], stats.peak_resident)
 
+    def _runs(self, b, s: int, e: int, t: int):
+        """The shard range [s, e) of bucket ``b`` to update, as runs ``(a, z, step count before this update)``
+        relative to s, leaving out the parameters in ``b.unused``; None when it is one run at count ``t``."""
+        unused = getattr(b, "unused", ())
+        if not unused and not self.lag:
+            return None
+        runs: list = []
+        for i, a, z in b.pieces():
+            a, z = max(a - b.lo, s), min(z - b.lo, e)
+            if a >= z or i in unused:
+                continue
+            c = t - self.lag.get((b.index, i), 0)
+            if runs and runs[-1][1] == a - s and runs[-1][2] == c:
+                runs[-1][1] = z - s
+            else:
+                runs.append([a - s, z - s, c])
+        return None if runs == [[0, e - s, t]] else runs
+
+    def _seg_steps(self, b, s: int, layout, t: int) -> list:
+        """8-bit: for each segment of ``layout`` (one per piece part) its 1-based step, None where unused."""
+        unused, out = getattr(b, "unused", ()), []
+        spans = [(i, a - b.lo, e - b.lo) for i, a, e in b.pieces()]
+        for off, _ in layout.segs:
+            i = next(i for i, a, e in spans if a <= s + off < e)
+            out.append(None if i in unused else t - self.lag.get((b.index, i), 0) + 1)
+        return out
+
+    def piece_step(self, b, i: int) -> int:
+        """Steps parameter ``i`` of bucket ``b`` has taken (torch's per-parameter ``step``)."""
+        return self.t - self.lag.get((b.index, i), 0)
+
     def update_early(self, b, grad) -> None:
         """Overlap: update bucket ``b``'s sub-groups as soon as its reduced gradient exists (during
         backward), inside the step's transaction; :meth:`step` does the rest and commits. Exact when
         nothing global scales the gradient afterwards (no clipping, no fp16 loss scale: the caller
         checks). A store error is kept for :meth:`step`, which rolls every rank back."""
         run = self._open()
-        if run["error"] is not None or b in run["done"]:
-            return
+        if run["error"] is not None or b in run["done"] or not all(getattr(b, "had", b"")):
+            return                             # a parameter may have no gradient on any rank: step() decides
         b.master.grad = grad
         try:
             # the last writes stay in flight while backward goes on; prepare() in step() waits for them
@@ -288,6 +335,9 @@ class OptimizerOffload:
         for st in stores:
             st.commit()
         self.t += 1
+        for b in dict.fromkeys(sg[1] for sg in self.subgroups):
+            for i in getattr(b, "unused", ()):               # skipped: its step count stays behind
+                self.lag[(b.index, i)] = self.lag.get((b.index, i), 0) + 1
         self.optimizer.step()      # a no-op (its params have no grads): torch's hooks and LR-scheduler checks
         after = [st.stats for st in stores]
         self.last = {"step_s": time.perf_counter() - run["t0"], "compute_s": run["busy"][0],
@@ -330,12 +380,14 @@ class OptimizerOffload:
         stream_read(self.store, [k for k, *_ in self.subgroups], take, prefetch_depth=min(self.depth, self.buffers - 1))
         return out
 
-    def write_all(self, state: dict, t: int) -> None:
-        """Inverse of :meth:`read_all` (after a checkpoint load), with step count ``t``."""
+    def write_all(self, state: dict, t: int, steps: dict | None = None) -> None:
+        """Inverse of :meth:`read_all` (after a checkpoint load), with step count ``t`` and, where a parameter's
+        own count differs, ``steps`` {(bucket index, param): count}."""
         for b, (master, m, v) in state.items():
             self._write_bucket(b, master, m, v)
         self.store.flush()
         self.t = int(t)
+        self.lag = {k: self.t - int(c) for k, c in (steps or {}).items() if int(c) != self.t}
 
     def close(self) -> None:
         self.store.close()
