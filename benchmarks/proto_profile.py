@@ -71,8 +71,8 @@ class Timers:
         import importlib
         for mod, cls, meth, name in WRAPPED:
             klass = getattr(importlib.import_module(mod), cls)
-            orig = klass.__dict__[meth]
-            self._undo.append((klass, meth, orig))
+            orig = getattr(klass, meth)                  # may live in a mixin (ZeroOptimizer's _write_back)
+            self._undo.append((klass, meth, klass.__dict__.get(meth, orig)))
 
             def timed(*a, _orig=orig, _name=name, **k):
                 if not self.on:
@@ -306,7 +306,7 @@ def _rank(rank, world, port, opts, q):
                 fn = ab_interleave if opts["ab_interleave"] else ab_keep if opts["ab_keep"] else ab_buffers
                 res[name] = fn(row, opts["steps"])
             else:
-                res[name] = profile_row(row, opts["steps"], opts["ops"] if rank == 0 else 0, timers)
+                res[name] = profile_row(row, opts["steps"], opts["ops"], timers)   # every rank steps (pp)
             del row
         if rank == 0:
             q.put(res)
