@@ -66,9 +66,12 @@ def direct_norm_sq(z, count: torch.Tensor) -> torch.Tensor:
     """[Σ tp-split g², Σ replicated g², Σ duplicate g²] (float64) from the bound piece gradients, summed over
     ``z.norm_groups`` as :func:`parallel.zero.grad_norm.grad_norm_sq` sums the buckets' segments."""
     v = torch.zeros(3, dtype=torch.float64, device=count.device)
+    kinds: dict = {}
     for b, i, _, _, view in z._piece_list:
         if view.grad is not None:
-            v[piece_kind(b.params[i])] += torch.linalg.vector_norm(view.grad).double() ** 2
+            kinds.setdefault(piece_kind(b.params[i]), []).append(view.grad)
+    for k, gs in kinds.items():                  # fp32 norm per parameter, squared and summed in fp64
+        v[k] = torch.stack(torch._foreach_norm(gs)).double().square().sum()    # one call, not ~5 per parameter
     return sum_over_groups(v, z.norm_groups)
 
 
