@@ -5,6 +5,10 @@ row with [min, max], and minor page faults per step (fresh 4 KiB pages, rank 0).
 parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run.
 
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --rounds 20
+    python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --count   # load-free counts
+
+``--count``: instead of timing, one step of each row under a dispatch mode on each rank: aten calls, bytes written
+by in-place copies (``copy_``), bytes of fresh tensors allocated, and the minor page faults of that step.
 
 Loaded machine: read the paired ratios, not the milliseconds; idle figures come from benchmarks/protocol.py.
 """
@@ -39,6 +43,34 @@ def _build(name, kw, per, world, rank):
         zo.can_direct = keep
 
 
+def _counted(row) -> dict:
+    """One step of ``row`` counted (module docstring)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.c = {"aten calls": 0, "copy_ MB": 0.0, "allocated MB": 0.0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.c["aten calls"] += 1
+            name = func.overloadpacket.__name__
+            if name == "copy_":
+                self.c["copy_ MB"] += args[0].numel() * args[0].element_size() / 1e6
+            elif isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in {   # a new storage
+                    t.untyped_storage().data_ptr() for t in list(args) + list((kwargs or {}).values())
+                    if isinstance(t, torch.Tensor)}:
+                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6
+            return out
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with Count() as m:
+        row.step()
+        row.finish()
+    return {**m.c, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
+
+
 def _rank(rank, world, port, opts, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import warnings
@@ -59,6 +91,9 @@ def _rank(rank, world, port, opts, q):
             for _ in range(opts["warmup"]):
                 row.step()
                 row.finish()
+        if opts["count"]:
+            q.put((rank, [_counted(row) for row in rows]))
+            return
         times = torch.zeros(opts["rounds"], len(rows), dtype=torch.float64)
         faults = [[] for _ in rows]
         gc.collect()
@@ -90,14 +125,22 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--count", action="store_true", help="counts of one step per row instead of timings")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp
     q = mp.get_context("spawn").Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    opts = {k: getattr(a, k) for k in ("size", "rows", "rounds", "warmup", "per", "seed")}
+    opts = {k: getattr(a, k) for k in ("size", "rows", "rounds", "warmup", "per", "seed", "count")}
     mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    if a.count:
+        got = dict(q.get(timeout=30) for _ in range(2))
+        for (r, i), name in ((ri, a.rows[ri[1]]) for ri in [(r, i) for r in (0, 1) for i in range(len(a.rows))]):
+            c = got[r][i]
+            print(f"  rank {r} {name:18s} " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in c.items()))
+        return 0
     times, faults = q.get(timeout=30)
     print(f"== {a.size}, {a.rounds} paired rounds, slowest rank per step (loaded machine unless stated)")
     for i, name in enumerate(a.rows):
