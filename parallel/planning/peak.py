@@ -58,7 +58,11 @@ Context parallelism: ``spec`` is then the local one (seq = s/cp, :mod:`parallel.
 Ulysses' extra attention output per block, the (β, n) position ids and the batch's shards.
 
 Not modelled: allocator rounding/caching and kernels' workspaces (CUDA's max_memory_allocated
-counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 KiB, CPU only).
+counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 KiB, CPU only). ZeRO stage 0
+over one dp rank keeps no gradient bucket (parallel/zero/direct_grads.py): its gradients exist from the first
+backward on, so with m = 1 they are not yet there when peak 1 is reached; the estimate still counts them
+(an upper bound: tp2, m = 1, no checkpointing measured 0.933 of it, 0.99 with the bucket; m > 1 and every
+pipeline layout of tests/memory_cases.py measure the same as before).
 """
 from __future__ import annotations
 
