@@ -71,10 +71,10 @@ class Timers:
         import importlib
         for mod, cls, meth, name in WRAPPED:
             klass = getattr(importlib.import_module(mod), cls)
-            orig = klass.__dict__.get(meth)
+            orig = getattr(klass, meth, None)            # may live in a mixin (ZeroOptimizer's _write_back)
             if orig is None:             # renamed or gone since the list was written: not timed
                 continue
-            self._undo.append((klass, meth, orig))
+            self._undo.append((klass, meth, klass.__dict__.get(meth, orig)))
 
             def timed(*a, _orig=orig, _name=name, **k):
                 if not self.on:

@@ -90,7 +90,7 @@ def _ours(kw, per, world, row_cls, lr, wd, par, layout, micro=None):
     batch = tuple(torch.stack(t) for t in zip(*(ds[i] for i in range(G))))
     owned = sum(p.numel() for g in engine.zero.optimizer.param_groups for p in g["params"])
     row = row_cls("ours", lambda: engine.train_step(batch), owned=owned, source="measured", ours=True, layout=layout)
-    row.stats = mesh.stats
+    row.stats, row.engine = mesh.stats, engine                 # engine: benchmarks/proto_profile.py's phases
     return row
 
 

@@ -27,8 +27,8 @@ reduction always, the rest what does not hide under backward — on CPU ranks sh
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
 (:data:`parallel.planning.time_terms.OPT_MOVED`, 88 for AdamW) and the engine's gradient
-bookkeeping (copy 12 bytes per local gradient element, the division 8 per divided one, 12 more per further
-micro-batch: time_terms) plus the norm's 4 per owned one.
+bookkeeping (copy 12 bytes per local gradient element — none at stage 0 over one rank —, the division 8 per
+divided one, 12 more per further micro-batch: time_terms) plus the norm's 4 per owned one.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec, eleme
 from parallel.planning.time_terms import (
     ACCUM_MOVED,
     DIVIDE_MOVED,
-    GRAD_MOVED,
     NORM_MOVED,
     exposed_dp,
+    grad_moved,
     memory_seconds,
     optimizer_moved,
     stage3_waits,
@@ -62,12 +62,12 @@ OPT_BYTES = {"adamw": 28, "adam": 28, "sgd_momentum": 20, "sgd": 12}    # a fuse
 
 
 def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int = 0, zero: int = 0,
-                      micro_batches: int = 1, n: int = 1) -> float:
+                      micro_batches: int = 1, n: int = 1, ep: int = 1) -> float:
     """torch's update over ``owned`` elements, the norm over them and our gradient bookkeeping (ZeRO stage
     ``zero`` over ``n`` ranks; each micro-batch after the first adds its gradient) over ``local_grads``
     elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
     per = optimizer_moved(tr.optimizer, tr.momentum) + NORM_MOVED
-    grads = GRAD_MOVED[zero] + (micro_batches - 1) * ACCUM_MOVED
+    grads = grad_moved(zero, n, tr.precision, tr.optimizer, ep) + (micro_batches - 1) * ACCUM_MOVED
     divided = 0 if n == 1 else local_grads / n if zero > 0 and tr.precision == "fp32" else local_grads  # reducer.py
     return memory_seconds(owned * per + local_grads * grads + divided * DIVIDE_MOVED, hw)
 

@@ -59,6 +59,12 @@ Ulysses' extra attention output per block, the (β, n) position ids and the batc
 
 Not modelled: allocator rounding/caching and kernels' workspaces (CUDA's max_memory_allocated
 counts those; LiveBytes does not); gloo's ring staging buffers (buckets ≥ 256 KiB, CPU only).
+
+ZeRO stage 0 over one dp rank (every tp / pp layout without data parallelism) keeps no gradient bucket
+(parallel/zero/direct_grads.py): the gradients are freed at the step's start and exist again from the rank's
+first weight-gradient action on, so the states count them only from there (:func:`_walk`: not during the
+forwards before it nor at its start — GPipe's peak, and m = 1's; at a recompute in that backward, the share of
+the blocks after the recomputed one).
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ from parallel.pipeline.schedules import get_schedule
 from parallel.planning.context import block_extra
 from parallel.planning.moe import activation_bytes as moe_activation_bytes
 from parallel.planning.spec import Layout, ModelSpec, TrainSpec, element_bytes
+from parallel.planning.time_terms import grad_moved
 
 __all__ = ["block_bytes", "head_bytes", "rank_peak", "weight_inputs_bytes"]
 
@@ -137,36 +144,44 @@ def _after_i(spec: ModelSpec, md: str, mb: int, t: int, sp: bool, e: int, dev: s
     return block_bytes(spec, md, mb, t, sp, e, dev)
 
 
-def _walk(actions: list, terms: dict, only: int) -> tuple:
-    """(activations, transient) at a rank's peak: its schedule's actions walked in order, each (micro-batch,
-    stage) pair holding its forward's bytes from F, what W needs from I (δ_N, the weight consumers' inputs)
-    until W, nothing after B / W; a backward (B, I on stage > 0, W on stage 0 where I is empty) peaks at the
-    other pairs' bytes + one of its stage's options (under the split + the δ_N I has captured by then), or at
-    I's end at what the pair keeps for W. On gloo (CPU) a send to another rank is not reaped before the step
-    ends (its work never reports completion before ``wait``): the stage output it sent outlives its pair, and
-    the input gradient a backward sends stays. ``terms``: stage → (forward bytes, [(activations, transient,
-    δ_N captured)], bytes from I to W or None (I is the whole backward), the sent output's bytes that outlive
-    the pair, the sent input gradient's). Without a schedule (pp = 1): the one stage ``only``'s options."""
+def _net(c: tuple) -> float:
+    return c[0] + c[1] - c[2]
+
+
+def _walk(actions: list, terms: dict, only: int, grads: float = 0.0, m: int = 1) -> tuple:
+    """(activations, transient, absent gradient bytes) at a rank's peak: its schedule's actions walked in order, each
+    (micro-batch, stage) pair holding its forward's bytes from F, what W needs from I (δ_N, the weight consumers'
+    inputs) until W, nothing after B / W; a backward (B, I on stage > 0, W on stage 0 where I is empty) peaks at the
+    other pairs' bytes + one of its stage's options (under the split + the δ_N I has captured by then), or at I's end at
+    what the pair keeps for W. On gloo (CPU) a send to another rank is not reaped before the step ends (its work never
+    reports completion before ``wait``): the stage output it sent outlives its pair, and the input gradient a backward
+    sends stays. ``terms``: stage → (forward bytes, [(activations, transient, δ_N captured, gradient share)], bytes from
+    I to W or None (I is the whole backward), the sent output's bytes that outlive the pair, the sent input gradient's).
+    Without a schedule (pp = 1): the one stage ``only``'s options. ``grads``: the rank's gradient bytes when they exist
+    only from its first weight-gradient action (B, W, or an I that is the whole backward) on — ZeRO stage 0 over one dp
+    rank keeps no bucket (parallel/zero/direct_grads.py); until then they are absent (forwards, a backward's start); a
+    recompute option of that backward has the share of the blocks after it (its option's 4th entry)."""
     if not actions:
-        return max(((a, tr) for a, tr, _ in terms[only][1]), key=sum)
-    live, best, sent = {}, (0.0, 0.0), 0.0
+        return max(((a, tr, grads * (1 - f) * (m == 1)) for a, tr, _, f in terms[only][1]), key=_net)
+    live, best, sent, absent = {}, (0.0, 0.0, 0.0), 0.0, grads
     for x in actions:
         key, (fwd, options, post, out_msg, grad_msg) = (x.microbatch, x.stage), terms[x.stage]
         others = sent + sum(b for k, b in live.items() if k != key)
         runs = x.kind == "B" or (x.kind == "I" and x.stage > 0) or (x.kind == "W" and x.stage == 0)
         if x.kind == "F":
-            best = max(best, (others + fwd, 0.0), key=sum)
+            best = max(best, (others + fwd, 0.0, absent), key=_net)
             live[key] = fwd
         elif runs:
             split = x.kind == "I"
-            best = max([best] + [(others + a + d * split, tr) for a, tr, d in options], key=sum)
+            best = max([best] + [(others + a + d * split, tr, absent * (1 - f)) for a, tr, d, f in options], key=_net)
             if split and post is not None:
-                best = max(best, (others + post, 0.0), key=sum)
+                best = max(best, (others + post, 0.0, absent), key=_net)
         if x.kind in ("B", "I") and x.stage > 0:
             sent += grad_msg
         if x.kind == "B" or x.kind == "W" or (x.kind == "I" and post is None):
             live.pop(key, None)
             sent += out_msg
+            absent = 0.0                     # this rank's weight gradients exist from here on
         elif x.kind == "I" and x.stage > 0:
             live[key] = post
     return best
@@ -210,7 +225,8 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         ce = 2 * sb * spec.vocab * e / t
         dy = 0.0 if last else sb * h * e / (t if lay.sp else 1)      # the output gradient received for it
         at_start = max(ce, grads_in_block - head_bytes(spec, mb, t, e)) if last else grads_in_block + dy
-        options = [(fwd, at_start, delta)]   # (activations, transient, δ_N) candidates while its backward runs
+        options = [(fwd, at_start, delta, 0.0)]   # (activations, transient, δ_N, share of the stage's gradients
+        #                                     computed by then) candidates while its backward runs
         none = block_bytes(spec, "none", mb, t, lay.sp, e) + block_extra(spec, lay, "none", mb, t, e)
         # recomputing block j rebuilds its whole set while blocks < j still keep theirs (later ones are freed);
         # its backward follows at once: the MLP's gradients and the residual stream's two; the δ_N of the blocks
@@ -219,10 +235,12 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
         for j, md in enumerate(modes):
             if md in ("full", "selective"):
                 d = _weight_deltas(spec, mb, t, e, (a + j + 1, z), last) if delta else 0.0
-                options.append((sum(kept[:j]) + none + sum(past[j + 1:]), grads_in_block + 2 * sb * h * e + dy, d))
+                options.append((sum(kept[:j]) + none + sum(past[j + 1:]), grads_in_block + 2 * sb * h * e + dy, d,
+                                (len(modes) - j - 1) / len(modes)))
         msg = sb * h * e / (t if lay.sp else 1) if dev == "cpu" else 0.0      # a sent activation or gradient
         terms[k] = (fwd, options, post, msg * (not last and k + 1 not in own), msg * (k > 0 and k - 1 not in own))
-    act, transient = _walk(acts, terms, own[0])
+    direct = grad_moved(lay.zero, lay.zero_n, tr.precision, tr.optimizer, lay.ep) == 0 and tr.offload == "none"
+    act, transient, absent = _walk(acts, terms, own[0], states["grads"] if direct else 0.0, lay.micro_batches)
     activations = act
     buffers = gathered = 0.0
     normal = [bk for bk in buckets if not getattr(bk, "deferred", False)]
@@ -241,7 +259,7 @@ def rank_peak(spec: ModelSpec, lay: Layout, tr: TrainSpec, own: list, bounds: li
     data = 16 * (tr.global_batch // lay.dp) * spec.seq * lay.cp        # the dp share, whole on every cp rank
     if lay.cp > 1:                       # + its shards (x, y, positions): all up front under pp, else one
         data += 24 * (tr.global_batch // lay.dp if lay.pp > 1 else mb) * spec.seq
-    fb = states["total"] + activations + transient + buffers + gathered + data
+    fb = states["total"] - absent + activations + transient + buffers + gathered + data
     if lay.zero >= 1:    # end of backward: a bucket's reduce-scatter output (stage 1; stage 2/3 reduce into last
         big = max(buckets, key=lambda bk: bk.padded)      # step's shard, in the states), on gloo a staging copy
         rs = ((big.padded // lay.zero_n if lay.zero == 1 else 0) + (big.padded if tr.device == "cpu" else 0)) * e

@@ -272,7 +272,7 @@ def _update_seconds(bks: list, lay: Layout, tr: TrainSpec, hw: Hardware) -> tupl
     parameter all-gathers of stages 1–2 can hide under, time_terms' docstring)."""
     owned = sum(_shard_pieces(bk, *_group(bk, lay, 0), lay.zero > 0)[0] for bk in bks)
     return (optimizer_seconds(owned, tr, hw, local_grads=sum(bk.padded for bk in bks), zero=lay.zero,
-                              micro_batches=lay.micro_batches, n=lay.zero_n),
+                              micro_batches=lay.micro_batches, n=lay.zero_n, ep=lay.ep),
             memory_seconds(owned * optimizer_moved(tr.optimizer, tr.momentum), hw))
 
 

@@ -18,7 +18,9 @@ what runs. DeepSpeedCPUAdam is such a fused SIMD pass: :data:`FUSED_ADAM_MOVED`.
 
 Gradient bookkeeping of our engine (:data:`GRAD_MOVED`, per local gradient element of the dp
 buckets, by ZeRO stage): stage 0/1 keep a persistent flat gradient; after ``zero_grad`` (p.grad =
-None) the first gradient is copied into its view (read 4, write 4 + write-allocate 4): 12 bytes. Stage 2/3
+None) the first gradient is copied into its view (read 4, write 4 + write-allocate 4): 12 bytes — except stage 0
+over one rank in fp32 with an elementwise optimizer (every tp / pp layout without data parallelism), which keeps
+no bucket: p.grad is autograd's own tensor, 0 bytes (:func:`grad_moved`, parallel/zero/direct_grads.py). Stage 2/3
 allocate the flat gradient (``torch.empty``) at the first gradient and copy each parameter's first gradient
 into it: 12 as well. Then the division by N in place (:data:`DIVIDE_MOVED`, 8): over the whole gradient
 before stage 0's all-reduce (20 in all), over the shard only after a reduce-scatter of fp32 gradients at
@@ -94,8 +96,8 @@ from __future__ import annotations
 from parallel.planning.spec import Hardware
 
 __all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "DIVIDE_MOVED", "ACCUM_MOVED",
-           "NORM_MOVED", "BUSY_PER_WIRE", "chain_terms", "chain_seconds", "stage3_waits", "memory_seconds",
-           "optimizer_moved", "busy_seconds", "exposed_dp", "tp_waits"]
+           "NORM_MOVED", "BUSY_PER_WIRE", "grad_moved", "chain_terms", "chain_seconds", "stage3_waits",
+           "memory_seconds", "optimizer_moved", "busy_seconds", "exposed_dp", "tp_waits"]
 
 COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
 OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
@@ -106,6 +108,14 @@ ACCUM_MOVED = 12
 NORM_MOVED = 4
 BUSY_PER_WIRE = {"all_gather": 4.0, "send": 2.0, "recv": 2.0, "reduce_scatter": 7.0,
                  "all_reduce": 5.5}    # all-reduce = reduce-scatter then all-gather, half the wire each
+
+
+def grad_moved(zero: int, n: int, precision: str = "fp32", optimizer: str = "adamw", ep: int = 1) -> int:
+    """Bytes moved per local gradient element to put a step's first gradient in place (module docstring): 0
+    where the engine keeps ``p.grad`` itself (parallel/zero/direct_grads.py: ZeRO stage 0 over ``n`` = 1 rank,
+    fp32, an elementwise optimizer, no experts), else :data:`GRAD_MOVED` of the stage."""
+    direct = zero == 0 and n == 1 and precision == "fp32" and optimizer in ("adamw", "adam", "sgd") and ep == 1
+    return 0 if direct else GRAD_MOVED[zero]
 
 
 def memory_seconds(moved_bytes: float, hw: Hardware) -> float:

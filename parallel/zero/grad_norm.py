@@ -25,7 +25,8 @@ import torch
 from parallel import comm
 from parallel.parameters import param_info
 
-__all__ = ["NONFINITE_POLICIES", "NonFiniteError", "SKIP_MESSAGE", "norm_segments", "grad_norm_sq"]
+__all__ = ["NONFINITE_POLICIES", "NonFiniteError", "SKIP_MESSAGE", "norm_segments", "grad_norm_sq", "piece_kind",
+           "sum_over_groups"]
 
 NONFINITE_POLICIES = ("stop", "skip")
 SKIP_MESSAGE = "non-finite gradient: update skipped (train.on_nonfinite=skip)"
@@ -40,14 +41,17 @@ class NonFiniteError(RuntimeError):
         self.parts = [float(x) for x in parts]
 
 
+def piece_kind(p) -> int:
+    """The norm part parameter ``p`` counts in: 0 = tp split, 1 = replicated, 2 = duplicate."""
+    info = param_info(p)
+    return 2 if info.pp_duplicate or info.tp_duplicate else 0 if info.tp_split else 1
+
+
 def norm_segments(b) -> list:
-    """Runs (a, e, kind) of bucket ``b`` in shard coordinates; kind 0 = tp split, 1 = replicated,
-    2 = duplicate."""
+    """Runs (a, e, kind) of bucket ``b`` in shard coordinates; kind as :func:`piece_kind`."""
     segs = []
     for i, a, e in b.pieces():
-        p = b.params[i]
-        info = param_info(p)
-        kind = 2 if info.pp_duplicate or info.tp_duplicate else 0 if info.tp_split else 1
+        kind = piece_kind(b.params[i])
         if segs and segs[-1][2] == kind and segs[-1][1] == a - b.lo:
             segs[-1] = (segs[-1][0], e - b.lo, kind)
         else:
@@ -83,6 +87,11 @@ def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_grou
         if len(part) == 4:
             count[0] = part[3]
         v += part[:3]
+    return sum_over_groups(v, norm_groups)
+
+
+def sum_over_groups(v: torch.Tensor, norm_groups) -> torch.Tensor:
+    """The three parts ``v`` of this rank summed over ``norm_groups`` (tp, pp) in place."""
     for grp in norm_groups:
         if grp.axis == "tp" and grp.rank != 0:
             v[1] = 0.0                           # replicated over tp: counted once

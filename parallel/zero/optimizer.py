@@ -53,6 +53,7 @@ from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.accounting import AccountingMixin
 from parallel.zero.args import check_args
+from parallel.zero.direct_grads import DirectReducer, bind_grads, can_direct, clip_grads, direct_norm_sq
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
 from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
 from parallel.zero.interleave import can_interleave, step_interleaved
@@ -149,6 +150,10 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
             self._hook_param_gathers(module)
         # offloaded Adam overlaps backward when nothing global rescales the gradient after reduction
         early = self._opt_off is not None and self.stage >= 2 and grad_clip is None and not self.scaler.enabled
+        self.direct = can_direct(self, zero, simulate)  # dp = 1, stage 0: p.grad is the gradient (.direct_grads)
+        if self.direct:
+            self.reducer = DirectReducer(self.buckets, dp_group, "all_reduce", self.prec.param_dtype, self.deferred)
+            return
         self.reducer = GradReducer(self.buckets, dp_group, "all_reduce" if self.stage == 0 else "reduce_scatter",
                                    self.prec.param_dtype, keep_full_grads=self.stage < 2, deferred=self.deferred,
                                    on_grad=self.stage3.on_grad if self.stage3 else None,
@@ -315,7 +320,10 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         parameters no dp rank got a gradient for (``b.unused``, :mod:`.unused`: packed into the norm's all-reduce)."""
         dev = self._all[0].master.device
         count = torch.tensor([float(local_missing(self.buckets))], dtype=torch.float64, device=dev)
-        v = grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups, count)
+        if self.direct:
+            v = direct_norm_sq(self, count)
+        else:
+            v = grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups, count)
         if self.simulated:                             # meta tensors (launch.simulate): bytes only, no verdict
             return v
         totals = {ALL: float(count[0])}                # stage ≥ 1: the dp sum; stage 0: this rank's own count
@@ -334,7 +342,9 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
             return result
         self.finish_grad_sync()
         inv = 1.0 / self.scaler.scale
-        for b in self._all:
+        if self.direct:                                # fp32 over one rank: nothing to unscale or copy
+            bind_grads(self)
+        for b in self._all if not self.direct else ():
             g = self._shard_grad(b)
             if self.prec.master:
                 b.master.grad = g.float().mul_(inv) if inv != 1.0 else g.float()
@@ -351,7 +361,9 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         norm = math.sqrt(float(v[0] + v[1]))
         if self.grad_clip is not None:
             coef = self.grad_clip / (norm + 1e-6)
-            if coef < 1.0:
+            if coef < 1.0 and self.direct:
+                clip_grads(self, coef)
+            elif coef < 1.0:
                 for b in self._all:
                     b.master.grad.mul_(coef)
         if self._opt_off is not None:
@@ -359,7 +371,7 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         elif self._interleave:                         # stages 1-2: bucket k's gather under bucket k+1's update
             step_interleaved(self)
         else:
-            for b, i, a, e, view in self._piece_list:   # no gradient on any rank (b.unused): skipped, as torch does
+            for b, i, a, e, view in self._piece_list if not self.direct else ():   # no gradient on any rank
                 view.grad = b.master.grad[a - b.lo:e - b.lo] if i not in getattr(b, "unused", ()) else None
             self.optimizer.step()
         if not self._interleave:

@@ -1,0 +1,155 @@
+"""Paired rounds of a few protocol rows, the first as the reference: per round each row steps once (order shuffled,
+seeded), the slowest rank's time each; printed per row: median ms, the median of per-round ratios to the first
+row with [min, max], and minor page faults per step (fresh 4 KiB pages, rank 0). A row name ending in
+``:bucket`` builds our engine with ZeRO stage 0's gradient bucket forced even at dp = 1 (the path before
+parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run.
+
+    python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --rounds 20
+    python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --count   # load-free counts
+
+``--count``: instead of timing, one step of each row under a dispatch mode on each rank: aten calls, bytes written
+by in-place copies (``copy_``), bytes of fresh tensors allocated, and the minor page faults of that step.
+
+Loaded machine: read the paired ratios, not the milliseconds; idle figures come from benchmarks/protocol.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import resource
+import socket
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _build(name, kw, per, world, rank):
+    import parallel.zero.optimizer as zo
+    from benchmarks import proto_rows
+    base, _, variant = name.partition(":")
+    keep = zo.can_direct
+    if variant == "bucket":
+        zo.can_direct = lambda *a: False
+    elif variant:
+        raise ValueError(f"row {name!r}: the only variant is ':bucket'")
+    try:
+        return proto_rows.build(base, kw, per, world, rank)
+    finally:
+        zo.can_direct = keep
+
+
+def _counted(row) -> dict:
+    """One step of ``row`` counted (module docstring)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.c = {"aten calls": 0, "copy_ MB": 0.0, "allocated MB": 0.0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.c["aten calls"] += 1
+            name = func.overloadpacket.__name__
+            if name == "copy_":
+                self.c["copy_ MB"] += args[0].numel() * args[0].element_size() / 1e6
+            elif isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in {   # a new storage
+                    t.untyped_storage().data_ptr() for t in list(args) + list((kwargs or {}).values())
+                    if isinstance(t, torch.Tensor)}:
+                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6
+            return out
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with Count() as m:
+        row.step()
+        row.finish()
+    return {**m.c, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
+
+
+def _rank(rank, world, port, opts, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    import warnings
+    warnings.filterwarnings("ignore")
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks.proto_run import SIZES, pin
+    pin(rank, world, 1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
+    pin(rank, world, 1)
+    try:
+        kw, names = SIZES[opts["size"]], opts["rows"]
+        rows = [_build(n, kw, opts["per"], world, rank) for n in names]
+        for row in rows:
+            for _ in range(opts["warmup"]):
+                row.step()
+                row.finish()
+        if opts["count"]:
+            q.put((rank, [_counted(row) for row in rows]))
+            return
+        times = torch.zeros(opts["rounds"], len(rows), dtype=torch.float64)
+        faults = [[] for _ in rows]
+        gc.collect()
+        gc.disable()
+        for r in range(opts["rounds"]):
+            order = list(range(len(rows)))
+            random.Random(opts["seed"] + r).shuffle(order)
+            for i in order:
+                dist.barrier()
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                rows[i].step()
+                rows[i].finish()
+                times[r, i] = time.perf_counter() - t0
+                faults[i].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        gc.enable()
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            q.put((times.tolist(), [statistics.median(f) for f in faults]))
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="5m")
+    ap.add_argument("--rows", nargs="+", default=["pp_torch", "pp_ours", "pp_ours:bucket"])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--count", action="store_true", help="counts of one step per row instead of timings")
+    a = ap.parse_args(argv)
+    import torch.multiprocessing as mp
+    q = mp.get_context("spawn").Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = {k: getattr(a, k) for k in ("size", "rows", "rounds", "warmup", "per", "seed", "count")}
+    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    if a.count:
+        got = dict(q.get(timeout=30) for _ in range(2))
+        for (r, i), name in ((ri, a.rows[ri[1]]) for ri in [(r, i) for r in (0, 1) for i in range(len(a.rows))]):
+            c = got[r][i]
+            print(f"  rank {r} {name:18s} " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in c.items()))
+        return 0
+    times, faults = q.get(timeout=30)
+    print(f"== {a.size}, {a.rounds} paired rounds, slowest rank per step (loaded machine unless stated)")
+    for i, name in enumerate(a.rows):
+        col = [t[i] for t in times]
+        ratio = [t[i] / t[0] for t in times]
+        print(f"  {name:18s} {statistics.median(col) * 1e3:9.1f} ms   ÷ {a.rows[0]}: {statistics.median(ratio):.3f} "
+              f"[{min(ratio):.3f}, {max(ratio):.3f}]   faults/step {faults[i]:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
