@@ -46,6 +46,8 @@ SIZES = [
     # the sparse-attention indexer (deepseek_v32, axk2): fewer heads and keys than the sequence
     (("index_n_heads",), 4), (("index_head_dim",), 16), (("index_topk",), 8),
     (("vocab_size",), 128),
+    # per-layer token embeddings (gemma3n, gemma4): 262144 ids × layers × 256 by default (134 M parameters)
+    (("vocab_size_per_layer_input",), 128), (("hidden_size_per_layer_input",), 16),
     (("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"), 64),
 ]
 LAYER_NAMES = SIZES[0][0]
@@ -82,7 +84,26 @@ FAMILY = {
     "reformer": {"axial_pos_shape": [4, 4], "axial_pos_embds_dim": [32, 32], "local_attn_chunk_length": 8,
                  "lsh_attn_chunk_length": 8, "num_buckets": 2, "hash_seed": 0},
     "xmod": {"default_language": "en_XX"},             # its adapters need a language; the forward raises without one
+    # the local encoder / decoder project to and from the global transformer's width (default 2048, the global's
+    # default); the hash n-gram embeddings: 2 sizes of 64 buckets instead of 6 of 500002 (192 M parameters)
+    "blt": {"encoder_config": {"hidden_size_global": 64}, "decoder_config": {"hidden_size_global": 64},
+            "encoder_hash_byte_group_size": [3, 4], "encoder_hash_byte_group_vocab": 64},
+    # its rotary embedding is head_dim wide and rotates the qk_rope_head_dim part (8); top-12 routing and 256 zero
+    # (identity) experts by default: top-2 over 4 experts and 2 zero experts of 32
+    "longcat_flash": {"head_dim": 8, "moe_topk": 2, "zero_expert_num": 2, "expert_ffn_hidden_size": 32},
+    # validate_architecture: the vision / audio adapters' input is their tower's width, their output the text width
+    "dots3_note": {"vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
+                   "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64}},
+    # MusicgenForCausalLM is built from the decoder's config (CAUSAL_SUB_CONFIG); one codebook: token ids in,
+    # (batch, sequence, vocabulary) logits out
+    "musicgen": {"decoder": {"num_codebooks": 1}},
+    "musicgen_melody": {"decoder": {"num_codebooks": 1}},
 }
+
+# Architectures whose causal-LM class (transformers' auto mapping) is built from a sub-config of the
+# model type's config: the composite config has no decoder fields (MusicgenForCausalLM(MusicgenConfig) fails
+# on config.dropout), so the class gets the part it is documented to take.
+CAUSAL_SUB_CONFIG = {"musicgen": "decoder", "musicgen_melody": "decoder"}
 
 
 def _params(cls) -> set:
