@@ -91,8 +91,11 @@ FAMILY = {
     # its rotary embedding is head_dim wide and rotates the qk_rope_head_dim part (8); top-12 routing and 256 zero
     # (identity) experts by default: top-2 over 4 experts and 2 zero experts of 32
     "longcat_flash": {"head_dim": 8, "moe_topk": 2, "zero_expert_num": 2, "expert_ffn_hidden_size": 32},
+    # validate_architecture: a sliding layer's head_dim is its qk_nope + qk_rope dims (its override doubles qk_nope
+    # to 16, + 8; the default 256 = 192 + 64 likewise)
+    "dots3_note_text": {"head_dim": 24},
     # validate_architecture: the vision / audio adapters' input is their tower's width, their output the text width
-    "dots3_note": {"vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
+    "dots3_note": {"text_config": {"head_dim": 24}, "vision_config": {"adapter_in_dim": 64, "adapter_out_dim": 64},
                    "audio_config": {"adapter_input_size": 64, "adapter_out_dim": 64}},
     # MusicgenForCausalLM is built from the decoder's config (CAUSAL_SUB_CONFIG); one codebook: token ids in,
     # (batch, sequence, vocabulary) logits out
@@ -133,16 +136,17 @@ def _layer_lists(default, names, layers: int) -> dict:
 
 
 def kept_layers(default, names, diverse: bool = False) -> list[int]:
-    """The two layers of the default config the tiny one keeps: [0, 1], or with ``diverse`` (and always for a
-    heterogeneous default) [0, the first layer whose per-layer overrides or list entries differ from layer 0's]."""
+    """The two layers of the default config the tiny one keeps: [0, 1]; for a heterogeneous default [0, the first
+    layer whose per-layer overrides differ from layer 0's]; with ``diverse`` [0, the first layer whose overrides or
+    per-layer list entries (layer_types, …) differ]."""
     layers = next((v for n in LAYER_NAMES if n in names and isinstance(v := _get(default, n), int)), None)
     over = _overrides(default)
     if not layers or layers < 2 or not (diverse or over):
         return [0, 1]
     lists = _layer_lists(default, names, layers)
-    differs = (i for i in range(1, layers)
-               if over.get(i, {}) != over.get(0, {}) or any(v[i] != v[0] for v in lists.values()))
-    return [0, next(differs, 1)]
+    other = [i for i in range(1, layers) if over.get(i, {}) != over.get(0, {})]
+    other += [i for i in range(1, layers) if diverse and any(v[i] != v[0] for v in lists.values())]
+    return [0, other[0] if other else 1]
 
 
 def _shrink(value, glob, tiny):
@@ -180,6 +184,8 @@ def tiny_kwargs(cls, diverse: bool = False, extra: dict | None = None) -> dict:
         elif hasattr(cur, "to_dict") and hasattr(cur, "model_type"):
             sub = extra.get(n) if isinstance(extra.get(n), dict) else None
             kw[n] = {"model_type": cur.model_type, **tiny_kwargs(type(cur), diverse, sub)}
+    if "kv_lora_rank" in names and "num_key_value_heads" in names:
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)   # latent attention: kv heads = heads
     over = _overrides(default)
     if over:
         small = {}
@@ -188,8 +194,6 @@ def tiny_kwargs(cls, diverse: bool = False, extra: dict | None = None) -> dict:
             if layer:
                 small[new] = layer
         kw["per_layer_config"] = small
-    if "kv_lora_rank" in names and "num_key_value_heads" in names:
-        kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)   # latent attention: kv heads = heads
     if "use_cache" in names:
         kw["use_cache"] = False
     kw = _merge(kw, {k: v for k, v in extra.items() if not (isinstance(v, dict) and isinstance(kw.get(k), dict))})
