@@ -86,6 +86,16 @@ def test_causal_sub_config_and_listed_skips():
     assert "shared_kv_states" in zoo.skip_reason("gemma4_assistant")
     assert "timm" in zoo.skip_reason("gemma3n")
 
+
+def test_non_finite_reference_is_a_failure(monkeypatch):
+    """A one-process curve with a NaN (gemma3n_text before its pad id was moved off the data) is nothing to compare
+    with: the row fails at the reference, no layout runs (each would only fail on its own NaN)."""
+    monkeypatch.setattr(zoo, "skip_reason", lambda arch: None)
+    monkeypatch.setattr(zoo, "reference", lambda arch: [4.87, float("nan"), float("nan")])
+    monkeypatch.setattr(zoo, "check", lambda *a, **k: pytest.fail("a layout ran against a NaN reference"))
+    row = zoo.run_architecture("llama")
+    assert row["reference"][0] == "FAIL" and "non-finite" in row["reference"][1]
+
 # The layouts the first whole-zoo run failed on, each fixed in the framework (ZeRO-3 parameters used outside
 # their module: parallel/zero/touch.py; pipeline input shapes: parallel/pipeline/stage.py).
 # dbrx dp2 ZeRO-3: its expert GLU runs once per hit expert — a gloo timeout until parallel/zero/regions.py.

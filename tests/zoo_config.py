@@ -72,8 +72,11 @@ FAMILY = {
     "zaya": {"num_experts_per_tok": 1},                # validate_architecture: top-1 routing only
     # the last num_kv_shared_layers layers reuse K/V of earlier ones of their type (default 15 of 30); with 2
     # layers every type must still have a producer: none shared
-    "gemma3n_text": {"num_kv_shared_layers": 0},
-    "gemma3n": {"text_config": {"num_kv_shared_layers": 0}},
+    # pad_token_id 0 is a character of the zoo's data (ids < 96): its embedding rows (token and per-layer) are zero,
+    # so a 0 at position 0 keeps a zero hidden state through both layers and the output's magnitude
+    # sqrt(mean h²) has an infinite gradient there (NaN from the first step): the pad id is the vocabulary's last
+    "gemma3n_text": {"num_kv_shared_layers": 0, "pad_token_id": 127},
+    "gemma3n": {"text_config": {"num_kv_shared_layers": 0, "pad_token_id": 127}},
     # the default leaves layer_types None, which the decoder layer indexes (transformers' default cannot build);
     # num_dense_layers (default 2) would make both tiny layers dense: one short-conv + dense, one attention + MoE
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
