@@ -112,6 +112,19 @@ def test_zoo_regressions(arch, layout):
     assert status == "exact", (arch, layout, status, detail)
 
 
+# Layouts the zoo found giving a wrong number, now refused at plan time with the reason.
+# gemma3n_text tp2: its MLP's Gaussian top-k takes mean/std over split features (tensor_parallel/reductions.py).
+REFUSALS = [("gemma3n_text", "tp2 auto", "reduces the output of a layer split across tp ranks")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,layout,why", REFUSALS)
+def test_zoo_refusals(arch, layout, why):
+    import torch
+    torch.manual_seed(0)
+    status, detail = zoo.check(arch, layout, zoo.reference(arch))
+    assert status == "refused" and why in detail, (arch, layout, status, detail)
+
 def test_tp_split_counts_what_tp_sharded():
     """A tp cell is exact only if tp split something: zoo.tp_split counts the sharded tensors (full size:
     local · tp / replicas) and their share of the elements; nothing split → 0 tensors (the cell is 'unsplit')."""
