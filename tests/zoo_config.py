@@ -201,7 +201,8 @@ def tiny_kwargs(cls, diverse: bool = False, extra: dict | None = None) -> dict:
         kw["use_cache"] = False
     kw = _merge(kw, {k: v for k, v in extra.items() if not (isinstance(v, dict) and isinstance(kw.get(k), dict))})
     vocab = kw.get("vocab_size", 128)
-    dropped = [n for n in TOKEN_IDS if n in names and isinstance(v := _get(default, n), int) and v >= vocab]
+    dropped = [n for n in TOKEN_IDS if n in names and n not in extra and isinstance(v := _get(default, n), int)
+               and v >= vocab]
     for n in dropped:                              # a small vocabulary has no id 50256
         kw[n] = None
     if dropped and not _builds(cls, kw):           # a field typed int (cwm: bos_token_id): the last id
