@@ -111,7 +111,7 @@ HEADER = """# Model zoo: transformers causal LMs at dp / tp / pp against one pro
 
 Every architecture in transformers' causal-LM auto mapping, built tiny from its config (2 layers, hidden
 64, 4 heads, 2 kv heads, vocabulary 128, no dropout; the names each config uses are found generically,
-`tests/zoo.py`), trained {steps} AdamW steps in fp32 on two gloo CPU ranks and compared with one process.
+`tests/zoo_config.py`), trained {steps} AdamW steps in fp32 on two gloo CPU ranks and compared with one process.
 A cell is `exact (max relative loss difference)` within {rtol:g} (a tp cell also says how many parameter
 tensors tp split and their share of the elements), `unsplit` when tp agreed but sharded no parameter (not a
 pass), `refused (reason)` when the tp plan refuses before converting anything (a ValueError naming why), or

@@ -329,6 +329,11 @@ def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp
         errors.append(f"{who}: {cls.__qualname__}.forward uses the width of its input with tensors computed from "
                       f"layers split across tp ranks, which are 1/tp as wide per rank ({derived}); reshape with -1 "
                       f"or self.<per-rank attribute> instead, or leave its layers out of the plan")
+    from parallel.tensor_parallel.reductions import split_reduction
+    if split and (where := split_reduction(cls, set(split), set(row))):
+        errors.append(f"{who}: {cls.__qualname__}'s forward reduces the output of a layer split across tp ranks "
+                      f"along its features ({where}): each rank would see 1/tp of them (its own mean / std / "
+                      f"max); leave its layers out of the plan (:mod:`parallel.tensor_parallel.reductions`)")
     out = {}
     attrs = set(reads) | ({a for a in HEAD_ATTRS if hasattr(parent, a)} if hasattr(parent, "head_dim") else set())
     for a in sorted(attrs):
