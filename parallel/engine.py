@@ -46,7 +46,7 @@ from parallel.data_parallel.buffer_drift import BufferWatch
 from parallel.engine_callbacks import PhaseCallbacks
 from parallel.engine_inputs import BatchInputs
 from parallel.layer_drop import apply_layer_drop
-from parallel.loss import cross_entropy, logits_of, resolve_loss
+from parallel.loss import check_class_targets, cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
 from parallel.moe import apply_expert_parallel, moe_layers, set_aux_scale
 from parallel.optim.factory import optimizer_factory
@@ -176,6 +176,7 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             tp = self.tp
 
             def fn(out, y):
+                check_class_targets(logits_of(out), y)
                 return vocab_parallel_cross_entropy(logits_of(out), y, tp)
         return batches.token_loss(fn, self.loss_mode)
 
