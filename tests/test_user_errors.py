@@ -159,3 +159,14 @@ def test_cross_entropy_refuses_soft_labels_and_float_ids_naming_the_fix():
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids.reshape(-1))
     torch.testing.assert_close(cross_entropy(logits, ids), want)
     torch.testing.assert_close(cross_entropy(logits, ids.reshape(-1)), want)
+
+
+@pytest.mark.parametrize("flag", [["--nproc-per-node", "3"], ["--nproc_per_node=3"], ["--nproc", "3"]])
+def test_torchruns_nproc_flag_is_checked_before_any_worker(flag, capsys):
+    """`--nproc-per-node 3` with dp = 2 went through to torchrun: three workers started and each failed with
+    exit 2; it is the launcher's --nproc, so the config check refuses it before any worker starts."""
+    from launch.__main__ import main, split_argv
+    known, torchrun, _ = split_argv(["--config", "configs/gpt_dp2.yaml"] + flag)
+    assert known.nproc == 3 and not torchrun
+    assert main(["--config", "configs/gpt_dp2.yaml"] + flag) == 2
+    assert "parallel.dp*tp*pp = 2*1*1 = 2 but the job has 3 processes" in capsys.readouterr().err
