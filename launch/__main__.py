@@ -50,7 +50,9 @@ def split_argv(argv: list[str]):
     ours = argparse.ArgumentParser(prog="python -m launch", add_help=True,
                                    description="Run a parallel3d training job under torchrun.")
     ours.add_argument("--config", required=True, help="YAML config")
-    ours.add_argument("--nproc", type=int, default=None, help="processes on this node (default: dp*tp*pp*cp / nnodes)")
+    ours.add_argument("--nproc", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, default=None,
+                      help="processes on this node (default: dp*tp*pp*cp / nnodes); torchrun's spelling is the same "
+                      "flag, so the config is checked against it before any worker starts")
     ours.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config to map onto the YAML config")
     ours.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, start nothing")
     ours.add_argument("--memory", default=None, help="with --dry-run: memory per device (e.g. 24GiB); says whether "

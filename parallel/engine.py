@@ -42,10 +42,11 @@ from parallel.config import Config, ConfigError
 from parallel.context_parallel import ContextParallel
 from parallel.context_parallel.engine_hooks import ContextInputs
 from parallel.data_parallel import sync_batchnorm
+from parallel.data_parallel.buffer_drift import BufferWatch
 from parallel.engine_callbacks import PhaseCallbacks
 from parallel.engine_inputs import BatchInputs
 from parallel.layer_drop import apply_layer_drop
-from parallel.loss import cross_entropy, logits_of, resolve_loss
+from parallel.loss import check_class_targets, cross_entropy, logits_of, resolve_loss
 from parallel.mesh import Mesh
 from parallel.moe import apply_expert_parallel, moe_layers, set_aux_scale
 from parallel.optim.factory import optimizer_factory
@@ -119,6 +120,7 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
         self.skips_in_a_row, self.max_skips = 0, config.train.max_skips   # consecutive non-finite skips, their limit
         self.last_result = None
         self._callbacks, self._hooks, self._transform = [], [], None
+        self._buffer_watch = BufferWatch(self.stages, self.dp_cp.size, self.dp_cp.rank, "dp·cp" if p.cp > 1 else "dp")
 
     # --- construction -----------------------------------------------------------------------------
     @staticmethod
@@ -174,6 +176,7 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             tp = self.tp
 
             def fn(out, y):
+                check_class_targets(logits_of(out), y)
                 return vocab_parallel_cross_entropy(logits_of(out), y, tp)
         return batches.token_loss(fn, self.loss_mode)
 
@@ -264,6 +267,7 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
         if not self.last_result.skipped:
             self.scheduler.step()
         self.step_count += 1
+        self._buffer_watch.check(self.stages)        # the first step: buffers the forward wrote (buffer_drift.py)
         return self.last_result
 
     def _check_skips(self, s: int) -> None:
@@ -327,6 +331,8 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
     def load(self, path: str) -> dict:
         meta = engine_state.load_engine(self, path)
         self.step_count = int(meta["step"])
+        if self._buffer_watch.before is not None:     # loaded buffers are not the forward's writes
+            self._buffer_watch.snapshot(self.stages)
         return meta
 
     def full_state_dict(self) -> dict | None:

@@ -24,8 +24,24 @@ def logits_of(output) -> torch.Tensor:
                     f"return a tensor, a tuple starting with it, or an object with .logits")
 
 
+def check_class_targets(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """``loss: cross_entropy`` (and its vocab-parallel form) takes one integer class id per prediction
+    (−100 = not scored). Soft labels — a float target per class — or ids stored as floats are refused
+    naming the fix, instead of torch's "Expected input batch_size (32) to match target batch_size (2048)"."""
+    per_pred = logits.numel() // max(logits.shape[-1], 1)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool or target.numel() != per_pred:
+        raise ValueError(
+            f"loss=cross_entropy takes integer class ids, one per prediction, classes on the logits' last dim: logits "
+            f"{tuple(logits.shape)} need "
+            f"targets of shape {tuple(logits.shape[:-1])} (int64; -100 = not scored), got {target.dtype} "
+            f"{tuple(target.shape)}. Class ids stored as floats: return them as torch.long from data.factory. Soft "
+            f"labels (a probability per class): give your own loss, loss: 'pkg.module:function' (e.g. "
+            f"F.cross_entropy(logits.flatten(0, -2), probs.flatten(0, -2))), with a tp plan whose head gathers")
+
+
 def cross_entropy(output, target):
     logits = logits_of(output)
+    check_class_targets(logits, target)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
 
 

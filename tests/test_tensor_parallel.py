@@ -162,6 +162,12 @@ def test_layer_errors():
         ColumnParallelLinear(32, 30, g4)
     with pytest.raises(ValueError, match=r"in_features = 30 is not divisible by tp = 4"):
         RowParallelLinear(30, 32, g4)
+    row = RowParallelLinear(32, 8, g4)          # a user plan's lone 'rowwise' got the full width: named, was
+    with pytest.raises(ValueError, match=r"last dim 8, but got \(2, 5, 32\) — the full, replicated width: the "
+                                         r"module feeding it is not column-parallel"):     # "mat1 and mat2 shapes"
+        row(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match=r"last dim 8, but got \(2, 5\): check the parallel.tp_plan"):
+        row(torch.randn(2, 5))
     emb = VocabParallelEmbedding(66, 8, _fake_group(4, 3))       # padded to 68: rank 3 holds rows 51..65 + 2 zeros
     assert emb.weight.shape == (17, 8) and emb.vocab_start == 51 and not emb.weight[15:].any()
     head = ColumnParallelLinear(8, 66, _fake_group(4, 3), pad_vocab=True)

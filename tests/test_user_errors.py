@@ -140,3 +140,33 @@ def test_consolidate_bad_input_is_one_line(tmp_path, capsys):
     assert main([str(ck), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "cannot import module 'no_such_pkg.models'" in err and "put that directory on PYTHONPATH" in err, err
+
+
+def test_cross_entropy_refuses_soft_labels_and_float_ids_naming_the_fix():
+    """Soft labels (B, S, V) gave torch's "Expected input batch_size (32) to match target batch_size (2048)";
+    float ids "expected target dtype to be Long". Integer ids of either shape still train."""
+    import torch
+
+    from parallel.loss import cross_entropy
+    logits = torch.randn(2, 16, 64)
+    ids = torch.randint(0, 64, (2, 16))
+    with pytest.raises(ValueError, match=r"logits \(2, 16, 64\) need targets of shape \(2, 16\) \(int64; -100 = not "
+                                         r"scored\), got torch.float32 \(2, 16, 64\).*Soft labels"):
+        cross_entropy(logits, torch.softmax(torch.randn(2, 16, 64), -1))
+    with pytest.raises(ValueError, match=r"got torch.float32 \(2, 16\)\. Class ids stored as floats: return them as "
+                                         r"torch.long"):
+        cross_entropy(logits, ids.float())
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids.reshape(-1))
+    torch.testing.assert_close(cross_entropy(logits, ids), want)
+    torch.testing.assert_close(cross_entropy(logits, ids.reshape(-1)), want)
+
+
+@pytest.mark.parametrize("flag", [["--nproc-per-node", "3"], ["--nproc_per_node=3"], ["--nproc", "3"]])
+def test_torchruns_nproc_flag_is_checked_before_any_worker(flag, capsys):
+    """`--nproc-per-node 3` with dp = 2 went through to torchrun: three workers started and each failed with
+    exit 2; it is the launcher's --nproc, so the config check refuses it before any worker starts."""
+    from launch.__main__ import main, split_argv
+    known, torchrun, _ = split_argv(["--config", "configs/gpt_dp2.yaml"] + flag)
+    assert known.nproc == 3 and not torchrun
+    assert main(["--config", "configs/gpt_dp2.yaml"] + flag) == 2
+    assert "parallel.dp*tp*pp = 2*1*1 = 2 but the job has 3 processes" in capsys.readouterr().err

@@ -220,6 +220,15 @@ def _check_train(c: Config, world_size: int | None) -> None:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be positive (or null for no clipping)")
     if t.timeout_s <= 0:
         raise ConfigError(f"train.timeout_s={t.timeout_s} must be positive")
+    if t.eval_every < 0:                 # (step + 1) % −k == 0 at every step: it would evaluate every step
+        raise ConfigError(f"train.eval_every={t.eval_every} must be 0 (evaluate data.eval after the last step "
+                          f"only) or positive (every N steps)")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every={t.log_every} must be >= 1 (rank details every N steps and at the last)")
+    ev = c.data.eval
+    if isinstance(ev, dict) and set(ev) - {"factory", "kwargs", "batches"}:   # checked before any worker starts
+        raise ConfigError(f"data.eval has unknown keys {sorted(set(ev) - {'factory', 'kwargs', 'batches'})}; "
+                          f"allowed: factory, kwargs, batches")
     if t.fault is not None:
         check_fault(c, world_size)
     if t.max_skips < 0:

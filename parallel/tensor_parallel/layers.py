@@ -259,6 +259,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = comm.scatter_to_seq(x, self.group, -1)
+        elif x.shape[-1] != self.in_local:
+            self._wrong_input(x)
         y = F.linear(x, self.weight.t() if self.transposed else self.weight)
         if self.sequence_parallel:
             _check_seq(y, self.group, SEQ_DIM, "reduce-scatter after a row-parallel layer")
@@ -266,6 +268,18 @@ class RowParallelLinear(nn.Module):
             return y if self.bias is None else y + comm.copy_to_group(self.bias, self.group)
         y = comm.reduce_from_group(y, self.group)
         return y if self.bias is None else y + self.bias
+
+    def _wrong_input(self, x):
+        """A user plan's 'rowwise' layer fed a replicated input (no 'colwise' layer before it): name the pair
+        instead of F.linear's "mat1 and mat2 shapes cannot be multiplied"."""
+        full = x.shape[-1] == self.in_features
+        raise ValueError(
+            f"tensor parallel: a row-parallel layer (rowwise; in={self.in_features}, tp={self.group.size}) takes its "
+            f"input split over tp, last dim {self.in_local}, but got {tuple(x.shape)}"
+            + (" — the full, replicated width: the module feeding it is not column-parallel. In parallel.tp_plan a "
+               "'rowwise' layer must follow a 'colwise' one (Megatron's pair, e.g. {mlp.fc: colwise, mlp.proj: "
+               "rowwise}); a layer whose input is replicated is 'rowwise_split_input' or stays unsplit"
+               if full else ": check the parallel.tp_plan entries around it (colwise before rowwise)"))
 
     def extra_repr(self):
         return (f"in={self.in_features} (local {self.in_local}), out={self.out_features}, tp={self.group.size}, "
