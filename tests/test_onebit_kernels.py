@@ -176,7 +176,7 @@ class _Passes(TorchDispatchMode):
 def test_a_compressed_step_makes_one_torch_pass_over_psi_besides_the_kernels():
     """Kernels built: the step's only aten passes over Ψ are the row norms (the worker's, and on one rank the
     server's, whose chunk is then all of Ψ); the rest are 3 kernel passes: momentum_error, pack_error,
-    unpack_update = 16 + 8 + 16 bytes an element (its √v is torch.sqrt on blocks that stay in cache), + 4 for
+    unpack_update = 16 + 8 + 16 bytes an element (its √v is torch.sqrt on 4096-element blocks, in cache), + 4 for
     the norm. The eager path makes ≥ 10 (the session-8
     step: mul, add, cat, add, norm, signbit, pack, copysign, sub, unpack, …)."""
     if not K.available():
@@ -188,8 +188,7 @@ def test_a_compressed_step_makes_one_torch_pass_over_psi_besides_the_kernels():
     opt.step()
     with _Passes(n) as mode:
         opt.step()
-    inner = [o for o in mode.ops if o == "aten.sqrt.out"]      # unpack_update's torch.sqrt on cache-sized blocks
-    assert mode.ops == ["aten.linalg_vector_norm.default"] * 2 + inner and len(inner) == 1, mode.ops
+    assert mode.ops == ["aten.linalg_vector_norm.default"] * 2, mode.ops
     ob = OneBitAdam([torch.nn.Parameter(torch.randn(n))], freeze_step=1)
     ob.param_groups[0]["params"][0].grad = torch.randn(n)
     ob.step()

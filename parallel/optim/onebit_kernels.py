@@ -37,7 +37,7 @@ _SRC = r"""
 #include <vector>
 #include <algorithm>
 
-static const int64_t GRAIN = 1 << 15, SQRT_BLOCK = 1 << 14;
+static const int64_t GRAIN = 1 << 15, BLOCK = 1 << 12;
 
 static inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 static inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
@@ -96,6 +96,20 @@ void pack_error(torch::Tensor x, torch::Tensor scale, int64_t c, int64_t c8, tor
   });
 }
 
+// TABLE[b][j]: -1.0f if bit j of byte b is set, else +1.0f (the eager path's _SIGNS table).
+struct Table {
+  float v[256][8];
+  Table() { for (int b = 0; b < 256; ++b) for (int j = 0; j < 8; ++j) v[b][j] = signed_one((b >> j) & 1); }
+};
+static const Table TABLE;
+
+// The +-1.0 of columns col .. col+len of a packed row into buf; returns the pointer to column col.
+static inline const float* expand(const uint8_t* row, int64_t col, int64_t len, float* buf) {
+  const int64_t k0 = col >> 3, k1 = (col + len + 7) >> 3;
+  for (int64_t k = k0; k < k1; ++k) std::memcpy(buf + 8 * (k - k0), TABLE.v[row[k]], 32);
+  return buf + (col & 7);
+}
+
 // y[i] = ((s_0 u_0 + s_1 u_1) + ...) / N + es[i], u_r = +-1 from bit i of packed row r (row stride: packed.stride(0)).
 void server_mean(torch::Tensor packed, torch::Tensor scale, torch::Tensor es, torch::Tensor y, int64_t c) {
   const uint8_t* pp = packed.data_ptr<uint8_t>();
@@ -105,18 +119,48 @@ void server_mean(torch::Tensor packed, torch::Tensor scale, torch::Tensor es, to
   const int64_t N = scale.numel(), prs = packed.stride(0);
   const float fN = (float)N;
   at::parallel_for(0, c, GRAIN, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t k = i >> 3, j = i & 7;
-      float s = signed_one((pp[k] >> j) & 1) * sp[0];
-      for (int64_t r = 1; r < N; ++r) s = s + signed_one((pp[r * prs + k] >> j) & 1) * sp[r];
-      yp[i] = s / fN + e[i];
+    std::vector<float> acc(BLOCK), sg(BLOCK + 16);
+    for (int64_t b0 = lo; b0 < hi; b0 += BLOCK) {
+      const int64_t len = std::min(hi - b0, BLOCK);
+      const float* u = expand(pp, b0, len, sg.data());
+      const float s0 = sp[0];
+      for (int64_t j = 0; j < len; ++j) acc[j] = u[j] * s0;
+      for (int64_t r = 1; r < N; ++r) {
+        u = expand(pp + r * prs, b0, len, sg.data());
+        const float sr = sp[r];
+        for (int64_t j = 0; j < len; ++j) { const float t = u[j] * sr; acc[j] = acc[j] + t; }
+      }
+      for (int64_t j = 0; j < len; ++j) yp[b0 + j] = acc[j] / fN + e[b0 + j];
     }
   });
 }
 
-// For flat elements off .. off+n of the [rows, c] matrix whose signs are packed (c8 columns a row): m = +-scale_r
-// into m_out; with w: w *= wd (if has_wd), d = torch.sqrt(v)/sqrt_c2 + eps (mode 0) or v + eps (mode 1: v = sqrt(v^)),
-// bound >= 0: w = fma(clamp((m/d)/c1, +-bound), -lr, w); bound < 0: w = w + ((-lr/c1)*m)/d.
+// One row segment of unpack_update: m = u*s, and the update of w (see below).
+template <int MODE, bool WD, bool BOUND>
+static void update_seg(const float* u, float s, float* m, float* w, const float* v, const float* sq, int64_t len,
+                       float fsq, float feps, float flr, float fc1, float fwd, float fR, float fa) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float mj = u[j] * s;
+    m[j] = mj;
+    float p = w[j];
+    if (WD) p = p * fwd;
+    const float d = MODE == 0 ? sq[j] / fsq + feps : v[j] + feps;
+    if (BOUND) {
+      float q = mj / d;
+      q = q / fc1;
+      q = q < -fR ? -fR : q;
+      q = q > fR ? fR : q;
+      p = std::fma(q, flr, p);
+    } else {
+      p = p + (fa * mj) / d;
+    }
+    w[j] = p;
+  }
+}
+
+// For flat elements off .. off+n of the [rows, c] matrix whose signs are packed (row stride packed.stride(0)):
+// m = +-scale_r into m_out; with w: w *= wd (if has_wd), d = torch.sqrt(v)/sqrt_c2 + eps (mode 0) or v + eps
+// (mode 1: v = sqrt(v^)); bound >= 0: w = fma(clamp((m/d)/c1, +-bound), -lr, w); else w = w + ((-lr/c1)*m)/d.
 void unpack_update(torch::Tensor packed, torch::Tensor scale, int64_t c, int64_t off, torch::Tensor m_out,
                    c10::optional<torch::Tensor> w, c10::optional<torch::Tensor> v, int64_t mode, double sqrt_c2,
                    double eps, double lr, double c1, bool has_wd, double wd, double bound) {
@@ -128,34 +172,36 @@ void unpack_update(torch::Tensor packed, torch::Tensor scale, int64_t c, int64_t
   const int64_t n = m_out.numel(), prs = packed.stride(0);
   const float fsq = (float)sqrt_c2, feps = (float)eps, flr = (float)(-lr), fc1 = (float)c1, fwd = (float)wd;
   const float fR = (float)bound, fa = (float)(-lr / c1);
+  const bool bnd = bound >= 0;
   at::parallel_for(0, n, GRAIN, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sq(mode == 0 && wp ? std::min<int64_t>(SQRT_BLOCK, hi - lo) : 0);
-    for (int64_t b0 = lo; b0 < hi; b0 += SQRT_BLOCK) {
-      const int64_t b1 = std::min(hi, b0 + SQRT_BLOCK);
-      if (!sq.empty()) {                 // torch's own sqrt (MKL's, not always the correctly rounded one), cache-sized
-        auto opt = torch::TensorOptions().dtype(torch::kFloat32);
-        auto dst = torch::from_blob(sq.data(), {b1 - b0}, opt);
-        at::sqrt_out(dst, torch::from_blob(const_cast<float*>(vp) + b0, {b1 - b0}, opt));
-      }
-      for (int64_t i = b0; i < b1; ++i) {
-        const int64_t fl = off + i, r = fl / c, col = fl - r * c;
-        const float m = signed_one((pp[r * prs + (col >> 3)] >> (col & 7)) & 1) * sp[r];
-        mp[i] = m;
-        if (!wp) continue;
-        float p = wp[i];
-        if (has_wd) p = p * fwd;
-        const float d = mode == 0 ? sq[i - b0] / fsq + feps : vp[i] + feps;
-        if (bound >= 0) {
-          float s = m / d;
-          s = s / fc1;
-          if (s < -fR) s = -fR;
-          else if (s > fR) s = fR;
-          p = std::fma(s, flr, p);
-        } else {
-          p = p + (fa * m) / d;
+    std::vector<float> sg(BLOCK + 16), sq(mode == 0 && wp ? BLOCK : 0);
+    auto opt = torch::TensorOptions().dtype(torch::kFloat32);
+    for (int64_t i = lo; i < hi;) {
+      const int64_t fl = off + i, r = fl / c, col = fl - r * c;
+      const int64_t len = std::min({hi - i, c - col, BLOCK});
+      const float* u = expand(pp + r * prs, col, len, sg.data());
+      const float s = sp[r];
+      if (!wp) {
+        for (int64_t j = 0; j < len; ++j) mp[i + j] = u[j] * s;
+      } else {
+        if (!sq.empty()) {               // torch's own sqrt (MKL's, not always the correctly rounded one), in cache
+          auto dst = torch::from_blob(sq.data(), {len}, opt);
+          at::sqrt_out(dst, torch::from_blob(const_cast<float*>(vp) + i, {len}, opt));
         }
-        wp[i] = p;
+        float *mm = mp + i, *ww = wp + i;
+        const float* vv = vp + i;
+        const float* qq = sq.data();
+#define SEG(M, W, B) update_seg<M, W, B>(u, s, mm, ww, vv, qq, len, fsq, feps, flr, fc1, fwd, fR, fa)
+        if (mode == 0) {
+          if (has_wd) { if (bnd) SEG(0, true, true); else SEG(0, true, false); }
+          else { if (bnd) SEG(0, false, true); else SEG(0, false, false); }
+        } else {
+          if (has_wd) { if (bnd) SEG(1, true, true); else SEG(1, true, false); }
+          else { if (bnd) SEG(1, false, true); else SEG(1, false, false); }
+        }
+#undef SEG
       }
+      i += len;
     }
   });
 }
@@ -177,8 +223,9 @@ def _load():
     try:
         from torch.utils.cpp_extension import load_inline
         cap = torch.backends.cpu.get_cpu_capability().lower()
-        _ext = load_inline(name=f"parallel_onebit_v2_{cap}", cpp_sources=[_SRC], functions=_FUNCS,
-                           extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math"],
+        _ext = load_inline(name=f"parallel_onebit_v3_{cap}", cpp_sources=[_SRC], functions=_FUNCS,
+                           extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
+                                         "-fno-trapping-math"],
                            verbose=False)
     except Exception as e:                                  # noqa: BLE001 - no compiler / ninja / headers
         warnings.warn(f"1-bit compressor kernels unavailable ({type(e).__name__}: {str(e)[:200]}); using the "
