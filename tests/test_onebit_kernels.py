@@ -212,3 +212,26 @@ def test_no_compiler_falls_back_to_the_eager_twins(monkeypatch):
     monkeypatch.setattr(K, "_tried", False)
     monkeypatch.setenv("PARALLEL_ONEBIT_KERNELS", "0")
     assert not K.available()
+
+
+def _dp2_params(rank, world, stage, eager):
+    """END steps of test_onebit_zero's 3-bucket MLP (stage 1–2: shards not multiples of 8, strided byte rows)."""
+    import test_onebit_zero as oz
+
+    from parallel.mesh import Mesh
+    if eager:
+        K._ext, K._tried = None, True
+    g = Mesh(dp=world).group("dp")
+    model, zero = oz._zero(stage, g)
+    losses, _ = oz._steps(model, zero, g, 0, oz.END)
+    return losses, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_dp2_zero_stages_kernels_equal_the_eager_twins(stage):
+    from harness import run_ranks
+    if not K.available():
+        pytest.skip("no C++ compiler")
+    fused, eager = run_ranks(_dp2_params, 2, stage, False), run_ranks(_dp2_params, 2, stage, True)
+    for (lf, pf), (le, pe) in zip(fused, eager):
+        assert lf == le and _same(pf, pe)

@@ -25,6 +25,10 @@ Signs travel packed 8 to a byte with one fp32 scale per chunk: an all-to-all of 
 to the servers and an all-gather of (N−1)/N·Ψ/8 bytes back, vs Adam's 2(N−1)/N·4Ψ: 1/32 of it,
 plus 8(N−1) bytes of scales.
 
+The compressed step runs as three fused elementwise passes and torch's row norms
+(:mod:`parallel.optim.onebit_kernels`: C++ built once, bit-equal to the eager ops, which remain the
+fallback): x = e_i + β1·m + (1−β1)·g_i; pack + worker error; server mean + error; unpack + update.
+
 This class is the whole algorithm on one process or over ZeRO stage 0 (every rank holds m, v and the
 master). Under ZeRO stages 1–2 its warm-up runs here on the owned pieces and the compressed phase in
 :mod:`parallel.zero.onebit` (compressed reduce-scatter of the momentum, compressed all-gather of the
