@@ -176,12 +176,12 @@ class _Passes(TorchDispatchMode):
 def test_a_compressed_step_makes_one_torch_pass_over_psi_besides_the_kernels():
     """Kernels built: the step's only aten passes over Ψ are the row norms (the worker's, and on one rank the
     server's, whose chunk is then all of Ψ); the rest are 3 kernel passes: momentum_error, pack_error,
-    unpack_update = 16 + 8 + 16 bytes an element (its √v is torch.sqrt on 4096-element blocks, in cache), + 4 for
+    unpack_update = 16 + 8 + 16 bytes an element (its √v is torch.sqrt on 16384-element blocks, in cache), + 4 for
     the norm. The eager path makes ≥ 10 (the session-8
     step: mul, add, cat, add, norm, signbit, pack, copysign, sub, unpack, …)."""
     if not K.available():
         pytest.skip("no C++ compiler")
-    n = 1 << 14
+    n = 1 << 16
     w = torch.nn.Parameter(torch.randn(n))
     opt = OneBitAdam([w], freeze_step=1)
     w.grad = torch.randn(n)

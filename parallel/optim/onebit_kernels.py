@@ -37,7 +37,7 @@ _SRC = r"""
 #include <vector>
 #include <algorithm>
 
-static const int64_t GRAIN = 1 << 15, BLOCK = 1 << 12;
+static const int64_t GRAIN = 1 << 15, BLOCK = 1 << 14;
 
 static inline uint32_t bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
 static inline float float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
@@ -223,7 +223,7 @@ def _load():
     try:
         from torch.utils.cpp_extension import load_inline
         cap = torch.backends.cpu.get_cpu_capability().lower()
-        _ext = load_inline(name=f"parallel_onebit_v3_{cap}", cpp_sources=[_SRC], functions=_FUNCS,
+        _ext = load_inline(name=f"parallel_onebit_v4_{cap}", cpp_sources=[_SRC], functions=_FUNCS,
                            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
                                          "-fno-trapping-math"],
                            verbose=False)
