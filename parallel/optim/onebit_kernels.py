@@ -294,9 +294,15 @@ def unpack_update(packed, scale, c: int, off: int, m_out, w=None, v=None, *, mod
                            -1.0 if bound is None else float(bound))
         return
     from parallel.optim.onebit_adam import _unpack, apply_step
-    n = m_out.numel()
-    full = (_unpack(packed)[:, :c] * scale.unsqueeze(-1)).reshape(-1)
-    m_out.copy_(full[off:off + n])
+    n, o, parts = m_out.numel(), off, []
+    while o < off + n:                                   # only the bytes of this slice, row by row: O(n), not O(Ψ)
+        r, a = divmod(o, c)
+        b = min(c, a + off + n - o)
+        k0 = a // 8
+        parts.append((_unpack(packed[r, k0:(b + 7) // 8]) * scale[r])[a - 8 * k0:b - 8 * k0])
+        o += b - a
+    if parts:
+        torch.cat(parts, out=m_out)
     if w is None:
         return
     if wd is not None:
