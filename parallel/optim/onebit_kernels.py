@@ -36,6 +36,9 @@ _SRC = r"""
 #include <cstring>
 #include <vector>
 #include <algorithm>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 static const int64_t GRAIN = 1 << 15, BLOCK = 1 << 14;
 
@@ -75,11 +78,19 @@ void pack_error(torch::Tensor x, torch::Tensor scale, int64_t c, int64_t c8, tor
       if (c0 + 8 <= c && r * c + c0 + 8 <= n_valid) {
         const float* xr = xp + r * c + c0;
         float* er = ep + r * c + c0;
+#ifdef __AVX2__
+        const __m256 xv = _mm256_loadu_ps(xr);            // movemask: bit j = sign bit of element j
+        byte = (uint32_t)_mm256_movemask_ps(xv);
+        const __m256 sg = _mm256_and_ps(xv, _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u)));
+        const __m256 ap = _mm256_or_ps(sg, _mm256_castsi256_ps(_mm256_set1_epi32((int)smag)));   // copysign
+        _mm256_storeu_ps(er, _mm256_sub_ps(xv, ap));
+#else
         for (int j = 0; j < 8; ++j) {
           const uint32_t u = bits_of(xr[j]);
           byte |= (u >> 31) << j;
           er[j] = xr[j] - float_of((u & 0x80000000u) | smag);
         }
+#endif
       } else {
         for (int j = 0; j < 8; ++j) {
           const int64_t col = c0 + j;
@@ -223,7 +234,7 @@ def _load():
     try:
         from torch.utils.cpp_extension import load_inline
         cap = torch.backends.cpu.get_cpu_capability().lower()
-        _ext = load_inline(name=f"parallel_onebit_v4_{cap}", cpp_sources=[_SRC], functions=_FUNCS,
+        _ext = load_inline(name=f"parallel_onebit_v5_{cap}", cpp_sources=[_SRC], functions=_FUNCS,
                            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
                                          "-fno-trapping-math"],
                            verbose=False)
