@@ -16,7 +16,9 @@ compressed step at stages 1–2 also all-gathers m and √v̂ once), Adam for 2 
 rounds; every round runs both rows in a seeded shuffled order (the same on both ranks), each for
 ``--steps`` steps between barriers, and a row's time is the slowest rank's mean step. Reported: the
 per-round ratio onebit/adam, its median, [min, max] and a 95 % percentile-bootstrap interval of the
-median (proto_stats.compare); "faster" when the whole interval is below 1. Wire bytes per step and rank
+median (proto_stats.compare); "faster" when the whole interval is below 1. Also each row's process CPU time a
+step (all threads of the rank; max over ranks) and its ratio: on a loaded machine a steadier figure than
+wall time, though it counts gloo's busy threads and not time spent waiting. Wire bytes per step and rank
 are counted by the engine's CommStats over one step of each row (exact; control traffic listed apart).
 """
 from __future__ import annotations
@@ -87,21 +89,23 @@ def _rank(rank, world, port, a, q):
             if name == "onebit_adam" and not engine.zero.optimizer.local_gradients:
                 raise RuntimeError("onebit_adam is not in its compressed phase after the warm-up")
             losses[name], wire[name] = _wire(stats, lambda e=engine, b=batch: e.train_step(b))
-        times = {n: [] for n in ROWS}
+        times, cpu = {n: [] for n in ROWS}, {n: [] for n in ROWS}
         for r in range(a.rounds):
             order = list(ROWS)
             random.Random(a.seed * 1000 + r).shuffle(order)       # the same order on every rank
             for name in order:
                 engine, batch, _ = rows[name]
                 dist.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(a.steps):
                     losses[name] = engine.train_step(batch)
-                dt = torch.tensor([(time.perf_counter() - t0) / a.steps])
+                dt = torch.tensor([(time.perf_counter() - t0) / a.steps, (time.process_time() - c0) / a.steps])
                 dist.all_reduce(dt, op=dist.ReduceOp.MAX)          # a step lasts as long as its slowest rank
-                times[name].append(float(dt))
+                times[name].append(float(dt[0]))
+                cpu[name].append(float(dt[1]))
         if rank == 0:
-            q.put({"times": times, "wire": wire, "losses": losses, "params": rows["adam"][0].zero.num_params})
+            q.put({"times": times, "cpu": cpu, "wire": wire, "losses": losses,
+                   "params": rows["adam"][0].zero.num_params})
     finally:
         dist.destroy_process_group()
 
@@ -158,11 +162,15 @@ def main(argv=None) -> int:
     for name in ROWS:
         data, ctrl = _total(rec["wire"][name])
         ms = sorted(t[name])[len(t[name]) // 2] * 1e3
-        print(f"  {name:12s} median step {ms:9.1f} ms   wire bytes/step/rank {data:>13,} (+{ctrl:,} control)   "
-              f"loss {rec['losses'][name]:.4f}")
+        cms = sorted(rec["cpu"][name])[len(t[name]) // 2] * 1e3
+        print(f"  {name:12s} median step {ms:9.1f} ms (cpu {cms:8.1f} ms)   wire bytes/step/rank {data:>13,} "
+              f"(+{ctrl:,} control)   loss {rec['losses'][name]:.4f}")
     a8, o8 = _total(rec["wire"]["adam"])[0], _total(rec["wire"]["onebit_adam"])[0]
     print(f"  ratio onebit/adam: time median {res['median']:.3f} [{res['min']:.3f}, {res['max']:.3f}], 95% bootstrap "
           f"CI [{res['ci'][0]:.3f}, {res['ci'][1]:.3f}] → {faster}; wire {o8 / a8:.4f} (1/{a8 / max(o8, 1):.1f})")
+    cr = compare(rec["cpu"]["onebit_adam"], rec["cpu"]["adam"])
+    print(f"  ratio of process CPU time a step (a rank's threads, max over ranks; steadier under other load): "
+          f"median {cr['median']:.3f}, 95% CI [{cr['ci'][0]:.3f}, {cr['ci'][1]:.3f}]")
     print(f"  per-op wire (rank 0): {json.dumps(rec['wire'])}")
     print(f"took {time.time() - t0:.0f} s")
     if a.json:

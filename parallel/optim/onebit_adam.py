@@ -25,6 +25,10 @@ Signs travel packed 8 to a byte with one fp32 scale per chunk: an all-to-all of 
 to the servers and an all-gather of (N−1)/N·Ψ/8 bytes back, vs Adam's 2(N−1)/N·4Ψ: 1/32 of it,
 plus 8(N−1) bytes of scales.
 
+The compressed step runs as three fused elementwise passes and torch's row norms
+(:mod:`parallel.optim.onebit_kernels`: C++ built once, bit-equal to the eager ops, which remain the
+fallback): x = e_i + β1·m + (1−β1)·g_i; pack + worker error; server mean + error; unpack + update.
+
 This class is the whole algorithm on one process or over ZeRO stage 0 (every rank holds m, v and the
 master). Under ZeRO stages 1–2 its warm-up runs here on the owned pieces and the compressed phase in
 :mod:`parallel.zero.onebit` (compressed reduce-scatter of the momentum, compressed all-gather of the
@@ -40,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
+from parallel.optim import onebit_kernels as K
 from parallel.optim.tensorwise import TensorwiseOptimizer
 
 __all__ = ["OneBitAdam", "compressed_mean", "apply_step"]
@@ -98,29 +103,49 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 def compressed_mean(x: torch.Tensor, state: dict, group) -> torch.Tensor:
     """The compressed average of every rank's flat ``x`` with worker and server error feedback
     (``state`` keeps ``worker_error`` and ``server_error``); ``group`` None or size 1: one rank."""
+    xp, N, c = _worker_buffer(x.numel(), state, group)
+    xp[:x.numel()].add_(x)                             # x + e_w (the padding's error stays 0)
+    packed, scale = _exchange(state, group, x.numel())
+    out = torch.empty(x.numel())
+    K.unpack_update(packed, scale, c, 0, out)
+    return out
+
+
+def _worker_buffer(n: int, state: dict, group):
+    """(e_w, N, c): the worker error buffer [N·c] (created at zero), the ranks and the chunk (a multiple of 8:
+    whole bytes of signs)."""
     N = group.size if group is not None else 1
-    n = x.numel()
-    c = -(-n // (N * 8)) * 8                           # chunk: a multiple of 8 (whole bytes of signs)
+    c = -(-n // (N * 8)) * 8
     if "worker_error" not in state:
         state["worker_error"] = torch.zeros(N * c)
         state["server_error"] = torch.zeros(c)
+    return state["worker_error"], N, c
+
+
+def _exchange(state: dict, group, n: int):
+    """``state["worker_error"]`` holds x = m_i + e_i (the first n elements; 0 after): compress it per chunk
+    (e_w ← x − C(x) in place), all-to-all, the server's mean with its error feedback, compress that
+    (e_s ← y − C(y)) and all-gather: returns (packed signs [N, c/8], scales [N]) of m = [C(y)_0 … C(y)_{N−1}]."""
     xp = state["worker_error"]
-    xp[:n].add_(x)                                     # x + e_w (the padding's error stays 0)
-    packed, scale, approx = _compress(xp.view(N, c))
-    xp.sub_(approx.view(-1))                           # e_w ← x − C(x), in place
-    xp[n:] = 0.0
+    N = group.size if group is not None else 1
+    c = xp.numel() // N
+    scale = K.row_scale(xp.view(N, c))
+    packed = torch.empty(N, c // 8, dtype=torch.uint8)
+    K.pack_error(xp, scale, c, c, packed, xp, n)       # e_w ← x − C(x), in place; 0 past n
     if N > 1:
         packed, scale = _all_to_all(packed, group), _all_to_all(scale, group)
-    y = _decompressed_mean(packed, scale).add_(state["server_error"])
-    s_packed, s_scale, s_approx = _compress(y.unsqueeze(0))
-    state["server_error"] = y - s_approx[0]
+    y = torch.empty(c)
+    K.server_mean(packed, scale, state["server_error"], y, c)
+    s_scale = K.row_scale(y.view(1, c))
+    s_packed = torch.empty(1, c // 8, dtype=torch.uint8)
+    K.pack_error(y, s_scale, c, c, s_packed, state["server_error"], c)
     if N > 1:
         allp = torch.empty(N, c // 8, dtype=torch.uint8)
         comm.all_gather_into(allp.view(-1), s_packed[0], group)
         alls = torch.empty(N)
         comm.all_gather_into(alls, s_scale, group)
         s_packed, s_scale = allp, alls
-    return (_unpack(s_packed) * s_scale.unsqueeze(-1)).reshape(-1)[:n]
+    return s_packed, s_scale
 
 
 def _clone(x):
@@ -194,26 +219,53 @@ class OneBitAdam(TensorwiseOptimizer):
             if not st:
                 st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
             st["step"] = torch.tensor(float(self._t))
+            if compressed:
+                continue                                   # the momentum is fused into the exchange below
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             st["exp_avg"].mul_(b1).add_(grad, alpha=1 - b1)
-            if not compressed:
-                st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        if compressed:
-            flat = torch.cat([self.state[p]["exp_avg"].reshape(-1) for p in ps]) if ps else torch.zeros(0)
-            mean = compressed_mean(flat, self.comm_state, getattr(self.partition, "dp", None))
-            o = 0
-            for p in ps:
-                self.state[p]["exp_avg"].copy_(mean[o:o + p.numel()].view_as(p))
-                o += p.numel()
+            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
         T = min(self._t, g["freeze_step"])
         c1, c2 = 1 - b1 ** self._t, 1 - b2 ** T
+        if compressed:
+            self._compressed_step(ps, g, c1, c2)
+            return loss
         for p in ps:
             st = self.state[p]
             if wd:
                 p.mul_(1 - lr * wd)
             denom = (st["exp_avg_sq"].sqrt() / math.sqrt(c2)).add_(eps)
-            apply_step(p, st["exp_avg"], denom, lr, c1, g.get("update_bound") if compressed else None)
+            apply_step(p, st["exp_avg"], denom, lr, c1, None)
         return loss
+
+    def _compressed_step(self, ps, g: dict, c1: float, c2: float) -> None:
+        """The compressed phase in three fused passes (:mod:`parallel.optim.onebit_kernels`): per tensor
+        x = e_w + (β1·m + (1−β1)·g_i) into the worker buffer; the exchange (:func:`_exchange`); per tensor
+        m = the decompressed mean, w·(1−ηλ), w ← w − η·clamp(m̂/(√v̂ + ε), ±R). Bit-equal to the eager ops."""
+        (b1, _), lr, eps, wd = g["betas"], g["lr"], g["eps"], g["weight_decay"]
+        n = sum(p.numel() for p in ps)
+        group = getattr(self.partition, "dp", None)
+        xp, N, c = _worker_buffer(n, self.comm_state, group)
+        o = 0
+        for p in ps:
+            k, st = p.numel(), self.state[p]
+            grad = p.grad.reshape(-1) if p.grad is not None else torch.zeros(k, dtype=p.dtype)
+            K.momentum_error(xp[o:o + k], st["exp_avg"].reshape(-1), grad, xp[o:o + k], b1, 1 - b1)
+            o += k
+        packed, scale = _exchange(self.comm_state, group, n)
+        o = 0
+        for p in ps:
+            k, st = p.numel(), self.state[p]
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            w = p.data
+            mo = m.view(-1) if m.is_contiguous() else torch.empty(k)
+            wo = w.view(-1) if w.is_contiguous() else w.reshape(-1).clone()
+            K.unpack_update(packed, scale, c, o, mo, wo, v.reshape(-1), mode=0, sqrt_c2=math.sqrt(c2), eps=eps,
+                            lr=lr, c1=c1, wd=(1 - lr * wd) if wd else None, bound=g.get("update_bound"))
+            if mo.data_ptr() != m.data_ptr():
+                m.copy_(mo.view_as(m))
+            if wo.data_ptr() != w.data_ptr():
+                w.copy_(wo.view_as(w))
+            o += k
 
 
 def apply_step(p: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, lr: float, c1: float,

@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
-from parallel.optim.onebit_adam import _all_to_all, _clone, _compress, _decompressed_mean, _unpack, apply_step
+from parallel.optim import onebit_kernels as K
+from parallel.optim.onebit_adam import _all_to_all, _clone, _unpack, apply_step
 from parallel.optim.onebit_lamb import lamb_compressed_update
 from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError
 from parallel.zero.zero_one import is_zero_one, sharded_step
@@ -179,10 +180,11 @@ def _sharded_step(z) -> None:
     for b, st in zip(z._all, bufs):
         c, c8 = b.shard, -(-b.shard // 8) * 8
         dims.append((c, c8))
-        x = st["momentum"].mul(b1).add_(b.flat_grad, alpha=1 - b1).add_(st["worker_error"])
-        packed, scale, approx = _compress(_rows(x, N, c, c8))
-        st["worker_error"] = x - approx[:, :c].reshape(-1)
-        st["worker_error"][b.numel:] = 0.0            # bucket padding carries no error
+        x = st["worker_error"]                         # x = e_i + (β1·m + (1−β1)·g_i), in place (fused passes)
+        K.momentum_error(x, st["momentum"], b.flat_grad, x, b1, 1 - b1)
+        scale = K.row_scale(_rows(x, N, c, c8))
+        packed = torch.empty(N, c8 // 8, dtype=torch.uint8)
+        K.pack_error(x, scale, c, c8, packed, x, b.numel)   # e_i ← x − C(x); bucket padding carries no error
         sends.append(_to_bytes(packed, scale))
     recv = _all_to_all(torch.cat(sends, 1), z.group) if N > 1 else torch.cat(sends, 1)
     o, outs = 0, []                                    # server: chunk k of every bucket
@@ -190,10 +192,11 @@ def _sharded_step(z) -> None:
         w = c8 // 8 + 4
         packed, scale = _from_bytes(recv[:, o:o + w], c8)
         o += w
-        y = _decompressed_mean(packed, scale)[:c] + st["server_error"]
-        packed, scale, approx = _compress(_rows(y, 1, c, c8))
-        st["server_error"] = y - approx[0, :c]
-        st["server_error"][max(0, min(c, b.numel - b.lo)):] = 0.0
+        y = torch.empty(c)
+        K.server_mean(packed, scale, st["server_error"], y, c)
+        scale = K.row_scale(_rows(y, 1, c, c8))
+        packed = torch.empty(1, c8 // 8, dtype=torch.uint8)
+        K.pack_error(y, scale, c, c8, packed, st["server_error"], max(0, min(c, b.numel - b.lo)))
         outs.append(_to_bytes(packed, scale))
     mine = torch.cat(outs, 1)
     allb = torch.empty(N, mine.shape[1], dtype=torch.uint8, device=mine.device)
@@ -204,6 +207,16 @@ def _sharded_step(z) -> None:
             w = c8 // 8 + 4
             packed, scale = _from_bytes(allb[:, o:o + w], c8)
             o += w
+            if "coeff" not in st:                      # 1-bit Adam: m in place, the update fused with its unpacking
+                m, fp, k = st["momentum"], b.flat_param, b.numel
+                hp = dict(mode=1, eps=eps, lr=lr, c1=c1, wd=(1 - lr * wd) if wd else None, bound=g.get("update_bound"))
+                K.unpack_update(packed, scale, c, 0, m[:k], fp[:k], st["sqrt_v"][:k], **hp)
+                m[k:] = 0.0                            # the bucket padding: m = 0, as the eager step
+                if wd:
+                    fp[k:].mul_(1 - lr * wd)
+                apply_step(fp[k:], m[k:], st["sqrt_v"][k:] + eps, lr, c1, g.get("update_bound"))
+                b.master.copy_(fp[b.lo:b.hi])
+                continue
             m = (_unpack(packed)[:, :c] * scale.unsqueeze(-1)).reshape(-1)
             m[b.numel:] = 0.0
             prev, st["momentum"] = st["momentum"], m
