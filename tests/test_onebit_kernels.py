@@ -235,3 +235,33 @@ def test_dp2_zero_stages_kernels_equal_the_eager_twins(stage):
     fused, eager = run_ranks(_dp2_params, 2, stage, False), run_ranks(_dp2_params, 2, stage, True)
     for (lf, pf), (le, pe) in zip(fused, eager):
         assert lf == le and _same(pf, pe)
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path):
+    """torch waits on its build lock forever: a build killed mid-way must not hang every later 1-bit run."""
+    import os
+    import threading
+    import time
+    import warnings
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    old = time.time() - K.STALE_LOCK_S - 10
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        K.clear_stale_lock(str(lock))
+    assert not lock.exists()
+
+    lock.write_text("")                                   # a live build: released after 0.3 s, no warning
+    threading.Timer(0.3, lock.unlink).start()
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K.clear_stale_lock(str(lock), poll_s=0.05)
+    assert 0.25 < time.time() - t0 < 5 and not lock.exists()
+
+
+def test_the_build_name_carries_the_cpu_flags():
+    tag = K._cpu_tag()
+    cap, digest = tag.rsplit("_", 1)
+    assert cap == torch.backends.cpu.get_cpu_capability().lower() and len(digest) == 8

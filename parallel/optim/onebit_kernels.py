@@ -20,8 +20,11 @@ bytes (momentum_error, norm, pack_error), server (4 + 1 + 2)·4Ψ/N, update 4 st
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import platform
+import time
 import warnings
 
 import torch
@@ -232,9 +235,10 @@ def _load():
     if os.environ.get("PARALLEL_ONEBIT_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load_inline
-        cap = torch.backends.cpu.get_cpu_capability().lower()
-        _ext = load_inline(name=f"parallel_onebit_v5_{cap}", cpp_sources=[_SRC], functions=_FUNCS,
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+        name = f"parallel_onebit_v5_{_cpu_tag()}"
+        clear_stale_lock(os.path.join(_get_build_directory(name, False), "lock"))
+        _ext = load_inline(name=name, cpp_sources=[_SRC], functions=_FUNCS,
                            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno",
                                          "-fno-trapping-math"],
                            verbose=False)
@@ -243,6 +247,41 @@ def _load():
                       f"eager path (same numbers, ~5x slower). Install g++ and ninja to build them.", stacklevel=3)
         _ext = None
     return _ext
+
+
+def _cpu_tag() -> str:
+    """torch's CPU level plus a hash of the CPU's feature flags: the build uses -march=native, so a cache folder
+    shared by machines with different CPUs (a network home) must not hand one machine another's build."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    flags = flags or platform.processor() or platform.machine()
+    return f"{torch.backends.cpu.get_cpu_capability().lower()}_{hashlib.sha1(flags.encode()).hexdigest()[:8]}"
+
+
+STALE_LOCK_S = 300.0     # a build takes ~1 min on a loaded 2-core machine
+
+
+def clear_stale_lock(lock: str, stale_s: float = STALE_LOCK_S, poll_s: float = 0.5) -> None:
+    """torch's build lock (``FileBaton``) is waited on without a deadline, and a build killed mid-way leaves it
+    behind: every later process would hang at its first 1-bit step. Wait for a lock another process holds while it
+    is younger than ``stale_s``; remove one older than that, with a warning naming it."""
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            return
+        if age > stale_s:
+            warnings.warn(f"removing the stale build lock {lock} ({age:.0f} s old: a 1-bit kernel build was killed "
+                          f"mid-way); rebuilding", stacklevel=3)
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            return
+        time.sleep(poll_s)
 
 
 def available() -> bool:
