@@ -78,7 +78,7 @@ def config(model_type: str, world: int = 1, dp=1, tp=1, pp=1, zero=1):
                          "pp_schedule": "1f1b"},
             "zero": {"stage": zero}, "optimizer": {"name": "adamw", "lr": 0.003},
             "scheduler": {"name": "constant", "warmup_steps": 0},
-            "train": {"steps": STEPS, "log_every": 0, "metrics_file": None}}
+            "train": {"steps": STEPS, "log_every": 1, "metrics_file": None}}
     cfg = load_config(data=data)
     return cfg.validate(world) if world > 1 else cfg
 
