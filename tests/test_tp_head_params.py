@@ -86,6 +86,15 @@ def test_explicit_per_head_style_refused_where_heads_do_not_divide():
         _checked_plan(_model(), plan, 8, False)
 
 
+def test_per_head_values_of_a_child_module_are_refused():
+    model = _model()
+    for b in model.layers:
+        b.attn.gate = nn.Linear(H, NH)            # per-head gates from a replicated input: not split by the plan
+    with pytest.raises(ValueError, match=r"per-head parameter in a head-split attention: layers\.0\.attn\.A.*"
+                                         r"layers\.0\.attn\.gate\.weight \(shape \(4, 32\)\) is held by a child"):
+        _checked_plan(model, dict(PLAN), 2, False)
+
+
 def _train(rank, world):
     """3 AdamW steps; the losses and rank 0's A after them (its shard at tp > 1)."""
     from parallel.mesh import Mesh

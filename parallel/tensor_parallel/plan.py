@@ -35,6 +35,8 @@ Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
                      expert's up/gate matrices split by columns, down by rows, one tp all-reduce after the
                      combine (:mod:`parallel.moe.tp`). ``plan="auto"`` adds it for the experts it can split;
                      transformers' per-parameter entries under such a module are absorbed. Refused with SP.
+  per_head_params    an attention module: its per-head parameters (Doge's A) and per-head row outputs split with
+                     its heads; added automatically when a one-process check of block 0 agrees (:mod:`.head_params`)
 
 Sequence parallel comes in two layouts. Megatron layout (no seq_scatter_input in the plan): the vocab
 embedding reduce-scatters, so the residual stream is sequence-sharded from the embedding to the
