@@ -73,6 +73,25 @@ def test_per_head_parameter_split_with_the_heads_when_exact():
         [("layers.0.attn", "per_head_params"), ("layers.1.attn", "per_head_params")]
 
 
+def test_layout_probe_copies_reuse_the_verdict():
+    """The checkpoint layout probes convert a meta copy and a float64 copy holding element indices (no numerical
+    check is possible on either): they reuse the verdict on the real model's structure."""
+    from parallel.checkpoint.layout import materialize, meta_copy
+    model = _model()
+    meta = meta_copy(model)
+    unseen = _model()
+    unseen.structure_tag = 1                          # a structure never checked in this process: refused
+    with pytest.raises(ValueError, match="cannot be checked numerically here"):
+        _checked_plan(meta_copy(unseen), dict(PLAN), 2, False)
+    _checked_plan(model, dict(PLAN), 2, False)
+    probe = materialize(meta).to(torch.float64)
+    with torch.no_grad():
+        for i, p in enumerate(probe.parameters()):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float64).view(p.shape) + 1e6 * i)
+    for copy in (meta, probe):
+        assert sum(s == "per_head_params" for _, s, _ in _checked_plan(copy, dict(PLAN), 2, False)[0]) == 2
+
+
 def test_per_head_parameter_mixing_heads_is_refused():
     with pytest.raises(ValueError, match=r"a replicated per-head parameter in a head-split attention: "
                                          r"layers\.0\.attn\.A, shape \(4,\) \(dim 0 = 4 heads\).*differs from the "

@@ -138,22 +138,40 @@ def shard_per_head(parent: nn.Module, pn: str, hits: list, group: Group, memo: d
                 lambda mod, args, out, g=group: scatter_to_seq(out, g, -1))
 
 
+_CHECKED: dict = {}       # (structure, plan, attentions) → verdict, per process: the layout probes' copies reuse it
+
+
 def verify(model: nn.Module, plan: dict, parents: list, tp: int, convert) -> str | None:
     """None when block 0 of ``model``, converted as each tp rank with ``per_head_params`` on its per-head
-    attention (and the plan's column/row layers under it), equals the unsplit block; else why not."""
+    attention (and the plan's column/row layers under it), equals the unsplit block; else why not. A verdict is
+    kept for the model's structure (the checkpoint layout probes convert meta and float64-index copies of it)."""
+    from parallel.tensor_parallel.auto_plan import _structure
+    key = (_structure(model, tp), tuple(sorted(plan.items())), tuple(sorted(parents)))
+    if key not in _CHECKED:
+        why = _verify(model, plan, parents, tp, convert)
+        if why is not None and why.startswith(_UNCHECKED):
+            return why
+        _CHECKED[key] = why
+    return _CHECKED[key]
+
+
+_UNCHECKED = "it cannot be checked numerically here"
+
+
+def _verify(model: nn.Module, plan: dict, parents: list, tp: int, convert) -> str | None:
     from parallel.tensor_parallel.auto_plan import _find_body, _input_embedding, _trace
     from parallel.tensor_parallel.auto_plan_check import _simulate
     from parallel.tensor_parallel.styles import _glob_re
     emb = _input_embedding(model)
     if emb is None or any(p.is_meta for p in model.parameters()):
-        return "it cannot be checked numerically here (no token-id input, or the meta device)"
+        return f"{_UNCHECKED} (no token-id input, or the meta device)"
     try:
         body_name, body = _find_body(model)
     except ValueError as e:
-        return f"it cannot be checked numerically here ({e})"
+        return f"{_UNCHECKED} ({e})"
     rels = {p[len(body_name) + 1:].partition(".")[2] for p in parents if p.startswith(body_name + ".")}
     if len(rels) != 1 or not all(p.startswith(body_name + ".") for p in parents):
-        return "it cannot be checked numerically here (not one attention per block of the model's block list)"
+        return f"{_UNCHECKED} (not one attention per block of the model's block list)"
     rel = rels.pop()
     block_plan = {}
     for n, _ in body[0].named_modules():
@@ -165,7 +183,7 @@ def verify(model: nn.Module, plan: dict, parents: list, tp: int, convert) -> str
         rec = _trace(model, body_name, body, emb)
         return _simulate(body[0], rec["block"], block_plan, tp, convert)
     except Exception as e:                               # a model the block recorder cannot run
-        return f"it cannot be checked numerically here ({type(e).__name__}: {str(e)[:120]})"
+        return f"{_UNCHECKED} ({type(e).__name__}: {str(e)[:120]})"
 
 
 def per_head_matches(model: nn.Module, plan: dict, matches: list, mods: dict, sections: dict, tp: int, kv: dict,
@@ -185,7 +203,8 @@ def per_head_matches(model: nn.Module, plan: dict, matches: list, mods: dict, se
     blocked = {pn: per_head_errors(pn, hits, tp, kv, sp) for pn, hits in todo.items()}
     checked = None if any(blocked.values()) else verify(model, plan, list(todo), tp, convert)
     for pn, hits in todo.items():
-        why = "; ".join(blocked[pn]) or (checked and f"splitting them with the heads was checked and {checked}")
+        why = "; ".join(blocked[pn]) or (checked and (checked if checked.startswith(_UNCHECKED) else
+                                                      f"splitting them with the heads was checked and {checked}"))
         if why:
             errors.append(refusal(pn, hits, tp, why, re.sub(r"\.\d+(?=\.|$)", ".*", pn)))
     return [] if checked or any(blocked.values()) else [(pn, PER_HEAD, mods[pn]) for pn in todo]
