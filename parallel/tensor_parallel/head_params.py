@@ -52,11 +52,9 @@ def _heads(parent: nn.Module, children: list, sections: dict) -> set:
     """The head counts of ``parent`` (full, before the split): its head-count attributes and the outputs of its
     head-split column children over ``head_dim``."""
     hd = _int_attr(parent, ("head_dim",))
-    if not hd:
-        return set()
     out = {v for v in (_int_attr(parent, _Q_HEADS), _int_attr(parent, _KV_HEADS)) if v}
     for name, style, m in children:
-        if style in _HEAD_SPLIT and (isinstance(m, nn.Linear) or _is_conv1d(m)):
+        if hd and style in _HEAD_SPLIT and (isinstance(m, nn.Linear) or _is_conv1d(m)):
             out |= {s // hd for s in sections.get(name) or [_out(m)] if s % hd == 0}
     return {n for n in out if n > 1}
 
