@@ -99,8 +99,11 @@ def test_non_finite_reference_is_a_failure(monkeypatch):
 # The layouts the first whole-zoo run failed on, each fixed in the framework (ZeRO-3 parameters used outside
 # their module: parallel/zero/touch.py; pipeline input shapes: parallel/pipeline/stage.py).
 # dbrx dp2 ZeRO-3: its expert GLU runs once per hit expert — a gloo timeout until parallel/zero/regions.py.
+# doge tp2: per-kv-head A and dt_proj output left whole against split heads — a crash at step 0 until
+# parallel/tensor_parallel/head_params.py.
 REGRESSIONS = [("bamba", "dp2 zero3"), ("bailing_hybrid", "dp2 zero3"), ("blenderbot", "pp2 1f1b"),
-               ("blenderbot-small", "pp2 1f1b"), ("deepseek_v4", "pp2 1f1b"), ("dbrx", "dp2 zero3")]
+               ("blenderbot-small", "pp2 1f1b"), ("deepseek_v4", "pp2 1f1b"), ("dbrx", "dp2 zero3"),
+               ("doge", "tp2 auto")]
 
 
 @pytest.mark.slow

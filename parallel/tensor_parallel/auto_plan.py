@@ -52,9 +52,10 @@ import yaml
 from torch.utils._pytree import tree_flatten, tree_map
 
 from parallel.tensor_parallel.auto_plan_check import TOL, _partial_grads, _short, _simulate
+from parallel.tensor_parallel.head_params import find_per_head
 from parallel.tensor_parallel.layers import _is_conv1d, replaced_forward
 from parallel.tensor_parallel.semantics import subclass_problem
-from parallel.tensor_parallel.styles import COLWISE, ROWWISE, _glob_re, _region_markers
+from parallel.tensor_parallel.styles import COLWISE, PER_HEAD, ROWWISE, _glob_re, _region_markers
 
 __all__ = ["AutoPlan", "derive_plan", "plan_for", "TOL"]
 
@@ -377,6 +378,8 @@ def missing_grad_sums(model: nn.Module, plan: dict, tp: int, convert) -> dict:
                     rel[n] = style
     if not rel:
         return {}
+    mods0 = dict(body[0].named_modules())                # per-head parameters split with the heads (Doge's A)
+    rel.update(dict.fromkeys(find_per_head([(n, s, mods0[n]) for n, s in rel.items()], mods0, {}), PER_HEAD))
     try:
         rec = _trace(model, body_name, body, emb)
         found = _partial_grads(body[0], rec["block"], rel, tp, convert)

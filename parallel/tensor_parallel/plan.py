@@ -35,6 +35,8 @@ Styles (transformers' names are accepted as aliases, see ``HF_ALIASES``):
                      expert's up/gate matrices split by columns, down by rows, one tp all-reduce after the
                      combine (:mod:`parallel.moe.tp`). ``plan="auto"`` adds it for the experts it can split;
                      transformers' per-parameter entries under such a module are absorbed. Refused with SP.
+  per_head_params    an attention module: its per-head parameters (Doge's A) and per-head row outputs split with
+                     its heads; added automatically when a one-process check of block 0 agrees (:mod:`.head_params`)
 
 Sequence parallel comes in two layouts. Megatron layout (no seq_scatter_input in the plan): the vocab
 embedding reduce-scatters, so the residual stream is sequence-sharded from the embedding to the
@@ -64,6 +66,7 @@ from parallel.comm import Group
 from parallel.moe.parallel import has_experts, split_experts_over_tp, tp_experts_problem
 from parallel.moe.tp import is_experts_module
 from parallel.tensor_parallel.auto_plan import missing_grad_sums, plan_for
+from parallel.tensor_parallel.head_params import find_per_head, per_head_matches, shard_per_head
 from parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -83,6 +86,7 @@ from parallel.tensor_parallel.styles import (
     COLWISE,
     EXPERTS,
     HF_ALIASES,
+    PER_HEAD,
     ROWWISE,
     STYLES,
     _int_attr,
@@ -270,7 +274,9 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
     tied = tie_styles(model, matches, sections, sequence_parallel, "seq_scatter_input" in styles, errors)
     sections.update(_validate(tied, mods, tp, errors, kv))
     matches += tied
-    styles |= {s for _, s, _ in tied}
+    matches += per_head_matches(model, plan, matches, mods, sections, tp, kv, sequence_parallel, errors,
+                                apply_tensor_parallel)           # Doge's per-kv-head mask coefficients
+    styles |= {s for _, s, _ in matches}
     attrs = island_attrs(matches, mods, sections, tp, errors, {n.rpartition(".")[0] for n in kv})
     if sequence_parallel and "seq_scatter_input" in styles and "seq_gather_output" not in styles:
         errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
@@ -290,6 +296,7 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
         if n:
             paths.setdefault(id(mod), []).append(n.rpartition("."))
     memo, shared, islands = {}, {}, set()        # memo: tied weights stay one Parameter
+    per_head = find_per_head(matches, mods, sections)
     for name, style, m in matches:
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
@@ -307,12 +314,16 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
         elif style in EXPERTS:
             split_experts_over_tp(model, name, group)
             continue
+        elif style == PER_HEAD:
+            continue                             # after the swaps: its row children are the parallel layers
         else:
             _hook_marker(m, style, group, sp)
             continue
         new = as_subclass(new, m, style)         # a subclass's own forward runs over the parallel op
         for owner, _, attr in paths[id(m)]:
             model.get_submodule(owner).register_module(attr, new)
+    for name in {n for n, s, _ in matches if s == PER_HEAD} & set(per_head):
+        shard_per_head(mods[name], name, per_head[name], group, memo)
     for parent_name, values in attrs.items():    # per-rank widths and head counts the forwards read
         for a, v in values.items():
             setattr(mods[parent_name], a, v)

@@ -18,7 +18,9 @@ COLWISE = ("colwise", "colwise_qkv", "colwise_packed", "colwise_gather", "colwis
 ROWWISE = ("rowwise", "rowwise_split_input")
 MARKERS = ("seq_scatter_input", "seq_scatter_output", "seq_gather_output")
 EXPERTS = ("moe_tp_experts",)     # every expert's matrices split over tp (parallel.moe.tp)
-STYLES = COLWISE + ROWWISE + ("vocab", "replicated_grad_allreduce", "sequence_parallel") + MARKERS + EXPERTS
+PER_HEAD = "per_head_params"      # an attention's per-head parameters split with its heads (.head_params)
+STYLES = COLWISE + ROWWISE + ("vocab", "replicated_grad_allreduce", "sequence_parallel") + MARKERS + EXPERTS \
+    + (PER_HEAD,)
 # transformers name an experts module's parameters in its plan too ("….experts.gate_up_proj": "packed_rowwise",
 # "grouped_gemm", …); under a moe_tp_experts module they describe the split moe_tp_experts makes: absorbed.
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_proj", "up_proj", "w1", "w2", "w3", "b1", "b2")
