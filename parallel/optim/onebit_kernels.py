@@ -28,6 +28,9 @@ import time
 import warnings
 
 import torch
+from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+from parallel.optim.onebit_codec import _decompressed_mean, _pack, _unpack, apply_step
 
 __all__ = ["available", "momentum_error", "pack_error", "server_mean", "unpack_update", "row_scale"]
 
@@ -235,7 +238,6 @@ def _load():
     if os.environ.get("PARALLEL_ONEBIT_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
         name = f"parallel_onebit_v5_{_cpu_tag()}"
         clear_stale_lock(os.path.join(_get_build_directory(name, False), "lock"))
         _ext = load_inline(name=name, cpp_sources=[_SRC], functions=_FUNCS,
@@ -312,7 +314,6 @@ def pack_error(x, scale, c: int, c8: int, packed, err, n_valid: int) -> None:
     if _ok(x, scale, packed, err) and x.is_contiguous() and err.is_contiguous() and packed.stride(-1) == 1:
         _ext.pack_error(x, scale.contiguous(), c, c8, packed, err, n_valid)
         return
-    from parallel.optim.onebit_adam import _pack
     R = scale.numel()
     rows = x.view(R, c)
     if c8 != c:
@@ -328,7 +329,6 @@ def server_mean(packed, scale, es, y, c: int) -> None:
     if _ok(packed, scale, es, y) and packed.stride(-1) == 1 and es.is_contiguous() and y.is_contiguous():
         _ext.server_mean(packed, scale.contiguous(), es, y, c)
         return
-    from parallel.optim.onebit_adam import _decompressed_mean
     torch.add(_decompressed_mean(packed, scale)[:c], es, out=y)
 
 
@@ -343,7 +343,6 @@ def unpack_update(packed, scale, c: int, off: int, m_out, w=None, v=None, *, mod
                            1.0 if wd is None else wd,
                            -1.0 if bound is None else float(bound))
         return
-    from parallel.optim.onebit_adam import _unpack, apply_step
     n, o, parts = m_out.numel(), off, []
     while o < off + n:                                   # only the bytes of this slice, row by row: O(n), not O(Ψ)
         r, a = divmod(o, c)

@@ -66,7 +66,8 @@ from parallel.comm import Group
 from parallel.moe.parallel import has_experts, split_experts_over_tp, tp_experts_problem
 from parallel.moe.tp import is_experts_module
 from parallel.tensor_parallel.auto_plan import missing_grad_sums, plan_for
-from parallel.tensor_parallel.head_params import find_per_head, per_head_matches, shard_per_head
+from parallel.tensor_parallel.head_params import find_per_head, shard_per_head
+from parallel.tensor_parallel.head_params_check import per_head_matches
 from parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,

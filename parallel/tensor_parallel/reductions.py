@@ -20,7 +20,7 @@ from __future__ import annotations
 import ast
 import inspect
 
-from parallel.tensor_parallel.semantics import _fn_tree, _is_self_attr, _self_name, _simple_statements
+from parallel.tensor_parallel.source_ast import _fn_tree, _is_self_attr, _self_name, _simple_statements
 
 REDUCTIONS = {"mean", "std", "var", "sum", "norm", "softmax", "log_softmax", "logsumexp", "amax", "amin", "max",
               "min", "topk", "sort", "argmax", "argmin", "cumsum", "prod", "median", "quantile", "kthvalue",

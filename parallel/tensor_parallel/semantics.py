@@ -27,12 +27,13 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import textwrap
 
 import torch
 import torch.nn as nn
 
 from parallel.tensor_parallel.layers import _is_conv1d
+from parallel.tensor_parallel.reductions import split_reduction
+from parallel.tensor_parallel.source_ast import _fn_tree, _is_self_attr, _self_name, _simple_statements
 from parallel.tensor_parallel.styles import _KV_HEADS, HEAD_ATTRS, ROWWISE
 
 __all__ = ["subclass_problem", "as_subclass", "island_attrs", "width_attrs", "DIVIDE_ATTRS", "KEEP_ATTRS"]
@@ -50,27 +51,7 @@ _ELEMENTWISE = {"to", "type", "type_as", "float", "half", "bfloat16", "double", 
                 "tensor", "mul_", "add_", "div_", "clamp_"}
 
 
-# --- reading a method's code ------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _fn_tree(fn):
-    """(ast.FunctionDef, first line, file) of a Python function, or None where its source is unavailable."""
-    try:
-        lines, start = inspect.getsourcelines(fn)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    node = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
-    return None if node is None else (node, start, inspect.getsourcefile(fn) or "?")
-
-
-def _self_name(fn: ast.FunctionDef) -> str | None:
-    return fn.args.args[0].arg if fn.args.args else None
-
-
-def _is_self_attr(node, self_name) -> bool:
-    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == self_name
-
+# --- reading a method's code (helpers in :mod:`parallel.tensor_parallel.source_ast`) ---------------------
 
 def forward_reads(cls) -> set | None:
     """Attribute names ``self.<name>`` that ``cls.forward`` reads, following the methods it calls on self."""
@@ -94,19 +75,6 @@ def forward_reads(cls) -> set | None:
         return True
 
     return out if visit("forward") else None
-
-
-def _simple_statements(body):
-    """The simple statements of a function body in source order (compound statements' bodies inlined)."""
-    for st in body:
-        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        inner = [getattr(st, f, []) for f in ("body", "orelse", "handlers", "finalbody")]
-        if any(inner):
-            for part in inner:
-                yield from _simple_statements(part)
-        else:
-            yield st
 
 
 def _input_width(cls, split: set, row: set) -> str | None:
@@ -329,7 +297,6 @@ def width_attrs(parent_name: str, parent: nn.Module, widths: set, heads: set, tp
         errors.append(f"{who}: {cls.__qualname__}.forward uses the width of its input with tensors computed from "
                       f"layers split across tp ranks, which are 1/tp as wide per rank ({derived}); reshape with -1 "
                       f"or self.<per-rank attribute> instead, or leave its layers out of the plan")
-    from parallel.tensor_parallel.reductions import split_reduction
     if split and (where := split_reduction(cls, set(split), set(row))):
         errors.append(f"{who}: {cls.__qualname__}'s forward reduces the output of a layer split across tp ranks "
                       f"along its features ({where}): each rank would see 1/tp of them (its own mean / std / "
