@@ -9,14 +9,17 @@ of the per-run step times is reported with the ratio, and the fraction of blocks
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from examples.gpt import GPT, random_tokens
-from parallel.layer_drop import apply_layer_drop
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
+from examples.gpt import GPT, random_tokens  # noqa: E402
+from parallel.layer_drop import apply_layer_drop  # noqa: E402
 
 
 def run(pld_on: bool, a) -> tuple[float, float]:
