@@ -43,17 +43,18 @@ class BufferWatch:
 
     def __init__(self, stages, group_size: int, group_rank: int, axis: str = "dp"):
         self.group_size, self.group_rank, self.axis = group_size, group_rank, axis
-        self.before = None
+        self.before, self.done = None, False
         if group_size > 1:
             self.snapshot(stages)
 
     def snapshot(self, stages) -> None:
         """(Re)take the copies, e.g. after a checkpoint load replaced the buffers; no-op once checked."""
-        if self.group_size > 1:
+        if self.group_size > 1 and not self.done:
             self.before = {n: b.detach().clone() for n, b in forward_buffers(stages).items()}
 
     def check(self, stages) -> list:
         """Names of the buffers the first step changed (warned about on group rank 0); [] afterwards."""
+        self.done = True
         if not self.before:
             self.before = None
             return []
