@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -64,8 +65,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _timed(step, device, steps):
-    step()
+def _timed(step, device, steps, warmup=2):
+    for _ in range(warmup):
+        step()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -74,11 +76,86 @@ def _timed(step, device, steps):
     return (time.perf_counter() - t0) / steps
 
 
+def _matmul_rate(device, dtype, n=8192, reps=10):
+    """Measured dense matmul FLOP/s at n×n×n (the achievable ceiling, next to the data sheet's)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def _profile(step, device, path):
+    """One profiled step: the top kernels/ops by device time (CPU time on CPU) written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
+def _mfu(a, kw, batch, device, cuda, check):
+    """MFU of our engine (bf16 parameters, fp32 master, ZeRO-0) and of a plain loop (bf16 autocast over
+    fp32 parameters, fused AdamW on CUDA) on the same device: FLOPs = tokens · (6N + 12·L·h·s)."""
+    from examples.gpt import GPT
+    from parallel.planning.flops import gpt_flops_per_token, peak_flops
+    flops = batch * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"], kw["vocab_size"])
+    dtype = torch.bfloat16 if cuda else torch.float32
+    peak, src = peak_flops(device, dtype)
+    measured = _matmul_rate(device, dtype, 8192 if cuda else 512, 10 if cuda else 3)
+    x, y = _batch(kw, batch, device)
+    ours = _engine(kw, batch, {"stage": 0}, "bf16", device)
+    inner = ours.zero.optimizer
+    t_ours = _timed(lambda: ours.train_step((x, y)), device, a.steps)
+    mem_ours = torch.cuda.max_memory_allocated(device) if cuda else 0
+    if a.profile:
+        _profile(lambda: ours.train_step((x, y)), device, os.path.join(a.profile, "profile_ours.txt"))
+    ours = None                                      # free it before the plain loop's model
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    model = GPT(**kw).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if cuda else {}))
+
+    def plain():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+    t_plain = _timed(plain, device, a.steps)
+    mem_plain = torch.cuda.max_memory_allocated(device) if cuda else 0
+    if a.profile:
+        _profile(plain, device, os.path.join(a.profile, "profile_plain.txt"))
+    m_ours, m_plain = flops / (t_ours * peak), flops / (t_plain * peak)
+    print(f"[info] optimizer: ours {type(inner).__name__} fused={inner.defaults.get('fused')}, plain AdamW "
+          f"fused={opt.defaults.get('fused')}; peak memory ours {mem_ours / 2**30:.1f} GiB, plain "
+          f"{mem_plain / 2**30:.1f} GiB")
+    print(f"MFU (peak {peak / 1e12:.1f} TFLOP/s, {src}; measured {dtype} {8192 if cuda else 512}³ matmul "
+          f"{measured / 1e12:.1f} TFLOP/s): ours {m_ours:.1%} ({t_ours * 1e3:.1f} ms/step; "
+          f"{flops / t_ours / measured:.1%} of the measured matmul), plain loop {m_plain:.1%} "
+          f"({t_plain * 1e3:.1f} ms/step; {flops / t_plain / measured:.1%}), ours ÷ plain {m_ours / m_plain:.3f}; "
+          f"targets ≥ 55% and ≥ 0.98" + ("" if cuda else " — CPU run: not a measurement of the targets"))
+    if cuda:
+        check("MFU targets", m_ours >= 0.55 and m_ours / m_plain >= 0.98,
+              f"ours {m_ours:.1%} (≥ 55%), ours ÷ plain {m_ours / m_plain:.3f} (≥ 0.98)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="default: 1b on CUDA, tiny elsewhere")
     ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile", default=None, help="folder: write one profiled step of ours and of the plain loop")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -91,7 +168,7 @@ def main(argv=None) -> int:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=300))
     print(f"device: {torch.cuda.get_device_name(0) if cuda else 'CPU — no GPU was used: a smoke run only'}; "
-          f"backend {dist.get_backend()}; GPT {size} {kw}, batch {batch}")
+          f"backend {dist.get_backend()}; torch {torch.__version__}; GPT {size} {kw}, batch {batch}")
     fails = 0
 
     def check(name, ok, detail):
@@ -101,54 +178,51 @@ def main(argv=None) -> int:
     check("backend", dist.get_backend() == backend and dist.get_world_size() == 1, f"{dist.get_backend()}, world 1")
     small = SIZES["tiny"]
     data = _batch(small, 2, device)
-    eng = _engine(small, 2, {"stage": 1}, "bf16", device)
-    losses = [eng.train_step(data) for _ in range(4)]
-    check("bf16 ZeRO-1", all(map(lambda v: v == v, losses)) and losses[-1] < losses[0], f"losses {losses}")
-    ref = _engine(small, 2, {"stage": 2}, "bf16", device)
-    off = _engine(small, 2, {"stage": 2, "offload": {"optimizer": "cpu"}}, "bf16", device)
-    lr, lo = [ref.train_step(data) for _ in range(3)], [off.train_step(data) for _ in range(3)]
-    store = getattr(getattr(off.zero, "_opt_off", None), "store", None)       # the host tier (offload/store.py)
-    host = list(getattr(store, "_t", {}).values())
-    pinned = [t.is_pinned() for t in host]
-    check("cpu optimizer offload", max(abs(x - y) for x, y in zip(lr, lo)) <= 1e-3 and len(host) > 0 and
-          all(pinned) == cuda, f"losses {lo} vs {lr}; pinned host tensors {sum(pinned)}/{len(host)} "
-          f"({'CUDA present: all must be pinned' if cuda else 'no CUDA: none pinned'})")
-    from parallel.planning.measure import measure_step
-    act = {}
-    for pol in ("none", "offload"):
-        e = _engine(small, 2, {"stage": 0}, "fp32", device, {"policy": pol})
-        e.train_step(data)                           # the optimizer's state exists before the measured step
-        act[pol] = (measure_step(e, data, device.type), _timed(lambda e=e: e.train_step(data), device, a.steps))
-        e = None
-    (mn, tn), (mo, to) = act["none"], act["offload"]
-    check("activation offload", abs(mo["loss"] - mn["loss"]) <= 1e-5 and (mo["peak"] < mn["peak"] or not cuda),
-          f"loss {mo['loss']:.6f} vs {mn['loss']:.6f}; {device.type} peak {mo['peak']} vs {mn['peak']} B; step "
-          f"{to / tn:.2f}× none's" + ("" if cuda else " (CPU: the saved tensors stay in place, only counted)"))
-    from gpu_check_cp import run as cp_checks  # ring / Ulysses on the device at cp = 1 (issue 23)
-    cp_checks(device, check)
-    from parallel.planning.flops import gpt_flops_per_token, peak_flops
-    flops = batch * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"], kw["vocab_size"])
-    peak, src = peak_flops(device, torch.bfloat16 if cuda else torch.float32)
-    x, y = _batch(kw, batch, device)
-    ours = _engine(kw, batch, {"stage": 0}, "bf16", device)
-    t_ours = _timed(lambda: ours.train_step((x, y)), device, a.steps)
-    ours = None                                      # free it before the plain loop's model
-    from examples.gpt import GPT
-    torch.manual_seed(0)
-    model = GPT(**kw).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if cuda else {}))
 
-    def plain():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        opt.step()
-    t_plain = _timed(plain, device, a.steps)
-    m_ours, m_plain = flops / (t_ours * peak), flops / (t_plain * peak)
-    print(f"MFU (peak {peak / 1e12:.1f} TFLOP/s, {src}): ours {m_ours:.1%} ({t_ours * 1e3:.1f} ms/step), plain loop "
-          f"{m_plain:.1%} ({t_plain * 1e3:.1f} ms/step), ours ÷ plain {m_ours / m_plain:.3f}; targets ≥ 55% and ≥ 0.98"
-          + ("" if cuda else " — CPU run: not a measurement of the targets"))
+    def section(name, fn):                           # one failing check must not hide the others' results
+        try:
+            fn()
+        except Exception as e:                       # noqa: BLE001 — reported as FAILED with its traceback
+            traceback.print_exc()
+            check(name, False, f"raised {type(e).__name__}: {e}")
+
+    def bf16():
+        eng = _engine(small, 2, {"stage": 1}, "bf16", device)
+        losses = [eng.train_step(data) for _ in range(4)]
+        check("bf16 ZeRO-1", all(map(lambda v: v == v, losses)) and losses[-1] < losses[0], f"losses {losses}")
+
+    def offload():
+        ref = _engine(small, 2, {"stage": 2}, "bf16", device)
+        off = _engine(small, 2, {"stage": 2, "offload": {"optimizer": "cpu"}}, "bf16", device)
+        lr, lo = [ref.train_step(data) for _ in range(3)], [off.train_step(data) for _ in range(3)]
+        store = getattr(getattr(off.zero, "_opt_off", None), "store", None)       # the host tier (offload/store.py)
+        host = list(getattr(store, "_t", {}).values())
+        pinned = [t.is_pinned() for t in host]
+        check("cpu optimizer offload", max(abs(x - y) for x, y in zip(lr, lo)) <= 1e-3 and len(host) > 0 and
+              all(pinned) == cuda, f"losses {lo} vs {lr}; pinned host tensors {sum(pinned)}/{len(host)} "
+              f"({'CUDA present: all must be pinned' if cuda else 'no CUDA: none pinned'})")
+
+    def activation():
+        from parallel.planning.measure import measure_step
+        act = {}
+        for pol in ("none", "offload"):
+            e = _engine(small, 2, {"stage": 0}, "fp32", device, {"policy": pol})
+            e.train_step(data)                       # the optimizer's state exists before the measured step
+            act[pol] = (measure_step(e, data, device.type), _timed(lambda e=e: e.train_step(data), device, a.steps))
+            e = None
+        (mn, tn), (mo, to) = act["none"], act["offload"]
+        check("activation offload", abs(mo["loss"] - mn["loss"]) <= 1e-5 and (mo["peak"] < mn["peak"] or not cuda),
+              f"loss {mo['loss']:.6f} vs {mn['loss']:.6f}; {device.type} peak {mo['peak']} vs {mn['peak']} B; step "
+              f"{to / tn:.2f}× none's" + ("" if cuda else " (CPU: the saved tensors stay in place, only counted)"))
+
+    def context_parallel():
+        from gpu_check_cp import run as cp_checks  # ring / Ulysses on the device at cp = 1 (issue 23)
+        cp_checks(device, check)
+
+    for name, fn in (("bf16 ZeRO-1", bf16), ("cpu optimizer offload", offload),
+                     ("activation offload", activation), ("context parallel", context_parallel)):
+        section(name, fn)
+    section("MFU", lambda: _mfu(a, kw, batch, device, cuda, check))
     dist.destroy_process_group()
     return 1 if fails else 0
 

@@ -74,6 +74,7 @@ class OptimizerConfig:
     factor_min: Optional[float] = None
     factor_threshold: Optional[float] = None
     state_dtype: Optional[str] = None      # adam/adamw moments: fp32 (default) | int8 (parallel/optim/adam8bit.py)
+    fused: Optional[bool] = None           # adam/adamw/sgd: torch's fused kernel; null = on when every parameter is on CUDA
 
 
 @dataclass

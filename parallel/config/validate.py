@@ -283,6 +283,9 @@ def _check_optimizer(c: Config) -> None:
     if o.state_dtype == "int8" and o.name not in ("adam", "adamw"):
         raise ConfigError(f"optimizer.state_dtype=int8 quantizes Adam's moments: it applies to adam/adamw, not "
                           f"{o.name}; remove it or set optimizer.name=adamw")
+    if o.fused and (o.name not in ("adam", "adamw", "sgd") or o.state_dtype == "int8"):
+        raise ConfigError(f"optimizer.fused=true selects torch's fused adam/adamw/sgd kernel, not {o.name}"
+                          f"{' with state_dtype=int8' if o.state_dtype == 'int8' else ''}: remove optimizer.fused")
     if onebit and c.zero.stage == 3:
         raise ConfigError(f"optimizer.name={o.name} with zero.stage=3: the compressed update needs the whole "
                           "parameter on every rank (parallel/zero/onebit.py); set zero.stage to 0, 1 or 2")
