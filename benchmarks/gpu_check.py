@@ -12,7 +12,9 @@ Checks (each prints ok / FAILED with the numbers):
 4. activation offload (``activation_checkpointing.policy=offload``, fp32): the loss of a step equals the
    run without it to 1e-5; on CUDA the device's peak of live bytes (LiveBytes on cuda) is below none's,
    and its step time ÷ none's is reported (the copies' overlap, unmeasured on CPU; issue 20);
-5. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's block kernels, row chunks
+5. more engine paths on the device (benchmarks/gpu_check_paths.py: ZeRO-2/3 in fp32 and bf16, NVMe optimizer
+   offload, parameter offload, recompute, unfused AdamW, 8-bit moments, fp16) against ZeRO-1's losses;
+5b. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's block kernels, row chunks
    and online-softmax merge in fp32 and bf16, Ulysses through the backend's all-to-all, no host syncs on CUDA);
 6. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
    master) vs a plain loop (bf16 autocast, fused AdamW where CUDA has it); issue 18's targets are
@@ -219,8 +221,13 @@ def main(argv=None) -> int:
         from gpu_check_cp import run as cp_checks  # ring / Ulysses on the device at cp = 1 (issue 23)
         cp_checks(device, check)
 
+    def paths():
+        from gpu_check_paths import run as path_checks  # ZeRO-3, NVMe/param offload, recompute, 8-bit, fp16
+        path_checks(device, check)
+
     for name, fn in (("bf16 ZeRO-1", bf16), ("cpu optimizer offload", offload),
-                     ("activation offload", activation), ("context parallel", context_parallel)):
+                     ("activation offload", activation), ("context parallel", context_parallel),
+                     ("engine paths", paths)):
         section(name, fn)
     section("MFU", lambda: _mfu(a, kw, batch, device, cuda, check))
     dist.destroy_process_group()
