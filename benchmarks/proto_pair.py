@@ -48,6 +48,12 @@ def _counted(row) -> dict:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    def _ptr(t):                 # a tensor subclass (DTensor, FSDP2's sharded parameter) has no plain storage
+        try:
+            return t.untyped_storage().data_ptr()
+        except RuntimeError:
+            return 0
+
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -59,10 +65,9 @@ def _counted(row) -> dict:
             name = func.overloadpacket.__name__
             if name == "copy_":
                 self.c["copy_ MB"] += args[0].numel() * args[0].element_size() / 1e6
-            elif isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in {   # a new storage
-                    t.untyped_storage().data_ptr() for t in list(args) + list((kwargs or {}).values())
-                    if isinstance(t, torch.Tensor)}:
-                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6
+            elif isinstance(out, torch.Tensor) and _ptr(out) not in {   # a new storage
+                    _ptr(t) for t in list(args) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)}:
+                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6 if _ptr(out) else 0.0
             return out
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with Count() as m:

@@ -36,22 +36,39 @@ _PLANNER_OP = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "
                "send": "send_recv", "recv": "send_recv"}
 
 
+PAIR = "lat.ring.all_reduce"      # the ring pair (reduce-scatter then all-gather back to back): a chain, not one call
+
+
+def _lat(k: str, a: float, b: float) -> float:
+    """The start/end rule of a latency figure ``k`` (:func:`calib_mean`)."""
+    return max(a, b) if k == PAIR else min(a, b)
+
+
 def calib_mean(rec: dict) -> dict:
     """Start and end calibration combined: rates and bandwidths averaged; a latency (``lat.*``: the
     fixed cost of a call on small messages) takes the smaller of the two, since interference only
-    ever adds to it (the ring's small-message latency is bimodal, 0.14 ms or 2–4 ms, on an idle machine)."""
+    ever adds to it (the ring's small-message latency is bimodal, 0.14 ms or 2–4 ms, on an idle machine) —
+    except the ring pair's (:data:`PAIR`), which takes the larger: it is not one call's cost but a CHAIN of two,
+    read by the planner as the wait δ = l_pair − l_rs − l_ag a blocking collective issued right after another
+    pays (parallel/planning/time_terms.py, chain_terms). That wait is bimodal too (0–0.04 ms or 2.2–3.3 ms on the
+    session-9 idle record, tests/data/bench_protocol.json), and the calibration that times it directly for a
+    call issued after compute (``chain.gloo.all_reduce`` minus the isolated call's latency + wire / bandwidth:
+    :func:`tp_wait`) measured 1.3–2.4 ms at both ends of every record that has it, 5m included: calls issued from
+    running work wait, so the waiting mode is the one to take. Session 9's 5m parts calibrated δ 0.00 / 0.02 ms
+    at the start (2.18 / 3.27 at the end): with the smaller, zero3 / fsdp2 / fsdp2_prefetch / fsdp2_ring were
+    0.82–0.88 / 0.80 / 0.80 / 0.73 × the measured step; with the larger 0.89–0.92 / 0.94 / 0.93 / 0.77."""
     a, b = rec["calib_start"], rec["calib_end"]
-    return {k: min(a[k], b[k]) if k.startswith("lat.") else (a[k] + b[k]) / 2 for k in a if k in b}
+    return {k: _lat(k, a[k], b[k]) if k.startswith("lat.") else (a[k] + b[k]) / 2 for k in a if k in b}
 
 
 def step_drift(rec: dict, tol: float = 0.10) -> dict:
     """Drift that matters: per row, the planner's step predicted from the end calibration ÷ from the start
     one, − 1; rows beyond ``tol`` are flagged. A figure that moved but does not move any row's step (a
     small-message latency, the matmul rate the planner does not use) does not flag the run. Latencies are
-    held at the smaller of the two in both predictions, as :func:`calib_mean` takes them: the analysis never
-    uses the larger, so its switch between modes (the ring pair's 2.2–7 ms, which sets stage 3's per-call
-    wait) is no drift of what is predicted."""
-    lat = {k: min(v, rec["calib_end"][k]) for k, v in rec["calib_start"].items()
+    held at :func:`calib_mean`'s choice in both predictions (the smaller, the ring pair's the larger): the
+    analysis never uses the other, so a switch between modes (the ring pair's 0.2–7 ms, which sets stage 3's
+    and tp's per-call wait) is no drift of what is predicted."""
+    lat = {k: _lat(k, v, rec["calib_end"][k]) for k, v in rec["calib_start"].items()
            if k.startswith("lat.") and k in rec["calib_end"]}
     change = {}
     for name in rec["times"]:
