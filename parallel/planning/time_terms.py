@@ -85,10 +85,13 @@ c = −0.07 (no rate deficit): at the tp-split shapes (h → 3h/t, h/t → h, h 
 sequences) a tp=2-shaped local replica runs forward + backward in 1.01× (5M) / 1.02× (50M) the full model's
 time at per sequences (loaded, paired), so train_flops holds for tp (records since this one calibrate that
 replica's rate, ``train_flops.tp<t>@m``, and the planner takes it: ``Hardware.tp_flops``). With δ, planner
-÷ measured: tp_ours 1.05 / 1.01 (was 0.56 / 0.84), tp_dtensor 0.93 / 0.91 (was 0.49 / 0.75; planned as our
-layout: DTensor's own per-op dispatch, its 24 calls instead of 29 and its replicated embedding and head are not
-modelled); with the δ of each other session-7/8 record instead, tp_ours 0.98–1.12 (tests/test_bench_protocol.py).
-Not applied to pipeline p2p (the recorded pp rows do not show it: δ per hop would put the session-7/8 5M m = 8
+÷ measured: tp_ours 1.05 / 1.01 (was 0.56 / 0.84), tp_dtensor 0.93 / 0.91 (was 0.49 / 0.75; then planned as our
+layout — since session 10 benchmarks/proto_host.py gives it its own 4L calls, its replicated head and DTensor's
+per-call host work, calibrated where the record has it); with the δ of each other session-7/8 record instead,
+tp_ours 0.98–1.12 (tests/test_bench_protocol.py). The pair's latency is taken at the larger of a record's start
+and end calibrations (benchmarks/proto_report.py, calib_mean: its fast mode, δ ≈ 0, is not what a call chained
+after compute sees). Not applied to pipeline p2p (the recorded pp rows do not show it: δ per hop would put the
+session-7/8 5M m = 8
 rows at 1.29–1.45) nor to dp (launched asynchronously under backward).
 """
 from __future__ import annotations
