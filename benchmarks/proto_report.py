@@ -231,6 +231,11 @@ def _calib_lines(an: dict) -> list:
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
                    f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
                    f"δ = {tw[1] * 1e3:.2f} ms")
+    if "host.op_s" in c:
+        out.append(f"  host work per call: an aten call {c['host.op_s'] * 1e6:.2f} us" + (
+            f", a DTensor call {c['host.dtensor_op_s'] * 1e6:.1f} us, a DTensor parameter's AdamW update "
+            f"{c['host.dtensor_adamw_s'] * 1e3:.2f} ms beyond a plain one's (charged on tp_dtensor: "
+            f"benchmarks/proto_host.py)" if "host.dtensor_op_s" in c else ""))
     d = an["drift"]
     worst = max(d["change"].items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
     step = max(d.get("step", {}).items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))

@@ -312,7 +312,8 @@ def test_protocol_smoke_two_ranks():
     an = analyse(rec, n_boot=100)
     assert an["rows"]["zero1"]["bytes"]["equal"] and an["rows"]["zero3"]["bytes"]["equal"]
     assert an["aa"] is not None and an["rows"]["zero3"]["vs"]["ddp"]["verdict"] in ("tie", "faster", "slower")
-    assert "noise band" in text(rec, an)
+    assert "noise band" in text(rec, an) and "host work per call" in text(rec, an)
+    assert rec["calib_start"]["host.op_s"] > 0 and "host.dtensor_op_s" not in rec["calib_start"]   # no tp rows
     # the tp chain figure (proto_calib.chained_all_reduce): one tp activation, per · world sequences × s × h fp32
     assert rec["calib_start"]["chain_bytes"] == 2 * 2 * s * h * 4 and "right after compute" in text(rec, an)
     md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
@@ -338,6 +339,7 @@ def test_model_parallel_peer_rows_two_ranks():
     rec = run_ranks(_smoke_mp, 2, timeout=600)[0]
     assert not rec["skipped"] and max(rec["loss_gap"].values()) <= 1e-5, rec["loss_gap"]
     assert rec["calib_start"]["train_flops.tp2@4"] > 0            # the tp rows' compute rate: 2 × 2 sequences
+    assert rec["calib_start"]["host.dtensor_adamw_s"] > 0 and rec["calib_end"]["host.dtensor_op_s"] > 0  # proto_host
     kw = rec["model"]
     act = 2 * 2 * kw["seq_len"] * kw["n_embd"] * 4                  # the global batch's activations, fp32
     tp = rec["rows"]["tp_dtensor"]["comm"]["all_reduce"]
