@@ -91,7 +91,8 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     the pipeline rows'; ``train_flops.tp<t>@m`` at the tp-split shapes: the tp rows'), per-op latency and bus
     bandwidth, memory bandwidth; ``impl`` = "ring" puts reduce-scatter and all-gather on our ring (as our rows
     run them at bucket sizes); the ring pair's excess δ (:func:`chain_hardware`) per stage-3 unit collective
-    (δ/2) and per blocking tp collective (δ: time_terms, tp_waits). The protocol pins every thread of a rank,
+    (δ/2) and per blocking tp collective (δ: time_terms, tp_waits); the excess of a blocking gloo call issued after
+    compute (:func:`tp_wait`) per pipeline message (``Hardware.p2p_wait_s``). The protocol pins every thread of a rank,
     gloo's included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
@@ -102,7 +103,9 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     wait, chain = chain_hardware(cal, impl, world)
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
+    tw = tp_wait(cal, world)                                       # per pp message: the directly timed excess
     return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per stage-3 call, δ per tp call
+                    p2p_wait_s=max(0.0, tw[0]) if tw else 0.0,
                     chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
                     peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
                     flops_at=tuple((m * seq, v) for m, v in per.items()), tp_flops=tuple(tps.items()),
