@@ -12,8 +12,14 @@ same on both ranks where the row is symmetric):
   its own calls included.
 * torch's DTensor TP row (``tp_dtensor``, benchmarks/proto_rows_mp.py): 768 calls on a DTensor at 5M (L = 6),
   2048 at 50M (L = 16): 128 per block = :data:`DTENSOR_PARAMS_PER_BLOCK` (8: qkv, attention proj, fc, MLP proj,
-  weight and bias each, as ColwiseParallel / RowwiseParallel make them) × 9 calls of torch's single-tensor AdamW
-  update per parameter + :data:`DTENSOR_FB_CALLS_PER_BLOCK` (56) in forward and backward. Each call runs
+  weight and bias each, as ColwiseParallel / RowwiseParallel make them) × :data:`ADAMW_CALLS_PER_PARAM` (8: torch's
+  single-tensor AdamW — mul_, lerp_, mul_, addcmul_, sqrt, div, add_, addcdiv_) + :data:`DTENSOR_FB_CALLS_PER_BLOCK`
+  (64) in forward and backward;
+* torch's FSDP2 rows (fsdp2, fsdp2_prefetch, fsdp2_ring): 608 DTensor calls at 5M = 76 parameters (12L + 4: every
+  parameter of the GPT, sharded Shard(0) by fully_shard) × 8, all in the update — FSDP2 unshards to plain tensors
+  for forward and backward. In situ (5M, loaded, load 16) FSDP2's AdamW step took 108.6 ms more than a plain AdamW
+  over the same local shards: 1.43 ms a parameter (1.05 calibrated alongside). Idle, fsdp2 − zero3 measured
+  37 ms at 5M and 358 ms at 50M (session 9's record). Each call runs
   DTensor's sharding propagation and redistribution checks in Python before its local op: measured (loaded, load
   7–10) a tiny Shard(0) ``add_`` 5.6–19.6 µs against 0.9 µs plain, a scalar ``mul_`` 57–61 µs, and one DTensor
   parameter's AdamW step 1213 µs against 49 µs plain.
@@ -27,11 +33,12 @@ Figures (``calibrate_host``; seconds):
   minus per plain parameter, on tiny parameters (no bytes to speak of): the update's host work per DTensor
   parameter beyond what the bytes cost (those the planner charges at the memory bandwidth).
 
-Charged (:func:`dtensor_host_seconds`): L · (8 · ``host.dtensor_adamw_s`` + 56 · ``host.dtensor_op_s``) on the
-tp_dtensor row. Records without the figures (all before session 10) get 0, and say so by its None. In situ (5M,
-loaded, load 17–18, a script pairing the row's own optimizer with a plain AdamW over the same local shards): the
-DTensor update took 49.6 ms more over its 48 DTensor parameters, 1.03 ms each, against 0.88 ms calibrated at the
-same time; at 50M 275.5 ms over 128, 2.15 ms each, against 2.05 calibrated (load 17).
+Charged (:func:`dtensor_host_seconds`): L · (8 · ``host.dtensor_adamw_s`` + 64 · ``host.dtensor_op_s``) on the
+tp_dtensor row, (12L + 4) · ``host.dtensor_adamw_s`` on the FSDP2 rows. Records without the figures (all before
+session 10) get 0, and say so by its None. In situ (5M, loaded, load 17–18, a script pairing the row's own
+optimizer with a plain AdamW over the same local shards): tp_dtensor's DTensor update took 49.6 ms more over its
+48 DTensor parameters, 1.03 ms each, against 0.88 ms calibrated at the same time; at 50M 275.5 ms over 128, 2.15 ms
+each, against 2.05 calibrated (load 17).
 
 The rest of what the DTensor row does differently from our layout, which the planner is given
 (:func:`dtensor_tp_seconds`; T = the global batch's tokens, which every tp rank runs, b·T·h = one activation):
@@ -51,12 +58,14 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = ["DTENSOR_PARAMS_PER_BLOCK", "DTENSOR_FB_CALLS_PER_BLOCK", "ADAMW_CALLS_PER_PARAM", "calibrate_host",
+__all__ = ["DTENSOR_PARAMS_PER_BLOCK", "DTENSOR_FB_CALLS_PER_BLOCK", "ADAMW_CALLS_PER_PARAM", "FSDP2_ROWS",
+           "calibrate_host",
            "dtensor_host_seconds", "dtensor_tp_seconds"]
 
 DTENSOR_PARAMS_PER_BLOCK = 8
-DTENSOR_FB_CALLS_PER_BLOCK = 56
-ADAMW_CALLS_PER_PARAM = 9           # torch's single-tensor AdamW: the calls on the parameter and its states
+DTENSOR_FB_CALLS_PER_BLOCK = 64
+ADAMW_CALLS_PER_PARAM = 8           # torch's single-tensor AdamW: the calls on the parameter and its states
+FSDP2_ROWS = ("fsdp2", "fsdp2_prefetch", "fsdp2_ring")
 
 
 def _per_call(fn, calls: int, reps: int) -> float:
@@ -116,11 +125,15 @@ def calibrate_host(dtensor: bool, reps: int = 5, calls: int = 2000, params: int 
     return out
 
 
-def dtensor_host_seconds(cal: dict, n_layer: int) -> float | None:
-    """The tp_dtensor row's host work per step beyond our layout's (module docstring); None when ``cal`` lacks the
-    figures (records before them)."""
+def dtensor_host_seconds(cal: dict, n_layer: int, name: str = "tp_dtensor") -> float | None:
+    """Row ``name``'s DTensor host work per step (module docstring): tp_dtensor's beyond our layout's, an FSDP2 row's
+    update; 0 for other rows, None when ``cal`` lacks the figures (records before them)."""
     if "host.dtensor_adamw_s" not in cal or "host.dtensor_op_s" not in cal:
         return None
+    if name in FSDP2_ROWS:
+        return (12 * n_layer + 4) * cal["host.dtensor_adamw_s"]
+    if name != "tp_dtensor":
+        return 0.0
     return n_layer * (DTENSOR_PARAMS_PER_BLOCK * cal["host.dtensor_adamw_s"]
                       + DTENSOR_FB_CALLS_PER_BLOCK * cal["host.dtensor_op_s"])
 

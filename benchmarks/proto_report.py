@@ -23,7 +23,7 @@ if __name__ == "__main__":                      # run as a script: the repositor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import proto_stats as st
-from benchmarks.proto_host import dtensor_tp_seconds
+from benchmarks.proto_host import FSDP2_ROWS, dtensor_host_seconds, dtensor_tp_seconds
 from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
 from parallel.planning.flops import gpt_flops_per_token
 from parallel.planning.planner import predict
@@ -161,6 +161,8 @@ def predict_row(rec: dict, name: str, cal: dict):
         pred.update_s = peer
     if name == "tp_dtensor":           # its calls, replicated head, DTensor's dispatch (benchmarks/proto_host.py)
         pred.step_s += dtensor_tp_seconds(rec, cal, hw)
+    elif name in FSDP2_ROWS:           # FSDP2's update over DTensor parameters (benchmarks/proto_host.py)
+        pred.step_s += dtensor_host_seconds(cal, rec["model"]["n_layer"], name) or 0.0
     return pred
 
 
