@@ -33,7 +33,9 @@ Figures (a flat dict, so start and end compare key by key):
   operators issue it — :data:`CHAIN_CALLS` × (a tp-split MLP matmul, then the all-reduce) minus the same matmuls
   alone, per call. Against ``lat`` + wire / ``bw`` of the isolated call it measures directly the excess that the
   planner charges each blocking tp collective (parallel/planning/time_terms.py, tp_waits: the ring pair's δ);
-  benchmarks/proto_report.py prints both.
+  benchmarks/proto_report.py prints both;
+* ``host.*``: per-call host work — a tiny aten call, and with tp rows a DTensor call and a DTensor parameter's AdamW
+  update beyond a plain one's (benchmarks/proto_host.py, charged per counted call on the tp_dtensor row).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks.proto_host import calibrate_host
 from parallel.comm.collectives import Group
 from parallel.comm.ring import ring_all_gather, ring_reduce_scatter
 
@@ -254,7 +257,8 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
     for m in sorted(set(micro)):
         out[f"split_i@{m}"], out[f"split_w@{m}"] = split_fractions(kw, m, 3 * reps)
     if not dist.is_initialized() or dist.get_world_size() < 2:
-        return out
+        return {**out, **calibrate_host(False, reps)}
+    out.update(calibrate_host(bool(tp), reps))           # host.*: per-call host work (benchmarks/proto_host.py)
     n, r = dist.get_world_size(), dist.get_rank()
     group = Group(dist.group.WORLD, "calibration", tuple(range(n)), r)
     big = int(comm_mb * 2 ** 20 // 4)

@@ -7,7 +7,8 @@ parallel/zero/direct_grads.py), so its cost can be paired against the direct pat
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --rounds 20
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --count   # load-free counts
 
-``--count``: instead of timing, one step of each row under a dispatch mode on each rank: aten calls, bytes written
+``--count``: instead of timing, one step of each row under a dispatch mode on each rank: aten calls (of them, calls on
+a DTensor: each runs DTensor's sharding propagation on the host before its local op), bytes written
 by in-place copies (``copy_``), bytes of fresh tensors allocated, and the minor page faults of that step.
 
 Loaded machine: read the paired ratios, not the milliseconds; idle figures come from benchmarks/protocol.py.
@@ -48,21 +49,27 @@ def _counted(row) -> dict:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    def _ptr(t):                 # a tensor subclass (DTensor, FSDP2's sharded parameter) has no plain storage
+        try:
+            return t.untyped_storage().data_ptr()
+        except RuntimeError:
+            return 0
+
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.c = {"aten calls": 0, "copy_ MB": 0.0, "allocated MB": 0.0}
+            self.c = {"aten calls": 0, "DTensor calls": 0, "copy_ MB": 0.0, "allocated MB": 0.0}
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             self.c["aten calls"] += 1
+            self.c["DTensor calls"] += any(t.__name__ == "DTensor" for t in types)
             name = func.overloadpacket.__name__
             if name == "copy_":
                 self.c["copy_ MB"] += args[0].numel() * args[0].element_size() / 1e6
-            elif isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in {   # a new storage
-                    t.untyped_storage().data_ptr() for t in list(args) + list((kwargs or {}).values())
-                    if isinstance(t, torch.Tensor)}:
-                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6
+            elif isinstance(out, torch.Tensor) and _ptr(out) not in {   # a new storage
+                    _ptr(t) for t in list(args) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)}:
+                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6 if _ptr(out) else 0.0
             return out
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with Count() as m:

@@ -23,6 +23,7 @@ if __name__ == "__main__":                      # run as a script: the repositor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import proto_stats as st
+from benchmarks.proto_host import FSDP2_ROWS, dtensor_host_seconds, dtensor_tp_seconds
 from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
 from parallel.planning.flops import gpt_flops_per_token
 from parallel.planning.planner import predict
@@ -36,22 +37,39 @@ _PLANNER_OP = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "
                "send": "send_recv", "recv": "send_recv"}
 
 
+PAIR = "lat.ring.all_reduce"      # the ring pair (reduce-scatter then all-gather back to back): a chain, not one call
+
+
+def _lat(k: str, a: float, b: float) -> float:
+    """The start/end rule of a latency figure ``k`` (:func:`calib_mean`)."""
+    return max(a, b) if k == PAIR else min(a, b)
+
+
 def calib_mean(rec: dict) -> dict:
     """Start and end calibration combined: rates and bandwidths averaged; a latency (``lat.*``: the
     fixed cost of a call on small messages) takes the smaller of the two, since interference only
-    ever adds to it (the ring's small-message latency is bimodal, 0.14 ms or 2–4 ms, on an idle machine)."""
+    ever adds to it (the ring's small-message latency is bimodal, 0.14 ms or 2–4 ms, on an idle machine) —
+    except the ring pair's (:data:`PAIR`), which takes the larger: it is not one call's cost but a CHAIN of two,
+    read by the planner as the wait δ = l_pair − l_rs − l_ag a blocking collective issued right after another
+    pays (parallel/planning/time_terms.py, chain_terms). That wait is bimodal too (0–0.04 ms or 2.2–3.3 ms on the
+    session-9 idle record, tests/data/bench_protocol.json), and the calibration that times it directly for a
+    call issued after compute (``chain.gloo.all_reduce`` minus the isolated call's latency + wire / bandwidth:
+    :func:`tp_wait`) measured 1.3–2.4 ms at both ends of every record that has it, 5m included: calls issued from
+    running work wait, so the waiting mode is the one to take. Session 9's 5m parts calibrated δ 0.00 / 0.02 ms
+    at the start (2.18 / 3.27 at the end): with the smaller, zero3 / fsdp2 / fsdp2_prefetch / fsdp2_ring were
+    0.82–0.88 / 0.80 / 0.80 / 0.73 × the measured step; with the larger 0.89–0.92 / 0.94 / 0.93 / 0.77."""
     a, b = rec["calib_start"], rec["calib_end"]
-    return {k: min(a[k], b[k]) if k.startswith("lat.") else (a[k] + b[k]) / 2 for k in a if k in b}
+    return {k: _lat(k, a[k], b[k]) if k.startswith("lat.") else (a[k] + b[k]) / 2 for k in a if k in b}
 
 
 def step_drift(rec: dict, tol: float = 0.10) -> dict:
     """Drift that matters: per row, the planner's step predicted from the end calibration ÷ from the start
     one, − 1; rows beyond ``tol`` are flagged. A figure that moved but does not move any row's step (a
     small-message latency, the matmul rate the planner does not use) does not flag the run. Latencies are
-    held at the smaller of the two in both predictions, as :func:`calib_mean` takes them: the analysis never
-    uses the larger, so its switch between modes (the ring pair's 2.2–7 ms, which sets stage 3's per-call
-    wait) is no drift of what is predicted."""
-    lat = {k: min(v, rec["calib_end"][k]) for k, v in rec["calib_start"].items()
+    held at :func:`calib_mean`'s choice in both predictions (the smaller, the ring pair's the larger): the
+    analysis never uses the other, so a switch between modes (the ring pair's 0.2–7 ms, which sets stage 3's
+    and tp's per-call wait) is no drift of what is predicted."""
+    lat = {k: _lat(k, v, rec["calib_end"][k]) for k, v in rec["calib_start"].items()
            if k.startswith("lat.") and k in rec["calib_end"]}
     change = {}
     for name in rec["times"]:
@@ -73,7 +91,8 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     the pipeline rows'; ``train_flops.tp<t>@m`` at the tp-split shapes: the tp rows'), per-op latency and bus
     bandwidth, memory bandwidth; ``impl`` = "ring" puts reduce-scatter and all-gather on our ring (as our rows
     run them at bucket sizes); the ring pair's excess δ (:func:`chain_hardware`) per stage-3 unit collective
-    (δ/2) and per blocking tp collective (δ: time_terms, tp_waits). The protocol pins every thread of a rank,
+    (δ/2) and per blocking tp collective (δ: time_terms, tp_waits); the excess of a blocking gloo call issued after
+    compute (:func:`tp_wait`) per pipeline message (``Hardware.p2p_wait_s``). The protocol pins every thread of a rank,
     gloo's included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
@@ -84,7 +103,9 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     wait, chain = chain_hardware(cal, impl, world)
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
+    tw = tp_wait(cal, world)                                       # per pp message: the directly timed excess
     return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per stage-3 call, δ per tp call
+                    p2p_wait_s=max(0.0, tw[0]) if tw else 0.0,
                     chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
                     peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
                     flops_at=tuple((m * seq, v) for m, v in per.items()), tp_flops=tuple(tps.items()),
@@ -138,6 +159,10 @@ def predict_row(rec: dict, name: str, cal: dict):
         peer = memory_seconds(meta["owned"] * per_owned + psi * per_grad, hw)
         pred.step_s += peer - pred.update_s
         pred.update_s = peer
+    if name == "tp_dtensor":           # its calls, replicated head, DTensor's dispatch (benchmarks/proto_host.py)
+        pred.step_s += dtensor_tp_seconds(rec, cal, hw)
+    elif name in FSDP2_ROWS:           # FSDP2's update over DTensor parameters (benchmarks/proto_host.py)
+        pred.step_s += dtensor_host_seconds(cal, rec["model"]["n_layer"], name) or 0.0
     return pred
 
 
@@ -211,6 +236,11 @@ def _calib_lines(an: dict) -> list:
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
                    f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
                    f"δ = {tw[1] * 1e3:.2f} ms")
+    if "host.op_s" in c:
+        out.append(f"  host work per call: an aten call {c['host.op_s'] * 1e6:.2f} us" + (
+            f", a DTensor call {c['host.dtensor_op_s'] * 1e6:.1f} us, a DTensor parameter's AdamW update "
+            f"{c['host.dtensor_adamw_s'] * 1e3:.2f} ms beyond a plain one's (charged on tp_dtensor: "
+            f"benchmarks/proto_host.py)" if "host.dtensor_op_s" in c else ""))
     d = an["drift"]
     worst = max(d["change"].items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))
     step = max(d.get("step", {}).items(), key=lambda kv: abs(kv[1]), default=("-", 0.0))

@@ -122,12 +122,38 @@ def test_analysis_of_the_recorded_run():
 # Session 9's refresh (2026-12-04 10:35–10:49, commit c1d3e26; its first 5m parts drifted and were re-run): the
 # machine calibrated faster than in session 8 (5m: matmul 165 → 185 GFLOP/s, model forward+backward 115 → 137,
 # memory 15.2 → 22.3 GB/s) while the 5m steps fell less (zero3 155 → 144 ms, fsdp2 178 → 167, pp_1f1b_m8 135 →
-# 115), so the planner, fed the faster figures, under-predicts the 5m rows with many small calls: zero3 0.82 (part 2)
-# / 0.88, fsdp2 0.80, fsdp2_prefetch 0.80, fsdp2_ring 0.73, pp 0.83 / 0.83 / 0.83. Every 50m row stays within 15%
-# (0.90–1.14). What the 5m step pays beyond the rates (per-call Python and dispatch work) is not in the model: open
-# in issue 18; these bands hold the numbers until it is.
-KNOWN_GAPS: dict = {"5m/fsdp2_ring": 0.30, "5m/fsdp2": 0.22, "5m/fsdp2_prefetch": 0.22, "5m/zero3": 0.20,
-                    "5m/pp_1f1b_m8": 0.20, "5m/pp_zbh1_m8": 0.20, "5m/pp_zbv_m8": 0.20}
+# 115). With the ring pair's latency at the smaller of start and end (δ = 0.00 / 0.02 ms at 5m: its fast mode) the
+# planner gave zero3 0.82 / 0.88, fsdp2 0.80, fsdp2_prefetch 0.80, fsdp2_ring 0.73; with the larger (2.18 / 3.27 ms,
+# the waiting mode that the directly timed chained call confirms: proto_report.calib_mean, and
+# test_ring_pair_takes_the_waiting_mode) 0.89 / 0.92, 0.94, 0.93, 0.77 — every 50m row 0.90–1.08.
+# Counted per step on this code (benchmarks/proto_pair.py --count, 5m, rank 0 / 1): aten calls local 1402,
+# zero1 1416 / 1383, zero3 2180 / 1883, fsdp2 1910, fsdp2_ring 2060, pp_1f1b_m8 2996 / 3248; at the measured host
+# cost of a tiny aten call (2.8 µs, loaded) the calls beyond local's are 1.4–2.2 ms of the 16–33 ms the 5m rows
+# missed: per-op dispatch is not what the model lacks. The 5m pipeline rows (0.83 each) come to 0.97 / 0.96 / 1.05
+# (50m 1.07 / 1.07 / 1.11) with the directly timed excess of a blocking call after compute per pipeline message
+# (Hardware.p2p_wait_s, parallel/planning/time_terms.py). Still open (issue 18): fsdp2_ring, 0.77 — its update runs
+# over 76 DTensor parameters (8 DTensor calls each: benchmarks/proto_host.py, 1.43 ms a parameter in situ, loaded),
+# which records from session 10 on calibrate (host.dtensor_adamw_s) and the planner charges; this record has no
+# such figure, so the band stays until a fresh idle run replaces it.
+KNOWN_GAPS: dict = {"5m/fsdp2_ring": 0.25}
+
+
+def test_ring_pair_takes_the_waiting_mode():
+    """calib_mean takes the ring pair's latency (a chain of two calls, read as the wait δ) at the larger of start and
+    end, every other latency at the smaller; the evidence for the waiting mode: the chained gloo all-reduce timed
+    after compute (proto_report.tp_wait) exceeds the isolated call by more than 1 ms at both ends of every record."""
+    from benchmarks.proto_report import PAIR, calib_mean, hardware, step_drift, tp_wait
+    data = _recorded()
+    for rec in data["records"]:
+        a, b, cal = rec["calib_start"], rec["calib_end"], calib_mean(rec)
+        assert cal[PAIR] == max(a[PAIR], b[PAIR])
+        assert cal["lat.ring.reduce_scatter"] == min(a["lat.ring.reduce_scatter"], b["lat.ring.reduce_scatter"])
+        assert all(tp_wait(c, rec["world"])[0] > 1e-3 for c in (a, b)), rec["size"]
+        delta = cal[PAIR] - cal["lat.ring.reduce_scatter"] - cal["lat.ring.all_gather"]
+        assert hardware(cal, "ring").call_wait_s == pytest.approx(delta, rel=1e-12) and delta > 2e-3
+        assert not step_drift(rec)["flag"]
+    five = [rec for rec in data["records"] if rec["size"] == "5m"]
+    assert [round(min(r["calib_start"][PAIR], r["calib_end"][PAIR]) * 1e3, 2) for r in five] == [0.26, 0.22]   # fast
 
 
 def test_planner_time_model_on_the_recorded_run():
@@ -176,9 +202,9 @@ def test_planner_time_model_on_the_model_parallel_run():
         # backward, the loss's 2 (one micro-batch) and the step's grad-norm all-reduce
         assert rec["rows"]["tp_ours"]["comm_axes"]["tp"]["all_reduce"]["calls"] == 4 * L + 5
         no_wait = {**cal, "lat.ring.all_reduce": cal["lat.ring.reduce_scatter"] + cal["lat.ring.all_gather"]}
-        for name in ("tp_ours", "tp_dtensor"):
+        for name, calls in (("tp_ours", 4 * L + 4), ("tp_dtensor", 4 * L)):     # DTensor: its 4 per block only
             with_, wo = predict_row(rec, name, cal).step_s, predict_row(rec, name, no_wait).step_s
-            assert with_ - wo == pytest.approx(delta * (4 * L + 4), rel=1e-9)      # δ per call of the micro-batch
+            assert with_ - wo == pytest.approx(delta * calls, rel=1e-9)      # δ per call of the micro-batch
             without[f"{rec['size']}/{name}"] = wo / statistics.median(rec["times"][name])
         hw = hardware(cal, "ring", rec["world"], rec["model"]["seq_len"])     # the same term through step_time
         lay, spec = predict_row(rec, "tp_ours", cal).layout, model_spec(rec["model"])
@@ -290,7 +316,8 @@ def test_protocol_smoke_two_ranks():
     an = analyse(rec, n_boot=100)
     assert an["rows"]["zero1"]["bytes"]["equal"] and an["rows"]["zero3"]["bytes"]["equal"]
     assert an["aa"] is not None and an["rows"]["zero3"]["vs"]["ddp"]["verdict"] in ("tie", "faster", "slower")
-    assert "noise band" in text(rec, an)
+    assert "noise band" in text(rec, an) and "host work per call" in text(rec, an)
+    assert rec["calib_start"]["host.op_s"] > 0 and "host.dtensor_op_s" not in rec["calib_start"]   # no tp rows
     # the tp chain figure (proto_calib.chained_all_reduce): one tp activation, per · world sequences × s × h fp32
     assert rec["calib_start"]["chain_bytes"] == 2 * 2 * s * h * 4 and "right after compute" in text(rec, an)
     md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
@@ -316,6 +343,7 @@ def test_model_parallel_peer_rows_two_ranks():
     rec = run_ranks(_smoke_mp, 2, timeout=600)[0]
     assert not rec["skipped"] and max(rec["loss_gap"].values()) <= 1e-5, rec["loss_gap"]
     assert rec["calib_start"]["train_flops.tp2@4"] > 0            # the tp rows' compute rate: 2 × 2 sequences
+    assert rec["calib_start"]["host.dtensor_adamw_s"] > 0 and rec["calib_end"]["host.dtensor_op_s"] > 0  # proto_host
     kw = rec["model"]
     act = 2 * 2 * kw["seq_len"] * kw["n_embd"] * 4                  # the global batch's activations, fp32
     tp = rec["rows"]["tp_dtensor"]["comm"]["all_reduce"]

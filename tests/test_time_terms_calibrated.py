@@ -101,3 +101,43 @@ def test_split_calibration_moves_only_zero_bubble_steps():
     assert other == predict(SPEC, zb, tr, Hardware(**free)).step_s
     assert predict(SPEC, f1b, tr, Hardware(**free, split_frac=((32, (0.8, 1.0)),))).step_s == \
         predict(SPEC, f1b, tr, Hardware(**free)).step_s                                      # 1F1B has no I/W
+
+
+def test_pipeline_message_wait_on_the_critical_path():
+    """``Hardware.p2p_wait_s`` adds to each stage's micro-batch once per stage-boundary message (one per stage at
+    pp = 2): 1F1B over p = 2 stages of equal cost and m micro-batches has makespan (m + p − 1) × the stage's F + B, so
+    the step grows by (m + p − 1) · w; nothing without pipeline stages."""
+    from dataclasses import replace
+    hw = Hardware(peak_flops=1e10, bandwidth=1e9, latency_s=1e-4, comm_shares_core=True)
+    tr, w = TrainSpec(8), 1.5e-3
+    for m in (2, 8):
+        lay = Layout(pp=2, micro_batches=m, schedule="1f1b")
+        spec = ModelSpec(n_layer=4, hidden=64, heads=4, vocab=128, seq=32, tied=False)
+        step = {x: predict(spec, lay, tr, replace(hw, p2p_wait_s=x)).step_s for x in (0.0, w)}
+        assert step[w] - step[0.0] == pytest.approx((m + 2 - 1) * w, rel=1e-6), (m, step)
+    dp = {x: predict(SPEC, Layout(dp=2), tr, replace(hw, p2p_wait_s=x)).step_s for x in (0.0, w)}
+    assert dp[0.0] == dp[w]
+
+
+def test_recorded_pipeline_rows_take_the_timed_excess():
+    """benchmarks/proto_report.hardware: p2p_wait_s = the record's directly timed excess of a blocking gloo call after
+    compute (proto_report.tp_wait), 0 for records without it; session 9's 5m pp rows go from 0.83 to 0.96–1.05."""
+    import json
+    import statistics
+
+    from benchmarks.proto_report import calib_mean, hardware, predict_row, tp_wait
+    with open(os.path.join(ROOT, "tests", "data", "bench_protocol.json")) as f:
+        recs = json.load(f)["records"]
+    got = {}
+    for rec in recs:
+        cal = calib_mean(rec)
+        wait = hardware(cal).p2p_wait_s
+        assert wait == pytest.approx(tp_wait(cal, rec["world"])[0], rel=1e-12) and wait > 1e-3
+        for name in [n for n in rec["times"] if n.startswith("pp_")]:
+            none = {k: v for k, v in cal.items() if k != "chain.gloo.all_reduce"}
+            assert hardware(none).p2p_wait_s == 0.0
+            med = statistics.median(rec["times"][name])
+            got[f"{rec['size']}/{name}"] = (predict_row(rec, name, none).step_s / med,
+                                            predict_row(rec, name, cal).step_s / med)
+    assert len(got) == 6 and all(0.80 < a < 0.85 for k, (a, _) in got.items() if k.startswith("5m")), got
+    assert all(abs(b - 1) <= 0.15 and b > a for a, b in got.values()), got

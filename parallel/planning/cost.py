@@ -22,7 +22,8 @@ tp traffic at the given latency and bandwidth, plus on CPU ranks a wait per bloc
 collectives, :func:`parallel.planning.moe.routing_control_per_micro`); the schedule is simulated with
 F:B:I:W = 1:2:1:1 (parallel/pipeline/simulate.py; I and W × the calibrated split's cost where
 ``Hardware.split_frac`` has the micro-batch's size: :func:`_split_frac`); pp messages add to their
-actions; the dp traffic that shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's
+actions (latency + bytes / bandwidth + ``Hardware.p2p_wait_s`` on CPU ranks: time_terms); the dp traffic that
+shows (:func:`parallel.planning.time_terms.exposed_dp`: the last bucket's
 reduction always, the rest what does not hide under backward — on CPU ranks sharing their core with gloo, at least the
 core's own copying). With a measured memory bandwidth (``Hardware.mem_bandwidth``) the optimizer's
 update adds the bytes torch's update really moves per owned element
@@ -203,7 +204,7 @@ def step_time(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware, bounds:
             add_op(tp, "tp", op, 2 * rec, 2 * rec * mb * s * h * b, lay.tp)
         act = mb * (s // lay.tp if lay.sp else s) * h * b
         hops = (k < S - 1 and lay.owner(k + 1) != lay.owner(k)) + (k > 0 and lay.owner(k - 1) != lay.owner(k))
-        p2p = hops * (hw.lat("send") + act / hw.bw("send")) if S > 1 else 0.0
+        p2p = hops * (hw.lat("send") + act / hw.bw("send") + hw.p2p_wait_s) if S > 1 else 0.0
         if spec.experts and lay.ep > 1:
             calls, payload = all_to_all_per_micro(spec, e - a, mb, b, lay.cp)
             add_op(tp, "ep", "all_to_all", calls, payload, lay.ep)

@@ -124,6 +124,8 @@ class Hardware:
     call_wait_s: float = 0.0        # tp on CPU ranks: per blocking collective issued from running compute, beyond
                                     # its isolated latency (time_terms.tp_waits: the calibrated pair's δ)
     split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ a plain B's at that size
+    p2p_wait_s: float = 0.0         # pp on CPU ranks: per stage-boundary message of an action, beyond its latency
+                                    # (time_terms.py: a blocking call issued right after compute, timed directly)
 
     def bw(self, op: str) -> float:
         return dict(self.op_bandwidth).get(op, self.bandwidth)

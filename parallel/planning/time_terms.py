@@ -85,11 +85,21 @@ c = −0.07 (no rate deficit): at the tp-split shapes (h → 3h/t, h/t → h, h 
 sequences) a tp=2-shaped local replica runs forward + backward in 1.01× (5M) / 1.02× (50M) the full model's
 time at per sequences (loaded, paired), so train_flops holds for tp (records since this one calibrate that
 replica's rate, ``train_flops.tp<t>@m``, and the planner takes it: ``Hardware.tp_flops``). With δ, planner
-÷ measured: tp_ours 1.05 / 1.01 (was 0.56 / 0.84), tp_dtensor 0.93 / 0.91 (was 0.49 / 0.75; planned as our
-layout: DTensor's own per-op dispatch, its 24 calls instead of 29 and its replicated embedding and head are not
-modelled); with the δ of each other session-7/8 record instead, tp_ours 0.98–1.12 (tests/test_bench_protocol.py).
-Not applied to pipeline p2p (the recorded pp rows do not show it: δ per hop would put the session-7/8 5M m = 8
-rows at 1.29–1.45) nor to dp (launched asynchronously under backward).
+÷ measured: tp_ours 1.05 / 1.01 (was 0.56 / 0.84), tp_dtensor 0.93 / 0.91 (was 0.49 / 0.75; then planned as our
+layout — since session 10 benchmarks/proto_host.py gives it its own 4L calls, its replicated head and DTensor's
+per-call host work, calibrated where the record has it); with the δ of each other session-7/8 record instead,
+tp_ours 0.98–1.12 (tests/test_bench_protocol.py). The pair's latency is taken at the larger of a record's start
+and end calibrations (benchmarks/proto_report.py, calib_mean: its fast mode, δ ≈ 0, is not what a call chained
+after compute sees).
+Pipeline p2p (``Hardware.p2p_wait_s``, per stage-boundary message of an action in the simulated schedule, cost.py):
+not δ (per hop it put the session-7/8 5M m = 8 rows at 1.29–1.45) but the excess timed directly for a blocking gloo
+call issued right after compute (benchmarks/proto_calib.py ``chain.gloo.all_reduce`` minus the isolated call's
+latency + wire / bandwidth: 1.3–2.4 ms on every record that has it; benchmarks/proto_report.py, hardware). Session 9's
+idle record: pp_1f1b_m8 / pp_zbh1_m8 / pp_zbv_m8 5M 0.83 / 0.83 / 0.83 → 0.97 / 0.96 / 1.05, 50M 1.05 / 1.05 / 1.08 →
+1.07 / 1.07 / 1.11; its MP run's pp_torch / pp_ours 0.87 / 0.88 → 0.91 / 0.92 (5M), 1.02 / 1.03 → 1.03 / 1.04 (50M).
+Records without the figure (sessions 7–8) get none. The same excess is smaller than the ring pair's waiting-mode δ
+that tp takes (2.2–3.3 ms): taking it for tp instead gives session 9's 5M tp_ours 0.81 — open which single figure
+both should read. Not applied to dp (launched asynchronously under backward).
 """
 from __future__ import annotations
 
