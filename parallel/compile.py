@@ -19,7 +19,12 @@ What is refused (:func:`parallel.config.compile_keys.check_compile`, before any 
 collectives *inside* the block that the graph would have to trace (tensor parallel's f/g regions and
 sequence-parallel gathers, ZeRO-3's per-module gathers, context parallel's ring attention, sync
 BatchNorm's all-reduces), per-step Python decisions inside the block (progressive layer dropping),
-and combinations not yet checked against eager (pipeline stages, activation checkpointing, offload).
+selective activation checkpointing (its op policy cannot see inside generated kernels), and
+combinations not yet checked against eager (pipeline stages, ZeRO offload).
+
+Activation checkpointing (full / every / offload) composes: its frame is entered in the block's
+pre-hook, outside the compiled forward, so the compiled function's saved tensors are dropped (or moved
+to the host) by the frame's saved-tensor hooks and the recompute calls the compiled forward again.
 """
 from __future__ import annotations
 

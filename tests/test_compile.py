@@ -12,17 +12,18 @@ KW = dict(n_embd=32, n_layer=3, n_head=4, vocab_size=64, seq_len=16)
 STEPS = 4
 
 
-def _cfg(world, stage, compile_, precision="fp32", **extra):
+def _cfg(world, stage, compile_, precision="fp32", ac="none"):
     from parallel.config import load_config
     return load_config(data={
         "model": {"factory": "examples.gpt:build", "kwargs": KW},
         "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": 8, "micro_batch_size": 2,
                  "kwargs": {"n": 8, "seq_len": KW["seq_len"], "vocab_size": KW["vocab_size"]}},
         "parallel": {"dp": world}, "zero": {"stage": stage}, "precision": precision,
-        "optimizer": {"name": "adamw", "lr": 1e-2}, "compile": compile_, **extra}).validate(world)
+        "optimizer": {"name": "adamw", "lr": 1e-2}, "compile": compile_,
+        "activation_checkpointing": {"policy": ac}}).validate(world)
 
 
-def _train(rank, world, stage, compile_, precision="fp32"):
+def _train(rank, world, stage, compile_, precision="fp32", ac="none"):
     """Losses, full parameters after STEPS steps, and Dynamo's counts after the first and the last step."""
     from examples.gpt import GPT
     from parallel.compile import dynamo_counts, is_compiled
@@ -30,7 +31,7 @@ def _train(rank, world, stage, compile_, precision="fp32"):
     from parallel.mesh import Mesh
     torch._dynamo.reset()                         # the pool's processes are reused: a clean cache; counts
     base = dynamo_counts()                        # are process-wide (reset keeps them): taken relative to here
-    cfg = _cfg(world, stage, compile_, precision)
+    cfg = _cfg(world, stage, compile_, precision, ac)
     torch.manual_seed(0)
     eng = parallelize(GPT(**KW), cfg, Mesh(dp=world))
     g = torch.Generator().manual_seed(1)
@@ -42,6 +43,8 @@ def _train(rank, world, stage, compile_, precision="fp32"):
         losses.append(eng.train_step((mine[:, :-1], mine[:, 1:])))
         counts.append({k: v - base[k] for k, v in dynamo_counts().items()})
     blocks = [is_compiled(b) for b in eng.module.blocks]
+    if eng.activation is not None:                        # recomputes per block (activation checkpointing)
+        blocks.append([r.recomputes for r in eng.activation.records])
     full = eng.full_state_dict()                          # collective: every rank calls it, rank 0 gets it
     params = {k: v.detach().float().clone() for k, v in full.items()} if full is not None else None
     return losses, params, (counts[0], counts[-1]), blocks
@@ -63,11 +66,11 @@ def test_compiled_blocks_dp2_equal_one_process_compiled_and_eager_with_one_graph
     one = run_ranks(_train, 1, 0, AOT)[0]
     eager = run_ranks(_train, 1, 0, {"enabled": False})[0]
     for r in dp2:
-        assert r[3] == [True] * KW["n_layer"]                  # every block's forward goes through torch.compile
+        assert r[3][:KW["n_layer"]] == [True] * KW["n_layer"]     # every block's forward goes through torch.compile
         first, last = r[2]
         assert first == {"frames": 1, "graphs": 1, "graph_breaks": 0}   # one graph serves all 3 blocks
         assert last == first                                   # no recompile, no graph break over the steps
-    assert eager[3] == [False] * KW["n_layer"] and eager[2][1]["frames"] == 0
+    assert eager[3][:KW["n_layer"]] == [False] * KW["n_layer"] and eager[2][1]["frames"] == 0
     assert dp2[0][1] is not None and dp2[0][0][-1] < dp2[0][0][0] - 0.1        # it trains
     _same(dp2[0], dp2_eager, 1e-6)                             # compiled = eager in the same layout (aot_eager
     _same(one, eager, 1e-6)                                    # runs the same kernels)
@@ -79,6 +82,16 @@ def test_compiled_bf16_zero1_equals_eager():
     comp = run_ranks(_train, 2, 1, AOT, "bf16")
     eager = run_ranks(_train, 2, 1, {"enabled": False}, "bf16")
     assert comp[0][2][1] == {"frames": 1, "graphs": 1, "graph_breaks": 0}
+    _same(comp[0], eager[0], 1e-6)
+
+
+@pytest.mark.parametrize("ac", ["full", "offload"])
+def test_compiled_blocks_under_activation_checkpointing_equal_eager(ac):
+    comp = run_ranks(_train, 2, 1, AOT, "fp32", ac)
+    eager = run_ranks(_train, 2, 1, {"enabled": False}, "fp32", ac)
+    assert comp[0][2][1] == {"frames": 1, "graphs": 1, "graph_breaks": 0}
+    steps_x_micro = STEPS * 2                               # 2 micro-batches per rank and step
+    assert comp[0][3][-1] == eager[0][3][-1] == [steps_x_micro if ac == "full" else 0] * KW["n_layer"]
     _same(comp[0], eager[0], 1e-6)
 
 
@@ -119,7 +132,7 @@ def test_compiled_blocks_keep_names_and_a_deepcopy_runs_its_own_weights():
     ({"parallel": {"dp": 2, "sync_batchnorm": True}}, "parallel.sync_batchnorm=true"),
     ({"zero": {"stage": 3}}, "zero.stage=3"),
     ({"zero": {"stage": 2, "offload": {"optimizer": "cpu"}}}, "zero.offload"),
-    ({"activation_checkpointing": {"policy": "full"}}, "activation_checkpointing.policy=full"),
+    ({"activation_checkpointing": {"policy": "selective"}}, "activation_checkpointing.policy=selective"),
     ({"pld": {"enabled": True}}, "pld.enabled"),
 ])
 def test_refused_combinations_name_the_key_and_the_fix(extra, word):

@@ -9,10 +9,13 @@
                             replayed static buffers across blocks and steps are not checked here
     fullgraph  false        true: a graph break inside a block is an error (torch's fullgraph=True)
 
-What combines with it (checked equal to eager, tests/test_compile.py): dp with ZeRO 0, 1 and 2, fp32 /
-bf16 / fp16. What is refused, and why: everything that puts hooks or collectives inside a block, which
-the graph would have to trace (tp, cp, ZeRO-3, sync BatchNorm, ep), a per-step Python decision inside
-a block (pld), and combinations not yet checked against eager (pp, activation checkpointing, offload).
+What combines with it (checked equal to eager, tests/test_compile.py): dp with ZeRO 0, 1 and 2, fp32 and
+bf16, activation checkpointing full / every / offload (the checkpoint's frame stays outside the compiled
+forward, whose saved tensors it drops or moves and whose recompute calls the compiled forward again).
+What is refused, and why: everything that puts hooks or collectives inside a block, which the graph would
+have to trace (tp, cp, ZeRO-3, sync BatchNorm, ep), a per-step Python decision inside a block (pld),
+selective checkpointing (its op policy cannot see inside generated kernels), and combinations not yet
+checked against eager (pp, offload of parameters or optimizer state).
 """
 from __future__ import annotations
 
@@ -55,10 +58,10 @@ def _refusals(c: Config) -> list:
     if z.offload.optimizer != "none" or z.offload.params != "none":
         out.append(("zero.offload", "offload with compiled blocks is not yet checked against eager",
                     "set zero.offload.optimizer=none and zero.offload.params=none"))
-    if a.policy != "none":
-        out.append((f"activation_checkpointing.policy={a.policy}", "the checkpoint's recompute frame around a "
-                    "compiled block is not yet checked against eager (torchtitan applies its own AC before "
-                    "compile)", "set activation_checkpointing.policy=none"))
+    if a.policy == "selective":
+        out.append(("activation_checkpointing.policy=selective", "its policy sees the aten ops a block runs "
+                    "through a dispatch mode, and inductor's generated kernels do not pass through it",
+                    "use policy none, full, every or offload"))
     if c.pld.enabled:
         out.append(("pld.enabled=true", "progressive layer dropping decides per step in Python inside the "
                     "block's forward (a recompile or graph break per decision)", "set pld.enabled=false"))
