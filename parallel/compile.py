@@ -20,7 +20,10 @@ collectives *inside* the block that the graph would have to trace (tensor parall
 sequence-parallel gathers, ZeRO-3's per-module gathers, context parallel's ring attention, sync
 BatchNorm's all-reduces), per-step Python decisions inside the block (progressive layer dropping),
 selective activation checkpointing (its op policy cannot see inside generated kernels), and
-combinations not yet checked against eager (pipeline stages, ZeRO offload).
+combinations not yet checked against eager (ZeRO offload). Pipeline stages compose: the blocks
+compiled are each stage copy's own (after the split), and the stage's inject / record hooks sit on
+the blocks, outside the graph; the zero-bubble I/W split backpropagates twice through the compiled
+backward (retain_graph), as in eager.
 
 Activation checkpointing (full / every / offload) composes: its frame is entered in the block's
 pre-hook, outside the compiled forward, so the compiled function's saved tensors are dropped (or moved

@@ -10,12 +10,13 @@
     fullgraph  false        true: a graph break inside a block is an error (torch's fullgraph=True)
 
 What combines with it (checked equal to eager, tests/test_compile.py): dp with ZeRO 0, 1 and 2, fp32 and
-bf16, activation checkpointing full / every / offload (the checkpoint's frame stays outside the compiled
+bf16, pp (1F1B, interleaved and zero-bubble schedules: each stage copy's blocks), activation
+checkpointing full / every / offload (the checkpoint's frame stays outside the compiled
 forward, whose saved tensors it drops or moves and whose recompute calls the compiled forward again).
 What is refused, and why: everything that puts hooks or collectives inside a block, which the graph would
 have to trace (tp, cp, ZeRO-3, sync BatchNorm, ep), a per-step Python decision inside a block (pld),
 selective checkpointing (its op policy cannot see inside generated kernels), and combinations not yet
-checked against eager (pp, offload of parameters or optimizer state).
+checked against eager (offload of parameters or optimizer state).
 """
 from __future__ import annotations
 
@@ -43,9 +44,6 @@ def _refusals(c: Config) -> list:
     if p.cp > 1:
         out.append((f"parallel.cp={p.cp}", "context parallel's ring / Ulysses attention communicates inside "
                     "each block's attention", "set parallel.cp=1"))
-    if p.pp > 1:
-        out.append((f"parallel.pp={p.pp}", "pipeline stage copies and their inject/record hooks are not yet "
-                    "checked against eager under compile", "set parallel.pp=1"))
     if p.ep > 1:
         out.append((f"parallel.ep={p.ep}", "expert parallelism's all-to-all and data-dependent routing run "
                     "inside the blocks", "set parallel.ep=1"))
