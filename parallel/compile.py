@@ -19,8 +19,9 @@ What is refused (:func:`parallel.config.compile_keys.check_compile`, before any 
 collectives *inside* the block that the graph would have to trace (tensor parallel's f/g regions and
 sequence-parallel gathers, ZeRO-3's per-module gathers, context parallel's ring attention, sync
 BatchNorm's all-reduces), per-step Python decisions inside the block (progressive layer dropping),
-selective activation checkpointing (its op policy cannot see inside generated kernels), and
-combinations not yet checked against eager (ZeRO offload). Pipeline stages compose: the blocks
+and selective activation checkpointing (its op policy cannot see inside generated kernels); MoE
+layers (data-dependent routing) at build. ZeRO-2's optimizer offload composes (it acts after backward).
+Pipeline stages compose: the blocks
 compiled are each stage copy's own (after the split), and the stage's inject / record hooks sit on
 the blocks, outside the graph; the zero-bubble I/W split backpropagates twice through the compiled
 backward (retain_graph), as in eager.

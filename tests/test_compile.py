@@ -18,7 +18,8 @@ def _cfg(world, stage, compile_, precision="fp32", ac="none"):
         "model": {"factory": "examples.gpt:build", "kwargs": KW},
         "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": 8, "micro_batch_size": 2,
                  "kwargs": {"n": 8, "seq_len": KW["seq_len"], "vocab_size": KW["vocab_size"]}},
-        "parallel": {"dp": world}, "zero": {"stage": stage}, "precision": precision,
+        "parallel": {"dp": world}, "zero": stage if isinstance(stage, dict) else {"stage": stage},
+        "precision": precision,
         "optimizer": {"name": "adamw", "lr": 1e-2}, "compile": compile_,
         "activation_checkpointing": {"policy": ac}}).validate(world)
 
@@ -131,6 +132,14 @@ def test_compiled_blocks_in_pipeline_stages_equal_one_process_eager(sched):
     _same(pp2[0], one, 1e-6, 1e-4)                  # the layout: the tied embedding's gradient sums in another order
 
 
+def test_compiled_blocks_with_optimizer_offload_equal_eager():
+    zero = {"stage": 2, "offload": {"optimizer": "cpu"}}
+    comp = run_ranks(_train, 2, zero, AOT)
+    eager = run_ranks(_train, 2, zero, {"enabled": False})
+    assert comp[0][2][1] == {"frames": 1, "graphs": 1, "graph_breaks": 0}
+    _same(comp[0], eager[0], 1e-6)
+
+
 @pytest.mark.slow
 def test_inductor_blocks_equal_eager():
     """Inductor generates C++ kernels on CPU (minutes on two loaded cores): fused elementwise code rounds
@@ -166,7 +175,7 @@ def test_compiled_blocks_keep_names_and_a_deepcopy_runs_its_own_weights():
     ({"parallel": {"dp": 2, "ep": 2}}, "parallel.ep=2"),
     ({"parallel": {"dp": 2, "sync_batchnorm": True}}, "parallel.sync_batchnorm=true"),
     ({"zero": {"stage": 3}}, "zero.stage=3"),
-    ({"zero": {"stage": 2, "offload": {"optimizer": "cpu"}}}, "zero.offload"),
+    ({"zero": {"stage": 3, "offload": {"params": "cpu"}}}, "zero.stage=3"),
     ({"activation_checkpointing": {"policy": "selective"}}, "activation_checkpointing.policy=selective"),
     ({"pld": {"enabled": True}}, "pld.enabled"),
 ])

@@ -10,13 +10,14 @@
     fullgraph  false        true: a graph break inside a block is an error (torch's fullgraph=True)
 
 What combines with it (checked equal to eager, tests/test_compile.py): dp with ZeRO 0, 1 and 2, fp32 and
-bf16, pp (1F1B, interleaved and zero-bubble schedules: each stage copy's blocks), activation
+bf16, ZeRO-2 with the optimizer offloaded to CPU, pp (1F1B, interleaved and zero-bubble schedules: each
+stage copy's blocks), activation
 checkpointing full / every / offload (the checkpoint's frame stays outside the compiled
 forward, whose saved tensors it drops or moves and whose recompute calls the compiled forward again).
 What is refused, and why: everything that puts hooks or collectives inside a block, which the graph would
 have to trace (tp, cp, ZeRO-3, sync BatchNorm, ep), a per-step Python decision inside a block (pld),
-selective checkpointing (its op policy cannot see inside generated kernels), and combinations not yet
-checked against eager (offload of parameters or optimizer state).
+and selective checkpointing (its op policy cannot see inside generated kernels). Parameter offload needs
+ZeRO-3, refused above.
 """
 from __future__ import annotations
 
@@ -53,9 +54,6 @@ def _refusals(c: Config) -> list:
     if z.stage == 3:
         out.append(("zero.stage=3", "its per-module forward hooks gather and free parameters inside the "
                     "blocks (and swap their storage between forward and backward)", "use zero.stage 0, 1 or 2"))
-    if z.offload.optimizer != "none" or z.offload.params != "none":
-        out.append(("zero.offload", "offload with compiled blocks is not yet checked against eager",
-                    "set zero.offload.optimizer=none and zero.offload.params=none"))
     if a.policy == "selective":
         out.append(("activation_checkpointing.policy=selective", "its policy sees the aten ops a block runs "
                     "through a dispatch mode, and inductor's generated kernels do not pass through it",
