@@ -17,7 +17,9 @@ Checks (each prints ok / FAILED with the numbers):
 5b. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's block kernels, row chunks
    and online-softmax merge in fp32 and bf16, Ulysses through the backend's all-to-all, no host syncs on CUDA);
 6. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
-   master) vs a plain loop (bf16 autocast, fused AdamW where CUDA has it); issue 18's targets are
+   master), ours with ``compile`` (torch.compile per block, inductor; one Dynamo graph for all blocks, no
+   recompile or graph break, checked) and a plain loop (bf16 autocast, fused AdamW where CUDA has it), one
+   model at a time, for each ``--batch`` (e.g. ``--batch 4 8 --only-mfu``); issue 18's targets are
    MFU ≥ 55% and ≥ 0.98 × the plain loop (reported, not asserted: on CPU the numbers mean nothing).
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ SIZES = {"tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, seq_len=32
          "1b": dict(n_embd=2048, n_layer=20, n_head=16, vocab_size=32768, seq_len=2048)}
 
 
-def _engine(kw, batch, zero, precision, device, activation=None):
+def _engine(kw, batch, zero, precision, device, activation=None, compile_=None):
     from examples.gpt import GPT
     from parallel.config import load_config
     from parallel.engine import parallelize
@@ -51,7 +53,8 @@ def _engine(kw, batch, zero, precision, device, activation=None):
         "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": batch, "micro_batch_size": batch,
                  "kwargs": {"n": batch, "seq_len": kw["seq_len"], "vocab_size": kw["vocab_size"]}},
         "zero": zero, "precision": precision, "optimizer": {"name": "adamw", "lr": 1e-3},
-        "activation_checkpointing": activation or {"policy": "none"}}).validate(1)
+        "activation_checkpointing": activation or {"policy": "none"},
+        "compile": compile_ or {"enabled": False}}).validate(1)
     torch.manual_seed(0)
     return parallelize(GPT(**kw), cfg, Mesh(dp=1, device=device))
 
@@ -104,26 +107,49 @@ def _profile(step, device, path):
         f.write(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
+def _free(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _mfu(a, kw, batch, device, cuda, check):
-    """MFU of our engine (bf16 parameters, fp32 master, ZeRO-0) and of a plain loop (bf16 autocast over
-    fp32 parameters, fused AdamW on CUDA) on the same device: FLOPs = tokens · (6N + 12·L·h·s)."""
+    """MFU of our engine (bf16 parameters, fp32 master, ZeRO-0) eager and with ``compile`` (torch.compile per
+    block: inductor on CUDA; on CPU aot_eager unless --compile-cpu, inductor's C++ build taking minutes on a
+    loaded CPU), and of a plain loop (bf16 autocast over fp32 parameters, fused AdamW on CUDA), one model at a
+    time on the same device: FLOPs = tokens · (6N + 12·L·h·s)."""
     from examples.gpt import GPT
+    from parallel.compile import dynamo_counts
     from parallel.planning.flops import gpt_flops_per_token, peak_flops
     flops = batch * kw["seq_len"] * gpt_flops_per_token(kw["n_layer"], kw["n_embd"], kw["seq_len"], kw["vocab_size"])
     dtype = torch.bfloat16 if cuda else torch.float32
     peak, src = peak_flops(device, dtype)
     measured = _matmul_rate(device, dtype, 8192 if cuda else 512, 10 if cuda else 3)
     x, y = _batch(kw, batch, device)
-    ours = _engine(kw, batch, {"stage": 0}, "bf16", device)
-    inner = ours.zero.optimizer
-    t_ours = _timed(lambda: ours.train_step((x, y)), device, a.steps)
-    mem_ours = torch.cuda.max_memory_allocated(device) if cuda else 0
-    if a.profile:
-        _profile(lambda: ours.train_step((x, y)), device, os.path.join(a.profile, "profile_ours.txt"))
-    ours = None                                      # free it before the plain loop's model
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    backend = "inductor" if cuda or a.compile_cpu else "aot_eager"
+    rows, mem, info = {}, {}, []
+    for name, comp in (("ours", None), ("ours+compile", {"enabled": True, "backend": backend})):
+        if comp:
+            torch._dynamo.reset()                    # a batch size seen before would recompile with dynamic shapes
+        eng = _engine(kw, batch, {"stage": 0}, "bf16", device, compile_=comp)
+        inner = eng.zero.optimizer
+        base = dynamo_counts()
+        t0 = time.perf_counter()
+        eng.train_step((x, y))                       # the first step compiles (timed apart)
+        first = time.perf_counter() - t0
+        rows[name] = _timed(lambda eng=eng: eng.train_step((x, y)), device, a.steps, warmup=1)
+        mem[name] = torch.cuda.max_memory_allocated(device) if cuda else 0
+        if comp:
+            d = {k: v - base[k] for k, v in dynamo_counts().items()}
+            info.append(f"compile ({backend}): {len(eng.compiled.blocks)} blocks, first step {first:.1f} s, Dynamo "
+                        f"frames {d['frames']}, graphs {d['graphs']}, graph breaks {d['graph_breaks']} over "
+                        f"{a.steps + 2} steps")
+            check("compile graphs", d == {"frames": 1, "graphs": 1, "graph_breaks": 0},
+                  f"one graph for every block, no recompile or graph break: {d}")
+        if a.profile:
+            _profile(lambda eng=eng: eng.train_step((x, y)), device, os.path.join(a.profile, f"profile_{name}.txt"))
+        eng = None                                   # free it before the next model
+        _free(device)
     torch.manual_seed(0)
     model = GPT(**kw).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if cuda else {}))
@@ -134,35 +160,42 @@ def _mfu(a, kw, batch, device, cuda, check):
             loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         loss.backward()
         opt.step()
-    t_plain = _timed(plain, device, a.steps)
-    mem_plain = torch.cuda.max_memory_allocated(device) if cuda else 0
+    rows["plain loop"] = _timed(plain, device, a.steps)
+    mem["plain loop"] = torch.cuda.max_memory_allocated(device) if cuda else 0
     if a.profile:
         _profile(plain, device, os.path.join(a.profile, "profile_plain.txt"))
-    m_ours, m_plain = flops / (t_ours * peak), flops / (t_plain * peak)
-    print(f"[info] optimizer: ours {type(inner).__name__} fused={inner.defaults.get('fused')}, plain AdamW "
-          f"fused={opt.defaults.get('fused')}; peak memory ours {mem_ours / 2**30:.1f} GiB, plain "
-          f"{mem_plain / 2**30:.1f} GiB")
-    print(f"MFU (peak {peak / 1e12:.1f} TFLOP/s, {src}; measured {dtype} {8192 if cuda else 512}³ matmul "
-          f"{measured / 1e12:.1f} TFLOP/s): ours {m_ours:.1%} ({t_ours * 1e3:.1f} ms/step; "
-          f"{flops / t_ours / measured:.1%} of the measured matmul), plain loop {m_plain:.1%} "
-          f"({t_plain * 1e3:.1f} ms/step; {flops / t_plain / measured:.1%}), ours ÷ plain {m_ours / m_plain:.3f}; "
-          f"targets ≥ 55% and ≥ 0.98" + ("" if cuda else " — CPU run: not a measurement of the targets"))
+    model = opt = None
+    _free(device)
+    m = {k: flops / (t * peak) for k, t in rows.items()}
+    print(f"[info] optimizer: ours {type(inner).__name__} fused={inner.defaults.get('fused')}; peak memory "
+          + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in mem.items()) + "; " + "; ".join(info))
+    print(f"MFU at batch {batch} (peak {peak / 1e12:.1f} TFLOP/s, {src}; measured {dtype} {8192 if cuda else 512}³ "
+          f"matmul {measured / 1e12:.1f} TFLOP/s)" + ("" if cuda else " — CPU run: not a measurement of the targets"
+                                                      + ("" if a.compile_cpu else "; compile row with aot_eager "
+                                                         "(no code generation), --compile-cpu for inductor")))
+    for k, t in rows.items():
+        print(f"  {k:<13} {m[k]:6.1%}  {t * 1e3:8.1f} ms/step  {flops / t / measured:6.1%} of the measured matmul  "
+              f"÷ plain {m[k] / m['plain loop']:.3f}")
+    print("  targets: MFU ≥ 55% and ≥ 0.98 × the plain loop")
     if cuda:
-        check("MFU targets", m_ours >= 0.55 and m_ours / m_plain >= 0.98,
-              f"ours {m_ours:.1%} (≥ 55%), ours ÷ plain {m_ours / m_plain:.3f} (≥ 0.98)")
+        for k in ("ours", "ours+compile"):
+            check(f"MFU targets ({k}, batch {batch})", m[k] >= 0.55 and m[k] / m["plain loop"] >= 0.98,
+                  f"{m[k]:.1%} (≥ 55%), ÷ plain {m[k] / m['plain loop']:.3f} (≥ 0.98)")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="default: 1b on CUDA, tiny elsewhere")
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="one or more batch sizes for the MFU rows")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", default=None, help="folder: write one profiled step of ours and of the plain loop")
+    ap.add_argument("--compile-cpu", action="store_true", help="on CPU, the compile row with inductor (minutes)")
+    ap.add_argument("--only-mfu", action="store_true", help="skip the functional checks, run the MFU rows only")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     size = a.size or ("1b" if cuda else "tiny")
-    kw, batch = SIZES[size], a.batch or (4 if size == "1b" else 2)
+    kw, batches = SIZES[size], a.batch or [4 if size == "1b" else 2]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -170,7 +203,7 @@ def main(argv=None) -> int:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=300))
     print(f"device: {torch.cuda.get_device_name(0) if cuda else 'CPU — no GPU was used: a smoke run only'}; "
-          f"backend {dist.get_backend()}; torch {torch.__version__}; GPT {size} {kw}, batch {batch}")
+          f"backend {dist.get_backend()}; torch {torch.__version__}; GPT {size} {kw}, batch {batches}")
     fails = 0
 
     def check(name, ok, detail):
@@ -228,8 +261,10 @@ def main(argv=None) -> int:
     for name, fn in (("bf16 ZeRO-1", bf16), ("cpu optimizer offload", offload),
                      ("activation offload", activation), ("context parallel", context_parallel),
                      ("engine paths", paths)):
-        section(name, fn)
-    section("MFU", lambda: _mfu(a, kw, batch, device, cuda, check))
+        if not a.only_mfu:
+            section(name, fn)
+    for batch in batches:
+        section(f"MFU batch {batch}", lambda batch=batch: _mfu(a, kw, batch, device, cuda, check))
     dist.destroy_process_group()
     return 1 if fails else 0
 

@@ -219,6 +219,9 @@ def run(cfg: Config, mesh: Mesh, print_fn=print, progress: Progress | None = Non
             raise
         raise ConfigError(f"{e} (model.factory={cfg.model.factory!r})") from e
     del model
+    if mesh.rank == 0 and engine.compiled is not None:     # compile.enabled: the first forward compiles
+        print_fn(f"{engine.compiled.describe()}; the first step compiles (with inductor tens of seconds or more), "
+                 f"within train.timeout_s={cfg.train.timeout_s:g}: raise it if the watchdog stops that step")
     spec = fault_from(cfg, warn=(lambda line: print_fn(line, file=sys.stderr, flush=True)) if mesh.rank == 0 else None)
     detach = [progress.follow(engine)] + ([Injector(spec, mesh.rank).attach(engine)] if spec else [])
     progress.set_phase("setup (resume)")

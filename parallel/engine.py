@@ -38,6 +38,7 @@ from parallel import comm
 from parallel.activation.checkpointing import apply_activation_checkpointing
 from parallel.checkpoint import engine_state
 from parallel.checkpoint.layout import meta_copy
+from parallel.compile import apply_compile
 from parallel.config import Config, ConfigError
 from parallel.context_parallel import ContextParallel
 from parallel.context_parallel.engine_hooks import ContextInputs
@@ -96,6 +97,10 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
                                   unit_types=blocks, loss_scale=config.loss_scale,
                                   simulate=mesh.device.type == "meta",
                                   expert_groups=(mesh.group("ep"), mesh.group("edp")) if p.ep > 1 else None)
+        try:                                         # compile.enabled: torch.compile per block (parallel/compile.py)
+            self.compiled = apply_compile(self.stages, config.compile, bool(self.moe), mesh.device.type)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.scheduler = build_scheduler(self.zero.optimizer, config.scheduler, config.train.steps)
         self.executor = None
         if p.pp > 1:

@@ -36,6 +36,8 @@ ALLOW = {
        for k in ("max_coeff", "min_coeff", "coeff_beta", "factor_max", "factor_min", "factor_threshold")},
     "pld.theta": "read only with pld.enabled=true (tests/test_layer_drop.py trains with it)",
     "pld.gamma": "read only with pld.enabled=true (tests/test_layer_drop.py trains with it)",
+    **{f"compile.{k}": "read only with compile.enabled=true (tests/test_compile.py trains with it)"
+       for k in ("backend", "mode", "fullgraph")},
 }
 GPT = {"vocab_size": 96, "seq_len": 16, "n_layer": 4, "n_head": 4, "n_embd": 32}
 BASE = {"model": {"factory": "examples.gpt:build", "kwargs": GPT},

@@ -14,7 +14,7 @@ from parallel.config.validate import validate
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "DataConfig", "ParallelConfig", "OptimizerConfig", "SchedulerConfig",
            "LossScaleConfig", "CheckpointConfig", "TrainConfig", "OffloadConfig", "ZeroConfig",
-           "ActivationCheckpointingConfig"]
+           "ActivationCheckpointingConfig", "CompileConfig"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ class OptimizerConfig:
     factor_min: Optional[float] = None
     factor_threshold: Optional[float] = None
     state_dtype: Optional[str] = None      # adam/adamw moments: fp32 (default) | int8 (parallel/optim/adam8bit.py)
-    fused: Optional[bool] = None           # adam/adamw/sgd: torch's fused kernel; null = on when every parameter is on CUDA
+    fused: Optional[bool] = None           # adam/adamw/sgd: torch's fused kernel; null: on iff all params on CUDA
 
 
 @dataclass
@@ -173,6 +173,15 @@ class ActivationCheckpointingConfig:
 
 
 @dataclass
+class CompileConfig:
+    """torch.compile on each repeated block, as torchtitan (parallel/compile.py; refusals in compile_keys.py)."""
+    enabled: bool = False
+    backend: str = "inductor"              # inductor | aot_eager (no code generation: CPU tests) | eager
+    mode: Optional[str] = None             # inductor: null (default) | default | max-autotune-no-cudagraphs
+    fullgraph: bool = False                # a graph break inside a block is an error instead of eager fallback
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -185,6 +194,7 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     pld: PLDConfig = field(default_factory=PLDConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     precision: str = "fp32"                # fp32 | bf16 | fp16
     device: str = "cpu"                    # cpu | cuda | auto
 

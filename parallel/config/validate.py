@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from parallel.config.compile_keys import check_compile
 from parallel.config.errors import ConfigError
 from parallel.config.faults import check_fault
 from parallel.config.onebit_keys import check_onebit_keys
@@ -50,6 +51,7 @@ def validate(c: Config, world_size: int | None = None) -> None:
     _check_activation(c)
     _check_train(c, world_size)
     _check_optimizer(c)
+    check_compile(c)
     if not (0.0 < c.pld.theta <= 1.0 and c.pld.gamma >= 0.0):
         raise ConfigError(f"pld.theta={c.pld.theta} must be in (0, 1] and pld.gamma={c.pld.gamma} >= 0 "
                           f"(progressive layer dropping's floor keep probability and decay rate)")
