@@ -1,0 +1,105 @@
+"""Ring attention on torch's fused attention kernels (parallel/context_parallel/fused.py) against the fp32
+row-chunked reference blocks (parallel/context_parallel/blocks.py): output and dq/dk/dv at cp = 1 and cp = 2 (fp32,
+1e-5: causal, packed documents, a sliding window, both, a dense non-causal mask; GQA 4 query heads on 2 kv heads),
+the bias path run a few query rows at a time, the fallback where no kernel fits, and GPT training at cp = 2 on the
+fused path equal to one process. (The CUDA kernels and the host-sync check: benchmarks/gpu_check_cp.py.)"""
+import torch
+from engine_cases import config, train
+from harness import run_ranks
+from reference import assert_close_curve, reference_losses
+
+
+def _cases(b, s):
+    """name → (causal, docs given to the ring: None | Visibility)."""
+    from parallel.context_parallel.masks import Visibility
+    docs = torch.stack([torch.cumsum((torch.arange(s) % n == 0).long(), 0) for n in (5, 11)][:b])
+    gen = torch.Generator().manual_seed(1)
+    dense = (torch.rand(b, s, s, generator=gen) < 0.4) | torch.eye(s, dtype=torch.bool)
+    return {"causal": (True, None), "documents": (True, Visibility(docs)), "window 3": (True, Visibility(window=3)),
+            "documents + window 4": (True, Visibility(docs, 4)), "dense": (False, Visibility(allow=dense)),
+            "full": (False, None)}
+
+
+def _run(ql, kl, vl, dout, group, causal, vis, fused):
+    from parallel.context_parallel import ring
+    q, k, v = (t.clone().requires_grad_() for t in (ql, kl, vl))
+    with ring.fused_blocks(fused):
+        out = ring.ring_attention(q, k, v, group, causal, vis)
+    out.backward(dout)                                 # the backward takes the path the forward chose
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _compare(rank, world, dtype=torch.float32, bias_elems=None):
+    """{case: max |fused − reference| over out, dq, dk, dv} and the number of fused block calls, on this rank."""
+    from parallel.context_parallel import fused, shard
+    from parallel.mesh import Mesh
+    group = Mesh(cp=world).group("cp")
+    b, h, hk, s, d = 2, 4, 2, 24, 8
+    gen = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(b, h, s, d, generator=gen, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(b, hk, s, d, generator=gen, dtype=dtype) for _ in range(2))
+    r = group.rank
+    ql, kl, vl, dl = (shard(t, world, r, dim=2) for t in (q, k, v, dout))
+    calls, real_f, real_b, old = [0, 0], fused.fused_forward, fused.fused_backward, fused.BIAS_ELEMS
+    import parallel.context_parallel.ring as ring_mod
+
+    def count(i, f):
+        def wrapped(*a, **kw):
+            calls[i] += 1
+            return f(*a, **kw)
+        return wrapped
+    ring_mod.fused_forward, ring_mod.fused_backward = count(0, real_f), count(1, real_b)
+    fused.BIAS_ELEMS = bias_elems or old
+    try:
+        errs = {}
+        for name, (causal, vis) in _cases(b, s).items():
+            want = _run(ql, kl, vl, dl, group, causal, vis, False)
+            got = _run(ql, kl, vl, dl, group, causal, vis, True)
+            errs[name] = max((a - w).abs().max().item() for a, w in zip(got, want))
+    finally:
+        ring_mod.fused_forward, ring_mod.fused_backward, fused.BIAS_ELEMS = real_f, real_b, old
+    return errs, calls
+
+
+def test_fused_ring_equals_reference_cp1_and_cp2():
+    """Every block kind (diagonal causal, full, masked by documents / window / dense mask), GQA, fp32: 1e-5.
+    Block calls per direction: cp = 1 one per case; cp = 2 two per rank (diagonal + one half block) — all fused."""
+    for world in (1, 2):
+        for errs, calls in run_ranks(_compare, world):
+            assert len(errs) == 6 and max(errs.values()) < 1e-5, (world, errs)
+            assert calls == [6 * world, 6 * world], (world, calls)
+
+
+def test_fused_bias_path_in_row_chunks():
+    """The masked (bias) blocks run ≤ 64 bias elements per kernel call (2·2 query rows at a time at cp = 2: many
+    chunks, dK and dV summed over them): the same numbers."""
+    for errs, _ in run_ranks(_compare, 2, bias_elems=64):
+        assert max(errs.values()) < 1e-5, errs
+
+
+def test_fused_falls_back_where_no_kernel_fits():
+    """float64 has no fused kernel: the ring takes the reference blocks (bitwise the reference result)."""
+    from parallel.context_parallel.fused import supported
+    assert supported(torch.zeros(1, 1, 4, 8, dtype=torch.float64)) == "dtype torch.float64"
+    for errs, calls in run_ranks(_compare, 1, torch.float64):
+        assert calls == [0, 0] and max(errs.values()) == 0.0, (errs, calls)
+
+
+def _train_fused(rank, world, overrides, on):
+    from parallel.context_parallel import ring
+    with ring.fused_blocks(on):
+        losses, engine = train(rank, world, "gpt", overrides)
+    return losses, engine.mesh.stats.total("cp")
+
+
+def test_gpt_cp2_fused_trains_like_one_process():
+    """GPT, 2 steps of 2 micro-batches of 4 × 16 tokens, 2 layers, ring at cp = 2 on the fused blocks: the losses
+    of one process (1e-5), and the same ring traffic as the reference blocks (the blocks change, not the ring)."""
+    small = ["train.steps=2", "data.micro_batch_size=4", "model.kwargs.n_layer=2", "parallel.cp=2",
+             "parallel.cp_algorithm=ring"]
+    want = reference_losses(config("gpt", small[:3]))
+    fused, ref = run_ranks(_train_fused, 2, small, True), run_ranks(_train_fused, 2, small, False)
+    for (lf, tf), (lr, tr) in zip(fused, ref):
+        assert_close_curve(lr, want, 1e-5, "gpt cp2 ring, reference blocks")
+        assert_close_curve(lf, want, 1e-5, "gpt cp2 ring, fused blocks")
+        assert tf == tr > 0
