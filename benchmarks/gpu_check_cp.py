@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,86 +98,100 @@ def run(device: torch.device, check, group=None, speed: bool = True) -> None:
     masks = _masks(b, s, device)
     cases = {n: (True, vis, allow) for n, (vis, allow) in masks.items()}
     cases["not causal"] = (False, None, torch.ones(b, s, s, dtype=torch.bool, device=device))
-    for path, on in PATHS.items():
-        errs = {}
-        for name, (causal, vis, allow) in cases.items():
-            with ring.fused_blocks(on):
-                got = _grads(lambda q_, k_, v_, c=causal, vis=vis: ring_attention(q_, k_, v_, group, c, vis), q, k, v,
-                             dout)
-            errs[name] = _err(got, _grads(lambda q_, k_, v_, allow=allow: _plain(q_, k_, v_, allow), q, k, v, dout))
-        check(f"cp ring kernels ({path})", max(errs.values()) <= 2e-5, f"{device.type} fp32, max |Δ| vs plain "
-              f"attention (output, dq, dk, dv): " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
 
-    with ring.fused_blocks(False):
-        whole = _grads(lambda q_, k_, v_: ring_attention(q_, k_, v_, group), q, k, v, dout)
-        old = blocks.SCORE_ELEMS
-        blocks.SCORE_ELEMS = 16 * q.shape[0] * q.shape[1] * s          # 16 query rows per chunk: 4 chunks
-        try:
-            chunked = _grads(lambda q_, k_, v_: ring_attention(q_, k_, v_, group), q, k, v, dout)
-        finally:
-            blocks.SCORE_ELEMS = old
-    allow = torch.ones(1, s, s // 2, dtype=torch.bool, device=device)
-    o1, l1 = blocks.block_forward(q, k[:, :, :s // 2], v[:, :, :s // 2], allow, d_scale(q))
-    o2, l2 = blocks.block_forward(q, k[:, :, s // 2:], v[:, :, s // 2:], allow, d_scale(q))
-    om, lm = blocks.merge(o1, l1, o2, l2)
-    ow, lw = blocks.block_forward(q, k, v, torch.ones(1, s, s, dtype=torch.bool, device=device), d_scale(q))
-    e_chunk, e_merge = _err(chunked, whole), max(_err([om], [ow]), _err([lm], [lw]))
-    check("cp row chunks + merge", max(e_chunk, e_merge) <= 1e-5, f"chunked vs one chunk {e_chunk:.1e}; merge of two "
-          f"key halves vs all keys {e_merge:.1e} (output and lse)")
+    def kernels():
+        for path, on in PATHS.items():
+            errs = {}
+            for name, (causal, vis, allow) in cases.items():
+                with ring.fused_blocks(on):
+                    got = _grads(lambda q_, k_, v_, c=causal, vis=vis: ring_attention(q_, k_, v_, group, c, vis),
+                                 q, k, v, dout)
+                errs[name] = _err(got, _grads(lambda q_, k_, v_, allow=allow: _plain(q_, k_, v_, allow), q, k, v, dout))
+            check(f"cp ring kernels ({path})", max(errs.values()) <= 2e-5, f"{device.type} fp32, max |Δ| vs plain "
+                  f"attention (output, dq, dk, dv): " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
 
-    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
-    ref = _plain(q, k, v, masks["causal"][1])
-    sdpa_b = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True).float()
-    e_sdpa = (sdpa_b - ref).abs().max().item()
-    e_ring = {}
-    for path, on in PATHS.items():
-        with ring.fused_blocks(on):
-            e_ring[path] = (ring_attention(qb, kb, vb, group).float() - ref).abs().max().item()
-    o1, l1 = blocks.block_forward(qb, kb[:, :, :s // 2], vb[:, :, :s // 2], allow, d_scale(q))
-    o2, l2 = blocks.block_forward(qb, kb[:, :, s // 2:], vb[:, :, s // 2:], allow, d_scale(q))
-    full = _plain(q, k, v, torch.ones(b, s, s, dtype=torch.bool, device=device)).reshape(o1.shape)
-    m32 = blocks.merge(o1, l1, o2, l2)[0]
-    m16 = blocks.merge(o1.bfloat16().float(), l1, o2.bfloat16().float(), l2)[0].bfloat16().float()
-    check("cp bf16 merge", max(e_ring.values()) <= 1.5 * e_sdpa + 1e-3, "max |Δ| vs fp32: ring " +
-          ", ".join(f"{p} {e:.2e}" for p, e in e_ring.items()) + f", torch SDPA bf16 {e_sdpa:.2e}; two-half merge "
-          f"with fp32 partials {(m32 - full).abs().max().item():.2e}, with bf16-rounded partials "
-          f"{(m16 - full).abs().max().item():.2e}")
-    want = _grads(lambda q_, k_, v_: _plain(q_, k_, v_, masks["causal"][1]), q, k, v, dout)
-    e_sdpa = _err(_grads(lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True),
-                         qb, kb, vb, dout), want)
-    with ring.fused_blocks(True):
-        e_fused = _err(_grads(lambda q_, k_, v_: ring_attention(q_, k_, v_, group), qb, kb, vb, dout), want)
-    check("cp bf16 fused gradients", e_fused <= 1.5 * e_sdpa + 1e-3, f"max |Δ| vs fp32 (output, dq, dk, dv): fused "
-          f"ring {e_fused:.2e}, torch SDPA bf16 {e_sdpa:.2e}")
-
-    uly = _grads(lambda q_, k_, v_: ulysses_attention(q_, k_, v_, group), q, k, v, dout)
-    e_uly = _err(uly, _grads(lambda q_, k_, v_: _plain(q_, k_, v_, masks["causal"][1]), q, k, v, dout))
-    check("cp ulysses", e_uly <= 2e-5, f"{dist.get_backend()} all_to_all_single at world 1 + SDPA, max |Δ| vs plain "
-          f"attention {e_uly:.1e}")
-
-    if speed:
-        _speed(device, group, check)
-    if device.type != "cuda":
-        print("[skip] cp host syncs: CPU run (torch.cuda.set_sync_debug_mode needs CUDA)")
-        return
-    found, docs = {}, masks["documents"][0]          # built before the sync-checked region (a host→device copy)
-    for name, on, fn in (("ring reference", False, lambda q_, k_, v_: ring_attention(q_, k_, v_, group, True, docs)),
-                         ("ring fused", True, lambda q_, k_, v_: ring_attention(q_, k_, v_, group, True, docs)),
-                         ("ring fused causal", True, lambda q_, k_, v_: ring_attention(q_, k_, v_, group)),
-                         ("ulysses", False, lambda q_, k_, v_: ulysses_attention(q_, k_, v_, group))):
-        with ring.fused_blocks(on):
-            _grads(fn, q, k, v, dout)                          # warm-up: kernels chosen, caches filled
-            torch.cuda.synchronize(device)
-            torch.cuda.set_sync_debug_mode("error")
+    def chunks_merge():
+        with ring.fused_blocks(False):
+            whole = _grads(lambda q_, k_, v_: ring_attention(q_, k_, v_, group), q, k, v, dout)
+            old = blocks.SCORE_ELEMS
+            blocks.SCORE_ELEMS = 16 * q.shape[0] * q.shape[1] * s          # 16 query rows per chunk: 4 chunks
             try:
-                _grads(fn, q, k, v, dout)
-                found[name] = "none"
-            except RuntimeError as e:
-                found[name] = " ".join(str(e).split())[:300]
+                chunked = _grads(lambda q_, k_, v_: ring_attention(q_, k_, v_, group), q, k, v, dout)
             finally:
-                torch.cuda.set_sync_debug_mode("default")
-    check("cp host syncs", all(f == "none" for f in found.values()),
-          "; ".join(f"{n}: {f}" for n, f in found.items()))
+                blocks.SCORE_ELEMS = old
+        allow = torch.ones(1, s, s // 2, dtype=torch.bool, device=device)
+        o1, l1 = blocks.block_forward(q, k[:, :, :s // 2], v[:, :, :s // 2], allow, d_scale(q))
+        o2, l2 = blocks.block_forward(q, k[:, :, s // 2:], v[:, :, s // 2:], allow, d_scale(q))
+        om, lm = blocks.merge(o1, l1, o2, l2)
+        ow, lw = blocks.block_forward(q, k, v, torch.ones(1, s, s, dtype=torch.bool, device=device), d_scale(q))
+        e_chunk, e_merge = _err(chunked, whole), max(_err([om], [ow]), _err([lm], [lw]))
+        check("cp row chunks + merge", max(e_chunk, e_merge) <= 1e-5, f"chunked vs one chunk {e_chunk:.1e}; merge "
+              f"of two key halves vs all keys {e_merge:.1e} (output and lse)")
+
+    def bf16():
+        allow = torch.ones(1, s, s // 2, dtype=torch.bool, device=device)
+        qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+        ref = _plain(q, k, v, masks["causal"][1])
+        sdpa_b = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True).float()
+        e_sdpa = (sdpa_b - ref).abs().max().item()
+        e_ring = {}
+        for path, on in PATHS.items():
+            with ring.fused_blocks(on):
+                e_ring[path] = (ring_attention(qb, kb, vb, group).float() - ref).abs().max().item()
+        o1, l1 = blocks.block_forward(qb, kb[:, :, :s // 2], vb[:, :, :s // 2], allow, d_scale(q))
+        o2, l2 = blocks.block_forward(qb, kb[:, :, s // 2:], vb[:, :, s // 2:], allow, d_scale(q))
+        full = _plain(q, k, v, torch.ones(b, s, s, dtype=torch.bool, device=device)).reshape(o1.shape)
+        m32 = blocks.merge(o1, l1, o2, l2)[0]
+        m16 = blocks.merge(o1.bfloat16().float(), l1, o2.bfloat16().float(), l2)[0].bfloat16().float()
+        check("cp bf16 merge", max(e_ring.values()) <= 1.5 * e_sdpa + 1e-3, "max |Δ| vs fp32: ring " +
+              ", ".join(f"{p} {e:.2e}" for p, e in e_ring.items()) + f", torch SDPA bf16 {e_sdpa:.2e}; two-half merge "
+              f"with fp32 partials {(m32 - full).abs().max().item():.2e}, with bf16-rounded partials "
+              f"{(m16 - full).abs().max().item():.2e}")
+        want = _grads(lambda q_, k_, v_: _plain(q_, k_, v_, masks["causal"][1]), q, k, v, dout)
+        sdpa = lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)  # noqa
+        e_sdpa = _err(_grads(sdpa, qb, kb, vb, dout), want)
+        with ring.fused_blocks(True):
+            e_fused = _err(_grads(lambda q_, k_, v_: ring_attention(q_, k_, v_, group), qb, kb, vb, dout), want)
+        check("cp bf16 fused gradients", e_fused <= 1.5 * e_sdpa + 1e-3, f"max |Δ| vs fp32 (output, dq, dk, dv): fused "
+              f"ring {e_fused:.2e}, torch SDPA bf16 {e_sdpa:.2e}")
+
+    def ulysses():
+        uly = _grads(lambda q_, k_, v_: ulysses_attention(q_, k_, v_, group), q, k, v, dout)
+        e_uly = _err(uly, _grads(lambda q_, k_, v_: _plain(q_, k_, v_, masks["causal"][1]), q, k, v, dout))
+        check("cp ulysses", e_uly <= 2e-5, f"{dist.get_backend()} all_to_all_single at world 1 + SDPA, max |Δ| vs "
+              f"plain attention {e_uly:.1e}")
+
+    def syncs():
+        if device.type != "cuda":
+            print("[skip] cp host syncs: CPU run (torch.cuda.set_sync_debug_mode needs CUDA)")
+            return
+        found, docs = {}, masks["documents"][0]          # built before the sync-checked region (a host→device copy)
+        ring_docs = lambda q_, k_, v_: ring_attention(q_, k_, v_, group, True, docs)            # noqa: E731
+        for name, on, fn in (("ring reference", False, ring_docs), ("ring fused", True, ring_docs),
+                             ("ring fused causal", True, lambda q_, k_, v_: ring_attention(q_, k_, v_, group)),
+                             ("ulysses", False, lambda q_, k_, v_: ulysses_attention(q_, k_, v_, group))):
+            with ring.fused_blocks(on):
+                _grads(fn, q, k, v, dout)                          # warm-up: kernels chosen, caches filled
+                torch.cuda.synchronize(device)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    _grads(fn, q, k, v, dout)
+                    found[name] = "none"
+                except RuntimeError as e:
+                    found[name] = " ".join(str(e).split())[:300]
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        check("cp host syncs", all(f == "none" for f in found.values()),
+              "; ".join(f"{n}: {f}" for n, f in found.items()))
+
+    sections = [("cp ring kernels", kernels), ("cp row chunks + merge", chunks_merge), ("cp bf16", bf16),
+                ("cp ulysses", ulysses)] + ([("cp speed", lambda: _speed(device, group, check))] if speed else [])
+    for name, fn in sections + [("cp host syncs", syncs)]:
+        try:                                            # one failing check must not hide the others' results
+            fn()
+        except Exception as e:                         # noqa: BLE001 — reported as FAILED with its traceback
+            traceback.print_exc()
+            check(name, False, f"raised {type(e).__name__}: {e}")
 
 
 def _time(fn, args, cuda, device, repeats):
