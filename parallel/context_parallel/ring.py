@@ -31,6 +31,10 @@ so a mismatch would be silent. :func:`order_matched` sends every message with ta
 order alone, like NCCL) and records the issue order (tests/test_context_parallel_order.py: bitwise equal to
 the tagged run at cp 2 and 4, and the j-th send r → p is the j-th receive of p from r). Nothing here reads a
 tensor on the host: a CUDA ring runs without a host sync per block (benchmarks/gpu_check_cp.py checks it).
+
+Blocks run on torch's fused attention kernels (:mod:`.fused`; flash / memory-efficient on CUDA, flash on CPU) or on
+the fp32 row-chunked reference (:mod:`.blocks`), by :data:`FUSED` per device type (:func:`fused_blocks`); the
+merge, the ring and the FlashAttention-2 backward given the final (out, lse) are the same for both.
 """
 from __future__ import annotations
 
@@ -164,7 +168,10 @@ class _RingAttention(torch.autograd.Function):
                     ob, lb = fused_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], kind, mask, scale)
                 else:
                     ob, lb = rows_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale)
-                o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], ob, lb)
+                if i == 0 and qs == slice(0, n):      # the diagonal block first: merging into the empty (0, −∞)
+                    o, lse = ob, lb                    # accumulator is the identity, bitwise (e^0 = 1, e^−∞·0 = 0)
+                else:
+                    o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], ob, lb)
             if nxt is not None:
                 kv = nxt.wait()
         # (b, n, h, d) in memory, returned as its (b, h, n, d) transpose, as torch's flash attention does: the
