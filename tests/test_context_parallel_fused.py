@@ -103,3 +103,24 @@ def test_gpt_cp2_fused_trains_like_one_process():
         assert_close_curve(lr, want, 1e-5, "gpt cp2 ring, reference blocks")
         assert_close_curve(lf, want, 1e-5, "gpt cp2 ring, fused blocks")
         assert tf == tr > 0
+
+
+def test_cuda_kernel_calls_check_on_meta_tensors():
+    """The CUDA branch (flash for bf16 without a mask, memory-efficient for fp32 or with a bias: lse padded to 32
+    rows, bias padded to 16 columns, the forward's bookkeeping outputs passed to the backward) run on meta tensors:
+    torch's meta kernels check every argument's type and shape, so a signature drift fails here without a GPU."""
+    from parallel.context_parallel import fused
+    b, h, hk, n, d = 2, 4, 2, 40, 16
+    allow = torch.ones(1, n, n, dtype=torch.bool, device="meta")
+    for dtype in (torch.float32, torch.bfloat16):
+        q, dout = (torch.empty(b, h, n, d, device="meta", dtype=dtype) for _ in range(2))
+        k, v = (torch.empty(b, hk, n, d, device="meta", dtype=dtype) for _ in range(2))
+        for kind in ("causal", "full", "masked"):
+            o, lse = fused.fused_forward(q, k, v, kind, lambda r: allow[:, r], 0.25)
+            assert (o.shape, lse.shape) == ((b, hk, h // hk, n, d), (b, hk, h // hk, n)), kind
+            out = o.reshape(b, h, n, d).to(dtype)
+            lse = lse.reshape(b, h, n)
+            dq, dk, dv = fused.fused_backward(q, k, v, kind, lambda r: allow[:, r], 0.25, dout, out, lse)
+            assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape), kind
+            assert dq.dtype == dk.dtype == torch.float32
+    assert {(f, t) for _, f, t in fused._EXTRAS} >= {(True, torch.bfloat16), (False, torch.float32)}

@@ -54,7 +54,7 @@ def _heads(k: torch.Tensor, h: int) -> torch.Tensor:
 def _fold(t: torch.Tensor, hk: int) -> torch.Tensor:
     """(b, h, n, d) gradient of repeated heads → (b, hk, n, d), summed over each group, fp32."""
     b, h, n, d = t.shape
-    return t.float().reshape(b, hk, h // hk, n, d).sum(2)
+    return t.float() if h == hk else t.float().reshape(b, hk, h // hk, n, d).sum(2)
 
 
 def _bias(allow: torch.Tensor, q: torch.Tensor, cuda: bool) -> torch.Tensor:
@@ -116,23 +116,37 @@ def _bwd(dout, q, k, v, out, lse, kind, bias, scale):
     if q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
                                                                          attn_mask=bias, scale=scale)
-    # the forward's bookkeeping outputs (empty sequence offsets, RNG state unused at dropout 0), from a call on
-    # one query row: the backward ops take them as arguments
-    if bias is None and q.dtype != torch.float32:
-        n, nk = q.shape[2], k.shape[2]
-        _, _, cq, ck, _, _, seed, off, _ = aten._scaled_dot_product_flash_attention(
-            q[:1, :1, :1], k[:1, :1], v[:1, :1], 0.0, False, False, scale=scale)
-        return aten._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, cq, ck, n, nk, 0.0, causal,
-                                                                 seed, off, scale=scale)
+    flash = bias is None and q.dtype != torch.float32
+    cq, ck, seed, off = _extras(q, k, v, flash)
+    if flash:
+        return aten._scaled_dot_product_flash_attention_backward(dout, q, k, v, out, lse, cq, ck, q.shape[2],
+                                                                 k.shape[2], 0.0, causal, seed, off, scale=scale)
     n = q.shape[2]
     pad = -(-n // 32) * 32                                     # the forward's lse rows, padded to 32
     lse_p = torch.zeros(lse.shape[:-1] + (pad,), dtype=torch.float32, device=q.device)
     lse_p[..., :n] = lse
-    _, _, seed, off = aten._scaled_dot_product_efficient_attention(q[:1, :1, :1], k[:1, :1], v[:1, :1], None, False,
-                                                                   0.0, False, scale=scale)
     g = aten._scaled_dot_product_efficient_attention_backward(dout, q, k, v, bias, out, lse_p, seed, off, 0.0,
                                                               [True, True, True, False], causal, scale=scale)
     return g[0], g[1], g[2]
+
+
+_EXTRAS: dict = {}
+
+
+def _extras(q, k, v, flash: bool):
+    """The forward's bookkeeping outputs that the CUDA backward ops take as arguments — sequence offsets (none:
+    not varlen) and the RNG state (unused at dropout 0) — from one call on one query row, once per device, kernel
+    and dtype."""
+    key = (q.device, flash, q.dtype)
+    if key not in _EXTRAS:
+        q1, k1, v1 = q[:1, :1, :1], k[:1, :1], v[:1, :1]
+        if flash:
+            r = aten._scaled_dot_product_flash_attention(q1, k1, v1, 0.0, False, False)
+            _EXTRAS[key] = (r[2], r[3], r[6], r[7])
+        else:
+            r = aten._scaled_dot_product_efficient_attention(q1, k1, v1, None, False, 0.0, False)
+            _EXTRAS[key] = (None, None, r[2], r[3])
+    return _EXTRAS[key]
 
 
 def fused_backward(q, k, v, kind: str, mask, scale: float, dout, out, lse):
