@@ -12,8 +12,9 @@ Checks (each prints ok / FAILED with the numbers):
 4. activation offload (``activation_checkpointing.policy=offload``, fp32): the loss of a step equals the
    run without it to 1e-5; on CUDA the device's peak of live bytes (LiveBytes on cuda) is below none's,
    and its step time ÷ none's is reported (the copies' overlap, unmeasured on CPU; issue 20);
-5. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's block kernels, row chunks
-   and online-softmax merge in fp32 and bf16, Ulysses through the backend's all-to-all, no host syncs on CUDA);
+5. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's blocks on both paths —
+   torch's fused kernels and the fp32 row-chunked reference — row chunks and online-softmax merge in fp32 and bf16,
+   Ulysses through the backend's all-to-all; on CUDA no host syncs and the fused ring ≤ 2× SDPA at s = 16384);
 6. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
    master) vs a plain loop (bf16 autocast, fused AdamW where CUDA has it); issue 18's targets are
    MFU ≥ 55% and ≥ 0.98 × the plain loop (reported, not asserted: on CPU the numbers mean nothing).
