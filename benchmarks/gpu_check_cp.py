@@ -22,8 +22,8 @@ attention (b 1, 16 heads, d 64; bf16 on CUDA at s 4096 and 16384; s 128 fp32 on 
 ring ≤ SPEED_LIMIT (2×) SDPA at s = 16384 (why 2×: :func:`_speed`).
 5. CUDA only: the ring's forward + backward at cp = 1 under ``torch.cuda.set_sync_debug_mode("error")`` — no
    host sync per block (a sync raises and is reported with the op that made it), both block paths (documents) and
-   the fused causal one; Ulysses likewise. (The first GPU run's failure was the check's own host→device copy of
-   the document ids inside the checked region, now built before it.)
+   the fused causal one; Ulysses likewise. (The first GPU run's failure: most likely the check's own host→device
+   copy of the document ids inside the checked region — read from the code — now built before it.)
 """
 from __future__ import annotations
 
