@@ -54,8 +54,8 @@ _KV_TAG, _ACC_TAG = 71, 72
 _ORDER: dict = {"tags": True, "log": None}
 # Which block path the ring takes, by device type: True = torch's fused attention kernels (:mod:`.fused`, where
 # :func:`.fused.supported`; the reference otherwise), False = the fp32 row-chunked reference (:mod:`.blocks`). Both
-# default to fused: on CPU, torch's flash kernel measured 5–32× faster than the reference blocks (forward +
-# backward at cp = 1, loaded; docs/context_parallel.md) and equal to it within 2e-6 (fp32).
+# default to fused: on CPU, torch's flash kernel measured 3–44× faster than the reference blocks (forward +
+# backward at cp = 1, loaded, benchmarks/bench_cp_blocks.py; docs/context_parallel.md), equal within 6.2e-6 (fp32).
 FUSED: dict = {"cuda": True, "cpu": True}
 
 
