@@ -124,3 +124,44 @@ def test_cuda_kernel_calls_check_on_meta_tensors():
             assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape), kind
             assert dq.dtype == dk.dtype == torch.float32
     assert {(f, t) for _, f, t in fused._EXTRAS} >= {(True, torch.bfloat16), (False, torch.float32)}
+
+
+def _host_reads(rank, world):
+    """The aten ops of a ring forward + backward (documents, GQA) that read a tensor's value on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from parallel.context_parallel import ring, shard
+    from parallel.context_parallel.masks import Visibility
+    from parallel.mesh import Mesh
+    syncing = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2",
+               "equal", "allclose", "tolist"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    group = Mesh(cp=world).group("cp")
+    b, h, hk, s, d = 2, 4, 2, 24, 8
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(b, n, s, d, generator=gen) for n in (h, hk, hk, h))
+    docs = Visibility(torch.stack([torch.cumsum((torch.arange(s) % n == 0).long(), 0) for n in (5, 11)]), 9)
+    ql, kl, vl, dl = (shard(t, world, group.rank, dim=2).requires_grad_(t is not dout) for t in (q, k, v, dout))
+    out = {}
+    for on in (False, True):
+        with ring.fused_blocks(on), Record() as rec:
+            ring.ring_attention(ql, kl, vl, group, True, docs).backward(dl)
+        out[on] = sorted(rec.seen & syncing), len(rec.seen)
+    return out
+
+
+def test_ring_reads_no_tensor_on_the_host():
+    """Both block paths at cp = 2, documents + window: no op of the forward or backward reads a value on the host
+    (.item(), bool(tensor), nonzero, …: each a host sync per block on CUDA; the CUDA-side check is
+    benchmarks/gpu_check_cp.py under torch.cuda.set_sync_debug_mode)."""
+    for res in run_ranks(_host_reads, 2):
+        for on, (bad, n_ops) in res.items():
+            assert bad == [] and n_ops > 10, (on, bad, n_ops)
