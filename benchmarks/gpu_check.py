@@ -14,8 +14,9 @@ Checks (each prints ok / FAILED with the numbers):
    and its step time ÷ none's is reported (the copies' overlap, unmeasured on CPU; issue 20);
 5. more engine paths on the device (benchmarks/gpu_check_paths.py: ZeRO-2/3 in fp32 and bf16, NVMe optimizer
    offload, parameter offload, recompute, unfused AdamW, 8-bit moments, fp16) against ZeRO-1's losses;
-5b. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's block kernels, row chunks
-   and online-softmax merge in fp32 and bf16, Ulysses through the backend's all-to-all, no host syncs on CUDA);
+5b. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's blocks on both paths —
+   torch's fused kernels and the fp32 row-chunked reference — row chunks and online-softmax merge in fp32 and bf16,
+   Ulysses through the backend's all-to-all; on CUDA no host syncs and the fused ring ≤ 2× SDPA at s = 16384);
 6. MFU = model FLOPs per step (tokens · (6N + 12Lhs)) / (step seconds · peak), ours (bf16, fp32
    master), ours with ``compile`` (torch.compile per block, inductor; one Dynamo graph for all blocks, no
    recompile or graph break, checked) and a plain loop (bf16 autocast, fused AdamW where CUDA has it), one

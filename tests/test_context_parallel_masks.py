@@ -31,6 +31,7 @@ def _masks(b, s):
 def _case(rank, world, algorithm, rows=None):
     import parallel.context_parallel.blocks as blocks
     from parallel.context_parallel import ContextParallel, shard
+    from parallel.context_parallel.ring import fused_blocks
     from parallel.mesh import Mesh
     mesh = Mesh(cp=world)
     b, h, hk, s, d = 2, 4, 2, 16, 8
@@ -51,7 +52,8 @@ def _case(rank, world, algorithm, rows=None):
         ql, kl, vl = (shard(t, world, r, dim=2).requires_grad_() for t in (q, k, v))
         old, blocks.ROWS = blocks.ROWS, rows or blocks.ROWS
         try:
-            o = cp.attention(ql, kl, vl, causal=True, window=window)
+            with fused_blocks(rows is None):                 # rows: the reference blocks, a few rows at a time
+                o = cp.attention(ql, kl, vl, causal=True, window=window)
             o.backward(shard(dout, world, r, dim=2))
         finally:
             blocks.ROWS = old

@@ -127,8 +127,10 @@ def _gpu_check_cp(rank, world):
 
 
 def test_gpu_check_cp_runs_on_cpu():
-    """benchmarks/gpu_check_cp.py's checks (the ring's kernels, row chunks, the merge in fp32 and bf16, Ulysses at
-    cp = 1) pass on CPU: the script the GPU run uses works."""
+    """benchmarks/gpu_check_cp.py's checks (the ring's kernels on both block paths, row chunks, the merge in fp32 and
+    bf16, the fused path's bf16 gradients, Ulysses at cp = 1) pass on CPU: the script the GPU run uses works."""
     for res in run_ranks(_gpu_check_cp, 2):
-        assert [n for n, _, _ in res] == ["cp ring kernels", "cp row chunks + merge", "cp bf16 merge", "cp ulysses"]
+        assert [n for n, _, _ in res] == ["cp ring kernels (reference)", "cp ring kernels (fused)",
+                                          "cp row chunks + merge", "cp bf16 merge", "cp bf16 fused gradients",
+                                          "cp ulysses"]
         assert all(ok for _, ok, _ in res), res

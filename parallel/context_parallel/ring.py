@@ -31,6 +31,10 @@ so a mismatch would be silent. :func:`order_matched` sends every message with ta
 order alone, like NCCL) and records the issue order (tests/test_context_parallel_order.py: bitwise equal to
 the tagged run at cp 2 and 4, and the j-th send r → p is the j-th receive of p from r). Nothing here reads a
 tensor on the host: a CUDA ring runs without a host sync per block (benchmarks/gpu_check_cp.py checks it).
+
+Blocks run on torch's fused attention kernels (:mod:`.fused`; flash / memory-efficient on CUDA, flash on CPU) or on
+the fp32 row-chunked reference (:mod:`.blocks`), by :data:`FUSED` per device type (:func:`fused_blocks`); the
+merge, the ring and the FlashAttention-2 backward given the final (out, lse) are the same for both.
 """
 from __future__ import annotations
 
@@ -40,13 +44,36 @@ import torch
 import torch.distributed as dist
 
 from parallel.context_parallel.blocks import merge, rows_backward, rows_forward
+from parallel.context_parallel.fused import fused_backward, fused_forward, supported
 from parallel.context_parallel.layout import check_seq, zigzag_index
 from parallel.context_parallel.masks import Visibility
 
-__all__ = ["ring_attention", "ring_wire_bytes", "order_matched"]
+__all__ = ["ring_attention", "ring_wire_bytes", "order_matched", "fused_blocks", "FUSED"]
 
 _KV_TAG, _ACC_TAG = 71, 72
 _ORDER: dict = {"tags": True, "log": None}
+# Which block path the ring takes, by device type: True = torch's fused attention kernels (:mod:`.fused`, where
+# :func:`.fused.supported`; the reference otherwise), False = the fp32 row-chunked reference (:mod:`.blocks`). Both
+# default to fused: on CPU, torch's flash kernel measured 3–44× faster than the reference blocks (forward +
+# backward at cp = 1, loaded, benchmarks/bench_cp_blocks.py; docs/context_parallel.md), equal within 6.2e-6 (fp32).
+FUSED: dict = {"cuda": True, "cpu": True}
+
+
+@contextlib.contextmanager
+def fused_blocks(on: bool = True, device_type: str | None = None):
+    """While inside: the ring's blocks take the fused kernels (``on``) or the reference path, on ``device_type``
+    (default: every device type)."""
+    old = dict(FUSED)
+    FUSED.update({t: on for t in ([device_type] if device_type else ["cuda", "cpu"])})
+    try:
+        yield
+    finally:
+        FUSED.clear()
+        FUSED.update(old)
+
+
+def _fused(q: torch.Tensor) -> bool:
+    return bool(FUSED.get(q.device.type, False)) and supported(q) is None
 
 
 @contextlib.contextmanager
@@ -93,10 +120,13 @@ class _Pass:
 
 
 def _selection(s, cp, r, src, causal, docs, device):
-    """(query slice, key slice, mask) of the visible part of block ``src`` for rank ``r``'s queries,
+    """(query slice, key slice, mask, kind) of the visible part of block ``src`` for rank ``r``'s queries,
     or None when none of it is visible. Slices are over the two chunks (c tokens each) of each side; the
     mask is a function of a slice of the query rows (built a few rows at a time, :mod:`.blocks`). ``docs``:
-    a :class:`.masks.Visibility` or None; a chunk pair wholly outside its sliding window is skipped."""
+    a :class:`.masks.Visibility` or None; a chunk pair wholly outside its sliding window is skipped. ``kind`` (for
+    the fused kernels, :mod:`.fused`): "causal" on the diagonal block without ``docs`` (q and k are the same
+    tokens in the same order: the mask is the lower triangle), "full" when every pair is visible (the other
+    blocks of a causal zig-zag ring without ``docs``, all of a non-causal one), "masked" otherwise."""
     n = s // cp
     c = n // 2
     gq, gk = zigzag_index(s, cp, r, device), zigzag_index(s, cp, src, device)
@@ -117,7 +147,8 @@ def _selection(s, cp, r, src, causal, docs, device):
                                                                          device=device)
         extra = docs.block(q, gk) if docs is not None else None
         return m & extra if extra is not None else m
-    return qs, ks, mask
+    kind = "masked" if docs is not None else ("causal" if causal and src == r else "full")
+    return qs, ks, mask, kind
 
 
 class _RingAttention(torch.autograd.Function):
@@ -127,21 +158,27 @@ class _RingAttention(torch.autograd.Function):
         hk, cp, r = k.shape[1], group.size, group.rank
         o = torch.zeros(b, hk, h // hk, n, d, dtype=torch.float32, device=q.device)
         lse = torch.full((b, hk, h // hk, n), float("-inf"), dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
+        kv, fused = torch.stack([k, v]), _fused(q)
         for i in range(cp):
             nxt = _Pass(kv, group, _KV_TAG) if i < cp - 1 else None
             sel = _selection(s, cp, r, (r - i) % cp, causal, docs, q.device)
             if sel is not None:
-                qs, ks, mask = sel
-                ob, lb = rows_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale)
-                o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], ob, lb)
+                qs, ks, mask, kind = sel
+                if fused:
+                    ob, lb = fused_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], kind, mask, scale)
+                else:
+                    ob, lb = rows_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale)
+                if i == 0 and qs == slice(0, n):      # the diagonal block first: merging into the empty (0, −∞)
+                    o, lse = ob, lb                    # accumulator is the identity, bitwise (e^0 = 1, e^−∞·0 = 0)
+                else:
+                    o[:, :, :, qs], lse[:, :, :, qs] = merge(o[:, :, :, qs], lse[:, :, :, qs], ob, lb)
             if nxt is not None:
                 kv = nxt.wait()
         # (b, n, h, d) in memory, returned as its (b, h, n, d) transpose, as torch's flash attention does: the
         # model's usual out.transpose(1, 2).reshape(b, n, h·d) is then a view, and saving it keeps no copy
         out = o.permute(0, 3, 1, 2, 4).contiguous().view(b, n, h, d).to(q.dtype).transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.s, ctx.causal, ctx.docs, ctx.scale = group, s, causal, docs, scale
+        ctx.group, ctx.s, ctx.causal, ctx.docs, ctx.scale, ctx.fused = group, s, causal, docs, scale, fused
         return out
 
     @staticmethod
@@ -150,8 +187,11 @@ class _RingAttention(torch.autograd.Function):
         group, s, causal, docs, scale = ctx.group, ctx.s, ctx.causal, ctx.docs, ctx.scale
         cp, r, hk = group.size, group.rank, k.shape[1]
         b, h, n, d = q.shape
-        do_g = dout.float().reshape(b, hk, h // hk, n, d)
-        delta = (do_g * out.float().reshape(b, hk, h // hk, n, d)).sum(-1)
+        if ctx.fused:
+            dout, lse_h = dout.to(q.dtype), lse.reshape(b, h, n)
+        else:
+            do_g = dout.float().reshape(b, hk, h // hk, n, d)
+            delta = (do_g * out.float().reshape(b, hk, h // hk, n, d)).sum(-1)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         own = torch.zeros((2,) + tuple(k.shape), dtype=torch.float32, device=q.device)   # own dK, dV
         kv, acc, acc_pass = torch.stack([k, v]), None, None
@@ -165,9 +205,13 @@ class _RingAttention(torch.autograd.Function):
                 acc = torch.zeros_like(own)
             sel = _selection(s, cp, r, (r - i) % cp, causal, docs, q.device)
             if sel is not None:
-                qs, ks, mask = sel
-                dqb, dkb, dvb = rows_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale,
-                                               do_g[:, :, :, qs], lse[:, :, :, qs], delta[:, :, :, qs])
+                qs, ks, mask, kind = sel
+                if ctx.fused:
+                    dqb, dkb, dvb = fused_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], kind, mask, scale,
+                                                   dout[:, :, qs], out[:, :, qs], lse_h[:, :, qs])
+                else:
+                    dqb, dkb, dvb = rows_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask, scale,
+                                                   do_g[:, :, :, qs], lse[:, :, :, qs], delta[:, :, :, qs])
                 dq[:, :, qs] += dqb
                 acc[0][:, :, ks] += dkb
                 acc[1][:, :, ks] += dvb
