@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,6 +83,18 @@ def _deepspeed_missing() -> str | None:
     return None
 
 
+def venv_ninja_first() -> bool:
+    """Put this python's bin folder first on PATH (for the ranks) when it holds a ninja that PATH does not find first.
+    DeepSpeed JIT-builds its ops (cpu_adam, shm_comm) with the first ninja on PATH, and ninja 1.13 (a venv's pip
+    package) and 1.11 (/usr/bin) hash build commands differently in .ninja_log: each switch rebuilt both ops
+    (5–7 min, loaded), as running the venv's python without activating the venv did. True when PATH changed."""
+    own = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if not os.access(own, os.X_OK) or shutil.which("ninja") == own:
+        return False
+    os.environ["PATH"] = os.path.dirname(own) + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
 def header(argv) -> dict:
     import torch
     try:
@@ -135,6 +148,8 @@ def main(argv=None) -> int:
     if "ddp" not in rows:
         ap.error(f"--rows {' '.join(rows)}: add ddp, the reference every row's warm-up losses are checked against")
     ds_named = [r for r in a.rows or () if r.startswith("ds")]
+    if any(r.startswith("ds") for r in rows):
+        venv_ninja_first()
     why = _deepspeed_missing() if ds_named else None
     if why:
         ap.error(f"--rows names {ds_named}, but this python ({sys.executable}) cannot import deepspeed ({why}): run "
