@@ -1,10 +1,12 @@
 """One rank of the benchmark protocol (benchmarks/protocol.py), inside an initialised gloo group.
 
 Order: pin this rank to one core and fix its threads (asserted); calibrate (all ranks at once);
-build the rows; warm up each row (``warmup`` steps) and check that every row's global-batch loss
-agrees with DDP's to ``tol`` at every warm-up step (the local row, which trains on its own share
-only, at the first); take one step's traffic from our CommStats (our rows, fsdp2_ring); then ``rounds`` rounds, each
-timing every row once in an order shuffled by ``random.Random(seed + round)``, with GC off:
+build the rows (one that cannot be built here, e.g. DeepSpeed's without deepspeed, is skipped with the
+reason, or with ``strict`` raises); warm up each row (``warmup`` steps) and check that every row's
+global-batch loss agrees with DDP's (a required row) to ``tol`` at every warm-up step (the local row,
+which trains on its own share only, at the first); take one step's traffic from our CommStats (our
+rows, fsdp2_ring); then ``rounds`` rounds, each timing every row once in an order shuffled by
+``random.Random(seed + round)``, with GC off:
 
     barrier → t0 → step() → finish() (pending async work) → t1 → barrier
 
@@ -76,6 +78,9 @@ def _global(loss: float, ours: bool) -> float:
 def run_rank(rank: int, world: int, opts: dict) -> dict:
     """The protocol on this rank (module docstring); returns the run's record (the same on every rank,
     except ``pin``)."""
+    if "ddp" not in opts["rows"]:
+        raise ValueError(f"protocol: rows {opts['rows']} lack ddp, the reference every row's warm-up losses are "
+                         f"checked against (to {opts.get('tol', 1e-5)}): add ddp to the rows")
     kw, per = SIZES[opts["size"]], opts["per_rank_batch"]
     pinned = pin(rank, world, opts.get("threads", 1), opts.get("pin", True))
     calib_kw = dict(kw=kw, per=per, comm_mb=opts.get("comm_mb", 4.0), reps=opts.get("calib_reps", 7),
@@ -93,6 +98,10 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
             rows[name] = row
         else:
             skipped[name] = err or "failed on another rank"
+    if skipped and opts.get("strict"):               # rows the user named must run (all ranks raise alike)
+        raise RuntimeError(f"protocol: rows named in --rows could not be built: {skipped}. DeepSpeed rows need a "
+                           f"python with deepspeed and its CPU Adam op (benchmarks/README.md, 'DeepSpeed peers'); "
+                           f"or leave the row out of --rows")
     losses = {n: [] for n in rows}
     for name, row in rows.items():
         for i in range(opts["warmup"]):

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,6 +74,27 @@ def run(opts_list: list, world: int) -> list:
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
+def _deepspeed_missing() -> str | None:
+    """Why ``import deepspeed`` fails in this python (None when it works; the ranks set DS_ACCELERATOR=cpu)."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return None
+
+
+def venv_ninja_first() -> bool:
+    """Put this python's bin folder first on PATH (for the ranks) when it holds a ninja that PATH does not find first.
+    DeepSpeed JIT-builds its ops (cpu_adam, shm_comm) with the first ninja on PATH, and ninja 1.13 (a venv's pip
+    package) and 1.11 (/usr/bin) hash build commands differently in .ninja_log: each switch rebuilt both ops
+    (5–7 min, loaded), as running the venv's python without activating the venv did. True when PATH changed."""
+    own = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if not os.access(own, os.X_OK) or shutil.which("ninja") == own:
+        return False
+    os.environ["PATH"] = os.path.dirname(own) + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
 def header(argv) -> dict:
     import torch
     try:
@@ -106,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=None, help="row-order seed (default: from the clock, recorded)")
-    ap.add_argument("--rows", nargs="+", default=ROWS, help=f"a subset of {ROWS}")
+    ap.add_argument("--rows", nargs="+", default=None, help=f"a subset of {ROWS}, ddp among them (default: all; "
+                    "a row named here that cannot be built is an error, one left to the default is skipped)")
     ap.add_argument("--tol", type=float, default=1e-5, help="loss agreement with DDP over the warm-up steps")
     ap.add_argument("--comm-mb", type=float, default=4.0, help="calibration message size")
     ap.add_argument("--json", default=None, help="write the raw records here (proto_report.analyse reads them)")
@@ -118,9 +141,19 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.fixed_malloc:
         os.environ.update(MALLOC)        # read by glibc at start-up: the spawned ranks inherit it
-    bad = [r for r in a.rows if r not in ROWS]
+    rows = a.rows or ROWS
+    bad = [r for r in rows if r not in ROWS]
     if bad or a.rounds < 1 or a.warmup < 1:
         ap.error(f"unknown rows {bad} (choose from {ROWS}); --rounds and --warmup must be ≥ 1")
+    if "ddp" not in rows:
+        ap.error(f"--rows {' '.join(rows)}: add ddp, the reference every row's warm-up losses are checked against")
+    ds_named = [r for r in a.rows or () if r.startswith("ds")]
+    if any(r.startswith("ds") for r in rows):
+        venv_ninja_first()
+    why = _deepspeed_missing() if ds_named else None
+    if why:
+        ap.error(f"--rows names {ds_named}, but this python ({sys.executable}) cannot import deepspeed ({why}): run "
+                 f"with the DeepSpeed venv's python (benchmarks/README.md, 'DeepSpeed peers') or drop those rows")
     old = None
     if a.merge:                        # refuse before timing anything, not after
         if not a.json or not os.path.exists(a.json):
@@ -134,12 +167,13 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(f"--merge: {a.json} cannot be read ({e}); write the first part again without --merge")
         try:
-            check(old, [header(argv)], a.rows)
+            check(old, [header(argv)], rows)
         except ValueError as e:
             ap.error(str(e))
     seed = a.seed if a.seed is not None else int(time.time()) % 100_000
     opts = [{"size": s, "per_rank_batch": a.batch, "threads": a.threads, "rounds": a.rounds, "warmup": a.warmup,
-             "seed": seed, "rows": a.rows, "tol": a.tol, "comm_mb": a.comm_mb} for s in a.sizes]
+             "seed": seed, "rows": rows, "tol": a.tol, "comm_mb": a.comm_mb, "strict": a.rows is not None}
+            for s in a.sizes]
     t0 = time.time()
     records = run(opts, a.world)
 
