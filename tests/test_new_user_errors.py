@@ -34,3 +34,58 @@ def test_a_tokenizer_directory_without_a_tokenizer_is_named(tmp_path):
     want = train_bpe(["a b c ab abc " * 20] * 4, 260, str(tmp_path / "bpe"))
     got = load_tokenizer(str(tmp_path / "bpe"))                    # a directory holding tokenizer.json still loads
     assert got.vocab_size == want.vocab_size and got.encode("abc ab") == want.encode("abc ab")
+
+
+def test_a_resumed_steps_counter_sits_where_torchs_fused_kernel_reads_it():
+    """A checkpoint load made Adam's `step` on the CPU for every group. torch's own load_state_dict puts it on the
+    parameter's device for fused/capturable groups, whose CUDA kernel reads it there (optimizer.fused is on by
+    default with every parameter on CUDA): a GPU resume handed the fused kernel a host pointer. The meta device
+    stands in for CUDA here; benchmarks/gpu_check.py resumes a fused engine on the GPU."""
+    from parallel.checkpoint.engine_state import scalar_state
+    for fused, where in ((True, "meta"), (False, "cpu")):
+        p = torch.nn.Parameter(torch.zeros(4, device="meta"))
+        opt = torch.optim.AdamW([p], lr=1e-3, fused=fused)
+        got = scalar_state(opt, p, 3)
+        assert (got.device.type, got.dtype, got.shape) == (where, torch.float32, torch.Size([]))
+        # what torch itself does with a saved step on load
+        ref = torch.optim.Optimizer._process_value_according_to_param_policy(p, torch.tensor(3.0), 0,
+                                                                            [{"params": [0], "fused": fused}], "step")
+        assert ref.device.type == where
+    p = torch.nn.Parameter(torch.zeros(4))
+    assert float(scalar_state(torch.optim.AdamW([p], fused=True), p, 7)) == 7.0
+
+
+def _resume_fused(rank, world, tmp):
+    from examples.gpt import GPT
+    from parallel.config import load_config
+    from parallel.engine import parallelize
+    from parallel.mesh import Mesh
+    kw = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, seq_len=16)
+    cfg = load_config(data={
+        "model": {"factory": "examples.gpt:build", "kwargs": kw},
+        "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": 4, "micro_batch_size": 2,
+                 "kwargs": {"n": 4, "seq_len": 16, "vocab_size": 64}},
+        "parallel": {"dp": world}, "zero": {"stage": 1}, "optimizer": {"name": "adamw", "lr": 1e-2, "fused": True}}
+    ).validate(world)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (2, 17), generator=g)
+    batch = (x[:, :-1], x[:, 1:])
+
+    def engine():
+        torch.manual_seed(0)
+        return parallelize(GPT(**kw), cfg, Mesh(dp=world))
+    a = engine()
+    full = [a.train_step(batch) for _ in range(4)]
+    b = engine()
+    [b.train_step(batch) for _ in range(2)]
+    b.save(f"{tmp}/ck")
+    c = engine()
+    c.load(f"{tmp}/ck")
+    step = next(iter(c.zero.optimizer.state.values()))["step"]
+    return full, [c.train_step(batch) for _ in range(2)], str(step.device)
+
+
+def test_a_fused_run_resumes_exactly(tmp_path):
+    from harness import run_ranks
+    for full, resumed, dev in run_ranks(_resume_fused, 2, str(tmp_path)):
+        assert dev == "cpu" and max(abs(a - b) for a, b in zip(full[2:], resumed)) <= 1e-6 * abs(full[2])
