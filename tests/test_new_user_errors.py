@@ -89,3 +89,19 @@ def test_a_fused_run_resumes_exactly(tmp_path):
     from harness import run_ranks
     for full, resumed, dev in run_ranks(_resume_fused, 2, str(tmp_path)):
         assert dev == "cpu" and max(abs(a - b) for a, b in zip(full[2:], resumed)) <= 1e-6 * abs(full[2])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optimizer_fused_with_an_offloaded_optimizer_is_refused(fused):
+    """With zero.offload.optimizer the step is the CPU kernel timed at start (parallel/offload/cpu_adam.py):
+    optimizer.fused was accepted and silently had no effect (fused=false could still run torch's fused kernel)."""
+    from parallel.config import ConfigError, load_config
+
+    def cfg(**opt):
+        return load_config(data={"model": {"factory": "examples.gpt:build"}, "optimizer": {"name": "adamw", **opt},
+                                 "data": {"factory": "examples.gpt:random_tokens"},
+                                 "zero": {"stage": 1, "offload": {"optimizer": "cpu"}}})
+    with pytest.raises(ConfigError, match=rf"optimizer.fused={str(fused).lower()} with zero.offload.optimizer=cpu: "
+                                          r"the offloaded step runs on the CPU .*remove optimizer.fused"):
+        cfg(fused=fused).validate(1)
+    assert cfg().validate(1).optimizer.fused is None                # unset: the timed kernel, as before
