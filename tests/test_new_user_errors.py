@@ -1,4 +1,6 @@
 """Defects a new user met following the README (session 10): each test failed on the code before its fix."""
+import os
+
 import pytest
 import torch
 
@@ -105,3 +107,40 @@ def test_optimizer_fused_with_an_offloaded_optimizer_is_refused(fused):
                                           r"the offloaded step runs on the CPU .*remove optimizer.fused"):
         cfg(fused=fused).validate(1)
     assert cfg().validate(1).optimizer.fused is None                # unset: the timed kernel, as before
+
+
+def _save_on_a_full_disk(rank, world, d):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from launch.train import build_model, save_checkpoint
+    from parallel.checkpoint import step_dir
+    from parallel.config import load_config
+    from parallel.engine import parallelize
+    from parallel.mesh import Mesh
+    cfg = load_config("configs/gpt_dp2.yaml", ["train.metrics_file=null", "parallel.dp=1"]).validate(world)
+    engine = parallelize(build_model(cfg), cfg, Mesh(dp=1))
+
+    def full(phase, step):                     # what dcp.save raised on a full 5 MiB tmpfs (torch 2.13, as root)
+        if phase == "checkpoint_written":
+            short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise CheckpointException("write", {0: (short, [])})
+    engine.add_callback(full)
+    try:
+        save_checkpoint(engine, step_dir(d, 2), d)
+    except Exception as e:                     # noqa: BLE001 — the message is the result
+        return f"{type(e).__name__}: {e}".splitlines()[0], sorted(os.listdir(d))
+
+
+def test_a_checkpoint_on_a_full_disk_says_so(tmp_path):
+    """On a full disk (a 5 MiB tmpfs, as root) the launcher's last line was `CheckpointError: writing checkpoint
+    .../step_00000002 failed: CheckpointException: CheckpointException ranks:dict_keys([0])`: torch.save's zip
+    writer reports the short write as "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598",
+    with no errno, so the disk-full check (an OSError's ENOSPC) missed it."""
+    from harness import run_ranks
+    d = str(tmp_path / "ck")
+    err, listing = run_ranks(_save_on_a_full_disk, 1, d)[0]
+    assert err == (f"CheckpointError: writing checkpoint {d}/step_00000002 failed: no space left on device (a write "
+                   f"came up short: RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs "
+                   f"598). The partial save .tmp-step_00000002 was removed; there is no earlier checkpoint. Free space "
+                   f"on the disk of train.checkpoint.dir={d!r} or point it elsewhere"), err
+    assert listing == []
