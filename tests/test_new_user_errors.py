@@ -144,3 +144,13 @@ def test_a_checkpoint_on_a_full_disk_says_so(tmp_path):
                    f"598). The partial save .tmp-step_00000002 was removed; there is no earlier checkpoint. Free space "
                    f"on the disk of train.checkpoint.dir={d!r} or point it elsewhere"), err
     assert listing == []
+
+
+@pytest.mark.parametrize("memory", ["0", "0.0GB", "1.2.3GiB"])
+def test_dry_run_memory_must_be_a_positive_size(memory, capsys):
+    """`python -m launch --config X --dry-run --memory 0` ended in a ZeroDivisionError traceback (the headroom's
+    percentage); '1.2.3GiB' passed the pattern and gave float()'s "could not convert string to float"."""
+    from launch.__main__ import main
+    assert main(["--config", "configs/gpt_dp2.yaml", "--dry-run", "--memory", memory]) == 2
+    assert (f"--memory '{memory}': give bytes with an optional unit, e.g. 24GiB, 512MB or 8e9 (a positive number)"
+            in capsys.readouterr().err)
