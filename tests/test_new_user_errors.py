@@ -154,3 +154,34 @@ def test_dry_run_memory_must_be_a_positive_size(memory, capsys):
     assert main(["--config", "configs/gpt_dp2.yaml", "--dry-run", "--memory", memory]) == 2
     assert (f"--memory '{memory}': give bytes with an optional unit, e.g. 24GiB, 512MB or 8e9 (a positive number)"
             in capsys.readouterr().err)
+
+
+def _two_checkpoints(rank, world, d):
+    from launch.train import build_model
+    from parallel.checkpoint import step_dir
+    from parallel.config import load_config
+    from parallel.engine import parallelize
+    from parallel.mesh import Mesh
+    cfg = load_config("configs/gpt_dp2.yaml", ["train.metrics_file=null", "parallel.dp=1"]).validate(world)
+    torch.manual_seed(0)
+    engine = parallelize(build_model(cfg), cfg, Mesh(dp=1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (8, 17), generator=g)
+    for step in (1, 2):
+        engine.train_step((x[:, :-1], x[:, 1:]))
+        engine.save(step_dir(d, step))
+
+
+def test_consolidated_model_takes_a_checkpoint_dir_as_the_cli_does(tmp_path):
+    """README: "samples from ... `launch.consolidate.consolidated_model(dir)`"; the CLI takes a train.checkpoint.dir
+    (newest checkpoint), the function raised "'runs/qs/ckpt' is not a complete parallel3d checkpoint (no meta.json)"."""
+    from harness import run_ranks
+
+    from launch.consolidate import consolidated_model
+    d = str(tmp_path / "ck")
+    run_ranks(_two_checkpoints, 1, d)
+    got, newest, older = (consolidated_model(p).state_dict() for p in (d, f"{d}/step_00000002", f"{d}/step_00000001"))
+    assert all(torch.equal(got[k], newest[k]) for k in newest)
+    assert any(not torch.equal(got[k], older[k]) for k in older)
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        consolidated_model(str(tmp_path))                     # no checkpoint below it: the same error as before
