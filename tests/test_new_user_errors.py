@@ -1,5 +1,6 @@
 """Defects a new user met following the README (session 10): each test failed on the code before its fix."""
 import os
+import re
 
 import pytest
 import torch
@@ -185,3 +186,41 @@ def test_consolidated_model_takes_a_checkpoint_dir_as_the_cli_does(tmp_path):
     assert any(not torch.equal(got[k], older[k]) for k in older)
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         consolidated_model(str(tmp_path))                     # no checkpoint below it: the same error as before
+
+
+def _generate_tp(rank, world, prompt):
+    from examples.gpt import GPT
+    from parallel.config import load_config
+    from parallel.engine import parallelize
+    from parallel.generate import generate
+    from parallel.mesh import Mesh
+    kw = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, seq_len=16)
+    cfg = load_config(data={"model": {"factory": "examples.gpt:build", "kwargs": kw},
+                            "data": {"factory": "examples.gpt:random_tokens"}, "parallel": {"dp": 1, "tp": world}}
+                      ).validate(world)
+    torch.manual_seed(0)
+    engine = parallelize(GPT(**kw), cfg, Mesh(dp=1, tp=world))
+    try:
+        return generate(engine, torch.tensor(prompt), 3, greedy=True).tolist()
+    except ValueError as e:
+        return str(e)
+
+
+def test_generate_refuses_token_ids_outside_the_vocabulary():
+    """A prompt id ≥ the vocabulary: a plain model raised "IndexError: index out of range in self"; an engine at
+    tp = 2 generated from it without an error (each rank's vocabulary-parallel embedding masked the id)."""
+    from harness import run_ranks
+
+    from examples.gpt import GPT
+    from parallel.generate import generate
+    model = GPT(n_embd=32, n_layer=2, n_head=4, vocab_size=64, seq_len=16)
+    want = "generate: token ids must lie in [0, 64) (the model's input vocabulary), got 1..64: encode the prompt"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        generate(model, torch.tensor([[1, 64]]), 2)
+    with pytest.raises(ValueError, match=r"input_ids must be integer token ids, got torch.float32"):
+        generate(model, torch.tensor([[1.0, 2.0]]), 2)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an integer ≥ 0, got -1"):
+        generate(model, torch.tensor([[1, 2]]), -1)
+    assert all(r.startswith(want) for r in run_ranks(_generate_tp, 2, [[1, 64]]))
+    ok = run_ranks(_generate_tp, 2, [[1, 63]])
+    assert ok[0] == ok[1] and len(ok[0][0]) == 5
