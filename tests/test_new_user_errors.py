@@ -224,3 +224,35 @@ def test_generate_refuses_token_ids_outside_the_vocabulary():
     assert all(r.startswith(want) for r in run_ranks(_generate_tp, 2, [[1, 64]]))
     ok = run_ranks(_generate_tp, 2, [[1, 63]])
     assert ok[0] == ok[1] and len(ok[0][0]) == 5
+
+
+def _train_tp_with(rank, world, bad):
+    from examples.gpt import GPT
+    from parallel.config import load_config
+    from parallel.engine import parallelize
+    from parallel.mesh import Mesh
+    kw = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, seq_len=16)
+    cfg = load_config(data={"model": {"factory": "examples.gpt:build", "kwargs": kw},
+                            "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": 2,
+                                     "micro_batch_size": 2},
+                            "parallel": {"dp": 1, "tp": world}}).validate(world)
+    torch.manual_seed(0)
+    engine = parallelize(GPT(**kw), cfg, Mesh(dp=1, tp=world))
+    x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    x[0, 3] = bad
+    try:
+        return engine.train_step((x[:, :-1], x[:, 1:]))
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_an_id_outside_the_vocabulary_stops_a_tp_run():
+    """Your own loop (README "In your own code": engine.train_step(batch)) with a token id ≥ V at tp = 2 trained
+    without an error — no rank owns the id, so its embedding was a zero vector (one process raises IndexError)."""
+    from harness import run_ranks
+    for bad in (64, -1):
+        out = run_ranks(_train_tp_with, 2, bad)
+        assert all(isinstance(o, str) and "VocabParallelEmbedding: a token id is outside [0, 64), the vocabulary of "
+                   "the embedding split over tp = 2" in o for o in out), out
+    ok = run_ranks(_train_tp_with, 2, 63)
+    assert isinstance(ok[0], float) and ok[0] == ok[1]
