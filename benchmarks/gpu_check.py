@@ -12,6 +12,8 @@ Checks (each prints ok / FAILED with the numbers):
 4. activation offload (``activation_checkpointing.policy=offload``, fp32): the loss of a step equals the
    run without it to 1e-5; on CUDA the device's peak of live bytes (LiveBytes on cuda) is below none's,
    and its step time ÷ none's is reported (the copies' overlap, unmeasured on CPU; issue 20);
+4b. a resume with fused AdamW (optimizer.fused's default on CUDA): the later losses equal the uninterrupted
+   run's to 1e-5 and Adam's step sits on the device (the fused kernel reads it there);
 5. more engine paths on the device (benchmarks/gpu_check_paths.py: ZeRO-2/3 in fp32 and bf16, NVMe optimizer
    offload, parameter offload, recompute, unfused AdamW, 8-bit moments, fp16) against ZeRO-1's losses;
 5b. context parallelism at cp = 1 on the device (benchmarks/gpu_check_cp.py: the ring's blocks on both paths —
@@ -251,6 +253,26 @@ def main(argv=None) -> int:
               f"loss {mo['loss']:.6f} vs {mn['loss']:.6f}; {device.type} peak {mo['peak']} vs {mn['peak']} B; step "
               f"{to / tn:.2f}× none's" + ("" if cuda else " (CPU: the saved tensors stay in place, only counted)"))
 
+    def fused_resume():                              # Adam's step loaded onto the device a fused group reads it on
+        import tempfile
+
+        def eng():
+            return _engine(small, 2, {"stage": 1}, "fp32", device)
+        a = eng()
+        full = [a.train_step(data) for _ in range(4)]
+        b = eng()
+        [b.train_step(data) for _ in range(2)]
+        with tempfile.TemporaryDirectory() as d:
+            b.save(f"{d}/ck")
+            c = eng()
+            c.load(f"{d}/ck")
+            res = [c.train_step(data) for _ in range(2)]
+        fused = bool(c.zero.optimizer.defaults.get("fused"))
+        step = next(iter(c.zero.optimizer.state.values()))["step"]
+        check("fused resume", max(abs(x - y) for x, y in zip(full[2:], res)) <= 1e-5 * abs(full[2]) and fused == cuda
+              and step.device.type == (device.type if fused else "cpu"),
+              f"resumed losses {res} vs {full[2:]}; fused={fused}, step on {step.device}")
+
     def context_parallel():
         from gpu_check_cp import run as cp_checks  # ring / Ulysses on the device at cp = 1 (issue 23)
         cp_checks(device, check)
@@ -260,8 +282,8 @@ def main(argv=None) -> int:
         path_checks(device, check)
 
     for name, fn in (("bf16 ZeRO-1", bf16), ("cpu optimizer offload", offload),
-                     ("activation offload", activation), ("context parallel", context_parallel),
-                     ("engine paths", paths)):
+                     ("activation offload", activation), ("fused resume", fused_resume),
+                     ("context parallel", context_parallel), ("engine paths", paths)):
         if not a.only_mfu:
             section(name, fn)
     for batch in batches:

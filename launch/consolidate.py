@@ -30,7 +30,11 @@ from parallel.config import ConfigError, import_object
 
 
 def consolidated_model(path: str) -> nn.Module:
-    """The unmodified model with the checkpoint's weights (fp32 masters)."""
+    """The unmodified model with the checkpoint's weights (fp32 masters). ``path``: a checkpoint folder (step_N)
+    or a ``train.checkpoint.dir``, whose newest complete checkpoint is used (as ``python -m launch.consolidate``
+    does; the directory the README names gave "... is not a complete parallel3d checkpoint (no meta.json)")."""
+    if not os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(path):
+        path = latest(path) or path
     meta = read_meta(path)
     factory = import_object(meta["model"]["factory"], "model.factory")
     model = factory(**meta["model"]["kwargs"])       # real buffers (rotary tables, masks); weights replaced

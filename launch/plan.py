@@ -37,11 +37,16 @@ _UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 10 ** 3, "kib": 2 ** 10, "m": 2 ** 
 
 
 def parse_bytes(text: str) -> float:
-    """'24GiB', '512MB', '1e9' → bytes."""
+    """'24GiB', '512MB', '1e9' → bytes (a positive number: 0 divided the headroom by zero in --dry-run)."""
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"--memory {text!r}: give bytes with an optional unit, e.g. 24GiB, 512MB or 8e9")
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+    try:
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else None
+    except (KeyError, ValueError):
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise ValueError(f"--memory {text!r}: give bytes with an optional unit, e.g. 24GiB, 512MB or 8e9 (a "
+                         f"positive number)")
+    return value
 
 
 def spec_from_model(model, seq: int | None = None) -> ModelSpec:

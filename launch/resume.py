@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import time
 
@@ -41,8 +42,15 @@ def check_writable(path: str) -> None:
                               f"permissions") from None
 
 
-def _disk_full(exc: BaseException) -> bool:
-    seen, todo = set(), [exc]
+# torch.save's zip writer on a write that came up short (ENOSPC, EFBIG, a quota): its errno is lost
+SHORT_WRITE = re.compile(r"unexpected pos \d+ vs \d+|file write failed|PytorchStreamWriter failed writing")
+
+
+def _disk_full(exc: BaseException) -> bool | str:
+    """True for an OSError of a full disk (ENOSPC, EDQUOT, EFBIG) anywhere in the chain (DCP's per-rank
+    ``failures`` included); the message of a short write (a full disk as torch.save reports it: "[enforce fail
+    at inline_container.cc:672] . unexpected pos 704 vs 598", no errno) as a string; else False."""
+    seen, todo, short = set(), [exc], None
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -50,8 +58,10 @@ def _disk_full(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
             return True
+        if short is None and not hasattr(e, "failures") and SHORT_WRITE.search(str(e)):   # DCP's wrapper quotes it
+            short = f"{type(e).__name__}: {str(e).strip()[:200]}"
         todo += [e.__cause__, e.__context__] + [f[0] for f in getattr(e, "failures", {}).values()]
-    return "No space left on device" in str(exc)
+    return "No space left on device" in str(exc) or short or False
 
 
 def save_checkpoint(engine, path: str, root: str, extra: dict | None = None) -> str:
@@ -72,7 +82,9 @@ def save_checkpoint(engine, path: str, root: str, extra: dict | None = None) -> 
                 break
             time.sleep(0.2)
         prev = checkpoint.latest(root)
-        cause = "no space left on device" if _disk_full(e) else f"{type(e).__name__}: {str(e).strip()[:300]}"
+        full = _disk_full(e)
+        cause = ("no space left on device" + (f" (a write came up short: {full})" if isinstance(full, str) else "")
+                 if full else f"{type(e).__name__}: {str(e).strip()[:300]}")
         raise CheckpointError(f"writing checkpoint {path} failed: {cause}. The partial save "
                               + (f"is left as {os.path.basename(tmp)} and ignored; " if os.path.exists(tmp) else
                                  f"{os.path.basename(tmp)} was removed; ")

@@ -53,6 +53,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool =
     fixed number of positions). ``model``: an nn.Module or an Engine."""
     if input_ids.dim() != 2:
         raise ValueError(f"generate: input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    _check_prompt(model, input_ids, max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
     last = _engine_last_logits if isinstance(model, Engine) else _module_last_logits
     ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -69,6 +70,22 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, greedy: bool =
     finally:
         _restore(model, was)
     return ids
+
+
+def _check_prompt(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Token ids in [0, V) of the model's input embedding, and a count ≥ 0. An id ≥ V gave a plain model's
+    "IndexError: index out of range in self", and under tp no error at all: each rank's vocabulary-parallel
+    embedding masks ids outside its range, so the prompt token became a zero vector and generation went on."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"generate: input_ids must be integer token ids, got {input_ids.dtype}")
+    vocab = input_vocab(model.template if isinstance(model, Engine) else model)
+    if vocab is not None and input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"generate: token ids must lie in [0, {vocab}) (the model's input vocabulary), got "
+                             f"{lo}..{hi}: encode the prompt with the model's tokenizer")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}")
 
 
 def _modules(model):

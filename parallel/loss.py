@@ -46,7 +46,19 @@ def cross_entropy(output, target):
 
 
 def mse(output, target):
+    """Mean squared error over every predicted value. The target must hold one value per prediction in
+    the same order: its shape equals the prediction's up to dimensions of size 1 ((B,) for (B, 1) is
+    reshaped). Anything else is refused, naming both shapes: class ids (a target with 1/V of the values)
+    gave torch's "shape '[2, 16, 64]' is invalid for input of size 32", and a transposed target of the
+    same size, e.g. (2, 3) for (3, 2), was reshaped onto the wrong predictions without an error."""
     pred = logits_of(output)
+    if target.numel() != pred.numel() or [d for d in target.shape if d != 1] != [d for d in pred.shape if d != 1]:
+        hint = (" (integer class ids: use loss: cross_entropy)" if not target.is_floating_point()
+                and target.numel() * max(pred.shape[-1], 1) == pred.numel() else "")
+        raise ValueError(f"loss=mse needs one target value per prediction, in the prediction's shape: the model "
+                         f"predicts {tuple(pred.shape)} ({pred.numel()} values) but the target is {target.dtype} "
+                         f"{tuple(target.shape)} ({target.numel()} values){hint}; return targets of shape "
+                         f"{tuple(pred.shape)} from data.factory, or give your own loss: 'pkg.module:function'")
     return F.mse_loss(pred.float(), target.float().reshape(pred.shape))
 
 

@@ -207,6 +207,16 @@ def load_engine(engine, path: str) -> dict:
         return _load(engine, path)
 
 
+def scalar_state(optimizer, view: torch.Tensor, value: float) -> torch.Tensor:
+    """A loaded scalar state entry (Adam's ``step``) where torch's own ``Optimizer.load_state_dict`` puts it
+    (``_process_value_according_to_param_policy``): on the parameter's device for a fused or capturable group,
+    whose kernels read it there (``optimizer.fused``, on by default when every parameter is on CUDA), else on
+    the CPU. It was always made on the CPU: a fused CUDA step after a resume handed the kernel a host pointer."""
+    group = next((g for g in optimizer.param_groups if any(p is view for p in g["params"])), {})
+    on_device = bool(group.get("fused") or group.get("capturable"))
+    return torch.tensor(float(value), dtype=torch.float32, device=view.device if on_device else "cpu")
+
+
 def _load(engine, path: str) -> dict:
     meta = read_meta(path)
     if meta.get("optimizer") != engine.cfg.optimizer.name and meta.get("optim_state_keys"):
@@ -220,7 +230,7 @@ def _load(engine, path: str) -> dict:
             for k in keys:
                 st[k] = torch.zeros_like(view)
             for k, v in meta.get("optim_scalars", {}).items():
-                st[k] = torch.tensor(v, dtype=torch.float32)
+                st[k] = scalar_state(z.optimizer, view, v)
     pieces, _ = _pieces(engine)
     pieces = [p for p in pieces if p.key.startswith("model/") or p.key.split("/")[-1] in keys]
     buffers = _buffer_pieces(engine)

@@ -288,6 +288,11 @@ def _check_optimizer(c: Config) -> None:
     if o.fused and (o.name not in ("adam", "adamw", "sgd") or o.state_dtype == "int8"):
         raise ConfigError(f"optimizer.fused=true selects torch's fused adam/adamw/sgd kernel, not {o.name}"
                           f"{' with state_dtype=int8' if o.state_dtype == 'int8' else ''}: remove optimizer.fused")
+    if o.fused is not None and c.zero.offload.optimizer != "none":
+        raise ConfigError(f"optimizer.fused={str(o.fused).lower()} with zero.offload.optimizer="
+                          f"{c.zero.offload.optimizer}: the offloaded step runs on the CPU with the fastest AdamW "
+                          f"kernel timed at start (torch's single-tensor, foreach or fused, or DeepSpeed's CPU Adam: "
+                          f"parallel/offload/cpu_adam.py), which the flag would not choose: remove optimizer.fused")
     if onebit and c.zero.stage == 3:
         raise ConfigError(f"optimizer.name={o.name} with zero.stage=3: the compressed update needs the whole "
                           "parameter on every rank (parallel/zero/onebit.py); set zero.stage to 0, 1 or 2")

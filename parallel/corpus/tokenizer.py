@@ -21,6 +21,9 @@ from typing import Callable, Iterable
 __all__ = ["Tokenizer", "load_tokenizer", "train_bpe", "EOS_NAMES"]
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+# the files a saved tokenizer directory holds (tokenizers' and transformers' save formats)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
 
 
 @dataclass
@@ -71,16 +74,23 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if not os.path.isdir(spec):
         raise FileNotFoundError(f"tokenizer {spec!r}: not 'bytes', a tokenizer.json file or a local directory; "
                                 f"give one of those, or --train-bpe VOCAB to train one on the input")
-    if os.path.isfile(os.path.join(spec, "tokenizer.json")):
+    has_json = os.path.isfile(os.path.join(spec, "tokenizer.json"))
+    if has_json:
         try:
             return _from_tokenizers(os.path.join(spec, "tokenizer.json"))
         except ImportError:
             pass
+    elif not any(os.path.isfile(os.path.join(spec, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"tokenizer {spec!r}: the directory holds no tokenizer (none of "
+                                f"{list(TOKENIZER_FILES)}); give the directory a tokenizer was saved to "
+                                f"(tokenizer.save_pretrained(DIR) or --tokenizer-out), a tokenizer.json file, "
+                                f"'bytes', or --train-bpe VOCAB")
     try:
         return _from_transformers(spec)
     except ImportError:
-        raise ImportError(f"tokenizer {spec!r}: reading it needs the `tokenizers` or `transformers` package: "
-                          f"pip install tokenizers (or use --tokenizer bytes)") from None
+        need = ("the `tokenizers` or `transformers` package: pip install tokenizers" if has_json else
+                "the `transformers` package (it holds no tokenizer.json): pip install -e '.[hf]'")
+        raise ImportError(f"tokenizer {spec!r}: reading it needs {need} (or use --tokenizer bytes)") from None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str) -> Tokenizer:

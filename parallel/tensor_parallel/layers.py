@@ -317,6 +317,15 @@ class VocabParallelEmbedding(nn.Module):
         return cls(m.num_embeddings, m.embedding_dim, group, padding_idx=m.padding_idx, weight=m.weight, **kw)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # an id outside [0, V) is owned by no rank: every rank would write zeros and the sum would be a zero
+        # vector, training on without an error (nn.Embedding raises "index out of range"). Checked on the device
+        # (torch._assert_async: no host sync on CUDA, where it is a device-side assert as nn.Embedding's own).
+        if ids.numel():
+            torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
+                                f"VocabParallelEmbedding: a token id is outside [0, {self.num_embeddings}), the "
+                                f"vocabulary of the embedding split over tp = {self.group.size} (no rank owns it; "
+                                f"nn.Embedding raises 'index out of range'): encode the data with the model's "
+                                f"tokenizer, or raise the model's vocab_size")
         local = ids - self.vocab_start
         mine = (local >= 0) & (local < self.vocab_local)
         pad = None
