@@ -96,9 +96,14 @@ def _signal_flags(cfg, torchrun: list[str]) -> list[str]:
     if "--signals-to-handle" not in given:
         out += ["--signals-to-handle", ",".join(dict.fromkeys(["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT",
                                                                 *cfg.train.save_on_signal]))]
-    if "--shutdown-timeout" not in given:
+    if "--shutdown-timeout" not in given and _torchrun_has("--shutdown-timeout"):     # torchrun >= 2.13
         out += ["--shutdown-timeout", str(int(2 * cfg.train.timeout_s + 30))]
     return out
+
+
+def _torchrun_has(flag: str) -> bool:
+    """Whether this torch's torchrun takes ``flag`` (an older torch's workers get its default grace period)."""
+    return flag in elastic_run.get_args_parser()._option_string_actions
 
 
 def main(argv=None) -> int:

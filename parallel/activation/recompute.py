@@ -109,9 +109,10 @@ class Frame:
                 h.value = t
             return t
 
-        devices = [] if self.dev_rng is None else self.dev_rng[0]
-        with torch.random.fork_rng(devices=devices, device_type=None if self.dev == "cpu" else self.dev), \
-                contextlib.ExitStack() as stack:
+        # devices=[] forks the CPU generator only; device_type is named only for a device (torch < 2.13 rejects None)
+        fork = (dict(devices=[]) if self.dev_rng is None or self.dev == "cpu" else
+                dict(devices=self.dev_rng[0], device_type=self.dev))
+        with torch.random.fork_rng(**fork), contextlib.ExitStack() as stack:
             torch.set_rng_state(self.cpu_rng)
             if self.dev_rng is not None:
                 set_device_states(*self.dev_rng, device_type=self.dev)
