@@ -226,7 +226,7 @@ def test_generate_refuses_token_ids_outside_the_vocabulary():
     assert ok[0] == ok[1] and len(ok[0][0]) == 5
 
 
-def _train_tp_with(rank, world, bad):
+def _train_tp_with(rank, world, bad, where=0):
     from examples.gpt import GPT
     from parallel.config import load_config
     from parallel.engine import parallelize
@@ -239,9 +239,10 @@ def _train_tp_with(rank, world, bad):
     torch.manual_seed(0)
     engine = parallelize(GPT(**kw), cfg, Mesh(dp=1, tp=world))
     x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
-    x[0, 3] = bad
+    inputs, targets = x[:, :-1].clone(), x[:, 1:].clone()
+    (targets if where else inputs)[0, 3] = bad      # where = 1: the bad id in the targets only
     try:
-        return engine.train_step((x[:, :-1], x[:, 1:]))
+        return engine.train_step((inputs, targets))
     except RuntimeError as e:
         return str(e)
 
@@ -255,4 +256,16 @@ def test_an_id_outside_the_vocabulary_stops_a_tp_run():
         assert all(isinstance(o, str) and "VocabParallelEmbedding: a token id is outside [0, 64), the vocabulary of "
                    "the embedding split over tp = 2" in o for o in out), out
     ok = run_ranks(_train_tp_with, 2, 63)
+    assert isinstance(ok[0], float) and ok[0] == ok[1]
+
+
+def test_a_target_outside_the_vocabulary_stops_a_tp_run():
+    """The same for a target id (not -100) at tp = 2: the vocab-parallel loss picked a 0 logit for it and returned a
+    finite, wrong loss (F.cross_entropy in one process raises "Target 64 is out of bounds")."""
+    from harness import run_ranks
+    for bad in (64, -1):
+        out = run_ranks(_train_tp_with, 2, bad, 1)
+        assert all(isinstance(o, str) and "vocab_parallel_cross_entropy: a target id is outside [0, 64), the "
+                   "vocabulary split over tp = 2, and is not ignore_index=-100" in o for o in out), out
+    ok = run_ranks(_train_tp_with, 2, -100, 1)                # ignore_index still means "not scored"
     assert isinstance(ok[0], float) and ok[0] == ok[1]

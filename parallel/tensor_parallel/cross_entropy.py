@@ -27,6 +27,13 @@ class _VocabParallelCE(torch.autograd.Function):
         comm.all_reduce(m, group, op="max")
         z.sub_(m.unsqueeze(-1))
         valid = t != ignore_index
+        # a target outside [0, V) owned by no rank would score a picked logit of 0: a finite, wrong loss
+        # (F.cross_entropy raises "Target 64 is out of bounds"); checked on the device, no host sync
+        torch._assert_async((~valid | ((t >= 0) & (t < v_local * group.size))).all(),
+                            f"vocab_parallel_cross_entropy: a target id is outside [0, {v_local * group.size}), the "
+                            f"vocabulary split over tp = {group.size}, and is not ignore_index={ignore_index} "
+                            f"(F.cross_entropy raises 'Target out of bounds'): fix the labels, or raise the model's "
+                            f"vocab_size")
         local = t - start
         mine = (local >= 0) & (local < v_local) & valid
         idx = torch.where(mine, local, 0)
