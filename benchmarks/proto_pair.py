@@ -43,8 +43,16 @@ def _build(name, kw, per, world, rank):
         zo.can_direct = keep
 
 
+def _ptr(t):
+    """The data pointer of ``t``'s storage, or None (a DTensor's wrapper, a storage resized to 0)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
 def _counted(row) -> dict:
-    """One step of ``row`` counted (module docstring)."""
+    """One step of ``row`` counted (module docstring); ``ops``: {aten op: [calls, MB written or allocated]}."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -52,23 +60,32 @@ def _counted(row) -> dict:
         def __init__(self):
             super().__init__()
             self.c = {"aten calls": 0, "copy_ MB": 0.0, "allocated MB": 0.0}
+            self.ops: dict = {}
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             self.c["aten calls"] += 1
             name = func.overloadpacket.__name__
+            op = self.ops.setdefault(name, [0, 0.0])
+            op[0] += 1
             if name == "copy_":
-                self.c["copy_ MB"] += args[0].numel() * args[0].element_size() / 1e6
-            elif isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in {   # a new storage
-                    t.untyped_storage().data_ptr() for t in list(args) + list((kwargs or {}).values())
-                    if isinstance(t, torch.Tensor)}:
-                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6
+                mb = args[0].numel() * args[0].element_size() / 1e6
+                self.c["copy_ MB"] += mb
+                op[1] += mb
+            elif isinstance(out, torch.Tensor) and _ptr(out) not in {   # a new storage
+                    _ptr(t) for t in list(args) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)}:
+                try:
+                    mb = out.untyped_storage().nbytes() / 1e6
+                except RuntimeError:
+                    mb = 0.0
+                self.c["allocated MB"] += mb
+                op[1] += mb
             return out
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with Count() as m:
         row.step()
         row.finish()
-    return {**m.c, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
+    return {**m.c, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, "ops": m.ops}
 
 
 def _rank(rank, world, port, opts, q):
@@ -126,6 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", action="store_true", help="counts of one step per row instead of timings")
+    ap.add_argument("--ops", action="store_true", help="with --count: rank 0's calls per aten op, per row")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp
     q = mp.get_context("spawn").Queue()
@@ -139,7 +157,12 @@ def main(argv=None) -> int:
         for (r, i), name in ((ri, a.rows[ri[1]]) for ri in [(r, i) for r in (0, 1) for i in range(len(a.rows))]):
             c = got[r][i]
             print(f"  rank {r} {name:18s} " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in c.items()))
+                                            for k, v in c.items() if k != "ops"))
+        if a.ops:
+            for i, name in enumerate(a.rows):
+                print(f"  rank 0 {name}: aten op calls (MB written by copy_ or allocated)")
+                for op, (n, mb) in sorted(got[0][i]["ops"].items(), key=lambda kv: -kv[1][0]):
+                    print(f"    {op:34s} {n:6d}  {mb:9.1f}")
         return 0
     times, faults = q.get(timeout=30)
     print(f"== {a.size}, {a.rounds} paired rounds, slowest rank per step (loaded machine unless stated)")

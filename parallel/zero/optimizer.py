@@ -157,7 +157,7 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         self.reducer = GradReducer(self.buckets, dp_group, "all_reduce" if self.stage == 0 else "reduce_scatter",
                                    self.prec.param_dtype, keep_full_grads=self.stage < 2, deferred=self.deferred,
                                    on_grad=self.stage3.on_grad if self.stage3 else None,
-                                   on_reduced=self._update_early if early else None)
+                                   on_reduced=self._update_early if early else None, from_grads=self.stage == 3)
         if self.stage == 0:                            # the unused-parameter flag rides in the last bucket's all-reduce
             carry_unused(self.reducer, lambda g: local_missing(self.buckets, g, self.group))
 
