@@ -2,7 +2,11 @@
 seeded), the slowest rank's time each; printed per row: median ms, the median of per-round ratios to the first
 row with [min, max], and minor page faults per step (fresh 4 KiB pages, rank 0). A row name ending in
 ``:bucket`` builds our engine with ZeRO stage 0's gradient bucket forced even at dp = 1 (the path before
-parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run.
+parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run;
+``:flat`` (ZeRO-3) reduce-scatters through the flat gradient buffer (the path before
+parallel/data_parallel/grad_parts.py).
+
+    python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:flat --rounds 15
 
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --rounds 20
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --count   # load-free counts
@@ -35,12 +39,15 @@ def _build(name, kw, per, world, rank):
     keep = zo.can_direct
     if variant == "bucket":
         zo.can_direct = lambda *a: False
-    elif variant:
-        raise ValueError(f"row {name!r}: the only variant is ':bucket'")
+    elif variant not in ("", "flat"):
+        raise ValueError(f"row {name!r}: the variants are ':bucket' and ':flat'")
     try:
-        return proto_rows.build(base, kw, per, world, rank)
+        row = proto_rows.build(base, kw, per, world, rank)
     finally:
         zo.can_direct = keep
+    if variant == "flat":           # ZeRO-3 via the flat gradient buffer (before parallel/data_parallel/grad_parts.py)
+        row.engine.zero.reducer.from_grads = False
+    return row
 
 
 def _ptr(t):

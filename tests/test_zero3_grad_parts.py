@@ -4,8 +4,9 @@ FSDP2 copies too), and every number is bitwise the flat path's.
 
 * the parts ring equals the flat ring bitwise, for parts cut at odd places and more than 64 messages (tag blocks);
 * a GPT trained with ZeRO-3 at dp = 2 on the ring: the bytes written by ``copy_`` outside the parameter
-  gathers are a few scalars a step (the flat path: 4Ψ more, every gradient copied once), no full-gradient buffer is allocated,
-  and losses and updated shards are bitwise those of the flat path (and one process's to 1e-5).
+  gathers are a few scalars a step (the flat path: 4Ψ more, every gradient copied once), no full-gradient
+  buffer is allocated, and losses and updated shards are bitwise those of the flat path (and one process's
+  to 1e-5).
 """
 import torch
 from harness import run_ranks

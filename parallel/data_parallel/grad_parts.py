@@ -8,7 +8,7 @@ from the gradients themselves and this rank's half is received into the gradient
 ``shard ← recv + own``, the same a + b per element as the flat ring, so the reduced shard, the division by N
 after it and every later number are bitwise those of the flat path.
 
-Where it applies (:func:`by_parts`): a reducer built with ``from_grads=True`` (ZeRO stage 3), one micro-batch
+Where it applies (:func:`by_parts`): a :class:`PartsReducer` (ZeRO stage 3's reducer), one micro-batch
 (``prepare_step(1)``: later micro-batches would accumulate into the flat buffer), not 1-bit Adam's local phase,
 fp32 gradients, a bucket on the dp group itself (no expert group or divisor), not deferred, not a region's
 ``at_finish`` unit, and a reduce-scatter that runs on the ring at N = 2 (:func:`~parallel.comm.ring_parts.
@@ -17,7 +17,7 @@ parts_fit`). Anything else takes the flat buffer as before.
 Memory: the gradients a bucket got stay in ``p.grad`` until its reduction completes (then ``p.grad = None``),
 where the flat path held them in a flat buffer of the same size (and kept two such buffers, each the largest
 bucket's size, from one step to the next: here none). As the flat path retires an older reduction before
-taking a buffer, :func:`launch_parts` retires all but the newest in-flight reduction before launching: at
+taking a buffer, :meth:`PartsReducer._launch` retires all but the newest in-flight reduction before launching: at
 most two buckets' gradients are held by reductions at once.
 """
 from __future__ import annotations
@@ -26,8 +26,49 @@ import torch
 
 from parallel.comm.collectives import reduce_scatter_parts_into
 from parallel.comm.ring_parts import parts_fit
+from parallel.data_parallel.reducer import GradReducer
 
-__all__ = ["by_parts", "launch_parts", "release_parts"]
+__all__ = ["PartsReducer", "by_parts"]
+
+
+class PartsReducer(GradReducer):
+    """:class:`GradReducer` (stage 2/3 mode) that reduces a bucket straight from its parameters' gradients
+    where :func:`by_parts` allows, and as its parent otherwise. ``from_grads = False`` turns it off (A/B)."""
+
+    from_grads = True
+
+    def _absorb(self, b, i, p) -> None:
+        if not by_parts(self, b):                    # else p.grad stays where autograd put it until reduced
+            super()._absorb(b, i, p)
+
+    def _launch(self, b, where: str) -> None:
+        if not by_parts(self, b):
+            return super()._launch(b, where)
+        while len(self._inflight) > 1:               # as GradReducer._flat_buffer: retire the older reduction
+            self._finalize(*self._inflight.pop(0))
+        dev = b.params[0].device
+        parts = [torch.zeros(n, dtype=self.dtype, device=dev) if p.grad is None else p.grad.reshape(-1)
+                 for p, n in zip(b.params, b.sizes)]     # (zeros: a parameter that got no gradient)
+        if b.padded > b.numel:
+            parts.append(torch.zeros(b.padded - b.numel, dtype=self.dtype, device=dev))
+        out = b.shard_grad                           # last step's shard, as GradReducer._launch
+        if out is None or out.shape != (b.shard,) or out.dtype != self.dtype or out.device != dev:
+            out = torch.empty(b.shard, dtype=self.dtype, device=dev)
+        b.parts = parts                              # alive until the reduction completes
+        self._inflight.append((b, reduce_scatter_parts_into(out, parts, self.group, async_op=True), out))
+        self.launches[where] += 1
+        self._poll()
+
+    def _finalize(self, b, work, out) -> None:
+        if b.flat_grad is not None or getattr(b, "parts", None) is None:
+            return super()._finalize(b, work, out)
+        work.wait()
+        out.div_(self.group.size)                    # fp32: the mean on the shard, as GradReducer._finalize
+        b.shard_grad, b.parts = out, None
+        for p in b.params:                           # reduced: the full gradients go
+            p.grad = None
+        if self.on_reduced is not None:
+            self.on_reduced(b)
 
 
 def by_parts(red, b) -> bool:
@@ -36,29 +77,3 @@ def by_parts(red, b) -> bool:
             and not red.keep_full and red.dtype == torch.float32 and b.group is None and b.grad_div is None
             and not b.deferred and not getattr(b, "at_finish", False)
             and parts_fit(red.group, b.padded, red.dtype, b.params[0].device))
-
-
-def launch_parts(red, b):
-    """Start ``b``'s reduce-scatter from its gradients (zeros for a parameter that got none, and for the
-    padding) into its kept gradient shard; returns (work, out)."""
-    while len(red._inflight) > 1:                   # as GradReducer._flat_buffer: retire the older reduction
-        red._finalize(*red._inflight.pop(0))
-    dev = b.params[0].device
-    parts = []
-    for p, n in zip(b.params, b.sizes):
-        g = p.grad
-        parts.append(torch.zeros(n, dtype=red.dtype, device=dev) if g is None else g.reshape(-1).to(red.dtype))
-    if b.padded > b.numel:
-        parts.append(torch.zeros(b.padded - b.numel, dtype=red.dtype, device=dev))
-    out = b.shard_grad
-    if out is None or out.shape != (b.shard,) or out.dtype != red.dtype or out.device != dev:
-        out = torch.empty(b.shard, dtype=red.dtype, device=dev)
-    b.parts = parts                                  # alive until the reduction completes
-    return reduce_scatter_parts_into(out, parts, red.group, async_op=True), out
-
-
-def release_parts(b) -> None:
-    """``b``'s reduction has completed: its gradients are in the shard; drop the full ones."""
-    b.parts = None
-    for p in b.params:
-        p.grad = None

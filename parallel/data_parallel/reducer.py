@@ -43,7 +43,6 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.comm.ring import release_scratch, use_ring
 from parallel.data_parallel.bucket import FlatBucket
-from parallel.data_parallel.grad_parts import by_parts, launch_parts, release_parts
 from parallel.data_parallel.unused_flag import place_carriers, with_flag
 
 __all__ = ["GradReducer", "KEEP_BUFFERS"]
@@ -70,13 +69,12 @@ class GradReducer:
 
     def __init__(self, buckets: list, group: Group, mode: str, grad_dtype: torch.dtype,
                  keep_full_grads: bool, deferred: FlatBucket | None = None, on_grad=None,
-                 max_inflight: int = 2, auto_reset: bool = False, on_reduced=None, from_grads: bool = False):
+                 max_inflight: int = 2, auto_reset: bool = False, on_reduced=None):
         if mode not in ("all_reduce", "reduce_scatter"):
             raise ValueError(f"GradReducer mode {mode!r}: use 'all_reduce' or 'reduce_scatter'")
         self.buckets, self.deferred, self.group, self.mode = list(buckets), deferred, group, mode
         self.dtype, self.keep_full, self.on_grad = grad_dtype, keep_full_grads, on_grad
         self.on_reduced = on_reduced                     # on_reduced(b) once b's reduced shard is in place
-        self.from_grads = from_grads                     # stage 3: reduce-scatter from p.grad (.grad_parts)
         self.max_inflight, self.auto_reset = max_inflight, auto_reset
         self.expected = 1
         self.local = False                               # set by ZeRO for 1-bit Adam: hooks reduce nothing
@@ -176,7 +174,7 @@ class GradReducer:
             elif p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)          # p.grad was reset (None) and re-created by autograd
             p.grad = view
-        elif p.grad is not None and not by_parts(self, b):     # (by parts: p.grad stays until reduced)
+        elif p.grad is not None:
             if b.flat_grad is None:                     # stage 2/3: the first gradient is copied, not added to
                 b.flat_grad = self._flat_buffer(b, p.device)                             # zeros (8 B/element)
                 b.flat_grad[b.numel:].zero_()
@@ -259,10 +257,6 @@ class GradReducer:
         return getattr(self.buckets[pos], "at_finish", False)
 
     def _launch(self, b: FlatBucket, where: str) -> None:
-        if by_parts(self, b):                            # ZeRO-3 over two ranks: no flat buffer (.grad_parts)
-            self._inflight.append((b, *launch_parts(self, b)))
-            self.launches[where] += 1
-            return self._poll()
         if b.flat_grad is None:
             b.flat_grad = self._flat_buffer(b, b.params[0].device).zero_()
         elif not self.keep_full:                         # parameters that got no gradient this step count as 0
@@ -306,10 +300,7 @@ class GradReducer:
                 mine.copy_(out)                          # stage 1: only the owned shard is reduced
         else:                                            # stage 2/3: the full gradient's buffer goes to the
             g = b.flat_grad                              # next bucket of this step (dropped in finish())
-            if g is None:
-                release_parts(b)                         # reduced from p.grad (.grad_parts): drop those
-            else:
-                self._spare.append(g if g._base is None else g._base)
+            self._spare.append(g if g._base is None else g._base)
             b.shard_grad, b.flat_grad = out, None
             if self.on_reduced is not None and not b.deferred:
                 self.on_reduced(b)
