@@ -1,6 +1,8 @@
 """Paired rounds of a few protocol rows, the first as the reference: per round each row steps once (order shuffled,
 seeded), the slowest rank's time each; printed per row: median ms, the median of per-round ratios to the first
-row with [min, max], and minor page faults per step (fresh 4 KiB pages, rank 0). A row name ending in
+row with [min, max], and minor page faults per step (fresh 4 KiB pages, rank 0); then the same for the CPU
+time of each step (``time.process_time``: every thread of a rank, summed over the ranks), which other agents'
+load moves less than the wall clock, and both ratios for every further pair of rows. A row name ending in
 ``:bucket`` builds our engine with ZeRO stage 0's gradient bucket forced even at dp = 1 (the path before
 parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run;
 ``:flat`` (ZeRO-3) reduce-scatters through the flat gradient buffer (the path before
@@ -119,6 +121,7 @@ def _rank(rank, world, port, opts, q):
             q.put((rank, [_counted(row) for row in rows]))
             return
         times = torch.zeros(opts["rounds"], len(rows), dtype=torch.float64)
+        cpu = torch.zeros_like(times)           # CPU seconds of the step (every thread), summed over the ranks
         faults = [[] for _ in rows]
         gc.collect()
         gc.disable()
@@ -128,15 +131,16 @@ def _rank(rank, world, port, opts, q):
             for i in order:
                 dist.barrier()
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 rows[i].step()
                 rows[i].finish()
-                times[r, i] = time.perf_counter() - t0
+                times[r, i], cpu[r, i] = time.perf_counter() - t0, time.process_time() - c0
                 faults[i].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         gc.enable()
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        dist.all_reduce(cpu)
         if rank == 0:
-            q.put((times.tolist(), [statistics.median(f) for f in faults]))
+            q.put((times.tolist(), [statistics.median(f) for f in faults], cpu.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -171,13 +175,23 @@ def main(argv=None) -> int:
                 for op, (n, mb) in sorted(got[0][i]["ops"].items(), key=lambda kv: -kv[1][0]):
                     print(f"    {op:34s} {n:6d}  {mb:9.1f}")
         return 0
-    times, faults = q.get(timeout=30)
+    times, faults, cpu = q.get(timeout=30)
     print(f"== {a.size}, {a.rounds} paired rounds, slowest rank per step (loaded machine unless stated)")
     for i, name in enumerate(a.rows):
         col = [t[i] for t in times]
         ratio = [t[i] / t[0] for t in times]
         print(f"  {name:18s} {statistics.median(col) * 1e3:9.1f} ms   ÷ {a.rows[0]}: {statistics.median(ratio):.3f} "
               f"[{min(ratio):.3f}, {max(ratio):.3f}]   faults/step {faults[i]:.0f}")
+    print("  CPU time per step (all threads, both ranks: less sensitive to other load than the wall clock)")
+    for i, name in enumerate(a.rows):
+        ratio = [c[i] / c[0] for c in cpu]
+        print(f"  {name:18s} {statistics.median(c[i] for c in cpu) * 1e3:9.1f} ms   ÷ {a.rows[0]}: "
+              f"{statistics.median(ratio):.3f} [{min(ratio):.3f}, {max(ratio):.3f}]")
+    for j in range(1, len(a.rows)):          # every further pair, wall and CPU
+        for i in range(j + 1, len(a.rows)):
+            w, c = ([t[j] / t[i] for t in x] for x in (times, cpu))
+            print(f"  {a.rows[j]} ÷ {a.rows[i]}: wall {statistics.median(w):.3f} [{min(w):.3f}, {max(w):.3f}], "
+                  f"CPU {statistics.median(c):.3f} [{min(c):.3f}, {max(c):.3f}]")
     return 0
 
 
