@@ -1,8 +1,14 @@
 """Paired rounds of a few protocol rows, the first as the reference: per round each row steps once (order shuffled,
 seeded), the slowest rank's time each; printed per row: median ms, the median of per-round ratios to the first
-row with [min, max], and minor page faults per step (fresh 4 KiB pages, rank 0). A row name ending in
+row with [min, max], and minor page faults per step (fresh 4 KiB pages, rank 0); then the same for the CPU
+time of each step (``time.process_time``: every thread of a rank, summed over the ranks), which other agents'
+load moves less than the wall clock, and both ratios for every further pair of rows. A row name ending in
 ``:bucket`` builds our engine with ZeRO stage 0's gradient bucket forced even at dp = 1 (the path before
-parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run.
+parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run;
+``:flat`` (ZeRO-3) reduce-scatters through the flat gradient buffer (the path before
+parallel/data_parallel/grad_parts.py).
+
+    python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:flat --rounds 15
 
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --rounds 20
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --count   # load-free counts
@@ -36,46 +42,61 @@ def _build(name, kw, per, world, rank):
     keep = zo.can_direct
     if variant == "bucket":
         zo.can_direct = lambda *a: False
-    elif variant:
-        raise ValueError(f"row {name!r}: the only variant is ':bucket'")
+    elif variant not in ("", "flat"):
+        raise ValueError(f"row {name!r}: the variants are ':bucket' and ':flat'")
     try:
-        return proto_rows.build(base, kw, per, world, rank)
+        row = proto_rows.build(base, kw, per, world, rank)
     finally:
         zo.can_direct = keep
+    if variant == "flat":           # ZeRO-3 via the flat gradient buffer (before parallel/data_parallel/grad_parts.py)
+        row.engine.zero.reducer.from_grads = False
+    return row
+
+
+def _ptr(t):
+    """The data pointer of ``t``'s storage, or None (a DTensor's wrapper, a storage resized to 0)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
 
 
 def _counted(row) -> dict:
-    """One step of ``row`` counted (module docstring)."""
+    """One step of ``row`` counted (module docstring); ``ops``: {aten op: [calls, MB written or allocated]}."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    def _ptr(t):                 # a tensor subclass (DTensor, FSDP2's sharded parameter) has no plain storage
-        try:
-            return t.untyped_storage().data_ptr()
-        except RuntimeError:
-            return 0
 
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
             self.c = {"aten calls": 0, "DTensor calls": 0, "copy_ MB": 0.0, "allocated MB": 0.0}
+            self.ops: dict = {}
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             self.c["aten calls"] += 1
             self.c["DTensor calls"] += any(t.__name__ == "DTensor" for t in types)
             name = func.overloadpacket.__name__
+            op = self.ops.setdefault(name, [0, 0.0])
+            op[0] += 1
             if name == "copy_":
-                self.c["copy_ MB"] += args[0].numel() * args[0].element_size() / 1e6
+                mb = args[0].numel() * args[0].element_size() / 1e6
+                self.c["copy_ MB"] += mb
+                op[1] += mb
             elif isinstance(out, torch.Tensor) and _ptr(out) not in {   # a new storage
                     _ptr(t) for t in list(args) + list((kwargs or {}).values()) if isinstance(t, torch.Tensor)}:
-                self.c["allocated MB"] += out.untyped_storage().nbytes() / 1e6 if _ptr(out) else 0.0
+                try:
+                    mb = out.untyped_storage().nbytes() / 1e6
+                except RuntimeError:
+                    mb = 0.0
+                self.c["allocated MB"] += mb
+                op[1] += mb
             return out
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with Count() as m:
         row.step()
         row.finish()
-    return {**m.c, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
+    return {**m.c, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, "ops": m.ops}
 
 
 def _rank(rank, world, port, opts, q):
@@ -102,6 +123,7 @@ def _rank(rank, world, port, opts, q):
             q.put((rank, [_counted(row) for row in rows]))
             return
         times = torch.zeros(opts["rounds"], len(rows), dtype=torch.float64)
+        cpu = torch.zeros_like(times)           # CPU seconds of the step (every thread), summed over the ranks
         faults = [[] for _ in rows]
         gc.collect()
         gc.disable()
@@ -111,15 +133,16 @@ def _rank(rank, world, port, opts, q):
             for i in order:
                 dist.barrier()
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 rows[i].step()
                 rows[i].finish()
-                times[r, i] = time.perf_counter() - t0
+                times[r, i], cpu[r, i] = time.perf_counter() - t0, time.process_time() - c0
                 faults[i].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         gc.enable()
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        dist.all_reduce(cpu)
         if rank == 0:
-            q.put((times.tolist(), [statistics.median(f) for f in faults]))
+            q.put((times.tolist(), [statistics.median(f) for f in faults], cpu.tolist()))
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", action="store_true", help="counts of one step per row instead of timings")
+    ap.add_argument("--ops", action="store_true", help="with --count: rank 0's calls per aten op, per row")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp
     q = mp.get_context("spawn").Queue()
@@ -146,15 +170,30 @@ def main(argv=None) -> int:
         for (r, i), name in ((ri, a.rows[ri[1]]) for ri in [(r, i) for r in (0, 1) for i in range(len(a.rows))]):
             c = got[r][i]
             print(f"  rank {r} {name:18s} " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in c.items()))
+                                            for k, v in c.items() if k != "ops"))
+        if a.ops:
+            for i, name in enumerate(a.rows):
+                print(f"  rank 0 {name}: aten op calls (MB written by copy_ or allocated)")
+                for op, (n, mb) in sorted(got[0][i]["ops"].items(), key=lambda kv: -kv[1][0]):
+                    print(f"    {op:34s} {n:6d}  {mb:9.1f}")
         return 0
-    times, faults = q.get(timeout=30)
+    times, faults, cpu = q.get(timeout=30)
     print(f"== {a.size}, {a.rounds} paired rounds, slowest rank per step (loaded machine unless stated)")
     for i, name in enumerate(a.rows):
         col = [t[i] for t in times]
         ratio = [t[i] / t[0] for t in times]
         print(f"  {name:18s} {statistics.median(col) * 1e3:9.1f} ms   ÷ {a.rows[0]}: {statistics.median(ratio):.3f} "
               f"[{min(ratio):.3f}, {max(ratio):.3f}]   faults/step {faults[i]:.0f}")
+    print("  CPU time per step (all threads, both ranks: less sensitive to other load than the wall clock)")
+    for i, name in enumerate(a.rows):
+        ratio = [c[i] / c[0] for c in cpu]
+        print(f"  {name:18s} {statistics.median(c[i] for c in cpu) * 1e3:9.1f} ms   ÷ {a.rows[0]}: "
+              f"{statistics.median(ratio):.3f} [{min(ratio):.3f}, {max(ratio):.3f}]")
+    for j in range(1, len(a.rows)):          # every further pair, wall and CPU
+        for i in range(j + 1, len(a.rows)):
+            w, c = ([t[j] / t[i] for t in x] for x in (times, cpu))
+            print(f"  {a.rows[j]} ÷ {a.rows[i]}: wall {statistics.median(w):.3f} [{min(w):.3f}, {max(w):.3f}], "
+                  f"CPU {statistics.median(c):.3f} [{min(c):.3f}, {max(c):.3f}]")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.comm.ring import ring_all_gather, ring_reduce_scatter, use_ring
+from parallel.comm.ring_parts import ring_reduce_scatter_parts
 
 __all__ = ["CommStats", "Group", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_gather_into",
            "reduce_scatter_into"]
@@ -171,6 +172,15 @@ def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group: Group, op:
         return ring_reduce_scatter(out.view(-1), full.reshape(-1), group, async_op=async_op)
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return _quiet(fn, out, full, op=_REDUCE_OPS[op], group=group.pg, async_op=async_op)
+
+
+def reduce_scatter_parts_into(out: torch.Tensor, parts: list, group: Group, async_op: bool = False):
+    """:func:`reduce_scatter_into` of the flat vector ``torch.cat(parts)`` without building it: two ranks on the
+    gloo ring only (:mod:`parallel.comm.ring_parts`); recorded as that reduce-scatter (M = bytes of the parts)."""
+    m = sum(_nbytes(t) for t in parts)
+    _trace(group, "reduce_scatter", torch.empty((), dtype=out.dtype).expand(m // out.element_size()))
+    group.stats.record(group.axis, "reduce_scatter", m, _ring(group.size, m))
+    return ring_reduce_scatter_parts(out.view(-1), parts, group, async_op=async_op)
 
 
 def _moved_back(out: torch.Tensor, work, dim: int, async_op: bool):

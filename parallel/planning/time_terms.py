@@ -22,7 +22,9 @@ None) the first gradient is copied into its view (read 4, write 4 + write-alloca
 over one rank in fp32 with an elementwise optimizer (every tp / pp layout without data parallelism), which keeps
 no bucket: p.grad is autograd's own tensor, 0 bytes (:func:`grad_moved`, parallel/zero/direct_grads.py). Stage 2/3
 allocate the flat gradient (``torch.empty``) at the first gradient and copy each parameter's first gradient
-into it: 12 as well. Then the division by N in place (:data:`DIVIDE_MOVED`, 8): over the whole gradient
+into it: 12 as well (stage 3 over two gloo CPU ranks in fp32, one micro-batch: 0, reduce-scattered from p.grad
+itself, parallel/data_parallel/grad_parts.py). Then the division by N in place (:data:`DIVIDE_MOVED`, 8): over the
+whole gradient
 before stage 0's all-reduce (20 in all), over the shard only after a reduce-scatter of fp32 gradients at
 stages 1–3 (8/N per local element; before it divided the whole gradient and stage 1 copied its reduced
 shard back, 8/N more; parallel/data_parallel/reducer.py). The global

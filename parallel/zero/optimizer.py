@@ -46,7 +46,7 @@ import torch.nn as nn
 from parallel.comm import Group
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
-from parallel.data_parallel.reducer import GradReducer
+from parallel.data_parallel.grad_parts import GradReducer, PartsReducer
 from parallel.data_parallel.unused_flag import carry_unused, unused_totals
 from parallel.moe.zero_buckets import expert_buckets, expert_units, split_expert_params
 from parallel.parameters import param_info
@@ -154,10 +154,10 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         if self.direct:
             self.reducer = DirectReducer(self.buckets, dp_group, "all_reduce", self.prec.param_dtype, self.deferred)
             return
-        self.reducer = GradReducer(self.buckets, dp_group, "all_reduce" if self.stage == 0 else "reduce_scatter",
-                                   self.prec.param_dtype, keep_full_grads=self.stage < 2, deferred=self.deferred,
-                                   on_grad=self.stage3.on_grad if self.stage3 else None,
-                                   on_reduced=self._update_early if early else None)
+        self.reducer = (PartsReducer if self.stage == 3 else GradReducer)(  # 3: from p.grad (data_parallel/grad_parts)
+            self.buckets, dp_group, "all_reduce" if self.stage == 0 else "reduce_scatter", self.prec.param_dtype,
+            keep_full_grads=self.stage < 2, deferred=self.deferred, on_reduced=self._update_early if early else None,
+            on_grad=self.stage3.on_grad if self.stage3 else None)
         if self.stage == 0:                            # the unused-parameter flag rides in the last bucket's all-reduce
             carry_unused(self.reducer, lambda g: local_missing(self.buckets, g, self.group))
 
