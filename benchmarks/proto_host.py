@@ -52,9 +52,6 @@ The rest of what the DTensor row does differently from our layout, which the pla
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.distributed as dist
 
@@ -70,18 +67,8 @@ FSDP2_ROWS = ("fsdp2", "fsdp2_prefetch", "fsdp2_ring")
 
 def _per_call(fn, calls: int, reps: int) -> float:
     """Median over ``reps`` of the slowest rank's seconds per call of ``fn`` (which makes ``calls`` calls)."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        if dist.is_initialized():
-            dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) / calls)
-    t = torch.tensor(ts, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return statistics.median(t.tolist())
+    from benchmarks.proto_calib import _timed  # proto_calib imports this module: a late import
+    return _timed(fn, reps) / calls
 
 
 def _adamw_per_param(params: list, reps: int, steps: int = 10) -> float:
