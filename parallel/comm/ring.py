@@ -82,7 +82,12 @@ def use_ring(group, t: torch.Tensor) -> bool:
     """True for a gloo group of ≥ 2 ranks and a CPU tensor of at least ``MIN_BYTES``. The backend is
     looked up per call (a dict lookup in c10d), not cached by group: a module-level cache keyed by the
     process group kept every group alive, and with it gloo's threads, past destroy_process_group."""
-    if group.size < 2 or t.device.type != "cpu" or t.numel() * t.element_size() < MIN_BYTES:
+    return ring_fits(group, t.numel() * t.element_size(), t.device)
+
+
+def ring_fits(group, nbytes: int, device) -> bool:
+    """:func:`use_ring` for ``nbytes`` on ``device`` without a tensor (a vector not yet built)."""
+    if group.size < 2 or torch.device(device).type != "cpu" or nbytes < MIN_BYTES:
         return False
     try:
         return dist.get_backend(group.pg) == "gloo"

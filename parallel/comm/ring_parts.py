@@ -44,12 +44,7 @@ def cuts(sizes: list, lo: int, hi: int, sub: int) -> list:
 
 def parts_fit(group, numel: int, dtype: torch.dtype, device) -> bool:
     """Whether a reduce-scatter of ``numel`` elements over ``group`` runs on the ring at N = 2 (this path)."""
-    if group.size != 2 or torch.device(device).type != "cpu" or numel * dtype.itemsize < ring.MIN_BYTES:
-        return False
-    try:                                              # as ring.use_ring, without a tensor
-        return dist.get_backend(group.pg) == "gloo"
-    except (RuntimeError, ValueError):
-        return False
+    return group.size == 2 and ring.ring_fits(group, numel * dtype.itemsize, device)
 
 
 def _steps(out, parts, group, tags):

@@ -68,9 +68,8 @@ def optimizer_seconds(owned: int, tr: TrainSpec, hw: Hardware, local_grads: int 
     ``zero`` over ``n`` ranks; each micro-batch after the first adds its gradient) over ``local_grads``
     elements, at ``hw.mem_bandwidth`` (0 when not modelled; time_terms)."""
     per = optimizer_moved(tr.optimizer, tr.momentum) + NORM_MOVED
-    grads = grad_moved(zero, n, tr.precision, tr.optimizer, ep) + (micro_batches - 1) * ACCUM_MOVED
-    if zero == 3 and n == 2 and micro_batches == 1 and tr.precision == "fp32" and ep == 1 and hw.comm_shares_core:
-        grads = 0            # reduce-scattered from p.grad on the gloo ring, no flat copy (data_parallel/grad_parts.py)
+    grads = (grad_moved(zero, n, tr.precision, tr.optimizer, ep, micro_batches, gloo_ring=hw.comm_shares_core)
+             + (micro_batches - 1) * ACCUM_MOVED)
     divided = 0 if n == 1 else local_grads / n if zero > 0 and tr.precision == "fp32" else local_grads  # reducer.py
     return memory_seconds(owned * per + local_grads * grads + divided * DIVIDE_MOVED, hw)
 

@@ -122,12 +122,16 @@ BUSY_PER_WIRE = {"all_gather": 4.0, "send": 2.0, "recv": 2.0, "reduce_scatter": 
                  "all_reduce": 5.5}    # all-reduce = reduce-scatter then all-gather, half the wire each
 
 
-def grad_moved(zero: int, n: int, precision: str = "fp32", optimizer: str = "adamw", ep: int = 1) -> int:
+def grad_moved(zero: int, n: int, precision: str = "fp32", optimizer: str = "adamw", ep: int = 1,
+               micro_batches: int = 1, gloo_ring: bool = False) -> int:
     """Bytes moved per local gradient element to put a step's first gradient in place (module docstring): 0
     where the engine keeps ``p.grad`` itself (parallel/zero/direct_grads.py: ZeRO stage 0 over ``n`` = 1 rank,
-    fp32, an elementwise optimizer, no experts), else :data:`GRAD_MOVED` of the stage."""
+    fp32, an elementwise optimizer, no experts) or reduce-scatters straight from it (ZeRO-3 over ``n`` = 2 ranks
+    on the gloo ring, fp32, one micro-batch, no experts: parallel/data_parallel/grad_parts.py), else
+    :data:`GRAD_MOVED` of the stage."""
     direct = zero == 0 and n == 1 and precision == "fp32" and optimizer in ("adamw", "adam", "sgd") and ep == 1
-    return 0 if direct else GRAD_MOVED[zero]
+    parts = zero == 3 and n == 2 and precision == "fp32" and ep == 1 and micro_batches == 1 and gloo_ring
+    return 0 if direct or parts else GRAD_MOVED[zero]
 
 
 def memory_seconds(moved_bytes: float, hw: Hardware) -> float:
