@@ -46,7 +46,7 @@ SIZES = {"tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, seq_len=32
          "1b": dict(n_embd=2048, n_layer=20, n_head=16, vocab_size=32768, seq_len=2048)}
 
 
-def _engine(kw, batch, zero, precision, device, activation=None, compile_=None):
+def _engine(kw, batch, zero, precision, device, activation=None, compile_=None, optimizer=None):
     from examples.gpt import GPT
     from parallel.config import load_config
     from parallel.engine import parallelize
@@ -55,7 +55,7 @@ def _engine(kw, batch, zero, precision, device, activation=None, compile_=None):
         "model": {"factory": "examples.gpt:build", "kwargs": kw},
         "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": batch, "micro_batch_size": batch,
                  "kwargs": {"n": batch, "seq_len": kw["seq_len"], "vocab_size": kw["vocab_size"]}},
-        "zero": zero, "precision": precision, "optimizer": {"name": "adamw", "lr": 1e-3},
+        "zero": zero, "precision": precision, "optimizer": optimizer or {"name": "adamw", "lr": 1e-3},
         "activation_checkpointing": activation or {"policy": "none"},
         "compile": compile_ or {"enabled": False}}).validate(1)
     torch.manual_seed(0)

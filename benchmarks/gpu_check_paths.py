@@ -23,24 +23,11 @@ KW = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, seq_len=32)
 
 
 def _train(device, precision="fp32", zero=None, optimizer=None, activation=None, steps=3):
-    from examples.gpt import GPT
-    from parallel.config import load_config
-    from parallel.engine import parallelize
-    from parallel.mesh import Mesh
-    cfg = load_config(data={
-        "model": {"factory": "examples.gpt:build", "kwargs": KW},
-        "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": 2, "micro_batch_size": 2,
-                 "kwargs": {"n": 2, "seq_len": KW["seq_len"], "vocab_size": KW["vocab_size"]}},
-        "zero": zero or {"stage": 1}, "precision": precision,
-        "optimizer": optimizer or {"name": "adamw", "lr": 1e-3},
-        "activation_checkpointing": activation or {"policy": "none"}}).validate(1)
-    torch.manual_seed(0)
-    eng = parallelize(GPT(**KW), cfg, Mesh(dp=1, device=device))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, KW["vocab_size"], (2, KW["seq_len"] + 1), generator=g).to(device)
-    losses = [eng.train_step((x[:, :-1], x[:, 1:])) for _ in range(steps)]
-    where = sorted({str(p.device) for p in eng.module.parameters()}) if hasattr(eng, "module") else []
-    return losses, where
+    from gpu_check import _batch, _engine  # the engine and batch gpu_check.py's own checks use
+    eng = _engine(KW, 2, zero or {"stage": 1}, precision, device, activation, optimizer=optimizer)
+    data = _batch(KW, 2, device)
+    losses = [eng.train_step(data) for _ in range(steps)]
+    return losses, sorted({str(p.device) for p in eng.module.parameters()})
 
 
 def run(device, check) -> None:
