@@ -143,6 +143,19 @@ def model_spec(kw: dict) -> ModelSpec:
                      seq=kw["seq_len"])
 
 
+def grad_elements(rec: dict, name: str) -> int:
+    """Ψ, the gradient elements a peer row's bookkeeping touches per rank (:data:`UPDATE_MOVED`'s per-gradient
+    bytes): the local row's owned elements where the part has one, else the row's own — times dp where it shards
+    them (ZeRO stage ≥ 1, FSDP2); a replicated row (DDP: stage 0) owns all Ψ already. Before session 11 every row
+    without a local row was multiplied by dp: DDP's bookkeeping counted twice on the parts that lack it (session
+    10's 5m part 1: ddp 1.173 × measured, 1.127 when counted once)."""
+    if "local" in rec["rows"]:
+        return rec["rows"]["local"]["owned"]
+    meta = rec["rows"][name]
+    lay = Layout(**meta["layout"])
+    return meta["owned"] * (lay.dp if lay.zero else 1)
+
+
 def predict_row(rec: dict, name: str, cal: dict):
     """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
     meta = rec["rows"][name]
@@ -155,7 +168,7 @@ def predict_row(rec: dict, name: str, cal: dict):
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours
         per_owned, per_grad = UPDATE_MOVED[name]
-        psi = rec["rows"]["local"]["owned"] if "local" in rec["rows"] else meta["owned"] * lay.dp
+        psi = grad_elements(rec, name)
         peer = memory_seconds(meta["owned"] * per_owned + psi * per_grad, hw)
         pred.step_s += peer - pred.update_s
         pred.update_s = peer

@@ -109,7 +109,7 @@ from parallel.planning.spec import Hardware
 
 __all__ = ["COUNTED_PER_MOVED", "OPT_MOVED", "FUSED_ADAM_MOVED", "GRAD_MOVED", "DIVIDE_MOVED", "ACCUM_MOVED",
            "NORM_MOVED", "BUSY_PER_WIRE", "grad_moved", "chain_terms", "chain_seconds", "stage3_waits",
-           "memory_seconds", "optimizer_moved", "busy_seconds", "exposed_dp", "tp_waits"]
+           "memory_seconds", "optimizer_moved", "busy_seconds", "exposed_dp", "tp_waits", "ring_chain_seconds"]
 
 COUNTED_PER_MOVED = 12 / 16          # STREAM-add bytes per byte the core moves (write-allocate of c)
 OPT_MOVED = {"adamw": 88, "adam": 80, "sgd_momentum": 32, "sgd": 12}
@@ -162,6 +162,8 @@ def exposed_dp(dp_ops: dict, zero: int, compute_s: float, span_s: float, hw: Har
     slowest stage's forward + backward of one micro-batch, ``span_s``: the schedule's makespan;
     ``seconds(ops, hw)``: the ops' latency + bandwidth time; ``hide_gather_s``: optimizer seconds the
     stage 1–2 parameter all-gathers run under (interleaved update; 0: two passes)."""
+    if zero in (1, 2) and hw.comm_shares_core and hw.chain_bandwidth:
+        seconds = ring_chain_seconds          # our ring's buckets: chained halves, as stage 3's units
     reduce = {op: c for op, c in dp_ops.items() if op != "all_gather"}
     gather_ops = {op: c for op, c in dp_ops.items() if op == "all_gather"}
     gather = seconds(gather_ops, hw)
@@ -193,6 +195,14 @@ def chain_terms(lat_pair: float, lat_rs: float, lat_ag: float, bw_pair: float, w
 def chain_seconds(ops: dict, hw: Hardware) -> float:
     """Σ_op calls·latency(op) + wire bytes / ``hw.chain_bw(op)``: the ops as links of a blocking chain."""
     return sum(c["calls"] * hw.lat(op) + c["wire_bytes"] / hw.chain_bw(op) for op, c in ops.items())
+
+
+def ring_chain_seconds(ops: dict, hw: Hardware) -> float:
+    """Stage 1–2 buckets on our ring (``hw.chain_bandwidth`` given) on CPU ranks: each reduce-scatter and
+    all-gather read as a chained half of the calibrated pair, as stage 3's units — :func:`chain_seconds` (its
+    latency, wire / b_chain) plus ``hw.chain_wait_s`` (δ/2) per ring call; the rest at their own figures."""
+    ring = sum(c["calls"] for op, c in ops.items() if op in dict(hw.chain_bandwidth))
+    return chain_seconds(ops, hw) + hw.chain_wait_s * ring
 
 
 def stage3_waits(dp_ops: dict, zero: int, units: str, hw: Hardware) -> float:
