@@ -13,7 +13,14 @@ from parallel.pipeline.actions import Action  # noqa: E402
 from parallel.planning.cost import _split_frac, seconds  # noqa: E402
 from parallel.planning.planner import predict  # noqa: E402
 from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec  # noqa: E402
-from parallel.planning.time_terms import chain_seconds, chain_terms, exposed_dp, stage3_waits, tp_waits  # noqa: E402
+from parallel.planning.time_terms import (  # noqa: E402
+    chain_seconds,
+    chain_terms,
+    exposed_dp,
+    ring_chain_seconds,
+    stage3_waits,
+    tp_waits,
+)
 
 SPEC = ModelSpec(n_layer=4, hidden=64, heads=4, vocab=128, seq=32)
 
@@ -40,6 +47,25 @@ def test_stage3_exposes_its_chain():
     assert stage3_waits(ops, 3, "module", hw) == stage3_waits(ops, 2, "block", hw) == 0.0
     from dataclasses import replace
     assert stage3_waits(ops, 3, "block", replace(hw, comm_shares_core=False)) == 0.0
+
+
+def test_zero12_ring_buckets_read_as_chained_halves():
+    # one bucket (K = 1): the reduce-scatter after backward and the all-gather after the update are exposed whole,
+    # each at its latency + δ/2 + wire / b_chain (as a stage-3 unit's); the norm's gloo all-reduce at its own figures
+    from dataclasses import replace
+    ops = {"reduce_scatter": {"calls": 1, "wire_bytes": 8e6}, "all_gather": {"calls": 1, "wire_bytes": 8e6},
+           "all_reduce": {"calls": 1, "wire_bytes": 32.0}}
+    hw = Hardware(bandwidth=1e9, latency_s=1e-4, op_bandwidth=(("all_gather", 0.5e9), ("reduce_scatter", 0.5e9)),
+                  chain_bandwidth=(("all_gather", 0.8e9), ("reduce_scatter", 0.8e9)), chain_wait_s=1.25e-3,
+                  comm_shares_core=True)
+    want = 3 * 1e-4 + 16e6 / 0.8e9 + 32 / 1e9 + 2 * 1.25e-3                 # 22.8 ms (the 4 MiB figure's: 32.3)
+    assert ring_chain_seconds(ops, hw) == pytest.approx(want, rel=1e-12)
+    for zero in (1, 2):
+        assert exposed_dp(ops, zero, 1.0, 1.0, hw, seconds) == pytest.approx(want, rel=1e-12)
+    plain = 3 * 1e-4 + 16e6 / 0.5e9 + 32 / 1e9                               # gloo's buckets (no chain figure)
+    assert exposed_dp(ops, 2, 1.0, 1.0, replace(hw, chain_bandwidth=()), seconds) == pytest.approx(plain, rel=1e-12)
+    gpu = replace(hw, comm_shares_core=False)                                 # separate copy engines: as before
+    assert exposed_dp(ops, 2, 1.0, 1.0, gpu, seconds) == pytest.approx(plain, rel=1e-12)
 
 
 def test_tp_collectives_wait_per_call():
