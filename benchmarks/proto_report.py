@@ -90,10 +90,13 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     (``train_flops``; ``train_flops@m``, where calibrated, for micro-batches of m sequences of ``seq`` tokens:
     the pipeline rows'; ``train_flops.tp<t>@m`` at the tp-split shapes: the tp rows'), per-op latency and bus
     bandwidth, memory bandwidth; ``impl`` = "ring" puts reduce-scatter and all-gather on our ring (as our rows
-    run them at bucket sizes); the ring pair's excess δ (:func:`chain_hardware`) per stage-3 unit collective
-    (δ/2) and per blocking tp collective (δ: time_terms, tp_waits); the excess of a blocking gloo call issued after
-    compute (:func:`tp_wait`) per pipeline message (``Hardware.p2p_wait_s``). The protocol pins every thread of a rank,
-    gloo's included, to one core: collectives share it with compute."""
+    run them at bucket sizes); ONE figure for the wait of a blocking call issued from running work: the ring pair's
+    excess δ (:func:`chain_hardware`), δ/2 per chained half — per ZeRO-1/2/3 ring reduce-scatter and all-gather
+    (``Hardware.chain_wait_s``), per pipeline message (``Hardware.p2p_wait_s``), and δ per blocking tp all-reduce
+    (two halves: ``Hardware.call_wait_s``; time_terms, tp_waits). Until session 11 the pipeline read instead the
+    directly timed excess of a gloo call after compute (:func:`tp_wait`, none on records before it): parallel/
+    planning/time_terms.py gives the figures of both readings. The protocol pins every thread of a rank, gloo's
+    included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
     ops = list(_PLANNER_OP.items())
@@ -103,9 +106,8 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     wait, chain = chain_hardware(cal, impl, world)
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
-    tw = tp_wait(cal, world)                                       # per pp message: the directly timed excess
-    return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per stage-3 call, δ per tp call
-                    p2p_wait_s=max(0.0, tw[0]) if tw else 0.0,
+    return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per ring call, δ per tp all-reduce,
+                    p2p_wait_s=wait,                               # δ/2 per pipeline message
                     chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
                     peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
                     flops_at=tuple((m * seq, v) for m, v in per.items()), tp_flops=tuple(tps.items()),
@@ -243,12 +245,12 @@ def _calib_lines(an: dict) -> list:
     delta = 2 * chain_hardware(c, "gloo", an.get("world", 2))[0]
     if delta and not tw:
         out.append(f"  the ring pair's excess δ = {delta * 1e3:.2f} ms: the planner charges it per blocking tp "
-                   f"collective (δ/2 per stage-3 unit collective)")
+                   f"all-reduce (δ/2 per ZeRO ring call and pipeline message)")
     if tw:
         out.append(f"  a blocking gloo all-reduce of {c['chain_bytes'] / 1e3:.0f} kB right after compute (tp's f/g): "
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
                    f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
-                   f"δ = {tw[1] * 1e3:.2f} ms")
+                   f"δ = {tw[1] * 1e3:.2f} ms (δ/2 per ZeRO ring call and pipeline message)")
     if "host.op_s" in c:
         out.append(f"  host work per call: an aten call {c['host.op_s'] * 1e6:.2f} us" + (
             f", a DTensor call {c['host.dtensor_op_s'] * 1e6:.1f} us, a DTensor parameter's AdamW update "

@@ -12,6 +12,7 @@ What brought the last two rows in (nothing fitted to a row; before → after on 
   time) they cost 36.7 ms, the step showed 21 ms (zero2 − local + the update it saves);
 * 5m part-1 ddp 1.173 → 1.127: a peer's gradient bookkeeping was charged over 2Ψ on the parts without a local row
   (benchmarks/proto_report.py, grad_elements).
+The pipeline rows read the same wait as the ring calls (δ/2 per message, was the directly timed gloo excess): 0.98–1.06.
 Drift: step_drift flags B's 50m part 1 (fsdp2, fsdp2_prefetch: −12%) and part 3 (ddp, zero3, fsdp2*: −12…−14%);
 those rows are still within the band, so none is excluded — the flags are asserted as recorded.
 """

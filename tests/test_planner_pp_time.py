@@ -67,4 +67,7 @@ def test_recorded_pp_rows():
     got = {n: predict_row(rec, n, cal).step_s / statistics.median(rec["times"][n])
            for n in ("pp_1f1b_m8", "pp_zbh1_m8")}
     assert 0.85 <= got["pp_1f1b_m8"] <= 1.15, got
-    assert got["pp_zbh1_m8"] < 0.85, got          # no split calibrated in this record: the overhead is missed
+    # no split calibrated in this record: the overhead is missed — 0.863 (1F1B 1.047); 0.765 (0.926) before session 11
+    # gave this record's pp messages the ring pair's δ/2 each (it has no directly timed excess, which they read until
+    # then); the rows without the hand rate: 0.64–0.83 (were 0.59–0.71)
+    assert got["pp_zbh1_m8"] < 0.88, got

@@ -125,7 +125,7 @@ class Hardware:
                                     # its isolated latency (time_terms.tp_waits: the calibrated pair's δ)
     split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ a plain B's at that size
     p2p_wait_s: float = 0.0         # pp on CPU ranks: per stage-boundary message of an action, beyond its latency
-                                    # (time_terms.py: a blocking call issued right after compute, timed directly)
+                                    # (time_terms.py: a blocking call issued from running work; δ/2 when calibrated)
 
     def bw(self, op: str) -> float:
         return dict(self.op_bandwidth).get(op, self.bandwidth)

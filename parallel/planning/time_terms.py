@@ -66,6 +66,14 @@ module units (DeepSpeed ZeRO-3 coalesces them into prefetch buckets) are not giv
 the recorded idle runs (benchmarks/results/*_2026-12-04_session7.json, never fitted to): zero3 5m / 50m
 0.93 / 1.01 (0.92 / 1.01 in the DeepSpeed run), fsdp2_prefetch 0.98 / 0.96, fsdp2_ring 0.81 / 0.97 (FSDP2's
 own per-unit work, ~1.1 ms a call, is not in it: tests/test_bench_protocol.py, KNOWN_GAPS).
+Our ZeRO-1/2 buckets on the ring are read the same way (:func:`ring_chain_seconds`, in :func:`exposed_dp` where
+``Hardware.chain_bandwidth`` is given): the reduce-scatter after backward and the all-gather after the update are
+blocking calls issued from running work too, so latency + δ/2 + wire / b_chain each. The 4 MiB bus bandwidth holds
+one call's fixed wait (2–3.5 ms on session 10's AMD machine, where even the tiny isolated ring call sits in that mode)
+and scaled it by the bytes: at 5M (one bucket, exposed whole) it charged 33–37 ms where the steps showed 21
+(zero − local + the update it saves). zero1 / zero2 planner ÷ measured, session 9's Intel record: 5M 1.08 / 1.06 →
+0.96 / 0.95, 50M 1.05 / 1.06 → 0.98 / 0.99; session 10's AMD record: 5M 1.11 / 1.15 → 0.95 / 0.99, 50M 1.00 / 0.98 →
+0.93 / 0.92 (tests/test_bench_protocol_s10.py).
 Session 7's STAGE3_WAIT_S (1.5 ms per call, fitted on the 16:12 record) gave 1.02 / 1.20 for zero3. With separate
 communication hardware (``comm_shares_core`` False: GPUs with their copy engines and NICs) the busy
 part is zero and the rest of :func:`exposed_dp` is the classic overlap model.
@@ -94,14 +102,16 @@ tp_ours 0.98–1.12 (tests/test_bench_protocol.py). The pair's latency is taken 
 and end calibrations (benchmarks/proto_report.py, calib_mean: its fast mode, δ ≈ 0, is not what a call chained
 after compute sees).
 Pipeline p2p (``Hardware.p2p_wait_s``, per stage-boundary message of an action in the simulated schedule, cost.py):
-not δ (per hop it put the session-7/8 5M m = 8 rows at 1.29–1.45) but the excess timed directly for a blocking gloo
-call issued right after compute (benchmarks/proto_calib.py ``chain.gloo.all_reduce`` minus the isolated call's
-latency + wire / bandwidth: 1.3–2.4 ms on every record that has it; benchmarks/proto_report.py, hardware). Session 9's
-idle record: pp_1f1b_m8 / pp_zbh1_m8 / pp_zbv_m8 5M 0.83 / 0.83 / 0.83 → 0.97 / 0.96 / 1.05, 50M 1.05 / 1.05 / 1.08 →
-1.07 / 1.07 / 1.11; its MP run's pp_torch / pp_ours 0.87 / 0.88 → 0.91 / 0.92 (5M), 1.02 / 1.03 → 1.03 / 1.04 (50M).
-Records without the figure (sessions 7–8) get none. The same excess is smaller than the ring pair's waiting-mode δ
-that tp takes (2.2–3.3 ms): taking it for tp instead gives session 9's 5M tp_ours 0.81 — open which single figure
-both should read. Not applied to dp (launched asynchronously under backward).
+the same figure — a message is one blocking call issued from running work, δ/2 like one ring half (benchmarks/
+proto_report.py, hardware). So the wait is ONE calibrated quantity × counted calls: δ/2 per ring reduce-scatter /
+all-gather (stages 1–3) and per pp message, δ per tp all-reduce (two halves). Until session 11 the pipeline read the
+excess timed directly for a blocking gloo call after compute (benchmarks/proto_calib.py ``chain.gloo.all_reduce`` −
+the isolated call's latency + wire / bandwidth: 0.8–2.4 ms; none on records before session 9). pp rows with δ/2
+(with that excess): session 9's Intel record 5M 0.92 / 0.91 / 0.97 (0.97 / 0.96 / 1.05; no wait: 0.83 each), 50M
+1.06 / 1.06 / 1.10 (1.07 / 1.07 / 1.11); session 10's AMD record 0.98–1.06 (0.97–1.06); session 8's B part, which
+has no timed excess, 1.02 / 0.98 / 1.06 (0.90 / 0.87 / 0.88); the MP runs' pp_torch / pp_ours 0.91–1.04. The
+whole δ per message put session 8's 5M zbv at 1.24; the timed excess for tp instead of δ gives session 10's 5M
+tp_ours 0.79 (session 9's 0.81). Not applied to dp (launched asynchronously under backward).
 """
 from __future__ import annotations
 
