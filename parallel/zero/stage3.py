@@ -24,7 +24,8 @@ Module order comes from a trace of the first forward (as DeepSpeed and FSDP reco
 flight (``prefetch=False``: none). The root's output-gradient hook (the first of backward) prefetches the
 last traced module's needs. Issue order: a hook issues its module's gathers, then the prefetch, and only then
 waits, so no wait leaves the link idle behind it (``lone_waits`` counts the waits with no other gather in
-flight): at a step's start the first block's gather overlaps the root's instead of following it.
+flight): at a step's start the first block's gather overlaps the root's instead of following it. With offloaded
+shards the prefetch follows the wait (:meth:`Stage3Params._issue`).
 
 Kept units (``keep`` = ``zero.keep_after_forward``, k). The k units freed last in the traced forward (block
 units: the root's — embeddings, final norm, tied head — and the last block's) are not freed at the end of
@@ -203,6 +204,20 @@ class Stage3Params:
         u.state, u.bwd, u.fired, u.kept = SHARDED, False, 0, False
         self.gathered_bytes -= self._nbytes(u)
 
+    def _issue(self, units: list, prefetch) -> None:
+        """Gather ``units`` (waiting) and call ``prefetch``: before the wait (module docstring: issue order), but
+        after it with offloaded shards, whose release at the wait returns an IO buffer to the store's pool that
+        the prefetch's fetch takes (``buffer_count`` = 1 holds one unit at a time)."""
+        early = self.shards is None
+        if early:
+            for u in units:
+                self._gather(u, wait=False)
+            prefetch()
+        for u in units:
+            self._gather(u)
+        if not early:
+            prefetch()
+
     def _prefetch_at(self, pos: int, step: int = 1) -> None:
         order = self.order
         if order.tracing or self._pending or not 0 <= pos < len(order):
@@ -288,10 +303,8 @@ class Stage3Params:
             for u in self.needs[m]:
                 if outside and u.bwd:       # a finished backward left it (a parameter got no gradient, XLNet's
                     u.fired, u.bwd = 0, False     # r_s_bias): count the next backward's gradients afresh
-                self._gather(u, wait=False)
-            self._prefetch_at(pos + 1)      # on the wire before the wait below (module docstring: issue order)
+            self._issue(self.needs[m], lambda: self._prefetch_at(pos + 1))
             for u in self.needs[m]:
-                self._gather(u)
                 u.users += 1
             self._pos_of[m] = pos
             if self._touch is not None:
@@ -334,11 +347,8 @@ class Stage3Params:
         return out
 
     def _pre_backward(self, m, pos: int) -> None:
+        self._issue(self.needs[m], lambda: self._prefetch_at(pos - 1, -1))
         for u in self.needs[m]:
-            self._gather(u, wait=False)
-        self._prefetch_at(pos - 1, -1)      # as _pre_forward: the prefetch is issued before the wait
-        for u in self.needs[m]:
-            self._gather(u)
             u.bwd = True
 
     def kept_units(self) -> list:
