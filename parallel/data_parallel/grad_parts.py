@@ -4,7 +4,8 @@ The reducer (:mod:`parallel.data_parallel.reducer`) of ZeRO-2/3 moves each gradi
 buffer (``flat_grad[o:o+n].copy_(p.grad)``: read 4, write 4 bytes per element, Ψ·4 bytes per step and rank)
 only so that the reduce-scatter has one contiguous vector to send. Over two ranks on the gloo ring the
 vector is never needed (:mod:`parallel.comm.ring_parts`): the half owned by the peer is sent piece by piece
-from the gradients themselves and this rank's half is received into the gradient shard and added to there,
+from the gradients themselves (neighbouring pieces under 64 KiB — norms, biases: a few KiB a block — packed
+into one message) and this rank's half is received into the gradient shard and added to there,
 ``shard ← recv + own``, the same a + b per element as the flat ring, so the reduced shard, the division by N
 after it and every later number are bitwise those of the flat path.
 

@@ -22,7 +22,10 @@ Lifecycle of a unit, driven by hooks:
 Module order comes from a trace of the first forward (as DeepSpeed and FSDP record it;
 :class:`parallel.zero.trace.TracedOrder`), and the prefetch keeps at most one extra module's units in
 flight (``prefetch=False``: none). The root's output-gradient hook (the first of backward) prefetches the
-last traced module's needs.
+last traced module's needs. Issue order: a hook issues its module's gathers, then the prefetch, and only then
+waits, so no wait leaves the link idle behind it (``lone_waits`` counts the waits with no other gather in
+flight): at a step's start the first block's gather overlaps the root's instead of following it. With offloaded
+shards the prefetch follows the wait (:meth:`Stage3Params._issue`).
 
 Kept units (``keep`` = ``zero.keep_after_forward``, k). The k units freed last in the traced forward (block
 units: the root's — embeddings, final norm, tied head — and the last block's) are not freed at the end of
@@ -92,6 +95,8 @@ class Stage3Params:
         self.gathered_bytes = 0
         self.peak_gathered_bytes = 0
         self.gathers = 0
+        self.lone_waits = 0                    # waits on a gather with no other gather in flight (issue order)
+        self._flying = 0                       # units in state GATHERING
         self.order = TracedOrder()
         self._freed: list = []                 # (unit, module that freed it) in the traced forward's order
         self._last_free: dict = {}             # (unit, module) ids of each unit's last free -> rank from the end
@@ -168,6 +173,7 @@ class Stage3Params:
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
             u.work = all_gather_into(u.flat_param, src, u.group or self.group, async_op=True)
             u.state = GATHERING
+            self._flying += 1
             self.gathers += 1
             self.gathered_bytes += self._nbytes(u)
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
@@ -179,7 +185,9 @@ class Stage3Params:
 
     def _landed(self, u: FlatBucket) -> None:
         """The unit's gather has completed; its offloaded shard's buffer can be reused."""
+        self._flying -= 1                      # called once per gather, in state GATHERING
         if u.work is not None:
+            self.lone_waits += self._flying == 0
             u.work.wait()
             u.work = None
         if self.shards is not None:
@@ -195,6 +203,20 @@ class Stage3Params:
         u.flat_param.untyped_storage().resize_(0)
         u.state, u.bwd, u.fired, u.kept = SHARDED, False, 0, False
         self.gathered_bytes -= self._nbytes(u)
+
+    def _issue(self, units: list, prefetch) -> None:
+        """Gather ``units`` (waiting) and call ``prefetch``: before the wait (module docstring: issue order), but
+        after it with offloaded shards, whose release at the wait returns an IO buffer to the store's pool that
+        the prefetch's fetch takes (``buffer_count`` = 1 holds one unit at a time)."""
+        early = self.shards is None
+        if early:
+            for u in units:
+                self._gather(u, wait=False)
+            prefetch()
+        for u in units:
+            self._gather(u)
+        if not early:
+            prefetch()
 
     def _prefetch_at(self, pos: int, step: int = 1) -> None:
         order = self.order
@@ -281,9 +303,9 @@ class Stage3Params:
             for u in self.needs[m]:
                 if outside and u.bwd:       # a finished backward left it (a parameter got no gradient, XLNet's
                     u.fired, u.bwd = 0, False     # r_s_bias): count the next backward's gradients afresh
-                self._gather(u)
+            self._issue(self.needs[m], lambda: self._prefetch_at(pos + 1))
+            for u in self.needs[m]:
                 u.users += 1
-            self._prefetch_at(pos + 1)
             self._pos_of[m] = pos
             if self._touch is not None:
                 self._stack.append(m)
@@ -325,10 +347,9 @@ class Stage3Params:
         return out
 
     def _pre_backward(self, m, pos: int) -> None:
+        self._issue(self.needs[m], lambda: self._prefetch_at(pos - 1, -1))
         for u in self.needs[m]:
-            self._gather(u)
             u.bwd = True
-        self._prefetch_at(pos - 1, -1)
 
     def kept_units(self) -> list:
         """The units this forward keeps gathered into backward (their last frees among the ``keep`` last)."""
