@@ -16,7 +16,12 @@ global batch (``per`` sequences per rank), with AdamW at lr 1e-4 and torch's wei
   CPU accelerator, ZeRO-3 with ``stage3_param_persistence_threshold: 0`` (else it shards nothing at
   this size); only when ``import deepspeed`` works (else skipped with the reason);
 * ``zero0`` … ``zero3``: ours through ``parallel.engine.parallelize`` with the config defaults
-  (ZeRO-3 per block, ``zero.units=block``, as FSDP2 wraps).
+  (ZeRO-3 per block, ``zero.units=block``, as FSDP2 wraps);
+* ``zero3_keep``: ours ZeRO-3 per block keeping every unit gathered from forward into backward
+  (``zero.keep_after_forward`` = the number of units): the memory behaviour of DeepSpeed ZeRO-3 as shipped at
+  these sizes — its default ``stage3_max_reuse_distance`` (1e9 elements) keeps every parameter of a model under
+  ~1e9 elements gathered until its backward, so ds3 all-gathers once a step. The pair for ds3; ``zero3``
+  (frees all but two units, as FSDP2 frees all but the root) is the pair for FSDP2.
 
 A row is a :class:`Row`: ``step()`` runs one training step and returns this rank's loss (ours: the
 global mean it already computes); ``finish()`` waits for any work the step left in flight (ours:
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 LR = 1e-4
 WD = 0.01      # torch.optim.AdamW's default, which our rows use; DeepSpeedCPUAdam's default is 0.0, so it is passed
 PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
-OURS = ["zero0", "zero1", "zero2", "zero3"]
+OURS = ["zero0", "zero1", "zero2", "zero3", "zero3_keep"]
 from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp, micro_sizes  # noqa: E402, F401
 
 ROWS = PEERS + OURS + MP_ROWS
@@ -46,12 +51,14 @@ WHAT = {"local": "no communication (compute floor)", "ddp": "torch DDP, defaults
         "ds1": "DeepSpeed ZeRO-1, DeepSpeedCPUAdam",
         "ds2": "DeepSpeed ZeRO-2, DeepSpeedCPUAdam", "ds3": "DeepSpeed ZeRO-3, persistence threshold 0",
         "zero0": "ours ZeRO-0 (data parallel)", "zero1": "ours ZeRO-1", "zero2": "ours ZeRO-2",
-        "zero3": "ours ZeRO-3 per block", **WHAT_MP}
+        "zero3": "ours ZeRO-3 per block", "zero3_keep": "ours ZeRO-3 per block, every unit kept into backward",
+        **WHAT_MP}
 # the natural peer of each row, for the paired ratios
 PEER_OF = {"ddp_aa": "ddp", "ddp_tuned": "ddp", "fsdp2_prefetch": "fsdp2", "fsdp2_ring": "fsdp2_prefetch",
            "zero0": "ddp_tuned", "zero1": "ddp_tuned", "zero2": "ddp_tuned", "zero3": "fsdp2_prefetch",
+           "zero3_keep": "zero3",
            "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp", **PEER_OF_MP}
-DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3"}
+DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3", "zero3_keep": "ds3"}
 # What a peer's step moves through memory besides forward/backward (parallel/planning/time_terms.py's
 # accounting, bytes moved per element, write-allocates included), replacing our engine's terms in the
 # planner's prediction: (per owned element: optimizer + norm, per local gradient element: bookkeeping).
@@ -64,7 +71,8 @@ DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3"}
 UPDATE_MOVED = {"local": (88, 0), "ddp": (88, 32), "ddp_aa": (88, 32), "ddp_tuned": (88, 20),
                 "fsdp2": (88, 44), "fsdp2_prefetch": (88, 44), "fsdp2_ring": (88, 44),
                 "ds1": (32, 20), "ds2": (32, 20), "ds3": (32, 20), "tp_dtensor": (88, 0), "pp_torch": (88, 0)}
-ALSO = {"zero3": ["fsdp2", "fsdp2_ring"], "zero0": ["ddp"], "zero1": ["zero0"], "zero2": ["zero0"]}   # further pairs
+ALSO = {"zero3": ["fsdp2", "fsdp2_ring"], "zero3_keep": ["fsdp2_ring"], "zero0": ["ddp"], "zero1": ["zero0"],
+        "zero2": ["zero0"]}   # further pairs
 
 
 @dataclass
@@ -210,9 +218,11 @@ def _ours(name, kw, per, world, rank) -> Row:
     from parallel.data import rank_batch
     from parallel.engine import parallelize
     from parallel.mesh import Mesh
-    stage = int(name[-1])
+    stage = int(name[4])
     G = per * world
     zero = {"stage": stage, **({"units": "block"} if stage == 3 else {})}
+    if name == "zero3_keep":                  # every unit: n_layer blocks + the root's
+        zero["keep_after_forward"] = kw["n_layer"] + 1
     cfg = load_config(data={
         "model": {"factory": "examples.gpt:build", "kwargs": kw},
         "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": G, "micro_batch_size": per,
@@ -228,6 +238,8 @@ def _ours(name, kw, per, world, rank) -> Row:
     def finish():
         if getattr(z, "_pending", None):
             z.wait_param_gather()
+    if stage == 3 and name == "zero3_keep" and len(z.stage3.units) != zero["keep_after_forward"]:
+        raise RuntimeError(f"zero3_keep: {len(z.stage3.units)} stage-3 units, {zero['keep_after_forward']} kept")
     row = Row(name, lambda: engine.train_step(local), finish, owned=owned, source="measured", ours=True,
               layout={"dp": world, "zero": stage, **({"units": "block"} if stage == 3 else {})},
               keep=cfg.zero.keep_after_forward if stage == 3 else 0)
