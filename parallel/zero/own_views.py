@@ -19,6 +19,9 @@ What keeps the values right:
   being the shard itself; checkpoint loads go through the write-back), after backward, and a parameter is
   re-bound to its view at every gather;
 * bf16/fp16: the shard is the low-precision copy the write-back casts into, exactly what the gather would copy;
+* a write into a gathered parameter that is a view reaches the shard (the plain path's writes died with the freed
+  buffer): nothing in the engine writes gathered parameters (evaluation and export only read them); new weights
+  go in through the optimizer (``load_state_dict`` / ``load_full_state_dict``: masters, then the write-back);
 * parameter offload (``shards=``: the shard lives in a store and is fetched into a buffer released after the
   gather) keeps the plain path: there is no resident shard to view.
 The values every parameter holds are the same bytes as the plain path's, so losses are bitwise unchanged.
