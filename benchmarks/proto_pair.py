@@ -6,9 +6,11 @@ load moves less than the wall clock, and both ratios for every further pair of r
 ``:bucket`` builds our engine with ZeRO stage 0's gradient bucket forced even at dp = 1 (the path before
 parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run;
 ``:flat`` (ZeRO-3) reduce-scatters through the flat gradient buffer (the path before
-parallel/data_parallel/grad_parts.py).
+parallel/data_parallel/grad_parts.py); ``:copy`` (ZeRO-3) gathers with the copy of the own shard (the path before
+parallel/zero/own_views.py).
 
     python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:flat --rounds 15
+    python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:copy --rounds 15
 
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --rounds 20
     python benchmarks/proto_pair.py --size 50m --rows pp_torch pp_ours pp_ours:bucket --count   # load-free counts
@@ -42,14 +44,16 @@ def _build(name, kw, per, world, rank):
     keep = zo.can_direct
     if variant == "bucket":
         zo.can_direct = lambda *a: False
-    elif variant not in ("", "flat"):
-        raise ValueError(f"row {name!r}: the variants are ':bucket' and ':flat'")
+    elif variant not in ("", "flat", "copy"):
+        raise ValueError(f"row {name!r}: the variants are ':bucket', ':flat' and ':copy'")
     try:
         row = proto_rows.build(base, kw, per, world, rank)
     finally:
         zo.can_direct = keep
     if variant == "flat":           # ZeRO-3 via the flat gradient buffer (before parallel/data_parallel/grad_parts.py)
         row.engine.zero.reducer.from_grads = False
+    if variant == "copy":           # ZeRO-3 gathers copying the own shard (before parallel/zero/own_views.py)
+        row.engine.zero.stage3.own_views = False
     return row
 
 

@@ -7,6 +7,7 @@
     python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 10 --ab-keep    # kept units vs none (A/B)
     python benchmarks/proto_profile.py --size 50m --rows zero2 --steps 3 --faults      # fresh pages per phase
     python benchmarks/proto_profile.py --size 50m --rows zero2 --steps 10 --ab-buffers # reused buffers vs fresh
+    python benchmarks/proto_profile.py --size 50m --rows zero3 --steps 10 --ab-views   # own-shard views vs copy
 
 Rows are built exactly as benchmarks/protocol.py builds them (benchmarks/proto_rows.py), on 2 gloo ranks pinned
 one core each; after ``--warmup`` steps each row runs ``--steps`` timed steps (median reported, rank 0's clock).
@@ -248,6 +249,22 @@ def ab_keep(row, pairs: int) -> dict:
     return {"keep": keep, "kept unit bytes": kept, **_ab(row, pairs, setting)}
 
 
+def ab_views(row, pairs: int) -> dict:
+    """ZeRO-3 row: A = parameters inside the own shard are views of it (parallel/zero/own_views.py), B = the plain
+    gather copying the own shard; ratio A ÷ B, and the bytes each copies into a pass over all units."""
+    from parallel.zero.own_views import plan
+    s3 = getattr(getattr(getattr(row, "engine", None), "zero", None), "stage3", None)
+    if s3 is None or s3.shards is not None:
+        return {"skipped": "not a stage-3 row (or its shards are offloaded)"}
+    es = s3.units[0].flat_param.element_size()
+    copied = {"A MB/pass": sum(e - a for u in s3.units for _, a, e in plan(u)[1]) * es / 1e6,
+              "B MB/pass": sum(u.shard for u in s3.units) * es / 1e6}
+
+    def setting(flag):
+        s3.own_views = flag
+    return {**copied, **_ab(row, pairs, setting)}
+
+
 def ab_buffers(row, pairs: int) -> dict:
     """ZeRO-1/2/3 row: A = reused reduction buffers (the ring's receive buffers, the reducer's full-gradient
     buffers and kept gradient shards), B = session 7's fresh ones (a receive buffer per ring call, a
@@ -304,8 +321,9 @@ def _rank(rank, world, port, opts, q):
             for _ in range(opts["warmup"]):
                 row.step()
                 row.finish()
-            if opts["ab_interleave"] or opts["ab_keep"] or opts["ab_buffers"]:
-                fn = ab_interleave if opts["ab_interleave"] else ab_keep if opts["ab_keep"] else ab_buffers
+            if opts["ab_interleave"] or opts["ab_keep"] or opts["ab_buffers"] or opts["ab_views"]:
+                fn = (ab_interleave if opts["ab_interleave"] else ab_keep if opts["ab_keep"] else
+                      ab_views if opts["ab_views"] else ab_buffers)
                 res[name] = fn(row, opts["steps"])
             else:
                 res[name] = profile_row(row, opts["steps"], opts["ops"], timers)   # every rank: collectives
@@ -334,6 +352,8 @@ def main(argv=None) -> int:
                                                              "buffers vs fresh ones per step (session 7)")
     ap.add_argument("--ab-keep", action="store_true", help="zero3 rows: --steps ABBA pairs, the kept units "
                                                           "(zero.keep_after_forward) vs none")
+    ap.add_argument("--ab-views", action="store_true", help="zero3 rows: --steps ABBA pairs, own-shard views "
+                                                           "vs the plain gather's copy of the own shard")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp
     q = mp.get_context("spawn").Queue()
@@ -341,10 +361,10 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave",
-                                                 "ab_keep", "faults", "ab_buffers")}
+                                                 "ab_keep", "faults", "ab_buffers", "ab_views")}
     mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
     res = q.get(timeout=30)
-    if a.ab_interleave or a.ab_keep or a.ab_buffers:
+    if a.ab_interleave or a.ab_keep or a.ab_buffers or a.ab_views:
         for name, r in res.items():
             print(f"== {name} ({a.size}): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in r.items()))

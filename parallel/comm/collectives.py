@@ -143,18 +143,21 @@ def all_reduce(t: torch.Tensor, group: Group, op: str = "sum", async_op: bool = 
     return work if async_op else t
 
 
-def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group: Group, async_op: bool = False):
+def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group: Group, async_op: bool = False,
+                    fill_own: bool = True):
     """All-gather equal ``shard``s into the preallocated contiguous ``out`` (``shard`` may be ``out``'s own
     slice). Recorded as all_gather with M = bytes of ``out``: (N−1)/N · M on the wire. Returns the Work
-    handle (None when the group has one rank or the call was synchronous)."""
+    handle (None when the group has one rank or the call was synchronous). ``fill_own=False`` allows leaving
+    this rank's chunk of ``out`` unwritten (one rank, and the gloo ring, skip copying ``shard`` there; other
+    backends write it anyway): for a caller that reads its own part from ``shard``."""
     if group.size == 1:
-        if out.data_ptr() != shard.data_ptr():
+        if fill_own and out.data_ptr() != shard.data_ptr():
             out.copy_(shard.view_as(out))
         return None
     _trace(group, "all_gather", shard)
     group.stats.record(group.axis, "all_gather", _nbytes(out), _ring(group.size, _nbytes(out)))
     if use_ring(group, out):                       # gloo: p2p ring (comm/ring.py)
-        return ring_all_gather(out.view(-1), shard.reshape(-1), group, async_op=async_op)
+        return ring_all_gather(out.view(-1), shard.reshape(-1), group, async_op=async_op, fill_own=fill_own)
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return _quiet(fn, out, shard, group=group.pg, async_op=async_op)
 

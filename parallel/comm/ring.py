@@ -187,15 +187,16 @@ def ring_reduce_scatter(out: torch.Tensor, full: torch.Tensor, group, async_op: 
     return None
 
 
-def _ag_steps(out, group, tag):
+def _ag_steps(out, shard, group, tag):
     n, r, nxt, prv = _peers(group)
     ch = [_subs(c) for c in out.chunk(n)]
+    own = _subs(shard)                                # step 0 sends the shard itself (out's own chunk may be unfilled)
     k = len(ch[0])
     sends: list = []
     recvs = [None] * k
     for j in range(k):
         recvs[j] = dist.irecv(ch[(r - 1) % n][j], group=group.pg, group_src=prv, tag=tag + j)
-        sends.append(dist.isend(ch[r][j], group=group.pg, group_dst=nxt, tag=tag + j))
+        sends.append(dist.isend(own[j], group=group.pg, group_dst=nxt, tag=tag + j))
     for s in range(1, n - 1):                         # forward what the previous step received
         si, ri = (r - s) % n, (r - s - 1) % n
         for j in range(k):
@@ -205,16 +206,18 @@ def _ag_steps(out, group, tag):
     yield recvs + sends
 
 
-def ring_all_gather(out: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
-    """Every rank's ``shard`` into its chunk of ``out`` (``shard`` may be ``out``'s own chunk)."""
+def ring_all_gather(out: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False, fill_own: bool = True):
+    """Every rank's ``shard`` into its chunk of ``out`` (``shard`` may be ``out``'s own chunk). ``fill_own=False``:
+    this rank's chunk of ``out`` is left as it is (the caller reads its own part from ``shard``: ZeRO-3's own views,
+    :mod:`parallel.zero.own_views`); only the other ranks' chunks are received."""
     n = group.size
     if out.numel() != n * shard.numel():
         raise ValueError(f"ring_all_gather: out has {out.numel()} elements, expected {n} x {shard.numel()}")
     mine = out.chunk(n)[group.rank]
-    if mine.data_ptr() != shard.data_ptr():
+    if fill_own and mine.data_ptr() != shard.data_ptr():
         mine.copy_(shard)
     calls["all_gather"] += 1
-    work = RingWork(_ag_steps(out, group, _next_tag(group.pg)))
+    work = RingWork(_ag_steps(out, shard, group, _next_tag(group.pg)))
     if async_op:
         return work
     work.wait()

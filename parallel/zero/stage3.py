@@ -65,6 +65,8 @@ from torch.utils._pytree import tree_flatten
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
 from parallel.zero.lockstep import Lockstep, first_forward
+from parallel.zero.own_views import bind as bind_own
+from parallel.zero.own_views import fill_straddlers
 from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
@@ -77,7 +79,11 @@ SHARDED, GATHERING, FULL = 0, 1, 2
 
 
 class Stage3Params:
-    """Gathers and frees the units of ``module`` around each module's forward and backward."""
+    """Gathers and frees the units of ``module`` around each module's forward and backward. ``own_views``
+    (default True; False: the plain gather, for A/B): parameters inside the own shard are views of it
+    (:mod:`parallel.zero.own_views`)."""
+
+    own_views = True
 
     def __init__(self, module: nn.Module, units: list, needs: dict, group: Group, prefetch: bool = True,
                  shards=None, depth: int = 0, keep: int = 0):
@@ -171,7 +177,10 @@ class Stage3Params:
         if u.state == SHARDED:
             src = self.shards.fetch(u) if self.shards is not None else u.shard_param
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
-            u.work = all_gather_into(u.flat_param, src, u.group or self.group, async_op=True)
+            views = self.own_views and self.shards is None          # own part: views of the shard (.own_views)
+            if views:
+                fill_straddlers(u, u.flat_param, src)
+            u.work = all_gather_into(u.flat_param, src, u.group or self.group, async_op=True, fill_own=not views)
             u.state = GATHERING
             self._flying += 1
             self.gathers += 1
@@ -179,8 +188,11 @@ class Stage3Params:
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
         if wait and u.state == GATHERING:
             self._landed(u)
-            for p, v in zip(u.params, u.views(u.flat_param)):
-                p.data = v
+            if self.own_views and self.shards is None:
+                bind_own(u, u.flat_param, u.shard_param)
+            else:
+                for p, v in zip(u.params, u.views(u.flat_param)):
+                    p.data = v
             u.state = FULL
 
     def _landed(self, u: FlatBucket) -> None:
