@@ -57,9 +57,13 @@ def fill_straddlers(u, flat: torch.Tensor, src: torch.Tensor) -> int:
     return moved
 
 
-def bind(u, flat: torch.Tensor, src: torch.Tensor) -> None:
+def bind(u, flat: torch.Tensor, src: torch.Tensor | None) -> None:
     """Point every parameter of ``u`` at its gathered value: a view of the shard ``src`` for those wholly inside
-    it, a view of ``flat`` for the rest."""
+    it, a view of ``flat`` for the rest (``src`` None, the plain path: every parameter a view of ``flat``)."""
+    if src is None:
+        for p, v in zip(u.params, u.views(flat)):
+            p.data = v
+        return
     inside, lo = plan(u)[0], u.lo
     for i, (p, o, n, s) in enumerate(zip(u.params, u.offsets, u.sizes, u.shapes)):
         p.data = (src[o - lo:o - lo + n] if i in inside else flat[o:o + n]).view(s)

@@ -49,10 +49,9 @@ number of times (an MoE layer looping over its hit experts) becomes one *region*
 gathered as a whole, so every rank issues the same gathers (:mod:`parallel.zero.regions`); the first forward,
 before any region is known, compares every gather across dp ranks first (:mod:`parallel.zero.lockstep`).
 
-Parameter offload (``shards=`` a :class:`~parallel.offload.shards.ParamOffload`; ZeRO-Infinity,
-arXiv 2104.07857, §5.2): a unit's shard lives in a tensor store; the gather fetches it first and
-releases it when the gather has completed, and every prefetch also starts the store reads of the
-units ``depth`` modules further along the trace (read-ahead that outruns the all-gather prefetch).
+Parameter offload (``shards=`` a :class:`~parallel.offload.shards.ParamOffload`; ZeRO-Infinity, arXiv 2104.07857,
+§5.2): the gather fetches a unit's shard from its store and releases it once complete; each prefetch also starts
+the store reads of the units ``depth`` modules further along the trace.
 """
 from __future__ import annotations
 
@@ -65,8 +64,7 @@ from torch.utils._pytree import tree_flatten
 from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
 from parallel.zero.lockstep import Lockstep, first_forward
-from parallel.zero.own_views import bind as bind_own
-from parallel.zero.own_views import fill_straddlers
+from parallel.zero.own_views import bind, fill_straddlers
 from parallel.zero.regions import CallRecorder, agree_regions, region_units
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
@@ -79,9 +77,8 @@ SHARDED, GATHERING, FULL = 0, 1, 2
 
 
 class Stage3Params:
-    """Gathers and frees the units of ``module`` around each module's forward and backward. ``own_views``
-    (default True; False: the plain gather, for A/B): parameters inside the own shard are views of it
-    (:mod:`parallel.zero.own_views`)."""
+    """Gathers and frees the units of ``module`` around each module's forward and backward; ``own_views`` (False:
+    the plain gather, for A/B): parameters inside the own shard are views of it (:mod:`parallel.zero.own_views`)."""
 
     own_views = True
 
@@ -98,9 +95,7 @@ class Stage3Params:
         self.unit_of = {p: u for u in units for p in u.params}
         for u in units:
             u.state, u.users, u.bwd, u.fired, u.work, u.kept = SHARDED, 0, False, 0, None, False
-        self.gathered_bytes = 0
-        self.peak_gathered_bytes = 0
-        self.gathers = 0
+        self.gathered_bytes = self.peak_gathered_bytes = self.gathers = 0
         self.lone_waits = 0                    # waits on a gather with no other gather in flight (issue order)
         self._flying = 0                       # units in state GATHERING
         self.order = TracedOrder()
@@ -188,11 +183,7 @@ class Stage3Params:
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
         if wait and u.state == GATHERING:
             self._landed(u)
-            if self.own_views and self.shards is None:
-                bind_own(u, u.flat_param, u.shard_param)
-            else:
-                for p, v in zip(u.params, u.views(u.flat_param)):
-                    p.data = v
+            bind(u, u.flat_param, u.shard_param if self.own_views and self.shards is None else None)
             u.state = FULL
 
     def _landed(self, u: FlatBucket) -> None:
