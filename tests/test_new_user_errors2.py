@@ -31,3 +31,40 @@ def test_prepare_data_names_a_file_that_is_not_utf8_and_leaves_no_partial_corpus
     from parallel.corpus import TokenCorpus
     c = TokenCorpus(out, seq_len=4)
     assert bytes(int(t) for t in c.tokens[:13]).decode("utf-8") == "caf\u00e9 au lait"
+
+
+_HF = {"phi3": "{model_type: phi3, vocab_size: 64, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, "
+               "num_key_value_heads: 2, intermediate_size: 64, pad_token_id: 0}",
+       "olmo2": "{model_type: olmo2, vocab_size: 64, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, "
+                "num_key_value_heads: 2, intermediate_size: 64}",
+       "glm4": "{model_type: glm4, vocab_size: 64, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, "
+               "num_key_value_heads: 2, intermediate_size: 64, head_dim: 8, pad_token_id: 0}"}
+
+
+def _hf_overrides(arch):
+    return ["model.factory=examples.hf_causal_lm:build", f"model.kwargs={_HF[arch]}", "parallel.tp_plan=auto",
+            "train.steps=3"]
+
+
+def _hf_losses(rank, world, ov):
+    from engine_cases import train
+    losses, eng = train(rank, world, "llama", ov)
+    eng.close()
+    return losses
+
+
+@pytest.mark.parametrize("arch", ["phi3", pytest.param("olmo2", marks=pytest.mark.slow),
+                                  pytest.param("glm4", marks=pytest.mark.slow)])
+def test_sequence_parallel_with_a_gathering_column_layer_inside_the_blocks(arch):
+    """transformers' plans gather some column layers inside the blocks ("colwise_gather_output" / "colwise_rep":
+    Phi-3's fused qkv_proj, OLMo-2's q/k_proj before their q/k norms, GLM-4's gate_up_proj). Under sequence parallel
+    they were treated as the output head: they read the rank's sequence shard, so the first forward ended in
+    "The size of tensor a (8) must match the size of tensor b (16)" (rotary tables of the whole sequence next to
+    q of half of it; GLM-4: a reduce-scatter of 8 tokens to 4 beside the residual's 8). Now they read the whole
+    sequence like their siblings, and the three train as one process."""
+    from engine_cases import config, layout
+    from harness import run_ranks
+    from reference import assert_close_curve, reference_losses
+    ov = _hf_overrides(arch)
+    got = run_ranks(_hf_losses, 2, layout(1, 2, 1, 0, parallel__sequence_parallel="true") + ov, timeout=300)[-1]
+    assert_close_curve(got, reference_losses(config("llama", ov)), 1e-5, f"{arch} tp2 sp")

@@ -298,13 +298,19 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
             paths.setdefault(id(mod), []).append(n.rpartition("."))
     memo, shared, islands = {}, {}, set()        # memo: tied weights stay one Parameter
     per_head = find_per_head(matches, mods, sections)
+    entry = next((n for n, s, _ in matches if s == "seq_scatter_input"), None) if region else None
+    blocks = entry.rpartition(".")[0] + "." if entry else None
     for name, style, m in matches:
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
         if style in COLWISE:
+            # a gathering column layer inside the blocks (Phi-3's qkv_proj, OLMo-2's q_proj, GLM-4's gate_up_proj:
+            # transformers' "colwise_gather_output" / "colwise_rep") is no output head: under sequence parallel
+            # it reads the whole sequence like its siblings, and its module's norms see whole features
+            inner = style == "colwise_gather" and blocks is not None and name.startswith(blocks)
             new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared,
-                          group.size // kv[name][0] if name in kv else 1)
-            if style not in ("colwise_vocab", "colwise_gather"):
+                          group.size // kv[name][0] if name in kv else 1, head=not inner)
+            if style not in ("colwise_vocab", "colwise_gather") or inner:
                 islands.add(parent_name)
         elif style in ROWWISE:
             new = RowParallelLinear.from_module(m, group, input_is_parallel=style == "rowwise",
@@ -333,12 +339,15 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
     return islands
 
 
-def _column(m, style, parent, group, sections, sp, region, memo, shared, replicas=1) -> ColumnParallelLinear:
-    """The column-parallel layer for ``m``; inside an attention/MLP module it shares one f (or f̄)."""
-    head = style in ("colwise_vocab", "colwise_gather")
+def _column(m, style, parent, group, sections, sp, region, memo, shared, replicas=1,
+            head: bool = True) -> ColumnParallelLinear:
+    """The column-parallel layer for ``m``; inside an attention/MLP module it shares one f (or f̄).
+    ``head=False``: a colwise_gather layer inside the sequence-parallel region (not the output layer)."""
+    gathered = style in ("colwise_vocab", "colwise_gather")
+    head = gathered and head
     new = ColumnParallelLinear.from_module(m, group, gather_output=style == "colwise_gather", sections=sections,
                                            sequence_parallel=sp and not (head and region), memo=memo,
-                                           pad_vocab=head and sections is None, replicas=replicas)
+                                           pad_vocab=gathered and sections is None, replicas=replicas)
     if not head:
         # One f (or f̄) per attention/MLP module, however many column layers read its input. With
         # sequence parallel f̄ goes on the module's input, so code in it that derives shapes from
