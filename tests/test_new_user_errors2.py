@@ -68,3 +68,17 @@ def test_sequence_parallel_with_a_gathering_column_layer_inside_the_blocks(arch)
     ov = _hf_overrides(arch)
     got = run_ranks(_hf_losses, 2, layout(1, 2, 1, 0, parallel__sequence_parallel="true") + ov, timeout=300)[-1]
     assert_close_curve(got, reference_losses(config("llama", ov)), 1e-5, f"{arch} tp2 sp")
+
+
+def test_a_corpus_shorter_than_one_sample_states_the_sample_size(tmp_path):
+    """PackedCorpus(seq_len=16) on 12 tokens said "fewer than one sample of seq_len + 1 = 16" (its samples are
+    seq_len tokens; TokenCorpus's are seq_len + 1)."""
+    from parallel.corpus import PackedCorpus, TokenCorpus
+    from parallel.corpus.token_file import CorpusError
+    (tmp_path / "t.txt").write_text("hello world\n")
+    assert prepare([str(tmp_path / "t.txt"), "--out", str(tmp_path / "c")]) == 0        # 11 bytes + EOS = 12
+    with pytest.raises(CorpusError, match=r"12 tokens are fewer than one sample of 16 tokens; use more text"):
+        PackedCorpus(str(tmp_path / "c"), seq_len=16)
+    with pytest.raises(CorpusError, match=r"12 tokens are fewer than one sample of 17 tokens; use more text"):
+        TokenCorpus(str(tmp_path / "c"), seq_len=16)
+    assert len(PackedCorpus(str(tmp_path / "c"), seq_len=12)) == 1 and len(TokenCorpus(str(tmp_path / "c"), 11)) == 1
