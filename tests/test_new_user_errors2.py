@@ -82,3 +82,30 @@ def test_a_corpus_shorter_than_one_sample_states_the_sample_size(tmp_path):
     with pytest.raises(CorpusError, match=r"12 tokens are fewer than one sample of 17 tokens; use more text"):
         TokenCorpus(str(tmp_path / "c"), seq_len=16)
     assert len(PackedCorpus(str(tmp_path / "c"), seq_len=12)) == 1 and len(TokenCorpus(str(tmp_path / "c"), 11)) == 1
+
+
+def test_consolidate_refuses_a_damaged_checkpoint(tmp_path, capsys):
+    """A resume refuses a checkpoint whose bytes changed (meta.json's BLAKE2b digests), but `python -m
+    launch.consolidate` read it without a check: 4 flipped bytes in __0_0.distcp became a silently wrong
+    `blocks.0...` weight in pytorch_model.pt and model.safetensors (exit 0); --sharded the same."""
+    from harness import run_ranks
+    from test_new_user_errors import _two_checkpoints
+
+    from launch.consolidate import consolidated_model
+    from launch.consolidate import main as consolidate
+    from parallel.checkpoint.integrity import CheckpointError
+    d = str(tmp_path / "ck")
+    run_ranks(_two_checkpoints, 1, d)
+    shard = os.path.join(d, "step_00000002", "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        f.write(b"\x00\x01\x02\x03")
+    for extra in ([], ["--sharded"]):
+        out = str(tmp_path / f"out{len(extra)}")
+        assert consolidate([d, out] + extra) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint {d}/step_00000002 is damaged: file __0_0.distcp does not match its checksum" in err, err
+        assert not os.path.exists(out) or not os.listdir(out)
+    with pytest.raises(CheckpointError, match="__0_0.distcp does not match its checksum"):
+        consolidated_model(d)
+    assert consolidate([f"{d}/step_00000001", str(tmp_path / "older")]) == 0   # the intact one still exports
