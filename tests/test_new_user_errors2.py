@@ -109,3 +109,37 @@ def test_consolidate_refuses_a_damaged_checkpoint(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="__0_0.distcp does not match its checksum"):
         consolidated_model(d)
     assert consolidate([f"{d}/step_00000001", str(tmp_path / "older")]) == 0   # the intact one still exports
+
+
+def test_a_misspelt_factory_argument_stops_the_launcher_before_any_worker(capsys):
+    """`model.kwargs.n_embdd=3` / `data.kwargs.seqlen=3` started every worker, each failing with "GPT.__init__() got
+    an unexpected keyword argument 'n_embdd'" (exit 1); now the launcher's pre-flight names the key and the closest
+    parameter (exit 2, no worker). A required argument left out is named the same way."""
+    from launch.__main__ import main as launch
+    base = ["--config", "configs/gpt_dp2.yaml", "train.metrics_file=null"]
+    assert launch(base + ["model.kwargs.n_embdd=3", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "model.kwargs.n_embdd: model.factory='examples.gpt:build' takes no argument 'n_embdd'; did you mean " \
+           "'n_embd'?" in err, err
+    assert launch(base + ["data.factory=parallel.corpus:TokenCorpus", "data.kwargs={path: x, seqlen: 3}",
+                          "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "data.kwargs.seqlen: data.factory='parallel.corpus:TokenCorpus' takes no argument 'seqlen'; did you " \
+           "mean 'seq_len'?" in err, err
+    assert launch(base + ["data.factory=parallel.corpus:TokenCorpus", "data.kwargs={path: x}", "--dry-run"]) == 2
+    assert "data.kwargs: data.factory='parallel.corpus:TokenCorpus' needs ['seq_len'] (no default): add " \
+           "data.kwargs.seq_len=..." in capsys.readouterr().err
+
+
+def test_a_misspelt_transformers_config_field_is_refused():
+    """examples.hf_causal_lm:build passes model.kwargs to AutoConfig, which keeps an unknown key as an attribute:
+    `hidden_sise: 32` built Qwen2's default 4096-wide, 36-layer model silently."""
+    pytest.importorskip("transformers")
+    from examples.hf_causal_lm import build
+    with pytest.raises(ValueError, match=r"model.kwargs.hidden_sise: Qwen2Config has no field 'hidden_sise'; did you "
+                                         r"mean 'hidden_size'\? .* default hidden_size=4096"):
+        build(model_type="qwen2", vocab_size=64, hidden_sise=32, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, intermediate_size=16)
+    m = build(model_type="qwen2", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, intermediate_size=16, my_own_attribute=3)     # an unknown, unlike key passes
+    assert m.config.hidden_size == 32 and m.config.my_own_attribute == 3
