@@ -62,12 +62,19 @@ def _documents(path: str, split: str, text_key: str, hf_split: str | None = None
                 yield rec[text_key]
     elif path.endswith(".parquet"):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
         table = pq.read_table(path)
         if text_key not in table.column_names:
             raise CorpusError(f"{path}: no column {text_key!r}; pass --text-key (columns: {table.column_names})")
+        kind = table.schema.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            texts = [n for n in table.column_names if pa.types.is_string(table.schema.field(n).type)
+                     or pa.types.is_large_string(table.schema.field(n).type)]
+            raise CorpusError(f"{path}: column {text_key!r} holds {kind}, not text; pass --text-key with a text "
+                              f"column (text columns here: {texts})")
         yield from (t for t in table.column(text_key).to_pylist() if t)
     else:
         with open(path, "rb") as f:

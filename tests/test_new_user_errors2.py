@@ -143,3 +143,14 @@ def test_a_misspelt_transformers_config_field_is_refused():
     m = build(model_type="qwen2", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1, intermediate_size=16, my_own_attribute=3)     # an unknown, unlike key passes
     assert m.config.hidden_size == 32 and m.config.my_own_attribute == 3
+
+
+def test_a_parquet_column_that_is_not_text_is_named(tmp_path, capsys):
+    """`prepare_data x.parquet --text-key n` on an integer column ended in a traceback from the tokenizer."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["abc", None, "def"], "n": [1, 2, 3]}), str(tmp_path / "a.parquet"))
+    assert prepare([str(tmp_path / "a.parquet"), "--out", str(tmp_path / "c"), "--text-key", "n"]) == 2
+    assert f"{tmp_path}/a.parquet: column 'n' holds int64, not text; pass --text-key with a text column (text " \
+           "columns here: ['text'])" in capsys.readouterr().err
+    assert prepare([str(tmp_path / "a.parquet"), "--out", str(tmp_path / "c")]) == 0     # None rows are skipped
