@@ -298,7 +298,7 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
             paths.setdefault(id(mod), []).append(n.rpartition("."))
     memo, shared, islands = {}, {}, set()        # memo: tied weights stay one Parameter
     per_head = find_per_head(matches, mods, sections)
-    entry = next((n for n, s, _ in matches if s == "seq_scatter_input"), None) if region else None
+    entry = next((n for n, s, _ in matches if s == "seq_scatter_input"), None) if region and sp else None
     blocks = entry.rpartition(".")[0] + "." if entry else None
     for name, style, m in matches:
         parent_name, _, child = name.rpartition(".")
@@ -307,7 +307,7 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
             # a gathering column layer inside the blocks (Phi-3's qkv_proj, OLMo-2's q_proj, GLM-4's gate_up_proj:
             # transformers' "colwise_gather_output" / "colwise_rep") is no output head: under sequence parallel
             # it reads the whole sequence like its siblings, and its module's norms see whole features
-            inner = style == "colwise_gather" and blocks is not None and name.startswith(blocks)
+            inner = sp and style == "colwise_gather" and blocks is not None and name.startswith(blocks)
             new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared,
                           group.size // kv[name][0] if name in kv else 1, head=not inner)
             if style not in ("colwise_vocab", "colwise_gather") or inner:
