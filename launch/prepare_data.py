@@ -109,7 +109,7 @@ def prepare_files(inputs, out: str, tokenizer: str = "bytes", train_bpe: int | N
                                     f"directory written by datasets' save_to_disk")
         if os.path.getsize(path) == 0:
             raise CorpusError(f"input {path} is empty: there is no text to tokenize; give a file with text")
-    if train_bpe:
+    if train_bpe is not None:                          # 0 is refused there, not read as 'no BPE'
         tok = train_bpe_on(_all_documents(inputs, split, text_key, hf_split, encoding), train_bpe,
                            tokenizer_out or out + "_tokenizer")
     else:

@@ -154,3 +154,16 @@ def test_a_parquet_column_that_is_not_text_is_named(tmp_path, capsys):
     assert f"{tmp_path}/a.parquet: column 'n' holds int64, not text; pass --text-key with a text column (text " \
            "columns here: ['text'])" in capsys.readouterr().err
     assert prepare([str(tmp_path / "a.parquet"), "--out", str(tmp_path / "c")]) == 0     # None rows are skipped
+
+
+def test_a_tokenizer_file_that_is_not_one_is_named(tmp_path, capsys):
+    """`prepare_data --tokenizer README.md` ended in a traceback: "Exception: expected value at line 1 column 1"."""
+    pytest.importorskip("tokenizers")
+    (tmp_path / "t.txt").write_text("some text\n")
+    (tmp_path / "notes.md").write_text("# not a tokenizer\n")
+    out = str(tmp_path / "c")
+    assert prepare([str(tmp_path / "t.txt"), "--out", out, "--tokenizer", str(tmp_path / "notes.md")]) == 2
+    assert f"tokenizer {tmp_path}/notes.md: not a tokenizers tokenizer.json (Exception: expected value at line 1 " \
+           "column 1); give a tokenizer.json" in capsys.readouterr().err
+    assert prepare([str(tmp_path / "t.txt"), "--out", out, "--train-bpe", "0"]) == 2       # was: bytes, silently
+    assert "--train-bpe 0: a byte-level BPE needs a vocabulary of at least 258" in capsys.readouterr().err
