@@ -167,3 +167,10 @@ def test_a_tokenizer_file_that_is_not_one_is_named(tmp_path, capsys):
            "column 1); give a tokenizer.json" in capsys.readouterr().err
     assert prepare([str(tmp_path / "t.txt"), "--out", out, "--train-bpe", "0"]) == 2       # was: bytes, silently
     assert "--train-bpe 0: a byte-level BPE needs a vocabulary of at least 258" in capsys.readouterr().err
+
+
+def test_nproc_zero_is_refused(capsys):
+    """`python -m launch --nproc 0` was read as "no --nproc" and started the config's 2 processes."""
+    from launch.__main__ import main as launch
+    assert launch(["--config", "configs/gpt_dp2.yaml", "--nproc", "0", "train.metrics_file=null"]) == 2
+    assert "--nproc 0: give a positive number of processes per node" in capsys.readouterr().err
