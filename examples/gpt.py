@@ -12,6 +12,7 @@ Factories are referenced from configs as "examples.gpt:build" and "examples.gpt:
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -135,6 +136,9 @@ class GPT(nn.Module):
 def build(**kwargs) -> GPT:
     """Model factory for configs: ``model.factory: examples.gpt:build``."""
     return GPT(**kwargs)
+
+
+build.__signature__ = inspect.signature(GPT)      # the launcher's pre-flight checks model.kwargs against it
 
 
 class TokenWindows(torch.utils.data.Dataset):

@@ -30,6 +30,7 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
                          "model.kwargs.pretrained names a local model directory")
     config_kwargs.setdefault("use_cache", False)
     cfg = AutoConfig.for_model(model_type, **config_kwargs)
+    _check_fields(model_type, cfg, config_kwargs)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # a small vocabulary has no id 50256
         v = getattr(cfg, k, None)
         if isinstance(v, int) and v >= cfg.vocab_size and k not in config_kwargs:
@@ -38,6 +39,23 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
         if hasattr(cfg, k) and k not in config_kwargs:
             setattr(cfg, k, 0.0)                         # exactness: no dropout unless asked for
     return _with_attention(lambda a: AutoModelForCausalLM.from_config(cfg, attn_implementation=a), attn_implementation)
+
+
+def _check_fields(model_type: str, cfg, config_kwargs: dict) -> None:
+    """transformers keep a key their config does not know as a plain attribute: ``hidden_sise: 64`` built the
+    default 4096-wide model without a word. A key that is no field of the default config but close to one is
+    refused naming it (other unknown keys pass: some architectures read attributes of their own)."""
+    import difflib
+    import inspect
+
+    from transformers import AutoConfig
+    known = set(AutoConfig.for_model(model_type).to_dict()) | set(inspect.signature(type(cfg).__init__).parameters)
+    for k in config_kwargs:
+        close = [] if k in known else difflib.get_close_matches(k, sorted(known), 1, 0.8)
+        if close:
+            raise ValueError(f"model.kwargs.{k}: {type(cfg).__name__} has no field {k!r}; did you mean {close[0]!r}? "
+                             f"(transformers would keep it as an unused attribute and build the model with its "
+                             f"default {close[0]}={getattr(cfg, close[0], None)!r})")
 
 
 def _with_attention(make, attn_implementation):

@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         known, torchrun, overrides = split_argv(argv)
+        if known.nproc is not None and known.nproc < 1:    # 0 read as "unset" started the config's count
+            raise UsageError(f"python -m launch: --nproc {known.nproc}: give a positive number of processes per "
+                             f"node, or leave --nproc out (the config's dp·cp·tp·pp divided by the nodes)")
     except UsageError as e:
         print(f"{e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from parallel.checkpoint.hf_export import export_sharded
-from parallel.checkpoint.integrity import CheckpointError
+from parallel.checkpoint.integrity import CheckpointError, verify_files
 from parallel.checkpoint.sharded import latest, load_full, read_meta
 from parallel.config import ConfigError, import_object
 
@@ -36,6 +36,7 @@ def consolidated_model(path: str) -> nn.Module:
     if not os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(path):
         path = latest(path) or path
     meta = read_meta(path)
+    verify_files(path, meta, collective=False)       # a resume refuses altered bytes: so does an export
     factory = import_object(meta["model"]["factory"], "model.factory")
     model = factory(**meta["model"]["kwargs"])       # real buffers (rotary tables, masks); weights replaced
     names = {}

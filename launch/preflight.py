@@ -6,7 +6,9 @@ start fails once, in the launcher, in a second — not on every rank after the p
 
 * ``train.steps`` is at least 1 (0 would start every worker to train nothing);
 * the factories import: ``model.factory``, ``data.factory``, ``train.finish`` and a ``loss`` given
-  as ``pkg.module:function`` (importing, not calling them);
+  as ``pkg.module:function`` (importing, not calling them); ``model.kwargs`` / ``data.kwargs`` fit the
+  factory's signature (no key it does not take — the closest parameter is suggested — and no required one
+  missing; a factory with ``**kwargs`` takes any);
 * ``train.checkpoint.dir`` (when checkpoints are written), the directories of
   ``train.metrics_file`` and ``train.tensorboard`` can be created and written;
 * ``zero.offload.nvme_path`` (when anything is offloaded to nvme) is an existing, writable
@@ -30,6 +32,8 @@ start fails once, in the launcher, in a second — not on every rank after the p
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import re
 import shutil
@@ -67,6 +71,36 @@ def check_imports(cfg: Config) -> None:
                                  f"{type(e).__name__}: {first}; fix that module") from None
         if not callable(obj):
             raise PreflightError(f"{key}={spec!r} is a {type(obj).__name__}, not a function or class")
+        kwargs = {"model.factory": cfg.model.kwargs, "data.factory": cfg.data.kwargs}.get(key)
+        if kwargs is not None:
+            check_kwargs(key, spec, obj, kwargs)
+
+
+def check_kwargs(key: str, spec: str, obj, kwargs: dict) -> None:
+    """``model.kwargs`` / ``data.kwargs`` against the factory's signature: a key it does not take (a typo such as
+    n_embdd) or a required argument left out, named with the closest parameter, before any worker starts (each
+    rank's factory call raised TypeError). A factory taking ``**kwargs`` accepts any key."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):             # a builtin or C callable without a readable signature
+        return
+    kinds = {p.kind for p in params.values()}
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        return
+    names = [n for n, p in params.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    where = key.replace("factory", "kwargs")
+    for k in kwargs:
+        if k not in names:
+            close = difflib.get_close_matches(k, names, 1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise PreflightError(f"{where}.{k}: {key}={spec!r} takes no argument {k!r}; {hint}it takes {names}")
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return
+    missing = [n for n in names if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise PreflightError(f"{where}: {key}={spec!r} needs {missing} (no default): add "
+                             + ", ".join(f"{where}.{n}=..." for n in missing))
 
 
 def check_writable_dir(path: str, key: str, create: bool = True) -> None:

@@ -30,13 +30,25 @@ from parallel.corpus.tokenizer import load_tokenizer
 from parallel.corpus.tokenizer import train_bpe as train_bpe_on
 
 
-def _documents(path: str, split: str, text_key: str, hf_split: str | None = None):
+def _not_text(path: str, e: UnicodeDecodeError, encoding: str, line: int | None = None) -> CorpusError:
+    """A decode error as the file, the line and the fix (the codec's own message names neither)."""
+    where = f"{path}:{line}" if line else path
+    return CorpusError(f"{where}: not {encoding.upper()} text (byte 0x{e.object[e.start]:02x} at byte offset {e.start}"
+                       f"{' of the line' if line else ''}: {e.reason}); convert it (e.g. iconv -f latin1 -t utf-8 "
+                       f"{path} > {path}.utf8) or pass its encoding (--encoding latin-1, cp1252, ...)")
+
+
+def _documents(path: str, split: str, text_key: str, hf_split: str | None = None, encoding: str = "utf-8"):
     """Yield the documents of one input file (or saved Hugging Face dataset directory)."""
     if is_dataset_dir(path):
         yield from hf_documents(path, text_key, hf_split)
     elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError as e:
+                    raise _not_text(path, e, encoding, n) from None
                 if not line.strip():
                     continue
                 try:
@@ -50,16 +62,27 @@ def _documents(path: str, split: str, text_key: str, hf_split: str | None = None
                 yield rec[text_key]
     elif path.endswith(".parquet"):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
         table = pq.read_table(path)
         if text_key not in table.column_names:
             raise CorpusError(f"{path}: no column {text_key!r}; pass --text-key (columns: {table.column_names})")
+        kind = table.schema.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            texts = [n for n in table.column_names if pa.types.is_string(table.schema.field(n).type)
+                     or pa.types.is_large_string(table.schema.field(n).type)]
+            raise CorpusError(f"{path}: column {text_key!r} holds {kind}, not text; pass --text-key with a text "
+                              f"column (text columns here: {texts})")
         yield from (t for t in table.column(text_key).to_pylist() if t)
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise _not_text(path, e, encoding) from None
         if split == "file":
             yield text
         elif split == "line":
@@ -68,14 +91,14 @@ def _documents(path: str, split: str, text_key: str, hf_split: str | None = None
             yield from (d.strip("\n") for d in text.split("\n\n") if d.strip())
 
 
-def _all_documents(inputs, split: str, text_key: str, hf_split: str | None = None):
+def _all_documents(inputs, split: str, text_key: str, hf_split: str | None = None, encoding: str = "utf-8"):
     for path in inputs:
-        yield from _documents(path, split, text_key, hf_split)
+        yield from _documents(path, split, text_key, hf_split, encoding)
 
 
 def prepare_files(inputs, out: str, tokenizer: str = "bytes", train_bpe: int | None = None,
                   tokenizer_out: str | None = None, text_key: str = "text", split: str = "blank",
-                  progress: bool = True, hf_split: str | None = None) -> dict:
+                  progress: bool = True, hf_split: str | None = None, encoding: str = "utf-8") -> dict:
     """Tokenize ``inputs`` into ``<out>.bin/.idx/.json`` (with ``train_bpe``: train a byte-level BPE of that
     size on them first, saved in ``tokenizer_out``, default ``<out>_tokenizer/``); returns the metadata."""
     for path in inputs:
@@ -86,20 +109,24 @@ def prepare_files(inputs, out: str, tokenizer: str = "bytes", train_bpe: int | N
                                     f"directory written by datasets' save_to_disk")
         if os.path.getsize(path) == 0:
             raise CorpusError(f"input {path} is empty: there is no text to tokenize; give a file with text")
-    if train_bpe:
-        tok = train_bpe_on(_all_documents(inputs, split, text_key, hf_split), train_bpe,
+    if train_bpe is not None:                          # 0 is refused there, not read as 'no BPE'
+        tok = train_bpe_on(_all_documents(inputs, split, text_key, hf_split, encoding), train_bpe,
                            tokenizer_out or out + "_tokenizer")
     else:
         tok = load_tokenizer(tokenizer)
     writer = TokenWriter(out, tok.vocab_size, tok.eos_id, tok.name)
     last, tty = time.monotonic(), progress and sys.stderr.isatty()
     docs = 0
-    for docs, text in enumerate(_all_documents(inputs, split, text_key, hf_split), 1):
-        writer.add(tok.encode(text))
-        if progress and time.monotonic() - last > 1.0:
-            last = time.monotonic()
-            line = f"prepare_data: {docs:,} documents, {writer.tokens:,} tokens"
-            print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    try:
+        for docs, text in enumerate(_all_documents(inputs, split, text_key, hf_split, encoding), 1):
+            writer.add(tok.encode(text))
+            if progress and time.monotonic() - last > 1.0:
+                last = time.monotonic()
+                line = f"prepare_data: {docs:,} documents, {writer.tokens:,} tokens"
+                print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    except BaseException:
+        writer.abort()                                   # a bad line late in the input leaves no <out>.bin.tmp
+        raise
     if tty:
         print(file=sys.stderr)
     if docs == 0:
@@ -111,7 +138,7 @@ def prepare_files(inputs, out: str, tokenizer: str = "bytes", train_bpe: int | N
 
 def prepare(args) -> dict:
     return prepare_files(args.inputs, args.out, args.tokenizer, args.train_bpe, args.tokenizer_out, args.text_key,
-                         args.split, hf_split=args.hf_split)
+                         args.split, hf_split=args.hf_split, encoding=args.encoding)
 
 
 def main(argv=None) -> int:
@@ -125,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-split", default=None, help="the split of a saved DatasetDict (default: train)")
     ap.add_argument("--split", choices=("blank", "line", "file"), default="blank",
                     help=".txt documents: separated by blank lines (default), one per line, or one per file")
+    ap.add_argument("--encoding", default="utf-8", help=".txt / .jsonl inputs: their text encoding (default utf-8)")
     args = ap.parse_args(argv)
     try:
         meta = prepare(args)

@@ -65,7 +65,7 @@ def test_preflight_refuses_before_any_worker_starts(launcher, tmp_path, monkeypa
         "data_attr": (["data.factory=examples.gpt:no_such_dataset"],
                       "data.factory='examples.gpt:no_such_dataset': module 'examples.gpt' has no attribute "
                       "'no_such_dataset'"),
-        "data_file": (["data.factory=examples.gpt:char_dataset", f"data.kwargs.path={tmp_path}/corpus.txt"],
+        "data_file": (["data.factory=examples.gpt:char_dataset", f"data.kwargs={{path: {tmp_path}/corpus.txt}}"],
                       f"data.kwargs.path='{tmp_path}/corpus.txt' does not exist (data.factory="
                       f"'examples.gpt:char_dataset' reads it)"),
     }

@@ -25,7 +25,7 @@ import struct
 import torch
 
 from parallel.checkpoint.engine_state import _pieces
-from parallel.checkpoint.integrity import CheckpointError
+from parallel.checkpoint.integrity import CheckpointError, verify_files
 from parallel.checkpoint.ranged import ReadStats, _chunks, _Counted, _read_item, _runs, needed
 from parallel.checkpoint.sharded import _dcp_metadata, read_meta
 from parallel.config import import_object
@@ -119,6 +119,7 @@ def export_sharded(path: str, out_dir: str, max_shard_bytes: int = 5 * 2**30, dt
     """Write ``path``'s model as sharded safetensors under ``out_dir`` (see the module docstring); returns
     the files this process wrote. ``dtype``: cast every tensor (default: the model's own dtypes)."""
     meta = read_meta(path)
+    verify_files(path, meta, collective=False)       # altered bytes would be exported as weights
     md = _dcp_metadata(path)
     stats = stats if stats is not None else ReadStats()
     model = meta_model(meta)

@@ -69,14 +69,15 @@ def _check_file(path: str, name: str, want: dict) -> str | None:
     return None
 
 
-def verify_files(path: str, meta: dict) -> None:
+def verify_files(path: str, meta: dict, collective: bool = True) -> None:
     """Collective when a process group is up: the ranks hash disjoint shares of the files and every
     rank raises the same ``CheckpointError(damaged=True)`` naming the first bad file. A checkpoint
-    without recorded digests (format parallel3d-1) passes."""
+    without recorded digests (format parallel3d-1) passes. ``collective=False``: this process hashes
+    every file (consolidation, which one process may run inside a job)."""
     files = meta.get("files")
     if not files:
         return
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
     names = sorted(files)
     bad = [e for n in names[rank::world] if (e := _check_file(path, n, files[n]))]
     if world > 1:

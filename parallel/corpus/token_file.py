@@ -157,8 +157,8 @@ class TokenCorpus(torch.utils.data.Dataset):
                               f"{self.meta.get('vocab_size', '?')}): set the model's vocab_size ≥ {top + 1} or "
                               f"prepare the corpus with the model's tokenizer{hint}")
         if n < seq_len + 1:
-            raise CorpusError(f"{self.bin}: {n} tokens are fewer than one sample of seq_len + 1 = {seq_len + 1}; "
-                              f"use more text or a shorter seq_len")
+            raise CorpusError(f"{self.bin}: {n} tokens are fewer than one sample of {seq_len + 1} tokens; "
+                              f"use more text or a shorter seq_len")     # (PackedCorpus asks for seq_len - 1 here)
 
     def _read_meta(self, dtype) -> dict:
         path = self.prefix + ".json"

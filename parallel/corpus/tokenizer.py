@@ -43,7 +43,11 @@ def _bytes() -> Tokenizer:
 def _from_tokenizers(path: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     path = os.path.abspath(path)
-    tok = HFTokenizer.from_file(path)
+    try:
+        tok = HFTokenizer.from_file(path)
+    except Exception as e:                      # tokenizers raises a bare Exception("expected value at line 1 ...")
+        raise ValueError(f"tokenizer {path}: not a tokenizers tokenizer.json ({type(e).__name__}: {e}); give a "
+                         f"tokenizer.json, a local tokenizer directory, 'bytes', or --train-bpe VOCAB") from None
     eos = next((tok.token_to_id(t) for t in EOS_NAMES if tok.token_to_id(t) is not None), None)
     return Tokenizer(lambda text: tok.encode(text).ids, tok.get_vocab_size(), eos, f"tokenizers:{path}",
                      lambda ids: tok.decode([int(i) for i in ids]))

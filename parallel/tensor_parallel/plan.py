@@ -80,6 +80,7 @@ from parallel.tensor_parallel.layers import (
     sum_grads_over_tp,
 )
 from parallel.tensor_parallel.semantics import as_subclass, island_attrs, subclass_problem
+from parallel.tensor_parallel.sp_region import unsplit_in_region
 from parallel.tensor_parallel.styles import (
     _KV_HEADS,
     _Q_HEADS,
@@ -279,6 +280,11 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
                                 apply_tensor_parallel)           # Doge's per-kv-head mask coefficients
     styles |= {s for _, s, _ in matches}
     attrs = island_attrs(matches, mods, sections, tp, errors, {n.rpartition(".")[0] for n in kv})
+    if sequence_parallel and tp > 1 and (unsplit := unsplit_in_region(matches, mods)):
+        more = f" (and {len(unsplit) - 3} more)" if len(unsplit) > 3 else ""
+        errors.append(f"sequence parallel: {', '.join(unsplit[:3])}{more} would run on the rank's sequence shard "
+                      f"alone (the plan neither splits nor marks it: a sequence mixer would see s/tp tokens, its "
+                      f"gradient only theirs); set parallel.sequence_parallel=false, or split it in parallel.tp_plan")
     if sequence_parallel and "seq_scatter_input" in styles and "seq_gather_output" not in styles:
         errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
                       "mark the final norm 'seq_gather_output'")
@@ -298,13 +304,19 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
             paths.setdefault(id(mod), []).append(n.rpartition("."))
     memo, shared, islands = {}, {}, set()        # memo: tied weights stay one Parameter
     per_head = find_per_head(matches, mods, sections)
+    entry = next((n for n, s, _ in matches if s == "seq_scatter_input"), None) if region and sp else None
+    blocks = entry.rpartition(".")[0] + "." if entry else None
     for name, style, m in matches:
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
         if style in COLWISE:
+            # a gathering column layer inside the blocks (Phi-3's qkv_proj, OLMo-2's q_proj, GLM-4's gate_up_proj:
+            # transformers' "colwise_gather_output" / "colwise_rep") is no output head: under sequence parallel
+            # it reads the whole sequence like its siblings, and its module's norms see whole features
+            inner = sp and style == "colwise_gather" and blocks is not None and name.startswith(blocks)
             new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared,
-                          group.size // kv[name][0] if name in kv else 1)
-            if style not in ("colwise_vocab", "colwise_gather"):
+                          group.size // kv[name][0] if name in kv else 1, head=not inner)
+            if style not in ("colwise_vocab", "colwise_gather") or inner:
                 islands.add(parent_name)
         elif style in ROWWISE:
             new = RowParallelLinear.from_module(m, group, input_is_parallel=style == "rowwise",
@@ -333,12 +345,15 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
     return islands
 
 
-def _column(m, style, parent, group, sections, sp, region, memo, shared, replicas=1) -> ColumnParallelLinear:
-    """The column-parallel layer for ``m``; inside an attention/MLP module it shares one f (or f̄)."""
-    head = style in ("colwise_vocab", "colwise_gather")
+def _column(m, style, parent, group, sections, sp, region, memo, shared, replicas=1,
+            head: bool = True) -> ColumnParallelLinear:
+    """The column-parallel layer for ``m``; inside an attention/MLP module it shares one f (or f̄).
+    ``head=False``: a colwise_gather layer inside the sequence-parallel region (not the output layer)."""
+    gathered = style in ("colwise_vocab", "colwise_gather")
+    head = gathered and head
     new = ColumnParallelLinear.from_module(m, group, gather_output=style == "colwise_gather", sections=sections,
                                            sequence_parallel=sp and not (head and region), memo=memo,
-                                           pad_vocab=head and sections is None, replicas=replicas)
+                                           pad_vocab=gathered and sections is None, replicas=replicas)
     if not head:
         # One f (or f̄) per attention/MLP module, however many column layers read its input. With
         # sequence parallel f̄ goes on the module's input, so code in it that derives shapes from
