@@ -38,6 +38,11 @@ if HERE not in sys.path:
 from zoo_config import CAUSAL_SUB_CONFIG, FAMILY, SIZES, tiny_config, tiny_kwargs  # noqa: E402,F401
 
 STEPS, RTOL, SEQ = 3, 1e-5, 16
+# An architecture whose layouts agree with one process to RTOL under SGD but not under AdamW: Adam's update
+# g/√v has magnitude ~lr for any element whose gradient is near zero, so fp32 reassociation noise in such a
+# gradient (a tp split sums in another order) moves its weight by up to lr. exaone4 tp2: SGD lr 0.3 agrees to
+# 5.3e-8 over 3 steps; AdamW 4.9e-8, 2.9e-6, 1.0e-5 (session 11) — the forward and gradients are exact.
+RTOL_OF = {"exaone4": 3e-5}
 LAYOUTS = {"dp2 zero3": dict(dp=2, zero=3), "tp2 auto": dict(tp=2), "pp2 1f1b": dict(pp=2)}
 FAST = ["llama", "gpt2", "qwen2"]      # the default suite's subset
 
@@ -176,8 +181,9 @@ def check(model_type: str, layout: str, want: list, timeout: float = 300) -> tup
     if len(value) != len(want):
         return "FAIL", f"{len(value)} losses, expected {len(want)}"
     err = max(abs(g - w) / max(abs(w), 1e-30) for g, w in zip(value, want))
-    if not err <= RTOL:                              # NaN fails too
-        return "FAIL", f"loss off by {err:.2g} relative (tolerance {RTOL:g})"
+    rtol = RTOL_OF.get(model_type, RTOL)
+    if not err <= rtol:                              # NaN fails too
+        return "FAIL", f"loss off by {err:.2g} relative (tolerance {rtol:g})"
     split = out[0][2]
     if split is None:
         return "exact", f"{err:.1e}"
