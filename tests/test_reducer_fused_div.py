@@ -1,11 +1,14 @@
-"""ZeRO-0 divides each gradient by N as it copies it into its bucket view (issue 18).
+"""ZeRO-0/1/2 divide each gradient by N as they copy it into its bucket (issue 18; parallel/data_parallel/fused_div.py).
 
 Before, a step copied every gradient into the flat bucket (``copy_``: Ψ·4 bytes written) and then divided the bucket
-in place (``div_``: another read and write of Ψ·4 bytes); torch DDP with ``gradient_as_bucket_view`` does both in one
-``mul_out``. Now ``torch.div(grad, N, out=view)``: no ``copy_`` and no ``div_`` of gradients at one micro-batch, and
-the same IEEE division per element, so parameters are bitwise equal to the unfused path (``reducer.fuse_div =
-False``) at N = 2 and at N = 3 (1/N inexact), also at m = 2 micro-batches (no fusion: the sum is divided once).
+in place (ZeRO-0: ``div_``, another read and write of Ψ·4 bytes; ZeRO-1/2: of the reduced shard, Ψ/N); torch DDP
+with ``gradient_as_bucket_view`` does both in one ``mul_out``. Now ``torch.div(grad, N, out=view)``: no ``copy_``
+and no ``div_`` of gradients at one micro-batch. Parameters are bitwise equal to the unfused path
+(``reducer.fuse_div = False``): ZeRO-0 at N = 2 and N = 3 (the same IEEE division per element), ZeRO-1/2 at N = 2
+(division by 2 is exact); ZeRO-1/2 at N = 3 keep the division after the reduce-scatter (the counts unchanged);
+m = 2 micro-batches are not fused (the sum is divided once).
 """
+import pytest
 import torch
 from harness import run_ranks
 from test_zero import OPTS, global_batch, loss_of, make_model, train
@@ -42,12 +45,12 @@ def _counted_step(zero, model, group):
     return c.copy_bytes, c.div_
 
 
-def _run(rank, world, fuse, m):
+def _run(rank, world, fuse, m, stage):
     from parallel.mesh import Mesh
     from parallel.zero import ZeroOptimizer
     group = Mesh(dp=world).group("dp")
     model = make_model("gpt")
-    zero = ZeroOptimizer(model, OPTS["adamw"], group, ZeroConfig(stage=0, bucket_mb=0.02))
+    zero = ZeroOptimizer(model, OPTS["adamw"], group, ZeroConfig(stage=stage, bucket_mb=0.02))
     zero.reducer.fuse_div = fuse
     train(zero, model, group, G, 1, m=1)                 # first step: grads are the bucket views already
     counts = _counted_step(zero, model, group)
@@ -56,16 +59,20 @@ def _run(rank, world, fuse, m):
                 buckets=len(zero.buckets), losses=losses, params=[p.detach().clone() for p in model.parameters()])
 
 
-def _pair(rank, world, m):
-    return _run(rank, world, True, m), _run(rank, world, False, m)
+def _pair(rank, world, m, stage):
+    return _run(rank, world, True, m, stage), _run(rank, world, False, m, stage)
 
 
-def _check(world, m):
-    for fused, plain in run_ranks(_pair, world, m):
+def _check(world, m, stage=0):
+    for fused, plain in run_ranks(_pair, world, m, stage):
         assert fused["buckets"] > 1
-        assert fused["counts"][0] < 64 and fused["counts"][1] == 0, fused["counts"]   # no gradient copy_, div_
         copied, divs = plain["counts"]
         assert copied >= 4 * fused["psi"] and divs == plain["buckets"], plain["counts"]
+        if stage and world & (world - 1):
+            assert fused["counts"] == plain["counts"]               # fp32 shard divided after: unchanged
+        else:
+            assert copied - fused["counts"][0] == 4 * fused["psi"] and fused["counts"][1] == 0, fused["counts"]
+            # (ZeRO-1 below the ring's size, here: gloo's reduce-scatter copies the flat once more itself)
         assert fused["losses"] == plain["losses"]
         assert all(torch.equal(a, b) for a, b in zip(fused["params"], plain["params"]))
 
@@ -77,3 +84,9 @@ def test_fused_division_cuts_the_copy_and_is_bitwise_equal_dp2():
 def test_fused_division_bitwise_equal_dp3_and_accumulation():
     _check(3, 1)
     _check(2, 2)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fused_division_zero12(stage):
+    _check(2, 1, stage)
+    _check(3, 1, stage)

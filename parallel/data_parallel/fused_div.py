@@ -1,4 +1,4 @@
-"""Stage 0's mean taken while each gradient is copied into its bucket (issue 18).
+"""The data-parallel mean taken while each gradient is copied into its bucket (issue 18).
 
 Data parallelism averages, g = (1/N) Σ_r g_r (:mod:`parallel.data_parallel.reducer`); an all-reduce of fp32 or
 low-precision gradients divides before it. With ``zero_grad`` setting ``p.grad = None``, autograd hands each
@@ -10,6 +10,11 @@ bitwise equal for any N, tests/test_reducer_fused_div.py). It applies to a param
 one micro-batch only; an accumulated gradient (m > 1, ``no_sync``, a gradient already living in its view) is summed
 first and divided once at launch, as before. A bucket whose parameters were divided on the way in is not divided
 again at launch; a mixed bucket divides only the rest.
+
+ZeRO-1/2 (reduce-scatter of fp32 gradients) divide the reduced shard after the collective, Ψ/N elements
+(:mod:`parallel.data_parallel.reducer`); for N a power of two the division is exact (a change of exponent), so
+Σ_r (g_r/N) = (Σ_r g_r)/N bit for bit unless an element is subnormal, and they too divide on the way in: one pass
+over the shard less. For other N they keep the division after the reduction (it would round differently).
 """
 from __future__ import annotations
 
@@ -22,11 +27,13 @@ def fused_div(r, b, i: int, grad: torch.Tensor) -> int:
     """N when reducer ``r`` may divide parameter ``i`` of bucket ``b``'s first gradient ``grad`` as it copies it
     (module docstring), else 0. ``r.fuse_div = False`` restores the copy-then-divide path (benchmarks/proto_pair.py's
     ``:unfused`` row)."""
-    if (not r.fuse_div or r.mode != "all_reduce" or r.expected != 1 or not r._sync or r.local or b.deferred
-            or b._count[i] or grad.layout != torch.strided or grad.dtype != b.flat_grad.dtype):
+    if (not r.fuse_div or r.expected != 1 or not r._sync or r.local or b.deferred or b._count[i]
+            or grad.layout != torch.strided or grad.dtype != r.dtype):
         return 0
     div = b.grad_div or (b.group or r.group).size
-    return div if div > 1 else 0
+    if div <= 1 or (r.mode != "all_reduce" and r.dtype == torch.float32 and div & (div - 1)):
+        return 0                        # fp32 reduce-scatter, N not a power of two: the shard is divided after
+    return div
 
 
 def divide_rest(b, g: torch.Tensor, div: int) -> None:

@@ -183,7 +183,7 @@ class GradReducer:
             if b._written[i]:
                 b.flat_grad[o:o + n].add_(p.grad.reshape(-1))
             else:
-                b.flat_grad[o:o + n].copy_(p.grad.reshape(-1))
+                copy_in(self, b, i, p.grad.reshape(-1), b.flat_grad[o:o + n])      # (fused_div.py)
                 b._written[i] = True
             p.grad = None
 
@@ -271,8 +271,8 @@ class GradReducer:
             return
         group = b.group or self.group                    # expert buckets: the expert-data-parallel group
         div = b.grad_div or group.size
-        if div > 1 and not self._divides_after(g):
-            divide_rest(b, g, div)                       # stage 0: not what the hooks divided (fused_div)
+        if div > 1 and (not self._divides_after(g) or any(getattr(b, "divided", b""))):
+            divide_rest(b, g, div)                       # not what the hooks divided (fused_div.py)
         if self.mode == "all_reduce":
             work, out = comm.all_reduce(with_flag(self, b, group, g), group, async_op=True), None   # unused_flag
         else:
@@ -293,7 +293,7 @@ class GradReducer:
         if self.mode == "all_reduce" or (work is None and out is None):    # local (1-bit Adam): g_i stays whole
             return
         div = b.grad_div or (b.group or self.group).size
-        if div > 1 and self._divides_after(out):
+        if div > 1 and self._divides_after(out) and not any(getattr(b, "divided", b"")):
             out.div_(div)                                # the mean, on the shard only (module docstring)
         if self.keep_full:
             mine = b.flat_grad[b.lo:b.hi]
