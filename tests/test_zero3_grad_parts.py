@@ -115,6 +115,7 @@ def _train(rank, world, from_grads):
         model = _model()
         zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=3), unit_types=(type(model.blocks[0]),))
         zero.reducer.from_grads = from_grads
+        zero.reducer.fuse_div = from_grads        # the flat path as before: copy, then divide (data_parallel/fused_div)
         per, losses, other, gather = G // world, [], [], []
         for t in range(STEPS):
             x, y = global_batch(t, G)

@@ -2,7 +2,10 @@
 touches, from a TorchDispatchMode around one training step on 2 gloo ranks (one bucket of ≥ 256 KiB, so
 the reduce-scatter runs on parallel.comm.ring). fp32 gradients are divided by N after the reduce-scatter,
 on the rank's shard only (Ψ/N elements, was Ψ), and stage 1 reduces its chunk of the flat gradient in place
-(no copy-back of the shard, was Ψ/N). Losses equal one process's (1e-5)."""
+(no copy-back of the shard, was Ψ/N). Since parallel/data_parallel/fused_div.py (N = 2, a power of two) the
+division is taken as each gradient enters the flat buffer (``torch.div(grad, N, out=view)``, neither a copy_ nor a
+div_): no copy_ and no div_ of gradients at all; with ``reducer.fuse_div = False`` the counts above still hold.
+Losses equal one process's (1e-5)."""
 from collections import Counter
 
 import torch
@@ -47,9 +50,10 @@ def _run(rank, world):
     from parallel.zero import ZeroOptimizer
     g = Mesh(dp=world).group("dp")
     out = {"ref": _ref() if rank == 0 else None}
-    for stage in (1, 2):
+    for stage, fused in ((1, True), (2, True), (1, False), (2, False)):
         model = _model()
         zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=stage))
+        zero.reducer.fuse_div = fused
         per = G // world
         losses, moved, rs = [], None, ring.calls["reduce_scatter"]
         for t in range(STEPS):
@@ -64,7 +68,7 @@ def _run(rank, world):
                 zero.step()
             losses.append(loss.item())
             moved = mode.n                                   # the last step's (the first also builds state)
-        out[stage] = dict(losses=losses, div=moved["div_"], copy=moved["copy_"],
+        out[stage, fused] = dict(losses=losses, div=moved["div_"], copy=moved["copy_"],
                           rings=ring.calls["reduce_scatter"] - rs, shard=sum(b.shard for b in zero.buckets),
                           psi=sum(p.numel() for p in model.parameters()), buckets=len(zero.buckets))
     return out
@@ -74,11 +78,16 @@ def test_zero12_divide_the_shard_and_copy_nothing_back():
     res = run_ranks(_run, 2)
     ref = res[0]["ref"]
     for stage in (1, 2):
-        got = [sum(r[stage]["losses"][i] for r in res) / 2 for i in range(STEPS)]
+        got = [sum(r[stage, True]["losses"][i] for r in res) / 2 for i in range(STEPS)]
         assert_curve(got, ref, 1e-5, f"stage {stage}")
+        assert all(r[stage, True]["losses"] == r[stage, False]["losses"] for r in res)     # bitwise (N = 2)
         for r in res:
-            c = r[stage]
-            assert c["buckets"] == 1 and c["rings"] == STEPS, c                # the ring path ran
-            assert c["div"] == c["shard"], (stage, c)                          # Ψ/N divided, not Ψ
-            # the only copies: each parameter's first gradient into the flat gradient (Ψ); no shard copy-back
-            assert c["copy"] == c["psi"], (stage, c)
+            for fused in (True, False):
+                c = r[stage, fused]
+                assert c["buckets"] == 1 and c["rings"] == STEPS, c            # the ring path ran
+                if fused:                                                      # divided on the way in: no
+                    assert c["div"] == 0 and c["copy"] == 0, (stage, c)        # copy_, no div_, no copy-back
+                    continue
+                assert c["div"] == c["shard"], (stage, c)                      # Ψ/N divided, not Ψ
+                # the only copies: each parameter's first gradient into the flat gradient (Ψ); no shard copy-back
+                assert c["copy"] == c["psi"], (stage, c)

@@ -12,12 +12,12 @@ overlaps the backward computation of earlier layers.
 Two reductions share this machinery:
   * ``all_reduce`` (plain DP, ZeRO stage 0): the flat gradient is all-reduced in place;
   * ``reduce_scatter`` (ZeRO stages 1–3): each rank receives the reduced shard it owns.
-The sum becomes the mean by a division by N: before an all-reduce (the whole gradient), after a reduce-scatter of
-fp32 gradients (only this rank's shard: Ψ/N elements divided instead of Ψ, 8(N−1)/N·Ψ bytes less memory traffic; for
-N a power of two the result is bit-identical, (Σ g_r)/N = Σ (g_r/N), as the scaling is exact; low-precision
-gradients are still divided first, against overflow). Stage 1 with the ring (:mod:`parallel.comm.ring`) reduces this
-rank's chunk of the flat gradient in place — the ring only reads that chunk at its last step — instead of into a
-fresh shard that is then copied back (Ψ/N · 8 bytes).
+The sum becomes the mean by a division by N: before an all-reduce (stage 0: fused with each fresh gradient's copy
+into its bucket view, :mod:`parallel.data_parallel.fused_div`), after a reduce-scatter of fp32 gradients (only this
+rank's shard: Ψ/N elements divided instead of Ψ, 8(N−1)/N·Ψ bytes less memory traffic; for N a power of two
+bit-identical, (Σ g_r)/N = Σ (g_r/N); low-precision gradients are still divided first, against overflow). Stage 1
+with the ring (:mod:`parallel.comm.ring`) reduces this rank's chunk of the flat gradient in place — the ring only
+reads that chunk at its last step — instead of into a fresh shard that is then copied back (Ψ/N · 8 bytes).
 
 Gradient accumulation needs no ``no_sync``: ``prepare_step(m)`` announces m micro-batches; each
 parameter's hook counts its accumulations and a bucket is reduced once all its parameters have
@@ -43,6 +43,7 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.comm.ring import release_scratch, use_ring
 from parallel.data_parallel.bucket import FlatBucket
+from parallel.data_parallel.fused_div import copy_in, divide_rest
 from parallel.data_parallel.unused_flag import place_carriers, with_flag
 
 __all__ = ["GradReducer", "KEEP_BUFFERS"]
@@ -75,9 +76,8 @@ class GradReducer:
         self.buckets, self.deferred, self.group, self.mode = list(buckets), deferred, group, mode
         self.dtype, self.keep_full, self.on_grad = grad_dtype, keep_full_grads, on_grad
         self.on_reduced = on_reduced                     # on_reduced(b) once b's reduced shard is in place
-        self.max_inflight, self.auto_reset = max_inflight, auto_reset
-        self.expected = 1
-        self.local = False                               # set by ZeRO for 1-bit Adam: hooks reduce nothing
+        self.max_inflight, self.auto_reset, self.expected = max_inflight, auto_reset, 1
+        self.local, self.fuse_div = False, True          # 1-bit Adam (set by ZeRO): hooks reduce nothing; fused_div.py
         self._sync = True
         self._where = {}
         self._pos = {id(b): i for i, b in enumerate(self.buckets)}
@@ -116,7 +116,8 @@ class GradReducer:
             b._count = [0] * len(b.params)
             b._pending = len(b.params)
             b.unused = ()
-            b.had = bytearray(len(b.params))     # got a gradient this step (no_sync ones too): parallel/zero/unused.py
+            # had: got a gradient this step (no_sync ones too): parallel/zero/unused.py; divided: fused_div.py
+            b.had, b.divided = bytearray(len(b.params)), bytearray(len(b.params))
         self._next = 0
         self._ready_pos: set = set()
         self._inflight: list = []
@@ -171,8 +172,8 @@ class GradReducer:
             view = b.flat_grad[o:o + n].view(b.shapes[i])
             if p.grad is None:
                 view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)          # p.grad was reset (None) and re-created by autograd
+            elif p.grad.data_ptr() != view.data_ptr():  # p.grad was reset (None) and re-created by autograd
+                copy_in(self, b, i, p.grad, view)        # stage 0: divided by N on the way (fused_div.py)
             p.grad = view
         elif p.grad is not None:
             if b.flat_grad is None:                     # stage 2/3: the first gradient is copied, not added to
@@ -182,7 +183,7 @@ class GradReducer:
             if b._written[i]:
                 b.flat_grad[o:o + n].add_(p.grad.reshape(-1))
             else:
-                b.flat_grad[o:o + n].copy_(p.grad.reshape(-1))
+                copy_in(self, b, i, p.grad.reshape(-1), b.flat_grad[o:o + n])      # (fused_div.py)
                 b._written[i] = True
             p.grad = None
 
@@ -270,8 +271,8 @@ class GradReducer:
             return
         group = b.group or self.group                    # expert buckets: the expert-data-parallel group
         div = b.grad_div or group.size
-        if div > 1 and not self._divides_after(g):
-            g.div_(div)
+        if div > 1 and (not self._divides_after(g) or any(getattr(b, "divided", b""))):
+            divide_rest(b, g, div)                       # not what the hooks divided (fused_div.py)
         if self.mode == "all_reduce":
             work, out = comm.all_reduce(with_flag(self, b, group, g), group, async_op=True), None   # unused_flag
         else:
@@ -292,7 +293,7 @@ class GradReducer:
         if self.mode == "all_reduce" or (work is None and out is None):    # local (1-bit Adam): g_i stays whole
             return
         div = b.grad_div or (b.group or self.group).size
-        if div > 1 and self._divides_after(out):
+        if div > 1 and self._divides_after(out) and not any(getattr(b, "divided", b"")):
             out.div_(div)                                # the mean, on the shard only (module docstring)
         if self.keep_full:
             mine = b.flat_grad[b.lo:b.hi]
@@ -377,11 +378,10 @@ class GradReducer:
             self._adopt_observed_order()
 
     def zero_grad(self) -> None:
-        """Forget the gradients. Stage 0/1 (persistent flat gradients): ``p.grad = None`` without zeroing
-        the flat buffer, so that the first gradient of the next backward is copied into its view (read 4,
-        write 4 bytes; torch DDP's gradient_as_bucket_view does the same) instead of zeroing the buffer
-        and accumulating into it (write 4, then read 8 and write 4); a parameter that gets no gradient is
-        zeroed in :meth:`finish` before its bucket is reduced."""
+        """Forget the gradients. Stage 0/1 (persistent flat gradients): ``p.grad = None`` without zeroing the flat
+        buffer: the next backward's first gradient is copied into its view (read 4, write 4 bytes; stage 0 divides
+        it by N on the way, as torch DDP's gradient_as_bucket_view: fused_div.py) instead of zeroing the buffer and
+        accumulating (write 4, then read 8 and write 4); one without gradient is zeroed in :meth:`finish`."""
         for b in self.buckets + ([self.deferred] if self.deferred else []):
             for p in b.params:
                 p.grad = None
