@@ -11,7 +11,7 @@ Losses equal one process's (1e-5) with every collective on the ring.
 import pytest
 import torch
 from harness import run_ranks
-from test_zero import OPTS, assert_curve, global_batch, loss_of, reference_run
+from test_zero import OPTS, assert_curve, reference_run, zero_step
 
 from parallel.config import ZeroConfig
 
@@ -35,17 +35,11 @@ def _zero2(rank, world):
         model = _model()
         zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=2, bucket_mb=BUCKET_MB))
         red = zero.reducer
-        per, losses, allocated, shard_ptrs = G // world, [], [], []
+        losses, allocated, shard_ptrs = [], [], []
         scratch0 = dict(ring.scratch_counts)
         for t in range(STEPS):
-            x, y = global_batch(t, G)
             before = red.buffers["allocated"]
-            zero.zero_grad()
-            zero.prepare_step(1)
-            loss = loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
-            loss.backward()
-            zero.step()
-            losses.append(loss.item())
+            losses.append(zero_step(zero, model, t, G, rank, world))
             allocated.append(red.buffers["allocated"] - before)
             shard_ptrs.append([b.shard_grad.data_ptr() for b in zero.buckets])
         scratch = {k: ring.scratch_counts[k] - scratch0[k] for k in scratch0}

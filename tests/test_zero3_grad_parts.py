@@ -11,7 +11,7 @@ FSDP2 copies too), and every number is bitwise the flat path's.
 """
 import torch
 from harness import run_ranks
-from test_zero import OPTS, assert_curve, global_batch, loss_of, reference_run
+from test_zero import OPTS, assert_curve, reference_run, zero_step
 
 from parallel.config import ZeroConfig
 
@@ -116,16 +116,10 @@ def _train(rank, world, from_grads):
         zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=3), unit_types=(type(model.blocks[0]),))
         zero.reducer.from_grads = from_grads
         zero.reducer.fuse_div = from_grads        # the flat path as before: copy, then divide (data_parallel/fused_div)
-        per, losses, other, gather = G // world, [], [], []
+        losses, other, gather = [], [], []
         for t in range(STEPS):
-            x, y = global_batch(t, G)
             with _Copies([u.flat_param for u in zero.stage3.units]) as c:
-                zero.zero_grad()
-                zero.prepare_step(1)
-                loss = loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
-                loss.backward()
-                zero.step()
-            losses.append(loss.item())
+                losses.append(zero_step(zero, model, t, G, rank, world))
             other.append(c.other)
             gather.append(c.gather)
         psi = sum(u.numel for u in zero.stage3.units)                    # (the params are freed: 0 elements)

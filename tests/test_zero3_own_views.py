@@ -11,7 +11,7 @@ copies only the straddling parameters' own pieces, not the whole own shard (issu
 import pytest
 import torch
 from harness import run_ranks
-from test_zero import OPTS, global_batch, loss_of
+from test_zero import OPTS, zero_step
 from test_zero3_grad_parts import KW
 
 from parallel.config import ZeroConfig
@@ -86,16 +86,10 @@ def _train(rank, world, views, precision, blocks):
         zero = ZeroOptimizer(model, OPTS["adamw"], g, ZeroConfig(stage=3), precision=precision,
                              unit_types=(type(model.blocks[0]),) if blocks else None)
         units = zero.stage3.units
-        per, losses, into = G // world, [], []
+        losses, into = [], []
         for t in range(STEPS):
-            x, y = global_batch(t, G)
             with _Into(units) as c:
-                zero.zero_grad()
-                zero.prepare_step(1)
-                loss = loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
-                loss.backward()
-                zero.step()
-            losses.append(loss.item())
+                losses.append(zero_step(zero, model, t, G, rank, world))
             into.append(c.bytes)
         with zero.gathered():
             params = [p.detach().clone() for p in model.parameters()]
