@@ -47,18 +47,6 @@ def global_batch(t: int, G: int, steps: int = 40):
     return torch.stack(xs), torch.stack(ys)
 
 
-def zero_step(zero, model, t: int, G: int, rank: int, world: int) -> float:
-    """One ZeroOptimizer step of one micro-batch on this rank's share of global batch ``t``; returns its loss."""
-    x, y = global_batch(t, G)
-    per = G // world
-    zero.zero_grad()
-    zero.prepare_step(1)
-    loss = loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
-    loss.backward()
-    zero.step()
-    return loss.item()
-
-
 _REF_CACHE: dict = {}
 
 

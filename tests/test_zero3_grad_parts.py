@@ -11,7 +11,8 @@ FSDP2 copies too), and every number is bitwise the flat path's.
 """
 import torch
 from harness import run_ranks
-from test_zero import OPTS, assert_curve, reference_run, zero_step
+from test_zero import OPTS, assert_curve, reference_run
+from test_zero import train as zero_train
 
 from parallel.config import ZeroConfig
 
@@ -119,7 +120,7 @@ def _train(rank, world, from_grads):
         losses, other, gather = [], [], []
         for t in range(STEPS):
             with _Copies([u.flat_param for u in zero.stage3.units]) as c:
-                losses.append(zero_step(zero, model, t, G, rank, world))
+                losses += zero_train(zero, model, g, G, 1, start=t)[0]
             other.append(c.other)
             gather.append(c.gather)
         psi = sum(u.numel for u in zero.stage3.units)                    # (the params are freed: 0 elements)

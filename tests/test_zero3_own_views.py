@@ -11,7 +11,8 @@ copies only the straddling parameters' own pieces, not the whole own shard (issu
 import pytest
 import torch
 from harness import run_ranks
-from test_zero import OPTS, zero_step
+from test_zero import OPTS
+from test_zero import train as zero_train
 from test_zero3_grad_parts import KW
 
 from parallel.config import ZeroConfig
@@ -89,7 +90,7 @@ def _train(rank, world, views, precision, blocks):
         losses, into = [], []
         for t in range(STEPS):
             with _Into(units) as c:
-                losses.append(zero_step(zero, model, t, G, rank, world))
+                losses += zero_train(zero, model, g, G, 1, start=t)[0]
             into.append(c.bytes)
         with zero.gathered():
             params = [p.detach().clone() for p in model.parameters()]
