@@ -54,15 +54,14 @@ def messages(pieces: list, sub: int, pack: int) -> list:
     out, run, run_n = [], [], 0
     for pc in pieces:
         n = pc[2] - pc[1]
-        if n < pack and run_n + n <= sub:
-            run.append(pc)
-            run_n += n
-            continue
-        if run:
+        if run and (n >= pack or run_n + n > sub):     # the run ends: a large piece, or no room left
             out.append(run)
-        run, run_n = ([pc], n) if n < pack else ([], 0)
+            run, run_n = [], 0
         if n >= pack:
             out.append([pc])
+        else:
+            run.append(pc)
+            run_n += n
     if run:
         out.append(run)
     return out
