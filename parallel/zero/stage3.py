@@ -169,10 +169,10 @@ class Stage3Params:
     def _gather(self, u: FlatBucket, wait: bool = True) -> None:
         if u.state == SHARDED and self._lock is not None and self._calls is not None and self._calls.on:
             self._lock.check(u.index, [e[0] for e in self._calls._stack], f"unit {u.index} ({u.names[0]}, …)")
+        views = self.own_views and self.shards is None              # own part: views of the shard (.own_views)
         if u.state == SHARDED:
             src = self.shards.fetch(u) if self.shards is not None else u.shard_param
             u.flat_param.untyped_storage().resize_(self._nbytes(u))
-            views = self.own_views and self.shards is None          # own part: views of the shard (.own_views)
             if views:
                 fill_straddlers(u, u.flat_param, src)
             u.work = all_gather_into(u.flat_param, src, u.group or self.group, async_op=True, fill_own=not views)
@@ -183,7 +183,7 @@ class Stage3Params:
             self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
         if wait and u.state == GATHERING:
             self._landed(u)
-            bind(u, u.flat_param, u.shard_param if self.own_views and self.shards is None else None)
+            bind(u, u.flat_param, u.shard_param if views else None)
             u.state = FULL
 
     def _landed(self, u: FlatBucket) -> None:
