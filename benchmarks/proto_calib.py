@@ -35,7 +35,10 @@ Figures (a flat dict, so start and end compare key by key):
   planner charges each blocking tp collective (parallel/planning/time_terms.py, tp_waits: the ring pair's δ);
   benchmarks/proto_report.py prints both;
 * ``host.*``: per-call host work — a tiny aten call, and with tp rows a DTensor call and a DTensor parameter's AdamW
-  update beyond a plain one's (benchmarks/proto_host.py, charged per counted call on the tp_dtensor row).
+  update beyond a plain one's (benchmarks/proto_host.py, charged per counted call on the tp_dtensor row);
+* ``wait.*``: the wait δ of a chained blocking call as a robust statistic — the median over interleaved
+  repetitions of (ring pair − reduce-scatter alone − all-gather alone), with quartiles and mean, and with tp rows
+  the same for a gloo all-reduce issued right after a tp matmul (benchmarks/proto_wait.py).
 """
 from __future__ import annotations
 
@@ -46,10 +49,11 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.proto_host import calibrate_host
+from benchmarks.proto_wait import wait_figures
 from parallel.comm.collectives import Group
 from parallel.comm.ring import ring_all_gather, ring_reduce_scatter
 
-__all__ = ["calibrate", "chained_all_reduce", "tp_replica", "tp_train_rate", "WIRE", "OPS", "CHAIN_CALLS"]
+__all__ = ["calibrate", "chained_all_reduce", "tp_call", "tp_replica", "tp_train_rate", "WIRE", "OPS", "CHAIN_CALLS"]
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
         "all_gather": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
@@ -129,13 +133,24 @@ def _op_fn(impl: str, op: str, numel: int, group: Group):
 CHAIN_CALLS = 16
 
 
-def chained_all_reduce(kw: dict, per: int, reps: int = 5) -> tuple:
-    """(seconds per call, message bytes) of ``chain.gloo.all_reduce`` (module docstring)."""
+def _tp_tensors(kw: dict, per: int) -> tuple:
+    """(activation, tp-split MLP weight, tp message) of the tp rows at ``per`` sequences per rank."""
     n = dist.get_world_size()
     tokens, h = per * n * kw["seq_len"], kw["n_embd"]
     g = torch.Generator().manual_seed(0)
-    a, w = torch.randn(tokens, h, generator=g), torch.randn(h, 4 * h // n, generator=g)
-    x = torch.zeros(tokens * h)                  # zeros: repeated sums stay finite
+    return (torch.randn(tokens, h, generator=g), torch.randn(h, 4 * h // n, generator=g),
+            torch.zeros(tokens * h))             # zeros: repeated sums stay finite
+
+
+def tp_call(kw: dict, per: int) -> tuple:
+    """(matmul, blocking gloo all-reduce) callables of one tp call (benchmarks/proto_wait.py, wait.gloo.after_mm)."""
+    a, w, x = _tp_tensors(kw, per)
+    return (lambda: torch.mm(a, w)), (lambda: dist.all_reduce(x))
+
+
+def chained_all_reduce(kw: dict, per: int, reps: int = 5) -> tuple:
+    """(seconds per call, message bytes) of ``chain.gloo.all_reduce`` (module docstring)."""
+    a, w, x = _tp_tensors(kw, per)
 
     def compute():
         for _ in range(CHAIN_CALLS):
@@ -271,4 +286,6 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
         out[f"bw.{impl}.{op}"] = WIRE[op](n) * m / t
         out["comm_bytes"] = m                              # M: the message the bandwidths were taken at
     out["chain.gloo.all_reduce"], out["chain_bytes"] = chained_all_reduce(kw, per, reps)
+    out.update(wait_figures(_op_fn("ring", "reduce_scatter", n, group)[0], _op_fn("ring", "all_gather", n, group)[0],
+                            tp_call(kw, per) if tp else None))      # wait.*: δ per repetition (proto_wait.py)
     return out
