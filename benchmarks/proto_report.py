@@ -22,6 +22,7 @@ import sys
 if __name__ == "__main__":                      # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import proto_read as rd
 from benchmarks import proto_stats as st
 from benchmarks.proto_host import FSDP2_ROWS, dtensor_host_seconds, dtensor_tp_seconds
 from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
@@ -31,8 +32,7 @@ from parallel.planning.spec import Hardware, Layout, ModelSpec, TrainSpec
 from parallel.planning.time_terms import chain_terms, memory_seconds
 from parallel.zero.interleave import ENABLED as INTERLEAVE
 
-__all__ = ["calib_mean", "hardware", "pair_latency", "ring_latencies", "predict_row", "floors", "analyse", "text",
-           "markdown"]
+__all__ = ["calib_mean", "hardware", "predict_row", "floors", "analyse", "text", "markdown"]
 
 _PLANNER_OP = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "all_gather": "all_gather",
                "send": "send_recv", "recv": "send_recv"}
@@ -105,7 +105,7 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     tps = {(int(k[len("train_flops.tp"):].split("@")[0]), int(k.split("@")[1]) * seq): v for k, v in cal.items()
            if k.startswith("train_flops.tp")}                     # the tp-split shapes' rate (records since it)
     wait, chain = chain_hardware(cal, impl, world)
-    fast = dict(zip(("reduce_scatter", "all_gather"), ring_latencies(cal))) if all(k in cal for k in FAST) else {}
+    fast = dict(zip(("reduce_scatter", "all_gather"), rd.ring_latencies(cal))) if all(k in cal for k in rd.FAST) else {}
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
     return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per ring call, δ per tp all-reduce,
@@ -129,32 +129,8 @@ def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
     if not all(k in cal for k in need):
         return 0.0, ()
     wire = 2 * (world - 1) / world * cal.get("comm_bytes", 4 * 2 ** 20)
-    wait, b = chain_terms(pair_latency(cal), *ring_latencies(cal), cal[need[3]], wire)
+    wait, b = chain_terms(rd.pair_latency(cal), *rd.ring_latencies(cal), cal[need[3]], wire)
     return wait, ((("reduce_scatter", b), ("all_gather", b)) if impl == "ring" else ())
-
-
-PAIR_ROBUST = "wait.ring.pair_s"  # the pair's median over interleaved repetitions (benchmarks/proto_wait.py)
-FAST = ("wait.ring.rs_fast", "wait.ring.ag_fast")    # the isolated calls' fast mode, same repetitions
-
-
-def pair_latency(cal: dict) -> float:
-    """The tiny ring pair's time l_pair that δ = l_pair − l_rs − l_ag is read from: the median over the interleaved
-    repetitions (:data:`PAIR_ROBUST`, calibrations since session 12; start and end averaged by :func:`calib_mean`)
-    where the record has it, else the separately timed median ``lat.ring.all_reduce`` (the larger of start and
-    end: records before session 12 keep their reading)."""
-    return cal.get(PAIR_ROBUST, cal["lat.ring.all_reduce"])
-
-
-def ring_latencies(cal: dict) -> tuple:
-    """(l_rs, l_ag) of the ring's tiny isolated calls that δ is taken beyond and the planner charges each chained
-    ring call (:func:`hardware`): their fast mode in the interleaved repetitions (:data:`FAST`, the lower decile)
-    where the record has it, else the medians ``lat.ring.*`` (calib_mean: the smaller of start and end). With the
-    new figures a chained reduce-scatter + all-gather is priced l_rs + δ/2 + l_ag + δ/2 = the pair's median, and a
-    tp call or pipeline message the same δ, however the isolated calls' medians fell into their modes (0.2 or
-    2–3.9 ms each on session 11's AMD machine: benchmarks/proto_wait.py)."""
-    if all(k in cal for k in FAST):
-        return cal[FAST[0]], cal[FAST[1]]
-    return cal["lat.ring.reduce_scatter"], cal["lat.ring.all_gather"]
 
 
 def tp_wait(cal: dict, world: int) -> tuple | None:
@@ -189,12 +165,14 @@ def predict_row(rec: dict, name: str, cal: dict):
     """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
-    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0,  # local: per
+    bucket = rd.flat_bucket_mb(name, meta["owned"] * lay.dp, 25.0)      # DeepSpeed ZeRO-1/2: one (proto_read.py)
+    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=bucket,  # local: per
                    interleave=meta["ours"] and INTERLEAVE,  # DeepSpeed's update and gathers: two passes
                    keep=meta.get("keep", 0))                # stage 3's kept units (records before it: none)
     impl = "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo"
-    hw = hardware(cal, impl, rec["world"], rec["model"]["seq_len"])
+    hw = rd.flat_hardware(hardware(cal, impl, rec["world"], rec["model"]["seq_len"]), cal, name)
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
+    pred.step_s += rd.flat_reduce_seconds(meta, name, pred, hw)    # its counted all-reduce (proto_read.py)
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours
         per_owned, per_grad = UPDATE_MOVED[name]
         psi = grad_elements(rec, name)
@@ -278,12 +256,12 @@ def _calib_lines(an: dict) -> list:
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
                    f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
                    f"δ = {tw[1] * 1e3:.2f} ms (δ/2 per ZeRO ring call and pipeline message)")
-    if PAIR_ROBUST in c:
+    if rd.PAIR_ROBUST in c:
         out.append(f"  the ring pair over {c['wait.reps']:.0f} interleaved repetitions (benchmarks/proto_wait.py): "
-                   f"{c[PAIR_ROBUST] * 1e3:.2f} ms [{c[PAIR_ROBUST + '.q25'] * 1e3:.2f}, "
-                   f"{c[PAIR_ROBUST + '.q75'] * 1e3:.2f}], the isolated calls' fast modes "
-                   f"{c[FAST[0]] * 1e3:.2f} / {c[FAST[1]] * 1e3:.2f} ms: δ = {delta * 1e3:.2f} ms (per repetition, "
-                   f"pair − the two isolated calls: {c['wait.ring.pair'] * 1e3:.2f} ms "
+                   f"{c[rd.PAIR_ROBUST] * 1e3:.2f} ms [{c[rd.PAIR_ROBUST + '.q25'] * 1e3:.2f}, "
+                   f"{c[rd.PAIR_ROBUST + '.q75'] * 1e3:.2f}], the isolated calls' fast modes "
+                   f"{c[rd.FAST[0]] * 1e3:.2f} / {c[rd.FAST[1]] * 1e3:.2f} ms: δ = {delta * 1e3:.2f} ms "
+                   f"(per repetition, pair − the two isolated calls: {c['wait.ring.pair'] * 1e3:.2f} ms "
                    f"[{c['wait.ring.pair.q25'] * 1e3:.2f}, {c['wait.ring.pair.q75'] * 1e3:.2f}])" + (
                        f"; a gloo all-reduce right after a tp matmul: {c['wait.gloo.call_s'] * 1e3:.2f} ms a call, "
                        f"{c['wait.gloo.after_mm'] * 1e3:.2f} ms beyond the same call after a barrier"

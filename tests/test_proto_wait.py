@@ -86,10 +86,67 @@ def _fig_keys():
 
 def test_old_records_keep_their_reading():
     """Without the wait.* figures (every record before session 12) the planner's Hardware is what it was."""
-    from benchmarks.proto_report import FAST, PAIR_ROBUST, calib_mean, hardware, pair_latency, ring_latencies
+    from benchmarks.proto_read import FAST, PAIR_ROBUST, pair_latency, ring_latencies
+    from benchmarks.proto_report import calib_mean, hardware
     cal = calib_mean(_s11_mp_5m())
     assert PAIR_ROBUST not in cal and not any(k in cal for k in FAST)
     assert pair_latency(cal) == cal["lat.ring.all_reduce"]
     assert ring_latencies(cal) == (cal["lat.ring.reduce_scatter"], cal["lat.ring.all_gather"])
     hw = hardware(cal, "ring", 2, 64)
     assert hw.lat("reduce_scatter") == cal["lat.ring.reduce_scatter"]
+
+
+def _s11_ds_50m():
+    with open(os.path.join(ROOT, "benchmarks", "results", "protocol_ds_2026-12-04_session11.json")) as f:
+        return next(r for r in json.load(f)["records"] if r["size"] == "50m")
+
+
+def test_deepspeed_flat_message_priced_at_its_own_bandwidth():
+    """DeepSpeed ZeRO-1/2 make ONE gloo all-reduce (wire 2(N−1)/N·Ψ·4) and ONE all-gather ((N−1)/N·Ψ·4) per step
+    (counted bytes in the record); given their bandwidth at that message (``bw.gloo.*.flat``; synthetic figures
+    here), the predicted step moves by exactly wire × (1/b_flat − 1/b_4MiB) per op, both exposed whole (after
+    backward, one bucket); the other rows and records without the figures are priced as before."""
+    from benchmarks.proto_report import calib_mean, hardware, predict_row
+    rec = _s11_ds_50m()
+    cal = calib_mean(rec)
+    hw = hardware(cal, "gloo", 2, 64)
+    comm = rec["rows"]["ds1"]["comm"]
+    psi = rec["rows"]["ds1"]["owned"] * 2
+    assert comm["all_reduce"] == {"calls": 1, "wire_bytes": psi * 4.0, "impl": "gloo"}     # 2(N−1)/N·Ψ·4, N = 2
+    assert comm["all_gather"]["calls"] == 1 and comm["all_gather"]["wire_bytes"] == psi * 2.0
+    flat = {"bw.gloo.all_reduce.flat": 1.5e9, "bw.gloo.all_gather.flat": 0.15e9, "flat_bytes": psi * 4.0}
+    new = {**cal, **flat}
+    want = sum(comm[op]["wire_bytes"] * (1 / flat[f"bw.gloo.{op}.flat"] - 1 / hw.bw(op))
+               for op in ("all_reduce", "all_gather"))
+    for name in ("ds1", "ds2"):
+        got = predict_row(rec, name, new).step_s - predict_row(rec, name, cal).step_s
+        assert got == pytest.approx(want, rel=1e-6)      # (the 32-byte norm all-reduce: 1e-8 s)
+    assert want == pytest.approx(0.4508, abs=1e-3)         # these synthetic figures: +451 ms at 50M
+    for name in ("ds3", "zero1", "ddp"):
+        assert predict_row(rec, name, new).step_s == predict_row(rec, name, cal).step_s
+
+
+def test_deepspeed_rows_priced_with_their_counted_collectives():
+    """Every record: ds1/ds2 are planned with one bucket and their counted all-reduce (wire Ψ·4 at N = 2) replaces
+    the planned reduce-scatter (Ψ·2), exposed whole. Session 11's 50m ds1 / ds2: 0.73 / 0.76 → 0.80 / 0.83."""
+    import statistics
+
+    from benchmarks.proto_read import flat_reduce_seconds
+    from benchmarks.proto_report import calib_mean, hardware, predict_row
+    from parallel.planning.cost import seconds
+    rec = _s11_ds_50m()
+    cal = calib_mean(rec)
+    got = {n: predict_row(rec, n, cal).step_s / statistics.median(rec["times"][n]) for n in ("ds1", "ds2", "ds3")}
+    assert got == pytest.approx({"ds1": 0.800, "ds2": 0.826, "ds3": 0.925}, abs=5e-3)
+    pred, hw = predict_row(rec, "ds1", cal), hardware(cal, "gloo", 2, 64)
+    rs = pred.comm[0]["dp"]["reduce_scatter"]
+    assert rs["calls"] == 1 and pred.comm[0]["dp"]["all_gather"]["calls"] == 1
+    ar = rec["rows"]["ds1"]["comm"]["all_reduce"]
+    assert ar["wire_bytes"] == 2 * rs["wire_bytes"]
+    want = ar["calls"] * hw.lat("all_reduce") + ar["wire_bytes"] / hw.bw("all_reduce")
+    want -= seconds({"reduce_scatter": rs}, hw)
+    assert flat_reduce_seconds(rec["rows"]["ds1"], "ds1", pred, hw) == pytest.approx(want)
+    assert flat_reduce_seconds(rec["rows"]["ds3"], "ds3", pred, hw) == 0.0
+    bad = {**rec["rows"]["ds1"], "comm": {"all_reduce": {"calls": 9, "wire_bytes": 1.0}, "all_gather": ar}}
+    with pytest.raises(ValueError, match="recount it"):
+        flat_reduce_seconds(bad, "ds1", pred, hw)
