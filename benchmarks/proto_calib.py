@@ -36,7 +36,7 @@ Figures (a flat dict, so start and end compare key by key):
   benchmarks/proto_report.py prints both;
 * ``host.*``: per-call host work — a tiny aten call, and with tp rows a DTensor call and a DTensor parameter's AdamW
   update beyond a plain one's (benchmarks/proto_host.py, charged per counted call on the tp_dtensor row);
-* ``bw.gloo.all_reduce.flat``, ``bw.gloo.all_gather.flat``: gloo's bus bandwidth at ``flat_bytes`` = the model's
+* ``flat.gloo.all_reduce``, ``flat.gloo.all_gather``: gloo's bus bandwidth at ``flat_bytes`` = the model's
   Ψ·4 bytes — the one all-reduce of the whole flat gradient and the one parameter all-gather into it that
   DeepSpeed ZeRO-1/2 issue per step on CPU (benchmarks/proto_rows.py, counted with benchmarks/proto_profile.py),
   measured when those rows run (``flat``): gloo's all-gather runs far below its 4 MiB figure at that size
@@ -138,7 +138,7 @@ def _op_fn(impl: str, op: str, numel: int, group: Group):
 
 
 CHAIN_CALLS = 16
-FLAT_REPS = 3       # bw.gloo.*.flat: 0.2–0.9 s a call at 50M (Ψ·4 = 204 MB)
+FLAT_REPS = 3       # flat.gloo.*: 0.2–0.9 s a call at 50M (Ψ·4 = 204 MB)
 
 
 def _tp_tensors(kw: dict, per: int) -> tuple:
@@ -296,7 +296,7 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
     out["chain.gloo.all_reduce"], out["chain_bytes"] = chained_all_reduce(kw, per, reps)
     for op in ("all_reduce", "all_gather") if flat else ():    # DeepSpeed ZeRO-1/2's one call over the flat gradient
         fn, m = _op_fn("gloo", op, flat, group)
-        out[f"bw.gloo.{op}.flat"], out["flat_bytes"] = WIRE[op](n) * m / _timed(fn, FLAT_REPS), m
+        out[f"flat.gloo.{op}"], out["flat_bytes"] = WIRE[op](n) * m / _timed(fn, FLAT_REPS), m
     out.update(wait_figures(_op_fn("ring", "reduce_scatter", n, group)[0], _op_fn("ring", "all_gather", n, group)[0],
                             tp_call(kw, per) if tp else None))      # wait.*: δ per repetition (proto_wait.py)
     return out

@@ -3,7 +3,7 @@ records keep (their fixtures, tests/data/bench_protocol*.json, are analysed as t
 
 * the wait δ from interleaved repetitions (``wait.*``, benchmarks/proto_wait.py; since session 12):
   :func:`pair_latency`, :func:`ring_latencies`;
-* gloo's bandwidth at DeepSpeed ZeRO-1/2's one flat message (``bw.gloo.*.flat``, benchmarks/proto_calib.py; since
+* gloo's bandwidth at DeepSpeed ZeRO-1/2's one flat message (``flat.gloo.*``, benchmarks/proto_calib.py; since
   session 12): :func:`flat_hardware`.
 
 DeepSpeed ZeRO-1/2's communication is priced as the record counts it (every record): ONE gloo all-reduce of the whole
@@ -15,7 +15,7 @@ ds1 / ds2 planner ÷ measured at 50M: session 11 0.73 / 0.76 → 0.80 / 0.83, se
 session 8 0.68 / 0.67 → 0.77 / 0.76, session 7 0.65 / 0.69 → 0.75 / 0.79; at 5M within 0.03 of before (0.85–0.96).
 What is left at 50M (≈ 300–350 ms of 1.7–1.8 s) fits gloo's all-gather at that message: 0.12 GB/s bus against 0.41 at
 4 MiB (loaded, benchmarks/proto_calib.py's bw figures at both sizes on this session's machine), 3.4× the 180 ms the
-4 MiB figure charges its 102 MB — which records since session 12 calibrate (``bw.gloo.*.flat``).
+4 MiB figure charges its 102 MB — which records since session 12 calibrate (``flat.gloo.*``).
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def ring_latencies(cal: dict) -> tuple:
 
 def flat_hardware(hw: Hardware, cal: dict, name: str) -> Hardware:
     """DeepSpeed ZeRO-1/2 (:data:`FLAT_ROWS`) all-reduce the whole flat gradient and all-gather the parameters in
-    ONE gloo call each per step: their bandwidth at that message (``bw.gloo.*.flat``, benchmarks/proto_calib.py)
+    ONE gloo call each per step: their bandwidth at that message (``flat.gloo.*``, benchmarks/proto_calib.py)
     where the record has it; ``hw`` as it is for other rows and records before the figures (their 4 MiB ones)."""
-    figs = {op: cal.get(f"bw.gloo.{op}.flat") for op in ("all_reduce", "all_gather")}
+    figs = {op: cal.get(f"flat.gloo.{op}") for op in ("all_reduce", "all_gather")}
     if name not in FLAT_ROWS or None in figs.values():
         return hw
     return dataclasses.replace(hw, op_bandwidth=tuple((op, figs.get(op, b)) for op, b in hw.op_bandwidth))

@@ -256,6 +256,10 @@ def _calib_lines(an: dict) -> list:
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
                    f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
                    f"δ = {tw[1] * 1e3:.2f} ms (δ/2 per ZeRO ring call and pipeline message)")
+    if "flat.gloo.all_gather" in c:
+        out.append(f"  gloo at DeepSpeed ZeRO-1/2's one flat message ({c['flat_bytes'] / 1e6:.0f} MB): all-reduce "
+                   f"{c['flat.gloo.all_reduce'] / 1e9:.2f} GB/s, all-gather {c['flat.gloo.all_gather'] / 1e9:.2f} GB/s "
+                   f"bus (priced on ds1/ds2: benchmarks/proto_read.py)")
     if rd.PAIR_ROBUST in c:
         out.append(f"  the ring pair over {c['wait.reps']:.0f} interleaved repetitions (benchmarks/proto_wait.py): "
                    f"{c[rd.PAIR_ROBUST] * 1e3:.2f} ms [{c[rd.PAIR_ROBUST + '.q25'] * 1e3:.2f}, "

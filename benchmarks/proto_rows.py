@@ -128,7 +128,7 @@ FLAT_ROWS = ("ds1", "ds2")     # one gloo all-reduce and one all-gather over the
 
 def flat_elements(kw: dict, rows) -> int:
     """Ψ of model ``kw`` when a row of :data:`FLAT_ROWS` runs (the message benchmarks/proto_calib.py then times gloo
-    at: ``bw.gloo.*.flat``), else 0."""
+    at: ``flat.gloo.*``), else 0."""
     return _psi(_model(kw)) if set(FLAT_ROWS) & set(rows) else 0
 
 

@@ -334,8 +334,9 @@ def test_protocol_smoke_two_ranks():
     from benchmarks.proto_wait import WAIT_REPS
     assert rec["calib_start"]["wait.reps"] == rec["calib_end"]["wait.reps"] == WAIT_REPS
     assert "wait.gloo.call_s" not in rec["calib_start"] and "interleaved repetitions" in text(rec, an)
-    # ds1/ds2 in the rows: gloo timed at their one flat message, Ψ·4 bytes (proto_calib, bw.gloo.*.flat)
-    assert rec["calib_start"]["flat_bytes"] == psi * 4 and rec["calib_start"]["bw.gloo.all_gather.flat"] > 0
+    # ds1/ds2 in the rows: gloo timed at their one flat message, Ψ·4 bytes (proto_calib, flat.gloo.*)
+    assert rec["calib_start"]["flat_bytes"] == psi * 4 and rec["calib_start"]["flat.gloo.all_gather"] > 0
+    assert "flat message" in text(rec, an)
     md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
     assert "| zero1 |" in md and "gloo-specific" in md
 

@@ -103,7 +103,7 @@ def _s11_ds_50m():
 
 def test_deepspeed_flat_message_priced_at_its_own_bandwidth():
     """DeepSpeed ZeRO-1/2 make ONE gloo all-reduce (wire 2(N−1)/N·Ψ·4) and ONE all-gather ((N−1)/N·Ψ·4) per step
-    (counted bytes in the record); given their bandwidth at that message (``bw.gloo.*.flat``; synthetic figures
+    (counted bytes in the record); given their bandwidth at that message (``flat.gloo.*``; synthetic figures
     here), the predicted step moves by exactly wire × (1/b_flat − 1/b_4MiB) per op, both exposed whole (after
     backward, one bucket); the other rows and records without the figures are priced as before."""
     from benchmarks.proto_report import calib_mean, hardware, predict_row
@@ -114,9 +114,9 @@ def test_deepspeed_flat_message_priced_at_its_own_bandwidth():
     psi = rec["rows"]["ds1"]["owned"] * 2
     assert comm["all_reduce"] == {"calls": 1, "wire_bytes": psi * 4.0, "impl": "gloo"}     # 2(N−1)/N·Ψ·4, N = 2
     assert comm["all_gather"]["calls"] == 1 and comm["all_gather"]["wire_bytes"] == psi * 2.0
-    flat = {"bw.gloo.all_reduce.flat": 1.5e9, "bw.gloo.all_gather.flat": 0.15e9, "flat_bytes": psi * 4.0}
+    flat = {"flat.gloo.all_reduce": 1.5e9, "flat.gloo.all_gather": 0.15e9, "flat_bytes": psi * 4.0}
     new = {**cal, **flat}
-    want = sum(comm[op]["wire_bytes"] * (1 / flat[f"bw.gloo.{op}.flat"] - 1 / hw.bw(op))
+    want = sum(comm[op]["wire_bytes"] * (1 / flat[f"flat.gloo.{op}"] - 1 / hw.bw(op))
                for op in ("all_reduce", "all_gather"))
     for name in ("ds1", "ds2"):
         got = predict_row(rec, name, new).step_s - predict_row(rec, name, cal).step_s
