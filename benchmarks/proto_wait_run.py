@@ -94,10 +94,11 @@ def main(argv=None) -> int:
     print("  spread (max − min): " + " | ".join(f"{(max(r[c] for r in res) - min(r[c] for r in res)) * 1e3:.2f}"
                                                for c in cols))
     with open("/proc/loadavg") as f:
-        print("load average:", f.read().strip())
+        load = f.read().strip()
+    print("load average:", load)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"opts": opts, "repeats": res}, f, indent=1)
+            json.dump({"opts": opts, "load_average": load, "repeats": res}, f, indent=1)
     return 0
 
 
