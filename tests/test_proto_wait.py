@@ -137,7 +137,7 @@ def test_deepspeed_rows_priced_with_their_counted_collectives():
     rec = _s11_ds_50m()
     cal = calib_mean(rec)
     got = {n: predict_row(rec, n, cal).step_s / statistics.median(rec["times"][n]) for n in ("ds1", "ds2", "ds3")}
-    assert got == pytest.approx({"ds1": 0.800, "ds2": 0.826, "ds3": 0.925}, abs=5e-3)
+    assert got == pytest.approx({"ds1": 0.800, "ds2": 0.830, "ds3": 0.925}, abs=5e-3)
     pred, hw = predict_row(rec, "ds1", cal), hardware(cal, "gloo", 2, 64)
     rs = pred.comm[0]["dp"]["reduce_scatter"]
     assert rs["calls"] == 1 and pred.comm[0]["dp"]["all_gather"]["calls"] == 1
