@@ -43,9 +43,10 @@ Figures (a flat dict, so start and end compare key by key):
   (loaded, this session's 2-core machine, 2 ranks pinned: bus 0.41 GB/s at 4 MiB, 0.12 at 204 MB; the all-reduce
   0.67 → 1.56), and at 50M the 4 MiB figures left 446–491 ms of ds1/ds2's step unpriced (0.73 / 0.76, session
   11), 6–17 ms at 5M (benchmarks/proto_report.py, predict_row);
-* ``wait.*``: the wait δ of a chained blocking call as a robust statistic — the median over interleaved
-  repetitions of (ring pair − reduce-scatter alone − all-gather alone), with quartiles and mean, and with tp rows
-  the same for a gloo all-reduce issued right after a tp matmul (benchmarks/proto_wait.py).
+* ``wait.*``: the wait δ of a chained blocking call from 48 interleaved repetitions of the tiny ring pair and the
+  two isolated calls — the pair's median and quartiles, the isolated calls' fast mode (lower decile), the
+  per-repetition differences — and with tp rows a gloo all-reduce issued right after a tp matmul
+  (benchmarks/proto_wait.py; ~1–3 s idle).
 """
 from __future__ import annotations
 

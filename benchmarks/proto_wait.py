@@ -10,21 +10,34 @@ protocol's machines (session 10/11 AMD EPYC, 2 ranks × 1 pinned core: an isolat
 −2.9 … +3.6 ms per calibration (session 11), 0.00–4.68 ms after proto_report's start/end rule.
 
 Here the three are timed INTERLEAVED, ``reps`` times: per repetition i, after a barrier each, the reduce-scatter
-alone (rs_i), the all-gather alone (ag_i), and the pair (pair_i), every time the slowest rank's; the figure is the
-median over i of d_i = pair_i − rs_i − ag_i — what chaining two calls costs beyond the two calls, each repetition
-under the same load — with the spread of the d_i:
+alone (rs_i), the all-gather alone (ag_i) and the pair (pair_i), every time the slowest rank's. The planner reads
+(benchmarks/proto_read.py)
 
-* ``wait.ring.pair``: median_i d_i (seconds; may be negative in a repetition, the figure is clamped at 0 by
-  time_terms.chain_terms);
-* ``wait.ring.pair.q25``, ``wait.ring.pair.q75``: quartiles of the d_i; ``wait.ring.pair.mean``: their mean
-  (the expectation a long chain of calls sees, when the d_i are bimodal);
+    δ = median_i pair_i − (lower decile_i rs_i) − (lower decile_i ag_i)
+
+and charges the ring's chained calls those fast-mode latencies, so a chained reduce-scatter + all-gather is priced
+at the pair's median whichever mode the isolated calls fall into. Not the median of the per-repetition differences
+d_i = pair_i − rs_i − ag_i: an isolated call stalls too, independently, and then its stall cancels the pair's —
+with isolated calls stalled half the time (0.2 or 3.3 ms) and the pair stalled once (3.9 ms), d_i is 3.5, 0.4 or
+−2.7 ms and its median 0.4, while the chained pair costs 3.9 (tests/test_proto_wait.py). Loaded (this session's
+2-core machine, load 15–16; benchmarks/proto_wait_run.py, 5 repeats, benchmarks/results/wait_delta_*_loaded_*):
+median d_i −1.75…0.11 ms (5M) and −1.12…−0.07 (50M) where the old δ was −1.99…−0.68 / −2.02…−0.19 (clamped to 0:
+no wait charged) and the new one 1.49…4.69 / 3.01…4.35; what the planner charges a chained pair, old 5.69…6.40 /
+4.09…8.08 ms, new 4.00…5.48 / 3.94…6.45. Under that load neither is tight; the idle protocol run will tell.
+
+Figures (seconds):
+* ``wait.ring.pair_s`` (+ ``.q25``, ``.q75``, ``.mean``): the pair's time over the repetitions, median first;
+* ``wait.ring.rs_fast``, ``wait.ring.ag_fast``: the isolated calls' lower decile (their fast mode);
+  ``wait.ring.rs_s``, ``wait.ring.ag_s``: their medians;
+* ``wait.ring.pair`` (+ ``.q25``, ``.q75``, ``.mean``): the per-repetition differences d_i, recorded, not priced;
 * ``wait.reps``: the number of repetitions.
 
 The same repetitions time the tp question (is the wait of a tp all-reduce, issued from running compute, the
-ring pair's δ?): ``wait.gloo.after_mm`` — median over i of (a tp-split MLP matmul then a blocking gloo all-reduce
-of one tp activation) − (the matmul alone) − (that all-reduce alone after a barrier), seconds: the excess of ONE
-blocking gloo call issued right after compute, per repetition (``chain.gloo.all_reduce`` of proto_calib is its
-mean over 16 calls in a row, timed apart from the isolated call). Its quartiles: ``wait.gloo.after_mm.q25/q75``.
+ring pair's δ?): ``wait.gloo.call_s`` — a tp-split MLP matmul then a blocking gloo all-reduce of one tp activation,
+minus the matmul alone, per repetition: the call after compute, whole — and ``wait.gloo.after_mm``, that minus the
+same all-reduce after a barrier (quartiles and mean each). ``chain.gloo.all_reduce`` of proto_calib is the mean
+over 16 such calls in a row, timed apart from the isolated call. Recorded for the idle runs to compare; the planner
+charges a tp call δ (the recorded rows fit 0.75–1.0 δ for tp_ours, δ for tp_dtensor, and δ/2 for a ring call).
 """
 from __future__ import annotations
 
