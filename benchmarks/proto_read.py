@@ -74,11 +74,14 @@ def flat_reduce_seconds(meta: dict, name: str, pred, hw: Hardware) -> float:
     (the module docstring); 0 for other rows."""
     if name not in FLAT_ROWS:
         return 0.0
-    if set(meta["comm"]) != {"all_reduce", "all_gather"} or meta["comm"]["all_reduce"]["calls"] != 1:
-        raise ValueError(f"proto_read: row {name} counts {meta['comm']}, not the one all-reduce and one all-gather "
-                         f"DeepSpeed ZeRO-1/2 make per step: recount it (benchmarks/proto_profile.py) and price it")
+    reduce = [op for op in meta["comm"] if op != "all_gather"]
+    if len(reduce) != 1 or reduce[0] not in ("all_reduce", "reduce_scatter") or "all_gather" not in meta["comm"] \
+            or meta["comm"][reduce[0]]["calls"] != 1:
+        raise ValueError(f"proto_read: row {name} counts {meta['comm']}, not one gradient reduction and one "
+                         f"all-gather per step as DeepSpeed ZeRO-1/2 make: recount it (benchmarks/proto_profile.py) "
+                         f"and price what it counts")
     planned = pred.comm[0]["dp"]["reduce_scatter"]
     if planned["calls"] != 1:
         raise ValueError(f"proto_read: the planner priced {name} with {planned['calls']} reduce-scatter buckets, not "
-                         f"one: plan it with flat_bucket_mb")
-    return seconds({"all_reduce": meta["comm"]["all_reduce"]}, hw) - seconds({"reduce_scatter": planned}, hw)
+                         f"one: plan it with flat_bucket_mb")       # records of 2026-12-03 counted a reduce-scatter
+    return seconds({reduce[0]: meta["comm"][reduce[0]]}, hw) - seconds({"reduce_scatter": planned}, hw)

@@ -150,3 +150,6 @@ def test_deepspeed_rows_priced_with_their_counted_collectives():
     bad = {**rec["rows"]["ds1"], "comm": {"all_reduce": {"calls": 9, "wire_bytes": 1.0}, "all_gather": ar}}
     with pytest.raises(ValueError, match="recount it"):
         flat_reduce_seconds(bad, "ds1", pred, hw)
+    bad = {**rec["rows"]["ds1"], "comm": {"all_reduce": ar}}
+    with pytest.raises(ValueError, match="recount it"):
+        flat_reduce_seconds(bad, "ds1", pred, hw)
