@@ -12,10 +12,10 @@ overlaps the backward computation of earlier layers.
 Two reductions share this machinery:
   * ``all_reduce`` (plain DP, ZeRO stage 0): the flat gradient is all-reduced in place;
   * ``reduce_scatter`` (ZeRO stages 1–3): each rank receives the reduced shard it owns.
-The sum becomes the mean by a division by N: before an all-reduce (stage 0: fused with each fresh gradient's copy
-into its bucket view, :mod:`parallel.data_parallel.fused_div`), after a reduce-scatter of fp32 gradients (only this
-rank's shard: Ψ/N elements divided instead of Ψ, 8(N−1)/N·Ψ bytes less memory traffic; for N a power of two
-bit-identical, (Σ g_r)/N = Σ (g_r/N); low-precision gradients are still divided first, against overflow). Stage 1
+The sum becomes the mean by a division by N: before an all-reduce (fused with each fresh gradient's copy into its
+bucket view, :mod:`parallel.data_parallel.fused_div`), after a reduce-scatter of fp32 gradients (only this rank's
+shard, Ψ/N elements divided instead of Ψ; for N a power of two fused on the way in as well, bit-identical, on every
+rank alike: ``fuses``); low-precision gradients are divided first, against overflow. Stage 1
 with the ring (:mod:`parallel.comm.ring`) reduces this rank's chunk of the flat gradient in place — the ring only
 reads that chunk at its last step — instead of into a fresh shard that is then copied back (Ψ/N · 8 bytes).
 
