@@ -47,8 +47,8 @@ def fuses(r, b) -> bool:
 def fused_div(r, b, i: int, grad: torch.Tensor) -> int:
     """N when reducer ``r`` may divide parameter ``i`` of bucket ``b``'s first gradient ``grad`` as it copies it
     (module docstring), else 0: the bucket :func:`fuses`, and this is a synced first gradient of the step."""
-    if (not r._sync or b._count[i] or grad.layout != torch.strided or grad.dtype != r.dtype
-            or not fuses(r, b)):
+    if (not fuses(r, b) or not r._sync or b._count[i]          # (fuses first: a deferred bucket has no _count)
+            or grad.layout != torch.strided or grad.dtype != r.dtype):
         return 0
     return b.grad_div or (b.group or r.group).size
 
