@@ -12,6 +12,8 @@ was first fused). dp2, one micro-batch, SGD; one process is the reference:
 * ZeRO-3, a region of experts (parallel/zero/regions.py, its units reduced in finish): at step 1 rank 1 routes
   no token to expert 3. Its gradients were divided twice there before (ZeRO-3 was then left out of the fused
   division); now they are divided once and the region's units divide on the way in.
+* ZeRO-2, ``no_sync``: one micro-batch inside it (.side on rank 1's rows: not divided on the way in), one synced
+  (.side on rank 0's: divided on the way in before). Base: .side off by 1.2e-3; now no_sync turns the fusion off.
 Every weight equal to one process to 1e-6, and bitwise equal to the unfused path (``reducer.fuse_div = False``).
 """
 import torch
@@ -98,3 +100,39 @@ def test_zero12_bucket_without_gradients_on_one_rank_is_divided_once():
 def test_zero3_region_expert_without_tokens_on_one_rank_is_divided_once():
     want = _reference(MoeNet, _moe_batch, moe_loss)
     _check(3, want, "blocks.0.moe.experts.3.weight", (1,))
+
+
+def _no_sync(rank, world, fuse):
+    """ZeRO-2, one step of two micro-batches: the first inside no_sync() (rank 1's rows take .side), the second
+    synced (rank 0's rows take .side; prepare_step(1): one synced backward)."""
+    from parallel.config import ZeroConfig
+    from parallel.mesh import Mesh
+    from parallel.zero import ZeroOptimizer
+    torch.manual_seed(0)
+    model = Net()
+    zero = ZeroOptimizer(model, _sgd, Mesh(dp=world).group("dp"), ZeroConfig(stage=2, bucket_mb=1e-6))
+    zero.reducer.fuse_div = fuse
+    zero.zero_grad()
+    zero.prepare_step(1)
+    for k, x in enumerate(NO_SYNC_ROWS):
+        with zero.no_sync() if k == 0 else torch.enable_grad():
+            (_loss(model, x[2 * rank:2 * rank + 2]) / 2).backward()
+    zero.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+NO_SYNC_ROWS = (_batch(2, 1), _batch(1, 0))
+
+
+def test_zero2_no_sync_then_a_synced_backward_divides_once():
+    torch.manual_seed(0)
+    model = Net()
+    opt = _sgd(model.parameters())
+    for x in NO_SYNC_ROWS:
+        (_loss(model, x) / 2).backward()
+    opt.step()
+    res = {fuse: run_ranks(_no_sync, 2, fuse, timeout=120) for fuse in (True, False)}
+    for r in range(2):
+        for n, w in model.named_parameters():
+            torch.testing.assert_close(res[True][r][n], w.detach(), rtol=0, atol=1e-6, msg=f"rank {r} {n}")
+            assert torch.equal(res[True][r][n], res[False][r][n]), (r, n)
