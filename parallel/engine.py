@@ -218,11 +218,14 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
                 self._current = []
                 self._clear_stage_inputs()
             sync_tied_grads(self.stages, self.pp)
+        batches.settle(micro)                    # the scored-token count, if no loss read it (pp: not the last stage)
+        z.loss_carry = local if self.executor is None else None    # pp = 1: rides in the norm's dp·cp all-reduce
         if self.step().nonfinite_skip:
             return float("nan")                  # no loss to share: the ranks agree it is not finite
         # fp16: a non-finite loss overflows the gradients too, and the loss scaler skips the step (DeepSpeed's
         # rule; its minimum-scale stop bounds a run of them). fp32/bf16: step() already applied on_nonfinite.
-        return self._global_loss(local)
+        s = z.carried_loss                       # None where the norm is not reduced over dp (zero/norm_carry.py)
+        return self._global_loss(local) if s is None else s / self.dp_cp.size
 
     # --- a user's own loop (pp = 1): forward, backward, step ------------------------------------------
     def __call__(self, x):
@@ -324,6 +327,7 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
                 finally:
                     self._current = []
                     self._clear_stage_inputs()
+        batches.settle(micro)
         return self._global_loss(local)
 
     # --- state ------------------------------------------------------------------------------------
