@@ -4,7 +4,7 @@ the first forward (parallel/batch.py GlobalCount), waited where the first loss r
 
 Per step on padded (x, y) batches (−100 targets: the token count matters), counted on each rank by wrapping
 torch.distributed's all_reduce / broadcast: blocking calls (``async_op`` False) and control-channel calls
-(mesh stats). The losses are bitwise those of the separate blocking calls (the path before: ``can_carry``
+(mesh stats). The losses are bitwise those of the separate blocking calls (the path before: ``zero.fold_loss``
 off, the count settled at once), at dp2 ZeRO-0/1/2, cp2 and pp2; a user's own loop (engine(x) / backward / step)
 still steps.
 """
@@ -37,7 +37,6 @@ def _steps(rank, world, layout, stage, before, fp16=False):
     """Train STEPS steps; per step: (loss as float.hex, blocking calls, control calls, skipped). ``before``: the
     path before the fold (no carry, the token count waited at once). ``fp16``: a loss scale of 2^40, so every
     step's gradient overflows and the update is skipped (the loss is still reported)."""
-    import parallel.zero.norm_carry as nc
     from parallel import batch as batches
     from parallel.data import rank_batch
     from parallel.engine import parallelize
@@ -50,13 +49,14 @@ def _steps(rank, world, layout, stage, before, fp16=False):
     torch.manual_seed(0)
     from examples.gpt import build
     engine = parallelize(build(**MODEL["kwargs"]), cfg, mesh)
-    keep_carry, keep_prepare = nc.can_carry, batches.prepare
-    if before:
-        def prepare(*a, **kw):
-            micro = keep_prepare(*a, **kw)
-            batches.settle(micro)
-            return micro
-        nc.can_carry, batches.prepare = (lambda z: False), prepare
+    if before:                                        # as benchmarks/proto_pair.py's ':sepctl' rows
+        engine.zero.fold_loss, micro = False, engine._micro
+
+        def waited(b):
+            out = micro(b)
+            batches.settle(out)
+            return out
+        engine._micro = waited
     data, out = PaddedTuples(), []
     try:
         for s in range(STEPS):
@@ -73,7 +73,6 @@ def _steps(rank, world, layout, stage, before, fp16=False):
             control = sum(c["calls"] for a, ops in d.items() if a.startswith("control:") for c in ops.values())
             out.append((float(loss).hex(), sum(not a for _, _, a in calls), control, engine.last_result.skipped))
     finally:
-        nc.can_carry, batches.prepare = keep_carry, keep_prepare
         engine.close()
     return out
 

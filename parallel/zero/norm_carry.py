@@ -12,8 +12,10 @@ further float64 slots, each read back right after the dp all-reduce (before any 
   three norm parts only, as before; a non-finite loss is summed and reported as it was.
 
 Where nothing is reduced over dp by the norm — stage 0 (the gradient is already all-reduced, the norm is
-local), stage 0 over one rank (``z.direct``), 1-bit Adam's compressed phase (:mod:`.onebit`), a simulated
-(meta) engine — ``z.carried_loss`` stays None and the engine keeps its own control all-reduce.
+local), stage 0 over one rank (``z.direct``), 1-bit Adam's compressed phase (:mod:`.onebit`) — and on a
+simulated (meta) engine, which sends the slot (its bytes are counted) but reads no value, ``z.carried_loss``
+stays None and the engine keeps its own control all-reduce. The planner counts the slot
+(:mod:`parallel.planning.cost`: 40 bytes over dp with pp = 1).
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ __all__ = ["can_carry", "norm_sq_and_carry"]
 
 
 def can_carry(z) -> bool:
-    """Whether ``z``'s norm all-reduce runs over its dp group, so the loss can ride in it (module docstring)."""
-    return z.stage > 0 and not z.direct and not z.simulated
+    """Whether ``z``'s norm all-reduce runs over its dp group, so the loss can ride in it (module docstring). A
+    simulated engine carries the slot (its bytes are counted, :mod:`launch.simulate`) but reads nothing back."""
+    return z.stage > 0 and not z.direct and z.fold_loss
 
 
 def norm_sq_and_carry(z) -> torch.Tensor:

@@ -131,6 +131,7 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
                              f"precision={self.prec.name!r} (only fp16 scales the loss)")
         self.steps, self.stage3 = 0, None
         self.loss_carry = self.carried_loss = None     # a float summed over dp in the norm's all-reduce (.norm_carry)
+        self.fold_loss = True                          # False: never carry (benchmarks pair the separate call)
         named = self._adopt(module, init, simulate)
         units, needs = self._make_buckets(module, named, zero.bucket_mb, unit_types)
         if self.expert_groups and (zero.offload.optimizer != "none" or zero.offload.params != "none"):
