@@ -85,17 +85,18 @@ def _both(rank, world, layout, stage, fp16=False):
 # after the first step (which also checks buffers, gathers at stage 3, ...): blocking calls and control calls per
 # step. dp2 ZeRO-1/2: the norm's all-reduce only (was 3: the token count, the norm, the loss; control 2);
 # ZeRO-0: the loss (its norm is local, nothing to ride in; was 2); cp2: the norm (the loss rides in it over dp·cp;
-# was 2, no token count: tuples are not weighted under cp); pp2: the pp broadcast of the loss and the norm's sum
-# over pp, as before (the loss is not folded there).
-CASES = {"dp2-zero0": ({"dp": 2}, 0, (1, 2)), "dp2-zero1": ({"dp": 2}, 1, (1, 1)),
-         "dp2-zero2": ({"dp": 2}, 2, (1, 1)), "cp2-zero1": ({"cp": 2}, 1, (1, 0)),
-         "pp2-zero1": ({"pp": 2}, 1, (2, 1))}
+# was 2, no token count: tuples are not weighted under cp); pp2 (dp 1): the pp broadcast of the loss (now before
+# the step) and the norm's sum over pp, as before; dp2 × pp2: the broadcast, the norm over dp and over pp (was 4:
+# the loss's dp all-reduce after the step; control 3 → 2).
+CASES = {"dp2-zero0": ({"dp": 2}, 0, 2, (1, 2)), "dp2-zero1": ({"dp": 2}, 1, 2, (1, 1)),
+         "dp2-zero2": ({"dp": 2}, 2, 2, (1, 1)), "cp2-zero1": ({"cp": 2}, 1, 2, (1, 0)),
+         "pp2-zero1": ({"pp": 2}, 1, 2, (2, 1)), "dp2pp2-zero1": ({"dp": 2, "pp": 2}, 1, 4, (3, 2))}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_blocking_calls_per_step_and_bitwise_losses(case):
-    layout, stage, want = CASES[case]
-    for before, after in run_ranks(_both, 2, layout, stage, timeout=300):
+    layout, stage, world, want = CASES[case]
+    for before, after in run_ranks(_both, world, layout, stage, timeout=300):
         assert [s[0] for s in after] == [s[0] for s in before], f"{case}: losses differ from the separate calls"
         assert not any(s[3] for s in after)
         for s in after[1:]:

@@ -5,8 +5,8 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
   parallel/zero/unused.py); 1–2 reduce-scatter + all-gather of the padded buckets; 3 reduce-scatter + two
   all-gathers per unit per micro-batch (a tied head gathers the embedding once more in forward); stages ≥ 1
   add a 24-byte grad-norm all-reduce (also over tp and pp; over dp 32 bytes,
-  carrying the count of parameters without a gradient, parallel/zero/unused.py — 40 with pp = 1, where the
-  step's loss rides in it too, parallel/zero/norm_carry.py);
+  carrying the count of parameters without a gradient, parallel/zero/unused.py, and the step's loss: 40,
+  parallel/zero/norm_carry.py);
 * tp per micro-batch: 4 all-reduces of b·s·h per block, the embedding's forward, the head's
   backward and the loss's two (3·b·s·4 bytes); sequence parallel: the same b·s·h as all-gathers +
   reduce-scatters and small all-reduces of the sequence-sharded norm/bias gradients; a block that
@@ -108,7 +108,7 @@ def tp_per_micro(spec: ModelSpec, lay: Layout, blocks: int, first: bool, last: b
             "all_reduce": (ar[0] + first + last, ar[1] + (first + last) * act)}
 
 
-def _reduction(out: dict, axis: str, buckets: list, zero: int, b: int, N: int, pp: int = 1) -> None:
+def _reduction(out: dict, axis: str, buckets: list, zero: int, b: int, N: int) -> None:
     """The gradient reduction (and stage ≥ 1 parameter gathers and norm) of ``buckets`` over ``axis``."""
     if zero == 0:                    # + one element: the unused-parameter flag (parallel/zero/unused.py)
         add_op(out, axis, "all_reduce", len(buckets), (sum(bk.numel for bk in buckets) + 1) * b, N)
@@ -116,15 +116,15 @@ def _reduction(out: dict, axis: str, buckets: list, zero: int, b: int, N: int, p
         add_op(out, axis, "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
         add_op(out, axis, "all_gather", sum(bk.gathers for bk in buckets),
                sum(bk.gathers * bk.padded for bk in buckets) * b, N)
-        # dp: + the missing-grad count, and with pp = 1 the step's loss (the engine's train_step)
-        add_op(out, axis, "all_reduce", 1, NORM_BYTES + 8 * (axis == "dp") * (1 + (pp == 1)), N)
+        # dp: + the missing-grad count and the step's loss (the engine's train_step)
+        add_op(out, axis, "all_reduce", 1, NORM_BYTES + 16 * (axis == "dp"), N)
 
 
 def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, own: list, bounds: list, mb: int) -> dict:
     b = element_bytes(tr)[0]
     N, t, p, S, m = lay.zero_n, lay.tp, lay.pp, lay.pp * lay.v, lay.micro_batches    # ZeRO over dp×cp
     out: dict = {}
-    _reduction(out, "dp", [bk for bk in buckets if not bk.expert], lay.zero, b, N, p)
+    _reduction(out, "dp", [bk for bk in buckets if not bk.expert], lay.zero, b, N)
     experts = [bk for bk in buckets if bk.expert]
     if experts:                                   # parallel.planning.moe: experts over edp, tokens over ep
         _reduction(out, "edp", experts, lay.zero, b, N // lay.ep)

@@ -6,7 +6,8 @@ further float64 slots, each read back right after the dp all-reduce (before any 
 
 * slot 3: the parameters this rank got no gradient for (:mod:`.unused`, ``local_missing``), summed over dp;
 * slot 4 (when the caller set ``z.loss_carry``): this rank's mean micro-batch loss of the step, summed over
-  dp into ``z.carried_loss``. The engine (:meth:`parallel.engine.Engine.train_step`, pp = 1) then reports
+  dp into ``z.carried_loss``. The engine (:meth:`parallel.engine.Engine.train_step`; with pp > 1 the last
+  stage's loss, broadcast over pp before the step) then reports
   ``z.carried_loss / dp`` — the same float64 sum its separate control all-reduce over dp·cp (the ZeRO
   group) gave, without that extra blocking call after the step. The verdict (non-finite gradient) reads the
   three norm parts only, as before; a non-finite loss is summed and reported as it was.
@@ -15,7 +16,7 @@ Where nothing is reduced over dp by the norm — stage 0 (the gradient is alread
 local), stage 0 over one rank (``z.direct``), 1-bit Adam's compressed phase (:mod:`.onebit`) — and on a
 simulated (meta) engine, which sends the slot (its bytes are counted) but reads no value, ``z.carried_loss``
 stays None and the engine keeps its own control all-reduce. The planner counts the slot
-(:mod:`parallel.planning.cost`: 40 bytes over dp with pp = 1).
+(:mod:`parallel.planning.cost`: 40 bytes over dp).
 """
 from __future__ import annotations
 
