@@ -39,6 +39,9 @@ padded tuple batches equal one process too; with ``parallel.cp > 1`` (which shar
 and averages the shards' means) −100 targets are refused; float targets and other losses keep the mean
 of micro-batch means (exact when every micro-batch scores the same number of tokens).
 ``Targets.total`` keeps N, so an evaluation can weight its batches by their tokens (launch/evaluate.py).
+The count stays for unpadded (x, y) batches too: whether any rank holds an ignored target is itself a fact
+about the global batch (one rank cannot see it without the collective), and n_i · weight = n·fl(1/n) is not
+exactly 1 for every n (49·fl(1/49) = 1 − 2⁻⁵³), so dropping the weight would change the loss's last bits.
 """
 from __future__ import annotations
 
