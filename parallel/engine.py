@@ -219,7 +219,8 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
                 self._clear_stage_inputs()
             sync_tied_grads(self.stages, self.pp)
         batches.settle(micro)                    # the scored-token count, if no loss read it (pp: not the last stage)
-        z.loss_carry = local = self._pp_loss(local)    # rides in the norm's dp·cp all-reduce (zero/norm_carry.py)
+        local = self._pp_loss(local)             # rides in the norm's dp·cp all-reduce (zero/norm_carry.py), if any
+        z.loss_carry, z.carried_loss = local, None
         if self.step().nonfinite_skip:
             return float("nan")                  # no loss to share: the ranks agree it is not finite
         # fp16: a non-finite loss overflows the gradients too, and the loss scaler skips the step (DeepSpeed's

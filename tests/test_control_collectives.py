@@ -33,7 +33,7 @@ def _blocking_calls():
     return calls, undo
 
 
-def _steps(rank, world, layout, stage, before, fp16=False):
+def _steps(rank, world, layout, stage, before, fp16=False, optimizer=None):
     """Train STEPS steps; per step: (loss as float.hex, blocking calls, control calls, skipped). ``before``: the
     path before the fold (no carry, the token count waited at once). ``fp16``: a loss scale of 2^40, so every
     step's gradient overflows and the update is skipped (the loss is still reported)."""
@@ -41,7 +41,7 @@ def _steps(rank, world, layout, stage, before, fp16=False):
     from parallel.data import rank_batch
     from parallel.engine import parallelize
     from parallel.mesh import Mesh
-    cfg = _cfg(layout, world, zero={"stage": stage})
+    cfg = _cfg(layout, world, zero={"stage": stage}, **({"optimizer": optimizer} if optimizer else {}))
     if fp16:
         cfg.precision, cfg.loss_scale.initial = "fp16", 2.0 ** 40
     p = cfg.parallel
@@ -78,8 +78,9 @@ def _steps(rank, world, layout, stage, before, fp16=False):
 
 
 
-def _both(rank, world, layout, stage, fp16=False):
-    return _steps(rank, world, layout, stage, True, fp16), _steps(rank, world, layout, stage, False, fp16)
+def _both(rank, world, layout, stage, fp16=False, optimizer=None):
+    return _steps(rank, world, layout, stage, True, fp16, optimizer), _steps(rank, world, layout, stage, False, fp16,
+                                                                             optimizer)
 
 
 # after the first step (which also checks buffers, gathers at stage 3, ...): blocking calls and control calls per
@@ -110,6 +111,16 @@ def test_fp16_overflow_skip_reports_the_same_loss():
         assert all(s[3] for s in after) and all(s[3] for s in before)
         assert [s[0] for s in after] == [s[0] for s in before]
         assert all(float.fromhex(s[0]) < 10 for s in after)
+
+
+def test_onebit_compressed_phase_reports_each_steps_loss():
+    """1-bit Adam after its warm-up (freeze_step 1) steps without the norm's all-reduce: nothing is carried, the
+    engine's own control call reports each step's loss (not the one carried at the warm-up step)."""
+    opt = {"name": "onebit_adam", "freeze_step": 1}
+    for before, after in run_ranks(_both, 2, {"dp": 2}, 1, False, opt, timeout=300):
+        assert [s[0] for s in after] == [s[0] for s in before]
+        assert len({s[0] for s in after}) == STEPS
+        assert [s[1:3] for s in after[1:]] == [(2, 2)] * (STEPS - 1)     # its local-norm check and the loss
 
 
 def _own_loop(rank, world):
