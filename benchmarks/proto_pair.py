@@ -8,7 +8,9 @@ parallel/zero/direct_grads.py), so its cost can be paired against the direct pat
 ``:flat`` (ZeRO-3) reduce-scatters through the flat gradient buffer (the path before
 parallel/data_parallel/grad_parts.py); ``:copy`` (ZeRO-3) gathers with the copy of the own shard (the path before
 parallel/zero/own_views.py); ``:unfused`` (ZeRO-0/1/2, ZeRO-3's units off the ring) copies each gradient into its
-bucket and divides after (the path before parallel/data_parallel/fused_div.py).
+bucket and divides after (the path before parallel/data_parallel/fused_div.py); ``:sepctl`` (ZeRO-0/1/2/3) makes the
+two small control all-reduces of a step blocking and separate again — the scored-token count waited as soon as it is
+issued, the global loss all-reduced after the step (the path before parallel/zero/norm_carry.py and batch.GlobalCount).
 
     python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:flat --rounds 15
     python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:copy --rounds 15
@@ -46,8 +48,8 @@ def _build(name, kw, per, world, rank):
     keep = zo.can_direct
     if variant == "bucket":
         zo.can_direct = lambda *a: False
-    elif variant not in ("", "flat", "copy", "unfused"):
-        raise ValueError(f"row {name!r}: the variants are ':bucket', ':flat', ':copy' and ':unfused'")
+    elif variant not in ("", "flat", "copy", "unfused", "sepctl"):
+        raise ValueError(f"row {name!r}: the variants are ':bucket', ':flat', ':copy', ':unfused' and ':sepctl'")
     try:
         row = proto_rows.build(base, kw, per, world, rank)
     finally:
@@ -56,9 +58,23 @@ def _build(name, kw, per, world, rank):
         row.engine.zero.reducer.from_grads = row.engine.zero.reducer.fuse_div = False
     if variant == "unfused":        # copy gradients, then divide (before fused_div.py)
         row.engine.zero.reducer.fuse_div = False
+    if variant == "sepctl":         # the count and the loss as separate blocking calls (before norm_carry.py)
+        _separate_control(row.engine)
     if variant == "copy":           # ZeRO-3 gathers copying the own shard (before parallel/zero/own_views.py)
         row.engine.zero.stage3.own_views = False
     return row
+
+
+def _separate_control(engine):
+    from parallel import batch
+    engine.zero.fold_loss = False
+    micro = engine._micro
+
+    def waited(b):
+        out = micro(b)
+        batch.settle(out)
+        return out
+    engine._micro = waited
 
 
 def _ptr(t):

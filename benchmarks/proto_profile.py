@@ -46,7 +46,7 @@ WRAPPED = [("parallel.zero.stage3", "Stage3Params", "_landed", "stage3 gather wa
            ("parallel.zero.optimizer", "ZeroOptimizer", "grad_norm_sq", "grad norm"),
            ("parallel.zero.optimizer", "ZeroOptimizer", "_write_back", "write back + gather"),
            ("parallel.zero.optimizer", "ZeroOptimizer", "step", "zero.step"),
-           ("parallel.engine", "Engine", "_global_loss", "loss all-reduce")]
+           ("parallel.engine", "Engine", "_dp_mean", "loss all-reduce")]
 
 
 _clock = time.perf_counter      # --faults: minor page faults / 1000 instead (printed x 1e3: faults, not ms)

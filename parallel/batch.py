@@ -17,8 +17,10 @@ are passed under (``labels`` → shifted, ``targets`` → aligned).
 whole global batch, L = Σ_t ℓ_t / N, N the number of scored tokens of the global batch — not a mean
 of micro-batch means, which differs as soon as padding makes the micro-batches' counts differ. Each
 dp rank counts n_i for its m micro-batches on the host (no device sync), and one all-reduce of one
-number over dp (the control group) gives N. The engine sums micro-batch losses with weight 1/m and
-averages over dp (gradients: Σ ∇L_i / (m·dp)), so micro-batch i contributes
+number over dp (the control group) gives N — issued without blocking, so it runs under the first
+micro-batch's forward and is waited for where that loss reads its weight (:class:`GlobalCount`); the
+weights, hence every loss, are the same numbers as with a blocking call. The engine sums micro-batch
+losses with weight 1/m and averages over dp (gradients: Σ ∇L_i / (m·dp)), so micro-batch i contributes
 
     L_i' = S_i · m·dp / N,   S_i = Σ_{t ∈ micro-batch i} ℓ_t = n_i · mean_i
 
@@ -37,6 +39,9 @@ padded tuple batches equal one process too; with ``parallel.cp > 1`` (which shar
 and averages the shards' means) −100 targets are refused; float targets and other losses keep the mean
 of micro-batch means (exact when every micro-batch scores the same number of tokens).
 ``Targets.total`` keeps N, so an evaluation can weight its batches by their tokens (launch/evaluate.py).
+The count stays for unpadded (x, y) batches too: whether any rank holds an ignored target is itself a fact
+about the global batch (one rank cannot see it without the collective), and n_i · weight = n·fl(1/n) is not
+exactly 1 for every n (49·fl(1/49) = 1 − 2⁻⁵³), so dropping the weight would change the loss's last bits.
 """
 from __future__ import annotations
 
@@ -50,25 +55,71 @@ from parallel.data import split_micro
 from parallel.loss import logits_of
 
 __all__ = ["IGNORE", "LABEL_KEYS", "TUPLE", "Targets", "MicroBatch", "prepare", "model_loss", "label_param",
-           "check_labels", "forward_params", "scored_count", "shift_for"]
+           "check_labels", "forward_params", "scored_count", "settle", "shift_for", "GlobalCount"]
 
 IGNORE = -100
 LABEL_KEYS = ("labels", "targets")
 TUPLE = "tuple"             # the y of an (x, y) batch: aligned, −100 not scored, other ids go to the loss as they are
 
 
-@dataclass
 class Targets:
     """The label tensor of a micro-batch of a dict batch, and how it is scored.
 
     ``key``: the convention (``labels`` shifted, ``targets`` aligned); ``count``: n_i, its scored
     tokens; ``weight``: m·dp/N (see the module docstring), so the micro-batch's loss is n_i·mean_i·weight;
-    ``total``: N, the scored tokens of the global batch."""
-    labels: torch.Tensor
-    key: str
-    count: int = 0
-    weight: float = 1.0
-    total: float = 0.0
+    ``total``: N, the scored tokens of the global batch. While N's all-reduce is in flight
+    (:class:`GlobalCount`), reading ``weight`` or ``total`` waits for it: the first loss does."""
+
+    def __init__(self, labels: torch.Tensor, key: str, count: int = 0, weight: float = 1.0, total: float = 0.0):
+        self.labels, self.key, self.count = labels, key, count
+        self._weight, self._total, self.pending = weight, total, None
+
+    @property
+    def weight(self) -> float:
+        if self.pending is not None:
+            self.pending.settle()
+        return self._weight
+
+    @weight.setter
+    def weight(self, v: float) -> None:
+        self._weight, self.pending = v, None
+
+    @property
+    def total(self) -> float:
+        if self.pending is not None:
+            self.pending.settle()
+        return self._total
+
+    @total.setter
+    def total(self, v: float) -> None:
+        self._total, self.pending = v, None
+
+    def __repr__(self):
+        return f"Targets(key={self.key!r}, count={self.count}, weight={self.weight}, total={self.total})"
+
+
+class GlobalCount:
+    """N = Σ over dp of the ranks' scored tokens, all-reduced without blocking: issued when the batch is split,
+    waited where a weight is first read — the first micro-batch's loss, after its forward (which the
+    all-reduce overlaps), or :func:`settle` at the end of the step on ranks that compute no loss (pp)."""
+
+    def __init__(self, micro: list, local: int, dp_group):
+        self.micro, self.size = micro, dp_group.size if dp_group is not None else 1
+        self.t = torch.tensor([float(local)], dtype=torch.float64)
+        self.work = comm.all_reduce(self.t, dp_group.control(), async_op=True) if self.size > 1 else None
+        for mb in micro:
+            mb.y.pending = self
+
+    def settle(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        n = max(self.t.item(), 1.0)
+        for mb in self.micro:
+            if mb.y.pending is self:
+                mb.y.weight = len(self.micro) * self.size / n
+                mb.y.total = self.t.item()
+        self.micro = []
 
 
 @dataclass
@@ -223,13 +274,14 @@ def _weigh(micro: list, dp_group, weighted: bool) -> None:
     for mb in micro:
         mb.y.count = scored_count(mb.y.labels, mb.y.key)
         local += mb.y.count
-    t = torch.tensor([float(local)], dtype=torch.float64)
-    if dp_group is not None and dp_group.size > 1:
-        comm.all_reduce(t, dp_group.control())
-    n = max(t.item(), 1.0)
+    GlobalCount(micro, local, dp_group)           # in flight until a weight is read (or settle)
+
+
+def settle(micro: list) -> None:
+    """Wait for this step's scored-token count if nothing read a weight yet (every rank ends the collective)."""
     for mb in micro:
-        mb.y.weight = len(micro) * (dp_group.size if dp_group is not None else 1) / n
-        mb.y.total = t.item()
+        if isinstance(mb.y, Targets) and mb.y.pending is not None:
+            mb.y.pending.settle()
 
 
 def token_loss(base, mode: str):

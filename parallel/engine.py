@@ -218,11 +218,15 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
                 self._current = []
                 self._clear_stage_inputs()
             sync_tied_grads(self.stages, self.pp)
+        batches.settle(micro)                    # the scored-token count, if no loss read it (pp: not the last stage)
+        local = self._pp_loss(local)             # rides in the norm's dp·cp all-reduce (zero/norm_carry.py), if any
+        z.loss_carry, z.carried_loss = local, None
         if self.step().nonfinite_skip:
             return float("nan")                  # no loss to share: the ranks agree it is not finite
         # fp16: a non-finite loss overflows the gradients too, and the loss scaler skips the step (DeepSpeed's
         # rule; its minimum-scale stop bounds a run of them). fp32/bf16: step() already applied on_nonfinite.
-        return self._global_loss(local)
+        s = z.carried_loss                       # None where the norm is not reduced over dp (stage 0, ...)
+        return self._dp_mean(local) if s is None else s / self.dp_cp.size     # (bitwise the same number)
 
     # --- a user's own loop (pp = 1): forward, backward, step ------------------------------------------
     def __call__(self, x):
@@ -295,13 +299,16 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
             raise RuntimeError("with parallel.pp > 1 the pipeline schedule owns forward and backward: "
                                "call engine.train_step(batch) instead of engine(x) / engine.backward(loss)")
 
-    def _global_loss(self, local: float | None) -> float:
-        """The last stage's loss, shared over pp, averaged over dp (bookkeeping: control traffic)."""
-        t = torch.tensor([0.0 if local is None else local], dtype=torch.float64)
-        if self.pp.size > 1:                 # the last stage's rank: p − 1, or 0 in a V placement
-            sc = self.executor.schedule
-            comm.broadcast(t, self.pp.control(), src=sc.rank_of(sc.n_stages - 1))
-        comm.all_reduce(t, self.dp_cp.control())
+    def _pp_loss(self, local: float | None) -> float:
+        """The last stage's loss on every pp rank (a control broadcast; the rank: p − 1, or 0 in a V placement)."""
+        if self.pp.size == 1:
+            return local
+        t, sc = torch.tensor([0.0 if local is None else local], dtype=torch.float64), self.executor.schedule
+        comm.broadcast(t, self.pp.control(), src=sc.rank_of(sc.n_stages - 1))
+        return t.item()
+
+    def _dp_mean(self, local: float) -> float:
+        t = comm.all_reduce(torch.tensor([local], dtype=torch.float64), self.dp_cp.control())
         return t.item() / self.dp_cp.size
 
     @torch.no_grad()
@@ -324,7 +331,8 @@ class Engine(BatchInputs, PhaseCallbacks, ContextInputs):
                 finally:
                     self._current = []
                     self._clear_stage_inputs()
-        return self._global_loss(local)
+        batches.settle(micro)
+        return self._dp_mean(self._pp_loss(local))      # shared over pp, averaged over dp·cp (control traffic)
 
     # --- state ------------------------------------------------------------------------------------
     def save(self, path: str, extra_meta: dict | None = None) -> str:

@@ -37,9 +37,16 @@ class BatchInputs:
             raise ValueError(f"{e} (data.factory={self.cfg.data.factory!r})") from None
         micro = batches.prepare(batch, self.cfg.data.micro_batch_size, self._to, self.dp, self.loss_mode,
                                 self.label_name, weigh_tuples=self.context is None)
-        y = micro[0].y if micro else None          # N of this batch, for token-weighted evaluation (or None)
-        self.last_scored = y.total if isinstance(y, batches.Targets) and self.loss_mode != "plain" else None
+        y = micro[0].y if micro else None
+        self._scored = y if isinstance(y, batches.Targets) and self.loss_mode != "plain" else None
         return micro
+
+    @property
+    def last_scored(self):
+        """N of the last batch, for token-weighted evaluation (or None); read lazily: N's all-reduce overlaps
+        the forward (:class:`parallel.batch.GlobalCount`)."""
+        y = getattr(self, "_scored", None)
+        return None if y is None else y.total
 
     def _kwargs(self, mb, last: bool = True) -> dict:
         """The forward's keyword inputs of micro-batch ``mb``; the labels only where the loss is computed."""

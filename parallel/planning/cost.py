@@ -5,7 +5,8 @@ Communication per rank and step (ring model, parallel/comm; DESIGN.md), per micr
   parallel/zero/unused.py); 1–2 reduce-scatter + all-gather of the padded buckets; 3 reduce-scatter + two
   all-gathers per unit per micro-batch (a tied head gathers the embedding once more in forward); stages ≥ 1
   add a 24-byte grad-norm all-reduce (also over tp and pp; over dp 32 bytes,
-  carrying the count of parameters without a gradient, parallel/zero/unused.py);
+  carrying the count of parameters without a gradient, parallel/zero/unused.py, and the step's loss: 40,
+  parallel/zero/norm_carry.py);
 * tp per micro-batch: 4 all-reduces of b·s·h per block, the embedding's forward, the head's
   backward and the loss's two (3·b·s·4 bytes); sequence parallel: the same b·s·h as all-gathers +
   reduce-scatters and small all-reduces of the sequence-sharded norm/bias gradients; a block that
@@ -115,7 +116,8 @@ def _reduction(out: dict, axis: str, buckets: list, zero: int, b: int, N: int) -
         add_op(out, axis, "reduce_scatter", len(buckets), sum(bk.padded for bk in buckets) * b, N)
         add_op(out, axis, "all_gather", sum(bk.gathers for bk in buckets),
                sum(bk.gathers * bk.padded for bk in buckets) * b, N)
-        add_op(out, axis, "all_reduce", 1, NORM_BYTES + 8 * (axis == "dp"), N)   # dp: + the missing-grad count
+        # dp: + the missing-grad count and the step's loss (the engine's train_step)
+        add_op(out, axis, "all_reduce", 1, NORM_BYTES + 16 * (axis == "dp"), N)
 
 
 def comm_per_step(spec: ModelSpec, lay: Layout, tr: TrainSpec, buckets: list, own: list, bounds: list, mb: int) -> dict:

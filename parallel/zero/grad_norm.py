@@ -65,13 +65,15 @@ def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_grou
     ``master.grad`` of ``buckets``; ``partitioned``: each dp rank holds a different part (stage ≥ 1).
     Expert buckets (``b.group`` set, :mod:`parallel.moe`) are partitioned over their own group and hold
     distinct experts on each rank of ``b.norm_group`` (ep): their part is summed over both.
-    ``count`` (one float64, partitioned only): summed over dp in the same all-reduce, in place — the
-    parameters without a gradient (:mod:`parallel.zero.unused`), 8 more bytes and no extra collective."""
+    ``count`` (float64 slots, partitioned only): summed over dp in the same all-reduce, in place, and read
+    back before any sum over ``norm_groups`` — the parameters without a gradient (:mod:`parallel.zero.unused`)
+    and, from the engine, the step's loss (:mod:`parallel.zero.norm_carry`): 8 more bytes each and no extra
+    collective."""
     dev = buckets[0].master.device
     parts: dict = {}                                 # one partial sum per partition group, in bucket order
     if count is not None and partitioned:
-        parts[id(dp_group)] = (dp_group, None, torch.zeros(4, dtype=torch.float64, device=dev))
-        parts[id(dp_group)][2][3] = count[0]
+        parts[id(dp_group)] = (dp_group, None, torch.zeros(3 + len(count), dtype=torch.float64, device=dev))
+        parts[id(dp_group)][2][3:] = count
     for b in buckets:
         grp = b.group or dp_group
         part = parts.setdefault(id(grp), (grp, b.norm_group, torch.zeros(3, dtype=torch.float64, device=dev)))[2]
@@ -84,8 +86,8 @@ def grad_norm_sq(buckets, segments: dict, dp_group, partitioned: bool, norm_grou
             comm.all_reduce(part, grp)
         if across is not None:
             comm.all_reduce(part, across)
-        if len(part) == 4:
-            count[0] = part[3]
+        if len(part) > 3:
+            count.copy_(part[3:])
         v += part[:3]
     return sum_over_groups(v, norm_groups)
 

@@ -13,7 +13,8 @@ Wire bytes per step and rank (ring model): stage 0 all-reduce 2(N−1)/N·(Ψ+1)
 unused-parameter flag, :mod:`parallel.data_parallel.unused_flag`); stages 1/2
 reduce-scatter + all-gather, the same 2(N−1)/N·Ψ·b; stage 3 two all-gathers + one
 reduce-scatter, 3(N−1)/N·Ψ·b (plus a 32-byte norm all-reduce: the norm's three float64 and the count
-of parameters without a gradient, :mod:`.unused`; padding as in partition.py).
+of parameters without a gradient, :mod:`.unused` — 40 bytes when the engine's loss rides in it too,
+:mod:`.norm_carry`; padding as in partition.py).
 
 The optimizer is built by ``optimizer_factory(params)`` on the *pieces* of the fp32 master this
 rank owns: one 1-D view per parameter (or part of a parameter, where a shard boundary cuts it)
@@ -47,22 +48,23 @@ from parallel.comm import Group
 from parallel.config import ZeroConfig
 from parallel.data_parallel.bucket import FlatBucket, make_buckets
 from parallel.data_parallel.grad_parts import GradReducer, PartsReducer
-from parallel.data_parallel.unused_flag import carry_unused, unused_totals
+from parallel.data_parallel.unused_flag import carry_unused
 from parallel.moe.zero_buckets import expert_buckets, expert_units, split_expert_params
 from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.accounting import AccountingMixin
 from parallel.zero.args import check_args
-from parallel.zero.direct_grads import DirectReducer, bind_grads, can_direct, clip_grads, direct_norm_sq
+from parallel.zero.direct_grads import DirectReducer, bind_grads, can_direct, clip_grads
 from parallel.zero.flat_init import init_full, init_sharded, materialize_buffers, replace_meta_params
-from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError, grad_norm_sq, norm_segments
+from parallel.zero.grad_norm import SKIP_MESSAGE, NonFiniteError, norm_segments
 from parallel.zero.interleave import can_interleave, step_interleaved
+from parallel.zero.norm_carry import norm_sq_and_carry
 from parallel.zero.offload import OffloadMixin, make_offload
 from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
 from parallel.zero.stage3 import Stage3Params, plan_units
 from parallel.zero.state import ZeroStateMixin
-from parallel.zero.unused import ALL, agree_unused, local_missing, warn_onebit_unused
+from parallel.zero.unused import local_missing, warn_onebit_unused
 from parallel.zero.write_back import WriteBackMixin
 
 __all__ = ["ZeroOptimizer", "StepResult", "NonFiniteError"]
@@ -127,8 +129,9 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         if self.scaler.enabled != (self.prec.name == "fp16"):
             raise ValueError(f"loss_scale: a LossScaler with enabled={self.scaler.enabled} does not fit "
                              f"precision={self.prec.name!r} (only fp16 scales the loss)")
-        self.steps = 0
-        self.stage3 = None
+        self.steps, self.stage3 = 0, None
+        self.loss_carry = self.carried_loss = None     # a float summed over dp in the norm's all-reduce (.norm_carry)
+        self.fold_loss = True                          # False: never carry (benchmarks pair the separate call)
         named = self._adopt(module, init, simulate)
         units, needs = self._make_buckets(module, named, zero.bucket_mb, unit_types)
         if self.expert_groups and (zero.offload.optimizer != "none" or zero.offload.params != "none"):
@@ -316,22 +319,9 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         return b.shard_grad
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64); also agrees on the
-        parameters no dp rank got a gradient for (``b.unused``, :mod:`.unused`: packed into the norm's all-reduce)."""
-        dev = self._all[0].master.device
-        count = torch.tensor([float(local_missing(self.buckets))], dtype=torch.float64, device=dev)
-        if self.direct:
-            v = direct_norm_sq(self, count)
-        else:
-            v = grad_norm_sq(self._all, self._segments, self.group, self.stage > 0, self.norm_groups, count)
-        if self.simulated:                             # meta tensors (launch.simulate): bytes only, no verdict
-            return v
-        totals = {ALL: float(count[0])}                # stage ≥ 1: the dp sum; stage 0: this rank's own count
-        if self.stage == 0:                            # (for groups of one rank), the carriers' sums for the rest
-            totals.update(unused_totals(self.reducer))
-        if agree_unused(self.buckets, self.group, totals):
-            warn_onebit_unused(self, compressed=False)
-        return v
+        """[Σ tp-split g², Σ replicated g², Σ duplicate g²] over the whole model (float64); the unused-parameter
+        count and ``loss_carry`` ride in its all-reduce (:mod:`.norm_carry`)."""
+        return norm_sq_and_carry(self)
 
     def step(self) -> StepResult:
         """Unscale, check for a non-finite gradient (fp16 overflow, else ``on_nonfinite``), clip to
