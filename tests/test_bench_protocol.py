@@ -105,7 +105,16 @@ def test_analysis_of_the_recorded_run():
         for name in ("zero0", "zero1", "zero2", "zero3", "pp_1f1b_m8", "pp_zbh1_m8", "pp_zbv_m8"):
             if name in rec["times"]:
                 b = bytes_check(rec, name, predict_row(rec, name, calib_mean(rec)))
-                assert b["equal"], (rec["size"], name, b)
+                assert b["equal"] or _before_loss_slot(b, name), (rec["size"], name, b)
+
+
+def _before_loss_slot(b: dict, name: str) -> bool:
+    """This record predates parallel/zero/norm_carry.py (session 12): ZeRO ≥ 1's dp norm all-reduce carried 4
+    float64 (32 B) then and carries the step's loss in a 5th now (40 B, what the planner predicts for today's
+    code); every other op and byte must still agree."""
+    got, want = b["measured"], b["planner"]
+    return (name in ("zero1", "zero2", "zero3") and got.keys() == want.keys() and got.get("all_reduce") == 32.0
+            and want["all_reduce"] == 40.0 and all(got[k] == want[k] for k in got if k != "all_reduce"))
 
 
 # Rows the time model does not reach within 15% on the recorded idle run, with the band they are held to.
