@@ -1,0 +1,76 @@
+"""When a ZeRO-3 unit is freed in forward (:mod:`parallel.zero.stage3`): kept units and merged units.
+
+Kept units. The units freed last in the traced forward stay gathered into backward. Their number is
+``zero.keep_after_forward`` (k), or, with ``zero.max_reuse_distance`` = D (elements), DeepSpeed's rule: a unit
+is kept iff its *reuse distance* is below D. DeepSpeed (``PartitionedParameterCoordinator.__params_to_release``,
+deepspeed/runtime/zero/partitioned_param_coordinator.py; the config docs' ``stage3_max_reuse_distance``: "do not
+release a parameter if it will be reused within this threshold of parameters") walks its trace of the step from
+the module being released, summing the elements of every module it passes, and keeps the parameters it meets
+again before the sum reaches D. A unit u freed in forward is next used at its backward; between the two run the
+units freed after it in forward (their elements A(u)) and, in backward, the same units again (A(u) more), so
+its reuse distance is 2·A(u), and u is kept iff 2·A(u) < D (DeepSpeed's ``>=`` test ends the walk: D = 0 keeps
+none). A(u) grows toward the front of the forward, so the kept units are the k freed last, k counted after the
+trace (:func:`reuse_keep`); unit elements are unpadded parameter elements.
+
+Merged units (``zero.unit_mb``, :func:`parallel.zero.unit_plan.merge_units`). A unit holding several modules'
+units (its ``owners``) is freed in forward only once every owner that runs has finished its forward (and no user
+is left), not after the first: one gather per forward, as one ``fully_shard`` over several blocks. Owners that
+the traced forward did not run, and owners inside a region (their hooks are inert), are not waited for. A single
+module's unit is freed as before (its last user's post-forward).
+"""
+from __future__ import annotations
+
+__all__ = ["last_frees", "reuse_keep", "init_owners", "trace_owners", "owner_done", "may_free"]
+
+
+def last_frees(freed: list) -> dict:
+    """``freed``: (unit, module) in the traced forward's free order → {(id(unit), id(module)) of each unit's last
+    free: its rank from the end (0: freed last)}."""
+    last = {}
+    for u, m in reversed(freed):
+        last.setdefault(u, m)
+    return {(id(u), id(m)): i for i, (u, m) in enumerate(last.items())}
+
+
+def reuse_keep(freed: list, distance: float) -> int:
+    """How many of the units freed last in forward DeepSpeed's reuse rule keeps: u (rank i from the end) is kept
+    iff 2·Σ_{j<i} elements(u_j) < ``distance`` (module docstring)."""
+    last = {}
+    for u, _ in reversed(freed):
+        last.setdefault(u, None)
+    k, after = 0, 0
+    for u in last:
+        if 2 * after >= distance:
+            break
+        k += 1
+        after += u.numel
+    return k
+
+
+def init_owners(units: list) -> bool:
+    """Give each merged unit the owners its free waits for; whether any unit is merged."""
+    merged = False
+    for u in units:
+        owners = getattr(u, "owners", ())
+        u.waits, u.done = (list(owners), set()) if len(owners) > 1 else (None, None)
+        merged |= u.waits is not None
+    return merged
+
+
+def trace_owners(units: list, traced: list) -> None:
+    """After the traced forward: a merged unit waits only for the owners that ran in it."""
+    ran = set(traced)
+    for u in units:
+        if u.waits is not None:
+            u.waits = [o for o in u.waits if o in ran]
+
+
+def owner_done(u, m) -> None:
+    """Module ``m`` (which needs ``u``) finished its forward."""
+    if u.done is not None:
+        u.done.add(m)
+
+
+def may_free(u, inert) -> bool:
+    """``u`` has no user left: may it be freed (a merged unit: once every owner it waits for is done)?"""
+    return u.waits is None or all(o in u.done or o in inert for o in u.waits)
