@@ -2,10 +2,11 @@
 units (``zero.max_reuse_distance``, parallel/zero/unit_life.py), issue 18.
 
 * merging: consecutive units (module pre-order) join while their elements fit the budget; a unit over it stays alone;
-* a GPT at dp = 2, block units: with a budget the losses, the final parameters and the masters are bitwise those of
+* a GPT at dp = 2, block units: with a budget the losses and the final (gathered) parameters are bitwise those of
   the per-block units (same arithmetic: the forward reads the same values, a dp-2 reduce-scatter sums the same two
   numbers per element, AdamW is elementwise; only the shard boundaries move) — with m = 1 and m = 2 micro-batches,
-  tied and untied embeddings, per-module units, parameter offload — and the one-process loop's within ``RTOL``;
+  tied and untied embeddings, per-module units, parameter offload — and the one-process loop's within ``RTOL``
+  (masters are not compared: their shard layout moves with the unit boundaries);
 * counts per step: all-gathers and reduce-scatters on dp = the merged units' (one of each per step when the whole
   model fits, with every unit kept), and the wire bytes of the dp all-gathers are the units' padded bytes × gathers;
 * the reuse rule keeps exactly the units whose 2·(elements freed after them) < D.
@@ -61,7 +62,7 @@ def _run(rank, world, tie, m, unit_mb, keep, units="block", offload="none", reus
     with zero.gathered():
         params = [p.detach().clone() for p in model.parameters()]
     s3 = zero.stage3
-    return dict(losses=losses, params=params, masters=[b.master.clone() for b in zero._all],
+    return dict(losses=losses, params=params,
                 units=[(len(u.owners), u.numel, u.padded) for u in s3.units], kept=len(s3.kept_units()),
                 ag=comm.get("all_gather", {}), rs=comm.get("reduce_scatter", {}), es=4)
 
@@ -87,3 +88,67 @@ def test_budget_is_bitwise_the_per_block_units(tie, m):
     assert big[0]["ag"]["wire_bytes"] == steps * m * padded // 2 * 4        # (N−1)/N of the padded unit, fp32
     # two units of two, both kept (keep 2): one gather each per micro-batch
     assert mid[0]["ag"]["calls"] == steps * m * 2 and mid[0]["rs"]["calls"] == steps * 2
+
+
+@pytest.mark.parametrize("units,offload", [("leaf", "none"), ("block", "cpu")])
+def test_budget_per_module_units_and_param_offload_bitwise(units, offload):
+    base = run_ranks(_run, 2, True, 1, 0, 2, units, offload)
+    big = run_ranks(_run, 2, True, 1, 64, 2, units, offload)
+    assert len(base[0]["units"]) >= 4 and len(big[0]["units"]) == 1 and big[0]["units"][0][0] == len(base[0]["units"])
+    for n, b in zip(big, base):
+        assert n["losses"] == b["losses"]
+        assert all(torch.equal(x, y) for x, y in zip(n["params"], b["params"]))
+    assert big[0]["ag"]["calls"] == STEPS - 1 and big[0]["rs"]["calls"] == STEPS - 1      # tied head: same unit
+
+
+class _U:
+    def __init__(self, n):
+        self.numel = n
+
+
+def test_reuse_rule_counts_the_units_freed_after():
+    from parallel.zero.unit_life import reuse_keep
+    root, b0, b1, b2 = _U(2624), _U(12704), _U(12704), _U(12704)
+    freed = [(b0, "b0"), (b1, "b1"), (b2, "b2"), (root, "root")]         # traced forward's free order
+    # rank from the end: root A=0, b2 A=2624, b1 A=15328, b0 A=28032; kept iff 2·A < D
+    assert [reuse_keep(freed, d) for d in (0, 1, 5248, 5249, 30656, 30657, 56064, 56065, 1e9)] == \
+        [0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+@pytest.mark.parametrize("reuse,kept", [(5249, 2), (1e9, 4), (0, 0)])
+def test_reuse_distance_decides_the_kept_units(reuse, kept):
+    res = run_ranks(_run, 2, True, 1, 0, 2, "block", "none", reuse)
+    base = run_ranks(_run, 2, True, 1, 0, 2)
+    for n, b in zip(res, base):
+        assert n["kept"] == kept and n["losses"] == b["losses"]
+        assert n["ag"]["calls"] == (STEPS - 1) * (4 + 4 - kept)             # forward 4, backward the freed ones
+
+
+def test_a_count_set_later_replaces_the_reuse_rule():
+    from parallel.zero.stage3 import Stage3Params
+    s3 = Stage3Params.__new__(Stage3Params)
+    s3._keep, s3.reuse = 2, 1e9
+    s3.keep = 0                                                             # the engine under pp
+    assert s3.keep == 0 and s3.reuse is None
+
+
+def test_bad_budget_and_reuse_values_raise():
+    import os
+
+    from parallel.config import ConfigError, load_config
+    from parallel.zero.args import check_args
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = os.path.join(root, "configs/gpt_dp2.yaml")
+    for over, msg in ((["zero.stage=3", "zero.unit_mb=-1"], "zero.unit_mb=-1.0 must be a finite number >= 0"),
+                      (["zero.stage=3", "zero.unit_mb=abc"], "zero.unit_mb"),
+                      (["zero.stage=3", "zero.max_reuse_distance=-5"], "zero.max_reuse_distance=-5.0 must be"),
+                      (["zero.stage=2", "zero.unit_mb=8"], "only apply to stage-3 units")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(cfg, over).validate(2)
+    with pytest.raises(ValueError, match="zero.unit_mb=-2 must be a finite number"):
+        check_args(torch.nn.Linear(2, 2), lambda ps: None, _solo(), ZeroConfig(stage=3, unit_mb=-2), None, "stop", ())
+
+
+def _solo():
+    from test_zero import _solo_group
+    return _solo_group()

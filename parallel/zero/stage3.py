@@ -90,10 +90,10 @@ class Stage3Params:
                              f"from forward to backward; 0 frees every unit after its forward)")
         self.module, self.units, self.group, self.prefetch = module, units, group, prefetch
         self._keep, self.reuse = keep, reuse   # units freed last in forward kept into backward (.unit_life)
-        self.merged = init_owners(units)       # some unit holds several modules' units (zero.unit_mb)
         self.shards, self.depth = shards, depth
         self.needs = {m: [units[i] for i in idx] for m, idx in needs.items()}
         self.needs.setdefault(module, [])      # the root is hooked too: code in its forward may touch a unit
+        self.merged = init_owners(units, self.needs)       # some unit holds several modules' units (zero.unit_mb)
         self.unit_of = {p: u for u in units for p in u.params}
         for u in units:
             u.state, u.users, u.bwd, u.fired, u.work, u.kept = SHARDED, 0, False, 0, None, False
@@ -144,7 +144,7 @@ class Stage3Params:
 
     def _apply_regions(self) -> None:
         apply_regions(self)                 # parallel/zero/regions.py
-        init_owners(self.units)             # merged units wait for all their owners again until the new trace
+        init_owners(self.units, self.needs)  # merged units wait for all their owners again until the new trace
 
     def _lock_on(self) -> bool:
         return self._lock is not None and self.module.__dict__.get("forward") == self._first_forward
@@ -284,7 +284,7 @@ class Stage3Params:
             self._last_free = last_frees(self._freed)
             if self.reuse is not None:      # DeepSpeed's reuse distance decides how many (.unit_life)
                 self._keep = reuse_keep(self._freed, self.reuse)
-            trace_owners(self.units, self.order.modules)
+            trace_owners(self.units, self.needs, self.order.modules)
         self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)
             if u.users == 0 and not u.bwd and not u.kept:

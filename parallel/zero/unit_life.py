@@ -13,10 +13,11 @@ none). A(u) grows toward the front of the forward, so the kept units are the k f
 trace (:func:`reuse_keep`); unit elements are unpadded parameter elements.
 
 Merged units (``zero.unit_mb``, :func:`parallel.zero.unit_plan.merge_units`). A unit holding several modules'
-units (its ``owners``) is freed in forward only once every owner that runs has finished its forward (and no user
-is left), not after the first: one gather per forward, as one ``fully_shard`` over several blocks. Owners that
-the traced forward did not run, and owners inside a region (their hooks are inert), are not waited for. A single
-module's unit is freed as before (its last user's post-forward).
+units (its ``owners``) is freed in forward only once every module that needs it and runs has finished its forward
+(and no user is left), not after the first: one gather per forward, as one ``fully_shard`` over several blocks. The
+modules waited for are those whose needs hold the unit (owners, a tied head borrowing the embedding, a region that
+gathers it): all of them until the traced forward has run, then those that ran in it; modules inside a region (their
+hooks are inert) are not waited for. A unit of one module is freed as before (at its last user's post-forward).
 """
 from __future__ import annotations
 
@@ -47,22 +48,26 @@ def reuse_keep(freed: list, distance: float) -> int:
     return k
 
 
-def init_owners(units: list) -> bool:
-    """Give each merged unit the owners its free waits for; whether any unit is merged."""
+def _needing(u, needs: dict, mods) -> list:
+    return [m for m in mods if any(x is u for x in needs.get(m, ()))]
+
+
+def init_owners(units: list, needs: dict) -> bool:
+    """Give each merged unit the modules its free waits for (every module that needs it); whether any is merged."""
     merged = False
     for u in units:
-        owners = getattr(u, "owners", ())
-        u.waits, u.done = (list(owners), set()) if len(owners) > 1 else (None, None)
-        merged |= u.waits is not None
+        many = len(getattr(u, "owners", ())) > 1
+        u.waits, u.done = (_needing(u, needs, needs), set()) if many else (None, None)
+        merged |= many
     return merged
 
 
-def trace_owners(units: list, traced: list) -> None:
-    """After the traced forward: a merged unit waits only for the owners that ran in it."""
-    ran = set(traced)
+def trace_owners(units: list, needs: dict, traced: list) -> None:
+    """After the traced forward: a merged unit waits only for the modules that need it and ran in it."""
+    ran = list(dict.fromkeys(traced))
     for u in units:
         if u.waits is not None:
-            u.waits = [o for o in u.waits if o in ran]
+            u.waits = _needing(u, needs, ran)
 
 
 def owner_done(u, m) -> None:
