@@ -53,7 +53,8 @@ from parallel.comm import all_reduce
 from parallel.zero.fanout import fan_out, first_tensor, tensors
 from parallel.zero.trace import TracedOrder
 
-__all__ = ["CallRecorder", "agree_regions", "region_units", "apply_regions", "holders_of"]
+__all__ = ["CallRecorder", "agree_regions", "region_units", "apply_regions", "holders_of",
+           "refuse_merged_regions"]
 
 
 class CallRecorder:
@@ -145,6 +146,7 @@ def apply_regions(s3) -> None:
     as one; re-trace the order (next forward). A region's gradients are reduced at the end of backward, in bucket
     order, zeros for parameters that got none (an expert without tokens on one rank), so every rank reduces the same
     buckets at the same point."""
+    refuse_merged_regions(s3)
     for r in s3._pending:
         if r not in s3._hooked:
             s3._hook(r)
@@ -155,3 +157,16 @@ def apply_regions(s3) -> None:
     s3._pending = []
     s3.order = TracedOrder()
     s3._last_free = {}
+
+
+def refuse_merged_regions(s3) -> None:
+    """Raise on every dp rank when a region about to be applied holds a merged unit (``zero.unit_mb``;
+    :mod:`parallel.zero.unit_life` says why)."""
+    from parallel.config import ConfigError
+    names = {m: n for n, m in s3.module.named_modules()}
+    bad = [names.get(r, type(r).__name__) for r in s3._pending
+           if any(u.waits is not None for u in region_units(r, s3.needs))]
+    if bad:
+        raise ConfigError(f"zero.unit_mb: the region(s) {bad} call their modules a data-dependent number of times "
+                          f"(parallel/zero/regions.py) and hold merged stage-3 units, which could make the dp ranks "
+                          f"issue different gathers: set zero.unit_mb: 0 for this model")

@@ -10,7 +10,8 @@ over dp. By default every module that directly owns parameters is a unit (Linear
 Embedding, …); ``unit_types=(Block,)`` makes each instance of those classes a unit instead (plus
 the root for what is left), as FSDP's ``fully_shard`` per block. A module's *needs* are the units
 of all parameters it reaches without entering another unit's module — for a tied weight, the head
-needs the embedding's unit (it is gathered twice in forward: the tie costs one extra all-gather).
+needs the embedding's unit (it is gathered twice in forward: the tie costs one extra all-gather). ``zero.unit_mb``
+merges consecutive units (:func:`.unit_plan.merge_units`; lifetime and kept units: :mod:`.unit_life`).
 
 Lifecycle of a unit, driven by hooks:
   forward pre-hook of a module   gather its needs (wait), prefetch the next module's needs
@@ -65,7 +66,7 @@ from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
 from parallel.zero.lockstep import Lockstep, first_forward
 from parallel.zero.own_views import bind, fill_straddlers
-from parallel.zero.regions import CallRecorder, agree_regions, apply_regions, holders_of
+from parallel.zero.regions import CallRecorder, agree_regions, apply_regions, holders_of, refuse_merged_regions
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
 from parallel.zero.unit_life import init_owners, last_frees, may_free, owner_done, reuse_keep, trace_owners
@@ -136,8 +137,7 @@ class Stage3Params:
         self._keep, self.reuse = k, None
 
     def _hook(self, m: nn.Module) -> None:
-        # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
-        # hook wraps them for its gradient all-reduce)
+        # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm hook wraps them)
         self._hooked.add(m)
         self._handles.append(m.register_forward_pre_hook(self._pre_forward, prepend=True))
         self._handles.append(m.register_forward_hook(self._post_forward))
@@ -272,6 +272,7 @@ class Stage3Params:
             calls.on, self._done_calls = False, calls
             names = {m: n for n, m in self.module.named_modules()}
             self._pending, same = agree_regions(self.module, calls.regions, self.order.modules, self.group)
+            refuse_merged_regions(self)     # zero.unit_mb: before this backward, whose hooks differ by rank
             self.regions.update({names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending})
             if not same:                    # every rank sees the same answer: all raise, none hangs
                 raise RuntimeError(
@@ -282,8 +283,7 @@ class Stage3Params:
         self._end_touch()
         if self.order.tracing:              # the units freed last in the traced forward are the ones to keep
             self._last_free = last_frees(self._freed)
-            if self.reuse is not None:      # DeepSpeed's reuse distance decides how many (.unit_life)
-                self._keep = reuse_keep(self._freed, self.reuse)
+            self._keep = self._keep if self.reuse is None else reuse_keep(self._freed, self.reuse)   # .unit_life
             trace_owners(self.units, self.needs, self.order.modules)
         self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)

@@ -18,6 +18,10 @@ units (its ``owners``) is freed in forward only once every module that needs it 
 modules waited for are those whose needs hold the unit (owners, a tied head borrowing the embedding, a region that
 gathers it): all of them until the traced forward has run, then those that ran in it; modules inside a region (their
 hooks are inert) are not waited for. A unit of one module is freed as before (at its last user's post-forward).
+A region (:mod:`.regions`: modules called a data-dependent number of times) holding a merged unit is refused
+(:func:`parallel.zero.regions.refuse_merged_regions`, on every dp rank at once): which of its parameters get a
+gradient depends on the rank's data, so a merged unit's state in backward — and with it the gathers the ranks
+issue — could differ (seen: a hang of a ModuleList of experts at dp 2).
 """
 from __future__ import annotations
 
@@ -79,3 +83,4 @@ def owner_done(u, m) -> None:
 def may_free(u, inert) -> bool:
     """``u`` has no user left: may it be freed (a merged unit: once every owner it waits for is done)?"""
     return u.waits is None or all(o in u.done or o in inert for o in u.waits)
+
