@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from parallel.comm import all_reduce
+from parallel.config import ConfigError
 from parallel.zero.fanout import fan_out, first_tensor, tensors
 from parallel.zero.trace import TracedOrder
 
@@ -162,7 +163,6 @@ def apply_regions(s3) -> None:
 def refuse_merged_regions(s3) -> None:
     """Raise on every dp rank when a region about to be applied holds a merged unit (``zero.unit_mb``;
     :mod:`parallel.zero.unit_life` says why)."""
-    from parallel.config import ConfigError
     names = {m: n for n, m in s3.module.named_modules()}
     bad = [names.get(r, type(r).__name__) for r in s3._pending
            if any(u.waits is not None for u in region_units(r, s3.needs))]
