@@ -35,7 +35,18 @@ Figures (a flat dict, so start and end compare key by key):
   planner charges each blocking tp collective (parallel/planning/time_terms.py, tp_waits: the ring pair's δ);
   benchmarks/proto_report.py prints both;
 * ``host.*``: per-call host work — a tiny aten call, and with tp rows a DTensor call and a DTensor parameter's AdamW
-  update beyond a plain one's (benchmarks/proto_host.py, charged per counted call on the tp_dtensor row).
+  update beyond a plain one's (benchmarks/proto_host.py, charged per counted call on the tp_dtensor row);
+* ``flat.gloo.all_reduce``, ``flat.gloo.all_gather``: gloo's bus bandwidth at ``flat_bytes`` = the model's
+  Ψ·4 bytes — the one all-reduce of the whole flat gradient and the one parameter all-gather into it that
+  DeepSpeed ZeRO-1/2 issue per step on CPU (benchmarks/proto_rows.py, counted with benchmarks/proto_profile.py),
+  measured when those rows run (``flat``): gloo's all-gather runs far below its 4 MiB figure at that size
+  (loaded, this session's 2-core machine, 2 ranks pinned: bus 0.41 GB/s at 4 MiB, 0.12 at 204 MB; the all-reduce
+  0.67 → 1.56), and at 50M the 4 MiB figures left 446–491 ms of ds1/ds2's step unpriced (0.73 / 0.76, session
+  11), 6–17 ms at 5M (benchmarks/proto_report.py, predict_row);
+* ``wait.*``: the wait δ of a chained blocking call from 48 interleaved repetitions of the tiny ring pair and the
+  two isolated calls — the pair's median and quartiles, the isolated calls' fast mode (lower decile), the
+  per-repetition differences — and with tp rows a gloo all-reduce issued right after a tp matmul
+  (benchmarks/proto_wait.py; ~1–3 s idle).
 """
 from __future__ import annotations
 
@@ -46,10 +57,11 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.proto_host import calibrate_host
+from benchmarks.proto_wait import wait_figures
 from parallel.comm.collectives import Group
 from parallel.comm.ring import ring_all_gather, ring_reduce_scatter
 
-__all__ = ["calibrate", "chained_all_reduce", "tp_replica", "tp_train_rate", "WIRE", "OPS", "CHAIN_CALLS"]
+__all__ = ["calibrate", "chained_all_reduce", "tp_call", "tp_replica", "tp_train_rate", "WIRE", "OPS", "CHAIN_CALLS"]
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
         "all_gather": lambda n: (n - 1) / n, "send_recv": lambda n: 1.0}
@@ -127,15 +139,27 @@ def _op_fn(impl: str, op: str, numel: int, group: Group):
 
 
 CHAIN_CALLS = 16
+FLAT_REPS = 3       # flat.gloo.*: 0.2–0.9 s a call at 50M (Ψ·4 = 204 MB)
+
+
+def _tp_tensors(kw: dict, per: int) -> tuple:
+    """(activation, tp-split MLP weight, tp message) of the tp rows at ``per`` sequences per rank."""
+    n = dist.get_world_size()
+    tokens, h = per * n * kw["seq_len"], kw["n_embd"]
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(tokens, h, generator=g), torch.randn(h, 4 * h // n, generator=g),
+            torch.zeros(tokens * h))             # zeros: repeated sums stay finite
+
+
+def tp_call(kw: dict, per: int) -> tuple:
+    """(matmul, blocking gloo all-reduce) callables of one tp call (benchmarks/proto_wait.py, wait.gloo.after_mm)."""
+    a, w, x = _tp_tensors(kw, per)
+    return (lambda: torch.mm(a, w)), (lambda: dist.all_reduce(x))
 
 
 def chained_all_reduce(kw: dict, per: int, reps: int = 5) -> tuple:
     """(seconds per call, message bytes) of ``chain.gloo.all_reduce`` (module docstring)."""
-    n = dist.get_world_size()
-    tokens, h = per * n * kw["seq_len"], kw["n_embd"]
-    g = torch.Generator().manual_seed(0)
-    a, w = torch.randn(tokens, h, generator=g), torch.randn(h, 4 * h // n, generator=g)
-    x = torch.zeros(tokens * h)                  # zeros: repeated sums stay finite
+    a, w, x = _tp_tensors(kw, per)
 
     def compute():
         for _ in range(CHAIN_CALLS):
@@ -244,7 +268,7 @@ def split_fractions(kw: dict, m: int, reps: int = 5) -> tuple:
 
 
 def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32, micro=(),
-              tp=()) -> dict:
+              tp=(), flat: int = 0) -> dict:
     """All figures of the module docstring for model ``kw`` (examples/gpt.py) at ``per`` sequences
     per rank (and the compute rate at each micro-batch of ``micro``, at the tp-split shapes of each degree of
     ``tp``), measured now with every rank running."""
@@ -271,4 +295,9 @@ def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: i
         out[f"bw.{impl}.{op}"] = WIRE[op](n) * m / t
         out["comm_bytes"] = m                              # M: the message the bandwidths were taken at
     out["chain.gloo.all_reduce"], out["chain_bytes"] = chained_all_reduce(kw, per, reps)
+    for op in ("all_reduce", "all_gather") if flat else ():    # DeepSpeed ZeRO-1/2's one call over the flat gradient
+        fn, m = _op_fn("gloo", op, flat, group)
+        out[f"flat.gloo.{op}"], out["flat_bytes"] = WIRE[op](n) * m / _timed(fn, FLAT_REPS), m
+    out.update(wait_figures(_op_fn("ring", "reduce_scatter", n, group)[0], _op_fn("ring", "all_gather", n, group)[0],
+                            tp_call(kw, per) if tp else None))      # wait.*: δ per repetition (proto_wait.py)
     return out

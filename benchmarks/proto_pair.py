@@ -7,8 +7,8 @@ load moves less than the wall clock, and both ratios for every further pair of r
 parallel/zero/direct_grads.py), so its cost can be paired against the direct path and the peer in one run;
 ``:flat`` (ZeRO-3) reduce-scatters through the flat gradient buffer (the path before
 parallel/data_parallel/grad_parts.py); ``:copy`` (ZeRO-3) gathers with the copy of the own shard (the path before
-parallel/zero/own_views.py); ``:unfused`` (ZeRO-0/1/2) copies each gradient into its bucket and divides after
-(the path before parallel/data_parallel/fused_div.py).
+parallel/zero/own_views.py); ``:unfused`` (ZeRO-0/1/2, ZeRO-3's units off the ring) copies each gradient into its
+bucket and divides after (the path before parallel/data_parallel/fused_div.py).
 
     python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:flat --rounds 15
     python benchmarks/proto_pair.py --size 50m --rows fsdp2_ring zero3 zero3:copy --rounds 15
@@ -54,7 +54,7 @@ def _build(name, kw, per, world, rank):
         zo.can_direct = keep
     if variant == "flat":           # ZeRO-3 via the flat gradient buffer (before parallel/data_parallel/grad_parts.py)
         row.engine.zero.reducer.from_grads = row.engine.zero.reducer.fuse_div = False
-    if variant == "unfused":        # ZeRO-0/1/2 copy gradients, then divide (before fused_div.py)
+    if variant == "unfused":        # copy gradients, then divide (before fused_div.py)
         row.engine.zero.reducer.fuse_div = False
     if variant == "copy":           # ZeRO-3 gathers copying the own shard (before parallel/zero/own_views.py)
         row.engine.zero.stage3.own_views = False

@@ -22,6 +22,7 @@ import sys
 if __name__ == "__main__":                      # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import proto_read as rd
 from benchmarks import proto_stats as st
 from benchmarks.proto_host import FSDP2_ROWS, dtensor_host_seconds, dtensor_tp_seconds
 from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
@@ -104,6 +105,7 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     tps = {(int(k[len("train_flops.tp"):].split("@")[0]), int(k.split("@")[1]) * seq): v for k, v in cal.items()
            if k.startswith("train_flops.tp")}                     # the tp-split shapes' rate (records since it)
     wait, chain = chain_hardware(cal, impl, world)
+    fast = dict(zip(("reduce_scatter", "all_gather"), rd.ring_latencies(cal))) if all(k in cal for k in rd.FAST) else {}
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
     return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per ring call, δ per tp all-reduce,
@@ -114,7 +116,8 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
                     bandwidth=_fig(cal, "bw", "gloo", "all_reduce", world),
                     latency_s=_fig(cal, "lat", "gloo", "all_reduce", world), mem_bandwidth=cal["mem_bw"],
                     op_bandwidth=tuple((p, _fig(cal, "bw", im(o), o, world)) for p, o in ops),
-                    op_latency=tuple((p, _fig(cal, "lat", im(o), o, world)) for p, o in ops))
+                    op_latency=tuple((p, fast.get(o) if im(o) == "ring" and o in fast else
+                                      _fig(cal, "lat", im(o), o, world)) for p, o in ops))
 
 
 def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
@@ -126,7 +129,7 @@ def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
     if not all(k in cal for k in need):
         return 0.0, ()
     wire = 2 * (world - 1) / world * cal.get("comm_bytes", 4 * 2 ** 20)
-    wait, b = chain_terms(cal[need[0]], cal[need[1]], cal[need[2]], cal[need[3]], wire)
+    wait, b = chain_terms(rd.pair_latency(cal), *rd.ring_latencies(cal), cal[need[3]], wire)
     return wait, ((("reduce_scatter", b), ("all_gather", b)) if impl == "ring" else ())
 
 
@@ -162,12 +165,14 @@ def predict_row(rec: dict, name: str, cal: dict):
     """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
     meta = rec["rows"][name]
     lay = Layout(**meta["layout"])
-    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=25.0,  # local: per
+    bucket = rd.flat_bucket_mb(name, meta["owned"] * lay.dp, 25.0)      # DeepSpeed ZeRO-1/2: one (proto_read.py)
+    tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=bucket,  # local: per
                    interleave=meta["ours"] and INTERLEAVE,  # DeepSpeed's update and gathers: two passes
                    keep=meta.get("keep", 0))                # stage 3's kept units (records before it: none)
     impl = "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo"
-    hw = hardware(cal, impl, rec["world"], rec["model"]["seq_len"])
+    hw = rd.flat_hardware(hardware(cal, impl, rec["world"], rec["model"]["seq_len"]), cal, name)
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
+    pred.step_s += rd.flat_reduce_seconds(meta, name, pred, hw)    # its counted all-reduce (proto_read.py)
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours
         per_owned, per_grad = UPDATE_MOVED[name]
         psi = grad_elements(rec, name)
@@ -251,6 +256,20 @@ def _calib_lines(an: dict) -> list:
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
                    f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
                    f"δ = {tw[1] * 1e3:.2f} ms (δ/2 per ZeRO ring call and pipeline message)")
+    if "flat.gloo.all_gather" in c:
+        out.append(f"  gloo at DeepSpeed ZeRO-1/2's one flat message ({c['flat_bytes'] / 1e6:.0f} MB): all-reduce "
+                   f"{c['flat.gloo.all_reduce'] / 1e9:.2f} GB/s, all-gather {c['flat.gloo.all_gather'] / 1e9:.2f} GB/s "
+                   f"bus (priced on ds1/ds2: benchmarks/proto_read.py)")
+    if rd.PAIR_ROBUST in c:
+        out.append(f"  the ring pair over {c['wait.reps']:.0f} interleaved repetitions (benchmarks/proto_wait.py): "
+                   f"{c[rd.PAIR_ROBUST] * 1e3:.2f} ms [{c[rd.PAIR_ROBUST + '.q25'] * 1e3:.2f}, "
+                   f"{c[rd.PAIR_ROBUST + '.q75'] * 1e3:.2f}], the isolated calls' fast modes "
+                   f"{c[rd.FAST[0]] * 1e3:.2f} / {c[rd.FAST[1]] * 1e3:.2f} ms: δ = {delta * 1e3:.2f} ms "
+                   f"(per repetition, pair − the two isolated calls: {c['wait.ring.pair'] * 1e3:.2f} ms "
+                   f"[{c['wait.ring.pair.q25'] * 1e3:.2f}, {c['wait.ring.pair.q75'] * 1e3:.2f}])" + (
+                       f"; a gloo all-reduce right after a tp matmul: {c['wait.gloo.call_s'] * 1e3:.2f} ms a call, "
+                       f"{c['wait.gloo.after_mm'] * 1e3:.2f} ms beyond the same call after a barrier"
+                       if "wait.gloo.call_s" in c else ""))
     if "host.op_s" in c:
         out.append(f"  host work per call: an aten call {c['host.op_s'] * 1e6:.2f} us" + (
             f", a DTensor call {c['host.dtensor_op_s'] * 1e6:.1f} us, a DTensor parameter's AdamW update "

@@ -129,6 +129,15 @@ def _psi(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+FLAT_ROWS = ("ds1", "ds2")     # one gloo all-reduce and one all-gather over the whole flat gradient per step
+
+
+def flat_elements(kw: dict, rows) -> int:
+    """Ψ of model ``kw`` when a row of :data:`FLAT_ROWS` runs (the message benchmarks/proto_calib.py then times gloo
+    at: ``flat.gloo.*``), else 0."""
+    return _psi(_model(kw)) if set(FLAT_ROWS) & set(rows) else 0
+
+
 def build(name: str, kw: dict, per: int, world: int, rank: int) -> Row:
     """Row ``name`` (module docstring) on this rank; raises ImportError etc. when it cannot run."""
     if name in OURS:

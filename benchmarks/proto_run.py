@@ -85,7 +85,8 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     pinned = pin(rank, world, opts.get("threads", 1), opts.get("pin", True))
     calib_kw = dict(kw=kw, per=per, comm_mb=opts.get("comm_mb", 4.0), reps=opts.get("calib_reps", 7),
                     mem_mb=opts.get("mem_mb", 32), micro=proto_rows.micro_sizes(opts["rows"], per, world),
-                    tp=(world,) if {"tp_ours", "tp_dtensor"} & set(opts["rows"]) else ())   # the tp rows: tp = world
+                    tp=(world,) if {"tp_ours", "tp_dtensor"} & set(opts["rows"]) else (),   # the tp rows: tp = world
+                    flat=proto_rows.flat_elements(kw, opts["rows"]))                 # DeepSpeed ZeRO-1/2's message
     cal0 = calibrate(**calib_kw)
     rows, skipped = {}, {}
     for name in opts["rows"]:

@@ -338,6 +338,13 @@ def test_protocol_smoke_two_ranks():
     assert rec["calib_start"]["host.op_s"] > 0 and "host.dtensor_op_s" not in rec["calib_start"]   # no tp rows
     # the tp chain figure (proto_calib.chained_all_reduce): one tp activation, per · world sequences × s × h fp32
     assert rec["calib_start"]["chain_bytes"] == 2 * 2 * s * h * 4 and "right after compute" in text(rec, an)
+    # δ per interleaved repetition (benchmarks/proto_wait.py), in the normal calibration; no tp rows: no tp figure
+    from benchmarks.proto_wait import WAIT_REPS
+    assert rec["calib_start"]["wait.reps"] == rec["calib_end"]["wait.reps"] == WAIT_REPS
+    assert "wait.gloo.call_s" not in rec["calib_start"] and "interleaved repetitions" in text(rec, an)
+    # ds1/ds2 in the rows: gloo timed at their one flat message, Ψ·4 bytes (proto_calib, flat.gloo.*)
+    assert rec["calib_start"]["flat_bytes"] == psi * 4 and rec["calib_start"]["flat.gloo.all_gather"] > 0
+    assert "flat message" in text(rec, an)
     md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
     assert "| zero1 |" in md and "gloo-specific" in md
 

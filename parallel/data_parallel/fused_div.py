@@ -11,34 +11,46 @@ one micro-batch only; an accumulated gradient (m > 1, ``no_sync``, a gradient al
 first and divided once at launch, as before. A bucket whose parameters were divided on the way in is not divided
 again at launch; a mixed bucket divides only the rest.
 
-ZeRO-1/2 (reduce-scatter of fp32 gradients) divide the reduced shard after the collective, Ψ/N elements
+ZeRO-1/2/3 (reduce-scatter of fp32 gradients) divide the reduced shard after the collective, Ψ/N elements
 (:mod:`parallel.data_parallel.reducer`); for N a power of two the division is exact (a change of exponent), so
 Σ_r (g_r/N) = (Σ_r g_r)/N bit for bit unless an element is subnormal, and they too divide on the way in: one pass
 over the shard less. For other N they keep the division after the reduction (it would round differently).
-ZeRO-3 is left out: fused into its region buckets (reduced in finish, ``b.at_finish``) the losses of
-tests/test_zero_lockstep.py and tests/test_zero_fanout.py moved by 2e-4 relative — a cause not found yet — and its
-default path reduces straight from ``p.grad`` without a copy anyway.
+ZeRO-3's usual bucket (dp2 on the ring: :mod:`parallel.data_parallel.grad_parts`) copies nothing and divides the
+shard after; its other buckets (regions' units, N = 4, …) take the flat path and divide on the way in as ZeRO-1/2.
+
+Where the division is taken must be the same on every rank of the group. A reduce-scatter sums the ranks'
+buckets: if rank A divided its gradients on the way in and rank B, which got no gradient for any parameter of the
+bucket (a branch only A's rows took, an expert only A routed to, a ZeRO-3 region's expert), divided nothing and so
+divided its reduced shard after, B's shard is (g_A/N + 0)/N — divided twice, silently (Adam hides a factor of 2
+almost entirely: it moved the losses of tests/test_zero_lockstep.py by 2e-4). So :func:`fuses` decides from what
+every rank shares — mode, dtype, N, m, ``no_sync`` used, the bucket's kind — never from which gradients arrived:
+where it holds, every rank divides before the reduction (what the hooks did not divide, :func:`divide_rest`: a
+rank without gradients divides its zeros) and none after (tests/test_fused_div_agree.py).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["copy_in", "divide_rest", "fused_div"]
+__all__ = ["copy_in", "divide_rest", "fused_div", "fuses"]
+
+
+def fuses(r, b) -> bool:
+    """Whether reducer ``r`` divides bucket ``b`` before its reduction this step, on every rank alike (module
+    docstring: decided only from what all ranks of the group share). ``r.fuse_div = False`` restores the
+    copy-then-divide path (benchmarks/proto_pair.py's ``:unfused`` row)."""
+    if not r.fuse_div or r.expected != 1 or r.local or r.accumulated or b.deferred:
+        return False
+    div = b.grad_div or (b.group or r.group).size
+    return div > 1 and not (r.mode != "all_reduce" and r.dtype == torch.float32 and div & (div - 1))
 
 
 def fused_div(r, b, i: int, grad: torch.Tensor) -> int:
     """N when reducer ``r`` may divide parameter ``i`` of bucket ``b``'s first gradient ``grad`` as it copies it
-    (module docstring), else 0. ``r.fuse_div = False`` restores the copy-then-divide path (benchmarks/proto_pair.py's
-    ``:unfused`` row)."""
-    if (not r.fuse_div or r.expected != 1 or not r._sync or r.local or b.deferred or b._count[i]
+    (module docstring), else 0: the bucket :func:`fuses`, and this is a synced first gradient of the step."""
+    if (not fuses(r, b) or not r._sync or b._count[i]          # (fuses first: a deferred bucket has no _count)
             or grad.layout != torch.strided or grad.dtype != r.dtype):
         return 0
-    if r.on_grad is not None or getattr(b, "at_finish", False):
-        return 0                        # ZeRO-3 (its default path copies nothing: grad_parts.py); see below
-    div = b.grad_div or (b.group or r.group).size
-    if div <= 1 or (r.mode != "all_reduce" and r.dtype == torch.float32 and div & (div - 1)):
-        return 0                        # fp32 reduce-scatter, N not a power of two: the shard is divided after
-    return div
+    return b.grad_div or (b.group or r.group).size
 
 
 def divide_rest(b, g: torch.Tensor, div: int) -> None:

@@ -12,10 +12,10 @@ overlaps the backward computation of earlier layers.
 Two reductions share this machinery:
   * ``all_reduce`` (plain DP, ZeRO stage 0): the flat gradient is all-reduced in place;
   * ``reduce_scatter`` (ZeRO stages 1–3): each rank receives the reduced shard it owns.
-The sum becomes the mean by a division by N: before an all-reduce (stage 0: fused with each fresh gradient's copy
-into its bucket view, :mod:`parallel.data_parallel.fused_div`), after a reduce-scatter of fp32 gradients (only this
-rank's shard: Ψ/N elements divided instead of Ψ, 8(N−1)/N·Ψ bytes less memory traffic; for N a power of two
-bit-identical, (Σ g_r)/N = Σ (g_r/N); low-precision gradients are still divided first, against overflow). Stage 1
+The sum becomes the mean by a division by N: before an all-reduce (fused with each fresh gradient's copy into its
+bucket view, :mod:`parallel.data_parallel.fused_div`), after a reduce-scatter of fp32 gradients (only this rank's
+shard, Ψ/N elements divided instead of Ψ; for N a power of two fused on the way in as well, bit-identical, on every
+rank alike: ``fuses``); low-precision gradients are divided first, against overflow. Stage 1
 with the ring (:mod:`parallel.comm.ring`) reduces this rank's chunk of the flat gradient in place — the ring only
 reads that chunk at its last step — instead of into a fresh shard that is then copied back (Ψ/N · 8 bytes).
 
@@ -43,7 +43,7 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.comm.ring import release_scratch, use_ring
 from parallel.data_parallel.bucket import FlatBucket
-from parallel.data_parallel.fused_div import copy_in, divide_rest
+from parallel.data_parallel.fused_div import copy_in, divide_rest, fuses
 from parallel.data_parallel.unused_flag import place_carriers, with_flag
 
 __all__ = ["GradReducer", "KEEP_BUFFERS"]
@@ -122,7 +122,7 @@ class GradReducer:
         self._ready_pos: set = set()
         self._inflight: list = []
         self._late: list = []            # buckets passed in launch order that finish() reduces (at_finish)
-        self._reduced = False
+        self._reduced = self.accumulated = False   # accumulated: no_sync() used this step (fused_div.py)
         self._queued = False
         self.launches = {"hooks": 0, "finish": 0}
         self.max_waiting = 0             # most buckets ready but held back by launch order, this step
@@ -159,7 +159,7 @@ class GradReducer:
     @contextlib.contextmanager
     def no_sync(self):
         """Backwards inside accumulate gradients locally; the first backward outside reduces."""
-        old, self._sync = self._sync, False
+        old, self._sync, self.accumulated = self._sync, False, True
         try:
             yield
         finally:
@@ -271,8 +271,8 @@ class GradReducer:
             return
         group = b.group or self.group                    # expert buckets: the expert-data-parallel group
         div = b.grad_div or group.size
-        if div > 1 and (not self._divides_after(g) or any(getattr(b, "divided", b""))):
-            divide_rest(b, g, div)                       # not what the hooks divided (fused_div.py)
+        if div > 1 and (not self._divides_after(g) or fuses(self, b)):   # on every rank alike (fused_div.py)
+            divide_rest(b, g, div)                       # what the hooks did not divide
         if self.mode == "all_reduce":
             work, out = comm.all_reduce(with_flag(self, b, group, g), group, async_op=True), None   # unused_flag
         else:
@@ -293,7 +293,7 @@ class GradReducer:
         if self.mode == "all_reduce" or (work is None and out is None):    # local (1-bit Adam): g_i stays whole
             return
         div = b.grad_div or (b.group or self.group).size
-        if div > 1 and self._divides_after(out) and not any(getattr(b, "divided", b"")):
+        if div > 1 and self._divides_after(out) and not fuses(self, b):
             out.div_(div)                                # the mean, on the shard only (module docstring)
         if self.keep_full:
             mine = b.flat_grad[b.lo:b.hi]

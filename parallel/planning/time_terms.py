@@ -54,6 +54,12 @@ M bytes (wire w_pair = 2(N−1)/N·M, time w_pair / bw_pair). Read as two chaine
     δ = max(0, l_pair − l_rs − l_ag)                     (:func:`chain_terms`; ``Hardware.chain_wait_s`` = δ/2)
     b_chain = w_pair / (w_pair / bw_pair − l_pair)      (the pair's incremental bandwidth; ring ops only)
 
+Since session 12 the calibration times the pair and the isolated calls INTERLEAVED over 48 repetitions
+(benchmarks/proto_wait.py): l_pair = the pair's median, l_rs / l_ag = the isolated calls' fast mode (lower decile),
+and the planner charges the ring's chained calls those latencies (benchmarks/proto_read.py) — so a chained
+reduce-scatter + all-gather is priced at the pair's median whichever mode the isolated medians fell into (session
+11's five calibrations gave δ 0.00–4.68 ms from three separately timed bimodal medians; records before keep that
+reading; why not the median of per-repetition differences, and loaded figures: benchmarks/proto_wait.py).
 δ is what a blocking collective issued right after another costs beyond the two isolated latencies (the
 wake-up of the waiting thread: δ/2 = 0.3–1.8 ms per call on the recorded runs, against 0.12–0.15 ms for one
 op alone); b_chain is the pair's bandwidth once that fixed part is taken out (0.8–1.2 GB/s, against the
