@@ -21,7 +21,11 @@ global batch (``per`` sequences per rank), with AdamW at lr 1e-4 and torch's wei
   (``zero.keep_after_forward`` = the number of units): the memory behaviour of DeepSpeed ZeRO-3 as shipped at
   these sizes — its default ``stage3_max_reuse_distance`` (1e9 elements) keeps every parameter of a model under
   ~1e9 elements gathered until its backward, so ds3 all-gathers once a step. The pair for ds3; ``zero3``
-  (frees all but two units, as FSDP2 frees all but the root) is the pair for FSDP2.
+  (frees all but two units, as FSDP2 frees all but the root) is the pair for FSDP2;
+* ``zero3_ds``: ``zero3_keep`` with DeepSpeed ZeRO-3's default prefetch bucket as the unit budget
+  (``zero.unit_mb`` = 5e7 elements × 4 B / 2**20, parallel/zero/unit_plan.merge_units): consecutive block units
+  merged into one FlatBucket up to 190.7 MiB, every unit kept — DeepSpeed ZeRO-3's behaviour as shipped (one
+  all-gather of the whole model and one reduce-scatter per step below 5e7 elements). Also paired with ds3.
 
 A row is a :class:`Row`: ``step()`` runs one training step and returns this rank's loss (ours: the
 global mean it already computes); ``finish()`` waits for any work the step left in flight (ours:
@@ -41,7 +45,8 @@ import torch.nn.functional as F
 LR = 1e-4
 WD = 0.01      # torch.optim.AdamW's default, which our rows use; DeepSpeedCPUAdam's default is 0.0, so it is passed
 PEERS = ["local", "ddp", "ddp_aa", "ddp_tuned", "fsdp2", "fsdp2_prefetch", "fsdp2_ring", "ds1", "ds2", "ds3"]
-OURS = ["zero0", "zero1", "zero2", "zero3", "zero3_keep"]
+OURS = ["zero0", "zero1", "zero2", "zero3", "zero3_keep", "zero3_ds"]
+DS_UNIT_MB = 5e7 * 4 / 2 ** 20       # DeepSpeed's default stage3_prefetch_bucket_size (elements) × fp32 bytes, MiB
 from benchmarks.proto_rows_mp import MP_ROWS, PEER_OF_MP, WHAT_MP, build_mp, micro_sizes  # noqa: E402, F401
 
 ROWS = PEERS + OURS + MP_ROWS
@@ -52,13 +57,14 @@ WHAT = {"local": "no communication (compute floor)", "ddp": "torch DDP, defaults
         "ds2": "DeepSpeed ZeRO-2, DeepSpeedCPUAdam", "ds3": "DeepSpeed ZeRO-3, persistence threshold 0",
         "zero0": "ours ZeRO-0 (data parallel)", "zero1": "ours ZeRO-1", "zero2": "ours ZeRO-2",
         "zero3": "ours ZeRO-3 per block", "zero3_keep": "ours ZeRO-3 per block, every unit kept into backward",
+        "zero3_ds": "ours ZeRO-3, units merged up to DeepSpeed's prefetch bucket (5e7 elements), all kept",
         **WHAT_MP}
 # the natural peer of each row, for the paired ratios
 PEER_OF = {"ddp_aa": "ddp", "ddp_tuned": "ddp", "fsdp2_prefetch": "fsdp2", "fsdp2_ring": "fsdp2_prefetch",
            "zero0": "ddp_tuned", "zero1": "ddp_tuned", "zero2": "ddp_tuned", "zero3": "fsdp2_prefetch",
-           "zero3_keep": "zero3",
+           "zero3_keep": "zero3", "zero3_ds": "zero3_keep",
            "ds1": "ddp_tuned", "ds2": "ddp_tuned", "ds3": "fsdp2", "fsdp2": "ddp", "local": "ddp", **PEER_OF_MP}
-DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3", "zero3_keep": "ds3"}
+DS_PEER = {"zero1": "ds1", "zero2": "ds2", "zero3": "ds3", "zero3_keep": "ds3", "zero3_ds": "ds3"}
 # What a peer's step moves through memory besides forward/backward (parallel/planning/time_terms.py's
 # accounting, bytes moved per element, write-allocates included), replacing our engine's terms in the
 # planner's prediction: (per owned element: optimizer + norm, per local gradient element: bookkeeping).
@@ -230,8 +236,10 @@ def _ours(name, kw, per, world, rank) -> Row:
     stage = int(name[4])
     G = per * world
     zero = {"stage": stage, **({"units": "block"} if stage == 3 else {})}
-    if name == "zero3_keep":                  # every unit: n_layer blocks + the root's
+    if name in ("zero3_keep", "zero3_ds"):    # every unit: n_layer blocks + the root's (merged: fewer)
         zero["keep_after_forward"] = kw["n_layer"] + 1
+    if name == "zero3_ds":
+        zero["unit_mb"] = DS_UNIT_MB
     cfg = load_config(data={
         "model": {"factory": "examples.gpt:build", "kwargs": kw},
         "data": {"factory": "examples.gpt:random_tokens", "global_batch_size": G, "micro_batch_size": per,
@@ -250,7 +258,8 @@ def _ours(name, kw, per, world, rank) -> Row:
     if stage == 3 and name == "zero3_keep" and len(z.stage3.units) != zero["keep_after_forward"]:
         raise RuntimeError(f"zero3_keep: {len(z.stage3.units)} stage-3 units, {zero['keep_after_forward']} kept")
     row = Row(name, lambda: engine.train_step(local), finish, owned=owned, source="measured", ours=True,
-              layout={"dp": world, "zero": stage, **({"units": "block"} if stage == 3 else {})},
+              layout={"dp": world, "zero": stage, **({"units": "block"} if stage == 3 else {}),
+                      **({"unit_mb": DS_UNIT_MB} if name == "zero3_ds" else {})},
               keep=cfg.zero.keep_after_forward if stage == 3 else 0)
     row.stats, row.engine = mesh.stats, engine                 # engine: benchmarks/proto_profile.py's phases
     return row

@@ -38,7 +38,8 @@ def planner_inputs(cfg: Config, model, device: str | None = None):
     spec = spec_from_model(model, seq)
     p = cfg.parallel
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
-                 p.sequence_parallel, cfg.zero.units, p.ep, cp=p.cp, cp_algorithm=p.cp_algorithm)
+                 p.sequence_parallel, cfg.zero.units, p.ep, cp=p.cp, cp_algorithm=p.cp_algorithm,
+                 unit_mb=cfg.zero.unit_mb)
     ac = cfg.activation_checkpointing
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),

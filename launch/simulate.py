@@ -110,7 +110,7 @@ def _prediction(cfg, model, rank: int):
     seq = cfg.data.kwargs.get("seq_len") or cfg.model.kwargs.get("seq_len")
     spec = spec_from_model(model, seq)
     lay = Layout(p.dp, p.tp, p.pp, cfg.zero.stage, cfg.micro_batches, p.pp_schedule, p.pp_virtual_stages,
-                 p.sequence_parallel, cfg.zero.units, p.ep, p.cp, p.cp_algorithm)
+                 p.sequence_parallel, cfg.zero.units, p.ep, p.cp, p.cp_algorithm, unit_mb=cfg.zero.unit_mb)
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
                    cfg.zero.bucket_mb, ac.policy, ac.every, state_dtype=cfg.optimizer.state_dtype or "fp32",
                    keep=cfg.zero.keep_after_forward)

@@ -127,6 +127,7 @@ def _check(results, policies):
 
 @pytest.mark.parametrize("name,lay,world,policies", [
     ("dp2_zero3", layout(2, 1, 1, 3), 2, ("full",)),
+    ("dp2_zero3_merged", layout(2, 1, 1, 3, zero__units="block", zero__unit_mb=64), 2, ("full",)),   # zero.unit_mb
     ("tp2_sp", layout(1, 2, 1, 0, parallel__sequence_parallel="true"), 2, ("selective", "offload")),
     ("pp2_1f1b", layout(1, 1, 2, 0), 2, ("full", "every")),
 ])

@@ -290,7 +290,8 @@ def _smoke(rank, world):
     sys.path.insert(0, ROOT)
     from benchmarks.proto_run import run_rank
     opts = {"size": "tiny", "per_rank_batch": 2, "rounds": 2, "warmup": 2, "seed": 5, "pin": False,
-            "rows": ["local", "ddp", "ddp_aa", "fsdp2_ring", "zero1", "zero3", "zero3_keep", "ds1"], "calib_reps": 1,
+            "rows": ["local", "ddp", "ddp_aa", "fsdp2_ring", "zero1", "zero3", "zero3_keep", "zero3_ds", "ds1"],
+            "calib_reps": 1,
             "mem_mb": 4,
             "comm_mb": 0.5}
     return run_rank(rank, world, opts)
@@ -329,11 +330,18 @@ def test_protocol_smoke_two_ranks():
     # L + 1 units is all-gathered once a step, Ψ/2 · 4 bytes in all; zero3 (keep 2) gathers L − 1 blocks again
     keep = rec["rows"]["zero3_keep"]["comm_axes"]["dp"]["all_gather"]
     assert keep["calls"] == L + 1 and keep["wire_bytes"] == 1 / 2 * psi * 4
+    # zero3_ds merges the units up to DeepSpeed's prefetch bucket (5e7 elements: the whole tiny model) and keeps it:
+    # one all-gather and one reduce-scatter a step, the same Ψ/2 · 4 bytes each (padded to an even Ψ)
+    ds = rec["rows"]["zero3_ds"]["comm_axes"]["dp"]
+    assert ds["all_gather"]["calls"] == 1 and ds["reduce_scatter"]["calls"] == 1
+    assert ds["all_gather"]["wire_bytes"] == ds["reduce_scatter"]["wire_bytes"] == (psi + psi % 2) // 2 * 4
+    assert rec["rows"]["zero3_keep"]["comm_axes"]["dp"]["reduce_scatter"]["calls"] == L + 1
     z3 = rec["rows"]["zero3"]["comm_axes"]["dp"]["all_gather"]
     assert z3["calls"] == 2 * L and z3["wire_bytes"] > keep["wire_bytes"]
     an = analyse(rec, n_boot=100)
     assert an["rows"]["zero1"]["bytes"]["equal"] and an["rows"]["zero3"]["bytes"]["equal"]
     assert an["rows"]["zero3_keep"]["bytes"]["equal"] and "ds3" not in an["rows"]
+    assert an["rows"]["zero3_ds"]["bytes"]["equal"], an["rows"]["zero3_ds"]["bytes"]   # the planner prices 1 unit
     assert an["aa"] is not None and an["rows"]["zero3"]["vs"]["ddp"]["verdict"] in ("tie", "faster", "slower")
     assert "noise band" in text(rec, an) and "host work per call" in text(rec, an)
     assert rec["calib_start"]["host.op_s"] > 0 and "host.dtensor_op_s" not in rec["calib_start"]   # no tp rows

@@ -41,13 +41,15 @@ NATIVE = {
               "scheduler": {"name": "warmup_linear", "convention": "deepspeed", "warmup_type": "linear",
                             "warmup_steps": 2, "total_steps": 5, "warmup_start_ratio": 0.0, "min_lr_ratio": 0.0}},
     "zero3": {"optimizer": {**ADAM, "weight_decay": 0.0}, "train": {"grad_clip": 1.0},
-              "zero": {"stage": 3, "bucket_mb": 1e6 * 4 / MiB, "prefetch": True, "offload": NONE},
+              "zero": {"stage": 3, "bucket_mb": 1e6 * 4 / MiB, "prefetch": True, "unit_mb": 9e5 * 4 / MiB,
+                       "max_reuse_distance": 1e9, "offload": NONE},
               "scheduler": {"name": "warmup_cosine", "convention": "deepspeed", "warmup_type": "linear",
                             "warmup_steps": 2, "total_steps": 5, "warmup_start_ratio": 0.1, "min_lr_ratio": 0.1}},
     "zero2_offload_cpu": {**CLIP, "optimizer": {**ADAM, "weight_decay": 0.01},
                           "zero": {"stage": 2, "bucket_mb": 2e8 * 4 / MiB, "offload": {**NONE, "optimizer": "cpu"}}},
     "zero3_nvme": {**CLIP, "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.01},
-                   "zero": {"stage": 3, "bucket_mb": 1e6 * 4 / MiB, "prefetch": True,
+                   "zero": {"stage": 3, "bucket_mb": 1e6 * 4 / MiB, "prefetch": True, "unit_mb": 9e5 * 4 / MiB,
+                            "max_reuse_distance": 1e9,
                             "offload": {"optimizer": "nvme", "params": "nvme", "nvme_path": "runs/nvme",
                                         "buffer_count": 5, "buffer_mb": 1e8 * 4 / MiB}}},
     "bf16": {"precision": "bf16", "optimizer": {**ADAM, "weight_decay": 0.01}, "train": {"grad_clip": 1.0},
@@ -310,3 +312,23 @@ def test_load_deepspeed_json_errors(tmp_path):
     assert resolve_path("elsewhere.json", str(tmp_path / "run.yaml")) == "elsewhere.json"
     with pytest.raises(ConfigError, match="dp_size=0 must be a positive int"):
         map_deepspeed({}, BASE, 0)
+
+
+def test_stage3_prefetch_bucket_and_reuse_distance_map_to_units_and_kept():
+    """DeepSpeed's stage-3 knobs (issue 18): the prefetch bucket (elements) → zero.unit_mb (MiB of merged units), the
+    reuse distance → zero.max_reuse_distance; absent, DeepSpeed's defaults (5e7, 1e9); stage < 3 ignores the
+    reuse distance; bad values refused."""
+    ov, rep = map_deepspeed({"zero_optimization": {"stage": 3}}, BASE, 2)
+    assert ov["zero"]["unit_mb"] == 5e7 * 4 / MiB and ov["zero"]["max_reuse_distance"] == 1e9
+    assert any("stage3_prefetch_bucket_size = (unset: DeepSpeed's default 5e+07) -> zero.unit_mb" in x for x in rep)
+    bf = merge_tree(BASE, {"precision": "bf16"})
+    ov, rep = map_deepspeed({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 2 ** 20,
+                                                   "stage3_max_reuse_distance": 0}}, bf, 2)
+    assert ov["zero"]["unit_mb"] == 2.0 and ov["zero"]["max_reuse_distance"] == 0      # 2**20 bf16 elements
+    ov, rep = map_deepspeed({"zero_optimization": {"stage": 2, "stage3_max_reuse_distance": 5}}, BASE, 2)
+    assert "unit_mb" not in ov["zero"] and "max_reuse_distance" not in ov["zero"]
+    assert "ignored: zero_optimization.stage3_max_reuse_distance (stage 2: parameters are not sharded)" in rep
+    for bad, msg in (({"stage3_max_reuse_distance": -1}, "stage3_max_reuse_distance: -1 must be >= 0"),
+                     ({"stage3_prefetch_bucket_size": "x"}, "stage3_prefetch_bucket_size: expected a number")):
+        with pytest.raises(ConfigError, match=msg):
+            map_deepspeed({"zero_optimization": {"stage": 3, **bad}}, BASE, 2)

@@ -119,14 +119,14 @@ def _reference(kind):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _zero3(rank, world, kind):
+def _zero3(rank, world, kind, unit_mb=0.0):
     from parallel.config import ZeroConfig
     from parallel.mesh import Mesh
     from parallel.zero import ZeroOptimizer
     group = Mesh(dp=world).group("dp")
     torch.manual_seed(0)
     model = Net(kind)
-    zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=1e-2), group, ZeroConfig(stage=3))
+    zero = ZeroOptimizer(model, lambda ps: torch.optim.AdamW(ps, lr=1e-2), group, ZeroConfig(stage=3, unit_mb=unit_mb))
     per = G // world
     losses = []
     for t in range(STEPS):
@@ -155,6 +155,23 @@ def test_zero3_data_dependent_expert_calls(kind):
     # the case is exercised: the two ranks' routing hit different experts in some forward
     assert res[0][3] != res[1][3]
     assert sorted(res[0][2]) == ["blocks.0.moe.experts", "blocks.1.moe.experts"], res[0][2]
+
+
+def _merged(rank, world, kind):
+    from parallel.config import ConfigError
+    try:
+        _zero3(rank, world, kind, 0.004)          # 1048 elements: units merged across the experts' region edges
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_merged_units_in_a_region_are_refused():
+    """zero.unit_mb (issue 18) with data-dependent calls: a region holding a merged unit (the ModuleList's small
+    experts merge) is refused on every rank, naming the region and the fix."""
+    for msg in run_ranks(_merged, 2, "list", timeout=120):
+        assert msg and "blocks.0.moe.experts" in msg and "set zero.unit_mb: 0" in msg, msg
 
 
 def _found(model, *args):

@@ -39,7 +39,7 @@ PRESENT_MEANS_ON = ("compression_training", "sparse_attention", "weight_quantiza
 ZERO_IGNORED = {k: PERF for k in (
     "contiguous_gradients", "reduce_scatter", "allgather_partitions", "allgather_bucket_size", "round_robin_gradients",
     "use_multi_rank_bucket_allreduce", "sub_group_size", "stage3_param_persistence_threshold",
-    "stage3_model_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "stage3_model_persistence_threshold", "stage3_max_live_parameters",
     "zero_hpz_partition_size", "mics_shard_size", "mics_hierarchical_params_gather", "memory_efficient_linear",
     "override_module_apply", "cpu_offload_use_pin_memory", "stage3_module_granularity_threshold",
     "module_granularity_threshold", "log_trace_cache_warnings", "stage3_use_all_reduce_for_fetch_params")}

@@ -1,5 +1,13 @@
 """DeepSpeed's ``zero_optimization`` block → ``zero.*``: the stage, bucket sizes in MiB, and
-``offload_optimizer`` / ``offload_param`` → ``zero.offload.*``."""
+``offload_optimizer`` / ``offload_param`` → ``zero.offload.*``.
+
+Stage 3 (:func:`map_stage3`): DeepSpeed fetches up to ``stage3_prefetch_bucket_size`` parameter elements at once
+and keeps a parameter gathered when it is reused within ``stage3_max_reuse_distance`` elements (DeepSpeedZeroConfig,
+deepspeed/runtime/zero/config.py, DeepSpeed 0.19.8: "Maximum number of parameter elements to fetch ahead of use";
+"Do not release a parameter if it will be reused within this threshold of parameters"; defaults 5e7 and 1e9, which
+apply when the keys are absent). They map to ``zero.unit_mb`` (elements × bytes per element / 2**20: consecutive
+units merged into one gather and one reduce-scatter) and ``zero.max_reuse_distance`` (the kept units:
+parallel/zero/unit_life.py states the rule)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +29,7 @@ def map_zero(m: Mapper):
         return
     if not isinstance(z, dict):
         m.fail("zero_optimization", f"expected a JSON object, got {json.dumps(z)}")
-    mapped = {"stage", "reduce_bucket_size", "stage3_prefetch_bucket_size", "prefetch_bucket_size",
+    mapped = {"stage", "reduce_bucket_size", "stage3_prefetch_bucket_size", "prefetch_bucket_size", STAGE3_REUSE,
               "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param"}
     m.sub_keys(z, "zero_optimization", mapped, K.ZERO_IGNORED, K.ZERO_OFF_ONLY)
     stage = m.value(z, "stage", "zero.stage", 0)
@@ -37,7 +45,38 @@ def map_zero(m: Mapper):
                  else m.number(f"zero_optimization.{key}", z[key]) > 0)
             m.set(f"zero_optimization.{key}", z[key], "zero.prefetch", v,
                   "from the native config" if z[key] == AUTO else "a positive size prefetches")
+    map_stage3(m, z, stage, elem)
     map_offload(m, z, stage, elem)
+
+
+STAGE3_REUSE = "stage3_max_reuse_distance"
+DS_PREFETCH_DEFAULT, DS_REUSE_DEFAULT = 50_000_000, 1_000_000_000     # DeepSpeedZeroConfig's defaults (0.19.8)
+
+
+def map_stage3(m: Mapper, z: dict, stage: int, elem: int):
+    """The prefetch bucket → ``zero.unit_mb``, the reuse distance → ``zero.max_reuse_distance`` (stage 3 only)."""
+    key = next((k for k in ("stage3_prefetch_bucket_size", "prefetch_bucket_size") if k in z), None)
+    if stage != 3:
+        if STAGE3_REUSE in z:
+            m.ignore(f"zero_optimization.{STAGE3_REUSE}", f"stage {stage}: parameters are not sharded")
+        return
+    pre = "zero_optimization"
+    v = z[key] if key else DS_PREFETCH_DEFAULT
+    shown = z[key] if key else f"(unset: DeepSpeed's default {DS_PREFETCH_DEFAULT:.0e})"
+    mb = m.native("zero.unit_mb") if v == AUTO else m.number(f"{pre}.{key}", v) * elem / 2 ** 20
+    if not mb >= 0:
+        m.fail(f"{pre}.{key}", f"{json.dumps(v)} must be >= 0 elements")
+    m.set(f"{pre}.{key or 'stage3_prefetch_bucket_size'}", shown, "zero.unit_mb", mb,
+          "from the native config" if v == AUTO else f"elements x {elem} bytes ({m.precision}) / 2**20: consecutive "
+          f"stage-3 units merged up to this size, one all-gather and one reduce-scatter each")
+    v = z.get(STAGE3_REUSE, DS_REUSE_DEFAULT)
+    shown = v if STAGE3_REUSE in z else f"(unset: DeepSpeed's default {DS_REUSE_DEFAULT:.0e})"
+    d = m.native("zero.max_reuse_distance") if v == AUTO else m.number(f"{pre}.{STAGE3_REUSE}", v)
+    if d is not None and not d >= 0:
+        m.fail(f"{pre}.{STAGE3_REUSE}", f"{json.dumps(v)} must be >= 0 elements")
+    m.set(f"{pre}.{STAGE3_REUSE}", shown, "zero.max_reuse_distance", d,
+          "from the native config" if v == AUTO else "elements: units whose reuse distance 2 x (elements of the "
+          "units freed after them in forward) is below it stay gathered into backward (parallel/zero/unit_life.py)")
 
 
 def sized(m: Mapper, block, pre, key, ours, elem):

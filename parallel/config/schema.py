@@ -160,6 +160,12 @@ class ZeroConfig:
     keep_after_forward: int = 2            # stage 3: the units freed last in forward (block units: the root's and
     #                                        the last block's) stay gathered into backward, one all-gather each
     #                                        less per micro-batch; 0 frees all (parallel/zero/stage3.py)
+    max_reuse_distance: Optional[float] = None   # stage 3, elements (DeepSpeed's stage3_max_reuse_distance): set, it
+    #                                        replaces keep_after_forward: keep the units whose reuse distance
+    #                                        2·(elements of the units freed after it in forward) is < this
+    unit_mb: float = 0.0                   # stage 3: merge consecutive units up to this many MiB into one (one
+    #                                        all-gather + one reduce-scatter each; DeepSpeed's prefetch bucket);
+    #                                        0 = one unit per module / block (parallel/zero/unit_plan.py)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
 

@@ -169,6 +169,18 @@ def _check_zero(c: Config) -> None:
     if c.zero.keep_after_forward < 0:
         raise ConfigError(f"zero.keep_after_forward={c.zero.keep_after_forward} must be >= 0 (stage-3 units kept "
                           "gathered from forward to backward; 0 frees every unit after its forward)")
+    for key in ("unit_mb", "max_reuse_distance"):
+        v = getattr(c.zero, key)
+        if v is None and key == "max_reuse_distance":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            raise ConfigError(f"zero.{key}={v!r} must be a finite number >= 0 ("
+                              + ("MiB of parameters per stage-3 unit; 0 keeps one unit per module or block)"
+                                 if key == "unit_mb" else "elements, as DeepSpeed's stage3_max_reuse_distance; "
+                                 "null keeps zero.keep_after_forward units)"))
+    if (c.zero.unit_mb or c.zero.max_reuse_distance is not None) and c.zero.stage != 3:
+        raise ConfigError(f"zero.unit_mb / zero.max_reuse_distance only apply to stage-3 units (zero.stage is "
+                          f"{c.zero.stage}): remove them or set zero.stage=3")
     if c.zero.units not in ("module", "block"):
         raise ConfigError(f"zero.units={c.zero.units!r} must be 'module' (a stage-3 unit per module that owns "
                           f"parameters) or 'block' (one per repeated block, plus one for the rest)")

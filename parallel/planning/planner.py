@@ -167,10 +167,11 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
         if lay.units == "block":
             units = dict(sorted(units.items()))
         made = {}
-        for mod, entries in units.items():
-            u = made[mod] = mk(entries)
-            u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte
-            u.gathers = lay.micro_batches * (2 + (mod == "wte" and tied_head))
+        for keys in _merge(units, lay.unit_mb * 2 ** 20 / b):      # zero.unit_mb: consecutive units as one
+            u = mk([p for k in keys for p in units[k]])
+            made.update({k: u for k in keys})
+            u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte (unless
+            u.gathers = lay.micro_batches * (2 + (keys == ["wte"] and tied_head))   # merged: the head is waited for)
             out.append(u)
         for u in _kept(made, lay, tied_head, keep if lay.pp == 1 else 0):
             u.kept = True
@@ -197,7 +198,22 @@ def _kept(units: dict, lay: Layout, tied_head: bool, keep: int) -> list:
         keys = [k for k in keys if k != -1] + [-1]
     elif tied_head and "wte" in units:
         keys = [k for k in keys if k != "wte"] + ["wte"]
-    return [units[k] for k in keys[::-1][:keep]]
+    return list({id(units[k]): units[k] for k in keys[::-1]}.values())[:keep]      # merged: each unit once
+
+
+def _merge(units: dict, budget: float) -> list:
+    """Groups of unit keys, as :func:`parallel.zero.unit_plan.merge_units` merges them (greedy in unit order while
+    the elements fit ``budget``)."""
+    groups, size = [], 0
+    for k, entries in units.items():
+        n = sum(p.numel for p in entries)
+        if groups and budget > 0 and size + n <= budget:
+            groups[-1].append(k)
+            size += n
+        else:
+            groups.append([k])
+            size = n
+    return groups
 
 
 def _piece_sizes(bk: _Bucket, N: int, r: int, pad: bool) -> list:

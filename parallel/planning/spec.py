@@ -63,6 +63,7 @@ class Layout:
     ep: int = 1                     # expert parallelism, carved out of dp (parallel.moe)
     cp: int = 1                     # context parallel: the sequence split over cp ranks (planning/context.py)
     cp_algorithm: str = "ring"      # ring | ulysses
+    unit_mb: float = 0.0            # stage 3: consecutive units merged up to this many MiB (zero.unit_mb)
 
     def stages(self, pp_rank: int) -> tuple:
         """The pipeline stages on pp rank r: r, r+p, … (loop placement) or r and 2p−1−r (the V placement of

@@ -25,6 +25,12 @@ def check_args(module, optimizer_factory, dp_group, zero, grad_clip, on_nonfinit
         raise ValueError(f"zero.stage={zero.stage!r} must be 0, 1, 2 or 3")
     if not zero.bucket_mb > 0:
         raise ValueError(f"zero.bucket_mb={zero.bucket_mb!r} must be positive")
+    unit_mb, reuse = getattr(zero, "unit_mb", 0), getattr(zero, "max_reuse_distance", None)
+    if isinstance(unit_mb, bool) or not isinstance(unit_mb, (int, float)) or not 0 <= unit_mb < float("inf"):
+        raise ValueError(f"zero.unit_mb={unit_mb!r} must be a finite number >= 0 (MiB per merged stage-3 unit; 0: "
+                         f"one unit per module or block)")
+    if reuse is not None and (isinstance(reuse, bool) or not isinstance(reuse, (int, float)) or not reuse >= 0):
+        raise ValueError(f"zero.max_reuse_distance={reuse!r} must be a number >= 0 (elements) or None")
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"train.grad_clip={grad_clip!r} must be positive (or None for no clipping)")
     if on_nonfinite not in NONFINITE_POLICIES:

@@ -46,11 +46,9 @@ import torch.nn as nn
 
 from parallel.comm import Group
 from parallel.config import ZeroConfig
-from parallel.data_parallel.bucket import FlatBucket, make_buckets
+from parallel.data_parallel.bucket import FlatBucket
 from parallel.data_parallel.grad_parts import GradReducer, PartsReducer
 from parallel.data_parallel.unused_flag import carry_unused
-from parallel.moe.zero_buckets import expert_buckets, expert_units, split_expert_params
-from parallel.parameters import param_info
 from parallel.precision import LossScaler, Precision
 from parallel.zero.accounting import AccountingMixin
 from parallel.zero.args import check_args
@@ -62,8 +60,9 @@ from parallel.zero.norm_carry import norm_sq_and_carry
 from parallel.zero.offload import OffloadMixin, make_offload
 from parallel.zero.onebit import check_onebit, onebit_step
 from parallel.zero.partition import ZeroPartition
-from parallel.zero.stage3 import Stage3Params, plan_units
+from parallel.zero.stage3 import Stage3Params
 from parallel.zero.state import ZeroStateMixin
+from parallel.zero.unit_layout import make_buckets
 from parallel.zero.unused import local_missing, warn_onebit_unused
 from parallel.zero.write_back import WriteBackMixin
 
@@ -133,7 +132,7 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         self.loss_carry = self.carried_loss = None     # a float summed over dp in the norm's all-reduce (.norm_carry)
         self.fold_loss = True                          # False: never carry (benchmarks pair the separate call)
         named = self._adopt(module, init, simulate)
-        units, needs = self._make_buckets(module, named, zero.bucket_mb, unit_types)
+        units, needs = make_buckets(self, module, named, zero, unit_types)     # .unit_layout
         if self.expert_groups and (zero.offload.optimizer != "none" or zero.offload.params != "none"):
             raise ValueError("zero.offload with parallel.ep > 1 is not supported yet: expert parameters are "
                              "partitioned over their own group; set zero.offload.optimizer/params to none")
@@ -143,7 +142,7 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         if self.stage == 3:
             self.stage3 = Stage3Params(module, units, needs, dp_group, zero.prefetch, shards=self._par_off,
                                        depth=zero.offload.prefetch_depth if self._par_off else 0,
-                                       keep=zero.keep_after_forward)
+                                       keep=zero.keep_after_forward, reuse=zero.max_reuse_distance)
         self._segments = {b: norm_segments(b) for b in self._all}
         self._build_optimizer(optimizer_factory)
         self._interleave = can_interleave(self)
@@ -188,32 +187,6 @@ class ZeroOptimizer(WriteBackMixin, OffloadMixin, ZeroStateMixin, AccountingMixi
         if not named:
             raise ValueError("ZeroOptimizer: the module has no parameters that require grad")
         return named
-
-    def _make_buckets(self, module, named, bucket_mb, unit_types):
-        """``buckets`` (reduction order), ``deferred`` (tied, pp-reduced) and ``_all``; for stage 3
-        returns its (units, needs) plan, else (None, None)."""
-        N, r, stage = self.group.size, self.group.rank, self.stage
-        deferred = [(n, p) for n, p in named if param_info(p).defer_reduce]
-        normal = [(n, p) for n, p in named if not param_info(p).defer_reduce]
-        units = needs = None
-        expert, normal = split_expert_params(normal, self.expert_groups)     # parallel.moe: own group
-        if stage < 3:
-            self.buckets = make_buckets(normal, bucket_mb * 2 ** 20, self.prec.bytes_per_element, N, r, pad=stage > 0)
-            if expert:
-                self.buckets += expert_buckets(expert, self.expert_groups, N, bucket_mb * 2 ** 20,
-                                               self.prec.bytes_per_element, stage > 0, len(self.buckets))
-        else:
-            owners, needs = plan_units(module, {p: n for n, p in normal}, unit_types)
-            units = [FlatBucket(i, params, N, r, pad=True) for i, (_, params) in enumerate(owners)]
-            if expert:
-                expert_units(module, expert, self.expert_groups, N, units, needs, plan_units)
-            self.buckets = units[::-1]                     # reduction order ≈ backward order
-        self.deferred = None
-        if deferred:
-            self.deferred = FlatBucket(len(self.buckets), deferred, N, r, pad=stage > 0)
-            self.deferred.deferred = True
-        self._all = self.buckets + ([self.deferred] if self.deferred else [])
-        return units, needs
 
     def _init_state(self) -> None:
         """Flat parameters and fp32 masters of every bucket; offload stores take them one at a time."""

@@ -50,9 +50,12 @@ import torch
 import torch.nn as nn
 
 from parallel.comm import all_reduce
+from parallel.config import ConfigError
 from parallel.zero.fanout import fan_out, first_tensor, tensors
+from parallel.zero.trace import TracedOrder
 
-__all__ = ["CallRecorder", "agree_regions", "region_units"]
+__all__ = ["CallRecorder", "agree_regions", "region_units", "apply_regions", "holders_of",
+           "refuse_merged_regions"]
 
 
 class CallRecorder:
@@ -132,3 +135,38 @@ def region_units(region: nn.Module, needs: dict) -> list:
     """The units of every hooked module inside ``region`` (itself included), each once, in unit order."""
     units = {id(u): u for m in region.modules() for u in needs.get(m, ())}
     return sorted(units.values(), key=lambda u: u.index)
+
+
+def holders_of(root: nn.Module, needs: dict) -> set:
+    """Modules that have stage-3 units or contain one that has."""
+    return {m for m in root.modules() if any(needs.get(d) for d in m.modules())}
+
+
+def apply_regions(s3) -> None:
+    """Make each agreed region of ``s3`` (a :class:`~parallel.zero.stage3.Stage3Params`) gather its subtree's units
+    as one; re-trace the order (next forward). A region's gradients are reduced at the end of backward, in bucket
+    order, zeros for parameters that got none (an expert without tokens on one rank), so every rank reduces the same
+    buckets at the same point."""
+    refuse_merged_regions(s3)
+    for r in s3._pending:
+        if r not in s3._hooked:
+            s3._hook(r)
+        s3.needs[r] = region_units(r, s3.needs)
+        for u in s3.needs[r]:
+            u.at_finish = True
+        s3._inert.update(d for d in r.modules() if d is not r and d in s3._hooked)
+    s3._pending = []
+    s3.order = TracedOrder()
+    s3._last_free = {}
+
+
+def refuse_merged_regions(s3) -> None:
+    """Raise on every dp rank when a region about to be applied holds a merged unit (``zero.unit_mb``;
+    :mod:`parallel.zero.unit_life` says why)."""
+    names = {m: n for n, m in s3.module.named_modules()}
+    bad = [names.get(r, type(r).__name__) for r in s3._pending
+           if any(u.waits is not None for u in region_units(r, s3.needs))]
+    if bad:
+        raise ConfigError(f"zero.unit_mb: the region(s) {bad} call their modules a data-dependent number of times "
+                          f"(parallel/zero/regions.py) and hold merged stage-3 units, which could make the dp ranks "
+                          f"issue different gathers: set zero.unit_mb: 0 for this model")

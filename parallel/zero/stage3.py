@@ -10,7 +10,8 @@ over dp. By default every module that directly owns parameters is a unit (Linear
 Embedding, …); ``unit_types=(Block,)`` makes each instance of those classes a unit instead (plus
 the root for what is left), as FSDP's ``fully_shard`` per block. A module's *needs* are the units
 of all parameters it reaches without entering another unit's module — for a tied weight, the head
-needs the embedding's unit (it is gathered twice in forward: the tie costs one extra all-gather).
+needs the embedding's unit (it is gathered twice in forward: the tie costs one extra all-gather). ``zero.unit_mb``
+merges consecutive units (:func:`.unit_plan.merge_units`; lifetime and kept units: :mod:`.unit_life`).
 
 Lifecycle of a unit, driven by hooks:
   forward pre-hook of a module   gather its needs (wait), prefetch the next module's needs
@@ -65,9 +66,10 @@ from parallel.comm import Group, all_gather_into
 from parallel.data_parallel.bucket import FlatBucket
 from parallel.zero.lockstep import Lockstep, first_forward
 from parallel.zero.own_views import bind, fill_straddlers
-from parallel.zero.regions import CallRecorder, agree_regions, region_units
+from parallel.zero.regions import CallRecorder, agree_regions, apply_regions, holders_of, refuse_merged_regions
 from parallel.zero.touch import TouchMode
 from parallel.zero.trace import OFF, TracedOrder
+from parallel.zero.unit_life import init_owners, last_frees, may_free, owner_done, reuse_keep, trace_owners
 from parallel.zero.unit_plan import plan_units  # noqa: F401  (re-exported: parallel.zero.stage3.plan_units)
 from parallel.zero.view_hooks import hook_output_grad
 
@@ -83,15 +85,16 @@ class Stage3Params:
     own_views = True
 
     def __init__(self, module: nn.Module, units: list, needs: dict, group: Group, prefetch: bool = True,
-                 shards=None, depth: int = 0, keep: int = 0):
+                 shards=None, depth: int = 0, keep: int = 0, reuse=None):
         if keep < 0:
             raise ValueError(f"stage 3: keep={keep} must be >= 0 (zero.keep_after_forward: units kept gathered "
                              f"from forward to backward; 0 frees every unit after its forward)")
         self.module, self.units, self.group, self.prefetch = module, units, group, prefetch
-        self.keep = keep                       # units freed last in forward that stay gathered into backward
+        self._keep, self.reuse = keep, reuse   # units freed last in forward kept into backward (.unit_life)
         self.shards, self.depth = shards, depth
         self.needs = {m: [units[i] for i in idx] for m, idx in needs.items()}
         self.needs.setdefault(module, [])      # the root is hooked too: code in its forward may touch a unit
+        self.merged = init_owners(units, self.needs)       # some unit holds several modules' units (zero.unit_mb)
         self.unit_of = {p: u for u in units for p in u.params}
         for u in units:
             u.state, u.users, u.bwd, u.fired, u.work, u.kept = SHARDED, 0, False, 0, None, False
@@ -125,35 +128,23 @@ class Stage3Params:
         self._handles.append(module.register_forward_hook(self._root_post))
         self._handles.append(module.register_forward_hook(self._end_touch, always_call=True))   # also on errors
 
+    @property
+    def keep(self) -> int:
+        return self._keep
+
+    @keep.setter
+    def keep(self, k: int) -> None:         # a count set later (the engine under pp: 0) replaces the reuse rule
+        self._keep, self.reuse = k, None
+
     def _hook(self, m: nn.Module) -> None:
-        # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm
-        # hook wraps them for its gradient all-reduce)
+        # first of the pre-hooks: others may read the parameters (sequence parallel's LayerNorm hook wraps them)
         self._hooked.add(m)
         self._handles.append(m.register_forward_pre_hook(self._pre_forward, prepend=True))
         self._handles.append(m.register_forward_hook(self._post_forward))
 
-    def _holders(self) -> set:
-        """Modules that have stage-3 units or contain one that has."""
-        out = set()
-        for m in self.module.modules():
-            if any(self.needs.get(d) for d in m.modules()):
-                out.add(m)
-        return out
-
     def _apply_regions(self) -> None:
-        """Make each agreed region gather its subtree's units as one; re-trace the order (next forward). A
-        region's gradients are reduced at the end of backward, in bucket order, zeros for parameters that got
-        none (an expert without tokens on one rank), so every rank reduces the same buckets at the same point."""
-        for r in self._pending:
-            if r not in self._hooked:
-                self._hook(r)
-            self.needs[r] = region_units(r, self.needs)
-            for u in self.needs[r]:
-                u.at_finish = True
-            self._inert.update(d for d in r.modules() if d is not r and d in self._hooked)
-        self._pending = []
-        self.order = TracedOrder()
-        self._last_free = {}
+        apply_regions(self)                 # parallel/zero/regions.py
+        init_owners(self.units, self.needs)  # merged units wait for all their owners again until the new trace
 
     def _lock_on(self) -> bool:
         return self._lock is not None and self.module.__dict__.get("forward") == self._first_forward
@@ -225,6 +216,9 @@ class Stage3Params:
         order = self.order
         if order.tracing or self._pending or not 0 <= pos < len(order):
             return
+        while self.merged and 0 <= pos + step < len(order) and all(   # merged units: past modules whose units
+                u.state != SHARDED for u in self.needs[order.modules[pos]]):   # are in already, to the next ones
+            pos += step
         if self.shards is not None and self.depth:                  # store read-ahead
             self.shards.prefetch([u for m in order.ahead(pos, self.depth, step)
                                   for u in self.needs[m] if u.state == SHARDED])
@@ -242,6 +236,9 @@ class Stage3Params:
         for u in self.units:                # kept by a forward that no backward followed
             if u.kept and not u.bwd and u.users == 0:
                 self._free(u)
+        for u in self.units:                # merged units: no owner has finished this forward yet
+            if u.done:
+                u.done.clear()
         self.order.start()
         self._stack = []
         self._departed = False
@@ -250,7 +247,7 @@ class Stage3Params:
         if self.order.tracing and self._touch is None and (self._lock_on() or not self._inert):
             self._touch = TouchMode(self.unit_of, lambda u: u.state == FULL, self._adopt, lambda: self._quiet)
             self._touch.__enter__()
-            holders = self._holders()
+            holders = holders_of(self.module, self.needs)
             self._calls = CallRecorder(self.module, holders.__contains__)
 
     def _adopt(self, u: FlatBucket) -> None:
@@ -275,6 +272,7 @@ class Stage3Params:
             calls.on, self._done_calls = False, calls
             names = {m: n for n, m in self.module.named_modules()}
             self._pending, same = agree_regions(self.module, calls.regions, self.order.modules, self.group)
+            refuse_merged_regions(self)     # zero.unit_mb: before this backward, whose hooks differ by rank
             self.regions.update({names[r]: calls.regions.get(r, "found on another dp rank") for r in self._pending})
             if not same:                    # every rank sees the same answer: all raise, none hangs
                 raise RuntimeError(
@@ -284,10 +282,9 @@ class Stage3Params:
                     "parameters across ranks. Use zero.units: block, or zero.stage ≤ 2")
         self._end_touch()
         if self.order.tracing:              # the units freed last in the traced forward are the ones to keep
-            last = {}                       # unit -> the module whose post-forward freed it last
-            for u, m in reversed(self._freed):
-                last.setdefault(u, m)
-            self._last_free = {(id(u), id(m)): i for i, (u, m) in enumerate(last.items())}
+            self._last_free = last_frees(self._freed)
+            self._keep = self._keep if self.reuse is None else reuse_keep(self._freed, self.reuse)   # .unit_life
+            trace_owners(self.units, self.needs, self.order.modules)
         self.order.finish()
         for u in self.units:                # stale prefetches (a forward that took another path)
             if u.users == 0 and not u.bwd and not u.kept:
@@ -331,9 +328,11 @@ class Stage3Params:
         recompute = torch._C._current_graph_task_id() != -1    # a forward inside backward: a checkpoint's recompute
         for u in self.needs[m]:
             u.users -= 1
+            if not recompute:
+                owner_done(u, m)
             if recompute:
                 u.bwd = True                # its backward follows: stays gathered until its gradients free it
-            elif u.users == 0 and not u.bwd:
+            elif u.users == 0 and not u.bwd and may_free(u, self._inert):
                 if self.order.tracing:
                     self._freed.append((u, m))
                 if grad and self._last_free.get((id(u), id(m)), self.keep) < self.keep and not self._departed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["plan_units"]
+__all__ = ["plan_units", "merge_units"]
 
 
 def plan_units(module: nn.Module, managed: dict, unit_types=None):
@@ -50,3 +50,27 @@ def plan_units(module: nn.Module, managed: dict, unit_types=None):
         raise ValueError(f"stage 3: {len(missing)} parameter(s) are held by no unit module "
                          f"(e.g. {[managed[p] for p in list(missing)[:3]]}); check unit_types")
     return owners, needs
+
+
+def merge_units(owners: list, needs: dict, budget: float):
+    """Coalesce consecutive units into one while their elements fit ``budget`` (elements; ≤ 0: unchanged):
+    ``zero.unit_mb`` × 2**20 / bytes per element. A merged unit is one FlatBucket, so one all-gather and one
+    reduce-scatter where its parts made one each (the fixed cost of a collective paid once), as FSDP2 users wrap
+    several blocks in one ``fully_shard`` and DeepSpeed ZeRO-3 fetches up to ``stage3_prefetch_bucket_size``
+    elements at once. Greedy in unit order (module pre-order: the forward order of the layer stacks this targets;
+    a model that runs its modules in another order stays exact, its merged units only stay gathered longer): a
+    unit joins the current one if the sum stays ≤ ``budget``, else starts the next; a unit larger than the
+    budget stays alone. Returns (owners, needs) in :func:`plan_units`' form, each owner's module now the tuple of
+    the modules whose units were merged (one module: a 1-tuple)."""
+    groups, size = [], 0
+    for i, (_, params) in enumerate(owners):
+        n = sum(p.numel() for _, p in params)
+        if groups and budget > 0 and size + n <= budget:
+            groups[-1].append(i)
+            size += n
+        else:
+            groups.append([i])
+            size = n
+    where = {i: g for g, idx in enumerate(groups) for i in idx}
+    merged = [(tuple(owners[i][0] for i in idx), [np for i in idx for np in owners[i][1]]) for idx in groups]
+    return merged, {m: list(dict.fromkeys(where[i] for i in idx)) for m, idx in needs.items()}
