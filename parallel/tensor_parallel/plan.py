@@ -180,9 +180,11 @@ def _auto_experts(matches: list, mods: dict, tp: int, sp: bool) -> list:
 
 
 def _first_input_hook(module, args, kwargs, fn, what):
-    """Forward pre-hook applying ``fn`` to the module's hidden states (first positional or hidden_states=)."""
+    """Forward pre-hook applying ``fn`` to the module's hidden states (first positional or hidden_states=); the
+    same tensor given again (CTRL's attention takes ``normed`` as v, k and q) becomes the same result."""
     if args:
-        return (fn(args[0]),) + tuple(args[1:]), kwargs
+        x, y = args[0], fn(args[0])
+        return tuple(y if a is x else a for a in args), {k: y if v is x else v for k, v in kwargs.items()}
     if "hidden_states" in kwargs:
         return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
     raise ValueError(f"{what} on {type(module).__name__}: no positional input or hidden_states= to apply it to")
