@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from parallel.tensor_parallel.styles import COLWISE, _is_norm
+from parallel.tensor_parallel.layers import seq_scatter
+from parallel.tensor_parallel.styles import COLWISE, ROWWISE, _is_norm
 
-__all__ = ["unsplit_in_region"]
+__all__ = ["unsplit_in_region", "gathered_only_modules"]
 
 _HEADS = ("colwise_vocab", "colwise_gather")
 
@@ -70,3 +71,47 @@ def _walk(name: str, m: nn.Module, covered: set, norms: set, bad: list, enter: b
         bad.append(f"{name or 'the model'}: its parameters {', '.join(own)} ({type(m).__name__})")
     for child, c in m.named_children():
         _walk(f"{below}{child}", c, covered, norms, bad, isinstance(m, nn.ModuleList) or isinstance(c, nn.ModuleList))
+
+
+def gathered_only_modules(matches: list, blocks: str | None) -> set:
+    """The modules in the region whose split layers all gather their outputs (Qwen3.5's gated-delta mixer: every
+    projection ``colwise_gather``, no row layer to reduce-scatter). They run as without sequence parallel — the
+    whole sequence, replicated outputs, an f (all-reduce of the gradient) on each column layer's input, complete
+    gradients throughout — between an all-gather of their input (backward: keep own chunk) and a cut of their
+    output to the rank's chunk (backward: all-gather). (With f̄ on the input instead, a column layer reading a
+    tensor made inside the module — out_proj — got a partial gradient that the next gather's backward sliced:
+    Qwen3.5 tp2 sp 2.7e-3 relative off one process.)"""
+    if blocks is None:
+        return set()
+    gathered = {n.rpartition(".")[0] for n, s, _ in matches if s == "colwise_gather" and n.startswith(blocks)}
+    return gathered - {n.rpartition(".")[0] for n, s, _ in matches if s in COLWISE + ROWWISE and s != "colwise_gather"}
+
+
+# --- the hooks that move the sequence in and out of the region (installed by .plan._convert) ---
+
+def _first_input_hook(module, args, kwargs, fn, what):
+    """Forward pre-hook applying ``fn`` to the module's hidden states (first positional or hidden_states=); the
+    same tensor given again (CTRL's attention takes ``normed`` as v, k and q) becomes the same result."""
+    if args:
+        x, y = args[0], fn(args[0])
+        return tuple(y if a is x else a for a in args), {k: y if v is x else v for k, v in kwargs.items()}
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    raise ValueError(f"{what} on {type(module).__name__}: no positional input or hidden_states= to apply it to")
+
+
+def _scatter_once(x, group):
+    """Enter the region: this rank's sequence chunk of ``x`` — unless ``x`` is such a chunk already, as when
+    activation checkpointing re-runs the block from the inputs its pre-hook kept, which this hook had cut."""
+    if getattr(x, "_sp_chunk", False):
+        return x
+    y = seq_scatter(x, group)
+    y._sp_chunk = True
+    return y
+
+
+def _output_hook(module, args, output, fn):
+    """Forward hook applying ``fn`` to the module's output (or the first element of a tuple output)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + output[1:]
+    return fn(output)
