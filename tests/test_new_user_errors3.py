@@ -98,5 +98,25 @@ def test_sequence_parallel_gathers_an_input_given_three_times():
     assert status == "exact", detail
 
 
+def test_dry_run_shows_the_plan_the_ranks_will_refuse(capsys):
+    """`python -m launch --config configs/hf_causal_lm.yaml model.kwargs.model_type=falcon_h1
+    parallel.sequence_parallel=true --dry-run` printed the published plan as if it would run (so did tp=3 for the
+    llama config, whose 2 kv heads cannot split 3 ways): the ranks then stopped at setup, after the launch. The
+    dry run now checks the plan as each rank will and prints the refusal under it."""
+    from launch.__main__ import main
+    base = ["--config", "configs/hf_causal_lm.yaml", "--dry-run", "parallel.pp=1"]
+    assert main(base + ["model.kwargs.model_type=falcon_h1", "parallel.sequence_parallel=true"]) == 0
+    out = capsys.readouterr().out
+    assert "# REFUSED: the ranks will stop at setup with: tensor-parallel plan cannot be applied to " \
+           "FalconH1ForCausalLM with tp = 2:" in out, out[-2000:]
+    assert "model.layers.0.mamba (FalconH1Mixer)" in out
+    assert main(base + ["parallel.tp=3"]) == 0
+    out = capsys.readouterr().out
+    assert "# REFUSED: the ranks will stop at setup with: tensor-parallel plan cannot be applied to " \
+           "LlamaForCausalLM with tp = 3:" in out and "cannot be split over tp = 3" in out, out[-2000:]
+    assert main(base) == 0
+    assert "REFUSED" not in capsys.readouterr().out                     # the config as shipped: no refusal
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

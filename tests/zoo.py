@@ -1,5 +1,6 @@
 """The model zoo: every causal-LM architecture the installed transformers builds from a config, tiny,
-trained 3 steps at dp2 ZeRO-3, tp2 (tp_plan auto) and pp2 1F1B against one process.
+trained 3 steps at dp2 ZeRO-3, tp2 (tp_plan auto), tp2 with sequence parallelism (``tp2 sp``) and pp2 1F1B
+against one process.
 
     python -m tests.zoo --table                   # the whole zoo → docs/model_zoo.md (a subprocess per chunk)
     python -m tests.zoo --table --only llama,gpt2 # some architectures, printed
