@@ -118,5 +118,19 @@ def test_dry_run_shows_the_plan_the_ranks_will_refuse(capsys):
     assert "REFUSED" not in capsys.readouterr().out                     # the config as shipped: no refusal
 
 
+def test_hf_example_names_a_misspelt_model_type_and_a_missing_pretrained_directory():
+    """`python examples/hf_causal_lm.py --model-type lama` failed on every rank with transformers' "Unrecognized
+    model identifier: lama. Should contain one of gpt-sw3, afmoe, aimv2, …" (~400 names, no suggestion);
+    `--pretrained /no/such/dir` with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" (the path
+    taken for a Hub id). Both now name the cause and the fix."""
+    from examples.hf_causal_lm import build
+    with pytest.raises(ValueError, match=r"model.kwargs.model_type='lama' is no transformers model type; did you "
+                                         r"mean 'llama'"):
+        build("lama", vocab_size=64)
+    with pytest.raises(ValueError, match=r"model.kwargs.pretrained='/no/such/dir': no such directory; give a local "
+                                         r"model directory"):
+        build(pretrained="/no/such/dir")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
