@@ -23,11 +23,17 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
     except ImportError:
         raise ImportError("examples.hf_causal_lm needs transformers: pip install -e '.[hf]'") from None
     if pretrained:
+        import os
+        if not os.path.isdir(pretrained):            # transformers would take it for a Hub repo id
+            raise ValueError(f"model.kwargs.pretrained={pretrained!r}: no such directory; give a local model "
+                             f"directory (save_pretrained's, or `python -m launch.consolidate CKPT OUT`'s): nothing "
+                             f"is downloaded")
         return _with_attention(lambda a: AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation=a),
                                attn_implementation)
     if not model_type:
         raise ValueError("model.kwargs.model_type is required (e.g. llama, gpt2, qwen2, mistral) unless "
                          "model.kwargs.pretrained names a local model directory")
+    _check_model_type(model_type)
     config_kwargs.setdefault("use_cache", False)
     cfg = AutoConfig.for_model(model_type, **config_kwargs)
     _check_fields(model_type, cfg, config_kwargs)
@@ -39,6 +45,22 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
         if hasattr(cfg, k) and k not in config_kwargs:
             setattr(cfg, k, 0.0)                         # exactness: no dropout unless asked for
     return _with_attention(lambda a: AutoModelForCausalLM.from_config(cfg, attn_implementation=a), attn_implementation)
+
+
+def _check_model_type(model_type: str) -> None:
+    """An unknown model_type got transformers' "Unrecognized model identifier: lama. Should contain one of" and
+    ~400 names, on every rank: name the close causal LMs instead."""
+    import difflib
+
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if model_type in CONFIG_MAPPING:
+        return
+    close = difflib.get_close_matches(model_type, sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), 3, 0.6)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise ValueError(f"model.kwargs.model_type={model_type!r} is no transformers model type; {hint}(the causal LMs: "
+                     f"python -c \"from transformers.models.auto.modeling_auto import "
+                     f"MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as m; print(sorted(m))\")")
 
 
 def _check_fields(model_type: str, cfg, config_kwargs: dict) -> None:

@@ -18,7 +18,7 @@ from parallel.planning.fit import fit
 from parallel.planning.optim_states import ONEBIT_NOTE
 from parallel.planning.planner import Layout, TrainSpec, predict
 from parallel.tensor_parallel.auto_plan import derive_plan
-from parallel.tensor_parallel.plan import apply_tensor_parallel
+from parallel.tensor_parallel.plan import _checked_plan, apply_tensor_parallel
 from parallel.tensor_parallel.styles import resolve_plan
 
 
@@ -86,6 +86,10 @@ def _tp_plan(model, cfg: Config) -> str:
         return derived[-1].describe(tp)
     how = "as configured" if isinstance(cfg.parallel.tp_plan, dict) else "published by the model"
     text = yaml.safe_dump({"parallel": {"tp_plan": plan}}, sort_keys=False).rstrip()
+    try:                                         # what every rank would refuse at setup, said here first
+        _checked_plan(model, plan, tp, cfg.parallel.sequence_parallel)
+    except ValueError as e:
+        text += "\n# REFUSED: the ranks will stop at setup with: " + "\n#   ".join(str(e).splitlines())
     return f"# tensor-parallel plan ({how})\n{text}"
 
 

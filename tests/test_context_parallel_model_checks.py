@@ -91,11 +91,14 @@ class OwnAttention(torch.nn.Module):
 
 def test_a_model_whose_attention_never_reaches_cp_is_refused_at_its_first_forward():
     """Bloom at parallel.cp=2 trained 7.5e-5 off one process by step 3: each rank attended within its own shard
-    only, and without a causal mask (the cp mask function builds none). Refused once, before any update."""
+    only, and without a causal mask (the cp mask function builds none). Refused at setup by the probe
+    (tests/test_new_user_errors3.py); the first forward's check stays for what the probe cannot run."""
     from parallel.context_parallel import ContextParallel
     cp = ContextParallel(SimpleNamespace(size=2, rank=0))
     model = OwnAttention()
-    cp.prepare(model)
+    with pytest.raises(ValueError, match=r"parallel.cp=2: OwnAttention's forward made no call to the cp attention"):
+        cp.prepare(model)
+    cp._name = "OwnAttention"                        # as prepared when the probe has no verdict
     x = torch.arange(8)[None]
     with pytest.raises(ValueError, match=r"parallel.cp=2: OwnAttention's forward made no call to the cp attention: .*"
                                          r"set parallel.cp=1 for this model"):

@@ -1,4 +1,4 @@
-"""The model zoo (tests/zoo.py): transformers causal LMs, tiny, at dp2 ZeRO-3, tp2 auto and pp2 1F1B
+"""The model zoo (tests/zoo.py): transformers causal LMs, tiny, at dp2 ZeRO-3, tp2 auto, tp2 sp and pp2 1F1B
 against one process, 3 AdamW steps in fp32: every loss within 1e-5 relative of the reference.
 
 The default suite runs a few architectures (zoo.FAST); ``-m slow`` runs every architecture the installed
@@ -26,6 +26,7 @@ def _assert_row(arch):
 def test_zoo_fast_subset(arch):
     row = _assert_row(arch)
     assert row["tp2 auto"][0] == "exact", row     # these have published plans: exact, not refused
+    assert row["tp2 sp"][0] == "exact", row       # and sequence parallel on top of them
 
 
 @pytest.mark.slow

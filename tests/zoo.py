@@ -1,5 +1,6 @@
 """The model zoo: every causal-LM architecture the installed transformers builds from a config, tiny,
-trained 3 steps at dp2 ZeRO-3, tp2 (tp_plan auto) and pp2 1F1B against one process.
+trained 3 steps at dp2 ZeRO-3, tp2 (tp_plan auto), tp2 with sequence parallelism (``tp2 sp``) and pp2 1F1B
+against one process.
 
     python -m tests.zoo --table                   # the whole zoo → docs/model_zoo.md (a subprocess per chunk)
     python -m tests.zoo --table --only llama,gpt2 # some architectures, printed
@@ -43,7 +44,8 @@ STEPS, RTOL, SEQ = 3, 1e-5, 16
 # gradient (a tp split sums in another order) moves its weight by up to lr. exaone4 tp2: SGD lr 0.3 agrees to
 # 5.3e-8 over 3 steps; AdamW 4.9e-8, 2.9e-6, 1.0e-5 (session 11) — the forward and gradients are exact.
 RTOL_OF = {"exaone4": 3e-5}
-LAYOUTS = {"dp2 zero3": dict(dp=2, zero=3), "tp2 auto": dict(tp=2), "pp2 1f1b": dict(pp=2)}
+LAYOUTS = {"dp2 zero3": dict(dp=2, zero=3), "tp2 auto": dict(tp=2), "tp2 sp": dict(tp=2, sp=True),
+           "pp2 1f1b": dict(pp=2)}
 FAST = ["llama", "gpt2", "qwen2"]      # the default suite's subset
 
 # Architectures one process cannot train on token ids alone, with the reason (filled from the sweep).
@@ -72,7 +74,7 @@ def build(model_type: str):
         return make(cfg, attn_implementation="eager")
 
 
-def config(model_type: str, world: int = 1, dp=1, tp=1, pp=1, zero=1):
+def config(model_type: str, world: int = 1, dp=1, tp=1, pp=1, zero=1, sp=False):
     """The training config of one run: char data (ids < 96), G = 8, micro-batches of 2, AdamW, 3 steps."""
     from parallel.config import load_config
     data = {"model": {"factory": "tests.zoo:build", "kwargs": {"model_type": model_type}},
@@ -80,7 +82,7 @@ def config(model_type: str, world: int = 1, dp=1, tp=1, pp=1, zero=1):
                      "global_batch_size": 8, "micro_batch_size": 2, "shuffle": True},
             "loss": "cross_entropy",
             "parallel": {"dp": dp, "tp": tp, "pp": pp, "tp_plan": "auto", "pp_split": "auto",
-                         "pp_schedule": "1f1b"},
+                         "pp_schedule": "1f1b", "sequence_parallel": sp},
             "zero": {"stage": zero}, "optimizer": {"name": "adamw", "lr": 0.003},
             "scheduler": {"name": "constant", "warmup_steps": 0},
             "train": {"steps": STEPS, "log_every": 1, "metrics_file": None}}
@@ -136,7 +138,7 @@ def _train(rank, world, model_type: str, layout: str):
         torch.manual_seed(cfg.train.seed)
         model = build(model_type)
         try:
-            apply_tensor_parallel(model, mesh, cfg.parallel.tp_plan)
+            apply_tensor_parallel(model, mesh, cfg.parallel.tp_plan, sequence_parallel=cfg.parallel.sequence_parallel)
         except ValueError as e:
             if not _converted(model):
                 return "refused", " ".join(str(e).split())

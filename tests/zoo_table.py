@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=12, help="architectures per worker subprocess")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per architecture")
     ap.add_argument("--render", action="store_true", help="only write the table from the rows in --jsonl")
-    ap.add_argument("--layouts", default=None, help="comma-separated layouts to run (default: all three)")
+    ap.add_argument("--layouts", default=None, help="comma-separated layouts to run (default: all)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     layouts = a.layouts.split(",") if a.layouts else None

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from parallel.context_parallel.attn_probe import alibi_note, reaches_cp_attention
 from parallel.context_parallel.doc_probe import masks_documents
 from parallel.context_parallel.layout import check_seq, document_ids, shard
 from parallel.context_parallel.masks import Visibility
@@ -123,8 +125,10 @@ class ContextParallel:
             raise ValueError(f"parallel.cp={self.group.size}: {type(model).__name__}.forward takes no position_ids, "
                              f"so its position embeddings cannot be given each rank's global positions; add a "
                              f"position_ids=None argument (as transformers models have) or set parallel.cp=1")
-        self.masks_documents = masks_documents(model)
         self._name = type(model).__name__
+        if reaches_cp_attention(model, _Probe(self._configs)) is False:  # asked now, not after a first step
+            raise ValueError(self._unrouted() + alibi_note(model) + "; set parallel.cp=1 for this model")
+        self.masks_documents = masks_documents(model)
 
     # --- the batch ---------------------------------------------------------------------------------
     def shard_batch(self, x, y=None, position_ids=None):
@@ -164,6 +168,11 @@ class ContextParallel:
             causal = causal and docs.allow is None
         return ALGORITHMS[self.algorithm](q, k, v, self.group, causal=causal, docs=docs, scale=scale)
 
+    def _unrouted(self) -> str:
+        return (f"parallel.cp={self.group.size}: {self._name}'s forward made no call to the cp attention: it computes "
+                f"its attention (or mixes the sequence) in its own code, not through transformers' attention functions "
+                f"or torch's scaled_dot_product_attention, so each rank would see only its own shard of the sequence")
+
     @contextlib.contextmanager
     def active(self, modules=()):
         """While inside: this context handles the model's attention (see the module docstring); ``modules``:
@@ -181,11 +190,7 @@ class ContextParallel:
                 c._attn_implementation = HF_NAME
             yield self
             if self._name is not None and not self.routed and self.calls == start:   # a prepared model's forward
-                raise ValueError(f"parallel.cp={self.group.size}: {self._name}'s forward made no call to the cp "
-                                 f"attention: it computes its attention (or mixes the sequence) in its own code, not "
-                                 f"through transformers' attention functions or torch's scaled_dot_product_attention, "
-                                 f"so each rank would see only its own shard of the sequence; set parallel.cp=1 for "
-                                 f"this model")
+                raise ValueError(self._unrouted() + "; set parallel.cp=1 for this model")
             self.routed = self.routed or self.calls > start
         finally:
             for c, name in zip(self._configs, own):
@@ -193,6 +198,19 @@ class ContextParallel:
             _STACK.remove(self)
             if not _STACK:
                 F.scaled_dot_product_attention = _SDPA
+
+
+class _Probe(ContextParallel):
+    """A context over a group of one for :func:`.attn_probe.reaches_cp_attention`: counts the attention calls
+    it routes and computes each locally (``configs``: the model's transformers configs to switch)."""
+
+    def __init__(self, configs):
+        super().__init__(SimpleNamespace(size=1, rank=0))
+        self._configs = list(configs)
+
+    def attention(self, q, k, v, causal=True, scale=None, dropout=0.0, window=None):
+        self.calls += 1
+        return _SDPA(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _hf_configs(modules) -> list:

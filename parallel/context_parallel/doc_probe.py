@@ -12,10 +12,12 @@ relative): with attention across documents, t_4..t_7 also see t_0..t_3.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
-__all__ = ["masks_documents"]
+__all__ = ["masks_documents", "quiet"]
 
 TOL = 1e-5
 
@@ -35,6 +37,22 @@ def _out(o) -> torch.Tensor | None:
     return o if isinstance(o, torch.Tensor) and o.dim() >= 2 else None
 
 
+@contextlib.contextmanager
+def quiet(model: nn.Module):
+    """Probe forwards that leave no trace: eval mode, no grad, RNG forked; mode and buffers put back after."""
+    was_training = model.training
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]      # a forward may update them: put back
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
 def masks_documents(model: nn.Module) -> bool | None:
     """True when ``model(ids, position_ids=…)`` keeps attention inside the documents the restarting position
     ids mark, False when it attends across them, None when the probe cannot tell (parameters on meta, no
@@ -47,20 +65,12 @@ def masks_documents(model: nn.Module) -> bool | None:
     dev = next(model.parameters()).device
     ids = (torch.arange(8, device=dev) * 7 + 3) % vocab
     pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3], device=dev)
-    was_training = model.training
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]      # a forward may update them: put back
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model.eval()
+        with quiet(model):
             both = _out(model(ids[None], position_ids=pos[None]))
             alone = _out(model(ids[None, 4:], position_ids=pos[None, 4:]))
     except Exception:                              # the probe is a guess at the signature: no verdict
         return None
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
     if both is None or alone is None or both.shape[1] != 8 or alone.shape[1] != 4:
         return None
     a, b = both[0, 4:].float(), alone[0].float()

@@ -80,7 +80,13 @@ from parallel.tensor_parallel.layers import (
     sum_grads_over_tp,
 )
 from parallel.tensor_parallel.semantics import as_subclass, island_attrs, subclass_problem
-from parallel.tensor_parallel.sp_region import unsplit_in_region
+from parallel.tensor_parallel.sp_region import (
+    _first_input_hook,
+    _output_hook,
+    _scatter_once,
+    gathered_only_modules,
+    unsplit_in_region,
+)
 from parallel.tensor_parallel.styles import (
     _KV_HEADS,
     _Q_HEADS,
@@ -177,32 +183,6 @@ def _auto_experts(matches: list, mods: dict, tp: int, sp: bool) -> list:
     return [(n, "moe_tp_experts", m) for n, m in mods.items()
             if n and n not in named and is_experts_module(m)
             and tp_experts_problem(n, m, mods[n.rpartition(".")[0]], tp, sp) is None]
-
-
-def _first_input_hook(module, args, kwargs, fn, what):
-    """Forward pre-hook applying ``fn`` to the module's hidden states (first positional or hidden_states=)."""
-    if args:
-        return (fn(args[0]),) + tuple(args[1:]), kwargs
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-    raise ValueError(f"{what} on {type(module).__name__}: no positional input or hidden_states= to apply it to")
-
-
-def _scatter_once(x, group):
-    """Enter the region: this rank's sequence chunk of ``x`` — unless ``x`` is such a chunk already, as when
-    activation checkpointing re-runs the block from the inputs its pre-hook kept, which this hook had cut."""
-    if getattr(x, "_sp_chunk", False):
-        return x
-    y = seq_scatter(x, group)
-    y._sp_chunk = True
-    return y
-
-
-def _output_hook(module, args, output, fn):
-    """Forward hook applying ``fn`` to the module's output (or the first element of a tuple output)."""
-    if isinstance(output, tuple):
-        return (fn(output[0]),) + output[1:]
-    return fn(output)
 
 
 def _labels_guard(module, args, kwargs):
@@ -306,6 +286,7 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
     per_head = find_per_head(matches, mods, sections)
     entry = next((n for n, s, _ in matches if s == "seq_scatter_input"), None) if region and sp else None
     blocks = entry.rpartition(".")[0] + "." if entry else None
+    gathered_only = gathered_only_modules(matches, blocks)
     for name, style, m in matches:
         parent_name, _, child = name.rpartition(".")
         parent = mods[parent_name]
@@ -314,7 +295,8 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
             # transformers' "colwise_gather_output" / "colwise_rep") is no output head: under sequence parallel
             # it reads the whole sequence like its siblings, and its module's norms see whole features
             inner = sp and style == "colwise_gather" and blocks is not None and name.startswith(blocks)
-            new = _column(m, style, parent, group, sections.get(name), sp, region, memo, shared,
+            new = _column(m, style, parent, group, sections.get(name), sp and parent_name not in gathered_only,
+                          region, memo, shared,
                           group.size // kv[name][0] if name in kv else 1, head=not inner)
             if style not in ("colwise_vocab", "colwise_gather") or inner:
                 islands.add(parent_name)
@@ -342,6 +324,10 @@ def _convert(model: nn.Module, matches: list, sections: dict, group: Group, sp: 
             setattr(mods[parent_name], a, v)
     for name, (_, nq) in kv.items():                 # replicated kv: 1 kv head, nq/tp query heads per rank
         set_replicated_kv_attrs(mods[name.rpartition(".")[0]], nq // group.size, _KV_HEADS)
+    for name in gathered_only:                   # whole sequence in (grad: own chunk), own chunk out (grad: gathered)
+        mods[name].register_forward_pre_hook(ft.partial(_first_input_hook, fn=ft.partial(seq_gather, group=group),
+                                                        what="sequence-parallel gather"), with_kwargs=True)
+        mods[name].register_forward_hook(ft.partial(_output_hook, fn=ft.partial(seq_scatter, group=group)))
     return islands
 
 
