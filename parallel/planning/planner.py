@@ -45,6 +45,7 @@ from parallel.planning.optim_states import check as check_optimizer
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 from parallel.planning.time_terms import memory_seconds, optimizer_moved
+from parallel.zero.unit_plan import greedy_groups
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
            "check_layout", "predict"]
@@ -204,16 +205,8 @@ def _kept(units: dict, lay: Layout, tied_head: bool, keep: int) -> list:
 def _merge(units: dict, budget: float) -> list:
     """Groups of unit keys, as :func:`parallel.zero.unit_plan.merge_units` merges them (greedy in unit order while
     the elements fit ``budget``)."""
-    groups, size = [], 0
-    for k, entries in units.items():
-        n = sum(p.numel for p in entries)
-        if groups and budget > 0 and size + n <= budget:
-            groups[-1].append(k)
-            size += n
-        else:
-            groups.append([k])
-            size = n
-    return groups
+    keys = list(units)
+    return [[keys[i] for i in g] for g in greedy_groups([sum(p.numel for p in units[k]) for k in keys], budget)]
 
 
 def _piece_sizes(bk: _Bucket, N: int, r: int, pad: bool) -> list:

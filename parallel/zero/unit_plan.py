@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["plan_units", "merge_units"]
+__all__ = ["greedy_groups", "merge_units", "plan_units"]
 
 
 def plan_units(module: nn.Module, managed: dict, unit_types=None):
@@ -62,15 +62,22 @@ def merge_units(owners: list, needs: dict, budget: float):
     unit joins the current one if the sum stays ≤ ``budget``, else starts the next; a unit larger than the
     budget stays alone. Returns (owners, needs) in :func:`plan_units`' form, each owner's module now the tuple of
     the modules whose units were merged (one module: a 1-tuple)."""
+    groups = greedy_groups([sum(p.numel() for _, p in params) for _, params in owners], budget)
+    where = {i: g for g, idx in enumerate(groups) for i in idx}
+    merged = [(tuple(owners[i][0] for i in idx), [np for i in idx for np in owners[i][1]]) for idx in groups]
+    return merged, {m: list(dict.fromkeys(where[i] for i in idx)) for m, idx in needs.items()}
+
+
+def greedy_groups(sizes: list, budget: float) -> list:
+    """Indices of ``sizes`` in consecutive groups: an item joins the current group while the group's sum stays
+    ≤ ``budget``, else starts the next (an item over the budget stands alone; ``budget`` ≤ 0: one item a group).
+    The grouping of :func:`merge_units`, and of the planner's priced units (parallel/planning/planner.py)."""
     groups, size = [], 0
-    for i, (_, params) in enumerate(owners):
-        n = sum(p.numel() for _, p in params)
+    for i, n in enumerate(sizes):
         if groups and budget > 0 and size + n <= budget:
             groups[-1].append(i)
             size += n
         else:
             groups.append([i])
             size = n
-    where = {i: g for g, idx in enumerate(groups) for i in idx}
-    merged = [(tuple(owners[i][0] for i in idx), [np for i in idx for np in owners[i][1]]) for idx in groups]
-    return merged, {m: list(dict.fromkeys(where[i] for i in idx)) for m, idx in needs.items()}
+    return groups
