@@ -21,7 +21,12 @@ issued, the global loss all-reduced after the step (the path before parallel/zer
 
 ``--count``: instead of timing, one step of each row under a dispatch mode on each rank: aten calls (of them, calls on
 a DTensor: each runs DTensor's sharding propagation on the host before its local op), bytes written
-by in-place copies (``copy_``), bytes of fresh tensors allocated, and the minor page faults of that step.
+by in-place copies (``copy_``), bytes of fresh tensors allocated, and the minor page faults of that step; then one
+more step under ``sys.setprofile``: Python-level calls (Python functions and builtins/C methods such as
+``Tensor.data_ptr``, the host work outside aten; counted apart, as the dispatch mode's own Python would count). With
+``--ops`` the per-op tables, and the Python-level calls whose counts differ from the first row's (rank 0).
+
+    python benchmarks/proto_pair.py --size 5m --rows zero1 zero2 --count --ops    # issue 18: 1 aten call, 197 py
 
 Loaded machine: read the paired ratios, not the milliseconds; idle figures come from benchmarks/protocol.py.
 """
@@ -120,7 +125,28 @@ def _counted(row) -> dict:
     with Count() as m:
         row.step()
         row.finish()
-    return {**m.c, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, "ops": m.ops}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    py = _py_calls(row)
+    return {**m.c, "faults": faults, "py calls": sum(py.values()), "ops": m.ops, "py": py}
+
+
+def _py_calls(row) -> dict:
+    """{function: calls} over one step of ``row``: Python functions (file:name) and builtins (``C:`` qualname)."""
+    import collections
+    c = collections.Counter()
+
+    def prof(frame, event, arg):
+        if event == "call":
+            c[f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}"] += 1
+        elif event == "c_call":
+            c[f"C:{getattr(arg, '__qualname__', arg)}"] += 1
+    sys.setprofile(prof)
+    try:
+        row.step()
+        row.finish()
+    finally:
+        sys.setprofile(None)
+    return dict(c)
 
 
 def _rank(rank, world, port, opts, q):
@@ -194,12 +220,20 @@ def main(argv=None) -> int:
         for (r, i), name in ((ri, a.rows[ri[1]]) for ri in [(r, i) for r in (0, 1) for i in range(len(a.rows))]):
             c = got[r][i]
             print(f"  rank {r} {name:18s} " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in c.items() if k != "ops"))
+                                            for k, v in c.items() if k not in ("ops", "py")))
         if a.ops:
             for i, name in enumerate(a.rows):
                 print(f"  rank 0 {name}: aten op calls (MB written by copy_ or allocated)")
                 for op, (n, mb) in sorted(got[0][i]["ops"].items(), key=lambda kv: -kv[1][0]):
                     print(f"    {op:34s} {n:6d}  {mb:9.1f}")
+            base = got[0][0]["py"]
+            for i, name in enumerate(a.rows[1:], 1):
+                mine = got[0][i]["py"]
+                diff = sorted(((k, mine.get(k, 0) - base.get(k, 0)) for k in set(mine) | set(base)
+                               if mine.get(k, 0) != base.get(k, 0)), key=lambda kv: -abs(kv[1]))
+                print(f"  rank 0 {name} − {a.rows[0]}: Python-level calls that differ (of {len(diff)}, the 15 largest)")
+                for k, d in diff[:15]:
+                    print(f"    {k:60s} {d:+6d}")
         return 0
     times, faults, cpu = q.get(timeout=30)
     print(f"== {a.size}, {a.rounds} paired rounds, slowest rank per step (loaded machine unless stated)")
