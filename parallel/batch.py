@@ -74,11 +74,14 @@ class Targets:
         self.labels, self.key, self.count = labels, key, count
         self._weight, self._total, self.pending = weight, total, None
 
-    @property
-    def weight(self) -> float:
+    def _ready(self) -> "Targets":
         if self.pending is not None:
             self.pending.settle()
-        return self._weight
+        return self
+
+    @property
+    def weight(self) -> float:
+        return self._ready()._weight
 
     @weight.setter
     def weight(self, v: float) -> None:
@@ -86,9 +89,7 @@ class Targets:
 
     @property
     def total(self) -> float:
-        if self.pending is not None:
-            self.pending.settle()
-        return self._total
+        return self._ready()._total
 
     @total.setter
     def total(self, v: float) -> None:
@@ -114,11 +115,11 @@ class GlobalCount:
         if self.work is not None:
             self.work.wait()
             self.work = None
-        n = max(self.t.item(), 1.0)
+        total = self.t.item()
         for mb in self.micro:
             if mb.y.pending is self:
-                mb.y.weight = len(self.micro) * self.size / n
-                mb.y.total = self.t.item()
+                mb.y.weight = len(self.micro) * self.size / max(total, 1.0)
+                mb.y.total = total
         self.micro = []
 
 
