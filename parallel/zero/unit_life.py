@@ -31,25 +31,27 @@ __all__ = ["last_frees", "reuse_keep", "init_owners", "trace_owners", "owner_don
 def last_frees(freed: list) -> dict:
     """``freed``: (unit, module) in the traced forward's free order → {(id(unit), id(module)) of each unit's last
     free: its rank from the end (0: freed last)}."""
-    last = {}
-    for u, m in reversed(freed):
-        last.setdefault(u, m)
-    return {(id(u), id(m)): i for i, (u, m) in enumerate(last.items())}
+    return {(id(u), id(m)): i for i, (u, m) in enumerate(_last_free_of(freed).items())}
 
 
 def reuse_keep(freed: list, distance: float) -> int:
     """How many of the units freed last in forward DeepSpeed's reuse rule keeps: u (rank i from the end) is kept
     iff 2·Σ_{j<i} elements(u_j) < ``distance`` (module docstring)."""
-    last = {}
-    for u, _ in reversed(freed):
-        last.setdefault(u, None)
     k, after = 0, 0
-    for u in last:
+    for u in _last_free_of(freed):
         if 2 * after >= distance:
             break
         k += 1
         after += u.numel
     return k
+
+
+def _last_free_of(freed: list) -> dict:
+    """{unit: the module whose post-forward freed it last}, the unit freed last first."""
+    last = {}
+    for u, m in reversed(freed):
+        last.setdefault(u, m)
+    return last
 
 
 def _needing(u, needs: dict, mods) -> list:
