@@ -34,23 +34,23 @@ import torch
 __all__ = ["copy_in", "divide_rest", "fused_div", "fuses"]
 
 
-def fuses(r, b) -> bool:
-    """Whether reducer ``r`` divides bucket ``b`` before its reduction this step, on every rank alike (module
-    docstring: decided only from what all ranks of the group share). ``r.fuse_div = False`` restores the
-    copy-then-divide path (benchmarks/proto_pair.py's ``:unfused`` row)."""
+def fuses(r, b) -> int:
+    """The divisor N when reducer ``r`` divides bucket ``b`` before its reduction this step, on every rank alike
+    (module docstring: decided only from what all ranks of the group share), else 0. ``r.fuse_div = False``
+    restores the copy-then-divide path (benchmarks/proto_pair.py's ``:unfused`` row)."""
     if not r.fuse_div or r.expected != 1 or r.local or r.accumulated or b.deferred:
-        return False
+        return 0
     div = b.grad_div or (b.group or r.group).size
-    return div > 1 and not (r.mode != "all_reduce" and r.dtype == torch.float32 and div & (div - 1))
+    return div if div > 1 and not (r.mode != "all_reduce" and r.dtype == torch.float32 and div & (div - 1)) else 0
 
 
 def fused_div(r, b, i: int, grad: torch.Tensor) -> int:
     """N when reducer ``r`` may divide parameter ``i`` of bucket ``b``'s first gradient ``grad`` as it copies it
     (module docstring), else 0: the bucket :func:`fuses`, and this is a synced first gradient of the step."""
-    if (not fuses(r, b) or not r._sync or b._count[i]          # (fuses first: a deferred bucket has no _count)
-            or grad.layout != torch.strided or grad.dtype != r.dtype):
+    div = fuses(r, b)                                          # (first: a deferred bucket has no _count)
+    if not div or not r._sync or b._count[i] or grad.layout != torch.strided or grad.dtype != r.dtype:
         return 0
-    return b.grad_div or (b.group or r.group).size
+    return div
 
 
 def divide_rest(b, g: torch.Tensor, div: int) -> None:
