@@ -16,20 +16,22 @@ ZERO_ONE = {"name": "zero_one_adam", "var_freeze_step": 1, "var_update_scaler": 
             "local_step_clipper": 2}
 
 
-def _engine(world, stage, opt):
+def _engine(world, over):
     from launch.train import build_model
     from parallel.config import load_config
     from parallel.engine import parallelize
     from parallel.mesh import Mesh
-    over = ["train.metrics_file=null", f"zero.stage={stage}", "data.global_batch_size=8", "data.micro_batch_size=4"]
-    over += [f"optimizer.{k}={v}" for k, v in opt.items()]
+    over = ["train.metrics_file=null", "data.global_batch_size=8", "data.micro_batch_size=4", *over]
     cfg = load_config(os.path.join(ROOT, "configs", "gpt_dp2.yaml"), overrides=over).validate(world)
     return cfg, parallelize(build_model(cfg), cfg, Mesh(dp=2))
 
 
-def _resume(rank, world, path, stage, opt):
+def resume(rank, world, path, before, after, probe=None):
+    """configs/gpt_dp2.yaml with the overrides ``before``: 3 steps, save, 3 more (the reference); a fresh engine
+    with the overrides ``after`` loads the checkpoint and runs the same 3. Returns (reference losses, resumed
+    losses, ``probe`` of the saving engine, ``probe`` of the loading one)."""
     from launch.train import build_dataset, load_batch
-    cfg, eng = _engine(world, stage, opt)
+    cfg, eng = _engine(world, before)
     ds = build_dataset(cfg)
 
     def steps(e, lo, hi):
@@ -37,9 +39,9 @@ def _resume(rank, world, path, stage, opt):
     steps(eng, 0, 3)
     eng.save(path)
     ref = steps(eng, 3, 6)
-    _, fresh = _engine(world, stage, opt)
+    _, fresh = _engine(world, after)
     fresh.load(path)
-    return ref, steps(fresh, 3, 6)
+    return ref, steps(fresh, 3, 6), probe and probe(eng), probe and probe(fresh)
 
 
 @pytest.mark.slow
@@ -49,5 +51,6 @@ def _resume(rank, world, path, stage, opt):
                                        (2, {"state_dtype": "int8"}),
                                        (0, ZERO_ONE), (2, ZERO_ONE)])
 def test_engine_resume_is_exact(tmp_path, stage, opt):
-    for ref, got in run_ranks(_resume, 2, str(tmp_path / "ckpt"), stage, opt):
+    over = [f"zero.stage={stage}"] + [f"optimizer.{k}={v}" for k, v in opt.items()]
+    for ref, got, _, _ in run_ranks(resume, 2, str(tmp_path / "ckpt"), over, over):
         assert got == ref, (got, ref)
