@@ -44,7 +44,8 @@ def planner_inputs(cfg: Config, model, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
                    cfg.zero.bucket_mb, ac.policy, ac.every, device, cfg.optimizer.state_dtype or "fp32",
-                   keep=cfg.zero.keep_after_forward, offload=cfg.zero.offload.optimizer)
+                   keep=cfg.zero.keep_after_forward, reuse=cfg.zero.max_reuse_distance,
+                   offload=cfg.zero.offload.optimizer)
     return spec, lay, tr
 
 

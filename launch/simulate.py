@@ -113,7 +113,7 @@ def _prediction(cfg, model, rank: int):
                  p.sequence_parallel, cfg.zero.units, p.ep, p.cp, p.cp_algorithm, unit_mb=cfg.zero.unit_mb)
     tr = TrainSpec(cfg.data.global_batch_size, cfg.precision, cfg.optimizer.name, bool(cfg.optimizer.momentum),
                    cfg.zero.bucket_mb, ac.policy, ac.every, state_dtype=cfg.optimizer.state_dtype or "fp32",
-                   keep=cfg.zero.keep_after_forward)
+                   keep=cfg.zero.keep_after_forward, reuse=cfg.zero.max_reuse_distance)
     shape = {"pp": p.pp, "dp": p.dp, "cp": p.cp, "tp": p.tp}
     c = coords_of(rank, shape)
     one = predict(spec, lay, tr, ranks="worst")
@@ -121,7 +121,8 @@ def _prediction(cfg, model, rank: int):
     # pieces it owns, so the exact rank is predicted from the same buckets (j = dp·cp + c, the planner's order)
     j = c["dp"] * p.cp + c["cp"]
     bks = _buckets(_rank_params(spec, p.tp, p.pp, p.pp_virtual_stages, lay.stages(c["pp"]), p.ep), lay,
-                   element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1, tr.keep)
+                   element_bytes(tr)[0], tr.bucket_mb, spec.tied and p.pp * p.pp_virtual_stages == 1, tr.keep,
+                   tr.reuse)
     mem = dict(_states(bks, lay, tr, j))
     mem["owned_elements"] = sum(_shard_pieces(bk, *_group(bk, lay, j), lay.zero > 0)[0] for bk in bks)
     worst_rank = next(g for g in one.memory if coords_of(g, shape)["pp"] == c["pp"])

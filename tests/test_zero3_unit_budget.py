@@ -122,6 +122,12 @@ def test_reuse_distance_decides_the_kept_units(reuse, kept):
     for n, b in zip(res, base):
         assert n["kept"] == kept and n["losses"] == b["losses"]
         assert n["ag"]["calls"] == (STEPS - 1) * (4 + 4 - kept)             # forward 4, backward the freed ones
+    # the planner (dry-run / simulate) applies the same rule: its per-step dp all-gathers are the run's
+    from parallel.planning.planner import Layout, ModelSpec, TrainSpec, predict
+    pred = predict(ModelSpec(n_layer=3, hidden=32, heads=4, vocab=64, seq=16), Layout(2, 1, 1, 3, 1, units="block"),
+                   TrainSpec(G, reuse=reuse)).comm[0]["dp"]["all_gather"]
+    assert pred["calls"] == 4 + 4 - kept
+    assert pred["wire_bytes"] * (STEPS - 1) == res[0]["ag"]["wire_bytes"]
 
 
 def test_a_count_set_later_replaces_the_reuse_rule():

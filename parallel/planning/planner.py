@@ -45,6 +45,7 @@ from parallel.planning.optim_states import check as check_optimizer
 from parallel.planning.peak import rank_peak
 from parallel.planning.spec import Hardware, Layout, ModelSpec, ParamEntry, Prediction, TrainSpec, element_bytes
 from parallel.planning.time_terms import memory_seconds, optimizer_moved
+from parallel.zero.unit_life import reuse_keep
 from parallel.zero.unit_plan import greedy_groups
 
 __all__ = ["ModelSpec", "Layout", "Hardware", "TrainSpec", "Prediction", "inventory", "stage_bounds",
@@ -123,7 +124,7 @@ def _rank_params(spec: ModelSpec, tp: int, pp: int, v: int, stages: tuple, ep: i
     return tuple(out)
 
 
-@dataclass
+@dataclass(eq=False)         # identity: the reuse rule keys units by object (unit_life.reuse_keep)
 class _Bucket:
     numel: int
     sizes: list
@@ -136,13 +137,15 @@ class _Bucket:
     mats: tuple = ()                 # per parameter: a 2-D weight?
 
 
-def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool, keep: int = 0) -> list:
+def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: bool, keep: int = 0,
+             reuse: float | None = None) -> list:
     """The rank's flat buckets (stages 0–2, make_buckets' reverse greedy fill:
     :func:`parallel.data_parallel.bucket.fill_buckets`) or stage-3 units
     (one per module, pre-order), then the deferred bucket of tied pipeline copies. Expert parameters
     (:mod:`parallel.planning.moe`) come last in buckets / units of their own, padded to edp = dp/ep.
     Stage 3 keeps the ``keep`` units freed last in forward gathered into backward (pp = 1 only;
-    :mod:`parallel.zero.stage3`): one gather each per micro-batch instead of two (:func:`_kept`)."""
+    :mod:`parallel.zero.stage3`): one gather each per micro-batch instead of two (:func:`_kept`); with ``reuse``
+    (zero.max_reuse_distance) the count comes from DeepSpeed's rule instead (:func:`_reuse_count`)."""
     N, pad = lay.zero_n, lay.zero > 0
 
     def mk(entries, expert=False):
@@ -174,6 +177,8 @@ def _buckets(params: list, lay: Layout, b: int, bucket_mb: float, tied_head: boo
             u.unit = True        # gathered in forward and again in backward; a tied head re-gathers wte (unless
             u.gathers = lay.micro_batches * (2 + (keys == ["wte"] and tied_head))   # merged: the head is waited for)
             out.append(u)
+        if reuse is not None:
+            keep = _reuse_count(_kept(made, lay, tied_head, len(made)), reuse)
         for u in _kept(made, lay, tied_head, keep if lay.pp == 1 else 0):
             u.kept = True
             u.gathers -= lay.micro_batches
@@ -200,6 +205,13 @@ def _kept(units: dict, lay: Layout, tied_head: bool, keep: int) -> list:
     elif tied_head and "wte" in units:
         keys = [k for k in keys if k != "wte"] + ["wte"]
     return list({id(units[k]): units[k] for k in keys[::-1]}.values())[:keep]      # merged: each unit once
+
+
+def _reuse_count(last_first: list, distance: float) -> int:
+    """How many of the units ``last_first`` (freed last in forward first: :func:`_kept`'s order) DeepSpeed's reuse
+    rule keeps — u is kept iff 2·(elements of the units freed after it) < ``distance``: the engine's
+    :func:`parallel.zero.unit_life.reuse_keep` on the planner's units (unpadded elements, as the engine counts)."""
+    return reuse_keep([(u, None) for u in reversed(last_first)], distance)
 
 
 def _merge(units: dict, budget: float) -> list:
@@ -327,7 +339,7 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
     for pr in range(lay.pp):
         own = list(lay.stages(pr))
         bks = _buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, lay.stages(pr), lay.ep), lay, b, tr.bucket_mb,
-                       spec.tied and S == 1, tr.keep)
+                       spec.tied and S == 1, tr.keep, tr.reuse)
         comm = comm_per_step(loc, lay, tr, bks, own, bounds, mb)
         if lay.cp > 1:                  # gradients reduce over dp×cp; cp's own ring / all-to-all traffic
             comm = {(dpax if a == "dp" else a): ops for a, ops in comm.items()}
@@ -349,8 +361,8 @@ def predict(spec: ModelSpec, lay: Layout, tr: TrainSpec, hw: Hardware | None = N
             dp_ops = comm.get(dpax, {})
     hide = 0.0
     if hw.mem_bandwidth:                  # dp rank 0 owns the most elements; the slowest pp rank's share
-        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, lay.stages(pr), lay.ep),
-                                             lay, b, tr.bucket_mb, spec.tied and S == 1, tr.keep), lay, tr, hw)
+        per_rank = [_update_seconds(_buckets(_rank_params(spec, lay.tp, lay.pp, lay.v, lay.stages(pr), lay.ep), lay,
+                                             b, tr.bucket_mb, spec.tied and S == 1, tr.keep, tr.reuse), lay, tr, hw)
                     for pr in range(lay.pp)]
         pred.update_s = max(u for u, _ in per_rank)
         hide = min(h for _, h in per_rank) if tr.interleave and lay.zero in (1, 2) else 0.0

@@ -105,6 +105,8 @@ class TrainSpec:
                                     # off by default: slower on gloo, see its ENABLED)
     keep: int = 2                   # zero 3: units kept gathered from forward to backward (zero.keep_after_forward;
                                     # pp > 1: none, the engine sets 0)
+    reuse: float | None = None      # zero 3: DeepSpeed's reuse rule replaces keep (zero.max_reuse_distance, elements:
+                                    # a unit is kept iff 2·(elements freed after it) < reuse; parallel/zero/unit_life)
     offload: str = "none"           # zero.offload.optimizer: none | cpu | nvme (planning/offload_states.py)
 
 
