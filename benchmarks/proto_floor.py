@@ -2,7 +2,9 @@
 is not met … explain with numbers why the floor is unreachable"). Read-only on recorded runs:
 
     python benchmarks/proto_floor.py benchmarks/results/protocol_2026-12-04_session12.json \
-        benchmarks/results/protocol_mp_2026-12-04_session12.json --rows pp_1f1b_m8 tp_ours fsdp2
+        benchmarks/results/protocol_mp_2026-12-04_session12b.json --rows pp_1f1b_m8 tp_ours fsdp2
+    python benchmarks/proto_floor.py benchmarks/results/protocol_2026-12-04_session12.json --rows fsdp2_ring \
+        --host-from benchmarks/results/protocol_mp_2026-12-04_session12.json   # DTensor figures part B lacks
 
 The floor is benchmarks/proto_report.py's (unchanged): F = C + M + O, compute C = per-rank FLOPs / the calibrated
 matmul rate, communication M = Σ calls·latency + wire / bandwidth, optimizer O = owned · 28 B / memory bandwidth.
@@ -55,7 +57,7 @@ from parallel.planning.planner import stage_bounds
 from parallel.planning.spec import Layout, TrainSpec
 from parallel.planning.time_terms import OPT_MOVED, memory_seconds
 
-__all__ = ["REACH", "BEYOND", "UNEXPLAINED", "ideal_bubble", "decompose", "table"]
+__all__ = ["REACH", "BEYOND", "UNEXPLAINED", "ideal_bubble", "decompose", "with_host", "table"]
 
 REACH = ("eager", "shape", "acct", "iw_split", "bubble", "imbalance", "adamw")      # → the reachable floor
 BEYOND = ("bookkeeping", "dtensor", "placement", "waits", "residual")               # → the measured step
@@ -153,13 +155,25 @@ def decompose(rec: dict, name: str, cal: dict | None = None) -> dict:
             "waits_s": pred - flat.step_s, "pipeline": pp, "compute": {"eager": c_eager, "shape": c_shape}}
 
 
-def table(rec: dict, rows=None) -> list:
-    """Printed lines of :func:`decompose` for ``rows`` of ``rec`` (all by default): a header, two per row."""
+def with_host(rec: dict, donors: list) -> tuple:
+    """``rec``'s calibration (proto_report.calib_mean) with the host figures it lacks (``host.*``: DTensor's per-call
+    and per-parameter AdamW work, benchmarks/proto_host.py) taken from the same size's record among ``donors`` —
+    e.g. the model-parallel part run on the same machine and commit minutes apart: (calibration, borrowed keys); a
+    record that has them all keeps its own."""
     cal = pr.calib_mean(rec)
+    donor = next((d for d in donors if d["size"] == rec["size"]), None)
+    got = {k: v for k, v in pr.calib_mean(donor).items() if k.startswith("host.") and k not in cal} if donor else {}
+    return {**cal, **got}, sorted(got)
+
+
+def table(rec: dict, rows=None, donors=()) -> list:
+    """Printed lines of :func:`decompose` for ``rows`` of ``rec`` (all by default): a header, two per row;
+    ``donors``: records lending host figures (:func:`with_host`)."""
+    cal, borrowed = with_host(rec, list(donors))
     out = [f"== {rec['size']} part {rec.get('part', 0)}: ms floor → reachable → planner → step; step ÷ floor = "
-           f"Π factors (ms each adds)"]
+           f"Π factors (ms each adds)" + (f"; borrowed {', '.join(borrowed)}" if borrowed else "")]
     for name in [n for n in rows or rec["times"] if n in rec["times"]]:
-        d = decompose(rec, name, cal)
+        d = decompose(rec, name, dict(cal))
         f = d["factors"]
         t, prev = d["terms"], dict(zip(REACH + BEYOND, ("floor",) + REACH + BEYOND))
         named = " ".join(f"{k} {f[k]:.3f} ({(t[k] - t[prev[k]]) * 1e3:+.1f})" for k in REACH + BEYOND
@@ -175,13 +189,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="step ÷ floor per row of recorded protocol runs, decomposed")
     ap.add_argument("files", nargs="+")
     ap.add_argument("--rows", nargs="*", help="only these rows (default: every row of each record)")
+    ap.add_argument("--host-from", nargs="*", default=[], help="record files lending host.* figures to records "
+                                                                 "without them (same size; with_host)")
     a = ap.parse_args(argv)
+    donors = []
+    for path in a.host_from:
+        with open(path) as fh:
+            donors += json.load(fh)["records"]
     for path in a.files:
         with open(path) as fh:
             data = json.load(fh)
         print(os.path.basename(path))
         for rec in data["records"]:
-            lines = table(rec, a.rows)
+            lines = table(rec, a.rows, donors)
             if len(lines) > 1:
                 print("\n".join(lines))
     return 0
