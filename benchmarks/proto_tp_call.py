@@ -77,7 +77,10 @@ def _rank(rank, world, port, opts, q):
     rows = per_rep_slowest([[clock(fn) for fn in fns] for _ in range(opts["reps"])])
     if rank == 0:
         q.put(rows)
-    dist.destroy_process_group()
+        q.close()
+        q.join_thread()                                # flushed before the exit below
+    dist.barrier()
+    os._exit(0)        # no teardown: the DTensor mesh's process group aborts on it now and then ("terminate called")
 
 
 def main(argv=None) -> int:
