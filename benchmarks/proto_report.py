@@ -177,8 +177,8 @@ def predict_row(rec: dict, name: str, cal: dict):
                    keep=meta.get("keep", 0))                # stage 3's kept units (records before it: none)
     impl = "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo"
     hw = rd.flat_hardware(hardware(cal, impl, rec["world"], rec["model"]["seq_len"]), cal, name)
-    if name == "tp_dtensor":           # DTensor's collective is not ours: δ per call (benchmarks/proto_tp.py)
-        hw = dataclasses.replace(hw, call_wait_s=2 * hw.chain_wait_s)
+    if name == "tp_dtensor":           # DTensor's collective is not ours (benchmarks/proto_tp.py)
+        hw = dataclasses.replace(hw, call_wait_s=tp.dtensor_call_wait(cal, rec["world"], 2 * hw.chain_wait_s))
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     pred.step_s += rd.flat_reduce_seconds(meta, name, pred, hw)    # its counted all-reduce (proto_read.py)
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours

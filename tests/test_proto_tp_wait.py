@@ -79,3 +79,19 @@ def test_tp_call_is_priced_at_the_call_timed_after_a_tp_matmul(monkeypatch):
     monkeypatch.undo()
     old = {k: v for k, v in calib_mean(next(_records())[1]).items() if k != CALL}     # a record before the figure
     assert hardware(old).call_wait_s == pytest.approx(2 * chain_hardware(old, "gloo", 2)[0], rel=1e-12)
+
+
+def test_dtensor_call_priced_at_its_own_figure_where_calibrated():
+    """Calibrations since session 13 time DTensor's call too (``wait.dtensor.call_s``: the matmul then a Partial →
+    Replicate redistribute, proto_calib.tp_call); the tp_dtensor row is then charged that beyond the isolated call
+    per waited call (its 4L: benchmarks/proto_host.py), not δ. Synthetic figure on a session-12 record."""
+    from benchmarks.proto_report import calib_mean, chain_hardware, predict_row
+    from benchmarks.proto_tp import DTENSOR_CALL, isolated_call
+    name, rec = next(_records())
+    cal, L = calib_mean(rec), rec["model"]["n_layer"]
+    delta = 2 * chain_hardware(cal, "gloo", rec["world"])[0]
+    fig = isolated_call(cal, rec["world"]) + 3.0 * MS
+    old = predict_row(rec, "tp_dtensor", cal).step_s
+    new = predict_row(rec, "tp_dtensor", {**cal, DTENSOR_CALL: fig}).step_s
+    assert new - old == pytest.approx((3.0 * MS - delta) * 4 * L, rel=1e-9)
+    assert predict_row(rec, "tp_ours", {**cal, DTENSOR_CALL: fig}).step_s == predict_row(rec, "tp_ours", cal).step_s

@@ -107,10 +107,11 @@ records (mean of start and end): c = 1.31 / 1.66 ms (5m / 50m) and 2.23 / 1.94 (
 2.0 / 1.15, sessions 8/10 2.3–2.6: tests/test_bench_protocol_s11.py). Planner ÷ measured, tp_ours 0.89 / 1.08
 and 0.95 / 0.92 (with δ: 1.28 / 1.28 and 1.27 / 1.02; tests/test_proto_tp_wait.py; the 50m part of the first
 record also takes the tp-split rate at the faster of start and end, benchmarks/proto_report.py calib_mean).
-Records before the figure keep δ (their figures below). The tp_dtensor row keeps δ on every record: its call is a
-DTensor Partial → Replicate redistribute (dispatch, ``_c10d_functional.all_reduce`` into a fresh tensor,
-``wait_tensor``), dearer than ours after the same matmul (benchmarks/proto_tp_call.py, loaded), and no
-calibration times it: with c it would come out 0.78 / 0.72 × the measured step at 5m — δ is a stand-in there.
+Records before the figure keep δ (their figures below). The tp_dtensor row's call is a DTensor Partial →
+Replicate redistribute (dispatch, ``_c10d_functional.all_reduce`` into a fresh tensor, ``wait_tensor``), 1.7–3.0 ms
+dearer than ours after the same matmul (benchmarks/proto_tp_call.py, loaded): calibrations time it the same way
+from session 13 (``wait.dtensor.call_s``) and its c is that beyond the isolated call; records without it (session
+12's included) keep δ there — with our c that row would come out 0.78 / 0.72 at 5m: δ is a stand-in, not a reading.
 Before session 13 (δ per call, ``Hardware.call_wait_s`` = 2 · ``chain_wait_s``): its first op starts after the
 barrier, its second is issued the moment the first returns, and l_pair − l_rs − l_ag = δ was read as ONE chained
 call's excess (stage 3 reads the pair as two chained halves, δ/2 per call with the pair's incremental bandwidth
