@@ -102,9 +102,8 @@ collectives of our ring, the second issued the moment the first returns; a tp ca
 the same interleaved repetitions it costs about as much after a barrier as right after the matmul
 (``wait.gloo.after_mm`` −0.1–0.0 ms at 5m, 1.2 at 50m): its excess over the isolated figure (21 calls of itself in
 a row) is what one call costs amid other work, not a chained wait, and the interleaved reading is the one that
-times it. What inside gloo makes it (thread wake-ups?) is not pinned down: a loaded probe counted ~10 voluntary
-context switches per call whatever preceded it (2 ranks pinned, load 7; /tmp script, numbers in the session-13
-report). Session 12's MP
+times it. What inside gloo makes it (thread wake-ups?) is not pinned down: a loaded probe (2 ranks pinned, load
+7) counted ~10 voluntary context switches per call whatever preceded it. Session 12's MP
 records (mean of start and end): c = 1.31 / 1.66 ms (5m / 50m) and 2.23 / 1.94 (the b re-run) against δ = 4.20 /
 3.18 and 5.02 / 3.52; the rows paid, beyond the planner without waits, 2.2 / 2.7 ms a call at 5m (session 11:
 2.0 / 1.15, sessions 8/10 2.3–2.6: tests/test_bench_protocol_s11.py). Planner ÷ measured, tp_ours 0.89 / 1.08
