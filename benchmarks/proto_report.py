@@ -264,7 +264,8 @@ def _calib_lines(an: dict) -> list:
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
                    f"latency + wire / bandwidth; the planner charges each tp call {tw[1] * 1e3:.2f} ms beyond them "
                    f"({'a gloo all-reduce after a tp matmul, mean' if tp.CALL in c else 'the ring pair δ'}; "
-                   f"tp_dtensor: δ = {delta * 1e3:.2f} ms, δ/2 per ZeRO ring call and pipeline message)")
+                   f"tp_dtensor {tp.dtensor_call_wait(c, an.get('world', 2), delta) * 1e3:.2f} ms, "
+                   f"{'its own call' if tp.DTENSOR_CALL in c else 'δ'}; δ/2 per ZeRO ring call and pipeline message)")
     if "flat.gloo.all_gather" in c:
         out.append(f"  gloo at DeepSpeed ZeRO-1/2's one flat message ({c['flat_bytes'] / 1e6:.0f} MB): all-reduce "
                    f"{c['flat.gloo.all_reduce'] / 1e9:.2f} GB/s, all-gather {c['flat.gloo.all_gather'] / 1e9:.2f} GB/s "

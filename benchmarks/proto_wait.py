@@ -37,8 +37,8 @@ ring pair's δ?): ``wait.gloo.call_s`` — a tp-split MLP matmul then a blocking
 minus the matmul alone, per repetition: the call after compute, whole — and ``wait.gloo.after_mm``, that minus the
 same all-reduce after a barrier (quartiles and mean each) — and, since session 13, ``wait.dtensor.call_s``: the
 matmul then DTensor's call on the same message (a Partial → Replicate redistribute: proto_calib.tp_call), minus the
-matmul alone. ``chain.gloo.all_reduce`` of proto_calib is the mean
-over 16 such calls in a row, timed apart from the isolated call. Since session 13 the planner prices a tp call from
+matmul alone. ``chain.gloo.all_reduce`` of proto_calib is the mean over 16 such calls in a row, timed apart from
+the isolated call. Since session 13 the planner prices a tp call from
 ``wait.gloo.call_s.mean`` (ours) and ``wait.dtensor.call_s.mean`` (tp_dtensor), each beyond the isolated call
 (benchmarks/proto_tp.py); records without them keep δ.
 """
@@ -113,7 +113,7 @@ def figures(rows: list) -> dict:
     each, or (rs, ag, pair, mm, all-reduce, mm then all-reduce) with the tp call, + (mm then DTensor's call) with
     DTensor's."""
     if len(rows) < 4 or any(len(r) not in (3, 6, 7) for r in rows) or len({len(r) for r in rows}) > 1:
-        raise ValueError(f"wait figures: need >= 4 repetitions of 3 or 6 timings each, got {len(rows)} rows of "
+        raise ValueError(f"wait figures: need >= 4 repetitions of 3, 6 or 7 timings each, got {len(rows)} rows of "
                          f"lengths {sorted({len(r) for r in rows})} (one length): time them with wait_figures")
     out = summary([r[2] - r[0] - r[1] for r in rows], "wait.ring.pair")
     out.update(summary([r[2] for r in rows], "wait.ring.pair_s"))
