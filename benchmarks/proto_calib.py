@@ -48,7 +48,7 @@ Figures (a flat dict, so start and end compare key by key):
 * ``wait.*``: the wait δ of a chained blocking call from 48 interleaved repetitions of the tiny ring pair and the
   two isolated calls — the pair's median and quartiles, the isolated calls' fast mode (lower decile), the
   per-repetition differences — and with tp rows a gloo all-reduce issued right after a tp matmul
-  (benchmarks/proto_wait.py; ~1–3 s idle).
+  and DTensor's redistribute of the same message after the same matmul (benchmarks/proto_wait.py; ~1–3 s idle).
 """
 from __future__ import annotations
 
@@ -153,10 +153,21 @@ def _tp_tensors(kw: dict, per: int) -> tuple:
             torch.zeros(tokens * h))             # zeros: repeated sums stay finite
 
 
-def tp_call(kw: dict, per: int) -> tuple:
-    """(matmul, blocking gloo all-reduce) callables of one tp call (benchmarks/proto_wait.py, wait.gloo.after_mm)."""
+def tp_call(kw: dict, per: int, dtensor: bool = True) -> tuple:
+    """(matmul, blocking gloo all-reduce, DTensor's call) callables of one tp call (benchmarks/proto_wait.py,
+    wait.gloo.*, wait.dtensor.call_s): DTensor's call is the message as a Partial DTensor over the world's 1-D mesh
+    redistributed to Replicate and read (RowwiseParallel's output: DTensor dispatch, ``_c10d_functional.all_reduce``
+    into a fresh tensor, ``wait_tensor``); None with ``dtensor`` False."""
     a, w, x = _tp_tensors(kw, per)
-    return (lambda: torch.mm(a, w)), (lambda: dist.all_reduce(x))
+    dt = None
+    if dtensor:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+        mesh, x2 = init_device_mesh("cpu", (dist.get_world_size(),)), x.view(a.shape[0], -1)
+
+        def dt():
+            DTensor.from_local(x2, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+    return (lambda: torch.mm(a, w)), (lambda: dist.all_reduce(x)), dt
 
 
 def chained_all_reduce(kw: dict, per: int, reps: int = 5) -> tuple:

@@ -14,6 +14,7 @@ calibration used is the mean of the start and end figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,6 +25,7 @@ if __name__ == "__main__":                      # run as a script: the repositor
 
 from benchmarks import proto_read as rd
 from benchmarks import proto_stats as st
+from benchmarks import proto_tp as tp
 from benchmarks.proto_host import FSDP2_ROWS, dtensor_host_seconds, dtensor_tp_seconds
 from benchmarks.proto_rows import ALSO, DS_PEER, PEER_OF, UPDATE_MOVED, WHAT
 from parallel.planning.flops import gpt_flops_per_token
@@ -39,6 +41,7 @@ _PLANNER_OP = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "
 
 
 PAIR = "lat.ring.all_reduce"      # the ring pair (reduce-scatter then all-gather back to back): a chain, not one call
+TP_RATE = "train_flops.tp"        # the tp-split shapes' rate (proto_calib.tp_train_rate): the faster of start and end
 
 
 def _lat(k: str, a: float, b: float) -> float:
@@ -58,9 +61,16 @@ def calib_mean(rec: dict) -> dict:
     :func:`tp_wait`) measured 1.3–2.4 ms at both ends of every record that has it, 5m included: calls issued from
     running work wait, so the waiting mode is the one to take. Session 9's 5m parts calibrated δ 0.00 / 0.02 ms
     at the start (2.18 / 3.27 at the end): with the smaller, zero3 / fsdp2 / fsdp2_prefetch / fsdp2_ring were
-    0.82–0.88 / 0.80 / 0.80 / 0.73 × the measured step; with the larger 0.89–0.92 / 0.94 / 0.93 / 0.77."""
+    0.82–0.88 / 0.80 / 0.80 / 0.73 × the measured step; with the larger 0.89–0.92 / 0.94 / 0.93 / 0.77.
+
+    The tp-split shapes' forward + backward rate (:data:`TP_RATE`, the tp rows' compute) takes the faster of start
+    and end, as proto_calib._best_rate takes the faster of two readings within one calibration since session 12:
+    interference only slows a pinned core. It is timed once per calibration (no first / last pair), and session
+    12's MP record read it 68.6 GFLOP/s at the start and 49.5 at the end of its 50m part (drift flagged on the tp
+    rows only): with the mean its tp_ours was 1.21 × the measured step, with the faster 1.08."""
     a, b = rec["calib_start"], rec["calib_end"]
-    return {k: _lat(k, a[k], b[k]) if k.startswith("lat.") else (a[k] + b[k]) / 2 for k in a if k in b}
+    return {k: _lat(k, a[k], b[k]) if k.startswith("lat.") else max(a[k], b[k]) if k.startswith(TP_RATE) else
+            (a[k] + b[k]) / 2 for k in a if k in b}
 
 
 def step_drift(rec: dict, tol: float = 0.10) -> dict:
@@ -93,10 +103,11 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     bandwidth, memory bandwidth; ``impl`` = "ring" puts reduce-scatter and all-gather on our ring (as our rows
     run them at bucket sizes); ONE figure for the wait of a blocking call issued from running work: the ring pair's
     excess δ (:func:`chain_hardware`), δ/2 per chained half — per ZeRO-1/2/3 ring reduce-scatter and all-gather
-    (``Hardware.chain_wait_s``), per pipeline message (``Hardware.p2p_wait_s``), and δ per blocking tp all-reduce
-    (two halves: ``Hardware.call_wait_s``; time_terms, tp_waits). Until session 11 the pipeline read instead the
-    directly timed excess of a gloo call after compute (:func:`tp_wait`, none on records before it): parallel/
-    planning/time_terms.py gives the figures of both readings. The protocol pins every thread of a rank, gloo's
+    (``Hardware.chain_wait_s``), per pipeline message (``Hardware.p2p_wait_s``); a blocking tp all-reduce is priced
+    from the figure that times it directly (benchmarks/proto_tp.py: ``Hardware.call_wait_s``; time_terms, tp_waits),
+    δ on records before that figure. Until session 11 the pipeline read instead the directly timed excess of a gloo
+    call after compute (:func:`tp_wait`, none on records before it): parallel/planning/time_terms.py gives the
+    figures of both readings. The protocol pins every thread of a rank, gloo's
     included, to one core: collectives share it with compute."""
     def im(op):
         return impl if op in ("reduce_scatter", "all_gather") else "gloo"
@@ -108,7 +119,7 @@ def hardware(cal: dict, impl: str = "gloo", world: int = 2, seq: int = 0) -> Har
     fast = dict(zip(("reduce_scatter", "all_gather"), rd.ring_latencies(cal))) if all(k in cal for k in rd.FAST) else {}
     split = {int(k.split("@")[1]): (v, cal[k.replace("split_i", "split_w")]) for k, v in cal.items()
              if k.startswith("split_i@") and k.replace("split_i", "split_w") in cal}
-    return Hardware(chain_wait_s=wait, call_wait_s=2 * wait,       # δ/2 per ring call, δ per tp all-reduce,
+    return Hardware(chain_wait_s=wait, call_wait_s=tp.tp_call_wait(cal, world, 2 * wait),   # δ/2 per ring call
                     p2p_wait_s=wait,                               # δ/2 per pipeline message
                     chain_bandwidth=chain, split_frac=tuple((m * seq, f) for m, f in split.items()),
                     peak_flops=cal.get("train_flops", cal["matmul_flops"]), comm_shares_core=True,
@@ -134,13 +145,8 @@ def chain_hardware(cal: dict, impl: str, world: int) -> tuple:
 
 
 def tp_wait(cal: dict, world: int) -> tuple | None:
-    """(the measured excess of a blocking tp all-reduce issued after compute, the ring pair's δ that the planner
-    charges per tp call: time_terms.tp_waits), seconds: ``chain.gloo.all_reduce`` (benchmarks/proto_calib.py) minus
-    the isolated call's latency + wire / bandwidth at its ``chain_bytes``. None for records before the figure."""
-    if "chain.gloo.all_reduce" not in cal:
-        return None
-    iso = cal["lat.gloo.all_reduce"] + 2 * (world - 1) / world * cal["chain_bytes"] / cal["bw.gloo.all_reduce"]
-    return cal["chain.gloo.all_reduce"] - iso, 2 * chain_hardware(cal, "gloo", world)[0]
+    """benchmarks/proto_tp.tp_wait at this calibration's δ (:func:`chain_hardware`)."""
+    return tp.tp_wait(cal, world, 2 * chain_hardware(cal, "gloo", world)[0])
 
 
 def model_spec(kw: dict) -> ModelSpec:
@@ -171,6 +177,8 @@ def predict_row(rec: dict, name: str, cal: dict):
                    keep=meta.get("keep", 0))                # stage 3's kept units (records before it: none)
     impl = "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo"
     hw = rd.flat_hardware(hardware(cal, impl, rec["world"], rec["model"]["seq_len"]), cal, name)
+    if name == "tp_dtensor":           # DTensor's collective is not ours (benchmarks/proto_tp.py)
+        hw = dataclasses.replace(hw, call_wait_s=tp.dtensor_call_wait(cal, rec["world"], 2 * hw.chain_wait_s))
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     pred.step_s += rd.flat_reduce_seconds(meta, name, pred, hw)    # its counted all-reduce (proto_read.py)
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours
@@ -254,8 +262,10 @@ def _calib_lines(an: dict) -> list:
     if tw:
         out.append(f"  a blocking gloo all-reduce of {c['chain_bytes'] / 1e3:.0f} kB right after compute (tp's f/g): "
                    f"{c['chain.gloo.all_reduce'] * 1e3:.2f} ms a call, {tw[0] * 1e3:.2f} ms beyond its isolated "
-                   f"latency + wire / bandwidth; the planner charges each tp call the ring pair's "
-                   f"δ = {tw[1] * 1e3:.2f} ms (δ/2 per ZeRO ring call and pipeline message)")
+                   f"latency + wire / bandwidth; the planner charges each tp call {tw[1] * 1e3:.2f} ms beyond them "
+                   f"({'a gloo all-reduce after a tp matmul, mean' if tp.CALL in c else 'the ring pair δ'}; "
+                   f"tp_dtensor {tp.dtensor_call_wait(c, an.get('world', 2), delta) * 1e3:.2f} ms, "
+                   f"{'its own call' if tp.DTENSOR_CALL in c else 'δ'}; δ/2 per ZeRO ring call and pipeline message)")
     if "flat.gloo.all_gather" in c:
         out.append(f"  gloo at DeepSpeed ZeRO-1/2's one flat message ({c['flat_bytes'] / 1e6:.0f} MB): all-reduce "
                    f"{c['flat.gloo.all_reduce'] / 1e9:.2f} GB/s, all-gather {c['flat.gloo.all_gather'] / 1e9:.2f} GB/s "
@@ -267,7 +277,8 @@ def _calib_lines(an: dict) -> list:
                    f"{c[rd.FAST[0]] * 1e3:.2f} / {c[rd.FAST[1]] * 1e3:.2f} ms: δ = {delta * 1e3:.2f} ms "
                    f"(per repetition, pair − the two isolated calls: {c['wait.ring.pair'] * 1e3:.2f} ms "
                    f"[{c['wait.ring.pair.q25'] * 1e3:.2f}, {c['wait.ring.pair.q75'] * 1e3:.2f}])" + (
-                       f"; a gloo all-reduce right after a tp matmul: {c['wait.gloo.call_s'] * 1e3:.2f} ms a call, "
+                       f"; a gloo all-reduce right after a tp matmul: {c['wait.gloo.call_s'] * 1e3:.2f} ms a call "
+                       f"(mean {c[tp.CALL] * 1e3:.2f}), "
                        f"{c['wait.gloo.after_mm'] * 1e3:.2f} ms beyond the same call after a barrier"
                        if "wait.gloo.call_s" in c else ""))
     if "host.op_s" in c:

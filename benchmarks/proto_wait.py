@@ -35,9 +35,12 @@ Figures (seconds):
 The same repetitions time the tp question (is the wait of a tp all-reduce, issued from running compute, the
 ring pair's δ?): ``wait.gloo.call_s`` — a tp-split MLP matmul then a blocking gloo all-reduce of one tp activation,
 minus the matmul alone, per repetition: the call after compute, whole — and ``wait.gloo.after_mm``, that minus the
-same all-reduce after a barrier (quartiles and mean each). ``chain.gloo.all_reduce`` of proto_calib is the mean
-over 16 such calls in a row, timed apart from the isolated call. Recorded for the idle runs to compare; the planner
-charges a tp call δ (the recorded rows fit 0.75–1.0 δ for tp_ours, δ for tp_dtensor, and δ/2 for a ring call).
+same all-reduce after a barrier (quartiles and mean each) — and, since session 13, ``wait.dtensor.call_s``: the
+matmul then DTensor's call on the same message (a Partial → Replicate redistribute: proto_calib.tp_call), minus the
+matmul alone. ``chain.gloo.all_reduce`` of proto_calib is the mean over 16 such calls in a row, timed apart from
+the isolated call. Since session 13 the planner prices a tp call from
+``wait.gloo.call_s.mean`` (ours) and ``wait.dtensor.call_s.mean`` (tp_dtensor), each beyond the isolated call
+(benchmarks/proto_tp.py); records without them keep δ.
 """
 from __future__ import annotations
 
@@ -82,18 +85,22 @@ def wait_figures(rs, ag, tp_call=None, reps: int = WAIT_REPS, keep: list | None 
     def pair():
         rs()
         ag()
-    for fn in (rs, ag, pair) + (tuple(tp_call) if tp_call else ()):
+    for fn in (rs, ag, pair) + (tuple(f for f in tp_call if f) if tp_call else ()):
         fn()                                                   # warm-up (buffers, connections)
-    mm, ar = tp_call or (None, None)
+    mm, ar, dt = (tuple(tp_call) + (None,))[:3] if tp_call else (None, None, None)
 
     def after():
         mm()
         ar()
+
+    def dt_after():
+        mm()
+        dt()
     rows = []
     for _ in range(reps):
         row = [_clock(rs), _clock(ag), _clock(pair)]
         if tp_call:
-            row += [_clock(mm), _clock(ar), _clock(after)]
+            row += [_clock(mm), _clock(ar), _clock(after)] + ([_clock(dt_after)] if dt else [])
         rows.append(row)
     rows = per_rep_slowest(rows)
     if keep is not None:                                       # the repetitions themselves (proto_wait_run.py)
@@ -103,18 +110,21 @@ def wait_figures(rs, ag, tp_call=None, reps: int = WAIT_REPS, keep: list | None 
 
 def figures(rows: list) -> dict:
     """The ``wait.*`` figures (module docstring) from per-repetition slowest-rank timings ``rows``: (rs, ag, pair)
-    each, or (rs, ag, pair, mm, all-reduce, mm then all-reduce) with the tp call."""
-    if len(rows) < 4 or any(len(r) not in (3, 6) for r in rows):
-        raise ValueError(f"wait figures: need >= 4 repetitions of 3 or 6 timings each, got {len(rows)} rows of "
-                         f"lengths {sorted({len(r) for r in rows})}: time them with wait_figures")
+    each, or (rs, ag, pair, mm, all-reduce, mm then all-reduce) with the tp call, + (mm then DTensor's call) with
+    DTensor's."""
+    if len(rows) < 4 or any(len(r) not in (3, 6, 7) for r in rows) or len({len(r) for r in rows}) > 1:
+        raise ValueError(f"wait figures: need >= 4 repetitions of 3, 6 or 7 timings each, got {len(rows)} rows of "
+                         f"lengths {sorted({len(r) for r in rows})} (one length): time them with wait_figures")
     out = summary([r[2] - r[0] - r[1] for r in rows], "wait.ring.pair")
     out.update(summary([r[2] for r in rows], "wait.ring.pair_s"))
     for i, op in enumerate(("rs", "ag")):
         ts = [r[i] for r in rows]
         out[f"wait.ring.{op}_s"] = statistics.median(ts)
         out[f"wait.ring.{op}_fast"] = statistics.quantiles(ts, n=10, method="inclusive")[0]     # the fast mode
-    if len(rows[0]) == 6:
+    if len(rows[0]) >= 6:
         out.update(summary([r[5] - r[3] - r[4] for r in rows], "wait.gloo.after_mm"))
         out.update(summary([r[5] - r[3] for r in rows], "wait.gloo.call_s"))    # the call after compute, whole
+    if len(rows[0]) == 7:
+        out.update(summary([r[6] - r[3] for r in rows], "wait.dtensor.call_s"))    # DTensor's, the same way
     out["wait.reps"] = float(len(rows))
     return out

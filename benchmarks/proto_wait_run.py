@@ -47,7 +47,7 @@ def _rank(rank, world, port, opts, q):
             r = {"old": lat["all_reduce"] - lat["reduce_scatter"] - lat["all_gather"],
                  **{f"lat.{op}": v for op, v in lat.items()}}
             if opts["tp"]:
-                mm, ar = tp_call(kw, per)
+                mm, ar, _ = tp_call(kw, per, dtensor=False)
                 r["old_tp"] = chained_all_reduce(kw, per, 5)[0] - _timed(ar, 21)
             t0 = time.perf_counter()
             keep = []
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     cols = ["old", "new", "wait.ring.pair", "wait.ring.pair.mean", "wait.ring.rs_fast", "wait.ring.ag_fast",
             "lat.all_reduce", "wait.ring.pair_s",
             "wait.ring.pair_s.q25", "wait.ring.pair_s.q75", "charged_old", "charged_new"]
-    cols += ["old_tp", "wait.gloo.after_mm", "wait.gloo.after_mm.mean", "wait.gloo.call_s"] if a.tp else []
+    cols += ["old_tp", "wait.gloo.after_mm", "wait.gloo.after_mm.mean", "wait.gloo.call_s",
+             "wait.dtensor.call_s"] if a.tp else []
     print("ms per repeat: " + " | ".join(cols) + " | new figures' seconds")
     for r in res:
         print("  " + " | ".join(f"{r[c] * 1e3:7.2f}" for c in cols) + f" | {r['new_s']:.2f} s")

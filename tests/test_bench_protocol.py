@@ -378,6 +378,7 @@ def test_model_parallel_peer_rows_two_ranks():
     assert not rec["skipped"] and max(rec["loss_gap"].values()) <= 1e-5, rec["loss_gap"]
     assert rec["calib_start"]["train_flops.tp2@4"] > 0            # the tp rows' compute rate: 2 × 2 sequences
     assert rec["calib_start"]["host.dtensor_adamw_s"] > 0 and rec["calib_end"]["host.dtensor_op_s"] > 0  # proto_host
+    assert all(c["wait.dtensor.call_s.mean"] > 0 for c in (rec["calib_start"], rec["calib_end"]))  # DTensor's call
     kw = rec["model"]
     act = 2 * 2 * kw["seq_len"] * kw["n_embd"] * 4                  # the global batch's activations, fp32
     tp = rec["rows"]["tp_dtensor"]["comm"]["all_reduce"]

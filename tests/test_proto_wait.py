@@ -48,6 +48,14 @@ def test_tp_call_figures():
     f = figures(rows)
     assert f["wait.gloo.after_mm"] == pytest.approx(2.0 * MS)
     assert f["wait.gloo.call_s"] == pytest.approx(2.5 * MS)
+    assert "wait.dtensor.call_s" not in f
+    dt = [r + (r[3] + (x + 1.0) * MS,) for r, x in zip(rows, (1.0, 2.0, 3.0, 4.0))]   # + mm then DTensor's call
+    f = figures(dt)
+    assert f["wait.dtensor.call_s"] == pytest.approx(3.5 * MS)
+    assert f["wait.dtensor.call_s.mean"] == pytest.approx(3.5 * MS)
+    assert f["wait.gloo.call_s"] == pytest.approx(2.5 * MS)                   # the other figures as without it
+    with pytest.raises(ValueError, match="one length"):
+        figures(rows[:2] + dt[2:])
 
 
 def _s11_mp_5m():

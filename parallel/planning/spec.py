@@ -125,7 +125,7 @@ class Hardware:
     chain_wait_s: float = 0.0       # stage 3 on CPU ranks: per blocking unit collective, beyond its latency
     chain_bandwidth: tuple = ()     # ((op, bytes/s), ...): an op's bandwidth inside such a chain; else `bw(op)`
     call_wait_s: float = 0.0        # tp on CPU ranks: per blocking collective issued from running compute, beyond
-                                    # its isolated latency (time_terms.tp_waits: the calibrated pair's δ)
+                                    # its isolated call (time_terms.tp_waits: the call timed after a tp matmul)
     split_frac: tuple = ()          # ((tokens, (I, W)), ...): the I/W split's seconds ÷ a plain B's at that size
     p2p_wait_s: float = 0.0         # pp on CPU ranks: per stage-boundary message of an action, beyond its latency
                                     # (time_terms.py: a blocking call issued from running work; δ/2 when calibrated)

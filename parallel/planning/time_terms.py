@@ -87,13 +87,37 @@ part is zero and the rest of :func:`exposed_dp` is the classic overlap model.
 Tensor parallel on CPU ranks (:func:`tp_waits`). Megatron's f/g operators (arXiv 1909.08053 §3) block on an
 all-reduce twice per block forward and twice backward, plus the vocabulary-parallel embedding's, head's and
 loss's: each call sits between two pieces of compute, nothing overlaps it, and cost.py adds it whole to the
-micro-batch (latency + wire / gloo's calibrated all-reduce bandwidth). That isolated figure is timed right
-after a barrier, both ranks entering together. A call issued from running work pays more — the same excess δ
-the calibrated ring pair shows: its first op starts after the barrier, its second is issued the moment the
-first returns, and l_pair − l_rs − l_ag = δ is that ONE chained call's excess. So each tp collective adds
-δ (``Hardware.call_wait_s``; stage 3 reads the pair as two chained halves, δ/2 per call with the pair's
-incremental bandwidth b_chain, above — for tp's gloo all-reduce there is no chained bandwidth figure, so it
-keeps gloo's own and the pair's whole δ). Evidence, session 8's idle model-parallel record
+micro-batch (latency + wire / gloo's calibrated all-reduce bandwidth, the isolated call: timed 21 times back to
+back after a barrier each). A call issued from running work pays more, ``Hardware.call_wait_s`` per call:
+
+    one tp call of wire w:  l_ar + w / b_ar + c,   c = mean_i(t_call,i) − (l_ar + w_tp / b_ar)
+
+where t_call,i is the calibration's direct reading of exactly that call — a gloo all-reduce of the tp message
+(w_tp) issued right after a tp-split matmul, the matmul's own time subtracted, the slowest rank's, over 48
+repetitions interleaved with the ring pair's (benchmarks/proto_wait.py ``wait.gloo.call_s``; benchmarks/proto_tp.py,
+since session 13). The mean, not the median: a step sums 4L + 4 such waits (4L + 5 calls: the gradient norm's runs
+in the update) and one call's time is bimodal (quartiles 0.65 / 3.08 ms on session 12's 5m MP record). Why it is
+not the ring pair's δ, which the planner charged per tp call until session 13: δ is the excess of TWO chained p2p
+collectives of our ring, the second issued the moment the first returns; a tp call is ONE gloo all-reduce, and in
+the same interleaved repetitions it costs about as much after a barrier as right after the matmul
+(``wait.gloo.after_mm`` −0.1–0.0 ms at 5m, 1.2 at 50m): its excess over the isolated figure (21 calls of itself in
+a row) is what one call costs amid other work, not a chained wait, and the interleaved reading is the one that
+times it. What inside gloo makes it (thread wake-ups?) is not pinned down: a loaded probe (2 ranks pinned, load
+7) counted ~10 voluntary context switches per call whatever preceded it. Session 12's MP
+records (mean of start and end): c = 1.31 / 1.66 ms (5m / 50m) and 2.23 / 1.94 (the b re-run) against δ = 4.20 /
+3.18 and 5.02 / 3.52; the rows paid, beyond the planner without waits, 2.2 / 2.7 ms a call at 5m (session 11:
+2.0 / 1.15, sessions 8/10 2.3–2.6: tests/test_bench_protocol_s11.py). Planner ÷ measured, tp_ours 0.89 / 1.08
+and 0.95 / 0.92 (with δ: 1.28 / 1.28 and 1.27 / 1.02; tests/test_proto_tp_wait.py; the 50m part of the first
+record also takes the tp-split rate at the faster of start and end, benchmarks/proto_report.py calib_mean).
+Records before the figure keep δ (their figures below). The tp_dtensor row's call is a DTensor Partial →
+Replicate redistribute (dispatch, ``_c10d_functional.all_reduce`` into a fresh tensor, ``wait_tensor``), 1.7–3.0 ms
+dearer than ours after the same matmul (benchmarks/proto_tp_call.py, loaded): calibrations time it the same way
+from session 13 (``wait.dtensor.call_s``) and its c is that beyond the isolated call; records without it (session
+12's included) keep δ there — with our c that row would come out 0.78 / 0.72 at 5m: δ is a stand-in, not a reading.
+Before session 13 (δ per call, ``Hardware.call_wait_s`` = 2 · ``chain_wait_s``): its first op starts after the
+barrier, its second is issued the moment the first returns, and l_pair − l_rs − l_ag = δ was read as ONE chained
+call's excess (stage 3 reads the pair as two chained halves, δ/2 per call with the pair's incremental bandwidth
+b_chain, above). Evidence then, session 8's idle model-parallel record
 (benchmarks/results/protocol_mp_2026-12-04_session8.json, 2 ranks × 1 thread): what the planner missed
 without the term, per tp call, 2.51 ms at 5M (29 calls) and 2.09 ms at 50M (69 calls), against that run's
 δ = 2.89 / 2.29 ms; solving missing = a·calls + c·compute over both sizes gives a = 2.65 ms per call and
@@ -109,8 +133,9 @@ and end calibrations (benchmarks/proto_report.py, calib_mean: its fast mode, δ 
 after compute sees).
 Pipeline p2p (``Hardware.p2p_wait_s``, per stage-boundary message of an action in the simulated schedule, cost.py):
 the same figure — a message is one blocking call issued from running work, δ/2 like one ring half (benchmarks/
-proto_report.py, hardware). So the wait is ONE calibrated quantity × counted calls: δ/2 per ring reduce-scatter /
-all-gather (stages 1–3) and per pp message, δ per tp all-reduce (two halves). Until session 11 the pipeline read the
+proto_report.py, hardware). So the wait is a calibrated quantity × counted calls: δ/2 per ring reduce-scatter /
+all-gather (stages 1–3) and per pp message; a tp all-reduce its own directly timed figure c (above; δ before
+it). Until session 11 the pipeline read the
 excess timed directly for a blocking gloo call after compute (benchmarks/proto_calib.py ``chain.gloo.all_reduce`` −
 the isolated call's latency + wire / bandwidth: 0.8–2.4 ms; none on records before session 9). pp rows with δ/2
 (with that excess): session 9's Intel record 5M 0.92 / 0.91 / 0.97 (0.97 / 0.96 / 1.05; no wait: 0.83 each), 50M
@@ -229,8 +254,9 @@ def stage3_waits(dp_ops: dict, zero: int, units: str, hw: Hardware) -> float:
 
 
 def tp_waits(tp_ops: dict, hw: Hardware) -> float:
-    """Blocking tp collectives ``tp_ops`` ({op: {calls}}) of one micro-batch on CPU ranks: ``hw.call_wait_s``
-    (δ) per call (module docstring); 0 with separate communication hardware."""
+    """Blocking tp collectives ``tp_ops`` ({op: {calls}}) of one micro-batch on CPU ranks: ``hw.call_wait_s`` per
+    call — c, the calibrated gloo all-reduce after a tp matmul beyond the isolated call (δ on records before that
+    figure, and for DTensor's calls; module docstring); 0 with separate communication hardware."""
     if not hw.comm_shares_core:
         return 0.0
     return hw.call_wait_s * sum(c["calls"] for c in tp_ops.values())
