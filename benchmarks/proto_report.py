@@ -22,6 +22,7 @@ import sys
 if __name__ == "__main__":                      # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import proto_ds as ds
 from benchmarks import proto_read as rd
 from benchmarks import proto_stats as st
 from benchmarks.proto_host import FSDP2_ROWS, dtensor_host_seconds, dtensor_tp_seconds
@@ -179,6 +180,9 @@ def predict_row(rec: dict, name: str, cal: dict):
         peer = memory_seconds(meta["owned"] * per_owned + psi * per_grad, hw)
         pred.step_s += peer - pred.update_s
         pred.update_s = peer
+    if name in ("ds1", "ds2", "ds3"):  # DeepSpeed's own passes, fresh pages, ZeRO-3's counted calls (proto_ds.py)
+        pred.step_s += sum(ds.ds_seconds(name, grad_elements(rec, name), meta["owned"], rec["world"], pred, hw,
+                                         cal).values())
     if name == "tp_dtensor":           # its calls, replicated head, DTensor's dispatch (benchmarks/proto_host.py)
         pred.step_s += dtensor_tp_seconds(rec, cal, hw)
     elif name in FSDP2_ROWS:           # FSDP2's update over DTensor parameters (benchmarks/proto_host.py)
