@@ -16,13 +16,17 @@ bucket (``buf.copy_(synced)``, 12) and ``copy_grads_in_partition`` copies them a
 into ``single_grad_partition`` (12) and copies the updated fp32 partition into the model's partition
 (``bit16_partitions[partition_id].data.copy_``, 12). Counted: backward copy_ 48 and cat 24 (+ the model's own 3–6),
 step cat 12, _to_copy 20, linalg_vector_norm 8, copy_ 12, at both sizes, ZeRO-1 and ZeRO-2 alike.
-ZeRO-3 (stage3.py, partition_parameters.py), 144 B: the forward gather copies the own partitions into the gather
-buffer (``_all_gather_params``' ``torch.cat(…, out=partitions[rank])``) and reassembles parameters from the
-gathered partitions (cat 40 counted); ``reduce_scatter_coalesced`` (runtime/comm/coalesced_collectives.py)
-interleaves the bucket's partitions with a torch.cat (24) and ``partition_grads`` copies the reduced partition into
-the fp32 gradient buffer (copy_ 48 counted, 24 of it the bucket copy already priced); the step's fp64 norm (+24),
-``_prepare_fp32_grad_for_sub_group``'s flatten (12), ``unscale_and_clip_grads``' mul_ (8, it runs at scale 1) and the
-copy back to the fp16-named partition (``_reassign_or_swap_out_partitioned_parameters``, 12).
+ZeRO-3 (stage3.py, partition_parameters.py), 132 B: the forward gather copies the own partitions into the gather
+buffer (partition_parameters.py, ``_convert_to_deepspeed_param``'s ``_all_gather_dtype``: ``torch.cat(…,
+out=partitions[rank])``, 12) and reassembles each parameter from the gathered partitions
+(``AllGatherCoalescedHandle.wait``: ``param.data = torch.cat(partitions)``, 12 per Ψ; cat 40 counted in all);
+``reduce_scatter_coalesced`` (runtime/comm/coalesced_collectives.py) interleaves the bucket's partitions with a
+torch.cat (24) and ``partition_grads`` copies the reduced partition into the fp32 gradient buffer (copy_ 48 counted,
+24 of it the bucket copy already priced); the step's fp64 norm (+24), ``_prepare_fp32_grad_for_sub_group``'s flatten
+(12) and ``unscale_and_clip_grads``' mul_ (8, it runs at scale 1). The step's copy back to the "fp16" partition
+(``_reassign_or_swap_out_partitioned_parameters``: copy_ 12 counted) moves nothing in fp32: that partition IS the
+fp32 one (``_create_fp32_partitions`` aliases them when the dtypes agree) and copy_ of a tensor onto itself returns
+at once. (ZeRO-1/2's ``single_partition_of_fp32_groups`` is a clone: its copy back is real.)
 
 Fresh pages (:data:`FRESH`, bytes of per-step buffers whose pages the kernel maps and zeroes anew each step). glibc
 serves a request of at least its largest dynamic mmap threshold (32 MiB: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit) with a
@@ -31,7 +35,8 @@ fresh mmap and unmaps it on free; smaller ones come back from the heap. Per step
 Ψ·4 bytes the gradients are copied into, at every size), the flatten for the all-reduce (Ψ·4), ``grads_in_partition``
 (Ψ/N·4) and ZeRO-2's step flatten (Ψ/N·4) — ZeRO-1 instead keeps all of autograd's gradients alive until
 ``reduce_gradients`` after backward (Ψ·4 of heap grown anew; its step flatten then reuses it: 0 faults counted);
-gloo's all-gather copies through a fresh flat output (ProcessGroupGloo's allgather: Ψ·4, counted outside aten ops) —
+gloo's all-gather takes Ψ·4 bytes of fresh pages inside the call (counted outside aten operators, while the
+call waits: a flat output gloo copies through) —
 priced here only where the record has no ``flat.gloo.all_gather`` figure, which times exactly that call (its fresh
 output included). ZeRO-3: the gather buffer (torch.empty(Ψ)) and gloo's all-gather output (Ψ·4 each), the
 reduce-scatter's interleaving cat (Ψ·4), gloo's reduce-scatter buffer (Ψ·4, counted fresh at 5M too) and the step's
@@ -73,15 +78,14 @@ PASSES = {
         ("fp64 cast before the norm (20) and the fp64 norm (8) where 4 is priced", "get_grad_norm_direct", 24),
         ("flatten of the averaged gradients for the update", "step: single_grad_partition", 12),
         ("updated fp32 partition copied into the model's partition", "step: bit16_partitions copy_", 12)),
-    3: (("own partitions into the gather buffer + parameters reassembled", "partition_parameters._all_gather_params",
-         40),
+    3: (("own partitions into the gather buffer + parameters reassembled",
+         "partition_parameters._all_gather_dtype + AllGatherCoalescedHandle.wait", 40),
         ("interleaving cat of the reduce-scatter (12 B per Ψ)", "coalesced_collectives.reduce_scatter_coalesced", 24),
         ("reduced partition copied into the fp32 gradient buffer (+ one more owned copy, counted)",
          "stage3.partition_grads", 24),
-        ("fp64 cast before the norm and the fp64 norm where 4 is priced", "stage3._get_norm_groups", 24),
+        ("fp64 cast before the norm and the fp64 norm where 4 is priced", "stage3.get_grad_norm_direct", 24),
         ("flatten of the averaged gradients for the update", "_prepare_fp32_grad_for_sub_group", 12),
-        ("scale of the fp32 gradient (at 1)", "unscale_and_clip_grads", 8),
-        ("updated fp32 partition copied back", "_reassign_or_swap_out_partitioned_parameters", 12)),
+        ("scale of the fp32 gradient (at 1)", "unscale_and_clip_grads", 8)),
 }
 PASSES[2] = PASSES[1]
 # per-step buffers whose pages are fresh: (what, elements as (per Ψ, per owned), fresh at any size?)
