@@ -135,7 +135,7 @@ def test_deepspeed_rows_priced_with_their_counted_collectives():
     """Every record: ds1/ds2 are planned with one bucket and their counted all-reduce (wire Ψ·4 at N = 2) replaces
     the planned reduce-scatter (Ψ·2), exposed whole. Session 11's 50m ds1 / ds2: 0.73 / 0.76 → 0.80 / 0.83; with
     DeepSpeed's own passes and fresh pages (benchmarks/proto_ds.py, session 13) 1.05 / 1.07, ds3 (its counted calls
-    too) 0.925 → 1.05 (ZeRO-3: 1.046). The values without the session-13 terms are kept: the flat all-reduce alone still gives them."""
+    too) 0.925 → 1.046. The values without the session-13 terms are kept: the flat all-reduce alone gives them."""
     import statistics
 
     from benchmarks.proto_read import flat_reduce_seconds
