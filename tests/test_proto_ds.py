@@ -6,8 +6,10 @@ Every ds row's planner ÷ measured in [0.85, 1.15] but :data:`KNOWN_GAPS`, asser
 * ds 50m part 1 of session 12, ds2 0.783 (0.63 before session 13): that record measured ds2 2.33 s, 190 ms SLOWER
   than ds1 (2.14 s), in every third round above 2.4 s, while DeepSpeed's counts give ZeRO-2 less work than ZeRO-1
   (202k fresh pages a step against 225k, the same passes) and session 11 measured ds2 70 ms faster than ds1. The
-  priced terms (passes 114 ms + fresh pages 240 ms on that record) leave 505 ms of ds2 unpriced there against 274
-  of ds1; nothing counted accounts for the difference, so it is not priced.
+  priced terms (passes 114 ms + fresh pages 239 ms on that record) leave 507 ms of ds2 unpriced there against 275
+  of ds1 and 278 of ds3 (session 11: all three over-priced by 90–120 ms): nothing counted accounts for ds2's
+  difference, so it is not priced. (All three left ~370 ms more on session 12 than on session 11: a fresh page
+  costing ~2.5 µs there instead of 1.6 would be it — records since session 13 calibrate ``fresh_page_s``.)
 """
 from __future__ import annotations
 
