@@ -264,6 +264,9 @@ def _calib_lines(an: dict) -> list:
         out.append(f"  gloo at DeepSpeed ZeRO-1/2's one flat message ({c['flat_bytes'] / 1e6:.0f} MB): all-reduce "
                    f"{c['flat.gloo.all_reduce'] / 1e9:.2f} GB/s, all-gather {c['flat.gloo.all_gather'] / 1e9:.2f} GB/s "
                    f"bus (priced on ds1/ds2: benchmarks/proto_read.py)")
+    if "fresh_page_s" in c:
+        out.append(f"  a fresh 4 KiB page {c['fresh_page_s'] * 1e6:.2f} us (DeepSpeed's per-step buffers, priced on "
+                   f"ds1/ds2/ds3: benchmarks/proto_ds.py)")
     if rd.PAIR_ROBUST in c:
         out.append(f"  the ring pair over {c['wait.reps']:.0f} interleaved repetitions (benchmarks/proto_wait.py): "
                    f"{c[rd.PAIR_ROBUST] * 1e3:.2f} ms [{c[rd.PAIR_ROBUST + '.q25'] * 1e3:.2f}, "
