@@ -68,7 +68,8 @@ MMAP_MIN = 32 * 2 ** 20          # glibc's DEFAULT_MMAP_THRESHOLD_MAX (64-bit): 
 # seconds per fresh 4 KiB page (CPU, user + system) for records without ``fresh_page_s``: a copy into a fresh
 # torch.empty of 204 MB minus the same copy into a touched buffer, 6 repetitions, two processes at once pinned one
 # core each, AMD EPYC (the machine of sessions 10–12), 2026-12-04 21:52 UTC, loaded (load average 6–8): 1.60 and
-# 1.65 µs per page (49,805 faults each)
+# 1.65 µs per page (49,805 faults each); wall, the fastest of 12: 1.84 µs; calibrate_fresh_page (wall, the fastest of
+# 7, 64 MiB) read 1.82 / 1.91 / 2.77 µs there. The CPU figure is taken: it holds under load, the wall ones do not
 FRESH_PAGE_S = 1.6e-6
 # bytes moved per owned element (N = 2) beyond what is priced, by stage: (what, DeepSpeed function, bytes)
 PASSES = {
