@@ -49,7 +49,9 @@ ZeRO-3's communication is priced as counted (:func:`ds3_comm`): DeepSpeed keeps 
 ``stage3_max_reuse_distance`` (1e9 elements) and gathers in prefetch buckets of 5e7 elements, so ONE all-gather of Ψ
 per step (2 calls at 50M, in forward; none in backward) and ONE reduce-scatter (reduce_bucket_size 5e8 holds the whole
 gradient) — not the planner's per-module gathers in forward and again in backward (199 + 99 calls, twice the gather
-wire at 50M), which the record's theory line (proto_rows._deepspeed: 2 gathers) also assumed.
+wire at 50M), which the record's theory line (proto_rows._deepspeed: 2 gathers) also assumed. Not priced: ZeRO-3's
+per-module hooks (Python, per submodule: fetch, release, pre-/post-backward), which no calibrated figure times —
+23–30 ms of ds3's 5M step is left on every DS record (benchmarks/README.md).
 """
 from __future__ import annotations
 
