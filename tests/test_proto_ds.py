@@ -65,18 +65,22 @@ def test_extra_passes_as_counted():
 
 def test_fresh_pages_match_the_counted_faults():
     """The fresh bytes the model gives ÷ 4 KiB against the page faults counted per step on rank 0 (session 13, see
-    the results files): 50M ds1 225k (model 3.5 Ψ·4 + gloo's all-gather output Ψ·4 = 224k), ds2 202k (3 Ψ·4 + Ψ·4 =
-    199k), ds3 224k (4.5 Ψ·4 = 224k); 5M ds2 4,777 and ds3 4,783 (Ψ·4 = 4,772: the 2 GB bucket, gloo's reduce-scatter
-    buffer), ds1 9,579 (model 4,772: its flatten below 32 MiB came fresh too, by the heap's state). With a
-    ``flat.gloo.all_gather`` figure (it times that call, fresh output included) ZeRO-1/2 leave gloo's output out."""
+    the results files; two runs at 50M): 50M ds1 225k / 230k (model 3.5 Ψ·4 + gloo's all-gather output Ψ·4 = 224k;
+    the heap's state moves ±0.15 Ψ·4 between autograd's gradients and the step's flatten), ds2 202k / 200k (3 Ψ·4 +
+    Ψ·4 = 199k), ds3 224k / 232k (4.5 Ψ·4 = 224k); 5M ds2 4,777 and ds3 4,783 (Ψ·4 = 4,772: the 2 GB bucket, gloo's
+    reduce-scatter buffer), ds1 9,579 (model 4,772: its flatten below 32 MiB came fresh too, by the heap's state).
+    With a ``flat.gloo.all_gather`` figure (it times that call, fresh output included) ZeRO-1/2 leave gloo's output
+    out."""
     from benchmarks.proto_ds import PAGE, fresh_bytes
-    counted = {("50m", "ds1"): 225_000, ("50m", "ds2"): 202_000, ("50m", "ds3"): 224_000,
-               ("5m", "ds1"): 9_579, ("5m", "ds2"): 4_777, ("5m", "ds3"): 4_783}
-    for (size, n), faults in counted.items():
+    counted = {("50m", "ds1"): (225_000, 229_988), ("50m", "ds2"): (202_000, 199_501),
+               ("50m", "ds3"): (224_000, 231_685), ("5m", "ds1"): (9_579,), ("5m", "ds2"): (4_777,),
+               ("5m", "ds3"): (4_783,)}
+    for (size, n), runs in counted.items():
         psi = PSI_50M if size == "50m" else PSI_5M
         pages = fresh_bytes(n, psi, psi // 2, {}) / PAGE
-        tol = 0.51 if (size, n) == ("5m", "ds1") else 0.02
-        assert pages == pytest.approx(faults, rel=tol), (size, n, pages, faults)
+        tol = 0.51 if (size, n) == ("5m", "ds1") else 0.04
+        for faults in runs:
+            assert pages == pytest.approx(faults, rel=tol), (size, n, pages, faults)
     flat = {"flat.gloo.all_gather": 1.0}
     assert fresh_bytes("ds2", PSI_50M, PSI_50M // 2, {}) - fresh_bytes("ds2", PSI_50M, PSI_50M // 2, flat) == \
         PSI_50M * 4
