@@ -45,6 +45,9 @@ Figures (a flat dict, so start and end compare key by key):
   (loaded, this session's 2-core machine, 2 ranks pinned: bus 0.41 GB/s at 4 MiB, 0.12 at 204 MB; the all-reduce
   0.67 → 1.56), and at 50M the 4 MiB figures left 446–491 ms of ds1/ds2's step unpriced (0.73 / 0.76, session
   11), 6–17 ms at 5M (benchmarks/proto_report.py, predict_row);
+* ``fresh_page_s`` (with ``flat``, since session 13): seconds per fresh 4 KiB page — a 64 MiB copy into a new
+  torch.empty minus the same copy into a touched buffer — what DeepSpeed's per-step buffers of ≥ 32 MiB cost beyond
+  their copies (benchmarks/proto_ds.py; records without it: that module's FRESH_PAGE_S);
 * ``wait.*``: the wait δ of a chained blocking call from 48 interleaved repetitions of the tiny ring pair and the
   two isolated calls — the pair's median and quartiles, the isolated calls' fast mode (lower decile), the
   per-repetition differences — and with tp rows a gloo all-reduce issued right after a tp matmul
@@ -58,6 +61,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks.proto_ds import calibrate_fresh_page
 from benchmarks.proto_host import calibrate_host
 from benchmarks.proto_wait import wait_figures
 from parallel.comm.collectives import Group
@@ -331,6 +335,8 @@ def _calibrate_rest(kw: dict, per: int, comm_mb: float, reps: int, mem_mb: int, 
     for op in ("all_reduce", "all_gather") if flat else ():    # DeepSpeed ZeRO-1/2's one call over the flat gradient
         fn, m = _op_fn("gloo", op, flat, group)
         out[f"flat.gloo.{op}"], out["flat_bytes"] = WIRE[op](n) * m / _timed(fn, FLAT_REPS), m
+    if flat:                                     # DeepSpeed's per-step buffers' fresh pages (benchmarks/proto_ds.py)
+        out["fresh_page_s"] = calibrate_fresh_page()
     out.update(wait_figures(_op_fn("ring", "reduce_scatter", n, group)[0], _op_fn("ring", "all_gather", n, group)[0],
                             tp_call(kw, per) if tp else None))      # wait.*: δ per repetition (proto_wait.py)
     return out

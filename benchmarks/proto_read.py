@@ -15,7 +15,9 @@ ds1 / ds2 planner ÷ measured at 50M: session 11 0.73 / 0.76 → 0.80 / 0.83, se
 session 8 0.68 / 0.67 → 0.77 / 0.76, session 7 0.65 / 0.69 → 0.75 / 0.79; at 5M within 0.03 of before (0.85–0.96).
 What is left at 50M (≈ 300–350 ms of 1.7–1.8 s) fits gloo's all-gather at that message: 0.12 GB/s bus against 0.41 at
 4 MiB (loaded, benchmarks/proto_calib.py's bw figures at both sizes on this session's machine), 3.4× the 180 ms the
-4 MiB figure charges its 102 MB — which records since session 12 calibrate (``flat.gloo.*``).
+4 MiB figure charges its 102 MB — which records since session 12 calibrate (``flat.gloo.*``). Since session 13 the
+rest is priced from counts: DeepSpeed's own memory passes and the fresh pages of its per-step buffers (benchmarks/
+proto_ds.py, called by proto_report.predict_row): session 11 50M ds1 / ds2 1.05 / 1.07, session 12 0.87 / 0.78.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import sys
 if __name__ == "__main__":                      # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import proto_ds as ds
 from benchmarks import proto_read as rd
 from benchmarks import proto_stats as st
 from benchmarks import proto_tp as tp
@@ -187,6 +188,9 @@ def predict_row(rec: dict, name: str, cal: dict):
         peer = memory_seconds(meta["owned"] * per_owned + psi * per_grad, hw)
         pred.step_s += peer - pred.update_s
         pred.update_s = peer
+    if name in ("ds1", "ds2", "ds3"):  # DeepSpeed's own passes, fresh pages, ZeRO-3's counted calls (proto_ds.py)
+        pred.step_s += sum(ds.ds_seconds(name, grad_elements(rec, name), meta["owned"], rec["world"], pred, hw,
+                                         cal).values())
     if name == "tp_dtensor":           # its calls, replicated head, DTensor's dispatch (benchmarks/proto_host.py)
         pred.step_s += dtensor_tp_seconds(rec, cal, hw)
     elif name in FSDP2_ROWS:           # FSDP2's update over DTensor parameters (benchmarks/proto_host.py)
@@ -270,6 +274,9 @@ def _calib_lines(an: dict) -> list:
         out.append(f"  gloo at DeepSpeed ZeRO-1/2's one flat message ({c['flat_bytes'] / 1e6:.0f} MB): all-reduce "
                    f"{c['flat.gloo.all_reduce'] / 1e9:.2f} GB/s, all-gather {c['flat.gloo.all_gather'] / 1e9:.2f} GB/s "
                    f"bus (priced on ds1/ds2: benchmarks/proto_read.py)")
+    if "fresh_page_s" in c:
+        out.append(f"  a fresh 4 KiB page {c['fresh_page_s'] * 1e6:.2f} us (DeepSpeed's per-step buffers, priced on "
+                   f"ds1/ds2/ds3: benchmarks/proto_ds.py)")
     if rd.PAIR_ROBUST in c:
         out.append(f"  the ring pair over {c['wait.reps']:.0f} interleaved repetitions (benchmarks/proto_wait.py): "
                    f"{c[rd.PAIR_ROBUST] * 1e3:.2f} ms [{c[rd.PAIR_ROBUST + '.q25'] * 1e3:.2f}, "

@@ -354,6 +354,8 @@ def test_protocol_smoke_two_ranks():
     # ds1/ds2 in the rows: gloo timed at their one flat message, Ψ·4 bytes (proto_calib, flat.gloo.*)
     assert rec["calib_start"]["flat_bytes"] == psi * 4 and rec["calib_start"]["flat.gloo.all_gather"] > 0
     assert "flat message" in text(rec, an)
+    # and a fresh page's cost with them (DeepSpeed's per-step buffers: benchmarks/proto_ds.py; a figure, not asserted)
+    assert "fresh_page_s" in rec["calib_start"] and "fresh_page_s" in rec["calib_end"]
     md = markdown([rec], [an], {"date": "d", "machine": "m", "commit": "c", "versions": "v", "command": "x"})
     assert "| zero1 |" in md and "gloo-specific" in md
 
