@@ -1,7 +1,8 @@
 """Per-phase wall, process-CPU and main-thread-CPU of protocol rows, rows interleaved step by step (issue 18: where
 ZeRO-1/2 lose the time the planner expects them to save against tuned torch DDP).
 
-    python benchmarks/proto_phases.py --size 5m --rows zero1 zero2 ddp_tuned --steps 12
+    python benchmarks/proto_phases.py --size 5m --rows zero1 zero2 ddp_tuned local --steps 12 --rank -1
+    python benchmarks/proto_phases.py --size 50m --rows zero1 zero2 ddp_tuned --steps 6 --inner
 
 Every row is built first (benchmarks/proto_rows.py, 2 gloo ranks pinned one core each) and warmed up; then each
 of ``--steps`` rounds runs one step of every row, in ABBA order, so a load change hits all rows alike. The same
@@ -24,6 +25,23 @@ Per row and phase: the median over the steps of wall ms (rank 0's clock), CPU ms
 gloo's copy threads included), of the main thread, and the minor page faults (fresh 4 KiB pages) of the process.
 CPU seconds hold up under load where wall seconds do not; a phase whose wall exceeds its process CPU waited (for
 the peer rank, or for the core). ``--inner`` adds proto_profile's timers around the engine's functions (wall).
+
+Measured 2026-12-04 22:00–22:07 UTC, loaded (load average 5.7–8.5: walls meaningless, CPU read), AMD 2 cores,
+process CPU per step, rank 0 / rank 1, ZeRO row minus ddp_tuned (same run, interleaved):
+
+    5m   zero1  pre +0.5/+0.6  fwd −0.4/−0.8  bwd −1.2/−0.6  norm +1.5/+1.7  optimizer −6.5/−6.1  post +4.9/+6.7
+                step +0.3/+1.7 (of 132);  zero2 step +0.6/−3.0;  local − ddp_tuned bwd −12.5/−13.0
+    50m  zero1  step +54/−37, zero2 −10/−41 (of ~1280): optimizer −69…−73, post (all-gather) +50…+86, norm +7
+
+The update ZeRO halves (torch.optim.AdamW single-tensor on both: 40 vs 76 pieces) is saved in full; the parameter
+all-gather's socket copies (gloo's threads, same core) and the norm (a reduction DDP's row does not take) pay it
+back, and our ring's reduce-scatter + all-gather cost as much CPU as gloo's one all-reduce of the same bytes or a
+little more (benchmarks/ring_pair_ab.py, 20 MB: all_reduce 11.5–12.8 ms CPU / 14.8–18.1 wall; ring pair 12.7–14.5 /
+18.9–24.1). No engine step was found doing avoidable work: the hooks' Python costs ~0.6 ms a step over the fused
+copy they make (5m); a one-message N = 2 all-gather saves ~0.4 ms of main thread but waits longer; ZeRO-1's
+scratch-buffer ring (vs ZeRO-2's direct receive, forced by patch) left ZeRO-1 ÷ ZeRO-2 where it was. Page faults:
+with glibc's dynamic thresholds a row alone faults 0 (ddp_tuned) to ~5k pages a step (zero2: +14 ms CPU in one run,
+0.4k and no cost in the next); rows together, or benchmarks/protocol.py --fixed-malloc's thresholds, fault ~0.
 Loaded unless stated: the load average is printed.
 """
 from __future__ import annotations
@@ -144,6 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     ap.add_argument("--inner", action="store_true", help="also proto_profile's timers around engine functions")
     ap.add_argument("--rank", type=int, default=0, help="which rank's figures to print (-1: both)")
+    ap.add_argument("--vs", default="ddp_tuned", help="also print each row's process-CPU and wall minus this row's")
     a = ap.parse_args(argv)
     import torch.multiprocessing as mp
     with socket.socket() as s:
@@ -164,6 +183,13 @@ def main(argv=None) -> int:
         for n, d in med.items():
             for j, (cname, _) in enumerate(CLOCKS):
                 print(f"  {n:10s} {cname:4s} " + " | ".join(f"{d[p][j]:9.2f}" for p in PHASES))
+        if a.vs in med:
+            ref = med[a.vs]
+            for n, d in med.items():
+                if n != a.vs:
+                    for j in (1, 0):
+                        print(f"  {n + ' - ' + a.vs:22s} {CLOCKS[j][0]:4s} "
+                              + " | ".join(f"{d[p][j] - ref[p][j]:+9.2f}" for p in PHASES))
         for n, d in inner.items():
             if d:
                 print(f"  {n} inner (wall): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(d.items())))
