@@ -36,12 +36,16 @@ process CPU per step, rank 0 / rank 1, ZeRO row minus ddp_tuned (same run, inter
 The update ZeRO halves (torch.optim.AdamW single-tensor on both: 40 vs 76 pieces) is saved in full; the parameter
 all-gather's socket copies (gloo's threads, same core) and the norm (a reduction DDP's row does not take) pay it
 back, and our ring's reduce-scatter + all-gather cost as much CPU as gloo's one all-reduce of the same bytes or a
-little more (benchmarks/ring_pair_ab.py, 20 MB: all_reduce 11.5–12.8 ms CPU / 14.8–18.1 wall; ring pair 12.7–14.5 /
-18.9–24.1). No engine step was found doing avoidable work: the hooks' Python costs ~0.6 ms a step over the fused
-copy they make (5m); a one-message N = 2 all-gather saves ~0.4 ms of main thread but waits longer; ZeRO-1's
-scratch-buffer ring (vs ZeRO-2's direct receive, forced by patch) left ZeRO-1 ÷ ZeRO-2 where it was. Page faults:
-with glibc's dynamic thresholds a row alone faults 0 (ddp_tuned) to ~5k pages a step (zero2: +14 ms CPU in one run,
-0.4k and no cost in the next); rows together, or benchmarks/protocol.py --fixed-malloc's thresholds, fault ~0.
+little more and wait longer (benchmarks/ring_pair_ab.py, 20 MB, three runs: all_reduce 11.5–18.2 ms CPU /
+14.8–23.6 wall; ring pair 12.7–18.2 / 22.7–28.5). No engine step was found doing avoidable work: the hooks'
+Python costs ~0.6 ms a step over the fused copy they make (5m); in patched experiments (not kept) a one-message
+N = 2 all-gather saved ~0.4 ms of main thread but waited longer, and ZeRO-1's ring forced onto ZeRO-2's direct
+receive left ZeRO-1 ÷ ZeRO-2 where it was. Page faults: with glibc's dynamic thresholds a row alone faults 0
+(ddp_tuned) to ~5k pages a step (zero2: +14 ms CPU in one run, 0.4k and no cost in the next); at 5m rows built
+together fault ~0, at 50m every row thousands a step; benchmarks/protocol.py --fixed-malloc's thresholds: 0.
+Paired CPU per step (``proto_pair.py --rows ddp_tuned zero1 zero2``, loaded, 22:08–22:12): 5m (30 rounds) zero1 ÷
+ddp_tuned 0.988 [0.924, 1.045], zero2 0.981, zero1 ÷ zero2 1.012; 50m (10 rounds) 0.978 / 0.971 with glibc's
+dynamic thresholds (faults/step: ddp_tuned 6480, zero1 4224, zero2 3520), 0.990 / 0.986 with --fixed-malloc's (0).
 Loaded unless stated: the load average is printed.
 """
 from __future__ import annotations
