@@ -150,11 +150,18 @@ def _check_parallel(c: Config) -> None:
 
 
 def _check_cp(c: Config) -> None:
-    """Context parallelism: the sequence splits into 2·cp zig-zag chunks."""
+    """Context parallelism: the sequence splits into 2·cp zig-zag chunks; sequence parallelism cuts each rank's
+    sequence (seq_len / cp) into tp chunks — checked here, before any worker starts, rather than at the first
+    forward's scatter (the data factories' ``seq_len`` is the model's input length)."""
     p = c.parallel
+    seq = c.data.kwargs.get("seq_len") if isinstance(c.data.kwargs, dict) else None
+    if p.sequence_parallel and p.tp > 1 and isinstance(seq, int) and seq % p.cp == 0 and (seq // p.cp) % p.tp:
+        local = f"{seq}" if p.cp == 1 else f"{seq} / cp = {seq // p.cp}"
+        raise ConfigError(f"parallel.sequence_parallel=true: the sequence length {local} (data.kwargs.seq_len) is "
+                          f"not divisible by parallel.tp={p.tp} (each tp rank holds one chunk): use a multiple of "
+                          f"{p.tp * p.cp} for data.kwargs.seq_len, or set parallel.sequence_parallel=false")
     if p.cp == 1:
         return
-    seq = c.data.kwargs.get("seq_len") if isinstance(c.data.kwargs, dict) else None
     if isinstance(seq, int) and seq % (2 * p.cp):
         raise ConfigError(f"parallel.cp={p.cp}: the sequence length {seq} (data.kwargs.seq_len) must be divisible "
                           f"by 2·cp = {2 * p.cp} (the zig-zag split into 2·cp chunks): change seq_len or parallel.cp")
