@@ -61,3 +61,21 @@ def test_small_vocabulary_builds_without_the_token_id_warning(capfd):
     assert build("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                  num_attention_heads=2).config.eos_token_id == 2          # an id inside the vocabulary stays
     assert _config("cwm", {"vocab_size": 64}).bos_token_id is not None    # strict int field: built as given
+
+
+def test_flop_count_of_a_meta_transformers_model():
+    """The metrics' MFU counts FLOPs on the engine's meta template; transformers' packed-sequence check reads a
+    value (``.all()`` on the position ids), so every run printed "no FLOP count (… Tensor.item() cannot be called
+    on meta tensors); MFU is not reported". The meta count now equals the count on real weights."""
+    import torch
+
+    from examples.hf_causal_lm import build
+    from parallel.planning.flops import count_training_flops
+    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+    x = torch.randint(0, 128, (2, 16))
+    real = count_training_flops(build("qwen2", **kw), x)
+    with torch.device("meta"):
+        meta = build("qwen2", **kw)
+    assert count_training_flops(meta, x) == real > 0
+    assert all(p.grad is None for p in meta.parameters())
