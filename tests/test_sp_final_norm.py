@@ -6,7 +6,7 @@ used to be looked for only among norms holding parameters, so both were refused 
 leaves it"). The exit is now the last block's output: a parameter-free norm acts per token, so it gives the same
 numbers on the whole sequence (a gather on the norm's own output would also fire on NanoChat's first call, where
 the sequence is whole, and double it). Checked against one process at the zoo's tolerance (1e-5 relative, 3 AdamW
-steps, fp32) alone, with full recompute, and on a tp2 × pp2 mesh.
+steps, fp32) alone, with full recompute, on a tp2 × pp2 mesh and on dp2 ZeRO-3 × tp2 with full recompute.
 
 Two checks the new exit needed: a marker on a block must not hide the block's own mixers from the unsplit check,
 and split layers outside the region (HRM-Text's H_module, run after the L_module's region has been left) are
@@ -69,24 +69,25 @@ def test_split_layers_outside_the_region_refused():
     _checked_plan(zoo.build("hrm_text"), "auto", 2, False)      # tp without sp: unaffected
 
 
-def _losses(rank, world, arch, pp, policy):
+def _losses(rank, world, arch, pp, dp, policy):
     from launch.train import run
     from parallel.mesh import Mesh
-    cfg = zoo.config(arch, world, tp=2, pp=pp, sp=True)
+    cfg = zoo.config(arch, world, dp=dp, tp=2, pp=pp, zero=3 if dp > 1 else 1, sp=True)
     cfg.activation_checkpointing.policy = policy
-    out = run(cfg, Mesh(pp=pp, dp=1, tp=2), print_fn=lambda *a, **k: None)
+    out = run(cfg, Mesh(pp=pp, dp=dp, tp=2), print_fn=lambda *a, **k: None)
     out["engine"].close()
     return out["losses"]
 
 
-@pytest.mark.parametrize("arch,pp,policy", [
-    ("nanochat", 1, "none"),
-    pytest.param("olmo", 1, "none", marks=pytest.mark.slow),
-    pytest.param("nanochat", 1, "full", marks=pytest.mark.slow),
-    pytest.param("olmo", 2, "none", marks=pytest.mark.slow),
+@pytest.mark.parametrize("arch,pp,dp,policy", [
+    ("nanochat", 1, 1, "none"),
+    pytest.param("olmo", 1, 1, "none", marks=pytest.mark.slow),
+    pytest.param("nanochat", 1, 1, "full", marks=pytest.mark.slow),
+    pytest.param("olmo", 2, 1, "none", marks=pytest.mark.slow),
+    pytest.param("nanochat", 1, 2, "full", marks=pytest.mark.slow),     # dp2 ZeRO-3 × tp2 sp, full recompute
 ])
-def test_tp2_sp_equals_one_process(arch, pp, policy):
+def test_tp2_sp_equals_one_process(arch, pp, dp, policy):
     torch.manual_seed(0)
     want = reference_losses(zoo.config(arch))
-    got = run_ranks(_losses, 2 * pp, arch, pp, policy, timeout=300)[-1]
-    assert_close_curve(got, want, zoo.RTOL, f"{arch} tp2 sp pp{pp} recompute {policy}")
+    got = run_ranks(_losses, 2 * pp * dp, arch, pp, dp, policy, timeout=300)[-1]
+    assert_close_curve(got, want, zoo.RTOL, f"{arch} dp{dp} tp2 sp pp{pp} recompute {policy}")
