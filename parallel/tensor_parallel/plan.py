@@ -43,10 +43,11 @@ embedding reduce-scatters, so the residual stream is sequence-sharded from the e
 output layer, whose f̄ all-gathers it. Region layout (transformers models, whose code derives
 positions and masks from the embedding's sequence length): the embedding all-reduces as without SP,
 ``seq_scatter_input`` on the first block enters the region and ``seq_gather_output`` on the final
-norm leaves it; the output layer then reads the full sequence. ``plan="auto"`` builds the region
-layout for transformers models. In both, f̄ is applied once to the input of each module holding
-column-parallel layers (attention, MLP), so their code sees the whole sequence; whatever in such a
-module reads that input must be column-parallel. Without SP those layers share one f instead.
+norm leaves it (the last block when that norm holds no parameters: :func:`.styles._region_markers`); the
+output layer then reads the full sequence. ``plan="auto"`` builds the region layout for transformers models.
+In both, f̄ is applied once to the input of each module holding column-parallel layers (attention, MLP), so
+their code sees the whole sequence; whatever in such a module reads that input must be column-parallel.
+Without SP those layers share one f instead.
 Dropout on a sequence shard needs a different RNG stream per tp rank; that is not provided here.
 
 ``plan="auto"``: the model's ``TP_PLAN`` (attribute, or a dict in the module defining its class, as in

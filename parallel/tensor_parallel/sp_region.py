@@ -2,8 +2,9 @@
 running where the residual stream is sequence-sharded, sees the rank's sequence shard alone.
 
 Where the stream is [b, s/tp, h]: in the region layout (transformers models) the blocks, from the first block's
-input to the final norm; in the Megatron layout (no ``seq_scatter_input``: the vocab embedding reduce-scatters)
-everything from the embedding to the output layer. An "island" — a module holding column-parallel layers (the
+input to the final norm (to the last block's output when that norm holds no parameters: OLMo, NanoChat); in the
+Megatron layout (no ``seq_scatter_input``: the vocab embedding reduce-scatters) everything from the embedding to
+the output layer. An "island" — a module holding column-parallel layers (the
 attention, the MLP) — all-gathers its input (f̄, a pre-hook on the module), so everything in it sees the whole
 sequence; a norm acts per token and its gradient is summed over tp. Any other module there that holds parameters
 — a linear-attention, recurrent or convolutional mixer the plan does not name (OLMo-Hybrid's gated-delta layers,
