@@ -41,13 +41,16 @@ def test_sp_flag_reaches_the_plan():
     assert "REFUSED" not in r.stdout
 
 
-@pytest.mark.parametrize("over,local", [(["parallel.tp=2", "data.kwargs.seq_len=63"], "63"),
-                                        (["parallel.tp=4", "parallel.cp=2", "data.kwargs.seq_len=12"],
-                                         "12 / cp = 6")])
-def test_sequence_length_not_divisible_by_tp_is_a_config_error(over, local):
+@pytest.mark.parametrize("over,local,key", [
+    (["parallel.tp=2", "data.kwargs.seq_len=63"], "63", "data.kwargs"),
+    (["parallel.tp=4", "parallel.cp=2", "data.kwargs.seq_len=12"], "12 / cp = 6", "data.kwargs"),
+    (["parallel.tp=2", "data.eval={factory: 'examples.text_corpus:packed', kwargs: {seq_len: 33}}"], "33",
+     "data.eval.kwargs"),
+])
+def test_sequence_length_not_divisible_by_tp_is_a_config_error(over, local, key):
     ov = ["parallel.dp=1", "parallel.pp=1", "parallel.sequence_parallel=true"] + over
     cfg = load_config(YAML, ov)
-    with pytest.raises(ConfigError, match=rf"the sequence length {local} \(data.kwargs.seq_len\) is not divisible "
+    with pytest.raises(ConfigError, match=rf"the sequence length {local} \({key}.seq_len\) is not divisible "
                                           rf"by parallel.tp=\d.*set parallel.sequence_parallel=false"):
         cfg.validate(cfg.world_size)
     load_config(YAML, ov[:2] + over).validate()                 # the same length without sp: no complaint

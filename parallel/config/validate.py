@@ -154,12 +154,15 @@ def _check_cp(c: Config) -> None:
     sequence (seq_len / cp) into tp chunks — checked here, before any worker starts, rather than at the first
     forward's scatter (the data factories' ``seq_len`` is the model's input length)."""
     p = c.parallel
+    ev = c.data.eval.get("kwargs") if isinstance(c.data.eval, dict) else None
+    for key, kw in (("data.kwargs", c.data.kwargs), ("data.eval.kwargs", ev)):
+        n = kw.get("seq_len") if isinstance(kw, dict) else None
+        if p.sequence_parallel and p.tp > 1 and isinstance(n, int) and n % p.cp == 0 and (n // p.cp) % p.tp:
+            local = f"{n}" if p.cp == 1 else f"{n} / cp = {n // p.cp}"
+            raise ConfigError(f"parallel.sequence_parallel=true: the sequence length {local} ({key}.seq_len) is not "
+                              f"divisible by parallel.tp={p.tp} (each tp rank holds one chunk): use a multiple of "
+                              f"{p.tp * p.cp} for {key}.seq_len, or set parallel.sequence_parallel=false")
     seq = c.data.kwargs.get("seq_len") if isinstance(c.data.kwargs, dict) else None
-    if p.sequence_parallel and p.tp > 1 and isinstance(seq, int) and seq % p.cp == 0 and (seq // p.cp) % p.tp:
-        local = f"{seq}" if p.cp == 1 else f"{seq} / cp = {seq // p.cp}"
-        raise ConfigError(f"parallel.sequence_parallel=true: the sequence length {local} (data.kwargs.seq_len) is "
-                          f"not divisible by parallel.tp={p.tp} (each tp rank holds one chunk): use a multiple of "
-                          f"{p.tp * p.cp} for data.kwargs.seq_len, or set parallel.sequence_parallel=false")
     if p.cp == 1:
         return
     if isinstance(seq, int) and seq % (2 * p.cp):
