@@ -19,7 +19,7 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
     """``attn_implementation``: transformers' name; unset, ``sdpa`` where the architecture has it, else
     ``eager`` (Bloom, Gemma-2, ... support no SDPA attention)."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
     except ImportError:
         raise ImportError("examples.hf_causal_lm needs transformers: pip install -e '.[hf]'") from None
     if pretrained:
@@ -35,7 +35,7 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
                          "model.kwargs.pretrained names a local model directory")
     _check_model_type(model_type)
     config_kwargs.setdefault("use_cache", False)
-    cfg = AutoConfig.for_model(model_type, **config_kwargs)
+    cfg = _config(model_type, config_kwargs)
     _check_fields(model_type, cfg, config_kwargs)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # a small vocabulary has no id 50256
         v = getattr(cfg, k, None)
@@ -45,6 +45,25 @@ def build(model_type: str | None = None, pretrained: str | None = None, attn_imp
         if hasattr(cfg, k) and k not in config_kwargs:
             setattr(cfg, k, 0.0)                         # exactness: no dropout unless asked for
     return _with_attention(lambda a: AutoModelForCausalLM.from_config(cfg, attn_implementation=a), attn_implementation)
+
+
+def _config(model_type: str, config_kwargs: dict):
+    """The config, built with ``None`` for each default special-token id the given vocab_size does not hold (GPT-2's
+    eos 50256 with vocab_size 1024), so transformers' check does not warn "eos_token_id must be None or an integer
+    within the vocabulary" on every rank about an id :func:`build` drops anyway; a config whose fields refuse None
+    (CWM's bos, ModernBERT-decoder's pad: strict int fields) is built as given, warning and all."""
+    from transformers import AutoConfig
+    vocab, drop = config_kwargs.get("vocab_size"), {}
+    if isinstance(vocab, int):
+        base = AutoConfig.for_model(model_type)
+        drop = {k: None for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k not in config_kwargs
+                and isinstance(getattr(base, k, None), int) and getattr(base, k) >= vocab}
+    if drop:
+        try:
+            return AutoConfig.for_model(model_type, **config_kwargs, **drop)
+        except Exception:          # huggingface_hub's StrictDataclassError (an Exception); the plain build below
+            pass                   # raises whatever is really wrong
+    return AutoConfig.for_model(model_type, **config_kwargs)
 
 
 def _check_model_type(model_type: str) -> None:
@@ -92,7 +111,7 @@ def _with_attention(make, attn_implementation):
 
 
 def main(argv=None) -> int:
-    """``python examples/hf_causal_lm.py --model-type qwen2 --data PREFIX --dp 2 --tp 2 --pp 2 --zero 1``:
+    """``python examples/hf_causal_lm.py --model-type qwen2 --data PREFIX --dp 2 --tp 2 --pp 2 --zero 1 [--sp]``:
     train a transformers architecture on a tokenized corpus (packed documents) through the launcher."""
     import argparse
     import os
@@ -102,19 +121,25 @@ def main(argv=None) -> int:
     # the workers are new processes: they find examples.hf_causal_lm (model.factory) through PYTHONPATH
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     from launch.__main__ import main as launch
-    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0], epilog=(
+        "Any other argument goes to python -m launch: a config override key=value on configs/hf_causal_lm.yaml "
+        "(train.steps=20 data.kwargs.seq_len=128 parallel.pp_schedule=gpipe activation_checkpointing.policy=full) "
+        "or one of its flags (--dry-run: check the layout and print the plan, start nothing)."))
     ap.add_argument("--model-type", default="llama", help="any transformers causal-LM model_type (no download)")
     ap.add_argument("--pretrained", default=None, help="a local model directory (from_pretrained) instead")
     ap.add_argument("--data", default=None, help="a corpus prefix written by `python -m launch.prepare_data` "
                     "(default: the bundled text, BPE-tokenized on first use); --vocab must cover its ids")
     ap.add_argument("--vocab", type=int, default=1024, help="the model's vocab_size (≥ the corpus tokenizer's)")
-    for axis in ("dp", "tp", "pp"):
-        ap.add_argument(f"--{axis}", type=int, default=1)
+    for axis, what in (("dp", "data-parallel replicas"), ("tp", "tensor-parallel ranks (a divisor of the head "
+                       "counts)"), ("pp", "pipeline stages")):
+        ap.add_argument(f"--{axis}", type=int, default=1, help=f"{what}; the job starts dp·tp·pp processes")
     ap.add_argument("--zero", type=int, default=1, help="ZeRO stage")
+    ap.add_argument("--sp", action="store_true", help="sequence parallel over the tp ranks (needs --tp > 1; "
+                    "parallel.sequence_parallel=true)")
     a, rest = ap.parse_known_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     ov = [f"model.kwargs.model_type={a.model_type}", f"parallel.dp={a.dp}", f"parallel.tp={a.tp}",
-          f"parallel.pp={a.pp}", f"zero.stage={a.zero}"]
+          f"parallel.pp={a.pp}", f"zero.stage={a.zero}", f"parallel.sequence_parallel={str(a.sp).lower()}"]
     if a.pretrained:
         ov.append(f"model.kwargs.pretrained={a.pretrained}")
     ov += [f"model.kwargs.vocab_size={a.vocab}", f"data.kwargs.vocab_size={a.vocab}"]

@@ -150,11 +150,21 @@ def _check_parallel(c: Config) -> None:
 
 
 def _check_cp(c: Config) -> None:
-    """Context parallelism: the sequence splits into 2·cp zig-zag chunks."""
+    """Context parallelism: the sequence splits into 2·cp zig-zag chunks; sequence parallelism cuts each rank's
+    sequence (seq_len / cp) into tp chunks — checked here, before any worker starts, rather than at the first
+    forward's scatter (the data factories' ``seq_len`` is the model's input length)."""
     p = c.parallel
+    ev = c.data.eval.get("kwargs") if isinstance(c.data.eval, dict) else None
+    for key, kw in (("data.kwargs", c.data.kwargs), ("data.eval.kwargs", ev)):
+        n = kw.get("seq_len") if isinstance(kw, dict) else None
+        if p.sequence_parallel and p.tp > 1 and isinstance(n, int) and n % p.cp == 0 and (n // p.cp) % p.tp:
+            local = f"{n}" if p.cp == 1 else f"{n} / cp = {n // p.cp}"
+            raise ConfigError(f"parallel.sequence_parallel=true: the sequence length {local} ({key}.seq_len) is not "
+                              f"divisible by parallel.tp={p.tp} (each tp rank holds one chunk): use a multiple of "
+                              f"{p.tp * p.cp} for {key}.seq_len, or set parallel.sequence_parallel=false")
+    seq = c.data.kwargs.get("seq_len") if isinstance(c.data.kwargs, dict) else None
     if p.cp == 1:
         return
-    seq = c.data.kwargs.get("seq_len") if isinstance(c.data.kwargs, dict) else None
     if isinstance(seq, int) and seq % (2 * p.cp):
         raise ConfigError(f"parallel.cp={p.cp}: the sequence length {seq} (data.kwargs.seq_len) must be divisible "
                           f"by 2·cp = {2 * p.cp} (the zig-zag split into 2·cp chunks): change seq_len or parallel.cp")

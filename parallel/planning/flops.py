@@ -105,18 +105,31 @@ def count_training_flops(model: nn.Module, sample, loss_fn=None, backward: bool 
         sample = sample.to(dev)
     was = model.training
     model.train(backward)
-    try:
+
+    def count() -> int:
         with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
             out = logits_of(model(sample))
             if backward:
                 loss = loss_fn(out) if loss_fn is not None else out.float().sum()
                 loss.backward()
+        return int(counter.get_total_flops())
+    try:
+        try:
+            return count()
+        except RuntimeError as e:
+            # A forward that reads a value (transformers' packed-sequence check on the position ids,
+            # ``(mask[:, -1] == 0).all()``) cannot run on meta tensors; under FakeTensorMode it skips that
+            # check (``is_tracing``) and the shapes — hence the counts — are the same as on a real device.
+            if dev.type != "meta" or "meta tensors" not in str(e):
+                raise
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                return count()
     finally:
         model.train(was)
         if dev.type == "meta":
             for p in model.parameters():
                 p.grad = None
-    return int(counter.get_total_flops())
 
 
 # --- peak and utilisation --------------------------------------------------------------------------

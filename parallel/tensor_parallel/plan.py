@@ -43,10 +43,11 @@ embedding reduce-scatters, so the residual stream is sequence-sharded from the e
 output layer, whose f̄ all-gathers it. Region layout (transformers models, whose code derives
 positions and masks from the embedding's sequence length): the embedding all-reduces as without SP,
 ``seq_scatter_input`` on the first block enters the region and ``seq_gather_output`` on the final
-norm leaves it; the output layer then reads the full sequence. ``plan="auto"`` builds the region
-layout for transformers models. In both, f̄ is applied once to the input of each module holding
-column-parallel layers (attention, MLP), so their code sees the whole sequence; whatever in such a
-module reads that input must be column-parallel. Without SP those layers share one f instead.
+norm leaves it (the last block when that norm holds no parameters: :func:`.styles._region_markers`); the
+output layer then reads the full sequence. ``plan="auto"`` builds the region layout for transformers models.
+In both, f̄ is applied once to the input of each module holding column-parallel layers (attention, MLP), so
+their code sees the whole sequence; whatever in such a module reads that input must be column-parallel.
+Without SP those layers share one f instead.
 Dropout on a sequence shard needs a different RNG stream per tp rank; that is not provided here.
 
 ``plan="auto"``: the model's ``TP_PLAN`` (attribute, or a dict in the module defining its class, as in
@@ -85,7 +86,7 @@ from parallel.tensor_parallel.sp_region import (
     _output_hook,
     _scatter_once,
     gathered_only_modules,
-    unsplit_in_region,
+    region_problems,
 )
 from parallel.tensor_parallel.styles import (
     _KV_HEADS,
@@ -260,14 +261,8 @@ def _checked_plan(model: nn.Module, plan, tp: int, sequence_parallel: bool,
                                 apply_tensor_parallel)           # Doge's per-kv-head mask coefficients
     styles |= {s for _, s, _ in matches}
     attrs = island_attrs(matches, mods, sections, tp, errors, {n.rpartition(".")[0] for n in kv})
-    if sequence_parallel and tp > 1 and (unsplit := unsplit_in_region(matches, mods)):
-        more = f" (and {len(unsplit) - 3} more)" if len(unsplit) > 3 else ""
-        errors.append(f"sequence parallel: {', '.join(unsplit[:3])}{more} would run on the rank's sequence shard "
-                      f"alone (the plan neither splits nor marks it: a sequence mixer would see s/tp tokens, its "
-                      f"gradient only theirs); set parallel.sequence_parallel=false, or split it in parallel.tp_plan")
-    if sequence_parallel and "seq_scatter_input" in styles and "seq_gather_output" not in styles:
-        errors.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
-                      "mark the final norm 'seq_gather_output'")
+    if sequence_parallel:
+        errors += region_problems(matches, mods, tp)
     if errors:
         raise ValueError(f"tensor-parallel plan cannot be applied to {type(model).__name__} with tp = {tp}:\n  - "
                          + "\n  - ".join(errors))

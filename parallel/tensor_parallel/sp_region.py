@@ -2,8 +2,9 @@
 running where the residual stream is sequence-sharded, sees the rank's sequence shard alone.
 
 Where the stream is [b, s/tp, h]: in the region layout (transformers models) the blocks, from the first block's
-input to the final norm; in the Megatron layout (no ``seq_scatter_input``: the vocab embedding reduce-scatters)
-everything from the embedding to the output layer. An "island" — a module holding column-parallel layers (the
+input to the final norm (to the last block's output when that norm holds no parameters: OLMo, NanoChat); in the
+Megatron layout (no ``seq_scatter_input``: the vocab embedding reduce-scatters) everything from the embedding to
+the output layer. An "island" — a module holding column-parallel layers (the
 attention, the MLP) — all-gathers its input (f̄, a pre-hook on the module), so everything in it sees the whole
 sequence; a norm acts per token and its gradient is summed over tp. Any other module there that holds parameters
 — a linear-attention, recurrent or convolutional mixer the plan does not name (OLMo-Hybrid's gated-delta layers,
@@ -22,9 +23,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from parallel.tensor_parallel.layers import seq_scatter
-from parallel.tensor_parallel.styles import COLWISE, ROWWISE, _is_norm
+from parallel.tensor_parallel.styles import COLWISE, MARKERS, ROWWISE, _is_norm
 
-__all__ = ["unsplit_in_region", "gathered_only_modules"]
+__all__ = ["unsplit_in_region", "region_problems", "gathered_only_modules"]
 
 _HEADS = ("colwise_vocab", "colwise_gather")
 
@@ -47,7 +48,8 @@ def unsplit_in_region(matches: list, mods: dict) -> list[str]:
     else:
         return []
     inside = entry.rpartition(".")[0] + "." if entry else None
-    covered = {n for n, s, _ in matches if s != "seq_scatter_input"}
+    covered = {n for n, s, _ in matches if s != "seq_scatter_input"      # a marker on a block (the exit after the
+               and not (s in MARKERS and inside and n.startswith(inside))}  # last one) covers none of its mixers
     covered |= {n.rpartition(".")[0] for n, s, _ in matches          # islands: parents of column layers
                 if s in COLWISE and (s not in _HEADS or (s == "colwise_gather" and inside and n.startswith(inside)))}
     norms = {n for n, m in mods.items() if _is_norm(m)}
@@ -55,6 +57,34 @@ def unsplit_in_region(matches: list, mods: dict) -> list[str]:
     for name, m in roots:
         _walk(name, m, covered, norms, bad, True)
     return bad
+
+
+def region_problems(matches: list, mods: dict, tp: int) -> list[str]:
+    """The reasons a plan's sequence-parallel layout cannot keep the model's numbers (empty when none): modules
+    that would run on the sequence shard unsplit (:func:`unsplit_in_region`); a region entered and never left;
+    split layers outside the region (a second block list HRM-Text runs after the region has been left, a vision
+    tower): their module's f̄ would all-gather an input that is already the whole sequence, doubling it. With
+    tp = 1 (the plan only checked) only the missing exit."""
+    out = []
+    if tp > 1 and (unsplit := unsplit_in_region(matches, mods)):
+        more = f" (and {len(unsplit) - 3} more)" if len(unsplit) > 3 else ""
+        out.append(f"sequence parallel: {', '.join(unsplit[:3])}{more} would run on the rank's sequence shard "
+                   f"alone (the plan neither splits nor marks it: a sequence mixer would see s/tp tokens, its "
+                   f"gradient only theirs); set parallel.sequence_parallel=false, or split it in parallel.tp_plan")
+    entry = next((n for n, s, _ in matches if s == "seq_scatter_input"), None)
+    if entry is None:
+        return out
+    if not any(s == "seq_gather_output" for _, s, _ in matches):
+        out.append("sequence parallel: the plan enters the region (seq_scatter_input) but never leaves it; "
+                   "mark the final norm 'seq_gather_output'")
+    inside = entry.rpartition(".")[0] + "."
+    outside = sorted(n for n, s, _ in matches if s in COLWISE + ROWWISE and s not in _HEADS
+                     and not n.startswith(inside))
+    if outside and tp > 1:
+        out.append(f"sequence parallel: {', '.join(outside[:3])}{' …' if len(outside) > 3 else ''} "
+                   f"split outside the region ({inside}*, where the sequence is sharded) would all-gather a whole "
+                   f"sequence; set parallel.sequence_parallel=false, or leave them out of parallel.tp_plan")
+    return out
 
 
 def _walk(name: str, m: nn.Module, covered: set, norms: set, bad: list, enter: bool) -> None:

@@ -46,9 +46,12 @@ def _int_attr(m, names):
     return None
 
 
+def _norm_like(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(m).__name__.endswith("Norm")
+
+
 def _is_norm(m: nn.Module) -> bool:
-    return bool(m._parameters) and (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm))
-                                    or type(m).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")))
+    return bool(m._parameters) and _norm_like(m)
 
 
 # --- plan resolution ----------------------------------------------------------------------------
@@ -112,7 +115,13 @@ def _names_something(model: nn.Module, glob: str) -> bool:
 
 
 def _region_markers(model: nn.Module, plan: dict) -> dict:
-    """Sequence-parallel region of a transformers model: the first block's input to the final norm."""
+    """Sequence-parallel region of a transformers model: the first block's input to the final norm (the first
+    norm after the block list). A final norm holding no parameters (OLMo's ``OlmoLayerNorm``: ``F.layer_norm``
+    with no weight; NanoChat's ``NanoChatRMSNorm``) leaves the region at the last block's output instead: a
+    parameter-free norm acts on each token alone, so on the whole sequence it gives the same numbers and has no
+    gradient to sum, whereas a gather on its output would also fire where the model calls it outside the region
+    (NanoChat's ``self.norm`` runs on the embeddings before the blocks too: a second gather would double the
+    sequence). With no norm module after the blocks at all the plan has no exit and is refused."""
     mods = dict(model.named_modules())
     for glob, style in plan.items():
         if HF_ALIASES.get(style, style) not in COLWISE + ROWWISE:
@@ -132,6 +141,9 @@ def _region_markers(model: nn.Module, plan: dict) -> dict:
                     for n in after:
                         if _is_norm(parent._modules[n]):
                             out[f"{parent_name}.{n}" if parent_name else n] = "seq_gather_output"
+                            break
+                        if _norm_like(parent._modules[n]) and not any(True for _ in parent._modules[n].parameters()):
+                            out[f"{blocks}.{list(mods[blocks]._modules)[-1]}"] = "seq_gather_output"
                             break
                     return out
     return {}
