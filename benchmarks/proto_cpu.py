@@ -11,7 +11,6 @@ Prints per rank and row the medians over the (row-interleaved, ABBA-ordered) ste
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import resource
 import socket
@@ -38,18 +37,14 @@ def _one(row, dist, torch) -> dict:
 
 
 def _rank(rank, world, port, opts, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import warnings
     warnings.filterwarnings("ignore")
     import torch
     import torch.distributed as dist
 
     from benchmarks import proto_rows
-    from benchmarks.proto_run import SIZES, pin
-    pin(rank, world, 1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
-    pin(rank, world, 1)
+    from benchmarks.proto_run import SIZES, join
+    join(rank, world, port)
     rows = opts["rows"]
     built = {n: proto_rows.build(n, SIZES[opts["size"]], opts["per"], world, rank) for n in rows}
     for r in built.values():

@@ -18,7 +18,6 @@ torch.distributed's calls (op, tensor bytes).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import resource
 import socket
@@ -116,17 +115,13 @@ def counted_step(row) -> dict:
 
 
 def _rank(rank, world, port, opts, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import warnings
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
 
     from benchmarks import proto_rows
-    from benchmarks.proto_run import SIZES, pin
-    pin(rank, world, 1, True)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
-    pin(rank, world, 1, True)
+    from benchmarks.proto_run import SIZES, join
+    join(rank, world, port)
     res = {}
     for name in opts["rows"]:
         row = proto_rows.build(name, SIZES[opts["size"]], opts["per"], world, rank)

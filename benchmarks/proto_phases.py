@@ -51,7 +51,6 @@ Loaded unless stated: the load average is printed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import resource
 import socket
@@ -112,18 +111,14 @@ class Marks:
 
 
 def _rank(rank, world, port, opts, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import warnings
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
 
     from benchmarks import proto_rows
     from benchmarks.proto_profile import Timers
-    from benchmarks.proto_run import SIZES, pin
-    pin(rank, world, 1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
-    pin(rank, world, 1)
+    from benchmarks.proto_run import SIZES, join
+    join(rank, world, port)
     marks = Marks()
     marks.install()
     timers = Timers()

@@ -60,6 +60,27 @@ def pin(rank: int, world: int, threads: int, cores: bool = True) -> dict:
             "oversubscribed": bool(cpus) and world > len(cpus)}
 
 
+def join(rank: int, world: int, port: int, timeout_s: float = 900) -> None:
+    """A benchmark rank's start: the env torchrun would set (and DeepSpeed's CPU accelerator), this process
+    pinned to its core with one torch thread (:func:`pin`), the gloo world joined, and pinned again (gloo's
+    threads are born in init_process_group)."""
+    import datetime
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    pin(rank, world, 1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    pin(rank, world, 1)
+
+
+class WorldGroup:
+    """The fields parallel.comm.ring reads from a group (size, rank, pg), for the default world group."""
+
+    def __init__(self, dist):
+        self.size, self.rank, self.pg = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+
+
 def _agree(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on every rank (a row runs everywhere or nowhere)."""
     t = torch.tensor([0 if flag else 1])

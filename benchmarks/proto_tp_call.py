@@ -17,7 +17,6 @@ Printed per variant, in ms: median, quartiles, mean of (variant − mm) — the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
 import statistics
@@ -29,18 +28,15 @@ if __name__ == "__main__":
 
 
 def _rank(rank, world, port, opts, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     from benchmarks.proto_calib import _tp_tensors
-    from benchmarks.proto_run import SIZES, pin
+    from benchmarks.proto_run import SIZES, join
     from benchmarks.proto_wait import per_rep_slowest
-    pin(rank, world, 1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
-    pin(rank, world, 1)
+    join(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
     kw = SIZES[opts["size"]]
     a, w, x = _tp_tensors(kw, opts["per"])

@@ -15,7 +15,6 @@ old and new; the seconds the new figures took. With ``--tp`` also the old tp exc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -27,16 +26,13 @@ if __name__ == "__main__":
 
 
 def _rank(rank, world, port, opts, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch.distributed as dist
 
     from benchmarks.proto_calib import _op_fn, _timed, chained_all_reduce, tp_call
-    from benchmarks.proto_run import SIZES, pin
+    from benchmarks.proto_run import SIZES, join
     from benchmarks.proto_wait import wait_figures
     from parallel.comm.collectives import Group
-    pin(rank, world, 1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=900))
-    pin(rank, world, 1)
+    join(rank, world, port)
     kw, per = SIZES[opts["size"]], opts["per"]
     group = Group(dist.group.WORLD, "calibration", tuple(range(world)), rank)
     small = {op: _op_fn("ring", op, world, group)[0] for op in ("all_reduce", "reduce_scatter", "all_gather")}

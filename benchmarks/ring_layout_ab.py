@@ -16,7 +16,6 @@ protocol (whose per-round paired ratio is 1.029, bootstrap 95 % [0.999, 1.058], 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import random
 import socket
@@ -28,24 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-class _Group:
-    """The fields parallel.comm.ring reads from a group: size, rank, pg."""
-
-    def __init__(self, dist):
-        self.size, self.rank, self.pg = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
-
-
 def _rank(rank, port, opts, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     import torch
     import torch.distributed as dist
 
-    from benchmarks.proto_run import pin
+    from benchmarks.proto_run import WorldGroup, join
     from parallel.comm.ring import ring_reduce_scatter
-    pin(rank, 2, 1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
-    pin(rank, 2, 1)
-    g, n = _Group(dist), opts["numel"] // 2 * 2
+    join(rank, 2, port, timeout_s=300)
+    g, n = WorldGroup(dist), opts["numel"] // 2 * 2
     full, shard = torch.randn(n), torch.empty(n // 2)
     own = full[rank * (n // 2):(rank + 1) * (n // 2)]
     fns = {"inplace": lambda: ring_reduce_scatter(own, full, g), "direct": lambda: ring_reduce_scatter(shard, full, g)}

@@ -30,24 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-class _Group:
-    """The fields parallel.comm.ring reads from a group: size, rank, pg."""
-
-    def __init__(self, dist):
-        self.size, self.rank, self.pg = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
-
-
 def _rank(rank, port, opts, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     import torch
     import torch.distributed as dist
 
-    from benchmarks.proto_run import pin
+    from benchmarks.proto_run import WorldGroup, join
     from parallel.comm import ring
-    pin(rank, 2, 1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    pin(rank, 2, 1)
-    g = _Group(dist)
+    join(rank, 2, port)
+    g = WorldGroup(dist)
     full = torch.randn(opts["numel"] - opts["numel"] % 2)
     own = full.chunk(2)[rank]
     fns = {"allreduce": lambda: dist.all_reduce(full),
