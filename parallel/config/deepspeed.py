@@ -102,7 +102,12 @@ def map_precision(m: Mapper):
 
     def enabled(blk, which):
         v = (blk or {}).get("enabled", False)
-        return m.native("precision") == which if v == AUTO else bool(v)
+        if v == AUTO:
+            return m.native("precision") == which
+        if not isinstance(v, bool):     # bool("false") is True: a quoted "false" would turn the precision on
+            m.fail(f"{which if which == 'fp16' else bname}.enabled",
+                   f"expected true, false or \"auto\", got {json.dumps(v)}: write it without quotes")
+        return v
     f_on, b_on = enabled(fp16, "fp16"), enabled(bf16, "bf16")
     if f_on and b_on:
         m.fail("fp16.enabled and bf16.enabled", "both are on; a run has one precision: enable only one")

@@ -40,7 +40,9 @@ def map_zero(m: Mapper):
     elem = _DTYPE_BYTES[m.precision]
     sized(m, z, "zero_optimization", "reduce_bucket_size", "zero.bucket_mb", elem)
     for key in ("stage3_prefetch_bucket_size", "prefetch_bucket_size"):
-        if key in z:
+        if key in z and stage != 3:                    # DeepSpeed reads it at stage 3 only, accepts it elsewhere
+            m.ignore(f"zero_optimization.{key}", f"stage {stage}: parameters are not sharded, nothing is fetched")
+        elif key in z:
             v = (m.native("zero.prefetch") if z[key] == AUTO
                  else m.number(f"zero_optimization.{key}", z[key]) > 0)
             m.set(f"zero_optimization.{key}", z[key], "zero.prefetch", v,
@@ -84,6 +86,8 @@ def sized(m: Mapper, block, pre, key, ours, elem):
     if key in block:
         v = block[key]
         mb = m.native(ours) if v == AUTO else m.number(f"{pre}.{key}", v) * elem / 2 ** 20
+        if not mb > 0:                                 # else the native check names zero.bucket_mb=-3.8e-06
+            m.fail(f"{pre}.{key}", f"{json.dumps(v)} must be a positive number of elements")
         m.set(f"{pre}.{key}", v, ours, mb, "from the native config" if v == AUTO else
               f"elements x {elem} bytes ({m.precision}) / 2**20")
 
@@ -121,13 +125,18 @@ def map_offload(m: Mapper, z, stage, elem):
             if not path:
                 m.fail(f"{pre}.nvme_path", "device is nvme but nvme_path is not set: give a directory on a "
                                            "local NVMe disk")
+            if not isinstance(path, str):
+                m.fail(f"{pre}.nvme_path", f"expected the path of a directory (a string), got {json.dumps(path)}")
             paths[f"{pre}.nvme_path"] = path
         elif "nvme_path" in blk:
             m.ignore(f"{pre}.nvme_path", f"device is {dev}")
         if "buffer_count" in blk:
             v = blk["buffer_count"]
-            counts.append((f"{pre}.buffer_count", m.native("zero.offload.buffer_count") if v == AUTO
-                           else m.number(f"{pre}.buffer_count", v, (int,))))
+            n = m.native("zero.offload.buffer_count") if v == AUTO else m.number(f"{pre}.buffer_count", v, (int,),
+                                                                                   "an integer")
+            if not n >= 1:
+                m.fail(f"{pre}.buffer_count", f"{json.dumps(v)} must be 1 or more buffers")
+            counts.append((f"{pre}.buffer_count", n))
     if len(set(paths.values())) > 1:
         m.fail(" and ".join(paths), f"differ ({' vs '.join(map(str, paths.values()))}); parallel3d has one "
                                     f"zero.offload.nvme_path: use one directory")
