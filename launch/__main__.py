@@ -35,7 +35,7 @@ from launch.failures import summarize
 from launch.plan import parse_bytes
 from parallel.checkpoint import latest
 from parallel.config import ConfigError, load_config
-from parallel.config.deepspeed import format_report
+from parallel.config.deepspeed import deepspeed_hint, format_report
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         nproc = known.nproc or max(cfg.world_size // nnodes_n, 1)
         cfg.validate(nproc * nnodes_n)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {e}{deepspeed_hint(str(e), report)}", file=sys.stderr)
         return 2
     try:                            # a dry run changes nothing on disk: it skips the path checks
         preflight.check_config(cfg)
@@ -135,7 +135,8 @@ def main(argv=None) -> int:
             preflight.check_paths(cfg)
             preflight.check_nvme(cfg, whole_job_here=nnodes_n == 1)
     except ConfigError as e:
-        print(f"config error (pre-flight check; no worker was started): {e}", file=sys.stderr)
+        print(f"config error (pre-flight check; no worker was started): {e}{deepspeed_hint(str(e), report)}",
+              file=sys.stderr)
         return 2
     if known.memory is not None and not known.dry_run:
         print("python -m launch: --memory goes with --dry-run (it answers whether the job fits)", file=sys.stderr)

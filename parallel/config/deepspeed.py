@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 from parallel.config import deepspeed_keys as K
 from parallel.config.deepspeed_activation import map_activation_checkpointing
@@ -287,9 +288,29 @@ def merge_tree(tree: dict, overrides: dict) -> dict:
     return out
 
 
+_MAPPED = re.compile(r"^(\S+) = (.*?) -> ([A-Za-z_][\w.]*) = ")
+
+
+def deepspeed_hint(message: str, lines: list[str]) -> str:
+    """For an error raised after the mapping (validation, pre-flight, training) whose ``message`` names native keys
+    (``zero.unit_mb``): which DeepSpeed keys set them, per the mapping's report ``lines``; "" when none did. The
+    mapping is merged over the YAML, so a YAML value for such a key is overridden by the JSON: the fix goes into
+    the JSON (or on the command line, where overrides win)."""
+    found: dict = {}
+    for line in lines:
+        hit = _MAPPED.match(line)
+        named = hit and re.search(r"(?<![\w.])" + re.escape(hit.group(3)) + r"(?![\w])", message)
+        if named and not line.endswith("kept (the YAML sets it)"):
+            found.setdefault(hit.group(3), []).append(f"{hit.group(1)} = {hit.group(2)}")
+    return "".join(f"\n  ({ours} came from the DeepSpeed config: {' and '.join(src)}; change "
+                   f"{' / '.join(x.split(' = ')[0] for x in src)} in the JSON, since a YAML {ours} is overridden by "
+                   f"it, or pass {ours}=... on the command line)" for ours, src in found.items())
+
+
 def format_report(lines: list[str], source: str = "DeepSpeed config") -> str:
     return "\n".join([f"{source}: {sum(not l.startswith('ignored:') for l in lines)} mapped, "
                       f"{sum(l.startswith('ignored:') for l in lines)} ignored"] + [f"  {l}" for l in lines])
 
 
-__all__ = ["map_deepspeed", "load_deepspeed_json", "merge_tree", "format_report", "resolve_path", "AUTO"]
+__all__ = ["map_deepspeed", "load_deepspeed_json", "merge_tree", "format_report", "resolve_path", "AUTO",
+           "deepspeed_hint"]

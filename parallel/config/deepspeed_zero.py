@@ -63,14 +63,17 @@ def map_stage3(m: Mapper, z: dict, stage: int, elem: int):
             m.ignore(f"zero_optimization.{STAGE3_REUSE}", f"stage {stage}: parameters are not sharded")
         return
     pre = "zero_optimization"
-    v = z[key] if key else DS_PREFETCH_DEFAULT
-    shown = z[key] if key else f"(unset: DeepSpeed's default {DS_PREFETCH_DEFAULT:.0e})"
-    mb = m.native("zero.unit_mb") if v == AUTO else m.number(f"{pre}.{key}", v) * elem / 2 ** 20
-    if not mb >= 0:
-        m.fail(f"{pre}.{key}", f"{json.dumps(v)} must be >= 0 elements")
-    m.set(f"{pre}.{key or 'stage3_prefetch_bucket_size'}", shown, "zero.unit_mb", mb,
-          "from the native config" if v == AUTO else f"elements x {elem} bytes ({m.precision}) / 2**20: consecutive "
-          f"stage-3 units merged up to this size, one all-gather and one reduce-scatter each")
+    native = m.base.get("zero") if isinstance(m.base.get("zero"), dict) else {}
+    if key is None and "unit_mb" in native:    # an absent key does not override the YAML (as gradient_clipping)
+        m.lines.append(f"{pre}.stage3_prefetch_bucket_size = (unset; DeepSpeed's default would be "
+                       f"{DS_PREFETCH_DEFAULT:.0e}) -> zero.unit_mb = {json.dumps(native['unit_mb'])} {KEPT}")
+    else:
+        _unit_mb(m, z, key, elem)
+    if STAGE3_REUSE not in z and ({"max_reuse_distance", "keep_after_forward"} & set(native)):
+        ours = "max_reuse_distance" if "max_reuse_distance" in native else "keep_after_forward"
+        m.lines.append(f"{pre}.{STAGE3_REUSE} = (unset; DeepSpeed's default would be {DS_REUSE_DEFAULT:.0e}) -> "
+                       f"zero.{ours} = {json.dumps(native[ours])} {KEPT}")
+        return
     v = z.get(STAGE3_REUSE, DS_REUSE_DEFAULT)
     shown = v if STAGE3_REUSE in z else f"(unset: DeepSpeed's default {DS_REUSE_DEFAULT:.0e})"
     d = m.native("zero.max_reuse_distance") if v == AUTO else m.number(f"{pre}.{STAGE3_REUSE}", v)
@@ -79,6 +82,21 @@ def map_stage3(m: Mapper, z: dict, stage: int, elem: int):
     m.set(f"{pre}.{STAGE3_REUSE}", shown, "zero.max_reuse_distance", d,
           "from the native config" if v == AUTO else "elements: units whose reuse distance 2 x (elements of the "
           "units freed after them in forward) is below it stay gathered into backward (parallel/zero/unit_life.py)")
+
+
+KEPT = "kept (the YAML sets it)"
+
+
+def _unit_mb(m: Mapper, z: dict, key, elem: int):
+    pre = "zero_optimization"
+    v = z[key] if key else DS_PREFETCH_DEFAULT
+    shown = z[key] if key else f"(unset: DeepSpeed's default {DS_PREFETCH_DEFAULT:.0e})"
+    mb = m.native("zero.unit_mb") if v == AUTO else m.number(f"{pre}.{key}", v) * elem / 2 ** 20
+    if not mb >= 0:
+        m.fail(f"{pre}.{key}", f"{json.dumps(v)} must be >= 0 elements")
+    m.set(f"{pre}.{key or 'stage3_prefetch_bucket_size'}", shown, "zero.unit_mb", mb,
+          "from the native config" if v == AUTO else f"elements x {elem} bytes ({m.precision}) / 2**20: consecutive "
+          f"stage-3 units merged up to this size, one all-gather and one reduce-scatter each")
 
 
 def sized(m: Mapper, block, pre, key, ours, elem):

@@ -169,4 +169,7 @@ def refuse_merged_regions(s3) -> None:
     if bad:
         raise ConfigError(f"zero.unit_mb: the region(s) {bad} call their modules a data-dependent number of times "
                           f"(parallel/zero/regions.py) and hold merged stage-3 units, which could make the dp ranks "
-                          f"issue different gathers: set zero.unit_mb: 0 for this model")
+                          f"issue different gathers: set zero.unit_mb: 0 for this model (with a DeepSpeed JSON whose "
+                          f"zero_optimization sets stage3_prefetch_bucket_size: set it to 0, which also turns "
+                          f"prefetching off, or pass the override zero.unit_mb=0; absent, DeepSpeed's default 5e7 "
+                          f"applies unless the YAML sets zero.unit_mb)")
