@@ -1,0 +1,109 @@
+"""A user coming from DeepSpeed: values DeepSpeed would read differently are refused naming the JSON key, keys
+DeepSpeed accepts but does not use are ignored with a reason, an absent stage-3 key does not override the YAML, and
+errors raised after the mapping (validation, pre-flight, the run itself) name the JSON key that set the native key
+they are about (a YAML value for it would be overridden by the JSON)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_deepspeed_config import BASE, DS_DIR
+
+from parallel.config import ConfigError
+from parallel.config.deepspeed import deepspeed_hint, load_deepspeed_json, map_deepspeed, merge_tree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("ds, needle", [
+    ({"fp16": {"enabled": "false"}}, 'fp16.enabled: expected true, false or "auto", got "false"'),
+    ({"bf16": {"enabled": "true"}}, 'bf16.enabled: expected true, false or "auto", got "true"'),
+    ({"bfloat16": {"enabled": 1}}, "bfloat16.enabled: expected true, false"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": -1}},
+     "zero_optimization.reduce_bucket_size: -1 must be a positive number of elements"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 0}}, "reduce_bucket_size: 0 must be a positive"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "buffer_count": 0}}},
+     "zero_optimization.offload_optimizer.buffer_count: 0 must be 1 or more buffers"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "buffer_size": -1}}},
+     "zero_optimization.offload_param.buffer_size: -1 must be a positive number of elements"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": 5}}},
+     "zero_optimization.offload_param.nvme_path: expected the path of a directory (a string), got 5"),
+])
+def test_values_deepspeed_would_read_otherwise_are_refused_naming_the_json_key(ds, needle):
+    """bool("false") is True: a quoted ``"enabled": "false"`` turned fp16 on (main mapped it to precision fp16);
+    a negative bucket / buffer got an error naming zero.bucket_mb=-3.8e-06 (a key the user never wrote)."""
+    with pytest.raises(ConfigError) as e:
+        map_deepspeed(ds, BASE, dp_size=2)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_stage3_prefetch_bucket_below_stage3_is_ignored_with_a_reason():
+    """DeepSpeed accepts stage3_prefetch_bucket_size at stage 1/2 and does nothing with it; main mapped it onto
+    zero.prefetch (a stage-3 setting)."""
+    for key in ("stage3_prefetch_bucket_size", "prefetch_bucket_size"):
+        ov, rep = map_deepspeed({"zero_optimization": {"stage": 2, key: 5e7}}, BASE, 2)
+        assert "prefetch" not in ov["zero"] and "unit_mb" not in ov["zero"], ov
+        assert f"ignored: zero_optimization.{key} (stage 2: parameters are not sharded, nothing is fetched)" in rep
+
+
+def test_absent_stage3_keys_keep_the_yaml_and_stated_keys_win():
+    """As gradient_clipping: DeepSpeed's default for an absent key does not override a YAML zero.unit_mb (a model
+    with a ZeRO-3 region needs 0) nor its kept units; a key the JSON states still wins."""
+    base = merge_tree(BASE, {"zero": {"stage": 3, "unit_mb": 0, "keep_after_forward": 1}})
+    ov, rep = map_deepspeed({"zero_optimization": {"stage": 3}}, base, 2)
+    assert "unit_mb" not in ov["zero"] and "max_reuse_distance" not in ov["zero"], ov
+    assert any(x.endswith("-> zero.unit_mb = 0 kept (the YAML sets it)") for x in rep), rep
+    assert any(x.endswith("-> zero.keep_after_forward = 1 kept (the YAML sets it)") for x in rep), rep
+    ov, _ = map_deepspeed({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 2 ** 18,
+                                                 "stage3_max_reuse_distance": 0}}, base, 2)
+    assert ov["zero"]["unit_mb"] == 1.0 and ov["zero"]["max_reuse_distance"] == 0
+
+
+def test_hint_names_the_json_keys_behind_the_native_keys_of_a_message():
+    _, rep = map_deepspeed(load_deepspeed_json(os.path.join(DS_DIR, "zero3_nvme.json")), BASE, 2)
+    hint = deepspeed_hint("zero.offload.nvme_path '/x' does not exist", rep)
+    assert ("zero.offload.nvme_path came from the DeepSpeed config: zero_optimization.offload_optimizer.nvme_path = "
+            "\"runs/nvme\" and zero_optimization.offload_param.nvme_path = \"runs/nvme\"") in hint, hint
+    assert hint.count("\n") == 1
+    hint = deepspeed_hint("zero.unit_mb: ... set zero.unit_mb: 0", rep)
+    assert "zero_optimization.stage3_prefetch_bucket_size = 900000.0" in hint and "nvme" not in hint, hint
+    assert deepspeed_hint("zero.unit_mbx and xzero.unit_mb", rep) == ""        # whole keys only
+    _, rep = map_deepspeed({"zero_optimization": {"stage": 3}}, merge_tree(BASE, {"zero": {"unit_mb": 0}}), 2)
+    assert deepspeed_hint("set zero.unit_mb: 0", rep) == ""                    # kept from the YAML: not the JSON's
+
+
+def _launch(tmp_path, tree, ds, timeout):
+    cfg, js = tmp_path / "run.yaml", tmp_path / "ds.json"
+    cfg.write_text(json.dumps(tree))                 # JSON is YAML
+    js.write_text(json.dumps(ds))
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "launch", "--config", str(cfg), "--deepspeed", str(js)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_preflight_error_names_the_deepspeed_key(tmp_path):
+    """No worker starts: the missing nvme directory is named by the JSON key that set it."""
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {
+        "stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path / "missing")}}}
+    out = _launch(tmp_path, BASE, ds, 120)
+    assert out.returncode == 2, out.stderr
+    assert "no worker was started" in out.stderr and "does not exist" in out.stderr, out.stderr
+    assert "(zero.offload.nvme_path came from the DeepSpeed config: zero_optimization.offload_param.nvme_path" \
+           in out.stderr, out.stderr
+
+
+def test_region_with_merged_units_names_the_deepspeed_key(tmp_path):
+    """transformers' DBRX calls its expert GLU once per hit expert (a ZeRO-3 region, parallel/zero/regions.py);
+    configs/deepspeed/zero3.json's stage3_prefetch_bucket_size merges its units, which is refused on both ranks at
+    the first forward (no hang): the error names the JSON key, not only zero.unit_mb (a YAML value for which the
+    JSON overrides)."""
+    pytest.importorskip("transformers")
+    tree = merge_tree(BASE, {"model": {"factory": "tests.zoo:build", "kwargs": {"model_type": "dbrx"}},
+                             "zero": {"stage": 3}, "train": {"steps": 1}})
+    out = _launch(tmp_path, tree, load_deepspeed_json(os.path.join(DS_DIR, "zero3.json")), 300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "transformer.blocks.0.ffn.experts" in text and "hold merged stage-3 units" in text, text[-3000:]
+    assert ("(zero.unit_mb came from the DeepSpeed config: zero_optimization.stage3_prefetch_bucket_size = "
+            "900000.0; change zero_optimization.stage3_prefetch_bucket_size in the JSON") in text, text[-3000:]
