@@ -11,7 +11,8 @@ import pytest
 from test_deepspeed_config import BASE, DS_DIR
 
 from parallel.config import ConfigError
-from parallel.config.deepspeed import deepspeed_hint, load_deepspeed_json, map_deepspeed, merge_tree
+from parallel.config import deepspeed as D
+from parallel.config.deepspeed import load_deepspeed_json, map_deepspeed, merge_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +62,7 @@ def test_absent_stage3_keys_keep_the_yaml_and_stated_keys_win():
 
 
 def test_hint_names_the_json_keys_behind_the_native_keys_of_a_message():
+    deepspeed_hint = D.deepspeed_hint
     _, rep = map_deepspeed(load_deepspeed_json(os.path.join(DS_DIR, "zero3_nvme.json")), BASE, 2)
     hint = deepspeed_hint("zero.offload.nvme_path '/x' does not exist", rep)
     assert ("zero.offload.nvme_path came from the DeepSpeed config: zero_optimization.offload_optimizer.nvme_path = "
