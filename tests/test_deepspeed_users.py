@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      "zero_optimization.offload_param.buffer_size: -1 must be a positive number of elements"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": 5}}},
      "zero_optimization.offload_param.nvme_path: expected the path of a directory (a string), got 5"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "auto"}}},
+     "zero_optimization.offload_param.nvme_path: \"auto\" takes zero.offload.nvme_path from the YAML, which does not"),
 ])
 def test_values_deepspeed_would_read_otherwise_are_refused_naming_the_json_key(ds, needle):
     """bool("false") is True: a quoted ``"enabled": "false"`` turned fp16 on (main mapped it to precision fp16);

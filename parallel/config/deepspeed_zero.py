@@ -140,6 +140,9 @@ def map_offload(m: Mapper, z, stage, elem):
         m.set(f"{pre}.device", blk.get("device", "(unset)"), f"zero.offload.{ours}", dev)
         if dev == "nvme":
             path = m.value(blk, "nvme_path", "zero.offload.nvme_path")
+            if not path and blk.get("nvme_path") == AUTO:
+                m.fail(f"{pre}.nvme_path", "\"auto\" takes zero.offload.nvme_path from the YAML, which does not set "
+                                           "it: give a directory on a local NVMe disk in either")
             if not path:
                 m.fail(f"{pre}.nvme_path", "device is nvme but nvme_path is not set: give a directory on a "
                                            "local NVMe disk")
