@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({"fp16": {"enabled": "false"}}, 'fp16.enabled: expected true, false or "auto", got "false"'),
     ({"bf16": {"enabled": "true"}}, 'bf16.enabled: expected true, false or "auto", got "true"'),
     ({"bfloat16": {"enabled": 1}}, "bfloat16.enabled: expected true, false"),
+    ({"curriculum_learning": {"enabled": "false"}}, 'curriculum_learning.enabled: expected true or false, got "false"'),
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": -1}},
      "zero_optimization.reduce_bucket_size: -1 must be a positive number of elements"),
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 0}}, "reduce_bucket_size: 0 must be a positive"),

@@ -76,6 +76,8 @@ def map_feature(m: Mapper, k, v):
         on = isinstance(v, dict) and v.get("autotp_size", 1) not in (0, 1, AUTO)
     else:
         on = v.get("enabled", False) if isinstance(v, dict) else v
+        if isinstance(v, dict) and not isinstance(on, bool) and on not in (None, AUTO):
+            m.fail(f"{k}.enabled", f"expected true or false, got {json.dumps(on)}: write it without quotes")
         on = on not in (False, None, AUTO)
     if not on:
         m.ignore(k, "disabled")
