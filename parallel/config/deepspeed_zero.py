@@ -7,7 +7,10 @@ deepspeed/runtime/zero/config.py, DeepSpeed 0.19.8: "Maximum number of parameter
 "Do not release a parameter if it will be reused within this threshold of parameters"; defaults 5e7 and 1e9, which
 apply when the keys are absent). They map to ``zero.unit_mb`` (elements × bytes per element / 2**20: consecutive
 units merged into one gather and one reduce-scatter) and ``zero.max_reuse_distance`` (the kept units:
-parallel/zero/unit_life.py states the rule)."""
+parallel/zero/unit_life.py states the rule). An absent key does not override the YAML's ``zero.unit_mb`` /
+``zero.max_reuse_distance`` / ``zero.keep_after_forward`` (as an absent ``gradient_clipping``): a model whose ZeRO-3
+regions refuse merged units (parallel/zero/regions.py) can set ``zero.unit_mb: 0`` in its YAML. Below stage 3 the
+prefetch bucket is ignored with a reason, as DeepSpeed accepts and ignores it there."""
 from __future__ import annotations
 
 import json
