@@ -33,6 +33,7 @@ from launch import preflight
 from launch.dry_run import describe
 from launch.failures import summarize
 from launch.plan import parse_bytes
+from launch.unmerged import release_refused_owner, retry_unmerged
 from parallel.checkpoint import latest
 from parallel.config import ConfigError, load_config
 from parallel.config.deepspeed import deepspeed_hint, format_report
@@ -157,7 +158,15 @@ def main(argv=None) -> int:
     ds = ["--deepspeed", known.deepspeed] if known.deepspeed else []
     args += torchrun + ["-m", "launch.train", "--config", known.config] + ds + overrides
     try:
-        elastic_run.main(args)
+        try:
+            elastic_run.main(args)
+        except Exception as e:      # a DeepSpeed prefetch bucket refused by a ZeRO-3 region: once more, unmerged
+            why = retry_unmerged(getattr(e, "failures", None) or {}, report, overrides)
+            if why is None:
+                raise
+            print(why, file=sys.stderr, flush=True)
+            release_refused_owner(cfg.train.checkpoint.dir)
+            elastic_run.main(args + ["zero.unit_mb=0"])
     except SignalException as e:    # torchrun forwarded it to the workers and waited for them
         sig = int(e.sigval)
         ck = cfg.train.checkpoint.dir

@@ -98,17 +98,85 @@ def test_preflight_error_names_the_deepspeed_key(tmp_path):
            in out.stderr, out.stderr
 
 
-def test_region_with_merged_units_names_the_deepspeed_key(tmp_path):
+def _one_process(cfg):
+    """The plain loop of tests/reference.py plus the configured scheduler (the DeepSpeed files set one)."""
+    import torch
+    from torch.utils.data import default_collate
+
+    from parallel.config import import_object
+    from parallel.data import global_indices
+    from parallel.loss import resolve_loss
+    from parallel.optim.factory import optimizer_factory
+    from parallel.optim.lr_schedule import build_scheduler
+    torch.manual_seed(cfg.train.seed)
+    model = import_object(cfg.model.factory, "model.factory")(**cfg.model.kwargs)
+    data = import_object(cfg.data.factory, "data.factory")(**cfg.data.kwargs)
+    opt = optimizer_factory(cfg.optimizer)(list(model.parameters()))
+    sched, losses = build_scheduler(opt, cfg.scheduler, cfg.train.steps), []
+    for t in range(cfg.train.steps):
+        idx = global_indices(t, cfg.data.global_batch_size, len(data), cfg.train.seed, cfg.data.shuffle)
+        x, y = default_collate([data[i] for i in idx])
+        opt.zero_grad()
+        loss = resolve_loss(cfg.loss)(model(x), y)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_region_refusing_the_deepspeed_prefetch_bucket_is_run_again_unmerged(tmp_path):
     """transformers' DBRX calls its expert GLU once per hit expert (a ZeRO-3 region, parallel/zero/regions.py);
-    configs/deepspeed/zero3.json's stage3_prefetch_bucket_size merges its units, which is refused on both ranks at
-    the first forward (no hang): the error names the JSON key, not only zero.unit_mb (a YAML value for which the
-    JSON overrides)."""
+    configs/deepspeed/zero3.json's stage3_prefetch_bucket_size merges its units, which both ranks refuse at the first
+    forward (no hang), naming the JSON key (a YAML zero.unit_mb would be overridden by it). DeepSpeed runs that file
+    (its bucket only sets fetching ahead), so the launcher runs the job once more with zero.unit_mb=0 (launch/
+    unmerged.py), taking back its own checkpoint directory: the losses are one process's."""
     pytest.importorskip("transformers")
+    from parallel.config import load_config
+    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     tree = merge_tree(BASE, {"model": {"factory": "tests.zoo:build", "kwargs": {"model_type": "dbrx"}},
-                             "zero": {"stage": 3}, "train": {"steps": 1}})
-    out = _launch(tmp_path, tree, load_deepspeed_json(os.path.join(DS_DIR, "zero3.json")), 300)
+                             "zero": {"stage": 3}, "train": {"steps": 2, "metrics_file": str(metrics),
+                                                             "checkpoint": {"dir": str(ck), "every": 1}}})
+    ds = load_deepspeed_json(os.path.join(DS_DIR, "zero3.json"))
+    out = _launch(tmp_path, tree, ds, 300)
     text = out.stdout + out.stderr
-    assert out.returncode == 1, text[-3000:]
+    assert out.returncode == 0, text[-3000:]
     assert "transformer.blocks.0.ffn.experts" in text and "hold merged stage-3 units" in text, text[-3000:]
     assert ("(zero.unit_mb came from the DeepSpeed config: zero_optimization.stage3_prefetch_bucket_size = "
             "900000.0; change zero_optimization.stage3_prefetch_bucket_size in the JSON") in text, text[-3000:]
+    assert text.count("launch: every failed rank refused merged ZeRO-3 units") == 1, text[-3000:]
+    got = [json.loads(x)["loss"] for x in metrics.read_text().splitlines()]
+    want = _one_process(load_config(data=tree, deepspeed=str(tmp_path / "ds.json")).validate(2))
+    assert len(got) == 2 and all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want)), (got, want)
+    assert sorted(os.listdir(ck)) == ["step_00000001", "step_00000002"]      # the owner file released at exit
+
+
+class _Failure:
+    def __init__(self, reason, kind="error"):
+        self.error_file_data = {"p3d": {"kind": kind, "reason": reason}}
+
+
+def test_retry_only_for_a_refusal_of_the_json_bucket(tmp_path):
+    from launch.unmerged import release_refused_owner, retry_unmerged
+    refused = {0: _Failure("ConfigError: zero.unit_mb: the region(s) ['e'] call ..."),
+               1: _Failure("ConfigError: zero.unit_mb: the region(s) ['e'] call ...")}
+    _, rep = map_deepspeed(load_deepspeed_json(os.path.join(DS_DIR, "zero3.json")), BASE, 2)
+    assert "stage3_prefetch_bucket_size = 900000.0" in retry_unmerged(refused, rep, [])
+    _, absent = map_deepspeed({"zero_optimization": {"stage": 3}}, BASE, 2)          # DeepSpeed's default: retried
+    assert "(unset: DeepSpeed's default 5e+07)" in retry_unmerged(refused, absent, [])
+    assert retry_unmerged(refused, rep, ["zero.unit_mb=4"]) is None                  # the user's own value
+    _, kept = map_deepspeed({"zero_optimization": {"stage": 3}}, merge_tree(BASE, {"zero": {"unit_mb": 4}}), 2)
+    assert retry_unmerged(refused, kept, []) is None                                  # the YAML's
+    _, auto = map_deepspeed({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}}, BASE, 2)
+    assert retry_unmerged(refused, auto, []) is None                                  # "auto": the YAML's
+    assert retry_unmerged({**refused, 1: _Failure("RuntimeError: peer", "peer")}, rep, []) is None
+    assert retry_unmerged({0: _Failure("ConfigError: zero.bucket_mb ...")}, rep, []) is None
+    assert retry_unmerged({}, rep, []) is None
+    owner = tmp_path / "OWNER.json"
+    owner.write_text(json.dumps({"job": "a", "host": __import__("socket").gethostname(), "launcher_pid": 1, "pid": 2}))
+    assert not release_refused_owner(str(tmp_path)) and owner.exists()               # another launcher's
+    owner.write_text(json.dumps({"job": "a", "host": __import__("socket").gethostname(),
+                                 "launcher_pid": os.getpid(), "pid": 2}))
+    assert release_refused_owner(str(tmp_path)) and not owner.exists()               # this launcher's refused run

@@ -55,7 +55,9 @@ from parallel.zero.fanout import fan_out, first_tensor, tensors
 from parallel.zero.trace import TracedOrder
 
 __all__ = ["CallRecorder", "agree_regions", "region_units", "apply_regions", "holders_of",
-           "refuse_merged_regions"]
+           "refuse_merged_regions", "MERGED_REGIONS"]
+
+MERGED_REGIONS = "zero.unit_mb: the region(s)"     # how the refusal begins (launch/unmerged.py retries on it)
 
 
 class CallRecorder:
@@ -167,7 +169,7 @@ def refuse_merged_regions(s3) -> None:
     bad = [names.get(r, type(r).__name__) for r in s3._pending
            if any(u.waits is not None for u in region_units(r, s3.needs))]
     if bad:
-        raise ConfigError(f"zero.unit_mb: the region(s) {bad} call their modules a data-dependent number of times "
+        raise ConfigError(f"{MERGED_REGIONS} {bad} call their modules a data-dependent number of times "
                           f"(parallel/zero/regions.py) and hold merged stage-3 units, which could make the dp ranks "
                           f"issue different gathers: set zero.unit_mb: 0 for this model (with a DeepSpeed JSON whose "
                           f"zero_optimization sets stage3_prefetch_bucket_size: set it to 0, which also turns "
