@@ -164,7 +164,10 @@ def apply_regions(s3) -> None:
 
 def refuse_merged_regions(s3) -> None:
     """Raise on every dp rank when a region about to be applied holds a merged unit (``zero.unit_mb``;
-    :mod:`parallel.zero.unit_life` says why)."""
+    :mod:`parallel.zero.unit_life` says why). Growing the region to every module needing its merged units instead
+    was tried (session 13): merges span block edges (the embedding with block 0), the region grows to the root, and
+    the ModuleList-experts case still hangs. A bucket set by a DeepSpeed file is retried unmerged by the launcher
+    (launch/unmerged.py), which finds this refusal by the message's start, :data:`MERGED_REGIONS`."""
     names = {m: n for n, m in s3.module.named_modules()}
     bad = [names.get(r, type(r).__name__) for r in s3._pending
            if any(u.waits is not None for u in region_units(r, s3.needs))]
