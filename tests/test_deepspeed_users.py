@@ -127,6 +127,7 @@ def _one_process(cfg):
     return losses
 
 
+@pytest.mark.slow                   # two 2-rank torchrun jobs of a transformers model: ~37 s loaded
 def test_region_refusing_the_deepspeed_prefetch_bucket_is_run_again_unmerged(tmp_path):
     """transformers' DBRX calls its expert GLU once per hit expert (a ZeRO-3 region, parallel/zero/regions.py);
     configs/deepspeed/zero3.json's stage3_prefetch_bucket_size merges its units, which both ranks refuse at the first
