@@ -7,7 +7,7 @@ parallel/zero/regions.py) cannot hold a merged unit in a region, and every rank 
 before any backward or update (:func:`parallel.zero.regions.refuse_merged_regions`). In DeepSpeed that key only sets
 how far parameters are fetched ahead; it does not change what a step computes, and unmerged units give the same
 numbers (tests/test_zero3_unit_budget.py). So when the DeepSpeed file (not the YAML, not an override, not "auto")
-set ``zero.unit_mb`` and every failed rank refused for that reason, the launcher runs the job once more with the
+set ``zero.unit_mb`` and a rank refused for that reason (no other rank failed for another), the launcher runs the job once more with the
 override ``zero.unit_mb=0`` and says so, instead of failing a config DeepSpeed itself would run. The retry costs the
 job's start-up once (processes, model build); nothing was trained or saved by the refused attempt.
 """
@@ -35,11 +35,13 @@ def retry_unmerged(failures: dict, report: list, overrides: list) -> str | None:
     src = next((h for line in report if not line.endswith(KEPT) and (h := _FROM_JSON.match(line))), None)
     if src is None:
         return None
-    recs = [_record(f) for f in failures.values()]
-    if not recs or not all(r and r.get("kind") == "error" and MERGED_REGIONS in r.get("reason", "") for r in recs):
+    recs = [_record(f) or {} for f in failures.values()]
+    refused = [r for r in recs if r.get("kind") == "error" and MERGED_REGIONS in r.get("reason", "")]
+    own = [r for r in recs if r.get("kind") in ("error", "config", "timeout") and r not in refused]
+    if not refused or own:      # ranks torchrun stopped after the first refusal (no record, peer, signal) are fine
         return None
     key = f"zero_optimization.{src.group(1) or ''}prefetch_bucket_size"
-    return (f"launch: every failed rank refused merged ZeRO-3 units in a region at the first forward (nothing was "
+    return (f"launch: the ranks refused merged ZeRO-3 units in a region at the first forward (nothing was "
             f"trained); zero.unit_mb came from the DeepSpeed config's {key} = {src.group(2)}, which in DeepSpeed "
             f"only sets how far parameters are fetched ahead: running the job again with zero.unit_mb=0 (the same "
             f"numbers, one unit per module; set {key}: 0 in the JSON to skip this retry)")
