@@ -7,9 +7,10 @@ parallel/zero/regions.py) cannot hold a merged unit in a region, and every rank 
 before any backward or update (:func:`parallel.zero.regions.refuse_merged_regions`). In DeepSpeed that key only sets
 how far parameters are fetched ahead; it does not change what a step computes, and unmerged units give the same
 numbers (tests/test_zero3_unit_budget.py). So when the DeepSpeed file (not the YAML, not an override, not "auto")
-set ``zero.unit_mb`` and a rank refused for that reason (no other rank failed for another), the launcher runs the job once more with the
-override ``zero.unit_mb=0`` and says so, instead of failing a config DeepSpeed itself would run. The retry costs the
-job's start-up once (processes, model build); nothing was trained or saved by the refused attempt.
+set ``zero.unit_mb`` and a rank refused for that reason (no other rank failed for another), the launcher runs the
+job once more with the override ``zero.unit_mb=0`` and says so, instead of failing a config DeepSpeed itself would
+run. The retry costs the job's start-up once (processes, model build); nothing was trained or saved by the refused
+attempt.
 """
 from __future__ import annotations
 
