@@ -11,7 +11,8 @@ invalid config, or a failed pre-flight check (:mod:`launch.preflight`: train.ste
 imports, checkpoint/metrics directories, zero.offload.nvme_path and its free space, data files).
 When workers fail, the last lines name the first failing rank, where it was (setup phase or
 step and phase) and its one-line reason, or the signal that killed it (:mod:`launch.failures`);
-the exit status is then that rank's 2 or 3, else 1.
+the exit status is then that rank's 2 or 3, else 1. One exception: ZeRO-3 regions refusing the merged units of a
+DeepSpeed file's prefetch bucket run the job once more with zero.unit_mb=0, saying so (:mod:`launch.unmerged`).
 
 Signals: torchrun's agent (in this process) forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT and the
 signals of train.save_on_signal (SIGUSR1 by default; ``--signals-to-handle``) to the workers and
