@@ -11,7 +11,8 @@ invalid config, or a failed pre-flight check (:mod:`launch.preflight`: train.ste
 imports, checkpoint/metrics directories, zero.offload.nvme_path and its free space, data files).
 When workers fail, the last lines name the first failing rank, where it was (setup phase or
 step and phase) and its one-line reason, or the signal that killed it (:mod:`launch.failures`);
-the exit status is then that rank's 2 or 3, else 1.
+the exit status is then that rank's 2 or 3, else 1. One exception: ZeRO-3 regions refusing the merged units of a
+DeepSpeed file's prefetch bucket run the job once more with zero.unit_mb=0, saying so (:mod:`launch.unmerged`).
 
 Signals: torchrun's agent (in this process) forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT and the
 signals of train.save_on_signal (SIGUSR1 by default; ``--signals-to-handle``) to the workers and
@@ -33,9 +34,10 @@ from launch import preflight
 from launch.dry_run import describe
 from launch.failures import summarize
 from launch.plan import parse_bytes
+from launch.unmerged import release_refused_owner, retry_unmerged
 from parallel.checkpoint import latest
 from parallel.config import ConfigError, load_config
-from parallel.config.deepspeed import format_report
+from parallel.config.deepspeed import deepspeed_hint, format_report
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
         nproc = known.nproc or max(cfg.world_size // nnodes_n, 1)
         cfg.validate(nproc * nnodes_n)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {e}{deepspeed_hint(str(e), report)}", file=sys.stderr)
         return 2
     try:                            # a dry run changes nothing on disk: it skips the path checks
         preflight.check_config(cfg)
@@ -135,7 +137,8 @@ def main(argv=None) -> int:
             preflight.check_paths(cfg)
             preflight.check_nvme(cfg, whole_job_here=nnodes_n == 1)
     except ConfigError as e:
-        print(f"config error (pre-flight check; no worker was started): {e}", file=sys.stderr)
+        print(f"config error (pre-flight check; no worker was started): {e}{deepspeed_hint(str(e), report)}",
+              file=sys.stderr)
         return 2
     if known.memory is not None and not known.dry_run:
         print("python -m launch: --memory goes with --dry-run (it answers whether the job fits)", file=sys.stderr)
@@ -156,7 +159,15 @@ def main(argv=None) -> int:
     ds = ["--deepspeed", known.deepspeed] if known.deepspeed else []
     args += torchrun + ["-m", "launch.train", "--config", known.config] + ds + overrides
     try:
-        elastic_run.main(args)
+        try:
+            elastic_run.main(args)
+        except Exception as e:      # a DeepSpeed prefetch bucket refused by a ZeRO-3 region: once more, unmerged
+            why = retry_unmerged(getattr(e, "failures", None) or {}, report, overrides)
+            if why is None:
+                raise
+            print(why, file=sys.stderr, flush=True)
+            release_refused_owner(cfg.train.checkpoint.dir)
+            elastic_run.main(args + ["zero.unit_mb=0"])
     except SignalException as e:    # torchrun forwarded it to the workers and waited for them
         sig = int(e.sigval)
         ck = cfg.train.checkpoint.dir

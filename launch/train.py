@@ -49,6 +49,7 @@ from parallel.checkpoint.async_save import AsyncSaver
 from parallel.checkpoint.integrity import data_contract
 from parallel.checkpoint.retention import Retention, job_id
 from parallel.config import Config, ConfigError, import_object, load_config
+from parallel.config.deepspeed import deepspeed_hint
 from parallel.data import check_dataset, global_indices, rank_batch
 from parallel.engine import parallelize
 from parallel.mesh import Mesh, backend_for, default_device, init_distributed
@@ -318,10 +319,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    report: list = []                              # the DeepSpeed mapping's lines: which JSON key set what
     try:
-        cfg = load_config(args.config, args.overrides, deepspeed=args.deepspeed).validate(world)
+        cfg = load_config(args.config, args.overrides, deepspeed=args.deepspeed, report=report).validate(world)
         check_config(cfg)
     except ConfigError as e:
+        e.args = (f"{e}{deepspeed_hint(str(e), report)}",)
         if rank == 0:
             print(f"config error: {e}", file=sys.stderr)
         failures.write_record(rank, "config", "config", f"config error: {e}", 2)
@@ -358,6 +361,8 @@ def main(argv=None) -> int:
         failures.record_exception(e, rank, progress.where(), False, 130)
         terminate(130, f"rank {rank}: interrupted at {progress.where()}")
     except BaseException as e:                     # report once, exit now: never wait on dead peers
+        if isinstance(e, ConfigError):             # raised by the run (a ZeRO-3 region ...): name the JSON key
+            e.args = (f"{e}{deepspeed_hint(str(e), report)}",)
         failures.record_exception(e, rank, progress.where(), is_peer_failure(e), EXIT_FAILURE)
         text = failure_report(e, progress, default_store(), f"p3d/fail/{restart_attempt()}")
         if progress.checker is not None and "mismatch" in str(e).lower():     # DETAIL's report: add call sites

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 from parallel.config import deepspeed_keys as K
 from parallel.config.deepspeed_activation import map_activation_checkpointing
@@ -75,6 +76,8 @@ def map_feature(m: Mapper, k, v):
         on = isinstance(v, dict) and v.get("autotp_size", 1) not in (0, 1, AUTO)
     else:
         on = v.get("enabled", False) if isinstance(v, dict) else v
+        if isinstance(v, dict) and not isinstance(on, bool) and on not in (None, AUTO):
+            m.fail(f"{k}.enabled", f"expected true or false, got {json.dumps(on)}: write it without quotes")
         on = on not in (False, None, AUTO)
     if not on:
         m.ignore(k, "disabled")
@@ -102,7 +105,12 @@ def map_precision(m: Mapper):
 
     def enabled(blk, which):
         v = (blk or {}).get("enabled", False)
-        return m.native("precision") == which if v == AUTO else bool(v)
+        if v == AUTO:
+            return m.native("precision") == which
+        if not isinstance(v, bool):     # bool("false") is True: a quoted "false" would turn the precision on
+            m.fail(f"{which if which == 'fp16' else bname}.enabled",
+                   f"expected true, false or \"auto\", got {json.dumps(v)}: write it without quotes")
+        return v
     f_on, b_on = enabled(fp16, "fp16"), enabled(bf16, "bf16")
     if f_on and b_on:
         m.fail("fp16.enabled and bf16.enabled", "both are on; a run has one precision: enable only one")
@@ -282,9 +290,29 @@ def merge_tree(tree: dict, overrides: dict) -> dict:
     return out
 
 
+_MAPPED = re.compile(r"^(\S+) = (.*?) -> ([A-Za-z_][\w.]*) = ")
+
+
+def deepspeed_hint(message: str, lines: list[str]) -> str:
+    """For an error raised after the mapping (validation, pre-flight, training) whose ``message`` names native keys
+    (``zero.unit_mb``): which DeepSpeed keys set them, per the mapping's report ``lines``; "" when none did. The
+    mapping is merged over the YAML, so a YAML value for such a key is overridden by the JSON: the fix goes into
+    the JSON (or on the command line, where overrides win)."""
+    found: dict = {}
+    for line in lines:
+        hit = _MAPPED.match(line)
+        named = hit and re.search(r"(?<![\w.])" + re.escape(hit.group(3)) + r"(?![\w])", message)
+        if named and not line.endswith("kept (the YAML sets it)"):
+            found.setdefault(hit.group(3), []).append(f"{hit.group(1)} = {hit.group(2)}")
+    return "".join(f"\n  ({ours} came from the DeepSpeed config: {' and '.join(src)}; change "
+                   f"{' / '.join(x.split(' = ')[0] for x in src)} in the JSON, since a YAML {ours} is overridden by "
+                   f"it, or pass {ours}=... on the command line)" for ours, src in found.items())
+
+
 def format_report(lines: list[str], source: str = "DeepSpeed config") -> str:
     return "\n".join([f"{source}: {sum(not l.startswith('ignored:') for l in lines)} mapped, "
                       f"{sum(l.startswith('ignored:') for l in lines)} ignored"] + [f"  {l}" for l in lines])
 
 
-__all__ = ["map_deepspeed", "load_deepspeed_json", "merge_tree", "format_report", "resolve_path", "AUTO"]
+__all__ = ["map_deepspeed", "load_deepspeed_json", "merge_tree", "format_report", "resolve_path", "AUTO",
+           "deepspeed_hint"]

@@ -7,7 +7,10 @@ deepspeed/runtime/zero/config.py, DeepSpeed 0.19.8: "Maximum number of parameter
 "Do not release a parameter if it will be reused within this threshold of parameters"; defaults 5e7 and 1e9, which
 apply when the keys are absent). They map to ``zero.unit_mb`` (elements × bytes per element / 2**20: consecutive
 units merged into one gather and one reduce-scatter) and ``zero.max_reuse_distance`` (the kept units:
-parallel/zero/unit_life.py states the rule)."""
+parallel/zero/unit_life.py states the rule). An absent key does not override the YAML's ``zero.unit_mb`` /
+``zero.max_reuse_distance`` / ``zero.keep_after_forward`` (as an absent ``gradient_clipping``): a model whose ZeRO-3
+regions refuse merged units (parallel/zero/regions.py) can set ``zero.unit_mb: 0`` in its YAML. Below stage 3 the
+prefetch bucket is ignored with a reason, as DeepSpeed accepts and ignores it there."""
 from __future__ import annotations
 
 import json
@@ -40,7 +43,9 @@ def map_zero(m: Mapper):
     elem = _DTYPE_BYTES[m.precision]
     sized(m, z, "zero_optimization", "reduce_bucket_size", "zero.bucket_mb", elem)
     for key in ("stage3_prefetch_bucket_size", "prefetch_bucket_size"):
-        if key in z:
+        if key in z and stage != 3:                    # DeepSpeed reads it at stage 3 only, accepts it elsewhere
+            m.ignore(f"zero_optimization.{key}", f"stage {stage}: parameters are not sharded, nothing is fetched")
+        elif key in z:
             v = (m.native("zero.prefetch") if z[key] == AUTO
                  else m.number(f"zero_optimization.{key}", z[key]) > 0)
             m.set(f"zero_optimization.{key}", z[key], "zero.prefetch", v,
@@ -61,14 +66,17 @@ def map_stage3(m: Mapper, z: dict, stage: int, elem: int):
             m.ignore(f"zero_optimization.{STAGE3_REUSE}", f"stage {stage}: parameters are not sharded")
         return
     pre = "zero_optimization"
-    v = z[key] if key else DS_PREFETCH_DEFAULT
-    shown = z[key] if key else f"(unset: DeepSpeed's default {DS_PREFETCH_DEFAULT:.0e})"
-    mb = m.native("zero.unit_mb") if v == AUTO else m.number(f"{pre}.{key}", v) * elem / 2 ** 20
-    if not mb >= 0:
-        m.fail(f"{pre}.{key}", f"{json.dumps(v)} must be >= 0 elements")
-    m.set(f"{pre}.{key or 'stage3_prefetch_bucket_size'}", shown, "zero.unit_mb", mb,
-          "from the native config" if v == AUTO else f"elements x {elem} bytes ({m.precision}) / 2**20: consecutive "
-          f"stage-3 units merged up to this size, one all-gather and one reduce-scatter each")
+    native = m.base.get("zero") if isinstance(m.base.get("zero"), dict) else {}
+    if key is None and "unit_mb" in native:    # an absent key does not override the YAML (as gradient_clipping)
+        m.lines.append(f"{pre}.stage3_prefetch_bucket_size = (unset; DeepSpeed's default would be "
+                       f"{DS_PREFETCH_DEFAULT:.0e}) -> zero.unit_mb = {json.dumps(native['unit_mb'])} {KEPT}")
+    else:
+        _unit_mb(m, z, key, elem)
+    if STAGE3_REUSE not in z and ({"max_reuse_distance", "keep_after_forward"} & set(native)):
+        ours = "max_reuse_distance" if "max_reuse_distance" in native else "keep_after_forward"
+        m.lines.append(f"{pre}.{STAGE3_REUSE} = (unset; DeepSpeed's default would be {DS_REUSE_DEFAULT:.0e}) -> "
+                       f"zero.{ours} = {json.dumps(native[ours])} {KEPT}")
+        return
     v = z.get(STAGE3_REUSE, DS_REUSE_DEFAULT)
     shown = v if STAGE3_REUSE in z else f"(unset: DeepSpeed's default {DS_REUSE_DEFAULT:.0e})"
     d = m.native("zero.max_reuse_distance") if v == AUTO else m.number(f"{pre}.{STAGE3_REUSE}", v)
@@ -79,11 +87,28 @@ def map_stage3(m: Mapper, z: dict, stage: int, elem: int):
           "units freed after them in forward) is below it stay gathered into backward (parallel/zero/unit_life.py)")
 
 
+KEPT = "kept (the YAML sets it)"
+
+
+def _unit_mb(m: Mapper, z: dict, key, elem: int):
+    pre = "zero_optimization"
+    v = z[key] if key else DS_PREFETCH_DEFAULT
+    shown = z[key] if key else f"(unset: DeepSpeed's default {DS_PREFETCH_DEFAULT:.0e})"
+    mb = m.native("zero.unit_mb") if v == AUTO else m.number(f"{pre}.{key}", v) * elem / 2 ** 20
+    if not mb >= 0:
+        m.fail(f"{pre}.{key}", f"{json.dumps(v)} must be >= 0 elements")
+    m.set(f"{pre}.{key or 'stage3_prefetch_bucket_size'}", shown, "zero.unit_mb", mb,
+          "from the native config" if v == AUTO else f"elements x {elem} bytes ({m.precision}) / 2**20: consecutive "
+          f"stage-3 units merged up to this size, one all-gather and one reduce-scatter each")
+
+
 def sized(m: Mapper, block, pre, key, ours, elem):
     """A DeepSpeed size in elements → our MiB (elements × bytes per element / 2**20)."""
     if key in block:
         v = block[key]
         mb = m.native(ours) if v == AUTO else m.number(f"{pre}.{key}", v) * elem / 2 ** 20
+        if not mb > 0:                                 # else the native check names zero.bucket_mb=-3.8e-06
+            m.fail(f"{pre}.{key}", f"{json.dumps(v)} must be a positive number of elements")
         m.set(f"{pre}.{key}", v, ours, mb, "from the native config" if v == AUTO else
               f"elements x {elem} bytes ({m.precision}) / 2**20")
 
@@ -118,16 +143,24 @@ def map_offload(m: Mapper, z, stage, elem):
         m.set(f"{pre}.device", blk.get("device", "(unset)"), f"zero.offload.{ours}", dev)
         if dev == "nvme":
             path = m.value(blk, "nvme_path", "zero.offload.nvme_path")
+            if not path and blk.get("nvme_path") == AUTO:
+                m.fail(f"{pre}.nvme_path", "\"auto\" takes zero.offload.nvme_path from the YAML, which does not set "
+                                           "it: give a directory on a local NVMe disk in either")
             if not path:
                 m.fail(f"{pre}.nvme_path", "device is nvme but nvme_path is not set: give a directory on a "
                                            "local NVMe disk")
+            if not isinstance(path, str):
+                m.fail(f"{pre}.nvme_path", f"expected the path of a directory (a string), got {json.dumps(path)}")
             paths[f"{pre}.nvme_path"] = path
         elif "nvme_path" in blk:
             m.ignore(f"{pre}.nvme_path", f"device is {dev}")
         if "buffer_count" in blk:
             v = blk["buffer_count"]
-            counts.append((f"{pre}.buffer_count", m.native("zero.offload.buffer_count") if v == AUTO
-                           else m.number(f"{pre}.buffer_count", v, (int,))))
+            n = m.native("zero.offload.buffer_count") if v == AUTO else m.number(f"{pre}.buffer_count", v, (int,),
+                                                                                   "an integer")
+            if not n >= 1:
+                m.fail(f"{pre}.buffer_count", f"{json.dumps(v)} must be 1 or more buffers")
+            counts.append((f"{pre}.buffer_count", n))
     if len(set(paths.values())) > 1:
         m.fail(" and ".join(paths), f"differ ({' vs '.join(map(str, paths.values()))}); parallel3d has one "
                                     f"zero.offload.nvme_path: use one directory")

@@ -55,7 +55,9 @@ from parallel.zero.fanout import fan_out, first_tensor, tensors
 from parallel.zero.trace import TracedOrder
 
 __all__ = ["CallRecorder", "agree_regions", "region_units", "apply_regions", "holders_of",
-           "refuse_merged_regions"]
+           "refuse_merged_regions", "MERGED_REGIONS"]
+
+MERGED_REGIONS = "zero.unit_mb: the region(s)"     # how the refusal begins (launch/unmerged.py retries on it)
 
 
 class CallRecorder:
@@ -162,11 +164,17 @@ def apply_regions(s3) -> None:
 
 def refuse_merged_regions(s3) -> None:
     """Raise on every dp rank when a region about to be applied holds a merged unit (``zero.unit_mb``;
-    :mod:`parallel.zero.unit_life` says why)."""
+    :mod:`parallel.zero.unit_life` says why). Growing the region to every module needing its merged units instead
+    was tried (session 13): merges span block edges (the embedding with block 0), the region grows to the root, and
+    the ModuleList-experts case still hangs. A bucket set by a DeepSpeed file is retried unmerged by the launcher
+    (launch/unmerged.py), which finds this refusal by the message's start, :data:`MERGED_REGIONS`."""
     names = {m: n for n, m in s3.module.named_modules()}
     bad = [names.get(r, type(r).__name__) for r in s3._pending
            if any(u.waits is not None for u in region_units(r, s3.needs))]
     if bad:
-        raise ConfigError(f"zero.unit_mb: the region(s) {bad} call their modules a data-dependent number of times "
+        raise ConfigError(f"{MERGED_REGIONS} {bad} call their modules a data-dependent number of times "
                           f"(parallel/zero/regions.py) and hold merged stage-3 units, which could make the dp ranks "
-                          f"issue different gathers: set zero.unit_mb: 0 for this model")
+                          f"issue different gathers: set zero.unit_mb: 0 for this model (with a DeepSpeed JSON whose "
+                          f"zero_optimization sets stage3_prefetch_bucket_size: set it to 0, which also turns "
+                          f"prefetching off, or pass the override zero.unit_mb=0; absent, DeepSpeed's default 5e7 "
+                          f"applies unless the YAML sets zero.unit_mb)")
