@@ -33,6 +33,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -122,7 +123,6 @@ def count_training_flops(model: nn.Module, sample, loss_fn=None, backward: bool 
             # check (``is_tracing``) and the shapes — hence the counts — are the same as on a real device.
             if dev.type != "meta" or "meta tensors" not in str(e):
                 raise
-            from torch._subclasses.fake_tensor import FakeTensorMode
             with FakeTensorMode(allow_non_fake_inputs=True):
                 return count()
     finally:
