@@ -285,13 +285,14 @@ def split_fractions(kw: dict, m: int, reps: int = 5) -> tuple:
 
 
 def calibrate(kw: dict, per: int, comm_mb: float = 4.0, reps: int = 7, mem_mb: int = 32, micro=(),
-              tp=(), flat: int = 0) -> dict:
+              tp=(), flat: int = 0, dtensor: bool = False) -> dict:
     """All figures of the module docstring for model ``kw`` (examples/gpt.py) at ``per`` sequences
     per rank (and the compute rate at each micro-batch of ``micro``, at the tp-split shapes of each degree of
     ``tp``), measured now with every rank running. ``train_flops`` is taken twice, first and last (module
-    docstring: :func:`_best_rate`)."""
+    docstring: :func:`_best_rate`). ``dtensor``: time DTensor's host figures without tp rows (FSDP2's parameters
+    are DTensors: benchmarks/proto_host.py charges its AdamW per parameter)."""
     first = train_rate(kw, per)
-    out = _calibrate_rest(kw, per, comm_mb, reps, mem_mb, micro, tp, flat)
+    out = _calibrate_rest(kw, per, comm_mb, reps, mem_mb, micro, tp, flat, dtensor)
     return {**out, **_best_rate(first, train_rate(kw, per))}
 
 
@@ -307,7 +308,8 @@ def _best_rate(first: float, last: float) -> dict:
     return {"train_flops": max(first, last), "train_flops_first": first, "train_flops_last": last}
 
 
-def _calibrate_rest(kw: dict, per: int, comm_mb: float, reps: int, mem_mb: int, micro, tp, flat: int) -> dict:
+def _calibrate_rest(kw: dict, per: int, comm_mb: float, reps: int, mem_mb: int, micro, tp, flat: int,
+                    dtensor: bool = False) -> dict:
     """:func:`calibrate`'s figures but ``train_flops``."""
     out = {"matmul_flops": matmul_rate(per * kw["seq_len"], kw["n_embd"], kw["vocab_size"]),
            "mem_bw": mem_bandwidth(mem_mb, 3 * reps)}
@@ -319,7 +321,7 @@ def _calibrate_rest(kw: dict, per: int, comm_mb: float, reps: int, mem_mb: int, 
         out[f"split_i@{m}"], out[f"split_w@{m}"] = split_fractions(kw, m, 3 * reps)
     if not dist.is_initialized() or dist.get_world_size() < 2:
         return {**out, **calibrate_host(False, reps)}
-    out.update(calibrate_host(bool(tp), reps))           # host.*: per-call host work (benchmarks/proto_host.py)
+    out.update(calibrate_host(bool(tp) or dtensor, reps))   # host.*: per-call host work (benchmarks/proto_host.py)
     n, r = dist.get_world_size(), dist.get_rank()
     group = Group(dist.group.WORLD, "calibration", tuple(range(n)), r)
     big = int(comm_mb * 2 ** 20 // 4)

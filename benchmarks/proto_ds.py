@@ -56,6 +56,7 @@ per-module hooks (Python, per submodule: fetch, release, pre-/post-backward), wh
 """
 from __future__ import annotations
 
+import mmap
 import time
 
 import torch
@@ -154,19 +155,28 @@ def ds_seconds(name: str, psi: int, owned: int, world: int, pred, hw, cal: dict)
 
 
 def calibrate_fresh_page(mb: int = 64, reps: int = 7) -> float:
-    """``fresh_page_s``: seconds per fresh 4 KiB page — a copy of ``mb`` MiB (≥ :data:`MMAP_MIN`: glibc maps it anew)
-    into a fresh torch.empty minus the same copy into a touched buffer, the fastest of ``reps`` each (interference
-    only adds: a loaded core read 17 µs a page from medians where the fastest gave 1.8), per page."""
+    """``fresh_page_s``: seconds per fresh 4 KiB page — a copy of ``mb`` MiB into a fresh anonymous mapping (mmap:
+    every page faults on first touch, as glibc's fresh mmap of a buffer ≥ :data:`MMAP_MIN` does; a torch.empty here
+    could come back already mapped — session 13's DS 50m start read 0.028 µs a page) minus the same copy into a
+    touched buffer, the fastest of ``reps`` each (interference only adds: a loaded core read 17 µs a page from
+    medians where the fastest gave 1.8), per page."""
     n = mb * 2 ** 20 // 4
     src, warm = torch.ones(n), torch.empty(n)
     warm.copy_(src)
 
-    def timed(fn):
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
-    fresh = timed(lambda: torch.empty(n).copy_(src))
-    return max(0.0, fresh - timed(lambda: warm.copy_(src))) / (n * 4 / PAGE)
+    def fresh_copy():
+        m = mmap.mmap(-1, n * 4)
+        t = torch.frombuffer(m, dtype=torch.float32)
+        t0 = time.perf_counter()
+        t.copy_(src)
+        dt = time.perf_counter() - t0
+        del t
+        m.close()
+        return dt
+
+    def timed_warm():
+        t0 = time.perf_counter()
+        warm.copy_(src)
+        return time.perf_counter() - t0
+    fresh = min(fresh_copy() for _ in range(reps))
+    return max(0.0, fresh - min(timed_warm() for _ in range(reps))) / (n * 4 / PAGE)

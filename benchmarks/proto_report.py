@@ -42,6 +42,7 @@ _PLANNER_OP = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "
 
 
 PAIR = "lat.ring.all_reduce"      # the ring pair (reduce-scatter then all-gather back to back): a chain, not one call
+FRESH = "fresh_page_s"            # seconds per fresh 4 KiB page (proto_ds.calibrate_fresh_page): the larger
 TP_RATE = "train_flops.tp"        # the tp-split shapes' rate (proto_calib.tp_train_rate): the faster of start and end
 
 
@@ -68,10 +69,15 @@ def calib_mean(rec: dict) -> dict:
     and end, as proto_calib._best_rate takes the faster of two readings within one calibration since session 12:
     interference only slows a pinned core. It is timed once per calibration (no first / last pair), and session
     12's MP record read it 68.6 GFLOP/s at the start and 49.5 at the end of its 50m part (drift flagged on the tp
-    rows only): with the mean its tp_ours was 1.21 × the measured step, with the faster 1.08."""
+    rows only): with the mean its tp_ours was 1.21 × the measured step, with the faster 1.08.
+
+    A fresh page's cost (:data:`FRESH`, DeepSpeed's per-step buffers: benchmarks/proto_ds.py) takes the larger: the
+    fastest of 7 can only read low, when the "fresh" buffer came back already mapped (session 13's DS 50m part read
+    0.028 µs at the start, 1.77 at the end, 1.56 / 1.62 at 5m; h-dsp's CPU-time reading 1.60 µs); the calibration
+    maps its buffer anonymously since, so every page faults."""
     a, b = rec["calib_start"], rec["calib_end"]
-    return {k: _lat(k, a[k], b[k]) if k.startswith("lat.") else max(a[k], b[k]) if k.startswith(TP_RATE) else
-            (a[k] + b[k]) / 2 for k in a if k in b}
+    return {k: _lat(k, a[k], b[k]) if k.startswith("lat.") else max(a[k], b[k]) if k.startswith(TP_RATE) or k == FRESH
+            else (a[k] + b[k]) / 2 for k in a if k in b}
 
 
 def step_drift(rec: dict, tol: float = 0.10) -> dict:

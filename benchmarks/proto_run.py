@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from benchmarks import proto_rows
 from benchmarks.proto_calib import calibrate
+from benchmarks.proto_host import FSDP2_ROWS
 
 __all__ = ["run_rank", "pin", "SIZES"]
 
@@ -107,7 +108,8 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     calib_kw = dict(kw=kw, per=per, comm_mb=opts.get("comm_mb", 4.0), reps=opts.get("calib_reps", 7),
                     mem_mb=opts.get("mem_mb", 32), micro=proto_rows.micro_sizes(opts["rows"], per, world),
                     tp=(world,) if {"tp_ours", "tp_dtensor"} & set(opts["rows"]) else (),   # the tp rows: tp = world
-                    flat=proto_rows.flat_elements(kw, opts["rows"]))                 # DeepSpeed ZeRO-1/2's message
+                    flat=proto_rows.flat_elements(kw, opts["rows"]),                 # DeepSpeed ZeRO-1/2's message
+                    dtensor=bool(set(FSDP2_ROWS) & set(opts["rows"])))   # FSDP2's DTensor AdamW (proto_host.py)
     cal0 = calibrate(**calib_kw)
     rows, skipped = {}, {}
     for name in opts["rows"]:

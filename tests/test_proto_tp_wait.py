@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MS = 1e-3
-FILES = [os.path.join(ROOT, "benchmarks", "results", f"protocol_mp_2026-12-04_session12{s}.json") for s in ("", "b")]
+FILES = [os.path.join(ROOT, "benchmarks", "results", f"protocol_mp_2026-12-04_session1{s}.json")
+         for s in ("2", "2b", "3")]       # session 13: the first idle run with tp_dtensor's own call figure
 
 
 def _records():
@@ -39,7 +40,7 @@ def test_tp_rows_within_the_band_on_session_12_mp_records():
         for row in ("tp_ours", "tp_dtensor"):
             med = statistics.median(rec["times"][row])
             got[f"{name}/{rec['size']}/{row}"] = predict_row(rec, row, cal).step_s / med
-    assert len(got) == 8
+    assert len(got) == 12
     bad = {k: round(v, 3) for k, v in got.items() if not 0.85 <= v <= 1.15}
     assert not bad, f"tp rows' planner ÷ measured outside [0.85, 1.15]: {bad}"
 
