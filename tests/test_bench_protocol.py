@@ -344,7 +344,8 @@ def test_protocol_smoke_two_ranks():
     assert an["rows"]["zero3_ds"]["bytes"]["equal"], an["rows"]["zero3_ds"]["bytes"]   # the planner prices 1 unit
     assert an["aa"] is not None and an["rows"]["zero3"]["vs"]["ddp"]["verdict"] in ("tie", "faster", "slower")
     assert "noise band" in text(rec, an) and "host work per call" in text(rec, an)
-    assert rec["calib_start"]["host.op_s"] > 0 and "host.dtensor_op_s" not in rec["calib_start"]   # no tp rows
+    assert rec["calib_start"]["host.op_s"] > 0                   # fsdp2_ring's DTensor parameters: DTensor's figures
+    assert rec["calib_start"]["host.dtensor_adamw_s"] > 0 and rec["calib_end"]["host.dtensor_op_s"] > 0   # (no tp row)
     # the tp chain figure (proto_calib.chained_all_reduce): one tp activation, per · world sequences × s × h fp32
     assert rec["calib_start"]["chain_bytes"] == 2 * 2 * s * h * 4 and "right after compute" in text(rec, an)
     # δ per interleaved repetition (benchmarks/proto_wait.py), in the normal calibration; no tp rows: no tp figure

@@ -69,7 +69,9 @@ def test_tp_call_is_priced_at_the_call_timed_after_a_tp_matmul(monkeypatch):
     assert charged == {"protocol_mp_2026-12-04_session12.json/5m": (1.31, 4.2),
                        "protocol_mp_2026-12-04_session12.json/50m": (1.66, 3.18),
                        "protocol_mp_2026-12-04_session12b.json/5m": (2.23, 5.02),
-                       "protocol_mp_2026-12-04_session12b.json/50m": (1.94, 3.52)}
+                       "protocol_mp_2026-12-04_session12b.json/50m": (1.94, 3.52),
+                       "protocol_mp_2026-12-04_session13.json/5m": (1.69, 2.99),
+                       "protocol_mp_2026-12-04_session13.json/50m": (1.61, 3.43)}
     monkeypatch.setattr(pr, "hardware", lambda cal, *a: dataclasses.replace(
         hardware(cal, *a), call_wait_s=2 * chain_hardware(cal, "gloo", 2)[0]))          # every row at δ
     for (_, rec), steps in zip(_records(), at_delta.values()):
