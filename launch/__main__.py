@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         try:
             elastic_run.main(args)
         except Exception as e:      # a DeepSpeed prefetch bucket refused by a ZeRO-3 region: once more, unmerged
-            why = retry_unmerged(getattr(e, "failures", None) or {}, report, overrides)
+            why = retry_unmerged(getattr(e, "failures", None) or {}, report, overrides, nnodes_n)
             if why is None:
                 raise
             print(why, file=sys.stderr, flush=True)

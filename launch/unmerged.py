@@ -28,9 +28,14 @@ __all__ = ["retry_unmerged", "release_refused_owner"]
 _FROM_JSON = re.compile(r'^zero_optimization\.(stage3_)?prefetch_bucket_size = (?!"auto")(.*?) -> zero\.unit_mb = ')
 
 
-def retry_unmerged(failures: dict, report: list, overrides: list) -> str | None:
+def retry_unmerged(failures: dict, report: list, overrides: list, nnodes: int = 1) -> str | None:
     """The launcher's line announcing the retry, or None when this failure is not one to retry: ``failures`` is
-    torchrun's {rank: ProcessFailure}, ``report`` the DeepSpeed mapping's lines, ``overrides`` the key=value words."""
+    torchrun's {rank: ProcessFailure}, ``report`` the DeepSpeed mapping's lines, ``overrides`` the key=value words.
+    Single node only (``nnodes`` 1): each node's launcher decides from its own ranks' records, with no agreement, so a
+    node whose ranks were stopped before refusing (a pipeline stage without the region) would exit while another
+    retried, and the retry's rendezvous would wait out its timeout for the missing node."""
+    if nnodes != 1:
+        return None
     if any(o.split("=", 1)[0].strip() == "zero.unit_mb" for o in overrides):
         return None                               # the user's own value: refuse as asked
     src = next((h for line in report if not line.endswith(KEPT) and (h := _FROM_JSON.match(line))), None)

@@ -176,6 +176,7 @@ def test_retry_only_for_a_refusal_of_the_json_bucket(tmp_path):
     assert retry_unmerged({**refused, 1: _Failure("RuntimeError: a bug")}, rep, []) is None  # its own failure
     assert retry_unmerged({0: _Failure("ConfigError: zero.bucket_mb ...")}, rep, []) is None
     assert retry_unmerged({}, rep, []) is None
+    assert retry_unmerged(refused, rep, [], nnodes=2) is None    # per-node decisions could differ: no retry
     owner = tmp_path / "OWNER.json"
     owner.write_text(json.dumps({"job": "a", "host": __import__("socket").gethostname(), "launcher_pid": 1, "pid": 2}))
     assert not release_refused_owner(str(tmp_path)) and owner.exists()               # another launcher's
