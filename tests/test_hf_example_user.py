@@ -82,3 +82,16 @@ def test_flop_count_of_a_meta_transformers_model():
         meta = build("qwen2", **kw)
     assert count_training_flops(meta, x) == real > 0
     assert all(p.grad is None for p in meta.parameters())
+
+
+def test_eval_sequence_length_not_divisible_by_two_cp_is_a_config_error():
+    """Eval batches go through the same zig-zag split into 2·cp chunks as training ones: an eval seq_len that
+    does not divide fails before any worker starts, not at the first evaluation (after training steps)."""
+    ov = ["parallel.dp=1", "parallel.tp=1", "parallel.pp=1", "parallel.cp=2", "data.kwargs.seq_len=64",
+          "data.eval={factory: 'examples.text_corpus:packed', kwargs: {seq_len: 30}}"]
+    cfg = load_config(YAML, ov)
+    with pytest.raises(ConfigError, match=r"the sequence length 30 \(data\.eval\.kwargs\.seq_len\) must be divisible "
+                                          r"by 2·cp = 4"):
+        cfg.validate(cfg.world_size)
+    load_config(YAML, ov[:-1] + ["data.eval={factory: 'examples.text_corpus:packed', kwargs: {seq_len: 32}}"]
+                ).validate()

@@ -162,12 +162,14 @@ def _check_cp(c: Config) -> None:
             raise ConfigError(f"parallel.sequence_parallel=true: the sequence length {local} ({key}.seq_len) is not "
                               f"divisible by parallel.tp={p.tp} (each tp rank holds one chunk): use a multiple of "
                               f"{p.tp * p.cp} for {key}.seq_len, or set parallel.sequence_parallel=false")
-    seq = c.data.kwargs.get("seq_len") if isinstance(c.data.kwargs, dict) else None
     if p.cp == 1:
         return
-    if isinstance(seq, int) and seq % (2 * p.cp):
-        raise ConfigError(f"parallel.cp={p.cp}: the sequence length {seq} (data.kwargs.seq_len) must be divisible "
-                          f"by 2·cp = {2 * p.cp} (the zig-zag split into 2·cp chunks): change seq_len or parallel.cp")
+    for key, kw in (("data.kwargs", c.data.kwargs), ("data.eval.kwargs", ev)):    # eval batches split over cp too
+        seq = kw.get("seq_len") if isinstance(kw, dict) else None
+        if isinstance(seq, int) and seq % (2 * p.cp):
+            raise ConfigError(f"parallel.cp={p.cp}: the sequence length {seq} ({key}.seq_len) must be divisible "
+                              f"by 2·cp = {2 * p.cp} (the zig-zag split into 2·cp chunks): change seq_len or "
+                              f"parallel.cp")
 
 
 def _check_zero(c: Config) -> None:
