@@ -95,3 +95,14 @@ def test_eval_sequence_length_not_divisible_by_two_cp_is_a_config_error():
         cfg.validate(cfg.world_size)
     load_config(YAML, ov[:-1] + ["data.eval={factory: 'examples.text_corpus:packed', kwargs: {seq_len: 32}}"]
                 ).validate()
+
+
+def test_sp_suggestion_with_cp_also_divides_into_two_cp_chunks():
+    """tp = 3, cp = 2, seq_len 20: 20 / cp = 10 is not divisible by 3; a multiple of tp·cp = 6 (18, 30) would fail
+    the 2·cp = 4 zig-zag check next, so the suggestion is lcm(tp·cp, 2·cp) = 12."""
+    ov = ["parallel.dp=1", "parallel.pp=1", "parallel.tp=3", "parallel.cp=2", "parallel.sequence_parallel=true",
+          "data.kwargs.seq_len=20"]
+    cfg = load_config(YAML, ov)
+    with pytest.raises(ConfigError, match=r"use a multiple of 12 for data\.kwargs\.seq_len"):
+        cfg.validate(cfg.world_size)
+    load_config(YAML, ov[:-1] + ["data.kwargs.seq_len=24"]).validate()

@@ -4,6 +4,7 @@ Every check fails with one :class:`ConfigError` that names the key, the value an
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from parallel.config.compile_keys import check_compile
@@ -159,9 +160,10 @@ def _check_cp(c: Config) -> None:
         n = kw.get("seq_len") if isinstance(kw, dict) else None
         if p.sequence_parallel and p.tp > 1 and isinstance(n, int) and n % p.cp == 0 and (n // p.cp) % p.tp:
             local = f"{n}" if p.cp == 1 else f"{n} / cp = {n // p.cp}"
+            mult = math.lcm(p.tp * p.cp, 2 * p.cp) if p.cp > 1 else p.tp     # also whole 2·cp zig-zag chunks
             raise ConfigError(f"parallel.sequence_parallel=true: the sequence length {local} ({key}.seq_len) is not "
                               f"divisible by parallel.tp={p.tp} (each tp rank holds one chunk): use a multiple of "
-                              f"{p.tp * p.cp} for {key}.seq_len, or set parallel.sequence_parallel=false")
+                              f"{mult} for {key}.seq_len, or set parallel.sequence_parallel=false")
     if p.cp == 1:
         return
     for key, kw in (("data.kwargs", c.data.kwargs), ("data.eval.kwargs", ev)):    # eval batches split over cp too
