@@ -39,6 +39,18 @@ def test_weightless_final_norm_exits_at_last_block(arch, split):
     assert sum(s in ("colwise", "rowwise") for _, s, _ in matches) == split * (last + 1)
 
 
+def test_builtin_norm_without_affine_exits_at_last_block():
+    """``nn.LayerNorm(elementwise_affine=False)`` registers ``weight`` / ``bias`` as None: it holds no parameter, so
+    the exit is the last block's, as for OLMo's own norm (the review found it taken for a parametrised norm)."""
+    torch.manual_seed(0)
+    model = zoo.build("llama")
+    model.model.norm = nn.LayerNorm(64, elementwise_affine=False)
+    last = len(model.model.layers) - 1
+    assert _markers(resolve_plan(model)) == {"model.layers.0": "seq_scatter_input",
+                                             f"model.layers.{last}": "seq_gather_output"}
+    _checked_plan(model, "auto", 2, True)
+
+
 def test_parametrised_final_norm_keeps_its_marker():
     torch.manual_seed(0)
     assert _markers(resolve_plan(zoo.build("llama"))) == {"model.layers.0": "seq_scatter_input",

@@ -35,7 +35,7 @@ from parallel.config.deepspeed_activation import map_activation_checkpointing
 from parallel.config.deepspeed_defaults import clip_default
 from parallel.config.deepspeed_mapper import AUTO, Mapper
 from parallel.config.deepspeed_optim import map_optimizer, map_pld, map_scheduler
-from parallel.config.deepspeed_zero import map_zero
+from parallel.config.deepspeed_zero import KEPT, map_zero
 from parallel.config.errors import ConfigError
 
 
@@ -302,7 +302,7 @@ def deepspeed_hint(message: str, lines: list[str]) -> str:
     for line in lines:
         hit = _MAPPED.match(line)
         named = hit and re.search(r"(?<![\w.])" + re.escape(hit.group(3)) + r"(?![\w])", message)
-        if named and not line.endswith("kept (the YAML sets it)"):
+        if named and not line.endswith(KEPT):
             found.setdefault(hit.group(3), []).append(f"{hit.group(1)} = {hit.group(2)}")
     return "".join(f"\n  ({ours} came from the DeepSpeed config: {' and '.join(src)}; change "
                    f"{' / '.join(x.split(' = ')[0] for x in src)} in the JSON, since a YAML {ours} is overridden by "

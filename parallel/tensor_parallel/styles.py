@@ -51,7 +51,8 @@ def _norm_like(m: nn.Module) -> bool:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return bool(m._parameters) and _norm_like(m)
+    """A norm holding a parameter (``nn.LayerNorm(elementwise_affine=False)`` registers ``weight`` as None: none)."""
+    return _norm_like(m) and any(p is not None for p in m._parameters.values())
 
 
 # --- plan resolution ----------------------------------------------------------------------------
