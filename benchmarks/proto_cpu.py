@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
@@ -68,13 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--per", type=int, default=4, help="sequences per rank (the protocol's 4)")
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    q = mp.get_context("spawn").Queue()
     opts = {"size": a.size, "rows": a.rows, "steps": a.steps, "warmup": a.warmup, "per": a.per}
-    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, opts)
     print(f"{a.size}, 2 ranks x 1 core, median of {a.steps} steps, ms (loaded unless stated; "
           f"load {open('/proc/loadavg').read().split()[0]})")
     for rank, out in sorted(q.get(timeout=30) for _ in range(2)):

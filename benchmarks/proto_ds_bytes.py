@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,13 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4)
     ap.add_argument("--min-mb", type=float, default=1.0, help="print operators moving at least this many MB")
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     opts = {"size": a.size, "rows": a.rows, "warmup": a.warmup, "per": a.per}
-    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, opts)
     res = q.get(timeout=30)
     for name, r in res.items():
         own = r["owned"]

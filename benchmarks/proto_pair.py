@@ -37,7 +37,6 @@ import datetime
 import os
 import random
 import resource
-import socket
 import statistics
 import sys
 import time
@@ -208,13 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--count", action="store_true", help="counts of one step per row instead of timings")
     ap.add_argument("--ops", action="store_true", help="with --count: rank 0's calls per aten op, per row")
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     opts = {k: getattr(a, k) for k in ("size", "rows", "rounds", "warmup", "per", "seed", "count")}
-    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, opts)
     if a.count:
         got = dict(q.get(timeout=30) for _ in range(2))
         for (r, i), name in ((ri, a.rows[ri[1]]) for ri in [(r, i) for r in (0, 1) for i in range(len(a.rows))]):

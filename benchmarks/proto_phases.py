@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
@@ -163,14 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=0, help="which rank's figures to print (-1: both)")
     ap.add_argument("--vs", default="ddp_tuned", help="also print each row's process-CPU and wall minus this row's")
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    q = mp.get_context("spawn").Queue()
     opts = {"size": a.size, "rows": a.rows, "steps": a.steps, "warmup": a.warmup, "per": a.per, "inner": a.inner}
     load0 = open("/proc/loadavg").read().split()[0]
-    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, opts)
     load1 = open("/proc/loadavg").read().split()[0]
     print(f"{a.size}, 2 ranks x 1 core, rows interleaved (ABBA), median of {a.steps} steps, ms "
           f"(loaded: load average {load0} before, {load1} after)")

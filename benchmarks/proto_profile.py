@@ -28,7 +28,6 @@ import contextlib
 import datetime
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
@@ -355,14 +354,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ab-views", action="store_true", help="zero3 rows: --steps ABBA pairs, own-shard views "
                                                            "vs the plain gather's copy of the own shard")
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     opts = {k: getattr(a, k) for k in ("size", "rows", "steps", "warmup", "per", "ops", "pin", "ab_interleave",
                                                  "ab_keep", "faults", "ab_buffers", "ab_views")}
-    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, opts)
     res = q.get(timeout=30)
     if a.ab_interleave or a.ab_keep or a.ab_buffers or a.ab_views:
         for name, r in res.items():

@@ -75,6 +75,20 @@ def join(rank: int, world: int, port: int, timeout_s: float = 900) -> None:
     pin(rank, world, 1)
 
 
+def spawn_ranks(target, opts, world: int = 2):
+    """Run ``target(rank, world, port, opts, q)`` on ``world`` spawned processes (a free local port for their gloo
+    world) until all exit; returns the queue they put their results on."""
+    import socket
+
+    import torch.multiprocessing as mp
+    q = mp.get_context("spawn").Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(target, args=(world, port, opts, q), nprocs=world, join=True, start_method="spawn")
+    return q
+
+
 class WorldGroup:
     """The fields parallel.comm.ring reads from a group (size, rank, pg), for the default world group."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -85,13 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per", type=int, default=4)
     ap.add_argument("--reps", type=int, default=48)
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(2, port, dict(size=a.size, per=a.per, reps=a.reps), q), nprocs=2, join=True,
-                       start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, dict(size=a.size, per=a.per, reps=a.reps))
     rows = q.get(timeout=30)
     names = ["mm", "ours", "funcol", "dtensor", "ar"]
     for i, n in enumerate(names):

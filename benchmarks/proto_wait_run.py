@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 
@@ -67,13 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", action="store_true", help="also the tp all-reduce's wait (old and new)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     opts = dict(size=a.size, per=a.per, repeats=a.repeats, reps=a.reps, tp=a.tp)
-    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, opts)
     res = q.get(timeout=30)
     for r in res:      # as proto_report reads one calibration: δ = l_pair − l_rs − l_ag, old or new figures
         fast = r["wait.ring.rs_fast"] + r["wait.ring.ag_fast"]

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ if ROOT not in sys.path:
 from benchmarks.peers import cpu_name  # noqa: E402
 from benchmarks.proto_merge import check, merge  # noqa: E402
 from benchmarks.proto_rows import ROWS  # noqa: E402
-from benchmarks.proto_run import SIZES  # noqa: E402
+from benchmarks.proto_run import SIZES, spawn_ranks  # noqa: E402
 
 
 def _rank(rank, world, port, opts_list, q):
@@ -58,12 +57,7 @@ def _rank(rank, world, port, opts_list, q):
 
 
 def run(opts_list: list, world: int) -> list:
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(world, port, opts_list, q), nprocs=world, join=True, start_method="spawn")
+    q = spawn_ranks(_rank, opts_list, world)
     return [q.get(timeout=30) for _ in opts_list]
 
 

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -89,14 +88,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     base_src = subprocess.run(["git", "-C", ROOT, "show", f"{a.base}:parallel/comm/ring.py"], check=True,
                               capture_output=True, text=True).stdout
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     opts = {"mb": a.mb, "pairs": a.pairs, "base_src": base_src}
     os.environ.update(WORLD_SIZE="2")
-    mp.start_processes(_rank, args=(2, port, opts, q), nprocs=2, join=True, start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, opts)
     res = q.get(timeout=30)
     print(f"ring reduce-scatter A (worktree) vs B ({a.base}), 2 ranks, {a.pairs} ABBA pairs; loaded machine")
     for k, v in res.items():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _rank(rank, port, opts, q):
+def _rank(rank, world, port, opts, q):
     import torch
     import torch.distributed as dist
 
@@ -65,13 +64,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.numel < 2 or a.rounds < 1:
         raise SystemExit("--numel must be ≥ 2 and --rounds ≥ 1")
-    import torch.multiprocessing as mp
-    q = mp.get_context("spawn").Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(port, {"numel": a.numel, "rounds": a.rounds}, q), nprocs=2, join=True,
-                       start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, {"numel": a.numel, "rounds": a.rounds})
     wall, cpu = q.get(timeout=30)
     print(f"ring reduce-scatter, {a.numel} fp32 elements, 2 ranks, {a.rounds} rounds (loaded machine unless stated)")
     for name, d in (("wall", wall), ("CPU", cpu)):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _rank(rank, port, opts, q):
+def _rank(rank, world, port, opts, q):
     import torch
     import torch.distributed as dist
 
@@ -64,13 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--numel", type=int, default=4886528, help="fp32 elements of the bucket (even)")
     ap.add_argument("--reps", type=int, default=60)
     a = ap.parse_args(argv)
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    q = mp.get_context("spawn").Queue()
-    mp.start_processes(_rank, args=(port, {"numel": a.numel, "reps": a.reps}, q), nprocs=2, join=True,
-                       start_method="spawn")
+    from benchmarks.proto_run import spawn_ranks
+    q = spawn_ranks(_rank, {"numel": a.numel, "reps": a.reps})
     print(f"{a.numel} fp32 elements, 2 ranks x 1 core, rank 0, median of {a.reps} reps, ms per call "
           f"(main cpu / process cpu / wall; loaded: load average {open('/proc/loadavg').read().split()[0]})")
     for k, (m, c, w) in q.get(timeout=30).items():
