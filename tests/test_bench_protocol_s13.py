@@ -14,11 +14,10 @@ its start and end readings (proto_report.calib_mean; tests/test_proto_ds.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-import pytest
+from test_bench_protocol_s11 import assert_in_band, planner_ratios
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,15 +28,6 @@ KNOWN_GAPS = {"/5m@2/fsdp2_ring": 0.832, "_B5/5m@0/pp_zbv_m8": 1.169}
 
 
 def test_planner_on_session_13_records():
-    from benchmarks.proto_report import analyse
-    got = {}
-    for kind, path in FILES.items():
-        with open(path) as f:
-            for rec in json.load(f)["records"]:
-                an = analyse(rec, n_boot=10)
-                got.update({f"{kind}/{rec['size']}@{rec.get('part', 0)}/{n}": r["pred_over_measured"]
-                            for n, r in an["rows"].items()})
+    got = planner_ratios(FILES)
     assert len(got) == (8 + 8 + 9 + 9) + 9 + (9 + 9) + (6 + 6) + (10 + 9)
-    bad = {k: round(v, 3) for k, v in got.items() if abs(v - 1) > 0.15 and k not in KNOWN_GAPS}
-    assert not bad, f"planner ÷ measured outside 1 ± 0.15: {bad}"
-    assert {k: got[k] for k in KNOWN_GAPS} == pytest.approx(KNOWN_GAPS, abs=2e-3)
+    assert_in_band(got, KNOWN_GAPS)
