@@ -47,7 +47,6 @@ from unittest import mock
 if __name__ == "__main__":                      # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import proto_read as rd
 from benchmarks import proto_report as pr
 from benchmarks.proto_host import FSDP2_ROWS, dtensor_host_seconds, dtensor_tp_seconds
 from parallel.pipeline.schedules import get_schedule
@@ -73,12 +72,6 @@ def ideal_bubble(lay: Layout):
     return 1 / (1 - sim.bubble)
 
 
-def _row_hardware(rec: dict, name: str, cal: dict):
-    """The planner's Hardware of row ``name`` exactly as proto_report.predict_row builds it."""
-    impl = "ring" if rec["rows"][name]["ours"] or name == "fsdp2_ring" else "gloo"
-    return rd.flat_hardware(pr.hardware(cal, impl, rec["world"], rec["model"]["seq_len"]), cal, name)
-
-
 def _free_comm(hw):
     """``hw`` with every message free: no latency, unbounded bandwidth, no waits (the schedule's compute alone)."""
     return dataclasses.replace(hw, latency_s=0.0, bandwidth=float("inf"), op_latency=(), op_bandwidth=(),
@@ -88,8 +81,8 @@ def _free_comm(hw):
 @contextlib.contextmanager
 def _no_waits():
     """proto_report's planner with the per-call waits zeroed (``chain_wait_s``, ``call_wait_s``, ``p2p_wait_s``)."""
-    real = pr.hardware
-    with mock.patch.object(pr, "hardware", lambda *a, **k: dataclasses.replace(
+    real = pr.row_hardware
+    with mock.patch.object(pr, "row_hardware", lambda *a, **k: dataclasses.replace(
             real(*a, **k), chain_wait_s=0.0, call_wait_s=0.0, p2p_wait_s=0.0)):
         yield
 
@@ -119,7 +112,7 @@ def decompose(rec: dict, name: str, cal: dict | None = None) -> dict:
     meta, kw = rec["rows"][name], rec["model"]
     lay = Layout(**meta["layout"])
     fl = pr.floors(rec, name, cal)
-    hw = _row_hardware(rec, name, cal)
+    hw = pr.row_hardware(rec, name, cal)
     step = statistics.median(rec["times"][name])
     mb = rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp // (lay.dp * lay.micro_batches)
     c_eager = fl["flops"] / cal.get("train_flops", cal["matmul_flops"])
@@ -142,7 +135,7 @@ def decompose(rec: dict, name: str, cal: dict | None = None) -> dict:
     pred = pr.predict_row(rec, name, cal).step_s
     with _no_waits():
         flat = pr.predict_row(rec, name, cal)
-        nw = _row_hardware(rec, name, cal)
+        nw = pr.row_hardware(rec, name, cal)
     dt = dtensor_tp_seconds(rec, cal, nw) if name == "tp_dtensor" else \
         (dtensor_host_seconds(cal, kw["n_layer"], name) or 0.0) if name in FSDP2_ROWS else 0.0
     steps += [("bookkeeping", reach + flat.update_s - adamw), ("dtensor", reach + flat.update_s - adamw + dt),

@@ -174,6 +174,16 @@ def grad_elements(rec: dict, name: str) -> int:
     return meta["owned"] * (lay.dp if lay.zero else 1)
 
 
+def row_hardware(rec: dict, name: str, cal: dict):
+    """The planner's Hardware for row ``name``: our ring's figures for our rows and fsdp2_ring, the flat message's
+    for DeepSpeed ZeRO-1/2 (proto_read.py), DTensor's own call for tp_dtensor (benchmarks/proto_tp.py)."""
+    impl = "ring" if rec["rows"][name]["ours"] or name == "fsdp2_ring" else "gloo"
+    hw = rd.flat_hardware(hardware(cal, impl, rec["world"], rec["model"]["seq_len"]), cal, name)
+    if name == "tp_dtensor":           # DTensor's collective is not ours
+        hw = dataclasses.replace(hw, call_wait_s=tp.dtensor_call_wait(cal, rec["world"], 2 * hw.chain_wait_s))
+    return hw
+
+
 def predict_row(rec: dict, name: str, cal: dict):
     """The planner's :class:`Prediction` for row ``name`` of record ``rec`` on calibration ``cal``."""
     meta = rec["rows"][name]
@@ -182,10 +192,7 @@ def predict_row(rec: dict, name: str, cal: dict):
     tr = TrainSpec(global_batch=rec["per_rank_batch"] * lay.dp * lay.tp * lay.pp, bucket_mb=bucket,  # local: per
                    interleave=meta["ours"] and INTERLEAVE,  # DeepSpeed's update and gathers: two passes
                    keep=meta.get("keep", 0))                # stage 3's kept units (records before it: none)
-    impl = "ring" if meta["ours"] or name == "fsdp2_ring" else "gloo"
-    hw = rd.flat_hardware(hardware(cal, impl, rec["world"], rec["model"]["seq_len"]), cal, name)
-    if name == "tp_dtensor":           # DTensor's collective is not ours (benchmarks/proto_tp.py)
-        hw = dataclasses.replace(hw, call_wait_s=tp.dtensor_call_wait(cal, rec["world"], 2 * hw.chain_wait_s))
+    hw = row_hardware(rec, name, cal)
     pred = predict(model_spec(rec["model"]), lay, tr, hw, ranks="worst")
     pred.step_s += rd.flat_reduce_seconds(meta, name, pred, hw)    # its counted all-reduce (proto_read.py)
     if name in UPDATE_MOVED:           # a peer: its own optimizer and gradient bookkeeping instead of ours

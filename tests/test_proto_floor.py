@@ -102,7 +102,7 @@ def test_tp_ours_wait_per_call_between_the_calibrated_readings(size):
     rec = _rec(FILES[2], size, "tp_ours")
     cal = pr.calib_mean(rec)
     d = pf.decompose(rec, "tp_ours")
-    w = pf._row_hardware(rec, "tp_ours", cal).call_wait_s
+    w = pr.row_hardware(rec, "tp_ours", cal).call_wait_s
     delta = 2 * pr.chain_hardware(cal, "gloo", rec["world"])[0]
     calls = d["waits_s"] / w
     assert calls == pytest.approx(4 * rec["model"]["n_layer"] + 4, abs=1e-6)    # f/g 4 per block, emb, head, loss 2
